@@ -1,0 +1,31 @@
+//! Well-known ports, as upstream.
+
+/// istiod: gRPC xDS + CA, plaintext (local development only).
+pub const ISTIOD_PLAINTEXT: u16 = 15010;
+/// istiod: gRPC xDS + CA over TLS.
+pub const ISTIOD_TLS: u16 = 15012;
+/// istiod: HTTP monitoring (`/metrics`, `/ready`, `/debug/*`).
+pub const ISTIOD_MONITORING: u16 = 15014;
+
+/// ztunnel: outbound capture, inside each pod netns.
+pub const ZTUNNEL_OUTBOUND: u16 = 15001;
+/// ztunnel: inbound plaintext capture, inside each pod netns.
+pub const ZTUNNEL_INBOUND_PLAINTEXT: u16 = 15006;
+/// HBONE: HTTP/2 CONNECT over mutual TLS.
+pub const HBONE: u16 = 15008;
+/// ztunnel: DNS proxy.
+pub const DNS: u16 = 15053;
+
+/// Proxies: admin (`/config_dump`, `/certs`), loopback only.
+pub const ADMIN: u16 = 15000;
+/// Proxies: Prometheus metrics.
+pub const STATS: u16 = 15020;
+/// Proxies: readiness.
+pub const READINESS: u16 = 15021;
+
+/// Mark on sockets the proxy opens itself, so the redirection rules let them pass.
+pub const PROXY_MARK: u32 = 0x539;
+/// Connmark on connections that arrived through the proxy (in-pod rules).
+pub const PROXY_CONNMARK: u32 = 0x111;
+/// Source address kubelet health probes are SNATed to; never captured.
+pub const KUBELET_PROBE_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);

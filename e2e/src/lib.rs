@@ -1,0 +1,1 @@
+//! The local cluster, sample apps and scenarios.

@@ -1,0 +1,1 @@
+//! waypoint-rs: the optional L7 proxy.

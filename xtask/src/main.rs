@@ -1,0 +1,81 @@
+//! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
+//!
+//! Commands: `ci`, `codegen [--check]`, `bench <name> [args]`.
+
+mod bench;
+mod ci;
+mod codegen;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  ci                 fmt check, dependency policy, clippy (warnings are errors), all tests
+  codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
+  bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((cmd, rest)) => (cmd.as_str(), rest),
+        None => {
+            eprint!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    match cmd {
+        "ci" => ci::run(rest),
+        "codegen" => codegen::run(rest),
+        "bench" => bench::run(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprint!("unknown command {other:?}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// `cargo`, as the one that runs us.
+pub(crate) fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs a command, echoing it, and fails with its exit status.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", display(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}

@@ -1,0 +1,1 @@
+//! ztunnel-rs: the per-node L4 proxy and its node agent.
