@@ -1,2 +1,8 @@
 //! istiod-rs: the control plane. Cluster state in, workload API out over delta
 //! xDS; the embedded CA; waypoint provisioning.
+//!
+//! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
+//! -> [`snapshot::Snapshot`] -> `xds` (delta ADS to every proxy).
+
+pub mod auth;
+pub mod snapshot;
