@@ -2,4 +2,6 @@
 //! share. TLS policy lives in [`tls`]: every rustls config in the tree is
 //! built from [`tls::provider`].
 
+pub mod authorization;
+pub mod store;
 pub mod tls;
