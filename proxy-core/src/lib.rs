@@ -5,3 +5,4 @@
 pub mod authorization;
 pub mod store;
 pub mod tls;
+pub mod xds;
