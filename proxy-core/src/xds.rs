@@ -52,6 +52,15 @@ impl Rejected {
     }
 }
 
+/// `Ok` when nothing was rejected: what a [`Handler`] returns.
+pub fn rejections(rejected: Vec<Rejected>) -> Result<(), Vec<Rejected>> {
+    if rejected.is_empty() {
+        Ok(())
+    } else {
+        Err(rejected)
+    }
+}
+
 /// Applies one response's worth of one resource type.
 pub trait Handler<T>: Send + Sync + 'static {
     /// Applies every valid update (in one step, so readers see the whole

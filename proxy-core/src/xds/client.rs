@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::status::{ConnectionState, StatusWatch, XdsStatus};
-use super::{Error, Handler, Rejected, Update};
+use super::{Error, Handler, Rejected, Update, rejections};
 
 /// Adds credentials (a bearer token, say) to each new stream's metadata.
 /// Called on every (re)connect so that rotated tokens are picked up.
@@ -98,11 +98,7 @@ where
         if let Err(more) = self.handler.apply(decoded) {
             rejected.extend(more);
         }
-        if rejected.is_empty() {
-            Ok(())
-        } else {
-            Err(rejected)
-        }
+        rejections(rejected)
     }
 }
 

@@ -4,7 +4,7 @@
 use api::security::Authorization as XdsAuthorization;
 use api::workload::{Address as XdsAddress, address};
 
-use super::{Handler, Rejected, Update};
+use super::{Handler, Rejected, Update, rejections};
 use crate::authorization::Authorization;
 use crate::store::{Service, Workload, WorkloadStore};
 
@@ -57,11 +57,7 @@ impl Handler<XdsAddress> for AddressHandler {
                 }
             }
         });
-        if rejected.is_empty() {
-            Ok(())
-        } else {
-            Err(rejected)
-        }
+        rejections(rejected)
     }
 }
 
@@ -96,11 +92,7 @@ impl Handler<XdsAuthorization> for AuthorizationHandler {
                 }
             }
         });
-        if rejected.is_empty() {
-            Ok(())
-        } else {
-            Err(rejected)
-        }
+        rejections(rejected)
     }
 }
 
