@@ -2,4 +2,9 @@
 //! share. TLS policy lives in [`tls`]: every rustls config in the tree is
 //! built from [`tls::provider`].
 
+pub mod admin;
+pub mod authorization;
+pub mod metrics;
+pub mod store;
 pub mod tls;
+pub mod xds;

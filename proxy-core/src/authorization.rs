@@ -1,0 +1,423 @@
+//! L4 authorization as ztunnel enforces it: `istio.security.Authorization`
+//! converted into validated Rust types, and the pure decision
+//! [`Policies::check`] with upstream ztunnel's semantics.
+//!
+//! - DENY policies first: any match denies.
+//! - Then ALLOW: when at least one ALLOW policy applies to the workload, one
+//!   of them must match; when none applies, the connection is allowed.
+//! - A policy matches when any of its groups matches; a group when all of its
+//!   rules match (a rule is one of `from` / `to` / `when`); a rule when any of
+//!   its matches does; a match when every field it sets holds (values of one
+//!   field are alternatives) and none of its `not_` fields does. A policy with
+//!   no groups matches nothing, an empty group or rule matches everything, a
+//!   match with no fields set is skipped.
+//! - Principals are stored without `spiffe://` (istiod strips it); the
+//!   connection's identity is compared with its `spiffe://` removed.
+//! - A connection without a verified identity (plaintext) has no principal,
+//!   namespace or service account: a field requiring one does not match,
+//!   while its `not_` form does.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use api::SpiffeId;
+use api::security as xds;
+use ipnet::IpNet;
+
+use crate::store::ip_from_bytes;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {len} bytes is not an IP address (IPv4 has 4 bytes, IPv6 16)")]
+    AddressLength { field: String, len: usize },
+    #[error("{field}: prefix length {length} is too long for {address}")]
+    PrefixLength {
+        field: String,
+        address: IpAddr,
+        length: u32,
+    },
+    #[error("{field}: port {value} is out of range (0-65535)")]
+    Port { field: String, value: u32 },
+    #[error("{field}: unknown value {value}; is this proxy older than the control plane?")]
+    UnknownEnum { field: String, value: i32 },
+    #[error("{field}: a string match needs one of exact, prefix, suffix or presence")]
+    EmptyStringMatch { field: String },
+    #[error("{field} is required")]
+    Missing { field: String },
+}
+
+/// Which workloads a policy applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Scope {
+    /// Every workload in the mesh (policies in the root namespace).
+    Global,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// The workloads that list the policy in `authorization_policies`.
+    WorkloadSelector,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// One policy, keyed `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authorization {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    /// Groups (any) of rules (all) of matches (any); serialized as upstream's
+    /// nested `rules` lists.
+    #[serde(rename = "rules")]
+    pub groups: Vec<Vec<Vec<Match>>>,
+    /// Upstream's field; dry-run policies are not carried by our API yet.
+    pub dry_run: bool,
+}
+
+/// One set of conditions; every field set must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Match {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "cidrs")]
+    pub source_ips: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "cidrs")]
+    pub not_source_ips: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "cidrs")]
+    pub destination_ips: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "cidrs")]
+    pub not_destination_ips: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ports: Vec<u16>,
+}
+
+fn cidrs<S: serde::Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(nets.iter().map(|n| n.to_string()))
+}
+
+/// Upstream's JSON: `{"Exact": "..."}`, `{"Presence": []}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Any non-empty value.
+    Presence(),
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => value == s,
+            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+            StringMatch::Presence() => !value.is_empty(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// What policy evaluation knows about a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub source_ip: IpAddr,
+    /// The peer's verified identity; `None` for plaintext.
+    pub source_identity: Option<SpiffeId>,
+    pub destination: SocketAddr,
+}
+
+/// The outcome of [`Policies::check`], with what decided it (for logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// No DENY policy matched and no ALLOW policy applies.
+    AllowedByDefault,
+    /// This ALLOW policy matched.
+    Allowed { policy: String },
+    /// This DENY policy matched.
+    Denied { policy: String },
+    /// ALLOW policies apply and none matched.
+    NotAllowed,
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::AllowedByDefault | Decision::Allowed { .. })
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::AllowedByDefault => f.write_str("allow (no ALLOW policy applies)"),
+            Decision::Allowed { policy } => write!(f, "allow (policy {policy})"),
+            Decision::Denied { policy } => write!(f, "deny (policy {policy})"),
+            Decision::NotAllowed => f.write_str("deny (no ALLOW policy matched)"),
+        }
+    }
+}
+
+/// The policies that apply to one destination workload.
+#[derive(Clone, Debug, Default)]
+pub struct Policies(pub Vec<Arc<Authorization>>);
+
+impl Policies {
+    pub fn check(&self, conn: &ConnectionInfo) -> Decision {
+        let peer = Peer::of(conn);
+        let (deny, allow): (Vec<_>, Vec<_>) = self.0.iter().partition(|p| p.action == Action::Deny);
+        if let Some(p) = deny.iter().find(|p| p.matches_peer(conn, &peer)) {
+            return Decision::Denied { policy: p.key() };
+        }
+        if allow.is_empty() {
+            return Decision::AllowedByDefault;
+        }
+        match allow.iter().find(|p| p.matches_peer(conn, &peer)) {
+            Some(p) => Decision::Allowed { policy: p.key() },
+            None => Decision::NotAllowed,
+        }
+    }
+}
+
+/// The source identity in the forms the match fields compare against,
+/// computed once per connection.
+struct Peer<'a> {
+    /// Without `spiffe://`; `None` for plaintext.
+    principal: Option<String>,
+    /// Empty for plaintext, as upstream.
+    namespace: &'a str,
+    identity: Option<&'a SpiffeId>,
+}
+
+impl<'a> Peer<'a> {
+    fn of(conn: &'a ConnectionInfo) -> Self {
+        let identity = conn.source_identity.as_ref();
+        Peer {
+            principal: identity.map(|id| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    id.trust_domain(),
+                    id.namespace(),
+                    id.service_account()
+                )
+            }),
+            namespace: identity.map(SpiffeId::namespace).unwrap_or(""),
+            identity,
+        }
+    }
+}
+
+impl Authorization {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn matches(&self, conn: &ConnectionInfo) -> bool {
+        self.matches_peer(conn, &Peer::of(conn))
+    }
+
+    fn matches_peer(&self, conn: &ConnectionInfo, peer: &Peer<'_>) -> bool {
+        self.groups.iter().any(|group| {
+            group
+                .iter()
+                .all(|rule| rule.is_empty() || rule.iter().any(|m| m.matches(conn, peer)))
+        })
+    }
+}
+
+/// A field holds when it is unset or any value matches; its `not_` form
+/// holds when it is unset or no value matches.
+fn field<T>(positive: &[T], negative: &[T], mut test: impl FnMut(&T) -> bool) -> bool {
+    (positive.is_empty() || positive.iter().any(&mut test)) && !negative.iter().any(test)
+}
+
+impl Match {
+    pub fn is_empty(&self) -> bool {
+        self == &Match::default()
+    }
+
+    fn matches(&self, conn: &ConnectionInfo, peer: &Peer<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let dst = conn.destination;
+        field(&self.destination_ips, &self.not_destination_ips, |n| {
+            n.contains(&dst.ip())
+        }) && field(&self.source_ips, &self.not_source_ips, |n| {
+            n.contains(&conn.source_ip)
+        }) && field(&self.destination_ports, &self.not_destination_ports, |p| {
+            *p == dst.port()
+        }) && field(&self.service_accounts, &self.not_service_accounts, |sa| {
+            peer.identity.is_some_and(|id| {
+                id.namespace() == sa.namespace && id.service_account() == sa.service_account
+            })
+        }) && field(&self.principals, &self.not_principals, |m| {
+            peer.principal.as_deref().is_some_and(|p| m.matches(p))
+        }) && field(&self.namespaces, &self.not_namespaces, |m| {
+            m.matches(peer.namespace)
+        })
+    }
+}
+
+fn known<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, Error> {
+    E::try_from(value).map_err(|_| Error::UnknownEnum {
+        field: field.to_string(),
+        value,
+    })
+}
+
+impl TryFrom<xds::Authorization> for Authorization {
+    type Error = Error;
+
+    fn try_from(a: xds::Authorization) -> Result<Self, Error> {
+        if a.name.is_empty() {
+            return Err(Error::Missing {
+                field: "name".into(),
+            });
+        }
+        if a.namespace.is_empty() {
+            return Err(Error::Missing {
+                field: "namespace".into(),
+            });
+        }
+        let scope = match known::<xds::Scope>("scope", a.scope)? {
+            xds::Scope::Global => Scope::Global,
+            xds::Scope::Namespace => Scope::Namespace,
+            xds::Scope::WorkloadSelector => Scope::WorkloadSelector,
+        };
+        let action = match known::<xds::Action>("action", a.action)? {
+            xds::Action::Allow => Action::Allow,
+            xds::Action::Deny => Action::Deny,
+        };
+        let groups = a
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                group
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .map(|(r, rule)| {
+                        rule.matches
+                            .iter()
+                            .enumerate()
+                            .map(|(m, x)| {
+                                convert_match(&format!("groups[{g}].rules[{r}].matches[{m}]"), x)
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Authorization {
+            name: a.name,
+            namespace: a.namespace,
+            scope,
+            action,
+            groups,
+            dry_run: false,
+        })
+    }
+}
+
+fn convert_match(path: &str, m: &xds::Match) -> Result<Match, Error> {
+    let strings = |name: &str, v: &[xds::StringMatch]| {
+        v.iter()
+            .enumerate()
+            .map(|(i, s)| string_match(&format!("{path}.{name}[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let nets = |name: &str, v: &[xds::Address]| {
+        v.iter()
+            .enumerate()
+            .map(|(i, a)| cidr(&format!("{path}.{name}[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let ports = |name: &str, v: &[u32]| {
+        v.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                u16::try_from(*p).map_err(|_| Error::Port {
+                    field: format!("{path}.{name}[{i}]"),
+                    value: *p,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let accounts = |v: &[xds::ServiceAccountMatch]| {
+        v.iter()
+            .map(|s| ServiceAccountMatch {
+                namespace: s.namespace.clone(),
+                service_account: s.service_account.clone(),
+            })
+            .collect()
+    };
+    Ok(Match {
+        namespaces: strings("namespaces", &m.namespaces)?,
+        not_namespaces: strings("not_namespaces", &m.not_namespaces)?,
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        principals: strings("principals", &m.principals)?,
+        not_principals: strings("not_principals", &m.not_principals)?,
+        source_ips: nets("source_ips", &m.source_ips)?,
+        not_source_ips: nets("not_source_ips", &m.not_source_ips)?,
+        destination_ips: nets("destination_ips", &m.destination_ips)?,
+        not_destination_ips: nets("not_destination_ips", &m.not_destination_ips)?,
+        destination_ports: ports("destination_ports", &m.destination_ports)?,
+        not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+    })
+}
+
+fn string_match(field: &str, s: &xds::StringMatch) -> Result<StringMatch, Error> {
+    use xds::string_match::MatchType;
+    match &s.match_type {
+        Some(MatchType::Exact(v)) => Ok(StringMatch::Exact(v.clone())),
+        Some(MatchType::Prefix(v)) => Ok(StringMatch::Prefix(v.clone())),
+        Some(MatchType::Suffix(v)) => Ok(StringMatch::Suffix(v.clone())),
+        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence()),
+        None => Err(Error::EmptyStringMatch {
+            field: field.to_string(),
+        }),
+    }
+}
+
+fn cidr(field: &str, a: &xds::Address) -> Result<IpNet, Error> {
+    let address = ip_from_bytes(&a.address).ok_or_else(|| Error::AddressLength {
+        field: format!("{field}.address"),
+        len: a.address.len(),
+    })?;
+    let too_long = || Error::PrefixLength {
+        field: format!("{field}.length"),
+        address,
+        length: a.length,
+    };
+    let length = u8::try_from(a.length).map_err(|_| too_long())?;
+    IpNet::new(address, length).map_err(|_| too_long())
+}
+
+#[cfg(test)]
+mod tests;
