@@ -2,6 +2,7 @@
 //! share. TLS policy lives in [`tls`]: every rustls config in the tree is
 //! built from [`tls::provider`].
 
+pub mod hbone;
 pub mod identity;
 #[cfg(feature = "testing")]
 pub mod testing;
