@@ -4,7 +4,11 @@
 
 pub mod admin;
 pub mod authorization;
+pub mod hbone;
+pub mod identity;
 pub mod metrics;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod xds;

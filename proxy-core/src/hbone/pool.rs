@@ -1,0 +1,347 @@
+//! Client side of HBONE: a pool of mutual-TLS HTTP/2 connections, keyed by
+//! (source identity, destination identity, destination address), each
+//! carrying many CONNECT streams.
+//!
+//! A connection takes at most `max_streams_per_connection` streams; when all
+//! of a key's connections are full another is opened. Connections with no
+//! stream for `idle_timeout` are closed. Setting up a connection for a key
+//! happens under that key's lock, so a burst of first requests shares one
+//! handshake instead of racing to open one each.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use api::SpiffeId;
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::{Connect, HboneError, HboneStream, Http2Settings};
+use crate::identity::WorkloadCertificate;
+use crate::tls;
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_streams_per_connection: usize,
+    /// A connection without streams for this long is closed.
+    pub idle_timeout: Duration,
+    pub http2: Http2Settings,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            http2: Http2Settings::default(),
+        }
+    }
+}
+
+/// Where a tunnel goes: the HBONE peer (`address`, usually `<ip>:15008`),
+/// the identity it must prove, and the `:authority` of the CONNECT (the
+/// destination `ip:port` behind the peer; for a waypoint, the original
+/// destination).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HboneTarget {
+    pub identity: SpiffeId,
+    pub address: SocketAddr,
+    pub authority: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    destination: SpiffeId,
+    address: SocketAddr,
+}
+
+type Connections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
+
+/// Cheap to clone; clones share connections. Must be created inside a
+/// tokio runtime (it runs an eviction task, stopped when the last clone goes).
+#[derive(Clone)]
+pub struct HbonePool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for HbonePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbonePool")
+            .field("config", &self.inner.config)
+            .field("open_connections", &self.open_connections())
+            .finish_non_exhaustive()
+    }
+}
+
+struct PoolInner {
+    connector: Arc<dyn Connect>,
+    config: PoolConfig,
+    keys: Mutex<HashMap<PoolKey, Connections>>,
+    /// HTTP/2 connections whose driver task is still running.
+    open: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    evictor: AbortHandle,
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        self.evictor.abort();
+    }
+}
+
+struct PooledConnection {
+    id: u64,
+    sender: h2::client::SendRequest<Bytes>,
+    active_streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    closed: Arc<AtomicBool>,
+}
+
+impl PooledConnection {
+    fn try_reserve(self: &Arc<Self>, max: usize) -> Option<StreamSlot> {
+        self.active_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(StreamSlot {
+            connection: self.clone(),
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.active_streams.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        Some(now.saturating_duration_since(since))
+    }
+}
+
+/// A stream's place on a pooled connection; freed when the stream drops.
+pub(crate) struct StreamSlot {
+    connection: Arc<PooledConnection>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self
+            .connection
+            .active_streams
+            .fetch_sub(1, Ordering::AcqRel)
+            == 1
+        {
+            *self
+                .connection
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+impl HbonePool {
+    pub fn new(config: PoolConfig, connector: Arc<dyn Connect>) -> Self {
+        let period =
+            (config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(10));
+        let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| PoolInner {
+            connector,
+            config,
+            keys: Mutex::new(HashMap::new()),
+            open: Arc::new(AtomicUsize::new(0)),
+            next_id: AtomicU64::new(0),
+            evictor: tokio::spawn(evict_idle(pool.clone(), period)).abort_handle(),
+        });
+        HbonePool { inner }
+    }
+
+    /// Opens a CONNECT tunnel to `target` as `source`, reusing a pooled
+    /// connection when one has room. Fails if the peer is not
+    /// `target.identity`, or answers anything but 200.
+    pub async fn connect(
+        &self,
+        source: &WorkloadCertificate,
+        target: &HboneTarget,
+    ) -> Result<HboneStream, HboneError> {
+        let key = PoolKey {
+            source: source.identity().clone(),
+            destination: target.identity.clone(),
+            address: target.address,
+        };
+        let mut retried = false;
+        loop {
+            let (slot, fresh) = self.inner.checkout(&key, source).await?;
+            match slot.connection.sender.clone().ready().await {
+                Ok(sender) => return send_connect(sender, slot, target).await,
+                // A pooled connection can die quietly (GOAWAY, peer restart):
+                // drop it and try once more on a new one.
+                Err(e) if !fresh && !retried => {
+                    tracing::debug!(address = %key.address, error = %e, "pooled HBONE connection is gone; reconnecting");
+                    slot.connection.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(source) => {
+                    return Err(HboneError::Http2 {
+                        address: target.address,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// HTTP/2 connections currently open (pooled or still carrying streams).
+    pub fn open_connections(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Connections>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot on a connection for `key`: an existing one with room, else a
+    /// new one. Returns whether the connection is new.
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        source: &WorkloadCertificate,
+    ) -> Result<(StreamSlot, bool), HboneError> {
+        let connections = self.lock().entry(key.clone()).or_default().clone();
+        let mut connections = connections.lock().await;
+        connections.retain(|c| !c.is_closed());
+        let max = self.config.max_streams_per_connection.max(1);
+        if let Some(slot) = connections.iter().find_map(|c| c.try_reserve(max)) {
+            return Ok((slot, false));
+        }
+        let timeout = self.config.http2.handshake_timeout;
+        let connection = tokio::time::timeout(timeout, self.open_connection(key, source))
+            .await
+            .map_err(|_| HboneError::Timeout {
+                address: key.address,
+                timeout,
+            })??;
+        connections.push(connection.clone());
+        Ok((StreamSlot { connection }, true))
+    }
+
+    /// A new connection to `key`, with one stream slot already taken for
+    /// the caller.
+    async fn open_connection(
+        &self,
+        key: &PoolKey,
+        source: &WorkloadCertificate,
+    ) -> Result<Arc<PooledConnection>, HboneError> {
+        let address = key.address;
+        let config = tls::hbone_client_config(source, &key.destination)?;
+        let tcp = self
+            .connector
+            .connect(address)
+            .await
+            .map_err(|source| HboneError::Connect { address, source })?;
+        // Small writes (handshakes, window updates) must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        // The name is irrelevant to verification (the SPIFFE id is checked);
+        // an IP sends no SNI.
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(address.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { address, source })?;
+        if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(HboneError::NoAlpn { address });
+        }
+        let settings = &self.config.http2;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_frame_size(settings.max_frame_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::Http2 { address, source })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        self.open.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn({
+            let (closed, open) = (closed.clone(), self.open.clone());
+            async move {
+                match connection.await {
+                    Ok(()) => tracing::debug!(%address, id, "HBONE connection closed"),
+                    Err(error) => tracing::debug!(%address, id, %error, "HBONE connection failed"),
+                }
+                closed.store(true, Ordering::Release);
+                open.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        tracing::debug!(%address, id, source = %key.source, destination = %key.destination, "HBONE connection opened");
+        Ok(Arc::new(PooledConnection {
+            id,
+            sender,
+            active_streams: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+            closed,
+        }))
+    }
+
+    /// Drops closed connections and those idle past the timeout; dropping the
+    /// last handle makes h2 close the connection gracefully (GOAWAY).
+    fn evict(&self, now: Instant) {
+        let idle_timeout = self.config.idle_timeout;
+        self.lock().retain(|_, connections| {
+            // Busy: someone is opening or picking a connection; next round.
+            let Ok(mut list) = connections.try_lock() else {
+                return true;
+            };
+            list.retain(|c| {
+                let idle = c.idle_for(now).is_some_and(|d| d >= idle_timeout);
+                if idle {
+                    tracing::debug!(id = c.id, "closing idle HBONE connection");
+                }
+                !idle && !c.is_closed()
+            });
+            // Only the map holds an empty list: nobody is about to use it.
+            !list.is_empty() || Arc::strong_count(connections) > 1
+        });
+    }
+}
+
+async fn evict_idle(pool: Weak<PoolInner>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.evict(Instant::now());
+    }
+}
+
+async fn send_connect(
+    mut sender: h2::client::SendRequest<Bytes>,
+    slot: StreamSlot,
+    target: &HboneTarget,
+) -> Result<HboneStream, HboneError> {
+    let address = target.address;
+    let h2_error = |source| HboneError::Http2 { address, source };
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.authority.to_string())
+        .body(())
+        .map_err(|_| HboneError::Authority(target.authority))?;
+    let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+    let response = response.await.map_err(h2_error)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(HboneError::Refused {
+            address,
+            authority: target.authority,
+            status: response.status(),
+        });
+    }
+    Ok(HboneStream::new(send, response.into_body(), Some(slot)))
+}
