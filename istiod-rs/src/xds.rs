@@ -3,36 +3,36 @@
 //! `envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`.
 //!
 //! Data flow: the index publishes snapshots on a `watch` channel; a relay task
-//! stamps each with its arrival time and a generation number; every proxy
-//! stream runs its own task ([`connection`]) that diffs what that proxy holds
-//! against the newest snapshot ([`delta`]) and sends only changed keys and
-//! removals. A slow proxy only delays itself: its task skips to the newest
-//! snapshot. The server is generic over type URLs: whatever the snapshot
-//! holds can be subscribed to.
+//! numbers each one, stamps its arrival time, shares unchanged resources with
+//! the previous generation and notes which names changed ([`served`]); every
+//! proxy stream runs its own task ([`connection`]) that diffs what that proxy
+//! holds against the newest generation ([`delta`]) and sends only changed keys
+//! and removals, encoded chunk by chunk from the shared resources ([`wire`]).
+//! A slow proxy only delays itself: its task skips to the newest generation.
+//! The server is generic over type URLs: whatever the snapshot holds can be
+//! subscribed to.
 //!
 //! One [`XdsServer`] per process holds the connections, the metrics and the
-//! `/debug/syncz` view ([`SyncStatus`]); [`XdsServer::service`] makes a tonic
+//! `/debug/syncz` view ([`SyncStatus`]); [`XdsServer::service`] makes a gRPC
 //! service per listener with that listener's [`Authentication`] policy
 //! (required on the TLS port 15012, optional on the plaintext port 15010).
 
 mod connection;
 pub mod delta;
 mod metrics;
+mod served;
 pub mod syncz;
+mod wire;
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use api::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use api::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use futures::Stream;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -119,10 +119,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A snapshot as the xDS server received it.
 #[derive(Clone, Debug)]
 struct Published {
+    /// As the index published it (for `/debug/config_dump`).
     snapshot: Arc<Snapshot>,
+    /// What proxies are sent: the same resources, sharing unchanged ones
+    /// with earlier generations.
+    served: Arc<served::Served>,
     /// Counts snapshots received; sent as `system_version_info`.
     generation: u64,
     arrived: Instant,
+    /// The names that changed in the most recent generations.
+    changes: Arc<served::ChangeLog>,
 }
 
 /// What every connection shares.
@@ -155,10 +161,14 @@ impl XdsServer {
     /// metrics in `registry`. Spawns the relay task that stamps snapshots, so
     /// it must be called inside a tokio runtime.
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, registry: &mut Registry) -> Self {
+        let snapshot = snapshots.borrow().clone();
+        let (served, _) = served::Served::default().next(&snapshot);
         let first = Published {
-            snapshot: snapshots.borrow().clone(),
+            snapshot,
+            served: Arc::new(served),
             generation: 1,
             arrived: Instant::now(),
+            changes: Arc::default(),
         };
         let (tx, feed) = watch::channel(first);
         tokio::spawn(relay(snapshots, tx));
@@ -174,16 +184,14 @@ impl XdsServer {
         }
     }
 
-    /// A tonic service for one listener, with that listener's authentication.
-    pub fn service(
-        &self,
-        authentication: Authentication,
-    ) -> AggregatedDiscoveryServiceServer<AdsService> {
-        AggregatedDiscoveryServiceServer::new(AdsService {
+    /// The gRPC service for one listener, with that listener's
+    /// authentication; add it to a `tonic::transport::Server` (or any router
+    /// of `http::Request<tonic::body::Body>`).
+    pub fn service(&self, authentication: Authentication) -> AdsService {
+        AdsService {
             shared: self.shared.clone(),
             authentication,
-        })
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        }
     }
 
     /// The view behind `/debug/syncz` and `/debug/config_dump`.
@@ -192,55 +200,101 @@ impl XdsServer {
     }
 }
 
-/// Forwards the index's snapshots, stamped with arrival time and generation.
-/// Ends (closing every stream) when the index's sender is dropped.
+/// Forwards the index's snapshots, stamped with arrival time and generation
+/// and with the names that changed. Ends (closing every stream) when the
+/// index's sender is dropped.
 async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<Published>) {
+    let mut log = served::ChangeLog::default();
     while source.changed().await.is_ok() {
         let snapshot = source.borrow_and_update().clone();
         let arrived = Instant::now();
-        feed.send_modify(|p| {
-            p.snapshot = snapshot;
-            p.generation += 1;
-            p.arrived = arrived;
+        let previous = feed.borrow().clone();
+        let generation = previous.generation + 1;
+        let (served, changes) = previous.served.next(&snapshot);
+        log.record(generation, changes);
+        // The old generation is freed here, after the swap, not while
+        // connections wait on the channel's lock.
+        let _previous = feed.send_replace(Published {
+            snapshot,
+            served: Arc::new(served),
+            generation,
+            arrived,
+            changes: Arc::new(log.clone()),
         });
     }
     tracing::info!("snapshot source closed; ending xDS streams");
 }
 
-/// The tonic service of one listener.
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// `AggregatedDiscoveryService` for one listener. Written against HTTP
+/// rather than tonic's generated server so that responses stream from the
+/// shared snapshot in chunks ([`wire`]); requests are still decoded by tonic.
+#[derive(Clone)]
 pub struct AdsService {
     shared: Arc<Shared>,
     authentication: Authentication,
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+impl tonic::server::NamedService for AdsService {
+    const NAME: &'static str = SERVICE;
+}
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+type HttpResponse = http::Response<tonic::body::Body>;
 
-    async fn stream_aggregated_resources(
-        &self,
-        _request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        Err(XdsError::StateOfTheWorld.into())
+impl tower::Service<http::Request<tonic::body::Body>> for AdsService {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        let caller = self
-            .authentication
-            .caller(request.metadata())
-            .await
-            .map_err(|e| {
-                tracing::info!(peer = ?request.remote_addr(), error = %e, "refused xDS stream");
-                tonic::Status::from(XdsError::from(e))
-            })?;
-        let peer = request.remote_addr();
-        let stream = connection::spawn(self.shared.clone(), request.into_inner(), caller, peer);
-        Ok(tonic::Response::new(Box::pin(stream)))
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != DELTA_PATH {
+            // StreamAggregatedResources, or a method this service lacks.
+            let status = tonic::Status::from(XdsError::StateOfTheWorld);
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let service = self.clone();
+        Box::pin(async move { Ok(service.delta(request).await) })
+    }
+}
+
+impl AdsService {
+    async fn delta(self, request: http::Request<tonic::body::Body>) -> HttpResponse {
+        let (parts, body) = request.into_parts();
+        // As tonic's request: its metadata, and the peer address tonic's
+        // transport left in the extensions.
+        let head = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            (),
+        );
+        let peer = head.remote_addr();
+        let caller = match self.authentication.caller(head.metadata()).await {
+            Ok(caller) => caller,
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "refused xDS stream");
+                return tonic::Status::from(XdsError::from(e)).into_http();
+            }
+        };
+        let inbound = tonic::Streaming::new_request(
+            wire::RequestDecoder,
+            body,
+            None,
+            Some(MAX_REQUEST_BYTES),
+        );
+        let responses = connection::spawn(self.shared.clone(), inbound, caller, peer);
+        let body = wire::ResponseBody::new(responses, self.shared.metrics.clone());
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
     }
 }

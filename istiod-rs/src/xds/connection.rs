@@ -5,15 +5,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use api::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use futures::{Stream, StreamExt};
+use api::discovery::DeltaDiscoveryRequest;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
-use super::delta::{Answer, Push, TypeState};
+use super::delta::{Answer, Current, Push, TypeState};
 use super::metrics::TypeLabel;
+use super::wire::Outbound;
 use super::{Published, Shared, XdsError, lock};
 use crate::auth::Caller;
 
@@ -34,49 +33,20 @@ pub(super) struct Connection {
     pub types: BTreeMap<String, TypeState>,
 }
 
-/// A response on its way to the transport, with what its metrics need.
-struct Outbound {
-    response: DeltaDiscoveryResponse,
-    pending_since: Option<Instant>,
-}
-
-/// Starts the task serving one stream; returns the stream of responses.
+/// Starts the task serving one stream; returns the responses to write.
 pub(super) fn spawn(
     shared: Arc<Shared>,
     inbound: tonic::Streaming<DeltaDiscoveryRequest>,
     caller: Option<Caller>,
     peer: Option<SocketAddr>,
-) -> impl Stream<Item = Result<DeltaDiscoveryResponse, tonic::Status>> + Send + 'static {
+) -> mpsc::Receiver<Result<Outbound, tonic::Status>> {
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-    let metrics = shared.metrics.clone();
     tokio::spawn(async move {
         if let Err(e) = serve(shared, inbound, caller, peer, &tx).await {
             let _ = tx.send(Err(e.into())).await;
         }
     });
-    // Runs when tonic takes the response to encode and write it: the end of
-    // the push latency.
-    ReceiverStream::new(rx).map(move |item: Result<Outbound, tonic::Status>| {
-        item.map(|out| {
-            let label = TypeLabel::new(&out.response.type_url);
-            metrics.pushes.get_or_create(&label).inc();
-            metrics
-                .resources_sent
-                .get_or_create(&label)
-                .inc_by(out.response.resources.len() as u64);
-            metrics
-                .removals_sent
-                .get_or_create(&label)
-                .inc_by(out.response.removed_resources.len() as u64);
-            if let Some(since) = out.pending_since {
-                metrics
-                    .push_latency
-                    .get_or_create(&label)
-                    .observe(since.elapsed().as_secs_f64());
-            }
-            out.response
-        })
-    })
+    rx
 }
 
 /// Keeps the connection listed in `/debug/syncz` and counted as connected
@@ -271,46 +241,26 @@ async fn push_due(
     tx: &Outgoing,
 ) -> bool {
     let published = feed.borrow().clone();
-    let version = published.generation.to_string();
     let now = SystemTime::now();
     let pushes: Vec<(String, Push)> = lock(connection)
         .types
         .iter_mut()
         .filter_map(|(type_url, state)| {
-            let resources = published.snapshot.of_type(type_url);
+            let current = Current {
+                type_url,
+                generation: published.generation,
+                resources: published.served.of_type(type_url),
+                changes: &published.changes,
+            };
             state
-                .next_push(resources, &version, || shared.nonce(), now)
+                .next_push(&current, || shared.nonce(), now)
                 .map(|push| (type_url.clone(), push))
         })
         .collect();
     for (type_url, push) in pushes {
-        let out = Outbound {
-            pending_since: push.pending_since,
-            response: response(type_url, push),
-        };
-        if tx.send(Ok(out)).await.is_err() {
+        if tx.send(Ok(Outbound { type_url, push })).await.is_err() {
             return false;
         }
     }
     true
-}
-
-fn response(type_url: String, push: Push) -> DeltaDiscoveryResponse {
-    DeltaDiscoveryResponse {
-        system_version_info: push.version,
-        resources: push
-            .delta
-            .upserts
-            .iter()
-            .map(|r| discovery::Resource {
-                version: r.version.clone(),
-                resource: Some(r.body.clone()),
-                name: r.name.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        type_url,
-        nonce: push.nonce,
-        removed_resources: push.delta.removed,
-    }
 }

@@ -93,7 +93,8 @@ impl SyncStatus {
 
     /// Every connected proxy, against the current snapshot.
     pub fn proxies(&self) -> Vec<ProxySync> {
-        let snapshot = self.snapshot();
+        let published = self.shared.feed.borrow().clone();
+        let (snapshot, served) = (&published.snapshot, &published.served);
         let connections: Vec<_> = lock(&self.shared.connections).values().cloned().collect();
         connections
             .iter()
@@ -107,7 +108,7 @@ impl SyncStatus {
                 type_urls.dedup();
                 let types: Vec<TypeSync> = type_urls
                     .into_iter()
-                    .map(|url| type_sync(url, conn.types.get(url), snapshot.of_type(url)))
+                    .map(|url| type_sync(url, conn.types.get(url), served.of_type(url)))
                     .collect();
                 let last_nack = types
                     .iter()
