@@ -173,28 +173,23 @@ fn on_request(
         });
     }
     let mut conn = lock(connection);
-    let Some(state) = conn.types.get_mut(type_url) else {
-        if !request.response_nonce.is_empty() {
-            // Answers a response this stream never sent (e.g. one from before a reconnect).
-            shared
-                .metrics
-                .stale_requests
-                .get_or_create(&TypeLabel::new(type_url))
-                .inc();
-            tracing::debug!(%proxy, %type_url, nonce = %request.response_nonce, "ignoring request for an unknown nonce");
+    let answer = match conn.types.get_mut(type_url) {
+        Some(state) => state.on_request(request, SystemTime::now()),
+        // Answers a response this stream never sent (e.g. one from before a reconnect).
+        None if !request.response_nonce.is_empty() => Answer::Stale,
+        None => {
+            tracing::debug!(
+                %proxy,
+                %type_url,
+                subscribe = ?request.resource_names_subscribe,
+                resuming = request.initial_resource_versions.len(),
+                "proxy subscribed"
+            );
+            conn.types.insert(type_url.clone(), TypeState::new(request));
             return Ok(());
         }
-        tracing::debug!(
-            %proxy,
-            %type_url,
-            subscribe = ?request.resource_names_subscribe,
-            resuming = request.initial_resource_versions.len(),
-            "proxy subscribed"
-        );
-        conn.types.insert(type_url.clone(), TypeState::new(request));
-        return Ok(());
     };
-    match state.on_request(request, SystemTime::now()) {
+    match answer {
         Answer::Ack => {
             tracing::trace!(%proxy, %type_url, nonce = %request.response_nonce, "ACK");
         }

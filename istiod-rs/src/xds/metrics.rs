@@ -54,31 +54,36 @@ impl Metrics {
             push_latency: Family::new_with_constructor(latency_histogram),
         };
         let r = registry.sub_registry_with_prefix("xds");
-        r.register(
-            "pushes",
-            "Delta xDS responses sent to proxies, by resource type",
-            metrics.pushes.clone(),
-        );
-        r.register(
-            "resources_sent",
-            "Resources (new or changed) sent to proxies, by resource type",
-            metrics.resources_sent.clone(),
-        );
-        r.register(
-            "removals_sent",
-            "Resource removals sent to proxies, by resource type",
-            metrics.removals_sent.clone(),
-        );
-        r.register(
-            "rejects",
-            "Responses proxies rejected (NACK), by resource type; they keep their last accepted configuration",
-            metrics.rejects.clone(),
-        );
-        r.register(
-            "stale_requests",
-            "Requests ignored because their nonce was not the one in flight, by resource type",
-            metrics.stale_requests.clone(),
-        );
+        let by_type = [
+            (
+                "pushes",
+                "Delta xDS responses sent to proxies, by resource type",
+                &metrics.pushes,
+            ),
+            (
+                "resources_sent",
+                "Resources (new or changed) sent to proxies, by resource type",
+                &metrics.resources_sent,
+            ),
+            (
+                "removals_sent",
+                "Resource removals sent to proxies, by resource type",
+                &metrics.removals_sent,
+            ),
+            (
+                "rejects",
+                "Responses proxies rejected (NACK), by resource type; they keep their last accepted configuration",
+                &metrics.rejects,
+            ),
+            (
+                "stale_requests",
+                "Requests ignored because their nonce was not the one in flight, by resource type",
+                &metrics.stale_requests,
+            ),
+        ];
+        for (name, help, family) in by_type {
+            r.register(name, help, family.clone());
+        }
         r.register(
             "connected_proxies",
             "Proxies with an open delta xDS stream",
