@@ -5,4 +5,6 @@
 //! -> [`snapshot::Snapshot`] -> `xds` (delta ADS to every proxy).
 
 pub mod auth;
+pub mod monitoring;
 pub mod snapshot;
+pub mod xds;

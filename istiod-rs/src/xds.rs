@@ -1,0 +1,300 @@
+//! The delta ADS server: serves every resource of the current [`Snapshot`] to
+//! the proxies (ztunnel, waypoints) over
+//! `envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`.
+//!
+//! Data flow: the index publishes snapshots on a `watch` channel; a relay task
+//! numbers each one, stamps its arrival time, shares unchanged resources with
+//! the previous generation and notes which names changed ([`served`]); every
+//! proxy stream runs its own task ([`connection`]) that diffs what that proxy
+//! holds against the newest generation ([`delta`]) and sends only changed keys
+//! and removals, encoded chunk by chunk from the shared resources ([`wire`]).
+//! A slow proxy only delays itself: its task skips to the newest generation.
+//! The server is generic over type URLs: whatever the snapshot holds can be
+//! subscribed to.
+//!
+//! One [`XdsServer`] per process holds the connections, the metrics and the
+//! `/debug/syncz` view ([`SyncStatus`]); [`XdsServer::service`] makes a gRPC
+//! service per listener with that listener's [`Authentication`] policy
+//! (required on the TLS port 15012, optional on the plaintext port 15010).
+
+mod connection;
+pub mod delta;
+mod metrics;
+mod served;
+pub mod syncz;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::auth::{self, Authenticator, Caller};
+use crate::snapshot::Snapshot;
+
+pub use syncz::{ProxySync, SyncState, SyncStatus, TypeSync};
+
+/// Requests carry `initial_resource_versions` for everything a resuming proxy
+/// holds; tonic's 4 MiB default would cap that at roughly 50k resources.
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error(
+        "the first DeltaDiscoveryRequest on a stream must carry node.id (e.g. `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`)"
+    )]
+    MissingNode,
+    #[error(
+        "DeltaDiscoveryRequest from {proxy} has an empty type_url: name the resource type to subscribe to"
+    )]
+    MissingTypeUrl { proxy: String },
+    #[error(
+        "istiod-rs serves only delta xDS: use DeltaAggregatedResources (ztunnel and Envoy: delta ADS / `DELTA_GRPC`)"
+    )]
+    StateOfTheWorld,
+    #[error(
+        "istiod-rs is shutting down (its configuration source stopped); reconnect to another istiod"
+    )]
+    SourceClosed,
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+}
+
+impl From<XdsError> for tonic::Status {
+    fn from(e: XdsError) -> Self {
+        match e {
+            XdsError::MissingNode | XdsError::MissingTypeUrl { .. } => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            XdsError::StateOfTheWorld => tonic::Status::unimplemented(e.to_string()),
+            XdsError::SourceClosed => tonic::Status::unavailable(e.to_string()),
+            XdsError::Auth(a) => a.into(),
+        }
+    }
+}
+
+/// Who may open a stream on a listener.
+#[derive(Clone)]
+pub enum Authentication {
+    /// Every stream must carry a valid bearer token (the TLS port).
+    Required(Arc<dyn Authenticator>),
+    /// A token is checked when one is sent (a bad one is refused); streams
+    /// without one are served anonymously. For the plaintext port in local
+    /// development only.
+    Optional(Arc<dyn Authenticator>),
+    /// Nobody is asked (plaintext local development without a token source).
+    Disabled,
+}
+
+impl Authentication {
+    async fn caller(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<Caller>, auth::AuthError> {
+        match self {
+            Authentication::Required(a) => auth::authenticate(&**a, md).await.map(Some),
+            Authentication::Optional(a) => match auth::bearer_token(md) {
+                Err(auth::AuthError::MissingToken) => Ok(None),
+                Err(e) => Err(e),
+                Ok(token) => a.authenticate(token).await.map(Some),
+            },
+            Authentication::Disabled => Ok(None),
+        }
+    }
+}
+
+/// Locks a mutex even if a panicking holder poisoned it: the guarded state is
+/// bookkeeping that stays consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A snapshot as the xDS server received it.
+#[derive(Clone, Debug)]
+struct Published {
+    /// As the index published it (for `/debug/config_dump`).
+    snapshot: Arc<Snapshot>,
+    /// What proxies are sent: the same resources, sharing unchanged ones
+    /// with earlier generations.
+    served: Arc<served::Served>,
+    /// Counts snapshots received; sent as `system_version_info`.
+    generation: u64,
+    arrived: Instant,
+    /// The names that changed in the most recent generations.
+    changes: Arc<served::ChangeLog>,
+}
+
+/// What every connection shares.
+struct Shared {
+    feed: watch::Receiver<Published>,
+    metrics: metrics::Metrics,
+    connections: Mutex<BTreeMap<u64, Arc<Mutex<connection::Connection>>>>,
+    next_connection: AtomicU64,
+    /// Nonces are `<boot id>-<counter>`: unique on this process and unlikely
+    /// to match one a proxy kept from a previous istiod.
+    boot_id: u32,
+    next_nonce: AtomicU64,
+}
+
+impl Shared {
+    fn nonce(&self) -> String {
+        let n = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-{n}", self.boot_id)
+    }
+}
+
+/// The delta ADS server of one istiod-rs process.
+#[derive(Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+}
+
+impl XdsServer {
+    /// Serves the snapshots published on `snapshots` and registers the `xds_*`
+    /// metrics in `registry`. Spawns the relay task that stamps snapshots, so
+    /// it must be called inside a tokio runtime.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, registry: &mut Registry) -> Self {
+        let snapshot = snapshots.borrow().clone();
+        let (served, _) = served::Served::default().next(&snapshot);
+        let first = Published {
+            snapshot,
+            served: Arc::new(served),
+            generation: 1,
+            arrived: Instant::now(),
+            changes: Arc::default(),
+        };
+        let (tx, feed) = watch::channel(first);
+        tokio::spawn(relay(snapshots, tx));
+        XdsServer {
+            shared: Arc::new(Shared {
+                feed,
+                metrics: metrics::Metrics::register(registry),
+                connections: Mutex::new(BTreeMap::new()),
+                next_connection: AtomicU64::new(1),
+                boot_id: rand::random(),
+                next_nonce: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The gRPC service for one listener, with that listener's
+    /// authentication; add it to a `tonic::transport::Server` (or any router
+    /// of `http::Request<tonic::body::Body>`).
+    pub fn service(&self, authentication: Authentication) -> AdsService {
+        AdsService {
+            shared: self.shared.clone(),
+            authentication,
+        }
+    }
+
+    /// The view behind `/debug/syncz` and `/debug/config_dump`.
+    pub fn status(&self) -> SyncStatus {
+        SyncStatus::new(self.shared.clone())
+    }
+}
+
+/// Forwards the index's snapshots, stamped with arrival time and generation
+/// and with the names that changed. Ends (closing every stream) when the
+/// index's sender is dropped.
+async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<Published>) {
+    let mut log = served::ChangeLog::default();
+    while source.changed().await.is_ok() {
+        let snapshot = source.borrow_and_update().clone();
+        let arrived = Instant::now();
+        let previous = feed.borrow().clone();
+        let generation = previous.generation + 1;
+        let (served, changes) = previous.served.next(&snapshot);
+        log.record(generation, changes);
+        // The old generation is freed here, after the swap, not while
+        // connections wait on the channel's lock.
+        let _previous = feed.send_replace(Published {
+            snapshot,
+            served: Arc::new(served),
+            generation,
+            arrived,
+            changes: Arc::new(log.clone()),
+        });
+    }
+    tracing::info!("snapshot source closed; ending xDS streams");
+}
+
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// `AggregatedDiscoveryService` for one listener. Written against HTTP
+/// rather than tonic's generated server so that responses stream from the
+/// shared snapshot in chunks ([`wire`]); requests are still decoded by tonic.
+#[derive(Clone)]
+pub struct AdsService {
+    shared: Arc<Shared>,
+    authentication: Authentication,
+}
+
+impl tonic::server::NamedService for AdsService {
+    const NAME: &'static str = SERVICE;
+}
+
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for AdsService {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != DELTA_PATH {
+            // StreamAggregatedResources, or a method this service lacks.
+            let status = tonic::Status::from(XdsError::StateOfTheWorld);
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let service = self.clone();
+        Box::pin(async move { Ok(service.delta(request).await) })
+    }
+}
+
+impl AdsService {
+    async fn delta(self, request: http::Request<tonic::body::Body>) -> HttpResponse {
+        let (parts, body) = request.into_parts();
+        // As tonic's request: its metadata, and the peer address tonic's
+        // transport left in the extensions.
+        let head = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            (),
+        );
+        let peer = head.remote_addr();
+        let caller = match self.authentication.caller(head.metadata()).await {
+            Ok(caller) => caller,
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "refused xDS stream");
+                return tonic::Status::from(XdsError::from(e)).into_http();
+            }
+        };
+        let inbound = tonic::Streaming::new_request(
+            wire::RequestDecoder,
+            body,
+            None,
+            Some(MAX_REQUEST_BYTES),
+        );
+        let responses = connection::spawn(self.shared.clone(), inbound, caller, peer);
+        let body = wire::ResponseBody::new(responses, self.shared.metrics.clone());
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
+    }
+}

@@ -1,0 +1,261 @@
+//! One proxy's delta xDS stream: a task that reads the proxy's requests and
+//! the snapshot feed, keeps the per-type [`TypeState`]s, and writes responses.
+//! Each stream has its own task, so a slow proxy delays only itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use api::discovery::DeltaDiscoveryRequest;
+use tokio::sync::{mpsc, watch};
+
+use super::delta::{Answer, Current, Push, TypeState};
+use super::metrics::TypeLabel;
+use super::wire::Outbound;
+use super::{Published, Shared, XdsError, lock};
+use crate::auth::Caller;
+
+/// Responses waiting for the transport. One response per type is in flight
+/// at a time, so this only ever holds a few.
+const OUTBOUND_CAPACITY: usize = 16;
+
+/// What the server knows about one connected proxy.
+#[derive(Debug)]
+pub(super) struct Connection {
+    /// The proxy's node id (`ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
+    pub proxy: String,
+    /// The authenticated caller; `None` on an unauthenticated listener.
+    pub caller: Option<Caller>,
+    pub peer: Option<SocketAddr>,
+    pub since: SystemTime,
+    /// By type URL.
+    pub types: BTreeMap<String, TypeState>,
+}
+
+/// Starts the task serving one stream; returns the responses to write.
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    inbound: tonic::Streaming<DeltaDiscoveryRequest>,
+    caller: Option<Caller>,
+    peer: Option<SocketAddr>,
+) -> mpsc::Receiver<Result<Outbound, tonic::Status>> {
+    let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    tokio::spawn(async move {
+        if let Err(e) = serve(shared, inbound, caller, peer, &tx).await {
+            let _ = tx.send(Err(e.into())).await;
+        }
+    });
+    rx
+}
+
+/// Keeps the connection listed in `/debug/syncz` and counted as connected
+/// for exactly as long as the stream is served.
+struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+    connection: Arc<Mutex<Connection>>,
+}
+
+impl Registration {
+    fn new(shared: &Arc<Shared>, connection: Connection) -> Self {
+        let id = shared
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let connection = Arc::new(Mutex::new(connection));
+        lock(&shared.connections).insert(id, connection.clone());
+        shared.metrics.connected_proxies.inc();
+        Registration {
+            shared: shared.clone(),
+            id,
+            connection,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.shared.connections).remove(&self.id);
+        self.shared.metrics.connected_proxies.dec();
+        tracing::info!(proxy = %lock(&self.connection).proxy, "proxy disconnected");
+    }
+}
+
+type Outgoing = mpsc::Sender<Result<Outbound, tonic::Status>>;
+
+async fn serve(
+    shared: Arc<Shared>,
+    mut inbound: tonic::Streaming<DeltaDiscoveryRequest>,
+    caller: Option<Caller>,
+    peer: Option<SocketAddr>,
+    tx: &Outgoing,
+) -> Result<(), XdsError> {
+    let mut feed = shared.feed.clone();
+    // Pushes read the newest snapshot anyway; only later arrivals are news.
+    feed.borrow_and_update();
+
+    let Some(first) = next_request(&mut inbound, "(before its first request)").await else {
+        return Ok(());
+    };
+    let proxy = first
+        .node
+        .as_ref()
+        .map(|n| n.id.clone())
+        .filter(|id| !id.is_empty())
+        .ok_or(XdsError::MissingNode)?;
+    tracing::info!(
+        %proxy,
+        identity = caller.as_ref().map(|c| c.identity.to_string()),
+        ?peer,
+        "proxy connected"
+    );
+    let registration = Registration::new(
+        &shared,
+        Connection {
+            proxy: proxy.clone(),
+            caller,
+            peer,
+            since: SystemTime::now(),
+            types: BTreeMap::new(),
+        },
+    );
+    let connection = &registration.connection;
+    on_request(&shared, connection, &proxy, &first)?;
+
+    loop {
+        if !push_due(&shared, connection, &feed, tx).await {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            request = next_request(&mut inbound, &proxy) => match request {
+                Some(request) => on_request(&shared, connection, &proxy, &request)?,
+                None => return Ok(()),
+            },
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    return Err(XdsError::SourceClosed);
+                }
+                let arrived = feed.borrow_and_update().arrived;
+                for state in lock(connection).types.values_mut() {
+                    state.mark_snapshot(arrived);
+                }
+            }
+        }
+    }
+}
+
+/// The proxy's next request; `None` once the stream has ended.
+async fn next_request(
+    inbound: &mut tonic::Streaming<DeltaDiscoveryRequest>,
+    proxy: &str,
+) -> Option<DeltaDiscoveryRequest> {
+    match inbound.message().await {
+        Ok(request) => request,
+        Err(status) => {
+            // Usually the proxy going away (reset, connection closed).
+            tracing::debug!(%proxy, %status, "xDS stream ended with an error");
+            None
+        }
+    }
+}
+
+fn on_request(
+    shared: &Shared,
+    connection: &Mutex<Connection>,
+    proxy: &str,
+    request: &DeltaDiscoveryRequest,
+) -> Result<(), XdsError> {
+    let type_url = &request.type_url;
+    if type_url.is_empty() {
+        return Err(XdsError::MissingTypeUrl {
+            proxy: proxy.to_string(),
+        });
+    }
+    let mut conn = lock(connection);
+    let answer = match conn.types.get_mut(type_url) {
+        Some(state) => state.on_request(request, SystemTime::now()),
+        // Answers a response this stream never sent (e.g. one from before a reconnect).
+        None if !request.response_nonce.is_empty() => Answer::Stale,
+        None => {
+            tracing::debug!(
+                %proxy,
+                %type_url,
+                subscribe = ?request.resource_names_subscribe,
+                resuming = request.initial_resource_versions.len(),
+                "proxy subscribed"
+            );
+            conn.types.insert(type_url.clone(), TypeState::new(request));
+            return Ok(());
+        }
+    };
+    match answer {
+        Answer::Ack => {
+            tracing::trace!(%proxy, %type_url, nonce = %request.response_nonce, "ACK");
+        }
+        Answer::Nack(message) => {
+            shared
+                .metrics
+                .rejects
+                .get_or_create(&TypeLabel::new(type_url))
+                .inc();
+            tracing::warn!(
+                %proxy,
+                %type_url,
+                nonce = %request.response_nonce,
+                %message,
+                "proxy rejected configuration (NACK); it keeps its last accepted versions"
+            );
+        }
+        Answer::Stale => {
+            shared
+                .metrics
+                .stale_requests
+                .get_or_create(&TypeLabel::new(type_url))
+                .inc();
+            tracing::debug!(%proxy, %type_url, nonce = %request.response_nonce, "ignoring request with a stale nonce");
+        }
+        Answer::Subscription => {
+            tracing::debug!(
+                %proxy,
+                %type_url,
+                subscribe = ?request.resource_names_subscribe,
+                unsubscribe = ?request.resource_names_unsubscribe,
+                "subscription changed"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Sends every response that is due. `false` once the transport is gone.
+async fn push_due(
+    shared: &Shared,
+    connection: &Mutex<Connection>,
+    feed: &watch::Receiver<Published>,
+    tx: &Outgoing,
+) -> bool {
+    let published = feed.borrow().clone();
+    let now = SystemTime::now();
+    let pushes: Vec<(String, Push)> = lock(connection)
+        .types
+        .iter_mut()
+        .filter_map(|(type_url, state)| {
+            let current = Current {
+                type_url,
+                generation: published.generation,
+                resources: published.served.of_type(type_url),
+                changes: &published.changes,
+            };
+            state
+                .next_push(&current, || shared.nonce(), now)
+                .map(|push| (type_url.clone(), push))
+        })
+        .collect();
+    for (type_url, push) in pushes {
+        if tx.send(Ok(Outbound { type_url, push })).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

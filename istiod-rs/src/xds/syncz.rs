@@ -1,0 +1,208 @@
+//! What `/debug/syncz` shows: every connected proxy, and per resource type
+//! whether it holds the current snapshot (SYNCED), has not been sent this
+//! type (NOT SENT), or is behind (STALE: a response unanswered, or it acked or
+//! kept older versions), with nonces, versions and its last NACK.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::delta::{Nack, Sent, TypeState};
+use super::{Shared, lock};
+use crate::snapshot::{Resources, Snapshot};
+
+/// A handle on the xDS server's state for the debug endpoints.
+#[derive(Clone)]
+pub struct SyncStatus {
+    shared: Arc<Shared>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SyncState {
+    #[serde(rename = "SYNCED")]
+    Synced,
+    #[serde(rename = "NOT SENT")]
+    NotSent,
+    #[serde(rename = "STALE")]
+    Stale,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxySync {
+    /// The node id the proxy sent.
+    pub proxy: String,
+    /// The authenticated SPIFFE identity; absent on an unauthenticated listener.
+    pub identity: Option<String>,
+    /// The node the token was bound to, when it said.
+    pub node: Option<String>,
+    pub peer: Option<String>,
+    pub connected_since: String,
+    pub types: Vec<TypeSync>,
+    /// The most recent NACK of any type.
+    pub last_nack: Option<NackReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeSync {
+    pub type_url: String,
+    pub status: SyncState,
+    pub wildcard: bool,
+    /// Explicitly subscribed names.
+    pub subscribed_names: usize,
+    /// Resources the proxy has acknowledged holding.
+    pub resources_held: usize,
+    /// Changes and removals the proxy lacks against the current snapshot.
+    pub resources_behind: usize,
+    pub nonce_in_flight: Option<String>,
+    pub sent: Option<ResponseReport>,
+    pub acked: Option<ResponseReport>,
+    pub last_nack: Option<NackReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ResponseReport {
+    pub nonce: String,
+    /// The snapshot generation the response was computed from.
+    pub version: String,
+    pub at: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NackReport {
+    pub type_url: String,
+    pub nonce: String,
+    pub message: String,
+    pub at: String,
+}
+
+impl SyncStatus {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        SyncStatus { shared }
+    }
+
+    /// The snapshot being served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.feed.borrow().snapshot.clone()
+    }
+
+    /// How many snapshots the server has received (the `system_version_info` it sends).
+    pub fn generation(&self) -> u64 {
+        self.shared.feed.borrow().generation
+    }
+
+    /// Every connected proxy, against the current snapshot.
+    pub fn proxies(&self) -> Vec<ProxySync> {
+        let published = self.shared.feed.borrow().clone();
+        let (snapshot, served) = (&published.snapshot, &published.served);
+        let connections: Vec<_> = lock(&self.shared.connections).values().cloned().collect();
+        connections
+            .iter()
+            .map(|connection| {
+                let conn = lock(connection);
+                let mut type_urls: Vec<&str> = snapshot
+                    .type_urls()
+                    .chain(conn.types.keys().map(String::as_str))
+                    .collect();
+                type_urls.sort_unstable();
+                type_urls.dedup();
+                let types: Vec<TypeSync> = type_urls
+                    .into_iter()
+                    .map(|url| type_sync(url, conn.types.get(url), served.of_type(url)))
+                    .collect();
+                let last_nack = types
+                    .iter()
+                    .filter_map(|t| t.last_nack.clone())
+                    .max_by(|a, b| a.at.cmp(&b.at));
+                ProxySync {
+                    proxy: conn.proxy.clone(),
+                    identity: conn.caller.as_ref().map(|c| c.identity.to_string()),
+                    node: conn.caller.as_ref().and_then(|c| c.node.clone()),
+                    peer: conn.peer.map(|p| p.to_string()),
+                    connected_since: rfc3339(conn.since),
+                    types,
+                    last_nack,
+                }
+            })
+            .collect()
+    }
+}
+
+fn type_sync(type_url: &str, state: Option<&TypeState>, resources: &Resources) -> TypeSync {
+    let Some(state) = state.filter(|s| s.last_sent().is_some()) else {
+        return TypeSync {
+            type_url: type_url.to_string(),
+            status: SyncState::NotSent,
+            wildcard: state.is_some_and(|s| s.subscription().wildcard),
+            subscribed_names: state.map_or(0, |s| s.subscription().names.len()),
+            resources_held: state.map_or(0, |s| s.held().len()),
+            resources_behind: 0,
+            nonce_in_flight: None,
+            sent: None,
+            acked: None,
+            last_nack: None,
+        };
+    };
+    let delta = state.diff(resources);
+    let behind = delta.upserts.len() + delta.removed.len();
+    let status = if state.in_flight_nonce().is_some() || behind > 0 {
+        SyncState::Stale
+    } else {
+        SyncState::Synced
+    };
+    TypeSync {
+        type_url: type_url.to_string(),
+        status,
+        wildcard: state.subscription().wildcard,
+        subscribed_names: state.subscription().names.len(),
+        resources_held: state.held().len(),
+        resources_behind: behind,
+        nonce_in_flight: state.in_flight_nonce().map(str::to_string),
+        sent: state.last_sent().map(report),
+        acked: state.last_acked().map(report),
+        last_nack: state.last_nack().map(|n| nack_report(type_url, n)),
+    }
+}
+
+fn report(sent: &Sent) -> ResponseReport {
+    ResponseReport {
+        nonce: sent.nonce.clone(),
+        version: sent.version.clone(),
+        at: rfc3339(sent.at),
+    }
+}
+
+fn nack_report(type_url: &str, nack: &Nack) -> NackReport {
+    NackReport {
+        type_url: type_url.to_string(),
+        nonce: nack.nonce.clone(),
+        message: nack.message.clone(),
+        at: rfc3339(nack.at),
+    }
+}
+
+/// `2024-05-01T12:00:00.123Z`. (Sorts chronologically as text.)
+fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123Z");
+    }
+}
