@@ -1,0 +1,1 @@
+//! `ztunnel-rs proxy`: wiring (being written).
