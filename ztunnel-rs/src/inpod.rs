@@ -11,6 +11,8 @@
 pub mod netns;
 pub mod seqpacket;
 pub mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod zds;
 
 pub use netns::{Netns, NetnsError};

@@ -141,9 +141,16 @@ impl SeqpacketConn {
             .await
     }
 
-    /// Waits until the connection has something to read (a packet or EOF).
+    /// Waits until the connection may have something to read (a packet or
+    /// EOF); readiness can be stale, so follow with [`Self::try_recv`].
     pub async fn readable(&self) -> std::io::Result<()> {
         self.socket.readable().await
+    }
+
+    /// Receives one packet if one is waiting: `WouldBlock` when none is.
+    pub fn try_recv(&self) -> std::io::Result<Option<Packet>> {
+        let fd = self.socket.as_raw_fd();
+        self.socket.try_io(Interest::READABLE, || recv_packet(fd))
     }
 }
 

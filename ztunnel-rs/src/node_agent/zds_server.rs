@@ -255,9 +255,13 @@ impl ZdsServer {
                 }
                 readable = conn.readable() => {
                     readable?;
-                    return match conn.recv().await? {
-                        None => Ok(()),
-                        Some(_) => Err(ZdsServerError::Protocol("a message nobody asked for".into())),
+                    // Between requests ztunnel has nothing to say: anything
+                    // but EOF is a protocol error.
+                    return match conn.try_recv() {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => Err(e.into()),
+                        Ok(None) => Ok(()),
+                        Ok(Some(_)) => Err(ZdsServerError::Protocol("a message nobody asked for".into())),
                     };
                 }
             }
