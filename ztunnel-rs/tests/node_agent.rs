@@ -434,3 +434,88 @@ async fn cni_add_fails_while_no_ztunnel_is_connected_and_rules_stay() {
     assert!(istio_rules(&pod.netns).contains("REDIRECT"));
     assert!(zds.has_pod("uid-api"));
 }
+
+#[tokio::test]
+async fn annotation_is_one_exact_merge_patch() {
+    let (kube, mut calls) = mock_api();
+    let pod = ztunnel_rs::node_agent::PodKey::new("shop", "cart-0");
+    ztunnel_rs::node_agent::annotate::set_redirection(&kube, &pod, true)
+        .await
+        .unwrap();
+    let call = next(&mut calls).await;
+    assert_eq!(call.method, "PATCH");
+    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0?");
+    assert_eq!(call.content_type, "application/merge-patch+json");
+    assert_eq!(
+        call.body,
+        serde_json::json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
+    );
+}
+
+#[tokio::test]
+async fn kube_source_watches_only_this_nodes_pods() {
+    use ztunnel_rs::node_agent::PodSource;
+    use ztunnel_rs::node_agent::pods::kube::KubePodSource;
+
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (events_tx, mut events) = mpsc::channel(16);
+    tokio::spawn(KubePodSource::new(client, "node-a").run(events_tx));
+    // The first two requests are the initial lists of pods and namespaces,
+    // in either order; the watches that follow are left hanging.
+    for _ in 0..2 {
+        let (request, respond) = tokio::time::timeout(WAIT, api.next_request())
+            .await
+            .unwrap()
+            .unwrap();
+        let uri = request.uri().to_string();
+        let list = if uri.starts_with("/api/v1/pods?") {
+            assert!(
+                uri.contains("fieldSelector=spec.nodeName%3Dnode-a"),
+                "{uri}"
+            );
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
+                "items": [{
+                    "metadata": {"name": "cart-0", "namespace": "shop", "uid": "uid-cart",
+                                 "labels": {"istio.io/dataplane-mode": "ambient"}},
+                    "spec": {"serviceAccountName": "cart", "nodeName": "node-a", "containers": []}
+                }]
+            })
+        } else {
+            assert!(uri.starts_with("/api/v1/namespaces?"), "{uri}");
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"},
+                "items": [{"metadata": {"name": "shop", "labels": {"team": "a"}}}]
+            })
+        };
+        respond.send_response(Response::new(Body::from(
+            serde_json::to_vec(&list).unwrap(),
+        )));
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(event);
+    }
+    let cart = seen
+        .iter()
+        .find_map(|e| match e {
+            PodEvent::Pod(meta) => Some(meta.clone()),
+            _ => None,
+        })
+        .expect("the pod");
+    assert_eq!(cart.uid, "uid-cart");
+    assert_eq!(cart.service_account, "cart");
+    assert_eq!(
+        cart.labels
+            .get("istio.io/dataplane-mode")
+            .map(String::as_str),
+        Some("ambient")
+    );
+    assert!(seen.contains(&PodEvent::PodsListed(vec![cart.key()])));
+    assert!(seen.contains(&PodEvent::NamespacesListed(vec!["shop".into()])));
+}
