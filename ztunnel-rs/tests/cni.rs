@@ -10,11 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{TestNetns, root_or_skip};
-use ztunnel_rs::inpod::{
-    InPodListeners, InPodSocketFactory, ManagerError, Netns, WorkloadProxyManager, WorkloadUid,
-    ZdsClient, ZdsClientConfig,
-};
+use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip};
 use ztunnel_rs::node_agent::cni_event;
 use ztunnel_rs::node_agent::{
     AgentConfig, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent, PodMeta, ZdsServer,
@@ -272,27 +268,6 @@ async fn bad_netconf_is_rejected_with_the_spec_codes() {
     assert_eq!(unknown.stdout["code"], 4, "{}", unknown.stdout);
 }
 
-/// A ztunnel stand-in that binds the pod's listeners and reports the uid.
-struct Listening(tokio::sync::mpsc::UnboundedSender<(String, InPodListeners)>);
-
-impl WorkloadProxyManager for Listening {
-    async fn add(
-        &self,
-        uid: &WorkloadUid,
-        _info: Option<&api::zds::WorkloadInfo>,
-        netns: Netns,
-    ) -> Result<(), ManagerError> {
-        let listeners = InPodListeners::bind(&InPodSocketFactory::new(netns)).await?;
-        let _ = self.0.send((uid.0.clone(), listeners));
-        Ok(())
-    }
-    async fn del(&self, _uid: &WorkloadUid) {}
-    fn keep(&self, _uid: &WorkloadUid) -> Result<(), ManagerError> {
-        Ok(())
-    }
-    async fn snapshot_done(&self, _known: &std::collections::HashSet<WorkloadUid>) {}
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_of_an_enrolled_pod_returns_once_it_is_captured() {
     if !root_or_skip("add_of_an_enrolled_pod_returns_once_it_is_captured") {
@@ -301,32 +276,16 @@ async fn add_of_an_enrolled_pod_returns_once_it_is_captured() {
     let pod = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
     let socket = agent(dir.path()).await;
-    let (tx, mut added) = tokio::sync::mpsc::unbounded_channel();
-    let client = std::sync::Arc::new(ZdsClient::new(
-        ZdsClientConfig {
-            socket: dir.path().join("ztunnel.sock"),
-            max_backoff: Duration::from_millis(200),
-        },
-        Listening(tx),
-    ));
-    let mut ready = client.snapshot_received();
-    tokio::spawn({
-        let client = client.clone();
-        async move { client.run(std::future::pending()).await }
-    });
-    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut added = ListenerProxy::connect(dir.path().join("ztunnel.sock")).await;
 
     let conf = netconf(&socket, Some(prev_result()), "1.0.0");
     let out = plugin_in("ADD", ("shop", "cart-0"), &pod.path(), &conf).await;
     assert_eq!(out.code, 0, "{}", out.stdout);
     assert_eq!(out.stdout, prev_result());
     // By the time ADD returned, ztunnel had the pod and the rules were in.
-    let (uid, _listeners) = added
-        .try_recv()
-        .expect("ztunnel got the pod before ADD returned");
+    let Ok(ProxyEvent::Added(uid, _, _listeners)) = added.try_recv() else {
+        panic!("ztunnel got the pod before ADD returned")
+    };
     assert_eq!(uid, "uid-cart");
     let nat = pod.exec(&["iptables", "-t", "nat", "-S", "ISTIO_OUTPUT"]);
     assert!(nat.contains("--to-ports 15001"), "{nat}");

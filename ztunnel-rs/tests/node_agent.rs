@@ -6,22 +6,18 @@
 //! tower-test mock), unenrolled and re-enrolled by labels, and cleaned up when
 //! its netns goes away.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use api::zds::WorkloadInfo;
 use http::{Request, Response};
 use kube::client::Body;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{TestNetns, root_or_skip};
-use ztunnel_rs::inpod::{
-    InPodListeners, InPodSocketFactory, ManagerError, Netns, WorkloadProxyManager, WorkloadUid,
-    ZdsClient, ZdsClientConfig,
-};
+use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip};
+use ztunnel_rs::inpod::{InPodSocketFactory, Netns};
 use ztunnel_rs::node_agent::cni_event::{CniHandler, CniPod, CniRequest};
 use ztunnel_rs::node_agent::iptables::{self, RedirectionConfig};
 use ztunnel_rs::node_agent::{
@@ -31,36 +27,6 @@ use ztunnel_rs::node_agent::{
 const WAIT: Duration = Duration::from_secs(30);
 const POD_IP: &str = "10.244.250.1";
 const PEER_IP: &str = "10.244.250.2";
-
-enum Proxy {
-    Added(String, InPodSocketFactory, InPodListeners),
-    Deleted(String),
-}
-
-/// The part of ztunnel this test needs: per pod, the three listeners bound
-/// in the pod's netns.
-struct ListenerProxy(mpsc::UnboundedSender<Proxy>);
-
-impl WorkloadProxyManager for ListenerProxy {
-    async fn add(
-        &self,
-        uid: &WorkloadUid,
-        _info: Option<&WorkloadInfo>,
-        netns: Netns,
-    ) -> Result<(), ManagerError> {
-        let factory = InPodSocketFactory::new(netns);
-        let listeners = InPodListeners::bind(&factory).await?;
-        let _ = self.0.send(Proxy::Added(uid.0.clone(), factory, listeners));
-        Ok(())
-    }
-    async fn del(&self, uid: &WorkloadUid) {
-        let _ = self.0.send(Proxy::Deleted(uid.0.clone()));
-    }
-    fn keep(&self, _uid: &WorkloadUid) -> Result<(), ManagerError> {
-        Ok(())
-    }
-    async fn snapshot_done(&self, _known: &HashSet<WorkloadUid>) {}
-}
 
 #[derive(Debug)]
 struct ApiCall {
@@ -94,6 +60,18 @@ fn mock_api() -> (kube::Client, mpsc::UnboundedReceiver<ApiCall>) {
         }
     });
     (kube::Client::new(service, "default"), rx)
+}
+
+/// The redirection annotation set (`Some("enabled")`) or removed (`None`)
+/// with one merge patch on shop/cart-0.
+fn assert_redirection_patch(call: &ApiCall, value: Option<&str>) {
+    assert_eq!(call.method, "PATCH");
+    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0?");
+    assert_eq!(call.content_type, "application/merge-patch+json");
+    assert_eq!(
+        call.body,
+        serde_json::json!({"metadata": {"annotations": {"ambient.istio.io/redirection": value}}})
+    );
 }
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
@@ -247,23 +225,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     pod_events.send(PodEvent::Pod(cart.clone())).await.unwrap();
 
     // ztunnel, connected before the pod starts.
-    let (proxy_tx, mut proxy) = mpsc::unbounded_channel();
-    let client = std::sync::Arc::new(ZdsClient::new(
-        ZdsClientConfig {
-            socket: zds_socket,
-            max_backoff: Duration::from_millis(200),
-        },
-        ListenerProxy(proxy_tx),
-    ));
-    let mut ready = client.snapshot_received();
-    tokio::spawn({
-        let client = client.clone();
-        async move { client.run(std::future::pending()).await }
-    });
-    tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut proxy = ListenerProxy::connect(zds_socket).await;
 
     // The runtime's CNI ADD for the pod's sandbox.
     let sandbox = CniPod {
@@ -276,7 +238,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     };
     let reply = agent_handle.handle(CniRequest::Add(sandbox.clone())).await;
     assert!(reply.ok && reply.captured, "{reply:?}");
-    let Proxy::Added(uid, factory, listeners) = next(&mut proxy).await else {
+    let ProxyEvent::Added(uid, factory, listeners) = next(&mut proxy).await else {
         panic!("expected the pod to be added")
     };
     assert_eq!(uid, "uid-cart");
@@ -287,14 +249,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     );
 
     // Annotated once ztunnel acked: one merge patch, exactly.
-    let call = next(&mut api_calls).await;
-    assert_eq!(call.method, "PATCH");
-    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0?");
-    assert_eq!(call.content_type, "application/merge-patch+json");
-    assert_eq!(
-        call.body,
-        serde_json::json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
-    );
+    assert_redirection_patch(&next(&mut api_calls).await, Some("enabled"));
 
     // Outbound: the app's connection to the peer lands on 15001 with the
     // peer as original destination; the proxy's own (marked) connection to
@@ -369,20 +324,15 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
         }))
         .await
         .unwrap();
-    assert!(matches!(next(&mut proxy).await, Proxy::Deleted(uid) if uid == "uid-cart"));
-    let call = next(&mut api_calls).await;
-    assert_eq!(call.method, "PATCH");
-    assert_eq!(
-        call.body,
-        serde_json::json!({"metadata": {"annotations": {"ambient.istio.io/redirection": null}}})
-    );
+    assert!(matches!(next(&mut proxy).await, ProxyEvent::Deleted(uid) if uid == "uid-cart"));
+    assert_redirection_patch(&next(&mut api_calls).await, None);
     assert_eq!(istio_rules(&pod.netns), "", "rules removed cleanly");
 
     // Re-enrol through the pod's own label: the agent still knows the sandbox.
     let mut labelled = cart.clone();
     labelled.labels = ambient;
     pod_events.send(PodEvent::Pod(labelled)).await.unwrap();
-    let Proxy::Added(uid, factory, listeners) = next(&mut proxy).await else {
+    let ProxyEvent::Added(uid, factory, listeners) = next(&mut proxy).await else {
         panic!("expected the pod to be added again")
     };
     assert_eq!(uid, "uid-cart");
@@ -394,7 +344,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     drop(pod);
     assert!(!std::path::Path::new(&pod_path).exists());
     agent_handle.sweep().await.unwrap();
-    assert!(matches!(next(&mut proxy).await, Proxy::Deleted(uid) if uid == "uid-cart"));
+    assert!(matches!(next(&mut proxy).await, ProxyEvent::Deleted(uid) if uid == "uid-cart"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,14 +392,7 @@ async fn annotation_is_one_exact_merge_patch() {
     ztunnel_rs::node_agent::annotate::set_redirection(&kube, &pod, true)
         .await
         .unwrap();
-    let call = next(&mut calls).await;
-    assert_eq!(call.method, "PATCH");
-    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0?");
-    assert_eq!(call.content_type, "application/merge-patch+json");
-    assert_eq!(
-        call.body,
-        serde_json::json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}})
-    );
+    assert_redirection_patch(&next(&mut calls).await, Some("enabled"));
 }
 
 #[tokio::test]

@@ -202,6 +202,16 @@ async fn expect_reset(conn: &SeqpacketConn) {
     );
 }
 
+/// Sends one request (with `fd` attached) and returns the Ack's error text.
+async fn exchange(
+    conn: &SeqpacketConn,
+    payload: workload_request::Payload,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> String {
+    conn.send(&encode(payload), fd).await.unwrap();
+    expect_ack(conn).await
+}
+
 fn encode(payload: workload_request::Payload) -> Vec<u8> {
     WorkloadRequest {
         payload: Some(payload),
@@ -297,34 +307,16 @@ async fn snapshot_drops_pods_the_agent_did_not_name_and_keep_is_honoured() {
     });
     let netns = Netns::current().unwrap();
     let conn = accept_ztunnel(&listener).await;
-    conn.send(
-        &encode(workload_request::Payload::Add(AddWorkload {
-            uid: "fresh".into(),
-            workload_info: None,
-        })),
-        Some(std::os::fd::AsFd::as_fd(&netns)),
-    )
-    .await
-    .unwrap();
-    assert_eq!(expect_ack(&conn).await, "");
-    conn.send(
-        &encode(workload_request::Payload::Keep(api::zds::KeepWorkload {
-            uid: "kept".into(),
-        })),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(expect_ack(&conn).await, "");
-    conn.send(
-        &encode(workload_request::Payload::SnapshotSent(
-            api::zds::SnapshotSent {},
-        )),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(expect_ack(&conn).await, "");
+    let fresh = workload_request::Payload::Add(AddWorkload {
+        uid: "fresh".into(),
+        workload_info: None,
+    });
+    let kept = || workload_request::Payload::Keep(api::zds::KeepWorkload { uid: "kept".into() });
+    let done = workload_request::Payload::SnapshotSent(api::zds::SnapshotSent {});
+    let fd = Some(std::os::fd::AsFd::as_fd(&netns));
+    assert_eq!(exchange(&conn, fresh, fd).await, "");
+    assert_eq!(exchange(&conn, kept(), None).await, "");
+    assert_eq!(exchange(&conn, done, None).await, "");
     assert_eq!(
         next(&mut seen).await,
         Seen::Add("fresh".into(), netns.inode())
@@ -339,14 +331,7 @@ async fn snapshot_drops_pods_the_agent_did_not_name_and_keep_is_honoured() {
         BTreeSet::from(["fresh".to_string(), "kept".to_string()])
     );
     // Keep is only meaningful inside a snapshot.
-    conn.send(
-        &encode(workload_request::Payload::Keep(api::zds::KeepWorkload {
-            uid: "kept".into(),
-        })),
-        None,
-    )
-    .await
-    .unwrap();
+    conn.send(&encode(kept()), None).await.unwrap();
     expect_reset(&conn).await;
 }
 

@@ -2,10 +2,19 @@
 //! namespaces that are deleted even when the test panics, veth links between
 //! them, and the skip-or-fail rule for unprivileged runs.
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use api::zds::WorkloadInfo;
+use tokio::sync::mpsc;
 
 use super::netns::Netns;
+use super::socket::{InPodListeners, InPodSocketFactory};
+use super::zds::{ManagerError, WorkloadProxyManager, WorkloadUid, ZdsClient, ZdsClientConfig};
 
 /// True when the test may touch namespaces. Without root it says so loudly
 /// and returns false, except under CI (env `CI` set), where it panics: CI
@@ -121,4 +130,67 @@ impl Drop for TestNetns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// What [`ListenerProxy`] was asked to do.
+#[derive(Debug)]
+pub enum ProxyEvent {
+    Added(String, InPodSocketFactory, InPodListeners),
+    Deleted(String),
+}
+
+/// The part of ztunnel that node-agent tests need: for each pod it is handed,
+/// the three listeners bound in the pod's netns, passed on to the test.
+#[derive(Debug)]
+pub struct ListenerProxy(pub mpsc::UnboundedSender<ProxyEvent>);
+
+impl ListenerProxy {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<ProxyEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ListenerProxy(tx), rx)
+    }
+
+    /// Starts a ZDS client backed by a `ListenerProxy` against the agent at
+    /// `socket`, and waits until it has received its first snapshot.
+    pub async fn connect(socket: PathBuf) -> mpsc::UnboundedReceiver<ProxyEvent> {
+        let (proxy, events) = Self::new();
+        let config = ZdsClientConfig {
+            socket,
+            max_backoff: Duration::from_millis(200),
+        };
+        let client = Arc::new(ZdsClient::new(config, proxy));
+        let mut ready = client.snapshot_received();
+        tokio::spawn({
+            let client = client.clone();
+            async move { client.run(std::future::pending()).await }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
+            .await
+            .expect("ztunnel received its first ZDS snapshot")
+            .expect("ZDS client alive");
+        events
+    }
+}
+
+impl WorkloadProxyManager for ListenerProxy {
+    async fn add(
+        &self,
+        uid: &WorkloadUid,
+        _info: Option<&WorkloadInfo>,
+        netns: Netns,
+    ) -> Result<(), ManagerError> {
+        let factory = InPodSocketFactory::new(netns);
+        let listeners = InPodListeners::bind(&factory).await?;
+        let _ = self
+            .0
+            .send(ProxyEvent::Added(uid.0.clone(), factory, listeners));
+        Ok(())
+    }
+    async fn del(&self, uid: &WorkloadUid) {
+        let _ = self.0.send(ProxyEvent::Deleted(uid.0.clone()));
+    }
+    fn keep(&self, _uid: &WorkloadUid) -> Result<(), ManagerError> {
+        Ok(())
+    }
+    async fn snapshot_done(&self, _known: &HashSet<WorkloadUid>) {}
 }

@@ -176,23 +176,14 @@ fn add(
     timeout: Duration,
 ) -> Result<Option<Value>, CniError> {
     let prev = require_prev_result(conf)?;
-    let Some(pod) = pod_from_env(env, Some(prev))? else {
-        // Not a Kubernetes pod: nothing of the mesh's to do.
-        return Ok(Some(prev.clone()));
-    };
-    if conf.exclude_namespaces.contains(&pod.namespace) {
-        return Ok(Some(prev.clone()));
-    }
-    let key = pod.key();
-    let reply = cni_event::call(socket, &CniRequest::Add(pod), timeout)
-        .map_err(|e| unreachable(code::TRY_AGAIN_LATER, socket, e))?;
-    if !reply.ok {
-        return Err(CniError::new(
-            code::ENROLMENT_FAILED,
-            format!("the node agent could not set up pod {key}"),
-            reply.error.unwrap_or_default(),
-        ));
-    }
+    ask_agent(
+        env,
+        conf,
+        socket,
+        timeout,
+        CniRequest::Add,
+        "could not set up",
+    )?;
     Ok(Some(prev.clone()))
 }
 
@@ -202,22 +193,45 @@ fn check(
     socket: &std::path::Path,
     timeout: Duration,
 ) -> Result<Option<Value>, CniError> {
-    let prev = require_prev_result(conf)?;
-    let Some(pod) = pod_from_env(env, Some(prev))? else {
-        return Ok(None);
+    require_prev_result(conf)?;
+    ask_agent(
+        env,
+        conf,
+        socket,
+        timeout,
+        CniRequest::Check,
+        "found a problem with",
+    )?;
+    Ok(None)
+}
+
+/// Tells the agent about the sandbox in the environment, unless it is not a
+/// Kubernetes pod or its namespace is excluded; fails unless the agent
+/// answers ok.
+fn ask_agent(
+    env: &BTreeMap<String, String>,
+    conf: &NetConf,
+    socket: &std::path::Path,
+    timeout: Duration,
+    request: fn(CniPod) -> CniRequest,
+    failure: &str,
+) -> Result<(), CniError> {
+    let Some(pod) = pod_from_env(env, conf.prev_result.as_ref())? else {
+        // Not a Kubernetes pod: nothing of the mesh's to do.
+        return Ok(());
     };
     if conf.exclude_namespaces.contains(&pod.namespace) {
-        return Ok(None);
+        return Ok(());
     }
     let key = pod.key();
-    let reply = cni_event::call(socket, &CniRequest::Check(pod), timeout)
+    let reply = cni_event::call(socket, &request(pod), timeout)
         .map_err(|e| unreachable(code::TRY_AGAIN_LATER, socket, e))?;
     if reply.ok {
-        Ok(None)
+        Ok(())
     } else {
         Err(CniError::new(
             code::ENROLMENT_FAILED,
-            format!("pod {key} is not in the state ADD left it in"),
+            format!("the node agent {failure} pod {key}"),
             reply.error.unwrap_or_default(),
         ))
     }
