@@ -26,7 +26,13 @@ pub fn root_or_skip(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test} needs root (network namespaces, iptables) and CI is set: run CI as root");
     }
-    eprintln!("\n!!! SKIPPING {test}: it needs root (network namespaces, iptables) !!!\n");
+    // Written to the stderr handle rather than with eprintln!, which the
+    // test harness captures and hides for passing tests.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!! SKIPPING {test}: it needs root (network namespaces, iptables) !!!\n"
+    );
     false
 }
 
