@@ -1,0 +1,197 @@
+//! Sockets that live in a pod's network namespace: the proxy's per-pod
+//! listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE) and the
+//! connections it opens on the pod's behalf.
+//!
+//! Every socket carries the proxy mark (`api::ports::PROXY_MARK`, 0x539), as
+//! upstream's in-pod socket factory does: the pod's redirection rules let
+//! marked packets through, so the proxy's own connections are not captured
+//! again. Listeners bind the wildcard address like upstream (`[::]`, dual
+//! stack; `0.0.0.0` when the pod has no IPv6). REDIRECT keeps the pod's own
+//! addresses on both ends, so no `IP_TRANSPARENT` is needed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::netns::{Netns, NetnsError};
+
+/// Errors creating or inspecting in-pod sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cannot listen on port {port} in pod netns {netns}: {source}")]
+    Listen {
+        port: u16,
+        netns: u64,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {addr} from pod netns {netns}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        netns: u64,
+        source: std::io::Error,
+    },
+    #[error("connection has no original destination (was it redirected by the pod's rules?): {0}")]
+    OriginalDst(std::io::Error),
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Creates sockets inside one pod's network namespace.
+#[derive(Clone, Debug)]
+pub struct InPodSocketFactory {
+    netns: Netns,
+    mark: u32,
+}
+
+/// Backlog of the per-pod listeners.
+const LISTEN_BACKLOG: i32 = 1024;
+
+impl InPodSocketFactory {
+    /// A factory whose sockets carry the proxy mark.
+    pub fn new(netns: Netns) -> Self {
+        Self::with_mark(netns, api::ports::PROXY_MARK)
+    }
+
+    pub fn with_mark(netns: Netns, mark: u32) -> Self {
+        InPodSocketFactory { netns, mark }
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Listens on `port` on the pod's wildcard address.
+    pub async fn listen(&self, port: u16) -> Result<TcpListener, SocketError> {
+        let mark = self.mark;
+        let inode = self.netns.inode();
+        let std_listener = self
+            .netns
+            .run_async(move || {
+                let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+                match bind_listener(v6, mark) {
+                    Ok(listener) => Ok(listener),
+                    // A pod without IPv6 (disabled by sysctl or no kernel support).
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                        ) =>
+                    {
+                        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+                        bind_listener(v4, mark)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?
+            .map_err(|source| SocketError::Listen {
+                port,
+                netns: inode,
+                source,
+            })?;
+        Ok(TcpListener::from_std(std_listener)?)
+    }
+
+    /// Opens a marked TCP connection to `addr` from inside the pod, so it
+    /// leaves with the pod's address and passes the pod's redirection rules.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, SocketError> {
+        let mark = self.mark;
+        let inode = self.netns.inode();
+        let connect_err = |source| SocketError::Connect {
+            addr,
+            netns: inode,
+            source,
+        };
+        let socket = self
+            .netns
+            .run_async(move || -> std::io::Result<Socket> {
+                let socket =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_mark(mark)?;
+                socket.set_nonblocking(true)?;
+                Ok(socket)
+            })
+            .await?
+            .map_err(connect_err)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        socket.connect(addr).await.map_err(connect_err)
+    }
+
+    /// Where a redirected connection was headed before the pod's rules sent it
+    /// to the proxy (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6).
+    pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, SocketError> {
+        original_dst(stream)
+    }
+}
+
+/// See [`InPodSocketFactory::original_dst`]; works on any accepted stream.
+pub fn original_dst(stream: &TcpStream) -> Result<SocketAddr, SocketError> {
+    let socket = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    // An IPv4 connection on a dual-stack listener shows a v4-mapped local
+    // address; its conntrack entry is IPv4, so the IPv4 option applies.
+    let is_v4 = match local.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    let addr = if is_v4 {
+        socket.original_dst_v4()
+    } else {
+        socket.original_dst_v6()
+    }
+    .map_err(SocketError::OriginalDst)?;
+    addr.as_socket().map(unmap).ok_or_else(|| {
+        SocketError::OriginalDst(std::io::Error::other(
+            "original destination is not an IP address",
+        ))
+    })
+}
+
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::new(IpAddr::V4(ip), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+fn bind_listener(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_mark(mark)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// The three listeners every enrolled pod gets, bound inside its netns.
+#[derive(Debug)]
+pub struct InPodListeners {
+    /// 15001: the pod's outbound connections, redirected by its rules.
+    pub outbound: TcpListener,
+    /// 15006: plaintext connections to the pod, redirected by its rules.
+    pub inbound_plaintext: TcpListener,
+    /// 15008: HBONE to the pod, reached directly (the rules leave it alone).
+    pub hbone: TcpListener,
+}
+
+impl InPodListeners {
+    pub async fn bind(factory: &InPodSocketFactory) -> Result<Self, SocketError> {
+        Ok(InPodListeners {
+            outbound: factory.listen(api::ports::ZTUNNEL_OUTBOUND).await?,
+            inbound_plaintext: factory
+                .listen(api::ports::ZTUNNEL_INBOUND_PLAINTEXT)
+                .await?,
+            hbone: factory.listen(api::ports::HBONE).await?,
+        })
+    }
+}

@@ -1,0 +1,96 @@
+//! The node agent (`ztunnel-rs cni`): enrols the pods on its node into the
+//! mesh. It learns pods' labels from a pod source and their sandboxes (netns,
+//! IPs) from the CNI plugin (`istio-cni-rs`), installs the redirection rules
+//! inside each enrolled pod's netns, and hands the pod to ztunnel over ZDS.
+//!
+//! ```text
+//! kube watch ──PodEvent──┐
+//! istio-cni-rs ─unix/JSON─┼─> NodeAgent ─iptables (in pod netns)
+//!                         │            └─ZDS (SOCK_SEQPACKET, netns fd)─> ztunnel-rs
+//! ```
+
+pub mod agent;
+pub mod annotate;
+pub mod cni_event;
+pub mod cni_plugin;
+pub mod enrolment;
+pub mod iptables;
+pub mod pods;
+pub mod zds_server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::info;
+
+pub use agent::{AgentConfig, AgentError, AgentHandle, NodeAgent};
+pub use enrolment::{Enrolment, NamespaceMeta, PodKey, PodMeta};
+pub use pods::{MemoryPodSource, PodEvent, PodSource};
+pub use zds_server::{ZdsPod, ZdsServer, ZdsServerError};
+
+use crate::inpod::seqpacket::SeqpacketListener;
+
+/// Flags of `ztunnel-rs cni`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CniArgs {
+    /// Where ztunnel connects for ZDS.
+    #[arg(long, env = "ZDS_SOCKET", default_value = crate::inpod::zds::DEFAULT_ZDS_SOCKET)]
+    pub zds_socket: PathBuf,
+    /// Where the CNI plugin reaches the agent (`agent_socket` in its netconf).
+    #[arg(long, env = "CNI_EVENT_SOCKET", default_value = cni_event::DEFAULT_CNI_EVENT_SOCKET)]
+    pub cni_socket: PathBuf,
+    /// This node's name: only its pods are watched.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Redirect pods' DNS to ztunnel's DNS proxy (15053).
+    #[arg(long, env = "DNS_CAPTURE")]
+    pub dns_capture: bool,
+    /// Install the IPv6 rules as well.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6: bool,
+    /// iptables binary: `iptables` (the distribution's default backend),
+    /// `iptables-nft` or `iptables-legacy`.
+    #[arg(long, env = "IPTABLES", default_value = "iptables")]
+    pub iptables: String,
+    /// Seconds to wait for ztunnel's Ack of each pod.
+    #[arg(long, default_value_t = 10)]
+    pub ack_timeout_secs: u64,
+    /// Seconds a CNI ADD waits for its pod to appear in the watch.
+    #[arg(long, default_value_t = 10)]
+    pub pod_wait_secs: u64,
+}
+
+/// Runs the node agent in Kubernetes mode until it fails.
+pub async fn run(args: CniArgs) -> anyhow::Result<()> {
+    let redirection = iptables::RedirectionConfig {
+        dns_capture: args.dns_capture,
+        ipv6: args.ipv6,
+        iptables: args.iptables.clone(),
+    };
+    let backend = iptables::version(&redirection).context("checking the iptables binary")?;
+    info!(%backend, binary = %args.iptables, "in-pod rules will be installed with this iptables");
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let (zds, acked) = ZdsServer::new(Duration::from_secs(args.ack_timeout_secs));
+    let zds_listener = SeqpacketListener::bind(&args.zds_socket)
+        .with_context(|| format!("binding the ZDS socket {}", args.zds_socket.display()))?;
+    let cni_listener = cni_event::bind(&args.cni_socket)
+        .with_context(|| format!("binding the CNI event socket {}", args.cni_socket.display()))?;
+
+    let config = AgentConfig {
+        redirection,
+        pod_wait: Duration::from_secs(args.pod_wait_secs),
+        ..AgentConfig::default()
+    };
+    let agent = NodeAgent::new(config, zds.clone(), Some(client.clone()));
+    let handle = agent.handle();
+    let source = pods::kube::KubePodSource::new(client, args.node_name);
+    tokio::select! {
+        r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
+        r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
+        r = agent.run(source, acked) => r.context("pod source failed"),
+    }
+}

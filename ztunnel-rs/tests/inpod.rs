@@ -1,0 +1,137 @@
+//! The in-pod socket layer in real network namespaces (root; skipped loudly
+//! without, required under CI): sockets are created inside the pod, carry the
+//! proxy mark, and the original destination is read for IPv4 and IPv6.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ztunnel_rs::inpod::testing::{TestNetns, root_or_skip};
+use ztunnel_rs::inpod::{InPodListeners, InPodSocketFactory, Netns};
+use ztunnel_rs::node_agent::iptables::{self, RedirectionConfig};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn connect_from(netns: &Netns, to: SocketAddr) -> std::net::TcpStream {
+    netns
+        .run_async(move || std::net::TcpStream::connect_timeout(&to, WAIT))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect to {to}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_live_in_the_pod_and_carry_the_proxy_mark() {
+    if !root_or_skip("sockets_live_in_the_pod_and_carry_the_proxy_mark") {
+        return;
+    }
+    let pod = TestNetns::new();
+    let peer = TestNetns::new();
+    pod.link("10.244.251.1/24", &peer, "10.244.251.2/24");
+    let before = Netns::current().unwrap();
+
+    let factory = InPodSocketFactory::new(pod.netns.clone());
+    let listeners = InPodListeners::bind(&factory).await.unwrap();
+    // Entering the pod happened on threads of its own: ours is untouched.
+    assert_eq!(Netns::current().unwrap(), before);
+    for (listener, port) in [
+        (&listeners.outbound, 15001),
+        (&listeners.inbound_plaintext, 15006),
+        (&listeners.hbone, 15008),
+    ] {
+        let local = listener.local_addr().unwrap();
+        assert_eq!(
+            local,
+            SocketAddr::new("::".parse().unwrap(), port),
+            "dual-stack wildcard"
+        );
+        assert_eq!(
+            socket2::SockRef::from(listener).mark().unwrap(),
+            api::ports::PROXY_MARK
+        );
+    }
+    // Reachable on the pod's loopback, i.e. they are in the pod's netns.
+    let _local = connect_from(&pod.netns, "127.0.0.1:15006".parse().unwrap()).await;
+    let (accepted, _) = listeners.inbound_plaintext.accept().await.unwrap();
+    drop(accepted);
+
+    // Outgoing connections leave from the pod's address, marked.
+    let peer_server = peer
+        .netns
+        .run_async(|| std::net::TcpListener::bind("0.0.0.0:7070"))
+        .await
+        .unwrap()
+        .unwrap();
+    let stream = factory
+        .connect("10.244.251.2:7070".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        socket2::SockRef::from(&stream).mark().unwrap(),
+        api::ports::PROXY_MARK
+    );
+    assert_eq!(
+        stream.local_addr().unwrap().ip().to_string(),
+        "10.244.251.1"
+    );
+    let (_, seen) = peer_server.accept().unwrap();
+    assert_eq!(seen.ip().to_string(), "10.244.251.1");
+
+    // Nothing listens there: a clear error naming the target.
+    let refused = factory.connect("10.244.251.2:7071".parse().unwrap()).await;
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains("10.244.251.2:7071"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_destination_of_redirected_ipv6_and_ipv4_connections() {
+    if !root_or_skip("original_destination_of_redirected_ipv6_and_ipv4_connections") {
+        return;
+    }
+    let pod = TestNetns::new();
+    let peer = TestNetns::new();
+    pod.link("10.244.252.1/24", &peer, "10.244.252.2/24");
+    pod.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:252::1/64",
+        "dev",
+        &pod.veth(),
+        "nodad",
+    ]);
+    peer.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:252::2/64",
+        "dev",
+        &peer.veth(),
+        "nodad",
+    ]);
+    let config = RedirectionConfig::default();
+    pod.netns
+        .run(|| iptables::install(&config))
+        .unwrap()
+        .unwrap();
+
+    let factory = InPodSocketFactory::new(pod.netns.clone());
+    let listeners = InPodListeners::bind(&factory).await.unwrap();
+    for target in ["[fd00:252::2]:9091", "10.244.252.2:9092"] {
+        let target: SocketAddr = target.parse().unwrap();
+        let _app = connect_from(&pod.netns, target).await;
+        let (captured, _) = tokio::time::timeout(WAIT, listeners.outbound.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(InPodSocketFactory::original_dst(&captured).unwrap(), target);
+    }
+
+    pod.netns
+        .run(|| iptables::remove(&config))
+        .unwrap()
+        .unwrap();
+    let left = pod.exec(&["iptables-save"]) + &pod.exec(&["ip6tables-save"]);
+    assert!(!left.contains("ISTIO"), "{left}");
+}
