@@ -13,13 +13,15 @@
 //!   held per identity while a pod with that identity is here.
 //! - [`route`]: outbound decisions; [`outbound`], [`inbound`],
 //!   [`inbound_passthrough`]: the three listeners; [`metrics`]: traffic
-//!   metrics and the access log; [`sockets`]: where sockets come from.
+//!   metrics and the access log; [`sockets`]: where sockets come from (in
+//!   production, the pod's network namespace from the node agent).
 //!
 //! Drain: listeners stop accepting at once, HBONE peers get GOAWAY, live
 //! connections may finish until the deadline, then they are closed.
 
 pub mod inbound;
 pub mod inbound_passthrough;
+mod inpod;
 pub mod metrics;
 pub mod outbound;
 pub mod route;
@@ -76,6 +78,7 @@ pub enum Error {
 
 /// The listener ports inside each pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Ports {
     pub outbound: u16,
     pub inbound_plaintext: u16,
@@ -101,6 +104,7 @@ impl Ports {
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ProxyConfig {
     /// Workload uids are `<cluster>//Pod/<namespace>/<name>`.
     pub cluster_id: String,
@@ -161,6 +165,7 @@ pub struct PodInfo {
 
 /// Where a pod's listeners ended up (port 0 resolved).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodAddresses {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,

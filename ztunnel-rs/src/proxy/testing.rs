@@ -268,6 +268,11 @@ pub struct EchoApp {
 impl EchoApp {
     pub async fn start(address: SocketAddr, name: &str) -> EchoApp {
         let listener = TcpListener::bind(address).await.expect("bind the echo app");
+        Self::serve(listener, name)
+    }
+
+    /// Serves on a listener made elsewhere (inside a pod's netns, say).
+    pub fn serve(listener: TcpListener, name: &str) -> EchoApp {
         let address = listener.local_addr().expect("local address");
         let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
         let name = name.to_string();
@@ -275,7 +280,10 @@ impl EchoApp {
             let peers = peers.clone();
             async move {
                 while let Ok((mut stream, peer)) = listener.accept().await {
-                    peers.lock().expect("lock").push(peer);
+                    peers
+                        .lock()
+                        .expect("lock")
+                        .push(super::sockets::canonical(peer));
                     let name = name.clone();
                     tokio::spawn(async move {
                         let mut data = Vec::new();
