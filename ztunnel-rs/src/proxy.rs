@@ -437,12 +437,18 @@ impl PodProxy {
 
     /// Stops accepting, lets connections finish until the deadline, then
     /// closes what is left.
-    async fn drain(self, deadline: Duration) {
-        let pod = self.pod;
+    /// Closes the listeners (returns once they are closed, so the ports
+    /// are free) and sends GOAWAY to HBONE peers; then the connections get
+    /// until `deadline` in the background, and are cut.
+    async fn drain(self, deadline: Duration) -> Drain {
         self.accept.cancel();
         self.hbone.shutdown_token().cancel();
         // Once the loops are gone no connection can be added.
         self.listeners.wait().await;
+        Drain(tokio::spawn(Self::finish(self.pod, deadline)))
+    }
+
+    async fn finish(pod: Arc<Pod>, deadline: Duration) {
         pod.connections.close();
         if tokio::time::timeout(deadline, pod.connections.wait())
             .await
@@ -471,6 +477,18 @@ impl PodProxy {
             "hboneConnectionsOut": self.pod.pool.open_connections(),
             "hboneConnectionsIn": self.hbone.live_connections(),
         })
+    }
+}
+
+/// A pod's connections draining; await it to know they are all gone.
+#[derive(Debug)]
+#[must_use = "the drain continues in the background; await it to wait for the end"]
+pub struct Drain(tokio::task::JoinHandle<()>);
+
+impl Drain {
+    pub async fn finished(self) {
+        // The task only fails by panicking, which the runtime has reported.
+        let _ = self.0.await;
     }
 }
 
@@ -533,28 +551,49 @@ impl ProxyManager {
                 });
             }
         }
-        if let Some(running) = self.lock().get(&pod.uid)
-            && running.pod.sockets.describe() == sockets.describe()
-            && running.pod.info == pod
-        {
-            return Ok(running.addresses);
+        let deadline = self.node.config.drain_deadline;
+        let same_sockets = {
+            let pods = self.lock();
+            match pods.get(&pod.uid) {
+                Some(running)
+                    if running.pod.info == pod
+                        && running.pod.sockets.describe() == sockets.describe() =>
+                {
+                    return Ok(running.addresses);
+                }
+                Some(running) => running.pod.sockets.describe() == sockets.describe(),
+                None => false,
+            }
+        };
+        // Same sockets, new details: the old listeners hold the ports.
+        let stale = if same_sockets {
+            self.lock().remove(&pod.uid)
+        } else {
+            None
+        };
+        if let Some(old) = stale {
+            drop(old.drain(deadline).await);
         }
         let uid = pod.uid.clone();
         let proxy = PodProxy::start(self.node.clone(), pod, sockets).await?;
         let addresses = proxy.addresses;
         let replaced = self.lock().insert(uid, proxy);
         if let Some(old) = replaced {
-            old.drain(self.node.config.drain_deadline).await;
+            drop(old.drain(deadline).await);
         }
         Ok(addresses)
     }
 
-    /// Stops proxying the pod (it is gone): drains its connections.
-    pub async fn del(&self, uid: &str) {
+    /// Stops proxying the pod (it is gone). Its listeners are closed when
+    /// this returns; its connections drain in the background (see [`Drain`]).
+    pub async fn del(&self, uid: &str) -> Option<Drain> {
         let removed = self.lock().remove(uid);
         match removed {
-            Some(proxy) => proxy.drain(self.node.config.drain_deadline).await,
-            None => info!(pod = uid, "asked to stop proxying a pod that is not here"),
+            Some(proxy) => Some(proxy.drain(self.node.config.drain_deadline).await),
+            None => {
+                info!(pod = uid, "asked to stop proxying a pod that is not here");
+                None
+            }
         }
     }
 
@@ -570,8 +609,9 @@ impl ProxyManager {
         }
     }
 
-    /// The node agent's snapshot is complete: pods it did not name are gone.
-    pub async fn snapshot_done(&self, known: &HashSet<String>) {
+    /// The node agent's snapshot is complete: pods it did not name are gone
+    /// (as [`Self::del`]: listeners closed now, connections drained).
+    pub async fn snapshot_done(&self, known: &HashSet<String>) -> Vec<Drain> {
         let stale: Vec<PodProxy> = {
             let mut pods = self.lock();
             let gone: Vec<String> = pods
@@ -582,14 +622,16 @@ impl ProxyManager {
             gone.iter().filter_map(|uid| pods.remove(uid)).collect()
         };
         let deadline = self.node.config.drain_deadline;
-        futures::future::join_all(stale.into_iter().map(|p| p.drain(deadline))).await;
+        futures::future::join_all(stale.into_iter().map(|p| p.drain(deadline))).await
     }
 
-    /// Drains every pod (the proxy is shutting down).
+    /// Drains every pod and waits until their connections are gone (the
+    /// proxy is shutting down).
     pub async fn drain(&self) {
         let all: Vec<PodProxy> = self.lock().drain().map(|(_, p)| p).collect();
         let deadline = self.node.config.drain_deadline;
-        futures::future::join_all(all.into_iter().map(|p| p.drain(deadline))).await;
+        let drains = futures::future::join_all(all.into_iter().map(|p| p.drain(deadline))).await;
+        futures::future::join_all(drains.into_iter().map(Drain::finished)).await;
     }
 
     /// The uids of the pods proxied, sorted.

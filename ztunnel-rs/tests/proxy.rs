@@ -779,7 +779,9 @@ async fn pods_come_and_go_as_the_node_agent_says() {
 
     // The snapshot names only web-2: web-1 goes, the identity stays.
     let known = [web2.info.uid.clone()].into_iter().collect();
-    mesh.manager.snapshot_done(&known).await;
+    for drain in mesh.manager.snapshot_done(&known).await {
+        drain.finished().await;
+    }
     assert_eq!(mesh.manager.pods(), vec![web2.info.uid.clone()]);
     assert!(
         mesh.certificates
@@ -789,7 +791,12 @@ async fn pods_come_and_go_as_the_node_agent_says() {
     );
 
     // The last pod with the identity goes: its certificate is forgotten.
-    mesh.manager.del(&web2.info.uid).await;
+    let drain = mesh
+        .manager
+        .del(&web2.info.uid)
+        .await
+        .expect("web-2 was here");
+    drain.finished().await;
     assert!(mesh.manager.pods().is_empty());
     assert!(mesh.certificates.snapshot().is_empty());
 

@@ -153,6 +153,16 @@ async fn a_captured_connection_crosses_pods_in_hbone() {
         .await;
     }
 
+    // Unenrolled and enrolled again at once: the ports are free again as
+    // soon as the proxy acks the Del, and the pod is proxied anew.
+    zds.del("uid-client").await.unwrap();
+    assert_eq!(mesh.manager.pods(), ["uid-server"]);
+    zds.add(pod("uid-client", "client", "a", &client_pod.netns))
+        .await
+        .expect("the proxy takes the client pod again");
+    let mut conn = connect_from(&client_pod.netns, addr(SERVER_IP, 8080)).await;
+    assert_eq!(exchange(&mut conn, b"again").await.unwrap(), b"server: again");
+
     // The node agent drops the pods: their listeners go.
     zds.del("uid-client").await.unwrap();
     zds.del("uid-server").await.unwrap();

@@ -77,8 +77,10 @@ impl WorkloadProxyManager for ProxyManager {
         Ok(())
     }
 
+    /// Returns once the pod's listeners are closed; its connections drain
+    /// in the background so other pods' requests are not held up.
     async fn del(&self, uid: &WorkloadUid) {
-        ProxyManager::del(self, &uid.0).await;
+        drop(ProxyManager::del(self, &uid.0).await);
     }
 
     fn keep(&self, uid: &WorkloadUid) -> Result<(), ManagerError> {
@@ -87,6 +89,6 @@ impl WorkloadProxyManager for ProxyManager {
 
     async fn snapshot_done(&self, known: &HashSet<WorkloadUid>) {
         let known: HashSet<String> = known.iter().map(|uid| uid.0.clone()).collect();
-        ProxyManager::snapshot_done(self, &known).await;
+        drop(ProxyManager::snapshot_done(self, &known).await);
     }
 }
