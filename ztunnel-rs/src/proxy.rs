@@ -406,11 +406,16 @@ impl PodProxy {
         ));
         // Upstream fetches the certificate as the pod arrives, so its first
         // connection does not wait for the CA; failures retry in the manager.
-        tokio::spawn({
-            let pod = pod.clone();
+        // Counted as a connection: the identity is released only after it,
+        // so a pod removed at once cannot leave a certificate renewing.
+        pod.connections.spawn({
+            let (pod, stop) = (pod.clone(), accept.clone());
             async move {
-                if let Err(error) = pod.certificate().await {
-                    warn!(pod = %pod.info.uid, %error, "no certificate for the pod yet");
+                tokio::select! {
+                    fetched = pod.certificate() => if let Err(error) = fetched {
+                        warn!(pod = %pod.info.uid, %error, "no certificate for the pod yet");
+                    },
+                    () = stop.cancelled() => {}
                 }
             }
         });

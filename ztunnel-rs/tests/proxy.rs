@@ -816,3 +816,21 @@ async fn pods_come_and_go_as_the_node_agent_says() {
         .unwrap_err();
     assert!(err.to_string().contains("service account"), "{err}");
 }
+
+#[tokio::test]
+async fn a_pod_gone_while_its_certificate_is_issued_leaves_nothing_renewing() {
+    let mesh = TestMesh::new().await;
+    mesh.signer.pause();
+    let pod = mesh.proxy("web", "a", "web", mesh.ip(2)).await;
+    eventually("the CSR is sent", || mesh.signer.request_count() == 1).await;
+    let drain = mesh
+        .manager
+        .del(&pod.info.uid)
+        .await
+        .expect("the pod was here");
+    tokio::time::timeout(PATIENCE, drain.finished())
+        .await
+        .expect("the drain does not wait for the CA");
+    assert!(mesh.certificates.snapshot().is_empty());
+    mesh.signer.resume();
+}

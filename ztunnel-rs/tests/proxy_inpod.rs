@@ -161,7 +161,10 @@ async fn a_captured_connection_crosses_pods_in_hbone() {
         .await
         .expect("the proxy takes the client pod again");
     let mut conn = connect_from(&client_pod.netns, addr(SERVER_IP, 8080)).await;
-    assert_eq!(exchange(&mut conn, b"again").await.unwrap(), b"server: again");
+    assert_eq!(
+        exchange(&mut conn, b"again").await.unwrap(),
+        b"server: again"
+    );
 
     // The node agent drops the pods: their listeners go.
     zds.del("uid-client").await.unwrap();

@@ -196,13 +196,18 @@ fn ip_in(subnet: [u8; 2], host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, subnet[0], subnet[1], host))
 }
 
-/// A port free on `ip` right now (HBONE listens on the same port on every
-/// pod address, as 15008 in real pods).
+/// A port free on `ip` right now for HBONE, which listens on the same port
+/// on every pod address (as 15008 in real pods). It is below the ephemeral
+/// range, so no socket bound to port 0 (the capture listeners, clients) can
+/// take it on another pod address.
 async fn free_port(ip: IpAddr) -> u16 {
-    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
-        .await
-        .expect("bind a loopback address");
-    listener.local_addr().expect("local address").port()
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..30_000);
+        if TcpListener::bind(SocketAddr::new(ip, port)).await.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port for HBONE on {ip}");
 }
 
 /// A proxied pod.
