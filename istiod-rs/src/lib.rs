@@ -5,4 +5,6 @@
 //! -> [`snapshot::Snapshot`] -> `xds` (delta ADS to every proxy).
 
 pub mod auth;
+pub mod ca;
+pub mod grpc;
 pub mod snapshot;
