@@ -12,6 +12,9 @@ use super::signature::{self, SignatureError};
 
 /// RSA keys outside this range are refused (the same bounds rustls applies).
 const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+/// A CSR with an 8192-bit RSA key is under 4 KiB of PEM; anything far
+/// larger is not a CSR worth parsing.
+const MAX_PEM_LEN: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CsrError {
@@ -46,6 +49,12 @@ impl rcgen::PublicKeyData for CsrPublicKey {
 /// Parses a PEM CSR, checks that its key is one the mesh uses and that the
 /// CSR is signed by that key (proof the caller holds the private key).
 pub fn parse(pem: &str) -> Result<CsrPublicKey, CsrError> {
+    if pem.len() > MAX_PEM_LEN {
+        return Err(CsrError::Malformed(format!(
+            "{} bytes is larger than the {MAX_PEM_LEN} bytes a CSR may take",
+            pem.len()
+        )));
+    }
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|_| CsrError::NotPem)?;
     let (rest, csr) =
@@ -153,6 +162,8 @@ mod tests {
         let not_a_csr =
             "-----BEGIN CERTIFICATE REQUEST-----\naGVsbG8=\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(parse(not_a_csr), Err(CsrError::Malformed(_))));
+        let huge = "A".repeat(MAX_PEM_LEN + 1);
+        assert!(matches!(parse(&huge), Err(CsrError::Malformed(m)) if m.contains("larger")));
     }
 
     #[test]

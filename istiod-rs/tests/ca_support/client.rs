@@ -15,6 +15,9 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Channel, Endpoint};
 
+/// A CA client on one HTTP/2 connection.
+pub type Client = IstioCertificateServiceClient<Channel>;
+
 /// The name proxies use for istiod, as upstream.
 pub const ISTIOD_NAME: &str = "istiod.istio-system.svc";
 
@@ -40,7 +43,7 @@ pub fn client_tls(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig
 pub async fn tls_channel(
     addr: SocketAddr,
     roots: &[CertificateDer<'static>],
-) -> Result<IstioCertificateServiceClient<Channel>, tonic::transport::Error> {
+) -> Result<Client, tonic::transport::Error> {
     let tls = tokio_rustls::TlsConnector::from(client_tls(roots));
     let connector = tower::service_fn(move |_: http::Uri| {
         let tls = tls.clone();
@@ -60,9 +63,7 @@ pub async fn tls_channel(
 }
 
 /// One HTTP/2 connection to the plaintext port.
-pub async fn plaintext_channel(
-    addr: SocketAddr,
-) -> Result<IstioCertificateServiceClient<Channel>, tonic::transport::Error> {
+pub async fn plaintext_channel(addr: SocketAddr) -> Result<Client, tonic::transport::Error> {
     IstioCertificateServiceClient::connect(format!("http://{addr}")).await
 }
 
