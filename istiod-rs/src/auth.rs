@@ -57,8 +57,13 @@ impl fmt::Display for ServiceAccount {
     }
 }
 
+/// A string that is not `<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a service account: write `<namespace>/<name>`")]
+pub struct InvalidServiceAccount(pub String);
+
 impl FromStr for ServiceAccount {
-    type Err = String;
+    type Err = InvalidServiceAccount;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('/') {
@@ -68,9 +73,7 @@ impl FromStr for ServiceAccount {
                     name: name.into(),
                 })
             }
-            _ => Err(format!(
-                "{s:?} is not a service account: write `<namespace>/<name>`"
-            )),
+            _ => Err(InvalidServiceAccount(s.to_string())),
         }
     }
 }
@@ -157,7 +160,7 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://td/ns/istio-system/sa/ztunnel");
         assert!(sa.is(&id));
         for bad in ["ztunnel", "/ztunnel", "istio-system/", "a/b/c"] {
-            let err = bad.parse::<ServiceAccount>().unwrap_err();
+            let err = bad.parse::<ServiceAccount>().unwrap_err().to_string();
             assert!(err.contains("<namespace>/<name>"), "{bad}: {err}");
         }
     }

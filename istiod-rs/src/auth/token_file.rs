@@ -195,7 +195,7 @@ fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Table, TokenFile
             .service_account
             .ok_or_else(|| bad("serviceAccount", "missing".into()))?
             .parse()
-            .map_err(|reason| bad("serviceAccount", reason))?;
+            .map_err(|e: super::InvalidServiceAccount| bad("serviceAccount", e.to_string()))?;
         let identity = service_account
             .identity(trust_domain)
             .map_err(|e| bad("serviceAccount", e.to_string()))?;

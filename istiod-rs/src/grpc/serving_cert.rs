@@ -181,4 +181,29 @@ mod tests {
         cert.renew().unwrap();
         assert_ne!(cert.current.load().key.cert[0], first.cert[0]);
     }
+
+    #[tokio::test]
+    async fn keep_fresh_replaces_a_short_lived_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(
+            CertificateAuthority::new(CaConfig::new("cluster.local", dir.path())).unwrap(),
+        );
+        let id: SpiffeId = "spiffe://cluster.local/ns/istio-system/sa/istiod"
+            .parse()
+            .unwrap();
+        let cert = ServingCert::issue(ca, id, Vec::new(), Duration::from_secs(2)).unwrap();
+        let first_not_after = cert.not_after();
+        let first = cert.current.load().key.cert[0].clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(cert.clone().keep_fresh(shutdown.clone()));
+        // Generous: only turns a hang into a failure.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while cert.current.load().key.cert[0] == first {
+            assert!(tokio::time::Instant::now() < deadline, "never renewed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(cert.not_after() > first_not_after);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
 }
