@@ -155,8 +155,8 @@ mod tests {
     use super::*;
     use crate::ca::CaConfig;
 
-    #[test]
-    fn renews_half_way_and_replaces_the_certificate() {
+    /// A serving certificate from a fresh self-signed CA (kept in the dir).
+    fn serving_cert(lifetime: Duration) -> (tempfile::TempDir, Arc<ServingCert>) {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(
             CertificateAuthority::new(CaConfig::new("cluster.local", dir.path())).unwrap(),
@@ -164,13 +164,13 @@ mod tests {
         let id: SpiffeId = "spiffe://cluster.local/ns/istio-system/sa/istiod"
             .parse()
             .unwrap();
-        let cert = ServingCert::issue(
-            ca,
-            id,
-            vec!["istiod.istio-system.svc".into()],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+        let names = vec!["istiod.istio-system.svc".into()];
+        (dir, ServingCert::issue(ca, id, names, lifetime).unwrap())
+    }
+
+    #[test]
+    fn renews_half_way_and_replaces_the_certificate() {
+        let (_dir, cert) = serving_cert(Duration::from_secs(3600));
         let first = cert.current.load().key.clone();
         let renew_at = cert.renew_at();
         let not_after = cert.not_after();
@@ -184,14 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn keep_fresh_replaces_a_short_lived_certificate() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Arc::new(
-            CertificateAuthority::new(CaConfig::new("cluster.local", dir.path())).unwrap(),
-        );
-        let id: SpiffeId = "spiffe://cluster.local/ns/istio-system/sa/istiod"
-            .parse()
-            .unwrap();
-        let cert = ServingCert::issue(ca, id, Vec::new(), Duration::from_secs(2)).unwrap();
+        let (_dir, cert) = serving_cert(Duration::from_secs(2));
         let first_not_after = cert.not_after();
         let first = cert.current.load().key.cert[0].clone();
         let shutdown = CancellationToken::new();
