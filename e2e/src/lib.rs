@@ -22,3 +22,4 @@ pub mod netns;
 pub mod privilege;
 pub mod process;
 pub mod run;
+pub mod topology;
