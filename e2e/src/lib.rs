@@ -18,8 +18,11 @@
 //! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
 //! - [`binaries`]: finds (and builds when stale) the binaries to run.
 
+pub mod config_dir;
 pub mod netns;
+pub mod objects;
 pub mod privilege;
 pub mod process;
 pub mod run;
+pub mod state;
 pub mod topology;
