@@ -18,6 +18,8 @@
 //! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
 //! - [`binaries`]: finds (and builds when stale) the binaries to run.
 
+pub mod apps;
+pub mod binaries;
 pub mod config_dir;
 pub mod netns;
 pub mod objects;
