@@ -20,7 +20,11 @@
 
 pub mod apps;
 pub mod binaries;
+pub mod cluster;
+pub mod cni;
 pub mod config_dir;
+pub mod local;
+pub mod mesh;
 pub mod netns;
 pub mod objects;
 pub mod privilege;
@@ -28,3 +32,9 @@ pub mod process;
 pub mod run;
 pub mod state;
 pub mod topology;
+
+pub use cluster::{
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProxyRef,
+};
+pub use local::{LocalCluster, LocalClusterConfig};
+pub use objects::{Object, ObjectKey};
