@@ -1,1 +1,40 @@
-//! The local cluster, sample apps and scenarios.
+//! The local cluster: a whole Kubernetes-shaped cluster on one Linux machine,
+//! built from network namespaces, plus the sample apps and the [`Cluster`]
+//! interface that end-to-end scenarios are written against.
+//!
+//! Layers, bottom up:
+//! - [`privilege`]: may this process build namespaces (root, or a fresh user
+//!   namespace with mapped root), or must the caller skip?
+//! - [`run`]: one run of the harness: its id, directories, the processes and
+//!   namespaces it owns, cleanup on drop / Ctrl-C / panic, and removal of what
+//!   crashed runs left behind.
+//! - [`netns`] and [`process`]: named network namespaces and processes started
+//!   inside them with their output captured.
+//! - [`topology`]: fabric bridge, nodes, pods, and the address plan.
+//! - [`objects`], [`state`], [`config_dir`]: the Kubernetes objects the local
+//!   cluster keeps and writes as YAML for `istiod-rs --config-dir`.
+//! - [`cluster`] (the trait) and [`local`] (its network-namespace
+//!   implementation); [`mesh`] and [`cni`] are where the mesh plugs in.
+//! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
+//! - [`binaries`]: finds (and builds when stale) the binaries to run.
+
+pub mod apps;
+pub mod binaries;
+pub mod cluster;
+pub mod cni;
+pub mod config_dir;
+pub mod local;
+pub mod mesh;
+pub mod netns;
+pub mod objects;
+pub mod privilege;
+pub mod process;
+pub mod run;
+pub mod state;
+pub mod topology;
+
+pub use cluster::{
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProxyRef,
+};
+pub use local::{LocalCluster, LocalClusterConfig};
+pub use objects::{Object, ObjectKey};

@@ -1,9 +1,15 @@
 //! Who is calling: bearer tokens on the gRPC services (CA and xDS) are
 //! turned into a [`Caller`] by an [`Authenticator`]: Kubernetes TokenReview
-//! in kube mode, a token file in local mode.
+//! in kube mode ([`token_review`]), a token file in local mode
+//! ([`token_file`]).
 
+pub mod token_file;
+pub mod token_review;
+
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::str::FromStr;
 
 use api::SpiffeId;
 
@@ -15,6 +21,61 @@ pub struct Caller {
     /// The node the caller runs on, when known (bound tokens carry it). A
     /// node agent may only ask for identities of pods on this node.
     pub node: Option<String>,
+}
+
+/// A Kubernetes service account, written `<namespace>/<name>`: how the
+/// token file and the CA's list of trusted node agents name callers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// ztunnel's service account: the node agent the CA trusts by default.
+    pub fn ztunnel() -> Self {
+        ServiceAccount {
+            namespace: api::labels::DEFAULT_ROOT_NAMESPACE.into(),
+            name: "ztunnel".into(),
+        }
+    }
+
+    /// This service account's identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> Result<SpiffeId, api::IdentityError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.name)
+    }
+
+    /// Whether `id` is this service account's identity (in any trust domain).
+    pub fn is(&self, id: &SpiffeId) -> bool {
+        id.namespace() == self.namespace && id.service_account() == self.name
+    }
+}
+
+impl fmt::Display for ServiceAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A string that is not `<namespace>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a service account: write `<namespace>/<name>`")]
+pub struct InvalidServiceAccount(pub String);
+
+impl FromStr for ServiceAccount {
+    type Err = InvalidServiceAccount;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(ServiceAccount {
+                    namespace: ns.into(),
+                    name: name.into(),
+                })
+            }
+            _ => Err(InvalidServiceAccount(s.to_string())),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +149,20 @@ mod tests {
         assert!(matches!(bearer_token(&md), Err(AuthError::MissingToken)));
         md.insert("authorization", "Bearer tok-1".parse().unwrap());
         assert_eq!(bearer_token(&md).unwrap(), "tok-1");
+    }
+
+    #[test]
+    fn parses_service_accounts() {
+        let sa: ServiceAccount = "istio-system/ztunnel".parse().unwrap();
+        assert_eq!(sa, ServiceAccount::ztunnel());
+        assert_eq!(sa.to_string(), "istio-system/ztunnel");
+        let id = sa.identity("td").unwrap();
+        assert_eq!(id.to_string(), "spiffe://td/ns/istio-system/sa/ztunnel");
+        assert!(sa.is(&id));
+        for bad in ["ztunnel", "/ztunnel", "istio-system/", "a/b/c"] {
+            let err = bad.parse::<ServiceAccount>().unwrap_err().to_string();
+            assert!(err.contains("<namespace>/<name>"), "{bad}: {err}");
+        }
     }
 
     #[test]

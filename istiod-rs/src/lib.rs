@@ -5,6 +5,8 @@
 //! -> [`snapshot::Snapshot`] -> `xds` (delta ADS to every proxy).
 
 pub mod auth;
+pub mod ca;
+pub mod grpc;
 pub mod monitoring;
 pub mod snapshot;
 pub mod xds;

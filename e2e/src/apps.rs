@@ -1,0 +1,277 @@
+//! The sample apps run inside pods (`echo`, `client`) and the JSON they
+//! speak. The types here ARE the documented, stable output format: the demo,
+//! the scenarios and `cargo xtask bench l4` parse them; add fields, never
+//! rename or remove them.
+//!
+//! `echo` (server), each flag repeatable:
+//! - `--tcp PORT`: echoes bytes back; half-close is passed on (when the client
+//!   shuts down its write side, the echo finishes and shuts down its own).
+//! - `--tcp-hello PORT`: first writes one line, a [`TcpHello`] JSON (what the
+//!   server saw: peer address, its own pod), then echoes as `--tcp`.
+//! - `--http PORT`: HTTP/1.1; every request gets `200` with an [`EchoReply`]
+//!   JSON body (peer address, method, path, headers, body size, pod).
+//! - `--sink PORT`: reads until the client half-closes, then writes one
+//!   [`SinkReceipt`] JSON line with the byte count (for bulk throughput).
+//!   Its pod name and namespace come from `--pod`/`POD_NAME` and
+//!   `--namespace`/`POD_NAMESPACE`.
+//!
+//! `client` prints exactly one JSON document on stdout (always, also on
+//! failure, with `ok: false` and `error`) and exits 0 when `ok`:
+//! - `client tcp ADDR [--payload N | --message TEXT] [--hello]`: one
+//!   connection, one exchange: [`TcpReport`].
+//! - `client http URL [--method M] [--header K:V]... [--body-size N]`: one
+//!   request: [`HttpReport`] (with the parsed [`EchoReply`] when the server is `echo`).
+//! - `client load ADDR --protocol tcp|http --rate R --connections C
+//!   --duration D --payload N`: a fixed request rate spread over C
+//!   long-lived connections: [`LoadReport`].
+//! - `client bulk ADDR --duration D`: one stream to a `--sink` port as fast
+//!   as it goes: [`BulkReport`].
+//! - `client connect-rate ADDR --duration D --concurrency K`: new
+//!   connections, each with one small echo round trip: [`ConnectRateReport`].
+//!
+//! Latencies are microseconds measured from just before a request is
+//! written to when its whole response has been read (so a late send does not
+//! count against the path being measured).
+
+pub mod client;
+pub mod echo;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What `echo --tcp-hello` writes first on every connection, as one JSON line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpHello {
+    pub pod: String,
+    pub namespace: String,
+    /// The client as the server sees it (`ip:port`).
+    pub peer: String,
+    /// The server's own address of the connection.
+    pub local: String,
+}
+
+/// The body of every `echo --http` response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EchoReply {
+    pub pod: String,
+    pub namespace: String,
+    pub peer: String,
+    pub local: String,
+    pub method: String,
+    /// Path and query, as requested.
+    pub path: String,
+    /// `HTTP/1.1` (or `HTTP/1.0`).
+    pub version: String,
+    /// Header names lower-cased; repeated headers keep every value in order.
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_bytes: u64,
+}
+
+/// What `echo --sink` writes after the client half-closes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkReceipt {
+    pub bytes: u64,
+}
+
+/// `client tcp`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcpReport {
+    pub mode: String,
+    pub target: String,
+    pub ok: bool,
+    /// The client's end of the connection (inside a pod: the pod's address).
+    pub local: Option<String>,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// Whether what came back is exactly what was sent.
+    pub echo_matches: bool,
+    /// With `--hello`: what the server saw.
+    pub hello: Option<TcpHello>,
+    pub connect_us: Option<f64>,
+    pub total_us: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// `client http`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpReport {
+    pub mode: String,
+    pub url: String,
+    pub ok: bool,
+    pub local: Option<String>,
+    pub status: Option<u16>,
+    pub headers: BTreeMap<String, Vec<String>>,
+    /// The body as text (lossy UTF-8).
+    pub body: String,
+    /// The body parsed, when the server is `echo`.
+    pub echo: Option<EchoReply>,
+    pub total_us: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Latency summary, microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub min: f64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// One point of a latency distribution: `percentile` (0..=100) -> microseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quantile {
+    pub percentile: f64,
+    pub us: f64,
+}
+
+/// `client load`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub mode: String,
+    /// `tcp` or `http`.
+    pub protocol: String,
+    pub target: String,
+    pub ok: bool,
+    pub connections: u32,
+    /// Requests per second asked for, over all connections.
+    pub rate: f64,
+    pub payload_bytes: u64,
+    pub duration_s: f64,
+    /// Completed requests (successful round trips).
+    pub requests: u64,
+    pub errors: u64,
+    /// Requests completed per second, measured.
+    pub achieved_rate: f64,
+    pub latency_us: Latency,
+    /// With `--distribution`: percentiles 0, 10, ..., 90, 95, 99, 99.9, 99.99, 100.
+    pub distribution: Option<Vec<Quantile>>,
+    pub first_error: Option<String>,
+    pub error: Option<String>,
+}
+
+/// `client bulk`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BulkReport {
+    pub mode: String,
+    pub target: String,
+    pub ok: bool,
+    /// Bytes the sink confirmed receiving.
+    pub bytes: u64,
+    pub seconds: f64,
+    pub bits_per_second: f64,
+    pub error: Option<String>,
+}
+
+/// `client connect-rate`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectRateReport {
+    pub mode: String,
+    pub target: String,
+    pub ok: bool,
+    pub concurrency: u32,
+    pub duration_s: f64,
+    /// Connections that completed their round trip.
+    pub connections: u64,
+    pub errors: u64,
+    pub per_second: f64,
+    /// Connect plus one small round trip.
+    pub latency_us: Latency,
+    pub first_error: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Summarises latencies (microseconds); sorts `samples`.
+pub fn summarize(samples: &mut [f64]) -> Latency {
+    if samples.is_empty() {
+        return Latency::default();
+    }
+    samples.sort_by(f64::total_cmp);
+    Latency {
+        min: samples[0],
+        mean: samples.iter().sum::<f64>() / samples.len() as f64,
+        p50: percentile(samples, 50.0),
+        p90: percentile(samples, 90.0),
+        p99: percentile(samples, 99.0),
+        p999: percentile(samples, 99.9),
+        max: samples[samples.len() - 1],
+    }
+}
+
+/// The distribution points of [`LoadReport::distribution`]; `sorted` must be sorted.
+pub fn distribution(sorted: &[f64]) -> Vec<Quantile> {
+    const POINTS: &[f64] = &[
+        0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.9, 99.99, 100.0,
+    ];
+    POINTS
+        .iter()
+        .map(|&p| Quantile {
+            percentile: p,
+            us: if sorted.is_empty() {
+                0.0
+            } else {
+                percentile(sorted, p)
+            },
+        })
+        .collect()
+}
+
+/// Nearest-rank percentile of sorted, non-empty samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    // The epsilon keeps 99.9% of 1000 at rank 999 although 0.999 * 1000 > 999 in binary.
+    let rank = ((p / 100.0) * sorted.len() as f64 - 1e-9).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut samples: Vec<f64> = (1..=1000).rev().map(f64::from).collect();
+        let l = summarize(&mut samples);
+        assert_eq!(
+            (l.min, l.p50, l.p90, l.p99, l.p999, l.max),
+            (1.0, 500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
+        assert_eq!(l.mean, 500.5);
+        let d = distribution(&samples);
+        assert_eq!(d.first().unwrap().us, 1.0);
+        assert_eq!(d.last().unwrap().us, 1000.0);
+        assert_eq!(summarize(&mut []), Latency::default());
+    }
+
+    #[test]
+    fn reports_keep_their_field_names() {
+        // The JSON field names are a contract with the demo, scenarios and benchmarks.
+        let v = serde_json::to_value(LoadReport::default()).unwrap();
+        for field in [
+            "mode",
+            "protocol",
+            "target",
+            "ok",
+            "connections",
+            "rate",
+            "payload_bytes",
+            "duration_s",
+            "requests",
+            "errors",
+            "achieved_rate",
+            "latency_us",
+            "distribution",
+            "first_error",
+            "error",
+        ] {
+            assert!(v.get(field).is_some(), "LoadReport lost {field}");
+        }
+        let l = serde_json::to_value(Latency::default()).unwrap();
+        for field in ["min", "mean", "p50", "p90", "p99", "p999", "max"] {
+            assert!(l.get(field).is_some(), "Latency lost {field}");
+        }
+    }
+}

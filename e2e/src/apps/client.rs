@@ -1,0 +1,653 @@
+//! The `client` app: one-shot TCP and HTTP exchanges, fixed-rate load over
+//! long-lived connections, single-stream bulk throughput, and new-connection
+//! rate. Each mode prints one JSON report (see [`crate::apps`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{
+    BulkReport, ConnectRateReport, EchoReply, HttpReport, LoadReport, SinkReceipt, TcpHello,
+    TcpReport, distribution, summarize,
+};
+
+/// Command line of `client`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "client",
+    about = "Sample client: one-shot TCP/HTTP, load, bulk, connect rate; prints JSON"
+)]
+pub struct ClientArgs {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+#[derive(Clone, Debug, Subcommand)]
+pub enum Mode {
+    /// One TCP connection: send a payload, half-close, read the echo.
+    Tcp {
+        /// `host:port`.
+        target: String,
+        /// Send this many bytes (a repeating pattern).
+        #[arg(long, conflicts_with = "message")]
+        payload: Option<usize>,
+        /// Send this text.
+        #[arg(long)]
+        message: Option<String>,
+        /// Read the server's hello line first (`echo --tcp-hello`).
+        #[arg(long)]
+        hello: bool,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// One HTTP/1.1 request.
+    Http {
+        /// `http://host:port/path`.
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `name:value` (repeatable).
+        #[arg(long = "header", value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// Send a body of this many bytes.
+        #[arg(long, default_value_t = 0)]
+        body_size: usize,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Requests at a fixed total rate over long-lived connections.
+    Load(LoadPlan),
+    /// One stream to an `echo --sink` port, as fast as it goes.
+    Bulk {
+        target: String,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Write size.
+        #[arg(long, default_value_t = 256 * 1024)]
+        chunk: usize,
+    },
+    /// New connections as fast as they complete, each with one small echo round trip.
+    ConnectRate {
+        target: String,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 16)]
+        payload: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+/// Runs the mode and returns its report as JSON, and whether it succeeded
+/// (every report has an `ok` field).
+pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
+    fn json<T: serde::Serialize>(report: T) -> serde_json::Value {
+        serde_json::to_value(report).expect("reports serialize")
+    }
+    let report = match args.mode {
+        Mode::Tcp {
+            target,
+            payload,
+            message,
+            hello,
+            timeout,
+        } => {
+            let data = match (payload, message) {
+                (_, Some(m)) => m.into_bytes(),
+                (Some(n), None) => pattern(n),
+                (None, None) => b"hello from client\n".to_vec(),
+            };
+            json(tcp_once(&target, &data, hello, timeout).await)
+        }
+        Mode::Http {
+            url,
+            method,
+            headers,
+            body_size,
+            timeout,
+        } => json(http_once(&url, &method, &headers, body_size, timeout).await),
+        Mode::Load(plan) => json(load(plan).await),
+        Mode::Bulk {
+            target,
+            duration,
+            chunk,
+        } => json(bulk(&target, duration, chunk).await),
+        Mode::ConnectRate {
+            target,
+            duration,
+            concurrency,
+            payload,
+        } => json(connect_rate(&target, duration, concurrency, payload).await),
+    };
+    let ok = report["ok"] == serde_json::Value::Bool(true);
+    (report, ok)
+}
+
+/// `10s`, `500ms`, `2m`, or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 10s, 500ms, 2m)"))?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(format!("{s:?} is not a duration (try 10s, 500ms, 2m)"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| b"0123456789abcdefghijklmnopqrstuvwxyz"[i % 36])
+        .collect()
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn connect(target: &str) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn tcp_once(target: &str, data: &[u8], hello: bool, timeout: Duration) -> TcpReport {
+    let mut report = TcpReport {
+        mode: "tcp".into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        let stream = connect(target).await.map_err(|e| format!("connect: {e}"))?;
+        report.connect_us = Some(micros(start.elapsed()));
+        report.local = stream.local_addr().ok().map(|a| a.to_string());
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        if hello {
+            let mut line = String::new();
+            rd.read_line(&mut line)
+                .await
+                .map_err(|e| format!("read hello: {e}"))?;
+            let parsed: TcpHello = serde_json::from_str(line.trim())
+                .map_err(|e| format!("hello line {line:?} is not a TcpHello: {e}"))?;
+            report.hello = Some(parsed);
+        }
+        wr.write_all(data)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        report.sent_bytes = data.len() as u64;
+        wr.shutdown()
+            .await
+            .map_err(|e| format!("half-close: {e}"))?;
+        let mut back = Vec::with_capacity(data.len());
+        rd.read_to_end(&mut back)
+            .await
+            .map_err(|e| format!("read echo: {e}"))?;
+        report.received_bytes = back.len() as u64;
+        report.echo_matches = back == data;
+        Ok::<(), String>(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    report.total_us = Some(micros(start.elapsed()));
+    match result {
+        Ok(()) if report.echo_matches => report.ok = true,
+        Ok(()) => {
+            report.error = Some(format!(
+                "echo mismatch: sent {} bytes, got {} back",
+                report.sent_bytes, report.received_bytes
+            ))
+        }
+        Err(e) => report.error = Some(e),
+    }
+    report
+}
+
+/// `http://host:port/path` split into the address to dial and the request path.
+fn split_url(url: &str) -> Result<(String, http::Uri), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?}: only http:// URLs are supported"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    Ok((addr, uri))
+}
+
+/// Connects and performs the HTTP/1.1 handshake; returns the sender and the
+/// connection's local address.
+async fn http_connect(addr: &str) -> Result<(SendRequest<Full<Bytes>>, SocketAddr), String> {
+    let stream = connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok((sender, local))
+}
+
+fn request(
+    uri: &http::Uri,
+    method: &str,
+    headers: &[String],
+    body: Bytes,
+) -> Result<Request, String> {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+        );
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("header {h:?} is not NAME:VALUE"))?;
+        builder = builder.header(name.trim(), value.trim());
+    }
+    builder
+        .body(Full::new(body))
+        .map_err(|e| format!("bad request: {e}"))
+}
+
+type Request = http::Request<Full<Bytes>>;
+
+async fn http_once(
+    url: &str,
+    method: &str,
+    headers: &[String],
+    body_size: usize,
+    timeout: Duration,
+) -> HttpReport {
+    let mut report = HttpReport {
+        mode: "http".into(),
+        url: url.into(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        let (addr, uri) = split_url(url)?;
+        let req = request(&uri, method, headers, Bytes::from(pattern(body_size)))?;
+        let (mut sender, local) = http_connect(&addr).await?;
+        report.local = Some(local.to_string());
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        report.status = Some(resp.status().as_u16());
+        for (name, value) in resp.headers() {
+            report
+                .headers
+                .entry(name.as_str().to_string())
+                .or_default()
+                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("read body: {e}"))?
+            .to_bytes();
+        report.body = String::from_utf8_lossy(&body).into_owned();
+        report.echo = serde_json::from_slice::<EchoReply>(&body).ok();
+        Ok::<(), String>(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    report.total_us = Some(micros(start.elapsed()));
+    match result {
+        Ok(()) => report.ok = true,
+        Err(e) => report.error = Some(e),
+    }
+    report
+}
+
+/// What `client load` does.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadPlan {
+    /// `host:port` for tcp, `http://host:port/path` for http.
+    pub target: String,
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub protocol: Protocol,
+    /// Requests per second, over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Request size in bytes (tcp: echoed back in full; http: POST body).
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+    /// Requests in this first stretch are sent but not counted.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Include the latency distribution in the report.
+    #[arg(long)]
+    pub distribution: bool,
+}
+
+/// What one connection's worker measured.
+#[derive(Default)]
+struct Tally {
+    samples: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    /// All workers' tallies as one.
+    fn merge(tallies: Vec<Tally>) -> Tally {
+        tallies.into_iter().fold(Tally::default(), |mut all, t| {
+            all.samples.extend(t.samples);
+            all.errors += t.errors;
+            all.first_error = all.first_error.or(t.first_error);
+            all
+        })
+    }
+
+    /// The run's error when nothing at all completed.
+    fn failure(&self, nothing: &str) -> Option<String> {
+        self.samples.is_empty().then(|| {
+            self.first_error
+                .clone()
+                .unwrap_or_else(|| nothing.to_string())
+        })
+    }
+}
+
+/// One long-lived connection that can carry a request/response exchange.
+enum LoadConn {
+    Tcp(TcpStream),
+    Http(SendRequest<Full<Bytes>>, http::Uri),
+}
+
+impl LoadConn {
+    async fn open(plan: &LoadPlan) -> Result<LoadConn, String> {
+        match plan.protocol {
+            Protocol::Tcp => connect(&plan.target)
+                .await
+                .map(LoadConn::Tcp)
+                .map_err(|e| format!("connect {}: {e}", plan.target)),
+            Protocol::Http => {
+                let (addr, uri) = split_url(&plan.target)?;
+                let (sender, _) = http_connect(&addr).await?;
+                Ok(LoadConn::Http(sender, uri))
+            }
+        }
+    }
+
+    async fn exchange(&mut self, payload: &Bytes, reply: &mut [u8]) -> Result<(), String> {
+        match self {
+            LoadConn::Tcp(s) => {
+                s.write_all(payload)
+                    .await
+                    .map_err(|e| format!("write: {e}"))?;
+                s.read_exact(reply)
+                    .await
+                    .map_err(|e| format!("read echo: {e}"))?;
+                Ok(())
+            }
+            LoadConn::Http(sender, uri) => {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("connection: {e}"))?;
+                let req = request(uri, "POST", &[], payload.clone())?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("request: {e}"))?;
+                let status = resp.status();
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("read body: {e}"))?;
+                if !status.is_success() {
+                    return Err(format!("HTTP status {status}"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn load_worker(plan: &LoadPlan, index: u32, start: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let per_conn_rate = plan.rate / f64::from(plan.connections);
+    let interval = Duration::from_secs_f64(1.0 / per_conn_rate);
+    let end = start + plan.warmup + plan.duration;
+    let measure_from = start + plan.warmup;
+    let payload = Bytes::from(pattern(plan.payload));
+    let mut reply = vec![0u8; plan.payload];
+    // Stagger the connections evenly within one interval.
+    let mut next = start + interval.mul_f64(f64::from(index) / f64::from(plan.connections));
+    let mut conn: Option<LoadConn> = None;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        if conn.is_none() {
+            match LoadConn::open(plan).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tally.error(e);
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("just opened");
+        let t0 = Instant::now();
+        match c.exchange(&payload, &mut reply).await {
+            Ok(()) if t0 >= measure_from => tally.samples.push(micros(t0.elapsed())),
+            Ok(()) => {}
+            Err(e) => {
+                conn = None;
+                if t0 >= measure_from {
+                    tally.error(e);
+                }
+            }
+        }
+    }
+    tally
+}
+
+async fn load(plan: LoadPlan) -> LoadReport {
+    let mut report = LoadReport {
+        mode: "load".into(),
+        protocol: format!("{:?}", plan.protocol).to_lowercase(),
+        target: plan.target.clone(),
+        connections: plan.connections,
+        rate: plan.rate,
+        payload_bytes: plan.payload as u64,
+        duration_s: plan.duration.as_secs_f64(),
+        ..Default::default()
+    };
+    if plan.connections == 0
+        || !plan.rate.is_finite()
+        || plan.rate <= 0.0
+        || (plan.protocol == Protocol::Tcp && plan.payload == 0)
+    {
+        report.error =
+            Some("need --connections >= 1, --rate > 0 and (for tcp) --payload >= 1".into());
+        return report;
+    }
+    let start = Instant::now() + Duration::from_millis(5);
+    let workers = (0..plan.connections).map(|i| load_worker(&plan, i, start));
+    let mut all = Tally::merge(futures::future::join_all(workers).await);
+    report.error = all.failure("no request completed");
+    report.ok = report.error.is_none();
+    report.requests = all.samples.len() as u64;
+    report.errors = all.errors;
+    report.first_error = all.first_error.take();
+    report.achieved_rate = report.requests as f64 / plan.duration.as_secs_f64().max(1e-9);
+    report.latency_us = summarize(&mut all.samples);
+    if plan.distribution {
+        report.distribution = Some(distribution(&all.samples));
+    }
+    report
+}
+
+async fn bulk(target: &str, duration: Duration, chunk: usize) -> BulkReport {
+    let mut report = BulkReport {
+        mode: "bulk".into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let result = async {
+        let stream = connect(target).await.map_err(|e| format!("connect: {e}"))?;
+        let (rd, mut wr) = stream.into_split();
+        let buf = pattern(chunk.max(1));
+        let end = start + duration;
+        while Instant::now() < end {
+            wr.write_all(&buf)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+        }
+        wr.shutdown()
+            .await
+            .map_err(|e| format!("half-close: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(rd)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("read receipt: {e}"))?;
+        let receipt: SinkReceipt = serde_json::from_str(line.trim()).map_err(|e| {
+            format!(
+                "the server's receipt {line:?} is not a SinkReceipt (is it `echo --sink`?): {e}"
+            )
+        })?;
+        Ok::<u64, String>(receipt.bytes)
+    }
+    .await;
+    report.seconds = start.elapsed().as_secs_f64();
+    match result {
+        Ok(bytes) => {
+            report.ok = true;
+            report.bytes = bytes;
+            report.bits_per_second = bytes as f64 * 8.0 / report.seconds.max(1e-9);
+        }
+        Err(e) => report.error = Some(e),
+    }
+    report
+}
+
+async fn connect_rate(
+    target: &str,
+    duration: Duration,
+    concurrency: u32,
+    payload: usize,
+) -> ConnectRateReport {
+    let mut report = ConnectRateReport {
+        mode: "connect_rate".into(),
+        target: target.into(),
+        concurrency,
+        duration_s: duration.as_secs_f64(),
+        ..Default::default()
+    };
+    if concurrency == 0 {
+        report.error = Some("need --concurrency >= 1".into());
+        return report;
+    }
+    let start = Instant::now();
+    let end = start + duration;
+    let data = pattern(payload.max(1));
+    let workers = (0..concurrency).map(|_| {
+        let data = &data;
+        async move {
+            let mut tally = Tally::default();
+            let mut back = vec![0u8; data.len()];
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let round = async {
+                    let mut s = connect(target).await.map_err(|e| format!("connect: {e}"))?;
+                    s.write_all(data).await.map_err(|e| format!("write: {e}"))?;
+                    s.read_exact(&mut back)
+                        .await
+                        .map_err(|e| format!("read echo: {e}"))?;
+                    Ok::<(), String>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(10), round).await {
+                    Ok(Ok(())) => tally.samples.push(micros(t0.elapsed())),
+                    Ok(Err(e)) => tally.error(e),
+                    Err(_) => tally.error("no answer within 10s".into()),
+                }
+            }
+            tally
+        }
+    });
+    let mut all = Tally::merge(futures::future::join_all(workers).await);
+    let elapsed = start.elapsed().as_secs_f64();
+    report.error = all.failure("no connection completed");
+    report.ok = report.error.is_none();
+    report.connections = all.samples.len() as u64;
+    report.errors = all.errors;
+    report.first_error = all.first_error.take();
+    report.per_second = report.connections as f64 / elapsed.max(1e-9);
+    report.latency_us = summarize(&mut all.samples);
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_the_usual_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn urls_split_into_address_and_path() {
+        let (addr, uri) = split_url("http://10.244.0.2:8080/a?b=c").unwrap();
+        assert_eq!(addr, "10.244.0.2:8080");
+        assert_eq!(uri.path_and_query().unwrap().as_str(), "/a?b=c");
+        assert_eq!(split_url("http://echo.demo").unwrap().0, "echo.demo:80");
+        assert!(split_url("https://x").is_err());
+    }
+}

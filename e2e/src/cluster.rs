@@ -1,0 +1,339 @@
+//! The interface end-to-end scenarios are written against, so one scenario
+//! list runs on the local cluster (network namespaces, [`crate::local`]) and,
+//! later, on a kind cluster. It speaks Kubernetes' own words: apply and
+//! delete objects, create and delete pods, exec a command in a pod, and read
+//! a proxy's admin endpoints.
+//!
+//! Synchronous on purpose: the mesh runs in separate processes, so the
+//! harness has nothing to multiplex, and teardown in `Drop` stays simple.
+//! Scenarios that want concurrency use threads.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::objects::{Object, ObjectError, ObjectKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    ConfigDir(#[from] crate::config_dir::ConfigDirError),
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
+    #[error(transparent)]
+    Topology(#[from] crate::topology::TopologyError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Binary(#[from] crate::binaries::BinaryError),
+    #[error(transparent)]
+    Cni(#[from] crate::cni::CniError),
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+    #[error("pod {namespace}/{name}: {field}: {problem}")]
+    BadPod {
+        namespace: String,
+        name: String,
+        field: &'static str,
+        problem: String,
+    },
+    #[error("no node named {0:?} (nodes: {1})")]
+    NoNode(String, String),
+    #[error("no pod {0}/{1}")]
+    NoPod(String, String),
+    #[error(
+        "pod {namespace}/{name} did not become ready: {reason}\n--- last lines of {log} ---\n{tail}"
+    )]
+    NotReady {
+        namespace: String,
+        name: String,
+        reason: String,
+        log: String,
+        tail: String,
+    },
+    #[error("GET http://{address}{path} in {place}: {reason}")]
+    Http {
+        place: String,
+        address: String,
+        path: String,
+        reason: String,
+    },
+    #[error("{what} is not the JSON expected: {reason}\n{text}")]
+    Json {
+        what: String,
+        reason: String,
+        text: String,
+    },
+}
+
+/// A port a pod's app serves; the pod becomes Ready once all of them listen
+/// (the local stand-in for a readiness probe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    /// May be empty; a Service's named `targetPort` refers to it.
+    pub name: String,
+    pub port: u16,
+}
+
+/// A command to run in a pod. `program` is either a sample app (`echo`,
+/// `client`: the cluster finds its binary, or its image in a real cluster)
+/// or a path / command name run as is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppCommand {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl AppCommand {
+    pub fn new<I, S>(program: &str, args: I) -> AppCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        AppCommand {
+            program: program.to_string(),
+            args: args.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The `echo` sample server.
+    pub fn echo<I, S>(args: I) -> AppCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        AppCommand::new("echo", args)
+    }
+
+    /// The `client` sample app.
+    pub fn client<I, S>(args: I) -> AppCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        AppCommand::new("client", args)
+    }
+
+    /// The command as one line (the pod's `command` in its YAML).
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.program.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
+    }
+}
+
+/// What pod to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRequest {
+    pub namespace: String,
+    pub name: String,
+    /// `None`: the first node.
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// The app; `None` for a pod that only holds its network (e.g. to exec clients in).
+    pub command: Option<AppCommand>,
+    pub ports: Vec<NamedPort>,
+}
+
+impl PodRequest {
+    pub fn new(namespace: &str, name: &str) -> PodRequest {
+        PodRequest {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            node: None,
+            labels: BTreeMap::new(),
+            service_account: "default".to_string(),
+            command: None,
+            ports: Vec::new(),
+        }
+    }
+
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_string());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.to_string();
+        self
+    }
+
+    pub fn command(mut self, command: AppCommand) -> Self {
+        self.command = Some(command);
+        self
+    }
+
+    pub fn port(mut self, name: &str, port: u16) -> Self {
+        self.ports.push(NamedPort {
+            name: name.to_string(),
+            port,
+        });
+        self
+    }
+}
+
+/// A running pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What a command run in a pod produced. A non-zero exit is not an error of
+/// the cluster; check [`ExecOutput::success`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code; `None` if killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Parses stdout as JSON (the sample `client` prints one report).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClusterError> {
+        serde_json::from_str(self.stdout.trim()).map_err(|e| ClusterError::Json {
+            what: format!(
+                "stdout of a command (exit {:?}, stderr {:?})",
+                self.code,
+                self.stderr.trim()
+            ),
+            reason: e.to_string(),
+            text: self.stdout.clone(),
+        })
+    }
+}
+
+/// Which proxy (or control plane) to ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyRef {
+    /// The ztunnel-rs of a node.
+    Ztunnel { node: String },
+    /// istiod-rs.
+    Istiod,
+    /// A process in a pod (a waypoint, or a sample app).
+    Pod { namespace: String, name: String },
+}
+
+/// An HTTP response from a proxy's admin or metrics port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// A Kubernetes-shaped cluster that scenarios drive.
+pub trait Cluster {
+    /// Node names, in order.
+    fn nodes(&self) -> Vec<String>;
+
+    /// Creates or replaces objects (as `kubectl apply`). Pods are not
+    /// objects here: use [`Cluster::create_pod`].
+    fn apply(&self, objects: &[Object]) -> Result<(), ClusterError>;
+
+    /// Deletes objects; deleting an object that does not exist is not an error.
+    fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError>;
+
+    /// Creates a pod and returns once it is Ready (its ports listen).
+    fn create_pod(&self, pod: &PodRequest) -> Result<PodInfo, ClusterError>;
+
+    /// Deletes a pod: it leaves its services' endpoints, its process is
+    /// stopped, its network removed.
+    fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), ClusterError>;
+
+    /// A running pod.
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo>;
+
+    /// Runs a one-shot command inside a pod (its network) and collects its
+    /// output; it is killed after `timeout`, which is an error.
+    fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        command: &AppCommand,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError>;
+
+    /// HTTP GET of `path` on a proxy's loopback `port` (admin 15000,
+    /// metrics 15020, readiness 15021; istiod 15014).
+    fn proxy_get(
+        &self,
+        proxy: &ProxyRef,
+        port: u16,
+        path: &str,
+    ) -> Result<HttpResponse, ClusterError>;
+
+    /// [`Cluster::apply`] for YAML text; returns the keys applied.
+    fn apply_yaml(&self, yaml: &str) -> Result<Vec<ObjectKey>, ClusterError> {
+        let objects = Object::from_yaml(yaml)?;
+        self.apply(&objects)?;
+        Ok(objects.iter().map(|o| o.key().clone()).collect())
+    }
+
+    /// [`Cluster::delete`] for the objects of YAML text.
+    fn delete_yaml(&self, yaml: &str) -> Result<(), ClusterError> {
+        let keys: Vec<ObjectKey> = Object::from_yaml(yaml)?
+            .iter()
+            .map(|o| o.key().clone())
+            .collect();
+        self.delete(&keys)
+    }
+
+    /// A proxy's Prometheus metrics (text format).
+    fn metrics(&self, proxy: &ProxyRef) -> Result<String, ClusterError> {
+        let port = match proxy {
+            ProxyRef::Istiod => api::ports::ISTIOD_MONITORING,
+            _ => api::ports::STATS,
+        };
+        ok_body(self.proxy_get(proxy, port, "/metrics")?, proxy, "/metrics")
+    }
+
+    /// A proxy's configuration dump (JSON).
+    fn config_dump(&self, proxy: &ProxyRef) -> Result<serde_json::Value, ClusterError> {
+        let (port, path) = match proxy {
+            ProxyRef::Istiod => (api::ports::ISTIOD_MONITORING, "/debug/config_dump"),
+            _ => (api::ports::ADMIN, "/config_dump"),
+        };
+        let body = ok_body(self.proxy_get(proxy, port, path)?, proxy, path)?;
+        serde_json::from_str(&body).map_err(|e| ClusterError::Json {
+            what: format!("{path} of {proxy:?}"),
+            reason: e.to_string(),
+            text: body.chars().take(2000).collect(),
+        })
+    }
+}
+
+fn ok_body(resp: HttpResponse, proxy: &ProxyRef, path: &str) -> Result<String, ClusterError> {
+    if resp.status == 200 {
+        return Ok(resp.body);
+    }
+    Err(ClusterError::Http {
+        place: format!("{proxy:?}"),
+        address: "127.0.0.1".into(),
+        path: path.into(),
+        reason: format!(
+            "status {}: {}",
+            resp.status,
+            resp.body.chars().take(500).collect::<String>()
+        ),
+    })
+}

@@ -1,0 +1,703 @@
+//! The local cluster: [`Cluster`] on network namespaces. It plays every role
+//! Kubernetes would: API server and controllers (the cluster state, written
+//! as YAML into the config directory istiod-rs reads), scheduler (pods go to
+//! the node asked for), kubelet and container runtime (for each pod: build
+//! its namespace and veth, run the CNI plugin when the mesh is on, start the
+//! app, report it Ready once its ports listen), and the endpoint controller.
+//!
+//! With the mesh off (today's default) pods talk over plain routing; with it
+//! on, istiod-rs and each node's ztunnel-rs and node agent run too (see
+//! [`crate::mesh`]). A pod's life:
+//!
+//! ```text
+//! create_pod: Pod (Pending) -> netns + veth -> [CNI ADD] -> podIP written
+//!             -> app started -> ports listen -> Ready written
+//! delete_pod: terminating written (endpoints not ready) -> app stopped
+//!             -> [CNI DEL] -> netns removed -> Pod removed
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::jiff::Timestamp;
+use rand::Rng;
+
+use crate::binaries::Binaries;
+use crate::cluster::{
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProxyRef,
+};
+use crate::cni::{self, CniCommand, CniPod};
+use crate::config_dir::ConfigDir;
+use crate::mesh::{MeshMode, MeshRuntime};
+use crate::netns::NetNs;
+use crate::objects::{Object, ObjectKey, is_dns_label, is_dns_subdomain};
+use crate::process::{ProcessInfo, ProcessSpec, log_tail};
+use crate::run::Run;
+use crate::state::{ClusterState, NodeRecord, PodRecord};
+use crate::topology::{AddressPlan, PodAddressPool, PodNetwork, Topology};
+
+/// How long a CNI plugin invocation may take.
+const CNI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an admin/metrics GET may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sample apps the cluster knows how to find (in a real cluster: their image).
+const SAMPLE_APPS: &[&str] = &["echo", "client"];
+
+/// How to build the local cluster.
+#[derive(Clone, Debug)]
+pub struct LocalClusterConfig {
+    pub nodes: usize,
+    pub mesh: MeshMode,
+    pub plan: AddressPlan,
+    pub binaries: Binaries,
+    /// How long a pod's app may take to listen on its ports.
+    pub ready_timeout: Duration,
+}
+
+impl Default for LocalClusterConfig {
+    fn default() -> Self {
+        LocalClusterConfig {
+            nodes: 2,
+            mesh: MeshMode::Off,
+            plan: AddressPlan::default(),
+            binaries: Binaries::default(),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A pod the local cluster runs.
+#[derive(Clone, Debug)]
+struct LocalPod {
+    info: PodInfo,
+    network: PodNetwork,
+    process: Option<ProcessInfo>,
+    container_id: String,
+    env: BTreeMap<String, String>,
+}
+
+struct Inner {
+    state: ClusterState,
+    config_dir: ConfigDir,
+    pools: Vec<PodAddressPool>,
+    pods: BTreeMap<(String, String), LocalPod>,
+    /// Pods started for waypoint Deployments.
+    waypoints: BTreeSet<(String, String)>,
+}
+
+impl Inner {
+    /// Writes the cluster state to the config directory.
+    fn sync(&mut self) -> Result<(), ClusterError> {
+        let files = self.state.render()?;
+        self.config_dir.sync(&files)?;
+        Ok(())
+    }
+}
+
+/// The local cluster. Dropping it removes everything it created.
+pub struct LocalCluster {
+    topology: Topology,
+    binaries: Binaries,
+    ready_timeout: Duration,
+    mesh: Option<MeshRuntime>,
+    inner: Mutex<Inner>,
+    // Last: dropped after everything that refers to what it owns.
+    run: Run,
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("run", &self.run)
+            .field("nodes", &self.topology.nodes.len())
+            .field("mesh", &self.mesh.is_some())
+            .finish()
+    }
+}
+
+impl LocalCluster {
+    /// Builds the cluster: topology, initial state, and the mesh if asked for.
+    /// Anything built before a failure is removed again.
+    pub fn start(config: LocalClusterConfig) -> Result<LocalCluster, ClusterError> {
+        let run = Run::start()?;
+        let topology = Topology::build(&run, config.nodes, config.plan.clone())?;
+        let nodes = topology
+            .nodes
+            .iter()
+            .map(|n| NodeRecord {
+                name: n.name.clone(),
+                ip: n.ip,
+                pod_range: n.pod_range,
+            })
+            .collect();
+        let state = ClusterState::new(nodes, config.plan.service_range);
+        let config_dir = ConfigDir::create(&run.dir().join("config"))?;
+        let mut inner = Inner {
+            state,
+            config_dir,
+            pools: topology
+                .nodes
+                .iter()
+                .map(|n| PodAddressPool::new(n.pod_range))
+                .collect(),
+            pods: BTreeMap::new(),
+            waypoints: BTreeSet::new(),
+        };
+        inner.sync()?;
+        let mesh = match &config.mesh {
+            MeshMode::Off => None,
+            MeshMode::On(mesh) => Some(MeshRuntime::start(
+                &run,
+                &topology,
+                inner.config_dir.path(),
+                &config.binaries,
+                mesh,
+            )?),
+        };
+        Ok(LocalCluster {
+            topology,
+            binaries: config.binaries,
+            ready_timeout: config.ready_timeout,
+            mesh,
+            inner: Mutex::new(inner),
+            run,
+        })
+    }
+
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The running mesh, when the cluster runs with the mesh on.
+    pub fn mesh(&self) -> Option<&MeshRuntime> {
+        self.mesh.as_ref()
+    }
+
+    /// The directory holding the cluster state (istiod-rs's `--config-dir`).
+    pub fn config_dir(&self) -> PathBuf {
+        self.lock().config_dir.path().to_path_buf()
+    }
+
+    /// A node's namespace.
+    pub fn node_netns(&self, node: &str) -> Option<&NetNs> {
+        self.topology
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| &n.netns)
+    }
+
+    /// A running pod's namespace.
+    pub fn pod_netns(&self, namespace: &str, name: &str) -> Option<NetNs> {
+        self.local_pod(namespace, name).map(|p| p.network.netns)
+    }
+
+    /// A running pod's log file (its app's stdout and stderr).
+    pub fn pod_log(&self, namespace: &str, name: &str) -> Option<PathBuf> {
+        self.local_pod(namespace, name)?.process.map(|p| p.log)
+    }
+
+    /// Starts or stops waypoint pods so they match the waypoint Deployments
+    /// istiod-rs has written into `generated/`. Does nothing with the mesh off.
+    pub fn sync_waypoints(&self) -> Result<(), ClusterError> {
+        let Some(mesh) = &self.mesh else {
+            return Ok(());
+        };
+        let wanted = mesh.waypoint_pods(&self.lock().config_dir.generated())?;
+        let wanted_keys: BTreeSet<(String, String)> = wanted
+            .iter()
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .collect();
+        let stale: Vec<(String, String)> = self
+            .lock()
+            .waypoints
+            .difference(&wanted_keys)
+            .cloned()
+            .collect();
+        for (ns, name) in stale {
+            self.delete_pod(&ns, &name)?;
+            self.lock().waypoints.remove(&(ns, name));
+        }
+        for pod in wanted {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            if !self.lock().pods.contains_key(&key) {
+                self.create_pod(&pod)?;
+                self.lock().waypoints.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn local_pod(&self, namespace: &str, name: &str) -> Option<LocalPod> {
+        self.lock()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn node_index(&self, node: Option<&str>) -> Result<usize, ClusterError> {
+        match node {
+            None => Ok(0),
+            Some(name) => self
+                .topology
+                .nodes
+                .iter()
+                .position(|n| n.name == name)
+                .ok_or_else(|| ClusterError::NoNode(name.to_string(), self.nodes().join(", "))),
+        }
+    }
+
+    /// A sample app's binary, or the program as given.
+    fn program(&self, program: &str) -> Result<PathBuf, ClusterError> {
+        if SAMPLE_APPS.contains(&program) {
+            return Ok(self.binaries.get("e2e", program)?);
+        }
+        Ok(PathBuf::from(program))
+    }
+
+    fn validate(&self, req: &PodRequest) -> Result<(), ClusterError> {
+        let bad = |field, problem: String| ClusterError::BadPod {
+            namespace: req.namespace.clone(),
+            name: req.name.clone(),
+            field,
+            problem,
+        };
+        if !is_dns_label(&req.namespace) {
+            return Err(bad("namespace", "is not a valid namespace name".into()));
+        }
+        if !is_dns_subdomain(&req.name) {
+            return Err(bad(
+                "name",
+                "is not a valid pod name (lower-case letters, digits, '-', '.')".into(),
+            ));
+        }
+        let netns = self.run.netns_name(&pod_role(&req.namespace, &req.name));
+        if netns.len() > 200 {
+            return Err(bad(
+                "name",
+                format!("is too long for a network namespace name ({netns})"),
+            ));
+        }
+        if req.command.is_none() && !req.ports.is_empty() {
+            return Err(bad(
+                "ports",
+                "a pod without a command cannot listen on ports".into(),
+            ));
+        }
+        if !is_dns_subdomain(&req.service_account) {
+            return Err(bad("serviceAccountName", "is not a valid name".into()));
+        }
+        Ok(())
+    }
+
+    /// Everything after the pod's record exists: network, CNI, app, readiness.
+    fn bring_up(
+        &self,
+        req: &PodRequest,
+        node: usize,
+        ip: Ipv4Addr,
+        uid: &str,
+    ) -> Result<LocalPod, (ClusterError, Partial)> {
+        let mut partial = Partial::default();
+        let container_id = random_hex(32);
+        let node_name = self.topology.nodes[node].name.clone();
+        let net = self
+            .topology
+            .add_pod(&self.run, node, &pod_role(&req.namespace, &req.name), ip)
+            .map_err(|e| (e.into(), partial.clone()))?;
+        partial.network = Some(net.clone());
+        if let Err(e) = net.netns.sysctl("net/ipv4/tcp_tw_reuse", "1") {
+            // Only matters for connection-rate benchmarks; the pod still works.
+            eprintln!("e2e: pod {}/{}: {e}", req.namespace, req.name);
+        }
+        if let Some(mesh) = &self.mesh {
+            let pod = CniPod {
+                namespace: &req.namespace,
+                name: &req.name,
+                uid,
+                container_id: &container_id,
+                network: &net,
+            };
+            cni::invoke(
+                &mesh.cni_plugin(&node_name),
+                &self.topology.nodes[node].netns,
+                CniCommand::Add,
+                &pod,
+                CNI_TIMEOUT,
+            )
+            .map_err(|e| (e.into(), partial.clone()))?;
+            partial.cni_added = true;
+            partial.container_id = container_id.clone();
+        }
+        {
+            let mut inner = self.lock();
+            let synced = inner
+                .state
+                .pod_mut(&req.namespace, &req.name)
+                .map(|p| p.ip = Some(ip))
+                .map_err(ClusterError::from)
+                .and_then(|()| inner.sync());
+            synced.map_err(|e| (e, partial.clone()))?;
+        }
+        let env = pod_env(req, &ip.to_string(), &node_name);
+        let process = match &req.command {
+            None => None,
+            Some(command) => {
+                let program = self
+                    .program(&command.program)
+                    .map_err(|e| (e, partial.clone()))?;
+                let mut spec =
+                    ProcessSpec::new(format!("pod-{}.{}", req.namespace, req.name), program)
+                        .args(&command.args);
+                for (k, v) in &env {
+                    spec = spec.env(k, v);
+                }
+                let p = self
+                    .run
+                    .spawn(&spec, &net.netns)
+                    .map_err(|e| (e.into(), partial.clone()))?;
+                partial.process = Some(p.clone());
+                Some(p)
+            }
+        };
+        if let Some(p) = &process {
+            let exited = || self.run.exited(p).map(|s| format!("its app exited ({s})"));
+            for port in &req.ports {
+                net.netns
+                    .wait_for_listener(port.port, self.ready_timeout, &exited)
+                    .map_err(|e| {
+                        let err = ClusterError::NotReady {
+                            namespace: req.namespace.clone(),
+                            name: req.name.clone(),
+                            reason: e.to_string(),
+                            log: p.log.display().to_string(),
+                            tail: log_tail(&p.log, 20),
+                        };
+                        (err, partial.clone())
+                    })?;
+            }
+        }
+        Ok(LocalPod {
+            info: PodInfo {
+                namespace: req.namespace.clone(),
+                name: req.name.clone(),
+                uid: uid.to_string(),
+                node: node_name,
+                ip,
+            },
+            network: net,
+            process,
+            container_id,
+            env,
+        })
+    }
+
+    /// Undoes what exists of a pod, outside-in; the first error is returned
+    /// but every step is tried.
+    fn tear_down(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: usize,
+        partial: &Partial,
+    ) -> Result<(), ClusterError> {
+        let mut first: Option<ClusterError> = None;
+        if let Some(p) = &partial.process {
+            self.run.stop(p);
+        }
+        if let (Some(mesh), Some(net), true) = (&self.mesh, &partial.network, partial.cni_added) {
+            let n = &self.topology.nodes[node];
+            let pod = CniPod {
+                namespace,
+                name,
+                uid,
+                container_id: &partial.container_id,
+                network: net,
+            };
+            if let Err(e) = cni::invoke(
+                &mesh.cni_plugin(&n.name),
+                &n.netns,
+                CniCommand::Del,
+                &pod,
+                CNI_TIMEOUT,
+            ) {
+                first.get_or_insert(e.into());
+            }
+        }
+        if let Some(net) = &partial.network
+            && let Err(e) = self.topology.remove_pod(&self.run, net)
+        {
+            first.get_or_insert(e.into());
+        }
+        let mut inner = self.lock();
+        if let Ok(record) = inner.state.remove_pod(namespace, name)
+            && let Some(ip) = record.ip
+        {
+            inner.pools[node].release(ip);
+        }
+        if let Err(e) = inner.sync() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// What exists of a pod being brought up or torn down.
+#[derive(Clone, Debug, Default)]
+struct Partial {
+    network: Option<PodNetwork>,
+    cni_added: bool,
+    container_id: String,
+    process: Option<ProcessInfo>,
+}
+
+impl Cluster for LocalCluster {
+    fn nodes(&self) -> Vec<String> {
+        self.topology.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn apply(&self, objects: &[Object]) -> Result<(), ClusterError> {
+        let mut inner = self.lock();
+        let mut result = Ok(());
+        for obj in objects {
+            if let Err(e) = inner.state.apply(obj.clone()) {
+                result = Err(e.into());
+                break;
+            }
+        }
+        // What was applied before an error stays applied (as with kubectl).
+        inner.sync()?;
+        result
+    }
+
+    fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError> {
+        let mut inner = self.lock();
+        let mut result = Ok(());
+        for key in keys {
+            if let Err(e) = inner.state.delete(key) {
+                result = Err(e.into());
+                break;
+            }
+        }
+        inner.sync()?;
+        result
+    }
+
+    fn create_pod(&self, req: &PodRequest) -> Result<PodInfo, ClusterError> {
+        self.validate(req)?;
+        let node = self.node_index(req.node.as_deref())?;
+        let uid = new_uid();
+        let ip = {
+            let mut inner = self.lock();
+            let n = &self.topology.nodes[node];
+            inner.state.add_pod(PodRecord {
+                namespace: req.namespace.clone(),
+                name: req.name.clone(),
+                uid: uid.clone(),
+                node: n.name.clone(),
+                node_ip: n.ip,
+                ip: None,
+                labels: req.labels.clone(),
+                service_account: req.service_account.clone(),
+                ports: req.ports.iter().map(|p| (p.name.clone(), p.port)).collect(),
+                command: req
+                    .command
+                    .as_ref()
+                    .map(AppCommand::argv)
+                    .unwrap_or_default(),
+                ready: false,
+                terminating: false,
+                created: Timestamp::now(),
+            })?;
+            let Some(ip) = inner.pools[node].allocate() else {
+                let _ = inner.state.remove_pod(&req.namespace, &req.name);
+                return Err(crate::topology::TopologyError::PodRangeFull {
+                    node: n.name.clone(),
+                    range: n.pod_range,
+                }
+                .into());
+            };
+            if let Err(e) = inner.sync() {
+                inner.pools[node].release(ip);
+                let _ = inner.state.remove_pod(&req.namespace, &req.name);
+                return Err(e);
+            }
+            ip
+        };
+        // The IP is in the pool's used set but not yet on the record; make
+        // sure a failure releases it.
+        let pod = match self.bring_up(req, node, ip, &uid) {
+            Ok(pod) => pod,
+            Err((e, partial)) => {
+                let _ = self.tear_down(&req.namespace, &req.name, &uid, node, &partial);
+                self.lock().pools[node].release(ip);
+                return Err(e);
+            }
+        };
+        let mut inner = self.lock();
+        inner.state.pod_mut(&req.namespace, &req.name)?.ready = true;
+        inner
+            .pods
+            .insert((req.namespace.clone(), req.name.clone()), pod.clone());
+        inner.sync()?;
+        Ok(pod.info)
+    }
+
+    fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), ClusterError> {
+        let pod = {
+            let mut inner = self.lock();
+            let pod = inner
+                .pods
+                .remove(&(namespace.to_string(), name.to_string()))
+                .ok_or_else(|| ClusterError::NoPod(namespace.into(), name.into()))?;
+            inner.state.pod_mut(namespace, name)?.terminating = true;
+            inner.sync()?;
+            pod
+        };
+        let partial = Partial {
+            network: Some(pod.network.clone()),
+            cni_added: self.mesh.is_some(),
+            container_id: pod.container_id.clone(),
+            process: pod.process.clone(),
+        };
+        self.tear_down(namespace, name, &pod.info.uid, pod.network.node, &partial)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.local_pod(namespace, name).map(|p| p.info)
+    }
+
+    fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        command: &AppCommand,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError> {
+        let p = self
+            .local_pod(namespace, pod)
+            .ok_or_else(|| ClusterError::NoPod(namespace.into(), pod.into()))?;
+        let mut cmd = p.network.netns.command(self.program(&command.program)?);
+        cmd.args(&command.args).envs(&p.env);
+        let out = p.network.netns.exec(cmd, timeout)?;
+        Ok(ExecOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn proxy_get(
+        &self,
+        proxy: &ProxyRef,
+        port: u16,
+        path: &str,
+    ) -> Result<HttpResponse, ClusterError> {
+        let netns = match proxy {
+            ProxyRef::Istiod => self.topology.control_plane.clone(),
+            ProxyRef::Ztunnel { node } => self
+                .node_netns(node)
+                .cloned()
+                .ok_or_else(|| ClusterError::NoNode(node.clone(), self.nodes().join(", ")))?,
+            ProxyRef::Pod { namespace, name } => self
+                .pod_netns(namespace, name)
+                .ok_or_else(|| ClusterError::NoPod(namespace.clone(), name.clone()))?,
+        };
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let owned_path = path.to_string();
+        netns
+            .block_on(move || async move {
+                tokio::time::timeout(HTTP_TIMEOUT, http_get(address, &owned_path))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {HTTP_TIMEOUT:?}")))
+            })?
+            .map_err(|reason| ClusterError::Http {
+                place: format!("{proxy:?} (network namespace {})", netns.name()),
+                address: address.to_string(),
+                path: path.to_string(),
+                reason,
+            })
+    }
+}
+
+/// A minimal HTTP/1.1 GET (hyper handles chunked bodies and the like).
+async fn http_get(address: SocketAddr, path: &str) -> Result<HttpResponse, String> {
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, address.to_string())
+        .body(Empty::new())
+        .map_err(|e| format!("bad path {path:?}: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(HttpResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The run-local role (namespace name suffix) of a pod.
+fn pod_role(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
+/// What a pod's app finds in its environment (the downward API's usual variables).
+fn pod_env(req: &PodRequest, ip: &str, node: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("POD_NAME".into(), req.name.clone()),
+        ("POD_NAMESPACE".into(), req.namespace.clone()),
+        ("POD_IP".into(), ip.into()),
+        ("NODE_NAME".into(), node.into()),
+        ("SERVICE_ACCOUNT".into(), req.service_account.clone()),
+    ])
+}
+
+fn random_hex(len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+        .collect()
+}
+
+/// A UUID-shaped uid, as the API server assigns.
+fn new_uid() -> String {
+    let h = random_hex(32);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

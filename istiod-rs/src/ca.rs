@@ -1,0 +1,347 @@
+//! The mesh's embedded certificate authority: it holds the signing key
+//! ([`root`]: plug-in CA or a persisted self-signed root) and issues
+//! short-lived workload certificates whose only SAN is the authenticated
+//! caller's SPIFFE id; [`service`] serves it as
+//! `istio.v1.auth.IstioCertificateService`.
+//!
+//! The CSR contributes its public key and nothing else ([`csr`]).
+
+pub mod csr;
+pub mod root;
+pub mod service;
+pub mod signature;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use api::SpiffeId;
+use base64::Engine;
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use time::OffsetDateTime;
+
+use crate::auth::ServiceAccount;
+use root::{RootError, RootSource, SigningMaterial};
+
+/// Workload certificate lifetime when the caller does not ask for one.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest workload certificate lifetime granted, as upstream's default.
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of a self-signed root created here.
+pub const ROOT_CERT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How the CA is set up; built from istiod-rs's command line.
+#[derive(Clone, Debug)]
+pub struct CaConfig {
+    /// Trust domain of every identity issued (`spiffe://<trust-domain>/...`).
+    pub trust_domain: String,
+    /// A plug-in CA directory (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`,
+    /// `root-cert.pem`). When unset, a self-signed root in `state_dir`.
+    pub plugin_dir: Option<PathBuf>,
+    /// Where the self-signed root is created and kept.
+    pub state_dir: PathBuf,
+    /// Lifetime granted when the request does not ask for one.
+    pub default_cert_ttl: Duration,
+    /// Requested lifetimes are capped to this.
+    pub max_cert_ttl: Duration,
+    /// Lifetime of a newly created self-signed root.
+    pub root_cert_ttl: Duration,
+    /// Callers that may ask for the identity of pods on their own node
+    /// (`ImpersonatedIdentity`).
+    pub trusted_node_agents: Vec<ServiceAccount>,
+}
+
+impl CaConfig {
+    /// Defaults as upstream: 24 h certificates, 90 days at most, and the
+    /// ztunnel service account as the one trusted node agent.
+    pub fn new(trust_domain: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        CaConfig {
+            trust_domain: trust_domain.into(),
+            plugin_dir: None,
+            state_dir: state_dir.into(),
+            default_cert_ttl: DEFAULT_CERT_TTL,
+            max_cert_ttl: MAX_CERT_TTL,
+            root_cert_ttl: ROOT_CERT_TTL,
+            trusted_node_agents: vec![ServiceAccount::ztunnel()],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    Root(#[from] RootError),
+    #[error("trust domain {0:?} is not valid: {1}")]
+    TrustDomain(String, api::IdentityError),
+    #[error(
+        "the CA configuration is inconsistent: the default certificate lifetime ({default:?}) exceeds the maximum ({max:?})"
+    )]
+    Lifetimes { default: Duration, max: Duration },
+    #[error(transparent)]
+    Csr(#[from] csr::CsrError),
+    #[error("could not issue the certificate: {0}")]
+    Issue(#[from] rcgen::Error),
+    #[error("the signing certificate has expired; rotate the CA ({0})")]
+    Expired(String),
+    #[error(
+        "a certificate issued by this CA does not verify against its own root ({source_desc}): {reason}; check that the chain files belong together"
+    )]
+    SelfCheck { source_desc: String, reason: String },
+}
+
+/// A certificate with its private key, for istiod's own serving identity.
+#[derive(Debug)]
+pub struct IssuedKeyPair {
+    /// Leaf first, then the CA chain up to the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// The CA: signs certificates for authenticated identities.
+#[derive(Debug)]
+pub struct CertificateAuthority {
+    config: CaConfig,
+    issuer: Issuer<'static, KeyPair>,
+    /// Signing certificate .. root, DER and PEM, appended to every leaf.
+    chain: Vec<CertificateDer<'static>>,
+    chain_pem: Vec<String>,
+    roots: Vec<CertificateDer<'static>>,
+    /// No leaf may outlive any certificate of the chain.
+    chain_not_after: OffsetDateTime,
+    source: RootSource,
+}
+
+impl CertificateAuthority {
+    /// Loads the plug-in CA or the self-signed root (creating it the first
+    /// time), validates it and checks that what it issues verifies.
+    pub fn new(config: CaConfig) -> Result<Self, CaError> {
+        SpiffeId::new(&config.trust_domain, "ns", "sa")
+            .map_err(|e| CaError::TrustDomain(config.trust_domain.clone(), e))?;
+        if config.default_cert_ttl > config.max_cert_ttl {
+            return Err(CaError::Lifetimes {
+                default: config.default_cert_ttl,
+                max: config.max_cert_ttl,
+            });
+        }
+        let material = match &config.plugin_dir {
+            Some(dir) => root::load_plugin(dir)?,
+            None => root::load_or_create_self_signed(
+                &config.state_dir,
+                &config.trust_domain,
+                config.root_cert_ttl,
+            )?,
+        };
+        let ca = Self::from_material(config, material)?;
+        ca.self_check()?;
+        tracing::info!(source = ?ca.source, chain_len = ca.chain.len(), "CA ready");
+        Ok(ca)
+    }
+
+    fn from_material(config: CaConfig, material: SigningMaterial) -> Result<Self, CaError> {
+        let SigningMaterial {
+            key,
+            chain,
+            roots,
+            source,
+        } = material;
+        let issuer = Issuer::from_ca_cert_der(&chain[0], key)?;
+        let chain_not_after = chain
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.to_datetime())
+            .min()
+            .expect("a chain has at least the signing certificate");
+        let chain_pem = chain.iter().map(|c| pem_encode("CERTIFICATE", c)).collect();
+        Ok(CertificateAuthority {
+            config,
+            issuer,
+            chain,
+            chain_pem,
+            roots,
+            chain_not_after,
+            source,
+        })
+    }
+
+    /// Issues a leaf to a fresh key and verifies it as a peer would: a CA
+    /// that would hand out unverifiable certificates must not start.
+    fn self_check(&self) -> Result<(), CaError> {
+        let fail = |reason: String| CaError::SelfCheck {
+            source_desc: format!("{:?}", self.source),
+            reason,
+        };
+        let probe = SpiffeId::new(&self.config.trust_domain, "istio-system", "ca-self-check")
+            .expect("trust domain validated");
+        let issued = self.issue_key_pair(&probe, &[], Duration::from_secs(300))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for root in &self.roots {
+            roots
+                .add(root.clone())
+                .map_err(|e| fail(format!("root not usable: {e}")))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            proxy_core::tls::provider(),
+        )
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+        verifier
+            .verify_client_cert(&issued.chain[0], &issued.chain[1..], UnixTime::now())
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn config(&self) -> &CaConfig {
+        &self.config
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    pub fn source(&self) -> &RootSource {
+        &self.source
+    }
+
+    /// The roots proxies must trust (the chain's own root first).
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The roots as one PEM bundle.
+    pub fn roots_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|c| pem_encode("CERTIFICATE", c))
+            .collect()
+    }
+
+    /// When the CA's own chain stops being valid.
+    pub fn chain_not_after(&self) -> SystemTime {
+        self.chain_not_after.into()
+    }
+
+    /// The lifetime granted for a request: the default when none is asked
+    /// for, never more than the maximum.
+    pub fn lifetime(&self, requested: Option<Duration>) -> Duration {
+        match requested {
+            Some(ttl) if !ttl.is_zero() => ttl.min(self.config.max_cert_ttl),
+            _ => self.config.default_cert_ttl,
+        }
+    }
+
+    /// Signs a leaf for `identity` with the public key of `csr_pem`; returns
+    /// the PEM chain, leaf first, ending at the root.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        requested: Option<Duration>,
+    ) -> Result<Vec<String>, CaError> {
+        let key = csr::parse(csr_pem)?;
+        let leaf = self.issue(&key, vec![spiffe_san(identity)?], self.lifetime(requested))?;
+        let mut chain = Vec::with_capacity(1 + self.chain_pem.len());
+        chain.push(leaf.pem());
+        chain.extend(self.chain_pem.iter().cloned());
+        Ok(chain)
+    }
+
+    /// Issues a certificate, with a fresh P-256 key generated here, for
+    /// `identity` and `dns_names` (istiod's own serving certificate).
+    pub fn issue_key_pair(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedKeyPair, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut sans = vec![spiffe_san(identity)?];
+        for name in dns_names {
+            sans.push(SanType::DnsName(name.clone().try_into()?));
+        }
+        let lifetime = lifetime.min(self.config.max_cert_ttl);
+        let leaf = self.issue(&key, sans, lifetime)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.der())
+            .map_err(|e| CaError::Issue(rcgen::Error::X509(e.to_string())))?;
+        let validity = parsed.validity();
+        let not_before = validity.not_before.to_datetime().into();
+        let not_after = validity.not_after.to_datetime().into();
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(IssuedKeyPair {
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_before,
+            not_after,
+        })
+    }
+
+    fn issue(
+        &self,
+        key: &impl PublicKeyData,
+        sans: Vec<SanType>,
+        lifetime: Duration,
+    ) -> Result<rcgen::Certificate, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let not_after = (now + lifetime).min(self.chain_not_after);
+        if not_after <= now {
+            return Err(CaError::Expired(format!(
+                "its chain expired at {}",
+                self.chain_not_after
+            )));
+        }
+        let mut params = CertificateParams::default();
+        // Identity lives only in the SAN (marked critical by rcgen since
+        // the subject is empty).
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params.not_before = now;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(key, &self.issuer)?)
+    }
+}
+
+fn spiffe_san(identity: &SpiffeId) -> Result<SanType, CaError> {
+    Ok(SanType::URI(identity.to_string().try_into()?))
+}
+
+/// A positive 128-bit serial number: unique without coordination.
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+/// PEM text of one DER object (`label`: `CERTIFICATE`, `CERTIFICATE REQUEST`...).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    out
+}

@@ -1,0 +1,335 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: authenticate
+//! the bearer token, decide whose identity the certificate carries (the
+//! caller's, or with `ImpersonatedIdentity` a pod's on the caller's node),
+//! sign, and count the outcome.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use api::SpiffeId;
+use api::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use api::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::{Request, Response, Status};
+
+use super::{CaError, CertificateAuthority};
+use crate::auth::{self, AuthError, Authenticator, Caller};
+
+/// Where pods run: the cluster state answers it for the real store.
+pub trait NodeLookup: Send + Sync {
+    /// Whether a pod running as `namespace/service_account` is scheduled on `node`.
+    fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool;
+}
+
+/// A [`NodeLookup`] over an explicit set of (namespace, service account,
+/// node), for tests and for setups without cluster state.
+#[derive(Debug, Default)]
+pub struct StaticNodeLookup {
+    pods: RwLock<HashSet<(String, String, String)>>,
+}
+
+impl StaticNodeLookup {
+    /// Records that a pod running as `namespace/service_account` is on `node`.
+    pub fn add(&self, namespace: &str, service_account: &str, node: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.into(), service_account.into(), node.into()));
+    }
+
+    pub fn remove(&self, namespace: &str, service_account: &str, node: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(namespace.into(), service_account.into(), node.into()));
+    }
+}
+
+impl NodeLookup for StaticNodeLookup {
+    fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(namespace.into(), service_account.into(), node.into()))
+    }
+}
+
+/// The outcome of one request, as counted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    success,
+    unauthenticated,
+    permission_denied,
+    invalid_argument,
+    unavailable,
+    internal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    result: Outcome,
+}
+
+/// The CA's metrics, registered into istiod's one registry.
+#[derive(Debug, Clone)]
+pub struct CaMetrics {
+    requests: Family<OutcomeLabels, Counter>,
+    signing: Histogram,
+}
+
+impl CaMetrics {
+    pub fn new(registry: &mut Registry, ca: &CertificateAuthority) -> Self {
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "istiod_ca_requests",
+            "CreateCertificate requests, by result",
+            requests.clone(),
+        );
+        // 10 µs .. ~80 ms: a P-256 signature is tens of µs, RSA far more.
+        let signing = Histogram::new(exponential_buckets(1e-5, 2.0, 14));
+        registry.register(
+            "istiod_ca_signing_duration_seconds",
+            "Time to check a CSR and sign its certificate",
+            signing.clone(),
+        );
+        let expiry = Gauge::<i64>::default();
+        let not_after = ca
+            .chain_not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        expiry.set(i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX));
+        registry.register(
+            "istiod_ca_chain_expiry_timestamp_seconds",
+            "When the first certificate of the CA's chain (signing cert .. root) expires, in Unix seconds",
+            expiry,
+        );
+        CaMetrics { requests, signing }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        self.requests
+            .get_or_create(&OutcomeLabels { result: outcome })
+            .inc();
+    }
+
+    /// How many requests ended with `outcome` (for tests and debug pages).
+    pub fn requests(&self, outcome: Outcome) -> u64 {
+        self.requests
+            .get_or_create(&OutcomeLabels { result: outcome })
+            .get()
+    }
+}
+
+/// The `IstioCertificateService` implementation.
+pub struct CertificateService {
+    ca: Arc<CertificateAuthority>,
+    authenticator: Arc<dyn Authenticator>,
+    nodes: Arc<dyn NodeLookup>,
+    metrics: CaMetrics,
+}
+
+impl CertificateService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        authenticator: Arc<dyn Authenticator>,
+        nodes: Arc<dyn NodeLookup>,
+        registry: &mut Registry,
+    ) -> Self {
+        let metrics = CaMetrics::new(registry, &ca);
+        CertificateService {
+            ca,
+            authenticator,
+            nodes,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &CaMetrics {
+        &self.metrics
+    }
+
+    /// The tonic service, ready for [`crate::grpc`].
+    pub fn into_server(self) -> IstioCertificateServiceServer<Self> {
+        IstioCertificateServiceServer::new(self)
+    }
+
+    async fn handle(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Vec<String>, Refusal> {
+        let caller = auth::authenticate(self.authenticator.as_ref(), request.metadata()).await?;
+        let request = request.into_inner();
+        let identity = self.identity_for(&caller, &request)?;
+        let requested = u64::try_from(request.validity_duration)
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        let started = Instant::now();
+        let chain = self.ca.sign_csr(&request.csr, &identity, requested)?;
+        self.metrics
+            .signing
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(caller = %caller.identity, %identity, "issued a certificate");
+        Ok(chain)
+    }
+
+    /// The identity the certificate is for: the caller's own, unless a
+    /// trusted node agent impersonates a pod on its node.
+    fn identity_for(
+        &self,
+        caller: &Caller,
+        request: &IstioCertificateRequest,
+    ) -> Result<SpiffeId, Refusal> {
+        let Some(wanted) = impersonated_identity(request)? else {
+            return Ok(caller.identity.clone());
+        };
+        if wanted == caller.identity {
+            return Ok(wanted);
+        }
+        let deny = |why: String| {
+            tracing::warn!(caller = %caller.identity, node = ?caller.node, requested = %wanted, "impersonation refused: {why}");
+            Refusal::PermissionDenied(format!(
+                "{} may not request certificates for {wanted}",
+                caller.identity
+            ))
+        };
+        let trusted = self
+            .ca
+            .config()
+            .trusted_node_agents
+            .iter()
+            .any(|sa| sa.is(&caller.identity));
+        if !trusted {
+            return Err(deny("the caller is not a trusted node agent".into()));
+        }
+        if wanted.trust_domain() != self.ca.trust_domain() {
+            return Err(deny(format!(
+                "the requested identity is not in trust domain {:?}",
+                self.ca.trust_domain()
+            )));
+        }
+        let Some(node) = caller.node.as_deref() else {
+            return Err(deny(
+                "the caller's token does not name its node (use a bound service-account token)"
+                    .into(),
+            ));
+        };
+        if !self
+            .nodes
+            .has_pod_on_node(wanted.namespace(), wanted.service_account(), node)
+        {
+            return Err(deny(format!(
+                "no pod running as {}/{} is scheduled on node {node:?}",
+                wanted.namespace(),
+                wanted.service_account()
+            )));
+        }
+        Ok(wanted)
+    }
+}
+
+/// The `ImpersonatedIdentity` metadata field, if present and non-empty.
+fn impersonated_identity(request: &IstioCertificateRequest) -> Result<Option<SpiffeId>, Refusal> {
+    use prost_types::value::Kind;
+    let Some(value) = request
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(api::labels::IMPERSONATED_IDENTITY))
+    else {
+        return Ok(None);
+    };
+    match &value.kind {
+        Some(Kind::StringValue(s)) if s.is_empty() => Ok(None),
+        Some(Kind::StringValue(s)) => s.parse().map(Some).map_err(|e| {
+            Refusal::InvalidArgument(format!(
+                "metadata.{}: {e}",
+                api::labels::IMPERSONATED_IDENTITY
+            ))
+        }),
+        _ => Err(Refusal::InvalidArgument(format!(
+            "metadata.{} must be a string SPIFFE id",
+            api::labels::IMPERSONATED_IDENTITY
+        ))),
+    }
+}
+
+/// Why a request got no certificate.
+#[derive(Debug)]
+enum Refusal {
+    Auth(AuthError),
+    PermissionDenied(String),
+    InvalidArgument(String),
+    Internal(String),
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        Refusal::Auth(e)
+    }
+}
+
+impl From<CaError> for Refusal {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::Csr(e) => Refusal::InvalidArgument(e.to_string()),
+            other => Refusal::Internal(other.to_string()),
+        }
+    }
+}
+
+impl Refusal {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Auth(AuthError::Backend(_)) => Outcome::unavailable,
+            Refusal::Auth(_) => Outcome::unauthenticated,
+            Refusal::PermissionDenied(_) => Outcome::permission_denied,
+            Refusal::InvalidArgument(_) => Outcome::invalid_argument,
+            Refusal::Internal(_) => Outcome::internal,
+        }
+    }
+
+    fn into_status(self) -> Status {
+        match self {
+            Refusal::Auth(e) => e.into(),
+            Refusal::PermissionDenied(m) => Status::permission_denied(m),
+            Refusal::InvalidArgument(m) => Status::invalid_argument(m),
+            Refusal::Internal(m) => {
+                tracing::error!("could not issue a certificate: {m}");
+                Status::internal("the CA could not issue the certificate; see istiod's log")
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CertificateService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = request.remote_addr();
+        match self.handle(request).await {
+            Ok(cert_chain) => {
+                self.metrics.count(Outcome::success);
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(refusal) => {
+                let outcome = refusal.outcome();
+                self.metrics.count(outcome);
+                if !matches!(refusal, Refusal::PermissionDenied(_) | Refusal::Internal(_)) {
+                    tracing::info!(?peer, ?outcome, reason = ?refusal, "certificate request refused");
+                }
+                Err(refusal.into_status())
+            }
+        }
+    }
+}
