@@ -54,7 +54,7 @@ pub struct ProxyArgs {
         default_value = "./var/run/secrets/istio/root-cert.pem"
     )]
     pub root_cert: PathBuf,
-    /// Talk to istiod without TLS (its 15010 port; local development only).
+    /// Talk to istiod without TLS whatever the addresses say (local development only).
     #[arg(long, env = "XDS_PLAINTEXT")]
     pub plaintext: bool,
     /// The name istiod's serving certificate is verified against.
@@ -68,11 +68,12 @@ pub struct ProxyArgs {
     )]
     pub token_file: PathBuf,
     /// This node's name.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, visible_alias = "node", env = "NODE_NAME")]
     pub node_name: String,
-    /// This ztunnel's IP (its node id names it).
+    /// This ztunnel's IP, for its xDS node id (default: the address it
+    /// reaches istiod from).
     #[arg(long, env = "INSTANCE_IP")]
-    pub node_ip: IpAddr,
+    pub node_ip: Option<IpAddr>,
     #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
     pub pod_name: String,
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
@@ -146,17 +147,55 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// Where istiod is and whether it speaks TLS there, from an address flag.
+#[derive(Debug, PartialEq, Eq)]
+struct Endpoint {
+    host_port: String,
+    tls: bool,
+}
+
+fn endpoint(flag: &str, address: &str, plaintext: bool) -> anyhow::Result<Endpoint> {
+    let (tls, host_port) = match address.split_once("://") {
+        Some(("https", rest)) => (!plaintext, rest),
+        Some(("http", rest)) => (false, rest),
+        Some((scheme, _)) => anyhow::bail!(
+            "{flag} {address:?}: unknown scheme {scheme:?}; use https://host:port, http://host:port or host:port"
+        ),
+        None => (!plaintext, address),
+    };
+    Ok(Endpoint {
+        host_port: host_port.trim_end_matches('/').to_string(),
+        tls,
+    })
+}
+
 fn control_plane(
     args: &ProxyArgs,
-    address: &str,
+    endpoint: &Endpoint,
     roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> ControlPlane {
-    let plane = if args.plaintext {
-        ControlPlane::plaintext(address)
+    let plane = if endpoint.tls {
+        ControlPlane::tls(&endpoint.host_port, roots.to_vec())
+            .with_server_name(&args.istiod_server_name)
     } else {
-        ControlPlane::tls(address, roots.to_vec()).with_server_name(&args.istiod_server_name)
+        ControlPlane::plaintext(&endpoint.host_port)
     };
     plane.with_token_path(&args.token_file)
+}
+
+/// The local address this host reaches `host_port` from (a UDP "connect"
+/// sends nothing), for the node id when no IP is given.
+fn local_ip_towards(host_port: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = host_port.to_socket_addrs().ok()?.next()?;
+    let unspecified: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 impl App {
@@ -171,12 +210,17 @@ impl App {
                 args.root_cert.display()
             )
         })?;
-        let xds_plane = control_plane(&args, &args.xds_address, &roots);
-        let ca_plane = control_plane(
-            &args,
-            args.ca_address.as_deref().unwrap_or(&args.xds_address),
-            &roots,
-        );
+        let xds_endpoint = endpoint("--xds-address", &args.xds_address, args.plaintext)?;
+        let ca_endpoint = match &args.ca_address {
+            Some(address) => endpoint("--ca-address", address, args.plaintext)?,
+            None => endpoint("--xds-address", &args.xds_address, args.plaintext)?,
+        };
+        let xds_plane = control_plane(&args, &xds_endpoint, &roots);
+        let ca_plane = control_plane(&args, &ca_endpoint, &roots);
+        let node_ip = args
+            .node_ip
+            .or_else(|| local_ip_towards(&xds_endpoint.host_port))
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
 
         let stop = CancellationToken::new();
         let zds_stop = CancellationToken::new();
@@ -197,7 +241,7 @@ impl App {
         );
 
         // xDS: workloads, services and policies into the store.
-        let node_id = ztunnel_node_id(args.node_ip, &args.pod_name, &args.pod_namespace);
+        let node_id = ztunnel_node_id(node_ip, &args.pod_name, &args.pod_namespace);
         let channel = xds_plane.channel().context("--xds-address")?;
         let xds =
             handlers::subscribe_store(XdsClient::new(channel, XdsConfig::new(node_id)), &store)
@@ -256,11 +300,13 @@ impl App {
                 "proxy": manager.config(),
                 "node": {
                     "name": args.node_name,
-                    "ip": args.node_ip,
+                    "ip": node_ip,
                     "clusterId": args.cluster_id,
                 },
                 "xdsAddress": args.xds_address,
+                "xdsTls": xds_endpoint.tls,
                 "caAddress": args.ca_address.as_deref().unwrap_or(&args.xds_address),
+                "caTls": ca_endpoint.tls,
                 "zdsSocket": args.zds_socket,
             }))
             .with_section(xds_status.clone())
@@ -327,6 +373,44 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istiod_addresses_say_whether_to_use_tls() {
+        let tls = |host_port: &str| Endpoint {
+            host_port: host_port.into(),
+            tls: true,
+        };
+        let plain = |host_port: &str| Endpoint {
+            host_port: host_port.into(),
+            tls: false,
+        };
+        let e =
+            |address: &str, plaintext: bool| endpoint("--xds-address", address, plaintext).unwrap();
+        assert_eq!(e("https://10.0.0.1:15012", false), tls("10.0.0.1:15012"));
+        assert_eq!(
+            e("https://istiod.istio-system.svc:15012/", false),
+            tls("istiod.istio-system.svc:15012")
+        );
+        assert_eq!(e("http://10.0.0.1:15010", false), plain("10.0.0.1:15010"));
+        assert_eq!(e("10.0.0.1:15012", false), tls("10.0.0.1:15012"));
+        assert_eq!(e("10.0.0.1:15010", true), plain("10.0.0.1:15010"));
+        let err = endpoint("--ca-address", "grpc://x:1", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--ca-address") && err.contains("unknown scheme"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_node_ip_defaults_to_the_route_towards_istiod() {
+        assert_eq!(
+            local_ip_towards("127.0.0.1:15012"),
+            Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+        );
+        assert_eq!(local_ip_towards("not an address"), None);
+    }
 
     #[test]
     fn durations_read_like_upstream_flags() {

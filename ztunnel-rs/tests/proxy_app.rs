@@ -43,6 +43,8 @@ struct Istiod {
     addresses: Arc<Vec<api::workload::Address>>,
     /// (authorization header, impersonated identity) of each CSR.
     csrs: Arc<Mutex<Vec<(String, String)>>>,
+    /// (authorization header, node id) of each xDS stream.
+    streams: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 #[tonic::async_trait]
@@ -63,12 +65,25 @@ impl AggregatedDiscoveryService for Istiod {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
+        let streams = self.streams.clone();
         let addresses = self.addresses.clone();
         tokio::spawn(async move {
             let mut nonce = 0;
             while let Ok(Some(r)) = requests.message().await {
+                if let Some(node) = &r.node {
+                    streams
+                        .lock()
+                        .unwrap()
+                        .push((token.clone(), node.id.clone()));
+                }
                 if r.resource_names_subscribe.is_empty() {
                     continue;
                 }
@@ -229,14 +244,15 @@ fn free_port() -> u16 {
 fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     ProxyArgs {
-        xds_address: xds.to_string(),
+        // The URL form says plaintext; the node IP is found from the route.
+        xds_address: format!("http://{xds}"),
         ca_address: None,
         root_cert: dir.join("root-cert.pem"),
-        plaintext: true,
+        plaintext: false,
         istiod_server_name: "istiod.istio-system.svc".into(),
         token_file: dir.join("token"),
         node_name: "node-1".into(),
-        node_ip: "127.0.0.1".parse().unwrap(),
+        node_ip: None,
         pod_name: "ztunnel-abc".into(),
         pod_namespace: "istio-system".into(),
         cluster_id: "Kubernetes".into(),
@@ -325,6 +341,7 @@ async fn serves_from_istiod_and_keeps_serving_when_it_goes_away() {
                 .into(),
         ]),
         csrs: Arc::default(),
+        streams: Arc::default(),
     };
     let running = RunningIstiod::start(istiod.clone(), xds_address);
     eventually("readiness", || app.readiness.is_ready()).await;
@@ -348,6 +365,12 @@ async fn serves_from_istiod_and_keeps_serving_when_it_goes_away() {
         ]
     );
     assert!(csrs.iter().all(|(token, _)| token == "Bearer node-token"));
+    let (token, node) = istiod.streams.lock().unwrap()[0].clone();
+    assert_eq!(token, "Bearer node-token");
+    assert_eq!(
+        node,
+        "ztunnel~127.0.0.1~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+    );
 
     // The admin server shows the store, the certificates and the pods.
     let dump: serde_json::Value =
