@@ -1,5 +1,6 @@
 //! ztunnel-rs: the per-node L4 proxy and its node agent.
-//! `ztunnel-rs cni [flags]` runs the node agent.
+//! `ztunnel-rs proxy [flags]` runs the proxy, `ztunnel-rs cni [flags]` the
+//! node agent.
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The node proxy: HBONE/mTLS for every enrolled pod on this node, L4 policy, metrics.
+    Proxy(ztunnel_rs::app::ProxyArgs),
     /// The node agent: enrols this node's pods (in-pod rules, ZDS, CNI events).
     Cni(ztunnel_rs::node_agent::CniArgs),
 }
@@ -25,6 +28,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Proxy(args) => ztunnel_rs::app::App::start(args).await?.run().await,
         Command::Cni(args) => ztunnel_rs::node_agent::run(args).await,
     }
 }

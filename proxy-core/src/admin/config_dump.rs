@@ -10,6 +10,7 @@ use axum::extract::State;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value, json};
 
+use crate::identity::{CertificateManager, CertificateStatus};
 use crate::store::WorkloadStore;
 
 /// One certificate, as upstream's dump shows it.
@@ -61,6 +62,72 @@ impl CertificateSource for NoCertificates {
     fn certificates(&self) -> BoxFuture<'_, Vec<CertsDump>> {
         Box::pin(std::future::ready(Vec::new()))
     }
+}
+
+/// What the certificate manager holds, identity by identity.
+impl CertificateSource for CertificateManager {
+    fn certificates(&self) -> BoxFuture<'_, Vec<CertsDump>> {
+        let dump = self.snapshot().into_iter().map(CertsDump::from).collect();
+        Box::pin(std::future::ready(dump))
+    }
+}
+
+impl From<CertificateStatus> for CertsDump {
+    fn from(status: CertificateStatus) -> Self {
+        let now = std::time::SystemTime::now();
+        let valid = status
+            .certificate
+            .as_ref()
+            .filter(|c| !c.is_expired_at(now));
+        let state = match (valid, &status.last_error) {
+            (Some(_), _) => "Available".to_string(),
+            (None, Some(error)) => format!("Unavailable: {error}"),
+            (None, None) => "Initializing".to_string(),
+        };
+        let (cert_chain, root_certs) = match &status.certificate {
+            Some(cert) => (
+                cert.chain().iter().map(|c| cert_dump(c)).collect(),
+                cert.roots().iter().map(|c| cert_dump(c)).collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        CertsDump {
+            identity: status.identity.to_string(),
+            state,
+            cert_chain,
+            root_certs,
+        }
+    }
+}
+
+/// One certificate as upstream shows it; fields it cannot parse stay empty.
+fn cert_dump(der: &rustls::pki_types::CertificateDer<'_>) -> CertDump {
+    use base64::Engine;
+    let pem = crate::tls::to_pem(std::slice::from_ref(der));
+    let mut dump = CertDump {
+        pem: base64::engine::general_purpose::STANDARD.encode(pem),
+        ..CertDump::default()
+    };
+    if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+        dump.serial_number = parsed.tbs_certificate.raw_serial_as_string();
+        dump.valid_from = rfc3339(parsed.validity().not_before.to_datetime());
+        dump.expiration_time = rfc3339(parsed.validity().not_after.to_datetime());
+    }
+    dump
+}
+
+/// `2024-05-01T12:00:00Z`, as upstream prints certificate times.
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// An extra top-level key in `/config_dump` (the xDS connection, say).
@@ -139,4 +206,56 @@ pub(super) async fn config_dump(State(state): State<Arc<AdminState>>) -> Json<Va
 
 pub(super) async fn certs(State(state): State<Arc<AdminState>>) -> Json<Value> {
     Json(json!({ "certificates": state.certificates.certificates().await }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ManagerConfig;
+    use crate::testing::{TestCa, TestSigner};
+
+    #[tokio::test]
+    async fn the_manager_shows_each_identity_with_its_chain_and_roots() {
+        let ca = Arc::new(TestCa::new("cluster.local"));
+        let signer = TestSigner::new(ca.clone());
+        let manager = signer.manager(ManagerConfig::default());
+        let id = ca.identity("default", "web");
+        let cert = manager.fetch(&id).await.unwrap();
+
+        signer.set_failing(true);
+        let broken = ca.identity("default", "broken");
+        assert!(manager.fetch(&broken).await.is_err());
+
+        let dump = manager.certificates().await;
+        assert_eq!(dump.len(), 2, "{dump:?}");
+        let broken_dump = &dump[0];
+        assert_eq!(broken_dump.identity, broken.to_string());
+        assert!(
+            broken_dump.state.starts_with("Unavailable: "),
+            "{broken_dump:?}"
+        );
+        assert!(broken_dump.cert_chain.is_empty());
+
+        let web = &dump[1];
+        assert_eq!(web.identity, id.to_string());
+        assert_eq!(web.state, "Available");
+        assert_eq!(web.cert_chain.len(), 1);
+        assert_eq!(web.root_certs.len(), 1);
+        let leaf = &web.cert_chain[0];
+        assert_eq!(leaf.serial_number, cert.serial_number());
+        let expected = rfc3339(time::OffsetDateTime::from(cert.not_after()));
+        assert_eq!(leaf.expiration_time, expected);
+        assert!(leaf.valid_from < leaf.expiration_time, "{leaf:?}");
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(&leaf.pem)
+            .unwrap();
+        assert_eq!(String::from_utf8(pem).unwrap(), cert.chain_pem());
+    }
+
+    #[test]
+    fn times_print_as_rfc3339_in_utc() {
+        let t = time::OffsetDateTime::from_unix_timestamp(1_714_564_800).unwrap();
+        assert_eq!(rfc3339(t), "2024-05-01T12:00:00Z");
+    }
 }

@@ -117,6 +117,22 @@ impl ControlPlane {
         }
     }
 
+    /// The bearer token for the xDS client's streams (it takes a plain
+    /// channel and adds credentials per stream): re-read on every reconnect.
+    pub fn xds_metadata(&self) -> crate::xds::MetadataFn {
+        let token = self.bearer_token();
+        std::sync::Arc::new(move |metadata: &mut tonic::metadata::MetadataMap| {
+            let request = token
+                .clone()
+                .call(tonic::Request::new(()))
+                .map_err(|status| status.message().to_string())?;
+            if let Some(value) = request.metadata().get("authorization") {
+                metadata.insert("authorization", value.clone());
+            }
+            Ok(())
+        })
+    }
+
     /// [`Self::channel`] with [`Self::bearer_token`] on every request: what
     /// generated clients (`FooClient::new(..)`) are built on.
     pub fn authenticated_channel(&self) -> Result<AuthenticatedChannel, ControlPlaneError> {
@@ -248,5 +264,28 @@ mod tests {
         let mut anonymous = ControlPlane::plaintext("127.0.0.1:1").bearer_token();
         let req = anonymous.call(tonic::Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());
+    }
+
+    #[test]
+    fn xds_streams_carry_the_current_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let metadata = ControlPlane::plaintext("127.0.0.1:1")
+            .with_token_path(&path)
+            .xds_metadata();
+        let mut map = tonic::metadata::MetadataMap::new();
+        let err = metadata(&mut map).unwrap_err();
+        assert!(err.contains("token"), "{err}");
+
+        std::fs::write(&path, "first").unwrap();
+        metadata(&mut map).unwrap();
+        assert_eq!(map.get("authorization").unwrap(), "Bearer first");
+        std::fs::write(&path, "second").unwrap();
+        metadata(&mut map).unwrap();
+        assert_eq!(map.get("authorization").unwrap(), "Bearer second");
+
+        let mut empty = tonic::metadata::MetadataMap::new();
+        ControlPlane::plaintext("127.0.0.1:1").xds_metadata()(&mut empty).unwrap();
+        assert!(empty.get("authorization").is_none());
     }
 }

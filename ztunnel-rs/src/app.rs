@@ -1,0 +1,433 @@
+//! `ztunnel-rs proxy`: the node proxy's wiring, one layer per line.
+//!
+//! ```text
+//! istiod (15012 TLS | 15010) --delta xDS--> XdsClient --handlers--> WorkloadStore --+
+//!                            <--CSR------- CertificateManager (impersonating pods) -+--> ProxyManager
+//! node agent (ZDS socket) ---pods + netns--> ZdsClient ----------------------------+     (a proxy per pod)
+//! 127.0.0.1:15000 admin, :15020 metrics, :15021 readiness (xDS synced + ZDS snapshot)
+//! ```
+//!
+//! SIGTERM (or Ctrl-C): stop taking pods, drain every pod's proxy (listeners
+//! close, live connections get until the drain deadline), then stop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use proxy_core::admin::{AdminState, Readiness, ServerAddrs, Servers};
+use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
+use proxy_core::store::WorkloadStore;
+use proxy_core::xds::{StatusWatch, XdsClient, XdsConfig, XdsMetrics, handlers, ztunnel_node_id};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::inpod::zds::DEFAULT_ZDS_SOCKET;
+use crate::inpod::{ZdsClient, ZdsClientConfig};
+use crate::proxy::{LoadBalancing, Metrics, ProxyConfig, ProxyManager};
+
+/// Readiness conditions, as `/healthz/ready` names them.
+pub const XDS_SYNCED: &str = "xds synced";
+pub const ZDS_SNAPSHOT: &str = "zds snapshot received";
+
+/// Flags of `ztunnel-rs proxy`; each also reads the environment variable
+/// upstream's ztunnel uses where it has one.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// istiod's xDS address, host:port (15012 with TLS, 15010 with --plaintext).
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        default_value = "istiod.istio-system.svc:15012"
+    )]
+    pub xds_address: String,
+    /// istiod's CA address, when it is not the xDS address.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// The mesh root certificate (PEM): verifies istiod and every HBONE peer.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub root_cert: PathBuf,
+    /// Talk to istiod without TLS whatever the addresses say (local development only).
+    #[arg(long, env = "XDS_PLAINTEXT")]
+    pub plaintext: bool,
+    /// The name istiod's serving certificate is verified against.
+    #[arg(long, env = "XDS_SERVER_NAME", default_value = proxy_core::identity::control_plane::DEFAULT_SERVER_NAME)]
+    pub istiod_server_name: String,
+    /// The bearer token sent to istiod (re-read on every request).
+    #[arg(
+        long,
+        env = "TOKEN_FILE",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub token_file: PathBuf,
+    /// This node's name.
+    #[arg(long, visible_alias = "node", env = "NODE_NAME")]
+    pub node_name: String,
+    /// This ztunnel's IP, for its xDS node id (default: the address it
+    /// reaches istiod from).
+    #[arg(long, env = "INSTANCE_IP")]
+    pub node_ip: Option<IpAddr>,
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The network this node's pods are on (empty: the default network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+    /// The node agent's ZDS socket.
+    #[arg(long, env = "ZDS_SOCKET", default_value = DEFAULT_ZDS_SOCKET)]
+    pub zds_socket: PathBuf,
+    #[arg(long, env = "ADMIN_ADDRESS", default_value = "127.0.0.1:15000")]
+    pub admin_address: SocketAddr,
+    #[arg(long, env = "STATS_ADDRESS", default_value = "0.0.0.0:15020")]
+    pub stats_address: SocketAddr,
+    #[arg(long, env = "READINESS_ADDRESS", default_value = "0.0.0.0:15021")]
+    pub readiness_address: SocketAddr,
+    /// How service endpoints are picked: random or round-robin.
+    #[arg(long, env = "LOAD_BALANCING", default_value = "random")]
+    pub load_balancing: LoadBalancing,
+    /// How long live connections may take to finish on shutdown (e.g. 5s, 500ms, 1m).
+    #[arg(long, env = "DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// Lifetime asked of the CA for workload certificates.
+    #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub certificate_ttl: Duration,
+}
+
+/// `250ms`, `30s`, `5m`, `24h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 30s, 5m or 24h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{s:?} has an unknown unit {unit:?}: use ms, s, m or h"
+        )),
+    }
+}
+
+/// The running proxy.
+pub struct App {
+    pub manager: ProxyManager,
+    /// Where the admin, stats and readiness servers listen (port 0 resolved).
+    pub servers: ServerAddrs,
+    pub readiness: Readiness,
+    pub xds: StatusWatch,
+    /// Stops taking pods from the node agent.
+    zds_stop: CancellationToken,
+    /// Stops xDS and the servers.
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    server_tasks: Servers,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where istiod is and whether it speaks TLS there, from an address flag.
+#[derive(Debug, PartialEq, Eq)]
+struct Endpoint {
+    host_port: String,
+    tls: bool,
+}
+
+fn endpoint(flag: &str, address: &str, plaintext: bool) -> anyhow::Result<Endpoint> {
+    let (tls, host_port) = match address.split_once("://") {
+        Some(("https", rest)) => (!plaintext, rest),
+        Some(("http", rest)) => (false, rest),
+        Some((scheme, _)) => anyhow::bail!(
+            "{flag} {address:?}: unknown scheme {scheme:?}; use https://host:port, http://host:port or host:port"
+        ),
+        None => (!plaintext, address),
+    };
+    Ok(Endpoint {
+        host_port: host_port.trim_end_matches('/').to_string(),
+        tls,
+    })
+}
+
+fn control_plane(
+    args: &ProxyArgs,
+    endpoint: &Endpoint,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> ControlPlane {
+    let plane = if endpoint.tls {
+        ControlPlane::tls(&endpoint.host_port, roots.to_vec())
+            .with_server_name(&args.istiod_server_name)
+    } else {
+        ControlPlane::plaintext(&endpoint.host_port)
+    };
+    plane.with_token_path(&args.token_file)
+}
+
+/// The local address this host reaches `host_port` from (a UDP "connect"
+/// sends nothing), for the node id when no IP is given.
+fn local_ip_towards(host_port: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = host_port.to_socket_addrs().ok()?.next()?;
+    let unspecified: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+impl App {
+    /// Starts everything; returns once the servers listen. istiod and the
+    /// node agent may be unreachable: both are retried in the background and
+    /// readiness says what is still missing.
+    pub async fn start(args: ProxyArgs) -> anyhow::Result<App> {
+        proxy_core::tls::install_default_provider();
+        let roots = proxy_core::tls::load_pem_certificates(&args.root_cert).with_context(|| {
+            format!(
+                "--root-cert {}: the mesh root certificate is needed to verify istiod and peers",
+                args.root_cert.display()
+            )
+        })?;
+        let xds_endpoint = endpoint("--xds-address", &args.xds_address, args.plaintext)?;
+        let ca_endpoint = match &args.ca_address {
+            Some(address) => endpoint("--ca-address", address, args.plaintext)?,
+            None => endpoint("--xds-address", &args.xds_address, args.plaintext)?,
+        };
+        let xds_plane = control_plane(&args, &xds_endpoint, &roots);
+        let ca_plane = control_plane(&args, &ca_endpoint, &roots);
+        let node_ip = args
+            .node_ip
+            .or_else(|| local_ip_towards(&xds_endpoint.host_port))
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+
+        let stop = CancellationToken::new();
+        let zds_stop = CancellationToken::new();
+        let mut registry = proxy_core::metrics::new_registry();
+        let readiness = Readiness::new();
+        let store = WorkloadStore::new();
+
+        // Certificates: the pods' identities, asked for as this node's ztunnel.
+        let ca = CaClient::new(&ca_plane).context("--ca-address")?;
+        let certificates = CertificateManager::new(
+            Arc::new(ca),
+            roots,
+            ManagerConfig {
+                validity: args.certificate_ttl,
+                impersonate: true,
+                ..ManagerConfig::default()
+            },
+        );
+
+        // xDS: workloads, services and policies into the store.
+        let node_id = ztunnel_node_id(node_ip, &args.pod_name, &args.pod_namespace);
+        let channel = xds_plane.channel().context("--xds-address")?;
+        let xds =
+            handlers::subscribe_store(XdsClient::new(channel, XdsConfig::new(node_id)), &store)
+                .with_metadata(xds_plane.xds_metadata())
+                .with_metrics(XdsMetrics::register(&mut registry));
+        let xds_status = xds.status();
+        let mut tasks = vec![tokio::spawn(xds.run(stop.clone()))];
+        let xds_synced = readiness.register(XDS_SYNCED);
+        tasks.push(tokio::spawn({
+            let status = xds_status.clone();
+            async move {
+                status.synced().await;
+                info!("first xDS state received");
+                xds_synced.mark_ready();
+            }
+        }));
+
+        // The proxies, one per pod the node agent hands over.
+        let config = ProxyConfig {
+            cluster_id: args.cluster_id.clone(),
+            trust_domain: args.trust_domain.clone(),
+            network: args.network.clone(),
+            load_balancing: args.load_balancing,
+            drain_deadline: args.drain_deadline,
+            ..ProxyConfig::default()
+        };
+        let metrics = Metrics::register(&mut registry);
+        let manager = ProxyManager::new(config, store.clone(), certificates.clone(), metrics);
+        let zds = Arc::new(ZdsClient::new(
+            ZdsClientConfig {
+                socket: args.zds_socket.clone(),
+                ..ZdsClientConfig::default()
+            },
+            manager.clone(),
+        ));
+        let zds_snapshot = readiness.register(ZDS_SNAPSHOT);
+        let mut snapshot_received = zds.snapshot_received();
+        tasks.push(tokio::spawn(async move {
+            if snapshot_received
+                .wait_for(|received| *received)
+                .await
+                .is_ok()
+            {
+                zds_snapshot.mark_ready();
+            }
+        }));
+        tasks.push(tokio::spawn({
+            let stop = zds_stop.clone();
+            async move { zds.run(stop.cancelled_owned()).await }
+        }));
+
+        // Admin, stats, readiness.
+        let admin = AdminState::new(store)
+            .with_certificates(certificates)
+            .with_config(json!({
+                "proxy": manager.config(),
+                "node": {
+                    "name": args.node_name,
+                    "ip": node_ip,
+                    "clusterId": args.cluster_id,
+                },
+                "xdsAddress": args.xds_address,
+                "xdsTls": xds_endpoint.tls,
+                "caAddress": args.ca_address.as_deref().unwrap_or(&args.xds_address),
+                "caTls": ca_endpoint.tls,
+                "zdsSocket": args.zds_socket,
+            }))
+            .with_section(xds_status.clone())
+            .with_section(manager.clone());
+        let addrs = ServerAddrs {
+            admin: args.admin_address,
+            stats: args.stats_address,
+            readiness: args.readiness_address,
+        };
+        let server_tasks = Servers::start(
+            addrs,
+            admin,
+            Arc::new(registry),
+            readiness.clone(),
+            stop.clone(),
+        )
+        .await?;
+        info!(
+            node = %args.node_name,
+            xds = %args.xds_address,
+            zds = %args.zds_socket.display(),
+            "ztunnel-rs proxy started"
+        );
+        Ok(App {
+            manager,
+            servers: server_tasks.addrs,
+            readiness,
+            xds: xds_status,
+            zds_stop,
+            stop,
+            tasks,
+            server_tasks,
+        })
+    }
+
+    /// Runs until SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops taking pods, drains them (up to the drain deadline), then stops
+    /// xDS and the servers.
+    pub async fn shutdown(self) {
+        self.zds_stop.cancel();
+        self.manager.drain().await;
+        self.stop.cancel();
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.server_tasks.join().await;
+        info!("ztunnel-rs proxy stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istiod_addresses_say_whether_to_use_tls() {
+        let tls = |host_port: &str| Endpoint {
+            host_port: host_port.into(),
+            tls: true,
+        };
+        let plain = |host_port: &str| Endpoint {
+            host_port: host_port.into(),
+            tls: false,
+        };
+        let e =
+            |address: &str, plaintext: bool| endpoint("--xds-address", address, plaintext).unwrap();
+        assert_eq!(e("https://10.0.0.1:15012", false), tls("10.0.0.1:15012"));
+        assert_eq!(
+            e("https://istiod.istio-system.svc:15012/", false),
+            tls("istiod.istio-system.svc:15012")
+        );
+        assert_eq!(e("http://10.0.0.1:15010", false), plain("10.0.0.1:15010"));
+        assert_eq!(e("10.0.0.1:15012", false), tls("10.0.0.1:15012"));
+        assert_eq!(e("10.0.0.1:15010", true), plain("10.0.0.1:15010"));
+        let err = endpoint("--ca-address", "grpc://x:1", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--ca-address") && err.contains("unknown scheme"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_node_ip_defaults_to_the_route_towards_istiod() {
+        assert_eq!(
+            local_ip_towards("127.0.0.1:15012"),
+            Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+        );
+        assert_eq!(local_ip_towards("not an address"), None);
+    }
+
+    #[test]
+    fn durations_read_like_upstream_flags() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(
+            parse_duration("5 days")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}

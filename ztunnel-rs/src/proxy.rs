@@ -1,0 +1,671 @@
+//! The L4 proxy: one instance per enrolled pod, each listening inside its
+//! pod's network namespace, all sharing the node's workload store,
+//! certificate manager and metrics.
+//!
+//! ```text
+//!  pod app --(redirected)--> 15001 outbound ---------- HBONE / TCP ---------> peer
+//!  peer ----- HBONE --------> 15008 inbound ----------- TCP, in the pod ----> pod app
+//!  peer ----- plaintext ----> 15006 inbound_passthrough  (policy, no identity)
+//! ```
+//!
+//! - [`ProxyManager`]: the pods being proxied; the node agent's requests
+//!   (add / del / keep / snapshot done) become calls here. Certificates are
+//!   held per identity while a pod with that identity is here.
+//! - [`route`]: outbound decisions; [`outbound`], [`inbound`],
+//!   [`inbound_passthrough`]: the three listeners; [`metrics`]: traffic
+//!   metrics and the access log; [`sockets`]: where sockets come from (in
+//!   production, the pod's network namespace from the node agent).
+//!
+//! Drain: listeners stop accepting at once, HBONE peers get GOAWAY, live
+//! connections may finish until the deadline, then they are closed.
+
+pub mod inbound;
+pub mod inbound_passthrough;
+mod inpod;
+pub mod metrics;
+pub mod outbound;
+pub mod route;
+pub mod sockets;
+mod splice;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::SpiffeId;
+use proxy_core::admin::DumpSection;
+use proxy_core::hbone::{HboneError, HbonePool, HboneServer, Http2Settings, PoolConfig};
+use proxy_core::identity::{CertificateManager, FetchError, WorkloadCertificate};
+use proxy_core::store::{Snapshot, Workload, WorkloadStore};
+use rustls::ServerConfig;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use metrics::Metrics;
+pub use route::LoadBalancing;
+pub use sockets::{ConnectError, LocalSockets, PodConnect, PodSockets};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {uid}: cannot listen on port {port} ({sockets}): {source}")]
+    Listen {
+        uid: String,
+        port: u16,
+        sockets: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pod {uid}: the node agent sent no {field}; the proxy needs it to know the pod's identity"
+    )]
+    MissingInfo { uid: String, field: &'static str },
+    #[error("pod {uid}: no valid identity: {source}")]
+    Identity {
+        uid: String,
+        #[source]
+        source: api::IdentityError,
+    },
+    #[error("pod {uid} is not proxied here; the node agent must add it first")]
+    UnknownPod { uid: String },
+}
+
+/// The listener ports inside each pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    /// Also the port peers are dialled on.
+    pub hbone: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            outbound: api::ports::ZTUNNEL_OUTBOUND,
+            inbound_plaintext: api::ports::ZTUNNEL_INBOUND_PLAINTEXT,
+            hbone: api::ports::HBONE,
+        }
+    }
+}
+
+impl Ports {
+    /// Connections to these would loop back into the proxy.
+    fn contains(&self, port: u16) -> bool {
+        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// Workload uids are `<cluster>//Pod/<namespace>/<name>`.
+    pub cluster_id: String,
+    pub trust_domain: String,
+    /// The network this node's pods are on (empty: the default network).
+    pub network: String,
+    pub ports: Ports,
+    pub load_balancing: LoadBalancing,
+    /// How long live connections may take to finish once a pod (or the
+    /// proxy) drains.
+    #[serde(with = "seconds")]
+    pub drain_deadline: Duration,
+    /// How long connecting to a next hop (TCP, or HBONE up to the CONNECT
+    /// answer) may take.
+    #[serde(with = "seconds")]
+    pub connect_timeout: Duration,
+    #[serde(skip)]
+    pub pool: PoolConfig,
+    #[serde(skip)]
+    pub http2: Http2Settings,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            cluster_id: "Kubernetes".to_string(),
+            trust_domain: "cluster.local".to_string(),
+            network: String::new(),
+            ports: Ports::default(),
+            load_balancing: LoadBalancing::default(),
+            drain_deadline: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            pool: PoolConfig::default(),
+            http2: Http2Settings::default(),
+        }
+    }
+}
+
+mod seconds {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// What the node agent says about a pod.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInfo {
+    /// The pod's Kubernetes uid, as the node agent names it.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Where a pod's listeners ended up (port 0 resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodAddresses {
+    pub outbound: SocketAddr,
+    pub inbound_plaintext: SocketAddr,
+    pub hbone: SocketAddr,
+}
+
+/// What every pod's proxy shares.
+struct Node {
+    config: ProxyConfig,
+    store: WorkloadStore,
+    certificates: CertificateManager,
+    metrics: Arc<Metrics>,
+    balancer: route::Balancer,
+    /// Pods per identity: a certificate is renewed while one is here.
+    identities: Mutex<HashMap<SpiffeId, usize>>,
+}
+
+impl Node {
+    fn hold_identity(&self, identity: &SpiffeId) {
+        *self
+            .identities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(identity.clone())
+            .or_default() += 1;
+    }
+
+    fn release_identity(&self, identity: &SpiffeId) {
+        let mut identities = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = identities.get_mut(identity) {
+            *n -= 1;
+            if *n == 0 {
+                identities.remove(identity);
+                self.certificates.forget(identity);
+            }
+        }
+    }
+}
+
+/// One pod's proxy as its connections see it.
+struct Pod {
+    info: PodInfo,
+    identity: SpiffeId,
+    /// The pod's uid in the workload store.
+    workload_uid: String,
+    sockets: Arc<dyn PodSockets>,
+    pool: HbonePool,
+    node: Arc<Node>,
+    /// Cancelled when the drain deadline passes: every connection closes.
+    force: CancellationToken,
+    connections: TaskTracker,
+    /// The TLS config for the pod's current certificate, rebuilt on renewal.
+    server_config: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
+}
+
+impl Pod {
+    /// The pod's workload: by uid, else by the address it was seen at.
+    fn workload(&self, snapshot: &Snapshot, ip: IpAddr) -> Option<Arc<Workload>> {
+        snapshot
+            .workload_by_uid(&self.workload_uid)
+            .or_else(|| snapshot.workload_by_address(&self.node.config.network, ip))
+    }
+
+    async fn certificate(&self) -> Result<Arc<WorkloadCertificate>, FetchError> {
+        self.node.certificates.fetch(&self.identity).await
+    }
+
+    /// The HBONE server config presenting the pod's certificate.
+    async fn server_config(&self) -> Result<Arc<ServerConfig>, HboneError> {
+        let cert = self.certificate().await?;
+        let mut cached = self.server_config.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((for_cert, config)) = cached.as_ref()
+            && Arc::ptr_eq(for_cert, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = proxy_core::tls::hbone_server_config(&cert)?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
+    }
+
+    /// A connection from the pod to `target`, within the connect timeout.
+    async fn connect(&self, target: SocketAddr) -> Result<TcpStream, ConnectError> {
+        let timeout = self.node.config.connect_timeout;
+        match tokio::time::timeout(timeout, self.sockets.connect(target)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(source)) => Err(ConnectError::Failed { target, source }),
+            Err(_) => Err(ConnectError::Timeout { target, timeout }),
+        }
+    }
+
+    /// Runs one connection's work until it ends or the drain deadline.
+    fn spawn_connection(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let force = self.force.clone();
+        self.connections.spawn(async move {
+            tokio::select! {
+                () = work => {}
+                () = force.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Accepts on `listener` until `stop`, handling each connection as one of
+/// the pod's connections.
+async fn accept_loop<F, Fut>(
+    listener_name: &'static str,
+    pod: &Arc<Pod>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    handle: F,
+) where
+    F: Fn(Arc<Pod>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Small writes (handshakes, interactive protocols) must not wait.
+                let _ = stream.set_nodelay(true);
+                pod.spawn_connection(handle(pod.clone(), stream, peer));
+            }
+            Err(error) => {
+                // Usually transient (out of file descriptors); the pause keeps
+                // a persistent one from spinning.
+                warn!(pod = %pod.info.uid, listener = listener_name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(pod = %pod.info.uid, listener = listener_name, "stopped accepting");
+}
+
+/// A running pod proxy.
+struct PodProxy {
+    pod: Arc<Pod>,
+    addresses: PodAddresses,
+    /// Cancelled to stop accepting.
+    accept: CancellationToken,
+    /// The three accept loops.
+    listeners: TaskTracker,
+    hbone: HboneServer<inbound::Handler>,
+}
+
+impl PodProxy {
+    async fn start(
+        node: Arc<Node>,
+        info: PodInfo,
+        sockets: Arc<dyn PodSockets>,
+    ) -> Result<PodProxy, Error> {
+        let identity = SpiffeId::new(
+            &node.config.trust_domain,
+            &info.namespace,
+            &info.service_account,
+        )
+        .map_err(|source| Error::Identity {
+            uid: info.uid.clone(),
+            source,
+        })?;
+        let ports = node.config.ports;
+        let listen = |port: u16| {
+            let sockets = sockets.clone();
+            let uid = info.uid.clone();
+            async move {
+                sockets.listen(port).await.map_err(|source| Error::Listen {
+                    uid,
+                    port,
+                    sockets: sockets.describe(),
+                    source,
+                })
+            }
+        };
+        let outbound = listen(ports.outbound).await?;
+        let inbound_plaintext = listen(ports.inbound_plaintext).await?;
+        let hbone_listener = listen(ports.hbone).await?;
+        let local = |l: &TcpListener| l.local_addr().ok().map(sockets::canonical);
+        let addresses = match (
+            local(&outbound),
+            local(&inbound_plaintext),
+            local(&hbone_listener),
+        ) {
+            (Some(outbound), Some(inbound_plaintext), Some(hbone)) => PodAddresses {
+                outbound,
+                inbound_plaintext,
+                hbone,
+            },
+            _ => {
+                return Err(Error::Listen {
+                    uid: info.uid.clone(),
+                    port: 0,
+                    sockets: sockets.describe(),
+                    source: std::io::Error::other("a listener has no local address"),
+                });
+            }
+        };
+        let pool = HbonePool::new(
+            node.config.pool.clone(),
+            Arc::new(sockets::PodConnect(sockets.clone())),
+        );
+        let workload_uid = format!(
+            "{}//Pod/{}/{}",
+            node.config.cluster_id, info.namespace, info.name
+        );
+        node.hold_identity(&identity);
+        let pod = Arc::new(Pod {
+            info,
+            identity,
+            workload_uid,
+            sockets,
+            pool,
+            node,
+            force: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            server_config: Mutex::new(None),
+        });
+        let hbone = HboneServer::with_settings(
+            inbound::Handler::new(pod.clone()),
+            pod.node.config.http2.clone(),
+        );
+        let accept = CancellationToken::new();
+        let listeners = TaskTracker::new();
+        let tasks = &listeners;
+        tasks.spawn(outbound::serve(pod.clone(), outbound, accept.clone()));
+        tasks.spawn(inbound_passthrough::serve(
+            pod.clone(),
+            inbound_plaintext,
+            accept.clone(),
+        ));
+        tasks.spawn(inbound::serve(
+            pod.clone(),
+            hbone.clone(),
+            hbone_listener,
+            accept.clone(),
+        ));
+        // Upstream fetches the certificate as the pod arrives, so its first
+        // connection does not wait for the CA; failures retry in the manager.
+        // Counted as a connection: the identity is released only after it,
+        // so a pod removed at once cannot leave a certificate renewing.
+        pod.connections.spawn({
+            let (pod, stop) = (pod.clone(), accept.clone());
+            async move {
+                tokio::select! {
+                    fetched = pod.certificate() => if let Err(error) = fetched {
+                        warn!(pod = %pod.info.uid, %error, "no certificate for the pod yet");
+                    },
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+        info!(
+            pod = %pod.info.uid,
+            name = %pod.info.name,
+            namespace = %pod.info.namespace,
+            identity = %pod.identity,
+            sockets = %pod.sockets.describe(),
+            outbound = %addresses.outbound,
+            inbound_plaintext = %addresses.inbound_plaintext,
+            hbone = %addresses.hbone,
+            "proxying pod"
+        );
+        listeners.close();
+        Ok(PodProxy {
+            pod,
+            addresses,
+            accept,
+            listeners,
+            hbone,
+        })
+    }
+
+    /// Stops accepting, lets connections finish until the deadline, then
+    /// closes what is left.
+    /// Closes the listeners (returns once they are closed, so the ports
+    /// are free) and sends GOAWAY to HBONE peers; then the connections get
+    /// until `deadline` in the background, and are cut.
+    async fn drain(self, deadline: Duration) -> Drain {
+        self.accept.cancel();
+        self.hbone.shutdown_token().cancel();
+        // Once the loops are gone no connection can be added.
+        self.listeners.wait().await;
+        Drain(tokio::spawn(Self::finish(self.pod, deadline)))
+    }
+
+    async fn finish(pod: Arc<Pod>, deadline: Duration) {
+        pod.connections.close();
+        if tokio::time::timeout(deadline, pod.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                pod = %pod.info.uid,
+                open = pod.connections.len(),
+                ?deadline,
+                "drain deadline passed; closing the pod's remaining connections"
+            );
+            pod.force.cancel();
+            pod.connections.wait().await;
+        }
+        pod.node.release_identity(&pod.identity);
+        info!(pod = %pod.info.uid, "stopped proxying pod");
+    }
+
+    fn dump(&self) -> Value {
+        json!({
+            "info": self.pod.info,
+            "identity": self.pod.identity.to_string(),
+            "sockets": self.pod.sockets.describe(),
+            "addresses": self.addresses,
+            "connections": self.pod.connections.len(),
+            "hboneConnectionsOut": self.pod.pool.open_connections(),
+            "hboneConnectionsIn": self.hbone.live_connections(),
+        })
+    }
+}
+
+/// A pod's connections draining; await it to know they are all gone.
+#[derive(Debug)]
+#[must_use = "the drain continues in the background; await it to wait for the end"]
+pub struct Drain(tokio::task::JoinHandle<()>);
+
+impl Drain {
+    pub async fn finished(self) {
+        // The task only fails by panicking, which the runtime has reported.
+        let _ = self.0.await;
+    }
+}
+
+/// The pods this node proxies. Cheap to clone; clones share the pods.
+#[derive(Clone)]
+pub struct ProxyManager {
+    node: Arc<Node>,
+    pods: Arc<Mutex<HashMap<String, PodProxy>>>,
+}
+
+impl std::fmt::Debug for ProxyManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyManager")
+            .field("pods", &self.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyManager {
+    pub fn new(
+        config: ProxyConfig,
+        store: WorkloadStore,
+        certificates: CertificateManager,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ProxyManager {
+            node: Arc::new(Node {
+                balancer: route::Balancer::new(config.load_balancing),
+                config,
+                store,
+                certificates,
+                metrics,
+                identities: Mutex::default(),
+            }),
+            pods: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.node.config
+    }
+
+    /// Starts proxying `pod` with `sockets`. Adding a pod already here with
+    /// the same sockets keeps it as it is; with new sockets (its sandbox was
+    /// recreated) the new proxy starts and the old one drains.
+    pub async fn add(
+        &self,
+        pod: PodInfo,
+        sockets: Arc<dyn PodSockets>,
+    ) -> Result<PodAddresses, Error> {
+        for (field, value) in [
+            ("pod name", &pod.name),
+            ("pod namespace", &pod.namespace),
+            ("service account", &pod.service_account),
+        ] {
+            if value.is_empty() {
+                return Err(Error::MissingInfo {
+                    uid: pod.uid.clone(),
+                    field,
+                });
+            }
+        }
+        let deadline = self.node.config.drain_deadline;
+        let same_sockets = {
+            let pods = self.lock();
+            match pods.get(&pod.uid) {
+                Some(running)
+                    if running.pod.info == pod
+                        && running.pod.sockets.describe() == sockets.describe() =>
+                {
+                    return Ok(running.addresses);
+                }
+                Some(running) => running.pod.sockets.describe() == sockets.describe(),
+                None => false,
+            }
+        };
+        // Same sockets, new details: the old listeners hold the ports.
+        let stale = if same_sockets {
+            self.lock().remove(&pod.uid)
+        } else {
+            None
+        };
+        if let Some(old) = stale {
+            drop(old.drain(deadline).await);
+        }
+        let uid = pod.uid.clone();
+        let proxy = PodProxy::start(self.node.clone(), pod, sockets).await?;
+        let addresses = proxy.addresses;
+        let replaced = self.lock().insert(uid, proxy);
+        if let Some(old) = replaced {
+            drop(old.drain(deadline).await);
+        }
+        Ok(addresses)
+    }
+
+    /// Stops proxying the pod (it is gone). Its listeners are closed when
+    /// this returns; its connections drain in the background (see [`Drain`]).
+    pub async fn del(&self, uid: &str) -> Option<Drain> {
+        let removed = self.lock().remove(uid);
+        match removed {
+            Some(proxy) => Some(proxy.drain(self.node.config.drain_deadline).await),
+            None => {
+                info!(pod = uid, "asked to stop proxying a pod that is not here");
+                None
+            }
+        }
+    }
+
+    /// The node agent still has the pod but could not hand over its
+    /// namespace again: keep what runs for it.
+    pub fn keep(&self, uid: &str) -> Result<(), Error> {
+        if self.lock().contains_key(uid) {
+            Ok(())
+        } else {
+            Err(Error::UnknownPod {
+                uid: uid.to_string(),
+            })
+        }
+    }
+
+    /// The node agent's snapshot is complete: pods it did not name are gone
+    /// (as [`Self::del`]: listeners closed now, connections drained).
+    pub async fn snapshot_done(&self, known: &HashSet<String>) -> Vec<Drain> {
+        let stale: Vec<PodProxy> = {
+            let mut pods = self.lock();
+            let gone: Vec<String> = pods
+                .keys()
+                .filter(|uid| !known.contains(*uid))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|uid| pods.remove(uid)).collect()
+        };
+        let deadline = self.node.config.drain_deadline;
+        futures::future::join_all(stale.into_iter().map(|p| p.drain(deadline))).await
+    }
+
+    /// Drains every pod and waits until their connections are gone (the
+    /// proxy is shutting down).
+    pub async fn drain(&self) {
+        let all: Vec<PodProxy> = self.lock().drain().map(|(_, p)| p).collect();
+        let deadline = self.node.config.drain_deadline;
+        let drains = futures::future::join_all(all.into_iter().map(|p| p.drain(deadline))).await;
+        futures::future::join_all(drains.into_iter().map(Drain::finished)).await;
+    }
+
+    /// The uids of the pods proxied, sorted.
+    pub fn pods(&self) -> Vec<String> {
+        let mut uids: Vec<String> = self.lock().keys().cloned().collect();
+        uids.sort();
+        uids
+    }
+
+    /// Where a pod's listeners are.
+    pub fn addresses(&self, uid: &str) -> Option<PodAddresses> {
+        self.lock().get(uid).map(|p| p.addresses)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodProxy>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `/config_dump` key `pods`: what runs for each pod.
+impl DumpSection for ProxyManager {
+    fn key(&self) -> &'static str {
+        "pods"
+    }
+
+    fn dump(&self) -> Value {
+        let pods = self.lock();
+        let mut uids: Vec<&String> = pods.keys().collect();
+        uids.sort();
+        Value::Array(uids.into_iter().map(|uid| pods[uid].dump()).collect())
+    }
+}

@@ -1,0 +1,670 @@
+//! Traffic metrics and the access log: one [`ConnectionRecord`] per proxied
+//! connection counts it opened and closed and its bytes under upstream
+//! ztunnel's names and labels (`istio_tcp_connections_opened_total`, ...,
+//! `reporter`, source and destination workload / namespace / principal,
+//! `connection_security_policy`, `response_flags`), and writes one access
+//! log line (target `access`) when it ends.
+//!
+//! Connections that fail before there is enough to label them (no original
+//! destination, no healthy endpoint, a failed handshake) are counted in
+//! `istio_ztunnel_connection_failures_total{direction, reason}`, which is
+//! ours: a bounded label set, so a misbehaving client cannot blow up the
+//! series count.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use api::SpiffeId;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use proxy_core::store::{Service, Workload};
+
+/// Label values upstream uses when a value is not known.
+const UNKNOWN: &str = "unknown";
+
+/// The proxy's traffic metrics, registered once per process.
+#[derive(Default)]
+pub struct Metrics {
+    opened: Family<TrafficLabels, Counter>,
+    closed: Family<TrafficLabels, Counter>,
+    /// Client to server, as Istio counts "received" for both reporters.
+    received_bytes: Family<TrafficLabels, Counter>,
+    /// Server to client.
+    sent_bytes: Family<TrafficLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Metrics::default();
+        registry.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            m.received_bytes.clone(),
+        );
+        registry.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            m.sent_bytes.clone(),
+        );
+        registry.register(
+            "ztunnel_connection_failures",
+            "Connections ztunnel-rs refused or could not carry, by direction and reason",
+            m.failures.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Counts a connection that failed before it could be recorded, and logs
+    /// it on the access log.
+    pub(crate) fn early_failure(
+        &self,
+        direction: Direction,
+        src: SocketAddr,
+        dst: Option<SocketAddr>,
+        reason: FailureReason,
+        error: &dyn fmt::Display,
+    ) {
+        self.count_failure(direction, reason);
+        tracing::event!(
+            target: "access",
+            tracing::Level::WARN,
+            src.addr = %src,
+            dst.addr = dst.map(tracing::field::display),
+            direction = %direction,
+            reason = %reason,
+            error = %error,
+            "connection failed"
+        );
+    }
+
+    fn count_failure(&self, direction: Direction, reason: FailureReason) {
+        self.failures
+            .get_or_create(&FailureLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// Which proxy reports a connection: the client's (outbound) or the
+/// server's (inbound).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, w: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(
+            w,
+            match self {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    MutualTls,
+    /// Plaintext.
+    Unknown,
+}
+
+impl EncodeLabelValue for SecurityPolicy {
+    fn encode(&self, w: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(
+            w,
+            match self {
+                SecurityPolicy::MutualTls => "mutual_tls",
+                SecurityPolicy::Unknown => UNKNOWN,
+            },
+        )
+    }
+}
+
+/// Why a recorded connection ended early, as upstream flags it.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub enum ResponseFlags {
+    #[default]
+    None,
+    /// Denied by policy.
+    Deny,
+    /// The next hop could not be reached.
+    Connect,
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, w: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(
+            w,
+            match self {
+                ResponseFlags::None => "-",
+                ResponseFlags::Deny => "DENY",
+                ResponseFlags::Connect => "CONNECT",
+            },
+        )
+    }
+}
+
+/// Which listener a connection arrived on.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// 15001: the pod's own connections.
+    Outbound,
+    /// 15008: HBONE to the pod.
+    Inbound,
+    /// 15006: plaintext to the pod.
+    InboundPlaintext,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::InboundPlaintext => "inbound_plaintext",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, w: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(w, self.as_str())
+    }
+}
+
+/// Why a connection was refused or could not be carried.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum FailureReason {
+    /// A capture listener got a connection the pod's rules did not redirect.
+    NoOriginalDestination,
+    /// The connection targets one of the proxy's own ports.
+    ProxyPort,
+    /// A service without a healthy endpoint serving the port.
+    NoHealthyEndpoint,
+    /// A destination bound to a waypoint that cannot be found.
+    UnknownWaypoint,
+    /// The pod being proxied is not (yet) in the workload store.
+    UnknownWorkload,
+    /// No certificate for the pod's identity.
+    Certificate,
+    /// TLS or identity verification with an HBONE peer failed.
+    Handshake,
+    /// The HBONE peer answered the CONNECT with an error status.
+    Refused,
+    /// The next hop (HBONE peer, passthrough destination) did not accept.
+    Connect,
+    /// An HBONE CONNECT for an address that is not this pod.
+    WrongTarget,
+    /// An Authorization policy denied the connection.
+    PolicyDenied,
+    /// A pod bound to a waypoint was reached around it.
+    WaypointBypassed,
+    /// The application in the pod refused the connection.
+    AppRefused,
+}
+
+impl FailureReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::NoOriginalDestination => "no_original_destination",
+            FailureReason::ProxyPort => "proxy_port",
+            FailureReason::NoHealthyEndpoint => "no_healthy_endpoint",
+            FailureReason::UnknownWaypoint => "unknown_waypoint",
+            FailureReason::UnknownWorkload => "unknown_workload",
+            FailureReason::Certificate => "certificate",
+            FailureReason::Handshake => "handshake",
+            FailureReason::Refused => "refused",
+            FailureReason::Connect => "connect",
+            FailureReason::WrongTarget => "wrong_target",
+            FailureReason::PolicyDenied => "policy_denied",
+            FailureReason::WaypointBypassed => "waypoint_bypassed",
+            FailureReason::AppRefused => "app_refused",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for FailureReason {
+    fn encode(&self, w: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(w, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    direction: Direction,
+    reason: FailureReason,
+}
+
+/// Upstream ztunnel's label set for TCP traffic (without locality, which
+/// this mesh does not route on yet).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    reporter: Reporter,
+
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_cluster: String,
+
+    request_protocol: String,
+    response_flags: ResponseFlags,
+    connection_security_policy: SecurityPolicy,
+}
+
+fn known(value: &str) -> String {
+    if value.is_empty() {
+        UNKNOWN.to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+impl TrafficLabels {
+    pub fn new(reporter: Reporter, security: SecurityPolicy) -> Self {
+        let unknown = || UNKNOWN.to_string();
+        TrafficLabels {
+            reporter,
+            source_workload: unknown(),
+            source_canonical_service: unknown(),
+            source_canonical_revision: unknown(),
+            source_workload_namespace: unknown(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            source_version: unknown(),
+            source_cluster: unknown(),
+            destination_service: unknown(),
+            destination_service_namespace: unknown(),
+            destination_service_name: unknown(),
+            destination_workload: unknown(),
+            destination_canonical_service: unknown(),
+            destination_canonical_revision: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_cluster: unknown(),
+            request_protocol: "tcp".to_string(),
+            response_flags: ResponseFlags::None,
+            connection_security_policy: security,
+        }
+    }
+
+    /// The source workload's names. Its principal is set only from an
+    /// identity actually proven ([`Self::with_source_principal`]).
+    pub fn with_source(mut self, w: Option<&Workload>) -> Self {
+        if let Some(w) = w {
+            self.source_workload = known(&w.workload_name);
+            self.source_canonical_service = known(&w.canonical_name);
+            self.source_canonical_revision = known(&w.canonical_revision);
+            self.source_workload_namespace = known(&w.namespace);
+            self.source_app = known(&w.canonical_name);
+            self.source_version = known(&w.canonical_revision);
+            self.source_cluster = known(&w.cluster_id);
+        }
+        self
+    }
+
+    pub fn with_source_principal(mut self, id: Option<&SpiffeId>) -> Self {
+        if let Some(id) = id {
+            self.source_principal = id.to_string();
+            if self.source_workload_namespace == UNKNOWN {
+                self.source_workload_namespace = id.namespace().to_string();
+            }
+        }
+        self
+    }
+
+    pub fn with_destination(mut self, w: Option<&Workload>) -> Self {
+        if let Some(w) = w {
+            self.destination_workload = known(&w.workload_name);
+            self.destination_canonical_service = known(&w.canonical_name);
+            self.destination_canonical_revision = known(&w.canonical_revision);
+            self.destination_workload_namespace = known(&w.namespace);
+            self.destination_principal = w.identity.to_string();
+            self.destination_app = known(&w.canonical_name);
+            self.destination_version = known(&w.canonical_revision);
+            self.destination_cluster = known(&w.cluster_id);
+        }
+        self
+    }
+
+    pub fn with_destination_service(mut self, s: Option<&Service>) -> Self {
+        if let Some(s) = s {
+            self.destination_service = known(&s.hostname);
+            self.destination_service_namespace = known(&s.namespace);
+            self.destination_service_name = known(&s.name);
+        }
+        self
+    }
+}
+
+/// Bytes one way across a connection: kept for the access log and added to
+/// the metric as they flow, so long-lived connections show up before they end.
+pub struct ByteCounter {
+    total: AtomicU64,
+    metric: Counter,
+}
+
+impl ByteCounter {
+    fn new(metric: Counter) -> Self {
+        ByteCounter {
+            total: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    pub fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.metric.inc_by(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One proxied connection, from the moment it can be labelled until it
+/// ends. Dropping it unclosed (a connection cut by the drain deadline)
+/// records it as closed by the drain.
+pub struct ConnectionRecord {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    src: SocketAddr,
+    dst: SocketAddr,
+    /// The CONNECT target, when the connection is (or goes into) a tunnel.
+    hbone_target: Option<SocketAddr>,
+    labels: TrafficLabels,
+    start: Instant,
+    client_to_server: ByteCounter,
+    server_to_client: ByteCounter,
+    decision: Option<String>,
+    closed: bool,
+}
+
+impl ConnectionRecord {
+    pub(crate) fn open(
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        hbone_target: Option<SocketAddr>,
+        labels: TrafficLabels,
+    ) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        tracing::event!(
+            target: "access",
+            tracing::Level::DEBUG,
+            src.addr = %src,
+            dst.addr = %dst,
+            dst.hbone_addr = hbone_target.map(tracing::field::display),
+            direction = %direction,
+            "connection opened"
+        );
+        let client_to_server =
+            ByteCounter::new(metrics.received_bytes.get_or_create(&labels).clone());
+        let server_to_client = ByteCounter::new(metrics.sent_bytes.get_or_create(&labels).clone());
+        ConnectionRecord {
+            metrics: metrics.clone(),
+            direction,
+            src,
+            dst,
+            hbone_target,
+            labels,
+            start: Instant::now(),
+            client_to_server,
+            server_to_client,
+            decision: None,
+            closed: false,
+        }
+    }
+
+    /// Bytes the client sent.
+    pub fn client_to_server(&self) -> &ByteCounter {
+        &self.client_to_server
+    }
+
+    /// Bytes the server sent back.
+    pub fn server_to_client(&self) -> &ByteCounter {
+        &self.server_to_client
+    }
+
+    /// The policy decision, for the access log.
+    pub fn set_decision(&mut self, decision: impl fmt::Display) {
+        self.decision = Some(decision.to_string());
+    }
+
+    /// The connection ended; `error` says why if it did not end cleanly.
+    pub fn close(mut self, error: Option<&dyn fmt::Display>) {
+        self.finish(error);
+    }
+
+    /// The connection was refused or could not be carried.
+    pub fn fail(mut self, flags: ResponseFlags, reason: FailureReason, error: &dyn fmt::Display) {
+        self.labels.response_flags = flags;
+        self.metrics.count_failure(self.direction, reason);
+        self.finish(Some(error));
+    }
+
+    fn finish(&mut self, error: Option<&dyn fmt::Display>) {
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
+        let l = &self.labels;
+        self.metrics.closed.get_or_create(l).inc();
+        let mtls = l.connection_security_policy == SecurityPolicy::MutualTls;
+        let identity = |s: &String| (mtls && s != UNKNOWN).then(|| s.clone());
+        // Each side's own view: what the pod being proxied sent and received.
+        let (sent, received) = match l.reporter {
+            Reporter::Source => (self.client_to_server.get(), self.server_to_client.get()),
+            Reporter::Destination => (self.server_to_client.get(), self.client_to_server.get()),
+        };
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        macro_rules! access {
+            ($level:ident, $($error:tt)*) => {
+                tracing::event!(
+                    target: "access",
+                    tracing::Level::$level,
+                    src.addr = %self.src,
+                    src.workload = %l.source_workload,
+                    src.namespace = %l.source_workload_namespace,
+                    src.identity = identity(&l.source_principal),
+                    dst.addr = %self.dst,
+                    dst.hbone_addr = self.hbone_target.map(tracing::field::display),
+                    dst.service = %l.destination_service,
+                    dst.workload = %l.destination_workload,
+                    dst.namespace = %l.destination_workload_namespace,
+                    dst.identity = identity(&l.destination_principal),
+                    direction = %self.direction,
+                    policy = self.decision.as_deref(),
+                    bytes_sent = sent,
+                    bytes_recv = received,
+                    duration_ms,
+                    $($error)*
+                    "connection complete"
+                )
+            };
+        }
+        match error {
+            None => access!(INFO,),
+            Some(error) => access!(WARN, error = %error,),
+        }
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        self.finish(Some(&"closed by the drain deadline"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        proxy_core::metrics::encode(registry).unwrap()
+    }
+
+    #[test]
+    fn records_count_connections_and_bytes_under_upstream_names() {
+        let mut registry = proxy_core::metrics::new_registry();
+        let metrics = Metrics::register(&mut registry);
+        let client: SpiffeId = "spiffe://cluster.local/ns/a/sa/client".parse().unwrap();
+        let labels = TrafficLabels::new(Reporter::Source, SecurityPolicy::MutualTls)
+            .with_source_principal(Some(&client));
+        let src = "10.0.0.1:40000".parse().unwrap();
+        let dst = "10.0.0.2:80".parse().unwrap();
+        let record = ConnectionRecord::open(&metrics, Direction::Outbound, src, dst, None, labels);
+        record.client_to_server().add(5);
+        record.server_to_client().add(7);
+        let during = text(&registry);
+        assert!(
+            during.contains("istio_tcp_received_bytes_total{"),
+            "{during}"
+        );
+        assert!(
+            !during.contains("istio_tcp_connections_closed_total{"),
+            "{during}"
+        );
+        record.close(None);
+
+        let after = text(&registry);
+        for line in [
+            "istio_tcp_connections_opened_total{",
+            "istio_tcp_connections_closed_total{",
+        ] {
+            let found = after.lines().find(|l| l.starts_with(line)).unwrap();
+            assert!(found.ends_with(" 1"), "{found}");
+            assert!(found.contains("reporter=\"source\""), "{found}");
+            assert!(
+                found.contains("source_principal=\"spiffe://cluster.local/ns/a/sa/client\""),
+                "{found}"
+            );
+            assert!(found.contains("source_workload_namespace=\"a\""), "{found}");
+            assert!(
+                found.contains("destination_principal=\"unknown\""),
+                "{found}"
+            );
+            assert!(
+                found.contains("connection_security_policy=\"mutual_tls\""),
+                "{found}"
+            );
+            assert!(found.contains("response_flags=\"-\""), "{found}");
+        }
+        let received = after
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .unwrap();
+        assert!(received.ends_with(" 5"), "{received}");
+        let sent = after
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
+            .unwrap();
+        assert!(sent.ends_with(" 7"), "{sent}");
+    }
+
+    #[test]
+    fn failures_carry_a_flag_and_a_bounded_reason() {
+        let mut registry = proxy_core::metrics::new_registry();
+        let metrics = Metrics::register(&mut registry);
+        let src = "10.0.0.1:40000".parse().unwrap();
+        let dst = "10.0.0.2:80".parse().unwrap();
+        let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::Unknown);
+        ConnectionRecord::open(
+            &metrics,
+            Direction::InboundPlaintext,
+            src,
+            dst,
+            None,
+            labels,
+        )
+        .fail(ResponseFlags::Deny, FailureReason::PolicyDenied, &"denied");
+        metrics.early_failure(
+            Direction::Outbound,
+            src,
+            None,
+            FailureReason::NoOriginalDestination,
+            &"not redirected",
+        );
+        // A record dropped unclosed still counts as closed.
+        drop(ConnectionRecord::open(
+            &metrics,
+            Direction::Inbound,
+            src,
+            dst,
+            None,
+            TrafficLabels::new(Reporter::Destination, SecurityPolicy::MutualTls),
+        ));
+
+        let out = text(&registry);
+        let closed: Vec<_> = out
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .collect();
+        assert_eq!(closed.len(), 2, "{out}");
+        assert!(
+            closed.iter().any(|l| l.contains("response_flags=\"DENY\"")
+                && l.contains("connection_security_policy=\"unknown\"")),
+            "{out}"
+        );
+        assert!(out.contains(
+            "istio_ztunnel_connection_failures_total{direction=\"inbound_plaintext\",reason=\"policy_denied\"} 1"
+        ), "{out}");
+        assert!(out.contains(
+            "istio_ztunnel_connection_failures_total{direction=\"outbound\",reason=\"no_original_destination\"} 1"
+        ), "{out}");
+    }
+}

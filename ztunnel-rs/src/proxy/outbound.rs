@@ -1,0 +1,157 @@
+//! Outbound (15001): the pod's own connections, redirected here by its
+//! rules. Each one is routed ([`super::route`]) and carried: in HBONE as
+//! the pod's identity, from inside the pod (so it leaves with the pod's
+//! address), or as plain TCP when the destination is outside the mesh.
+//! A connection that cannot be carried is closed with RST.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_core::hbone::HboneError;
+use proxy_core::identity::FetchError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::{
+    ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
+    TrafficLabels,
+};
+use super::route::{self, NextHop};
+use super::sockets::{ConnectError, canonical};
+use super::splice::{reset, splice};
+use super::{Pod, accept_loop};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no original destination: {0}")]
+    OriginalDestination(#[source] std::io::Error),
+    #[error(transparent)]
+    Route(#[from] route::Error),
+    #[error(transparent)]
+    Certificate(#[from] FetchError),
+    #[error(transparent)]
+    Hbone(#[from] HboneError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{target} did not answer the CONNECT within {timeout:?}")]
+    Timeout {
+        target: SocketAddr,
+        timeout: Duration,
+    },
+}
+
+impl Error {
+    fn reason(&self) -> FailureReason {
+        match self {
+            Error::OriginalDestination(_) => FailureReason::NoOriginalDestination,
+            Error::Route(route::Error::UnknownWaypoint { .. })
+            | Error::Route(route::Error::NoWaypointEndpoint { .. }) => {
+                FailureReason::UnknownWaypoint
+            }
+            Error::Route(_) => FailureReason::NoHealthyEndpoint,
+            Error::Certificate(_) | Error::Hbone(HboneError::Certificate(_)) => {
+                FailureReason::Certificate
+            }
+            Error::Hbone(HboneError::Refused { .. }) => FailureReason::Refused,
+            Error::Hbone(
+                HboneError::Tls { .. }
+                | HboneError::TlsConfig(_)
+                | HboneError::NoAlpn { .. }
+                | HboneError::NoPeerIdentity { .. },
+            ) => FailureReason::Handshake,
+            Error::Hbone(_) | Error::Connect(_) | Error::Timeout { .. } => FailureReason::Connect,
+        }
+    }
+}
+
+pub(super) async fn serve(pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
+    accept_loop("outbound", &pod, listener, stop, handle).await;
+}
+
+async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
+    let metrics = &pod.node.metrics;
+    let src = canonical(peer);
+    let dst = match pod.sockets.original_dst(&client) {
+        Ok(dst) => canonical(dst),
+        Err(e) => {
+            let e = Error::OriginalDestination(e);
+            metrics.early_failure(Direction::Outbound, src, None, e.reason(), &e);
+            return reset(client);
+        }
+    };
+    let config = &pod.node.config;
+    let snapshot = pod.node.store.snapshot();
+    let source = pod.workload(&snapshot, src.ip());
+    let route = route::outbound(
+        &snapshot,
+        &config.network,
+        &route::Source {
+            identity: &pod.identity,
+            ip: src.ip(),
+        },
+        dst,
+        config.ports.hbone,
+        &pod.node.balancer,
+    );
+    let route = match route {
+        Ok(route) => route,
+        Err(e) => {
+            let e = Error::Route(e);
+            metrics.early_failure(Direction::Outbound, src, Some(dst), e.reason(), &e);
+            return reset(client);
+        }
+    };
+    let (security, next_hop, authority) = match &route.next_hop {
+        NextHop::Tcp(target) => (SecurityPolicy::Unknown, *target, None),
+        NextHop::Hbone { target, .. } => (
+            SecurityPolicy::MutualTls,
+            target.address,
+            Some(target.authority),
+        ),
+    };
+    let labels = TrafficLabels::new(Reporter::Source, security)
+        .with_source(source.as_deref())
+        .with_source_principal(Some(&pod.identity))
+        .with_destination(route.workload.as_deref())
+        .with_destination_service(route.service.as_deref());
+    let record = ConnectionRecord::open(
+        metrics,
+        Direction::Outbound,
+        src,
+        next_hop,
+        authority,
+        labels,
+    );
+    let timeout = config.connect_timeout;
+    let carried = match route.next_hop {
+        NextHop::Tcp(target) => match pod.connect(target).await {
+            Ok(server) => Ok(splice(client, server, &record).await),
+            Err(e) => Err((client, Error::Connect(e))),
+        },
+        NextHop::Hbone { target, .. } => {
+            let tunnel = async {
+                let cert = pod.certificate().await?;
+                let tunnel = tokio::time::timeout(timeout, pod.pool.connect(&cert, &target))
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        target: target.address,
+                        timeout,
+                    })??;
+                Ok::<_, Error>(tunnel)
+            };
+            match tunnel.await {
+                Ok(server) => Ok(splice(client, server, &record).await),
+                Err(e) => Err((client, e)),
+            }
+        }
+    };
+    match carried {
+        Ok(Ok(())) => record.close(None),
+        Ok(Err(e)) => record.close(Some(&e)),
+        Err((client, e)) => {
+            reset(client);
+            record.fail(ResponseFlags::Connect, e.reason(), &e);
+        }
+    }
+}

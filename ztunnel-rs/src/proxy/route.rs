@@ -1,0 +1,589 @@
+//! Where an outbound connection goes, decided from one store snapshot
+//! without I/O:
+//!
+//! - an address the store does not know: plain TCP to it (passthrough);
+//! - a service VIP: a healthy endpoint (random or round robin) at its own
+//!   target port for the service port;
+//! - a destination (service or workload) bound to a waypoint: HBONE to the
+//!   waypoint, CONNECT to the original destination, expecting the
+//!   waypoint's identity, unless the source is that waypoint;
+//! - a workload speaking HBONE: HBONE to `ip:15008`, CONNECT `ip:port`,
+//!   expecting the workload's identity; one that does not: plain TCP.
+//!
+//! As upstream, traffic addressed to a service follows the service's
+//! waypoint only, not the waypoint of the endpoint it lands on.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use api::SpiffeId;
+use proxy_core::hbone::HboneTarget;
+use proxy_core::store::{
+    Address, GatewayAddress, GatewayDestination, InboundProtocol, IpFamily, NamespacedHostname,
+    Service, Snapshot, Workload,
+};
+use rand::Rng;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "service {service} has no healthy endpoint serving port {port}; check the service's pods are ready and expose that port"
+    )]
+    NoHealthyEndpoint {
+        service: NamespacedHostname,
+        port: u16,
+    },
+    #[error(
+        "{destination} must be reached through waypoint {waypoint}, which is not in the workload store; is the waypoint deployed?"
+    )]
+    UnknownWaypoint {
+        destination: String,
+        waypoint: String,
+    },
+    #[error("waypoint {waypoint} has no healthy endpoint; is the waypoint running?")]
+    NoWaypointEndpoint { waypoint: NamespacedHostname },
+    #[error("workload {uid} has no IP address to connect to")]
+    NoAddress { uid: String },
+}
+
+/// How a service endpoint is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancing {
+    #[default]
+    Random,
+    RoundRobin,
+}
+
+impl FromStr for LoadBalancing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(LoadBalancing::Random),
+            "round-robin" => Ok(LoadBalancing::RoundRobin),
+            other => Err(format!(
+                "unknown load balancing mode {other:?}: use \"random\" or \"round-robin\""
+            )),
+        }
+    }
+}
+
+/// Picks endpoints. Round robin keeps one position per service.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    mode: LoadBalancing,
+    next: Mutex<HashMap<NamespacedHostname, usize>>,
+}
+
+impl Balancer {
+    pub fn new(mode: LoadBalancing) -> Self {
+        Balancer {
+            mode,
+            next: Mutex::default(),
+        }
+    }
+
+    pub fn pick<'a, T>(&self, service: &NamespacedHostname, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() {
+            return None;
+        }
+        let i = match self.mode {
+            LoadBalancing::Random => rand::rng().random_range(0..items.len()),
+            LoadBalancing::RoundRobin => {
+                let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = next.entry(service.clone()).or_default();
+                let i = *slot % items.len();
+                *slot = slot.wrapping_add(1);
+                i
+            }
+        };
+        items.get(i)
+    }
+}
+
+/// Who is connecting: the pod being proxied.
+#[derive(Clone, Debug)]
+pub struct Source<'a> {
+    pub identity: &'a SpiffeId,
+    pub ip: IpAddr,
+}
+
+/// The next hop of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// Plain TCP, from the pod, to this address.
+    Tcp(SocketAddr),
+    /// An HBONE tunnel.
+    Hbone {
+        target: HboneTarget,
+        /// The peer is a waypoint, not the destination itself.
+        via_waypoint: bool,
+    },
+}
+
+/// The decision for one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub next_hop: NextHop,
+    /// The workload the connection is meant for, when known.
+    pub workload: Option<Arc<Workload>>,
+    /// The service it was addressed to, if any.
+    pub service: Option<Arc<Service>>,
+}
+
+/// Where to send a connection from `source` to `dst`. Workloads listen for
+/// HBONE on `hbone_port` (15008).
+pub fn outbound(
+    snapshot: &Snapshot,
+    network: &str,
+    source: &Source<'_>,
+    dst: SocketAddr,
+    hbone_port: u16,
+    balancer: &Balancer,
+) -> Result<Route, Error> {
+    let router = Router {
+        snapshot,
+        source,
+        dst,
+        hbone_port,
+        balancer,
+    };
+    match snapshot.address(network, dst.ip()) {
+        None => Ok(Route {
+            next_hop: NextHop::Tcp(dst),
+            workload: None,
+            service: None,
+        }),
+        Some(Address::Service(service)) => router.to_service(service),
+        Some(Address::Workload(workload)) => router.to_workload(workload),
+    }
+}
+
+/// Whether `identity` at `ip` is (one of the workloads of) gateway `gateway`:
+/// a waypoint is trusted only where it runs, with the identity it has.
+pub fn is_gateway(
+    snapshot: &Snapshot,
+    gateway: &GatewayAddress,
+    identity: &SpiffeId,
+    ip: IpAddr,
+) -> bool {
+    let is = |w: &Workload| &w.identity == identity && w.addresses.contains(&ip);
+    match snapshot.resolve_gateway(gateway) {
+        Some(Address::Workload(w)) => is(&w),
+        Some(Address::Service(s)) => snapshot
+            .endpoints(&s.key())
+            .is_some_and(|eps| eps.values().any(|e| is(&e.workload))),
+        None => false,
+    }
+}
+
+/// The service a connection to `workload` on `port` is for, for metrics:
+/// the first of the workload's services that maps a port to it.
+pub fn inbound_service(
+    snapshot: &Snapshot,
+    workload: &Workload,
+    port: u16,
+) -> Option<Arc<Service>> {
+    workload.services.iter().find_map(|(key, own)| {
+        let service = snapshot.service(key)?;
+        let serves = own.iter().any(|p| p.target_port == port)
+            || service
+                .ports
+                .iter()
+                .any(|p| p.target_port == port || (p.target_port == 0 && p.service_port == port));
+        serves.then_some(service)
+    })
+}
+
+struct Router<'a> {
+    snapshot: &'a Snapshot,
+    source: &'a Source<'a>,
+    dst: SocketAddr,
+    hbone_port: u16,
+    balancer: &'a Balancer,
+}
+
+impl Router<'_> {
+    fn to_service(&self, service: Arc<Service>) -> Result<Route, Error> {
+        if let Some(waypoint) = self.waypoint(service.waypoint.as_ref(), &service.hostname)? {
+            return Ok(Route {
+                next_hop: waypoint,
+                workload: None,
+                service: Some(service),
+            });
+        }
+        let port = self.dst.port();
+        let candidates: Vec<(Arc<Workload>, SocketAddr)> = self
+            .snapshot
+            .ready_endpoints(&service)
+            .into_iter()
+            .filter_map(|e| {
+                let target_port = e.target_port(&service, port)?;
+                let ip = pick_ip(&e.workload, self.dst.ip(), service.ip_families)?;
+                Some((e.workload, SocketAddr::new(ip, target_port)))
+            })
+            .collect();
+        let (workload, target) = self
+            .balancer
+            .pick(&service.key(), &candidates)
+            .cloned()
+            .ok_or_else(|| Error::NoHealthyEndpoint {
+                service: service.key(),
+                port,
+            })?;
+        Ok(Route {
+            next_hop: self.direct(&workload, target),
+            workload: Some(workload),
+            service: Some(service),
+        })
+    }
+
+    fn to_workload(&self, workload: Arc<Workload>) -> Result<Route, Error> {
+        let next_hop = match self.waypoint(workload.waypoint.as_ref(), &workload.uid)? {
+            Some(waypoint) => waypoint,
+            None => self.direct(&workload, self.dst),
+        };
+        Ok(Route {
+            next_hop,
+            workload: Some(workload),
+            service: None,
+        })
+    }
+
+    /// Straight to the workload at `target`.
+    fn direct(&self, workload: &Workload, target: SocketAddr) -> NextHop {
+        match workload.protocol {
+            InboundProtocol::Hbone => NextHop::Hbone {
+                target: HboneTarget {
+                    identity: workload.identity.clone(),
+                    address: SocketAddr::new(target.ip(), self.hbone_port),
+                    authority: target,
+                },
+                via_waypoint: false,
+            },
+            InboundProtocol::Tcp => NextHop::Tcp(target),
+        }
+    }
+
+    /// The hop to `gateway` (the destination's waypoint) carrying the
+    /// original destination; `None` without a waypoint or when the source
+    /// is the waypoint itself (its traffic goes on to the destination).
+    fn waypoint(
+        &self,
+        gateway: Option<&GatewayAddress>,
+        destination: &str,
+    ) -> Result<Option<NextHop>, Error> {
+        let Some(gateway) = gateway else {
+            return Ok(None);
+        };
+        if is_gateway(self.snapshot, gateway, self.source.identity, self.source.ip) {
+            return Ok(None);
+        }
+        let unknown = || Error::UnknownWaypoint {
+            destination: destination.to_string(),
+            waypoint: match &gateway.destination {
+                GatewayDestination::Address(a) => a.to_string(),
+                GatewayDestination::Hostname(h) => h.to_string(),
+            },
+        };
+        let (workload, ip) = match self.snapshot.resolve_gateway(gateway) {
+            None => return Err(unknown()),
+            Some(Address::Workload(w)) => {
+                let ip = match &gateway.destination {
+                    GatewayDestination::Address(a) => Some(a.address),
+                    GatewayDestination::Hostname(_) => pick_ip(&w, self.dst.ip(), None),
+                };
+                (w, ip)
+            }
+            Some(Address::Service(s)) => {
+                let endpoints: Vec<Arc<Workload>> = self
+                    .snapshot
+                    .ready_endpoints(&s)
+                    .into_iter()
+                    .map(|e| e.workload)
+                    .collect();
+                let w = self
+                    .balancer
+                    .pick(&s.key(), &endpoints)
+                    .cloned()
+                    .ok_or_else(|| Error::NoWaypointEndpoint { waypoint: s.key() })?;
+                let ip = pick_ip(&w, self.dst.ip(), s.ip_families);
+                (w, ip)
+            }
+        };
+        let ip = ip.ok_or_else(|| Error::NoAddress {
+            uid: workload.uid.clone(),
+        })?;
+        let port = match gateway.hbone_mtls_port {
+            0 => self.hbone_port,
+            p => p,
+        };
+        Ok(Some(NextHop::Hbone {
+            target: HboneTarget {
+                identity: workload.identity.clone(),
+                address: SocketAddr::new(ip, port),
+                authority: self.dst,
+            },
+            via_waypoint: true,
+        }))
+    }
+}
+
+/// The workload address to connect to: the one asked for if it is one of
+/// the workload's, else one of the same family, else any the service allows.
+fn pick_ip(workload: &Workload, asked: IpAddr, family: Option<IpFamily>) -> Option<IpAddr> {
+    if workload.addresses.contains(&asked) {
+        return Some(asked);
+    }
+    let allowed: Vec<IpAddr> = workload
+        .addresses
+        .iter()
+        .copied()
+        .filter(|ip| family.is_none_or(|f| f.accepts(*ip)))
+        .collect();
+    allowed
+        .iter()
+        .find(|ip| ip.is_ipv4() == asked.is_ipv4())
+        .or_else(|| allowed.first())
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::testing::xds;
+    use proxy_core::store::WorkloadStore;
+
+    const HBONE: u16 = 15008;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// client 10.0.0.1, server pods 10.0.0.2/.3 behind VIP 10.96.0.1
+    /// (80 -> 8080), an out-of-mesh pod 10.0.0.9, waypoint pod 10.0.0.5
+    /// behind VIP 10.96.0.5.
+    fn store() -> WorkloadStore {
+        let store = WorkloadStore::new();
+        let server = |name: &str, ip: &str| {
+            xds::workload(name, "ns", ip)
+                .in_service("ns/server.ns.svc.cluster.local", &[(80, 8080)])
+                .hbone()
+        };
+        xds::apply(
+            &store,
+            vec![
+                xds::workload("client", "ns", "10.0.0.1").hbone().into(),
+                server("server-a", "10.0.0.2").into(),
+                server("server-b", "10.0.0.3").into(),
+                xds::workload("legacy", "ns", "10.0.0.9").into(),
+                xds::workload("waypoint", "ns", "10.0.0.5")
+                    .in_service("ns/waypoint.ns.svc.cluster.local", &[(15008, 15008)])
+                    .into(),
+                xds::service("server", "ns", "10.96.0.1", &[(80, 0)]).into(),
+                xds::service("waypoint", "ns", "10.96.0.5", &[(15008, 15008)]).into(),
+            ],
+        );
+        store
+    }
+
+    fn route(store: &WorkloadStore, from: &str, dst: &str, lb: &Balancer) -> Result<Route, Error> {
+        let snapshot = store.snapshot();
+        let source = snapshot.workload_by_address("", ip(from));
+        let identity = source
+            .map(|w| w.identity.clone())
+            .unwrap_or_else(|| "spiffe://cluster.local/ns/ns/sa/client".parse().unwrap());
+        outbound(
+            &snapshot,
+            "",
+            &Source {
+                identity: &identity,
+                ip: ip(from),
+            },
+            addr(dst),
+            HBONE,
+            lb,
+        )
+    }
+
+    fn hbone(route: &Route) -> (&HboneTarget, bool) {
+        match &route.next_hop {
+            NextHop::Hbone {
+                target,
+                via_waypoint,
+            } => (target, *via_waypoint),
+            other => panic!("expected HBONE, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_addresses_pass_through() {
+        let r = route(&store(), "10.0.0.1", "192.0.2.7:443", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("192.0.2.7:443")));
+        assert!(r.workload.is_none() && r.service.is_none());
+    }
+
+    #[test]
+    fn workloads_outside_the_mesh_get_plain_tcp() {
+        let r = route(&store(), "10.0.0.1", "10.0.0.9:5432", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("10.0.0.9:5432")));
+        assert_eq!(r.workload.unwrap().name, "legacy");
+    }
+
+    #[test]
+    fn enrolled_workloads_get_hbone_to_15008_with_their_identity() {
+        let r = route(&store(), "10.0.0.1", "10.0.0.2:9000", &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(!via_waypoint);
+        assert_eq!(target.address, addr("10.0.0.2:15008"));
+        assert_eq!(target.authority, addr("10.0.0.2:9000"));
+        assert_eq!(
+            target.identity.to_string(),
+            "spiffe://cluster.local/ns/ns/sa/server-a"
+        );
+    }
+
+    #[test]
+    fn service_vips_round_robin_over_endpoints_at_their_target_port() {
+        let store = store();
+        let lb = Balancer::new(LoadBalancing::RoundRobin);
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| {
+                let r = route(&store, "10.0.0.1", "10.96.0.1:80", &lb).unwrap();
+                assert_eq!(r.service.as_ref().unwrap().name, "server");
+                hbone(&r).0.authority
+            })
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                addr("10.0.0.2:8080"),
+                addr("10.0.0.3:8080"),
+                addr("10.0.0.2:8080"),
+                addr("10.0.0.3:8080")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_service_without_healthy_endpoints_is_an_error() {
+        let store = store();
+        xds::apply(
+            &store,
+            vec![
+                xds::workload("server-a", "ns", "10.0.0.2")
+                    .in_service("ns/server.ns.svc.cluster.local", &[(80, 8080)])
+                    .unhealthy()
+                    .into(),
+                xds::workload("server-b", "ns", "10.0.0.3").into(),
+            ],
+        );
+        let err = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service ns/server.ns.svc.cluster.local has no healthy endpoint serving port 80; check the service's pods are ready and expose that port"
+        );
+    }
+
+    #[test]
+    fn a_service_bound_to_a_waypoint_goes_there_with_the_vip_as_authority() {
+        let store = store();
+        xds::apply(
+            &store,
+            vec![
+                xds::service("server", "ns", "10.96.0.1", &[(80, 0)])
+                    .waypoint_service("ns", "waypoint.ns.svc.cluster.local")
+                    .into(),
+            ],
+        );
+        let r = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(via_waypoint);
+        assert_eq!(target.address, addr("10.0.0.5:15008"));
+        assert_eq!(target.authority, addr("10.96.0.1:80"));
+        assert_eq!(
+            target.identity.to_string(),
+            "spiffe://cluster.local/ns/ns/sa/waypoint"
+        );
+
+        // The waypoint's own traffic to the service goes to an endpoint.
+        let r = route(&store, "10.0.0.5", "10.96.0.1:80", &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(!via_waypoint);
+        assert_eq!(target.authority.port(), 8080);
+    }
+
+    #[test]
+    fn a_workload_bound_to_a_waypoint_by_address_goes_there() {
+        let store = store();
+        xds::apply(
+            &store,
+            vec![
+                xds::workload("server-a", "ns", "10.0.0.2")
+                    .hbone()
+                    .waypoint_address("10.96.0.5")
+                    .into(),
+            ],
+        );
+        let r = route(&store, "10.0.0.1", "10.0.0.2:9000", &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(via_waypoint);
+        assert_eq!(target.address, addr("10.0.0.5:15008"));
+        assert_eq!(target.authority, addr("10.0.0.2:9000"));
+        assert_eq!(r.workload.unwrap().name, "server-a");
+    }
+
+    #[test]
+    fn a_missing_waypoint_fails_closed() {
+        let store = store();
+        xds::apply(
+            &store,
+            vec![
+                xds::workload("server-a", "ns", "10.0.0.2")
+                    .hbone()
+                    .waypoint_service("ns", "gone.ns.svc.cluster.local")
+                    .into(),
+            ],
+        );
+        let err = route(&store, "10.0.0.1", "10.0.0.2:9000", &Balancer::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownWaypoint { ref waypoint, .. } if waypoint == "ns/gone.ns.svc.cluster.local"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_waypoint_is_recognised_by_identity_and_address_together() {
+        let snapshot = store().snapshot();
+        let gateway = GatewayAddress {
+            destination: GatewayDestination::Hostname(NamespacedHostname::new(
+                "ns",
+                "waypoint.ns.svc.cluster.local",
+            )),
+            hbone_mtls_port: 15008,
+        };
+        let waypoint: SpiffeId = "spiffe://cluster.local/ns/ns/sa/waypoint".parse().unwrap();
+        let client: SpiffeId = "spiffe://cluster.local/ns/ns/sa/client".parse().unwrap();
+        assert!(is_gateway(&snapshot, &gateway, &waypoint, ip("10.0.0.5")));
+        assert!(!is_gateway(&snapshot, &gateway, &waypoint, ip("10.0.0.1")));
+        assert!(!is_gateway(&snapshot, &gateway, &client, ip("10.0.0.5")));
+    }
+
+    #[test]
+    fn load_balancing_modes_parse_from_flags() {
+        assert_eq!("random".parse(), Ok(LoadBalancing::Random));
+        assert_eq!("round-robin".parse(), Ok(LoadBalancing::RoundRobin));
+        assert!(
+            "fastest"
+                .parse::<LoadBalancing>()
+                .unwrap_err()
+                .contains("round-robin")
+        );
+    }
+}

@@ -1,0 +1,836 @@
+//! The proxy on loopback: each pod is an address of a /24 of 127/8 proxied
+//! through plain sockets bound to it, certificates come from an in-process
+//! CA through the real certificate manager (impersonating, as on a node),
+//! and the workload store is filled through the real xDS handlers.
+//!
+//! Paths: outbound -> HBONE -> inbound -> app with both identities
+//! verified; service VIP load balancing; passthrough; waypoints; policy
+//! (DENY, STRICT / PERMISSIVE); and the faults: no healthy endpoint, a peer
+//! with the wrong identity or a bad certificate, a CONNECT for another pod,
+//! the application refusing, bypassing a waypoint.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use api::SpiffeId;
+use api::security::{Action, Match};
+use proxy_core::hbone::{
+    HboneError, HbonePool, HboneServer, HboneStream, HboneTarget, InboundConnect, PoolConfig,
+};
+use proxy_core::identity::WorkloadCertificate;
+use proxy_core::testing::TestCa;
+use proxy_core::tls;
+use tokio::net::TcpListener;
+use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, eventually, exchange, xds};
+use ztunnel_rs::proxy::{LoadBalancing, LocalSockets, PodConnect};
+
+const APP_PORT: u16 = 8080;
+
+fn at(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// The client saw its connection refused with RST.
+fn assert_reset(result: io::Result<Vec<u8>>) {
+    match result {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+/// An HBONE client outside the proxy, presenting `cert` from `ip`.
+async fn raw_hbone(
+    ip: IpAddr,
+    cert: &WorkloadCertificate,
+    target: HboneTarget,
+) -> Result<HboneStream, HboneError> {
+    let pool = HbonePool::new(
+        PoolConfig::default(),
+        Arc::new(PodConnect(Arc::new(LocalSockets::new(ip)))),
+    );
+    tokio::time::timeout(PATIENCE, pool.connect(cert, &target))
+        .await
+        .expect("HBONE client hung")
+}
+
+type Boxed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An HBONE server presenting `cert` at `address` that answers every
+/// CONNECT by `answer`, recording (peer identity, authority).
+async fn hbone_server(
+    address: SocketAddr,
+    cert: Arc<WorkloadCertificate>,
+    answer: impl Fn(InboundConnect) -> Boxed + Send + Sync + 'static,
+) -> Arc<Mutex<Vec<(SpiffeId, SocketAddr)>>> {
+    let seen: Arc<Mutex<Vec<(SpiffeId, SocketAddr)>>> = Arc::default();
+    let listener = TcpListener::bind(address).await.unwrap();
+    let handler = {
+        let seen = seen.clone();
+        move |connect: InboundConnect| -> Boxed {
+            seen.lock()
+                .unwrap()
+                .push((connect.peer_identity().clone(), connect.authority()));
+            answer(connect)
+        }
+    };
+    let server = HboneServer::new(handler);
+    tokio::spawn(async move {
+        server
+            .serve(listener, move |_| {
+                let config = tls::hbone_server_config(&cert);
+                async move { Ok(config?) }
+            })
+            .await
+    });
+    seen
+}
+
+#[tokio::test]
+async fn pod_to_pod_goes_through_hbone_with_both_identities_verified() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"hello").await.unwrap(),
+        b"server: hello"
+    );
+    // The application is dialled from inside its own pod, as upstream in-pod.
+    assert_eq!(app.peers()[0].ip(), server.ip);
+
+    let client_id = mesh.identity("a", "client").to_string();
+    let server_id = mesh.identity("b", "server").to_string();
+    for reporter in ["source", "destination"] {
+        let labels = [
+            ("reporter", reporter),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", client_id.as_str()),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "a"),
+            ("destination_principal", server_id.as_str()),
+            ("destination_workload", "server"),
+            ("destination_workload_namespace", "b"),
+            ("response_flags", "-"),
+        ];
+        mesh.wait_for_counter("istio_tcp_connections_closed_total", &labels, 1)
+            .await;
+        assert_eq!(
+            mesh.counter("istio_tcp_connections_opened_total", &labels),
+            1
+        );
+        assert_eq!(mesh.counter("istio_tcp_received_bytes_total", &labels), 5);
+        assert_eq!(mesh.counter("istio_tcp_sent_bytes_total", &labels), 13);
+    }
+
+    // Certificates were asked for on the pods' behalf, one identity each.
+    let requests = mesh.signer.requests();
+    assert!(requests.iter().all(|r| r.impersonate), "{requests:?}");
+    let asked: BTreeSet<String> = requests.iter().map(|r| r.identity.to_string()).collect();
+    assert_eq!(asked, BTreeSet::from([client_id, server_id]));
+}
+
+#[tokio::test]
+async fn a_service_vip_balances_over_its_healthy_endpoints() {
+    let mesh = TestMesh::with_config(|c| c.load_balancing = LoadBalancing::RoundRobin).await;
+    let client = mesh.pod("client", "a", 2).await;
+    let vip = mesh.ip(100);
+    let service = xds::service("web", "b", &vip.to_string(), &[(80, APP_PORT)]);
+    let mut apps = Vec::new();
+    for (name, host) in [("web-1", 3), ("web-2", 4)] {
+        let ip = mesh.ip(host);
+        xds::apply(
+            &mesh.store,
+            vec![
+                xds::workload(name, "b", &ip.to_string())
+                    .service_account("web")
+                    .in_service(&service.key(), &[(80, APP_PORT)])
+                    .hbone()
+                    .into(),
+            ],
+        );
+        mesh.proxy(name, "b", "web", ip).await;
+        apps.push(EchoApp::start(at(ip, APP_PORT), name).await);
+    }
+    // An unhealthy endpoint never gets traffic.
+    let sick = mesh.ip(5);
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("web-3", "b", &sick.to_string())
+                .in_service(&service.key(), &[(80, APP_PORT)])
+                .hbone()
+                .unhealthy()
+                .into(),
+            service.into(),
+        ],
+    );
+
+    let mut replies = Vec::new();
+    for i in 0..4 {
+        let mut conn = client.connect(at(vip, 80)).await.unwrap();
+        let reply = exchange(&mut conn, format!("{i}").as_bytes())
+            .await
+            .unwrap();
+        replies.push(String::from_utf8(reply).unwrap());
+    }
+    assert_eq!(replies, ["web-1: 0", "web-2: 1", "web-1: 2", "web-2: 3"]);
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", "web.b.svc.cluster.local"),
+            ("destination_service_namespace", "b"),
+            ("destination_service_name", "web"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        4,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn random_balancing_reaches_every_endpoint() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let vip = mesh.ip(100);
+    let service = xds::service("web", "b", &vip.to_string(), &[(80, 0)]);
+    for (name, host) in [("web-1", 3), ("web-2", 4)] {
+        let ip = mesh.ip(host);
+        // A named target port: each endpoint says where it listens.
+        xds::apply(
+            &mesh.store,
+            vec![
+                xds::workload(name, "b", &ip.to_string())
+                    .in_service(&service.key(), &[(80, APP_PORT)])
+                    .hbone()
+                    .into(),
+            ],
+        );
+        mesh.proxy(name, "b", name, ip).await;
+        EchoApp::start(at(ip, APP_PORT), name).await;
+    }
+    xds::apply(&mesh.store, vec![service.into()]);
+    let mut seen = BTreeSet::new();
+    // Two endpoints picked at random: 40 tries all landing on one has
+    // probability 2^-39.
+    for _ in 0..40 {
+        let mut conn = client.connect(at(vip, 80)).await.unwrap();
+        let reply = String::from_utf8(exchange(&mut conn, b"x").await.unwrap()).unwrap();
+        seen.insert(reply);
+    }
+    assert_eq!(seen, BTreeSet::from(["web-1: x".into(), "web-2: x".into()]));
+}
+
+#[tokio::test]
+async fn destinations_outside_the_mesh_get_plain_tcp_from_the_pod() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    // Unknown to the store.
+    let outside = EchoApp::start(at(mesh.ip(50), 9000), "outside").await;
+    // Known, but not enrolled.
+    let legacy_ip = mesh.ip(51);
+    xds::apply(
+        &mesh.store,
+        vec![xds::workload("legacy", "legacy", &legacy_ip.to_string()).into()],
+    );
+    let legacy = EchoApp::start(at(legacy_ip, 9000), "legacy").await;
+
+    for (app, name) in [(&outside, "outside"), (&legacy, "legacy")] {
+        let mut conn = client.connect(app.address).await.unwrap();
+        let reply = exchange(&mut conn, b"hi").await.unwrap();
+        assert_eq!(reply, format!("{name}: hi").as_bytes());
+        // It left with the pod's address.
+        assert_eq!(app.peers()[0].ip(), client.ip);
+    }
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "source"),
+            ("connection_security_policy", "unknown"),
+            (
+                "source_principal",
+                &mesh.identity("a", "client").to_string(),
+            ),
+        ],
+        2,
+    )
+    .await;
+    assert_eq!(
+        mesh.counter(
+            "istio_tcp_connections_closed_total",
+            &[("destination_workload", "legacy")]
+        ),
+        1
+    );
+    assert_eq!(
+        mesh.counter(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")]
+        ),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_deny_policy_resets_the_client_and_leaves_others_alone() {
+    let mesh = TestMesh::new().await;
+    let denied = mesh.pod("client", "a", 2).await;
+    let allowed = mesh.pod("client", "c", 4).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    xds::apply_policies(
+        &mesh.store,
+        vec![xds::policy(
+            "deny-a",
+            "b",
+            Action::Deny,
+            Match {
+                namespaces: vec![xds::exact("a")],
+                ..Match::default()
+            },
+        )],
+    );
+
+    let mut conn = denied.connect(app.address).await.unwrap();
+    assert_reset(exchange(&mut conn, b"hello").await);
+    let mut conn = allowed.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"hello").await.unwrap(),
+        b"server: hello"
+    );
+
+    let inbound_denied = [("direction", "inbound"), ("reason", "policy_denied")];
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &inbound_denied,
+        1,
+    )
+    .await;
+    // The client's proxy saw the CONNECT refused (403).
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "outbound"), ("reason", "refused")],
+        1,
+    )
+    .await;
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("response_flags", "DENY"),
+            (
+                "source_principal",
+                &mesh.identity("a", "client").to_string(),
+            ),
+        ],
+        1,
+    )
+    .await;
+    assert_eq!(
+        mesh.counter("istio_ztunnel_connection_failures_total", &inbound_denied),
+        1
+    );
+
+    // Without the policy, traffic flows again.
+    xds::remove_policies(&mesh.store, &["b/deny-a"]);
+    let mut conn = denied.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"again").await.unwrap(),
+        b"server: again"
+    );
+}
+
+#[tokio::test]
+async fn strict_rejects_plaintext_and_permissive_allows_it() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let legacy = mesh.ip(60);
+
+    // PERMISSIVE: no policy, plaintext is let in.
+    let mut conn = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"plain").await.unwrap(),
+        b"server: plain"
+    );
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "unknown"),
+            ("destination_workload", "server"),
+            ("response_flags", "-"),
+        ],
+        1,
+    )
+    .await;
+
+    // STRICT: refused with RST; mTLS still works.
+    xds::apply_policies(&mesh.store, vec![xds::strict("b")]);
+    let mut conn = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
+    assert_reset(exchange(&mut conn, b"plain").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[
+            ("direction", "inbound_plaintext"),
+            ("reason", "policy_denied"),
+        ],
+        1,
+    )
+    .await;
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"mtls").await.unwrap(), b"server: mtls");
+}
+
+#[tokio::test]
+async fn a_waypoint_bound_destination_is_reached_only_through_the_waypoint() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let (server_ip, waypoint_ip, vip) = (mesh.ip(3), mesh.ip(5), mesh.ip(103));
+    let waypoint_id = mesh.identity("b", "waypoint");
+    let waypoint_service = xds::service("waypoint", "b", &mesh.ip(105).to_string(), &[]);
+    let service = xds::service("server", "b", &vip.to_string(), &[(80, APP_PORT)])
+        .waypoint_service("b", "waypoint.b.svc.cluster.local");
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("waypoint", "b", &waypoint_ip.to_string())
+                .in_service(&waypoint_service.key(), &[])
+                .into(),
+            waypoint_service.into(),
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .in_service(&service.key(), &[(80, APP_PORT)])
+                .waypoint_service("b", "waypoint.b.svc.cluster.local")
+                .into(),
+            service.into(),
+        ],
+    );
+    let server = mesh.proxy("server", "b", "server", server_ip).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    // The waypoint: terminates HBONE as itself, then forwards to the pod,
+    // from its own address, as itself.
+    let waypoint_cert = mesh.certificates.fetch(&waypoint_id).await.unwrap();
+    let upstream = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server_ip, mesh.hbone_port()),
+        authority: app.address,
+    };
+    let seen = hbone_server(at(waypoint_ip, mesh.hbone_port()), waypoint_cert.clone(), {
+        let pool = HbonePool::new(
+            PoolConfig::default(),
+            Arc::new(PodConnect(Arc::new(LocalSockets::new(waypoint_ip)))),
+        );
+        move |connect| -> Boxed {
+            let (pool, cert, upstream) = (pool.clone(), waypoint_cert.clone(), upstream.clone());
+            Box::pin(async move {
+                let Ok(mut up) = pool.connect(&cert, &upstream).await else {
+                    return connect.refuse(http::StatusCode::BAD_GATEWAY);
+                };
+                let mut down = connect.accept().unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            })
+        }
+    })
+    .await;
+
+    // By workload address and by service VIP: the original destination
+    // travels in :authority, to the waypoint's identity.
+    for dst in [app.address, at(vip, 80)] {
+        let mut conn = client.connect(dst).await.unwrap();
+        assert_eq!(exchange(&mut conn, b"via").await.unwrap(), b"server: via");
+    }
+    let client_id = mesh.identity("a", "client");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(client_id.clone(), app.address), (client_id, at(vip, 80))]
+    );
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &waypoint_id.to_string()),
+            ("response_flags", "-"),
+        ],
+        2,
+    )
+    .await;
+
+    // Going around the waypoint is refused.
+    let intruder = mesh.identity("a", "intruder");
+    let cert = mesh.certificates.fetch(&intruder).await.unwrap();
+    let direct = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server_ip, mesh.hbone_port()),
+        authority: app.address,
+    };
+    let err = raw_hbone(mesh.ip(7), &cert, direct).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::UNAUTHORIZED), "{err}");
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "waypoint_bypassed")],
+        1,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_service_without_healthy_endpoints_resets_the_client() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let vip = mesh.ip(100);
+    let service = xds::service("gone", "b", &vip.to_string(), &[(80, APP_PORT)]);
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("gone-1", "b", &mesh.ip(9).to_string())
+                .in_service(&service.key(), &[(80, APP_PORT)])
+                .hbone()
+                .unhealthy()
+                .into(),
+            service.into(),
+        ],
+    );
+    let mut conn = client.connect(at(vip, 80)).await.unwrap();
+    assert_reset(exchange(&mut conn, b"anyone?").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "outbound"), ("reason", "no_healthy_endpoint")],
+        1,
+    )
+    .await;
+    // Nothing else is disturbed.
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"ok").await.unwrap(), b"server: ok");
+}
+
+#[tokio::test]
+async fn the_application_refusing_is_a_503_and_a_reset() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    // Nothing listens on 9999 in the server pod.
+    let mut conn = client.connect(at(server.ip, 9999)).await.unwrap();
+    assert_reset(exchange(&mut conn, b"hello").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "app_refused")],
+        1,
+    )
+    .await;
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "destination"), ("response_flags", "CONNECT")],
+        1,
+    )
+    .await;
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "outbound"), ("reason", "refused")],
+        1,
+    )
+    .await;
+
+    // The same through a raw client: the status is 503.
+    let cert = mesh
+        .certificates
+        .fetch(&mesh.identity("a", "client"))
+        .await
+        .unwrap();
+    let target = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server.ip, mesh.hbone_port()),
+        authority: at(server.ip, 9999),
+    };
+    let err = raw_hbone(client.ip, &cert, target).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::SERVICE_UNAVAILABLE));
+}
+
+#[tokio::test]
+async fn a_connect_for_another_address_is_refused() {
+    let mesh = TestMesh::new().await;
+    let server = mesh.pod("server", "b", 3).await;
+    let other = mesh.pod("other", "b", 4).await;
+    let app = EchoApp::start(at(other.ip, APP_PORT), "other").await;
+    let cert = mesh
+        .certificates
+        .fetch(&mesh.identity("a", "client"))
+        .await
+        .unwrap();
+    // Asking pod .3's proxy to carry traffic to pod .4.
+    let target = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server.ip, mesh.hbone_port()),
+        authority: app.address,
+    };
+    let err = raw_hbone(mesh.ip(2), &cert, target).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err}");
+    // Or to its own proxy ports.
+    let target = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server.ip, mesh.hbone_port()),
+        authority: at(server.ip, mesh.hbone_port()),
+    };
+    let err = raw_hbone(mesh.ip(2), &cert, target).await.unwrap_err();
+    assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err}");
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "wrong_target")],
+        1,
+    )
+    .await;
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "proxy_port")],
+        1,
+    )
+    .await;
+    assert!(app.peers().is_empty());
+}
+
+#[tokio::test]
+async fn peers_with_the_wrong_identity_or_a_bad_certificate_are_refused() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let foreign = TestCa::new("cluster.local");
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+
+    // Outbound: destinations whose HBONE listener is not who the store says.
+    let impostors = [
+        (20, mesh.ca.certificate(&mesh.identity("b", "impostor"))),
+        (
+            21,
+            mesh.ca.certificate_valid_between(
+                &mesh.identity("b", "fake-21"),
+                now - 2 * hour,
+                now - hour,
+            ),
+        ),
+        (
+            22,
+            foreign.certificate_trusting(&mesh.identity("b", "fake-22"), mesh.ca.roots()),
+        ),
+    ];
+    for (host, cert) in impostors {
+        let ip = mesh.ip(host);
+        xds::apply(
+            &mesh.store,
+            vec![
+                xds::workload(&format!("fake-{host}"), "b", &ip.to_string())
+                    .hbone()
+                    .into(),
+            ],
+        );
+        hbone_server(at(ip, mesh.hbone_port()), Arc::new(cert), |connect| {
+            Box::pin(async move { drop(connect) })
+        })
+        .await;
+        let mut conn = client.connect(at(ip, APP_PORT)).await.unwrap();
+        assert_reset(exchange(&mut conn, b"secret").await);
+    }
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "outbound"), ("reason", "handshake")],
+        3,
+    )
+    .await;
+
+    // Inbound: clients with an expired certificate or one from another root.
+    let to_server = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server.ip, mesh.hbone_port()),
+        authority: app.address,
+    };
+    let expired = mesh.ca.certificate_valid_between(
+        &mesh.identity("a", "client"),
+        now - 2 * hour,
+        now - hour,
+    );
+    let from_elsewhere =
+        foreign.certificate_trusting(&mesh.identity("a", "client"), mesh.ca.roots());
+    for cert in [expired, from_elsewhere] {
+        assert!(
+            raw_hbone(mesh.ip(8), &cert, to_server.clone())
+                .await
+                .is_err()
+        );
+    }
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "handshake")],
+        2,
+    )
+    .await;
+    assert!(app.peers().is_empty(), "{:?}", app.peers());
+
+    // The real path still works.
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"fine").await.unwrap(), b"server: fine");
+}
+
+#[tokio::test]
+async fn a_drain_finishes_live_connections_and_refuses_new_ones() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    let mut live = client.connect(app.address).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut live, b"part1 ")
+        .await
+        .unwrap();
+    eventually("the connection reaches the app", || app.peers().len() == 1).await;
+
+    let manager = mesh.manager.clone();
+    let drained = tokio::spawn(async move { manager.drain().await });
+    eventually("the listeners close", || {
+        std::net::TcpStream::connect(client.addresses.outbound).is_err()
+    })
+    .await;
+    assert!(mesh.manager.pods().is_empty());
+
+    // The live connection carries on to its end.
+    assert_eq!(
+        exchange(&mut live, b"part2").await.unwrap(),
+        b"server: part1 part2"
+    );
+    tokio::time::timeout(PATIENCE, drained)
+        .await
+        .unwrap()
+        .unwrap();
+    // No pod holds the identities any more.
+    assert!(mesh.certificates.snapshot().is_empty());
+}
+
+#[tokio::test]
+async fn the_drain_deadline_closes_what_is_left() {
+    let mesh = TestMesh::with_config(|c| c.drain_deadline = Duration::from_millis(100)).await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    let mut live = client.connect(app.address).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut live, b"never finished")
+        .await
+        .unwrap();
+    eventually("the connection reaches the app", || app.peers().len() == 1).await;
+
+    tokio::time::timeout(PATIENCE, mesh.manager.drain())
+        .await
+        .expect("the drain ends at its deadline");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncReadExt::read_to_end(&mut live, &mut rest),
+    )
+    .await
+    .expect("the connection was closed");
+    assert!(rest.is_empty(), "{read:?} {rest:?}");
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source")],
+        1,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pods_come_and_go_as_the_node_agent_says() {
+    let mesh = TestMesh::new().await;
+    let web1 = mesh.proxy("web-1", "a", "web", mesh.ip(2)).await;
+    let web2 = mesh.proxy("web-2", "a", "web", mesh.ip(3)).await;
+    let web = mesh.identity("a", "web");
+    eventually("the shared identity is issued", || {
+        mesh.certificates
+            .snapshot()
+            .iter()
+            .any(|s| s.identity == web && s.certificate.is_some())
+    })
+    .await;
+    assert_eq!(
+        mesh.signer.request_count(),
+        1,
+        "one certificate per identity"
+    );
+
+    // Added again with the same sockets: nothing changes.
+    let again = mesh.proxy("web-1", "a", "web", mesh.ip(2)).await;
+    assert_eq!(again.addresses, web1.addresses);
+    assert!(mesh.manager.keep(&web1.info.uid).is_ok());
+    assert!(mesh.manager.keep("uid-unknown").is_err());
+
+    // The snapshot names only web-2: web-1 goes, the identity stays.
+    let known = [web2.info.uid.clone()].into_iter().collect();
+    for drain in mesh.manager.snapshot_done(&known).await {
+        drain.finished().await;
+    }
+    assert_eq!(mesh.manager.pods(), vec![web2.info.uid.clone()]);
+    assert!(
+        mesh.certificates
+            .snapshot()
+            .iter()
+            .any(|s| s.identity == web)
+    );
+
+    // The last pod with the identity goes: its certificate is forgotten.
+    let drain = mesh
+        .manager
+        .del(&web2.info.uid)
+        .await
+        .expect("web-2 was here");
+    drain.finished().await;
+    assert!(mesh.manager.pods().is_empty());
+    assert!(mesh.certificates.snapshot().is_empty());
+
+    // A pod without a service account cannot be proxied.
+    let err = mesh
+        .manager
+        .add(
+            ztunnel_rs::proxy::PodInfo {
+                uid: "uid-x".into(),
+                name: "x".into(),
+                namespace: "a".into(),
+                service_account: String::new(),
+            },
+            Arc::new(LocalSockets::new(mesh.ip(4))),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("service account"), "{err}");
+}
+
+#[tokio::test]
+async fn a_pod_gone_while_its_certificate_is_issued_leaves_nothing_renewing() {
+    let mesh = TestMesh::new().await;
+    mesh.signer.pause();
+    let pod = mesh.proxy("web", "a", "web", mesh.ip(2)).await;
+    eventually("the CSR is sent", || mesh.signer.request_count() == 1).await;
+    let drain = mesh
+        .manager
+        .del(&pod.info.uid)
+        .await
+        .expect("the pod was here");
+    tokio::time::timeout(PATIENCE, drain.finished())
+        .await
+        .expect("the drain does not wait for the CA");
+    assert!(mesh.certificates.snapshot().is_empty());
+    mesh.signer.resume();
+}
