@@ -195,7 +195,9 @@ impl Object {
         }
     }
 
-    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    pub fn metadata_mut(
+        &mut self,
+    ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             Object::Namespace(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
@@ -225,6 +227,30 @@ impl Object {
         ObjectKey::new(namespace, meta.name.clone().unwrap_or_default())
     }
 }
+
+macro_rules! object_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for Object {
+            fn from(o: $ty) -> Self {
+                Object::$variant(o)
+            }
+        })*
+    };
+}
+
+object_from!(
+    Namespace(Namespace),
+    Node(Node),
+    ServiceAccount(ServiceAccount),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Gateway(Gateway),
+    HttpRoute(HttpRoute),
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(RequestAuthentication),
+);
 
 /// A document of a kind the mesh does not read.
 #[derive(Clone, Debug, PartialEq, Eq)]
