@@ -102,8 +102,10 @@ impl PipelineMetrics {
     }
 }
 
-/// Starts the pipeline; the receiver sees every published snapshot (an
-/// empty one until the first build).
+/// Starts the pipeline. The receiver holds an empty snapshot until the first
+/// build after the source synced, which is always published (so
+/// `changed()` firing once means the initial state is known); later builds
+/// are published only when they differ.
 pub fn spawn(
     store: Arc<Store>,
     mesh: MeshConfig,
@@ -131,6 +133,9 @@ pub async fn run(
     // The first build needs no change to trigger it.
     changes.mark_changed();
     let mut reported = BTreeSet::new();
+    // The first snapshot is always published, even if empty: receivers
+    // take it as "the initial state is known".
+    let mut first = true;
     loop {
         if changes.changed().await.is_err() {
             return;
@@ -160,13 +165,14 @@ pub async fn run(
         let snapshot = translation.snapshot;
         let resources = snapshot.len();
         let published = publish.send_if_modified(|current| {
-            if **current == snapshot {
+            if **current == snapshot && !first {
                 false
             } else {
                 *current = Arc::new(snapshot);
                 true
             }
         });
+        first = false;
         if published {
             metrics.publishes.inc();
         }
