@@ -14,6 +14,7 @@ use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -146,9 +147,51 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// One object of a kind the mesh reads.
-#[derive(Clone, Debug)]
-pub enum Object {
+/// The object type of every [`Kind`]: one list, from which the enum, its
+/// accessors, the conversions and the decoder are generated.
+macro_rules! objects {
+    ($($kind:ident($ty:ty)),* $(,)?) => {
+        /// One object of a kind the mesh reads.
+        #[derive(Clone, Debug)]
+        pub enum Object {
+            $($kind($ty),)*
+        }
+
+        impl Object {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(Object::$kind(_) => Kind::$kind,)*
+                }
+            }
+
+            pub fn metadata(&self) -> &ObjectMeta {
+                match self {
+                    $(Object::$kind(o) => &o.metadata,)*
+                }
+            }
+
+            pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                match self {
+                    $(Object::$kind(o) => &mut o.metadata,)*
+                }
+            }
+        }
+
+        $(impl From<$ty> for Object {
+            fn from(o: $ty) -> Self {
+                Object::$kind(o)
+            }
+        })*
+
+        fn decode_object(doc: &Document<'_>, kind: Kind) -> Result<Object, ManifestError> {
+            Ok(match kind {
+                $(Kind::$kind => Object::$kind(decode(doc)?),)*
+            })
+        }
+    };
+}
+
+objects!(
     Namespace(Namespace),
     Node(Node),
     ServiceAccount(ServiceAccount),
@@ -160,59 +203,9 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
-}
+);
 
 impl Object {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Object::Namespace(_) => Kind::Namespace,
-            Object::Node(_) => Kind::Node,
-            Object::ServiceAccount(_) => Kind::ServiceAccount,
-            Object::Pod(_) => Kind::Pod,
-            Object::Service(_) => Kind::Service,
-            Object::EndpointSlice(_) => Kind::EndpointSlice,
-            Object::Gateway(_) => Kind::Gateway,
-            Object::HttpRoute(_) => Kind::HttpRoute,
-            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
-            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
-            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
-        }
-    }
-
-    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
-            Object::Namespace(o) => &o.metadata,
-            Object::Node(o) => &o.metadata,
-            Object::ServiceAccount(o) => &o.metadata,
-            Object::Pod(o) => &o.metadata,
-            Object::Service(o) => &o.metadata,
-            Object::EndpointSlice(o) => &o.metadata,
-            Object::Gateway(o) => &o.metadata,
-            Object::HttpRoute(o) => &o.metadata,
-            Object::AuthorizationPolicy(o) => &o.metadata,
-            Object::PeerAuthentication(o) => &o.metadata,
-            Object::RequestAuthentication(o) => &o.metadata,
-        }
-    }
-
-    pub fn metadata_mut(
-        &mut self,
-    ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
-            Object::Namespace(o) => &mut o.metadata,
-            Object::Node(o) => &mut o.metadata,
-            Object::ServiceAccount(o) => &mut o.metadata,
-            Object::Pod(o) => &mut o.metadata,
-            Object::Service(o) => &mut o.metadata,
-            Object::EndpointSlice(o) => &mut o.metadata,
-            Object::Gateway(o) => &mut o.metadata,
-            Object::HttpRoute(o) => &mut o.metadata,
-            Object::AuthorizationPolicy(o) => &mut o.metadata,
-            Object::PeerAuthentication(o) => &mut o.metadata,
-            Object::RequestAuthentication(o) => &mut o.metadata,
-        }
-    }
-
     /// The object's key; namespaced objects without a namespace are in
     /// [`DEFAULT_NAMESPACE`] (see [`parse`], which fills it in).
     pub fn key(&self) -> ObjectKey {
@@ -227,30 +220,6 @@ impl Object {
         ObjectKey::new(namespace, meta.name.clone().unwrap_or_default())
     }
 }
-
-macro_rules! object_from {
-    ($($variant:ident($ty:ty)),* $(,)?) => {
-        $(impl From<$ty> for Object {
-            fn from(o: $ty) -> Self {
-                Object::$variant(o)
-            }
-        })*
-    };
-}
-
-object_from!(
-    Namespace(Namespace),
-    Node(Node),
-    ServiceAccount(ServiceAccount),
-    Pod(Pod),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Gateway(Gateway),
-    HttpRoute(HttpRoute),
-    AuthorizationPolicy(AuthorizationPolicy),
-    PeerAuthentication(PeerAuthentication),
-    RequestAuthentication(RequestAuthentication),
-);
 
 /// A document of a kind the mesh does not read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,22 +281,6 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         manifest.objects.push(object);
     }
     Ok(manifest)
-}
-
-fn decode_object(doc: &Document<'_>, kind: Kind) -> Result<Object, ManifestError> {
-    Ok(match kind {
-        Kind::Namespace => Object::Namespace(decode(doc)?),
-        Kind::Node => Object::Node(decode(doc)?),
-        Kind::ServiceAccount => Object::ServiceAccount(decode(doc)?),
-        Kind::Pod => Object::Pod(decode(doc)?),
-        Kind::Service => Object::Service(decode(doc)?),
-        Kind::EndpointSlice => Object::EndpointSlice(decode(doc)?),
-        Kind::Gateway => Object::Gateway(decode(doc)?),
-        Kind::HttpRoute => Object::HttpRoute(decode(doc)?),
-        Kind::AuthorizationPolicy => Object::AuthorizationPolicy(decode(doc)?),
-        Kind::PeerAuthentication => Object::PeerAuthentication(decode(doc)?),
-        Kind::RequestAuthentication => Object::RequestAuthentication(decode(doc)?),
-    })
 }
 
 #[derive(Deserialize)]

@@ -51,77 +51,13 @@ impl ClusterState {
         state
     }
 
-    /// Adds or replaces an object.
-    pub fn apply(&mut self, object: Object) {
-        let key = object.key();
-        match object {
-            Object::Namespace(o) => insert(&mut self.namespaces, key, o),
-            Object::Node(o) => insert(&mut self.nodes, key, o),
-            Object::ServiceAccount(o) => insert(&mut self.service_accounts, key, o),
-            Object::Pod(o) => insert(&mut self.pods, key, o),
-            Object::Service(o) => insert(&mut self.services, key, o),
-            Object::EndpointSlice(o) => insert(&mut self.endpoint_slices, key, o),
-            Object::Gateway(o) => insert(&mut self.gateways, key, o),
-            Object::HttpRoute(o) => insert(&mut self.http_routes, key, o),
-            Object::AuthorizationPolicy(o) => insert(&mut self.authorization_policies, key, o),
-            Object::PeerAuthentication(o) => insert(&mut self.peer_authentications, key, o),
-            Object::RequestAuthentication(o) => insert(&mut self.request_authentications, key, o),
-        }
-    }
-
-    /// Removes an object; true when it was there.
-    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
-        match kind {
-            Kind::Namespace => self.namespaces.remove(key).is_some(),
-            Kind::Node => self.nodes.remove(key).is_some(),
-            Kind::ServiceAccount => self.service_accounts.remove(key).is_some(),
-            Kind::Pod => self.pods.remove(key).is_some(),
-            Kind::Service => self.services.remove(key).is_some(),
-            Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
-            Kind::Gateway => self.gateways.remove(key).is_some(),
-            Kind::HttpRoute => self.http_routes.remove(key).is_some(),
-            Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
-            Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
-            Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
-        }
-    }
-
     /// Replaces every object of `kind` (a watch's relist) with `objects`,
     /// which must all be of that kind.
     pub fn replace_kind(&mut self, kind: Kind, objects: impl IntoIterator<Item = Object>) {
-        match kind {
-            Kind::Namespace => self.namespaces.clear(),
-            Kind::Node => self.nodes.clear(),
-            Kind::ServiceAccount => self.service_accounts.clear(),
-            Kind::Pod => self.pods.clear(),
-            Kind::Service => self.services.clear(),
-            Kind::EndpointSlice => self.endpoint_slices.clear(),
-            Kind::Gateway => self.gateways.clear(),
-            Kind::HttpRoute => self.http_routes.clear(),
-            Kind::AuthorizationPolicy => self.authorization_policies.clear(),
-            Kind::PeerAuthentication => self.peer_authentications.clear(),
-            Kind::RequestAuthentication => self.request_authentications.clear(),
-        }
+        self.clear(kind);
         for o in objects {
             debug_assert_eq!(o.kind(), kind);
             self.apply(o);
-        }
-    }
-
-    /// How many objects of `kind` are held.
-    pub fn count(&self, kind: Kind) -> usize {
-        match kind {
-            Kind::Namespace => self.namespaces.len(),
-            Kind::Node => self.nodes.len(),
-            Kind::ServiceAccount => self.service_accounts.len(),
-            Kind::Pod => self.pods.len(),
-            Kind::Service => self.services.len(),
-            Kind::EndpointSlice => self.endpoint_slices.len(),
-            Kind::Gateway => self.gateways.len(),
-            Kind::HttpRoute => self.http_routes.len(),
-            Kind::AuthorizationPolicy => self.authorization_policies.len(),
-            Kind::PeerAuthentication => self.peer_authentications.len(),
-            Kind::RequestAuthentication => self.request_authentications.len(),
         }
     }
 
@@ -147,6 +83,58 @@ impl ClusterState {
     }
 }
 
+/// The field holding each kind: one list, from which the per-kind
+/// operations are generated.
+macro_rules! by_kind {
+    ($($kind:ident => $field:ident),* $(,)?) => {
+        impl ClusterState {
+            /// Adds or replaces an object.
+            pub fn apply(&mut self, object: Object) {
+                let key = object.key();
+                match object {
+                    $(Object::$kind(o) => {
+                        self.$field.insert(key, Arc::new(o));
+                    })*
+                }
+            }
+
+            /// Removes an object; true when it was there.
+            pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+                match kind {
+                    $(Kind::$kind => self.$field.remove(key).is_some(),)*
+                }
+            }
+
+            /// How many objects of `kind` are held.
+            pub fn count(&self, kind: Kind) -> usize {
+                match kind {
+                    $(Kind::$kind => self.$field.len(),)*
+                }
+            }
+
+            fn clear(&mut self, kind: Kind) {
+                match kind {
+                    $(Kind::$kind => self.$field.clear(),)*
+                }
+            }
+        }
+    };
+}
+
+by_kind!(
+    Namespace => namespaces,
+    Node => nodes,
+    ServiceAccount => service_accounts,
+    Pod => pods,
+    Service => services,
+    EndpointSlice => endpoint_slices,
+    Gateway => gateways,
+    HttpRoute => http_routes,
+    AuthorizationPolicy => authorization_policies,
+    PeerAuthentication => peer_authentications,
+    RequestAuthentication => request_authentications,
+);
+
 /// The service account a pod runs as when it names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -169,10 +157,6 @@ pub fn in_namespace<'a, K>(
         .range(start..)
         .take_while(move |(k, _)| k.namespace == namespace)
         .map(|(_, v)| v)
-}
-
-fn insert<K>(map: &mut Objects<K>, key: ObjectKey, object: K) {
-    map.insert(key, Arc::new(object));
 }
 
 /// The one store of cluster state, shared by the source that writes it and
