@@ -5,6 +5,7 @@
 //! | resource | type | key |
 //! |---|---|---|
 //! | Workload (one per pod with an IP) | `istio.workload.Address` | `<cluster>//Pod/<ns>/<name>` |
+//! | Workload (a Service's EndpointSlice endpoint that is not a pod) | `istio.workload.Address` | `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>` |
 //! | Service (one per Kubernetes Service) | `istio.workload.Address` | `<ns>/<name>.<ns>.svc.<domain>` |
 //! | Authorization (AuthorizationPolicy, converted PeerAuthentication) | `istio.security.Authorization` | `<ns>/<name>` |
 //!
@@ -179,8 +180,10 @@ pub fn translate(state: &ClusterState, mesh: &MeshConfig) -> Translation {
         selector_policies: &selector_policies,
         peer_authentications: &peer_authentications,
     };
-    for (key, pod, addresses, backed) in pods {
-        let w = workloads::workload(&ctx, key, pod, &addresses, &backed);
+    let pod_workloads = pods.into_iter().map(|(key, pod, addresses, backed)| {
+        workloads::workload(&ctx, key, pod, &addresses, &backed)
+    });
+    for w in pod_workloads.chain(workloads::endpoint_slice_workloads(&ctx)) {
         let uid = w.uid.clone();
         let address = Address {
             r#type: Some(address::Type::Workload(w)),

@@ -33,9 +33,21 @@ fn translates_a_large_cluster() {
         .map(|r| r.body.value.len())
         .sum();
     eprintln!(
-        "synthetic cluster: generated in {generated:?}, translated in {translated:?}, {} resources, {bytes} bytes",
-        snapshot.len()
+        "synthetic cluster: generated in {generated:?}, translated in {translated:?}, {} resources, {bytes} bytes, peak RSS {}",
+        snapshot.len(),
+        peak_rss()
     );
     // Deterministic: a second translation is identical.
     assert_eq!(index::translate(&state, &mesh).snapshot, *snapshot);
+}
+
+/// The process's peak resident set size, from /proc (Linux).
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

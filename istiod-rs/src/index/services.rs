@@ -15,6 +15,7 @@ use api::workload::{
     load_balancing::{HealthPolicy, Mode, Scope},
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::MeshConfig;
@@ -27,6 +28,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// One service port.
 #[derive(Debug, Clone)]
 struct ServicePort {
+    name: Option<String>,
     port: u32,
     /// 0 when the target is a container port name.
     target: u32,
@@ -45,6 +47,14 @@ pub(super) struct ServiceEntry<'a> {
 }
 
 impl ServiceEntry<'_> {
+    /// The service port of the port named `name`.
+    pub fn port_named(&self, name: &str) -> Option<u32> {
+        self.ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+
     pub fn labels(&self) -> &Labels {
         labels_of(&self.service.metadata.labels)
     }
@@ -88,12 +98,13 @@ pub(super) struct Services<'a> {
     by_first_selector_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     /// (namespace, pod name) -> entries whose EndpointSlices name the pod.
     by_endpoint_pod: BTreeMap<(&'a str, &'a str), Vec<usize>>,
+    /// (namespace, name) -> entry.
+    by_name: BTreeMap<(&'a str, &'a str), usize>,
 }
 
 impl<'a> Services<'a> {
     pub fn build(state: &'a ClusterState, mesh: &MeshConfig) -> Self {
         let mut services = Services::default();
-        let mut by_name = BTreeMap::new();
         for (key, svc) in &state.services {
             let Some(spec) = svc.spec.as_ref() else {
                 continue;
@@ -110,7 +121,9 @@ impl<'a> Services<'a> {
                     .or_default()
                     .push(index);
             }
-            by_name.insert((key.namespace.as_str(), key.name.as_str()), index);
+            services
+                .by_name
+                .insert((key.namespace.as_str(), key.name.as_str()), index);
             let ports: Vec<ServicePort> = spec
                 .ports
                 .iter()
@@ -123,6 +136,7 @@ impl<'a> Services<'a> {
                         None => (p.port as u32, None),
                     };
                     ServicePort {
+                        name: p.name.clone(),
                         port: p.port as u32,
                         target,
                         target_name,
@@ -160,13 +174,8 @@ impl<'a> Services<'a> {
             });
         }
         for slice in state.endpoint_slices.values() {
-            let Some(ns) = slice.metadata.namespace.as_deref() else {
-                continue;
-            };
-            let Some(svc) = labels_of(&slice.metadata.labels).get(SERVICE_NAME_LABEL) else {
-                continue;
-            };
-            let Some(&index) = by_name.get(&(ns, svc.as_str())) else {
+            let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+            let Some(index) = services.for_slice(slice) else {
                 continue;
             };
             for ep in slice.endpoints.iter().flatten() {
@@ -182,6 +191,13 @@ impl<'a> Services<'a> {
             }
         }
         services
+    }
+
+    /// The service an EndpointSlice belongs to (its service-name label).
+    pub fn for_slice(&self, slice: &EndpointSlice) -> Option<usize> {
+        let ns = slice.metadata.namespace.as_deref()?;
+        let name = labels_of(&slice.metadata.labels).get(SERVICE_NAME_LABEL)?;
+        self.by_name.get(&(ns, name.as_str())).copied()
     }
 
     /// Indices of the services a pod backs, in key order.

@@ -285,6 +285,82 @@ pub(super) fn workload(
     }
 }
 
+/// Workloads for the endpoints of a Service's EndpointSlices that are not
+/// pods (endpoints added by hand, e.g. for a VM), as upstream: one per
+/// address, keyed `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>`,
+/// with no identity, policies or waypoint, and a shared-address network mode
+/// since nothing guarantees the address is unique.
+pub(super) fn endpoint_slice_workloads(ctx: &Context<'_>) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for (key, slice) in &ctx.state.endpoint_slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let Some(index) = ctx.services.for_slice(slice) else {
+            continue;
+        };
+        let service = &ctx.services.entries[index];
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .filter_map(|p| {
+                let target = u32::try_from(p.port?).ok()?;
+                let service_port = service.port_named(p.name.as_deref()?)?;
+                Some(api::workload::Port {
+                    service_port,
+                    target_port: target,
+                })
+            })
+            .collect();
+        let services: BTreeMap<String, api::workload::PortList> =
+            [(service.key.clone(), api::workload::PortList { ports })].into();
+        let mut seen = std::collections::BTreeSet::new();
+        for ep in slice.endpoints.iter().flatten() {
+            if ep.target_ref.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod") {
+                continue;
+            }
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            if !seen.insert(first.clone()) {
+                continue;
+            }
+            let Ok(addresses) = ep
+                .addresses
+                .iter()
+                .map(|a| a.parse::<IpAddr>().map(super::ip_bytes))
+                .collect::<Result<Vec<_>, _>>()
+            else {
+                continue;
+            };
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            out.push(Workload {
+                uid: format!(
+                    "{}/discovery.k8s.io/EndpointSlice/{}/{}/{first}",
+                    ctx.mesh.cluster_id, key.namespace, key.name
+                ),
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                addresses,
+                network: ctx.mesh.network.clone(),
+                trust_domain: ctx.mesh.workload_trust_domain().to_string(),
+                services: services.clone(),
+                status: if ready {
+                    WorkloadStatus::Healthy
+                } else {
+                    WorkloadStatus::Unhealthy
+                } as i32,
+                cluster_id: ctx.mesh.cluster_id.clone(),
+                network_mode: NetworkMode::HostNetwork as i32,
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
