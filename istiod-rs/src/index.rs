@@ -24,6 +24,13 @@ mod workloads;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use api::crd::{AuthorizationPolicy, PeerAuthentication};
+use api::manifest::ObjectKey;
+use gateway_api::gateways::Gateway;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use api::workload::{Address, address};
 use api::{labels, type_url};
@@ -32,7 +39,7 @@ pub use authorization::PolicyProblem;
 pub use peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
 
 use crate::snapshot::{Resource, Snapshot};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Objects};
 
 /// The mesh-wide settings the translation depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,104 +100,229 @@ pub struct Translation {
 
 /// Translates the whole cluster state.
 pub fn translate(state: &ClusterState, mesh: &MeshConfig) -> Translation {
-    let mut snapshot = Snapshot::default();
-    let mut problems = Vec::new();
+    Translator::default().translate(state, mesh)
+}
 
-    // Policies first: workloads list the selector-scoped ones that apply.
-    let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
-    for policy in state.authorization_policies.values() {
-        match authorization::convert(&mesh.root_namespace, policy, &mut problems) {
-            Ok(Some(converted)) => {
-                let a = &converted.authorization;
-                let key = format!("{}/{}", a.namespace, a.name);
-                if let Some(selector) = converted.selector {
-                    selector_policies
-                        .entry(a.namespace.clone())
-                        .or_default()
-                        .push((key.clone(), selector));
+/// Translates again and again, reusing the previous translation's work for
+/// pods: when nothing but pods changed (the common case, pod churn), a pod
+/// whose object is the same (`Arc` identity) keeps its encoded workload.
+/// The output is always exactly [`translate`]'s.
+#[derive(Debug, Default)]
+pub struct Translator {
+    previous: Option<Previous>,
+    reused: usize,
+}
+
+/// What a translation leaves for the next one.
+#[derive(Debug)]
+struct Previous {
+    mesh: MeshConfig,
+    inputs: Inputs,
+    pods: BTreeMap<ObjectKey, CachedPod>,
+}
+
+#[derive(Debug)]
+struct CachedPod {
+    /// Held so that the identity comparison cannot be fooled by a new
+    /// object reusing a freed allocation.
+    pod: Arc<Pod>,
+    addresses: Vec<IpAddr>,
+    backed: Vec<usize>,
+    resource: Arc<Resource>,
+}
+
+/// Everything besides pods that a workload depends on.
+#[derive(Debug)]
+struct Inputs {
+    namespaces: Objects<Namespace>,
+    nodes: Objects<Node>,
+    services: Objects<Service>,
+    endpoint_slices: Objects<EndpointSlice>,
+    gateways: Objects<Gateway>,
+    authorization_policies: Objects<AuthorizationPolicy>,
+    peer_authentications: Objects<PeerAuthentication>,
+}
+
+impl Inputs {
+    fn of(state: &ClusterState) -> Self {
+        Inputs {
+            namespaces: state.namespaces.clone(),
+            nodes: state.nodes.clone(),
+            services: state.services.clone(),
+            endpoint_slices: state.endpoint_slices.clone(),
+            gateways: state.gateways.clone(),
+            authorization_policies: state.authorization_policies.clone(),
+            peer_authentications: state.peer_authentications.clone(),
+        }
+    }
+
+    fn unchanged(&self, state: &ClusterState) -> bool {
+        fn same<K>(a: &Objects<K>, b: &Objects<K>) -> bool {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+        }
+        same(&self.namespaces, &state.namespaces)
+            && same(&self.nodes, &state.nodes)
+            && same(&self.services, &state.services)
+            && same(&self.endpoint_slices, &state.endpoint_slices)
+            && same(&self.gateways, &state.gateways)
+            && same(&self.authorization_policies, &state.authorization_policies)
+            && same(&self.peer_authentications, &state.peer_authentications)
+    }
+}
+
+impl Translator {
+    /// How many pods the last translation reused.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    pub fn translate(&mut self, state: &ClusterState, mesh: &MeshConfig) -> Translation {
+        let mut previous = self
+            .previous
+            .take()
+            .filter(|p| p.mesh == *mesh && p.inputs.unchanged(state));
+        let mut snapshot = Snapshot::default();
+        let mut problems = Vec::new();
+
+        // Policies first: workloads list the selector-scoped ones that apply.
+        let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
+        for policy in state.authorization_policies.values() {
+            match authorization::convert(&mesh.root_namespace, policy, &mut problems) {
+                Ok(Some(converted)) => {
+                    let a = &converted.authorization;
+                    let key = format!("{}/{}", a.namespace, a.name);
+                    if let Some(selector) = converted.selector {
+                        selector_policies
+                            .entry(a.namespace.clone())
+                            .or_default()
+                            .push((key.clone(), selector));
+                    }
+                    snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
                 }
-                snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
+                Ok(None) => {}
+                Err(problem) => problems.push(problem),
             }
-            Ok(None) => {}
-            Err(problem) => problems.push(problem),
         }
-    }
-    let peer_authentications =
-        peer_authentication::PeerAuthentications::new(state, &mesh.root_namespace);
-    for a in peer_authentications.authorizations() {
-        let key = format!("{}/{}", a.namespace, a.name);
-        snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));
-    }
+        let peer_authentications =
+            peer_authentication::PeerAuthentications::new(state, &mesh.root_namespace);
+        for a in peer_authentications.authorizations() {
+            let key = format!("{}/{}", a.namespace, a.name);
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));
+        }
 
-    let waypoints = waypoints::Waypoints::build(state, mesh);
-    let mut services = services::Services::build(state, mesh);
+        let waypoints = waypoints::Waypoints::build(state, mesh);
+        let mut services = services::Services::build(state, mesh);
 
-    // Which pods are workloads, which services each backs, and the service
-    // accounts behind each service (for per-ServiceAccount waypoints).
-    let mut pods = Vec::with_capacity(state.pods.len());
-    let mut service_accounts: Vec<Option<Option<&str>>> = vec![None; services.entries.len()];
-    for (key, pod) in &state.pods {
-        let Some(addresses) = workloads::addresses(pod) else {
-            continue;
-        };
-        let labels = selectors::labels_of(&pod.metadata.labels);
-        let backed = services.backed_by(&key.namespace, &key.name, labels);
-        let sa = workloads::service_account(pod);
-        for &i in &backed {
-            let slot = &mut service_accounts[i];
-            *slot = match *slot {
-                None => Some(Some(sa)),
-                Some(Some(s)) if s == sa => Some(Some(s)),
-                Some(_) => Some(None),
+        // Which pods are workloads, which services each backs, and the service
+        // accounts behind each service (for per-ServiceAccount waypoints).
+        let mut pods = Vec::with_capacity(state.pods.len());
+        let mut service_accounts: Vec<Option<Option<&str>>> = vec![None; services.entries.len()];
+        for (key, pod) in &state.pods {
+            let cached = previous
+                .as_mut()
+                .and_then(|p| p.pods.remove(key))
+                .filter(|c| Arc::ptr_eq(&c.pod, pod));
+            let (addresses, backed, resource) = match cached {
+                Some(c) => (c.addresses, c.backed, Some(c.resource)),
+                None => {
+                    let Some(addresses) = workloads::addresses(pod) else {
+                        continue;
+                    };
+                    let labels = selectors::labels_of(&pod.metadata.labels);
+                    let backed = services.backed_by(&key.namespace, &key.name, labels);
+                    (addresses, backed, None)
+                }
             };
+            let sa = workloads::service_account(pod);
+            for &i in &backed {
+                let slot = &mut service_accounts[i];
+                *slot = match *slot {
+                    None => Some(Some(sa)),
+                    Some(Some(s)) if s == sa => Some(Some(s)),
+                    Some(_) => Some(None),
+                };
+            }
+            pods.push((key, pod, addresses, backed, resource));
         }
-        pods.push((key, pod, addresses, backed));
-    }
 
-    for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
-        let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
-            .get(labels::GATEWAY_MANAGED)
-            .is_some_and(|v| v == labels::GATEWAY_MANAGED_VALUE);
-        if !is_waypoint {
-            entry.proto.waypoint = waypoints
-                .bound(
-                    state,
-                    entry.namespace,
-                    entry.labels(),
-                    sa.flatten(),
-                    waypoints::Traffic::Service,
-                )
-                .map(|w| w.address.clone());
+        for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
+            let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
+                .get(labels::GATEWAY_MANAGED)
+                .is_some_and(|v| v == labels::GATEWAY_MANAGED_VALUE);
+            if !is_waypoint {
+                entry.proto.waypoint = waypoints
+                    .bound(
+                        state,
+                        entry.namespace,
+                        entry.labels(),
+                        sa.flatten(),
+                        waypoints::Traffic::Service,
+                    )
+                    .map(|w| w.address.clone());
+            }
+            let address = Address {
+                r#type: Some(address::Type::Service(entry.proto.clone())),
+            };
+            snapshot.insert(Resource::new(
+                type_url::ADDRESS,
+                entry.key.clone(),
+                &address,
+            ));
         }
-        let address = Address {
-            r#type: Some(address::Type::Service(entry.proto.clone())),
+
+        let ctx = workloads::Context {
+            state,
+            mesh,
+            waypoints: &waypoints,
+            services: &services,
+            selector_policies: &selector_policies,
+            peer_authentications: &peer_authentications,
         };
-        snapshot.insert(Resource::new(
-            type_url::ADDRESS,
-            entry.key.clone(),
-            &address,
-        ));
+        let mut cache = BTreeMap::new();
+        let mut reused = 0;
+        for (key, pod, addresses, backed, resource) in pods {
+            let resource = match resource {
+                Some(r) => {
+                    reused += 1;
+                    r
+                }
+                None => Arc::new(workload_resource(workloads::workload(
+                    &ctx, key, pod, &addresses, &backed,
+                ))),
+            };
+            snapshot.insert_shared(resource.clone());
+            cache.insert(
+                key.clone(),
+                CachedPod {
+                    pod: pod.clone(),
+                    addresses,
+                    backed,
+                    resource,
+                },
+            );
+        }
+        for w in workloads::endpoint_slice_workloads(&ctx) {
+            snapshot.insert(workload_resource(w));
+        }
+        self.reused = reused;
+        self.previous = Some(Previous {
+            mesh: mesh.clone(),
+            inputs: Inputs::of(state),
+            pods: cache,
+        });
+        Translation { snapshot, problems }
     }
+}
 
-    let ctx = workloads::Context {
-        state,
-        mesh,
-        waypoints: &waypoints,
-        services: &services,
-        selector_policies: &selector_policies,
-        peer_authentications: &peer_authentications,
+fn workload_resource(w: api::workload::Workload) -> Resource {
+    let uid = w.uid.clone();
+    let address = Address {
+        r#type: Some(address::Type::Workload(w)),
     };
-    let pod_workloads = pods.into_iter().map(|(key, pod, addresses, backed)| {
-        workloads::workload(&ctx, key, pod, &addresses, &backed)
-    });
-    for w in pod_workloads.chain(workloads::endpoint_slice_workloads(&ctx)) {
-        let uid = w.uid.clone();
-        let address = Address {
-            r#type: Some(address::Type::Workload(w)),
-        };
-        snapshot.insert(Resource::new(type_url::ADDRESS, uid, &address));
-    }
-    Translation { snapshot, problems }
+    Resource::new(type_url::ADDRESS, uid, &address)
 }
 
 /// An address as the workload API carries it: 4 or 16 bytes.

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::index::{self, MeshConfig, PolicyProblem};
+use crate::index::{MeshConfig, PolicyProblem, Translator};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
 
@@ -136,6 +136,7 @@ pub async fn run(
     // The first snapshot is always published, even if empty: receivers
     // take it as "the initial state is known".
     let mut first = true;
+    let mut translator = Translator::default();
     loop {
         if changes.changed().await.is_err() {
             return;
@@ -146,14 +147,21 @@ pub async fn run(
         changes.mark_unchanged();
         let started = Instant::now();
         let (state_store, state_mesh) = (store.clone(), mesh.clone());
+        let mut moved = std::mem::take(&mut translator);
         let translation = match tokio::task::spawn_blocking(move || {
             let state = state_store.read();
-            index::translate(&state, &state_mesh)
+            let t = moved.translate(&state, &state_mesh);
+            (moved, t)
         })
         .await
         {
-            Ok(t) => t,
+            Ok((back, t)) => {
+                translator = back;
+                t
+            }
             Err(e) => {
+                // The translator's cache went with the failed task; the
+                // next translation starts from scratch.
                 warn!(error = %e, "translation failed; keeping the last snapshot");
                 continue;
             }
