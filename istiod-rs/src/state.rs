@@ -112,6 +112,16 @@ macro_rules! by_kind {
                 }
             }
 
+            /// Adds every object of `other`, sharing them (no copies).
+            /// Objects already present are replaced, and reported.
+            pub fn merge(&mut self, other: &ClusterState, mut replaced: impl FnMut(Kind, &ObjectKey)) {
+                $(for (key, object) in &other.$field {
+                    if self.$field.insert(key.clone(), object.clone()).is_some() {
+                        replaced(Kind::$kind, key);
+                    }
+                })*
+            }
+
             fn clear(&mut self, kind: Kind) {
                 match kind {
                     $(Kind::$kind => self.$field.clear(),)*

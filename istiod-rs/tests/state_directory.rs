@@ -180,3 +180,28 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[test]
+fn unchanged_files_keep_their_objects_and_later_files_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(&root.join("a.yaml"), &pod("a", "10.0.0.1"));
+    write(&root.join("b.yaml"), &pod("b", "10.0.0.2"));
+    let mut source = DirectorySource::new(root);
+    source.scan();
+    let before = source.state();
+    write(&root.join("b.yaml"), &pod("b", "10.0.0.3"));
+    source.scan();
+    let after = source.state();
+    let key = ObjectKey::new("shop", "a");
+    // The same object, not a copy: the index can reuse its translation.
+    assert!(std::sync::Arc::ptr_eq(
+        &before.pods[&key],
+        &after.pods[&key]
+    ));
+
+    // The same pod in a file sorting later wins.
+    write(&root.join("z.yaml"), &pod("a", "10.0.0.99"));
+    source.scan();
+    assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.99"));
+}

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use api::manifest::{self, Kind, Object, ObjectKey};
+use api::manifest;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
@@ -67,8 +67,10 @@ struct LoadedFile {
     modified: Option<SystemTime>,
     len: u64,
     hash: [u8; 32],
-    /// The last objects this file parsed to.
-    objects: Vec<Object>,
+    /// The last objects this file parsed to. Kept as a state of their own
+    /// so that the merged state shares them: objects of unchanged files keep
+    /// their identity, which lets the index reuse their translation.
+    objects: ClusterState,
     problem: Option<DirectoryError>,
 }
 
@@ -183,7 +185,7 @@ impl DirectorySource {
                         modified,
                         len: meta.len(),
                         hash,
-                        objects: m.objects,
+                        objects: ClusterState::from_objects(m.objects),
                         problem: None,
                     },
                 );
@@ -216,7 +218,7 @@ impl DirectorySource {
                 modified,
                 len,
                 hash: [0; 32],
-                objects: Vec::new(),
+                objects: ClusterState::default(),
                 problem: None,
             });
         entry.modified = modified;
@@ -238,21 +240,16 @@ impl DirectorySource {
     /// The cluster state the directory describes. When two files define the
     /// same object, the one whose path sorts last wins (and a warning says so).
     pub fn state(&self) -> ClusterState {
-        let mut owners: BTreeMap<(Kind, ObjectKey), &Path> = BTreeMap::new();
         let mut state = ClusterState::default();
         for (path, file) in &self.files {
-            for o in &file.objects {
-                if let Some(previous) = owners.insert((o.kind(), o.key()), path) {
-                    warn!(
-                        kind = %o.kind(),
-                        object = %o.key(),
-                        first = %previous.display(),
-                        second = %path.display(),
-                        "object defined twice; the second definition wins"
-                    );
-                }
-                state.apply(o.clone());
-            }
+            state.merge(&file.objects, |kind, key| {
+                warn!(
+                    %kind,
+                    object = %key,
+                    file = %path.display(),
+                    "object defined in more than one file; this file's definition wins"
+                );
+            });
         }
         state
     }
