@@ -100,10 +100,13 @@ impl Kind {
             .into_iter()
             .find(|k| k.as_str() == kind && k.group() == group)?;
         let version_ok = match found {
-            // The Istio types were promoted to v1 unchanged.
-            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
-                matches!(version, "v1" | "v1beta1")
-            }
+            // These were promoted to v1 unchanged; older manifests still
+            // say v1beta1.
+            Kind::AuthorizationPolicy
+            | Kind::PeerAuthentication
+            | Kind::RequestAuthentication
+            | Kind::Gateway
+            | Kind::HttpRoute => matches!(version, "v1" | "v1beta1"),
             _ => version == "v1",
         };
         version_ok.then_some(found)
@@ -451,6 +454,15 @@ spec:
     }
 
     #[test]
+    fn older_api_versions_of_promoted_kinds_decode() {
+        let m = parse(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: Gateway\nmetadata: {name: w, namespace: a}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: a}\nspec: {mtls: {mode: STRICT}}\n",
+        )
+        .unwrap();
+        assert_eq!(m.objects.len(), 2);
+    }
+
+    #[test]
     fn rejects_documents_without_type_or_name() {
         let err = parse("---\nmetadata:\n  name: x\n").unwrap_err();
         assert_eq!(err.line, 2);
@@ -469,6 +481,10 @@ spec:
         assert_eq!(
             Kind::from_type("security.istio.io/v1beta1", "PeerAuthentication"),
             Some(Kind::PeerAuthentication)
+        );
+        assert_eq!(
+            Kind::from_type("gateway.networking.k8s.io/v1beta1", "Gateway"),
+            Some(Kind::Gateway)
         );
         assert_eq!(Kind::from_type("apps/v1", "Pod"), None);
         assert_eq!(Kind::from_type("v2", "Pod"), None);

@@ -279,3 +279,78 @@ async fn a_failed_list_is_retried() {
         t.abort();
     }
 }
+
+/// A kind whose CRD is not installed (404) does not keep istiod-rs from
+/// syncing, and its objects are picked up once it is served.
+#[tokio::test]
+async fn a_kind_that_is_not_served_counts_as_empty() {
+    let (client, mut server) = ApiServer::start();
+    let store = Store::new();
+    let tasks = kube_source::spawn(client, store.clone());
+    let mut pending = Vec::new();
+    let mut gateway_lists = 0;
+    let mut retried_gateway_list = None;
+    let mut synced = store.synced();
+    // Until synced: the first Gateway list answers 404, a retry is parked.
+    loop {
+        let (uri, respond) = tokio::select! {
+            done = synced.wait_for(|s| *s) => {
+                done.unwrap();
+                break;
+            }
+            request = server.next() => request,
+        };
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| uri.path() == path(*k))
+            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        if query(&uri).contains_key("watch") {
+            pending.push(respond);
+        } else if kind != Kind::Gateway {
+            respond.send_response(list(kind, vec![]));
+        } else {
+            gateway_lists += 1;
+            if gateway_lists > 1 {
+                retried_gateway_list = Some(respond);
+                continue;
+            }
+            respond.send_response(
+                Response::builder()
+                    .status(404)
+                    .body(Body::from(
+                        br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","message":"the server could not find the requested resource","code":404}"#.to_vec(),
+                    ))
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(gateway_lists.min(1), 1, "the Gateway list was tried");
+    assert_eq!(store.read().count(Kind::Gateway), 0);
+
+    // The CRD appeared: the retried list brings its objects.
+    let respond = match retried_gateway_list {
+        Some(r) => r,
+        None => loop {
+            let (uri, respond) = server.next().await;
+            if uri.path() == path(Kind::Gateway) && !query(&uri).contains_key("watch") {
+                break respond;
+            }
+            pending.push(respond);
+        },
+    };
+    respond.send_response(list(
+        Kind::Gateway,
+        vec![json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop", "resourceVersion": "5"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": []},
+        })],
+    ));
+    eventually("the Gateway arrives", || {
+        store.read().count(Kind::Gateway) == 1
+    })
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+}

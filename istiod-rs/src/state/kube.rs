@@ -3,6 +3,10 @@
 //! (kube-runtime's default backoff) and resumes or relists. The store is
 //! marked synced once the initial list of **every** kind has arrived.
 //!
+//! A kind whose CRD is not installed (the list answers 404) counts as
+//! listed and empty, so a cluster without the Gateway API or Istio CRDs still
+//! syncs; its watcher keeps retrying in the background.
+//!
 //! Objects are stored without `managedFields` and the
 //! `kubectl.kubernetes.io/last-applied-configuration` annotation: nothing
 //! reads them and they are most of a pod's size.
@@ -112,6 +116,16 @@ where
             Ok(Event::Delete(o)) => {
                 let key = Object::from(o).key();
                 store.update(|s| s.delete(kind, &key));
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() =>
+            {
+                // The kind's CRD is not installed (Gateway API, Istio
+                // security): there are none of them. Count the kind as
+                // listed so istiod-rs can become ready; the watcher keeps
+                // retrying and picks the objects up once the CRD appears.
+                info!(%kind, "the API server does not serve this kind (CRD not installed?); treating it as empty");
+                tracker.listed(kind);
             }
             Err(e) => warn!(%kind, error = %e, "watch failed; retrying with backoff"),
         }
