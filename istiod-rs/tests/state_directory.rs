@@ -205,3 +205,21 @@ fn unchanged_files_keep_their_objects_and_later_files_win() {
     source.scan();
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.99"));
 }
+
+#[test]
+fn a_missing_directory_is_reported_once_and_loads_when_it_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("not-yet");
+    let mut source = DirectorySource::new(&root);
+    let report = source.scan();
+    assert_eq!(report.new_problems.len(), 1);
+    assert!(matches!(
+        report.new_problems[0],
+        DirectoryError::Read { .. }
+    ));
+    assert!(source.scan().new_problems.is_empty());
+    write(&root.join("a.yaml"), &pod("a", "10.0.0.1"));
+    assert!(source.scan().changed);
+    assert!(source.problems().is_empty());
+    assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.1"));
+}

@@ -13,7 +13,7 @@
 //! the mesh forget the pods in it for a moment. A file that was never good
 //! contributes nothing. Deleting a file removes its objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -79,6 +79,7 @@ struct LoadedFile {
 pub struct DirectorySource {
     root: PathBuf,
     files: BTreeMap<PathBuf, LoadedFile>,
+    walk_problems: Vec<DirectoryError>,
 }
 
 impl DirectorySource {
@@ -86,6 +87,7 @@ impl DirectorySource {
         DirectorySource {
             root: root.into(),
             files: BTreeMap::new(),
+            walk_problems: Vec::new(),
         }
     }
 
@@ -100,19 +102,22 @@ impl DirectorySource {
         let mut walk_problems = Vec::new();
         collect_yaml_files(&self.root, &mut seen, &mut walk_problems);
         for path in &seen {
-            let problem = self.refresh(path, &mut report);
-            if let Some(problem) = problem {
+            if let Some(problem) = self.refresh(path, &mut report) {
                 report.new_problems.push(problem);
             }
         }
+        let seen: BTreeSet<PathBuf> = seen.into_iter().collect();
         let before = self.files.len();
         self.files.retain(|path, _| seen.contains(path));
-        if self.files.len() != before {
-            report.changed = true;
+        report.changed |= self.files.len() != before;
+        // Unreadable directories are reported when they become so, not on
+        // every scan.
+        for p in &walk_problems {
+            if !self.walk_problems.contains(p) {
+                report.new_problems.push(p.clone());
+            }
         }
-        for p in walk_problems {
-            report.new_problems.push(p);
-        }
+        self.walk_problems = walk_problems;
         report
     }
 
@@ -229,11 +234,12 @@ impl DirectorySource {
         new.then_some(problem)
     }
 
-    /// Problems of the files as they are now.
+    /// Problems of the files and directories as they are now.
     pub fn problems(&self) -> Vec<DirectoryError> {
         self.files
             .values()
             .filter_map(|f| f.problem.clone())
+            .chain(self.walk_problems.iter().cloned())
             .collect()
     }
 
