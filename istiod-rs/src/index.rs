@@ -236,7 +236,7 @@ impl Translator {
                     (addresses, backed, None)
                 }
             };
-            let sa = workloads::service_account(pod);
+            let sa = crate::state::pod_service_account(pod);
             for &i in &backed {
                 let slot = &mut service_accounts[i];
                 *slot = match *slot {

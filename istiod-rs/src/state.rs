@@ -72,13 +72,8 @@ impl ClusterState {
     /// for a node agent impersonating that identity.
     pub fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
         in_namespace(&self.pods, namespace).any(|pod| {
-            let spec = pod.spec.as_ref();
-            let sa = spec
-                .and_then(|s| s.service_account_name.as_deref())
-                .filter(|s| !s.is_empty())
-                .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
-            let on_node = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
-            on_node && sa == service_account && !pod_is_terminal(pod)
+            let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+            on_node && pod_service_account(pod) == service_account && !pod_is_terminal(pod)
         })
     }
 }
@@ -147,6 +142,15 @@ by_kind!(
 
 /// The service account a pod runs as when it names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// The service account a pod runs as.
+pub fn pod_service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+}
 
 /// A pod that has finished (Succeeded or Failed) holds no workload.
 pub fn pod_is_terminal(pod: &Pod) -> bool {

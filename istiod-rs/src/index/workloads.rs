@@ -25,7 +25,7 @@ use super::selectors::{Labels, labels_of, subset_of};
 use super::services::Services;
 use super::waypoints::{Traffic, Waypoints};
 use super::{MeshConfig, peer_authentication::PeerAuthentications};
-use crate::state::{ClusterState, DEFAULT_SERVICE_ACCOUNT, pod_is_terminal};
+use crate::state::{ClusterState, pod_is_terminal, pod_service_account};
 
 /// Annotation a sidecar injector leaves on the pods it injected.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -63,14 +63,6 @@ pub(super) fn addresses(pod: &Pod) -> Option<Vec<IpAddr>> {
         return None;
     }
     ips.into_iter().map(|ip| ip.parse().ok()).collect()
-}
-
-pub(super) fn service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|s| !s.is_empty())
-        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
 }
 
 /// Whether the pod is one of the mesh's own, never captured.
@@ -221,7 +213,7 @@ pub(super) fn workload(
     let labels = labels_of(&pod.metadata.labels);
     let spec = pod.spec.as_ref();
     let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
-    let sa = service_account(pod);
+    let sa = pod_service_account(pod);
     let waypoint = if ctx.waypoints.is_instance(namespace, labels) {
         None
     } else {
