@@ -63,6 +63,27 @@ fn path(kind: Kind) -> &'static str {
     }
 }
 
+/// The kind a request is for.
+fn kind_of(uri: &http::Uri) -> Kind {
+    Kind::ALL
+        .into_iter()
+        .find(|k| uri.path() == path(*k))
+        .unwrap_or_else(|| panic!("unexpected request {uri}"))
+}
+
+/// An API server error, as a Status.
+fn failure(code: u16, reason: &str, message: &str) -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": reason, "message": message, "code": code,
+    });
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .unwrap()
+}
+
 fn query(uri: &http::Uri) -> BTreeMap<String, String> {
     uri.query()
         .unwrap_or_default()
@@ -126,10 +147,7 @@ async fn lists_then_watches_every_kind_and_syncs_after_all_lists() {
     let mut listed = Vec::new();
     for _ in Kind::ALL {
         let (uri, respond) = server.next().await;
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|k| uri.path() == path(*k))
-            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        let kind = kind_of(&uri);
         let q = query(&uri);
         assert_eq!(q.get("limit").map(String::as_str), Some("500"), "{uri}");
         assert!(!q.contains_key("watch"), "a list, not a watch: {uri}");
@@ -172,10 +190,7 @@ async fn lists_then_watches_every_kind_and_syncs_after_all_lists() {
             Some("true"),
             "{uri}"
         );
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|k| uri.path() == path(*k))
-            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        let kind = kind_of(&uri);
         assert_eq!(
             q.get("resourceVersion"),
             Some(&format!("{}", 100 + kind as u32)),
@@ -245,22 +260,12 @@ async fn a_failed_list_is_retried() {
     // Fail the first pod list with a server error; answer everything else.
     while pod_lists < 2 {
         let (uri, respond) = server.next().await;
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|k| uri.path() == path(*k))
-            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        let kind = kind_of(&uri);
         let is_watch = query(&uri).contains_key("watch");
         if kind == Kind::Pod && !is_watch {
             pod_lists += 1;
             if pod_lists == 1 {
-                respond.send_response(
-                    Response::builder()
-                        .status(500)
-                        .body(Body::from(
-                            br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"etcd unavailable","code":500}"#.to_vec(),
-                        ))
-                        .unwrap(),
-                );
+                respond.send_response(failure(500, "InternalError", "etcd unavailable"));
                 continue;
             }
         }
@@ -300,10 +305,7 @@ async fn a_kind_that_is_not_served_counts_as_empty() {
             }
             request = server.next() => request,
         };
-        let kind = Kind::ALL
-            .into_iter()
-            .find(|k| uri.path() == path(*k))
-            .unwrap_or_else(|| panic!("unexpected request {uri}"));
+        let kind = kind_of(&uri);
         if query(&uri).contains_key("watch") {
             pending.push(respond);
         } else if kind != Kind::Gateway {
@@ -314,14 +316,11 @@ async fn a_kind_that_is_not_served_counts_as_empty() {
                 retried_gateway_list = Some(respond);
                 continue;
             }
-            respond.send_response(
-                Response::builder()
-                    .status(404)
-                    .body(Body::from(
-                        br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","message":"the server could not find the requested resource","code":404}"#.to_vec(),
-                    ))
-                    .unwrap(),
-            );
+            respond.send_response(failure(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
         }
     }
     assert_eq!(gateway_lists.min(1), 1, "the Gateway list was tried");
