@@ -110,46 +110,57 @@ fn healthy(pod: &Pod) -> bool {
     ready && pod.metadata.deletion_timestamp.is_none()
 }
 
-/// The name of what runs the pod (upstream's heuristic): the Deployment of a
-/// ReplicaSet with the pod-template-hash suffix, the CronJob of a Job with a
-/// timestamp suffix, else the controller, else the pod itself. Only pods with
-/// a generated name have a controller worth naming.
+/// Label that names a pod's workload explicitly.
+const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// The name of what runs the pod, upstream's heuristic: the workload-name
+/// label if set; else, for a pod with a generated name, its controller,
+/// seen through a ReplicaSet to its Deployment (or Argo Rollout) by the
+/// template-hash suffix, through an OpenShift ReplicationController to its
+/// DeploymentConfig, and through a Job to its CronJob by the timestamp
+/// suffix; else the pod's own name.
 fn workload_name(pod: &Pod) -> String {
     let meta = &pod.metadata;
-    let pod_name = meta.name.clone().unwrap_or_default();
-    if meta.generate_name.as_deref().unwrap_or_default().is_empty() {
-        return pod_name;
+    let labels = labels_of(&meta.labels);
+    if let Some(name) = labels.get(WORKLOAD_NAME_LABEL) {
+        return name.clone();
     }
-    let Some(controller) = meta
+    let pod_name = meta.name.clone().unwrap_or_default();
+    let controller = meta
         .owner_references
         .iter()
         .flatten()
-        .find(|r| r.controller == Some(true))
-    else {
+        .find(|r| r.controller == Some(true));
+    let generated = !meta.generate_name.as_deref().unwrap_or_default().is_empty();
+    let Some(controller) = controller.filter(|_| generated) else {
         return pod_name;
     };
     let name = controller.name.as_str();
-    match controller.kind.as_str() {
-        "ReplicaSet" => {
-            let hash = labels_of(&meta.labels)
-                .get("pod-template-hash")
-                .map(String::as_str)
-                .unwrap_or_default();
-            match name.strip_suffix(hash).and_then(|n| n.strip_suffix('-')) {
-                Some(deployment) if !hash.is_empty() => deployment.to_string(),
-                _ => name.to_string(),
-            }
-        }
-        "Job" => cron_job_name(name).unwrap_or(name).to_string(),
-        _ if name.is_empty() => pod_name,
-        _ => name.to_string(),
+    let label = |k: &str| labels.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let without_hash = |hash: &str| {
+        name.ends_with(hash)
+            .then(|| name.strip_suffix(&format!("-{hash}")).unwrap_or(name))
+    };
+    let derived = match controller.kind.as_str() {
+        "ReplicaSet" => label("pod-template-hash")
+            .and_then(without_hash)
+            .or_else(|| label("rollouts-pod-template-hash").and_then(without_hash))
+            .unwrap_or(name),
+        "ReplicationController" => label("deploymentconfig").unwrap_or(name),
+        "Job" => cron_job_name(name).unwrap_or(name),
+        _ => name,
+    };
+    if derived.is_empty() {
+        pod_name
+    } else {
+        derived.to_string()
     }
 }
 
-/// `<cronjob>-<8 to 11 digits>` -> `<cronjob>`.
+/// `<cronjob>-<8 to 10 digits>` -> `<cronjob>`.
 fn cron_job_name(job: &str) -> Option<&str> {
     let (base, suffix) = job.rsplit_once('-')?;
-    let digits = (8..=11).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit());
+    let digits = (8..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit());
     (digits && !base.is_empty()).then_some(base)
 }
 
@@ -361,6 +372,7 @@ mod tests {
     fn cron_job_suffixes() {
         assert_eq!(cron_job_name("backup-28391234"), Some("backup"));
         assert_eq!(cron_job_name("backup-2839123456"), Some("backup"));
+        assert_eq!(cron_job_name("backup-28391234567"), None);
         assert_eq!(cron_job_name("backup-1234567"), None);
         assert_eq!(cron_job_name("backup-abcdefgh"), None);
         assert_eq!(cron_job_name("nodash"), None);
