@@ -116,7 +116,8 @@ pub(super) fn convert(
         .annotations
         .as_ref()
         .and_then(|a| a.get(DRY_RUN))
-        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        // The spellings Go's strconv.ParseBool reads as true, as upstream.
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"));
     if dry_run {
         return Ok(None);
     }

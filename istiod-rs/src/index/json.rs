@@ -88,10 +88,12 @@ impl Obj {
 }
 
 fn ip_text(bytes: &[u8]) -> String {
-    match bytes.len() {
-        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).unwrap_or_default()).to_string(),
-        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).unwrap_or_default()).to_string(),
-        _ => format!("invalid address of {} bytes", bytes.len()),
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        IpAddr::from(v4).to_string()
+    } else if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        IpAddr::from(v6).to_string()
+    } else {
+        format!("invalid address of {} bytes", bytes.len())
     }
 }
 
