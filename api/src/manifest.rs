@@ -9,6 +9,7 @@
 //! returned as [`Ignored`] rather than failing the file.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
@@ -286,6 +287,61 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
     Ok(manifest)
 }
 
+/// Parses a file's bytes: [`parse`], after checking they are UTF-8 text.
+pub fn parse_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ManifestError {
+        line: 1 + bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count(),
+        reason: "the file is not UTF-8 text; save it as UTF-8".into(),
+    })?;
+    parse(text)
+}
+
+/// Every `*.yaml` / `*.yml` file under `dir`, recursively, in path order,
+/// and the directories that could not be read. Hidden entries are skipped:
+/// editor swap files, VCS data, and the `..data` indirection of ConfigMap
+/// volumes (whose files are also linked from the top level).
+pub fn yaml_files(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, std::io::Error)>) {
+    let mut files = Vec::new();
+    let mut unreadable = Vec::new();
+    collect_yaml_files(dir, &mut files, &mut unreadable);
+    (files, unreadable)
+}
+
+fn collect_yaml_files(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    unreadable: &mut Vec<(PathBuf, std::io::Error)>,
+) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            unreadable.push((dir.to_path_buf(), e));
+            return;
+        }
+    };
+    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file_type) = entry.file_type() else {
+            continue;
+        };
+        if file_type.is_dir() {
+            collect_yaml_files(&path, files, unreadable);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            files.push(path);
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Header {
@@ -469,6 +525,38 @@ spec:
         assert!(err.reason.contains("apiVersion"), "{err}");
         let err = parse("apiVersion: v1\nkind: Service\nmetadata: {}\n").unwrap_err();
         assert!(err.reason.contains("metadata.name"), "{err}");
+    }
+
+    #[test]
+    fn bytes_must_be_utf8() {
+        let err =
+            parse_bytes(b"apiVersion: v1\nkind: Namespace\nmetadata: {name: \xff}\n").unwrap_err();
+        assert_eq!(err.line, 3);
+        assert!(err.reason.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn finds_yaml_files_recursively_skipping_hidden_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for f in [
+            "b.yaml",
+            "a/z.yml",
+            "a/notes.txt",
+            ".swp.yaml",
+            "..data/x.yaml",
+            "c.json",
+        ] {
+            let path = root.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "").unwrap();
+        }
+        let (files, unreadable) = yaml_files(root);
+        assert!(unreadable.is_empty());
+        assert_eq!(files, [root.join("a/z.yml"), root.join("b.yaml")]);
+        let (files, unreadable) = yaml_files(&root.join("missing"));
+        assert!(files.is_empty());
+        assert_eq!(unreadable.len(), 1);
     }
 
     #[test]

@@ -98,9 +98,14 @@ impl DirectorySource {
     /// Looks at every file once, re-reading those that changed.
     pub fn scan(&mut self) -> ScanReport {
         let mut report = ScanReport::default();
-        let mut seen = Vec::new();
-        let mut walk_problems = Vec::new();
-        collect_yaml_files(&self.root, &mut seen, &mut walk_problems);
+        let (seen, unreadable) = manifest::yaml_files(&self.root);
+        let walk_problems: Vec<DirectoryError> = unreadable
+            .into_iter()
+            .map(|(path, e)| DirectoryError::Read {
+                path,
+                reason: e.to_string(),
+            })
+            .collect();
         for path in &seen {
             if let Some(problem) = self.refresh(path, &mut report) {
                 report.new_problems.push(problem);
@@ -161,15 +166,7 @@ impl DirectorySource {
             f.len = meta.len();
             return None;
         }
-        let parsed = std::str::from_utf8(&bytes)
-            .map_err(|e| manifest::ManifestError {
-                line: 1 + bytes[..e.valid_up_to()]
-                    .iter()
-                    .filter(|b| **b == b'\n')
-                    .count(),
-                reason: "the file is not UTF-8 text".into(),
-            })
-            .and_then(manifest::parse);
+        let parsed = manifest::parse_bytes(&bytes);
         match parsed {
             Ok(m) => {
                 for ignored in &m.ignored {
@@ -284,40 +281,6 @@ impl DirectorySource {
                 first = false;
             }
             tokio::time::sleep(interval).await;
-        }
-    }
-}
-
-fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>, problems: &mut Vec<DirectoryError>) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            problems.push(DirectoryError::Read {
-                path: dir.to_path_buf(),
-                reason: e.to_string(),
-            });
-            return;
-        }
-    };
-    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        // Hidden files: editor swap files, VCS data, and the `..data`
-        // indirection of ConfigMap volumes (whose files are also linked
-        // from the top level).
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        let Ok(file_type) = entry.file_type() else {
-            continue;
-        };
-        if file_type.is_dir() {
-            collect_yaml_files(&path, out, problems);
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(path);
         }
     }
 }
