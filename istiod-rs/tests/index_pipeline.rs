@@ -141,3 +141,57 @@ async fn a_burst_of_changes_is_coalesced() {
     );
     task.abort();
 }
+
+/// The local-mode chain: a YAML directory, the store, the pipeline. Editing
+/// one pod's file changes exactly that pod's resource.
+#[tokio::test]
+async fn directory_edits_reach_the_snapshot() {
+    use istiod_rs::state::directory::DirectorySource;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pod_yaml = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-a, containers: [{{name: app, image: app}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("a.yaml"), pod_yaml("a", "10.0.0.1")).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), pod_yaml("b", "10.0.0.2")).unwrap();
+
+    let store = Store::new();
+    let source = tokio::spawn(
+        DirectorySource::new(dir.path()).run(store.clone(), Duration::from_millis(20)),
+    );
+    let (mut rx, task) = pipeline::spawn(
+        store.clone(),
+        MeshConfig::default(),
+        Debounce::default(),
+        Arc::new(PipelineMetrics::default()),
+    );
+    let first = next_snapshot(&mut rx).await;
+    assert_eq!(first.of_type(api::type_url::ADDRESS).len(), 3);
+
+    std::fs::write(dir.path().join("b.yaml"), pod_yaml("b", "10.0.0.22")).unwrap();
+    let second = next_snapshot(&mut rx).await;
+    let changed: Vec<&String> = second
+        .of_type(api::type_url::ADDRESS)
+        .iter()
+        .filter(|(name, r)| first.of_type(api::type_url::ADDRESS)[*name].version != r.version)
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(changed, [&uid("b")]);
+
+    std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+    let third = next_snapshot(&mut rx).await;
+    assert!(
+        !third
+            .of_type(api::type_url::ADDRESS)
+            .contains_key(&uid("a"))
+    );
+    source.abort();
+    task.abort();
+}

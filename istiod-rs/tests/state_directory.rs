@@ -22,6 +22,16 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Scans until new content has been read twice, as the running source does
+/// over two polls.
+fn settle(source: &mut DirectorySource) -> istiod_rs::state::directory::ScanReport {
+    let mut first = source.scan();
+    let second = source.scan();
+    first.changed |= second.changed;
+    first.new_problems.extend(second.new_problems);
+    first
+}
+
 fn pod_ip(source: &DirectorySource, name: &str) -> Option<String> {
     source
         .state()
@@ -71,11 +81,11 @@ fn reflects_edits_additions_and_deletions() {
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.1"));
 
     write(&root.join("a.yaml"), &pod("a", "10.0.0.9"));
-    assert!(source.scan().changed);
+    assert!(settle(&mut source).changed);
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.9"));
 
     write(&root.join("more/b.yaml"), &pod("b", "10.0.0.2"));
-    assert!(source.scan().changed);
+    assert!(settle(&mut source).changed);
     assert_eq!(pod_ip(&source, "b").as_deref(), Some("10.0.0.2"));
 
     std::fs::remove_file(root.join("a.yaml")).unwrap();
@@ -126,13 +136,13 @@ fn a_file_broken_by_an_edit_keeps_its_last_good_objects() {
         &file,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: [half-saved\n",
     );
-    let report = source.scan();
+    let report = settle(&mut source);
     assert_eq!(report.new_problems.len(), 1);
     assert!(report.new_problems[0].to_string().contains("apps.yaml:"));
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.1"));
     // Fixed: the new content applies and the problem is gone.
     write(&file, &pod("a", "10.0.0.5"));
-    assert!(source.scan().changed);
+    assert!(settle(&mut source).changed);
     assert!(source.problems().is_empty());
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.5"));
 }
@@ -191,7 +201,7 @@ fn unchanged_files_keep_their_objects_and_later_files_win() {
     source.scan();
     let before = source.state();
     write(&root.join("b.yaml"), &pod("b", "10.0.0.3"));
-    source.scan();
+    settle(&mut source);
     let after = source.state();
     let key = ObjectKey::new("shop", "a");
     // The same object, not a copy: the index can reuse its translation.
@@ -202,7 +212,7 @@ fn unchanged_files_keep_their_objects_and_later_files_win() {
 
     // The same pod in a file sorting later wins.
     write(&root.join("z.yaml"), &pod("a", "10.0.0.99"));
-    source.scan();
+    settle(&mut source);
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.99"));
 }
 
@@ -219,7 +229,25 @@ fn a_missing_directory_is_reported_once_and_loads_when_it_appears() {
     ));
     assert!(source.scan().new_problems.is_empty());
     write(&root.join("a.yaml"), &pod("a", "10.0.0.1"));
-    assert!(source.scan().changed);
+    assert!(settle(&mut source).changed);
     assert!(source.problems().is_empty());
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.1"));
+}
+
+#[test]
+fn content_read_once_mid_write_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.yaml");
+    write(&file, &pod("a", "10.0.0.1"));
+    let mut source = DirectorySource::new(dir.path());
+    source.scan();
+    // Caught between truncation and write: an empty file, once.
+    write(&file, "");
+    assert!(!source.scan().changed);
+    assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.1"));
+    // The write completes; the new content applies once read twice.
+    write(&file, &pod("a", "10.0.0.2"));
+    assert!(!source.scan().changed);
+    assert!(source.scan().changed);
+    assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.2"));
 }

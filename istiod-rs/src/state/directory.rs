@@ -5,8 +5,10 @@
 //! The directory is polled: a file whose size or modification time moved is
 //! read again and, if its content hash differs, parsed again. Polling keeps
 //! the dependency tree lean and works on every filesystem (bind mounts and
-//! ConfigMap volumes included); at the default interval an edit is reflected
-//! well within a second.
+//! ConfigMap volumes included). After the first load, new content is applied
+//! only once two consecutive polls read the same bytes, so a file caught
+//! half-written (truncated, then written) never briefly empties the mesh;
+//! at the default interval an edit is reflected within half a second.
 //!
 //! A malformed file is reported (`file:line: reason`) and its **last good
 //! objects are kept**: an editor saving a half-written file must not make
@@ -80,6 +82,10 @@ pub struct DirectorySource {
     root: PathBuf,
     files: BTreeMap<PathBuf, LoadedFile>,
     walk_problems: Vec<DirectoryError>,
+    /// Content hashes read once but not yet applied (see the module doc).
+    unsettled: BTreeMap<PathBuf, [u8; 32]>,
+    /// Whether the initial load (applied at once) is done.
+    loaded: bool,
 }
 
 impl DirectorySource {
@@ -88,6 +94,8 @@ impl DirectorySource {
             root: root.into(),
             files: BTreeMap::new(),
             walk_problems: Vec::new(),
+            unsettled: BTreeMap::new(),
+            loaded: false,
         }
     }
 
@@ -95,7 +103,8 @@ impl DirectorySource {
         &self.root
     }
 
-    /// Looks at every file once, re-reading those that changed.
+    /// Looks at every file once, re-reading those that changed. After the
+    /// first scan, new content applies on the second scan that reads it.
     pub fn scan(&mut self) -> ScanReport {
         let mut report = ScanReport::default();
         let (seen, unreadable) = manifest::yaml_files(&self.root);
@@ -114,7 +123,9 @@ impl DirectorySource {
         let seen: BTreeSet<PathBuf> = seen.into_iter().collect();
         let before = self.files.len();
         self.files.retain(|path, _| seen.contains(path));
+        self.unsettled.retain(|path, _| seen.contains(path));
         report.changed |= self.files.len() != before;
+        self.loaded = true;
         // Unreadable directories are reported when they become so, not on
         // every scan.
         for p in &walk_problems {
@@ -164,8 +175,15 @@ impl DirectorySource {
         {
             f.modified = modified;
             f.len = meta.len();
+            self.unsettled.remove(path);
             return None;
         }
+        if self.loaded && self.unsettled.get(path) != Some(&hash) {
+            // Seen for the first time: apply it if the next poll reads it again.
+            self.unsettled.insert(path.to_path_buf(), hash);
+            return None;
+        }
+        self.unsettled.remove(path);
         let parsed = manifest::parse_bytes(&bytes);
         match parsed {
             Ok(m) => {
