@@ -5,6 +5,7 @@
 pub mod crd;
 pub mod identity;
 pub mod labels;
+pub mod manifest;
 pub mod ports;
 mod proto;
 

@@ -2,11 +2,15 @@
 //! xDS; the embedded CA; waypoint provisioning.
 //!
 //! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
-//! -> [`snapshot::Snapshot`] -> `xds` (delta ADS to every proxy).
+//! -> [`snapshot::Snapshot`] (published by `pipeline`) -> `xds` (delta ADS to
+//! every proxy).
 
 pub mod auth;
 pub mod ca;
 pub mod grpc;
+pub mod index;
 pub mod monitoring;
+pub mod pipeline;
 pub mod snapshot;
+pub mod state;
 pub mod xds;

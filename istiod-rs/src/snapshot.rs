@@ -49,10 +49,20 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn insert(&mut self, resource: Resource) {
-        self.types
-            .entry(resource.body.type_url.clone())
-            .or_default()
-            .insert(resource.name.clone(), Arc::new(resource));
+        self.insert_shared(Arc::new(resource));
+    }
+
+    /// Inserts a resource that another snapshot may share (an unchanged
+    /// resource carried over from the previous build, without copying).
+    pub fn insert_shared(&mut self, resource: Arc<Resource>) {
+        let resources = match self.types.get_mut(&resource.body.type_url) {
+            Some(r) => r,
+            None => self
+                .types
+                .entry(resource.body.type_url.clone())
+                .or_default(),
+        };
+        resources.insert(resource.name.clone(), resource);
     }
 
     /// The resources of one type (empty when there are none).

@@ -1,0 +1,334 @@
+//! The ambient index: a pure translation of the [`ClusterState`] into the
+//! workload API every ztunnel consumes, keyed exactly as upstream istiod keys
+//! it and published as a [`Snapshot`]:
+//!
+//! | resource | type | key |
+//! |---|---|---|
+//! | Workload (one per pod with an IP) | `istio.workload.Address` | `<cluster>//Pod/<ns>/<name>` |
+//! | Workload (a Service's EndpointSlice endpoint that is not a pod) | `istio.workload.Address` | `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>` |
+//! | Service (one per Kubernetes Service) | `istio.workload.Address` | `<ns>/<name>.<ns>.svc.<domain>` |
+//! | Authorization (AuthorizationPolicy, converted PeerAuthentication) | `istio.security.Authorization` | `<ns>/<name>` |
+//!
+//! No I/O, no clock: the same state always gives the same bytes, so the
+//! snapshot's content hashes change only where the content does.
+
+mod authorization;
+pub mod json;
+mod peer_authentication;
+mod selectors;
+mod services;
+#[doc(hidden)]
+pub mod testing;
+mod waypoints;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use api::crd::{AuthorizationPolicy, PeerAuthentication};
+use api::manifest::ObjectKey;
+use gateway_api::gateways::Gateway;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use api::workload::{Address, address};
+use api::{labels, type_url};
+
+pub use authorization::PolicyProblem;
+pub use peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
+
+use crate::snapshot::{Resource, Snapshot};
+use crate::state::{ClusterState, Objects};
+
+/// The mesh-wide settings the translation depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Trust domain of workload identities.
+    pub trust_domain: String,
+    /// Cluster id, the first part of workload uids.
+    pub cluster_id: String,
+    /// Kubernetes DNS domain of service hostnames.
+    pub cluster_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// Network of every workload and VIP (single-network mesh: empty).
+    pub network: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            trust_domain: labels::DEFAULT_TRUST_DOMAIN.to_string(),
+            cluster_id: labels::DEFAULT_CLUSTER_ID.to_string(),
+            cluster_domain: labels::DEFAULT_CLUSTER_DOMAIN.to_string(),
+            root_namespace: labels::DEFAULT_ROOT_NAMESPACE.to_string(),
+            network: String::new(),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// `<name>.<namespace>.svc.<cluster domain>`.
+    pub fn service_hostname(&self, name: &str, namespace: &str) -> String {
+        format!("{name}.{namespace}.svc.{}", self.cluster_domain)
+    }
+
+    /// A pod's workload uid, as upstream: `<cluster>//Pod/<ns>/<name>`.
+    pub fn pod_uid(&self, namespace: &str, name: &str) -> String {
+        format!("{}//Pod/{namespace}/{name}", self.cluster_id)
+    }
+
+    /// The trust domain as workloads carry it: empty for the default
+    /// `cluster.local` (ztunnel's own default), as upstream sends it.
+    fn workload_trust_domain(&self) -> &str {
+        if self.trust_domain == labels::DEFAULT_TRUST_DOMAIN {
+            ""
+        } else {
+            &self.trust_domain
+        }
+    }
+}
+
+/// What one translation produced.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub snapshot: Snapshot,
+    /// Policies rejected, or enforced more strictly than written, with why.
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// Translates the whole cluster state.
+pub fn translate(state: &ClusterState, mesh: &MeshConfig) -> Translation {
+    Translator::default().translate(state, mesh)
+}
+
+/// Translates again and again, reusing the previous translation's work for
+/// pods: when nothing but pods changed (the common case, pod churn), a pod
+/// whose object is the same (`Arc` identity) keeps its encoded workload.
+/// The output is always exactly [`translate`]'s.
+#[derive(Debug, Default)]
+pub struct Translator {
+    previous: Option<Previous>,
+    reused: usize,
+}
+
+/// What a translation leaves for the next one.
+#[derive(Debug)]
+struct Previous {
+    mesh: MeshConfig,
+    inputs: Inputs,
+    pods: BTreeMap<ObjectKey, CachedPod>,
+}
+
+#[derive(Debug)]
+struct CachedPod {
+    /// Held so that the identity comparison cannot be fooled by a new
+    /// object reusing a freed allocation.
+    pod: Arc<Pod>,
+    addresses: Vec<IpAddr>,
+    backed: Vec<usize>,
+    resource: Arc<Resource>,
+}
+
+/// Everything besides pods that a workload depends on.
+#[derive(Debug)]
+struct Inputs {
+    namespaces: Objects<Namespace>,
+    nodes: Objects<Node>,
+    services: Objects<Service>,
+    endpoint_slices: Objects<EndpointSlice>,
+    gateways: Objects<Gateway>,
+    authorization_policies: Objects<AuthorizationPolicy>,
+    peer_authentications: Objects<PeerAuthentication>,
+}
+
+impl Inputs {
+    fn of(state: &ClusterState) -> Self {
+        Inputs {
+            namespaces: state.namespaces.clone(),
+            nodes: state.nodes.clone(),
+            services: state.services.clone(),
+            endpoint_slices: state.endpoint_slices.clone(),
+            gateways: state.gateways.clone(),
+            authorization_policies: state.authorization_policies.clone(),
+            peer_authentications: state.peer_authentications.clone(),
+        }
+    }
+
+    fn unchanged(&self, state: &ClusterState) -> bool {
+        fn same<K>(a: &Objects<K>, b: &Objects<K>) -> bool {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
+        }
+        same(&self.namespaces, &state.namespaces)
+            && same(&self.nodes, &state.nodes)
+            && same(&self.services, &state.services)
+            && same(&self.endpoint_slices, &state.endpoint_slices)
+            && same(&self.gateways, &state.gateways)
+            && same(&self.authorization_policies, &state.authorization_policies)
+            && same(&self.peer_authentications, &state.peer_authentications)
+    }
+}
+
+impl Translator {
+    /// How many pods the last translation reused.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    pub fn translate(&mut self, state: &ClusterState, mesh: &MeshConfig) -> Translation {
+        let mut previous = self
+            .previous
+            .take()
+            .filter(|p| p.mesh == *mesh && p.inputs.unchanged(state));
+        let mut snapshot = Snapshot::default();
+        let mut problems = Vec::new();
+
+        // Policies first: workloads list the selector-scoped ones that apply.
+        let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
+        for policy in state.authorization_policies.values() {
+            match authorization::convert(&mesh.root_namespace, policy, &mut problems) {
+                Ok(Some(converted)) => {
+                    let a = &converted.authorization;
+                    let key = format!("{}/{}", a.namespace, a.name);
+                    if let Some(selector) = converted.selector {
+                        selector_policies
+                            .entry(a.namespace.clone())
+                            .or_default()
+                            .push((key.clone(), selector));
+                    }
+                    snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
+                }
+                Ok(None) => {}
+                Err(problem) => problems.push(problem),
+            }
+        }
+        let peer_authentications =
+            peer_authentication::PeerAuthentications::new(state, &mesh.root_namespace);
+        for a in peer_authentications.authorizations() {
+            let key = format!("{}/{}", a.namespace, a.name);
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));
+        }
+
+        let waypoints = waypoints::Waypoints::build(state, mesh);
+        let mut services = services::Services::build(state, mesh);
+
+        // Which pods are workloads, which services each backs, and the service
+        // accounts behind each service (for per-ServiceAccount waypoints).
+        let mut pods = Vec::with_capacity(state.pods.len());
+        let mut service_accounts: Vec<Option<Option<&str>>> = vec![None; services.entries.len()];
+        for (key, pod) in &state.pods {
+            let cached = previous
+                .as_mut()
+                .and_then(|p| p.pods.remove(key))
+                .filter(|c| Arc::ptr_eq(&c.pod, pod));
+            let (addresses, backed, resource) = match cached {
+                Some(c) => (c.addresses, c.backed, Some(c.resource)),
+                None => {
+                    let Some(addresses) = workloads::addresses(pod) else {
+                        continue;
+                    };
+                    let labels = selectors::labels_of(&pod.metadata.labels);
+                    let backed = services.backed_by(&key.namespace, &key.name, labels);
+                    (addresses, backed, None)
+                }
+            };
+            let sa = crate::state::pod_service_account(pod);
+            for &i in &backed {
+                let slot = &mut service_accounts[i];
+                *slot = match *slot {
+                    None => Some(Some(sa)),
+                    Some(Some(s)) if s == sa => Some(Some(s)),
+                    Some(_) => Some(None),
+                };
+            }
+            pods.push((key, pod, addresses, backed, resource));
+        }
+
+        for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
+            let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
+                .get(labels::GATEWAY_MANAGED)
+                .is_some_and(|v| v == labels::GATEWAY_MANAGED_VALUE);
+            if !is_waypoint {
+                entry.proto.waypoint = waypoints
+                    .bound(
+                        state,
+                        entry.namespace,
+                        entry.labels(),
+                        sa.flatten(),
+                        waypoints::Traffic::Service,
+                    )
+                    .map(|w| w.address.clone());
+            }
+            let address = Address {
+                r#type: Some(address::Type::Service(entry.proto.clone())),
+            };
+            snapshot.insert(Resource::new(
+                type_url::ADDRESS,
+                entry.key.clone(),
+                &address,
+            ));
+        }
+
+        let ctx = workloads::Context {
+            state,
+            mesh,
+            waypoints: &waypoints,
+            services: &services,
+            selector_policies: &selector_policies,
+            peer_authentications: &peer_authentications,
+        };
+        let mut cache = BTreeMap::new();
+        let mut reused = 0;
+        for (key, pod, addresses, backed, resource) in pods {
+            let resource = match resource {
+                Some(r) => {
+                    reused += 1;
+                    r
+                }
+                None => Arc::new(workload_resource(workloads::workload(
+                    &ctx, key, pod, &addresses, &backed,
+                ))),
+            };
+            snapshot.insert_shared(resource.clone());
+            cache.insert(
+                key.clone(),
+                CachedPod {
+                    pod: pod.clone(),
+                    addresses,
+                    backed,
+                    resource,
+                },
+            );
+        }
+        for w in workloads::endpoint_slice_workloads(&ctx) {
+            snapshot.insert(workload_resource(w));
+        }
+        self.reused = reused;
+        self.previous = Some(Previous {
+            mesh: mesh.clone(),
+            inputs: Inputs::of(state),
+            pods: cache,
+        });
+        Translation { snapshot, problems }
+    }
+}
+
+fn workload_resource(w: api::workload::Workload) -> Resource {
+    let uid = w.uid.clone();
+    let address = Address {
+        r#type: Some(address::Type::Workload(w)),
+    };
+    Resource::new(type_url::ADDRESS, uid, &address)
+}
+
+/// An address as the workload API carries it: 4 or 16 bytes.
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}

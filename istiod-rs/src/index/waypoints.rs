@@ -1,0 +1,315 @@
+//! Waypoints and who is bound to them.
+//!
+//! A waypoint is a Gateway of class `istio-waypoint` that can be reached:
+//! its `status.addresses` (a hostname preferred over an IP, as upstream), or,
+//! before istiod-rs has written that status, the Service it provisioned for
+//! it (labelled `gateway.networking.k8s.io/gateway-name`). Proxies reach it
+//! with HBONE on 15008.
+//!
+//! Binding, most specific first:
+//! 1. the object's own `istio.io/use-waypoint` (+ `-namespace`) label; `none`
+//!    opts out. A named waypoint that is missing, refuses the namespace or
+//!    does not take this kind of traffic leaves the object without one (as
+//!    upstream: no fall-through to the namespace's).
+//! 2. a waypoint annotated `istio.io/for-service-account: <sa>` in the
+//!    object's namespace, for a workload running as `<sa>` or a service whose
+//!    selected pods all run as it;
+//! 3. the namespace's `istio.io/use-waypoint` label.
+//!
+//! `istio.io/waypoint-for` on the Gateway says what traffic it takes:
+//! `service` (the default), `workload`, `all` or `none`. A per-ServiceAccount
+//! waypoint without the label takes `all`: it exists to serve that account's
+//! workloads and services alike.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use api::labels;
+use api::workload::{GatewayAddress, NamespacedHostname, NetworkAddress, gateway_address};
+use gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesSelector as NamespaceSelector;
+use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom as From};
+use tracing::debug;
+
+use super::MeshConfig;
+use super::selectors::{self, Labels, Requirement, labels_of};
+use crate::state::{ClusterState, in_namespace};
+
+/// What traffic a waypoint takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Traffic {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl Traffic {
+    fn parse(value: &str) -> Traffic {
+        match value {
+            "service" => Traffic::Service,
+            "workload" => Traffic::Workload,
+            "all" => Traffic::All,
+            // `none`, and values we do not know: take nothing rather than guess.
+            _ => Traffic::None,
+        }
+    }
+
+    fn takes(self, wanted: Traffic) -> bool {
+        self == wanted || self == Traffic::All
+    }
+}
+
+#[derive(Clone, Debug)]
+enum AllowedNamespaces {
+    Same,
+    All,
+    Selector(NamespaceSelector),
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Waypoint {
+    namespace: String,
+    pub address: GatewayAddress,
+    traffic: Traffic,
+    allowed: AllowedNamespaces,
+}
+
+impl Waypoint {
+    fn allows(&self, state: &ClusterState, namespace: &str) -> bool {
+        match &self.allowed {
+            AllowedNamespaces::Same => self.namespace == namespace,
+            AllowedNamespaces::All => true,
+            AllowedNamespaces::Selector(sel) => {
+                let Some(ns) = state.namespace(namespace) else {
+                    return false;
+                };
+                let exprs = sel.match_expressions.iter().flatten().map(|e| Requirement {
+                    key: &e.key,
+                    operator: &e.operator,
+                    values: e.values.as_deref().unwrap_or_default(),
+                });
+                selectors::selects(
+                    sel.match_labels.as_ref(),
+                    exprs,
+                    labels_of(&ns.metadata.labels),
+                )
+            }
+        }
+    }
+}
+
+/// Every usable waypoint of the cluster.
+#[derive(Debug, Default)]
+pub(super) struct Waypoints {
+    by_key: BTreeMap<(String, String), Waypoint>,
+    /// (namespace, service account) -> waypoint key.
+    by_service_account: BTreeMap<(String, String), (String, String)>,
+}
+
+/// What an object's `use-waypoint` label says.
+enum UseWaypoint {
+    Unset,
+    None,
+    Named(String, String),
+}
+
+fn use_waypoint(labels: &Labels, default_namespace: &str) -> UseWaypoint {
+    match labels.get(labels::USE_WAYPOINT) {
+        None => UseWaypoint::Unset,
+        Some(v) if v == "none" => UseWaypoint::None,
+        Some(name) => {
+            let ns = labels
+                .get(labels::USE_WAYPOINT_NAMESPACE)
+                .map(String::as_str)
+                .unwrap_or(default_namespace);
+            UseWaypoint::Named(ns.to_string(), name.clone())
+        }
+    }
+}
+
+impl Waypoints {
+    pub fn build(state: &ClusterState, mesh: &MeshConfig) -> Self {
+        let mut waypoints = Waypoints::default();
+        for (key, gw) in &state.gateways {
+            if gw.spec.gateway_class_name != labels::WAYPOINT_GATEWAY_CLASS {
+                continue;
+            }
+            let Some(address) = gateway_address(state, mesh, gw) else {
+                debug!(gateway = %key, "waypoint has no address yet; nothing is bound to it");
+                continue;
+            };
+            let annotations = labels_of(&gw.metadata.annotations);
+            let for_sa = annotations
+                .get(labels::FOR_SERVICE_ACCOUNT)
+                .filter(|s| !s.is_empty());
+            let default_traffic = if for_sa.is_some() {
+                Traffic::All
+            } else {
+                Traffic::Service
+            };
+            let traffic = labels_of(&gw.metadata.labels)
+                .get(labels::WAYPOINT_FOR)
+                .map(|v| Traffic::parse(v))
+                .unwrap_or(default_traffic);
+            let waypoint_key = (key.namespace.clone(), key.name.clone());
+            if let Some(sa) = for_sa {
+                waypoints
+                    .by_service_account
+                    .entry((key.namespace.clone(), sa.clone()))
+                    .or_insert_with(|| waypoint_key.clone());
+            }
+            waypoints.by_key.insert(
+                waypoint_key,
+                Waypoint {
+                    namespace: key.namespace.clone(),
+                    address,
+                    traffic,
+                    allowed: allowed_namespaces(gw),
+                },
+            );
+        }
+        waypoints
+    }
+
+    /// Whether a pod with these labels is an instance of a waypoint.
+    pub fn is_instance(&self, namespace: &str, labels: &Labels) -> bool {
+        labels.get(labels::GATEWAY_NAME).is_some_and(|name| {
+            self.by_key
+                .contains_key(&(namespace.to_string(), name.clone()))
+        })
+    }
+
+    /// The waypoint bound to an object (pod or service) in `namespace` with
+    /// `labels`, for `traffic` of that kind. `service_account` is the identity
+    /// its traffic runs as, when there is exactly one.
+    pub fn bound(
+        &self,
+        state: &ClusterState,
+        namespace: &str,
+        labels: &Labels,
+        service_account: Option<&str>,
+        traffic: Traffic,
+    ) -> Option<&Waypoint> {
+        match use_waypoint(labels, namespace) {
+            UseWaypoint::None => return None,
+            UseWaypoint::Named(ns, name) => {
+                return self.usable(state, ns, name, namespace, traffic);
+            }
+            UseWaypoint::Unset => {}
+        }
+        if let Some(sa) = service_account
+            && let Some(key) = self
+                .by_service_account
+                .get(&(namespace.to_string(), sa.to_string()))
+            && let Some(w) = self.by_key.get(key)
+            && w.traffic.takes(traffic)
+        {
+            return Some(w);
+        }
+        let ns = state.namespace(namespace)?;
+        match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
+            UseWaypoint::Named(ns, name) => self.usable(state, ns, name, namespace, traffic),
+            UseWaypoint::Unset | UseWaypoint::None => None,
+        }
+    }
+
+    fn usable(
+        &self,
+        state: &ClusterState,
+        waypoint_namespace: String,
+        name: String,
+        from_namespace: &str,
+        traffic: Traffic,
+    ) -> Option<&Waypoint> {
+        let key = (waypoint_namespace, name);
+        let Some(w) = self.by_key.get(&key) else {
+            debug!(waypoint = %format!("{}/{}", key.0, key.1), "bound waypoint is missing or not ready");
+            return None;
+        };
+        if !w.allows(state, from_namespace) {
+            debug!(waypoint = %format!("{}/{}", key.0, key.1), namespace = from_namespace, "waypoint does not accept this namespace");
+            return None;
+        }
+        if !w.traffic.takes(traffic) {
+            debug!(waypoint = %format!("{}/{}", key.0, key.1), ?traffic, "waypoint does not take this traffic");
+            return None;
+        }
+        Some(w)
+    }
+}
+
+/// Where the waypoint is reached, as upstream fills it: a status hostname,
+/// else a status IP, else the hostname of the Service provisioned for it.
+fn gateway_address(
+    state: &ClusterState,
+    mesh: &MeshConfig,
+    gw: &Gateway,
+) -> Option<GatewayAddress> {
+    let namespace = gw.metadata.namespace.clone().unwrap_or_default();
+    let hostname = |hostname: String| GatewayAddress {
+        destination: Some(gateway_address::Destination::Hostname(NamespacedHostname {
+            namespace: namespace.clone(),
+            hostname,
+        })),
+        hbone_mtls_port: api::ports::HBONE as u32,
+    };
+    let addresses = gw
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if let Some(a) = addresses
+        .iter()
+        .find(|a| a.r#type.as_deref() == Some("Hostname"))
+    {
+        return Some(hostname(a.value.clone()));
+    }
+    // The API server defaults an untyped address to IPAddress.
+    let ip = addresses
+        .iter()
+        .filter(|a| matches!(a.r#type.as_deref(), None | Some("IPAddress")))
+        .find_map(|a| a.value.parse::<IpAddr>().ok());
+    if let Some(ip) = ip {
+        return Some(GatewayAddress {
+            destination: Some(gateway_address::Destination::Address(NetworkAddress {
+                network: mesh.network.clone(),
+                address: super::ip_bytes(ip),
+            })),
+            hbone_mtls_port: api::ports::HBONE as u32,
+        });
+    }
+    let gw_name = gw.metadata.name.as_deref()?;
+    in_namespace(&state.services, &namespace)
+        .find(|svc| {
+            labels_of(&svc.metadata.labels)
+                .get(labels::GATEWAY_NAME)
+                .map(String::as_str)
+                == Some(gw_name)
+        })
+        .and_then(|svc| svc.metadata.name.as_deref())
+        .map(|svc| hostname(mesh.service_hostname(svc, &namespace)))
+}
+
+/// The namespaces allowed to bind, from the HBONE listener (port 15008),
+/// `Same` when there is none.
+fn allowed_namespaces(gw: &Gateway) -> AllowedNamespaces {
+    let listener = gw
+        .spec
+        .listeners
+        .iter()
+        .find(|l| l.protocol == "HBONE" && l.port == i32::from(api::ports::HBONE));
+    let Some(ns) = listener
+        .and_then(|l| l.allowed_routes.as_ref())
+        .and_then(|r| r.namespaces.as_ref())
+    else {
+        return AllowedNamespaces::Same;
+    };
+    match ns.from {
+        Some(From::All) => AllowedNamespaces::All,
+        Some(From::Selector) => {
+            AllowedNamespaces::Selector(ns.selector.clone().unwrap_or_default())
+        }
+        Some(From::Same) | None => AllowedNamespaces::Same,
+    }
+}

@@ -1,0 +1,406 @@
+//! Pods -> `istio.workload.Workload`, as upstream builds them: every running
+//! or pending pod with an IP is a workload, enrolled or not, so ztunnel
+//! knows every peer. Enrolment decides only whether its traffic is tunnelled
+//! (HBONE).
+//!
+//! Enrolment (DESIGN.md): `istio.io/dataplane-mode=ambient` on the pod or its
+//! namespace, the pod's label winning (`none` opts a pod out). The mesh's
+//! own pods are never enrolled: pods labelled `istio.io/component`, waypoint
+//! instances and other managed gateways, sidecar-injected pods and
+//! host-network pods. As upstream, the node agent's
+//! `ambient.istio.io/redirection: enabled` annotation also means HBONE, and a
+//! pod labelled `networking.istio.io/tunnel: http` terminates HBONE itself.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use api::labels;
+use api::manifest::ObjectKey;
+use api::workload::{
+    Locality, NetworkMode, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
+};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::selectors::{Labels, labels_of, subset_of};
+use super::services::Services;
+use super::waypoints::{Traffic, Waypoints};
+use super::{MeshConfig, peer_authentication::PeerAuthentications};
+use crate::state::{ClusterState, pod_is_terminal, pod_service_account};
+
+/// Annotation a sidecar injector leaves on the pods it injected.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Label of workloads that terminate HBONE themselves.
+const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+const REGION_LABEL: &str = "topology.kubernetes.io/region";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// Selector-scoped AuthorizationPolicies by namespace: (key, selector).
+pub(super) type SelectorPolicies = BTreeMap<String, Vec<(String, Labels)>>;
+
+/// What building a workload needs besides the pod.
+pub(super) struct Context<'a> {
+    pub state: &'a ClusterState,
+    pub mesh: &'a MeshConfig,
+    pub waypoints: &'a Waypoints,
+    pub services: &'a Services<'a>,
+    pub selector_policies: &'a SelectorPolicies,
+    pub peer_authentications: &'a PeerAuthentications<'a>,
+}
+
+/// The pod's addresses, when it should be a workload: not finished, and
+/// with at least one IP, all valid.
+pub(super) fn addresses(pod: &Pod) -> Option<Vec<IpAddr>> {
+    if pod_is_terminal(pod) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let ips: Vec<&str> = match &status.pod_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|i| i.ip.as_str()).collect(),
+        _ => status.pod_ip.iter().map(String::as_str).collect(),
+    };
+    if ips.is_empty() {
+        return None;
+    }
+    ips.into_iter().map(|ip| ip.parse().ok()).collect()
+}
+
+/// Whether the pod is one of the mesh's own, never captured.
+fn is_mesh_component(waypoints: &Waypoints, namespace: &str, pod: &Pod) -> bool {
+    let labels = labels_of(&pod.metadata.labels);
+    labels.contains_key(labels::ISTIO_COMPONENT)
+        || labels.contains_key(labels::GATEWAY_MANAGED)
+        || waypoints.is_instance(namespace, labels)
+        || labels_of(&pod.metadata.annotations).contains_key(SIDECAR_STATUS)
+        || pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+}
+
+/// Whether the pod's traffic is captured into the mesh.
+pub(super) fn enrolled(
+    state: &ClusterState,
+    waypoints: &Waypoints,
+    namespace: &str,
+    pod: &Pod,
+) -> bool {
+    if is_mesh_component(waypoints, namespace, pod) {
+        return false;
+    }
+    match labels_of(&pod.metadata.labels)
+        .get(labels::DATAPLANE_MODE)
+        .map(String::as_str)
+    {
+        Some(labels::DATAPLANE_MODE_NONE) => false,
+        Some(labels::DATAPLANE_MODE_AMBIENT) => true,
+        _ => state.namespace(namespace).is_some_and(|ns| {
+            labels_of(&ns.metadata.labels)
+                .get(labels::DATAPLANE_MODE)
+                .map(String::as_str)
+                == Some(labels::DATAPLANE_MODE_AMBIENT)
+        }),
+    }
+}
+
+/// Ready condition true, and not being deleted.
+fn healthy(pod: &Pod) -> bool {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    ready && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// Label that names a pod's workload explicitly.
+const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// The name of what runs the pod, upstream's heuristic: the workload-name
+/// label if set; else, for a pod with a generated name, its controller,
+/// seen through a ReplicaSet to its Deployment (or Argo Rollout) by the
+/// template-hash suffix, through an OpenShift ReplicationController to its
+/// DeploymentConfig, and through a Job to its CronJob by the timestamp
+/// suffix; else the pod's own name.
+fn workload_name(pod: &Pod) -> String {
+    let meta = &pod.metadata;
+    let labels = labels_of(&meta.labels);
+    if let Some(name) = labels.get(WORKLOAD_NAME_LABEL) {
+        return name.clone();
+    }
+    let pod_name = meta.name.clone().unwrap_or_default();
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true));
+    let generated = !meta.generate_name.as_deref().unwrap_or_default().is_empty();
+    let Some(controller) = controller.filter(|_| generated) else {
+        return pod_name;
+    };
+    let name = controller.name.as_str();
+    let label = |k: &str| labels.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let without_hash = |hash: &str| {
+        name.ends_with(hash)
+            .then(|| name.strip_suffix(&format!("-{hash}")).unwrap_or(name))
+    };
+    let derived = match controller.kind.as_str() {
+        "ReplicaSet" => label("pod-template-hash")
+            .and_then(without_hash)
+            .or_else(|| label("rollouts-pod-template-hash").and_then(without_hash))
+            .unwrap_or(name),
+        "ReplicationController" => label("deploymentconfig").unwrap_or(name),
+        "Job" => cron_job_name(name).unwrap_or(name),
+        _ => name,
+    };
+    if derived.is_empty() {
+        pod_name
+    } else {
+        derived.to_string()
+    }
+}
+
+/// `<cronjob>-<8 to 10 digits>` -> `<cronjob>`.
+fn cron_job_name(job: &str) -> Option<&str> {
+    let (base, suffix) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit());
+    (digits && !base.is_empty()).then_some(base)
+}
+
+/// Canonical service name and revision, with upstream's label fallbacks.
+fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+    let name = first(&[labels::CANONICAL_NAME, labels::APP_NAME, labels::APP])
+        .unwrap_or_else(|| workload_name.to_string());
+    let revision = first(&[
+        labels::CANONICAL_REVISION,
+        labels::APP_VERSION,
+        labels::VERSION,
+    ])
+    .unwrap_or_else(|| "latest".to_string());
+    (name, revision)
+}
+
+fn locality(state: &ClusterState, node: &str) -> Option<Locality> {
+    let node = state.nodes.get(&ObjectKey::cluster(node))?;
+    let labels = labels_of(&node.metadata.labels);
+    let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    let l = Locality {
+        region: get(REGION_LABEL),
+        zone: get(ZONE_LABEL),
+        subzone: get(SUBZONE_LABEL),
+    };
+    (l != Locality::default()).then_some(l)
+}
+
+/// Keys of the AuthorizationPolicies (selector-scoped, from the pod's
+/// namespace or the root namespace, sorted) then the converted
+/// PeerAuthentications (sorted) that apply to the pod: upstream's order.
+fn policy_keys(ctx: &Context<'_>, namespace: &str, labels: &Labels) -> Vec<String> {
+    let root = ctx.mesh.root_namespace.as_str();
+    let namespaces = if namespace == root {
+        vec![namespace]
+    } else {
+        vec![namespace, root]
+    };
+    let mut keys: Vec<String> = namespaces
+        .into_iter()
+        .filter_map(|ns| ctx.selector_policies.get(ns))
+        .flatten()
+        .filter(|(_, selector)| subset_of(selector, labels))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.sort();
+    keys.extend(ctx.peer_authentications.workload_keys(namespace, labels));
+    keys
+}
+
+/// The workload for a pod with `addresses`, backing the services `backed`.
+pub(super) fn workload(
+    ctx: &Context<'_>,
+    key: &ObjectKey,
+    pod: &Pod,
+    addresses: &[IpAddr],
+    backed: &[usize],
+) -> Workload {
+    let namespace = key.namespace.as_str();
+    let labels = labels_of(&pod.metadata.labels);
+    let spec = pod.spec.as_ref();
+    let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let sa = pod_service_account(pod);
+    let waypoint = if ctx.waypoints.is_instance(namespace, labels) {
+        None
+    } else {
+        ctx.waypoints
+            .bound(ctx.state, namespace, labels, Some(sa), Traffic::Workload)
+    };
+    let services = backed
+        .iter()
+        .map(|&i| {
+            let entry = &ctx.services.entries[i];
+            (entry.key.clone(), entry.ports_for(pod))
+        })
+        .collect();
+    let name = workload_name(pod);
+    let (canonical_name, canonical_revision) = canonical(labels, &name);
+    let mut tunnel = TunnelProtocol::None;
+    let mut native_tunnel = false;
+    let redirected = labels_of(&pod.metadata.annotations)
+        .get(labels::AMBIENT_REDIRECTION)
+        .map(String::as_str)
+        == Some(labels::AMBIENT_REDIRECTION_ENABLED);
+    if redirected || enrolled(ctx.state, ctx.waypoints, namespace, pod) {
+        tunnel = TunnelProtocol::Hbone;
+    }
+    if labels.get(TUNNEL_LABEL).map(String::as_str) == Some("http") {
+        tunnel = TunnelProtocol::Hbone;
+        native_tunnel = true;
+    }
+    let host_network = spec.and_then(|s| s.host_network) == Some(true);
+    Workload {
+        uid: ctx.mesh.pod_uid(namespace, &key.name),
+        name: key.name.clone(),
+        namespace: namespace.to_string(),
+        addresses: addresses.iter().map(|ip| super::ip_bytes(*ip)).collect(),
+        network: ctx.mesh.network.clone(),
+        tunnel_protocol: tunnel as i32,
+        trust_domain: ctx.mesh.workload_trust_domain().to_string(),
+        service_account: sa.to_string(),
+        waypoint: waypoint.map(|w| w.address.clone()),
+        locality: locality(ctx.state, &node),
+        node,
+        canonical_name,
+        canonical_revision,
+        workload_type: WorkloadType::Pod as i32,
+        workload_name: name,
+        native_tunnel,
+        authorization_policies: policy_keys(ctx, namespace, labels),
+        status: if healthy(pod) {
+            WorkloadStatus::Healthy
+        } else {
+            WorkloadStatus::Unhealthy
+        } as i32,
+        cluster_id: ctx.mesh.cluster_id.clone(),
+        services,
+        network_mode: if host_network {
+            NetworkMode::HostNetwork
+        } else {
+            NetworkMode::Standard
+        } as i32,
+        ..Default::default()
+    }
+}
+
+/// Workloads for the endpoints of a Service's EndpointSlices that are not
+/// pods (endpoints added by hand, e.g. for a VM), as upstream: one per
+/// address, keyed `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>`,
+/// with no identity, policies or waypoint, and a shared-address network mode
+/// since nothing guarantees the address is unique.
+pub(super) fn endpoint_slice_workloads(ctx: &Context<'_>) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for (key, slice) in &ctx.state.endpoint_slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let Some(index) = ctx.services.for_slice(slice) else {
+            continue;
+        };
+        let service = &ctx.services.entries[index];
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+            .filter_map(|p| {
+                let target = u32::try_from(p.port?).ok()?;
+                let service_port = service.port_named(p.name.as_deref()?)?;
+                Some(api::workload::Port {
+                    service_port,
+                    target_port: target,
+                })
+            })
+            .collect();
+        let services: BTreeMap<String, api::workload::PortList> =
+            [(service.key.clone(), api::workload::PortList { ports })].into();
+        let mut seen = std::collections::BTreeSet::new();
+        for ep in slice.endpoints.iter().flatten() {
+            if ep.target_ref.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod") {
+                continue;
+            }
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            if !seen.insert(first.clone()) {
+                continue;
+            }
+            let Ok(addresses) = ep
+                .addresses
+                .iter()
+                .map(|a| a.parse::<IpAddr>().map(super::ip_bytes))
+                .collect::<Result<Vec<_>, _>>()
+            else {
+                continue;
+            };
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            out.push(Workload {
+                uid: format!(
+                    "{}/discovery.k8s.io/EndpointSlice/{}/{}/{first}",
+                    ctx.mesh.cluster_id, key.namespace, key.name
+                ),
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                addresses,
+                network: ctx.mesh.network.clone(),
+                trust_domain: ctx.mesh.workload_trust_domain().to_string(),
+                services: services.clone(),
+                status: if ready {
+                    WorkloadStatus::Healthy
+                } else {
+                    WorkloadStatus::Unhealthy
+                } as i32,
+                cluster_id: ctx.mesh.cluster_id.clone(),
+                network_mode: NetworkMode::HostNetwork as i32,
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_job_suffixes() {
+        assert_eq!(cron_job_name("backup-28391234"), Some("backup"));
+        assert_eq!(cron_job_name("backup-2839123456"), Some("backup"));
+        assert_eq!(cron_job_name("backup-28391234567"), None);
+        assert_eq!(cron_job_name("backup-1234567"), None);
+        assert_eq!(cron_job_name("backup-abcdefgh"), None);
+        assert_eq!(cron_job_name("nodash"), None);
+    }
+
+    #[test]
+    fn canonical_names_fall_back() {
+        let l = |pairs: &[(&str, &str)]| -> Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            canonical(&l(&[("app", "web"), ("version", "v2")]), "web-abc"),
+            ("web".into(), "v2".into())
+        );
+        assert_eq!(
+            canonical(
+                &l(&[
+                    ("app", "web"),
+                    (labels::CANONICAL_NAME, "shop"),
+                    (labels::APP_VERSION, "1.0")
+                ]),
+                "x"
+            ),
+            ("shop".into(), "1.0".into())
+        );
+        assert_eq!(canonical(&l(&[]), "web"), ("web".into(), "latest".into()));
+    }
+}
