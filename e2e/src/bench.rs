@@ -190,13 +190,18 @@ fn create_path(cluster: &dyn Cluster, namespace: &str, ambient: bool) -> Result<
     let (n0, n1) = (&nodes[0], &nodes[nodes.len().min(2) - 1]);
     let server = cluster.create_pod(&echo_server(namespace, "server", n1, "default"))?;
     let client = cluster.create_pod(&client_pod(namespace, "client", n0, "default"))?;
-    let protocol = if ambient { "HBONE" } else { "TCP" };
-    probe::until_known(
-        cluster,
-        &[&server, &client],
-        protocol,
-        Duration::from_secs(60),
-    )?;
+    let timeout = Duration::from_secs(60);
+    if ambient {
+        let td = api::labels::DEFAULT_TRUST_DOMAIN;
+        probe::until_in_mesh(
+            cluster,
+            td,
+            &[(&server, "default"), (&client, "default")],
+            timeout,
+        )?;
+    } else {
+        probe::until_known(cluster, &[&server, &client], "TCP", timeout)?;
+    }
     Ok(Path2 { client, server })
 }
 

@@ -119,8 +119,12 @@ impl DemoPods {
         }
         let last = nodes.last().cloned().unwrap_or_default();
         let legacy = cluster.create_pod(&client_pod(LEGACY_NS, "client", &last, "default"))?;
-        let enrolled: Vec<&PodInfo> = servers.iter().chain(&clients).collect();
-        probe::until_known(cluster, &enrolled, "HBONE", TIMEOUT)?;
+        let enrolled: Vec<(&PodInfo, &str)> = servers
+            .iter()
+            .map(|p| (p, "server"))
+            .chain(clients.iter().map(|p| (p, "client")))
+            .collect();
+        probe::until_in_mesh(cluster, trust_domain, &enrolled, TIMEOUT)?;
         probe::until_known(cluster, &[&legacy], "TCP", TIMEOUT)?;
         let service_vip = probe::eventually("the service's cluster IP", TIMEOUT, || {
             Ok(
@@ -516,8 +520,8 @@ fn certificates(cluster: &dyn Cluster, pods: &DemoPods, node: &str) -> Result<Ch
         .iter()
         .map(|c| {
             format!(
-                "{} [{}] serial {} expires {} (chain of {})",
-                c.identity, c.state, c.serial, c.expires, c.chain
+                "{} [{}] serial {} expires {}",
+                c.identity, c.state, c.serial, c.expires
             )
         })
         .collect();

@@ -283,8 +283,6 @@ pub struct CertificateSummary {
     pub serial: String,
     pub valid_from: String,
     pub expires: String,
-    /// The chain's length, leaf included.
-    pub chain: usize,
 }
 
 /// The certificates a node's ztunnel-rs holds, by identity.
@@ -322,10 +320,33 @@ pub fn certificates(
                 serial: text(&leaf, "serialNumber"),
                 valid_from: text(&leaf, "validFrom"),
                 expires: text(&leaf, "expirationTime"),
-                chain: chain.len(),
             }
         })
         .collect())
+}
+
+/// Waits until a node's ztunnel-rs holds a valid certificate for
+/// `identity` (a SPIFFE id) and returns it. A pod joins the mesh only then:
+/// its ztunnel asks for the certificate when the pod is handed over, and the
+/// CA may refuse until the control plane has seen the pod on that node.
+pub fn until_certificate(
+    cluster: &dyn Cluster,
+    node: &str,
+    identity: &str,
+    timeout: Duration,
+) -> Result<CertificateSummary, ProbeError> {
+    eventually(
+        &format!("the ztunnel on {node} to hold a certificate for {identity}"),
+        timeout,
+        || {
+            let certs = certificates(cluster, node)?;
+            Ok(match certs.into_iter().find(|c| c.identity == identity) {
+                Some(c) if c.state == "Available" => Ok(c),
+                Some(c) => Err(c.state),
+                None => Err("none".to_string()),
+            })
+        },
+    )
 }
 
 /// A workload as a ztunnel-rs's `/config_dump` shows it.
@@ -402,6 +423,24 @@ pub fn until_known(
                 })
             })?;
         }
+    }
+    Ok(())
+}
+
+/// Waits until pods have joined the mesh: every node's ztunnel-rs knows
+/// each as an HBONE workload, and each pod's own ztunnel holds a certificate
+/// for its identity (`(pod, service account)` pairs).
+pub fn until_in_mesh(
+    cluster: &dyn Cluster,
+    trust_domain: &str,
+    pods: &[(&PodInfo, &str)],
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let all: Vec<&PodInfo> = pods.iter().map(|(p, _)| *p).collect();
+    until_known(cluster, &all, "HBONE", timeout)?;
+    for (pod, sa) in pods {
+        let id = principal(trust_domain, &pod.namespace, sa);
+        until_certificate(cluster, &pod.node, &id, timeout)?;
     }
     Ok(())
 }

@@ -79,7 +79,8 @@ pub fn sum(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
         .iter()
         .filter(|s| s.name == name && s.matches(filter))
         .map(|s| s.value)
-        .sum()
+        // From +0.0: an empty sum of f64 is -0.0, which prints as "-0".
+        .fold(0.0, |total, v| total + v)
 }
 
 /// Parses `a="x",b="y"}` (after the opening brace); returns the labels and

@@ -2,9 +2,9 @@
 //! build takes minutes), then runs the `demo` binary of the `e2e` crate,
 //! which brings up the local cluster and prints its table.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use crate::{cargo, run as run_cmd};
+use crate::{cargo, display, run as run_cmd};
 
 /// Packages whose binaries the local cluster runs.
 pub(crate) const MESH_PACKAGES: &[&str] = &["e2e", "istiod-rs", "ztunnel-rs", "waypoint-rs"];
@@ -17,9 +17,16 @@ pub fn run(args: &[String]) -> Result<()> {
         build.args(["-p", package]);
     }
     run_cmd(&mut build)?;
-    run_cmd(
-        cargo()
-            .args(["run", "--quiet", "-p", "e2e", "--bin", "demo", "--"])
-            .args(args),
-    )
+    let mut demo = cargo();
+    demo.args(["run", "--quiet", "-p", "e2e", "--bin", "demo", "--"])
+        .args(args);
+    eprintln!("$ {}", display(&demo));
+    let status = demo
+        .status()
+        .with_context(|| format!("could not start {}", display(&demo)))?;
+    // The demo has printed its table and what failed; pass its verdict on.
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }

@@ -157,12 +157,15 @@ impl L4Fixture {
         let peer = cluster.create_pod(&client_pod(PEER_NS, "peer-1", &n1, "default"))?;
         let legacy = cluster.create_pod(&client_pod(LEGACY_NS, "legacy-0", &n0, "default"))?;
 
-        let enrolled: Vec<&PodInfo> = servers
-            .iter()
-            .chain(&clients)
-            .chain([&other, &peer])
-            .collect();
-        probe::until_known(cluster, &enrolled, "HBONE", KNOWN_TIMEOUT)?;
+        let enrolled = [
+            (&servers[0], "server"),
+            (&servers[1], "server"),
+            (&clients[0], "client"),
+            (&clients[1], "client"),
+            (&other, "other"),
+            (&peer, "default"),
+        ];
+        probe::until_in_mesh(cluster, trust_domain, &enrolled, KNOWN_TIMEOUT)?;
         probe::until_known(cluster, &[&opted_out, &legacy], "TCP", KNOWN_TIMEOUT)?;
         let service_vip = probe::eventually("the service's cluster IP", KNOWN_TIMEOUT, || {
             Ok(service_vip(cluster, AMBIENT_NS, SERVICE)?.ok_or("no VIP yet".to_string()))

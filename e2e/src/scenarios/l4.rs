@@ -438,7 +438,12 @@ fn deleted_pod_leaves_service(cluster: &dyn Cluster, f: &L4Fixture) -> Result<St
         &echo_server(AMBIENT_NS, "server-extra", &node, "server").label("app", "server"),
     )?;
     let result = (|| {
-        probe::until_known(cluster, &[&extra], "HBONE", CHANGE_TIMEOUT)?;
+        probe::until_in_mesh(
+            cluster,
+            &f.trust_domain,
+            &[(&extra, "server")],
+            CHANGE_TIMEOUT,
+        )?;
         let uid = probe::known_workload(cluster, &f.clients[0].node, &extra)?
             .map(|w| w.uid)
             .unwrap_or_default();
@@ -647,17 +652,7 @@ fn certificate(
     node: &str,
     identity: &str,
 ) -> Result<probe::CertificateSummary, ProbeError> {
-    eventually(
-        &format!("the ztunnel on {node} to hold a certificate for {identity}"),
-        CHANGE_TIMEOUT,
-        || {
-            let certs = probe::certificates(cluster, node)?;
-            Ok(certs
-                .into_iter()
-                .find(|c| c.identity == identity && c.state == "Available")
-                .ok_or_else(|| "none available".to_string()))
-        },
-    )
+    probe::until_certificate(cluster, node, identity, CHANGE_TIMEOUT)
 }
 
 fn certificate_rotation(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
