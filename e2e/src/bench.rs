@@ -147,13 +147,20 @@ pub struct ZtunnelUsage {
     pub node: String,
     /// Which end of the path it serves: `source` or `destination`.
     pub role: String,
-    pub cpu_seconds: f64,
+    /// CPU seconds in the process itself and in the kernel on its behalf
+    /// (the kernel's share includes the network stack it drives).
+    pub cpu_user_seconds: f64,
+    pub cpu_system_seconds: f64,
     /// CPU seconds per second of the run.
     pub vcpu: f64,
     pub vcpu_per_1000_rps: f64,
     /// `VmHWM`: the most it ever held resident, start-up included.
     pub peak_rss_mb: f64,
     pub peak_rss_mb_per_1000_rps: f64,
+    /// Resident at the end of the run: heap and stacks (`RssAnon`), and
+    /// pages of the binary and libraries (`RssFile`).
+    pub rss_anon_mb: f64,
+    pub rss_file_mb: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -175,6 +182,10 @@ pub struct BenchReport {
     pub latency: Pair<Latency>,
     pub connect_rate: Pair<ConnectRate>,
     pub ztunnels: Vec<ZtunnelUsage>,
+    /// The echo server's own CPU per 1,000 requests/s on each path: what a
+    /// small tokio app spends on this machine for the same requests (one
+    /// read and one write each), to put the ztunnels' figures in scale.
+    pub server_app_vcpu_per_1000_rps: Pair<f64>,
     pub goals: Vec<Goal>,
 }
 
@@ -299,39 +310,112 @@ fn connect_rate(
     })
 }
 
-/// A process's CPU seconds so far (user + system).
-fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Result<f64, BenchError> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).map_err(|source| BenchError::Proc {
-        path: path.clone(),
-        source,
-    })?;
-    // Fields after the command name (which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    Ok((tick(11) + tick(12)) / ticks_per_second)
+/// A process's CPU time so far, in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuTime {
+    user: f64,
+    system: f64,
 }
 
-/// `VmHWM` of a process, in megabytes (10^6 bytes).
-fn peak_rss_mb(pid: u32) -> Result<f64, BenchError> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).map_err(|source| BenchError::Proc {
-        path: path.clone(),
-        source,
-    })?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    Ok(kb * 1024.0 / 1e6)
+impl CpuTime {
+    fn read(pid: u32, ticks_per_second: f64) -> Result<CpuTime, BenchError> {
+        let stat = read_proc(pid, "stat")?;
+        // Fields after the command name (which may hold spaces): utime is
+        // the 14th field of the line, stime the 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let seconds = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / ticks_per_second
+        };
+        Ok(CpuTime {
+            user: seconds(11),
+            system: seconds(12),
+        })
+    }
+
+    fn since(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// A process's memory, in megabytes (10^6 bytes), from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    peak: f64,
+    anon: f64,
+    file: f64,
+}
+
+impl Memory {
+    fn read(pid: u32) -> Result<Memory, BenchError> {
+        let status = read_proc(pid, "status")?;
+        let mb = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+        };
+        Ok(Memory {
+            peak: mb("VmHWM:"),
+            anon: mb("RssAnon:"),
+            file: mb("RssFile:"),
+        })
+    }
+}
+
+fn read_proc(pid: u32, file: &str) -> Result<String, BenchError> {
+    let path = format!("/proc/{pid}/{file}");
+    std::fs::read_to_string(&path).map_err(|source| BenchError::Proc { path, source })
+}
+
+/// The CPU time each of `pids` spent while `run` ran.
+fn cpu_during<T>(
+    pids: &[u32],
+    hz: f64,
+    run: impl FnOnce() -> Result<T, BenchError>,
+) -> Result<(T, Vec<CpuTime>), BenchError> {
+    let read = || {
+        pids.iter()
+            .map(|pid| CpuTime::read(*pid, hz))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let before = read()?;
+    let result = run()?;
+    let after = read()?;
+    let spent = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.since(*b))
+        .collect();
+    Ok((result, spent))
+}
+
+/// The pid of a pod's app, as the run recorded it.
+fn app_pid(cluster: &LocalCluster, pod: &PodInfo) -> Result<u32, BenchError> {
+    let name = format!("pod-{}.{}", pod.namespace, pod.name);
+    cluster
+        .run()
+        .record()
+        .processes
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.pid)
+        .ok_or_else(|| BenchError::Run {
+            what: format!("finding the app of {}/{}", pod.namespace, pod.name),
+            detail: format!("the run records no process {name}"),
+        })
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ).
@@ -387,22 +471,20 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
         "latency at {} requests/s, {} B payloads, {} connections: direct, then mesh",
         args.rate, args.payload, args.connections
     ));
-    let direct_latency = latency(&cluster, &direct, args)?;
-    let before: Vec<f64> = ztunnel_pids
-        .iter()
-        .map(|(_, pid)| cpu_seconds(*pid, hz))
-        .collect::<Result<_, _>>()?;
-    let mesh_latency = latency(&cluster, &mesh, args)?;
-    let after: Vec<f64> = ztunnel_pids
-        .iter()
-        .map(|(_, pid)| cpu_seconds(*pid, hz))
-        .collect::<Result<_, _>>()?;
     let run_seconds = (args.duration + args.warmup).as_secs_f64();
-    let per_1000 = 1000.0 / mesh_latency.achieved_rate.max(1e-9);
+    let (direct_latency, direct_app) =
+        cpu_during(&[app_pid(&cluster, &direct.server)?], hz, || {
+            latency(&cluster, &direct, args)
+        })?;
+    let mut watched: Vec<u32> = ztunnel_pids.iter().map(|(_, pid)| *pid).collect();
+    watched.push(app_pid(&cluster, &mesh.server)?);
+    let (mesh_latency, spent) = cpu_during(&watched, hz, || latency(&cluster, &mesh, args))?;
+    let per_1000 = |rate: f64| 1000.0 / rate.max(1e-9);
+    let mesh_scale = per_1000(mesh_latency.achieved_rate);
     let mut ztunnels = Vec::new();
-    for (i, (node, pid)) in ztunnel_pids.iter().enumerate() {
-        let cpu = after[i] - before[i];
-        let peak = peak_rss_mb(*pid)?;
+    for ((node, pid), cpu) in ztunnel_pids.iter().zip(&spent) {
+        let memory = Memory::read(*pid)?;
+        let vcpu = cpu.total() / run_seconds;
         ztunnels.push(ZtunnelUsage {
             node: node.clone(),
             role: if *node == mesh.client.node {
@@ -411,13 +493,20 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
                 "destination"
             }
             .into(),
-            cpu_seconds: cpu,
-            vcpu: cpu / run_seconds,
-            vcpu_per_1000_rps: cpu / run_seconds * per_1000,
-            peak_rss_mb: peak,
-            peak_rss_mb_per_1000_rps: peak * per_1000,
+            cpu_user_seconds: cpu.user,
+            cpu_system_seconds: cpu.system,
+            vcpu,
+            vcpu_per_1000_rps: vcpu * mesh_scale,
+            peak_rss_mb: memory.peak,
+            peak_rss_mb_per_1000_rps: memory.peak * mesh_scale,
+            rss_anon_mb: memory.anon,
+            rss_file_mb: memory.file,
         });
     }
+    let server_app_vcpu_per_1000_rps = Pair {
+        direct: direct_app[0].total() / run_seconds * per_1000(direct_latency.achieved_rate),
+        mesh: spent.last().map_or(0.0, |c| c.total()) / run_seconds * mesh_scale,
+    };
     let latency = Pair {
         direct: direct_latency,
         mesh: mesh_latency,
@@ -438,6 +527,7 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
         latency,
         connect_rate: connect,
         ztunnels,
+        server_app_vcpu_per_1000_rps,
         goals,
     })
 }
@@ -550,18 +640,29 @@ pub fn table(r: &BenchReport) -> String {
             3,
         ),
     ];
+    rows.push(row(
+        "echo server CPU per 1k rps",
+        r.server_app_vcpu_per_1000_rps.direct,
+        r.server_app_vcpu_per_1000_rps.mesh,
+        "vCPU",
+        3,
+    ));
     for z in &r.ztunnels {
         rows.push(vec![
             format!("ztunnel {} ({}) CPU", z.node, z.role),
             String::new(),
             format!("{:.3} vCPU", z.vcpu),
-            format!("{:.3} per 1k rps", z.vcpu_per_1000_rps),
+            format!(
+                "{:.0}% in the kernel",
+                100.0 * z.cpu_system_seconds
+                    / (z.cpu_user_seconds + z.cpu_system_seconds).max(1e-9)
+            ),
         ]);
         rows.push(vec![
-            format!("ztunnel {} ({}) peak RSS", z.node, z.role),
+            format!("ztunnel {} ({}) memory", z.node, z.role),
             String::new(),
-            format!("{:.1} MB", z.peak_rss_mb),
-            format!("{:.1} per 1k rps", z.peak_rss_mb_per_1000_rps),
+            format!("{:.1} MB peak", z.peak_rss_mb),
+            format!("{:.1} heap + {:.1} file", z.rss_anon_mb, z.rss_file_mb),
         ]);
     }
     let figures = render(&columns, &rows).replace("\n\n", "\n");
