@@ -188,6 +188,10 @@ pub fn run(args: &DemoArgs) -> Result<bool, DemoError> {
         cluster.run().dir().join("logs").display()
     );
     let all = passed == checks.len();
+    if !all {
+        // Printed above; keep them to look into after the cluster is gone.
+        cluster.run().keep_dir();
+    }
     if args.keep {
         println!("\n{}", hints(&cluster, &pods));
         // The run's signal handler removes the cluster on Ctrl-C and exits.

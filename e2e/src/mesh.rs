@@ -306,16 +306,7 @@ impl MeshRuntime {
 
     /// Stops a node's ztunnel-rs (SIGTERM: it drains, then exits).
     pub fn stop_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
-        let p = {
-            let mut processes = self.lock();
-            let n = processes
-                .nodes
-                .iter_mut()
-                .find(|n| n.node == node)
-                .ok_or_else(|| MeshError::NoNode(node.to_string()))?;
-            n.ztunnel.take()
-        };
-        if let Some(p) = p {
+        if let Some(p) = self.with_node(node, |n| n.ztunnel.take())? {
             run.stop(&p);
         }
         Ok(())
@@ -325,21 +316,29 @@ impl MeshRuntime {
     /// is ready: it has the control plane's state and the node agent's pods.
     pub fn start_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
         let netns = self.netns_of(node)?.clone();
-        let p = {
-            let mut processes = self.lock();
-            let n = processes
-                .nodes
-                .iter_mut()
-                .find(|n| n.node == node)
-                .ok_or_else(|| MeshError::NoNode(node.to_string()))?;
+        let started = self.with_node(node, |n| {
             if n.ztunnel.is_some() {
-                return Ok(());
+                return Ok(None);
             }
             let p = run.spawn(&self.ztunnel_spec(node), &netns)?;
             n.ztunnel = Some(p.clone());
-            p
-        };
-        self.wait_ztunnel_ready(run, node, &p)
+            Ok::<_, MeshError>(Some(p))
+        })??;
+        match started {
+            Some(p) => self.wait_ztunnel_ready(run, node, &p),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on a node's processes, under the lock.
+    fn with_node<R>(&self, node: &str, f: impl FnOnce(&mut NodeMesh) -> R) -> Result<R, MeshError> {
+        let mut processes = self.lock();
+        let n = processes
+            .nodes
+            .iter_mut()
+            .find(|n| n.node == node)
+            .ok_or_else(|| MeshError::NoNode(node.to_string()))?;
+        Ok(f(n))
     }
 
     /// The CNI plugin as node `node`'s runtime invokes it.

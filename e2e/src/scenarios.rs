@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub use fixture::L4Fixture;
 
 use crate::cluster::Cluster;
+use crate::local::{LocalCluster, LocalClusterConfig};
+use crate::mesh::{MeshConfig, MeshMode};
 use crate::probe::ProbeError;
 
 /// One scenario: it returns a line of evidence, or why it failed.
@@ -82,4 +84,42 @@ pub fn summary(outcomes: &[Outcome]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Starts a local cluster with the mesh as `mesh` says, creates the
+/// [`L4Fixture`] and runs `scenarios` on it (see [`run_all`]). `Err` holds
+/// the summary of what failed and where the components' logs are, which
+/// are then kept after the cluster is gone.
+pub fn on_local_cluster(
+    mesh: MeshConfig,
+    scenarios: &[Scenario],
+    filter: Option<&str>,
+) -> Result<Vec<Outcome>, String> {
+    let trust_domain = mesh.trust_domain.clone();
+    let cluster = LocalCluster::start(LocalClusterConfig {
+        mesh: MeshMode::On(mesh),
+        ..LocalClusterConfig::default()
+    })
+    .map_err(|e| format!("the local cluster with the mesh did not start: {e}"))?;
+    let logs = cluster.run().dir().join("logs");
+    let fixture = L4Fixture::create(&cluster, &trust_domain).map_err(|e| {
+        cluster.run().keep_dir();
+        format!(
+            "the scenarios' pods did not join the mesh: {e}\n(component logs: {})",
+            logs.display()
+        )
+    })?;
+    let outcomes = run_all(&cluster, &fixture, scenarios, filter);
+    if outcomes.is_empty() {
+        return Err(format!("no scenario matches {filter:?}"));
+    }
+    if outcomes.iter().any(|o| o.result.is_err()) {
+        cluster.run().keep_dir();
+        return Err(format!(
+            "scenarios failed:\n{}\n(component logs: {})",
+            summary(&outcomes),
+            logs.display()
+        ));
+    }
+    Ok(outcomes)
 }

@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use e2e::mesh::{MeshConfig, MeshMode};
-use e2e::scenarios::{self, L4Fixture, l4};
-use e2e::{LocalCluster, LocalClusterConfig, privilege};
+use e2e::mesh::MeshConfig;
+use e2e::privilege;
+use e2e::scenarios::{self, l4};
 
 /// Short enough that a renewal (at half the lifetime) comes within seconds,
 /// long enough for a slow machine to issue the next one in time.
@@ -25,19 +25,7 @@ fn certificates_rotate_under_live_connections() {
         certificate_ttl: Some(CERTIFICATE_TTL),
         ..MeshConfig::default()
     };
-    let trust_domain = mesh.trust_domain.clone();
-    let cluster = LocalCluster::start(LocalClusterConfig {
-        mesh: MeshMode::On(mesh),
-        ..LocalClusterConfig::default()
-    })
-    .unwrap_or_else(|e| panic!("the local cluster with the mesh starts: {e}"));
-    let fixture = L4Fixture::create(&cluster, &trust_domain)
-        .unwrap_or_else(|e| panic!("the scenario's pods start and join the mesh: {e}"));
-    let outcomes = scenarios::run_all(&cluster, &fixture, &[l4::rotation()], None);
-    let summary = scenarios::summary(&outcomes);
-    assert!(
-        outcomes.iter().all(|o| o.result.is_ok()),
-        "{summary}\n(component logs: {})",
-        cluster.run().dir().join("logs").display()
-    );
+    if let Err(failure) = scenarios::on_local_cluster(mesh, &[l4::rotation()], None) {
+        panic!("{failure}");
+    }
 }
