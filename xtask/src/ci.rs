@@ -28,21 +28,37 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Fails if any banned crate is in the resolved dependency graph (all
-/// targets, all platforms), whether or not cargo-deny is installed.
+/// Fails if any banned crate is compiled into anything in the workspace:
+/// all features, all targets, normal + build + dev dependencies. This is
+/// `cargo tree`'s view (what is really activated); `cargo metadata`'s resolve
+/// also lists optional dependencies no feature turns on (rustls-webpki's
+/// `ring`), so it would cry wolf.
 fn check_banned_crates() -> Result<()> {
-    eprintln!("$ cargo metadata (banned crates: {})", BANNED.join(", "));
+    eprintln!("$ cargo tree (banned crates: {})", BANNED.join(", "));
     let out = cargo()
-        .args(["metadata", "--format-version", "1", "--locked"])
+        .args([
+            "tree",
+            "--workspace",
+            "--all-features",
+            "--target",
+            "all",
+            "--edges",
+            "normal,build,dev",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+            "--locked",
+        ])
         .output()
-        .context("could not run cargo metadata")?;
+        .context("could not run cargo tree")?;
     if !out.status.success() {
         bail!(
-            "cargo metadata failed: {}",
+            "cargo tree failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let found = banned_in_metadata(&out.stdout)?;
+    let found = banned_in_tree(&String::from_utf8_lossy(&out.stdout));
     if !found.is_empty() {
         bail!(
             "banned crates are linked: {} (see deny.toml; `cargo tree -i <crate>` shows who pulls them in)",
@@ -52,25 +68,18 @@ fn check_banned_crates() -> Result<()> {
     Ok(())
 }
 
-fn banned_in_metadata(json: &[u8]) -> Result<Vec<String>> {
-    let meta: serde_json::Value = serde_json::from_slice(json).context("cargo metadata output")?;
-    let names: std::collections::HashMap<&str, &str> = meta["packages"]
-        .as_array()
-        .context("metadata has no packages")?
-        .iter()
-        .filter_map(|p| Some((p["id"].as_str()?, p["name"].as_str()?)))
-        .collect();
-    let mut found: Vec<String> = meta["resolve"]["nodes"]
-        .as_array()
-        .context("metadata has no resolve graph")?
-        .iter()
-        .filter_map(|n| names.get(n["id"].as_str()?).copied())
+/// Names of banned crates among `cargo tree --prefix none --format {p}` lines
+/// (`name vX.Y.Z [(source)] [(*)]`).
+fn banned_in_tree(tree: &str) -> Vec<String> {
+    let mut found: Vec<String> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
         .filter(|name| BANNED.contains(name))
         .map(str::to_string)
         .collect();
     found.sort();
     found.dedup();
-    Ok(found)
+    found
 }
 
 #[cfg(test)]
@@ -78,15 +87,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_a_banned_crate_in_the_resolve_graph() {
-        let json = br#"{
-            "packages": [
-                {"id": "a 1.0", "name": "rustls"},
-                {"id": "b 1.0", "name": "ring"}
-            ],
-            "resolve": {"nodes": [{"id": "a 1.0"}, {"id": "b 1.0"}]}
-        }"#;
-        assert_eq!(banned_in_metadata(json).unwrap(), vec!["ring".to_string()]);
+    fn finds_a_banned_crate_in_the_tree() {
+        let tree = "rustls v0.23.1\nring v0.17.8\nring v0.17.8 (*)\nringbuf v1.0.0\n";
+        assert_eq!(banned_in_tree(tree), vec!["ring".to_string()]);
+        assert!(banned_in_tree("rustls v0.23.1\naws-lc-rs v1.0.0\n").is_empty());
     }
 
     /// The real workspace: ring (a second crypto provider) must not be linked.
