@@ -426,7 +426,7 @@ impl MeshRuntime {
             .arg(&self.config_dir)
             .arg("--token-file")
             .arg(self.layout.tokens_file())
-            .arg("--ca-dir")
+            .arg("--data-dir")
             .arg(self.layout.istiod_dir())
             .arg("--trust-domain")
             .arg(&self.config.trust_domain)
