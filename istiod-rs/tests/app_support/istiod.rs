@@ -1,7 +1,8 @@
 //! istiod-rs's app in-process on loopback, reading a temporary config
 //! directory: how the component and client tests run the real thing.
 //!
-//! Included with `#[path]` by `tests/component.rs` and `tests/clients.rs`.
+//! Included with `#[path]` by `tests/component.rs`, `tests/clients.rs` and
+//! `benches/controlplane.rs` (which uses only the HTTP helpers).
 
 #![allow(dead_code)]
 
@@ -170,13 +171,19 @@ impl LocalIstiod {
     /// when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse().unwrap())
-            })
-            .unwrap_or(0.0)
+        metric_sample(&text, sample)
     }
+}
+
+/// The value of `sample` (`name{labels}` as printed) in a `/metrics` text,
+/// 0 when absent.
+pub fn metric_sample(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
