@@ -21,8 +21,8 @@
 
 #[path = "../tests/app_support/ads.rs"]
 mod ads;
-#[path = "../tests/app_support/istiod.rs"]
-mod istiod;
+#[path = "../tests/app_support/http_client.rs"]
+mod http_client;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -442,7 +442,7 @@ async fn all_hold(
 }
 
 async fn metrics(monitoring: SocketAddr) -> String {
-    istiod::http_get(monitoring, "/metrics").await.1
+    http_client::http_get(monitoring, "/metrics").await.1
 }
 
 fn ms(d: Duration) -> f64 {
@@ -507,7 +507,7 @@ async fn clients_process(sizes: Sizes, smoke: bool) -> Result<()> {
     let burst_cpu: f64 = istiod.expect("cpu").await?[0].parse()?;
     let after = metrics(monitoring).await;
     let delta = |sample: &str| {
-        istiod::metric_sample(&after, sample) - istiod::metric_sample(&before, sample)
+        http_client::metric_sample(&after, sample) - http_client::metric_sample(&before, sample)
     };
     let translations = delta("istiod_index_translations_total");
     let publishes = delta("istiod_index_publishes_total");

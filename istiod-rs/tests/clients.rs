@@ -5,6 +5,8 @@
 //! (the SAN, impersonation by node, rotation, and an mTLS handshake
 //! between two managed identities).
 
+#[path = "app_support/http_client.rs"]
+mod http_client;
 #[path = "app_support/istiod.rs"]
 mod istiod;
 

@@ -6,6 +6,8 @@
 
 #[path = "app_support/ads.rs"]
 mod ads;
+#[path = "app_support/http_client.rs"]
+mod http_client;
 #[path = "app_support/istiod.rs"]
 mod istiod;
 

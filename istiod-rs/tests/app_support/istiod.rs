@@ -1,8 +1,8 @@
 //! istiod-rs's app in-process on loopback, reading a temporary config
 //! directory: how the component and client tests run the real thing.
 //!
-//! Included with `#[path]` by `tests/component.rs`, `tests/clients.rs` and
-//! `benches/controlplane.rs` (which uses only the HTTP helpers).
+//! Included with `#[path]` by `tests/component.rs` and `tests/clients.rs`,
+//! next to `http_client.rs`.
 
 #![allow(dead_code)]
 
@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use istiod_rs::app::{Addresses, App, AppConfig, Source, TokenSource};
 use istiod_rs::ca::CaConfig;
 use istiod_rs::grpc::GrpcConfig;
@@ -19,6 +18,8 @@ use istiod_rs::pipeline::Debounce;
 use proxy_core::identity::ControlPlane;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
+
+use crate::http_client::{http_get, metric_sample};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Only turns a hang into a failure; nothing should take this long.
@@ -173,34 +174,6 @@ impl LocalIstiod {
         let (_, text) = self.get("/metrics").await;
         metric_sample(&text, sample)
     }
-}
-
-/// The value of `sample` (`name{labels}` as printed) in a `/metrics` text,
-/// 0 when absent.
-pub fn metric_sample(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == sample).then(|| value.parse().unwrap())
-        })
-        .unwrap_or(0.0)
-}
-
-pub async fn http_get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
 }
 
 /// A pod of namespace `demo` on `node`, ready, with `labels` (YAML flow map
