@@ -123,27 +123,42 @@ impl View {
     /// are decided with their namespace's current labels.
     fn changes_to(&self, next: &View) -> Vec<PodEvent> {
         let mut events = Vec::new();
-        for (name, ns) in &next.namespaces {
-            if self.namespaces.get(name) != Some(ns) {
-                events.push(PodEvent::Namespace(ns.clone()));
-            }
-        }
-        for name in self.namespaces.keys() {
-            if !next.namespaces.contains_key(name) {
-                events.push(PodEvent::NamespaceDeleted(name.clone()));
-            }
-        }
-        for (key, pod) in &next.pods {
-            if self.pods.get(key) != Some(pod) {
-                events.push(PodEvent::Pod(pod.clone()));
-            }
-        }
-        for key in self.pods.keys() {
-            if !next.pods.contains_key(key) {
-                events.push(PodEvent::PodDeleted(key.clone()));
-            }
-        }
+        changes(
+            &self.namespaces,
+            &next.namespaces,
+            PodEvent::Namespace,
+            PodEvent::NamespaceDeleted,
+            &mut events,
+        );
+        changes(
+            &self.pods,
+            &next.pods,
+            PodEvent::Pod,
+            PodEvent::PodDeleted,
+            &mut events,
+        );
         events
+    }
+}
+
+/// Appends an event per entry that is new or different in `after`, then one
+/// per entry gone from it.
+fn changes<K: Ord + Clone, V: PartialEq + Clone>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+    changed: impl Fn(V) -> PodEvent,
+    deleted: impl Fn(K) -> PodEvent,
+    events: &mut Vec<PodEvent>,
+) {
+    for (key, value) in after {
+        if before.get(key) != Some(value) {
+            events.push(changed(value.clone()));
+        }
+    }
+    for key in before.keys() {
+        if !after.contains_key(key) {
+            events.push(deleted(key.clone()));
+        }
     }
 }
 
