@@ -270,6 +270,7 @@ async fn istiod_process(sizes: Sizes) -> Result<()> {
         monitoring_addr: loopback,
         mesh: mesh.clone(),
         debounce: Debounce::default(),
+        kube_client: None,
     })
     .await?;
     app.ready().await;

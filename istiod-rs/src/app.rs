@@ -73,7 +73,7 @@ pub enum TokenSource {
 }
 
 /// Everything istiod-rs is started with; [`Args`] builds it from flags.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AppConfig {
     pub source: Source,
     pub tokens: TokenSource,
@@ -82,6 +82,24 @@ pub struct AppConfig {
     pub monitoring_addr: SocketAddr,
     pub mesh: MeshConfig,
     pub debounce: Debounce,
+    /// The Kubernetes client for the Kubernetes source and TokenReview;
+    /// `None`: in-cluster config or KUBECONFIG, made when needed.
+    pub kube_client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("source", &self.source)
+            .field("tokens", &self.tokens)
+            .field("ca", &self.ca)
+            .field("grpc", &self.grpc)
+            .field("monitoring_addr", &self.monitoring_addr)
+            .field("mesh", &self.mesh)
+            .field("debounce", &self.debounce)
+            .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +177,7 @@ impl App {
             monitoring_addr,
             mesh,
             debounce,
+            kube_client,
         } = config;
 
         // CA: plug-in or self-signed root, checked before anything listens.
@@ -168,10 +187,10 @@ impl App {
         // Kubernetes client, only when something needs one.
         let needs_kube =
             matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview);
-        let kube = if needs_kube {
-            Some(kube::Client::try_default().await?)
-        } else {
-            None
+        let kube = match kube_client {
+            Some(client) if needs_kube => Some(client),
+            None if needs_kube => Some(kube::Client::try_default().await?),
+            _ => None,
         };
 
         // Authentication of every gRPC caller.

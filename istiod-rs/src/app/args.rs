@@ -208,6 +208,7 @@ impl Args {
             monitoring_addr: self.monitoring_addr,
             mesh,
             debounce: Debounce::default(),
+            kube_client: None,
         })
     }
 }

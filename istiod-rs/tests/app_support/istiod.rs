@@ -84,6 +84,7 @@ impl LocalIstiod {
             monitoring_addr: self.addresses.monitoring,
             mesh: MeshConfig::default(),
             debounce: Debounce::default(),
+            kube_client: None,
         }
     }
 
