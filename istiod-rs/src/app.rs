@@ -202,6 +202,25 @@ impl App {
             )),
         };
 
+        // Listeners first: a taken port fails start-up before anything runs.
+        let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
+            AppError::MonitoringBind {
+                addr: monitoring_addr,
+                source,
+            }
+        })?;
+        let addresses = Addresses {
+            grpc_tls: grpc_server.tls_addr(),
+            grpc_plaintext: grpc_server.plaintext_addr(),
+            monitoring: monitoring_listener.local_addr().map_err(|source| {
+                AppError::MonitoringBind {
+                    addr: monitoring_addr,
+                    source,
+                }
+            })?,
+        };
+
         // Cluster state.
         let (store, mut background) = match source {
             Source::Directory { dir, poll_interval } => {
@@ -231,30 +250,13 @@ impl App {
         let certificates =
             CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);
 
-        // Listeners: the TLS port requires a token for xDS, the plaintext one
-        // checks a token only when one is sent. The CA always requires one.
-        let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        // The TLS port requires a token for xDS, the plaintext one checks a
+        // token only when one is sent. The CA always requires one.
         let certificates = certificates.into_server();
         let tls_routes = Routes::new(certificates.clone())
             .add_service(xds.service(Authentication::Required(authenticator.clone())));
         let plaintext_routes = Routes::new(certificates)
             .add_service(xds.service(Authentication::Optional(authenticator)));
-        let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
-            AppError::MonitoringBind {
-                addr: monitoring_addr,
-                source,
-            }
-        })?;
-        let addresses = Addresses {
-            grpc_tls: grpc_server.tls_addr(),
-            grpc_plaintext: grpc_server.plaintext_addr(),
-            monitoring: monitoring_listener.local_addr().map_err(|source| {
-                AppError::MonitoringBind {
-                    addr: monitoring_addr,
-                    source,
-                }
-            })?,
-        };
 
         let (published_tx, published) = watch::channel(false);
         background.push(tokio::spawn(first_snapshot(snapshots, published_tx)));
