@@ -7,12 +7,20 @@ use anyhow::{Result, bail};
 use crate::{cargo, run as run_cmd};
 
 /// name -> (package, bench target, what it measures)
-const BENCHES: &[(&str, &str, &str, &str)] = &[(
-    "ca",
-    "istiod-rs",
-    "ca",
-    "CreateCertificate per second over gRPC TLS; signing vs transport",
-)];
+const BENCHES: &[(&str, &str, &str, &str)] = &[
+    (
+        "ca",
+        "istiod-rs",
+        "ca",
+        "CreateCertificate per second over gRPC TLS; signing vs transport",
+    ),
+    (
+        "controlplane",
+        "istiod-rs",
+        "controlplane",
+        "10k pods to 100 delta-ADS clients: translation, state size, fan-out, burst CPU, RSS",
+    ),
+];
 
 pub fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {
