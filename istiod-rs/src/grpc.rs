@@ -166,6 +166,17 @@ impl GrpcServer {
     /// Serves `routes` on every listener until `shutdown` is cancelled, then
     /// lets open connections finish for up to the drain timeout.
     pub async fn serve(self, routes: Routes, shutdown: CancellationToken) -> Result<(), GrpcError> {
+        self.serve_each(routes.clone(), routes, shutdown).await
+    }
+
+    /// [`Self::serve`] with different services per listener: the xDS service
+    /// requires a token on the TLS port but not on the plaintext one.
+    pub async fn serve_each(
+        self,
+        tls_routes: Routes,
+        plaintext_routes: Routes,
+        shutdown: CancellationToken,
+    ) -> Result<(), GrpcError> {
         let GrpcServer {
             config,
             tls,
@@ -186,7 +197,7 @@ impl GrpcServer {
         ));
         tracing::info!(addr = %tls_addr, "serving gRPC over TLS");
         let tls_server = serve_incoming(
-            routes.clone(),
+            tls_routes,
             ReceiverStream::new(rx),
             tls_addr,
             shutdown.clone(),
@@ -197,7 +208,7 @@ impl GrpcServer {
                 Some((listener, addr)) => {
                     tracing::warn!(%addr, "serving gRPC in plaintext: for local development only");
                     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                    serve_incoming(routes, incoming, addr, shutdown.clone()).await
+                    serve_incoming(plaintext_routes, incoming, addr, shutdown.clone()).await
                 }
                 None => Ok(()),
             }

@@ -3,8 +3,9 @@
 //!
 //! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
 //! -> [`snapshot::Snapshot`] (published by `pipeline`) -> `xds` (delta ADS to
-//! every proxy).
+//! every proxy). [`app`] wires them into the running program.
 
+pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod grpc;

@@ -245,6 +245,14 @@ impl Store {
     }
 }
 
+/// The CA's pod -> node lookup is the cluster state itself.
+impl crate::ca::service::NodeLookup for Store {
+    fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
+        self.read()
+            .has_pod_on_node(namespace, service_account, node)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

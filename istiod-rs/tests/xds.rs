@@ -3,6 +3,9 @@
 //! of hand-built snapshots, and HTTP requests to `/debug/syncz`, `/metrics`,
 //! `/ready` and `/debug/config_dump`.
 
+#[path = "app_support/http_client.rs"]
+mod http_client;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +17,6 @@ use api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryReq
 use api::security::Authorization;
 use api::type_url::{ADDRESS, AUTHORIZATION};
 use api::workload::{Address, Workload, address};
-use http_body_util::BodyExt;
 use istiod_rs::auth::{AuthError, AuthFuture, Authenticator, Caller};
 use istiod_rs::monitoring::{self, Monitoring, Readiness};
 use istiod_rs::snapshot::{Resource, Snapshot};
@@ -25,6 +27,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+
+use http_client::http_get;
 
 /// Only to avoid hanging forever when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -247,23 +251,6 @@ fn held(response: &DeltaDiscoveryResponse) -> BTreeMap<String, String> {
         .iter()
         .map(|r| (r.name.clone(), r.version.clone()))
         .collect()
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (http::StatusCode, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> (http::StatusCode, Value) {

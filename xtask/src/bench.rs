@@ -30,6 +30,14 @@ const BENCHES: &[(&str, Runner, &str)] = &[
         "CreateCertificate per second over gRPC TLS; signing vs transport",
     ),
     (
+        "controlplane",
+        Runner::CargoBench {
+            package: "istiod-rs",
+            target: "controlplane",
+        },
+        "10k pods to 100 delta-ADS clients: translation, state size, fan-out, burst CPU, RSS",
+    ),
+    (
         "l4",
         Runner::LocalCluster { binary: "bench-l4" },
         "local cluster, mesh vs direct: bulk throughput, latency at 1,000 rps, new connections/s, ztunnel CPU and memory",

@@ -3,10 +3,13 @@
 //! IPs) from the CNI plugin (`istio-cni-rs`), installs the redirection rules
 //! inside each enrolled pod's netns, and hands the pod to ztunnel over ZDS.
 //!
+//! Pods' labels come from the Kubernetes API, or in local mode
+//! (`--config-dir`) from the YAML files istiod-rs reads.
+//!
 //! ```text
-//! kube watch ──PodEvent──┐
-//! istio-cni-rs ─unix/JSON─┼─> NodeAgent ─iptables (in pod netns)
-//!                         │            └─ZDS (SOCK_SEQPACKET, netns fd)─> ztunnel-rs
+//! kube watch | config dir ──PodEvent──┐
+//! istio-cni-rs ──────unix/JSON─────────┼─> NodeAgent ─iptables (in pod netns)
+//!                                      │            └─ZDS (SOCK_SEQPACKET, netns fd)─> ztunnel-rs
 //! ```
 
 pub mod agent;
@@ -38,11 +41,20 @@ pub struct CniArgs {
     #[arg(long, env = "ZDS_SOCKET", default_value = crate::inpod::zds::DEFAULT_ZDS_SOCKET)]
     pub zds_socket: PathBuf,
     /// Where the CNI plugin reaches the agent (`agent_socket` in its netconf).
-    #[arg(long, env = "CNI_EVENT_SOCKET", default_value = cni_event::DEFAULT_CNI_EVENT_SOCKET)]
+    #[arg(
+        long,
+        visible_alias = "plugin-socket",
+        env = "CNI_EVENT_SOCKET",
+        default_value = cni_event::DEFAULT_CNI_EVENT_SOCKET
+    )]
     pub cni_socket: PathBuf,
     /// This node's name: only its pods are watched.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, visible_alias = "node", env = "NODE_NAME")]
     pub node_name: String,
+    /// Local mode: read pods and namespaces from the YAML files of this
+    /// directory (the one istiod-rs reads) instead of the Kubernetes API.
+    #[arg(long, env = "CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
     /// Redirect pods' DNS to ztunnel's DNS proxy (15053).
     #[arg(long, env = "DNS_CAPTURE")]
     pub dns_capture: bool,
@@ -61,7 +73,8 @@ pub struct CniArgs {
     pub pod_wait_secs: u64,
 }
 
-/// Runs the node agent in Kubernetes mode until it fails.
+/// Runs the node agent until it fails: in local mode with `--config-dir`,
+/// otherwise against the Kubernetes API.
 pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let redirection = iptables::RedirectionConfig {
         dns_capture: args.dns_capture,
@@ -71,9 +84,26 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let backend = iptables::version(&redirection).context("checking the iptables binary")?;
     info!(%backend, binary = %args.iptables, "in-pod rules will be installed with this iptables");
 
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let (kube, source) = match args.config_dir {
+        Some(dir) if !dir.is_dir() => anyhow::bail!(
+            "--config-dir {}: not a directory; point it at the directory istiod-rs reads",
+            dir.display()
+        ),
+        Some(dir) => (
+            None,
+            Pods::Directory(pods::directory::DirectoryPodSource::new(
+                dir,
+                args.node_name,
+            )),
+        ),
+        None => {
+            let client = kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (in-cluster config or KUBECONFIG); use --config-dir DIR for local mode",
+            )?;
+            let source = pods::kube::KubePodSource::new(client.clone(), args.node_name);
+            (Some(client), Pods::Kube(source))
+        }
+    };
     let (zds, acked) = ZdsServer::new(Duration::from_secs(args.ack_timeout_secs));
     let zds_listener = SeqpacketListener::bind(&args.zds_socket)
         .with_context(|| format!("binding the ZDS socket {}", args.zds_socket.display()))?;
@@ -85,12 +115,29 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
         pod_wait: Duration::from_secs(args.pod_wait_secs),
         ..AgentConfig::default()
     };
-    let agent = NodeAgent::new(config, zds.clone(), Some(client.clone()));
+    let agent = NodeAgent::new(config, zds.clone(), kube);
     let handle = agent.handle();
-    let source = pods::kube::KubePodSource::new(client, args.node_name);
     tokio::select! {
         r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
         r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
         r = agent.run(source, acked) => r.context("pod source failed"),
+    }
+}
+
+/// Where `ztunnel-rs cni` learns its pods.
+enum Pods {
+    Kube(pods::kube::KubePodSource),
+    Directory(pods::directory::DirectoryPodSource),
+}
+
+impl PodSource for Pods {
+    async fn run(
+        self,
+        events: tokio::sync::mpsc::Sender<PodEvent>,
+    ) -> Result<(), pods::PodSourceError> {
+        match self {
+            Pods::Kube(source) => source.run(events).await,
+            Pods::Directory(source) => source.run(events).await,
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! Where the node agent learns pods' and namespaces' labels.
 //!
 //! A [`PodSource`] feeds [`PodEvent`]s into the agent. Sources: the Kubernetes
-//! API ([`kube::KubePodSource`]: pods on this node and all namespaces) and an
-//! in-memory source driven by its owner ([`MemoryPodSource`], for tests and
-//! embedding). The local config-directory source of the mesh's local mode is
-//! to be built on `api::manifest`, shared with istiod-rs, once that lands.
+//! API ([`kube::KubePodSource`]: pods on this node and all namespaces), the
+//! local mode's config directory ([`directory::DirectoryPodSource`]: the
+//! same YAML files istiod-rs reads), and an in-memory source driven by its
+//! owner ([`MemoryPodSource`], for tests and embedding).
 
+pub mod directory;
 pub mod kube;
 
 use std::future::Future;

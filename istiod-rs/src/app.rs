@@ -1,0 +1,444 @@
+//! istiod-rs as a running program: one layer per line, from the cluster
+//! state to the proxies.
+//!
+//! ```text
+//! source (YAML directory | Kubernetes watchers) -> state::Store --NodeLookup--> CA
+//!                                                     |
+//!   pipeline (debounce, translate) -> watch<Snapshot> -> XdsServer
+//!                                                     |
+//! gRPC 15012 TLS   : CA + delta ADS (bearer token required)
+//! gRPC 15010 plain : CA + delta ADS (token optional; only with --plaintext)
+//! HTTP 15014       : /metrics /ready /debug/syncz /debug/config_dump
+//! ```
+//!
+//! The listeners are bound at start (a taken port fails start-up at once),
+//! but gRPC is served only once the first snapshot is published: a proxy
+//! that connected earlier would be told the mesh is empty and call itself
+//! synced. `/ready` says the same: source synced and first snapshot out.
+//! [`App::shutdown`] ends every xDS stream (proxies reconnect elsewhere),
+//! lets gRPC connections drain, then stops.
+
+pub mod args;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tracing::{info, warn};
+
+use crate::auth::Authenticator;
+use crate::auth::token_file::{TokenFile, TokenFileError};
+use crate::auth::token_review::TokenReviewAuthenticator;
+use crate::ca::service::{CertificateService, NodeLookup};
+use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
+use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
+use crate::index::{MeshConfig, json};
+use crate::monitoring::{self, Monitoring, MonitoringError, Readiness};
+use crate::pipeline::{self, Debounce, PipelineMetrics};
+use crate::snapshot::Snapshot;
+use crate::state::directory::DirectorySource;
+use crate::state::{self, Store};
+use crate::xds::{Authentication, SyncStatus, XdsServer};
+
+pub use args::Args;
+
+/// Where the cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Local mode: every YAML file under `dir`, polled every `poll_interval`.
+    Directory {
+        dir: PathBuf,
+        poll_interval: Duration,
+    },
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kubernetes,
+    /// A store its owner fills and marks synced (embedding, benchmarks).
+    Store(Arc<Store>),
+}
+
+/// Who callers are, from their bearer tokens.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// Local mode: a token file (see [`crate::auth::token_file`]).
+    File(PathBuf),
+    /// Kubernetes TokenReview, audience `istio-ca`.
+    TokenReview,
+}
+
+/// Everything istiod-rs is started with; [`Args`] builds it from flags.
+#[derive(Clone)]
+pub struct AppConfig {
+    pub source: Source,
+    pub tokens: TokenSource,
+    pub ca: CaConfig,
+    pub grpc: GrpcConfig,
+    pub monitoring_addr: SocketAddr,
+    pub mesh: MeshConfig,
+    pub debounce: Debounce,
+    /// The Kubernetes client for the Kubernetes source and TokenReview;
+    /// `None`: in-cluster config or KUBECONFIG, made when needed.
+    pub kube_client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("source", &self.source)
+            .field("tokens", &self.tokens)
+            .field("ca", &self.ca)
+            .field("grpc", &self.grpc)
+            .field("monitoring_addr", &self.monitoring_addr)
+            .field("mesh", &self.mesh)
+            .field("debounce", &self.debounce)
+            .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    #[error("the CA could not start (--data-dir, --cacerts-dir, --trust-domain, cert TTLs): {0}")]
+    Ca(#[from] CaError),
+    #[error("--token-file: {0}")]
+    TokenFile(#[from] TokenFileError),
+    #[error(
+        "could not reach the Kubernetes API (in-cluster config or KUBECONFIG): {0}; run with --config-dir DIR for local mode"
+    )]
+    Kubernetes(#[from] kube::Error),
+    #[error("gRPC listeners (--grpc-addr, --plaintext-addr): {0}")]
+    Grpc(#[from] GrpcError),
+    #[error("--monitoring-addr {addr}: could not listen: {source}")]
+    MonitoringBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Monitoring(#[from] MonitoringError),
+    #[error("could not install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("a component of istiod-rs stopped unexpectedly: {0}")]
+    Stopped(String),
+}
+
+/// Where the running istiod listens (port 0 resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addresses {
+    pub grpc_tls: SocketAddr,
+    pub grpc_plaintext: Option<SocketAddr>,
+    pub monitoring: SocketAddr,
+}
+
+/// A running istiod-rs.
+pub struct App {
+    addresses: Addresses,
+    root_cert: PathBuf,
+    ca: Arc<CertificateAuthority>,
+    store: Arc<Store>,
+    published: watch::Receiver<bool>,
+    xds: SyncStatus,
+    shutdown: CancellationToken,
+    grpc: JoinHandle<Result<(), GrpcError>>,
+    monitoring: JoinHandle<Result<(), MonitoringError>>,
+    /// Source and pipeline: aborted on shutdown (they run forever).
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("addresses", &self.addresses)
+            .field("root_cert", &self.root_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Starts every component; returns once the listeners are bound. Errors
+    /// name the flag or file to fix.
+    pub async fn start(config: AppConfig) -> Result<App, AppError> {
+        proxy_core::tls::install_default_provider();
+        let AppConfig {
+            source,
+            tokens,
+            ca,
+            grpc,
+            monitoring_addr,
+            mesh,
+            debounce,
+            kube_client,
+        } = config;
+
+        // CA: plug-in or self-signed root, checked before anything listens.
+        let ca = Arc::new(CertificateAuthority::new(ca)?);
+        let root_cert = root_cert_path(&ca);
+
+        // Kubernetes client, only when something needs one.
+        let needs_kube =
+            matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview);
+        let kube = match kube_client {
+            Some(client) if needs_kube => Some(client),
+            None if needs_kube => Some(kube::Client::try_default().await?),
+            _ => None,
+        };
+
+        // Authentication of every gRPC caller.
+        let authenticator: Arc<dyn Authenticator> = match &tokens {
+            TokenSource::File(path) => Arc::new(TokenFile::open(path, ca.trust_domain())?),
+            TokenSource::TokenReview => Arc::new(TokenReviewAuthenticator::new(
+                kube.clone().expect("a client was made for TokenReview"),
+                ca.trust_domain(),
+            )),
+        };
+
+        // Listeners first: a taken port fails start-up before anything runs.
+        let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
+            AppError::MonitoringBind {
+                addr: monitoring_addr,
+                source,
+            }
+        })?;
+        let addresses = Addresses {
+            grpc_tls: grpc_server.tls_addr(),
+            grpc_plaintext: grpc_server.plaintext_addr(),
+            monitoring: monitoring_listener.local_addr().map_err(|source| {
+                AppError::MonitoringBind {
+                    addr: monitoring_addr,
+                    source,
+                }
+            })?,
+        };
+
+        // Cluster state.
+        let (store, mut background) = match source {
+            Source::Directory { dir, poll_interval } => {
+                let store = Store::new();
+                let source = DirectorySource::new(dir);
+                let task = tokio::spawn(source.run(store.clone(), poll_interval));
+                (store, vec![task])
+            }
+            Source::Kubernetes => {
+                let store = Store::new();
+                let client = kube.expect("a client was made for the Kubernetes source");
+                let tasks = state::kube::spawn(client, store.clone());
+                (store, tasks)
+            }
+            Source::Store(store) => (store, Vec::new()),
+        };
+
+        // One registry for every metric; complete before it is shared.
+        let mut registry = Registry::default();
+        let pipeline_metrics = Arc::new(PipelineMetrics::default());
+        pipeline_metrics.register(&mut registry);
+        let (snapshots, pipeline) =
+            pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
+        background.push(pipeline);
+        let xds = XdsServer::new(snapshots.clone(), &mut registry);
+        let nodes: Arc<dyn NodeLookup> = store.clone();
+        let certificates =
+            CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);
+
+        // The TLS port requires a token for xDS, the plaintext one checks a
+        // token only when one is sent. The CA always requires one.
+        let certificates = certificates.into_server();
+        let tls_routes = Routes::new(certificates.clone())
+            .add_service(xds.service(Authentication::Required(authenticator.clone())));
+        let plaintext_routes = Routes::new(certificates)
+            .add_service(xds.service(Authentication::Optional(authenticator)));
+
+        let (published_tx, published) = watch::channel(false);
+        background.push(tokio::spawn(first_snapshot(snapshots, published_tx)));
+
+        let shutdown = CancellationToken::new();
+        let grpc = tokio::spawn(serve_grpc_when_published(
+            grpc_server,
+            tls_routes,
+            plaintext_routes,
+            published.clone(),
+            shutdown.clone(),
+        ));
+
+        let readiness = readiness(store.clone(), published.clone());
+        let status = xds.status();
+        let router = Monitoring::new(Arc::new(registry), readiness, status.clone())
+            .with_snapshot_json(Arc::new(json::snapshot_json))
+            .router();
+        let monitoring = tokio::spawn(monitoring::serve(
+            monitoring_listener,
+            router,
+            shutdown.clone().cancelled_owned(),
+        ));
+
+        info!(
+            grpc_tls = %addresses.grpc_tls,
+            grpc_plaintext = %addresses
+                .grpc_plaintext
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
+            monitoring = %addresses.monitoring,
+            root_cert = %root_cert.display(),
+            "istiod-rs listening"
+        );
+        Ok(App {
+            addresses,
+            root_cert,
+            ca,
+            store,
+            published,
+            xds: status,
+            shutdown,
+            grpc,
+            monitoring,
+            background,
+        })
+    }
+
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    /// The mesh root certificate (PEM) proxies must trust:
+    /// `<data-dir>/root-cert.pem` for the self-signed root, the plug-in
+    /// directory's `root-cert.pem` otherwise.
+    pub fn root_cert_path(&self) -> &Path {
+        &self.root_cert
+    }
+
+    pub fn ca(&self) -> &Arc<CertificateAuthority> {
+        &self.ca
+    }
+
+    /// The cluster state being served.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The xDS server's view of its proxies and snapshot.
+    pub fn xds_status(&self) -> &SyncStatus {
+        &self.xds
+    }
+
+    /// Resolves once the source has synced and the first snapshot is out
+    /// (what `/ready` reports).
+    pub async fn ready(&self) {
+        let mut published = self.published.clone();
+        let _ = published.wait_for(|p| *p).await;
+    }
+
+    /// Runs until SIGTERM or SIGINT (then shuts down gracefully) or until a
+    /// listener fails.
+    pub async fn run(mut self) -> Result<(), AppError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).map_err(|source| AppError::Signal {
+            signal: "SIGTERM",
+            source,
+        })?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| AppError::Signal {
+            signal: "SIGINT",
+            source,
+        })?;
+        let failure = tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); None }
+            _ = interrupt.recv() => { info!("SIGINT: shutting down"); None }
+            r = &mut self.grpc => Some(stopped("the gRPC server", r.map(|r| r.map_err(AppError::from)))),
+            r = &mut self.monitoring => Some(stopped("the monitoring server", r.map(|r| r.map_err(AppError::from)))),
+        };
+        self.shutdown().await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops: ends every xDS stream, lets gRPC connections drain (bounded by
+    /// the drain timeout), stops the monitoring server and the source.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        // The pipeline's end closes the snapshot feed, which ends each proxy's
+        // stream with UNAVAILABLE: proxies reconnect rather than wait.
+        for task in &self.background {
+            task.abort();
+        }
+        if let Ok(Err(error)) = self.grpc.await {
+            warn!(%error, "gRPC server ended with an error");
+        }
+        if let Ok(Err(error)) = self.monitoring.await {
+            warn!(%error, "monitoring server ended with an error");
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
+        info!("istiod-rs stopped");
+    }
+}
+
+/// Turns a listener task that ended while istiod was running into an error.
+fn stopped(what: &str, result: Result<Result<(), AppError>, tokio::task::JoinError>) -> AppError {
+    match result {
+        Ok(Ok(())) => AppError::Stopped(format!("{what} ended")),
+        Ok(Err(e)) => AppError::Stopped(format!("{what}: {e}")),
+        Err(e) => AppError::Stopped(format!("{what} panicked: {e}")),
+    }
+}
+
+/// Where the roots proxies must trust are on disk.
+fn root_cert_path(ca: &CertificateAuthority) -> PathBuf {
+    match ca.source() {
+        root::RootSource::PlugIn { dir } | root::RootSource::SelfSigned { dir, .. } => {
+            dir.join(root::ROOT_CERT)
+        }
+    }
+}
+
+/// Flips `published` when the pipeline publishes its first snapshot (which
+/// it does only after the source synced).
+async fn first_snapshot(
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    published: watch::Sender<bool>,
+) {
+    if snapshots.changed().await.is_ok() {
+        let resources = snapshots.borrow().len();
+        info!(resources, "first snapshot of the cluster state published");
+        published.send_replace(true);
+    }
+}
+
+async fn serve_grpc_when_published(
+    server: GrpcServer,
+    tls_routes: Routes,
+    plaintext_routes: Routes,
+    mut published: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> Result<(), GrpcError> {
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = published.wait_for(|p| *p) => if r.is_err() { return Ok(()) },
+    }
+    server
+        .serve_each(tls_routes, plaintext_routes, shutdown)
+        .await
+}
+
+/// `/ready`: the source has synced and the first snapshot is published.
+fn readiness(store: Arc<Store>, published: watch::Receiver<bool>) -> Readiness {
+    Readiness::new(move || {
+        if !store.is_synced() {
+            return Err("the configuration source has not delivered the cluster state yet".into());
+        }
+        if !*published.borrow() {
+            return Err("the first snapshot of the cluster state is not published yet".into());
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,392 @@
+//! istiod-rs's command line: every flag also reads an environment variable,
+//! and [`Args::into_config`] checks what flags alone can check, naming the
+//! flag in each error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::{AppConfig, AppError, Source, TokenSource};
+use crate::auth::ServiceAccount;
+use crate::ca::{CaConfig, root};
+use crate::grpc::GrpcConfig;
+use crate::index::MeshConfig;
+use crate::pipeline::Debounce;
+
+/// Where upstream mounts a plug-in CA; used when it holds a signing key.
+pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
+
+/// The istiod-rs control plane: cluster state in, workload API out over
+/// delta xDS, and the mesh's certificate authority.
+///
+/// Local mode (`--config-dir DIR --token-file FILE`): the YAML files under
+/// DIR are the cluster state and FILE maps bearer tokens to identities.
+/// Kubernetes mode (no `--config-dir`): the API server (in-cluster config or
+/// KUBECONFIG) is watched and tokens are checked with TokenReview.
+///
+/// The mesh root proxies must trust is `<data-dir>/root-cert.pem` (or the
+/// plug-in CA's `root-cert.pem`).
+#[derive(Parser, Clone, Debug)]
+#[command(name = "istiod-rs", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Local mode: read the cluster state from every *.yaml / *.yml file
+    /// under this directory (watched; edits apply within a second).
+    #[arg(long, env = "CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Bearer tokens -> identities (`tokens: [{token, serviceAccount, node}]`).
+    /// Required with --config-dir; in Kubernetes mode it replaces TokenReview.
+    #[arg(long, env = "TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// istiod-rs's state: the self-signed root (root-cert.pem, root-key.pem)
+    /// is created here once and kept.
+    #[arg(
+        long,
+        visible_alias = "ca-dir",
+        env = "DATA_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/istiod-rs"
+    )]
+    pub data_dir: PathBuf,
+    /// A plug-in CA (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)
+    /// to sign with instead of the self-signed root. Default: /etc/cacerts
+    /// when it holds ca-key.pem.
+    #[arg(long, env = "CACERTS_DIR", value_name = "DIR")]
+    pub cacerts_dir: Option<PathBuf>,
+    /// Trust domain of every identity (`spiffe://<trust-domain>/ns/../sa/..`).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = api::labels::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Workload certificate lifetime when the proxy asks for none (e.g. 24h, 30m).
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub default_cert_ttl: Duration,
+    /// Longest workload certificate lifetime granted (e.g. 90d).
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "90d", value_parser = parse_duration)]
+    pub max_cert_ttl: Duration,
+    /// Service accounts (`<namespace>/<name>`) whose callers may ask for the
+    /// certificates of pods on their own node. Repeat for more.
+    #[arg(long, value_name = "NS/SA", default_value = "istio-system/ztunnel")]
+    pub trusted_node_agent: Vec<ServiceAccount>,
+    /// gRPC over TLS (xDS + CA): what proxies use.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    pub grpc_addr: SocketAddr,
+    /// Also serve gRPC in plaintext on 0.0.0.0:15010 (local development only).
+    #[arg(long, env = "PLAINTEXT")]
+    pub plaintext: bool,
+    /// Serve gRPC in plaintext on this address (implies --plaintext).
+    #[arg(long, env = "PLAINTEXT_ADDR")]
+    pub plaintext_addr: Option<SocketAddr>,
+    /// HTTP: /metrics, /ready, /debug/syncz, /debug/config_dump.
+    #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
+    pub monitoring_addr: SocketAddr,
+    /// Cluster id: the first part of every workload uid.
+    #[arg(long, env = "CLUSTER_ID", default_value = api::labels::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+    /// Kubernetes DNS domain of service hostnames (`<svc>.<ns>.svc.<domain>`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = api::labels::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+    /// Namespace whose policies apply mesh-wide.
+    #[arg(long, env = "ROOT_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+    /// istiod-rs's own namespace: its serving identity and DNS names
+    /// (`istiod.<ns>.svc`) derive from it.
+    #[arg(long, env = "POD_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
+    pub namespace: String,
+    /// One more DNS name for the TLS serving certificate. Repeat for more.
+    #[arg(long, value_name = "NAME")]
+    pub extra_dns_name: Vec<String>,
+    /// How often --config-dir is looked at (e.g. 250ms).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Log filter (`info`, `debug`, `istiod_rs::xds=debug,info`...).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Args {
+    /// Installs the log subscriber (stderr; colours only on a terminal).
+    pub fn init_logging(&self) -> Result<(), AppError> {
+        use std::io::IsTerminal;
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            AppError::Flag {
+                flag: "--log-level",
+                reason: format!("{:?} is not a log filter: {e}", self.log_level),
+            }
+        })?;
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+        Ok(())
+    }
+
+    /// The configuration these flags describe.
+    pub fn into_config(self) -> Result<AppConfig, AppError> {
+        let flag = |flag: &'static str, reason: String| AppError::Flag { flag, reason };
+        let source = match &self.config_dir {
+            Some(dir) if !dir.is_dir() => {
+                return Err(flag(
+                    "--config-dir",
+                    format!(
+                        "{} is not a directory; create it or point at the directory holding the cluster's YAML",
+                        dir.display()
+                    ),
+                ));
+            }
+            Some(dir) => Source::Directory {
+                dir: dir.clone(),
+                poll_interval: self.poll_interval,
+            },
+            None => Source::Kubernetes,
+        };
+        let tokens = match (&self.token_file, &self.config_dir) {
+            (Some(file), _) => TokenSource::File(file.clone()),
+            (None, Some(_)) => {
+                return Err(flag(
+                    "--token-file",
+                    "required with --config-dir (local mode has no TokenReview): give a YAML file `tokens: [{token, serviceAccount, node}]`".into(),
+                ));
+            }
+            (None, None) => TokenSource::TokenReview,
+        };
+        let plugin_dir = match self.cacerts_dir {
+            Some(dir) if !dir.is_dir() => {
+                return Err(flag(
+                    "--cacerts-dir",
+                    format!(
+                        "{} is not a directory; it must hold {}, {}, {} and {}",
+                        dir.display(),
+                        root::CA_CERT,
+                        root::CA_KEY,
+                        root::CERT_CHAIN,
+                        root::ROOT_CERT
+                    ),
+                ));
+            }
+            Some(dir) => Some(dir),
+            None => default_cacerts(Path::new(DEFAULT_CACERTS_DIR)),
+        };
+        if self.default_cert_ttl > self.max_cert_ttl {
+            return Err(flag(
+                "--default-cert-ttl",
+                format!(
+                    "{:?} is longer than --max-cert-ttl {:?}",
+                    self.default_cert_ttl, self.max_cert_ttl
+                ),
+            ));
+        }
+        let mut ca = CaConfig::new(&self.trust_domain, &self.data_dir);
+        ca.plugin_dir = plugin_dir;
+        ca.default_cert_ttl = self.default_cert_ttl;
+        ca.max_cert_ttl = self.max_cert_ttl;
+        ca.trusted_node_agents = self.trusted_node_agent;
+
+        let plaintext_addr = self.plaintext_addr.or(self
+            .plaintext
+            .then(|| SocketAddr::from(([0, 0, 0, 0], api::ports::ISTIOD_PLAINTEXT))));
+        let grpc = GrpcConfig {
+            tls_addr: self.grpc_addr,
+            plaintext_addr,
+            namespace: self.namespace,
+            cluster_domain: self.cluster_domain.clone(),
+            extra_dns_names: self.extra_dns_name,
+            ..GrpcConfig::default()
+        };
+        let mesh = MeshConfig {
+            trust_domain: self.trust_domain,
+            cluster_id: self.cluster_id,
+            cluster_domain: self.cluster_domain,
+            root_namespace: self.root_namespace,
+            network: String::new(),
+        };
+        Ok(AppConfig {
+            source,
+            tokens,
+            ca,
+            grpc,
+            monitoring_addr: self.monitoring_addr,
+            mesh,
+            debounce: Debounce::default(),
+            kube_client: None,
+        })
+    }
+}
+
+/// `dir` when it holds a plug-in CA's key, as upstream decides.
+fn default_cacerts(dir: &Path) -> Option<PathBuf> {
+    dir.join(root::CA_KEY).exists().then(|| dir.to_path_buf())
+}
+
+/// A duration as a sum of `<number><unit>` parts, units `ms`, `s`, `m`,
+/// `h`, `d` (`90d`, `1h30m`, `500ms`); a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = |why: &str| {
+        format!("{text:?} is not a duration ({why}); write e.g. 500ms, 30s, 1h30m or 90d")
+    };
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad("a number must come first"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| bad("the number is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            "" => return Err(bad("a unit must follow each number")),
+            _ => return Err(bad("units are ms, s, m, h and d")),
+        };
+        rest = &rest[unit_len..];
+        let part = unit
+            .checked_mul(u32::try_from(number).map_err(|_| bad("the number is too large"))?)
+            .ok_or_else(|| bad("too long"))?;
+        total = total.checked_add(part).ok_or_else(|| bad("too long"))?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("istiod-rs").chain(extra.iter().copied()))
+    }
+
+    #[test]
+    fn durations() {
+        let secs = Duration::from_secs;
+        assert_eq!(parse_duration("30"), Ok(secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(secs(5400)));
+        assert_eq!(parse_duration("90d"), Ok(secs(90 * 86_400)));
+        for bad in ["", "h", "5 days", "5x", "10m5", "99999999999999h"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("not a duration"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn local_mode_needs_a_token_file_and_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let err = args(&["--config-dir", d])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("--token-file: required"),
+            "{err}"
+        );
+
+        let missing = dir.path().join("nope");
+        let err = args(&[
+            "--config-dir",
+            missing.to_str().unwrap(),
+            "--token-file",
+            "t",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().starts_with("--config-dir:"), "{err}");
+
+        let config = args(&["--config-dir", d, "--token-file", "t"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(matches!(config.source, Source::Directory { .. }));
+        assert!(matches!(config.tokens, TokenSource::File(_)));
+        assert_eq!(config.grpc.plaintext_addr, None);
+    }
+
+    #[test]
+    fn kubernetes_mode_by_default_and_listener_flags() {
+        let config = args(&["--plaintext", "--extra-dns-name", "istiod.example.com"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(matches!(config.source, Source::Kubernetes));
+        assert!(matches!(config.tokens, TokenSource::TokenReview));
+        assert_eq!(
+            config.grpc.plaintext_addr,
+            Some("0.0.0.0:15010".parse().unwrap())
+        );
+        assert!(
+            config
+                .grpc
+                .dns_names()
+                .contains(&"istiod.example.com".to_string())
+        );
+        let config = args(&["--plaintext-addr", "127.0.0.1:7010"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(
+            config.grpc.plaintext_addr,
+            Some("127.0.0.1:7010".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ca_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = args(&[
+            "--ca-dir",
+            dir.path().to_str().unwrap(),
+            "--trusted-node-agent",
+            "kube-system/agent",
+            "--default-cert-ttl",
+            "1h",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(config.ca.state_dir, dir.path());
+        assert_eq!(config.ca.default_cert_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            config.ca.trusted_node_agents,
+            vec!["kube-system/agent".parse::<ServiceAccount>().unwrap()]
+        );
+        let err = args(&["--default-cert-ttl", "100d"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--max-cert-ttl"), "{err}");
+        let err = args(&["--cacerts-dir", "/nonexistent/cacerts"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--cacerts-dir:"), "{err}");
+        let err = args(&["--trusted-node-agent", "ztunnel"]).unwrap_err();
+        assert!(err.to_string().contains("<namespace>/<name>"), "{err}");
+    }
+
+    #[test]
+    fn plugin_ca_is_used_by_default_only_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(default_cacerts(dir.path()), None);
+        std::fs::write(dir.path().join(root::CA_KEY), "key").unwrap();
+        assert_eq!(default_cacerts(dir.path()), Some(dir.path().to_path_buf()));
+    }
+}
