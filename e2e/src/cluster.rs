@@ -64,6 +64,12 @@ pub enum ClusterError {
         path: String,
         reason: String,
     },
+    #[error(
+        "{0} is not a mesh component that can be stopped and started (istiod, a node's ztunnel)"
+    )]
+    NotAComponent(String),
+    #[error("the cluster runs without the mesh; start it with the mesh on")]
+    MeshOff,
     #[error("{what} is not the JSON expected: {reason}\n{text}")]
     Json {
         what: String,
@@ -241,8 +247,9 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// A Kubernetes-shaped cluster that scenarios drive.
-pub trait Cluster {
+/// A Kubernetes-shaped cluster that scenarios drive. `Sync`: scenarios run
+/// traffic on one thread while they change the cluster on another.
+pub trait Cluster: Send + Sync {
     /// Node names, in order.
     fn nodes(&self) -> Vec<String>;
 
@@ -281,6 +288,21 @@ pub trait Cluster {
         port: u16,
         path: &str,
     ) -> Result<HttpResponse, ClusterError>;
+
+    /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
+    /// zero) or a node's ztunnel-rs. What the proxies hold stays with them.
+    fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
+
+    /// Brings a stopped mesh component back and returns once it is ready
+    /// (istiod: `/ready`; ztunnel: `/healthz/ready`, i.e. it has its xDS
+    /// state and its node's pods).
+    fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
+
+    /// [`Cluster::stop_component`], then [`Cluster::start_component`].
+    fn restart_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        self.stop_component(component)?;
+        self.start_component(component)
+    }
 
     /// [`Cluster::apply`] for YAML text; returns the keys applied.
     fn apply_yaml(&self, yaml: &str) -> Result<Vec<ObjectKey>, ClusterError> {

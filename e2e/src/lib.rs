@@ -16,25 +16,36 @@
 //! - [`cluster`] (the trait) and [`local`] (its network-namespace
 //!   implementation); [`mesh`] and [`cni`] are where the mesh plugs in.
 //! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
+//! - [`probe`] and [`prometheus`]: driving traffic from pods, waiting with
+//!   deadlines, and reading the mesh's evidence (metrics, certificates,
+//!   config dumps); [`scenarios`]: the L4 end-to-end scenarios on them;
+//!   [`demo`]: `cargo xtask demo`; [`bench`]: `cargo xtask bench l4`.
 //! - [`binaries`]: finds (and builds when stale) the binaries to run.
+//! - [`http`]: GETs to components' loopback ports from inside their namespace.
 
 pub mod apps;
+pub mod bench;
 pub mod binaries;
 pub mod cluster;
 pub mod cni;
 pub mod config_dir;
+pub mod demo;
+pub mod http;
 pub mod local;
 pub mod mesh;
 pub mod netns;
 pub mod objects;
 pub mod privilege;
+pub mod probe;
 pub mod process;
+pub mod prometheus;
 pub mod run;
+pub mod scenarios;
 pub mod state;
 pub mod topology;
 
 pub use cluster::{
     AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProxyRef,
 };
-pub use local::{LocalCluster, LocalClusterConfig};
+pub use local::{LocalCluster, LocalClusterConfig, Progress};
 pub use objects::{Object, ObjectKey};

@@ -17,14 +17,11 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
 
@@ -49,6 +46,35 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sample apps the cluster knows how to find (in a real cluster: their image).
 const SAMPLE_APPS: &[&str] = &["echo", "client"];
 
+/// Where the cluster reports each step while it starts (a first start
+/// builds the binaries, which takes a while).
+#[derive(Clone, Default)]
+pub struct Progress(Option<Arc<ProgressFn>>);
+
+type ProgressFn = dyn Fn(&str) + Send + Sync;
+
+impl Progress {
+    pub fn new(report: impl Fn(&str) + Send + Sync + 'static) -> Progress {
+        Progress(Some(Arc::new(report)))
+    }
+
+    pub fn say(&self, step: &str) {
+        if let Some(report) = &self.0 {
+            report(step);
+        }
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Progress(reported)"
+        } else {
+            "Progress(silent)"
+        })
+    }
+}
+
 /// How to build the local cluster.
 #[derive(Clone, Debug)]
 pub struct LocalClusterConfig {
@@ -58,6 +84,7 @@ pub struct LocalClusterConfig {
     pub binaries: Binaries,
     /// How long a pod's app may take to listen on its ports.
     pub ready_timeout: Duration,
+    pub progress: Progress,
 }
 
 impl Default for LocalClusterConfig {
@@ -68,6 +95,7 @@ impl Default for LocalClusterConfig {
             plan: AddressPlan::default(),
             binaries: Binaries::default(),
             ready_timeout: Duration::from_secs(30),
+            progress: Progress::default(),
         }
     }
 }
@@ -125,7 +153,15 @@ impl LocalCluster {
     /// Builds the cluster: topology, initial state, and the mesh if asked for.
     /// Anything built before a failure is removed again.
     pub fn start(config: LocalClusterConfig) -> Result<LocalCluster, ClusterError> {
+        let progress = &config.progress;
+        progress.say("cleaning up after crashed runs, if any");
         let run = Run::start()?;
+        progress.say(&format!(
+            "building the network: fabric bridge, control plane, {} node(s) (run {}, namespaces {})",
+            config.nodes,
+            run.id(),
+            run.netns_name("*")
+        ));
         let topology = Topology::build(&run, config.nodes, config.plan.clone())?;
         let nodes = topology
             .nodes
@@ -158,6 +194,7 @@ impl LocalCluster {
                 inner.config_dir.path(),
                 &config.binaries,
                 mesh,
+                &|step: &str| progress.say(step),
             )?),
         };
         Ok(LocalCluster {
@@ -236,6 +273,10 @@ impl LocalCluster {
             }
         }
         Ok(())
+    }
+
+    fn running_mesh(&self) -> Result<&MeshRuntime, ClusterError> {
+        self.mesh.as_ref().ok_or(ClusterError::MeshOff)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -618,52 +659,47 @@ impl Cluster for LocalCluster {
                 .pod_netns(namespace, name)
                 .ok_or_else(|| ClusterError::NoPod(namespace.clone(), name.clone()))?,
         };
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let owned_path = path.to_string();
-        netns
-            .block_on(move || async move {
-                tokio::time::timeout(HTTP_TIMEOUT, http_get(address, &owned_path))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {HTTP_TIMEOUT:?}")))
-            })?
-            .map_err(|reason| ClusterError::Http {
-                place: format!("{proxy:?} (network namespace {})", netns.name()),
-                address: address.to_string(),
-                path: path.to_string(),
+        crate::http::get(&netns, port, path, HTTP_TIMEOUT).map_err(|e| match e {
+            crate::http::HttpError::Get {
+                netns,
+                address,
+                path,
                 reason,
-            })
+            } => ClusterError::Http {
+                place: format!("{proxy:?} (network namespace {netns})"),
+                address: address.to_string(),
+                path,
+                reason,
+            },
+            crate::http::HttpError::Netns(e) => e.into(),
+        })
     }
-}
 
-/// A minimal HTTP/1.1 GET (hyper handles chunked bodies and the like).
-async fn http_get(address: SocketAddr, path: &str) -> Result<HttpResponse, String> {
-    let stream = tokio::net::TcpStream::connect(address)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, address.to_string())
-        .body(Empty::new())
-        .map_err(|e| format!("bad path {path:?}: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?
-        .to_bytes();
-    Ok(HttpResponse {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        match component {
+            ProxyRef::Istiod => self.running_mesh()?.stop_istiod(&self.run),
+            ProxyRef::Ztunnel { node } => self.running_mesh()?.stop_ztunnel(&self.run, node)?,
+            ProxyRef::Pod { namespace, name } => {
+                return Err(ClusterError::NotAComponent(format!(
+                    "pod {namespace}/{name}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        match component {
+            ProxyRef::Istiod => self.running_mesh()?.start_istiod(&self.run)?,
+            ProxyRef::Ztunnel { node } => self.running_mesh()?.start_ztunnel(&self.run, node)?,
+            ProxyRef::Pod { namespace, name } => {
+                return Err(ClusterError::NotAComponent(format!(
+                    "pod {namespace}/{name}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The run-local role (namespace name suffix) of a pod.

@@ -1,21 +1,27 @@
 //! Where the mesh plugs into the local cluster. With the mesh on, the local
 //! cluster runs, as a Kubernetes cluster would:
 //! - istiod-rs in the control-plane namespace, reading the cluster state from
-//!   the config directory and the bearer tokens from a token file;
+//!   the config directory and the bearer tokens from a token file, keeping
+//!   its CA's root in a state directory;
 //! - per node, in the node's namespace, the node agent (`ztunnel-rs cni`) and
-//!   the proxy (`ztunnel-rs proxy`), talking ZDS over a unix socket;
+//!   the proxy (`ztunnel-rs proxy`), talking ZDS over a unix socket; the
+//!   proxy reaches istiod over TLS (15012) with its node's bearer token;
 //! - for every pod, the CNI plugin `istio-cni-rs`, chained after the local
 //!   cluster's own network setup (see [`crate::cni`]);
 //! - a pod per waypoint Deployment istiod-rs provisions into `generated/`.
 //!
 //! The command lines below are the one place that knows the components'
-//! flags. They are the expected interface, written before the components
-//! existed; when a component settles its flags, adjust them here only.
+//! flags. Components are started in dependency order and each is waited for
+//! until its own readiness endpoint says so (istiod `/ready` on 15014, each
+//! ztunnel `/healthz/ready` on 15021). istiod and each node's ztunnel can be
+//! stopped and started again while the cluster runs (the restart scenarios).
 
 use std::fs;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::{Map, Value};
@@ -49,6 +55,8 @@ pub enum MeshError {
     },
     #[error("{file}: {reason}")]
     Generated { file: String, reason: String },
+    #[error("no node named {0:?} runs the mesh")]
+    NoNode(String),
 }
 
 /// Whether the local cluster runs the mesh.
@@ -88,9 +96,14 @@ pub struct MeshConfig {
     pub cni_plugin: Component,
     pub waypoint: Component,
     pub trust_domain: String,
+    /// Lifetime of workload certificates (ztunnel asks the CA for it and
+    /// renews at half of it); `None`: the components' default.
+    pub certificate_ttl: Option<Duration>,
+    /// How long a ztunnel gives live connections when it stops.
+    pub drain_deadline: Duration,
     /// `RUST_LOG` of every component.
     pub log: String,
-    /// How long a component may take to start listening.
+    /// How long a component may take to become ready.
     pub ready_timeout: Duration,
 }
 
@@ -102,6 +115,10 @@ impl Default for MeshConfig {
             cni_plugin: Component::new("ztunnel-rs", "istio-cni-rs"),
             waypoint: Component::new("waypoint-rs", "waypoint-rs"),
             trust_domain: api::labels::DEFAULT_TRUST_DOMAIN.into(),
+            certificate_ttl: None,
+            // Below the harness's grace between SIGTERM and SIGKILL, so a
+            // stopped ztunnel finishes its drain on its own.
+            drain_deadline: Duration::from_secs(2),
             log: "info".into(),
             ready_timeout: Duration::from_secs(60),
         }
@@ -115,8 +132,14 @@ pub struct MeshLayout {
 }
 
 impl MeshLayout {
+    /// istiod-rs's own state (the CA's root certificate and key).
     pub fn istiod_dir(&self) -> PathBuf {
         self.root.join("istiod")
+    }
+
+    /// The mesh root certificate istiod-rs's CA keeps; every ztunnel trusts it.
+    pub fn root_cert(&self) -> PathBuf {
+        self.istiod_dir().join("root-cert.pem")
     }
 
     /// Bearer token -> identity, istiod-rs's stand-in for TokenReview.
@@ -144,11 +167,27 @@ impl MeshLayout {
     }
 }
 
-/// The mesh's processes on one node.
+/// The mesh's processes on one node (`None`: stopped).
 #[derive(Clone, Debug)]
 pub struct NodeMesh {
+    pub node: String,
     pub node_agent: ProcessInfo,
-    pub ztunnel: ProcessInfo,
+    pub ztunnel: Option<ProcessInfo>,
+}
+
+#[derive(Debug)]
+struct Processes {
+    istiod: Option<ProcessInfo>,
+    nodes: Vec<NodeMesh>,
+}
+
+/// Paths of the binaries the mesh runs.
+#[derive(Clone, Debug)]
+struct MeshBinaries {
+    istiod: PathBuf,
+    ztunnel: PathBuf,
+    cni_plugin: PathBuf,
+    waypoint: PathBuf,
 }
 
 /// The running mesh.
@@ -156,97 +195,161 @@ pub struct NodeMesh {
 pub struct MeshRuntime {
     pub config: MeshConfig,
     pub layout: MeshLayout,
-    pub istiod: ProcessInfo,
-    pub nodes: Vec<NodeMesh>,
-    cni_binary: PathBuf,
-    waypoint_binary: PathBuf,
+    config_dir: PathBuf,
+    binaries: MeshBinaries,
+    control_plane: NetNs,
+    istiod_ip: Ipv4Addr,
+    node_netns: Vec<(String, NetNs)>,
+    processes: Mutex<Processes>,
 }
 
 impl MeshRuntime {
     /// Starts istiod-rs, then each node's agent and proxy, waiting for each
-    /// to listen before the next depends on it.
+    /// to be ready before anything depends on it. `progress` hears one line
+    /// per step.
     pub fn start(
         run: &Run,
         topology: &Topology,
         config_dir: &Path,
         binaries: &Binaries,
         config: &MeshConfig,
+        progress: &dyn Fn(&str),
     ) -> Result<MeshRuntime, MeshError> {
         let layout = MeshLayout {
             root: run.dir().join("mesh"),
         };
-        let istiod_bin = config.istiod.path(binaries)?;
-        let ztunnel_bin = config.ztunnel.path(binaries)?;
-        let cni_binary = config.cni_plugin.path(binaries)?;
-        let waypoint_binary = config.waypoint.path(binaries)?;
+        progress("finding (or building) istiod-rs, ztunnel-rs, istio-cni-rs, waypoint-rs");
+        let bins = MeshBinaries {
+            istiod: config.istiod.path(binaries)?,
+            ztunnel: config.ztunnel.path(binaries)?,
+            cni_plugin: config.cni_plugin.path(binaries)?,
+            waypoint: config.waypoint.path(binaries)?,
+        };
         let nodes: Vec<&str> = topology.nodes.iter().map(|n| n.name.as_str()).collect();
         write_tokens(&layout, &nodes)?;
-
-        let istiod = run.spawn(
-            &istiod_spec(&istiod_bin, config_dir, &layout, config),
-            &topology.control_plane,
-        )?;
-        wait_ready(
-            run,
-            &istiod,
-            &topology.control_plane,
-            api::ports::ISTIOD_TLS,
-            config.ready_timeout,
-        )?;
-
-        let mut started = Vec::new();
-        for node in &topology.nodes {
-            let agent = run.spawn(
-                &node_agent_spec(&ztunnel_bin, &node.name, config_dir, &layout, config),
-                &node.netns,
-            )?;
-            let ztunnel = run.spawn(
-                &ztunnel_spec(
-                    &ztunnel_bin,
-                    &node.name,
-                    topology.plan.control_plane_ip(),
-                    &layout,
-                    config,
-                ),
-                &node.netns,
-            )?;
-            started.push((
-                node.netns.clone(),
-                NodeMesh {
-                    node_agent: agent,
-                    ztunnel,
-                },
-            ));
-        }
-        for (netns, mesh) in &started {
-            wait_ready(
-                run,
-                &mesh.ztunnel,
-                netns,
-                api::ports::READINESS,
-                config.ready_timeout,
-            )?;
-        }
-        Ok(MeshRuntime {
+        let mesh = MeshRuntime {
             config: config.clone(),
             layout,
-            istiod,
-            nodes: started.into_iter().map(|(_, m)| m).collect(),
-            cni_binary,
-            waypoint_binary,
-        })
+            config_dir: config_dir.to_path_buf(),
+            binaries: bins,
+            control_plane: topology.control_plane.clone(),
+            istiod_ip: topology.plan.control_plane_ip(),
+            node_netns: topology
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.netns.clone()))
+                .collect(),
+            processes: Mutex::new(Processes {
+                istiod: None,
+                nodes: Vec::new(),
+            }),
+        };
+
+        progress("starting istiod-rs (control plane, CA) and waiting for /ready");
+        mesh.start_istiod(run)?;
+
+        progress("starting the node agent and ztunnel-rs on every node");
+        let mut started = Vec::new();
+        for (node, netns) in &mesh.node_netns {
+            let agent = run.spawn(&mesh.node_agent_spec(node), netns)?;
+            let ztunnel = run.spawn(&mesh.ztunnel_spec(node), netns)?;
+            started.push(NodeMesh {
+                node: node.clone(),
+                node_agent: agent,
+                ztunnel: Some(ztunnel),
+            });
+        }
+        mesh.lock().nodes = started.clone();
+        for node in &started {
+            progress(&format!(
+                "waiting for ztunnel-rs on {} to be ready (xDS synced, ZDS snapshot)",
+                node.node
+            ));
+            let ztunnel = node.ztunnel.as_ref().expect("just started");
+            mesh.wait_ztunnel_ready(run, &node.node, ztunnel)?;
+        }
+        Ok(mesh)
+    }
+
+    /// istiod-rs, while it runs.
+    pub fn istiod(&self) -> Option<ProcessInfo> {
+        self.lock().istiod.clone()
+    }
+
+    /// The mesh's processes on each node.
+    pub fn nodes(&self) -> Vec<NodeMesh> {
+        self.lock().nodes.clone()
+    }
+
+    /// Stops istiod-rs (SIGTERM, then SIGKILL). The proxies keep what they have.
+    pub fn stop_istiod(&self, run: &Run) {
+        if let Some(p) = self.lock().istiod.take() {
+            run.stop(&p);
+        }
+    }
+
+    /// Starts istiod-rs (if it is not running) and waits for `/ready`.
+    pub fn start_istiod(&self, run: &Run) -> Result<(), MeshError> {
+        if self.lock().istiod.is_some() {
+            return Ok(());
+        }
+        let p = run.spawn(&self.istiod_spec(), &self.control_plane)?;
+        self.lock().istiod = Some(p.clone());
+        self.wait_http_ready(
+            run,
+            &p,
+            &self.control_plane,
+            api::ports::ISTIOD_MONITORING,
+            "/ready",
+        )
+    }
+
+    /// Stops a node's ztunnel-rs (SIGTERM: it drains, then exits).
+    pub fn stop_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        if let Some(p) = self.with_node(node, |n| n.ztunnel.take())? {
+            run.stop(&p);
+        }
+        Ok(())
+    }
+
+    /// Starts a node's ztunnel-rs (if it is not running) and waits until it
+    /// is ready: it has the control plane's state and the node agent's pods.
+    pub fn start_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        let netns = self.netns_of(node)?.clone();
+        let started = self.with_node(node, |n| {
+            if n.ztunnel.is_some() {
+                return Ok(None);
+            }
+            let p = run.spawn(&self.ztunnel_spec(node), &netns)?;
+            n.ztunnel = Some(p.clone());
+            Ok::<_, MeshError>(Some(p))
+        })??;
+        match started {
+            Some(p) => self.wait_ztunnel_ready(run, node, &p),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` on a node's processes, under the lock.
+    fn with_node<R>(&self, node: &str, f: impl FnOnce(&mut NodeMesh) -> R) -> Result<R, MeshError> {
+        let mut processes = self.lock();
+        let n = processes
+            .nodes
+            .iter_mut()
+            .find(|n| n.node == node)
+            .ok_or_else(|| MeshError::NoNode(node.to_string()))?;
+        Ok(f(n))
     }
 
     /// The CNI plugin as node `node`'s runtime invokes it.
     pub fn cni_plugin(&self, node: &str) -> CniPlugin {
         let mut config = Map::new();
         config.insert(
-            "plugin_event_socket".into(),
+            "agent_socket".into(),
             Value::String(self.layout.cni_socket(node).display().to_string()),
         );
-        config.insert("ambient_enabled".into(), Value::Bool(true));
         CniPlugin {
-            binary: self.cni_binary.clone(),
+            binary: self.binaries.cni_plugin.clone(),
             network: "local-pod-network".into(),
             config,
         }
@@ -254,92 +357,122 @@ impl MeshRuntime {
 
     /// Pods for the waypoint Deployments istiod-rs provisioned into `generated/`.
     pub fn waypoint_pods(&self, generated: &Path) -> Result<Vec<PodRequest>, MeshError> {
-        waypoint_pods(generated, &self.waypoint_binary)
+        waypoint_pods(generated, &self.binaries.waypoint)
     }
-}
 
-fn istiod_spec(
-    bin: &Path,
-    config_dir: &Path,
-    layout: &MeshLayout,
-    config: &MeshConfig,
-) -> ProcessSpec {
-    ProcessSpec::new("istiod", bin)
-        .arg("--config-dir")
-        .arg(config_dir)
-        .arg("--token-file")
-        .arg(layout.tokens_file())
-        .arg("--data-dir")
-        .arg(layout.istiod_dir())
-        .arg("--trust-domain")
-        .arg(&config.trust_domain)
-        .arg("--plaintext")
-        .env("RUST_LOG", &config.log)
-}
+    fn lock(&self) -> MutexGuard<'_, Processes> {
+        self.processes.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-fn node_agent_spec(
-    bin: &Path,
-    node: &str,
-    config_dir: &Path,
-    layout: &MeshLayout,
-    config: &MeshConfig,
-) -> ProcessSpec {
-    ProcessSpec::new(format!("node-agent-{node}"), bin)
-        .arg("cni")
-        .arg("--node")
-        .arg(node)
-        .arg("--config-dir")
-        .arg(config_dir)
-        .arg("--zds-socket")
-        .arg(layout.zds_socket(node))
-        .arg("--plugin-socket")
-        .arg(layout.cni_socket(node))
-        .env("RUST_LOG", &config.log)
-}
+    fn netns_of(&self, node: &str) -> Result<&NetNs, MeshError> {
+        self.node_netns
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, ns)| ns)
+            .ok_or_else(|| MeshError::NoNode(node.to_string()))
+    }
 
-fn ztunnel_spec(
-    bin: &Path,
-    node: &str,
-    istiod: std::net::Ipv4Addr,
-    layout: &MeshLayout,
-    config: &MeshConfig,
-) -> ProcessSpec {
-    let istiod = format!("https://{istiod}:{}", api::ports::ISTIOD_TLS);
-    ProcessSpec::new(format!("ztunnel-{node}"), bin)
-        .arg("proxy")
-        .arg("--node")
-        .arg(node)
-        .arg("--xds-address")
-        .arg(&istiod)
-        .arg("--ca-address")
-        .arg(&istiod)
-        .arg("--token-file")
-        .arg(layout.node_token(node))
-        .arg("--root-cert")
-        .arg(layout.istiod_dir().join("root-cert.pem"))
-        .arg("--zds-socket")
-        .arg(layout.zds_socket(node))
-        .arg("--trust-domain")
-        .arg(&config.trust_domain)
-        .env("RUST_LOG", &config.log)
-}
+    fn wait_ztunnel_ready(&self, run: &Run, node: &str, p: &ProcessInfo) -> Result<(), MeshError> {
+        self.wait_http_ready(
+            run,
+            p,
+            self.netns_of(node)?,
+            api::ports::READINESS,
+            "/healthz/ready",
+        )
+    }
 
-fn wait_ready(
-    run: &Run,
-    p: &ProcessInfo,
-    netns: &NetNs,
-    port: u16,
-    timeout: Duration,
-) -> Result<(), MeshError> {
-    let exited = || run.exited(p).map(|s| format!("it exited ({s})"));
-    netns
-        .wait_for_listener(port, timeout, &exited)
-        .map_err(|e| MeshError::NotReady {
+    /// Polls `GET path` on the component's loopback `port` until it answers
+    /// 200; the last answer (or error) is the reason when it never does.
+    fn wait_http_ready(
+        &self,
+        run: &Run,
+        p: &ProcessInfo,
+        netns: &NetNs,
+        port: u16,
+        path: &str,
+    ) -> Result<(), MeshError> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let not_ready = |reason: String| MeshError::NotReady {
             component: p.name.clone(),
-            reason: e.to_string(),
+            reason,
             log: p.log.display().to_string(),
             tail: log_tail(&p.log, 30),
-        })
+        };
+        loop {
+            let last = match crate::http::get(netns, port, path, Duration::from_secs(2)) {
+                Ok(resp) if resp.status == 200 => return Ok(()),
+                Ok(resp) => format!("{path} answered {}: {}", resp.status, resp.body.trim()),
+                Err(e) => e.to_string(),
+            };
+            if let Some(status) = run.exited(p) {
+                return Err(not_ready(format!("it exited ({status})")));
+            }
+            if start.elapsed() >= self.config.ready_timeout {
+                return Err(not_ready(format!(
+                    "not ready within {:?}; last: {last}",
+                    self.config.ready_timeout
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    fn istiod_spec(&self) -> ProcessSpec {
+        ProcessSpec::new("istiod", &self.binaries.istiod)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--token-file")
+            .arg(self.layout.tokens_file())
+            .arg("--data-dir")
+            .arg(self.layout.istiod_dir())
+            .arg("--trust-domain")
+            .arg(&self.config.trust_domain)
+            .env("RUST_LOG", &self.config.log)
+    }
+
+    fn node_agent_spec(&self, node: &str) -> ProcessSpec {
+        ProcessSpec::new(format!("node-agent-{node}"), &self.binaries.ztunnel)
+            .arg("cni")
+            .arg("--node-name")
+            .arg(node)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--zds-socket")
+            .arg(self.layout.zds_socket(node))
+            .arg("--cni-socket")
+            .arg(self.layout.cni_socket(node))
+            .env("RUST_LOG", &self.config.log)
+    }
+
+    fn ztunnel_spec(&self, node: &str) -> ProcessSpec {
+        let istiod = format!("https://{}:{}", self.istiod_ip, api::ports::ISTIOD_TLS);
+        let mut spec = ProcessSpec::new(format!("ztunnel-{node}"), &self.binaries.ztunnel)
+            .arg("proxy")
+            .arg("--node-name")
+            .arg(node)
+            .arg("--xds-address")
+            .arg(&istiod)
+            .arg("--token-file")
+            .arg(self.layout.node_token(node))
+            .arg("--root-cert")
+            .arg(self.layout.root_cert())
+            .arg("--zds-socket")
+            .arg(self.layout.zds_socket(node))
+            .arg("--trust-domain")
+            .arg(&self.config.trust_domain)
+            .arg("--drain-deadline")
+            .arg(format!("{}ms", self.config.drain_deadline.as_millis()))
+            .env("RUST_LOG", &self.config.log);
+        if let Some(ttl) = self.config.certificate_ttl {
+            spec = spec
+                .arg("--certificate-ttl")
+                .arg(format!("{}ms", ttl.as_millis()));
+        }
+        spec
+    }
 }
 
 /// Writes the token file (one token per node's ztunnel, identity
@@ -356,7 +489,7 @@ fn write_tokens(layout: &MeshLayout, nodes: &[&str]) -> Result<(), MeshError> {
         })?;
         write_secret(&layout.node_token(node), &token)?;
         entries.push_str(&format!(
-            "- token: {token}\n  namespace: {}\n  serviceAccount: ztunnel\n  node: {node}\n",
+            "- token: {token}\n  serviceAccount: {}/ztunnel\n  node: {node}\n",
             api::labels::DEFAULT_ROOT_NAMESPACE
         ));
     }

@@ -65,6 +65,8 @@ pub struct RunRecord {
 
 struct RunInner {
     closed: bool,
+    /// Keep the run directory after teardown (a failure to look into).
+    keep_dir: bool,
     record: RunRecord,
     children: BTreeMap<u32, Child>,
     state_file: PathBuf,
@@ -109,6 +111,7 @@ impl Run {
         };
         let inner = RunInner {
             closed: false,
+            keep_dir: false,
             record,
             children: BTreeMap::new(),
             state_file: Path::new(STATE_DIR).join(format!("{id}.json")),
@@ -193,6 +196,12 @@ impl Run {
         self.lock().record.clone()
     }
 
+    /// Keeps the run directory (logs, config) after teardown, as a panic
+    /// would: for a caller that reports a failure after dropping the run.
+    pub fn keep_dir(&self) {
+        self.lock().keep_dir = true;
+    }
+
     /// Removes everything this run owns. Idempotent.
     pub fn teardown(&self) {
         self.lock().teardown();
@@ -216,7 +225,7 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         self.teardown();
-        if std::thread::panicking() {
+        if std::thread::panicking() || self.lock().keep_dir {
             eprintln!(
                 "e2e: run {} failed; its logs are kept in {}",
                 self.id,

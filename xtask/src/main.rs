@@ -1,10 +1,11 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
-//! Commands: `ci`, `codegen [--check]`, `bench <name> [args]`.
+//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`.
 
 mod bench;
 mod ci;
 mod codegen;
+mod demo;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  demo [--keep]      the mesh on a local two-node cluster: every L4 path driven, a table of
+                     what happened (root or user namespaces); --keep leaves it running
   ci                 fmt check, dependency policy, clippy (warnings are errors), all tests
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
@@ -30,6 +33,7 @@ fn main() -> Result<()> {
         }
     };
     match cmd {
+        "demo" => demo::run(rest),
         "ci" => ci::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),

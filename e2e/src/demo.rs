@@ -1,0 +1,593 @@
+//! `cargo xtask demo`: the mesh on a local cluster of network namespaces,
+//! driven through every L4 path, with a table of what happened.
+//!
+//! Two nodes; namespace `demo` (ambient: every pod in the mesh) and
+//! `legacy` (not enrolled); in `demo` a client and an echo server on each
+//! node and a service in front of the servers, in `legacy` one client.
+//! Checks, each with its evidence taken from the mesh itself:
+//! 1. ambient -> ambient on one node and across nodes: carried in mutual
+//!    TLS, with both SPIFFE ids as ztunnel-rs's metrics report them; the
+//!    service VIP spreads over both nodes;
+//! 2. legacy -> ambient: plaintext admitted under PERMISSIVE, refused once a
+//!    STRICT PeerAuthentication is applied while traffic runs;
+//! 3. a DENY AuthorizationPolicy by source namespace, applied while running,
+//!    takes effect within a second (measured), and traffic returns when it
+//!    is removed;
+//! 4. the certificates each node's ztunnel holds: identities and expiry.
+//!
+//! With `--keep` the cluster stays up and the demo prints how to look
+//! inside; Ctrl-C removes everything.
+
+pub mod table;
+
+use std::time::{Duration, Instant};
+
+use crate::cluster::{Cluster, ClusterError, PodInfo};
+use crate::local::{LocalCluster, LocalClusterConfig, Progress};
+use crate::mesh::{MeshConfig, MeshMode};
+use crate::probe::{
+    self, CONNECTION_FAILURES, ProbeError, counted, describe_exchange, mtls_from_to, principal,
+    tcp_hello, time_until_exchange, ztunnel,
+};
+use crate::prometheus;
+use crate::scenarios::fixture::{
+    ECHO_HELLO, L4Fixture, client_pod, echo_server, echo_service_yaml, namespace_yaml,
+    service_accounts_yaml,
+};
+use crate::scenarios::policies::{Applied, authorization, from_namespaces, peer_authentication};
+use table::Column;
+
+pub const AMBIENT_NS: &str = "demo";
+pub const LEGACY_NS: &str = "legacy";
+const SERVICE: &str = "server";
+/// The propagation goal a policy change is held to.
+const POLICY_GOAL: Duration = Duration::from_secs(1);
+/// How long the demo waits for anything before calling it failed.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+}
+
+/// Command line of the `demo` binary.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "demo",
+    about = "Runs the mesh on a local two-node cluster, drives every L4 path and prints what happened"
+)]
+pub struct DemoArgs {
+    /// Leave the cluster running afterwards and print how to look inside; Ctrl-C removes it.
+    #[arg(long)]
+    pub keep: bool,
+    /// `RUST_LOG` of the mesh's components (their logs are files in the run directory).
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub check: String,
+    pub happened: String,
+    pub pass: bool,
+    pub evidence: String,
+}
+
+/// The demo's pods.
+#[derive(Clone, Debug)]
+pub struct DemoPods {
+    pub trust_domain: String,
+    /// `demo/server-<node>` for the first two nodes.
+    pub servers: Vec<PodInfo>,
+    /// `demo/client-<node>`.
+    pub clients: Vec<PodInfo>,
+    /// `legacy/client`, on the second node.
+    pub legacy: PodInfo,
+    pub service_vip: String,
+}
+
+impl DemoPods {
+    pub fn create(cluster: &dyn Cluster, trust_domain: &str) -> Result<DemoPods, DemoError> {
+        let yaml = [
+            namespace_yaml(AMBIENT_NS, true),
+            namespace_yaml(LEGACY_NS, false),
+            service_accounts_yaml(AMBIENT_NS, &["client", "server"]),
+            echo_service_yaml(AMBIENT_NS, SERVICE, "server"),
+        ]
+        .join("---\n");
+        cluster.apply_yaml(&yaml)?;
+        let nodes: Vec<String> = cluster.nodes().into_iter().take(2).collect();
+        let mut servers = Vec::new();
+        let mut clients = Vec::new();
+        for node in &nodes {
+            servers.push(
+                cluster.create_pod(
+                    &echo_server(AMBIENT_NS, &format!("server-{node}"), node, "server")
+                        .label("app", "server"),
+                )?,
+            );
+            clients.push(cluster.create_pod(&client_pod(
+                AMBIENT_NS,
+                &format!("client-{node}"),
+                node,
+                "client",
+            ))?);
+        }
+        let last = nodes.last().cloned().unwrap_or_default();
+        let legacy = cluster.create_pod(&client_pod(LEGACY_NS, "client", &last, "default"))?;
+        let enrolled: Vec<(&PodInfo, &str)> = servers
+            .iter()
+            .map(|p| (p, "server"))
+            .chain(clients.iter().map(|p| (p, "client")))
+            .collect();
+        probe::until_in_mesh(cluster, trust_domain, &enrolled, TIMEOUT)?;
+        probe::until_known(cluster, &[&legacy], "TCP", TIMEOUT)?;
+        let service_vip = probe::eventually("the service's cluster IP", TIMEOUT, || {
+            Ok(
+                crate::scenarios::fixture::service_vip(cluster, AMBIENT_NS, SERVICE)?
+                    .ok_or("no VIP yet".to_string()),
+            )
+        })?;
+        Ok(DemoPods {
+            trust_domain: trust_domain.to_string(),
+            servers,
+            clients,
+            legacy,
+            service_vip,
+        })
+    }
+
+    fn principal(&self, sa: &str) -> String {
+        principal(&self.trust_domain, AMBIENT_NS, sa)
+    }
+}
+
+/// Prints a progress line with the time since the demo started.
+struct Steps(Instant);
+
+impl Steps {
+    fn say(&self, step: &str) {
+        println!("[{:>5.1}s] {step}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+/// Runs the demo; `Ok(true)` when every check passed.
+pub fn run(args: &DemoArgs) -> Result<bool, DemoError> {
+    let steps = Steps(Instant::now());
+    steps
+        .say("starting the local cluster with the mesh (a first run builds the binaries: minutes)");
+    let mesh = MeshConfig {
+        log: args.log.clone(),
+        ..MeshConfig::default()
+    };
+    let trust_domain = mesh.trust_domain.clone();
+    let started = Instant::now();
+    let cluster = LocalCluster::start(LocalClusterConfig {
+        mesh: MeshMode::On(mesh),
+        progress: Progress::new(move |step| {
+            println!("[{:>5.1}s]   {step}", started.elapsed().as_secs_f64())
+        }),
+        ..LocalClusterConfig::default()
+    })?;
+    steps.say(
+        "creating namespaces demo (ambient) and legacy (not enrolled), a service, and client and server pods on both nodes (through the CNI plugin)",
+    );
+    let pods = DemoPods::create(&cluster, &trust_domain)?;
+    steps.say("driving traffic through every path");
+    let checks = checks(&cluster, &pods, &steps);
+    println!();
+    println!("{}", render(&checks));
+    let passed = checks.iter().filter(|c| c.pass).count();
+    println!(
+        "{passed} of {} checks passed. Component logs: {}",
+        checks.len(),
+        cluster.run().dir().join("logs").display()
+    );
+    let all = passed == checks.len();
+    if !all {
+        // Printed above; keep them to look into after the cluster is gone.
+        cluster.run().keep_dir();
+    }
+    if args.keep {
+        println!("\n{}", hints(&cluster, &pods));
+        // The run's signal handler removes the cluster on Ctrl-C and exits.
+        loop {
+            std::thread::park();
+        }
+    }
+    Ok(all)
+}
+
+/// The table of checks.
+pub fn render(checks: &[Check]) -> String {
+    let columns = [
+        Column {
+            heading: "CHECK",
+            width: 26,
+        },
+        Column {
+            heading: "WHAT HAPPENED",
+            width: 46,
+        },
+        Column {
+            heading: "RESULT",
+            width: 6,
+        },
+        Column {
+            heading: "EVIDENCE",
+            width: 62,
+        },
+    ];
+    let rows: Vec<Vec<String>> = checks
+        .iter()
+        .map(|c| {
+            vec![
+                c.check.clone(),
+                c.happened.clone(),
+                if c.pass { "PASS" } else { "FAIL" }.to_string(),
+                c.evidence.clone(),
+            ]
+        })
+        .collect();
+    table::render(&columns, &rows)
+}
+
+/// Runs a check; a probe that fails outright is a failed row with its error.
+fn check(name: &str, f: impl FnOnce() -> Result<Check, ProbeError>) -> Check {
+    f().unwrap_or_else(|e| Check {
+        check: name.to_string(),
+        happened: "the check could not complete".into(),
+        pass: false,
+        evidence: e.to_string(),
+    })
+}
+
+fn name(p: &PodInfo) -> String {
+    format!("{}/{}", p.namespace, p.name)
+}
+
+/// Every check, in order.
+fn checks(cluster: &dyn Cluster, pods: &DemoPods, steps: &Steps) -> Vec<Check> {
+    let mut out = Vec::new();
+    let (client, near, far) = (&pods.clients[0], &pods.servers[0], &pods.servers[1]);
+    steps.say("1. ambient -> ambient, same node and across nodes");
+    out.push(check("ambient -> ambient, same node", || {
+        mtls(cluster, pods, "ambient -> ambient, same node", client, near)
+    }));
+    out.push(check("ambient -> ambient, cross node", || {
+        mtls(cluster, pods, "ambient -> ambient, cross node", client, far)
+    }));
+    out.push(check("ambient -> service VIP", || service(cluster, pods)));
+    steps.say("2. legacy -> ambient, PERMISSIVE then STRICT");
+    out.push(check("legacy -> ambient, PERMISSIVE", || {
+        permissive(cluster, pods)
+    }));
+    out.push(check("legacy -> ambient, STRICT applied", || {
+        strict(cluster, pods)
+    }));
+    steps.say("3. DENY by source namespace, applied and removed while running");
+    out.extend(deny(cluster, pods));
+    steps.say("4. certificates on each node");
+    for node in cluster.nodes() {
+        out.push(check(&format!("certificates on {node}"), || {
+            certificates(cluster, pods, &node)
+        }));
+    }
+    out
+}
+
+fn mtls(
+    cluster: &dyn Cluster,
+    pods: &DemoPods,
+    label: &str,
+    from: &PodInfo,
+    to: &PodInfo,
+) -> Result<Check, ProbeError> {
+    let (src, dst) = (pods.principal("client"), pods.principal("server"));
+    let filter = mtls_from_to(&src, &dst);
+    let proxy = ztunnel(&to.node);
+    let target = L4Fixture::at(to, ECHO_HELLO);
+    let (report, count) = counted(cluster, &proxy, &filter, || {
+        tcp_hello(cluster, from, &target)
+    })?;
+    let answered = report.hello.as_ref().map(|h| h.pod.as_str());
+    // The ids as the metrics carry them (the series the filter matched).
+    let samples = probe::metrics(cluster, &proxy)?;
+    let series = samples
+        .iter()
+        .find(|s| s.name == probe::CONNECTIONS_OPENED && s.matches(&filter));
+    let ids = series.map_or_else(
+        || "no matching series".to_string(),
+        |s| {
+            format!(
+                "source_principal={} destination_principal={}",
+                s.label("source_principal").unwrap_or("?"),
+                s.label("destination_principal").unwrap_or("?")
+            )
+        },
+    );
+    Ok(Check {
+        check: label.into(),
+        happened: format!(
+            "{} ({}) -> {} ({}) port {ECHO_HELLO}: {}",
+            name(from),
+            from.node,
+            name(to),
+            to.node,
+            describe_exchange(&report)
+        ),
+        pass: report.ok && answered == Some(to.name.as_str()),
+        evidence: format!(
+            "ztunnel on {}: {} connection(s) reporter=destination connection_security_policy=mutual_tls {ids}",
+            to.node, count
+        ),
+    })
+}
+
+fn service(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
+    let wanted: Vec<&str> = pods.servers.iter().map(|s| s.name.as_str()).collect();
+    let target = format!("{}:{ECHO_HELLO}", pods.service_vip);
+    let answered = probe::who_answers(cluster, &pods.clients[0], &target, &wanted, 40)?;
+    let all = wanted.iter().all(|w| answered.iter().any(|(p, _)| p == w));
+    let spread: Vec<String> = answered.iter().map(|(p, n)| format!("{p} x{n}")).collect();
+    Ok(Check {
+        check: "ambient -> service VIP".into(),
+        happened: format!(
+            "{} -> service {AMBIENT_NS}/{SERVICE} ({target}): answered by {}",
+            name(&pods.clients[0]),
+            spread.join(", ")
+        ),
+        pass: all,
+        evidence: "ztunnel picks a healthy endpoint of the service on either node and carries the connection in HBONE".into(),
+    })
+}
+
+/// Plaintext connections a node's ztunnel admitted for the server identity.
+fn plaintext_admitted(cluster: &dyn Cluster, node: &str, dst: &str) -> Result<f64, ProbeError> {
+    probe::connections_opened(
+        cluster,
+        &ztunnel(node),
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "unknown"),
+            ("destination_principal", dst),
+        ],
+    )
+}
+
+fn inbound_plaintext_failures(cluster: &dyn Cluster, node: &str) -> Result<f64, ProbeError> {
+    let samples = probe::metrics(cluster, &ztunnel(node))?;
+    Ok(prometheus::sum(
+        &samples,
+        CONNECTION_FAILURES,
+        &[("direction", "inbound_plaintext")],
+    ))
+}
+
+fn permissive(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
+    let to = &pods.servers[0];
+    let dst = pods.principal("server");
+    let before = plaintext_admitted(cluster, &to.node, &dst)?;
+    let report = tcp_hello(cluster, &pods.legacy, &L4Fixture::at(to, ECHO_HELLO))?;
+    let after = probe::eventually("the plaintext connection to be counted", TIMEOUT, || {
+        let now = plaintext_admitted(cluster, &to.node, &dst)?;
+        Ok(if now > before || !report.ok {
+            Ok(now)
+        } else {
+            Err(format!("still {now}"))
+        })
+    })?;
+    Ok(Check {
+        check: "legacy -> ambient, PERMISSIVE (the default)".into(),
+        happened: format!(
+            "{} (not in the mesh) -> {}: {}",
+            name(&pods.legacy),
+            name(to),
+            describe_exchange(&report)
+        ),
+        pass: report.ok,
+        evidence: format!(
+            "ztunnel on {}: {after} plaintext connection(s) admitted (connection_security_policy=unknown, destination_principal={dst})",
+            to.node
+        ),
+    })
+}
+
+fn strict(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
+    let to = &pods.servers[0];
+    let target = L4Fixture::at(to, ECHO_HELLO);
+    let before = inbound_plaintext_failures(cluster, &to.node)?;
+    let applied_at = Instant::now();
+    let policy = Applied::new(
+        cluster,
+        &peer_authentication(AMBIENT_NS, "strict", "STRICT"),
+    )?;
+    let (took, refused) =
+        time_until_exchange(cluster, &pods.legacy, &target, false, applied_at, TIMEOUT)?;
+    let after = inbound_plaintext_failures(cluster, &to.node)?;
+    let mtls = tcp_hello(cluster, &pods.clients[0], &target)?;
+    policy.remove()?;
+    probe::until_exchange(cluster, &pods.legacy, &target, true, TIMEOUT)?;
+    Ok(Check {
+        check: "legacy -> ambient, STRICT applied while running".into(),
+        happened: format!(
+            "PeerAuthentication {AMBIENT_NS}/strict (mode STRICT) applied; {} -> {}: {} after {} ms; {} still {}; STRICT removed again",
+            name(&pods.legacy),
+            name(to),
+            describe_exchange(&refused),
+            took.as_millis(),
+            name(&pods.clients[0]),
+            if mtls.ok {
+                "carried in mTLS"
+            } else {
+                "REFUSED"
+            }
+        ),
+        pass: !refused.ok && mtls.ok,
+        evidence: format!(
+            "ztunnel on {}: inbound plaintext connections refused {before} -> {after} ({CONNECTION_FAILURES}{{direction=\"inbound_plaintext\"}})",
+            to.node
+        ),
+    })
+}
+
+fn deny(cluster: &dyn Cluster, pods: &DemoPods) -> Vec<Check> {
+    let (from, to) = (&pods.clients[0], &pods.servers[1]);
+    let target = L4Fixture::at(to, ECHO_HELLO);
+    let policy_yaml = authorization(
+        AMBIENT_NS,
+        "deny-from-demo",
+        "server",
+        "DENY",
+        &from_namespaces(&[AMBIENT_NS]),
+    );
+    let mut rows = Vec::new();
+    let mut policy = None;
+    rows.push(check("DENY by source namespace, applied", || {
+        probe::until_exchange(cluster, from, &target, true, TIMEOUT)?;
+        let denials = |c: &dyn Cluster| -> Result<f64, ProbeError> {
+            let samples = probe::metrics(c, &ztunnel(&to.node))?;
+            Ok(prometheus::sum(
+                &samples,
+                CONNECTION_FAILURES,
+                &[("reason", "policy_denied")],
+            ))
+        };
+        let before = denials(cluster)?;
+        let applied_at = Instant::now();
+        policy = Some(Applied::new(cluster, &policy_yaml)?);
+        let (took, refused) =
+            time_until_exchange(cluster, from, &target, false, applied_at, TIMEOUT)?;
+        let after = denials(cluster)?;
+        Ok(Check {
+            check: "DENY by source namespace, applied while running".into(),
+            happened: format!(
+                "AuthorizationPolicy {AMBIENT_NS}/deny-from-demo (DENY from namespace {AMBIENT_NS}) applied; {} -> {}: {}",
+                name(from),
+                name(to),
+                describe_exchange(&refused)
+            ),
+            pass: took <= POLICY_GOAL,
+            evidence: format!(
+                "took effect {} ms after it was applied (goal: within {} ms); ztunnel on {}: policy denials {before} -> {after}",
+                took.as_millis(),
+                POLICY_GOAL.as_millis(),
+                to.node
+            ),
+        })
+    }));
+    rows.push(check("DENY removed", || {
+        let removed_at = Instant::now();
+        match policy.take() {
+            Some(p) => p.remove()?,
+            None => cluster.delete_yaml(&policy_yaml)?,
+        }
+        let (took, carried) =
+            time_until_exchange(cluster, from, &target, true, removed_at, TIMEOUT)?;
+        Ok(Check {
+            check: "DENY removed while running".into(),
+            happened: format!(
+                "AuthorizationPolicy deleted; {} -> {}: {}",
+                name(from),
+                name(to),
+                describe_exchange(&carried)
+            ),
+            pass: carried.ok,
+            evidence: format!(
+                "traffic returned {} ms after the policy was deleted",
+                took.as_millis()
+            ),
+        })
+    }));
+    rows
+}
+
+fn certificates(cluster: &dyn Cluster, pods: &DemoPods, node: &str) -> Result<Check, ProbeError> {
+    let certs = probe::certificates(cluster, node)?;
+    let wanted: Vec<String> = ["client", "server"]
+        .iter()
+        .map(|sa| pods.principal(sa))
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| {
+            !certs
+                .iter()
+                .any(|c| &c.identity == *w && c.state == "Available")
+        })
+        .collect();
+    let listed: Vec<String> = certs
+        .iter()
+        .map(|c| {
+            format!(
+                "{} [{}] serial {} expires {}",
+                c.identity, c.state, c.serial, c.expires
+            )
+        })
+        .collect();
+    Ok(Check {
+        check: format!("certificates on {node}"),
+        happened: format!(
+            "ztunnel on {node} holds {} certificate(s), one per identity of its pods{}",
+            certs.len(),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!("; MISSING: {missing:?}")
+            }
+        ),
+        pass: missing.is_empty(),
+        evidence: listed.join("\n"),
+    })
+}
+
+/// How to look inside the running cluster.
+pub fn hints(cluster: &LocalCluster, pods: &DemoPods) -> String {
+    let run = cluster.run();
+    let logs = run.dir().join("logs");
+    let client_bin = crate::binaries::Binaries::default().path("client");
+    let nodes = cluster.nodes();
+    let node = nodes.first().cloned().unwrap_or_default();
+    let node_ns = run.netns_name(&node);
+    let cp_ns = run.netns_name("control-plane");
+    let pod = &pods.clients[0];
+    let pod_ns = run.netns_name(&format!("{}.{}", pod.namespace, pod.name));
+    let mut out = String::from(
+        "The cluster keeps running; Ctrl-C removes it.\n\nLook inside (as root; every address lives in these network namespaces):\n",
+    );
+    if crate::privilege::in_user_namespace() {
+        out.push_str(&format!(
+            "  (not root: the cluster lives in a private user namespace; enter it first with\n   nsenter --target {} --user --mount --preserve-credentials)\n",
+            std::process::id()
+        ));
+    }
+    out.push_str(&format!(
+        "  istiod-rs:   ip netns exec {cp_ns} curl -s localhost:15014/ready   (also /metrics, /debug/syncz, /debug/config_dump)\n\
+         \x20 ztunnel-rs:  ip netns exec {node_ns} curl -s localhost:15000/config_dump   (also /certs; :15020/metrics; :15021/healthz/ready)\n\
+         \x20              other nodes: {}\n\
+         \x20 a client:    ip netns exec {pod_ns} {} tcp {}:{ECHO_HELLO} --hello\n\
+         \x20              ({} in namespace {}; service {AMBIENT_NS}/{SERVICE} is {}:{ECHO_HELLO})\n\
+         \x20 logs:        {}/  (istiod.log, ztunnel-<node>.log, node-agent-<node>.log, pod-<ns>.<pod>.log)\n\
+         \x20 state:       {}  (the YAML istiod-rs reads: add a policy there and watch it apply)\n\
+         \x20 all names:   ip netns list | grep {}",
+        nodes
+            .iter()
+            .skip(1)
+            .map(|n| run.netns_name(n))
+            .collect::<Vec<_>>()
+            .join(", "),
+        client_bin.display(),
+        pods.servers[pods.servers.len() - 1].ip,
+        name(pod),
+        pod_ns,
+        pods.service_vip,
+        logs.display(),
+        cluster.config_dir().display(),
+        run.netns_name(""),
+    ));
+    out
+}

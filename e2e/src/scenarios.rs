@@ -1,0 +1,125 @@
+//! The L4 end-to-end scenarios, written against the [`Cluster`] trait so the
+//! local cluster runs them today and a kind driver can run the same list.
+//! Each scenario drives real traffic between pods and takes its evidence
+//! from the mesh itself (ztunnel-rs's metrics, certificates, config dump);
+//! it waits with generous deadlines and never asserts on time.
+//!
+//! Scenarios share one cluster and one [`L4Fixture`] and run one after the
+//! other: each leaves the cluster as it found it (policies it applies are
+//! removed by an [`policies::Applied`] guard, also when it fails). The
+//! disruptive ones (restarting istiod-rs or a ztunnel) come last.
+
+pub mod fixture;
+pub mod l4;
+pub mod policies;
+
+use std::time::{Duration, Instant};
+
+pub use fixture::L4Fixture;
+
+use crate::cluster::Cluster;
+use crate::local::{LocalCluster, LocalClusterConfig};
+use crate::mesh::{MeshConfig, MeshMode};
+use crate::probe::ProbeError;
+
+/// One scenario: it returns a line of evidence, or why it failed.
+#[derive(Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: fn(&dyn Cluster, &L4Fixture) -> Result<String, ProbeError>,
+}
+
+impl std::fmt::Debug for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// How a scenario went.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub name: &'static str,
+    pub took: Duration,
+    /// The evidence, or the failure.
+    pub result: Result<String, String>,
+}
+
+/// Runs `scenarios` in order (those whose name contains `filter`, if
+/// given), printing a line as each ends; a failure does not stop the rest.
+pub fn run_all(
+    cluster: &dyn Cluster,
+    fixture: &L4Fixture,
+    scenarios: &[Scenario],
+    filter: Option<&str>,
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for scenario in scenarios
+        .iter()
+        .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
+    {
+        eprintln!("scenario {} ...", scenario.name);
+        let start = Instant::now();
+        let result = (scenario.run)(cluster, fixture).map_err(|e| e.to_string());
+        let took = start.elapsed();
+        match &result {
+            Ok(evidence) => eprintln!("scenario {}: PASS ({took:.1?}): {evidence}", scenario.name),
+            Err(why) => eprintln!("scenario {}: FAIL ({took:.1?}): {why}", scenario.name),
+        }
+        outcomes.push(Outcome {
+            name: scenario.name,
+            took,
+            result,
+        });
+    }
+    outcomes
+}
+
+/// A summary of outcomes: one line each, failures with their reason.
+pub fn summary(outcomes: &[Outcome]) -> String {
+    outcomes
+        .iter()
+        .map(|o| match &o.result {
+            Ok(_) => format!("  PASS {} ({:.1?})", o.name, o.took),
+            Err(why) => format!("  FAIL {} ({:.1?}): {why}", o.name, o.took),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Starts a local cluster with the mesh as `mesh` says, creates the
+/// [`L4Fixture`] and runs `scenarios` on it (see [`run_all`]). `Err` holds
+/// the summary of what failed and where the components' logs are, which
+/// are then kept after the cluster is gone.
+pub fn on_local_cluster(
+    mesh: MeshConfig,
+    scenarios: &[Scenario],
+    filter: Option<&str>,
+) -> Result<Vec<Outcome>, String> {
+    let trust_domain = mesh.trust_domain.clone();
+    let cluster = LocalCluster::start(LocalClusterConfig {
+        mesh: MeshMode::On(mesh),
+        ..LocalClusterConfig::default()
+    })
+    .map_err(|e| format!("the local cluster with the mesh did not start: {e}"))?;
+    let logs = cluster.run().dir().join("logs");
+    let fixture = L4Fixture::create(&cluster, &trust_domain).map_err(|e| {
+        cluster.run().keep_dir();
+        format!(
+            "the scenarios' pods did not join the mesh: {e}\n(component logs: {})",
+            logs.display()
+        )
+    })?;
+    let outcomes = run_all(&cluster, &fixture, scenarios, filter);
+    if outcomes.is_empty() {
+        return Err(format!("no scenario matches {filter:?}"));
+    }
+    if outcomes.iter().any(|o| o.result.is_err()) {
+        cluster.run().keep_dir();
+        return Err(format!(
+            "scenarios failed:\n{}\n(component logs: {})",
+            summary(&outcomes),
+            logs.display()
+        ));
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,24 @@
+//! The L4 scenarios (`e2e::scenarios::l4`) on the local cluster with the
+//! whole mesh running: istiod-rs, and per node the node agent and
+//! ztunnel-rs, pods enrolled through the CNI plugin. One cluster is shared
+//! by every scenario, run in order; `E2E_SCENARIO=<part of a name>` runs
+//! only the matching ones.
+//!
+//! Needs root (or unprivileged user namespaces) and iptables; skips loudly
+//! otherwise, and fails when `CI` is set.
+
+use e2e::mesh::MeshConfig;
+use e2e::privilege;
+use e2e::scenarios::{self, l4};
+
+#[test]
+fn l4_scenarios_on_the_local_cluster() {
+    if !privilege::enter_for_test() {
+        return;
+    }
+    let filter = std::env::var("E2E_SCENARIO").ok();
+    match scenarios::on_local_cluster(MeshConfig::default(), &l4::all(), filter.as_deref()) {
+        Ok(outcomes) => eprintln!("L4 scenarios:\n{}", scenarios::summary(&outcomes)),
+        Err(failure) => panic!("{failure}"),
+    }
+}
