@@ -26,7 +26,10 @@ pub struct ManagerConfig {
     /// Node-agent mode: ask the CA for each identity on a pod's behalf
     /// (`ImpersonatedIdentity`) rather than for the proxy's own.
     pub impersonate: bool,
-    /// First retry delay after a failed issue; doubles (with jitter) up to `retry_max`.
+    /// First retry delay after a failed issue; doubles (with jitter) up to
+    /// `retry_max`. Short by default: the common failure is a pod so new that
+    /// the CA has not yet seen it on this node, which clears within a
+    /// fraction of a second, and until then the pod cannot take mTLS.
     pub retry_min: Duration,
     pub retry_max: Duration,
 }
@@ -36,7 +39,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             validity: Duration::from_secs(24 * 60 * 60),
             impersonate: false,
-            retry_min: Duration::from_millis(500),
+            retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
         }
     }
