@@ -55,7 +55,9 @@ pub struct CniArgs {
     /// directory (the one istiod-rs reads) instead of the Kubernetes API.
     #[arg(long, env = "CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
-    /// Redirect pods' DNS to ztunnel's DNS proxy (15053).
+    /// Redirect pods' DNS to ztunnel's DNS proxy (15053). Refused for now:
+    /// ztunnel-rs has no DNS proxy yet, so capturing DNS would break name
+    /// resolution in every enrolled pod.
     #[arg(long, env = "DNS_CAPTURE")]
     pub dns_capture: bool,
     /// Install the IPv6 rules as well.
@@ -76,6 +78,13 @@ pub struct CniArgs {
 /// Runs the node agent until it fails: in local mode with `--config-dir`,
 /// otherwise against the Kubernetes API.
 pub async fn run(args: CniArgs) -> anyhow::Result<()> {
+    if args.dns_capture {
+        anyhow::bail!(
+            "--dns-capture: ztunnel-rs does not serve DNS on {} yet, so capturing it would break \
+             name resolution in every enrolled pod; run without --dns-capture",
+            api::ports::DNS
+        );
+    }
     let redirection = iptables::RedirectionConfig {
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,
