@@ -14,13 +14,21 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The node proxy: HBONE/mTLS for every enrolled pod on this node, L4 policy, metrics.
-    Proxy(ztunnel_rs::app::ProxyArgs),
+    Proxy {
+        #[command(flatten)]
+        args: ztunnel_rs::app::ProxyArgs,
+        /// Threads that carry the proxy's connections. With 1, a connection's
+        /// task and its HBONE connection's task share a thread, so handing
+        /// bytes between them never wakes another thread: the least CPU and
+        /// latency per request. More threads spread a busy node over cores.
+        #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 1)]
+        worker_threads: usize,
+    },
     /// The node agent: enrols this node's pods (in-pod rules, ZDS, CNI events).
     Cni(ztunnel_rs::node_agent::CniArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -28,7 +36,30 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Proxy(args) => ztunnel_rs::app::App::start(args).await?.run().await,
-        Command::Cni(args) => ztunnel_rs::node_agent::run(args).await,
+        Command::Proxy {
+            args,
+            worker_threads,
+        } => runtime(worker_threads)?
+            .block_on(async { ztunnel_rs::app::App::start(args).await?.run().await }),
+        // The node agent blocks a thread while it works inside a pod's
+        // network namespace: it keeps a thread per core.
+        Command::Cni(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(ztunnel_rs::node_agent::run(args)),
+    }
+}
+
+/// The proxy's runtime: everything on the calling thread for one worker,
+/// else a work-stealing pool of `workers` threads.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match workers {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     }
 }

@@ -3,6 +3,11 @@
 //! END_STREAM and the peer's END_STREAM reads as EOF, so TCP half-close
 //! crosses the tunnel intact. A reset by the peer surfaces as
 //! `ConnectionReset`.
+//!
+//! Besides `AsyncRead + AsyncWrite` (which copy), a proxy can move whole
+//! chunks without copying: [`HboneStream::poll_read_chunk`] hands out the
+//! received DATA payloads as they are, [`HboneStream::poll_write_chunk`]
+//! queues the caller's buffer as DATA.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +24,10 @@ pub struct HboneStream {
     recv: RecvStream,
     /// Received but not yet read.
     pending: Bytes,
+    /// Handed out by `poll_read_chunk` and not yet given back to the peer's
+    /// window: that happens when the next chunk is asked for, i.e. once the
+    /// caller has passed the previous one on.
+    unreleased: usize,
     read_closed: bool,
     write_closed: bool,
     /// Holds the stream's place on its pooled connection (client side).
@@ -40,6 +49,7 @@ impl HboneStream {
             send,
             recv,
             pending: Bytes::new(),
+            unreleased: 0,
             read_closed: false,
             write_closed: false,
             _slot: slot,
@@ -53,48 +63,80 @@ impl HboneStream {
         self.write_closed = true;
         self.read_closed = true;
     }
-}
 
-impl AsyncRead for HboneStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+    /// The next received bytes as they arrived (no copy); an empty chunk is
+    /// the peer's END_STREAM. The window of the chunk handed out before
+    /// reopens here, so a slow consumer slows the sender.
+    pub fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        let consumed = std::mem::take(&mut self.unreleased);
+        self.release(consumed);
+        let chunk = if self.pending.is_empty() {
+            ready!(self.poll_next_data(cx))?
+        } else {
+            std::mem::take(&mut self.pending)
+        };
+        self.unreleased = chunk.len();
+        Poll::Ready(Ok(chunk))
+    }
+
+    /// Queues the front of `chunk` as DATA, as much as the peer's window
+    /// allows (no copy), and advances `chunk` past it. Pending while the
+    /// window is closed.
+    pub fn poll_write_chunk(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        chunk: &mut Bytes,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        self.send
+            .send_data(chunk.split_to(n), false)
+            .map_err(to_io)?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends END_STREAM (the write half of a TCP half-close).
+    pub fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn release(&mut self, n: usize) {
+        if n > 0 {
+            // Fails only once the stream is gone, when the window is moot.
+            let _ = self.recv.flow_control().release_capacity(n);
+        }
+    }
+
+    /// The next non-empty DATA payload, or an empty one at END_STREAM.
+    fn poll_next_data(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
         loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                // Only consumed bytes reopen the window: a slow reader slows the sender.
-                let _ = this.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
+            if self.read_closed {
+                return Poll::Ready(Ok(Bytes::new()));
             }
-            if this.read_closed {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.pending = data,
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) if data.is_empty() => {}
+                Some(Ok(data)) => return Poll::Ready(Ok(data)),
                 Some(Err(e)) => {
-                    this.read_closed = true;
+                    self.read_closed = true;
                     return Poll::Ready(Err(to_io(e)));
                 }
-                None => this.read_closed = true,
+                None => self.read_closed = true,
             }
         }
     }
-}
 
-impl AsyncWrite for HboneStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+    /// How much of `wanted` bytes the peer's window takes now (at least 1).
+    fn poll_send_capacity(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        wanted: usize,
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
         if self.write_closed {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -102,7 +144,7 @@ impl AsyncWrite for HboneStream {
             )));
         }
         let send = &mut self.send;
-        send.reserve_capacity(buf.len());
+        send.reserve_capacity(wanted);
         let capacity = match send.capacity() {
             0 => match ready!(send.poll_capacity(cx)) {
                 Some(Ok(n)) => n,
@@ -116,8 +158,41 @@ impl AsyncWrite for HboneStream {
             },
             n => n,
         };
-        let n = capacity.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+        Poll::Ready(Ok(capacity.min(wanted)))
+    }
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pending.is_empty() {
+            this.pending = ready!(this.poll_next_data(cx))?;
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // Only consumed bytes reopen the window: a slow reader slows the sender.
+        this.release(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(to_io)?;
         Poll::Ready(Ok(n))
     }
@@ -127,12 +202,8 @@ impl AsyncWrite for HboneStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_closed {
-            self.write_closed = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
-        }
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_finish(cx)
     }
 }
 

@@ -2,11 +2,17 @@
 //! enters one.
 //!
 //! Entering a netns (`setns(CLONE_NEWNET)`) changes the namespace of the calling
-//! *thread*. Doing that on a tokio worker would leave the worker (and every task
-//! it later polls) inside the pod, so work that must happen inside a pod runs on
-//! a short-lived thread of its own; what it creates (sockets, child processes)
-//! keeps living in the pod's netns after the thread ends.
+//! *thread*; what is created there (sockets, child processes) keeps living in
+//! the pod's netns afterwards. Two ways in:
+//! - [`Netns::run_inline`], for short synchronous work such as creating a
+//!   socket: the calling thread (a tokio worker, too) enters the namespace,
+//!   runs the closure and returns to its own namespace before anything else
+//!   runs on it. Two `setns(2)` calls per socket, instead of a thread: this is
+//!   on the path of every proxied connection.
+//! - [`Netns::run`] / [`Netns::run_async`], for anything longer or that may
+//!   block: a short-lived thread of its own.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -34,6 +40,8 @@ pub enum NetnsError {
     Thread { inode: u64, source: std::io::Error },
     #[error("the thread working inside network namespace {0} went away")]
     ThreadLost(u64),
+    #[error("cannot open the calling thread's own network namespace: {0}")]
+    Home(std::io::Error),
 }
 
 /// An open network namespace. Cloning shares the fd; the namespace stays alive
@@ -146,6 +154,32 @@ impl Netns {
         rx.await.map_err(|_| NetnsError::ThreadLost(self.inode))?
     }
 
+    /// Runs `f` on the calling thread inside this namespace, then returns
+    /// the thread to the namespace it was in. Only for short synchronous work
+    /// that never blocks (creating a socket): nothing else runs on the thread
+    /// meanwhile. A future returned by `f` would run outside: use
+    /// [`Netns::run_async`] for that.
+    pub fn run_inline<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        HOME.with(|home| {
+            let home = match home.get() {
+                Some(home) => home,
+                None => {
+                    let opened = std::fs::File::open("/proc/thread-self/ns/net")
+                        .map_err(NetnsError::Home)?;
+                    home.get_or_init(|| opened.into())
+                }
+            };
+            nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetnsError::Enter {
+                    inode: self.inode,
+                    source,
+                }
+            })?;
+            let _return = ReturnHome(home.as_fd());
+            Ok(f())
+        })
+    }
+
     /// Only ever called on a thread of our own that ends right after.
     fn enter_then<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
@@ -155,6 +189,27 @@ impl Netns {
             }
         })?;
         Ok(f())
+    }
+}
+
+thread_local! {
+    /// The namespace each thread started in, where [`Netns::run_inline`]
+    /// returns it to.
+    static HOME: OnceCell<OwnedFd> = const { OnceCell::new() };
+}
+
+/// Puts the thread back into its own namespace, also when the closure
+/// panics.
+struct ReturnHome<'a>(BorrowedFd<'a>);
+
+impl Drop for ReturnHome<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = nix::sched::setns(self.0, CloneFlags::CLONE_NEWNET) {
+            // Carrying on would create the next sockets of every pod in this
+            // one: far worse than stopping.
+            tracing::error!(%error, "cannot return a thread to its own network namespace; aborting");
+            std::process::abort();
+        }
     }
 }
 

@@ -69,7 +69,7 @@ impl InPodSocketFactory {
         let inode = self.netns.inode();
         let std_listener = self
             .netns
-            .run_async(move || {
+            .run_inline(move || {
                 let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
                 match bind_listener(v6, mark) {
                     Ok(listener) => Ok(listener),
@@ -85,8 +85,7 @@ impl InPodSocketFactory {
                     }
                     Err(e) => Err(e),
                 }
-            })
-            .await?
+            })?
             .map_err(|source| SocketError::Listen {
                 port,
                 netns: inode,
@@ -105,17 +104,16 @@ impl InPodSocketFactory {
             netns: inode,
             source,
         };
+        // The socket belongs to the namespace it is created in; the rest
+        // needs no namespace.
         let socket = self
             .netns
-            .run_async(move || -> std::io::Result<Socket> {
-                let socket =
-                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_mark(mark)?;
-                socket.set_nonblocking(true)?;
-                Ok(socket)
-            })
-            .await?
+            .run_inline(|| {
+                Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            })?
             .map_err(connect_err)?;
+        socket.set_mark(mark).map_err(connect_err)?;
+        socket.set_nonblocking(true).map_err(connect_err)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await.map_err(connect_err)
     }
