@@ -27,5 +27,10 @@ pub const READINESS: u16 = 15021;
 pub const PROXY_MARK: u32 = 0x539;
 /// Connmark on connections that arrived through the proxy (in-pod rules).
 pub const PROXY_CONNMARK: u32 = 0x111;
+/// In-pod routing table that delivers replies carrying the connmark locally,
+/// to the proxy's transparent sockets (upstream's `RouteTableInbound`).
+pub const PROXY_ROUTE_TABLE: u32 = 100;
+/// Priority of the in-pod `fwmark PROXY_CONNMARK -> PROXY_ROUTE_TABLE` rule.
+pub const PROXY_RULE_PRIORITY: u32 = 32764;
 /// Source address kubelet health probes are SNATed to; never captured.
 pub const KUBELET_PROBE_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);

@@ -100,6 +100,11 @@ pub struct ProxyArgs {
     /// How long live connections may take to finish on shutdown (e.g. 5s, 500ms, 1m).
     #[arg(long, env = "DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
     pub drain_deadline: Duration,
+    /// Connections to applications keep the client's address as their
+    /// source, as without the mesh (needs CAP_NET_ADMIN and the node agent's
+    /// in-pod routing; without them applications see their own address).
+    #[arg(long, env = "ENABLE_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub original_source: bool,
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
@@ -266,6 +271,7 @@ impl App {
             network: args.network.clone(),
             load_balancing: args.load_balancing,
             drain_deadline: args.drain_deadline,
+            original_source: args.original_source,
             ..ProxyConfig::default()
         };
         let metrics = Metrics::register(&mut registry);

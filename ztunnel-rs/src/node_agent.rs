@@ -89,6 +89,7 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,
         iptables: args.iptables.clone(),
+        ..iptables::RedirectionConfig::default()
     };
     let backend = iptables::version(&redirection).context("checking the iptables binary")?;
     info!(%backend, binary = %args.iptables, "in-pod rules will be installed with this iptables");

@@ -121,6 +121,9 @@ pub struct ProxyConfig {
     /// answer) may take.
     #[serde(with = "seconds")]
     pub connect_timeout: Duration,
+    /// Connections to applications keep the client's address as their
+    /// source (upstream's `ENABLE_ORIGINAL_SOURCE`).
+    pub original_source: bool,
     #[serde(skip)]
     pub pool: PoolConfig,
     #[serde(skip)]
@@ -137,6 +140,7 @@ impl Default for ProxyConfig {
             load_balancing: LoadBalancing::default(),
             drain_deadline: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            original_source: true,
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
         }
@@ -249,8 +253,33 @@ impl Pod {
 
     /// A connection from the pod to `target`, within the connect timeout.
     async fn connect(&self, target: SocketAddr) -> Result<TcpStream, ConnectError> {
+        self.timed_connect(target, self.sockets.connect(target))
+            .await
+    }
+
+    /// A connection to the application in the pod at `target` on behalf of
+    /// `client`: with the client's address as its source unless
+    /// `original_source` is off.
+    async fn connect_app(
+        &self,
+        target: SocketAddr,
+        client: IpAddr,
+    ) -> Result<TcpStream, ConnectError> {
+        let connecting = if self.node.config.original_source {
+            self.sockets.connect_as(target, client)
+        } else {
+            self.sockets.connect(target)
+        };
+        self.timed_connect(target, connecting).await
+    }
+
+    async fn timed_connect(
+        &self,
+        target: SocketAddr,
+        connecting: sockets::SocketFuture<'_, TcpStream>,
+    ) -> Result<TcpStream, ConnectError> {
         let timeout = self.node.config.connect_timeout;
-        match tokio::time::timeout(timeout, self.sockets.connect(target)).await {
+        match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(source)) => Err(ConnectError::Failed { target, source }),
             Err(_) => Err(ConnectError::Timeout { target, timeout }),

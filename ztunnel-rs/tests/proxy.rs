@@ -94,20 +94,33 @@ async fn hbone_server(
     seen
 }
 
-#[tokio::test]
-async fn pod_to_pod_goes_through_hbone_with_both_identities_verified() {
-    let mesh = TestMesh::new().await;
+/// Pod a/client says hello to the app in pod b/server through the mesh;
+/// returns the two pods' IPs and the address the app saw the call from.
+async fn hello_client_to_server(mesh: &TestMesh) -> (IpAddr, IpAddr, SocketAddr) {
     let client = mesh.pod("client", "a", 2).await;
     let server = mesh.pod("server", "b", 3).await;
     let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
-
     let mut conn = client.connect(app.address).await.unwrap();
     assert_eq!(
         exchange(&mut conn, b"hello").await.unwrap(),
         b"server: hello"
     );
-    // The application is dialled from inside its own pod, as upstream in-pod.
-    assert_eq!(app.peers()[0].ip(), server.ip);
+    (client.ip, server.ip, app.peers()[0])
+}
+
+#[tokio::test]
+async fn without_original_source_the_app_sees_its_own_pod() {
+    let mesh = TestMesh::with_config(|c| c.original_source = false).await;
+    let (_, server, seen) = hello_client_to_server(&mesh).await;
+    assert_eq!(seen.ip(), server);
+}
+
+#[tokio::test]
+async fn pod_to_pod_goes_through_hbone_with_both_identities_verified() {
+    let mesh = TestMesh::new().await;
+    let (client, _, seen) = hello_client_to_server(&mesh).await;
+    // The application sees the client's address (original source).
+    assert_eq!(seen.ip(), client);
 
     let client_id = mesh.identity("a", "client").to_string();
     let server_id = mesh.identity("b", "server").to_string();

@@ -265,6 +265,7 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         load_balancing: Default::default(),
         drain_deadline: Duration::from_secs(5),
         certificate_ttl: Duration::from_secs(3600),
+        original_source: true,
     }
 }
 

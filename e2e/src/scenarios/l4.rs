@@ -115,12 +115,31 @@ fn carried(
         return Err(failed(&what, describe_exchange(&report)));
     }
     match &report.hello {
-        Some(h) if h.pod == to.name => Ok(report),
-        other => Err(failed(
+        Some(h) if h.pod != to.name => {
+            Err(failed(&what, format!("answered by the wrong pod: {h:?}")))
+        }
+        // The application sees the calling pod's address, mesh or not.
+        Some(h) if peer_ip(&h.peer) != Some(std::net::IpAddr::V4(from.ip)) => Err(failed(
             &what,
-            format!("answered by the wrong pod: {other:?}"),
+            format!(
+                "the server saw the connection come from {}, not from the client pod's {}",
+                h.peer, from.ip
+            ),
         )),
+        Some(_) => Ok(report),
+        None => Err(failed(&what, "no hello from the server")),
     }
+}
+
+/// The IP of an `ip:port` as a server printed it (IPv4-mapped shown as IPv4).
+fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
+    let addr: std::net::SocketAddr = peer.parse().ok()?;
+    Some(match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    })
 }
 
 /// An exchange in mutual TLS: carried, and counted by the destination's

@@ -7,7 +7,15 @@
 //! marked packets through, so the proxy's own connections are not captured
 //! again. Listeners bind the wildcard address like upstream (`[::]`, dual
 //! stack; `0.0.0.0` when the pod has no IPv6). REDIRECT keeps the pod's own
-//! addresses on both ends, so no `IP_TRANSPARENT` is needed.
+//! addresses on both ends, so listeners need no `IP_TRANSPARENT`.
+//!
+//! Connections to the application inside the pod can keep the client's
+//! address ([`InPodSocketFactory::connect_as`]): the socket is
+//! `IP_TRANSPARENT` and bound to the client's IP, so the application sees
+//! who called, as it would without the mesh. The pod's routing (installed
+//! by the node agent with the redirection rules: connmark 0x111 -> table
+//! 100 -> local) brings the application's replies back to that socket
+//! instead of sending them out of the pod.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -97,7 +105,29 @@ impl InPodSocketFactory {
     /// Opens a marked TCP connection to `addr` from inside the pod, so it
     /// leaves with the pod's address and passes the pod's redirection rules.
     pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, SocketError> {
-        let mark = self.mark;
+        self.open(addr, None).await
+    }
+
+    /// Opens a marked connection to `addr` (the application, inside the
+    /// pod) that appears to come from `source`: `IP_TRANSPARENT`, bound to
+    /// `source` with any port. Without the capability for that (no
+    /// CAP_NET_ADMIN in the pod's network namespace) it falls back to the
+    /// pod's own address and says so once.
+    pub async fn connect_as(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+    ) -> Result<TcpStream, SocketError> {
+        // Only a client of the same family can be the connection's source.
+        let source = (source.is_ipv4() == addr.is_ipv4()).then_some(source);
+        self.open(addr, source).await
+    }
+
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Result<TcpStream, SocketError> {
         let inode = self.netns.inode();
         let connect_err = |source| SocketError::Connect {
             addr,
@@ -112,7 +142,10 @@ impl InPodSocketFactory {
                 Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             })?
             .map_err(connect_err)?;
-        socket.set_mark(mark).map_err(connect_err)?;
+        if let Some(source) = source {
+            bind_transparent(&socket, source).map_err(connect_err)?;
+        }
+        socket.set_mark(self.mark).map_err(connect_err)?;
         socket.set_nonblocking(true).map_err(connect_err)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await.map_err(connect_err)
@@ -155,6 +188,29 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+/// Binds `socket` to `source`, an address that need not be the pod's.
+fn bind_transparent(socket: &Socket, source: IpAddr) -> std::io::Result<()> {
+    let transparent = match source {
+        IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
+        IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
+    };
+    match transparent {
+        Ok(()) => socket.bind(&SocketAddr::new(source, 0).into()),
+        Err(error) if error.raw_os_error() == Some(libc::EPERM) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    %error,
+                    "cannot keep clients' addresses towards applications (IP_TRANSPARENT \
+                     needs CAP_NET_ADMIN); applications see their own pod's address as the peer"
+                )
+            });
+            Ok(())
+        }
+        Err(error) => Err(error),
     }
 }
 

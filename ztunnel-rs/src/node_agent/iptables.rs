@@ -8,6 +8,14 @@
 //! - packets of sockets carrying the proxy mark (ztunnel's own) pass;
 //! - with DNS capture, DNS to port 53 goes to ztunnel's DNS proxy on 15053.
 //!
+//! With them goes the pod's policy routing for original-source connections
+//! (ztunnel connects to the application from the client's address): packets
+//! carrying connmark 0x111 are looked up in table 100, where everything is
+//! local, so the application's replies to such a connection come back to
+//! ztunnel's socket instead of leaving the pod (`ip rule add fwmark
+//! 0x111/0xfff pref 32764 lookup 100`, `ip route add local 0.0.0.0/0 dev lo
+//! table 100`, and the IPv6 twins), as upstream's node agent installs.
+//!
 //! Rules are applied with `iptables-restore --noflush` from a thread that has
 //! entered the pod's netns (see [`crate::inpod::Netns::run`]); the child
 //! process inherits that netns. Our chains are declared in the restore input,
@@ -39,6 +47,11 @@ pub enum IptablesError {
         binary: String,
         source: std::io::Error,
     },
+    #[error("cannot run {binary}: {source} (install the iproute2 package)")]
+    SpawnIp {
+        binary: String,
+        source: std::io::Error,
+    },
     #[error("{binary} {args} failed ({status}): {stderr}")]
     Failed {
         binary: String,
@@ -64,6 +77,8 @@ pub struct RedirectionConfig {
     /// The IPv4 binary: `iptables`, `iptables-nft` or `iptables-legacy` (the
     /// `ip6tables…` and `…-restore` siblings are derived from it).
     pub iptables: String,
+    /// The iproute2 binary that installs the in-pod policy routing.
+    pub ip: String,
 }
 
 impl Default for RedirectionConfig {
@@ -72,6 +87,7 @@ impl Default for RedirectionConfig {
             dns_capture: false,
             ipv6: true,
             iptables: "iptables".into(),
+            ip: "ip".into(),
         }
     }
 }
@@ -277,8 +293,102 @@ pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
             Some(&script),
         )?;
         check(&restore, "--noflush", output)?;
+        install_routing(config, family)?;
     }
     Ok(())
+}
+
+/// `-4` or `-6`.
+fn ip_family(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    }
+}
+
+/// The `ip rule` selector of the original-source rule, after `ip -4|-6 rule
+/// add|del`.
+pub fn routing_rule() -> Vec<String> {
+    vec![
+        "fwmark".into(),
+        format!("{:#x}/{MARK_MASK:#x}", ports::PROXY_CONNMARK),
+        "pref".into(),
+        ports::PROXY_RULE_PRIORITY.to_string(),
+        "lookup".into(),
+        ports::PROXY_ROUTE_TABLE.to_string(),
+    ]
+}
+
+/// The route of the original-source table, after `ip -4|-6 route
+/// replace|del`.
+pub fn routing_route(family: Family) -> Vec<String> {
+    let everything = match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    };
+    vec![
+        "local".into(),
+        everything.into(),
+        "dev".into(),
+        "lo".into(),
+        "table".into(),
+        ports::PROXY_ROUTE_TABLE.to_string(),
+    ]
+}
+
+/// Adds the original-source rule (unless `ip rule` already lists it) and
+/// route (`replace`: idempotent).
+fn install_routing(config: &RedirectionConfig, family: Family) -> Result<(), IptablesError> {
+    let fam = ip_family(family);
+    let pref = ports::PROXY_RULE_PRIORITY.to_string();
+    let listed = run_ip(config, &[fam, "rule", "show", "pref", &pref])?;
+    let listed = check(&config.ip, "rule show", listed)?;
+    let table = format!("lookup {}", ports::PROXY_ROUTE_TABLE);
+    let present = String::from_utf8_lossy(&listed.stdout).lines().any(|line| {
+        line.contains(&format!("{:#x}", ports::PROXY_CONNMARK)) && line.contains(&table)
+    });
+    if !present {
+        let mut args = vec![fam.to_string(), "rule".into(), "add".into()];
+        args.extend(routing_rule());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run_ip(config, &args)?;
+        check(&config.ip, &args.join(" "), output)?;
+    }
+    let mut args = vec![fam.to_string(), "route".into(), "replace".into()];
+    args.extend(routing_route(family));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = run_ip(config, &args)?;
+    check(&config.ip, &args.join(" "), output)?;
+    Ok(())
+}
+
+/// Removes the original-source rule and route; what is gone is fine.
+fn remove_routing(config: &RedirectionConfig, family: Family) -> Result<(), IptablesError> {
+    let fam = ip_family(family);
+    let mut rule = vec![fam.to_string(), "rule".into(), "del".into()];
+    rule.extend(routing_rule());
+    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+    // One copy per call; bounded in case of duplicates.
+    for _ in 0..8 {
+        if !run_ip(config, &rule)?.status.success() {
+            break;
+        }
+    }
+    let mut route = vec![fam.to_string(), "route".into(), "del".into()];
+    route.extend(routing_route(family));
+    let route: Vec<&str> = route.iter().map(String::as_str).collect();
+    run_ip(config, &route)?;
+    Ok(())
+}
+
+fn run_ip(
+    config: &RedirectionConfig,
+    args: &[&str],
+) -> Result<std::process::Output, IptablesError> {
+    run(&config.ip, args, None).map_err(|e| match e {
+        IptablesError::Spawn { binary, source } => IptablesError::SpawnIp { binary, source },
+        other => other,
+    })
 }
 
 /// Removes the rules and our chains; what is already gone is fine. Must run
@@ -321,6 +431,7 @@ pub fn remove(config: &RedirectionConfig) -> Result<(), IptablesError> {
                 }
             }
         }
+        remove_routing(config, family)?;
     }
     Ok(())
 }
@@ -459,6 +570,22 @@ COMMIT
         assert_eq!(
             RedirectionConfig::default().binary(Family::V6, true),
             "ip6tables-restore"
+        );
+    }
+
+    #[test]
+    fn original_source_routing_matches_upstream() {
+        assert_eq!(
+            routing_rule().join(" "),
+            "fwmark 0x111/0xfff pref 32764 lookup 100"
+        );
+        assert_eq!(
+            routing_route(Family::V4).join(" "),
+            "local 0.0.0.0/0 dev lo table 100"
+        );
+        assert_eq!(
+            routing_route(Family::V6).join(" "),
+            "local ::/0 dev lo table 100"
         );
     }
 }

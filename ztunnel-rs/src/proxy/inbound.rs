@@ -220,7 +220,7 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
         }
     }
 
-    let app = match pod.connect(authority).await {
+    let app = match pod.connect_app(authority, peer.ip()).await {
         Ok(app) => app,
         Err(error) => {
             connect.refuse(StatusCode::SERVICE_UNAVAILABLE);

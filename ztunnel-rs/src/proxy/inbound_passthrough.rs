@@ -96,7 +96,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         let error = Error::Denied(decision);
         return record.fail(ResponseFlags::Deny, FailureReason::PolicyDenied, &error);
     }
-    let app = match pod.connect(dst).await {
+    let app = match pod.connect_app(dst, src.ip()).await {
         Ok(app) => app,
         Err(error) => {
             reset(client);

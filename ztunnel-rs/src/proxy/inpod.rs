@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use api::zds::WorkloadInfo;
@@ -46,6 +46,14 @@ impl PodSockets for InPodSocketFactory {
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream> {
         Box::pin(async move {
             InPodSocketFactory::connect(self, addr)
+                .await
+                .map_err(io_error)
+        })
+    }
+
+    fn connect_as(&self, addr: SocketAddr, source: IpAddr) -> SocketFuture<'_, TcpStream> {
+        Box::pin(async move {
+            InPodSocketFactory::connect_as(self, addr, source)
                 .await
                 .map_err(io_error)
         })

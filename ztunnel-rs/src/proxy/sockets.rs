@@ -49,6 +49,11 @@ pub trait PodSockets: Send + Sync + 'static {
     /// Opens a connection as the pod: from its address, past its redirection.
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream>;
 
+    /// Opens a connection to the application in the pod at `addr` that the
+    /// application sees as coming from `source` (the original client), as
+    /// upstream's original-source mode does.
+    fn connect_as(&self, addr: SocketAddr, source: IpAddr) -> SocketFuture<'_, TcpStream>;
+
     /// Where a connection accepted on a capture listener (15001, 15006) was
     /// headed before the pod's redirection rules sent it to the proxy.
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
@@ -105,15 +110,18 @@ impl PodSockets for LocalSockets {
     }
 
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream> {
-        let ip = self.ip;
-        Box::pin(async move {
-            let socket = match ip {
-                IpAddr::V4(_) => TcpSocket::new_v4()?,
-                IpAddr::V6(_) => TcpSocket::new_v6()?,
-            };
-            socket.bind(SocketAddr::new(ip, 0))?;
-            socket.connect(addr).await
-        })
+        Box::pin(connect_from(self.ip, addr))
+    }
+
+    /// Loopback "pods" can take any loopback address as their source, no
+    /// `IP_TRANSPARENT` needed; other sources fall back to the pod's own.
+    fn connect_as(&self, addr: SocketAddr, source: IpAddr) -> SocketFuture<'_, TcpStream> {
+        let from = if source.is_loopback() && source.is_ipv4() == self.ip.is_ipv4() {
+            source
+        } else {
+            self.ip
+        };
+        Box::pin(connect_from(from, addr))
     }
 
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
@@ -125,6 +133,15 @@ impl PodSockets for LocalSockets {
             )
         })
     }
+}
+
+async fn connect_from(ip: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = match ip {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }
 
 /// An address as the mesh knows it: IPv4 connections accepted on a

@@ -287,7 +287,11 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(read(&mut buffer, 100), 100);
         }
-        assert_eq!(buffer.size, ReadBuffer::MIN, "small reads return to the minimum");
+        assert_eq!(
+            buffer.size,
+            ReadBuffer::MIN,
+            "small reads return to the minimum"
+        );
     }
 
     #[test]
