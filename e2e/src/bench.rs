@@ -11,6 +11,8 @@
 //!   (`client connect-rate`);
 //! - each ztunnel-rs's CPU seconds (`/proc/<pid>/stat` utime + stime) over
 //!   the latency run and its peak RSS (`VmHWM`), scaled per 1,000 requests/s.
+//!   The latency run comes first, so the peak covers start-up and that run,
+//!   not the buffers of the bulk transfer after it.
 //!
 //! Output: a table, a JSON file and an SVG chart of the two latency
 //! distributions. Goals (upstream ztunnel's published figures for the
@@ -154,7 +156,8 @@ pub struct ZtunnelUsage {
     /// CPU seconds per second of the run.
     pub vcpu: f64,
     pub vcpu_per_1000_rps: f64,
-    /// `VmHWM`: the most it ever held resident, start-up included.
+    /// `VmHWM`: the most it ever held resident, start-up and the latency run
+    /// included (the bulk run comes later).
     pub peak_rss_mb: f64,
     pub peak_rss_mb_per_1000_rps: f64,
     /// Resident at the end of the run: heap and stacks (`RssAnon`), and
@@ -462,11 +465,6 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
         .unwrap_or_default();
     let hz = ticks_per_second();
 
-    say("bulk throughput, one stream: direct, then mesh");
-    let throughput = Pair {
-        direct: bulk(&cluster, &direct, args)?,
-        mesh: bulk(&cluster, &mesh, args)?,
-    };
     say(&format!(
         "latency at {} requests/s, {} B payloads, {} connections: direct, then mesh",
         args.rate, args.payload, args.connections
@@ -503,6 +501,13 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
             rss_file_mb: memory.file,
         });
     }
+    // After the latency run: the buffers of a bulk transfer would otherwise
+    // count in the memory per 1,000 requests/s.
+    say("bulk throughput, one stream: direct, then mesh");
+    let throughput = Pair {
+        direct: bulk(&cluster, &direct, args)?,
+        mesh: bulk(&cluster, &mesh, args)?,
+    };
     let server_app_vcpu_per_1000_rps = Pair {
         direct: direct_app[0].total() / run_seconds * per_1000(direct_latency.achieved_rate),
         mesh: spent.last().map_or(0.0, |c| c.total()) / run_seconds * mesh_scale,

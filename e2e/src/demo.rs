@@ -320,7 +320,10 @@ fn mtls(
             to.node,
             describe_exchange(&report)
         ),
-        pass: report.ok && answered == Some(to.name.as_str()),
+        // The server sees the client pod's own address (original source).
+        pass: report.ok
+            && answered == Some(to.name.as_str())
+            && probe::seen_from(&report) == Some(std::net::IpAddr::V4(from.ip)),
         evidence: format!(
             "ztunnel on {}: {} connection(s) reporter=destination connection_security_policy=mutual_tls {ids}",
             to.node, count

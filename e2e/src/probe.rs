@@ -205,6 +205,18 @@ pub fn describe_exchange(report: &TcpReport) -> String {
     }
 }
 
+/// The address the server saw the connection come from, as an IP
+/// (IPv4-mapped shown as IPv4), if it answered.
+pub fn seen_from(report: &TcpReport) -> Option<std::net::IpAddr> {
+    let addr: std::net::SocketAddr = report.hello.as_ref()?.peer.parse().ok()?;
+    Some(match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    })
+}
+
 /// A node's ztunnel-rs.
 pub fn ztunnel(node: &str) -> ProxyRef {
     ProxyRef::Ztunnel {

@@ -102,7 +102,8 @@ fn pod_name(p: &PodInfo) -> String {
     format!("{}/{}", p.namespace, p.name)
 }
 
-/// An exchange that must go through, answered by `to`.
+/// An exchange that must go through, answered by `to`, which sees it come
+/// from `from`'s own address.
 fn carried(
     cluster: &dyn Cluster,
     from: &PodInfo,
@@ -119,7 +120,7 @@ fn carried(
             Err(failed(&what, format!("answered by the wrong pod: {h:?}")))
         }
         // The application sees the calling pod's address, mesh or not.
-        Some(h) if peer_ip(&h.peer) != Some(std::net::IpAddr::V4(from.ip)) => Err(failed(
+        Some(h) if probe::seen_from(&report) != Some(std::net::IpAddr::V4(from.ip)) => Err(failed(
             &what,
             format!(
                 "the server saw the connection come from {}, not from the client pod's {}",
@@ -129,17 +130,6 @@ fn carried(
         Some(_) => Ok(report),
         None => Err(failed(&what, "no hello from the server")),
     }
-}
-
-/// The IP of an `ip:port` as a server printed it (IPv4-mapped shown as IPv4).
-fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
-    let addr: std::net::SocketAddr = peer.parse().ok()?;
-    Some(match addr.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-        v4 => v4,
-    })
 }
 
 /// An exchange in mutual TLS: carried, and counted by the destination's
