@@ -14,3 +14,14 @@ pub mod app;
 pub mod inpod;
 pub mod node_agent;
 pub mod proxy;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): the same set-up
+/// for the proxy and the node agent binaries.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}

@@ -1,6 +1,15 @@
 //! ztunnel-rs: the per-node L4 proxy and its node agent.
 //! `ztunnel-rs proxy [flags]` runs the proxy, `ztunnel-rs cni [flags]` the
 //! node agent.
+//!
+//! The node agent is the binary `ztunnel-rs-cni` next to this one, which
+//! `ztunnel-rs cni` runs in its place. Kept apart so that the proxy, running
+//! on every node, carries none of the agent's Kubernetes client and YAML
+//! code: that was two thirds of its text and kept about 3.5 MB of it
+//! resident.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 
 use clap::{Parser, Subcommand};
 
@@ -24,34 +33,45 @@ enum Command {
         #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 1)]
         worker_threads: usize,
     },
-    /// The node agent: enrols this node's pods (in-pod rules, ZDS, CNI events).
-    Cni(ztunnel_rs::node_agent::CniArgs),
+    /// The node agent: enrols this node's pods (in-pod rules, ZDS, CNI
+    /// events). Runs `ztunnel-rs-cni` from this binary's directory with the
+    /// same arguments; `ztunnel-rs cni --help` lists its flags.
+    #[command(disable_help_flag = true)]
+    Cni {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     match Cli::parse().command {
         Command::Proxy {
             args,
             worker_threads,
         } => {
+            ztunnel_rs::init_logging();
             keep_large_buffers_in_the_heap();
             runtime(worker_threads)?
                 .block_on(async { ztunnel_rs::app::App::start(args).await?.run().await })
         }
-        // The node agent blocks a thread while it works inside a pod's
-        // network namespace: it keeps a thread per core.
-        Command::Cni(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(ztunnel_rs::node_agent::run(args)),
+        Command::Cni { args } => {
+            let agent = std::env::current_exe()?.with_file_name(NODE_AGENT);
+            // Only returns if the agent could not be started.
+            let error = std::process::Command::new(&agent)
+                .arg0("ztunnel-rs cni")
+                .args(args)
+                .exec();
+            anyhow::bail!(
+                "ztunnel-rs cni runs the node agent binary {}, which could not be started: {error} \
+                 (install {NODE_AGENT} next to ztunnel-rs)",
+                agent.display()
+            )
+        }
     }
 }
+
+/// The node agent's binary, installed next to `ztunnel-rs`.
+const NODE_AGENT: &str = "ztunnel-rs-cni";
 
 /// Bulk transfers allocate and free buffers of a few hundred KiB (reads
 /// from TCP, HTTP/2 frames) all the time. glibc serves those from fresh
