@@ -135,3 +135,59 @@ async fn original_destination_of_redirected_ipv6_and_ipv4_connections() {
     let left = pod.exec(&["iptables-save"]) + &pod.exec(&["ip6tables-save"]);
     assert!(!left.contains("ISTIO"), "{left}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_the_app_can_keep_the_clients_address() {
+    if !root_or_skip("connections_to_the_app_can_keep_the_clients_address") {
+        return;
+    }
+    let pod = TestNetns::new();
+    let peer = TestNetns::new();
+    pod.link("10.244.252.1/24", &peer, "10.244.252.2/24");
+    // The node agent's rules and routing bring the app's replies back.
+    pod.netns
+        .run(|| iptables::install(&RedirectionConfig::default()))
+        .unwrap()
+        .unwrap();
+    let app = pod
+        .netns
+        .run_async(|| std::net::TcpListener::bind("0.0.0.0:8080"))
+        .await
+        .unwrap()
+        .unwrap();
+    let factory = InPodSocketFactory::new(pod.netns.clone());
+    // A client address that is not the pod's: the peer pod's.
+    let client_ip = "10.244.252.2".parse().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let conn = factory
+            .connect_as("10.244.252.1:8080".parse().unwrap(), client_ip)
+            .await
+            .unwrap();
+        // The port comes from connect(2), by 4-tuple, not from a scan of
+        // every bound port at bind(2).
+        assert!(
+            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .unwrap()
+        );
+        let (accepted, seen) = app.accept().unwrap();
+        assert_eq!(seen.ip(), client_ip, "the app sees the client's address");
+        assert_eq!(conn.local_addr().unwrap(), seen);
+        conns.push((conn, accepted));
+    }
+    // Replies reach the proxy's socket (routed back by connmark), both ways.
+    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (conn, accepted) in &mut conns {
+        conn.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        accepted.write_all(b"pong").unwrap();
+        tokio::time::timeout(WAIT, conn.read_exact(&mut buf))
+            .await
+            .expect("the reply came back to the proxy's socket")
+            .unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+}

@@ -198,7 +198,19 @@ fn bind_transparent(socket: &Socket, source: IpAddr) -> std::io::Result<()> {
         IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
     };
     match transparent {
-        Ok(()) => socket.bind(&SocketAddr::new(source, 0).into()),
+        Ok(()) => {
+            // Port 0 is picked at connect(2) by the whole 4-tuple, as for any
+            // outgoing connection. Without this, bind(2) reserves a port on
+            // its own by scanning every bound port: under a high connection
+            // rate (TIME_WAIT sockets piling up) that scan took nearly all of
+            // the proxy's CPU.
+            nix::sys::socket::setsockopt(
+                socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
+            socket.bind(&SocketAddr::new(source, 0).into())
+        }
         Err(error) if error.raw_os_error() == Some(libc::EPERM) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
