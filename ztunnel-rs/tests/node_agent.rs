@@ -131,11 +131,26 @@ async fn accept(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, S
         .unwrap()
 }
 
-/// Our chains and jumps as `iptables -S` prints them, v4 and v6.
+/// Our chains and jumps as `iptables -S` prints them, v4 and v6, then our
+/// policy routing (the original-source rule and table 100) as `ip` prints it.
 fn istio_rules(netns: &Netns) -> String {
     netns
         .run(|| {
             let mut out = String::new();
+            for family in ["-4", "-6"] {
+                for args in [
+                    &[family, "rule", "show", "pref", "32764"][..],
+                    &[family, "route", "show", "table", "100"][..],
+                ] {
+                    let listing = std::process::Command::new("ip")
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+                        out.push_str(&format!("ip {} {line}\n", args.join(" ")));
+                    }
+                }
+            }
             for binary in ["iptables", "ip6tables"] {
                 for table in ["mangle", "nat", "raw"] {
                     let listing = std::process::Command::new(binary)
@@ -302,6 +317,18 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
         rules_before.contains("ip6tables nat -A ISTIO_PRERT"),
         "{rules_before}"
     );
+    for family in ["-4", "-6"] {
+        assert!(
+            rules_before.contains(&format!(
+                "ip {family} rule show pref 32764 32764:\tfrom all fwmark 0x111/0xfff lookup 100"
+            )),
+            "{rules_before}"
+        );
+    }
+    assert!(
+        rules_before.contains("ip -4 route show table 100 local default dev lo"),
+        "{rules_before}"
+    );
     let config = RedirectionConfig::default();
     pod.netns
         .run(|| iptables::install(&config))
@@ -461,4 +488,31 @@ async fn kube_source_watches_only_this_nodes_pods() {
     );
     assert!(seen.contains(&PodEvent::PodsListed(vec![cart.key()])));
     assert!(seen.contains(&PodEvent::NamespacesListed(vec!["shop".into()])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_install_in_a_pod_with_ipv6_disabled() {
+    if !root_or_skip("rules_install_in_a_pod_with_ipv6_disabled") {
+        return;
+    }
+    let pod = TestNetns::new();
+    pod.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ]);
+    // The kernel refuses the IPv6 route there; IPv4 capture and routing
+    // must still be installed.
+    pod.netns
+        .run(|| iptables::install(&RedirectionConfig::default()))
+        .unwrap()
+        .unwrap();
+    let rules = istio_rules(&pod.netns);
+    assert!(rules.contains("iptables nat -A ISTIO_OUTPUT"), "{rules}");
+    assert!(
+        rules.contains("ip -4 route show table 100 local default dev lo"),
+        "{rules}"
+    );
 }

@@ -293,7 +293,17 @@ pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
             Some(&script),
         )?;
         check(&restore, "--noflush", output)?;
-        install_routing(config, family)?;
+        match install_routing(config, family) {
+            Ok(()) => {}
+            // A pod with IPv6 disabled has no IPv6 connections to route back
+            // (the kernel refuses the route: "IPv6 is disabled on nexthop
+            // device"); its IPv4 capture must still work.
+            Err(error) if family == Family::V6 => tracing::warn!(
+                %error,
+                "no IPv6 original-source routing in this pod (IPv6 disabled?); IPv4 is unaffected"
+            ),
+            Err(error) => return Err(error),
+        }
     }
     Ok(())
 }
