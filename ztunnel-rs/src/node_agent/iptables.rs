@@ -160,8 +160,8 @@ pub fn rules(config: &RedirectionConfig, family: Family) -> Vec<Rule> {
         Family::V4 => ("127.0.0.1/32", ports::KUBELET_PROBE_IPV4.to_string()),
         Family::V6 => ("::1/128", KUBELET_PROBE_IPV6.to_string()),
     };
-    let proxy_mark = format!("{:#x}/{MARK_MASK:#x}", ports::PROXY_MARK);
-    let connmark = format!("{:#x}/{MARK_MASK:#x}", ports::PROXY_CONNMARK);
+    let proxy_mark = masked(ports::PROXY_MARK);
+    let connmark = masked(ports::PROXY_CONNMARK);
     let outbound = ports::ZTUNNEL_OUTBOUND;
     let inbound = ports::ZTUNNEL_INBOUND_PLAINTEXT;
     let hbone = ports::HBONE;
@@ -308,12 +308,9 @@ pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
     Ok(())
 }
 
-/// `-4` or `-6`.
-fn ip_family(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "-4",
-        Family::V6 => "-6",
-    }
+/// A mark with the mesh's mask, as iptables and `ip rule` take it.
+fn masked(mark: u32) -> String {
+    format!("{mark:#x}/{MARK_MASK:#x}")
 }
 
 /// The `ip rule` selector of the original-source rule, after `ip -4|-6 rule
@@ -321,7 +318,7 @@ fn ip_family(family: Family) -> &'static str {
 pub fn routing_rule() -> Vec<String> {
     vec![
         "fwmark".into(),
-        format!("{:#x}/{MARK_MASK:#x}", ports::PROXY_CONNMARK),
+        masked(ports::PROXY_CONNMARK),
         "pref".into(),
         ports::PROXY_RULE_PRIORITY.to_string(),
         "lookup".into(),
@@ -346,56 +343,64 @@ pub fn routing_route(family: Family) -> Vec<String> {
     ]
 }
 
+/// `ip -4|-6 <object> <verb> <spec…>`.
+fn ip_args(family: Family, object: &str, verb: &str, spec: Vec<String>) -> Vec<String> {
+    let family = match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    };
+    [family, object, verb]
+        .into_iter()
+        .map(String::from)
+        .chain(spec)
+        .collect()
+}
+
 /// Adds the original-source rule (unless `ip rule` already lists it) and
 /// route (`replace`: idempotent).
 fn install_routing(config: &RedirectionConfig, family: Family) -> Result<(), IptablesError> {
-    let fam = ip_family(family);
     let pref = ports::PROXY_RULE_PRIORITY.to_string();
-    let listed = run_ip(config, &[fam, "rule", "show", "pref", &pref])?;
-    let listed = check(&config.ip, "rule show", listed)?;
-    let table = format!("lookup {}", ports::PROXY_ROUTE_TABLE);
-    let present = String::from_utf8_lossy(&listed.stdout).lines().any(|line| {
-        line.contains(&format!("{:#x}", ports::PROXY_CONNMARK)) && line.contains(&table)
-    });
+    let show = ip_args(family, "rule", "show", vec!["pref".into(), pref]);
+    let listed = check(&config.ip, "rule show", run_ip(config, &show)?)?;
+    let (mark, table) = (
+        masked(ports::PROXY_CONNMARK),
+        format!("lookup {}", ports::PROXY_ROUTE_TABLE),
+    );
+    let present = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .any(|line| line.contains(&mark) && line.contains(&table));
+    let mut commands = vec![ip_args(family, "route", "replace", routing_route(family))];
     if !present {
-        let mut args = vec![fam.to_string(), "rule".into(), "add".into()];
-        args.extend(routing_rule());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let output = run_ip(config, &args)?;
-        check(&config.ip, &args.join(" "), output)?;
+        commands.insert(0, ip_args(family, "rule", "add", routing_rule()));
     }
-    let mut args = vec![fam.to_string(), "route".into(), "replace".into()];
-    args.extend(routing_route(family));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let output = run_ip(config, &args)?;
-    check(&config.ip, &args.join(" "), output)?;
+    for args in commands {
+        check(&config.ip, &args.join(" "), run_ip(config, &args)?)?;
+    }
     Ok(())
 }
 
 /// Removes the original-source rule and route; what is gone is fine.
 fn remove_routing(config: &RedirectionConfig, family: Family) -> Result<(), IptablesError> {
-    let fam = ip_family(family);
-    let mut rule = vec![fam.to_string(), "rule".into(), "del".into()];
-    rule.extend(routing_rule());
-    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+    let rule = ip_args(family, "rule", "del", routing_rule());
     // One copy per call; bounded in case of duplicates.
     for _ in 0..8 {
         if !run_ip(config, &rule)?.status.success() {
             break;
         }
     }
-    let mut route = vec![fam.to_string(), "route".into(), "del".into()];
-    route.extend(routing_route(family));
-    let route: Vec<&str> = route.iter().map(String::as_str).collect();
-    run_ip(config, &route)?;
+    run_ip(
+        config,
+        &ip_args(family, "route", "del", routing_route(family)),
+    )?;
     Ok(())
 }
 
 fn run_ip(
     config: &RedirectionConfig,
-    args: &[&str],
+    args: &[String],
 ) -> Result<std::process::Output, IptablesError> {
-    run(&config.ip, args, None).map_err(|e| match e {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&config.ip, &args, None).map_err(|e| match e {
         IptablesError::Spawn { binary, source } => IptablesError::SpawnIp { binary, source },
         other => other,
     })
