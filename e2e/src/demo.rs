@@ -321,9 +321,7 @@ fn mtls(
             describe_exchange(&report)
         ),
         // The server sees the client pod's own address (original source).
-        pass: report.ok
-            && answered == Some(to.name.as_str())
-            && probe::seen_from(&report) == Some(std::net::IpAddr::V4(from.ip)),
+        pass: report.ok && answered == Some(to.name.as_str()) && probe::saw_caller(&report, from),
         evidence: format!(
             "ztunnel on {}: {} connection(s) reporter=destination connection_security_policy=mutual_tls {ids}",
             to.node, count

@@ -205,15 +205,16 @@ pub fn describe_exchange(report: &TcpReport) -> String {
     }
 }
 
-/// The address the server saw the connection come from, as an IP
-/// (IPv4-mapped shown as IPv4), if it answered.
-pub fn seen_from(report: &TcpReport) -> Option<std::net::IpAddr> {
-    let addr: std::net::SocketAddr = report.hello.as_ref()?.peer.parse().ok()?;
-    Some(match addr.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-        v4 => v4,
+/// Whether the server answered and saw the connection come from `caller`'s
+/// own address (the mesh keeps the original source).
+pub fn saw_caller(report: &TcpReport, caller: &PodInfo) -> bool {
+    let seen = report
+        .hello
+        .as_ref()
+        .and_then(|h| h.peer.parse::<std::net::SocketAddr>().ok());
+    seen.is_some_and(|addr| match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip == caller.ip,
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped() == Some(caller.ip),
     })
 }
 

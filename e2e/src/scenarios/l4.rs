@@ -120,7 +120,7 @@ fn carried(
             Err(failed(&what, format!("answered by the wrong pod: {h:?}")))
         }
         // The application sees the calling pod's address, mesh or not.
-        Some(h) if probe::seen_from(&report) != Some(std::net::IpAddr::V4(from.ip)) => Err(failed(
+        Some(h) if !probe::saw_caller(&report, from) => Err(failed(
             &what,
             format!(
                 "the server saw the connection come from {}, not from the client pod's {}",
