@@ -3,6 +3,8 @@
 //! of hand-built snapshots, and HTTP requests to `/debug/syncz`, `/metrics`,
 //! `/ready` and `/debug/config_dump`.
 
+#[path = "app_support/ads.rs"]
+mod ads;
 #[path = "app_support/http_client.rs"]
 mod http_client;
 
@@ -26,8 +28,9 @@ use prost::Message;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
+use ads::{node_id, open_stream};
 use http_client::http_get;
 
 /// Only to avoid hanging forever when something is broken.
@@ -138,25 +141,11 @@ struct Proxy {
     responses: tonic::Streaming<DeltaDiscoveryResponse>,
 }
 
-fn node_id(n: usize) -> String {
-    format!("ztunnel~10.0.0.{n}~ztunnel-{n}.istio-system~istio-system.svc.cluster.local")
-}
-
 async fn connect(addr: SocketAddr, n: usize, token: Option<&str>) -> Result<Proxy, tonic::Status> {
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let (requests, rx) = mpsc::channel(16);
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    let responses = client
-        .delta_aggregated_resources(request)
-        .await?
-        .into_inner();
+    let (requests, responses) = open_stream(&mut client, token).await?;
     Ok(Proxy {
         node: node_id(n),
         requests,

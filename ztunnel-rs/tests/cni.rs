@@ -9,8 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip};
+use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip, serve_zds};
 use ztunnel_rs::node_agent::cni_event;
 use ztunnel_rs::node_agent::{
     AgentConfig, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent, PodMeta, ZdsServer,
@@ -99,11 +98,7 @@ async fn plugin_in(command: &str, pod: (&str, &str), netns: &str, stdin: &Value)
 async fn agent(dir: &Path) -> PathBuf {
     let socket = dir.join("pluginevent.sock");
     let (zds, acked) = ZdsServer::new(Duration::from_secs(20));
-    let zds_listener = SeqpacketListener::bind(dir.join("ztunnel.sock")).unwrap();
-    tokio::spawn({
-        let zds = zds.clone();
-        async move { zds.serve(zds_listener).await }
-    });
+    serve_zds(&zds, &dir.join("ztunnel.sock"));
     let agent = NodeAgent::new(
         AgentConfig {
             pod_wait: Duration::from_millis(300),

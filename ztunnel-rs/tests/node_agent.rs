@@ -15,8 +15,7 @@ use http::{Request, Response};
 use kube::client::Body;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip};
+use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip, serve_zds};
 use ztunnel_rs::inpod::{InPodSocketFactory, Netns};
 use ztunnel_rs::node_agent::cni_event::{CniHandler, CniPod, CniRequest};
 use ztunnel_rs::node_agent::iptables::{self, RedirectionConfig};
@@ -207,11 +206,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     let dir = tempfile::tempdir().unwrap();
     let zds_socket = dir.path().join("ztunnel.sock");
     let (zds, acked) = ZdsServer::new(WAIT);
-    let zds_listener = SeqpacketListener::bind(&zds_socket).unwrap();
-    tokio::spawn({
-        let zds = zds.clone();
-        async move { zds.serve(zds_listener).await }
-    });
+    serve_zds(&zds, &zds_socket);
     let (kube, mut api_calls) = mock_api();
     let config = AgentConfig {
         pod_wait: WAIT,

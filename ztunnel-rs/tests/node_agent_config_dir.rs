@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip};
+use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip, serve_zds};
 use ztunnel_rs::node_agent::cni_event::{CniHandler, CniPod, CniRequest};
 use ztunnel_rs::node_agent::pods::directory::DirectoryPodSource;
 use ztunnel_rs::node_agent::{AgentConfig, NodeAgent, ZdsServer};
@@ -77,11 +76,7 @@ async fn label_edits_in_the_config_directory_enrol_and_unenrol() {
 
     let zds_socket = dir.path().join("ztunnel.sock");
     let (zds, acked) = ZdsServer::new(WAIT);
-    let zds_listener = SeqpacketListener::bind(&zds_socket).unwrap();
-    tokio::spawn({
-        let zds = zds.clone();
-        async move { zds.serve(zds_listener).await }
-    });
+    serve_zds(&zds, &zds_socket);
     let agent = NodeAgent::new(
         AgentConfig {
             pod_wait: Duration::from_secs(2),

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use ztunnel_rs::app::{App, ProxyArgs, XDS_SYNCED, ZDS_SNAPSHOT};
-use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
+use ztunnel_rs::inpod::testing::serve_zds;
 use ztunnel_rs::node_agent::zds_server::ZdsServer;
 use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestPod, eventually, exchange, xds};
 use ztunnel_rs::proxy::{LocalSockets, PodInfo};
@@ -308,11 +308,7 @@ async fn serves_from_istiod_and_keeps_serving_when_it_goes_away() {
     // The node agent's ZDS server, with no pods: an empty snapshot.
     let zds_socket = dir.path().join("ztunnel.sock");
     let (zds, _acked) = ZdsServer::new(PATIENCE);
-    let zds_listener = SeqpacketListener::bind(&zds_socket).unwrap();
-    tokio::spawn({
-        let zds = zds.clone();
-        async move { zds.serve(zds_listener).await }
-    });
+    serve_zds(&zds, &zds_socket);
 
     // istiod is not there yet.
     let xds_address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::zds::WorkloadInfo;
-use ztunnel_rs::inpod::seqpacket::SeqpacketListener;
-use ztunnel_rs::inpod::testing::{TestNetns, root_or_skip};
+use ztunnel_rs::inpod::testing::{TestNetns, root_or_skip, serve_zds};
 use ztunnel_rs::inpod::{Netns, ZdsClient, ZdsClientConfig};
 use ztunnel_rs::node_agent::iptables::{self, RedirectionConfig};
 use ztunnel_rs::node_agent::zds_server::{ZdsPod, ZdsServer};
@@ -82,11 +81,7 @@ async fn a_captured_connection_crosses_pods_in_hbone() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("ztunnel.sock");
     let (zds, _acked) = ZdsServer::new(PATIENCE);
-    let listener = SeqpacketListener::bind(&socket).unwrap();
-    tokio::spawn({
-        let zds = zds.clone();
-        async move { zds.serve(listener).await }
-    });
+    serve_zds(&zds, &socket);
     let client = Arc::new(ZdsClient::new(
         ZdsClientConfig {
             socket,

@@ -28,6 +28,33 @@ pub fn node_id(n: usize) -> String {
     format!("ztunnel~10.0.0.{n}~ztunnel-{n}.istio-system~istio-system.svc.cluster.local")
 }
 
+/// Opens a DeltaAggregatedResources stream on `client`, with
+/// `authorization: Bearer <token>` when a token is given: where requests go,
+/// and the responses.
+pub async fn open_stream(
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    token: Option<&str>,
+) -> Result<
+    (
+        mpsc::Sender<DeltaDiscoveryRequest>,
+        tonic::Streaming<DeltaDiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
+    let (requests, rx) = mpsc::channel(16);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let responses = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    Ok((requests, responses))
+}
+
 impl AdsStream {
     /// Opens a stream on `channel`, with `authorization: Bearer <token>`
     /// when a token is given. Waits at most `patience` for any response.
@@ -39,17 +66,7 @@ impl AdsStream {
     ) -> Result<AdsStream, tonic::Status> {
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
-        let (requests, rx) = mpsc::channel(16);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(token) = token {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        let responses = client
-            .delta_aggregated_resources(request)
-            .await?
-            .into_inner();
+        let (requests, responses) = open_stream(&mut client, token).await?;
         Ok(AdsStream {
             node,
             requests,

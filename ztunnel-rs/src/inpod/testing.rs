@@ -200,3 +200,12 @@ impl WorkloadProxyManager for ListenerProxy {
     }
     async fn snapshot_done(&self, _known: &HashSet<WorkloadUid>) {}
 }
+
+/// The node agent's ZDS server listening at `socket`, serving on a task of
+/// its own.
+pub fn serve_zds(server: &crate::node_agent::ZdsServer, socket: &std::path::Path) {
+    let listener = super::seqpacket::SeqpacketListener::bind(socket)
+        .unwrap_or_else(|e| panic!("bind the ZDS socket {}: {e}", socket.display()));
+    let server = server.clone();
+    tokio::spawn(async move { server.serve(listener).await });
+}
