@@ -15,13 +15,15 @@
 
 #[path = "../tests/ca_support/client.rs"]
 mod client;
+#[path = "support/options.rs"]
+mod options;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use api::SpiffeId;
 use istiod_rs::auth::token_file::TokenFile;
 use istiod_rs::ca::service::{CertificateService, StaticNodeLookup};
@@ -57,29 +59,11 @@ impl Args {
             warm_up: 500,
             smoke: true,
         };
-        let mut it = std::env::args().skip(1);
-        while let Some(arg) = it.next() {
-            let slot = match arg.as_str() {
-                "--requests" => &mut args.requests,
-                "--connections" => &mut args.connections,
-                "--concurrency" => &mut args.concurrency,
-                // cargo bench passes --bench; cargo test does not.
-                "--bench" => {
-                    args.smoke = false;
-                    continue;
-                }
-                other => bail!(
-                    "unknown option {other:?}; use --requests N, --connections C, --concurrency K"
-                ),
-            };
-            let value = it.next().context("option needs a value")?;
-            *slot = value
-                .parse()
-                .with_context(|| format!("{arg} {value:?} is not a number"))?;
-            if *slot == 0 {
-                bail!("{arg} must be at least 1");
-            }
-        }
+        args.smoke = options::parse_counts(&mut [
+            ("--requests", &mut args.requests),
+            ("--connections", &mut args.connections),
+            ("--concurrency", &mut args.concurrency),
+        ])?;
         if args.smoke {
             args.requests = args.requests.min(200);
             args.csr_pool = 50;

@@ -23,6 +23,8 @@
 mod ads;
 #[path = "../tests/app_support/http_client.rs"]
 mod http_client;
+#[path = "support/options.rs"]
+mod options;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,34 +82,14 @@ impl Sizes {
             burst: 1_000,
             translations: 5,
         };
-        // `cargo test --all-targets` runs this without `--bench`: then it
-        // only checks, in a moment, that every path works.
-        let mut smoke = true;
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            let slot = match arg.as_str() {
-                "--pods" => &mut sizes.pods,
-                "--services" => &mut sizes.services,
-                "--nodes" => &mut sizes.nodes,
-                "--clients" => &mut sizes.clients,
-                "--rounds" => &mut sizes.rounds,
-                "--burst" => &mut sizes.burst,
-                "--bench" => {
-                    smoke = false;
-                    continue;
-                }
-                other => bail!(
-                    "unknown option {other:?}; use --pods N, --services N, --nodes N, --clients N, --rounds N, --burst N"
-                ),
-            };
-            let value = args.next().context("option needs a value")?;
-            *slot = value
-                .parse()
-                .with_context(|| format!("{arg} {value:?} is not a number"))?;
-            if *slot == 0 {
-                bail!("{arg} must be at least 1");
-            }
-        }
+        let smoke = options::parse_counts(&mut [
+            ("--pods", &mut sizes.pods),
+            ("--services", &mut sizes.services),
+            ("--nodes", &mut sizes.nodes),
+            ("--clients", &mut sizes.clients),
+            ("--rounds", &mut sizes.rounds),
+            ("--burst", &mut sizes.burst),
+        ])?;
         if smoke {
             sizes = Sizes {
                 pods: 300,
