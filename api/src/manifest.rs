@@ -11,6 +11,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod dir;
+pub use dir::{DirScan, FileProblem, ManifestDir};
+
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};

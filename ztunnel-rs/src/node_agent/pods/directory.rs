@@ -2,7 +2,8 @@
 //! node, among the YAML files of the config directory istiod-rs reads
 //! (`--config-dir`), parsed with `api::manifest` like istiod-rs parses them.
 //!
-//! The directory is polled (every 250 ms by default), so a label edit
+//! The directory is polled (every 250 ms by default) through
+//! `api::manifest::ManifestDir`, as istiod-rs polls it, so a label edit
 //! reaches the agent within a second. A file is read again when its size or
 //! modification time moved, or while that time is too recent to trust.
 //! After the first scan, new content counts only once two polls in a row
@@ -16,11 +17,10 @@
 //! report only what changed.
 
 use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use api::manifest::{self, Object};
+use api::manifest::{ManifestDir, Object};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -30,10 +30,6 @@ use crate::node_agent::enrolment::{NamespaceMeta, PodKey, PodMeta};
 
 /// How often the directory is looked at by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
-
-/// A modification time younger than this may hide a same-size rewrite
-/// (coarse filesystem timestamps), so such files are hashed again.
-const MTIME_GRANULARITY: Duration = Duration::from_secs(2);
 
 /// Watches a config directory for this node's pods.
 #[derive(Clone, Debug)]
@@ -162,208 +158,73 @@ fn changes<K: Ord + Clone, V: PartialEq + Clone>(
     }
 }
 
-/// Tells contents apart; only ever compared with this process's own hashes.
-fn content_hash(bytes: &[u8]) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
-}
+/// A file's namespaces, and the pods on this node, as last read.
+type FileObjects = (Vec<NamespaceMeta>, Vec<PodMeta>);
 
-/// One YAML file as last read.
-#[derive(Debug)]
-struct File {
-    modified: Option<SystemTime>,
-    len: u64,
-    hash: u64,
-    /// New content read once, applied if the next poll reads it again.
-    unsettled: Option<u64>,
-    /// The objects of the last good content.
-    namespaces: Vec<NamespaceMeta>,
-    pods: Vec<PodMeta>,
-    /// Why the current content is not used, once reported.
-    problem: Option<String>,
-}
-
-/// The directory's files, re-read as they change.
+/// The directory's files, re-read as they change (`api::manifest::ManifestDir`).
 #[derive(Debug)]
 struct Reader {
-    root: PathBuf,
     node_name: String,
-    files: BTreeMap<PathBuf, File>,
-    loaded: bool,
-    unreadable_dirs: Vec<PathBuf>,
+    dir: ManifestDir<FileObjects>,
 }
 
 impl Reader {
     fn new(root: PathBuf, node_name: String) -> Self {
         Reader {
-            root,
             node_name,
-            files: BTreeMap::new(),
-            loaded: false,
-            unreadable_dirs: Vec::new(),
+            dir: ManifestDir::new(root),
         }
     }
 
     /// Looks at every file once; returns the merged view.
     fn scan(&mut self) -> View {
-        let (paths, unreadable) = manifest::yaml_files(&self.root);
-        let unreadable_dirs: Vec<PathBuf> = unreadable.iter().map(|(p, _)| p.clone()).collect();
-        for (dir, error) in unreadable {
-            if !self.unreadable_dirs.contains(&dir) {
-                warn!(dir = %dir.display(), %error, "cannot read a config directory; its pods are unknown until it can be read");
-            }
-        }
-        self.unreadable_dirs = unreadable_dirs;
-        for path in &paths {
-            self.refresh(path);
-        }
-        self.files.retain(|path, _| paths.contains(path));
-        self.loaded = true;
-        self.view()
-    }
-
-    fn refresh(&mut self, path: &Path) {
-        let Ok(meta) = std::fs::metadata(path) else {
-            // Gone between listing and reading: the next scan drops it.
-            return;
-        };
-        let modified = meta.modified().ok();
-        let settled_time = modified
-            .and_then(|m| m.elapsed().ok())
-            .is_some_and(|age| age > MTIME_GRANULARITY);
-        if let Some(file) = self.files.get(path)
-            && file.modified == modified
-            && file.len == meta.len()
-            && settled_time
-            && file.unsettled.is_none()
-        {
-            return;
-        }
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                self.report(
-                    path,
-                    modified,
-                    meta.len(),
-                    format!("cannot be read: {error}"),
-                );
-                return;
-            }
-        };
-        let hash = content_hash(&bytes);
-        let loaded = self.loaded;
-        if let Some(file) = self.files.get_mut(path) {
-            file.modified = modified;
-            file.len = meta.len();
-            if file.hash == hash {
-                file.unsettled = None;
-                return;
-            }
-            if loaded && file.unsettled != Some(hash) {
-                file.unsettled = Some(hash);
-                return;
-            }
-        } else if loaded {
-            // A new file is as likely to be caught half-written as an edit.
-            let file = self.files.entry(path.to_path_buf()).or_insert(File {
-                modified,
-                len: meta.len(),
-                hash: 0,
-                unsettled: None,
-                namespaces: Vec::new(),
-                pods: Vec::new(),
-                problem: None,
-            });
-            file.unsettled = Some(hash);
-            return;
-        }
-        match manifest::parse_bytes(&bytes) {
-            Ok(parsed) => {
-                let (namespaces, pods) = self.objects(parsed.objects);
-                debug!(file = %path.display(), namespaces = namespaces.len(), pods = pods.len(), "read");
-                if self.files.get(path).is_some_and(|f| f.problem.is_some()) {
-                    info!(file = %path.display(), "file is valid again");
-                }
-                self.files.insert(
-                    path.to_path_buf(),
-                    File {
-                        modified,
-                        len: meta.len(),
-                        hash,
-                        unsettled: None,
-                        namespaces,
-                        pods,
-                        problem: None,
-                    },
-                );
-            }
-            Err(e) => {
-                self.report(path, modified, meta.len(), e.to_string());
-                if let Some(file) = self.files.get_mut(path) {
-                    file.hash = hash;
-                    file.unsettled = None;
-                }
-            }
-        }
-    }
-
-    /// The namespaces, and the pods on this node, among `objects`.
-    fn objects(&self, objects: Vec<Object>) -> (Vec<NamespaceMeta>, Vec<PodMeta>) {
-        let mut namespaces = Vec::new();
-        let mut pods = Vec::new();
-        for object in objects {
-            match object {
-                Object::Namespace(ns) => namespaces.push(namespace_meta(ns)),
-                Object::Pod(pod) => {
-                    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                    if node == Some(self.node_name.as_str()) {
-                        pods.push(pod_meta(pod));
-                    }
-                }
-                _ => {}
-            }
-        }
-        (namespaces, pods)
-    }
-
-    /// Logs a file's problem once; the file keeps its last good objects.
-    fn report(&mut self, path: &Path, modified: Option<SystemTime>, len: u64, problem: String) {
-        let file = self.files.entry(path.to_path_buf()).or_insert(File {
-            modified,
-            len,
-            hash: 0,
-            unsettled: None,
-            namespaces: Vec::new(),
-            pods: Vec::new(),
-            problem: None,
+        let node_name = &self.node_name;
+        let scan = self.dir.scan(|path, manifest| {
+            let (namespaces, pods) = objects(node_name, manifest.objects);
+            debug!(file = %path.display(), namespaces = namespaces.len(), pods = pods.len(), "read");
+            (namespaces, pods)
         });
-        file.modified = modified;
-        file.len = len;
-        if file.problem.as_ref() != Some(&problem) {
+        for problem in &scan.new_problems {
             warn!(
-                file = %path.display(),
                 %problem,
-                "skipping a config file until it is fixed; its last good pods and namespaces stay"
+                "a config file or directory cannot be used until it is fixed; the last good pods and namespaces stay"
             );
-            file.problem = Some(problem);
         }
+        self.view()
     }
 
     /// Every file's objects; a later file (in path order) wins a duplicate.
     fn view(&self) -> View {
         let mut view = View::default();
-        for file in self.files.values() {
-            for ns in &file.namespaces {
+        for (_, (namespaces, pods)) in self.dir.files() {
+            for ns in namespaces {
                 view.namespaces.insert(ns.name.clone(), ns.clone());
             }
-            for pod in &file.pods {
+            for pod in pods {
                 view.pods.insert(pod.key(), pod.clone());
             }
         }
         view
     }
+}
+
+/// The namespaces, and the pods on `node_name`, among `objects`.
+fn objects(node_name: &str, objects: Vec<Object>) -> FileObjects {
+    let mut namespaces = Vec::new();
+    let mut pods = Vec::new();
+    for object in objects {
+        match object {
+            Object::Namespace(ns) => namespaces.push(namespace_meta(ns)),
+            Object::Pod(pod) => {
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                if node == Some(node_name) {
+                    pods.push(pod_meta(pod));
+                }
+            }
+            _ => {}
+        }
+    }
+    (namespaces, pods)
 }
 
 #[cfg(test)]
@@ -530,20 +391,17 @@ mod tests {
         dir.write("cart-0.yaml", "kind: Pod\nmetadata: [unclosed\n");
         assert_eq!(dir.next_changes(), []);
         assert_eq!(dir.view.pods.len(), 1);
-        let file = &dir.reader.files[&dir.dir.path().join("cart-0.yaml")];
+        let problems = dir.reader.dir.problems();
         assert!(
-            file.problem.as_deref().unwrap().contains("line"),
-            "{file:?}"
+            matches!(&problems[..], [api::manifest::FileProblem::Malformed { path, .. }]
+                if path.ends_with("cart-0.yaml")),
+            "{problems:?}"
         );
 
         dir.write("cart-0.yaml", &pod("cart-0", NODE, "fixed: 'yes'"));
         let events = dir.next_changes();
         assert!(matches!(&events[..], [PodEvent::Pod(p)] if p.labels["fixed"] == "yes"));
-        assert!(
-            dir.reader.files[&dir.dir.path().join("cart-0.yaml")]
-                .problem
-                .is_none()
-        );
+        assert!(dir.reader.dir.problems().is_empty());
     }
 
     #[tokio::test]
