@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
-use ads::{node_id, open_stream};
+use ads::{nack_request, node_id, open_stream};
 use http_client::http_get;
 
 /// Only to avoid hanging forever when something is broken.
@@ -205,17 +205,7 @@ impl Proxy {
     }
 
     async fn nack(&self, type_url: &str, nonce: &str, message: &str) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: type_url.into(),
-            response_nonce: nonce.into(),
-            error_detail: Some(api::rpc::Status {
-                code: 3,
-                message: message.into(),
-                details: vec![],
-            }),
-            ..Default::default()
-        })
-        .await;
+        self.send(nack_request(type_url, nonce, message)).await;
     }
 
     /// Subscribes to everything of `type_url`, receives the initial state and ACKs it.

@@ -119,17 +119,22 @@ impl AdsStream {
     }
 
     pub async fn nack(&self, response: &DeltaDiscoveryResponse, message: &str) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: response.type_url.clone(),
-            response_nonce: response.nonce.clone(),
-            error_detail: Some(api::rpc::Status {
-                code: 3,
-                message: message.into(),
-                details: vec![],
-            }),
-            ..Default::default()
-        })
-        .await;
+        self.send(nack_request(&response.type_url, &response.nonce, message))
+            .await;
+    }
+}
+
+/// The NACK of `nonce` for `type_url`: INVALID_ARGUMENT with `message`.
+pub fn nack_request(type_url: &str, nonce: &str, message: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        response_nonce: nonce.into(),
+        error_detail: Some(api::rpc::Status {
+            code: 3,
+            message: message.into(),
+            details: vec![],
+        }),
+        ..Default::default()
     }
 }
 
