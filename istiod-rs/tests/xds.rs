@@ -355,6 +355,63 @@ async fn initial_state_then_only_changes_and_removals() {
     );
 }
 
+/// ztunnel-rs denies while a policy a workload names has not arrived, so
+/// within one change a new policy goes before the workloads naming it, and a
+/// removed one after the workloads that stopped naming it.
+#[tokio::test]
+async fn policies_arrive_before_and_leave_after_the_workloads_naming_them() {
+    let named = |policy: &str| {
+        let uid = uid("a");
+        let msg = Address {
+            r#type: Some(address::Type::Workload(Workload {
+                uid: uid.clone(),
+                name: "a".into(),
+                namespace: "default".into(),
+                addresses: vec![vec![10, 0, 0, 1]],
+                authorization_policies: vec![format!("default/{policy}")],
+                ..Default::default()
+            })),
+        };
+        Resource::new(ADDRESS, uid, &msg)
+    };
+    let istiod = start(Authentication::Disabled, snapshot([workload("a", "node1")])).await;
+    let mut proxy = connect(istiod.xds, 1, None).await.unwrap();
+    proxy.sync(ADDRESS).await;
+    proxy.sync(AUTHORIZATION).await;
+    let acked = |t: &Value| t["status"] == "SYNCED";
+    syncz_until(&istiod, &proxy.node, ADDRESS, acked).await;
+    syncz_until(&istiod, &proxy.node, AUTHORIZATION, acked).await;
+
+    // Added: the policy first, then the workload naming it.
+    istiod
+        .snapshots
+        .send(snapshot([named("p1"), policy("p1")]))
+        .unwrap();
+    let first = proxy.recv().await;
+    let second = proxy.recv().await;
+    assert_eq!(
+        [first.type_url.as_str(), second.type_url.as_str()],
+        [AUTHORIZATION, ADDRESS]
+    );
+    proxy.ack(&first).await;
+    proxy.ack(&second).await;
+    syncz_until(&istiod, &proxy.node, ADDRESS, acked).await;
+    syncz_until(&istiod, &proxy.node, AUTHORIZATION, acked).await;
+
+    // Removed: the workload's new list first, then the removal.
+    istiod
+        .snapshots
+        .send(snapshot([workload("a", "node1")]))
+        .unwrap();
+    let first = proxy.recv().await;
+    let second = proxy.recv().await;
+    assert_eq!(
+        [first.type_url.as_str(), second.type_url.as_str()],
+        [ADDRESS, AUTHORIZATION]
+    );
+    assert_eq!(second.removed_resources, ["default/p1"]);
+}
+
 #[tokio::test]
 async fn explicit_names_and_a_missing_one() {
     let istiod = start(

@@ -16,6 +16,13 @@
 //! - A connection without a verified identity (plaintext) has no principal,
 //!   namespace or service account: a field requiring one does not match,
 //!   while its `not_` form does.
+//!
+//! Beyond upstream (which skips them with a warning): a selector-scoped
+//! policy a workload refers to but the proxy does not hold (not received
+//! yet, or rejected when it arrived) denies every connection to that
+//! workload, before any other policy is looked at. Whatever it says, the
+//! workload was meant to be guarded by it, and allowing while it is missing
+//! could be wider than what it says.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -162,6 +169,8 @@ pub enum Decision {
     Denied { policy: String },
     /// ALLOW policies apply and none matched.
     NotAllowed,
+    /// The workload refers to this policy, which the proxy does not hold.
+    MissingPolicy { policy: String },
 }
 
 impl Decision {
@@ -177,18 +186,41 @@ impl fmt::Display for Decision {
             Decision::Allowed { policy } => write!(f, "allow (policy {policy})"),
             Decision::Denied { policy } => write!(f, "deny (policy {policy})"),
             Decision::NotAllowed => f.write_str("deny (no ALLOW policy matched)"),
+            Decision::MissingPolicy { policy } => write!(
+                f,
+                "deny (policy {policy} applies to the workload but has not been received or was rejected; failing closed)"
+            ),
         }
     }
 }
 
 /// The policies that apply to one destination workload.
 #[derive(Clone, Debug, Default)]
-pub struct Policies(pub Vec<Arc<Authorization>>);
+pub struct Policies {
+    /// The policies held that apply.
+    pub applied: Vec<Arc<Authorization>>,
+    /// Keys of policies the workload refers to that are not held.
+    pub missing: Vec<String>,
+}
 
 impl Policies {
+    /// Policies that are all held.
+    pub fn new(applied: Vec<Arc<Authorization>>) -> Self {
+        Policies {
+            applied,
+            missing: Vec::new(),
+        }
+    }
+
     pub fn check(&self, conn: &ConnectionInfo) -> Decision {
+        if let Some(policy) = self.missing.first() {
+            return Decision::MissingPolicy {
+                policy: policy.clone(),
+            };
+        }
         let peer = Peer::of(conn);
-        let (deny, allow): (Vec<_>, Vec<_>) = self.0.iter().partition(|p| p.action == Action::Deny);
+        let (deny, allow): (Vec<_>, Vec<_>) =
+            self.applied.iter().partition(|p| p.action == Action::Deny);
         if let Some(p) = deny.iter().find(|p| p.matches_peer(conn, &peer)) {
             return Decision::Denied { policy: p.key() };
         }

@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::authorization::{Authorization, Policies, Scope};
 use shards::ShardedMap;
@@ -84,9 +85,18 @@ pub struct Snapshot {
     endpoints: ShardedMap<NamespacedHostname, Arc<Endpoints>>,
     policies: ShardedMap<String, Arc<Authorization>>,
     policies_by_scope: ShardedMap<PolicyScope, BTreeSet<String>>,
+    /// Bumped whenever a policy is inserted or removed.
+    policy_generation: u64,
 }
 
 impl Snapshot {
+    /// Changes whenever any policy was added, replaced or removed: whoever
+    /// re-evaluates decisions can skip snapshots where it stayed the same
+    /// (together with the workload itself, compared by `Arc` identity).
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation
+    }
+
     pub fn workload_count(&self) -> usize {
         self.workloads.len()
     }
@@ -210,7 +220,8 @@ impl Snapshot {
     }
 
     /// The policies that apply to a workload: mesh-wide ones, its namespace's,
-    /// and the selector-scoped ones it lists.
+    /// and the selector-scoped ones it lists. Listed keys the store does not
+    /// hold are reported as missing (the check then fails closed).
     pub fn policies_for(&self, workload: &Workload) -> Policies {
         let scoped = |scope: &PolicyScope| {
             self.policies_by_scope
@@ -223,18 +234,22 @@ impl Snapshot {
             .map(String::as_str)
             .chain(workload.authorization_policies.iter().map(String::as_str))
             .collect();
-        Policies(
-            keys.into_iter()
-                .filter_map(|k| self.policies.get(k))
+        let mut policies = Policies::default();
+        for key in keys {
+            match self.policies.get(key) {
                 // A selector-scoped policy applies only where listed; a
                 // workload listing a global policy must not apply it twice.
-                .filter(|p| {
-                    p.scope != Scope::WorkloadSelector
-                        || workload.authorization_policies.contains(&p.key())
-                })
-                .cloned()
-                .collect(),
-        )
+                Some(p)
+                    if p.scope != Scope::WorkloadSelector
+                        || workload.authorization_policies.contains(&p.key()) =>
+                {
+                    policies.applied.push(p.clone());
+                }
+                Some(_) => {}
+                None => policies.missing.push(key.to_string()),
+            }
+        }
+        policies
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -345,6 +360,7 @@ impl Snapshot {
     fn insert_policy(&mut self, policy: Authorization) {
         let key = policy.key();
         self.remove_policy(&key);
+        self.policy_generation += 1;
         if let Some(scope) = policy_scope(&policy) {
             self.policies_by_scope.update(
                 &scope,
@@ -360,6 +376,7 @@ impl Snapshot {
 
     fn remove_policy(&mut self, key: &str) -> Option<Arc<Authorization>> {
         let old = self.policies.remove(key)?;
+        self.policy_generation += 1;
         if let Some(scope) = policy_scope(&old) {
             self.policies_by_scope.update(
                 &scope,
@@ -436,11 +453,27 @@ pub struct WorkloadStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     current: ArcSwap<Snapshot>,
     /// Serialises writers; readers never take it.
     writer: Mutex<()>,
+    /// Bumped after every published batch.
+    changes: watch::Sender<u64>,
+    /// Whether the store has held a complete state once (set by whoever
+    /// feeds it: the xDS client's first full sync). Never unset: after a
+    /// lost connection the last complete state keeps serving.
+    synced: watch::Sender<bool>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            current: ArcSwap::default(),
+            writer: Mutex::default(),
+            changes: watch::Sender::new(0),
+            synced: watch::Sender::new(false),
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkloadStore {
@@ -476,7 +509,57 @@ impl WorkloadStore {
         };
         let result = f(&mut batch);
         self.inner.current.store(Arc::new(batch.next));
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         result
+    }
+
+    /// Wakes on every published batch (see [`watch::Receiver::changed`]).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The store now holds a complete state (the first full sync). Data
+    /// paths that must not act on a partial view wait for this.
+    pub fn mark_synced(&self) {
+        self.inner
+            .synced
+            .send_if_modified(|synced| !std::mem::replace(synced, true));
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.inner.synced.borrow()
+    }
+
+    /// Returns once [`Self::mark_synced`] has been called.
+    pub async fn synced(&self) {
+        let mut rx = self.inner.synced.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// The first snapshot for which `find` returns something, waiting for
+    /// later batches up to `deadline`; `None` if none came in time.
+    pub async fn wait_for<T>(
+        &self,
+        deadline: std::time::Duration,
+        mut find: impl FnMut(&Snapshot) -> Option<T>,
+    ) -> Option<T> {
+        // Subscribe before looking, so a batch published in between wakes us.
+        let mut changes = self.subscribe();
+        if let Some(found) = find(&self.snapshot()) {
+            return Some(found);
+        }
+        let waiting = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    return None;
+                }
+                if let Some(found) = find(&self.snapshot()) {
+                    return Some(found);
+                }
+            }
+        };
+        tokio::time::timeout(deadline, waiting).await.ok().flatten()
     }
 }
 

@@ -176,7 +176,7 @@ fn a_connection_is_resolved_and_judged_from_what_xds_delivered() {
         .workload_by_address("", "10.0.0.1".parse().unwrap())
         .unwrap();
     let applicable = snap.policies_for(&dest);
-    let mut keys: Vec<String> = applicable.0.iter().map(|p| p.key()).collect();
+    let mut keys: Vec<String> = applicable.applied.iter().map(|p| p.key()).collect();
     keys.sort();
     assert_eq!(keys, ["istio-system/no-evil", "server/only-client"]);
     assert_eq!(

@@ -105,6 +105,10 @@ pub struct ProxyArgs {
     /// in-pod routing; without them applications see their own address).
     #[arg(long, env = "ENABLE_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub original_source: bool,
+    /// How long a pod's connection waits for the pod's own workload to
+    /// arrive from istiod before it is refused.
+    #[arg(long, env = "WORKLOAD_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub workload_wait: Duration,
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
@@ -257,9 +261,12 @@ impl App {
         let xds_synced = readiness.register(XDS_SYNCED);
         tasks.push(tokio::spawn({
             let status = xds_status.clone();
+            let store = store.clone();
             async move {
                 status.synced().await;
                 info!("first xDS state received");
+                // Pods' listeners start accepting only now.
+                store.mark_synced();
                 xds_synced.mark_ready();
             }
         }));
@@ -272,6 +279,7 @@ impl App {
             load_balancing: args.load_balancing,
             drain_deadline: args.drain_deadline,
             original_source: args.original_source,
+            workload_wait: args.workload_wait,
             ..ProxyConfig::default()
         };
         let metrics = Metrics::register(&mut registry);

@@ -11,19 +11,28 @@
 //! - [`ProxyManager`]: the pods being proxied; the node agent's requests
 //!   (add / del / keep / snapshot done) become calls here. Certificates are
 //!   held per identity while a pod with that identity is here.
-//! - [`route`]: outbound decisions; [`outbound`], [`inbound`],
-//!   [`inbound_passthrough`]: the three listeners; [`metrics`]: traffic
-//!   metrics and the access log; [`sockets`]: where sockets come from (in
-//!   production, the pod's network namespace from the node agent).
+//! - [`route`]: outbound decisions; [`admission`]: the inbound decision
+//!   (policy only, HBONE and plaintext alike); [`revocation`]: admitted
+//!   connections decided again on every policy change; [`outbound`],
+//!   [`inbound`], [`inbound_passthrough`]: the three listeners; [`metrics`]:
+//!   traffic metrics and the access log; [`sockets`]: where sockets come
+//!   from (in production, the pod's network namespace from the node agent).
+//!
+//! Fail closed: a pod's listeners accept only once the store holds a
+//! complete state (the first xDS sync); a connection whose own pod's
+//! workload is missing waits for it (`workload_wait`) and is refused if it
+//! does not come.
 //!
 //! Drain: listeners stop accepting at once, HBONE peers get GOAWAY, live
 //! connections may finish until the deadline, then they are closed.
 
+pub mod admission;
 pub mod inbound;
 pub mod inbound_passthrough;
 mod inpod;
 pub mod metrics;
 pub mod outbound;
+pub mod revocation;
 pub mod route;
 pub mod sockets;
 mod splice;
@@ -124,6 +133,10 @@ pub struct ProxyConfig {
     /// Connections to applications keep the client's address as their
     /// source (upstream's `ENABLE_ORIGINAL_SOURCE`).
     pub original_source: bool,
+    /// How long a connection waits for its pod's own workload to appear in
+    /// the store before it is refused (upstream waits 5 s).
+    #[serde(with = "seconds")]
+    pub workload_wait: Duration,
     #[serde(skip)]
     pub pool: PoolConfig,
     #[serde(skip)]
@@ -141,6 +154,7 @@ impl Default for ProxyConfig {
             drain_deadline: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             original_source: true,
+            workload_wait: Duration::from_secs(5),
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
         }
@@ -185,6 +199,8 @@ struct Node {
     balancer: route::Balancer,
     /// Pods per identity: a certificate is renewed while one is here.
     identities: Mutex<HashMap<SpiffeId, usize>>,
+    /// Inbound connections, decided again on every policy change.
+    live: Arc<revocation::LiveConnections>,
 }
 
 impl Node {
@@ -231,6 +247,25 @@ impl Pod {
         snapshot
             .workload_by_uid(&self.workload_uid)
             .or_else(|| snapshot.workload_by_address(&self.node.config.network, ip))
+    }
+
+    /// The pod's workload, waiting up to the configured time for it to
+    /// arrive (a pod just added is often ahead of its workload); `None`
+    /// when it did not: the caller refuses the connection.
+    async fn wait_for_workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        let store = &self.node.store;
+        let found = store
+            .wait_for(self.node.config.workload_wait, |s| self.workload(s, ip))
+            .await;
+        if found.is_none() {
+            warn!(
+                pod = %self.info.uid,
+                workload = %self.workload_uid,
+                waited = ?self.node.config.workload_wait,
+                "the pod's workload is not in the workload store; refusing its traffic (is istiod reachable, and does it know the pod?)"
+            );
+        }
+        found
     }
 
     async fn certificate(&self) -> Result<Arc<WorkloadCertificate>, FetchError> {
@@ -314,6 +349,17 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<Pod>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Nothing is decided on a partial view of the mesh: before the first
+    // complete xDS state, connections wait in the listen backlog (they are
+    // neither refused nor carried) and are handled once it has arrived.
+    let store = &pod.node.store;
+    if !store.is_synced() {
+        info!(pod = %pod.info.uid, listener = listener_name, "waiting for the first complete xDS state before accepting");
+        tokio::select! {
+            () = store.synced() => {}
+            () = stop.cancelled() => return,
+        }
+    }
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -552,6 +598,9 @@ impl ProxyManager {
         certificates: CertificateManager,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let live = Arc::new(revocation::LiveConnections::default());
+        // Ends when the manager (and so the registry) is gone.
+        drop(revocation::watch(store.clone(), Arc::downgrade(&live)));
         ProxyManager {
             node: Arc::new(Node {
                 balancer: route::Balancer::new(config.load_balancing),
@@ -560,6 +609,7 @@ impl ProxyManager {
                 certificates,
                 metrics,
                 identities: Mutex::default(),
+                live,
             }),
             pods: Arc::default(),
         }

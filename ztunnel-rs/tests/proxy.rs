@@ -482,7 +482,8 @@ async fn a_waypoint_bound_destination_is_reached_only_through_the_waypoint() {
     )
     .await;
 
-    // Going around the waypoint is refused.
+    // Going around the waypoint (an ingress or a sidecar does) is not
+    // refused by the binding alone, as upstream: policy decides.
     let intruder = mesh.identity("a", "intruder");
     let cert = mesh.certificates.fetch(&intruder).await.unwrap();
     let direct = HboneTarget {
@@ -490,12 +491,75 @@ async fn a_waypoint_bound_destination_is_reached_only_through_the_waypoint() {
         address: at(server_ip, mesh.hbone_port()),
         authority: app.address,
     };
+    let mut stream = raw_hbone(mesh.ip(7), &cert, direct.clone()).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(b"around").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut reply))
+            .await
+            .expect("a reply")
+            .unwrap();
+        assert_eq!(reply, b"server: around");
+    }
+
+    // With istiod's allow-from-waypoint policy listed on the pod (upstream's
+    // PILOT_AUTO_ALLOW_WAYPOINT_POLICY), only the waypoint gets through.
+    let implicit = "istio_allow_waypoint_b_waypoint";
+    xds::apply_policies(
+        &mesh.store,
+        vec![api::security::Authorization {
+            scope: api::security::Scope::WorkloadSelector as i32,
+            ..xds::policy(
+                implicit,
+                "b",
+                api::security::Action::Allow,
+                api::security::Match {
+                    principals: vec![xds::exact("cluster.local/ns/b/sa/waypoint")],
+                    ..Default::default()
+                },
+            )
+        }],
+    );
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .in_service("b/server.b.svc.cluster.local", &[(80, APP_PORT)])
+                .waypoint_service("b", "waypoint.b.svc.cluster.local")
+                .policy(&format!("b/{implicit}"))
+                .into(),
+        ],
+    );
     let err = raw_hbone(mesh.ip(7), &cert, direct).await.unwrap_err();
-    assert_eq!(err.status(), Some(http::StatusCode::UNAUTHORIZED), "{err}");
+    assert_eq!(err.status(), Some(http::StatusCode::FORBIDDEN), "{err}");
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"via").await.unwrap(), b"server: via");
+
+    // The waypoint is a source like any other: a DENY on its identity
+    // stops what it forwards.
+    xds::apply_policies(
+        &mesh.store,
+        vec![xds::policy(
+            "deny-waypoint",
+            "b",
+            api::security::Action::Deny,
+            api::security::Match {
+                principals: vec![xds::exact("cluster.local/ns/b/sa/waypoint")],
+                ..Default::default()
+            },
+        )],
+    );
+    // The waypoint stand-in answers the refused upstream CONNECT with 502,
+    // which the client's ztunnel turns into a reset.
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_reset(exchange(&mut conn, b"via").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
-        &[("direction", "inbound"), ("reason", "waypoint_bypassed")],
-        1,
+        &[("direction", "inbound"), ("reason", "policy_denied")],
+        2,
     )
     .await;
 }
@@ -846,4 +910,227 @@ async fn a_pod_gone_while_its_certificate_is_issued_leaves_nothing_renewing() {
         .expect("the drain does not wait for the CA");
     assert!(mesh.certificates.snapshot().is_empty());
     mesh.signer.resume();
+}
+
+/// Writes `message` without ending the stream, then waits for the end:
+/// what a long-lived connection cut from the other side sees.
+async fn hold_until_cut(conn: &mut tokio::net::TcpStream, message: &[u8]) -> io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(message).await?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(PATIENCE, conn.read_to_end(&mut reply))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "never cut"))??;
+    Ok(reply)
+}
+
+/// Issue 9, item 1: before the first complete xDS state nothing is carried
+/// (connections wait, unanswered, instead of leaving as plaintext to what
+/// looks like an unknown address); once it arrives they go in mutual TLS.
+#[tokio::test]
+async fn nothing_leaves_a_pod_before_the_first_complete_state() {
+    let mesh = TestMesh::unsynced(|_| {}).await;
+    let (client_ip, server_ip) = (mesh.ip(2), mesh.ip(3));
+    // The node agent hands the pods over before istiod has answered.
+    let client = mesh.proxy("client", "a", "client", client_ip).await;
+    mesh.proxy("server", "b", "server", server_ip).await;
+    let app = EchoApp::start(at(server_ip, APP_PORT), "server").await;
+
+    let mut conn = client.connect(app.address).await.unwrap();
+    let early = tokio::spawn(async move { exchange(&mut conn, b"early").await });
+
+    // istiod's first answer: both pods are enrolled.
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("client", "a", &client_ip.to_string())
+                .hbone()
+                .into(),
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .into(),
+        ],
+    );
+    assert!(
+        app.peers().is_empty(),
+        "nothing reached the app before sync"
+    );
+    mesh.store.mark_synced();
+
+    assert_eq!(early.await.unwrap().unwrap(), b"server: early");
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "source"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        1,
+    )
+    .await;
+    assert_eq!(
+        mesh.counter(
+            "istio_tcp_connections_opened_total",
+            &[("connection_security_policy", "unknown")]
+        ),
+        0,
+        "no connection was carried in plaintext"
+    );
+}
+
+/// Issue 9, item 1: a pod whose own workload the (synced) store lacks waits
+/// for it, briefly, and is refused if it does not come.
+#[tokio::test]
+async fn a_pod_unknown_to_the_store_is_refused_after_the_wait() {
+    let mesh = TestMesh::with_config(|c| c.workload_wait = Duration::from_millis(200)).await;
+    let unknown = mesh.proxy("ghost", "a", "ghost", mesh.ip(2)).await;
+    let outside = EchoApp::start(at(mesh.ip(50), 9000), "outside").await;
+
+    let mut conn = unknown.connect(outside.address).await.unwrap();
+    assert_reset(exchange(&mut conn, b"hi").await);
+    assert!(outside.peers().is_empty(), "nothing left the pod");
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "outbound"), ("reason", "unknown_workload")],
+        1,
+    )
+    .await;
+
+    // Arriving while a connection waits, the workload lets it through.
+    let mesh = TestMesh::with_config(|c| c.workload_wait = PATIENCE).await;
+    let late = mesh.proxy("late", "a", "late", mesh.ip(2)).await;
+    let outside = EchoApp::start(at(mesh.ip(50), 9000), "outside").await;
+    let mut conn = late.connect(outside.address).await.unwrap();
+    let waiting = tokio::spawn(async move { exchange(&mut conn, b"hi").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("late", "a", &mesh.ip(2).to_string())
+                .hbone()
+                .into(),
+        ],
+    );
+    assert_eq!(waiting.await.unwrap().unwrap(), b"outside: hi");
+}
+
+/// Issue 9, item 2 (ztunnel): a policy the destination lists but the proxy
+/// does not hold denies, until it arrives.
+#[tokio::test]
+async fn a_listed_policy_that_has_not_arrived_denies() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server_ip = mesh.ip(3);
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .policy("b/allow-a")
+                .into(),
+        ],
+    );
+    mesh.proxy("server", "b", "server", server_ip).await;
+    let app = EchoApp::start(at(server_ip, APP_PORT), "server").await;
+
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_reset(exchange(&mut conn, b"hello").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "missing_policy")],
+        1,
+    )
+    .await;
+
+    xds::apply_policies(
+        &mesh.store,
+        vec![api::security::Authorization {
+            scope: api::security::Scope::WorkloadSelector as i32,
+            ..xds::policy(
+                "allow-a",
+                "b",
+                Action::Allow,
+                Match {
+                    namespaces: vec![xds::exact("a")],
+                    ..Match::default()
+                },
+            )
+        }],
+    );
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"hello").await.unwrap(),
+        b"server: hello"
+    );
+}
+
+/// Issue 9, item 6: a DENY applied while a connection is open cuts it (HBONE
+/// and plaintext alike); a connection the change does not concern stays.
+#[tokio::test]
+async fn a_policy_change_cuts_live_connections_it_denies() {
+    let mesh = TestMesh::new().await;
+    let denied = mesh.pod("client", "a", 2).await;
+    let spared = mesh.pod("client", "c", 4).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let legacy = mesh.ip(60);
+
+    let mut cut = denied.connect(app.address).await.unwrap();
+    let mut kept = spared.connect(app.address).await.unwrap();
+    let mut plain = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        for conn in [&mut cut, &mut kept, &mut plain] {
+            conn.write_all(b"open").await.unwrap();
+        }
+    }
+    eventually("the three connections reach the app", || {
+        app.peers().len() == 3
+    })
+    .await;
+
+    xds::apply_policies(
+        &mesh.store,
+        vec![
+            xds::policy(
+                "deny-a",
+                "b",
+                Action::Deny,
+                Match {
+                    namespaces: vec![xds::exact("a")],
+                    ..Match::default()
+                },
+            ),
+            xds::strict("b"),
+        ],
+    );
+    assert_reset(hold_until_cut(&mut cut, b"more").await);
+    assert_reset(hold_until_cut(&mut plain, b"more").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("reason", "policy_revoked")],
+        2,
+    )
+    .await;
+    assert_eq!(
+        mesh.counter(
+            "istio_ztunnel_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "policy_revoked")]
+        ),
+        1
+    );
+    assert_eq!(
+        mesh.counter(
+            "istio_ztunnel_connection_failures_total",
+            &[
+                ("direction", "inbound_plaintext"),
+                ("reason", "policy_revoked")
+            ]
+        ),
+        1
+    );
+    // The other namespace's connection is untouched and still works.
+    assert_eq!(
+        exchange(&mut kept, b" and done").await.unwrap(),
+        b"server: open and done"
+    );
 }

@@ -266,6 +266,7 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         drain_deadline: Duration::from_secs(5),
         certificate_ttl: Duration::from_secs(3600),
         original_source: true,
+        workload_wait: Duration::from_secs(5),
     }
 }
 

@@ -237,7 +237,7 @@ async fn push_due(
 ) -> bool {
     let published = feed.borrow().clone();
     let now = SystemTime::now();
-    let pushes: Vec<(String, Push)> = lock(connection)
+    let mut pushes: Vec<(String, Push)> = lock(connection)
         .types
         .iter_mut()
         .filter_map(|(type_url, state)| {
@@ -252,6 +252,13 @@ async fn push_due(
                 .map(|push| (type_url.clone(), push))
         })
         .collect();
+    // Responses that remove resources go after those that only add or
+    // change: a workload's new list of policies then reaches the proxy
+    // before the policy it no longer names is removed, and a new policy
+    // (Authorization sorts before Address) before the workloads naming it.
+    // ztunnel-rs denies while a named policy is missing; upstream ztunnel
+    // skips it with a warning.
+    pushes.sort_by_key(|(_, push)| !push.delta.removed.is_empty());
     for (type_url, push) in pushes {
         if tx.send(Ok(Outbound { type_url, push })).await.is_err() {
             return false;

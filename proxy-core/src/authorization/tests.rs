@@ -359,7 +359,7 @@ fn decisions() {
         Decision::AllowedByDefault
     );
     // Only a DENY that does not match: allowed by default.
-    let p = Policies(vec![deny_b.clone()]);
+    let p = Policies::new(vec![deny_b.clone()]);
     assert_eq!(p.check(&tls()), Decision::AllowedByDefault);
     assert_eq!(
         p.check(&tls_other()),
@@ -368,7 +368,7 @@ fn decisions() {
         }
     );
     // DENY wins over a matching ALLOW.
-    let p = Policies(vec![allow_all.clone(), deny_b.clone()]);
+    let p = Policies::new(vec![allow_all.clone(), deny_b.clone()]);
     assert!(!p.check(&tls_other()).is_allowed());
     assert_eq!(
         p.check(&tls()),
@@ -377,17 +377,17 @@ fn decisions() {
         }
     );
     // An ALLOW that applies but does not match denies.
-    let p = Policies(vec![allow_a.clone()]);
+    let p = Policies::new(vec![allow_a.clone()]);
     assert!(p.check(&tls()).is_allowed());
     assert_eq!(p.check(&tls_other()), Decision::NotAllowed);
     assert_eq!(p.check(&plaintext()), Decision::NotAllowed);
     // An ALLOW with no rules denies everything; another ALLOW can still admit.
     assert_eq!(
-        Policies(vec![allow_nothing.clone()]).check(&tls()),
+        Policies::new(vec![allow_nothing.clone()]).check(&tls()),
         Decision::NotAllowed
     );
     assert!(
-        Policies(vec![allow_nothing, allow_a])
+        Policies::new(vec![allow_nothing, allow_a])
             .check(&tls())
             .is_allowed()
     );
@@ -399,7 +399,7 @@ fn decisions() {
             ..Default::default()
         }]]],
     );
-    let p = Policies(vec![deny_plaintext]);
+    let p = Policies::new(vec![deny_plaintext]);
     assert!(!p.check(&plaintext()).is_allowed());
     assert!(p.check(&tls()).is_allowed());
     assert_eq!(

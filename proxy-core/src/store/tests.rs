@@ -443,7 +443,7 @@ fn policies_for_a_workload_are_global_namespace_and_its_selected_ones() {
         let mut k: Vec<String> = store
             .snapshot()
             .policies_for(w)
-            .0
+            .applied
             .iter()
             .map(|p| p.key())
             .collect();
@@ -451,12 +451,46 @@ fn policies_for_a_workload_are_global_namespace_and_its_selected_ones() {
         k
     };
     assert_eq!(keys(&w), ["istio-system/mesh", "ns/ns-wide", "ns/selected"]);
+    // The listed key the store does not hold is reported, not skipped.
+    assert_eq!(store.snapshot().policies_for(&w).missing, ["ns/missing"]);
 
     store.update(|b| {
         assert!(b.remove_policy("ns/ns-wide"));
         assert!(!b.remove_policy("ns/never-there"));
     });
     assert_eq!(keys(&w), ["istio-system/mesh", "ns/selected"]);
+}
+
+#[test]
+fn a_listed_policy_the_store_does_not_hold_denies_until_it_arrives() {
+    let store = WorkloadStore::new();
+    let allow_all = Authorization {
+        groups: vec![vec![]],
+        action: crate::authorization::Action::Allow,
+        ..policy("ns", "selected", Scope::WorkloadSelector)
+    };
+    let mut w = pod("ns", "a", "10.0.0.1");
+    w.authorization_policies = vec!["ns/selected".into()];
+    let conn = crate::authorization::ConnectionInfo {
+        source_ip: "10.0.0.9".parse().unwrap(),
+        source_identity: None,
+        destination: "10.0.0.1:80".parse().unwrap(),
+    };
+    let decision = store.snapshot().policies_for(&w).check(&conn);
+    assert_eq!(
+        decision,
+        crate::authorization::Decision::MissingPolicy {
+            policy: "ns/selected".into()
+        }
+    );
+    assert!(!decision.is_allowed());
+    assert!(
+        decision.to_string().contains("failing closed"),
+        "{decision}"
+    );
+
+    store.update(|b| b.insert_policy(allow_all));
+    assert!(store.snapshot().policies_for(&w).check(&conn).is_allowed());
 }
 
 #[test]
@@ -520,4 +554,46 @@ fn the_dump_has_upstream_keys_and_shapes() {
     );
     assert!(json["stagedServices"]["ns/later"]["Kubernetes//Pod/ns/b"].is_object());
     let _: BTreeMap<String, serde_json::Value> = serde_json::from_value(json).unwrap();
+}
+
+#[tokio::test]
+async fn waiting_for_a_workload_returns_when_a_batch_brings_it_or_gives_up() {
+    let store = WorkloadStore::new();
+    let find = |s: &Snapshot| s.workload_by_uid(&pod("ns", "late", "10.0.0.7").uid);
+    // Not there and nothing comes: gives up after the deadline.
+    assert!(
+        store
+            .wait_for(std::time::Duration::from_millis(20), find)
+            .await
+            .is_none()
+    );
+    // Arrives while waiting.
+    let writer = store.clone();
+    let waiting = tokio::spawn(async move {
+        store
+            .wait_for(std::time::Duration::from_secs(30), find)
+            .await
+            .map(|w| w.name.clone())
+    });
+    tokio::task::yield_now().await;
+    writer.update(|b| b.insert_workload(pod("ns", "other", "10.0.0.8")));
+    writer.update(|b| b.insert_workload(pod("ns", "late", "10.0.0.7")));
+    assert_eq!(waiting.await.unwrap().as_deref(), Some("late"));
+}
+
+#[tokio::test]
+async fn synced_is_set_once_and_stays() {
+    let store = WorkloadStore::new();
+    assert!(!store.is_synced());
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.synced().await })
+    };
+    store.mark_synced();
+    waiter.await.unwrap();
+    store.mark_synced();
+    assert!(store.is_synced());
+    // An update after sync does not unset it.
+    store.update(|b| b.insert_workload(pod("ns", "a", "10.0.0.1")));
+    assert!(store.is_synced());
 }

@@ -1,21 +1,24 @@
 //! Inbound HBONE (15008): mutual TLS with the pod's own certificate (the
 //! peer must be in the trust domain), then for each CONNECT:
 //!
-//! 1. the target must be this pod (the address the connection arrived on),
-//!    else 400;
-//! 2. a pod bound to a waypoint takes traffic only from that waypoint (its
-//!    identity, from its address), else 401; the waypoint has enforced the
-//!    pod's policies, so they are not applied again to its traffic (as
-//!    upstream);
-//! 3. otherwise the pod's Authorization policies decide, with the peer's
-//!    identity and address: deny is 403;
+//! 1. the target must be this pod (the address the connection arrived on)
+//!    and not one of the proxy's own ports, else 400 ([`check_target`]);
+//! 2. the pod's workload must be in the store (waited for briefly), else
+//!    503;
+//! 3. the pod's Authorization policies decide ([`super::admission`]), with
+//!    the peer's identity and address, whoever the peer is: a client's
+//!    ztunnel, the pod's waypoint, an ingress gateway or a sidecar. Deny is
+//!    403. Upstream ztunnel (`proxy/inbound.rs`, `assert_rbac`) does the
+//!    same and refuses nothing by waypoint binding alone; making traffic go
+//!    through a waypoint is a policy's job (upstream istiod's
+//!    `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`);
 //! 4. the application is dialled inside the pod (refused: 503), and bytes
-//!    flow both ways.
+//!    flow both ways until the end, or until a policy change denies the
+//!    connection ([`super::revocation`]): then it is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use api::SpiffeId;
 use http::StatusCode;
 use proxy_core::authorization::{ConnectionInfo, Decision};
 use proxy_core::hbone::{HboneError, HboneServer, InboundConnect, InboundHandler};
@@ -28,8 +31,8 @@ use super::metrics::{
 };
 use super::route;
 use super::sockets::{ConnectError, canonical};
-use super::splice::{reset, splice};
-use super::{Pod, accept_loop};
+use super::splice::reset;
+use super::{Pod, accept_loop, admission, revocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,16 +49,27 @@ pub enum Error {
     UnknownWorkload(String),
     #[error("denied by policy: {0}")]
     Denied(Decision),
-    #[error(
-        "pod {pod} takes traffic only through its waypoint; {peer} at {address} is not the waypoint"
-    )]
-    WaypointBypassed {
-        pod: String,
-        peer: SpiffeId,
-        address: SocketAddr,
-    },
     #[error("the application in the pod: {0}")]
     App(#[from] ConnectError),
+}
+
+/// Step 1: a CONNECT must name this pod's own address (the one the HBONE
+/// connection arrived on) and a port that is not the proxy's own.
+pub fn check_target(
+    authority: SocketAddr,
+    local: SocketAddr,
+    proxy_ports: &super::Ports,
+) -> Result<(), (FailureReason, Error)> {
+    if authority.ip() != local.ip() {
+        return Err((
+            FailureReason::WrongTarget,
+            Error::WrongTarget { authority, local },
+        ));
+    }
+    if proxy_ports.contains(authority.port()) {
+        return Err((FailureReason::ProxyPort, Error::ProxyPort(authority)));
+    }
+    Ok(())
 }
 
 pub(super) async fn serve(
@@ -146,26 +160,10 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
             connect.refuse(status);
             metrics.early_failure(Direction::Inbound, peer, Some(authority), reason, &error);
         };
-    if authority.ip() != local.ip() {
-        let error = Error::WrongTarget { authority, local };
-        return early(
-            StatusCode::BAD_REQUEST,
-            FailureReason::WrongTarget,
-            error,
-            connect,
-        );
+    if let Err((reason, error)) = check_target(authority, local, &config.ports) {
+        return early(StatusCode::BAD_REQUEST, reason, error, connect);
     }
-    if config.ports.contains(authority.port()) {
-        let error = Error::ProxyPort(authority);
-        return early(
-            StatusCode::BAD_REQUEST,
-            FailureReason::ProxyPort,
-            error,
-            connect,
-        );
-    }
-    let snapshot = pod.node.store.snapshot();
-    let Some(workload) = pod.workload(&snapshot, local.ip()) else {
+    let Some(workload) = pod.wait_for_workload(local.ip()).await else {
         let error = Error::UnknownWorkload(pod.workload_uid.clone());
         return early(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -175,6 +173,15 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
         );
     };
     let peer_identity = connect.peer_identity().clone();
+    let conn = ConnectionInfo {
+        source_ip: peer.ip(),
+        source_identity: Some(peer_identity.clone()),
+        destination: authority,
+    };
+    // Registered before the decision is read, so no policy change is missed.
+    let live = pod.node.live.register(&workload.uid, conn.clone());
+    let snapshot = pod.node.store.snapshot();
+    let workload = snapshot.workload_by_uid(&workload.uid).unwrap_or(workload);
     let source = snapshot.workload_by_address(&config.network, peer.ip());
     let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
         .with_source(source.as_deref())
@@ -192,32 +199,12 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
         labels,
     );
 
-    let waypoint = workload.waypoint.as_ref();
-    let from_waypoint =
-        waypoint.is_some_and(|w| route::is_gateway(&snapshot, w, &peer_identity, peer.ip()));
-    if from_waypoint {
-        record.set_decision("allow (from the pod's waypoint, which enforces its policies)");
-    } else {
-        let decision = snapshot.policies_for(&workload).check(&ConnectionInfo {
-            source_ip: peer.ip(),
-            source_identity: Some(peer_identity.clone()),
-            destination: authority,
-        });
-        record.set_decision(&decision);
-        if !decision.is_allowed() {
-            connect.refuse(StatusCode::FORBIDDEN);
-            let error = Error::Denied(decision);
-            return record.fail(ResponseFlags::Deny, FailureReason::PolicyDenied, &error);
-        }
-        if waypoint.is_some() {
-            connect.refuse(StatusCode::UNAUTHORIZED);
-            let error = Error::WaypointBypassed {
-                pod: workload.uid.clone(),
-                peer: peer_identity,
-                address: peer,
-            };
-            return record.fail(ResponseFlags::Deny, FailureReason::WaypointBypassed, &error);
-        }
+    let decision = admission::decide(&snapshot, &workload, &conn);
+    record.set_decision(&decision);
+    if !decision.is_allowed() {
+        connect.refuse(StatusCode::FORBIDDEN);
+        let reason = admission::denial_reason(&decision);
+        return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }
 
     let app = match pod.connect_app(authority, peer.ip()).await {
@@ -236,8 +223,5 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
             return record.close(Some(&error));
         }
     };
-    match splice(tunnel, app, &record).await {
-        Ok(()) => record.close(None),
-        Err(error) => record.close(Some(&error)),
-    }
+    revocation::carry(tunnel, app, record, live).await;
 }

@@ -1,8 +1,10 @@
 //! Inbound plaintext (15006): connections to the pod that arrived without
 //! HBONE, redirected here by its rules. There is no identity, so the pod's
-//! Authorization policies decide on addresses and ports alone: PERMISSIVE
-//! lets such traffic through subject to them, and STRICT (which istiod turns
-//! into a policy requiring an identity) refuses it. Refusal is an RST.
+//! Authorization policies decide on addresses and ports alone, with the
+//! same decision as HBONE ([`super::admission`]): PERMISSIVE lets such
+//! traffic through subject to them, and STRICT (which istiod turns into a
+//! policy requiring an identity) refuses it. Refusal is an RST; so is the
+//! end of a connection a later policy change denies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +19,8 @@ use super::metrics::{
 };
 use super::route;
 use super::sockets::{ConnectError, canonical};
-use super::splice::{reset, splice};
-use super::{Pod, accept_loop};
+use super::splice::reset;
+use super::{Pod, accept_loop, admission, revocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,8 +66,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
             client,
         );
     }
-    let snapshot = pod.node.store.snapshot();
-    let Some(workload) = pod.workload(&snapshot, dst.ip()) else {
+    let Some(workload) = pod.wait_for_workload(dst.ip()).await else {
         let error = Error::UnknownWorkload(pod.workload_uid.clone());
         return early(Some(dst), FailureReason::UnknownWorkload, error, client);
     };
@@ -76,6 +77,15 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         };
         return early(Some(dst), FailureReason::WrongTarget, error, client);
     }
+    let conn = ConnectionInfo {
+        source_ip: src.ip(),
+        source_identity: None,
+        destination: dst,
+    };
+    // Registered before the decision is read, so no policy change is missed.
+    let live = pod.node.live.register(&workload.uid, conn.clone());
+    let snapshot = pod.node.store.snapshot();
+    let workload = snapshot.workload_by_uid(&workload.uid).unwrap_or(workload);
     let source = snapshot.workload_by_address(&config.network, src.ip());
     let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::Unknown)
         .with_source(source.as_deref())
@@ -85,16 +95,12 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         );
     let mut record =
         ConnectionRecord::open(metrics, Direction::InboundPlaintext, src, dst, None, labels);
-    let decision = snapshot.policies_for(&workload).check(&ConnectionInfo {
-        source_ip: src.ip(),
-        source_identity: None,
-        destination: dst,
-    });
+    let decision = admission::decide(&snapshot, &workload, &conn);
     record.set_decision(&decision);
     if !decision.is_allowed() {
         reset(client);
-        let error = Error::Denied(decision);
-        return record.fail(ResponseFlags::Deny, FailureReason::PolicyDenied, &error);
+        let reason = admission::denial_reason(&decision);
+        return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }
     let app = match pod.connect_app(dst, src.ip()).await {
         Ok(app) => app,
@@ -104,8 +110,5 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
             return record.fail(ResponseFlags::Connect, FailureReason::AppRefused, &error);
         }
     };
-    match splice(client, app, &record).await {
-        Ok(()) => record.close(None),
-        Err(error) => record.close(Some(&error)),
-    }
+    revocation::carry(client, app, record, live).await;
 }

@@ -227,8 +227,11 @@ pub enum FailureReason {
     WrongTarget,
     /// An Authorization policy denied the connection.
     PolicyDenied,
-    /// A pod bound to a waypoint was reached around it.
-    WaypointBypassed,
+    /// A policy the destination workload refers to is not held (not yet
+    /// received, or rejected): denied, failing closed.
+    MissingPolicy,
+    /// An established connection that a policy change now denies was cut.
+    PolicyRevoked,
     /// The application in the pod refused the connection.
     AppRefused,
 }
@@ -247,7 +250,8 @@ impl FailureReason {
             FailureReason::Connect => "connect",
             FailureReason::WrongTarget => "wrong_target",
             FailureReason::PolicyDenied => "policy_denied",
-            FailureReason::WaypointBypassed => "waypoint_bypassed",
+            FailureReason::MissingPolicy => "missing_policy",
+            FailureReason::PolicyRevoked => "policy_revoked",
             FailureReason::AppRefused => "app_refused",
         }
     }

@@ -3,6 +3,12 @@
 //! the pod's identity, from inside the pod (so it leaves with the pod's
 //! address), or as plain TCP when the destination is outside the mesh.
 //! A connection that cannot be carried is closed with RST.
+//!
+//! Nothing leaves before the pod's own workload is known: the listener
+//! accepts only once the store holds a complete state, and a pod whose
+//! workload is still missing then is waited for (bounded, as upstream's
+//! wait-for-workload) and refused if it does not come. Routing on an
+//! incomplete view could send an enrolled destination plaintext.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +32,10 @@ use super::{Pod, accept_loop};
 pub enum Error {
     #[error("no original destination: {0}")]
     OriginalDestination(#[source] std::io::Error),
+    #[error(
+        "pod {0}'s own workload is not in the workload store; its traffic is refused rather than sent unidentified (is istiod reachable, and does it know the pod?)"
+    )]
+    UnknownSource(String),
     #[error(transparent)]
     Route(#[from] route::Error),
     #[error(transparent)]
@@ -45,6 +55,7 @@ impl Error {
     fn reason(&self) -> FailureReason {
         match self {
             Error::OriginalDestination(_) => FailureReason::NoOriginalDestination,
+            Error::UnknownSource(_) => FailureReason::UnknownWorkload,
             Error::Route(route::Error::UnknownWaypoint { .. })
             | Error::Route(route::Error::NoWaypointEndpoint { .. }) => {
                 FailureReason::UnknownWaypoint
@@ -81,8 +92,12 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         }
     };
     let config = &pod.node.config;
+    let Some(source) = pod.wait_for_workload(src.ip()).await else {
+        let e = Error::UnknownSource(pod.workload_uid.clone());
+        metrics.early_failure(Direction::Outbound, src, Some(dst), e.reason(), &e);
+        return reset(client);
+    };
     let snapshot = pod.node.store.snapshot();
-    let source = pod.workload(&snapshot, src.ip());
     let route = route::outbound(
         &snapshot,
         &config.network,
@@ -111,7 +126,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         ),
     };
     let labels = TrafficLabels::new(Reporter::Source, security)
-        .with_source(source.as_deref())
+        .with_source(Some(&source))
         .with_source_principal(Some(&pod.identity))
         .with_destination(route.workload.as_deref())
         .with_destination_service(route.service.as_deref());

@@ -245,22 +245,43 @@ impl<C: Side, S: Side> Future for Splice<'_, C, S> {
 /// Copies until both directions are done; `client` is the side the
 /// connection came from. Bytes are counted in `record` as they flow.
 pub async fn splice<C: Side, S: Side>(
+    client: C,
+    server: S,
+    record: &ConnectionRecord,
+) -> io::Result<()> {
+    let never = std::future::pending::<std::convert::Infallible>();
+    match splice_until(client, server, record, never).await {
+        Ok(copied) => copied,
+        Err(never) => match never {},
+    }
+}
+
+/// [`splice`], unless `cut` completes first: then both sides are torn down
+/// (RST / RST_STREAM) at once and `cut`'s output is returned as the error.
+pub async fn splice_until<C: Side, S: Side, F: Future>(
     mut client: C,
     mut server: S,
     record: &ConnectionRecord,
-) -> io::Result<()> {
-    let copied = Splice {
-        client: &mut client,
-        server: &mut server,
-        up: Pump::new(record.client_to_server()),
-        down: Pump::new(record.server_to_client()),
-    }
-    .await;
-    if copied.is_err() {
+    cut: F,
+) -> Result<io::Result<()>, F::Output> {
+    let outcome = {
+        let copying = Splice {
+            client: &mut client,
+            server: &mut server,
+            up: Pump::new(record.client_to_server()),
+            down: Pump::new(record.server_to_client()),
+        };
+        tokio::select! {
+            biased;
+            copied = copying => Ok(copied),
+            why = cut => Err(why),
+        }
+    };
+    if !matches!(outcome, Ok(Ok(()))) {
         client.abort();
         server.abort();
     }
-    copied
+    outcome
 }
 
 #[cfg(test)]

@@ -69,9 +69,19 @@ impl TestMesh {
         Self::with_config(|_| {}).await
     }
 
+    /// A mesh whose store has not had its first complete state yet (call
+    /// `store.mark_synced()` to deliver it).
+    pub async fn unsynced(configure: impl FnOnce(&mut ProxyConfig)) -> Self {
+        Self::build(configure, false).await
+    }
+
     /// A mesh whose proxy config is adjusted by `configure` (ports are the
     /// harness's own: 0 for the capture listeners, a free port for HBONE).
     pub async fn with_config(configure: impl FnOnce(&mut ProxyConfig)) -> Self {
+        Self::build(configure, true).await
+    }
+
+    async fn build(configure: impl FnOnce(&mut ProxyConfig), synced: bool) -> Self {
         let subnet = next_subnet();
         let hbone_port = free_port(ip_in(subnet, 1)).await;
         let mut config = ProxyConfig::default();
@@ -87,6 +97,9 @@ impl TestMesh {
             ..ManagerConfig::default()
         });
         let store = WorkloadStore::new();
+        if synced {
+            store.mark_synced();
+        }
         let mut registry = proxy_core::metrics::new_registry();
         let metrics = Metrics::register(&mut registry);
         let manager = ProxyManager::new(config, store.clone(), certificates.clone(), metrics);
