@@ -202,14 +202,41 @@ fn a_connection_is_resolved_and_judged_from_what_xds_delivered() {
         Decision::NotAllowed
     );
 
-    // Removing the ALLOW opens the workload to everyone but "evil".
-    policies
-        .apply(vec![Update {
-            name: "server/only-client".into(),
-            resource: None,
-        }])
+    // Removing the ALLOW while the workload still lists it fails closed.
+    let remove_allow = || {
+        policies
+            .apply(vec![Update {
+                name: "server/only-client".into(),
+                resource: None,
+            }])
+            .unwrap()
+    };
+    remove_allow();
+    assert_eq!(
+        store
+            .snapshot()
+            .policies_for(&dest)
+            .check(&conn(None, "10.0.0.1:8080")),
+        Decision::MissingPolicy {
+            policy: "server/only-client".into()
+        }
+    );
+    // As istiod sends it: the workload stops listing it, then it goes. The
+    // workload is then open to everyone but "evil".
+    let mut unlisted = pod("server", "web-1", [10, 0, 0, 1], &[]);
+    if let Some(wl::Address {
+        r#type: Some(address::Type::Workload(w)),
+    }) = unlisted.resource.as_mut()
+    {
+        w.authorization_policies.clear();
+    }
+    addresses.apply(vec![unlisted]).unwrap();
+    remove_allow();
+    let now = store
+        .snapshot()
+        .workload_by_address("", "10.0.0.1".parse().unwrap())
         .unwrap();
-    let applicable = store.snapshot().policies_for(&dest);
+    let applicable = store.snapshot().policies_for(&now);
     assert_eq!(
         applicable.check(&conn(None, "10.0.0.1:8080")),
         Decision::AllowedByDefault
