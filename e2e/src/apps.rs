@@ -28,6 +28,9 @@
 //!   as it goes: [`BulkReport`].
 //! - `client connect-rate ADDR --duration D --concurrency K`: new
 //!   connections, each with one small echo round trip: [`ConnectRateReport`].
+//! - `client hold ADDR --duration D --interval I`: one connection to a
+//!   `--tcp` port with a small round trip every I, until it breaks or D is
+//!   over; when it was up and when it broke: [`HoldReport`].
 //!
 //! Latencies are microseconds measured from just before a request is
 //! written to when its whole response has been read (so a late send does not
@@ -164,6 +167,23 @@ pub struct BulkReport {
     pub bytes: u64,
     pub seconds: f64,
     pub bits_per_second: f64,
+    pub error: Option<String>,
+}
+
+/// `client hold`: one connection kept open with a small round trip every
+/// interval, until it breaks or the duration is over.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub mode: String,
+    pub target: String,
+    /// The connection lasted the whole duration.
+    pub ok: bool,
+    /// Round trips that completed.
+    pub exchanges: u64,
+    /// When the connection was up and when it broke, in Unix milliseconds,
+    /// so the caller can relate them to its own clock.
+    pub connected_at_ms: Option<u64>,
+    pub ended_at_ms: Option<u64>,
     pub error: Option<String>,
 }
 

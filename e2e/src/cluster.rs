@@ -298,6 +298,11 @@ pub trait Cluster: Send + Sync {
     /// state and its node's pods).
     fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
 
+    /// Starts a stopped mesh component without waiting for it to be ready
+    /// (a ztunnel started while istiod is down never is, on its own); a
+    /// later [`Cluster::start_component`] waits for it.
+    fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
+
     /// [`Cluster::stop_component`], then [`Cluster::start_component`].
     fn restart_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
         self.stop_component(component)?;

@@ -9,10 +9,14 @@
 //!    TLS, with both SPIFFE ids as ztunnel-rs's metrics report them; the
 //!    service VIP spreads over both nodes;
 //! 2. legacy -> ambient: plaintext admitted under PERMISSIVE, refused once a
-//!    STRICT PeerAuthentication is applied while traffic runs;
+//!    STRICT PeerAuthentication is applied while traffic runs, and a
+//!    plaintext connection open at that moment is cut;
 //! 3. a DENY AuthorizationPolicy by source namespace, applied while running,
-//!    takes effect within a second (measured), and traffic returns when it
-//!    is removed;
+//!    takes effect within a second (measured) for new connections and for a
+//!    connection already open, and traffic returns when it is removed.
+//!    Both refusals are shown to come from policy by ztunnel's counters
+//!    (`policy_denied` for new connections, `policy_revoked` for the cut
+//!    one), not from some other reset;
 //! 4. the certificates each node's ztunnel holds: identities and expiry.
 //!
 //! With `--keep` the cluster stays up and the demo prints how to look
@@ -20,7 +24,9 @@
 
 pub mod table;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::apps::HoldReport;
 
 use crate::cluster::{Cluster, ClusterError, PodInfo};
 use crate::local::{LocalCluster, LocalClusterConfig, Progress};
@@ -31,7 +37,7 @@ use crate::probe::{
 };
 use crate::prometheus;
 use crate::scenarios::fixture::{
-    ECHO_HELLO, L4Fixture, client_pod, echo_server, echo_service_yaml, namespace_yaml,
+    ECHO_HELLO, ECHO_TCP, L4Fixture, client_pod, echo_server, echo_service_yaml, namespace_yaml,
     service_accounts_yaml,
 };
 use crate::scenarios::policies::{Applied, authorization, from_namespaces, peer_authentication};
@@ -360,15 +366,6 @@ fn plaintext_admitted(cluster: &dyn Cluster, node: &str, dst: &str) -> Result<f6
     )
 }
 
-fn inbound_plaintext_failures(cluster: &dyn Cluster, node: &str) -> Result<f64, ProbeError> {
-    let samples = probe::metrics(cluster, &ztunnel(node))?;
-    Ok(prometheus::sum(
-        &samples,
-        CONNECTION_FAILURES,
-        &[("direction", "inbound_plaintext")],
-    ))
-}
-
 fn permissive(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
     let to = &pods.servers[0];
     let dst = pods.principal("server");
@@ -398,29 +395,175 @@ fn permissive(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeErro
     })
 }
 
+/// A node's ztunnel's failures of `direction` by reason: (`policy_denied`,
+/// `policy_revoked`).
+fn policy_failures(
+    cluster: &dyn Cluster,
+    node: &str,
+    direction: &str,
+) -> Result<(f64, f64), ProbeError> {
+    let samples = probe::metrics(cluster, &ztunnel(node))?;
+    let count = |reason: &str| {
+        prometheus::sum(
+            &samples,
+            CONNECTION_FAILURES,
+            &[("direction", direction), ("reason", reason)],
+        )
+    };
+    Ok((count("policy_denied"), count("policy_revoked")))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// What applying a policy did to new connections and to one held open.
+struct PolicyEffect {
+    /// Time to the first refused new connection, and that exchange.
+    took: Duration,
+    refused: crate::apps::TcpReport,
+    /// The connection held open across the change.
+    held: HoldReport,
+    /// From the change to the held connection's end, when it ended.
+    cut_after: Option<Duration>,
+    /// `(policy_denied, policy_revoked)` of the destination's ztunnel, before and after.
+    before: (f64, f64),
+    after: (f64, f64),
+}
+
+impl PolicyEffect {
+    /// Refusals within the goal, both shown by the policy counters.
+    fn pass(&self) -> bool {
+        let cut = self.cut_after.is_some_and(|d| d <= POLICY_GOAL) && !self.held.ok;
+        !self.refused.ok
+            && self.took <= POLICY_GOAL
+            && cut
+            && self.after.0 > self.before.0
+            && self.after.1 > self.before.1
+    }
+
+    fn happened(&self) -> String {
+        format!(
+            "new connection: {} after {} ms; connection open before: {}",
+            describe_exchange(&self.refused),
+            self.took.as_millis(),
+            match (&self.held.error, self.cut_after) {
+                (Some(e), Some(after)) =>
+                    format!("cut {} ms after the change ({e})", after.as_millis()),
+                (Some(e), None) => format!("ended ({e})"),
+                (None, _) => "NOT CUT".to_string(),
+            }
+        )
+    }
+
+    fn evidence(&self, node: &str, direction: &str) -> String {
+        format!(
+            "ztunnel on {node}: {CONNECTION_FAILURES}{{direction=\"{direction}\"}} reason policy_denied {} -> {}, policy_revoked {} -> {} (goal: both within {} ms)",
+            self.before.0,
+            self.after.0,
+            self.before.1,
+            self.after.1,
+            POLICY_GOAL.as_millis()
+        )
+    }
+}
+
+/// Holds a connection `from` -> `to`'s echo port, applies `apply` once it is
+/// up, and measures the refusal of new connections to `target` and the cut
+/// of the held one.
+fn policy_effect(
+    cluster: &dyn Cluster,
+    from: &PodInfo,
+    to: &PodInfo,
+    target: &str,
+    direction: &str,
+    apply: impl FnOnce() -> Result<(), ProbeError>,
+) -> Result<PolicyEffect, ProbeError> {
+    let held_target = L4Fixture::at(to, ECHO_TCP);
+    let opened = |c: &dyn Cluster| {
+        probe::connections_opened(
+            c,
+            &ztunnel(&to.node),
+            &[
+                ("reporter", "destination"),
+                ("source_workload", from.name.as_str()),
+            ],
+        )
+    };
+    let opened_before = opened(cluster)?;
+    let before = policy_failures(cluster, &to.node, direction)?;
+    std::thread::scope(|s| {
+        let holding = s.spawn(|| probe::hold(cluster, from, &held_target, TIMEOUT));
+        probe::eventually("the held connection to be up", TIMEOUT, || {
+            let now = opened(cluster)?;
+            Ok(if now > opened_before {
+                Ok(())
+            } else {
+                Err(format!("{now} connection(s) from {}", name(from)))
+            })
+        })?;
+        let (applied_wall, applied_at) = (SystemTime::now(), Instant::now());
+        apply()?;
+        let (took, refused) =
+            time_until_exchange(cluster, from, target, false, applied_at, TIMEOUT)?;
+        let held = holding
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        let cut_after = held
+            .ended_at_ms
+            .map(|end| Duration::from_millis(end.saturating_sub(unix_ms(applied_wall))));
+        let after = probe::eventually("the policy counters", TIMEOUT, || {
+            let now = policy_failures(cluster, &to.node, direction)?;
+            Ok(if now.0 > before.0 && now.1 > before.1 {
+                Ok(now)
+            } else {
+                Err(format!("policy_denied, policy_revoked: {now:?}"))
+            })
+        })
+        .or_else(|_| policy_failures(cluster, &to.node, direction))?;
+        Ok(PolicyEffect {
+            took,
+            refused,
+            held,
+            cut_after,
+            before,
+            after,
+        })
+    })
+}
+
 fn strict(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
     let to = &pods.servers[0];
     let target = L4Fixture::at(to, ECHO_HELLO);
-    let before = inbound_plaintext_failures(cluster, &to.node)?;
-    let applied_at = Instant::now();
-    let policy = Applied::new(
+    let mut policy = None;
+    let effect = policy_effect(
         cluster,
-        &peer_authentication(AMBIENT_NS, "strict", "STRICT"),
+        &pods.legacy,
+        to,
+        &target,
+        "inbound_plaintext",
+        || {
+            policy = Some(Applied::new(
+                cluster,
+                &peer_authentication(AMBIENT_NS, "strict", "STRICT"),
+            )?);
+            Ok(())
+        },
     )?;
-    let (took, refused) =
-        time_until_exchange(cluster, &pods.legacy, &target, false, applied_at, TIMEOUT)?;
-    let after = inbound_plaintext_failures(cluster, &to.node)?;
     let mtls = tcp_hello(cluster, &pods.clients[0], &target)?;
-    policy.remove()?;
+    if let Some(policy) = policy {
+        policy.remove()?;
+    }
     probe::until_exchange(cluster, &pods.legacy, &target, true, TIMEOUT)?;
     Ok(Check {
         check: "legacy -> ambient, STRICT applied while running".into(),
         happened: format!(
-            "PeerAuthentication {AMBIENT_NS}/strict (mode STRICT) applied; {} -> {}: {} after {} ms; {} still {}; STRICT removed again",
+            "PeerAuthentication {AMBIENT_NS}/strict (mode STRICT) applied; {} -> {}: {}; {} still {}; STRICT removed again",
             name(&pods.legacy),
             name(to),
-            describe_exchange(&refused),
-            took.as_millis(),
+            effect.happened(),
             name(&pods.clients[0]),
             if mtls.ok {
                 "carried in mTLS"
@@ -428,11 +571,8 @@ fn strict(cluster: &dyn Cluster, pods: &DemoPods) -> Result<Check, ProbeError> {
                 "REFUSED"
             }
         ),
-        pass: !refused.ok && mtls.ok,
-        evidence: format!(
-            "ztunnel on {}: inbound plaintext connections refused {before} -> {after} ({CONNECTION_FAILURES}{{direction=\"inbound_plaintext\"}})",
-            to.node
-        ),
+        pass: effect.pass() && mtls.ok,
+        evidence: effect.evidence(&to.node, "inbound_plaintext"),
     })
 }
 
@@ -450,35 +590,20 @@ fn deny(cluster: &dyn Cluster, pods: &DemoPods) -> Vec<Check> {
     let mut policy = None;
     rows.push(check("DENY by source namespace, applied", || {
         probe::until_exchange(cluster, from, &target, true, TIMEOUT)?;
-        let denials = |c: &dyn Cluster| -> Result<f64, ProbeError> {
-            let samples = probe::metrics(c, &ztunnel(&to.node))?;
-            Ok(prometheus::sum(
-                &samples,
-                CONNECTION_FAILURES,
-                &[("reason", "policy_denied")],
-            ))
-        };
-        let before = denials(cluster)?;
-        let applied_at = Instant::now();
-        policy = Some(Applied::new(cluster, &policy_yaml)?);
-        let (took, refused) =
-            time_until_exchange(cluster, from, &target, false, applied_at, TIMEOUT)?;
-        let after = denials(cluster)?;
+        let effect = policy_effect(cluster, from, to, &target, "inbound", || {
+            policy = Some(Applied::new(cluster, &policy_yaml)?);
+            Ok(())
+        })?;
         Ok(Check {
             check: "DENY by source namespace, applied while running".into(),
             happened: format!(
                 "AuthorizationPolicy {AMBIENT_NS}/deny-from-demo (DENY from namespace {AMBIENT_NS}) applied; {} -> {}: {}",
                 name(from),
                 name(to),
-                describe_exchange(&refused)
+                effect.happened()
             ),
-            pass: took <= POLICY_GOAL,
-            evidence: format!(
-                "took effect {} ms after it was applied (goal: within {} ms); ztunnel on {}: policy denials {before} -> {after}",
-                took.as_millis(),
-                POLICY_GOAL.as_millis(),
-                to.node
-            ),
+            pass: effect.pass(),
+            evidence: effect.evidence(&to.node, "inbound"),
         })
     }));
     rows.push(check("DENY removed", || {

@@ -700,6 +700,22 @@ impl Cluster for LocalCluster {
         }
         Ok(())
     }
+
+    fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        match component {
+            ProxyRef::Ztunnel { node } => {
+                self.running_mesh()?.launch_ztunnel(&self.run, node)?;
+            }
+            // istiod needs nothing to become ready: starting it is launching it.
+            ProxyRef::Istiod => self.running_mesh()?.start_istiod(&self.run)?,
+            ProxyRef::Pod { namespace, name } => {
+                return Err(ClusterError::NotAComponent(format!(
+                    "pod {namespace}/{name}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The run-local role (namespace name suffix) of a pod.

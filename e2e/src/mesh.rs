@@ -315,19 +315,22 @@ impl MeshRuntime {
     /// Starts a node's ztunnel-rs (if it is not running) and waits until it
     /// is ready: it has the control plane's state and the node agent's pods.
     pub fn start_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        let p = self.launch_ztunnel(run, node)?;
+        self.wait_ztunnel_ready(run, node, &p)
+    }
+
+    /// Starts a node's ztunnel-rs (if it is not running) without waiting for
+    /// it to be ready, which it may not become on its own (istiod down).
+    pub fn launch_ztunnel(&self, run: &Run, node: &str) -> Result<ProcessInfo, MeshError> {
         let netns = self.netns_of(node)?.clone();
-        let started = self.with_node(node, |n| {
-            if n.ztunnel.is_some() {
-                return Ok(None);
+        self.with_node(node, |n| {
+            if let Some(p) = &n.ztunnel {
+                return Ok(p.clone());
             }
             let p = run.spawn(&self.ztunnel_spec(node), &netns)?;
             n.ztunnel = Some(p.clone());
-            Ok::<_, MeshError>(Some(p))
-        })??;
-        match started {
-            Some(p) => self.wait_ztunnel_ready(run, node, &p),
-            None => Ok(()),
-        }
+            Ok::<_, MeshError>(p)
+        })?
     }
 
     /// Runs `f` on a node's processes, under the lock.

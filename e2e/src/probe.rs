@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::apps::TcpReport;
+use crate::apps::{HoldReport, TcpReport};
 use crate::cluster::{AppCommand, Cluster, ClusterError, PodInfo, ProxyRef};
 use crate::prometheus::{self, PrometheusError, Sample};
 
@@ -103,6 +103,25 @@ pub fn tcp_hello(
     ]
     .map(String::from);
     client(cluster, from, &args, EXCHANGE_TIMEOUT * 3)
+}
+
+/// Holds one connection from `from` to an echo `--tcp` port open for up to
+/// `duration` (a small round trip every 20 ms) and reports when and how it
+/// ended; blocks, so run it on a thread of its own.
+pub fn hold(
+    cluster: &dyn Cluster,
+    from: &PodInfo,
+    target: &str,
+    duration: Duration,
+) -> Result<HoldReport, ProbeError> {
+    let args = [
+        "hold",
+        target,
+        "--duration",
+        &format!("{}ms", duration.as_millis()),
+    ]
+    .map(String::from);
+    client(cluster, from, &args, duration + EXCHANGE_TIMEOUT * 3)
 }
 
 /// Waits until exchanges from `from` to `target` succeed (`want_ok`) or are

@@ -169,6 +169,36 @@ async fn a_failed_first_issue_is_an_error_then_retried() {
     assert_eq!(cert.identity(), &id);
 }
 
+/// After an outage, a caller does not wait out the worker's backoff: its
+/// demand makes the worker try again at once (at most once per
+/// `demand_retry`), and the fetch gets the certificate.
+#[tokio::test]
+async fn a_caller_retries_at_once_instead_of_waiting_out_the_backoff() {
+    let config = ManagerConfig {
+        // A backoff far longer than the test may take.
+        retry_min: Duration::from_secs(3600),
+        retry_max: Duration::from_secs(3600),
+        demand_retry: Duration::from_millis(10),
+        ..ManagerConfig::default()
+    };
+    let (_, signer, manager, id) = manager_with(None, config);
+    signer.set_failing(true);
+    assert!(manager.fetch(&id).await.is_err());
+    let attempts = signer.request_count();
+    // Within demand_retry of the last failure, the error is returned as is.
+    assert!(manager.fetch(&id).await.is_err());
+
+    // The CA is back.
+    signer.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cert = tokio::time::timeout(LIMIT, manager.fetch(&id))
+        .await
+        .expect("the fetch does not wait for the hour-long backoff")
+        .expect("a certificate once the CA answers");
+    assert_eq!(cert.identity(), &id);
+    assert!(signer.request_count() > attempts);
+}
+
 #[tokio::test]
 async fn forget_stops_renewing() {
     let (ca, signer, manager, _) = manager_with(Some(Duration::from_secs(2)), fast_retries());

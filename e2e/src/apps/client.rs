@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{
-    BulkReport, ConnectRateReport, EchoReply, HttpReport, LoadReport, SinkReceipt, TcpHello,
-    TcpReport, distribution, summarize,
+    BulkReport, ConnectRateReport, EchoReply, HoldReport, HttpReport, LoadReport, SinkReceipt,
+    TcpHello, TcpReport, distribution, summarize,
 };
 
 /// Command line of `client`.
@@ -73,6 +73,17 @@ pub enum Mode {
         /// Write size.
         #[arg(long, default_value_t = 256 * 1024)]
         chunk: usize,
+    },
+    /// One long-lived connection to an echo port, a small round trip every
+    /// interval, until it breaks or the duration is over.
+    Hold {
+        target: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+        interval: Duration,
+        #[arg(long, default_value_t = 16)]
+        payload: usize,
     },
     /// New connections as fast as they complete, each with one small echo round trip.
     ConnectRate {
@@ -133,6 +144,12 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             concurrency,
             payload,
         } => json(connect_rate(&target, duration, concurrency, payload).await),
+        Mode::Hold {
+            target,
+            duration,
+            interval,
+            payload,
+        } => json(hold(&target, duration, interval, payload).await),
     };
     let ok = report["ok"] == serde_json::Value::Bool(true);
     (report, ok)
@@ -524,6 +541,62 @@ async fn load(plan: LoadPlan) -> LoadReport {
     if plan.distribution {
         report.distribution = Some(distribution(&all.samples));
     }
+    report
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+async fn hold(target: &str, duration: Duration, interval: Duration, payload: usize) -> HoldReport {
+    let mut report = HoldReport {
+        mode: "hold".into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    let data = pattern(payload.max(1));
+    let mut reply = vec![0u8; data.len()];
+    let mut stream = match connect(target).await {
+        Ok(s) => s,
+        Err(e) => {
+            report.error = Some(format!("connect {target}: {e}"));
+            return report;
+        }
+    };
+    let end = Instant::now() + duration;
+    let mut next = Instant::now();
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let round = async {
+            stream.write_all(&data).await?;
+            stream.read_exact(&mut reply).await
+        };
+        match tokio::time::timeout(interval.max(Duration::from_secs(5)), round).await {
+            Ok(Ok(_)) => {
+                report.exchanges += 1;
+                report.connected_at_ms.get_or_insert_with(unix_ms);
+            }
+            Ok(Err(e)) => {
+                report.ended_at_ms = Some(unix_ms());
+                report.error = Some(format!("after {} round trips: {e}", report.exchanges));
+                return report;
+            }
+            Err(_) => {
+                report.ended_at_ms = Some(unix_ms());
+                report.error = Some(format!(
+                    "after {} round trips: no echo within {:?}",
+                    report.exchanges,
+                    interval.max(Duration::from_secs(5))
+                ));
+                return report;
+            }
+        }
+    }
+    report.ok = report.exchanges > 0;
     report
 }
 

@@ -72,6 +72,10 @@ pub fn all() -> Vec<Scenario> {
             run: deleted_pod_leaves_service,
         },
         Scenario {
+            name: "ztunnel_without_istiod_refuses_then_carries_in_mtls",
+            run: ztunnel_without_istiod,
+        },
+        Scenario {
             name: "istiod_restart_keeps_traffic_flowing",
             run: istiod_restart,
         },
@@ -625,6 +629,75 @@ fn istiod_restart(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
         "{} requests over 2 long-lived connections, 0 errors, across the restart; new connections carried while istiod was down; \
          a policy written while it was down took effect after it came back ({evidence})",
         load.requests
+    ))
+}
+
+/// Issue 9, item 1: a ztunnel that starts while istiod is down gets its
+/// pods back from the node agent but carries nothing for them (no plaintext
+/// on a partial view) until istiod returns; then it carries in mTLS.
+fn ztunnel_without_istiod(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let (client, server) = (&f.clients[0], &f.servers[1]);
+    let node = client.node.clone();
+    let target = L4Fixture::at(server, ECHO_HELLO);
+    // Plaintext from the client would reach the server's ztunnel on 15006.
+    let plaintext = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "unknown"),
+        ("source_workload", client.name.as_str()),
+    ];
+    let plaintext_before = probe::connections_opened(cluster, &ztunnel(&server.node), &plaintext)?;
+    cluster.stop_component(&ProxyRef::Istiod)?;
+    let while_down = (|| {
+        cluster.stop_component(&ztunnel(&node))?;
+        cluster.launch_component(&ztunnel(&node))?;
+        eventually(
+            &format!(
+                "the new ztunnel on {node} to get {} back from the node agent",
+                pod_name(client)
+            ),
+            CHANGE_TIMEOUT,
+            // Its admin endpoint comes up shortly after the process.
+            || {
+                Ok(match probe::proxies_pod(cluster, &node, client) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("not in its /config_dump pods yet".to_string()),
+                    Err(e) => Err(e.to_string()),
+                })
+            },
+        )?;
+        let refused = tcp_hello(cluster, client, &target)?;
+        if refused.ok {
+            return Err(failed(
+                &format!("{} -> {target} with istiod down", pod_name(client)),
+                format!(
+                    "carried before the ztunnel had any xDS state: {}",
+                    describe_exchange(&refused)
+                ),
+            ));
+        }
+        Ok(refused)
+    })();
+    let started = cluster.start_component(&ProxyRef::Istiod);
+    let refused = while_down?;
+    started?;
+    let plaintext_after = probe::connections_opened(cluster, &ztunnel(&server.node), &plaintext)?;
+    if plaintext_after > plaintext_before {
+        return Err(failed(
+            &format!("the ztunnel on {}", server.node),
+            format!(
+                "counted {} plaintext connection(s) from {} while its ztunnel had no xDS state",
+                plaintext_after - plaintext_before,
+                pod_name(client)
+            ),
+        ));
+    }
+    cluster.start_component(&ztunnel(&node))?;
+    let after = in_mtls(cluster, f, (client, "client"), (server, "server"))?;
+    Ok(format!(
+        "ztunnel on {node} started with istiod down and took its pods from the node agent;          {} -> {target}: {} and no plaintext reached {}; once istiod was back: {after}",
+        pod_name(client),
+        describe_exchange(&refused),
+        server.node
     ))
 }
 

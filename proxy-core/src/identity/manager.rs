@@ -32,6 +32,11 @@ pub struct ManagerConfig {
     /// fraction of a second, and until then the pod cannot take mTLS.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// While the worker waits out a failure, a caller that needs the
+    /// certificate makes it try again at once, at most this often per
+    /// identity: after the CA comes back, the first connection gets a
+    /// certificate instead of the rest of a backoff of up to `retry_max`.
+    pub demand_retry: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -41,6 +46,7 @@ impl Default for ManagerConfig {
             impersonate: false,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
+            demand_retry: Duration::from_secs(1),
         }
     }
 }
@@ -109,6 +115,8 @@ struct Tracked {
 struct State {
     current: Option<Arc<WorkloadCertificate>>,
     last_error: Option<Arc<CertificateError>>,
+    /// When the last attempt failed.
+    failed_at: Option<std::time::Instant>,
     issuing: bool,
 }
 
@@ -144,6 +152,7 @@ impl CertificateManager {
     /// Must be called inside a tokio runtime.
     pub async fn fetch(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCertificate>, FetchError> {
         let (mut state, wake) = self.track(identity);
+        let mut retried = false;
         loop {
             {
                 let state = state.borrow_and_update();
@@ -152,7 +161,15 @@ impl CertificateManager {
                 {
                     return Ok(cert.clone());
                 }
-                if !state.issuing {
+                let retry_now = !retried
+                    && state
+                        .failed_at
+                        .is_some_and(|at| at.elapsed() >= self.inner.config.demand_retry);
+                if !state.issuing && retry_now {
+                    // Waiting out a failure: try again now, for this caller.
+                    retried = true;
+                    wake.notify_one();
+                } else if !state.issuing {
                     match (&state.current, &state.last_error) {
                         (None, Some(source)) => {
                             return Err(FetchError::Issue {
@@ -296,6 +313,7 @@ async fn renew(worker: Worker, state: watch::Sender<State>) {
                 state.send_modify(|s| {
                     s.current = Some(Arc::new(cert));
                     s.last_error = None;
+                    s.failed_at = None;
                     s.issuing = false;
                 });
                 wait
@@ -305,6 +323,7 @@ async fn renew(worker: Worker, state: watch::Sender<State>) {
                 tracing::warn!(%identity, error = %e, retry_in = ?wait, "could not issue certificate");
                 state.send_modify(|s| {
                     s.last_error = Some(Arc::new(e));
+                    s.failed_at = Some(std::time::Instant::now());
                     s.issuing = false;
                 });
                 wait
