@@ -1,5 +1,5 @@
 //! istiod-rs: the control plane. Cluster state in, workload API out over delta
-//! xDS; the embedded CA; waypoint provisioning.
+//! xDS; the embedded CA. (Waypoint provisioning is not built yet.)
 //!
 //! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
 //! -> [`snapshot::Snapshot`] (published by `pipeline`) -> `xds` (delta ADS to
