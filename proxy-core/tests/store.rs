@@ -283,3 +283,58 @@ fn a_rejected_resource_leaves_the_previous_version_in_place() {
     );
     assert!(snap.workload_by_uid("Kubernetes//Pod/ns/b").is_some());
 }
+
+/// A selector policy the workload lists, NACKed when it first arrived (so
+/// the proxy never held a good version), denies until a good one comes.
+#[test]
+fn a_listed_policy_that_was_rejected_denies() {
+    let store = WorkloadStore::new();
+    AddressHandler::new(store.clone())
+        .apply(vec![pod("server", "web-1", [10, 0, 0, 1], &[])])
+        .unwrap();
+    let policies = AuthorizationHandler::new(store.clone());
+    let mut bad = policy(
+        "server",
+        "only-client",
+        sec::Scope::WorkloadSelector,
+        sec::Action::Allow,
+        sec::Match::default(),
+    );
+    if let Some(p) = bad.resource.as_mut() {
+        p.action = 42;
+    }
+    let rejected = policies.apply(vec![bad]).unwrap_err();
+    assert_eq!(rejected[0].name, "server/only-client");
+    let dest = store
+        .snapshot()
+        .workload_by_address("", "10.0.0.1".parse().unwrap())
+        .unwrap();
+    let check = || {
+        store.snapshot().policies_for(&dest).check(&conn(
+            Some("spiffe://cluster.local/ns/client/sa/client"),
+            "10.0.0.1:8080",
+        ))
+    };
+    assert_eq!(
+        check(),
+        Decision::MissingPolicy {
+            policy: "server/only-client".into()
+        }
+    );
+
+    policies
+        .apply(vec![policy(
+            "server",
+            "only-client",
+            sec::Scope::WorkloadSelector,
+            sec::Action::Allow,
+            sec::Match {
+                namespaces: vec![sec::StringMatch {
+                    match_type: Some(MatchType::Exact("client".into())),
+                }],
+                ..Default::default()
+            },
+        )])
+        .unwrap();
+    assert!(check().is_allowed());
+}
