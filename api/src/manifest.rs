@@ -15,6 +15,7 @@ mod dir;
 pub use dir::{DirScan, FileProblem, ManifestDir};
 
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -39,13 +40,14 @@ pub enum Kind {
     EndpointSlice,
     Gateway,
     HttpRoute,
+    GrpcRoute,
     AuthorizationPolicy,
     PeerAuthentication,
     RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -54,6 +56,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::Gateway,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
         Kind::RequestAuthentication,
@@ -70,6 +73,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::RequestAuthentication => "RequestAuthentication",
@@ -81,7 +85,7 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Node | Kind::ServiceAccount | Kind::Pod | Kind::Service => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::Gateway | Kind::HttpRoute => "gateway.networking.k8s.io",
+            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
                 crate::crd::GROUP
             }
@@ -111,6 +115,8 @@ impl Kind {
             | Kind::RequestAuthentication
             | Kind::Gateway
             | Kind::HttpRoute => matches!(version, "v1" | "v1beta1"),
+            // GRPCRoute went from v1alpha2 straight to v1.
+            Kind::GrpcRoute => version == "v1",
             _ => version == "v1",
         };
         version_ok.then_some(found)
@@ -207,6 +213,7 @@ objects!(
     EndpointSlice(EndpointSlice),
     Gateway(Gateway),
     HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
@@ -576,6 +583,10 @@ spec:
         assert_eq!(
             Kind::from_type("gateway.networking.k8s.io/v1beta1", "Gateway"),
             Some(Kind::Gateway)
+        );
+        assert_eq!(
+            Kind::from_type("gateway.networking.k8s.io/v1", "GRPCRoute"),
+            Some(Kind::GrpcRoute)
         );
         assert_eq!(Kind::from_type("apps/v1", "Pod"), None);
         assert_eq!(Kind::from_type("v2", "Pod"), None);

@@ -57,6 +57,7 @@ fn path(kind: Kind) -> &'static str {
         Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
         Kind::Gateway => "/apis/gateway.networking.k8s.io/v1/gateways",
         Kind::HttpRoute => "/apis/gateway.networking.k8s.io/v1/httproutes",
+        Kind::GrpcRoute => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         Kind::AuthorizationPolicy => "/apis/security.istio.io/v1/authorizationpolicies",
         Kind::PeerAuthentication => "/apis/security.istio.io/v1/peerauthentications",
         Kind::RequestAuthentication => "/apis/security.istio.io/v1/requestauthentications",

@@ -58,8 +58,10 @@ pub enum Effect {
     /// PeerAuthentication: this port-level exception is not applied; the
     /// port keeps the mode it would have without it.
     PortExceptionIgnored,
-    /// An L7 rule no waypoint serves: connections to its targets are denied.
-    TargetsDenied { workloads: usize },
+    /// An L7 rule no waypoint serves: connections to `targets` are denied.
+    TargetsDenied { targets: String },
+    /// An L7 rule no waypoint serves, at a target that covers no workload.
+    NothingDenied,
 }
 
 impl fmt::Display for Effect {
@@ -92,10 +94,11 @@ impl fmt::Display for Effect {
             Effect::PortExceptionIgnored => f.write_str(
                 "this port-level mode is not applied; the port keeps the mode it has without it",
             ),
-            Effect::TargetsDenied { workloads } => write!(
+            Effect::TargetsDenied { targets } => write!(
                 f,
-                "connections to its targets ({workloads} workload(s) now) are denied until a waypoint serves it"
+                "connections to {targets} are denied until a waypoint serves the rule"
             ),
+            Effect::NothingDenied => f.write_str("it covers no workload, so nothing is denied"),
         }
     }
 }
@@ -105,9 +108,13 @@ impl fmt::Display for Effect {
 pub enum Unserved {
     /// The target exists but is bound to no waypoint.
     NotBound { target: String },
-    /// The target is bound to a waypoint, but istiod-rs serves no L7
-    /// configuration to waypoints (yet).
-    WaypointCannotServe { target: String, waypoint: String },
+    /// The target is (or is bound to) a waypoint, but istiod-rs serves no L7
+    /// configuration to waypoints (yet). `target`: the object bound to it,
+    /// `None` when the target is the waypoint itself.
+    WaypointCannotServe {
+        target: Option<String>,
+        waypoint: String,
+    },
     /// The rule attaches to workloads directly (selector, namespace, Service
     /// parent) and only a waypoint can enforce it.
     NeedsWaypoint { what: &'static str },
@@ -121,9 +128,19 @@ impl fmt::Display for Unserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unserved::NotBound { target } => write!(f, "{target} is not bound to a waypoint"),
-            Unserved::WaypointCannotServe { target, waypoint } => write!(
+            Unserved::WaypointCannotServe {
+                target: Some(target),
+                waypoint,
+            } => write!(
                 f,
                 "{target} is bound to waypoint {waypoint}, but istiod-rs serves no L7 configuration to waypoints yet"
+            ),
+            Unserved::WaypointCannotServe {
+                target: None,
+                waypoint,
+            } => write!(
+                f,
+                "waypoint {waypoint} cannot enforce it: istiod-rs serves no L7 configuration to waypoints yet"
             ),
             Unserved::NeedsWaypoint { what } => write!(
                 f,
