@@ -28,6 +28,11 @@ use crate::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication}
 /// Namespace kubectl assumes for a namespaced object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Where, under a manifest directory, istiod-rs's local mode writes the
+/// status of each object. The files describe objects, they are not objects:
+/// [`yaml_files`] never lists them.
+pub const STATUS_DIR: &str = "generated/status";
+
 /// The kinds of object the mesh reads, in the order a cluster is usually
 /// applied (namespaces first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -312,16 +317,18 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
 /// Every `*.yaml` / `*.yml` file under `dir`, recursively, in path order,
 /// and the directories that could not be read. Hidden entries are skipped:
 /// editor swap files, VCS data, and the `..data` indirection of ConfigMap
-/// volumes (whose files are also linked from the top level).
+/// volumes (whose files are also linked from the top level). So is
+/// [`STATUS_DIR`].
 pub fn yaml_files(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, std::io::Error)>) {
     let mut files = Vec::new();
     let mut unreadable = Vec::new();
-    collect_yaml_files(dir, &mut files, &mut unreadable);
+    collect_yaml_files(dir, &dir.join(STATUS_DIR), &mut files, &mut unreadable);
     (files, unreadable)
 }
 
 fn collect_yaml_files(
     dir: &Path,
+    skipped: &Path,
     files: &mut Vec<PathBuf>,
     unreadable: &mut Vec<(PathBuf, std::io::Error)>,
 ) {
@@ -345,7 +352,9 @@ fn collect_yaml_files(
             continue;
         };
         if file_type.is_dir() {
-            collect_yaml_files(&path, files, unreadable);
+            if path != skipped {
+                collect_yaml_files(&path, skipped, files, unreadable);
+            }
         } else if name.ends_with(".yaml") || name.ends_with(".yml") {
             files.push(path);
         }
@@ -555,6 +564,8 @@ spec:
             "a/notes.txt",
             ".swp.yaml",
             "..data/x.yaml",
+            "generated/status/AuthorizationPolicy/shop/p.yaml",
+            "generated/w.yaml",
             "c.json",
         ] {
             let path = root.join(f);
@@ -563,7 +574,14 @@ spec:
         }
         let (files, unreadable) = yaml_files(root);
         assert!(unreadable.is_empty());
-        assert_eq!(files, [root.join("a/z.yml"), root.join("b.yaml")]);
+        assert_eq!(
+            files,
+            [
+                root.join("a/z.yml"),
+                root.join("b.yaml"),
+                root.join("generated/w.yaml")
+            ]
+        );
         let (files, unreadable) = yaml_files(&root.join("missing"));
         assert!(files.is_empty());
         assert_eq!(unreadable.len(), 1);

@@ -39,6 +39,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use api::workload::{Address, address};
 use api::{labels, type_url};
 
+pub(crate) use authorization::dry_run;
 pub use authorization::validate_authorization_policy;
 pub use l7::{Attachment, L7Rule, TargetOutcome, TargetRef, UNSERVED_PREFIX};
 pub use peer_authentication::{

@@ -6,7 +6,9 @@
 //! store has been quiet for `quiet`, or `max_delay` after the burst's first
 //! change, whichever is first. A snapshot is published only when it differs
 //! from the last one; the xDS server then pushes the keys whose versions
-//! changed.
+//! changed. Each build also computes the status every policy and route
+//! should carry ([`crate::status::desired`]), published the same way for the
+//! status writer, which runs on its own task.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::index::{MeshConfig, PolicyProblem, Translator};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
+use crate::status::{self, Statuses};
 
 /// How long to wait for a burst of changes to end.
 #[derive(Clone, Copy, Debug)]
@@ -104,19 +107,42 @@ impl PipelineMetrics {
     }
 }
 
-/// Starts the pipeline. The receiver holds an empty snapshot until the first
-/// build after the source synced, which is always published (so
-/// `changed()` firing once means the initial state is known); later builds
-/// are published only when they differ.
+/// What the pipeline publishes.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Holds an empty snapshot until the first build after the source
+    /// synced, which is always published (so `changed()` firing once means
+    /// the initial state is known); later builds are published only when
+    /// they differ.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The statuses of the last build, published when they differ.
+    pub statuses: watch::Receiver<Arc<Statuses>>,
+}
+
+/// Starts the pipeline.
 pub fn spawn(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
     metrics: Arc<PipelineMetrics>,
-) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let task = tokio::spawn(run(store, mesh, debounce, tx, metrics));
-    (rx, task)
+) -> (Outputs, tokio::task::JoinHandle<()>) {
+    let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let (statuses_tx, statuses) = watch::channel(Arc::new(Statuses::new()));
+    let task = tokio::spawn(run(
+        store,
+        mesh,
+        debounce,
+        snapshots_tx,
+        statuses_tx,
+        metrics,
+    ));
+    (
+        Outputs {
+            snapshots,
+            statuses,
+        },
+        task,
+    )
 }
 
 /// Runs until the store or every snapshot receiver is gone.
@@ -125,6 +151,7 @@ pub async fn run(
     mesh: MeshConfig,
     debounce: Debounce,
     publish: watch::Sender<Arc<Snapshot>>,
+    statuses: watch::Sender<Arc<Statuses>>,
     metrics: Arc<PipelineMetrics>,
 ) {
     let mut synced = store.synced();
@@ -150,16 +177,17 @@ pub async fn run(
         let started = Instant::now();
         let (state_store, state_mesh) = (store.clone(), mesh.clone());
         let mut moved = std::mem::take(&mut translator);
-        let translation = match tokio::task::spawn_blocking(move || {
+        let (translation, desired) = match tokio::task::spawn_blocking(move || {
             let state = state_store.read();
             let t = moved.translate(&state, &state_mesh);
-            (moved, t)
+            let desired = status::desired(&state, &t);
+            (moved, t, desired)
         })
         .await
         {
-            Ok((back, t)) => {
+            Ok((back, t, desired)) => {
                 translator = back;
-                t
+                (t, desired)
             }
             Err(e) => {
                 // The translator's cache went with the failed task; the
@@ -172,6 +200,14 @@ pub async fn run(
         metrics.translations.inc();
         metrics.translation_seconds.observe(elapsed.as_secs_f64());
         report(&translation.problems, &mut reported, &metrics);
+        // Never waits: the status writer reads the latest when it can.
+        statuses.send_if_modified(|current| {
+            let changed = **current != desired;
+            if changed {
+                *current = Arc::new(desired);
+            }
+            changed
+        });
         let snapshot = translation.snapshot;
         let resources = snapshot.len();
         let published = publish.send_if_modified(|current| {

@@ -162,7 +162,7 @@ async fn lists_then_watches_every_kind_and_syncs_after_all_lists() {
     listed.sort();
     assert_eq!(listed, Kind::ALL.to_vec());
 
-    // Ten kinds listed, the pods applied, but not synced: Gateways are missing.
+    // Every other kind listed, the pods applied, but not synced: Gateways are missing.
     eventually("pods listed", || {
         store
             .read()

@@ -81,7 +81,7 @@ pub(super) struct Converted {
 
 /// Whether the policy is annotated dry-run (the spellings Go's
 /// strconv.ParseBool reads as true, as upstream).
-pub(super) fn dry_run(policy: &AuthorizationPolicy) -> bool {
+pub(crate) fn dry_run(policy: &AuthorizationPolicy) -> bool {
     policy
         .metadata
         .annotations

@@ -213,6 +213,16 @@ impl PolicyProblem {
         }
     }
 
+    /// The message without the object's name, for the object's own status.
+    pub fn detail(&self) -> String {
+        let full = self.to_string();
+        let prefix = format!("{}: ", self.object());
+        match full.strip_prefix(&prefix) {
+            Some(rest) => rest.to_string(),
+            None => full,
+        }
+    }
+
     /// The field at fault, when the problem is about one.
     pub fn field(&self) -> Option<&str> {
         match self {
