@@ -325,8 +325,10 @@ impl Translator {
         };
         let mut cache = BTreeMap::new();
         let mut reused = 0;
+        // A pod's workload then depends on other pods too: build them all.
+        let reusable = !l7_rules.depend_on_other_pods();
         for (key, pod, addresses, backed, resource) in pods {
-            let resource = match resource {
+            let resource = match resource.filter(|_| reusable) {
                 Some(r) => {
                     reused += 1;
                     r

@@ -420,6 +420,19 @@ impl L7Rules {
         })
     }
 
+    /// Whether a workload's denials can change when another pod does: a
+    /// waypoint target covers the endpoints of the services bound to it,
+    /// and a per-ServiceAccount waypoint binds a service only while all
+    /// its pods run as that account.
+    pub fn depend_on_other_pods(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.targets
+                .iter()
+                .filter_map(TargetOutcome::denied)
+                .any(|t| matches!(t, Target::Waypoint(_)))
+        })
+    }
+
     /// The DENY policies a workload lists, sorted.
     pub fn keys_for(&self, ctx: &Context<'_>, w: &Workload<'_>) -> Vec<String> {
         let mut keys: Vec<String> = self
