@@ -201,8 +201,9 @@ pub async fn run(
         metrics.translation_seconds.observe(elapsed.as_secs_f64());
         report(&translation.problems, &mut reported, &metrics);
         // Never waits: the status writer reads the latest when it can.
+        // The first is always sent: it is what the writer waits for.
         statuses.send_if_modified(|current| {
-            let changed = **current != desired;
+            let changed = first || **current != desired;
             if changed {
                 *current = Arc::new(desired);
             }

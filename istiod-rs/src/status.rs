@@ -705,8 +705,9 @@ impl Sink {
     }
 }
 
-/// Starts the writer: it writes every status received, then each change,
-/// retrying failures with backoff until they succeed or are superseded.
+/// Starts the writer: once the first statuses are sent (the channel's
+/// initial value is not), it writes them, then each change, retrying
+/// failures with backoff until they succeed or are superseded.
 pub fn spawn(
     statuses: watch::Receiver<Arc<Statuses>>,
     sink: Sink,
@@ -723,6 +724,11 @@ pub async fn run(
     config: StatusConfig,
     metrics: Arc<StatusMetrics>,
 ) {
+    // Nothing until the first translation: the channel's initial value
+    // (no objects) would remove every status file left by a previous run.
+    if statuses.changed().await.is_err() {
+        return;
+    }
     let mut delay = config.retry_min;
     loop {
         let desired = statuses.borrow_and_update().clone();

@@ -478,7 +478,8 @@ async fn failed_writes_are_counted_and_retried() {
     let client = kube::Client::new(service, "default");
     let (store, statuses) = cluster(TARGETED);
     let metrics = Arc::new(StatusMetrics::default());
-    let (tx, rx) = watch::channel(Arc::new(statuses));
+    let (tx, mut rx) = watch::channel(Arc::new(statuses));
+    rx.mark_changed();
     let task = status::spawn(
         rx,
         Sink::Kube(KubeStatus::new(client, store, fixed_clock())),
@@ -576,7 +577,11 @@ async fn local_statuses_are_files_that_go_with_their_objects_and_are_not_read_ba
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::write(root.join("cluster.yaml"), CLUSTER).unwrap();
-    let (tx, rx) = watch::channel(Arc::new(desired(CLUSTER)));
+    // Left by a run before this one, for a policy deleted since.
+    let stale = root.join("generated/status/AuthorizationPolicy/shop/deleted.yaml");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, "# old\n").unwrap();
+    let (tx, rx) = watch::channel(Arc::new(Statuses::new()));
     let sink = DirectoryStatus::new(root);
     let file = sink.path(&object(Kind::AuthorizationPolicy, "bad-port"));
     assert_eq!(
@@ -589,8 +594,12 @@ async fn local_statuses_are_files_that_go_with_their_objects_and_are_not_read_ba
         StatusConfig::default(),
         Arc::new(StatusMetrics::default()),
     );
+    // Nothing is written or removed before the first statuses arrive.
+    tokio::task::yield_now().await;
+    assert!(stale.exists());
+    tx.send_replace(Arc::new(desired(CLUSTER)));
     let route = root.join("generated/status/HTTPRoute/shop/web-route.yaml");
-    wait_for(|| file.exists() && route.exists()).await;
+    wait_for(|| file.exists() && route.exists() && !stale.exists()).await;
     let text = std::fs::read_to_string(&file).unwrap();
     let yaml: Value = serde_saphyr::from_str(&text).unwrap();
     assert_eq!(yaml["kind"], "AuthorizationPolicy");
