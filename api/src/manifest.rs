@@ -15,6 +15,7 @@ mod dir;
 pub use dir::{DirScan, FileProblem, ManifestDir};
 
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -26,6 +27,11 @@ use crate::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication}
 
 /// Namespace kubectl assumes for a namespaced object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Where, under a manifest directory, istiod-rs's local mode writes the
+/// status of each object. The files describe objects, they are not objects:
+/// [`yaml_files`] never lists them.
+pub const STATUS_DIR: &str = "generated/status";
 
 /// The kinds of object the mesh reads, in the order a cluster is usually
 /// applied (namespaces first).
@@ -39,13 +45,14 @@ pub enum Kind {
     EndpointSlice,
     Gateway,
     HttpRoute,
+    GrpcRoute,
     AuthorizationPolicy,
     PeerAuthentication,
     RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -54,6 +61,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::Gateway,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
         Kind::RequestAuthentication,
@@ -70,6 +78,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::RequestAuthentication => "RequestAuthentication",
@@ -81,7 +90,7 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Node | Kind::ServiceAccount | Kind::Pod | Kind::Service => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::Gateway | Kind::HttpRoute => "gateway.networking.k8s.io",
+            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io",
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
                 crate::crd::GROUP
             }
@@ -111,6 +120,8 @@ impl Kind {
             | Kind::RequestAuthentication
             | Kind::Gateway
             | Kind::HttpRoute => matches!(version, "v1" | "v1beta1"),
+            // GRPCRoute went from v1alpha2 straight to v1.
+            Kind::GrpcRoute => version == "v1",
             _ => version == "v1",
         };
         version_ok.then_some(found)
@@ -207,6 +218,7 @@ objects!(
     EndpointSlice(EndpointSlice),
     Gateway(Gateway),
     HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
@@ -305,16 +317,18 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
 /// Every `*.yaml` / `*.yml` file under `dir`, recursively, in path order,
 /// and the directories that could not be read. Hidden entries are skipped:
 /// editor swap files, VCS data, and the `..data` indirection of ConfigMap
-/// volumes (whose files are also linked from the top level).
+/// volumes (whose files are also linked from the top level). So is
+/// [`STATUS_DIR`].
 pub fn yaml_files(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, std::io::Error)>) {
     let mut files = Vec::new();
     let mut unreadable = Vec::new();
-    collect_yaml_files(dir, &mut files, &mut unreadable);
+    collect_yaml_files(dir, &dir.join(STATUS_DIR), &mut files, &mut unreadable);
     (files, unreadable)
 }
 
 fn collect_yaml_files(
     dir: &Path,
+    skipped: &Path,
     files: &mut Vec<PathBuf>,
     unreadable: &mut Vec<(PathBuf, std::io::Error)>,
 ) {
@@ -338,7 +352,9 @@ fn collect_yaml_files(
             continue;
         };
         if file_type.is_dir() {
-            collect_yaml_files(&path, files, unreadable);
+            if path != skipped {
+                collect_yaml_files(&path, skipped, files, unreadable);
+            }
         } else if name.ends_with(".yaml") || name.ends_with(".yml") {
             files.push(path);
         }
@@ -548,6 +564,8 @@ spec:
             "a/notes.txt",
             ".swp.yaml",
             "..data/x.yaml",
+            "generated/status/AuthorizationPolicy/shop/p.yaml",
+            "generated/w.yaml",
             "c.json",
         ] {
             let path = root.join(f);
@@ -556,7 +574,14 @@ spec:
         }
         let (files, unreadable) = yaml_files(root);
         assert!(unreadable.is_empty());
-        assert_eq!(files, [root.join("a/z.yml"), root.join("b.yaml")]);
+        assert_eq!(
+            files,
+            [
+                root.join("a/z.yml"),
+                root.join("b.yaml"),
+                root.join("generated/w.yaml")
+            ]
+        );
         let (files, unreadable) = yaml_files(&root.join("missing"));
         assert!(files.is_empty());
         assert_eq!(unreadable.len(), 1);
@@ -576,6 +601,10 @@ spec:
         assert_eq!(
             Kind::from_type("gateway.networking.k8s.io/v1beta1", "Gateway"),
             Some(Kind::Gateway)
+        );
+        assert_eq!(
+            Kind::from_type("gateway.networking.k8s.io/v1", "GRPCRoute"),
+            Some(Kind::GrpcRoute)
         );
         assert_eq!(Kind::from_type("apps/v1", "Pod"), None);
         assert_eq!(Kind::from_type("v2", "Pod"), None);

@@ -40,6 +40,7 @@ use istiod_rs::grpc::GrpcConfig;
 use istiod_rs::index::{self, MeshConfig};
 use istiod_rs::pipeline::Debounce;
 use istiod_rs::state::Store;
+use istiod_rs::status::StatusConfig;
 use prost::Message;
 use proxy_core::identity::ControlPlane;
 use serde_json::json;
@@ -252,6 +253,7 @@ async fn istiod_process(sizes: Sizes) -> Result<()> {
         monitoring_addr: loopback,
         mesh: mesh.clone(),
         debounce: Debounce::default(),
+        status: StatusConfig::default(),
         kube_client: None,
     })
     .await?;

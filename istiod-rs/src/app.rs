@@ -5,6 +5,8 @@
 //! source (YAML directory | Kubernetes watchers) -> state::Store --NodeLookup--> CA
 //!                                                     |
 //!   pipeline (debounce, translate) -> watch<Snapshot> -> XdsServer
+//!                                   \-> watch<Statuses> -> status writer
+//!                                        (status subresource | <config-dir>/generated/status)
 //!                                                     |
 //! gRPC 15012 TLS   : CA + delta ADS (bearer token required)
 //! gRPC 15010 plain : CA + delta ADS (token optional; only with --plaintext)
@@ -45,6 +47,7 @@ use crate::pipeline::{self, Debounce, PipelineMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::directory::DirectorySource;
 use crate::state::{self, Store};
+use crate::status::{self, StatusConfig, StatusMetrics};
 use crate::xds::{Authentication, SyncStatus, XdsServer};
 
 pub use args::Args;
@@ -82,6 +85,8 @@ pub struct AppConfig {
     pub monitoring_addr: SocketAddr,
     pub mesh: MeshConfig,
     pub debounce: Debounce,
+    /// How status writes are retried.
+    pub status: StatusConfig,
     /// The Kubernetes client for the Kubernetes source and TokenReview;
     /// `None`: in-cluster config or KUBECONFIG, made when needed.
     pub kube_client: Option<kube::Client>,
@@ -97,6 +102,7 @@ impl std::fmt::Debug for AppConfig {
             .field("monitoring_addr", &self.monitoring_addr)
             .field("mesh", &self.mesh)
             .field("debounce", &self.debounce)
+            .field("status", &self.status)
             .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
             .finish()
     }
@@ -177,6 +183,7 @@ impl App {
             monitoring_addr,
             mesh,
             debounce,
+            status: status_config,
             kube_client,
         } = config;
 
@@ -221,30 +228,47 @@ impl App {
             })?,
         };
 
-        // Cluster state.
-        let (store, mut background) = match source {
+        // Cluster state, and where statuses are written.
+        let (store, mut background, status_sink) = match source {
             Source::Directory { dir, poll_interval } => {
                 let store = Store::new();
+                let sink = status::Sink::Directory(status::directory::DirectoryStatus::new(&dir));
                 let source = DirectorySource::new(dir);
                 let task = tokio::spawn(source.run(store.clone(), poll_interval));
-                (store, vec![task])
+                (store, vec![task], Some(sink))
             }
             Source::Kubernetes => {
                 let store = Store::new();
                 let client = kube.expect("a client was made for the Kubernetes source");
+                let sink = status::Sink::Kube(status::kube::KubeStatus::new(
+                    client.clone(),
+                    store.clone(),
+                    status::system_clock(),
+                ));
                 let tasks = state::kube::spawn(client, store.clone());
-                (store, tasks)
+                (store, tasks, Some(sink))
             }
-            Source::Store(store) => (store, Vec::new()),
+            // Its owner writes no statuses.
+            Source::Store(store) => (store, Vec::new(), None),
         };
 
         // One registry for every metric; complete before it is shared.
         let mut registry = Registry::default();
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
-        let (snapshots, pipeline) =
-            pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
+        let (outputs, pipeline) = pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
         background.push(pipeline);
+        let snapshots = outputs.snapshots;
+        let status_metrics = Arc::new(StatusMetrics::default());
+        status_metrics.register(&mut registry);
+        if let Some(sink) = status_sink {
+            background.push(status::spawn(
+                outputs.statuses,
+                sink,
+                status_config,
+                status_metrics,
+            ));
+        }
         let xds = XdsServer::new(snapshots.clone(), &mut registry);
         let nodes: Arc<dyn NodeLookup> = store.clone();
         let certificates =

@@ -14,7 +14,9 @@
 
 mod authorization;
 pub mod json;
+mod l7;
 mod peer_authentication;
+mod problem;
 mod selectors;
 mod services;
 #[doc(hidden)]
@@ -26,17 +28,24 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use api::crd::{AuthorizationPolicy, PeerAuthentication};
+use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use api::manifest::ObjectKey;
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
+use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use api::workload::{Address, address};
 use api::{labels, type_url};
 
-pub use authorization::PolicyProblem;
-pub use peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
+pub(crate) use authorization::dry_run;
+pub use authorization::validate_authorization_policy;
+pub use l7::{Attachment, L7Rule, TargetOutcome, TargetRef, UNSERVED_PREFIX};
+pub use peer_authentication::{
+    CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
+};
+pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
 
 use crate::snapshot::{Resource, Snapshot};
 use crate::state::{ClusterState, Objects};
@@ -96,6 +105,8 @@ pub struct Translation {
     pub snapshot: Snapshot,
     /// Policies rejected, or enforced more strictly than written, with why.
     pub problems: Vec<PolicyProblem>,
+    /// Every L7 rule and who enforces it at each of its targets.
+    pub l7: Vec<L7Rule>,
 }
 
 /// Translates the whole cluster state.
@@ -141,6 +152,9 @@ struct Inputs {
     gateways: Objects<Gateway>,
     authorization_policies: Objects<AuthorizationPolicy>,
     peer_authentications: Objects<PeerAuthentication>,
+    request_authentications: Objects<RequestAuthentication>,
+    http_routes: Objects<HttpRoute>,
+    grpc_routes: Objects<GrpcRoute>,
 }
 
 impl Inputs {
@@ -153,6 +167,9 @@ impl Inputs {
             gateways: state.gateways.clone(),
             authorization_policies: state.authorization_policies.clone(),
             peer_authentications: state.peer_authentications.clone(),
+            request_authentications: state.request_authentications.clone(),
+            http_routes: state.http_routes.clone(),
+            grpc_routes: state.grpc_routes.clone(),
         }
     }
 
@@ -170,6 +187,12 @@ impl Inputs {
             && same(&self.gateways, &state.gateways)
             && same(&self.authorization_policies, &state.authorization_policies)
             && same(&self.peer_authentications, &state.peer_authentications)
+            && same(
+                &self.request_authentications,
+                &state.request_authentications,
+            )
+            && same(&self.http_routes, &state.http_routes)
+            && same(&self.grpc_routes, &state.grpc_routes)
     }
 }
 
@@ -190,24 +213,26 @@ impl Translator {
         // Policies first: workloads list the selector-scoped ones that apply.
         let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
         for policy in state.authorization_policies.values() {
-            match authorization::convert(&mesh.root_namespace, policy, &mut problems) {
-                Ok(Some(converted)) => {
-                    let a = &converted.authorization;
-                    let key = format!("{}/{}", a.namespace, a.name);
-                    if let Some(selector) = converted.selector {
-                        selector_policies
-                            .entry(a.namespace.clone())
-                            .or_default()
-                            .push((key.clone(), selector));
-                    }
-                    snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
-                }
-                Ok(None) => {}
-                Err(problem) => problems.push(problem),
+            let Some(converted) =
+                authorization::convert(&mesh.root_namespace, policy, &mut problems)
+            else {
+                continue;
+            };
+            let a = &converted.authorization;
+            let key = format!("{}/{}", a.namespace, a.name);
+            if let Some(selector) = converted.selector {
+                selector_policies
+                    .entry(a.namespace.clone())
+                    .or_default()
+                    .push((key.clone(), selector));
             }
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
         }
-        let peer_authentications =
-            peer_authentication::PeerAuthentications::new(state, &mesh.root_namespace);
+        let peer_authentications = peer_authentication::PeerAuthentications::new(
+            state,
+            &mesh.root_namespace,
+            &mut problems,
+        );
         for a in peer_authentications.authorizations() {
             let key = format!("{}/{}", a.namespace, a.name);
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));
@@ -248,21 +273,24 @@ impl Translator {
             pods.push((key, pod, addresses, backed, resource));
         }
 
+        let mut service_waypoints = Vec::with_capacity(services.entries.len());
         for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
             let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
                 .get(labels::GATEWAY_MANAGED)
                 .is_some_and(|v| v == labels::GATEWAY_MANAGED_VALUE);
-            if !is_waypoint {
-                entry.proto.waypoint = waypoints
-                    .bound(
-                        state,
-                        entry.namespace,
-                        entry.labels(),
-                        sa.flatten(),
-                        waypoints::Traffic::Service,
-                    )
-                    .map(|w| w.address.clone());
-            }
+            let bound = if is_waypoint {
+                None
+            } else {
+                waypoints.bound(
+                    state,
+                    entry.namespace,
+                    entry.labels(),
+                    sa.flatten(),
+                    waypoints::Traffic::Service,
+                )
+            };
+            entry.proto.waypoint = bound.map(|w| w.address.clone());
+            service_waypoints.push(bound.map(|w| w.key()));
             let address = Address {
                 r#type: Some(address::Type::Service(entry.proto.clone())),
             };
@@ -273,6 +301,18 @@ impl Translator {
             ));
         }
 
+        // L7 rules no waypoint serves deny at L4 (see l7.rs).
+        let l7_ctx = l7::Context {
+            state,
+            mesh,
+            services: &services,
+            service_waypoints: &service_waypoints,
+        };
+        let l7_rules = l7::L7Rules::build(&l7_ctx, &mut problems);
+        for (key, a) in l7_rules.authorizations() {
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), &a));
+        }
+
         let ctx = workloads::Context {
             state,
             mesh,
@@ -280,11 +320,15 @@ impl Translator {
             services: &services,
             selector_policies: &selector_policies,
             peer_authentications: &peer_authentications,
+            l7: &l7_ctx,
+            l7_rules: &l7_rules,
         };
         let mut cache = BTreeMap::new();
         let mut reused = 0;
+        // A pod's workload then depends on other pods too: build them all.
+        let reusable = !l7_rules.depend_on_other_pods();
         for (key, pod, addresses, backed, resource) in pods {
-            let resource = match resource {
+            let resource = match resource.filter(|_| reusable) {
                 Some(r) => {
                     reused += 1;
                     r
@@ -313,7 +357,11 @@ impl Translator {
             inputs: Inputs::of(state),
             pods: cache,
         });
-        Translation { snapshot, problems }
+        Translation {
+            snapshot,
+            problems,
+            l7: l7_rules.rules,
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
 //! -> [`snapshot::Snapshot`] (published by `pipeline`) -> `xds` (delta ADS to
-//! every proxy). [`app`] wires them into the running program.
+//! every proxy). `status` writes each policy's and route's conditions.
+//! [`app`] wires them into the running program.
 
 pub mod app;
 pub mod auth;
@@ -14,4 +15,5 @@ pub mod monitoring;
 pub mod pipeline;
 pub mod snapshot;
 pub mod state;
+pub mod status;
 pub mod xds;

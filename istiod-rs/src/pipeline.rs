@@ -6,7 +6,9 @@
 //! store has been quiet for `quiet`, or `max_delay` after the burst's first
 //! change, whichever is first. A snapshot is published only when it differs
 //! from the last one; the xDS server then pushes the keys whose versions
-//! changed.
+//! changed. Each build also computes the status every policy and route
+//! should carry ([`crate::status::desired`]), published the same way for the
+//! status writer, which runs on its own task.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::index::{MeshConfig, PolicyProblem, Translator};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
+use crate::status::{self, Statuses};
 
 /// How long to wait for a burst of changes to end.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +49,9 @@ impl Default for Debounce {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProblemLabels {
-    /// `unsupported_action`, `invalid_value` or `http_attributes`.
+    /// The object's kind: `AuthorizationPolicy`, `PeerAuthentication`, ...
+    pub kind: String,
+    /// [`PolicyProblem::reason`]: `invalid_value`, `unsupported_action`, ...
     pub reason: String,
 }
 
@@ -59,8 +64,8 @@ pub struct PipelineMetrics {
     pub publishes: Counter,
     /// Time to translate the whole state, in seconds.
     pub translation_seconds: Histogram,
-    /// AuthorizationPolicies currently rejected or enforced more strictly
-    /// than written, by reason.
+    /// Problems of policies and routes now: objects rejected, or enforced
+    /// more strictly than written, by kind and reason.
     pub policy_problems: Family<ProblemLabels, Gauge>,
 }
 
@@ -96,25 +101,48 @@ impl PipelineMetrics {
         );
         r.register(
             "policy_problems",
-            "AuthorizationPolicies currently rejected, or enforced more strictly than written (HTTP attributes at L4), by reason",
+            "Problems of policies and routes now (each enforced more strictly than written, or not served), by kind and reason",
             self.policy_problems.clone(),
         );
     }
 }
 
-/// Starts the pipeline. The receiver holds an empty snapshot until the first
-/// build after the source synced, which is always published (so
-/// `changed()` firing once means the initial state is known); later builds
-/// are published only when they differ.
+/// What the pipeline publishes.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Holds an empty snapshot until the first build after the source
+    /// synced, which is always published (so `changed()` firing once means
+    /// the initial state is known); later builds are published only when
+    /// they differ.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The statuses of the last build, published when they differ.
+    pub statuses: watch::Receiver<Arc<Statuses>>,
+}
+
+/// Starts the pipeline.
 pub fn spawn(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
     metrics: Arc<PipelineMetrics>,
-) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let task = tokio::spawn(run(store, mesh, debounce, tx, metrics));
-    (rx, task)
+) -> (Outputs, tokio::task::JoinHandle<()>) {
+    let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let (statuses_tx, statuses) = watch::channel(Arc::new(Statuses::new()));
+    let task = tokio::spawn(run(
+        store,
+        mesh,
+        debounce,
+        snapshots_tx,
+        statuses_tx,
+        metrics,
+    ));
+    (
+        Outputs {
+            snapshots,
+            statuses,
+        },
+        task,
+    )
 }
 
 /// Runs until the store or every snapshot receiver is gone.
@@ -123,6 +151,7 @@ pub async fn run(
     mesh: MeshConfig,
     debounce: Debounce,
     publish: watch::Sender<Arc<Snapshot>>,
+    statuses: watch::Sender<Arc<Statuses>>,
     metrics: Arc<PipelineMetrics>,
 ) {
     let mut synced = store.synced();
@@ -148,16 +177,17 @@ pub async fn run(
         let started = Instant::now();
         let (state_store, state_mesh) = (store.clone(), mesh.clone());
         let mut moved = std::mem::take(&mut translator);
-        let translation = match tokio::task::spawn_blocking(move || {
+        let (translation, desired) = match tokio::task::spawn_blocking(move || {
             let state = state_store.read();
             let t = moved.translate(&state, &state_mesh);
-            (moved, t)
+            let desired = status::desired(&state, &t);
+            (moved, t, desired)
         })
         .await
         {
-            Ok((back, t)) => {
+            Ok((back, t, desired)) => {
                 translator = back;
-                t
+                (t, desired)
             }
             Err(e) => {
                 // The translator's cache went with the failed task; the
@@ -170,6 +200,15 @@ pub async fn run(
         metrics.translations.inc();
         metrics.translation_seconds.observe(elapsed.as_secs_f64());
         report(&translation.problems, &mut reported, &metrics);
+        // Never waits: the status writer reads the latest when it can.
+        // The first is always sent: it is what the writer waits for.
+        statuses.send_if_modified(|current| {
+            let changed = first || **current != desired;
+            if changed {
+                *current = Arc::new(desired);
+            }
+            changed
+        });
         let snapshot = translation.snapshot;
         let resources = snapshot.len();
         let published = publish.send_if_modified(|current| {
@@ -227,6 +266,7 @@ fn report(problems: &[PolicyProblem], reported: &mut BTreeSet<String>, metrics: 
         metrics
             .policy_problems
             .get_or_create(&ProblemLabels {
+                kind: p.object().kind.to_string(),
                 reason: p.reason().to_string(),
             })
             .inc();

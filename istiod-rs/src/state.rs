@@ -17,6 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use api::manifest::{Kind, Object, ObjectKey};
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -37,6 +38,7 @@ pub struct ClusterState {
     pub endpoint_slices: Objects<EndpointSlice>,
     pub gateways: Objects<Gateway>,
     pub http_routes: Objects<HttpRoute>,
+    pub grpc_routes: Objects<GrpcRoute>,
     pub authorization_policies: Objects<AuthorizationPolicy>,
     pub peer_authentications: Objects<PeerAuthentication>,
     pub request_authentications: Objects<RequestAuthentication>,
@@ -135,6 +137,7 @@ by_kind!(
     EndpointSlice => endpoint_slices,
     Gateway => gateways,
     HttpRoute => http_routes,
+    GrpcRoute => grpc_routes,
     AuthorizationPolicy => authorization_policies,
     PeerAuthentication => peer_authentications,
     RequestAuthentication => request_authentications,

@@ -21,6 +21,7 @@ use istiod_rs::ca::CaConfig;
 use istiod_rs::grpc::GrpcConfig;
 use istiod_rs::index::MeshConfig;
 use istiod_rs::pipeline::Debounce;
+use istiod_rs::status::StatusConfig;
 use kube::client::Body;
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
 use serde_json::{Value, json};
@@ -133,6 +134,7 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
         monitoring_addr: loopback,
         mesh: MeshConfig::default(),
         debounce: Debounce::default(),
+        status: StatusConfig::default(),
         kube_client: Some(client),
     })
     .await

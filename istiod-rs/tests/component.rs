@@ -275,3 +275,74 @@ async fn monitoring_serves_readiness_the_snapshot_and_metrics() {
         istiod.path().join("data").join("root-cert.pem")
     );
 }
+
+#[tokio::test]
+async fn a_bad_policy_is_reported_in_its_status_file_and_a_metric() {
+    let istiod = cluster().await;
+    istiod.write(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-http, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {ports: [http]}}]}]
+",
+    );
+    let status = istiod
+        .config_dir()
+        .join("generated/status/AuthorizationPolicy/demo/web-http.yaml");
+    let deadline = Instant::now() + PATIENCE;
+    while !status.exists() {
+        assert!(Instant::now() < deadline, "no status file");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = std::fs::read_to_string(&status).unwrap();
+    let yaml: Value = serde_saphyr::from_str(&text).unwrap();
+    let condition = &yaml["status"]["conditions"][0];
+    assert_eq!(condition["type"], "ZtunnelAccepted", "{text}");
+    assert_eq!(condition["reason"], "UnsupportedValue", "{text}");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("rules[0].to[0].operation.ports[0]: \"http\" is not a port number"),
+        "{text}"
+    );
+    assert_eq!(
+        istiod
+            .metric("istiod_index_policy_problems{kind=\"AuthorizationPolicy\",reason=\"invalid_value\"}")
+            .await,
+        1.0
+    );
+    // Fixed: the status says so, the problem is gone.
+    istiod.write(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-http, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {ports: [\"8080\"]}}]}]
+",
+    );
+    while !std::fs::read_to_string(&status)
+        .unwrap_or_default()
+        .contains("attached to ztunnel")
+    {
+        assert!(Instant::now() < deadline, "status not updated");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        istiod
+            .metric("istiod_index_policy_problems{kind=\"AuthorizationPolicy\",reason=\"invalid_value\"}")
+            .await,
+        0.0
+    );
+    // The policy goes, and its status with it.
+    istiod.remove("policy.yaml");
+    while status.exists() {
+        assert!(Instant::now() < deadline, "status file not removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -61,3 +61,69 @@ fn reuses_unchanged_pods_and_matches_a_fresh_translation() {
     translator.translate(&state, &other);
     assert_eq!(translator.reused(), 0);
 }
+
+#[test]
+fn a_pod_joining_a_service_updates_the_l7_denials_of_the_others() {
+    // A waypoint for the `web` account's services only: `web` is bound to it
+    // while all its pods run as `web`, and an L7 policy on the waypoint
+    // denies connections to them. A pod of another account joins: the
+    // service is no longer bound, so web-1 (unchanged) loses the denial.
+    let objects = |extra: &str| {
+        let yaml = format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: web-waypoint
+  namespace: shop
+  labels: {{istio.io/waypoint-for: service}}
+  annotations: {{istio.io/for-service-account: web}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+status:
+  addresses: [{{type: Hostname, value: web-waypoint.shop.svc.cluster.local}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{selector: {{app: web}}, clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: via-waypoint, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: web-waypoint}}]
+  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: node-a, serviceAccountName: web, containers: [{{name: app, image: app}}]}}
+status: {{phase: Running, podIP: 10.9.0.1}}
+{extra}"
+        );
+        api::manifest::parse(&yaml).unwrap().objects
+    };
+    let mut state = ClusterState::from_objects(objects(""));
+    let mut translator = Translator::default();
+    check(&mut translator, &state);
+    for o in objects(
+        "---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.2}
+",
+    )
+    .into_iter()
+    .filter(|o| o.key().name == "web-2")
+    {
+        state.apply(o);
+    }
+    check(&mut translator, &state);
+}

@@ -46,12 +46,13 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 async fn publishes_after_sync_and_only_on_change() {
     let store = Store::new();
     let metrics = Arc::new(PipelineMetrics::default());
-    let (mut rx, task) = pipeline::spawn(
+    let (outputs, task) = pipeline::spawn(
         store.clone(),
         MeshConfig::default(),
         Debounce::default(),
         metrics.clone(),
     );
+    let mut rx = outputs.snapshots;
     store.update(|s| {
         s.apply(pod("a", "10.0.0.1"));
         s.apply(pod("b", "10.0.0.2"));
@@ -116,12 +117,13 @@ async fn a_burst_of_changes_is_coalesced() {
         quiet: Duration::from_millis(300),
         max_delay: Duration::from_secs(5),
     };
-    let (mut rx, task) = pipeline::spawn(
+    let (outputs, task) = pipeline::spawn(
         store.clone(),
         MeshConfig::default(),
         debounce,
         metrics.clone(),
     );
+    let mut rx = outputs.snapshots;
     next_snapshot(&mut rx).await;
     let before = metrics.translations.get();
     let pods: Vec<Object> = (0..500u32)
@@ -166,12 +168,13 @@ async fn directory_edits_reach_the_snapshot() {
     let source = tokio::spawn(
         DirectorySource::new(dir.path()).run(store.clone(), Duration::from_millis(20)),
     );
-    let (mut rx, task) = pipeline::spawn(
+    let (outputs, task) = pipeline::spawn(
         store.clone(),
         MeshConfig::default(),
         Debounce::default(),
         Arc::new(PipelineMetrics::default()),
     );
+    let mut rx = outputs.snapshots;
     let first = next_snapshot(&mut rx).await;
     assert_eq!(first.of_type(api::type_url::ADDRESS).len(), 3);
 

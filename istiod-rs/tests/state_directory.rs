@@ -57,6 +57,10 @@ fn loads_every_yaml_file_recursively() {
         &root.join("generated/waypoint.yaml"),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n  namespace: shop\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n",
     );
+    write(
+        &root.join("routes.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: api\n  namespace: shop\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api}]\n",
+    );
     write(&root.join("notes.txt"), "not yaml, not read");
     write(&root.join(".hidden.yaml"), "not: [valid");
     let mut source = DirectorySource::new(root);
@@ -67,6 +71,7 @@ fn loads_every_yaml_file_recursively() {
     assert_eq!(state.count(Kind::Namespace), 1);
     assert_eq!(state.count(Kind::Pod), 3);
     assert_eq!(state.count(Kind::Gateway), 1);
+    assert_eq!(state.count(Kind::GrpcRoute), 1);
     // Nothing changed: nothing to do.
     assert!(!source.scan().changed);
 }

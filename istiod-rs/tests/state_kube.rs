@@ -57,6 +57,7 @@ fn path(kind: Kind) -> &'static str {
         Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
         Kind::Gateway => "/apis/gateway.networking.k8s.io/v1/gateways",
         Kind::HttpRoute => "/apis/gateway.networking.k8s.io/v1/httproutes",
+        Kind::GrpcRoute => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         Kind::AuthorizationPolicy => "/apis/security.istio.io/v1/authorizationpolicies",
         Kind::PeerAuthentication => "/apis/security.istio.io/v1/peerauthentications",
         Kind::RequestAuthentication => "/apis/security.istio.io/v1/requestauthentications",
@@ -161,7 +162,7 @@ async fn lists_then_watches_every_kind_and_syncs_after_all_lists() {
     listed.sort();
     assert_eq!(listed, Kind::ALL.to_vec());
 
-    // Ten kinds listed, the pods applied, but not synced: Gateways are missing.
+    // Every other kind listed, the pods applied, but not synced: Gateways are missing.
     eventually("pods listed", || {
         store
             .read()

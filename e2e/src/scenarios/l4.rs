@@ -64,6 +64,14 @@ pub fn all() -> Vec<Scenario> {
             run: allow_list,
         },
         Scenario {
+            name: "allow_with_a_bad_port_still_refuses_others",
+            run: super::fail_closed::allow_with_a_bad_port,
+        },
+        Scenario {
+            name: "l7_policy_on_a_service_refuses_its_pods",
+            run: super::fail_closed::l7_policy_on_a_service,
+        },
+        Scenario {
             name: "service_vip_balances_across_nodes",
             run: service_balances,
         },
@@ -257,7 +265,7 @@ fn policy_denials(cluster: &dyn Cluster, node: &str) -> Result<f64, ProbeError> 
 
 /// Applies `policy`, waits until `denied` is refused while `allowed` is
 /// still carried, removes it and waits until `denied` is carried again.
-fn denial(
+pub(super) fn denial(
     cluster: &dyn Cluster,
     policy: &str,
     denied: (&PodInfo, &str),

@@ -14,6 +14,7 @@ use crate::ca::{CaConfig, root};
 use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
 use crate::pipeline::Debounce;
+use crate::status::StatusConfig;
 
 /// Where upstream mounts a plug-in CA; used when it holds a signing key.
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
@@ -98,6 +99,13 @@ pub struct Args {
     /// How often --config-dir is looked at (e.g. 250ms).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// First delay before a failed status write (policy and route
+    /// conditions) is retried; it doubles up to --status-retry-max.
+    #[arg(long, env = "STATUS_RETRY_MIN", default_value = "500ms", value_parser = parse_duration)]
+    pub status_retry_min: Duration,
+    /// Longest delay between retries of a failed status write.
+    #[arg(long, env = "STATUS_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub status_retry_max: Duration,
     /// Log filter (`info`, `debug`, `istiod_rs::xds=debug,info`...).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -208,6 +216,10 @@ impl Args {
             monitoring_addr: self.monitoring_addr,
             mesh,
             debounce: Debounce::default(),
+            status: StatusConfig {
+                retry_min: self.status_retry_min,
+                retry_max: self.status_retry_max.max(self.status_retry_min),
+            },
             kube_client: None,
         })
     }

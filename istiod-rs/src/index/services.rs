@@ -193,11 +193,16 @@ impl<'a> Services<'a> {
         services
     }
 
+    /// The service `namespace/name`, when it is served.
+    pub fn named(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.by_name.get(&(namespace, name)).copied()
+    }
+
     /// The service an EndpointSlice belongs to (its service-name label).
     pub fn for_slice(&self, slice: &EndpointSlice) -> Option<usize> {
         let ns = slice.metadata.namespace.as_deref()?;
         let name = labels_of(&slice.metadata.labels).get(SERVICE_NAME_LABEL)?;
-        self.by_name.get(&(ns, name.as_str())).copied()
+        self.named(ns, name)
     }
 
     /// Indices of the services a pod backs, in key order.

@@ -69,12 +69,18 @@ enum AllowedNamespaces {
 #[derive(Clone, Debug)]
 pub(super) struct Waypoint {
     namespace: String,
+    name: String,
     pub address: GatewayAddress,
     traffic: Traffic,
     allowed: AllowedNamespaces,
 }
 
 impl Waypoint {
+    /// `namespace/name` of its Gateway.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     fn allows(&self, state: &ClusterState, namespace: &str) -> bool {
         match &self.allowed {
             AllowedNamespaces::Same => self.namespace == namespace,
@@ -162,6 +168,7 @@ impl Waypoints {
                 waypoint_key,
                 Waypoint {
                     namespace: key.namespace.clone(),
+                    name: key.name.clone(),
                     address,
                     traffic,
                     allowed: allowed_namespaces(gw),

@@ -21,6 +21,7 @@ use api::workload::{
 };
 use k8s_openapi::api::core::v1::Pod;
 
+use super::l7;
 use super::selectors::{Labels, labels_of, subset_of};
 use super::services::Services;
 use super::waypoints::{Traffic, Waypoints};
@@ -46,6 +47,8 @@ pub(super) struct Context<'a> {
     pub services: &'a Services<'a>,
     pub selector_policies: &'a SelectorPolicies,
     pub peer_authentications: &'a PeerAuthentications<'a>,
+    pub l7: &'a super::l7::Context<'a>,
+    pub l7_rules: &'a super::l7::L7Rules,
 }
 
 /// The pod's addresses, when it should be a workload: not finished, and
@@ -193,7 +196,13 @@ fn locality(state: &ClusterState, node: &str) -> Option<Locality> {
 /// Keys of the AuthorizationPolicies (selector-scoped, from the pod's
 /// namespace or the root namespace, sorted) then the converted
 /// PeerAuthentications (sorted) that apply to the pod: upstream's order.
-fn policy_keys(ctx: &Context<'_>, namespace: &str, labels: &Labels) -> Vec<String> {
+/// Then the DENY policies of the unserved L7 rules targeting it (sorted).
+fn policy_keys(
+    ctx: &Context<'_>,
+    namespace: &str,
+    labels: &Labels,
+    l7: Option<&l7::Workload<'_>>,
+) -> Vec<String> {
     let root = ctx.mesh.root_namespace.as_str();
     let namespaces = if namespace == root {
         vec![namespace]
@@ -209,6 +218,9 @@ fn policy_keys(ctx: &Context<'_>, namespace: &str, labels: &Labels) -> Vec<Strin
         .collect();
     keys.sort();
     keys.extend(ctx.peer_authentications.workload_keys(namespace, labels));
+    if let Some(w) = l7 {
+        keys.extend(ctx.l7_rules.keys_for(ctx.l7, w));
+    }
     keys
 }
 
@@ -225,12 +237,20 @@ pub(super) fn workload(
     let spec = pod.spec.as_ref();
     let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
     let sa = pod_service_account(pod);
-    let waypoint = if ctx.waypoints.is_instance(namespace, labels) {
+    let instance = ctx.waypoints.is_instance(namespace, labels);
+    let waypoint = if instance {
         None
     } else {
         ctx.waypoints
             .bound(ctx.state, namespace, labels, Some(sa), Traffic::Workload)
     };
+    // Waypoint instances are never targets of the rules they would serve.
+    let l7 = (!instance).then(|| l7::Workload {
+        namespace,
+        labels,
+        services: backed,
+        waypoint: waypoint.map(|w| w.key()),
+    });
     let services = backed
         .iter()
         .map(|&i| {
@@ -271,7 +291,7 @@ pub(super) fn workload(
         workload_type: WorkloadType::Pod as i32,
         workload_name: name,
         native_tunnel,
-        authorization_policies: policy_keys(ctx, namespace, labels),
+        authorization_policies: policy_keys(ctx, namespace, labels, l7.as_ref()),
         status: if healthy(pod) {
             WorkloadStatus::Healthy
         } else {

@@ -19,6 +19,7 @@ use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use api::manifest::{Kind, Object};
 use futures::{StreamExt, TryStreamExt};
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -74,6 +75,7 @@ pub fn spawn(client: Client, store: Arc<Store>) -> Vec<tokio::task::JoinHandle<(
                     Kind::EndpointSlice => watch::<EndpointSlice>(client, kind, tracker).await,
                     Kind::Gateway => watch::<Gateway>(client, kind, tracker).await,
                     Kind::HttpRoute => watch::<HttpRoute>(client, kind, tracker).await,
+                    Kind::GrpcRoute => watch::<GrpcRoute>(client, kind, tracker).await,
                     Kind::AuthorizationPolicy => {
                         watch::<AuthorizationPolicy>(client, kind, tracker).await
                     }

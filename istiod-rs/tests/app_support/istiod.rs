@@ -15,6 +15,7 @@ use istiod_rs::ca::CaConfig;
 use istiod_rs::grpc::GrpcConfig;
 use istiod_rs::index::MeshConfig;
 use istiod_rs::pipeline::Debounce;
+use istiod_rs::status::StatusConfig;
 use proxy_core::identity::ControlPlane;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
@@ -84,6 +85,7 @@ impl LocalIstiod {
             monitoring_addr: self.addresses.monitoring,
             mesh: MeshConfig::default(),
             debounce: Debounce::default(),
+            status: StatusConfig::default(),
             kube_client: None,
         }
     }

@@ -1,0 +1,781 @@
+//! Status conditions: why each policy and route is (not) enforced, written
+//! where the user looks.
+//!
+//! [`desired`] is pure: from the cluster state and a translation, the
+//! conditions istiod-rs owns on every object, in upstream's terms:
+//!
+//! | object | condition |
+//! |---|---|
+//! | AuthorizationPolicy, RequestAuthentication with `targetRefs` | `WaypointAccepted` (reasons Accepted, PartiallyInvalid, Invalid, AncestorNotBound, TargetNotFound) |
+//! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
+//! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted`, `ResolvedRefs` |
+//!
+//! A [`Sink`] writes them: through the Kubernetes status subresource with
+//! server-side apply ([`kube`]), or in local mode as one YAML file per object
+//! under `<config-dir>/generated/status/` ([`directory`]). [`spawn`] runs the
+//! writer on its own task, fed by a watch channel the pipeline only ever
+//! replaces: a slow or failing API server never holds up the xDS pipeline.
+//! A write is made only when the object's conditions differ from what it
+//! carries; a failed write is counted and retried with backoff.
+
+pub mod directory;
+pub mod kube;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::manifest::{Kind, ObjectKey};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::index::{
+    Attachment, L7Rule, PolicyProblem, PolicyRef, TargetOutcome, TargetRef, Translation, Unserved,
+};
+use crate::state::{ClusterState, Objects};
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "istiod-rs-status";
+/// The controller name on route parents: the `istio-waypoint`
+/// GatewayClass's controller (upstream's ManagedGatewayMeshController).
+pub const ROUTE_CONTROLLER: &str = "istio.io/mesh-controller";
+/// Condition of policies enforced by ztunnel.
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+/// Condition of policies attached to waypoints.
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
+/// The condition types istiod-rs owns on security objects.
+pub const OWNED_CONDITIONS: [&str; 2] = [ZTUNNEL_ACCEPTED, WAYPOINT_ACCEPTED];
+
+/// One condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub type_: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+    pub observed_generation: Option<i64>,
+}
+
+impl Condition {
+    fn new(
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+        generation: Option<i64>,
+    ) -> Self {
+        Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.into(),
+            observed_generation: generation,
+        }
+    }
+
+    /// As the API carries it; `last_transition_time` when there is one.
+    pub fn to_json(&self, last_transition_time: Option<&str>) -> Value {
+        let mut v = json!({
+            "type": self.type_,
+            "status": if self.status { "True" } else { "False" },
+            "reason": self.reason,
+            "message": self.message,
+        });
+        if let Some(g) = self.observed_generation {
+            v["observedGeneration"] = json!(g);
+        }
+        if let Some(t) = last_transition_time {
+            v["lastTransitionTime"] = json!(t);
+        }
+        v
+    }
+
+    /// Reads a condition as the API carries it.
+    fn from_json(v: &Value) -> Option<Condition> {
+        Some(Condition {
+            type_: v.get("type")?.as_str()?.to_string(),
+            status: v.get("status")?.as_str()? == "True",
+            reason: str_field(v, "reason"),
+            message: str_field(v, "message"),
+            observed_generation: v.get("observedGeneration").and_then(Value::as_i64),
+        })
+    }
+}
+
+fn str_field(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// istiod-rs's entry for one parent of a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteParent {
+    pub parent_ref: TargetRef,
+    pub conditions: Vec<Condition>,
+}
+
+/// What istiod-rs owns in one object's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectStatus {
+    /// security.istio.io objects: `status.conditions` of the
+    /// [`OWNED_CONDITIONS`] types.
+    Conditions(Vec<Condition>),
+    /// Routes: the `status.parents[]` entries of [`ROUTE_CONTROLLER`]
+    /// (none: any left from before are removed).
+    Parents(Vec<RouteParent>),
+}
+
+/// What istiod-rs owns in the status of every object it reads.
+pub type Statuses = BTreeMap<PolicyRef, ObjectStatus>;
+
+/// The status every policy and route should carry after `translation`.
+pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
+    let mut problems: BTreeMap<&PolicyRef, Vec<&PolicyProblem>> = BTreeMap::new();
+    for p in &translation.problems {
+        problems.entry(p.object()).or_default().push(p);
+    }
+    let l7: BTreeMap<&PolicyRef, &L7Rule> = translation.l7.iter().map(|r| (&r.object, r)).collect();
+    let mut out = Statuses::new();
+    let mut put = |kind: Kind, key: &ObjectKey, status: ObjectStatus| {
+        out.insert(
+            PolicyRef {
+                kind,
+                key: key.clone(),
+            },
+            status,
+        );
+    };
+    let of = |kind: Kind, key: &ObjectKey| {
+        let object = PolicyRef {
+            kind,
+            key: key.clone(),
+        };
+        let found = problems.get(&object).cloned().unwrap_or_default();
+        (l7.get(&object).copied(), found)
+    };
+    for (key, p) in &state.authorization_policies {
+        let (rule, problems) = of(Kind::AuthorizationPolicy, key);
+        let attached = p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty();
+        let not_enforced = crate::index::dry_run(p).then_some(DRY_RUN);
+        let condition = policy_condition(
+            p.metadata.generation,
+            attached,
+            rule,
+            &problems,
+            not_enforced,
+        );
+        put(
+            Kind::AuthorizationPolicy,
+            key,
+            ObjectStatus::Conditions(vec![condition]),
+        );
+    }
+    for (key, p) in &state.peer_authentications {
+        let (_, problems) = of(Kind::PeerAuthentication, key);
+        let condition = policy_condition(p.metadata.generation, false, None, &problems, None);
+        put(
+            Kind::PeerAuthentication,
+            key,
+            ObjectStatus::Conditions(vec![condition]),
+        );
+    }
+    for (key, p) in &state.request_authentications {
+        let (rule, problems) = of(Kind::RequestAuthentication, key);
+        let attached = rule.is_some_and(|r| r.attachment == Attachment::TargetRefs);
+        let condition = policy_condition(p.metadata.generation, attached, rule, &problems, None);
+        put(
+            Kind::RequestAuthentication,
+            key,
+            ObjectStatus::Conditions(vec![condition]),
+        );
+    }
+    routes(state, &state.http_routes, Kind::HttpRoute, &l7, &mut put);
+    routes(state, &state.grpc_routes, Kind::GrpcRoute, &l7, &mut put);
+    out
+}
+
+/// Why a dry-run policy carries a False condition.
+const DRY_RUN: &str = "the istio.io/dry-run annotation is set: the policy is neither enforced nor evaluated (remove the annotation to enforce it)";
+
+/// The one condition of a security object.
+fn policy_condition(
+    generation: Option<i64>,
+    attached_to_waypoints: bool,
+    rule: Option<&L7Rule>,
+    problems: &[&PolicyProblem],
+    not_enforced: Option<&str>,
+) -> Condition {
+    let details: Vec<String> = problems.iter().map(|p| p.detail()).collect();
+    let rejected = problems.iter().any(|p| p.rejected());
+    if attached_to_waypoints {
+        return match (rule, not_enforced) {
+            (Some(rule), None) if !rejected => waypoint_condition(generation, rule, problems),
+            _ => Condition::new(
+                WAYPOINT_ACCEPTED,
+                false,
+                REASON_UNSUPPORTED,
+                joined(not_enforced, &details),
+                generation,
+            ),
+        };
+    }
+    if let Some(reason) = not_enforced {
+        return Condition::new(
+            ZTUNNEL_ACCEPTED,
+            false,
+            REASON_UNSUPPORTED,
+            joined(Some(reason), &details),
+            generation,
+        );
+    }
+    if details.is_empty() {
+        return Condition::new(
+            ZTUNNEL_ACCEPTED,
+            true,
+            REASON_ACCEPTED,
+            "attached to ztunnel",
+            generation,
+        );
+    }
+    // Served in a stricter form (or, for an L7 rule, denied at its
+    // targets), unless rejected outright.
+    let served = !rejected && rule.is_none();
+    Condition::new(
+        ZTUNNEL_ACCEPTED,
+        served,
+        REASON_UNSUPPORTED,
+        details.join("; "),
+        generation,
+    )
+}
+
+const REASON_ACCEPTED: &str = "Accepted";
+/// Upstream's reason when ztunnel cannot enforce (part of) a policy.
+const REASON_UNSUPPORTED: &str = "UnsupportedValue";
+
+fn joined(first: Option<&str>, rest: &[String]) -> String {
+    first
+        .map(str::to_string)
+        .into_iter()
+        .chain(rest.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// WaypointAccepted for a rule attached with targetRefs, flattened over its
+/// targets as upstream's flattenConditions: one target gives its own
+/// reason; several give Accepted (all bound), PartiallyInvalid (some) or
+/// Invalid (none).
+fn waypoint_condition(
+    generation: Option<i64>,
+    rule: &L7Rule,
+    problems: &[&PolicyProblem],
+) -> Condition {
+    let others: Vec<String> = problems
+        .iter()
+        .filter(|p| !matches!(p, PolicyProblem::UnservedL7 { .. }))
+        .map(|p| p.detail())
+        .collect();
+    let messages: Vec<String> = rule
+        .targets
+        .iter()
+        .map(|t| target_message(t, problems))
+        .collect();
+    let bound = rule.targets.iter().filter(|t| t.serving.is_ok()).count();
+    let (status, reason) = match rule.targets.as_slice() {
+        [one] => (one.serving.is_ok(), target_reason(one)),
+        all if bound == all.len() => (true, REASON_ACCEPTED),
+        _ if bound > 0 => (true, "PartiallyInvalid"),
+        _ => (false, "Invalid"),
+    };
+    let message = messages
+        .into_iter()
+        .chain(others)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Condition::new(WAYPOINT_ACCEPTED, status, reason, message, generation)
+}
+
+/// Upstream's WaypointAccepted reason for one target.
+fn target_reason(t: &TargetOutcome) -> &'static str {
+    match &t.serving {
+        Ok(_) => REASON_ACCEPTED,
+        Err(Unserved::NotBound { .. }) => "AncestorNotBound",
+        Err(Unserved::TargetNotFound { .. }) => "TargetNotFound",
+        Err(
+            Unserved::WaypointCannotServe { .. }
+            | Unserved::NeedsWaypoint { .. }
+            | Unserved::UnsupportedTarget { .. },
+        ) => "Invalid",
+    }
+}
+
+/// `bound to <waypoint>`, or the unserved problem's detail, prefixed with
+/// the ancestor when there is one.
+fn target_message(t: &TargetOutcome, problems: &[&PolicyProblem]) -> String {
+    let body = match &t.serving {
+        Ok(waypoint) => format!("bound to {waypoint}"),
+        Err(reason) => problems
+            .iter()
+            .find(|p| matches!(p, PolicyProblem::UnservedL7 { reason: r, .. } if r == reason))
+            .map(|p| p.detail())
+            .unwrap_or_else(|| reason.to_string()),
+    };
+    match &t.reference {
+        Some(r) if !body.starts_with(&r.kind) => format!("{}: {body}", r.ancestor()),
+        _ => body,
+    }
+}
+
+/// Every route gets an entry, so that parents istiod-rs wrote before and no
+/// longer owns are removed.
+fn routes<K: ::kube::Resource + RouteBackends>(
+    state: &ClusterState,
+    routes: &Objects<K>,
+    kind: Kind,
+    l7: &BTreeMap<&PolicyRef, &L7Rule>,
+    put: &mut impl FnMut(Kind, &ObjectKey, ObjectStatus),
+) {
+    for (key, route) in routes {
+        let object = PolicyRef {
+            kind,
+            key: key.clone(),
+        };
+        let parents = match l7.get(&object) {
+            Some(rule) => {
+                let generation = route.meta().generation;
+                let resolved = resolved_refs(state, &key.namespace, &route.backends(), generation);
+                rule.targets
+                    .iter()
+                    .filter_map(|t| {
+                        let parent_ref = t.reference.clone()?;
+                        let accepted = match &t.serving {
+                            Ok(w) => Condition::new(
+                                "Accepted",
+                                true,
+                                "Accepted",
+                                format!("served by waypoint {w}"),
+                                generation,
+                            ),
+                            Err(reason @ Unserved::TargetNotFound { .. }) => Condition::new(
+                                "Accepted",
+                                false,
+                                "NoMatchingParent",
+                                reason.to_string(),
+                                generation,
+                            ),
+                            Err(reason) => Condition::new(
+                                "Accepted",
+                                false,
+                                REASON_UNSUPPORTED,
+                                format!(
+                                    "{reason}; connections to the endpoints of {} {}/{} are denied until a waypoint serves the route",
+                                    parent_ref.kind, parent_ref.namespace, parent_ref.name
+                                ),
+                                generation,
+                            ),
+                        };
+                        Some(RouteParent {
+                            parent_ref,
+                            conditions: vec![accepted, resolved.clone()],
+                        })
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        put(kind, key, ObjectStatus::Parents(parents));
+    }
+}
+
+/// A backendRef as written: (group, kind, namespace, name).
+pub(crate) type Backend = (String, String, Option<String>, String);
+
+/// The backendRefs of a route, whatever its kind.
+pub(crate) trait RouteBackends {
+    fn backends(&self) -> Vec<Backend>;
+}
+
+macro_rules! route_backends {
+    ($route:ty) => {
+        impl RouteBackends for $route {
+            fn backends(&self) -> Vec<Backend> {
+                self.spec
+                    .rules
+                    .iter()
+                    .flatten()
+                    .flat_map(|r| r.backend_refs.iter().flatten())
+                    .map(|b| {
+                        (
+                            b.group.clone().unwrap_or_default(),
+                            b.kind.clone().unwrap_or_else(|| "Service".to_string()),
+                            b.namespace.clone(),
+                            b.name.clone(),
+                        )
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+route_backends!(gateway_api::httproutes::HttpRoute);
+route_backends!(gateway_api::grpcroutes::GrpcRoute);
+
+/// Gateway API's ResolvedRefs: every backendRef is a Service that exists.
+fn resolved_refs(
+    state: &ClusterState,
+    namespace: &str,
+    backends: &[Backend],
+    generation: Option<i64>,
+) -> Condition {
+    let mut unresolved = Vec::new();
+    let mut invalid_kind = false;
+    for (group, kind, ns, name) in backends {
+        let ns = ns.as_deref().unwrap_or(namespace);
+        if !(kind == "Service" && matches!(group.as_str(), "" | "core")) {
+            invalid_kind = true;
+            unresolved.push(format!("{kind} {ns}/{name} is not a Service"));
+        } else if !state
+            .services
+            .contains_key(&ObjectKey::new(ns, name.as_str()))
+        {
+            unresolved.push(format!("Service {ns}/{name} was not found"));
+        }
+    }
+    match (unresolved.is_empty(), invalid_kind) {
+        (true, _) => Condition::new(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "all references resolved",
+            generation,
+        ),
+        (false, true) => Condition::new(
+            "ResolvedRefs",
+            false,
+            "InvalidKind",
+            unresolved.join("; "),
+            generation,
+        ),
+        (false, false) => Condition::new(
+            "ResolvedRefs",
+            false,
+            "BackendNotFound",
+            unresolved.join("; "),
+            generation,
+        ),
+    }
+}
+
+/// A route parent entry as the API carries it.
+pub fn parent_json(parent: &RouteParent, times: Times<'_>) -> Value {
+    json!({
+        "parentRef": parent.parent_ref,
+        "controllerName": ROUTE_CONTROLLER,
+        "conditions": parent
+            .conditions
+            .iter()
+            .map(|c| c.to_json(times(Some(&parent.parent_ref), c).as_deref()))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// Reads istiod-rs's part of a status as the API carries it (`status` of a
+/// live object), for comparison with the desired one.
+pub fn owned(kind: Kind, status: Option<&Value>) -> ObjectStatus {
+    let list = |field: &str| {
+        status
+            .and_then(|s| s.get(field))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    if matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) {
+        let parents = list("parents")
+            .iter()
+            .filter(|p| p.get("controllerName").and_then(Value::as_str) == Some(ROUTE_CONTROLLER))
+            .filter_map(|p| {
+                Some(RouteParent {
+                    parent_ref: parent_ref(p)?,
+                    conditions: p
+                        .get("conditions")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Condition::from_json)
+                        .collect(),
+                })
+            })
+            .collect();
+        ObjectStatus::Parents(parents)
+    } else {
+        ObjectStatus::Conditions(
+            list("conditions")
+                .iter()
+                .filter_map(Condition::from_json)
+                .filter(|c| OWNED_CONDITIONS.contains(&c.type_.as_str()))
+                .collect(),
+        )
+    }
+}
+
+/// The `parentRef` of a route parent entry as the API carries it.
+pub fn parent_ref(entry: &Value) -> Option<TargetRef> {
+    let r = entry.get("parentRef")?;
+    Some(TargetRef {
+        group: str_field(r, "group"),
+        kind: str_field(r, "kind"),
+        name: str_field(r, "name"),
+        namespace: str_field(r, "namespace"),
+        port: r
+            .get("port")
+            .and_then(Value::as_i64)
+            .and_then(|p| i32::try_from(p).ok()),
+        section_name: r
+            .get("sectionName")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+/// Gives a condition (of the route parent it is in, if any) its
+/// lastTransitionTime.
+pub type Times<'a> = &'a dyn Fn(Option<&TargetRef>, &Condition) -> Option<String>;
+
+/// The `status` istiod-rs applies: its own entries (`times` gives each
+/// condition's lastTransitionTime), and, from the live `status`, the
+/// entries of other writers, kept as they are.
+pub fn status_json(status: &ObjectStatus, live: Option<&Value>, times: Times<'_>) -> Value {
+    let others = |field: &str, ours: &dyn Fn(&Value) -> bool| -> Vec<Value> {
+        live.and_then(|s| s.get(field))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|v| !ours(v))
+            .cloned()
+            .collect()
+    };
+    match status {
+        ObjectStatus::Conditions(conditions) => {
+            let mut all = others("conditions", &|v| {
+                v.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| OWNED_CONDITIONS.contains(&t))
+            });
+            all.extend(
+                conditions
+                    .iter()
+                    .map(|c| c.to_json(times(None, c).as_deref())),
+            );
+            json!({ "conditions": all })
+        }
+        ObjectStatus::Parents(parents) => {
+            let mut all = others("parents", &|v| {
+                v.get("controllerName").and_then(Value::as_str) == Some(ROUTE_CONTROLLER)
+            });
+            all.extend(parents.iter().map(|p| parent_json(p, times)));
+            json!({ "parents": all })
+        }
+    }
+}
+
+/// The current time as Kubernetes writes it: `2024-05-01T12:00:00Z`.
+pub type Clock = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The system clock, to the second.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        let now = time::OffsetDateTime::now_utc();
+        now.replace_nanosecond(0)
+            .unwrap_or(now)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    })
+}
+
+/// Why a status could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("could not write the status of {object} through the API server: {source}")]
+    Kube {
+        object: PolicyRef,
+        #[source]
+        source: ::kube::Error,
+    },
+    #[error("could not write {}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not encode the status of {object}: {reason}")]
+    Encode { object: PolicyRef, reason: String },
+}
+
+/// How status writes are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusConfig {
+    /// First delay after a failed write.
+    pub retry_min: Duration,
+    /// Longest delay between retries.
+    pub retry_max: Duration,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub kind: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// What the status writer counts.
+#[derive(Debug, Default)]
+pub struct StatusMetrics {
+    /// Status writes made, by kind and result.
+    pub writes: Family<WriteLabels, Counter>,
+}
+
+impl StatusMetrics {
+    /// Registers every metric, prefixed `istiod_status_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("istiod_status");
+        r.register(
+            "writes",
+            "Status writes of policies and routes, by kind and result (ok, error); errors are retried",
+            self.writes.clone(),
+        );
+    }
+
+    fn count(&self, object: &PolicyRef, ok: bool) {
+        self.writes
+            .get_or_create(&WriteLabels {
+                kind: object.kind.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Where statuses go.
+pub enum Sink {
+    /// The Kubernetes status subresource.
+    Kube(kube::KubeStatus),
+    /// Files under `<config-dir>/generated/status/`.
+    Directory(directory::DirectoryStatus),
+}
+
+impl Sink {
+    /// Brings one object's status to `status`; true when a write was made.
+    async fn apply(
+        &mut self,
+        object: &PolicyRef,
+        status: &ObjectStatus,
+    ) -> Result<bool, StatusError> {
+        match self {
+            Sink::Kube(k) => k.apply(object, status).await,
+            Sink::Directory(d) => d.apply(object, status),
+        }
+    }
+
+    /// Forgets (and, for files, removes) the statuses of objects that are gone.
+    fn retain(&mut self, statuses: &Statuses) -> Vec<StatusError> {
+        match self {
+            Sink::Kube(k) => {
+                k.retain(statuses);
+                Vec::new()
+            }
+            Sink::Directory(d) => d.retain(statuses),
+        }
+    }
+}
+
+/// Starts the writer: once the first statuses are sent (the channel's
+/// initial value is not), it writes them, then each change, retrying
+/// failures with backoff until they succeed or are superseded.
+pub fn spawn(
+    statuses: watch::Receiver<Arc<Statuses>>,
+    sink: Sink,
+    config: StatusConfig,
+    metrics: Arc<StatusMetrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(statuses, sink, config, metrics))
+}
+
+/// Runs until the sender is gone.
+pub async fn run(
+    mut statuses: watch::Receiver<Arc<Statuses>>,
+    mut sink: Sink,
+    config: StatusConfig,
+    metrics: Arc<StatusMetrics>,
+) {
+    // Nothing until the first translation: the channel's initial value
+    // (no objects) would remove every status file left by a previous run.
+    if statuses.changed().await.is_err() {
+        return;
+    }
+    let mut delay = config.retry_min;
+    loop {
+        let desired = statuses.borrow_and_update().clone();
+        let mut failed = 0;
+        for error in sink.retain(&desired) {
+            warn!(%error, "status left over from a removed object");
+        }
+        for (object, status) in desired.iter() {
+            match sink.apply(object, status).await {
+                Ok(written) => {
+                    if written {
+                        debug!(%object, "status written");
+                        metrics.count(object, true);
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "status write failed; retrying");
+                    metrics.count(object, false);
+                    failed += 1;
+                }
+            }
+        }
+        if failed == 0 {
+            delay = config.retry_min;
+            if statuses.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // Retry after the delay, or at once when newer statuses arrive.
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            r = statuses.changed() => if r.is_err() { return },
+        }
+        delay = (delay * 2).min(config.retry_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_writes_kubernetes_times() {
+        let t = system_clock()();
+        // 2025-01-02T03:04:05Z
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    }
+}

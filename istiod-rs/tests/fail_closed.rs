@@ -1,0 +1,294 @@
+//! Issue 9 within the control plane, end to end: cluster state -> the
+//! index's translation -> proxy-core's workload store -> the policy decision
+//! ztunnel makes for a connection. Each case is a way the mesh used to widen
+//! access (an unreadable value dropping a whole policy, an L7 rule silently
+//! ignored) and must now refuse.
+
+use std::net::{IpAddr, SocketAddr};
+
+use api::SpiffeId;
+use api::security::Authorization as XdsAuthorization;
+use api::type_url;
+use api::workload::{Address, address};
+use istiod_rs::index::{self, MeshConfig};
+use istiod_rs::state::ClusterState;
+use prost::Message;
+use proxy_core::authorization::{Authorization, ConnectionInfo, Decision};
+use proxy_core::store::{Workload, WorkloadStore};
+
+/// The namespace and pods every case runs in: `web` (10.9.0.1) and `db`
+/// (10.9.0.2) in `shop`.
+const PODS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.1, conditions: [{type: Ready, status: \"True\"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-a, serviceAccountName: db, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.2, conditions: [{type: Ready, status: \"True\"}]}
+";
+
+/// What ztunnel would hold after receiving the translation of `yaml` (plus
+/// the pods above).
+fn ztunnel_view(yaml: &str) -> WorkloadStore {
+    let text = format!("{PODS}---\n{yaml}");
+    let manifest = api::manifest::parse(&text).unwrap();
+    let translation = index::translate(
+        &ClusterState::from_objects(manifest.objects),
+        &MeshConfig::default(),
+    );
+    let store = WorkloadStore::new();
+    store.update(|batch| {
+        for r in translation.snapshot.of_type(type_url::ADDRESS).values() {
+            let a = Address::decode(r.body.value.as_slice()).unwrap();
+            if let Some(address::Type::Workload(w)) = a.r#type {
+                batch.insert_workload(Workload::try_from(w).unwrap());
+            }
+        }
+        for r in translation
+            .snapshot
+            .of_type(type_url::AUTHORIZATION)
+            .values()
+        {
+            let a = XdsAuthorization::decode(r.body.value.as_slice()).unwrap();
+            batch.insert_policy(Authorization::try_from(a).unwrap());
+        }
+    });
+    store
+}
+
+/// The decision for a connection from `identity` (plaintext when `None`)
+/// at 10.9.0.100 to `destination`.
+fn decide(store: &WorkloadStore, identity: Option<&str>, destination: &str) -> Decision {
+    let destination: SocketAddr = destination.parse().unwrap();
+    let snapshot = store.snapshot();
+    let workload = snapshot
+        .workload_by_address("", destination.ip())
+        .expect("the destination is a workload");
+    snapshot.policies_for(&workload).check(&ConnectionInfo {
+        source_ip: "10.9.0.100".parse::<IpAddr>().unwrap(),
+        source_identity: identity.map(|i| i.parse::<SpiffeId>().unwrap()),
+        destination,
+    })
+}
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const STRANGER: &str = "spiffe://cluster.local/ns/other/sa/stranger";
+
+#[test]
+fn an_allow_policy_with_an_unreadable_port_still_refuses_callers_it_does_not_allow() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - to: [{operation: {ports: ["http"]}}]
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]
+"#,
+    );
+    // Before: the policy was dropped and everyone was allowed by default.
+    assert_eq!(
+        decide(&store, Some(STRANGER), "10.9.0.1:8080"),
+        Decision::NotAllowed
+    );
+    assert_eq!(decide(&store, None, "10.9.0.1:8080"), Decision::NotAllowed);
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.1:8080"),
+        Decision::Allowed {
+            policy: "shop/web-from-frontend".into()
+        }
+    );
+    // Other workloads are not its business.
+    assert_eq!(
+        decide(&store, Some(STRANGER), "10.9.0.2:5432"),
+        Decision::AllowedByDefault
+    );
+}
+
+#[test]
+fn an_allow_policy_whose_only_rule_is_unreadable_allows_no_one() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-internal, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: [{source: {ipBlocks: [10.0.0.0/33]}}]
+"#,
+    );
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.2:5432"),
+        Decision::NotAllowed
+    );
+}
+
+#[test]
+fn a_deny_policy_with_an_unreadable_cidr_still_denies() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: block-db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+  - from: [{source: {ipBlocks: [10.0.0.0/33]}}]
+    to: [{operation: {ports: ["5432"]}}]
+"#,
+    );
+    // Before: the policy was dropped and nothing was denied.
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.2:5432"),
+        Decision::Denied {
+            policy: "shop/block-db".into()
+        }
+    );
+    // It denies what it would without the CIDR: port 5432, not others.
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.2:9000"),
+        Decision::AllowedByDefault
+    );
+}
+
+#[test]
+fn a_deny_rule_left_with_no_condition_denies_every_connection() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: block-ports, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+  - when: [{key: destination.port, values: ["5432", "postgres"]}]
+"#,
+    );
+    for port in ["10.9.0.2:5432", "10.9.0.2:1"] {
+        assert_eq!(
+            decide(&store, Some(FRONTEND), port),
+            Decision::Denied {
+                policy: "shop/block-ports".into()
+            }
+        );
+    }
+}
+
+#[test]
+fn a_custom_policy_denies_what_its_rules_match() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: CUSTOM
+  provider: {name: opa}
+  rules:
+  - to: [{operation: {ports: ["8080"], paths: [/admin]}}]
+"#,
+    );
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.1:8080"),
+        Decision::Denied {
+            policy: "shop/ext-authz".into()
+        }
+    );
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.1:9090"),
+        Decision::AllowedByDefault
+    );
+}
+
+#[test]
+fn an_unknown_mtls_mode_refuses_plaintext() {
+    let store = ztunnel_view(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: typo, namespace: shop}\nspec: {mtls: {mode: STRICTT}}\n",
+    );
+    assert!(matches!(
+        decide(&store, None, "10.9.0.1:8080"),
+        Decision::Denied { .. }
+    ));
+    assert!(decide(&store, Some(FRONTEND), "10.9.0.1:8080").is_allowed());
+}
+
+#[test]
+fn an_l7_policy_on_a_service_refuses_its_endpoints_until_removed() {
+    const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+"#;
+    let store = ztunnel_view(POLICY);
+    // Before: the policy was skipped and web admitted everyone.
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.1:8080"),
+        Decision::Denied {
+            policy: "shop/unserved_l7_authorizationpolicy_web-get-only".into()
+        }
+    );
+    // Only the Service's endpoints.
+    assert!(decide(&store, Some(FRONTEND), "10.9.0.2:5432").is_allowed());
+    // Removed: web admits again.
+    let store = ztunnel_view("");
+    assert!(decide(&store, Some(FRONTEND), "10.9.0.1:8080").is_allowed());
+}
+
+#[test]
+fn routes_and_request_authentications_refuse_their_targets() {
+    let store = ztunnel_view(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: web-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: db-jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  jwtRules: [{issuer: https://issuer.example}]
+"#,
+    );
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.1:8080"),
+        Decision::Denied {
+            policy: "shop/unserved_l7_grpcroute_web-grpc".into()
+        }
+    );
+    assert_eq!(
+        decide(&store, Some(FRONTEND), "10.9.0.2:5432"),
+        Decision::Denied {
+            policy: "shop/unserved_l7_requestauthentication_db-jwt".into()
+        }
+    );
+}

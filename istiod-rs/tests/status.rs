@@ -1,0 +1,667 @@
+//! Status conditions: what each policy and route carries after a
+//! translation ([`status::desired`], upstream's condition types and
+//! reasons), and how it is written: through the status subresource with
+//! server-side apply (the exact requests, over a mock API server), or as
+//! files under `<config-dir>/generated/status/` that the directory source
+//! never reads back. A status write that fails or hangs never holds up the
+//! xDS pipeline.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::manifest::{Kind, Object, ObjectKey};
+use http::{Request, Response};
+use istiod_rs::index::{self, MeshConfig, PolicyRef};
+use istiod_rs::pipeline::{self, Debounce, PipelineMetrics};
+use istiod_rs::state::directory::DirectorySource;
+use istiod_rs::state::{ClusterState, Store};
+use istiod_rs::status::directory::DirectoryStatus;
+use istiod_rs::status::kube::KubeStatus;
+use istiod_rs::status::{self, Clock, ObjectStatus, Sink, StatusConfig, StatusMetrics, Statuses};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower_test::mock;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.1, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: fine, namespace: shop, generation: 3}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {namespaces: [shop]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-port, namespace: shop, generation: 1}
+spec:
+  rules: [{to: [{operation: {ports: ["http"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: shop}
+spec:
+  action: AUDIT
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get-only, namespace: shop, generation: 2}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: two-targets, namespace: shop}
+spec:
+  targetRefs:
+  - {kind: Service, group: "", name: web}
+  - {kind: Service, group: "", name: gone}
+  action: DENY
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: shop}
+spec: {mtls: {mode: STRCT}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  jwtRules: [{issuer: https://issuer.example}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-route, namespace: shop, generation: 4}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web, port: 80}, {name: missing, port: 80}]}]
+"#;
+
+fn objects(yaml: &str) -> Vec<Object> {
+    api::manifest::parse(yaml).unwrap().objects
+}
+
+fn desired(yaml: &str) -> Statuses {
+    let state = ClusterState::from_objects(objects(yaml));
+    let translation = index::translate(&state, &MeshConfig::default());
+    status::desired(&state, &translation)
+}
+
+fn object(kind: Kind, name: &str) -> PolicyRef {
+    PolicyRef {
+        kind,
+        key: ObjectKey::new("shop", name),
+    }
+}
+
+/// The one condition of a security object: (type, status, reason, message).
+fn condition(statuses: &Statuses, kind: Kind, name: &str) -> (String, bool, String, String) {
+    let Some(ObjectStatus::Conditions(c)) = statuses.get(&object(kind, name)) else {
+        panic!("{kind} {name} has no conditions: {statuses:?}");
+    };
+    assert_eq!(c.len(), 1, "{c:?}");
+    let c = &c[0];
+    (
+        c.type_.clone(),
+        c.status,
+        c.reason.clone(),
+        c.message.clone(),
+    )
+}
+
+#[test]
+fn every_policy_gets_upstreams_condition_and_reason() {
+    let s = desired(CLUSTER);
+    assert_eq!(
+        condition(&s, Kind::AuthorizationPolicy, "fine"),
+        (
+            "ZtunnelAccepted".into(),
+            true,
+            "Accepted".into(),
+            "attached to ztunnel".into()
+        )
+    );
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "bad-port");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("ZtunnelAccepted", true, "UnsupportedValue")
+    );
+    assert!(
+        message.starts_with("rules[0].to[0].operation.ports[0]: \"http\" is not a port number"),
+        "{message}"
+    );
+    let (t, ok, reason, _) = condition(&s, Kind::AuthorizationPolicy, "audit");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("ZtunnelAccepted", false, "UnsupportedValue")
+    );
+
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "web-get-only");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", false, "AncestorNotBound")
+    );
+    assert_eq!(
+        message,
+        "Service shop/web is not bound to a waypoint; connections to the endpoints of Service shop/web are denied until a waypoint serves the rule"
+    );
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "two-targets");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", false, "Invalid")
+    );
+    assert!(
+        message.contains("Service shop/gone was not found"),
+        "{message}"
+    );
+
+    let (t, ok, reason, message) = condition(&s, Kind::PeerAuthentication, "typo");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("ZtunnelAccepted", true, "UnsupportedValue")
+    );
+    assert!(message.contains("enforced as STRICT"), "{message}");
+    let (t, ok, reason, message) = condition(&s, Kind::RequestAuthentication, "jwt");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("ZtunnelAccepted", false, "UnsupportedValue")
+    );
+    assert!(message.contains("are denied"), "{message}");
+}
+
+#[test]
+fn a_route_gets_one_parent_entry_per_service_parent() {
+    let s = desired(CLUSTER);
+    let Some(ObjectStatus::Parents(parents)) = s.get(&object(Kind::HttpRoute, "web-route")) else {
+        panic!("no parents: {s:?}");
+    };
+    assert_eq!(parents.len(), 1);
+    let p = &parents[0];
+    assert_eq!(
+        serde_json::to_value(&p.parent_ref).unwrap(),
+        json!({"group": "", "kind": "Service", "name": "web", "namespace": "shop", "port": 80})
+    );
+    let conditions: Vec<_> = p
+        .conditions
+        .iter()
+        .map(|c| {
+            (
+                c.type_.as_str(),
+                c.status,
+                c.reason.as_str(),
+                c.observed_generation,
+            )
+        })
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Accepted", false, "UnsupportedValue", Some(4)),
+            ("ResolvedRefs", false, "BackendNotFound", Some(4)),
+        ]
+    );
+    assert_eq!(
+        p.conditions[1].message,
+        "Service shop/missing was not found"
+    );
+}
+
+// --- Kubernetes mode -------------------------------------------------------
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+fn fixed_clock() -> Clock {
+    Arc::new(|| "2025-01-02T03:04:05Z".to_string())
+}
+
+/// A store holding `yaml`, and the statuses it should carry.
+fn cluster(yaml: &str) -> (Arc<Store>, Statuses) {
+    let store = Store::new();
+    store.update(|s| {
+        for o in objects(yaml) {
+            s.apply(o);
+        }
+    });
+    let statuses = {
+        let state = store.read();
+        let translation = index::translate(&state, &MeshConfig::default());
+        status::desired(&state, &translation)
+    };
+    (store, statuses)
+}
+
+/// Takes the next request: (method, path, query, content type, JSON body).
+async fn next(
+    handle: &mut Handle,
+) -> (
+    String,
+    String,
+    BTreeMap<String, String>,
+    String,
+    Value,
+    mock::SendResponse<Response<Body>>,
+) {
+    let (request, respond) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("a request")
+        .expect("mock open");
+    let (parts, body) = request.into_parts();
+    let query = parts
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = body.collect_bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (
+        parts.method.to_string(),
+        parts.uri.path().to_string(),
+        query,
+        content_type,
+        body,
+        respond,
+    )
+}
+
+fn ok(body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn failure(code: u16) -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "InternalError", "message": "etcd is sad", "code": code,
+    });
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .unwrap()
+}
+
+const TARGETED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get-only, namespace: shop, generation: 2, resourceVersion: "7"}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+status:
+  conditions:
+  - {type: Reconciled, status: "True", reason: Done, message: another controller's}
+  - {type: ZtunnelAccepted, status: "True", reason: Accepted, message: attached to ztunnel, lastTransitionTime: "2024-01-01T00:00:00Z"}
+"#;
+
+#[tokio::test]
+async fn kubernetes_statuses_are_applied_to_the_status_subresource_only_when_they_change() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(TARGETED);
+    let policy = object(Kind::AuthorizationPolicy, "web-get-only");
+    let status = statuses[&policy].clone();
+    let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
+
+    let write = tokio::spawn(async move {
+        let written = sink.apply(&policy, &status).await;
+        (sink, policy, status, written)
+    });
+    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert_eq!(
+        path,
+        "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/web-get-only/status"
+    );
+    assert_eq!(
+        query,
+        BTreeMap::from([
+            ("fieldManager".to_string(), "istiod-rs-status".to_string()),
+            ("force".to_string(), "true".to_string()),
+        ])
+    );
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    // The other controller's condition is applied back as it is; ours is
+    // replaced (the policy moved to a waypoint), with a new transition time.
+    assert_eq!(
+        body,
+        json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web-get-only", "namespace": "shop"},
+            "status": {"conditions": [
+                {"type": "Reconciled", "status": "True", "reason": "Done", "message": "another controller's"},
+                {
+                    "type": "WaypointAccepted", "status": "False", "reason": "AncestorNotBound",
+                    "message": "Service shop/web is not bound to a waypoint; connections to the endpoints of Service shop/web are denied until a waypoint serves the rule",
+                    "observedGeneration": 2,
+                    "lastTransitionTime": "2025-01-02T03:04:05Z",
+                },
+            ]},
+        })
+    );
+    respond.send_response(ok(&body));
+    let (mut sink, policy, status, written) = write.await.unwrap();
+    assert!(written.unwrap());
+
+    // Until the watch brings the new version, the same status is not
+    // written again.
+    assert!(!sink.apply(&policy, &status).await.unwrap());
+    // Once the object carries it, nothing is written either.
+    let mut applied: Value = body.clone();
+    applied["metadata"]["resourceVersion"] = json!("8");
+    applied["spec"] = json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}]});
+    store.update(|s| {
+        s.apply(Object::AuthorizationPolicy(
+            serde_json::from_value(applied).unwrap(),
+        ))
+    });
+    assert!(!sink.apply(&policy, &status).await.unwrap());
+    // No request was made.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), handle.next_request())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn route_parents_of_other_controllers_are_kept_and_ours_replaced() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api, namespace: shop, generation: 5}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+status:
+  parents:
+  - parentRef: {name: public}
+    controllerName: example.net/gateway
+    conditions: [{type: Accepted, status: "True", reason: Accepted, message: ok, lastTransitionTime: "2024-01-01T00:00:00Z"}]
+  - parentRef: {group: "", kind: Service, name: api, namespace: shop}
+    controllerName: istio.io/mesh-controller
+    conditions:
+    - {type: Accepted, status: "False", reason: UnsupportedValue, message: old words, lastTransitionTime: "2024-06-01T00:00:00Z", observedGeneration: 4}
+"#,
+    );
+    let route = object(Kind::GrpcRoute, "api");
+    let status = statuses[&route].clone();
+    let mut sink = KubeStatus::new(client, store, fixed_clock());
+    let write = tokio::spawn(async move { sink.apply(&route, &status).await });
+    let (method, path, _, _, body, respond) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert_eq!(
+        path,
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/grpcroutes/api/status"
+    );
+    assert_eq!(
+        body["status"],
+        json!({"parents": [
+            {
+                "parentRef": {"name": "public"},
+                "controllerName": "example.net/gateway",
+                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "ok", "lastTransitionTime": "2024-01-01T00:00:00Z"}],
+            },
+            {
+                "parentRef": {"group": "", "kind": "Service", "name": "api", "namespace": "shop"},
+                "controllerName": "istio.io/mesh-controller",
+                "conditions": [
+                    {
+                        "type": "Accepted", "status": "False", "reason": "NoMatchingParent",
+                        "message": "Service shop/api was not found", "observedGeneration": 5,
+                        // Still False: the time it turned False is kept.
+                        "lastTransitionTime": "2024-06-01T00:00:00Z",
+                    },
+                    {
+                        "type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs",
+                        "message": "all references resolved", "observedGeneration": 5,
+                        "lastTransitionTime": "2025-01-02T03:04:05Z",
+                    },
+                ],
+            },
+        ]})
+    );
+    respond.send_response(ok(&body));
+    assert!(write.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn failed_writes_are_counted_and_retried() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(TARGETED);
+    let metrics = Arc::new(StatusMetrics::default());
+    let (tx, mut rx) = watch::channel(Arc::new(statuses));
+    rx.mark_changed();
+    let task = status::spawn(
+        rx,
+        Sink::Kube(KubeStatus::new(client, store, fixed_clock())),
+        StatusConfig {
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+        },
+        metrics.clone(),
+    );
+    let (_, path, _, _, first, respond) = next(&mut handle).await;
+    respond.send_response(failure(500));
+    let (_, again, _, _, second, respond) = next(&mut handle).await;
+    assert_eq!((path.as_str(), &first), (again.as_str(), &second));
+    respond.send_response(ok(&second));
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    // Counted once each.
+    for _ in 0..100 {
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        if text.contains("result=\"ok\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        text.contains(
+            "istiod_status_writes_total{kind=\"AuthorizationPolicy\",result=\"error\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("istiod_status_writes_total{kind=\"AuthorizationPolicy\",result=\"ok\"} 1"),
+        "{text}"
+    );
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hanging_status_write_never_holds_up_the_xds_pipeline() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let store = Store::new();
+    let (outputs, pipeline) = pipeline::spawn(
+        store.clone(),
+        MeshConfig::default(),
+        Debounce::default(),
+        Arc::new(PipelineMetrics::default()),
+    );
+    let writer = status::spawn(
+        outputs.statuses,
+        Sink::Kube(KubeStatus::new(client, store.clone(), fixed_clock())),
+        StatusConfig::default(),
+        Arc::new(StatusMetrics::default()),
+    );
+    let mut snapshots = outputs.snapshots;
+    store.update(|s| {
+        for o in objects(TARGETED) {
+            s.apply(o);
+        }
+    });
+    store.mark_synced();
+    // The status write arrives and is never answered...
+    let (_, _, _, _, _, held) = next(&mut handle).await;
+    // ...while the pipeline keeps publishing: a new pod reaches the snapshot.
+    store.update(|s| {
+        s.apply(objects(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {nodeName: node-a, containers: [{name: app, image: app}]}\nstatus: {phase: Running, podIP: 10.9.0.1}\n",
+        ).remove(0));
+    });
+    let uid = MeshConfig::default().pod_uid("shop", "web");
+    let published = async {
+        while !snapshots
+            .borrow_and_update()
+            .of_type(api::type_url::ADDRESS)
+            .contains_key(&uid)
+        {
+            snapshots.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), published)
+        .await
+        .expect("a snapshot is published while the status write hangs");
+    drop(held);
+    pipeline.abort();
+    writer.abort();
+}
+
+// --- Local mode --------------------------------------------------------------
+
+#[tokio::test]
+async fn local_statuses_are_files_that_go_with_their_objects_and_are_not_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("cluster.yaml"), CLUSTER).unwrap();
+    // Left by a run before this one, for a policy deleted since.
+    let stale = root.join("generated/status/AuthorizationPolicy/shop/deleted.yaml");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, "# old\n").unwrap();
+    let (tx, rx) = watch::channel(Arc::new(Statuses::new()));
+    let sink = DirectoryStatus::new(root);
+    let file = sink.path(&object(Kind::AuthorizationPolicy, "bad-port"));
+    assert_eq!(
+        file,
+        root.join("generated/status/AuthorizationPolicy/shop/bad-port.yaml")
+    );
+    let task = status::spawn(
+        rx,
+        Sink::Directory(sink),
+        StatusConfig::default(),
+        Arc::new(StatusMetrics::default()),
+    );
+    // Nothing is written or removed before the first statuses arrive.
+    tokio::task::yield_now().await;
+    assert!(stale.exists());
+    tx.send_replace(Arc::new(desired(CLUSTER)));
+    let route = root.join("generated/status/HTTPRoute/shop/web-route.yaml");
+    wait_for(|| file.exists() && route.exists() && !stale.exists()).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let yaml: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(yaml["kind"], "AuthorizationPolicy");
+    assert_eq!(
+        yaml["metadata"],
+        json!({"name": "bad-port", "namespace": "shop"})
+    );
+    let c = &yaml["status"]["conditions"][0];
+    assert_eq!(
+        (
+            &c["type"],
+            &c["status"],
+            &c["reason"],
+            &c["observedGeneration"]
+        ),
+        (
+            &json!("ZtunnelAccepted"),
+            &json!("True"),
+            &json!("UnsupportedValue"),
+            &json!(1)
+        )
+    );
+    assert!(c.get("lastTransitionTime").is_none(), "{text}");
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.to_string_lossy().starts_with('.')),
+        "{names:?}"
+    );
+
+    // The directory source reads the cluster, not the status files.
+    let mut source = DirectorySource::new(root);
+    source.scan();
+    let state = source.state();
+    assert_eq!(state.count(Kind::AuthorizationPolicy), 5);
+    assert!(
+        state.authorization_policies[&ObjectKey::new("shop", "bad-port")]
+            .status
+            .is_none()
+    );
+    assert!(source.problems().is_empty(), "{:?}", source.problems());
+
+    // The policy goes: so does its file; the others stay.
+    let without: String = CLUSTER.replace("name: bad-port", "name: renamed");
+    tx.send_replace(Arc::new(desired(&without)));
+    wait_for(|| !file.exists()).await;
+    assert!(route.exists());
+    assert!(
+        root.join("generated/status/AuthorizationPolicy/shop/renamed.yaml")
+            .exists()
+    );
+    drop(tx);
+    task.await.unwrap();
+}
+
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
