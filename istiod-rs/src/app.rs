@@ -35,8 +35,9 @@ use tracing::{info, warn};
 
 use crate::auth::Authenticator;
 use crate::auth::token_file::{TokenFile, TokenFileError};
-use crate::auth::token_review::TokenReviewAuthenticator;
-use crate::ca::service::{CertificateService, NodeLookup};
+use crate::auth::token_review::{TokenReviewAuthenticator, TokenReviewConfig};
+use crate::ca::impersonation::NodeLookup;
+use crate::ca::service::CertificateService;
 use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
 use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use crate::index::{MeshConfig, json};
@@ -69,7 +70,7 @@ pub enum TokenSource {
     /// Local mode: a token file (see [`crate::auth::token_file`]).
     File(PathBuf),
     /// Kubernetes TokenReview, audience `istio-ca`.
-    TokenReview,
+    TokenReview(TokenReviewConfig),
 }
 
 /// Everything istiod-rs is started with; [`Args`] builds it from flags.
@@ -186,20 +187,28 @@ impl App {
 
         // Kubernetes client, only when something needs one.
         let needs_kube =
-            matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview);
+            matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview(_));
         let kube = match kube_client {
             Some(client) if needs_kube => Some(client),
             None if needs_kube => Some(kube::Client::try_default().await?),
             _ => None,
         };
 
+        // One registry for every metric; complete before it is shared.
+        let mut registry = Registry::default();
+
         // Authentication of every gRPC caller.
         let authenticator: Arc<dyn Authenticator> = match &tokens {
             TokenSource::File(path) => Arc::new(TokenFile::open(path, ca.trust_domain())?),
-            TokenSource::TokenReview => Arc::new(TokenReviewAuthenticator::new(
-                kube.clone().expect("a client was made for TokenReview"),
-                ca.trust_domain(),
-            )),
+            TokenSource::TokenReview(config) => {
+                let reviews = TokenReviewAuthenticator::new(
+                    kube.clone().expect("a client was made for TokenReview"),
+                    ca.trust_domain(),
+                    config,
+                );
+                reviews.register(&mut registry);
+                Arc::new(reviews)
+            }
         };
 
         // Listeners first: a taken port fails start-up before anything runs.
@@ -238,8 +247,6 @@ impl App {
             Source::Store(store) => (store, Vec::new()),
         };
 
-        // One registry for every metric; complete before it is shared.
-        let mut registry = Registry::default();
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
         let (snapshots, pipeline) =

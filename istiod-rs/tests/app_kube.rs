@@ -4,9 +4,17 @@
 //! pod -> node check reads the watched pods. A proxy with a token the API
 //! server vouches for gets the workloads over xDS and a pod's certificate;
 //! one it does not vouch for gets neither.
+//!
+//! The tokens carry the `pod-name` / `pod-uid` extras and no `node-name`
+//! (as on Kubernetes before 1.30): node agents are bound to their node
+//! through their own pod in the watched state.
 
 #[path = "app_support/ads.rs"]
 mod ads;
+#[path = "ca_support/client.rs"]
+mod ca_client;
+#[path = "app_support/http_client.rs"]
+mod http_client;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,8 +38,12 @@ use tower_test::mock;
 use ads::{AdsStream, names, node_id};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-/// The token the mock API server vouches for: node-a's ztunnel.
+/// The tokens the mock API server vouches for: node-a's and node-b's
+/// ztunnels, and a token of node-a's ztunnel's previous pod (same name,
+/// another uid).
 const NODE_A_TOKEN: &str = "projected-token-node-a";
+const NODE_B_TOKEN: &str = "projected-token-node-b";
+const OLD_POD_TOKEN: &str = "projected-token-old-ztunnel-pod";
 
 fn json_response(status: u16, value: Value) -> Response<Body> {
     Response::builder()
@@ -48,32 +60,54 @@ fn items(path: &str) -> Vec<Value> {
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}},
         })],
-        "/api/v1/pods" => vec![json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "web-1", "namespace": "demo", "uid": "uid-web-1"},
-            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": [{"name": "app", "image": "app"}]},
-            "status": {"phase": "Running", "podIP": "10.244.0.11", "conditions": [{"type": "Ready", "status": "True"}]},
-        })],
+        "/api/v1/pods" => vec![
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "demo", "uid": "uid-web-1"},
+                "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": [{"name": "app", "image": "app"}]},
+                "status": {"phase": "Running", "podIP": "10.244.0.11", "conditions": [{"type": "Ready", "status": "True"}]},
+            }),
+            ztunnel_pod("ztunnel-a", "node-a"),
+            ztunnel_pod("ztunnel-b", "node-b"),
+        ],
         _ => Vec::new(),
     }
 }
 
-/// A TokenReview's answer: node-a's ztunnel for [`NODE_A_TOKEN`] asked
-/// with audience `istio-ca`, nobody otherwise.
+/// A ztunnel pod (host network: no pod IP of its own in the mesh).
+fn ztunnel_pod(name: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "istio-system", "uid": format!("uid-{name}")},
+        "spec": {"nodeName": node, "serviceAccountName": "ztunnel", "containers": [{"name": "istio-proxy", "image": "ztunnel"}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+/// A TokenReview's answer: a ztunnel's pod-bound token (pod name and uid,
+/// no node name) for the tokens it knows, asked with audience `istio-ca`;
+/// nobody otherwise.
 fn review(body: &Value) -> Value {
     let spec = &body["spec"];
-    let vouched = spec["token"] == NODE_A_TOKEN && spec["audiences"] == json!(["istio-ca"]);
-    let status = if vouched {
-        json!({
+    let pod = match spec["token"].as_str() {
+        Some(NODE_A_TOKEN) => Some(("ztunnel-a", "uid-ztunnel-a")),
+        Some(NODE_B_TOKEN) => Some(("ztunnel-b", "uid-ztunnel-b")),
+        Some(OLD_POD_TOKEN) => Some(("ztunnel-a", "uid-ztunnel-a-before")),
+        _ => None,
+    };
+    let status = match pod {
+        Some((name, uid)) if spec["audiences"] == json!(["istio-ca"]) => json!({
             "authenticated": true,
             "audiences": ["istio-ca"],
             "user": {
                 "username": "system:serviceaccount:istio-system:ztunnel",
-                "extra": {"authentication.kubernetes.io/node-name": ["node-a"]},
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": [name],
+                    "authentication.kubernetes.io/pod-uid": [uid],
+                },
             },
-        })
-    } else {
-        json!({"authenticated": false, "error": "invalid bearer token"})
+        }),
+        _ => json!({"authenticated": false, "error": "invalid bearer token"}),
     };
     json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
@@ -116,16 +150,13 @@ fn api_server() -> (kube::Client, mpsc::UnboundedReceiver<Value>) {
     (kube::Client::new(service, "default"), reviewed)
 }
 
-#[tokio::test]
-async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
+async fn start(client: kube::Client, dir: &std::path::Path) -> App {
     proxy_core::tls::install_default_provider();
-    let (client, mut reviews) = api_server();
-    let dir = tempfile::tempdir().unwrap();
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let app = App::start(AppConfig {
         source: Source::Kubernetes,
-        tokens: TokenSource::TokenReview,
-        ca: CaConfig::new("cluster.local", dir.path().join("data")),
+        tokens: TokenSource::TokenReview(Default::default()),
+        ca: CaConfig::new("cluster.local", dir.join("data")),
         grpc: GrpcConfig {
             tls_addr: loopback,
             ..GrpcConfig::default()
@@ -140,6 +171,14 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
     tokio::time::timeout(PATIENCE, app.ready())
         .await
         .expect("ready once every kind is listed");
+    app
+}
+
+#[tokio::test]
+async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
+    let (client, mut reviews) = api_server();
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(client, dir.path()).await;
 
     let roots = proxy_core::tls::load_pem_certificates(app.root_cert_path()).unwrap();
     let tls = app.addresses().grpc_tls.to_string();
@@ -166,7 +205,8 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
     };
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
-    // The CA: node-a's ztunnel gets the certificate of the pod on node-a.
+    // The CA: node-a's ztunnel gets the certificate of the pod on node-a,
+    // its node found through its own pod (the token names no node).
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, NODE_A_TOKEN).unwrap();
     let ca = CaClient::new(&ControlPlane::tls(&tls, roots.clone()).with_token_path(&token_file))
@@ -187,4 +227,75 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
     assert_eq!(cert.identity(), &web);
 
     app.shutdown().await;
+}
+
+/// The CA end to end in Kubernetes mode: each node agent is bound to the
+/// node of the pod its token names, never beyond; each token is reviewed
+/// once however many requests carry it.
+#[tokio::test]
+async fn the_ca_binds_node_agents_to_their_pods_node_and_reviews_each_token_once() {
+    let (client, mut reviews) = api_server();
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(client, dir.path()).await;
+    let roots = proxy_core::tls::load_pem_certificates(app.root_cert_path()).unwrap();
+    let mut ca = tokio::time::timeout(
+        PATIENCE,
+        ca_client::tls_channel(app.addresses().grpc_tls, &roots),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let web = "spiffe://cluster.local/ns/demo/sa/web";
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut create = async |token: &str| {
+        let request = ca_client::request(ca_client::csr_pem(&key), Some(token), 0, Some(web));
+        tokio::time::timeout(PATIENCE, ca.create_certificate(request))
+            .await
+            .unwrap()
+    };
+
+    // node-a's ztunnel, many times over (a reconnecting node): web runs on node-a.
+    for _ in 0..5 {
+        let chain = create(NODE_A_TOKEN).await.unwrap().into_inner().cert_chain;
+        assert!(!chain.is_empty());
+    }
+    // node-b's ztunnel: web has no pod on node-b.
+    let denied = create(NODE_B_TOKEN).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // A token of a previous ztunnel-a pod (same name, another uid).
+    let stale = create(OLD_POD_TOKEN).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::PermissionDenied, "{stale:?}");
+
+    let (status, metrics) = http_client::http_get(app.addresses().monitoring, "/metrics").await;
+    assert_eq!(status, 200);
+    for (sample, want) in [
+        (r#"istiod_ca_impersonations_total{source="pod"}"#, 5.0),
+        (
+            r#"istiod_ca_impersonation_refusals_total{reason="no_pod_on_node"}"#,
+            1.0,
+        ),
+        (
+            r#"istiod_ca_impersonation_refusals_total{reason="pod_uid_mismatch"}"#,
+            1.0,
+        ),
+        (
+            r#"istiod_token_review_cache_lookups_total{result="hit"}"#,
+            4.0,
+        ),
+    ] {
+        assert_eq!(
+            http_client::metric_sample(&metrics, sample),
+            want,
+            "{sample}"
+        );
+    }
+    app.shutdown().await;
+
+    // One TokenReview per token, however many requests carried it.
+    let mut reviewed = Vec::new();
+    while let Ok(body) = reviews.try_recv() {
+        reviewed.push(body["spec"]["token"].as_str().unwrap().to_string());
+    }
+    reviewed.sort();
+    assert_eq!(reviewed, [NODE_A_TOKEN, NODE_B_TOKEN, OLD_POD_TOKEN]);
 }

@@ -10,6 +10,7 @@ use clap::Parser;
 
 use super::{AppConfig, AppError, Source, TokenSource};
 use crate::auth::ServiceAccount;
+use crate::auth::token_review::TokenReviewConfig;
 use crate::ca::{CaConfig, root};
 use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
@@ -63,6 +64,18 @@ pub struct Args {
     /// Longest workload certificate lifetime granted (e.g. 90d).
     #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "90d", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
+    /// Kubernetes mode: a TokenReview not answered within this fails the
+    /// request (the proxy retries).
+    #[arg(long, env = "TOKEN_REVIEW_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub token_review_timeout: Duration,
+    /// Kubernetes mode: how long an accepted token's TokenReview is reused
+    /// (never beyond the token's expiry; rejections are never reused; 0:
+    /// review every request).
+    #[arg(long, env = "TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub token_review_cache_ttl: Duration,
+    /// Kubernetes mode: at most this many TokenReview answers are kept.
+    #[arg(long, env = "TOKEN_REVIEW_CACHE_SIZE", default_value_t = 10_000)]
+    pub token_review_cache_size: usize,
     /// Service accounts (`<namespace>/<name>`) whose callers may ask for the
     /// certificates of pods on their own node. Repeat for more.
     #[arg(long, value_name = "NS/SA", default_value = "istio-system/ztunnel")]
@@ -148,7 +161,11 @@ impl Args {
                     "required with --config-dir (local mode has no TokenReview): give a YAML file `tokens: [{token, serviceAccount, node}]`".into(),
                 ));
             }
-            (None, None) => TokenSource::TokenReview,
+            (None, None) => TokenSource::TokenReview(TokenReviewConfig {
+                timeout: self.token_review_timeout,
+                cache_ttl: self.token_review_cache_ttl,
+                cache_capacity: self.token_review_cache_size,
+            }),
         };
         let plugin_dir = match self.cacerts_dir {
             Some(dir) if !dir.is_dir() => {
@@ -327,7 +344,10 @@ mod tests {
             .into_config()
             .unwrap();
         assert!(matches!(config.source, Source::Kubernetes));
-        assert!(matches!(config.tokens, TokenSource::TokenReview));
+        assert!(matches!(
+            config.tokens,
+            TokenSource::TokenReview(ref r) if *r == TokenReviewConfig::default()
+        ));
         assert_eq!(
             config.grpc.plaintext_addr,
             Some("0.0.0.0:15010".parse().unwrap())
