@@ -233,21 +233,45 @@ pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
     /// Per-port overrides (container port -> mode); needs a selector.
+    // Keys are kept as written: one that is not a port number is reported
+    // and enforced more strictly, never dropped with the rest of the object.
+    // The schema still lets the API server refuse it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub port_level_mtls: BTreeMap<u32, MutualTls>,
+    #[schemars(with = "BTreeMap<u32, MutualTls>")]
+    pub port_level_mtls: BTreeMap<String, MutualTls>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MutualTls {
     #[serde(default)]
+    #[schemars(with = "KnownMtlsMode")]
     pub mode: MtlsMode,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Inherit from the parent scope (namespace, then mesh); PERMISSIVE at the top.
     #[default]
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+    /// A mode this version does not know (a typo, a newer mode), kept as
+    /// written so the object is still read: the control plane reports it
+    /// and enforces it as STRICT. Not part of the CRD schema, which lets the
+    /// API server reject it.
+    #[serde(untagged)]
+    Unknown(String),
+}
+
+// MtlsMode's schema: the modes the API server accepts. (A comment, not a
+// doc comment: a doc comment would become the CRD field's description.)
+#[derive(JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(dead_code)]
+enum KnownMtlsMode {
+    /// Inherit from the parent scope (namespace, then mesh); PERMISSIVE at the top.
     Unset,
     Disable,
     Permissive,

@@ -15,6 +15,7 @@
 mod authorization;
 pub mod json;
 mod peer_authentication;
+mod problem;
 mod selectors;
 mod services;
 #[doc(hidden)]
@@ -35,8 +36,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use api::workload::{Address, address};
 use api::{labels, type_url};
 
-pub use authorization::PolicyProblem;
-pub use peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
+pub use authorization::validate_authorization_policy;
+pub use peer_authentication::{
+    CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
+};
+pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
 
 use crate::snapshot::{Resource, Snapshot};
 use crate::state::{ClusterState, Objects};
@@ -190,24 +194,26 @@ impl Translator {
         // Policies first: workloads list the selector-scoped ones that apply.
         let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
         for policy in state.authorization_policies.values() {
-            match authorization::convert(&mesh.root_namespace, policy, &mut problems) {
-                Ok(Some(converted)) => {
-                    let a = &converted.authorization;
-                    let key = format!("{}/{}", a.namespace, a.name);
-                    if let Some(selector) = converted.selector {
-                        selector_policies
-                            .entry(a.namespace.clone())
-                            .or_default()
-                            .push((key.clone(), selector));
-                    }
-                    snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
-                }
-                Ok(None) => {}
-                Err(problem) => problems.push(problem),
+            let Some(converted) =
+                authorization::convert(&mesh.root_namespace, policy, &mut problems)
+            else {
+                continue;
+            };
+            let a = &converted.authorization;
+            let key = format!("{}/{}", a.namespace, a.name);
+            if let Some(selector) = converted.selector {
+                selector_policies
+                    .entry(a.namespace.clone())
+                    .or_default()
+                    .push((key.clone(), selector));
             }
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
         }
-        let peer_authentications =
-            peer_authentication::PeerAuthentications::new(state, &mesh.root_namespace);
+        let peer_authentications = peer_authentication::PeerAuthentications::new(
+            state,
+            &mesh.root_namespace,
+            &mut problems,
+        );
         for a in peer_authentications.authorizations() {
             let key = format!("{}/{}", a.namespace, a.name);
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));

@@ -46,7 +46,9 @@ impl Default for Debounce {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProblemLabels {
-    /// `unsupported_action`, `invalid_value` or `http_attributes`.
+    /// The object's kind: `AuthorizationPolicy`, `PeerAuthentication`, ...
+    pub kind: String,
+    /// [`PolicyProblem::reason`]: `invalid_value`, `unsupported_action`, ...
     pub reason: String,
 }
 
@@ -59,8 +61,8 @@ pub struct PipelineMetrics {
     pub publishes: Counter,
     /// Time to translate the whole state, in seconds.
     pub translation_seconds: Histogram,
-    /// AuthorizationPolicies currently rejected or enforced more strictly
-    /// than written, by reason.
+    /// Problems of policies and routes now: objects rejected, or enforced
+    /// more strictly than written, by kind and reason.
     pub policy_problems: Family<ProblemLabels, Gauge>,
 }
 
@@ -96,7 +98,7 @@ impl PipelineMetrics {
         );
         r.register(
             "policy_problems",
-            "AuthorizationPolicies currently rejected, or enforced more strictly than written (HTTP attributes at L4), by reason",
+            "Problems of policies and routes now (each enforced more strictly than written, or not served), by kind and reason",
             self.policy_problems.clone(),
         );
     }
@@ -227,6 +229,7 @@ fn report(problems: &[PolicyProblem], reported: &mut BTreeSet<String>, metrics: 
         metrics
             .policy_problems
             .get_or_create(&ProblemLabels {
+                kind: p.object().kind.to_string(),
                 reason: p.reason().to_string(),
             })
             .inc();

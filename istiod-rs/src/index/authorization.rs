@@ -1,6 +1,8 @@
 //! AuthorizationPolicy (`security.istio.io/v1`) -> `istio.security.Authorization`,
-//! with upstream istiod's conversion semantics, so upstream ztunnel enforces
-//! our output exactly as it would enforce istiod's:
+//! with upstream istiod's conversion semantics (pilot/pkg/serviceregistry/
+//! kube/controller/ambient/authorization.go, convertAuthorizationPolicy and
+//! handleRule), so upstream ztunnel enforces our output exactly as it would
+//! enforce istiod's:
 //!
 //! - scope: a selector -> WORKLOAD_SELECTOR (listed on the workloads it
 //!   selects, in its namespace or, from the root namespace, in any);
@@ -10,29 +12,46 @@
 //! - principals keep the user's text without `spiffe://` (ztunnel strips
 //!   that prefix from the peer identity before matching); `*` is presence,
 //!   `*x` a suffix and `x*` a prefix match, as for namespaces.
-//! - HTTP-only attributes cannot be checked at L4 and fail closed: in an
-//!   ALLOW policy the rule holding them is dropped (it matches nothing); in a
-//!   DENY policy the rule is kept without them (it denies on its L4 part; a
-//!   clause left with no L4 attribute is dropped rather than sent as an
-//!   empty match, which ztunnel would never match). Either way the policy
-//!   is still served and a warning names it.
-//! - `targetRef(s)` policies belong to waypoints and are skipped here;
-//!   `istio.io/dry-run: "true"` policies are not enforced.
+//! - `targetRef(s)` policies belong to waypoints: [`super::l7`] decides what
+//!   ztunnel does about them. `istio.io/dry-run: "true"` policies are not
+//!   enforced.
 //!
-//! Beyond upstream (which silently drops such values), a value that cannot
-//! be read (a bad CIDR, a port that is not a number) rejects the whole policy
-//! with an error naming the policy and the field, and CUSTOM / AUDIT actions
-//! are rejected with a reason. Other policies are unaffected.
+//! Where we differ from upstream, always towards denying more (the
+//! fail-closed semantics in ARCHITECTURE.md):
+//!
+//! - A value that cannot be read (a port `"http"`, a CIDR `10.0.0.0/33`):
+//!   upstream silently drops the value, which can widen an ALLOW (a rule
+//!   `ports: ["http"]` becomes "any port") and narrow a DENY. Here, in an
+//!   ALLOW policy the rule holding it matches nothing (its group is left
+//!   out; the policy is still served, so it still applies and denies what
+//!   it does not allow); in a DENY policy the field holding it is removed
+//!   from its rule (a `when` condition as a whole), so the rule denies what
+//!   it would deny without that condition.
+//! - HTTP-only attributes: in an ALLOW policy the rule holding them matches
+//!   nothing (as upstream); in a DENY policy they are removed the same way.
+//!   An entry of `from` / `to` left with no L4 attribute constrains nothing,
+//!   so its whole (ORed) clause is dropped: upstream keeps it as an empty
+//!   match, which ztunnel never matches, so the DENY would stop denying.
+//!   A rule left with no clause is an empty group, which matches every
+//!   connection (in proxy-core and in upstream ztunnel's rbac.rs alike).
+//! - CUSTOM: upstream does not serve it (its ext-authz provider is never
+//!   called, so traffic it should vet passes). Here it is served as a DENY
+//!   of what its rules match at L4, HTTP attributes handled as for DENY.
+//! - AUDIT is not served (it never changes access), as upstream.
+//!
+//! Every departure is a [`PolicyProblem`] naming the policy and the field.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use api::crd::{AuthorizationAction, AuthorizationPolicy, Condition, Rule};
+use api::manifest::Kind;
 use api::security::{
     Action, Address, Authorization, Group, Match, Rules, Scope, ServiceAccountMatch, StringMatch,
     string_match::MatchType,
 };
 
+use super::problem::{Effect, PolicyProblem, PolicyRef};
 use super::selectors::Labels;
 
 /// Annotation that marks a policy as dry-run (evaluated, not enforced).
@@ -47,47 +66,10 @@ const L4_CONDITIONS: [&str; 5] = [
     "destination.port",
 ];
 
-/// What is wrong with a policy, or what is enforced differently from what it says.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyProblem {
-    #[error(
-        "AuthorizationPolicy {policy}: action {action} is not supported by ztunnel; the policy is rejected (only ALLOW and DENY are enforced at L4; attach {action} policies to a waypoint with targetRefs)"
-    )]
-    UnsupportedAction { policy: String, action: String },
-    #[error(
-        "AuthorizationPolicy {policy}: {field}: {reason}; the policy is rejected until the value is fixed"
-    )]
-    InvalidValue {
-        policy: String,
-        field: String,
-        reason: String,
-    },
-    #[error(
-        "AuthorizationPolicy {policy}: ztunnel does not support HTTP attributes (found: {attributes}). {consequence} Bind a waypoint and use targetRefs to enforce HTTP rules"
-    )]
-    HttpAttributes {
-        policy: String,
-        attributes: String,
-        consequence: &'static str,
-    },
-}
-
-impl PolicyProblem {
-    /// Whether the policy was left out entirely (as opposed to served in a
-    /// stricter form).
-    pub fn rejected(&self) -> bool {
-        !matches!(self, PolicyProblem::HttpAttributes { .. })
-    }
-
-    /// A short label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            PolicyProblem::UnsupportedAction { .. } => "unsupported_action",
-            PolicyProblem::InvalidValue { .. } => "invalid_value",
-            PolicyProblem::HttpAttributes { .. } => "http_attributes",
-        }
-    }
-}
+/// What a port value must be.
+pub(super) const PORT: &str = "a port number (0-65535)";
+/// What an address value must be.
+const CIDR: &str = "an IP address or CIDR";
 
 /// A policy as ztunnel receives it, and whom it selects.
 #[derive(Debug, Clone)]
@@ -97,122 +79,249 @@ pub(super) struct Converted {
     pub selector: Option<Labels>,
 }
 
-/// Converts one policy. `Ok(None)`: not for ztunnel (targetRefs, dry-run).
-/// The problems are warnings about a policy that is still served.
-pub(super) fn convert(
-    root_namespace: &str,
-    policy: &AuthorizationPolicy,
-    warnings: &mut Vec<PolicyProblem>,
-) -> Result<Option<Converted>, PolicyProblem> {
-    let namespace = policy.metadata.namespace.clone().unwrap_or_default();
-    let name = policy.metadata.name.clone().unwrap_or_default();
-    let key = format!("{namespace}/{name}");
-    let spec = &policy.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
-        return Ok(None);
-    }
-    let dry_run = policy
+/// Whether the policy is annotated dry-run (the spellings Go's
+/// strconv.ParseBool reads as true, as upstream).
+pub(super) fn dry_run(policy: &AuthorizationPolicy) -> bool {
+    policy
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(DRY_RUN))
-        // The spellings Go's strconv.ParseBool reads as true, as upstream.
-        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"));
-    if dry_run {
-        return Ok(None);
-    }
-    let action = match spec.action {
-        AuthorizationAction::Allow => Action::Allow,
-        AuthorizationAction::Deny => Action::Deny,
-        AuthorizationAction::Audit | AuthorizationAction::Custom => {
-            return Err(PolicyProblem::UnsupportedAction {
-                policy: key,
-                action: format!("{:?}", spec.action).to_uppercase(),
-            });
+        .is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
+}
+
+/// Whether the policy attaches to waypoints (`targetRef` / `targetRefs`).
+pub(super) fn targets_waypoints(policy: &AuthorizationPolicy) -> bool {
+    policy.spec.target_ref.is_some() || !policy.spec.target_refs.is_empty()
+}
+
+/// The policy's reference in problems.
+pub(super) fn policy_ref(policy: &AuthorizationPolicy) -> PolicyRef {
+    PolicyRef::new(
+        Kind::AuthorizationPolicy,
+        policy.metadata.namespace.clone().unwrap_or_default(),
+        policy.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The problems an admission webhook must refuse the policy for (values
+/// that cannot be read, actions nothing in the mesh enforces), each naming
+/// the field. The same reading as the conversion's, whatever the policy
+/// attaches to.
+pub fn validate_authorization_policy(
+    root_namespace: &str,
+    policy: &AuthorizationPolicy,
+) -> Vec<PolicyProblem> {
+    let mut problems = Vec::new();
+    convert(root_namespace, policy, &mut problems);
+    problems.retain(PolicyProblem::rejected_at_admission);
+    problems
+}
+
+/// Converts one policy; `None`: nothing for ztunnel to enforce from it
+/// (targetRefs, dry-run, AUDIT). Every problem found is pushed, including
+/// those of policies not converted.
+pub(super) fn convert(
+    root_namespace: &str,
+    policy: &AuthorizationPolicy,
+    problems: &mut Vec<PolicyProblem>,
+) -> Option<Converted> {
+    let object = policy_ref(policy);
+    let spec = &policy.spec;
+    let (action, unsupported) = match spec.action {
+        AuthorizationAction::Allow => (Some(Action::Allow), None),
+        AuthorizationAction::Deny => (Some(Action::Deny), None),
+        AuthorizationAction::Custom => {
+            (Some(Action::Deny), Some(("CUSTOM", Effect::EnforcedAsDeny)))
         }
+        AuthorizationAction::Audit => (None, Some(("AUDIT", Effect::NotServed))),
     };
+    if let Some((action, effect)) = unsupported {
+        problems.push(PolicyProblem::UnsupportedAction {
+            object: object.clone(),
+            action,
+            effect,
+        });
+    }
+    let read: Vec<ReadRule> = spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| read_rule(&format!("rules[{i}]"), rule, &object.key.namespace))
+        .collect();
+    for (i, rule) in read.iter().enumerate() {
+        for invalid in &rule.invalid {
+            let effect = match action {
+                Some(Action::Allow) => Effect::RuleMatchesNothing {
+                    rule: format!("rules[{i}]"),
+                },
+                Some(Action::Deny) => Effect::DeniesWithout {
+                    field: invalid.attribute.clone(),
+                },
+                None => Effect::NotServed,
+            };
+            problems.push(invalid.problem(&object, effect));
+        }
+    }
+    let action = action?;
+    if targets_waypoints(policy) || dry_run(policy) {
+        return None;
+    }
+
+    let mut http_attributes = BTreeSet::new();
+    let mut groups = Vec::new();
+    for rule in read {
+        let fails = !rule.http.is_empty() || !rule.invalid.is_empty();
+        http_attributes.extend(rule.http.iter().cloned());
+        // An ALLOW rule that cannot be checked as written matches nothing.
+        if action == Action::Allow && fails {
+            continue;
+        }
+        groups.push(Group {
+            rules: rule.clauses(),
+        });
+    }
+    if !http_attributes.is_empty() {
+        problems.push(PolicyProblem::HttpAttributes {
+            object: object.clone(),
+            attributes: http_attributes.into_iter().collect::<Vec<_>>().join(", "),
+            effect: match action {
+                Action::Allow => Effect::HttpRulesMatchNothing,
+                Action::Deny => Effect::HttpAttributesIgnored,
+            },
+        });
+    }
+    let namespace = object.key.namespace;
     let scope = match (&spec.selector, namespace == root_namespace) {
         (Some(_), _) => Scope::WorkloadSelector,
         (None, true) => Scope::Global,
         (None, false) => Scope::Namespace,
     };
-    let mut http_attributes = BTreeSet::new();
-    let mut groups = Vec::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
-        let ctx = Ctx {
-            policy: &key,
-            field: format!("rules[{i}]"),
-        };
-        let (rules, http) = convert_rule(&ctx, rule, &namespace)?;
-        let drop_rule = action == Action::Allow && !http.is_empty();
-        http_attributes.extend(http);
-        if !drop_rule {
-            groups.push(Group { rules });
-        }
-    }
-    if !http_attributes.is_empty() {
-        warnings.push(PolicyProblem::HttpAttributes {
-            policy: key,
-            attributes: http_attributes.into_iter().collect::<Vec<_>>().join(", "),
-            consequence: match action {
-                Action::Allow => {
-                    "Within an ALLOW policy, rules matching HTTP attributes are omitted, which is more restrictive than requested."
-                }
-                Action::Deny => {
-                    "A DENY policy with HTTP attributes is enforced without the HTTP rules, which is more restrictive than requested."
-                }
-            },
-        });
-    }
-    Ok(Some(Converted {
+    Some(Converted {
         authorization: Authorization {
-            name,
+            name: object.key.name,
             namespace,
             scope: scope as i32,
             action: action as i32,
             groups,
         },
         selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
-    }))
+    })
 }
 
-/// Where in the policy a value sits, for error messages.
-struct Ctx<'a> {
-    policy: &'a str,
+/// A value that could not be read.
+#[derive(Debug)]
+struct Invalid {
+    /// The value's path: `rules[0].to[0].operation.ports[1]`.
     field: String,
+    /// What is removed from a DENY rule because of it: the field
+    /// (`rules[0].to[0].operation.ports`) or the `when` condition.
+    attribute: String,
+    value: String,
+    expected: &'static str,
 }
 
-impl Ctx<'_> {
-    fn at(&self, field: impl std::fmt::Display) -> Ctx<'_> {
-        Ctx {
-            policy: self.policy,
-            field: format!("{}.{field}", self.field),
-        }
-    }
-
-    fn invalid(&self, index: usize, value: &str, reason: &str) -> PolicyProblem {
+impl Invalid {
+    fn problem(&self, object: &PolicyRef, effect: Effect) -> PolicyProblem {
         PolicyProblem::InvalidValue {
-            policy: self.policy.to_string(),
-            field: format!("{}[{index}]", self.field),
-            reason: format!("{value:?} {reason}"),
+            object: object.clone(),
+            field: self.field.clone(),
+            value: self.value.clone(),
+            expected: self.expected,
+            effect,
         }
     }
 }
 
-/// One rule's clauses, and the HTTP-only attributes it uses.
-fn convert_rule(
-    ctx: &Ctx<'_>,
-    rule: &Rule,
-    namespace: &str,
-) -> Result<(Vec<Rules>, Vec<String>), PolicyProblem> {
-    let mut http = Vec::new();
-    let mut clauses = Vec::new();
-    let mut to = Vec::new();
-    let mut to_unconstrained = false;
+/// One `from` / `to` entry as read.
+#[derive(Debug)]
+struct ReadEntry {
+    /// Its L4 attributes, without those that could not be read.
+    m: Match,
+    /// Whether something was left out of it (an HTTP attribute, a field
+    /// holding a value that could not be read).
+    left_out: bool,
+}
+
+impl ReadEntry {
+    /// Left with no L4 attribute after something was removed: it constrains
+    /// nothing, so the clause it is one alternative of matches everything.
+    fn unconstrained(&self) -> bool {
+        self.left_out && self.m == Match::default()
+    }
+}
+
+/// One rule as read: the L4 form of each entry and condition, the HTTP-only
+/// attributes it names, and the values that could not be read.
+#[derive(Debug, Default)]
+struct ReadRule {
+    to: Vec<ReadEntry>,
+    from: Vec<ReadEntry>,
+    /// One per `when` condition on an L4 key whose values all read.
+    when: Vec<Match>,
+    http: Vec<String>,
+    invalid: Vec<Invalid>,
+}
+
+impl ReadRule {
+    /// The rule's clauses with everything left out removed as if absent:
+    /// exactly the rule for a rule that lost nothing, and one that matches
+    /// more (possibly every connection: no clause) for one that did.
+    fn clauses(self) -> Vec<Rules> {
+        let mut clauses = Vec::new();
+        for entries in [self.to, self.from] {
+            if !entries.is_empty() && !entries.iter().any(ReadEntry::unconstrained) {
+                clauses.push(Rules {
+                    matches: entries.into_iter().map(|e| e.m).collect(),
+                });
+            }
+        }
+        clauses.extend(self.when.into_iter().map(|m| Rules { matches: vec![m] }));
+        clauses
+    }
+}
+
+/// Reads a field's values; any value that cannot be read removes the whole
+/// field (empty result) and is recorded.
+fn read_values<T>(
+    field: &str,
+    values: &[String],
+    parse: fn(&str) -> Option<T>,
+    expected: &'static str,
+    invalid: &mut Vec<Invalid>,
+) -> Vec<T> {
+    let before = invalid.len();
+    let read: Vec<T> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let parsed = parse(v);
+            if parsed.is_none() {
+                invalid.push(Invalid {
+                    field: format!("{field}[{i}]"),
+                    attribute: field.to_string(),
+                    value: v.clone(),
+                    expected,
+                });
+            }
+            parsed
+        })
+        .collect();
+    if invalid.len() > before {
+        Vec::new()
+    } else {
+        read
+    }
+}
+
+/// Reads one rule; service accounts named without a namespace are in
+/// `namespace` (the policy's).
+fn read_rule(path: &str, rule: &Rule, namespace: &str) -> ReadRule {
+    let mut read = ReadRule::default();
     for (i, t) in rule.to.iter().enumerate() {
         let op = &t.operation;
-        let ctx = ctx.at(format_args!("to[{i}].operation"));
-        let before = http.len();
+        let at = format!("{path}.to[{i}].operation");
+        let before = (read.http.len(), read.invalid.len());
         for (attr, values) in [
             ("hosts", &op.hosts),
             ("notHosts", &op.not_hosts),
@@ -222,23 +331,34 @@ fn convert_rule(
             ("notPaths", &op.not_paths),
         ] {
             if !values.is_empty() {
-                http.push(attr.to_string());
+                read.http.push(attr.to_string());
             }
         }
+        let invalid = &mut read.invalid;
         let m = Match {
-            destination_ports: ports(&ctx.at("ports"), &op.ports)?,
-            not_destination_ports: ports(&ctx.at("notPorts"), &op.not_ports)?,
+            destination_ports: read_values(
+                &format!("{at}.ports"),
+                &op.ports,
+                parse_port,
+                PORT,
+                invalid,
+            ),
+            not_destination_ports: read_values(
+                &format!("{at}.notPorts"),
+                &op.not_ports,
+                parse_port,
+                PORT,
+                invalid,
+            ),
             ..Default::default()
         };
-        to_unconstrained |= http.len() > before && m == Match::default();
-        to.push(m);
+        let left_out = (read.http.len(), read.invalid.len()) != before;
+        read.to.push(ReadEntry { m, left_out });
     }
-    let mut from = Vec::new();
-    let mut from_unconstrained = false;
     for (i, f) in rule.from.iter().enumerate() {
         let src = &f.source;
-        let ctx = ctx.at(format_args!("from[{i}].source"));
-        let before = http.len();
+        let at = format!("{path}.from[{i}].source");
+        let before = (read.http.len(), read.invalid.len());
         for (attr, values) in [
             ("remoteIpBlocks", &src.remote_ip_blocks),
             ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
@@ -246,51 +366,63 @@ fn convert_rule(
             ("notRequestPrincipals", &src.not_request_principals),
         ] {
             if !values.is_empty() {
-                http.push(attr.to_string());
+                read.http.push(attr.to_string());
             }
+        }
+        let invalid = &mut read.invalid;
+        // Checked like ipBlocks, though only a waypoint can use them.
+        for (attr, values) in [
+            ("remoteIpBlocks", &src.remote_ip_blocks),
+            ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+        ] {
+            read_values(&format!("{at}.{attr}"), values, parse_cidr, CIDR, invalid);
         }
         let m = Match {
             namespaces: string_matches(&src.namespaces),
             not_namespaces: string_matches(&src.not_namespaces),
             principals: string_matches(&src.principals),
             not_principals: string_matches(&src.not_principals),
-            source_ips: cidrs(&ctx.at("ipBlocks"), &src.ip_blocks)?,
-            not_source_ips: cidrs(&ctx.at("notIpBlocks"), &src.not_ip_blocks)?,
+            source_ips: read_values(
+                &format!("{at}.ipBlocks"),
+                &src.ip_blocks,
+                parse_cidr,
+                CIDR,
+                invalid,
+            ),
+            not_source_ips: read_values(
+                &format!("{at}.notIpBlocks"),
+                &src.not_ip_blocks,
+                parse_cidr,
+                CIDR,
+                invalid,
+            ),
             service_accounts: service_accounts(&src.service_accounts, namespace),
             not_service_accounts: service_accounts(&src.not_service_accounts, namespace),
             ..Default::default()
         };
-        from_unconstrained |= http.len() > before && m == Match::default();
-        from.push(m);
-    }
-    // An entry left with no L4 attribute once its HTTP ones are gone
-    // constrains nothing at L4, so its whole (ORed) clause is dropped.
-    // Upstream keeps it as an empty match, which ztunnel never matches: a
-    // DENY would then stop denying. Dropping it denies on the L4 part.
-    if !to.is_empty() && !to_unconstrained {
-        clauses.push(Rules { matches: to });
-    }
-    if !from.is_empty() && !from_unconstrained {
-        clauses.push(Rules { matches: from });
+        let left_out = (read.http.len(), read.invalid.len()) != before;
+        read.from.push(ReadEntry { m, left_out });
     }
     for (i, when) in rule.when.iter().enumerate() {
-        let ctx = ctx.at(format_args!("when[{i}]"));
         if !L4_CONDITIONS.contains(&when.key.as_str()) {
-            // Unconstrained at L4, as above.
-            http.push(when.key.clone());
+            read.http.push(when.key.clone());
             continue;
         }
-        clauses.push(Rules {
-            matches: vec![condition(&ctx, when)?],
-        });
+        let before = read.invalid.len();
+        let m = condition(&format!("{path}.when[{i}]"), when, &mut read.invalid);
+        if read.invalid.len() == before {
+            read.when.push(m);
+        }
     }
-    Ok((clauses, http))
+    read
 }
 
-/// A `when` condition on an L4 key as one match.
-fn condition(ctx: &Ctx<'_>, when: &Condition) -> Result<Match, PolicyProblem> {
-    let values = ctx.at("values");
-    let not_values = ctx.at("notValues");
+/// A `when` condition on an L4 key as one match; a value that cannot be
+/// read removes the whole condition (recorded in `invalid`).
+fn condition(path: &str, when: &Condition, invalid: &mut Vec<Invalid>) -> Match {
+    let before = invalid.len();
+    let values = format!("{path}.values");
+    let not_values = format!("{path}.notValues");
     let mut m = Match::default();
     match when.key.as_str() {
         "source.namespace" => {
@@ -302,24 +434,31 @@ fn condition(ctx: &Ctx<'_>, when: &Condition) -> Result<Match, PolicyProblem> {
             m.not_principals = string_matches(&when.not_values);
         }
         "source.ip" => {
-            m.source_ips = cidrs(&values, &when.values)?;
-            m.not_source_ips = cidrs(&not_values, &when.not_values)?;
+            m.source_ips = read_values(&values, &when.values, parse_cidr, CIDR, invalid);
+            m.not_source_ips =
+                read_values(&not_values, &when.not_values, parse_cidr, CIDR, invalid);
         }
         "destination.ip" => {
-            m.destination_ips = cidrs(&values, &when.values)?;
-            m.not_destination_ips = cidrs(&not_values, &when.not_values)?;
+            m.destination_ips = read_values(&values, &when.values, parse_cidr, CIDR, invalid);
+            m.not_destination_ips =
+                read_values(&not_values, &when.not_values, parse_cidr, CIDR, invalid);
         }
         "destination.port" => {
-            m.destination_ports = ports(&values, &when.values)?;
-            m.not_destination_ports = ports(&not_values, &when.not_values)?;
+            m.destination_ports = read_values(&values, &when.values, parse_port, PORT, invalid);
+            m.not_destination_ports =
+                read_values(&not_values, &when.not_values, parse_port, PORT, invalid);
         }
         _ => {}
     }
-    Ok(m)
+    // The whole condition goes, not only the field.
+    for i in &mut invalid[before..] {
+        i.attribute = path.to_string();
+    }
+    m
 }
 
 /// `*` -> presence, `*x` -> suffix `x`, `x*` -> prefix `x`, else exact.
-pub(super) fn string_matches(values: &[String]) -> Vec<StringMatch> {
+fn string_matches(values: &[String]) -> Vec<StringMatch> {
     values
         .iter()
         .map(|v| {
@@ -339,38 +478,24 @@ pub(super) fn string_matches(values: &[String]) -> Vec<StringMatch> {
         .collect()
 }
 
-fn ports(ctx: &Ctx<'_>, values: &[String]) -> Result<Vec<u32>, PolicyProblem> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.parse::<u16>()
-                .map(u32::from)
-                .map_err(|_| ctx.invalid(i, v, "is not a port number (0-65535)"))
-        })
-        .collect()
+/// A port number as policies write it (`"8080"`).
+pub(super) fn parse_port(v: &str) -> Option<u32> {
+    v.parse::<u16>().ok().map(u32::from)
 }
 
 /// An address or CIDR; a bare address is a full-length prefix.
-fn cidrs(ctx: &Ctx<'_>, values: &[String]) -> Result<Vec<Address>, PolicyProblem> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let bad = || ctx.invalid(i, v, "is not an IP address or CIDR");
-            let (ip, length) = if v.contains('/') {
-                let net: ipnet::IpNet = v.parse().map_err(|_| bad())?;
-                (net.addr(), u32::from(net.prefix_len()))
-            } else {
-                let ip: IpAddr = v.parse().map_err(|_| bad())?;
-                (ip, if ip.is_ipv4() { 32 } else { 128 })
-            };
-            Ok(Address {
-                address: super::ip_bytes(ip),
-                length,
-            })
-        })
-        .collect()
+fn parse_cidr(v: &str) -> Option<Address> {
+    let (ip, length) = if v.contains('/') {
+        let net: ipnet::IpNet = v.parse().ok()?;
+        (net.addr(), u32::from(net.prefix_len()))
+    } else {
+        let ip: IpAddr = v.parse().ok()?;
+        (ip, if ip.is_ipv4() { 32 } else { 128 })
+    };
+    Some(Address {
+        address: super::ip_bytes(ip),
+        length,
+    })
 }
 
 /// `ns/sa`, or `sa` in the policy's namespace.
@@ -388,4 +513,153 @@ fn service_accounts(values: &[String], namespace: &str) -> Vec<ServiceAccountMat
             },
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> AuthorizationPolicy {
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\n{yaml}"
+        );
+        match api::manifest::parse(&text).unwrap().objects.remove(0) {
+            api::manifest::Object::AuthorizationPolicy(p) => p,
+            other => panic!("not a policy: {other:?}"),
+        }
+    }
+
+    fn fields(problems: &[PolicyProblem]) -> Vec<&str> {
+        problems.iter().filter_map(PolicyProblem::field).collect()
+    }
+
+    #[test]
+    fn validation_names_every_unreadable_value_and_unsupported_action() {
+        let p = policy(
+            r#"spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules:
+  - to:
+    - operation: {ports: ["80", "http"], notPorts: ["70000"], methods: [GET]}
+    from:
+    - source: {ipBlocks: [10.0.0.0/33], notIpBlocks: [10.0.0.0/8], remoteIpBlocks: [nope]}
+    when:
+    - {key: destination.ip, values: [1.2.3.4, "::1/129"]}
+    - {key: source.namespace, values: ["*"]}
+    - {key: "request.headers[x-user]", values: [a]}
+"#,
+        );
+        let problems = validate_authorization_policy("istio-system", &p);
+        assert_eq!(
+            fields(&problems),
+            [
+                "action",
+                "rules[0].to[0].operation.ports[1]",
+                "rules[0].to[0].operation.notPorts[0]",
+                "rules[0].from[0].source.remoteIpBlocks[0]",
+                "rules[0].from[0].source.ipBlocks[0]",
+                "rules[0].when[0].values[1]",
+            ]
+        );
+        assert!(problems.iter().all(PolicyProblem::rejected_at_admission));
+        let message = problems[1].to_string();
+        assert!(
+            message.starts_with(
+                "AuthorizationPolicy shop/p: rules[0].to[0].operation.ports[1]: \"http\" is not a port number"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn validation_covers_policies_ztunnel_does_not_enforce() {
+        for spec in [
+            "spec:\n  targetRefs: [{kind: Service, group: \"\", name: web}]\n  rules: [{to: [{operation: {ports: [x]}}]}]\n",
+            "spec:\n  action: AUDIT\n  rules: [{to: [{operation: {ports: [x]}}]}]\n",
+        ] {
+            let problems = validate_authorization_policy("istio-system", &policy(spec));
+            assert!(
+                fields(&problems).contains(&"rules[0].to[0].operation.ports[0]"),
+                "{spec}: {problems:?}"
+            );
+        }
+        let mut fine =
+            policy("spec:\n  rules: [{to: [{operation: {ports: [\"8080\"], paths: [/x]}}]}]\n");
+        fine.metadata.annotations = Some([(DRY_RUN.to_string(), "true".to_string())].into());
+        assert_eq!(validate_authorization_policy("istio-system", &fine), []);
+    }
+
+    fn converted(yaml: &str) -> (Option<Authorization>, Vec<PolicyProblem>) {
+        let mut problems = Vec::new();
+        let c = convert("istio-system", &policy(yaml), &mut problems);
+        (c.map(|c| c.authorization), problems)
+    }
+
+    #[test]
+    fn an_allow_rule_with_an_unreadable_value_matches_nothing() {
+        let (a, problems) = converted(
+            "spec:\n  rules:\n  - to: [{operation: {ports: [http]}}]\n  - from: [{source: {namespaces: [shop]}}]\n",
+        );
+        let a = a.expect("the ALLOW policy is still served");
+        assert_eq!(a.action, Action::Allow as i32);
+        // Only the second rule is left.
+        assert_eq!(a.groups.len(), 1);
+        assert_eq!(
+            a.groups[0].rules[0].matches[0].namespaces,
+            string_matches(&["shop".into()])
+        );
+        assert!(matches!(
+            problems[..],
+            [PolicyProblem::InvalidValue {
+                effect: Effect::RuleMatchesNothing { .. },
+                ..
+            }]
+        ));
+        // One bad rule alone: the policy still applies, with nothing allowed.
+        let (a, _) = converted("spec:\n  rules:\n  - to: [{operation: {ports: [http]}}]\n");
+        assert_eq!(a.expect("served").groups, []);
+    }
+
+    #[test]
+    fn a_deny_rule_denies_as_if_the_unreadable_field_were_absent() {
+        // ipBlocks goes; the principals of the same entry still constrain.
+        let (a, _) = converted(
+            "spec:\n  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/33], principals: [x]}}]\n    to: [{operation: {ports: [\"5432\"]}}]\n",
+        );
+        let groups = a.unwrap().groups;
+        assert_eq!(groups.len(), 1);
+        let rules = &groups[0].rules;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].matches[0].destination_ports, [5432]);
+        assert_eq!(rules[1].matches[0].source_ips, []);
+        assert_eq!(
+            rules[1].matches[0].principals,
+            string_matches(&["x".into()])
+        );
+
+        // An entry left with nothing drops its clause (it matched anyone);
+        // a bad `when` goes as a whole; no clause left: the rule matches all.
+        let (a, problems) = converted(
+            "spec:\n  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [bad]}}, {source: {namespaces: [a]}}]\n    when: [{key: destination.port, values: [\"80\", \"99999\"]}]\n",
+        );
+        assert_eq!(a.unwrap().groups, [Group { rules: vec![] }]);
+        let removed: Vec<_> = problems.iter().map(|p| p.effect().to_string()).collect();
+        assert!(removed[0].contains("as if rules[0].from[0].source.ipBlocks were absent"));
+        assert!(removed[1].contains("as if rules[0].when[0] were absent"));
+    }
+
+    #[test]
+    fn custom_is_a_deny_and_audit_is_not_served() {
+        let (a, problems) = converted(
+            "spec:\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {ports: [\"80\"], paths: [/admin]}}]}]\n",
+        );
+        let a = a.unwrap();
+        assert_eq!(a.action, Action::Deny as i32);
+        assert_eq!(a.groups[0].rules[0].matches[0].destination_ports, [80]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let (a, problems) = converted("spec:\n  action: AUDIT\n  rules: [{}]\n");
+        assert!(a.is_none());
+        assert!(problems[0].rejected());
+    }
 }

@@ -1,0 +1,248 @@
+//! What is wrong with a policy or route, and what the mesh does about it.
+//!
+//! Every problem names the object and, where there is one, the field
+//! (`rules[0].to[0].operation.ports[1]`), and says its effect: always the
+//! same as or stricter than what the object asks for, never looser (see
+//! "Fail-closed policy semantics" in ARCHITECTURE.md). The pipeline logs
+//! each problem once and counts them by kind and reason; the status writer
+//! turns them into the object's conditions; an admission webhook rejects
+//! the ones [`PolicyProblem::rejected_at_admission`] says it must.
+
+use std::fmt;
+
+use api::manifest::{Kind, ObjectKey};
+
+/// The object a problem is about: `AuthorizationPolicy shop/web-only`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyRef {
+    pub kind: Kind,
+    pub key: ObjectKey,
+}
+
+impl PolicyRef {
+    pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        PolicyRef {
+            kind,
+            key: ObjectKey::new(namespace, name),
+        }
+    }
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.key)
+    }
+}
+
+/// What the mesh enforces instead of what the object says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// ALLOW: the rule holding the value matches nothing; the policy still
+    /// applies (it allows only what its other rules match).
+    RuleMatchesNothing { rule: String },
+    /// DENY (and CUSTOM): the rule denies as if `field` were absent.
+    DeniesWithout { field: String },
+    /// CUSTOM: enforced at L4 as a DENY of what its rules match.
+    EnforcedAsDeny,
+    /// AUDIT: not served (an AUDIT policy never changes access).
+    NotServed,
+    /// HTTP-only attributes in an ALLOW policy: those rules match nothing.
+    HttpRulesMatchNothing,
+    /// HTTP-only attributes in a DENY policy: denied on the L4 part alone.
+    HttpAttributesIgnored,
+    /// PeerAuthentication: this mode is enforced as STRICT.
+    EnforcedAsStrict,
+    /// PeerAuthentication: the policy's mode is enforced as STRICT on every
+    /// port that has no valid port-level exception.
+    PolicyStrict,
+    /// PeerAuthentication: this port-level exception is not applied; the
+    /// port keeps the mode it would have without it.
+    PortExceptionIgnored,
+    /// An L7 rule no waypoint serves: connections to its targets are denied.
+    TargetsDenied { workloads: usize },
+}
+
+impl fmt::Display for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Effect::RuleMatchesNothing { rule } => write!(
+                f,
+                "{rule} matches nothing; the ALLOW policy still applies and allows only what its other rules match"
+            ),
+            Effect::DeniesWithout { field } => write!(
+                f,
+                "the rule denies as if {field} were absent, which denies more than written"
+            ),
+            Effect::EnforcedAsDeny => f.write_str(
+                "ztunnel cannot call an external authorizer, so the policy is enforced as a DENY of what its rules match at L4",
+            ),
+            Effect::NotServed => {
+                f.write_str("the policy is not served (an AUDIT policy never changes access)")
+            }
+            Effect::HttpRulesMatchNothing => f.write_str(
+                "within an ALLOW policy, rules matching HTTP attributes match nothing, which is more restrictive than requested",
+            ),
+            Effect::HttpAttributesIgnored => f.write_str(
+                "a DENY policy with HTTP attributes is enforced without them, which is more restrictive than requested",
+            ),
+            Effect::EnforcedAsStrict => f.write_str("the mode is enforced as STRICT"),
+            Effect::PolicyStrict => f.write_str(
+                "the policy's mode is enforced as STRICT on every port without a valid port-level exception",
+            ),
+            Effect::PortExceptionIgnored => f.write_str(
+                "this port-level mode is not applied; the port keeps the mode it has without it",
+            ),
+            Effect::TargetsDenied { workloads } => write!(
+                f,
+                "connections to its targets ({workloads} workload(s) now) are denied until a waypoint serves it"
+            ),
+        }
+    }
+}
+
+/// Why an L7 rule is not enforced where it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unserved {
+    /// The target exists but is bound to no waypoint.
+    NotBound { target: String },
+    /// The target is bound to a waypoint, but istiod-rs serves no L7
+    /// configuration to waypoints (yet).
+    WaypointCannotServe { target: String, waypoint: String },
+    /// The rule attaches to workloads directly (selector, namespace, Service
+    /// parent) and only a waypoint can enforce it.
+    NeedsWaypoint { what: &'static str },
+    /// The target does not exist (nothing to deny now).
+    TargetNotFound { target: String },
+    /// A target kind the mesh does not support.
+    UnsupportedTarget { target: String },
+}
+
+impl fmt::Display for Unserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unserved::NotBound { target } => write!(f, "{target} is not bound to a waypoint"),
+            Unserved::WaypointCannotServe { target, waypoint } => write!(
+                f,
+                "{target} is bound to waypoint {waypoint}, but istiod-rs serves no L7 configuration to waypoints yet"
+            ),
+            Unserved::NeedsWaypoint { what } => write!(
+                f,
+                "{what} can only be enforced by a waypoint, and istiod-rs serves no L7 configuration to waypoints yet"
+            ),
+            Unserved::TargetNotFound { target } => write!(f, "{target} was not found"),
+            Unserved::UnsupportedTarget { target } => {
+                write!(f, "{target} is not a kind of target the mesh supports")
+            }
+        }
+    }
+}
+
+/// What is wrong with a policy or route, or what is enforced differently
+/// from what it says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyProblem {
+    /// A value that cannot be read: a port `"http"`, a CIDR `10.0.0.0/33`,
+    /// an unknown mTLS mode.
+    #[error("{object}: {field}: {value:?} is not {expected}; {effect}")]
+    InvalidValue {
+        object: PolicyRef,
+        field: String,
+        value: String,
+        expected: &'static str,
+        effect: Effect,
+    },
+    /// A field ztunnel honours only in a form the object does not use.
+    #[error("{object}: {field}: {reason}; {effect}")]
+    UnsupportedField {
+        object: PolicyRef,
+        field: String,
+        reason: &'static str,
+        effect: Effect,
+    },
+    /// An action ztunnel cannot enforce as written (CUSTOM, AUDIT).
+    #[error("{object}: action {action} is not supported by ztunnel; {effect}")]
+    UnsupportedAction {
+        object: PolicyRef,
+        action: &'static str,
+        effect: Effect,
+    },
+    /// HTTP-only attributes in a policy enforced at L4.
+    #[error(
+        "{object}: ztunnel does not support HTTP attributes (found: {attributes}); {effect}. Bind a waypoint and use targetRefs to enforce HTTP rules"
+    )]
+    HttpAttributes {
+        object: PolicyRef,
+        attributes: String,
+        effect: Effect,
+    },
+    /// An L7 rule (targetRefs policy, RequestAuthentication, route) that no
+    /// waypoint serves.
+    #[error("{object}: {reason}; {effect}")]
+    UnservedL7 {
+        object: PolicyRef,
+        reason: Unserved,
+        effect: Effect,
+    },
+}
+
+impl PolicyProblem {
+    pub fn object(&self) -> &PolicyRef {
+        match self {
+            PolicyProblem::InvalidValue { object, .. }
+            | PolicyProblem::UnsupportedField { object, .. }
+            | PolicyProblem::UnsupportedAction { object, .. }
+            | PolicyProblem::HttpAttributes { object, .. }
+            | PolicyProblem::UnservedL7 { object, .. } => object,
+        }
+    }
+
+    /// The field at fault, when the problem is about one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            PolicyProblem::InvalidValue { field, .. }
+            | PolicyProblem::UnsupportedField { field, .. } => Some(field),
+            PolicyProblem::UnsupportedAction { .. } => Some("action"),
+            PolicyProblem::HttpAttributes { .. } | PolicyProblem::UnservedL7 { .. } => None,
+        }
+    }
+
+    pub fn effect(&self) -> &Effect {
+        match self {
+            PolicyProblem::InvalidValue { effect, .. }
+            | PolicyProblem::UnsupportedField { effect, .. }
+            | PolicyProblem::UnsupportedAction { effect, .. }
+            | PolicyProblem::HttpAttributes { effect, .. }
+            | PolicyProblem::UnservedL7 { effect, .. } => effect,
+        }
+    }
+
+    /// Whether the object is left out entirely (as opposed to enforced in a
+    /// stricter form).
+    pub fn rejected(&self) -> bool {
+        matches!(self.effect(), Effect::NotServed)
+    }
+
+    /// Whether an admission webhook must refuse the object: a value that
+    /// cannot be read, a field used in a form that is never honoured, or an
+    /// action nothing in the mesh enforces. HTTP attributes and L7 rules are
+    /// valid objects (a waypoint enforces them).
+    pub fn rejected_at_admission(&self) -> bool {
+        matches!(
+            self,
+            PolicyProblem::InvalidValue { .. }
+                | PolicyProblem::UnsupportedField { .. }
+                | PolicyProblem::UnsupportedAction { .. }
+        )
+    }
+
+    /// A short label for metrics: one of a fixed set.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PolicyProblem::InvalidValue { .. } => "invalid_value",
+            PolicyProblem::UnsupportedField { .. } => "unsupported_field",
+            PolicyProblem::UnsupportedAction { .. } => "unsupported_action",
+            PolicyProblem::HttpAttributes { .. } => "http_attributes",
+            PolicyProblem::UnservedL7 { .. } => "unserved_l7",
+        }
+    }
+}
