@@ -8,6 +8,9 @@
 //!                                                     |
 //! gRPC 15012 TLS   : CA + delta ADS (bearer token required)
 //! gRPC 15010 plain : CA + delta ADS (token optional; only with --plaintext)
+//! HTTPS 15017      : POST /validate, the validating admission webhook
+//!                    (Kubernetes mode; its ValidatingWebhookConfiguration is
+//!                    kept pointed at istiod)
 //! HTTP 15014       : /metrics /ready /debug/syncz /debug/config_dump
 //! ```
 //!
@@ -46,6 +49,8 @@ use crate::pipeline::{self, Debounce, PipelineMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::directory::DirectorySource;
 use crate::state::{self, Store};
+use crate::webhook::configuration::ConfigurationKeeper;
+use crate::webhook::{WebhookConfig, WebhookError, WebhookMetrics, WebhookServer};
 use crate::xds::{Authentication, SyncStatus, XdsServer};
 
 pub use args::Args;
@@ -83,9 +88,33 @@ pub struct AppConfig {
     pub monitoring_addr: SocketAddr,
     pub mesh: MeshConfig,
     pub debounce: Debounce,
+    /// The validating admission webhook; `None`: not served.
+    pub webhook: Option<WebhookConfig>,
     /// The Kubernetes client for the Kubernetes source and TokenReview;
     /// `None`: in-cluster config or KUBECONFIG, made when needed.
     pub kube_client: Option<kube::Client>,
+}
+
+impl AppConfig {
+    /// Every listener on an ephemeral loopback port, no webhook, no
+    /// Kubernetes client given: istiod embedded in tests and benchmarks.
+    pub fn on_loopback(source: Source, tokens: TokenSource, ca: CaConfig) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        AppConfig {
+            source,
+            tokens,
+            ca,
+            grpc: GrpcConfig {
+                tls_addr: loopback,
+                ..GrpcConfig::default()
+            },
+            monitoring_addr: loopback,
+            mesh: MeshConfig::default(),
+            debounce: Debounce::default(),
+            webhook: None,
+            kube_client: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -98,6 +127,7 @@ impl std::fmt::Debug for AppConfig {
             .field("monitoring_addr", &self.monitoring_addr)
             .field("mesh", &self.mesh)
             .field("debounce", &self.debounce)
+            .field("webhook", &self.webhook)
             .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
             .finish()
     }
@@ -117,6 +147,8 @@ pub enum AppError {
     Kubernetes(#[from] kube::Error),
     #[error("gRPC listeners (--grpc-addr, --plaintext-addr): {0}")]
     Grpc(#[from] GrpcError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     #[error("--monitoring-addr {addr}: could not listen: {source}")]
     MonitoringBind {
         addr: SocketAddr,
@@ -139,6 +171,8 @@ pub struct Addresses {
     pub grpc_tls: SocketAddr,
     pub grpc_plaintext: Option<SocketAddr>,
     pub monitoring: SocketAddr,
+    /// The validating webhook's HTTPS listener, when served.
+    pub webhook: Option<SocketAddr>,
 }
 
 /// A running istiod-rs.
@@ -178,6 +212,7 @@ impl App {
             monitoring_addr,
             mesh,
             debounce,
+            webhook,
             kube_client,
         } = config;
 
@@ -213,6 +248,21 @@ impl App {
 
         // Listeners first: a taken port fails start-up before anything runs.
         let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        // The webhook presents the same serving certificate as 15012.
+        let webhook_metrics = WebhookMetrics::default();
+        webhook_metrics.register(&mut registry);
+        let webhook_server = match &webhook {
+            Some(config) => Some(
+                WebhookServer::bind(
+                    config,
+                    grpc_server.serving_cert().clone(),
+                    &mesh.root_namespace,
+                    webhook_metrics,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
             AppError::MonitoringBind {
                 addr: monitoring_addr,
@@ -228,7 +278,10 @@ impl App {
                     source,
                 }
             })?,
+            webhook: webhook_server.as_ref().map(WebhookServer::addr),
         };
+        let root_namespace = mesh.root_namespace.clone();
+        let shutdown = CancellationToken::new();
 
         // Cluster state.
         let (store, mut background) = match source {
@@ -241,7 +294,19 @@ impl App {
             Source::Kubernetes => {
                 let store = Store::new();
                 let client = kube.expect("a client was made for the Kubernetes source");
-                let tasks = state::kube::spawn(client, store.clone());
+                let mut tasks = state::kube::spawn(client.clone(), store.clone());
+                // The API server calls the webhook: keep its configuration
+                // pointed at istiod.
+                if let Some(webhook) = &webhook {
+                    let keeper = ConfigurationKeeper::new(
+                        client,
+                        &webhook.configuration_name,
+                        ca.roots_pem(),
+                        &root_namespace,
+                        (webhook.retry_min, webhook.retry_max),
+                    );
+                    tasks.push(tokio::spawn(keeper.run(shutdown.clone())));
+                }
                 (store, tasks)
             }
             Source::Store(store) => (store, Vec::new()),
@@ -268,7 +333,9 @@ impl App {
         let (published_tx, published) = watch::channel(false);
         background.push(tokio::spawn(first_snapshot(snapshots, published_tx)));
 
-        let shutdown = CancellationToken::new();
+        if let Some(server) = webhook_server {
+            background.push(tokio::spawn(server.serve(shutdown.clone())));
+        }
         let grpc = tokio::spawn(serve_grpc_when_published(
             grpc_server,
             tls_routes,
@@ -294,6 +361,9 @@ impl App {
                 .grpc_plaintext
                 .map_or_else(|| "off".to_string(), |a| a.to_string()),
             monitoring = %addresses.monitoring,
+            webhook = %addresses
+                .webhook
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
             root_cert = %root_cert.display(),
             "istiod-rs listening"
         );

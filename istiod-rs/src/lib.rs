@@ -14,4 +14,5 @@ pub mod monitoring;
 pub mod pipeline;
 pub mod snapshot;
 pub mod state;
+pub mod webhook;
 pub mod xds;

@@ -16,19 +16,17 @@ mod ca_client;
 #[path = "app_support/http_client.rs"]
 mod http_client;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::SpiffeId;
 use api::type_url::ADDRESS;
+use base64::Engine;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use istiod_rs::app::{App, AppConfig, Source, TokenSource};
 use istiod_rs::ca::CaConfig;
-use istiod_rs::grpc::GrpcConfig;
-use istiod_rs::index::MeshConfig;
-use istiod_rs::pipeline::Debounce;
+use istiod_rs::webhook::WebhookConfig;
 use kube::client::Body;
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
 use serde_json::{Value, json};
@@ -115,23 +113,94 @@ fn review(body: &Value) -> Value {
     })
 }
 
-/// Answers lists with [`items`], holds watches open, answers TokenReviews;
-/// reports each TokenReview body it received.
-fn api_server() -> (kube::Client, mpsc::UnboundedReceiver<Value>) {
+/// The webhook configuration as installed from
+/// `manifests/install/istiod-validating-webhook.yaml` (no caBundle,
+/// failurePolicy Ignore).
+fn installed_webhook_configuration() -> Value {
+    let mut installed = manifest_object("ValidatingWebhookConfiguration");
+    installed["metadata"]["resourceVersion"] = json!("1");
+    installed
+}
+
+/// The object of `kind` in the webhook's install manifest.
+fn manifest_object(kind: &str) -> Value {
+    let text = include_str!("../../manifests/install/istiod-validating-webhook.yaml");
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("the install manifest has a {kind}"))
+}
+
+/// A request that is not a read (its path checked by the server): method,
+/// query, content type, body.
+#[derive(Debug)]
+struct Write {
+    method: http::Method,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+const WEBHOOK_CONFIGURATION_PATH: &str =
+    "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations";
+
+/// Answers lists with [`items`] (and the installed webhook configuration),
+/// holds watches open, answers TokenReviews (reported on the first
+/// channel), applies strategic-merge patches of the webhook configuration
+/// and refuses dry-run AuthorizationPolicies as the webhook would (reported
+/// on the second).
+fn api_server() -> (
+    kube::Client,
+    mpsc::UnboundedReceiver<Value>,
+    mpsc::UnboundedReceiver<Write>,
+) {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let (reviews, reviewed) = mpsc::unbounded_channel();
+    let (writes, written) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut watches = Vec::new();
+        let mut configuration = installed_webhook_configuration();
         while let Some((request, respond)) = handle.next_request().await {
             let (parts, body) = request.into_parts();
             let path = parts.uri.path().to_string();
             let query = parts.uri.query().unwrap_or_default().to_string();
-            if parts.method == http::Method::POST {
+            if parts.method == http::Method::POST && path.ends_with("/tokenreviews") {
                 assert_eq!(path, "/apis/authentication.k8s.io/v1/tokenreviews");
                 let bytes = body.collect().await.unwrap().to_bytes();
                 let body: Value = serde_json::from_slice(&bytes).unwrap();
                 respond.send_response(json_response(201, review(&body)));
                 let _ = reviews.send(body);
+            } else if parts.method == http::Method::POST || parts.method == http::Method::PATCH {
+                let content_type = parts.headers[http::header::CONTENT_TYPE]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap();
+                if parts.method == http::Method::PATCH {
+                    assert_eq!(
+                        path,
+                        format!("{WEBHOOK_CONFIGURATION_PATH}/istio-validator-istio-system")
+                    );
+                    merge_webhooks(&mut configuration, &body);
+                    respond.send_response(json_response(200, configuration.clone()));
+                } else {
+                    assert_eq!(
+                        path,
+                        "/apis/security.istio.io/v1/namespaces/istio-system/authorizationpolicies"
+                    );
+                    respond.send_response(json_response(400, json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "BadRequest", "code": 400,
+                        "message": "admission webhook \"validation.istio.io\" denied the request: AuthorizationPolicy istio-system/istiod-rs-webhook-probe: rules[0].to[0].operation.ports[0]: not a port",
+                    })));
+                }
+                let _ = writes.send(Write {
+                    method: parts.method,
+                    query,
+                    content_type,
+                    body,
+                });
             } else if query.contains("watch=true") {
                 // Nothing changes: the watch stays open.
                 watches.push(respond);
@@ -141,33 +210,58 @@ fn api_server() -> (kube::Client, mpsc::UnboundedReceiver<Value>) {
                     json!({
                         "apiVersion": "v1", "kind": "List",
                         "metadata": {"resourceVersion": "1"},
-                        "items": items(&path),
+                        "items": if path == WEBHOOK_CONFIGURATION_PATH {
+                            vec![configuration.clone()]
+                        } else {
+                            items(&path)
+                        },
                     }),
                 ));
             }
         }
     });
-    (kube::Client::new(service, "default"), reviewed)
+    (kube::Client::new(service, "default"), reviewed, written)
+}
+
+/// A strategic merge of `patch` into the configuration's webhooks (merge
+/// key: name), as the API server does; bumps the resource version.
+fn merge_webhooks(configuration: &mut Value, patch: &Value) {
+    let version: u64 = configuration["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        patch["metadata"]["resourceVersion"],
+        json!(version.to_string()),
+        "patches carry the version they were computed from"
+    );
+    for change in patch["webhooks"].as_array().unwrap() {
+        let webhooks = configuration["webhooks"].as_array_mut().unwrap();
+        let webhook = webhooks
+            .iter_mut()
+            .find(|w| w["name"] == change["name"])
+            .unwrap();
+        if let Some(bundle) = change["clientConfig"].get("caBundle") {
+            webhook["clientConfig"]["caBundle"] = bundle.clone();
+        }
+        if let Some(policy) = change.get("failurePolicy") {
+            webhook["failurePolicy"] = policy.clone();
+        }
+    }
+    configuration["metadata"]["resourceVersion"] = json!((version + 1).to_string());
 }
 
 async fn start(client: kube::Client, dir: &std::path::Path) -> App {
     proxy_core::tls::install_default_provider();
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let app = App::start(AppConfig {
-        source: Source::Kubernetes,
-        tokens: TokenSource::TokenReview(Default::default()),
-        ca: CaConfig::new("cluster.local", dir.join("data")),
-        grpc: GrpcConfig {
-            tls_addr: loopback,
-            ..GrpcConfig::default()
-        },
-        monitoring_addr: loopback,
-        mesh: MeshConfig::default(),
-        debounce: Debounce::default(),
-        kube_client: Some(client),
-    })
-    .await
-    .unwrap();
+    let mut config = AppConfig::on_loopback(
+        Source::Kubernetes,
+        TokenSource::TokenReview(Default::default()),
+        CaConfig::new("cluster.local", dir.join("data")),
+    );
+    config.webhook = Some(WebhookConfig::on_loopback());
+    config.kube_client = Some(client);
+    let app = App::start(config).await.unwrap();
     tokio::time::timeout(PATIENCE, app.ready())
         .await
         .expect("ready once every kind is listed");
@@ -176,7 +270,7 @@ async fn start(client: kube::Client, dir: &std::path::Path) -> App {
 
 #[tokio::test]
 async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
-    let (client, mut reviews) = api_server();
+    let (client, mut reviews, _writes) = api_server();
     let dir = tempfile::tempdir().unwrap();
     let app = start(client, dir.path()).await;
 
@@ -234,7 +328,7 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
 /// once however many requests carry it.
 #[tokio::test]
 async fn the_ca_binds_node_agents_to_their_pods_node_and_reviews_each_token_once() {
-    let (client, mut reviews) = api_server();
+    let (client, mut reviews, _writes) = api_server();
     let dir = tempfile::tempdir().unwrap();
     let app = start(client, dir.path()).await;
     let roots = proxy_core::tls::load_pem_certificates(app.root_cert_path()).unwrap();
@@ -298,4 +392,74 @@ async fn the_ca_binds_node_agents_to_their_pods_node_and_reviews_each_token_once
     }
     reviewed.sort();
     assert_eq!(reviewed, [NODE_A_TOKEN, NODE_B_TOKEN, OLD_POD_TOKEN]);
+}
+
+/// Kubernetes mode keeps the ValidatingWebhookConfiguration pointed at
+/// istiod: the mesh root as every webhook's caBundle, then, once a dry run
+/// of an invalid AuthorizationPolicy is denied by the webhook, failurePolicy
+/// Fail. The exact patches, in order.
+#[tokio::test]
+async fn kubernetes_mode_points_the_webhook_configuration_at_istiod() {
+    let (client, _reviews, mut writes) = api_server();
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(client, dir.path()).await;
+    let bundle = base64::engine::general_purpose::STANDARD.encode(app.ca().roots_pem());
+    let mut next = async || {
+        tokio::time::timeout(PATIENCE, writes.recv())
+            .await
+            .expect("the next write")
+            .unwrap()
+    };
+
+    let first = next().await;
+    assert_eq!(first.method, http::Method::PATCH);
+    assert!(
+        first
+            .query
+            .split('&')
+            .any(|p| p == "fieldManager=istiod-rs"),
+        "{}",
+        first.query
+    );
+    assert_eq!(first.content_type, "application/strategic-merge-patch+json");
+    assert_eq!(
+        first.body,
+        json!({
+            "metadata": {"resourceVersion": "1"},
+            "webhooks": [{"name": "validation.istio.io", "clientConfig": {"caBundle": bundle}}],
+        })
+    );
+
+    let probe = next().await;
+    assert_eq!(probe.method, http::Method::POST);
+    assert!(
+        probe.query.split('&').any(|p| p == "dryRun=All"),
+        "{}",
+        probe.query
+    );
+    assert_eq!(
+        probe.body["metadata"],
+        json!({"name": "istiod-rs-webhook-probe", "namespace": "istio-system"})
+    );
+    assert_eq!(
+        probe.body["spec"]["rules"],
+        json!([{"to": [{"operation": {"ports": ["istiod-rs-probe-not-a-port"]}}]}])
+    );
+
+    let second = next().await;
+    assert_eq!(second.method, http::Method::PATCH);
+    assert_eq!(
+        second.body,
+        json!({
+            "metadata": {"resourceVersion": "2"},
+            "webhooks": [{
+                "name": "validation.istio.io",
+                "clientConfig": {"caBundle": bundle},
+                "failurePolicy": "Fail",
+            }],
+        })
+    );
+    app.shutdown().await;
+    // Settled: nothing more to change.
+    assert!(writes.try_recv().is_err());
 }
