@@ -6,6 +6,9 @@ pub const ISTIOD_PLAINTEXT: u16 = 15010;
 pub const ISTIOD_TLS: u16 = 15012;
 /// istiod: HTTP monitoring (`/metrics`, `/ready`, `/debug/*`).
 pub const ISTIOD_MONITORING: u16 = 15014;
+/// istiod: the validating admission webhook over HTTPS (the `istiod`
+/// Service's port 443 targets it).
+pub const ISTIOD_WEBHOOK: u16 = 15017;
 
 /// ztunnel: outbound capture, inside each pod netns.
 pub const ZTUNNEL_OUTBOUND: u16 = 15001;

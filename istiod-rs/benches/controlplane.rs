@@ -36,11 +36,8 @@ use api::manifest::{Object, ObjectKey};
 use api::type_url::{ADDRESS, AUTHORIZATION};
 use istiod_rs::app::{App, AppConfig, Source, TokenSource};
 use istiod_rs::ca::CaConfig;
-use istiod_rs::grpc::GrpcConfig;
 use istiod_rs::index::{self, MeshConfig};
-use istiod_rs::pipeline::Debounce;
 use istiod_rs::state::Store;
-use istiod_rs::status::StatusConfig;
 use prost::Message;
 use proxy_core::identity::ControlPlane;
 use serde_json::json;
@@ -240,23 +237,13 @@ async fn istiod_process(sizes: Sizes) -> Result<()> {
     let store = Store::new();
     store.update(|s| *s = state);
     store.mark_synced();
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let app = App::start(AppConfig {
-        source: Source::Store(store.clone()),
-        tokens: TokenSource::File(tokens_file),
-        ca: CaConfig::new("cluster.local", dir.path().join("data")),
-        grpc: GrpcConfig {
-            tls_addr: loopback,
-            plaintext_addr: None,
-            ..GrpcConfig::default()
-        },
-        monitoring_addr: loopback,
-        mesh: mesh.clone(),
-        debounce: Debounce::default(),
-        status: StatusConfig::default(),
-        kube_client: None,
-    })
-    .await?;
+    let mut config = AppConfig::on_loopback(
+        Source::Store(store.clone()),
+        TokenSource::File(tokens_file),
+        CaConfig::new("cluster.local", dir.path().join("data")),
+    );
+    config.mesh = mesh.clone();
+    let app = App::start(config).await?;
     app.ready().await;
     let addresses = app.addresses();
     say(format!(

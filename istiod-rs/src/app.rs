@@ -10,6 +10,9 @@
 //!                                                     |
 //! gRPC 15012 TLS   : CA + delta ADS (bearer token required)
 //! gRPC 15010 plain : CA + delta ADS (token optional; only with --plaintext)
+//! HTTPS 15017      : POST /validate, the validating admission webhook
+//!                    (Kubernetes mode; its ValidatingWebhookConfiguration is
+//!                    kept pointed at istiod)
 //! HTTP 15014       : /metrics /ready /debug/syncz /debug/config_dump
 //! ```
 //!
@@ -37,8 +40,9 @@ use tracing::{info, warn};
 
 use crate::auth::Authenticator;
 use crate::auth::token_file::{TokenFile, TokenFileError};
-use crate::auth::token_review::TokenReviewAuthenticator;
-use crate::ca::service::{CertificateService, NodeLookup};
+use crate::auth::token_review::{TokenReviewAuthenticator, TokenReviewConfig};
+use crate::ca::impersonation::NodeLookup;
+use crate::ca::service::CertificateService;
 use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
 use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use crate::index::{MeshConfig, json};
@@ -48,6 +52,8 @@ use crate::snapshot::Snapshot;
 use crate::state::directory::DirectorySource;
 use crate::state::{self, Store};
 use crate::status::{self, StatusConfig, StatusMetrics};
+use crate::webhook::configuration::ConfigurationKeeper;
+use crate::webhook::{WebhookConfig, WebhookError, WebhookMetrics, WebhookServer};
 use crate::xds::{Authentication, SyncStatus, XdsServer};
 
 pub use args::Args;
@@ -72,7 +78,7 @@ pub enum TokenSource {
     /// Local mode: a token file (see [`crate::auth::token_file`]).
     File(PathBuf),
     /// Kubernetes TokenReview, audience `istio-ca`.
-    TokenReview,
+    TokenReview(TokenReviewConfig),
 }
 
 /// Everything istiod-rs is started with; [`Args`] builds it from flags.
@@ -87,9 +93,34 @@ pub struct AppConfig {
     pub debounce: Debounce,
     /// How status writes are retried.
     pub status: StatusConfig,
+    /// The validating admission webhook; `None`: not served.
+    pub webhook: Option<WebhookConfig>,
     /// The Kubernetes client for the Kubernetes source and TokenReview;
     /// `None`: in-cluster config or KUBECONFIG, made when needed.
     pub kube_client: Option<kube::Client>,
+}
+
+impl AppConfig {
+    /// Every listener on an ephemeral loopback port, no webhook, no
+    /// Kubernetes client given: istiod embedded in tests and benchmarks.
+    pub fn on_loopback(source: Source, tokens: TokenSource, ca: CaConfig) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        AppConfig {
+            source,
+            tokens,
+            ca,
+            grpc: GrpcConfig {
+                tls_addr: loopback,
+                ..GrpcConfig::default()
+            },
+            monitoring_addr: loopback,
+            mesh: MeshConfig::default(),
+            debounce: Debounce::default(),
+            status: StatusConfig::default(),
+            webhook: None,
+            kube_client: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -103,6 +134,7 @@ impl std::fmt::Debug for AppConfig {
             .field("mesh", &self.mesh)
             .field("debounce", &self.debounce)
             .field("status", &self.status)
+            .field("webhook", &self.webhook)
             .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
             .finish()
     }
@@ -122,6 +154,8 @@ pub enum AppError {
     Kubernetes(#[from] kube::Error),
     #[error("gRPC listeners (--grpc-addr, --plaintext-addr): {0}")]
     Grpc(#[from] GrpcError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     #[error("--monitoring-addr {addr}: could not listen: {source}")]
     MonitoringBind {
         addr: SocketAddr,
@@ -144,6 +178,8 @@ pub struct Addresses {
     pub grpc_tls: SocketAddr,
     pub grpc_plaintext: Option<SocketAddr>,
     pub monitoring: SocketAddr,
+    /// The validating webhook's HTTPS listener, when served.
+    pub webhook: Option<SocketAddr>,
 }
 
 /// A running istiod-rs.
@@ -184,6 +220,7 @@ impl App {
             mesh,
             debounce,
             status: status_config,
+            webhook,
             kube_client,
         } = config;
 
@@ -193,24 +230,47 @@ impl App {
 
         // Kubernetes client, only when something needs one.
         let needs_kube =
-            matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview);
+            matches!(source, Source::Kubernetes) || matches!(tokens, TokenSource::TokenReview(_));
         let kube = match kube_client {
             Some(client) if needs_kube => Some(client),
             None if needs_kube => Some(kube::Client::try_default().await?),
             _ => None,
         };
 
+        // One registry for every metric; complete before it is shared.
+        let mut registry = Registry::default();
+
         // Authentication of every gRPC caller.
         let authenticator: Arc<dyn Authenticator> = match &tokens {
             TokenSource::File(path) => Arc::new(TokenFile::open(path, ca.trust_domain())?),
-            TokenSource::TokenReview => Arc::new(TokenReviewAuthenticator::new(
-                kube.clone().expect("a client was made for TokenReview"),
-                ca.trust_domain(),
-            )),
+            TokenSource::TokenReview(config) => {
+                let reviews = TokenReviewAuthenticator::new(
+                    kube.clone().expect("a client was made for TokenReview"),
+                    ca.trust_domain(),
+                    config,
+                );
+                reviews.register(&mut registry);
+                Arc::new(reviews)
+            }
         };
 
         // Listeners first: a taken port fails start-up before anything runs.
         let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        // The webhook presents the same serving certificate as 15012.
+        let webhook_metrics = WebhookMetrics::default();
+        webhook_metrics.register(&mut registry);
+        let webhook_server = match &webhook {
+            Some(config) => Some(
+                WebhookServer::bind(
+                    config,
+                    grpc_server.serving_cert().clone(),
+                    &mesh.root_namespace,
+                    webhook_metrics,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
             AppError::MonitoringBind {
                 addr: monitoring_addr,
@@ -226,7 +286,10 @@ impl App {
                     source,
                 }
             })?,
+            webhook: webhook_server.as_ref().map(WebhookServer::addr),
         };
+        let root_namespace = mesh.root_namespace.clone();
+        let shutdown = CancellationToken::new();
 
         // Cluster state, and where statuses are written.
         let (store, mut background, status_sink) = match source {
@@ -245,15 +308,25 @@ impl App {
                     store.clone(),
                     status::system_clock(),
                 ));
-                let tasks = state::kube::spawn(client, store.clone());
+                let mut tasks = state::kube::spawn(client.clone(), store.clone());
+                // The API server calls the webhook: keep its configuration
+                // pointed at istiod.
+                if let Some(webhook) = &webhook {
+                    let keeper = ConfigurationKeeper::new(
+                        client,
+                        &webhook.configuration_name,
+                        ca.roots_pem(),
+                        &root_namespace,
+                        (webhook.retry_min, webhook.retry_max),
+                    );
+                    tasks.push(tokio::spawn(keeper.run(shutdown.clone())));
+                }
                 (store, tasks, Some(sink))
             }
             // Its owner writes no statuses.
             Source::Store(store) => (store, Vec::new(), None),
         };
 
-        // One registry for every metric; complete before it is shared.
-        let mut registry = Registry::default();
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
         let (outputs, pipeline) = pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
@@ -285,7 +358,9 @@ impl App {
         let (published_tx, published) = watch::channel(false);
         background.push(tokio::spawn(first_snapshot(snapshots, published_tx)));
 
-        let shutdown = CancellationToken::new();
+        if let Some(server) = webhook_server {
+            background.push(tokio::spawn(server.serve(shutdown.clone())));
+        }
         let grpc = tokio::spawn(serve_grpc_when_published(
             grpc_server,
             tls_routes,
@@ -311,6 +386,9 @@ impl App {
                 .grpc_plaintext
                 .map_or_else(|| "off".to_string(), |a| a.to_string()),
             monitoring = %addresses.monitoring,
+            webhook = %addresses
+                .webhook
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
             root_cert = %root_cert.display(),
             "istiod-rs listening"
         );

@@ -1,8 +1,9 @@
 //! Who is calling: bearer tokens on the gRPC services (CA and xDS) are
 //! turned into a [`Caller`] by an [`Authenticator`]: Kubernetes TokenReview
-//! in kube mode ([`token_review`]), a token file in local mode
-//! ([`token_file`]).
+//! in kube mode ([`token_review`], its answers kept a short while by
+//! [`review_cache`]), a token file in local mode ([`token_file`]).
 
+pub mod review_cache;
 pub mod token_file;
 pub mod token_review;
 
@@ -18,9 +19,33 @@ use api::SpiffeId;
 pub struct Caller {
     /// The caller's own workload identity (from its service account).
     pub identity: SpiffeId,
-    /// The node the caller runs on, when known (bound tokens carry it). A
-    /// node agent may only ask for identities of pods on this node.
+    /// The pod the caller's token is bound to (the `pod-name` / `pod-uid`
+    /// extras of a bound service-account token), in the identity's
+    /// namespace. The CA finds the caller's node through it.
+    pub pod: Option<CallerPod>,
+    /// The node the caller's credential names: a token file entry's
+    /// `node`, or the `node-name` extra (Kubernetes 1.30+ bound tokens).
     pub node: Option<String>,
+}
+
+impl Caller {
+    /// A caller known only by its identity.
+    pub fn new(identity: SpiffeId) -> Self {
+        Caller {
+            identity,
+            pod: None,
+            node: None,
+        }
+    }
+}
+
+/// The pod a caller's token is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerPod {
+    pub name: String,
+    /// The uid of the pod the token was issued for: a pod recreated with
+    /// the same name has another.
+    pub uid: String,
 }
 
 /// A Kubernetes service account, written `<namespace>/<name>`: how the
@@ -78,7 +103,7 @@ impl FromStr for ServiceAccount {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token: send `authorization: Bearer <token>`")]
     MissingToken,

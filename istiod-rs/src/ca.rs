@@ -7,6 +7,7 @@
 //! The CSR contributes its public key and nothing else ([`csr`]).
 
 pub mod csr;
+pub mod impersonation;
 pub mod root;
 pub mod service;
 pub mod signature;

@@ -192,6 +192,7 @@ impl GrpcServer {
             tls,
             acceptor,
             config.handshake_timeout,
+            "gRPC",
             tx,
             shutdown.clone(),
         ));
@@ -255,11 +256,14 @@ where
         .map_err(|source| GrpcError::Serve { addr, source })
 }
 
-/// Accepts TCP connections and hands each finished TLS handshake to tonic.
-async fn accept_tls(
+/// Accepts TCP connections and hands each finished TLS handshake on
+/// (to tonic, or to the webhook's HTTP server). Each handshake runs in its
+/// own task under `handshake_timeout`; `port` names the listener in logs.
+pub(crate) async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    port: &'static str,
     connections: mpsc::Sender<io::Result<TlsConnection>>,
     shutdown: CancellationToken,
 ) {
@@ -272,7 +276,7 @@ async fn accept_tls(
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: back off, keep going.
-                tracing::warn!(%error, "accepting a gRPC connection failed");
+                tracing::warn!(%error, port, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -290,10 +294,10 @@ async fn accept_tls(
                     let _ = connections.send(Ok(TlsConnection { stream, info })).await;
                 }
                 Ok(Err(error)) => {
-                    tracing::info!(%peer, %error, "TLS handshake on the gRPC port failed");
+                    tracing::info!(%peer, %error, port, "TLS handshake failed");
                 }
                 Err(_) => {
-                    tracing::info!(%peer, timeout = ?handshake_timeout, "TLS handshake on the gRPC port timed out");
+                    tracing::info!(%peer, timeout = ?handshake_timeout, port, "TLS handshake timed out");
                 }
             }
         });
@@ -302,9 +306,16 @@ async fn accept_tls(
 
 /// A server-side TLS connection, with the addresses tonic exposes to
 /// handlers (`Request::remote_addr`).
-struct TlsConnection {
+pub(crate) struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: TcpConnectInfo,
+}
+
+impl TlsConnection {
+    /// The client's address.
+    pub(crate) fn peer(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
 }
 
 impl Connected for TlsConnection {

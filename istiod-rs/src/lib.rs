@@ -16,4 +16,5 @@ pub mod pipeline;
 pub mod snapshot;
 pub mod state;
 pub mod status;
+pub mod webhook;
 pub mod xds;

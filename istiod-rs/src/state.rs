@@ -249,10 +249,26 @@ impl Store {
 }
 
 /// The CA's pod -> node lookup is the cluster state itself.
-impl crate::ca::service::NodeLookup for Store {
+impl crate::ca::impersonation::NodeLookup for Store {
     fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
         self.read()
             .has_pod_on_node(namespace, service_account, node)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> crate::ca::impersonation::PodLookup {
+        use crate::ca::impersonation::{PodLookup, PodPlacement};
+        // Read `synced` first: a pod missing from a state that was synced
+        // when we looked is really missing.
+        let synced = self.is_synced();
+        match self.read().pods.get(&ObjectKey::new(namespace, name)) {
+            Some(pod) => PodLookup::Found(PodPlacement {
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                service_account: pod_service_account(pod).to_string(),
+                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            }),
+            None if synced => PodLookup::Missing,
+            None => PodLookup::NotSynced,
+        }
     }
 }
 
@@ -286,6 +302,33 @@ mod tests {
         // Namespaces are matched exactly, not by prefix.
         assert!(!store.has_pod_on_node("shop", "web", "node-c"));
         assert!(store.has_pod_on_node("shopping", "web", "node-c"));
+    }
+
+    #[test]
+    fn looks_up_a_pod_for_the_ca_once_synced() {
+        use crate::ca::impersonation::{NodeLookup, PodLookup, PodPlacement};
+        let store = Store::new();
+        store.update(|s| {
+            s.apply(pod(
+                "istio-system",
+                "ztunnel-1",
+                Some("ztunnel"),
+                "node-a",
+                "Running",
+            ))
+        });
+        // Before the source synced, absence proves nothing.
+        assert_eq!(store.pod("istio-system", "ztunnel-2"), PodLookup::NotSynced);
+        store.mark_synced();
+        assert_eq!(store.pod("istio-system", "ztunnel-2"), PodLookup::Missing);
+        assert_eq!(
+            store.pod("istio-system", "ztunnel-1"),
+            PodLookup::Found(PodPlacement {
+                uid: String::new(),
+                service_account: "ztunnel".into(),
+                node: Some("node-a".into()),
+            })
+        );
     }
 
     #[test]

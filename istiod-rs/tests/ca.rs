@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use istiod_rs::auth::token_file::TokenFile;
+use istiod_rs::ca::impersonation::StaticNodeLookup;
 use istiod_rs::ca::root::{self, RootError};
-use istiod_rs::ca::service::{CaMetrics, CertificateService, Outcome, StaticNodeLookup};
+use istiod_rs::ca::service::{CaMetrics, CertificateService, Outcome};
 use istiod_rs::ca::{CaConfig, CaError, CertificateAuthority};
 use istiod_rs::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use prometheus_client::registry::Registry;
@@ -53,8 +54,8 @@ impl Istiod {
         }
         let auth = Arc::new(TokenFile::open(&tokens, TD).unwrap());
         let nodes = Arc::new(StaticNodeLookup::default());
-        nodes.add("demo", "server", "node-1");
-        nodes.add("demo", "remote", "node-2");
+        nodes.add("demo", "server-1", "server", "node-1");
+        nodes.add("demo", "remote-1", "remote", "node-2");
         let mut registry = Registry::default();
         let service = CertificateService::new(ca.clone(), auth, nodes, &mut registry);
         let metrics = service.metrics().clone();

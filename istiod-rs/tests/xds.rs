@@ -90,6 +90,7 @@ impl Authenticator for Tokens {
 fn tokens() -> Arc<Tokens> {
     let caller = Caller {
         identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
+        pod: None,
         node: Some("node1".into()),
     };
     Arc::new(Tokens(HashMap::from([("tok-node1".to_string(), caller)])))

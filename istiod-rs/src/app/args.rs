@@ -10,11 +10,13 @@ use clap::Parser;
 
 use super::{AppConfig, AppError, Source, TokenSource};
 use crate::auth::ServiceAccount;
+use crate::auth::token_review::TokenReviewConfig;
 use crate::ca::{CaConfig, root};
 use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
 use crate::pipeline::Debounce;
 use crate::status::StatusConfig;
+use crate::webhook::{DEFAULT_CONFIGURATION_NAME, DEFAULT_MAX_BODY_BYTES, WebhookConfig};
 
 /// Where upstream mounts a plug-in CA; used when it holds a signing key.
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
@@ -64,6 +66,18 @@ pub struct Args {
     /// Longest workload certificate lifetime granted (e.g. 90d).
     #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "90d", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
+    /// Kubernetes mode: a TokenReview not answered within this fails the
+    /// request (the proxy retries).
+    #[arg(long, env = "TOKEN_REVIEW_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub token_review_timeout: Duration,
+    /// Kubernetes mode: how long an accepted token's TokenReview is reused
+    /// (never beyond the token's expiry; rejections are never reused; 0:
+    /// review every request).
+    #[arg(long, env = "TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub token_review_cache_ttl: Duration,
+    /// Kubernetes mode: at most this many TokenReview answers are kept.
+    #[arg(long, env = "TOKEN_REVIEW_CACHE_SIZE", default_value_t = 10_000)]
+    pub token_review_cache_size: usize,
     /// Service accounts (`<namespace>/<name>`) whose callers may ask for the
     /// certificates of pods on their own node. Repeat for more.
     #[arg(long, value_name = "NS/SA", default_value = "istio-system/ztunnel")]
@@ -77,6 +91,23 @@ pub struct Args {
     /// Serve gRPC in plaintext on this address (implies --plaintext).
     #[arg(long, env = "PLAINTEXT_ADDR")]
     pub plaintext_addr: Option<SocketAddr>,
+    /// The validating admission webhook (HTTPS, POST /validate). Kubernetes
+    /// mode serves it on 0.0.0.0:15017 unless told otherwise; local mode
+    /// only when this is given.
+    #[arg(long, env = "WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// Kubernetes mode: the ValidatingWebhookConfiguration whose caBundle
+    /// (and, once the webhook is seen working, failurePolicy: Fail)
+    /// istiod-rs keeps up to date.
+    #[arg(long, env = "WEBHOOK_CONFIG_NAME", default_value = DEFAULT_CONFIGURATION_NAME)]
+    pub webhook_config_name: String,
+    /// Largest AdmissionReview body the webhook reads, in bytes (413 beyond).
+    #[arg(long, env = "WEBHOOK_MAX_BODY", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub webhook_max_body: usize,
+    /// The webhook's TLS handshake, request headers and request body must
+    /// each arrive within this.
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
     /// HTTP: /metrics, /ready, /debug/syncz, /debug/config_dump.
     #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     pub monitoring_addr: SocketAddr,
@@ -156,7 +187,11 @@ impl Args {
                     "required with --config-dir (local mode has no TokenReview): give a YAML file `tokens: [{token, serviceAccount, node}]`".into(),
                 ));
             }
-            (None, None) => TokenSource::TokenReview,
+            (None, None) => TokenSource::TokenReview(TokenReviewConfig {
+                timeout: self.token_review_timeout,
+                cache_ttl: self.token_review_cache_ttl,
+                cache_capacity: self.token_review_cache_size,
+            }),
         };
         let plugin_dir = match self.cacerts_dir {
             Some(dir) if !dir.is_dir() => {
@@ -201,6 +236,19 @@ impl Args {
             extra_dns_names: self.extra_dns_name,
             ..GrpcConfig::default()
         };
+        let webhook_addr = match (self.webhook_addr, &source) {
+            (Some(addr), _) => Some(addr),
+            (None, Source::Kubernetes) => Some(WebhookConfig::default().addr),
+            (None, _) => None,
+        };
+        let webhook = webhook_addr.map(|addr| WebhookConfig {
+            addr,
+            handshake_timeout: self.webhook_timeout,
+            request_timeout: self.webhook_timeout,
+            max_body_bytes: self.webhook_max_body,
+            configuration_name: self.webhook_config_name,
+            ..WebhookConfig::default()
+        });
         let mesh = MeshConfig {
             trust_domain: self.trust_domain,
             cluster_id: self.cluster_id,
@@ -220,6 +268,7 @@ impl Args {
                 retry_min: self.status_retry_min,
                 retry_max: self.status_retry_max.max(self.status_retry_min),
             },
+            webhook,
             kube_client: None,
         })
     }
@@ -330,6 +379,22 @@ mod tests {
         assert!(matches!(config.source, Source::Directory { .. }));
         assert!(matches!(config.tokens, TokenSource::File(_)));
         assert_eq!(config.grpc.plaintext_addr, None);
+        assert_eq!(config.webhook, None, "no API server calls it in local mode");
+        let config = args(&[
+            "--config-dir",
+            d,
+            "--token-file",
+            "t",
+            "--webhook-addr",
+            "127.0.0.1:7017",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            config.webhook.unwrap().addr,
+            "127.0.0.1:7017".parse().unwrap()
+        );
     }
 
     #[test]
@@ -339,11 +404,15 @@ mod tests {
             .into_config()
             .unwrap();
         assert!(matches!(config.source, Source::Kubernetes));
-        assert!(matches!(config.tokens, TokenSource::TokenReview));
+        assert!(matches!(
+            config.tokens,
+            TokenSource::TokenReview(ref r) if *r == TokenReviewConfig::default()
+        ));
         assert_eq!(
             config.grpc.plaintext_addr,
             Some("0.0.0.0:15010".parse().unwrap())
         );
+        assert_eq!(config.webhook, Some(WebhookConfig::default()));
         assert!(
             config
                 .grpc
@@ -357,6 +426,55 @@ mod tests {
         assert_eq!(
             config.grpc.plaintext_addr,
             Some("127.0.0.1:7010".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn webhook_flags() {
+        let config = args(&[
+            "--webhook-addr",
+            "127.0.0.1:9443",
+            "--webhook-config-name",
+            "my-validator",
+            "--webhook-max-body",
+            "1024",
+            "--webhook-timeout",
+            "3s",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let webhook = config.webhook.unwrap();
+        assert_eq!(webhook.addr, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(webhook.configuration_name, "my-validator");
+        assert_eq!(webhook.max_body_bytes, 1024);
+        assert_eq!(webhook.request_timeout, Duration::from_secs(3));
+        assert_eq!(webhook.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn token_review_flags() {
+        let config = args(&[
+            "--token-review-cache-ttl",
+            "0",
+            "--token-review-cache-size",
+            "5",
+            "--token-review-timeout",
+            "2s",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let TokenSource::TokenReview(review) = config.tokens else {
+            panic!("Kubernetes mode reviews tokens");
+        };
+        assert_eq!(
+            review,
+            TokenReviewConfig {
+                timeout: Duration::from_secs(2),
+                cache_ttl: Duration::ZERO,
+                cache_capacity: 5,
+            }
         );
     }
 

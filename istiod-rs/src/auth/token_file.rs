@@ -212,7 +212,14 @@ fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Table, TokenFile
                 format!("the same token as tokens[{first}]; each token names one caller"),
             ));
         }
-        table.insert(digest, Caller { identity, node });
+        table.insert(
+            digest,
+            Caller {
+                identity,
+                pod: None,
+                node,
+            },
+        );
     }
     Ok(table)
 }

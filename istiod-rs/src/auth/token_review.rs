@@ -3,54 +3,121 @@
 //!
 //! Only an authenticated review whose audiences include `istio-ca` and
 //! whose user is `system:serviceaccount:<ns>:<sa>` is accepted. Bound
-//! tokens of pods carry their node, which is what lets a node agent ask for
-//! the identities of pods on its own node.
+//! tokens name the pod they were issued to (`pod-name`, `pod-uid` extras,
+//! every supported Kubernetes version) and, from Kubernetes 1.30, its node
+//! (`node-name`): what lets the CA bind a node agent to its node.
+//!
+//! Answers are kept a short while ([`ReviewCache`]), so a fleet
+//! reconnecting at once costs one review per token.
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
+use prometheus_client::registry::Registry;
 
-use super::{AuthError, AuthFuture, Authenticator, Caller};
+use super::review_cache::ReviewCache;
+use super::{AuthError, AuthFuture, Authenticator, Caller, CallerPod};
 
-/// The key under which bound service-account tokens carry the pod's node.
+/// The key under which bound service-account tokens carry the pod's node
+/// (Kubernetes 1.30+).
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The keys under which bound service-account tokens carry their pod.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
-/// A review that takes longer than this fails the request (UNAVAILABLE);
-/// the proxy retries.
-const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How tokens are reviewed; part of istiod-rs's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenReviewConfig {
+    /// A review that takes longer fails the request (UNAVAILABLE); the
+    /// proxy retries.
+    pub timeout: Duration,
+    /// How long an accepted token's review is reused (zero: never).
+    pub cache_ttl: Duration,
+    /// At most this many reviews are kept.
+    pub cache_capacity: usize,
+}
+
+impl Default for TokenReviewConfig {
+    fn default() -> Self {
+        TokenReviewConfig {
+            timeout: Duration::from_secs(10),
+            cache_ttl: Duration::from_secs(60),
+            cache_capacity: 10_000,
+        }
+    }
+}
 
 /// Authenticates bearer tokens with the Kubernetes TokenReview API.
-#[derive(Clone)]
+#[derive(Debug)]
 pub struct TokenReviewAuthenticator {
+    reviewer: Reviewer,
+    cache: ReviewCache,
+}
+
+/// What one review needs; cloned into each review's future.
+#[derive(Clone)]
+struct Reviewer {
     api: Api<TokenReview>,
     trust_domain: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Reviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reviewer")
+            .field("trust_domain", &self.trust_domain)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenReviewAuthenticator {
-    pub fn new(client: kube::Client, trust_domain: impl Into<String>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        trust_domain: impl Into<String>,
+        config: &TokenReviewConfig,
+    ) -> Self {
         TokenReviewAuthenticator {
-            api: Api::all(client),
-            trust_domain: trust_domain.into(),
+            reviewer: Reviewer {
+                api: Api::all(client),
+                trust_domain: trust_domain.into(),
+                timeout: config.timeout,
+            },
+            cache: ReviewCache::new(config.cache_ttl, config.cache_capacity),
         }
     }
 
-    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+    /// Registers the cache's metrics.
+    pub fn register(&self, registry: &mut Registry) {
+        self.cache.register(registry);
+    }
+
+    pub fn cache(&self) -> &ReviewCache {
+        &self.cache
+    }
+}
+
+impl Reviewer {
+    async fn review(self, token: String) -> Result<Caller, AuthError> {
         let request = TokenReview {
             spec: TokenReviewSpec {
-                token: token.to_string(),
+                token,
                 audiences: Some(vec![api::labels::CA_TOKEN_AUDIENCE.to_string()]),
             },
             ..Default::default()
         };
+        let timeout = self.timeout;
         let reviewed = tokio::time::timeout(
-            REVIEW_TIMEOUT,
+            timeout,
             self.api.create(&PostParams::default(), &request),
         )
         .await
         .map_err(|_| {
             AuthError::Backend(format!(
-                "the Kubernetes API did not answer the TokenReview within {REVIEW_TIMEOUT:?}"
+                "the Kubernetes API did not answer the TokenReview within {timeout:?} (--token-review-timeout)"
             ))
         })?
         .map_err(|e| {
@@ -65,7 +132,12 @@ impl TokenReviewAuthenticator {
 
 impl Authenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
-        Box::pin(self.review(token))
+        let reviewer = self.reviewer.clone();
+        let owned = token.to_string();
+        Box::pin(
+            self.cache
+                .get_or_review(token, move || reviewer.review(owned).boxed()),
+        )
     }
 }
 
@@ -107,13 +179,23 @@ pub fn caller_from_review(
         })?;
     let identity = api::SpiffeId::new(trust_domain, namespace, service_account)
         .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-    let node = user
-        .and_then(|u| u.extra.as_ref())
-        .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-        .and_then(|nodes| nodes.first())
-        .filter(|n| !n.is_empty())
-        .cloned();
-    Ok(Caller { identity, node })
+    let extra = |key: &str| {
+        user.and_then(|u| u.extra.as_ref())
+            .and_then(|extra| extra.get(key))
+            .and_then(|values| values.first())
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    // A pod is named only with its uid: a name alone could be a newer pod's.
+    let pod = match (extra(POD_NAME_EXTRA), extra(POD_UID_EXTRA)) {
+        (Some(name), Some(uid)) => Some(CallerPod { name, uid }),
+        _ => None,
+    };
+    Ok(Caller {
+        identity,
+        pod,
+        node: extra(NODE_NAME_EXTRA),
+    })
 }
 
 #[cfg(test)]
@@ -195,13 +277,13 @@ mod tests {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
         (
-            TokenReviewAuthenticator::new(client, "cluster.local"),
+            TokenReviewAuthenticator::new(client, "cluster.local", &TokenReviewConfig::default()),
             handle,
         )
     }
 
     /// Asserts the exact request and answers it with `status`.
-    async fn answer_review(mut handle: Handle, token: &str, status: serde_json::Value) {
+    async fn answer_review(handle: &mut Handle, token: &str, status: serde_json::Value) {
         let (request, send) = handle.next_request().await.expect("a TokenReview request");
         assert_eq!(request.method(), http::Method::POST);
         assert_eq!(
@@ -237,19 +319,26 @@ mod tests {
 
     #[tokio::test]
     async fn reviews_the_token_with_the_api_server() {
-        let (auth, handle) = authenticator();
-        let server = tokio::spawn(answer_review(
-            handle,
-            "bound-token",
-            serde_json::json!({
-                "authenticated": true,
-                "audiences": ["istio-ca"],
-                "user": {
-                    "username": "system:serviceaccount:istio-system:ztunnel",
-                    "extra": {NODE_NAME_EXTRA: ["node-7"]},
-                },
-            }),
-        ));
+        let (auth, mut handle) = authenticator();
+        let server = tokio::spawn(async move {
+            answer_review(
+                &mut handle,
+                "bound-token",
+                serde_json::json!({
+                    "authenticated": true,
+                    "audiences": ["istio-ca"],
+                    "user": {
+                        "username": "system:serviceaccount:istio-system:ztunnel",
+                        "extra": {
+                            NODE_NAME_EXTRA: ["node-7"],
+                            POD_NAME_EXTRA: ["ztunnel-x2b9"],
+                            POD_UID_EXTRA: ["uid-ztunnel-x2b9"],
+                        },
+                    },
+                }),
+            )
+            .await
+        });
         let caller = auth.authenticate("bound-token").await.unwrap();
         server.await.unwrap();
         assert_eq!(
@@ -257,16 +346,137 @@ mod tests {
             "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
         );
         assert_eq!(caller.node.as_deref(), Some("node-7"));
+        assert_eq!(
+            caller.pod,
+            Some(CallerPod {
+                name: "ztunnel-x2b9".into(),
+                uid: "uid-ztunnel-x2b9".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_pod_is_named_only_with_its_uid() {
+        let with_extra = |extra: serde_json::Value| {
+            let status: TokenReviewStatus = serde_json::from_value(serde_json::json!({
+                "authenticated": true,
+                "audiences": ["istio-ca"],
+                "user": {"username": "system:serviceaccount:demo:web", "extra": extra},
+            }))
+            .unwrap();
+            caller_from_review(&status, "cluster.local").unwrap()
+        };
+        let both =
+            with_extra(serde_json::json!({POD_NAME_EXTRA: ["web-1"], POD_UID_EXTRA: ["u1"]}));
+        assert_eq!(both.pod.unwrap().name, "web-1");
+        assert_eq!(both.node, None, "no node-name extra before Kubernetes 1.30");
+        for partial in [
+            serde_json::json!({POD_NAME_EXTRA: ["web-1"]}),
+            serde_json::json!({POD_UID_EXTRA: ["u1"]}),
+            serde_json::json!({POD_NAME_EXTRA: [""], POD_UID_EXTRA: ["u1"]}),
+            serde_json::json!({}),
+        ] {
+            assert_eq!(with_extra(partial.clone()).pod, None, "{partial}");
+        }
+    }
+
+    fn accepted(sa: &str) -> serde_json::Value {
+        serde_json::json!({
+            "authenticated": true,
+            "audiences": ["istio-ca"],
+            "user": {"username": format!("system:serviceaccount:demo:{sa}")},
+        })
+    }
+
+    /// Drops the authenticator (its client) and asserts that the API server
+    /// got no request beyond those already answered.
+    async fn assert_no_more_reviews(auth: TokenReviewAuthenticator, mut handle: Handle) {
+        drop(auth);
+        assert!(
+            handle.next_request().await.is_none(),
+            "an extra TokenReview was sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_token_is_reviewed_once_while_its_answer_is_fresh() {
+        let (auth, mut handle) = authenticator();
+        let auth = std::sync::Arc::new(auth);
+        // Concurrent requests with one token: one review, shared.
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.authenticate("fleet-token").await })
+            })
+            .collect();
+        answer_review(&mut handle, "fleet-token", accepted("web")).await;
+        for r in requests {
+            assert_eq!(r.await.unwrap().unwrap().identity.service_account(), "web");
+        }
+        // And later ones are answered from the cache.
+        for _ in 0..8 {
+            auth.authenticate("fleet-token").await.unwrap();
+        }
+        assert_eq!(
+            auth.cache()
+                .lookups(super::super::review_cache::Lookup::miss),
+            1
+        );
+        let auth = std::sync::Arc::into_inner(auth).unwrap();
+        assert_no_more_reviews(auth, handle).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_answer_and_another_token_are_reviewed_again() {
+        let (auth, mut handle) = authenticator();
+        let server = async {
+            answer_review(&mut handle, "token-a", accepted("a")).await;
+            answer_review(&mut handle, "token-b", accepted("b")).await;
+            answer_review(&mut handle, "token-a", accepted("a")).await;
+        };
+        let service_account = async |token: &str| {
+            let caller = auth.authenticate(token).await.unwrap();
+            caller.identity.service_account().to_string()
+        };
+        let client = async {
+            assert_eq!(service_account("token-a").await, "a");
+            assert_eq!(service_account("token-a").await, "a");
+            // Another token is its own review.
+            assert_eq!(service_account("token-b").await, "b");
+            // Past the TTL, token-a is reviewed again.
+            let ttl = TokenReviewConfig::default().cache_ttl;
+            tokio::time::advance(ttl + Duration::from_secs(1)).await;
+            assert_eq!(service_account("token-a").await, "a");
+        };
+        tokio::join!(server, client);
+        assert_no_more_reviews(auth, handle).await;
+    }
+
+    #[tokio::test]
+    async fn a_rejected_token_is_reviewed_each_time() {
+        let (auth, mut handle) = authenticator();
+        let rejected = serde_json::json!({"authenticated": false, "error": "pod not found"});
+        for _ in 0..2 {
+            let (r, ()) = tokio::join!(
+                auth.authenticate("fresh-pod-token"),
+                answer_review(&mut handle, "fresh-pod-token", rejected.clone())
+            );
+            assert!(matches!(r, Err(AuthError::InvalidToken(_))), "{r:?}");
+        }
+        assert_no_more_reviews(auth, handle).await;
     }
 
     #[tokio::test]
     async fn an_unauthenticated_review_is_an_invalid_token() {
-        let (auth, handle) = authenticator();
-        let server = tokio::spawn(answer_review(
-            handle,
-            "stale",
-            serde_json::json!({"authenticated": false, "error": "token has expired"}),
-        ));
+        let (auth, mut handle) = authenticator();
+        let server = tokio::spawn(async move {
+            answer_review(
+                &mut handle,
+                "stale",
+                serde_json::json!({"authenticated": false, "error": "token has expired"}),
+            )
+            .await
+        });
         let err = auth.authenticate("stale").await.unwrap_err();
         server.await.unwrap();
         assert!(matches!(err, AuthError::InvalidToken(_)), "{err}");

@@ -3,8 +3,7 @@
 //! caller's, or with `ImpersonatedIdentity` a pod's on the caller's node),
 //! sign, and count the outcome.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::SpiffeId;
@@ -20,47 +19,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tonic::{Request, Response, Status};
 
+use super::impersonation::{ImpersonationPolicy, NodeLookup, NodeSource, RefusalReason};
 use super::{CaError, CertificateAuthority};
 use crate::auth::{self, AuthError, Authenticator, Caller};
-
-/// Where pods run: the cluster state answers it for the real store.
-pub trait NodeLookup: Send + Sync {
-    /// Whether a pod running as `namespace/service_account` is scheduled on `node`.
-    fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool;
-}
-
-/// A [`NodeLookup`] over an explicit set of (namespace, service account,
-/// node), for tests and for setups without cluster state.
-#[derive(Debug, Default)]
-pub struct StaticNodeLookup {
-    pods: RwLock<HashSet<(String, String, String)>>,
-}
-
-impl StaticNodeLookup {
-    /// Records that a pod running as `namespace/service_account` is on `node`.
-    pub fn add(&self, namespace: &str, service_account: &str, node: &str) {
-        self.pods
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((namespace.into(), service_account.into(), node.into()));
-    }
-
-    pub fn remove(&self, namespace: &str, service_account: &str, node: &str) {
-        self.pods
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(namespace.into(), service_account.into(), node.into()));
-    }
-}
-
-impl NodeLookup for StaticNodeLookup {
-    fn has_pod_on_node(&self, namespace: &str, service_account: &str, node: &str) -> bool {
-        self.pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&(namespace.into(), service_account.into(), node.into()))
-    }
-}
 
 /// The outcome of one request, as counted.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -79,11 +40,23 @@ struct OutcomeLabels {
     result: Outcome,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeSourceLabels {
+    source: NodeSource,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: RefusalReason,
+}
+
 /// The CA's metrics, registered into istiod's one registry.
 #[derive(Debug, Clone)]
 pub struct CaMetrics {
     requests: Family<OutcomeLabels, Counter>,
     signing: Histogram,
+    impersonations: Family<NodeSourceLabels, Counter>,
+    impersonation_refusals: Family<RefusalLabels, Counter>,
 }
 
 impl CaMetrics {
@@ -112,7 +85,24 @@ impl CaMetrics {
             "When the first certificate of the CA's chain (signing cert .. root) expires, in Unix seconds",
             expiry,
         );
-        CaMetrics { requests, signing }
+        let impersonations = Family::<NodeSourceLabels, Counter>::default();
+        registry.register(
+            "istiod_ca_impersonations",
+            "Certificates a node agent obtained for a pod on its node, by how its node was found (pod: its pod in the cluster state; credential: its token's node)",
+            impersonations.clone(),
+        );
+        let impersonation_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "istiod_ca_impersonation_refusals",
+            "ImpersonatedIdentity requests refused, by reason (istiod's log names the caller and why)",
+            impersonation_refusals.clone(),
+        );
+        CaMetrics {
+            requests,
+            signing,
+            impersonations,
+            impersonation_refusals,
+        }
     }
 
     fn count(&self, outcome: Outcome) {
@@ -125,6 +115,20 @@ impl CaMetrics {
     pub fn requests(&self, outcome: Outcome) -> u64 {
         self.requests
             .get_or_create(&OutcomeLabels { result: outcome })
+            .get()
+    }
+
+    /// How many impersonations were granted with the node found from `source`.
+    pub fn impersonations(&self, source: NodeSource) -> u64 {
+        self.impersonations
+            .get_or_create(&NodeSourceLabels { source })
+            .get()
+    }
+
+    /// How many impersonations were refused for `reason`.
+    pub fn impersonation_refusals(&self, reason: RefusalReason) -> u64 {
+        self.impersonation_refusals
+            .get_or_create(&RefusalLabels { reason })
             .get()
     }
 }
@@ -195,45 +199,36 @@ impl CertificateService {
         if wanted == caller.identity {
             return Ok(wanted);
         }
-        let deny = |why: String| {
-            tracing::warn!(caller = %caller.identity, node = ?caller.node, requested = %wanted, "impersonation refused: {why}");
-            Refusal::PermissionDenied(format!(
-                "{} may not request certificates for {wanted}",
-                caller.identity
-            ))
+        let policy = ImpersonationPolicy {
+            trusted_node_agents: &self.ca.config().trusted_node_agents,
+            trust_domain: self.ca.trust_domain(),
         };
-        let trusted = self
-            .ca
-            .config()
-            .trusted_node_agents
-            .iter()
-            .any(|sa| sa.is(&caller.identity));
-        if !trusted {
-            return Err(deny("the caller is not a trusted node agent".into()));
+        match policy.authorize(caller, &wanted, self.nodes.as_ref()) {
+            Ok(binding) => {
+                self.metrics
+                    .impersonations
+                    .get_or_create(&NodeSourceLabels {
+                        source: binding.source,
+                    })
+                    .inc();
+                tracing::debug!(caller = %caller.identity, node = %binding.node, source = ?binding.source, requested = %wanted, "impersonation allowed");
+                Ok(wanted)
+            }
+            Err(refusal) => {
+                self.metrics
+                    .impersonation_refusals
+                    .get_or_create(&RefusalLabels {
+                        reason: refusal.reason(),
+                    })
+                    .inc();
+                tracing::warn!(caller = %caller.identity, pod = ?caller.pod, node = ?caller.node, requested = %wanted, reason = ?refusal.reason(), "impersonation refused: {refusal}");
+                // Where pods run is not the caller's business: details stay in the log.
+                Err(Refusal::PermissionDenied(format!(
+                    "{} may not request certificates for {wanted}",
+                    caller.identity
+                )))
+            }
         }
-        if wanted.trust_domain() != self.ca.trust_domain() {
-            return Err(deny(format!(
-                "the requested identity is not in trust domain {:?}",
-                self.ca.trust_domain()
-            )));
-        }
-        let Some(node) = caller.node.as_deref() else {
-            return Err(deny(
-                "the caller's token does not name its node (use a bound service-account token)"
-                    .into(),
-            ));
-        };
-        if !self
-            .nodes
-            .has_pod_on_node(wanted.namespace(), wanted.service_account(), node)
-        {
-            return Err(deny(format!(
-                "no pod running as {}/{} is scheduled on node {node:?}",
-                wanted.namespace(),
-                wanted.service_account()
-            )));
-        }
-        Ok(wanted)
     }
 }
 

@@ -12,10 +12,6 @@ use std::time::Duration;
 
 use istiod_rs::app::{Addresses, App, AppConfig, Source, TokenSource};
 use istiod_rs::ca::CaConfig;
-use istiod_rs::grpc::GrpcConfig;
-use istiod_rs::index::MeshConfig;
-use istiod_rs::pipeline::Debounce;
-use istiod_rs::status::StatusConfig;
 use proxy_core::identity::ControlPlane;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
@@ -58,6 +54,7 @@ impl LocalIstiod {
                 grpc_tls: loopback,
                 grpc_plaintext: Some(loopback),
                 monitoring: loopback,
+                webhook: None,
             },
         };
         for (name, yaml) in files {
@@ -68,26 +65,20 @@ impl LocalIstiod {
     }
 
     fn config(&self) -> AppConfig {
-        let grpc = GrpcConfig {
-            tls_addr: self.addresses.grpc_tls,
-            plaintext_addr: self.addresses.grpc_plaintext,
-            drain_timeout: Duration::from_secs(1),
-            ..GrpcConfig::default()
-        };
-        AppConfig {
-            source: Source::Directory {
+        let mut config = AppConfig::on_loopback(
+            Source::Directory {
                 dir: self.config_dir(),
                 poll_interval: Duration::from_millis(50),
             },
-            tokens: TokenSource::File(self.dir.path().join("tokens.yaml")),
-            ca: CaConfig::new(TRUST_DOMAIN, self.dir.path().join("data")),
-            grpc,
-            monitoring_addr: self.addresses.monitoring,
-            mesh: MeshConfig::default(),
-            debounce: Debounce::default(),
-            status: StatusConfig::default(),
-            kube_client: None,
-        }
+            TokenSource::File(self.dir.path().join("tokens.yaml")),
+            CaConfig::new(TRUST_DOMAIN, self.dir.path().join("data")),
+        );
+        // A restart keeps the ports the proxies know.
+        config.grpc.tls_addr = self.addresses.grpc_tls;
+        config.grpc.plaintext_addr = self.addresses.grpc_plaintext;
+        config.grpc.drain_timeout = Duration::from_secs(1);
+        config.monitoring_addr = self.addresses.monitoring;
+        config
     }
 
     async fn run(&mut self) {
