@@ -702,7 +702,7 @@ fn ztunnel_without_istiod(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String
     cluster.start_component(&ztunnel(&node))?;
     let after = in_mtls(cluster, f, (client, "client"), (server, "server"))?;
     Ok(format!(
-        "ztunnel on {node} started with istiod down and took its pods from the node agent;          {} -> {target}: {} and no plaintext reached {}; once istiod was back: {after}",
+        "ztunnel on {node} started with istiod down and took its pods from the node agent; {} -> {target}: {} and no plaintext reached {}; once istiod was back: {after}",
         pod_name(client),
         describe_exchange(&refused),
         server.node
