@@ -791,11 +791,14 @@ async fn restarted_agent_takes_back_running_pods_before_the_snapshot() {
     const UID_B: &str = "6f1b2c3d-0000-4000-8000-00000000000b";
     let (ip_a, ip_b, ip_c) = ("10.250.1.1", "10.250.1.2", "10.250.1.3");
     let node = TestNetns::new();
-    let pod_a = netns_with(ip_a);
+    // a is wired to the node by its veth; b has no link to it.
+    let pod_a = TestNetns::new();
+    pod_a.link(&format!("{ip_a}/24"), &node, "10.250.1.254/24");
     let pod_b = netns_with(ip_b);
     // Namespaces that are not this node's pods but hold the same addresses
-    // (another node's pods on a shared machine): b's is told apart by its
-    // process's cgroup; c's two leave c ambiguous.
+    // (other nodes' pods on a shared machine): a's is told apart by the
+    // wiring, b's by b's process's cgroup; c's two leave c ambiguous.
+    let decoy_a = netns_with(ip_a);
     let decoy_b = netns_with(ip_b);
     let decoy_c1 = netns_with(ip_c);
     let decoy_c2 = netns_with(ip_c);
@@ -806,7 +809,7 @@ async fn restarted_agent_takes_back_running_pods_before_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let mounts = dir.path().join("netns");
     std::fs::create_dir(&mounts).unwrap();
-    for ns in [&pod_a, &decoy_b, &decoy_c1, &decoy_c2] {
+    for ns in [&pod_a, &decoy_a, &decoy_b, &decoy_c1, &decoy_c2] {
         std::os::unix::fs::symlink(ns.path(), mounts.join(&ns.name)).unwrap();
     }
     let mut sleeper = std::process::Command::new("ip")
@@ -955,9 +958,9 @@ async fn restarted_agent_takes_back_running_pods_before_the_snapshot() {
     }
     listed(&events, &[&a, &b, &c]).await;
 
-    // The first snapshot names every pod: a (found among the mounts) and b
-    // (found through its process) with the namespaces ztunnel already has,
-    // c kept; nothing is dropped.
+    // The first snapshot names every pod: a (found among the mounts, wired
+    // to the node) and b (found through its process, its cgroup) with the
+    // namespaces ztunnel already has, c kept; nothing is dropped.
     let mut snapshot = Vec::new();
     loop {
         match next(&mut told).await {

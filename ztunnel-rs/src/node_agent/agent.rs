@@ -433,9 +433,13 @@ impl NodeAgent {
             Err(error) => warn!(%error, "cannot tell the agent's own network namespace"),
         }
         exclude.extend(self.config.node_netns.as_ref().map(Netns::inode));
+        let node = discovery::Node {
+            netns: self.config.node_netns.clone(),
+            exclude,
+            ip: self.config.redirection.ip.clone(),
+        };
         let config = self.config.discovery.clone();
-        let looking =
-            tokio::task::spawn_blocking(move || discovery::find(&config, &exclude, &wanted));
+        let looking = tokio::task::spawn_blocking(move || discovery::find(&config, &node, &wanted));
         match looking.await {
             Ok(found) => found,
             Err(join) => std::panic::resume_unwind(join.into_panic()),

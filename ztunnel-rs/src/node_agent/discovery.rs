@@ -11,17 +11,25 @@
 //! Upstream matches a process to a pod by the pod uid in its cgroup path and
 //! then checks that the namespace holds one of the pod's addresses. Our
 //! runtimes (the local cluster, the kube e2e node runtime) put no pod uid in
-//! cgroups, so the key is the pod's address (`status.podIPs`), which is
-//! unique among one node's pods: a pod's namespace is the one holding one of
-//! its addresses. When several namespaces hold it (namespaces of other nodes
-//! or other clusters sharing the machine, as on a developer's laptop), the
-//! one whose processes' cgroup names the pod uid wins, as upstream; when
-//! that still leaves zero or several, the pod is not found and the caller
-//! handles it fail-closed. A candidate found through `/proc` is named by
-//! the oldest process in it (the sandbox's), as upstream.
+//! cgroups, and a pod without a process of its own has none to look at, so
+//! the key is the pod's address (`status.podIPs`), which is unique among one
+//! node's pods: a pod's namespace is the one holding one of its addresses.
+//! When several namespaces hold it (pods of other nodes or other clusters
+//! sharing the machine, as on a developer's laptop or in the local cluster),
+//! these decide, in order:
+//! - the namespace wired to this node: at the other end of one of the node
+//!   namespace's links (the pod's veth, whatever the CNI does with the
+//!   node's end), which the node namespace knows by a netns id;
+//! - the namespace whose processes' cgroup names the pod uid (upstream's
+//!   key).
+//!
+//! When that still leaves zero or several, the pod is not found and the
+//! caller handles it fail-closed. A candidate found through `/proc` is named
+//! by the oldest process in it (the sandbox's), as upstream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -74,7 +82,7 @@ pub enum DiscoveryError {
     #[error("pod {pod}: no network namespace on this machine holds its address(es) {ips:?}")]
     NotFound { pod: PodKey, ips: Vec<IpAddr> },
     #[error(
-        "pod {pod}: {} network namespaces hold its address(es) {ips:?} and no process in exactly one of them has the pod's uid in its cgroup: {}",
+        "pod {pod}: {} network namespaces hold its address(es) {ips:?}, and neither exactly one of them is wired to this node nor has a process with the pod's uid in its cgroup: {}",
         paths.len(),
         paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
@@ -98,34 +106,89 @@ struct Candidate {
     ips: Vec<IpAddr>,
 }
 
-/// Looks for the namespace of each of `wanted`, never one of `exclude`
-/// (inodes: the node's own namespace). Blocking: it enters every candidate
-/// namespace to list its addresses.
+/// Where discovery runs: the node's namespace (its links tell which
+/// namespaces are wired to it) and the namespaces that are never a pod's.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// `None`: the calling thread's.
+    pub netns: Option<Netns>,
+    /// Inodes of namespaces that are not pods' (the node's, the agent's).
+    pub exclude: Vec<u64>,
+    /// The iproute2 binary that lists the node's links.
+    pub ip: String,
+}
+
+/// Looks for the namespace of each of `wanted`. Blocking: it enters every
+/// candidate namespace to list its addresses.
 pub fn find(
     config: &DiscoveryConfig,
-    exclude: &[u64],
+    node: &Node,
     wanted: &[WantedPod],
 ) -> Vec<(PodKey, Result<FoundNetns, DiscoveryError>)> {
-    let candidates = candidates(config, exclude);
+    // Without an address no pod can be recognised: nothing to look at.
+    let candidates = if wanted.iter().any(|p| !p.ips.is_empty()) {
+        candidates(config, &node.exclude)
+    } else {
+        BTreeMap::new()
+    };
     let mut holders: BTreeMap<IpAddr, Vec<u64>> = BTreeMap::new();
     for (inode, candidate) in &candidates {
         for ip in &candidate.ips {
             holders.entry(*ip).or_default().push(*inode);
         }
     }
+    let shared = holders.values().any(|inodes| inodes.len() > 1);
+    let wired = if shared {
+        wired_to(node, &candidates)
+    } else {
+        BTreeSet::new()
+    };
     wanted
         .iter()
         .map(|pod| {
-            let found = match_pod(config, &candidates, &holders, pod);
+            let found = match_pod(config, &candidates, &holders, &wired, pod);
             (pod.key.clone(), found)
         })
         .collect()
+}
+
+/// The candidates (inodes) at the other end of one of the node's links.
+fn wired_to(node: &Node, candidates: &BTreeMap<u64, Candidate>) -> BTreeSet<u64> {
+    let look = || -> Result<BTreeSet<u64>, String> {
+        // Listing the links makes the kernel give each peer namespace an
+        // id in the node's namespace; then each candidate's id is asked.
+        let listed = std::process::Command::new(&node.ip)
+            .args(["-j", "link", "show"])
+            .output()
+            .map_err(|e| format!("{}: {e}", node.ip))?;
+        let peers = link_netnsids(&String::from_utf8_lossy(&listed.stdout));
+        let mut wired = BTreeSet::new();
+        for (inode, candidate) in candidates {
+            match netnsid(&candidate.netns) {
+                Ok(Some(id)) if peers.contains(&id) => {
+                    wired.insert(*inode);
+                }
+                Ok(_) => {}
+                Err(e) => debug!(path = %candidate.path.display(), error = %e, "no netns id"),
+            }
+        }
+        Ok(wired)
+    };
+    let result = match &node.netns {
+        Some(netns) => netns.run(look).map_err(|e| e.to_string()).and_then(|r| r),
+        None => look(),
+    };
+    result.unwrap_or_else(|error| {
+        debug!(%error, "cannot tell which namespaces are wired to the node");
+        BTreeSet::new()
+    })
 }
 
 fn match_pod(
     config: &DiscoveryConfig,
     candidates: &BTreeMap<u64, Candidate>,
     holders: &BTreeMap<IpAddr, Vec<u64>>,
+    wired: &BTreeSet<u64>,
     pod: &WantedPod,
 ) -> Result<FoundNetns, DiscoveryError> {
     if pod.ips.is_empty() {
@@ -140,6 +203,16 @@ fn match_pod(
         .collect();
     inodes.sort_unstable();
     inodes.dedup();
+    if inodes.len() > 1 {
+        let on_node: Vec<u64> = inodes
+            .iter()
+            .copied()
+            .filter(|i| wired.contains(i))
+            .collect();
+        if on_node.len() == 1 {
+            inodes = on_node;
+        }
+    }
     if inodes.len() > 1 {
         let by_uid: Vec<u64> = inodes
             .iter()
@@ -176,6 +249,107 @@ fn match_pod(
             ips: pod.ips.clone(),
             paths: several.iter().map(|i| candidates[i].path.clone()).collect(),
         }),
+    }
+}
+
+/// The `link_netnsid`s in `ip -j link show` output: the ids of the
+/// namespaces the links' other ends live in.
+pub fn link_netnsids(json: &str) -> BTreeSet<i64> {
+    let links: Vec<serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    links
+        .iter()
+        .filter_map(|link| link.get("link_netnsid")?.as_i64())
+        .collect()
+}
+
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
+
+/// The id the calling thread's namespace gives `netns` (`RTM_GETNSID`);
+/// `None` when it has given it none.
+fn netnsid(netns: &Netns) -> std::io::Result<Option<i64>> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    let socket = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let fd = u32::try_from(netns.as_fd().as_raw_fd()).map_err(std::io::Error::other)?;
+    sendto(
+        socket.as_raw_fd(),
+        &nsid_request(fd),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut reply = [0u8; 512];
+    let n = recv(socket.as_raw_fd(), &mut reply, MsgFlags::empty())?;
+    parse_nsid_reply(&reply[..n])
+}
+
+/// `nlmsghdr` + `rtgenmsg` (AF_UNSPEC, padded) + `NETNSA_FD`.
+fn nsid_request(fd: u32) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(28);
+    msg.extend_from_slice(&28u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_GETNSID.to_ne_bytes());
+    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[0; 4]);
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&NETNSA_FD.to_ne_bytes());
+    msg.extend_from_slice(&fd.to_ne_bytes());
+    msg
+}
+
+fn parse_nsid_reply(reply: &[u8]) -> std::io::Result<Option<i64>> {
+    let bad = || std::io::Error::other("a netlink reply too short for its kind");
+    let u16_at = |at: usize| -> std::io::Result<u16> {
+        Ok(u16::from_ne_bytes(
+            reply
+                .get(at..at + 2)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ))
+    };
+    let i32_at = |at: usize| -> std::io::Result<i32> {
+        Ok(i32::from_ne_bytes(
+            reply
+                .get(at..at + 4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ))
+    };
+    match u16_at(4)? {
+        NLMSG_ERROR => Err(std::io::Error::from_raw_os_error(-i32_at(16)?)),
+        RTM_NEWNSID => {
+            // Attributes follow the header (16) and the padded rtgenmsg (4).
+            let mut at = 20;
+            while at + 4 <= reply.len() {
+                let len = usize::from(u16_at(at)?);
+                if len < 4 {
+                    break;
+                }
+                if u16_at(at + 2)? == NETNSA_NSID {
+                    let id = i32_at(at + 4)?;
+                    return Ok((id >= 0).then_some(i64::from(id)));
+                }
+                at += len.div_ceil(4) * 4;
+            }
+            Ok(None)
+        }
+        other => Err(std::io::Error::other(format!(
+            "unexpected netlink message type {other}"
+        ))),
     }
 }
 
@@ -334,6 +508,45 @@ fn uid_at(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_name_the_namespaces_of_their_peers() {
+        let json = r#"[{"ifindex":1,"ifname":"lo","link_type":"loopback"},
+            {"ifindex":5,"link_index":2,"ifname":"veth5","link_netnsid":3},
+            {"ifindex":6,"link_index":2,"ifname":"veth6","link_netnsid":0}]"#;
+        assert_eq!(link_netnsids(json), BTreeSet::from([0, 3]));
+        assert!(link_netnsids("not json").is_empty());
+    }
+
+    #[test]
+    fn nsid_replies_are_parsed() {
+        let request = nsid_request(7);
+        assert_eq!(request.len(), 28);
+        assert_eq!(u32::from_ne_bytes(request[0..4].try_into().unwrap()), 28);
+        // RTM_NEWNSID with NETNSA_NSID = 4.
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&28u32.to_ne_bytes());
+        reply.extend_from_slice(&RTM_NEWNSID.to_ne_bytes());
+        reply.extend_from_slice(&[0; 10]);
+        reply.extend_from_slice(&[0; 4]);
+        reply.extend_from_slice(&8u16.to_ne_bytes());
+        reply.extend_from_slice(&NETNSA_NSID.to_ne_bytes());
+        reply.extend_from_slice(&4i32.to_ne_bytes());
+        assert_eq!(parse_nsid_reply(&reply).unwrap(), Some(4));
+        // Not assigned: -1.
+        reply[24..28].copy_from_slice(&(-1i32).to_ne_bytes());
+        assert_eq!(parse_nsid_reply(&reply).unwrap(), None);
+        // An error reply carries -errno.
+        let mut error = Vec::new();
+        error.extend_from_slice(&36u32.to_ne_bytes());
+        error.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        error.extend_from_slice(&[0; 10]);
+        error.extend_from_slice(&(-22i32).to_ne_bytes());
+        assert_eq!(
+            parse_nsid_reply(&error).unwrap_err().raw_os_error(),
+            Some(22)
+        );
+    }
 
     #[test]
     fn pod_uids_are_read_from_the_cgroup_shapes_runtimes_write() {
