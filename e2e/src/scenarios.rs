@@ -11,6 +11,7 @@
 
 pub mod fixture;
 pub mod l4;
+pub mod node_agent;
 pub mod policies;
 
 use std::time::{Duration, Instant};

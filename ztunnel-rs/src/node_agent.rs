@@ -9,7 +9,9 @@
 //! enrolled pods uncaptured ([`host_probe`]). When it starts while pods run
 //! (a restart, an upgrade) it finds their namespaces again ([`discovery`])
 //! before ztunnel may have its snapshot. It serves its metrics on
-//! `--monitoring-port` (`/metrics`).
+//! `--monitoring-port` (`/metrics`) and its readiness on `--readiness-port`
+//! (`/readyz`: 200 once running pods were taken back), as upstream's
+//! istio-cni does.
 //!
 //! ```text
 //! kube watch | config dir ──PodEvent──┐
@@ -83,6 +85,9 @@ pub struct CniArgs {
     /// Port of `/metrics` (upstream istio-cni's `--monitoring-port`).
     #[arg(long, env = "MONITORING_PORT", default_value_t = DEFAULT_MONITORING_PORT)]
     pub monitoring_port: u16,
+    /// Port of `/readyz`.
+    #[arg(long, env = "READINESS_PORT", default_value_t = DEFAULT_READINESS_PORT)]
+    pub readiness_port: u16,
     /// procfs where running pods' processes are looked for when the agent
     /// starts (a host mount when it runs in a container).
     #[arg(long, env = "PROC_DIR", default_value = "/proc")]
@@ -105,6 +110,8 @@ pub struct CniArgs {
 
 /// Upstream istio-cni's default monitoring port.
 pub const DEFAULT_MONITORING_PORT: u16 = 15014;
+/// Upstream istio-cni's readiness port (`/readyz`).
+pub const DEFAULT_READINESS_PORT: u16 = 8000;
 
 /// Runs the node agent until it fails: in local mode with `--config-dir`,
 /// otherwise against the Kubernetes API.
@@ -154,11 +161,9 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
 
     let mut registry = proxy_core::metrics::new_registry();
     let metrics = AgentMetrics::register(&mut registry);
-    let monitoring = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.monitoring_port));
-    let monitoring_listener = tokio::net::TcpListener::bind(monitoring)
-        .await
-        .with_context(|| format!("listening on {monitoring} for /metrics (--monitoring-port)"))?;
-    info!(addr = %monitoring, "serving /metrics");
+    zds.register_metrics(&mut registry);
+    let monitoring = listen(args.monitoring_port, "/metrics (--monitoring-port)").await?;
+    let readiness = listen(args.readiness_port, "/readyz (--readiness-port)").await?;
 
     let config = AgentConfig {
         redirection,
@@ -173,11 +178,37 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let agent = NodeAgent::new(config, zds.clone(), kube).with_metrics(metrics);
     let handle = agent.handle();
     let stats = proxy_core::admin::stats_router(Arc::new(registry));
+    let ready = axum::Router::new()
+        .route("/readyz", axum::routing::get(readyz))
+        .with_state(agent.readiness());
     tokio::select! {
         r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
         r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
-        r = axum::serve(monitoring_listener, stats) => r.context("the /metrics server stopped"),
+        r = axum::serve(monitoring, stats) => r.context("the /metrics server stopped"),
+        r = axum::serve(readiness, ready) => r.context("the /readyz server stopped"),
         r = agent.run(source, acked) => r.context("node agent stopped"),
+    }
+}
+
+async fn listen(port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for {what}"))?;
+    info!(%addr, "serving {what}");
+    Ok(listener)
+}
+
+async fn readyz(
+    axum::extract::State(ready): axum::extract::State<tokio::sync::watch::Receiver<bool>>,
+) -> (http::StatusCode, &'static str) {
+    if *ready.borrow() {
+        (http::StatusCode::OK, "ready\n")
+    } else {
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: taking back the pods that ran before the agent started\n",
+        )
     }
 }
 

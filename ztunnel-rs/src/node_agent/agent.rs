@@ -32,7 +32,7 @@ use std::time::Duration;
 use api::zds::WorkloadInfo;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -224,6 +224,8 @@ pub struct NodeAgent {
     pods: BTreeMap<PodKey, PodRecord>,
     namespaces: BTreeMap<String, NamespaceMeta>,
     waiting: BTreeMap<PodKey, Vec<WaitingAdd>>,
+    /// True once running pods were taken back and ztunnel may connect.
+    ready: watch::Sender<bool>,
     tx: mpsc::Sender<Message>,
     rx: mpsc::Receiver<Message>,
 }
@@ -243,9 +245,17 @@ impl NodeAgent {
             pods: BTreeMap::new(),
             namespaces: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            ready: watch::Sender::new(false),
             tx,
             rx,
         }
+    }
+
+    /// Becomes true once the agent has taken back the pods that ran before
+    /// it started and serves ztunnel and the CNI plugin (upstream's
+    /// `/readyz`).
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Reports into `metrics` (see [`AgentMetrics::register`]).
@@ -280,6 +290,7 @@ impl NodeAgent {
         let mut source_done = self.until_listed(&mut source, &mut events).await?;
         self.rediscover().await;
         self.zds.release_snapshots();
+        self.ready.send_replace(true);
         let mut sweep = tokio::time::interval(self.config.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; rediscovery just looked.

@@ -26,6 +26,8 @@ use api::zds::{
     AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, Version, WorkloadInfo, WorkloadRequest,
     WorkloadResponse, ZdsHello, workload_request, workload_response,
 };
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -88,6 +90,8 @@ struct Shared {
     snapshots: watch::Sender<bool>,
     /// Connections past their Hello waiting for their snapshot.
     held: AtomicUsize,
+    /// Connections whose snapshot ztunnel has acked.
+    synced: Gauge,
 }
 
 /// The ZDS server; cheap to clone.
@@ -119,6 +123,7 @@ impl ZdsServer {
                 next_connection: AtomicU64::new(0),
                 snapshots: watch::Sender::new(true),
                 held: AtomicUsize::new(0),
+                synced: Gauge::default(),
             }),
         };
         (server, acked_rx)
@@ -143,6 +148,17 @@ impl ZdsServer {
     /// How many ztunnels said Hello and wait for their snapshot.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// Registers `istio_node_agent_ztunnel_connected`: ztunnels connected
+    /// that have acked their snapshot (upstream's node agent has a
+    /// `ztunnel_connected` gauge of its connections).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "node_agent_ztunnel_connected",
+            "ztunnels connected to the node agent that have acked their snapshot",
+            self.shared.synced.clone(),
+        );
     }
 
     /// Remembers an enrolled pod whose namespace the agent does not have:
@@ -313,6 +329,8 @@ impl ZdsServer {
         let done = request(workload_request::Payload::SnapshotSent(SnapshotSent {}));
         self.exchange(conn, &done, None).await?;
         debug!("snapshot acked");
+        self.shared.synced.inc();
+        let _synced = Synced(&self.shared.synced);
         loop {
             tokio::select! {
                 command = rx.recv() => {
@@ -420,6 +438,15 @@ struct Held<'a>(&'a AtomicUsize);
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Uncounts a synced connection when it ends.
+struct Synced<'a>(&'a Gauge);
+
+impl Drop for Synced<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
