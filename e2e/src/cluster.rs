@@ -65,7 +65,7 @@ pub enum ClusterError {
         reason: String,
     },
     #[error(
-        "{0} is not a mesh component that can be stopped and started (istiod, a node's ztunnel)"
+        "{0} is not a mesh component that can be stopped and started (istiod, a node's ztunnel or node agent)"
     )]
     NotAComponent(String),
     #[error("the cluster runs without the mesh; start it with the mesh on")]
@@ -78,13 +78,33 @@ pub enum ClusterError {
     },
 }
 
-/// A port a pod's app serves; the pod becomes Ready once all of them listen
-/// (the local stand-in for a readiness probe).
+/// A port a pod's app serves. Without a [`ReadinessProbe`], the pod becomes
+/// Ready once kubelet can open a TCP connection to each of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamedPort {
     /// May be empty; a Service's named `targetPort` refers to it.
     pub name: String,
     pub port: u16,
+}
+
+/// How kubelet tells that a pod is ready (the container's `readinessProbe`),
+/// always from the pod's node: its connections come from the node, as
+/// kubelet's do.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadinessProbe {
+    /// `tcpSocket`: a TCP connection to the pod's address and port opens.
+    Tcp { port: u16 },
+    /// `httpGet`: `GET path` on the pod's address and port answers 2xx or 3xx.
+    HttpGet { port: u16, path: String },
+}
+
+/// What one readiness probe saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    pub passed: bool,
+    /// The response body of an HTTP probe, or why the probe failed.
+    pub detail: String,
 }
 
 /// A command to run in a pod. `program` is either a sample app (`echo`,
@@ -146,6 +166,8 @@ pub struct PodRequest {
     /// The app; `None` for a pod that only holds its network (e.g. to exec clients in).
     pub command: Option<AppCommand>,
     pub ports: Vec<NamedPort>,
+    /// `None`: a TCP probe of each port.
+    pub readiness: Option<ReadinessProbe>,
 }
 
 impl PodRequest {
@@ -158,6 +180,7 @@ impl PodRequest {
             service_account: "default".to_string(),
             command: None,
             ports: Vec::new(),
+            readiness: None,
         }
     }
 
@@ -186,6 +209,11 @@ impl PodRequest {
             name: name.to_string(),
             port,
         });
+        self
+    }
+
+    pub fn readiness(mut self, probe: ReadinessProbe) -> Self {
+        self.readiness = Some(probe);
         self
     }
 }
@@ -234,6 +262,9 @@ impl ExecOutput {
 pub enum ProxyRef {
     /// The ztunnel-rs of a node.
     Ztunnel { node: String },
+    /// The node agent (`ztunnel-rs cni`) of a node: metrics on 15014,
+    /// readiness on 8000.
+    NodeAgent { node: String },
     /// istiod-rs.
     Istiod,
     /// A process in a pod (a waypoint, or a sample app).
@@ -260,8 +291,13 @@ pub trait Cluster: Send + Sync {
     /// Deletes objects; deleting an object that does not exist is not an error.
     fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError>;
 
-    /// Creates a pod and returns once it is Ready (its ports listen).
+    /// Creates a pod and returns once it is Ready (its readiness probe, run
+    /// from its node, passes).
     fn create_pod(&self, pod: &PodRequest) -> Result<PodInfo, ClusterError>;
+
+    /// Runs a running pod's readiness probe once, from its node, as kubelet
+    /// does (see [`ReadinessProbe`]); a pod without one has none to run.
+    fn probe_readiness(&self, namespace: &str, pod: &str) -> Result<ProbeOutcome, ClusterError>;
 
     /// Deletes a pod: it leaves its services' endpoints, its process is
     /// stopped, its network removed.
@@ -290,12 +326,15 @@ pub trait Cluster: Send + Sync {
     ) -> Result<HttpResponse, ClusterError>;
 
     /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
-    /// zero) or a node's ztunnel-rs. What the proxies hold stays with them.
+    /// zero), a node's ztunnel-rs (SIGTERM: it drains), or a node's agent
+    /// (SIGKILL, as a crash or an OOM kill would). What the proxies hold
+    /// stays with them.
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
 
     /// Brings a stopped mesh component back and returns once it is ready
     /// (istiod: `/ready`; ztunnel: `/healthz/ready`, i.e. it has its xDS
-    /// state and its node's pods).
+    /// state and its node's pods; node agent: `/readyz`, i.e. it has taken
+    /// back its node's running pods).
     fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
 
     /// Starts a stopped mesh component without waiting for it to be ready
@@ -329,6 +368,7 @@ pub trait Cluster: Send + Sync {
     fn metrics(&self, proxy: &ProxyRef) -> Result<String, ClusterError> {
         let port = match proxy {
             ProxyRef::Istiod => api::ports::ISTIOD_MONITORING,
+            ProxyRef::NodeAgent { .. } => NODE_AGENT_MONITORING,
             _ => api::ports::STATS,
         };
         ok_body(self.proxy_get(proxy, port, "/metrics")?, proxy, "/metrics")
@@ -348,6 +388,11 @@ pub trait Cluster: Send + Sync {
         })
     }
 }
+
+/// The node agent's `/metrics` port (upstream istio-cni's monitoring port).
+pub const NODE_AGENT_MONITORING: u16 = 15014;
+/// The node agent's `/readyz` port (upstream istio-cni's).
+pub const NODE_AGENT_READINESS: u16 = 8000;
 
 fn ok_body(resp: HttpResponse, proxy: &ProxyRef, path: &str) -> Result<String, ClusterError> {
     if resp.status == 200 {

@@ -1,6 +1,7 @@
 //! Plain HTTP/1.1 GETs to the components' loopback ports (admin, metrics,
 //! readiness, istiod's monitoring port), made from inside the namespace the
-//! component runs in: those ports are not reachable from anywhere else.
+//! component runs in: those ports are not reachable from anywhere else; and
+//! kubelet's HTTP readiness probes, made from a pod's node.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -32,7 +33,22 @@ pub fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<HttpResponse, HttpError> {
-    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    get_at(
+        netns,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        path,
+        timeout,
+    )
+}
+
+/// GET `path` on `address`, connecting from inside `netns`, answered within
+/// `timeout`.
+pub fn get_at(
+    netns: &NetNs,
+    address: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse, HttpError> {
     let owned = path.to_string();
     netns
         .block_on(move || async move {

@@ -3,7 +3,11 @@
 //! as YAML into the config directory istiod-rs reads), scheduler (pods go to
 //! the node asked for), kubelet and container runtime (for each pod: build
 //! its namespace and veth, run the CNI plugin when the mesh is on, start the
-//! app, report it Ready once its ports listen), and the endpoint controller.
+//! app, report it Ready once its readiness probe passes), and the endpoint
+//! controller. Readiness probes run as kubelet runs them: from the pod's
+//! node, to the pod's address (a TCP connection to each port, or the pod's
+//! own [`ReadinessProbe`]), so with the mesh on they cross the node's
+//! kubelet-probe rules exactly as kubelet's would.
 //!
 //! With the mesh off (today's default) pods talk over plain routing; with it
 //! on, istiod-rs and each node's ztunnel-rs and node agent run too (see
@@ -11,7 +15,7 @@
 //!
 //! ```text
 //! create_pod: Pod (Pending) -> netns + veth -> [CNI ADD] -> podIP written
-//!             -> app started -> ports listen -> Ready written
+//!             -> app started -> readiness probe from the node passes -> Ready written
 //! delete_pod: terminating written (endpoints not ready) -> app stopped
 //!             -> [CNI DEL] -> netns removed -> Pod removed
 //! ```
@@ -27,7 +31,8 @@ use rand::Rng;
 
 use crate::binaries::Binaries;
 use crate::cluster::{
-    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProxyRef,
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProbeOutcome,
+    ProxyRef, ReadinessProbe,
 };
 use crate::cni::{self, CniCommand, CniPod};
 use crate::config_dir::ConfigDir;
@@ -82,8 +87,11 @@ pub struct LocalClusterConfig {
     pub mesh: MeshMode,
     pub plan: AddressPlan,
     pub binaries: Binaries,
-    /// How long a pod's app may take to listen on its ports.
+    /// How long a pod may take to pass its readiness probe.
     pub ready_timeout: Duration,
+    /// How long one readiness probe may take (kubelet's `timeoutSeconds`
+    /// default).
+    pub probe_timeout: Duration,
     pub progress: Progress,
 }
 
@@ -95,6 +103,7 @@ impl Default for LocalClusterConfig {
             plan: AddressPlan::default(),
             binaries: Binaries::default(),
             ready_timeout: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(1),
             progress: Progress::default(),
         }
     }
@@ -108,6 +117,8 @@ struct LocalPod {
     process: Option<ProcessInfo>,
     container_id: String,
     env: BTreeMap<String, String>,
+    /// What kubelet probes to tell it is ready.
+    probes: Vec<ReadinessProbe>,
 }
 
 struct Inner {
@@ -133,6 +144,7 @@ pub struct LocalCluster {
     topology: Topology,
     binaries: Binaries,
     ready_timeout: Duration,
+    probe_timeout: Duration,
     mesh: Option<MeshRuntime>,
     inner: Mutex<Inner>,
     // Last: dropped after everything that refers to what it owns.
@@ -201,6 +213,7 @@ impl LocalCluster {
             topology,
             binaries: config.binaries,
             ready_timeout: config.ready_timeout,
+            probe_timeout: config.probe_timeout,
             mesh,
             inner: Mutex::new(inner),
             run,
@@ -339,6 +352,12 @@ impl LocalCluster {
                 "a pod without a command cannot listen on ports".into(),
             ));
         }
+        if req.command.is_none() && req.readiness.is_some() {
+            return Err(bad(
+                "readinessProbe",
+                "a pod without a command has nothing to probe".into(),
+            ));
+        }
         if !is_dns_subdomain(&req.service_account) {
             return Err(bad("serviceAccountName", "is not a valid name".into()));
         }
@@ -415,22 +434,22 @@ impl LocalCluster {
                 Some(p)
             }
         };
+        let probes = readiness_probes(req);
         if let Some(p) = &process {
             let exited = || self.run.exited(p).map(|s| format!("its app exited ({s})"));
-            for port in &req.ports {
-                net.netns
-                    .wait_for_listener(port.port, self.ready_timeout, &exited)
-                    .map_err(|e| {
-                        let err = ClusterError::NotReady {
-                            namespace: req.namespace.clone(),
-                            name: req.name.clone(),
-                            reason: e.to_string(),
-                            log: p.log.display().to_string(),
-                            tail: log_tail(&p.log, 20),
-                        };
-                        (err, partial.clone())
-                    })?;
-            }
+            let node_netns = &self.topology.nodes[node].netns;
+            self.until_ready(node_netns, ip, &probes, &exited)
+                .map_err(|e| (e, partial.clone()))?
+                .map_err(|reason| {
+                    let err = ClusterError::NotReady {
+                        namespace: req.namespace.clone(),
+                        name: req.name.clone(),
+                        reason,
+                        log: p.log.display().to_string(),
+                        tail: log_tail(&p.log, 20),
+                    };
+                    (err, partial.clone())
+                })?;
         }
         Ok(LocalPod {
             info: PodInfo {
@@ -444,6 +463,81 @@ impl LocalCluster {
             process,
             container_id,
             env,
+            probes,
+        })
+    }
+
+    /// Probes from the node until every probe passes at once (Ok(Err) with
+    /// the last failure once `ready_timeout` is over, or as soon as `exited`
+    /// says why the app will never pass).
+    fn until_ready(
+        &self,
+        node: &NetNs,
+        ip: Ipv4Addr,
+        probes: &[ReadinessProbe],
+        exited: &dyn Fn() -> Option<String>,
+    ) -> Result<Result<(), String>, ClusterError> {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let mut failed = None;
+            for probe in probes {
+                let outcome = self.probe(node, ip, probe)?;
+                if !outcome.passed {
+                    failed = Some(format!("readiness probe {probe:?}: {}", outcome.detail));
+                    break;
+                }
+            }
+            let Some(failure) = failed else {
+                return Ok(Ok(()));
+            };
+            if let Some(reason) = exited() {
+                return Ok(Err(format!("{reason}; {failure}")));
+            }
+            if start.elapsed() >= self.ready_timeout {
+                return Ok(Err(format!(
+                    "not ready within {:?}; last {failure}",
+                    self.ready_timeout
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// One probe from `node` to the pod at `ip`, as kubelet makes it: a
+    /// TCP connection that opens, or a GET answered 2xx/3xx.
+    fn probe(
+        &self,
+        node: &NetNs,
+        ip: Ipv4Addr,
+        probe: &ReadinessProbe,
+    ) -> Result<ProbeOutcome, ClusterError> {
+        let timeout = self.probe_timeout;
+        Ok(match probe {
+            ReadinessProbe::Tcp { port } => match node.tcp_connects((ip, *port).into(), timeout)? {
+                Ok(()) => ProbeOutcome {
+                    passed: true,
+                    detail: "connected".into(),
+                },
+                Err(detail) => ProbeOutcome {
+                    passed: false,
+                    detail,
+                },
+            },
+            ReadinessProbe::HttpGet { port, path } => {
+                match crate::http::get_at(node, (ip, *port).into(), path, timeout) {
+                    Ok(resp) => ProbeOutcome {
+                        passed: (200..400).contains(&resp.status),
+                        detail: format!("{} {}", resp.status, resp.body.trim()),
+                    },
+                    Err(crate::http::HttpError::Get { reason, .. }) => ProbeOutcome {
+                        passed: false,
+                        detail: reason,
+                    },
+                    Err(crate::http::HttpError::Netns(e)) => return Err(e.into()),
+                }
+            }
         })
     }
 
@@ -561,6 +655,7 @@ impl Cluster for LocalCluster {
                     .as_ref()
                     .map(AppCommand::argv)
                     .unwrap_or_default(),
+                readiness: req.readiness.clone(),
                 ready: false,
                 terminating: false,
                 created: Timestamp::now(),
@@ -623,6 +718,29 @@ impl Cluster for LocalCluster {
         self.local_pod(namespace, name).map(|p| p.info)
     }
 
+    fn probe_readiness(&self, namespace: &str, pod: &str) -> Result<ProbeOutcome, ClusterError> {
+        let p = self
+            .local_pod(namespace, pod)
+            .ok_or_else(|| ClusterError::NoPod(namespace.into(), pod.into()))?;
+        let node = &self.topology.nodes[p.network.node].netns;
+        let mut details = Vec::new();
+        for probe in &p.probes {
+            let outcome = self.probe(node, p.info.ip, probe)?;
+            if !outcome.passed {
+                return Ok(outcome);
+            }
+            details.push(outcome.detail);
+        }
+        Ok(ProbeOutcome {
+            passed: true,
+            detail: if details.is_empty() {
+                "the pod has no readiness probe".into()
+            } else {
+                details.join("; ")
+            },
+        })
+    }
+
     fn exec(
         &self,
         namespace: &str,
@@ -651,7 +769,7 @@ impl Cluster for LocalCluster {
     ) -> Result<HttpResponse, ClusterError> {
         let netns = match proxy {
             ProxyRef::Istiod => self.topology.control_plane.clone(),
-            ProxyRef::Ztunnel { node } => self
+            ProxyRef::Ztunnel { node } | ProxyRef::NodeAgent { node } => self
                 .node_netns(node)
                 .cloned()
                 .ok_or_else(|| ClusterError::NoNode(node.clone(), self.nodes().join(", ")))?,
@@ -679,6 +797,9 @@ impl Cluster for LocalCluster {
         match component {
             ProxyRef::Istiod => self.running_mesh()?.stop_istiod(&self.run),
             ProxyRef::Ztunnel { node } => self.running_mesh()?.stop_ztunnel(&self.run, node)?,
+            ProxyRef::NodeAgent { node } => {
+                self.running_mesh()?.kill_node_agent(&self.run, node)?
+            }
             ProxyRef::Pod { namespace, name } => {
                 return Err(ClusterError::NotAComponent(format!(
                     "pod {namespace}/{name}"
@@ -692,6 +813,9 @@ impl Cluster for LocalCluster {
         match component {
             ProxyRef::Istiod => self.running_mesh()?.start_istiod(&self.run)?,
             ProxyRef::Ztunnel { node } => self.running_mesh()?.start_ztunnel(&self.run, node)?,
+            ProxyRef::NodeAgent { node } => {
+                self.running_mesh()?.start_node_agent(&self.run, node)?
+            }
             ProxyRef::Pod { namespace, name } => {
                 return Err(ClusterError::NotAComponent(format!(
                     "pod {namespace}/{name}"
@@ -706,8 +830,11 @@ impl Cluster for LocalCluster {
             ProxyRef::Ztunnel { node } => {
                 self.running_mesh()?.launch_ztunnel(&self.run, node)?;
             }
-            // istiod needs nothing to become ready: starting it is launching it.
+            // These need nothing else to become ready: starting is launching.
             ProxyRef::Istiod => self.running_mesh()?.start_istiod(&self.run)?,
+            ProxyRef::NodeAgent { node } => {
+                self.running_mesh()?.start_node_agent(&self.run, node)?
+            }
             ProxyRef::Pod { namespace, name } => {
                 return Err(ClusterError::NotAComponent(format!(
                     "pod {namespace}/{name}"
@@ -715,6 +842,19 @@ impl Cluster for LocalCluster {
             }
         }
         Ok(())
+    }
+}
+
+/// What kubelet probes for a pod: its own readiness probe, else a TCP
+/// connection to each of its ports.
+fn readiness_probes(req: &PodRequest) -> Vec<ReadinessProbe> {
+    match &req.readiness {
+        Some(probe) => vec![probe.clone()],
+        None => req
+            .ports
+            .iter()
+            .map(|p| ReadinessProbe::Tcp { port: p.port })
+            .collect(),
     }
 }
 

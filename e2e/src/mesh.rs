@@ -13,8 +13,10 @@
 //! The command lines below are the one place that knows the components'
 //! flags. Components are started in dependency order and each is waited for
 //! until its own readiness endpoint says so (istiod `/ready` on 15014, each
-//! ztunnel `/healthz/ready` on 15021). istiod and each node's ztunnel can be
-//! stopped and started again while the cluster runs (the restart scenarios).
+//! ztunnel `/healthz/ready` on 15021, each node agent `/readyz` on 8000).
+//! istiod, each node's ztunnel and each node's agent can be stopped (the
+//! agent killed) and started again while the cluster runs (the restart
+//! scenarios).
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -171,7 +173,7 @@ impl MeshLayout {
 #[derive(Clone, Debug)]
 pub struct NodeMesh {
     pub node: String,
-    pub node_agent: ProcessInfo,
+    pub node_agent: Option<ProcessInfo>,
     pub ztunnel: Option<ProcessInfo>,
 }
 
@@ -255,7 +257,7 @@ impl MeshRuntime {
             let ztunnel = run.spawn(&mesh.ztunnel_spec(node), netns)?;
             started.push(NodeMesh {
                 node: node.clone(),
-                node_agent: agent,
+                node_agent: Some(agent),
                 ztunnel: Some(ztunnel),
             });
         }
@@ -322,14 +324,51 @@ impl MeshRuntime {
     /// Starts a node's ztunnel-rs (if it is not running) without waiting for
     /// it to be ready, which it may not become on its own (istiod down).
     pub fn launch_ztunnel(&self, run: &Run, node: &str) -> Result<ProcessInfo, MeshError> {
+        let spec = self.ztunnel_spec(node);
+        self.launch_on_node(run, node, spec, |n| &mut n.ztunnel)
+    }
+
+    /// Kills a node's agent (SIGKILL, as a crash would): its pods, rules and
+    /// ztunnel's proxies stay as they are.
+    pub fn kill_node_agent(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        if let Some(p) = self.with_node(node, |n| n.node_agent.take())? {
+            run.kill(&p);
+        }
+        Ok(())
+    }
+
+    /// Starts a node's agent (if it is not running) and waits until it is
+    /// ready: it has taken back the node's running pods.
+    pub fn start_node_agent(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        let spec = self.node_agent_spec(node);
+        let p = self.launch_on_node(run, node, spec, |n| &mut n.node_agent)?;
+        self.wait_http_ready(
+            run,
+            &p,
+            self.netns_of(node)?,
+            crate::cluster::NODE_AGENT_READINESS,
+            "/readyz",
+        )
+    }
+
+    /// Starts `spec` in the node's namespace as the process `slot` names,
+    /// unless one runs there already; the process that runs.
+    fn launch_on_node(
+        &self,
+        run: &Run,
+        node: &str,
+        spec: ProcessSpec,
+        slot: impl FnOnce(&mut NodeMesh) -> &mut Option<ProcessInfo>,
+    ) -> Result<ProcessInfo, MeshError> {
         let netns = self.netns_of(node)?.clone();
         self.with_node(node, |n| {
-            if let Some(p) = &n.ztunnel {
+            let slot = slot(n);
+            if let Some(p) = slot {
                 return Ok(p.clone());
             }
-            let p = run.spawn(&self.ztunnel_spec(node), &netns)?;
-            n.ztunnel = Some(p.clone());
-            Ok::<_, MeshError>(p)
+            let p = run.spawn(&spec, &netns)?;
+            *slot = Some(p.clone());
+            Ok(p)
         })?
     }
 

@@ -260,6 +260,20 @@ impl NetNs {
         }
     }
 
+    /// Whether a TCP connection from this namespace to `address` opens
+    /// within `timeout` (kubelet's `tcpSocket` probe); why not, if not.
+    pub fn tcp_connects(
+        &self,
+        address: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<Result<(), String>, NetnsError> {
+        self.run(move || {
+            std::net::TcpStream::connect_timeout(&address, timeout)
+                .map(drop)
+                .map_err(|e| format!("connect {address}: {e}"))
+        })
+    }
+
     /// The namespace's inode: what `/proc/<pid>/ns/net` of its processes points at.
     pub fn inode(&self) -> Option<u64> {
         fs::metadata(&self.path).ok().map(|m| m.ino())

@@ -139,6 +139,13 @@ pub fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     stop_all(std::slice::from_mut(child), grace).pop().flatten()
 }
 
+/// Kills a child's process group at once (SIGKILL: no chance to clean up,
+/// as a crash or an OOM kill) and reaps the child.
+pub fn kill(child: &mut Child) -> Option<ExitStatus> {
+    signal_group(child.id(), Signal::SIGKILL);
+    child.wait().ok()
+}
+
 /// Stops many process groups at once, so their grace periods overlap.
 pub fn stop_all(children: &mut [Child], grace: Duration) -> Vec<Option<ExitStatus>> {
     for c in children.iter_mut() {

@@ -173,13 +173,21 @@ impl Run {
 
     /// Stops a process this run started (SIGTERM to its group, then SIGKILL).
     pub fn stop(&self, info: &ProcessInfo) -> Option<ExitStatus> {
-        let child = {
-            let mut inner = self.lock();
-            inner.record.processes.retain(|p| p.pid != info.pid);
-            let _ = inner.save();
-            inner.children.remove(&info.pid)
-        };
-        child.and_then(|mut c| process::stop(&mut c, STOP_GRACE))
+        self.release(info)
+            .and_then(|mut c| process::stop(&mut c, STOP_GRACE))
+    }
+
+    /// Kills a process this run started (SIGKILL to its group, at once).
+    pub fn kill(&self, info: &ProcessInfo) -> Option<ExitStatus> {
+        self.release(info).and_then(|mut c| process::kill(&mut c))
+    }
+
+    /// Forgets a process (it is about to end) and hands back its child.
+    fn release(&self, info: &ProcessInfo) -> Option<Child> {
+        let mut inner = self.lock();
+        inner.record.processes.retain(|p| p.pid != info.pid);
+        let _ = inner.save();
+        inner.children.remove(&info.pid)
     }
 
     /// `Some(status)` once a process this run started has exited.

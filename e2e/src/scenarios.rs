@@ -12,6 +12,7 @@
 pub mod fail_closed;
 pub mod fixture;
 pub mod l4;
+pub mod node_agent;
 pub mod policies;
 
 use std::time::{Duration, Instant};

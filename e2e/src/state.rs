@@ -79,6 +79,8 @@ pub struct PodRecord {
     pub ports: Vec<(String, u16)>,
     /// The command, for the record (the container's `command`).
     pub command: Vec<String>,
+    /// The container's `readinessProbe`, when the pod has one of its own.
+    pub readiness: Option<crate::cluster::ReadinessProbe>,
     pub ready: bool,
     pub terminating: bool,
     pub created: Timestamp,
@@ -110,6 +112,7 @@ impl PodRecord {
                     name: "app".into(),
                     image: Some("local/e2e-app".into()),
                     command: (!self.command.is_empty()).then(|| self.command.clone()),
+                    readiness_probe: self.readiness.as_ref().map(readiness_probe),
                     ports: (!self.ports.is_empty()).then(|| {
                         self.ports
                             .iter()
@@ -142,6 +145,28 @@ impl PodRecord {
                 ..Default::default()
             }),
         }
+    }
+}
+
+/// A readiness probe as a container spec holds it.
+fn readiness_probe(probe: &crate::cluster::ReadinessProbe) -> core::Probe {
+    use crate::cluster::ReadinessProbe;
+    match probe {
+        ReadinessProbe::Tcp { port } => core::Probe {
+            tcp_socket: Some(core::TCPSocketAction {
+                port: IntOrString::Int(i32::from(*port)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ReadinessProbe::HttpGet { port, path } => core::Probe {
+            http_get: Some(core::HTTPGetAction {
+                port: IntOrString::Int(i32::from(*port)),
+                path: Some(path.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
     }
 }
 

@@ -4,11 +4,19 @@
 //! inside each enrolled pod's netns, and hands the pod to ztunnel over ZDS.
 //!
 //! Pods' labels come from the Kubernetes API, or in local mode
-//! (`--config-dir`) from the YAML files istiod-rs reads.
+//! (`--config-dir`) from the YAML files istiod-rs reads. In the node's own
+//! network namespace it keeps the rules that let kubelet's probes reach
+//! enrolled pods uncaptured ([`host_probe`]). When it starts while pods run
+//! (a restart, an upgrade) it finds their namespaces again ([`discovery`])
+//! before ztunnel may have its snapshot. It serves its metrics on
+//! `--monitoring-port` (`/metrics`) and its readiness on `--readiness-port`
+//! (`/readyz`: 200 once running pods were taken back), as upstream's
+//! istio-cni does.
 //!
 //! ```text
 //! kube watch | config dir ──PodEvent──┐
 //! istio-cni-rs ──────unix/JSON─────────┼─> NodeAgent ─iptables (in pod netns)
+//!                                      │            ├─iptables + ipset (node netns: probes)
 //!                                      │            └─ZDS (SOCK_SEQPACKET, netns fd)─> ztunnel-rs
 //! ```
 
@@ -16,18 +24,22 @@ pub mod agent;
 pub mod annotate;
 pub mod cni_event;
 pub mod cni_plugin;
+pub mod discovery;
 pub mod enrolment;
+pub mod host_probe;
 pub mod iptables;
 pub mod pods;
 pub mod zds_server;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tracing::info;
 
-pub use agent::{AgentConfig, AgentError, AgentHandle, NodeAgent};
+pub use agent::{AgentConfig, AgentError, AgentHandle, AgentMetrics, NodeAgent};
 pub use enrolment::{Enrolment, NamespaceMeta, PodKey, PodMeta};
 pub use pods::{MemoryPodSource, PodEvent, PodSource};
 pub use zds_server::{ZdsPod, ZdsServer, ZdsServerError};
@@ -67,13 +79,39 @@ pub struct CniArgs {
     /// `iptables-nft` or `iptables-legacy`.
     #[arg(long, env = "IPTABLES", default_value = "iptables")]
     pub iptables: String,
+    /// ipset binary, for the node's set of enrolled pods that kubelet probes.
+    #[arg(long, env = "IPSET", default_value = "ipset")]
+    pub ipset: String,
+    /// Port of `/metrics` (upstream istio-cni's `--monitoring-port`).
+    #[arg(long, env = "MONITORING_PORT", default_value_t = DEFAULT_MONITORING_PORT)]
+    pub monitoring_port: u16,
+    /// Port of `/readyz`.
+    #[arg(long, env = "READINESS_PORT", default_value_t = DEFAULT_READINESS_PORT)]
+    pub readiness_port: u16,
+    /// procfs where running pods' processes are looked for when the agent
+    /// starts (a host mount when it runs in a container).
+    #[arg(long, env = "PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
+    /// Directories of network namespace bind mounts looked in when the agent
+    /// starts (repeat the flag for several).
+    #[arg(long = "netns-dir", env = "NETNS_DIRS", value_delimiter = ',', default_values = ["/run/netns", "/var/run/netns"])]
+    pub netns_dirs: Vec<PathBuf>,
     /// Seconds to wait for ztunnel's Ack of each pod.
     #[arg(long, default_value_t = 10)]
     pub ack_timeout_secs: u64,
     /// Seconds a CNI ADD waits for its pod to appear in the watch.
     #[arg(long, default_value_t = 10)]
     pub pod_wait_secs: u64,
+    /// Seconds between checks for sandboxes gone without a CNI DEL (and for
+    /// the namespaces of pods not found on start).
+    #[arg(long, default_value_t = 10)]
+    pub sweep_secs: u64,
 }
+
+/// Upstream istio-cni's default monitoring port.
+pub const DEFAULT_MONITORING_PORT: u16 = 15014;
+/// Upstream istio-cni's readiness port (`/readyz`).
+pub const DEFAULT_READINESS_PORT: u16 = 8000;
 
 /// Runs the node agent until it fails: in local mode with `--config-dir`,
 /// otherwise against the Kubernetes API.
@@ -89,6 +127,7 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,
         iptables: args.iptables.clone(),
+        ipset: args.ipset.clone(),
         ..iptables::RedirectionConfig::default()
     };
     let backend = iptables::version(&redirection).context("checking the iptables binary")?;
@@ -120,17 +159,56 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let cni_listener = cni_event::bind(&args.cni_socket)
         .with_context(|| format!("binding the CNI event socket {}", args.cni_socket.display()))?;
 
+    let mut registry = proxy_core::metrics::new_registry();
+    let metrics = AgentMetrics::register(&mut registry);
+    zds.register_metrics(&mut registry);
+    let monitoring = listen(args.monitoring_port, "/metrics (--monitoring-port)").await?;
+    let readiness = listen(args.readiness_port, "/readyz (--readiness-port)").await?;
+
     let config = AgentConfig {
         redirection,
         pod_wait: Duration::from_secs(args.pod_wait_secs),
-        ..AgentConfig::default()
+        sweep_interval: Duration::from_secs(args.sweep_secs),
+        node_netns: None,
+        discovery: discovery::DiscoveryConfig {
+            proc_dir: args.proc_dir,
+            netns_dirs: args.netns_dirs,
+        },
     };
-    let agent = NodeAgent::new(config, zds.clone(), kube);
+    let agent = NodeAgent::new(config, zds.clone(), kube).with_metrics(metrics);
     let handle = agent.handle();
+    let stats = proxy_core::admin::stats_router(Arc::new(registry));
+    let ready = axum::Router::new()
+        .route("/readyz", axum::routing::get(readyz))
+        .with_state(agent.readiness());
     tokio::select! {
         r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
         r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
-        r = agent.run(source, acked) => r.context("pod source failed"),
+        r = axum::serve(monitoring, stats) => r.context("the /metrics server stopped"),
+        r = axum::serve(readiness, ready) => r.context("the /readyz server stopped"),
+        r = agent.run(source, acked) => r.context("node agent stopped"),
+    }
+}
+
+async fn listen(port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for {what}"))?;
+    info!(%addr, "serving {what}");
+    Ok(listener)
+}
+
+async fn readyz(
+    axum::extract::State(ready): axum::extract::State<tokio::sync::watch::Receiver<bool>>,
+) -> (http::StatusCode, &'static str) {
+    if *ready.borrow() {
+        (http::StatusCode::OK, "ready\n")
+    } else {
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: taking back the pods that ran before the agent started\n",
+        )
     }
 }
 

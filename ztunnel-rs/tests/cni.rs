@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip, serve_zds};
 use ztunnel_rs::node_agent::cni_event;
 use ztunnel_rs::node_agent::{
-    AgentConfig, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent, PodMeta, ZdsServer,
+    AgentConfig, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent, PodKey, PodMeta, ZdsServer,
 };
 
 struct Outcome {
@@ -94,14 +94,17 @@ async fn plugin_in(command: &str, pod: (&str, &str), netns: &str, stdin: &Value)
 
 /// A node agent on a socket in `dir`, knowing namespace `plain` (not
 /// enrolled) with pod `web-0` and namespace `shop` (enrolled) with pod
-/// `cart-0`; its ZDS socket is `dir/ztunnel.sock`.
+/// `cart-0`; its ZDS socket is `dir/ztunnel.sock`. Its node is a namespace
+/// of its own (the agent keeps it while it runs).
 async fn agent(dir: &Path) -> PathBuf {
     let socket = dir.join("pluginevent.sock");
     let (zds, acked) = ZdsServer::new(Duration::from_secs(20));
     serve_zds(&zds, &dir.join("ztunnel.sock"));
+    let node = TestNetns::new();
     let agent = NodeAgent::new(
         AgentConfig {
             pod_wait: Duration::from_millis(300),
+            node_netns: Some(node.netns.clone()),
             ..AgentConfig::default()
         },
         zds,
@@ -145,6 +148,15 @@ async fn agent(dir: &Path) -> PathBuf {
         }))
         .await
         .unwrap();
+    for listed in [
+        PodEvent::NamespacesListed(vec!["plain".into(), "shop".into()]),
+        PodEvent::PodsListed(vec![
+            PodKey::new("plain", "web-0"),
+            PodKey::new("shop", "cart-0"),
+        ]),
+    ] {
+        events.send(listed).await.unwrap();
+    }
     let listener = cni_event::bind(&socket).unwrap();
     tokio::spawn(cni_event::serve(listener, handle));
     socket
@@ -166,6 +178,9 @@ async fn version_lists_supported_versions() {
 
 #[tokio::test]
 async fn add_of_an_unenrolled_pod_returns_prev_result_unchanged() {
+    if !root_or_skip("add_of_an_unenrolled_pod_returns_prev_result_unchanged") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = agent(dir.path()).await;
     let out = plugin(
@@ -190,6 +205,9 @@ async fn add_of_an_unenrolled_pod_returns_prev_result_unchanged() {
 
 #[tokio::test]
 async fn add_of_a_pod_the_agent_cannot_place_fails() {
+    if !root_or_skip("add_of_a_pod_the_agent_cannot_place_fails") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = agent(dir.path()).await;
     let out = plugin(

@@ -4,11 +4,16 @@
 //! pod's netns by the in-pod socket factory; then the pod's traffic is checked
 //! against the rules, the pod is annotated through the Kubernetes API (a
 //! tower-test mock), unenrolled and re-enrolled by labels, and cleaned up when
-//! its netns goes away.
+//! its netns goes away. Kubelet's probes from the node pass the pod's capture
+//! through the node's rules; a restarted agent takes back the running pods
+//! before ztunnel may have its snapshot. Every agent's node is a namespace of
+//! the test's own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,11 +21,16 @@ use kube::client::Body;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ztunnel_rs::inpod::testing::{ListenerProxy, ProxyEvent, TestNetns, root_or_skip, serve_zds};
-use ztunnel_rs::inpod::{InPodSocketFactory, Netns};
+use ztunnel_rs::inpod::{
+    InPodSocketFactory, ManagerError, Netns, WorkloadProxyManager, WorkloadUid, ZdsClient,
+    ZdsClientConfig,
+};
 use ztunnel_rs::node_agent::cni_event::{CniHandler, CniPod, CniRequest};
+use ztunnel_rs::node_agent::discovery::DiscoveryConfig;
 use ztunnel_rs::node_agent::iptables::{self, RedirectionConfig};
 use ztunnel_rs::node_agent::{
-    AgentConfig, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent, PodMeta, ZdsServer,
+    AgentConfig, AgentHandle, AgentMetrics, MemoryPodSource, NamespaceMeta, NodeAgent, PodEvent,
+    PodMeta, ZdsServer,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -111,7 +121,11 @@ async fn connect_from(
 ) -> std::net::TcpStream {
     netns
         .run_async(move || -> std::io::Result<std::net::TcpStream> {
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )?;
             if let Some(from) = from {
                 socket.bind(&from.into())?;
             }
@@ -168,6 +182,94 @@ fn istio_rules(netns: &Netns) -> String {
         .unwrap()
 }
 
+/// The pod source's first complete listing: the namespaces of `pods`, and
+/// `pods`.
+async fn listed(events: &mpsc::Sender<PodEvent>, pods: &[&PodMeta]) {
+    let mut namespaces: Vec<String> = pods.iter().map(|p| p.namespace.clone()).collect();
+    namespaces.dedup();
+    for event in [
+        PodEvent::NamespacesListed(namespaces),
+        PodEvent::PodsListed(pods.iter().map(|p| p.key()).collect()),
+    ] {
+        events.send(event).await.unwrap();
+    }
+}
+
+/// Namespace `shop`, enrolled by its label, and its pod `cart-0` (service
+/// account `cart`), sent as the source's first listing.
+async fn list_enrolled_cart(events: &mpsc::Sender<PodEvent>) -> PodMeta {
+    events
+        .send(PodEvent::Namespace(NamespaceMeta {
+            name: "shop".into(),
+            labels: labels(&[(api::labels::DATAPLANE_MODE, "ambient")]),
+        }))
+        .await
+        .unwrap();
+    let cart = PodMeta {
+        namespace: "shop".into(),
+        name: "cart-0".into(),
+        uid: "uid-cart".into(),
+        service_account: "cart".into(),
+        ..Default::default()
+    };
+    events.send(PodEvent::Pod(cart.clone())).await.unwrap();
+    listed(events, &[&cart]).await;
+    cart
+}
+
+/// Namespace `shop` loses its label: ztunnel is told to drop `cart-0`.
+async fn unlabel_shop(
+    events: &mpsc::Sender<PodEvent>,
+    proxy: &mut mpsc::UnboundedReceiver<ProxyEvent>,
+) {
+    events
+        .send(PodEvent::Namespace(NamespaceMeta {
+            name: "shop".into(),
+            labels: BTreeMap::new(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(next(proxy).await, ProxyEvent::Deleted(uid) if uid == "uid-cart"));
+}
+
+/// An agent's settings with `node` as its node, sweeping only when asked.
+fn on_node(node: &TestNetns) -> AgentConfig {
+    AgentConfig {
+        pod_wait: WAIT,
+        sweep_interval: Duration::from_secs(3600),
+        node_netns: Some(node.netns.clone()),
+        ..AgentConfig::default()
+    }
+}
+
+/// A running node agent, as a test drives it.
+struct Started {
+    handle: AgentHandle,
+    events: mpsc::Sender<PodEvent>,
+    zds: ZdsServer,
+}
+
+/// Starts a node agent serving ZDS at `socket`, fed by an in-memory pod
+/// source, on the current runtime.
+fn start_agent(
+    config: AgentConfig,
+    socket: &Path,
+    kube: Option<kube::Client>,
+    metrics: AgentMetrics,
+) -> Started {
+    let (zds, acked) = ZdsServer::new(WAIT);
+    serve_zds(&zds, socket);
+    let agent = NodeAgent::new(config, zds.clone(), kube).with_metrics(metrics);
+    let handle = agent.handle();
+    let (source, events) = MemoryPodSource::new();
+    tokio::spawn(agent.run(source, acked));
+    Started {
+        handle,
+        events,
+        zds,
+    }
+}
+
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -183,56 +285,20 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     let pod = TestNetns::new();
     let peer = TestNetns::new();
     pod.link(&format!("{POD_IP}/24"), &peer, &format!("{PEER_IP}/24"));
-    // Kubelet's probes arrive from the node, SNATed to 169.254.7.127.
-    let probe_ip = api::ports::KUBELET_PROBE_IPV4.to_string();
-    peer.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{probe_ip}/32"),
-        "dev",
-        &peer.veth(),
-    ]);
-    pod.exec(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{probe_ip}/32"),
-        "dev",
-        &pod.veth(),
-    ]);
+    let node = TestNetns::new();
 
     // Node agent, with ZDS, a mocked API server and an in-memory pod source.
     let dir = tempfile::tempdir().unwrap();
     let zds_socket = dir.path().join("ztunnel.sock");
-    let (zds, acked) = ZdsServer::new(WAIT);
-    serve_zds(&zds, &zds_socket);
     let (kube, mut api_calls) = mock_api();
-    let config = AgentConfig {
-        pod_wait: WAIT,
-        sweep_interval: Duration::from_secs(3600),
-        ..AgentConfig::default()
-    };
-    let agent = NodeAgent::new(config, zds, Some(kube));
-    let agent_handle = agent.handle();
-    let (source, pod_events) = MemoryPodSource::new();
-    tokio::spawn(agent.run(source, acked));
+    let config = on_node(&node);
+    let Started {
+        handle: agent_handle,
+        events: pod_events,
+        ..
+    } = start_agent(config, &zds_socket, Some(kube), AgentMetrics::default());
+    let cart = list_enrolled_cart(&pod_events).await;
     let ambient = labels(&[(api::labels::DATAPLANE_MODE, "ambient")]);
-    pod_events
-        .send(PodEvent::Namespace(NamespaceMeta {
-            name: "shop".into(),
-            labels: ambient.clone(),
-        }))
-        .await
-        .unwrap();
-    let cart = PodMeta {
-        namespace: "shop".into(),
-        name: "cart-0".into(),
-        uid: "uid-cart".into(),
-        service_account: "cart".into(),
-        ..Default::default()
-    };
-    pod_events.send(PodEvent::Pod(cart.clone())).await.unwrap();
 
     // ztunnel, connected before the pod starts.
     let mut proxy = ListenerProxy::connect(zds_socket).await;
@@ -299,12 +365,6 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     let (hbone, _) = accept(&listeners.hbone).await;
     assert_eq!(hbone.local_addr().unwrap().port(), api::ports::HBONE);
 
-    // Kubelet probes reach the app, not ztunnel.
-    let app_server = listen_in(&pod.netns, addr("0.0.0.0", 8081)).await;
-    let _probe = connect_from(&peer.netns, addr(POD_IP, 8081), Some(addr(&probe_ip, 0))).await;
-    let (_, prober) = accept(&app_server).await;
-    assert_eq!(prober.ip().to_string(), probe_ip);
-
     // Installing the rules again changes nothing.
     let rules_before = istio_rules(&pod.netns);
     assert!(rules_before.contains("-A ISTIO_OUTPUT"), "{rules_before}");
@@ -339,14 +399,7 @@ async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
     // Unenrol: the namespace loses its label. Rules go, ztunnel drops the
     // pod, the annotation is removed.
     drop(listeners);
-    pod_events
-        .send(PodEvent::Namespace(NamespaceMeta {
-            name: "shop".into(),
-            labels: BTreeMap::new(),
-        }))
-        .await
-        .unwrap();
-    assert!(matches!(next(&mut proxy).await, ProxyEvent::Deleted(uid) if uid == "uid-cart"));
+    unlabel_shop(&pod_events, &mut proxy).await;
     assert_redirection_patch(&next(&mut api_calls).await, None);
     assert_eq!(istio_rules(&pod.netns), "", "rules removed cleanly");
 
@@ -375,11 +428,20 @@ async fn cni_add_fails_while_no_ztunnel_is_connected_and_rules_stay() {
         return;
     }
     let pod = TestNetns::new();
-    let (zds, acked) = ZdsServer::new(WAIT);
-    let agent = NodeAgent::new(AgentConfig::default(), zds.clone(), None);
-    let handle = agent.handle();
-    let (source, events) = MemoryPodSource::new();
-    tokio::spawn(agent.run(source, acked));
+    let node = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = on_node(&node);
+    let Started {
+        handle,
+        events,
+        zds,
+        ..
+    } = start_agent(
+        config,
+        &dir.path().join("ztunnel.sock"),
+        None,
+        AgentMetrics::default(),
+    );
     let mut meta = PodMeta {
         namespace: "shop".into(),
         name: "api-0".into(),
@@ -387,7 +449,8 @@ async fn cni_add_fails_while_no_ztunnel_is_connected_and_rules_stay() {
         ..Default::default()
     };
     meta.labels = labels(&[(api::labels::DATAPLANE_MODE, "ambient")]);
-    events.send(PodEvent::Pod(meta)).await.unwrap();
+    events.send(PodEvent::Pod(meta.clone())).await.unwrap();
+    listed(&events, &[&meta]).await;
     let reply = handle
         .handle(CniRequest::Add(CniPod {
             namespace: "shop".into(),
@@ -510,4 +573,473 @@ async fn rules_install_in_a_pod_with_ipv6_disabled() {
         rules.contains("ip -4 route show table 100 local default dev lo"),
         "{rules}"
     );
+}
+
+/// The node's kubelet-probe rules and set, as `iptables -S` and `ipset save`
+/// print them (our chain and sets only).
+fn node_probe_rules(node: &TestNetns) -> String {
+    let mut out = String::new();
+    for binary in ["iptables", "ip6tables"] {
+        for line in node.exec(&[binary, "-t", "nat", "-S"]).lines() {
+            if line.contains("ISTIO_POSTRT") {
+                out.push_str(&format!("{binary} {line}\n"));
+            }
+        }
+    }
+    for line in node.exec(&["ipset", "save"]).lines() {
+        if line.starts_with("add istio-inpod-probes") {
+            out.push_str(&format!("{line}\n"));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_probes_from_the_node_reach_a_captured_pod_uncaptured() {
+    if !root_or_skip("kubelet_probes_from_the_node_reach_a_captured_pod_uncaptured") {
+        return;
+    }
+    const POD_V6: &str = "fd00:250::1";
+    const NODE_V6: &str = "fd00:250::2";
+    // The pod's uplink to its node, with the default routes a pod has.
+    let pod = TestNetns::new();
+    let node = TestNetns::new();
+    pod.link(&format!("{POD_IP}/24"), &node, &format!("{PEER_IP}/24"));
+    pod.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{POD_V6}/64"),
+        "dev",
+        &pod.veth(),
+        "nodad",
+    ]);
+    node.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{NODE_V6}/64"),
+        "dev",
+        &node.veth(),
+        "nodad",
+    ]);
+    pod.exec(&["ip", "route", "add", "default", "via", PEER_IP]);
+    pod.exec(&["ip", "-6", "route", "add", "default", "via", NODE_V6]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let zds_socket = dir.path().join("ztunnel.sock");
+    let config = on_node(&node);
+    let Started {
+        handle,
+        events: pod_events,
+        ..
+    } = start_agent(config, &zds_socket, None, AgentMetrics::default());
+    list_enrolled_cart(&pod_events).await;
+    let mut proxy = ListenerProxy::connect(zds_socket).await;
+
+    // The agent installed upstream's rules in the node as it started.
+    let rules = node_probe_rules(&node);
+    for want in [
+        "iptables -A POSTROUTING -j ISTIO_POSTRT",
+        "iptables -A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127",
+        "ip6tables -A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v6 dst -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
+    ] {
+        assert!(rules.contains(want), "{want}\nnot in\n{rules}");
+    }
+
+    let reply = handle
+        .handle(CniRequest::Add(CniPod {
+            namespace: "shop".into(),
+            name: "cart-0".into(),
+            uid: Some("uid-cart".into()),
+            container_id: "sandbox-1".into(),
+            netns: pod.path().into(),
+            ips: vec![POD_IP.parse().unwrap(), POD_V6.parse().unwrap()],
+        }))
+        .await;
+    assert!(reply.ok && reply.captured, "{reply:?}");
+    let ProxyEvent::Added(_, _, listeners) = next(&mut proxy).await else {
+        panic!("expected the pod to be added")
+    };
+    // Once ztunnel has it, its addresses are in the node's probe set.
+    let rules = node_probe_rules(&node);
+    assert!(
+        rules.contains(&format!(
+            "add istio-inpod-probes-v4 {POD_IP} comment \"uid-cart\""
+        )) && rules.contains(&format!(
+            "add istio-inpod-probes-v6 {POD_V6} comment \"uid-cart\""
+        )),
+        "{rules}"
+    );
+
+    // Kubelet connects from the node, as any node process does: both
+    // families reach the app (not ztunnel), from the probe address.
+    let app = listen_in(&pod.netns, addr("::", 8081)).await;
+    let _probe = connect_from(&node.netns, addr(POD_IP, 8081), None).await;
+    let (_, prober) = accept(&app).await;
+    assert_eq!(
+        unmapped(prober.ip()),
+        IpAddr::from(api::ports::KUBELET_PROBE_IPV4)
+    );
+    let _probe6 = connect_from(&node.netns, addr(POD_V6, 8081), None).await;
+    let (_, prober6) = accept(&app).await;
+    assert_eq!(prober6.ip().to_string(), iptables::KUBELET_PROBE_IPV6);
+
+    // Without its entry in the set, the same connection is captured: it is
+    // the node's rule that lets probes through.
+    node.exec(&["ipset", "del", "istio-inpod-probes-v4", POD_IP]);
+    let _captured = connect_from(&node.netns, addr(POD_IP, 8081), None).await;
+    let (inbound, from) = accept(&listeners.inbound_plaintext).await;
+    assert_eq!(unmapped(from.ip()), PEER_IP.parse::<IpAddr>().unwrap());
+    assert_eq!(
+        InPodSocketFactory::original_dst(&inbound).unwrap(),
+        addr(POD_IP, 8081)
+    );
+
+    // Unenrolled: the pod's entries leave the set (here, the IPv6 one left).
+    drop(listeners);
+    unlabel_shop(&pod_events, &mut proxy).await;
+    let rules = node_probe_rules(&node);
+    assert!(!rules.contains("uid-cart"), "{rules}");
+    assert!(
+        rules.contains("ISTIO_POSTRT"),
+        "the node's rules stay: {rules}"
+    );
+}
+
+/// What a ztunnel stand-in was told, in order.
+#[derive(Debug, PartialEq, Eq)]
+enum Told {
+    /// uid, netns inode
+    Added(String, u64),
+    /// uid, whether it had something to keep
+    Kept(String, bool),
+    Deleted(String),
+    /// The pods it still proxies once the snapshot was complete.
+    Snapshot(Vec<String>),
+}
+
+/// A ztunnel stand-in that proxies nothing but keeps what it was handed as
+/// ztunnel does: Add replaces, Keep keeps what runs, SnapshotSent drops the
+/// pods not named.
+struct Recorder {
+    running: std::sync::Mutex<BTreeMap<String, u64>>,
+    told: mpsc::UnboundedSender<Told>,
+}
+
+impl WorkloadProxyManager for Recorder {
+    async fn add(
+        &self,
+        uid: &WorkloadUid,
+        _info: Option<&api::zds::WorkloadInfo>,
+        netns: Netns,
+    ) -> Result<(), ManagerError> {
+        self.running
+            .lock()
+            .unwrap()
+            .insert(uid.0.clone(), netns.inode());
+        let _ = self.told.send(Told::Added(uid.0.clone(), netns.inode()));
+        Ok(())
+    }
+    async fn del(&self, uid: &WorkloadUid) {
+        self.running.lock().unwrap().remove(&uid.0);
+        let _ = self.told.send(Told::Deleted(uid.0.clone()));
+    }
+    fn keep(&self, uid: &WorkloadUid) -> Result<(), ManagerError> {
+        let had = self.running.lock().unwrap().contains_key(&uid.0);
+        let _ = self.told.send(Told::Kept(uid.0.clone(), had));
+        if had {
+            Ok(())
+        } else {
+            Err("nothing runs for it".into())
+        }
+    }
+    async fn snapshot_done(&self, known: &HashSet<WorkloadUid>) {
+        let mut running = self.running.lock().unwrap();
+        running.retain(|uid, _| known.contains(&WorkloadUid(uid.clone())));
+        let _ = self
+            .told
+            .send(Told::Snapshot(running.keys().cloned().collect()));
+    }
+}
+
+fn enrolled_pod(name: &str, uid: &str, ips: &[&str]) -> PodMeta {
+    PodMeta {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: uid.into(),
+        service_account: "default".into(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A namespace holding `ip` on its loopback.
+fn netns_with(ip: &str) -> TestNetns {
+    let ns = TestNetns::new();
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    ns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_takes_back_running_pods_before_the_snapshot() {
+    if !root_or_skip("restarted_agent_takes_back_running_pods_before_the_snapshot") {
+        return;
+    }
+    const UID_B: &str = "6f1b2c3d-0000-4000-8000-00000000000b";
+    let (ip_a, ip_b, ip_c) = ("10.250.1.1", "10.250.1.2", "10.250.1.3");
+    let node = TestNetns::new();
+    // a is wired to the node by its veth; b has no link to it.
+    let pod_a = TestNetns::new();
+    pod_a.link(&format!("{ip_a}/24"), &node, "10.250.1.254/24");
+    let pod_b = netns_with(ip_b);
+    // Namespaces that are not this node's pods but hold the same addresses
+    // (other nodes' pods on a shared machine): a's is told apart by the
+    // wiring, b's by b's process's cgroup; c's two leave c ambiguous.
+    let decoy_a = netns_with(ip_a);
+    let decoy_b = netns_with(ip_b);
+    let decoy_c1 = netns_with(ip_c);
+    let decoy_c2 = netns_with(ip_c);
+
+    // Where the restarted agent looks: a directory of namespace mounts
+    // (a's, and the decoys), and a procfs whose one process lives in b's
+    // namespace with b's uid in its cgroup.
+    let dir = tempfile::tempdir().unwrap();
+    let mounts = dir.path().join("netns");
+    std::fs::create_dir(&mounts).unwrap();
+    for ns in [&pod_a, &decoy_a, &decoy_b, &decoy_c1, &decoy_c2] {
+        std::os::unix::fs::symlink(ns.path(), mounts.join(&ns.name)).unwrap();
+    }
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod_b.name, "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    let proc_dir = dir.path().join("proc");
+    let fake = proc_dir.join("4242");
+    std::fs::create_dir_all(fake.join("ns")).unwrap();
+    std::os::unix::fs::symlink(format!("/proc/{pid}/ns/net"), fake.join("ns/net")).unwrap();
+    std::os::unix::fs::symlink(format!("/proc/{pid}/stat"), fake.join("stat")).unwrap();
+    std::fs::write(
+        fake.join("cgroup"),
+        format!("0::/kubepods/besteffort/pod{UID_B}/0123456789abcdef\n"),
+    )
+    .unwrap();
+    // `ip netns exec` enters the namespace before it runs sleep.
+    for _ in 0..300 {
+        if Netns::open(fake.join("ns/net")).is_ok_and(|n| n == pod_b.netns) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let socket = dir.path().join("ztunnel.sock");
+    let agent_config = |discovery| AgentConfig {
+        discovery,
+        ..on_node(&node)
+    };
+    let namespace = PodEvent::Namespace(NamespaceMeta {
+        name: "shop".into(),
+        labels: labels(&[(api::labels::DATAPLANE_MODE, "ambient")]),
+    });
+
+    // The first agent, on a runtime of its own so that it can die whole:
+    // it captures a and b through CNI ADDs.
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let first_agent = {
+        let _in = first.enter();
+        start_agent(
+            agent_config(nowhere(dir.path())),
+            &socket,
+            None,
+            AgentMetrics::default(),
+        )
+    };
+    let (handle, first_events) = (first_agent.handle, first_agent.events);
+    let (a, b) = (
+        enrolled_pod("a-0", "uid-a", &[]),
+        enrolled_pod("b-0", UID_B, &[]),
+    );
+    first_events.send(namespace.clone()).await.unwrap();
+    for pod in [&a, &b] {
+        first_events
+            .send(PodEvent::Pod((*pod).clone()))
+            .await
+            .unwrap();
+    }
+    listed(&first_events, &[&a, &b]).await;
+
+    // ztunnel: connected for good, across the agent's restart.
+    let (told_tx, mut told) = mpsc::unbounded_channel();
+    let recorder = Recorder {
+        running: Default::default(),
+        told: told_tx,
+    };
+    let client = Arc::new(ZdsClient::new(
+        ZdsClientConfig {
+            socket: socket.clone(),
+            max_backoff: Duration::from_millis(200),
+        },
+        recorder,
+    ));
+    tokio::spawn({
+        let client = client.clone();
+        async move { client.run(std::future::pending()).await }
+    });
+    assert_eq!(next(&mut told).await, Told::Snapshot(vec![]));
+    for (pod, ns, ip) in [(&a, &pod_a, ip_a), (&b, &pod_b, ip_b)] {
+        let reply = handle
+            .handle(CniRequest::Add(CniPod {
+                namespace: "shop".into(),
+                name: pod.name.clone(),
+                uid: Some(pod.uid.clone()),
+                container_id: format!("sandbox-{}", pod.name),
+                netns: ns.path().into(),
+                ips: vec![ip.parse().unwrap()],
+            }))
+            .await;
+        assert!(reply.ok && reply.captured, "{reply:?}");
+        assert_eq!(
+            next(&mut told).await,
+            Told::Added(pod.uid.clone(), ns.netns.inode())
+        );
+    }
+    node.exec(&[
+        "ipset",
+        "add",
+        "istio-inpod-probes-v4",
+        "10.250.9.9",
+        "comment",
+        "uid-gone",
+    ]);
+
+    // The agent dies (SIGKILL: nothing of it runs any more, its connection
+    // closes); ztunnel keeps its pods and reconnects.
+    first.shutdown_background();
+
+    // The agent starts again. ztunnel connects and waits: the pod source
+    // has not listed anything yet.
+    let discovery = DiscoveryConfig {
+        proc_dir,
+        netns_dirs: vec![mounts],
+    };
+    let mut registry = proxy_core::metrics::new_registry();
+    let metrics = AgentMetrics::register(&mut registry);
+    let Started {
+        handle,
+        events,
+        zds,
+    } = start_agent(agent_config(discovery), &socket, None, metrics);
+    tokio::time::timeout(WAIT, async {
+        while zds.held() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("ztunnel reconnects and waits for its snapshot");
+    assert!(told.try_recv().is_err(), "nothing sent before rediscovery");
+
+    // The source lists the pods, now with their addresses (c's sandbox was
+    // never seen by any agent).
+    let (a, b, c) = (
+        enrolled_pod("a-0", "uid-a", &[ip_a]),
+        enrolled_pod("b-0", UID_B, &[ip_b]),
+        enrolled_pod("c-0", "uid-c", &[ip_c]),
+    );
+    events.send(namespace).await.unwrap();
+    for pod in [&a, &b, &c] {
+        events.send(PodEvent::Pod((*pod).clone())).await.unwrap();
+    }
+    listed(&events, &[&a, &b, &c]).await;
+
+    // The first snapshot names every pod: a (found among the mounts, wired
+    // to the node) and b (found through its process, its cgroup) with the
+    // namespaces ztunnel already has, c kept; nothing is dropped.
+    let mut snapshot = Vec::new();
+    loop {
+        match next(&mut told).await {
+            Told::Snapshot(running) => {
+                assert_eq!(running, vec![UID_B.to_string(), "uid-a".to_string()]);
+                break;
+            }
+            other => snapshot.push(other),
+        }
+    }
+    snapshot.sort_by_key(|t| format!("{t:?}"));
+    assert_eq!(
+        snapshot,
+        vec![
+            Told::Added(UID_B.into(), pod_b.netns.inode()),
+            Told::Added("uid-a".into(), pod_a.netns.inode()),
+            Told::Kept("uid-c".into(), false),
+        ]
+    );
+    // Their rules were refreshed in place; the node's set is theirs (and
+    // c's, kept), the stale entry gone.
+    assert!(istio_rules(&pod_a.netns).contains("REDIRECT"));
+    assert!(istio_rules(&pod_b.netns).contains("REDIRECT"));
+    let set = node_probe_rules(&node);
+    for (ip, uid) in [(ip_a, "uid-a"), (ip_b, UID_B), (ip_c, "uid-c")] {
+        assert!(
+            set.contains(&format!("add istio-inpod-probes-v4 {ip} comment \"{uid}\"")),
+            "{set}"
+        );
+    }
+    assert!(!set.contains("uid-gone"), "{set}");
+    let text = proxy_core::metrics::encode(&registry).unwrap();
+    assert!(
+        text.contains("istio_node_agent_pods_without_netns 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("istio_node_agent_rediscovered_pods 2"),
+        "{text}"
+    );
+
+    // c's namespace becomes the only one with its address: the next sweep
+    // finds it and hands it to ztunnel.
+    drop(decoy_c2);
+    handle.sweep().await.unwrap();
+    assert_eq!(
+        next(&mut told).await,
+        Told::Added("uid-c".into(), decoy_c1.netns.inode())
+    );
+    let text = proxy_core::metrics::encode(&registry).unwrap();
+    assert!(
+        text.contains("istio_node_agent_pods_without_netns 0"),
+        "{text}"
+    );
+
+    // The runtime deletes a's sandbox: the DEL names a container the agent
+    // never saw, but the namespace is a's.
+    let reply = handle
+        .handle(CniRequest::Del(CniPod {
+            namespace: "shop".into(),
+            name: "a-0".into(),
+            uid: Some("uid-a".into()),
+            container_id: "sandbox-a-0".into(),
+            netns: pod_a.path().into(),
+            ips: vec![],
+        }))
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(next(&mut told).await, Told::Deleted("uid-a".into()));
+    assert!(!node_probe_rules(&node).contains("uid-a"));
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// Discovery that finds nothing (an empty procfs, no mounts).
+fn nowhere(dir: &std::path::Path) -> DiscoveryConfig {
+    DiscoveryConfig {
+        proc_dir: dir.join("no-proc"),
+        netns_dirs: vec![],
+    }
 }

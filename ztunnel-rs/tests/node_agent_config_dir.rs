@@ -77,10 +77,12 @@ async fn label_edits_in_the_config_directory_enrol_and_unenrol() {
     let zds_socket = dir.path().join("ztunnel.sock");
     let (zds, acked) = ZdsServer::new(WAIT);
     serve_zds(&zds, &zds_socket);
+    let node = TestNetns::new();
     let agent = NodeAgent::new(
         AgentConfig {
             pod_wait: Duration::from_secs(2),
             sweep_interval: Duration::from_secs(3600),
+            node_netns: Some(node.netns.clone()),
             ..AgentConfig::default()
         },
         zds,

@@ -25,7 +25,7 @@ use crate::probe::{
 
 /// How long a change (a policy, a pod, a restart) may take to reach the
 /// data plane before a scenario gives up. Generous: CI machines are slow.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The scenarios that share one cluster with default certificate lifetimes,
 /// in the order they run (disruptive ones last).
@@ -91,6 +91,8 @@ pub fn all() -> Vec<Scenario> {
             name: "ztunnel_restart_serves_new_connections",
             run: ztunnel_restart,
         },
+        super::node_agent::probe_under_strict(),
+        super::node_agent::agent_restart(),
     ]
 }
 
@@ -103,20 +105,20 @@ pub fn rotation() -> Scenario {
     }
 }
 
-fn failed(what: &str, detail: impl std::fmt::Display) -> ProbeError {
+pub(super) fn failed(what: &str, detail: impl std::fmt::Display) -> ProbeError {
     ProbeError::Unexpected {
         what: what.to_string(),
         detail: detail.to_string(),
     }
 }
 
-fn pod_name(p: &PodInfo) -> String {
+pub(super) fn pod_name(p: &PodInfo) -> String {
     format!("{}/{}", p.namespace, p.name)
 }
 
 /// An exchange that must go through, answered by `to`, which sees it come
 /// from `from`'s own address.
-fn carried(
+pub(super) fn carried(
     cluster: &dyn Cluster,
     from: &PodInfo,
     to: &PodInfo,
@@ -526,7 +528,7 @@ fn deleted_pod_leaves_service(cluster: &dyn Cluster, f: &L4Fixture) -> Result<St
 
 /// `client load` over long-lived connections, in the background while
 /// `during` runs; returns what `during` returned and the load's report.
-fn under_load<T>(
+pub(super) fn under_load<T>(
     cluster: &dyn Cluster,
     from: &PodInfo,
     target: &str,
@@ -561,7 +563,7 @@ fn under_load<T>(
 
 /// Waits until a node's ztunnel has counted `n` more mTLS connections from
 /// `src` to `dst` than `before` (the load's connections are up).
-fn until_connections(
+pub(super) fn until_connections(
     cluster: &dyn Cluster,
     node: &str,
     filter: &[(&str, &str)],
@@ -581,7 +583,7 @@ fn until_connections(
     )
 }
 
-fn load_flowed(what: &str, load: &LoadReport) -> Result<(), ProbeError> {
+pub(super) fn load_flowed(what: &str, load: &LoadReport) -> Result<(), ProbeError> {
     if !load.ok || load.errors > 0 || load.requests == 0 {
         return Err(failed(
             what,

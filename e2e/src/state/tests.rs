@@ -32,6 +32,7 @@ fn pod(name: &str, node: usize, ip: [u8; 4], ports: &[(&str, u16)]) -> PodRecord
         service_account: "echo".into(),
         ports: ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
         command: vec!["echo".into(), "--http".into(), "8080".into()],
+        readiness: None,
         ready: true,
         terminating: false,
         created: Timestamp::UNIX_EPOCH,
@@ -71,9 +72,12 @@ fn parse<T: serde::de::DeserializeOwned>(files: &BTreeMap<String, String>, name:
 #[test]
 fn pods_carry_node_addresses_and_readiness() {
     let mut state = cluster();
-    state
-        .add_pod(pod("echo-a", 1, [10, 244, 1, 2], &[("http", 8080)]))
-        .unwrap();
+    let mut echo = pod("echo-a", 1, [10, 244, 1, 2], &[("http", 8080)]);
+    echo.readiness = Some(crate::cluster::ReadinessProbe::HttpGet {
+        port: 8080,
+        path: "/ready".into(),
+    });
+    state.add_pod(echo).unwrap();
     let files = state.render().unwrap();
 
     let p: core::Pod = parse(&files, "Pod_demo_echo-a.yaml");
@@ -88,6 +92,10 @@ fn pods_carry_node_addresses_and_readiness() {
             .as_deref(),
         Some("http")
     );
+    let probe = spec.containers[0].readiness_probe.clone().unwrap();
+    let get = probe.http_get.unwrap();
+    assert_eq!(get.port, IntOrString::Int(8080));
+    assert_eq!(get.path.as_deref(), Some("/ready"));
     let status = p.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
     assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.2"));

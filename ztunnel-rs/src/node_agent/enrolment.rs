@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use api::labels;
 
@@ -47,6 +48,8 @@ pub struct PodMeta {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub host_network: bool,
+    /// `status.podIPs` (empty until the pod's sandbox has its network).
+    pub ips: Vec<IpAddr>,
 }
 
 impl PodMeta {

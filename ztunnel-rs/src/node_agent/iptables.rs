@@ -79,6 +79,9 @@ pub struct RedirectionConfig {
     pub iptables: String,
     /// The iproute2 binary that installs the in-pod policy routing.
     pub ip: String,
+    /// The ipset binary that keeps the node's set of probed pod addresses
+    /// (see [`super::host_probe`]).
+    pub ipset: String,
 }
 
 impl Default for RedirectionConfig {
@@ -88,12 +91,13 @@ impl Default for RedirectionConfig {
             ipv6: true,
             iptables: "iptables".into(),
             ip: "ip".into(),
+            ipset: "ipset".into(),
         }
     }
 }
 
 impl RedirectionConfig {
-    fn families(&self) -> &'static [Family] {
+    pub(super) fn families(&self) -> &'static [Family] {
         if self.ipv6 {
             &[Family::V4, Family::V6]
         } else {
@@ -233,44 +237,61 @@ pub fn restore_script(
     family: Family,
     missing_jumps: &[Jump],
 ) -> String {
-    let rules = rules(config, family);
-    let mut script = String::new();
-    for table in tables(config) {
-        script.push_str(&format!("*{table}\n"));
-        for chain in [CHAIN_PREROUTING, CHAIN_OUTPUT] {
-            if jumps(config)
-                .iter()
-                .any(|j| j.table == table && j.target == chain)
-            {
-                script.push_str(&format!(":{chain} - [0:0]\n"));
+    let chains = Chains {
+        tables: &tables(config),
+        names: &[CHAIN_PREROUTING, CHAIN_OUTPUT],
+        jumps: &jumps(config),
+    };
+    chains.restore_script(missing_jumps, &rules(config, family))
+}
+
+/// A set of chains of ours: their names, the tables they live in, and the
+/// jumps from built-in chains into them.
+pub(super) struct Chains<'a> {
+    pub tables: &'a [&'static str],
+    pub names: &'a [&'static str],
+    pub jumps: &'a [Jump],
+}
+
+impl Chains<'_> {
+    /// The `iptables-restore --noflush` input: each chain that a jump of its
+    /// table targets declared (so flushed) and refilled with `rules`, plus
+    /// `missing_jumps`.
+    pub(super) fn restore_script(&self, missing_jumps: &[Jump], rules: &[Rule]) -> String {
+        let mut script = String::new();
+        for &table in self.tables {
+            script.push_str(&format!("*{table}\n"));
+            for &chain in self.names {
+                if self
+                    .jumps
+                    .iter()
+                    .any(|j| j.table == table && j.target == chain)
+                {
+                    script.push_str(&format!(":{chain} - [0:0]\n"));
+                }
             }
+            for jump in missing_jumps.iter().filter(|j| j.table == table) {
+                script.push_str(&format!("-A {} -j {}\n", jump.builtin, jump.target));
+            }
+            for rule in rules.iter().filter(|r| r.table == table) {
+                script.push_str(&format!("-A {} {}\n", rule.chain, rule.spec));
+            }
+            script.push_str("COMMIT\n");
         }
-        for jump in missing_jumps.iter().filter(|j| j.table == table) {
-            script.push_str(&format!("-A {} -j {}\n", jump.builtin, jump.target));
-        }
-        for rule in rules.iter().filter(|r| r.table == table) {
-            script.push_str(&format!("-A {} {}\n", rule.chain, rule.spec));
-        }
-        script.push_str("COMMIT\n");
+        script
     }
-    script
-}
 
-fn tables(config: &RedirectionConfig) -> Vec<&'static str> {
-    let mut tables = vec!["mangle", "nat"];
-    if config.dns_capture {
-        tables.push("raw");
-    }
-    tables
-}
-
-/// Installs (or refreshes) the rules. Must run on a thread inside the pod's
-/// netns.
-pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
-    for &family in config.families() {
+    /// Installs (or refreshes) the chains with `rules`, adding only the jumps
+    /// `-C` does not find, in the current network namespace.
+    pub(super) fn apply(
+        &self,
+        config: &RedirectionConfig,
+        family: Family,
+        rules: &[Rule],
+    ) -> Result<(), IptablesError> {
         let binary = config.binary(family, false);
         let mut missing = Vec::new();
-        for jump in jumps(config) {
+        for &jump in self.jumps {
             let args = [
                 "-w",
                 LOCK_WAIT_SECS,
@@ -285,7 +306,7 @@ pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
                 missing.push(jump);
             }
         }
-        let script = restore_script(config, family, &missing);
+        let script = self.restore_script(&missing, rules);
         let restore = config.binary(family, true);
         let output = run(
             &restore,
@@ -293,6 +314,68 @@ pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
             Some(&script),
         )?;
         check(&restore, "--noflush", output)?;
+        Ok(())
+    }
+
+    /// Removes the jumps and the chains; what is already gone is fine.
+    pub(super) fn remove(
+        &self,
+        config: &RedirectionConfig,
+        family: Family,
+    ) -> Result<(), IptablesError> {
+        let binary = config.binary(family, false);
+        for jump in self.jumps {
+            let args = [
+                "-w",
+                LOCK_WAIT_SECS,
+                "-t",
+                jump.table,
+                "-D",
+                jump.builtin,
+                "-j",
+                jump.target,
+            ];
+            // Deleting one copy per call; a bounded loop in case someone
+            // else added duplicates.
+            for _ in 0..8 {
+                if !run(&binary, &args, None)?.status.success() {
+                    break;
+                }
+            }
+        }
+        for &table in self.tables {
+            for op in ["-F", "-X"] {
+                for &chain in self.names {
+                    run(
+                        &binary,
+                        &["-w", LOCK_WAIT_SECS, "-t", table, op, chain],
+                        None,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tables(config: &RedirectionConfig) -> Vec<&'static str> {
+    let mut tables = vec!["mangle", "nat"];
+    if config.dns_capture {
+        tables.push("raw");
+    }
+    tables
+}
+
+/// Installs (or refreshes) the rules. Must run on a thread inside the pod's
+/// netns.
+pub fn install(config: &RedirectionConfig) -> Result<(), IptablesError> {
+    let chains = Chains {
+        tables: &tables(config),
+        names: &[CHAIN_PREROUTING, CHAIN_OUTPUT],
+        jumps: &jumps(config),
+    };
+    for &family in config.families() {
+        chains.apply(config, family, &rules(config, family))?;
         match install_routing(config, family) {
             Ok(()) => {}
             // A pod with IPv6 disabled has no IPv6 connections to route back
@@ -414,38 +497,13 @@ pub fn remove(config: &RedirectionConfig) -> Result<(), IptablesError> {
         dns_capture: true,
         ..config.clone()
     };
+    let chains = Chains {
+        tables: &tables(&all),
+        names: &[CHAIN_PREROUTING, CHAIN_OUTPUT],
+        jumps: &jumps(&all),
+    };
     for &family in config.families() {
-        let binary = config.binary(family, false);
-        for jump in jumps(&all) {
-            let args = [
-                "-w",
-                LOCK_WAIT_SECS,
-                "-t",
-                jump.table,
-                "-D",
-                jump.builtin,
-                "-j",
-                jump.target,
-            ];
-            // Deleting one copy per call; a bounded loop in case someone
-            // else added duplicates.
-            for _ in 0..8 {
-                if !run(&binary, &args, None)?.status.success() {
-                    break;
-                }
-            }
-        }
-        for table in tables(&all) {
-            for op in ["-F", "-X"] {
-                for chain in [CHAIN_PREROUTING, CHAIN_OUTPUT] {
-                    run(
-                        &binary,
-                        &["-w", LOCK_WAIT_SECS, "-t", table, op, chain],
-                        None,
-                    )?;
-                }
-            }
-        }
+        chains.remove(config, family)?;
         remove_routing(config, family)?;
     }
     Ok(())
@@ -460,7 +518,7 @@ pub fn version(config: &RedirectionConfig) -> Result<String, IptablesError> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-fn run(
+pub(super) fn run(
     binary: &str,
     args: &[&str],
     stdin: Option<&str>,
@@ -486,7 +544,7 @@ fn run(
     child.wait_with_output().map_err(spawn_err)
 }
 
-fn check(
+pub(super) fn check(
     binary: &str,
     args: &str,
     output: std::process::Output,

@@ -6,19 +6,30 @@
 //! The set of enrolled pods lives here, so a ztunnel that connects (or
 //! reconnects after a restart) always gets the full picture. Requests to a
 //! connection are serialised through its task: one request, one Ack.
+//!
+//! A starting agent holds snapshots back ([`ZdsServer::hold_snapshots`])
+//! until it has rediscovered the pods that were enrolled before it started:
+//! a ztunnel that connects meanwhile waits after its Hello, so it never gets
+//! a snapshot that would make it drop pods the agent simply has not found
+//! yet (upstream's agent likewise accepts ztunnel connections only after
+//! `ConstructInitialSnapshot`). Pods the agent knows are enrolled but whose
+//! namespace it could not find go in the snapshot as KeepWorkload: ztunnel
+//! keeps what it runs for them (upstream's `sendSnapshot`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api::zds::{
-    AddWorkload, DelWorkload, SnapshotSent, Version, WorkloadInfo, WorkloadRequest,
+    AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, Version, WorkloadInfo, WorkloadRequest,
     WorkloadResponse, ZdsHello, workload_request, workload_response,
 };
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::inpod::Netns;
@@ -65,6 +76,8 @@ struct Command {
 
 struct State {
     pods: BTreeMap<String, ZdsPod>,
+    /// Enrolled pods whose namespace the agent has not got: Keep in snapshots.
+    kept: BTreeSet<String>,
     connections: BTreeMap<u64, mpsc::Sender<Command>>,
 }
 
@@ -73,6 +86,12 @@ struct Shared {
     ack_timeout: Duration,
     acked: mpsc::UnboundedSender<String>,
     next_connection: AtomicU64,
+    /// Snapshots may be sent (false while the agent rediscovers its pods).
+    snapshots: watch::Sender<bool>,
+    /// Connections past their Hello waiting for their snapshot.
+    held: AtomicUsize,
+    /// Connections whose snapshot ztunnel has acked.
+    synced: Gauge,
 }
 
 /// The ZDS server; cheap to clone.
@@ -96,19 +115,57 @@ impl ZdsServer {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     pods: BTreeMap::new(),
+                    kept: BTreeSet::new(),
                     connections: BTreeMap::new(),
                 }),
                 ack_timeout,
                 acked,
                 next_connection: AtomicU64::new(0),
+                snapshots: watch::Sender::new(true),
+                held: AtomicUsize::new(0),
+                synced: Gauge::default(),
             }),
         };
         (server, acked_rx)
     }
 
-    /// How many ztunnels are connected (past their Hello).
+    /// How many ztunnels are connected (past their Hello and snapshot hold).
     pub fn connected(&self) -> usize {
         self.lock().connections.len()
+    }
+
+    /// Makes ztunnels that connect from now on wait after their Hello, until
+    /// [`Self::release_snapshots`]. Connections already served go on.
+    pub fn hold_snapshots(&self) {
+        self.shared.snapshots.send_replace(false);
+    }
+
+    /// Lets waiting and future connections have their snapshot.
+    pub fn release_snapshots(&self) {
+        self.shared.snapshots.send_replace(true);
+    }
+
+    /// How many ztunnels said Hello and wait for their snapshot.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// Registers `istio_node_agent_ztunnel_connected`: ztunnels connected
+    /// that have acked their snapshot (upstream's node agent has a
+    /// `ztunnel_connected` gauge of its connections).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "node_agent_ztunnel_connected",
+            "ztunnels connected to the node agent that have acked their snapshot",
+            self.shared.synced.clone(),
+        );
+    }
+
+    /// Remembers an enrolled pod whose namespace the agent does not have:
+    /// snapshots tell ztunnel to keep what it runs for it. No live message:
+    /// KeepWorkload is only valid in a snapshot.
+    pub fn keep(&self, uid: &str) {
+        self.lock().kept.insert(uid.to_string());
     }
 
     /// Accepts ztunnel connections forever, each served on its own task.
@@ -131,6 +188,7 @@ impl ZdsServer {
     pub async fn add(&self, pod: ZdsPod) -> Result<(), ZdsServerError> {
         let senders = {
             let mut state = self.lock();
+            state.kept.remove(&pod.uid);
             state.pods.insert(pod.uid.clone(), pod.clone());
             state.connections.values().cloned().collect::<Vec<_>>()
         };
@@ -145,6 +203,7 @@ impl ZdsServer {
         let senders = {
             let mut state = self.lock();
             state.pods.remove(uid);
+            state.kept.remove(uid);
             state.connections.values().cloned().collect::<Vec<_>>()
         };
         self.broadcast(senders, || Request::Del(uid.to_string()))
@@ -154,6 +213,11 @@ impl ZdsServer {
     /// Whether `uid` is among the pods handed to ztunnel.
     pub fn has_pod(&self, uid: &str) -> bool {
         self.lock().pods.contains_key(uid)
+    }
+
+    /// Whether `uid` is among the pods kept without a namespace.
+    pub fn is_kept(&self, uid: &str) -> bool {
+        self.lock().kept.contains(uid)
     }
 
     async fn broadcast(
@@ -195,14 +259,29 @@ impl ZdsServer {
                 hello.version
             )));
         }
+        let mut snapshots = self.shared.snapshots.subscribe();
+        if !*snapshots.borrow() {
+            info!(
+                "ztunnel connected; its snapshot waits until the agent has rediscovered its pods"
+            );
+        }
+        {
+            self.shared.held.fetch_add(1, Ordering::Relaxed);
+            let _counted = Held(&self.shared.held);
+            // The sender lives as long as the server.
+            let _ = snapshots.wait_for(|may| *may).await;
+        }
         let (tx, mut rx) = mpsc::channel(16);
         let id = self.shared.next_connection.fetch_add(1, Ordering::Relaxed);
         // Registering and copying the pods under one lock: a pod added after
         // this point arrives as a live Add, one added before is in the copy.
-        let snapshot: Vec<ZdsPod> = {
+        let snapshot: Snapshot = {
             let mut state = self.lock();
             state.connections.insert(id, tx);
-            state.pods.values().cloned().collect()
+            Snapshot {
+                pods: state.pods.values().cloned().collect(),
+                kept: state.kept.iter().cloned().collect(),
+            }
         };
         let result = self.serve_registered(&conn, snapshot, &mut rx).await;
         self.lock().connections.remove(&id);
@@ -217,11 +296,15 @@ impl ZdsServer {
     async fn serve_registered(
         &self,
         conn: &SeqpacketConn,
-        snapshot: Vec<ZdsPod>,
+        snapshot: Snapshot,
         rx: &mut mpsc::Receiver<Command>,
     ) -> Result<(), ZdsServerError> {
-        info!(pods = snapshot.len(), "ztunnel connected; sending snapshot");
-        for pod in &snapshot {
+        info!(
+            pods = snapshot.pods.len(),
+            kept = snapshot.kept.len(),
+            "ztunnel connected; sending snapshot"
+        );
+        for pod in &snapshot.pods {
             match self.send_add(conn, pod).await {
                 Ok(()) => {}
                 Err(ZdsServerError::Rejected { uid, reason }) => {
@@ -230,9 +313,24 @@ impl ZdsServer {
                 Err(e) => return Err(e),
             }
         }
+        for uid in &snapshot.kept {
+            let keep = request(workload_request::Payload::Keep(KeepWorkload {
+                uid: uid.clone(),
+            }));
+            match self.exchange(conn, &keep, None).await {
+                Ok(()) => {}
+                // It had nothing running for the pod: nothing to keep.
+                Err(ZdsServerError::Rejected { reason, .. }) => {
+                    warn!(%uid, %reason, "ztunnel has nothing to keep for a pod the agent knows no namespace of")
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let done = request(workload_request::Payload::SnapshotSent(SnapshotSent {}));
         self.exchange(conn, &done, None).await?;
         debug!("snapshot acked");
+        self.shared.synced.inc();
+        let _synced = Synced(&self.shared.synced);
         loop {
             tokio::select! {
                 command = rx.recv() => {
@@ -331,6 +429,31 @@ impl ZdsServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Uncounts a connection that no longer waits for its snapshot (also when
+/// it is dropped while waiting).
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Uncounts a synced connection when it ends.
+struct Synced<'a>(&'a Gauge);
+
+impl Drop for Synced<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What a connection is sent before SnapshotSent.
+struct Snapshot {
+    pods: Vec<ZdsPod>,
+    kept: Vec<String>,
 }
 
 fn request(payload: workload_request::Payload) -> Vec<u8> {

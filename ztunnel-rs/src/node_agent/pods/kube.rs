@@ -113,9 +113,32 @@ where
     Ok(())
 }
 
-/// What the agent needs of a Pod object.
+/// What the agent needs of a Pod object. An address that does not parse is
+/// left out (with a warning): the pod is still known, only not recognisable
+/// by that address.
 pub fn pod_meta(pod: Pod) -> PodMeta {
     let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
+    let listed: Vec<String> = match status.pod_ips {
+        Some(ips) if !ips.is_empty() => ips.into_iter().map(|p| p.ip).collect(),
+        _ => status.pod_ip.into_iter().collect(),
+    };
+    let ips = listed
+        .iter()
+        .filter_map(|ip| match ip.parse() {
+            Ok(ip) => Some(ip),
+            Err(e) => {
+                tracing::warn!(
+                    pod = %format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name.as_deref().unwrap_or_default()),
+                    field = "status.podIPs",
+                    value = %ip,
+                    error = %e,
+                    "ignoring a pod address that is not an IP address"
+                );
+                None
+            }
+        })
+        .collect();
     PodMeta {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
         name: pod.metadata.name.clone().unwrap_or_default(),
@@ -126,6 +149,7 @@ pub fn pod_meta(pod: Pod) -> PodMeta {
         labels: pod.metadata.labels.unwrap_or_default(),
         annotations: pod.metadata.annotations.unwrap_or_default(),
         host_network: spec.host_network.unwrap_or(false),
+        ips,
     }
 }
 
