@@ -8,6 +8,7 @@
 //! | Workload (a Service's EndpointSlice endpoint that is not a pod) | `istio.workload.Address` | `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>` |
 //! | Service (one per Kubernetes Service) | `istio.workload.Address` | `<ns>/<name>.<ns>.svc.<domain>` |
 //! | Authorization (AuthorizationPolicy, converted PeerAuthentication) | `istio.security.Authorization` | `<ns>/<name>` |
+//! | Authorization (implicit ALLOW-from-waypoint, with [`MeshConfig::auto_allow_waypoint_policy`]) | `istio.security.Authorization` | `<ns>/istio_allow_waypoint_<ns>_<name>` |
 //!
 //! No I/O, no clock: the same state always gives the same bytes, so the
 //! snapshot's content hashes change only where the content does.
@@ -21,6 +22,7 @@ mod selectors;
 mod services;
 #[doc(hidden)]
 pub mod testing;
+mod waypoint_policies;
 mod waypoints;
 mod workloads;
 
@@ -63,6 +65,12 @@ pub struct MeshConfig {
     pub root_namespace: String,
     /// Network of every workload and VIP (single-network mesh: empty).
     pub network: String,
+    /// Serve each waypoint's workloads an implicit ALLOW of the waypoint's
+    /// identities, so that (unless another ALLOW policy applies) only
+    /// traffic through the waypoint reaches them: upstream's
+    /// `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`, off by default as there. See
+    /// `index/waypoint_policies.rs`.
+    pub auto_allow_waypoint_policy: bool,
 }
 
 impl Default for MeshConfig {
@@ -73,6 +81,7 @@ impl Default for MeshConfig {
             cluster_domain: labels::DEFAULT_CLUSTER_DOMAIN.to_string(),
             root_namespace: labels::DEFAULT_ROOT_NAMESPACE.to_string(),
             network: String::new(),
+            auto_allow_waypoint_policy: false,
         }
     }
 }
@@ -130,6 +139,7 @@ struct Previous {
     mesh: MeshConfig,
     inputs: Inputs,
     pods: BTreeMap<ObjectKey, CachedPod>,
+    waypoint_policies: Option<waypoint_policies::Dependencies>,
 }
 
 #[derive(Debug)]
@@ -239,6 +249,10 @@ impl Translator {
         }
 
         let waypoints = waypoints::Waypoints::build(state, mesh);
+        let waypoint_policies = waypoint_policies::WaypointPolicies::build(mesh, &waypoints);
+        for (key, a) in waypoint_policies.authorizations() {
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), a));
+        }
         let mut services = services::Services::build(state, mesh);
 
         // Which pods are workloads, which services each backs, and the service
@@ -320,13 +334,20 @@ impl Translator {
             services: &services,
             selector_policies: &selector_policies,
             peer_authentications: &peer_authentications,
+            waypoint_policies: &waypoint_policies,
             l7: &l7_ctx,
             l7_rules: &l7_rules,
         };
         let mut cache = BTreeMap::new();
         let mut reused = 0;
-        // A pod's workload then depends on other pods too: build them all.
-        let reusable = !l7_rules.depend_on_other_pods();
+        // Build every pod's workload again when it may depend on other pods:
+        // while an L7 rule targets a waypoint, or when what the implicit
+        // waypoint policies depend on changed since the last translation.
+        let waypoint_dependencies = waypoint_policies.dependencies(&service_waypoints);
+        let reusable = !l7_rules.depend_on_other_pods()
+            && previous
+                .as_ref()
+                .is_none_or(|p| p.waypoint_policies == waypoint_dependencies);
         for (key, pod, addresses, backed, resource) in pods {
             let resource = match resource.filter(|_| reusable) {
                 Some(r) => {
@@ -356,6 +377,7 @@ impl Translator {
             mesh: mesh.clone(),
             inputs: Inputs::of(state),
             pods: cache,
+            waypoint_policies: waypoint_dependencies,
         });
         Translation {
             snapshot,

@@ -2,7 +2,7 @@
 //! index's translation -> proxy-core's workload store -> the policy decision
 //! ztunnel makes for a connection. Each case is a way the mesh used to widen
 //! access (an unreadable value dropping a whole policy, an L7 rule silently
-//! ignored) and must now refuse.
+//! ignored, traffic skipping a waypoint) and must now refuse.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -47,12 +47,14 @@ status: {phase: Running, podIP: 10.9.0.2, conditions: [{type: Ready, status: \"T
 /// What ztunnel would hold after receiving the translation of `yaml` (plus
 /// the pods above).
 fn ztunnel_view(yaml: &str) -> WorkloadStore {
+    ztunnel_view_with(yaml, &MeshConfig::default())
+}
+
+/// [`ztunnel_view`] under other mesh settings.
+fn ztunnel_view_with(yaml: &str, mesh: &MeshConfig) -> WorkloadStore {
     let text = format!("{PODS}---\n{yaml}");
     let manifest = api::manifest::parse(&text).unwrap();
-    let translation = index::translate(
-        &ClusterState::from_objects(manifest.objects),
-        &MeshConfig::default(),
-    );
+    let translation = index::translate(&ClusterState::from_objects(manifest.objects), mesh);
     let store = WorkloadStore::new();
     store.update(|batch| {
         for r in translation.snapshot.of_type(type_url::ADDRESS).values() {
@@ -291,4 +293,67 @@ spec:
             policy: "shop/unserved_l7_requestauthentication_db-jwt".into()
         }
     );
+}
+
+#[test]
+fn with_auto_allow_waypoint_policy_only_the_waypoint_reaches_a_bound_pod() {
+    // `api` (web's pods) is bound to a waypoint whose one instance runs as
+    // `waypoint`; `db` is bound to nothing.
+    const WAYPOINT: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status:
+  addresses: [{type: Hostname, value: waypoint.shop.svc.cluster.local}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec: {nodeName: node-a, serviceAccountName: waypoint, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.50, conditions: [{type: Ready, status: \"True\"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+    const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
+    let mesh = MeshConfig {
+        auto_allow_waypoint_policy: true,
+        ..MeshConfig::default()
+    };
+    let store = ztunnel_view_with(WAYPOINT, &mesh);
+    for client in [Some(FRONTEND), Some(STRANGER), None] {
+        assert_eq!(
+            decide(&store, client, "10.9.0.1:8080"),
+            Decision::NotAllowed,
+            "{client:?} skipped the waypoint"
+        );
+    }
+    assert_eq!(
+        decide(&store, Some(WAYPOINT_ID), "10.9.0.1:8080"),
+        Decision::Allowed {
+            policy: "shop/istio_allow_waypoint_shop_waypoint".into()
+        }
+    );
+    // An unbound workload is not the waypoint's business.
+    assert_eq!(
+        decide(&store, Some(STRANGER), "10.9.0.2:5432"),
+        Decision::AllowedByDefault
+    );
+
+    // Off (the default, as upstream): L4 policy alone, and there is none.
+    let store = ztunnel_view(WAYPOINT);
+    for client in [Some(FRONTEND), Some(WAYPOINT_ID)] {
+        assert_eq!(
+            decide(&store, client, "10.9.0.1:8080"),
+            Decision::AllowedByDefault
+        );
+    }
 }

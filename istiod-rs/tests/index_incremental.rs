@@ -8,9 +8,12 @@ use istiod_rs::index::{self, MeshConfig, Translator, testing::synthetic_cluster}
 use istiod_rs::state::ClusterState;
 
 fn check(translator: &mut Translator, state: &ClusterState) -> usize {
-    let mesh = MeshConfig::default();
-    let incremental = translator.translate(state, &mesh);
-    let fresh = index::translate(state, &mesh);
+    check_with(translator, state, &MeshConfig::default())
+}
+
+fn check_with(translator: &mut Translator, state: &ClusterState, mesh: &MeshConfig) -> usize {
+    let incremental = translator.translate(state, mesh);
+    let fresh = index::translate(state, mesh);
     assert_eq!(incremental.snapshot, fresh.snapshot);
     assert_eq!(incremental.problems, fresh.problems);
     translator.reused()
@@ -62,68 +65,117 @@ fn reuses_unchanged_pods_and_matches_a_fresh_translation() {
     assert_eq!(translator.reused(), 0);
 }
 
-#[test]
-fn a_pod_joining_a_service_updates_the_l7_denials_of_the_others() {
-    // A waypoint for the `web` account's services only: `web` is bound to it
-    // while all its pods run as `web`, and an L7 policy on the waypoint
-    // denies connections to them. A pod of another account joins: the
-    // service is no longer bound, so web-1 (unchanged) loses the denial.
-    let objects = |extra: &str| {
-        let yaml = format!(
-            "apiVersion: v1
+/// `web` (pod web-1, account `web`) in the ambient namespace `shop`, and a
+/// waypoint for the `web` account's services only: `web` is bound to it
+/// while all its pods run as `web`.
+const WEB_AND_ITS_ACCOUNT_WAYPOINT: &str = "apiVersion: v1
 kind: Namespace
-metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata:
   name: web-waypoint
   namespace: shop
-  labels: {{istio.io/waypoint-for: service}}
-  annotations: {{istio.io/for-service-account: web}}
+  labels: {istio.io/waypoint-for: service}
+  annotations: {istio.io/for-service-account: web}
 spec:
   gatewayClassName: istio-waypoint
-  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 status:
-  addresses: [{{type: Hostname, value: web-waypoint.shop.svc.cluster.local}}]
+  addresses: [{type: Hostname, value: web-waypoint.shop.svc.cluster.local}]
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: web, namespace: shop}}
-spec: {{selector: {{app: web}}, clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.1, ports: [{port: 80}]}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.1}
+";
+
+/// A pod of another account, joining `web`.
+const WEB_2_OF_ANOTHER_ACCOUNT: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.2}
+";
+
+fn objects(yaml: &str) -> Vec<Object> {
+    api::manifest::parse(yaml).unwrap().objects
+}
+
+#[test]
+fn a_pod_joining_a_service_updates_the_l7_denials_of_the_others() {
+    // An L7 policy on the waypoint denies connections to what is bound to
+    // it. A pod of another account joins: the service is no longer bound,
+    // so web-1 (unchanged) loses the denial.
+    let mut state = ClusterState::from_objects(objects(&format!(
+        "{WEB_AND_ITS_ACCOUNT_WAYPOINT}---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: via-waypoint, namespace: shop}}
 spec:
   targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: web-waypoint}}]
   rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
-spec: {{nodeName: node-a, serviceAccountName: web, containers: [{{name: app, image: app}}]}}
-status: {{phase: Running, podIP: 10.9.0.1}}
-{extra}"
-        );
-        api::manifest::parse(&yaml).unwrap().objects
-    };
-    let mut state = ClusterState::from_objects(objects(""));
+"
+    )));
     let mut translator = Translator::default();
     check(&mut translator, &state);
-    for o in objects(
-        "---
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, namespace: shop, labels: {app: web}}
-spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: app, image: app}]}
-status: {phase: Running, podIP: 10.9.0.2}
-",
-    )
-    .into_iter()
-    .filter(|o| o.key().name == "web-2")
-    {
+    for o in objects(WEB_2_OF_ANOTHER_ACCOUNT) {
         state.apply(o);
     }
     check(&mut translator, &state);
+}
+
+/// The implicit ALLOW-from-waypoint policies a workload lists change with
+/// other pods: a waypoint has one only while it has instances, and a
+/// per-ServiceAccount waypoint binds a service only while all its pods run
+/// as that account.
+#[test]
+fn other_pods_change_the_implicit_waypoint_policies_of_unchanged_pods() {
+    let mesh = MeshConfig {
+        auto_allow_waypoint_policy: true,
+        ..MeshConfig::default()
+    };
+    let mut state = ClusterState::from_objects(objects(WEB_AND_ITS_ACCOUNT_WAYPOINT));
+    let listed = |translator: &mut Translator, state: &ClusterState| {
+        check_with(translator, state, &mesh);
+        let t = index::translate(state, &mesh);
+        let uid = mesh.pod_uid("shop", "web-1");
+        let json = index::json::snapshot_json(&t.snapshot);
+        json["workloads"][uid.as_str()]["authorizationPolicies"].clone()
+    };
+    let key = "shop/istio_allow_waypoint_shop_web-waypoint";
+    let mut translator = Translator::default();
+    // No instance yet: no policy to list.
+    assert_eq!(listed(&mut translator, &state), serde_json::Value::Null);
+
+    // The waypoint's first instance starts: web-1 (unchanged) lists it.
+    for o in objects(
+        "apiVersion: v1
+kind: Pod
+metadata: {name: web-waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: web-waypoint}}
+spec: {nodeName: node-a, serviceAccountName: web-waypoint, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.100}
+",
+    ) {
+        state.apply(o);
+    }
+    assert_eq!(listed(&mut translator, &state), serde_json::json!([key]));
+
+    // A pod of another account joins the service: no longer bound to the
+    // per-ServiceAccount waypoint, so web-1 (unchanged) lists nothing.
+    for o in objects(WEB_2_OF_ANOTHER_ACCOUNT) {
+        state.apply(o);
+    }
+    assert_eq!(listed(&mut translator, &state), serde_json::Value::Null);
+
+    // It leaves again: bound, listed.
+    state.delete(api::manifest::Kind::Pod, &ObjectKey::new("shop", "web-2"));
+    assert_eq!(listed(&mut translator, &state), serde_json::json!([key]));
 }

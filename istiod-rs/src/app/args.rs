@@ -120,6 +120,16 @@ pub struct Args {
     /// Namespace whose policies apply mesh-wide.
     #[arg(long, env = "ROOT_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
+    /// Give every workload behind a waypoint an implicit policy allowing the
+    /// waypoint's identities: unless another ALLOW policy applies to it,
+    /// traffic that does not go through the waypoint is refused. Off by
+    /// default, as upstream istiod's variable of the same name.
+    #[arg(
+        long,
+        env = "PILOT_AUTO_ALLOW_WAYPOINT_POLICY",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub auto_allow_waypoint_policy: bool,
     /// istiod-rs's own namespace: its serving identity and DNS names
     /// (`istiod.<ns>.svc`) derive from it.
     #[arg(long, env = "POD_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
@@ -255,6 +265,7 @@ impl Args {
             cluster_domain: self.cluster_domain,
             root_namespace: self.root_namespace,
             network: String::new(),
+            auto_allow_waypoint_policy: self.auto_allow_waypoint_policy,
         };
         Ok(AppConfig {
             source,
@@ -427,6 +438,17 @@ mod tests {
             config.grpc.plaintext_addr,
             Some("127.0.0.1:7010".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn auto_allow_waypoint_policy_is_off_unless_asked_for() {
+        let config = args(&[]).unwrap().into_config().unwrap();
+        assert!(!config.mesh.auto_allow_waypoint_policy);
+        let config = args(&["--auto-allow-waypoint-policy"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(config.mesh.auto_allow_waypoint_policy);
     }
 
     #[test]

@@ -20,6 +20,11 @@
 //! `service` (the default), `workload`, `all` or `none`. A per-ServiceAccount
 //! waypoint without the label takes `all`: it exists to serve that account's
 //! workloads and services alike.
+//!
+//! A waypoint's own identities are the service accounts of its instances
+//! (pods in its namespace labelled `gateway.networking.k8s.io/gateway-name:
+//! <name>`), as upstream's `WaypointsCollection` collects them: what the
+//! implicit ALLOW-from-waypoint policies admit (see `waypoint_policies.rs`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -32,7 +37,7 @@ use tracing::debug;
 
 use super::MeshConfig;
 use super::selectors::{self, Labels, Requirement, labels_of};
-use crate::state::{ClusterState, in_namespace};
+use crate::state::{ClusterState, in_namespace, pod_service_account};
 
 /// What traffic a waypoint takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,12 +78,24 @@ pub(super) struct Waypoint {
     pub address: GatewayAddress,
     traffic: Traffic,
     allowed: AllowedNamespaces,
+    /// Service accounts its instances run as, sorted, each once.
+    pub service_accounts: Vec<String>,
 }
 
 impl Waypoint {
     /// `namespace/name` of its Gateway.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Namespace of its Gateway.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Name of its Gateway.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn allows(&self, state: &ClusterState, namespace: &str) -> bool {
@@ -172,10 +189,32 @@ impl Waypoints {
                     address,
                     traffic,
                     allowed: allowed_namespaces(gw),
+                    service_accounts: Vec::new(),
                 },
             );
         }
+        for (key, pod) in &state.pods {
+            let Some(gateway) = labels_of(&pod.metadata.labels).get(labels::GATEWAY_NAME) else {
+                continue;
+            };
+            if let Some(w) = waypoints
+                .by_key
+                .get_mut(&(key.namespace.clone(), gateway.clone()))
+            {
+                w.service_accounts
+                    .push(pod_service_account(pod).to_string());
+            }
+        }
+        for w in waypoints.by_key.values_mut() {
+            w.service_accounts.sort();
+            w.service_accounts.dedup();
+        }
         waypoints
+    }
+
+    /// Every usable waypoint, by namespace then name.
+    pub fn iter(&self) -> impl Iterator<Item = &Waypoint> {
+        self.by_key.values()
     }
 
     /// Whether a pod with these labels is an instance of a waypoint.

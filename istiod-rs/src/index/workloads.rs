@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::l7;
 use super::selectors::{Labels, labels_of, subset_of};
 use super::services::Services;
+use super::waypoint_policies::WaypointPolicies;
 use super::waypoints::{Traffic, Waypoints};
 use super::{MeshConfig, peer_authentication::PeerAuthentications};
 use crate::state::{ClusterState, pod_is_terminal, pod_service_account};
@@ -47,6 +48,7 @@ pub(super) struct Context<'a> {
     pub services: &'a Services<'a>,
     pub selector_policies: &'a SelectorPolicies,
     pub peer_authentications: &'a PeerAuthentications<'a>,
+    pub waypoint_policies: &'a WaypointPolicies,
     pub l7: &'a super::l7::Context<'a>,
     pub l7_rules: &'a super::l7::L7Rules,
 }
@@ -193,14 +195,20 @@ fn locality(state: &ClusterState, node: &str) -> Option<Locality> {
     (l != Locality::default()).then_some(l)
 }
 
-/// Keys of the AuthorizationPolicies (selector-scoped, from the pod's
-/// namespace or the root namespace, sorted) then the converted
-/// PeerAuthentications (sorted) that apply to the pod: upstream's order.
-/// Then the DENY policies of the unserved L7 rules targeting it (sorted).
+/// Keys of the policies that apply to the pod, in upstream's order: the
+/// AuthorizationPolicies (selector-scoped, from the pod's namespace or the
+/// root namespace, sorted), the converted PeerAuthentications (sorted), the
+/// implicit ALLOW-from-waypoint policies (those of its services' waypoints,
+/// then its own `waypoint`'s). Then what upstream does not have: the DENY
+/// policies of the unserved L7 rules targeting it (sorted). The order
+/// changes no decision (ztunnel applies every DENY, then needs one ALLOW
+/// when any applies); it only keeps the list stable and readable.
 fn policy_keys(
     ctx: &Context<'_>,
     namespace: &str,
     labels: &Labels,
+    waypoint: Option<&str>,
+    backed: &[usize],
     l7: Option<&l7::Workload<'_>>,
 ) -> Vec<String> {
     let root = ctx.mesh.root_namespace.as_str();
@@ -218,6 +226,10 @@ fn policy_keys(
         .collect();
     keys.sort();
     keys.extend(ctx.peer_authentications.workload_keys(namespace, labels));
+    let service_waypoints = backed
+        .iter()
+        .filter_map(|&i| ctx.l7.service_waypoints[i].as_deref());
+    keys.extend(ctx.waypoint_policies.keys_for(waypoint, service_waypoints));
     if let Some(w) = l7 {
         keys.extend(ctx.l7_rules.keys_for(ctx.l7, w));
     }
@@ -244,12 +256,13 @@ pub(super) fn workload(
         ctx.waypoints
             .bound(ctx.state, namespace, labels, Some(sa), Traffic::Workload)
     };
+    let waypoint_key = waypoint.map(|w| w.key());
     // Waypoint instances are never targets of the rules they would serve.
     let l7 = (!instance).then(|| l7::Workload {
         namespace,
         labels,
         services: backed,
-        waypoint: waypoint.map(|w| w.key()),
+        waypoint: waypoint_key.clone(),
     });
     let services = backed
         .iter()
@@ -291,7 +304,14 @@ pub(super) fn workload(
         workload_type: WorkloadType::Pod as i32,
         workload_name: name,
         native_tunnel,
-        authorization_policies: policy_keys(ctx, namespace, labels, l7.as_ref()),
+        authorization_policies: policy_keys(
+            ctx,
+            namespace,
+            labels,
+            waypoint_key.as_deref(),
+            backed,
+            l7.as_ref(),
+        ),
         status: if healthy(pod) {
             WorkloadStatus::Healthy
         } else {
