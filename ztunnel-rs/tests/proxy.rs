@@ -7,7 +7,10 @@
 //! verified; service VIP load balancing; passthrough; waypoints; policy
 //! (DENY, STRICT / PERMISSIVE); and the faults: no healthy endpoint, a peer
 //! with the wrong identity or a bad certificate, a CONNECT for another pod,
-//! the application refusing, bypassing a waypoint.
+//! the application refusing, going around a waypoint; and failing closed:
+//! nothing carried before the first complete state or for a pod the store
+//! lacks, a listed policy not held denies, a policy change cuts live
+//! connections.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -407,8 +410,12 @@ async fn strict_rejects_plaintext_and_permissive_allows_it() {
     assert_eq!(exchange(&mut conn, b"mtls").await.unwrap(), b"server: mtls");
 }
 
+/// Issue 9 items 4 and 5: the waypoint carries a bound pod's traffic; going
+/// around it is refused only where a policy says so (upstream istiod's
+/// allow-from-waypoint policy), and the waypoint's own traffic obeys the
+/// pod's DENY policies like anyone's.
 #[tokio::test]
-async fn a_waypoint_bound_destination_is_reached_only_through_the_waypoint() {
+async fn waypoint_traffic_and_traffic_around_the_waypoint_are_both_judged_by_policy() {
     let mesh = TestMesh::new().await;
     let client = mesh.pod("client", "a", 2).await;
     let (server_ip, waypoint_ip, vip) = (mesh.ip(3), mesh.ip(5), mesh.ip(103));
