@@ -199,6 +199,28 @@ async fn a_caller_retries_at_once_instead_of_waiting_out_the_backoff() {
     assert!(signer.request_count() > attempts);
 }
 
+/// When the control plane comes back, every identity in backoff is retried
+/// at once, without anyone asking for its certificate.
+#[tokio::test]
+async fn failed_identities_retry_when_told_the_control_plane_is_back() {
+    let config = ManagerConfig {
+        retry_min: Duration::from_secs(3600),
+        retry_max: Duration::from_secs(3600),
+        ..ManagerConfig::default()
+    };
+    let (_, signer, manager, id) = manager_with(None, config);
+    signer.set_failing(true);
+    assert!(manager.fetch(&id).await.is_err());
+    signer.set_failing(false);
+    assert_eq!(manager.retry_failed(), 1);
+    let cert = eventually("the certificate, issued in the background", || async {
+        manager.snapshot()[0].certificate.clone()
+    })
+    .await;
+    assert_eq!(cert.identity(), &id);
+    assert_eq!(manager.retry_failed(), 0, "nothing left to retry");
+}
+
 #[tokio::test]
 async fn forget_stops_renewing() {
     let (ca, signer, manager, _) = manager_with(Some(Duration::from_secs(2)), fast_retries());

@@ -19,7 +19,9 @@ use anyhow::Context;
 use proxy_core::admin::{AdminState, Readiness, ServerAddrs, Servers};
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
 use proxy_core::store::WorkloadStore;
-use proxy_core::xds::{StatusWatch, XdsClient, XdsConfig, XdsMetrics, handlers, ztunnel_node_id};
+use proxy_core::xds::{
+    ConnectionState, StatusWatch, XdsClient, XdsConfig, XdsMetrics, handlers, ztunnel_node_id,
+};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -259,6 +261,28 @@ impl App {
         let xds_status = xds.status();
         let mut tasks = vec![tokio::spawn(xds.run(stop.clone()))];
         let xds_synced = readiness.register(XDS_SYNCED);
+        // istiod is the CA too: when its xDS stream comes back, identities
+        // whose certificate failed during the outage retry at once.
+        tasks.push(tokio::spawn({
+            let mut status = xds_status.clone();
+            let certificates = certificates.clone();
+            async move {
+                let mut was_connected = false;
+                while let Some(now) = status.changed().await {
+                    let connected = now.connection == ConnectionState::Connected;
+                    if connected && !was_connected {
+                        let woken = certificates.retry_failed();
+                        if woken > 0 {
+                            info!(
+                                identities = woken,
+                                "control plane back: retrying failed certificates now"
+                            );
+                        }
+                    }
+                    was_connected = connected;
+                }
+            }
+        }));
         tasks.push(tokio::spawn({
             let status = xds_status.clone();
             let store = store.clone();

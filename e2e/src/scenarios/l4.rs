@@ -703,6 +703,25 @@ fn ztunnel_without_istiod(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String
     }
     cluster.start_component(&ztunnel(&node))?;
     let after = in_mtls(cluster, f, (client, "client"), (server, "server"))?;
+    // Leave the node as it was: every identity it serves has its
+    // certificate again (the next scenarios stop istiod once more).
+    eventually(
+        &format!("every certificate on {node} to be available again"),
+        CHANGE_TIMEOUT,
+        || {
+            let certs = probe::certificates(cluster, &node)?;
+            let missing: Vec<String> = certs
+                .iter()
+                .filter(|c| c.state != "Available")
+                .map(|c| format!("{}: {}", c.identity, c.state))
+                .collect();
+            Ok(if missing.is_empty() && !certs.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet: {missing:?}"))
+            })
+        },
+    )?;
     Ok(format!(
         "ztunnel on {node} started with istiod down and took its pods from the node agent; {} -> {target}: {} and no plaintext reached {}; once istiod was back: {after}",
         pod_name(client),

@@ -198,6 +198,26 @@ impl CertificateManager {
         }
     }
 
+    /// Makes every identity whose last attempt failed try again now instead
+    /// of at the end of its backoff: the control plane is back (its xDS
+    /// stream reconnected), so pods need not wait up to `retry_max` for a
+    /// certificate. Returns how many were woken.
+    pub fn retry_failed(&self) -> usize {
+        let identities = self.inner.lock();
+        let mut woken = 0;
+        for tracked in identities.values() {
+            let failed = {
+                let state = tracked.state.borrow();
+                !state.issuing && state.last_error.is_some()
+            };
+            if failed {
+                tracked.wake.notify_one();
+                woken += 1;
+            }
+        }
+        woken
+    }
+
     /// Stops renewing `identity` (no workload on this node needs it any
     /// more) and drops its certificate. Returns whether it was tracked.
     pub fn forget(&self, identity: &SpiffeId) -> bool {
