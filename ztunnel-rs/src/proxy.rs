@@ -49,6 +49,7 @@ use api::SpiffeId;
 use proxy_core::admin::DumpSection;
 use proxy_core::hbone::{HboneError, HbonePool, HboneServer, Http2Settings, PoolConfig};
 use proxy_core::identity::{CertificateManager, FetchError, WorkloadCertificate};
+use proxy_core::log_limit::LogLimit;
 use proxy_core::store::{Snapshot, Workload, WorkloadStore};
 use rustls::ServerConfig;
 use serde_json::{Value, json};
@@ -373,8 +374,12 @@ async fn accept_loop<F, Fut>(
             }
             Err(error) => {
                 // Usually transient (out of file descriptors); the pause keeps
-                // a persistent one from spinning.
-                warn!(pod = %pod.info.uid, listener = listener_name, %error, "accept failed");
+                // a persistent one from spinning, and the line is bounded: a
+                // node out of descriptors would log it for every pod.
+                static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
+                if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                    warn!(pod = %pod.info.uid, listener = listener_name, %error, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
