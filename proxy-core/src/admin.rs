@@ -9,24 +9,30 @@
 //!   [`Readiness`] condition is met, else 503 naming what is missing.
 //!
 //! Every address is configurable (tests bind port 0); all three stop
-//! gracefully when the shutdown token is cancelled.
+//! gracefully when the shutdown token is cancelled. Each is a
+//! [`Listener`] with its own connection cap and the same timeouts
+//! ([`ServerConfig`]): anyone who reaches 15020 or 15021 (every pod on the
+//! node) can hold at most the cap's connections, each only as long as the
+//! timeouts allow, so the data path running on the same runtime keeps its
+//! file descriptors and its time.
 
 mod config_dump;
 mod readiness;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
+use crate::listener::{Listener, ListenerLimits, ListenerMetrics};
 use crate::metrics::{OPENMETRICS_CONTENT_TYPE, SharedRegistry};
 
 pub use config_dump::{
@@ -66,6 +72,36 @@ impl Default for ServerAddrs {
     }
 }
 
+/// Where the three servers listen and what each allows a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub addrs: ServerAddrs,
+    /// Each server's own cap and timeouts (the same values for all three).
+    pub limits: ListenerLimits,
+}
+
+impl ServerConfig {
+    /// Upstream ztunnel reads a request head for at most 2 s on these
+    /// servers (`hyper_util::Server`'s `header_read_timeout`); a scrape or a
+    /// probe needs one or two connections, so 128 each leaves room for
+    /// every legitimate client while bounding what a pod can hold.
+    pub const DEFAULT_LIMITS: ListenerLimits = ListenerLimits {
+        max_connections: 128,
+        handshake_timeout: Duration::from_secs(2),
+        header_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(60),
+    };
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addrs: ServerAddrs::default(),
+            limits: ServerConfig::DEFAULT_LIMITS,
+        }
+    }
+}
+
 /// The running servers.
 #[derive(Debug)]
 pub struct Servers {
@@ -77,13 +113,25 @@ pub struct Servers {
 impl Servers {
     /// Binds all three, then serves until `shutdown` is cancelled. Binding
     /// happens before this returns, so a port in use fails start-up.
+    /// `listeners` must be registered in `registry` (as `listener_*`).
     pub async fn start(
-        addrs: ServerAddrs,
+        config: ServerConfig,
         admin: AdminState,
         registry: SharedRegistry,
+        listeners: &ListenerMetrics,
         readiness: Readiness,
         shutdown: CancellationToken,
     ) -> Result<Servers, Error> {
+        let ServerConfig { addrs, limits } = config;
+        let bind = |server: &'static str, addr: SocketAddr| async move {
+            Listener::bind(addr, server, limits, listeners)
+                .await
+                .map_err(|source| Error::Bind {
+                    server,
+                    addr,
+                    source,
+                })
+        };
         let admin_listener = bind("admin", addrs.admin).await?;
         let stats_listener = bind("stats", addrs.stats).await?;
         let readiness_listener = bind("readiness", addrs.readiness).await?;
@@ -93,14 +141,9 @@ impl Servers {
             readiness: local_addr(&readiness_listener, addrs.readiness),
         };
         let tasks = vec![
-            serve("admin", admin_listener, admin_router(admin), &shutdown),
-            serve("stats", stats_listener, stats_router(registry), &shutdown),
-            serve(
-                "readiness",
-                readiness_listener,
-                readiness_router(readiness),
-                &shutdown,
-            ),
+            serve(admin_listener, admin_router(admin), &shutdown),
+            serve(stats_listener, stats_router(registry), &shutdown),
+            serve(readiness_listener, readiness_router(readiness), &shutdown),
         ];
         Ok(Servers {
             addrs: bound,
@@ -116,36 +159,15 @@ impl Servers {
     }
 }
 
-async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind {
-        server,
-        addr,
-        source,
-    })
-}
-
-fn local_addr(listener: &TcpListener, requested: SocketAddr) -> SocketAddr {
+fn local_addr(listener: &Listener, requested: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(requested)
 }
 
-fn serve(
-    server: &'static str,
-    listener: TcpListener,
-    router: Router,
-    shutdown: &CancellationToken,
-) -> JoinHandle<()> {
-    let shutdown = shutdown.clone().cancelled_owned();
+fn serve(listener: Listener, router: Router, shutdown: &CancellationToken) -> JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
-        info!(server, %addr, "listening");
+        info!(server = listener.name(), %addr, "listening");
     }
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(server, %error, "server stopped with an error");
-        }
-    })
+    tokio::spawn(listener.serve_http1(None, router, shutdown.clone()))
 }
 
 /// `/config_dump`, `/certs` and an index at `/`.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod authorization;
 pub mod hbone;
 pub mod identity;
+pub mod listener;
 pub mod log_limit;
 pub mod metrics;
 pub mod store;

@@ -2,7 +2,9 @@
 //! in-process CA that signs the way istiod's does (the identity comes from
 //! the request, never from the CSR), certificates for any identity (also
 //! expired or from a foreign root), a controllable signer for the
-//! certificate manager, and a serving config for a stand-in control plane.
+//! certificate manager, a serving config for a stand-in control plane, and
+//! what tests of listener limits need: the admin servers on loopback, and
+//! waiting for a server to close a connection.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,14 +16,22 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use crate::admin::{AdminState, Readiness, ServerAddrs, ServerConfig, Servers};
 use crate::identity::certificate::key_and_csr;
 use crate::identity::{
     CertificateManager, CertificateRequest, CertificateSigner, ManagerConfig, SignFuture,
     WorkloadCertificate,
 };
+use crate::listener::{ListenerLimits, ListenerMetrics};
+use crate::store::WorkloadStore;
 use crate::tls;
+
+/// Only there so that a bug cannot hang a test.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A mesh root that signs leaf certificates for any identity.
 pub struct TestCa {
@@ -287,5 +297,49 @@ impl CertificateSigner for TestSigner {
             self.ca
                 .sign_csr(&request.csr_pem, &request.identity, validity)
         })
+    }
+}
+
+/// The admin, stats and readiness servers on ephemeral loopback ports
+/// with `limits`, showing `store`; their listener metrics are registered in
+/// the registry `/metrics` serves. Cancel the token to stop them.
+pub async fn loopback_admin_servers(
+    limits: ListenerLimits,
+    store: WorkloadStore,
+) -> (Servers, ListenerMetrics, CancellationToken) {
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut registry = crate::metrics::new_registry();
+    let listeners = ListenerMetrics::register(&mut registry);
+    let shutdown = CancellationToken::new();
+    let servers = Servers::start(
+        ServerConfig {
+            addrs: ServerAddrs {
+                admin: any,
+                stats: any,
+                readiness: any,
+            },
+            limits,
+        },
+        AdminState::new(store),
+        Arc::new(registry),
+        &listeners,
+        Readiness::new(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("loopback ports are free");
+    (servers, listeners, shutdown)
+}
+
+/// Waits until the server closes `stream` (EOF or reset), discarding what
+/// it sends first; panics naming `what` if it does not within 30 s.
+pub async fn until_closed(what: &str, stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Err(_) => panic!("{what}: the server never closed the connection"),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+        }
     }
 }

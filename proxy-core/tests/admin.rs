@@ -7,9 +7,13 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
-use proxy_core::admin::{AdminState, CertDump, CertsDump, Readiness, ServerAddrs, Servers};
+use proxy_core::admin::{
+    AdminState, CertDump, CertsDump, Readiness, ServerAddrs, ServerConfig, Servers,
+};
+use proxy_core::listener::{DropReason, ListenerLimits, ListenerMetrics};
 use proxy_core::metrics;
 use proxy_core::store::{Workload, WorkloadStore};
+use proxy_core::testing::{loopback_admin_servers, until_closed};
 use proxy_core::xds::{XdsClient, XdsConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +60,13 @@ fn loopback() -> ServerAddrs {
         admin: any,
         stats: any,
         readiness: any,
+    }
+}
+
+fn on(addrs: ServerAddrs) -> ServerConfig {
+    ServerConfig {
+        addrs,
+        ..ServerConfig::default()
     }
 }
 
@@ -121,10 +132,12 @@ async fn serves_config_dump_certs_metrics_and_readiness_then_stops() {
         .with_section(xds.status());
 
     let shutdown = CancellationToken::new();
+    let listeners = ListenerMetrics::register(&mut registry);
     let servers = Servers::start(
-        loopback(),
+        on(loopback()),
         admin,
         Arc::new(registry),
+        &listeners,
         readiness.clone(),
         shutdown.clone(),
     )
@@ -214,9 +227,10 @@ async fn a_port_in_use_fails_start_up_naming_the_server() {
         ..loopback()
     };
     let err = Servers::start(
-        addrs,
+        on(addrs),
         AdminState::new(WorkloadStore::new()),
         Arc::new(metrics::new_registry()),
+        &ListenerMetrics::default(),
         Readiness::new(),
         CancellationToken::new(),
     )
@@ -224,4 +238,58 @@ async fn a_port_in_use_fails_start_up_naming_the_server() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("for the stats server"), "{err}");
+}
+
+#[tokio::test]
+async fn partial_requests_on_every_server_are_dropped_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let limits = ListenerLimits {
+        header_timeout: Duration::from_millis(200),
+        ..ServerConfig::DEFAULT_LIMITS
+    };
+    let (servers, listeners, shutdown) = loopback_admin_servers(limits, WorkloadStore::new()).await;
+    let addrs = servers.addrs;
+    let servers_by_name = [
+        ("admin", addrs.admin),
+        ("stats", addrs.stats),
+        ("readiness", addrs.readiness),
+    ];
+
+    // Twenty peers per server send half a request line and stop.
+    let mut stalled = Vec::new();
+    for (name, addr) in servers_by_name {
+        for _ in 0..20 {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET /healthz/ready HTT").await.unwrap();
+            stalled.push((name, tcp));
+        }
+    }
+    // Probes and scrapes are answered meanwhile.
+    assert_eq!(get(addrs.readiness, "/healthz/ready").await.status, 200);
+    assert_eq!(get(addrs.stats, "/metrics").await.status, 200);
+
+    for (name, tcp) in &mut stalled {
+        until_closed(name, tcp).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for (name, _) in servers_by_name {
+        while listeners.dropped(name, DropReason::header_timeout) != 20 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: {} header timeouts counted",
+                listeners.dropped(name, DropReason::header_timeout)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // The counts are on /metrics, one series per server and reason.
+    let text = get(addrs.stats, "/metrics").await.body;
+    assert!(
+        text.contains(
+            r#"istio_listener_connections_dropped_total{listener="readiness",reason="header_timeout"} 20"#
+        ),
+        "{text}"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, servers.join()).await.unwrap();
 }

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use proxy_core::admin::{AdminState, Readiness, ServerAddrs, Servers};
+use proxy_core::admin::{AdminState, Readiness, ServerAddrs, ServerConfig, Servers};
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
+use proxy_core::listener::{ListenerLimits, ListenerMetrics};
 use proxy_core::store::WorkloadStore;
 use proxy_core::xds::{
     ConnectionState, StatusWatch, XdsClient, XdsConfig, XdsMetrics, handlers, ztunnel_node_id,
@@ -96,6 +97,21 @@ pub struct ProxyArgs {
     pub stats_address: SocketAddr,
     #[arg(long, env = "READINESS_ADDRESS", default_value = "0.0.0.0:15021")]
     pub readiness_address: SocketAddr,
+    /// Connections each of the admin, stats and readiness servers holds at
+    /// once; one more is reset (and counted in
+    /// istio_listener_connections_dropped_total).
+    #[arg(long, env = "SERVER_MAX_CONNECTIONS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub server_max_connections: u32,
+    /// The admin, stats and readiness servers drop a connection whose
+    /// request head has not arrived within this (upstream ztunnel: 2s),
+    /// also between two requests on one connection.
+    #[arg(long, env = "SERVER_HEADER_TIMEOUT", default_value = "2s", value_parser = parse_timeout)]
+    pub server_header_timeout: Duration,
+    /// The admin, stats and readiness servers drop a connection on which
+    /// nothing was read or written for this long.
+    #[arg(long, env = "SERVER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
+    pub server_idle_timeout: Duration,
     /// How service endpoints are picked: random or round-robin.
     #[arg(long, env = "LOAD_BALANCING", default_value = "random")]
     pub load_balancing: LoadBalancing,
@@ -132,6 +148,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "{s:?} has an unknown unit {unit:?}: use ms, s, m or h"
         )),
+    }
+}
+
+/// A [`parse_duration`] that must be longer than 0: a timeout of 0 would
+/// drop every connection at once.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: a timeout must be longer than 0")),
+        d => Ok(d),
+    }
+}
+
+impl ProxyArgs {
+    /// What the admin, stats and readiness servers listen on and allow.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            addrs: ServerAddrs {
+                admin: self.admin_address,
+                stats: self.stats_address,
+                readiness: self.readiness_address,
+            },
+            limits: ListenerLimits {
+                max_connections: self.server_max_connections as usize,
+                // Plain HTTP: no handshake.
+                handshake_timeout: self.server_header_timeout,
+                header_timeout: self.server_header_timeout,
+                idle_timeout: self.server_idle_timeout,
+            },
+        }
     }
 }
 
@@ -349,15 +394,12 @@ impl App {
             }))
             .with_section(xds_status.clone())
             .with_section(manager.clone());
-        let addrs = ServerAddrs {
-            admin: args.admin_address,
-            stats: args.stats_address,
-            readiness: args.readiness_address,
-        };
+        let listeners = ListenerMetrics::register(&mut registry);
         let server_tasks = Servers::start(
-            addrs,
+            args.server_config(),
             admin,
             Arc::new(registry),
+            &listeners,
             readiness.clone(),
             stop.clone(),
         )
@@ -448,6 +490,45 @@ mod tests {
             Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
         );
         assert_eq!(local_ip_towards("not an address"), None);
+    }
+
+    #[test]
+    fn server_limits_default_to_the_documented_values() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            proxy: ProxyArgs,
+        }
+        let cli = Cli::try_parse_from(["ztunnel-rs", "--node-name", "n"]).unwrap();
+        assert_eq!(
+            cli.proxy.server_config().limits,
+            ServerConfig::DEFAULT_LIMITS
+        );
+        let cli = Cli::try_parse_from([
+            "ztunnel-rs",
+            "--node-name",
+            "n",
+            "--server-max-connections",
+            "7",
+            "--server-header-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        let limits = cli.proxy.server_config().limits;
+        assert_eq!(limits.max_connections, 7);
+        assert_eq!(limits.header_timeout, Duration::from_millis(500));
+        for bad in [
+            ["--server-max-connections", "0"],
+            ["--server-idle-timeout", "0s"],
+        ] {
+            let args = ["ztunnel-rs", "--node-name", "n", bad[0], bad[1]];
+            let err = Cli::try_parse_from(args)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains(bad[0]), "{err}");
+        }
     }
 
     #[test]
