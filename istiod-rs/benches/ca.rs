@@ -30,6 +30,7 @@ use istiod_rs::ca::impersonation::StaticNodeLookup;
 use istiod_rs::ca::service::CertificateService;
 use istiod_rs::ca::{CaConfig, CertificateAuthority, csr};
 use istiod_rs::grpc::{GrpcConfig, GrpcServer};
+use proxy_core::listener::ListenerMetrics;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "bench-token";
@@ -306,6 +307,7 @@ fn measure_grpc(
                 ..GrpcConfig::default()
             },
             ca.clone(),
+            &ListenerMetrics::default(),
         )
         .await?;
         let addr = grpc.tls_addr();

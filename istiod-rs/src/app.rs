@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use proxy_core::listener::{Listener, ListenerMetrics};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,7 @@ use crate::ca::service::CertificateService;
 use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
 use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use crate::index::{MeshConfig, json};
-use crate::monitoring::{self, Monitoring, MonitoringError, Readiness};
+use crate::monitoring::{self, DebugAccess, Monitoring, MonitoringConfig, Readiness};
 use crate::pipeline::{self, Debounce, PipelineMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::directory::DirectorySource;
@@ -88,7 +88,7 @@ pub struct AppConfig {
     pub tokens: TokenSource,
     pub ca: CaConfig,
     pub grpc: GrpcConfig,
-    pub monitoring_addr: SocketAddr,
+    pub monitoring: MonitoringConfig,
     pub mesh: MeshConfig,
     pub debounce: Debounce,
     /// How status writes are retried.
@@ -113,7 +113,10 @@ impl AppConfig {
                 tls_addr: loopback,
                 ..GrpcConfig::default()
             },
-            monitoring_addr: loopback,
+            monitoring: MonitoringConfig {
+                addr: loopback,
+                ..MonitoringConfig::default()
+            },
             mesh: MeshConfig::default(),
             debounce: Debounce::default(),
             status: StatusConfig::default(),
@@ -130,7 +133,7 @@ impl std::fmt::Debug for AppConfig {
             .field("tokens", &self.tokens)
             .field("ca", &self.ca)
             .field("grpc", &self.grpc)
-            .field("monitoring_addr", &self.monitoring_addr)
+            .field("monitoring", &self.monitoring)
             .field("mesh", &self.mesh)
             .field("debounce", &self.debounce)
             .field("status", &self.status)
@@ -161,8 +164,6 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Monitoring(#[from] MonitoringError),
     #[error("could not install the {signal} handler: {source}")]
     Signal {
         signal: &'static str,
@@ -192,7 +193,7 @@ pub struct App {
     xds: SyncStatus,
     shutdown: CancellationToken,
     grpc: JoinHandle<Result<(), GrpcError>>,
-    monitoring: JoinHandle<Result<(), MonitoringError>>,
+    monitoring: JoinHandle<()>,
     /// Source and pipeline: aborted on shutdown (they run forever).
     background: Vec<JoinHandle<()>>,
 }
@@ -216,7 +217,7 @@ impl App {
             tokens,
             ca,
             grpc,
-            monitoring_addr,
+            monitoring: monitoring_config,
             mesh,
             debounce,
             status: status_config,
@@ -239,6 +240,7 @@ impl App {
 
         // One registry for every metric; complete before it is shared.
         let mut registry = Registry::default();
+        let listeners = ListenerMetrics::register(registry.sub_registry_with_prefix("istiod"));
 
         // Authentication of every gRPC caller.
         let authenticator: Arc<dyn Authenticator> = match &tokens {
@@ -255,7 +257,12 @@ impl App {
         };
 
         // Listeners first: a taken port fails start-up before anything runs.
-        let grpc_server = GrpcServer::bind(grpc, ca.clone()).await?;
+        let max_request_bytes = grpc.max_receive_message_bytes;
+        // /debug is for istiod's own namespace (and the allowed ones).
+        let debug_namespaces: Vec<String> = std::iter::once(grpc.namespace.clone())
+            .chain(monitoring_config.debug_namespaces.iter().cloned())
+            .collect();
+        let grpc_server = GrpcServer::bind(grpc, ca.clone(), &listeners).await?;
         // The webhook presents the same serving certificate as 15012.
         let webhook_metrics = WebhookMetrics::default();
         webhook_metrics.register(&mut registry);
@@ -266,16 +273,23 @@ impl App {
                     grpc_server.serving_cert().clone(),
                     &mesh.root_namespace,
                     webhook_metrics,
+                    &listeners,
                 )
                 .await?,
             ),
             None => None,
         };
-        let monitoring_listener = TcpListener::bind(monitoring_addr).await.map_err(|source| {
-            AppError::MonitoringBind {
-                addr: monitoring_addr,
-                source,
-            }
+        let monitoring_addr = monitoring_config.addr;
+        let monitoring_listener = Listener::bind(
+            monitoring_addr,
+            monitoring::LISTENER,
+            monitoring_config.limits,
+            &listeners,
+        )
+        .await
+        .map_err(|source| AppError::MonitoringBind {
+            addr: monitoring_addr,
+            source,
         })?;
         let addresses = Addresses {
             grpc_tls: grpc_server.tls_addr(),
@@ -342,18 +356,27 @@ impl App {
                 status_metrics,
             ));
         }
-        let xds = XdsServer::new(snapshots.clone(), &mut registry);
+        let xds = XdsServer::new(snapshots.clone(), &mut registry)
+            .with_max_request_bytes(max_request_bytes);
         let nodes: Arc<dyn NodeLookup> = store.clone();
         let certificates =
             CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);
 
         // The TLS port requires a token for xDS, the plaintext one checks a
         // token only when one is sent. The CA always requires one.
-        let certificates = certificates.into_server();
+        let certificates = certificates
+            .into_server()
+            .max_decoding_message_size(max_request_bytes);
         let tls_routes = Routes::new(certificates.clone())
             .add_service(xds.service(Authentication::Required(authenticator.clone())));
         let plaintext_routes = Routes::new(certificates)
-            .add_service(xds.service(Authentication::Optional(authenticator)));
+            .add_service(xds.service(Authentication::Optional(authenticator.clone())));
+        let debug_access = DebugAccess::authenticated(
+            authenticator,
+            debug_namespaces,
+            monitoring_config.debug_auth,
+            &mut registry,
+        );
 
         let (published_tx, published) = watch::channel(false);
         background.push(tokio::spawn(first_snapshot(snapshots, published_tx)));
@@ -373,11 +396,12 @@ impl App {
         let status = xds.status();
         let router = Monitoring::new(Arc::new(registry), readiness, status.clone())
             .with_snapshot_json(Arc::new(json::snapshot_json))
+            .with_debug_access(debug_access)
             .router();
         let monitoring = tokio::spawn(monitoring::serve(
             monitoring_listener,
             router,
-            shutdown.clone().cancelled_owned(),
+            shutdown.clone(),
         ));
 
         info!(
@@ -454,7 +478,7 @@ impl App {
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); None }
             _ = interrupt.recv() => { info!("SIGINT: shutting down"); None }
             r = &mut self.grpc => Some(stopped("the gRPC server", r.map(|r| r.map_err(AppError::from)))),
-            r = &mut self.monitoring => Some(stopped("the monitoring server", r.map(|r| r.map_err(AppError::from)))),
+            r = &mut self.monitoring => Some(stopped("the monitoring server", r.map(Ok))),
         };
         self.shutdown().await;
         match failure {
@@ -475,9 +499,7 @@ impl App {
         if let Ok(Err(error)) = self.grpc.await {
             warn!(%error, "gRPC server ended with an error");
         }
-        if let Ok(Err(error)) = self.monitoring.await {
-            warn!(%error, "monitoring server ended with an error");
-        }
+        let _ = self.monitoring.await;
         for task in self.background {
             let _ = task.await;
         }

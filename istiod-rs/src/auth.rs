@@ -133,18 +133,31 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// The bearer token of a gRPC request (`authorization: Bearer <token>`).
 pub fn bearer_token(md: &tonic::metadata::MetadataMap) -> Result<&str, AuthError> {
-    let value = md
-        .get("authorization")
+    http_bearer_token(md.as_ref())
+}
+
+/// The bearer token of an HTTP request (`authorization: Bearer <token>`).
+pub fn http_bearer_token(headers: &http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
         .ok_or(AuthError::MissingToken)?
         .to_str()
         .map_err(|_| AuthError::InvalidToken("authorization header is not ASCII".into()))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| {
-            AuthError::InvalidToken("authorization header is not `Bearer <token>`".into())
-        })?
-        .trim();
+    parse_bearer(value)
+}
+
+/// The token of an `authorization` header value `Bearer <token>`: the
+/// scheme is case-insensitive (RFC 7235 section 2.1, RFC 6750 section
+/// 2.1) and separated from the token by one or more spaces.
+pub fn parse_bearer(value: &str) -> Result<&str, AuthError> {
+    let value = value.trim();
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::InvalidToken(
+            "authorization header is not `Bearer <token>`".into(),
+        ));
+    }
+    let token = token.trim_start_matches(' ');
     if token.is_empty() {
         return Err(AuthError::MissingToken);
     }
@@ -174,6 +187,36 @@ mod tests {
         assert!(matches!(bearer_token(&md), Err(AuthError::MissingToken)));
         md.insert("authorization", "Bearer tok-1".parse().unwrap());
         assert_eq!(bearer_token(&md).unwrap(), "tok-1");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer tok-1",
+            "bearer tok-1",
+            "BEARER tok-1",
+            "bEaReR tok-1",
+            "Bearer   tok-1",
+            " Bearer tok-1 ",
+        ] {
+            assert_eq!(parse_bearer(value).unwrap(), "tok-1", "{value:?}");
+        }
+        for value in ["Bearertok-1", "Basic tok-1", "Bearer-tok-1", "tok-1"] {
+            assert!(
+                matches!(parse_bearer(value), Err(AuthError::InvalidToken(_))),
+                "{value:?}"
+            );
+        }
+        for value in ["Bearer", "bearer   ", ""] {
+            let parsed = parse_bearer(value);
+            assert!(
+                matches!(
+                    parsed,
+                    Err(AuthError::MissingToken | AuthError::InvalidToken(_))
+                ),
+                "{value:?}: {parsed:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,28 +6,30 @@
 //! istiod itself ([`serving_cert`]): SAN `spiffe://<td>/ns/<ns>/sa/istiod`
 //! plus `istiod.<ns>.svc` and `istiod.<ns>.svc.<cluster-domain>`, so proxies
 //! connecting to `istiod.istio-system.svc` verify it against the mesh root.
-//! Handshakes run in their own tasks, each under a timeout; a failed one
-//! is logged and dropped, never fatal.
+//!
+//! Both listeners are proxy-core [`Listener`]s: a cap on connections held,
+//! a TLS handshake deadline, the HTTP/2 preface within the header timeout,
+//! an idle timeout, each counted in
+//! `istiod_listener_connections_dropped_total`. Handshakes run in their own
+//! tasks; a failed one is counted and dropped, never fatal. Requests are
+//! capped at `max_receive_message_bytes` (upstream's
+//! `ISTIO_GPRC_MAXRECVMSGSIZE`, 4 MiB), and HTTP/2 keepalive pings drop
+//! peers that stopped answering (upstream's 30 s / 10 s).
 
 pub mod serving_cert;
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use api::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::Connected;
 
 use crate::ca::CertificateAuthority;
 use serving_cert::{ServingCert, ServingCertError};
@@ -50,10 +52,47 @@ pub struct GrpcConfig {
     pub extra_dns_names: Vec<String>,
     /// Lifetime of the serving certificate (renewed at half).
     pub serving_cert_ttl: Duration,
-    /// A client that has not finished its TLS handshake by then is dropped.
-    pub handshake_timeout: Duration,
+    /// Each listener's cap and timeouts (the header timeout bounds the
+    /// wait for the HTTP/2 preface).
+    pub limits: ListenerLimits,
+    /// Largest request message accepted (CA and xDS); larger ones end the
+    /// call with OUT_OF_RANGE.
+    pub max_receive_message_bytes: usize,
+    /// HTTP/2 PING after this long without a frame from the peer...
+    pub keepalive_interval: Duration,
+    /// ...and the connection is closed if the PING is not answered in this.
+    pub keepalive_timeout: Duration,
     /// After shutdown is asked for, open connections get this long to end.
     pub drain_timeout: Duration,
+}
+
+impl GrpcConfig {
+    /// A gRPC client finishes its TLS handshake and sends the HTTP/2
+    /// preface at once; 10 s each is generous (grpc-go, upstream's server,
+    /// allows 120 s for both together). A cluster's proxies hold one or two
+    /// connections each (xDS, CA): 20 000 covers thousands of nodes.
+    /// Connections idle for 5 min are closed; keepalive (every 30 s) keeps
+    /// live ones busy.
+    pub const DEFAULT_LIMITS: ListenerLimits = ListenerLimits {
+        max_connections: 20_000,
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
+    };
+    /// Upstream's `ISTIO_GPRC_MAXRECVMSGSIZE` default.
+    pub const DEFAULT_MAX_RECEIVE_MESSAGE_BYTES: usize = 4 << 20;
+
+    /// The DNS names on the serving certificate.
+    pub fn dns_names(&self) -> Vec<String> {
+        let svc = format!("{ISTIOD_SERVICE_ACCOUNT}.{}.svc", self.namespace);
+        let mut names = vec![svc.clone(), format!("{svc}.{}", self.cluster_domain)];
+        for name in &self.extra_dns_names {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
 }
 
 impl Default for GrpcConfig {
@@ -65,23 +104,13 @@ impl Default for GrpcConfig {
             cluster_domain: api::labels::DEFAULT_CLUSTER_DOMAIN.into(),
             extra_dns_names: Vec::new(),
             serving_cert_ttl: Duration::from_secs(24 * 3600),
-            handshake_timeout: Duration::from_secs(10),
+            limits: GrpcConfig::DEFAULT_LIMITS,
+            max_receive_message_bytes: GrpcConfig::DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+            // Upstream istiod's keepalive options (pkg/keepalive).
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
         }
-    }
-}
-
-impl GrpcConfig {
-    /// The DNS names on the serving certificate.
-    pub fn dns_names(&self) -> Vec<String> {
-        let svc = format!("{ISTIOD_SERVICE_ACCOUNT}.{}.svc", self.namespace);
-        let mut names = vec![svc.clone(), format!("{svc}.{}", self.cluster_domain)];
-        for name in &self.extra_dns_names {
-            if !names.contains(name) {
-                names.push(name.clone());
-            }
-        }
-        names
     }
 }
 
@@ -108,18 +137,23 @@ pub enum GrpcError {
 /// Bound listeners, ready to serve.
 pub struct GrpcServer {
     config: GrpcConfig,
-    tls: TcpListener,
+    tls: Listener,
     tls_addr: SocketAddr,
-    plaintext: Option<(TcpListener, SocketAddr)>,
+    plaintext: Option<(Listener, SocketAddr)>,
     serving_cert: Arc<ServingCert>,
     acceptor: TlsAcceptor,
 }
+
+/// Listener names, as metrics and logs show them.
+pub const TLS_LISTENER: &str = "grpc-tls";
+pub const PLAINTEXT_LISTENER: &str = "grpc-plaintext";
 
 impl GrpcServer {
     /// Binds the listeners and issues the first serving certificate.
     pub async fn bind(
         config: GrpcConfig,
         ca: Arc<CertificateAuthority>,
+        listeners: &ListenerMetrics,
     ) -> Result<Self, GrpcError> {
         let identity = SpiffeId::new(ca.trust_domain(), &config.namespace, ISTIOD_SERVICE_ACCOUNT)
             .map_err(|source| GrpcError::Identity {
@@ -134,9 +168,17 @@ impl GrpcServer {
             .with_cert_resolver(serving_cert.clone());
         tls.alpn_protocols = vec![b"h2".to_vec()];
 
-        let (tls_listener, tls_addr) = listen(config.tls_addr).await?;
+        let listen = |addr: SocketAddr, name: &'static str| async move {
+            let bind_err = |source| GrpcError::Bind { addr, source };
+            let listener = Listener::bind(addr, name, config.limits, listeners)
+                .await
+                .map_err(bind_err)?;
+            let local = listener.local_addr().map_err(bind_err)?;
+            Ok::<_, GrpcError>((listener, local))
+        };
+        let (tls_listener, tls_addr) = listen(config.tls_addr, TLS_LISTENER).await?;
         let plaintext = match config.plaintext_addr {
-            Some(addr) => Some(listen(addr).await?),
+            Some(addr) => Some(listen(addr, PLAINTEXT_LISTENER).await?),
             None => None,
         };
         Ok(GrpcServer {
@@ -187,29 +229,17 @@ impl GrpcServer {
         } = self;
         tokio::spawn(serving_cert.keep_fresh(shutdown.clone()));
 
-        let (tx, rx) = mpsc::channel(128);
-        tokio::spawn(accept_tls(
-            tls,
-            acceptor,
-            config.handshake_timeout,
-            "gRPC",
-            tx,
-            shutdown.clone(),
-        ));
         tracing::info!(addr = %tls_addr, "serving gRPC over TLS");
-        let tls_server = serve_incoming(
-            tls_routes,
-            ReceiverStream::new(rx),
-            tls_addr,
-            shutdown.clone(),
-        );
+        let incoming = tls.http2_connections(Some(acceptor), shutdown.clone());
+        let tls_server = serve_incoming(&config, tls_routes, incoming, tls_addr, shutdown.clone());
 
         let plaintext_server = async {
             match plaintext {
                 Some((listener, addr)) => {
                     tracing::warn!(%addr, "serving gRPC in plaintext: for local development only");
-                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                    serve_incoming(plaintext_routes, incoming, addr, shutdown.clone()).await
+                    let incoming = listener.http2_connections(None, shutdown.clone());
+                    serve_incoming(&config, plaintext_routes, incoming, addr, shutdown.clone())
+                        .await
                 }
                 None => Ok(()),
             }
@@ -230,14 +260,8 @@ impl GrpcServer {
     }
 }
 
-async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GrpcError> {
-    let bind_err = |source| GrpcError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
-    Ok((listener, local))
-}
-
 async fn serve_incoming<I, IO, IE>(
+    config: &GrpcConfig,
     routes: Routes,
     incoming: I,
     addr: SocketAddr,
@@ -245,123 +269,14 @@ async fn serve_incoming<I, IO, IE>(
 ) -> Result<(), GrpcError>
 where
     I: futures::Stream<Item = Result<IO, IE>>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
         .map_err(|source| GrpcError::Serve { addr, source })
-}
-
-/// Accepts TCP connections and hands each finished TLS handshake on
-/// (to tonic, or to the webhook's HTTP server). Each handshake runs in its
-/// own task under `handshake_timeout`; `port` names the listener in logs.
-pub(crate) async fn accept_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-    port: &'static str,
-    connections: mpsc::Sender<io::Result<TlsConnection>>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of file descriptors and the like: back off, keep going.
-                tracing::warn!(%error, port, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let info = TcpConnectInfo {
-            local_addr: tcp.local_addr().ok(),
-            remote_addr: Some(peer),
-        };
-        let acceptor = acceptor.clone();
-        let connections = connections.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = connections.send(Ok(TlsConnection { stream, info })).await;
-                }
-                Ok(Err(error)) => {
-                    tracing::info!(%peer, %error, port, "TLS handshake failed");
-                }
-                Err(_) => {
-                    tracing::info!(%peer, timeout = ?handshake_timeout, port, "TLS handshake timed out");
-                }
-            }
-        });
-    }
-}
-
-/// A server-side TLS connection, with the addresses tonic exposes to
-/// handlers (`Request::remote_addr`).
-pub(crate) struct TlsConnection {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    info: TcpConnectInfo,
-}
-
-impl TlsConnection {
-    /// The client's address.
-    pub(crate) fn peer(&self) -> Option<SocketAddr> {
-        self.info.remote_addr
-    }
-}
-
-impl Connected for TlsConnection {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }

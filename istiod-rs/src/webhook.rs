@@ -12,9 +12,10 @@
 //! - this module: the HTTPS server. It presents istiod's serving
 //!   certificate (the one on 15012, issued by the mesh CA for
 //!   `istiod.<ns>.svc`), speaks HTTP/1.1, and bounds what a client can hold:
-//!   the TLS handshake, the request headers and the body each have a
-//!   deadline, the body a size limit. A body that is not an AdmissionReview
-//!   gets a 400 naming what is wrong.
+//!   a proxy-core [`Listener`] caps its connections and gives the TLS
+//!   handshake and the request headers each a deadline; the body has a
+//!   deadline (408) and a size limit (413) here. A body that is not an
+//!   AdmissionReview gets a 400 naming what is wrong.
 
 pub mod admission;
 pub mod configuration;
@@ -28,19 +29,15 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::serving_cert::ServingCert;
-use crate::grpc::{TlsConnection, accept_tls};
 use admission::{AdmissionReview, FailureReason, Resource};
 
 /// The path the API server posts to, as upstream.
@@ -51,6 +48,8 @@ pub const DEFAULT_CONFIGURATION_NAME: &str = "istio-validator-istio-system";
 /// Default body limit: an UPDATE's review carries the object twice, and
 /// an object may be up to ~1.5 MiB (etcd's default request limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
+/// The listener's name in metrics and logs.
+pub const LISTENER: &str = "webhook";
 
 /// How the webhook is served; part of istiod-rs's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +64,9 @@ pub struct WebhookConfig {
     /// Largest request body accepted (413 beyond). An AdmissionReview of an
     /// UPDATE carries the object twice.
     pub max_body_bytes: usize,
+    /// Connections held at once (the API servers keep a few each); one
+    /// more is reset.
+    pub max_connections: usize,
     /// Kubernetes mode: the ValidatingWebhookConfiguration to keep pointed
     /// at istiod.
     pub configuration_name: String,
@@ -81,6 +83,7 @@ impl Default for WebhookConfig {
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: 128,
             configuration_name: DEFAULT_CONFIGURATION_NAME.into(),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
@@ -89,6 +92,18 @@ impl Default for WebhookConfig {
 }
 
 impl WebhookConfig {
+    /// The listener's limits. A connection on which nothing moves for
+    /// twice the request timeout is dead: a live request would have been
+    /// answered 408 by then.
+    pub fn limits(&self) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            header_timeout: self.request_timeout,
+            idle_timeout: self.request_timeout * 2,
+        }
+    }
+
     /// On an ephemeral loopback port (tests).
     pub fn on_loopback() -> Self {
         WebhookConfig {
@@ -181,10 +196,9 @@ struct Handler {
 
 /// The bound webhook listener, ready to serve.
 pub struct WebhookServer {
-    listener: TcpListener,
+    listener: Listener,
     addr: SocketAddr,
     acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
     handler: Arc<Handler>,
 }
 
@@ -203,6 +217,7 @@ impl WebhookServer {
         serving_cert: Arc<ServingCert>,
         root_namespace: impl Into<String>,
         metrics: WebhookMetrics,
+        listeners: &ListenerMetrics,
     ) -> Result<Self, WebhookError> {
         let mut tls = rustls::ServerConfig::builder_with_provider(proxy_core::tls::provider())
             .with_safe_default_protocol_versions()?
@@ -213,13 +228,14 @@ impl WebhookServer {
             addr: config.addr,
             source,
         };
-        let listener = TcpListener::bind(config.addr).await.map_err(bind_err)?;
+        let listener = Listener::bind(config.addr, LISTENER, config.limits(), listeners)
+            .await
+            .map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         Ok(WebhookServer {
             listener,
             addr,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
-            handshake_timeout: config.handshake_timeout,
             handler: Arc::new(Handler {
                 root_namespace: root_namespace.into(),
                 request_timeout: config.request_timeout,
@@ -237,54 +253,15 @@ impl WebhookServer {
     /// Serves until `shutdown`; open connections then finish the request
     /// in flight.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let (tx, mut connections) = mpsc::channel(64);
-        tokio::spawn(accept_tls(
-            self.listener,
-            self.acceptor,
-            self.handshake_timeout,
-            "webhook",
-            tx,
-            shutdown.clone(),
-        ));
         tracing::info!(addr = %self.addr, "serving the validating webhook over HTTPS");
-        while let Some(connection) = connections.recv().await {
-            let Ok(connection) = connection else {
-                continue;
-            };
-            tokio::spawn(serve_connection(
-                connection,
-                self.handler.clone(),
-                shutdown.clone(),
-            ));
-        }
-    }
-}
-
-async fn serve_connection(
-    connection: TlsConnection,
-    handler: Arc<Handler>,
-    shutdown: CancellationToken,
-) {
-    let peer = connection.peer();
-    let timeout = handler.request_timeout;
-    let service = service_fn(move |request| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(request).await) }
-    });
-    let http = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(TokioIo::new(connection), service);
-    tokio::pin!(http);
-    let result = tokio::select! {
-        result = http.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            http.as_mut().graceful_shutdown();
-            http.await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(?peer, %error, "webhook connection ended with an error");
+        let handler = self.handler;
+        let service = tower::service_fn(move |request: Request<Incoming>| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.handle(request).await) }
+        });
+        self.listener
+            .serve_http1(Some(self.acceptor), service, shutdown)
+            .await;
     }
 }
 

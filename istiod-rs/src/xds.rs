@@ -9,8 +9,14 @@
 //! holds against the newest generation ([`delta`]) and sends only changed keys
 //! and removals, encoded chunk by chunk from the shared resources ([`wire`]).
 //! A slow proxy only delays itself: its task skips to the newest generation.
-//! The server is generic over type URLs: whatever the snapshot holds can be
-//! subscribed to.
+//! It serves the type URLs of [`SERVED_TYPES`]; a request for any other is
+//! ignored (counted, logged at most once per interval), as upstream's delta
+//! server sends nothing for a type it has no generator for
+//! (`pilot/pkg/xds/delta.go`, `pushDeltaXds`), and keeps no state, so a
+//! proxy cannot grow istiod's memory or metric series by inventing types.
+//! Requests are limited to `max_request_bytes` (upstream's
+//! `ISTIO_GPRC_MAXRECVMSGSIZE`, 4 MiB); an oversized or undecodable request
+//! ends the stream with an error status saying why.
 //!
 //! One [`XdsServer`] per process holds the connections, the metrics and the
 //! `/debug/syncz` view ([`SyncStatus`]); [`XdsServer::service`] makes a gRPC
@@ -34,6 +40,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use prometheus_client::registry::Registry;
+use proxy_core::log_limit::LogLimit;
 use tokio::sync::watch;
 
 use crate::auth::{self, Authenticator, Caller};
@@ -41,9 +48,13 @@ use crate::snapshot::Snapshot;
 
 pub use syncz::{ProxySync, SyncState, SyncStatus, TypeSync};
 
-/// Requests carry `initial_resource_versions` for everything a resuming proxy
-/// holds; tonic's 4 MiB default would cap that at roughly 50k resources.
-const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// The type URLs istiod-rs serves; requests for others are ignored.
+pub const SERVED_TYPES: [&str; 2] = [api::type_url::ADDRESS, api::type_url::AUTHORIZATION];
+
+/// Upstream's receive limit (`ISTIO_GPRC_MAXRECVMSGSIZE`). A resuming
+/// proxy's `initial_resource_versions` grow with the mesh (about 1 MiB per
+/// 10 000 resources): very large meshes raise it.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
@@ -63,6 +74,12 @@ pub enum XdsError {
         "istiod-rs is shutting down (its configuration source stopped); reconnect to another istiod"
     )]
     SourceClosed,
+    #[error("DeltaDiscoveryRequest from {proxy} refused: {}{hint}", status.message())]
+    BadRequest {
+        proxy: String,
+        status: tonic::Status,
+        hint: &'static str,
+    },
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
 }
@@ -75,6 +92,9 @@ impl From<XdsError> for tonic::Status {
             }
             XdsError::StateOfTheWorld => tonic::Status::unimplemented(e.to_string()),
             XdsError::SourceClosed => tonic::Status::unavailable(e.to_string()),
+            XdsError::BadRequest { ref status, .. } => {
+                tonic::Status::new(status.code(), e.to_string())
+            }
             XdsError::Auth(a) => a.into(),
         }
     }
@@ -154,6 +174,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct XdsServer {
     shared: Arc<Shared>,
+    max_request_bytes: usize,
 }
 
 impl XdsServer {
@@ -181,7 +202,14 @@ impl XdsServer {
                 boot_id: rand::random(),
                 next_nonce: AtomicU64::new(1),
             }),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
+    }
+
+    /// Requests larger than this end their stream with OUT_OF_RANGE.
+    pub fn with_max_request_bytes(mut self, max: usize) -> Self {
+        self.max_request_bytes = max;
+        self
     }
 
     /// The gRPC service for one listener, with that listener's
@@ -191,6 +219,7 @@ impl XdsServer {
         AdsService {
             shared: self.shared.clone(),
             authentication,
+            max_request_bytes: self.max_request_bytes,
         }
     }
 
@@ -225,6 +254,9 @@ async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<P
     tracing::info!("snapshot source closed; ending xDS streams");
 }
 
+/// A line a proxy can trigger at will is logged at most this often.
+const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
@@ -236,6 +268,7 @@ const DELTA_PATH: &str =
 pub struct AdsService {
     shared: Arc<Shared>,
     authentication: Authentication,
+    max_request_bytes: usize,
 }
 
 impl tonic::server::NamedService for AdsService {
@@ -278,7 +311,15 @@ impl AdsService {
         let caller = match self.authentication.caller(head.metadata()).await {
             Ok(caller) => caller,
             Err(e) => {
-                tracing::info!(?peer, error = %e, "refused xDS stream");
+                let reason = match e {
+                    auth::AuthError::Backend(_) => metrics::Refusal::auth_unavailable,
+                    _ => metrics::Refusal::unauthenticated,
+                };
+                self.shared.metrics.refused(reason);
+                static REFUSED: LogLimit = LogLimit::new(LOG_INTERVAL);
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::info!(?peer, error = %e, suppressed, "refused xDS stream");
+                }
                 return tonic::Status::from(XdsError::from(e)).into_http();
             }
         };
@@ -286,7 +327,7 @@ impl AdsService {
             wire::RequestDecoder,
             body,
             None,
-            Some(MAX_REQUEST_BYTES),
+            Some(self.max_request_bytes),
         );
         let responses = connection::spawn(self.shared.clone(), inbound, caller, peer);
         let body = wire::ResponseBody::new(responses, self.shared.metrics.clone());

@@ -19,6 +19,7 @@ use istiod_rs::ca::service::{CaMetrics, CertificateService, Outcome};
 use istiod_rs::ca::{CaConfig, CaError, CertificateAuthority};
 use istiod_rs::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use prometheus_client::registry::Registry;
+use proxy_core::listener::ListenerMetrics;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,9 @@ impl Istiod {
         let service = CertificateService::new(ca.clone(), auth, nodes, &mut registry);
         let metrics = service.metrics().clone();
         let routes = tonic::service::Routes::new(service.into_server());
-        let server = GrpcServer::bind(grpc, ca.clone()).await.unwrap();
+        let server = GrpcServer::bind(grpc, ca.clone(), &ListenerMetrics::default())
+            .await
+            .unwrap();
         let tls_addr = server.tls_addr();
         let plaintext_addr = server.plaintext_addr();
         let shutdown = CancellationToken::new();
@@ -325,6 +328,34 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
 
     assert_eq!(istiod.metrics.requests(Outcome::permission_denied), 5);
     assert_eq!(istiod.metrics.requests(Outcome::success), 2);
+    istiod.stop().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let istiod = Istiod::start(dir.path(), ca_config(dir.path()), grpc_config(false)).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut request = client::request(client::csr_pem(&key), None, 0, None);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("{scheme}  client-token").parse().unwrap(),
+        );
+        let mut channel = client::tls_channel(istiod.tls_addr, istiod.ca.roots())
+            .await
+            .unwrap();
+        let chain = tokio::time::timeout(PATIENCE, channel.create_certificate(request))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{scheme}: {e:?}"))
+            .into_inner()
+            .cert_chain;
+        assert_eq!(
+            sans(&der(&chain[0])),
+            ["URI:spiffe://cluster.local/ns/demo/sa/client"]
+        );
+    }
     istiod.stop().await;
 }
 

@@ -8,7 +8,7 @@ mod ads;
 #[path = "app_support/http_client.rs"]
 mod http_client;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,16 +19,19 @@ use api::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryReq
 use api::security::Authorization;
 use api::type_url::{ADDRESS, AUTHORIZATION};
 use api::workload::{Address, Workload, address};
+use http_body_util::BodyExt;
 use istiod_rs::auth::{AuthError, AuthFuture, Authenticator, Caller};
-use istiod_rs::monitoring::{self, Monitoring, Readiness};
+use istiod_rs::monitoring::{self, Monitoring, MonitoringConfig, Readiness};
 use istiod_rs::snapshot::{Resource, Snapshot};
-use istiod_rs::xds::{Authentication, XdsServer};
+use istiod_rs::xds::{Authentication, DEFAULT_MAX_REQUEST_BYTES, XdsServer};
 use prometheus_client::registry::Registry;
 use prost::Message;
+use proxy_core::listener::{Listener, ListenerMetrics};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 use ads::{nack_request, node_id, open_stream};
 use http_client::http_get;
@@ -104,9 +107,17 @@ struct Istiod {
 }
 
 async fn start(authentication: Authentication, initial: Arc<Snapshot>) -> Istiod {
+    start_with_limit(authentication, initial, DEFAULT_MAX_REQUEST_BYTES).await
+}
+
+async fn start_with_limit(
+    authentication: Authentication,
+    initial: Arc<Snapshot>,
+    max_request_bytes: usize,
+) -> Istiod {
     let (snapshots, rx) = watch::channel(initial);
     let mut registry = Registry::default();
-    let server = XdsServer::new(rx, &mut registry);
+    let server = XdsServer::new(rx, &mut registry).with_max_request_bytes(max_request_bytes);
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let xds = listener.local_addr().unwrap();
@@ -126,7 +137,17 @@ async fn start(authentication: Authentication, initial: Arc<Snapshot>) -> Istiod
     .router();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let monitoring = listener.local_addr().unwrap();
-    tokio::spawn(monitoring::serve(listener, router, std::future::pending()));
+    let listener = Listener::new(
+        listener,
+        monitoring::LISTENER,
+        MonitoringConfig::DEFAULT_LIMITS,
+        &ListenerMetrics::default(),
+    );
+    tokio::spawn(monitoring::serve(
+        listener,
+        router,
+        CancellationToken::new(),
+    ));
     Istiod {
         xds,
         monitoring,
@@ -668,10 +689,179 @@ async fn bad_requests_get_clear_statuses() {
         "{status:?}"
     );
 
-    // A type nothing is published for yet: an empty initial response.
+    // A served type with nothing published yet: an empty initial response.
     let mut proxy = connect(istiod.xds, 1, None).await.unwrap();
-    let response = proxy.sync("type.googleapis.com/istio.mesh.NotYet").await;
+    let response = proxy.sync(AUTHORIZATION).await;
     assert!(response.resources.is_empty() && response.removed_resources.is_empty());
+}
+
+/// Every value of a `type` label in a `/metrics` text.
+fn type_labels(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .split("type=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(value, _)| value.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn unknown_type_urls_are_ignored_without_state_or_metric_series() {
+    let istiod = start(
+        Authentication::Disabled,
+        snapshot([workload("a", "n"), policy("p")]),
+    )
+    .await;
+    let mut proxy = connect(istiod.xds, 1, None).await.unwrap();
+    proxy.sync(ADDRESS).await;
+    let (_, before) = http_get(istiod.monitoring, "/metrics").await;
+
+    // A thousand made-up types, some with a nonce as if answering.
+    for i in 0..1000 {
+        proxy
+            .send(DeltaDiscoveryRequest {
+                type_url: format!("type.googleapis.com/made.up.T{i}"),
+                response_nonce: if i % 2 == 0 {
+                    String::new()
+                } else {
+                    format!("n{i}")
+                },
+                resource_names_subscribe: vec!["*".into()],
+                ..Default::default()
+            })
+            .await;
+    }
+    // None was answered: the next response is for the type asked after them.
+    let response = proxy.sync(AUTHORIZATION).await;
+    assert_eq!(names(&response), ["default/p"]);
+
+    // No state kept for them...
+    let entry = syncz_until(&istiod, &proxy.node, AUTHORIZATION, |t| {
+        t["status"] == "SYNCED"
+    })
+    .await;
+    let types: Vec<&str> = entry["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type_url"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, [AUTHORIZATION, ADDRESS]);
+    // ...and no metric series: one counter says how many were ignored.
+    let (_, after) = http_get(istiod.monitoring, "/metrics").await;
+    assert!(!after.contains("made.up"), "{after}");
+    assert_eq!(
+        type_labels(&after),
+        BTreeSet::from([
+            "istio.security.Authorization".to_string(),
+            "istio.workload.Address".to_string()
+        ])
+    );
+    assert!(
+        after.lines().count() < before.lines().count() + 40,
+        "the Authorization push added a few series, nothing per made-up type:\n{after}"
+    );
+    assert!(
+        after.contains("xds_unknown_type_requests_total 1000"),
+        "{after}"
+    );
+}
+
+/// A DeltaAggregatedResources call written by hand: one gRPC frame whose
+/// length prefix says `declared` and whose payload is `payload`; the
+/// status the server ends the stream with.
+async fn raw_delta_call(addr: SocketAddr, declared: u32, payload: &[u8]) -> tonic::Status {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&declared.to_be_bytes());
+    frame.extend_from_slice(payload);
+    let request = http::Request::post(format!(
+        "http://{addr}/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+    .unwrap();
+    let answer = tokio::time::timeout(PATIENCE, async {
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap()
+    })
+    .await
+    .expect("the server answers");
+    let trailers = answer.trailers().cloned().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer")
+}
+
+#[tokio::test]
+async fn oversized_and_undecodable_requests_end_the_stream_with_a_reason() {
+    let istiod = start(Authentication::Disabled, snapshot([workload("a", "n")])).await;
+
+    // Upstream's limit: 4 MiB. Only the length prefix is sent: the server
+    // refuses on reading it, before buffering anything.
+    for declared in [(4 << 20) + 1, 60 << 20] {
+        let status = raw_delta_call(istiod.xds, declared, b"").await;
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(
+            status.message().contains("refused")
+                && status.message().contains(&declared.to_string())
+                && status.message().contains("ISTIO_GPRC_MAXRECVMSGSIZE"),
+            "{status:?}"
+        );
+    }
+    // Not a DeltaDiscoveryRequest: a field 1 (type_url) claiming 100 bytes
+    // of which 3 follow.
+    let garbage = [0x0a, 100, b'a', b'b', b'c'];
+    let status = raw_delta_call(istiod.xds, garbage.len() as u32, &garbage).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("could not decode the DeltaDiscoveryRequest"),
+        "{status:?}"
+    );
+
+    // Just under the limit is served.
+    let mut proxy = connect(istiod.xds, 1, None).await.unwrap();
+    let many: Vec<String> = (0..30_000)
+        .map(|i| format!("Kubernetes//Pod/default/p{i:0>100}"))
+        .collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    proxy.subscribe(ADDRESS, &names).await;
+    assert_eq!(proxy.recv().await.type_url, ADDRESS);
+
+    let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
+    assert!(
+        metrics.contains(r#"xds_refusals_total{reason="too_large"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"xds_refusals_total{reason="undecodable"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_request_limit_is_configurable() {
+    let istiod = start_with_limit(
+        Authentication::Disabled,
+        snapshot([workload("a", "n")]),
+        1024,
+    )
+    .await;
+    let mut proxy = connect(istiod.xds, 1, None).await.unwrap();
+    let many: Vec<String> = (0..100).map(|i| format!("name-{i:0>20}")).collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    proxy.subscribe(ADDRESS, &names).await;
+    let status = proxy.recv_error().await;
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("1024"), "{status:?}");
 }
 
 #[tokio::test]

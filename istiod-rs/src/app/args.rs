@@ -14,9 +14,11 @@ use crate::auth::token_review::TokenReviewConfig;
 use crate::ca::{CaConfig, root};
 use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
+use crate::monitoring::MonitoringConfig;
 use crate::pipeline::Debounce;
 use crate::status::StatusConfig;
 use crate::webhook::{DEFAULT_CONFIGURATION_NAME, DEFAULT_MAX_BODY_BYTES, WebhookConfig};
+use proxy_core::listener::ListenerLimits;
 
 /// Where upstream mounts a plug-in CA; used when it holds a signing key.
 pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
@@ -91,6 +93,35 @@ pub struct Args {
     /// Serve gRPC in plaintext on this address (implies --plaintext).
     #[arg(long, env = "PLAINTEXT_ADDR")]
     pub plaintext_addr: Option<SocketAddr>,
+    /// Connections each gRPC listener (15012, 15010) holds at once; one
+    /// more is reset (istiod_listener_connections_dropped_total).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_connections: u32,
+    /// A gRPC client must finish its TLS handshake within this.
+    #[arg(long, env = "GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub grpc_handshake_timeout: Duration,
+    /// A gRPC client must send the HTTP/2 preface within this of connecting
+    /// (of its TLS handshake on 15012).
+    #[arg(long, env = "GRPC_PREFACE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub grpc_preface_timeout: Duration,
+    /// A gRPC connection on which nothing was read or written for this long
+    /// is closed (keepalive pings keep live ones busy).
+    #[arg(long, env = "GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_timeout)]
+    pub grpc_idle_timeout: Duration,
+    /// Largest gRPC request accepted, in bytes (CA and xDS; upstream's
+    /// variable). A resuming proxy's xDS request grows by about 1 MiB per
+    /// 10 000 resources of the mesh.
+    #[arg(long, env = "ISTIO_GPRC_MAXRECVMSGSIZE", default_value_t = GrpcConfig::DEFAULT_MAX_RECEIVE_MESSAGE_BYTES)]
+    pub grpc_max_receive_message_size: usize,
+    /// istiod PINGs a gRPC peer after this long without a frame from it
+    /// (upstream's --keepaliveInterval).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this closes the connection (upstream's
+    /// --keepaliveTimeout).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub keepalive_timeout: Duration,
     /// The validating admission webhook (HTTPS, POST /validate). Kubernetes
     /// mode serves it on 0.0.0.0:15017 unless told otherwise; local mode
     /// only when this is given.
@@ -106,11 +137,43 @@ pub struct Args {
     pub webhook_max_body: usize,
     /// The webhook's TLS handshake, request headers and request body must
     /// each arrive within this.
-    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub webhook_timeout: Duration,
+    /// Connections the webhook holds at once; one more is reset.
+    #[arg(long, env = "WEBHOOK_MAX_CONNECTIONS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_max_connections: u32,
     /// HTTP: /metrics, /ready, /debug/syncz, /debug/config_dump.
     #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     pub monitoring_addr: SocketAddr,
+    /// Connections the monitoring server holds at once; one more is reset.
+    #[arg(long, env = "MONITORING_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub monitoring_max_connections: u32,
+    /// The monitoring server drops a connection whose request head has not
+    /// arrived within this (also between two requests on one connection).
+    #[arg(long, env = "MONITORING_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub monitoring_header_timeout: Duration,
+    /// The monitoring server drops a connection on which nothing was read
+    /// or written for this long.
+    #[arg(long, env = "MONITORING_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
+    pub monitoring_idle_timeout: Duration,
+    /// /debug/* answers only loopback clients and callers whose bearer
+    /// token is of a service account of istiod's namespace (or of
+    /// --debug-endpoint-auth-allowed-namespaces); `false` opens it to
+    /// anyone who reaches the port (upstream's variable).
+    #[arg(long, env = "ENABLE_DEBUG_ENDPOINT_AUTH", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub debug_endpoint_auth: bool,
+    /// More namespaces whose service accounts may read /debug/*,
+    /// comma-separated (upstream's variable).
+    #[arg(
+        long,
+        env = "DEBUG_ENDPOINT_AUTH_ALLOWED_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS,..."
+    )]
+    pub debug_endpoint_auth_allowed_namespaces: Vec<String>,
     /// Cluster id: the first part of every workload uid.
     #[arg(long, env = "CLUSTER_ID", default_value = api::labels::DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
@@ -244,6 +307,15 @@ impl Args {
             namespace: self.namespace,
             cluster_domain: self.cluster_domain.clone(),
             extra_dns_names: self.extra_dns_name,
+            limits: ListenerLimits {
+                max_connections: self.grpc_max_connections as usize,
+                handshake_timeout: self.grpc_handshake_timeout,
+                header_timeout: self.grpc_preface_timeout,
+                idle_timeout: self.grpc_idle_timeout,
+            },
+            max_receive_message_bytes: self.grpc_max_receive_message_size,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
             ..GrpcConfig::default()
         };
         let webhook_addr = match (self.webhook_addr, &source) {
@@ -256,6 +328,7 @@ impl Args {
             handshake_timeout: self.webhook_timeout,
             request_timeout: self.webhook_timeout,
             max_body_bytes: self.webhook_max_body,
+            max_connections: self.webhook_max_connections as usize,
             configuration_name: self.webhook_config_name,
             ..WebhookConfig::default()
         });
@@ -272,7 +345,23 @@ impl Args {
             tokens,
             ca,
             grpc,
-            monitoring_addr: self.monitoring_addr,
+            monitoring: MonitoringConfig {
+                addr: self.monitoring_addr,
+                limits: ListenerLimits {
+                    max_connections: self.monitoring_max_connections as usize,
+                    // Plain HTTP: no handshake.
+                    handshake_timeout: self.monitoring_header_timeout,
+                    header_timeout: self.monitoring_header_timeout,
+                    idle_timeout: self.monitoring_idle_timeout,
+                },
+                debug_auth: self.debug_endpoint_auth,
+                debug_namespaces: self
+                    .debug_endpoint_auth_allowed_namespaces
+                    .into_iter()
+                    .map(|ns| ns.trim().to_string())
+                    .filter(|ns| !ns.is_empty())
+                    .collect(),
+            },
             mesh,
             debounce: Debounce::default(),
             status: StatusConfig {
@@ -288,6 +377,15 @@ impl Args {
 /// `dir` when it holds a plug-in CA's key, as upstream decides.
 fn default_cacerts(dir: &Path) -> Option<PathBuf> {
     dir.join(root::CA_KEY).exists().then(|| dir.to_path_buf())
+}
+
+/// A [`parse_duration`] longer than 0: a timeout of 0 would drop every
+/// connection at once.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("{text:?}: a timeout must be longer than 0")),
+        d => Ok(d),
+    }
 }
 
 /// A duration as a sum of `<number><unit>` parts, units `ms`, `s`, `m`,
@@ -472,6 +570,61 @@ mod tests {
         assert_eq!(webhook.max_body_bytes, 1024);
         assert_eq!(webhook.request_timeout, Duration::from_secs(3));
         assert_eq!(webhook.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn listener_limits_default_to_the_documented_values() {
+        let config = args(&[]).unwrap().into_config().unwrap();
+        assert_eq!(config.grpc.limits, GrpcConfig::DEFAULT_LIMITS);
+        assert_eq!(config.grpc.max_receive_message_bytes, 4 << 20);
+        assert_eq!(config.grpc.keepalive_interval, Duration::from_secs(30));
+        assert_eq!(config.grpc.keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(config.monitoring.limits, MonitoringConfig::DEFAULT_LIMITS);
+        assert!(config.monitoring.debug_auth);
+        assert!(config.monitoring.debug_namespaces.is_empty());
+        assert_eq!(
+            config.webhook.unwrap().max_connections,
+            WebhookConfig::default().max_connections
+        );
+
+        let config = args(&[
+            "--grpc-max-connections",
+            "5",
+            "--grpc-preface-timeout",
+            "1s",
+            "--grpc-max-receive-message-size",
+            "1024",
+            "--monitoring-max-connections",
+            "3",
+            "--monitoring-idle-timeout",
+            "2s",
+            "--debug-endpoint-auth",
+            "false",
+            "--debug-endpoint-auth-allowed-namespaces",
+            "kiali, monitoring",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(config.grpc.limits.max_connections, 5);
+        assert_eq!(config.grpc.limits.header_timeout, Duration::from_secs(1));
+        assert_eq!(config.grpc.max_receive_message_bytes, 1024);
+        assert_eq!(config.monitoring.limits.max_connections, 3);
+        assert_eq!(
+            config.monitoring.limits.idle_timeout,
+            Duration::from_secs(2)
+        );
+        assert!(!config.monitoring.debug_auth);
+        assert_eq!(config.monitoring.debug_namespaces, ["kiali", "monitoring"]);
+
+        for (flag, value) in [
+            ("--grpc-max-connections", "0"),
+            ("--monitoring-header-timeout", "0s"),
+            ("--webhook-timeout", "0"),
+        ] {
+            let err = args(&[flag, value]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag} {value}: {err}");
+        }
     }
 
     #[test]

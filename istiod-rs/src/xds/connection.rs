@@ -10,10 +10,12 @@ use std::time::SystemTime;
 use api::discovery::DeltaDiscoveryRequest;
 use tokio::sync::{mpsc, watch};
 
+use proxy_core::log_limit::LogLimit;
+
 use super::delta::{Answer, Current, Push, TypeState};
-use super::metrics::TypeLabel;
+use super::metrics::{Refusal, TypeLabel};
 use super::wire::Outbound;
-use super::{Published, Shared, XdsError, lock};
+use super::{LOG_INTERVAL, Published, SERVED_TYPES, Shared, XdsError, lock};
 use crate::auth::Caller;
 
 /// Responses waiting for the transport. One response per type is in flight
@@ -42,11 +44,31 @@ pub(super) fn spawn(
 ) -> mpsc::Receiver<Result<Outbound, tonic::Status>> {
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     tokio::spawn(async move {
-        if let Err(e) = serve(shared, inbound, caller, peer, &tx).await {
+        if let Err(e) = serve(shared.clone(), inbound, caller, peer, &tx).await {
+            if let Some(reason) = refusal(&e) {
+                shared.metrics.refused(reason);
+                static REFUSED: LogLimit = LogLimit::new(LOG_INTERVAL);
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::warn!(?peer, ?reason, suppressed, "xDS stream refused: {e}");
+                }
+            }
             let _ = tx.send(Err(e.into())).await;
         }
     });
     rx
+}
+
+/// What a stream-ending error counts as, when it is the proxy's doing.
+fn refusal(e: &XdsError) -> Option<Refusal> {
+    match e {
+        XdsError::MissingNode => Some(Refusal::missing_node),
+        XdsError::MissingTypeUrl { .. } => Some(Refusal::missing_type_url),
+        XdsError::BadRequest { status, .. } if status.code() == tonic::Code::InvalidArgument => {
+            Some(Refusal::undecodable)
+        }
+        XdsError::BadRequest { .. } => Some(Refusal::too_large),
+        XdsError::StateOfTheWorld | XdsError::SourceClosed | XdsError::Auth(_) => None,
+    }
 }
 
 /// Keeps the connection listed in `/debug/syncz` and counted as connected
@@ -94,7 +116,7 @@ async fn serve(
     // Pushes read the newest snapshot anyway; only later arrivals are news.
     feed.borrow_and_update();
 
-    let Some(first) = next_request(&mut inbound, "(before its first request)").await else {
+    let Some(first) = next_request(&mut inbound, "(before its first request)").await? else {
         return Ok(());
     };
     let proxy = first
@@ -128,7 +150,7 @@ async fn serve(
         }
         tokio::select! {
             _ = tx.closed() => return Ok(()),
-            request = next_request(&mut inbound, &proxy) => match request {
+            request = next_request(&mut inbound, &proxy) => match request? {
                 Some(request) => on_request(&shared, connection, &proxy, &request)?,
                 None => return Ok(()),
             },
@@ -145,18 +167,33 @@ async fn serve(
     }
 }
 
-/// The proxy's next request; `None` once the stream has ended.
+/// The proxy's next request; `None` once the stream has ended. A request
+/// that is too large or does not decode is refused (the stream ends with a
+/// status saying why); any other error is the proxy going away.
 async fn next_request(
     inbound: &mut tonic::Streaming<DeltaDiscoveryRequest>,
     proxy: &str,
-) -> Option<DeltaDiscoveryRequest> {
+) -> Result<Option<DeltaDiscoveryRequest>, XdsError> {
     match inbound.message().await {
-        Ok(request) => request,
-        Err(status) => {
-            // Usually the proxy going away (reset, connection closed).
-            tracing::debug!(%proxy, %status, "xDS stream ended with an error");
-            None
-        }
+        Ok(request) => Ok(request),
+        Err(status) => match status.code() {
+            // tonic's limit on the length prefix (before anything is
+            // buffered), and our decoder.
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Err(XdsError::BadRequest {
+                proxy: proxy.to_string(),
+                status,
+                hint: " (istiod's --grpc-max-receive-message-size, ISTIO_GPRC_MAXRECVMSGSIZE)",
+            }),
+            tonic::Code::InvalidArgument => Err(XdsError::BadRequest {
+                proxy: proxy.to_string(),
+                status,
+                hint: "",
+            }),
+            _ => {
+                tracing::debug!(%proxy, %status, "xDS stream ended with an error");
+                Ok(None)
+            }
+        },
     }
 }
 
@@ -171,6 +208,19 @@ fn on_request(
         return Err(XdsError::MissingTypeUrl {
             proxy: proxy.to_string(),
         });
+    }
+    if !SERVED_TYPES.contains(&type_url.as_str()) {
+        shared.metrics.unknown_types.inc();
+        static UNKNOWN: LogLimit = LogLimit::new(LOG_INTERVAL);
+        if let Some(suppressed) = UNKNOWN.allow() {
+            tracing::info!(
+                %proxy,
+                type_url = %truncated(type_url),
+                suppressed,
+                "ignoring a request for a type istiod-rs does not serve (it serves {SERVED_TYPES:?})"
+            );
+        }
+        return Ok(());
     }
     let mut conn = lock(connection);
     let answer = match conn.types.get_mut(type_url) {
@@ -226,6 +276,15 @@ fn on_request(
         }
     }
     Ok(())
+}
+
+/// At most 200 bytes of a string a peer chose, for a log line.
+fn truncated(s: &str) -> &str {
+    let mut end = s.len().min(200);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Sends every response that is due. `false` once the transport is gone.

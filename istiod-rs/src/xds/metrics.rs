@@ -1,27 +1,51 @@
 //! The xDS server's Prometheus metrics, registered into istiod's one registry
 //! under the `xds_` prefix.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-/// Label for per-type metrics: the message name of the type URL
-/// (`istio.workload.Address`), short enough to read in a dashboard.
+/// Label for per-type metrics: the message name of a type URL istiod-rs
+/// serves (`istio.workload.Address`), short enough to read in a dashboard;
+/// `other` for any other (a peer chooses type URLs: they must never become
+/// series of their own).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    pub r#type: String,
+    pub r#type: &'static str,
 }
 
 impl TypeLabel {
     pub fn new(type_url: &str) -> Self {
-        let short = type_url.rsplit_once('/').map_or(type_url, |(_, name)| name);
-        TypeLabel {
-            r#type: short.to_string(),
-        }
+        let served = super::SERVED_TYPES.iter().find(|t| **t == type_url);
+        let short = served.map_or("other", |t| t.rsplit_once('/').map_or(t, |(_, name)| name));
+        TypeLabel { r#type: short }
     }
+}
+
+/// Why a stream was refused or ended with an error (a fixed set).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Refusal {
+    /// No valid bearer token.
+    unauthenticated,
+    /// The token could not be checked (TokenReview unreachable).
+    auth_unavailable,
+    /// The first request had no node id.
+    missing_node,
+    /// A request had no type URL.
+    missing_type_url,
+    /// A request was larger than the receive limit.
+    too_large,
+    /// A request that is not a DeltaDiscoveryRequest.
+    undecodable,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: Refusal,
 }
 
 type HistogramFamily = Family<TypeLabel, Histogram, fn() -> Histogram>;
@@ -35,6 +59,15 @@ pub struct Metrics {
     pub stale_requests: Family<TypeLabel, Counter>,
     pub connected_proxies: Gauge,
     pub push_latency: HistogramFamily,
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub unknown_types: Counter,
+}
+
+impl Metrics {
+    /// Counts a refused or failed stream.
+    pub fn refused(&self, reason: Refusal) {
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -52,6 +85,8 @@ impl Metrics {
             stale_requests: Family::default(),
             connected_proxies: Gauge::default(),
             push_latency: Family::new_with_constructor(latency_histogram),
+            refusals: Family::default(),
+            unknown_types: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("xds");
         let by_type = [
@@ -85,6 +120,16 @@ impl Metrics {
             r.register(name, help, family.clone());
         }
         r.register(
+            "refusals",
+            "Streams refused or ended by an error of the proxy's making (bad token, missing node id or type URL, oversized or undecodable request), by reason",
+            metrics.refusals.clone(),
+        );
+        r.register(
+            "unknown_type_requests",
+            "Requests for a type URL istiod-rs does not serve; ignored (no response), as upstream does for a type without a generator",
+            metrics.unknown_types.clone(),
+        );
+        r.register(
             "connected_proxies",
             "Proxies with an open delta xDS stream",
             metrics.connected_proxies.clone(),
@@ -96,5 +141,30 @@ impl Metrics {
             metrics.push_latency.clone(),
         );
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_labels_are_the_served_types_or_other() {
+        assert_eq!(
+            TypeLabel::new(api::type_url::ADDRESS).r#type,
+            "istio.workload.Address"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::AUTHORIZATION).r#type,
+            "istio.security.Authorization"
+        );
+        for made_up in [
+            "type.googleapis.com/made.up.T1",
+            "",
+            "example.com/istio.workload.Address",
+            "istio.workload.Address",
+        ] {
+            assert_eq!(TypeLabel::new(made_up).r#type, "other", "{made_up:?}");
+        }
     }
 }

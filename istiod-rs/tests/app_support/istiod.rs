@@ -37,12 +37,19 @@ pub struct LocalIstiod {
     dir: tempfile::TempDir,
     app: Option<App>,
     addresses: Addresses,
+    /// Adjusts the configuration (limits...) at every start.
+    configure: fn(&mut AppConfig),
 }
 
 impl LocalIstiod {
     /// Writes `files` (name, YAML) into the config directory and starts
     /// istiod on loopback ports; returns once it is ready.
     pub async fn start(files: &[(&str, &str)]) -> Self {
+        Self::start_configured(files, |_| {}).await
+    }
+
+    /// [`Self::start`] with `configure` applied to the configuration.
+    pub async fn start_configured(files: &[(&str, &str)], configure: fn(&mut AppConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("config")).unwrap();
         std::fs::write(dir.path().join("tokens.yaml"), TOKENS).unwrap();
@@ -56,6 +63,7 @@ impl LocalIstiod {
                 monitoring: loopback,
                 webhook: None,
             },
+            configure,
         };
         for (name, yaml) in files {
             istiod.write(name, yaml);
@@ -77,7 +85,8 @@ impl LocalIstiod {
         config.grpc.tls_addr = self.addresses.grpc_tls;
         config.grpc.plaintext_addr = self.addresses.grpc_plaintext;
         config.grpc.drain_timeout = Duration::from_secs(1);
-        config.monitoring_addr = self.addresses.monitoring;
+        config.monitoring.addr = self.addresses.monitoring;
+        (self.configure)(&mut config);
         config
     }
 
