@@ -8,6 +8,7 @@
 
 pub mod csr;
 pub mod impersonation;
+pub mod rate_limit;
 pub mod root;
 pub mod service;
 pub mod signature;
@@ -25,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixT
 use time::OffsetDateTime;
 
 use crate::auth::ServiceAccount;
+use rate_limit::CallerRateLimit;
 use root::{RootError, RootSource, SigningMaterial};
 
 /// Workload certificate lifetime when the caller does not ask for one.
@@ -53,6 +55,8 @@ pub struct CaConfig {
     /// Callers that may ask for the identity of pods on their own node
     /// (`ImpersonatedIdentity`).
     pub trusted_node_agents: Vec<ServiceAccount>,
+    /// Each authenticated caller's budget of requests.
+    pub rate_limit: CallerRateLimit,
 }
 
 impl CaConfig {
@@ -67,6 +71,7 @@ impl CaConfig {
             max_cert_ttl: MAX_CERT_TTL,
             root_cert_ttl: ROOT_CERT_TTL,
             trusted_node_agents: vec![ServiceAccount::ztunnel()],
+            rate_limit: CallerRateLimit::DEFAULT,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use istiod_rs::auth::token_file::TokenFile;
 use istiod_rs::ca::impersonation::StaticNodeLookup;
+use istiod_rs::ca::rate_limit::CallerRateLimit;
 use istiod_rs::ca::root::{self, RootError};
 use istiod_rs::ca::service::{CaMetrics, CertificateService, Outcome};
 use istiod_rs::ca::{CaConfig, CaError, CertificateAuthority};
@@ -271,8 +272,16 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // The caller is told why, not where demo/remote's pods run.
     assert!(
-        !denied.message().contains("node"),
+        denied
+            .message()
+            .contains("impersonation is allowed only for identities with a pod on your node"),
+        "{denied:?}"
+    );
+    assert!(denied.message().contains(remote), "{denied:?}");
+    assert!(
+        !denied.message().contains("node-2") && !denied.message().contains("node-1"),
         "the refusal does not reveal where pods run: {denied:?}"
     );
 
@@ -282,6 +291,12 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
         .await
         .unwrap_err();
     assert_eq!(no_node.code(), tonic::Code::PermissionDenied);
+    assert!(
+        no_node
+            .message()
+            .contains("your token names neither your pod nor your node"),
+        "{no_node:?}"
+    );
 
     // Only trusted node agents may impersonate, even on the right node.
     let untrusted = istiod
@@ -289,6 +304,11 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
         .await
         .unwrap_err();
     assert_eq!(untrusted.code(), tonic::Code::PermissionDenied);
+    assert!(
+        untrusted.message().contains("only trusted node agents")
+            && untrusted.message().contains("demo/sa/agent"),
+        "{untrusted:?}"
+    );
     let client = istiod
         .create(Some("client-token"), 0, Some(server))
         .await
@@ -356,6 +376,63 @@ async fn the_bearer_scheme_is_case_insensitive() {
             ["URI:spiffe://cluster.local/ns/demo/sa/client"]
         );
     }
+    istiod.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca_config(dir.path());
+    // Three at once, then one every 1000 s: the fourth request is refused.
+    ca.rate_limit = CallerRateLimit {
+        per_second: 0.001,
+        burst: 3,
+    };
+    let istiod = Istiod::start(dir.path(), ca, grpc_config(false)).await;
+    for _ in 0..3 {
+        istiod.create(Some("client-token"), 0, None).await.unwrap();
+    }
+    for _ in 0..5 {
+        let limited = istiod
+            .create(Some("client-token"), 0, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            limited.code(),
+            tonic::Code::ResourceExhausted,
+            "{limited:?}"
+        );
+        assert!(
+            limited
+                .message()
+                .contains("spiffe://cluster.local/ns/demo/sa/client")
+                && limited.message().contains("retry in"),
+            "{limited:?}"
+        );
+    }
+    assert_eq!(istiod.metrics.requests(Outcome::resource_exhausted), 5);
+
+    // Another caller has its own budget, as has the same service account
+    // on another node.
+    istiod
+        .create(
+            Some("ztunnel-node-1"),
+            0,
+            Some("spiffe://cluster.local/ns/demo/sa/server"),
+        )
+        .await
+        .unwrap();
+    istiod.create(Some("agent-node-1"), 0, None).await.unwrap();
+    assert_eq!(istiod.metrics.requests(Outcome::success), 5);
+    let text = {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &istiod.registry).unwrap();
+        text
+    };
+    assert!(
+        text.contains(r#"istiod_ca_requests_total{result="resource_exhausted"} 5"#),
+        "{text}"
+    );
     istiod.stop().await;
 }
 

@@ -11,6 +11,7 @@ use clap::Parser;
 use super::{AppConfig, AppError, Source, TokenSource};
 use crate::auth::ServiceAccount;
 use crate::auth::token_review::TokenReviewConfig;
+use crate::ca::rate_limit::CallerRateLimit;
 use crate::ca::{CaConfig, root};
 use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
@@ -84,6 +85,16 @@ pub struct Args {
     /// certificates of pods on their own node. Repeat for more.
     #[arg(long, value_name = "NS/SA", default_value = "istio-system/ztunnel")]
     pub trusted_node_agent: Vec<ServiceAccount>,
+    /// Certificate requests each caller (an identity, per pod or node when
+    /// its token names one) may make per second, sustained; beyond it and
+    /// its burst: RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CA_REQUESTS_PER_SECOND", default_value_t = 10.0,
+          value_parser = parse_rate)]
+    pub ca_requests_per_second: f64,
+    /// Certificate requests each caller may make at once.
+    #[arg(long, env = "CA_REQUEST_BURST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ca_request_burst: u32,
     /// gRPC over TLS (xDS + CA): what proxies use.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:15012")]
     pub grpc_addr: SocketAddr,
@@ -297,6 +308,10 @@ impl Args {
         ca.default_cert_ttl = self.default_cert_ttl;
         ca.max_cert_ttl = self.max_cert_ttl;
         ca.trusted_node_agents = self.trusted_node_agent;
+        ca.rate_limit = CallerRateLimit {
+            per_second: self.ca_requests_per_second,
+            burst: self.ca_request_burst,
+        };
 
         let plaintext_addr = self.plaintext_addr.or(self
             .plaintext
@@ -385,6 +400,16 @@ pub fn parse_timeout(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         d if d.is_zero() => Err(format!("{text:?}: a timeout must be longer than 0")),
         d => Ok(d),
+    }
+}
+
+/// A rate in requests per second: a positive number.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{text:?} is not a rate: give requests per second, a number above 0 (e.g. 10 or 0.5)"
+        )),
     }
 }
 
@@ -573,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn listener_limits_default_to_the_documented_values() {
+    fn listener_and_rate_limits_default_to_the_documented_values() {
         let config = args(&[]).unwrap().into_config().unwrap();
         assert_eq!(config.grpc.limits, GrpcConfig::DEFAULT_LIMITS);
         assert_eq!(config.grpc.max_receive_message_bytes, 4 << 20);
@@ -582,6 +607,7 @@ mod tests {
         assert_eq!(config.monitoring.limits, MonitoringConfig::DEFAULT_LIMITS);
         assert!(config.monitoring.debug_auth);
         assert!(config.monitoring.debug_namespaces.is_empty());
+        assert_eq!(config.ca.rate_limit, CallerRateLimit::DEFAULT);
         assert_eq!(
             config.webhook.unwrap().max_connections,
             WebhookConfig::default().max_connections
@@ -602,6 +628,10 @@ mod tests {
             "false",
             "--debug-endpoint-auth-allowed-namespaces",
             "kiali, monitoring",
+            "--ca-requests-per-second",
+            "0.5",
+            "--ca-request-burst",
+            "4",
         ])
         .unwrap()
         .into_config()
@@ -616,10 +646,19 @@ mod tests {
         );
         assert!(!config.monitoring.debug_auth);
         assert_eq!(config.monitoring.debug_namespaces, ["kiali", "monitoring"]);
+        assert_eq!(
+            config.ca.rate_limit,
+            CallerRateLimit {
+                per_second: 0.5,
+                burst: 4
+            }
+        );
 
         for (flag, value) in [
             ("--grpc-max-connections", "0"),
             ("--monitoring-header-timeout", "0s"),
+            ("--ca-requests-per-second", "0"),
+            ("--ca-request-burst", "0"),
             ("--webhook-timeout", "0"),
         ] {
             let err = args(&[flag, value]).unwrap_err().to_string();

@@ -70,8 +70,10 @@ pub struct NodeBinding {
     pub source: NodeSource,
 }
 
-/// Why impersonation was refused. Logged in full; the caller only learns
-/// that it was refused (where pods run is not its business).
+/// Why impersonation was refused. Logged in full (`Display`); the caller is
+/// told why in [`ImpersonationRefusal::caller_message`], which names only
+/// what its own credential already says (where other pods run, and other
+/// pods' details, are not its business).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ImpersonationRefusal {
     #[error(
@@ -151,6 +153,44 @@ pub enum RefusalReason {
 }
 
 impl ImpersonationRefusal {
+    /// Why, for the caller's PERMISSION_DENIED: its own identity, pod and
+    /// the identity it asked for, never a node name or another pod's
+    /// details.
+    pub fn caller_message(&self, requested: &SpiffeId) -> String {
+        match self {
+            Self::NotTrusted { caller } => format!(
+                "{caller} may not request certificates for other identities ({requested}): only trusted node agents (istiod's --trusted-node-agent) may"
+            ),
+            Self::ForeignTrustDomain { trust_domain, .. } => format!(
+                "{requested} is not in this mesh's trust domain {trust_domain:?}"
+            ),
+            Self::PodNotFound { namespace, pod } => format!(
+                "istiod does not know pod {namespace}/{pod}, which your token was issued to; if it was just created retry shortly, otherwise the token belongs to a deleted pod"
+            ),
+            Self::PodUidMismatch { namespace, pod, .. } => format!(
+                "your token was issued to an earlier pod named {namespace}/{pod} (it was recreated since); use the current pod's token"
+            ),
+            Self::PodServiceAccountMismatch { namespace, pod, .. } => format!(
+                "pod {namespace}/{pod}, which your token was issued to, does not run as the service account your token names"
+            ),
+            Self::PodNotScheduled { namespace, pod } => format!(
+                "pod {namespace}/{pod}, which your token was issued to, is not scheduled on a node yet; retry once it is"
+            ),
+            Self::NodeMismatch { .. } => {
+                "the node your token names is not the node your pod runs on".to_string()
+            }
+            Self::NotSynced { .. } => {
+                "istiod is still reading the cluster state and cannot tell your node yet; retry shortly".to_string()
+            }
+            Self::NoNode => {
+                "your token names neither your pod nor your node; a node agent needs a bound (projected) service-account token with audience istio-ca".to_string()
+            }
+            Self::NoPodOnNode { .. } => format!(
+                "impersonation is allowed only for identities with a pod on your node, and no pod running as {requested} is scheduled there"
+            ),
+        }
+    }
+
     pub fn reason(&self) -> RefusalReason {
         match self {
             Self::NotTrusted { .. } => RefusalReason::not_trusted,

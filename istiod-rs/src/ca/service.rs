@@ -1,9 +1,13 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`: authenticate
-//! the bearer token, decide whose identity the certificate carries (the
-//! caller's, or with `ImpersonatedIdentity` a pod's on the caller's node),
-//! sign, and count the outcome.
+//! the bearer token, take a token from the caller's rate-limit bucket
+//! ([`super::rate_limit`]), decide whose identity the certificate carries
+//! (the caller's, or with `ImpersonatedIdentity` a pod's on the caller's
+//! node), sign, and count the outcome. A refused caller is told why (its
+//! own credential's details only); refusals are logged at most once per
+//! interval (impersonation refusals, the others), with how many were left
+//! out.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::SpiffeId;
@@ -17,9 +21,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use proxy_core::log_limit::LogLimit;
 use tonic::{Request, Response, Status};
 
 use super::impersonation::{ImpersonationPolicy, NodeLookup, NodeSource, RefusalReason};
+use super::rate_limit::RateLimiter;
 use super::{CaError, CertificateAuthority};
 use crate::auth::{self, AuthError, Authenticator, Caller};
 
@@ -31,9 +37,14 @@ pub enum Outcome {
     unauthenticated,
     permission_denied,
     invalid_argument,
+    /// The caller is over its rate limit.
+    resource_exhausted,
     unavailable,
     internal,
 }
+
+/// A refused request is logged at most this often per kind.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -139,6 +150,7 @@ pub struct CertificateService {
     authenticator: Arc<dyn Authenticator>,
     nodes: Arc<dyn NodeLookup>,
     metrics: CaMetrics,
+    limiter: Mutex<RateLimiter>,
 }
 
 impl CertificateService {
@@ -149,11 +161,13 @@ impl CertificateService {
         registry: &mut Registry,
     ) -> Self {
         let metrics = CaMetrics::new(registry, &ca);
+        let limiter = Mutex::new(RateLimiter::new(ca.config().rate_limit));
         CertificateService {
             ca,
             authenticator,
             nodes,
             metrics,
+            limiter,
         }
     }
 
@@ -171,6 +185,21 @@ impl CertificateService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Vec<String>, Refusal> {
         let caller = auth::authenticate(self.authenticator.as_ref(), request.metadata()).await?;
+        let taken = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(&caller, Instant::now());
+        if let Err(wait) = taken {
+            let limit = self.ca.config().rate_limit;
+            return Err(Refusal::RateLimited(format!(
+                "{} made more than {} certificate requests at once or {}/s sustained; retry in {:.1}s",
+                caller.identity,
+                limit.burst,
+                limit.per_second,
+                wait.as_secs_f64()
+            )));
+        }
         let request = request.into_inner();
         let identity = self.identity_for(&caller, &request)?;
         let requested = u64::try_from(request.validity_duration)
@@ -221,12 +250,13 @@ impl CertificateService {
                         reason: refusal.reason(),
                     })
                     .inc();
-                tracing::warn!(caller = %caller.identity, pod = ?caller.pod, node = ?caller.node, requested = %wanted, reason = ?refusal.reason(), "impersonation refused: {refusal}");
-                // Where pods run is not the caller's business: details stay in the log.
-                Err(Refusal::PermissionDenied(format!(
-                    "{} may not request certificates for {wanted}",
-                    caller.identity
-                )))
+                static REFUSED: LogLimit = LogLimit::new(LOG_INTERVAL);
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::warn!(caller = %caller.identity, pod = ?caller.pod, node = ?caller.node, requested = %wanted, reason = ?refusal.reason(), suppressed, "impersonation refused: {refusal}");
+                }
+                // The caller learns why, from what its own credential says;
+                // where other pods run stays in the log.
+                Err(Refusal::PermissionDenied(refusal.caller_message(&wanted)))
             }
         }
     }
@@ -263,6 +293,7 @@ enum Refusal {
     Auth(AuthError),
     PermissionDenied(String),
     InvalidArgument(String),
+    RateLimited(String),
     Internal(String),
 }
 
@@ -288,6 +319,7 @@ impl Refusal {
             Refusal::Auth(_) => Outcome::unauthenticated,
             Refusal::PermissionDenied(_) => Outcome::permission_denied,
             Refusal::InvalidArgument(_) => Outcome::invalid_argument,
+            Refusal::RateLimited(_) => Outcome::resource_exhausted,
             Refusal::Internal(_) => Outcome::internal,
         }
     }
@@ -297,6 +329,7 @@ impl Refusal {
             Refusal::Auth(e) => e.into(),
             Refusal::PermissionDenied(m) => Status::permission_denied(m),
             Refusal::InvalidArgument(m) => Status::invalid_argument(m),
+            Refusal::RateLimited(m) => Status::resource_exhausted(m),
             Refusal::Internal(m) => {
                 tracing::error!("could not issue a certificate: {m}");
                 Status::internal("the CA could not issue the certificate; see istiod's log")
@@ -320,8 +353,13 @@ impl IstioCertificateService for CertificateService {
             Err(refusal) => {
                 let outcome = refusal.outcome();
                 self.metrics.count(outcome);
-                if !matches!(refusal, Refusal::PermissionDenied(_) | Refusal::Internal(_)) {
-                    tracing::info!(?peer, ?outcome, reason = ?refusal, "certificate request refused");
+                // Impersonation refusals and internal errors log their own
+                // lines; the rest any caller can trigger at will.
+                static REFUSED: LogLimit = LogLimit::new(LOG_INTERVAL);
+                if !matches!(refusal, Refusal::PermissionDenied(_) | Refusal::Internal(_))
+                    && let Some(suppressed) = REFUSED.allow()
+                {
+                    tracing::info!(?peer, ?outcome, reason = ?refusal, suppressed, "certificate request refused");
                 }
                 Err(refusal.into_status())
             }
