@@ -9,11 +9,11 @@
 //! holds against the newest generation ([`delta`]) and sends only changed keys
 //! and removals, encoded chunk by chunk from the shared resources ([`wire`]).
 //! A slow proxy only delays itself: its task skips to the newest generation.
-//! It serves the type URLs of [`SERVED_TYPES`]; a request for any other is
-//! ignored (counted, logged at most once per interval), as upstream's delta
-//! server sends nothing for a type it has no generator for
-//! (`pilot/pkg/xds/delta.go`, `pushDeltaXds`), and keeps no state, so a
-//! proxy cannot grow istiod's memory or metric series by inventing types.
+//! It serves the type URLs of [`SERVED_TYPES`]; a subscription to any other
+//! gets an empty response, as upstream's fallback generator gives it, and
+//! leaves no state and no metric series of its own (counted, logged at most
+//! once per interval), so a proxy cannot grow istiod's memory or its
+//! `/metrics` by inventing types.
 //! Requests are limited to `max_request_bytes` (upstream's
 //! `ISTIO_GPRC_MAXRECVMSGSIZE`, 4 MiB); an oversized or undecodable request
 //! ends the stream with an error status saying why.

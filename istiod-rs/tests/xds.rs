@@ -705,7 +705,7 @@ fn type_labels(metrics: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn unknown_type_urls_are_ignored_without_state_or_metric_series() {
+async fn unknown_type_urls_are_answered_empty_without_state_or_metric_series() {
     let istiod = start(
         Authentication::Disabled,
         snapshot([workload("a", "n"), policy("p")]),
@@ -715,22 +715,18 @@ async fn unknown_type_urls_are_ignored_without_state_or_metric_series() {
     proxy.sync(ADDRESS).await;
     let (_, before) = http_get(istiod.monitoring, "/metrics").await;
 
-    // A thousand made-up types, some with a nonce as if answering.
+    // A thousand made-up types: each subscription gets an empty response
+    // (as upstream answers a type it does not know), each ACK nothing.
     for i in 0..1000 {
-        proxy
-            .send(DeltaDiscoveryRequest {
-                type_url: format!("type.googleapis.com/made.up.T{i}"),
-                response_nonce: if i % 2 == 0 {
-                    String::new()
-                } else {
-                    format!("n{i}")
-                },
-                resource_names_subscribe: vec!["*".into()],
-                ..Default::default()
-            })
-            .await;
+        let type_url = format!("type.googleapis.com/made.up.T{i}");
+        proxy.subscribe(&type_url, &["*"]).await;
+        let response = proxy.recv().await;
+        assert_eq!(response.type_url, type_url);
+        assert!(response.resources.is_empty() && response.removed_resources.is_empty());
+        proxy.ack(&response).await;
     }
-    // None was answered: the next response is for the type asked after them.
+    // The ACKs were not answered: the next response is for the type asked
+    // after them.
     let response = proxy.sync(AUTHORIZATION).await;
     assert_eq!(names(&response), ["default/p"]);
 
@@ -746,22 +742,27 @@ async fn unknown_type_urls_are_ignored_without_state_or_metric_series() {
         .map(|t| t["type_url"].as_str().unwrap())
         .collect();
     assert_eq!(types, [AUTHORIZATION, ADDRESS]);
-    // ...and no metric series: one counter says how many were ignored.
+    // ...and no metric series of their own: they count as `other`.
     let (_, after) = http_get(istiod.monitoring, "/metrics").await;
     assert!(!after.contains("made.up"), "{after}");
     assert_eq!(
         type_labels(&after),
         BTreeSet::from([
             "istio.security.Authorization".to_string(),
-            "istio.workload.Address".to_string()
+            "istio.workload.Address".to_string(),
+            "other".to_string(),
         ])
     );
     assert!(
-        after.lines().count() < before.lines().count() + 40,
-        "the Authorization push added a few series, nothing per made-up type:\n{after}"
+        after.lines().count() < before.lines().count() + 60,
+        "the Authorization push and the `other` label added a few series, nothing per made-up type:\n{after}"
     );
     assert!(
-        after.contains("xds_unknown_type_requests_total 1000"),
+        after.contains("xds_unknown_type_requests_total 2000"),
+        "{after}"
+    );
+    assert!(
+        after.contains(r#"xds_pushes_total{type="other"} 1000"#),
         "{after}"
     );
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use proxy_core::log_limit::LogLimit;
 
-use super::delta::{Answer, Current, Push, TypeState};
+use super::delta::{Answer, Current, Delta, Push, TypeState};
 use super::metrics::{Refusal, TypeLabel};
 use super::wire::Outbound;
 use super::{LOG_INTERVAL, Published, SERVED_TYPES, Shared, XdsError, lock};
@@ -142,7 +142,10 @@ async fn serve(
         },
     );
     let connection = &registration.connection;
-    on_request(&shared, connection, &proxy, &first)?;
+    let answer = on_request(&shared, connection, &proxy, &first)?;
+    if !send(tx, answer).await {
+        return Ok(());
+    }
 
     loop {
         if !push_due(&shared, connection, &feed, tx).await {
@@ -151,7 +154,12 @@ async fn serve(
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             request = next_request(&mut inbound, &proxy) => match request? {
-                Some(request) => on_request(&shared, connection, &proxy, &request)?,
+                Some(request) => {
+                    let answer = on_request(&shared, connection, &proxy, &request)?;
+                    if !send(tx, answer).await {
+                        return Ok(());
+                    }
+                }
                 None => return Ok(()),
             },
             changed = feed.changed() => {
@@ -197,12 +205,23 @@ async fn next_request(
     }
 }
 
+/// Sends `answer`, if any; `false` once the transport is gone.
+async fn send(tx: &Outgoing, answer: Option<Outbound>) -> bool {
+    match answer {
+        Some(answer) => tx.send(Ok(answer)).await.is_ok(),
+        None => true,
+    }
+}
+
+/// Applies a request to the connection's state. Returns the answer to send
+/// at once, if any: only a subscription to a type istiod-rs does not serve
+/// gets one (the others are answered by [`push_due`]).
 fn on_request(
     shared: &Shared,
     connection: &Mutex<Connection>,
     proxy: &str,
     request: &DeltaDiscoveryRequest,
-) -> Result<(), XdsError> {
+) -> Result<Option<Outbound>, XdsError> {
     let type_url = &request.type_url;
     if type_url.is_empty() {
         return Err(XdsError::MissingTypeUrl {
@@ -210,17 +229,7 @@ fn on_request(
         });
     }
     if !SERVED_TYPES.contains(&type_url.as_str()) {
-        shared.metrics.unknown_types.inc();
-        static UNKNOWN: LogLimit = LogLimit::new(LOG_INTERVAL);
-        if let Some(suppressed) = UNKNOWN.allow() {
-            tracing::info!(
-                %proxy,
-                type_url = %truncated(type_url),
-                suppressed,
-                "ignoring a request for a type istiod-rs does not serve (it serves {SERVED_TYPES:?})"
-            );
-        }
-        return Ok(());
+        return Ok(answer_unknown_type(shared, proxy, request));
     }
     let mut conn = lock(connection);
     let answer = match conn.types.get_mut(type_url) {
@@ -236,7 +245,7 @@ fn on_request(
                 "proxy subscribed"
             );
             conn.types.insert(type_url.clone(), TypeState::new(request));
-            return Ok(());
+            return Ok(None);
         }
     };
     match answer {
@@ -275,7 +284,43 @@ fn on_request(
             );
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// A type istiod-rs does not serve: as upstream, whose fallback generator
+/// ("api", `pilot/pkg/xds/apigen.go`) answers a type it does not know with
+/// an empty response "to not break waiting code", a subscription gets an
+/// empty response, so a proxy that also asks for a newer type still counts
+/// itself synced; its ACK is ignored. Nothing is kept per type, and the
+/// response is counted under the type label `other`: a proxy inventing
+/// type URLs grows neither istiod's memory nor its metric series.
+fn answer_unknown_type(
+    shared: &Shared,
+    proxy: &str,
+    request: &DeltaDiscoveryRequest,
+) -> Option<Outbound> {
+    shared.metrics.unknown_types.inc();
+    static UNKNOWN: LogLimit = LogLimit::new(LOG_INTERVAL);
+    if let Some(suppressed) = UNKNOWN.allow() {
+        tracing::info!(
+            %proxy,
+            type_url = %truncated(&request.type_url),
+            suppressed,
+            "a request for a type istiod-rs does not serve (it serves {SERVED_TYPES:?}): answered empty"
+        );
+    }
+    if !request.response_nonce.is_empty() {
+        return None;
+    }
+    Some(Outbound {
+        type_url: request.type_url.clone(),
+        push: Push {
+            nonce: shared.nonce(),
+            version: shared.feed.borrow().generation.to_string(),
+            delta: Delta::default(),
+            pending_since: None,
+        },
+    })
 }
 
 /// At most 200 bytes of a string a peer chose, for a log line.

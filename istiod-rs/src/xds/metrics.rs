@@ -126,7 +126,7 @@ impl Metrics {
         );
         r.register(
             "unknown_type_requests",
-            "Requests for a type URL istiod-rs does not serve; ignored (no response), as upstream does for a type without a generator",
+            "Requests for a type URL istiod-rs does not serve: a subscription is answered empty (as upstream), nothing is kept",
             metrics.unknown_types.clone(),
         );
         r.register(
