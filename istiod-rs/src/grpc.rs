@@ -70,11 +70,14 @@ impl GrpcConfig {
     /// A gRPC client finishes its TLS handshake and sends the HTTP/2
     /// preface at once; 10 s each is generous (grpc-go, upstream's server,
     /// allows 120 s for both together). A cluster's proxies hold one or two
-    /// connections each (xDS, CA): 20 000 covers thousands of nodes.
+    /// connections each (xDS, CA): 20 000 covers thousands of nodes. No
+    /// limit per address by default: proxies of a remote cluster reach
+    /// istiod through one east-west gateway, thousands behind one address.
     /// Connections idle for 5 min are closed; keepalive (every 30 s) keeps
     /// live ones busy.
     pub const DEFAULT_LIMITS: ListenerLimits = ListenerLimits {
         max_connections: 20_000,
+        max_connections_per_peer: 20_000,
         handshake_timeout: Duration::from_secs(10),
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(300),

@@ -64,11 +64,13 @@ pub struct MonitoringConfig {
 
 impl MonitoringConfig {
     /// A scrape, a probe or a debug request needs a connection or two and
-    /// sends its request at once; 256 connections, 10 s for a request head
-    /// and a minute without a byte either way leave room for every
-    /// legitimate client (upstream's monitoring server sets no limit).
+    /// sends its request at once; 256 connections (32 from one address, so
+    /// one pod cannot starve the kubelet's `/ready` probe), 10 s for a
+    /// request head and a minute without a byte either way leave room for
+    /// every legitimate client (upstream's monitoring server sets no limit).
     pub const DEFAULT_LIMITS: ListenerLimits = ListenerLimits {
         max_connections: 256,
+        max_connections_per_peer: 32,
         handshake_timeout: Duration::from_secs(10),
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),

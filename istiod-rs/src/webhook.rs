@@ -94,10 +94,12 @@ impl Default for WebhookConfig {
 impl WebhookConfig {
     /// The listener's limits. A connection on which nothing moves for
     /// twice the request timeout is dead: a live request would have been
-    /// answered 408 by then.
+    /// answered 408 by then. Its clients are the API servers, a few
+    /// addresses with many connections each: no limit per address.
     pub fn limits(&self) -> ListenerLimits {
         ListenerLimits {
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections,
             handshake_timeout: self.handshake_timeout,
             header_timeout: self.request_timeout,
             idle_timeout: self.request_timeout * 2,

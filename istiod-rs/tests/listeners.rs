@@ -106,6 +106,44 @@ async fn the_monitoring_port_drops_partial_requests_after_the_header_timeout() {
     istiod.stop().await;
 }
 
+/// `n` connections to `addr` that send nothing.
+async fn hold(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    held
+}
+
+/// `n` more connections to `addr`, each of which istiod must reset.
+async fn expect_reset(addr: std::net::SocketAddr, n: usize, beyond: &str) {
+    for i in 0..n {
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        until_closed(&format!("connection {i} beyond {beyond}"), &mut extra).await;
+    }
+}
+
+/// `GET /metrics` (HTTP/1.0) from `source` (a loopback address); the
+/// whole answer, or `None` if the connection was reset.
+async fn metrics_from(source: &str, addr: std::net::SocketAddr) -> Option<String> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut text = String::new();
+    let _ = tokio::time::timeout(PATIENCE, tcp.read_to_string(&mut text)).await;
+    (text.split(' ').nth(1) == Some("200")).then_some(text)
+}
+
+fn dropped_sample(text: &str, reason: &str) -> f64 {
+    metric_sample(
+        text,
+        &format!(
+            "istiod_listener_connections_dropped_total{{listener=\"monitoring\",reason=\"{reason}\"}}"
+        ),
+    )
+}
+
 #[tokio::test]
 async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
     let mut istiod = LocalIstiod::start_configured(&[], |c| {
@@ -116,15 +154,9 @@ async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
     let monitoring = istiod.addresses().monitoring;
 
     // Four peers hold every place, sending nothing. Connections are
-    // accepted in order, so the fifth finds the listener full: it is reset.
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(TcpStream::connect(monitoring).await.unwrap());
-    }
-    for i in 0..5 {
-        let mut extra = TcpStream::connect(monitoring).await.unwrap();
-        until_closed(&format!("connection {i} beyond the cap"), &mut extra).await;
-    }
+    // accepted in order, so the next five find the listener full.
+    let mut held = hold(monitoring, 4).await;
+    expect_reset(monitoring, 5, "the cap").await;
 
     // The rest of istiod is untouched: the CA answers over 15012.
     certificate(&istiod).await;
@@ -133,24 +165,14 @@ async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
     drop(held.pop());
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let text = loop {
-        let mut tcp = TcpStream::connect(monitoring).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut text = String::new();
-        let _ = tokio::time::timeout(PATIENCE, tcp.read_to_string(&mut text)).await;
-        if text.split(' ').nth(1) == Some("200") {
+        if let Some(text) = metrics_from("127.0.0.1", monitoring).await {
             break text;
         }
         // Reset: the freed place was not noticed yet.
         assert!(tokio::time::Instant::now() < deadline, "no place freed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let refused = metric_sample(
-        &text,
-        "istiod_listener_connections_dropped_total{listener=\"monitoring\",reason=\"connection_limit\"}",
-    );
-    assert!(refused >= 5.0, "{text}");
+    assert!(dropped_sample(&text, "connection_limit") >= 5.0, "{text}");
     assert_eq!(
         metric_sample(
             &text,
@@ -159,6 +181,27 @@ async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
         4.0,
         "{text}"
     );
+    drop(held);
+    istiod.stop().await;
+}
+
+#[tokio::test]
+async fn one_pod_cannot_fill_the_monitoring_port_for_the_readiness_probe() {
+    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+        c.monitoring.limits.max_connections_per_peer = 4;
+        c.monitoring.limits.header_timeout = NEVER;
+    })
+    .await;
+    let monitoring = istiod.addresses().monitoring;
+
+    // A pod at 127.0.0.1 holds its four places; its next ten are reset.
+    let held = hold(monitoring, 4).await;
+    expect_reset(monitoring, 10, "the per-peer cap").await;
+    // Another address (the kubelet's probe, a scraper) is answered.
+    let text = metrics_from("127.0.0.2", monitoring)
+        .await
+        .expect("another address is served");
+    assert_eq!(dropped_sample(&text, "peer_limit"), 10.0, "{text}");
     drop(held);
     istiod.stop().await;
 }

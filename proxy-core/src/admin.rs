@@ -83,10 +83,12 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Upstream ztunnel reads a request head for at most 2 s on these
     /// servers (`hyper_util::Server`'s `header_read_timeout`); a scrape or a
-    /// probe needs one or two connections, so 128 each leaves room for
-    /// every legitimate client while bounding what a pod can hold.
+    /// probe needs one or two connections, so 128 each, 16 from one
+    /// address, leave room for every legitimate client (the kubelet's
+    /// probes, a scraper) while bounding what one pod can hold.
     pub const DEFAULT_LIMITS: ListenerLimits = ListenerLimits {
         max_connections: 128,
+        max_connections_per_peer: 16,
         handshake_timeout: Duration::from_secs(2),
         header_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(60),

@@ -6,11 +6,13 @@
 //! process's file descriptors or memory by opening connections and sending
 //! nothing.
 //!
-//! A [`Listener`] holds at most `max_connections` connections at once; one
-//! more is accepted and reset at once (left in the kernel's backlog it would
-//! still hold a socket, and its peer could not tell), so the listener never
-//! takes more than the cap's file descriptors whatever the peers do. Each
-//! admitted connection then has:
+//! A [`Listener`] holds at most `max_connections` connections at once, and
+//! at most `max_connections_per_peer` from one IP address; one more is
+//! accepted and reset at once (left in the kernel's backlog it would still
+//! hold a socket, and its peer could not tell), so the listener never takes
+//! more than the cap's file descriptors whatever the peers do, and one pod
+//! alone cannot fill it for everyone else. Each admitted connection then
+//! has:
 //!
 //! - `handshake_timeout` to finish its TLS handshake (TLS listeners);
 //! - `header_timeout` to send its first request: the HTTP/1 request head
@@ -31,12 +33,13 @@
 //! (tonic's `serve_with_incoming`). Timers assume, as hyper and tonic do,
 //! that one task drives each connection.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,6 +76,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub struct ListenerLimits {
     /// Connections held at once; one more is reset at once.
     pub max_connections: usize,
+    /// Connections held at once from one IP address (of the peer as the
+    /// listener sees it: a gateway or SNAT makes many clients one peer).
+    pub max_connections_per_peer: usize,
     /// From accept to the end of the TLS handshake (TLS listeners).
     pub handshake_timeout: Duration,
     /// From the connection being ready to the end of the first request
@@ -89,6 +95,8 @@ pub struct ListenerLimits {
 pub enum DropReason {
     /// The listener already held `max_connections`.
     connection_limit,
+    /// The listener already held `max_connections_per_peer` from that address.
+    peer_limit,
     /// The TLS handshake did not finish within `handshake_timeout`.
     handshake_timeout,
     /// The TLS handshake failed (not TLS, no common protocol...).
@@ -125,7 +133,7 @@ impl ListenerMetrics {
         let metrics = ListenerMetrics::default();
         registry.register(
             "listener_connections_dropped",
-            "Connections a listener dropped because of one of its limits (connection cap, handshake, header and idle timeouts) or a failed TLS handshake, by listener and reason",
+            "Connections a listener dropped because of one of its limits (connection caps, handshake, header and idle timeouts) or a failed TLS handshake, by listener and reason",
             metrics.dropped.clone(),
         );
         registry.register(
@@ -188,6 +196,8 @@ pub struct Listener {
     name: &'static str,
     limits: ListenerLimits,
     slots: Arc<Semaphore>,
+    /// Connections held per peer address (only addresses holding some).
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     tally: Tally,
 }
 
@@ -229,6 +239,7 @@ impl Listener {
             name,
             limits,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
+            peers: Arc::default(),
             tally: Tally {
                 listener: name,
                 metrics: metrics.clone(),
@@ -277,29 +288,52 @@ impl Listener {
                     continue;
                 }
             };
-            match self.slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    self.tally.open.inc();
+            match self.admit(peer) {
+                Ok(slot) => {
                     return Admitted {
                         tcp,
                         peer,
                         limits: self.limits,
-                        slot: Slot {
-                            _permit: permit,
-                            tally: self.tally.clone(),
-                        },
+                        slot,
                     };
                 }
-                Err(_) => {
+                Err(reason) => {
                     // Reset rather than close: no TIME_WAIT kept on our side.
                     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                     drop(tcp);
                     static AT_LIMIT: LogLimit = LogLimit::new(LOG_INTERVAL);
-                    self.tally
-                        .count(DropReason::connection_limit, peer, &AT_LIMIT);
+                    self.tally.count(reason, peer, &AT_LIMIT);
                 }
             }
         }
+    }
+
+    /// A place for a connection from `peer`, or the limit it would exceed.
+    fn admit(&self, peer: SocketAddr) -> Result<Slot, DropReason> {
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| DropReason::connection_limit)?;
+        let ip = peer.ip().to_canonical();
+        {
+            let mut peers = lock(&self.peers);
+            let held = peers.entry(ip).or_default();
+            if *held >= self.limits.max_connections_per_peer {
+                if *held == 0 {
+                    peers.remove(&ip);
+                }
+                return Err(DropReason::peer_limit);
+            }
+            *held += 1;
+        }
+        self.tally.open.inc();
+        Ok(Slot {
+            _permit: permit,
+            peer: ip,
+            peers: self.peers.clone(),
+            tally: self.tally.clone(),
+        })
     }
 
     /// [`Self::accept`], or `None` once `shutdown` is cancelled.
@@ -443,17 +477,32 @@ impl Tally {
     }
 }
 
-/// A connection's place under the cap, freed when the connection ends.
+/// A connection's place under the caps, freed when the connection ends.
 #[derive(Debug)]
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    peer: IpAddr,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     tally: Tally,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.tally.open.dec();
+        let mut peers = lock(&self.peers);
+        if let Some(held) = peers.get_mut(&self.peer) {
+            *held -= 1;
+            if *held == 0 {
+                peers.remove(&self.peer);
+            }
+        }
     }
+}
+
+/// Locks the peer counts even if a panicking holder poisoned them: they are
+/// plain counters, consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A connection accepted within the cap, before its TLS handshake.

@@ -31,6 +31,7 @@ const SHORT: Duration = Duration::from_millis(200);
 fn limits(max_connections: usize) -> ListenerLimits {
     ListenerLimits {
         max_connections,
+        max_connections_per_peer: max_connections,
         handshake_timeout: NEVER,
         header_timeout: NEVER,
         idle_timeout: NEVER,
@@ -140,6 +141,34 @@ async fn connections_beyond_the_cap_are_reset_and_counted() {
     eventually("a place freed", || metrics.open("test") == 3).await;
     get_root(addr).await;
     assert_eq!(metrics.dropped("test", DropReason::connection_limit), 1);
+}
+
+#[tokio::test]
+async fn one_address_cannot_fill_the_listener_for_the_others() {
+    let (addr, metrics, _shutdown) = http1_server(
+        ListenerLimits {
+            max_connections_per_peer: 3,
+            ..limits(64)
+        },
+        None,
+    )
+    .await;
+    // 127.0.0.1 holds three connections; its fourth is reset, counted.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    eventually("three connections held", || metrics.open("test") == 3).await;
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    until_closed("the fourth connection from 127.0.0.1", &mut fourth).await;
+    assert_eq!(metrics.dropped("test", DropReason::peer_limit), 1);
+    // Another address is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let local = socket.local_addr().unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    assert_eq!(request(TokioIo::new(tcp)).await, format!("hello {local}"));
+    assert_eq!(metrics.dropped("test", DropReason::peer_limit), 1);
 }
 
 #[tokio::test]

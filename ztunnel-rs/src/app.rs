@@ -103,6 +103,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "SERVER_MAX_CONNECTIONS", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub server_max_connections: u32,
+    /// Connections each of those servers holds at once from one address
+    /// (a pod): one more is reset, the others' places stay free.
+    #[arg(long, env = "SERVER_MAX_CONNECTIONS_PER_PEER", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub server_max_connections_per_peer: u32,
     /// The admin, stats and readiness servers drop a connection whose
     /// request head has not arrived within this (upstream ztunnel: 2s),
     /// also between two requests on one connection.
@@ -171,6 +176,7 @@ impl ProxyArgs {
             },
             limits: ListenerLimits {
                 max_connections: self.server_max_connections as usize,
+                max_connections_per_peer: self.server_max_connections_per_peer as usize,
                 // Plain HTTP: no handshake.
                 handshake_timeout: self.server_header_timeout,
                 header_timeout: self.server_header_timeout,

@@ -4,12 +4,13 @@
 //! thousand and sends half a request line on each must not take the data
 //! path down. Here the process may hold 512 descriptors (the test lowers
 //! its own limit, so exhaustion is reachable) and the hostile pod, in a
-//! process of its own, opens 2000 connections to the stats server: the
-//! server holds its cap (16) and resets the rest, and meanwhile pods keep
-//! talking through HBONE and the readiness server keeps answering.
+//! process of its own, opens 2000 connections to the stats server: with
+//! the default limits the server holds 16 from that address (its per-peer
+//! cap; 128 in all) and resets the rest, and meanwhile pods keep talking
+//! through HBONE and the readiness server keeps answering.
 //!
-//! Without the cap the stats server accepted until the process ran out of
-//! descriptors, and every new proxied connection failed.
+//! Without the caps the stats server accepted until the process ran out of
+//! descriptors (489 here), and every new proxied connection failed.
 //!
 //! Its own test binary: the descriptor limit is the whole process's.
 
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use proxy_core::admin::ServerConfig;
 use proxy_core::listener::{DropReason, ListenerLimits};
 use proxy_core::testing::loopback_admin_servers;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -26,8 +28,8 @@ use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, eventually, exchan
 const FD_LIMIT: u64 = 512;
 /// The hostile pod's connections: far more than the process could hold.
 const HOSTILE: usize = 2000;
-/// Each admin server's cap.
-const CAP: usize = 16;
+/// What one address may hold on each admin server by default.
+const PER_PEER: usize = ServerConfig::DEFAULT_LIMITS.max_connections_per_peer;
 
 fn lower_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -91,10 +93,10 @@ async fn a_saturated_stats_port_leaves_the_data_path_and_readiness_serving() {
     // timeouts that never fire during the test, so the saturation lasts.
     let never = Duration::from_secs(3600);
     let limits = ListenerLimits {
-        max_connections: CAP,
         handshake_timeout: never,
         header_timeout: never,
         idle_timeout: never,
+        ..ServerConfig::DEFAULT_LIMITS
     };
     let (servers, listeners, shutdown) = loopback_admin_servers(limits, mesh.store.clone()).await;
 
@@ -107,11 +109,11 @@ async fn a_saturated_stats_port_leaves_the_data_path_and_readiness_serving() {
         opened as u64 > FD_LIMIT,
         "the hostile pod opened {opened} connections, not enough to exhaust {FD_LIMIT}"
     );
-    eventually("the stats server refused all but its cap", || {
-        listeners.dropped("stats", DropReason::connection_limit) >= (opened - CAP) as u64
+    eventually("the stats server refused all but its per-peer cap", || {
+        listeners.dropped("stats", DropReason::peer_limit) >= (opened - PER_PEER) as u64
     })
     .await;
-    assert_eq!(listeners.open("stats"), CAP as i64);
+    assert_eq!(listeners.open("stats"), PER_PEER as i64);
 
     // The data path is untouched: new proxied connections, one after the other.
     for i in 0..50 {
@@ -129,7 +131,7 @@ async fn a_saturated_stats_port_leaves_the_data_path_and_readiness_serving() {
         get_status(servers.addrs.readiness, "/healthz/ready").await,
         200
     );
-    assert_eq!(listeners.open("stats"), CAP as i64);
+    assert_eq!(listeners.open("stats"), PER_PEER as i64);
 
     // The hostile pod goes: the stats server serves again.
     drop(hostile);

@@ -263,6 +263,7 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         stats_address: any,
         readiness_address: any,
         server_max_connections: 128,
+        server_max_connections_per_peer: 16,
         server_header_timeout: Duration::from_secs(2),
         server_idle_timeout: Duration::from_secs(60),
         load_balancing: Default::default(),

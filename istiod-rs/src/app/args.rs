@@ -109,6 +109,12 @@ pub struct Args {
     #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub grpc_max_connections: u32,
+    /// Connections each gRPC listener holds from one address (default: no
+    /// limit below --grpc-max-connections, as proxies behind an east-west
+    /// gateway share its address).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS_PER_PEER",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_connections_per_peer: Option<u32>,
     /// A gRPC client must finish its TLS handshake within this.
     #[arg(long, env = "GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub grpc_handshake_timeout: Duration,
@@ -161,6 +167,10 @@ pub struct Args {
     #[arg(long, env = "MONITORING_MAX_CONNECTIONS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub monitoring_max_connections: u32,
+    /// Connections the monitoring server holds from one address.
+    #[arg(long, env = "MONITORING_MAX_CONNECTIONS_PER_PEER", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub monitoring_max_connections_per_peer: u32,
     /// The monitoring server drops a connection whose request head has not
     /// arrived within this (also between two requests on one connection).
     #[arg(long, env = "MONITORING_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
@@ -324,6 +334,10 @@ impl Args {
             extra_dns_names: self.extra_dns_name,
             limits: ListenerLimits {
                 max_connections: self.grpc_max_connections as usize,
+                max_connections_per_peer: self
+                    .grpc_max_connections_per_peer
+                    .unwrap_or(self.grpc_max_connections)
+                    as usize,
                 handshake_timeout: self.grpc_handshake_timeout,
                 header_timeout: self.grpc_preface_timeout,
                 idle_timeout: self.grpc_idle_timeout,
@@ -364,6 +378,7 @@ impl Args {
                 addr: self.monitoring_addr,
                 limits: ListenerLimits {
                     max_connections: self.monitoring_max_connections as usize,
+                    max_connections_per_peer: self.monitoring_max_connections_per_peer as usize,
                     // Plain HTTP: no handshake.
                     handshake_timeout: self.monitoring_header_timeout,
                     header_timeout: self.monitoring_header_timeout,
@@ -622,6 +637,10 @@ mod tests {
             "1024",
             "--monitoring-max-connections",
             "3",
+            "--monitoring-max-connections-per-peer",
+            "2",
+            "--grpc-max-connections-per-peer",
+            "4",
             "--monitoring-idle-timeout",
             "2s",
             "--debug-endpoint-auth",
@@ -639,7 +658,9 @@ mod tests {
         assert_eq!(config.grpc.limits.max_connections, 5);
         assert_eq!(config.grpc.limits.header_timeout, Duration::from_secs(1));
         assert_eq!(config.grpc.max_receive_message_bytes, 1024);
+        assert_eq!(config.grpc.limits.max_connections_per_peer, 4);
         assert_eq!(config.monitoring.limits.max_connections, 3);
+        assert_eq!(config.monitoring.limits.max_connections_per_peer, 2);
         assert_eq!(
             config.monitoring.limits.idle_timeout,
             Duration::from_secs(2)
