@@ -2,7 +2,10 @@
 //! in-process CA that signs the way istiod's does (the identity comes from
 //! the request, never from the CSR), certificates for any identity (also
 //! expired or from a foreign root), a controllable signer for the
-//! certificate manager, and a serving config for a stand-in control plane.
+//! certificate manager, and a serving config for a stand-in control plane;
+//! [`raw_http2`]: an HBONE client that breaks the rules real clients keep.
+
+pub mod raw_http2;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
