@@ -4,7 +4,10 @@
 //! expired or from a foreign root), a controllable signer for the
 //! certificate manager, a serving config for a stand-in control plane, and
 //! what tests of listener limits need: the admin servers on loopback, and
-//! waiting for a server to close a connection.
+//! waiting for a server to close a connection; [`raw_http2`]: an HBONE
+//! client that breaks the rules real clients keep.
+
+pub mod raw_http2;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

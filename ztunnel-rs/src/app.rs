@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proxy_core::admin::{AdminState, Readiness, ServerAddrs, ServerConfig, Servers};
+use proxy_core::hbone::{Http2Settings, Keepalive};
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
 use proxy_core::listener::{ListenerLimits, ListenerMetrics};
 use proxy_core::store::WorkloadStore;
@@ -30,7 +31,7 @@ use tracing::info;
 
 use crate::inpod::zds::DEFAULT_ZDS_SOCKET;
 use crate::inpod::{ZdsClient, ZdsClientConfig};
-use crate::proxy::{LoadBalancing, Metrics, ProxyConfig, ProxyManager};
+use crate::proxy::{HeldSocketLimits, LoadBalancing, Metrics, ProxyConfig, ProxyManager, held};
 
 /// Readiness conditions, as `/healthz/ready` names them.
 pub const XDS_SYNCED: &str = "xds synced";
@@ -135,6 +136,96 @@ pub struct ProxyArgs {
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
+    /// HBONE: CONNECT streams a peer may have open at once on one
+    /// connection; more are refused with REFUSED_STREAM (upstream: 200).
+    #[arg(long, env = "HBONE_MAX_CONCURRENT_STREAMS", default_value_t = Http2Settings::default().max_concurrent_streams)]
+    pub hbone_max_concurrent_streams: u32,
+    /// HBONE: the largest header list of a CONNECT, in bytes; a larger one
+    /// gets 431 (upstream: 64 KiB).
+    #[arg(long, env = "HBONE_MAX_HEADER_LIST_SIZE", default_value_t = Http2Settings::default().max_request_header_list)]
+    pub hbone_max_header_list_size: u32,
+    /// HBONE: how often each connection's peer is sent an HTTP/2 PING.
+    #[arg(long, env = "HBONE_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_ping_interval: Duration,
+    /// HBONE: a PING unanswered this long drops the connection as dead.
+    #[arg(long, env = "HBONE_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub hbone_ping_timeout: Duration,
+    /// TCP keepalive on HBONE connections: idle time before the first probe.
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_time: Duration,
+    /// TCP keepalive on HBONE connections: time between probes.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// TCP keepalive on HBONE connections: unanswered probes before the
+    /// connection is dropped.
+    #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = Keepalive::default().tcp_retries)]
+    pub keepalive_retries: u32,
+    /// Connections to applications on this node that one peer (an HBONE
+    /// identity at an address, or a plaintext client address) may hold at
+    /// once; more are refused (503 / RST).
+    #[arg(long, env = "MAX_HELD_SOCKETS_PER_PEER", default_value_t = HeldSocketLimits::default().per_peer)]
+    pub max_held_sockets_per_peer: usize,
+    /// Connections to applications on this node held for all peers at once;
+    /// more are refused (default: a third of the open-file limit).
+    #[arg(long, env = "MAX_HELD_SOCKETS_PER_NODE")]
+    pub max_held_sockets_per_node: Option<usize>,
+}
+
+impl ProxyArgs {
+    /// HBONE's settings from the flags; zero is no value for any of them.
+    fn http2(&self) -> anyhow::Result<Http2Settings> {
+        let durations = [
+            ("--hbone-ping-interval", self.hbone_ping_interval),
+            ("--hbone-ping-timeout", self.hbone_ping_timeout),
+            ("--keepalive-time", self.keepalive_time),
+            ("--keepalive-interval", self.keepalive_interval),
+        ];
+        if let Some((flag, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            anyhow::bail!("{flag} must be longer than 0");
+        }
+        let counts = [
+            (
+                "--hbone-max-concurrent-streams",
+                self.hbone_max_concurrent_streams,
+            ),
+            (
+                "--hbone-max-header-list-size",
+                self.hbone_max_header_list_size,
+            ),
+            ("--keepalive-retries", self.keepalive_retries),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+        Ok(Http2Settings {
+            max_concurrent_streams: self.hbone_max_concurrent_streams,
+            max_request_header_list: self.hbone_max_header_list_size,
+            keepalive: Keepalive {
+                ping_interval: self.hbone_ping_interval,
+                ping_timeout: self.hbone_ping_timeout,
+                tcp_time: self.keepalive_time,
+                tcp_interval: self.keepalive_interval,
+                tcp_retries: self.keepalive_retries,
+            },
+            ..Http2Settings::default()
+        })
+    }
+
+    /// The ceilings on connections held to applications, from the flags.
+    fn held_sockets(&self) -> anyhow::Result<HeldSocketLimits> {
+        let limits = HeldSocketLimits {
+            per_peer: self.max_held_sockets_per_peer,
+            per_node: self
+                .max_held_sockets_per_node
+                .unwrap_or_else(held::node_default),
+        };
+        if limits.per_peer == 0 || limits.per_node == 0 {
+            anyhow::bail!(
+                "--max-held-sockets-per-peer and --max-held-sockets-per-node must be at least 1 (a large number lifts them)"
+            );
+        }
+        Ok(limits)
+    }
 }
 
 /// `250ms`, `30s`, `5m`, `24h`, or plain seconds.
@@ -355,6 +446,8 @@ impl App {
             drain_deadline: args.drain_deadline,
             original_source: args.original_source,
             workload_wait: args.workload_wait,
+            held_sockets: args.held_sockets()?,
+            http2: args.http2()?,
             ..ProxyConfig::default()
         };
         let metrics = Metrics::register(&mut registry);
@@ -498,38 +591,71 @@ mod tests {
         assert_eq!(local_ip_towards("not an address"), None);
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ProxyArgs,
+    }
+
+    fn args(flags: &[&str]) -> ProxyArgs {
+        use clap::Parser;
+        let argv = ["ztunnel-rs", "--node-name", "n"].iter().chain(flags);
+        Cli::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn hbone_limits_default_to_upstream_s_and_refuse_zero() {
+        let http2 = args(&[]).http2().unwrap();
+        let defaults = Http2Settings::default();
+        assert_eq!(http2.max_concurrent_streams, 200);
+        assert_eq!(http2.max_request_header_list, 64 * 1024);
+        assert_eq!(http2.keepalive, defaults.keepalive);
+        assert_eq!(http2.keepalive.ping_interval, Duration::from_secs(10));
+        assert_eq!(http2.keepalive.ping_timeout, Duration::from_secs(20));
+        assert_eq!(http2.keepalive.tcp_time, Duration::from_secs(180));
+
+        let held = args(&[]).held_sockets().unwrap();
+        assert_eq!(held, HeldSocketLimits::default());
+        let held = args(&["--max-held-sockets-per-node", "10"])
+            .held_sockets()
+            .unwrap();
+        assert_eq!(held.per_node, 10);
+
+        let err = args(&["--hbone-ping-timeout", "0"]).http2().unwrap_err();
+        assert!(err.to_string().contains("--hbone-ping-timeout"), "{err}");
+        let err = args(&["--hbone-max-concurrent-streams", "0"])
+            .http2()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--hbone-max-concurrent-streams"),
+            "{err}"
+        );
+        let err = args(&["--max-held-sockets-per-peer", "0"])
+            .held_sockets()
+            .unwrap_err();
+        assert!(err.to_string().contains("per-peer"), "{err}");
+    }
+
     #[test]
     fn server_limits_default_to_the_documented_values() {
         use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            proxy: ProxyArgs,
-        }
-        let cli = Cli::try_parse_from(["ztunnel-rs", "--node-name", "n"]).unwrap();
-        assert_eq!(
-            cli.proxy.server_config().limits,
-            ServerConfig::DEFAULT_LIMITS
-        );
-        let cli = Cli::try_parse_from([
-            "ztunnel-rs",
-            "--node-name",
-            "n",
+        assert_eq!(args(&[]).server_config().limits, ServerConfig::DEFAULT_LIMITS);
+        let limits = args(&[
             "--server-max-connections",
             "7",
             "--server-header-timeout",
             "500ms",
         ])
-        .unwrap();
-        let limits = cli.proxy.server_config().limits;
+        .server_config()
+        .limits;
         assert_eq!(limits.max_connections, 7);
         assert_eq!(limits.header_timeout, Duration::from_millis(500));
         for bad in [
             ["--server-max-connections", "0"],
             ["--server-idle-timeout", "0s"],
         ] {
-            let args = ["ztunnel-rs", "--node-name", "n", bad[0], bad[1]];
-            let err = Cli::try_parse_from(args)
+            let argv = ["ztunnel-rs", "--node-name", "n", bad[0], bad[1]];
+            let err = Cli::try_parse_from(argv)
                 .err()
                 .expect("refused")
                 .to_string();

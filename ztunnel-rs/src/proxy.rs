@@ -16,7 +16,9 @@
 //!   connections decided again on every policy change; [`outbound`],
 //!   [`inbound`], [`inbound_passthrough`]: the three listeners; [`metrics`]:
 //!   traffic metrics and the access log; [`sockets`]: where sockets come
-//!   from (in production, the pod's network namespace from the node agent).
+//!   from (in production, the pod's network namespace from the node agent);
+//!   [`held`]: the per-peer and per-node ceiling on sockets held open to
+//!   applications for peers.
 //!
 //! Fail closed: a pod's listeners accept only once the store holds a
 //! complete state (the first xDS sync); a connection whose own pod's
@@ -27,6 +29,7 @@
 //! connections may finish until the deadline, then they are closed.
 
 pub mod admission;
+pub mod held;
 pub mod inbound;
 pub mod inbound_passthrough;
 mod inpod;
@@ -58,6 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use held::HeldSocketLimits;
 pub use metrics::Metrics;
 pub use route::LoadBalancing;
 pub use sockets::{ConnectError, LocalSockets, PodConnect, PodSockets};
@@ -128,7 +132,8 @@ pub struct ProxyConfig {
     #[serde(with = "seconds")]
     pub drain_deadline: Duration,
     /// How long connecting to a next hop (TCP, or HBONE up to the CONNECT
-    /// answer) may take.
+    /// answer) may take. An HBONE connection whose CONNECT takes longer
+    /// takes no new streams.
     #[serde(with = "seconds")]
     pub connect_timeout: Duration,
     /// Connections to applications keep the client's address as their
@@ -138,8 +143,13 @@ pub struct ProxyConfig {
     /// the store before it is refused (upstream waits 5 s).
     #[serde(with = "seconds")]
     pub workload_wait: Duration,
+    /// Ceilings on connections to applications held for peers.
+    pub held_sockets: HeldSocketLimits,
+    /// Each pod's HBONE pool; its `http2` and `connect_timeout` are taken
+    /// from the fields here ([`Self::pool_config`]).
     #[serde(skip)]
     pub pool: PoolConfig,
+    /// HTTP/2 settings and limits of HBONE, both directions.
     #[serde(skip)]
     pub http2: Http2Settings,
 }
@@ -156,8 +166,21 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             original_source: true,
             workload_wait: Duration::from_secs(5),
+            held_sockets: HeldSocketLimits::default(),
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The pool of a pod, with this config's HTTP/2 settings and connect
+    /// timeout.
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            connect_timeout: self.connect_timeout,
+            http2: self.http2.clone(),
+            ..self.pool.clone()
         }
     }
 }
@@ -202,6 +225,8 @@ struct Node {
     identities: Mutex<HashMap<SpiffeId, usize>>,
     /// Inbound connections, decided again on every policy change.
     live: Arc<revocation::LiveConnections>,
+    /// Connections to applications held for peers.
+    held: Arc<held::HeldSockets>,
 }
 
 impl Node {
@@ -259,14 +284,26 @@ impl Pod {
             .wait_for(self.node.config.workload_wait, |s| self.workload(s, ip))
             .await;
         if found.is_none() {
-            warn!(
-                pod = %self.info.uid,
-                workload = %self.workload_uid,
-                waited = ?self.node.config.workload_wait,
-                "the pod's workload is not in the workload store; refusing its traffic (is istiod reachable, and does it know the pod?)"
-            );
+            // Every connection to or from the pod says so in the access log;
+            // this line is bounded.
+            static MISSING: LogLimit = LogLimit::new(Duration::from_secs(10));
+            if let Some(suppressed) = MISSING.allow() {
+                warn!(
+                    pod = %self.info.uid,
+                    workload = %self.workload_uid,
+                    waited = ?self.node.config.workload_wait,
+                    suppressed,
+                    "the pod's workload is not in the workload store; refusing its traffic (is istiod reachable, and does it know the pod?)"
+                );
+            }
         }
         found
+    }
+
+    /// A place for one more connection to the pod's application held for
+    /// `peer`; refused (and warned about, bounded) past a ceiling.
+    fn hold_socket(&self, peer: held::Peer) -> Result<held::HeldSocket, held::Error> {
+        self.node.held.hold(peer).inspect_err(held::Error::warn)
     }
 
     async fn certificate(&self) -> Result<Arc<WorkloadCertificate>, FetchError> {
@@ -449,9 +486,10 @@ impl PodProxy {
                 });
             }
         };
-        let pool = HbonePool::new(
-            node.config.pool.clone(),
+        let pool = HbonePool::with_metrics(
+            node.config.pool_config(),
             Arc::new(sockets::PodConnect(sockets.clone())),
+            node.metrics.hbone.clone(),
         );
         let workload_uid = format!(
             "{}//Pod/{}/{}",
@@ -469,9 +507,10 @@ impl PodProxy {
             connections: TaskTracker::new(),
             server_config: Mutex::new(None),
         });
-        let hbone = HboneServer::with_settings(
+        let hbone = HboneServer::with_metrics(
             inbound::Handler::new(pod.clone()),
             pod.node.config.http2.clone(),
+            pod.node.metrics.hbone.clone(),
         );
         let accept = CancellationToken::new();
         let listeners = TaskTracker::new();
@@ -609,6 +648,7 @@ impl ProxyManager {
         ProxyManager {
             node: Arc::new(Node {
                 balancer: route::Balancer::new(config.load_balancing),
+                held: held::HeldSockets::new(config.held_sockets),
                 config,
                 store,
                 certificates,

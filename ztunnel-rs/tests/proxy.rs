@@ -10,7 +10,8 @@
 //! the application refusing, going around a waypoint; and failing closed:
 //! nothing carried before the first complete state or for a pod the store
 //! lacks, a listed policy not held denies, a policy change cuts live
-//! connections.
+//! connections; and bounds on hostile peers: the ceilings on sockets held
+//! to applications, a peer that stops answering PINGs.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -23,14 +24,16 @@ use std::time::{Duration, SystemTime};
 use api::SpiffeId;
 use api::security::{Action, Match};
 use proxy_core::hbone::{
-    HboneError, HbonePool, HboneServer, HboneStream, HboneTarget, InboundConnect, PoolConfig,
+    Connect, HboneError, HbonePool, HboneServer, HboneStream, HboneTarget, InboundConnect,
+    Keepalive, PoolConfig,
 };
 use proxy_core::identity::WorkloadCertificate;
 use proxy_core::testing::TestCa;
+use proxy_core::testing::raw_http2::RawHttp2;
 use proxy_core::tls;
 use tokio::net::TcpListener;
-use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, eventually, exchange, xds};
-use ztunnel_rs::proxy::{LoadBalancing, LocalSockets, PodConnect};
+use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, TestPod, eventually, exchange, xds};
+use ztunnel_rs::proxy::{HeldSocketLimits, LoadBalancing, LocalSockets, PodConnect};
 
 const APP_PORT: u16 = 8080;
 
@@ -1139,5 +1142,194 @@ async fn a_policy_change_cuts_live_connections_it_denies() {
     assert_eq!(
         exchange(&mut kept, b" and done").await.unwrap(),
         b"server: open and done"
+    );
+}
+
+/// Opens a connection from `pod` to `dst` through the mesh and leaves it
+/// open; returns once the application has accepted it (`app` then counts
+/// `accepted` connections).
+async fn hold_open(
+    pod: &TestPod,
+    dst: SocketAddr,
+    app: &EchoApp,
+    accepted: usize,
+) -> tokio::net::TcpStream {
+    let conn = pod.connect(dst).await.unwrap();
+    eventually("the application to accept the connection", || {
+        app.peers().len() == accepted
+    })
+    .await;
+    conn
+}
+
+/// Retries a hello from `pod` to `dst` until it is carried (a ceiling
+/// frees its place once the connection holding it is fully closed).
+async fn eventually_served(pod: &TestPod, dst: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut conn = pod.connect(dst).await.unwrap();
+        if let Ok(reply) = exchange(&mut conn, b"again").await {
+            assert_eq!(reply, b"server: again");
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_peer_past_its_held_socket_ceiling_is_refused_and_others_are_served() {
+    let mesh = TestMesh::with_config(|c| {
+        c.held_sockets = HeldSocketLimits {
+            per_peer: 2,
+            per_node: 100,
+        }
+    })
+    .await;
+    let hostile = mesh.pod("client", "a", 2).await;
+    let other = mesh.pod("client", "c", 4).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    // HBONE: the peer (identity a/client at .2) holds two sockets to the app.
+    let _held = [
+        hold_open(&hostile, app.address, &app, 1).await,
+        hold_open(&hostile, app.address, &app, 2).await,
+    ];
+    let mut third = hostile.connect(app.address).await.unwrap();
+    assert_reset(exchange(&mut third, b"hello").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "peer_socket_limit")],
+        1,
+    )
+    .await;
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "destination"), ("response_flags", "UO")],
+        1,
+    )
+    .await;
+    assert_eq!(
+        app.peers().len(),
+        2,
+        "the refused one never reached the app"
+    );
+    // Another peer is served.
+    let mut conn = other.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"hello").await.unwrap(),
+        b"server: hello"
+    );
+
+    // Plaintext: a client address is a peer of its own.
+    let legacy = mesh.ip(60);
+    let mut plaintext = Vec::new();
+    for _ in 0..2 {
+        plaintext.push(server.connect_plaintext(legacy, APP_PORT).await.unwrap());
+    }
+    eventually("the plaintext connections to reach the app", || {
+        app.peers().len() == 5
+    })
+    .await;
+    let mut third = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
+    assert_reset(exchange(&mut third, b"hello").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[
+            ("direction", "inbound_plaintext"),
+            ("reason", "peer_socket_limit"),
+        ],
+        1,
+    )
+    .await;
+
+    // Closing a connection gives the peer its place back.
+    drop(_held);
+    eventually_served(&hostile, app.address).await;
+}
+
+#[tokio::test]
+async fn past_the_node_s_held_socket_ceiling_new_connections_wait_for_a_place() {
+    let mesh = TestMesh::with_config(|c| {
+        c.held_sockets = HeldSocketLimits {
+            per_peer: 100,
+            per_node: 2,
+        }
+    })
+    .await;
+    let first = mesh.pod("client", "a", 2).await;
+    let second = mesh.pod("client", "c", 4).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    let held = hold_open(&first, app.address, &app, 1).await;
+    let _plaintext = server
+        .connect_plaintext(mesh.ip(60), APP_PORT)
+        .await
+        .unwrap();
+    eventually("the plaintext connection to reach the app", || {
+        app.peers().len() == 2
+    })
+    .await;
+    // The node is full: a peer far under its own ceiling is refused.
+    let mut conn = second.connect(app.address).await.unwrap();
+    assert_reset(exchange(&mut conn, b"hello").await);
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "node_socket_limit")],
+        1,
+    )
+    .await;
+    // The pods' own outbound traffic is not held for peers: still carried.
+    let outside = EchoApp::start(at(mesh.ip(70), APP_PORT), "server").await;
+    let mut conn = second.connect(outside.address).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"out").await.unwrap(), b"server: out");
+
+    drop(held);
+    eventually_served(&second, app.address).await;
+}
+
+#[tokio::test]
+async fn an_hbone_peer_that_stops_answering_pings_is_dropped() {
+    let mesh = TestMesh::with_config(|c| {
+        c.http2.keepalive = Keepalive {
+            ping_interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_secs(2),
+            ..Keepalive::default()
+        }
+    })
+    .await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let cert = mesh
+        .certificates
+        .fetch(&mesh.identity("a", "client"))
+        .await
+        .unwrap();
+
+    // This peer does the handshake with the pod's HBONE listener, then
+    // reads nothing more.
+    let connector = PodConnect(Arc::new(LocalSockets::new(mesh.ip(5))));
+    let tcp = connector
+        .connect(at(server.ip, mesh.hbone_port()))
+        .await
+        .unwrap();
+    let _silent = RawHttp2::start(tcp, &cert, &mesh.identity("b", "server"))
+        .await
+        .unwrap();
+    mesh.wait_for_counter(
+        "istio_hbone_connections_dropped_total",
+        &[("side", "server"), ("reason", "keepalive_timeout")],
+        1,
+    )
+    .await;
+
+    // Pods whose proxies answer PINGs keep being served.
+    let mut conn = client.connect(app.address).await.unwrap();
+    assert_eq!(
+        exchange(&mut conn, b"hello").await.unwrap(),
+        b"server: hello"
     );
 }

@@ -271,6 +271,15 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         certificate_ttl: Duration::from_secs(3600),
         original_source: true,
         workload_wait: Duration::from_secs(5),
+        hbone_max_concurrent_streams: 200,
+        hbone_max_header_list_size: 64 * 1024,
+        hbone_ping_interval: Duration::from_secs(10),
+        hbone_ping_timeout: Duration::from_secs(20),
+        keepalive_time: Duration::from_secs(180),
+        keepalive_interval: Duration::from_secs(180),
+        keepalive_retries: 9,
+        max_held_sockets_per_peer: 1024,
+        max_held_sockets_per_node: None,
     }
 }
 

@@ -7,6 +7,12 @@
 //! stream for `idle_timeout` are closed. Setting up a connection for a key
 //! happens under that key's lock, so a burst of first requests shares one
 //! handshake instead of racing to open one each.
+//!
+//! A CONNECT not answered within `connect_timeout` (connection set-up
+//! included) retires its connection at once: it takes no new streams, so
+//! the next CONNECT dials fresh instead of queuing behind a dead peer;
+//! streams already on it go on until they end. A connection whose peer
+//! stops answering PINGs is dropped with its streams.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,8 +26,10 @@ use rustls::pki_types::ServerName;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::{Connect, HboneError, HboneStream, Http2Settings};
+use super::metrics::{DropReason, HboneMetrics, Side};
+use super::{Connect, HboneError, HboneStream, Http2Settings, keepalive};
 use crate::identity::WorkloadCertificate;
+use crate::log_limit::LogLimit;
 use crate::tls;
 
 #[derive(Clone, Debug)]
@@ -29,6 +37,9 @@ pub struct PoolConfig {
     pub max_streams_per_connection: usize,
     /// A connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// How long a CONNECT may take, from asking the pool to the peer's
+    /// answer (setting up a connection included).
+    pub connect_timeout: Duration,
     pub http2: Http2Settings,
 }
 
@@ -37,6 +48,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
             http2: Http2Settings::default(),
         }
     }
@@ -81,6 +93,7 @@ impl std::fmt::Debug for HbonePool {
 struct PoolInner {
     connector: Arc<dyn Connect>,
     config: PoolConfig,
+    metrics: Arc<HboneMetrics>,
     keys: Mutex<HashMap<PoolKey, Connections>>,
     /// HTTP/2 connections whose driver task is still running.
     open: Arc<AtomicUsize>,
@@ -99,6 +112,8 @@ struct PooledConnection {
     sender: h2::client::SendRequest<Bytes>,
     active_streams: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// Set once the connection takes no new streams: its driver ended, or it
+    /// was retired.
     closed: Arc<AtomicBool>,
 }
 
@@ -116,6 +131,12 @@ impl PooledConnection {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// No new streams on this connection; those on it go on. True for the
+    /// call that retired it.
+    fn retire(&self) -> bool {
+        !self.closed.swap(true, Ordering::AcqRel)
     }
 
     fn idle_for(&self, now: Instant) -> Option<Duration> {
@@ -151,11 +172,21 @@ impl Drop for StreamSlot {
 
 impl HbonePool {
     pub fn new(config: PoolConfig, connector: Arc<dyn Connect>) -> Self {
+        Self::with_metrics(config, connector, Arc::default())
+    }
+
+    /// A pool counting the connections it drops or retires into `metrics`.
+    pub fn with_metrics(
+        config: PoolConfig,
+        connector: Arc<dyn Connect>,
+        metrics: Arc<HboneMetrics>,
+    ) -> Self {
         let period =
             (config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(10));
         let inner = Arc::new_cyclic(|pool: &Weak<PoolInner>| PoolInner {
             connector,
             config,
+            metrics,
             keys: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(0),
@@ -166,7 +197,8 @@ impl HbonePool {
 
     /// Opens a CONNECT tunnel to `target` as `source`, reusing a pooled
     /// connection when one has room. Fails if the peer is not
-    /// `target.identity`, or answers anything but 200.
+    /// `target.identity`, answers anything but 200, or takes longer than
+    /// the pool's `connect_timeout`.
     pub async fn connect(
         &self,
         source: &WorkloadCertificate,
@@ -177,19 +209,35 @@ impl HbonePool {
             destination: target.identity.clone(),
             address: target.address,
         };
+        let timeout = self.inner.config.connect_timeout;
+        let deadline = Instant::now() + timeout;
         let mut retried = false;
         loop {
-            let (slot, fresh) = self.inner.checkout(&key, source).await?;
-            match slot.connection.sender.clone().ready().await {
-                Ok(sender) => return send_connect(sender, slot, target).await,
+            let (slot, fresh) =
+                tokio::time::timeout_at(deadline, self.inner.checkout(&key, source))
+                    .await
+                    .map_err(|_| HboneError::Timeout {
+                        address: key.address,
+                        timeout,
+                    })??;
+            // Pending only while the peer's own stream limit is reached.
+            let ready = tokio::time::timeout_at(deadline, slot.connection.sender.clone().ready());
+            match ready.await {
+                Err(_) => return Err(self.inner.connect_timed_out(slot, target)),
+                Ok(Ok(sender)) => {
+                    return self
+                        .inner
+                        .send_connect(sender, slot, target, deadline)
+                        .await;
+                }
                 // A pooled connection can die quietly (GOAWAY, peer restart):
                 // drop it and try once more on a new one.
-                Err(e) if !fresh && !retried => {
+                Ok(Err(e)) if !fresh && !retried => {
                     tracing::debug!(address = %key.address, error = %e, "pooled HBONE connection is gone; reconnecting");
-                    slot.connection.closed.store(true, Ordering::Release);
+                    slot.connection.retire();
                     retried = true;
                 }
-                Err(source) => {
+                Ok(Err(source)) => {
                     return Err(HboneError::Http2 {
                         address: target.address,
                         source,
@@ -251,6 +299,11 @@ impl PoolInner {
             .map_err(|source| HboneError::Connect { address, source })?;
         // Small writes (handshakes, window updates) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
+        let settings = &self.config.http2;
+        settings
+            .keepalive
+            .apply_tcp(&tcp)
+            .map_err(|source| HboneError::Connect { address, source })?;
         // The name is irrelevant to verification (the SPIFFE id is checked);
         // an IP sends no SNI.
         let tls = tokio_rustls::TlsConnector::from(config)
@@ -260,23 +313,44 @@ impl PoolInner {
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::NoAlpn { address });
         }
-        let settings = &self.config.http2;
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
             .max_frame_size(settings.max_frame_size)
+            .max_header_list_size(settings.max_response_header_list)
+            .max_local_error_reset_streams(Some(settings.max_refused_streams))
+            // Until the peer's SETTINGS say otherwise, as many as we put on it.
+            .initial_max_send_streams(self.config.max_streams_per_connection)
+            // A stream may queue as much as the peer's window takes.
+            .max_send_buffer_size(settings.stream_window as usize)
+            .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::Http2 { address, source })?;
+        let ping_pong = connection
+            .ping_pong()
+            .expect("a new connection hands out its PingPong once");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let closed = Arc::new(AtomicBool::new(false));
         self.open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn({
-            let (closed, open) = (closed.clone(), self.open.clone());
+            let (closed, open, metrics) = (closed.clone(), self.open.clone(), self.metrics.clone());
+            let keepalive = settings.keepalive;
             async move {
-                match connection.await {
-                    Ok(()) => tracing::debug!(%address, id, "HBONE connection closed"),
-                    Err(error) => tracing::debug!(%address, id, %error, "HBONE connection failed"),
+                tokio::select! {
+                    biased;
+                    result = connection => match result {
+                        Ok(()) => tracing::debug!(%address, id, "HBONE connection closed"),
+                        Err(error) => tracing::debug!(%address, id, %error, "HBONE connection failed"),
+                    },
+                    // Dropping the connection closes it and fails its streams.
+                    () = keepalive::unanswered_ping(ping_pong, keepalive) => {
+                        metrics.dropped(Side::Client, DropReason::KeepaliveTimeout);
+                        static DEAD_PEER: LogLimit = LogLimit::new(Duration::from_secs(10));
+                        if let Some(suppressed) = DEAD_PEER.allow() {
+                            tracing::warn!(%address, id, timeout = ?keepalive.ping_timeout, suppressed, "HBONE peer stopped answering PINGs; connection dropped");
+                        }
+                    }
                 }
                 closed.store(true, Ordering::Release);
                 open.fetch_sub(1, Ordering::AcqRel);
@@ -290,6 +364,53 @@ impl PoolInner {
             idle_since: Mutex::new(Instant::now()),
             closed,
         }))
+    }
+
+    /// Sends the CONNECT on `slot`'s connection and waits for the answer
+    /// until `deadline`.
+    async fn send_connect(
+        &self,
+        mut sender: h2::client::SendRequest<Bytes>,
+        slot: StreamSlot,
+        target: &HboneTarget,
+        deadline: Instant,
+    ) -> Result<HboneStream, HboneError> {
+        let address = target.address;
+        let h2_error = |source| HboneError::Http2 { address, source };
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.authority.to_string())
+            .body(())
+            .map_err(|_| HboneError::Authority(target.authority))?;
+        let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
+        let response = match tokio::time::timeout_at(deadline, response).await {
+            Ok(response) => response.map_err(h2_error)?,
+            Err(_) => return Err(self.connect_timed_out(slot, target)),
+        };
+        if response.status() != http::StatusCode::OK {
+            return Err(HboneError::Refused {
+                address,
+                authority: target.authority,
+                status: response.status(),
+            });
+        }
+        Ok(HboneStream::new(send, response.into_body(), Some(slot)))
+    }
+
+    /// A CONNECT on `slot`'s connection went unanswered: the connection is
+    /// retired (and counted once), the stream given up.
+    fn connect_timed_out(&self, slot: StreamSlot, target: &HboneTarget) -> HboneError {
+        let connection = &slot.connection;
+        if connection.retire() {
+            self.metrics
+                .dropped(Side::Client, DropReason::ConnectTimeout);
+            tracing::debug!(address = %target.address, id = connection.id, "CONNECT unanswered; HBONE connection retired");
+        }
+        HboneError::ConnectTimeout {
+            address: target.address,
+            authority: target.authority,
+            timeout: self.config.connect_timeout,
+        }
     }
 
     /// Drops closed connections and those idle past the timeout; dropping the
@@ -320,28 +441,4 @@ async fn evict_idle(pool: Weak<PoolInner>, period: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         pool.evict(Instant::now());
     }
-}
-
-async fn send_connect(
-    mut sender: h2::client::SendRequest<Bytes>,
-    slot: StreamSlot,
-    target: &HboneTarget,
-) -> Result<HboneStream, HboneError> {
-    let address = target.address;
-    let h2_error = |source| HboneError::Http2 { address, source };
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(target.authority.to_string())
-        .body(())
-        .map_err(|_| HboneError::Authority(target.authority))?;
-    let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
-    let response = response.await.map_err(h2_error)?;
-    if response.status() != http::StatusCode::OK {
-        return Err(HboneError::Refused {
-            address,
-            authority: target.authority,
-            status: response.status(),
-        });
-    }
-    Ok(HboneStream::new(send, response.into_body(), Some(slot)))
 }

@@ -4,11 +4,19 @@
 //! identity and the target address. The handler decides the answer: accept
 //! (200 and a stream) or refuse with a status (401, 403, 503...).
 //! Anything but a CONNECT to an `ip:port` gets 400 without reaching it.
+//!
+//! What one peer can hold is bounded ([`Http2Settings`]): h2 refuses
+//! streams past `max_concurrent_streams` per connection (REFUSED_STREAM)
+//! and header lists past `max_request_header_list` (431), and closes a
+//! connection whose peer keeps at it; a peer that stops answering PINGs is
+//! dropped; the socket has TCP keepalive. Drops are counted
+//! ([`HboneMetrics`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use api::SpiffeId;
 use bytes::Bytes;
@@ -19,7 +27,9 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{HboneError, HboneStream, Http2Settings};
+use super::metrics::{DropReason, HboneMetrics, Side};
+use super::{HboneError, HboneStream, Http2Settings, keepalive};
+use crate::log_limit::LogLimit;
 use crate::tls;
 
 /// Decides what to do with one CONNECT.
@@ -144,6 +154,7 @@ impl<H> std::fmt::Debug for HboneServer<H> {
 struct Shared<H> {
     handler: Arc<H>,
     settings: Http2Settings,
+    metrics: Arc<HboneMetrics>,
     shutdown: CancellationToken,
     live: AtomicUsize,
 }
@@ -154,10 +165,16 @@ impl<H: InboundHandler> HboneServer<H> {
     }
 
     pub fn with_settings(handler: H, settings: Http2Settings) -> Self {
+        Self::with_metrics(handler, settings, Arc::default())
+    }
+
+    /// A server counting the connections it drops into `metrics`.
+    pub fn with_metrics(handler: H, settings: Http2Settings, metrics: Arc<HboneMetrics>) -> Self {
         HboneServer {
             shared: Arc::new(Shared {
                 handler: Arc::new(handler),
                 settings,
+                metrics,
                 shutdown: CancellationToken::new(),
                 live: AtomicUsize::new(0),
             }),
@@ -192,9 +209,13 @@ impl<H: InboundHandler> HboneServer<H> {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Usually transient (out of file descriptors, aborted
-                    // handshakes); pausing keeps a persistent one from spinning.
-                    tracing::warn!(%error, "HBONE accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // handshakes); pausing keeps a persistent one from
+                    // spinning, and the line is bounded.
+                    static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
+                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                        tracing::warn!(%error, suppressed, "HBONE accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -210,8 +231,12 @@ impl<H: InboundHandler> HboneServer<H> {
                 let config = match config.await {
                     Ok(config) => config,
                     Err(error) => {
-                        // Every connection here fails until this is fixed.
-                        tracing::warn!(%peer, %error, "no TLS config for HBONE connection");
+                        // Every connection here fails until this is fixed:
+                        // one line per interval says so.
+                        static NO_CONFIG: LogLimit = LogLimit::new(Duration::from_secs(10));
+                        if let Some(suppressed) = NO_CONFIG.allow() {
+                            tracing::warn!(%peer, %error, suppressed, "no TLS config for HBONE connection");
+                        }
                         return;
                     }
                 };
@@ -223,7 +248,8 @@ impl<H: InboundHandler> HboneServer<H> {
     }
 
     /// Serves one accepted TCP connection: TLS with `config`, then HTTP/2
-    /// until the client closes or shutdown drains it.
+    /// until the client closes, shutdown drains it, or the peer stops
+    /// answering PINGs.
     pub async fn serve_connection(
         &self,
         tcp: TcpStream,
@@ -233,6 +259,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let local_address = tcp.local_addr()?;
         let _ = tcp.set_nodelay(true);
         let settings = &self.shared.settings;
+        settings.keepalive.apply_tcp(&tcp)?;
         let timeout = settings.handshake_timeout;
         let (peer_identity, mut connection) =
             tokio::time::timeout(timeout, handshake(tcp, config, settings, peer_address))
@@ -243,6 +270,11 @@ impl<H: InboundHandler> HboneServer<H> {
                 })??;
         let _live = LiveConnection::count(&self.shared.live);
         tracing::debug!(peer = %peer_identity, %peer_address, "HBONE connection accepted");
+        let ping_pong = connection
+            .ping_pong()
+            .expect("a new connection hands out its PingPong once");
+        let unanswered = keepalive::unanswered_ping(ping_pong, settings.keepalive);
+        tokio::pin!(unanswered);
         let shutdown = self.shared.shutdown.clone();
         let mut draining = false;
         loop {
@@ -253,12 +285,24 @@ impl<H: InboundHandler> HboneServer<H> {
                     draining = true;
                     continue;
                 }
+                // Dropping the connection closes the socket and fails its
+                // streams: the peer is gone, nothing is worth a goodbye.
+                () = &mut unanswered => {
+                    self.shared.metrics.dropped(Side::Server, DropReason::KeepaliveTimeout);
+                    return Err(HboneError::KeepaliveTimeout {
+                        address: peer_address,
+                        timeout: settings.keepalive.ping_timeout,
+                    });
+                }
             };
             match next {
                 None => return Ok(()),
                 // The client closed the connection cleanly (GOAWAY NO_ERROR).
                 Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
                 Some(Err(source)) => {
+                    if let Some(reason) = DropReason::of_h2(&source) {
+                        self.shared.metrics.dropped(Side::Server, reason);
+                    }
                     return Err(HboneError::Http2 {
                         address: peer_address,
                         source,
@@ -336,6 +380,9 @@ async fn handshake(
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_request_header_list)
+        .max_local_error_reset_streams(Some(settings.max_refused_streams))
         .handshake(tls)
         .await
         .map_err(|source| HboneError::Http2 { address, source })?;

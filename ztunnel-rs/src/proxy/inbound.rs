@@ -12,7 +12,10 @@
 //!    same and refuses nothing by waypoint binding alone; making traffic go
 //!    through a waypoint is a policy's job (upstream istiod's
 //!    `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`);
-//! 4. the application is dialled inside the pod (refused: 503), and bytes
+//! 4. the peer (identity and address) and the node must be under their
+//!    ceilings of connections held to applications ([`super::held`]), else
+//!    503;
+//! 5. the application is dialled inside the pod (refused: 503), and bytes
 //!    flow both ways until the end, or until a policy change denies the
 //!    connection ([`super::revocation`]): then it is reset.
 
@@ -32,7 +35,7 @@ use super::metrics::{
 use super::route;
 use super::sockets::{ConnectError, canonical};
 use super::splice::reset;
-use super::{Pod, accept_loop, admission, revocation};
+use super::{Pod, accept_loop, admission, held, revocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +54,8 @@ pub enum Error {
     Denied(Decision),
     #[error("the application in the pod: {0}")]
     App(#[from] ConnectError),
+    #[error(transparent)]
+    Ceiling(#[from] held::Error),
 }
 
 /// Step 1: a CONNECT must name this pod's own address (the one the HBONE
@@ -207,6 +212,18 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
         return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }
 
+    let held = pod.hold_socket(held::Peer {
+        identity: Some(peer_identity),
+        ip: peer.ip(),
+    });
+    let _held = match held {
+        Ok(held) => held,
+        Err(error) => {
+            connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            let reason = error.reason();
+            return record.fail(ResponseFlags::Overflow, reason, &Error::Ceiling(error));
+        }
+    };
     let app = match pod.connect_app(authority, peer.ip()).await {
         Ok(app) => app,
         Err(error) => {

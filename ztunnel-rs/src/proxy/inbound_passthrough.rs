@@ -3,8 +3,10 @@
 //! Authorization policies decide on addresses and ports alone, with the
 //! same decision as HBONE ([`super::admission`]): PERMISSIVE lets such
 //! traffic through subject to them, and STRICT (which istiod turns into a
-//! policy requiring an identity) refuses it. Refusal is an RST; so is the
-//! end of a connection a later policy change denies.
+//! policy requiring an identity) refuses it. The client's address and the
+//! node must be under their ceilings of connections held to applications
+//! ([`super::held`]). Refusal is an RST; so is the end of a connection a
+//! later policy change denies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use super::metrics::{
 use super::route;
 use super::sockets::{ConnectError, canonical};
 use super::splice::reset;
-use super::{Pod, accept_loop, admission, revocation};
+use super::{Pod, accept_loop, admission, held, revocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,6 +38,8 @@ pub enum Error {
     Denied(Decision),
     #[error("the application in the pod: {0}")]
     App(#[from] ConnectError),
+    #[error(transparent)]
+    Ceiling(#[from] held::Error),
 }
 
 pub(super) async fn serve(pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
@@ -102,6 +106,18 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         let reason = admission::denial_reason(&decision);
         return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }
+    let held = pod.hold_socket(held::Peer {
+        identity: None,
+        ip: src.ip(),
+    });
+    let _held = match held {
+        Ok(held) => held,
+        Err(error) => {
+            reset(client);
+            let reason = error.reason();
+            return record.fail(ResponseFlags::Overflow, reason, &Error::Ceiling(error));
+        }
+    };
     let app = match pod.connect_app(dst, src.ip()).await {
         Ok(app) => app,
         Err(error) => {

@@ -9,7 +9,8 @@
 //! destination, no healthy endpoint, a failed handshake) are counted in
 //! `istio_ztunnel_connection_failures_total{direction, reason}`, which is
 //! ours: a bounded label set, so a misbehaving client cannot blow up the
-//! series count.
+//! series count. HBONE connections dropped for a peer's fault are counted
+//! by proxy-core ([`HboneMetrics`], registered here).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use proxy_core::hbone::HboneMetrics;
 use proxy_core::store::{Service, Workload};
 
 /// Label values upstream uses when a value is not known.
@@ -37,6 +39,8 @@ pub struct Metrics {
     /// Server to client.
     sent_bytes: Family<TrafficLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    /// Shared by every pod's HBONE pool and server.
+    pub(crate) hbone: Arc<HboneMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -47,7 +51,10 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Arc<Self> {
-        let m = Metrics::default();
+        let m = Metrics {
+            hbone: HboneMetrics::register(registry),
+            ..Metrics::default()
+        };
         registry.register(
             "tcp_connections_opened",
             "The total number of TCP connections opened",
@@ -154,6 +161,9 @@ pub enum ResponseFlags {
     Deny,
     /// The next hop could not be reached.
     Connect,
+    /// A ceiling on held connections was reached (Envoy's upstream
+    /// overflow flag).
+    Overflow,
 }
 
 impl EncodeLabelValue for ResponseFlags {
@@ -164,6 +174,7 @@ impl EncodeLabelValue for ResponseFlags {
                 ResponseFlags::None => "-",
                 ResponseFlags::Deny => "DENY",
                 ResponseFlags::Connect => "CONNECT",
+                ResponseFlags::Overflow => "UO",
             },
         )
     }
@@ -234,6 +245,11 @@ pub enum FailureReason {
     PolicyRevoked,
     /// The application in the pod refused the connection.
     AppRefused,
+    /// The peer already holds its ceiling of connections to applications
+    /// on this node.
+    PeerSocketLimit,
+    /// The node already holds its ceiling of connections to applications.
+    NodeSocketLimit,
 }
 
 impl FailureReason {
@@ -253,6 +269,8 @@ impl FailureReason {
             FailureReason::MissingPolicy => "missing_policy",
             FailureReason::PolicyRevoked => "policy_revoked",
             FailureReason::AppRefused => "app_refused",
+            FailureReason::PeerSocketLimit => "peer_socket_limit",
+            FailureReason::NodeSocketLimit => "node_socket_limit",
         }
     }
 }

@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use proxy_core::hbone::HboneError;
 use proxy_core::identity::FetchError;
@@ -44,11 +43,6 @@ pub enum Error {
     Hbone(#[from] HboneError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("{target} did not answer the CONNECT within {timeout:?}")]
-    Timeout {
-        target: SocketAddr,
-        timeout: Duration,
-    },
 }
 
 impl Error {
@@ -71,7 +65,7 @@ impl Error {
                 | HboneError::NoAlpn { .. }
                 | HboneError::NoPeerIdentity { .. },
             ) => FailureReason::Handshake,
-            Error::Hbone(_) | Error::Connect(_) | Error::Timeout { .. } => FailureReason::Connect,
+            Error::Hbone(_) | Error::Connect(_) => FailureReason::Connect,
         }
     }
 }
@@ -138,22 +132,17 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         authority,
         labels,
     );
-    let timeout = config.connect_timeout;
     let carried = match route.next_hop {
         NextHop::Tcp(target) => match pod.connect(target).await {
             Ok(server) => Ok(splice(client, server, &record).await),
             Err(e) => Err((client, Error::Connect(e))),
         },
         NextHop::Hbone { target, .. } => {
+            // Within the connect timeout (the pool's): a CONNECT not
+            // answered in time retires its HBONE connection.
             let tunnel = async {
                 let cert = pod.certificate().await?;
-                let tunnel = tokio::time::timeout(timeout, pod.pool.connect(&cert, &target))
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        target: target.address,
-                        timeout,
-                    })??;
-                Ok::<_, Error>(tunnel)
+                Ok::<_, Error>(pod.pool.connect(&cert, &target).await?)
             };
             match tunnel.await {
                 Ok(server) => Ok(splice(client, server, &record).await),
