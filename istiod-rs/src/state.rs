@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
-use api::manifest::{Kind, Object, ObjectKey};
+use api::manifest::{FileContent, Kind, Object, ObjectKey};
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
@@ -119,6 +119,13 @@ macro_rules! by_kind {
                 })*
             }
 
+            /// The object of `kind` named `key`, copied out.
+            pub fn object(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+                match kind {
+                    $(Kind::$kind => self.$field.get(key).map(|o| Object::$kind(o.as_ref().clone())),)*
+                }
+            }
+
             fn clear(&mut self, kind: Kind) {
                 match kind {
                     $(Kind::$kind => self.$field.clear(),)*
@@ -142,6 +149,14 @@ by_kind!(
     PeerAuthentication => peer_authentications,
     RequestAuthentication => request_authentications,
 );
+
+/// A file's objects in local mode: what an object refused in a new version
+/// of its file falls back to.
+impl FileContent for ClusterState {
+    fn last_good(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+        self.object(kind, key)
+    }
+}
 
 /// The service account a pod runs as when it names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
