@@ -6,13 +6,21 @@
 //! (`--config-dir`), and ztunnel-rs's node agent reads the same directory to
 //! find its pods. Errors carry the line they were found on, so the caller can
 //! report `file:line: reason`. Documents of kinds the mesh does not read are
-//! returned as [`Ignored`] rather than failing the file.
+//! returned as [`Ignored`] rather than failing the file; documents it would
+//! read but cannot as written (a kind its group does not have, an apiVersion
+//! its kind does not have, a field its schema does not have) are
+//! [`Refused`], each on its own: the text's other documents still count.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 
 mod dir;
-pub use dir::{DirScan, FileProblem, ManifestDir};
+mod strict;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub use dir::{
+    DEFAULT_MAX_FILE_SIZE, DirScan, FileContent, FileProblem, FileReading, ManifestDir, Poller,
+    ReadFiles, RegularFiles, yaml_files,
+};
 
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
@@ -102,30 +110,146 @@ impl Kind {
         !matches!(self, Kind::Namespace | Kind::Node)
     }
 
-    /// The kind a document declares, when the mesh reads it. Only the API
-    /// versions whose schema the typed objects decode are accepted.
-    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
-        let (group, version) = match api_version.rsplit_once('/') {
-            Some((g, v)) => (g, v),
-            None => ("", api_version),
-        };
-        let found = Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == kind && k.group() == group)?;
-        let version_ok = match found {
+    /// The versions of its group the mesh decodes this kind from: those
+    /// whose schema the typed objects have.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
             // These were promoted to v1 unchanged; older manifests still
             // say v1beta1.
             Kind::AuthorizationPolicy
             | Kind::PeerAuthentication
             | Kind::RequestAuthentication
             | Kind::Gateway
-            | Kind::HttpRoute => matches!(version, "v1" | "v1beta1"),
+            | Kind::HttpRoute => &["v1", "v1beta1"],
             // GRPCRoute went from v1alpha2 straight to v1.
-            Kind::GrpcRoute => version == "v1",
-            _ => version == "v1",
-        };
-        version_ok.then_some(found)
+            Kind::GrpcRoute => &["v1"],
+            _ => &["v1"],
+        }
     }
+
+    /// The `apiVersion`s the mesh reads this kind as, e.g. `security.istio.io/v1`.
+    pub fn api_versions(self) -> Vec<String> {
+        self.versions()
+            .iter()
+            .map(|v| match self.group() {
+                "" => v.to_string(),
+                group => format!("{group}/{v}"),
+            })
+            .collect()
+    }
+
+    /// The kind a document declares, when the mesh reads it. Only the API
+    /// versions whose schema the typed objects decode are accepted.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
+        match DocumentType::of(api_version, kind) {
+            DocumentType::Read(kind) => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+/// Every kind of the API groups the mesh reads from (Kubernetes 1.32+,
+/// Gateway API 1.4, istio/api): a kind of one of these groups that is not
+/// listed does not exist, so it is a typo rather than something to skip.
+const GROUP_KINDS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "Binding",
+            "ComponentStatus",
+            "ConfigMap",
+            "Endpoints",
+            "Event",
+            "LimitRange",
+            "Namespace",
+            "Node",
+            "PersistentVolume",
+            "PersistentVolumeClaim",
+            "Pod",
+            "PodTemplate",
+            "ReplicationController",
+            "ResourceQuota",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ],
+    ),
+    ("discovery.k8s.io", &["EndpointSlice"]),
+    (
+        "gateway.networking.k8s.io",
+        &[
+            "BackendTLSPolicy",
+            "GRPCRoute",
+            "Gateway",
+            "GatewayClass",
+            "HTTPRoute",
+            "ListenerSet",
+            "ReferenceGrant",
+            "TCPRoute",
+            "TLSRoute",
+            "UDPRoute",
+        ],
+    ),
+    (
+        crate::crd::GROUP,
+        &[
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RequestAuthentication",
+        ],
+    ),
+];
+
+/// Groups that have kinds named like kinds the mesh reads, and that the
+/// mesh does not read: Istio's own `Gateway` is `networking.istio.io`.
+const OTHER_GROUPS_WITH_SHARED_NAMES: &[&str] = &["networking.istio.io"];
+
+/// What a document's `apiVersion` and `kind` make of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum DocumentType {
+    /// A kind the mesh reads, in a version it decodes.
+    Read(Kind),
+    /// A kind the mesh does not read: skipped.
+    Other,
+    /// `kind` is no kind of a group the mesh reads from.
+    UnknownKind,
+    /// A kind the mesh reads, in an `apiVersion` it does not read it as.
+    UnknownApiVersion(Kind),
+}
+
+impl DocumentType {
+    fn of(api_version: &str, kind: &str) -> DocumentType {
+        let (group, version) = match api_version.rsplit_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let same_name = Kind::ALL.into_iter().find(|k| k.as_str() == kind);
+        if let Some(read) = same_name.filter(|k| k.group() == group) {
+            return if read.versions().contains(&version) {
+                DocumentType::Read(read)
+            } else {
+                DocumentType::UnknownApiVersion(read)
+            };
+        }
+        match GROUP_KINDS.iter().find(|(g, _)| *g == group) {
+            Some((_, kinds)) if kinds.contains(&kind) => DocumentType::Other,
+            Some(_) => DocumentType::UnknownKind,
+            None => match same_name {
+                Some(read) if !OTHER_GROUPS_WITH_SHARED_NAMES.contains(&group) => {
+                    DocumentType::UnknownApiVersion(read)
+                }
+                _ => DocumentType::Other,
+            },
+        }
+    }
+}
+
+/// The kinds the mesh reads from `group`.
+pub fn kinds_read_from(group: &str) -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| k.group() == group)
+        .collect()
 }
 
 impl fmt::Display for Kind {
@@ -201,9 +325,16 @@ macro_rules! objects {
             }
         })*
 
-        fn decode_object(doc: &Document<'_>, kind: Kind) -> Result<Object, ManifestError> {
+        /// The object, and the fields its kind does not have.
+        fn decode_object(
+            doc: &Document<'_>,
+            kind: Kind,
+        ) -> Result<(Object, Vec<strict::FieldPath>), ManifestError> {
             Ok(match kind {
-                $(Kind::$kind => Object::$kind(decode(doc)?),)*
+                $(Kind::$kind => {
+                    let (object, unknown) = decode_strict(doc)?;
+                    (Object::$kind(object), unknown)
+                })*
             })
         }
     };
@@ -249,11 +380,46 @@ pub struct Ignored {
     pub kind: String,
 }
 
+/// A document the mesh would read but cannot as written. The text's other
+/// documents are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `kind` is no kind of `api_version`'s group, one the mesh reads from
+    /// (a typo such as `AuthorizationPolcy`).
+    UnknownKind {
+        line: usize,
+        api_version: String,
+        kind: String,
+    },
+    /// A kind the mesh reads, declared with an `apiVersion` it does not
+    /// read that kind as.
+    UnknownApiVersion {
+        line: usize,
+        api_version: String,
+        kind: Kind,
+    },
+    /// An object with fields its kind does not have (`rule:` for
+    /// `rules:`): refused whole, as strict field validation refuses it.
+    UnknownFields {
+        /// Of the first unknown field when it can be found, else of the
+        /// document.
+        line: usize,
+        kind: Kind,
+        key: ObjectKey,
+        /// Paths such as `spec.rule`.
+        fields: Vec<String>,
+        /// How many of the text's objects come before it: where its last
+        /// good version, if the caller has one, goes back in.
+        position: usize,
+    },
+}
+
 /// What one YAML text holds.
 #[derive(Clone, Debug, Default)]
 pub struct Manifest {
     pub objects: Vec<Object>,
     pub ignored: Vec<Ignored>,
+    pub refused: Vec<Refused>,
 }
 
 /// Why a manifest could not be read. `line` is 1-based and counts from the
@@ -265,9 +431,11 @@ pub struct ManifestError {
     pub reason: String,
 }
 
-/// Parses every document of a (multi-document) YAML text. The first bad
-/// document fails the whole text: a half-read file would silently drop
-/// objects, which is worse than keeping its last good version.
+/// Parses every document of a (multi-document) YAML text. A document that
+/// is not YAML, or does not decode as its kind, fails the whole text: a
+/// half-read file would silently drop objects, which is worse than keeping
+/// its last good version. Documents of unknown kinds or with unknown fields
+/// are [`Refused`] one by one.
 pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
     let mut manifest = Manifest::default();
     for doc in split_documents(text) {
@@ -278,24 +446,54 @@ pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
                 reason: "the document has no apiVersion or kind; every object needs both, e.g. `apiVersion: v1` and `kind: Pod`".into(),
             });
         };
-        let Some(known) = Kind::from_type(&api_version, &kind) else {
-            manifest.ignored.push(Ignored {
-                line: doc.first_line,
-                api_version,
-                kind,
-            });
-            continue;
+        let line = doc.first_line;
+        let known = match DocumentType::of(&api_version, &kind) {
+            DocumentType::Read(known) => known,
+            DocumentType::Other => {
+                manifest.ignored.push(Ignored {
+                    line,
+                    api_version,
+                    kind,
+                });
+                continue;
+            }
+            DocumentType::UnknownKind => {
+                manifest.refused.push(Refused::UnknownKind {
+                    line,
+                    api_version,
+                    kind,
+                });
+                continue;
+            }
+            DocumentType::UnknownApiVersion(kind) => {
+                manifest.refused.push(Refused::UnknownApiVersion {
+                    line,
+                    api_version,
+                    kind,
+                });
+                continue;
+            }
         };
-        let mut object = decode_object(&doc, known)?;
+        let (mut object, unknown) = decode_object(&doc, known)?;
         let meta = object.metadata_mut();
         if meta.name.as_deref().unwrap_or_default().is_empty() {
             return Err(ManifestError {
-                line: doc.first_line,
+                line,
                 reason: format!("{kind} has no metadata.name; give the object a name"),
             });
         }
         if known.namespaced() && meta.namespace.as_deref().unwrap_or_default().is_empty() {
             meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+        }
+        if let Some(first) = unknown.first() {
+            manifest.refused.push(Refused::UnknownFields {
+                line: strict::line_of(doc.body, first).map_or(line, |l| line + l),
+                kind: known,
+                key: object.key(),
+                fields: unknown.iter().map(ToString::to_string).collect(),
+                position: manifest.objects.len(),
+            });
+            continue;
         }
         manifest.objects.push(object);
     }
@@ -314,53 +512,6 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
     parse(text)
 }
 
-/// Every `*.yaml` / `*.yml` file under `dir`, recursively, in path order,
-/// and the directories that could not be read. Hidden entries are skipped:
-/// editor swap files, VCS data, and the `..data` indirection of ConfigMap
-/// volumes (whose files are also linked from the top level). So is
-/// [`STATUS_DIR`].
-pub fn yaml_files(dir: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, std::io::Error)>) {
-    let mut files = Vec::new();
-    let mut unreadable = Vec::new();
-    collect_yaml_files(dir, &dir.join(STATUS_DIR), &mut files, &mut unreadable);
-    (files, unreadable)
-}
-
-fn collect_yaml_files(
-    dir: &Path,
-    skipped: &Path,
-    files: &mut Vec<PathBuf>,
-    unreadable: &mut Vec<(PathBuf, std::io::Error)>,
-) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            unreadable.push((dir.to_path_buf(), e));
-            return;
-        }
-    };
-    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        let Ok(file_type) = entry.file_type() else {
-            continue;
-        };
-        if file_type.is_dir() {
-            if path != skipped {
-                collect_yaml_files(&path, skipped, files, unreadable);
-            }
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            files.push(path);
-        }
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Header {
@@ -376,27 +527,37 @@ struct Document<'a> {
 }
 
 fn decode<T: DeserializeOwned>(doc: &Document<'_>) -> Result<T, ManifestError> {
-    serde_saphyr::from_str(doc.body).map_err(|_| {
-        // Decode again with the document placed at its real position in the
-        // text, so the parser's own location and message name the line the
-        // user sees in their editor. Only paid on the error path.
-        let padded: String = "\n".repeat(doc.first_line - 1) + doc.body;
-        match serde_saphyr::from_str::<T>(&padded) {
-            Ok(_) => ManifestError {
-                line: doc.first_line,
-                reason: "the document could not be decoded".into(),
-            },
-            Err(e) => {
-                let line = e
-                    .location()
-                    .map(|l| l.line() as usize)
-                    .filter(|l| *l > 0)
-                    .unwrap_or(doc.first_line);
-                let reason = e.without_snippet().to_string();
-                ManifestError { line, reason }
-            }
+    serde_saphyr::from_str(doc.body).map_err(|_| located_error::<T>(doc))
+}
+
+/// [`decode`], also returning the fields `T` does not have.
+fn decode_strict<T: DeserializeOwned>(
+    doc: &Document<'_>,
+) -> Result<(T, Vec<strict::FieldPath>), ManifestError> {
+    strict::decode(doc.body).map_err(|_| located_error::<T>(doc))
+}
+
+/// Why `doc` does not decode as `T`, at the line the user sees in their
+/// editor: decoded again with the document placed at its real position in
+/// the text, so the parser's own location and message name it. Only paid
+/// on the error path.
+fn located_error<T: DeserializeOwned>(doc: &Document<'_>) -> ManifestError {
+    let padded: String = "\n".repeat(doc.first_line - 1) + doc.body;
+    match serde_saphyr::from_str::<T>(&padded) {
+        Ok(_) => ManifestError {
+            line: doc.first_line,
+            reason: "the document could not be decoded".into(),
+        },
+        Err(e) => {
+            let line = e
+                .location()
+                .map(|l| l.line() as usize)
+                .filter(|l| *l > 0)
+                .unwrap_or(doc.first_line);
+            let reason = e.without_snippet().to_string();
+            ManifestError { line, reason }
         }
-    })
+    }
 }
 
 /// Splits a text at `---` separators (and `...` document ends), dropping
@@ -555,39 +716,6 @@ spec:
     }
 
     #[test]
-    fn finds_yaml_files_recursively_skipping_hidden_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        for f in [
-            "b.yaml",
-            "a/z.yml",
-            "a/notes.txt",
-            ".swp.yaml",
-            "..data/x.yaml",
-            "generated/status/AuthorizationPolicy/shop/p.yaml",
-            "generated/w.yaml",
-            "c.json",
-        ] {
-            let path = root.join(f);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, "").unwrap();
-        }
-        let (files, unreadable) = yaml_files(root);
-        assert!(unreadable.is_empty());
-        assert_eq!(
-            files,
-            [
-                root.join("a/z.yml"),
-                root.join("b.yaml"),
-                root.join("generated/w.yaml")
-            ]
-        );
-        let (files, unreadable) = yaml_files(&root.join("missing"));
-        assert!(files.is_empty());
-        assert_eq!(unreadable.len(), 1);
-    }
-
-    #[test]
     fn knows_kinds_by_group_and_version() {
         assert_eq!(Kind::from_type("v1", "Pod"), Some(Kind::Pod));
         assert_eq!(
@@ -608,5 +736,150 @@ spec:
         );
         assert_eq!(Kind::from_type("apps/v1", "Pod"), None);
         assert_eq!(Kind::from_type("v2", "Pod"), None);
+    }
+
+    #[test]
+    fn tells_typos_from_kinds_the_mesh_does_not_read() {
+        let of = DocumentType::of;
+        assert_eq!(of("v1", "ConfigMap"), DocumentType::Other);
+        assert_eq!(of("apps/v1", "Deployment"), DocumentType::Other);
+        assert_eq!(
+            of("gateway.networking.k8s.io/v1", "GatewayClass"),
+            DocumentType::Other
+        );
+        // Istio's own Gateway is another kind.
+        assert_eq!(of("networking.istio.io/v1", "Gateway"), DocumentType::Other);
+        assert_eq!(of("v1", "Servce"), DocumentType::UnknownKind);
+        assert_eq!(
+            of("security.istio.io/v1", "AuthorizationPolcy"),
+            DocumentType::UnknownKind
+        );
+        assert_eq!(
+            of("gateway.networking.k8s.io/v1alpha2", "GRPCRoute"),
+            DocumentType::UnknownApiVersion(Kind::GrpcRoute)
+        );
+        assert_eq!(
+            of("security.istio/v1", "PeerAuthentication"),
+            DocumentType::UnknownApiVersion(Kind::PeerAuthentication)
+        );
+        assert_eq!(of("v2", "Pod"), DocumentType::UnknownApiVersion(Kind::Pod));
+    }
+
+    /// One object of every kind, each with a field its kind does not have.
+    const EVERY_KIND: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labelz: {}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n}
+spec: {podCIDRz: x}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: s, namespace: a}
+secretz: []
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: a}
+spec:
+  containers:
+  - name: app
+    imagee: app
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: a}
+spec: {ports: [{port: 80, targetPrt: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: e, namespace: a}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1], ready: true}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: w, namespace: a}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE, hostnme: x}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: a}
+spec: {parentRefs: [{name: s, kind: Service, group: \"\"}], rule: []}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: a}
+spec: {parentRef: []}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: a}
+spec: {rule: []}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: p, namespace: a}
+spec: {mtls: {mod: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: r, namespace: a}
+spec: {jwtRules: [{issuer: i, jwksUrl: x}]}
+";
+
+    #[test]
+    fn unknown_fields_of_every_kind_are_refused_by_path() {
+        let m = parse(EVERY_KIND).unwrap();
+        assert!(m.objects.is_empty(), "{:?}", m.objects);
+        let refused: Vec<(Kind, String)> = m
+            .refused
+            .iter()
+            .map(|r| match r {
+                Refused::UnknownFields { kind, fields, .. } => (*kind, fields.join(",")),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            (Kind::Namespace, "metadata.labelz"),
+            (Kind::Node, "spec.podCIDRz"),
+            (Kind::ServiceAccount, "secretz"),
+            (Kind::Pod, "spec.containers[0].imagee"),
+            (Kind::Service, "spec.ports[0].targetPrt"),
+            (Kind::EndpointSlice, "endpoints[0].ready"),
+            (Kind::Gateway, "spec.listeners[0].hostnme"),
+            (Kind::HttpRoute, "spec.rule"),
+            (Kind::GrpcRoute, "spec.parentRef"),
+            (Kind::AuthorizationPolicy, "spec.rule"),
+            (Kind::PeerAuthentication, "spec.mtls.mod"),
+            (Kind::RequestAuthentication, "spec.jwtRules[0].jwksUrl"),
+        ];
+        let expected: Vec<(Kind, String)> =
+            expected.iter().map(|(k, f)| (*k, f.to_string())).collect();
+        assert_eq!(refused, expected);
+
+        // Without the typos, every object is read: `apiVersion` and `kind`
+        // are never unknown fields.
+        let fixed = EVERY_KIND
+            .replace(", labelz: {}", "")
+            .replace("{podCIDRz: x}", "{}")
+            .replace("secretz: []\n", "")
+            .replace("imagee", "image")
+            .replace("targetPrt", "targetPort")
+            .replace(", ready: true", "")
+            .replace(", hostnme: x", "")
+            .replace(", rule: []", "")
+            .replace("{parentRef: []}", "{}")
+            .replace("{rule: []}", "{}")
+            .replace("mod:", "mode:")
+            .replace("jwksUrl", "jwksUri");
+        let m = parse(&fixed).unwrap();
+        assert!(m.refused.is_empty(), "{:?}", m.refused);
+        assert_eq!(m.objects.len(), 12);
     }
 }

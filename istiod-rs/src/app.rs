@@ -28,7 +28,6 @@ pub mod args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use proxy_core::listener::{Listener, ListenerMetrics};
@@ -49,7 +48,7 @@ use crate::index::{MeshConfig, json};
 use crate::monitoring::{self, DebugAccess, Monitoring, MonitoringConfig, Readiness};
 use crate::pipeline::{self, Debounce, PipelineMetrics};
 use crate::snapshot::Snapshot;
-use crate::state::directory::DirectorySource;
+use crate::state::directory::{DirectoryConfig, DirectoryMetrics, DirectorySource};
 use crate::state::{self, Store};
 use crate::status::{self, StatusConfig, StatusMetrics};
 use crate::webhook::configuration::ConfigurationKeeper;
@@ -61,11 +60,8 @@ pub use args::Args;
 /// Where the cluster state comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// Local mode: every YAML file under `dir`, polled every `poll_interval`.
-    Directory {
-        dir: PathBuf,
-        poll_interval: Duration,
-    },
+    /// Local mode: every YAML file under a directory, polled.
+    Directory(DirectoryConfig),
     /// The Kubernetes API (in-cluster config or KUBECONFIG).
     Kubernetes,
     /// A store its owner fills and marks synced (embedding, benchmarks).
@@ -307,11 +303,14 @@ impl App {
 
         // Cluster state, and where statuses are written.
         let (store, mut background, status_sink) = match source {
-            Source::Directory { dir, poll_interval } => {
+            Source::Directory(config) => {
                 let store = Store::new();
-                let sink = status::Sink::Directory(status::directory::DirectoryStatus::new(&dir));
-                let source = DirectorySource::new(dir);
-                let task = tokio::spawn(source.run(store.clone(), poll_interval));
+                let sink =
+                    status::Sink::Directory(status::directory::DirectoryStatus::new(&config.dir));
+                let metrics = DirectoryMetrics::default();
+                metrics.register(&mut registry);
+                let source = DirectorySource::with_config(&config).with_metrics(metrics);
+                let task = tokio::spawn(source.run(store.clone(), config.poll_interval));
                 (store, vec![task], Some(sink))
             }
             Source::Kubernetes => {

@@ -48,6 +48,7 @@ pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
+pub use workloads::SharedAddress;
 
 use crate::snapshot::{Resource, Snapshot};
 use crate::state::{ClusterState, Objects};
@@ -116,6 +117,8 @@ pub struct Translation {
     pub problems: Vec<PolicyProblem>,
     /// Every L7 rule and who enforces it at each of its targets.
     pub l7: Vec<L7Rule>,
+    /// Addresses more than one pod has.
+    pub shared_addresses: Vec<SharedAddress>,
 }
 
 /// Translates the whole cluster state.
@@ -287,6 +290,11 @@ impl Translator {
             pods.push((key, pod, addresses, backed, resource));
         }
 
+        let shared_addresses = workloads::shared_addresses(
+            pods.iter()
+                .map(|(key, pod, addresses, ..)| (*key, pod.as_ref(), addresses.as_slice())),
+        );
+
         let mut service_waypoints = Vec::with_capacity(services.entries.len());
         for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
             let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
@@ -383,6 +391,7 @@ impl Translator {
             snapshot,
             problems,
             l7: l7_rules.rules,
+            shared_addresses,
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct PipelineMetrics {
     /// Problems of policies and routes now: objects rejected, or enforced
     /// more strictly than written, by kind and reason.
     pub policy_problems: Family<ProblemLabels, Gauge>,
+    /// Addresses more than one pod has now (host networking aside).
+    pub shared_pod_addresses: Gauge,
 }
 
 impl Default for PipelineMetrics {
@@ -76,6 +78,7 @@ impl Default for PipelineMetrics {
             publishes: Counter::default(),
             translation_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             policy_problems: Family::default(),
+            shared_pod_addresses: Gauge::default(),
         }
     }
 }
@@ -103,6 +106,11 @@ impl PipelineMetrics {
             "policy_problems",
             "Problems of policies and routes now (each enforced more strictly than written, or not served), by kind and reason",
             self.policy_problems.clone(),
+        );
+        r.register(
+            "shared_pod_addresses",
+            "Addresses more than one pod has now, host-network pods aside (ztunnel reaches only one of them)",
+            self.shared_pod_addresses.clone(),
         );
     }
 }
@@ -162,6 +170,7 @@ pub async fn run(
     // The first build needs no change to trigger it.
     changes.mark_changed();
     let mut reported = BTreeSet::new();
+    let mut reported_addresses = BTreeSet::new();
     // The first snapshot is always published, even if empty: receivers
     // take it as "the initial state is known".
     let mut first = true;
@@ -200,6 +209,14 @@ pub async fn run(
         metrics.translations.inc();
         metrics.translation_seconds.observe(elapsed.as_secs_f64());
         report(&translation.problems, &mut reported, &metrics);
+        announce(
+            &translation.shared_addresses,
+            &mut reported_addresses,
+            "address shared by pods resolved",
+        );
+        metrics
+            .shared_pod_addresses
+            .set(i64::try_from(translation.shared_addresses.len()).unwrap_or(i64::MAX));
         // Never waits: the status writer reads the latest when it can.
         // The first is always sent: it is what the writer waits for.
         statuses.send_if_modified(|current| {
@@ -253,14 +270,7 @@ async fn wait_for_quiet(changes: &mut watch::Receiver<u64>, debounce: Debounce) 
 
 /// Logs problems once when they appear and once when they go; sets the gauges.
 fn report(problems: &[PolicyProblem], reported: &mut BTreeSet<String>, metrics: &PipelineMetrics) {
-    let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
-    for p in current.difference(reported) {
-        warn!("{p}");
-    }
-    for p in reported.difference(&current) {
-        info!(resolved = %p, "policy problem resolved");
-    }
-    *reported = current;
+    announce(problems, reported, "policy problem resolved");
     metrics.policy_problems.clear();
     for p in problems {
         metrics
@@ -271,4 +281,21 @@ fn report(problems: &[PolicyProblem], reported: &mut BTreeSet<String>, metrics: 
             })
             .inc();
     }
+}
+
+/// Logs each of `current` once when it appears (`warn`), and once when it
+/// goes (`info`, as `resolved`); `reported` is what was logged as present.
+fn announce<P: std::fmt::Display>(
+    current: &[P],
+    reported: &mut BTreeSet<String>,
+    resolved: &'static str,
+) {
+    let current: BTreeSet<String> = current.iter().map(ToString::to_string).collect();
+    for p in current.difference(reported) {
+        warn!("{p}");
+    }
+    for p in reported.difference(&current) {
+        info!(resolved = %p, "{resolved}");
+    }
+    *reported = current;
 }

@@ -12,10 +12,10 @@ pub mod directory;
 pub mod kube;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock};
 
 use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
-use api::manifest::{Kind, Object, ObjectKey};
+use api::manifest::{FileContent, Kind, Object, ObjectKey};
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
@@ -119,6 +119,13 @@ macro_rules! by_kind {
                 })*
             }
 
+            /// The object of `kind` named `key`, copied out.
+            pub fn object(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+                match kind {
+                    $(Kind::$kind => self.$field.get(key).map(|o| Object::$kind(o.as_ref().clone())),)*
+                }
+            }
+
             fn clear(&mut self, kind: Kind) {
                 match kind {
                     $(Kind::$kind => self.$field.clear(),)*
@@ -142,6 +149,14 @@ by_kind!(
     PeerAuthentication => peer_authentications,
     RequestAuthentication => request_authentications,
 );
+
+/// A file's objects in local mode: what an object refused in a new version
+/// of its file falls back to.
+impl FileContent for ClusterState {
+    fn last_good(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+        self.object(kind, key)
+    }
+}
 
 /// The service account a pod runs as when it names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -178,9 +193,15 @@ pub fn in_namespace<'a, K>(
 
 /// The one store of cluster state, shared by the source that writes it and
 /// the pipeline (and CA) that read it.
+///
+/// Readers get the state as an `Arc` and hold no lock while they use it: a
+/// translation that takes seconds never keeps the source from writing, nor
+/// (through a writer waiting on it) the CA from reading. A write while a
+/// reader holds the previous state copies the maps (of `Arc`s, not the
+/// objects) once.
 #[derive(Debug)]
 pub struct Store {
-    state: RwLock<ClusterState>,
+    state: RwLock<Arc<ClusterState>>,
     generation: watch::Sender<u64>,
     synced: watch::Sender<bool>,
 }
@@ -200,21 +221,28 @@ impl Store {
         Arc::new(Store::default())
     }
 
-    /// Reads the state. Hold the guard briefly: writers wait for it.
-    pub fn read(&self) -> RwLockReadGuard<'_, ClusterState> {
+    /// The state as it is now.
+    pub fn read(&self) -> Arc<ClusterState> {
         // A writer that panicked left a state that is still a valid map of
         // objects; keep serving it rather than taking istiod-rs down.
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Changes the state and tells subscribers.
     pub fn update<R>(&self, change: impl FnOnce(&mut ClusterState) -> R) -> R {
         let result = {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-            change(&mut state)
+            change(Arc::make_mut(&mut state))
         };
         self.generation.send_modify(|g| *g += 1);
         result
+    }
+
+    /// Replaces the whole state (a directory source's rebuild) and tells
+    /// subscribers; readers keep the state they hold, nothing is copied.
+    pub fn replace(&self, state: ClusterState) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Ticks (the generation number) after every change.
@@ -344,9 +372,12 @@ mod tests {
         let state = store.read();
         assert_eq!(state.count(Kind::Pod), 1);
         assert!(state.pods.contains_key(&ObjectKey::new("a", "p2")));
-        drop(state);
+        // A reader holding the state never holds writers back, and keeps
+        // what it read.
         assert!(store.update(|s| s.delete(Kind::Pod, &ObjectKey::new("a", "p2"))));
         assert_eq!(store.generation(), 3);
+        assert_eq!(state.count(Kind::Pod), 1);
+        assert_eq!(store.read().count(Kind::Pod), 0);
     }
 
     #[test]

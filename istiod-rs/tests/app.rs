@@ -286,3 +286,63 @@ fn start_up_errors_name_the_flag_or_file() {
         .arg(dir.path().join("data"));
     fails_naming(cmd, &["Kubernetes API", "--config-dir"]);
 }
+
+/// Waits until `done`, failing (with the log) after PATIENCE.
+fn wait_until(istiod: &Running, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "never {what}:\n{}", istiod.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn hostile_config_files_are_reported_once_and_sigterm_still_stops_istiod() {
+    let dir = tempfile::tempdir().unwrap();
+    let poll = OsString::from("20ms");
+    let cmd = local(dir.path(), &[("--poll-interval", Some(poll.as_os_str()))]);
+    let config = dir.path().join("config");
+    // A FIFO no one writes to: a blocking read of it never returns.
+    api::manifest::testing::mkfifo(&config.join("pipe.yaml"));
+    // `rule:` for `rules:`.
+    std::fs::write(
+        config.join("policy.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  rule: []\n",
+    )
+    .unwrap();
+    let istiod = Running::spawn(cmd);
+    let monitoring = istiod.address("monitoring");
+    wait_until(&istiod, "ready", || {
+        matches!(http_get(monitoring, "/ready"), Ok((200, _)))
+    });
+    for reason in ["not_regular_file", "unknown_field"] {
+        let sample = format!("istiod_config_file_problems{{reason=\"{reason}\"}} 1");
+        wait_until(&istiod, &sample, || {
+            http_get(monitoring, "/metrics")
+                .is_ok_and(|(_, text)| text.lines().any(|l| l == sample))
+        });
+    }
+
+    // Many polls later (a new file is applied only once two of them read
+    // it), each problem has still been reported once.
+    let web_2 = STATE
+        .split("---\n")
+        .nth(1)
+        .unwrap()
+        .replace("web-1", "web-2")
+        .replace("10.244.0.5", "10.244.0.6");
+    std::fs::write(config.join("extra.yaml"), web_2).unwrap();
+    wait_until(&istiod, "extra.yaml applied", || {
+        http_get(monitoring, "/debug/config_dump")
+            .is_ok_and(|(_, dump)| dump.contains("Kubernetes//Pod/demo/web-2"))
+    });
+    let log = istiod.log();
+    let fifo = "pipe.yaml: is a FIFO (named pipe), not a regular file";
+    let field = "policy.yaml:5: AuthorizationPolicy demo/p: unknown field spec.rule";
+    for line in [fifo, field] {
+        assert_eq!(log.matches(line).count(), 1, "{line:?}:\n{log}");
+    }
+
+    let (status, log) = istiod.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+}

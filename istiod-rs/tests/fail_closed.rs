@@ -54,6 +54,7 @@ fn ztunnel_view(yaml: &str) -> WorkloadStore {
 fn ztunnel_view_with(yaml: &str, mesh: &MeshConfig) -> WorkloadStore {
     let text = format!("{PODS}---\n{yaml}");
     let manifest = api::manifest::parse(&text).unwrap();
+    assert!(manifest.refused.is_empty(), "{:?}", manifest.refused);
     let translation = index::translate(&ClusterState::from_objects(manifest.objects), mesh);
     let store = WorkloadStore::new();
     store.update(|batch| {

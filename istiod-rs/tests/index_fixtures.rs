@@ -77,6 +77,13 @@ fn render(case: &Path, mesh: &MeshConfig) -> String {
     let input = std::fs::read_to_string(case.join("input.yaml")).unwrap();
     let manifest = api::manifest::parse(&input)
         .unwrap_or_else(|e| panic!("{}/input.yaml:{e}", case.display()));
+    // A fixture says what it means: no object refused for a typo.
+    assert!(
+        manifest.refused.is_empty(),
+        "{}/input.yaml: {:?}",
+        case.display(),
+        manifest.refused
+    );
     let state = ClusterState::from_objects(manifest.objects);
     let translation = index::translate(&state, mesh);
     let mut out = snapshot_json(&translation.snapshot);

@@ -83,7 +83,7 @@ async fn wait_dropped(istiod: &LocalIstiod, listener: &str, reason: &str, count:
 
 #[tokio::test]
 async fn the_monitoring_port_drops_partial_requests_after_the_header_timeout() {
-    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+    let mut istiod = LocalIstiod::start_with(&[], |c| {
         c.monitoring.limits.header_timeout = SHORT;
     })
     .await;
@@ -146,7 +146,7 @@ fn dropped_sample(text: &str, reason: &str) -> f64 {
 
 #[tokio::test]
 async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
-    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+    let mut istiod = LocalIstiod::start_with(&[], |c| {
         c.monitoring.limits.max_connections = 4;
         c.monitoring.limits.header_timeout = NEVER;
     })
@@ -187,7 +187,7 @@ async fn a_saturated_monitoring_port_refuses_more_and_grpc_keeps_serving() {
 
 #[tokio::test]
 async fn one_pod_cannot_fill_the_monitoring_port_for_the_readiness_probe() {
-    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+    let mut istiod = LocalIstiod::start_with(&[], |c| {
         c.monitoring.limits.max_connections_per_peer = 4;
         c.monitoring.limits.header_timeout = NEVER;
     })
@@ -208,7 +208,7 @@ async fn one_pod_cannot_fill_the_monitoring_port_for_the_readiness_probe() {
 
 #[tokio::test]
 async fn the_grpc_port_drops_peers_that_never_start_tls_or_http2() {
-    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+    let mut istiod = LocalIstiod::start_with(&[], |c| {
         c.grpc.limits.handshake_timeout = SHORT;
         c.grpc.limits.header_timeout = SHORT;
     })
@@ -251,7 +251,7 @@ async fn the_grpc_port_drops_peers_that_never_start_tls_or_http2() {
 
 #[tokio::test]
 async fn the_grpc_port_resets_connections_beyond_its_cap() {
-    let mut istiod = LocalIstiod::start_configured(&[], |c| {
+    let mut istiod = LocalIstiod::start_with(&[], |c| {
         c.grpc.limits.max_connections = 3;
         c.grpc.limits.header_timeout = NEVER;
     })

@@ -256,3 +256,24 @@ fn content_read_once_mid_write_is_not_applied() {
     assert!(source.scan().changed);
     assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.2"));
 }
+
+#[test]
+fn objects_defined_in_more_than_one_file_are_listed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(&root.join("a.yaml"), &pod("a", "10.0.0.1"));
+    write(
+        &root.join("b.yaml"),
+        &format!("{}---\n{}", pod("a", "10.0.0.2"), pod("b", "10.0.0.3")),
+    );
+    write(&root.join("c.yaml"), &pod("a", "10.0.0.4"));
+    let mut source = DirectorySource::new(root);
+    source.scan();
+    let merged = source.merged();
+    assert_eq!(
+        merged.duplicates,
+        [(Kind::Pod, ObjectKey::new("shop", "a"))]
+    );
+    // The file sorting last wins.
+    assert_eq!(pod_ip(&source, "a").as_deref(), Some("10.0.0.4"));
+}

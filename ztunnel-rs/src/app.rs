@@ -639,7 +639,10 @@ mod tests {
     #[test]
     fn server_limits_default_to_the_documented_values() {
         use clap::Parser;
-        assert_eq!(args(&[]).server_config().limits, ServerConfig::DEFAULT_LIMITS);
+        assert_eq!(
+            args(&[]).server_config().limits,
+            ServerConfig::DEFAULT_LIMITS
+        );
         let limits = args(&[
             "--server-max-connections",
             "7",

@@ -67,6 +67,10 @@ pub struct CniArgs {
     /// directory (the one istiod-rs reads) instead of the Kubernetes API.
     #[arg(long, env = "CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Local mode: largest --config-dir file read, in bytes; a larger one is
+    /// reported and keeps its last good pods and namespaces.
+    #[arg(long, env = "MAX_CONFIG_FILE_SIZE", default_value_t = api::manifest::DEFAULT_MAX_FILE_SIZE)]
+    pub max_config_file_size: u64,
     /// Redirect pods' DNS to ztunnel's DNS proxy (15053). Refused for now:
     /// ztunnel-rs has no DNS proxy yet, so capturing DNS would break name
     /// resolution in every enrolled pod.
@@ -133,6 +137,7 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let backend = iptables::version(&redirection).context("checking the iptables binary")?;
     info!(%backend, binary = %args.iptables, "in-pod rules will be installed with this iptables");
 
+    let mut registry = proxy_core::metrics::new_registry();
     let (kube, source) = match args.config_dir {
         Some(dir) if !dir.is_dir() => anyhow::bail!(
             "--config-dir {}: not a directory; point it at the directory istiod-rs reads",
@@ -140,10 +145,14 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
         ),
         Some(dir) => (
             None,
-            Pods::Directory(pods::directory::DirectoryPodSource::new(
-                dir,
-                args.node_name,
-            )),
+            Pods::Directory(
+                pods::directory::DirectoryPodSource::new(dir, args.node_name)
+                    .with_reading(api::manifest::FileReading {
+                        max_file_size: args.max_config_file_size,
+                        ..Default::default()
+                    })
+                    .with_metrics(pods::directory::ConfigFileMetrics::register(&mut registry)),
+            ),
         ),
         None => {
             let client = kube::Client::try_default().await.context(
@@ -159,7 +168,6 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     let cni_listener = cni_event::bind(&args.cni_socket)
         .with_context(|| format!("binding the CNI event socket {}", args.cni_socket.display()))?;
 
-    let mut registry = proxy_core::metrics::new_registry();
     let metrics = AgentMetrics::register(&mut registry);
     zds.register_metrics(&mut registry);
     let monitoring = listen(args.monitoring_port, "/metrics (--monitoring-port)").await?;

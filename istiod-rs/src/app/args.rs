@@ -17,8 +17,10 @@ use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
 use crate::monitoring::MonitoringConfig;
 use crate::pipeline::Debounce;
+use crate::state::directory::DirectoryConfig;
 use crate::status::StatusConfig;
 use crate::webhook::{DEFAULT_CONFIGURATION_NAME, DEFAULT_MAX_BODY_BYTES, WebhookConfig};
+use api::manifest::FileReading;
 use proxy_core::listener::ListenerLimits;
 
 /// Where upstream mounts a plug-in CA; used when it holds a signing key.
@@ -224,6 +226,11 @@ pub struct Args {
     /// How often --config-dir is looked at (e.g. 250ms).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// Largest --config-dir file read, in bytes; a larger one is reported
+    /// (`istiod_config_file_problems{reason="too_large"}`) and keeps its
+    /// last good objects.
+    #[arg(long, env = "MAX_CONFIG_FILE_SIZE", default_value_t = api::manifest::DEFAULT_MAX_FILE_SIZE)]
+    pub max_config_file_size: u64,
     /// First delay before a failed status write (policy and route
     /// conditions) is retried; it doubles up to --status-retry-max.
     #[arg(long, env = "STATUS_RETRY_MIN", default_value = "500ms", value_parser = parse_duration)]
@@ -267,10 +274,14 @@ impl Args {
                     ),
                 ));
             }
-            Some(dir) => Source::Directory {
-                dir: dir.clone(),
+            Some(dir) => Source::Directory(DirectoryConfig {
                 poll_interval: self.poll_interval,
-            },
+                reading: FileReading {
+                    max_file_size: self.max_config_file_size,
+                    ..FileReading::default()
+                },
+                ..DirectoryConfig::new(dir)
+            }),
             None => Source::Kubernetes,
         };
         let tokens = match (&self.token_file, &self.config_dir) {
@@ -525,7 +536,7 @@ mod tests {
             .unwrap()
             .into_config()
             .unwrap();
-        assert!(matches!(config.source, Source::Directory { .. }));
+        assert!(matches!(config.source, Source::Directory(_)));
         assert!(matches!(config.tokens, TokenSource::File(_)));
         assert_eq!(config.grpc.plaintext_addr, None);
         assert_eq!(config.webhook, None, "no API server calls it in local mode");

@@ -70,6 +70,50 @@ pub(super) fn addresses(pod: &Pod) -> Option<Vec<IpAddr>> {
     ips.into_iter().map(|ip| ip.parse().ok()).collect()
 }
 
+/// An address that more than one pod has, outside host networking (where
+/// sharing the node's address is the point). ztunnel finds workloads by
+/// address, so it reaches only one of them: a copied pod manifest, or a
+/// stale `status.podIP`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SharedAddress {
+    pub address: IpAddr,
+    /// In key order.
+    pub pods: Vec<ObjectKey>,
+}
+
+impl std::fmt::Display for SharedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pods: Vec<String> = self.pods.iter().map(|p| format!("Pod {p}")).collect();
+        write!(
+            f,
+            "{} all have the address {} (status.podIPs); ztunnel reaches only one of them: give each pod its own address",
+            pods.join(", "),
+            self.address
+        )
+    }
+}
+
+/// The addresses more than one of `pods` (workloads, with their addresses)
+/// has, host-network pods left out.
+pub(super) fn shared_addresses<'a>(
+    pods: impl IntoIterator<Item = (&'a ObjectKey, &'a Pod, &'a [IpAddr])>,
+) -> Vec<SharedAddress> {
+    let mut by_address: BTreeMap<IpAddr, Vec<ObjectKey>> = BTreeMap::new();
+    for (key, pod, addresses) in pods {
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            continue;
+        }
+        for address in addresses {
+            by_address.entry(*address).or_default().push(key.clone());
+        }
+    }
+    by_address
+        .into_iter()
+        .filter(|(_, pods)| pods.len() > 1)
+        .map(|(address, pods)| SharedAddress { address, pods })
+        .collect()
+}
+
 /// Whether the pod is one of the mesh's own, never captured.
 fn is_mesh_component(waypoints: &Waypoints, namespace: &str, pod: &Pod) -> bool {
     let labels = labels_of(&pod.metadata.labels);
@@ -442,5 +486,38 @@ mod tests {
             ("shop".into(), "1.0".into())
         );
         assert_eq!(canonical(&l(&[]), "web"), ("web".into(), "latest".into()));
+    }
+
+    #[test]
+    fn addresses_of_more_than_one_pod_are_reported_with_every_pod() {
+        let pod = |name: &str, ip: &str, extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: n, containers: []{extra}}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+            )
+        };
+        let text = [
+            pod("a", "10.0.0.1", ""),
+            pod("b", "10.0.0.1", ""),
+            pod("c", "10.0.0.2", ""),
+            // Host networking shares the node's address by design.
+            pod("h1", "10.1.0.1", ", hostNetwork: true"),
+            pod("h2", "10.1.0.1", ", hostNetwork: true"),
+            // A finished pod's address is free again.
+            pod("done", "10.0.0.2", "").replace("Running", "Succeeded"),
+        ]
+        .join("---\n");
+        let state = ClusterState::from_objects(api::manifest::parse(&text).unwrap().objects);
+        let shared = super::super::translate(&state, &MeshConfig::default()).shared_addresses;
+        assert_eq!(
+            shared,
+            [SharedAddress {
+                address: "10.0.0.1".parse().unwrap(),
+                pods: vec![ObjectKey::new("shop", "a"), ObjectKey::new("shop", "b")],
+            }]
+        );
+        assert_eq!(
+            shared[0].to_string(),
+            "Pod shop/a, Pod shop/b all have the address 10.0.0.1 (status.podIPs); ztunnel reaches only one of them: give each pod its own address"
+        );
     }
 }

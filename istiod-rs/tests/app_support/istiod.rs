@@ -8,10 +8,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use istiod_rs::app::{Addresses, App, AppConfig, Source, TokenSource};
 use istiod_rs::ca::CaConfig;
+use istiod_rs::state::directory::DirectoryConfig;
 use proxy_core::identity::ControlPlane;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
@@ -37,19 +39,22 @@ pub struct LocalIstiod {
     dir: tempfile::TempDir,
     app: Option<App>,
     addresses: Addresses,
-    /// Adjusts the configuration (limits...) at every start.
-    configure: fn(&mut AppConfig),
+    /// Applied to the configuration of every start.
+    customize: Arc<dyn Fn(&mut AppConfig) + Send + Sync>,
 }
 
 impl LocalIstiod {
     /// Writes `files` (name, YAML) into the config directory and starts
     /// istiod on loopback ports; returns once it is ready.
     pub async fn start(files: &[(&str, &str)]) -> Self {
-        Self::start_configured(files, |_| {}).await
+        Self::start_with(files, |_| {}).await
     }
 
-    /// [`Self::start`] with `configure` applied to the configuration.
-    pub async fn start_configured(files: &[(&str, &str)], configure: fn(&mut AppConfig)) -> Self {
+    /// [`LocalIstiod::start`], with `customize` applied to the configuration.
+    pub async fn start_with(
+        files: &[(&str, &str)],
+        customize: impl Fn(&mut AppConfig) + Send + Sync + 'static,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("config")).unwrap();
         std::fs::write(dir.path().join("tokens.yaml"), TOKENS).unwrap();
@@ -63,7 +68,7 @@ impl LocalIstiod {
                 monitoring: loopback,
                 webhook: None,
             },
-            configure,
+            customize: Arc::new(customize),
         };
         for (name, yaml) in files {
             istiod.write(name, yaml);
@@ -74,10 +79,10 @@ impl LocalIstiod {
 
     fn config(&self) -> AppConfig {
         let mut config = AppConfig::on_loopback(
-            Source::Directory {
-                dir: self.config_dir(),
+            Source::Directory(DirectoryConfig {
                 poll_interval: Duration::from_millis(50),
-            },
+                ..DirectoryConfig::new(self.config_dir())
+            }),
             TokenSource::File(self.dir.path().join("tokens.yaml")),
             CaConfig::new(TRUST_DOMAIN, self.dir.path().join("data")),
         );
@@ -86,7 +91,7 @@ impl LocalIstiod {
         config.grpc.plaintext_addr = self.addresses.grpc_plaintext;
         config.grpc.drain_timeout = Duration::from_secs(1);
         config.monitoring.addr = self.addresses.monitoring;
-        (self.configure)(&mut config);
+        (self.customize)(&mut config);
         config
     }
 

@@ -20,6 +20,8 @@ use super::enrolment::{NamespaceMeta, PodKey, PodMeta};
 pub enum PodSourceError {
     #[error("the node agent stopped listening to its pod source")]
     AgentGone,
+    #[error("the thread reading the config directory stopped: {0}")]
+    DirectoryReader(String),
     #[error("watching {kind} failed: {source}")]
     Watch {
         kind: &'static str,
