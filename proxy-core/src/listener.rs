@@ -71,6 +71,27 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// of memory), the listener waits this long before accepting again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// What every accept loop does when `accept` fails (this guard's, the
+/// HBONE server's, ztunnel's pod listeners'): logs it at most once per
+/// interval for the whole process, with the count it left out (out of file
+/// descriptors, every listener fails at once, as fast as the kernel
+/// answers), and unless the failure was the peer's (a connection that died
+/// in the backlog) pauses before the next try, so a lasting one cannot spin.
+pub async fn after_accept_failure(listener: &str, error: &io::Error) {
+    static ACCEPT_FAILED: LogLimit = LogLimit::new(LOG_INTERVAL);
+    if let Some(suppressed) = ACCEPT_FAILED.allow() {
+        warn!(listener, %error, suppressed, "accepting a connection failed");
+    }
+    if !matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) {
+        tokio::time::sleep(ACCEPT_RETRY).await;
+    }
+}
+
 /// What one listener allows each peer; part of each binary's configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {
@@ -124,11 +145,13 @@ struct ListenerLabel {
 pub struct ListenerMetrics {
     dropped: Family<DroppedLabels, Counter>,
     open: Family<ListenerLabel, Gauge>,
+    accept_failures: Family<ListenerLabel, Counter>,
 }
 
 impl ListenerMetrics {
-    /// Registers `listener_connections_dropped_total` and
-    /// `listener_open_connections` (under the registry's prefix).
+    /// Registers `listener_connections_dropped_total`,
+    /// `listener_open_connections` and `listener_accept_failures_total`
+    /// (under the registry's prefix).
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = ListenerMetrics::default();
         registry.register(
@@ -141,7 +164,19 @@ impl ListenerMetrics {
             "Connections a listener holds, by listener (at most its connection cap)",
             metrics.open.clone(),
         );
+        registry.register(
+            "listener_accept_failures",
+            "Failed accepts on a listener (out of file descriptors or memory), by listener",
+            metrics.accept_failures.clone(),
+        );
         metrics
+    }
+
+    /// How many accepts failed on `listener`.
+    pub fn accept_failures(&self, listener: &'static str) -> u64 {
+        self.accept_failures
+            .get_or_create(&ListenerLabel { listener })
+            .get()
     }
 
     /// How many connections `listener` dropped for `reason`.
@@ -271,20 +306,14 @@ impl Listener {
             let (tcp, peer) = match self.tcp.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    static ACCEPT_FAILED: LogLimit = LogLimit::new(LOG_INTERVAL);
-                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
-                        warn!(listener = self.name, %error, suppressed, "accepting a connection failed");
-                    }
-                    // A connection that died in the backlog is its peer's
-                    // business; anything else is the process's: pause.
-                    if !matches!(
-                        error.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::Interrupted
-                    ) {
-                        tokio::time::sleep(ACCEPT_RETRY).await;
-                    }
+                    self.tally
+                        .metrics
+                        .accept_failures
+                        .get_or_create(&ListenerLabel {
+                            listener: self.name,
+                        })
+                        .inc();
+                    after_accept_failure(self.name, &error).await;
                     continue;
                 }
             };

@@ -410,14 +410,7 @@ async fn accept_loop<F, Fut>(
                 pod.spawn_connection(handle(pod.clone(), stream, peer));
             }
             Err(error) => {
-                // Usually transient (out of file descriptors); the pause keeps
-                // a persistent one from spinning, and the line is bounded: a
-                // node out of descriptors would log it for every pod.
-                static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
-                if let Some(suppressed) = ACCEPT_FAILED.allow() {
-                    warn!(pod = %pod.info.uid, listener = listener_name, %error, suppressed, "accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                proxy_core::listener::after_accept_failure(listener_name, &error).await;
             }
         }
     }

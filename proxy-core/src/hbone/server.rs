@@ -208,14 +208,7 @@ impl<H: InboundHandler> HboneServer<H> {
             let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // Usually transient (out of file descriptors, aborted
-                    // handshakes); pausing keeps a persistent one from
-                    // spinning, and the line is bounded.
-                    static ACCEPT_FAILED: LogLimit = LogLimit::new(Duration::from_secs(10));
-                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
-                        tracing::warn!(%error, suppressed, "HBONE accept failed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::listener::after_accept_failure("hbone", &error).await;
                     continue;
                 }
             };
