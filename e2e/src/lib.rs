@@ -22,6 +22,9 @@
 //!   [`demo`]: `cargo xtask demo`; [`bench`]: `cargo xtask bench l4`.
 //! - [`binaries`]: finds (and builds when stale) the binaries to run.
 //! - [`http`]: GETs to components' loopback ports from inside their namespace.
+//! - [`kube`]: a real Kubernetes control plane (etcd, kube-apiserver,
+//!   controller manager, scheduler built from Go modules) in the topology's
+//!   control-plane namespace, and `kubectl` to drive it.
 
 pub mod apps;
 pub mod bench;
@@ -31,6 +34,7 @@ pub mod cni;
 pub mod config_dir;
 pub mod demo;
 pub mod http;
+pub mod kube;
 pub mod local;
 pub mod mesh;
 pub mod netns;

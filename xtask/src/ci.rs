@@ -21,6 +21,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The real Kubernetes control plane the kube end-to-end tests run
+    // (built from Go modules once per machine, many minutes; reused after).
+    crate::k8s::run(&["build".to_string()])?;
     run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;

@@ -1,11 +1,13 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
-//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`.
+//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`,
+//! `k8s build | path`.
 
 mod bench;
 mod ci;
 mod codegen;
 mod demo;
+mod k8s;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +23,10 @@ commands:
   ci                 fmt check, dependency policy, clippy (warnings are errors), all tests
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
+  k8s build          build the real Kubernetes control plane for the tests (etcd, kube-apiserver,
+                     controller manager, scheduler, kubectl, kube-proxy) from Go modules into
+                     ${ISTIO_RS_CACHE:-~/.cache/istio-rs}/k8s/ (reused once built)
+  k8s path           print the directory holding those binaries
 ";
 
 fn main() -> Result<()> {
@@ -37,6 +43,7 @@ fn main() -> Result<()> {
         "ci" => ci::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
+        "k8s" => k8s::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
