@@ -119,9 +119,7 @@ where
                 let key = Object::from(o).key();
                 store.update(|s| s.delete(kind, &key));
             }
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.is_not_found() =>
-            {
+            Err(watcher::Error::InitialListFailed(e)) if is_not_found(&e) => {
                 // The kind's CRD is not installed (Gateway API, Istio
                 // security): there are none of them. Count the kind as
                 // listed so istiod-rs can become ready; the watcher keeps
@@ -132,6 +130,14 @@ where
             Err(e) => warn!(%kind, error = %e, "watch failed; retrying with backoff"),
         }
     }
+}
+
+/// Whether the API server answered 404. A kind whose group is not served
+/// at all (no Gateway API CRD installed) gets a plain-text `404 page not
+/// found`, which kube-rs turns into a Status without the `NotFound`
+/// reason, so the code decides.
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.is_not_found() || status.code == 404)
 }
 
 fn slim<K: Resource>(o: &mut K) {
