@@ -13,12 +13,18 @@
 //! - an enrolled pod and its Service appear in istiod-rs's served state
 //!   (`/debug/config_dump`, from loopback) with the pod's identity;
 //! - an AuthorizationPolicy appears as an authorization, and istiod-rs's
-//!   `ZtunnelAccepted` condition lands on the object by server-side apply;
+//!   `ZtunnelAccepted` condition lands on the object by server-side apply
+//!   (`UnsupportedValue`, naming the value, on a bad one stored before
+//!   istiod-rs ran);
+//! - Gateway API CRDs are not installed: istiod-rs becomes ready all the same;
 //! - the CA signs a certificate for a caller presenting a pod-bound
 //!   TokenRequest token (audience `istio-ca`) and refuses a forged token and
 //!   one for another audience;
 //! - the API server calls the webhook, which refuses a policy the mesh could
-//!   only enforce more strictly than written, at `kubectl apply`.
+//!   only enforce more strictly than written, at `kubectl apply`;
+//! - our PeerAuthentication CRD's schema is one the API server enforces;
+//! - a deleted pod is unhealthy while terminating and gone once its
+//!   deletion is confirmed.
 //!
 //! Needs root (or unprivileged user namespaces); skips loudly otherwise and
 //! fails when `CI` is set.
@@ -132,20 +138,16 @@ spec:
   containers: [{name: istio-proxy, image: istio-rs/ztunnel}]
 "#;
 
-/// A port the mesh cannot read: enforced more strictly than written, so
-/// the webhook refuses it.
-const BAD_POLICY: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: bad-port
-  namespace: shop
-spec:
-  rules:
-    - to:
-        - operation:
-            ports: ["http"]
-"#;
+/// A policy with a port the mesh cannot read: enforced more strictly than
+/// written, so the webhook refuses it.
+fn bad_policy(name: &str) -> String {
+    json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]},
+    })
+    .to_string()
+}
 
 /// Where the API server finds the `istiod` Service's webhook port: the
 /// control plane's fabric address, where istiod-rs listens (until
@@ -355,6 +357,13 @@ fn kube_istiod() {
         .expect("Service web");
     let vip = service["spec"]["clusterIP"].as_str().unwrap().to_string();
 
+    // A bad policy stored while nothing answered the webhook (its
+    // failurePolicy is still Ignore): istiod-rs reports the value in the
+    // policy's status.
+    kubectl
+        .apply(&bad_policy("bad-port-early"))
+        .expect("stored while istiod-rs is not running");
+
     // istiod-rs in Kubernetes mode.
     let data_dir = kube.run.dir().join("istiod");
     let spec = ProcessSpec::new("istiod-rs", &istiod_bin)
@@ -457,6 +466,22 @@ fn kube_istiod() {
         .filter_map(|m| m["manager"].as_str())
         .collect();
     assert_eq!(managers, vec!["istiod-rs-status"], "{policy}");
+    let unsupported = kubectl
+        .wait_for("ZtunnelAccepted on bad-port-early", PATIENCE, |k| {
+            let p = k.get("authorizationpolicy", Some("shop"), "bad-port-early")?;
+            Ok(p.and_then(|p| condition(&p, "ZtunnelAccepted").cloned()))
+        })
+        .expect("istiod-rs writes the bad policy's status");
+    // Served in a stricter form (the rule matches nothing), so still True.
+    assert_eq!(unsupported["status"], "True", "{unsupported}");
+    assert_eq!(unsupported["reason"], "UnsupportedValue", "{unsupported}");
+    assert!(
+        unsupported["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("http"),
+        "the message names the value: {unsupported}"
+    );
 
     // The CA: a pod-bound token for audience istio-ca gets the pod's identity.
     let root = data_dir.join("root-cert.pem");
@@ -526,7 +551,7 @@ fn kube_istiod() {
         })
         .expect("istiod-rs takes over its webhook configuration");
     let refused = kubectl
-        .apply(BAD_POLICY)
+        .apply(&bad_policy("bad-port"))
         .expect_err("the bad policy is refused");
     let message = refused.to_string();
     assert!(message.contains("validation.istio.io"), "{message}");
