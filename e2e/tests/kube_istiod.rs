@@ -16,7 +16,9 @@
 //!   `ZtunnelAccepted` condition lands on the object by server-side apply
 //!   (`UnsupportedValue`, naming the value, on a bad one stored before
 //!   istiod-rs ran);
-//! - Gateway API CRDs are not installed: istiod-rs becomes ready all the same;
+//! - Gateway API CRDs are not installed: istiod-rs becomes ready all the
+//!   same; installed later (standard channel, pinned), the kinds are picked
+//!   up and istiod-rs's route status lands on an HTTPRoute;
 //! - the CA signs a certificate for a caller presenting a pod-bound
 //!   TokenRequest token (audience `istio-ca`) and refuses a forged token and
 //!   one for another audience;
@@ -104,6 +106,25 @@ spec:
     - from:
         - source:
             namespaces: ["legacy"]
+"#;
+
+/// An HTTPRoute bound to the `web` Service (GAMMA): an L7 rule.
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+  namespace: shop
+spec:
+  parentRefs:
+    - group: ""
+      kind: Service
+      name: web
+      port: 80
+  rules:
+    - backendRefs:
+        - name: web
+          port: 80
 "#;
 
 /// The node agents of node0 and node1 (pods of istio-system/ztunnel, the
@@ -481,6 +502,52 @@ fn kube_istiod() {
             .unwrap_or("")
             .contains("http"),
         "the message names the value: {unsupported}"
+    );
+
+    // The Gateway API CRDs (standard channel, pinned) installed while
+    // istiod-rs runs: it picks the kinds up once they are served, and its
+    // route status lands on an HTTPRoute bound to the Service (which no
+    // waypoint serves yet).
+    let gateway_api = kube.control_plane.config.binaries.gateway_api_crds.clone();
+    kubectl
+        .run(&[
+            "apply",
+            "--server-side",
+            "-f",
+            gateway_api.to_str().unwrap(),
+        ])
+        .expect("the Gateway API CRDs apply");
+    kubectl
+        .run(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])
+        .expect("the Gateway API CRDs are established");
+    kubectl.apply(ROUTE).expect("the HTTPRoute applies");
+    let parent = kubectl
+        .wait_for(
+            "istiod-rs's parent status on HTTPRoute web",
+            PATIENCE,
+            |k| {
+                let route = k.get("httproute", Some("shop"), "web")?;
+                Ok(route.and_then(|r| {
+                    r["status"]["parents"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["controllerName"] == "istio.io/mesh-controller")
+                        .cloned()
+                }))
+            },
+        )
+        .expect("istiod-rs writes the route's status");
+    assert_eq!(parent["parentRef"]["kind"], "Service", "{parent}");
+    assert_eq!(parent["parentRef"]["name"], "web", "{parent}");
+    assert!(
+        condition(&json!({"status": parent}), "Accepted").is_some(),
+        "{parent}"
     );
 
     // The CA: a pod-bound token for audience istio-ca gets the pod's identity.
