@@ -11,7 +11,8 @@
 //! endpoint (the control plane's fabric address) is an EndpointSlice
 //! written by hand. Then:
 //! - an enrolled pod and its Service appear in istiod-rs's served state
-//!   (`/debug/config_dump`, from loopback) with the pod's identity;
+//!   (`/debug/config_dump`, from loopback) with the pod's identity, and the
+//!   pod reaches a ztunnel's xDS client (TLS, a node agent's bound token);
 //! - an AuthorizationPolicy appears as an authorization, and istiod-rs's
 //!   `ZtunnelAccepted` condition lands on the object by server-side apply
 //!   (`UnsupportedValue`, naming the value, on a bad one stored before
@@ -274,6 +275,55 @@ fn sign(
             )
             .expect("a CA client");
             ca.sign(request).await
+        })
+        .expect("enter the control-plane namespace")
+}
+
+/// Subscribes to istiod-rs's delta xDS (TLS, 15012) as a ztunnel does,
+/// presenting `token`, and waits for the workload at `ip`: its namespace
+/// and SPIFFE identity as the proxy receives them.
+fn xds_workload(kube: &KubeRun, root: &Path, token: &str, ip: &str) -> (String, String) {
+    use proxy_core::store::WorkloadStore;
+    use proxy_core::xds::{XdsClient, XdsConfig, handlers};
+    let token_file = kube.run.dir().join(format!("xds-token-{}", rand_suffix()));
+    std::fs::write(&token_file, token).unwrap();
+    let roots = proxy_core::tls::load_pem_certificates(root).expect("the mesh root is PEM");
+    let address = SocketAddr::from((
+        kube.topology.plan.control_plane_ip(),
+        api::ports::ISTIOD_TLS,
+    ));
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let node_ip = kube.topology.nodes[0].ip.into();
+    kube.control_plane
+        .netns()
+        .block_on(move || async move {
+            let plane = ControlPlane::tls(address.to_string(), roots).with_token_path(&token_file);
+            let config = XdsConfig::new(proxy_core::xds::ztunnel_node_id(
+                node_ip,
+                "ztunnel-node0",
+                "istio-system",
+            ));
+            let store = WorkloadStore::new();
+            let client = handlers::subscribe_store(
+                XdsClient::new(plane.channel().expect("an xDS channel"), config),
+                &store,
+            )
+            .with_metadata(plane.xds_metadata());
+            let status = client.status();
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(client.run(stop.clone()));
+            let found = tokio::time::timeout(PATIENCE, async {
+                let mut changes = store.subscribe();
+                loop {
+                    if let Some(w) = store.snapshot().workload_by_address("", ip) {
+                        return (w.namespace.clone(), w.identity.to_string());
+                    }
+                    changes.changed().await.expect("the store is alive");
+                }
+            })
+            .await;
+            stop.cancel();
+            found.unwrap_or_else(|_| panic!("no workload at {ip} over xDS: {:?}", status.current()))
         })
         .expect("enter the control-plane namespace")
 }
@@ -598,6 +648,14 @@ fn kube_istiod() {
     assert_eq!(
         spiffe_of(&chain[0]),
         "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    // The same node agent's proxy over xDS: the pod, with its identity.
+    assert_eq!(
+        xds_workload(&kube, &root, &on_node0, POD_IP),
+        (
+            "shop".to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web".to_string()
+        )
     );
     let on_node1 = token_for(&kubectl, "istio-ca", &ztunnel("ztunnel-node1"));
     let refused =
