@@ -392,19 +392,9 @@ fn kube_istiod() {
 
     // What an install brings: the CRDs, istiod's namespace, the webhook's
     // configuration (and the endpoint istiod-rs serves it at).
-    let crds = workspace().join("manifests/crds");
     kubectl
-        .run(&["apply", "-f", crds.to_str().unwrap()])
-        .expect("the CRDs apply");
-    kubectl
-        .run(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "--all",
-        ])
-        .expect("the CRDs are established");
+        .apply_crds(&workspace().join("manifests/crds"))
+        .expect("our CRDs apply and are established");
     kubectl
         .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n")
         .expect("istio-system");
@@ -558,24 +548,9 @@ fn kube_istiod() {
     // istiod-rs runs: it picks the kinds up once they are served, and its
     // route status lands on an HTTPRoute bound to the Service (which no
     // waypoint serves yet).
-    let gateway_api = kube.control_plane.config.binaries.gateway_api_crds.clone();
     kubectl
-        .run(&[
-            "apply",
-            "--server-side",
-            "-f",
-            gateway_api.to_str().unwrap(),
-        ])
-        .expect("the Gateway API CRDs apply");
-    kubectl
-        .run(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "--all",
-        ])
-        .expect("the Gateway API CRDs are established");
+        .apply_crds(&kube.control_plane.config.binaries.gateway_api_crds)
+        .expect("the Gateway API CRDs apply and are established");
     kubectl.apply(ROUTE).expect("the HTTPRoute applies");
     let parent = kubectl
         .wait_for(
