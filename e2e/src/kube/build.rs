@@ -306,6 +306,14 @@ impl Cache {
         self.dir.join("gateway-api").join("standard")
     }
 
+    /// `<dir>.lock`, beside the cache directory (whose name has dots in it:
+    /// the release).
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        self.dir.with_file_name(name)
+    }
+
     fn marker(&self) -> PathBuf {
         self.bin_dir().join(COMPLETE_MARKER)
     }
@@ -351,7 +359,7 @@ impl Cache {
             return reused();
         }
         create_dir(&self.dir)?;
-        let _lock = lock(&self.dir.with_extension("lock"), say)?;
+        let _lock = lock(&self.lock_path(), say)?;
         // Another process may have finished it while this one waited.
         if self.is_complete() {
             return reused();
@@ -907,6 +915,16 @@ mod tests {
         // Every binary, but no marker: a build that died before the end.
         assert!(!cache.is_complete());
         fs::write(cache.bin_dir().join(COMPLETE_MARKER), b"").unwrap();
+        assert_eq!(
+            cache.lock_path(),
+            dir.path().join("c.lock"),
+            "one lock per cache directory"
+        );
+        let release = Cache {
+            recipe: Recipe::default(),
+            dir: dir.path().join("v1.36.3-abc"),
+        };
+        assert_eq!(release.lock_path(), dir.path().join("v1.36.3-abc.lock"));
         assert_eq!(
             cache.binaries().unwrap().kubectl(),
             cache.bin_dir().join("kubectl")
