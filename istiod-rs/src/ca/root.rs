@@ -15,10 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::KeyPair;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use x509_parser::certificate::X509Certificate;
@@ -260,26 +257,10 @@ fn create_self_signed(
     trust_domain: &str,
     lifetime: Duration,
 ) -> Result<(), RootError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, trust_domain);
-    name.push(DnType::CommonName, "istiod-rs mesh root");
-    params.distinguished_name = name;
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - ROOT_BACKDATE;
-    params.not_after = now + lifetime;
-    params.serial_number = Some(super::random_serial());
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key)?;
+    let root = proxy_core::identity::root::self_signed_root(trust_domain, ROOT_BACKDATE, lifetime)?;
     // Key first: a crash in between leaves a key alone, which is recreated.
-    write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomically(cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_atomically(key_path, root.key_pem.as_bytes(), 0o600)?;
+    write_atomically(cert_path, root.cert_pem.as_bytes(), 0o644)?;
     tracing::info!(
         path = %cert_path.display(),
         trust_domain,
