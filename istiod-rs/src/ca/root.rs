@@ -10,7 +10,7 @@
 //! Everything is validated on load, and every error names the file to fix.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -269,35 +269,11 @@ fn create_self_signed(
     Ok(())
 }
 
-/// Writes `contents` to `path` so that a reader sees the old file or the
-/// whole new one, never a part; the file is created with `mode` (never
-/// wider, whatever the umask).
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), RootError> {
-    let err = |source| RootError::Write {
+    proxy_core::file::write_atomically(path, contents, mode).map_err(|source| RootError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    // An old temporary file may have been created with other permissions.
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    })
 }
 
 fn warn_if_readable_by_others(path: &Path) {

@@ -11,7 +11,7 @@
 //!   installer waits. A file that does not load is named in the log and
 //!   left as it is.
 //! - Each file is rewritten atomically the same way; the temporary name
-//!   ends in `.tmp`, which no runtime reads. The binary goes in before the
+//!   ends in neither `.conf` nor `.conflist`, so no runtime reads it. The binary goes in before the
 //!   configuration that names it, and comes out after it.
 //! - The directories are watched (inotify): when another CNI rewrites its
 //!   file, or a new file takes the first place, the plugin is chained again
@@ -28,8 +28,7 @@ mod watch;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -322,34 +321,12 @@ impl CniInstaller {
     }
 }
 
-/// Writes `bytes` to `path` so that a reader sees the old file or the new
-/// one, never a part: a temporary file beside it (a name no runtime reads),
-/// synced, then renamed over it.
+/// Writes a file so that the runtime reads the old one or the new one,
+/// never a part (the temporary name ends in neither .conf nor .conflist).
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CniInstallError> {
-    let write_error = |source| CniInstallError::Write {
+    proxy_core::file::write_atomically(path, bytes, mode).map_err(|source| CniInstallError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = path.with_file_name(format!(".{name}.istio-cni-rs.tmp"));
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(write_error)?;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(write_error)?;
-    file.write_all(bytes).map_err(write_error)?;
-    file.sync_all().map_err(write_error)?;
-    drop(file);
-    fs::rename(&temp, path).map_err(|e| {
-        let _ = fs::remove_file(&temp);
-        write_error(e)
     })
 }
 

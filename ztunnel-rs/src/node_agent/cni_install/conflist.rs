@@ -363,7 +363,7 @@ mod tests {
         assert_eq!(Format::of("10-x.conf"), Some(Format::Conf));
         assert_eq!(Format::of("10-x.conflist"), Some(Format::Conflist));
         assert_eq!(Format::of("10-x.json"), None);
-        assert_eq!(Format::of(".10-x.conflist.istio-cni-rs.tmp"), None);
+        assert_eq!(Format::of(".10-x.conflist.tmp-4242"), None);
     }
 
     #[test]
