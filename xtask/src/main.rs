@@ -1,11 +1,13 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
-//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`.
+//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`,
+//! `images [--hub HUB] [--tag TAG]`.
 
 mod bench;
 mod ci;
 mod codegen;
 mod demo;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +23,8 @@ commands:
   ci                 fmt check, dependency policy, clippy (warnings are errors), all tests
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
+  images [--hub H] [--tag T]
+                     build the container images the install manifests run (needs Docker)
 ";
 
 fn main() -> Result<()> {
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
         "ci" => ci::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
+        "images" => images::run_images(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
