@@ -520,10 +520,46 @@ struct Header {
 }
 
 /// One document of a multi-document text.
-struct Document<'a> {
+#[derive(Clone, Copy, Debug)]
+pub struct Document<'a> {
     /// Line (1-based) of the document's first line within the whole text.
-    first_line: usize,
-    body: &'a str,
+    pub first_line: usize,
+    pub body: &'a str,
+}
+
+/// The documents of a multi-document text, as [`parse`] splits it: at `---`
+/// separators, without documents of only comments and blank lines. For
+/// callers that decode kinds the mesh does not read itself (istioctl-rs's
+/// install manifests) with [`decode_document`].
+pub fn documents(text: &str) -> Vec<Document<'_>> {
+    split_documents(text)
+}
+
+/// A field a document has and its type does not, found by
+/// [`decode_document`]: its path (`spec.template.spec.containers[0].imagee`)
+/// and the line (1-based, in the whole text) it is on, when it can be found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownField {
+    pub path: String,
+    pub line: usize,
+}
+
+/// Decodes one document as `T` with strict field validation, as [`parse`]
+/// does for the kinds the mesh reads: `T` is the schema, and every field it
+/// does not have is returned (apart from `apiVersion` and `kind`). A
+/// document that does not decode at all is an error at its line.
+pub fn decode_document<T: DeserializeOwned>(
+    doc: &Document<'_>,
+) -> Result<(T, Vec<UnknownField>), ManifestError> {
+    let (value, unknown) = decode_strict::<T>(doc)?;
+    let unknown = unknown
+        .iter()
+        .map(|path| UnknownField {
+            path: path.to_string(),
+            line: strict::line_of(doc.body, path).map_or(doc.first_line, |l| doc.first_line + l),
+        })
+        .collect();
+    Ok((value, unknown))
 }
 
 fn decode<T: DeserializeOwned>(doc: &Document<'_>) -> Result<T, ManifestError> {
@@ -763,6 +799,48 @@ spec:
             DocumentType::UnknownApiVersion(Kind::PeerAuthentication)
         );
         assert_eq!(of("v2", "Pod"), DocumentType::UnknownApiVersion(Kind::Pod));
+    }
+
+    #[test]
+    fn documents_of_other_kinds_decode_strictly_with_lines() {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+# the deployment
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: d
+spec:
+  selector: {matchLabels: {app: d}}
+  template:
+    metadata: {labels: {app: d}}
+    spec:
+      containers:
+      - name: c
+        imagee: x
+";
+        let docs = documents(text);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].first_line, 5);
+        let (deployment, unknown) = decode_document::<Deployment>(&docs[1]).unwrap();
+        assert_eq!(deployment.metadata.name.as_deref(), Some("d"));
+        assert_eq!(
+            unknown,
+            [UnknownField {
+                path: "spec.template.spec.containers[0].imagee".into(),
+                line: 17
+            }]
+        );
+        let err = decode_document::<Deployment>(&Document {
+            first_line: 3,
+            body: "spec: {replicas: many}\n",
+        })
+        .unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
     }
 
     /// One object of every kind, each with a field its kind does not have.

@@ -308,7 +308,7 @@ impl CertificateAuthority {
         params.subject_alt_names = sans;
         params.not_before = now;
         params.not_after = not_after;
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(proxy_core::identity::root::random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -325,14 +325,6 @@ impl CertificateAuthority {
 
 fn spiffe_san(identity: &SpiffeId) -> Result<SanType, CaError> {
     Ok(SanType::URI(identity.to_string().try_into()?))
-}
-
-/// A positive 128-bit serial number: unique without coordination.
-fn random_serial() -> rcgen::SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01;
-    rcgen::SerialNumber::from_slice(&bytes)
 }
 
 /// PEM text of one DER object (`label`: `CERTIFICATE`, `CERTIFICATE REQUEST`...).

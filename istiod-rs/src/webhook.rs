@@ -413,13 +413,23 @@ mod tests {
     /// kinds sent here, the review version, and what istiod-rs patches.
     #[test]
     fn the_install_manifest_matches_the_webhook() {
-        let text = include_str!("../../manifests/install/istiod-validating-webhook.yaml");
+        // The configuration and its RBAC; the Service is istiod's own.
+        let text = concat!(
+            include_str!("../../manifests/install/istiod-validating-webhook.yaml"),
+            "\n---\n",
+            include_str!("../../manifests/install/istiod.yaml"),
+        );
         let objects: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
         let of_kind = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap();
 
         let service = of_kind("Service");
         assert_eq!(service["metadata"]["name"], "istiod");
-        let port = &service["spec"]["ports"][0];
+        let port = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "https-webhook")
+            .unwrap();
         assert_eq!(
             (port["port"].as_u64(), port["targetPort"].as_u64()),
             (Some(443), Some(u64::from(api::ports::ISTIOD_WEBHOOK)))
@@ -458,10 +468,10 @@ mod tests {
         // The RBAC covers what the configuration keeper does.
         let role = of_kind("ClusterRole");
         let verbs = |resource: &str| -> Vec<String> {
-            role["rules"]
-                .as_array()
-                .unwrap()
+            objects
                 .iter()
+                .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+                .flat_map(|o| o["rules"].as_array().unwrap())
                 .filter(|r| {
                     r["resources"]
                         .as_array()

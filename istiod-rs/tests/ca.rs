@@ -654,6 +654,36 @@ fn a_plug_in_chain_without_cert_chain_pem_still_ends_at_the_root() {
     assert_chains_to(&chain, ca.roots());
 }
 
+/// What `istioctl-rs install` puts in Secret `cacerts`: one self-signed
+/// root (proxy-core's, istiod-rs's own kind) as both the signing CA and
+/// the root, no cert-chain.pem.
+#[test]
+fn a_self_signed_root_as_its_own_plug_in_ca_signs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = proxy_core::identity::root::self_signed_root(
+        "cluster.local",
+        Duration::from_secs(3600),
+        Duration::from_secs(86400),
+    )
+    .unwrap();
+    PlugIn {
+        ca_cert: root.cert_pem.clone(),
+        ca_key: root.key_pem.clone(),
+        cert_chain: None,
+        root_cert: root.cert_pem.clone(),
+    }
+    .write(dir.path());
+    let mut config = ca_config(dir.path());
+    config.plugin_dir = Some(dir.path().to_path_buf());
+    let ca = CertificateAuthority::new(config).unwrap();
+    assert_eq!(ca.roots().len(), 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let id = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    let chain = ca.sign_csr(&client::csr_pem(&key), &id, None).unwrap();
+    assert_eq!(chain.len(), 2, "leaf, root");
+    assert_chains_to(&chain, ca.roots());
+}
+
 #[test]
 fn plug_in_errors_name_the_file_to_fix() {
     let h = hierarchy();

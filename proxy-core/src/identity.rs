@@ -9,11 +9,14 @@
 //!   what comes back.
 //! - [`manager`]: the [`CertificateManager`] that fetches, caches and renews a
 //!   certificate per identity.
+//! - [`root`]: a self-signed mesh root (istiod-rs's own, or the one
+//!   `istioctl-rs install` gives it).
 
 pub mod ca_client;
 pub mod certificate;
 pub mod control_plane;
 pub mod manager;
+pub mod root;
 
 pub use ca_client::CaClient;
 pub use certificate::{

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod authorization;
+pub mod file;
 pub mod hbone;
 pub mod identity;
 pub mod listener;

@@ -1,13 +1,14 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
 //! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`,
-//! `k8s build | path`.
+//! `k8s build | path`, `images [--hub HUB] [--tag TAG]`.
 
 mod bench;
 mod ci;
 mod codegen;
 mod demo;
 mod k8s;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +28,8 @@ commands:
                      controller manager, scheduler, kubectl, kube-proxy) from Go modules into
                      ${ISTIO_RS_CACHE:-~/.cache/istio-rs}/k8s/ (reused once built)
   k8s path           print the directory holding those binaries
+  images [--hub H] [--tag T]
+                     build the container images the install manifests run (needs Docker)
 ";
 
 fn main() -> Result<()> {
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
         "k8s" => k8s::run(rest),
+        "images" => images::run_images(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

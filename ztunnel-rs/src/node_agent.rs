@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod annotate;
 pub mod cni_event;
+pub mod cni_install;
 pub mod cni_plugin;
 pub mod discovery;
 pub mod enrolment;
@@ -37,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use agent::{AgentConfig, AgentError, AgentHandle, AgentMetrics, NodeAgent};
@@ -110,6 +112,71 @@ pub struct CniArgs {
     /// the namespaces of pods not found on start).
     #[arg(long, default_value_t = 10)]
     pub sweep_secs: u64,
+    /// The node's CNI configuration directory, as mounted here: when set,
+    /// the agent chains istio-cni-rs into the configuration the runtime
+    /// uses and keeps it chained (upstream's install-cni).
+    #[arg(
+        long,
+        env = "MOUNTED_CNI_NET_DIR",
+        value_name = "DIR",
+        requires = "cni_bin_dir"
+    )]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI binary directory, as mounted here: istio-cni-rs is
+    /// copied into it.
+    #[arg(long, env = "CNI_BIN_DIR", value_name = "DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Chain into this file of --cni-conf-dir rather than the one the
+    /// runtime uses (the first that loads, by name).
+    #[arg(long, env = "CNI_CONF_NAME")]
+    pub cni_conf_name: Option<String>,
+    /// The istio-cni-rs binary to install (default: next to this binary).
+    #[arg(long, env = "CNI_PLUGIN_BINARY", value_name = "FILE")]
+    pub cni_plugin_binary: Option<PathBuf>,
+    /// Namespaces whose pods the plugin lets start without asking the
+    /// agent, comma-separated (upstream's EXCLUDED_NAMESPACES).
+    #[arg(
+        long,
+        env = "EXCLUDED_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub excluded_namespaces: Vec<String>,
+    /// The agent's own DaemonSet: on SIGTERM, while it exists the CNI plugin
+    /// stays chained (an upgrade); once it is gone the plugin is taken out.
+    #[arg(long, env = "DAEMONSET_NAME", default_value = "istio-cni-node")]
+    pub daemonset_name: String,
+    /// The namespace of the agent's DaemonSet.
+    #[arg(long, env = "POD_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
+    pub pod_namespace: String,
+}
+
+impl CniArgs {
+    /// The CNI installer's configuration, when --cni-conf-dir asks for one.
+    fn cni_install(&self) -> anyhow::Result<Option<cni_install::CniInstallConfig>> {
+        let (Some(conf_dir), Some(bin_dir)) = (&self.cni_conf_dir, &self.cni_bin_dir) else {
+            return Ok(None);
+        };
+        let plugin_binary = match &self.cni_plugin_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("finding this binary's directory, where istio-cni-rs is")?
+                .with_file_name(cni_install::PLUGIN_BINARY),
+        };
+        Ok(Some(cni_install::CniInstallConfig {
+            conf_dir: conf_dir.clone(),
+            bin_dir: bin_dir.clone(),
+            plugin_binary,
+            conf_name: self.cni_conf_name.clone(),
+            agent_socket: self.cni_socket.clone(),
+            exclude_namespaces: self
+                .excluded_namespaces
+                .iter()
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .collect(),
+        }))
+    }
 }
 
 /// Upstream istio-cni's default monitoring port.
@@ -134,6 +201,7 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
         ipset: args.ipset.clone(),
         ..iptables::RedirectionConfig::default()
     };
+    let installer = args.cni_install()?.map(cni_install::CniInstaller::new);
     let backend = iptables::version(&redirection).context("checking the iptables binary")?;
     info!(%backend, binary = %args.iptables, "in-pod rules will be installed with this iptables");
 
@@ -183,18 +251,72 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
             netns_dirs: args.netns_dirs,
         },
     };
+    let kube_client = kube.clone();
     let agent = NodeAgent::new(config, zds.clone(), kube).with_metrics(metrics);
     let handle = agent.handle();
     let stats = proxy_core::admin::stats_router(Arc::new(registry));
+    let (chained, cni_chained) = tokio::sync::watch::channel(false);
     let ready = axum::Router::new()
         .route("/readyz", axum::routing::get(readyz))
-        .with_state(agent.readiness());
-    tokio::select! {
+        .with_state(Readiness {
+            agent: agent.readiness(),
+            cni_chained: installer.as_ref().map(|_| cni_chained),
+        });
+    // The plugin is chained only now that its socket is bound: a pod
+    // created from here on reaches the agent (and waits for its pod
+    // source's first listing, not for a connection refused).
+    let installing = CancellationToken::new();
+    let install = async {
+        match &installer {
+            Some(installer) => installer.run(chained, installing.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handling SIGTERM")?;
+    let stopped = tokio::select! {
         r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
         r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
         r = axum::serve(monitoring, stats) => r.context("the /metrics server stopped"),
         r = axum::serve(readiness, ready) => r.context("the /readyz server stopped"),
         r = agent.run(source, acked) => r.context("node agent stopped"),
+        r = install => r.context("CNI installer stopped"),
+        _ = sigterm.recv() => {
+            info!("SIGTERM: stopping");
+            return stop(installer.as_ref(), kube_client.as_ref(), &args.pod_namespace, &args.daemonset_name).await;
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("SIGINT: stopping");
+            return stop(installer.as_ref(), kube_client.as_ref(), &args.pod_namespace, &args.daemonset_name).await;
+        }
+    };
+    installing.cancel();
+    stopped
+}
+
+/// On SIGTERM: the CNI plugin stays chained through an upgrade or a reboot
+/// and is taken out (with its binary) when the mesh is uninstalled.
+async fn stop(
+    installer: Option<&cni_install::CniInstaller>,
+    kube: Option<&kube::Client>,
+    namespace: &str,
+    daemonset: &str,
+) -> anyhow::Result<()> {
+    let Some(installer) = installer else {
+        return Ok(());
+    };
+    match cni_install::on_shutdown(kube, namespace, daemonset).await {
+        cni_install::OnShutdown::Keep => {
+            info!(%namespace, %daemonset, "the DaemonSet remains (upgrade or reboot): istio-cni-rs stays chained; new pods wait for the next agent");
+            Ok(())
+        }
+        cni_install::OnShutdown::Remove => {
+            let files = installer
+                .uninstall()
+                .context("taking istio-cni-rs out of the node's CNI configuration")?;
+            info!(?files, "istio-cni-rs uninstalled from this node");
+            Ok(())
+        }
     }
 }
 
@@ -207,16 +329,30 @@ async fn listen(port: u16, what: &str) -> anyhow::Result<tokio::net::TcpListener
     Ok(listener)
 }
 
+/// What `/readyz` waits for.
+#[derive(Clone)]
+struct Readiness {
+    /// The pods that ran before the agent started are taken back.
+    agent: tokio::sync::watch::Receiver<bool>,
+    /// With the CNI installer: the plugin is chained.
+    cni_chained: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
 async fn readyz(
-    axum::extract::State(ready): axum::extract::State<tokio::sync::watch::Receiver<bool>>,
+    axum::extract::State(ready): axum::extract::State<Readiness>,
 ) -> (http::StatusCode, &'static str) {
-    if *ready.borrow() {
-        (http::StatusCode::OK, "ready\n")
-    } else {
+    if !*ready.agent.borrow() {
         (
             http::StatusCode::SERVICE_UNAVAILABLE,
             "not ready: taking back the pods that ran before the agent started\n",
         )
+    } else if ready.cni_chained.as_ref().is_some_and(|c| !*c.borrow()) {
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: istio-cni-rs is not chained into the node's CNI configuration yet (the log says why)\n",
+        )
+    } else {
+        (http::StatusCode::OK, "ready\n")
     }
 }
 

@@ -75,7 +75,7 @@ fn mock_api() -> (kube::Client, mpsc::UnboundedReceiver<ApiCall>) {
 /// with one merge patch on shop/cart-0.
 fn assert_redirection_patch(call: &ApiCall, value: Option<&str>) {
     assert_eq!(call.method, "PATCH");
-    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0?");
+    assert_eq!(call.uri, "/api/v1/namespaces/shop/pods/cart-0/status?");
     assert_eq!(call.content_type, "application/merge-patch+json");
     assert_eq!(
         call.body,

@@ -10,15 +10,12 @@
 //! Everything is validated on load, and every error names the file to fix.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::KeyPair;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use x509_parser::certificate::X509Certificate;
@@ -260,26 +257,10 @@ fn create_self_signed(
     trust_domain: &str,
     lifetime: Duration,
 ) -> Result<(), RootError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, trust_domain);
-    name.push(DnType::CommonName, "istiod-rs mesh root");
-    params.distinguished_name = name;
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - ROOT_BACKDATE;
-    params.not_after = now + lifetime;
-    params.serial_number = Some(super::random_serial());
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key)?;
+    let root = proxy_core::identity::root::self_signed_root(trust_domain, ROOT_BACKDATE, lifetime)?;
     // Key first: a crash in between leaves a key alone, which is recreated.
-    write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomically(cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_atomically(key_path, root.key_pem.as_bytes(), 0o600)?;
+    write_atomically(cert_path, root.cert_pem.as_bytes(), 0o644)?;
     tracing::info!(
         path = %cert_path.display(),
         trust_domain,
@@ -288,35 +269,11 @@ fn create_self_signed(
     Ok(())
 }
 
-/// Writes `contents` to `path` so that a reader sees the old file or the
-/// whole new one, never a part; the file is created with `mode` (never
-/// wider, whatever the umask).
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), RootError> {
-    let err = |source| RootError::Write {
+    proxy_core::file::write_atomically(path, contents, mode).map_err(|source| RootError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    // An old temporary file may have been created with other permissions.
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    })
 }
 
 fn warn_if_readable_by_others(path: &Path) {

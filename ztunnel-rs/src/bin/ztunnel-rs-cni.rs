@@ -21,8 +21,13 @@ fn main() -> anyhow::Result<()> {
     ztunnel_rs::init_logging();
     // The agent blocks a thread while it works inside a pod's network
     // namespace: it keeps a thread per core.
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(ztunnel_rs::node_agent::run(cli.args))
+        .build()?;
+    let result = runtime.block_on(ztunnel_rs::node_agent::run(cli.args));
+    // Stopped (SIGTERM, or a failure): exit now, without waiting for
+    // blocking work still in flight; whatever was half done is redone by
+    // the next agent's start.
+    runtime.shutdown_background();
+    result
 }

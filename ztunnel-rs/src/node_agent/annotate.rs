@@ -11,7 +11,7 @@ use super::enrolment::PodKey;
 /// Errors annotating pods.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot annotate pod {pod} with {annotation}: {source} (may the node agent's service account patch pods?)"
+    "cannot annotate pod {pod} with {annotation}: {source} (may the node agent's service account patch pods/status?)"
 )]
 pub struct AnnotateError {
     pub pod: PodKey,
@@ -32,14 +32,17 @@ pub fn redirection_patch(enabled: bool) -> serde_json::Value {
     })
 }
 
-/// Sets or removes the annotation on one pod with a JSON merge patch.
+/// Sets or removes the annotation on one pod with a JSON merge patch of its
+/// status subresource: both `pods` and `pods/status` may change a pod's
+/// metadata, and `pods/status` is the smaller privilege (upstream's
+/// `AnnotateEnrolledPod`, istio/istio `cni/pkg/util/podutil.go`).
 pub async fn set_redirection(
     client: &Client,
     pod: &PodKey,
     enabled: bool,
 ) -> Result<(), AnnotateError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
-    pods.patch(
+    pods.patch_status(
         &pod.name,
         &PatchParams::default(),
         &Patch::Merge(redirection_patch(enabled)),

@@ -1,0 +1,23 @@
+//! istioctl-rs: the mesh's command-line tool. A library with a thin
+//! `main.rs`, so that tests (over a mock API server, or a real one) drive
+//! the same code the binary runs.
+//!
+//! - [`values`] and [`render`]: the install values and the one templating
+//!   rule of the manifests (`${key}`);
+//! - [`manifest`]: the embedded manifests rendered, strictly decoded,
+//!   labelled and ordered;
+//! - [`cluster`]: every call to the Kubernetes API, and errors that say
+//!   what to do;
+//! - [`install`], [`uninstall`], [`precheck`], [`version`]: the commands;
+//!   [`mesh_root`] and [`rollout`] are parts of `install`.
+
+pub mod cluster;
+pub mod install;
+pub mod manifest;
+pub mod mesh_root;
+pub mod precheck;
+pub mod render;
+pub mod rollout;
+pub mod uninstall;
+pub mod values;
+pub mod version;
