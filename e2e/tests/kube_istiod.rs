@@ -402,6 +402,17 @@ fn kube_istiod() {
     kubectl
         .run(&["apply", "-f", webhook.to_str().unwrap()])
         .expect("the webhook configuration applies");
+    // istiod's Service account, RBAC and Service as installed; not its
+    // Deployment: istiod-rs runs here as a process of the test.
+    let istiod = std::fs::read_to_string(workspace().join("manifests/install/istiod.yaml"))
+        .expect("manifests/install/istiod.yaml");
+    let without_deployment: Vec<&str> = istiod
+        .split("\n---\n")
+        .filter(|doc| !doc.lines().any(|line| line == "kind: Deployment"))
+        .collect();
+    kubectl
+        .apply(&without_deployment.join("\n---\n"))
+        .expect("istiod's service account, RBAC and Service apply");
     kubectl
         .apply(&istiod_endpoints(&cp_ip))
         .expect("istiod's endpoint");

@@ -7,8 +7,8 @@ mod bench;
 mod ci;
 mod codegen;
 mod demo;
-mod k8s;
 mod images;
+mod k8s;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
