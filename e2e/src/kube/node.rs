@@ -284,7 +284,8 @@ impl Shared {
         });
     }
 
-    /// Runs an API call on the node's runtime, bounded by `api_timeout`.
+    /// Runs an API call from the calling thread, which must live in the
+    /// node's namespace (a pod's thread does), bounded by `api_timeout`.
     pub fn api<T>(
         &self,
         what: &str,
@@ -369,7 +370,10 @@ impl NodeRuntime {
         ));
         let runtime = node_tokio_runtime(&config.node.netns, &name)
             .map_err(io("start the node's tokio runtime".to_string()))?;
-        let client = runtime.block_on(client_from(&config.kubeconfig, &name))?;
+        let client = on_node(
+            &runtime,
+            client_from(config.kubeconfig.clone(), name.clone()),
+        )?;
         let node_paths: BTreeSet<PathBuf> = ["/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni"]
             .iter()
             .map(PathBuf::from)
@@ -392,7 +396,10 @@ impl NodeRuntime {
             "{name}: registering the Node (podCIDR {}, address {})",
             config.node.pod_cidr, config.node.ip
         ));
-        let node_uid = runtime.block_on(register::register(&shared, &config.kubelet_version))?;
+        let node_uid = on_node(
+            &runtime,
+            register::register(shared.clone(), config.kubelet_version.clone()),
+        )?;
         runtime.spawn(register::heartbeat(
             shared.clone(),
             config.kubelet_version.clone(),
@@ -581,14 +588,26 @@ fn node_tokio_runtime(netns: &NetNs, name: &str) -> std::io::Result<tokio::runti
         .build()
 }
 
+/// Runs `fut` on one of the runtime's threads (in the node's namespace)
+/// and waits for it: `block_on` alone would run it on the caller's thread,
+/// whose connections would leave from the caller's namespace.
+fn on_node<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
+) -> Result<T, NodeError> {
+    runtime
+        .block_on(runtime.spawn(fut))
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
+
 /// A client from the node's kubeconfig.
-async fn client_from(path: &Path, node: &str) -> Result<kube::Client, NodeError> {
+async fn client_from(path: PathBuf, node: String) -> Result<kube::Client, NodeError> {
     let bad = |reason: String| NodeError::Kubeconfig {
-        node: node.into(),
-        path: path.to_path_buf(),
+        node: node.clone(),
+        path: path.clone(),
         reason,
     };
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).map_err(|e| bad(e.to_string()))?;
     let config = kube::Config::from_custom_kubeconfig(
         kubeconfig,
         &kube::config::KubeConfigOptions::default(),

@@ -103,7 +103,9 @@ pub fn now() -> String {
 
 /// Creates (or adopts) the Node, checks its pod CIDR, reports it Ready and
 /// takes its Lease; the Node's uid.
-pub async fn register(shared: &Arc<Shared>, kubelet_version: &str) -> Result<String, NodeError> {
+pub async fn register(shared: Arc<Shared>, kubelet_version: String) -> Result<String, NodeError> {
+    let shared = &shared;
+    let kubelet_version = kubelet_version.as_str();
     let name = &shared.spec.name;
     let nodes: Api<Node> = Api::all(shared.client.clone());
     let object: Node = serde_json::from_value(node_object(shared)).expect("a valid Node");
