@@ -124,6 +124,50 @@ spec:
         failureThreshold: 2
 "#;
 
+/// On node1's own network, with a hostPath, a Secret volume and a
+/// ConfigMap value: it writes what it got where the node keeps hostPaths,
+/// then serves HTTP on the node's address.
+const HOST_NETWORK: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: greeting, namespace: demo}
+data: {word: hello}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: key, namespace: demo}
+stringData: {key.pem: not-really-a-key}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-host, namespace: demo}
+spec:
+  nodeName: node1
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - {name: state, hostPath: {path: /var/run/e2e-node-test, type: DirectoryOrCreate}}
+    - {name: key, secret: {secretName: key, defaultMode: 0400}}
+  containers:
+    - name: echo
+      image: istio-rs/echo:dev
+      command: ["sh", "-c"]
+      args: ["cat /etc/key/key.pem > /state/key && echo \"$(WORD) from $(NODE)\" > /state/hello && exec /usr/local/bin/echo --http 18080"]
+      env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        - name: WORD
+          valueFrom: {configMapKeyRef: {name: greeting, key: word}}
+        - name: NODE
+          valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+      volumeMounts:
+        - {name: state, mountPath: /state}
+        - {name: key, mountPath: /etc/key, readOnly: true}
+      readinessProbe:
+        tcpSocket: {port: 18080}
+        periodSeconds: 1
+"#;
+
 const UNKNOWN_IMAGE: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -503,6 +547,38 @@ fn kube_nodes() {
     assert!(
         reasons.contains(&"Unhealthy") && reasons.contains(&"Killing"),
         "{reasons:?}"
+    );
+
+    // hostNetwork: the pod has the node's address and serves there; its
+    // hostPath is the node's own (under the node's filesystem, not the
+    // machine's /run); Secret volume and ConfigMap value arrive.
+    kubectl.apply(HOST_NETWORK).expect("on-host");
+    let on_host = kubectl
+        .wait_for("the hostNetwork pod Ready", PATIENCE, |k| {
+            let p = k.json(&["get", "pod", "on-host", "-n", "demo"])?;
+            Ok((condition(&p, "Ready").as_deref() == Some("True")).then_some(p))
+        })
+        .expect("the hostNetwork pod becomes Ready");
+    let node1 = nodes.iter().find(|n| n.name() == "node1").unwrap();
+    let node1_ip = kube.topology.nodes[1].ip.to_string();
+    assert_eq!(on_host["status"]["podIP"], node1_ip.as_str(), "{on_host}");
+    let reply = echo_reply(&http_from_client(
+        node0,
+        &format!("http://{node1_ip}:18080/on-host"),
+    ));
+    assert_eq!(reply.pod, "on-host");
+    let state = node1.fs_root().join("run/e2e-node-test");
+    assert_eq!(
+        std::fs::read_to_string(state.join("hello")).unwrap(),
+        "hello from node1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(state.join("key")).unwrap(),
+        "not-really-a-key"
+    );
+    assert!(
+        !std::path::Path::new("/run/e2e-node-test").exists(),
+        "a node's hostPath is not the machine's"
     );
 
     // An image outside the table fails clearly.

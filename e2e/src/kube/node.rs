@@ -268,6 +268,9 @@ pub(crate) struct Shared {
     pub node_paths: Mutex<BTreeSet<PathBuf>>,
     pub pods: Mutex<BTreeMap<String, pod::PodEntry>>,
     pub journal: Mutex<Vec<JournalEntry>>,
+    /// Set when the runtime stops: pod threads end without touching their
+    /// pods (the run removes those).
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -291,6 +294,9 @@ impl Shared {
         what: &str,
         fut: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, String> {
+        if self.is_stopping() {
+            return Err(format!("{what}: the node runtime is stopping"));
+        }
         let timeout = self.timings.api_timeout;
         self.handle
             .block_on(async { tokio::time::timeout(timeout, fut).await })
@@ -300,6 +306,10 @@ impl Shared {
 
     pub fn cni_conf_dir(&self) -> PathBuf {
         self.fs.join("etc/cni/net.d")
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn cni_bin_dir(&self) -> PathBuf {
@@ -390,6 +400,7 @@ impl NodeRuntime {
             node_paths: Mutex::new(node_paths),
             pods: Mutex::new(BTreeMap::new()),
             journal: Mutex::new(Vec::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
 
         progress(&format!(
@@ -508,6 +519,18 @@ impl NodeRuntime {
     /// Stops watching and heart-beating (the Node goes NotReady once its
     /// Lease expires); pods keep running until the run ends.
     pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Each pod thread sees the flag at its next wake-up; waking them
+        // now makes them end before the runtime goes.
+        for entry in Shared::lock(&self.shared.pods).values() {
+            let _ = entry.tx.send(pod::PodEvent::Wake);
+        }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -516,9 +539,7 @@ impl NodeRuntime {
 
 impl Drop for NodeRuntime {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.shut_down();
     }
 }
 

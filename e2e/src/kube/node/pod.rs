@@ -51,6 +51,8 @@ pub(crate) enum PodEvent {
     Updated(Box<Pod>),
     /// The object is gone from the API (deleted without us).
     Gone,
+    /// Look again (the runtime is stopping).
+    Wake,
 }
 
 /// A pod's thread, as the node keeps it.
@@ -350,9 +352,13 @@ impl Worker {
                 match self.rx.try_recv() {
                     Ok(PodEvent::Updated(p)) => self.pod = *p,
                     Ok(PodEvent::Gone) => gone = true,
+                    Ok(PodEvent::Wake) => {}
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
+            }
+            if self.shared.is_stopping() {
+                return;
             }
             if gone || self.pod.metadata.deletion_timestamp.is_some() {
                 self.terminate(gone);
@@ -364,7 +370,7 @@ impl Worker {
             match self.rx.recv_timeout(self.shared.timings.pod_sync) {
                 Ok(PodEvent::Updated(p)) => self.pod = *p,
                 Ok(PodEvent::Gone) => gone = true,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(PodEvent::Wake) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
