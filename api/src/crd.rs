@@ -237,8 +237,29 @@ pub struct PeerAuthenticationSpec {
     // and enforced more strictly, never dropped with the rest of the object.
     // The schema still lets the API server refuse it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(with = "BTreeMap<u32, MutualTls>")]
+    #[schemars(schema_with = "port_level_mtls_schema")]
     pub port_level_mtls: BTreeMap<String, MutualTls>,
+}
+
+/// Most ports one PeerAuthentication overrides: bounds the cost of the key
+/// rule below, which the API server checks before it accepts the CRD.
+const MAX_PORT_LEVEL_MTLS: u64 = 1024;
+
+/// `portLevelMtls`: a map from port number to mode. Structural schemas
+/// (what `apiextensions.k8s.io/v1` accepts) have no `patternProperties`, so
+/// the keys are checked by a CEL rule instead (the API server refused the
+/// `patternProperties` a `BTreeMap<u32, _>` schema gives).
+fn port_level_mtls_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<BTreeMap<String, MutualTls>>();
+    schema.insert("maxProperties".into(), MAX_PORT_LEVEL_MTLS.into());
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)",
+            "message": "portLevelMtls keys must be port numbers (1-65535)",
+        }]),
+    );
+    schema
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -84,3 +84,41 @@ impl KubeRun {
         })
     }
 }
+
+/// Registers Node `name` and reports it Ready with room for pods, as a
+/// kubelet does when it joins (the object is real; only the kubelet behind
+/// it is missing until the node runtime plays that part).
+pub fn register_node(kubectl: &Kubectl, name: &str) -> Result<(), KubectlError> {
+    kubectl.apply(
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+            }},
+        })
+        .to_string(),
+    )?;
+    let now = now_rfc3339();
+    let resources = serde_json::json!({"cpu": "2", "memory": "4Gi", "pods": "110"});
+    kubectl.patch_status(
+        "node",
+        None,
+        name,
+        &serde_json::json!({"status": {
+            "capacity": resources, "allocatable": resources,
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "e2e node", "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+        }}),
+    )?;
+    Ok(())
+}
+
+/// Now, as Kubernetes writes times (RFC 3339, seconds, UTC).
+pub fn now_rfc3339() -> String {
+    let secs = k8s_openapi::jiff::Timestamp::now().as_second();
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}

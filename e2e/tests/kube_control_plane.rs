@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use e2e::kube::{KubeRun, Kubectl};
+use e2e::kube::{KubeRun, Kubectl, register_node};
 use e2e::privilege;
 use serde_json::{Value, json};
 
@@ -48,43 +48,6 @@ spec:
         - name: echo
           image: istio-rs/echo
 "#;
-
-/// A Node as a kubelet registers it, then its status as a kubelet reports
-/// it (Ready, room for pods).
-fn register_node(kubectl: &Kubectl, name: &str) {
-    kubectl
-        .apply(&json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-        }).to_string())
-        .expect("the Node registers");
-    let now = k8s_now();
-    let resources = json!({"cpu": "2", "memory": "4Gi", "pods": "110"});
-    kubectl
-        .patch_status(
-            "node",
-            None,
-            name,
-            &json!({"status": {
-                "capacity": resources, "allocatable": resources,
-                "conditions": [{
-                    "type": "Ready", "status": "True", "reason": "KubeletReady",
-                    "message": "e2e node", "lastHeartbeatTime": now, "lastTransitionTime": now,
-                }],
-            }}),
-        )
-        .expect("the Node reports Ready");
-}
-
-fn k8s_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    k8s_openapi::jiff::Timestamp::from_second(secs)
-        .unwrap()
-        .to_string()
-}
 
 fn owner_kind(o: &Value) -> Option<&str> {
     o["metadata"]["ownerReferences"][0]["kind"].as_str()
@@ -158,7 +121,7 @@ fn kube_control_plane() {
 
     // The scheduler binds it once a Ready node exists; the controller
     // manager gives the node a pod CIDR.
-    register_node(&kubectl, "node0");
+    register_node(&kubectl, "node0").expect("node0 registers and reports Ready");
     let bound = kubectl
         .wait_for("the Pod to be bound to node0", PATIENCE, |k| {
             let p = k.get("pod", Some("shop"), &pod_name)?;

@@ -290,6 +290,33 @@ async fn a_failed_list_is_retried() {
 /// syncing, and its objects are picked up once it is served.
 #[tokio::test]
 async fn a_kind_that_is_not_served_counts_as_empty() {
+    not_served_counts_as_empty(|| {
+        failure(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    })
+    .await;
+}
+
+/// The same when no kind of the group is served (no Gateway API CRD at
+/// all): a real API server then answers a plain-text `404 page not found`,
+/// not a Status object, which kube-rs turns into a Status without the
+/// NotFound reason.
+#[tokio::test]
+async fn a_group_that_is_not_served_counts_as_empty() {
+    not_served_counts_as_empty(|| {
+        Response::builder()
+            .status(404)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Body::from(b"404 page not found\n".to_vec()))
+            .unwrap()
+    })
+    .await;
+}
+
+async fn not_served_counts_as_empty(not_found: fn() -> Response<Body>) {
     let (client, mut server) = ApiServer::start();
     let store = Store::new();
     let tasks = kube_source::spawn(client, store.clone());
@@ -317,11 +344,7 @@ async fn a_kind_that_is_not_served_counts_as_empty() {
                 retried_gateway_list = Some(respond);
                 continue;
             }
-            respond.send_response(failure(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ));
+            respond.send_response(not_found());
         }
     }
     assert_eq!(gateway_lists.min(1), 1, "the Gateway list was tried");

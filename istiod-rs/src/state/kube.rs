@@ -41,15 +41,18 @@ struct SyncTracker {
 }
 
 impl SyncTracker {
-    fn listed(&self, kind: Kind) {
+    /// Records that `kind` has delivered its initial list; true the first time.
+    fn listed(&self, kind: Kind) -> bool {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        if done.insert(kind) {
+        let first = done.insert(kind);
+        if first {
             debug!(%kind, synced = done.len(), of = Kind::ALL.len(), "initial list received");
             if done.len() == Kind::ALL.len() {
                 info!("initial state of every kind received from the Kubernetes API");
                 self.store.mark_synced();
             }
         }
+        first
     }
 }
 
@@ -119,19 +122,30 @@ where
                 let key = Object::from(o).key();
                 store.update(|s| s.delete(kind, &key));
             }
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.is_not_found() =>
-            {
+            Err(watcher::Error::InitialListFailed(e)) if is_not_found(&e) => {
                 // The kind's CRD is not installed (Gateway API, Istio
                 // security): there are none of them. Count the kind as
                 // listed so istiod-rs can become ready; the watcher keeps
                 // retrying and picks the objects up once the CRD appears.
-                info!(%kind, "the API server does not serve this kind (CRD not installed?); treating it as empty");
-                tracker.listed(kind);
+                // Said once: the watcher retries with backoff for as long
+                // as the CRD is missing (a cluster without the Gateway API).
+                if tracker.listed(kind) {
+                    info!(%kind, "the API server does not serve this kind (CRD not installed?); treating it as empty until it does");
+                } else {
+                    debug!(%kind, "the API server still does not serve this kind");
+                }
             }
             Err(e) => warn!(%kind, error = %e, "watch failed; retrying with backoff"),
         }
     }
+}
+
+/// Whether the API server answered 404. A kind whose group is not served
+/// at all (no Gateway API CRD installed) gets a plain-text `404 page not
+/// found`, which kube-rs turns into a Status without the `NotFound`
+/// reason, so the code decides.
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.is_not_found() || status.code == 404)
 }
 
 fn slim<K: Resource>(o: &mut K) {

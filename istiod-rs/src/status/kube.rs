@@ -97,7 +97,7 @@ impl KubeStatus {
             .await
         {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.is_not_found() => return Ok(false),
+            Err(e) if crate::state::kube::is_not_found(&e) => return Ok(false),
             Err(source) => {
                 return Err(StatusError::Kube {
                     object: object.clone(),

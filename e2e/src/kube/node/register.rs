@@ -95,10 +95,7 @@ pub fn node_status(shared: &Shared, kubelet_version: &str, now: &str) -> serde_j
 
 /// Now as the API writes times (RFC 3339, whole seconds, UTC).
 pub fn now() -> String {
-    let secs = Timestamp::now().as_second();
-    Timestamp::from_second(secs)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    crate::kube::now_rfc3339()
 }
 
 /// Creates (or adopts) the Node, checks its pod CIDR, reports it Ready and
