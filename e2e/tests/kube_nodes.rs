@@ -281,6 +281,18 @@ fn kube_nodes() {
         );
     }
 
+    for n in &kube.topology.nodes {
+        let lease = kubectl
+            .get("lease", Some("kube-node-lease"), &n.name)
+            .expect("get the node's Lease")
+            .expect("the node holds a Lease");
+        assert_eq!(lease["spec"]["holderIdentity"], n.name.as_str(), "{lease}");
+        assert_eq!(
+            lease["metadata"]["ownerReferences"][0]["kind"], "Node",
+            "{lease}"
+        );
+    }
+
     // The echo Deployment: one pod per node, Running and Ready, addressed
     // from its node's pod range.
     let applied = Instant::now();

@@ -219,7 +219,11 @@ struct ContainerRun {
     container_id: String,
     launch: Option<PathBuf>,
     state: State,
+    /// The latest exit, and the one before it (kubelet's `lastState` is
+    /// the previous instance's exit: `last` while a new instance waits or
+    /// runs, `prior` once the current one has exited for good).
     last: Option<Terminated>,
+    prior: Option<Terminated>,
     restart_count: u32,
     ready: bool,
     started: bool,
@@ -302,6 +306,7 @@ impl Worker {
                     message: String::new(),
                 },
                 last: None,
+                prior: None,
                 restart_count: 0,
                 ready: false,
                 started: false,
@@ -456,15 +461,17 @@ impl Worker {
         self.update_view();
     }
 
-    /// Builds the sandbox and the volumes.
-    fn prepare(&mut self) -> Result<(), (String, String)> {
-        if self
-            .pod
+    fn has_init_containers(&self) -> bool {
+        self.pod
             .spec
             .as_ref()
             .and_then(|s| s.init_containers.as_ref())
             .is_some_and(|c| !c.is_empty())
-        {
+    }
+
+    /// Builds the sandbox and the volumes.
+    fn prepare(&mut self) -> Result<(), (String, String)> {
+        if self.has_init_containers() {
             return Err((
                 "CreateContainerConfigError".into(),
                 "spec.initContainers: init containers are not supported by the node runtime".into(),
@@ -674,7 +681,7 @@ impl Worker {
         };
         let name = c.spec.name.clone();
         c.state = State::Terminated(term.clone());
-        c.last = Some(term);
+        c.prior = c.last.replace(term);
         if restart {
             let delay = if c.restart_count == 0 {
                 Duration::ZERO
@@ -1026,10 +1033,9 @@ impl Worker {
     fn status(&mut self, terminating: bool) -> Value {
         let sandbox_ready = self.sandbox.is_some() && !self.network_down;
         let all_ready = !self.containers.is_empty() && self.containers.iter().all(|c| c.ready);
-        let initialized = self
-            .blocked
-            .as_ref()
-            .is_none_or(|(r, _)| r != "CreateContainerConfigError" || self.sandbox.is_some());
+        // Init containers are refused (the pod never initializes); else
+        // there is nothing to initialize.
+        let initialized = !self.has_init_containers();
         self.set_condition("PodReadyToStartContainers", sandbox_ready);
         self.set_condition("Initialized", initialized);
         self.set_condition("ContainersReady", all_ready && !terminating);
@@ -1076,8 +1082,12 @@ impl Worker {
                     "started": c.process.is_some() && c.started,
                     "restartCount": c.restart_count,
                     "state": state_json(&c.state),
-                    "lastState": c.last.as_ref().filter(|_| !matches!(c.state, State::Terminated(_)) || c.restart_count > 0)
-                        .map(|t| json!({"terminated": terminated_json(t)})).unwrap_or(json!({})),
+                    "lastState": match c.state {
+                        State::Terminated(_) => c.prior.as_ref(),
+                        _ => c.last.as_ref(),
+                    }
+                    .map(|t| json!({"terminated": terminated_json(t)}))
+                    .unwrap_or(json!({})),
                 });
                 if !c.container_id.is_empty() {
                     s["containerID"] = format!("e2e://{}", c.container_id).into();
@@ -1281,6 +1291,9 @@ impl Worker {
     /// Posts a core/v1 Event about the pod (or one of its containers), as
     /// kubelet's recorder does; best effort.
     fn event(&self, kind: &str, reason: &str, message: &str, container: Option<&str>) {
+        if self.shared.is_stopping() {
+            return;
+        }
         let mut involved = json!({
             "apiVersion": "v1", "kind": "Pod", "namespace": self.namespace,
             "name": self.name, "uid": self.uid,
