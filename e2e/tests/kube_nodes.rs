@@ -78,10 +78,10 @@ spec:
 "#;
 
 /// A pod to exec into: the client image, idling.
-fn client_pod(node: &str) -> String {
+fn client_pod(name: &str, node: &str) -> String {
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "client", "namespace": "demo"},
+        "metadata": {"name": name, "namespace": "demo"},
         "spec": {
             "nodeName": node,
             "serviceAccountName": "client",
@@ -166,6 +166,29 @@ spec:
       readinessProbe:
         tcpSocket: {port: 18080}
         periodSeconds: 1
+"#;
+
+/// A node agent's view: on node0's network, `/var/run/netns` of the node
+/// with `HostToContainer` propagation, listing which entries are network
+/// namespaces (nsfs) into a hostPath file, over and over.
+const NETNS_WATCHER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: netns-watcher, namespace: demo}
+spec:
+  nodeName: node0
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  volumes:
+    - {name: netns, hostPath: {path: /var/run/netns, type: DirectoryOrCreate}}
+    - {name: out, hostPath: {path: /var/run/netns-watcher, type: DirectoryOrCreate}}
+  containers:
+    - name: watch
+      image: istio-rs/client:dev
+      command: ["sh", "-c", "while :; do for f in /var/run/netns/*; do echo \"${f##*/} $(stat -f -c %T $f)\"; done > /out/list.tmp; mv /out/list.tmp /out/list; sleep 0.2; done"]
+      volumeMounts:
+        - {name: netns, mountPath: /var/run/netns, mountPropagation: HostToContainer}
+        - {name: out, mountPath: /out}
 "#;
 
 const UNKNOWN_IMAGE: &str = r#"
@@ -357,7 +380,7 @@ fn kube_nodes() {
     // The client pod on node0: it reaches both echo pods by pod IP (one of
     // them across the fabric on node1) and the Service's ClusterIP.
     kubectl
-        .create(&client_pod("node0"))
+        .create(&client_pod("client", "node0"))
         .expect("the client pod is created");
     kubectl
         .wait_for("the client pod Running", PATIENCE, |k| {
@@ -520,6 +543,37 @@ fn kube_nodes() {
         !e2e::process::is_same_process(process.pid as i32, process.start_time),
         "the echo process is gone"
     );
+
+    // A running container sees network namespaces mounted after it
+    // started (a node agent's hostPath /var/run/netns).
+    kubectl.apply(NETNS_WATCHER).expect("netns-watcher");
+    let watch_list = node0.fs_root().join("run/netns-watcher/list");
+    kubectl
+        .wait_for("the netns watcher to write", PATIENCE, |_| {
+            Ok(watch_list.exists().then_some(()))
+        })
+        .expect("the watcher runs");
+    kubectl
+        .create(&client_pod("late", "node0"))
+        .expect("a later pod");
+    let late_netns = kubectl
+        .wait_for("the later pod's netns", PATIENCE, |_| {
+            Ok(node0.pod("demo", "late").and_then(|v| v.netns))
+        })
+        .expect("the later pod has a netns");
+    kubectl
+        .wait_for(
+            "the watcher to see it as a network namespace",
+            PATIENCE,
+            |_| {
+                let list = std::fs::read_to_string(&watch_list).unwrap_or_default();
+                Ok(list
+                    .lines()
+                    .any(|l| l == format!("{} nsfs", late_netns.name()))
+                    .then_some(()))
+            },
+        )
+        .expect("mounts made after the container started reach it");
 
     // A container that exits is restarted (once: it then stays up).
     kubectl.apply(ONCE_CRASHING).expect("crash-once");

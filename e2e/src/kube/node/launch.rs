@@ -17,6 +17,11 @@
 //! serviceaccount/token` is a real file for the process, and the host's
 //! `/run` gains no `secrets` directory.
 //!
+//! Propagation: every mount of the view is a slave of the host's
+//! (`HostToContainer` for all; `Bidirectional` is not offered): mounts the
+//! host makes later (a new pod's `/run/netns/<name>`) appear in running
+//! containers; nothing mounted inside leaks out.
+//!
 //! Every mount source is opened (`O_PATH`) before anything is mounted, and
 //! mounted from `/proc/self/fd/N`: a volume mounted over `/tmp` cannot hide
 //! a later source that lives under the host's `/tmp`.
@@ -116,15 +121,19 @@ pub fn launch(spec: &Launch) -> Result<Infallible, LaunchError> {
     if let Some(name) = &spec.hostname {
         nix::unistd::sethostname(name).map_err(|e| setup("set the hostname", e))?;
     }
-    // Nothing mounted here may reach the host's mount namespace.
+    // Nothing mounted here reaches the host's mount namespace, but the
+    // host's new mounts reach the container (every mount is a slave:
+    // Kubernetes' `mountPropagation: HostToContainer`), so a node agent
+    // sees the network namespaces the runtime mounts under /run/netns
+    // after it started.
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(|e| setup("make / private", e))?;
+    .map_err(|e| setup("make / a slave of the host's mounts", e))?;
 
     let mounts = spec.ordered_mounts();
     let sources: Vec<OwnedFd> = mounts
