@@ -168,6 +168,20 @@ spec:
         periodSeconds: 1
 "#;
 
+/// Ignores SIGTERM (and so do its children): killed when its grace ends.
+const STUBBORN: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: stubborn, namespace: demo}
+spec:
+  nodeName: node1
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: istio-rs/client:dev
+      command: ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+"#;
+
 /// A node agent's view: on node0's network, `/var/run/netns` of the node
 /// with `HostToContainer` propagation, listing which entries are network
 /// namespaces (nsfs) into a hostPath file, over and over.
@@ -544,6 +558,42 @@ fn kube_nodes() {
         "the echo process is gone"
     );
 
+    // A container that ignores SIGTERM is killed once its grace period ends.
+    kubectl.apply(STUBBORN).expect("stubborn");
+    let node1 = nodes.iter().find(|n| n.name() == "node1").unwrap();
+    kubectl
+        .wait_for("stubborn running", PATIENCE, |k| {
+            let p = k.json(&["get", "pod", "stubborn", "-n", "demo"])?;
+            Ok((p["status"]["phase"] == "Running").then_some(()))
+        })
+        .expect("stubborn runs");
+    kubectl
+        .run(&["delete", "pod", "-n", "demo", "stubborn", "--wait=false"])
+        .expect("delete stubborn");
+    kubectl
+        .wait_for("stubborn's object to go", PATIENCE, |k| {
+            Ok(k.get("pod", Some("demo"), "stubborn")?
+                .is_none()
+                .then_some(()))
+        })
+        .expect("stubborn is removed");
+    let steps: Vec<String> = node1
+        .journal()
+        .into_iter()
+        .filter(|e| e.pod == "stubborn")
+        .map(|e| e.step)
+        .collect();
+    let term = steps
+        .iter()
+        .position(|s| s.contains("SIGTERM, grace period 1s"));
+    let killed = steps
+        .iter()
+        .position(|s| s.contains("container app exited: signal 9"));
+    assert!(
+        term.is_some() && killed.is_some() && term < killed,
+        "SIGTERM, then SIGKILL after the grace period: {steps:#?}"
+    );
+
     // A running container sees network namespaces mounted after it
     // started (a node agent's hostPath /var/run/netns).
     kubectl.apply(NETNS_WATCHER).expect("netns-watcher");
@@ -625,7 +675,6 @@ fn kube_nodes() {
             Ok((condition(&p, "Ready").as_deref() == Some("True")).then_some(p))
         })
         .expect("the hostNetwork pod becomes Ready");
-    let node1 = nodes.iter().find(|n| n.name() == "node1").unwrap();
     let node1_ip = kube.topology.nodes[1].ip.to_string();
     assert_eq!(on_host["status"]["podIP"], node1_ip.as_str(), "{on_host}");
     let reply = echo_reply(&http_from_client(
