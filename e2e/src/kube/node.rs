@@ -127,6 +127,12 @@ pub struct NodeTimings {
     pub restart_backoff_max: Duration,
     /// How long kube-proxy may take to program its first rules.
     pub kube_proxy_ready: Duration,
+    /// How soon a pod that could not start (no CNI configuration yet, a
+    /// missing ConfigMap, an unknown image) is tried again.
+    pub retry: Duration,
+    /// How long the containers of a pod whose object vanished (force
+    /// deletion) get between SIGTERM and SIGKILL.
+    pub gone_grace: Duration,
 }
 
 impl Default for NodeTimings {
@@ -140,6 +146,8 @@ impl Default for NodeTimings {
             restart_backoff: Duration::from_secs(10),
             restart_backoff_max: Duration::from_secs(300),
             kube_proxy_ready: Duration::from_secs(60),
+            retry: Duration::from_secs(2),
+            gone_grace: Duration::from_secs(2),
         }
     }
 }
@@ -254,6 +262,9 @@ pub struct JournalEntry {
     pub step: String,
 }
 
+/// The most journal entries a node keeps.
+const JOURNAL_LIMIT: usize = 10_000;
+
 /// What the node's threads share.
 pub(crate) struct Shared {
     pub spec: NodeSpec,
@@ -280,7 +291,12 @@ impl Shared {
 
     pub fn note(&self, namespace: &str, pod: &str, step: String) {
         tracing::info!(node = %self.spec.name, pod = %format!("{namespace}/{pod}"), "{step}");
-        Shared::lock(&self.journal).push(JournalEntry {
+        let mut journal = Shared::lock(&self.journal);
+        if journal.len() >= JOURNAL_LIMIT {
+            // The oldest half goes: a long run keeps its recent history.
+            journal.drain(..JOURNAL_LIMIT / 2);
+        }
+        journal.push(JournalEntry {
             namespace: namespace.into(),
             pod: pod.into(),
             step,
@@ -465,7 +481,7 @@ impl NodeRuntime {
             .find(|v| v.namespace == namespace && v.name == name)
     }
 
-    /// Every step the runtime took, in order.
+    /// The steps the runtime took, in order (the latest 5,000 to 10,000).
     pub fn journal(&self) -> Vec<JournalEntry> {
         Shared::lock(&self.shared.journal).clone()
     }

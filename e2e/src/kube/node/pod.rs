@@ -272,8 +272,6 @@ struct Worker {
 
 /// Container and sandbox ids look like a runtime's (64 hex digits).
 const ID_LEN: usize = 64;
-/// How long a pod whose object vanished (force-deleted) gets to stop.
-const GONE_GRACE: Duration = Duration::from_secs(2);
 
 impl Worker {
     fn new(shared: Arc<Shared>, pod: Pod, rx: mpsc::Receiver<PodEvent>) -> Worker {
@@ -433,7 +431,7 @@ impl Worker {
                     };
                 }
                 self.blocked = Some((reason, message));
-                self.retry_at = Instant::now() + Duration::from_secs(2);
+                self.retry_at = Instant::now() + self.shared.timings.retry;
                 return;
             }
             self.blocked = None;
@@ -719,6 +717,7 @@ impl Worker {
         match self.launch_container(i) {
             Ok(()) => {}
             Err((reason, message)) => {
+                let retry = self.shared.timings.retry;
                 let c = &mut self.containers[i];
                 let name = c.spec.name.clone();
                 let changed = !matches!(&c.state, State::Waiting { reason: r, message: m } if *r == reason && *m == message);
@@ -726,7 +725,7 @@ impl Worker {
                     reason: reason.clone(),
                     message: message.clone(),
                 };
-                c.next_start = Some(Instant::now() + Duration::from_secs(2));
+                c.next_start = Some(Instant::now() + retry);
                 if changed {
                     self.note(format!(
                         "container {name} cannot start: {reason}: {message}"
@@ -1208,7 +1207,7 @@ impl Worker {
     fn terminate(&mut self, gone: bool) {
         self.terminating = true;
         let grace = if gone {
-            GONE_GRACE
+            self.shared.timings.gone_grace
         } else {
             self.grace_period()
         };
