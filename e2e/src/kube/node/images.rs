@@ -43,6 +43,12 @@ pub const IMAGES: &[ImageEntry] = &[
         path: "/usr/local/bin/ztunnel-rs",
     },
     ImageEntry {
+        name: "waypoint-rs",
+        package: "waypoint-rs",
+        binary: "waypoint-rs",
+        path: "/usr/local/bin/waypoint-rs",
+    },
+    ImageEntry {
         name: "istioctl-rs",
         package: "istioctl-rs",
         binary: "istioctl-rs",
@@ -121,6 +127,6 @@ mod tests {
         assert_eq!(lookup("istio-rs/echo").unwrap().binary, "echo");
         let err = lookup("nginx:1.27").unwrap_err().to_string();
         assert!(err.starts_with("image \"nginx:1.27\" is not in the node runtime's image table e2e/src/kube/node/images.rs"), "{err}");
-        assert!(err.contains("istiod-rs, ztunnel-rs"), "{err}");
+        assert!(err.contains("istiod-rs, ztunnel-rs, waypoint-rs"), "{err}");
     }
 }
