@@ -11,12 +11,15 @@
 //! endpoint (the control plane's fabric address) is an EndpointSlice
 //! written by hand. Then:
 //! - an enrolled pod and its Service appear in istiod-rs's served state
-//!   (`/debug/config_dump`, from loopback) with the pod's identity;
+//!   (`/debug/config_dump`, from loopback) with the pod's identity, and the
+//!   pod reaches a ztunnel's xDS client (TLS, a node agent's bound token);
 //! - an AuthorizationPolicy appears as an authorization, and istiod-rs's
 //!   `ZtunnelAccepted` condition lands on the object by server-side apply
 //!   (`UnsupportedValue`, naming the value, on a bad one stored before
 //!   istiod-rs ran);
-//! - Gateway API CRDs are not installed: istiod-rs becomes ready all the same;
+//! - Gateway API CRDs are not installed: istiod-rs becomes ready all the
+//!   same; installed later (standard channel, pinned), the kinds are picked
+//!   up and istiod-rs's route status lands on an HTTPRoute;
 //! - the CA signs a certificate for a caller presenting a pod-bound
 //!   TokenRequest token (audience `istio-ca`) and refuses a forged token and
 //!   one for another audience;
@@ -104,6 +107,25 @@ spec:
     - from:
         - source:
             namespaces: ["legacy"]
+"#;
+
+/// An HTTPRoute bound to the `web` Service (GAMMA): an L7 rule.
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+  namespace: shop
+spec:
+  parentRefs:
+    - group: ""
+      kind: Service
+      name: web
+      port: 80
+  rules:
+    - backendRefs:
+        - name: web
+          port: 80
 "#;
 
 /// The node agents of node0 and node1 (pods of istio-system/ztunnel, the
@@ -257,6 +279,55 @@ fn sign(
         .expect("enter the control-plane namespace")
 }
 
+/// Subscribes to istiod-rs's delta xDS (TLS, 15012) as a ztunnel does,
+/// presenting `token`, and waits for the workload at `ip`: its namespace
+/// and SPIFFE identity as the proxy receives them.
+fn xds_workload(kube: &KubeRun, root: &Path, token: &str, ip: &str) -> (String, String) {
+    use proxy_core::store::WorkloadStore;
+    use proxy_core::xds::{XdsClient, XdsConfig, handlers};
+    let token_file = kube.run.dir().join(format!("xds-token-{}", rand_suffix()));
+    std::fs::write(&token_file, token).unwrap();
+    let roots = proxy_core::tls::load_pem_certificates(root).expect("the mesh root is PEM");
+    let address = SocketAddr::from((
+        kube.topology.plan.control_plane_ip(),
+        api::ports::ISTIOD_TLS,
+    ));
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let node_ip = kube.topology.nodes[0].ip.into();
+    kube.control_plane
+        .netns()
+        .block_on(move || async move {
+            let plane = ControlPlane::tls(address.to_string(), roots).with_token_path(&token_file);
+            let config = XdsConfig::new(proxy_core::xds::ztunnel_node_id(
+                node_ip,
+                "ztunnel-node0",
+                "istio-system",
+            ));
+            let store = WorkloadStore::new();
+            let client = handlers::subscribe_store(
+                XdsClient::new(plane.channel().expect("an xDS channel"), config),
+                &store,
+            )
+            .with_metadata(plane.xds_metadata());
+            let status = client.status();
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(client.run(stop.clone()));
+            let found = tokio::time::timeout(PATIENCE, async {
+                let mut changes = store.subscribe();
+                loop {
+                    if let Some(w) = store.snapshot().workload_by_address("", ip) {
+                        return (w.namespace.clone(), w.identity.to_string());
+                    }
+                    changes.changed().await.expect("the store is alive");
+                }
+            })
+            .await;
+            stop.cancel();
+            found.unwrap_or_else(|_| panic!("no workload at {ip} over xDS: {:?}", status.current()))
+        })
+        .expect("enter the control-plane namespace")
+}
+
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -321,19 +392,9 @@ fn kube_istiod() {
 
     // What an install brings: the CRDs, istiod's namespace, the webhook's
     // configuration (and the endpoint istiod-rs serves it at).
-    let crds = workspace().join("manifests/crds");
     kubectl
-        .run(&["apply", "-f", crds.to_str().unwrap()])
-        .expect("the CRDs apply");
-    kubectl
-        .run(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "--all",
-        ])
-        .expect("the CRDs are established");
+        .apply_crds(&workspace().join("manifests/crds"))
+        .expect("our CRDs apply and are established");
     kubectl
         .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n")
         .expect("istio-system");
@@ -483,6 +544,37 @@ fn kube_istiod() {
         "the message names the value: {unsupported}"
     );
 
+    // The Gateway API CRDs (standard channel, pinned) installed while
+    // istiod-rs runs: it picks the kinds up once they are served, and its
+    // route status lands on an HTTPRoute bound to the Service (which no
+    // waypoint serves yet).
+    kubectl
+        .apply_crds(&kube.control_plane.config.binaries.gateway_api_crds)
+        .expect("the Gateway API CRDs apply and are established");
+    kubectl.apply(ROUTE).expect("the HTTPRoute applies");
+    let parent = kubectl
+        .wait_for(
+            "istiod-rs's parent status on HTTPRoute web",
+            PATIENCE,
+            |k| {
+                let route = k.get("httproute", Some("shop"), "web")?;
+                Ok(route.and_then(|r| {
+                    r["status"]["parents"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["controllerName"] == "istio.io/mesh-controller")
+                        .cloned()
+                }))
+            },
+        )
+        .expect("istiod-rs writes the route's status");
+    assert_eq!(parent["parentRef"]["kind"], "Service", "{parent}");
+    assert_eq!(parent["parentRef"]["name"], "web", "{parent}");
+    assert!(
+        condition(&json!({"status": parent}), "Accepted").is_some(),
+        "{parent}"
+    );
+
     // The CA: a pod-bound token for audience istio-ca gets the pod's identity.
     let root = data_dir.join("root-cert.pem");
     let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
@@ -531,6 +623,14 @@ fn kube_istiod() {
     assert_eq!(
         spiffe_of(&chain[0]),
         "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    // The same node agent's proxy over xDS: the pod, with its identity.
+    assert_eq!(
+        xds_workload(&kube, &root, &on_node0, POD_IP),
+        (
+            "shop".to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web".to_string()
+        )
     );
     let on_node1 = token_for(&kubectl, "istio-ca", &ztunnel("ztunnel-node1"));
     let refused =

@@ -118,6 +118,9 @@ pub struct Recipe {
     pub etcd: String,
     /// The `github.com/containernetworking/plugins` release.
     pub cni_plugins: String,
+    /// The `sigs.k8s.io/gateway-api` release whose standard-channel CRDs
+    /// the tests install (not built: copied from the module).
+    pub gateway_api: String,
 }
 
 /// Every binary, in build order (the API server first: it compiles most of
@@ -181,14 +184,16 @@ const GO_FALLBACK: &str = "/usr/local/go/bin/go";
 impl Default for Recipe {
     /// Kubernetes 1.36.3, its staging modules at v0.36.3, and etcd 3.6.8: the
     /// etcd version k8s.io/kubernetes v1.36.3 pins in
-    /// `build/dependencies.yaml`; the CNI plugins at their newest release
-    /// the module proxy serves (v1.10.0).
+    /// `build/dependencies.yaml`. Gateway API v1.5.1: the release the
+    /// `gateway-api` crate istiod-rs reads it with is generated from. The
+    /// CNI plugins at their newest release the module proxy serves (v1.10.0).
     fn default() -> Self {
         Recipe {
             kubernetes: "v1.36.3".into(),
             staging: "v0.36.3".into(),
             etcd: "v3.6.8".into(),
             cni_plugins: "v1.10.0".into(),
+            gateway_api: "v1.5.1".into(),
         }
     }
 }
@@ -198,8 +203,8 @@ impl Recipe {
     pub fn hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!(
-            "format {RECIPE_FORMAT}\nkubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ntags {TAGS}\n",
-            self.kubernetes, self.staging, self.etcd, self.cni_plugins
+            "format {RECIPE_FORMAT}\nkubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ngateway-api {}\ntags {TAGS}\n",
+            self.kubernetes, self.staging, self.etcd, self.cni_plugins, self.gateway_api
         ));
         for c in COMPONENTS {
             h.update(format!("{} {:?} {}\n", c.name, c.module, c.package));
@@ -253,10 +258,12 @@ impl Recipe {
     }
 }
 
-/// The built binaries' paths.
+/// The built binaries' paths, and the Gateway API CRDs of the recipe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubeBinaries {
     pub dir: PathBuf,
+    /// The standard channel's CRD files (`gateway.networking.k8s.io_*.yaml`).
+    pub gateway_api_crds: PathBuf,
 }
 
 impl KubeBinaries {
@@ -332,16 +339,31 @@ impl Cache {
         self.dir.join("bin")
     }
 
+    /// The Gateway API standard channel's CRDs.
+    pub fn gateway_api_dir(&self) -> PathBuf {
+        self.dir.join("gateway-api").join("standard")
+    }
+
+    /// `<dir>.lock`, beside the cache directory (whose name has dots in it:
+    /// the release).
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        self.dir.with_file_name(name)
+    }
+
     fn marker(&self) -> PathBuf {
         self.bin_dir().join(COMPLETE_MARKER)
     }
 
-    /// Whether every binary is built (the marker is written last).
+    /// Whether every binary is built and the CRDs are there (the marker is
+    /// written last).
     pub fn is_complete(&self) -> bool {
         self.marker().is_file()
             && COMPONENTS
                 .iter()
                 .all(|c| self.bin_dir().join(c.name).is_file())
+            && self.gateway_api_dir().is_dir()
     }
 
     /// The binaries, if built; never runs Go.
@@ -349,6 +371,7 @@ impl Cache {
         if self.is_complete() {
             Ok(KubeBinaries {
                 dir: self.bin_dir(),
+                gateway_api_crds: self.gateway_api_dir(),
             })
         } else {
             Err(BuildError::NotBuilt {
@@ -374,7 +397,7 @@ impl Cache {
             return reused();
         }
         create_dir(&self.dir)?;
-        let _lock = lock(&self.dir.with_extension("lock"), say)?;
+        let _lock = lock(&self.lock_path(), say)?;
         // Another process may have finished it while this one waited.
         if self.is_complete() {
             return reused();
@@ -391,6 +414,9 @@ impl Cache {
         let kubernetes = self.prepare_kubernetes(&go, say)?;
         let etcd = self.prepare_etcd(&go, say)?;
         let cni_plugins = self.prepare_cni_plugins(&go, say)?;
+        if !self.gateway_api_dir().is_dir() {
+            self.copy_gateway_api_crds(&go, say)?;
+        }
         let resolve = resolve_start.elapsed();
         say(&format!(
             "modules resolved in {}",
@@ -448,11 +474,12 @@ impl Cache {
         }
         report.total = start.elapsed();
         let mut marker = format!(
-            "kubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ngo {}\nrecipe {}\n",
+            "kubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ngateway-api {}\ngo {}\nrecipe {}\n",
             self.recipe.kubernetes,
             self.recipe.staging,
             self.recipe.etcd,
             self.recipe.cni_plugins,
+            self.recipe.gateway_api,
             go.version,
             self.recipe.hash()
         );
@@ -541,6 +568,50 @@ impl Cache {
         })
     }
 
+    /// Copies the standard channel's CRDs out of the `sigs.k8s.io/gateway-api`
+    /// module (`config/crd/standard/`, CustomResourceDefinitions only) into
+    /// [`Cache::gateway_api_dir`], through a temporary directory.
+    fn copy_gateway_api_crds(&self, go: &Go, say: &dyn Fn(&str)) -> Result<(), BuildError> {
+        let module = format!("sigs.k8s.io/gateway-api@{}", self.recipe.gateway_api);
+        say(&format!(
+            "Gateway API CRDs (standard channel) from {module}"
+        ));
+        let downloaded = go.download(&self.dir, &module)?;
+        let source = downloaded.dir.join("config").join("crd").join("standard");
+        let target = self.gateway_api_dir();
+        let tmp = target.with_extension("tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        create_dir(&tmp)?;
+        let entries = fs::read_dir(&source).map_err(|e| BuildError::Io {
+            what: "could not list",
+            path: source.clone(),
+            source: e,
+        })?;
+        let mut copied = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("gateway.networking.k8s.io_") || !name.ends_with(".yaml") {
+                continue;
+            }
+            let text = read(&entry.path())?;
+            if text.contains("kind: CustomResourceDefinition") {
+                write(&tmp.join(&name), &text)?;
+                copied += 1;
+            }
+        }
+        if copied == 0 {
+            return Err(BuildError::Module {
+                path: source,
+                reason: "no CustomResourceDefinition in the standard channel".into(),
+            });
+        }
+        fs::rename(&tmp, &target).map_err(|e| BuildError::Io {
+            what: "could not move the CRDs to",
+            path: target,
+            source: e,
+        })
+    }
+
     /// Writes `go.mod` (when it differs: a re-run keeps the tidied file)
     /// and runs `go mod tidy`, which fills in requirements and `go.sum`.
     fn tidy(
@@ -574,6 +645,8 @@ struct Prepared {
 
 /// What `go mod download -json` says about a module.
 struct Downloaded {
+    /// Where the module's files are (read-only, in Go's module cache).
+    dir: PathBuf,
     go_mod: PathBuf,
     /// The release's publication time (RFC 3339), Kubernetes' buildDate.
     time: String,
@@ -683,6 +756,7 @@ impl Go {
                     reason: format!("`{shown}` gave no {name}"),
                 })
         };
+        let dir = PathBuf::from(field("Dir")?);
         let go_mod = PathBuf::from(field("GoMod")?);
         let info = PathBuf::from(field("Info")?);
         let info_json: serde_json::Value =
@@ -695,7 +769,7 @@ impl Go {
             .and_then(|t| t.as_str())
             .unwrap_or("1970-01-01T00:00:00Z")
             .to_string();
-        Ok(Downloaded { go_mod, time })
+        Ok(Downloaded { dir, go_mod, time })
     }
 }
 
@@ -936,9 +1010,20 @@ mod tests {
         for c in COMPONENTS {
             fs::write(cache.bin_dir().join(c.name), b"").unwrap();
         }
+        fs::create_dir_all(cache.gateway_api_dir()).unwrap();
         // Every binary, but no marker: a build that died before the end.
         assert!(!cache.is_complete());
         fs::write(cache.bin_dir().join(COMPLETE_MARKER), b"").unwrap();
+        assert_eq!(
+            cache.lock_path(),
+            dir.path().join("c.lock"),
+            "one lock per cache directory"
+        );
+        let release = Cache {
+            recipe: Recipe::default(),
+            dir: dir.path().join("v1.36.3-abc"),
+        };
+        assert_eq!(release.lock_path(), dir.path().join("v1.36.3-abc.lock"));
         assert_eq!(
             cache.binaries().unwrap().kubectl(),
             cache.bin_dir().join("kubectl")

@@ -127,6 +127,22 @@ impl Kubectl {
         self.run_with_input(&["apply", "-f", "-"], Some(manifest))
     }
 
+    /// Applies the CRDs in `path` (a file or a directory; server-side, as
+    /// large CRDs outgrow the client-side apply annotation) and waits until
+    /// every CRD is Established.
+    pub fn apply_crds(&self, path: &std::path::Path) -> Result<(), KubectlError> {
+        let path = path.to_string_lossy();
+        self.run(&["apply", "--server-side", "-f", &path])?;
+        self.run(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])?;
+        Ok(())
+    }
+
     /// `kubectl create -f - -o json` of one object; the object the API server returned.
     pub fn create(&self, manifest: &str) -> Result<Value, KubectlError> {
         let args = ["create", "-f", "-", "-o", "json"];
