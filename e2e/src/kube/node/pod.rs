@@ -439,7 +439,7 @@ impl Worker {
         let now = Instant::now();
         if let Some(v) = self.volumes.as_mut() {
             let mut sources = ApiSources::new(&self.shared, &self.pod);
-            match volumes::renew_tokens(v, &mut sources, now) {
+            match volumes::renew_tokens(v, &mut sources, now, self.shared.timings.retry) {
                 Ok(0) => {}
                 Ok(n) => self.shared.note(
                     &self.namespace,

@@ -345,21 +345,27 @@ fn materialize_one(
     ))
 }
 
-/// Renews every token whose time has come; the number renewed.
+/// Renews every token whose time has come; the number renewed. A token
+/// that cannot be renewed now is tried again `retry` later.
 pub fn renew_tokens(
     set: &mut VolumeSet,
     sources: &mut dyn VolumeSources,
     now: Instant,
+    retry: Duration,
 ) -> Result<usize, VolumeError> {
     let mut renewed = 0;
     for t in set.tokens.iter_mut().filter(|t| t.renew_at <= now) {
-        let (token, lifetime) = sources
-            .token(&t.audiences, t.expiration_seconds)
-            .map_err(|e| VolumeError::Field {
-                volume: t.volume.clone(),
-                field: "serviceAccountToken".into(),
-                problem: e,
-            })?;
+        let (token, lifetime) = match sources.token(&t.audiences, t.expiration_seconds) {
+            Ok(answer) => answer,
+            Err(problem) => {
+                t.renew_at = now + retry;
+                return Err(VolumeError::Field {
+                    volume: t.volume.clone(),
+                    field: "serviceAccountToken".into(),
+                    problem,
+                });
+            }
+        };
         let dir = t.path.parent().unwrap_or(Path::new("/"));
         let name = t
             .path
@@ -607,11 +613,20 @@ mod tests {
         assert_eq!(set.tokens.len(), 2);
         // Not due yet: nothing renewed; due: a fresh token replaces the file.
         assert_eq!(
-            renew_tokens(&mut set, &mut objects, Instant::now()).unwrap(),
+            renew_tokens(
+                &mut set,
+                &mut objects,
+                Instant::now(),
+                Duration::from_secs(2)
+            )
+            .unwrap(),
             0
         );
         let later = Instant::now() + Duration::from_secs(3590);
-        assert_eq!(renew_tokens(&mut set, &mut objects, later).unwrap(), 2);
+        assert_eq!(
+            renew_tokens(&mut set, &mut objects, later, Duration::from_secs(2)).unwrap(),
+            2
+        );
         assert_eq!(read(access.join("token")), "token-3--3607");
     }
 
