@@ -99,6 +99,43 @@ pub enum ReadinessProbe {
     HttpGet { port: u16, path: String },
 }
 
+impl ReadinessProbe {
+    /// One probe from `node` to the pod at `ip`, as kubelet makes it: a
+    /// TCP connection that opens, or a GET answered 2xx/3xx, within `timeout`.
+    pub fn run_from(
+        &self,
+        node: &crate::netns::NetNs,
+        ip: std::net::Ipv4Addr,
+        timeout: std::time::Duration,
+    ) -> Result<ProbeOutcome, crate::netns::NetnsError> {
+        Ok(match self {
+            ReadinessProbe::Tcp { port } => match node.tcp_connects((ip, *port).into(), timeout)? {
+                Ok(()) => ProbeOutcome {
+                    passed: true,
+                    detail: "connected".into(),
+                },
+                Err(detail) => ProbeOutcome {
+                    passed: false,
+                    detail,
+                },
+            },
+            ReadinessProbe::HttpGet { port, path } => {
+                match crate::http::get_at(node, (ip, *port).into(), path, timeout) {
+                    Ok(resp) => ProbeOutcome {
+                        passed: (200..400).contains(&resp.status),
+                        detail: format!("{} {}", resp.status, resp.body.trim()),
+                    },
+                    Err(crate::http::HttpError::Get { reason, .. }) => ProbeOutcome {
+                        passed: false,
+                        detail: reason,
+                    },
+                    Err(crate::http::HttpError::Netns(e)) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
 /// What one readiness probe saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeOutcome {

@@ -6,6 +6,7 @@
 pub mod build;
 pub mod control_plane;
 pub mod kubectl;
+pub mod node;
 pub mod pki;
 
 pub use build::{BuildError, Cache, KubeBinaries, Recipe};

@@ -390,13 +390,15 @@ impl LocalCluster {
                 name: &req.name,
                 uid,
                 container_id: &container_id,
-                network: &net,
+                netns: net.netns.path(),
+                ifname: "eth0",
             };
             cni::invoke(
                 &mesh.cni_plugin(&node_name),
                 &self.topology.nodes[node].netns,
                 CniCommand::Add,
                 &pod,
+                Some(&cni::prev_result(&net)),
                 CNI_TIMEOUT,
             )
             .map_err(|e| (e.into(), partial.clone()))?;
@@ -505,40 +507,14 @@ impl LocalCluster {
         }
     }
 
-    /// One probe from `node` to the pod at `ip`, as kubelet makes it: a
-    /// TCP connection that opens, or a GET answered 2xx/3xx.
+    /// One probe from `node` to the pod at `ip`, as kubelet makes it.
     fn probe(
         &self,
         node: &NetNs,
         ip: Ipv4Addr,
         probe: &ReadinessProbe,
     ) -> Result<ProbeOutcome, ClusterError> {
-        let timeout = self.probe_timeout;
-        Ok(match probe {
-            ReadinessProbe::Tcp { port } => match node.tcp_connects((ip, *port).into(), timeout)? {
-                Ok(()) => ProbeOutcome {
-                    passed: true,
-                    detail: "connected".into(),
-                },
-                Err(detail) => ProbeOutcome {
-                    passed: false,
-                    detail,
-                },
-            },
-            ReadinessProbe::HttpGet { port, path } => {
-                match crate::http::get_at(node, (ip, *port).into(), path, timeout) {
-                    Ok(resp) => ProbeOutcome {
-                        passed: (200..400).contains(&resp.status),
-                        detail: format!("{} {}", resp.status, resp.body.trim()),
-                    },
-                    Err(crate::http::HttpError::Get { reason, .. }) => ProbeOutcome {
-                        passed: false,
-                        detail: reason,
-                    },
-                    Err(crate::http::HttpError::Netns(e)) => return Err(e.into()),
-                }
-            }
-        })
+        Ok(probe.run_from(node, ip, self.probe_timeout)?)
     }
 
     /// Undoes what exists of a pod, outside-in; the first error is returned
@@ -562,13 +538,15 @@ impl LocalCluster {
                 name,
                 uid,
                 container_id: &partial.container_id,
-                network: net,
+                netns: net.netns.path(),
+                ifname: "eth0",
             };
             if let Err(e) = cni::invoke(
                 &mesh.cni_plugin(&n.name),
                 &n.netns,
                 CniCommand::Del,
                 &pod,
+                None,
                 CNI_TIMEOUT,
             ) {
                 first.get_or_insert(e.into());

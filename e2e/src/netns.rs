@@ -159,16 +159,29 @@ impl NetNs {
         })?;
         std::thread::scope(|s| {
             s.spawn(move || {
-                nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    NetnsError::Enter {
-                        name: self.name.clone(),
-                        detail: e.to_string(),
-                    }
-                })?;
+                self.enter_with(&file)?;
                 Ok(f())
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Moves the calling thread into this namespace for good (a thread that
+    /// lives and works there: a node runtime's). Other threads are unaffected.
+    pub fn enter_current_thread(&self) -> Result<(), NetnsError> {
+        let file = fs::File::open(&self.path).map_err(|source| NetnsError::Io {
+            name: self.name.clone(),
+            what: format!("open {}", self.path.display()),
+            source,
+        })?;
+        self.enter_with(&file)
+    }
+
+    fn enter_with(&self, file: &fs::File) -> Result<(), NetnsError> {
+        nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| NetnsError::Enter {
+            name: self.name.clone(),
+            detail: e.to_string(),
         })
     }
 

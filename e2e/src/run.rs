@@ -72,19 +72,42 @@ struct RunInner {
     state_file: PathBuf,
 }
 
-/// A run: owns namespaces and processes, removes them when dropped.
+/// A run: owns namespaces and processes, removes them when dropped. What
+/// it can do lives on [`RunHandle`] (reached through `Deref`), which
+/// threads and tasks can hold on to: once the run is torn down, a handle
+/// starts nothing more ([`RunError::Closed`]).
 pub struct Run {
-    id: String,
-    dir: PathBuf,
-    inner: Arc<Mutex<RunInner>>,
+    handle: RunHandle,
 }
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Run")
-            .field("id", &self.id)
-            .field("dir", &self.dir)
+            .field("id", &self.handle.id)
+            .field("dir", &self.handle.dir)
             .finish()
+    }
+}
+
+/// A shareable handle on a [`Run`]: starts and stops its processes and
+/// namespaces; does not keep the run alive.
+#[derive(Clone)]
+pub struct RunHandle {
+    id: String,
+    dir: PathBuf,
+    inner: Arc<Mutex<RunInner>>,
+}
+
+impl std::fmt::Debug for RunHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunHandle").field("id", &self.id).finish()
+    }
+}
+
+impl std::ops::Deref for Run {
+    type Target = RunHandle;
+    fn deref(&self) -> &RunHandle {
+        &self.handle
     }
 }
 
@@ -119,9 +142,18 @@ impl Run {
         inner.save()?;
         let inner = Arc::new(Mutex::new(inner));
         live_runs().push(Arc::downgrade(&inner));
-        Ok(Run { id, dir, inner })
+        Ok(Run {
+            handle: RunHandle { id, dir, inner },
+        })
     }
 
+    /// A handle for threads and tasks that start and stop things in this run.
+    pub fn handle(&self) -> RunHandle {
+        self.handle.clone()
+    }
+}
+
+impl RunHandle {
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -173,8 +205,14 @@ impl Run {
 
     /// Stops a process this run started (SIGTERM to its group, then SIGKILL).
     pub fn stop(&self, info: &ProcessInfo) -> Option<ExitStatus> {
+        self.stop_within(info, STOP_GRACE)
+    }
+
+    /// Stops a process this run started: SIGTERM to its group, SIGKILL
+    /// for what is left after `grace` (a pod's termination grace period).
+    pub fn stop_within(&self, info: &ProcessInfo, grace: Duration) -> Option<ExitStatus> {
         self.release(info)
-            .and_then(|mut c| process::stop(&mut c, STOP_GRACE))
+            .and_then(|mut c| process::stop(&mut c, grace))
     }
 
     /// Kills a process this run started (SIGKILL to its group, at once).
@@ -236,11 +274,11 @@ impl Drop for Run {
         if std::thread::panicking() || self.lock().keep_dir {
             eprintln!(
                 "e2e: run {} failed; its logs are kept in {}",
-                self.id,
-                self.dir.display()
+                self.handle.id,
+                self.handle.dir.display()
             );
         } else {
-            remove_run_dir(&self.dir);
+            remove_run_dir(&self.handle.dir);
         }
     }
 }

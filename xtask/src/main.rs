@@ -25,7 +25,8 @@ commands:
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
   k8s build          build the real Kubernetes control plane for the tests (etcd, kube-apiserver,
-                     controller manager, scheduler, kubectl, kube-proxy) from Go modules into
+                     controller manager, scheduler, kubectl, kube-proxy; the reference CNI
+                     plugins ptp, host-local, loopback) from Go modules into
                      ${ISTIO_RS_CACHE:-~/.cache/istio-rs}/k8s/ (reused once built)
   k8s path           print the directory holding those binaries
   images [--hub H] [--tag T]

@@ -5,7 +5,10 @@
 //! `kube-scheduler`, `kubectl` and `kube-proxy` from the `k8s.io/kubernetes`
 //! module at one release, every `k8s.io/*` staging module pinned to the
 //! matching `v0.x` release; `etcd` from `go.etcd.io/etcd/server/v3` at the
-//! version that release is tested with. For each module a `go.mod` is
+//! version that release is tested with; and the reference CNI plugins the
+//! node runtime chains first (`ptp`, `host-local`, `loopback`) from
+//! `github.com/containernetworking/plugins`, built as its `build_linux.sh`
+//! builds them (plus the version stamp its release builds set). For each module a `go.mod` is
 //! generated in the cache (k8s.io/kubernetes's own `replace` directives point
 //! into its repository's `staging/` tree, which a module that requires it
 //! does not get, so ours names each staging module's release instead), `go
@@ -83,6 +86,7 @@ pub enum BuildError {
 pub enum Module {
     Kubernetes,
     Etcd,
+    CniPlugins,
 }
 
 impl Module {
@@ -90,6 +94,7 @@ impl Module {
         match self {
             Module::Kubernetes => "kubernetes",
             Module::Etcd => "etcd",
+            Module::CniPlugins => "cni-plugins",
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct Recipe {
     pub staging: String,
     /// The `go.etcd.io/etcd/server/v3` release.
     pub etcd: String,
+    /// The `github.com/containernetworking/plugins` release.
+    pub cni_plugins: String,
     /// The `sigs.k8s.io/gateway-api` release whose standard-channel CRDs
     /// the tests install (not built: copied from the module).
     pub gateway_api: String,
@@ -149,7 +156,25 @@ pub const COMPONENTS: &[Component] = &[
         module: Module::Kubernetes,
         package: "k8s.io/kubernetes/cmd/kube-proxy",
     },
+    Component {
+        name: "ptp",
+        module: Module::CniPlugins,
+        package: "github.com/containernetworking/plugins/plugins/main/ptp",
+    },
+    Component {
+        name: "host-local",
+        module: Module::CniPlugins,
+        package: "github.com/containernetworking/plugins/plugins/ipam/host-local",
+    },
+    Component {
+        name: "loopback",
+        module: Module::CniPlugins,
+        package: "github.com/containernetworking/plugins/plugins/main/loopback",
+    },
 ];
+
+/// The CNI plugins among [`COMPONENTS`] (names as `type` in a CNI config).
+pub const CNI_PLUGINS: &[&str] = &["ptp", "host-local", "loopback"];
 
 /// Build tags upstream's release builds use (`hack/lib/golang.sh`).
 const TAGS: &str = "selinux,notest,grpcnotrace";
@@ -160,12 +185,14 @@ impl Default for Recipe {
     /// Kubernetes 1.36.3, its staging modules at v0.36.3, and etcd 3.6.8: the
     /// etcd version k8s.io/kubernetes v1.36.3 pins in
     /// `build/dependencies.yaml`. Gateway API v1.5.1: the release the
-    /// `gateway-api` crate istiod-rs reads it with is generated from.
+    /// `gateway-api` crate istiod-rs reads it with is generated from. The
+    /// CNI plugins at their newest release the module proxy serves (v1.10.0).
     fn default() -> Self {
         Recipe {
             kubernetes: "v1.36.3".into(),
             staging: "v0.36.3".into(),
             etcd: "v3.6.8".into(),
+            cni_plugins: "v1.10.0".into(),
             gateway_api: "v1.5.1".into(),
         }
     }
@@ -176,8 +203,8 @@ impl Recipe {
     pub fn hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!(
-            "format {RECIPE_FORMAT}\nkubernetes {}\nstaging {}\netcd {}\ngateway-api {}\ntags {TAGS}\n",
-            self.kubernetes, self.staging, self.etcd, self.gateway_api
+            "format {RECIPE_FORMAT}\nkubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ngateway-api {}\ntags {TAGS}\n",
+            self.kubernetes, self.staging, self.etcd, self.cni_plugins, self.gateway_api
         ));
         for c in COMPONENTS {
             h.update(format!("{} {:?} {}\n", c.name, c.module, c.package));
@@ -220,6 +247,13 @@ impl Recipe {
                 }
             }
         }
+        if module == Module::CniPlugins {
+            // What `<plugin> VERSION`-less invocations print (`CNI ptp plugin v1.10.0`).
+            flags.push(format!(
+                "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={}",
+                self.cni_plugins
+            ));
+        }
         flags.join(" ")
     }
 }
@@ -253,6 +287,10 @@ impl KubeBinaries {
     }
     pub fn kube_proxy(&self) -> PathBuf {
         self.path("kube-proxy")
+    }
+    /// A reference CNI plugin (one of [`CNI_PLUGINS`]).
+    pub fn cni_plugin(&self, name: &str) -> PathBuf {
+        self.path(name)
     }
 }
 
@@ -375,6 +413,7 @@ impl Cache {
         let resolve_start = Instant::now();
         let kubernetes = self.prepare_kubernetes(&go, say)?;
         let etcd = self.prepare_etcd(&go, say)?;
+        let cni_plugins = self.prepare_cni_plugins(&go, say)?;
         if !self.gateway_api_dir().is_dir() {
             self.copy_gateway_api_crds(&go, say)?;
         }
@@ -399,6 +438,7 @@ impl Cache {
             let (module_dir, ldflags) = match c.module {
                 Module::Kubernetes => (&kubernetes.dir, &kubernetes.ldflags),
                 Module::Etcd => (&etcd.dir, &etcd.ldflags),
+                Module::CniPlugins => (&cni_plugins.dir, &cni_plugins.ldflags),
             };
             say(&format!("{}: go build {}", c.name, c.package));
             let tmp = bin.join(format!(".{}.tmp", c.name));
@@ -434,10 +474,11 @@ impl Cache {
         }
         report.total = start.elapsed();
         let mut marker = format!(
-            "kubernetes {}\nstaging {}\netcd {}\ngateway-api {}\ngo {}\nrecipe {}\n",
+            "kubernetes {}\nstaging {}\netcd {}\ncni-plugins {}\ngateway-api {}\ngo {}\nrecipe {}\n",
             self.recipe.kubernetes,
             self.recipe.staging,
             self.recipe.etcd,
+            self.recipe.cni_plugins,
             self.recipe.gateway_api,
             go.version,
             self.recipe.hash()
@@ -502,6 +543,28 @@ impl Cache {
         Ok(Prepared {
             dir,
             ldflags: r.ldflags(Module::Etcd, ""),
+        })
+    }
+
+    /// Generates the module that builds the reference CNI plugins and
+    /// resolves its dependencies.
+    fn prepare_cni_plugins(&self, go: &Go, say: &dyn Fn(&str)) -> Result<Prepared, BuildError> {
+        let r = &self.recipe;
+        say(&format!(
+            "resolving github.com/containernetworking/plugins@{}",
+            r.cni_plugins
+        ));
+        let packages: Vec<&str> = COMPONENTS
+            .iter()
+            .filter(|c| c.module == Module::CniPlugins)
+            .map(|c| c.package)
+            .collect();
+        let text = cni_plugins_go_mod(r, &packages);
+        let dir = self.dir.join("src").join(Module::CniPlugins.dir_name());
+        self.tidy(go, &dir, &text, say)?;
+        Ok(Prepared {
+            dir,
+            ldflags: r.ldflags(Module::CniPlugins, ""),
         })
     }
 
@@ -765,6 +828,23 @@ pub fn kubernetes_go_mod(
     text
 }
 
+/// Our module requiring the CNI plugins' release, the plugins as tools.
+pub fn cni_plugins_go_mod(recipe: &Recipe, packages: &[&str]) -> String {
+    let mut text = format!(
+        "// Generated by e2e::kube::build (`cargo xtask k8s build`): the reference\n\
+         // CNI plugins the node runtime chains first.\n\
+         module istio-rs.local/cni-plugins\n\n\
+         go 1.24\n\n\
+         require github.com/containernetworking/plugins {}\n\ntool (\n",
+        recipe.cni_plugins
+    );
+    for p in packages {
+        text.push_str(&format!("\t{p}\n"));
+    }
+    text.push_str(")\n");
+    text
+}
+
 /// An exclusive lock on `path`, held until dropped; says so when it waits.
 fn lock(path: &Path, say: &dyn Fn(&str)) -> Result<nix::fcntl::Flock<fs::File>, BuildError> {
     use nix::fcntl::{Flock, FlockArg};
@@ -886,6 +966,22 @@ mod tests {
         assert!(flags.contains("-X k8s.io/client-go/pkg/version.gitMinor=36"));
         assert!(flags.contains("-X k8s.io/component-base/version.buildDate=2026-07-22T18:07:38Z"));
         assert_eq!(r.ldflags(Module::Etcd, ""), "-s -w");
+        assert_eq!(
+            r.ldflags(Module::CniPlugins, ""),
+            "-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=v1.10.0"
+        );
+        let go_mod = cni_plugins_go_mod(
+            &r,
+            &["github.com/containernetworking/plugins/plugins/main/ptp"],
+        );
+        assert!(
+            go_mod.contains("require github.com/containernetworking/plugins v1.10.0\n"),
+            "{go_mod}"
+        );
+        assert!(
+            go_mod.contains("tool (\n\tgithub.com/containernetworking/plugins/plugins/main/ptp\n)"),
+            "{go_mod}"
+        );
     }
 
     #[test]
@@ -893,9 +989,12 @@ mod tests {
         let a = Recipe::default();
         let mut b = a.clone();
         b.etcd = "v3.6.16".into();
+        let mut c = a.clone();
+        c.cni_plugins = "v1.9.1".into();
         assert!(a.dir_name().starts_with("v1.36.3-"));
         assert_eq!(a.hash().len(), 12);
         assert_ne!(a.hash(), b.hash());
+        assert_ne!(a.hash(), c.hash());
         assert_eq!(a.hash(), Recipe::default().hash());
     }
 
