@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::binaries::Binaries;
 use e2e::kube::{KubeRun, Kubectl};
@@ -163,14 +163,21 @@ fn kube_install() {
         text(&uninstall.stdout),
         text(&uninstall.stderr)
     );
+    // Deletion is asynchronous where the API server finalizes (a CRD
+    // first removes its custom objects): each object goes, or is going.
     for (kind, name, namespace) in &objects {
         if kind == "Namespace" {
             continue; // Terminating until its contents are gone: checked below.
         }
-        assert!(
-            get(&kubectl, kind, name, namespace.as_deref()).is_none(),
-            "{kind} {namespace:?}/{name} is left after uninstall --purge"
-        );
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while let Some(left) = get(&kubectl, kind, name, namespace.as_deref()) {
+            assert!(
+                Instant::now() < deadline,
+                "{kind} {namespace:?}/{name} is left after uninstall --purge: {}",
+                left["metadata"]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let namespace = get(&kubectl, "Namespace", "istio-system", None);
     assert!(
