@@ -182,6 +182,11 @@ pub struct KubeProxyConfig {
     pub kubeconfig: PathBuf,
     /// Every pod address of the cluster (`--cluster-cidr`).
     pub cluster_cidr: Ipv4Net,
+    /// The ClusterIP range: routed out of the node's fabric link, as a
+    /// node's default route would carry it, so a connection the node
+    /// itself opens to a ClusterIP (a `hostNetwork` pod's) is routed at
+    /// all and kube-proxy's OUTPUT rules can DNAT it.
+    pub service_cidr: Ipv4Net,
 }
 
 /// Everything a node runtime needs.
@@ -597,6 +602,7 @@ pub fn start_nodes(
                 binary: k8s.kube_proxy(),
                 kubeconfig: proxy_kubeconfig.clone(),
                 cluster_cidr: cp.config.cluster_cidr,
+                service_cidr: cp.config.service_cidr,
             }),
             binaries: binaries.clone(),
             kubelet_version: version.clone(),
