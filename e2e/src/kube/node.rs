@@ -104,6 +104,18 @@ pub enum NodeError {
         name: String,
         container: String,
     },
+    #[error(
+        "node {node}: `client http {url}` in pod {namespace}/{name} printed no report ({source}); stdout: {stdout}; stderr: {stderr}"
+    )]
+    ClientReport {
+        node: String,
+        namespace: String,
+        name: String,
+        url: String,
+        source: serde_json::Error,
+        stdout: String,
+        stderr: String,
+    },
 }
 
 /// How often and how long things take; kubelet's defaults unless said.
@@ -535,6 +547,28 @@ impl NodeRuntime {
         let out = netns.exec(cmd, timeout);
         let _ = std::fs::remove_file(&exec_file);
         Ok(out?)
+    }
+
+    /// `client http URL` in container `client` of pod `namespace/pod` (the
+    /// client image): the request's report, whether it succeeded or not.
+    pub fn client_http(
+        &self,
+        namespace: &str,
+        pod: &str,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<crate::apps::HttpReport, NodeError> {
+        let out = self.exec(namespace, pod, "client", &["client", "http", url], timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).map_err(|source| NodeError::ClientReport {
+            node: self.name().to_string(),
+            namespace: namespace.into(),
+            name: pod.into(),
+            url: url.into(),
+            source,
+            stdout: stdout.into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     /// Stops watching and heart-beating (the Node goes NotReady once its
