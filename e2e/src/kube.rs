@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod kubectl;
 pub mod node;
 pub mod pki;
+pub mod samples;
 
 pub use build::{BuildError, Cache, KubeBinaries, Recipe};
 pub use control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneError};

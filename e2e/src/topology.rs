@@ -163,7 +163,7 @@ pub struct Topology {
 /// The bridge inside the fabric namespace.
 const BRIDGE: &str = "br0";
 /// Every member's (and pod's) interface towards the outside.
-const UPLINK: &str = "eth0";
+pub const UPLINK: &str = "eth0";
 
 impl Topology {
     /// Builds the fabric, the control-plane namespace and `nodes` nodes named `node0`, `node1`, ...

@@ -27,11 +27,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// Runs istioctl-rs with the admin kubeconfig where kubectl runs (the
 /// control plane's namespace: the API server's address is reachable there).
 fn istioctl(kubectl: &Kubectl, program: &Path, args: &[&str]) -> Output {
-    let mut cmd = kubectl.netns.command(program);
-    cmd.arg("--kubeconfig").arg(&kubectl.kubeconfig).args(args);
     kubectl
-        .netns
-        .exec(cmd, COMMAND_TIMEOUT)
+        .run_client(program, args, COMMAND_TIMEOUT)
         .unwrap_or_else(|e| panic!("istioctl-rs {args:?}: {e}"))
 }
 

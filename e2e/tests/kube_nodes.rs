@@ -19,78 +19,13 @@ use std::time::{Duration, Instant};
 use e2e::apps::{EchoReply, HttpReport};
 use e2e::binaries::Binaries;
 use e2e::kube::node::{NodeRuntime, NodeTimings, start_nodes};
+use e2e::kube::samples::{ECHO_APP, client_pod, condition};
 use e2e::kube::{KubeRun, Kubectl};
 use e2e::privilege;
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(120);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
-
-const WORKLOAD: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: echo, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: demo}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      serviceAccountName: echo
-      terminationGracePeriodSeconds: 5
-      affinity:
-        podAntiAffinity:
-          requiredDuringSchedulingIgnoredDuringExecution:
-            - labelSelector: {matchLabels: {app: echo}}
-              topologyKey: kubernetes.io/hostname
-      containers:
-        - name: echo
-          image: istio-rs/echo:dev
-          args: ["--http", "8080"]
-          ports: [{name: http, containerPort: 8080}]
-          env:
-            - name: POD_NAME
-              valueFrom: {fieldRef: {fieldPath: metadata.name}}
-            - name: POD_NAMESPACE
-              valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
-          readinessProbe:
-            httpGet: {path: /ready, port: http}
-            periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: demo}
-spec:
-  selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
-"#;
-
-/// A pod to exec into: the client image, idling.
-fn client_pod(name: &str, node: &str) -> String {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "demo"},
-        "spec": {
-            "nodeName": node,
-            "serviceAccountName": "client",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "client", "image": "istio-rs/client:dev", "command": ["sleep", "3600"]}],
-        },
-    })
-    .to_string()
-}
 
 /// Exits 3 the first time, then idles: restarted exactly once.
 const ONCE_CRASHING: &str = r#"
@@ -217,41 +152,12 @@ fn pod_json(kubectl: &Kubectl, name: &str) -> Option<Value> {
     kubectl.get("pod", Some("demo"), name).expect("get pod")
 }
 
-fn condition(obj: &Value, kind: &str) -> Option<String> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == kind)
-        .and_then(|c| c["status"].as_str())
-        .map(str::to_string)
-}
-
 fn node_of<'a>(nodes: &'a [NodeRuntime], pod: &Value) -> &'a NodeRuntime {
     let name = pod["spec"]["nodeName"].as_str().expect("a bound pod");
     nodes
         .iter()
         .find(|n| n.name() == name)
         .expect("one of our nodes")
-}
-
-/// `client http URL` run in the client pod.
-fn http_from_client(node: &NodeRuntime, url: &str) -> HttpReport {
-    let out = node
-        .exec(
-            "demo",
-            "client",
-            "client",
-            &["client", "http", url],
-            EXEC_TIMEOUT,
-        )
-        .expect("exec in the client pod");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "client http {url}: {e}\nstdout: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 /// Waits until the first container status of pod `name` satisfies `done`.
@@ -333,7 +239,7 @@ fn kube_nodes() {
     // The echo Deployment: one pod per node, Running and Ready, addressed
     // from its node's pod range.
     let applied = Instant::now();
-    kubectl.apply(WORKLOAD).expect("the workload applies");
+    kubectl.apply(ECHO_APP).expect("the workload applies");
     let echo_pods = kubectl
         .wait_for("2 echo pods Running and Ready", PATIENCE, |k| {
             let list = k.json(&["get", "pods", "-n", "demo", "-l", "app=echo"])?;
@@ -405,10 +311,7 @@ fn kube_nodes() {
     let node0 = nodes.iter().find(|n| n.name() == "node0").unwrap();
     for p in &echo_pods {
         let ip = p["status"]["podIP"].as_str().unwrap();
-        let reply = echo_reply(&http_from_client(
-            node0,
-            &format!("http://{ip}:8080/by-pod-ip"),
-        ));
+        let reply = echo_reply(&client_http(node0, &format!("http://{ip}:8080/by-pod-ip")));
         assert_eq!(reply.pod, p["metadata"]["name"].as_str().unwrap());
         let client_ip = pod_json(&kubectl, "client").unwrap()["status"]["podIP"].clone();
         assert_eq!(
@@ -431,7 +334,7 @@ fn kube_nodes() {
             "the Service's ClusterIP to reach both echo pods",
             PATIENCE,
             |_| {
-                let report = http_from_client(node0, &url);
+                let report = client_http(node0, &url);
                 if let Some(reply) = report.echo.filter(|_| report.ok) {
                     seen.insert(reply.pod);
                 }
@@ -677,7 +580,7 @@ fn kube_nodes() {
         .expect("the hostNetwork pod becomes Ready");
     let node1_ip = kube.topology.nodes[1].ip.to_string();
     assert_eq!(on_host["status"]["podIP"], node1_ip.as_str(), "{on_host}");
-    let reply = echo_reply(&http_from_client(
+    let reply = echo_reply(&client_http(
         node0,
         &format!("http://{node1_ip}:18080/on-host"),
     ));
@@ -709,4 +612,10 @@ fn kube_nodes() {
     );
 
     drop(nodes);
+}
+
+/// `client http URL` run in the client pod.
+fn client_http(node: &NodeRuntime, url: &str) -> HttpReport {
+    node.client_http("demo", "client", url, EXEC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
 }

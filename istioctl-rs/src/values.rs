@@ -33,6 +33,8 @@ enum Check {
     LogFilter,
     /// A DNS name.
     DnsName,
+    /// `host:port`, the host a DNS name or an IPv4 address.
+    HostPort,
     /// A whole number in a range.
     Count {
         min: u32,
@@ -75,6 +77,12 @@ pub const KEYS: &[Key] = &[
         default: api::labels::DEFAULT_TRUST_DOMAIN,
         help: "the mesh's SPIFFE trust domain",
         check: Check::DnsName,
+    },
+    Key {
+        name: "ztunnel.xdsAddress",
+        default: "istiod.istio-system.svc:15012",
+        help: "host:port ztunnel-rs reaches istiod-rs's xDS and CA at (TLS, verified as istiod.istio-system.svc whatever the host); an IP address where the cluster has no DNS",
+        check: Check::HostPort,
     },
     Key {
         name: "istiod.replicas",
@@ -255,15 +263,7 @@ fn scalar(value: &Value) -> Option<String> {
 
 impl Check {
     fn check(&self, value: &str) -> Result<(), String> {
-        let only = |allowed: &dyn Fn(char) -> bool, what: &str| {
-            if value.is_empty() {
-                Err(format!("empty; give {what}"))
-            } else if let Some(c) = value.chars().find(|c| !allowed(*c)) {
-                Err(format!("{c:?} is not allowed in {what}"))
-            } else {
-                Ok(())
-            }
-        };
+        let only = |allowed: &dyn Fn(char) -> bool, what: &str| only(value, allowed, what);
         match self {
             Check::ImageRepository => {
                 only(
@@ -299,18 +299,20 @@ impl Check {
                 &|c| c.is_ascii_alphanumeric() || "_=,:.-".contains(c),
                 "a log filter (e.g. info or warn,istiod_rs=debug)",
             ),
-            Check::DnsName => {
-                only(
-                    &|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c),
-                    "a DNS name (lowercase letters, digits, . -)",
-                )?;
-                if value
-                    .split('.')
-                    .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-'))
-                {
-                    return Err("not a DNS name: labels of 1 to 63 characters, not starting or ending with -".into());
+            Check::DnsName => dns_name(value),
+            Check::HostPort => {
+                let Some((host, port)) = value.rsplit_once(':') else {
+                    return Err(
+                        "host:port, e.g. istiod.istio-system.svc:15012 or 10.96.0.20:15012".into(),
+                    );
+                };
+                if !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+                    return Err(format!("port {port:?} is not a number from 1 to 65535"));
                 }
-                Ok(())
+                if host.parse::<std::net::Ipv4Addr>().is_ok() {
+                    return Ok(());
+                }
+                dns_name(host).map_err(|e| format!("host {host:?}: {e}"))
             }
             Check::Count { min, max } => match value.parse::<u32>() {
                 Ok(n) if (*min..=*max).contains(&n) => Ok(()),
@@ -348,6 +350,35 @@ impl Check {
             }
         }
     }
+}
+
+/// `value` is not empty and made only of `allowed` characters (`what` names them).
+fn only(value: &str, allowed: &dyn Fn(char) -> bool, what: &str) -> Result<(), String> {
+    if value.is_empty() {
+        Err(format!("empty; give {what}"))
+    } else if let Some(c) = value.chars().find(|c| !allowed(*c)) {
+        Err(format!("{c:?} is not allowed in {what}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A DNS name: lowercase labels of 1 to 63 characters.
+fn dns_name(value: &str) -> Result<(), String> {
+    only(
+        value,
+        &|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c),
+        "a DNS name (lowercase letters, digits, . -)",
+    )?;
+    if value
+        .split('.')
+        .any(|l| l.is_empty() || l.len() > 63 || l.starts_with('-') || l.ends_with('-'))
+    {
+        return Err(
+            "not a DNS name: labels of 1 to 63 characters, not starting or ending with -".into(),
+        );
+    }
+    Ok(())
 }
 
 /// The values, their defaults and what they do, for `--help`.
@@ -456,6 +487,17 @@ mod tests {
                 "not a namespace name",
             ),
             ("logLevel=info #x", "not allowed in a log filter"),
+            ("ztunnel.xdsAddress=istiod", "host:port"),
+            ("ztunnel.xdsAddress=10.96.0.20:0", "from 1 to 65535"),
+            ("ztunnel.xdsAddress=10.96.0.20:http", "from 1 to 65535"),
+            (
+                "ztunnel.xdsAddress=istiod svc:15012",
+                "not allowed in a DNS name",
+            ),
+            (
+                "ztunnel.xdsAddress=[::1]:15012",
+                "not allowed in a DNS name",
+            ),
         ] {
             let err = values.set_arg(arg).unwrap_err().to_string();
             assert!(err.contains(says), "{arg}: {err}");
@@ -467,6 +509,12 @@ mod tests {
             Err(ValuesError::NotKeyValue { .. })
         ));
         assert!(values.set_arg("cni.excludeNamespaces=").is_ok());
+        values
+            .set_arg("ztunnel.xdsAddress=10.96.0.20:15012")
+            .unwrap();
+        values
+            .set_arg("ztunnel.xdsAddress=istiod.istio-system.svc.cluster.local:15012")
+            .unwrap();
     }
 
     #[test]

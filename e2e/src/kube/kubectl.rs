@@ -69,6 +69,19 @@ impl Kubectl {
         cmd
     }
 
+    /// Runs another Kubernetes client (`istioctl-rs`) as this kubectl runs:
+    /// in its network namespace, `--kubeconfig` first; killed past `timeout`.
+    pub fn run_client(
+        &self,
+        program: &std::path::Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<std::process::Output, crate::netns::NetnsError> {
+        let mut cmd = self.netns.command(program);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        self.netns.exec(cmd, timeout)
+    }
+
     /// Runs kubectl with `args`; its stdout.
     pub fn run(&self, args: &[&str]) -> Result<String, KubectlError> {
         self.run_with_input(args, None)

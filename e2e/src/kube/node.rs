@@ -104,6 +104,18 @@ pub enum NodeError {
         name: String,
         container: String,
     },
+    #[error(
+        "node {node}: `client http {url}` in pod {namespace}/{name} printed no report ({source}); stdout: {stdout}; stderr: {stderr}"
+    )]
+    ClientReport {
+        node: String,
+        namespace: String,
+        name: String,
+        url: String,
+        source: serde_json::Error,
+        stdout: String,
+        stderr: String,
+    },
 }
 
 /// How often and how long things take; kubelet's defaults unless said.
@@ -182,6 +194,11 @@ pub struct KubeProxyConfig {
     pub kubeconfig: PathBuf,
     /// Every pod address of the cluster (`--cluster-cidr`).
     pub cluster_cidr: Ipv4Net,
+    /// The ClusterIP range: routed out of the node's fabric link, as a
+    /// node's default route would carry it, so a connection the node
+    /// itself opens to a ClusterIP (a `hostNetwork` pod's) is routed at
+    /// all and kube-proxy's OUTPUT rules can DNAT it.
+    pub service_cidr: Ipv4Net,
 }
 
 /// Everything a node runtime needs.
@@ -532,6 +549,28 @@ impl NodeRuntime {
         Ok(out?)
     }
 
+    /// `client http URL` in container `client` of pod `namespace/pod` (the
+    /// client image): the request's report, whether it succeeded or not.
+    pub fn client_http(
+        &self,
+        namespace: &str,
+        pod: &str,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<crate::apps::HttpReport, NodeError> {
+        let out = self.exec(namespace, pod, "client", &["client", "http", url], timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).map_err(|source| NodeError::ClientReport {
+            node: self.name().to_string(),
+            namespace: namespace.into(),
+            name: pod.into(),
+            url: url.into(),
+            source,
+            stdout: stdout.into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
     /// Stops watching and heart-beating (the Node goes NotReady once its
     /// Lease expires); pods keep running until the run ends.
     pub fn stop(mut self) {
@@ -597,6 +636,7 @@ pub fn start_nodes(
                 binary: k8s.kube_proxy(),
                 kubeconfig: proxy_kubeconfig.clone(),
                 cluster_cidr: cp.config.cluster_cidr,
+                service_cidr: cp.config.service_cidr,
             }),
             binaries: binaries.clone(),
             kubelet_version: version.clone(),

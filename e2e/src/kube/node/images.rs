@@ -2,14 +2,16 @@
 //! an image is a name in [`IMAGES`] standing for one of the workspace's
 //! binaries. A container of that image sees the host's filesystem (see
 //! [`super::launch`]) plus the image's binary at [`ImageEntry::path`],
-//! which is also its entrypoint; the image has no default arguments.
+//! which is also its entrypoint, and the package's other binaries the
+//! image ships beside it ([`ImageEntry::also`]); the image has no default
+//! arguments.
 //!
 //! An image reference matches by its last path component without tag or
 //! digest: `istio-rs/ztunnel-rs:1.2`, `localhost:5000/x/ztunnel-rs@sha256:..`
 //! and `ztunnel-rs` all name `ztunnel-rs`. Any other image fails the
 //! container with `ErrImagePull`, naming the image and this table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::binaries::{Binaries, BinaryError};
 
@@ -26,6 +28,9 @@ pub struct ImageEntry {
     pub binary: &'static str,
     /// The binary's path inside the image: the entrypoint.
     pub path: &'static str,
+    /// Other binaries of the package the image ships next to the
+    /// entrypoint (same directory), as its Dockerfile copies them.
+    pub also: &'static [&'static str],
 }
 
 /// Every image the node runtime can run.
@@ -35,36 +40,44 @@ pub const IMAGES: &[ImageEntry] = &[
         package: "istiod-rs",
         binary: "istiod-rs",
         path: "/usr/local/bin/istiod-rs",
+        also: &[],
     },
     ImageEntry {
         name: "ztunnel-rs",
         package: "ztunnel-rs",
         binary: "ztunnel-rs",
         path: "/usr/local/bin/ztunnel-rs",
+        // manifests/images/ztunnel-rs.Dockerfile: the node agent's binary and
+        // the CNI plugin its installer copies onto the node.
+        also: &["ztunnel-rs-cni", "istio-cni-rs"],
     },
     ImageEntry {
         name: "waypoint-rs",
         package: "waypoint-rs",
         binary: "waypoint-rs",
         path: "/usr/local/bin/waypoint-rs",
+        also: &[],
     },
     ImageEntry {
         name: "istioctl-rs",
         package: "istioctl-rs",
         binary: "istioctl-rs",
         path: "/usr/local/bin/istioctl-rs",
+        also: &[],
     },
     ImageEntry {
         name: "echo",
         package: "e2e",
         binary: "echo",
         path: "/usr/local/bin/echo",
+        also: &[],
     },
     ImageEntry {
         name: "client",
         package: "e2e",
         binary: "client",
         path: "/usr/local/bin/client",
+        also: &[],
     },
 ];
 
@@ -97,19 +110,38 @@ pub fn lookup(reference: &str) -> Result<&'static ImageEntry, ImageError> {
         })
 }
 
-/// The image's entry and the host binary behind it (built if stale).
+/// One binary of an image: the host file behind it and its path in the image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageBinary {
+    pub host: PathBuf,
+    pub path: PathBuf,
+}
+
+/// The image's entry and its binaries, the entrypoint first (built if stale).
 pub fn resolve(
     binaries: &Binaries,
     reference: &str,
-) -> Result<(&'static ImageEntry, PathBuf), ImageError> {
+) -> Result<(&'static ImageEntry, Vec<ImageBinary>), ImageError> {
     let entry = lookup(reference)?;
-    let binary = binaries
-        .get(entry.package, entry.binary)
-        .map_err(|source| ImageError::Binary {
-            image: reference.to_string(),
-            source,
-        })?;
-    Ok((entry, binary))
+    let entrypoint = Path::new(entry.path);
+    std::iter::once((entry.binary, entrypoint.to_path_buf()))
+        .chain(
+            entry
+                .also
+                .iter()
+                .map(|name| (*name, entrypoint.with_file_name(name))),
+        )
+        .map(|(name, path)| {
+            let host = binaries
+                .get(entry.package, name)
+                .map_err(|source| ImageError::Binary {
+                    image: reference.to_string(),
+                    source,
+                })?;
+            Ok(ImageBinary { host, path })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|files| (entry, files))
 }
 
 #[cfg(test)]

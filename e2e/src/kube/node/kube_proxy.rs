@@ -23,6 +23,12 @@ pub const METRICS_PORT: u16 = 10249;
 pub enum KubeProxyError {
     #[error(transparent)]
     Run(#[from] crate::run::RunError),
+    #[error("node {node}: routing the service range {range}: {source}")]
+    ServiceRoute {
+        node: String,
+        range: ipnet::Ipv4Net,
+        source: crate::netns::NetnsError,
+    },
     #[error(
         "kube-proxy on node {node} did not report healthy within {waited:?} (last: {last}); its log ({log}) ends with:\n{tail}"
     )]
@@ -65,6 +71,19 @@ pub fn start(
     config: &KubeProxyConfig,
     ready_within: Duration,
 ) -> Result<ProcessInfo, KubeProxyError> {
+    // The topology routes only pod ranges; without a route the node's own
+    // connect() to a ClusterIP fails before kube-proxy's OUTPUT DNAT.
+    node.netns
+        .ip_batch(&[format!(
+            "route replace {} dev {}",
+            config.service_cidr,
+            crate::topology::UPLINK
+        )])
+        .map_err(|source| KubeProxyError::ServiceRoute {
+            node: node.name.clone(),
+            range: config.service_cidr,
+            source,
+        })?;
     let p = run.spawn(&spec(node, config), &node.netns)?;
     let started = Instant::now();
     let mut last;

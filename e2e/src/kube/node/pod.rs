@@ -749,7 +749,7 @@ impl Worker {
         let spec = self.containers[i].spec.clone();
         let image = spec.image.clone().unwrap_or_default();
         let config_err = |m: String| ("CreateContainerConfigError".to_string(), m);
-        let (entry, binary) = images::resolve(&self.shared.binaries, &image)
+        let (entry, image_binaries) = images::resolve(&self.shared.binaries, &image)
             .map_err(|e| ("ErrImagePull".to_string(), e.to_string()))?;
         let facts = self.facts();
         let mut sources = ApiSources::new(&self.shared, &self.pod);
@@ -772,11 +772,14 @@ impl Worker {
             .volumes
             .as_ref()
             .expect("volumes are ready before containers");
-        let mut mounts = vec![Mount {
-            source: binary,
-            target: entry.path.into(),
-            read_only: true,
-        }];
+        let mut mounts: Vec<Mount> = image_binaries
+            .into_iter()
+            .map(|b| Mount {
+                source: b.host,
+                target: b.path,
+                read_only: true,
+            })
+            .collect();
         for (k, vm) in spec.volume_mounts.iter().flatten().enumerate() {
             let source = volumes.sources.get(&vm.name).ok_or_else(|| {
                 config_err(format!(
