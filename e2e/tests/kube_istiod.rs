@@ -474,7 +474,7 @@ fn kube_istiod() {
     });
     assert_eq!(workload["namespace"], "shop", "{workload}");
     assert_eq!(workload["serviceAccount"], "web", "{workload}");
-    // The default trust domain is left out, as upstream does.
+    // The default trust domain is left out of the workload.
     assert!(workload["trustDomain"].is_null(), "{workload}");
     assert_eq!(workload["node"], "node0", "{workload}");
     assert_eq!(workload["addresses"], json!([POD_IP]), "{workload}");

@@ -690,7 +690,7 @@ impl Go {
         let mut cmd = Command::new(&self.program);
         cmd.current_dir(dir)
             .args(args)
-            // Static binaries, as upstream builds these commands.
+            // Static binaries: no C toolchain needed, nothing linked from the host.
             .env("CGO_ENABLED", "0")
             .stdin(Stdio::null());
         cmd
