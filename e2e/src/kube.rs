@@ -6,6 +6,7 @@
 pub mod build;
 pub mod control_plane;
 pub mod kubectl;
+pub mod mesh;
 pub mod node;
 pub mod pki;
 pub mod samples;
@@ -13,6 +14,7 @@ pub mod samples;
 pub use build::{BuildError, Cache, KubeBinaries, Recipe};
 pub use control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneError};
 pub use kubectl::{Kubectl, KubectlError};
+pub use mesh::{KubeMesh, KubeMeshError};
 pub use pki::ClientIdentity;
 
 /// The control-plane binaries of the default [`Recipe`], from the cache;

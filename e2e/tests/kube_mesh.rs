@@ -19,60 +19,23 @@
 //! `istio_tcp_connections_opened_total` with
 //! `connection_security_policy="mutual_tls"`.
 //!
-//! The test cluster has no DNS: ztunnel-rs is given istiod's Service
-//! ClusterIP with `--set ztunnel.xdsAddress=<ip>:15012` (the Service exists
-//! only once the first install applied it, so the test installs, reads the
-//! ClusterIP, and installs again: an upgrade in place, as a user without
-//! cluster DNS would).
+//! The install itself (and the cluster without DNS) is
+//! [`e2e::kube::KubeMesh::install`]'s.
 //!
 //! Needs root (or unprivileged user namespaces); skips loudly otherwise and
 //! fails when `CI` is set.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e::binaries::Binaries;
-use e2e::kube::node::{NodeRuntime, NodeTimings, start_nodes};
+use e2e::kube::KubeMesh;
+use e2e::kube::mesh::{ISTIOD, NODE_AGENT, SYSTEM_NAMESPACE, ZTUNNEL};
+use e2e::kube::node::NodeRuntime;
 use e2e::kube::samples::{ECHO_APP, client_pod, condition};
-use e2e::kube::{KubeRun, Kubectl};
 use e2e::privilege;
 use serde_json::Value;
 
-/// How long one istioctl-rs command may take (its own waits are shorter).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(360);
 const PATIENCE: Duration = Duration::from_secs(120);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The pods of istio-system matching `selector`, by node.
-fn pods(kubectl: &Kubectl, selector: &str) -> Vec<Value> {
-    kubectl
-        .json(&["get", "pods", "-n", "istio-system", "-l", selector])
-        .unwrap_or_else(|e| panic!("kubectl get pods -l {selector}: {e}"))["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Where each node's pods of `selector` stand, for a failure message.
-fn describe(kubectl: &Kubectl, selector: &str) -> String {
-    pods(kubectl, selector)
-        .iter()
-        .map(|p| {
-            format!(
-                "{} on {}: phase {}, Ready {:?}, containers {}",
-                p["metadata"]["name"],
-                p["spec"]["nodeName"],
-                p["status"]["phase"],
-                condition(p, "Ready"),
-                p["status"]["containerStatuses"]
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 /// The conflist the node's container runtime uses (the lexicographically
 /// first configuration of its conf dir), as JSON.
@@ -101,25 +64,8 @@ fn kube_mesh_install_to_ready() {
     if !privilege::enter_for_test() {
         return;
     }
-    let binaries = Binaries::default();
-    let program = binaries
-        .get("istioctl-rs", "istioctl-rs")
-        .expect("istioctl-rs builds");
-    // Built before the clock starts: an "image pull" is not a cargo build.
-    for (package, bin) in [
-        ("istiod-rs", "istiod-rs"),
-        ("ztunnel-rs", "ztunnel-rs"),
-        ("e2e", "echo"),
-    ] {
-        binaries.get(package, bin).expect("the mesh binaries build");
-    }
-    let kube = KubeRun::start(2).expect("the control plane starts");
-    let kubectl = kube.control_plane.kubectl();
-    let nodes = start_nodes(&kube, &binaries, &NodeTimings::default(), &|s| {
-        eprintln!("e2e: node: {s}")
-    })
-    .expect("the node runtimes start");
-    for node in &nodes {
+    let mut mesh = KubeMesh::start(2).expect("the control plane and nodes start");
+    for node in &mesh.nodes {
         let (name, conflist) = primary_conflist(node);
         assert!(
             !conflist.to_string().contains("istio-cni-rs"),
@@ -128,74 +74,33 @@ fn kube_mesh_install_to_ready() {
         );
     }
 
-    // From nothing: the first install applies everything; ztunnel-rs cannot
-    // find istiod by name (no cluster DNS here), so its wait ends short.
-    let started = Instant::now();
-    let first = kubectl
-        .run_client(
-            &program,
-            &["install", "-y", "--timeout", "1s"],
-            COMMAND_TIMEOUT,
-        )
-        .expect("istioctl-rs install runs");
-    if !first.status.success() {
-        let stderr = text(&first.stderr);
-        assert!(
-            stderr.contains("not ready after"),
-            "the first install failed before its wait:\n{}{stderr}",
-            text(&first.stdout)
-        );
-    }
-    let service = kubectl
-        .get("service", Some("istio-system"), "istiod")
-        .expect("get the istiod Service")
-        .expect("install applied the istiod Service");
-    let cluster_ip = service["spec"]["clusterIP"]
-        .as_str()
-        .expect("the istiod Service has a ClusterIP");
-    let xds_address = format!("ztunnel.xdsAddress={cluster_ip}:15012");
-    let install = kubectl
-        .run_client(
-            &program,
-            &["install", "-y", "--set", &xds_address, "--timeout", "300s"],
-            COMMAND_TIMEOUT,
-        )
-        .expect("istioctl-rs install runs");
-    let install_took = started.elapsed();
-    assert!(
-        install.status.success(),
-        "install did not get every component Ready:\n{}{}\nistiod:\n{}\nztunnel:\n{}\nnode agent:\n{}\nlogs: {}",
-        text(&install.stdout),
-        text(&install.stderr),
-        describe(&kubectl, "app=istiod"),
-        describe(&kubectl, "app=ztunnel"),
-        describe(&kubectl, "k8s-app=istio-cni-node"),
-        kube.run.dir().join("logs").display()
-    );
+    let install_took = mesh.install(&[]).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("e2e: timing: istioctl-rs install from nothing to all Ready in {install_took:?}");
 
     // What install's wait judged, checked pod by pod: one Ready istiod-rs,
     // a Ready ztunnel-rs and node agent on every node.
-    let istiod = pods(&kubectl, "app=istiod");
+    let istiod = mesh.pods(SYSTEM_NAMESPACE, ISTIOD).expect("list istiod");
     assert!(
         istiod
             .iter()
             .any(|p| condition(p, "Ready").as_deref() == Some("True")),
         "no Ready istiod-rs pod:\n{}",
-        describe(&kubectl, "app=istiod")
+        mesh.describe(SYSTEM_NAMESPACE, ISTIOD)
     );
-    for selector in ["app=ztunnel", "k8s-app=istio-cni-node"] {
-        let ready_on: Vec<String> = pods(&kubectl, selector)
+    for selector in [ZTUNNEL, NODE_AGENT] {
+        let ready_on: Vec<String> = mesh
+            .pods(SYSTEM_NAMESPACE, selector)
+            .expect("list pods")
             .iter()
             .filter(|p| condition(p, "Ready").as_deref() == Some("True"))
             .filter_map(|p| p["spec"]["nodeName"].as_str().map(str::to_string))
             .collect();
-        for node in &nodes {
+        for node in &mesh.nodes {
             assert!(
                 ready_on.iter().any(|n| n == node.name()),
                 "no Ready {selector} pod on {}:\n{}",
                 node.name(),
-                describe(&kubectl, selector)
+                mesh.describe(SYSTEM_NAMESPACE, selector)
             );
         }
     }
@@ -203,7 +108,7 @@ fn kube_mesh_install_to_ready() {
     // The node agents' installers chained istio-cni-rs last into each
     // node's own primary conflist, and put the plugin where the runtime
     // runs plugins from.
-    for node in &nodes {
+    for node in &mesh.nodes {
         let (name, conflist) = primary_conflist(node);
         let plugins = conflist["plugins"].as_array().expect("a conflist");
         assert_eq!(
@@ -219,6 +124,7 @@ fn kube_mesh_install_to_ready() {
             node.cni_bin_dir().display()
         );
     }
+    let kubectl = mesh.kubectl.clone();
 
     // The app, running before its namespace joins the mesh.
     kubectl.apply(ECHO_APP).expect("the echo app applies");
@@ -278,7 +184,7 @@ fn kube_mesh_install_to_ready() {
 
     // The client's request to the echo Service, carried in HBONE by the
     // ztunnel-rs of its node.
-    let node0 = nodes.iter().find(|n| n.name() == "node0").expect("node0");
+    let node0 = mesh.node("node0").expect("node0");
     let echo_ip = kubectl
         .get("service", Some("demo"), "echo")
         .expect("get the echo Service")
@@ -297,30 +203,10 @@ fn kube_mesh_install_to_ready() {
         .expect("the client reaches the echo Service");
     assert!(report.echo.is_some(), "{report:?}");
 
-    let ztunnel = pods(&kubectl, "app=ztunnel")
-        .into_iter()
-        .find(|p| p["spec"]["nodeName"] == "node0")
-        .expect("node0's ztunnel-rs pod");
-    let ztunnel_ip: std::net::IpAddr = ztunnel["status"]["podIP"]
-        .as_str()
-        .expect("ztunnel-rs has an IP")
-        .parse()
-        .expect("an IP");
-    let node0_netns = &kube
-        .topology
-        .nodes
-        .iter()
-        .find(|n| n.name == "node0")
-        .expect("node0")
-        .netns;
-    let metrics = e2e::http::get_at(
-        node0_netns,
-        (ztunnel_ip, 15020).into(),
-        "/metrics",
-        EXEC_TIMEOUT,
-    )
-    .expect("ztunnel-rs's metrics");
-    let mtls = metrics.body.lines().find(|l| {
+    let metrics = mesh
+        .ztunnel_metrics("node0")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mtls = metrics.lines().find(|l| {
         l.starts_with("istio_tcp_connections_opened_total")
             && l.contains("connection_security_policy=\"mutual_tls\"")
             && l.contains("source_workload_namespace=\"demo\"")
@@ -329,6 +215,6 @@ fn kube_mesh_install_to_ready() {
     assert!(
         mtls.is_some(),
         "node0's ztunnel-rs counted no mutual_tls connection from the client:\n{}",
-        metrics.body
+        metrics
     );
 }
