@@ -10,6 +10,7 @@ pub mod mesh;
 pub mod node;
 pub mod pki;
 pub mod samples;
+pub mod scenarios;
 
 pub use build::{BuildError, Cache, KubeBinaries, Recipe};
 pub use control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneError};

@@ -54,26 +54,29 @@ pub fn run_all(
     scenarios: &[Scenario],
     filter: Option<&str>,
 ) -> Vec<Outcome> {
-    let mut outcomes = Vec::new();
-    for scenario in scenarios
+    scenarios
         .iter()
         .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
-    {
-        eprintln!("scenario {} ...", scenario.name);
-        let start = Instant::now();
-        let result = (scenario.run)(cluster, fixture).map_err(|e| e.to_string());
-        let took = start.elapsed();
-        match &result {
-            Ok(evidence) => eprintln!("scenario {}: PASS ({took:.1?}): {evidence}", scenario.name),
-            Err(why) => eprintln!("scenario {}: FAIL ({took:.1?}): {why}", scenario.name),
-        }
-        outcomes.push(Outcome {
-            name: scenario.name,
-            took,
-            result,
-        });
+        .map(|s| {
+            run_one(s.name, || {
+                (s.run)(cluster, fixture).map_err(|e| e.to_string())
+            })
+        })
+        .collect()
+}
+
+/// Runs one named scenario, printing a line when it starts and one when it
+/// ends (PASS with its evidence, or FAIL with why).
+pub fn run_one(name: &'static str, run: impl FnOnce() -> Result<String, String>) -> Outcome {
+    eprintln!("scenario {name} ...");
+    let start = Instant::now();
+    let result = run();
+    let took = start.elapsed();
+    match &result {
+        Ok(evidence) => eprintln!("scenario {name}: PASS ({took:.1?}): {evidence}"),
+        Err(why) => eprintln!("scenario {name}: FAIL ({took:.1?}): {why}"),
     }
-    outcomes
+    Outcome { name, took, result }
 }
 
 /// A summary of outcomes: one line each, failures with their reason.

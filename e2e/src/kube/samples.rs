@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 /// Namespace `demo` (not in the mesh): ServiceAccounts `echo` and
 /// `client`, the echo Deployment (2 replicas, one per node, HTTP readiness
-/// probe) and its Service `echo` (port 80 -> 8080).
+/// probe; HTTP on 8080, TCP echo on 9000, a hello line on 9001) and its
+/// Service `echo` (port 80 -> 8080, 9000, 9001).
 pub const ECHO_APP: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -39,8 +40,11 @@ spec:
       containers:
         - name: echo
           image: istio-rs/echo:dev
-          args: ["--http", "8080"]
-          ports: [{name: http, containerPort: 8080}]
+          args: ["--http", "8080", "--tcp", "9000", "--tcp-hello", "9001"]
+          ports:
+            - {name: http, containerPort: 8080}
+            - {name: tcp, containerPort: 9000}
+            - {name: hello, containerPort: 9001}
           env:
             - name: POD_NAME
               valueFrom: {fieldRef: {fieldPath: metadata.name}}
@@ -55,7 +59,10 @@ kind: Service
 metadata: {name: echo, namespace: demo}
 spec:
   selector: {app: echo}
-  ports: [{name: http, port: 80, targetPort: http}]
+  ports:
+    - {name: http, port: 80, targetPort: http}
+    - {name: tcp, port: 9000, targetPort: tcp}
+    - {name: hello, port: 9001, targetPort: hello}
 "#;
 
 /// A pod of namespace `demo` on `node` to exec into: the client image, idling.
