@@ -1,7 +1,7 @@
-//! Embeds the install manifests (manifests/crds/ and manifests/install/) so
-//! that the binary installs exactly the manifests of its own version. Every
-//! `*.yaml` of those directories is embedded, in name order: a CRD added
-//! there is installed without touching this crate.
+//! Embeds the install manifests (manifests/crds/, manifests/crds/gateway-api/
+//! and manifests/install/) so that the binary installs exactly the manifests
+//! of its own version. Every `*.yaml` of those directories is embedded, in
+//! name order: a CRD added there is installed without touching this crate.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -9,7 +9,11 @@ use std::path::Path;
 fn main() {
     let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
     let mut out = String::new();
-    for (name, dir) in [("CRD_FILES", "crds"), ("INSTALL_FILES", "install")] {
+    for (name, dir) in [
+        ("CRD_FILES", "crds"),
+        ("GATEWAY_API_FILES", "crds/gateway-api"),
+        ("INSTALL_FILES", "install"),
+    ] {
         let dir = manifests.join(dir);
         println!("cargo:rerun-if-changed={}", dir.display());
         let mut files: Vec<_> = std::fs::read_dir(&dir)

@@ -555,12 +555,35 @@ fn kube_istiod() {
         "the message names the value: {unsupported}"
     );
 
-    // The Gateway API CRDs (standard channel, pinned) installed while
-    // istiod-rs runs: it picks the kinds up once they are served, and its
-    // route status lands on an HTTPRoute bound to the Service (which no
-    // waypoint serves yet).
+    // The Gateway API CRDs the install ships (standard channel, pinned:
+    // manifests/crds/gateway-api, byte for byte the module's of the
+    // recipe's release) installed while istiod-rs runs: it picks the kinds
+    // up once they are served, and its route status lands on an HTTPRoute
+    // bound to the Service (which no waypoint serves yet).
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds/gateway-api");
+    let module = &kube.control_plane.config.binaries.gateway_api_crds;
+    let yaml_files = |dir: &std::path::Path| -> Vec<(String, String)> {
+        let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("a directory entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).expect("read a CRD file"))
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    assert!(
+        yaml_files(&shipped) == yaml_files(module),
+        "{} differs from the Gateway API module's standard channel in {}: update both together",
+        shipped.display(),
+        module.display()
+    );
     kubectl
-        .apply_crds(&kube.control_plane.config.binaries.gateway_api_crds)
+        .apply_crds(&shipped)
         .expect("the Gateway API CRDs apply and are established");
     kubectl.apply(ROUTE).expect("the HTTPRoute applies");
     let parent = kubectl

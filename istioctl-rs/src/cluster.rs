@@ -252,7 +252,7 @@ pub async fn delete(
 pub async fn create_unless_present(
     client: &Client,
     kind: InstallKind,
-    namespace: &str,
+    namespace: Option<&str>,
     body: &Value,
 ) -> Result<bool, ClusterError> {
     let object: DynamicObject =
@@ -262,19 +262,19 @@ pub async fn create_unless_present(
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PostParams::default()
     };
-    match api(client, kind, Some(namespace))
-        .create(&params, &object)
-        .await
-    {
+    match api(client, kind, namespace).create(&params, &object).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(e) => Err(ClusterError::on(
             e,
             "creating",
-            &format!("{kind} {namespace}/{name}"),
+            &match namespace {
+                Some(ns) => format!("{kind} {ns}/{name}"),
+                None => format!("{kind} {name}"),
+            },
             "create",
             kind,
-            Some(namespace),
+            namespace,
         )),
     }
 }

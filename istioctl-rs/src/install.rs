@@ -6,7 +6,9 @@
 //! 2. The namespace; then the mesh root ([`mesh_root`]): Secret `cacerts`
 //!    (created only if absent) and ConfigMap `istio-ca-root-cert`.
 //! 3. The CRDs, then a wait until each is Established, so nothing after
-//!    them meets a kind the API server does not serve yet.
+//!    them meets a kind the API server does not serve yet. The Gateway API
+//!    CRDs are created only where absent: a cluster that has them (at any
+//!    version) keeps its own.
 //! 4. Everything else in [`InstallKind`] order: identities and RBAC,
 //!    configuration, Services, the webhook, the workloads.
 //! 5. A wait for the Deployments and DaemonSets, with a live display.
@@ -177,6 +179,26 @@ async fn apply<W: Write>(
     out: &mut W,
     applied: &mut Vec<String>,
 ) -> Result<(), InstallError> {
+    if object.if_absent {
+        let created = cluster::create_unless_present(
+            client,
+            object.kind,
+            object.namespace.as_deref(),
+            &object.body,
+        )
+        .await?;
+        if created {
+            writeln!(out, "created {}", object.describe())?;
+            applied.push(object.describe());
+        } else {
+            writeln!(
+                out,
+                "kept {}: the cluster has it already, left as it is",
+                object.describe()
+            )?;
+        }
+        return Ok(());
+    }
     cluster::apply(client, object).await?;
     writeln!(out, "applied {}", object.describe())?;
     applied.push(object.describe());
@@ -228,7 +250,12 @@ fn write_plan<W: Write>(manifest: &Manifest, out: &mut W) -> std::io::Result<()>
         "Dry run: nothing is applied. An install would apply, in order:"
     )?;
     for (i, object) in manifest.objects.iter().enumerate() {
-        writeln!(out, "  {} ({})", object.describe(), object.source)?;
+        let only = if object.if_absent {
+            ", created only if absent"
+        } else {
+            ""
+        };
+        writeln!(out, "  {} ({}{only})", object.describe(), object.source)?;
         let next = manifest.objects.get(i + 1).map(|o| o.kind);
         if object.kind == InstallKind::Namespace && next != Some(InstallKind::Namespace) {
             writeln!(

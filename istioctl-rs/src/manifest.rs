@@ -1,5 +1,6 @@
-//! The install manifest: the embedded files of manifests/crds/ and
-//! manifests/install/, rendered with the values, every document decoded as
+//! The install manifest: the embedded files of manifests/crds/ (with the
+//! Gateway API's standard channel in manifests/crds/gateway-api/, created
+//! only where absent) and manifests/install/, rendered with the values, every document decoded as
 //! its Kubernetes type with strict field validation (a field the kind does
 //! not have is an error naming the file, the line and the field path, as
 //! `kubectl apply --validate=strict` would refuse it), labelled as ours,
@@ -22,7 +23,7 @@ use crate::values::Values;
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/manifests.rs"));
 }
-pub use embedded::{CRD_FILES, INSTALL_FILES};
+pub use embedded::{CRD_FILES, GATEWAY_API_FILES, INSTALL_FILES};
 
 /// The field manager of istioctl-rs's server-side applies.
 pub const FIELD_MANAGER: &str = "istioctl-rs";
@@ -192,6 +193,11 @@ pub struct ManifestObject {
     pub source: String,
     /// The object as applied: the document, with our label.
     pub body: Value,
+    /// Created only when no object of its name exists, and then never
+    /// changed: the Gateway API CRDs, which a cluster may already have at
+    /// another version (installed by its provider or its users, who own
+    /// their upgrades).
+    pub if_absent: bool,
 }
 
 impl ManifestObject {
@@ -254,11 +260,23 @@ pub struct Manifest {
     pub objects: Vec<ManifestObject>,
 }
 
-/// The install manifest of these values: the CRDs and the install files
-/// this binary embeds.
+/// The install manifest of these values: the CRDs (ours, then the Gateway
+/// API's, marked [`ManifestObject::if_absent`]) and the install files this
+/// binary embeds.
 pub fn generate(values: &Values) -> Result<Manifest, ManifestError> {
-    let files: Vec<(&str, &str)> = CRD_FILES.iter().chain(INSTALL_FILES).copied().collect();
-    from_files(&files, values)
+    let files: Vec<(&str, &str)> = CRD_FILES
+        .iter()
+        .chain(GATEWAY_API_FILES)
+        .chain(INSTALL_FILES)
+        .copied()
+        .collect();
+    let mut manifest = from_files(&files, values)?;
+    for object in &mut manifest.objects {
+        object.if_absent = GATEWAY_API_FILES
+            .iter()
+            .any(|(file, _)| object.source.starts_with(&format!("{file}:")));
+    }
+    Ok(manifest)
 }
 
 /// The manifest of `files` (name, template).
@@ -335,6 +353,7 @@ fn object(file: &str, doc: &Document<'_>) -> Result<ManifestObject, ManifestErro
         name,
         source: format!("{file}:{}", doc.first_line),
         body: Value::Null,
+        if_absent: false,
     };
     if !unknown.is_empty() {
         return Err(ManifestError::UnknownFields {
@@ -362,6 +381,11 @@ impl Manifest {
         let mut out = String::new();
         for object in &self.objects {
             out.push_str(&format!("# {}\n", object.source));
+            if object.if_absent {
+                out.push_str(
+                    "# install creates it only if absent: skip it where the cluster has it\n",
+                );
+            }
             out.push_str(
                 &serde_saphyr::to_string(&object.body).expect("JSON values serialise as YAML"),
             );

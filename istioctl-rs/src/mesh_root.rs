@@ -88,6 +88,7 @@ pub fn config_map(namespace: &str, root_pem: &str) -> ManifestObject {
         name: CONFIG_MAP.to_string(),
         source: format!("the mesh root of Secret {namespace}/{SECRET}"),
         body,
+        if_absent: false,
     }
 }
 
@@ -112,7 +113,7 @@ pub async fn ensure(
         Some(secret) => secret,
         None => {
             let secret = new_secret(namespace, trust_domain)?;
-            if cluster::create_unless_present(client, InstallKind::Secret, namespace, &secret)
+            if cluster::create_unless_present(client, InstallKind::Secret, Some(namespace), &secret)
                 .await?
             {
                 outcome = MeshRoot::Created;

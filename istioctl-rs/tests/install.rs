@@ -58,7 +58,11 @@ impl Fake {
             }
             "POST" => {
                 let name = r.body["metadata"]["name"].as_str().unwrap();
-                self.objects.insert(format!("{p}/{name}"), r.body.clone());
+                let at = format!("{p}/{name}");
+                if self.objects.contains_key(&at) {
+                    return status(409, "AlreadyExists", &format!("{name} already exists"));
+                }
+                self.objects.insert(at, r.body.clone());
                 (201, r.body.clone())
             }
             "GET" => {
@@ -113,6 +117,13 @@ fn object_path(o: &ManifestObject) -> String {
     )
 }
 
+fn collection_path(o: &ManifestObject) -> String {
+    object_path(o)
+        .rsplit_once('/')
+        .map(|(collection, _)| collection.to_string())
+        .unwrap()
+}
+
 fn options() -> InstallOptions {
     let mut options = InstallOptions::new(Values::default());
     options.poll_interval = Duration::from_millis(1);
@@ -136,7 +147,12 @@ async fn install_applies_everything_in_order_with_server_side_apply() {
         .of_kind(InstallKind::CustomResourceDefinition)
         .collect();
     for o in &manifest.objects {
-        expected.push(format!("PATCH {}", object_path(o)));
+        if o.if_absent {
+            // Created, never applied over what a cluster has.
+            expected.push(format!("POST {}", collection_path(o)));
+        } else {
+            expected.push(format!("PATCH {}", object_path(o)));
+        }
         if o.kind == InstallKind::Namespace {
             expected.push(format!("GET {secrets}/cacerts"));
             expected.push(format!("POST {secrets}"));
@@ -200,8 +216,14 @@ async fn install_applies_everything_in_order_with_server_side_apply() {
         );
     }
     for o in &manifest.objects {
-        let sent = applies.iter().find(|r| r.path == object_path(o)).unwrap();
-        assert_eq!(sent.body, o.body, "{}", o.describe());
+        let sent = if o.if_absent {
+            requests
+                .iter()
+                .find(|r| r.method == "POST" && r.body["metadata"]["name"] == o.name.as_str())
+        } else {
+            applies.iter().copied().find(|r| r.path == object_path(o))
+        };
+        assert_eq!(sent.unwrap().body, o.body, "{}", o.describe());
     }
     // The Secret is created (never applied over an existing root), with
     // our field manager; the ConfigMap carries its root.
@@ -354,6 +376,47 @@ async fn a_forbidden_apply_says_which_permission_is_missing() {
 }
 
 #[tokio::test]
+async fn gateway_api_crds_a_cluster_has_are_left_as_they_are() {
+    let mut fake = Fake::new();
+    let gateways = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gateways.gateway.networking.k8s.io";
+    let theirs = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "gateways.gateway.networking.k8s.io",
+                     "annotations": {"gateway.networking.k8s.io/bundle-version": "v1.3.0"}},
+    });
+    fake.objects.insert(gateways.into(), theirs.clone());
+    let (installed, requests, out) = install_on(fake, &options()).await;
+    let installed = installed.unwrap();
+    // Asked to create it, refused as existing, never applied over.
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.path == gateways && r.method != "GET"),
+        "{requests:?}"
+    );
+    assert!(
+        out.contains("kept CustomResourceDefinition gateways.gateway.networking.k8s.io: the cluster has it already, left as it is"),
+        "{out}"
+    );
+    assert!(
+        out.contains("created CustomResourceDefinition httproutes.gateway.networking.k8s.io"),
+        "{out}"
+    );
+    assert!(
+        !installed
+            .applied
+            .iter()
+            .any(|a| a.contains("gateways.gateway.networking.k8s.io"))
+    );
+    // Still waited for: istiod-rs reads it.
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == gateways && r.method == "GET")
+    );
+}
+
+#[tokio::test]
 async fn an_existing_mesh_root_is_kept() {
     let mut fake = Fake::new();
     let existing = istioctl_rs::mesh_root::new_secret("istio-system", "cluster.local").unwrap();
@@ -366,12 +429,8 @@ async fn an_existing_mesh_root_is_kept() {
         installed.unwrap().mesh_root,
         Some(istioctl_rs::mesh_root::MeshRoot::Kept)
     );
-    assert!(
-        !requests
-            .iter()
-            .any(|r| r.method == "POST"
-                || r.path.ends_with("/secrets/cacerts") && r.method == "PATCH")
-    );
+    assert!(!requests.iter().any(|r| r.path.contains("/secrets")
+        && (r.method == "POST" || r.path.ends_with("/secrets/cacerts") && r.method == "PATCH")));
     let config_map = requests
         .iter()
         .find(|r| r.path.ends_with("/istio-ca-root-cert"))

@@ -8,7 +8,8 @@
 use std::collections::BTreeSet;
 
 use istioctl_rs::manifest::{
-    self, CRD_FILES, INSTALL_FILES, InstallKind, Manifest, ManifestError, ManifestObject,
+    self, CRD_FILES, GATEWAY_API_FILES, INSTALL_FILES, InstallKind, Manifest, ManifestError,
+    ManifestObject,
 };
 use istioctl_rs::values::{KEYS, Values};
 use serde_json::Value;
@@ -62,7 +63,23 @@ fn every_object_is_labelled_ordered_and_unique() {
         .map(|o| o.source.split(':').next().unwrap())
         .collect();
     let files: BTreeSet<&str> = crds.iter().copied().collect();
-    assert_eq!(files, CRD_FILES.iter().map(|(f, _)| *f).collect());
+    assert_eq!(
+        files,
+        CRD_FILES
+            .iter()
+            .chain(GATEWAY_API_FILES)
+            .map(|(f, _)| *f)
+            .collect()
+    );
+    // Only the Gateway API's are created where absent, and all of them.
+    for o in &manifest.objects {
+        assert_eq!(
+            o.if_absent,
+            o.name.ends_with(".gateway.networking.k8s.io"),
+            "{}",
+            o.describe()
+        );
+    }
     let kinds: Vec<InstallKind> = manifest.objects.iter().map(|o| o.kind).collect();
     let mut sorted = kinds.clone();
     sorted.sort();
