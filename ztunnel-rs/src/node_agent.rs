@@ -274,49 +274,85 @@ pub async fn run(args: CniArgs) -> anyhow::Result<()> {
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handling SIGTERM")?;
+    // Its own task: on uninstall it still releases the pods after the
+    // servers below are gone.
+    let mut agent_task = tokio::spawn(agent.run(source, acked));
+    let stopping = Stopping {
+        installer: installer.as_ref(),
+        kube: kube_client.as_ref(),
+        namespace: &args.pod_namespace,
+        daemonset: &args.daemonset_name,
+        agent: &handle,
+    };
     let stopped = tokio::select! {
         r = zds.serve(zds_listener) => r.context("ZDS server stopped"),
-        r = cni_event::serve(cni_listener, handle) => r.context("CNI event server stopped"),
+        r = cni_event::serve(cni_listener, handle.clone()) => r.context("CNI event server stopped"),
         r = axum::serve(monitoring, stats) => r.context("the /metrics server stopped"),
         r = axum::serve(readiness, ready) => r.context("the /readyz server stopped"),
-        r = agent.run(source, acked) => r.context("node agent stopped"),
+        r = &mut agent_task => match r {
+            Ok(r) => r.context("node agent stopped"),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        },
         r = install => r.context("CNI installer stopped"),
         _ = sigterm.recv() => {
             info!("SIGTERM: stopping");
-            return stop(installer.as_ref(), kube_client.as_ref(), &args.pod_namespace, &args.daemonset_name).await;
+            return stopping.stop().await;
         }
         _ = tokio::signal::ctrl_c() => {
             info!("SIGINT: stopping");
-            return stop(installer.as_ref(), kube_client.as_ref(), &args.pod_namespace, &args.daemonset_name).await;
+            return stopping.stop().await;
         }
     };
     installing.cancel();
+    agent_task.abort();
     stopped
 }
 
-/// On SIGTERM: the CNI plugin stays chained through an upgrade or a reboot
-/// and is taken out (with its binary) when the mesh is uninstalled.
-async fn stop(
-    installer: Option<&cni_install::CniInstaller>,
-    kube: Option<&kube::Client>,
-    namespace: &str,
-    daemonset: &str,
-) -> anyhow::Result<()> {
-    let Some(installer) = installer else {
-        return Ok(());
-    };
-    match cni_install::on_shutdown(kube, namespace, daemonset).await {
-        cni_install::OnShutdown::Keep => {
-            info!(%namespace, %daemonset, "the DaemonSet remains (upgrade or reboot): istio-cni-rs stays chained; new pods wait for the next agent");
-            Ok(())
+/// What the agent looks at and acts on when it is told to stop.
+struct Stopping<'a> {
+    installer: Option<&'a cni_install::CniInstaller>,
+    kube: Option<&'a kube::Client>,
+    namespace: &'a str,
+    daemonset: &'a str,
+    agent: &'a AgentHandle,
+}
+
+impl Stopping<'_> {
+    /// On SIGTERM: through an upgrade or a reboot the CNI plugin stays
+    /// chained and the pods stay captured; when the mesh is uninstalled the
+    /// plugin is taken out (with its binary), then the running pods are
+    /// released and the node's rules removed ([`AgentHandle::uninstall`]).
+    /// When that cannot be told, the plugin comes out and the pods stay
+    /// captured.
+    async fn stop(self) -> anyhow::Result<()> {
+        let Stopping {
+            installer,
+            kube,
+            namespace,
+            daemonset,
+            agent,
+        } = self;
+        if installer.is_none() && kube.is_none() {
+            return Ok(());
         }
-        cni_install::OnShutdown::Remove => {
+        let decision = cni_install::on_shutdown(kube, namespace, daemonset).await;
+        if decision == cni_install::OnShutdown::Keep {
+            info!(%namespace, %daemonset, "the DaemonSet remains (upgrade or reboot): istio-cni-rs stays chained and the pods captured; new pods wait for the next agent");
+            return Ok(());
+        }
+        if let Some(installer) = installer {
             let files = installer
                 .uninstall()
                 .context("taking istio-cni-rs out of the node's CNI configuration")?;
             info!(?files, "istio-cni-rs uninstalled from this node");
-            Ok(())
         }
+        if decision == cni_install::OnShutdown::Uninstall {
+            agent
+                .uninstall()
+                .await
+                .context("releasing the node's pods on uninstall")?;
+        }
+        Ok(())
     }
 }
 

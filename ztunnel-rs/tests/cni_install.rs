@@ -392,8 +392,12 @@ fn daemonset(deleting: bool) -> Value {
 fn the_plugin_stays_only_while_the_daemonset_does() {
     let ds = |deleting| serde_json::from_value(daemonset(deleting)).unwrap();
     assert_eq!(decide_on_shutdown(&Ok(Some(ds(false)))), OnShutdown::Keep);
-    assert_eq!(decide_on_shutdown(&Ok(Some(ds(true)))), OnShutdown::Remove);
-    assert_eq!(decide_on_shutdown(&Ok(None)), OnShutdown::Remove);
+    // The DaemonSet being deleted or gone: the mesh is leaving the node.
+    assert_eq!(
+        decide_on_shutdown(&Ok(Some(ds(true)))),
+        OnShutdown::Uninstall
+    );
+    assert_eq!(decide_on_shutdown(&Ok(None)), OnShutdown::Uninstall);
 }
 
 /// `on_shutdown` asks for the agent's own DaemonSet, by name, once.
@@ -401,12 +405,13 @@ fn the_plugin_stays_only_while_the_daemonset_does() {
 async fn shutdown_reads_the_agents_daemonset() {
     for (status, body, expected) in [
         (200, daemonset(false), OnShutdown::Keep),
-        (200, daemonset(true), OnShutdown::Remove),
+        (200, daemonset(true), OnShutdown::Uninstall),
         (
             404,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-            OnShutdown::Remove,
+            OnShutdown::Uninstall,
         ),
+        // Cannot tell: the plugin comes out, the pods stay captured.
         (
             403,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"}),

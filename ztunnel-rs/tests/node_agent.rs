@@ -277,41 +277,83 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
-    if !root_or_skip("agent_captures_a_pod_in_its_netns_and_releases_it") {
-        return;
-    }
+/// Pod `shop/cart-0` in a netns linked to a peer's, a node netns of its
+/// own, a node agent there (ZDS, a mocked API server, an in-memory pod
+/// source that listed the pod enrolled) and a ztunnel stand-in connected
+/// before the pod starts.
+struct CartWorld {
+    pod: TestNetns,
+    peer: TestNetns,
+    node: TestNetns,
+    _dir: tempfile::TempDir,
+    agent: AgentHandle,
+    events: mpsc::Sender<PodEvent>,
+    cart: PodMeta,
+    api_calls: mpsc::UnboundedReceiver<ApiCall>,
+    proxy: mpsc::UnboundedReceiver<ProxyEvent>,
+}
+
+async fn cart_world() -> CartWorld {
     let pod = TestNetns::new();
     let peer = TestNetns::new();
     pod.link(&format!("{POD_IP}/24"), &peer, &format!("{PEER_IP}/24"));
     let node = TestNetns::new();
-
-    // Node agent, with ZDS, a mocked API server and an in-memory pod source.
     let dir = tempfile::tempdir().unwrap();
     let zds_socket = dir.path().join("ztunnel.sock");
-    let (kube, mut api_calls) = mock_api();
-    let config = on_node(&node);
-    let Started {
-        handle: agent_handle,
-        events: pod_events,
-        ..
-    } = start_agent(config, &zds_socket, Some(kube), AgentMetrics::default());
-    let cart = list_enrolled_cart(&pod_events).await;
-    let ambient = labels(&[(api::labels::DATAPLANE_MODE, "ambient")]);
+    let (kube, api_calls) = mock_api();
+    let Started { handle, events, .. } = start_agent(
+        on_node(&node),
+        &zds_socket,
+        Some(kube),
+        AgentMetrics::default(),
+    );
+    let cart = list_enrolled_cart(&events).await;
+    let proxy = ListenerProxy::connect(zds_socket).await;
+    CartWorld {
+        pod,
+        peer,
+        node,
+        _dir: dir,
+        agent: handle,
+        events,
+        cart,
+        api_calls,
+        proxy,
+    }
+}
 
-    // ztunnel, connected before the pod starts.
-    let mut proxy = ListenerProxy::connect(zds_socket).await;
-
-    // The runtime's CNI ADD for the pod's sandbox.
-    let sandbox = CniPod {
+/// The runtime's CNI ADD (or DEL) for cart-0's sandbox in `pod`.
+fn cart_sandbox(pod: &TestNetns) -> CniPod {
+    CniPod {
         namespace: "shop".into(),
         name: "cart-0".into(),
         uid: Some("uid-cart".into()),
         container_id: "sandbox-1".into(),
         netns: pod.path().into(),
         ips: vec![POD_IP.parse().unwrap()],
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_captures_a_pod_in_its_netns_and_releases_it() {
+    if !root_or_skip("agent_captures_a_pod_in_its_netns_and_releases_it") {
+        return;
+    }
+    let CartWorld {
+        pod,
+        peer,
+        node: _node,
+        _dir,
+        agent: agent_handle,
+        events: pod_events,
+        cart,
+        mut api_calls,
+        mut proxy,
+    } = cart_world().await;
+    let ambient = labels(&[(api::labels::DATAPLANE_MODE, "ambient")]);
+
+    // The runtime's CNI ADD for the pod's sandbox.
+    let sandbox = cart_sandbox(&pod);
     let reply = agent_handle.handle(CniRequest::Add(sandbox.clone())).await;
     assert!(reply.ok && reply.captured, "{reply:?}");
     let ProxyEvent::Added(uid, factory, listeners) = next(&mut proxy).await else {
@@ -707,6 +749,48 @@ async fn kubelet_probes_from_the_node_reach_a_captured_pod_uncaptured() {
         rules.contains("ISTIO_POSTRT"),
         "the node's rules stay: {rules}"
     );
+}
+
+/// `ztunnel-rs cni` on SIGTERM when its DaemonSet is gone (the mesh is
+/// being uninstalled): the running pod is let go, not left redirected to a
+/// ztunnel that is leaving too. Its rules, its annotation, ztunnel's proxy
+/// for it and the node's probe chain and sets all go, and the agent stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_releases_every_pod_and_clears_the_node() {
+    if !root_or_skip("uninstall_releases_every_pod_and_clears_the_node") {
+        return;
+    }
+    let CartWorld {
+        pod,
+        node,
+        agent: handle,
+        mut api_calls,
+        mut proxy,
+        ..
+    } = cart_world().await;
+    let reply = handle.handle(CniRequest::Add(cart_sandbox(&pod))).await;
+    assert!(reply.ok && reply.captured, "{reply:?}");
+    let ProxyEvent::Added(_, _, listeners) = next(&mut proxy).await else {
+        panic!("expected the pod to be added")
+    };
+    assert_redirection_patch(&next(&mut api_calls).await, Some("enabled"));
+    assert!(!istio_rules(&pod.netns).is_empty());
+    let node_state = node_probe_rules(&node);
+    assert!(
+        node_state.contains("ISTIO_POSTRT") && node_state.contains("uid-cart"),
+        "{node_state}"
+    );
+    drop(listeners);
+
+    handle.uninstall().await.unwrap();
+    assert_eq!(istio_rules(&pod.netns), "", "the pod's rules are removed");
+    assert_eq!(node_probe_rules(&node), "", "the node's chain is removed");
+    let sets = node.exec(&["ipset", "list", "-n"]);
+    assert!(!sets.contains("istio-inpod-probes"), "sets left: {sets}");
+    assert_redirection_patch(&next(&mut api_calls).await, None);
+    assert!(matches!(next(&mut proxy).await, ProxyEvent::Deleted(uid) if uid == "uid-cart"));
+    // The agent has stopped: a later label change captures nothing.
+    assert!(handle.sweep().await.is_err(), "the agent still runs");
 }
 
 /// What a ztunnel stand-in was told, in order.

@@ -177,6 +177,7 @@ enum Message {
     Cni(CniRequest, oneshot::Sender<CniReply>),
     AddWaitOver(PodKey, String),
     Sweep(oneshot::Sender<()>),
+    Uninstall(oneshot::Sender<()>),
 }
 
 struct WaitingAdd {
@@ -196,6 +197,18 @@ impl AgentHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Message::Sweep(tx))
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)
+    }
+
+    /// The mesh is being uninstalled from the node: lets every pod go and
+    /// clears the node (see [`NodeAgent::run`]), then the agent stops.
+    /// Returns once that is done.
+    pub async fn uninstall(&self) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Message::Uninstall(tx))
             .await
             .map_err(|_| AgentError::Stopped)?;
         rx.await.map_err(|_| AgentError::Stopped)
@@ -270,8 +283,16 @@ impl NodeAgent {
         }
     }
 
-    /// Runs until the pod source fails. `acked` is the ZDS server's stream of
-    /// pods ztunnel has acked.
+    /// Runs until the pod source fails, or until [`AgentHandle::uninstall`]:
+    /// then every pod the agent captured or kept is let go while it keeps
+    /// running (its in-pod rules removed, its annotation removed, ztunnel
+    /// told) and the node's probe chain and sets are removed. Upstream's
+    /// agent removes only the node's rules and set on uninstall (istio/istio
+    /// `cni/pkg/nodeagent/meshdataplane_linux.go` `meshDataplane.Stop`;
+    /// `NetServer.Stop` leaves in-pod rules) and so leaves running pods
+    /// redirected to a ztunnel that is gone; here their traffic flows again,
+    /// in plaintext. `acked` is the ZDS server's stream of pods ztunnel has
+    /// acked.
     pub async fn run(
         mut self,
         source: impl PodSource,
@@ -302,7 +323,14 @@ impl NodeAgent {
                     source_ended(result)?;
                 }
                 Some(event) = events.recv() => self.on_pod_event(event).await,
-                Some(message) = self.rx.recv() => self.on_message(message).await,
+                Some(message) = self.rx.recv() => {
+                    if let Message::Uninstall(done) = message {
+                        self.uninstall().await;
+                        let _ = done.send(());
+                        return Ok(());
+                    }
+                    self.on_message(message).await
+                }
                 Some(uid) = acked.recv() => self.on_acked(uid).await,
                 _ = sweep.tick() => self.sweep().await,
             }
@@ -568,6 +596,8 @@ impl NodeAgent {
                 self.sweep().await;
                 let _ = done.send(());
             }
+            // Handled by the run loop, which then ends.
+            Message::Uninstall(done) => drop(done),
         }
     }
 
@@ -911,16 +941,7 @@ impl NodeAgent {
             Err(error) => warn!(pod = %key, %error, "cannot enter the node's network namespace"),
         }
         if let (Some(captured), true) = (&captured, remove_rules) {
-            let rules = self.config.redirection.clone();
-            match captured
-                .netns
-                .run_async(move || iptables::remove(&rules))
-                .await
-            {
-                Ok(Ok(())) => info!(pod = %key, "redirection rules removed"),
-                Ok(Err(e)) => warn!(pod = %key, error = %e, "cannot remove redirection rules"),
-                Err(e) => warn!(pod = %key, error = %e, "cannot enter the pod to remove its rules"),
-            }
+            self.remove_rules(key, &captured.netns).await;
         }
         match self.zds.del(&uid).await {
             Ok(()) | Err(ZdsServerError::ConnectionLost) => {}
@@ -930,6 +951,82 @@ impl NodeAgent {
             self.annotate(key, false);
         }
         info!(pod = %key, %uid, "pod released");
+    }
+
+    /// Takes the redirection rules out of a pod that keeps running.
+    async fn remove_rules(&self, key: &PodKey, netns: &Netns) {
+        let rules = self.config.redirection.clone();
+        match netns.run_async(move || iptables::remove(&rules)).await {
+            Ok(Ok(())) => info!(pod = %key, "redirection rules removed"),
+            Ok(Err(e)) => warn!(pod = %key, error = %e, "cannot remove redirection rules"),
+            Err(e) => warn!(pod = %key, error = %e, "cannot enter the pod to remove its rules"),
+        }
+    }
+
+    /// The mesh leaves the node (see [`Self::run`]): the rules go first,
+    /// then the annotations (awaited: the process ends next), then ztunnel
+    /// is told, all pods at once, as ztunnel may be stopping too.
+    async fn uninstall(&mut self) {
+        let keys: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(_, r)| r.captured.is_some() || r.kept.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        info!(
+            pods = keys.len(),
+            "the mesh is being uninstalled: releasing every pod of the node"
+        );
+        let mut uids = Vec::new();
+        for key in &keys {
+            let Some(record) = self.pods.get_mut(key) else {
+                continue;
+            };
+            let (captured, kept) = (record.captured.take(), record.kept.take());
+            if let Some(captured) = captured {
+                self.remove_rules(key, &captured.netns).await;
+                uids.push(captured.uid);
+            } else if let Some(uid) = kept {
+                uids.push(uid);
+            }
+        }
+        self.count_kept();
+        match self.on_node(host_probe::remove).await {
+            Ok(Ok(())) => info!(
+                chain = host_probe::CHAIN_POSTROUTING,
+                set = host_probe::PROBE_SET,
+                "kubelet-probe rules and sets removed from the node"
+            ),
+            Ok(Err(error)) => {
+                warn!(%error, "cannot remove the node's kubelet-probe rules and sets")
+            }
+            Err(error) => warn!(%error, "cannot enter the node's network namespace"),
+        }
+        if let Some(client) = &self.kube {
+            let annotated: Vec<&PodKey> = keys
+                .iter()
+                .filter(|k| self.pods.get(*k).is_some_and(|r| r.meta.is_some()))
+                .collect();
+            let patches = annotated
+                .iter()
+                .map(|key| annotate::set_redirection(client, key, false));
+            for result in futures::future::join_all(patches).await {
+                if let Err(error) = result {
+                    warn!(%error, "pod annotation not removed");
+                }
+            }
+        }
+        let dels = uids.iter().map(|uid| self.zds.del(uid));
+        for (uid, result) in uids.iter().zip(futures::future::join_all(dels).await) {
+            match result {
+                Ok(()) | Err(ZdsServerError::ConnectionLost) => {}
+                Err(error) => warn!(%uid, %error, "ztunnel did not confirm dropping the pod"),
+            }
+        }
+        info!(
+            pods = keys.len(),
+            "every pod released; the node agent stops"
+        );
     }
 
     async fn on_acked(&mut self, uid: String) {

@@ -336,9 +336,14 @@ pub enum OnShutdown {
     /// An upgrade or a reboot: the plugin stays, so pods created meanwhile
     /// wait for the next agent instead of starting uncaptured.
     Keep,
-    /// The mesh is being uninstalled (or that cannot be ruled out): take
-    /// the plugin out, or every new pod on the node would fail to start.
+    /// The mesh may be being uninstalled (the DaemonSet could not be read,
+    /// or there is no API to ask): take the plugin out, or every new pod on
+    /// the node would fail to start; the running pods stay captured (fail
+    /// closed: nothing says the mesh is leaving).
     Remove,
+    /// The DaemonSet is gone or being deleted: the mesh is leaving the node.
+    /// The plugin comes out and the running pods are released.
+    Uninstall,
 }
 
 /// Upstream's `ShouldStopCleanup`: the agent's own DaemonSet still there and
@@ -370,6 +375,7 @@ pub async fn on_shutdown(
 pub fn decide_on_shutdown(found: &Result<Option<DaemonSet>, kube::Error>) -> OnShutdown {
     match found {
         Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_none() => OnShutdown::Keep,
-        _ => OnShutdown::Remove,
+        Ok(_) => OnShutdown::Uninstall,
+        Err(_) => OnShutdown::Remove,
     }
 }
