@@ -570,11 +570,26 @@ fn ztunnel_rolling_restart(mesh: &KubeMesh, f: &KubeFixture) -> Result<String, K
         let live = if hold.ok {
             format!("kept ({} round trips)", hold.exchanges)
         } else {
+            // The old ztunnel whose termination came last before the break.
+            let cause = hold.ended_at_ms.and_then(|end| {
+                nodes
+                    .iter()
+                    .filter_map(|(n, r)| Some((n, r.old_terminating_ms?)))
+                    .filter(|(_, t)| *t <= end)
+                    .max_by_key(|(_, t)| *t)
+                    .map(|(n, t)| {
+                        format!(
+                            ", {:.1}s after the old ztunnel on {n} was seen terminating",
+                            (end - t) as f64 / 1e3
+                        )
+                    })
+            });
             format!(
-                "broke at {} after {} round trips ({})",
+                "broke at {} after {} round trips ({}){}",
                 hold.ended_at_ms.map_or("?".into(), |t| since(restart, t)),
                 hold.exchanges,
-                hold.error.as_deref().unwrap_or_default()
+                hold.error.as_deref().unwrap_or_default(),
+                cause.unwrap_or_default()
             )
         };
         lines.push(format!(
