@@ -31,6 +31,10 @@
 //! - `client hold ADDR --duration D --interval I`: one connection to a
 //!   `--tcp` port with a small round trip every I, until it breaks or D is
 //!   over; when it was up and when it broke: [`HoldReport`].
+//! - `client connect-probe ADDR --duration D --interval I --timeout T`: a
+//!   new connection with one small echo round trip every I (one at a
+//!   time), each given T; every run of failures with when it began and
+//!   when connections came back: [`ConnectProbeReport`].
 //!
 //! Latencies are microseconds measured from just before a request is
 //! written to when its whole response has been read (so a late send does not
@@ -157,6 +161,37 @@ pub struct LoadReport {
     pub error: Option<String>,
 }
 
+/// The `client` arguments of the scenarios' steady load on `target`: 40
+/// requests/s of 512 bytes over 2 long-lived TCP connections, for `duration`.
+pub fn steady_load(target: &str, duration: std::time::Duration) -> Vec<String> {
+    [
+        "load",
+        target,
+        "--rate",
+        "40",
+        "--connections",
+        "2",
+        "--payload",
+        "512",
+        "--duration",
+        &format!("{}ms", duration.as_millis()),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl LoadReport {
+    /// What went wrong, unless every request completed and none failed.
+    pub fn trouble(&self) -> Option<String> {
+        (!self.ok || self.errors > 0 || self.requests == 0).then(|| {
+            format!(
+                "{} requests, {} errors (first: {:?}; error: {:?})",
+                self.requests, self.errors, self.first_error, self.error
+            )
+        })
+    }
+}
+
 /// `client bulk`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BulkReport {
@@ -202,6 +237,41 @@ pub struct ConnectRateReport {
     /// Connect plus one small round trip.
     pub latency_us: Latency,
     pub first_error: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A run of consecutive failed attempts of `client connect-probe`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Outage {
+    /// When the first failed attempt started, Unix milliseconds.
+    pub from_ms: u64,
+    /// When the next successful attempt started; `None`: none did before
+    /// the probe ended.
+    pub until_ms: Option<u64>,
+    pub failures: u64,
+    pub first_error: String,
+}
+
+/// `client connect-probe`: how long new connections could not be made.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectProbeReport {
+    pub mode: String,
+    pub target: String,
+    /// At least one attempt succeeded and the last one did (connections
+    /// came back after every outage).
+    pub ok: bool,
+    pub interval_ms: f64,
+    pub duration_s: f64,
+    pub attempts: u64,
+    pub failures: u64,
+    /// When the first and the last successful attempt started, Unix ms.
+    pub first_ok_at_ms: Option<u64>,
+    pub last_ok_at_ms: Option<u64>,
+    /// Every run of failures, in order.
+    pub outages: Vec<Outage>,
+    /// The longest outage, from its first failed attempt to the next
+    /// success (to the probe's end for one that did not end).
+    pub longest_gap_ms: f64,
     pub error: Option<String>,
 }
 

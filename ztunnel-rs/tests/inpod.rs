@@ -191,3 +191,34 @@ async fn connections_to_the_app_can_keep_the_clients_address() {
         assert_eq!(&buf, b"pong");
     }
 }
+
+/// A rolling restart of the ztunnel DaemonSet starts the new ztunnel beside
+/// the old one, and the node agent hands it every pod while the old one
+/// still listens there: the new listeners must bind beside the old ones
+/// (SO_REUSEPORT), and once the old ones close the new ones take every
+/// connection. Without that the new ztunnel refuses every pod and, once
+/// the old one drained, nothing listens in the pods at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_proxy_listens_beside_the_old_one_and_takes_over() {
+    if !root_or_skip("a_new_proxy_listens_beside_the_old_one_and_takes_over") {
+        return;
+    }
+    let pod = TestNetns::new();
+    let factory = InPodSocketFactory::new(pod.netns.clone());
+    let old = InPodListeners::bind(&factory).await.unwrap();
+    let new = InPodListeners::bind(&factory)
+        .await
+        .expect("a second proxy's listeners bind beside the first's");
+    for listener in [&new.outbound, &new.inbound_plaintext, &new.hbone] {
+        assert!(socket2::SockRef::from(listener).reuse_port().unwrap());
+    }
+    drop(old);
+    for _ in 0..8 {
+        let _client = connect_from(&pod.netns, "127.0.0.1:15006".parse().unwrap()).await;
+        let accepted = tokio::time::timeout(WAIT, new.inbound_plaintext.accept()).await;
+        assert!(
+            matches!(accepted, Ok(Ok(_))),
+            "the new listener took the connection"
+        );
+    }
+}

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{
-    BulkReport, ConnectRateReport, EchoReply, HoldReport, HttpReport, LoadReport, SinkReceipt,
-    TcpHello, TcpReport, distribution, summarize,
+    BulkReport, ConnectProbeReport, ConnectRateReport, EchoReply, HoldReport, HttpReport,
+    LoadReport, Outage, SinkReceipt, TcpHello, TcpReport, distribution, summarize,
 };
 
 /// Command line of `client`.
@@ -96,6 +96,21 @@ pub enum Mode {
         #[arg(long, default_value_t = 16)]
         payload: usize,
     },
+    /// A new connection with one small echo round trip every interval, one
+    /// at a time; reports every run of failures (when new connections
+    /// could not be made, and when they came back).
+    ConnectProbe {
+        target: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+        interval: Duration,
+        /// How long one attempt (connect and round trip) may take.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[arg(long, default_value_t = 16)]
+        payload: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -144,6 +159,13 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             concurrency,
             payload,
         } => json(connect_rate(&target, duration, concurrency, payload).await),
+        Mode::ConnectProbe {
+            target,
+            duration,
+            interval,
+            timeout,
+            payload,
+        } => json(connect_probe(&target, duration, interval, timeout, payload).await),
         Mode::Hold {
             target,
             duration,
@@ -701,9 +723,173 @@ async fn connect_rate(
     report
 }
 
+/// The runs of failures of a sequence of attempts, as
+/// [`ConnectProbeReport`] tells them.
+#[derive(Debug, Default)]
+struct Outages {
+    attempts: u64,
+    failures: u64,
+    first_ok_at_ms: Option<u64>,
+    last_ok_at_ms: Option<u64>,
+    runs: Vec<Outage>,
+}
+
+impl Outages {
+    /// An attempt that started at `at_ms` (Unix ms) and how it went.
+    fn record(&mut self, at_ms: u64, result: Result<(), String>) {
+        self.attempts += 1;
+        let open = self.runs.last_mut().filter(|o| o.until_ms.is_none());
+        match (result, open) {
+            (Ok(()), open) => {
+                if let Some(o) = open {
+                    o.until_ms = Some(at_ms);
+                }
+                self.first_ok_at_ms.get_or_insert(at_ms);
+                self.last_ok_at_ms = Some(at_ms);
+            }
+            (Err(_), Some(o)) => {
+                self.failures += 1;
+                o.failures += 1;
+            }
+            (Err(e), None) => {
+                self.failures += 1;
+                self.runs.push(Outage {
+                    from_ms: at_ms,
+                    until_ms: None,
+                    failures: 1,
+                    first_error: e,
+                });
+            }
+        }
+    }
+
+    /// The report once the probe ended at `end_ms`.
+    fn report(self, report: &mut ConnectProbeReport, end_ms: u64) {
+        report.attempts = self.attempts;
+        report.failures = self.failures;
+        report.first_ok_at_ms = self.first_ok_at_ms;
+        report.last_ok_at_ms = self.last_ok_at_ms;
+        report.longest_gap_ms = self
+            .runs
+            .iter()
+            .map(|o| o.until_ms.unwrap_or(end_ms).saturating_sub(o.from_ms) as f64)
+            .fold(0.0, f64::max);
+        let still_out = self.runs.last().is_some_and(|o| o.until_ms.is_none());
+        report.error = match (self.first_ok_at_ms, self.runs.last()) {
+            (None, Some(o)) => Some(format!(
+                "no attempt succeeded; first error: {}",
+                o.first_error
+            )),
+            (None, None) => Some("no attempt was made".into()),
+            (Some(_), Some(o)) if still_out => Some(format!(
+                "new connections did not come back: {} attempt(s) failed from {} ms to the end; first error: {}",
+                o.failures, o.from_ms, o.first_error
+            )),
+            _ => None,
+        };
+        report.ok = report.error.is_none();
+        report.outages = self.runs;
+    }
+}
+
+async fn connect_probe(
+    target: &str,
+    duration: Duration,
+    interval: Duration,
+    timeout: Duration,
+    payload: usize,
+) -> ConnectProbeReport {
+    let mut report = ConnectProbeReport {
+        mode: "connect_probe".into(),
+        target: target.into(),
+        interval_ms: interval.as_secs_f64() * 1e3,
+        duration_s: duration.as_secs_f64(),
+        ..Default::default()
+    };
+    let data = pattern(payload.max(1));
+    let mut back = vec![0u8; data.len()];
+    let mut outages = Outages::default();
+    let end = Instant::now() + duration;
+    let mut next = Instant::now();
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        // One at a time: a slow attempt delays the next, never overlaps it.
+        next = (next + interval).max(Instant::now());
+        let at_ms = unix_ms();
+        let round = async {
+            let mut s = connect(target).await.map_err(|e| format!("connect: {e}"))?;
+            s.write_all(&data)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut back)
+                .await
+                .map_err(|e| format!("read echo: {e}"))?;
+            Ok::<(), String>(())
+        };
+        let result = tokio::time::timeout(timeout, round)
+            .await
+            .unwrap_or_else(|_| Err(format!("no echo within {timeout:?}")));
+        outages.record(at_ms, result);
+    }
+    outages.report(&mut report, unix_ms());
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outages_are_runs_of_failures_until_the_next_success() {
+        let mut o = Outages::default();
+        o.record(1_000, Ok(()));
+        o.record(1_025, Err("connect: refused".into()));
+        o.record(1_050, Err("connect: reset".into()));
+        o.record(1_400, Ok(()));
+        o.record(1_425, Err("read echo: eof".into()));
+        o.record(1_450, Ok(()));
+        let mut report = ConnectProbeReport::default();
+        o.report(&mut report, 1_500);
+        assert!(report.ok, "{report:?}");
+        assert_eq!((report.attempts, report.failures), (6, 3));
+        assert_eq!(report.outages.len(), 2);
+        assert_eq!(
+            report.outages[0],
+            Outage {
+                from_ms: 1_025,
+                until_ms: Some(1_400),
+                failures: 2,
+                first_error: "connect: refused".into()
+            }
+        );
+        assert_eq!(report.longest_gap_ms, 375.0);
+        assert_eq!(
+            (report.first_ok_at_ms, report.last_ok_at_ms),
+            (Some(1_000), Some(1_450))
+        );
+    }
+
+    #[test]
+    fn an_outage_that_never_ends_fails_the_probe() {
+        let mut o = Outages::default();
+        o.record(1_000, Ok(()));
+        o.record(1_025, Err("connect: refused".into()));
+        let mut report = ConnectProbeReport::default();
+        o.report(&mut report, 3_025);
+        assert!(!report.ok);
+        assert_eq!(report.longest_gap_ms, 2_000.0);
+        assert!(
+            report
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("did not come back"),
+            "{report:?}"
+        );
+        let mut report = ConnectProbeReport::default();
+        Outages::default().report(&mut report, 0);
+        assert!(!report.ok);
+    }
 
     #[test]
     fn durations_parse_in_the_usual_units() {

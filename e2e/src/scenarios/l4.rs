@@ -535,20 +535,7 @@ pub(super) fn under_load<T>(
     duration: Duration,
     during: impl FnOnce() -> Result<T, ProbeError>,
 ) -> Result<(T, LoadReport), ProbeError> {
-    let args: Vec<String> = [
-        "load",
-        target,
-        "--rate",
-        "40",
-        "--connections",
-        "2",
-        "--payload",
-        "512",
-        "--duration",
-        &format!("{}ms", duration.as_millis()),
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = crate::apps::steady_load(target, duration);
     std::thread::scope(|s| {
         let load = s.spawn(|| {
             probe::client::<LoadReport>(cluster, from, &args, duration + Duration::from_secs(60))
@@ -584,16 +571,10 @@ pub(super) fn until_connections(
 }
 
 pub(super) fn load_flowed(what: &str, load: &LoadReport) -> Result<(), ProbeError> {
-    if !load.ok || load.errors > 0 || load.requests == 0 {
-        return Err(failed(
-            what,
-            format!(
-                "{} requests, {} errors (first: {:?}; error: {:?})",
-                load.requests, load.errors, load.first_error, load.error
-            ),
-        ));
+    match load.trouble() {
+        Some(trouble) => Err(failed(what, trouble)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn istiod_restart(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {

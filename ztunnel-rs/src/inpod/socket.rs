@@ -7,7 +7,9 @@
 //! marked packets through, so the proxy's own connections are not captured
 //! again. Listeners bind the wildcard address like upstream (`[::]`, dual
 //! stack; `0.0.0.0` when the pod has no IPv6). REDIRECT keeps the pod's own
-//! addresses on both ends, so listeners need no `IP_TRANSPARENT`.
+//! addresses on both ends, so listeners need no `IP_TRANSPARENT`. They set
+//! `SO_REUSEPORT`, so a new ztunnel takes a pod over while the old one
+//! drains.
 //!
 //! Connections to the application inside the pod can keep the client's
 //! address ([`InPodSocketFactory::connect_as`]): the socket is
@@ -232,6 +234,12 @@ fn bind_listener(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::TcpLi
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
+    // A new ztunnel (a rolling restart starts it beside the old one) binds
+    // the same ports in the same pods while the old one still listens; the
+    // kernel spreads new connections over both until the old one closes
+    // its listeners on drain. Upstream's InPodSocketPortReuseFactory
+    // (src/inpod/linux/config.rs) does the same.
+    socket.set_reuse_port(true)?;
     socket.set_mark(mark)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
