@@ -212,6 +212,17 @@ pub fn on_kube_cluster(
             })?;
         timings.l4_fixture = Some(start.elapsed());
         outcomes.extend(run_all(&cluster, &fixture, &shared, None));
+        // The Kubernetes-only scenarios get the cluster as their own test
+        // leaves it (no other enrolled pods); deleting enrolled pods with
+        // their namespaces is checked on the way.
+        outcomes.push(run_one("l4_fixture_namespaces_deleted", || {
+            let keys = [fixture::AMBIENT_NS, fixture::PEER_NS, fixture::LEGACY_NS]
+                .map(|ns| crate::objects::ObjectKey::core("Namespace", None, ns));
+            cluster
+                .delete(&keys)
+                .map(|()| format!("namespaces {:?} and their pods gone", keys.map(|k| k.name)))
+                .map_err(|e| e.to_string())
+        }));
     }
     if !kube_scenarios.is_empty() {
         let start = Instant::now();

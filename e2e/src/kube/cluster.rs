@@ -634,11 +634,16 @@ impl Cluster for KubeCluster<'_> {
         objects.iter().try_for_each(|o| self.apply_one(o))
     }
 
+    /// Consecutive keys of one kind and namespace go in one `kubectl
+    /// delete`, so their deletions (and waits) overlap.
     fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError> {
-        for key in keys {
-            let resource = resource_of(key);
-            let mut args = vec!["delete", resource.as_str(), key.name.as_str()];
-            if let Some(ns) = &key.namespace {
+        for group in keys
+            .chunk_by(|a, b| a.group == b.group && a.kind == b.kind && a.namespace == b.namespace)
+        {
+            let resource = resource_of(&group[0]);
+            let mut args = vec!["delete", resource.as_str()];
+            args.extend(group.iter().map(|k| k.name.as_str()));
+            if let Some(ns) = &group[0].namespace {
                 args.extend(["-n", ns.as_str()]);
             }
             args.extend(["--ignore-not-found", "--wait=true"]);
