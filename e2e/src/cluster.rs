@@ -1,6 +1,6 @@
 //! The interface end-to-end scenarios are written against, so one scenario
-//! list runs on the local cluster (network namespaces, [`crate::local`]) and,
-//! later, on a kind cluster. It speaks Kubernetes' own words: apply and
+//! list runs on the local cluster (network namespaces, [`crate::local`]) and
+//! on the real Kubernetes control plane ([`crate::kube::cluster`]). It speaks Kubernetes' own words: apply and
 //! delete objects, create and delete pods, exec a command in a pod, and read
 //! a proxy's admin endpoints.
 //!

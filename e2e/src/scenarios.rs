@@ -1,5 +1,6 @@
 //! The L4 end-to-end scenarios, written against the [`Cluster`] trait so the
-//! local cluster runs them today and a kind driver can run the same list.
+//! local cluster ([`on_local_cluster`]) and the real Kubernetes control
+//! plane ([`on_kube_cluster`], `cargo xtask e2e`) run the same list.
 //! Each scenario drives real traffic between pods and takes its evidence
 //! from the mesh itself (ztunnel-rs's metrics, certificates, config dump);
 //! it waits with generous deadlines and never asserts on time.
