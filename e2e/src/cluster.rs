@@ -1,6 +1,6 @@
 //! The interface end-to-end scenarios are written against, so one scenario
-//! list runs on the local cluster (network namespaces, [`crate::local`]) and,
-//! later, on a kind cluster. It speaks Kubernetes' own words: apply and
+//! list runs on the local cluster (network namespaces, [`crate::local`]) and
+//! on the real Kubernetes control plane ([`crate::kube::cluster`]). It speaks Kubernetes' own words: apply and
 //! delete objects, create and delete pods, exec a command in a pod, and read
 //! a proxy's admin endpoints.
 //!
@@ -76,6 +76,19 @@ pub enum ClusterError {
         reason: String,
         text: String,
     },
+    /// The API server refused the object at admission: a validating
+    /// webhook (istiod-rs's) read it and said no. Only a real cluster
+    /// refuses; the local cluster stores every well-formed object and
+    /// leaves the verdict to istiod-rs.
+    #[error("the API server refused {object}: {reason}")]
+    Refused { object: String, reason: String },
+    /// The API server refused the object because the webhook that must
+    /// validate it could not be called (istiod-rs is away and the
+    /// webhook's `failurePolicy` is `Fail`): nothing skips validation.
+    #[error("the API server could not have {object} validated, so refused it: {reason}")]
+    ValidatorUnavailable { object: String, reason: String },
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeMeshError),
 }
 
 /// A port a pod's app serves. Without a [`ReadinessProbe`], the pod becomes
@@ -208,6 +221,21 @@ pub struct PodRequest {
 }
 
 impl PodRequest {
+    /// What kubelet checks before the pod is Ready: its own readiness
+    /// probe, else a TCP connection to each of its ports (all must pass).
+    pub fn readiness_checks(&self) -> Vec<ReadinessProbe> {
+        match &self.readiness {
+            Some(probe) => vec![probe.clone()],
+            None => self
+                .ports
+                .iter()
+                .map(|p| ReadinessProbe::Tcp { port: p.port })
+                .collect(),
+        }
+    }
+}
+
+impl PodRequest {
     pub fn new(namespace: &str, name: &str) -> PodRequest {
         PodRequest {
             namespace: namespace.to_string(),
@@ -275,6 +303,16 @@ pub struct ExecOutput {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for ExecOutput {
+    fn from(out: std::process::Output) -> ExecOutput {
+        ExecOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl ExecOutput {
     pub fn success(&self) -> bool {
         self.code == Some(0)
@@ -322,7 +360,11 @@ pub trait Cluster: Send + Sync {
     fn nodes(&self) -> Vec<String>;
 
     /// Creates or replaces objects (as `kubectl apply`). Pods are not
-    /// objects here: use [`Cluster::create_pod`].
+    /// objects here: use [`Cluster::create_pod`]. A real API server may
+    /// refuse an object at admission ([`ClusterError::Refused`], or
+    /// [`ClusterError::ValidatorUnavailable`] while istiod-rs, whose
+    /// webhook validates policies, is away); the local cluster stores every
+    /// well-formed object and leaves the verdict to istiod-rs.
     fn apply(&self, objects: &[Object]) -> Result<(), ClusterError>;
 
     /// Deletes objects; deleting an object that does not exist is not an error.
@@ -365,7 +407,10 @@ pub trait Cluster: Send + Sync {
     /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
     /// zero), a node's ztunnel-rs (SIGTERM: it drains), or a node's agent
     /// (SIGKILL, as a crash or an OOM kill would). What the proxies hold
-    /// stays with them.
+    /// stays with them. In Kubernetes a node's ztunnel-rs is its DaemonSet
+    /// pod, deleted: the DaemonSet controller starts the next one at once,
+    /// so it stays down only until then; the killed node agent is
+    /// restarted by kubelet at once.
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
 
     /// Brings a stopped mesh component back and returns once it is ready
@@ -430,6 +475,30 @@ pub trait Cluster: Send + Sync {
 pub const NODE_AGENT_MONITORING: u16 = 15014;
 /// The node agent's `/readyz` port (upstream istio-cni's).
 pub const NODE_AGENT_READINESS: u16 = 8000;
+
+/// GET of `path` on `127.0.0.1:port` in `netns`, where `proxy` listens.
+pub(crate) fn loopback_get(
+    proxy: &ProxyRef,
+    netns: &crate::netns::NetNs,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<HttpResponse, ClusterError> {
+    crate::http::get(netns, port, path, timeout).map_err(|e| match e {
+        crate::http::HttpError::Get {
+            netns,
+            address,
+            path,
+            reason,
+        } => ClusterError::Http {
+            place: format!("{proxy:?} (network namespace {netns})"),
+            address: address.to_string(),
+            path,
+            reason,
+        },
+        crate::http::HttpError::Netns(e) => e.into(),
+    })
+}
 
 fn ok_body(resp: HttpResponse, proxy: &ProxyRef, path: &str) -> Result<String, ClusterError> {
     if resp.status == 200 {

@@ -4,6 +4,7 @@
 //! to talk to it ([`kubectl`]).
 
 pub mod build;
+pub mod cluster;
 pub mod control_plane;
 pub mod kubectl;
 pub mod mesh;
@@ -13,6 +14,7 @@ pub mod samples;
 pub mod scenarios;
 
 pub use build::{BuildError, Cache, KubeBinaries, Recipe};
+pub use cluster::{KubeCluster, KubeClusterConfig};
 pub use control_plane::{ControlPlane, ControlPlaneConfig, ControlPlaneError};
 pub use kubectl::{Kubectl, KubectlError};
 pub use mesh::{KubeMesh, KubeMeshError};

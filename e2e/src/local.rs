@@ -436,7 +436,7 @@ impl LocalCluster {
                 Some(p)
             }
         };
-        let probes = readiness_probes(req);
+        let probes = req.readiness_checks();
         if let Some(p) = &process {
             let exited = || self.run.exited(p).map(|s| format!("its app exited ({s})"));
             let node_netns = &self.topology.nodes[node].netns;
@@ -732,11 +732,7 @@ impl Cluster for LocalCluster {
         let mut cmd = p.network.netns.command(self.program(&command.program)?);
         cmd.args(&command.args).envs(&p.env);
         let out = p.network.netns.exec(cmd, timeout)?;
-        Ok(ExecOutput {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Ok(out.into())
     }
 
     fn proxy_get(
@@ -755,20 +751,7 @@ impl Cluster for LocalCluster {
                 .pod_netns(namespace, name)
                 .ok_or_else(|| ClusterError::NoPod(namespace.clone(), name.clone()))?,
         };
-        crate::http::get(&netns, port, path, HTTP_TIMEOUT).map_err(|e| match e {
-            crate::http::HttpError::Get {
-                netns,
-                address,
-                path,
-                reason,
-            } => ClusterError::Http {
-                place: format!("{proxy:?} (network namespace {netns})"),
-                address: address.to_string(),
-                path,
-                reason,
-            },
-            crate::http::HttpError::Netns(e) => e.into(),
-        })
+        crate::cluster::loopback_get(proxy, &netns, port, path, HTTP_TIMEOUT)
     }
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
@@ -820,19 +803,6 @@ impl Cluster for LocalCluster {
             }
         }
         Ok(())
-    }
-}
-
-/// What kubelet probes for a pod: its own readiness probe, else a TCP
-/// connection to each of its ports.
-fn readiness_probes(req: &PodRequest) -> Vec<ReadinessProbe> {
-    match &req.readiness {
-        Some(probe) => vec![probe.clone()],
-        None => req
-            .ports
-            .iter()
-            .map(|p| ReadinessProbe::Tcp { port: p.port })
-            .collect(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The L4 end-to-end scenarios, written against the [`Cluster`] trait so the
-//! local cluster runs them today and a kind driver can run the same list.
+//! local cluster ([`on_local_cluster`]) and the real Kubernetes control
+//! plane ([`on_kube_cluster`], `cargo xtask e2e`) run the same list.
 //! Each scenario drives real traffic between pods and takes its evidence
 //! from the mesh itself (ztunnel-rs's metrics, certificates, config dump);
 //! it waits with generous deadlines and never asserts on time.
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 pub use fixture::L4Fixture;
 
 use crate::cluster::Cluster;
+use crate::kube::scenarios::{self as kube_only, KubeFixture};
+use crate::kube::{KubeCluster, KubeClusterConfig, KubeMesh};
 use crate::local::{LocalCluster, LocalClusterConfig};
 use crate::mesh::{MeshConfig, MeshMode};
 use crate::probe::ProbeError;
@@ -127,4 +130,125 @@ pub fn on_local_cluster(
         ));
     }
     Ok(outcomes)
+}
+
+/// How long each stage of a run on the real control plane took.
+#[derive(Clone, Debug, Default)]
+pub struct KubeTimings {
+    /// Network, etcd, API server, controller manager, scheduler.
+    pub control_plane: Duration,
+    /// The node runtimes registered and Ready, kube-proxy programmed.
+    pub nodes: Duration,
+    /// `istioctl-rs install` from nothing to every component Ready.
+    pub install: Duration,
+    /// The L4 fixture's pods created and known to every ztunnel.
+    pub l4_fixture: Option<Duration>,
+    /// The Kubernetes-only fixture deployed and enrolled by label.
+    pub kube_fixture: Option<Duration>,
+}
+
+impl std::fmt::Display for KubeTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  control plane started      {:.1?}", self.control_plane)?;
+        writeln!(f, "  nodes Ready                {:.1?}", self.nodes)?;
+        writeln!(f, "  install to all Ready       {:.1?}", self.install)?;
+        if let Some(t) = self.l4_fixture {
+            writeln!(f, "  L4 fixture in the mesh     {t:.1?}")?;
+        }
+        if let Some(t) = self.kube_fixture {
+            writeln!(f, "  Kubernetes fixture         {t:.1?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The shared L4 `scenarios` and then the Kubernetes-only ones
+/// ([`crate::kube::scenarios::all`]) on the real control plane with two
+/// netns nodes and the mesh installed by `istioctl-rs install`, through
+/// [`KubeCluster`] (those whose name contains `filter`, if given). `Err`
+/// holds the summary of what failed, the timings, and where the logs are
+/// (the run's directory is kept).
+pub fn on_kube_cluster(
+    scenarios: &[Scenario],
+    filter: Option<&str>,
+) -> Result<(KubeTimings, Vec<Outcome>), String> {
+    let matches = |name: &str| filter.is_none_or(|f| name.contains(f));
+    let kube_scenarios: Vec<_> = kube_only::all()
+        .into_iter()
+        .filter(|s| matches(s.name))
+        .collect();
+    let shared: Vec<Scenario> = scenarios
+        .iter()
+        .filter(|s| matches(s.name))
+        .copied()
+        .collect();
+    if shared.is_empty() && kube_scenarios.is_empty() {
+        return Err(format!("no scenario matches {filter:?}"));
+    }
+    let mut mesh = KubeMesh::start(2).map_err(|e| format!("the cluster did not start: {e}"))?;
+    let mut timings = KubeTimings {
+        control_plane: mesh.start_timings.control_plane,
+        nodes: mesh.start_timings.nodes,
+        ..KubeTimings::default()
+    };
+    let failed = |mesh: &KubeMesh, what: String| {
+        mesh.kube.run.keep_dir();
+        format!("{what}\n(logs: {})", mesh.logs_dir().display())
+    };
+    timings.install = mesh
+        .install(&[])
+        .map_err(|e| failed(&mesh, format!("istioctl-rs install failed: {e}")))?;
+    let mut outcomes = Vec::new();
+    if !shared.is_empty() {
+        let cluster = KubeCluster::new(&mesh, KubeClusterConfig::default());
+        let start = Instant::now();
+        let fixture =
+            L4Fixture::create(&cluster, api::labels::DEFAULT_TRUST_DOMAIN).map_err(|e| {
+                failed(
+                    &mesh,
+                    format!(
+                        "the L4 scenarios' pods did not join the mesh: {e}\ntimings:\n{timings}"
+                    ),
+                )
+            })?;
+        timings.l4_fixture = Some(start.elapsed());
+        outcomes.extend(run_all(&cluster, &fixture, &shared, None));
+        // The Kubernetes-only scenarios get the cluster with no other
+        // enrolled pods (they count the mesh's connections from `demo`);
+        // deleting enrolled pods with their namespaces is checked on the way.
+        outcomes.push(run_one("l4_fixture_namespaces_deleted", || {
+            let keys = [fixture::AMBIENT_NS, fixture::PEER_NS, fixture::LEGACY_NS]
+                .map(|ns| crate::objects::ObjectKey::core("Namespace", None, ns));
+            cluster
+                .delete(&keys)
+                .map(|()| format!("namespaces {:?} and their pods gone", keys.map(|k| k.name)))
+                .map_err(|e| e.to_string())
+        }));
+    }
+    if !kube_scenarios.is_empty() {
+        let start = Instant::now();
+        match KubeFixture::create(&mesh) {
+            Ok(fixture) => {
+                timings.kube_fixture = Some(start.elapsed());
+                outcomes.extend(kube_only::run_all(&mesh, &fixture, &kube_scenarios, None));
+            }
+            Err(e) => {
+                outcomes.push(Outcome {
+                    name: "kube_fixture",
+                    took: start.elapsed(),
+                    result: Err(format!("the Kubernetes-only fixture: {e}")),
+                });
+            }
+        }
+    }
+    if outcomes.iter().any(|o| o.result.is_err()) {
+        return Err(failed(
+            &mesh,
+            format!(
+                "scenarios failed:\n{}\ntimings:\n{timings}",
+                summary(&outcomes)
+            ),
+        ));
+    }
+    Ok((timings, outcomes))
 }

@@ -27,6 +27,8 @@ pub fn run(args: &[String]) -> Result<()> {
     run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;
+    // The shared scenarios and the Kubernetes-only ones on the real control plane.
+    crate::e2e::run(&[])?;
     eprintln!("ci: all checks passed");
     Ok(())
 }

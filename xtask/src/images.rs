@@ -75,7 +75,7 @@ pub fn docker_ready(path: Option<&OsStr>) -> Result<PathBuf> {
 }
 
 /// An executable named `name` in one of `path`'s directories.
-fn find_program(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::env::split_paths(path?)
         .map(|dir| dir.join(name))
@@ -98,17 +98,19 @@ fn toolchain_channel(file: &Path) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn script(dir: &Path, name: &str, body: &str) {
+    /// An executable shell script `name` in `dir`.
+    pub(crate) fn script(dir: &Path, name: &str, body: &str) {
         let path = dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A fresh directory for one test.
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("xtask-images-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -1,12 +1,13 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
-//! Commands: `demo [--keep]`, `ci`, `codegen [--check]`, `bench <name> [args]`,
+//! Commands: `demo [--keep]`, `ci`, `e2e [--filter S] [--kind]`, `codegen [--check]`, `bench <name> [args]`,
 //! `k8s build | path`, `images [--hub HUB] [--tag TAG]`.
 
 mod bench;
 mod ci;
 mod codegen;
 mod demo;
+mod e2e;
 mod images;
 mod k8s;
 
@@ -21,7 +22,12 @@ usage: cargo xtask <command>
 commands:
   demo [--keep]      the mesh on a local two-node cluster: every L4 path driven, a table of
                      what happened (root or user namespaces); --keep leaves it running
-  ci                 fmt check, dependency policy, clippy (warnings are errors), all tests
+  ci                 fmt check, dependency policy, clippy (warnings are errors), all tests,
+                     then `e2e`
+  e2e [--filter S] [--kind]
+                     the real Kubernetes control plane and two netns nodes, the mesh installed with
+                     istioctl-rs, the shared L4 scenarios and the Kubernetes-only ones (root or user
+                     namespaces); --kind: on a kind cluster (needs docker and kind; not written yet)
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
   k8s build          build the real Kubernetes control plane for the tests (etcd, kube-apiserver,
@@ -45,6 +51,7 @@ fn main() -> Result<()> {
     match cmd {
         "demo" => demo::run(rest),
         "ci" => ci::run(rest),
+        "e2e" => e2e::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
         "k8s" => k8s::run(rest),

@@ -68,6 +68,17 @@ pub struct KubeMesh {
     pub istioctl: PathBuf,
     /// The `--set` values the last install used.
     pub install_values: Vec<String>,
+    /// How long [`KubeMesh::start`] took for the control plane and for the nodes.
+    pub start_timings: StartTimings,
+}
+
+/// How long bringing up the cluster took (binaries were built before).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartTimings {
+    /// Network, etcd, API server, controller manager, scheduler.
+    pub control_plane: Duration,
+    /// Every node runtime registered, Ready, kube-proxy programmed.
+    pub nodes: Duration,
 }
 
 impl std::fmt::Debug for KubeMesh {
@@ -94,8 +105,11 @@ impl KubeMesh {
         ] {
             binaries.get(package, bin)?;
         }
+        let started = Instant::now();
         let kube = KubeRun::start(nodes)?;
+        let control_plane = started.elapsed();
         let kubectl = kube.control_plane.kubectl();
+        let started = Instant::now();
         let nodes = start_nodes(&kube, &binaries, &NodeTimings::default(), &|s| {
             eprintln!("e2e: node: {s}")
         });
@@ -113,6 +127,10 @@ impl KubeMesh {
             binaries,
             istioctl,
             install_values: Vec::new(),
+            start_timings: StartTimings {
+                control_plane,
+                nodes: started.elapsed(),
+            },
         })
     }
 

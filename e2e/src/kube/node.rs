@@ -549,6 +549,30 @@ impl NodeRuntime {
         Ok(out?)
     }
 
+    /// Kills a running container of a pod at once (SIGKILL to its process
+    /// and everything it started), as the kernel's OOM killer or a crash
+    /// ends a container: the pod's worker sees the exit and restarts it per
+    /// `restartPolicy` (kubelet's back-off). Returns the killed process.
+    pub fn kill_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<ProcessInfo, NodeError> {
+        let process = self
+            .pod(namespace, pod)
+            .and_then(|v| v.containers.get(container).cloned())
+            .and_then(|c| c.process)
+            .ok_or_else(|| NodeError::NoContainer {
+                node: self.name().to_string(),
+                namespace: namespace.into(),
+                name: pod.into(),
+                container: container.into(),
+            })?;
+        crate::process::kill_recorded(&process);
+        Ok(process)
+    }
+
     /// `client http URL` in container `client` of pod `namespace/pod` (the
     /// client image): the request's report, whether it succeeded or not.
     pub fn client_http(

@@ -2,12 +2,15 @@
 //! written makes the mesh refuse more, never less. Each drives real traffic
 //! through [`denial`], whose evidence is ztunnel-rs's policy-denial counter
 //! on the refusing node, and checks that the refusal ends with the policy.
+//! On Kubernetes, a policy that cannot be read never reaches the mesh:
+//! istiod-rs's validating webhook refuses it at the API server, and the
+//! scenario checks that refusal and unchanged traffic instead.
 
 use super::fixture::{AMBIENT_NS, ECHO_HELLO, L4Fixture};
-use super::l4::denial;
+use super::l4::{carried, denial, failed, pod_name, policy_denials};
 use super::policies::{authorization, from_principals, policy_principal};
-use crate::cluster::Cluster;
-use crate::probe::ProbeError;
+use crate::cluster::{Cluster, ClusterError};
+use crate::probe::{ProbeError, describe_exchange};
 
 /// An ALLOW policy whose first rule has a port that is not a number still
 /// applies: its other rule admits the listed client and everyone else is
@@ -20,14 +23,59 @@ pub fn allow_with_a_bad_port(cluster: &dyn Cluster, f: &L4Fixture) -> Result<Str
     );
     let policy = authorization(AMBIENT_NS, "allow-with-bad-port", "server", "ALLOW", &rules);
     let target = L4Fixture::at(&f.servers[0], ECHO_HELLO);
-    let evidence = denial(
+    let evidence = match denial(
         cluster,
         &policy,
         (&f.other, &target),
         (&f.clients[0], &target),
-    )?;
+    ) {
+        Err(ProbeError::Cluster(ClusterError::Refused { object, reason })) => {
+            refused_at_admission(cluster, f, &target, &object, &reason)?
+        }
+        other => other?,
+    };
     Ok(format!(
         "ALLOW {client} with ports [\"http\"] in another rule: {evidence}"
+    ))
+}
+
+/// On Kubernetes, istiod-rs's validating webhook refuses the policy at
+/// the API server (nothing is stored, so nothing can be enforced less
+/// strictly than written). Accepted only if the refusal names the field
+/// and its value, and traffic is exactly as without the policy: both
+/// clients carried, no policy denial counted.
+fn refused_at_admission(
+    cluster: &dyn Cluster,
+    f: &L4Fixture,
+    target: &str,
+    object: &str,
+    reason: &str,
+) -> Result<String, ProbeError> {
+    if !(reason.contains("rules[0].to[0].operation.ports[0]") && reason.contains("\"http\"")) {
+        return Err(failed(
+            &format!("the refusal of {object}"),
+            format!("does not name the bad port (rules[0]...ports[0] = \"http\"): {reason}"),
+        ));
+    }
+    let node = f.servers[0].node.clone();
+    let before = policy_denials(cluster, &node)?;
+    let other = carried(cluster, &f.other, &f.servers[0], ECHO_HELLO)?;
+    carried(cluster, &f.clients[0], &f.servers[0], ECHO_HELLO)?;
+    let after = policy_denials(cluster, &node)?;
+    if after > before {
+        return Err(failed(
+            &format!("the ztunnel on {node}"),
+            format!(
+                "counted {} policy denial(s) for a policy the API server refused",
+                after - before
+            ),
+        ));
+    }
+    Ok(format!(
+        "the API server refused {object} at admission ({reason}); {} -> {target} and {} -> {target} carried as before ({}), no policy denial counted",
+        pod_name(&f.other),
+        pod_name(&f.clients[0]),
+        describe_exchange(&other)
     ))
 }
 
