@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::mesh::{ISTIOD, KubeMesh, KubeMeshError, NODE_AGENT, SYSTEM_NAMESPACE, ZTUNNEL};
+use super::node::NodeRuntime;
 use super::samples::condition;
 use super::{Kubectl, KubectlError};
 use crate::cluster::{
@@ -187,19 +188,14 @@ impl<'a> KubeCluster<'a> {
 
     /// The node runtime running pod `namespace/name` and the pod's network
     /// namespace there (the node's for a hostNetwork pod).
-    fn pod_place(&self, namespace: &str, name: &str) -> Result<(usize, NetNs), ClusterError> {
-        let (i, view) = self
-            .mesh
-            .nodes
-            .iter()
-            .enumerate()
-            .find_map(|(i, n)| n.pod(namespace, name).map(|v| (i, v)))
-            .ok_or_else(|| ClusterError::NoPod(namespace.into(), name.into()))?;
-        let netns = match view.netns {
-            Some(ns) => ns,
-            None => self.node_netns(self.mesh.nodes[i].name())?.clone(),
-        };
-        Ok((i, netns))
+    fn pod_network(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(&NodeRuntime, NetNs), ClusterError> {
+        self.mesh
+            .pod_network(namespace, name)
+            .map_err(|_| ClusterError::NoPod(namespace.into(), name.into()))
     }
 
     fn node_netns(&self, node: &str) -> Result<&NetNs, ClusterError> {
@@ -259,14 +255,7 @@ impl<'a> KubeCluster<'a> {
 
     /// The mesh component pod of `selector` on `node` (any node: `None`).
     fn component(&self, selector: &str, node: Option<&str>) -> Result<Option<Value>, ClusterError> {
-        let pods = self
-            .mesh
-            .pods(SYSTEM_NAMESPACE, selector)
-            .map_err(ClusterError::from)?;
-        Ok(pods.into_iter().find(|p| {
-            p["metadata"]["deletionTimestamp"].is_null()
-                && node.is_none_or(|n| p["spec"]["nodeName"] == n)
-        }))
+        Ok(self.mesh.component_pod(selector, node)?)
     }
 
     fn component_name(&self, selector: &str, node: Option<&str>) -> Result<String, ClusterError> {
@@ -741,8 +730,7 @@ impl Cluster for KubeCluster<'_> {
         command: &AppCommand,
         timeout: Duration,
     ) -> Result<ExecOutput, ClusterError> {
-        let (i, _) = self.pod_place(namespace, pod)?;
-        let node = &self.mesh.nodes[i];
+        let (node, _) = self.pod_network(namespace, pod)?;
         let container = node
             .pod(namespace, pod)
             .and_then(|v| v.containers.keys().next().cloned())
@@ -764,15 +752,15 @@ impl Cluster for KubeCluster<'_> {
         let netns = match proxy {
             ProxyRef::Ztunnel { node } => {
                 let name = self.component_name(ZTUNNEL, Some(node))?;
-                self.pod_place(SYSTEM_NAMESPACE, &name)?.1
+                self.pod_network(SYSTEM_NAMESPACE, &name)?.1
             }
             // hostNetwork: the node's own loopback.
             ProxyRef::NodeAgent { node } => self.node_netns(node)?.clone(),
             ProxyRef::Istiod => {
                 let name = self.component_name(ISTIOD, None)?;
-                self.pod_place(SYSTEM_NAMESPACE, &name)?.1
+                self.pod_network(SYSTEM_NAMESPACE, &name)?.1
             }
-            ProxyRef::Pod { namespace, name } => self.pod_place(namespace, name)?.1,
+            ProxyRef::Pod { namespace, name } => self.pod_network(namespace, name)?.1,
         };
         crate::cluster::loopback_get(proxy, &netns, port, path, self.config.http_timeout)
     }

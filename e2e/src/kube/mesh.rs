@@ -257,17 +257,40 @@ impl KubeMesh {
         Ok(list["items"].as_array().cloned().unwrap_or_default())
     }
 
-    /// The mesh component pod (`selector` of istio-system) on `node`, if any.
+    /// The mesh component pod (`selector` of istio-system) on `node` (any
+    /// node when `None`) that is not being deleted, if any.
     pub fn component_pod(
         &self,
         selector: &str,
-        node: &str,
+        node: Option<&str>,
     ) -> Result<Option<Value>, KubeMeshError> {
         Ok(self
             .pods(SYSTEM_NAMESPACE, selector)?
             .into_iter()
             .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .find(|p| p["spec"]["nodeName"] == node))
+            .find(|p| node.is_none_or(|n| p["spec"]["nodeName"] == n)))
+    }
+
+    /// The node running pod `namespace/name` and the pod's network
+    /// namespace (its node's for a hostNetwork pod).
+    pub fn pod_network(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(&NodeRuntime, NetNs), KubeMeshError> {
+        let (node, view) = self
+            .nodes
+            .iter()
+            .find_map(|n| n.pod(namespace, name).map(|v| (n, v)))
+            .ok_or_else(|| KubeMeshError::Unexpected {
+                what: format!("pod {namespace}/{name}"),
+                detail: "no node runs it".into(),
+            })?;
+        let netns = match view.netns {
+            Some(ns) => ns,
+            None => self.node_netns(node.name())?.clone(),
+        };
+        Ok((node, netns))
     }
 
     /// Where each of the mesh's pods stands, for a failure message.
@@ -344,32 +367,50 @@ impl KubeMesh {
         path: &str,
         timeout: Duration,
     ) -> Result<crate::cluster::HttpResponse, KubeMeshError> {
-        let (node, view) = self
-            .nodes
-            .iter()
-            .find_map(|n| n.pod(namespace, name).map(|v| (n, v)))
-            .ok_or_else(|| KubeMeshError::Unexpected {
-                what: format!("pod {namespace}/{name}"),
-                detail: "no node runs it".into(),
-            })?;
-        let netns = match &view.netns {
-            Some(ns) => ns,
-            None => self.node_netns(node.name())?,
-        };
-        crate::http::get(netns, port, path, timeout).map_err(|e| KubeMeshError::Unexpected {
+        let (_, netns) = self.pod_network(namespace, name)?;
+        crate::http::get(&netns, port, path, timeout).map_err(|e| KubeMeshError::Unexpected {
             what: format!("GET {path} on {namespace}/{name} 127.0.0.1:{port}"),
             detail: e.to_string(),
         })
     }
 
+    /// The mesh component pod of `selector` on `node`, which must exist.
+    pub fn required_component(&self, selector: &str, node: &str) -> Result<Value, KubeMeshError> {
+        self.component_pod(selector, Some(node))?
+            .ok_or_else(|| KubeMeshError::Unexpected {
+                what: format!("the {selector} pod on {node}"),
+                detail: format!("none:\n{}", self.describe(SYSTEM_NAMESPACE, selector)),
+            })
+    }
+
+    /// GET `path` of the admin port (127.0.0.1:15000 in its pod) of the
+    /// ztunnel-rs on `node`, as JSON (`/config_dump`, `/certs`).
+    pub fn ztunnel_admin(&self, node: &str, path: &str) -> Result<Value, KubeMeshError> {
+        let pod = self.required_component(ZTUNNEL, node)?;
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let resp = self.pod_loopback_get(
+            SYSTEM_NAMESPACE,
+            name,
+            api::ports::ADMIN,
+            path,
+            Duration::from_secs(10),
+        )?;
+        let what = format!("GET {path} of ztunnel-rs {SYSTEM_NAMESPACE}/{name} on {node}");
+        if resp.status != 200 {
+            return Err(KubeMeshError::Unexpected {
+                what,
+                detail: format!("{}: {}", resp.status, resp.body),
+            });
+        }
+        serde_json::from_str(&resp.body).map_err(|e| KubeMeshError::Unexpected {
+            what,
+            detail: format!("not JSON ({e}): {}", resp.body),
+        })
+    }
+
     /// The Prometheus text of the ztunnel-rs on `node` (its pod's 15020).
     pub fn ztunnel_metrics(&self, node: &str) -> Result<String, KubeMeshError> {
-        let pod = self
-            .component_pod(ZTUNNEL, node)?
-            .ok_or_else(|| KubeMeshError::Unexpected {
-                what: format!("the ztunnel-rs pod on {node}"),
-                detail: format!("none:\n{}", self.describe(SYSTEM_NAMESPACE, ZTUNNEL)),
-            })?;
+        let pod = self.required_component(ZTUNNEL, node)?;
         let name = pod["metadata"]["name"].as_str().unwrap_or_default();
         let resp = self.pod_get(
             SYSTEM_NAMESPACE,

@@ -25,7 +25,7 @@ use super::{
     EXEC_TIMEOUT, FixturePod, KubeFixture, KubeScenario, NAMESPACE, PATIENCE, REDIRECTION, items,
     redirected,
 };
-use crate::kube::mesh::{KubeMesh, KubeMeshError, SYSTEM_NAMESPACE, ZTUNNEL};
+use crate::kube::mesh::{KubeMesh, KubeMeshError, SYSTEM_NAMESPACE};
 use crate::kube::node::{NETWORK_NAME, PRIMARY_CONFLIST, primary_conflist};
 use crate::kube::samples::{client_pod, condition};
 
@@ -197,41 +197,9 @@ fn host_state(mesh: &KubeMesh, node: &str) -> Result<Vec<String>, KubeMeshError>
     Ok(found)
 }
 
-/// The ztunnel-rs pod on `node`, by name.
-fn ztunnel_pod(mesh: &KubeMesh, node: &str) -> Result<String, KubeMeshError> {
-    let pod = mesh.component_pod(ZTUNNEL, node)?.ok_or_else(|| {
-        unexpected(
-            format!("the ztunnel-rs pod on {node}"),
-            format!("none:\n{}", mesh.describe(SYSTEM_NAMESPACE, ZTUNNEL)),
-        )
-    })?;
-    Ok(pod["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
-}
-
-/// GET `path` of the admin port (127.0.0.1:15000) of the ztunnel-rs on
-/// `node`, as JSON.
-fn ztunnel_admin(mesh: &KubeMesh, node: &str, path: &str) -> Result<Value, KubeMeshError> {
-    let name = ztunnel_pod(mesh, node)?;
-    let resp = mesh.pod_loopback_get(
-        SYSTEM_NAMESPACE,
-        &name,
-        api::ports::ADMIN,
-        path,
-        Duration::from_secs(10),
-    )?;
-    let what = format!("GET {path} of ztunnel-rs {SYSTEM_NAMESPACE}/{name} on {node}");
-    if resp.status != 200 {
-        return Err(unexpected(what, format!("{}: {}", resp.status, resp.body)));
-    }
-    serde_json::from_str(&resp.body).map_err(|e| unexpected(what, format!("not JSON: {e}")))
-}
-
 /// The pod uids the ztunnel-rs on `node` proxies (`/config_dump` `pods`).
 fn proxied_uids(mesh: &KubeMesh, node: &str) -> Result<Vec<String>, KubeMeshError> {
-    let dump = ztunnel_admin(mesh, node, "/config_dump")?;
+    let dump = mesh.ztunnel_admin(node, "/config_dump")?;
     Ok(dump["pods"]
         .as_array()
         .map(|pods| {
@@ -245,7 +213,7 @@ fn proxied_uids(mesh: &KubeMesh, node: &str) -> Result<Vec<String>, KubeMeshErro
 /// The identities the ztunnel-rs on `node` holds a certificate for, with
 /// their state (`/certs`).
 fn certificates(mesh: &KubeMesh, node: &str) -> Result<Vec<(String, String)>, KubeMeshError> {
-    let certs = ztunnel_admin(mesh, node, "/certs")?;
+    let certs = mesh.ztunnel_admin(node, "/certs")?;
     Ok(certs["certificates"]
         .as_array()
         .map(|all| {

@@ -197,16 +197,6 @@ fn system_pods(mesh: &KubeMesh, selector: &str) -> Result<Vec<Value>, KubeMeshEr
     mesh.pods(SYSTEM_NAMESPACE, selector)
 }
 
-/// The component pod of `selector` on `node`, which must exist.
-fn component(mesh: &KubeMesh, selector: &str, node: &str) -> Result<Value, KubeMeshError> {
-    mesh.component_pod(selector, node)?.ok_or_else(|| {
-        unexpected(
-            format!("the {selector} pod on {node}"),
-            format!("none:\n{}", mesh.describe(SYSTEM_NAMESPACE, selector)),
-        )
-    })
-}
-
 /// Waits for a Ready pod of `selector` on `node` that is not `old_uid`.
 fn replacement(
     mesh: &KubeMesh,
@@ -225,29 +215,10 @@ fn replacement(
     )
 }
 
-/// The `/config_dump` of the ztunnel-rs on `node` (its admin port, on its
-/// pod's loopback).
-fn ztunnel_dump(mesh: &KubeMesh, node: &str) -> Result<Value, KubeMeshError> {
-    let pod = component(mesh, ZTUNNEL, node)?;
-    let resp = mesh.pod_loopback_get(
-        SYSTEM_NAMESPACE,
-        name(&pod),
-        api::ports::ADMIN,
-        "/config_dump",
-        Duration::from_secs(10),
-    )?;
-    serde_json::from_str(&resp.body).map_err(|e| {
-        unexpected(
-            format!("the /config_dump of {SYSTEM_NAMESPACE}/{}", name(&pod)),
-            format!("not JSON ({e}): {}", resp.body),
-        )
-    })
-}
-
 /// The pods the ztunnel-rs on `node` proxies: uid -> the network namespace
 /// its sockets live in.
 fn proxied(mesh: &KubeMesh, node: &str) -> Result<BTreeMap<String, String>, KubeMeshError> {
-    let dump = ztunnel_dump(mesh, node)?;
+    let dump = mesh.ztunnel_admin(node, "/config_dump")?;
     Ok(dump["pods"]
         .as_array()
         .into_iter()
@@ -263,7 +234,7 @@ fn proxied(mesh: &KubeMesh, node: &str) -> Result<BTreeMap<String, String>, Kube
 
 /// A metric of the node agent on `node` (summed over labels).
 fn agent_gauge(mesh: &KubeMesh, node: &str, metric: &str) -> Result<f64, KubeMeshError> {
-    let pod = component(mesh, NODE_AGENT, node)?;
+    let pod = mesh.required_component(NODE_AGENT, node)?;
     let resp = mesh.pod_get(
         SYSTEM_NAMESPACE,
         name(&pod),
@@ -319,7 +290,7 @@ fn node_agent_pod_restart(mesh: &KubeMesh, f: &KubeFixture) -> Result<String, Ku
             format!("does not proxy {} before the restart", missing.name),
         ));
     }
-    let old = component(mesh, NODE_AGENT, &node)?;
+    let old = mesh.required_component(NODE_AGENT, &node)?;
     let old_name = name(&old).to_string();
     let old_uid = uid(&old).to_string();
     let window = Duration::from_secs(45);
@@ -503,7 +474,7 @@ fn ztunnel_rolling_restart(mesh: &KubeMesh, f: &KubeFixture) -> Result<String, K
         .map(|c| {
             Ok((
                 c.node.clone(),
-                uid(&component(mesh, ZTUNNEL, &c.node)?).to_string(),
+                uid(&mesh.required_component(ZTUNNEL, &c.node)?).to_string(),
             ))
         })
         .collect::<Result<_, KubeMeshError>>()?;
@@ -652,7 +623,7 @@ fn ztunnel_rolling_restart(mesh: &KubeMesh, f: &KubeFixture) -> Result<String, K
 /// The xDS connection state (`Connected`, ...) and the number of streams
 /// opened, of the ztunnel-rs on `node`.
 fn xds(mesh: &KubeMesh, node: &str) -> Result<(String, u64), KubeMeshError> {
-    let dump = ztunnel_dump(mesh, node)?;
+    let dump = mesh.ztunnel_admin(node, "/config_dump")?;
     let x = &dump["xds"];
     Ok((
         x["connection"].as_str().unwrap_or_default().to_string(),
