@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/discovery.proto",
         "proto/ca.proto",
         "proto/zds.proto",
+        "proto/l7.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

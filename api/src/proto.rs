@@ -34,3 +34,11 @@ pub mod istio {
         }
     }
 }
+
+pub mod istio_rs {
+    pub mod l7 {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/istio_rs.l7.v1.rs"));
+        }
+    }
+}

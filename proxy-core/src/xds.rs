@@ -70,5 +70,15 @@ pub trait Handler<T>: Send + Sync + 'static {
 
 /// ztunnel's node id: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
 pub fn ztunnel_node_id(pod_ip: IpAddr, pod_name: &str, pod_namespace: &str) -> String {
-    format!("ztunnel~{pod_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local")
+    node_id("ztunnel", pod_ip, pod_name, pod_namespace)
+}
+
+/// A waypoint's node id: `waypoint~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
+/// (node type `waypoint` as upstream's `model.Waypoint` in pilot/pkg/model/context.go).
+pub fn waypoint_node_id(pod_ip: IpAddr, pod_name: &str, pod_namespace: &str) -> String {
+    node_id("waypoint", pod_ip, pod_name, pod_namespace)
+}
+
+fn node_id(kind: &str, pod_ip: IpAddr, pod_name: &str, pod_namespace: &str) -> String {
+    format!("{kind}~{pod_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local")
 }
