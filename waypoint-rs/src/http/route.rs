@@ -605,7 +605,7 @@ impl Forward {
     /// answers 500 for its share.
     pub fn pick(&self, rng: &mut impl Rng) -> Result<&Backend, Refusal> {
         if self.total_weight == 0 {
-            return Err(internal_error("no backend with a weight above 0"));
+            return Err(internal_error());
         }
         let mut ticket = rng.random_range(0..self.total_weight);
         let backend = self
@@ -622,14 +622,14 @@ impl Forward {
             })
             .expect("tickets are below the total weight");
         match &backend.invalid_reason {
-            Some(_) => Err(internal_error("backend could not be resolved")),
+            Some(_) => Err(internal_error()),
             None => Ok(backend),
         }
     }
 }
 
 /// 500 with no flag: Gateway API's answer for traffic to an invalid backend.
-fn internal_error(_why: &'static str) -> Refusal {
+fn internal_error() -> Refusal {
     Refusal {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         body: "".into(),
