@@ -11,6 +11,7 @@
 //! [`L7Snapshot::traffic_policy`] for a routed backend.
 
 pub mod convert;
+mod dump;
 mod handlers;
 mod store;
 mod traffic;

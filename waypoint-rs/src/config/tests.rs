@@ -481,3 +481,29 @@ fn traffic_policy_picks_subset_then_port_then_default() {
             .contains("Kubernetes//Pod/default/reviews-v2")
     );
 }
+
+#[test]
+fn config_dump_names_what_is_served_and_routed() {
+    use proxy_core::admin::DumpSection;
+    let store = full_store(served_service(with_refs));
+    let dump = store.dump();
+    assert_eq!(store.key(), "l7");
+    assert_eq!(dump["waypoints"][0]["waypoint"], "default/waypoint");
+    assert_eq!(
+        dump["waypoints"][0]["services"][0]["service"],
+        format!("default/{HOST}")
+    );
+    assert_eq!(
+        dump["waypoints"][0]["services"][0]["ports"][0]["protocol"],
+        "HTTP"
+    );
+    let route = &dump["routeTables"][format!("default/{HOST}")][0];
+    assert_eq!(
+        route["action"]["forward"][0]["service"],
+        format!("default/{HOST}")
+    );
+    assert_eq!(
+        dump["authorizations"],
+        serde_json::json!(["default/gw-policy", "default/svc-policy"])
+    );
+}
