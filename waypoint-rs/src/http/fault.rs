@@ -115,12 +115,12 @@ impl Fault {
         let delay = self
             .delay
             .as_ref()
-            .filter(|d| hit(d.per_million, rng))
+            .filter(|d| super::drawn(d.per_million, rng))
             .map(|d| d.delay);
         let abort = self
             .abort
             .as_ref()
-            .filter(|a| hit(a.per_million, rng))
+            .filter(|a| super::drawn(a.per_million, rng))
             .map(|a| a.refusal());
         Injection { delay, abort }
     }
@@ -149,11 +149,6 @@ impl Abort {
             }
         }
     }
-}
-
-/// True for `per_million` of a million uniform draws.
-fn hit(per_million: u32, rng: &mut impl Rng) -> bool {
-    per_million > 0 && rng.random_range(0..1_000_000) < per_million
 }
 
 #[cfg(test)]

@@ -599,6 +599,13 @@ impl GrpcMatch {
 // ------------------------------------------------------------------------------------------
 // Backend choice
 
+impl Mirror {
+    /// Whether this request is copied to the mirror backend.
+    pub fn sampled(&self, rng: &mut impl Rng) -> bool {
+        super::drawn(self.per_million, rng)
+    }
+}
+
 impl Forward {
     /// A backend by weight; `rng` is injected so tests can seed it.
     /// No backend or all weights 0: 500. A backend with an `invalid_reason`

@@ -635,3 +635,21 @@ fn oversized_regex_is_refused_with_the_limit() {
     assert_eq!(e.field, "regex");
     assert!(e.reason.contains("limit"), "{e}");
 }
+
+#[test]
+fn mirror_share_is_sampled_per_million() {
+    let m = Mirror::from_proto(&l7::Mirror {
+        backend: Some(backend("default/shadow.default.svc.cluster.local", 0)),
+        per_million: 250_000,
+    })
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let n = (0..10_000).filter(|_| m.sampled(&mut rng)).count();
+    assert!((2_300..=2_700).contains(&n), "{n} of 10000 mirrored");
+    let e = Mirror::from_proto(&l7::Mirror {
+        backend: None,
+        per_million: 1,
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "backend");
+}
