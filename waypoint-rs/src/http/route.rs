@@ -474,11 +474,15 @@ impl RouteTable {
 impl RouteMatch {
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
         let headers = req.headers();
+        let authority = req.uri().authority().map(|a| a.as_str());
         self.path
             .as_ref()
             .is_none_or(|p| p.matches(req.uri().path()))
             && self.method.as_ref().is_none_or(|m| m == req.method())
-            && self.headers.iter().all(|h| h.matches_header(headers))
+            && self
+                .headers
+                .iter()
+                .all(|h| h.matches_header(headers, authority))
             && self
                 .query_params
                 .iter()
@@ -490,7 +494,7 @@ impl RouteMatch {
             && !self
                 .without_headers
                 .iter()
-                .any(|h| h.matches_header(headers))
+                .any(|h| h.matches_header(headers, authority))
     }
 
     /// The literal prefix this match matched, for ReplacePrefixMatch.
@@ -535,11 +539,15 @@ fn starts_with(s: &str, prefix: &str, ignore_case: bool) -> bool {
 
 impl HeaderMatch {
     /// Against every value of the header joined with `,` (one logical
-    /// value, as HTTP defines repeated fields); absent: no match.
-    fn matches_header(&self, headers: &HeaderMap) -> bool {
+    /// value, as HTTP defines repeated fields); absent: no match. `host`
+    /// is HTTP/2's `:authority` when the request has no `Host` header.
+    fn matches_header(&self, headers: &HeaderMap, authority: Option<&str>) -> bool {
         let mut values = headers.get_all(self.name.as_str()).iter().peekable();
         if values.peek().is_none() {
-            return false;
+            return match (self.name.as_str(), authority) {
+                ("host", Some(authority)) => self.value.matches(authority),
+                _ => false,
+            };
         }
         if matches!(self.value, ValueMatch::Present) {
             return true;

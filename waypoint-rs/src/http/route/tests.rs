@@ -435,6 +435,24 @@ fn request_matches() {
             false,
         ),
         (
+            "host from :authority",
+            one_match(l7::RouteMatch {
+                headers: vec![header("host", Exact("reviews:9080".into()))],
+                ..Default::default()
+            }),
+            get("http://reviews:9080/", &[]),
+            true,
+        ),
+        (
+            "host header wins over :authority",
+            one_match(l7::RouteMatch {
+                headers: vec![header("host", Exact("reviews:9080".into()))],
+                ..Default::default()
+            }),
+            get("http://reviews:9080/", &[("host", "other")]),
+            false,
+        ),
+        (
             "without_headers absent",
             one_match(l7::RouteMatch {
                 without_headers: vec![header("x-canary", Present(true))],
