@@ -10,6 +10,7 @@ use regex::Regex;
 use api::l7;
 
 use crate::config::convert;
+use crate::http::route::{PathMatch, RouteMatch};
 use crate::request::{FieldError, FromProto, Refusal, ResponseFlag};
 
 /// Why a rewrite or redirect could not produce a valid request line.
@@ -174,10 +175,12 @@ fn re2_substitution(s: &str) -> String {
 }
 
 impl PathRewrite {
-    /// The new path for `path` (without query). `matched_prefix` is the
-    /// route's matched path prefix, for `Prefix`; without one the prefix
-    /// rewrite replaces nothing but a leading `/`.
-    pub fn apply(&self, path: &str, matched_prefix: Option<&str>) -> String {
+    /// The new path for `path` (without query). `matched` is the route match
+    /// that held: a prefix rewrite replaces what its path match matched,
+    /// with Gateway API's whole-segment rules for a segment prefix (and for
+    /// no path match, which is the prefix `/`), and as a plain string for a
+    /// VirtualService prefix or exact match (Envoy's `prefix_rewrite`).
+    pub fn apply(&self, path: &str, matched: Option<&RouteMatch>) -> String {
         match self {
             PathRewrite::Full(p) => p.clone(),
             PathRewrite::Regex {
@@ -186,11 +189,15 @@ impl PathRewrite {
             } => pattern
                 .replace_all(path, substitution.as_str())
                 .into_owned(),
-            PathRewrite::Prefix(replacement) => {
-                let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
-                let rest = path.get(prefix.len()..).unwrap_or("");
-                join_prefix(replacement, rest)
-            }
+            PathRewrite::Prefix(replacement) => match matched.and_then(|m| m.path.as_ref()) {
+                Some(PathMatch::Prefix { value, .. } | PathMatch::Exact { value, .. }) => {
+                    format!("{replacement}{}", path.get(value.len()..).unwrap_or(""))
+                }
+                Some(PathMatch::SegmentPrefix { value, .. }) => {
+                    join_prefix(replacement, path.get(value.len()..).unwrap_or(""))
+                }
+                Some(PathMatch::Regex(_)) | None => join_prefix(replacement, path),
+            },
         }
     }
 }
@@ -271,7 +278,7 @@ impl Redirect {
         &self,
         req: &Request<B>,
         request_port: u16,
-        matched_prefix: Option<&str>,
+        matched: Option<&RouteMatch>,
     ) -> Result<Refusal, Error> {
         let scheme = self.scheme.as_deref().unwrap_or("http");
         let port = match (self.port, self.scheme.as_deref()) {
@@ -285,7 +292,7 @@ impl Redirect {
             None => request_host(req).unwrap_or_default(),
         };
         let path = match &self.path {
-            Some(rewrite) => rewrite.apply(req.uri().path(), matched_prefix),
+            Some(rewrite) => rewrite.apply(req.uri().path(), matched),
             None => req.uri().path().to_string(),
         };
         let well_known = matches!((scheme, port), ("http", 80) | ("https", 443));
@@ -356,7 +363,7 @@ impl UrlRewrite {
     pub fn apply<B>(
         &self,
         req: &mut Request<B>,
-        matched_prefix: Option<&str>,
+        matched: Option<&RouteMatch>,
     ) -> Result<(), Error> {
         let mut parts = req.uri().clone().into_parts();
         if let Some(host) = &self.hostname {
@@ -368,7 +375,7 @@ impl UrlRewrite {
             req.headers_mut().insert(HOST, host.clone());
         }
         if let Some(rewrite) = &self.path {
-            let path = rewrite.apply(req.uri().path(), matched_prefix);
+            let path = rewrite.apply(req.uri().path(), matched);
             let with_query = match req.uri().query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path.clone(),

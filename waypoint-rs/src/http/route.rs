@@ -496,17 +496,6 @@ impl RouteMatch {
                 .iter()
                 .any(|h| h.matches_header(headers, authority))
     }
-
-    /// The literal prefix this match matched, for ReplacePrefixMatch.
-    pub fn matched_prefix(&self) -> Option<&str> {
-        match &self.path {
-            Some(PathMatch::SegmentPrefix { value, .. } | PathMatch::Prefix { value, .. }) => {
-                Some(value)
-            }
-            Some(PathMatch::Exact { value, .. }) => Some(value),
-            _ => None,
-        }
-    }
 }
 
 impl PathMatch {

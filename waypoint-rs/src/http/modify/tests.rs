@@ -54,29 +54,55 @@ fn path_rewrites() {
             substitution: s.into(),
         })
     };
-    let cases: Vec<(PathRewrite, &str, Option<&str>, &str)> = vec![
+    // Gateway API's ReplacePrefixMatch table (HTTPPathModifier docs), then
+    // VirtualService prefix/exact (plain string replacement), then regex.
+    let seg = segment;
+    let cases: Vec<(PathRewrite, &str, Option<RouteMatch>, &str)> = vec![
         (rewrite(FullPath("/new".into())), "/old/x", None, "/new"),
         (
-            rewrite(Prefix("/new".into())),
-            "/old/x",
-            Some("/old"),
-            "/new/x",
-        ),
-        (rewrite(Prefix("/".into())), "/old/x", Some("/old"), "/x"),
-        (rewrite(Prefix("/".into())), "/old", Some("/old"), "/"),
-        (
-            rewrite(Prefix("/new/".into())),
-            "/old",
-            Some("/old"),
-            "/new",
+            rewrite(Prefix("/xyz".into())),
+            "/foo/bar",
+            seg("/foo"),
+            "/xyz/bar",
         ),
         (
-            rewrite(Prefix("/new".into())),
-            "/old/",
-            Some("/old/"),
-            "/new/",
+            rewrite(Prefix("/xyz/".into())),
+            "/foo/bar",
+            seg("/foo"),
+            "/xyz/bar",
         ),
-        (rewrite(Prefix("".into())), "/old/x", Some("/old"), "/x"),
+        (
+            rewrite(Prefix("/xyz".into())),
+            "/foo/bar",
+            seg("/foo/"),
+            "/xyz/bar",
+        ),
+        (rewrite(Prefix("/xyz".into())), "/foo", seg("/foo"), "/xyz"),
+        (
+            rewrite(Prefix("/xyz".into())),
+            "/foo/",
+            seg("/foo"),
+            "/xyz/",
+        ),
+        (rewrite(Prefix("".into())), "/foo/bar", seg("/foo"), "/bar"),
+        (rewrite(Prefix("".into())), "/foo/", seg("/foo"), "/"),
+        (rewrite(Prefix("".into())), "/foo", seg("/foo"), "/"),
+        (rewrite(Prefix("/".into())), "/foo/", seg("/foo"), "/"),
+        (rewrite(Prefix("/".into())), "/foo", seg("/foo"), "/"),
+        // No path match: the implicit prefix `/`.
+        (rewrite(Prefix("/xyz".into())), "/a", None, "/xyz/a"),
+        (
+            rewrite(Prefix("/x".into())),
+            "/foobar",
+            vs_prefix("/foo"),
+            "/xbar",
+        ),
+        (
+            rewrite(Prefix("/x/".into())),
+            "/foo/bar",
+            vs_prefix("/foo/"),
+            "/x/bar",
+        ),
         (
             rewrite(regex("^/service/([^/]+)(/.*)$", "\\2/instance/\\1")),
             "/service/foo/v1/api",
@@ -86,9 +112,34 @@ fn path_rewrites() {
         (rewrite(regex("o", "0")), "/foo", None, "/f00"),
         (rewrite(regex("x", "$1")), "/x", None, "/$1"),
     ];
-    for (r, path, prefix, want) in cases {
-        assert_eq!(r.apply(path, prefix), want, "{r:?} on {path}");
+    for (r, path, matched, want) in cases {
+        assert_eq!(
+            r.apply(path, matched.as_ref()),
+            want,
+            "{r:?} on {path} after {matched:?}"
+        );
     }
+}
+
+fn path_match(kind: l7::path_match::Kind) -> Option<RouteMatch> {
+    Some(
+        RouteMatch::from_proto(&l7::RouteMatch {
+            path: Some(l7::PathMatch {
+                kind: Some(kind),
+                ignore_case: false,
+            }),
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+}
+
+fn segment(prefix: &str) -> Option<RouteMatch> {
+    path_match(l7::path_match::Kind::SegmentPrefix(prefix.into()))
+}
+
+fn vs_prefix(prefix: &str) -> Option<RouteMatch> {
+    path_match(l7::path_match::Kind::Prefix(prefix.into()))
 }
 
 fn redirect(p: l7::Redirect) -> Redirect {
@@ -169,7 +220,7 @@ fn redirect_follows_gateway_api_port_and_scheme_rules() {
     ];
     for (p, want, status) in cases {
         let r = redirect(p.clone())
-            .response(&req, 9080, Some("/a"))
+            .response(&req, 9080, segment("/a").as_ref())
             .unwrap();
         assert_eq!(location(&r), want, "{p:?}");
         assert_eq!(r.status.as_u16(), status);
@@ -190,7 +241,7 @@ fn url_rewrite_sets_host_and_path_keeping_the_query() {
         .header(HOST, "ratings")
         .body(())
         .unwrap();
-    rw.apply(&mut req, Some("/v1")).unwrap();
+    rw.apply(&mut req, segment("/v1").as_ref()).unwrap();
     assert_eq!(req.uri().to_string(), "/v2/items?id=3");
     assert_eq!(req.headers()[HOST], "ratings.internal");
 
@@ -198,7 +249,7 @@ fn url_rewrite_sets_host_and_path_keeping_the_query() {
         .uri("http://ratings:9080/v1")
         .body(())
         .unwrap();
-    rw.apply(&mut h2, Some("/v1")).unwrap();
+    rw.apply(&mut h2, segment("/v1").as_ref()).unwrap();
     assert_eq!(h2.uri().to_string(), "http://ratings.internal/v2");
 }
 
