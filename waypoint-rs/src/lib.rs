@@ -9,4 +9,7 @@
 //! - data path: HBONE termination on 15008, protocol detection, the HTTP
 //!   server, upstream connections over HBONE, metrics, admin, drain.
 
+pub mod balance;
+pub mod config;
+pub mod http;
 pub mod request;
