@@ -9,4 +9,5 @@
 //! - data path: HBONE termination on 15008, protocol detection, the HTTP
 //!   server, upstream connections over HBONE, metrics, admin, drain.
 
+pub mod http;
 pub mod request;
