@@ -2,3 +2,4 @@
 //! L7 resource (`FromProto`) and decides from what the data path tells it.
 
 pub mod authorization;
+pub mod jwt;
