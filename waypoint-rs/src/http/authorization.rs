@@ -14,6 +14,8 @@
 //! - within a source/operation/condition every field set must hold (values of
 //!   one field are alternatives) and no value of its `not_` form may match;
 //!   an empty source or operation matches everything.
+//! - `hosts` are case-insensitive; a value without a port matches the host
+//!   on any port;
 //! - a request without a verified JWT has no request principal, audiences,
 //!   presenter or claims: a field requiring one fails, its `not_` form holds.
 //!
@@ -90,8 +92,9 @@ pub struct Source {
 
 #[derive(Clone, Debug, Default)]
 pub struct Operation {
-    /// Lower-cased at conversion; compared with the request's host lower-cased
-    /// and without its port.
+    /// Lower-cased at conversion; compared with the request's host
+    /// lower-cased, with and without its port (a value without a port matches
+    /// any port, one with a port only that port).
     pub hosts: Vec<StringMatch>,
     pub not_hosts: Vec<StringMatch>,
     pub ports: Vec<u16>,
@@ -185,7 +188,7 @@ pub struct RequestFacts<'a> {
     pub method: &'a str,
     /// The request path without the query.
     pub path: &'a str,
-    /// `:authority` / `Host` as received (a port is ignored).
+    /// `:authority` / `Host` as received.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     /// The verified JWT, if any.
@@ -207,7 +210,10 @@ pub struct ConnectionFacts<'a> {
 struct HttpFacts<'a> {
     method: &'a str,
     path: &'a str,
+    /// Lower-cased, as received (with its port, if any).
     host: String,
+    /// Lower-cased, without the port.
+    host_name: String,
     headers: &'a HeaderMap,
     authenticated: Option<&'a Authenticated>,
 }
@@ -259,7 +265,8 @@ pub fn authorize<'p>(
     let http = HttpFacts {
         method: request.method,
         path: request.path,
-        host: host_without_port(request.host).to_ascii_lowercase(),
+        host: request.host.to_ascii_lowercase(),
+        host_name: host_without_port(request.host).to_ascii_lowercase(),
         headers: request.headers,
         authenticated: request.authenticated,
     };
@@ -411,8 +418,9 @@ impl Operation {
         let Some(http) = &facts.http else {
             return true;
         };
-        field(&self.hosts, &self.not_hosts, |m| m.matches(&http.host))
-            && field(&self.methods, &self.not_methods, |m| m.matches(http.method))
+        field(&self.hosts, &self.not_hosts, |m| {
+            m.matches(&http.host_name) || m.matches(&http.host)
+        }) && field(&self.methods, &self.not_methods, |m| m.matches(http.method))
             && field(&self.paths, &self.not_paths, |p| p.matches(http.path))
     }
 }

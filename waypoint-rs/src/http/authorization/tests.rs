@@ -353,6 +353,22 @@ fn field_rows() -> Vec<(&'static str, l7::Rule, bool)> {
             true,
         ),
         (
+            "hosts with the request's port",
+            to(Op {
+                hosts: vec![exact("reviews.shop.svc.cluster.local:8080")],
+                ..Default::default()
+            }),
+            true,
+        ),
+        (
+            "hosts with another port",
+            to(Op {
+                hosts: vec![exact("reviews.shop.svc.cluster.local:9090")],
+                ..Default::default()
+            }),
+            false,
+        ),
+        (
             "hosts other",
             to(Op {
                 hosts: vec![exact("ratings.shop.svc.cluster.local")],
