@@ -562,8 +562,8 @@ fn verify<'p>(
 
 impl Provider {
     /// Claims to headers and the payload header, from a token this provider
-    /// verified. A claim that is absent, or whose value cannot be a header
-    /// value, sets nothing.
+    /// verified. A claim that is absent, not a string/number/boolean, empty,
+    /// or not a valid header value sets nothing.
     fn write_outputs(&self, v: &Verified<'_>, headers: &mut HeaderMap) {
         if let Some(name) = &self.output_payload_to_header
             && let Ok(value) = HeaderValue::from_str(&v.payload)
@@ -585,10 +585,18 @@ impl Provider {
             if !present {
                 continue;
             }
+            // Envoy's AuthenticatorImpl::addJWTClaimToHeader: strings,
+            // numbers and booleans only; lists, objects and empty values set
+            // nothing.
             let text = match at {
                 Value::String(s) => s.clone(),
-                other => other.to_string(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => continue,
             };
+            if text.is_empty() {
+                continue;
+            }
             if let Ok(value) = HeaderValue::from_str(&text) {
                 headers.insert(name.clone(), value);
             }

@@ -144,7 +144,7 @@ fn secs() -> i64 {
 
 fn claims() -> Value {
     json!({"iss": ISS, "sub": "alice", "aud": [AUD, "ratings"], "azp": "web-app",
-           "exp": secs() + 600, "iat": secs(), "groups": ["admins"], "org": {"team": "core", "level": 3}})
+           "exp": secs() + 600, "iat": secs(), "groups": ["admins"], "verified": true, "org": {"team": "core", "level": 3}})
 }
 
 fn rule() -> l7::JwtRule {
@@ -589,6 +589,10 @@ fn claims_and_payload_are_written_to_headers_and_spoofed_ones_removed() {
             claim: "org.level".into(),
         },
         l7::ClaimToHeader {
+            header: "x-verified".into(),
+            claim: "verified".into(),
+        },
+        l7::ClaimToHeader {
             header: "x-groups".into(),
             claim: "groups".into(),
         },
@@ -606,7 +610,11 @@ fn claims_and_payload_are_written_to_headers_and_spoofed_ones_removed() {
     assert_eq!(req.headers["x-sub"], "alice");
     assert_eq!(req.headers["x-team"], "core");
     assert_eq!(req.headers["x-level"], "3");
-    assert_eq!(req.headers["x-groups"], r#"["admins"]"#);
+    assert_eq!(req.headers["x-verified"], "true");
+    assert!(
+        req.headers.get("x-groups").is_none(),
+        "a list claim sets no header, as Envoy"
+    );
     assert!(req.headers.get("x-missing").is_none());
     assert_eq!(
         req.headers["x-jwt-payload"],
