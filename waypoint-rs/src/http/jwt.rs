@@ -489,6 +489,19 @@ fn audiences(claims: &Value) -> Result<Vec<String>, &'static str> {
     }
 }
 
+/// Audiences compare without an `http://` / `https://` scheme and a
+/// trailing `/`, as Envoy's `CheckAudience` does.
+fn same_audience(a: &str, b: &str) -> bool {
+    fn bare(s: &str) -> &str {
+        let s = s
+            .strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+            .unwrap_or(s);
+        s.strip_suffix('/').unwrap_or(s)
+    }
+    bare(a) == bare(b)
+}
+
 fn verify<'p>(
     token: &str,
     mut accepting: impl Iterator<Item = &'p Provider>,
@@ -503,17 +516,21 @@ fn verify<'p>(
         .ok_or(status::UNKNOWN_ISSUER)?;
     let nbf = optional_time(claims, "nbf", status::NBF_NOT_INTEGER)?;
     let exp = optional_time(claims, "exp", status::EXP_NOT_INTEGER)?;
-    if nbf.is_some_and(|nbf| now.saturating_add(CLOCK_SKEW_SECS) < nbf) {
+    // 0 reads as absent, as in Envoy's Jwt::verifyTimeConstraint.
+    if nbf.is_some_and(|nbf| nbf > 0 && now.saturating_add(CLOCK_SKEW_SECS) < nbf) {
         return Err(status::NOT_YET_VALID);
     }
-    if exp.is_some_and(|exp| exp.saturating_add(CLOCK_SKEW_SECS) < now) {
+    if exp.is_some_and(|exp| exp > 0 && exp.saturating_add(CLOCK_SKEW_SECS) < now) {
         return Err(status::EXPIRED);
     }
     let token_audiences = audiences(claims)?;
     if !provider.audiences.is_empty()
-        && !token_audiences
-            .iter()
-            .any(|a| provider.audiences.contains(a))
+        && !token_audiences.iter().any(|a| {
+            provider
+                .audiences
+                .iter()
+                .any(|allowed| same_audience(allowed, a))
+        })
     {
         return Err(status::AUDIENCE_NOT_ALLOWED);
     }

@@ -423,6 +423,16 @@ fn time_checks_allow_60_seconds_of_clock_skew() {
         run(&auth, &mut bearer(&k.ec.token(c))),
         Authn::Authenticated(_)
     ));
+    let mut zero = claims();
+    zero["exp"] = json!(0);
+    zero["nbf"] = json!(0);
+    assert!(
+        matches!(
+            run(&auth, &mut bearer(&k.ec.token(zero))),
+            Authn::Authenticated(_)
+        ),
+        "exp/nbf 0 read as absent, as Envoy"
+    );
     let mut no_exp = claims();
     no_exp.as_object_mut().unwrap().remove("exp");
     assert!(
@@ -432,6 +442,35 @@ fn time_checks_allow_60_seconds_of_clock_skew() {
         ),
         "exp is checked only when present, as Envoy"
     );
+}
+
+#[test]
+fn audiences_compare_without_scheme_and_trailing_slash() {
+    let mut r = rule();
+    r.audiences = vec!["https://reviews.example/".into()];
+    let auth = authentication(vec![r]);
+    let k = keys();
+    for aud in [
+        "reviews.example",
+        "http://reviews.example",
+        "https://reviews.example/",
+    ] {
+        let mut c = claims();
+        c["aud"] = json!(aud);
+        assert!(
+            matches!(
+                run(&auth, &mut bearer(&k.rsa.token(c))),
+                Authn::Authenticated(_)
+            ),
+            "{aud}"
+        );
+    }
+    let mut c = claims();
+    c["aud"] = json!("reviews.example.evil");
+    assert!(matches!(
+        run(&auth, &mut bearer(&k.rsa.token(c))),
+        Authn::Rejected(_)
+    ));
 }
 
 #[test]
