@@ -458,7 +458,7 @@ fn condition(path: &str, when: &Condition, invalid: &mut Vec<Invalid>) -> Match 
 }
 
 /// `*` -> presence, `*x` -> suffix `x`, `x*` -> prefix `x`, else exact.
-fn string_matches(values: &[String]) -> Vec<StringMatch> {
+pub(super) fn string_matches(values: &[String]) -> Vec<StringMatch> {
     values
         .iter()
         .map(|v| {
@@ -484,7 +484,7 @@ pub(super) fn parse_port(v: &str) -> Option<u32> {
 }
 
 /// An address or CIDR; a bare address is a full-length prefix.
-fn parse_cidr(v: &str) -> Option<Address> {
+pub(super) fn parse_cidr(v: &str) -> Option<Address> {
     let (ip, length) = if v.contains('/') {
         let net: ipnet::IpNet = v.parse().ok()?;
         (net.addr(), u32::from(net.prefix_len()))
