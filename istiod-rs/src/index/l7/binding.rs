@@ -232,3 +232,66 @@ fn push_unique(list: &mut Vec<String>, key: &str) {
         list.push(key.to_string());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(
+        name: Option<&str>,
+        app: Option<&str>,
+        number: i32,
+        proto: Option<&str>,
+    ) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_string),
+            app_protocol: app.map(str::to_string),
+            port: number,
+            protocol: proto.map(str::to_string),
+            ..ServicePort::default()
+        }
+    }
+
+    #[test]
+    fn protocol_follows_app_protocol_then_the_port_name_prefix() {
+        let cases = [
+            (port(Some("http-web"), None, 80, None), Some(Protocol::Http)),
+            (port(Some("HTTP2"), None, 80, None), Some(Protocol::Http2)),
+            (
+                port(Some("grpc-web-ui"), None, 80, None),
+                Some(Protocol::Grpc),
+            ),
+            (port(Some("grpc"), None, 80, None), Some(Protocol::Grpc)),
+            (port(Some("h2c-api"), None, 80, None), Some(Protocol::Http2)),
+            (port(Some("tcp-db"), None, 80, None), Some(Protocol::Tcp)),
+            (port(Some("https"), None, 443, None), Some(Protocol::Tcp)),
+            (port(Some("web"), None, 80, None), Some(Protocol::Detect)),
+            (port(None, None, 80, None), Some(Protocol::Detect)),
+            // appProtocol wins over the name.
+            (
+                port(Some("tcp"), Some("http"), 80, None),
+                Some(Protocol::Http),
+            ),
+            (
+                port(Some("web"), Some("kubernetes.io/h2c"), 80, None),
+                Some(Protocol::Http2),
+            ),
+            (
+                port(Some("web"), Some("kubernetes.io/ws"), 80, None),
+                Some(Protocol::Http),
+            ),
+            (
+                port(Some("web"), Some("kubernetes.io/wss"), 80, None),
+                Some(Protocol::Tcp),
+            ),
+            // Server-first ports are never sniffed.
+            (port(Some("db"), None, 3306, None), Some(Protocol::Tcp)),
+            (port(Some("http"), None, 3306, None), Some(Protocol::Http)),
+            // UDP is not served.
+            (port(Some("dns"), None, 53, Some("UDP")), None),
+        ];
+        for (p, want) in cases {
+            assert_eq!(protocol(&p), want, "{p:?}");
+        }
+    }
+}

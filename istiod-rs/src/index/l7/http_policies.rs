@@ -32,7 +32,7 @@ use api::l7::{
 };
 use api::security::{StringMatch, string_match::MatchType};
 
-use super::super::authorization::{self, parse_cidr, parse_port, string_matches};
+use super::super::authorization::{self, parse_all, parse_cidr, parse_port, string_matches};
 use super::super::problem::{Effect, PolicyProblem};
 
 /// Converts one policy; `None` when it is not served by waypoints (no
@@ -140,28 +140,15 @@ impl Reader<'_> {
         expected: &str,
         l7_only: bool,
     ) -> Vec<T> {
-        let before = self.invalid.len();
-        let read: Vec<T> = values
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| {
-                let parsed = parse(v);
-                if parsed.is_none() {
-                    self.invalid.push(Invalid {
-                        field: format!("{field}[{i}]"),
-                        removed: field.to_string(),
-                        reason: format!("{v:?} is not {expected}"),
-                        l7_only,
-                    });
-                }
-                parsed
+        let invalid = &mut self.invalid;
+        parse_all(values, parse, |i, v| {
+            invalid.push(Invalid {
+                field: format!("{field}[{i}]"),
+                removed: field.to_string(),
+                reason: format!("{v:?} is not {expected}"),
+                l7_only,
             })
-            .collect();
-        if self.invalid.len() > before {
-            Vec::new()
-        } else {
-            read
-        }
+        })
     }
 
     fn source(&mut self, at: &str, s: &api::crd::Source) -> RequestSource {
@@ -367,4 +354,43 @@ fn service_accounts(values: &[String], namespace: &str) -> Vec<StringMatch> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bracketed_keys_are_split_and_malformed_ones_refused() {
+        let claims = "request.auth.claims";
+        assert_eq!(
+            bracketed("request.auth.claims[groups][admin]", claims),
+            Some(vec!["groups".to_string(), "admin".to_string()])
+        );
+        assert_eq!(bracketed("request.auth.claims", claims), Some(vec![]));
+        for bad in [
+            "request.auth.claims[]",
+            "request.auth.claims[a",
+            "request.auth.claims.a",
+            "request.auth.claims[a]b",
+        ] {
+            assert_eq!(bracketed(bad, claims), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_are_matches_or_templates() {
+        let m = |v: &str| match path_pattern(v).and_then(|p| p.kind) {
+            Some(path_pattern::Kind::Match(m)) => format!("{:?}", m.match_type.unwrap()),
+            Some(path_pattern::Kind::Template(t)) => t.segments.join("|"),
+            None => "refused".to_string(),
+        };
+        assert_eq!(m("/a/b"), "Exact(\"/a/b\")");
+        assert_eq!(m("/a/*"), "Prefix(\"/a/\")");
+        assert_eq!(m("*.json"), "Suffix(\".json\")");
+        assert_eq!(m("/api/{*}/items/{**}"), "api|{*}|items|{**}");
+        assert_eq!(m("/api/{**}/x"), "refused");
+        assert_eq!(m("/api/{x}"), "refused");
+        assert_eq!(m("api/{*}"), "refused");
+    }
 }
