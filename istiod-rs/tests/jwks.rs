@@ -268,3 +268,45 @@ async fn the_fetcher_keeps_the_keys_current_and_the_translation_fails_closed_wit
     assert!(metrics.fetch_success.get() >= 2);
     task.abort();
 }
+
+#[tokio::test]
+async fn the_pipeline_runs_the_fetcher_with_the_system_roots() {
+    // The loopback server's test CA is not a system root: the pipeline's
+    // own fetcher tries, fails the TLS handshake, and the served
+    // JwtAuthentication says so (not "not fetched yet").
+    let ca = TestCa::new("cluster.local");
+    let base = server(&ca, Arc::new(Mutex::new((200, KEYS.to_string())))).await;
+    let uri = format!("{base}/keys.json");
+    let store = Store::new();
+    store.update(|s| s.apply(request_authentication("remote", &uri)));
+    store.mark_synced();
+    let (mut outputs, task) = istiod_rs::pipeline::spawn(
+        store.clone(),
+        MeshConfig::default(),
+        istiod_rs::pipeline::Debounce::default(),
+        Arc::new(istiod_rs::pipeline::PipelineMetrics::default()),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            outputs.snapshots.changed().await.unwrap();
+            let snapshot = outputs.snapshots.borrow_and_update().clone();
+            let Some(r) = snapshot
+                .of_type(api::type_url::JWT_AUTHENTICATION)
+                .get("shop/remote")
+            else {
+                continue;
+            };
+            let j = api::l7::JwtAuthentication::decode(r.body.value.as_slice()).unwrap();
+            if j.rules[0].jwks_error != "not fetched yet" {
+                return j.rules[0].jwks_error.clone();
+            }
+        }
+    })
+    .await
+    .expect("the pipeline's fetcher reported");
+    assert!(
+        error.starts_with(&format!("TLS with {uri} failed")),
+        "{error}"
+    );
+    task.abort();
+}
