@@ -382,8 +382,7 @@ pub fn wanted(state: &ClusterState, config: &JwksConfig) -> BTreeMap<JwksSource,
             let timeout = rule
                 .timeout
                 .as_deref()
-                .and_then(|t| t.parse::<gateway_api::Duration>().ok())
-                .map(|d| Duration::new(d.as_secs(), d.subsec_nanos()))
+                .and_then(parse_timeout)
                 .filter(|d| !d.is_zero())
                 .unwrap_or(config.default_timeout);
             let source = JwksSource {
@@ -395,6 +394,21 @@ pub fn wanted(state: &ClusterState, config: &JwksConfig) -> BTreeMap<JwksSource,
         }
     }
     out
+}
+
+/// A rule's `timeout`: a protobuf JSON duration (`5s`, `0.5s`) or a Go
+/// duration of h / m / s / ms parts (`1m30s`, `500ms`).
+pub fn parse_timeout(text: &str) -> Option<Duration> {
+    if let Some(seconds) = text.strip_suffix('s')
+        && let Ok(secs) = seconds.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
+    }
+    text.parse::<gateway_api::Duration>()
+        .ok()
+        .map(|d| Duration::new(d.as_secs(), d.subsec_nanos()))
 }
 
 /// One source as the fetcher tracks it.
@@ -486,5 +500,36 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_read_protobuf_and_go_durations() {
+        assert_eq!(parse_timeout("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("0.5s"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("soon"), None);
+        assert_eq!(parse_timeout("-1s"), None);
+    }
+
+    #[test]
+    fn a_jwks_is_a_json_object_with_a_keys_array() {
+        assert_eq!(validate_jwks(r#"{"keys": []}"#), Ok(()));
+        assert!(validate_jwks("{").unwrap_err().contains("not JSON"));
+        assert!(
+            validate_jwks(r#"{"keys": {}}"#)
+                .unwrap_err()
+                .contains("not an array")
+        );
+        assert!(
+            validate_jwks(r#"{"k": []}"#)
+                .unwrap_err()
+                .contains("no keys field")
+        );
     }
 }

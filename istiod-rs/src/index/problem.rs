@@ -65,6 +65,9 @@ pub enum Effect {
     /// L7: the rule, route or filter holding the value is left out (an
     /// ALLOW rule matching nothing, a route answering 500).
     L7Stricter { what: String },
+    /// A setting that does not change access is not applied; `what` says
+    /// what applies instead.
+    DefaultApplies { what: String },
     /// JWT: tokens of this issuer are rejected (401) until istiod-rs has
     /// its keys.
     IssuerRejected { issuer: String },
@@ -106,6 +109,7 @@ impl fmt::Display for Effect {
             ),
             Effect::NothingDenied => f.write_str("it covers no workload, so nothing is denied"),
             Effect::L7Stricter { what } => write!(f, "{what}, which is stricter than written"),
+            Effect::DefaultApplies { what } => f.write_str(what),
             Effect::IssuerRejected { issuer } => write!(
                 f,
                 "the waypoint rejects every token issued by {issuer} (401) until istiod-rs has its keys"

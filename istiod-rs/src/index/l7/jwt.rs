@@ -19,7 +19,7 @@ use api::l7::{ClaimToHeader, JwtAuthentication, JwtHeader, JwtRule};
 use api::manifest::{Kind, ObjectKey};
 
 use super::super::problem::{Effect, PolicyProblem, PolicyRef};
-use crate::jwks::{JwksEntry, JwksSource, JwksState, validate_jwks};
+use crate::jwks::{JwksEntry, JwksSource, JwksState, parse_timeout, validate_jwks};
 
 /// Converts one RequestAuthentication; `None` when it has no `targetRefs`.
 pub(in crate::index) fn convert(
@@ -66,6 +66,18 @@ pub(in crate::index) fn convert(
                     .collect(),
                 ..JwtRule::default()
             };
+            if let Some(t) = &r.timeout
+                && parse_timeout(t).is_none()
+            {
+                problems.push(PolicyProblem::UntranslatableL7 {
+                    object: object.clone(),
+                    field: format!("spec.jwtRules[{i}].timeout"),
+                    reason: format!("{t:?} is not a duration"),
+                    effect: Effect::DefaultApplies {
+                        what: "the keys are fetched with the default timeout".to_string(),
+                    },
+                });
+            }
             let (field, uri, keys) = match (&r.jwks, &r.jwks_uri) {
                 (Some(inline), _) => (
                     "jwks",
