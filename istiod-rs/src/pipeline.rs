@@ -134,17 +134,28 @@ pub struct Outputs {
     pub statuses: watch::Receiver<Arc<Statuses>>,
 }
 
-/// Starts the pipeline.
+/// Starts the pipeline, fetching JWKS with the defaults of
+/// [`JwksConfig`].
 pub fn spawn(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
     metrics: Arc<PipelineMetrics>,
 ) -> (Outputs, tokio::task::JoinHandle<()>) {
+    spawn_with_jwks(store, mesh, debounce, JwksConfig::default(), metrics)
+}
+
+/// [`spawn`], with how JWKS are fetched and refreshed.
+pub fn spawn_with_jwks(
+    store: Arc<Store>,
+    mesh: MeshConfig,
+    debounce: Debounce,
+    config: JwksConfig,
+    metrics: Arc<PipelineMetrics>,
+) -> (Outputs, tokio::task::JoinHandle<()>) {
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
     let (statuses_tx, statuses) = watch::channel(Arc::new(Statuses::new()));
     // The JWKS fetcher feeds the store for as long as the pipeline runs.
-    let config = JwksConfig::default();
     let fetcher = jwks::run(
         store.clone(),
         JwksClient::native(config.max_body),
