@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::manifest::ObjectKey;
+use gateway_api::gateways::Gateway;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -292,12 +293,24 @@ pub async fn run(
     let mut changes = store.changes();
     let mut invalid: BTreeMap<ObjectKey, String> = BTreeMap::new();
     let mut delay = config.retry_min;
+    // The plan of the Gateways last seen: most changes are of pods, which
+    // only the statuses depend on. The sources replace only the objects
+    // that changed, so an unchanged Gateway is the same `Arc`.
+    let mut planned: Option<(Vec<Arc<Gateway>>, Plan)> = None;
     loop {
         changes.borrow_and_update();
         let state = store.read();
-        let plan = plan(&state, &config);
-        report_invalid(&plan, &mut invalid, &metrics);
+        let gateways: Vec<Arc<Gateway>> = state.gateways.values().cloned().collect();
+        let (gateways, plan) = match planned.take() {
+            Some((seen, plan)) if same_objects(&seen, &gateways) => (seen, plan),
+            _ => {
+                let plan = self::plan(&state, &config);
+                report_invalid(&plan, &mut invalid, &metrics);
+                (gateways, plan)
+            }
+        };
         let errors = sink.sync(&state, &plan, &metrics).await;
+        planned = Some((gateways, plan));
         for error in &errors {
             warn!(%error, "waypoint provisioning failed; retrying");
         }
@@ -314,6 +327,11 @@ pub async fn run(
         }
         delay = (delay * 2).min(config.retry_max);
     }
+}
+
+/// Whether both lists hold the very same objects, in the same order.
+fn same_objects<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
 /// Logs each Gateway that cannot be provisioned once when it appears and

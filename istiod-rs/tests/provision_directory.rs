@@ -258,18 +258,74 @@ async fn the_status_writer_leaves_gateway_statuses_to_the_provisioner() {
     );
     tx.send_replace(Arc::new(status::desired(&state, &translation)));
     let policy = root.join("generated/status/AuthorizationPolicy/shop/deny-all.yaml");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !policy.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no policy status written"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for(|| policy.exists()).await;
     drop(tx);
     task.await.unwrap();
     assert!(
         status_file.exists(),
         "the status writer removed the Gateway's status"
     );
+}
+
+#[tokio::test]
+async fn the_provisioner_waits_for_the_source_then_follows_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Left by a run before this one, for a Gateway deleted since.
+    let stale = root.join("generated/waypoints/shop/gone.yaml");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, "# old\n").unwrap();
+    let store = istiod_rs::state::Store::new();
+    let metrics = Arc::new(ProvisionMetrics::default());
+    let task = provision::spawn(
+        store.clone(),
+        provision::Sink::Directory(DirectoryProvisioner::new(root)),
+        ProvisionConfig::default(),
+        metrics.clone(),
+    );
+    let file = DirectoryProvisioner::new(root).path(&ObjectKey::new("shop", "reviews-waypoint"));
+    let objects = |yaml: &str| api::manifest::parse(yaml).unwrap().objects;
+
+    // Before the source has synced, nothing is written or removed: the
+    // Gateways not listed yet would lose their files.
+    store.update(|s| {
+        for o in objects(NAMESPACE).into_iter().chain(objects(&gateway(""))) {
+            s.apply(o);
+        }
+    });
+    tokio::task::yield_now().await;
+    assert!(stale.exists() && !file.exists());
+
+    store.mark_synced();
+    wait_for(|| file.exists() && !stale.exists()).await;
+
+    // A change of the Gateway is followed; then its deletion.
+    store.update(|s| {
+        for o in objects(&gateway(
+            ", annotations: {gateway.istio.io/service-account: reviews-runner}",
+        )) {
+            s.apply(o);
+        }
+    });
+    wait_for(|| {
+        std::fs::read_to_string(&file)
+            .is_ok_and(|t| t.contains("serviceAccountName: reviews-runner"))
+    })
+    .await;
+    store.update(|s| {
+        s.delete(
+            api::manifest::Kind::Gateway,
+            &ObjectKey::new("shop", "reviews-waypoint"),
+        )
+    });
+    wait_for(|| !file.exists()).await;
+    task.abort();
+}
+
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
