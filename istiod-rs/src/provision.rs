@@ -191,12 +191,14 @@ pub struct Waypoint {
 /// Every waypoint Gateway of the cluster, by namespace and name.
 pub type Plan = BTreeMap<ObjectKey, Waypoint>;
 
-/// What each Gateway of class `istio-waypoint` becomes.
+/// What each Gateway of class `istio-waypoint` that istiod-rs manages
+/// becomes.
 pub fn plan(state: &ClusterState, config: &ProvisionConfig) -> Plan {
     state
         .gateways
         .iter()
         .filter(|(_, gw)| gw.spec.gateway_class_name == api::labels::WAYPOINT_GATEWAY_CLASS)
+        .filter(|(_, gw)| managed(gw))
         .map(|(key, gw)| {
             let waypoint = Waypoint {
                 key: key.clone(),
@@ -209,6 +211,19 @@ pub fn plan(state: &ClusterState, config: &ProvisionConfig) -> Plan {
 }
 
 /// What the provisioner counts.
+/// Whether istiod-rs provisions the Gateway: not when its `spec.addresses`
+/// point at something that exists (one Hostname address, or more than one
+/// address), as upstream's `IsManaged`
+/// (`pilot/pkg/config/kube/gateway/conversion.go`): "If user explicitly sets
+/// addresses, we are assuming they are pointing to an existing deployment."
+pub fn managed(gateway: &Gateway) -> bool {
+    match gateway.spec.addresses.as_deref() {
+        None | Some([]) => true,
+        Some([one]) => matches!(one.r#type.as_deref(), None | Some("IPAddress")),
+        Some(_) => false,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ProvisionMetrics {
     /// Writes made, by kind (`ServiceAccount`, `Deployment`, `Service`,
@@ -374,4 +389,41 @@ pub(crate) fn describe(object: &Value) -> String {
         object["metadata"]["namespace"].as_str().unwrap_or_default(),
         object["metadata"]["name"].as_str().unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(addresses: &str) -> Gateway {
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: w, namespace: a}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [], {addresses}}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn gateways_with_addresses_of_their_own_are_not_provisioned() {
+        assert!(managed(&gateway("addresses: []")));
+        assert!(managed(&gateway("addresses: [{value: 10.0.0.1}]")));
+        assert!(managed(&gateway(
+            "addresses: [{type: IPAddress, value: 10.0.0.1}]"
+        )));
+        assert!(!managed(&gateway(
+            "addresses: [{type: Hostname, value: my-waypoint.a.svc.cluster.local}]"
+        )));
+        assert!(!managed(&gateway(
+            "addresses: [{value: 10.0.0.1}, {value: 10.0.0.2}]"
+        )));
+        let mut state = ClusterState::default();
+        state.gateways.insert(
+            ObjectKey::new("a", "w"),
+            Arc::new(gateway("addresses: [{type: Hostname, value: elsewhere}]")),
+        );
+        assert!(plan(&state, &ProvisionConfig::default()).is_empty());
+        state
+            .gateways
+            .insert(ObjectKey::new("a", "w"), Arc::new(gateway("addresses: []")));
+        assert_eq!(plan(&state, &ProvisionConfig::default()).len(), 1);
+    }
 }
