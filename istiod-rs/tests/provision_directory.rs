@@ -5,6 +5,11 @@
 //! Service back without a problem; the Gateway's status is a file under
 //! `generated/status/Gateway/` that the status writer leaves alone.
 
+#[path = "app_support/http_client.rs"]
+mod http_client;
+#[path = "app_support/istiod.rs"]
+mod istiod;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -328,4 +333,45 @@ async fn wait_for(mut done: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test]
+async fn istiod_in_local_mode_provisions_the_waypoints_of_its_config_directory() {
+    let waypoint = gateway("").replace("namespace: shop", "namespace: demo");
+    let istiod = istiod::LocalIstiod::start_with(
+        &[
+            ("namespace.yaml", istiod::NAMESPACE),
+            ("gateway.yaml", &waypoint),
+        ],
+        |config| config.provision = Some(ProvisionConfig::default()),
+    )
+    .await;
+    let root = istiod.config_dir();
+    let key = ObjectKey::new("demo", "reviews-waypoint");
+    let file = DirectoryProvisioner::new(&root).path(&key);
+    let status_file = DirectoryProvisioner::new(&root).status_path(&key);
+    wait_for(|| file.exists() && status_file.exists()).await;
+    assert!(
+        istiod
+            .metric(r#"istiod_provision_writes_total{kind="File",result="ok"}"#)
+            .await
+            >= 2.0
+    );
+    // Its pod runs and is ready (what the local cluster does): programmed.
+    istiod.write(
+        "waypoint-pod.yaml",
+        &istiod::pod(
+            "reviews-waypoint-0",
+            "node0",
+            "reviews-waypoint",
+            "10.9.0.7",
+            "gateway.networking.k8s.io/gateway-name: reviews-waypoint",
+        ),
+    );
+    wait_for(|| {
+        std::fs::read_to_string(&status_file).is_ok_and(|t| t.contains("reason: Programmed"))
+    })
+    .await;
+    istiod.remove("gateway.yaml");
+    wait_for(|| !file.exists() && !status_file.exists()).await;
 }

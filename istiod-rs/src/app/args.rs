@@ -555,6 +555,68 @@ mod tests {
     }
 
     #[test]
+    fn waypoints_are_provisioned_with_the_images_and_address_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let tokens = dir.path().join("tokens.yaml");
+        let t = tokens.to_str().unwrap();
+        let local = ["--config-dir", d, "--token-file", t];
+        let config = args(&local).unwrap().into_config().unwrap();
+        let provision = config.provision.unwrap();
+        assert_eq!(provision.xds_address, "istiod.istio-system.svc:15012");
+        assert_eq!(provision.tag, env!("CARGO_PKG_VERSION"));
+        let mut given = local.to_vec();
+        given.extend([
+            "--namespace",
+            "mesh",
+            "--waypoint-hub",
+            "registry.example.com/mesh",
+            "--waypoint-tag",
+            "1.2.3",
+        ]);
+        let provision = args(&given)
+            .unwrap()
+            .into_config()
+            .unwrap()
+            .provision
+            .unwrap();
+        assert_eq!(provision.xds_address, "istiod.mesh.svc:15012");
+        assert_eq!(provision.hub, "registry.example.com/mesh");
+        assert_eq!(provision.tag, "1.2.3");
+        let off = [&local[..], &["--provision-waypoints", "false"]].concat();
+        assert!(
+            args(&off)
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .provision
+                .is_none()
+        );
+        // A value that would change the template's YAML is refused, naming
+        // its flag.
+        for (flag, value, says) in [
+            (
+                "--waypoint-image-pull-policy",
+                "Sometimes",
+                "is not Always, IfNotPresent or Never",
+            ),
+            ("--waypoint-hub", "hub\"\n", "has characters other than"),
+            (
+                "--waypoint-log-level",
+                "info # x",
+                "has characters other than",
+            ),
+        ] {
+            let bad = [&local[..], &[flag, value]].concat();
+            let err = args(&bad).unwrap().into_config().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{flag}: ")) && err.contains(says),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn local_mode_needs_a_token_file_and_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap();
