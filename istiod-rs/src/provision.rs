@@ -56,8 +56,6 @@ pub const FIELD_MANAGER: &str = "istiod-rs-provisioner";
 /// On a Gateway: the ServiceAccount its provisioned pods run as (default:
 /// the Gateway's name), upstream's `annotation.GatewayServiceAccount`.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "gateway.istio.io/service-account";
-/// Label on the provisioned objects: the Gateway's class.
-pub const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
 
 /// How waypoints are provisioned: the install values the template takes
 /// (the placeholders of `manifests/install/`), and how failed writes are
@@ -165,17 +163,6 @@ pub enum ProvisionError {
     },
     #[error("could not encode {object}: {reason}")]
     Encode { object: String, reason: String },
-}
-
-impl ProvisionError {
-    /// Whether the Gateway itself must change (not retried), rather than
-    /// a write that may succeed later.
-    pub fn is_invalid_gateway(&self) -> bool {
-        matches!(
-            self,
-            ProvisionError::InvalidField { .. } | ProvisionError::Rendered(_)
-        )
-    }
 }
 
 /// What one waypoint Gateway becomes.

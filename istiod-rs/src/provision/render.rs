@@ -231,6 +231,57 @@ fn dns1123_subdomain(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn gateway(name: &str) -> (ObjectKey, Gateway) {
+        let gw = serde_saphyr::from_str(&format!(
+            "metadata: {{name: {name}, namespace: shop, uid: u-1}}\nspec: {{gatewayClassName: istio-waypoint, listeners: []}}\n"
+        ))
+        .unwrap();
+        (ObjectKey::new("shop", name), gw)
+    }
+
+    fn error(template: &str, name: &str) -> String {
+        let (key, gw) = gateway(name);
+        render_template(template, &key, &gw, &ProvisionConfig::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_installed_template_renders() {
+        let (key, gw) = gateway("reviews-waypoint");
+        let rendered = render(&key, &gw, &ProvisionConfig::default()).unwrap();
+        assert_eq!(rendered.service, "reviews-waypoint");
+        assert_eq!(rendered.service_account, "reviews-waypoint");
+        assert_eq!(rendered.hostname, "reviews-waypoint.shop.svc.cluster.local");
+    }
+
+    #[test]
+    fn a_template_that_does_not_render_says_where() {
+        let sa = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespace: shop}\n";
+        assert_eq!(
+            error(&format!("{sa}---\nkind: ${{nope}}\n"), "w"),
+            "the rendered waypoint template is not valid: manifests/templates/waypoint.yaml:5: ${nope} names no value istiod-rs has"
+        );
+        assert_eq!(
+            error(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x, namespace: shop}\nspec:\n  replicaz: 1\n",
+                "w"
+            ),
+            "the rendered waypoint template is not valid: manifests/templates/waypoint.yaml:5: Deployment has no field spec.replicaz"
+        );
+        assert!(
+            error(sa, "w").ends_with(
+                "must hold a ServiceAccount, a Deployment and a Service, in that order; it holds [\"ServiceAccount\"]"
+            ),
+            "{}",
+            error(sa, "w")
+        );
+        assert_eq!(
+            error(TEMPLATE, "reviews.waypoint"),
+            "metadata.name: \"reviews.waypoint\" is not a Service name (lower-case letters, digits and '-', starting with a letter, at most 63 characters)"
+        );
+    }
+
     #[test]
     fn names_are_checked_as_kubernetes_does() {
         assert!(dns1035_label("reviews-waypoint"));
