@@ -3,8 +3,8 @@
 //! ConfigMap, the ServiceAccount, Deployment and Service of a waypoint
 //! Gateway (field manager, force, owner reference, labels), the Gateway's
 //! status (addresses and Programmed once a pod is ready), a Gateway that
-//! cannot be provisioned next to one that can, and a Gateway made again
-//! after its deletion.
+//! cannot be provisioned next to one that can, a Gateway made again after
+//! its deletion, and a changed Gateway (only what changed is applied).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -565,7 +565,7 @@ async fn a_gateway_that_cannot_be_provisioned_says_which_field_and_the_others_fl
 }
 
 #[tokio::test]
-async fn a_gateway_made_again_after_its_deletion_is_applied_again() {
+async fn a_gateway_made_again_or_changed_is_applied_again_and_only_what_changed() {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let store = store(vec![gateway("reviews-waypoint", "")]);
@@ -588,5 +588,34 @@ async fn a_gateway_made_again_after_its_deletion_is_applied_again() {
     for path in every_write() {
         expect_apply(&mut handle, &path, 200).await;
     }
-    assert_eq!(run.await.unwrap().1, 0);
+    let (provisioner, errors) = run.await.unwrap();
+    assert_eq!(errors, 0);
+
+    // Changed (another account to run as): what changed is applied again,
+    // and only that.
+    store.update(|s| {
+        s.apply(gateway(
+            "reviews-waypoint",
+            ", annotations: {gateway.istio.io/service-account: reviews-runner}",
+        ))
+    });
+    let run = sync(provisioner, &store);
+    let sa = expect_apply(
+        &mut handle,
+        &format!("{CORE}/serviceaccounts/reviews-runner"),
+        200,
+    )
+    .await;
+    assert_eq!(sa["metadata"]["ownerReferences"], owner());
+    let deployment = expect_apply(
+        &mut handle,
+        "/apis/apps/v1/namespaces/shop/deployments/reviews-waypoint",
+        200,
+    )
+    .await;
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "reviews-runner"
+    );
+    assert_eq!(unanswered(run).await.1, 0);
 }
