@@ -5,8 +5,9 @@
 //! the mesh root, a bearer token of its own in istiod-rs's token file);
 //! waypoint-rs passes its readiness probe (`/healthz/ready` on 15021: its
 //! certificate from istiod-rs's CA over that token, its xDS); istiod-rs
-//! reports the Gateway `Programmed`. Deleting the Gateway removes the pod
-//! and revokes its token.
+//! reports the Gateway `Programmed`. A change to the Gateway that changes
+//! the rendered Deployment (another service account) replaces the pod and
+//! its token; deleting the Gateway removes the pod and revokes its token.
 //!
 //! Needs root (or unprivileged user namespaces) and iptables; skips loudly
 //! otherwise, and fails when `CI` is set.
@@ -32,6 +33,15 @@ spec:
   gatewayClassName: istio-waypoint
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 ";
+
+/// [`GATEWAY`] run as another service account (istiod-rs renders it into
+/// the Deployment's `serviceAccountName`).
+fn gateway_as(service_account: &str) -> String {
+    GATEWAY.replace(
+        "namespace: shop}",
+        &format!("namespace: shop, annotations: {{gateway.istio.io/service-account: {service_account}}}}}"),
+    )
+}
 
 /// How long the waypoint may take to be provisioned, started and Ready
 /// (a bound on waiting, not a measurement).
@@ -113,6 +123,28 @@ fn a_waypoint_gateway_runs_as_a_ready_pod_and_is_programmed() {
     });
 
     cluster
+        .apply_yaml(&gateway_as("reviews-other"))
+        .expect("the changed Gateway applies");
+    wait_until(
+        "the waypoint pod is replaced by one with the new service account",
+        || {
+            let token_file = std::fs::read_to_string(&tokens).map_err(|e| e.to_string())?;
+            let (old, new) = (
+                token_file.contains("serviceAccount: shop/reviews-waypoint\n"),
+                token_file.contains("serviceAccount: shop/reviews-other\n"),
+            );
+            match cluster.pod("shop", "reviews-waypoint-0") {
+                Some(_) if new && !old => Ok(()),
+                pod => Err(format!("pod {pod:?}, tokens: {token_file}")),
+            }
+        },
+    );
+    let outcome = cluster
+        .probe_readiness("shop", "reviews-waypoint-0")
+        .expect("the new waypoint pod is probed");
+    assert!(outcome.passed, "{outcome:?}");
+
+    cluster
         .delete_yaml(GATEWAY)
         .expect("the Gateway is deleted");
     wait_until("the waypoint pod is gone and its token revoked", || {
@@ -120,7 +152,7 @@ fn a_waypoint_gateway_runs_as_a_ready_pod_and_is_programmed() {
             return Err(format!("still running: {p:?}"));
         }
         let token_file = std::fs::read_to_string(&tokens).map_err(|e| e.to_string())?;
-        if token_file.contains("serviceAccount: shop/reviews-waypoint\n") {
+        if token_file.contains("serviceAccount: shop/") {
             return Err(format!("the token is still in {}", tokens.display()));
         }
         Ok(())
