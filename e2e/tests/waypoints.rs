@@ -5,7 +5,8 @@
 //! the mesh root, a bearer token of its own in istiod-rs's token file);
 //! waypoint-rs passes its readiness probe (`/healthz/ready` on 15021: its
 //! certificate from istiod-rs's CA over that token, its xDS); istiod-rs
-//! reports the Gateway `Programmed`. A change to the Gateway that changes
+//! reports the Gateway `Programmed`; every node (where ztunnel runs)
+//! reaches the pod on 15008. A change to the Gateway that changes
 //! the rendered Deployment (another service account) replaces the pod and
 //! its token; deleting the Gateway removes the pod and revokes its token.
 //!
@@ -121,6 +122,16 @@ fn a_waypoint_gateway_runs_as_a_ready_pod_and_is_programmed() {
     wait_until("istiod-rs reports the Gateway Programmed", || {
         programmed(&config_dir)
     });
+    // Not captured, and reachable on HBONE's port from every node's
+    // namespace, where that node's ztunnel runs.
+    let waypoint = cluster.pod("shop", "reviews-waypoint-0").expect("it runs");
+    for node in cluster.nodes() {
+        let netns = cluster.node_netns(&node).expect("the node exists");
+        let connected = netns
+            .tcp_connects((waypoint.ip, 15008).into(), Duration::from_secs(5))
+            .expect("a connection is tried from the node");
+        assert_eq!(connected, Ok(()), "{node} -> {}:15008", waypoint.ip);
+    }
 
     cluster
         .apply_yaml(&gateway_as("reviews-other"))
