@@ -41,6 +41,9 @@ pub enum Refusal {
     too_large,
     /// A request that is not a DeltaDiscoveryRequest.
     undecodable,
+    /// A waypoint node id the stream's identity does not back (or that
+    /// names no waypoint pod).
+    waypoint_identity,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,6 +160,26 @@ mod tests {
         assert_eq!(
             TypeLabel::new(api::type_url::AUTHORIZATION).r#type,
             "istio.security.Authorization"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::WAYPOINT).r#type,
+            "istio_rs.l7.v1.Waypoint"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::ROUTE_TABLE).r#type,
+            "istio_rs.l7.v1.RouteTable"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::HTTP_AUTHORIZATION).r#type,
+            "istio_rs.l7.v1.HttpAuthorization"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::JWT_AUTHENTICATION).r#type,
+            "istio_rs.l7.v1.JwtAuthentication"
+        );
+        assert_eq!(
+            TypeLabel::new(api::type_url::TRAFFIC_POLICY).r#type,
+            "istio_rs.l7.v1.TrafficPolicy"
         );
         for made_up in [
             "type.googleapis.com/made.up.T1",
