@@ -26,15 +26,15 @@
 //! Waypoints: a stream whose node id starts `waypoint~` is bound to the
 //! waypoint Gateway of the pod it names, once the stream's token is shown
 //! to be that pod's ([`waypoint`]; refused otherwise, reason
-//! `waypoint_identity`), and is sent only that waypoint's [`scope`] of
-//! every type, computed once per generation by the relay. Other proxies
-//! (ztunnel) are served the workload API as before and never any of the
-//! L7 types ([`scope::L7_TYPES`]): a subscription to one is answered empty.
+//! `waypoint_identity`), and is sent only that waypoint's scope of every
+//! type (`scope`), computed once per generation by the relay. Other
+//! proxies (ztunnel) are served the workload API as before and never any
+//! of the [`L7_TYPES`]: a subscription to one is answered empty.
 
 mod connection;
 pub mod delta;
 mod metrics;
-pub mod scope;
+mod scope;
 mod served;
 pub mod syncz;
 pub mod waypoint;
@@ -56,6 +56,7 @@ use tokio::sync::watch;
 use crate::auth::{self, Authenticator, Caller};
 use crate::snapshot::{self, Snapshot};
 
+pub use scope::L7_TYPES;
 pub use syncz::{ProxySync, SyncState, SyncStatus, TypeSync, WaypointSync};
 pub use waypoint::{PodLookup, WaypointError, WaypointPod, WaypointPods};
 
