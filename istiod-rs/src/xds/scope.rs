@@ -208,7 +208,7 @@ impl ScopeIndex {
     }
 
     /// Re-decodes one Address if its version changed; true when the
-    /// workload's services or addresses changed.
+    /// services it backs changed (what scope membership depends on).
     fn refresh_workload(&mut self, addresses: &Resources, uid: &str) -> bool {
         let before = self.workloads.get(uid);
         let facts = match addresses.get(uid) {
@@ -231,14 +231,17 @@ impl ScopeIndex {
         }
         let empty = WorkloadFacts::default();
         let (old, new_facts) = (old.as_ref().unwrap_or(&empty), new.unwrap_or(&empty));
-        for service in &old.services {
-            remove_from(&mut self.endpoints, service, uid);
-        }
-        for service in &new_facts.services {
-            self.endpoints
-                .entry(service.clone())
-                .or_default()
-                .insert(uid.to_string());
+        let services_changed = old.services != new_facts.services;
+        if services_changed {
+            for service in &old.services {
+                remove_from(&mut self.endpoints, service, uid);
+            }
+            for service in &new_facts.services {
+                self.endpoints
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(uid.to_string());
+            }
         }
         if old.aliases != new_facts.aliases {
             let aliases = Arc::make_mut(&mut self.aliases);
@@ -252,7 +255,7 @@ impl ScopeIndex {
                     .insert(uid.to_string());
             }
         }
-        true
+        services_changed
     }
 
     /// The names in the scope of the waypoint `key`.
@@ -635,6 +638,48 @@ mod tests {
         ] {
             assert_eq!(moved["ns/wp"][t].len(), 1, "{t}");
         }
+    }
+
+    /// 1,000 services, 10,000 workloads, 20 waypoints of 50 services each:
+    /// one endpoint change rebuilds the one scope holding it; every other
+    /// waypoint keeps the same scope (no work for its streams).
+    #[test]
+    fn one_change_touches_only_the_scope_holding_it() {
+        let mut resources = Vec::new();
+        for w in 0..20 {
+            let services: Vec<String> = (0..50).map(|i| format!("svc-{}", w * 50 + i)).collect();
+            let served: Vec<(&str, &str)> = services.iter().map(|s| (s.as_str(), "")).collect();
+            resources.push(waypoint("ns", &format!("wp-{w}"), &served));
+        }
+        let endpoint = |i: usize, version: u8| {
+            let service = format!("ns/svc-{}", i % 1_000);
+            workload(
+                &format!("w-{i}"),
+                [10, version, (i >> 8) as u8, i as u8],
+                &[service.as_str()],
+            )
+        };
+        resources.extend((0..10_000).map(|i| endpoint(i, 0)));
+        let (g1, _) = Served::default().next(&served(&resources));
+        let mut index = ScopeIndex::default();
+        let (s1, _, _) = index.update(&g1, None);
+        assert_eq!(s1.len(), 20);
+        // 50 services + their 500 endpoints each.
+        assert_eq!(s1["ns/wp-3"].of_type(api::type_url::ADDRESS).len(), 500);
+
+        // w-4242 backs svc-242, served by wp-4.
+        resources[20 + 4242] = endpoint(4242, 1);
+        let (g2, c2) = g1.next(&served(&resources));
+        let (s2, _, moved) = index.update(&g2, Some(&c2));
+        assert!(moved.is_empty());
+        for (key, scope) in &s2 {
+            assert_eq!(Arc::ptr_eq(scope, &s1[key]), key != "ns/wp-4", "{key}");
+        }
+        let changed = &s2["ns/wp-4"].of_type(api::type_url::ADDRESS)["w-4242"];
+        assert!(Arc::ptr_eq(
+            changed,
+            &g2.of_type(api::type_url::ADDRESS)["w-4242"]
+        ));
     }
 
     /// A scoped stream's pushes over the change log (global changes plus
