@@ -629,6 +629,36 @@ impl TypeState {
     }
 }
 
+/// What the randomized diff tests share.
+#[cfg(test)]
+pub(super) mod test_support {
+    use super::Delta;
+
+    /// A small deterministic generator (xorshift), so failures reproduce:
+    /// each call gives a number below its argument.
+    pub fn xorshift(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        }
+    }
+
+    /// A delta as sorted (name, version) upserts and sorted removals.
+    pub fn comparable(d: &Delta) -> (Vec<(String, String)>, Vec<String>) {
+        let mut up: Vec<(String, String)> = d
+            .upserts
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        up.sort();
+        let mut rm = d.removed.clone();
+        rm.sort();
+        (up, rm)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,13 +1026,7 @@ mod tests {
     fn changed_name_diffs_equal_full_diffs() {
         let names = ["a", "b", "c", "d", "e", "f"];
         // A small deterministic generator (xorshift), so failures reproduce.
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = test_support::xorshift(0x9e37_79b9_7f4a_7c15);
         let mut feed = Feed::new(&[("a", "0"), ("b", "0")]);
         let mut st = TypeState::new(&request(&["*"], &[]));
         let mut nonce = 0;
@@ -1051,17 +1075,7 @@ mod tests {
                 over_changes += 1;
             }
             let fast = st.diff_current(&feed.current());
-            let key = |d: &Delta| {
-                let mut up: Vec<(String, String)> = d
-                    .upserts
-                    .iter()
-                    .map(|r| (r.name.clone(), r.version.clone()))
-                    .collect();
-                up.sort();
-                let mut rm = d.removed.clone();
-                rm.sort();
-                (up, rm)
-            };
+            let key = test_support::comparable;
             assert_eq!(key(&fast), key(&full), "round {round}: {st:?}");
             nonce += 1;
             feed.push(&mut st, &format!("n{nonce}"));

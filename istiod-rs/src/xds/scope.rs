@@ -688,18 +688,12 @@ mod tests {
     /// snapshots, ACKs and NACKs.
     #[test]
     fn scoped_changed_name_diffs_equal_full_diffs() {
-        use crate::xds::delta::{Current, TypeState};
+        use crate::xds::delta::{Current, TypeState, test_support};
         use crate::xds::served::ChangeLog;
         use api::discovery::DeltaDiscoveryRequest;
         use std::time::{Instant, SystemTime};
 
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = test_support::xorshift(0x2545_f491_4f6c_dd1d);
         let services = ["a.ns", "b.ns", "c.ns", "d.ns"];
         let random_snapshot = |next: &mut dyn FnMut(usize) -> usize| {
             let mut resources = Vec::new();
@@ -791,17 +785,7 @@ mod tests {
                     scope: Some("ns/wp"),
                     aliases: None,
                 };
-                let key = |d: &crate::xds::delta::Delta| {
-                    let mut up: Vec<(String, String)> = d
-                        .upserts
-                        .iter()
-                        .map(|r| (r.name.clone(), r.version.clone()))
-                        .collect();
-                    up.sort();
-                    let mut rm = d.removed.clone();
-                    rm.sort();
-                    (up, rm)
-                };
+                let key = test_support::comparable;
                 let full = st.diff(resources);
                 let over_log = st.diff_current(&current);
                 assert_eq!(key(&over_log), key(&full), "round {round}, {type_url}");
