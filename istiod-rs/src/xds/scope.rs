@@ -568,9 +568,24 @@ mod tests {
     }
 
     #[test]
-    fn scope_follows_routes_to_backends_and_their_endpoints() {
+    fn scope_holds_served_services_workloads_route_backends_and_endpoints() {
+        // It also serves workload w-d directly, with a policy of its own.
+        let mut wp = Waypoint::decode(
+            waypoint("ns", "wp", &[("a.ns", "ns/a.ns")])
+                .body
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        wp.workloads.push(api::l7::ServedWorkload {
+            uid: "w-d".into(),
+            authorizations: vec!["ns/w-d-authz".into()],
+            authentications: vec!["ns/w-d-jwt".into()],
+            ..Default::default()
+        });
         let snapshot = served(&[
-            waypoint("ns", "wp", &[("a.ns", "ns/a.ns")]),
+            Resource::new(api::type_url::WAYPOINT, "ns/wp", &wp),
+            workload("w-d", [10, 0, 0, 9], &[]),
             routes("ns/a.ns", &["ns/b.ns"], "ns/m.ns"),
             workload("w-a", [10, 0, 0, 1], &["ns/a.ns"]),
             workload("w-b", [10, 0, 0, 2], &["ns/b.ns"]),
@@ -583,7 +598,7 @@ mod tests {
         let scope = &scopes["ns/wp"];
         assert_eq!(
             names_of(scope, api::type_url::ADDRESS),
-            ["w-a", "w-b", "w-m"]
+            ["w-a", "w-b", "w-d", "w-m"]
         );
         assert_eq!(names_of(scope, api::type_url::ROUTE_TABLE), ["ns/a.ns"]);
         assert_eq!(names_of(scope, api::type_url::WAYPOINT), ["ns/wp"]);
@@ -591,7 +606,11 @@ mod tests {
         assert_eq!(traffic, ["ns/a.ns", "ns/b.ns", "ns/m.ns"]);
         assert_eq!(
             scope.names[api::type_url::HTTP_AUTHORIZATION],
-            BTreeSet::from(["ns/authz-a.ns".to_string()])
+            BTreeSet::from(["ns/authz-a.ns".to_string(), "ns/w-d-authz".to_string()])
+        );
+        assert_eq!(
+            scope.names[api::type_url::JWT_AUTHENTICATION],
+            BTreeSet::from(["ns/w-d-jwt".to_string()])
         );
         assert_eq!(aliases["net/10.0.0.4"], BTreeSet::from(["w-x".to_string()]));
     }
