@@ -9,6 +9,8 @@
 //! | Service (one per Kubernetes Service) | `istio.workload.Address` | `<ns>/<name>.<ns>.svc.<domain>` |
 //! | Authorization (AuthorizationPolicy, converted PeerAuthentication) | `istio.security.Authorization` | `<ns>/<name>` |
 //! | Authorization (implicit ALLOW-from-waypoint, with [`MeshConfig::auto_allow_waypoint_policy`]) | `istio.security.Authorization` | `<ns>/istio_allow_waypoint_<ns>_<name>` |
+//! | TrafficPolicy (DestinationRule, see `l7/traffic.rs`) | `istio_rs.l7.v1.TrafficPolicy` | `<svc ns>/<svc hostname>` |
+//! | RouteTable (VirtualService, for a service no HTTPRoute/GRPCRoute attaches to; see `l7/virtual_services.rs`) | `istio_rs.l7.v1.RouteTable` | `<svc ns>/<svc hostname>` |
 //!
 //! No I/O, no clock: the same state always gives the same bytes, so the
 //! snapshot's content hashes change only where the content does.
@@ -20,8 +22,13 @@ mod peer_authentication;
 mod problem;
 mod selectors;
 mod services;
+// DestinationRule and VirtualService translation (L7, for waypoints).
 #[doc(hidden)]
 pub mod testing;
+#[path = "index/l7/traffic.rs"]
+mod traffic;
+#[path = "index/l7/virtual_services.rs"]
+mod virtual_services;
 mod waypoint_policies;
 mod waypoints;
 mod workloads;
@@ -288,6 +295,24 @@ impl Translator {
                 };
             }
             pods.push((key, pod, addresses, backed, resource));
+        }
+
+        // DestinationRules: one TrafficPolicy per destination service;
+        // VirtualServices: a RouteTable per service no Gateway API route
+        // attaches to.
+        {
+            let endpoints = traffic::Endpoints::of(
+                pods.iter()
+                    .map(|(key, pod, _, backed, _)| (*key, pod.as_ref(), backed.as_slice())),
+            );
+            for p in traffic::build(state, mesh, &services, &endpoints, &mut problems) {
+                let key = format!("{}/{}", p.namespace, p.hostname);
+                snapshot.insert(Resource::new(type_url::TRAFFIC_POLICY, key, &p));
+            }
+        }
+        for table in virtual_services::route_tables(state, mesh, &services, &mut problems) {
+            let key = format!("{}/{}", table.namespace, table.hostname);
+            snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key, &table));
         }
 
         let shared_addresses = workloads::shared_addresses(

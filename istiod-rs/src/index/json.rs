@@ -44,6 +44,12 @@ fn decode(r: &Resource) -> (&'static str, Value) {
         type_url::AUTHORIZATION => Authorization::decode(bytes)
             .ok()
             .map(|a| ("authorizations", authorization_json(&a))),
+        type_url::TRAFFIC_POLICY => api::l7::TrafficPolicy::decode(bytes)
+            .ok()
+            .map(|p| ("trafficPolicies", super::traffic::json(&p))),
+        type_url::ROUTE_TABLE => api::l7::RouteTable::decode(bytes)
+            .ok()
+            .map(|t| ("routeTables", super::virtual_services::route_table_json(&t))),
         _ => None,
     };
     decoded.unwrap_or_else(|| {

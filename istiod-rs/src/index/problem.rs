@@ -62,6 +62,19 @@ pub enum Effect {
     TargetsDenied { targets: String },
     /// An L7 rule no waypoint serves, at a target that covers no workload.
     NothingDenied,
+    /// DestinationRule, VirtualService: the waypoint does not apply this
+    /// field; the rest of the object applies.
+    FieldNotApplied,
+    /// VirtualService: this match alternative matches no request.
+    MatchMatchesNothing,
+    /// VirtualService: requests the route matches get HTTP 500 (never a
+    /// later route, which the author did not mean for them).
+    RouteFails,
+    /// VirtualService: this destination's share of the route's requests
+    /// gets HTTP 500 (weights keep their meaning).
+    BackendFails,
+    /// DestinationRule, VirtualService: not used (for this host).
+    NotUsed,
 }
 
 impl fmt::Display for Effect {
@@ -99,6 +112,19 @@ impl fmt::Display for Effect {
                 "connections to {targets} are denied until a waypoint serves the rule"
             ),
             Effect::NothingDenied => f.write_str("it covers no workload, so nothing is denied"),
+            Effect::FieldNotApplied => f.write_str(
+                "the waypoint does not apply this field; the rest of the object applies",
+            ),
+            Effect::MatchMatchesNothing => f.write_str(
+                "this match matches no request; the route's other matches still apply",
+            ),
+            Effect::RouteFails => f.write_str(
+                "requests this route matches get HTTP 500 rather than another route",
+            ),
+            Effect::BackendFails => {
+                f.write_str("its share of the route's requests gets HTTP 500")
+            }
+            Effect::NotUsed => f.write_str("it is not used"),
         }
     }
 }
@@ -192,6 +218,16 @@ pub enum PolicyProblem {
         attributes: String,
         effect: Effect,
     },
+    /// A DestinationRule or VirtualService field the waypoint does not
+    /// honour, or a host it cannot apply the object to. A valid object
+    /// upstream: never refused at admission.
+    #[error("{object}: {field}: {reason}; {effect}")]
+    NotHonoured {
+        object: PolicyRef,
+        field: String,
+        reason: String,
+        effect: Effect,
+    },
     /// An L7 rule (targetRefs policy, RequestAuthentication, route) that no
     /// waypoint serves.
     #[error("{object}: {reason}; {effect}")]
@@ -209,6 +245,7 @@ impl PolicyProblem {
             | PolicyProblem::UnsupportedField { object, .. }
             | PolicyProblem::UnsupportedAction { object, .. }
             | PolicyProblem::HttpAttributes { object, .. }
+            | PolicyProblem::NotHonoured { object, .. }
             | PolicyProblem::UnservedL7 { object, .. } => object,
         }
     }
@@ -227,7 +264,8 @@ impl PolicyProblem {
     pub fn field(&self) -> Option<&str> {
         match self {
             PolicyProblem::InvalidValue { field, .. }
-            | PolicyProblem::UnsupportedField { field, .. } => Some(field),
+            | PolicyProblem::UnsupportedField { field, .. }
+            | PolicyProblem::NotHonoured { field, .. } => Some(field),
             PolicyProblem::UnsupportedAction { .. } => Some("action"),
             PolicyProblem::HttpAttributes { .. } | PolicyProblem::UnservedL7 { .. } => None,
         }
@@ -239,6 +277,7 @@ impl PolicyProblem {
             | PolicyProblem::UnsupportedField { effect, .. }
             | PolicyProblem::UnsupportedAction { effect, .. }
             | PolicyProblem::HttpAttributes { effect, .. }
+            | PolicyProblem::NotHonoured { effect, .. }
             | PolicyProblem::UnservedL7 { effect, .. } => effect,
         }
     }
@@ -246,7 +285,7 @@ impl PolicyProblem {
     /// Whether the object is left out entirely (as opposed to enforced in a
     /// stricter form).
     pub fn rejected(&self) -> bool {
-        matches!(self.effect(), Effect::NotServed)
+        matches!(self.effect(), Effect::NotServed | Effect::NotUsed)
     }
 
     /// Whether an admission webhook must refuse the object: a value that
@@ -270,6 +309,7 @@ impl PolicyProblem {
             PolicyProblem::UnsupportedAction { .. } => "unsupported_action",
             PolicyProblem::HttpAttributes { .. } => "http_attributes",
             PolicyProblem::UnservedL7 { .. } => "unserved_l7",
+            PolicyProblem::NotHonoured { .. } => "not_honoured",
         }
     }
 }
