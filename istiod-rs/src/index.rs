@@ -55,6 +55,8 @@ pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
+pub use traffic::validate_destination_rule;
+pub use virtual_services::validate_virtual_service;
 pub use workloads::SharedAddress;
 
 use crate::snapshot::{Resource, Snapshot};

@@ -323,6 +323,30 @@ pub(in crate::index) fn build(
     out
 }
 
+/// What an admission webhook must refuse in a DestinationRule: the values
+/// that cannot be read (durations, percentages, table sizes), found by the
+/// translation itself. Fields the waypoint does not honour are valid
+/// upstream and not refused.
+pub fn validate_destination_rule(rule: &DestinationRule) -> Vec<PolicyProblem> {
+    let mut problems = Vec::new();
+    let key = rule_key(rule);
+    let mut report = Report {
+        object: PolicyRef::new(Kind::DestinationRule, &key.namespace, &key.name),
+        problems: &mut problems,
+    };
+    let service = api::workload::Service::default();
+    translate(
+        &mut report,
+        &MeshConfig::default(),
+        &Endpoints::default(),
+        0,
+        rule,
+        &service,
+    );
+    problems.retain(PolicyProblem::rejected_at_admission);
+    problems
+}
+
 fn translate(
     report: &mut Report<'_>,
     mesh: &MeshConfig,

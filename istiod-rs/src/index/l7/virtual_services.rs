@@ -203,6 +203,32 @@ impl VirtualServices {
     }
 }
 
+/// What an admission webhook must refuse in a VirtualService: the values
+/// that cannot be read (durations, regexes, percentages, statuses), found by
+/// the translation itself. Fields the waypoint does not honour, and hosts
+/// that are no Service (yet), are valid upstream and not refused.
+pub fn validate_virtual_service(vs: &VirtualService) -> Vec<PolicyProblem> {
+    let mut problems = Vec::new();
+    let namespace = vs.metadata.namespace.clone().unwrap_or_default();
+    let name = vs.metadata.name.clone().unwrap_or_default();
+    let mut report = Report {
+        object: PolicyRef::new(Kind::VirtualService, &namespace, &name),
+        problems: &mut problems,
+    };
+    let services = Services::default();
+    Translate {
+        report: &mut report,
+        mesh: &MeshConfig::default(),
+        namespace: &namespace,
+        name: &name,
+        hosts: &BTreeMap::new(),
+        services: &services,
+    }
+    .routes(&vs.spec.http);
+    problems.retain(PolicyProblem::rejected_at_admission);
+    problems
+}
+
 /// The RouteTables VirtualServices give: one per service that has a
 /// VirtualService and no HTTPRoute/GRPCRoute naming it as a parent. A
 /// VirtualService not used for a service because of such a route is
@@ -299,11 +325,10 @@ impl Translate<'_, '_, '_> {
             }
         }
         let route_ports = self.ports(&mut matches, ports);
-        if !r.matches.is_empty() && matches.is_empty() {
-            // Every alternative matches nothing: so does the route (an
-            // empty list would match everything).
-            return None;
-        }
+        // Every alternative matches nothing: so does the route (an empty
+        // list would match everything). Still read whole, so every problem
+        // of it is reported at once.
+        let matches_nothing = !r.matches.is_empty() && matches.is_empty();
         let mut route = l7::Route {
             origin: Some(l7::Origin {
                 kind: Kind::VirtualService.as_str().to_string(),
@@ -348,7 +373,7 @@ impl Translate<'_, '_, '_> {
                 Effect::FieldNotApplied,
             );
         }
-        Some(route)
+        (!matches_nothing).then_some(route)
     }
 
     /// One match alternative; `None` when it matches nothing.
