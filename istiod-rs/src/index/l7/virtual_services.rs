@@ -429,9 +429,9 @@ impl Translate<'_, '_, '_> {
             None => None,
             Some(uri) => {
                 let kind = match self.string_match(&format!("{at}.uri"), uri) {
-                    Ok(Some(Kind3::Exact(v))) => Some(l7::path_match::Kind::Exact(v)),
-                    Ok(Some(Kind3::Prefix(v))) => Some(l7::path_match::Kind::Prefix(v)),
-                    Ok(Some(Kind3::Regex(v))) => Some(l7::path_match::Kind::Regex(v)),
+                    Ok(Some(Matcher::Exact(v))) => Some(l7::path_match::Kind::Exact(v)),
+                    Ok(Some(Matcher::Prefix(v))) => Some(l7::path_match::Kind::Prefix(v)),
+                    Ok(Some(Matcher::Regex(v))) => Some(l7::path_match::Kind::Regex(v)),
                     Ok(None) => None,
                     Err(()) => {
                         ok = false;
@@ -514,9 +514,9 @@ impl Translate<'_, '_, '_> {
         for (name, m) in headers {
             use l7::header_match::Kind;
             let kind = match self.string_match(&format!("{at}.{name}"), m) {
-                Ok(Some(Kind3::Exact(v))) => Kind::Exact(v),
-                Ok(Some(Kind3::Prefix(v))) => Kind::Prefix(v),
-                Ok(Some(Kind3::Regex(v))) => Kind::Regex(v),
+                Ok(Some(Matcher::Exact(v))) => Kind::Exact(v),
+                Ok(Some(Matcher::Prefix(v))) => Kind::Prefix(v),
+                Ok(Some(Matcher::Regex(v))) => Kind::Regex(v),
                 Ok(None) => Kind::Present(true),
                 Err(()) => {
                     ok = false;
@@ -537,11 +537,11 @@ impl Translate<'_, '_, '_> {
 
     /// A StringMatch; `Ok(None)` when empty; `Err` (reported) when it
     /// cannot be matched.
-    fn string_match(&mut self, at: &str, m: &StringMatch) -> Result<Option<Kind3>, ()> {
-        let set: Vec<Kind3> = [
-            m.exact.clone().map(Kind3::Exact),
-            m.prefix.clone().map(Kind3::Prefix),
-            m.regex.clone().map(Kind3::Regex),
+    fn string_match(&mut self, at: &str, m: &StringMatch) -> Result<Option<Matcher>, ()> {
+        let set: Vec<Matcher> = [
+            m.exact.clone().map(Matcher::Exact),
+            m.prefix.clone().map(Matcher::Prefix),
+            m.regex.clone().map(Matcher::Regex),
         ]
         .into_iter()
         .flatten()
@@ -556,7 +556,7 @@ impl Translate<'_, '_, '_> {
             return Err(());
         }
         let found = set.into_iter().next();
-        if let Some(Kind3::Regex(pattern)) = &found
+        if let Some(Matcher::Regex(pattern)) = &found
             && regex::RegexBuilder::new(pattern.as_str())
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
@@ -960,6 +960,13 @@ impl Translate<'_, '_, '_> {
                     Effect::FieldNotApplied,
                 );
             }
+            if d.fixed_delay.is_none() && d.exponential_delay.is_none() {
+                self.report.not_honoured(
+                    field.clone(),
+                    "a delay needs fixedDelay",
+                    Effect::FieldNotApplied,
+                );
+            }
             let delay = self.report.duration(
                 || format!("{field}.fixedDelay"),
                 d.fixed_delay.as_deref(),
@@ -1024,8 +1031,8 @@ impl Translate<'_, '_, '_> {
     }
 }
 
-/// What a StringMatch holds.
-enum Kind3 {
+/// What a StringMatch holds (one of them).
+enum Matcher {
     Exact(String),
     Prefix(String),
     Regex(String),
@@ -1191,5 +1198,97 @@ fn path_rewrite_json(p: &l7::PathRewrite) -> serde_json::Value {
             json!({"regex": {"pattern": r.pattern, "substitution": r.substitution}})
         }
         None => serde_json::Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The routes of a VirtualService's `http` (given as YAML), against a
+    /// mesh without services, and the problems' field paths.
+    fn routes(http: &str) -> (Vec<l7::Route>, Vec<String>) {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: shop}}\nspec:\n  hosts: [web]\n  http: {http}\n"
+        );
+        let mut objects = api::manifest::parse(&yaml).unwrap().objects;
+        let Some(api::manifest::Object::VirtualService(vs)) = objects.pop() else {
+            panic!("{yaml}")
+        };
+        let mut problems = Vec::new();
+        let mut report = Report {
+            object: PolicyRef::new(Kind::VirtualService, "shop", "v"),
+            problems: &mut problems,
+        };
+        let services = Services::default();
+        let routes = Translate {
+            report: &mut report,
+            mesh: &MeshConfig::default(),
+            namespace: "shop",
+            name: "v",
+            hosts: &BTreeMap::new(),
+            services: &services,
+        }
+        .routes(&vs.spec.http);
+        let fields = problems
+            .iter()
+            .filter_map(|p| p.field().map(str::to_string))
+            .collect();
+        (routes, fields)
+    }
+
+    #[test]
+    fn retry_conditions_expand_as_envoy_names_them() {
+        let (r, fields) = routes(
+            r#"[{route: [{destination: {host: web}}], retries: {attempts: 4, retryOn: "5xx,retriable-4xx,reset,deadline-exceeded,retriable-status-codes,envoy-ratelimited"}}]"#,
+        );
+        let retry = r[0].retry.clone().unwrap();
+        assert_eq!(retry.attempts, 4);
+        let mut codes: Vec<u32> = (500..=599).collect();
+        codes.insert(0, 409);
+        assert_eq!(retry.codes, codes);
+        assert!(retry.on_connect_failure && retry.on_refused_stream && retry.on_reset);
+        assert_eq!(retry.grpc_codes, [4]);
+        // The unknown condition is reported; the destination is no Service.
+        assert_eq!(
+            fields,
+            [
+                "spec.http[0].route[0].destination.host",
+                "spec.http[0].retries.retryOn"
+            ]
+        );
+    }
+
+    #[test]
+    fn uri_rewrites_replace_the_matched_prefix_or_the_path() {
+        use l7::path_rewrite::Kind;
+        let (r, _) = routes(
+            "[{match: [{uri: {prefix: /a}}], rewrite: {uri: /b}, route: [{destination: {host: web}}]}, {match: [{uri: {exact: /c}}], rewrite: {uri: /d}, route: [{destination: {host: web}}]}]",
+        );
+        let path = |i: usize| r[i].rewrite.clone().unwrap().path.unwrap().kind.unwrap();
+        assert_eq!(path(0), Kind::Prefix("/b".into()));
+        assert_eq!(path(1), Kind::FullPath("/d".into()));
+    }
+
+    #[test]
+    fn a_fault_without_a_percentage_never_fires_and_bad_values_are_named() {
+        let (r, fields) = routes(
+            "[{fault: {abort: {httpStatus: 503}, delay: {exponentialDelay: 1s}}, route: [{destination: {host: web}}]}, {fault: {abort: {httpStatus: 503, percentage: {value: 120}}}, timeout: 1 minute, route: [{destination: {host: web}}]}]",
+        );
+        let abort = r[0].fault.unwrap().abort.unwrap();
+        assert_eq!(abort.per_million, 0);
+        assert!(r[1].fault.is_none());
+        assert!(r[1].timeouts.is_none());
+        assert_eq!(
+            fields
+                .iter()
+                .filter(|f| !f.ends_with("destination.host"))
+                .collect::<Vec<_>>(),
+            [
+                "spec.http[0].fault.delay.exponentialDelay",
+                "spec.http[1].timeout",
+                "spec.http[1].fault.abort.percentage.value",
+            ]
+        );
     }
 }
