@@ -382,7 +382,8 @@ impl App {
             ));
         }
         let xds = XdsServer::new(snapshots.clone(), &mut registry)
-            .with_max_request_bytes(max_request_bytes);
+            .with_max_request_bytes(max_request_bytes)
+            .with_pods(store.clone());
         let nodes: Arc<dyn NodeLookup> = store.clone();
         let certificates =
             CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);
