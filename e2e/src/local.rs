@@ -36,8 +36,9 @@
 //! With the mesh on, a background thread (the Deployment controller for
 //! waypoints) keeps one pod per replica of each waypoint Deployment
 //! istiod-rs provisions into `generated/waypoints/` ([`crate::mesh::waypoint_pods`]):
-//! it polls the directory, starts pods for new Deployments, replaces those
-//! whose Deployment changed, deletes those whose file went away, logs what
+//! it polls the directory, starts pods for new Deployments (and again when
+//! one was deleted), replaces those whose Deployment changed, deletes those
+//! whose file went away, logs what
 //! fails (file and field) and tries again on the next poll; it stops with
 //! the cluster.
 
@@ -370,7 +371,16 @@ impl ClusterCore {
             .into_iter()
             .map(|(file, pod)| ((pod.namespace.clone(), pod.name.clone()), (file, pod)))
             .collect();
-        let running = self.lock().waypoints.clone();
+        // A pod deleted by someone else is started again, as its
+        // ReplicaSet would.
+        let running = {
+            let mut inner = self.lock();
+            let Inner {
+                pods, waypoints, ..
+            } = &mut *inner;
+            waypoints.retain(|key, _| pods.contains_key(key));
+            waypoints.clone()
+        };
         for (key, pod) in &running {
             let stale = match by_key.get(key) {
                 Some((_, request)) => *request != pod.request,

@@ -6,7 +6,7 @@
 //! waypoint-rs passes its readiness probe (`/healthz/ready` on 15021: its
 //! certificate from istiod-rs's CA over that token, its xDS); istiod-rs
 //! reports the Gateway `Programmed`; every node (where ztunnel runs)
-//! reaches the pod on 15008. A change to the Gateway that changes
+//! reaches the pod on 15008; a deleted pod is started again. A change to the Gateway that changes
 //! the rendered Deployment (another service account) replaces the pod and
 //! its token; deleting the Gateway removes the pod and revokes its token.
 //!
@@ -132,6 +132,19 @@ fn a_waypoint_gateway_runs_as_a_ready_pod_and_is_programmed() {
             .expect("a connection is tried from the node");
         assert_eq!(connected, Ok(()), "{node} -> {}:15008", waypoint.ip);
     }
+
+    // Deleted, it comes back, as its ReplicaSet would start it again.
+    let first = cluster.pod("shop", "reviews-waypoint-0").expect("it runs");
+    cluster
+        .delete_pod("shop", "reviews-waypoint-0")
+        .expect("the waypoint pod is deleted");
+    wait_until(
+        "the deleted waypoint pod is started again",
+        || match cluster.pod("shop", "reviews-waypoint-0") {
+            Some(p) if p.uid != first.uid => Ok(()),
+            p => Err(format!("pod {p:?}")),
+        },
+    );
 
     cluster
         .apply_yaml(&gateway_as("reviews-other"))
