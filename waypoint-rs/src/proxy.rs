@@ -1,0 +1,679 @@
+//! One HTTP request through the waypoint, each step a function and the
+//! order in [`Proxy::serve`]: the request carries who asked
+//! ([`Downstream`], from the HBONE session) → the destination the CONNECT
+//! addressed is resolved to its ready endpoints → circuit breaker →
+//! upgrade (WebSocket / CONNECT) or forward with retries and timeouts →
+//! the answer, observed on its way back for metrics and the access log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use proxy_core::store::{NamespacedHostname, Snapshot, WorkloadStore};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::access_log;
+use crate::metrics::{HttpLabels, Metrics, Peers};
+use crate::request::{Downstream, ResponseFlag, Target};
+use crate::upstream::retry::{self, Head};
+use crate::upstream::{
+    Body, BoxError, Clients, Destination, Endpoint, Error, RequestBody, Upstream, UpstreamConfig,
+};
+
+/// The data path's settings (from [`crate::args::WaypointArgs`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProxyConfig {
+    /// The network the waypoint's addresses are looked up in.
+    pub network: String,
+    pub cluster_id: String,
+    pub protocol_detection_timeout: Duration,
+    pub drain_deadline: Duration,
+    pub upstream: UpstreamConfig,
+}
+
+/// The request path's shared state.
+#[derive(Debug)]
+pub struct Proxy {
+    pub store: WorkloadStore,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub config: ProxyConfig,
+}
+
+impl Proxy {
+    /// Answers one request: from the endpoint, or locally when none can.
+    pub async fn serve(
+        self: Arc<Self>,
+        downstream: Downstream,
+        target: Target,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        let snapshot = self.store.snapshot();
+        let mut record = Record::new(&self, &snapshot, &downstream, &request);
+        request.extensions_mut().insert(downstream);
+
+        let destination = match resolve(&snapshot, &target, &self.config.network) {
+            Ok(destination) => destination,
+            Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
+        };
+        record.peers.service = destination.service.clone();
+        let permit = match self.upstream.admit(&destination) {
+            Ok(permit) => permit,
+            Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
+        };
+        if is_upgrade(&request) {
+            return self.upgrade(record, &destination, request, permit).await;
+        }
+        let (parts, body) = request.into_parts();
+        let body = Counted::new(body, record.received.clone()).boxed();
+        let config = &self.config.upstream;
+        let body = match RequestBody::prepare(body, config.retry_buffer_limit).await {
+            Ok(body) => body,
+            Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
+        };
+        let head = upstream_head(&parts, &target);
+        let tries = retry::forward(
+            &self.upstream,
+            &destination,
+            head,
+            body,
+            &config.retry,
+            config.per_try_timeout,
+        );
+        let forwarded = match config.request_timeout {
+            Some(timeout) => match tokio::time::timeout(timeout, tries).await {
+                Ok(forwarded) => forwarded,
+                Err(_) => {
+                    let error = Error::RequestTimeout { timeout };
+                    return record.local_reply(error.status(), error.body(), error.flag());
+                }
+            },
+            None => tries.await,
+        };
+        match forwarded {
+            Ok(forwarded) => {
+                record.peers.destination = Some(forwarded.endpoint);
+                record.flag = forwarded.flag;
+                record.respond(forwarded.response, Some(permit))
+            }
+            Err(failure) => {
+                record.peers.destination = failure.endpoint;
+                record.error = Some(failure.error.to_string());
+                record.local_reply(failure.error.status(), failure.error.body(), failure.flag)
+            }
+        }
+    }
+
+    /// A WebSocket (or other) upgrade or an HTTP/1.1 CONNECT: forwarded on
+    /// a connection of its own; once the endpoint agrees, the two upgraded
+    /// streams are spliced.
+    async fn upgrade(
+        &self,
+        mut record: Record,
+        destination: &Destination,
+        mut request: Request<Incoming>,
+        permit: OwnedSemaphorePermit,
+    ) -> Response<Body> {
+        let endpoint = match self.upstream.pick(destination, &[]) {
+            Ok(endpoint) => endpoint,
+            Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
+        };
+        record.peers.destination = Some(endpoint.workload.clone());
+        let client_side = hyper::upgrade::on(&mut request);
+        let (parts, _) = request.into_parts();
+        let mut head = parts.clone_head();
+        head.uri = origin_form(&parts.uri);
+        head.version = Version::HTTP_11;
+        let forwarded = match self.upgrade_request(endpoint, head).await {
+            Ok(response) => response,
+            Err(error) => {
+                record.error = Some(error.to_string());
+                return record.local_reply(error.status(), error.body(), error.flag());
+            }
+        };
+        let mut response = forwarded;
+        let agreed = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (parts.method == Method::CONNECT && response.status().is_success());
+        if agreed {
+            let endpoint_side = hyper::upgrade::on(&mut response);
+            let received = record.received.clone();
+            let sent = record.sent_upgraded.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let (Ok(client), Ok(server)) = tokio::join!(client_side, endpoint_side) else {
+                    return;
+                };
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                if let Ok((up, down)) =
+                    tokio::io::copy_bidirectional(&mut client, &mut server).await
+                {
+                    received.fetch_add(up, Ordering::Relaxed);
+                    sent.fetch_add(down, Ordering::Relaxed);
+                }
+            });
+        }
+        let (parts, body) = response.into_parts();
+        record.respond(
+            Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed()),
+            None,
+        )
+    }
+
+    async fn upgrade_request(
+        &self,
+        endpoint: &Endpoint,
+        head: Head,
+    ) -> Result<Response<Incoming>, Error> {
+        let stream = self.upstream.tunnel(endpoint).await?;
+        let request = head.request(empty());
+        Clients::send_upgrade(stream, endpoint.target, request).await
+    }
+}
+
+/// The service's ready endpoints on the addressed port, or the workload.
+pub fn resolve(snapshot: &Snapshot, target: &Target, network: &str) -> Result<Destination, Error> {
+    let _ = network;
+    match target {
+        Target::Service {
+            namespace,
+            hostname,
+            port,
+            ..
+        } => {
+            let key = NamespacedHostname::new(namespace, hostname);
+            let name = key.to_string();
+            let Some(service) = snapshot.service(&key) else {
+                return Err(Error::NoHealthyEndpoint {
+                    destination: name,
+                    port: *port,
+                });
+            };
+            let endpoints = snapshot
+                .ready_endpoints(&service)
+                .into_iter()
+                .filter_map(|e| {
+                    let target_port = e.target_port(&service, *port)?;
+                    let ip = *e.workload.addresses.first()?;
+                    Some(Endpoint {
+                        workload: e.workload,
+                        target: (ip, target_port).into(),
+                    })
+                })
+                .collect();
+            Ok(Destination {
+                name,
+                service: Some(service),
+                port: *port,
+                endpoints,
+            })
+        }
+        Target::Workload { uid, port, .. } => {
+            let endpoints = snapshot
+                .workload_by_uid(uid)
+                .filter(|w| w.is_healthy())
+                .and_then(|w| {
+                    let ip = *w.addresses.first()?;
+                    Some(Endpoint {
+                        workload: w,
+                        target: (ip, *port).into(),
+                    })
+                })
+                .into_iter()
+                .collect();
+            Ok(Destination {
+                name: uid.clone(),
+                service: None,
+                port: *port,
+                endpoints,
+            })
+        }
+    }
+}
+
+fn is_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() <= Version::HTTP_11
+        && (request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE))
+}
+
+/// gRPC by its content type (`application/grpc`, `application/grpc+proto`...).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Headers that describe one hop, not the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(named) = headers.get(header::CONNECTION).cloned()
+        && let Ok(named) = named.to_str()
+    {
+        for name in named.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // `te: trailers` is end to end for gRPC.
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    uri.path_and_query()
+        .map(|pq| http::Uri::from(pq.clone()))
+        .unwrap_or_else(|| http::Uri::from_static("/"))
+}
+
+trait CloneHead {
+    fn clone_head(&self) -> Head;
+}
+
+impl CloneHead for http::request::Parts {
+    fn clone_head(&self) -> Head {
+        Head {
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            version: self.version,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+/// The request head as the endpoint gets it: the same protocol as the
+/// client spoke, hop-by-hop headers dropped, the URI in the form that
+/// protocol wants (HTTP/1.1 origin form with `Host`; HTTP/2 absolute
+/// with the client's authority).
+fn upstream_head(parts: &http::request::Parts, target: &Target) -> Head {
+    let mut head = parts.clone_head();
+    strip_hop_by_hop(&mut head.headers);
+    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
+    if parts.version == Version::HTTP_2 {
+        let authority = authority.unwrap_or_else(|| format!("localhost:{}", target.port()));
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        head.uri = http::Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .unwrap_or_else(|_| origin_form(&parts.uri));
+        head.headers.remove(header::HOST);
+    } else {
+        head.uri = origin_form(&parts.uri);
+        if let Some(authority) = authority
+            && let Ok(value) = HeaderValue::from_str(&authority)
+        {
+            head.headers.insert(header::HOST, value);
+        }
+    }
+    head
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn full(body: &'static str) -> Body {
+    Full::new(Bytes::from_static(body.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// gRPC status for an HTTP status of a local reply (grpc's
+/// http-grpc-status-mapping, as Envoy's `Grpc::Utility::httpToGrpcStatus`).
+fn grpc_status_for(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// What is known about one request, for its metrics and log line.
+struct Record {
+    proxy_metrics: Arc<Metrics>,
+    start: Instant,
+    peers: Peers,
+    downstream: Downstream,
+    method: Method,
+    path: String,
+    authority: String,
+    grpc: bool,
+    flag: ResponseFlag,
+    error: Option<String>,
+    /// Request body bytes read from the client.
+    received: Arc<AtomicU64>,
+    /// Bytes sent after an upgrade.
+    sent_upgraded: Arc<AtomicU64>,
+}
+
+impl Record {
+    fn new(
+        proxy: &Proxy,
+        snapshot: &Snapshot,
+        downstream: &Downstream,
+        request: &Request<Incoming>,
+    ) -> Self {
+        let source = snapshot.workload_by_address(&proxy.config.network, downstream.address.ip());
+        Record {
+            proxy_metrics: proxy.metrics.clone(),
+            start: Instant::now(),
+            peers: Peers {
+                source_identity: Some(downstream.identity.clone()),
+                source,
+                ..Peers::default()
+            },
+            downstream: downstream.clone(),
+            method: request.method().clone(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string(),
+            authority: request
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default(),
+            grpc: is_grpc(request.headers()),
+            flag: ResponseFlag::None,
+            error: None,
+            received: Arc::default(),
+            sent_upgraded: Arc::default(),
+        }
+    }
+
+    /// A response the waypoint writes itself; gRPC clients get it as a
+    /// trailers-only response with the mapped status, as Envoy sends local
+    /// replies to gRPC requests.
+    fn local_reply(
+        mut self,
+        status: StatusCode,
+        body: &'static str,
+        flag: ResponseFlag,
+    ) -> Response<Body> {
+        self.flag = flag;
+        let response = if self.grpc {
+            let mut response = Response::new(empty());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
+            headers.insert("grpc-message", HeaderValue::from_static(body));
+            response
+        } else {
+            let mut response = Response::new(full(body));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            response
+        };
+        self.respond(response, None)
+    }
+
+    /// Passes the response on, observing it to its end.
+    fn respond(
+        self,
+        response: Response<Body>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Response<Body> {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let grpc_status = self.grpc.then(|| {
+            parts
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        let observed = Observed {
+            body,
+            sent: 0,
+            finish: Some(Finish {
+                record: self,
+                status: parts.status,
+                grpc_status: grpc_status.flatten(),
+                _permit: permit,
+            }),
+        };
+        Response::from_parts(parts, observed.boxed())
+    }
+}
+
+/// Written once the response body has ended or was dropped.
+struct Finish {
+    record: Record,
+    status: StatusCode,
+    grpc_status: Option<String>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Finish {
+    fn write(self, sent: u64, completed: bool) {
+        let Finish {
+            record,
+            status,
+            grpc_status,
+            ..
+        } = self;
+        let flag = if completed || record.flag != ResponseFlag::None {
+            record.flag
+        } else {
+            ResponseFlag::DownstreamConnectionTermination
+        };
+        let protocol = if record.grpc { "grpc" } else { "http" };
+        let grpc_status = match (&grpc_status, record.grpc) {
+            (Some(s), _) => Some(s.as_str()),
+            // A gRPC request answered without a grpc-status: unknown (2)
+            // unless HTTP says it went well.
+            (None, true) if completed && !status.is_success() => Some("2"),
+            _ => None,
+        };
+        let labels = HttpLabels::new(
+            &record.peers,
+            protocol,
+            Some(status.as_u16()),
+            grpc_status,
+            flag,
+        );
+        let received = record.received.load(Ordering::Relaxed);
+        let sent = sent + record.sent_upgraded.load(Ordering::Relaxed);
+        let duration = record.start.elapsed();
+        record
+            .proxy_metrics
+            .request(&labels, duration.as_secs_f64() * 1000.0, received, sent);
+        access_log::request(&access_log::RequestLog {
+            downstream: &record.downstream,
+            method: &record.method,
+            authority: &record.authority,
+            path: &record.path,
+            labels: &labels,
+            duration,
+            received,
+            sent,
+            error: record.error.as_deref(),
+        });
+    }
+}
+
+/// The response body on its way to the client: counts bytes, takes the
+/// gRPC status from the trailers, and writes the record at the end.
+struct Observed {
+    body: Body,
+    sent: u64,
+    finish: Option<Finish>,
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(finish) = self.finish.as_mut()
+                {
+                    finish.grpc_status = Some(status.to_string());
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(finish) = self.finish.take() {
+                    finish.write(self.sent, true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut finish) = self.finish.take() {
+                    if finish.record.flag == ResponseFlag::None {
+                        finish.record.flag = ResponseFlag::UpstreamConnectionTermination;
+                    }
+                    finish.write(self.sent, false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            let completed = self.body.is_end_stream();
+            finish.write(self.sent, completed);
+        }
+    }
+}
+
+/// A request body counting the bytes read from the client.
+struct Counted {
+    body: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl Counted {
+    fn new(body: Incoming, count: Arc<AtomicU64>) -> Self {
+        Counted { body, count }
+    }
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled.map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn local_replies_map_to_grpc_statuses_as_envoy_does() {
+        assert_eq!(grpc_status_for(StatusCode::FORBIDDEN), 7);
+        assert_eq!(grpc_status_for(StatusCode::UNAUTHORIZED), 16);
+        assert_eq!(grpc_status_for(StatusCode::GATEWAY_TIMEOUT), 14);
+        assert_eq!(grpc_status_for(StatusCode::SERVICE_UNAVAILABLE), 14);
+        assert_eq!(grpc_status_for(StatusCode::NOT_FOUND), 12);
+        assert_eq!(grpc_status_for(StatusCode::INTERNAL_SERVER_ERROR), 2);
+    }
+}

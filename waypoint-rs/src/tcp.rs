@@ -1,0 +1,95 @@
+//! Ports that are not HTTP (declared TCP, or detected as not HTTP): the
+//! client's bytes are spliced to one endpoint of the destination over
+//! HBONE (the waypoint's own identity, as for HTTP), with upstream's TCP
+//! metrics and one access log line per connection. An endpoint that cannot
+//! be reached is skipped for the next one, up to the retry attempts.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use proxy_core::hbone::HboneStream;
+use proxy_core::log_limit::LogLimit;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::access_log;
+use crate::metrics::{Peers, TcpLabels};
+use crate::proxy::{Proxy, resolve};
+use crate::request::{Downstream, ResponseFlag, Target};
+use crate::upstream::Error;
+
+static FAILED: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
+
+/// Carries one connection to its end.
+pub async fn serve<S>(proxy: &Proxy, downstream: Downstream, target: Target, mut client: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let snapshot = proxy.store.snapshot();
+    let mut peers = Peers {
+        source_identity: Some(downstream.identity.clone()),
+        source: snapshot.workload_by_address(&proxy.config.network, downstream.address.ip()),
+        ..Peers::default()
+    };
+    let connected = async {
+        let destination = resolve(&snapshot, &target, &proxy.config.network)?;
+        peers.service = destination.service.clone();
+        let permit = proxy.upstream.admit(&destination)?;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let endpoint = proxy.upstream.pick(&destination, &tried)?;
+            tried.push(endpoint.target);
+            peers.destination = Some(endpoint.workload.clone());
+            match proxy.upstream.tunnel(endpoint).await {
+                Ok(stream) => return Ok::<_, Error>((stream, endpoint.target, permit)),
+                Err(error)
+                    if tried.len() <= proxy.config.upstream.retry.attempts as usize
+                        && tried.len() < destination.endpoints.len() =>
+                {
+                    tracing::debug!(%error, "trying the next endpoint");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    .await;
+    let (mut server, endpoint, _permit): (HboneStream, _, _) = match connected {
+        Ok(connected) => connected,
+        Err(error) => {
+            let labels = TcpLabels::new(&peers, error.flag());
+            proxy.metrics.tcp_opened(&labels);
+            proxy.metrics.tcp_closed(&labels, 0, 0);
+            if let Some(suppressed) = FAILED.allow() {
+                tracing::warn!(src = %downstream.address, dst = %downstream.connect, %error, suppressed, "TCP connection not carried");
+            }
+            let error = error.to_string();
+            access_log::connection(
+                &downstream,
+                None,
+                &labels,
+                start.elapsed(),
+                0,
+                0,
+                Some(&error),
+            );
+            return;
+        }
+    };
+    let labels = TcpLabels::new(&peers, ResponseFlag::None);
+    proxy.metrics.tcp_opened(&labels);
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let (received, sent, error) = match copied {
+        Ok((received, sent)) => (received, sent, None),
+        Err(error) => (0, 0, Some(error.to_string())),
+    };
+    proxy.metrics.tcp_closed(&labels, received, sent);
+    access_log::connection(
+        &downstream,
+        Some(endpoint),
+        &labels,
+        start.elapsed(),
+        received,
+        sent,
+        error.as_deref(),
+    );
+}
