@@ -130,11 +130,15 @@ impl Proxy {
         let client_side = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let mut head = parts.clone_head();
-        head.uri = origin_form(&parts.uri);
+        // CONNECT keeps its authority-form target.
+        if parts.method != Method::CONNECT {
+            head.uri = origin_form(&parts.uri);
+        }
         head.version = Version::HTTP_11;
         let forwarded = match self.upgrade_request(endpoint, head).await {
             Ok(response) => response,
             Err(error) => {
+                tracing::debug!(?error, "upgrade failed");
                 record.error = Some(error.to_string());
                 return record.local_reply(error.status(), error.body(), error.flag());
             }

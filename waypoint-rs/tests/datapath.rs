@@ -532,3 +532,33 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_tunnels() {
         "every tunnel ended before the deadline"
     );
 }
+
+#[tokio::test]
+async fn a_try_past_the_per_try_timeout_is_retried() {
+    let mesh = Mesh::start(|c| {
+        c.upstream.per_try_timeout = Some(Duration::from_millis(100));
+        c.upstream.retry.attempts = 1;
+    })
+    .await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let never = Arc::new(Notify::new());
+    let app = App::http({
+        let seen = seen.clone();
+        move |_| {
+            let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+            let never = never.clone();
+            async move {
+                if first {
+                    never.notified().await;
+                }
+                text_response(200, "second try")
+            }
+        }
+    });
+    let _endpoints = mesh.service("slow", 100, &[(80, 8080)], &[10], app).await;
+    let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
+    let response = client.send_request(get("/", "slow")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, "second try");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+}
