@@ -562,3 +562,40 @@ async fn a_try_past_the_per_try_timeout_is_retried() {
     assert_eq!(text(response).await, "second try");
     assert_eq!(seen.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_http1_connect_passes_through_to_the_endpoint() {
+    let mesh = Mesh::start(|_| {}).await;
+    let app = App::http(|mut request| async move {
+        assert_eq!(request.method(), http::Method::CONNECT);
+        assert_eq!(request.uri().to_string(), "tunnel.example:443");
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = io.write_all(b"inside").await;
+            // Until the client is done: dropping an open tunnel resets it.
+            let mut rest = Vec::new();
+            let _ = io.read_to_end(&mut rest).await;
+        });
+        http::Response::new(empty())
+    });
+    let _endpoints = mesh
+        .service("proxy", 100, &[(3128, 3128)], &[10], app)
+        .await;
+    let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 3128)).await;
+    let request = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("tunnel.example:443")
+        .header(http::header::HOST, "tunnel.example:443")
+        .body(empty())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = tokio::time::timeout(PATIENCE, hyper::upgrade::on(response))
+        .await
+        .unwrap()
+        .expect("tunnel open");
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    assert_eq!(read_n(&mut io, 6).await.unwrap(), b"inside");
+}

@@ -228,7 +228,7 @@ impl Clients {
             .map_err(|source| Error::Handshake { endpoint, source })?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%endpoint, ?error, "upgraded connection to endpoint ended");
+                tracing::debug!(%endpoint, %error, "upgraded connection to endpoint ended");
             }
         });
         sender
