@@ -3,7 +3,7 @@
 //! encoder, no prost). A renumbered or retyped field fails these tests.
 //! Field numbers are the literals in the `f(..)` calls below.
 
-use api::{ca, discovery, security, workload, zds};
+use api::{ca, discovery, l7, security, workload, zds};
 use prost::Message;
 
 // --- a minimal protobuf encoder, independent of prost ---
@@ -497,4 +497,696 @@ fn zds_matches_upstream_field_numbers() {
         version: Version::V1 as i32,
     };
     assert_wire(&hello, v(1, 1));
+}
+
+// --- our own L7 contract (api/proto/l7.proto): its field numbers are a
+// contract with deployed waypoints, pinned here the same way ---
+
+fn string_match_wire() -> (Vec<security::StringMatch>, Vec<u8>) {
+    use security::string_match::MatchType;
+    let sm = |m: MatchType| security::StringMatch {
+        match_type: Some(m),
+    };
+    (
+        vec![
+            sm(MatchType::Exact("e".into())),
+            sm(MatchType::Prefix("p".into())),
+            sm(MatchType::Suffix("s".into())),
+            sm(MatchType::Presence(())),
+        ],
+        // one StringMatch per variant: exact = 1, prefix = 2, suffix = 3, presence = 4
+        cat(&[f(1, "e"), f(2, "p"), f(3, "s"), f(4, [])]),
+    )
+}
+
+/// `n` repeated StringMatch fields, one element per variant.
+fn string_matches(n: u64) -> Vec<u8> {
+    cat(&[
+        f(n, f(1, "e")),
+        f(n, f(2, "p")),
+        f(n, f(3, "s")),
+        f(n, f(4, [])),
+    ])
+}
+
+fn l7_addr(a: [u8; 4], l: u32) -> security::Address {
+    security::Address {
+        address: a.to_vec(),
+        length: l,
+    }
+}
+
+fn l7_addr_wire(a: [u8; 4], l: u64) -> Vec<u8> {
+    cat(&[f(1, a), v(2, l)])
+}
+
+fn duration(seconds: i64, nanos: i32) -> prost_types::Duration {
+    prost_types::Duration { seconds, nanos }
+}
+
+/// google.protobuf.Duration: seconds = 1, nanos = 2 (zero values omitted).
+fn duration_wire(seconds: u64, nanos: u64) -> Vec<u8> {
+    if nanos == 0 {
+        return v(1, seconds);
+    }
+    cat(&[v(1, seconds), v(2, nanos)])
+}
+
+#[test]
+fn l7_http_authorization_field_numbers() {
+    use l7::condition::Key;
+    use l7::*;
+    let (sms, _) = string_match_wire();
+    let source = RequestSource {
+        principals: sms.clone(),
+        not_principals: sms.clone(),
+        request_principals: sms.clone(),
+        not_request_principals: sms.clone(),
+        namespaces: sms.clone(),
+        not_namespaces: sms.clone(),
+        ip_blocks: vec![l7_addr([10, 0, 0, 0], 8)],
+        not_ip_blocks: vec![l7_addr([10, 1, 0, 0], 16)],
+        remote_ip_blocks: vec![l7_addr([10, 2, 0, 0], 16)],
+        not_remote_ip_blocks: vec![l7_addr([10, 3, 0, 0], 24)],
+    };
+    let source_wire = cat(&[
+        string_matches(1),
+        string_matches(2),
+        string_matches(3),
+        string_matches(4),
+        string_matches(5),
+        string_matches(6),
+        f(7, l7_addr_wire([10, 0, 0, 0], 8)),
+        f(8, l7_addr_wire([10, 1, 0, 0], 16)),
+        f(9, l7_addr_wire([10, 2, 0, 0], 16)),
+        f(10, l7_addr_wire([10, 3, 0, 0], 24)),
+    ]);
+    let pattern = |m: security::StringMatch| PathPattern {
+        kind: Some(path_pattern::Kind::Match(m)),
+    };
+    let template = PathPattern {
+        kind: Some(path_pattern::Kind::Template(PathTemplate {
+            segments: vec!["api".into(), "{*}".into(), "{**}".into()],
+        })),
+    };
+    let operation = RequestOperation {
+        hosts: sms.clone(),
+        not_hosts: sms.clone(),
+        ports: vec![80, 8080],
+        not_ports: vec![22],
+        methods: sms.clone(),
+        not_methods: sms.clone(),
+        paths: vec![pattern(sms[0].clone()), template.clone()],
+        not_paths: vec![pattern(sms[3].clone())],
+    };
+    // PathPattern: match = 1, template = 2 (PathTemplate.segments = 1)
+    let template_wire = f(2, cat(&[f(1, "api"), f(1, "{*}"), f(1, "{**}")]));
+    let operation_wire = cat(&[
+        string_matches(1),
+        string_matches(2),
+        f(3, packed(&[80, 8080])),
+        f(4, packed(&[22])),
+        string_matches(5),
+        string_matches(6),
+        f(7, f(1, f(1, "e"))),
+        f(7, template_wire),
+        f(8, f(1, f(4, []))),
+    ]);
+    // One Condition per key variant; values = 13, not_values = 14,
+    // ip_values = 15, not_ip_values = 16.
+    let condition = |key: Key| Condition {
+        key: Some(key),
+        values: vec![sms[0].clone()],
+        not_values: vec![sms[1].clone()],
+        ip_values: vec![l7_addr([10, 0, 0, 1], 32)],
+        not_ip_values: vec![l7_addr([10, 0, 0, 2], 32)],
+    };
+    let condition_tail = cat(&[
+        f(13, f(1, "e")),
+        f(14, f(2, "p")),
+        f(15, l7_addr_wire([10, 0, 0, 1], 32)),
+        f(16, l7_addr_wire([10, 0, 0, 2], 32)),
+    ]);
+    let keys = vec![
+        (Key::RequestHeader("x-user".into()), f(1, "x-user")),
+        (
+            Key::RequestClaim(ClaimPath {
+                path: vec!["org".into(), "team".into()],
+            }),
+            f(2, cat(&[f(1, "org"), f(1, "team")])),
+        ),
+        (Key::RequestPrincipal(true), v(3, 1)),
+        (Key::RequestAudiences(true), v(4, 1)),
+        (Key::RequestPresenter(true), v(5, 1)),
+        (Key::SourceIp(true), v(6, 1)),
+        (Key::RemoteIp(true), v(7, 1)),
+        (Key::SourceNamespace(true), v(8, 1)),
+        (Key::SourcePrincipal(true), v(9, 1)),
+        (Key::DestinationIp(true), v(10, 1)),
+        (Key::DestinationPort(true), v(11, 1)),
+        (Key::ConnectionSni(true), v(12, 1)),
+    ];
+    let when: Vec<Condition> = keys.iter().map(|(k, _)| condition(k.clone())).collect();
+    let when_wire: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|(_, w)| f(3, cat(&[w.clone(), condition_tail.clone()])))
+        .collect();
+    let policy = HttpAuthorization {
+        namespace: "shop".into(),
+        name: "deny-delete".into(),
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            from: vec![source],
+            to: vec![operation],
+            when,
+        }],
+        problems: vec!["rules[1]: unknown key".into()],
+    };
+    let rule_wire = cat(&[f(1, source_wire), f(2, operation_wire), cat(&when_wire)]);
+    let want = cat(&[
+        f(1, "shop"),
+        f(2, "deny-delete"),
+        v(3, 1), // DENY
+        f(4, rule_wire),
+        f(5, "rules[1]: unknown key"),
+    ]);
+    assert_wire(&policy, want);
+}
+
+#[test]
+fn l7_jwt_authentication_field_numbers() {
+    use l7::*;
+    let auth = JwtAuthentication {
+        namespace: "shop".into(),
+        name: "jwt".into(),
+        rules: vec![JwtRule {
+            issuer: "https://issuer.example".into(),
+            audiences: vec!["reviews".into(), "ratings".into()],
+            jwks: r#"{"keys":[]}"#.into(),
+            jwks_error: "fetch failed".into(),
+            from_headers: vec![JwtHeader {
+                name: "x-jwt".into(),
+                prefix: "Bearer ".into(),
+            }],
+            from_params: vec!["token".into()],
+            from_cookies: vec!["session".into()],
+            forward_original_token: true,
+            output_payload_to_header: "x-payload".into(),
+            output_claim_to_headers: vec![ClaimToHeader {
+                header: "x-sub".into(),
+                claim: "sub".into(),
+            }],
+        }],
+    };
+    let rule_wire = cat(&[
+        f(1, "https://issuer.example"),
+        f(2, "reviews"),
+        f(2, "ratings"),
+        f(3, r#"{"keys":[]}"#),
+        f(4, "fetch failed"),
+        f(5, cat(&[f(1, "x-jwt"), f(2, "Bearer ")])),
+        f(6, "token"),
+        f(7, "session"),
+        v(8, 1),
+        f(9, "x-payload"),
+        f(10, cat(&[f(1, "x-sub"), f(2, "sub")])),
+    ]);
+    let want = cat(&[f(1, "shop"), f(2, "jwt"), f(3, rule_wire)]);
+    assert_wire(&auth, want);
+}
+
+#[test]
+fn l7_waypoint_field_numbers() {
+    use l7::*;
+    let port = |p, protocol: Protocol| ServedPort {
+        port: p,
+        protocol: protocol as i32,
+    };
+    let w = Waypoint {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+        services: vec![ServedService {
+            namespace: "shop".into(),
+            hostname: "reviews.shop.svc.cluster.local".into(),
+            ports: vec![port(80, Protocol::Http), port(9090, Protocol::Grpc)],
+            route_table: "shop/reviews.shop.svc.cluster.local".into(),
+            authorizations: vec!["shop/deny-delete".into()],
+            authentications: vec!["shop/jwt".into()],
+            deny_all_reason: "route could not be served".into(),
+        }],
+        workloads: vec![ServedWorkload {
+            uid: "Kubernetes//Pod/shop/db-0".into(),
+            addresses: vec![V4.to_vec()],
+            ports: vec![port(5432, Protocol::Tcp), port(8080, Protocol::Http2)],
+            authorizations: vec!["shop/db".into()],
+            authentications: vec!["shop/jwt-db".into()],
+            deny_all_reason: "no".into(),
+        }],
+        gateway_authorizations: vec!["shop/gw".into()],
+        gateway_authentications: vec!["shop/gw-jwt".into()],
+    };
+    let port_wire = |p: u64, protocol: u64| cat(&[v(1, p), v(2, protocol)]);
+    let want = cat(&[
+        f(1, "shop"),
+        f(2, "waypoint"),
+        f(
+            3,
+            cat(&[
+                f(1, "shop"),
+                f(2, "reviews.shop.svc.cluster.local"),
+                f(3, port_wire(80, 1)),   // HTTP
+                f(3, port_wire(9090, 3)), // GRPC
+                f(4, "shop/reviews.shop.svc.cluster.local"),
+                f(5, "shop/deny-delete"),
+                f(6, "shop/jwt"),
+                f(7, "route could not be served"),
+            ]),
+        ),
+        f(
+            4,
+            cat(&[
+                f(1, "Kubernetes//Pod/shop/db-0"),
+                f(2, V4),
+                f(3, port_wire(5432, 4)), // TCP
+                f(3, port_wire(8080, 2)), // HTTP2
+                f(4, "shop/db"),
+                f(5, "shop/jwt-db"),
+                f(6, "no"),
+            ]),
+        ),
+        f(5, "shop/gw"),
+        f(6, "shop/gw-jwt"),
+    ]);
+    assert_wire(&w, want);
+}
+
+#[test]
+fn l7_traffic_policy_field_numbers() {
+    use l7::*;
+    let u32v = |value: u32| Some(value);
+    let u32w = |value: u64| v(1, value);
+    let pool = ConnectionPool {
+        max_connections: u32v(100),
+        connect_timeout: Some(duration(1, 500)),
+        tcp_idle_timeout: Some(duration(3600, 0)),
+        http1_max_pending_requests: u32v(10),
+        http2_max_requests: u32v(1000),
+        max_requests_per_connection: u32v(5),
+        max_retries: u32v(3),
+        http_idle_timeout: Some(duration(300, 0)),
+        h2_upgrade: H2Upgrade::Upgrade as i32,
+        use_client_protocol: true,
+        max_concurrent_streams: u32v(128),
+    };
+    let pool_wire = cat(&[
+        f(1, u32w(100)),
+        f(2, duration_wire(1, 500)),
+        f(3, duration_wire(3600, 0)),
+        f(4, u32w(10)),
+        f(5, u32w(1000)),
+        f(6, u32w(5)),
+        f(7, u32w(3)),
+        f(8, duration_wire(300, 0)),
+        v(9, 2), // UPGRADE
+        v(10, 1),
+        f(11, u32w(128)),
+    ]);
+    let outlier = OutlierDetection {
+        consecutive_5xx_errors: u32v(5),
+        consecutive_gateway_errors: u32v(4),
+        consecutive_local_origin_failures: u32v(3),
+        split_external_local_origin_errors: true,
+        interval: Some(duration(10, 0)),
+        base_ejection_time: Some(duration(30, 0)),
+        max_ejection_percent: u32v(10),
+        min_health_percent: u32v(50),
+    };
+    let outlier_wire = cat(&[
+        f(1, u32w(5)),
+        f(2, u32w(4)),
+        f(3, u32w(3)),
+        v(4, 1),
+        f(5, duration_wire(10, 0)),
+        f(6, duration_wire(30, 0)),
+        f(7, u32w(10)),
+        f(8, u32w(50)),
+    ]);
+    let lb = |policy| LoadBalancer {
+        policy: Some(policy),
+    };
+    let hash = |key| {
+        lb(load_balancer::Policy::ConsistentHash(ConsistentHash {
+            key: Some(key),
+            table_size: 65537,
+        }))
+    };
+    // One Policy per load balancer variant; the first carries the pool and
+    // the outlier detection.
+    let balancers = [
+        (
+            lb(load_balancer::Policy::Simple(
+                load_balancer::Simple::RoundRobin as i32,
+            )),
+            v(1, 1),
+        ),
+        (
+            hash(consistent_hash::Key::Header("x-user".into())),
+            f(2, cat(&[f(1, "x-user"), v(5, 65537)])),
+        ),
+        (
+            hash(consistent_hash::Key::Cookie(consistent_hash::Cookie {
+                name: "sticky".into(),
+                path: "/".into(),
+                ttl: Some(duration(60, 0)),
+            })),
+            f(
+                2,
+                cat(&[
+                    f(
+                        2,
+                        cat(&[f(1, "sticky"), f(2, "/"), f(3, duration_wire(60, 0))]),
+                    ),
+                    v(5, 65537),
+                ]),
+            ),
+        ),
+        (
+            hash(consistent_hash::Key::SourceIp(true)),
+            f(2, cat(&[v(3, 1), v(5, 65537)])),
+        ),
+        (
+            hash(consistent_hash::Key::QueryParameter("user".into())),
+            f(2, cat(&[f(4, "user"), v(5, 65537)])),
+        ),
+    ];
+    let policy = |lb: LoadBalancer| Policy {
+        load_balancer: Some(lb),
+        connection_pool: Some(pool),
+        outlier_detection: Some(outlier),
+    };
+    let policy_wire = |lb: &[u8]| {
+        cat(&[
+            f(1, lb),
+            f(2, pool_wire.clone()),
+            f(3, outlier_wire.clone()),
+        ])
+    };
+    let mut ports = Vec::new();
+    let mut ports_wire = Vec::new();
+    for (i, (b, w)) in balancers.iter().enumerate() {
+        let port = 8000 + i as u32;
+        ports.push(PortPolicy {
+            port,
+            policy: Some(policy(b.clone())),
+        });
+        ports_wire.push(f(5, cat(&[v(1, port as u64), f(2, policy_wire(w))])));
+    }
+    let tp = TrafficPolicy {
+        namespace: "shop".into(),
+        hostname: "reviews.shop.svc.cluster.local".into(),
+        origin: Some(Origin {
+            kind: "DestinationRule".into(),
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            rule: 2,
+        }),
+        default_policy: Some(policy(balancers[0].0.clone())),
+        ports,
+        subsets: vec![Subset {
+            name: "v1".into(),
+            workload_uids: vec!["uid-1".into(), "uid-2".into()],
+            policy: Some(policy(balancers[0].0.clone())),
+        }],
+    };
+    let want = cat(&[
+        f(1, "shop"),
+        f(2, "reviews.shop.svc.cluster.local"),
+        f(
+            3,
+            cat(&[
+                f(1, "DestinationRule"),
+                f(2, "shop"),
+                f(3, "reviews"),
+                v(4, 2),
+            ]),
+        ),
+        f(4, policy_wire(&balancers[0].1)),
+        cat(&ports_wire),
+        f(
+            6,
+            cat(&[
+                f(1, "v1"),
+                f(2, "uid-1"),
+                f(2, "uid-2"),
+                f(3, policy_wire(&balancers[0].1)),
+            ]),
+        ),
+    ]);
+    assert_wire(&tp, want);
+}
+
+#[test]
+fn l7_route_table_field_numbers() {
+    use l7::*;
+    let header = |n: &str, v: &str| Header {
+        name: n.into(),
+        value: v.into(),
+    };
+    let header_wire = |n: &str, v: &str| cat(&[f(1, n), f(2, v)]);
+    let modifier = HeaderModifier {
+        set: vec![header("x-set", "1")],
+        add: vec![header("x-add", "2")],
+        remove: vec!["x-remove".into()],
+    };
+    let modifier_wire = cat(&[
+        f(1, header_wire("x-set", "1")),
+        f(2, header_wire("x-add", "2")),
+        f(3, "x-remove"),
+    ]);
+    let backend = Backend {
+        service: "shop/reviews.shop.svc.cluster.local".into(),
+        port: 9080,
+        weight: 90,
+        subset: "v1".into(),
+        request_headers: Some(modifier.clone()),
+        response_headers: Some(modifier.clone()),
+        invalid_reason: "no ReferenceGrant".into(),
+    };
+    let backend_wire = cat(&[
+        f(1, "shop/reviews.shop.svc.cluster.local"),
+        v(2, 9080),
+        v(3, 90),
+        f(4, "v1"),
+        f(5, modifier_wire.clone()),
+        f(6, modifier_wire.clone()),
+        f(7, "no ReferenceGrant"),
+    ]);
+    let path = |kind| PathMatch {
+        kind: Some(kind),
+        ignore_case: true,
+    };
+    let matches = [
+        (path_match::Kind::Exact("/a".into()), f(1, "/a")),
+        (path_match::Kind::SegmentPrefix("/b".into()), f(2, "/b")),
+        (path_match::Kind::Prefix("/c".into()), f(3, "/c")),
+        (path_match::Kind::Regex("/d.*".into()), f(4, "/d.*")),
+    ];
+    let header_match = |kind| HeaderMatch {
+        name: "x-h".into(),
+        kind: Some(kind),
+    };
+    let header_matches = vec![
+        header_match(header_match::Kind::Exact("e".into())),
+        header_match(header_match::Kind::Regex("r.*".into())),
+        header_match(header_match::Kind::Prefix("p".into())),
+        header_match(header_match::Kind::Present(true)),
+    ];
+    let header_matches_wire = |n: u64| {
+        cat(&[
+            f(n, cat(&[f(1, "x-h"), f(2, "e")])),
+            f(n, cat(&[f(1, "x-h"), f(3, "r.*")])),
+            f(n, cat(&[f(1, "x-h"), f(4, "p")])),
+            f(n, cat(&[f(1, "x-h"), v(5, 1)])),
+        ])
+    };
+    let route_matches: Vec<RouteMatch> = matches
+        .iter()
+        .map(|(kind, _)| RouteMatch {
+            path: Some(path(kind.clone())),
+            headers: header_matches.clone(),
+            query_params: header_matches.clone(),
+            method: "GET".into(),
+            grpc: Some(GrpcMethodMatch {
+                service: "shop.Reviews".into(),
+                method: "List".into(),
+                regex: true,
+            }),
+            without_headers: header_matches.clone(),
+        })
+        .collect();
+    let route_matches_wire: Vec<u8> = matches
+        .iter()
+        .flat_map(|(_, kind_wire)| {
+            f(
+                3,
+                cat(&[
+                    f(1, cat(&[kind_wire.clone(), v(5, 1)])),
+                    header_matches_wire(2),
+                    header_matches_wire(3),
+                    f(4, "GET"),
+                    f(5, cat(&[f(1, "shop.Reviews"), f(2, "List"), v(3, 1)])),
+                    header_matches_wire(6),
+                ]),
+            )
+        })
+        .collect();
+    let rewrite = |kind| PathRewrite { kind: Some(kind) };
+    let fault = |abort| Fault {
+        delay: Some(fault::Delay {
+            delay: Some(duration(2, 0)),
+            per_million: 500_000,
+        }),
+        abort: Some(fault::Abort {
+            status: Some(abort),
+            per_million: 100_000,
+        }),
+    };
+    let fault_wire = |abort: Vec<u8>| {
+        cat(&[
+            f(1, cat(&[f(1, duration_wire(2, 0)), v(2, 500_000)])),
+            f(2, cat(&[abort, v(3, 100_000)])),
+        ])
+    };
+    // Everything but the action is the same on every route.
+    let route = |action, rewrite_kind, abort| Route {
+        origin: Some(Origin {
+            kind: "HTTPRoute".into(),
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            rule: 1,
+        }),
+        ports: vec![80, 9080],
+        matches: route_matches.clone(),
+        action: Some(action),
+        request_headers: Some(modifier.clone()),
+        response_headers: Some(modifier.clone()),
+        rewrite: Some(UrlRewrite {
+            hostname: "reviews.internal".into(),
+            path: Some(rewrite(rewrite_kind)),
+        }),
+        mirrors: vec![Mirror {
+            backend: Some(backend.clone()),
+            per_million: 250_000,
+        }],
+        timeouts: Some(Timeouts {
+            request: Some(duration(10, 0)),
+            per_try: Some(duration(2, 500_000_000)),
+        }),
+        retry: Some(RetryPolicy {
+            attempts: 3,
+            codes: vec![502, 503],
+            on_connect_failure: true,
+            on_refused_stream: true,
+            on_reset: true,
+            grpc_codes: vec![14, 4],
+            backoff: Some(duration(0, 25_000_000)),
+        }),
+        fault: Some(fault(abort)),
+    };
+    let route_wire = |action: Vec<u8>, rewrite_wire: Vec<u8>, abort: Vec<u8>| {
+        cat(&[
+            f(
+                1,
+                cat(&[f(1, "HTTPRoute"), f(2, "shop"), f(3, "reviews"), v(4, 1)]),
+            ),
+            f(2, packed(&[80, 9080])),
+            route_matches_wire.clone(),
+            action,
+            f(7, modifier_wire.clone()),
+            f(8, modifier_wire.clone()),
+            f(9, cat(&[f(1, "reviews.internal"), f(2, rewrite_wire)])),
+            f(10, cat(&[f(1, backend_wire.clone()), v(2, 250_000)])),
+            f(
+                11,
+                cat(&[
+                    f(1, duration_wire(10, 0)),
+                    f(2, duration_wire(2, 500_000_000)),
+                ]),
+            ),
+            f(
+                12,
+                cat(&[
+                    v(1, 3),
+                    f(2, packed(&[502, 503])),
+                    v(3, 1),
+                    v(4, 1),
+                    v(5, 1),
+                    f(6, packed(&[14, 4])),
+                    f(7, v(2, 25_000_000)), // Duration with seconds 0
+                ]),
+            ),
+            f(13, fault_wire(abort)),
+        ])
+    };
+    let redirect = Redirect {
+        scheme: "https".into(),
+        hostname: "shop.example".into(),
+        path: Some(rewrite(path_rewrite::Kind::Prefix("/new".into()))),
+        port: 8443,
+        status_code: 301,
+    };
+    let redirect_wire = cat(&[
+        f(1, "https"),
+        f(2, "shop.example"),
+        f(3, f(2, "/new")),
+        v(4, 8443),
+        v(5, 301),
+    ]);
+    let table = RouteTable {
+        namespace: "shop".into(),
+        hostname: "reviews.shop.svc.cluster.local".into(),
+        routes: vec![
+            route(
+                route::Action::Forward(Forward {
+                    backends: vec![backend.clone()],
+                }),
+                path_rewrite::Kind::FullPath("/full".into()),
+                fault::abort::Status::HttpStatus(503),
+            ),
+            route(
+                route::Action::Redirect(redirect),
+                path_rewrite::Kind::Prefix("/p".into()),
+                fault::abort::Status::GrpcStatus(14),
+            ),
+            route(
+                route::Action::DirectResponse(DirectResponse {
+                    status: 418,
+                    body: b"teapot".to_vec(),
+                }),
+                path_rewrite::Kind::Regex(RegexRewrite {
+                    pattern: "^/x/(.*)".into(),
+                    substitution: "/\\1".into(),
+                }),
+                fault::abort::Status::HttpStatus(500),
+            ),
+        ],
+    };
+    let want = cat(&[
+        f(1, "shop"),
+        f(2, "reviews.shop.svc.cluster.local"),
+        f(
+            3,
+            route_wire(f(4, f(1, backend_wire.clone())), f(1, "/full"), v(1, 503)),
+        ),
+        f(3, route_wire(f(5, redirect_wire), f(2, "/p"), v(2, 14))),
+        f(
+            3,
+            route_wire(
+                f(6, cat(&[v(1, 418), f(2, b"teapot")])),
+                f(3, cat(&[f(1, "^/x/(.*)"), f(2, "/\\1")])),
+                v(1, 500),
+            ),
+        ),
+    ]);
+    assert_wire(&table, want);
 }

@@ -9,6 +9,11 @@
 //! | Service (one per Kubernetes Service) | `istio.workload.Address` | `<ns>/<name>.<ns>.svc.<domain>` |
 //! | Authorization (AuthorizationPolicy, converted PeerAuthentication) | `istio.security.Authorization` | `<ns>/<name>` |
 //! | Authorization (implicit ALLOW-from-waypoint, with [`MeshConfig::auto_allow_waypoint_policy`]) | `istio.security.Authorization` | `<ns>/istio_allow_waypoint_<ns>_<name>` |
+//! | Authorization (stand-in DENY of an L7 rule no waypoint serves) | `istio.security.Authorization` | `<ns>/unserved_l7_<kind>_<name>` |
+//! | Waypoint (one per Gateway of class `istio-waypoint`) | `istio_rs.l7.v1.Waypoint` | `<ns>/<gateway name>` |
+//! | RouteTable (HTTPRoutes and GRPCRoutes with this Service as parent) | `istio_rs.l7.v1.RouteTable` | `<ns>/<name>.<ns>.svc.<domain>` |
+//! | HttpAuthorization (AuthorizationPolicy with `targetRefs`) | `istio_rs.l7.v1.HttpAuthorization` | `<ns>/<name>` |
+//! | JwtAuthentication (RequestAuthentication with `targetRefs`) | `istio_rs.l7.v1.JwtAuthentication` | `<ns>/<name>` |
 //!
 //! No I/O, no clock: the same state always gives the same bytes, so the
 //! snapshot's content hashes change only where the content does.
@@ -143,6 +148,7 @@ struct Previous {
     inputs: Inputs,
     pods: BTreeMap<ObjectKey, CachedPod>,
     waypoint_policies: Option<waypoint_policies::Dependencies>,
+    l7_denials: l7::Denials,
 }
 
 #[derive(Debug)]
@@ -323,17 +329,30 @@ impl Translator {
             ));
         }
 
-        // L7 rules no waypoint serves deny at L4 (see l7.rs).
+        // L7 rules no waypoint serves deny at L4 (see l7.rs); the others
+        // go to the waypoints.
+        let ready_waypoints = l7::binding::ready_waypoints(state);
         let l7_ctx = l7::Context {
             state,
             mesh,
             services: &services,
             service_waypoints: &service_waypoints,
+            ready_waypoints: &ready_waypoints,
         };
         let l7_rules = l7::L7Rules::build(&l7_ctx, &mut problems);
         for (key, a) in l7_rules.authorizations() {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), &a));
         }
+        translate_l7(
+            state,
+            mesh,
+            &waypoints,
+            &services,
+            &service_waypoints,
+            &l7_rules,
+            &mut snapshot,
+            &mut problems,
+        );
 
         let ctx = workloads::Context {
             state,
@@ -352,10 +371,11 @@ impl Translator {
         // while an L7 rule targets a waypoint, or when what the implicit
         // waypoint policies depend on changed since the last translation.
         let waypoint_dependencies = waypoint_policies.dependencies(&service_waypoints);
+        let l7_denials = l7_rules.denials();
         let reusable = !l7_rules.depend_on_other_pods()
-            && previous
-                .as_ref()
-                .is_none_or(|p| p.waypoint_policies == waypoint_dependencies);
+            && previous.as_ref().is_none_or(|p| {
+                p.waypoint_policies == waypoint_dependencies && p.l7_denials == l7_denials
+            });
         for (key, pod, addresses, backed, resource) in pods {
             let resource = match resource.filter(|_| reusable) {
                 Some(r) => {
@@ -386,6 +406,7 @@ impl Translator {
             inputs: Inputs::of(state),
             pods: cache,
             waypoint_policies: waypoint_dependencies,
+            l7_denials,
         });
         Translation {
             snapshot,
@@ -393,6 +414,59 @@ impl Translator {
             l7: l7_rules.rules,
             shared_addresses,
         }
+    }
+}
+
+/// The waypoints' configuration: RouteTables, HttpAuthorizations,
+/// JwtAuthentications, and the Waypoint resources naming them.
+#[allow(clippy::too_many_arguments)]
+fn translate_l7(
+    state: &ClusterState,
+    mesh: &MeshConfig,
+    waypoints: &waypoints::Waypoints,
+    services: &services::Services<'_>,
+    service_waypoints: &[Option<String>],
+    l7_rules: &l7::L7Rules,
+    snapshot: &mut Snapshot,
+    problems: &mut Vec<PolicyProblem>,
+) {
+    let routes = l7::routes::build(state, services, problems);
+    for (key, table) in &routes.tables {
+        snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key.clone(), table));
+    }
+    let mut authorizations = std::collections::BTreeSet::new();
+    for (key, policy) in &state.authorization_policies {
+        if let Some(a) = l7::http_policies::convert(policy, problems) {
+            snapshot.insert(Resource::new(
+                type_url::HTTP_AUTHORIZATION,
+                key.to_string(),
+                &a,
+            ));
+            authorizations.insert(key.to_string());
+        }
+    }
+    let mut authentications = std::collections::BTreeSet::new();
+    for (key, ra) in &state.request_authentications {
+        if let Some(j) = l7::jwt::convert(key, ra, &state.jwks, problems) {
+            snapshot.insert(Resource::new(
+                type_url::JWT_AUTHENTICATION,
+                key.to_string(),
+                &j,
+            ));
+            authentications.insert(key.to_string());
+        }
+    }
+    let named = l7::binding::Named {
+        rules: &l7_rules.rules,
+        authorizations: &authorizations,
+        authentications: &authentications,
+        route_tables: &routes.keys(),
+        deny_all: &routes.deny_all,
+    };
+    let bindings =
+        l7::binding::waypoints(state, mesh, waypoints, services, service_waypoints, &named);
+    for (key, w) in &bindings {
+        snapshot.insert(Resource::new(type_url::WAYPOINT, key.clone(), w));
     }
 }
 

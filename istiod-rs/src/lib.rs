@@ -11,6 +11,7 @@ pub mod auth;
 pub mod ca;
 pub mod grpc;
 pub mod index;
+pub mod jwks;
 pub mod monitoring;
 pub mod pipeline;
 pub mod snapshot;

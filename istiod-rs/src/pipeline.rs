@@ -8,7 +8,9 @@
 //! from the last one; the xDS server then pushes the keys whose versions
 //! changed. Each build also computes the status every policy and route
 //! should carry ([`crate::status::desired`]), published the same way for the
-//! status writer, which runs on its own task.
+//! status writer, which runs on its own task. The JWKS fetcher
+//! ([`crate::jwks`]) runs on the same task and writes what it fetched into
+//! the store, which triggers a build like any other change.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::index::{MeshConfig, PolicyProblem, Translator};
+use crate::jwks::{self, JwksClient, JwksConfig, JwksMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
 use crate::status::{self, Statuses};
@@ -69,6 +72,8 @@ pub struct PipelineMetrics {
     pub policy_problems: Family<ProblemLabels, Gauge>,
     /// Addresses more than one pod has now (host networking aside).
     pub shared_pod_addresses: Gauge,
+    /// The JWKS fetcher's counts.
+    pub jwks: Arc<JwksMetrics>,
 }
 
 impl Default for PipelineMetrics {
@@ -79,6 +84,7 @@ impl Default for PipelineMetrics {
             translation_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             policy_problems: Family::default(),
             shared_pod_addresses: Gauge::default(),
+            jwks: Arc::default(),
         }
     }
 }
@@ -112,6 +118,7 @@ impl PipelineMetrics {
             "Addresses more than one pod has now, host-network pods aside (ztunnel reaches only one of them)",
             self.shared_pod_addresses.clone(),
         );
+        self.jwks.register(registry);
     }
 }
 
@@ -127,23 +134,41 @@ pub struct Outputs {
     pub statuses: watch::Receiver<Arc<Statuses>>,
 }
 
-/// Starts the pipeline.
+/// Starts the pipeline, fetching JWKS with the defaults of
+/// [`JwksConfig`].
 pub fn spawn(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
     metrics: Arc<PipelineMetrics>,
 ) -> (Outputs, tokio::task::JoinHandle<()>) {
+    spawn_with_jwks(store, mesh, debounce, JwksConfig::default(), metrics)
+}
+
+/// [`spawn`], with how JWKS are fetched and refreshed.
+pub fn spawn_with_jwks(
+    store: Arc<Store>,
+    mesh: MeshConfig,
+    debounce: Debounce,
+    config: JwksConfig,
+    metrics: Arc<PipelineMetrics>,
+) -> (Outputs, tokio::task::JoinHandle<()>) {
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
     let (statuses_tx, statuses) = watch::channel(Arc::new(Statuses::new()));
-    let task = tokio::spawn(run(
-        store,
-        mesh,
-        debounce,
-        snapshots_tx,
-        statuses_tx,
-        metrics,
-    ));
+    // The JWKS fetcher feeds the store for as long as the pipeline runs.
+    let fetcher = jwks::run(
+        store.clone(),
+        JwksClient::native(config.max_body),
+        config,
+        metrics.jwks.clone(),
+    );
+    let pipeline = run(store, mesh, debounce, snapshots_tx, statuses_tx, metrics);
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            () = pipeline => {}
+            () = fetcher => {}
+        }
+    });
     (
         Outputs {
             snapshots,

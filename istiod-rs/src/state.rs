@@ -42,6 +42,9 @@ pub struct ClusterState {
     pub authorization_policies: Objects<AuthorizationPolicy>,
     pub peer_authentications: Objects<PeerAuthentication>,
     pub request_authentications: Objects<RequestAuthentication>,
+    /// Not an object: the JWKS istiod-rs fetched for RequestAuthentications
+    /// (`crate::jwks`), input of the translation like the objects.
+    pub jwks: Arc<crate::jwks::JwksState>,
 }
 
 impl ClusterState {
@@ -240,8 +243,12 @@ impl Store {
 
     /// Replaces the whole state (a directory source's rebuild) and tells
     /// subscribers; readers keep the state they hold, nothing is copied.
-    pub fn replace(&self, state: ClusterState) {
-        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+    /// The JWKS fetched are not the source's: they are kept.
+    pub fn replace(&self, mut state: ClusterState) {
+        let mut current = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.jwks = current.jwks.clone();
+        *current = Arc::new(state);
+        drop(current);
         self.generation.send_modify(|g| *g += 1);
     }
 

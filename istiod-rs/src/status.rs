@@ -8,7 +8,7 @@
 //! |---|---|
 //! | AuthorizationPolicy, RequestAuthentication with `targetRefs` | `WaypointAccepted` (reasons Accepted, PartiallyInvalid, Invalid, AncestorNotBound, TargetNotFound) |
 //! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
-//! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted`, `ResolvedRefs` |
+//! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
 //!
 //! A [`Sink`] writes them: through the Kubernetes status subresource with
 //! server-side apply ([`kube`]), or in local mode as one YAML file per object
@@ -196,8 +196,22 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
             ObjectStatus::Conditions(vec![condition]),
         );
     }
-    routes(state, &state.http_routes, Kind::HttpRoute, &l7, &mut put);
-    routes(state, &state.grpc_routes, Kind::GrpcRoute, &l7, &mut put);
+    routes(
+        state,
+        &state.http_routes,
+        Kind::HttpRoute,
+        &l7,
+        &problems,
+        &mut put,
+    );
+    routes(
+        state,
+        &state.grpc_routes,
+        Kind::GrpcRoute,
+        &l7,
+        &problems,
+        &mut put,
+    );
     out
 }
 
@@ -310,7 +324,7 @@ fn target_reason(t: &TargetOutcome) -> &'static str {
         Err(Unserved::NotBound { .. }) => "AncestorNotBound",
         Err(Unserved::TargetNotFound { .. }) => "TargetNotFound",
         Err(
-            Unserved::WaypointCannotServe { .. }
+            Unserved::WaypointNotReady { .. }
             | Unserved::NeedsWaypoint { .. }
             | Unserved::UnsupportedTarget { .. },
         ) => "Invalid",
@@ -341,6 +355,7 @@ fn routes<K: ::kube::Resource + RouteBackends>(
     routes: &Objects<K>,
     kind: Kind,
     l7: &BTreeMap<&PolicyRef, &L7Rule>,
+    problems: &BTreeMap<&PolicyRef, Vec<&PolicyProblem>>,
     put: &mut impl FnMut(Kind, &ObjectKey, ObjectStatus),
 ) {
     for (key, route) in routes {
@@ -348,6 +363,14 @@ fn routes<K: ::kube::Resource + RouteBackends>(
             kind,
             key: key.clone(),
         };
+        // What the waypoint serves differently from what the route says.
+        let untranslated: Vec<String> = problems
+            .get(&object)
+            .into_iter()
+            .flatten()
+            .filter(|p| matches!(p, PolicyProblem::UntranslatableL7 { .. }))
+            .map(|p| p.detail())
+            .collect();
         let parents = match l7.get(&object) {
             Some(rule) => {
                 let generation = route.meta().generation;
@@ -361,7 +384,7 @@ fn routes<K: ::kube::Resource + RouteBackends>(
                                 "Accepted",
                                 true,
                                 "Accepted",
-                                format!("served by waypoint {w}"),
+                                joined(Some(&format!("served by waypoint {w}")), &untranslated),
                                 generation,
                             ),
                             Err(reason @ Unserved::TargetNotFound { .. }) => Condition::new(
@@ -395,8 +418,8 @@ fn routes<K: ::kube::Resource + RouteBackends>(
     }
 }
 
-/// A backendRef as written: (group, kind, namespace, name).
-pub(crate) type Backend = (String, String, Option<String>, String);
+/// A backendRef as written: (group, kind, namespace, name, port).
+pub(crate) type Backend = (String, String, Option<String>, String, Option<i32>);
 
 /// The backendRefs of a route, whatever its kind.
 pub(crate) trait RouteBackends {
@@ -418,6 +441,7 @@ macro_rules! route_backends {
                             b.kind.clone().unwrap_or_else(|| "Service".to_string()),
                             b.namespace.clone(),
                             b.name.clone(),
+                            b.port,
                         )
                     })
                     .collect()
@@ -428,47 +452,67 @@ macro_rules! route_backends {
 route_backends!(gateway_api::httproutes::HttpRoute);
 route_backends!(gateway_api::grpcroutes::GrpcRoute);
 
-/// Gateway API's ResolvedRefs: every backendRef is a Service that exists.
+/// Gateway API's ResolvedRefs: every backendRef is a Service of the
+/// route's namespace that exists, with a port. The reason is the first
+/// failure's, in upstream's terms (istio/istio
+/// pilot/pkg/config/kube/gateway `buildDestination`): `InvalidKind`,
+/// `RefNotPermitted` (istiod-rs reads no ReferenceGrants, so every
+/// cross-namespace reference is one), `BackendNotFound`, `UnsupportedValue`
+/// ("port is required in backendRef"). The waypoint answers 500 for the
+/// share of traffic of each such backend.
 fn resolved_refs(
     state: &ClusterState,
     namespace: &str,
     backends: &[Backend],
     generation: Option<i64>,
 ) -> Condition {
-    let mut unresolved = Vec::new();
-    let mut invalid_kind = false;
-    for (group, kind, ns, name) in backends {
+    let mut unresolved: Vec<(&str, String)> = Vec::new();
+    for (group, kind, ns, name, port) in backends {
         let ns = ns.as_deref().unwrap_or(namespace);
         if !(kind == "Service" && matches!(group.as_str(), "" | "core")) {
-            invalid_kind = true;
-            unresolved.push(format!("{kind} {ns}/{name} is not a Service"));
+            unresolved.push((
+                "InvalidKind",
+                format!("{kind} {ns}/{name} is not a Service"),
+            ));
+        } else if ns != namespace {
+            unresolved.push((
+                "RefNotPermitted",
+                format!(
+                    "Service {ns}/{name} is in another namespace: ReferenceGrants are not supported by istiod-rs"
+                ),
+            ));
         } else if !state
             .services
             .contains_key(&ObjectKey::new(ns, name.as_str()))
         {
-            unresolved.push(format!("Service {ns}/{name} was not found"));
+            unresolved.push((
+                "BackendNotFound",
+                format!("Service {ns}/{name} was not found"),
+            ));
+        } else if port.is_none() {
+            unresolved.push((
+                REASON_UNSUPPORTED,
+                format!("port is required in backendRef (Service {ns}/{name})"),
+            ));
         }
     }
-    match (unresolved.is_empty(), invalid_kind) {
-        (true, _) => Condition::new(
+    match unresolved.first() {
+        None => Condition::new(
             "ResolvedRefs",
             true,
             "ResolvedRefs",
             "all references resolved",
             generation,
         ),
-        (false, true) => Condition::new(
+        Some((reason, _)) => Condition::new(
             "ResolvedRefs",
             false,
-            "InvalidKind",
-            unresolved.join("; "),
-            generation,
-        ),
-        (false, false) => Condition::new(
-            "ResolvedRefs",
-            false,
-            "BackendNotFound",
-            unresolved.join("; "),
+            reason,
+            unresolved
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
             generation,
         ),
     }

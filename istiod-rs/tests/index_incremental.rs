@@ -179,3 +179,140 @@ status: {phase: Running, podIP: 10.9.0.100}
     state.delete(api::manifest::Kind::Pod, &ObjectKey::new("shop", "web-2"));
     assert_eq!(listed(&mut translator, &state), serde_json::json!([key]));
 }
+
+/// `web` bound to the waypoint `wp`, an L7 policy on `web` and a route for
+/// each of `web` and `api`.
+const L7_ROUTES: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status:
+  addresses: [{type: Hostname, value: wp.shop.svc.cluster.local}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {selector: {app: api}, clusterIP: 10.96.0.2, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.1, conditions: [{type: Ready, status: 'True'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: node-a, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+";
+
+fn set_ready(state: &mut ClusterState, name: &str, ready: bool) {
+    let key = ObjectKey::new("shop", name);
+    let mut pod = (*state.pods[&key]).clone();
+    pod.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status =
+        if ready { "True" } else { "False" }.into();
+    state.apply(Object::Pod(pod));
+}
+
+/// The resources whose versions differ between two snapshots, as
+/// `(type URL, name)`.
+fn changed(
+    a: &istiod_rs::snapshot::Snapshot,
+    b: &istiod_rs::snapshot::Snapshot,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let urls: std::collections::BTreeSet<&str> = a.type_urls().chain(b.type_urls()).collect();
+    for url in urls {
+        let (ra, rb) = (a.of_type(url), b.of_type(url));
+        let names: std::collections::BTreeSet<&String> = ra.keys().chain(rb.keys()).collect();
+        for name in names {
+            if ra.get(name).map(|r| &r.version) != rb.get(name).map(|r| &r.version) {
+                out.push((url.to_string(), name.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_route_change_changes_only_its_route_table() {
+    let mut state = ClusterState::from_objects(objects(L7_ROUTES));
+    let mut translator = Translator::default();
+    check(&mut translator, &state);
+    let before = index::translate(&state, &MeshConfig::default()).snapshot;
+    let key = ObjectKey::new("shop", "api");
+    let mut route = (*state.http_routes[&key]).clone();
+    route.spec.rules.as_mut().unwrap()[0]
+        .backend_refs
+        .as_mut()
+        .unwrap()[0]
+        .weight = Some(5);
+    state.apply(Object::HttpRoute(route));
+    check(&mut translator, &state);
+    let after = index::translate(&state, &MeshConfig::default()).snapshot;
+    assert_eq!(
+        changed(&before, &after),
+        [(
+            api::type_url::ROUTE_TABLE.to_string(),
+            "shop/api.shop.svc.cluster.local".to_string()
+        )]
+    );
+}
+
+#[test]
+fn a_waypoint_becoming_ready_hands_the_rules_over_from_unchanged_pods() {
+    let mut state = ClusterState::from_objects(objects(L7_ROUTES));
+    let mesh = MeshConfig::default();
+    let mut translator = Translator::default();
+    let listed = |translator: &mut Translator, state: &ClusterState| {
+        check(translator, state);
+        let t = index::translate(state, &mesh);
+        let json = index::json::snapshot_json(&t.snapshot);
+        json["workloads"][mesh.pod_uid("shop", "web-1").as_str()]["authorizationPolicies"].clone()
+    };
+    // Starting: web-1 is denied by the stand-ins of the policy and route.
+    let denied = serde_json::json!([
+        "shop/unserved_l7_authorizationpolicy_web-get",
+        "shop/unserved_l7_httproute_web"
+    ]);
+    assert_eq!(listed(&mut translator, &state), denied);
+    // Ready: web-1 (unchanged) lists nothing; the waypoint serves both.
+    set_ready(&mut state, "wp-1", true);
+    assert_eq!(listed(&mut translator, &state), serde_json::Value::Null);
+    // Not ready again: denied again.
+    set_ready(&mut state, "wp-1", false);
+    assert_eq!(listed(&mut translator, &state), denied);
+}

@@ -229,6 +229,153 @@ fn a_route_gets_one_parent_entry_per_service_parent() {
     );
 }
 
+/// `orders` is bound to the ready waypoint `ready`, `payments` to `starting`
+/// whose only instance is not ready yet.
+const WAYPOINTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ready, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: starting, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: starting.shop.svc.cluster.local}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
+spec: {nodeName: node-a, containers: [{name: w, image: w}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: starting-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: starting}}
+spec: {nodeName: node-a, containers: [{name: w, image: w}]}
+status: {phase: Running, podIP: 10.9.0.101, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: orders, namespace: shop, labels: {istio.io/use-waypoint: ready}}
+spec: {selector: {app: orders}, clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: payments, namespace: shop, labels: {istio.io/use-waypoint: starting}}
+spec: {selector: {app: payments}, clusterIP: 10.96.0.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-get, namespace: shop, generation: 1}
+spec:
+  targetRefs: [{kind: Service, group: "", name: orders}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments-get, namespace: shop, generation: 1}
+spec:
+  targetRefs: [{kind: Service, group: "", name: payments}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: orders-jwt, namespace: shop, generation: 1}
+spec:
+  targetRefs: [{kind: Service, group: "", name: orders}]
+  jwtRules: [{issuer: https://issuer.example, jwksUri: https://issuer.example/keys}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orders, namespace: shop, generation: 2}
+spec:
+  parentRefs: [{group: "", kind: Service, name: orders, port: 80}]
+  rules:
+  - backendRefs: [{name: orders, port: 80}, {name: orders, namespace: other, port: 80}]
+  - filters: [{type: CORS, cors: {allowOrigins: ["https://example.com"]}}]
+    backendRefs: [{name: orders, port: 80}]
+"#;
+
+#[test]
+fn rules_served_by_a_ready_waypoint_are_accepted_and_those_of_a_starting_one_are_not() {
+    let s = desired(WAYPOINTS);
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "orders-get");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str(), message.as_str()),
+        (
+            "WaypointAccepted",
+            true,
+            "Accepted",
+            "Service.core:shop/orders: bound to shop/ready"
+        )
+    );
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "payments-get");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", false, "Invalid")
+    );
+    assert_eq!(
+        message,
+        "Service shop/payments is bound to waypoint shop/starting, which has no ready instance yet; connections to the endpoints of Service shop/payments are denied until a waypoint serves the rule"
+    );
+    // Served, with the keys it cannot fetch named.
+    let (t, ok, reason, message) = condition(&s, Kind::RequestAuthentication, "orders-jwt");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", true, "Accepted")
+    );
+    assert!(
+        message.contains("spec.jwtRules[0].jwksUri: the JWKS of https://issuer.example/keys is unavailable: not fetched yet"),
+        "{message}"
+    );
+
+    let Some(ObjectStatus::Parents(parents)) = s.get(&object(Kind::HttpRoute, "orders")) else {
+        panic!("no parents: {s:?}");
+    };
+    let [p] = parents.as_slice() else {
+        panic!("{parents:?}")
+    };
+    let c: Vec<_> = p
+        .conditions
+        .iter()
+        .map(|c| {
+            (
+                c.type_.as_str(),
+                c.status,
+                c.reason.as_str(),
+                c.message.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        c,
+        [
+            (
+                "Accepted",
+                true,
+                "Accepted",
+                "served by waypoint shop/ready; spec.rules[0].backendRefs[1]: Service other/orders is in another namespace: that needs a ReferenceGrant, which istiod-rs does not read; the backend's share of the traffic is answered 500, which is stricter than written; spec.rules[1].filters[0].type: filter CORS is not supported by the waypoint; requests matching the rule are answered 500, which is stricter than written"
+            ),
+            (
+                "ResolvedRefs",
+                false,
+                "RefNotPermitted",
+                "Service other/orders is in another namespace: ReferenceGrants are not supported by istiod-rs"
+            ),
+        ]
+    );
+}
+
 // --- Kubernetes mode -------------------------------------------------------
 
 type Handle = mock::Handle<Request<Body>, Response<Body>>;

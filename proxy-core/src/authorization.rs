@@ -54,6 +54,20 @@ pub enum Error {
     Missing { field: String },
 }
 
+impl Error {
+    /// The field the error is about, as given to the conversion.
+    pub fn field(&self) -> &str {
+        match self {
+            Error::AddressLength { field, .. }
+            | Error::PrefixLength { field, .. }
+            | Error::Port { field, .. }
+            | Error::UnknownEnum { field, .. }
+            | Error::EmptyStringMatch { field }
+            | Error::Missing { field } => field,
+        }
+    }
+}
+
 /// Which workloads a policy applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Scope {
@@ -282,7 +296,7 @@ impl Authorization {
 
 /// A field holds when it is unset or any value matches; its `not_` form
 /// holds when it is unset or no value matches.
-fn field<T>(positive: &[T], negative: &[T], mut test: impl FnMut(&T) -> bool) -> bool {
+pub fn field<T>(positive: &[T], negative: &[T], mut test: impl FnMut(&T) -> bool) -> bool {
     (positive.is_empty() || positive.iter().any(&mut test)) && !negative.iter().any(test)
 }
 
@@ -424,7 +438,9 @@ fn convert_match(path: &str, m: &xds::Match) -> Result<Match, Error> {
     })
 }
 
-fn string_match(field: &str, s: &xds::StringMatch) -> Result<StringMatch, Error> {
+/// `s` validated; `field` names it in the error (shared with waypoint-rs's
+/// L7 policies, so both read a string match the same way).
+pub fn string_match(field: &str, s: &xds::StringMatch) -> Result<StringMatch, Error> {
     use xds::string_match::MatchType;
     match &s.match_type {
         Some(MatchType::Exact(v)) => Ok(StringMatch::Exact(v.clone())),
@@ -437,7 +453,8 @@ fn string_match(field: &str, s: &xds::StringMatch) -> Result<StringMatch, Error>
     }
 }
 
-fn cidr(field: &str, a: &xds::Address) -> Result<IpNet, Error> {
+/// `a` as a CIDR; `field` names it in the error (shared with waypoint-rs).
+pub fn cidr(field: &str, a: &xds::Address) -> Result<IpNet, Error> {
     let address = ip_from_bytes(&a.address).ok_or_else(|| Error::AddressLength {
         field: format!("{field}.address"),
         len: a.address.len(),

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! istiod (15012 TLS | 15010) --delta xDS (waypoint~ node id)--> XdsClient --AddressHandler--> WorkloadStore
+//!                            (the five L7 types)                        --config::subscribe--> L7Store
 //!                            <--CSR (own identity)------------- CertificateManager
 //! source ztunnels --HBONE 15008--> HboneServer --Inbound (validate, detect)--> Proxy --Upstream--> HbonePool --> endpoints' ztunnels
 //! 127.0.0.1:15000 admin (/config_dump), :15020 metrics, :15021 readiness (xDS synced + certificate)
@@ -33,6 +34,7 @@ use tracing::info;
 
 use crate::admin::WaypointDump;
 use crate::args::WaypointArgs;
+use crate::config::L7Store;
 use crate::drain::Drain;
 use crate::inbound::{Inbound, Me};
 use crate::metrics::Metrics;
@@ -52,6 +54,8 @@ pub struct DataPathConfig {
     pub pool: PoolConfig,
     pub hbone_address: SocketAddr,
     pub store: WorkloadStore,
+    /// The L7 configuration (routes, policies, traffic policies).
+    pub l7: L7Store,
     /// Issues the waypoint's own certificate.
     pub certificates: CertificateManager,
     pub identity: SpiffeId,
@@ -80,6 +84,7 @@ impl DataPath {
             pool,
             hbone_address,
             store,
+            l7,
             certificates,
             identity,
             me,
@@ -93,12 +98,7 @@ impl DataPath {
             proxy.upstream.clone(),
         );
         let hbone_metrics = metrics.hbone.clone();
-        let proxy = Arc::new(Proxy {
-            store,
-            upstream,
-            metrics,
-            config: proxy,
-        });
+        let proxy = Arc::new(Proxy::new(store, l7, upstream, metrics, proxy));
         let drain = Drain::new();
         let inbound = Inbound {
             proxy: proxy.clone(),
@@ -196,6 +196,7 @@ impl App {
     /// what is still missing.
     pub async fn start(args: WaypointArgs) -> anyhow::Result<App> {
         proxy_core::tls::install_default_provider();
+        crate::http::jwt::crypto_provider().context("JWT verification")?;
         let roots = proxy_core::tls::load_pem_certificates(&args.root_cert).with_context(|| {
             format!(
                 "--root-cert {}: the mesh root certificate is needed to verify istiod and peers",
@@ -257,8 +258,10 @@ impl App {
             &args.pod_namespace,
         );
         let channel = xds_plane.channel().context("--xds-address")?;
+        let l7 = L7Store::new();
         let xds = XdsClient::new(channel, XdsConfig::new(node_id))
-            .with_handler(api::type_url::ADDRESS, AddressHandler::new(store.clone()))
+            .with_handler(api::type_url::ADDRESS, AddressHandler::new(store.clone()));
+        let xds = crate::config::subscribe(xds, &l7)
             .with_metadata(xds_plane.xds_metadata())
             .with_metrics(XdsMetrics::register(&mut registry));
         let xds_status = xds.status();
@@ -302,6 +305,7 @@ impl App {
             pool: args.pool()?,
             hbone_address: args.hbone_address,
             store: store.clone(),
+            l7: l7.clone(),
             certificates: certificates.clone(),
             identity: identity.clone(),
             me: me.clone(),
@@ -332,6 +336,7 @@ impl App {
                 "caAddress": args.ca_address.as_deref().unwrap_or(&args.xds_address),
             }))
             .with_section(xds_status.clone())
+            .with_section(l7)
             .with_section(WaypointDump {
                 proxy,
                 me,

@@ -262,11 +262,7 @@ impl WaypointArgs {
                 hbone_port: api::ports::HBONE,
                 request_timeout: optional(self.request_timeout),
                 per_try_timeout: optional(self.per_try_timeout),
-                retry: RetryPolicy {
-                    attempts: self.default_retry_attempts,
-                    codes: vec![503],
-                    backoff: self.retry_backoff,
-                },
+                retry: RetryPolicy::istio_default(self.default_retry_attempts, self.retry_backoff),
                 retry_buffer_limit: self.retry_buffer_limit,
                 max_requests_per_destination: self.max_requests_per_destination,
                 max_idle_connections_per_endpoint: self.max_idle_connections_per_endpoint,

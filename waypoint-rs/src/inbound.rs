@@ -29,6 +29,7 @@ use proxy_core::hbone::{HboneStream, InboundConnect, InboundHandler};
 use proxy_core::log_limit::LogLimit;
 use proxy_core::store::{Address, GatewayAddress, GatewayDestination, Snapshot};
 
+use crate::config::Served;
 use crate::drain::Drain;
 use crate::proxy::Proxy;
 use crate::request::{Downstream, Protocol, Target};
@@ -54,6 +55,10 @@ pub enum Unserved {
     NotBound { what: String, authority: SocketAddr },
     #[error("service {service} does not declare port {port}")]
     UndeclaredPort { service: String, port: u16 },
+    #[error(
+        "{0} is not a service VIP:port or workload address this waypoint's configuration lists"
+    )]
+    NotListed(SocketAddr),
 }
 
 /// Whether a `waypoint` gateway address means this waypoint: its own IP,
@@ -140,9 +145,8 @@ impl InboundHandler for Inbound {
             connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
-        let snapshot = self.proxy.store.snapshot();
-        let target = match served(&snapshot, &self.me, connect.authority()) {
-            Ok(target) => target,
+        let served = match self.proxy.served(&self.me, connect.authority()) {
+            Ok(served) => Arc::new(served),
             Err(why) => {
                 if let Some(suppressed) = REFUSED.allow() {
                     tracing::warn!(peer = %connect.peer_identity(), address = %connect.peer_address(), %why, suppressed, "CONNECT refused");
@@ -164,13 +168,13 @@ impl InboundHandler for Inbound {
                 return;
             }
         };
-        self.serve(downstream, target, stream).await;
+        self.serve(downstream, served, stream).await;
     }
 }
 
 impl Inbound {
-    async fn serve(&self, downstream: Downstream, target: Target, mut stream: HboneStream) {
-        let (protocol, prefix) = match target.protocol() {
+    async fn serve(&self, downstream: Downstream, served: Arc<Served>, mut stream: HboneStream) {
+        let (protocol, prefix) = match served.target.protocol() {
             Protocol::Tcp => (Detected::Tcp, Bytes::new()),
             Protocol::Http1 => (Detected::Http1, Bytes::new()),
             Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Bytes::new()),
@@ -187,9 +191,9 @@ impl Inbound {
         };
         let io = Rewind::new(prefix, stream);
         match protocol {
-            Detected::Tcp => tcp::serve(&self.proxy, downstream, target, io).await,
+            Detected::Tcp => tcp::serve(&self.proxy, downstream, &served, io).await,
             Detected::Http1 | Detected::Http2 => {
-                self.serve_http(downstream, target, io, protocol == Detected::Http2)
+                self.serve_http(downstream, served, io, protocol == Detected::Http2)
                     .await
             }
         }
@@ -199,7 +203,7 @@ impl Inbound {
     async fn serve_http(
         &self,
         downstream: Downstream,
-        target: Target,
+        served: Arc<Served>,
         io: Rewind<HboneStream>,
         http2: bool,
     ) {
@@ -207,8 +211,8 @@ impl Inbound {
         let service = hyper::service::service_fn(move |request| {
             let proxy = proxy.clone();
             let downstream = downstream.clone();
-            let target = target.clone();
-            async move { Ok::<_, Infallible>(proxy.serve(downstream, target, request).await) }
+            let served = served.clone();
+            async move { Ok::<_, Infallible>(proxy.serve(downstream, served, request).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         if http2 {

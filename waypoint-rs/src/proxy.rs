@@ -1,15 +1,20 @@
-//! One HTTP request through the waypoint, each step a function and the
-//! order in [`Proxy::serve`]: the request carries who asked
-//! ([`Downstream`], from the HBONE session) → the destination the CONNECT
-//! addressed is resolved to its ready endpoints → circuit breaker →
-//! upgrade (WebSocket / CONNECT) or forward with retries and timeouts →
-//! the answer, observed on its way back for metrics and the access log.
+//! One HTTP request through the waypoint, the order of its steps in
+//! [`Proxy::serve`]: the request carries who asked ([`Downstream`], from the
+//! HBONE session) → the served target's refusal → JWT authentication →
+//! authorization → route → fault → request changes → destination with its
+//! DestinationRule (subset, balancer, outlier detection) → circuit breaker
+//! → upgrade (WebSocket / CONNECT) or forward with retries and timeouts →
+//! response changes; the answer is observed on its way back for metrics
+//! and the access log. The decisions are the pure modules `http::*`,
+//! `balance` and `config`.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,11 +26,18 @@ use proxy_core::store::{NamespacedHostname, Snapshot, WorkloadStore};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log;
+use crate::balance::{DestinationBalancer, LoadBalancer};
+use crate::config::{L7Store, Policy, Served};
+use crate::http::authorization::{self, RequestFacts};
+use crate::http::jwt;
+use crate::http::route::{self, Routing};
+use crate::inbound::{Me, Unserved};
 use crate::metrics::{HttpLabels, Metrics, Peers};
-use crate::request::{Downstream, ResponseFlag, Target};
+use crate::request::{Authn, Authz, Downstream, Protocol, Refusal, ResponseFlag, Target};
 use crate::upstream::retry::{self, Head};
 use crate::upstream::{
-    Body, BoxError, Clients, Destination, Endpoint, Error, RequestBody, Upstream, UpstreamConfig,
+    Body, BoxError, Clients, Destination, Endpoint, Error, RequestBody, RetryPolicy, Upstream,
+    UpstreamConfig,
 };
 
 /// The data path's settings (from [`crate::args::WaypointArgs`]).
@@ -40,27 +52,181 @@ pub struct ProxyConfig {
 }
 
 /// The request path's shared state.
-#[derive(Debug)]
 pub struct Proxy {
     pub store: WorkloadStore,
+    pub l7: L7Store,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub config: ProxyConfig,
+    /// Per (service, port, subset): the effective DestinationRule policy and
+    /// the balancer built for it (rebuilt when the policy changes).
+    balancers: Mutex<HashMap<BalancerKey, (Policy, Arc<DestinationBalancer>)>>,
+}
+
+/// A destination as balanced: service key, port, subset.
+type BalancerKey = (String, u16, Option<String>);
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Proxy {
-    /// Answers one request: from the endpoint, or locally when none can.
+    pub fn new(
+        store: WorkloadStore,
+        l7: L7Store,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        config: ProxyConfig,
+    ) -> Self {
+        Proxy {
+            store,
+            l7,
+            upstream,
+            metrics,
+            config,
+            balancers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What a CONNECT to `authority` reaches: the L7 configuration's answer
+    /// once istiod serves any `Waypoint` resource; before that (an istiod
+    /// that serves no L7 configuration) the workload API's binding, with no
+    /// L7 rules.
+    pub fn served(&self, me: &Me, authority: SocketAddr) -> Result<Served, Unserved> {
+        let workloads = self.store.snapshot();
+        let l7 = self.l7.snapshot();
+        if l7.waypoints().next().is_some() {
+            return l7
+                .served(authority, &workloads)
+                .ok_or(Unserved::NotListed(authority));
+        }
+        let target = crate::inbound::served(&workloads, me, authority)?;
+        Ok(Served {
+            target,
+            waypoint: String::new(),
+            routes: None,
+            authorizations: Vec::new(),
+            authentications: Vec::new(),
+            traffic_policy: None,
+            refusal: None,
+        })
+    }
+
+    /// Answers one request, in this order: the target's refusal (deny-all,
+    /// missing configuration) -> RequestAuthentication (401) ->
+    /// AuthorizationPolicy (403) -> route (404 `NR`, redirect, direct
+    /// response) -> fault injection -> request header changes and rewrite
+    /// -> destination, load balancing and outlier detection -> circuit
+    /// breaker -> tries with timeouts and retries -> response header
+    /// changes.
     pub async fn serve(
         self: Arc<Self>,
         downstream: Downstream,
-        target: Target,
+        served: Arc<Served>,
         mut request: Request<Incoming>,
     ) -> Response<Body> {
         let snapshot = self.store.snapshot();
         let mut record = Record::new(&self, &snapshot, &downstream, &request);
-        request.extensions_mut().insert(downstream);
+        request.extensions_mut().insert(downstream.clone());
+        if let Some(unservable) = &served.refusal {
+            record.error = Some(unservable.to_string());
+            return record.refuse(unservable.refusal());
+        }
 
-        let destination = match resolve(&snapshot, &target, &self.config.network) {
+        let (mut parts, body) = request.into_parts();
+        let authn = jwt::authenticate(
+            served.authentications.iter().map(|a| a.as_ref()),
+            &mut parts,
+            SystemTime::now(),
+        );
+        let authenticated = match authn {
+            Authn::Rejected(refusal) => return record.refuse(refusal),
+            Authn::Anonymous => None,
+            Authn::Authenticated(authenticated) => Some(authenticated),
+        };
+        let facts = RequestFacts {
+            downstream: &downstream,
+            target: &served.target,
+            destination: downstream.connect,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            host: &record.authority,
+            headers: &parts.headers,
+            authenticated: authenticated.as_deref(),
+            sni: None,
+        };
+        let policies = served.authorizations.iter().map(|p| p.as_ref());
+        if let Authz::Denied { policy } = authorization::authorize(policies, &facts) {
+            record.error = Some(format!("denied by {policy}"));
+            return record.refuse(authorization::denied());
+        }
+        let mut request = Request::from_parts(parts, body);
+
+        let routing = route::route(
+            served.routes.as_deref(),
+            &served.target,
+            &request,
+            &mut rand::rng(),
+        );
+        let (route, matched, backend, destination) = match routing {
+            Err(refusal) => return record.refuse(refusal),
+            Ok(Routing::Redirect {
+                matched, redirect, ..
+            }) => {
+                return match redirect.response(&request, served.target.port(), matched) {
+                    Ok(refusal) => record.refuse(refusal),
+                    Err(error) => {
+                        record.error = Some(error.to_string());
+                        record.local_reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "",
+                            ResponseFlag::None,
+                        )
+                    }
+                };
+            }
+            Ok(Routing::Direct { status, body, .. }) => return record.direct(status, body),
+            Ok(Routing::Forward {
+                route,
+                matched,
+                backend,
+                destination,
+            }) => (route, matched, backend, destination),
+        };
+
+        if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+            let injection = fault.decide(&mut rand::rng());
+            if let Some(delay) = injection.delay {
+                record.flag = ResponseFlag::DelayInjected;
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(abort) = injection.abort {
+                return record.refuse(abort);
+            }
+        }
+
+        if let Some(route) = route {
+            route.request_headers.apply(request.headers_mut());
+            if let Some(rewrite) = &route.rewrite
+                && let Err(error) = rewrite.apply(&mut request, matched)
+            {
+                record.error = Some(error.to_string());
+                return record.local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "",
+                    ResponseFlag::None,
+                );
+            }
+        }
+        if let Some(backend) = backend {
+            backend.request_headers.apply(request.headers_mut());
+        }
+
+        let destination = match self.destination(&snapshot, &destination, &request, &downstream) {
             Ok(destination) => destination,
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
@@ -79,16 +245,21 @@ impl Proxy {
             Ok(body) => body,
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
-        let head = upstream_head(&parts, &target);
+        let head = upstream_head(&parts, &served.target);
+        let timeouts = route.map(|r| r.timeouts).unwrap_or_default();
+        let retry = route
+            .and_then(|r| r.retry.as_ref())
+            .map(|r| RetryPolicy::from_route(r, config.retry.backoff))
+            .unwrap_or_else(|| config.retry.clone());
         let tries = retry::forward(
             &self.upstream,
             &destination,
             head,
             body,
-            &config.retry,
-            config.per_try_timeout,
+            &retry,
+            timeouts.per_try.or(config.per_try_timeout),
         );
-        let forwarded = match config.request_timeout {
+        let forwarded = match timeouts.request.or(config.request_timeout) {
             Some(timeout) => match tokio::time::timeout(timeout, tries).await {
                 Ok(forwarded) => forwarded,
                 Err(_) => {
@@ -101,8 +272,17 @@ impl Proxy {
         match forwarded {
             Ok(forwarded) => {
                 record.peers.destination = Some(forwarded.endpoint);
-                record.flag = forwarded.flag;
-                record.respond(forwarded.response, Some(permit))
+                if forwarded.flag != ResponseFlag::None {
+                    record.flag = forwarded.flag;
+                }
+                let mut response = forwarded.response;
+                if let Some(route) = route {
+                    route.response_headers.apply(response.headers_mut());
+                }
+                if let Some(backend) = backend {
+                    backend.response_headers.apply(response.headers_mut());
+                }
+                record.respond(response, Some(permit))
             }
             Err(failure) => {
                 record.peers.destination = failure.endpoint;
@@ -110,6 +290,83 @@ impl Proxy {
                 record.local_reply(failure.error.status(), failure.error.body(), failure.flag)
             }
         }
+    }
+
+    /// The endpoints a routing decision sends to, with the destination's
+    /// DestinationRule applied: subset, load balancer, outlier detection,
+    /// `http2MaxRequests`.
+    fn destination(
+        &self,
+        snapshot: &Snapshot,
+        destination: &route::Destination,
+        request: &Request<Incoming>,
+        downstream: &Downstream,
+    ) -> Result<Destination, Error> {
+        let (service, port, subset) = match destination {
+            route::Destination::Workload { uid, port } => {
+                let target = Target::Workload {
+                    uid: uid.clone(),
+                    port: *port,
+                    protocol: Protocol::Detect,
+                };
+                return resolve(snapshot, &target);
+            }
+            route::Destination::Service {
+                service,
+                port,
+                subset,
+            } => (service, *port, subset),
+        };
+        let target = Target::Service {
+            namespace: service.namespace.clone(),
+            hostname: service.hostname.clone(),
+            port,
+            protocol: Protocol::Detect,
+        };
+        let mut resolved = resolve(snapshot, &target)?;
+        let l7 = self.l7.snapshot();
+        let traffic = l7.traffic_policy(service);
+        if let Some(subset) = subset {
+            // A subset the DestinationRule does not define selects nothing.
+            let members = traffic.and_then(|t| t.subset(subset));
+            resolved
+                .endpoints
+                .retain(|e| members.is_some_and(|m| m.workload_uids.contains(&e.workload.uid)));
+        }
+        let policy = traffic
+            .map(|t| t.effective(port, subset.as_deref()))
+            .unwrap_or_default();
+        resolved.hash = match policy.load_balancer() {
+            LoadBalancer::ConsistentHash(hash) => hash.key.hash(request, downstream.address.ip()),
+            LoadBalancer::Simple(_) => None,
+        };
+        resolved.max_requests = policy
+            .connection_pool
+            .as_ref()
+            .and_then(|pool| pool.http2_max_requests);
+        resolved.balancer = Some(self.balancer(service.to_string(), port, subset.clone(), policy));
+        Ok(resolved)
+    }
+
+    fn balancer(
+        &self,
+        service: String,
+        port: u16,
+        subset: Option<String>,
+        policy: Policy,
+    ) -> Arc<DestinationBalancer> {
+        let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = balancers.entry((service, port, subset)).or_insert_with(|| {
+            let balancer = DestinationBalancer::new(&policy, Instant::now());
+            (policy.clone(), Arc::new(balancer))
+        });
+        if entry.0 != policy {
+            *entry = (
+                policy.clone(),
+                Arc::new(DestinationBalancer::new(&policy, Instant::now())),
+            );
+        }
+        entry.1.clone()
     }
 
     /// A WebSocket (or other) upgrade or an HTTP/1.1 CONNECT: forwarded on
@@ -122,8 +379,8 @@ impl Proxy {
         mut request: Request<Incoming>,
         permit: OwnedSemaphorePermit,
     ) -> Response<Body> {
-        let endpoint = match self.upstream.pick(destination, &[]) {
-            Ok(endpoint) => endpoint,
+        let (endpoint, _picked) = match self.upstream.pick(destination, &[]) {
+            Ok(picked) => picked,
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
         record.peers.destination = Some(endpoint.workload.clone());
@@ -184,8 +441,7 @@ impl Proxy {
 }
 
 /// The service's ready endpoints on the addressed port, or the workload.
-pub fn resolve(snapshot: &Snapshot, target: &Target, network: &str) -> Result<Destination, Error> {
-    let _ = network;
+pub fn resolve(snapshot: &Snapshot, target: &Target) -> Result<Destination, Error> {
     match target {
         Target::Service {
             namespace,
@@ -218,6 +474,9 @@ pub fn resolve(snapshot: &Snapshot, target: &Target, network: &str) -> Result<De
                 service: Some(service),
                 port: *port,
                 endpoints,
+                balancer: None,
+                hash: None,
+                max_requests: None,
             })
         }
         Target::Workload { uid, port, .. } => {
@@ -238,6 +497,9 @@ pub fn resolve(snapshot: &Snapshot, target: &Target, network: &str) -> Result<De
                 service: None,
                 port: *port,
                 endpoints,
+                balancer: None,
+                hash: None,
+                max_requests: None,
             })
         }
     }
@@ -352,10 +614,12 @@ fn empty() -> Body {
         .boxed()
 }
 
-fn full(body: &'static str) -> Body {
-    Full::new(Bytes::from_static(body.as_bytes()))
-        .map_err(|never| match never {})
-        .boxed()
+fn full(body: std::borrow::Cow<'static, str>) -> Body {
+    let bytes = match body {
+        std::borrow::Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+        std::borrow::Cow::Owned(s) => Bytes::from(s),
+    };
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// gRPC status for an HTTP status of a local reply (grpc's
@@ -436,13 +700,41 @@ impl Record {
     /// trailers-only response with the mapped status, as Envoy sends local
     /// replies to gRPC requests.
     fn local_reply(
-        mut self,
+        self,
         status: StatusCode,
         body: &'static str,
         flag: ResponseFlag,
     ) -> Response<Body> {
-        self.flag = flag;
-        let response = if self.grpc {
+        self.refuse(Refusal {
+            status,
+            body: body.into(),
+            flag,
+            headers: HeaderMap::new(),
+        })
+    }
+
+    /// A route's direct response.
+    fn direct(self, status: StatusCode, body: Bytes) -> Response<Body> {
+        let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *response.status_mut() = status;
+        self.respond(response, None)
+    }
+
+    /// A response the waypoint writes itself (a decision's refusal, a
+    /// failure); gRPC clients get it as a trailers-only response with the
+    /// mapped status, as Envoy sends local replies to gRPC requests.
+    fn refuse(mut self, refusal: Refusal) -> Response<Body> {
+        let Refusal {
+            status,
+            body,
+            flag,
+            headers,
+        } = refusal;
+        if flag != ResponseFlag::None || self.flag == ResponseFlag::None {
+            self.flag = flag;
+        }
+        let grpc = self.grpc && !headers.contains_key("grpc-status");
+        let mut response = if grpc {
             let mut response = Response::new(empty());
             let headers = response.headers_mut();
             headers.insert(
@@ -450,16 +742,21 @@ impl Record {
                 HeaderValue::from_static("application/grpc"),
             );
             headers.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
-            headers.insert("grpc-message", HeaderValue::from_static(body));
+            if let Ok(message) = HeaderValue::from_str(&body) {
+                headers.insert("grpc-message", message);
+            }
             response
         } else {
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            if !response.body().is_end_stream() {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
             response
         };
+        response.headers_mut().extend(headers);
         self.respond(response, None)
     }
 

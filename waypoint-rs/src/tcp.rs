@@ -12,18 +12,38 @@ use proxy_core::log_limit::LogLimit;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::access_log;
+use crate::config::Served;
+use crate::http::authorization::{ConnectionFacts, authorize_tcp};
 use crate::metrics::{Peers, TcpLabels};
 use crate::proxy::{Proxy, resolve};
-use crate::request::{Downstream, ResponseFlag, Target};
+use crate::request::{Authz, Downstream, ResponseFlag};
 use crate::upstream::Error;
 
 static FAILED: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
 
-/// Carries one connection to its end.
-pub async fn serve<S>(proxy: &Proxy, downstream: Downstream, target: Target, mut client: S)
+/// Carries one connection to its end: refused when the target is
+/// unservable or an authorization policy denies it (HTTP-only fields read
+/// as istiod's TCP translation reads them), else spliced.
+pub async fn serve<S>(proxy: &Proxy, downstream: Downstream, served: &Served, mut client: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let target = &served.target;
+    let refused = match &served.refusal {
+        Some(unservable) => Some(unservable.to_string()),
+        None => {
+            let facts = ConnectionFacts {
+                downstream: &downstream,
+                target,
+                destination: downstream.connect,
+                sni: None,
+            };
+            match authorize_tcp(served.authorizations.iter().map(|p| p.as_ref()), &facts) {
+                Authz::Denied { policy } => Some(format!("denied by {policy}")),
+                Authz::Allowed => None,
+            }
+        }
+    };
     let start = Instant::now();
     let snapshot = proxy.store.snapshot();
     let mut peers = Peers {
@@ -31,13 +51,28 @@ where
         source: snapshot.workload_by_address(&proxy.config.network, downstream.address.ip()),
         ..Peers::default()
     };
+    if let Some(reason) = refused {
+        let labels = TcpLabels::new(&peers, ResponseFlag::None);
+        proxy.metrics.tcp_opened(&labels);
+        proxy.metrics.tcp_closed(&labels, 0, 0);
+        access_log::connection(
+            &downstream,
+            None,
+            &labels,
+            start.elapsed(),
+            0,
+            0,
+            Some(&reason),
+        );
+        return;
+    }
     let connected = async {
-        let destination = resolve(&snapshot, &target, &proxy.config.network)?;
+        let destination = resolve(&snapshot, target)?;
         peers.service = destination.service.clone();
         let permit = proxy.upstream.admit(&destination)?;
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let endpoint = proxy.upstream.pick(&destination, &tried)?;
+            let (endpoint, _picked) = proxy.upstream.pick(&destination, &tried)?;
             tried.push(endpoint.target);
             peers.destination = Some(endpoint.workload.clone());
             match proxy.upstream.tunnel(endpoint).await {

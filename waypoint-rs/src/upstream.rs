@@ -30,6 +30,7 @@ use proxy_core::identity::{CertificateManager, FetchError};
 use proxy_core::store::{Service, Workload};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::balance::{DestinationBalancer, Outcome, Picked, Weighted};
 use crate::request::ResponseFlag;
 
 pub use client::Clients;
@@ -144,16 +145,17 @@ impl Error {
         }
     }
 
-    /// Whether another try may succeed: Istio's default retry conditions
-    /// (connect-failure, refused-stream, reset) and per-try timeouts.
-    pub fn retriable(&self) -> bool {
-        matches!(
-            self,
+    /// What outlier detection learns from it: whether the endpoint could
+    /// be reached (local-origin failures), `None` when it says nothing
+    /// about the endpoint.
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
             Error::Connect { .. }
-                | Error::Handshake { .. }
-                | Error::Request { .. }
-                | Error::PerTryTimeout { .. }
-        )
+            | Error::Handshake { .. }
+            | Error::Request { .. }
+            | Error::PerTryTimeout { .. } => Some(Outcome::LocalOriginFailure),
+            _ => None,
+        }
     }
 }
 
@@ -167,6 +169,30 @@ pub struct Destination {
     /// The port the client addressed.
     pub port: u16,
     pub endpoints: Vec<Endpoint>,
+    /// The DestinationRule's load balancer and outlier detection; `None`:
+    /// round robin.
+    pub balancer: Option<Arc<DestinationBalancer>>,
+    /// The request's consistent-hash key, when the balancer hashes.
+    pub hash: Option<u64>,
+    /// The DestinationRule's `http2MaxRequests`, else the flag's limit.
+    pub max_requests: Option<u32>,
+}
+
+impl Destination {
+    /// Feeds one try's outcome to outlier detection.
+    pub fn record(&self, endpoint: &Endpoint, result: &Result<http::Response<Body>, Error>) {
+        let Some(balancer) = &self.balancer else {
+            return;
+        };
+        let outcome = match result {
+            Ok(response) => Some(Outcome::Status(response.status().as_u16())),
+            Err(error) => error.outcome(),
+        };
+        if let Some(outcome) = outcome {
+            let now = std::time::Instant::now();
+            balancer.record(&endpoint.workload.uid, outcome, self.endpoints.len(), now);
+        }
+    }
 }
 
 /// One endpoint able to take the request.
@@ -184,7 +210,7 @@ pub struct Upstream {
     identity: SpiffeId,
     pub(crate) clients: Arc<Clients>,
     pub config: UpstreamConfig,
-    breakers: Mutex<HashMap<String, Arc<Semaphore>>>,
+    breakers: Mutex<HashMap<(String, u32), Arc<Semaphore>>>,
     next: AtomicUsize,
 }
 
@@ -219,11 +245,13 @@ impl Upstream {
     /// when they are all taken (a circuit breaker: never a queue). Held
     /// until the response has been passed on.
     pub fn admit(&self, destination: &Destination) -> Result<OwnedSemaphorePermit, Error> {
-        let limit = self.config.max_requests_per_destination;
+        let limit = destination
+            .max_requests
+            .unwrap_or(self.config.max_requests_per_destination);
         let semaphore = {
             let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
             breakers
-                .entry(destination.name.clone())
+                .entry((destination.name.clone(), limit))
                 .or_insert_with(|| {
                     Arc::new(Semaphore::new((limit as usize).min(Semaphore::MAX_PERMITS)))
                 })
@@ -235,25 +263,51 @@ impl Upstream {
         })
     }
 
-    /// The next endpoint in turn, preferring one not tried yet for this
-    /// request (Istio's default retry host predicate `previous_hosts`).
+    /// An endpoint for the next try, preferring one not tried yet for this
+    /// request (Istio's default retry host predicate `previous_hosts`): by
+    /// the destination's balancer (not ejected by outlier detection; the
+    /// `Picked` counts the request in flight until dropped), else in turn.
     pub fn pick<'a>(
         &self,
         destination: &'a Destination,
         tried: &[SocketAddr],
-    ) -> Result<&'a Endpoint, Error> {
+    ) -> Result<(&'a Endpoint, Option<Picked>), Error> {
         let endpoints = &destination.endpoints;
+        let none = || Error::NoHealthyEndpoint {
+            destination: destination.name.clone(),
+            port: destination.port,
+        };
         if endpoints.is_empty() {
-            return Err(Error::NoHealthyEndpoint {
-                destination: destination.name.clone(),
-                port: destination.port,
-            });
+            return Err(none());
+        }
+        if let Some(balancer) = &destination.balancer {
+            let fresh: Vec<&Endpoint> = endpoints
+                .iter()
+                .filter(|e| !tried.contains(&e.target))
+                .collect();
+            let offered = if fresh.is_empty() {
+                endpoints.iter().collect()
+            } else {
+                fresh
+            };
+            let weighted: Vec<Weighted<'_>> = offered
+                .iter()
+                .map(|e| Weighted {
+                    uid: &e.workload.uid,
+                    weight: e.workload.capacity.max(1),
+                })
+                .collect();
+            let now = std::time::Instant::now();
+            let picked = balancer
+                .pick(&weighted, destination.hash, now, &mut rand::rng())
+                .ok_or_else(none)?;
+            return Ok((offered[picked.index], Some(picked)));
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let fresh = (0..endpoints.len())
             .map(|i| &endpoints[(start + i) % endpoints.len()])
             .find(|e| !tried.contains(&e.target));
-        Ok(fresh.unwrap_or(&endpoints[start % endpoints.len()]))
+        Ok((fresh.unwrap_or(&endpoints[start % endpoints.len()]), None))
     }
 
     /// An HBONE tunnel to `endpoint`, as the waypoint itself.

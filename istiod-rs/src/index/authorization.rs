@@ -290,28 +290,38 @@ fn read_values<T>(
     expected: &'static str,
     invalid: &mut Vec<Invalid>,
 ) -> Vec<T> {
-    let before = invalid.len();
+    parse_all(values, parse, |i, v| {
+        invalid.push(Invalid {
+            field: format!("{field}[{i}]"),
+            attribute: field.to_string(),
+            value: v.to_string(),
+            expected,
+        })
+    })
+}
+
+/// Parses every value; when any cannot be read, `unreadable` is told each
+/// one (its index and text) and the result is empty: the field is removed
+/// as a whole, never narrowed to the values that read.
+pub(super) fn parse_all<T>(
+    values: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+    mut unreadable: impl FnMut(usize, &str),
+) -> Vec<T> {
+    let mut failed = false;
     let read: Vec<T> = values
         .iter()
         .enumerate()
         .filter_map(|(i, v)| {
             let parsed = parse(v);
             if parsed.is_none() {
-                invalid.push(Invalid {
-                    field: format!("{field}[{i}]"),
-                    attribute: field.to_string(),
-                    value: v.clone(),
-                    expected,
-                });
+                failed = true;
+                unreadable(i, v);
             }
             parsed
         })
         .collect();
-    if invalid.len() > before {
-        Vec::new()
-    } else {
-        read
-    }
+    if failed { Vec::new() } else { read }
 }
 
 /// Reads one rule; service accounts named without a namespace are in
@@ -458,7 +468,7 @@ fn condition(path: &str, when: &Condition, invalid: &mut Vec<Invalid>) -> Match 
 }
 
 /// `*` -> presence, `*x` -> suffix `x`, `x*` -> prefix `x`, else exact.
-fn string_matches(values: &[String]) -> Vec<StringMatch> {
+pub(super) fn string_matches(values: &[String]) -> Vec<StringMatch> {
     values
         .iter()
         .map(|v| {
@@ -484,7 +494,7 @@ pub(super) fn parse_port(v: &str) -> Option<u32> {
 }
 
 /// An address or CIDR; a bare address is a full-length prefix.
-fn parse_cidr(v: &str) -> Option<Address> {
+pub(super) fn parse_cidr(v: &str) -> Option<Address> {
     let (ip, length) = if v.contains('/') {
         let net: ipnet::IpNet = v.parse().ok()?;
         (net.addr(), u32::from(net.prefix_len()))

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use api::l7::{self as l7p, HttpAuthorization, JwtAuthentication, RouteTable, Waypoint};
 use api::security::{self, Authorization, string_match::MatchType};
 use api::type_url;
 use api::workload::{
@@ -16,12 +17,17 @@ use serde_json::{Map, Value, json};
 use crate::snapshot::{Resource, Snapshot};
 
 /// Every resource of the snapshot, by kind then key:
-/// `{"workloads": {uid: ..}, "services": {key: ..}, "authorizations": {key: ..}}`.
+/// `{"workloads": {uid: ..}, "services": {key: ..}, "authorizations": {key: ..}}`,
+/// and, when there are any, the waypoints' configuration: `"waypoints"`,
+/// `"routeTables"`, `"httpAuthorizations"`, `"jwtAuthentications"`.
 pub fn snapshot_json(snapshot: &Snapshot) -> Value {
     let mut out = json!({"workloads": {}, "services": {}, "authorizations": {}});
     for url in snapshot.type_urls() {
         for (name, r) in snapshot.of_type(url) {
             let (group, value) = decode(r);
+            if out.get(group).is_none() {
+                out[group] = json!({});
+            }
             out[group][name] = value;
         }
     }
@@ -44,6 +50,18 @@ fn decode(r: &Resource) -> (&'static str, Value) {
         type_url::AUTHORIZATION => Authorization::decode(bytes)
             .ok()
             .map(|a| ("authorizations", authorization_json(&a))),
+        type_url::WAYPOINT => Waypoint::decode(bytes)
+            .ok()
+            .map(|w| ("waypoints", waypoint_json(&w))),
+        type_url::ROUTE_TABLE => RouteTable::decode(bytes)
+            .ok()
+            .map(|t| ("routeTables", route_table_json(&t))),
+        type_url::HTTP_AUTHORIZATION => HttpAuthorization::decode(bytes)
+            .ok()
+            .map(|a| ("httpAuthorizations", http_authorization_json(&a))),
+        type_url::JWT_AUTHENTICATION => JwtAuthentication::decode(bytes)
+            .ok()
+            .map(|j| ("jwtAuthentications", jwt_json(&j))),
         _ => None,
     };
     decoded.unwrap_or_else(|| {
@@ -264,4 +282,396 @@ fn authorization_json(a: &Authorization) -> Value {
         .done();
     o["groups"] = Value::Array(groups);
     o
+}
+
+fn served_ports(ports: &[l7p::ServedPort]) -> Vec<Value> {
+    ports
+        .iter()
+        .map(|p| json!({"port": p.port, "protocol": p.protocol().as_str_name()}))
+        .collect()
+}
+
+fn waypoint_json(w: &Waypoint) -> Value {
+    let services: Vec<Value> = w
+        .services
+        .iter()
+        .map(|s| {
+            Obj::default()
+                .put("namespace", s.namespace.clone())
+                .put("hostname", s.hostname.clone())
+                .put("ports", served_ports(&s.ports))
+                .put("routeTable", s.route_table.clone())
+                .put("authorizations", s.authorizations.clone())
+                .put("authentications", s.authentications.clone())
+                .put("denyAllReason", s.deny_all_reason.clone())
+                .done()
+        })
+        .collect();
+    let workloads: Vec<Value> = w
+        .workloads
+        .iter()
+        .map(|wl| {
+            Obj::default()
+                .put("uid", wl.uid.clone())
+                .put(
+                    "addresses",
+                    wl.addresses.iter().map(|a| ip_text(a)).collect::<Vec<_>>(),
+                )
+                .put("ports", served_ports(&wl.ports))
+                .put("authorizations", wl.authorizations.clone())
+                .put("authentications", wl.authentications.clone())
+                .put("denyAllReason", wl.deny_all_reason.clone())
+                .done()
+        })
+        .collect();
+    Obj::default()
+        .put("namespace", w.namespace.clone())
+        .put("name", w.name.clone())
+        .put("services", services)
+        .put("workloads", workloads)
+        .put("gatewayAuthorizations", w.gateway_authorizations.clone())
+        .put("gatewayAuthentications", w.gateway_authentications.clone())
+        .done()
+}
+
+fn duration(d: &Option<prost_types::Duration>) -> Value {
+    match d {
+        Some(d) if d.nanos == 0 => json!(format!("{}s", d.seconds)),
+        Some(d) => json!(format!("{}.{:09}s", d.seconds, d.nanos)),
+        None => Value::Null,
+    }
+}
+
+fn header_match_json(h: &l7p::HeaderMatch) -> Value {
+    use l7p::header_match::Kind;
+    let o = Obj::default().put("name", h.name.clone());
+    match &h.kind {
+        Some(Kind::Exact(v)) => o.name("exact", v),
+        Some(Kind::Regex(v)) => o.name("regex", v),
+        Some(Kind::Prefix(v)) => o.name("prefix", v),
+        Some(Kind::Present(_)) => o.put("present", true),
+        None => o,
+    }
+    .done()
+}
+
+fn header_modifier_json(m: &Option<l7p::HeaderModifier>) -> Value {
+    let Some(m) = m else { return Value::Null };
+    let headers = |h: &[l7p::Header]| {
+        h.iter()
+            .map(|h| json!({"name": h.name, "value": h.value}))
+            .collect::<Vec<_>>()
+    };
+    Obj::default()
+        .put("set", headers(&m.set))
+        .put("add", headers(&m.add))
+        .put("remove", m.remove.clone())
+        .done()
+}
+
+fn path_rewrite_json(p: &Option<l7p::PathRewrite>) -> Value {
+    use l7p::path_rewrite::Kind;
+    match p.as_ref().and_then(|p| p.kind.as_ref()) {
+        Some(Kind::FullPath(v)) => json!({"fullPath": v}),
+        Some(Kind::Prefix(v)) => json!({"prefix": v}),
+        Some(Kind::Regex(r)) => {
+            json!({"regex": {"pattern": r.pattern, "substitution": r.substitution}})
+        }
+        None => Value::Null,
+    }
+}
+
+fn backend_json(b: &l7p::Backend) -> Value {
+    Obj::default()
+        .put("service", b.service.clone())
+        .put("port", b.port)
+        .put("weight", b.weight)
+        .put("subset", b.subset.clone())
+        .put("requestHeaders", header_modifier_json(&b.request_headers))
+        .put("responseHeaders", header_modifier_json(&b.response_headers))
+        .put("invalidReason", b.invalid_reason.clone())
+        .done()
+}
+
+fn route_json(r: &l7p::Route) -> Value {
+    use l7p::path_match::Kind as Path;
+    use l7p::route::Action;
+    let matches: Vec<Value> = r
+        .matches
+        .iter()
+        .map(|m| {
+            let path = m.path.as_ref().map(|p| {
+                let o = match &p.kind {
+                    Some(Path::Exact(v)) => Obj::default().name("exact", v),
+                    Some(Path::SegmentPrefix(v)) => Obj::default().name("segmentPrefix", v),
+                    Some(Path::Prefix(v)) => Obj::default().name("prefix", v),
+                    Some(Path::Regex(v)) => Obj::default().name("regex", v),
+                    None => Obj::default(),
+                };
+                o.put("ignoreCase", p.ignore_case).done()
+            });
+            Obj::default()
+                .put("path", path)
+                .put(
+                    "headers",
+                    m.headers.iter().map(header_match_json).collect::<Vec<_>>(),
+                )
+                .put(
+                    "queryParams",
+                    m.query_params
+                        .iter()
+                        .map(header_match_json)
+                        .collect::<Vec<_>>(),
+                )
+                .put("method", m.method.clone())
+                .put(
+                    "grpc",
+                    m.grpc.as_ref().map(|g| {
+                        Obj::default()
+                            .put("service", g.service.clone())
+                            .put("method", g.method.clone())
+                            .put("regex", g.regex)
+                            .done()
+                    }),
+                )
+                .put(
+                    "withoutHeaders",
+                    m.without_headers
+                        .iter()
+                        .map(header_match_json)
+                        .collect::<Vec<_>>(),
+                )
+                .done()
+        })
+        .collect();
+    let action = match &r.action {
+        Some(Action::Forward(f)) => {
+            json!({"forward": {"backends": f.backends.iter().map(backend_json).collect::<Vec<_>>()}})
+        }
+        Some(Action::Redirect(rd)) => json!({"redirect": Obj::default()
+            .put("scheme", rd.scheme.clone())
+            .put("hostname", rd.hostname.clone())
+            .put("path", path_rewrite_json(&rd.path))
+            .put("port", rd.port)
+            .put("statusCode", rd.status_code)
+            .done()}),
+        Some(Action::DirectResponse(d)) => json!({"directResponse": Obj::default()
+            .put("status", d.status)
+            .put("body", String::from_utf8_lossy(&d.body).into_owned())
+            .done()}),
+        None => Value::Null,
+    };
+    let origin = r.origin.as_ref().map(|o| {
+        json!(format!(
+            "{} {}/{} rule {}",
+            o.kind, o.namespace, o.name, o.rule
+        ))
+    });
+    let mut o = Obj::default()
+        .put("origin", origin)
+        .put("ports", r.ports.clone())
+        .done();
+    // Matches are kept even when empty: no match means "every request".
+    o["matches"] = Value::Array(matches);
+    let rest = Obj::default()
+        .put("action", action)
+        .put("requestHeaders", header_modifier_json(&r.request_headers))
+        .put("responseHeaders", header_modifier_json(&r.response_headers))
+        .put(
+            "rewrite",
+            r.rewrite.as_ref().map(|rw| {
+                Obj::default()
+                    .put("hostname", rw.hostname.clone())
+                    .put("path", path_rewrite_json(&rw.path))
+                    .done()
+            }),
+        )
+        .put(
+            "mirrors",
+            r.mirrors
+                .iter()
+                .map(|m| {
+                    Obj::default()
+                        .put("backend", m.backend.as_ref().map(backend_json))
+                        .put("perMillion", m.per_million)
+                        .done()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .put(
+            "timeouts",
+            r.timeouts.as_ref().map(|t| {
+                Obj::default()
+                    .put("request", duration(&t.request))
+                    .put("perTry", duration(&t.per_try))
+                    .done()
+            }),
+        )
+        .put(
+            "retry",
+            r.retry.as_ref().map(|rt| {
+                Obj::default()
+                    .put("attempts", rt.attempts)
+                    .put("codes", rt.codes.clone())
+                    .put("onConnectFailure", rt.on_connect_failure)
+                    .put("onRefusedStream", rt.on_refused_stream)
+                    .put("onReset", rt.on_reset)
+                    .put("grpcCodes", rt.grpc_codes.clone())
+                    .put("backoff", duration(&rt.backoff))
+                    .done()
+            }),
+        )
+        .done();
+    if let (Value::Object(o), Value::Object(rest)) = (&mut o, rest) {
+        o.extend(rest);
+    }
+    o
+}
+
+fn route_table_json(t: &RouteTable) -> Value {
+    let mut o = Obj::default()
+        .put("namespace", t.namespace.clone())
+        .put("hostname", t.hostname.clone())
+        .done();
+    o["routes"] = Value::Array(t.routes.iter().map(route_json).collect());
+    o
+}
+
+fn string_matches(v: &[security::StringMatch]) -> Vec<Value> {
+    v.iter().map(string_match).collect()
+}
+
+fn http_authorization_json(a: &HttpAuthorization) -> Value {
+    use l7p::condition::Key;
+    use l7p::path_pattern::Kind;
+    let paths = |p: &[l7p::PathPattern]| {
+        p.iter()
+            .map(|p| match &p.kind {
+                Some(Kind::Match(m)) => string_match(m),
+                Some(Kind::Template(t)) => json!({"template": t.segments}),
+                None => json!({}),
+            })
+            .collect::<Vec<_>>()
+    };
+    let rules: Vec<Value> = a
+        .rules
+        .iter()
+        .map(|r| {
+            let from: Vec<Value> = r
+                .from
+                .iter()
+                .map(|s| {
+                    Obj::default()
+                        .put("principals", string_matches(&s.principals))
+                        .put("notPrincipals", string_matches(&s.not_principals))
+                        .put("requestPrincipals", string_matches(&s.request_principals))
+                        .put(
+                            "notRequestPrincipals",
+                            string_matches(&s.not_request_principals),
+                        )
+                        .put("namespaces", string_matches(&s.namespaces))
+                        .put("notNamespaces", string_matches(&s.not_namespaces))
+                        .put("ipBlocks", cidrs(&s.ip_blocks))
+                        .put("notIpBlocks", cidrs(&s.not_ip_blocks))
+                        .put("remoteIpBlocks", cidrs(&s.remote_ip_blocks))
+                        .put("notRemoteIpBlocks", cidrs(&s.not_remote_ip_blocks))
+                        .done()
+                })
+                .collect();
+            let to: Vec<Value> =
+                r.to.iter()
+                    .map(|o| {
+                        Obj::default()
+                            .put("hosts", string_matches(&o.hosts))
+                            .put("notHosts", string_matches(&o.not_hosts))
+                            .put("ports", o.ports.clone())
+                            .put("notPorts", o.not_ports.clone())
+                            .put("methods", string_matches(&o.methods))
+                            .put("notMethods", string_matches(&o.not_methods))
+                            .put("paths", paths(&o.paths))
+                            .put("notPaths", paths(&o.not_paths))
+                            .done()
+                    })
+                    .collect();
+            let when: Vec<Value> = r
+                .when
+                .iter()
+                .map(|c| {
+                    let key = match &c.key {
+                        Some(Key::RequestHeader(h)) => format!("request.headers[{h}]"),
+                        Some(Key::RequestClaim(p)) => format!(
+                            "request.auth.claims{}",
+                            p.path.iter().map(|s| format!("[{s}]")).collect::<String>()
+                        ),
+                        Some(Key::RequestPrincipal(_)) => "request.auth.principal".into(),
+                        Some(Key::RequestAudiences(_)) => "request.auth.audiences".into(),
+                        Some(Key::RequestPresenter(_)) => "request.auth.presenter".into(),
+                        Some(Key::SourceIp(_)) => "source.ip".into(),
+                        Some(Key::RemoteIp(_)) => "remote.ip".into(),
+                        Some(Key::SourceNamespace(_)) => "source.namespace".into(),
+                        Some(Key::SourcePrincipal(_)) => "source.principal".into(),
+                        Some(Key::DestinationIp(_)) => "destination.ip".into(),
+                        Some(Key::DestinationPort(_)) => "destination.port".into(),
+                        Some(Key::ConnectionSni(_)) => "connection.sni".into(),
+                        None => String::new(),
+                    };
+                    Obj::default()
+                        .put("key", key)
+                        .put("values", string_matches(&c.values))
+                        .put("notValues", string_matches(&c.not_values))
+                        .put("ipValues", cidrs(&c.ip_values))
+                        .put("notIpValues", cidrs(&c.not_ip_values))
+                        .done()
+                })
+                .collect();
+            // Kept even when empty: an empty rule matches every request.
+            json!({"from": from, "to": to, "when": when})
+        })
+        .collect();
+    let mut o = Obj::default()
+        .put("namespace", a.namespace.clone())
+        .put("name", a.name.clone())
+        .name("action", a.action().as_str_name())
+        .put("problems", a.problems.clone())
+        .done();
+    o["rules"] = Value::Array(rules);
+    o
+}
+
+fn jwt_json(j: &JwtAuthentication) -> Value {
+    let rules: Vec<Value> = j
+        .rules
+        .iter()
+        .map(|r| {
+            Obj::default()
+                .put("issuer", r.issuer.clone())
+                .put("audiences", r.audiences.clone())
+                .put("jwks", r.jwks.clone())
+                .put("jwksError", r.jwks_error.clone())
+                .put(
+                    "fromHeaders",
+                    r.from_headers
+                        .iter()
+                        .map(|h| json!({"name": h.name, "prefix": h.prefix}))
+                        .collect::<Vec<_>>(),
+                )
+                .put("fromParams", r.from_params.clone())
+                .put("fromCookies", r.from_cookies.clone())
+                .put("forwardOriginalToken", r.forward_original_token)
+                .put("outputPayloadToHeader", r.output_payload_to_header.clone())
+                .put(
+                    "outputClaimToHeaders",
+                    r.output_claim_to_headers
+                        .iter()
+                        .map(|c| json!({"header": c.header, "claim": c.claim}))
+                        .collect::<Vec<_>>(),
+                )
+                .done()
+        })
+        .collect();
+    Obj::default()
+        .put("namespace", j.namespace.clone())
+        .put("name", j.name.clone())
+        .put("rules", rules)
+        .done()
 }

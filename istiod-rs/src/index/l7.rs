@@ -3,7 +3,11 @@
 //! enforce them, and until one does they fail closed at L4.
 //!
 //! For every target a rule attaches to, [`serving`] decides who enforces it
-//! there: a bound waypoint serving the rule, or nobody, and why. Where
+//! there: the waypoint bound there once it has a ready instance (a pod
+//! labelled `gateway.networking.k8s.io/gateway-name` with condition Ready,
+//! see [`binding::ready_waypoints`]): the rule is then translated into the
+//! waypoint's configuration (the `l7/` modules) and nothing stands in for it
+//! at L4. Otherwise nobody enforces it, and the status says why. Where
 //! nobody does, connections to the target's workloads are denied: one DENY
 //! Authorization per rule, `<ns>/unserved_l7_<kind>_<name>` (`_` never
 //! appears in a Kubernetes name, so the key cannot collide with a user's
@@ -20,7 +24,18 @@
 //! route's `parentRefs` kind Service -> that Service's endpoints (parents of
 //! other kinds are gateways' business, not the mesh's). Waypoint instances
 //! are never targeted. Dry-run and AUDIT policies never change access and
-//! are not L7 rules here.
+//! are not L7 rules here. A route whose Service parent is in another
+//! namespace (a GAMMA consumer route) is not served: the waypoint's
+//! configuration cannot scope a route to its clients' namespace.
+//! RequestAuthentications attached by selector or namespace are not served
+//! by waypoints either (upstream's waypoints take `targetRefs` only).
+
+pub(super) mod binding;
+pub(super) mod http_policies;
+pub(super) mod jwt;
+pub(super) mod routes;
+
+use std::collections::BTreeSet;
 
 use api::crd::{AuthorizationAction, AuthorizationPolicy, PolicyTargetReference};
 use api::labels;
@@ -107,6 +122,22 @@ impl TargetOutcome {
     fn denied(&self) -> Option<&Target> {
         self.target.as_ref().filter(|_| self.serving.is_err())
     }
+
+    /// The service (index in [`Services::entries`]) it targets, if any.
+    pub(super) fn service(&self) -> Option<usize> {
+        match &self.target {
+            Some(Target::Service(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The waypoint (`ns/name`) it targets itself, if any.
+    pub(super) fn waypoint(&self) -> Option<&str> {
+        match &self.target {
+            Some(Target::Waypoint(w)) => Some(w),
+            _ => None,
+        }
+    }
 }
 
 /// One L7 rule and what became of each of its targets.
@@ -181,6 +212,8 @@ pub(super) struct Context<'a> {
     pub services: &'a Services<'a>,
     /// The waypoint (`ns/name`) each service is bound to, by index.
     pub service_waypoints: &'a [Option<String>],
+    /// Waypoints (`ns/name`) with at least one ready instance.
+    pub ready_waypoints: &'a BTreeSet<String>,
 }
 
 impl Context<'_> {
@@ -214,7 +247,10 @@ impl Context<'_> {
                 target: r.describe(),
                 waypoint: self.service_waypoints[i].clone(),
             };
-            (Some(Target::Service(i)), serving(binding))
+            (
+                Some(Target::Service(i)),
+                serving(binding, self.ready_waypoints),
+            )
         } else if r.is_gateway() {
             let key = ObjectKey::new(&r.namespace, &r.name);
             match self.state.gateways.get(&key) {
@@ -227,7 +263,10 @@ impl Context<'_> {
                 Some(gw) if gw.spec.gateway_class_name == labels::WAYPOINT_GATEWAY_CLASS => {
                     let waypoint = key.to_string();
                     let binding = Binding::Waypoint(waypoint.clone());
-                    (Some(Target::Waypoint(waypoint)), serving(binding))
+                    (
+                        Some(Target::Waypoint(waypoint)),
+                        serving(binding, self.ready_waypoints),
+                    )
                 }
                 Some(_) => (
                     None,
@@ -262,11 +301,10 @@ enum Binding {
 }
 
 /// Decides who enforces an L7 rule at one target: `Ok(waypoint)` when the
-/// waypoint bound there serves the rule, `Err(why)` when nobody does. The
-/// one place a later change marks rules as served by their waypoint:
-/// istiod-rs serves no L7 configuration to any waypoint yet, so a bound
-/// waypoint cannot enforce the rule either.
-fn serving(binding: Binding) -> Result<String, Unserved> {
+/// waypoint bound there has a ready instance to serve it, `Err(why)` when
+/// nobody does. A waypoint that is still starting keeps the L4 stand-in
+/// DENY: access never opens before the waypoint can enforce the rule.
+fn serving(binding: Binding, ready: &BTreeSet<String>) -> Result<String, Unserved> {
     match binding {
         Binding::Service {
             target,
@@ -275,17 +313,28 @@ fn serving(binding: Binding) -> Result<String, Unserved> {
         Binding::Service {
             target,
             waypoint: Some(waypoint),
-        } => Err(Unserved::WaypointCannotServe {
+        } if !ready.contains(&waypoint) => Err(Unserved::WaypointNotReady {
             target: Some(target),
             waypoint,
         }),
-        Binding::Waypoint(waypoint) => Err(Unserved::WaypointCannotServe {
-            target: None,
-            waypoint,
-        }),
+        Binding::Waypoint(waypoint) if !ready.contains(&waypoint) => {
+            Err(Unserved::WaypointNotReady {
+                target: None,
+                waypoint,
+            })
+        }
+        Binding::Service {
+            waypoint: Some(waypoint),
+            ..
+        }
+        | Binding::Waypoint(waypoint) => Ok(waypoint),
         Binding::Workloads { what } => Err(Unserved::NeedsWaypoint { what }),
     }
 }
+
+/// See [`L7Rules::denials`].
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Denials(Vec<(Option<String>, Vec<Target>)>);
 
 /// Every L7 rule of the cluster and the DENY policies standing in for them.
 #[derive(Debug, Default)]
@@ -344,9 +393,12 @@ impl L7Rules {
                 (None, true) => Target::Mesh,
                 (None, false) => Target::Namespace(key.namespace.clone()),
             };
-            let serving = serving(Binding::Workloads {
-                what: "a RequestAuthentication (JWT validation)",
-            });
+            let serving = serving(
+                Binding::Workloads {
+                    what: "a RequestAuthentication (JWT validation) attached by selector or namespace",
+                },
+                ctx.ready_waypoints,
+            );
             rules.push(rule(
                 object,
                 generation,
@@ -433,6 +485,22 @@ impl L7Rules {
         })
     }
 
+    /// What the workloads' DENY keys are computed from: which targets of
+    /// which rule are denied. It changes with other pods (a waypoint
+    /// instance becoming ready hands its targets over), so a workload built
+    /// under other denials is built again.
+    pub fn denials(&self) -> Denials {
+        Denials(
+            self.rules
+                .iter()
+                .map(|r| {
+                    let denied = r.targets.iter().filter_map(TargetOutcome::denied);
+                    (r.deny_key.clone(), denied.cloned().collect())
+                })
+                .collect(),
+        )
+    }
+
     /// The DENY policies a workload lists, sorted.
     pub fn keys_for(&self, ctx: &Context<'_>, w: &Workload<'_>) -> Vec<String> {
         let mut keys: Vec<String> = self
@@ -505,13 +573,33 @@ fn route_rule(
     if services.is_empty() {
         return None;
     }
-    Some(rule_for_refs(
-        ctx,
-        object,
-        generation,
-        Attachment::RouteParents,
-        services,
-    ))
+    let mut rule = rule_for_refs(ctx, object, generation, Attachment::RouteParents, services);
+    // A consumer route (parent in another namespace) applies only to the
+    // route's own namespace's clients, which a RouteTable cannot express.
+    // A sectionName naming no port of the Service attaches to nothing.
+    for t in &mut rule.targets {
+        let Some(r) = &t.reference else { continue };
+        if let (Some(section), Some(i)) = (&r.section_name, t.service())
+            && ctx.services.entries[i].port_named(section).is_none()
+        {
+            t.target = None;
+            t.serving = Err(Unserved::TargetNotFound {
+                target: format!("port {section:?} of {}", r.describe()),
+            });
+            continue;
+        }
+        if r.namespace != rule.object.key.namespace && t.serving.is_ok() {
+            t.serving = Err(Unserved::UnsupportedTarget {
+                target: format!(
+                    "{} as the parent of a route in namespace {} (a consumer route)",
+                    r.describe(),
+                    rule.object.key.namespace
+                ),
+            });
+        }
+    }
+    rule.deny_key = deny_key(&rule.object, &rule.targets);
+    Some(rule)
 }
 
 fn rule(
@@ -520,15 +608,7 @@ fn rule(
     attachment: Attachment,
     targets: Vec<TargetOutcome>,
 ) -> L7Rule {
-    let denies = targets.iter().any(|t| t.denied().is_some());
-    let deny_key = denies.then(|| {
-        format!(
-            "{}/{UNSERVED_PREFIX}{}_{}",
-            object.key.namespace,
-            object.kind.as_str().to_lowercase(),
-            object.key.name
-        )
-    });
+    let deny_key = deny_key(&object, &targets);
     L7Rule {
         object,
         generation,
@@ -536,4 +616,17 @@ fn rule(
         targets,
         deny_key,
     }
+}
+
+/// The key of a rule's stand-in DENY, when it denies anything.
+fn deny_key(object: &PolicyRef, targets: &[TargetOutcome]) -> Option<String> {
+    let denies = targets.iter().any(|t| t.denied().is_some());
+    denies.then(|| {
+        format!(
+            "{}/{UNSERVED_PREFIX}{}_{}",
+            object.key.namespace,
+            object.kind.as_str().to_lowercase(),
+            object.key.name
+        )
+    })
 }

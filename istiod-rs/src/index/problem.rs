@@ -62,6 +62,15 @@ pub enum Effect {
     TargetsDenied { targets: String },
     /// An L7 rule no waypoint serves, at a target that covers no workload.
     NothingDenied,
+    /// L7: the rule, route or filter holding the value is left out (an
+    /// ALLOW rule matching nothing, a route answering 500).
+    L7Stricter { what: String },
+    /// A setting that does not change access is not applied; `what` says
+    /// what applies instead.
+    DefaultApplies { what: String },
+    /// JWT: tokens of this issuer are rejected (401) until istiod-rs has
+    /// its keys.
+    IssuerRejected { issuer: String },
 }
 
 impl fmt::Display for Effect {
@@ -99,6 +108,12 @@ impl fmt::Display for Effect {
                 "connections to {targets} are denied until a waypoint serves the rule"
             ),
             Effect::NothingDenied => f.write_str("it covers no workload, so nothing is denied"),
+            Effect::L7Stricter { what } => write!(f, "{what}, which is stricter than written"),
+            Effect::DefaultApplies { what } => f.write_str(what),
+            Effect::IssuerRejected { issuer } => write!(
+                f,
+                "the waypoint rejects every token issued by {issuer} (401) until istiod-rs has its keys"
+            ),
         }
     }
 }
@@ -108,10 +123,10 @@ impl fmt::Display for Effect {
 pub enum Unserved {
     /// The target exists but is bound to no waypoint.
     NotBound { target: String },
-    /// The target is (or is bound to) a waypoint, but istiod-rs serves no L7
-    /// configuration to waypoints (yet). `target`: the object bound to it,
-    /// `None` when the target is the waypoint itself.
-    WaypointCannotServe {
+    /// The target is (or is bound to) a waypoint that has no ready
+    /// instance yet. `target`: the object bound to it, `None` when the
+    /// target is the waypoint itself.
+    WaypointNotReady {
         target: Option<String>,
         waypoint: String,
     },
@@ -128,23 +143,20 @@ impl fmt::Display for Unserved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unserved::NotBound { target } => write!(f, "{target} is not bound to a waypoint"),
-            Unserved::WaypointCannotServe {
+            Unserved::WaypointNotReady {
                 target: Some(target),
                 waypoint,
             } => write!(
                 f,
-                "{target} is bound to waypoint {waypoint}, but istiod-rs serves no L7 configuration to waypoints yet"
+                "{target} is bound to waypoint {waypoint}, which has no ready instance yet"
             ),
-            Unserved::WaypointCannotServe {
+            Unserved::WaypointNotReady {
                 target: None,
                 waypoint,
-            } => write!(
-                f,
-                "waypoint {waypoint} cannot enforce it: istiod-rs serves no L7 configuration to waypoints yet"
-            ),
+            } => write!(f, "waypoint {waypoint} has no ready instance yet"),
             Unserved::NeedsWaypoint { what } => write!(
                 f,
-                "{what} can only be enforced by a waypoint, and istiod-rs serves no L7 configuration to waypoints yet"
+                "{what} can only be enforced by a waypoint: attach it with targetRefs to a waypoint or a Service bound to one"
             ),
             Unserved::TargetNotFound { target } => write!(f, "{target} was not found"),
             Unserved::UnsupportedTarget { target } => {
@@ -200,6 +212,25 @@ pub enum PolicyProblem {
         reason: Unserved,
         effect: Effect,
     },
+    /// An L7 field the waypoint configuration cannot carry as written: an
+    /// unknown `when` key, a filter kind, a backend that does not resolve.
+    #[error("{object}: {field}: {reason}; {effect}")]
+    UntranslatableL7 {
+        object: PolicyRef,
+        field: String,
+        reason: String,
+        effect: Effect,
+    },
+    /// A RequestAuthentication rule whose `jwksUri` istiod-rs could not
+    /// fetch (or has not fetched yet).
+    #[error("{object}: {field}: the JWKS of {uri} is unavailable: {error}; {effect}")]
+    JwksUnavailable {
+        object: PolicyRef,
+        field: String,
+        uri: String,
+        error: String,
+        effect: Effect,
+    },
 }
 
 impl PolicyProblem {
@@ -209,7 +240,9 @@ impl PolicyProblem {
             | PolicyProblem::UnsupportedField { object, .. }
             | PolicyProblem::UnsupportedAction { object, .. }
             | PolicyProblem::HttpAttributes { object, .. }
-            | PolicyProblem::UnservedL7 { object, .. } => object,
+            | PolicyProblem::UnservedL7 { object, .. }
+            | PolicyProblem::UntranslatableL7 { object, .. }
+            | PolicyProblem::JwksUnavailable { object, .. } => object,
         }
     }
 
@@ -227,7 +260,9 @@ impl PolicyProblem {
     pub fn field(&self) -> Option<&str> {
         match self {
             PolicyProblem::InvalidValue { field, .. }
-            | PolicyProblem::UnsupportedField { field, .. } => Some(field),
+            | PolicyProblem::UnsupportedField { field, .. }
+            | PolicyProblem::UntranslatableL7 { field, .. }
+            | PolicyProblem::JwksUnavailable { field, .. } => Some(field),
             PolicyProblem::UnsupportedAction { .. } => Some("action"),
             PolicyProblem::HttpAttributes { .. } | PolicyProblem::UnservedL7 { .. } => None,
         }
@@ -239,7 +274,9 @@ impl PolicyProblem {
             | PolicyProblem::UnsupportedField { effect, .. }
             | PolicyProblem::UnsupportedAction { effect, .. }
             | PolicyProblem::HttpAttributes { effect, .. }
-            | PolicyProblem::UnservedL7 { effect, .. } => effect,
+            | PolicyProblem::UnservedL7 { effect, .. }
+            | PolicyProblem::UntranslatableL7 { effect, .. }
+            | PolicyProblem::JwksUnavailable { effect, .. } => effect,
         }
     }
 
@@ -270,6 +307,8 @@ impl PolicyProblem {
             PolicyProblem::UnsupportedAction { .. } => "unsupported_action",
             PolicyProblem::HttpAttributes { .. } => "http_attributes",
             PolicyProblem::UnservedL7 { .. } => "unserved_l7",
+            PolicyProblem::UntranslatableL7 { .. } => "untranslatable_l7",
+            PolicyProblem::JwksUnavailable { .. } => "jwks_unavailable",
         }
     }
 }

@@ -150,7 +150,7 @@ pub(super) fn enrolled(
 }
 
 /// Ready condition true, and not being deleted.
-fn healthy(pod: &Pod) -> bool {
+pub(super) fn healthy(pod: &Pod) -> bool {
     let ready = pod
         .status
         .as_ref()

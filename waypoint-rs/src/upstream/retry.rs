@@ -33,13 +33,56 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// Answers retried (HTTP statuses).
     pub codes: Vec<u16>,
+    /// Answers retried (gRPC statuses, from `grpc-status` in the headers).
+    pub grpc_codes: Vec<u32>,
+    /// The endpoint could not be reached (connect-failure).
+    pub on_connect_failure: bool,
+    /// The endpoint's connection ended before the answer (reset,
+    /// refused-stream), or a try ran past the per-try timeout.
+    pub on_reset: bool,
     /// First backoff.
     pub backoff: Duration,
 }
 
-/// gRPC statuses Istio's default policy retries: `cancelled` (1) and
-/// `unavailable` (14).
-const RETRIED_GRPC: [&str; 2] = ["1", "14"];
+impl RetryPolicy {
+    /// Istio's default route policy (`DefaultPolicy`): 2 retries on
+    /// connect-failure, refused-stream, unavailable (14), cancelled (1) and
+    /// 503. Ours also retries resets and per-try timeouts (of replayable
+    /// requests only).
+    pub fn istio_default(attempts: u32, backoff: Duration) -> Self {
+        RetryPolicy {
+            attempts,
+            codes: vec![503],
+            grpc_codes: vec![1, 14],
+            on_connect_failure: true,
+            on_reset: true,
+            backoff,
+        }
+    }
+
+    /// A route's policy (`HTTPRoute.retry`, VirtualService `retries`);
+    /// `backoff` when the route gives none.
+    pub fn from_route(route: &crate::http::route::RetryPolicy, backoff: Duration) -> Self {
+        RetryPolicy {
+            attempts: route.attempts,
+            codes: route.codes.clone(),
+            grpc_codes: route.grpc_codes.clone(),
+            on_connect_failure: route.on_connect_failure,
+            on_reset: route.on_reset || route.on_refused_stream,
+            backoff: route.backoff.unwrap_or(backoff),
+        }
+    }
+
+    fn retries(&self, error: &Error) -> bool {
+        match error {
+            Error::Certificate(_) | Error::Connect { .. } | Error::Handshake { .. } => {
+                self.on_connect_failure
+            }
+            Error::Request { .. } | Error::PerTryTimeout { .. } => self.on_reset,
+            _ => false,
+        }
+    }
+}
 
 /// A request body as the tries see it.
 pub enum RequestBody {
@@ -139,8 +182,8 @@ fn retried_answer(policy: &RetryPolicy, response: &http::Response<Body>) -> bool
         || response
             .headers()
             .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|s| RETRIED_GRPC.contains(&s))
+            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+            .is_some_and(|s| policy.grpc_codes.contains(&s))
 }
 
 /// Sends the request to the destination's endpoints until one answers
@@ -168,7 +211,7 @@ pub async fn forward(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let endpoint = match upstream.pick(destination, &tried) {
+        let (endpoint, picked) = match upstream.pick(destination, &tried) {
             Ok(endpoint) => endpoint,
             Err(error) => {
                 return Err(Failure {
@@ -192,6 +235,8 @@ pub async fn forward(
             }
             None => sent.await,
         };
+        destination.record(endpoint, &result);
+        drop(picked);
         let retry_left = tries <= retries;
         match result {
             Ok(response) if retried_answer(policy, &response) => {
@@ -221,21 +266,24 @@ pub async fn forward(
                     tries,
                 });
             }
-            Err(error) if error.retriable() && retry_left => {
+            Err(error) if policy.retries(&error) && retry_left => {
                 if let Some(delay) = backoff.next() {
                     tracing::debug!(endpoint = %endpoint.target, %error, "retrying");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
-                return Err(failure(error, endpoint.workload.clone(), tries));
+                return Err(failure(error, endpoint.workload.clone(), tries, true));
             }
-            Err(error) => return Err(failure(error, endpoint.workload.clone(), tries)),
+            Err(error) => {
+                let retried = policy.retries(&error);
+                return Err(failure(error, endpoint.workload.clone(), tries, retried));
+            }
         }
     }
 }
 
-fn failure(error: Error, endpoint: Arc<Workload>, tries: u32) -> Failure {
-    let flag = if tries > 1 && error.retriable() {
+fn failure(error: Error, endpoint: Arc<Workload>, tries: u32, retriable: bool) -> Failure {
+    let flag = if tries > 1 && retriable {
         ResponseFlag::UpstreamRetryLimitExceeded
     } else {
         error.flag()

@@ -34,9 +34,10 @@ use proxy_core::identity::{ManagerConfig, WorkloadCertificate};
 use proxy_core::store::WorkloadStore;
 use proxy_core::testing::{TestCa, TestSigner};
 use proxy_core::xds::handlers::AddressHandler;
-use proxy_core::xds::{Handler as _, Update};
+use proxy_core::xds::{Handler, Update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waypoint_rs::app::{DataPath, DataPathConfig};
+use waypoint_rs::config::L7Store;
 use waypoint_rs::inbound::Me;
 use waypoint_rs::metrics::Metrics;
 use waypoint_rs::proxy::ProxyConfig;
@@ -66,11 +67,7 @@ pub fn test_config() -> ProxyConfig {
             hbone_port: 0,
             request_timeout: None,
             per_try_timeout: None,
-            retry: RetryPolicy {
-                attempts: 0,
-                codes: vec![503],
-                backoff: Duration::from_millis(1),
-            },
+            retry: RetryPolicy::istio_default(0, Duration::from_millis(1)),
             retry_buffer_limit: 64 * 1024,
             max_requests_per_destination: u32::MAX,
             max_idle_connections_per_endpoint: 16,
@@ -82,6 +79,7 @@ pub fn test_config() -> ProxyConfig {
 pub struct Mesh {
     pub ca: Arc<TestCa>,
     pub store: WorkloadStore,
+    pub l7: L7Store,
     pub registry: Registry,
     pub data_path: DataPath,
     pub waypoint_identity: SpiffeId,
@@ -104,6 +102,7 @@ impl Mesh {
         let client_identity = ca.identity("client-ns", "client");
         let certificates = TestSigner::new(ca.clone()).manager(ManagerConfig::default());
         let store = WorkloadStore::new();
+        let l7 = L7Store::new();
         let mut registry = proxy_core::metrics::new_registry();
         let metrics = Metrics::register(&mut registry);
         let ip = |host: u8| IpAddr::V4(Ipv4Addr::new(127, subnet[0], subnet[1], host));
@@ -125,6 +124,7 @@ impl Mesh {
             pool: PoolConfig::default(),
             hbone_address: SocketAddr::new(ip(1), port),
             store: store.clone(),
+            l7: l7.clone(),
             certificates,
             identity: waypoint_identity.clone(),
             me,
@@ -137,6 +137,7 @@ impl Mesh {
         let mesh = Mesh {
             ca,
             store,
+            l7,
             registry,
             data_path,
             waypoint_identity,
@@ -174,6 +175,20 @@ impl Mesh {
         AddressHandler::new(self.store.clone())
             .apply(updates)
             .expect("the store takes the resources");
+    }
+
+    /// Applies one L7 resource as an xDS response of its type would;
+    /// panics on a NACK.
+    pub fn apply_l7<T, H>(&self, handler: fn(L7Store) -> H, name: &str, resource: T)
+    where
+        H: Handler<T>,
+    {
+        handler(self.l7.clone())
+            .apply(vec![Update {
+                name: name.to_string(),
+                resource: Some(resource),
+            }])
+            .unwrap_or_else(|rejected| panic!("{name} NACKed: {rejected:?}"));
     }
 
     /// A service `name.default.svc.cluster.local` at VIP `ip(host)` bound to

@@ -1,0 +1,255 @@
+//! The L7 configuration applied by the data path, in order, on loopback:
+//! the served lookup from the `Waypoint` resource, authorization (403),
+//! routing (header route, 404 `NR`, direct response), response header
+//! changes, and the fallback refused once L7 configuration is served.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::net::SocketAddr;
+
+use api::l7;
+use api::security::{StringMatch, string_match};
+use harness::{App, Mesh, PATIENCE, empty, service};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use waypoint_rs::config::{AuthorizationHandler, RouteTableHandler, WaypointHandler};
+
+const ECHO: &str = "default/echo.default.svc.cluster.local";
+const ECHO_V2: &str = "default/echo-v2.default.svc.cluster.local";
+
+fn exact(value: &str) -> StringMatch {
+    StringMatch {
+        match_type: Some(string_match::MatchType::Exact(value.to_string())),
+    }
+}
+
+fn forward_to(service: &str) -> Option<l7::route::Action> {
+    Some(l7::route::Action::Forward(l7::Forward {
+        backends: vec![l7::Backend {
+            service: service.to_string(),
+            port: 80,
+            weight: 1,
+            ..Default::default()
+        }],
+    }))
+}
+
+/// `echo` (v1 at .10) and `echo-v2` (at .11); echo's routes: `x-version:
+/// v2` to echo-v2 (marked by a response header), `/api` to echo,
+/// `/teapot` answered directly; DELETE denied.
+async fn routed_mesh() -> (Mesh, Vec<harness::Endpoint>) {
+    let mesh = Mesh::start(|_| {}).await;
+    let mut endpoints = mesh
+        .service("echo", 100, &[(80, 8080)], &[10], App::echo("echo-v1"))
+        .await;
+    endpoints.extend(
+        mesh.service("echo-v2", 101, &[(80, 8080)], &[11], App::echo("echo-v2"))
+            .await,
+    );
+    mesh.apply_l7(
+        AuthorizationHandler::new,
+        "default/deny-delete",
+        l7::HttpAuthorization {
+            namespace: "default".into(),
+            name: "deny-delete".into(),
+            action: l7::Action::Deny as i32,
+            rules: vec![l7::Rule {
+                to: vec![l7::RequestOperation {
+                    methods: vec![exact("DELETE")],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let header_route = l7::Route {
+        matches: vec![l7::RouteMatch {
+            headers: vec![l7::HeaderMatch {
+                name: "x-version".into(),
+                kind: Some(l7::header_match::Kind::Exact("v2".into())),
+            }],
+            ..Default::default()
+        }],
+        action: forward_to(ECHO_V2),
+        response_headers: Some(l7::HeaderModifier {
+            set: vec![l7::Header {
+                name: "x-routed".into(),
+                value: "v2".into(),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let api_route = l7::Route {
+        matches: vec![l7::RouteMatch {
+            path: Some(l7::PathMatch {
+                kind: Some(l7::path_match::Kind::SegmentPrefix("/api".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        action: forward_to(ECHO),
+        ..Default::default()
+    };
+    let teapot = l7::Route {
+        matches: vec![l7::RouteMatch {
+            path: Some(l7::PathMatch {
+                kind: Some(l7::path_match::Kind::Exact("/teapot".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        action: Some(l7::route::Action::DirectResponse(l7::DirectResponse {
+            status: 418,
+            body: b"short".to_vec(),
+        })),
+        ..Default::default()
+    };
+    mesh.apply_l7(
+        RouteTableHandler::new,
+        ECHO,
+        l7::RouteTable {
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            routes: vec![header_route, api_route, teapot],
+        },
+    );
+    mesh.apply_l7(
+        WaypointHandler::new,
+        "waypoint-ns/waypoint",
+        l7::Waypoint {
+            namespace: "waypoint-ns".into(),
+            name: "waypoint".into(),
+            services: vec![l7::ServedService {
+                namespace: "default".into(),
+                hostname: "echo.default.svc.cluster.local".into(),
+                ports: vec![l7::ServedPort {
+                    port: 80,
+                    protocol: l7::Protocol::Http as i32,
+                }],
+                route_table: ECHO.into(),
+                authorizations: vec!["default/deny-delete".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    (mesh, endpoints)
+}
+
+async fn call(
+    mesh: &Mesh,
+    method: &str,
+    path: &str,
+    version: Option<&str>,
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "echo.default");
+    if let Some(v) = version {
+        request = request.header("x-version", v);
+    }
+    let response = client
+        .send_request(request.body(empty()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn requests_are_authorized_then_routed_by_the_l7_configuration() {
+    let (mesh, _endpoints) = routed_mesh().await;
+
+    let (status, _, body) = call(&mesh, "GET", "/api/items", None).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "echo-v1: GET /api/items HTTP/1.1")
+    );
+
+    let (status, headers, body) = call(&mesh, "GET", "/api/items", Some("v2")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "echo-v2: GET /api/items HTTP/1.1")
+    );
+    assert_eq!(headers["x-routed"], "v2");
+
+    // Authorization comes before routing: denied even where no route matches.
+    for path in ["/api/items", "/nowhere"] {
+        let (status, _, body) = call(&mesh, "DELETE", path, None).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::FORBIDDEN, "RBAC: access denied")
+        );
+    }
+
+    let (status, _, _) = call(&mesh, "GET", "/nowhere", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = call(&mesh, "GET", "/teapot", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::IM_A_TEAPOT, "short"));
+
+    mesh.wait_for_sample(
+        "istio_requests_total",
+        &[("response_code", "404"), ("response_flags", "NR")],
+        1.0,
+    )
+    .await;
+    mesh.wait_for_sample(
+        "istio_requests_total",
+        &[
+            ("response_code", "403"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/client-ns/sa/client",
+            ),
+        ],
+        2.0,
+    )
+    .await;
+    mesh.wait_for_sample(
+        "istio_requests_total",
+        &[
+            ("response_code", "200"),
+            ("destination_service", "echo-v2.default.svc.cluster.local"),
+            ("destination_workload", "echo-v2-0"),
+        ],
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn once_l7_configuration_is_served_only_what_it_lists_is_accepted() {
+    let (mesh, _endpoints) = routed_mesh().await;
+    // Bound to this waypoint in the workload API, but not listed by the
+    // Waypoint resource (e.g. its rules are not handed over yet): refused.
+    let refused = mesh
+        .connect(SocketAddr::new(mesh.ip(101), 80))
+        .await
+        .expect_err("not listed");
+    assert_eq!(refused.status(), Some(StatusCode::BAD_REQUEST));
+    // So is a service bound in the workload API after the fact.
+    mesh.apply(vec![
+        service("other", "default", mesh.ip(102), &[(80, 8080)])
+            .waypoint(mesh.ip(1))
+            .into(),
+    ]);
+    assert!(
+        mesh.connect(SocketAddr::new(mesh.ip(102), 80))
+            .await
+            .is_err()
+    );
+}
