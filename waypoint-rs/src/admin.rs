@@ -1,8 +1,10 @@
 //! The waypoint's part of `/config_dump` on 15000 (proxy-core's admin
-//! server holds the workload store, certificates and configuration): under
-//! `waypoint`, its own identity and address, what it serves (the services
-//! and workloads bound to it, with their ports and protocols), the HTTP
-//! connections it holds to endpoints, and the tunnels open now.
+//! server holds the workload store, certificates and configuration; the
+//! `l7` section, from `config`, what the L7 configuration lists): under
+//! `waypoint`, its own identity and address, the services and workloads
+//! whose workload-API `waypoint` is this one (`bound`: what it serves while
+//! istiod sends no `Waypoint` resource), the HTTP connections it holds to
+//! endpoints, and the tunnels open now.
 
 use std::sync::Arc;
 
@@ -22,8 +24,8 @@ pub struct WaypointDump {
 }
 
 impl WaypointDump {
-    /// Services and workloads bound to this waypoint.
-    pub fn served(&self) -> Value {
+    /// Services and workloads bound to this waypoint in the workload API.
+    pub fn bound(&self) -> Value {
         let snapshot = self.proxy.store.snapshot();
         let bound = |gw: &Option<proxy_core::store::GatewayAddress>| {
             gw.as_ref().is_some_and(|gw| is_me(&snapshot, &self.me, gw))
@@ -63,7 +65,7 @@ impl DumpSection for WaypointDump {
         json!({
             "identity": self.identity.to_string(),
             "address": self.me,
-            "served": self.served(),
+            "bound": self.bound(),
             "upstreamConnections": self.proxy.upstream.connections(),
             "liveTunnels": self.drain.live(),
             "draining": self.drain.is_draining(),

@@ -262,11 +262,19 @@ async fn the_waypoint_gets_its_identity_and_config_serves_and_drains() {
         node.starts_with(&format!("waypoint~{waypoint_ip}~waypoint-abc.waypoint-ns~")),
         "{node}"
     );
-    assert!(
-        subscriptions
-            .iter()
-            .any(|(_, type_url)| type_url == api::type_url::ADDRESS)
-    );
+    for wanted in [
+        api::type_url::ADDRESS,
+        api::type_url::WAYPOINT,
+        api::type_url::ROUTE_TABLE,
+        api::type_url::HTTP_AUTHORIZATION,
+        api::type_url::JWT_AUTHENTICATION,
+        api::type_url::TRAFFIC_POLICY,
+    ] {
+        assert!(
+            subscriptions.iter().any(|(_, type_url)| type_url == wanted),
+            "subscribes to {wanted}"
+        );
+    }
 
     // /config_dump says what it serves; /metrics has the registry.
     let dump = wait_for_status(app.servers.admin, "/config_dump", 200).await;
@@ -275,11 +283,9 @@ async fn the_waypoint_gets_its_identity_and_config_serves_and_drains() {
         dump["waypoint"]["identity"],
         "spiffe://cluster.local/ns/waypoint-ns/sa/waypoint"
     );
-    assert_eq!(
-        dump["waypoint"]["served"]["services"][0]["service"],
-        svc_key
-    );
+    assert_eq!(dump["waypoint"]["bound"]["services"][0]["service"], svc_key);
     assert_eq!(dump["certificates"][0]["state"], "Available");
+    assert!(dump["l7"].is_object(), "the L7 configuration is dumped too");
     let metrics = wait_for_status(app.servers.stats, "/metrics", 200).await;
     assert!(metrics.contains("istio_xds"), "{metrics}");
 
