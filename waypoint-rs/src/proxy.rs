@@ -246,6 +246,9 @@ impl Proxy {
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
         let head = upstream_head(&parts, &served.target);
+        if let Some(route) = route {
+            self.mirror(route, &snapshot, &served.target, &head, &body, &downstream);
+        }
         let timeouts = route.map(|r| r.timeouts).unwrap_or_default();
         let retry = route
             .and_then(|r| r.retry.as_ref())
@@ -292,14 +295,62 @@ impl Proxy {
         }
     }
 
+    /// Sends a copy of the request to each of the route's mirrors drawn for
+    /// it, without waiting and without retries; the answers are dropped.
+    /// The copy's authority gets `-shadow` appended, as Envoy's request
+    /// mirror policy does, so the mirror can tell. A streaming body (not
+    /// replayable) is not mirrored.
+    fn mirror(
+        self: &Arc<Self>,
+        route: &route::Route,
+        snapshot: &Snapshot,
+        target: &Target,
+        head: &Head,
+        body: &RequestBody,
+        downstream: &Downstream,
+    ) {
+        for mirror in &route.mirrors {
+            if !mirror.sampled(&mut rand::rng()) {
+                continue;
+            }
+            let Some(copy) = body.copy() else {
+                return;
+            };
+            let backend = route::Destination::Service {
+                service: mirror.backend.service.clone(),
+                port: mirror.backend.port.unwrap_or(target.port()),
+                subset: mirror.backend.subset.clone(),
+            };
+            let request = Request::new(());
+            let Ok(destination) = self.destination(snapshot, &backend, &request, downstream) else {
+                continue;
+            };
+            let mut head = head.clone();
+            shadow_authority(&mut head);
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let once = RetryPolicy {
+                    attempts: 0,
+                    ..proxy.config.upstream.retry.clone()
+                };
+                let per_try = proxy.config.upstream.per_try_timeout;
+                let sent =
+                    retry::forward(&proxy.upstream, &destination, head, copy, &once, per_try);
+                if let Err(failure) = sent.await {
+                    tracing::debug!(error = %failure.error, "mirrored request failed");
+                }
+            });
+        }
+    }
+
     /// The endpoints a routing decision sends to, with the destination's
     /// DestinationRule applied: subset, load balancer, outlier detection,
     /// `http2MaxRequests`.
-    fn destination(
+    fn destination<B>(
         &self,
         snapshot: &Snapshot,
         destination: &route::Destination,
-        request: &Request<Incoming>,
+        request: &Request<B>,
         downstream: &Downstream,
     ) -> Result<Destination, Error> {
         let (service, port, subset) = match destination {
@@ -545,6 +596,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `te: trailers` is end to end for gRPC.
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `host` -> `host-shadow` (port kept), in the URI or `Host`.
+fn shadow_authority(head: &mut Head) {
+    let shadow = |authority: &str| match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("{host}-shadow:{port}"),
+        _ => format!("{authority}-shadow"),
+    };
+    if let Some(authority) = head.uri.authority().map(|a| a.to_string()) {
+        let mut parts = head.uri.clone().into_parts();
+        parts.authority = http::uri::Authority::try_from(shadow(&authority)).ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            head.uri = uri;
+        }
+    }
+    if let Some(host) = head.headers.get(header::HOST).and_then(|h| h.to_str().ok())
+        && let Ok(value) = HeaderValue::from_str(&shadow(host))
+    {
+        head.headers.insert(header::HOST, value);
     }
 }
 

@@ -531,3 +531,48 @@ async fn an_invalid_token_is_401_before_authorization_and_no_token_passes() {
             .contains_key(http::header::WWW_AUTHENTICATE)
     );
 }
+
+#[tokio::test]
+async fn a_mirror_gets_a_copy_with_a_shadow_authority() {
+    let route = l7::Route {
+        mirrors: vec![l7::Mirror {
+            backend: Some(l7::Backend {
+                service: "default/shadow.default.svc.cluster.local".into(),
+                port: 80,
+                weight: 1,
+                ..Default::default()
+            }),
+            per_million: 1_000_000,
+        }],
+        ..to_svc()
+    };
+    let (mesh, _endpoints) = one_route(vec![status_app(200)], route, None).await;
+    let hosts = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let shadow = App::http({
+        let hosts = hosts.clone();
+        move |request| {
+            let host = request.headers()[http::header::HOST]
+                .to_str()
+                .unwrap()
+                .to_string();
+            hosts.lock().unwrap().push(host);
+            async move { harness::text_response(500, "the mirror's answer is dropped") }
+        }
+    });
+    let _shadow = mesh
+        .service("shadow", 101, &[(80, 8080)], &[20], shadow)
+        .await;
+    assert_eq!(
+        get(&mesh).await,
+        (StatusCode::OK, "from the app".to_string())
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while hosts.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mirror got nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(hosts.lock().unwrap().clone(), ["svc.default-shadow"]);
+}

@@ -115,6 +115,17 @@ impl RequestBody {
         matches!(self, RequestBody::Replayable { .. })
     }
 
+    /// A copy for a mirror: only a replayable body can be sent twice.
+    pub fn copy(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Replayable { data, trailers } => Some(RequestBody::Replayable {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            RequestBody::Once(_) => None,
+        }
+    }
+
     /// The body for the next try.
     fn for_try(&mut self) -> Body {
         match self {
