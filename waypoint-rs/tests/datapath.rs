@@ -89,7 +89,7 @@ async fn a_connect_to_a_bound_service_is_forwarded_to_an_endpoint_as_the_waypoin
 #[tokio::test]
 async fn connects_to_addresses_not_bound_here_are_refused() {
     let mesh = Mesh::start(|_| {}).await;
-    let _endpoints1 = mesh
+    let _endpoints = mesh
         .service("mine", 100, &[(80, 8080)], &[10], App::echo("mine-0"))
         .await;
     // A service bound to another waypoint, a workload bound to none.
@@ -136,7 +136,7 @@ async fn connects_to_addresses_not_bound_here_are_refused() {
 #[tokio::test]
 async fn a_client_without_a_mesh_certificate_is_refused() {
     let mesh = Mesh::start(|_| {}).await;
-    let _endpoints2 = mesh
+    let _endpoints = mesh
         .service("echo", 100, &[(80, 8080)], &[10], App::echo("echo-0"))
         .await;
     // Signed by another CA, though it trusts the mesh root.
@@ -192,7 +192,7 @@ async fn http1_connections_to_an_endpoint_are_reused() {
 #[tokio::test]
 async fn a_server_first_protocol_is_carried_as_tcp_without_hanging() {
     let mesh = Mesh::start(|_| {}).await;
-    let _endpoints3 = mesh
+    let _endpoints = mesh
         .service(
             "db",
             100,
@@ -254,7 +254,7 @@ async fn a_websocket_upgrade_is_spliced_end_to_end() {
             .body(empty())
             .unwrap()
     });
-    let _endpoints4 = mesh.service("ws", 100, &[(80, 8080)], &[10], app).await;
+    let _endpoints = mesh.service("ws", 100, &[(80, 8080)], &[10], app).await;
     let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
     let request = Request::builder()
         .uri("/chat")
@@ -304,7 +304,7 @@ fn grpc_app() -> App {
 #[tokio::test]
 async fn grpc_streams_carry_trailers_and_label_grpc_status() {
     let mesh = Mesh::start(|_| {}).await;
-    let _endpoints5 = mesh
+    let _endpoints = mesh
         .service("grpc", 100, &[(9090, 9090)], &[10], grpc_app())
         .await;
     let mut client = mesh.http2(SocketAddr::new(mesh.ip(100), 9090)).await;
@@ -361,7 +361,7 @@ fn flaky(failures: usize, seen: Arc<AtomicUsize>) -> App {
 async fn a_flaky_endpoint_is_retried_and_exhausted_retries_say_urx() {
     let mesh = Mesh::start(|c| c.upstream.retry.attempts = 2).await;
     let seen = Arc::new(AtomicUsize::new(0));
-    let _endpoints6 = mesh
+    let _endpoints = mesh
         .service("flaky", 100, &[(80, 8080)], &[10], flaky(1, seen.clone()))
         .await;
     let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
@@ -375,7 +375,7 @@ async fn a_flaky_endpoint_is_retried_and_exhausted_retries_say_urx() {
 
     // Always failing: the last answer, flagged URX, after 1 + 2 tries.
     let broken = Arc::new(AtomicUsize::new(0));
-    let _endpoints7 = mesh
+    let _endpoints = mesh
         .service(
             "broken",
             101,
@@ -407,11 +407,37 @@ fn held(release: Arc<Notify>, arrived: Arc<Notify>) -> App {
     })
 }
 
+/// A service `name` at .100 whose endpoint holds every request until
+/// `release`; one request from a client is already in flight there.
+async fn one_request_held(
+    mesh: &Mesh,
+    name: &'static str,
+) -> (
+    Vec<harness::Endpoint>,
+    Arc<Notify>,
+    tokio::task::JoinHandle<hyper::Result<http::Response<hyper::body::Incoming>>>,
+) {
+    let (release, arrived) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let endpoints = mesh
+        .service(
+            name,
+            100,
+            &[(80, 8080)],
+            &[10],
+            held(release.clone(), arrived.clone()),
+        )
+        .await;
+    let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
+    let in_flight = tokio::spawn(async move { client.send_request(get("/", name)).await });
+    arrived.notified().await;
+    (endpoints, release, in_flight)
+}
+
 #[tokio::test]
 async fn a_request_past_its_timeout_gets_504() {
     let mesh = Mesh::start(|c| c.upstream.request_timeout = Some(Duration::from_millis(100))).await;
     let never = Arc::new(Notify::new());
-    let _endpoints8 = mesh
+    let _endpoints = mesh
         .service(
             "slow",
             100,
@@ -435,21 +461,8 @@ async fn a_request_past_its_timeout_gets_504() {
 #[tokio::test]
 async fn the_circuit_breaker_refuses_past_the_limit_at_once() {
     let mesh = Mesh::start(|c| c.upstream.max_requests_per_destination = 1).await;
-    let (release, arrived) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let _endpoints9 = mesh
-        .service(
-            "busy",
-            100,
-            &[(80, 8080)],
-            &[10],
-            held(release.clone(), arrived.clone()),
-        )
-        .await;
-    let vip = SocketAddr::new(mesh.ip(100), 80);
-    let mut first = mesh.http1(vip).await;
-    let in_flight = tokio::spawn(async move { first.send_request(get("/", "busy")).await });
-    arrived.notified().await;
-    let mut second = mesh.http1(vip).await;
+    let (_endpoints, release, in_flight) = one_request_held(&mesh, "busy").await;
+    let mut second = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
     let refused = second.send_request(get("/", "busy")).await.unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(text(refused).await.contains("overflow"));
@@ -463,7 +476,7 @@ async fn the_circuit_breaker_refuses_past_the_limit_at_once() {
 #[tokio::test]
 async fn a_service_without_ready_endpoints_gets_503_uh() {
     let mesh = Mesh::start(|_| {}).await;
-    let _endpoints10 = mesh
+    let _endpoints = mesh
         .service("empty", 100, &[(80, 8080)], &[], App::echo("none"))
         .await;
     let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
@@ -477,20 +490,8 @@ async fn a_service_without_ready_endpoints_gets_503_uh() {
 #[tokio::test]
 async fn drain_finishes_requests_in_flight_and_refuses_new_tunnels() {
     let mesh = Mesh::start(|_| {}).await;
-    let (release, arrived) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let _endpoints11 = mesh
-        .service(
-            "held",
-            100,
-            &[(80, 8080)],
-            &[10],
-            held(release.clone(), arrived.clone()),
-        )
-        .await;
+    let (_endpoints, release, in_flight) = one_request_held(&mesh, "held").await;
     let vip = SocketAddr::new(mesh.ip(100), 80);
-    let mut client = mesh.http1(vip).await;
-    let in_flight = tokio::spawn(async move { client.send_request(get("/", "held")).await });
-    arrived.notified().await;
 
     let data_path = Arc::new(mesh.data_path);
     let draining = tokio::spawn({

@@ -29,6 +29,20 @@ fn exact(value: &str) -> StringMatch {
     }
 }
 
+/// Applies the waypoint's `Waypoint` resource listing `service`.
+fn list(mesh: &Mesh, service: l7::ServedService) {
+    mesh.apply_l7(
+        WaypointHandler::new,
+        "waypoint-ns/waypoint",
+        l7::Waypoint {
+            namespace: "waypoint-ns".into(),
+            name: "waypoint".into(),
+            services: vec![service],
+            ..Default::default()
+        },
+    );
+}
+
 fn forward_to(service: &str) -> Option<l7::route::Action> {
     Some(l7::route::Action::Forward(l7::Forward {
         backends: vec![l7::Backend {
@@ -121,23 +135,17 @@ async fn routed_mesh() -> (Mesh, Vec<harness::Endpoint>) {
             routes: vec![header_route, api_route, teapot],
         },
     );
-    mesh.apply_l7(
-        WaypointHandler::new,
-        "waypoint-ns/waypoint",
-        l7::Waypoint {
-            namespace: "waypoint-ns".into(),
-            name: "waypoint".into(),
-            services: vec![l7::ServedService {
-                namespace: "default".into(),
-                hostname: "echo.default.svc.cluster.local".into(),
-                ports: vec![l7::ServedPort {
-                    port: 80,
-                    protocol: l7::Protocol::Http as i32,
-                }],
-                route_table: ECHO.into(),
-                authorizations: vec!["default/deny-delete".into()],
-                ..Default::default()
+    list(
+        &mesh,
+        l7::ServedService {
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            ports: vec![l7::ServedPort {
+                port: 80,
+                protocol: l7::Protocol::Http as i32,
             }],
+            route_table: ECHO.into(),
+            authorizations: vec!["default/deny-delete".into()],
             ..Default::default()
         },
     );
@@ -308,18 +316,12 @@ async fn one_route(
             routes: vec![route],
         },
     );
-    mesh.apply_l7(
-        WaypointHandler::new,
-        "waypoint-ns/waypoint",
-        l7::Waypoint {
-            namespace: "waypoint-ns".into(),
-            name: "waypoint".into(),
-            services: vec![l7::ServedService {
-                namespace: "default".into(),
-                hostname: "svc.default.svc.cluster.local".into(),
-                route_table: key.into(),
-                ..Default::default()
-            }],
+    list(
+        &mesh,
+        l7::ServedService {
+            namespace: "default".into(),
+            hostname: "svc.default.svc.cluster.local".into(),
+            route_table: key.into(),
             ..Default::default()
         },
     );
@@ -495,18 +497,12 @@ async fn an_invalid_token_is_401_before_authorization_and_no_token_passes() {
             }],
         },
     );
-    mesh.apply_l7(
-        WaypointHandler::new,
-        "waypoint-ns/waypoint",
-        l7::Waypoint {
-            namespace: "waypoint-ns".into(),
-            name: "waypoint".into(),
-            services: vec![l7::ServedService {
-                namespace: "default".into(),
-                hostname: "echo.default.svc.cluster.local".into(),
-                authentications: vec!["default/jwt".into()],
-                ..Default::default()
-            }],
+    list(
+        &mesh,
+        l7::ServedService {
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            authentications: vec!["default/jwt".into()],
             ..Default::default()
         },
     );
