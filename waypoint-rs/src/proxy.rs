@@ -132,6 +132,16 @@ impl Proxy {
         let snapshot = self.store.snapshot();
         let mut record = Record::new(&self, &snapshot, &downstream, &request);
         request.extensions_mut().insert(downstream.clone());
+        // Until a backend is chosen, requests count against the service
+        // the client addressed.
+        if let Target::Service {
+            namespace,
+            hostname,
+            ..
+        } = &served.target
+        {
+            record.peers.service = snapshot.service(&NamespacedHostname::new(namespace, hostname));
+        }
         if let Some(unservable) = &served.refusal {
             record.error = Some(unservable.to_string());
             return record.refuse(unservable.refusal());

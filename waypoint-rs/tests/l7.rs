@@ -228,6 +228,7 @@ async fn requests_are_authorized_then_routed_by_the_l7_configuration() {
                 "source_principal",
                 "spiffe://cluster.local/ns/client-ns/sa/client",
             ),
+            ("destination_service", "echo.default.svc.cluster.local"),
         ],
         2.0,
     )
