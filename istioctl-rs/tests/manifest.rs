@@ -149,6 +149,14 @@ fn values_land_in_their_places() {
     assert_eq!(container["imagePullPolicy"], "Never");
     assert_eq!(env(container, "TRUST_DOMAIN"), "example.org");
     assert_eq!(env(container, "RUST_LOG"), "debug");
+    // The waypoints istiod-rs provisions run this install's images.
+    assert_eq!(
+        env(container, "WAYPOINT_HUB"),
+        "registry.example.com:5000/mesh"
+    );
+    assert_eq!(env(container, "WAYPOINT_TAG"), "1.2.3");
+    assert_eq!(env(container, "WAYPOINT_IMAGE_PULL_POLICY"), "Never");
+    assert_eq!(env(container, "WAYPOINT_LOG_LEVEL"), "debug");
 
     let agent = &find(&manifest, InstallKind::DaemonSet, "istio-cni-node").body;
     let spec = &agent["spec"]["template"]["spec"];
@@ -306,6 +314,16 @@ fn verbs(role: &Value, group: &str, resource: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// How many resources `role` names, all rules together.
+fn granted(role: &Value) -> usize {
+    role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["resources"].as_array().unwrap().len())
+        .sum()
+}
+
 fn set(verbs: &[&str]) -> BTreeSet<String> {
     verbs.iter().map(|v| v.to_string()).collect()
 }
@@ -336,13 +354,7 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
         verbs(role, "authentication.k8s.io", "tokenreviews"),
         set(&["create"])
     );
-    let granted: usize = role["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["resources"].as_array().unwrap().len())
-        .sum();
-    assert_eq!(granted, 12 + 5 + 1, "no resource beyond those");
+    assert_eq!(granted(role), 12 + 5 + 1, "no resource beyond those");
 
     // The webhook keeper: its configuration, and the dry-run probe only in
     // the root namespace.
@@ -459,6 +471,7 @@ fn the_waypoint_template_renders_to_valid_objects() {
         "gateway.namespace" => Some("bookinfo".into()),
         "gateway.uid" => Some("7f3c1a52-0d8e-4a8b-9a57-2f1d7e0c9b11".into()),
         "serviceAccount" => Some("reviews".into()),
+        "xdsAddress" => Some("istiod.istio-system.svc:15012".into()),
         other => values.get(other).map(String::from),
     })
     .unwrap();
@@ -477,19 +490,118 @@ fn the_waypoint_template_renders_to_valid_objects() {
             (InstallKind::Deployment, "reviews-waypoint"),
         ]
     );
+    // Upstream's labels (istio/istio's waypoint template), each object
+    // owned by the Gateway so Kubernetes deletes it with it.
     for o in &rendered.objects {
         assert_eq!(o.namespace.as_deref(), Some("bookinfo"));
         let labels = &o.body["metadata"]["labels"];
         assert_eq!(labels[api::labels::GATEWAY_NAME], "reviews-waypoint");
         assert_eq!(
+            labels["gateway.networking.k8s.io/gateway-class-name"],
+            api::labels::WAYPOINT_GATEWAY_CLASS
+        );
+        assert_eq!(
             labels[api::labels::GATEWAY_MANAGED],
             api::labels::GATEWAY_MANAGED_VALUE
         );
-        assert_eq!(o.body["metadata"]["ownerReferences"][0]["kind"], "Gateway");
+        assert_eq!(
+            o.body["metadata"]["ownerReferences"],
+            serde_json::json!([{
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "name": "reviews-waypoint",
+                "uid": "7f3c1a52-0d8e-4a8b-9a57-2f1d7e0c9b11",
+            }])
+        );
     }
+    // The Service: upstream's waypoint ports (status-port, then the HBONE
+    // listener with its protocol as appProtocol), selecting the pods.
     let service = &rendered.objects[1].body;
     assert_eq!(
-        service["spec"]["ports"][1]["port"],
-        u64::from(api::ports::HBONE)
+        service["spec"]["ports"],
+        serde_json::json!([
+            {"name": "status-port", "port": u64::from(api::ports::READINESS), "protocol": "TCP", "appProtocol": "tcp"},
+            {"name": "mesh", "port": u64::from(api::ports::HBONE), "protocol": "TCP", "appProtocol": "hbone"},
+        ])
     );
+    assert_eq!(
+        service["spec"]["selector"][api::labels::GATEWAY_NAME],
+        "reviews-waypoint"
+    );
+    // The pods: never captured, running as the account given, the image
+    // of the install's values, reaching istiod where told, mounting the
+    // root istiod-rs publishes in the namespace.
+    let deployment = &rendered.objects[2].body;
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"][api::labels::DATAPLANE_MODE],
+        api::labels::DATAPLANE_MODE_NONE
+    );
+    assert_eq!(
+        pod["metadata"]["labels"][api::labels::GATEWAY_NAME],
+        "reviews-waypoint"
+    );
+    assert_eq!(pod["spec"]["serviceAccountName"], "reviews");
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        format!("istio-rs/waypoint-rs:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        env(container, "XDS_ADDRESS"),
+        "istiod.istio-system.svc:15012"
+    );
+    let root_volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "istiod-ca-cert")
+        .unwrap();
+    assert_eq!(root_volume["configMap"]["name"], "istio-ca-root-cert");
+    // The waypoint reads its settings by the names ztunnel-rs reads the
+    // same settings by (waypoint-rs's args take ztunnel-rs's names), and
+    // SERVICE_ACCOUNT as upstream's waypoint template sets it.
+    let ztunnel = concat!(
+        include_str!("../../ztunnel-rs/src/app.rs"),
+        include_str!("../../ztunnel-rs/src/lib.rs")
+    );
+    for var in container["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        assert!(
+            ztunnel.contains(&format!("env = \"{name}\""))
+                || ["RUST_LOG", "SERVICE_ACCOUNT"].contains(&name),
+            "the waypoint template sets {name}, a name ztunnel-rs does not read"
+        );
+    }
+}
+
+#[test]
+fn istiod_may_provision_waypoints_and_delete_nothing() {
+    let manifest = default_manifest();
+    let role = &find(&manifest, InstallKind::ClusterRole, "istiod-rs-provisioner").body;
+    for (group, resource) in [
+        ("", "serviceaccounts"),
+        ("", "services"),
+        ("", "configmaps"),
+        ("apps", "deployments"),
+    ] {
+        assert_eq!(
+            verbs(role, group, resource),
+            set(&["create", "patch"]),
+            "{resource}: server-side apply (src/provision/kube.rs)"
+        );
+    }
+    assert_eq!(
+        verbs(role, "gateway.networking.k8s.io", "gateways/status"),
+        set(&["patch"])
+    );
+    assert_eq!(granted(role), 5, "no resource beyond those");
+    let binding = &find(
+        &manifest,
+        InstallKind::ClusterRoleBinding,
+        "istiod-rs-provisioner",
+    )
+    .body;
+    assert_eq!(binding["roleRef"]["name"], "istiod-rs-provisioner");
+    assert_eq!(binding["subjects"][0]["name"], "istiod");
 }

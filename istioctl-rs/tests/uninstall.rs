@@ -160,9 +160,11 @@ async fn uninstall_deletes_what_install_applied_workloads_first() {
             "Role istio-system/istio-cni-rs",
             "ClusterRoleBinding istiod-rs-validating-webhook",
             "ClusterRoleBinding istiod-rs",
+            "ClusterRoleBinding istiod-rs-provisioner",
             "ClusterRoleBinding istio-cni-rs",
             "ClusterRole istiod-rs-validating-webhook",
             "ClusterRole istiod-rs",
+            "ClusterRole istiod-rs-provisioner",
             "ClusterRole istio-cni-rs",
             "ServiceAccount istio-system/istiod",
             "ServiceAccount istio-system/istio-cni",
@@ -211,7 +213,7 @@ async fn uninstall_deletes_what_install_applied_workloads_first() {
         "{text}"
     );
     assert!(
-        text.ends_with("istio-rs uninstalled (19 objects deleted)\n"),
+        text.ends_with("istio-rs uninstalled (21 objects deleted)\n"),
         "{text}"
     );
 }

@@ -7,6 +7,8 @@
 //!   pipeline (debounce, translate) -> watch<Snapshot> -> XdsServer
 //!                                   \-> watch<Statuses> -> status writer
 //!                                        (status subresource | <config-dir>/generated/status)
+//!                   state::Store changes -> waypoint provisioner (server-side
+//!                                        apply + Gateway status | <config-dir>/generated/waypoints)
 //!                                                     |
 //! gRPC 15012 TLS   : CA + delta ADS (bearer token required)
 //! gRPC 15010 plain : CA + delta ADS (token optional; only with --plaintext)
@@ -47,6 +49,7 @@ use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use crate::index::{MeshConfig, json};
 use crate::monitoring::{self, DebugAccess, Monitoring, MonitoringConfig, Readiness};
 use crate::pipeline::{self, Debounce, PipelineMetrics};
+use crate::provision::{self, ProvisionConfig, ProvisionMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::directory::{DirectoryConfig, DirectoryMetrics, DirectorySource};
 use crate::state::{self, Store};
@@ -91,6 +94,8 @@ pub struct AppConfig {
     pub status: StatusConfig,
     /// The validating admission webhook; `None`: not served.
     pub webhook: Option<WebhookConfig>,
+    /// Waypoint provisioning; `None`: off.
+    pub provision: Option<ProvisionConfig>,
     /// The Kubernetes client for the Kubernetes source and TokenReview;
     /// `None`: in-cluster config or KUBECONFIG, made when needed.
     pub kube_client: Option<kube::Client>,
@@ -117,6 +122,7 @@ impl AppConfig {
             debounce: Debounce::default(),
             status: StatusConfig::default(),
             webhook: None,
+            provision: None,
             kube_client: None,
         }
     }
@@ -134,6 +140,7 @@ impl std::fmt::Debug for AppConfig {
             .field("debounce", &self.debounce)
             .field("status", &self.status)
             .field("webhook", &self.webhook)
+            .field("provision", &self.provision)
             .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
             .finish()
     }
@@ -218,6 +225,7 @@ impl App {
             debounce,
             status: status_config,
             webhook,
+            provision,
             kube_client,
         } = config;
 
@@ -301,17 +309,20 @@ impl App {
         let root_namespace = mesh.root_namespace.clone();
         let shutdown = CancellationToken::new();
 
-        // Cluster state, and where statuses are written.
-        let (store, mut background, status_sink) = match source {
+        // Cluster state, where statuses are written and waypoints provisioned.
+        let (store, mut background, status_sink, provision_sink) = match source {
             Source::Directory(config) => {
                 let store = Store::new();
                 let sink =
                     status::Sink::Directory(status::directory::DirectoryStatus::new(&config.dir));
+                let provisioner = provision::Sink::Directory(
+                    provision::directory::DirectoryProvisioner::new(&config.dir),
+                );
                 let metrics = DirectoryMetrics::default();
                 metrics.register(&mut registry);
                 let source = DirectorySource::with_config(&config).with_metrics(metrics);
                 let task = tokio::spawn(source.run(store.clone(), config.poll_interval));
-                (store, vec![task], Some(sink))
+                (store, vec![task], Some(sink), Some(provisioner))
             }
             Source::Kubernetes => {
                 let store = Store::new();
@@ -319,6 +330,11 @@ impl App {
                 let sink = status::Sink::Kube(status::kube::KubeStatus::new(
                     client.clone(),
                     store.clone(),
+                    status::system_clock(),
+                ));
+                let provisioner = provision::Sink::Kube(provision::kube::KubeProvisioner::new(
+                    client.clone(),
+                    ca.roots_pem(),
                     status::system_clock(),
                 ));
                 let mut tasks = state::kube::spawn(client.clone(), store.clone());
@@ -334,11 +350,21 @@ impl App {
                     );
                     tasks.push(tokio::spawn(keeper.run(shutdown.clone())));
                 }
-                (store, tasks, Some(sink))
+                (store, tasks, Some(sink), Some(provisioner))
             }
-            // Its owner writes no statuses.
-            Source::Store(store) => (store, Vec::new(), None),
+            // Its owner writes no statuses and provisions nothing.
+            Source::Store(store) => (store, Vec::new(), None, None),
         };
+        let provision_metrics = Arc::new(ProvisionMetrics::default());
+        provision_metrics.register(&mut registry);
+        if let (Some(config), Some(sink)) = (provision, provision_sink) {
+            background.push(provision::spawn(
+                store.clone(),
+                sink,
+                config,
+                provision_metrics,
+            ));
+        }
 
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
@@ -356,7 +382,8 @@ impl App {
             ));
         }
         let xds = XdsServer::new(snapshots.clone(), &mut registry)
-            .with_max_request_bytes(max_request_bytes);
+            .with_max_request_bytes(max_request_bytes)
+            .with_pods(store.clone());
         let nodes: Arc<dyn NodeLookup> = store.clone();
         let certificates =
             CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);

@@ -1,9 +1,10 @@
 //! istiod-rs: the control plane. Cluster state in, workload API out over delta
-//! xDS; the embedded CA. (Waypoint provisioning is not built yet.)
+//! xDS; the embedded CA; waypoint provisioning.
 //!
 //! Flow: `state` (kube watch | YAML directory) -> `index` (pure translation)
 //! -> [`snapshot::Snapshot`] (published by `pipeline`) -> `xds` (delta ADS to
-//! every proxy). `status` writes each policy's and route's conditions.
+//! every proxy). `status` writes each policy's and route's conditions;
+//! `provision` turns waypoint Gateways into their objects and status.
 //! [`app`] wires them into the running program.
 
 pub mod app;
@@ -14,6 +15,7 @@ pub mod index;
 pub mod jwks;
 pub mod monitoring;
 pub mod pipeline;
+pub mod provision;
 pub mod snapshot;
 pub mod state;
 pub mod status;

@@ -391,6 +391,7 @@ async fn syncz(State(m): State<Monitoring>) -> Response {
         "snapshot_version": m.xds.generation().to_string(),
         "connected": proxies.len(),
         "proxies": proxies,
+        "waypoints": m.xds.waypoints(),
     }))
     .into_response()
 }

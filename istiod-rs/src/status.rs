@@ -96,7 +96,7 @@ impl Condition {
     }
 
     /// Reads a condition as the API carries it.
-    fn from_json(v: &Value) -> Option<Condition> {
+    pub(crate) fn from_json(v: &Value) -> Option<Condition> {
         Some(Condition {
             type_: v.get("type")?.as_str()?.to_string(),
             status: v.get("status")?.as_str()? == "True",

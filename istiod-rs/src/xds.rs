@@ -22,12 +22,22 @@
 //! `/debug/syncz` view ([`SyncStatus`]); [`XdsServer::service`] makes a gRPC
 //! service per listener with that listener's [`Authentication`] policy
 //! (required on the TLS port 15012, optional on the plaintext port 15010).
+//!
+//! Waypoints: a stream whose node id starts `waypoint~` is bound to the
+//! waypoint Gateway of the pod it names, once the stream's token is shown
+//! to be that pod's ([`waypoint`]; refused otherwise, reason
+//! `waypoint_identity`), and is sent only that waypoint's scope of every
+//! type (`scope`), computed once per generation by the relay. Other
+//! proxies (ztunnel) are served the workload API as before and never any
+//! of the [`L7_TYPES`]: a subscription to one is answered empty.
 
 mod connection;
 pub mod delta;
 mod metrics;
+mod scope;
 mod served;
 pub mod syncz;
+pub mod waypoint;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -44,12 +54,23 @@ use proxy_core::log_limit::LogLimit;
 use tokio::sync::watch;
 
 use crate::auth::{self, Authenticator, Caller};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot};
 
-pub use syncz::{ProxySync, SyncState, SyncStatus, TypeSync};
+pub use scope::L7_TYPES;
+pub use syncz::{ProxySync, SyncState, SyncStatus, TypeSync, WaypointSync};
+pub use waypoint::{PodLookup, WaypointError, WaypointPod, WaypointPods};
 
-/// The type URLs istiod-rs serves; requests for others are ignored.
-pub const SERVED_TYPES: [&str; 2] = [api::type_url::ADDRESS, api::type_url::AUTHORIZATION];
+/// The type URLs istiod-rs serves; requests for others are answered empty.
+/// The L7 ones are served to waypoints only, each its own scope.
+pub const SERVED_TYPES: [&str; 7] = [
+    api::type_url::ADDRESS,
+    api::type_url::AUTHORIZATION,
+    api::type_url::WAYPOINT,
+    api::type_url::ROUTE_TABLE,
+    api::type_url::HTTP_AUTHORIZATION,
+    api::type_url::JWT_AUTHENTICATION,
+    api::type_url::TRAFFIC_POLICY,
+];
 
 /// Upstream's receive limit (`ISTIO_GPRC_MAXRECVMSGSIZE`). A resuming
 /// proxy's `initial_resource_versions` grow with the mesh (about 1 MiB per
@@ -82,6 +103,8 @@ pub enum XdsError {
     },
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("waypoint stream refused: {0}")]
+    Waypoint(#[from] waypoint::WaypointError),
 }
 
 impl From<XdsError> for tonic::Status {
@@ -96,6 +119,7 @@ impl From<XdsError> for tonic::Status {
                 tonic::Status::new(status.code(), e.to_string())
             }
             XdsError::Auth(a) => a.into(),
+            XdsError::Waypoint(ref w) => tonic::Status::new(w.code(), e.to_string()),
         }
     }
 }
@@ -149,6 +173,37 @@ struct Published {
     arrived: Instant,
     /// The names that changed in the most recent generations.
     changes: Arc<served::ChangeLog>,
+    /// Every waypoint's scope, by waypoint key.
+    scopes: Arc<scope::Scopes>,
+    /// Workload addresses (`<network>/<ip>`) -> uids, for on-demand lookups.
+    aliases: Arc<scope::AliasTable>,
+}
+
+impl Published {
+    /// What a proxy bound to `waypoint` (or none: ztunnel) may hold of `type_url`.
+    fn resources(&self, waypoint: Option<&str>, type_url: &str) -> &snapshot::Resources {
+        static EMPTY: snapshot::Resources = BTreeMap::new();
+        match waypoint {
+            Some(key) => self
+                .scopes
+                .get(key)
+                .map_or(&EMPTY, |scope| scope.of_type(type_url)),
+            None if scope::L7_TYPES.contains(&type_url) => &EMPTY,
+            None => self.served.of_type(type_url),
+        }
+    }
+
+    /// Where `waypoint` may look workloads up by address (of Address only).
+    fn alias_lookup(
+        &self,
+        waypoint: Option<&str>,
+        type_url: &str,
+    ) -> Option<delta::AliasLookup<'_>> {
+        (waypoint.is_some() && type_url == api::type_url::ADDRESS).then(|| delta::AliasLookup {
+            table: &self.aliases,
+            resources: self.served.of_type(api::type_url::ADDRESS),
+        })
+    }
 }
 
 /// What every connection shares.
@@ -175,6 +230,7 @@ impl Shared {
 pub struct XdsServer {
     shared: Arc<Shared>,
     max_request_bytes: usize,
+    pods: Option<Arc<dyn WaypointPods>>,
 }
 
 impl XdsServer {
@@ -184,15 +240,19 @@ impl XdsServer {
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, registry: &mut Registry) -> Self {
         let snapshot = snapshots.borrow().clone();
         let (served, _) = served::Served::default().next(&snapshot);
+        let mut index = scope::ScopeIndex::default();
+        let (scopes, aliases, _) = index.update(&served, None);
         let first = Published {
             snapshot,
             served: Arc::new(served),
             generation: 1,
             arrived: Instant::now(),
             changes: Arc::default(),
+            scopes: Arc::new(scopes),
+            aliases,
         };
         let (tx, feed) = watch::channel(first);
-        tokio::spawn(relay(snapshots, tx));
+        tokio::spawn(relay(snapshots, tx, index));
         XdsServer {
             shared: Arc::new(Shared {
                 feed,
@@ -203,7 +263,15 @@ impl XdsServer {
                 next_nonce: AtomicU64::new(1),
             }),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            pods: None,
         }
+    }
+
+    /// Where waypoint streams' pods are looked up (the cluster state).
+    /// Without it, every waypoint stream is refused.
+    pub fn with_pods(mut self, pods: Arc<dyn WaypointPods>) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// Requests larger than this end their stream with OUT_OF_RANGE.
@@ -220,6 +288,7 @@ impl XdsServer {
             shared: self.shared.clone(),
             authentication,
             max_request_bytes: self.max_request_bytes,
+            pods: self.pods.clone(),
         }
     }
 
@@ -229,10 +298,14 @@ impl XdsServer {
     }
 }
 
-/// Forwards the index's snapshots, stamped with arrival time and generation
-/// and with the names that changed. Ends (closing every stream) when the
-/// index's sender is dropped.
-async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<Published>) {
+/// Forwards the index's snapshots, stamped with arrival time and generation,
+/// with the names that changed and every waypoint's scope. Ends (closing
+/// every stream) when the index's sender is dropped.
+async fn relay(
+    mut source: watch::Receiver<Arc<Snapshot>>,
+    feed: watch::Sender<Published>,
+    mut index: scope::ScopeIndex,
+) {
     let mut log = served::ChangeLog::default();
     while source.changed().await.is_ok() {
         let snapshot = source.borrow_and_update().clone();
@@ -240,7 +313,8 @@ async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<P
         let previous = feed.borrow().clone();
         let generation = previous.generation + 1;
         let (served, changes) = previous.served.next(&snapshot);
-        log.record(generation, changes);
+        let (scopes, aliases, scope_changes) = index.update(&served, Some(&changes));
+        log.record(generation, changes, scope_changes);
         // The old generation is freed here, after the swap, not while
         // connections wait on the channel's lock.
         let _previous = feed.send_replace(Published {
@@ -249,6 +323,8 @@ async fn relay(mut source: watch::Receiver<Arc<Snapshot>>, feed: watch::Sender<P
             generation,
             arrived,
             changes: Arc::new(log.clone()),
+            scopes: Arc::new(scopes),
+            aliases,
         });
     }
     tracing::info!("snapshot source closed; ending xDS streams");
@@ -269,6 +345,7 @@ pub struct AdsService {
     shared: Arc<Shared>,
     authentication: Authentication,
     max_request_bytes: usize,
+    pods: Option<Arc<dyn WaypointPods>>,
 }
 
 impl tonic::server::NamedService for AdsService {
@@ -329,7 +406,7 @@ impl AdsService {
             None,
             Some(self.max_request_bytes),
         );
-        let responses = connection::spawn(self.shared.clone(), inbound, caller, peer);
+        let responses = connection::spawn(self.shared.clone(), inbound, caller, peer, self.pods);
         let body = wire::ResponseBody::new(responses, self.shared.metrics.clone());
         let mut response = http::Response::new(tonic::body::Body::new(body));
         response.headers_mut().insert(

@@ -10,6 +10,8 @@ mod ads;
 mod http_client;
 #[path = "app_support/istiod.rs"]
 mod istiod;
+#[path = "app_support/xds_server.rs"]
+mod xds_server;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,7 @@ use serde_json::Value;
 
 use ads::{AdsStream, Held, names, node_id, removed};
 use istiod::{LocalIstiod, NAMESPACE, PATIENCE, WEB_SERVICE, pod, service, uid};
+use xds_server::{all_synced, type_entry};
 
 const TOKEN: &str = "ztunnel-node-a";
 
@@ -80,35 +83,7 @@ async fn subscribe_both(
 
 /// The proxy's `/debug/syncz` entry once `until` holds for it.
 async fn syncz_until(istiod: &LocalIstiod, until: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let syncz = istiod.get_json("/debug/syncz").await;
-        let entry = syncz["proxies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["proxy"] == node_id(1))
-            .cloned();
-        if let Some(entry) = entry
-            && until(&entry)
-        {
-            return entry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "syncz never got there: {syncz:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn type_entry<'a>(proxy: &'a Value, type_url: &str) -> &'a Value {
-    proxy["types"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["type_url"] == type_url)
-        .unwrap_or_else(|| panic!("no {type_url} in {proxy:#}"))
+    xds_server::syncz_until(istiod.monitoring(), &node_id(1), until).await
 }
 
 /// Waits until `/debug/config_dump` lists exactly `workloads`.
@@ -149,14 +124,7 @@ async fn a_proxy_follows_the_config_directory() {
     proxy.ack(&addresses).await;
     proxy.ack(&policies).await;
     held.apply(&addresses);
-    let entry = syncz_until(&istiod, |p| {
-        p["types"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|t| t["status"] == "SYNCED")
-    })
-    .await;
+    let entry = syncz_until(&istiod, all_synced).await;
     assert_eq!(
         entry["identity"],
         "spiffe://cluster.local/ns/istio-system/sa/ztunnel"

@@ -7,6 +7,8 @@
 mod ads;
 #[path = "app_support/http_client.rs"]
 mod http_client;
+#[path = "app_support/xds_server.rs"]
+mod xds_server;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -20,21 +22,17 @@ use api::security::Authorization;
 use api::type_url::{ADDRESS, AUTHORIZATION};
 use api::workload::{Address, Workload, address};
 use http_body_util::BodyExt;
-use istiod_rs::auth::{AuthError, AuthFuture, Authenticator, Caller};
-use istiod_rs::monitoring::{self, Monitoring, MonitoringConfig, Readiness};
+use istiod_rs::auth::Caller;
 use istiod_rs::snapshot::{Resource, Snapshot};
 use istiod_rs::xds::{Authentication, DEFAULT_MAX_REQUEST_BYTES, XdsServer};
 use prometheus_client::registry::Registry;
 use prost::Message;
-use proxy_core::listener::{Listener, ListenerMetrics};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::sync::CancellationToken;
 
 use ads::{nack_request, node_id, open_stream};
 use http_client::http_get;
+use xds_server::{Ports, Tokens, serve};
 
 /// Only to avoid hanging forever when something is broken.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -75,21 +73,7 @@ fn snapshot(resources: impl IntoIterator<Item = Resource>) -> Arc<Snapshot> {
     Arc::new(s)
 }
 
-/// The token authenticator double (the real ones come with the CA): one
-/// token per node's ztunnel.
-struct Tokens(HashMap<String, Caller>);
-
-impl Authenticator for Tokens {
-    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
-        Box::pin(async move {
-            self.0
-                .get(token)
-                .cloned()
-                .ok_or_else(|| AuthError::InvalidToken("unknown token".into()))
-        })
-    }
-}
-
+/// One token per node's ztunnel.
 fn tokens() -> Arc<Tokens> {
     let caller = Caller {
         identity: SpiffeId::new("cluster.local", "istio-system", "ztunnel").unwrap(),
@@ -118,36 +102,8 @@ async fn start_with_limit(
     let (snapshots, rx) = watch::channel(initial);
     let mut registry = Registry::default();
     let server = XdsServer::new(rx, &mut registry).with_max_request_bytes(max_request_bytes);
-
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds = listener.local_addr().unwrap();
-    let service = server.service(authentication);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-
     let (ready, ready_rx) = watch::channel(false);
-    let router = Monitoring::new(
-        Arc::new(registry),
-        Readiness::when_true(ready_rx, "the configuration source has not synced yet"),
-        server.status(),
-    )
-    .router();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let monitoring = listener.local_addr().unwrap();
-    let listener = Listener::new(
-        listener,
-        monitoring::LISTENER,
-        MonitoringConfig::DEFAULT_LIMITS,
-        &ListenerMetrics::default(),
-    );
-    tokio::spawn(monitoring::serve(
-        listener,
-        router,
-        CancellationToken::new(),
-    ));
+    let Ports { xds, monitoring } = serve(&server, registry, authentication, ready_rx).await;
     Istiod {
         xds,
         monitoring,

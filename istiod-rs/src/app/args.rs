@@ -17,6 +17,7 @@ use crate::grpc::GrpcConfig;
 use crate::index::MeshConfig;
 use crate::monitoring::MonitoringConfig;
 use crate::pipeline::Debounce;
+use crate::provision::{ProvisionConfig, ProvisionError};
 use crate::state::directory::DirectoryConfig;
 use crate::status::StatusConfig;
 use crate::webhook::{DEFAULT_CONFIGURATION_NAME, DEFAULT_MAX_BODY_BYTES, WebhookConfig};
@@ -238,6 +239,31 @@ pub struct Args {
     /// Longest delay between retries of a failed status write.
     #[arg(long, env = "STATUS_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
     pub status_retry_max: Duration,
+    /// Provision each Gateway of class istio-waypoint (ServiceAccount,
+    /// Deployment, Service; in local mode files under
+    /// `<config-dir>/generated/waypoints/`) and write its status.
+    #[arg(long, env = "PROVISION_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub provision_waypoints: bool,
+    /// Image repository of provisioned waypoints (`<hub>/waypoint-rs:<tag>`).
+    #[arg(long, env = "WAYPOINT_HUB", default_value = "istio-rs")]
+    pub waypoint_hub: String,
+    /// Image tag of provisioned waypoints (default: this istiod-rs's version).
+    #[arg(long, env = "WAYPOINT_TAG", default_value = env!("CARGO_PKG_VERSION"))]
+    pub waypoint_tag: String,
+    /// Image pull policy of provisioned waypoints: Always, IfNotPresent or Never.
+    #[arg(
+        long,
+        env = "WAYPOINT_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub waypoint_image_pull_policy: String,
+    /// Log filter of provisioned waypoints (their RUST_LOG).
+    #[arg(long, env = "WAYPOINT_LOG_LEVEL", default_value = "info")]
+    pub waypoint_log_level: String,
+    /// Where provisioned waypoints reach istiod (host:port); default
+    /// `istiod.<--namespace>.svc:15012`.
+    #[arg(long, env = "WAYPOINT_XDS_ADDRESS")]
+    pub waypoint_xds_address: Option<String>,
     /// Log filter (`info`, `debug`, `istiod_rs::xds=debug,info`...).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -334,6 +360,26 @@ impl Args {
             burst: self.ca_request_burst,
         };
 
+        let provision = self.provision_waypoints.then(|| ProvisionConfig {
+            hub: self.waypoint_hub.clone(),
+            tag: self.waypoint_tag.clone(),
+            image_pull_policy: self.waypoint_image_pull_policy.clone(),
+            log_level: self.waypoint_log_level.clone(),
+            trust_domain: self.trust_domain.clone(),
+            xds_address: self.waypoint_xds_address.clone().unwrap_or_else(|| {
+                format!("istiod.{}.svc:{}", self.namespace, api::ports::ISTIOD_TLS)
+            }),
+            cluster_domain: self.cluster_domain.clone(),
+            retry_min: self.status_retry_min,
+            retry_max: self.status_retry_max.max(self.status_retry_min),
+        });
+        if let Some(config) = &provision {
+            config.validate().map_err(|e| match e {
+                ProvisionError::Flag { flag: name, reason } => flag(name, reason),
+                other => flag("--provision-waypoints", other.to_string()),
+            })?;
+        }
+
         let plaintext_addr = self.plaintext_addr.or(self
             .plaintext
             .then(|| SocketAddr::from(([0, 0, 0, 0], api::ports::ISTIOD_PLAINTEXT))));
@@ -410,6 +456,7 @@ impl Args {
                 retry_max: self.status_retry_max.max(self.status_retry_min),
             },
             webhook,
+            provision,
             kube_client: None,
         })
     }
@@ -504,6 +551,68 @@ mod tests {
         for bad in ["", "h", "5 days", "5x", "10m5", "99999999999999h"] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("not a duration"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn waypoints_are_provisioned_with_the_images_and_address_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let tokens = dir.path().join("tokens.yaml");
+        let t = tokens.to_str().unwrap();
+        let local = ["--config-dir", d, "--token-file", t];
+        let config = args(&local).unwrap().into_config().unwrap();
+        let provision = config.provision.unwrap();
+        assert_eq!(provision.xds_address, "istiod.istio-system.svc:15012");
+        assert_eq!(provision.tag, env!("CARGO_PKG_VERSION"));
+        let mut given = local.to_vec();
+        given.extend([
+            "--namespace",
+            "mesh",
+            "--waypoint-hub",
+            "registry.example.com/mesh",
+            "--waypoint-tag",
+            "1.2.3",
+        ]);
+        let provision = args(&given)
+            .unwrap()
+            .into_config()
+            .unwrap()
+            .provision
+            .unwrap();
+        assert_eq!(provision.xds_address, "istiod.mesh.svc:15012");
+        assert_eq!(provision.hub, "registry.example.com/mesh");
+        assert_eq!(provision.tag, "1.2.3");
+        let off = [&local[..], &["--provision-waypoints", "false"]].concat();
+        assert!(
+            args(&off)
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .provision
+                .is_none()
+        );
+        // A value that would change the template's YAML is refused, naming
+        // its flag.
+        for (flag, value, says) in [
+            (
+                "--waypoint-image-pull-policy",
+                "Sometimes",
+                "is not Always, IfNotPresent or Never",
+            ),
+            ("--waypoint-hub", "hub\"\n", "has characters other than"),
+            (
+                "--waypoint-log-level",
+                "info # x",
+                "has characters other than",
+            ),
+        ] {
+            let bad = [&local[..], &[flag, value]].concat();
+            let err = args(&bad).unwrap().into_config().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{flag}: ")) && err.contains(says),
+                "{err}"
+            );
         }
     }
 

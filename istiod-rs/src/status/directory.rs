@@ -57,7 +57,9 @@ impl DirectoryStatus {
     /// Removes the files of objects that are gone.
     pub(super) fn retain(&mut self, statuses: &Statuses) -> Vec<StatusError> {
         let mut errors = Vec::new();
-        for kind in Kind::ALL {
+        // Gateway statuses are the waypoint provisioner's
+        // (crate::provision::directory).
+        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::Gateway) {
             let Ok(namespaces) = std::fs::read_dir(self.root.join(kind.as_str())) else {
                 continue;
             };

@@ -164,8 +164,9 @@ fn live(state: &ClusterState, object: &PolicyRef) -> Option<Live> {
     }
 }
 
-/// The live lastTransitionTime of a condition whose status is unchanged.
-fn transition_time(
+/// The live lastTransitionTime of a condition whose status is unchanged
+/// (of a route parent, when one is given).
+pub(crate) fn transition_time(
     live: Option<&Value>,
     parent: Option<&TargetRef>,
     c: &Condition,

@@ -14,6 +14,8 @@ use proxy_core::log_limit::LogLimit;
 
 use super::delta::{Answer, Current, Delta, Push, TypeState};
 use super::metrics::{Refusal, TypeLabel};
+use super::scope::L7_TYPES;
+use super::waypoint::{self, WaypointPods};
 use super::wire::Outbound;
 use super::{LOG_INTERVAL, Published, SERVED_TYPES, Shared, XdsError, lock};
 use crate::auth::Caller;
@@ -29,6 +31,9 @@ pub(super) struct Connection {
     pub proxy: String,
     /// The authenticated caller; `None` on an unauthenticated listener.
     pub caller: Option<Caller>,
+    /// For a waypoint: the key (`<ns>/<name>`) of the Gateway it serves,
+    /// whose scope is all it is sent.
+    pub waypoint: Option<String>,
     pub peer: Option<SocketAddr>,
     pub since: SystemTime,
     /// By type URL.
@@ -41,10 +46,11 @@ pub(super) fn spawn(
     inbound: tonic::Streaming<DeltaDiscoveryRequest>,
     caller: Option<Caller>,
     peer: Option<SocketAddr>,
+    pods: Option<Arc<dyn WaypointPods>>,
 ) -> mpsc::Receiver<Result<Outbound, tonic::Status>> {
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     tokio::spawn(async move {
-        if let Err(e) = serve(shared.clone(), inbound, caller, peer, &tx).await {
+        if let Err(e) = serve(shared.clone(), inbound, caller, peer, pods, &tx).await {
             if let Some(reason) = refusal(&e) {
                 shared.metrics.refused(reason);
                 static REFUSED: LogLimit = LogLimit::new(LOG_INTERVAL);
@@ -67,6 +73,7 @@ fn refusal(e: &XdsError) -> Option<Refusal> {
             Some(Refusal::undecodable)
         }
         XdsError::BadRequest { .. } => Some(Refusal::too_large),
+        XdsError::Waypoint(_) => Some(Refusal::waypoint_identity),
         XdsError::StateOfTheWorld | XdsError::SourceClosed | XdsError::Auth(_) => None,
     }
 }
@@ -110,6 +117,7 @@ async fn serve(
     mut inbound: tonic::Streaming<DeltaDiscoveryRequest>,
     caller: Option<Caller>,
     peer: Option<SocketAddr>,
+    pods: Option<Arc<dyn WaypointPods>>,
     tx: &Outgoing,
 ) -> Result<(), XdsError> {
     let mut feed = shared.feed.clone();
@@ -125,10 +133,20 @@ async fn serve(
         .map(|n| n.id.clone())
         .filter(|id| !id.is_empty())
         .ok_or(XdsError::MissingNode)?;
+    let waypoint = match waypoint::parse_node(&proxy) {
+        Some(claim) => Some(waypoint::bind(
+            &proxy,
+            &claim?,
+            caller.as_ref(),
+            pods.as_deref(),
+        )?),
+        None => None,
+    };
     tracing::info!(
         %proxy,
         identity = caller.as_ref().map(|c| c.identity.to_string()),
         ?peer,
+        waypoint,
         "proxy connected"
     );
     let registration = Registration::new(
@@ -136,6 +154,7 @@ async fn serve(
         Connection {
             proxy: proxy.clone(),
             caller,
+            waypoint,
             peer,
             since: SystemTime::now(),
             types: BTreeMap::new(),
@@ -332,6 +351,19 @@ fn truncated(s: &str) -> &str {
     &s[..end]
 }
 
+/// Where a type sits in the order of pushes: Authorization, Address, then
+/// the L7 types from the most named to the Waypoint that names them.
+fn dependency_rank(type_url: &str) -> usize {
+    match type_url {
+        api::type_url::AUTHORIZATION => 0,
+        api::type_url::ADDRESS => 1,
+        other => L7_TYPES
+            .iter()
+            .position(|t| *t == other)
+            .map_or(L7_TYPES.len() + 2, |i| i + 2),
+    }
+}
+
 /// Sends every response that is due. `false` once the transport is gone.
 async fn push_due(
     shared: &Shared,
@@ -341,28 +373,43 @@ async fn push_due(
 ) -> bool {
     let published = feed.borrow().clone();
     let now = SystemTime::now();
-    let mut pushes: Vec<(String, Push)> = lock(connection)
-        .types
-        .iter_mut()
-        .filter_map(|(type_url, state)| {
-            let current = Current {
-                type_url,
-                generation: published.generation,
-                resources: published.served.of_type(type_url),
-                changes: &published.changes,
-            };
-            state
-                .next_push(&current, || shared.nonce(), now)
-                .map(|push| (type_url.clone(), push))
-        })
-        .collect();
+    let mut pushes: Vec<(String, Push)> = {
+        let mut guard = lock(connection);
+        let conn = &mut *guard;
+        let waypoint = conn.waypoint.as_deref();
+        conn.types
+            .iter_mut()
+            .filter_map(|(type_url, state)| {
+                let current = Current {
+                    type_url,
+                    generation: published.generation,
+                    resources: published.resources(waypoint, type_url),
+                    changes: &published.changes,
+                    scope: waypoint,
+                    aliases: published.alias_lookup(waypoint, type_url),
+                };
+                state
+                    .next_push(&current, || shared.nonce(), now)
+                    .map(|push| (type_url.clone(), push))
+            })
+            .collect()
+    };
     // Responses that remove resources go after those that only add or
-    // change: a workload's new list of policies then reaches the proxy
-    // before the policy it no longer names is removed, and a new policy
-    // (Authorization sorts before Address) before the workloads naming it.
-    // ztunnel-rs denies while a named policy is missing; upstream ztunnel
-    // skips it with a warning.
-    pushes.sort_by_key(|(_, push)| !push.delta.removed.is_empty());
+    // change, and among those what is named goes before what names it:
+    // a workload's new list of policies then reaches the proxy before the
+    // policy it no longer names is removed, a new policy before the
+    // workloads naming it, and a waypoint's routes, policies and traffic
+    // policies before the Waypoint naming them. ztunnel-rs denies while a
+    // named policy is missing (upstream ztunnel skips it with a warning);
+    // waypoint-rs refuses a request whose configuration is missing.
+    pushes.sort_by_key(|(type_url, push)| {
+        let rank = dependency_rank(type_url);
+        if push.delta.removed.is_empty() {
+            (false, rank)
+        } else {
+            (true, usize::MAX - rank)
+        }
+    });
     for (type_url, push) in pushes {
         if tx.send(Ok(Outbound { type_url, push })).await.is_err() {
             return false;

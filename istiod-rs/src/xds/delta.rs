@@ -12,13 +12,14 @@
 //! it (its `base`), a push looks only at the names the [`ChangeLog`] says
 //! changed since then; otherwise it merges over every resource.
 
-use std::borrow::Borrow;
-use std::collections::BTreeSet;
+use std::borrow::{Borrow, Cow};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use api::discovery::DeltaDiscoveryRequest;
 
+use super::scope::{AliasTable, is_alias};
 use super::served::ChangeLog;
 use crate::snapshot::{Resource, Resources};
 
@@ -164,6 +165,9 @@ pub struct Delta {
     /// Names the proxy holds that no longer exist, and explicitly subscribed
     /// names that do not exist and the proxy has not yet been told about.
     pub removed: Vec<String>,
+    /// Upserted resource name -> the subscribed address names
+    /// (`<network>/<ip>`) it answers, sent as the resource's `aliases`.
+    pub aliases: BTreeMap<String, Vec<String>>,
 }
 
 impl Delta {
@@ -172,13 +176,37 @@ impl Delta {
     }
 }
 
+/// Resolves on-demand address names (`<network>/<ip>`) to the workloads
+/// holding them, among every served Address (not only a scope's): upstream
+/// answers such a name with the workload under its own name, the address
+/// name in its `aliases` (pilot/pkg/xds/workload.go, `GenerateDeltas`).
+#[derive(Clone, Copy, Debug)]
+pub struct AliasLookup<'a> {
+    pub table: &'a AliasTable,
+    pub resources: &'a Resources,
+}
+
+impl<'a> AliasLookup<'a> {
+    pub fn resolve(&self, name: &str) -> Option<&'a Arc<Resource>> {
+        self.table
+            .get(name)?
+            .iter()
+            .find_map(|uid| self.resources.get(uid))
+    }
+}
+
 /// The snapshot a push is computed against, for one type.
 #[derive(Clone, Copy, Debug)]
 pub struct Current<'a> {
     pub type_url: &'a str,
     pub generation: u64,
+    /// What this proxy may hold (a waypoint's scope, or everything).
     pub resources: &'a Resources,
     pub changes: &'a ChangeLog,
+    /// The waypoint whose scope `resources` is, for the change log.
+    pub scope: Option<&'a str>,
+    /// Set where this proxy may look workloads up by address.
+    pub aliases: Option<AliasLookup<'a>>,
 }
 
 /// A response to send, already recorded as in flight.
@@ -214,6 +242,9 @@ pub struct TypeState {
     held: BTreeSet<Held>,
     /// Explicitly subscribed names the proxy has been told do not exist.
     known_absent: BTreeSet<String>,
+    /// Subscribed address names the proxy has been answered for -> the
+    /// workload (held under its own name) that answered.
+    told_aliases: BTreeMap<String, String>,
     /// A snapshot generation whose resources the proxy holds exactly (for
     /// its subscription), so later pushes need only the changed names.
     base: Option<u64>,
@@ -250,6 +281,7 @@ impl TypeState {
             subscription,
             held,
             known_absent: BTreeSet::new(),
+            told_aliases: BTreeMap::new(),
             base: None,
             in_flight: None,
             dirty: true,
@@ -304,7 +336,11 @@ impl TypeState {
         if self.subscription != before {
             // The xDS spec lets the proxy forget unsubscribed resources on its own.
             let sub = &self.subscription;
-            self.held.retain(|h| sub.wants(&h.0.name));
+            self.told_aliases
+                .retain(|alias, _| sub.names.contains(alias));
+            let targets: BTreeSet<&String> = self.told_aliases.values().collect();
+            self.held
+                .retain(|h| sub.wants(&h.0.name) || targets.contains(&h.0.name));
             self.known_absent.retain(|name| sub.names.contains(name));
             self.dirty = true;
             self.base = None;
@@ -316,19 +352,47 @@ impl TypeState {
     }
 
     fn apply(&mut self, in_flight: &InFlight) {
+        for (target, aliases) in &in_flight.delta.aliases {
+            for alias in aliases {
+                // The proxy may have unsubscribed while the response was in flight.
+                if self.subscription.names.contains(alias) {
+                    self.told_aliases.insert(alias.clone(), target.clone());
+                    self.known_absent.remove(alias);
+                }
+            }
+        }
         for r in &in_flight.delta.upserts {
-            // The proxy may have unsubscribed while the response was in flight.
-            if self.subscription.wants(&r.name) {
+            if self.wants(&r.name) {
                 self.held.replace(Held(r.clone()));
                 self.known_absent.remove(&r.name);
             }
         }
         for name in &in_flight.delta.removed {
             self.held.remove(name.as_str());
+            self.told_aliases.remove(name);
             if self.subscription.names.contains(name) {
                 self.known_absent.insert(name.clone());
             }
         }
+    }
+
+    /// Whether the proxy asked for `name`: subscribed to it, or to an
+    /// address that it answered.
+    fn wants(&self, name: &str) -> bool {
+        self.subscription.wants(name) || self.told_aliases.values().any(|t| t == name)
+    }
+
+    /// The subscribed address names that resolve now, to what.
+    fn resolve(&self, aliases: Option<AliasLookup<'_>>) -> BTreeMap<String, Arc<Resource>> {
+        let Some(lookup) = aliases else {
+            return BTreeMap::new();
+        };
+        self.subscription
+            .names
+            .iter()
+            .filter(|name| is_alias(name))
+            .filter_map(|name| lookup.resolve(name).map(|r| (name.clone(), r.clone())))
+            .collect()
     }
 
     /// A new snapshot arrived.
@@ -339,6 +403,36 @@ impl TypeState {
 
     /// What the proxy needs to go from what it holds to `resources`.
     pub fn diff(&self, resources: &Resources) -> Delta {
+        self.diff_resolved(resources, &BTreeMap::new())
+    }
+
+    /// [`Self::diff`] for a proxy that may look workloads up by address
+    /// through `aliases`.
+    pub fn diff_with_aliases(
+        &self,
+        resources: &Resources,
+        aliases: Option<AliasLookup<'_>>,
+    ) -> Delta {
+        self.diff_resolved(resources, &self.resolve(aliases))
+    }
+
+    /// [`Self::diff`] where the subscribed address names in `resolved`
+    /// bring the workloads they resolve to.
+    fn diff_resolved(
+        &self,
+        resources: &Resources,
+        resolved: &BTreeMap<String, Arc<Resource>>,
+    ) -> Delta {
+        let resources: Cow<'_, Resources> = if resolved.is_empty() {
+            Cow::Borrowed(resources)
+        } else {
+            let mut all = resources.clone();
+            for r in resolved.values() {
+                all.entry(r.name.clone()).or_insert_with(|| r.clone());
+            }
+            Cow::Owned(all)
+        };
+        let resources = resources.as_ref();
         let mut delta = Delta::default();
         if self.subscription.wildcard {
             // Both maps are sorted by name: one merge pass finds changes and removals.
@@ -355,6 +449,7 @@ impl TypeState {
             delta.removed.extend(held.map(|gone| gone.0.name.clone()));
             for name in &self.subscription.names {
                 if !resources.contains_key(name)
+                    && !resolved.contains_key(name)
                     && !self.held.contains(name.as_str())
                     && !self.known_absent.contains(name)
                 {
@@ -362,8 +457,12 @@ impl TypeState {
                 }
             }
         } else {
-            // Everything held is subscribed (unsubscribed names are pruned).
+            // Everything held is subscribed (unsubscribed names are pruned)
+            // or a workload a subscribed address resolved to.
             for name in &self.subscription.names {
+                if resolved.contains_key(name) {
+                    continue;
+                }
                 match resources.get(name) {
                     Some(resource) => {
                         if !self.held.get(name.as_str()).is_some_and(|h| h.is(resource)) {
@@ -376,6 +475,35 @@ impl TypeState {
                         }
                     }
                 }
+            }
+            let targets: BTreeSet<&str> = resolved.values().map(|r| r.name.as_str()).collect();
+            for target in &targets {
+                let resource = &resources[*target];
+                if !self.subscription.names.contains(*target)
+                    && !self.held.get(*target).is_some_and(|h| h.is(resource))
+                {
+                    delta.upserts.push(resource.clone());
+                }
+            }
+            for h in &self.held {
+                let name = h.0.name.as_str();
+                if !self.subscription.names.contains(name) && !targets.contains(name) {
+                    delta.removed.push(name.to_string());
+                }
+            }
+        }
+        // An address answered for the first time, or now by another
+        // workload, brings that workload even if the proxy holds it.
+        for (alias, target) in resolved {
+            if self.told_aliases.get(alias) != Some(&target.name) {
+                if !delta.upserts.iter().any(|u| u.name == target.name) {
+                    delta.upserts.push(target.clone());
+                }
+                delta
+                    .aliases
+                    .entry(target.name.clone())
+                    .or_default()
+                    .push(alias.clone());
             }
         }
         delta
@@ -412,12 +540,18 @@ impl TypeState {
     }
 
     /// What the proxy needs to reach `current`, over the changed names when
-    /// its base is known and still in the change log.
+    /// its base is known and still in the change log. Address names are
+    /// resolved afresh each time (what they resolve to is not in the log).
     pub fn diff_current(&self, current: &Current<'_>) -> Delta {
+        let looks_up =
+            current.aliases.is_some() && self.subscription.names.iter().any(|name| is_alias(name));
+        if looks_up {
+            return self.diff_resolved(current.resources, &self.resolve(current.aliases));
+        }
         let changed = self.base.and_then(|base| {
             current
                 .changes
-                .since(base, current.generation, current.type_url)
+                .since(base, current.generation, current.type_url, current.scope)
         });
         match changed {
             Some(names) => self.diff_names(names, current.resources),
@@ -495,6 +629,36 @@ impl TypeState {
     }
 }
 
+/// What the randomized diff tests share.
+#[cfg(test)]
+pub(super) mod test_support {
+    use super::Delta;
+
+    /// A small deterministic generator (xorshift), so failures reproduce:
+    /// each call gives a number below its argument.
+    pub fn xorshift(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        }
+    }
+
+    /// A delta as sorted (name, version) upserts and sorted removals.
+    pub fn comparable(d: &Delta) -> (Vec<(String, String)>, Vec<String>) {
+        let mut up: Vec<(String, String)> = d
+            .upserts
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        up.sort();
+        let mut rm = d.removed.clone();
+        rm.sort();
+        (up, rm)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,7 +707,8 @@ mod tests {
             let next = snapshot(items);
             self.generation += 1;
             let (served, changes) = self.served.next(&next);
-            self.log.record(self.generation, changes);
+            self.log
+                .record(self.generation, changes, Default::default());
             self.served = served;
             for st in states {
                 st.mark_snapshot(Instant::now());
@@ -556,6 +721,8 @@ mod tests {
                 generation: self.generation,
                 resources: self.served.of_type(T),
                 changes: &self.log,
+                scope: None,
+                aliases: None,
             }
         }
 
@@ -772,6 +939,86 @@ mod tests {
         assert_eq!(names(&p.delta), (vec!["a", "c"], vec![]));
     }
 
+    #[test]
+    fn address_names_bring_the_workload_under_its_own_name() {
+        let arc = |r: Resource| Arc::new(r);
+        let (a, w1, w2) = (
+            arc(policy("a", "1")),
+            arc(policy("w1", "1")),
+            arc(policy("w2", "1")),
+        );
+        // The proxy's scope holds `a`; `w1` and `w2` exist outside it.
+        let scope: Resources = [("a".to_string(), a.clone())].into();
+        let mut all: Resources = [
+            ("a".to_string(), a.clone()),
+            ("w1".to_string(), w1.clone()),
+            ("w2".to_string(), w2.clone()),
+        ]
+        .into();
+        let mut table = AliasTable::new();
+        table.insert("net/10.0.0.1".into(), ["w1".to_string()].into());
+        let log = ChangeLog::default();
+        let mut generation = 1;
+        let push = |st: &mut TypeState, all: &Resources, table: &AliasTable, g: u64, n: &str| {
+            let current = Current {
+                type_url: T,
+                generation: g,
+                resources: &scope,
+                changes: &log,
+                scope: Some("ns/wp"),
+                aliases: Some(AliasLookup {
+                    table,
+                    resources: all,
+                }),
+            };
+            st.next_push(&current, || n.into(), SystemTime::UNIX_EPOCH)
+        };
+        let mut st = TypeState::new(&request(&["*"], &[]));
+        let p = push(&mut st, &all, &table, generation, "n1").unwrap();
+        assert_eq!(names(&p.delta), (vec!["a"], vec![]));
+        st.on_request(&ack("n1"), SystemTime::now());
+
+        // Looked up by address: sent as `w1`, answering the address name.
+        st.on_request(
+            &request(&["net/10.0.0.1", "net/10.0.0.9"], &[]),
+            SystemTime::now(),
+        );
+        let p = push(&mut st, &all, &table, generation, "n2").unwrap();
+        assert_eq!(names(&p.delta), (vec!["w1"], vec!["net/10.0.0.9"]));
+        assert_eq!(p.delta.aliases["w1"], ["net/10.0.0.1"]);
+        st.on_request(&ack("n2"), SystemTime::now());
+        assert_eq!(held(&st), ["a", "w1"]);
+        st.mark_snapshot(Instant::now());
+        generation += 1;
+        assert!(push(&mut st, &all, &table, generation, "x").is_none());
+
+        // The address moves to another workload: that one answers it, the
+        // first one is no longer held.
+        table.insert("net/10.0.0.1".into(), ["w2".to_string()].into());
+        st.mark_snapshot(Instant::now());
+        generation += 1;
+        let p = push(&mut st, &all, &table, generation, "n3").unwrap();
+        assert_eq!(names(&p.delta), (vec!["w2"], vec!["w1"]));
+        assert_eq!(p.delta.aliases["w2"], ["net/10.0.0.1"]);
+        st.on_request(&ack("n3"), SystemTime::now());
+
+        // The workload goes: it and the address name are removed.
+        all.remove("w2");
+        table.clear();
+        st.mark_snapshot(Instant::now());
+        generation += 1;
+        let p = push(&mut st, &all, &table, generation, "n4").unwrap();
+        assert_eq!(names(&p.delta), (vec![], vec!["w2", "net/10.0.0.1"]));
+        st.on_request(&ack("n4"), SystemTime::now());
+        assert_eq!(held(&st), ["a"]);
+        // Unsubscribing the address names forgets them without a push.
+        st.on_request(
+            &request(&[], &["net/10.0.0.1", "net/10.0.0.9"]),
+            SystemTime::now(),
+        );
+        assert!(st.subscription().names.is_empty());
+    }
+
     /// Pushes over the change log must equal full diffs. Drives one state
     /// through pseudo-random snapshots, subscriptions, ACKs and NACKs and
     /// checks every push against a full merge diff.
@@ -779,13 +1026,7 @@ mod tests {
     fn changed_name_diffs_equal_full_diffs() {
         let names = ["a", "b", "c", "d", "e", "f"];
         // A small deterministic generator (xorshift), so failures reproduce.
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = test_support::xorshift(0x9e37_79b9_7f4a_7c15);
         let mut feed = Feed::new(&[("a", "0"), ("b", "0")]);
         let mut st = TypeState::new(&request(&["*"], &[]));
         let mut nonce = 0;
@@ -828,23 +1069,13 @@ mod tests {
             let full = st.diff(feed.served.of_type(T));
             if st
                 .base
-                .and_then(|base| feed.log.since(base, feed.generation, T))
+                .and_then(|base| feed.log.since(base, feed.generation, T, None))
                 .is_some_and(|changed| !changed.is_empty())
             {
                 over_changes += 1;
             }
             let fast = st.diff_current(&feed.current());
-            let key = |d: &Delta| {
-                let mut up: Vec<(String, String)> = d
-                    .upserts
-                    .iter()
-                    .map(|r| (r.name.clone(), r.version.clone()))
-                    .collect();
-                up.sort();
-                let mut rm = d.removed.clone();
-                rm.sort();
-                (up, rm)
-            };
+            let key = test_support::comparable;
             assert_eq!(key(&fast), key(&full), "round {round}: {st:?}");
             nonce += 1;
             feed.push(&mut st, &format!("n{nonce}"));

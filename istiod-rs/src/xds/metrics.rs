@@ -41,6 +41,9 @@ pub enum Refusal {
     too_large,
     /// A request that is not a DeltaDiscoveryRequest.
     undecodable,
+    /// A waypoint node id the stream's identity does not back (or that
+    /// names no waypoint pod).
+    waypoint_identity,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,14 +153,26 @@ mod tests {
 
     #[test]
     fn type_labels_are_the_served_types_or_other() {
-        assert_eq!(
-            TypeLabel::new(api::type_url::ADDRESS).r#type,
-            "istio.workload.Address"
-        );
-        assert_eq!(
-            TypeLabel::new(api::type_url::AUTHORIZATION).r#type,
-            "istio.security.Authorization"
-        );
+        for (type_url, label) in [
+            (api::type_url::ADDRESS, "istio.workload.Address"),
+            (api::type_url::AUTHORIZATION, "istio.security.Authorization"),
+            (api::type_url::WAYPOINT, "istio_rs.l7.v1.Waypoint"),
+            (api::type_url::ROUTE_TABLE, "istio_rs.l7.v1.RouteTable"),
+            (
+                api::type_url::HTTP_AUTHORIZATION,
+                "istio_rs.l7.v1.HttpAuthorization",
+            ),
+            (
+                api::type_url::JWT_AUTHENTICATION,
+                "istio_rs.l7.v1.JwtAuthentication",
+            ),
+            (
+                api::type_url::TRAFFIC_POLICY,
+                "istio_rs.l7.v1.TrafficPolicy",
+            ),
+        ] {
+            assert_eq!(TypeLabel::new(type_url).r#type, label);
+        }
         for made_up in [
             "type.googleapis.com/made.up.T1",
             "",

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use super::scope::ScopeChanges;
 use crate::snapshot::{Resources, Snapshot};
 
 /// Steps remembered: a proxy more generations behind gets a full diff.
@@ -88,6 +89,8 @@ struct Step {
     /// The generation this step leads to.
     generation: u64,
     changes: Changes,
+    /// Per waypoint: the names that entered or left its scope.
+    scopes: ScopeChanges,
     count: usize,
 }
 
@@ -99,8 +102,9 @@ pub struct ChangeLog {
 }
 
 impl ChangeLog {
-    /// Records the step that led to `generation`.
-    pub fn record(&mut self, generation: u64, changes: Changes) {
+    /// Records the step that led to `generation`: what changed, and what
+    /// entered or left each waypoint's scope.
+    pub fn record(&mut self, generation: u64, changes: Changes, scopes: ScopeChanges) {
         if self
             .steps
             .back()
@@ -110,10 +114,16 @@ impl ChangeLog {
             self.steps.clear();
             self.names = 0;
         }
-        let count = changes.values().map(BTreeSet::len).sum();
+        let count = changes.values().map(BTreeSet::len).sum::<usize>()
+            + scopes
+                .values()
+                .flat_map(|c| c.values())
+                .map(BTreeSet::len)
+                .sum::<usize>();
         self.steps.push_back(Arc::new(Step {
             generation,
             changes,
+            scopes,
             count,
         }));
         self.names += count;
@@ -125,8 +135,15 @@ impl ChangeLog {
     }
 
     /// The names of `type_url` that changed after generation `base` up to
-    /// `current`; `None` when those steps are no longer remembered.
-    pub fn since(&self, base: u64, current: u64, type_url: &str) -> Option<BTreeSet<&str>> {
+    /// `current`, and, for the waypoint `scope`, those that entered or left
+    /// its scope; `None` when those steps are no longer remembered.
+    pub fn since(
+        &self,
+        base: u64,
+        current: u64,
+        type_url: &str,
+        scope: Option<&str>,
+    ) -> Option<BTreeSet<&str>> {
         if base == current {
             return Some(BTreeSet::new());
         }
@@ -138,6 +155,12 @@ impl ChangeLog {
         for step in self.steps.iter().filter(|s| s.generation > base) {
             if let Some(changed) = step.changes.get(type_url) {
                 names.extend(changed.iter().map(String::as_str));
+            }
+            let moved = scope
+                .and_then(|key| step.scopes.get(key))
+                .and_then(|c| c.get(type_url));
+            if let Some(moved) = moved {
+                names.extend(moved.iter().map(String::as_str));
             }
         }
         Some(names)
@@ -191,15 +214,26 @@ mod tests {
         let (g2, c2) = g1.next(&snapshot(&[("b", "2"), ("c", "1"), ("d", "1")]));
         let (_, c3) = g2.next(&snapshot(&[("b", "2"), ("c", "1"), ("d", "2")]));
         let mut log = ChangeLog::default();
-        log.record(2, c2);
-        log.record(3, c3);
-        assert_eq!(names(&log.since(1, 3, T).unwrap()), ["a", "b", "d"]);
-        assert_eq!(names(&log.since(2, 3, T).unwrap()), ["d"]);
-        assert!(log.since(3, 3, T).unwrap().is_empty());
-        assert!(log.since(2, 3, api::type_url::ADDRESS).unwrap().is_empty());
+        log.record(2, c2, ScopeChanges::new());
+        let moved = Changes::from([(T.to_string(), BTreeSet::from(["x".to_string()]))]);
+        log.record(3, c3, ScopeChanges::from([("ns/wp".to_string(), moved)]));
+        assert_eq!(names(&log.since(1, 3, T, None).unwrap()), ["a", "b", "d"]);
+        assert_eq!(names(&log.since(2, 3, T, None).unwrap()), ["d"]);
+        // A waypoint also sees what entered or left its scope.
+        assert_eq!(
+            names(&log.since(2, 3, T, Some("ns/wp")).unwrap()),
+            ["d", "x"]
+        );
+        assert_eq!(names(&log.since(2, 3, T, Some("ns/other")).unwrap()), ["d"]);
+        assert!(log.since(3, 3, T, None).unwrap().is_empty());
+        assert!(
+            log.since(2, 3, api::type_url::ADDRESS, None)
+                .unwrap()
+                .is_empty()
+        );
         // Not remembered, or not the log's generation.
-        assert!(log.since(0, 3, T).is_none());
-        assert!(log.since(1, 4, T).is_none());
+        assert!(log.since(0, 3, T, None).is_none());
+        assert!(log.since(1, 4, T, None).is_none());
     }
 
     #[test]
@@ -207,14 +241,17 @@ mod tests {
         let step = || Changes::from([(T.to_string(), BTreeSet::from(["a".to_string()]))]);
         let mut log = ChangeLog::default();
         for generation in 2..(MAX_STEPS as u64 + 10) {
-            log.record(generation, step());
+            log.record(generation, step(), ScopeChanges::new());
         }
         let current = MAX_STEPS as u64 + 9;
-        assert!(log.since(1, current, T).is_none());
-        assert_eq!(names(&log.since(current - 1, current, T).unwrap()), ["a"]);
+        assert!(log.since(1, current, T, None).is_none());
+        assert_eq!(
+            names(&log.since(current - 1, current, T, None).unwrap()),
+            ["a"]
+        );
         // A gap starts the log over.
-        log.record(current + 5, step());
-        assert!(log.since(current - 1, current + 5, T).is_none());
-        assert!(log.since(current + 4, current + 5, T).is_some());
+        log.record(current + 5, step(), ScopeChanges::new());
+        assert!(log.since(current - 1, current + 5, T, None).is_none());
+        assert!(log.since(current + 4, current + 5, T, None).is_some());
     }
 }

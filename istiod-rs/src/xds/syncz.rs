@@ -1,14 +1,18 @@
 //! What `/debug/syncz` shows: every connected proxy, and per resource type
 //! whether it holds the current snapshot (SYNCED), has not been sent this
 //! type (NOT SENT), or is behind (STALE: a response unanswered, or it acked or
-//! kept older versions), with nonces, versions and its last NACK.
+//! kept older versions), with nonces, versions and its last NACK. A
+//! waypoint's entry names its Gateway and the size of its scope per type,
+//! and is compared against that scope only.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::delta::{Nack, Sent, TypeState};
+use super::delta::{AliasLookup, Nack, Sent, TypeState};
+use super::scope::{L7_TYPES, WaypointScope};
 use super::{Shared, lock};
 use crate::snapshot::{Resources, Snapshot};
 
@@ -38,9 +42,38 @@ pub struct ProxySync {
     pub node: Option<String>,
     pub peer: Option<String>,
     pub connected_since: String,
+    /// Set for a waypoint: the Gateway it serves and its scope.
+    pub waypoint: Option<WaypointSync>,
     pub types: Vec<TypeSync>,
     /// The most recent NACK of any type.
     pub last_nack: Option<NackReport>,
+}
+
+/// One waypoint's scope in the current generation.
+#[derive(Clone, Debug, Serialize)]
+pub struct WaypointSync {
+    /// The waypoint Gateway, `<ns>/<name>`.
+    pub gateway: String,
+    /// Resources in its scope, by type (`istio.workload.Address`, `istio_rs.l7.v1.RouteTable`, ...).
+    pub scope: BTreeMap<String, usize>,
+}
+
+impl WaypointSync {
+    fn new(gateway: &str, scope: Option<&WaypointScope>) -> Self {
+        let empty = WaypointScope::default();
+        let sizes = scope.unwrap_or(&empty).sizes();
+        WaypointSync {
+            gateway: gateway.to_string(),
+            scope: sizes
+                .into_iter()
+                .map(|(type_url, n)| (short_type(type_url).to_string(), n))
+                .collect(),
+        }
+    }
+}
+
+fn short_type(type_url: &str) -> &str {
+    type_url.rsplit_once('/').map_or(type_url, |(_, name)| name)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -91,24 +124,45 @@ impl SyncStatus {
         self.shared.feed.borrow().generation
     }
 
-    /// Every connected proxy, against the current snapshot.
+    /// Every waypoint's scope in the current generation, by Gateway.
+    pub fn waypoints(&self) -> Vec<WaypointSync> {
+        let published = self.shared.feed.borrow().clone();
+        published
+            .scopes
+            .iter()
+            .map(|(key, scope)| WaypointSync::new(key, Some(scope)))
+            .collect()
+    }
+
+    /// Every connected proxy, against the current snapshot (a waypoint:
+    /// against its scope).
     pub fn proxies(&self) -> Vec<ProxySync> {
         let published = self.shared.feed.borrow().clone();
-        let (snapshot, served) = (&published.snapshot, &published.served);
+        let snapshot = &published.snapshot;
         let connections: Vec<_> = lock(&self.shared.connections).values().cloned().collect();
         connections
             .iter()
             .map(|connection| {
                 let conn = lock(connection);
+                let waypoint = conn.waypoint.as_deref();
+                // Only the types the proxy may be sent, and those it asked for.
                 let mut type_urls: Vec<&str> = snapshot
                     .type_urls()
+                    .filter(|url| waypoint.is_some() || !L7_TYPES.contains(url))
                     .chain(conn.types.keys().map(String::as_str))
                     .collect();
                 type_urls.sort_unstable();
                 type_urls.dedup();
                 let types: Vec<TypeSync> = type_urls
                     .into_iter()
-                    .map(|url| type_sync(url, conn.types.get(url), served.of_type(url)))
+                    .map(|url| {
+                        type_sync(
+                            url,
+                            conn.types.get(url),
+                            published.resources(waypoint, url),
+                            published.alias_lookup(waypoint, url),
+                        )
+                    })
                     .collect();
                 let last_nack = types
                     .iter()
@@ -120,6 +174,9 @@ impl SyncStatus {
                     node: conn.caller.as_ref().and_then(|c| c.node.clone()),
                     peer: conn.peer.map(|p| p.to_string()),
                     connected_since: rfc3339(conn.since),
+                    waypoint: waypoint.map(|key| {
+                        WaypointSync::new(key, published.scopes.get(key).map(Arc::as_ref))
+                    }),
                     types,
                     last_nack,
                 }
@@ -128,7 +185,12 @@ impl SyncStatus {
     }
 }
 
-fn type_sync(type_url: &str, state: Option<&TypeState>, resources: &Resources) -> TypeSync {
+fn type_sync(
+    type_url: &str,
+    state: Option<&TypeState>,
+    resources: &Resources,
+    aliases: Option<AliasLookup<'_>>,
+) -> TypeSync {
     let Some(state) = state.filter(|s| s.last_sent().is_some()) else {
         return TypeSync {
             type_url: type_url.to_string(),
@@ -143,7 +205,7 @@ fn type_sync(type_url: &str, state: Option<&TypeState>, resources: &Resources) -
             last_nack: None,
         };
     };
-    let delta = state.diff(resources);
+    let delta = state.diff_with_aliases(resources, aliases);
     let behind = delta.upserts.len() + delta.removed.len();
     let status = if state.in_flight_nonce().is_some() || behind > 0 {
         SyncState::Stale

@@ -6,6 +6,7 @@
 //! Memory per stream stays near one chunk however large the push. The bytes
 //! are exactly those prost emits for the same `DeltaDiscoveryResponse`.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -89,23 +90,35 @@ fn any_len(r: &Resource) -> usize {
     scalar_len(1, r.body.type_url.as_bytes()) + scalar_len(2, &r.body.value)
 }
 
-/// `envoy.service.discovery.v3.Resource`: version = 1, resource = 2, name = 3.
-fn resource_len(r: &Resource) -> usize {
+/// `envoy.service.discovery.v3.Resource`: version = 1, resource = 2,
+/// name = 3, aliases = 4.
+fn resource_len(r: &Resource, aliases: &[String]) -> usize {
     scalar_len(1, r.version.as_bytes())
         + delimited_len(2, any_len(r))
         + scalar_len(3, r.name.as_bytes())
+        + aliases
+            .iter()
+            .map(|a| delimited_len(4, a.len()))
+            .sum::<usize>()
 }
 
-fn put_resource(r: &Resource, buf: &mut BytesMut) {
+fn put_resource(r: &Resource, aliases: &[String], buf: &mut BytesMut) {
     // DeltaDiscoveryResponse.resources = 2
     encode_key(2, WireType::LengthDelimited, buf);
-    encode_varint(resource_len(r) as u64, buf);
+    encode_varint(resource_len(r, aliases) as u64, buf);
     put_scalar(1, r.version.as_bytes(), buf);
     encode_key(2, WireType::LengthDelimited, buf);
     encode_varint(any_len(r) as u64, buf);
     put_scalar(1, r.body.type_url.as_bytes(), buf);
     put_scalar(2, &r.body.value, buf);
     put_scalar(3, r.name.as_bytes(), buf);
+    for alias in aliases {
+        put_delimited(4, alias.as_bytes(), buf);
+    }
+}
+
+fn aliases_of<'a>(aliases: &'a BTreeMap<String, Vec<String>>, r: &Resource) -> &'a [String] {
+    aliases.get(&r.name).map_or(&[], Vec::as_slice)
 }
 
 /// One `DeltaDiscoveryResponse` as gRPC-framed chunks: prefix and
@@ -115,6 +128,8 @@ fn put_resource(r: &Resource, buf: &mut BytesMut) {
 pub struct ResponseFrames {
     head: Option<BytesMut>,
     resources: std::vec::IntoIter<Arc<Resource>>,
+    /// Resource name -> the address names it answers (rarely any).
+    aliases: BTreeMap<String, Vec<String>>,
     tail: Option<BytesMut>,
 }
 
@@ -137,7 +152,7 @@ impl ResponseFrames {
             .delta
             .upserts
             .iter()
-            .map(|r| delimited_len(2, resource_len(r)))
+            .map(|r| delimited_len(2, resource_len(r, aliases_of(&push.delta.aliases, r))))
             .sum();
         let len = scalar_len(1, version) + resources_len + tail_len;
         let prefix_len = u32::try_from(len).map_err(|_| TooLarge(len))?;
@@ -155,6 +170,7 @@ impl ResponseFrames {
         Ok(ResponseFrames {
             head: Some(head),
             resources: push.delta.upserts.into_iter(),
+            aliases: push.delta.aliases,
             tail: Some(tail),
         })
     }
@@ -167,7 +183,7 @@ impl ResponseFrames {
             let Some(resource) = self.resources.next() else {
                 break;
             };
-            put_resource(&resource, &mut buf);
+            put_resource(&resource, aliases_of(&self.aliases, &resource), &mut buf);
         }
         if self.resources.len() == 0
             && let Some(tail) = self.tail.take()
@@ -340,6 +356,7 @@ mod tests {
                     version: r.version.clone(),
                     resource: Some(r.body.clone()),
                     name: r.name.clone(),
+                    aliases: push.delta.aliases.get(&r.name).cloned().unwrap_or_default(),
                     ..Default::default()
                 })
                 .collect(),
@@ -361,6 +378,7 @@ mod tests {
             delta: Delta {
                 upserts,
                 removed: removed.iter().map(|s| s.to_string()).collect(),
+                aliases: BTreeMap::new(),
             },
             pending_since: None,
         }
@@ -375,6 +393,13 @@ mod tests {
             push(vec![], &["gone", ""], "3"),
             push(vec![workload("a", 0), workload("b", 200)], &[], "12"),
             push(many, &["x"], "99"),
+            {
+                let mut p = push(vec![workload("a", 0), workload("b", 10)], &[], "7");
+                p.delta
+                    .aliases
+                    .insert("b".into(), vec!["net/10.0.0.1".into(), "/10.0.0.1".into()]);
+                p
+            },
         ] {
             assert_eq!(framed(&p, t), prost_framed(&p, t));
         }

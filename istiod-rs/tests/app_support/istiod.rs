@@ -170,6 +170,11 @@ impl LocalIstiod {
         http_get(self.addresses.monitoring, path).await
     }
 
+    /// The monitoring port's address.
+    pub fn monitoring(&self) -> std::net::SocketAddr {
+        self.addresses.monitoring
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let (status, body) = self.get(path).await;
         assert_eq!(status, 200, "{path}: {body}");
