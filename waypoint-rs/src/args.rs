@@ -130,7 +130,9 @@ pub struct WaypointArgs {
     #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub pool_max_streams_per_connection: u32,
-    /// HBONE to endpoints: a pooled connection without streams for this long closes.
+    /// HBONE to endpoints: a pooled connection without streams for this
+    /// long closes; an HTTP connection to an endpoint unused this long is
+    /// dropped (which ends its stream).
     #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_timeout)]
     pub pool_unused_release_timeout: Duration,
     /// Setting up an HBONE tunnel to an endpoint (connect, TLS, CONNECT)
@@ -266,6 +268,7 @@ impl WaypointArgs {
                 retry_buffer_limit: self.retry_buffer_limit,
                 max_requests_per_destination: self.max_requests_per_destination,
                 max_idle_connections_per_endpoint: self.max_idle_connections_per_endpoint,
+                idle_timeout: self.pool_unused_release_timeout,
             },
         })
     }

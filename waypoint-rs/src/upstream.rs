@@ -57,6 +57,8 @@ pub struct UpstreamConfig {
     /// In-flight requests per destination; one more is refused `UO`.
     pub max_requests_per_destination: u32,
     pub max_idle_connections_per_endpoint: usize,
+    /// An HTTP connection to an endpoint unused this long is dropped.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +236,10 @@ impl Upstream {
             pool,
             certificates,
             identity,
-            clients: Arc::new(Clients::new(config.max_idle_connections_per_endpoint)),
+            clients: Arc::new(Clients::new(
+                config.max_idle_connections_per_endpoint,
+                config.idle_timeout,
+            )),
             config,
             breakers: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),

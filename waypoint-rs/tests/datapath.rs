@@ -600,3 +600,20 @@ async fn an_http1_connect_passes_through_to_the_endpoint() {
     let mut io = hyper_util::rt::TokioIo::new(upgraded);
     assert_eq!(read_n(&mut io, 6).await.unwrap(), b"inside");
 }
+
+#[tokio::test]
+async fn connections_to_endpoints_unused_past_the_idle_timeout_are_dropped() {
+    let idle = Duration::from_millis(20);
+    let mesh = Mesh::start(|c| c.upstream.idle_timeout = idle).await;
+    let endpoints = mesh
+        .service("echo", 100, &[(80, 8080)], &[10], App::echo("echo-0"))
+        .await;
+    let mut client = mesh.http1(SocketAddr::new(mesh.ip(100), 80)).await;
+    for round in 1..=2 {
+        let response = client.send_request(get("/", "echo")).await.unwrap();
+        assert_eq!(text(response).await, "echo-0: GET / HTTP/1.1");
+        assert_eq!(endpoints[0].accepted().len(), round);
+        // Longer than the idle timeout: the next request needs a new one.
+        tokio::time::sleep(idle * 5).await;
+    }
+}

@@ -5,6 +5,10 @@
 //! next request takes one from there before opening another. A connection
 //! that failed is dropped and the next request opens a fresh one.
 //!
+//! A connection not used for `idle_timeout` is dropped from the cache (and
+//! closes once its requests end), so endpoints that went away or are no
+//! longer chosen do not keep tunnels open.
+//!
 //! Upgrades (WebSocket, HTTP/1.1 CONNECT) get a connection of their own,
 //! never pooled: it becomes the upgraded byte stream.
 
@@ -14,6 +18,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use api::SpiffeId;
 use bytes::Bytes;
@@ -33,32 +38,70 @@ pub struct Key {
     pub http2: bool,
 }
 
-enum Slot {
+enum Connections {
     Http2(http2::SendRequest<Body>),
     Http1(Vec<http1::SendRequest<Body>>),
+}
+
+struct Slot {
+    connections: Connections,
+    last_used: Instant,
 }
 
 /// The connection cache. Shared (`Arc`): HTTP/1.1 connections return to it
 /// from the response body.
 pub struct Clients {
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<Slots>,
     /// Held while an HTTP/2 connection to the key is being set up, so a
     /// burst of first requests shares one connection.
     connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Slots {
+    by_key: HashMap<Key, Slot>,
+    swept: Option<Instant>,
 }
 
 impl Clients {
-    pub fn new(max_idle: usize) -> Self {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Clients {
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Slots::default()),
             connecting: Mutex::new(HashMap::new()),
             max_idle,
+            idle_timeout,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    /// The cache, swept of idle connections at most every half idle timeout.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let due = slots
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= self.idle_timeout / 2);
+        if due {
+            let timeout = self.idle_timeout;
+            slots
+                .by_key
+                .retain(|_, slot| now.duration_since(slot.last_used) < timeout);
+            slots.swept = Some(now);
+        }
+        slots
+    }
+
+    fn get_http2(&self, key: &Key) -> Option<http2::SendRequest<Body>> {
+        let mut slots = self.lock();
+        let slot = slots.by_key.get_mut(key)?;
+        match &slot.connections {
+            Connections::Http2(sender) if !sender.is_closed() => {
+                slot.last_used = Instant::now();
+                Some(sender.clone())
+            }
+            _ => None,
+        }
     }
 
     /// Sends `request` to the endpoint of `key`, opening a tunnel with
@@ -91,11 +134,7 @@ impl Clients {
         Fut: Future<Output = Result<HboneStream, Error>>,
     {
         let endpoint = key.address;
-        let cached = |clients: &Self| match clients.lock().get(&key) {
-            Some(Slot::Http2(sender)) if !sender.is_closed() => Some(sender.clone()),
-            _ => None,
-        };
-        let gate = match cached(self) {
+        let gate = match self.get_http2(&key) {
             Some(_) => None,
             None => {
                 let gate = self
@@ -108,7 +147,7 @@ impl Clients {
                 Some(gate.lock_owned().await)
             }
         };
-        let mut sender = match cached(self) {
+        let mut sender = match self.get_http2(&key) {
             Some(sender) => sender,
             None => {
                 let stream = tunnel().await?;
@@ -121,7 +160,13 @@ impl Clients {
                         tracing::debug!(%endpoint, %error, "HTTP/2 connection to endpoint ended");
                     }
                 });
-                self.lock().insert(key.clone(), Slot::Http2(sender.clone()));
+                self.lock().by_key.insert(
+                    key.clone(),
+                    Slot {
+                        connections: Connections::Http2(sender.clone()),
+                        last_used: Instant::now(),
+                    },
+                );
                 sender
             }
         };
@@ -141,10 +186,13 @@ impl Clients {
 
     fn forget_http2(&self, key: &Key, failed: &http2::SendRequest<Body>) {
         let mut slots = self.lock();
-        if let Some(Slot::Http2(current)) = slots.get(key)
+        if let Some(Slot {
+            connections: Connections::Http2(current),
+            ..
+        }) = slots.by_key.get(key)
             && (current.is_closed() || failed.is_closed())
         {
-            slots.remove(key);
+            slots.by_key.remove(key);
         }
     }
 
@@ -191,7 +239,11 @@ impl Clients {
 
     fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut slots = self.lock();
-        let Some(Slot::Http1(idle)) = slots.get_mut(key) else {
+        let Some(Slot {
+            connections: Connections::Http1(idle),
+            ..
+        }) = slots.by_key.get_mut(key)
+        else {
             return None;
         };
         while let Some(sender) = idle.pop() {
@@ -207,8 +259,12 @@ impl Clients {
             return;
         }
         let mut slots = self.lock();
-        let slot = slots.entry(key).or_insert_with(|| Slot::Http1(Vec::new()));
-        if let Slot::Http1(idle) = slot
+        let slot = slots.by_key.entry(key).or_insert_with(|| Slot {
+            connections: Connections::Http1(Vec::new()),
+            last_used: Instant::now(),
+        });
+        slot.last_used = Instant::now();
+        if let Connections::Http1(idle) = &mut slot.connections
             && idle.len() < self.max_idle
         {
             idle.push(sender);
@@ -241,11 +297,12 @@ impl Clients {
     pub fn dump(&self) -> serde_json::Value {
         let slots = self.lock();
         let mut out: Vec<_> = slots
+            .by_key
             .iter()
             .map(|(key, slot)| {
-                let (protocol, idle) = match slot {
-                    Slot::Http2(s) => ("HTTP/2", usize::from(!s.is_closed())),
-                    Slot::Http1(idle) => ("HTTP/1.1", idle.len()),
+                let (protocol, idle) = match &slot.connections {
+                    Connections::Http2(s) => ("HTTP/2", usize::from(!s.is_closed())),
+                    Connections::Http1(idle) => ("HTTP/1.1", idle.len()),
                 };
                 serde_json::json!({
                     "endpoint": key.address,

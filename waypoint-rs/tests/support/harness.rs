@@ -71,6 +71,7 @@ pub fn test_config() -> ProxyConfig {
             retry_buffer_limit: 64 * 1024,
             max_requests_per_destination: u32::MAX,
             max_idle_connections_per_endpoint: 16,
+            idle_timeout: PATIENCE,
         },
     }
 }
