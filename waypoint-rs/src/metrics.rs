@@ -28,12 +28,14 @@ use crate::request::ResponseFlag;
 
 const UNKNOWN: &str = "unknown";
 
-/// Istio's default buckets for `istio_request_duration_milliseconds`.
+/// Envoy's default histogram buckets (`source/common/stats/histogram_impl.cc`,
+/// `HistogramStatisticsImpl::supportedBuckets`), which upstream's proxies
+/// report `istio_request_duration_milliseconds` in.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
-/// Istio's default buckets for the byte-size histograms.
+/// Ours for the byte-size histograms: decades from 1 B to 100 MB.
 const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 
 type Histograms = Family<HttpLabels, Histogram, fn() -> Histogram>;
