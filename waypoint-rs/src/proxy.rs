@@ -356,7 +356,7 @@ impl Proxy {
     /// The endpoints a routing decision sends to, with the destination's
     /// DestinationRule applied: subset, load balancer, outlier detection,
     /// `http2MaxRequests`.
-    fn destination<B>(
+    pub(crate) fn destination<B>(
         &self,
         snapshot: &Snapshot,
         destination: &route::Destination,

@@ -14,10 +14,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::access_log;
 use crate::config::Served;
 use crate::http::authorization::{ConnectionFacts, authorize_tcp};
+use crate::http::route;
 use crate::metrics::{Peers, TcpLabels};
-use crate::proxy::{Proxy, resolve};
-use crate::request::{Authz, Downstream, ResponseFlag};
+use crate::proxy::Proxy;
+use crate::request::{Authz, Downstream, ResponseFlag, Target};
 use crate::upstream::Error;
+use proxy_core::store::NamespacedHostname;
 
 static FAILED: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
 
@@ -67,16 +69,38 @@ where
         return;
     }
     let connected = async {
-        let destination = resolve(&snapshot, target)?;
+        // The addressed service with its DestinationRule (balancer, outlier
+        // detection, limits), as for HTTP; a request-less hash key (source IP)
+        // still applies.
+        let routed = match target {
+            Target::Service {
+                namespace,
+                hostname,
+                port,
+                ..
+            } => route::Destination::Service {
+                service: NamespacedHostname::new(namespace, hostname),
+                port: *port,
+                subset: None,
+            },
+            Target::Workload { uid, port, .. } => route::Destination::Workload {
+                uid: uid.clone(),
+                port: *port,
+            },
+        };
+        let destination =
+            proxy.destination(&snapshot, &routed, &http::Request::new(()), &downstream)?;
         peers.service = destination.service.clone();
         let permit = proxy.upstream.admit(&destination)?;
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let (endpoint, _picked) = proxy.upstream.pick(&destination, &tried)?;
+            let (endpoint, picked) = proxy.upstream.pick(&destination, &tried)?;
             tried.push(endpoint.target);
             peers.destination = Some(endpoint.workload.clone());
-            match proxy.upstream.tunnel(endpoint).await {
-                Ok(stream) => return Ok::<_, Error>((stream, endpoint.target, permit)),
+            let tunnel = proxy.upstream.tunnel(endpoint).await;
+            destination.record_connect(endpoint, tunnel.as_ref().err());
+            match tunnel {
+                Ok(stream) => return Ok::<_, Error>((stream, endpoint.target, (permit, picked))),
                 Err(error)
                     if tried.len() <= proxy.config.upstream.retry.attempts as usize
                         && tried.len() < destination.endpoints.len() =>

@@ -181,6 +181,19 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// Feeds a TCP connection attempt's outcome to outlier detection.
+    pub fn record_connect(&self, endpoint: &Endpoint, failed: Option<&Error>) {
+        if let Some(balancer) = &self.balancer {
+            let outcome = match failed.and_then(Error::outcome) {
+                Some(outcome) => outcome,
+                None if failed.is_none() => Outcome::LocalOriginSuccess,
+                None => return,
+            };
+            let now = std::time::Instant::now();
+            balancer.record(&endpoint.workload.uid, outcome, self.endpoints.len(), now);
+        }
+    }
+
     /// Feeds one try's outcome to outlier detection.
     pub fn record(&self, endpoint: &Endpoint, result: &Result<http::Response<Body>, Error>) {
         let Some(balancer) = &self.balancer else {

@@ -573,3 +573,56 @@ async fn a_mirror_gets_a_copy_with_a_shadow_authority() {
     }
     assert_eq!(hosts.lock().unwrap().clone(), ["svc.default-shadow"]);
 }
+
+#[tokio::test]
+async fn tcp_connections_follow_the_destination_rule_too() {
+    let mesh = Mesh::start(|_| {}).await;
+    let key = "default/db.default.svc.cluster.local";
+    let _endpoints = mesh
+        .service("db", 100, &[(3306, 3306)], &[10], App::Greeting(b"hello"))
+        .await;
+    // A second endpoint whose ztunnel is gone: every tunnel to it fails.
+    mesh.apply(vec![
+        harness::workload("db-dead", "default", mesh.ip(11))
+            .in_service(key, &[(3306, 3306)])
+            .into(),
+    ]);
+    mesh.apply_l7(
+        TrafficPolicyHandler::new,
+        key,
+        l7::TrafficPolicy {
+            namespace: "default".into(),
+            hostname: "db.default.svc.cluster.local".into(),
+            default_policy: Some(l7::Policy {
+                load_balancer: Some(l7::LoadBalancer {
+                    policy: Some(l7::load_balancer::Policy::Simple(
+                        l7::load_balancer::Simple::RoundRobin as i32,
+                    )),
+                }),
+                outlier_detection: Some(l7::OutlierDetection {
+                    consecutive_5xx_errors: Some(1),
+                    base_ejection_time: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    max_ejection_percent: Some(100),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let mut failures = 0;
+    for _ in 0..6 {
+        let mut tunnel = mesh
+            .connect(SocketAddr::new(mesh.ip(100), 3306))
+            .await
+            .unwrap();
+        if harness::read_n(&mut tunnel, 5).await.is_err() {
+            failures += 1;
+        }
+    }
+    // The dead endpoint is tried once at most, then ejected.
+    assert!(failures <= 1, "{failures} failures");
+}
