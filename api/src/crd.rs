@@ -1,5 +1,7 @@
 //! `security.istio.io/v1` custom resources, as users write them:
-//! AuthorizationPolicy, PeerAuthentication and RequestAuthentication.
+//! AuthorizationPolicy, PeerAuthentication and RequestAuthentication; and,
+//! in [`networking`], `networking.istio.io` DestinationRule and
+//! VirtualService.
 //!
 //! Field names follow upstream's CRDs so existing manifests apply unchanged.
 //! The CRD YAML under `manifests/crds/` is generated from these types
@@ -10,6 +12,10 @@ use std::collections::BTreeMap;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub mod networking;
+
+pub use networking::{DestinationRule, VirtualService};
 
 pub const GROUP: &str = "security.istio.io";
 pub const VERSION: &str = "v1";
@@ -382,6 +388,14 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Erro
         (
             "security.istio.io_requestauthentications.yaml",
             RequestAuthentication::crd(),
+        ),
+        (
+            "networking.istio.io_destinationrules.yaml",
+            networking::served_as_upstream(DestinationRule::crd()),
+        ),
+        (
+            "networking.istio.io_virtualservices.yaml",
+            networking::served_as_upstream(VirtualService::crd()),
         ),
     ];
     crds.into_iter()

@@ -1,6 +1,6 @@
 //! Kubernetes manifests as a user would `kubectl apply` them: multi-document
 //! YAML turned into the typed objects the mesh reads (namespaces, pods,
-//! services, Gateway API and Istio security resources).
+//! services, Gateway API, Istio security and networking resources).
 //!
 //! istiod-rs reads its whole cluster state this way in local mode
 //! (`--config-dir`), and ztunnel-rs's node agent reads the same directory to
@@ -31,7 +31,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::crd::{
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+};
 
 /// Namespace kubectl assumes for a namespaced object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -57,10 +59,12 @@ pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
     RequestAuthentication,
+    DestinationRule,
+    VirtualService,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -73,6 +77,8 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
         Kind::RequestAuthentication,
+        Kind::DestinationRule,
+        Kind::VirtualService,
     ];
 
     /// The `kind` field, as Kubernetes spells it.
@@ -90,6 +96,8 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::VirtualService => "VirtualService",
         }
     }
 
@@ -102,6 +110,7 @@ impl Kind {
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
                 crate::crd::GROUP
             }
+            Kind::DestinationRule | Kind::VirtualService => crate::crd::networking::GROUP,
         }
     }
 
@@ -123,6 +132,8 @@ impl Kind {
             | Kind::HttpRoute => &["v1", "v1beta1"],
             // GRPCRoute went from v1alpha2 straight to v1.
             Kind::GrpcRoute => &["v1"],
+            // Upstream serves all three with one schema.
+            Kind::DestinationRule | Kind::VirtualService => &crate::crd::networking::VERSIONS,
             _ => &["v1"],
         }
     }
@@ -198,11 +209,22 @@ const GROUP_KINDS: &[(&str, &[&str])] = &[
             "RequestAuthentication",
         ],
     ),
+    (
+        // Istio's own `Gateway` is one of these, not the Gateway API's.
+        crate::crd::networking::GROUP,
+        &[
+            "DestinationRule",
+            "EnvoyFilter",
+            "Gateway",
+            "ProxyConfig",
+            "ServiceEntry",
+            "Sidecar",
+            "VirtualService",
+            "WorkloadEntry",
+            "WorkloadGroup",
+        ],
+    ),
 ];
-
-/// Groups that have kinds named like kinds the mesh reads, and that the
-/// mesh does not read: Istio's own `Gateway` is `networking.istio.io`.
-const OTHER_GROUPS_WITH_SHARED_NAMES: &[&str] = &["networking.istio.io"];
 
 /// What a document's `apiVersion` and `kind` make of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,10 +257,8 @@ impl DocumentType {
             Some((_, kinds)) if kinds.contains(&kind) => DocumentType::Other,
             Some(_) => DocumentType::UnknownKind,
             None => match same_name {
-                Some(read) if !OTHER_GROUPS_WITH_SHARED_NAMES.contains(&group) => {
-                    DocumentType::UnknownApiVersion(read)
-                }
-                _ => DocumentType::Other,
+                Some(read) => DocumentType::UnknownApiVersion(read),
+                None => DocumentType::Other,
             },
         }
     }
@@ -353,6 +373,8 @@ objects!(
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     RequestAuthentication(RequestAuthentication),
+    DestinationRule(DestinationRule),
+    VirtualService(VirtualService),
 );
 
 impl Object {
@@ -734,6 +756,163 @@ spec:
         assert_eq!(m.objects.len(), 2);
     }
 
+    /// Upstream's examples as written (istio.io traffic-management docs),
+    /// in each version upstream serves: every field the mesh does not
+    /// honour is still read, so it can be reported rather than refused.
+    const NETWORKING: &str = "\
+apiVersion: networking.istio.io/VERSION
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews.shop.svc.cluster.local
+  exportTo: [\".\"]
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: user, ttl: 0s}
+      localityLbSetting: {enabled: true}
+      warmupDurationSecs: 10s
+    connectionPool:
+      tcp: {maxConnections: 100, connectTimeout: 30ms, tcpKeepalive: {time: 7200s, interval: 75s}}
+      http: {http2MaxRequests: 1000, maxRequestsPerConnection: 10, h2UpgradePolicy: UPGRADE}
+    outlierDetection: {consecutive5xxErrors: 7, interval: 5m, baseEjectionTime: 15m}
+    tls: {mode: ISTIO_MUTUAL}
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/VERSION
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match:
+    - headers: {end-user: {exact: jason}}
+      uri: {prefix: /api}
+      ignoreUriCase: true
+      withoutHeaders: {x-canary: {}}
+    fault:
+      delay: {percentage: {value: 0.1}, fixedDelay: 5s}
+      abort: {percentage: {value: 10}, httpStatus: 400}
+    route:
+    - destination: {host: reviews, subset: v2, port: {number: 9080}}
+      weight: 75
+      headers: {response: {remove: [foo]}}
+    - destination: {host: reviews, subset: v1}
+      weight: 25
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"gateway-error,connect-failure\"}
+    timeout: 10s
+    mirror: {host: reviews, subset: v3}
+    mirrorPercentage: {value: 50.0}
+    corsPolicy: {allowOrigins: [{exact: https://example.com}]}
+    headers: {request: {set: {x-a: b}, add: {x-c: d}, remove: [x-e]}}
+  - match: [{uri: {regex: \"^/old/.*\"}}]
+    rewrite: {uriRegexRewrite: {match: ^/old/(.*), rewrite: /new/\\1}, authority: new}
+    redirect: {uri: /x, redirectCode: 301}
+    directResponse: {status: 503, body: {string: unavailable}}
+";
+
+    #[test]
+    fn networking_kinds_decode_in_every_upstream_version() {
+        for version in ["v1", "v1beta1", "v1alpha3"] {
+            let m = parse(&NETWORKING.replace("VERSION", version)).unwrap();
+            assert!(m.refused.is_empty(), "{version}: {:?}", m.refused);
+            let [Object::DestinationRule(dr), Object::VirtualService(vs)] = &m.objects[..] else {
+                panic!("{version}: {:?}", m.objects)
+            };
+            assert_eq!(dr.spec.host, "reviews.shop.svc.cluster.local");
+            let policy = dr.spec.traffic_policy.as_ref().unwrap();
+            let outlier = policy.outlier_detection.as_ref().unwrap();
+            assert_eq!(outlier.consecutive_5xx_errors, Some(7));
+            assert_eq!(
+                policy.tls,
+                Some(serde_json::json!({"mode": "ISTIO_MUTUAL"}))
+            );
+            assert_eq!(
+                policy.port_level_settings[0].port.as_ref().unwrap().number,
+                80
+            );
+            assert_eq!(dr.spec.subsets[0].labels["version"], "v1");
+            let route = &vs.spec.http[0];
+            assert_eq!(
+                route.matches[0].headers["end-user"].exact.as_deref(),
+                Some("jason")
+            );
+            assert_eq!(
+                route.matches[0].without_headers["x-canary"],
+                Default::default()
+            );
+            assert_eq!(route.route[0].weight, Some(75));
+            assert_eq!(route.retries.as_ref().unwrap().attempts, 3);
+            let fault = route.fault.as_ref().unwrap();
+            assert_eq!(fault.abort.as_ref().unwrap().http_status, Some(400));
+            let rewrite = vs.spec.http[1].rewrite.as_ref().unwrap();
+            assert_eq!(
+                rewrite.uri_regex_rewrite.as_ref().unwrap().pattern,
+                "^/old/(.*)"
+            );
+        }
+        let m = parse(&NETWORKING.replace("VERSION", "v1alpha1")).unwrap();
+        assert!(m.objects.is_empty());
+        assert!(matches!(
+            &m.refused[..],
+            [
+                Refused::UnknownApiVersion {
+                    kind: Kind::DestinationRule,
+                    ..
+                },
+                Refused::UnknownApiVersion {
+                    kind: Kind::VirtualService,
+                    ..
+                },
+            ]
+        ));
+    }
+
+    #[test]
+    fn networking_typos_are_refused_with_their_paths_and_lines() {
+        let text = NETWORKING
+            .replace("VERSION", "v1")
+            .replace("maxRequestsPerConnection", "maxRequestPerConnection")
+            .replace("ignoreUriCase", "ignoreURICase");
+        let m = parse(&text).unwrap();
+        assert!(m.objects.is_empty());
+        let refused: Vec<(Kind, Vec<String>, usize)> = m
+            .refused
+            .iter()
+            .map(|r| match r {
+                Refused::UnknownFields {
+                    kind, fields, line, ..
+                } => (*kind, fields.clone(), *line),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (
+                    Kind::DestinationRule,
+                    vec![
+                        "spec.trafficPolicy.connectionPool.http.maxRequestPerConnection"
+                            .to_string()
+                    ],
+                    15
+                ),
+                (
+                    Kind::VirtualService,
+                    vec!["spec.http[0].match[0].ignoreURICase".to_string()],
+                    36
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn rejects_documents_without_type_or_name() {
         let err = parse("---\nmetadata:\n  name: x\n").unwrap_err();
@@ -785,6 +964,18 @@ spec:
         );
         // Istio's own Gateway is another kind.
         assert_eq!(of("networking.istio.io/v1", "Gateway"), DocumentType::Other);
+        assert_eq!(
+            of("networking.istio.io/v1", "ServiceEntry"),
+            DocumentType::Other
+        );
+        assert_eq!(
+            of("networking.istio.io/v1", "VirtualServce"),
+            DocumentType::UnknownKind
+        );
+        assert_eq!(
+            of("networking.istio.io/v2", "DestinationRule"),
+            DocumentType::UnknownApiVersion(Kind::DestinationRule)
+        );
         assert_eq!(of("v1", "Servce"), DocumentType::UnknownKind);
         assert_eq!(
             of("security.istio.io/v1", "AuthorizationPolcy"),
@@ -909,6 +1100,20 @@ apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: r, namespace: a}
 spec: {jwtRules: [{issuer: i, jwksUrl: x}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: d, namespace: a}
+spec:
+  host: s
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderNam: x}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: a}
+spec:
+  hosts: [s]
+  http: [{route: [{destination: {host: s}, wieght: 10}]}]
 ";
 
     #[test]
@@ -936,6 +1141,11 @@ spec: {jwtRules: [{issuer: i, jwksUrl: x}]}
             (Kind::AuthorizationPolicy, "spec.rule"),
             (Kind::PeerAuthentication, "spec.mtls.mod"),
             (Kind::RequestAuthentication, "spec.jwtRules[0].jwksUrl"),
+            (
+                Kind::DestinationRule,
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderNam",
+            ),
+            (Kind::VirtualService, "spec.http[0].route[0].wieght"),
         ];
         let expected: Vec<(Kind, String)> =
             expected.iter().map(|(k, f)| (*k, f.to_string())).collect();
@@ -955,9 +1165,11 @@ spec: {jwtRules: [{issuer: i, jwksUrl: x}]}
             .replace("{parentRef: []}", "{}")
             .replace("{rule: []}", "{}")
             .replace("mod:", "mode:")
-            .replace("jwksUrl", "jwksUri");
+            .replace("jwksUrl", "jwksUri")
+            .replace("httpHeaderNam:", "httpHeaderName:")
+            .replace("wieght", "weight");
         let m = parse(&fixed).unwrap();
         assert!(m.refused.is_empty(), "{:?}", m.refused);
-        assert_eq!(m.objects.len(), 12);
+        assert_eq!(m.objects.len(), Kind::ALL.len());
     }
 }

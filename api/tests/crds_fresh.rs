@@ -24,7 +24,52 @@ fn crd_yaml_parses_back_into_a_crd() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     for (file, yaml) in api::crd::crd_yaml().unwrap() {
         let crd: CustomResourceDefinition = serde_saphyr::from_str(&yaml).expect(file);
-        assert_eq!(crd.spec.group, "security.istio.io");
+        assert!(file.starts_with(&crd.spec.group), "{file}");
         assert_eq!(crd.spec.versions[0].name, "v1");
+        let stored: Vec<&str> = crd
+            .spec
+            .versions
+            .iter()
+            .filter(|v| v.storage)
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(stored.len(), 1, "{file}: one stored version");
+    }
+}
+
+/// DestinationRule and VirtualService are served as upstream serves them:
+/// v1, v1beta1 and v1alpha3, one schema, stored as v1alpha3.
+#[test]
+fn networking_crds_serve_upstreams_versions() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds = api::crd::crd_yaml().unwrap();
+    for file in [
+        "networking.istio.io_destinationrules.yaml",
+        "networking.istio.io_virtualservices.yaml",
+    ] {
+        let (_, yaml) = crds.iter().find(|(f, _)| *f == file).expect(file);
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(yaml).unwrap();
+        let versions: Vec<(&str, bool, bool)> = crd
+            .spec
+            .versions
+            .iter()
+            .map(|v| (v.name.as_str(), v.served, v.storage))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                ("v1", true, false),
+                ("v1beta1", true, false),
+                ("v1alpha3", true, true)
+            ],
+            "{file}"
+        );
+        assert!(
+            crd.spec
+                .versions
+                .iter()
+                .all(|v| v.schema == crd.spec.versions[0].schema),
+            "{file}: one schema"
+        );
     }
 }

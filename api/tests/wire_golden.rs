@@ -916,6 +916,10 @@ fn l7_traffic_policy_field_numbers() {
             name: "v1".into(),
             workload_uids: vec!["uid-1".into(), "uid-2".into()],
             policy: Some(policy(balancers[0].0.clone())),
+            ports: vec![PortPolicy {
+                port: 9080,
+                policy: Some(policy(balancers[1].0.clone())),
+            }],
         }],
     };
     let want = cat(&[
@@ -939,6 +943,7 @@ fn l7_traffic_policy_field_numbers() {
                 f(2, "uid-1"),
                 f(2, "uid-2"),
                 f(3, policy_wire(&balancers[0].1)),
+                f(4, cat(&[v(1, 9080), f(2, policy_wire(&balancers[1].1))])),
             ]),
         ),
     ]);

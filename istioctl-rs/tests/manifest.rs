@@ -345,6 +345,8 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
         ("security.istio.io", "authorizationpolicies/status"),
         ("security.istio.io", "peerauthentications/status"),
         ("security.istio.io", "requestauthentications/status"),
+        ("networking.istio.io", "destinationrules/status"),
+        ("networking.istio.io", "virtualservices/status"),
         ("gateway.networking.k8s.io", "httproutes/status"),
         ("gateway.networking.k8s.io", "grpcroutes/status"),
     ] {
@@ -354,7 +356,11 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
         verbs(role, "authentication.k8s.io", "tokenreviews"),
         set(&["create"])
     );
-    assert_eq!(granted(role), 12 + 5 + 1, "no resource beyond those");
+    assert_eq!(
+        granted(role),
+        api::manifest::Kind::ALL.len() + 7 + 1,
+        "no resource beyond those"
+    );
 
     // The webhook keeper: its configuration, and the dry-run probe only in
     // the root namespace.

@@ -14,6 +14,8 @@
 //! | RouteTable (HTTPRoutes and GRPCRoutes with this Service as parent) | `istio_rs.l7.v1.RouteTable` | `<ns>/<name>.<ns>.svc.<domain>` |
 //! | HttpAuthorization (AuthorizationPolicy with `targetRefs`) | `istio_rs.l7.v1.HttpAuthorization` | `<ns>/<name>` |
 //! | JwtAuthentication (RequestAuthentication with `targetRefs`) | `istio_rs.l7.v1.JwtAuthentication` | `<ns>/<name>` |
+//! | TrafficPolicy (DestinationRule, see `l7/traffic.rs`) | `istio_rs.l7.v1.TrafficPolicy` | `<svc ns>/<svc hostname>` |
+//! | RouteTable (VirtualService, for a service no HTTPRoute/GRPCRoute attaches to; see `l7/virtual_services.rs`) | `istio_rs.l7.v1.RouteTable` | `<svc ns>/<svc hostname>` |
 //!
 //! No I/O, no clock: the same state always gives the same bytes, so the
 //! snapshot's content hashes change only where the content does.
@@ -25,8 +27,13 @@ mod peer_authentication;
 mod problem;
 mod selectors;
 mod services;
+// DestinationRule and VirtualService translation (L7, for waypoints).
 #[doc(hidden)]
 pub mod testing;
+#[path = "index/l7/traffic.rs"]
+mod traffic;
+#[path = "index/l7/virtual_services.rs"]
+mod virtual_services;
 mod waypoint_policies;
 mod waypoints;
 mod workloads;
@@ -53,6 +60,8 @@ pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
+pub use traffic::validate_destination_rule;
+pub use virtual_services::validate_virtual_service;
 pub use workloads::SharedAddress;
 
 use crate::snapshot::{Resource, Snapshot};
@@ -296,6 +305,18 @@ impl Translator {
             pods.push((key, pod, addresses, backed, resource));
         }
 
+        // DestinationRules: one TrafficPolicy per destination service.
+        {
+            let endpoints = traffic::Endpoints::of(
+                pods.iter()
+                    .map(|(key, pod, _, backed, _)| (*key, pod.as_ref(), backed.as_slice())),
+            );
+            for p in traffic::build(state, mesh, &services, &endpoints, &mut problems) {
+                let key = format!("{}/{}", p.namespace, p.hostname);
+                snapshot.insert(Resource::new(type_url::TRAFFIC_POLICY, key, &p));
+            }
+        }
+
         let shared_addresses = workloads::shared_addresses(
             pods.iter()
                 .map(|(key, pod, addresses, ..)| (*key, pod.as_ref(), addresses.as_slice())),
@@ -430,9 +451,17 @@ fn translate_l7(
     snapshot: &mut Snapshot,
     problems: &mut Vec<PolicyProblem>,
 ) {
+    // RouteTables: from HTTPRoutes/GRPCRoutes, and from VirtualServices for
+    // the services no Gateway API route attaches to.
     let routes = l7::routes::build(state, services, problems);
+    let mut route_tables = routes.keys();
     for (key, table) in &routes.tables {
         snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key.clone(), table));
+    }
+    for table in virtual_services::route_tables(state, mesh, services, problems) {
+        let key = format!("{}/{}", table.namespace, table.hostname);
+        snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key.clone(), &table));
+        route_tables.insert(key);
     }
     let mut authorizations = std::collections::BTreeSet::new();
     for (key, policy) in &state.authorization_policies {
@@ -460,7 +489,7 @@ fn translate_l7(
         rules: &l7_rules.rules,
         authorizations: &authorizations,
         authentications: &authentications,
-        route_tables: &routes.keys(),
+        route_tables: &route_tables,
         deny_all: &routes.deny_all,
     };
     let bindings =

@@ -14,7 +14,9 @@ pub mod kube;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use api::crd::{
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+};
 use api::manifest::{FileContent, Kind, Object, ObjectKey};
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
@@ -45,6 +47,8 @@ pub struct ClusterState {
     /// Not an object: the JWKS istiod-rs fetched for RequestAuthentications
     /// (`crate::jwks`), input of the translation like the objects.
     pub jwks: Arc<crate::jwks::JwksState>,
+    pub destination_rules: Objects<DestinationRule>,
+    pub virtual_services: Objects<VirtualService>,
 }
 
 impl ClusterState {
@@ -151,6 +155,8 @@ by_kind!(
     AuthorizationPolicy => authorization_policies,
     PeerAuthentication => peer_authentications,
     RequestAuthentication => request_authentications,
+    DestinationRule => destination_rules,
+    VirtualService => virtual_services,
 );
 
 /// A file's objects in local mode: what an object refused in a new version

@@ -9,6 +9,7 @@
 //! | AuthorizationPolicy, RequestAuthentication with `targetRefs` | `WaypointAccepted` (reasons Accepted, PartiallyInvalid, Invalid, AncestorNotBound, TargetNotFound) |
 //! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
 //! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
+//! | DestinationRule, VirtualService | `WaypointAccepted` (Accepted; PartiallyInvalid or Invalid with the fields the waypoint does not honour) |
 //!
 //! A [`Sink`] writes them: through the Kubernetes status subresource with
 //! server-side apply ([`kube`]), or in local mode as one YAML file per object
@@ -212,7 +213,82 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
         &problems,
         &mut put,
     );
+    let used = translated_sources(translation);
+    let networking = state
+        .destination_rules
+        .iter()
+        .map(|(k, r)| (Kind::DestinationRule, k, r.metadata.generation))
+        .chain(
+            state
+                .virtual_services
+                .iter()
+                .map(|(k, v)| (Kind::VirtualService, k, v.metadata.generation)),
+        );
+    for (kind, key, generation) in networking {
+        let (_, problems) = of(kind, key);
+        let object = PolicyRef {
+            kind,
+            key: key.clone(),
+        };
+        let condition = translation_condition(generation, used.contains(&object), &problems);
+        put(kind, key, ObjectStatus::Conditions(vec![condition]));
+    }
     out
+}
+
+/// The DestinationRules and VirtualServices some served resource comes
+/// from (the `origin` of TrafficPolicies and RouteTable routes).
+fn translated_sources(translation: &Translation) -> std::collections::BTreeSet<PolicyRef> {
+    use prost::Message;
+    let snapshot = &translation.snapshot;
+    let mut origins = Vec::new();
+    for r in snapshot.of_type(api::type_url::TRAFFIC_POLICY).values() {
+        if let Ok(p) = api::l7::TrafficPolicy::decode(r.body.value.as_slice()) {
+            origins.extend(p.origin);
+        }
+    }
+    for r in snapshot.of_type(api::type_url::ROUTE_TABLE).values() {
+        if let Ok(t) = api::l7::RouteTable::decode(r.body.value.as_slice()) {
+            origins.extend(t.routes.into_iter().filter_map(|route| route.origin));
+        }
+    }
+    origins
+        .into_iter()
+        .filter_map(|o| {
+            let kind = match o.kind.as_str() {
+                "DestinationRule" => Kind::DestinationRule,
+                "VirtualService" => Kind::VirtualService,
+                _ => return None,
+            };
+            Some(PolicyRef::new(kind, o.namespace, o.name))
+        })
+        .collect()
+}
+
+/// WaypointAccepted of a DestinationRule or VirtualService: Accepted when
+/// translated as written, PartiallyInvalid when translated without what
+/// the problems name, Invalid when nothing of it is served.
+fn translation_condition(
+    generation: Option<i64>,
+    used: bool,
+    problems: &[&PolicyProblem],
+) -> Condition {
+    let details: Vec<String> = problems.iter().map(|p| p.detail()).collect();
+    let (status, reason, message) = match (used, details.is_empty()) {
+        (true, true) => (
+            true,
+            REASON_ACCEPTED,
+            "translated for the waypoints of its destinations".to_string(),
+        ),
+        (true, false) => (true, "PartiallyInvalid", details.join("; ")),
+        (false, true) => (
+            false,
+            "Invalid",
+            "it translates to nothing a waypoint serves".to_string(),
+        ),
+        (false, false) => (false, "Invalid", details.join("; ")),
+    };
+    Condition::new(WAYPOINT_ACCEPTED, status, reason, message, generation)
 }
 
 /// Why a dry-run policy carries a False condition.

@@ -464,6 +464,16 @@ mod tests {
             rules["resources"],
             serde_json::json!(["authorizationpolicies", "peerauthentications"])
         );
+        let rules = &webhook["rules"][1];
+        assert_eq!(
+            rules["apiGroups"],
+            serde_json::json!(["networking.istio.io"])
+        );
+        assert_eq!(rules["operations"], serde_json::json!(["CREATE", "UPDATE"]));
+        assert_eq!(
+            rules["resources"],
+            serde_json::json!(["destinationrules", "virtualservices"])
+        );
 
         // The RBAC covers what the configuration keeper does.
         let role = of_kind("ClusterRole");

@@ -316,3 +316,87 @@ fn a_waypoint_becoming_ready_hands_the_rules_over_from_unchanged_pods() {
     set_ready(&mut state, "wp-1", false);
     assert_eq!(listed(&mut translator, &state), denied);
 }
+#[test]
+fn subsets_follow_pod_labels_while_pods_are_reused() {
+    // A pod changing labels moves between DestinationRule subsets: the
+    // TrafficPolicy changes although unchanged pods' workloads are reused,
+    // and a DestinationRule change alone reuses every workload.
+    let yaml = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, version: v1}}
+spec: {nodeName: n, containers: [{name: app, image: web}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web, version: v1}}
+spec: {nodeName: n, containers: [{name: app, image: web}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+    let subsets = |state: &ClusterState| -> Vec<Vec<String>> {
+        use prost::Message;
+        let translation = index::translate(state, &MeshConfig::default());
+        let resource = &translation.snapshot.of_type(api::type_url::TRAFFIC_POLICY)["shop/web.shop.svc.cluster.local"];
+        let policy = api::l7::TrafficPolicy::decode(resource.body.value.as_slice()).unwrap();
+        policy
+            .subsets
+            .into_iter()
+            .map(|s| s.workload_uids)
+            .collect()
+    };
+    let mut state = ClusterState::from_objects(api::manifest::parse(yaml).unwrap().objects);
+    let mut translator = Translator::default();
+    check(&mut translator, &state);
+    assert_eq!(
+        subsets(&state),
+        [
+            vec![
+                "Kubernetes//Pod/shop/web-1".to_string(),
+                "Kubernetes//Pod/shop/web-2".to_string()
+            ],
+            vec![]
+        ]
+    );
+
+    let key = ObjectKey::new("shop", "web-2");
+    let mut pod = (*state.pods[&key]).clone();
+    pod.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("version".into(), "v2".into());
+    state.apply(Object::Pod(pod));
+    assert_eq!(check(&mut translator, &state), 1);
+    assert_eq!(
+        subsets(&state),
+        [
+            vec!["Kubernetes//Pod/shop/web-1".to_string()],
+            vec!["Kubernetes//Pod/shop/web-2".to_string()]
+        ]
+    );
+
+    let dr_key = ObjectKey::new("shop", "web");
+    let mut dr = (*state.destination_rules[&dr_key]).clone();
+    dr.spec.subsets.pop();
+    state.apply(Object::DestinationRule(dr));
+    assert_eq!(check(&mut translator, &state), 2);
+    assert_eq!(
+        subsets(&state),
+        [vec!["Kubernetes//Pod/shop/web-1".to_string()]]
+    );
+}

@@ -61,6 +61,8 @@ fn path(kind: Kind) -> &'static str {
         Kind::AuthorizationPolicy => "/apis/security.istio.io/v1/authorizationpolicies",
         Kind::PeerAuthentication => "/apis/security.istio.io/v1/peerauthentications",
         Kind::RequestAuthentication => "/apis/security.istio.io/v1/requestauthentications",
+        Kind::DestinationRule => "/apis/networking.istio.io/v1/destinationrules",
+        Kind::VirtualService => "/apis/networking.istio.io/v1/virtualservices",
     }
 }
 

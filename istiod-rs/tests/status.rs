@@ -192,6 +192,82 @@ fn every_policy_gets_upstreams_condition_and_reason() {
     assert!(message.contains("are denied"), "{message}");
 }
 
+/// DestinationRule and VirtualService carry WaypointAccepted: Accepted as
+/// written, PartiallyInvalid naming the fields the waypoint does not
+/// honour, Invalid when nothing of the object is served.
+#[test]
+fn destination_rules_and_virtual_services_say_what_the_waypoint_honours() {
+    let networking = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-lb, namespace: shop, generation: 2}
+spec:
+  host: web
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-tls, namespace: shop}
+spec:
+  host: api
+  trafficPolicy: {tls: {mode: SIMPLE}, loadBalancer: {simple: RANDOM}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: external, namespace: shop}
+spec:
+  host: example.com
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-routes, namespace: shop}
+spec:
+  hosts: [api]
+  http: [{corsPolicy: {}, route: [{destination: {host: api}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-routes, namespace: shop}
+spec:
+  hosts: [web]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80}]
+"#;
+    let statuses = desired(&format!("{CLUSTER}{networking}"));
+    let (type_, status, reason, message) = condition(&statuses, Kind::DestinationRule, "web-lb");
+    assert_eq!(
+        (type_.as_str(), status, reason.as_str()),
+        ("WaypointAccepted", true, "Accepted")
+    );
+    assert!(message.contains("translated"), "{message}");
+    let (_, status, reason, message) = condition(&statuses, Kind::DestinationRule, "web-tls");
+    assert_eq!((status, reason.as_str()), (true, "PartiallyInvalid"));
+    assert!(message.contains("spec.trafficPolicy.tls"), "{message}");
+    let (_, status, reason, message) = condition(&statuses, Kind::DestinationRule, "external");
+    assert_eq!((status, reason.as_str()), (false, "Invalid"));
+    assert!(message.contains("spec.host"), "{message}");
+    let (_, status, reason, message) = condition(&statuses, Kind::VirtualService, "api-routes");
+    assert_eq!((status, reason.as_str()), (true, "PartiallyInvalid"));
+    assert!(message.contains("spec.http[0].corsPolicy"), "{message}");
+    // web has an HTTPRoute (web-route): the VirtualService is not used.
+    let (_, status, reason, message) = condition(&statuses, Kind::VirtualService, "web-routes");
+    assert_eq!((status, reason.as_str()), (false, "Invalid"));
+    assert!(message.contains("HTTPRoute shop/web-route"), "{message}");
+    let Some(ObjectStatus::Conditions(c)) = statuses.get(&object(Kind::DestinationRule, "web-lb"))
+    else {
+        panic!()
+    };
+    assert_eq!(c[0].observed_generation, Some(2));
+}
+
 #[test]
 fn a_route_gets_one_parent_entry_per_service_parent() {
     let s = desired(CLUSTER);

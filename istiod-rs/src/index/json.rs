@@ -62,6 +62,9 @@ fn decode(r: &Resource) -> (&'static str, Value) {
         type_url::JWT_AUTHENTICATION => JwtAuthentication::decode(bytes)
             .ok()
             .map(|j| ("jwtAuthentications", jwt_json(&j))),
+        type_url::TRAFFIC_POLICY => api::l7::TrafficPolicy::decode(bytes)
+            .ok()
+            .map(|p| ("trafficPolicies", super::traffic::json(&p))),
         _ => None,
     };
     decoded.unwrap_or_else(|| {

@@ -71,6 +71,19 @@ pub enum Effect {
     /// JWT: tokens of this issuer are rejected (401) until istiod-rs has
     /// its keys.
     IssuerRejected { issuer: String },
+    /// DestinationRule, VirtualService: the waypoint does not apply this
+    /// field; the rest of the object applies.
+    FieldNotApplied,
+    /// VirtualService: this match alternative matches no request.
+    MatchMatchesNothing,
+    /// VirtualService: requests the route matches get HTTP 500 (never a
+    /// later route, which the author did not mean for them).
+    RouteFails,
+    /// VirtualService: this destination's share of the route's requests
+    /// gets HTTP 500 (weights keep their meaning).
+    BackendFails,
+    /// DestinationRule, VirtualService: not used (for this host).
+    NotUsed,
 }
 
 impl fmt::Display for Effect {
@@ -114,6 +127,19 @@ impl fmt::Display for Effect {
                 f,
                 "the waypoint rejects every token issued by {issuer} (401) until istiod-rs has its keys"
             ),
+            Effect::FieldNotApplied => f.write_str(
+                "the waypoint does not apply this field; the rest of the object applies",
+            ),
+            Effect::MatchMatchesNothing => f.write_str(
+                "this match matches no request; the route's other matches still apply",
+            ),
+            Effect::RouteFails => f.write_str(
+                "requests this route matches get HTTP 500 rather than another route",
+            ),
+            Effect::BackendFails => {
+                f.write_str("its share of the route's requests gets HTTP 500")
+            }
+            Effect::NotUsed => f.write_str("it is not used"),
         }
     }
 }
@@ -204,6 +230,16 @@ pub enum PolicyProblem {
         attributes: String,
         effect: Effect,
     },
+    /// A DestinationRule or VirtualService field the waypoint does not
+    /// honour, or a host it cannot apply the object to. A valid object
+    /// upstream: never refused at admission.
+    #[error("{object}: {field}: {reason}; {effect}")]
+    NotHonoured {
+        object: PolicyRef,
+        field: String,
+        reason: String,
+        effect: Effect,
+    },
     /// An L7 rule (targetRefs policy, RequestAuthentication, route) that no
     /// waypoint serves.
     #[error("{object}: {reason}; {effect}")]
@@ -242,7 +278,8 @@ impl PolicyProblem {
             | PolicyProblem::HttpAttributes { object, .. }
             | PolicyProblem::UnservedL7 { object, .. }
             | PolicyProblem::UntranslatableL7 { object, .. }
-            | PolicyProblem::JwksUnavailable { object, .. } => object,
+            | PolicyProblem::JwksUnavailable { object, .. }
+            | PolicyProblem::NotHonoured { object, .. } => object,
         }
     }
 
@@ -262,7 +299,8 @@ impl PolicyProblem {
             PolicyProblem::InvalidValue { field, .. }
             | PolicyProblem::UnsupportedField { field, .. }
             | PolicyProblem::UntranslatableL7 { field, .. }
-            | PolicyProblem::JwksUnavailable { field, .. } => Some(field),
+            | PolicyProblem::JwksUnavailable { field, .. }
+            | PolicyProblem::NotHonoured { field, .. } => Some(field),
             PolicyProblem::UnsupportedAction { .. } => Some("action"),
             PolicyProblem::HttpAttributes { .. } | PolicyProblem::UnservedL7 { .. } => None,
         }
@@ -276,14 +314,15 @@ impl PolicyProblem {
             | PolicyProblem::HttpAttributes { effect, .. }
             | PolicyProblem::UnservedL7 { effect, .. }
             | PolicyProblem::UntranslatableL7 { effect, .. }
-            | PolicyProblem::JwksUnavailable { effect, .. } => effect,
+            | PolicyProblem::JwksUnavailable { effect, .. }
+            | PolicyProblem::NotHonoured { effect, .. } => effect,
         }
     }
 
     /// Whether the object is left out entirely (as opposed to enforced in a
     /// stricter form).
     pub fn rejected(&self) -> bool {
-        matches!(self.effect(), Effect::NotServed)
+        matches!(self.effect(), Effect::NotServed | Effect::NotUsed)
     }
 
     /// Whether an admission webhook must refuse the object: a value that
@@ -309,6 +348,7 @@ impl PolicyProblem {
             PolicyProblem::UnservedL7 { .. } => "unserved_l7",
             PolicyProblem::UntranslatableL7 { .. } => "untranslatable_l7",
             PolicyProblem::JwksUnavailable { .. } => "jwks_unavailable",
+            PolicyProblem::NotHonoured { .. } => "not_honoured",
         }
     }
 }

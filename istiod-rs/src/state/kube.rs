@@ -15,7 +15,9 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
-use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use api::crd::{
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+};
 use api::manifest::{Kind, Object};
 use futures::{StreamExt, TryStreamExt};
 use gateway_api::gateways::Gateway;
@@ -88,6 +90,8 @@ pub fn spawn(client: Client, store: Arc<Store>) -> Vec<tokio::task::JoinHandle<(
                     Kind::RequestAuthentication => {
                         watch::<RequestAuthentication>(client, kind, tracker).await
                     }
+                    Kind::DestinationRule => watch::<DestinationRule>(client, kind, tracker).await,
+                    Kind::VirtualService => watch::<VirtualService>(client, kind, tracker).await,
                 }
             })
         })

@@ -125,6 +125,8 @@ fn resource(kind: Kind) -> (&'static str, &'static str) {
         Kind::RequestAuthentication => "requestauthentications",
         Kind::HttpRoute => "httproutes",
         Kind::GrpcRoute => "grpcroutes",
+        Kind::DestinationRule => "destinationrules",
+        Kind::VirtualService => "virtualservices",
         // desired() writes no other kind.
         other => unreachable!("no status is written on {other}"),
     };
@@ -158,6 +160,14 @@ fn live(state: &ClusterState, object: &PolicyRef) -> Option<Live> {
             .map(|o| of(&o.metadata, &o.status)),
         Kind::GrpcRoute => state
             .grpc_routes
+            .get(key)
+            .map(|o| of(&o.metadata, &o.status)),
+        Kind::DestinationRule => state
+            .destination_rules
+            .get(key)
+            .map(|o| of(&o.metadata, &o.status)),
+        Kind::VirtualService => state
+            .virtual_services
             .get(key)
             .map(|o| of(&o.metadata, &o.status)),
         _ => None,

@@ -3,17 +3,23 @@
 //! decision on one request. Pure: no I/O.
 //!
 //! Validated: `security.istio.io` AuthorizationPolicy and PeerAuthentication
-//! (v1; v1beta1 has the same schema), on CREATE and UPDATE, by the index's
-//! own readers ([`crate::index::validate_authorization_policy`],
-//! [`crate::index::validate_peer_authentication`]): what the webhook refuses
+//! (v1; v1beta1 has the same schema) and `networking.istio.io`
+//! DestinationRule and VirtualService (v1, v1beta1, v1alpha3: one schema),
+//! on CREATE and UPDATE, by the index's own readers
+//! ([`crate::index::validate_authorization_policy`],
+//! [`crate::index::validate_peer_authentication`],
+//! [`crate::index::validate_destination_rule`],
+//! [`crate::index::validate_virtual_service`]): what the webhook refuses
 //! is exactly what the index would have to enforce more strictly than
-//! written. Any other kind is refused (the ValidatingWebhookConfiguration
+//! written (for the networking kinds: values that cannot be read; fields
+//! the waypoint does not honour are valid upstream and allowed). Any other kind is refused (the ValidatingWebhookConfiguration
 //! sends only these); other operations are allowed, as upstream.
 //! RequestAuthentication is not validated: nothing in the mesh reads its
 //! fields yet (no waypoint serves JWT rules), so there is no reading to
 //! share, and its CRD schema already checks the types.
 
-use api::crd::{AuthorizationPolicy, PeerAuthentication};
+use api::crd::networking::GROUP as NETWORKING_GROUP;
+use api::crd::{AuthorizationPolicy, DestinationRule, PeerAuthentication, VirtualService};
 use prometheus_client::encoding::EncodeLabelValue;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -92,6 +98,8 @@ impl AdmissionResponse {
 pub enum Resource {
     authorizationpolicies,
     peerauthentications,
+    destinationrules,
+    virtualservices,
     other,
 }
 
@@ -153,12 +161,18 @@ pub fn decide(request: &AdmissionRequest, root_namespace: &str) -> Decision {
     let resource = match (gvk.group.as_str(), gvk.version.as_str(), gvk.kind.as_str()) {
         (GROUP, "v1" | "v1beta1", "AuthorizationPolicy") => Resource::authorizationpolicies,
         (GROUP, "v1" | "v1beta1", "PeerAuthentication") => Resource::peerauthentications,
+        (NETWORKING_GROUP, "v1" | "v1beta1" | "v1alpha3", "DestinationRule") => {
+            Resource::destinationrules
+        }
+        (NETWORKING_GROUP, "v1" | "v1beta1" | "v1alpha3", "VirtualService") => {
+            Resource::virtualservices
+        }
         _ => {
             return Decision::refuse(
                 Resource::other,
                 FailureReason::unknown_type,
                 format!(
-                    "istiod-rs validates {GROUP}/v1 AuthorizationPolicy and PeerAuthentication only, not {}/{} {}; the ValidatingWebhookConfiguration's rules should not send it here",
+                    "istiod-rs validates {GROUP}/v1 AuthorizationPolicy and PeerAuthentication and {NETWORKING_GROUP}/v1 DestinationRule and VirtualService only, not {}/{} {}; the ValidatingWebhookConfiguration's rules should not send it here",
                     gvk.group, gvk.version, gvk.kind
                 ),
             );
@@ -188,6 +202,14 @@ pub fn decide(request: &AdmissionRequest, root_namespace: &str) -> Decision {
                 crate::index::validate_peer_authentication(&policy)
             })
         }
+        Resource::destinationrules => decode::<DestinationRule>(object, &name).map(|mut rule| {
+            set_namespace(&mut rule.metadata, &request.namespace);
+            crate::index::validate_destination_rule(&rule)
+        }),
+        Resource::virtualservices => decode::<VirtualService>(object, &name).map(|mut vs| {
+            set_namespace(&mut vs.metadata, &request.namespace);
+            crate::index::validate_virtual_service(&vs)
+        }),
         Resource::other => unreachable!("refused above"),
     };
     match problems {
@@ -359,6 +381,75 @@ mod tests {
                 _ => panic!("{what}"),
             }
         }
+    }
+
+    #[test]
+    fn networking_kinds_refuse_unreadable_values_only() {
+        let review = |kind: &str, version: &str, spec: Value| -> AdmissionRequest {
+            serde_json::from_value(json!({
+                "uid": "u-1",
+                "kind": {"group": "networking.istio.io", "version": version, "kind": kind},
+                "name": "r",
+                "namespace": "demo",
+                "operation": "CREATE",
+                "object": {
+                    "apiVersion": format!("networking.istio.io/{version}"),
+                    "kind": kind,
+                    "metadata": {"name": "r"},
+                    "spec": spec,
+                },
+            }))
+            .unwrap()
+        };
+        // Fields the waypoint does not honour are valid: allowed.
+        let dr = review(
+            "DestinationRule",
+            "v1alpha3",
+            json!({"host": "reviews", "trafficPolicy": {"tls": {"mode": "SIMPLE"}, "loadBalancer": {"simple": "PASSTHROUGH"}}}),
+        );
+        let d = decide(&dr, "istio-system");
+        assert_eq!(d.resource, Resource::destinationrules);
+        assert!(d.allowed(), "{d:?}");
+        // A value that cannot be read is refused, naming object and field.
+        let dr = review(
+            "DestinationRule",
+            "v1",
+            json!({"host": "reviews", "trafficPolicy": {"outlierDetection": {"interval": "ten seconds"}}}),
+        );
+        let (reason, message) = decide(&dr, "istio-system").refusal.unwrap();
+        assert_eq!(reason, FailureReason::invalid_resource);
+        assert!(message.contains("DestinationRule demo/r"), "{message}");
+        assert!(
+            message.contains("spec.trafficPolicy.outlierDetection.interval"),
+            "{message}"
+        );
+
+        let vs = review(
+            "VirtualService",
+            "v1beta1",
+            json!({"hosts": ["reviews"], "http": [{"corsPolicy": {}, "match": [{"sourceLabels": {"a": "b"}}], "route": [{"destination": {"host": "nowhere"}}]}]}),
+        );
+        let d = decide(&vs, "istio-system");
+        assert_eq!(d.resource, Resource::virtualservices);
+        assert!(d.allowed(), "{d:?}");
+        let vs = review(
+            "VirtualService",
+            "v1",
+            json!({"hosts": ["reviews"], "http": [{"match": [{"uri": {"regex": "(unclosed"}}], "fault": {"abort": {"grpcStatus": "NOPE", "percentage": {"value": 5}}}, "route": [{"destination": {"host": "reviews"}}]}]}),
+        );
+        let (reason, message) = decide(&vs, "istio-system").refusal.unwrap();
+        assert_eq!(reason, FailureReason::invalid_resource);
+        assert!(
+            message.contains("spec.http[0].match[0].uri.regex"),
+            "{message}"
+        );
+        assert!(
+            message.contains("spec.http[0].fault.abort.grpcStatus"),
+            "{message}"
+        );
+        // A version upstream does not serve is not validated here.
+        let other = review("VirtualService", "v2", json!({}));
+        assert_eq!(decide(&other, "istio-system").resource, Resource::other);
     }
 
     #[test]

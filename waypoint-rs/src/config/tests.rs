@@ -445,6 +445,10 @@ fn traffic_policy_picks_subset_then_port_then_default() {
             name: "v2".into(),
             workload_uids: vec!["Kubernetes//Pod/default/reviews-v2".into()],
             policy: Some(lb(l7::load_balancer::Simple::LeastRequest)),
+            ports: vec![l7::PortPolicy {
+                port: 9090,
+                policy: Some(lb(l7::load_balancer::Simple::Random)),
+            }],
         }],
         ..Default::default()
     })
@@ -462,9 +466,14 @@ fn traffic_policy_picks_subset_then_port_then_default() {
         v2.load_balancer(),
         LoadBalancer::Simple(Simple::LeastRequest)
     );
-    assert!(
-        v2.outlier_detection.is_some(),
-        "unset at the subset: the host default's"
+    assert_eq!(
+        v2.outlier_detection, None,
+        "istiod merged the levels: the subset's policy is taken whole"
+    );
+    assert_eq!(
+        tp.effective(9090, Some("v2")).load_balancer(),
+        LoadBalancer::Simple(Simple::Random),
+        "the subset's own port entry"
     );
     assert_eq!(
         TrafficPolicy::from_proto(&l7::TrafficPolicy::default())

@@ -37,6 +37,8 @@ pub struct Subset {
     /// Endpoints of the service in this subset.
     pub workload_uids: BTreeSet<String>,
     pub policy: Policy,
+    /// Port-level entries of the subset, already merged by istiod.
+    pub ports: Vec<(u16, Policy)>,
 }
 
 /// Limits are `None` when unset: no limit (istiod's defaults are
@@ -65,20 +67,21 @@ pub enum H2Upgrade {
 }
 
 impl TrafficPolicy {
-    /// The settings for a request to `port` of `subset`: each part from the
-    /// subset if set there, else the port, else the host default.
+    /// The settings for a request to `port` of `subset`. istiod has already
+    /// merged the levels as Istio does (`l7.proto`, TrafficPolicy), so this
+    /// only picks: the subset's entry for the port, else the subset's policy
+    /// (when a subset is routed to); else the port's entry, else the host
+    /// default.
     pub fn effective(&self, port: u16, subset: Option<&str>) -> Policy {
-        let subset = subset.and_then(|s| self.subset(s)).map(|s| &s.policy);
-        let port = self.ports.iter().find(|(p, _)| *p == port).map(|(_, p)| p);
-        let levels = [subset, port, Some(&self.default_policy)];
-        let first = |f: &dyn Fn(&Policy) -> bool| levels.iter().flatten().find(|p| f(p)).copied();
-        Policy {
-            load_balancer: first(&|p| p.load_balancer.is_some())
-                .and_then(|p| p.load_balancer.clone()),
-            connection_pool: first(&|p| p.connection_pool.is_some())
-                .and_then(|p| p.connection_pool.clone()),
-            outlier_detection: first(&|p| p.outlier_detection.is_some())
-                .and_then(|p| p.outlier_detection),
+        let for_port = |ports: &[(u16, Policy)]| {
+            ports
+                .iter()
+                .find(|(p, _)| *p == port)
+                .map(|(_, policy)| policy.clone())
+        };
+        match subset.and_then(|s| self.subset(s)) {
+            Some(s) => for_port(&s.ports).unwrap_or_else(|| s.policy.clone()),
+            None => for_port(&self.ports).unwrap_or_else(|| self.default_policy.clone()),
         }
     }
 
@@ -96,19 +99,7 @@ impl Policy {
 
 impl FromProto<l7::TrafficPolicy> for TrafficPolicy {
     fn from_proto(p: &l7::TrafficPolicy) -> Result<Self, FieldError> {
-        let ports = p
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, pp)| {
-                let field = format!("ports[{i}]");
-                Ok((
-                    convert::port(&format!("{field}.port"), pp.port)?,
-                    convert::nested(&format!("{field}.policy"), pp.policy.as_ref())?
-                        .unwrap_or_default(),
-                ))
-            })
-            .collect::<Result<_, FieldError>>()?;
+        let ports = port_policies("ports", &p.ports)?;
         let subsets: Vec<Subset> = convert::each("subsets", &p.subsets)?;
         let mut names = BTreeSet::new();
         for (i, s) in subsets.iter().enumerate() {
@@ -139,8 +130,25 @@ impl FromProto<l7::Subset> for Subset {
             name: p.name.clone(),
             workload_uids: p.workload_uids.iter().cloned().collect(),
             policy: convert::nested("policy", p.policy.as_ref())?.unwrap_or_default(),
+            ports: port_policies("ports", &p.ports)?,
         })
     }
+}
+
+/// Port-level entries, each naming its path on error (`ports[1].policy...`).
+fn port_policies(field: &str, ports: &[l7::PortPolicy]) -> Result<Vec<(u16, Policy)>, FieldError> {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, pp)| {
+            let field = format!("{field}[{i}]");
+            Ok((
+                convert::port(&format!("{field}.port"), pp.port)?,
+                convert::nested(&format!("{field}.policy"), pp.policy.as_ref())?
+                    .unwrap_or_default(),
+            ))
+        })
+        .collect()
 }
 
 impl FromProto<l7::Policy> for Policy {
