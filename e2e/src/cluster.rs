@@ -43,6 +43,11 @@ pub enum ClusterError {
         field: &'static str,
         problem: String,
     },
+    #[error("waypoint Deployment in {file}: {source}")]
+    Waypoint {
+        file: String,
+        source: Box<ClusterError>,
+    },
     #[error("no node named {0:?} (nodes: {1})")]
     NoNode(String, String),
     #[error("no pod {0}/{1}")]
@@ -204,8 +209,20 @@ impl AppCommand {
     }
 }
 
+/// A volume of a pod and where its container mounts it (`volumes[]` and
+/// the container's `volumeMounts[]`, read-only). The node materializes it
+/// as kubelet does (see [`crate::kube::node::volumes`]); the local cluster,
+/// which has no mount namespaces, puts it in a directory of the run and
+/// rewrites the container's environment values and arguments that name a
+/// path under `mount_path` to that directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodVolume {
+    pub volume: k8s_openapi::api::core::v1::Volume,
+    pub mount_path: String,
+}
+
 /// What pod to create.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PodRequest {
     pub namespace: String,
     pub name: String,
@@ -218,6 +235,13 @@ pub struct PodRequest {
     pub ports: Vec<NamedPort>,
     /// `None`: a TCP probe of each port.
     pub readiness: Option<ReadinessProbe>,
+    /// The container's `env`, after the variables every pod gets
+    /// (`POD_NAME`, `POD_NAMESPACE`, `POD_IP`, `NODE_NAME`,
+    /// `SERVICE_ACCOUNT`): values with kubelet's `$(VAR)` expansion, or
+    /// `valueFrom` (`fieldRef`, `configMapKeyRef`, `secretKeyRef`) resolved by
+    /// the pod's node.
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    pub volumes: Vec<PodVolume>,
 }
 
 impl PodRequest {
@@ -246,6 +270,8 @@ impl PodRequest {
             command: None,
             ports: Vec::new(),
             readiness: None,
+            env: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 
@@ -279,6 +305,21 @@ impl PodRequest {
 
     pub fn readiness(mut self, probe: ReadinessProbe) -> Self {
         self.readiness = Some(probe);
+        self
+    }
+
+    /// Adds an `env` entry (see [`PodRequest::env`]).
+    pub fn env_var(mut self, var: k8s_openapi::api::core::v1::EnvVar) -> Self {
+        self.env.push(var);
+        self
+    }
+
+    /// Adds a volume mounted at `mount_path`.
+    pub fn volume(mut self, volume: k8s_openapi::api::core::v1::Volume, mount_path: &str) -> Self {
+        self.volumes.push(PodVolume {
+            volume,
+            mount_path: mount_path.to_string(),
+        });
         self
     }
 }

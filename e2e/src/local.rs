@@ -19,13 +19,37 @@
 //! delete_pod: terminating written (endpoints not ready) -> app stopped
 //!             -> [CNI DEL] -> netns removed -> Pod removed
 //! ```
+//!
+//! Kubelet's part for a pod's container: its `env` (values, `$(VAR)`
+//! expansion, `valueFrom` fieldRef / configMapKeyRef / secretKeyRef) and its
+//! volumes are resolved by the same code as the Kubernetes node runtime's
+//! ([`crate::kube::node::env`], [`crate::kube::node::volumes`]), into a
+//! directory per pod in the run. Pods share the host's filesystem (no mount
+//! namespaces), so an env value or argument naming a path under a volume's
+//! `mountPath` is rewritten to the volume's directory. A
+//! `serviceAccountToken` is a new token in the mesh's token file
+//! ([`MeshRuntime::issue_token`]), revoked when the pod goes; ConfigMap
+//! `istio-ca-root-cert` holds the root istiod-rs keeps, as istiod-rs
+//! publishes it in Kubernetes; other ConfigMaps and Secrets come from the
+//! cluster state.
+//!
+//! With the mesh on, a background thread (the Deployment controller for
+//! waypoints) keeps one pod per replica of each waypoint Deployment
+//! istiod-rs provisions into `generated/waypoints/` ([`crate::mesh::waypoint_pods`]):
+//! it polls the directory, starts pods for new Deployments (and again when
+//! one was deleted), replaces those whose Deployment changed, deletes those
+//! whose file went away, logs what
+//! fails (file and field) and tries again on the next poll; it stops with
+//! the cluster.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
 
@@ -36,6 +60,7 @@ use crate::cluster::{
 };
 use crate::cni::{self, CniCommand, CniPod};
 use crate::config_dir::ConfigDir;
+use crate::kube::node::{env as kubelet_env, volumes as kubelet_volumes};
 use crate::mesh::{MeshMode, MeshRuntime};
 use crate::netns::NetNs;
 use crate::objects::{Object, ObjectKey, is_dns_label, is_dns_subdomain};
@@ -92,6 +117,9 @@ pub struct LocalClusterConfig {
     /// How long one readiness probe may take (kubelet's `timeoutSeconds`
     /// default).
     pub probe_timeout: Duration,
+    /// How often, with the mesh on, `generated/waypoints/` is looked at
+    /// for waypoint Deployments to run.
+    pub waypoint_poll: Duration,
     pub progress: Progress,
 }
 
@@ -104,6 +132,7 @@ impl Default for LocalClusterConfig {
             binaries: Binaries::default(),
             ready_timeout: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(1),
+            waypoint_poll: Duration::from_millis(250),
             progress: Progress::default(),
         }
     }
@@ -119,6 +148,23 @@ struct LocalPod {
     env: BTreeMap<String, String>,
     /// What kubelet probes to tell it is ready.
     probes: Vec<ReadinessProbe>,
+    /// Its volumes' directory, and the tokens issued for them.
+    files: PodFiles,
+}
+
+/// A pod's files on the host: its volumes, and the bearer tokens issued
+/// for its `serviceAccountToken` volumes.
+#[derive(Clone, Debug, Default)]
+struct PodFiles {
+    dir: Option<PathBuf>,
+    tokens: Vec<String>,
+}
+
+/// A waypoint pod the cluster runs, and the Deployment file it comes from.
+#[derive(Clone, Debug)]
+struct WaypointPod {
+    file: PathBuf,
+    request: PodRequest,
 }
 
 struct Inner {
@@ -127,7 +173,7 @@ struct Inner {
     pools: Vec<PodAddressPool>,
     pods: BTreeMap<(String, String), LocalPod>,
     /// Pods started for waypoint Deployments.
-    waypoints: BTreeSet<(String, String)>,
+    waypoints: BTreeMap<(String, String), WaypointPod>,
 }
 
 impl Inner {
@@ -139,8 +185,39 @@ impl Inner {
     }
 }
 
-/// The local cluster. Dropping it removes everything it created.
+/// The local cluster. Dropping it stops the waypoint controller, then
+/// removes everything the cluster created. Everything but the controller is
+/// in [`ClusterCore`], which it derefs to.
 pub struct LocalCluster {
+    waypoints: Option<WaypointController>,
+    core: Arc<ClusterCore>,
+}
+
+impl Deref for LocalCluster {
+    type Target = ClusterCore;
+
+    fn deref(&self) -> &ClusterCore {
+        &self.core
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if let Some(controller) = self.waypoints.take() {
+            controller.stop();
+        }
+    }
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.core.fmt(f)
+    }
+}
+
+/// The cluster's network, state and processes, shared by [`LocalCluster`]
+/// and its waypoint controller thread.
+pub struct ClusterCore {
     topology: Topology,
     binaries: Binaries,
     ready_timeout: Duration,
@@ -151,7 +228,7 @@ pub struct LocalCluster {
     run: Run,
 }
 
-impl std::fmt::Debug for LocalCluster {
+impl std::fmt::Debug for ClusterCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCluster")
             .field("run", &self.run)
@@ -162,9 +239,25 @@ impl std::fmt::Debug for LocalCluster {
 }
 
 impl LocalCluster {
+    /// Builds the cluster: topology, initial state, and the mesh if asked
+    /// for (with the waypoint controller). Anything built before a failure
+    /// is removed again.
+    pub fn start(config: LocalClusterConfig) -> Result<LocalCluster, ClusterError> {
+        let poll = config.waypoint_poll;
+        let core = Arc::new(ClusterCore::start(config)?);
+        let waypoints = core
+            .mesh
+            .is_some()
+            .then(|| WaypointController::start(Arc::clone(&core), poll))
+            .transpose()?;
+        Ok(LocalCluster { waypoints, core })
+    }
+}
+
+impl ClusterCore {
     /// Builds the cluster: topology, initial state, and the mesh if asked for.
     /// Anything built before a failure is removed again.
-    pub fn start(config: LocalClusterConfig) -> Result<LocalCluster, ClusterError> {
+    fn start(config: LocalClusterConfig) -> Result<ClusterCore, ClusterError> {
         let progress = &config.progress;
         progress.say("cleaning up after crashed runs, if any");
         let run = Run::start()?;
@@ -195,7 +288,7 @@ impl LocalCluster {
                 .map(|n| PodAddressPool::new(n.pod_range))
                 .collect(),
             pods: BTreeMap::new(),
-            waypoints: BTreeSet::new(),
+            waypoints: BTreeMap::new(),
         };
         inner.sync()?;
         let mesh = match &config.mesh {
@@ -209,7 +302,7 @@ impl LocalCluster {
                 &|step: &str| progress.say(step),
             )?),
         };
-        Ok(LocalCluster {
+        Ok(ClusterCore {
             topology,
             binaries: config.binaries,
             ready_timeout: config.ready_timeout,
@@ -257,35 +350,68 @@ impl LocalCluster {
         self.local_pod(namespace, name)?.process.map(|p| p.log)
     }
 
-    /// Starts or stops waypoint pods so they match the waypoint Deployments
-    /// istiod-rs has written into `generated/`. Does nothing with the mesh off.
-    pub fn sync_waypoints(&self) -> Result<(), ClusterError> {
+    /// Starts, replaces or deletes waypoint pods so they match the waypoint
+    /// Deployments istiod-rs has written into `generated/waypoints/` (see
+    /// [`crate::mesh::waypoint_pods`]); what failed, every step tried. The
+    /// pods of a file that cannot be read or translated are left as they
+    /// are. Does nothing with the mesh off. The waypoint controller calls
+    /// it on every poll.
+    pub fn sync_waypoints(&self) -> Vec<ClusterError> {
         let Some(mesh) = &self.mesh else {
-            return Ok(());
+            return Vec::new();
         };
-        let wanted = mesh.waypoint_pods(&self.lock().config_dir.generated())?;
-        let wanted_keys: BTreeSet<(String, String)> = wanted
-            .iter()
-            .map(|p| (p.namespace.clone(), p.name.clone()))
+        let generated = self.lock().config_dir.generated();
+        let wanted = mesh.waypoint_pods(&generated, &self.nodes());
+        let mut errors: Vec<ClusterError> = Vec::new();
+        let failed: Vec<PathBuf> = wanted.failed.iter().map(|(f, _)| f.clone()).collect();
+        errors.extend(wanted.failed.into_iter().map(|(_, e)| e.into()));
+        self.lock().state.set_provisioned(wanted.service_accounts);
+        let by_key: BTreeMap<(String, String), (PathBuf, PodRequest)> = wanted
+            .pods
+            .into_iter()
+            .map(|(file, pod)| ((pod.namespace.clone(), pod.name.clone()), (file, pod)))
             .collect();
-        let stale: Vec<(String, String)> = self
-            .lock()
-            .waypoints
-            .difference(&wanted_keys)
-            .cloned()
-            .collect();
-        for (ns, name) in stale {
-            self.delete_pod(&ns, &name)?;
-            self.lock().waypoints.remove(&(ns, name));
-        }
-        for pod in wanted {
-            let key = (pod.namespace.clone(), pod.name.clone());
-            if !self.lock().pods.contains_key(&key) {
-                self.create_pod(&pod)?;
-                self.lock().waypoints.insert(key);
+        // A pod deleted by someone else is started again, as its
+        // ReplicaSet would.
+        let running = {
+            let mut inner = self.lock();
+            let Inner {
+                pods, waypoints, ..
+            } = &mut *inner;
+            waypoints.retain(|key, _| pods.contains_key(key));
+            waypoints.clone()
+        };
+        for (key, pod) in &running {
+            let stale = match by_key.get(key) {
+                Some((_, request)) => *request != pod.request,
+                None => !failed.contains(&pod.file),
+            };
+            if stale {
+                match self.delete_pod(&key.0, &key.1) {
+                    Ok(()) | Err(ClusterError::NoPod(..)) => {
+                        self.lock().waypoints.remove(key);
+                    }
+                    Err(e) => errors.push(e),
+                }
             }
         }
-        Ok(())
+        for (key, (file, request)) in by_key {
+            if self.lock().waypoints.contains_key(&key) {
+                continue;
+            }
+            match self.create_pod(&request) {
+                Ok(_) => {
+                    self.lock()
+                        .waypoints
+                        .insert(key, WaypointPod { file, request });
+                }
+                Err(e) => errors.push(ClusterError::Waypoint {
+                    file: file.display().to_string(),
+                    source: Box::new(e),
+                }),
+            }
+        }
+        errors
     }
 
     fn running_mesh(&self) -> Result<&MeshRuntime, ClusterError> {
@@ -415,16 +541,19 @@ impl LocalCluster {
                 .and_then(|()| inner.sync());
             synced.map_err(|e| (e, partial.clone()))?;
         }
-        let env = pod_env(req, &ip.to_string(), &node_name);
+        let (env, mounts) = self
+            .container_files(req, uid, node, ip, &mut partial.files)
+            .map_err(|e| (e, partial.clone()))?;
         let process = match &req.command {
             None => None,
             Some(command) => {
                 let program = self
                     .program(&command.program)
                     .map_err(|e| (e, partial.clone()))?;
+                let args = command.args.iter().map(|a| on_host(a, &mounts));
                 let mut spec =
                     ProcessSpec::new(format!("pod-{}.{}", req.namespace, req.name), program)
-                        .args(&command.args);
+                        .args(args);
                 for (k, v) in &env {
                     spec = spec.env(k, v);
                 }
@@ -466,7 +595,58 @@ impl LocalCluster {
             container_id,
             env,
             probes,
+            files: partial.files,
         })
+    }
+
+    /// Plays kubelet for the pod's files and environment: materializes
+    /// its volumes under `<run>/pods/<namespace>.<name>/volumes/` (tokens
+    /// issued go into `files` at once, so a failure revokes them), then
+    /// resolves its `env` after the variables every pod gets. Returns the
+    /// environment and each mount path with the directory it stands for.
+    fn container_files(
+        &self,
+        req: &PodRequest,
+        uid: &str,
+        node: usize,
+        ip: Ipv4Addr,
+        files: &mut PodFiles,
+    ) -> Result<Prepared, ClusterError> {
+        let n = &self.topology.nodes[node];
+        let env = pod_env(req, &ip.to_string(), &n.name);
+        if req.volumes.is_empty() && req.env.is_empty() {
+            return Ok((env, Vec::new()));
+        }
+        let bad = |field, problem: String| ClusterError::BadPod {
+            namespace: req.namespace.clone(),
+            name: req.name.clone(),
+            field,
+            problem,
+        };
+        let pod = pod_object(req, uid, &n.name);
+        let facts = kubelet_env::PodFacts {
+            pod_ip: Some(ip),
+            host_ip: n.ip,
+            kubernetes_service: None,
+        };
+        let mut sources = LocalSources {
+            cluster: self,
+            namespace: &req.namespace,
+            service_account: &req.service_account,
+            tokens: &mut files.tokens,
+        };
+        let dir = self
+            .run
+            .dir()
+            .join("pods")
+            .join(pod_role(&req.namespace, &req.name));
+        if !req.volumes.is_empty() {
+            files.dir = Some(dir.clone());
+        }
+        let node_fs = self.run.dir().join("nodes").join(&n.name).join("fs");
+        let (env, mounts) = kubelet_container(req, &pod, &facts, &dir, &node_fs, env, &mut sources)
+            .map_err(|(field, problem)| bad(field, problem))?;
+        Ok((env, mounts))
     }
 
     /// Probes from the node until every probe passes at once (Ok(Err) with
@@ -557,6 +737,20 @@ impl LocalCluster {
         {
             first.get_or_insert(e.into());
         }
+        if let Some(mesh) = &self.mesh
+            && let Err(e) = mesh.revoke_tokens(&partial.files.tokens)
+        {
+            first.get_or_insert(e.into());
+        }
+        if let Some(dir) = &partial.files.dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "e2e: pod {namespace}/{name}: could not remove {}: {e}",
+                dir.display()
+            );
+        }
         let mut inner = self.lock();
         if let Ok(record) = inner.state.remove_pod(namespace, name)
             && let Some(ip) = record.ip
@@ -577,9 +771,10 @@ struct Partial {
     cni_added: bool,
     container_id: String,
     process: Option<ProcessInfo>,
+    files: PodFiles,
 }
 
-impl Cluster for LocalCluster {
+impl Cluster for ClusterCore {
     fn nodes(&self) -> Vec<String> {
         self.topology.nodes.iter().map(|n| n.name.clone()).collect()
     }
@@ -688,6 +883,7 @@ impl Cluster for LocalCluster {
             cni_added: self.mesh.is_some(),
             container_id: pod.container_id.clone(),
             process: pod.process.clone(),
+            files: pod.files.clone(),
         };
         self.tear_down(namespace, name, &pod.info.uid, pod.network.node, &partial)
     }
@@ -806,6 +1002,68 @@ impl Cluster for LocalCluster {
     }
 }
 
+/// Everything is [`ClusterCore`]'s.
+impl Cluster for LocalCluster {
+    fn nodes(&self) -> Vec<String> {
+        self.core.nodes()
+    }
+
+    fn apply(&self, objects: &[Object]) -> Result<(), ClusterError> {
+        self.core.apply(objects)
+    }
+
+    fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError> {
+        self.core.delete(keys)
+    }
+
+    fn create_pod(&self, req: &PodRequest) -> Result<PodInfo, ClusterError> {
+        self.core.create_pod(req)
+    }
+
+    fn probe_readiness(&self, namespace: &str, pod: &str) -> Result<ProbeOutcome, ClusterError> {
+        self.core.probe_readiness(namespace, pod)
+    }
+
+    fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), ClusterError> {
+        self.core.delete_pod(namespace, name)
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.core.pod(namespace, name)
+    }
+
+    fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        command: &AppCommand,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError> {
+        self.core.exec(namespace, pod, command, timeout)
+    }
+
+    fn proxy_get(
+        &self,
+        proxy: &ProxyRef,
+        port: u16,
+        path: &str,
+    ) -> Result<HttpResponse, ClusterError> {
+        self.core.proxy_get(proxy, port, path)
+    }
+
+    fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        self.core.stop_component(component)
+    }
+
+    fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        self.core.start_component(component)
+    }
+
+    fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        self.core.launch_component(component)
+    }
+}
+
 /// The run-local role (namespace name suffix) of a pod.
 fn pod_role(namespace: &str, name: &str) -> String {
     format!("{namespace}.{name}")
@@ -820,6 +1078,234 @@ fn pod_env(req: &PodRequest, ip: &str, node: &str) -> BTreeMap<String, String> {
         ("NODE_NAME".into(), node.into()),
         ("SERVICE_ACCOUNT".into(), req.service_account.clone()),
     ])
+}
+
+/// kubelet's work for a pod's container before it starts: materializes
+/// the pod's volumes under `dir/volumes/` (hostPath volumes under `node_fs`),
+/// then adds the container's `env` to `env` (the variables every pod gets),
+/// each value expanded and, if it names a path under a mount, rewritten to
+/// the volume's directory. An error is the pod's field and the problem.
+fn kubelet_container<S>(
+    req: &PodRequest,
+    pod: &core::Pod,
+    facts: &kubelet_env::PodFacts,
+    dir: &Path,
+    node_fs: &Path,
+    mut env: BTreeMap<String, String>,
+    sources: &mut S,
+) -> Result<Prepared, (&'static str, String)>
+where
+    S: kubelet_volumes::VolumeSources + kubelet_env::EnvSources,
+{
+    let mut mounts = Vec::new();
+    if !req.volumes.is_empty() {
+        let set = kubelet_volumes::materialize(pod, dir, node_fs, facts, sources)
+            .map_err(|e| ("volumes", e.to_string()))?;
+        for v in &req.volumes {
+            let host = set.sources.get(&v.volume.name).cloned().ok_or_else(|| {
+                (
+                    "volumes",
+                    format!("volume {:?} was not made", v.volume.name),
+                )
+            })?;
+            mounts.push((v.mount_path.trim_end_matches('/').to_string(), host));
+        }
+    }
+    for (i, var) in req.env.iter().enumerate() {
+        let value = kubelet_env::value_of(pod, var, facts, sources)
+            .map_err(|problem| ("env", format!("env[{i}] ({}): {problem}", var.name)))?;
+        if let Some(value) = value {
+            let expanded = kubelet_env::expand(&value, &env);
+            env.insert(var.name.clone(), on_host(&expanded, &mounts));
+        }
+    }
+    Ok((env, mounts))
+}
+
+/// Each volume's mount path with the directory holding it on the host.
+type Mounts = Vec<(String, PathBuf)>;
+
+/// A container's environment, and its mounts.
+type Prepared = (BTreeMap<String, String>, Mounts);
+
+/// `value` with a leading volume mount path replaced by the directory
+/// holding that volume on the host (the longest mount path that matches).
+fn on_host(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    let mut best: Option<(&str, &Path, &str)> = None;
+    for (mount, host) in mounts {
+        let rest = match value.strip_prefix(mount.as_str()) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            _ => continue,
+        };
+        if best.is_none_or(|(m, _, _)| m.len() < mount.len()) {
+            best = Some((mount, host, rest));
+        }
+    }
+    match best {
+        Some((_, host, rest)) => format!("{}{rest}", host.display()),
+        None => value.to_string(),
+    }
+}
+
+/// The Pod object the node resolves `env` and volumes against.
+fn pod_object(req: &PodRequest, uid: &str, node: &str) -> core::Pod {
+    core::Pod {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(req.name.clone()),
+            namespace: Some(req.namespace.clone()),
+            uid: Some(uid.to_string()),
+            labels: Some(req.labels.clone()),
+            ..Default::default()
+        },
+        spec: Some(core::PodSpec {
+            node_name: Some(node.to_string()),
+            service_account_name: Some(req.service_account.clone()),
+            volumes: Some(req.volumes.iter().map(|v| v.volume.clone()).collect()),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Where the local kubelet finds what volumes and `valueFrom` refer to:
+/// ConfigMaps and Secrets in the cluster state, ConfigMap
+/// `istio-ca-root-cert` from the mesh's root, tokens from the mesh's token file.
+struct LocalSources<'a> {
+    cluster: &'a ClusterCore,
+    namespace: &'a str,
+    service_account: &'a str,
+    /// Tokens issued so far for this pod.
+    tokens: &'a mut Vec<String>,
+}
+
+/// The ConfigMap istiod-rs publishes the mesh root in (upstream's name and key).
+const ROOT_CERT_CONFIG_MAP: &str = "istio-ca-root-cert";
+const ROOT_CERT_KEY: &str = "root-cert.pem";
+
+impl LocalSources<'_> {
+    fn object<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<T>, String> {
+        let key = ObjectKey::core(kind, Some(self.namespace), name);
+        let obj = self.cluster.lock().state.get(&key).cloned();
+        obj.map(|o| o.to_typed().map_err(|e| e.to_string()))
+            .transpose()
+    }
+
+    fn typed_config_map(&mut self, name: &str) -> Result<Option<core::ConfigMap>, String> {
+        if name == ROOT_CERT_CONFIG_MAP
+            && let Some(mesh) = &self.cluster.mesh
+        {
+            let pem = mesh.root_cert_pem().map_err(|e| e.to_string())?;
+            return Ok(Some(core::ConfigMap {
+                data: Some(BTreeMap::from([(ROOT_CERT_KEY.to_string(), pem)])),
+                ..Default::default()
+            }));
+        }
+        self.object("ConfigMap", name)
+    }
+}
+
+impl kubelet_volumes::VolumeSources for LocalSources<'_> {
+    fn config_map(&mut self, name: &str) -> Result<Option<core::ConfigMap>, String> {
+        self.typed_config_map(name)
+    }
+
+    fn secret(&mut self, name: &str) -> Result<Option<core::Secret>, String> {
+        self.object("Secret", name)
+    }
+
+    fn token(
+        &mut self,
+        _audiences: &[String],
+        expiration_seconds: i64,
+    ) -> Result<(String, i64), String> {
+        let mesh = self.cluster.mesh.as_ref().ok_or(
+            "the local cluster issues service-account tokens through the mesh's token file; start it with the mesh on",
+        )?;
+        let token = mesh
+            .issue_token(self.namespace, self.service_account)
+            .map_err(|e| e.to_string())?;
+        self.tokens.push(token.clone());
+        Ok((token, expiration_seconds))
+    }
+}
+
+impl kubelet_env::EnvSources for LocalSources<'_> {
+    fn config_map(&mut self, name: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+        Ok(self
+            .typed_config_map(name)?
+            .map(|c| c.data.unwrap_or_default()))
+    }
+
+    fn secret(&mut self, name: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+        let secret: Option<core::Secret> = self.object("Secret", name)?;
+        Ok(secret.map(|s| {
+            let mut data: BTreeMap<String, String> = s.string_data.unwrap_or_default();
+            for (k, v) in s.data.unwrap_or_default() {
+                data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+            }
+            data
+        }))
+    }
+}
+
+/// The Deployment controller for waypoints: a thread calling
+/// [`ClusterCore::sync_waypoints`] every poll until stopped. Each error is
+/// reported once, when it first appears (the same error on the next poll
+/// is not repeated).
+struct WaypointController {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WaypointController {
+    fn start(core: Arc<ClusterCore>, poll: Duration) -> Result<WaypointController, ClusterError> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("waypoint-controller".into())
+            .spawn(move || {
+                let mut reported = std::collections::BTreeSet::new();
+                loop {
+                    let errors: std::collections::BTreeSet<String> = core
+                        .sync_waypoints()
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect();
+                    for e in errors.difference(&reported) {
+                        eprintln!("e2e: waypoint controller: {e}");
+                    }
+                    reported = errors;
+                    let (lock, cvar) = &*signal;
+                    let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (stopped, _) = cvar
+                        .wait_timeout_while(stopped, poll, |s| !*s)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *stopped {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| crate::run::RunError::Io {
+                what: "could not start the waypoint controller thread",
+                path: PathBuf::from("waypoint-controller"),
+                source,
+            })?;
+        Ok(WaypointController { stop, thread })
+    }
+
+    /// Stops the thread (after the sync it may be in) and waits for it.
+    fn stop(self) {
+        let (lock, cvar) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cvar.notify_all();
+        if self.thread.join().is_err() {
+            eprintln!("e2e: the waypoint controller thread panicked");
+        }
+    }
 }
 
 fn random_hex(len: usize) -> String {
@@ -840,4 +1326,160 @@ fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::Object;
+
+    /// What the local kubelet's sources hand out, recorded.
+    #[derive(Default)]
+    struct Sources {
+        issued: Vec<(String, String)>,
+    }
+
+    impl kubelet_volumes::VolumeSources for Sources {
+        fn config_map(&mut self, name: &str) -> Result<Option<core::ConfigMap>, String> {
+            Ok((name == ROOT_CERT_CONFIG_MAP).then(|| core::ConfigMap {
+                data: Some(BTreeMap::from([(ROOT_CERT_KEY.into(), "ROOT PEM".into())])),
+                ..Default::default()
+            }))
+        }
+        fn secret(&mut self, _: &str) -> Result<Option<core::Secret>, String> {
+            Ok(None)
+        }
+        fn token(&mut self, audiences: &[String], seconds: i64) -> Result<(String, i64), String> {
+            let token = format!("token-{}", self.issued.len());
+            self.issued.push((token.clone(), audiences.join(",")));
+            Ok((token, seconds))
+        }
+    }
+
+    impl kubelet_env::EnvSources for Sources {
+        fn config_map(&mut self, _: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+            Ok(None)
+        }
+        fn secret(&mut self, _: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+            Ok(None)
+        }
+    }
+
+    fn waypoint_request() -> PodRequest {
+        let objects = Object::from_yaml(&crate::mesh::tests::rendered_template(None)).unwrap();
+        let deployment = objects.iter().find(|o| o.kind() == "Deployment").unwrap();
+        let nodes = ["node0".to_string()];
+        crate::mesh::deployment_pods(Path::new("w.yaml"), deployment, Path::new("/bin/w"), &nodes)
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn a_waypoint_pod_gets_its_env_root_cert_and_token_as_kubelet_gives_them() {
+        let req = waypoint_request();
+        let dir = std::env::temp_dir().join(format!("meshe2e-kubelet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ip = Ipv4Addr::new(10, 244, 0, 7);
+        let pod = pod_object(&req, "uid-1", "node0");
+        let facts = kubelet_env::PodFacts {
+            pod_ip: Some(ip),
+            host_ip: Ipv4Addr::new(172, 30, 0, 10),
+            kubernetes_service: None,
+        };
+        let mut sources = Sources::default();
+        let base = pod_env(&req, &ip.to_string(), "node0");
+        let (env, mounts) = kubelet_container(
+            &req,
+            &pod,
+            &facts,
+            &dir,
+            &dir.join("fs"),
+            base,
+            &mut sources,
+        )
+        .unwrap();
+        let read = |path: &str| std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            env["CA_ROOT_CA"],
+            dir.join("volumes/istiod-ca-cert/root-cert.pem")
+                .display()
+                .to_string()
+        );
+        assert_eq!(read(&env["CA_ROOT_CA"]), "ROOT PEM");
+        assert_eq!(
+            env["TOKEN_FILE"],
+            dir.join("volumes/istio-token/istio-token")
+                .display()
+                .to_string()
+        );
+        assert_eq!(read(&env["TOKEN_FILE"]), "token-0");
+        assert_eq!(
+            sources.issued,
+            [("token-0".to_string(), "istio-ca".to_string())]
+        );
+        assert_eq!(env["INSTANCE_IP"], "10.244.0.7");
+        assert_eq!(env["POD_NAME"], "reviews-waypoint-0");
+        assert_eq!(env["POD_NAMESPACE"], "demo");
+        assert_eq!(env["SERVICE_ACCOUNT"], "reviews-sa");
+        assert_eq!(env["XDS_ADDRESS"], "10.0.0.2:15012");
+        assert_eq!(env["TRUST_DOMAIN"], "cluster.local");
+        assert_eq!(env["RUST_LOG"], "info");
+        assert_eq!(mounts.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unresolvable_env_entry_names_its_index_and_variable() {
+        let mut req = waypoint_request();
+        req.volumes.clear();
+        req.env.push(
+            serde_json::from_value(serde_json::json!(
+                {"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "level"}}}
+            ))
+            .unwrap(),
+        );
+        let pod = pod_object(&req, "uid-1", "node0");
+        let facts = kubelet_env::PodFacts {
+            pod_ip: None,
+            host_ip: Ipv4Addr::new(172, 30, 0, 10),
+            kubernetes_service: None,
+        };
+        let dir = Path::new("/nonexistent");
+        let (field, problem) = kubelet_container(
+            &req,
+            &pod,
+            &facts,
+            dir,
+            dir,
+            BTreeMap::new(),
+            &mut Sources::default(),
+        )
+        .unwrap_err();
+        assert_eq!(field, "env");
+        assert!(
+            problem.starts_with(
+                "env[9] (LEVEL): valueFrom.configMapKeyRef: \"settings\" does not exist"
+            ),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn mount_paths_are_rewritten_to_their_volume_directory() {
+        let mounts = vec![
+            ("/var/run/secrets".to_string(), PathBuf::from("/run/x/a")),
+            (
+                "/var/run/secrets/tokens".to_string(),
+                PathBuf::from("/run/x/b"),
+            ),
+        ];
+        assert_eq!(on_host("/var/run/secrets/tokens/t", &mounts), "/run/x/b/t");
+        assert_eq!(
+            on_host("/var/run/secrets/ca.pem", &mounts),
+            "/run/x/a/ca.pem"
+        );
+        assert_eq!(on_host("/var/run/secrets", &mounts), "/run/x/a");
+        assert_eq!(on_host("/var/run/secretsX", &mounts), "/var/run/secretsX");
+        assert_eq!(on_host("info", &mounts), "info");
+    }
 }

@@ -8,7 +8,12 @@
 //!   proxy reaches istiod over TLS (15012) with its node's bearer token;
 //! - for every pod, the CNI plugin `istio-cni-rs`, chained after the local
 //!   cluster's own network setup (see [`crate::cni`]);
-//! - a pod per waypoint Deployment istiod-rs provisions into `generated/`.
+//! - the pods of each waypoint Deployment istiod-rs provisions into
+//!   `generated/waypoints/<namespace>/<gateway>.yaml` ([`waypoint_pods`]
+//!   translates them; the local cluster keeps them running). istiod-rs is
+//!   told where waypoints reach it (`--waypoint-xds-address`), and each
+//!   waypoint pod gets a bearer token of its own in the token file
+//!   ([`MeshRuntime::issue_token`]), as Kubernetes' TokenRequest would.
 //!
 //! The command lines below are the one place that knows the components'
 //! flags. Components are started in dependency order and each is waited for
@@ -18,6 +23,7 @@
 //! agent killed) and started again while the cluster runs (the restart
 //! scenarios).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,10 +35,10 @@ use rand::Rng;
 use serde_json::{Map, Value};
 
 use crate::binaries::{Binaries, BinaryError};
-use crate::cluster::{AppCommand, NamedPort, PodRequest};
+use crate::cluster::{AppCommand, NamedPort, PodRequest, PodVolume, ReadinessProbe};
 use crate::cni::CniPlugin;
 use crate::netns::NetNs;
-use crate::objects::Object;
+use crate::objects::{Object, ObjectKey};
 use crate::process::{ProcessInfo, ProcessSpec, log_tail};
 use crate::run::{Run, RunError};
 use crate::topology::Topology;
@@ -54,6 +60,11 @@ pub enum MeshError {
         reason: String,
         log: String,
         tail: String,
+    },
+    #[error("could not read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("{file}: {reason}")]
     Generated { file: String, reason: String },
@@ -203,6 +214,7 @@ pub struct MeshRuntime {
     istiod_ip: Ipv4Addr,
     node_netns: Vec<(String, NetNs)>,
     processes: Mutex<Processes>,
+    tokens: Mutex<Tokens>,
 }
 
 impl MeshRuntime {
@@ -228,7 +240,8 @@ impl MeshRuntime {
             waypoint: config.waypoint.path(binaries)?,
         };
         let nodes: Vec<&str> = topology.nodes.iter().map(|n| n.name.as_str()).collect();
-        write_tokens(&layout, &nodes)?;
+        let tokens = Tokens::for_nodes(&layout, &nodes)?;
+        tokens.write(&layout)?;
         let mesh = MeshRuntime {
             config: config.clone(),
             layout,
@@ -245,6 +258,7 @@ impl MeshRuntime {
                 istiod: None,
                 nodes: Vec::new(),
             }),
+            tokens: Mutex::new(tokens),
         };
 
         progress("starting istiod-rs (control plane, CA) and waiting for /ready");
@@ -397,9 +411,50 @@ impl MeshRuntime {
         }
     }
 
-    /// Pods for the waypoint Deployments istiod-rs provisioned into `generated/`.
-    pub fn waypoint_pods(&self, generated: &Path) -> Result<Vec<PodRequest>, MeshError> {
-        waypoint_pods(generated, &self.binaries.waypoint)
+    /// Pods for the waypoint Deployments istiod-rs provisioned into
+    /// `generated/`, spread over `nodes`.
+    pub fn waypoint_pods(&self, generated: &Path, nodes: &[String]) -> WaypointPods {
+        waypoint_pods(generated, &self.binaries.waypoint, nodes)
+    }
+
+    /// A new bearer token for `namespace/service_account`, added to the
+    /// token file istiod-rs re-reads when it changes (the local stand-in
+    /// for a projected service-account token from TokenRequest). The entry
+    /// names no node: its holder asks only for its own identity.
+    pub fn issue_token(&self, namespace: &str, service_account: &str) -> Result<String, MeshError> {
+        let token = random_token();
+        let mut tokens = self.lock_tokens();
+        tokens
+            .pods
+            .insert(token.clone(), format!("{namespace}/{service_account}"));
+        if let Err(e) = tokens.write(&self.layout) {
+            tokens.pods.remove(&token);
+            return Err(e);
+        }
+        Ok(token)
+    }
+
+    /// Takes tokens out of the token file (the pod holding them has gone).
+    pub fn revoke_tokens(&self, revoked: &[String]) -> Result<(), MeshError> {
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let mut tokens = self.lock_tokens();
+        for token in revoked {
+            tokens.pods.remove(token);
+        }
+        tokens.write(&self.layout)
+    }
+
+    /// The mesh root istiod-rs's CA keeps (PEM): what the
+    /// `istio-ca-root-cert` ConfigMap istiod-rs publishes in Kubernetes holds.
+    pub fn root_cert_pem(&self) -> Result<String, MeshError> {
+        let path = self.layout.root_cert();
+        fs::read_to_string(&path).map_err(|source| MeshError::Read { path, source })
+    }
+
+    fn lock_tokens(&self) -> MutexGuard<'_, Tokens> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, Processes> {
@@ -472,6 +527,10 @@ impl MeshRuntime {
             .arg(self.layout.istiod_dir())
             .arg("--trust-domain")
             .arg(&self.config.trust_domain)
+            .arg("--waypoint-xds-address")
+            .arg(format!("{}:{}", self.istiod_ip, api::ports::ISTIOD_TLS))
+            .arg("--waypoint-log-level")
+            .arg(&self.config.log)
             .env("RUST_LOG", &self.config.log)
     }
 
@@ -517,27 +576,67 @@ impl MeshRuntime {
     }
 }
 
-/// Writes the token file (one token per node's ztunnel, identity
-/// `istio-system/ztunnel` on that node) and each node's token, mode 0600.
-fn write_tokens(layout: &MeshLayout, nodes: &[&str]) -> Result<(), MeshError> {
-    let mut entries =
-        String::from("# bearer token -> identity (the local stand-in for TokenReview)\ntokens:\n");
-    for node in nodes {
-        let token = random_token();
-        let dir = layout.node_dir(node);
-        fs::create_dir_all(&dir).map_err(|source| MeshError::Write {
-            path: dir.clone(),
-            source,
-        })?;
-        write_secret(&layout.node_token(node), &token)?;
-        entries.push_str(&format!(
-            "- token: {token}\n  serviceAccount: {}/ztunnel\n  node: {node}\n",
-            api::labels::DEFAULT_ROOT_NAMESPACE
-        ));
+/// What the token file holds: one token per node's ztunnel (identity
+/// `istio-system/ztunnel` on that node) and one per pod that has asked for
+/// one ([`MeshRuntime::issue_token`]).
+#[derive(Debug)]
+struct Tokens {
+    /// (node, token)
+    nodes: Vec<(String, String)>,
+    /// token -> `<namespace>/<service account>`
+    pods: BTreeMap<String, String>,
+}
+
+impl Tokens {
+    /// A token for each node's ztunnel, each written to the node's token
+    /// file (mode 0600).
+    fn for_nodes(layout: &MeshLayout, nodes: &[&str]) -> Result<Tokens, MeshError> {
+        let mut tokens = Tokens {
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+        };
+        for node in nodes {
+            let token = random_token();
+            let dir = layout.node_dir(node);
+            fs::create_dir_all(&dir).map_err(|source| MeshError::Write {
+                path: dir.clone(),
+                source,
+            })?;
+            write_secret(&layout.node_token(node), &token)?;
+            tokens.nodes.push((node.to_string(), token));
+        }
+        Ok(tokens)
     }
-    let dir = layout.istiod_dir();
-    fs::create_dir_all(&dir).map_err(|source| MeshError::Write { path: dir, source })?;
-    write_secret(&layout.tokens_file(), &entries)
+
+    /// The token file's text (see istiod-rs `auth::token_file`).
+    fn render(&self) -> String {
+        let mut entries = String::from(
+            "# bearer token -> identity (the local stand-in for TokenReview)\ntokens:\n",
+        );
+        for (node, token) in &self.nodes {
+            entries.push_str(&format!(
+                "- token: {token}\n  serviceAccount: {}/ztunnel\n  node: {node}\n",
+                api::labels::DEFAULT_ROOT_NAMESPACE
+            ));
+        }
+        for (token, service_account) in &self.pods {
+            entries.push_str(&format!(
+                "- token: {token}\n  serviceAccount: {service_account}\n"
+            ));
+        }
+        entries
+    }
+
+    /// Replaces the token file at once (a complete file renamed over the
+    /// old one, mode 0600): istiod-rs never reads half of it.
+    fn write(&self, layout: &MeshLayout) -> Result<(), MeshError> {
+        let dir = layout.istiod_dir();
+        fs::create_dir_all(&dir).map_err(|source| MeshError::Write { path: dir, source })?;
+        let path = layout.tokens_file();
+        let tmp = path.with_file_name(".tokens.yaml.tmp");
+        write_secret(&tmp, &self.render())?;
+        fs::rename(&tmp, &path).map_err(|source| MeshError::Write { path, source })
+    }
 }
 
 fn write_secret(path: &Path, content: &str) -> Result<(), MeshError> {
@@ -560,134 +659,504 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Under `generated/`: the waypoints istiod-rs provisions, one file per
+/// Gateway, `<namespace>/<gateway>.yaml` (istiod-rs
+/// `provision::directory::WAYPOINTS_DIR`).
+pub const WAYPOINTS_DIR: &str = "waypoints";
+
+/// The waypoint Deployments istiod-rs provisioned, as pods.
+#[derive(Debug, Default)]
+pub struct WaypointPods {
+    /// The pods wanted, each with the file its Deployment is in.
+    pub pods: Vec<(PathBuf, PodRequest)>,
+    /// The ServiceAccounts the files hold: they exist in the cluster (pods
+    /// may run as them), though the local cluster does not write them.
+    pub service_accounts: BTreeSet<ObjectKey>,
+    /// Files that could not be read or translated; their pods are left as
+    /// they are, as a cluster keeps what it last had.
+    pub failed: Vec<(PathBuf, MeshError)>,
+}
+
 /// Pods for the waypoint Deployments (labelled as managed by the mesh) in
-/// `generated`: one pod per Deployment, named `<deployment>-0`, with the
-/// template's labels, service account, ports and arguments, running the
-/// waypoint binary.
-pub fn waypoint_pods(generated: &Path, waypoint: &Path) -> Result<Vec<PodRequest>, MeshError> {
-    use k8s_openapi::api::apps::v1::Deployment;
-    let mut pods = Vec::new();
-    let Ok(entries) = fs::read_dir(generated) else {
-        return Ok(pods);
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    files.sort();
-    for file in files {
+/// `generated/waypoints/<namespace>/*.yaml` (hidden files, a write in
+/// progress, are skipped): `spec.replicas` pods each (default 1), named
+/// `<deployment>-<n>`, spread over `nodes` in turn; see [`deployment_pods`].
+pub fn waypoint_pods(generated: &Path, waypoint: &Path, nodes: &[String]) -> WaypointPods {
+    let mut out = WaypointPods::default();
+    for file in waypoint_files(&generated.join(WAYPOINTS_DIR)) {
         let shown = file.display().to_string();
-        let text = fs::read_to_string(&file).map_err(|e| MeshError::Generated {
-            file: shown.clone(),
-            reason: e.to_string(),
-        })?;
-        let objects = Object::from_yaml(&text).map_err(|e| MeshError::Generated {
-            file: shown.clone(),
-            reason: e.to_string(),
-        })?;
-        for obj in objects
-            .iter()
-            .filter(|o| o.kind() == "Deployment" && o.key().group == "apps")
-        {
-            let managed = obj
-                .labels()
-                .get(api::labels::GATEWAY_MANAGED)
-                .map(String::as_str)
-                == Some(api::labels::GATEWAY_MANAGED_VALUE);
-            if !managed {
+        let read = fs::read_to_string(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Object::from_yaml(&text).map_err(|e| e.to_string()));
+        let objects = match read {
+            Ok(objects) => objects,
+            Err(reason) => {
+                out.failed.push((
+                    file.clone(),
+                    MeshError::Generated {
+                        file: shown,
+                        reason,
+                    },
+                ));
                 continue;
             }
-            let deployment: Deployment = obj.to_typed().map_err(|e| MeshError::Generated {
-                file: shown.clone(),
-                reason: e.to_string(),
-            })?;
-            let template = deployment.spec.map(|s| s.template).unwrap_or_default();
-            let meta = template.metadata.unwrap_or_default();
-            let spec = template.spec.unwrap_or_default();
-            let container = spec.containers.into_iter().next().unwrap_or_default();
-            let mut pod = PodRequest::new(
-                obj.namespace().unwrap_or("default"),
-                &format!("{}-0", obj.name()),
-            );
-            pod.labels = meta.labels.unwrap_or_default();
-            if let Some(sa) = spec.service_account_name {
-                pod.service_account = sa;
+        };
+        let mut pods = Vec::new();
+        let mut failure = None;
+        for obj in &objects {
+            match (obj.key().group.as_str(), obj.kind()) {
+                ("", "ServiceAccount") => {
+                    out.service_accounts.insert(obj.key().clone());
+                }
+                ("apps", "Deployment") if is_managed(obj) => {
+                    match deployment_pods(&file, obj, waypoint, nodes) {
+                        Ok(more) => pods.extend(more),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                _ => {}
             }
-            pod.command = Some(AppCommand {
-                program: waypoint.display().to_string(),
-                args: container.args.unwrap_or_default(),
-            });
-            pod.ports = container
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|p| {
-                    Some(NamedPort {
-                        name: p.name.unwrap_or_default(),
-                        port: u16::try_from(p.container_port).ok()?,
-                    })
-                })
-                .collect();
-            pods.push(pod);
+        }
+        match failure {
+            Some(e) => out.failed.push((file, e)),
+            None => out.pods.extend(pods.into_iter().map(|p| (file.clone(), p))),
         }
     }
-    Ok(pods)
+    out
+}
+
+/// `<dir>/<namespace>/<name>.yaml`, sorted; hidden files skipped.
+fn waypoint_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let Ok(namespaces) = fs::read_dir(dir) else {
+        return files;
+    };
+    for namespace in namespaces.flatten() {
+        let Ok(entries) = fs::read_dir(namespace.path()) else {
+            continue;
+        };
+        files.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+            !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        }));
+    }
+    files.sort();
+    files
+}
+
+fn is_managed(obj: &Object) -> bool {
+    obj.labels()
+        .get(api::labels::GATEWAY_MANAGED)
+        .map(String::as_str)
+        == Some(api::labels::GATEWAY_MANAGED_VALUE)
+}
+
+/// The name of the image (and command) the local cluster runs as the
+/// waypoint binary: `<hub>/waypoint-rs:<tag>` in manifests/templates/waypoint.yaml.
+const WAYPOINT_IMAGE: &str = "waypoint-rs";
+
+/// The pods of one waypoint Deployment, as its ReplicaSet would create
+/// them: the pod template's labels, service account, container ports,
+/// arguments, `env` (left for the node to resolve), volumes with their
+/// mounts, and `readinessProbe` (`httpGet` or `tcpSocket`, a named port
+/// resolved against the container's ports). The container must run the
+/// waypoint image; its program is the `waypoint` binary. Anything the local
+/// cluster cannot run as written is an error naming the file, the
+/// Deployment and the field.
+pub fn deployment_pods(
+    file: &Path,
+    deployment: &Object,
+    waypoint: &Path,
+    nodes: &[String],
+) -> Result<Vec<PodRequest>, MeshError> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let namespace = deployment.namespace().unwrap_or("default");
+    let name = deployment.name();
+    let bad = |field: &str, reason: String| MeshError::Generated {
+        file: file.display().to_string(),
+        reason: format!("Deployment {namespace}/{name}: {field}: {reason}"),
+    };
+    let typed: Deployment = deployment
+        .to_typed()
+        .map_err(|e| bad("(object)", e.to_string()))?;
+    let spec = typed.spec.unwrap_or_default();
+    let replicas = spec.replicas.unwrap_or(1);
+    let replicas = usize::try_from(replicas)
+        .map_err(|_| bad("spec.replicas", format!("{replicas} is negative")))?;
+    let template = spec.template;
+    let meta = template.metadata.unwrap_or_default();
+    let pod_spec = template
+        .spec
+        .ok_or_else(|| bad("spec.template.spec", "missing".into()))?;
+    let [container] = pod_spec.containers.as_slice() else {
+        return Err(bad(
+            "spec.template.spec.containers",
+            format!(
+                "{} containers; the local cluster runs a waypoint pod's one container",
+                pod_spec.containers.len()
+            ),
+        ));
+    };
+    let field = |f: &str| format!("spec.template.spec.containers[0].{f}");
+    let image = container.image.clone().unwrap_or_default();
+    let image_name = image
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split([':', '@']).next())
+        .unwrap_or_default();
+    if image_name != WAYPOINT_IMAGE {
+        return Err(bad(
+            &field("image"),
+            format!(
+                "{image:?} is not {WAYPOINT_IMAGE}, the one waypoint image the local cluster runs"
+            ),
+        ));
+    }
+    match container.command.as_deref() {
+        None | Some([]) => {}
+        Some([program]) if program == WAYPOINT_IMAGE => {}
+        Some(other) => {
+            return Err(bad(
+                &field("command"),
+                format!("{other:?}: the local cluster runs the image's {WAYPOINT_IMAGE} only"),
+            ));
+        }
+    }
+    if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
+        return Err(bad(
+            &field("envFrom"),
+            "not supported by the local cluster".into(),
+        ));
+    }
+    let ports: Vec<NamedPort> = container
+        .ports
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, p)| {
+            let port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    bad(
+                        &field(&format!("ports[{i}].containerPort")),
+                        format!("{} is not a port", p.container_port),
+                    )
+                })?;
+            Ok(NamedPort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+            })
+        })
+        .collect::<Result<_, MeshError>>()?;
+    let port_of = |f: &str, port: &IntOrString| -> Result<u16, MeshError> {
+        match port {
+            IntOrString::Int(n) => u16::try_from(*n)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(f, format!("{n} is not a port"))),
+            IntOrString::String(named) => ports
+                .iter()
+                .find(|p| p.name == *named)
+                .map(|p| p.port)
+                .ok_or_else(|| bad(f, format!("no container port is named {named:?}"))),
+        }
+    };
+    let readiness = match &container.readiness_probe {
+        None => None,
+        Some(probe) => Some(if let Some(get) = &probe.http_get {
+            if get.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                return Err(bad(
+                    &field("readinessProbe.httpGet.scheme"),
+                    "only HTTP is probed by the local cluster".into(),
+                ));
+            }
+            ReadinessProbe::HttpGet {
+                port: port_of(&field("readinessProbe.httpGet.port"), &get.port)?,
+                path: get.path.clone().unwrap_or_else(|| "/".into()),
+            }
+        } else if let Some(tcp) = &probe.tcp_socket {
+            ReadinessProbe::Tcp {
+                port: port_of(&field("readinessProbe.tcpSocket.port"), &tcp.port)?,
+            }
+        } else {
+            return Err(bad(
+                &field("readinessProbe"),
+                "only httpGet and tcpSocket probes are run by the local cluster".into(),
+            ));
+        }),
+    };
+    let pod_volumes = pod_spec.volumes.unwrap_or_default();
+    let volumes = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, m)| {
+            if m.sub_path.as_deref().is_some_and(|s| !s.is_empty()) {
+                return Err(bad(
+                    &field(&format!("volumeMounts[{i}].subPath")),
+                    "not supported by the local cluster".into(),
+                ));
+            }
+            let volume = pod_volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .ok_or_else(|| {
+                    bad(
+                        &field(&format!("volumeMounts[{i}].name")),
+                        format!(
+                            "no volume is named {:?} in spec.template.spec.volumes",
+                            m.name
+                        ),
+                    )
+                })?;
+            Ok(PodVolume {
+                volume: volume.clone(),
+                mount_path: m.mount_path.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, MeshError>>()?;
+    if nodes.is_empty() && replicas > 0 {
+        return Err(bad(
+            "spec.replicas",
+            "the cluster has no node to run pods on".into(),
+        ));
+    }
+    Ok((0..replicas)
+        .map(|n| PodRequest {
+            namespace: namespace.to_string(),
+            name: format!("{name}-{n}"),
+            node: Some(nodes[n % nodes.len()].clone()),
+            labels: meta.labels.clone().unwrap_or_default(),
+            service_account: pod_spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            command: Some(AppCommand {
+                program: waypoint.display().to_string(),
+                args: container.args.clone().unwrap_or_default(),
+            }),
+            ports: ports.clone(),
+            readiness: readiness.clone(),
+            env: container.env.clone().unwrap_or_default(),
+            volumes: volumes.clone(),
+        })
+        .collect())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// manifests/templates/waypoint.yaml rendered for Gateway demo/reviews-waypoint
+    /// (what istiod-rs writes into `generated/waypoints/demo/`).
+    pub(crate) fn rendered_template(replicas: Option<u32>) -> String {
+        let mut text = include_str!("../../manifests/templates/waypoint.yaml").to_string();
+        for (placeholder, value) in [
+            ("hub", "istio-rs"),
+            ("tag", "0.1.0"),
+            ("imagePullPolicy", "IfNotPresent"),
+            ("trustDomain", "cluster.local"),
+            ("logLevel", "info"),
+            ("xdsAddress", "10.0.0.2:15012"),
+            ("gateway.name", "reviews-waypoint"),
+            ("gateway.namespace", "demo"),
+            ("gateway.uid", "u-1"),
+            ("serviceAccount", "reviews-sa"),
+        ] {
+            text = text.replace(&format!("${{{placeholder}}}"), value);
+        }
+        assert!(!text.contains("${"), "a placeholder is left: {text}");
+        if let Some(n) = replicas {
+            text = text.replace(
+                "spec:\n  selector:",
+                &format!("spec:\n  replicas: {n}\n  selector:"),
+            );
+        }
+        text
+    }
+
+    fn generated_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshe2e-{test}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("waypoints/demo")).unwrap();
+        dir
+    }
+
+    fn nodes() -> Vec<String> {
+        vec!["node0".into(), "node1".into()]
+    }
+
     #[test]
-    fn waypoint_deployments_become_pods() {
-        let dir = std::env::temp_dir().join(format!("meshe2e-generated-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+    fn the_waypoint_template_becomes_a_pod_with_its_env_volumes_and_probe() {
+        let dir = generated_dir("waypoint-template");
         fs::write(
-            dir.join("waypoint.yaml"),
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: reviews-waypoint\n  namespace: demo\n  labels:\n    \
-             gateway.istio.io/managed: istio.io-mesh-controller\n    gateway.networking.k8s.io/gateway-name: reviews-waypoint\n\
-             spec:\n  selector:\n    matchLabels:\n      gateway.networking.k8s.io/gateway-name: reviews-waypoint\n  template:\n    \
-             metadata:\n      labels:\n        gateway.networking.k8s.io/gateway-name: reviews-waypoint\n    spec:\n      \
-             serviceAccountName: reviews-waypoint\n      containers:\n      - name: waypoint\n        args: [\"--gateway\", \"reviews-waypoint\"]\n        \
-             ports:\n        - name: mesh\n          containerPort: 15008\n\
-             ---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: unrelated\n  namespace: demo\nspec:\n  selector: {}\n  template: {}\n",
+            dir.join("waypoints/demo/reviews-waypoint.yaml"),
+            rendered_template(None),
         )
         .unwrap();
-        fs::write(dir.join("notes.txt"), "ignored").unwrap();
-        let pods = waypoint_pods(&dir, Path::new("/bin/waypoint-rs")).unwrap();
+        // Not waypoints: a write in progress, the Gateway's status, a top-level file.
+        fs::write(dir.join("waypoints/demo/.reviews-waypoint.yaml.tmp"), "{").unwrap();
+        fs::create_dir_all(dir.join("status/Gateway/demo")).unwrap();
+        fs::write(dir.join("status/Gateway/demo/reviews-waypoint.yaml"), "{").unwrap();
+        fs::write(dir.join("old.yaml"), rendered_template(None)).unwrap();
+        let out = waypoint_pods(&dir, Path::new("/bin/waypoint-rs"), &nodes());
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(pods.len(), 1);
-        let p = &pods[0];
+        assert!(out.failed.is_empty(), "{:?}", out.failed);
         assert_eq!(
-            (p.namespace.as_str(), p.name.as_str()),
-            ("demo", "reviews-waypoint-0")
+            out.service_accounts,
+            BTreeSet::from([ObjectKey::core(
+                "ServiceAccount",
+                Some("demo"),
+                "reviews-sa"
+            )])
         );
-        assert_eq!(p.service_account, "reviews-waypoint");
+        let [(file, p)] = out.pods.as_slice() else {
+            panic!("one pod: {:?}", out.pods);
+        };
+        assert!(file.ends_with("waypoints/demo/reviews-waypoint.yaml"));
         assert_eq!(
-            p.labels["gateway.networking.k8s.io/gateway-name"],
-            "reviews-waypoint"
+            (p.namespace.as_str(), p.name.as_str(), p.node.as_deref()),
+            ("demo", "reviews-waypoint-0", Some("node0"))
+        );
+        assert_eq!(p.service_account, "reviews-sa");
+        assert_eq!(p.labels[api::labels::DATAPLANE_MODE], "none");
+        assert_eq!(
+            p.labels[api::labels::GATEWAY_MANAGED],
+            api::labels::GATEWAY_MANAGED_VALUE
         );
         assert_eq!(p.command.as_ref().unwrap().program, "/bin/waypoint-rs");
         assert_eq!(
-            p.command.as_ref().unwrap().args,
-            vec!["--gateway", "reviews-waypoint"]
+            p.readiness,
+            Some(ReadinessProbe::HttpGet {
+                port: 15021,
+                path: "/healthz/ready".into()
+            })
         );
         assert_eq!(
-            p.ports,
-            vec![NamedPort {
-                name: "mesh".into(),
-                port: 15008
-            }]
+            p.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            vec![15008, 15020]
+        );
+        let env: BTreeMap<&str, String> = p
+            .env
+            .iter()
+            .map(|v| {
+                let value = match &v.value_from {
+                    Some(from) => {
+                        format!("fieldRef:{}", from.field_ref.as_ref().unwrap().field_path)
+                    }
+                    None => v.value.clone().unwrap_or_default(),
+                };
+                (v.name.as_str(), value)
+            })
+            .collect();
+        assert_eq!(env["XDS_ADDRESS"], "10.0.0.2:15012");
+        assert_eq!(env["CA_ROOT_CA"], "/var/run/secrets/istio/root-cert.pem");
+        assert_eq!(env["TOKEN_FILE"], "/var/run/secrets/tokens/istio-token");
+        assert_eq!(env["INSTANCE_IP"], "fieldRef:status.podIP");
+        assert_eq!(env["SERVICE_ACCOUNT"], "fieldRef:spec.serviceAccountName");
+        let mounts: BTreeMap<&str, &str> = p
+            .volumes
+            .iter()
+            .map(|v| (v.mount_path.as_str(), v.volume.name.as_str()))
+            .collect();
+        assert_eq!(
+            mounts,
+            BTreeMap::from([
+                ("/var/run/secrets/istio", "istiod-ca-cert"),
+                ("/var/run/secrets/tokens", "istio-token"),
+            ])
+        );
+        let ca = p
+            .volumes
+            .iter()
+            .find(|v| v.volume.name == "istiod-ca-cert")
+            .unwrap();
+        assert_eq!(
+            ca.volume.config_map.as_ref().unwrap().name,
+            "istio-ca-root-cert"
         );
     }
 
     #[test]
-    fn secrets_are_private() {
+    fn replicas_spread_over_nodes_and_a_bad_file_names_its_field_and_spares_the_others() {
+        let dir = generated_dir("waypoint-replicas");
+        fs::write(
+            dir.join("waypoints/demo/a.yaml"),
+            rendered_template(Some(3)),
+        )
+        .unwrap();
+        let exec = rendered_template(None)
+            .replace("name: \"reviews-waypoint\"", "name: \"b\"")
+            .replace(
+                "httpGet:\n              path: /healthz/ready\n              port: 15021",
+                "exec:\n              command: [\"true\"]",
+            );
+        fs::write(dir.join("waypoints/demo/b.yaml"), exec).unwrap();
+        fs::write(dir.join("waypoints/demo/c.yaml"), "kind: [").unwrap();
+        let out = waypoint_pods(&dir, Path::new("/bin/waypoint-rs"), &nodes());
+        fs::remove_dir_all(&dir).unwrap();
+        let placed: Vec<(&str, &str)> = out
+            .pods
+            .iter()
+            .map(|(_, p)| (p.name.as_str(), p.node.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("reviews-waypoint-0", "node0"),
+                ("reviews-waypoint-1", "node1"),
+                ("reviews-waypoint-2", "node0")
+            ]
+        );
+        let failed: Vec<String> = out.failed.iter().map(|(_, e)| e.to_string()).collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(
+            failed[0].contains("waypoints/demo/b.yaml: Deployment demo/b: spec.template.spec.containers[0].readinessProbe: only httpGet and tcpSocket"),
+            "{}",
+            failed[0]
+        );
+        assert!(
+            failed[1].contains("waypoints/demo/c.yaml: "),
+            "{}",
+            failed[1]
+        );
+    }
+
+    #[test]
+    fn a_deployment_of_another_image_is_refused() {
+        let text = rendered_template(None).replace("istio-rs/waypoint-rs:0.1.0", "nginx:1");
+        let objects = Object::from_yaml(&text).unwrap();
+        let deployment = objects.iter().find(|o| o.kind() == "Deployment").unwrap();
+        let err = deployment_pods(
+            Path::new("w.yaml"),
+            deployment,
+            Path::new("/bin/w"),
+            &nodes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("w.yaml: Deployment demo/reviews-waypoint: spec.template.spec.containers[0].image: \"nginx:1\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_private_and_pod_tokens_name_no_node() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("meshe2e-tokens-{}", std::process::id()));
         let layout = MeshLayout { root: dir.clone() };
-        write_tokens(&layout, &["node0", "node1"]).unwrap();
+        let mut tokens = Tokens::for_nodes(&layout, &["node0", "node1"]).unwrap();
+        tokens
+            .pods
+            .insert("pod-token".into(), "demo/reviews-sa".into());
+        tokens.write(&layout).unwrap();
         let mode = fs::metadata(layout.tokens_file())
             .unwrap()
             .permissions()
@@ -696,10 +1165,23 @@ mod tests {
         assert_eq!(mode, 0o600);
         let token = fs::read_to_string(layout.node_token("node1")).unwrap();
         assert_eq!(token.len(), 48);
+        let file = fs::read_to_string(layout.tokens_file()).unwrap();
         assert!(
-            fs::read_to_string(layout.tokens_file())
+            file.contains(&format!(
+                "- token: {token}\n  serviceAccount: istio-system/ztunnel\n  node: node1\n"
+            )),
+            "{file}"
+        );
+        assert!(
+            file.ends_with("- token: pod-token\n  serviceAccount: demo/reviews-sa\n"),
+            "{file}"
+        );
+        tokens.pods.clear();
+        tokens.write(&layout).unwrap();
+        assert!(
+            !fs::read_to_string(layout.tokens_file())
                 .unwrap()
-                .contains(&format!("token: {token}"))
+                .contains("pod-token")
         );
         fs::remove_dir_all(&dir).unwrap();
     }

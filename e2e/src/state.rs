@@ -8,7 +8,7 @@
 //! document keyed by file name; the config directory writer puts them on
 //! disk for `istiod-rs --config-dir`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -227,6 +227,10 @@ pub struct ClusterState {
     nodes: Vec<NodeRecord>,
     objects: BTreeMap<ObjectKey, Object>,
     pods: BTreeMap<(String, String), PodRecord>,
+    /// Objects istiod-rs provisions into the config directory's
+    /// `generated/` (a waypoint's ServiceAccount...): they exist for the
+    /// checks pods pass, but istiod-rs writes them, not [`ClusterState::render`].
+    provisioned: BTreeSet<ObjectKey>,
     service_range: Ipv4Net,
 }
 
@@ -237,6 +241,7 @@ impl ClusterState {
             nodes,
             objects: BTreeMap::new(),
             pods: BTreeMap::new(),
+            provisioned: BTreeSet::new(),
             service_range,
         };
         for ns in [
@@ -318,7 +323,14 @@ impl ClusterState {
         Ok(self.objects.remove(key).is_some())
     }
 
-    /// Records a new pod (its namespace and service account must exist).
+    /// Replaces the set of objects istiod-rs has provisioned (see
+    /// [`ClusterState::add_pod`]).
+    pub fn set_provisioned(&mut self, keys: BTreeSet<ObjectKey>) {
+        self.provisioned = keys;
+    }
+
+    /// Records a new pod (its namespace and service account must exist,
+    /// applied or provisioned).
     pub fn add_pod(&mut self, pod: PodRecord) -> Result<(), StateError> {
         if !self.has_namespace(&pod.namespace) {
             return Err(StateError::NoNamespace(
@@ -327,7 +339,7 @@ impl ClusterState {
             ));
         }
         let sa = ObjectKey::core("ServiceAccount", Some(&pod.namespace), &pod.service_account);
-        if !self.objects.contains_key(&sa) {
+        if !self.objects.contains_key(&sa) && !self.provisioned.contains(&sa) {
             return Err(StateError::NoServiceAccount {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),

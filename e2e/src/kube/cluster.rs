@@ -550,6 +550,16 @@ pub fn pod_manifest(req: &PodRequest, node: &str, grace: Duration) -> Value {
             field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ],
     });
+    if let Some(env) = c["env"].as_array_mut() {
+        env.extend(req.env.iter().map(|v| json!(v)));
+    }
+    if !req.volumes.is_empty() {
+        c["volumeMounts"] = req
+            .volumes
+            .iter()
+            .map(|v| json!({"name": v.volume.name, "mountPath": v.mount_path, "readOnly": true}))
+            .collect();
+    }
     if let Some(command) = run.command {
         c["command"] = json!(command);
     }
@@ -592,6 +602,7 @@ pub fn pod_manifest(req: &PodRequest, node: &str, grace: Duration) -> Value {
             "serviceAccountName": req.service_account,
             "terminationGracePeriodSeconds": grace.as_secs(),
             "containers": [c],
+            "volumes": req.volumes.iter().map(|v| json!(v.volume)).collect::<Vec<_>>(),
         },
     })
 }
@@ -937,6 +948,37 @@ mod tests {
         let client = PodRequest::new("l4", "y").command(AppCommand::client(["load"]));
         let pod = pod_manifest(&client, "node0", Duration::from_secs(2));
         assert_eq!(pod["spec"]["containers"][0]["args"], json!(["load"]));
+    }
+
+    #[test]
+    fn a_requests_env_and_volumes_go_into_the_pod_spec() {
+        let token: k8s_openapi::api::core::v1::Volume = serde_json::from_value(json!({
+            "name": "istio-token",
+            "projected": {"sources": [{"serviceAccountToken": {"path": "istio-token", "audience": "istio-ca"}}]},
+        }))
+        .unwrap();
+        let ip: k8s_openapi::api::core::v1::EnvVar = serde_json::from_value(
+            json!({"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        )
+        .unwrap();
+        let req = PodRequest::new("l7", "w-0")
+            .command(AppCommand::new("/bin/true", ["-v"]))
+            .env_var(ip)
+            .volume(token, "/var/run/secrets/tokens");
+        let pod = pod_manifest(&req, "node0", Duration::from_secs(2));
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(
+            c["env"][5],
+            json!({"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+        );
+        assert_eq!(
+            c["volumeMounts"],
+            json!([{"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true}])
+        );
+        assert_eq!(
+            pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "istio-ca"
+        );
     }
 
     #[test]

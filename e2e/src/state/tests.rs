@@ -340,3 +340,16 @@ fn bad_requests_name_what_is_wrong() {
             .is_none()
     );
 }
+
+#[test]
+fn a_provisioned_service_account_admits_pods_without_being_rendered() {
+    let mut state = cluster();
+    let mut p = pod("waypoint-0", 0, [10, 244, 0, 9], &[]);
+    p.service_account = "waypoint".into();
+    assert!(state.add_pod(p.clone()).is_err());
+    let sa = ObjectKey::core("ServiceAccount", Some("demo"), "waypoint");
+    state.set_provisioned(BTreeSet::from([sa.clone()]));
+    state.add_pod(p).unwrap();
+    let files = state.render().unwrap();
+    assert!(!files.contains_key(&sa.file_name()), "{:?}", files.keys());
+}

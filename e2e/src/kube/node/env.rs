@@ -136,7 +136,7 @@ pub fn kubernetes_service_env(ip: Ipv4Addr, port: u16) -> Vec<(String, String)> 
 }
 
 /// One `env` entry's value; `None` for an optional reference to nothing.
-fn value_of(
+pub fn value_of(
     pod: &Pod,
     var: &EnvVar,
     facts: &PodFacts,
