@@ -48,6 +48,8 @@ const HANG: u16 = 4;
 #[derive(Clone, Debug)]
 struct Seen {
     peer: SpiffeId,
+    /// The peer's leaf certificate, shared by the connection's CONNECTs.
+    certificate: Arc<rustls::pki_types::CertificateDer<'static>>,
     authority: SocketAddr,
     /// What the client sent on SPEAK_FIRST streams.
     received: Vec<u8>,
@@ -60,6 +62,7 @@ async fn handle(connect: InboundConnect, log: Log, started: Arc<AtomicUsize>) {
     let (peer, authority) = (connect.peer_identity().clone(), connect.authority());
     let mut seen = Seen {
         peer,
+        certificate: connect.peer_certificate().clone(),
         authority,
         received: Vec::new(),
     };
@@ -359,6 +362,12 @@ async fn many_streams_share_one_connection() {
     assert!(
         seen.iter()
             .all(|s| s.peer == mesh.id("client") && s.authority.port() == ECHO)
+    );
+    // The client's leaf, held once for the connection, not per stream.
+    assert_eq!(*seen[0].certificate, *source.leaf());
+    assert!(
+        seen.iter()
+            .all(|s| Arc::ptr_eq(&s.certificate, &seen[0].certificate))
     );
 }
 

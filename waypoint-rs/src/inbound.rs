@@ -31,6 +31,7 @@ use proxy_core::store::{Address, GatewayAddress, GatewayDestination, Snapshot};
 
 use crate::config::Served;
 use crate::drain::Drain;
+use crate::http::modify::ClientCert;
 use crate::proxy::Proxy;
 use crate::request::{Downstream, Protocol, Target};
 use crate::tcp;
@@ -147,18 +148,20 @@ impl InboundHandler for Inbound {
         }
         let served = match self.proxy.served(&self.me, connect.authority()) {
             Ok(served) => Arc::new(served),
-            Err(why) => {
-                if let Some(suppressed) = REFUSED.allow() {
-                    tracing::warn!(peer = %connect.peer_identity(), address = %connect.peer_address(), %why, suppressed, "CONNECT refused");
-                }
-                connect.refuse(StatusCode::BAD_REQUEST);
-                return;
-            }
+            Err(why) => return refuse(connect, &why),
+        };
+        // The handshake verified this certificate; one that cannot be read
+        // for x-forwarded-client-cert is refused rather than forwarded
+        // without the client's details.
+        let client_cert = match ClientCert::from_der(connect.peer_certificate()) {
+            Ok(cert) => Arc::new(cert),
+            Err(why) => return refuse(connect, &why),
         };
         let downstream = Downstream {
             identity: connect.peer_identity().clone(),
             address: connect.peer_address(),
             connect: connect.authority(),
+            client_cert,
         };
         let _live = self.drain.track();
         let stream = match connect.accept() {
@@ -170,6 +173,14 @@ impl InboundHandler for Inbound {
         };
         self.serve(downstream, served, stream).await;
     }
+}
+
+/// Refuses a CONNECT with 400, saying why (rate-limited).
+fn refuse(connect: InboundConnect, why: &dyn std::fmt::Display) {
+    if let Some(suppressed) = REFUSED.allow() {
+        tracing::warn!(peer = %connect.peer_identity(), address = %connect.peer_address(), %why, suppressed, "CONNECT refused");
+    }
+    connect.refuse(StatusCode::BAD_REQUEST);
 }
 
 impl Inbound {

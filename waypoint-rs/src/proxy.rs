@@ -30,6 +30,7 @@ use crate::balance::{DestinationBalancer, LoadBalancer};
 use crate::config::{L7Store, Policy, Served};
 use crate::http::authorization::{self, RequestFacts};
 use crate::http::jwt;
+use crate::http::modify;
 use crate::http::route::{self, Routing};
 use crate::inbound::{Me, Unserved};
 use crate::metrics::{HttpLabels, Metrics, Peers};
@@ -58,6 +59,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub config: ProxyConfig,
+    /// The waypoint's SPIFFE URI, `By=` of `x-forwarded-client-cert`.
+    own_uri: String,
     /// Per (service, port, subset): the effective DestinationRule policy and
     /// the balancer built for it (rebuilt when the policy changes).
     balancers: Mutex<HashMap<BalancerKey, (Policy, Arc<DestinationBalancer>)>>,
@@ -83,6 +86,7 @@ impl Proxy {
         config: ProxyConfig,
     ) -> Self {
         Proxy {
+            own_uri: upstream.identity().to_string(),
             store,
             l7,
             upstream,
@@ -147,6 +151,13 @@ impl Proxy {
             return record.refuse(unservable.refusal());
         }
 
+        // As Envoy's connection manager does before any filter: policies
+        // and the destination see this hop's value, never the client's.
+        modify::set_forwarded_client_cert(
+            request.headers_mut(),
+            &self.own_uri,
+            &downstream.client_cert,
+        );
         let (mut parts, body) = request.into_parts();
         let authn = jwt::authenticate(
             served.authentications.iter().map(|a| a.as_ref()),

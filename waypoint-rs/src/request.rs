@@ -6,9 +6,12 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use api::SpiffeId;
 use http::{HeaderMap, StatusCode};
+
+use crate::http::modify::ClientCert;
 
 /// The client as the waypoint saw it. In ambient mode the source ztunnel
 /// dials from inside the client pod with the client's certificate, so the
@@ -22,6 +25,9 @@ pub struct Downstream {
     /// The CONNECT authority: the service VIP:port or workload IP:port the
     /// client addressed.
     pub connect: SocketAddr,
+    /// The HBONE peer's leaf certificate as `x-forwarded-client-cert`
+    /// reports it; read once per tunnel.
+    pub client_cert: Arc<ClientCert>,
 }
 
 /// How a served port's bytes are read (`l7::Protocol`).

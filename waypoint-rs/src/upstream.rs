@@ -239,6 +239,11 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
+    /// The waypoint's own identity, which it presents upstream.
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
     pub fn new(
         pool: HbonePool,
         certificates: CertificateManager,

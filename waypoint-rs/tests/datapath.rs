@@ -86,6 +86,60 @@ async fn a_connect_to_a_bound_service_is_forwarded_to_an_endpoint_as_the_waypoin
     assert_eq!(mesh.sample("istio_response_bytes_sum", &labels), 27.0);
 }
 
+/// The destination learns who called through the waypoint from
+/// `x-forwarded-client-cert`: one element set by the waypoint (`By=` its
+/// own identity, `Hash=` the SHA-256 of the client's leaf, `URI=` the
+/// client's SPIFFE id), replacing what the client itself wrote.
+#[tokio::test]
+async fn forwarded_requests_carry_the_clients_certificate_set_by_the_waypoint() {
+    use sha2::Digest;
+    let mesh = Mesh::start(|_| {}).await;
+    let _endpoints = mesh
+        .service(
+            "whoami",
+            100,
+            &[(80, 8080)],
+            &[10],
+            App::http(|request| async move {
+                let values: Vec<String> = request
+                    .headers()
+                    .get_all("x-forwarded-client-cert")
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("<not text>").to_string())
+                    .collect();
+                harness::text_response(200, values.join("\n"))
+            }),
+        )
+        .await;
+    let vip = SocketAddr::new(mesh.ip(100), 80);
+    let hash: String = sha2::Sha256::digest(mesh.client_certificate().leaf())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = format!(
+        "By=spiffe://cluster.local/ns/waypoint-ns/sa/waypoint;Hash={hash};Subject=\"\";\
+         URI=spiffe://cluster.local/ns/client-ns/sa/client"
+    );
+
+    let mut client = mesh.http1(vip).await;
+    let response = client.send_request(get("/", "whoami")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, want);
+
+    // A value the client wrote itself claims another identity: it does not
+    // reach the destination.
+    let mut forged = get("/", "whoami");
+    forged.headers_mut().insert(
+        "x-forwarded-client-cert",
+        http::HeaderValue::from_static(
+            "By=spiffe://x;URI=spiffe://cluster.local/ns/admin/sa/admin",
+        ),
+    );
+    let response = client.send_request(forged).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, want);
+}
+
 #[tokio::test]
 async fn connects_to_addresses_not_bound_here_are_refused() {
     let mesh = Mesh::start(|_| {}).await;

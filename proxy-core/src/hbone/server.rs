@@ -1,8 +1,9 @@
 //! Server side of HBONE: mutual TLS with a config the caller picks per
 //! connection (ztunnel-rs presents the certificate of the pod it serves),
 //! HTTP/2, and for each CONNECT a call to a handler with the verified peer
-//! identity and the target address. The handler decides the answer: accept
-//! (200 and a stream) or refuse with a status (401, 403, 503...).
+//! identity (and its leaf certificate) and the target address. The handler
+//! decides the answer: accept (200 and a stream) or refuse with a status
+//! (401, 403, 503...).
 //! Anything but a CONNECT to an `ip:port` gets 400 without reaching it.
 //!
 //! What one peer can hold is bounded ([`Http2Settings`]): h2 refuses
@@ -24,6 +25,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::StatusCode;
 use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +53,7 @@ where
 /// with 503.
 pub struct InboundConnect {
     peer_identity: SpiffeId,
+    peer_certificate: Arc<CertificateDer<'static>>,
     authority: SocketAddr,
     peer_address: SocketAddr,
     local_address: SocketAddr,
@@ -74,6 +77,14 @@ impl InboundConnect {
     /// The client's SPIFFE id, verified in the TLS handshake.
     pub fn peer_identity(&self) -> &SpiffeId {
         &self.peer_identity
+    }
+
+    /// The client's leaf certificate (DER), the one `peer_identity` was
+    /// read from. Held once per HBONE connection: every CONNECT on it
+    /// shares this `Arc` (pointer-equal), so a handler can derive things
+    /// from it once per connection.
+    pub fn peer_certificate(&self) -> &Arc<CertificateDer<'static>> {
+        &self.peer_certificate
     }
 
     /// Where the client wants to go (`:authority`).
@@ -254,7 +265,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let settings = &self.shared.settings;
         settings.keepalive.apply_tcp(&tcp)?;
         let timeout = settings.handshake_timeout;
-        let (peer_identity, mut connection) =
+        let (peer_identity, peer_certificate, mut connection) =
             tokio::time::timeout(timeout, handshake(tcp, config, settings, peer_address))
                 .await
                 .map_err(|_| HboneError::Timeout {
@@ -304,7 +315,7 @@ impl<H: InboundHandler> HboneServer<H> {
                 Some(Ok((request, respond))) => self.dispatch(
                     request,
                     respond,
-                    &peer_identity,
+                    (&peer_identity, &peer_certificate),
                     peer_address,
                     local_address,
                 ),
@@ -316,7 +327,7 @@ impl<H: InboundHandler> HboneServer<H> {
         &self,
         request: http::Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
-        peer_identity: &SpiffeId,
+        (peer_identity, peer_certificate): (&SpiffeId, &Arc<CertificateDer<'static>>),
         peer_address: SocketAddr,
         local_address: SocketAddr,
     ) {
@@ -337,6 +348,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let (parts, body) = request.into_parts();
         let connect = InboundConnect {
             peer_identity: peer_identity.clone(),
+            peer_certificate: peer_certificate.clone(),
             authority,
             peer_address,
             local_address,
@@ -356,6 +368,7 @@ async fn handshake(
 ) -> Result<
     (
         SpiffeId,
+        Arc<CertificateDer<'static>>,
         h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
     ),
     HboneError,
@@ -366,6 +379,12 @@ async fn handshake(
         .map_err(|source| HboneError::Tls { address, source })?;
     let (_, session) = tls.get_ref();
     let peer = tls::peer_identity(session).ok_or(HboneError::NoPeerIdentity { address })?;
+    // The leaf the identity came from (peer_identity found it, so it is there).
+    let leaf = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| Arc::new(leaf.clone().into_owned()))
+        .ok_or(HboneError::NoPeerIdentity { address })?;
     if session.alpn_protocol() != Some(tls::ALPN_H2) {
         return Err(HboneError::NoAlpn { address });
     }
@@ -379,7 +398,7 @@ async fn handshake(
         .handshake(tls)
         .await
         .map_err(|source| HboneError::Http2 { address, source })?;
-    Ok((peer, connection))
+    Ok((peer, leaf, connection))
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {

@@ -406,26 +406,120 @@ pub struct ClientCert {
     pub dns: Vec<String>,
 }
 
-/// Sets `x-forwarded-client-cert` the way upstream's waypoint does: its
-/// connect-terminate HCM (istio/istio `listener_waypoint.go`,
-/// `buildHCMConnectTerminateChain`) uses the mesh's proxy-headers setting,
-/// default `APPEND_FORWARD` (`GetProxyHeadersFromProxyConfig`), with
-/// `SetCurrentClientCertDetails{Subject, Uri, Dns}`. So: one element
+/// Why a client's certificate could not be read for
+/// `x-forwarded-client-cert`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientCertError {
+    #[error("the client certificate is not valid X.509: {0}")]
+    Parse(String),
+    #[error("the client certificate's subjectAltName is malformed: {0}")]
+    SubjectAltName(String),
+}
+
+impl ClientCert {
+    /// Reads the details Envoy's `SetCurrentClientCertDetails{Subject, URI,
+    /// DNS}` forwards from a verified leaf certificate (DER): its SHA-256,
+    /// its subject as OpenSSL's `XN_FLAG_RFC2253` prints it (Envoy's
+    /// `Utility::getSubjectFromCertificate`), and its URI and DNS SANs.
+    pub fn from_der(der: &[u8]) -> Result<ClientCert, ClientCertError> {
+        use sha2::Digest;
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| ClientCertError::Parse(e.to_string()))?;
+        let mut uris = Vec::new();
+        let mut dns = Vec::new();
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| ClientCertError::SubjectAltName(e.to_string()))?;
+        for name in san.iter().flat_map(|san| &san.value.general_names) {
+            match name {
+                GeneralName::URI(uri) => uris.push(uri.to_string()),
+                GeneralName::DNSName(name) => dns.push(name.to_string()),
+                _ => {}
+            }
+        }
+        Ok(ClientCert {
+            sha256: sha2::Sha256::digest(der).into(),
+            subject: rfc2253(cert.subject()),
+            uris,
+            dns,
+        })
+    }
+}
+
+/// A distinguished name in RFC 2253 form: the last RDN first, RDNs joined
+/// by `,`, multi-valued RDNs by `+`, known attribute types by short name
+/// (`CN`, `O`, ...) else dotted OID, special characters escaped, a value
+/// that is not a string as `#` and the hex of its DER.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use x509_parser::asn1_rs::ToDer;
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let kind = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    let value = match attr.as_str() {
+                        Ok(text) => escape_rfc2253(text),
+                        Err(_) => {
+                            let der = attr.attr_value().to_der_vec().unwrap_or_default();
+                            let hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+                            format!("#{hex}")
+                        }
+                    };
+                    format!("{kind}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// RFC 2253 section 2.4: `,` `+` `"` `\` `<` `>` `;` are escaped, and a
+/// leading `#` or space and a trailing space.
+fn escape_rfc2253(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Sets `x-forwarded-client-cert` to this hop's element,
 /// `By=<waypoint URI>;Hash=<hex sha256>;Subject="..";URI=..;DNS=..`
-/// (Envoy's key order) appended, comma-separated, to what the client sent.
-pub fn append_forward_client_cert(
-    headers: &mut HeaderMap,
-    waypoint_uri: &str,
-    client: &ClientCert,
-) {
-    let element = client_cert_element(waypoint_uri, client);
-    let value = match headers.get(&XFCC).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing},{element}"),
-        _ => element,
-    };
-    // Every part is quoted or made of URI/DNS characters: always a valid value.
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(XFCC.clone(), value);
+/// (Envoy's keys and order, `SetCurrentClientCertDetails{Subject, URI,
+/// DNS}`), replacing whatever the client sent: Envoy's `SANITIZE_SET`, not
+/// `APPEND_FORWARD`. In ambient the client's HTTP headers reach the
+/// waypoint untouched (ztunnel is L4), so a client-sent value is the
+/// application's own claim, not a proxy's; appending to it would hand the
+/// destination forged elements. (A sidecar's outbound listener strips it
+/// for the same reason: Envoy removes XFCC from a connection that is not
+/// mTLS, `ConnectionManagerUtility::mutateXfccRequestHeader`.) Upstream
+/// istio/istio's waypoint sends none by default (issues #43186, #54995:
+/// its inner HCM keeps Envoy's default `SANITIZE`) and, opted in with
+/// `ambient.istio.io/xfcc-include-client-identity` (1.30, PR #59986),
+/// replaces any inbound value with the source's identity, as here.
+pub fn set_forwarded_client_cert(headers: &mut HeaderMap, waypoint_uri: &str, client: &ClientCert) {
+    // Every part is quoted or made of URI/DNS characters: always a valid
+    // value; if not, no client-sent value survives either.
+    match HeaderValue::from_str(&client_cert_element(waypoint_uri, client)) {
+        Ok(value) => {
+            headers.insert(XFCC.clone(), value);
+        }
+        Err(_) => {
+            headers.remove(&XFCC);
+        }
     }
 }
 

@@ -156,6 +156,11 @@ impl Mesh {
         IpAddr::V4(Ipv4Addr::new(127, self.subnet[0], self.subnet[1], host))
     }
 
+    /// The certificate the client presents to the waypoint.
+    pub fn client_certificate(&self) -> &WorkloadCertificate {
+        &self.client_certificate
+    }
+
     pub fn hbone_port(&self) -> u16 {
         self.data_path.hbone.port()
     }

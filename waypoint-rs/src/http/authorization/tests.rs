@@ -121,6 +121,7 @@ fn request() -> Request {
             identity: SpiffeId::new("cluster.local", "client-ns", "client-sa").unwrap(),
             address: "10.1.2.3:40000".parse().unwrap(),
             connect: "10.96.0.10:8080".parse().unwrap(),
+            client_cert: Default::default(),
         },
         target: Target::Service {
             namespace: "shop".into(),

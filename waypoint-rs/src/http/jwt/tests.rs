@@ -823,6 +823,7 @@ fn jwt_missing_invalid_valid_with_a_required_principal() {
         identity: api::SpiffeId::new("cluster.local", "client-ns", "client").unwrap(),
         address: "10.1.2.3:40000".parse().unwrap(),
         connect: "10.96.0.10:8080".parse().unwrap(),
+        client_cert: Default::default(),
     };
     let target = Target::Service {
         namespace: "shop".into(),

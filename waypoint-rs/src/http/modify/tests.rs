@@ -321,7 +321,7 @@ fn invalid_modifiers_name_the_field() {
 }
 
 #[test]
-fn xfcc_appends_the_current_client_to_what_was_sent() {
+fn xfcc_replaces_what_the_client_sent_with_this_hop() {
     let client = ClientCert {
         sha256: [0xab; 32],
         subject: "".into(),
@@ -330,19 +330,21 @@ fn xfcc_appends_the_current_client_to_what_was_sent() {
     };
     let by = "spiffe://cluster.local/ns/default/sa/waypoint";
     let mut headers = HeaderMap::new();
-    append_forward_client_cert(&mut headers, by, &client);
+    set_forwarded_client_cert(&mut headers, by, &client);
     let want = format!(
         "By=spiffe://cluster.local/ns/default/sa/waypoint;Hash={};Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/sleep",
         "ab".repeat(32)
     );
     assert_eq!(headers[&XFCC], want.as_str());
 
+    // A forged element (and a second header line) from the client is gone.
     let mut forwarded = HeaderMap::new();
-    forwarded.insert(
+    forwarded.append(
         XFCC.clone(),
-        HeaderValue::from_static("By=spiffe://a;URI=spiffe://b"),
+        HeaderValue::from_static("By=spiffe://a;URI=spiffe://cluster.local/ns/admin/sa/admin"),
     );
-    append_forward_client_cert(
+    forwarded.append(XFCC.clone(), HeaderValue::from_static("URI=spiffe://b"));
+    set_forwarded_client_cert(
         &mut forwarded,
         by,
         &ClientCert {
@@ -351,11 +353,11 @@ fn xfcc_appends_the_current_client_to_what_was_sent() {
             ..client
         },
     );
-    let v = forwarded[&XFCC].to_str().unwrap();
+    let values: Vec<_> = forwarded.get_all(&XFCC).iter().collect();
+    assert_eq!(values.len(), 1);
+    let v = values[0].to_str().unwrap();
     assert!(
-        v.starts_with(
-            "By=spiffe://a;URI=spiffe://b,By=spiffe://cluster.local/ns/default/sa/waypoint;Hash="
-        ),
+        v.starts_with("By=spiffe://cluster.local/ns/default/sa/waypoint;Hash="),
         "{v}"
     );
     assert!(
@@ -364,6 +366,52 @@ fn xfcc_appends_the_current_client_to_what_was_sent() {
         ),
         "{v}"
     );
+}
+
+#[test]
+fn client_cert_reads_hash_subject_and_sans_from_the_leaf() {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+    let mut params = CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+    // Written in this order: O, then CN.
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Acme, Inc");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "#client");
+    params.subject_alt_names.push(SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/sleep"
+            .try_into()
+            .unwrap(),
+    ));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let der = cert.der();
+
+    let read = ClientCert::from_der(der).unwrap();
+    use sha2::Digest;
+    assert_eq!(read.sha256, <[u8; 32]>::from(sha2::Sha256::digest(der)));
+    // RFC 2253: last RDN first, specials escaped.
+    assert_eq!(read.subject, "CN=\\#client,O=Acme\\, Inc");
+    assert_eq!(read.uris, ["spiffe://cluster.local/ns/default/sa/sleep"]);
+    assert_eq!(read.dns, ["a.example"]);
+
+    assert!(matches!(
+        ClientCert::from_der(b"not a certificate"),
+        Err(ClientCertError::Parse(_))
+    ));
+}
+
+#[test]
+fn rfc2253_escapes_specials_and_edges() {
+    assert_eq!(escape_rfc2253("plain"), "plain");
+    assert_eq!(
+        escape_rfc2253("a,b+c;d<e>f\"g\\"),
+        "a\\,b\\+c\\;d\\<e\\>f\\\"g\\\\"
+    );
+    assert_eq!(escape_rfc2253(" lead and trail "), "\\ lead and trail\\ ");
+    assert_eq!(escape_rfc2253("#x#"), "\\#x#");
 }
 
 #[test]
