@@ -6,10 +6,33 @@
 //! - `http`: per-request decisions: JWT authentication, authorization,
 //!   routing, header changes, faults.
 //! - `balance`: endpoint choice and outlier detection.
-//! - data path: HBONE termination on 15008, protocol detection, the HTTP
-//!   server, upstream connections over HBONE, metrics, admin, drain.
+//! - data path: HBONE termination on 15008 and protocol detection
+//!   (`inbound`), the request path (`proxy`), TCP splicing (`tcp`),
+//!   upstream connections over HBONE with retries and timeouts
+//!   (`upstream`), `metrics`, `access_log`, `admin`, `drain`; `args` and
+//!   `app` wire it all.
 
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod args;
 pub mod balance;
 pub mod config;
+pub mod drain;
 pub mod http;
+pub mod inbound;
+pub mod metrics;
+pub mod proxy;
 pub mod request;
+pub mod tcp;
+pub mod upstream;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as ztunnel-rs.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
