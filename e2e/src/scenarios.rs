@@ -1,6 +1,8 @@
 //! The L4 end-to-end scenarios, written against the [`Cluster`] trait so the
 //! local cluster ([`on_local_cluster`]) and the real Kubernetes control
-//! plane ([`on_kube_cluster`], `cargo xtask e2e`) run the same list.
+//! plane ([`on_kube_cluster`], `cargo xtask e2e`) run the same list. The L7
+//! scenarios ([`l7`]) run on the local cluster only for now (`tests/l4.rs`
+//! appends them; `cargo xtask e2e` does not).
 //! Each scenario drives real traffic between pods and takes its evidence
 //! from the mesh itself (ztunnel-rs's metrics, certificates, config dump);
 //! it waits with generous deadlines and never asserts on time.
@@ -13,6 +15,7 @@
 pub mod fail_closed;
 pub mod fixture;
 pub mod l4;
+pub mod l7;
 pub mod node_agent;
 pub mod policies;
 
