@@ -37,8 +37,9 @@ fn crd_yaml_parses_back_into_a_crd() {
     }
 }
 
-/// DestinationRule and VirtualService are served as upstream serves them:
-/// v1, v1beta1 and v1alpha3, one schema, stored as v1alpha3.
+/// DestinationRule and VirtualService are served in v1, v1beta1 and
+/// v1alpha3, one schema, stored as v1alpha3 (istio/api's
+/// `+cue-gen:DestinationRule:storageVersion` on the v1alpha3 proto).
 #[test]
 fn networking_crds_serve_upstreams_versions() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -570,8 +570,8 @@ pub struct HttpMirrorPolicy {
     pub percentage: Option<Percent>,
 }
 
-/// The CRD as upstream serves it: every version of [`VERSIONS`] with the
-/// one schema, stored as [`STORAGE_VERSION`] (the derive makes only `v1`).
+/// The CRD with every version of [`VERSIONS`] sharing the one schema,
+/// stored as [`STORAGE_VERSION`] (the derive makes only `v1`).
 pub fn served_as_upstream(
     mut crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
