@@ -59,7 +59,6 @@ pub struct DataPathConfig {
     /// Issues the waypoint's own certificate.
     pub certificates: CertificateManager,
     pub identity: SpiffeId,
-    pub me: Me,
     pub metrics: Arc<Metrics>,
 }
 
@@ -87,7 +86,6 @@ impl DataPath {
             l7,
             certificates,
             identity,
-            me,
             metrics,
         } = config;
         let pool = HbonePool::with_metrics(pool, Arc::new(DirectConnect), metrics.hbone.clone());
@@ -102,7 +100,6 @@ impl DataPath {
         let drain = Drain::new();
         let inbound = Inbound {
             proxy: proxy.clone(),
-            me,
             drain: drain.clone(),
         };
         let server = HboneServer::with_metrics(inbound, http2, hbone_metrics);
@@ -308,7 +305,6 @@ impl App {
             l7: l7.clone(),
             certificates: certificates.clone(),
             identity: identity.clone(),
-            me: me.clone(),
             metrics,
         })
         .await

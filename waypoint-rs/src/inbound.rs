@@ -1,7 +1,7 @@
 //! HBONE termination on 15008. Each CONNECT is checked before it is
-//! answered ([`served`]): its authority must be a VIP:port of a service
-//! bound to this waypoint, or the IP of a workload bound to it (any port),
-//! as the upstream waypoint serves exactly those (istio/istio
+//! answered ([`Proxy::served`]): its authority must be a VIP:port of a
+//! service, or the IP of a workload (any port), that the `Waypoint`
+//! resource istiod serves this waypoint lists, as the upstream waypoint serves exactly those (istio/istio
 //! `listener_waypoint.go` `buildWaypointInternal`: a filter chain per bound
 //! service VIP and declared port, and per bound workload IP). Anything
 //! else is refused with 400 before any byte flows — what upstream ztunnel
@@ -9,6 +9,9 @@
 //! (`src/proxy/inbound.rs` `validate_destination` → `IPMismatch`); Envoy
 //! has no status for it (no filter chain matches), agentgateway answers
 //! 200 and then 404, which would let a client probe unbound addresses.
+//! Until istiod has served a `Waypoint` resource every CONNECT is refused
+//! with 503: the workload API says what is bound here, but not which L7
+//! rules apply to it, and serving without them would fail open.
 //!
 //! An accepted tunnel is read by the port's protocol: HTTP (HTTP/1.1 with
 //! upgrades, or h2c) served by hyper into [`Proxy::serve`], or TCP spliced
@@ -33,7 +36,7 @@ use crate::config::Served;
 use crate::drain::Drain;
 use crate::http::modify::ClientCert;
 use crate::proxy::Proxy;
-use crate::request::{Downstream, Protocol, Target};
+use crate::request::{Downstream, Protocol};
 use crate::tcp;
 use sniff::{Detected, Rewind};
 
@@ -50,16 +53,27 @@ pub struct Me {
 /// Why a CONNECT authority is not served here.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Unserved {
-    #[error("{0} is neither a service VIP nor a workload address this waypoint knows")]
-    Unknown(SocketAddr),
-    #[error("{what} at {authority} is not bound to this waypoint")]
-    NotBound { what: String, authority: SocketAddr },
-    #[error("service {service} does not declare port {port}")]
-    UndeclaredPort { service: String, port: u16 },
+    /// istiod has not (yet) served this waypoint any `Waypoint` resource:
+    /// nothing is known about what to enforce, so nothing is served. The
+    /// workload API alone says what is bound here but not which L7 rules
+    /// apply; serving on it would forward traffic unenforced.
+    #[error("no L7 configuration from istiod yet: refusing {0} rather than serving it unenforced")]
+    NoConfiguration(SocketAddr),
     #[error(
         "{0} is not a service VIP:port or workload address this waypoint's configuration lists"
     )]
     NotListed(SocketAddr),
+}
+
+impl Unserved {
+    /// The CONNECT's answer: 503 while the configuration is missing (the
+    /// client may try again), 400 for an address that is not served here.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Unserved::NoConfiguration(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Unserved::NotListed(_) => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// Whether a `waypoint` gateway address means this waypoint: its own IP,
@@ -83,60 +97,10 @@ pub fn is_me(snapshot: &Snapshot, me: &Me, gateway: &GatewayAddress) -> bool {
     }
 }
 
-/// What a CONNECT to `authority` reaches through this waypoint. The
-/// workload API carries no port protocol, so every port is detected until
-/// the L7 configuration declares it.
-pub fn served(snapshot: &Snapshot, me: &Me, authority: SocketAddr) -> Result<Target, Unserved> {
-    let (ip, port) = (authority.ip(), authority.port());
-    if let Some(service) = snapshot.service_by_vip(&me.network, ip) {
-        let bound = service
-            .waypoint
-            .as_ref()
-            .is_some_and(|gw| is_me(snapshot, me, gw));
-        if !bound {
-            return Err(Unserved::NotBound {
-                what: format!("service {}", service.key()),
-                authority,
-            });
-        }
-        if !service.ports.iter().any(|p| p.service_port == port) {
-            return Err(Unserved::UndeclaredPort {
-                service: service.key().to_string(),
-                port,
-            });
-        }
-        return Ok(Target::Service {
-            namespace: service.namespace.clone(),
-            hostname: service.hostname.clone(),
-            port,
-            protocol: Protocol::Detect,
-        });
-    }
-    if let Some(workload) = snapshot.workload_by_address(&me.network, ip) {
-        let bound = workload
-            .waypoint
-            .as_ref()
-            .is_some_and(|gw| is_me(snapshot, me, gw));
-        if !bound {
-            return Err(Unserved::NotBound {
-                what: format!("workload {}", workload.uid),
-                authority,
-            });
-        }
-        return Ok(Target::Workload {
-            uid: workload.uid.clone(),
-            port,
-            protocol: Protocol::Detect,
-        });
-    }
-    Err(Unserved::Unknown(authority))
-}
-
 /// The HBONE handler: validate, accept, serve.
 #[derive(Clone, Debug)]
 pub struct Inbound {
     pub proxy: Arc<Proxy>,
-    pub me: Me,
     pub drain: Drain,
 }
 
@@ -146,16 +110,16 @@ impl InboundHandler for Inbound {
             connect.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
-        let served = match self.proxy.served(&self.me, connect.authority()) {
+        let served = match self.proxy.served(connect.authority()) {
             Ok(served) => Arc::new(served),
-            Err(why) => return refuse(connect, &why),
+            Err(why) => return refuse(connect, why.status(), &why),
         };
         // The handshake verified this certificate; one that cannot be read
         // for x-forwarded-client-cert is refused rather than forwarded
         // without the client's details.
         let client_cert = match ClientCert::from_der(connect.peer_certificate()) {
             Ok(cert) => Arc::new(cert),
-            Err(why) => return refuse(connect, &why),
+            Err(why) => return refuse(connect, StatusCode::BAD_REQUEST, &why),
         };
         let downstream = Downstream {
             identity: connect.peer_identity().clone(),
@@ -175,12 +139,12 @@ impl InboundHandler for Inbound {
     }
 }
 
-/// Refuses a CONNECT with 400, saying why (rate-limited).
-fn refuse(connect: InboundConnect, why: &dyn std::fmt::Display) {
+/// Refuses a CONNECT with `status`, saying why (rate-limited).
+fn refuse(connect: InboundConnect, status: StatusCode, why: &dyn std::fmt::Display) {
     if let Some(suppressed) = REFUSED.allow() {
         tracing::warn!(peer = %connect.peer_identity(), address = %connect.peer_address(), %why, suppressed, "CONNECT refused");
     }
-    connect.refuse(StatusCode::BAD_REQUEST);
+    connect.refuse(status);
 }
 
 impl Inbound {

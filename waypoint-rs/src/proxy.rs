@@ -32,7 +32,7 @@ use crate::http::authorization::{self, RequestFacts};
 use crate::http::jwt;
 use crate::http::modify;
 use crate::http::route::{self, Routing};
-use crate::inbound::{Me, Unserved};
+use crate::inbound::Unserved;
 use crate::metrics::{HttpLabels, Metrics, Peers};
 use crate::request::{Authn, Authz, Downstream, Protocol, Refusal, ResponseFlag, Target};
 use crate::upstream::retry::{self, Head};
@@ -96,28 +96,17 @@ impl Proxy {
         }
     }
 
-    /// What a CONNECT to `authority` reaches: the L7 configuration's answer
-    /// once istiod serves any `Waypoint` resource; before that (an istiod
-    /// that serves no L7 configuration) the workload API's binding, with no
-    /// L7 rules.
-    pub fn served(&self, me: &Me, authority: SocketAddr) -> Result<Served, Unserved> {
-        let workloads = self.store.snapshot();
+    /// What a CONNECT to `authority` reaches: what the `Waypoint`
+    /// resources istiod serves list, with their L7 rules. Before istiod
+    /// has served any, nothing is served ([`Unserved::NoConfiguration`]):
+    /// the workload API alone would forward traffic without its rules.
+    pub fn served(&self, authority: SocketAddr) -> Result<Served, Unserved> {
         let l7 = self.l7.snapshot();
-        if l7.waypoints().next().is_some() {
-            return l7
-                .served(authority, &workloads)
-                .ok_or(Unserved::NotListed(authority));
+        if l7.waypoints().next().is_none() {
+            return Err(Unserved::NoConfiguration(authority));
         }
-        let target = crate::inbound::served(&workloads, me, authority)?;
-        Ok(Served {
-            target,
-            waypoint: String::new(),
-            routes: None,
-            authorizations: Vec::new(),
-            authentications: Vec::new(),
-            traffic_policy: None,
-            refusal: None,
-        })
+        l7.served(authority, &self.store.snapshot())
+            .ok_or(Unserved::NotListed(authority))
     }
 
     /// Answers one request, in this order: the target's refusal (deny-all,

@@ -39,6 +39,8 @@ struct Istiod {
     /// The identity the CA gives the token's service account.
     identity: api::SpiffeId,
     addresses: Arc<Vec<api::workload::Address>>,
+    /// The `Waypoint` resource listing what the waypoint serves.
+    waypoint: api::l7::Waypoint,
     /// (impersonated identity, if any) of each CSR.
     csrs: Arc<Mutex<Vec<Option<String>>>>,
     /// (node id, type URL) of each subscription.
@@ -80,10 +82,14 @@ impl AggregatedDiscoveryService for Istiod {
                     .unwrap()
                     .push((node.clone(), r.type_url.clone()));
                 nonce += 1;
-                let resources = if r.type_url == api::type_url::ADDRESS {
-                    istiod.addresses.iter().map(resource).collect()
-                } else {
-                    Vec::new()
+                let resources = match r.type_url.as_str() {
+                    api::type_url::ADDRESS => istiod.addresses.iter().map(address).collect(),
+                    api::type_url::WAYPOINT => {
+                        let w = &istiod.waypoint;
+                        let name = format!("{}/{}", w.namespace, w.name);
+                        vec![resource(name, api::type_url::WAYPOINT, w.encode_to_vec())]
+                    }
+                    _ => Vec::new(),
                 };
                 let response = DeltaDiscoveryResponse {
                     type_url: r.type_url,
@@ -100,18 +106,22 @@ impl AggregatedDiscoveryService for Istiod {
     }
 }
 
-fn resource(address: &api::workload::Address) -> Resource {
+fn address(address: &api::workload::Address) -> Resource {
     let name = match &address.r#type {
         Some(address::Type::Workload(w)) => w.uid.clone(),
         Some(address::Type::Service(s)) => format!("{}/{}", s.namespace, s.hostname),
         None => String::new(),
     };
+    resource(name, api::type_url::ADDRESS, address.encode_to_vec())
+}
+
+fn resource(name: String, type_url: &str, value: Vec<u8>) -> Resource {
     Resource {
         name,
         version: "1".into(),
         resource: Some(prost_types::Any {
-            type_url: api::type_url::ADDRESS.into(),
-            value: address.encode_to_vec(),
+            type_url: type_url.into(),
+            value,
         }),
         ..Default::default()
     }
@@ -198,6 +208,16 @@ async fn the_waypoint_gets_its_identity_and_config_serves_and_drains() {
                 .in_service(svc_key, &[(80, 8080)])
                 .into(),
         ]),
+        waypoint: api::l7::Waypoint {
+            namespace: "waypoint-ns".into(),
+            name: "waypoint".into(),
+            services: vec![api::l7::ServedService {
+                namespace: "default".into(),
+                hostname: "echo.default.svc.cluster.local".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
         csrs: Arc::default(),
         subscriptions: Arc::default(),
     };

@@ -141,6 +141,41 @@ async fn forwarded_requests_carry_the_clients_certificate_set_by_the_waypoint() 
 }
 
 #[tokio::test]
+async fn nothing_is_served_before_istiod_serves_the_l7_configuration() {
+    let mesh = Mesh::start(|_| {}).await;
+    // Bound here in the workload API, with a ready endpoint, but istiod
+    // has served no `Waypoint` resource: its L7 rules are unknown.
+    let _endpoint = mesh.endpoint("early-0", 10, App::echo("early-0")).await;
+    mesh.apply(vec![
+        service("early", "default", mesh.ip(100), &[(80, 8080)])
+            .waypoint(mesh.ip(1))
+            .into(),
+        workload("early-0", "default", mesh.ip(10))
+            .in_service("default/early.default.svc.cluster.local", &[(80, 8080)])
+            .into(),
+    ]);
+    let authority = SocketAddr::new(mesh.ip(100), 80);
+    let refused = mesh
+        .connect(authority)
+        .await
+        .expect_err("no L7 configuration yet");
+    assert_eq!(
+        refused.status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "{refused}"
+    );
+    // Once it is served, the same CONNECT goes through.
+    mesh.list(api::l7::ServedService {
+        namespace: "default".into(),
+        hostname: "early.default.svc.cluster.local".into(),
+        ..Default::default()
+    });
+    let mut client = mesh.http1(authority).await;
+    let response = client.send_request(get("/", "early")).await.unwrap();
+    assert_eq!(text(response).await, "early-0: GET / HTTP/1.1");
+}
+
+#[tokio::test]
 async fn connects_to_addresses_not_bound_here_are_refused() {
     let mesh = Mesh::start(|_| {}).await;
     let _endpoints = mesh
@@ -175,6 +210,7 @@ async fn connects_to_addresses_not_bound_here_are_refused() {
     // A workload bound to this waypoint is served on any port.
     let bound = workload("pinned", "default", mesh.ip(21)).waypoint(mesh.ip(1));
     let uid = bound.uid();
+    mesh.list_workload(bound.served());
     mesh.apply(vec![bound.into()]);
     let pinned = mesh.endpoint("pinned", 21, App::echo("pinned")).await;
     let mut client = mesh.http1(SocketAddr::new(mesh.ip(21), 9000)).await;

@@ -17,7 +17,6 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use waypoint_rs::config::{
     AuthenticationHandler, AuthorizationHandler, RouteTableHandler, TrafficPolicyHandler,
-    WaypointHandler,
 };
 
 const ECHO: &str = "default/echo.default.svc.cluster.local";
@@ -27,20 +26,6 @@ fn exact(value: &str) -> StringMatch {
     StringMatch {
         match_type: Some(string_match::MatchType::Exact(value.to_string())),
     }
-}
-
-/// Applies the waypoint's `Waypoint` resource listing `service`.
-fn list(mesh: &Mesh, service: l7::ServedService) {
-    mesh.apply_l7(
-        WaypointHandler::new,
-        "waypoint-ns/waypoint",
-        l7::Waypoint {
-            namespace: "waypoint-ns".into(),
-            name: "waypoint".into(),
-            services: vec![service],
-            ..Default::default()
-        },
-    );
 }
 
 fn forward_to(service: &str) -> Option<l7::route::Action> {
@@ -135,20 +120,17 @@ async fn routed_mesh() -> (Mesh, Vec<harness::Endpoint>) {
             routes: vec![header_route, api_route, teapot],
         },
     );
-    list(
-        &mesh,
-        l7::ServedService {
-            namespace: "default".into(),
-            hostname: "echo.default.svc.cluster.local".into(),
-            ports: vec![l7::ServedPort {
-                port: 80,
-                protocol: l7::Protocol::Http as i32,
-            }],
-            route_table: ECHO.into(),
-            authorizations: vec!["default/deny-delete".into()],
-            ..Default::default()
-        },
-    );
+    mesh.list(l7::ServedService {
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        ports: vec![l7::ServedPort {
+            port: 80,
+            protocol: l7::Protocol::Http as i32,
+        }],
+        route_table: ECHO.into(),
+        authorizations: vec!["default/deny-delete".into()],
+        ..Default::default()
+    });
     (mesh, endpoints)
 }
 
@@ -246,10 +228,11 @@ async fn requests_are_authorized_then_routed_by_the_l7_configuration() {
 }
 
 #[tokio::test]
-async fn once_l7_configuration_is_served_only_what_it_lists_is_accepted() {
+async fn only_what_the_waypoint_resource_lists_is_accepted() {
     let (mesh, _endpoints) = routed_mesh().await;
-    // Bound to this waypoint in the workload API, but not listed by the
-    // Waypoint resource (e.g. its rules are not handed over yet): refused.
+    // Bound to this waypoint in the workload API, but no longer listed by
+    // the Waypoint resource (e.g. its rules are not handed over yet): refused.
+    mesh.unlist("echo-v2.default.svc.cluster.local");
     let refused = mesh
         .connect(SocketAddr::new(mesh.ip(101), 80))
         .await
@@ -265,6 +248,12 @@ async fn once_l7_configuration_is_served_only_what_it_lists_is_accepted() {
         mesh.connect(SocketAddr::new(mesh.ip(102), 80))
             .await
             .is_err()
+    );
+    // What is still listed is served.
+    assert!(
+        mesh.connect(SocketAddr::new(mesh.ip(100), 80))
+            .await
+            .is_ok()
     );
 }
 
@@ -317,15 +306,12 @@ async fn one_route(
             routes: vec![route],
         },
     );
-    list(
-        &mesh,
-        l7::ServedService {
-            namespace: "default".into(),
-            hostname: "svc.default.svc.cluster.local".into(),
-            route_table: key.into(),
-            ..Default::default()
-        },
-    );
+    mesh.list(l7::ServedService {
+        namespace: "default".into(),
+        hostname: "svc.default.svc.cluster.local".into(),
+        route_table: key.into(),
+        ..Default::default()
+    });
     (mesh, endpoints)
 }
 
@@ -498,15 +484,12 @@ async fn an_invalid_token_is_401_before_authorization_and_no_token_passes() {
             }],
         },
     );
-    list(
-        &mesh,
-        l7::ServedService {
-            namespace: "default".into(),
-            hostname: "echo.default.svc.cluster.local".into(),
-            authentications: vec!["default/jwt".into()],
-            ..Default::default()
-        },
-    );
+    mesh.list(l7::ServedService {
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        authentications: vec!["default/jwt".into()],
+        ..Default::default()
+    });
     let (status, _, body) = call(&mesh, "GET", "/", None).await;
     assert_eq!(
         (status, body.as_str()),

@@ -37,8 +37,7 @@ use proxy_core::xds::handlers::AddressHandler;
 use proxy_core::xds::{Handler, Update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waypoint_rs::app::{DataPath, DataPathConfig};
-use waypoint_rs::config::L7Store;
-use waypoint_rs::inbound::Me;
+use waypoint_rs::config::{L7Store, WaypointHandler};
 use waypoint_rs::metrics::Metrics;
 use waypoint_rs::proxy::ProxyConfig;
 use waypoint_rs::upstream::{Body, RetryPolicy, UpstreamConfig};
@@ -88,7 +87,13 @@ pub struct Mesh {
     client: HbonePool,
     client_certificate: WorkloadCertificate,
     subnet: [u8; 2],
+    /// The `Waypoint` resource istiod would serve: what [`Mesh::list`]
+    /// and [`Mesh::service`] listed so far.
+    listed: Mutex<api::l7::Waypoint>,
 }
+
+/// The name of the harness's `Waypoint` resource.
+pub const WAYPOINT_RESOURCE: &str = "waypoint-ns/waypoint";
 
 impl Mesh {
     pub async fn start(configure: impl FnOnce(&mut ProxyConfig)) -> Mesh {
@@ -115,10 +120,6 @@ impl Mesh {
         let mut config = test_config();
         config.upstream.hbone_port = port;
         configure(&mut config);
-        let me = Me {
-            ip: ip(1),
-            network: String::new(),
-        };
         let data_path = DataPath::start(DataPathConfig {
             proxy: config,
             http2: Http2Settings::default(),
@@ -128,7 +129,6 @@ impl Mesh {
             l7: l7.clone(),
             certificates,
             identity: waypoint_identity.clone(),
-            me,
             metrics,
         })
         .await
@@ -146,6 +146,11 @@ impl Mesh {
             client,
             client_certificate,
             subnet,
+            listed: Mutex::new(api::l7::Waypoint {
+                namespace: "waypoint-ns".into(),
+                name: "waypoint".into(),
+                ..Default::default()
+            }),
         };
         // The client's own workload, for the source labels.
         mesh.apply(vec![workload("client", "client-ns", mesh.ip(2)).into()]);
@@ -197,9 +202,42 @@ impl Mesh {
             .unwrap_or_else(|rejected| panic!("{name} NACKed: {rejected:?}"));
     }
 
+    /// Lists `service` in the waypoint's `Waypoint` resource (replacing
+    /// the entry of the same service) and applies the resource.
+    pub fn list(&self, service: api::l7::ServedService) {
+        self.change_listed(|w| {
+            w.services
+                .retain(|s| (&s.namespace, &s.hostname) != (&service.namespace, &service.hostname));
+            w.services.push(service);
+        });
+    }
+
+    /// Lists a workload addressed directly (by uid) in the `Waypoint` resource.
+    pub fn list_workload(&self, workload: api::l7::ServedWorkload) {
+        self.change_listed(|w| {
+            w.workloads.retain(|x| x.uid != workload.uid);
+            w.workloads.push(workload);
+        });
+    }
+
+    /// Takes service `hostname` (in `default`) out of the `Waypoint` resource.
+    pub fn unlist(&self, hostname: &str) {
+        self.change_listed(|w| w.services.retain(|s| s.hostname != hostname));
+    }
+
+    fn change_listed(&self, change: impl FnOnce(&mut api::l7::Waypoint)) {
+        let resource = {
+            let mut listed = self.listed.lock().expect("not poisoned");
+            change(&mut listed);
+            listed.clone()
+        };
+        self.apply_l7(WaypointHandler::new, WAYPOINT_RESOURCE, resource);
+    }
+
     /// A service `name.default.svc.cluster.local` at VIP `ip(host)` bound to
-    /// this waypoint, with endpoints at the given hosts, each a stand-in
-    /// ztunnel serving `app`.
+    /// this waypoint and listed by its `Waypoint` resource (no L7 rules),
+    /// with endpoints at the given hosts, each a stand-in ztunnel serving
+    /// `app`.
     pub async fn service(
         &self,
         name: &str,
@@ -222,6 +260,11 @@ impl Mesh {
             endpoints.push(self.endpoint(&pod, *host, app.clone()).await);
         }
         self.apply(resources);
+        self.list(api::l7::ServedService {
+            namespace: "default".into(),
+            hostname: format!("{name}.default.svc.cluster.local"),
+            ..Default::default()
+        });
         endpoints
     }
 
@@ -543,6 +586,15 @@ impl TestWorkload {
 
     pub fn uid(&self) -> String {
         self.0.uid.clone()
+    }
+
+    /// Its entry in a `Waypoint` resource (detected protocol on every port).
+    pub fn served(&self) -> api::l7::ServedWorkload {
+        api::l7::ServedWorkload {
+            uid: self.0.uid.clone(),
+            addresses: self.0.addresses.clone(),
+            ..Default::default()
+        }
     }
 }
 
