@@ -22,9 +22,9 @@ pub use dir::{
     ReadFiles, RegularFiles, yaml_files,
 };
 
+use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
-use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

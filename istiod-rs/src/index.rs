@@ -44,9 +44,9 @@ use std::sync::Arc;
 
 use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use api::manifest::ObjectKey;
+use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
-use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 

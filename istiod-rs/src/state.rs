@@ -18,9 +18,9 @@ use api::crd::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
 };
 use api::manifest::{FileContent, Kind, Object, ObjectKey};
+use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
-use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::watch;

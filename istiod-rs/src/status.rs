@@ -525,7 +525,7 @@ macro_rules! route_backends {
         }
     };
 }
-route_backends!(gateway_api::httproutes::HttpRoute);
+route_backends!(gateway_api::experimental::httproutes::HttpRoute);
 route_backends!(gateway_api::grpcroutes::GrpcRoute);
 
 /// Gateway API's ResolvedRefs: every backendRef is a Service of the

@@ -96,6 +96,13 @@ impl Obj {
         self
     }
 
+    /// A value shown even when zero, where zero means something (no
+    /// retries) that its absence (the default policy) does not.
+    fn always(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.0.insert(key.to_string(), value.into());
+        self
+    }
+
     /// Enums are always shown: their zero value (e.g. HEALTHY) is meaningful to a reader.
     fn name(mut self, key: &str, name: &str) -> Self {
         self.0
@@ -514,7 +521,7 @@ fn route_json(r: &l7p::Route) -> Value {
             "retry",
             r.retry.as_ref().map(|rt| {
                 Obj::default()
-                    .put("attempts", rt.attempts)
+                    .always("attempts", rt.attempts)
                     .put("codes", rt.codes.clone())
                     .put("onConnectFailure", rt.on_connect_failure)
                     .put("onRefusedStream", rt.on_refused_stream)

@@ -26,17 +26,18 @@
 //! missing) keeps its weight with `invalid_reason` (500 for its share); a
 //! filter kind the waypoint does not implement (CORS, ExtensionRef) makes the
 //! rule answer 500; a regular expression that does not compile drops its
-//! match. Each is a problem naming the field. HTTPRoute `retry` exists only
-//! in Gateway API's experimental channel, which istiod-rs does not read:
-//! retries come from VirtualServices.
+//! match. Each is a problem naming the field. HTTPRoute `retry` (GEP-1731)
+//! is in Gateway API's experimental channel: istiod-rs reads it when it is
+//! there (local mode; on Kubernetes, once the experimental HTTPRoute CRD is
+//! installed: the standard one has no such field).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use api::l7::{
     Backend, DirectResponse, Forward, GrpcMethodMatch, Header, HeaderMatch, HeaderModifier, Mirror,
-    Origin, PathMatch, PathRewrite, Redirect, Route, RouteMatch, RouteTable, Timeouts, UrlRewrite,
-    header_match, path_match, path_rewrite, route,
+    Origin, PathMatch, PathRewrite, Redirect, RetryPolicy, Route, RouteMatch, RouteTable, Timeouts,
+    UrlRewrite, header_match, path_match, path_rewrite, route,
 };
 use api::manifest::Kind;
 use serde::Deserialize;
@@ -48,6 +49,12 @@ use crate::state::ClusterState;
 
 /// Longest regular expression accepted (bytes of its source).
 const MAX_REGEX_LEN: usize = 1024;
+/// Retries of an HTTPRoute rule whose `retry` leaves `attempts` unset
+/// (GEP-1731: implementation-specific); the same count istiod-rs gives a
+/// VirtualService route without `retries`.
+const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Most retries one rule may ask for; more is a mistake, not a policy.
+const MAX_RETRY_ATTEMPTS: i64 = 1000;
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
@@ -74,6 +81,16 @@ struct RuleView {
     filters: Vec<FilterView>,
     backend_refs: Vec<BackendView>,
     timeouts: Option<TimeoutsView>,
+    retry: Option<RetryView>,
+}
+
+/// HTTPRoute `rules[].retry` (GEP-1731, Gateway API's experimental channel).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct RetryView {
+    attempts: Option<i64>,
+    backoff: Option<String>,
+    codes: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -314,13 +331,24 @@ impl RouteObject<'_> {
         reason: String,
         what: &str,
     ) {
+        let effect = Effect::L7Stricter {
+            what: what.to_string(),
+        };
+        self.report(problems, field, reason, effect);
+    }
+
+    fn report(
+        &self,
+        problems: &mut Vec<PolicyProblem>,
+        field: String,
+        reason: String,
+        effect: Effect,
+    ) {
         problems.push(PolicyProblem::UntranslatableL7 {
             object: self.object.clone(),
             field,
             reason,
-            effect: Effect::L7Stricter {
-                what: what.to_string(),
-            },
+            effect,
         });
     }
 
@@ -612,15 +640,24 @@ impl RouteObject<'_> {
             }
         }
         if let Some(t) = &rule.timeouts {
-            let request = self.duration(&format!("{path}.timeouts.request"), &t.request, problems);
+            let request = self.duration(
+                &format!("{path}.timeouts.request"),
+                &t.request,
+                no_timeout(),
+                problems,
+            );
             let per_try = self.duration(
                 &format!("{path}.timeouts.backendRequest"),
                 &t.backend_request,
+                no_timeout(),
                 problems,
             );
             if request.is_some() || per_try.is_some() {
                 route.timeouts = Some(Timeouts { request, per_try });
             }
+        }
+        if let Some(r) = &rule.retry {
+            route.retry = self.retry(&format!("{path}.retry"), r, problems);
         }
         route.action = Some(if refused {
             route::Action::DirectResponse(DirectResponse {
@@ -643,11 +680,78 @@ impl RouteObject<'_> {
         route
     }
 
+    /// `retry` (GEP-1731): `attempts` retries after the first try (unset or
+    /// unreadable: [`DEFAULT_RETRY_ATTEMPTS`]; 0: none), each after at least
+    /// `backoff`, of a try answered with one of `codes`, that timed out
+    /// (`timeouts.backendRequest`), could not connect, or was reset or
+    /// refused by the backend. A code outside 400-599 (the CRD's bounds) is
+    /// dropped and reported; the rest applies.
+    fn retry(
+        &self,
+        at: &str,
+        r: &RetryView,
+        problems: &mut Vec<PolicyProblem>,
+    ) -> Option<RetryPolicy> {
+        let backoff = self.duration(
+            &format!("{at}.backoff"),
+            &r.backoff,
+            Effect::DefaultApplies {
+                what: "the waypoint's default backoff applies".into(),
+            },
+            problems,
+        );
+        let attempts = match r.attempts {
+            None => DEFAULT_RETRY_ATTEMPTS,
+            // Said explicitly: a route without a policy gets the
+            // waypoint's default retries.
+            Some(0) => {
+                return Some(RetryPolicy {
+                    attempts: 0,
+                    ..RetryPolicy::default()
+                });
+            }
+            Some(n @ 1..=MAX_RETRY_ATTEMPTS) => u32::try_from(n).unwrap_or(DEFAULT_RETRY_ATTEMPTS),
+            Some(n) => {
+                self.report(
+                    problems,
+                    format!("{at}.attempts"),
+                    format!("{n} is not a number of retries (0 to {MAX_RETRY_ATTEMPTS})"),
+                    Effect::DefaultApplies {
+                        what: format!("the default of {DEFAULT_RETRY_ATTEMPTS} retries applies"),
+                    },
+                );
+                DEFAULT_RETRY_ATTEMPTS
+            }
+        };
+        let mut codes = Vec::new();
+        for (i, &code) in r.codes.iter().flatten().enumerate() {
+            match u32::try_from(code) {
+                Ok(c) if (400..=599).contains(&c) => codes.push(c),
+                _ => self.report(
+                    problems,
+                    format!("{at}.codes[{i}]"),
+                    format!("{code} is not an HTTP status between 400 and 599"),
+                    Effect::FieldNotApplied,
+                ),
+            }
+        }
+        Some(RetryPolicy {
+            attempts,
+            codes,
+            on_connect_failure: true,
+            on_refused_stream: true,
+            on_reset: true,
+            backoff,
+            ..RetryPolicy::default()
+        })
+    }
+
     /// A GEP-2257 duration; `0s` (and an unreadable value, reported) is none.
     fn duration(
         &self,
         field: &str,
         value: &Option<String>,
+        unread: Effect,
         problems: &mut Vec<PolicyProblem>,
     ) -> Option<prost_types::Duration> {
         let v = value.as_ref()?;
@@ -658,11 +762,11 @@ impl RouteObject<'_> {
                 nanos: i32::try_from(d.subsec_nanos()).unwrap_or_default(),
             }),
             Err(e) => {
-                self.problem(
+                self.report(
                     problems,
                     field.to_string(),
                     format!("{v:?} is not a Gateway API duration: {e}"),
-                    "no timeout applies",
+                    unread,
                 );
                 None
             }
@@ -738,6 +842,13 @@ impl RouteObject<'_> {
             backend.invalid_reason = reason;
         }
         backend
+    }
+}
+
+/// What an unreadable timeout leaves.
+fn no_timeout() -> Effect {
+    Effect::L7Stricter {
+        what: "no timeout applies".into(),
     }
 }
 

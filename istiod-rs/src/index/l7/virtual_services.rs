@@ -841,7 +841,13 @@ impl Translate<'_, '_, '_> {
             );
         };
         if r.attempts == 0 {
-            return (None, None);
+            // Said explicitly: a route without a policy gets the waypoint's
+            // default retries.
+            let none = l7::RetryPolicy {
+                attempts: 0,
+                ..Default::default()
+            };
+            return (Some(none), None);
         }
         let at = format!("{path}.retries");
         let per_try = self.report.duration(
