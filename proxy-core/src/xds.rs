@@ -15,7 +15,7 @@ mod status;
 
 use std::net::IpAddr;
 
-pub use client::{MetadataFn, XdsClient, XdsConfig, XdsMetrics};
+pub use client::{MAX_ON_DEMAND_NAMES, MetadataFn, OnDemand, XdsClient, XdsConfig, XdsMetrics};
 pub use status::{ConnectionState, StatusWatch, TypeStatus, XdsStatus};
 
 #[derive(Debug, thiserror::Error)]

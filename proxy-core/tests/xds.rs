@@ -502,3 +502,68 @@ async fn keeps_serving_while_away_and_resumes_with_its_versions() {
     tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn on_demand_names_are_subscribed_once_and_again_after_a_reconnect() {
+    let (mut server, addr) = Server::start("127.0.0.1:0".parse().unwrap()).await;
+    let store = WorkloadStore::new();
+    let client = client(addr, &store);
+    let on_demand = client.on_demand();
+    let mut status = client.status();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(client.run(shutdown.clone()));
+
+    let mut stream = server.accept().await;
+    stream.subscriptions().await;
+    wait_for(&mut status, |s| s.connection == ConnectionState::Connected).await;
+    // Asked twice, and once for a type the proxy does not handle: one
+    // explicit subscription goes out.
+    on_demand.request(ADDRESS, "/10.0.0.5".to_string());
+    on_demand.request(ADDRESS, "/10.0.0.5".to_string());
+    on_demand.request("type.googleapis.com/unknown.Type", "x".to_string());
+    let asked = stream.next().await;
+    assert_eq!(asked.type_url, ADDRESS);
+    assert_eq!(asked.resource_names_subscribe, ["/10.0.0.5"]);
+    assert!(asked.response_nonce.is_empty(), "not an ACK: {asked:?}");
+    // istiod answers with the workload under its own name; the store has it
+    // by address.
+    let reply = stream
+        .exchange(response(
+            ADDRESS,
+            "d1",
+            vec![resource(
+                ADDRESS,
+                &uid("c"),
+                "vc1",
+                &pod("c", [10, 0, 0, 5]),
+            )],
+            &[],
+        ))
+        .await;
+    assert_eq!(reply.error_detail, None);
+    let ip = "10.0.0.5".parse().unwrap();
+    assert!(store.snapshot().workload_by_address("", ip).is_some());
+    // A name istiod knows nothing of comes back as removed: not a NACK.
+    on_demand.request(ADDRESS, "/10.0.0.6".to_string());
+    assert_eq!(stream.next().await.resource_names_subscribe, ["/10.0.0.6"]);
+    let reply = stream
+        .exchange(response(ADDRESS, "d2", vec![], &["/10.0.0.6"]))
+        .await;
+    assert_eq!(reply.error_detail, None);
+
+    // A new stream subscribes to both again, beside the wildcard.
+    server.stop().await;
+    drop(stream);
+    let (mut server, _) = Server::start(addr).await;
+    let mut stream = server.accept().await;
+    let subs = stream.subscriptions().await;
+    assert_eq!(
+        subs[ADDRESS].resource_names_subscribe,
+        ["*", "/10.0.0.5", "/10.0.0.6"]
+    );
+    assert_eq!(subs[AUTHORIZATION].resource_names_subscribe, ["*"]);
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    server.stop().await;
+}

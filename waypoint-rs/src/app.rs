@@ -26,7 +26,7 @@ use proxy_core::listener::ListenerMetrics;
 use proxy_core::log_limit::LogLimit;
 use proxy_core::store::WorkloadStore;
 use proxy_core::xds::handlers::AddressHandler;
-use proxy_core::xds::{ConnectionState, StatusWatch, XdsClient, XdsConfig, XdsMetrics};
+use proxy_core::xds::{ConnectionState, OnDemand, StatusWatch, XdsClient, XdsConfig, XdsMetrics};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,8 @@ pub struct DataPathConfig {
     pub certificates: CertificateManager,
     pub identity: SpiffeId,
     pub metrics: Arc<Metrics>,
+    /// Subscribes to client workloads by address (None: no lookups).
+    pub on_demand: Option<OnDemand>,
 }
 
 /// The data path, running: HBONE server → inbound → proxy → upstream.
@@ -87,6 +89,7 @@ impl DataPath {
             certificates,
             identity,
             metrics,
+            on_demand,
         } = config;
         let pool = HbonePool::with_metrics(pool, Arc::new(DirectConnect), metrics.hbone.clone());
         let upstream = Upstream::new(
@@ -96,7 +99,7 @@ impl DataPath {
             proxy.upstream.clone(),
         );
         let hbone_metrics = metrics.hbone.clone();
-        let proxy = Arc::new(Proxy::new(store, l7, upstream, metrics, proxy));
+        let proxy = Arc::new(Proxy::new(store, l7, upstream, metrics, proxy, on_demand));
         let drain = Drain::new();
         let inbound = Inbound {
             proxy: proxy.clone(),
@@ -262,6 +265,7 @@ impl App {
             .with_metadata(xds_plane.xds_metadata())
             .with_metrics(XdsMetrics::register(&mut registry));
         let xds_status = xds.status();
+        let on_demand = xds.on_demand();
         tasks.push(tokio::spawn(xds.run(stop.clone())));
         let xds_synced = readiness.register(XDS_SYNCED);
         tasks.push(tokio::spawn({
@@ -306,6 +310,7 @@ impl App {
             certificates: certificates.clone(),
             identity: identity.clone(),
             metrics,
+            on_demand: Some(on_demand),
         })
         .await
         .with_context(|| format!("--hbone-address {}: cannot listen", args.hbone_address))?;

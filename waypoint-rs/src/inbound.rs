@@ -127,6 +127,7 @@ impl InboundHandler for Inbound {
             connect: connect.authority(),
             client_cert,
         };
+        self.proxy.look_up_client(downstream.address.ip());
         let _live = self.drain.track();
         let stream = match connect.accept() {
             Ok(stream) => stream,

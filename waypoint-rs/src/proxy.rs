@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use proxy_core::store::{NamespacedHostname, Snapshot, WorkloadStore};
+use proxy_core::xds::OnDemand;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log;
@@ -61,6 +62,8 @@ pub struct Proxy {
     pub config: ProxyConfig,
     /// The waypoint's SPIFFE URI, `By=` of `x-forwarded-client-cert`.
     own_uri: String,
+    /// Looks up clients outside this waypoint's scope (their metric labels).
+    on_demand: Option<OnDemand>,
     /// Per (service, port, subset): the effective DestinationRule policy and
     /// the balancer built for it (rebuilt when the policy changes).
     balancers: Mutex<HashMap<BalancerKey, (Policy, Arc<DestinationBalancer>)>>,
@@ -84,9 +87,11 @@ impl Proxy {
         upstream: Upstream,
         metrics: Arc<Metrics>,
         config: ProxyConfig,
+        on_demand: Option<OnDemand>,
     ) -> Self {
         Proxy {
             own_uri: upstream.identity().to_string(),
+            on_demand,
             store,
             l7,
             upstream,
@@ -107,6 +112,27 @@ impl Proxy {
         }
         l7.served(authority, &self.store.snapshot())
             .ok_or(Unserved::NotListed(authority))
+    }
+
+    /// Asks istiod for the workload at a client's address when the store
+    /// lacks it: istiod sends a waypoint only what it serves, so its
+    /// clients are unknown until looked up (`<network>/<ip>`, answered with
+    /// the workload or as removed). Non-blocking: requests that arrive
+    /// before the answer get `unknown` source workload labels (the
+    /// principal, from the client's certificate, is always known).
+    pub fn look_up_client(&self, ip: std::net::IpAddr) {
+        let Some(on_demand) = &self.on_demand else {
+            return;
+        };
+        let network = &self.config.network;
+        if self
+            .store
+            .snapshot()
+            .workload_by_address(network, ip)
+            .is_none()
+        {
+            on_demand.request(api::type_url::ADDRESS, format!("{network}/{ip}"));
+        }
     }
 
     /// Answers one request, in this order: the target's refusal (deny-all,

@@ -32,6 +32,9 @@ use tonic::{Request, Response, Status, Streaming};
 use waypoint_rs::app::{App, CERTIFICATE, DRAINING, XDS_SYNCED};
 use waypoint_rs::args::WaypointArgs;
 
+/// (node id, type URL, names) of one subscription.
+type Subscription = (String, String, Vec<String>);
+
 /// What the stand-in istiod serves and what it was asked.
 #[derive(Clone)]
 struct Istiod {
@@ -43,8 +46,7 @@ struct Istiod {
     waypoint: api::l7::Waypoint,
     /// (impersonated identity, if any) of each CSR.
     csrs: Arc<Mutex<Vec<Option<String>>>>,
-    /// (node id, type URL) of each subscription.
-    subscriptions: Arc<Mutex<Vec<(String, String)>>>,
+    subscriptions: Arc<Mutex<Vec<Subscription>>>,
 }
 
 #[tonic::async_trait]
@@ -76,11 +78,11 @@ impl AggregatedDiscoveryService for Istiod {
                 if r.resource_names_subscribe.is_empty() && !r.response_nonce.is_empty() {
                     continue;
                 }
-                istiod
-                    .subscriptions
-                    .lock()
-                    .unwrap()
-                    .push((node.clone(), r.type_url.clone()));
+                istiod.subscriptions.lock().unwrap().push((
+                    node.clone(),
+                    r.type_url.clone(),
+                    r.resource_names_subscribe.clone(),
+                ));
                 nonce += 1;
                 let resources = match r.type_url.as_str() {
                     api::type_url::ADDRESS => istiod.addresses.iter().map(address).collect(),
@@ -291,7 +293,9 @@ async fn the_waypoint_gets_its_identity_and_config_serves_and_drains() {
         api::type_url::TRAFFIC_POLICY,
     ] {
         assert!(
-            subscriptions.iter().any(|(_, type_url)| type_url == wanted),
+            subscriptions
+                .iter()
+                .any(|(_, type_url, _)| type_url == wanted),
             "subscribes to {wanted}"
         );
     }
@@ -321,6 +325,29 @@ async fn the_waypoint_gets_its_identity_and_config_serves_and_drains() {
         .connect(&client, &target)
         .await
         .expect("CONNECT accepted");
+    // The client is outside what the waypoint is sent: it asks istiod for
+    // it by address (`<network>/<ip>`), for its metric labels.
+    let asked = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let found = istiod
+                .subscriptions
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|(_, t, names)| {
+                    (t == api::type_url::ADDRESS)
+                        .then(|| names.iter().find(|n| n.starts_with('/')).cloned())
+                        .flatten()
+                });
+            if let Some(name) = found {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("an on-demand lookup of the client");
+    assert!(asked[1..].parse::<IpAddr>().is_ok(), "{asked}");
     let (readiness, hbone) = (app.servers.readiness, app.hbone);
     let drain = app.drain.clone();
     let stopped = tokio::spawn(app.shutdown());

@@ -1,6 +1,6 @@
 //! The stream loop: subscribe, apply, ACK/NACK, reconnect.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,10 @@ const INVALID_ARGUMENT: i32 = 3;
 /// Responses carry the whole state at start-up; 4 MiB (tonic's default) is
 /// too small for large meshes.
 const MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
+/// Most names a client subscribes to on demand, over all types: each is
+/// kept (and re-subscribed on every reconnect) for the process's life, so
+/// a flood of unknown names must not grow it without bound.
+pub const MAX_ON_DEMAND_NAMES: usize = 65_536;
 
 #[derive(Clone, Debug)]
 pub struct XdsConfig {
@@ -142,11 +146,34 @@ impl XdsMetrics {
     }
 }
 
+/// Asks the stream for resources by name, in addition to the wildcard
+/// subscription of their type (delta xDS explicit subscriptions): e.g. a
+/// waypoint looking up a client workload by `<network>/<ip>`, which istiod
+/// answers with the workload, or with the name as removed when there is
+/// none. Cheap and non-blocking: names already asked for are not sent
+/// again; the answer reaches the type's handler like any other response.
+#[derive(Clone, Debug)]
+pub struct OnDemand {
+    tx: mpsc::UnboundedSender<(String, String)>,
+}
+
+impl OnDemand {
+    /// Subscribes to `name` of `type_url` (a type this client handles).
+    pub fn request(&self, type_url: &str, name: String) {
+        // The client stopped: nothing to ask any more.
+        let _ = self.tx.send((type_url.to_string(), name));
+    }
+}
+
 pub struct XdsClient {
     channel: Channel,
     config: XdsConfig,
     metadata: Option<MetadataFn>,
     handlers: BTreeMap<String, Box<dyn ResourceHandler>>,
+    on_demand: OnDemand,
+    on_demand_rx: mpsc::UnboundedReceiver<(String, String)>,
+    /// Per type URL: the names subscribed on demand, re-sent on reconnect.
+    requested: BTreeMap<String, BTreeSet<String>>,
     /// Per type URL: name -> version of what the handlers accepted, sent as
     /// `initial_resource_versions` when the stream resumes.
     versions: HashMap<String, HashMap<String, String>>,
@@ -158,11 +185,15 @@ impl XdsClient {
     /// A client over `channel` (plaintext or TLS; a lazily connecting
     /// channel reconnects by itself, this client re-opens the stream).
     pub fn new(channel: Channel, config: XdsConfig) -> Self {
+        let (tx, on_demand_rx) = mpsc::unbounded_channel();
         XdsClient {
             channel,
             config,
             metadata: None,
             handlers: BTreeMap::new(),
+            on_demand: OnDemand { tx },
+            on_demand_rx,
+            requested: BTreeMap::new(),
             versions: HashMap::new(),
             status: watch::Sender::new(XdsStatus::default()),
             metrics: XdsMetrics::default(),
@@ -202,6 +233,31 @@ impl XdsClient {
 
     pub fn status(&self) -> StatusWatch {
         StatusWatch::new(self.status.subscribe())
+    }
+
+    /// A handle that subscribes to resources by name while the client runs.
+    pub fn on_demand(&self) -> OnDemand {
+        self.on_demand.clone()
+    }
+
+    /// Records an on-demand name; `false` when it was asked for already, its
+    /// type is not handled, or the bound is reached (said once per name).
+    fn remember(&mut self, type_url: &str, name: &str) -> bool {
+        if !self.handlers.contains_key(type_url) {
+            warn!(%type_url, %name, "on-demand request for a type this proxy does not handle");
+            return false;
+        }
+        let total: usize = self.requested.values().map(BTreeSet::len).sum();
+        let names = self.requested.entry(type_url.to_string()).or_default();
+        if names.contains(name) {
+            return false;
+        }
+        if total >= MAX_ON_DEMAND_NAMES {
+            warn!(%type_url, %name, limit = MAX_ON_DEMAND_NAMES, "too many on-demand names; not asking");
+            return false;
+        }
+        names.insert(name.to_string());
+        true
     }
 
     /// Runs until `shutdown` is cancelled, reconnecting as needed.
@@ -267,10 +323,12 @@ impl XdsClient {
                 .get(type_url)
                 .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
+            let mut names = vec!["*".to_string()];
+            names.extend(self.requested.get(type_url).into_iter().flatten().cloned());
             let subscribe = DeltaDiscoveryRequest {
                 node: Some(self.config.node.clone()),
                 type_url: type_url.clone(),
-                resource_names_subscribe: vec!["*".to_string()],
+                resource_names_subscribe: names,
                 initial_resource_versions,
                 ..Default::default()
             };
@@ -290,10 +348,26 @@ impl XdsClient {
         info!(node = %self.config.node.id, "xDS stream open");
         self.status
             .send_modify(|s| s.connection = ConnectionState::Connected);
-        while let Some(response) = responses.message().await? {
-            let reply = self.handle(response);
-            *progressed = true;
-            if tx.send(reply).await.is_err() {
+        loop {
+            let request = tokio::select! {
+                response = responses.message() => {
+                    let Some(response) = response? else { break };
+                    *progressed = true;
+                    self.handle(response)
+                }
+                Some((type_url, name)) = self.on_demand_rx.recv() => {
+                    if !self.remember(&type_url, &name) {
+                        continue;
+                    }
+                    debug!(%type_url, %name, "subscribing on demand");
+                    DeltaDiscoveryRequest {
+                        type_url,
+                        resource_names_subscribe: vec![name],
+                        ..Default::default()
+                    }
+                }
+            };
+            if tx.send(request).await.is_err() {
                 return Err(Error::StreamClosed);
             }
         }

@@ -130,6 +130,7 @@ impl Mesh {
             certificates,
             identity: waypoint_identity.clone(),
             metrics,
+            on_demand: None,
         })
         .await
         .expect("the waypoint listens");
