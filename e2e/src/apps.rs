@@ -9,7 +9,16 @@
 //! - `--tcp-hello PORT`: first writes one line, a [`TcpHello`] JSON (what the
 //!   server saw: peer address, its own pod), then echoes as `--tcp`.
 //! - `--http PORT`: HTTP/1.1; every request gets `200` with an [`EchoReply`]
-//!   JSON body (peer address, method, path, headers, body size, pod).
+//!   JSON body (peer address, method, path, headers, body size, pod), unless
+//!   its headers ask otherwise (a bad value is a 400 naming the header):
+//!   - `x-echo-status: CODE`: answer CODE (still with the [`EchoReply`]);
+//!     narrowed by `x-echo-status-on: POD[,POD]` (only on these pods) and
+//!     `x-echo-fail-first: N` (only the first N requests with this
+//!     request's `x-echo-key` this pod has seen: a backend that fails N
+//!     times, then recovers);
+//!   - `x-echo-key: K`: count the request under K ([`EchoReply::key_seen`]);
+//!     a pod remembers 10,000 keys, then starts over;
+//!   - `x-echo-delay-ms: N`: answer after N ms (at most 60,000).
 //! - `--grpc PORT`: gRPC over h2c ([`grpc`]): the unary method
 //!   `/e2e.Echo/Echo` answers the request's message with status 0, or the
 //!   status the request's `x-echo-grpc-status` metadata asks for; every
@@ -26,6 +35,10 @@
 //!   connection, one exchange: [`TcpReport`].
 //! - `client http URL [--method M] [--header K:V]... [--body-size N]`: one
 //!   request: [`HttpReport`] (with the parsed [`EchoReply`] when the server is `echo`).
+//! - `client tally URL --count N [--method M] [--header K:V]...`: N
+//!   requests one after another on one kept-alive connection (a new one when
+//!   the server closes it), counted by status and answering pod:
+//!   [`TallyReport`].
 //! - `client grpc URL [--metadata K:V]... [--payload N]`: one unary call
 //!   over h2c to `http://host:port[/service/method]` (default
 //!   `/e2e.Echo/Echo`): [`GrpcReport`].
@@ -85,6 +98,10 @@ pub struct EchoReply {
     /// Header names lower-cased; repeated headers keep every value in order.
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_bytes: u64,
+    /// With `x-echo-key`: requests with that key this pod has seen, this
+    /// one included.
+    #[serde(default)]
+    pub key_seen: Option<u64>,
 }
 
 /// What `echo --sink` writes after the client half-closes.
@@ -127,6 +144,43 @@ pub struct HttpReport {
     pub echo: Option<EchoReply>,
     pub total_us: Option<f64>,
     pub error: Option<String>,
+}
+
+/// `client tally`: many requests, counted. `ok` when every request got an
+/// HTTP answer (any status).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TallyReport {
+    pub mode: String,
+    pub url: String,
+    pub ok: bool,
+    /// Requests that got an answer.
+    pub requests: u64,
+    /// Requests that got none (connect, reset, timeout).
+    pub errors: u64,
+    /// `"<status> <pod>"` (`-` when the body is no [`EchoReply`]) -> answers.
+    pub answers: BTreeMap<String, u64>,
+    pub first_error: Option<String>,
+    pub error: Option<String>,
+}
+
+impl TallyReport {
+    /// Answers with this status (from any pod).
+    pub fn with_status(&self, status: u16) -> u64 {
+        let prefix = format!("{status} ");
+        self.answers
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Answers with this status from this pod.
+    pub fn from_pod(&self, status: u16, pod: &str) -> u64 {
+        self.answers
+            .get(&format!("{status} {pod}"))
+            .copied()
+            .unwrap_or_default()
+    }
 }
 
 /// `client grpc`: one unary call. `ok` when the call got a gRPC status

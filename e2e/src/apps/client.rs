@@ -17,8 +17,8 @@ use tokio::time::Instant;
 
 use super::{
     BulkReport, ConnectProbeReport, ConnectRateReport, EchoReply, GrpcReport, HoldReport,
-    HttpReport, LoadReport, Outage, SinkReceipt, TcpHello, TcpReport, distribution, grpc,
-    summarize,
+    HttpReport, LoadReport, Outage, SinkReceipt, TallyReport, TcpHello, TcpReport, distribution,
+    grpc, summarize,
 };
 
 /// Command line of `client`.
@@ -62,6 +62,22 @@ pub enum Mode {
         /// Send a body of this many bytes.
         #[arg(long, default_value_t = 0)]
         body_size: usize,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Many HTTP/1.1 requests one after another on a kept-alive
+    /// connection, counted by status and answering pod.
+    Tally {
+        /// `http://host:port/path`.
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `name:value` (repeatable).
+        #[arg(long = "header", value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// How long one request may take.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
@@ -163,6 +179,13 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             body_size,
             timeout,
         } => json(http_once(&url, &method, &headers, body_size, timeout).await),
+        Mode::Tally {
+            url,
+            count,
+            method,
+            headers,
+            timeout,
+        } => json(tally(&url, count, &method, &headers, timeout).await),
         Mode::Grpc {
             url,
             metadata,
@@ -482,6 +505,29 @@ async fn grpc_once(
 
 type Request = http::Request<Full<Bytes>>;
 
+/// One HTTP/1.1 request on `sender`, once it is ready: the response head
+/// and whole body.
+async fn exchange_http1(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: Request,
+) -> Result<(http::response::Parts, Bytes), String> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("read body: {e}"))?
+        .to_bytes();
+    Ok((parts, body))
+}
+
 /// Runs one exchange within `timeout`; returns how it went and how long it
 /// took (microseconds).
 async fn within(
@@ -512,18 +558,9 @@ async fn http_once(
         let req = request(&uri, method, headers, Bytes::from(pattern(body_size)))?;
         let (mut sender, local) = http_connect(&addr).await?;
         report.local = Some(local.to_string());
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        report.status = Some(resp.status().as_u16());
-        report.headers = header_map(resp.headers());
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("read body: {e}"))?
-            .to_bytes();
+        let (head, body) = exchange_http1(&mut sender, req).await?;
+        report.status = Some(head.status.as_u16());
+        report.headers = header_map(&head.headers);
         report.body = String::from_utf8_lossy(&body).into_owned();
         report.echo = serde_json::from_slice::<EchoReply>(&body).ok();
         Ok::<(), String>(())
@@ -532,6 +569,65 @@ async fn http_once(
     report.total_us = Some(us);
     report.ok = result.is_ok();
     report.error = result.err();
+    report
+}
+
+async fn tally(
+    url: &str,
+    count: u64,
+    method: &str,
+    headers: &[String],
+    timeout: Duration,
+) -> TallyReport {
+    let mut report = TallyReport {
+        mode: "tally".into(),
+        url: url.into(),
+        ..Default::default()
+    };
+    let (addr, uri) = match split_url(url) {
+        Ok(split) => split,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    let mut conn: Option<SendRequest<Full<Bytes>>> = None;
+    for _ in 0..count {
+        let answer = tokio::time::timeout(timeout, async {
+            let req = request(&uri, method, headers, Bytes::new())?;
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                conn = Some(http_connect(&addr).await?.0);
+            }
+            let sender = conn.as_mut().expect("just connected");
+            let (head, body) = exchange_http1(sender, req).await?;
+            let status = head.status.as_u16();
+            let pod = serde_json::from_slice::<EchoReply>(&body)
+                .map(|e| e.pod)
+                .unwrap_or_else(|_| "-".into());
+            Ok::<String, String>(format!("{status} {pod}"))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        match answer {
+            Ok(key) => {
+                report.requests += 1;
+                *report.answers.entry(key).or_default() += 1;
+            }
+            Err(e) => {
+                // The connection may be half-way through a request: start anew.
+                conn = None;
+                report.errors += 1;
+                report.first_error.get_or_insert(e);
+            }
+        }
+    }
+    report.ok = report.errors == 0 && report.requests == count;
+    if !report.ok {
+        report.error = Some(format!(
+            "{} of {count} request(s) got no answer (first: {:?})",
+            report.errors, report.first_error
+        ));
+    }
     report
 }
 
@@ -635,20 +731,8 @@ impl LoadConn {
                 Ok(())
             }
             LoadConn::Http(sender, uri) => {
-                sender
-                    .ready()
-                    .await
-                    .map_err(|e| format!("connection: {e}"))?;
                 let req = request(uri, "POST", &[], payload.clone())?;
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("request: {e}"))?;
-                let status = resp.status();
-                resp.into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| format!("read body: {e}"))?;
+                let status = exchange_http1(sender, req).await?.0.status;
                 if !status.is_success() {
                     return Err(format!("HTTP status {status}"));
                 }
@@ -1074,36 +1158,41 @@ mod tests {
         assert!(!report.ok);
     }
 
-    /// The echo's gRPC port on loopback, serving in the background.
-    async fn grpc_echo() -> String {
+    /// An echo on loopback serving HTTP (`grpc`: gRPC) in the
+    /// background; its `http://127.0.0.1:<port>`.
+    async fn loopback_echo(grpc: bool) -> String {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
+        let (http, grpc) = if grpc {
+            (vec![], vec![port])
+        } else {
+            (vec![port], vec![])
+        };
         let args = crate::apps::echo::EchoArgs {
             tcp: vec![],
             tcp_hello: vec![],
-            http: vec![],
-            grpc: vec![port],
+            http,
+            grpc,
             sink: vec![],
             bind: "127.0.0.1".parse().unwrap(),
             pod: "echo-0".into(),
             namespace: "test".into(),
         };
         tokio::spawn(crate::apps::echo::serve(args));
-        let url = format!("http://127.0.0.1:{port}");
         for _ in 0..100 {
             if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        url
+        format!("http://127.0.0.1:{port}")
     }
 
     #[tokio::test]
     async fn grpc_calls_echo_and_carry_the_asked_status() {
-        let url = grpc_echo().await;
+        let url = loopback_echo(true).await;
         let t = Duration::from_secs(5);
         let ok = grpc_once(&url, &[], 1024, t).await;
         assert!(ok.ok, "{ok:?}");
@@ -1129,8 +1218,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tally_counts_answers_by_status_and_pod() {
+        let url = format!("{}/", loopback_echo(false).await);
+        let flaky = [
+            "x-echo-status: 500".to_string(),
+            "x-echo-fail-first: 3".into(),
+            "x-echo-key: k".into(),
+        ];
+        let report = tally(&url, 5, "GET", &flaky, Duration::from_secs(5)).await;
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.from_pod(500, "echo-0"), 3);
+        assert_eq!(report.with_status(200), 2);
+        let once = http_once(&url, "GET", &flaky, 0, Duration::from_secs(5)).await;
+        assert_eq!(once.echo.and_then(|e| e.key_seen), Some(6));
+        let bad = tally(
+            &url,
+            2,
+            "GET",
+            &["x-echo-status: 1".into()],
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(bad.answers.get("400 -"), Some(&2), "{bad:?}");
+    }
+
+    #[tokio::test]
     async fn grpc_load_counts_echoed_calls() {
-        let url = grpc_echo().await;
+        let url = loopback_echo(true).await;
         let plan = LoadPlan {
             target: url,
             protocol: Protocol::Grpc,

@@ -73,7 +73,15 @@ enum Mode {
 struct Identity {
     pod: String,
     namespace: String,
+    /// Requests seen per `x-echo-key` (see [`asked`]).
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// Most `x-echo-key`s remembered; past it the counts start over (a sample
+/// app must not grow without bound under a load with fresh keys).
+const MAX_KEYS: usize = 10_000;
+/// Longest `x-echo-delay-ms` honoured.
+const MAX_DELAY_MS: u64 = 60_000;
 
 /// Binds every port, then serves until the process is stopped.
 pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
@@ -101,6 +109,7 @@ pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
     let me = Arc::new(Identity {
         pod: args.pod,
         namespace: args.namespace,
+        seen: Default::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (mode, listener) in listeners {
@@ -204,6 +213,19 @@ async fn describe(
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
+    let asked = match asked(&parts.headers, &me) {
+        Ok(asked) => asked,
+        Err(e) => {
+            let response = Response::builder()
+                .status(http::StatusCode::BAD_REQUEST)
+                .body(Full::new(Bytes::from(format!("{e}\n"))))
+                .expect("a static response is valid");
+            return Ok(response);
+        }
+    };
+    if let Some(delay) = asked.delay {
+        tokio::time::sleep(delay).await;
+    }
     let reply = EchoReply {
         pod: me.pod.clone(),
         namespace: me.namespace.clone(),
@@ -218,13 +240,86 @@ async fn describe(
         version: format!("{:?}", parts.version),
         headers,
         body_bytes,
+        key_seen: asked.key_seen,
     };
     let body = serde_json::to_vec(&reply).expect("EchoReply serializes");
     let response = Response::builder()
+        .status(asked.status)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("a static response is valid");
     Ok(response)
+}
+
+/// How the request's `x-echo-*` headers ask the echo to answer.
+#[derive(Debug, PartialEq)]
+struct Asked {
+    status: http::StatusCode,
+    delay: Option<std::time::Duration>,
+    /// Requests with this request's `x-echo-key` seen so far, this one included.
+    key_seen: Option<u64>,
+}
+
+/// Reads the `x-echo-*` headers (see [`crate::apps`]); counts the request
+/// under its `x-echo-key`.
+fn asked(headers: &http::HeaderMap, me: &Identity) -> Result<Asked, String> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
+            .transpose()
+    };
+    let number = |name: &str| {
+        text(name)?
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{name}: {v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let key_seen = text("x-echo-key")?.map(|key| {
+        let mut seen = me.seen.lock().expect("the key counts are never poisoned");
+        if seen.len() >= MAX_KEYS && !seen.contains_key(key) {
+            seen.clear();
+        }
+        let n = seen.entry(key.to_string()).or_default();
+        *n += 1;
+        *n
+    });
+    let delay = match number("x-echo-delay-ms")? {
+        Some(ms) if ms > MAX_DELAY_MS => {
+            return Err(format!("x-echo-delay-ms: at most {MAX_DELAY_MS}"));
+        }
+        ms => ms.map(std::time::Duration::from_millis),
+    };
+    let status = match number("x-echo-status")? {
+        None => None,
+        Some(code) => Some(
+            u16::try_from(code)
+                .ok()
+                .and_then(|c| http::StatusCode::from_u16(c).ok())
+                .filter(|c| c.as_u16() >= 200)
+                .ok_or_else(|| format!("x-echo-status: {code} is not a final HTTP status"))?,
+        ),
+    };
+    let on_this_pod =
+        text("x-echo-status-on")?.is_none_or(|pods| pods.split(',').any(|p| p.trim() == me.pod));
+    let first = match number("x-echo-fail-first")? {
+        Some(_) if key_seen.is_none() => {
+            return Err("x-echo-fail-first needs x-echo-key".into());
+        }
+        Some(n) => key_seen.is_some_and(|seen| seen <= n),
+        None => true,
+    };
+    let status = status
+        .filter(|_| on_this_pod && first)
+        .unwrap_or(http::StatusCode::OK);
+    Ok(Asked {
+        status,
+        delay,
+        key_seen,
+    })
 }
 
 async fn grpc(stream: TcpStream, me: Arc<Identity>) -> std::io::Result<()> {
@@ -343,4 +438,96 @@ fn trailers_only(pod: &str, status: u32, message: &str) -> Response<GrpcBody> {
         .header("grpc-message", message)
         .body(Either::Left(Full::new(Bytes::new())))
         .expect("a status and ASCII message are valid headers")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(pod: &str) -> Identity {
+        Identity {
+            pod: pod.into(),
+            namespace: "test".into(),
+            seen: Default::default(),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (http::HeaderName::from_static(n), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_without_asks_is_answered_200() {
+        let asked = asked(&http::HeaderMap::new(), &me("echo-0")).unwrap();
+        assert_eq!(
+            asked,
+            Asked {
+                status: http::StatusCode::OK,
+                delay: None,
+                key_seen: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_status_applies_on_the_named_pods_only() {
+        let h = headers(&[
+            ("x-echo-status", "500"),
+            ("x-echo-status-on", "echo-v2, echo-v3"),
+        ]);
+        assert_eq!(asked(&h, &me("echo-v2")).unwrap().status, 500);
+        assert_eq!(asked(&h, &me("echo-v1")).unwrap().status, 200);
+        let h = headers(&[("x-echo-status", "418")]);
+        assert_eq!(asked(&h, &me("echo-v1")).unwrap().status, 418);
+    }
+
+    #[test]
+    fn fail_first_counts_per_key_on_this_pod() {
+        let pod = me("echo-v1");
+        let h = |key| {
+            headers(&[
+                ("x-echo-status", "503"),
+                ("x-echo-fail-first", "2"),
+                ("x-echo-key", key),
+            ])
+        };
+        let answers: Vec<(u16, Option<u64>)> = ["a", "a", "b", "a", "b", "b"]
+            .into_iter()
+            .map(|k| asked(&h(k), &pod).unwrap())
+            .map(|a| (a.status.as_u16(), a.key_seen))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                (503, Some(1)),
+                (503, Some(2)),
+                (503, Some(1)),
+                (200, Some(3)),
+                (503, Some(2)),
+                (200, Some(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_asks_are_refused_with_the_header_named() {
+        let pod = me("echo-0");
+        for (h, says) in [
+            (headers(&[("x-echo-status", "99")]), "x-echo-status"),
+            (headers(&[("x-echo-status", "five")]), "x-echo-status"),
+            (headers(&[("x-echo-delay-ms", "60001")]), "x-echo-delay-ms"),
+            (headers(&[("x-echo-fail-first", "1")]), "x-echo-key"),
+        ] {
+            let e = asked(&h, &pod).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        let h = headers(&[("x-echo-delay-ms", "250")]);
+        assert_eq!(
+            asked(&h, &pod).unwrap().delay,
+            Some(std::time::Duration::from_millis(250))
+        );
+    }
 }
