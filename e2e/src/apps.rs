@@ -9,7 +9,21 @@
 //! - `--tcp-hello PORT`: first writes one line, a [`TcpHello`] JSON (what the
 //!   server saw: peer address, its own pod), then echoes as `--tcp`.
 //! - `--http PORT`: HTTP/1.1; every request gets `200` with an [`EchoReply`]
-//!   JSON body (peer address, method, path, headers, body size, pod).
+//!   JSON body (peer address, method, path, headers, body size, pod), unless
+//!   its headers ask otherwise (a bad value is a 400 naming the header):
+//!   - `x-echo-status: CODE`: answer CODE (still with the [`EchoReply`]);
+//!     narrowed by `x-echo-status-on: POD[,POD]` (only on these pods) and
+//!     `x-echo-fail-first: N` (only the first N requests with this
+//!     request's `x-echo-key` this pod has seen: a backend that fails N
+//!     times, then recovers);
+//!   - `x-echo-key: K`: count the request under K ([`EchoReply::key_seen`]);
+//!     a pod remembers 10,000 keys, then starts over;
+//!   - `x-echo-delay-ms: N`: answer after N ms (at most 60,000).
+//! - `--grpc PORT`: gRPC over h2c ([`grpc`]): the unary method
+//!   `/e2e.Echo/Echo` answers the request's message with status 0, or the
+//!   status the request's `x-echo-grpc-status` metadata asks for; every
+//!   response names the pod in its `x-echo-pod` header; another method is
+//!   `UNIMPLEMENTED` (12).
 //! - `--sink PORT`: reads until the client half-closes, then writes one
 //!   [`SinkReceipt`] JSON line with the byte count (for bulk throughput).
 //!   Its pod name and namespace come from `--pod`/`POD_NAME` and
@@ -21,9 +35,19 @@
 //!   connection, one exchange: [`TcpReport`].
 //! - `client http URL [--method M] [--header K:V]... [--body-size N]`: one
 //!   request: [`HttpReport`] (with the parsed [`EchoReply`] when the server is `echo`).
-//! - `client load ADDR --protocol tcp|http --rate R --connections C
+//! - `client tally URL --count N [--method M] [--header K:V]...`: N
+//!   requests one after another on one kept-alive connection (a new one when
+//!   the server closes it), counted by status and answering pod:
+//!   [`TallyReport`].
+//! - `client grpc URL [--metadata K:V]... [--payload N]`: one unary call
+//!   over h2c to `http://host:port[/service/method]` (default
+//!   `/e2e.Echo/Echo`): [`GrpcReport`].
+//! - `client load ADDR --protocol tcp|http|grpc --rate R --connections C
 //!   --duration D --payload N`: a fixed request rate spread over C
-//!   long-lived connections: [`LoadReport`].
+//!   long-lived connections: [`LoadReport`]. `grpc`: unary calls of N-byte
+//!   messages to a `--grpc` port (URL as `client grpc`), each connection one
+//!   HTTP/2 connection with one call in flight; a call counts when its
+//!   status is 0 and the reply message is the one sent.
 //! - `client bulk ADDR --duration D`: one stream to a `--sink` port as fast
 //!   as it goes: [`BulkReport`].
 //! - `client connect-rate ADDR --duration D --concurrency K`: new
@@ -42,6 +66,7 @@
 
 pub mod client;
 pub mod echo;
+pub mod grpc;
 
 use std::collections::BTreeMap;
 
@@ -73,6 +98,10 @@ pub struct EchoReply {
     /// Header names lower-cased; repeated headers keep every value in order.
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_bytes: u64,
+    /// With `x-echo-key`: requests with that key this pod has seen, this
+    /// one included.
+    #[serde(default)]
+    pub key_seen: Option<u64>,
 }
 
 /// What `echo --sink` writes after the client half-closes.
@@ -117,6 +146,71 @@ pub struct HttpReport {
     pub error: Option<String>,
 }
 
+/// `client tally`: many requests, counted. `ok` when every request got an
+/// HTTP answer (any status).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TallyReport {
+    pub mode: String,
+    pub url: String,
+    pub ok: bool,
+    /// Requests that got an answer.
+    pub requests: u64,
+    /// Requests that got none (connect, reset, timeout).
+    pub errors: u64,
+    /// `"<status> <pod>"` (`-` when the body is no [`EchoReply`]) -> answers.
+    pub answers: BTreeMap<String, u64>,
+    pub first_error: Option<String>,
+    pub error: Option<String>,
+}
+
+impl TallyReport {
+    /// Answers with this status (from any pod).
+    pub fn with_status(&self, status: u16) -> u64 {
+        let prefix = format!("{status} ");
+        self.answers
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Answers with this status from this pod.
+    pub fn from_pod(&self, status: u16, pod: &str) -> u64 {
+        self.answers
+            .get(&format!("{status} {pod}"))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// `client grpc`: one unary call. `ok` when the call got a gRPC status
+/// (any: the status is the answer), as `client http` is ok with any HTTP
+/// status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpcReport {
+    pub mode: String,
+    pub url: String,
+    /// The request path, `/<service>/<method>`.
+    pub method: String,
+    pub ok: bool,
+    pub local: Option<String>,
+    pub http_status: Option<u16>,
+    /// `grpc-status` (from the trailers, or the headers of a trailers-only answer).
+    pub grpc_status: Option<u32>,
+    pub grpc_message: Option<String>,
+    /// The `x-echo-pod` response header: which echo pod answered.
+    pub pod: Option<String>,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub trailers: BTreeMap<String, Vec<String>>,
+    pub sent_bytes: u64,
+    /// Size of the reply message (status 0 only).
+    pub received_bytes: u64,
+    /// Whether the reply message is exactly the one sent.
+    pub echo_matches: bool,
+    pub total_us: Option<f64>,
+    pub error: Option<String>,
+}
+
 /// Latency summary, microseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
@@ -140,7 +234,7 @@ pub struct Quantile {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub mode: String,
-    /// `tcp` or `http`.
+    /// `tcp`, `http` or `grpc`.
     pub protocol: String,
     pub target: String,
     pub ok: bool,

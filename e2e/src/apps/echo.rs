@@ -1,6 +1,6 @@
 //! The `echo` server: TCP echo, TCP echo with a hello line, HTTP/1.1 that
-//! answers with what it saw, and a sink for bulk transfers. See [`crate::apps`]
-//! for the wire formats.
+//! answers with what it saw, gRPC (h2c) unary echo, and a sink for bulk
+//! transfers. See [`crate::apps`] for the wire formats.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -8,18 +8,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{EchoReply, SinkReceipt, TcpHello};
+use super::{EchoReply, SinkReceipt, TcpHello, grpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EchoError {
-    #[error("nothing to serve: give at least one of --tcp, --tcp-hello, --http, --sink")]
+    #[error("nothing to serve: give at least one of --tcp, --tcp-hello, --http, --grpc, --sink")]
     NoPorts,
     #[error("could not listen on {addr}: {source}")]
     Bind {
@@ -44,6 +44,9 @@ pub struct EchoArgs {
     /// HTTP/1.1 port answering every request with a JSON description of it (repeatable).
     #[arg(long, value_name = "PORT")]
     pub http: Vec<u16>,
+    /// gRPC port (h2c): the unary method `/e2e.Echo/Echo` answers the request's message (repeatable).
+    #[arg(long, value_name = "PORT")]
+    pub grpc: Vec<u16>,
     /// TCP port that swallows a stream and, at its end, reports the byte count (repeatable).
     #[arg(long, value_name = "PORT")]
     pub sink: Vec<u16>,
@@ -63,13 +66,22 @@ enum Mode {
     Tcp,
     TcpHello,
     Http,
+    Grpc,
     Sink,
 }
 
 struct Identity {
     pod: String,
     namespace: String,
+    /// Requests seen per `x-echo-key` (see [`asked`]).
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// Most `x-echo-key`s remembered; past it the counts start over (a sample
+/// app must not grow without bound under a load with fresh keys).
+const MAX_KEYS: usize = 10_000;
+/// Longest `x-echo-delay-ms` honoured.
+const MAX_DELAY_MS: u64 = 60_000;
 
 /// Binds every port, then serves until the process is stopped.
 pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
@@ -79,6 +91,7 @@ pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
         .map(|p| (Mode::Tcp, *p))
         .chain(args.tcp_hello.iter().map(|p| (Mode::TcpHello, *p)))
         .chain(args.http.iter().map(|p| (Mode::Http, *p)))
+        .chain(args.grpc.iter().map(|p| (Mode::Grpc, *p)))
         .chain(args.sink.iter().map(|p| (Mode::Sink, *p)));
     // Bind everything before serving anything: a bad port fails the start.
     let mut listeners = Vec::new();
@@ -96,6 +109,7 @@ pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
     let me = Arc::new(Identity {
         pod: args.pod,
         namespace: args.namespace,
+        seen: Default::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (mode, listener) in listeners {
@@ -124,6 +138,7 @@ async fn accept_loop(mode: Mode, listener: TcpListener, me: Arc<Identity>) {
                 Mode::TcpHello => hello_then_echo(stream, peer, &me).await,
                 Mode::Sink => sink(stream).await,
                 Mode::Http => http(stream, peer, me).await,
+                Mode::Grpc => grpc(stream, me).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -198,6 +213,19 @@ async fn describe(
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
+    let asked = match asked(&parts.headers, &me) {
+        Ok(asked) => asked,
+        Err(e) => {
+            let response = Response::builder()
+                .status(http::StatusCode::BAD_REQUEST)
+                .body(Full::new(Bytes::from(format!("{e}\n"))))
+                .expect("a static response is valid");
+            return Ok(response);
+        }
+    };
+    if let Some(delay) = asked.delay {
+        tokio::time::sleep(delay).await;
+    }
     let reply = EchoReply {
         pod: me.pod.clone(),
         namespace: me.namespace.clone(),
@@ -212,11 +240,294 @@ async fn describe(
         version: format!("{:?}", parts.version),
         headers,
         body_bytes,
+        key_seen: asked.key_seen,
     };
     let body = serde_json::to_vec(&reply).expect("EchoReply serializes");
     let response = Response::builder()
+        .status(asked.status)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("a static response is valid");
     Ok(response)
+}
+
+/// How the request's `x-echo-*` headers ask the echo to answer.
+#[derive(Debug, PartialEq)]
+struct Asked {
+    status: http::StatusCode,
+    delay: Option<std::time::Duration>,
+    /// Requests with this request's `x-echo-key` seen so far, this one included.
+    key_seen: Option<u64>,
+}
+
+/// Reads the `x-echo-*` headers (see [`crate::apps`]); counts the request
+/// under its `x-echo-key`.
+fn asked(headers: &http::HeaderMap, me: &Identity) -> Result<Asked, String> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
+            .transpose()
+    };
+    let number = |name: &str| {
+        text(name)?
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{name}: {v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let key_seen = text("x-echo-key")?.map(|key| {
+        let mut seen = me.seen.lock().expect("the key counts are never poisoned");
+        if seen.len() >= MAX_KEYS && !seen.contains_key(key) {
+            seen.clear();
+        }
+        let n = seen.entry(key.to_string()).or_default();
+        *n += 1;
+        *n
+    });
+    let delay = match number("x-echo-delay-ms")? {
+        Some(ms) if ms > MAX_DELAY_MS => {
+            return Err(format!("x-echo-delay-ms: at most {MAX_DELAY_MS}"));
+        }
+        ms => ms.map(std::time::Duration::from_millis),
+    };
+    let status = match number("x-echo-status")? {
+        None => None,
+        Some(code) => Some(
+            u16::try_from(code)
+                .ok()
+                .and_then(|c| http::StatusCode::from_u16(c).ok())
+                .filter(|c| c.as_u16() >= 200)
+                .ok_or_else(|| format!("x-echo-status: {code} is not a final HTTP status"))?,
+        ),
+    };
+    let on_this_pod =
+        text("x-echo-status-on")?.is_none_or(|pods| pods.split(',').any(|p| p.trim() == me.pod));
+    let first = match number("x-echo-fail-first")? {
+        Some(_) if key_seen.is_none() => {
+            return Err("x-echo-fail-first needs x-echo-key".into());
+        }
+        Some(n) => key_seen.is_some_and(|seen| seen <= n),
+        None => true,
+    };
+    let status = status
+        .filter(|_| on_this_pod && first)
+        .unwrap_or(http::StatusCode::OK);
+    Ok(Asked {
+        status,
+        delay,
+        key_seen,
+    })
+}
+
+async fn grpc(stream: TcpStream, me: Arc<Identity>) -> std::io::Result<()> {
+    let service = hyper::service::service_fn(move |req| grpc_call(req, me.clone()));
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// A gRPC response body: empty for a trailers-only answer, else one
+/// message and the trailers.
+type GrpcBody = Either<
+    Full<Bytes>,
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
+>;
+
+/// Answers one call of [`grpc::ECHO_METHOD`] with the request's message, or
+/// with the status the caller asked for in [`grpc::STATUS_METADATA`].
+async fn grpc_call(
+    req: Request<Incoming>,
+    me: Arc<Identity>,
+) -> Result<Response<GrpcBody>, Infallible> {
+    let pod = me.pod.as_str();
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(grpc::CONTENT_TYPE));
+    if req.method() != http::Method::POST || !is_grpc {
+        // Not gRPC at all: an HTTP error, as the protocol says.
+        let response = Response::builder()
+            .status(http::StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            .header(grpc::POD_HEADER, pod)
+            .body(Either::Left(Full::new(Bytes::from_static(
+                b"gRPC only: POST with content-type application/grpc\n",
+            ))))
+            .expect("a static response is valid");
+        return Ok(response);
+    }
+    if req.uri().path() != grpc::ECHO_METHOD {
+        let message = format!("unknown method {}", req.uri().path());
+        return Ok(trailers_only(pod, grpc::UNIMPLEMENTED, &message));
+    }
+    let asked = req
+        .headers()
+        .get(grpc::STATUS_METADATA)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u32>().ok()));
+    let body = match Limited::new(req.into_body(), grpc::MAX_MESSAGE + 5)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Ok(trailers_only(
+                pod,
+                grpc::INTERNAL,
+                &format!("request body: {e}"),
+            ));
+        }
+    };
+    let message = match grpc::unframe(&body) {
+        Ok(message) => message,
+        Err(e) => return Ok(trailers_only(pod, grpc::INTERNAL, &e)),
+    };
+    match asked {
+        None | Some(Some(grpc::OK)) => {}
+        Some(Some(code @ 1..=16)) => {
+            let text = format!("asked for by {}", grpc::STATUS_METADATA);
+            return Ok(trailers_only(pod, code, &text));
+        }
+        Some(_) => {
+            let text = format!(
+                "{} must be a gRPC status code, 0 to 16",
+                grpc::STATUS_METADATA
+            );
+            return Ok(trailers_only(pod, grpc::INVALID_ARGUMENT, &text));
+        }
+    }
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(grpc::OK));
+    let frames = vec![
+        Ok(Frame::data(grpc::frame(&message))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let response = grpc_response(pod)
+        .body(Either::Right(StreamBody::new(futures::stream::iter(
+            frames,
+        ))))
+        .expect("a static response is valid");
+    Ok(response)
+}
+
+fn grpc_response(pod: &str) -> http::response::Builder {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+        .header(grpc::POD_HEADER, pod)
+}
+
+/// A trailers-only response: the status in the headers, no body.
+fn trailers_only(pod: &str, status: u32, message: &str) -> Response<GrpcBody> {
+    // grpc-message is percent-encoded; ours are ASCII without `%`.
+    let message: String = message
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .filter(|c| *c != '%')
+        .collect();
+    grpc_response(pod)
+        .header("grpc-status", status)
+        .header("grpc-message", message)
+        .body(Either::Left(Full::new(Bytes::new())))
+        .expect("a status and ASCII message are valid headers")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(pod: &str) -> Identity {
+        Identity {
+            pod: pod.into(),
+            namespace: "test".into(),
+            seen: Default::default(),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (http::HeaderName::from_static(n), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_without_asks_is_answered_200() {
+        let asked = asked(&http::HeaderMap::new(), &me("echo-0")).unwrap();
+        assert_eq!(
+            asked,
+            Asked {
+                status: http::StatusCode::OK,
+                delay: None,
+                key_seen: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_status_applies_on_the_named_pods_only() {
+        let h = headers(&[
+            ("x-echo-status", "500"),
+            ("x-echo-status-on", "echo-v2, echo-v3"),
+        ]);
+        assert_eq!(asked(&h, &me("echo-v2")).unwrap().status, 500);
+        assert_eq!(asked(&h, &me("echo-v1")).unwrap().status, 200);
+        let h = headers(&[("x-echo-status", "418")]);
+        assert_eq!(asked(&h, &me("echo-v1")).unwrap().status, 418);
+    }
+
+    #[test]
+    fn fail_first_counts_per_key_on_this_pod() {
+        let pod = me("echo-v1");
+        let h = |key| {
+            headers(&[
+                ("x-echo-status", "503"),
+                ("x-echo-fail-first", "2"),
+                ("x-echo-key", key),
+            ])
+        };
+        let answers: Vec<(u16, Option<u64>)> = ["a", "a", "b", "a", "b", "b"]
+            .into_iter()
+            .map(|k| asked(&h(k), &pod).unwrap())
+            .map(|a| (a.status.as_u16(), a.key_seen))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                (503, Some(1)),
+                (503, Some(2)),
+                (503, Some(1)),
+                (200, Some(3)),
+                (503, Some(2)),
+                (200, Some(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_asks_are_refused_with_the_header_named() {
+        let pod = me("echo-0");
+        for (h, says) in [
+            (headers(&[("x-echo-status", "99")]), "x-echo-status"),
+            (headers(&[("x-echo-status", "five")]), "x-echo-status"),
+            (headers(&[("x-echo-delay-ms", "60001")]), "x-echo-delay-ms"),
+            (headers(&[("x-echo-fail-first", "1")]), "x-echo-key"),
+        ] {
+            let e = asked(&h, &pod).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        let h = headers(&[("x-echo-delay-ms", "250")]);
+        assert_eq!(
+            asked(&h, &pod).unwrap().delay,
+            Some(std::time::Duration::from_millis(250))
+        );
+    }
 }

@@ -883,13 +883,14 @@ mod tests {
             .iter()
             .map(|p| p["containerPort"].as_u64().unwrap())
             .collect();
-        assert_eq!(ports, [9000, 9001, 9002, 9003, 8080]);
+        assert_eq!(ports, [9000, 9001, 9002, 9003, 8080, 7070]);
         assert_eq!(c["ports"][3]["name"], "hello-alt");
-        // kubelet probes the first port; the harness checks all five.
+        // kubelet probes the first port; the harness checks all six.
         assert_eq!(c["readinessProbe"]["tcpSocket"]["port"], 9000);
         let checks = readiness_checks(&pod);
-        assert_eq!(checks.len(), 5);
+        assert_eq!(checks.len(), 6);
         assert_eq!(checks[4], ReadinessProbe::Tcp { port: 8080 });
+        assert_eq!(checks[5], ReadinessProbe::Tcp { port: 7070 });
         let env: Vec<&str> = c["env"]
             .as_array()
             .unwrap()

@@ -23,6 +23,8 @@ pub const ECHO_SINK: u16 = 9002;
 /// A second hello port, for policies that differ by port.
 pub const ECHO_HELLO_ALT: u16 = 9003;
 pub const ECHO_HTTP: u16 = 8080;
+/// gRPC over h2c (`echo --grpc`).
+pub const ECHO_GRPC: u16 = 7070;
 
 pub const AMBIENT_NS: &str = "l4";
 pub const PEER_NS: &str = "l4-peer";
@@ -40,6 +42,7 @@ pub fn echo_server(namespace: &str, name: &str, node: &str, service_account: &st
         ("--tcp-hello", ECHO_HELLO_ALT),
         ("--sink", ECHO_SINK),
         ("--http", ECHO_HTTP),
+        ("--grpc", ECHO_GRPC),
     ]
     .iter()
     .flat_map(|(flag, port)| [flag.to_string(), port.to_string()])
@@ -53,6 +56,7 @@ pub fn echo_server(namespace: &str, name: &str, node: &str, service_account: &st
         .port("sink", ECHO_SINK)
         .port("hello-alt", ECHO_HELLO_ALT)
         .port("http", ECHO_HTTP)
+        .port("grpc", ECHO_GRPC)
 }
 
 /// A pod that only holds a network, to run clients in.
