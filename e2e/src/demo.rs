@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: the mesh on a local cluster of network namespaces,
-//! driven through every L4 path, with a table of what happened.
+//! driven through every L4 path and through a waypoint at L7, with a table
+//! of what happened.
 //!
 //! Two nodes; namespace `demo` (ambient: every pod in the mesh) and
 //! `legacy` (not enrolled); in `demo` a client and an echo server on each
@@ -17,7 +18,11 @@
 //!    Both refusals are shown to come from policy by ztunnel's counters
 //!    (`policy_denied` for new connections, `policy_revoked` for the cut
 //!    one), not from some other reset;
-//! 4. the certificates each node's ztunnel holds: identities and expiry.
+//! 4. the certificates each node's ztunnel holds: identities and expiry;
+//! 5. L7 through a waypoint istiod-rs provisions from a Gateway of class
+//!    `istio-waypoint`: an HTTPRoute by header, an AuthorizationPolicy
+//!    refusing DELETE with 403, a JWT check (401/403/200), each with the
+//!    waypoint's own evidence (its routes, its `istio_requests_total`).
 //!
 //! With `--keep` the cluster stays up and the demo prints how to look
 //! inside; Ctrl-C removes everything.
@@ -40,6 +45,7 @@ use crate::scenarios::fixture::{
     ECHO_HELLO, ECHO_TCP, L4Fixture, client_pod, echo_server, echo_service_yaml, namespace_yaml,
     service_accounts_yaml,
 };
+use crate::scenarios::l7;
 use crate::scenarios::policies::{Applied, authorization, from_namespaces, peer_authentication};
 use table::Column;
 
@@ -63,7 +69,7 @@ pub enum DemoError {
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
     name = "demo",
-    about = "Runs the mesh on a local two-node cluster, drives every L4 path and prints what happened"
+    about = "Runs the mesh on a local two-node cluster, drives every L4 path and L7 through a waypoint, and prints what happened"
 )]
 pub struct DemoArgs {
     /// Leave the cluster running afterwards and print how to look inside; Ctrl-C removes it.
@@ -283,7 +289,54 @@ fn checks(cluster: &dyn Cluster, pods: &DemoPods, steps: &Steps) -> Vec<Check> {
             certificates(cluster, pods, &node)
         }));
     }
+    steps.say("5. L7 through a provisioned waypoint: a route, an L7 deny, a JWT check");
+    out.extend(l7(cluster, pods));
     out
+}
+
+/// The L7 rows: each runs one of the L7 scenarios (its own namespace `l7`
+/// with a waypoint Gateway istiod-rs provisions, two echo versions and a
+/// Service bound to the waypoint, removed afterwards) from the demo's
+/// first client; the scenario's evidence is the row's.
+fn l7(cluster: &dyn Cluster, pods: &DemoPods) -> Vec<Check> {
+    let caller = l7::Caller {
+        trust_domain: pods.trust_domain.clone(),
+        client: pods.clients[0].clone(),
+    };
+    type Run = fn(&dyn Cluster, &l7::Caller) -> Result<String, ProbeError>;
+    let rows: [(&str, &str, Run); 3] = [
+        (
+            "L7 route by header",
+            "HTTPRoute on Service echo: x-version: v2 -> echo-v2, the rest -> echo-v1",
+            l7::header_route,
+        ),
+        (
+            "L7 deny (AuthorizationPolicy)",
+            "ALLOW GET only on Service echo: DELETE refused with 403 by the waypoint, GET served",
+            l7::allow_get_deny_delete,
+        ),
+        (
+            "L7 JWT check",
+            "RequestAuthentication + required principal: no token 403, bad signature 401, valid token 200",
+            l7::jwt_missing_invalid_valid,
+        ),
+    ];
+    rows.into_iter()
+        .map(|(name, happened, run)| match run(cluster, &caller) {
+            Ok(evidence) => Check {
+                check: name.into(),
+                happened: happened.into(),
+                pass: true,
+                evidence,
+            },
+            Err(e) => Check {
+                check: name.into(),
+                happened: format!("{happened}: did not hold"),
+                pass: false,
+                evidence: e.to_string(),
+            },
+        })
+        .collect()
 }
 
 fn mtls(

@@ -23,8 +23,8 @@
 //! within a binomial tolerance stated at each constant.
 //!
 //! The scenarios: a header route to v1/v2; ALLOW GET / DENY DELETE; JWT
-//! missing/invalid/valid; a 90/10 weighted split; a VirtualService retry
-//! recovering a backend that fails twice; an HTTPRoute timeout answering
+//! missing/invalid/valid; a 90/10 weighted split; VirtualService and HTTPRoute retries
+//! each recovering a backend that fails twice; an HTTPRoute timeout answering
 //! 504 (`UT`); a VirtualService fault abort at 50% (`FI`); outlier
 //! detection ejecting an endpoint that answers 500; the direct path to a
 //! pod refused by an L4 ALLOW of the waypoint's identity while the Service
@@ -76,50 +76,53 @@ const REPEAT: usize = 10;
 /// How long one `client tally` run may take.
 const TALLY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The L7 scenarios, in the order they run.
+/// The L7 scenarios, in the order they run; each sends from the L4
+/// fixture's first client ([`Caller::of`]).
 pub fn all() -> Vec<Scenario> {
-    vec![
-        Scenario {
-            name: "l7_header_route_to_v1_v2",
-            run: header_route,
-        },
-        Scenario {
-            name: "l7_allow_get_deny_delete",
-            run: allow_get_deny_delete,
-        },
-        Scenario {
-            name: "l7_jwt_missing_invalid_valid",
-            run: jwt_missing_invalid_valid,
-        },
-        Scenario {
-            name: "l7_weighted_90_10",
-            run: weighted_90_10,
-        },
-        Scenario {
-            name: "l7_retry_recovers_flaky_backend",
-            run: retry_recovers_flaky_backend,
-        },
-        Scenario {
-            name: "l7_timeout_504",
-            run: timeout_504,
-        },
-        Scenario {
-            name: "l7_fault_abort_percentage",
-            run: fault_abort_percentage,
-        },
-        Scenario {
-            name: "l7_outlier_ejects_failing_endpoint",
-            run: outlier_ejects_failing_endpoint,
-        },
-        Scenario {
-            name: "l7_direct_path_refused_and_l4_policy_applies",
-            run: direct_path_refused_and_l4_policy_applies,
-        },
-        Scenario {
-            name: "l7_grpc_route_and_status",
-            run: grpc_route_and_status,
-        },
-    ]
+    macro_rules! from_first_client {
+        ($($name:literal => $run:ident,)*) => {
+            vec![$(Scenario {
+                name: $name,
+                run: |c, f| $run(c, &Caller::of(f)),
+            }),*]
+        };
+    }
+    from_first_client! {
+        "l7_header_route_to_v1_v2" => header_route,
+        "l7_allow_get_deny_delete" => allow_get_deny_delete,
+        "l7_jwt_missing_invalid_valid" => jwt_missing_invalid_valid,
+        "l7_weighted_90_10" => weighted_90_10,
+        "l7_retry_recovers_flaky_backend" => retry_recovers_flaky_backend,
+        "l7_timeout_504" => timeout_504,
+        "l7_fault_abort_percentage" => fault_abort_percentage,
+        "l7_outlier_ejects_failing_endpoint" => outlier_ejects_failing_endpoint,
+        "l7_direct_path_refused_and_l4_policy_applies" => direct_path_refused_and_l4_policy_applies,
+        "l7_grpc_route_and_status" => grpc_route_and_status,
+    }
+}
+
+/// Who sends a scenario's requests: a pod in the mesh (service account
+/// `client`) and the mesh's trust domain. The scenarios need nothing else
+/// from their fixture, so the demo runs them with its own client.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub trust_domain: String,
+    pub client: PodInfo,
+}
+
+impl Caller {
+    /// The L4 fixture's first client.
+    pub fn of(f: &L4Fixture) -> Caller {
+        Caller {
+            trust_domain: f.trust_domain.clone(),
+            client: f.clients[0].clone(),
+        }
+    }
+
+    /// The SPIFFE id of a service account.
+    fn principal(&self, namespace: &str, service_account: &str) -> String {
+        probe::principal(&self.trust_domain, namespace, service_account)
+    }
 }
 
 /// The waypoint, the echo pods and their Services, removed on drop: pods
@@ -202,7 +205,7 @@ fn objects_yaml() -> String {
 impl<'a> Backends<'a> {
     /// Creates everything and waits until the echo pods are in the mesh,
     /// the waypoint pod is Ready and the Service has its VIP.
-    fn create(cluster: &'a dyn Cluster, f: &L4Fixture) -> Result<Backends<'a>, ProbeError> {
+    fn create(cluster: &'a dyn Cluster, f: &Caller) -> Result<Backends<'a>, ProbeError> {
         let nodes = cluster.nodes();
         let namespace = cluster.apply_yaml(&namespace_and_accounts_yaml())?;
         let objects = Applied::new(cluster, &objects_yaml()).inspect_err(|_| {
@@ -212,7 +215,7 @@ impl<'a> Backends<'a> {
             cluster,
             pods: Vec::new(),
             // Replaced by the waypoint pod once it is Ready.
-            waypoint: f.clients[0].clone(),
+            waypoint: f.client.clone(),
             url: String::new(),
             vip: String::new(),
             objects: Some(objects),
@@ -251,7 +254,7 @@ impl<'a> Backends<'a> {
         // The first requests of a new waypoint may still meet the mesh's
         // state of the last scenario's (same pod name and address): each
         // scenario starts once a request gets through.
-        backends.get(&f.clients[0]).until(
+        backends.get(&f.client).until(
             "the echo Service to answer through the new waypoint",
             status(200),
         )?;
@@ -498,9 +501,9 @@ fn status(code: u16) -> impl Fn(&HttpReport) -> bool {
     move |r| r.status == Some(code)
 }
 
-fn header_route(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+pub fn header_route(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let get = backends.get(client);
     let route = format!(
         "apiVersion: gateway.networking.k8s.io/v1
@@ -544,9 +547,9 @@ spec:
     ))
 }
 
-fn allow_get_deny_delete(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+pub fn allow_get_deny_delete(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let get = backends.get(client);
     let delete = Request {
         method: "DELETE",
@@ -629,9 +632,9 @@ impl Issuer {
     }
 }
 
-fn jwt_missing_invalid_valid(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+pub fn jwt_missing_invalid_valid(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let get = backends.get(client);
     let issuer = Issuer::new("l7-1")?;
     // Same kid, another key: a token whose signature does not verify.
@@ -736,9 +739,9 @@ spec:
 const SPLIT_REQUESTS: u64 = 400;
 const WEIGHT_TOLERANCE: f64 = 5.0;
 
-fn weighted_90_10(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+fn weighted_90_10(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let route = http_route(
         "echo-weighted",
         &format!(
@@ -824,12 +827,9 @@ fn flaky(status: u16, first: u32, what: &str) -> Vec<String> {
     ]
 }
 
-fn retry_recovers_flaky_backend(
-    cluster: &dyn Cluster,
-    f: &L4Fixture,
-) -> Result<String, ProbeError> {
+fn retry_recovers_flaky_backend(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let get = backends.get(client);
     // 500, not 503: the waypoint's default policy (upstream's) retries 503
     // only, so without the VirtualService the failure reaches the client.
@@ -852,41 +852,65 @@ fn retry_recovers_flaky_backend(
              retries: {{attempts: 3, retryOn: 5xx}}\n"
         ),
     );
-    let (_vs, routes) = backends.route(&vs, "echo-retry")?;
     let principal = f.principal(&client.namespace, "client");
     let filter = [
         ("source_principal", principal.as_str()),
         ("destination_workload", "echo-v1"),
         ("response_code", "200"),
     ];
-    let before = backends.requests(&filter)?;
-    let mut attempts = Vec::new();
-    for i in 0..REPEAT {
-        let headers = flaky(500, 2, &format!("retried-{i}"));
-        let report = Request {
-            headers: &headers,
-            ..get
+    // REPEAT GETs, each to a backend failing its key twice: 200 on the
+    // third attempt. Returns the attempts the backend saw and the 200s the
+    // waypoint counted.
+    let retried = |leg: &str| -> Result<(Vec<u64>, f64), ProbeError> {
+        let before = backends.requests(&filter)?;
+        let mut attempts = Vec::new();
+        for i in 0..REPEAT {
+            let headers = flaky(500, 2, &format!("{leg}-{i}"));
+            let report = Request {
+                headers: &headers,
+                ..get
+            }
+            .send()?;
+            let seen = report.echo.as_ref().and_then(|e| e.key_seen);
+            if report.status != Some(200) || seen != Some(3) {
+                return Err(failed(
+                    &format!(
+                        "{leg}: request {} of {REPEAT} to a backend failing twice",
+                        i + 1
+                    ),
+                    format!(
+                        "{} (backend saw the key {seen:?} times); expected 200 on the third attempt",
+                        describe(&report)
+                    ),
+                ));
+            }
+            attempts.push(seen.unwrap_or_default());
         }
-        .send()?;
-        let seen = report.echo.as_ref().and_then(|e| e.key_seen);
-        if report.status != Some(200) || seen != Some(3) {
-            return Err(failed(
-                &format!("request {} of {REPEAT} to a backend failing twice", i + 1),
-                format!(
-                    "{} (backend saw the key {seen:?} times); expected 200 on the third attempt",
-                    describe(&report)
-                ),
-            ));
-        }
-        attempts.push(seen.unwrap_or_default());
-    }
-    let counted = backends.until_requests(&filter, before + REPEAT as f64)? - before;
+        let counted = backends.until_requests(&filter, before + REPEAT as f64)? - before;
+        Ok((attempts, counted))
+    };
+    let (vs, vs_routes) = backends.route(&vs, "echo-retry")?;
+    let (vs_attempts, vs_counted) = retried("vs")?;
+    vs.remove()?;
+    // The same through an HTTPRoute's retry (GEP-1731).
+    let route = http_route(
+        "echo-retry-route",
+        &format!(
+            "  - backendRefs: [{{name: echo-v1, port: {ECHO_HTTP}}}]\n    \
+             retry: {{codes: [500], attempts: 2, backoff: 10ms}}\n"
+        ),
+    );
+    let (_route, route_routes) = backends.route(&route, "echo-retry-route")?;
+    let (route_attempts, route_counted) = retried("httproute")?;
     Ok(format!(
-        "without retries: {} (echo answers 500 twice per key); waypoint routes {routes:?}; \
-         then {REPEAT}/{REPEAT} GETs 200 from echo-v1 after {} backend attempts in all ({attempts:?} per request); \
-         waypoint counted {counted} 200s to echo-v1 from {principal}",
+        "without retries: {} (echo answers 500 twice per key); \
+         VirtualService retries (waypoint routes {vs_routes:?}): {REPEAT}/{REPEAT} GETs 200 from echo-v1 \
+         after {} backend attempts in all ({vs_attempts:?} per request), waypoint counted {vs_counted} 200s from {principal}; \
+         HTTPRoute retry codes [500] attempts 2 (waypoint routes {route_routes:?}): {REPEAT}/{REPEAT} GETs 200 \
+         after {} attempts ({route_attempts:?}), waypoint counted {route_counted} 200s",
         describe(&unretried),
-        attempts.iter().sum::<u64>(),
+        vs_attempts.iter().sum::<u64>(),
+        route_attempts.iter().sum::<u64>(),
     ))
 }
 
@@ -894,9 +918,9 @@ fn retry_recovers_flaky_backend(
 const TIMED_OUT: usize = 3;
 const SLOW_MS: u64 = 3_000;
 
-fn timeout_504(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+fn timeout_504(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let get = backends.get(client);
     let route = http_route(
         "echo-timeout",
@@ -954,9 +978,9 @@ const ABORT_TOLERANCE: f64 = 12.0;
 /// The abort's status: one neither echo nor the waypoint otherwise answers.
 const ABORT_STATUS: u16 = 418;
 
-fn fault_abort_percentage(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+fn fault_abort_percentage(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let vs = virtual_service(
         "echo-fault",
         &format!(
@@ -999,10 +1023,10 @@ const CONSECUTIVE_5XX: u64 = 3;
 
 fn outlier_ejects_failing_endpoint(
     cluster: &dyn Cluster,
-    f: &L4Fixture,
+    f: &Caller,
 ) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     // 500, not 503: the default retry policy retries 503 on another
     // endpoint, which would hide the failing one without any ejection.
     let failing = [
@@ -1069,10 +1093,10 @@ spec:
 
 fn direct_path_refused_and_l4_policy_applies(
     cluster: &dyn Cluster,
-    f: &L4Fixture,
+    f: &Caller,
 ) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let via_waypoint = backends.get(client);
     let pod_url = format!("http://{}:{ECHO_HTTP}/", backends.pod("v1").ip);
     let direct = Request {
@@ -1150,9 +1174,9 @@ fn grpc_call(
     probe::client(cluster, from, &args, REQUEST_TIMEOUT * 3)
 }
 
-fn grpc_route_and_status(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+fn grpc_route_and_status(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
-    let client = &f.clients[0];
+    let client = &f.client;
     let route = format!(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
