@@ -930,3 +930,86 @@ async fn hbone_sockets_have_tcp_keepalive_both_ways() {
         );
     }
 }
+
+/// Connects through a relay it runs per connection, which forwards bytes
+/// until [`Vanishing::vanish`]: from then on the connections it carried
+/// are silent (nothing reaches either side, no FIN), and the first bytes
+/// the client sends on one are answered with a reset, as a peer whose
+/// network namespace is gone and whose address a new pod now holds.
+/// Connections made after that are relayed again.
+#[derive(Default)]
+struct Vanishing {
+    connects: AtomicUsize,
+    generation: Arc<AtomicUsize>,
+}
+
+impl Vanishing {
+    fn vanish(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Connect for Vanishing {
+    fn connect(&self, address: SocketAddr) -> ConnectFuture<'_> {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let generation = self.generation.clone();
+        Box::pin(async move {
+            let relay = TcpListener::bind("127.0.0.1:0").await?;
+            let client = TcpStream::connect(relay.local_addr()?).await?;
+            let (mut near, _) = relay.accept().await?;
+            let mut far = TcpStream::connect(address).await?;
+            let born = generation.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut a, mut b) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+                // Asked after each read: a read that was pending when the
+                // peer vanished must not be relayed.
+                let gone = || generation.load(Ordering::SeqCst) != born;
+                loop {
+                    tokio::select! {
+                        n = near.read(&mut a) => match n {
+                            Ok(n) if n > 0 && gone() => {
+                                // A reset, not a FIN: linger 0, then close.
+                                let _ = socket2::SockRef::from(&near).set_linger(Some(Duration::ZERO));
+                                return;
+                            }
+                            Ok(n) if n > 0 => {
+                                if far.write_all(&a[..n]).await.is_err() { return; }
+                            }
+                            _ => return,
+                        },
+                        n = far.read(&mut b) => match n {
+                            Ok(n) if n > 0 && gone() => {}
+                            Ok(n) if n > 0 => {
+                                if near.write_all(&b[..n]).await.is_err() { return; }
+                            }
+                            _ => return,
+                        },
+                    }
+                }
+            });
+            Ok(client)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_to_a_vanished_peer_is_replaced_without_failing_the_connect() {
+    let mesh = Mesh::new();
+    let server = mesh.server("server").await;
+    let source = mesh.cert("client").await;
+    let connector = Arc::new(Vanishing::default());
+    let pool = HbonePool::new(PoolConfig::default(), connector.clone());
+    let target = server.target(ECHO);
+    assert_eq!(echo(&pool, &source, &target, b"first").await, b"first");
+    assert_eq!(pool.open_connections(), 1);
+
+    connector.vanish();
+    // The pool still holds the connection (nothing told it otherwise); the
+    // CONNECT on it meets a reset and is retried on a new one.
+    let stream = tokio::time::timeout(LIMIT, pool.connect(&source, &target))
+        .await
+        .expect("the CONNECT finishes")
+        .expect("retried on a new connection");
+    assert_eq!(finish_echo(stream, b"second").await, b"second");
+    assert_eq!(connector.connects.load(Ordering::SeqCst), 2);
+}

@@ -225,10 +225,26 @@ impl HbonePool {
             match ready.await {
                 Err(_) => return Err(self.inner.connect_timed_out(slot, target)),
                 Ok(Ok(sender)) => {
-                    return self
+                    let connection = slot.connection.clone();
+                    match self
                         .inner
                         .send_connect(sender, slot, target, deadline)
-                        .await;
+                        .await
+                    {
+                        // The peer went away without a word (its pod's
+                        // network namespace is gone; a new pod may hold the
+                        // address): the connection looked alive until this
+                        // CONNECT met a reset. No tunnel existed, so no byte
+                        // of the caller's was sent: retire it, retry once.
+                        Err(HboneError::Http2 { source, .. })
+                            if !fresh && !retried && (source.is_io() || source.is_go_away()) =>
+                        {
+                            tracing::debug!(address = %key.address, error = %source, "pooled HBONE connection failed its CONNECT; reconnecting");
+                            connection.retire();
+                            retried = true;
+                        }
+                        outcome => return outcome,
+                    }
                 }
                 // A pooled connection can die quietly (GOAWAY, peer restart):
                 // drop it and try once more on a new one.
