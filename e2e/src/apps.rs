@@ -10,6 +10,11 @@
 //!   server saw: peer address, its own pod), then echoes as `--tcp`.
 //! - `--http PORT`: HTTP/1.1; every request gets `200` with an [`EchoReply`]
 //!   JSON body (peer address, method, path, headers, body size, pod).
+//! - `--grpc PORT`: gRPC over h2c ([`grpc`]): the unary method
+//!   `/e2e.Echo/Echo` answers the request's message with status 0, or the
+//!   status the request's `x-echo-grpc-status` metadata asks for; every
+//!   response names the pod in its `x-echo-pod` header; another method is
+//!   `UNIMPLEMENTED` (12).
 //! - `--sink PORT`: reads until the client half-closes, then writes one
 //!   [`SinkReceipt`] JSON line with the byte count (for bulk throughput).
 //!   Its pod name and namespace come from `--pod`/`POD_NAME` and
@@ -21,9 +26,15 @@
 //!   connection, one exchange: [`TcpReport`].
 //! - `client http URL [--method M] [--header K:V]... [--body-size N]`: one
 //!   request: [`HttpReport`] (with the parsed [`EchoReply`] when the server is `echo`).
-//! - `client load ADDR --protocol tcp|http --rate R --connections C
+//! - `client grpc URL [--metadata K:V]... [--payload N]`: one unary call
+//!   over h2c to `http://host:port[/service/method]` (default
+//!   `/e2e.Echo/Echo`): [`GrpcReport`].
+//! - `client load ADDR --protocol tcp|http|grpc --rate R --connections C
 //!   --duration D --payload N`: a fixed request rate spread over C
-//!   long-lived connections: [`LoadReport`].
+//!   long-lived connections: [`LoadReport`]. `grpc`: unary calls of N-byte
+//!   messages to a `--grpc` port (URL as `client grpc`), each connection one
+//!   HTTP/2 connection with one call in flight; a call counts when its
+//!   status is 0 and the reply message is the one sent.
 //! - `client bulk ADDR --duration D`: one stream to a `--sink` port as fast
 //!   as it goes: [`BulkReport`].
 //! - `client connect-rate ADDR --duration D --concurrency K`: new
@@ -42,6 +53,7 @@
 
 pub mod client;
 pub mod echo;
+pub mod grpc;
 
 use std::collections::BTreeMap;
 
@@ -117,6 +129,34 @@ pub struct HttpReport {
     pub error: Option<String>,
 }
 
+/// `client grpc`: one unary call. `ok` when the call got a gRPC status
+/// (any: the status is the answer), as `client http` is ok with any HTTP
+/// status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpcReport {
+    pub mode: String,
+    pub url: String,
+    /// The request path, `/<service>/<method>`.
+    pub method: String,
+    pub ok: bool,
+    pub local: Option<String>,
+    pub http_status: Option<u16>,
+    /// `grpc-status` (from the trailers, or the headers of a trailers-only answer).
+    pub grpc_status: Option<u32>,
+    pub grpc_message: Option<String>,
+    /// The `x-echo-pod` response header: which echo pod answered.
+    pub pod: Option<String>,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub trailers: BTreeMap<String, Vec<String>>,
+    pub sent_bytes: u64,
+    /// Size of the reply message (status 0 only).
+    pub received_bytes: u64,
+    /// Whether the reply message is exactly the one sent.
+    pub echo_matches: bool,
+    pub total_us: Option<f64>,
+    pub error: Option<String>,
+}
+
 /// Latency summary, microseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
@@ -140,7 +180,7 @@ pub struct Quantile {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub mode: String,
-    /// `tcp` or `http`.
+    /// `tcp`, `http` or `grpc`.
     pub protocol: String,
     pub target: String,
     pub ok: bool,

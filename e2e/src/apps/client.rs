@@ -1,4 +1,4 @@
-//! The `client` app: one-shot TCP and HTTP exchanges, fixed-rate load over
+//! The `client` app: one-shot TCP, HTTP and gRPC exchanges, fixed-rate load over
 //! long-lived connections, single-stream bulk throughput, and new-connection
 //! rate. Each mode prints one JSON report (see [`crate::apps`]).
 
@@ -9,21 +9,23 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{
-    BulkReport, ConnectProbeReport, ConnectRateReport, EchoReply, HoldReport, HttpReport,
-    LoadReport, Outage, SinkReceipt, TcpHello, TcpReport, distribution, summarize,
+    BulkReport, ConnectProbeReport, ConnectRateReport, EchoReply, GrpcReport, HoldReport,
+    HttpReport, LoadReport, Outage, SinkReceipt, TcpHello, TcpReport, distribution, grpc,
+    summarize,
 };
 
 /// Command line of `client`.
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "client",
-    about = "Sample client: one-shot TCP/HTTP, load, bulk, connect rate; prints JSON"
+    about = "Sample client: one-shot TCP/HTTP/gRPC, load, bulk, connect rate; prints JSON"
 )]
 pub struct ClientArgs {
     #[command(subcommand)]
@@ -60,6 +62,19 @@ pub enum Mode {
         /// Send a body of this many bytes.
         #[arg(long, default_value_t = 0)]
         body_size: usize,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// One unary gRPC call over h2c.
+    Grpc {
+        /// `http://host:port[/service/method]` (default method `/e2e.Echo/Echo`).
+        url: String,
+        /// Request metadata `name:value` (repeatable).
+        #[arg(long = "metadata", value_name = "NAME:VALUE")]
+        metadata: Vec<String>,
+        /// Size of the request message (a repeating pattern).
+        #[arg(long, default_value_t = 16)]
+        payload: usize,
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
@@ -117,6 +132,7 @@ pub enum Mode {
 pub enum Protocol {
     Tcp,
     Http,
+    Grpc,
 }
 
 /// Runs the mode and returns its report as JSON, and whether it succeeded
@@ -147,6 +163,12 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             body_size,
             timeout,
         } => json(http_once(&url, &method, &headers, body_size, timeout).await),
+        Mode::Grpc {
+            url,
+            metadata,
+            payload,
+            timeout,
+        } => json(grpc_once(&url, &metadata, payload, timeout).await),
         Mode::Load(plan) => json(load(plan).await),
         Mode::Bulk {
             target,
@@ -314,17 +336,164 @@ fn request(
             uri.authority().map(|a| a.as_str()).unwrap_or_default(),
         );
     for h in headers {
-        let (name, value) = h
-            .split_once(':')
-            .ok_or_else(|| format!("header {h:?} is not NAME:VALUE"))?;
-        builder = builder.header(name.trim(), value.trim());
+        let (name, value) = name_value(h)?;
+        builder = builder.header(name, value);
     }
     builder
         .body(Full::new(body))
         .map_err(|e| format!("bad request: {e}"))
 }
 
+/// `NAME:VALUE`, trimmed.
+fn name_value(h: &str) -> Result<(&str, &str), String> {
+    h.split_once(':')
+        .map(|(n, v)| (n.trim(), v.trim()))
+        .ok_or_else(|| format!("header {h:?} is not NAME:VALUE"))
+}
+
+/// Header name -> every value, for a report.
+fn header_map(headers: &http::HeaderMap) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (name, value) in headers {
+        out.entry(name.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    out
+}
+
+/// Connects and performs the HTTP/2 (h2c, prior knowledge) handshake.
+async fn grpc_connect(addr: &str) -> Result<(http2::SendRequest<Full<Bytes>>, SocketAddr), String> {
+    let stream = connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok((sender, local))
+}
+
+/// What one unary call got back.
+struct GrpcAnswer {
+    http_status: http::StatusCode,
+    headers: http::HeaderMap,
+    trailers: http::HeaderMap,
+    /// From the trailers, or the headers of a trailers-only answer.
+    status: Option<u32>,
+    /// The reply message, when the status is 0.
+    message: Option<Result<Bytes, String>>,
+}
+
+/// One unary call of `message` on `sender`.
+async fn grpc_call(
+    sender: &mut http2::SendRequest<Full<Bytes>>,
+    uri: &http::Uri,
+    metadata: &[String],
+    message: &[u8],
+) -> Result<GrpcAnswer, String> {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let mut builder = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("http://{authority}{}", grpc::method_path(uri)))
+        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+        .header(http::header::TE, "trailers");
+    for m in metadata {
+        let (name, value) = name_value(m)?;
+        builder = builder.header(name, value);
+    }
+    let req = builder
+        .body(Full::new(grpc::frame(message)))
+        .map_err(|e| format!("bad request: {e}"))?;
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let (parts, body) = resp.into_parts();
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| format!("read body: {e}"))?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = grpc::status_of(&trailers).or_else(|| grpc::status_of(&parts.headers));
+    let message = (status == Some(grpc::OK)).then(|| grpc::unframe(&collected.to_bytes()));
+    Ok(GrpcAnswer {
+        http_status: parts.status,
+        headers: parts.headers,
+        trailers,
+        status,
+        message,
+    })
+}
+
+async fn grpc_once(
+    url: &str,
+    metadata: &[String],
+    payload: usize,
+    timeout: Duration,
+) -> GrpcReport {
+    let mut report = GrpcReport {
+        mode: "grpc".into(),
+        url: url.into(),
+        ..Default::default()
+    };
+    let (result, us) = within(timeout, async {
+        let (addr, uri) = split_url(url)?;
+        report.method = grpc::method_path(&uri).to_string();
+        let (mut sender, local) = grpc_connect(&addr).await?;
+        report.local = Some(local.to_string());
+        let sent = pattern(payload);
+        report.sent_bytes = sent.len() as u64;
+        let answer = grpc_call(&mut sender, &uri, metadata, &sent).await?;
+        report.http_status = Some(answer.http_status.as_u16());
+        report.pod = answer
+            .headers
+            .get(grpc::POD_HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let message_of = |h: &http::HeaderMap| {
+            h.get("grpc-message")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        report.grpc_message = message_of(&answer.trailers).or_else(|| message_of(&answer.headers));
+        report.headers = header_map(&answer.headers);
+        report.trailers = header_map(&answer.trailers);
+        report.grpc_status = answer.status;
+        if let Some(message) = answer.message {
+            let message = message?;
+            report.received_bytes = message.len() as u64;
+            report.echo_matches = message == sent;
+        }
+        match answer.status {
+            Some(_) => Ok(()),
+            None => Err(format!("HTTP {} without grpc-status", answer.http_status)),
+        }
+    })
+    .await;
+    report.total_us = Some(us);
+    report.ok = result.is_ok();
+    report.error = result.err();
+    report
+}
+
 type Request = http::Request<Full<Bytes>>;
+
+/// Runs one exchange within `timeout`; returns how it went and how long it
+/// took (microseconds).
+async fn within(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<(), String>>,
+) -> (Result<(), String>, f64) {
+    let start = Instant::now();
+    let result = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+    (result, micros(start.elapsed()))
+}
 
 async fn http_once(
     url: &str,
@@ -338,8 +507,7 @@ async fn http_once(
         url: url.into(),
         ..Default::default()
     };
-    let start = Instant::now();
-    let result = tokio::time::timeout(timeout, async {
+    let (result, us) = within(timeout, async {
         let (addr, uri) = split_url(url)?;
         let req = request(&uri, method, headers, Bytes::from(pattern(body_size)))?;
         let (mut sender, local) = http_connect(&addr).await?;
@@ -349,13 +517,7 @@ async fn http_once(
             .await
             .map_err(|e| format!("request: {e}"))?;
         report.status = Some(resp.status().as_u16());
-        for (name, value) in resp.headers() {
-            report
-                .headers
-                .entry(name.as_str().to_string())
-                .or_default()
-                .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
-        }
+        report.headers = header_map(resp.headers());
         let body = resp
             .into_body()
             .collect()
@@ -366,20 +528,18 @@ async fn http_once(
         report.echo = serde_json::from_slice::<EchoReply>(&body).ok();
         Ok::<(), String>(())
     })
-    .await
-    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-    report.total_us = Some(micros(start.elapsed()));
-    match result {
-        Ok(()) => report.ok = true,
-        Err(e) => report.error = Some(e),
-    }
+    .await;
+    report.total_us = Some(us);
+    report.ok = result.is_ok();
+    report.error = result.err();
     report
 }
 
 /// What `client load` does.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadPlan {
-    /// `host:port` for tcp, `http://host:port/path` for http.
+    /// `host:port` for tcp, `http://host:port/path` for http,
+    /// `http://host:port[/service/method]` for grpc.
     pub target: String,
     #[arg(long, value_enum, default_value = "tcp")]
     pub protocol: Protocol,
@@ -390,7 +550,8 @@ pub struct LoadPlan {
     pub connections: u32,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Request size in bytes (tcp: echoed back in full; http: POST body).
+    /// Request size in bytes (tcp: echoed back in full; http: POST body;
+    /// grpc: the request message, echoed back in full).
     #[arg(long, default_value_t = 1024)]
     pub payload: usize,
     /// Requests in this first stretch are sent but not counted.
@@ -468,6 +629,7 @@ impl Tally {
 enum LoadConn {
     Tcp(TcpStream),
     Http(SendRequest<Full<Bytes>>, http::Uri),
+    Grpc(http2::SendRequest<Full<Bytes>>, http::Uri),
 }
 
 impl LoadConn {
@@ -481,6 +643,11 @@ impl LoadConn {
                 let (addr, uri) = split_url(&plan.target)?;
                 let (sender, _) = http_connect(&addr).await?;
                 Ok(LoadConn::Http(sender, uri))
+            }
+            Protocol::Grpc => {
+                let (addr, uri) = split_url(&plan.target)?;
+                let (sender, _) = grpc_connect(&addr).await?;
+                Ok(LoadConn::Grpc(sender, uri))
             }
         }
     }
@@ -515,6 +682,22 @@ impl LoadConn {
                     return Err(format!("HTTP status {status}"));
                 }
                 Ok(())
+            }
+            LoadConn::Grpc(sender, uri) => {
+                let answer = grpc_call(sender, uri, &[], payload).await?;
+                match (answer.status, answer.message) {
+                    (Some(grpc::OK), Some(Ok(message))) if message == payload => Ok(()),
+                    (Some(grpc::OK), Some(Ok(message))) => Err(format!(
+                        "reply message of {} bytes is not the {} sent",
+                        message.len(),
+                        payload.len()
+                    )),
+                    (Some(grpc::OK), Some(Err(e))) => Err(format!("reply: {e}")),
+                    (status, _) => Err(format!(
+                        "HTTP {} grpc-status {status:?}",
+                        answer.http_status
+                    )),
+                }
             }
         }
     }
@@ -931,6 +1114,80 @@ mod tests {
         let mut report = ConnectProbeReport::default();
         Outages::default().report(&mut report, 0);
         assert!(!report.ok);
+    }
+
+    /// The echo's gRPC port on loopback, serving in the background.
+    async fn grpc_echo() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let args = crate::apps::echo::EchoArgs {
+            tcp: vec![],
+            tcp_hello: vec![],
+            http: vec![],
+            grpc: vec![port],
+            sink: vec![],
+            bind: "127.0.0.1".parse().unwrap(),
+            pod: "echo-0".into(),
+            namespace: "test".into(),
+        };
+        tokio::spawn(crate::apps::echo::serve(args));
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        url
+    }
+
+    #[tokio::test]
+    async fn grpc_calls_echo_and_carry_the_asked_status() {
+        let url = grpc_echo().await;
+        let t = Duration::from_secs(5);
+        let ok = grpc_once(&url, &[], 1024, t).await;
+        assert!(ok.ok, "{ok:?}");
+        assert_eq!(ok.method, grpc::ECHO_METHOD);
+        assert_eq!((ok.http_status, ok.grpc_status), (Some(200), Some(0)));
+        assert_eq!(ok.pod.as_deref(), Some("echo-0"));
+        assert!(ok.echo_matches && ok.received_bytes == 1024, "{ok:?}");
+        assert_eq!(ok.trailers["grpc-status"], ["0"]);
+
+        let asked = grpc_once(&url, &["x-echo-grpc-status: 5".into()], 16, t).await;
+        assert!(asked.ok, "{asked:?}");
+        assert_eq!(asked.grpc_status, Some(5));
+        assert_eq!(asked.received_bytes, 0);
+        let bad = grpc_once(&url, &["x-echo-grpc-status: 99".into()], 16, t).await;
+        assert_eq!(bad.grpc_status, Some(grpc::INVALID_ARGUMENT), "{bad:?}");
+        let other = grpc_once(&format!("{url}/e2e.Echo/Other"), &[], 16, t).await;
+        assert_eq!(other.grpc_status, Some(grpc::UNIMPLEMENTED), "{other:?}");
+        assert_eq!(other.pod.as_deref(), Some("echo-0"));
+
+        // Not gRPC: an HTTP/1.1 client gets no status (the port is h2c only).
+        let http = http_once(&url, "GET", &[], 0, t).await;
+        assert!(!http.ok || http.status != Some(200), "{http:?}");
+    }
+
+    #[tokio::test]
+    async fn grpc_load_counts_echoed_calls() {
+        let url = grpc_echo().await;
+        let plan = LoadPlan {
+            target: url,
+            protocol: Protocol::Grpc,
+            rate: 200.0,
+            connections: 2,
+            duration: Duration::from_millis(300),
+            payload: 1024,
+            warmup: Duration::ZERO,
+            distribution: false,
+            saturate: false,
+        };
+        let report = load(plan).await;
+        assert!(report.trouble().is_none(), "{report:?}");
+        assert_eq!(report.protocol, "grpc");
+        assert!(report.requests > 0);
     }
 
     #[test]

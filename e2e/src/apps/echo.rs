@@ -1,6 +1,6 @@
 //! The `echo` server: TCP echo, TCP echo with a hello line, HTTP/1.1 that
-//! answers with what it saw, and a sink for bulk transfers. See [`crate::apps`]
-//! for the wire formats.
+//! answers with what it saw, gRPC (h2c) unary echo, and a sink for bulk
+//! transfers. See [`crate::apps`] for the wire formats.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -8,18 +8,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{EchoReply, SinkReceipt, TcpHello};
+use super::{EchoReply, SinkReceipt, TcpHello, grpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EchoError {
-    #[error("nothing to serve: give at least one of --tcp, --tcp-hello, --http, --sink")]
+    #[error("nothing to serve: give at least one of --tcp, --tcp-hello, --http, --grpc, --sink")]
     NoPorts,
     #[error("could not listen on {addr}: {source}")]
     Bind {
@@ -44,6 +44,9 @@ pub struct EchoArgs {
     /// HTTP/1.1 port answering every request with a JSON description of it (repeatable).
     #[arg(long, value_name = "PORT")]
     pub http: Vec<u16>,
+    /// gRPC port (h2c): the unary method `/e2e.Echo/Echo` answers the request's message (repeatable).
+    #[arg(long, value_name = "PORT")]
+    pub grpc: Vec<u16>,
     /// TCP port that swallows a stream and, at its end, reports the byte count (repeatable).
     #[arg(long, value_name = "PORT")]
     pub sink: Vec<u16>,
@@ -63,6 +66,7 @@ enum Mode {
     Tcp,
     TcpHello,
     Http,
+    Grpc,
     Sink,
 }
 
@@ -79,6 +83,7 @@ pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
         .map(|p| (Mode::Tcp, *p))
         .chain(args.tcp_hello.iter().map(|p| (Mode::TcpHello, *p)))
         .chain(args.http.iter().map(|p| (Mode::Http, *p)))
+        .chain(args.grpc.iter().map(|p| (Mode::Grpc, *p)))
         .chain(args.sink.iter().map(|p| (Mode::Sink, *p)));
     // Bind everything before serving anything: a bad port fails the start.
     let mut listeners = Vec::new();
@@ -124,6 +129,7 @@ async fn accept_loop(mode: Mode, listener: TcpListener, me: Arc<Identity>) {
                 Mode::TcpHello => hello_then_echo(stream, peer, &me).await,
                 Mode::Sink => sink(stream).await,
                 Mode::Http => http(stream, peer, me).await,
+                Mode::Grpc => grpc(stream, me).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -219,4 +225,122 @@ async fn describe(
         .body(Full::new(Bytes::from(body)))
         .expect("a static response is valid");
     Ok(response)
+}
+
+async fn grpc(stream: TcpStream, me: Arc<Identity>) -> std::io::Result<()> {
+    let service = hyper::service::service_fn(move |req| grpc_call(req, me.clone()));
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// A gRPC response body: empty for a trailers-only answer, else one
+/// message and the trailers.
+type GrpcBody = Either<
+    Full<Bytes>,
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
+>;
+
+/// Answers one call of [`grpc::ECHO_METHOD`] with the request's message, or
+/// with the status the caller asked for in [`grpc::STATUS_METADATA`].
+async fn grpc_call(
+    req: Request<Incoming>,
+    me: Arc<Identity>,
+) -> Result<Response<GrpcBody>, Infallible> {
+    let pod = me.pod.as_str();
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(grpc::CONTENT_TYPE));
+    if req.method() != http::Method::POST || !is_grpc {
+        // Not gRPC at all: an HTTP error, as the protocol says.
+        let response = Response::builder()
+            .status(http::StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            .header(grpc::POD_HEADER, pod)
+            .body(Either::Left(Full::new(Bytes::from_static(
+                b"gRPC only: POST with content-type application/grpc\n",
+            ))))
+            .expect("a static response is valid");
+        return Ok(response);
+    }
+    if req.uri().path() != grpc::ECHO_METHOD {
+        let message = format!("unknown method {}", req.uri().path());
+        return Ok(trailers_only(pod, grpc::UNIMPLEMENTED, &message));
+    }
+    let asked = req
+        .headers()
+        .get(grpc::STATUS_METADATA)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u32>().ok()));
+    let body = match Limited::new(req.into_body(), grpc::MAX_MESSAGE + 5)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Ok(trailers_only(
+                pod,
+                grpc::INTERNAL,
+                &format!("request body: {e}"),
+            ));
+        }
+    };
+    let message = match grpc::unframe(&body) {
+        Ok(message) => message,
+        Err(e) => return Ok(trailers_only(pod, grpc::INTERNAL, &e)),
+    };
+    match asked {
+        None | Some(Some(grpc::OK)) => {}
+        Some(Some(code @ 1..=16)) => {
+            let text = format!("asked for by {}", grpc::STATUS_METADATA);
+            return Ok(trailers_only(pod, code, &text));
+        }
+        Some(_) => {
+            let text = format!(
+                "{} must be a gRPC status code, 0 to 16",
+                grpc::STATUS_METADATA
+            );
+            return Ok(trailers_only(pod, grpc::INVALID_ARGUMENT, &text));
+        }
+    }
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(grpc::OK));
+    let frames = vec![
+        Ok(Frame::data(grpc::frame(&message))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let response = grpc_response(pod)
+        .body(Either::Right(StreamBody::new(futures::stream::iter(
+            frames,
+        ))))
+        .expect("a static response is valid");
+    Ok(response)
+}
+
+fn grpc_response(pod: &str) -> http::response::Builder {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+        .header(grpc::POD_HEADER, pod)
+}
+
+/// A trailers-only response: the status in the headers, no body.
+fn trailers_only(pod: &str, status: u32, message: &str) -> Response<GrpcBody> {
+    // grpc-message is percent-encoded; ours are ASCII without `%`.
+    let message: String = message
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .filter(|c| *c != '%')
+        .collect();
+    grpc_response(pod)
+        .header("grpc-status", status)
+        .header("grpc-message", message)
+        .body(Either::Left(Full::new(Bytes::new())))
+        .expect("a status and ASCII message are valid headers")
 }
