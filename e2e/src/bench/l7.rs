@@ -55,6 +55,9 @@ const L4_SERVICE: &str = "server-l4";
 const WAYPOINT_SERVICE: &str = "server-waypoint";
 /// The requests metric waypoint-rs reports, as upstream names it.
 const REQUESTS: &str = "istio_requests_total";
+/// The echo's gRPC port (`echo --grpc`), the one the L7 scenarios' echo
+/// pods use.
+const ECHO_GRPC: u16 = 7070;
 /// Unmeasured start of each saturation run.
 const SATURATION_WARMUP: Duration = Duration::from_secs(1);
 /// How long the waypoint may take to be provisioned, Ready and in the path.
@@ -78,7 +81,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// Protocols to measure, in this order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "http")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "http,grpc")]
     pub protocols: Vec<Protocol>,
     /// Connections of the saturation runs (each with one request in flight).
     #[arg(long, default_value_t = 16)]
@@ -94,12 +97,15 @@ pub struct BenchArgs {
 pub enum Protocol {
     /// HTTP/1.1 `POST`s to the echo's HTTP port.
     Http,
+    /// gRPC unary calls (h2c) to the echo's gRPC port.
+    Grpc,
 }
 
 impl Protocol {
     fn name(self) -> &'static str {
         match self {
             Protocol::Http => "HTTP/1.1",
+            Protocol::Grpc => "gRPC unary",
         }
     }
 
@@ -107,6 +113,7 @@ impl Protocol {
     fn load_protocol(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
         }
     }
 
@@ -115,9 +122,12 @@ impl Protocol {
     fn port(self) -> (u16, &'static str) {
         match self {
             Protocol::Http => (ECHO_HTTP, "http"),
+            Protocol::Grpc => (ECHO_GRPC, "grpc"),
         }
     }
 
+    /// The URL `client load` takes (gRPC: the echo's one method, the
+    /// default of a URL without a path).
     fn target(self, host: &str) -> String {
         format!("http://{host}:{}/", self.port().0)
     }
@@ -266,8 +276,18 @@ fn mesh_objects_yaml(protocols: &[Protocol]) -> String {
     .join("---\n")
 }
 
-/// The echo server with the ports `protocols` need.
-fn server_ports(pod: PodRequest, _protocols: &[Protocol]) -> PodRequest {
+/// The echo server with the ports `protocols` need: its gRPC port, unless
+/// the fixture's echo pod serves it already.
+fn server_ports(mut pod: PodRequest, protocols: &[Protocol]) -> PodRequest {
+    let has_grpc = pod.ports.iter().any(|p| p.port == ECHO_GRPC);
+    if protocols.contains(&Protocol::Grpc) && !has_grpc {
+        if let Some(command) = pod.command.as_mut() {
+            command
+                .args
+                .extend(["--grpc".to_string(), ECHO_GRPC.to_string()]);
+        }
+        pod = pod.port("grpc", ECHO_GRPC);
+    }
     pod
 }
 
@@ -888,7 +908,7 @@ mod tests {
 
     #[test]
     fn the_services_bind_one_to_the_waypoint_and_name_the_protocol_ports() {
-        let yaml = mesh_objects_yaml(&[Protocol::Http]);
+        let yaml = mesh_objects_yaml(&[Protocol::Http, Protocol::Grpc]);
         let objects = crate::objects::Object::from_yaml(&yaml).unwrap();
         assert_eq!(objects.len(), 3);
         assert!(yaml.contains("gatewayClassName: istio-waypoint"));
@@ -899,9 +919,33 @@ mod tests {
             .collect();
         assert_eq!(bound, [WAYPOINT_SERVICE]);
         assert!(
-            yaml.contains("{name: http, port: 8080, targetPort: 8080}"),
+            yaml.contains("{name: http, port: 8080, targetPort: 8080}, {name: grpc, port: 7070, targetPort: 7070}"),
             "{yaml}"
         );
+    }
+
+    #[test]
+    fn the_server_gets_a_grpc_port_once_and_only_for_grpc() {
+        let pod = || crate::scenarios::fixture::echo_server("ns", "server", "node1", "default");
+        let grpc_args = |p: &PodRequest| {
+            let args = &p.command.as_ref().unwrap().args;
+            args.windows(2)
+                .filter(|w| w[0] == "--grpc" && w[1] == "7070")
+                .count()
+        };
+        let http = server_ports(pod(), &[Protocol::Http]);
+        assert_eq!(grpc_args(&http), 0);
+        let both = server_ports(pod(), &[Protocol::Http, Protocol::Grpc]);
+        assert_eq!(grpc_args(&both), 1);
+        assert!(
+            both.ports
+                .iter()
+                .any(|p| p.name == "grpc" && p.port == 7070)
+        );
+        // Already served (a fixture that has the port): not added again.
+        let again = server_ports(both.clone(), &[Protocol::Grpc]);
+        assert_eq!(grpc_args(&again), 1);
+        assert_eq!(again.ports.len(), both.ports.len());
     }
 
     #[test]
