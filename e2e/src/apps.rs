@@ -239,8 +239,10 @@ pub struct LoadReport {
     pub target: String,
     pub ok: bool,
     pub connections: u32,
-    /// Requests per second asked for, over all connections.
+    /// Requests per second asked for, over all connections (0 with `saturate`).
     pub rate: f64,
+    /// Each connection sent as soon as its previous answer was in.
+    pub saturate: bool,
     pub payload_bytes: u64,
     pub duration_s: f64,
     /// Completed requests (successful round trips).

@@ -18,7 +18,12 @@
 //! distributions. Goals (upstream ztunnel's published figures for the
 //! two-ztunnel path) are printed next to what was measured; nothing here
 //! asserts on time.
+//!
+//! `cargo xtask bench l7` ([`l7`]) shares the harness below: the cluster,
+//! the client and server pods of a path, a `client load` run, a process's
+//! CPU and memory from `/proc`, the goals table and the output files.
 
+pub mod l7;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +70,9 @@ pub enum BenchError {
     },
 }
 
+/// What a benchmark wrote: its JSON report and its latency chart.
+pub type Files = (PathBuf, PathBuf);
+
 /// Command line of the `bench-l4` binary.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
@@ -72,21 +80,8 @@ pub enum BenchError {
     about = "L4 benchmark: the mesh against the direct path on the local cluster"
 )]
 pub struct BenchArgs {
-    /// Requests per second of the latency run, over all connections.
-    #[arg(long, default_value_t = 1000.0)]
-    pub rate: f64,
-    /// Long-lived connections of the latency run.
-    #[arg(long, default_value_t = 4)]
-    pub connections: u32,
-    /// Request (and echoed response) size in bytes.
-    #[arg(long, default_value_t = 1024)]
-    pub payload: usize,
-    /// Measured part of the latency run.
-    #[arg(long, default_value = "20s", value_parser = crate::apps::client::parse_duration)]
-    pub duration: Duration,
-    /// Unmeasured start of the latency run.
-    #[arg(long, default_value = "2s", value_parser = crate::apps::client::parse_duration)]
-    pub warmup: Duration,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Length of the bulk throughput run.
     #[arg(long, default_value = "10s", value_parser = crate::apps::client::parse_duration)]
     pub bulk_duration: Duration,
@@ -96,7 +91,28 @@ pub struct BenchArgs {
     /// Connections in flight at once in the new-connections run.
     #[arg(long, default_value_t = 4)]
     pub connect_concurrency: u32,
-    /// Where the JSON and the SVG go (default: <workspace>/target/bench-l4).
+}
+
+/// The flags every local-cluster benchmark takes: the cluster, the
+/// fixed-rate latency run and where the output goes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Requests per second of the latency run, over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Long-lived connections of the latency run.
+    #[arg(long, default_value_t = 4)]
+    pub connections: u32,
+    /// Request size in bytes (echoed back in full over TCP).
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+    /// Measured part of the latency run.
+    #[arg(long, default_value = "20s", value_parser = crate::apps::client::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured start of the latency run.
+    #[arg(long, default_value = "2s", value_parser = crate::apps::client::parse_duration)]
+    pub warmup: Duration,
+    /// Where the JSON and the SVG go (default: <workspace>/target/bench-<name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// `RUST_LOG` of the mesh's components.
@@ -105,6 +121,40 @@ pub struct BenchArgs {
     /// Take binaries from the debug profile (quick check of the harness, not a measurement).
     #[arg(long)]
     pub debug: bool,
+}
+
+impl RunArgs {
+    fn profile(&self) -> Profile {
+        if self.debug {
+            Profile::Debug
+        } else {
+            Profile::Release
+        }
+    }
+
+    /// The latency run: `self.rate` requests/s over `self.connections`.
+    fn fixed_rate(&self, target: String, protocol: &'static str) -> LoadRun {
+        LoadRun {
+            target,
+            protocol,
+            rate: Some(self.rate),
+            connections: self.connections,
+            payload: self.payload,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
+
+    /// `debug` or `release`.
+    fn profile_name(&self) -> String {
+        format!("{:?}", self.profile()).to_lowercase()
+    }
+
+    /// Seconds the CPU of a latency run is counted over (its warm-up
+    /// included: the rate is the same).
+    fn run_seconds(&self) -> f64 {
+        (self.duration + self.warmup).as_secs_f64()
+    }
 }
 
 /// A figure measured on both paths.
@@ -143,11 +193,12 @@ pub struct ConnectRate {
     pub p99_ms: f64,
 }
 
-/// One ztunnel-rs during the mesh's latency run.
-#[derive(Clone, Debug, Serialize)]
-pub struct ZtunnelUsage {
+/// One process of the mesh (a ztunnel-rs, a waypoint-rs) during a latency run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessUsage {
     pub node: String,
-    /// Which end of the path it serves: `source` or `destination`.
+    /// What it does on the path: `source`, `destination` (ztunnels),
+    /// `waypoint`.
     pub role: String,
     /// CPU seconds in the process itself and in the kernel on its behalf
     /// (the kernel's share includes the network stack it drives).
@@ -166,7 +217,65 @@ pub struct ZtunnelUsage {
     pub rss_file_mb: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+impl ProcessUsage {
+    /// `cpu` spent over `seconds` by a process that holds `memory` now,
+    /// on a path that carried `rate` requests/s.
+    fn new(
+        node: &str,
+        role: &str,
+        cpu: CpuTime,
+        memory: Memory,
+        seconds: f64,
+        rate: f64,
+    ) -> ProcessUsage {
+        let vcpu = cpu.total() / seconds.max(1e-9);
+        ProcessUsage {
+            node: node.to_string(),
+            role: role.to_string(),
+            cpu_user_seconds: cpu.user,
+            cpu_system_seconds: cpu.system,
+            vcpu,
+            vcpu_per_1000_rps: vcpu * per_1000(rate),
+            peak_rss_mb: memory.peak,
+            peak_rss_mb_per_1000_rps: memory.peak * per_1000(rate),
+            rss_anon_mb: memory.anon,
+            rss_file_mb: memory.file,
+        }
+    }
+
+    /// Its share of CPU time spent in the kernel, in percent.
+    fn kernel_percent(&self) -> f64 {
+        100.0 * self.cpu_system_seconds
+            / (self.cpu_user_seconds + self.cpu_system_seconds).max(1e-9)
+    }
+}
+
+impl Goal {
+    /// Met when `measured` is at most `limit` (both in `unit`); `note`
+    /// follows the target, `digits` is how `measured` is shown.
+    fn at_most(
+        name: String,
+        limit: f64,
+        note: &str,
+        measured: f64,
+        unit: &str,
+        digits: usize,
+    ) -> Goal {
+        Goal {
+            name,
+            goal: format!("<= {limit} {unit}{note}"),
+            measured: format!("{measured:.digits$} {unit}"),
+            met: Some(measured <= limit),
+        }
+    }
+}
+
+/// The factor that scales a figure measured at `rate` requests/s to 1,000.
+fn per_1000(rate: f64) -> f64 {
+    1000.0 / rate.max(1e-9)
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Goal {
     pub name: String,
     pub goal: String,
@@ -184,7 +293,7 @@ pub struct BenchReport {
     pub throughput: Pair<Throughput>,
     pub latency: Pair<Latency>,
     pub connect_rate: Pair<ConnectRate>,
-    pub ztunnels: Vec<ZtunnelUsage>,
+    pub ztunnels: Vec<ProcessUsage>,
     /// The echo server's own CPU per 1,000 requests/s on each path: what a
     /// small tokio app spends on this machine for the same requests (one
     /// read and one write each), to put the ztunnels' figures in scale.
@@ -198,11 +307,18 @@ struct Path2 {
     server: PodInfo,
 }
 
+/// The label (`app: <this>`) of every benchmark's server pod, which its
+/// Services select.
+const SERVER_APP: &str = "bench-server";
+
+/// Creates the pods of a path in `namespace`; `server` adapts the echo
+/// server's pod (more ports, say).
 fn create_path(cluster: &dyn Cluster, namespace: &str, ambient: bool) -> Result<Path2, BenchError> {
     cluster.apply_yaml(&namespace_yaml(namespace, ambient))?;
     let nodes = cluster.nodes();
     let (n0, n1) = (&nodes[0], &nodes[nodes.len().min(2) - 1]);
-    let server = cluster.create_pod(&echo_server(namespace, "server", n1, "default"))?;
+    let server = cluster
+        .create_pod(&echo_server(namespace, "server", n1, "default").label("app", SERVER_APP))?;
     let client = cluster.create_pod(&client_pod(namespace, "client", n0, "default"))?;
     let timeout = Duration::from_secs(60);
     if ambient {
@@ -256,36 +372,66 @@ fn bulk(cluster: &dyn Cluster, p: &Path2, args: &BenchArgs) -> Result<Throughput
     })
 }
 
-fn latency(cluster: &dyn Cluster, p: &Path2, args: &BenchArgs) -> Result<Latency, BenchError> {
-    let a: Vec<String> = vec![
-        "load".into(),
-        L4Fixture::at(&p.server, ECHO_TCP),
-        "--rate".into(),
-        args.rate.to_string(),
-        "--connections".into(),
-        args.connections.to_string(),
-        "--payload".into(),
-        args.payload.to_string(),
-        "--duration".into(),
-        format!("{}ms", args.duration.as_millis()),
-        "--warmup".into(),
-        format!("{}ms", args.warmup.as_millis()),
-        "--distribution".into(),
-    ];
-    let timeout = (args.duration + args.warmup) * 2 + Duration::from_secs(30);
-    let r: LoadReport = probe::client(cluster, &p.client, &a, timeout)?;
-    let r = need_ok("the latency run", r.ok, &r.error.clone(), r)?;
-    Ok(Latency {
-        requests: r.requests,
-        errors: r.errors,
-        achieved_rate: r.achieved_rate,
-        p50_ms: ms(r.latency_us.p50),
-        p90_ms: ms(r.latency_us.p90),
-        p99_ms: ms(r.latency_us.p99),
-        p999_ms: ms(r.latency_us.p999),
-        max_ms: ms(r.latency_us.max),
-        distribution: r.distribution.unwrap_or_default(),
-    })
+/// One `client load` run from a client pod.
+struct LoadRun {
+    /// `host:port` (tcp) or a URL (http).
+    target: String,
+    /// `client load --protocol`.
+    protocol: &'static str,
+    /// Requests/s over all connections; `None`: as many as the connections
+    /// carry (`--saturate`).
+    rate: Option<f64>,
+    connections: u32,
+    payload: usize,
+    duration: Duration,
+    warmup: Duration,
+}
+
+impl LoadRun {
+    fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "load".into(),
+            self.target.clone(),
+            "--protocol".into(),
+            self.protocol.into(),
+            "--connections".into(),
+            self.connections.to_string(),
+            "--payload".into(),
+            self.payload.to_string(),
+            "--duration".into(),
+            format!("{}ms", self.duration.as_millis()),
+            "--warmup".into(),
+            format!("{}ms", self.warmup.as_millis()),
+            "--distribution".into(),
+        ];
+        match self.rate {
+            Some(rate) => a.extend(["--rate".into(), rate.to_string()]),
+            None => a.push("--saturate".into()),
+        }
+        a
+    }
+
+    fn run(
+        &self,
+        cluster: &dyn Cluster,
+        from: &PodInfo,
+        what: &str,
+    ) -> Result<Latency, BenchError> {
+        let timeout = (self.duration + self.warmup) * 2 + Duration::from_secs(30);
+        let r: LoadReport = probe::client(cluster, from, &self.args(), timeout)?;
+        let r = need_ok(what, r.ok, &r.error.clone(), r)?;
+        Ok(Latency {
+            requests: r.requests,
+            errors: r.errors,
+            achieved_rate: r.achieved_rate,
+            p50_ms: ms(r.latency_us.p50),
+            p90_ms: ms(r.latency_us.p90),
+            p99_ms: ms(r.latency_us.p99),
+            p999_ms: ms(r.latency_us.p999),
+            max_ms: ms(r.latency_us.max),
+            distribution: r.distribution.unwrap_or_default(),
+        })
+    }
 }
 
 fn connect_rate(
@@ -421,6 +567,11 @@ fn app_pid(cluster: &LocalCluster, pod: &PodInfo) -> Result<u32, BenchError> {
         })
 }
 
+/// The CPUs this machine gives the run.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ).
 fn ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
@@ -433,28 +584,26 @@ fn ticks_per_second() -> f64 {
 }
 
 /// Runs the benchmark and returns its report.
-pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchError> {
-    let profile = if args.debug {
-        Profile::Debug
-    } else {
-        Profile::Release
-    };
+/// Starts the local cluster with the mesh, from `run`'s binaries.
+fn start_cluster(run: &RunArgs, say: &dyn Fn(&str)) -> Result<LocalCluster, BenchError> {
+    let profile = run.profile();
     say(&format!(
         "starting the local cluster with the mesh ({profile:?} binaries)"
     ));
-    let cluster = LocalCluster::start(LocalClusterConfig {
+    Ok(LocalCluster::start(LocalClusterConfig {
         mesh: MeshMode::On(MeshConfig {
-            log: args.log.clone(),
+            log: run.log.clone(),
             ..MeshConfig::default()
         }),
         binaries: Binaries::new(profile),
         progress: Progress::new(|s| eprintln!("  {s}")),
         ..LocalClusterConfig::default()
-    })?;
-    say("creating the pods: client on node0, server on node1, once in the mesh and once not");
-    let mesh = create_path(&cluster, MESH_NS, true)?;
-    let direct = create_path(&cluster, DIRECT_NS, false)?;
-    let ztunnel_pids: Vec<(String, u32)> = cluster
+    })?)
+}
+
+/// Each node's ztunnel-rs: (node, pid).
+fn ztunnel_pids(cluster: &LocalCluster) -> Vec<(String, u32)> {
+    cluster
         .mesh()
         .map(|m| {
             m.nodes()
@@ -462,44 +611,54 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
                 .filter_map(|n| Some((n.node, n.ztunnel?.pid)))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Which end of a path from `client` a ztunnel on `node` serves.
+fn ztunnel_role(node: &str, client: &PodInfo) -> &'static str {
+    if node == client.node {
+        "source"
+    } else {
+        "destination"
+    }
+}
+
+/// Runs the benchmark and returns its report.
+pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchError> {
+    let run = &args.run;
+    let cluster = start_cluster(run, say)?;
+    say("creating the pods: client on node0, server on node1, once in the mesh and once not");
+    let mesh = create_path(&cluster, MESH_NS, true)?;
+    let direct = create_path(&cluster, DIRECT_NS, false)?;
+    let ztunnel_pids = ztunnel_pids(&cluster);
     let hz = ticks_per_second();
 
     say(&format!(
         "latency at {} requests/s, {} B payloads, {} connections: direct, then mesh",
-        args.rate, args.payload, args.connections
+        run.rate, run.payload, run.connections
     ));
-    let run_seconds = (args.duration + args.warmup).as_secs_f64();
+    let latency = |p: &Path2| {
+        run.fixed_rate(L4Fixture::at(&p.server, ECHO_TCP), "tcp")
+            .run(&cluster, &p.client, "the latency run")
+    };
+    let run_seconds = run.run_seconds();
     let (direct_latency, direct_app) =
         cpu_during(&[app_pid(&cluster, &direct.server)?], hz, || {
-            latency(&cluster, &direct, args)
+            latency(&direct)
         })?;
     let mut watched: Vec<u32> = ztunnel_pids.iter().map(|(_, pid)| *pid).collect();
     watched.push(app_pid(&cluster, &mesh.server)?);
-    let (mesh_latency, spent) = cpu_during(&watched, hz, || latency(&cluster, &mesh, args))?;
-    let per_1000 = |rate: f64| 1000.0 / rate.max(1e-9);
-    let mesh_scale = per_1000(mesh_latency.achieved_rate);
+    let (mesh_latency, spent) = cpu_during(&watched, hz, || latency(&mesh))?;
     let mut ztunnels = Vec::new();
     for ((node, pid), cpu) in ztunnel_pids.iter().zip(&spent) {
-        let memory = Memory::read(*pid)?;
-        let vcpu = cpu.total() / run_seconds;
-        ztunnels.push(ZtunnelUsage {
-            node: node.clone(),
-            role: if *node == mesh.client.node {
-                "source"
-            } else {
-                "destination"
-            }
-            .into(),
-            cpu_user_seconds: cpu.user,
-            cpu_system_seconds: cpu.system,
-            vcpu,
-            vcpu_per_1000_rps: vcpu * mesh_scale,
-            peak_rss_mb: memory.peak,
-            peak_rss_mb_per_1000_rps: memory.peak * mesh_scale,
-            rss_anon_mb: memory.anon,
-            rss_file_mb: memory.file,
-        });
+        ztunnels.push(ProcessUsage::new(
+            node,
+            ztunnel_role(node, &mesh.client),
+            *cpu,
+            Memory::read(*pid)?,
+            run_seconds,
+            mesh_latency.achieved_rate,
+        ));
     }
     // After the latency run: the buffers of a bulk transfer would otherwise
     // count in the memory per 1,000 requests/s.
@@ -508,9 +667,12 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
         direct: bulk(&cluster, &direct, args)?,
         mesh: bulk(&cluster, &mesh, args)?,
     };
+    let app_vcpu = |cpu: &CpuTime, rate: f64| cpu.total() / run_seconds * per_1000(rate);
     let server_app_vcpu_per_1000_rps = Pair {
-        direct: direct_app[0].total() / run_seconds * per_1000(direct_latency.achieved_rate),
-        mesh: spent.last().map_or(0.0, |c| c.total()) / run_seconds * mesh_scale,
+        direct: app_vcpu(&direct_app[0], direct_latency.achieved_rate),
+        mesh: spent
+            .last()
+            .map_or(0.0, |c| app_vcpu(c, mesh_latency.achieved_rate)),
     };
     let latency = Pair {
         direct: direct_latency,
@@ -523,11 +685,11 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
     };
     let goals = goals(&throughput, &latency, &ztunnels);
     Ok(BenchReport {
-        profile: format!("{profile:?}").to_lowercase(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        rate: args.rate,
-        connections: args.connections,
-        payload_bytes: args.payload,
+        profile: run.profile_name(),
+        cpus: cpus(),
+        rate: run.rate,
+        connections: run.connections,
+        payload_bytes: run.payload,
         throughput,
         latency,
         connect_rate: connect,
@@ -540,7 +702,7 @@ pub fn run(args: &BenchArgs, say: &dyn Fn(&str)) -> Result<BenchReport, BenchErr
 fn goals(
     throughput: &Pair<Throughput>,
     latency: &Pair<Latency>,
-    ztunnels: &[ZtunnelUsage],
+    ztunnels: &[ProcessUsage],
 ) -> Vec<Goal> {
     let added = |f: fn(&Latency) -> f64| f(&latency.mesh) - f(&latency.direct);
     let mut goals = vec![
@@ -558,18 +720,22 @@ fn goals(
         },
     ];
     for z in ztunnels {
-        goals.push(Goal {
-            name: format!("ztunnel CPU per 1,000 rps ({}, {})", z.node, z.role),
-            goal: format!("<= {GOAL_VCPU_PER_1000_RPS} vCPU"),
-            measured: format!("{:.3} vCPU", z.vcpu_per_1000_rps),
-            met: Some(z.vcpu_per_1000_rps <= GOAL_VCPU_PER_1000_RPS),
-        });
-        goals.push(Goal {
-            name: format!("ztunnel peak RSS per 1,000 rps ({}, {})", z.node, z.role),
-            goal: format!("<= {GOAL_MB_PER_1000_RPS} MB"),
-            measured: format!("{:.1} MB", z.peak_rss_mb_per_1000_rps),
-            met: Some(z.peak_rss_mb_per_1000_rps <= GOAL_MB_PER_1000_RPS),
-        });
+        goals.push(Goal::at_most(
+            format!("ztunnel CPU per 1,000 rps ({}, {})", z.node, z.role),
+            GOAL_VCPU_PER_1000_RPS,
+            "",
+            z.vcpu_per_1000_rps,
+            "vCPU",
+            3,
+        ));
+        goals.push(Goal::at_most(
+            format!("ztunnel peak RSS per 1,000 rps ({}, {})", z.node, z.role),
+            GOAL_MB_PER_1000_RPS,
+            "",
+            z.peak_rss_mb_per_1000_rps,
+            "MB",
+            1,
+        ));
     }
     goals.push(Goal {
         name: "bulk throughput, mesh / direct".into(),
@@ -657,11 +823,7 @@ pub fn table(r: &BenchReport) -> String {
             format!("ztunnel {} ({}) CPU", z.node, z.role),
             String::new(),
             format!("{:.3} vCPU", z.vcpu),
-            format!(
-                "{:.0}% in the kernel",
-                100.0 * z.cpu_system_seconds
-                    / (z.cpu_user_seconds + z.cpu_system_seconds).max(1e-9)
-            ),
+            format!("{:.0}% in the kernel", z.kernel_percent()),
         ]);
         rows.push(vec![
             format!("ztunnel {} ({}) memory", z.node, z.role),
@@ -671,8 +833,22 @@ pub fn table(r: &BenchReport) -> String {
         ]);
     }
     let figures = render(&columns, &rows).replace("\n\n", "\n");
-    let goal_rows: Vec<Vec<String>> = r
-        .goals
+    format!(
+        "L4 benchmark ({} build, {} CPUs; {} requests/s, {} B payloads, {} connections; all paths cross-node)\n\n{figures}\n{}",
+        r.profile,
+        r.cpus,
+        r.rate,
+        r.payload_bytes,
+        r.connections,
+        goals_table(&r.goals)
+    )
+}
+
+/// The goals, each with what was measured and whether it was met.
+fn goals_table(goals: &[Goal]) -> String {
+    use crate::demo::table::{Column, render};
+    let col = |heading, width| Column { heading, width };
+    let goal_rows: Vec<Vec<String>> = goals
         .iter()
         .map(|g| {
             vec![
@@ -688,44 +864,129 @@ pub fn table(r: &BenchReport) -> String {
             ]
         })
         .collect();
-    let goals = render(
+    render(
         &[
             col("GOAL", 44),
-            col("TARGET", 30),
+            col("TARGET", 44),
             col("MEASURED", 28),
             col("", 6),
         ],
         &goal_rows,
     )
-    .replace("\n\n", "\n");
-    format!(
-        "L4 benchmark ({} build, {} CPUs; {} requests/s, {} B payloads, {} connections; all paths cross-node)\n\n{figures}\n{goals}",
-        r.profile, r.cpus, r.rate, r.payload_bytes, r.connections
-    )
+    .replace("\n\n", "\n")
 }
 
 /// Writes `l4.json` and `l4-latency.svg` into `dir`; returns their paths.
-pub fn write(r: &BenchReport, dir: &Path) -> Result<(PathBuf, PathBuf), BenchError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BenchError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let json = dir.join("l4.json");
-    let text = serde_json::to_string_pretty(r).expect("the report serializes");
-    std::fs::write(&json, text + "\n").map_err(io(&json))?;
-    let chart = dir.join("l4-latency.svg");
+pub fn write(r: &BenchReport, dir: &Path) -> Result<Files, BenchError> {
     let title = format!(
         "Request latency at {} requests/s, {} B, {} connections (cross-node)",
         r.rate, r.payload_bytes, r.connections
     );
-    let svg = svg::latency_chart(
+    write_files(
+        r,
+        dir,
+        "l4",
         &title,
         &[
             ("direct", r.latency.direct.distribution.as_slice()),
             ("mesh", r.latency.mesh.distribution.as_slice()),
         ],
-    );
-    std::fs::write(&chart, svg).map_err(io(&chart))?;
+    )
+}
+
+/// Writes `<name>.json` (the report) and `<name>-latency.svg` (the chart
+/// of `series`) into `dir`; returns their paths.
+fn write_files<R: Serialize>(
+    report: &R,
+    dir: &Path,
+    name: &str,
+    title: &str,
+    series: &[(&str, &[Quantile])],
+) -> Result<Files, BenchError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BenchError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let json = dir.join(format!("{name}.json"));
+    let text = serde_json::to_string_pretty(report).expect("the report serializes");
+    std::fs::write(&json, text + "\n").map_err(io(&json))?;
+    let chart = dir.join(format!("{name}-latency.svg"));
+    std::fs::write(&chart, svg::latency_chart(title, series)).map_err(io(&chart))?;
     Ok((json, chart))
+}
+
+/// The `main` of a benchmark binary (`bench-<name>`): enters the privileges
+/// the local cluster needs (re-running itself in a user namespace when it
+/// must), runs the benchmark with progress on stderr, prints the table and
+/// writes the files (into `out`, else `<workspace>/target/bench-<name>`).
+pub fn main<R>(
+    name: &str,
+    out: Option<PathBuf>,
+    run: impl FnOnce(&dyn Fn(&str)) -> Result<R, BenchError>,
+    table: fn(&R) -> String,
+    write: fn(&R, &Path) -> Result<Files, BenchError>,
+) -> anyhow::Result<()> {
+    if let Some(status) = crate::privilege::enter_for_binary()? {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let start = std::time::Instant::now();
+    let say = |step: &str| eprintln!("[{:>6.1}s] {step}", start.elapsed().as_secs_f64());
+    let report = run(&say)?;
+    println!("{}", table(&report));
+    let dir = out.unwrap_or_else(|| Binaries::default().target_dir.join(format!("bench-{name}")));
+    let (json, svg) = write(&report, &dir)?;
+    println!("JSON: {}\nlatency chart: {}", json.display(), svg.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_scaled_to_1000_requests_per_second() {
+        let cpu = CpuTime {
+            user: 3.0,
+            system: 1.0,
+        };
+        let memory = Memory {
+            peak: 24.0,
+            anon: 16.0,
+            file: 8.0,
+        };
+        // 4 CPU seconds over 20 s at 500 requests/s.
+        let u = ProcessUsage::new("node0", "waypoint", cpu, memory, 20.0, 500.0);
+        assert_eq!(u.vcpu, 0.2);
+        assert_eq!(u.vcpu_per_1000_rps, 0.4);
+        assert_eq!(u.peak_rss_mb_per_1000_rps, 48.0);
+        assert_eq!(u.kernel_percent(), 25.0);
+        assert_eq!((u.node.as_str(), u.role.as_str()), ("node0", "waypoint"));
+    }
+
+    #[test]
+    fn a_load_run_asks_for_a_rate_or_for_saturation() {
+        let mut run = LoadRun {
+            target: "http://10.0.0.1:8080/".into(),
+            protocol: "http",
+            rate: Some(1000.0),
+            connections: 4,
+            payload: 1024,
+            duration: Duration::from_secs(20),
+            warmup: Duration::from_secs(2),
+        };
+        let args = run.args();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].as_str())
+        };
+        assert_eq!(after("--rate"), Some("1000"));
+        assert_eq!(after("--protocol"), Some("http"));
+        assert_eq!(after("--duration"), Some("20000ms"));
+        assert!(!args.contains(&"--saturate".to_string()));
+        run.rate = None;
+        let args = run.args();
+        assert!(args.contains(&"--saturate".to_string()) && !args.contains(&"--rate".to_string()));
+    }
 }

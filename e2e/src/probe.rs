@@ -40,6 +40,32 @@ pub enum ProbeError {
     Unexpected { what: String, detail: String },
 }
 
+/// Waits until the pod `namespace/name` exists (a controller may still be
+/// starting it, as for a provisioned waypoint) and passes its readiness
+/// probe; returns it.
+pub fn until_pod_ready(
+    cluster: &dyn Cluster,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<PodInfo, ProbeError> {
+    eventually(
+        &format!("the pod {namespace}/{name} to be Ready"),
+        timeout,
+        || {
+            let Some(pod) = cluster.pod(namespace, name) else {
+                return Ok(Err("not running yet".into()));
+            };
+            let outcome = cluster.probe_readiness(namespace, name)?;
+            Ok(if outcome.passed {
+                Ok(pod)
+            } else {
+                Err(format!("readiness: {outcome:?}"))
+            })
+        },
+    )
+}
+
 /// Polls `check` until it returns `Ok(value)`; `Err(why)` means "not yet,
 /// because ...", reported if `timeout` passes first. Errors of the cluster
 /// itself end the wait at once.

@@ -42,6 +42,11 @@ const BENCHES: &[(&str, Runner, &str)] = &[
         Runner::LocalCluster { binary: "bench-l4" },
         "local cluster, mesh vs direct: bulk throughput, latency at 1,000 rps, new connections/s, ztunnel CPU and memory",
     ),
+    (
+        "l7",
+        Runner::LocalCluster { binary: "bench-l7" },
+        "local cluster, waypoint vs L4 mesh vs direct: HTTP/1.1 and gRPC at 1,000 rps and at saturation, waypoint CPU and memory",
+    ),
 ];
 
 pub fn run(args: &[String]) -> Result<()> {

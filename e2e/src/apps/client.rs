@@ -656,6 +656,35 @@ pub struct LoadPlan {
     /// Include the latency distribution in the report.
     #[arg(long)]
     pub distribution: bool,
+    /// Ignore `--rate`: each connection sends its next request as soon as
+    /// the previous answer is in (a closed loop), to find the most the path
+    /// carries with this many connections.
+    #[arg(long)]
+    pub saturate: bool,
+}
+
+/// When one load connection sends its requests.
+#[derive(Clone, Copy, Debug)]
+enum Pace {
+    /// On a fixed schedule: at `next`, then every `interval`.
+    Fixed { next: Instant, interval: Duration },
+    /// As soon as the previous answer is in.
+    Saturate,
+}
+
+impl Pace {
+    /// When the next request goes, given the time `now`; `None` once the
+    /// run (which ends at `end`) is over.
+    fn next(&mut self, now: Instant, end: Instant) -> Option<Instant> {
+        match self {
+            Pace::Fixed { next, interval } => {
+                let at = *next;
+                *next += *interval;
+                (at < end).then_some(at)
+            }
+            Pace::Saturate => (now < end).then_some(now),
+        }
+    }
 }
 
 /// What one connection's worker measured.
@@ -760,18 +789,25 @@ impl LoadConn {
 
 async fn load_worker(plan: &LoadPlan, index: u32, start: Instant) -> Tally {
     let mut tally = Tally::default();
-    let per_conn_rate = plan.rate / f64::from(plan.connections);
-    let interval = Duration::from_secs_f64(1.0 / per_conn_rate);
     let end = start + plan.warmup + plan.duration;
     let measure_from = start + plan.warmup;
     let payload = Bytes::from(pattern(plan.payload));
     let mut reply = vec![0u8; plan.payload];
-    // Stagger the connections evenly within one interval.
-    let mut next = start + interval.mul_f64(f64::from(index) / f64::from(plan.connections));
+    let mut pace = if plan.saturate {
+        Pace::Saturate
+    } else {
+        let per_conn_rate = plan.rate / f64::from(plan.connections);
+        let interval = Duration::from_secs_f64(1.0 / per_conn_rate);
+        // Stagger the connections evenly within one interval.
+        Pace::Fixed {
+            next: start + interval.mul_f64(f64::from(index) / f64::from(plan.connections)),
+            interval,
+        }
+    };
     let mut conn: Option<LoadConn> = None;
-    while next < end {
-        tokio::time::sleep_until(next).await;
-        next += interval;
+    tokio::time::sleep_until(start).await;
+    while let Some(at) = pace.next(Instant::now(), end) {
+        tokio::time::sleep_until(at).await;
         if conn.is_none() {
             match LoadConn::open(plan).await {
                 Ok(c) => conn = Some(c),
@@ -782,13 +818,17 @@ async fn load_worker(plan: &LoadPlan, index: u32, start: Instant) -> Tally {
             }
         }
         let c = conn.as_mut().expect("just opened");
+        // Measured by when it was due: a request of the warm-up sent late
+        // (the path was slow to start) is still the warm-up's, so the rate
+        // achieved is never above the rate asked.
+        let measured = at >= measure_from;
         let t0 = Instant::now();
         match c.exchange(&payload, &mut reply).await {
-            Ok(()) if t0 >= measure_from => tally.samples.push(micros(t0.elapsed())),
+            Ok(()) if measured => tally.samples.push(micros(t0.elapsed())),
             Ok(()) => {}
             Err(e) => {
                 conn = None;
-                if t0 >= measure_from {
+                if measured {
                     tally.error(e);
                 }
             }
@@ -803,18 +843,20 @@ async fn load(plan: LoadPlan) -> LoadReport {
         protocol: format!("{:?}", plan.protocol).to_lowercase(),
         target: plan.target.clone(),
         connections: plan.connections,
-        rate: plan.rate,
+        rate: if plan.saturate { 0.0 } else { plan.rate },
+        saturate: plan.saturate,
         payload_bytes: plan.payload as u64,
         duration_s: plan.duration.as_secs_f64(),
         ..Default::default()
     };
     if plan.connections == 0
-        || !plan.rate.is_finite()
-        || plan.rate <= 0.0
+        || !(plan.saturate || plan.rate.is_finite() && plan.rate > 0.0)
         || (plan.protocol == Protocol::Tcp && plan.payload == 0)
     {
-        report.error =
-            Some("need --connections >= 1, --rate > 0 and (for tcp) --payload >= 1".into());
+        report.error = Some(
+            "need --connections >= 1, --rate > 0 (or --saturate) and (for tcp) --payload >= 1"
+                .into(),
+        );
         return report;
     }
     let start = Instant::now() + Duration::from_millis(5);
@@ -1254,11 +1296,33 @@ mod tests {
             payload: 1024,
             warmup: Duration::ZERO,
             distribution: false,
+            saturate: false,
         };
         let report = load(plan).await;
         assert!(report.trouble().is_none(), "{report:?}");
         assert_eq!(report.protocol, "grpc");
         assert!(report.requests > 0);
+    }
+
+    #[test]
+    fn a_fixed_pace_keeps_its_schedule_and_saturation_goes_at_once() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let end = ms(10);
+        let mut fixed = Pace::Fixed {
+            next: ms(1),
+            interval: Duration::from_millis(4),
+        };
+        // On schedule whatever the time now (late sends catch up), and
+        // nothing at or after the end.
+        assert_eq!(fixed.next(ms(0), end), Some(ms(1)));
+        assert_eq!(fixed.next(ms(8), end), Some(ms(5)));
+        assert_eq!(fixed.next(ms(8), end), Some(ms(9)));
+        assert_eq!(fixed.next(ms(9), end), None);
+        let mut saturate = Pace::Saturate;
+        assert_eq!(saturate.next(ms(3), end), Some(ms(3)));
+        assert_eq!(saturate.next(ms(3), end), Some(ms(3)));
+        assert_eq!(saturate.next(ms(10), end), None);
     }
 
     #[test]

@@ -14,7 +14,9 @@ const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 /// Where "max" (the 100th percentile) sits on the nines axis.
 const MAX_NINES: f64 = 4.5;
-const COLOURS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+const COLOURS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+];
 
 /// A percentile's position on the nines axis: -log10(1 - p/100).
 fn nines(percentile: f64) -> f64 {
