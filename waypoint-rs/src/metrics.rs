@@ -11,7 +11,7 @@
 //!
 //! Source labels come from the HBONE peer (its certificate and the workload
 //! at its address), destination labels from the endpoint the request went
-//! to. Unknown values are `unknown`, as upstream writes them.
+//! to. Unknown values are `unknown`.
 
 use std::sync::Arc;
 

@@ -53,7 +53,7 @@ const WAYPOINT: &str = "bench-waypoint";
 const L4_SERVICE: &str = "server-l4";
 /// The Service bound to the waypoint.
 const WAYPOINT_SERVICE: &str = "server-waypoint";
-/// The requests metric waypoint-rs reports, as upstream names it.
+/// The requests metric waypoint-rs reports (Istio's standard name).
 const REQUESTS: &str = "istio_requests_total";
 /// Unmeasured start of each saturation run.
 const SATURATION_WARMUP: Duration = Duration::from_secs(1);
@@ -115,7 +115,7 @@ impl Protocol {
     }
 
     /// The echo server's port, and the Services' port name that tells the
-    /// mesh the protocol (as upstream reads port names).
+    /// mesh the protocol (the port-name prefix declares it).
     fn port(self) -> (u16, &'static str) {
         match self {
             Protocol::Http => (ECHO_HTTP, "http"),

@@ -58,7 +58,7 @@ pub const L7_NS: &str = "l7";
 const WAYPOINT: &str = "echo-waypoint";
 /// The Service bound to the waypoint.
 const SERVICE: &str = "echo";
-/// The requests metric waypoint-rs reports, as upstream names it.
+/// The requests metric waypoint-rs reports (Istio's standard name).
 const REQUESTS: &str = "istio_requests_total";
 /// The body of a request an AuthorizationPolicy refused (upstream's).
 const DENIED_BODY: &str = "RBAC: access denied";
