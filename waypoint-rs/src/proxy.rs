@@ -38,8 +38,8 @@ use crate::metrics::{HttpLabels, Metrics, Peers};
 use crate::request::{Authn, Authz, Downstream, Protocol, Refusal, ResponseFlag, Target};
 use crate::upstream::retry::{self, Head};
 use crate::upstream::{
-    Body, BoxError, Clients, Destination, Endpoint, Error, RequestBody, RetryPolicy, Upstream,
-    UpstreamConfig,
+    Body, BoxError, Clients, Destination, Endpoint, Error, Limits, RequestBody, RetryPolicy,
+    Upstream, UpstreamConfig,
 };
 
 /// The data path's settings (from [`crate::args::WaypointArgs`]).
@@ -281,7 +281,11 @@ impl Proxy {
             Ok(body) => body,
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
-        let head = upstream_head(&parts, &served.target);
+        // The client's protocol, unless the DestinationRule upgrades
+        // HTTP/1.1 to HTTP/2 (`h2UpgradePolicy: UPGRADE`).
+        let http2 =
+            parts.version == Version::HTTP_2 || destination.limits.settings.upgrade_to_http2;
+        let head = upstream_head(&parts, &served.target, http2);
         if let Some(route) = route {
             self.mirror(route, &snapshot, &served.target, &head, &body, &downstream);
         }
@@ -381,7 +385,7 @@ impl Proxy {
 
     /// The endpoints a routing decision sends to, with the destination's
     /// DestinationRule applied: subset, load balancer, outlier detection,
-    /// `http2MaxRequests`.
+    /// connection pool.
     pub(crate) fn destination<B>(
         &self,
         snapshot: &Snapshot,
@@ -396,7 +400,8 @@ impl Proxy {
                     port: *port,
                     protocol: Protocol::Detect,
                 };
-                return resolve(snapshot, &target);
+                let limits = self.upstream.limits(&format!("{uid}:{port}"), None);
+                return resolve(snapshot, &target, limits);
             }
             route::Destination::Service {
                 service,
@@ -410,9 +415,18 @@ impl Proxy {
             port,
             protocol: Protocol::Detect,
         };
-        let mut resolved = resolve(snapshot, &target)?;
         let l7 = self.l7.snapshot();
         let traffic = l7.traffic_policy(service);
+        let policy = traffic
+            .map(|t| t.effective(port, subset.as_deref()))
+            .unwrap_or_default();
+        // Envoy's cluster: the service port, and the subset when routed to.
+        let key = match subset {
+            Some(subset) => format!("{service}:{port}#{subset}"),
+            None => format!("{service}:{port}"),
+        };
+        let limits = self.upstream.limits(&key, policy.connection_pool.as_ref());
+        let mut resolved = resolve(snapshot, &target, limits)?;
         if let Some(subset) = subset {
             // A subset the DestinationRule does not define selects nothing.
             let members = traffic.and_then(|t| t.subset(subset));
@@ -420,17 +434,10 @@ impl Proxy {
                 .endpoints
                 .retain(|e| members.is_some_and(|m| m.workload_uids.contains(&e.workload.uid)));
         }
-        let policy = traffic
-            .map(|t| t.effective(port, subset.as_deref()))
-            .unwrap_or_default();
         resolved.hash = match policy.load_balancer() {
             LoadBalancer::ConsistentHash(hash) => hash.key.hash(request, downstream.address.ip()),
             LoadBalancer::Simple(_) => None,
         };
-        resolved.max_requests = policy
-            .connection_pool
-            .as_ref()
-            .and_then(|pool| pool.http2_max_requests);
         resolved.balancer = Some(self.balancer(service.to_string(), port, subset.clone(), policy));
         Ok(resolved)
     }
@@ -471,6 +478,11 @@ impl Proxy {
             Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
         };
         record.peers.destination = Some(endpoint.workload.clone());
+        // The upgraded stream holds a connection of its own to the end.
+        let connection = match destination.limits.open_connection_now() {
+            Ok(connection) => connection,
+            Err(error) => return record.local_reply(error.status(), error.body(), error.flag()),
+        };
         let client_side = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let mut head = parts.clone_head();
@@ -479,7 +491,7 @@ impl Proxy {
             head.uri = origin_form(&parts.uri);
         }
         head.version = Version::HTTP_11;
-        let forwarded = match self.upgrade_request(endpoint, head).await {
+        let forwarded = match self.upgrade_request(destination, endpoint, head).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(?error, "upgrade failed");
@@ -495,7 +507,7 @@ impl Proxy {
             let received = record.received.clone();
             let sent = record.sent_upgraded.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, connection);
                 let (Ok(client), Ok(server)) = tokio::join!(client_side, endpoint_side) else {
                     return;
                 };
@@ -518,17 +530,22 @@ impl Proxy {
 
     async fn upgrade_request(
         &self,
+        destination: &Destination,
         endpoint: &Endpoint,
         head: Head,
     ) -> Result<Response<Incoming>, Error> {
-        let stream = self.upstream.tunnel(endpoint).await?;
+        let stream = self.upstream.tunnel(endpoint, &destination.limits).await?;
         let request = head.request(empty());
         Clients::send_upgrade(stream, endpoint.target, request).await
     }
 }
 
 /// The service's ready endpoints on the addressed port, or the workload.
-pub fn resolve(snapshot: &Snapshot, target: &Target) -> Result<Destination, Error> {
+pub fn resolve(
+    snapshot: &Snapshot,
+    target: &Target,
+    limits: Arc<Limits>,
+) -> Result<Destination, Error> {
     match target {
         Target::Service {
             namespace,
@@ -563,7 +580,7 @@ pub fn resolve(snapshot: &Snapshot, target: &Target) -> Result<Destination, Erro
                 endpoints,
                 balancer: None,
                 hash: None,
-                max_requests: None,
+                limits,
             })
         }
         Target::Workload { uid, port, .. } => {
@@ -586,7 +603,7 @@ pub fn resolve(snapshot: &Snapshot, target: &Target) -> Result<Destination, Erro
                 endpoints,
                 balancer: None,
                 hash: None,
-                max_requests: None,
+                limits,
             })
         }
     }
@@ -676,11 +693,11 @@ impl CloneHead for http::request::Parts {
     }
 }
 
-/// The request head as the endpoint gets it: the same protocol as the
-/// client spoke, hop-by-hop headers dropped, the URI in the form that
-/// protocol wants (HTTP/1.1 origin form with `Host`; HTTP/2 absolute
-/// with the client's authority).
-fn upstream_head(parts: &http::request::Parts, target: &Target) -> Head {
+/// The request head as the endpoint gets it: HTTP/2 or HTTP/1.1,
+/// hop-by-hop headers dropped, the URI in the form that protocol wants
+/// (HTTP/1.1 origin form with `Host`; HTTP/2 absolute with the client's
+/// authority).
+fn upstream_head(parts: &http::request::Parts, target: &Target, http2: bool) -> Head {
     let mut head = parts.clone_head();
     strip_hop_by_hop(&mut head.headers);
     let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
@@ -690,7 +707,8 @@ fn upstream_head(parts: &http::request::Parts, target: &Target) -> Head {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
     });
-    if parts.version == Version::HTTP_2 {
+    if http2 {
+        head.version = Version::HTTP_2;
         let authority = authority.unwrap_or_else(|| format!("localhost:{}", target.port()));
         let path = parts
             .uri

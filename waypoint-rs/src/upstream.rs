@@ -11,9 +11,11 @@
 //! `UH` 503 "no healthy upstream", connect failure `UF` 503, connection
 //! ended mid-request `UC` 503, circuit breaker `UO` 503, timeout `UT` 504
 //! "upstream request timeout". Tries, backoff and the replayable body are
-//! in [`retry`].
+//! in [`retry`]; the destination's connection pool and circuit breakers in
+//! [`limits`].
 
 pub mod client;
+pub mod limits;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -28,12 +30,14 @@ use http::StatusCode;
 use proxy_core::hbone::{HboneError, HbonePool, HboneStream, HboneTarget};
 use proxy_core::identity::{CertificateManager, FetchError};
 use proxy_core::store::{Service, Workload};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::balance::{DestinationBalancer, Outcome, Picked, Weighted};
+use crate::config::ConnectionPool;
 use crate::request::ResponseFlag;
 
 pub use client::Clients;
+pub use limits::{Breaker, Limits, PoolSettings};
 pub use retry::{Forwarded, RequestBody, RetryPolicy};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -65,10 +69,12 @@ pub struct UpstreamConfig {
 pub enum Error {
     #[error("no healthy endpoint of {destination} serves port {port}")]
     NoHealthyEndpoint { destination: String, port: u16 },
-    #[error(
-        "{destination} already has {limit} requests in flight (--max-requests-per-destination): refused"
-    )]
-    Overflow { destination: String, limit: u32 },
+    #[error("{destination} already has {limit} {breaker}: refused")]
+    Overflow {
+        destination: String,
+        breaker: Breaker,
+        limit: u32,
+    },
     #[error("the waypoint has no certificate of its own: {0}")]
     Certificate(#[from] FetchError),
     #[error("HBONE to endpoint {endpoint} failed: {source}")]
@@ -76,6 +82,11 @@ pub enum Error {
         endpoint: SocketAddr,
         #[source]
         source: HboneError,
+    },
+    #[error("HBONE to endpoint {endpoint} was not set up within the connect timeout {timeout:?}")]
+    ConnectTimeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
     },
     #[error("HTTP set-up with endpoint {endpoint} failed: {source}")]
     Handshake {
@@ -105,9 +116,10 @@ impl Error {
         match self {
             Error::NoHealthyEndpoint { .. } => ResponseFlag::NoHealthyUpstream,
             Error::Overflow { .. } => ResponseFlag::UpstreamOverflow,
-            Error::Certificate(_) | Error::Connect { .. } | Error::Handshake { .. } => {
-                ResponseFlag::UpstreamConnectionFailure
-            }
+            Error::Certificate(_)
+            | Error::Connect { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::Handshake { .. } => ResponseFlag::UpstreamConnectionFailure,
             Error::Request { .. } => ResponseFlag::UpstreamConnectionTermination,
             Error::PerTryTimeout { .. } | Error::RequestTimeout { .. } => {
                 ResponseFlag::UpstreamRequestTimeout
@@ -137,6 +149,9 @@ impl Error {
             Error::Certificate(_) | Error::Connect { .. } | Error::Handshake { .. } => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }
+            Error::ConnectTimeout { .. } => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+            }
             Error::Request { .. } => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
@@ -153,6 +168,7 @@ impl Error {
     fn outcome(&self) -> Option<Outcome> {
         match self {
             Error::Connect { .. }
+            | Error::ConnectTimeout { .. }
             | Error::Handshake { .. }
             | Error::Request { .. }
             | Error::PerTryTimeout { .. } => Some(Outcome::LocalOriginFailure),
@@ -176,8 +192,8 @@ pub struct Destination {
     pub balancer: Option<Arc<DestinationBalancer>>,
     /// The request's consistent-hash key, when the balancer hashes.
     pub hash: Option<u64>,
-    /// The DestinationRule's `http2MaxRequests`, else the flag's limit.
-    pub max_requests: Option<u32>,
+    /// Its connection pool and circuit breakers.
+    pub limits: Arc<Limits>,
 }
 
 impl Destination {
@@ -225,8 +241,16 @@ pub struct Upstream {
     identity: SpiffeId,
     pub(crate) clients: Arc<Clients>,
     pub config: UpstreamConfig,
-    breakers: Mutex<HashMap<(String, u32), Arc<Semaphore>>>,
+    limits: Mutex<LimitsByDestination>,
     next: AtomicUsize,
+}
+
+/// Every destination's [`Limits`], by [`Upstream::limits`] key.
+#[derive(Default)]
+struct LimitsByDestination {
+    by_key: HashMap<String, Arc<Limits>>,
+    /// Past this many, those no request or connection holds are forgotten.
+    prune_at: usize,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -254,36 +278,39 @@ impl Upstream {
             pool,
             certificates,
             identity,
-            clients: Arc::new(Clients::new(
-                config.max_idle_connections_per_endpoint,
-                config.idle_timeout,
-            )),
+            clients: Arc::new(Clients::new(config.max_idle_connections_per_endpoint)),
             config,
-            breakers: Mutex::new(HashMap::new()),
+            limits: Mutex::new(LimitsByDestination::default()),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The circuit breakers of destination `key` (a service port and
+    /// subset, or a workload port) with `pool`'s settings: the same ones
+    /// for every request while the settings stay; new ones (counting from
+    /// zero) when they change.
+    pub fn limits(&self, key: &str, pool: Option<&ConnectionPool>) -> Arc<Limits> {
+        let settings = PoolSettings::new(pool, &self.config);
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = limits.by_key.get(key)
+            && current.settings == settings
+        {
+            return current.clone();
+        }
+        if limits.by_key.len() >= limits.prune_at {
+            limits.by_key.retain(|_, l| Arc::strong_count(l) > 1);
+            limits.prune_at = (limits.by_key.len() * 2).max(64);
+        }
+        let fresh = Arc::new(Limits::new(key.to_string(), settings));
+        limits.by_key.insert(key.to_string(), fresh.clone());
+        fresh
     }
 
     /// A place among the destination's in-flight requests, or `UO` at once
     /// when they are all taken (a circuit breaker: never a queue). Held
     /// until the response has been passed on.
     pub fn admit(&self, destination: &Destination) -> Result<OwnedSemaphorePermit, Error> {
-        let limit = destination
-            .max_requests
-            .unwrap_or(self.config.max_requests_per_destination);
-        let semaphore = {
-            let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
-            breakers
-                .entry((destination.name.clone(), limit))
-                .or_insert_with(|| {
-                    Arc::new(Semaphore::new((limit as usize).min(Semaphore::MAX_PERMITS)))
-                })
-                .clone()
-        };
-        semaphore.try_acquire_owned().map_err(|_| Error::Overflow {
-            destination: destination.name.clone(),
-            limit,
-        })
+        destination.limits.admit()
     }
 
     /// An endpoint for the next try, preferring one not tried yet for this
@@ -333,26 +360,42 @@ impl Upstream {
         Ok((fresh.unwrap_or(&endpoints[start % endpoints.len()]), None))
     }
 
-    /// An HBONE tunnel to `endpoint`, as the waypoint itself.
-    pub async fn tunnel(&self, endpoint: &Endpoint) -> Result<HboneStream, Error> {
-        let certificate = self.certificates.fetch(&self.identity).await?;
-        let target = HboneTarget {
-            identity: endpoint.workload.identity.clone(),
-            address: SocketAddr::new(endpoint.target.ip(), self.config.hbone_port),
-            authority: endpoint.target,
+    /// An HBONE tunnel to `endpoint`, as the waypoint itself, set up
+    /// within the destination's connect timeout (when it has one: the
+    /// HBONE pool's `--connect-timeout` bounds it as well).
+    pub async fn tunnel(&self, endpoint: &Endpoint, limits: &Limits) -> Result<HboneStream, Error> {
+        let connect = async {
+            let certificate = self.certificates.fetch(&self.identity).await?;
+            let target = HboneTarget {
+                identity: endpoint.workload.identity.clone(),
+                address: SocketAddr::new(endpoint.target.ip(), self.config.hbone_port),
+                authority: endpoint.target,
+            };
+            self.pool
+                .connect(&certificate, &target)
+                .await
+                .map_err(|source| Error::Connect {
+                    endpoint: endpoint.target,
+                    source,
+                })
         };
-        self.pool
-            .connect(&certificate, &target)
-            .await
-            .map_err(|source| Error::Connect {
-                endpoint: endpoint.target,
-                source,
-            })
+        match limits.settings.connect_timeout {
+            None => connect.await,
+            Some(timeout) => {
+                tokio::time::timeout(timeout, connect)
+                    .await
+                    .unwrap_or(Err(Error::ConnectTimeout {
+                        endpoint: endpoint.target,
+                        timeout,
+                    }))
+            }
+        }
     }
 
     /// One try: the request to `endpoint`, over the cached connection.
     pub async fn send(
         &self,
+        destination: &Destination,
         endpoint: &Endpoint,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, Error> {
@@ -361,13 +404,38 @@ impl Upstream {
             address: endpoint.target,
             http2: request.version() == http::Version::HTTP_2,
         };
+        let limits = &destination.limits;
         self.clients
-            .send(key, || self.tunnel(endpoint), request)
+            .send(key, limits, || self.tunnel(endpoint, limits), request)
             .await
     }
 
     /// HTTP connections held to endpoints, for `/config_dump`.
     pub fn connections(&self) -> serde_json::Value {
         self.clients.dump()
+    }
+
+    /// HTTP connections open to the endpoint at `address` (`ip:port`).
+    pub fn connections_to(&self, address: SocketAddr) -> usize {
+        self.clients.open_to(address)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The flags' defaults.
+    pub(crate) fn config() -> UpstreamConfig {
+        UpstreamConfig {
+            hbone_port: api::ports::HBONE,
+            request_timeout: None,
+            per_try_timeout: None,
+            retry: RetryPolicy::istio_default(2, Duration::from_millis(25)),
+            retry_buffer_limit: 64 * 1024,
+            max_requests_per_destination: u32::MAX,
+            max_idle_connections_per_endpoint: 16,
+            idle_timeout: Duration::from_secs(3600),
+        }
     }
 }

@@ -609,3 +609,310 @@ async fn tcp_connections_follow_the_destination_rule_too() {
     // The dead endpoint is tried once at most, then ejected.
     assert!(failures <= 1, "{failures} failures");
 }
+
+// ---- DestinationRule connectionPool ----
+
+fn pool(pool: l7::ConnectionPool) -> Option<l7::Policy> {
+    Some(l7::Policy {
+        connection_pool: Some(pool),
+        ..Default::default()
+    })
+}
+
+fn millis(ms: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: 0,
+        nanos: ms * 1_000_000,
+    })
+}
+
+/// Answers 200 once `release` gives it a permit; `arrived` counts the
+/// requests that reached it.
+fn gated(release: Arc<tokio::sync::Semaphore>, arrived: Arc<AtomicUsize>) -> App {
+    App::http(move |_| {
+        let release = release.clone();
+        let arrived = arrived.clone();
+        async move {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            release.acquire().await.unwrap().forget();
+            harness::text_response(200, "released")
+        }
+    })
+}
+
+/// [`one_route`] to one [`gated`] endpoint with `limits`.
+async fn gated_route(
+    limits: l7::ConnectionPool,
+) -> (
+    Mesh,
+    Vec<harness::Endpoint>,
+    Arc<tokio::sync::Semaphore>,
+    Arc<AtomicUsize>,
+) {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let app = gated(release.clone(), arrived.clone());
+    let (mesh, endpoints) = one_route(vec![app], to_svc(), pool(limits)).await;
+    (mesh, endpoints, release, arrived)
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn max_connections_queue_requests_up_to_the_pending_limit() {
+    let (mesh, endpoints, release, arrived) = gated_route(l7::ConnectionPool {
+        max_connections: Some(1),
+        http1_max_pending_requests: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let mesh = Arc::new(mesh);
+    let call = || {
+        let mesh = mesh.clone();
+        tokio::spawn(async move { get(&mesh).await })
+    };
+    let first = call();
+    until("the first request reaches the endpoint", || {
+        arrived.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The one connection is busy: one request may wait for it, the next
+    // is refused at once.
+    let (mut second, mut third) = (call(), call());
+    let (refused, waiting) = tokio::time::timeout(PATIENCE, async {
+        tokio::select! {
+            r = &mut second => (r.unwrap(), third),
+            r = &mut third => (r.unwrap(), second),
+        }
+    })
+    .await
+    .expect("one request is refused at once");
+    assert_eq!(refused.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.1.contains("overflow"), "{}", refused.1);
+    release.add_permits(2);
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    assert_eq!(waiting.await.unwrap().0, StatusCode::OK);
+    assert_eq!(arrived.load(Ordering::SeqCst), 2);
+    assert_eq!(endpoints[0].accepted().len(), 1, "one connection for all");
+    mesh.wait_for_sample("istio_requests_total", &[("response_flags", "UO")], 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_closes_a_connection_after_that_many() {
+    let limits = l7::ConnectionPool {
+        max_requests_per_connection: Some(1),
+        ..Default::default()
+    };
+    let (mesh, endpoints) = one_route(vec![App::echo("svc-0")], to_svc(), pool(limits)).await;
+    for _ in 0..3 {
+        assert_eq!(get(&mesh).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        endpoints[0].accepted().len(),
+        3,
+        "HTTP/1.1: one tunnel each"
+    );
+    let mut client = mesh.http2(SocketAddr::new(mesh.ip(100), 80)).await;
+    for _ in 0..2 {
+        let request = Request::builder()
+            .uri("http://svc.default/")
+            .body(empty())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(endpoints[0].accepted().len(), 5, "HTTP/2: one tunnel each");
+}
+
+#[tokio::test]
+async fn max_concurrent_streams_opens_another_http2_connection() {
+    let (mesh, endpoints, release, arrived) = gated_route(l7::ConnectionPool {
+        max_concurrent_streams: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let client = mesh.http2(SocketAddr::new(mesh.ip(100), 80)).await;
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let request = Request::builder()
+                    .uri("http://svc.default/")
+                    .body(empty())
+                    .unwrap();
+                client.send_request(request).await.unwrap().status()
+            })
+        })
+        .collect();
+    until("both requests reach the endpoint", || {
+        arrived.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        endpoints[0].accepted().len(),
+        2,
+        "one stream per connection"
+    );
+    release.add_permits(2);
+    for call in calls {
+        assert_eq!(call.await.unwrap(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn the_retry_budget_bounds_retries_in_progress() {
+    // First request: 503, then its retry is held. Second request: 503,
+    // and its retry would succeed.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let app = App::http({
+        let (seen, release) = (seen.clone(), release.clone());
+        move |_| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let release = release.clone();
+            async move {
+                match n {
+                    0 | 2 => harness::text_response(503, "from the app"),
+                    1 => {
+                        release.acquire().await.unwrap().forget();
+                        harness::text_response(200, "retried")
+                    }
+                    _ => harness::text_response(200, "retried"),
+                }
+            }
+        }
+    });
+    let limits = l7::ConnectionPool {
+        max_retries: Some(1),
+        ..Default::default()
+    };
+    let route = l7::Route {
+        retry: Some(l7::RetryPolicy {
+            attempts: 2,
+            codes: vec![503],
+            ..Default::default()
+        }),
+        ..to_svc()
+    };
+    let (mesh, _endpoints) = one_route(vec![app], route, pool(limits)).await;
+    let mesh = Arc::new(mesh);
+    let first = tokio::spawn({
+        let mesh = mesh.clone();
+        async move { get(&mesh).await }
+    });
+    until("the first request's retry is in progress", || {
+        seen.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        get(&mesh).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "from the app".to_string()),
+        "the budget is spent: the answer is final"
+    );
+    release.add_permits(1);
+    assert_eq!(
+        first.await.unwrap(),
+        (StatusCode::OK, "retried".to_string())
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn the_connect_timeout_bounds_the_tunnel_set_up() {
+    let limits = l7::ConnectionPool {
+        connect_timeout: millis(200),
+        ..Default::default()
+    };
+    let (mesh, _endpoints) = one_route(vec![], to_svc(), pool(limits)).await;
+    // An endpoint whose ztunnel takes the TCP connection and never answers
+    // the TLS handshake.
+    let _silent = tokio::net::TcpListener::bind(SocketAddr::new(mesh.ip(10), mesh.hbone_port()))
+        .await
+        .unwrap();
+    mesh.apply(vec![
+        harness::workload("svc-0", "default", mesh.ip(10))
+            .in_service("default/svc.default.svc.cluster.local", &[(80, 8080)])
+            .into(),
+    ]);
+    let (status, body) = tokio::time::timeout(PATIENCE, get(&mesh)).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_closes_after_the_idle_timeout() {
+    let limits = l7::ConnectionPool {
+        http_idle_timeout: millis(300),
+        ..Default::default()
+    };
+    let (mesh, endpoints) = one_route(vec![App::echo("svc-0")], to_svc(), pool(limits)).await;
+    assert_eq!(get(&mesh).await.0, StatusCode::OK);
+    let endpoint = SocketAddr::new(mesh.ip(10), 8080);
+    let upstream = &mesh.data_path.proxy.upstream;
+    assert_eq!(upstream.connections_to(endpoint), 1);
+    until("the idle connection closes", || {
+        upstream.connections_to(endpoint) == 0
+    })
+    .await;
+    assert_eq!(get(&mesh).await.0, StatusCode::OK);
+    assert_eq!(
+        endpoints[0].accepted().len(),
+        2,
+        "a new tunnel after idling"
+    );
+}
+
+#[tokio::test]
+async fn h2_upgrade_sends_http1_requests_to_the_endpoint_as_http2() {
+    let limits = l7::ConnectionPool {
+        h2_upgrade: l7::H2Upgrade::Upgrade as i32,
+        ..Default::default()
+    };
+    let (mesh, _endpoints) = one_route(vec![App::echo("svc-0")], to_svc(), pool(limits)).await;
+    assert_eq!(
+        get(&mesh).await,
+        (StatusCode::OK, "svc-0: GET / HTTP/2.0".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_tcp_connection_idle_past_the_tcp_idle_timeout_is_closed() {
+    let mesh = Mesh::start(|_| {}).await;
+    let key = "default/db.default.svc.cluster.local";
+    let _endpoints = mesh
+        .service("db", 100, &[(3306, 3306)], &[10], App::Greeting(b"hello"))
+        .await;
+    mesh.apply_l7(
+        TrafficPolicyHandler::new,
+        key,
+        l7::TrafficPolicy {
+            namespace: "default".into(),
+            hostname: "db.default.svc.cluster.local".into(),
+            default_policy: pool(l7::ConnectionPool {
+                tcp_idle_timeout: millis(300),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let mut tunnel = mesh
+        .connect(SocketAddr::new(mesh.ip(100), 3306))
+        .await
+        .unwrap();
+    assert_eq!(harness::read_n(&mut tunnel, 5).await.unwrap(), b"hello");
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let read = tokio::time::timeout(PATIENCE, tunnel.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "ended by the waypoint: {read:?}");
+}

@@ -7,6 +7,11 @@
 //! up to 10x (Envoy's `base_interval` / `max_interval` default), and a
 //! bounded body that can be sent again.
 //!
+//! A retry takes a place in the destination's retry budget
+//! (`connectionPool.http.maxRetries`: retries in progress at once) from
+//! its backoff to the end of its try; with the budget spent, the try's
+//! answer or failure is final, as when the attempts have run out.
+//!
 //! Only a body known to be complete and small when the request arrives is
 //! kept for replay (no body, or a `content-length` within the limit); a
 //! streaming body is sent once and its request is not retried, as Envoy
@@ -75,9 +80,10 @@ impl RetryPolicy {
 
     fn retries(&self, error: &Error) -> bool {
         match error {
-            Error::Certificate(_) | Error::Connect { .. } | Error::Handshake { .. } => {
-                self.on_connect_failure
-            }
+            Error::Certificate(_)
+            | Error::Connect { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::Handshake { .. } => self.on_connect_failure,
             Error::Request { .. } | Error::PerTryTimeout { .. } => self.on_reset,
             _ => false,
         }
@@ -220,6 +226,8 @@ pub async fn forward(
         .build();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut tries = 0u32;
+    // The retry in progress' place in the destination's retry budget.
+    let mut retrying = None;
     loop {
         tries += 1;
         let (endpoint, picked) = match upstream.pick(destination, &tried) {
@@ -234,7 +242,7 @@ pub async fn forward(
         };
         tried.push(endpoint.target);
         let request = head.request(body.for_try());
-        let sent = upstream.send(endpoint, request);
+        let sent = upstream.send(destination, endpoint, request);
         let result = match per_try_timeout {
             Some(timeout) => {
                 tokio::time::timeout(timeout, sent)
@@ -248,7 +256,21 @@ pub async fn forward(
         };
         destination.record(endpoint, &result);
         drop(picked);
-        let retry_left = tries <= retries;
+        drop(retrying.take());
+        let mut retry_left = tries <= retries;
+        let retried = match &result {
+            Ok(response) => retried_answer(policy, response),
+            Err(error) => policy.retries(error),
+        };
+        if retried && retry_left {
+            match destination.limits.retry() {
+                Some(place) => retrying = Some(place),
+                None => {
+                    tracing::debug!(destination = %destination.limits.name, "retry budget (maxRetries) spent: not retrying");
+                    retry_left = false;
+                }
+            }
+        }
         match result {
             Ok(response) if retried_answer(policy, &response) => {
                 if retry_left && let Some(delay) = backoff.next() {

@@ -716,76 +716,13 @@ fn is_prime(n: u64) -> bool {
             .all(|d| !n.is_multiple_of(d))
 }
 
-/// The `connectionPool` fields waypoint-rs does not enforce yet (it
-/// enforces `http.http2MaxRequests`, its circuit breaker): each set one is
-/// reported, never silently dropped. They are still carried in the
-/// `TrafficPolicy`, so a waypoint that learns them needs no istiod change.
-const POOL_NOT_ENFORCED: &str =
-    "not implemented by waypoint-rs yet (of connectionPool, only http.http2MaxRequests is)";
-
+/// `connectionPool` as waypoint-rs enforces it (its `upstream/limits.rs`):
+/// every field but `tcp.tcpKeepalive` and `tcp.maxConnectionDuration`.
 fn connection_pool(
     report: &mut Report<'_>,
     path: &str,
     pool: &ConnectionPoolSettings,
 ) -> l7::ConnectionPool {
-    if let Some(tcp) = &pool.tcp {
-        report.each_set(
-            &format!("{path}.tcp"),
-            &[
-                (
-                    "maxConnections",
-                    tcp.max_connections.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                (
-                    "connectTimeout",
-                    tcp.connect_timeout.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                ("idleTimeout", tcp.idle_timeout.is_some(), POOL_NOT_ENFORCED),
-            ],
-            Effect::FieldNotApplied,
-        );
-    }
-    if let Some(http) = &pool.http {
-        report.each_set(
-            &format!("{path}.http"),
-            &[
-                (
-                    "http1MaxPendingRequests",
-                    http.http1_max_pending_requests.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                (
-                    "maxRequestsPerConnection",
-                    http.max_requests_per_connection.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                ("maxRetries", http.max_retries.is_some(), POOL_NOT_ENFORCED),
-                (
-                    "idleTimeout",
-                    http.idle_timeout.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                (
-                    "maxConcurrentStreams",
-                    http.max_concurrent_streams.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                (
-                    "h2UpgradePolicy",
-                    http.h2_upgrade_policy.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-                (
-                    "useClientProtocol",
-                    http.use_client_protocol.is_some(),
-                    POOL_NOT_ENFORCED,
-                ),
-            ],
-            Effect::FieldNotApplied,
-        );
-    }
     let mut out = l7::ConnectionPool::default();
     if let Some(tcp) = &pool.tcp {
         let at = format!("{path}.tcp");
