@@ -1,6 +1,7 @@
 //! What a route changes on the way through: header modifiers, redirects,
 //! URL rewrites, and the `x-forwarded-client-cert` header that carries the
-//! client's identity to the destination.
+//! client's identity to the destination when the waypoint's Gateway opts in
+//! (never the client's own value).
 
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::uri::{Authority, PathAndQuery, Uri};
