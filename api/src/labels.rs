@@ -15,6 +15,9 @@ pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 /// On a waypoint Gateway: serve every workload running as this ServiceAccount.
 pub const FOR_SERVICE_ACCOUNT: &str = "istio.io/for-service-account";
+/// On a waypoint Gateway: `"true"` (any case) has the waypoint put the client's identity in
+/// `x-forwarded-client-cert`; otherwise it sends none.
+pub const XFCC_INCLUDE_CLIENT_IDENTITY: &str = "ambient.istio.io/xfcc-include-client-identity";
 /// Namespace label that turns waypoints-on-demand off (`disabled`).
 pub const AUTO_WAYPOINT: &str = "istio.io/auto-waypoint";
 

@@ -744,6 +744,7 @@ fn l7_waypoint_field_numbers() {
         }],
         gateway_authorizations: vec!["shop/gw".into()],
         gateway_authentications: vec!["shop/gw-jwt".into()],
+        forward_client_identity: true,
     };
     let port_wire = |p: u64, protocol: u64| cat(&[v(1, p), v(2, protocol)]);
     let want = cat(&[
@@ -776,6 +777,7 @@ fn l7_waypoint_field_numbers() {
         ),
         f(5, "shop/gw"),
         f(6, "shop/gw-jwt"),
+        v(7, 1),
     ]);
     assert_wire(&w, want);
 }

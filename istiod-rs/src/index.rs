@@ -492,8 +492,15 @@ fn translate_l7(
         route_tables: &route_tables,
         deny_all: &routes.deny_all,
     };
-    let bindings =
-        l7::binding::waypoints(state, mesh, waypoints, services, service_waypoints, &named);
+    let bindings = l7::binding::waypoints(
+        state,
+        mesh,
+        waypoints,
+        services,
+        service_waypoints,
+        &named,
+        problems,
+    );
     for (key, w) in &bindings {
         snapshot.insert(Resource::new(type_url::WAYPOINT, key.clone(), w));
     }

@@ -167,11 +167,14 @@ impl Proxy {
         }
 
         // As Envoy's connection manager does before any filter: policies
-        // and the destination see this hop's value, never the client's.
+        // and the destination see this hop's value (or none), never the
+        // client's.
         modify::set_forwarded_client_cert(
             request.headers_mut(),
             &self.own_uri,
-            &downstream.client_cert,
+            served
+                .forward_client_identity
+                .then_some(&*downstream.client_cert),
         );
         let (mut parts, body) = request.into_parts();
         let authn = jwt::authenticate(

@@ -86,12 +86,14 @@ async fn a_connect_to_a_bound_service_is_forwarded_to_an_endpoint_as_the_waypoin
     assert_eq!(mesh.sample("istio_response_bytes_sum", &labels), 27.0);
 }
 
-/// The destination learns who called through the waypoint from
-/// `x-forwarded-client-cert`: one element set by the waypoint (`By=` its
-/// own identity, `Hash=` the SHA-256 of the client's leaf, `URI=` the
-/// client's SPIFFE id), replacing what the client itself wrote.
+/// `x-forwarded-client-cert` never carries what the client wrote itself
+/// (it could claim any identity). By default the waypoint sends none; once
+/// its Gateway opts in (`forward_client_identity`), the destination learns
+/// who called through the waypoint from one element set by the waypoint
+/// (`By=` its own identity, `Hash=` the SHA-256 of the client's leaf, `URI=`
+/// the client's SPIFFE id).
 #[tokio::test]
-async fn forwarded_requests_carry_the_clients_certificate_set_by_the_waypoint() {
+async fn forwarded_requests_carry_the_clients_certificate_only_when_opted_in() {
     use sha2::Digest;
     let mesh = Mesh::start(|_| {}).await;
     let _endpoints = mesh
@@ -120,22 +122,34 @@ async fn forwarded_requests_carry_the_clients_certificate_set_by_the_waypoint() 
         "By=spiffe://cluster.local/ns/waypoint-ns/sa/waypoint;Hash={hash};Subject=\"\";\
          URI=spiffe://cluster.local/ns/client-ns/sa/client"
     );
+    // A value the client wrote itself, claiming another identity.
+    let forged = || {
+        let mut request = get("/", "whoami");
+        request.headers_mut().insert(
+            "x-forwarded-client-cert",
+            http::HeaderValue::from_static(
+                "By=spiffe://x;URI=spiffe://cluster.local/ns/admin/sa/admin",
+            ),
+        );
+        request
+    };
 
+    // Not opted in: the destination sees none, even when the client sent one.
+    let mut client = mesh.http1(vip).await;
+    let response = client.send_request(get("/", "whoami")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, "");
+    let response = client.send_request(forged()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await, "");
+
+    // Opted in: a new connection gets exactly the waypoint's element.
+    mesh.forward_client_identity(true);
     let mut client = mesh.http1(vip).await;
     let response = client.send_request(get("/", "whoami")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(text(response).await, want);
-
-    // A value the client wrote itself claims another identity: it does not
-    // reach the destination.
-    let mut forged = get("/", "whoami");
-    forged.headers_mut().insert(
-        "x-forwarded-client-cert",
-        http::HeaderValue::from_static(
-            "By=spiffe://x;URI=spiffe://cluster.local/ns/admin/sa/admin",
-        ),
-    );
-    let response = client.send_request(forged).await.unwrap();
+    let response = client.send_request(forged()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(text(response).await, want);
 }

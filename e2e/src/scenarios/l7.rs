@@ -30,7 +30,10 @@
 //! pod refused by an L4 ALLOW of the waypoint's identity while the Service
 //! answers through the waypoint with the client's principal in its
 //! metrics, then an L4 DENY on the pods refusing the waypoint too; a
-//! GRPCRoute by method with `grpc_response_status` in the metrics.
+//! GRPCRoute by method with `grpc_response_status` in the metrics;
+//! `x-forwarded-client-cert` forged by the client never reaching the pod,
+//! none sent by default and the waypoint's one element once the Gateway
+//! opts in.
 //!
 //! Local cluster only for now: `cargo xtask e2e` (the real control plane)
 //! runs [`super::l4::all`], which does not include these.
@@ -98,6 +101,7 @@ pub fn all() -> Vec<Scenario> {
         "l7_outlier_ejects_failing_endpoint" => outlier_ejects_failing_endpoint,
         "l7_direct_path_refused_and_l4_policy_applies" => direct_path_refused_and_l4_policy_applies,
         "l7_grpc_route_and_status" => grpc_route_and_status,
+        "l7_xfcc_only_when_the_gateway_opts_in" => xfcc_only_when_the_gateway_opts_in,
     }
 }
 
@@ -191,15 +195,20 @@ fn objects_yaml() -> String {
         )
     };
     [
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {WAYPOINT}, namespace: {L7_NS}}}\n\
-             spec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
-        ),
+        gateway_yaml(""),
         service(SERVICE, "app: echo", true),
         service("echo-v1", "app: echo, version: v1", false),
         service("echo-v2", "app: echo, version: v2", false),
     ]
     .join("---\n")
+}
+
+/// The waypoint Gateway; `annotations`: `, annotations: {...}` or empty.
+fn gateway_yaml(annotations: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {WAYPOINT}, namespace: {L7_NS}{annotations}}}\n\
+         spec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n"
+    )
 }
 
 impl<'a> Backends<'a> {
@@ -1233,5 +1242,59 @@ spec:
         ok.last().map(|r| r.received_bytes).unwrap_or_default(),
         asked.grpc_status,
         unimplemented.grpc_status,
+    ))
+}
+
+/// `x-forwarded-client-cert`: a value the client forges never reaches the
+/// echo pod. By default the waypoint sends none (as upstream's); once its
+/// Gateway is annotated `ambient.istio.io/xfcc-include-client-identity:
+/// "true"` it sends exactly one element of its own: `By=` the waypoint's
+/// identity, `URI=` the client's.
+fn xfcc_only_when_the_gateway_opts_in(
+    cluster: &dyn Cluster,
+    f: &Caller,
+) -> Result<String, ProbeError> {
+    const XFCC: &str = "x-forwarded-client-cert";
+    let backends = Backends::create(cluster, f)?;
+    let client = &f.client;
+    let forged = [format!(
+        "{XFCC}: By=spiffe://forged;URI={}",
+        f.principal("kube-system", "admin")
+    )];
+    let request = Request {
+        headers: &forged,
+        ..backends.get(client)
+    };
+    let seen = |r: &HttpReport| -> Option<Vec<String>> {
+        let echo = r.echo.as_ref().filter(|_| r.status == Some(200))?;
+        Some(echo.headers.get(XFCC).cloned().unwrap_or_default())
+    };
+    request.every("200 without x-forwarded-client-cert", |r| {
+        seen(r).is_some_and(|v| v.is_empty())
+    })?;
+
+    // Opted in: the Gateway (removed with the scenario's objects) annotated.
+    cluster.apply_yaml(&gateway_yaml(&format!(
+        ", annotations: {{{}: \"true\"}}",
+        api::labels::XFCC_INCLUDE_CLIENT_IDENTITY
+    )))?;
+    backends.until_in_dump("true", |l7| {
+        l7["waypoints"][0]["forwardClientIdentity"].clone()
+    })?;
+    let by = format!("By={};Hash=", f.principal(L7_NS, WAYPOINT));
+    let uri = format!(";URI={}", f.principal(&client.namespace, "client"));
+    let one_element = |r: &HttpReport| {
+        seen(r).is_some_and(|v| {
+            v.len() == 1 && v[0].starts_with(&by) && v[0].contains(&uri) && !v[0].contains("forged")
+        })
+    };
+    let report = request.every("200 with the waypoint's one element", one_element)?;
+    let element = seen(&report).unwrap_or_default().join(", ");
+    Ok(format!(
+        "{} -> {} with a forged {XFCC}: {REPEAT}/{REPEAT} reached the pod without one; \
+         with the Gateway annotated {}: \"true\", {REPEAT}/{REPEAT} carried only {element:?}",
+        pod_name(client),
+        backends.url,
+        api::labels::XFCC_INCLUDE_CLIENT_IDENTITY,
     ))
 }

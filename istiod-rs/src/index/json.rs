@@ -341,6 +341,7 @@ fn waypoint_json(w: &Waypoint) -> Value {
         .put("workloads", workloads)
         .put("gatewayAuthorizations", w.gateway_authorizations.clone())
         .put("gatewayAuthentications", w.gateway_authentications.clone())
+        .put("forwardClientIdentity", w.forward_client_identity)
         .done()
 }
 

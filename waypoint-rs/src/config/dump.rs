@@ -44,6 +44,7 @@ impl L7Snapshot {
                     "waypoint": w.key(),
                     "gatewayAuthorizations": w.gateway_authorizations,
                     "gatewayAuthentications": w.gateway_authentications,
+                    "forwardClientIdentity": w.forward_client_identity,
                     "services": w.services.iter().map(|s| json!({
                         "service": s.service.to_string(),
                         "ports": ports(&s.ports),

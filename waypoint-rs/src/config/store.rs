@@ -64,6 +64,8 @@ pub struct Served {
     /// Set when the target must be refused whatever the request: answer
     /// `Unservable::refusal` to every request (or refuse a TCP CONNECT).
     pub refusal: Option<Unservable>,
+    /// The serving Waypoint's `forward_client_identity`.
+    pub forward_client_identity: bool,
 }
 
 impl fmt::Debug for Served {
@@ -82,6 +84,7 @@ impl fmt::Debug for Served {
                 &self.traffic_policy.as_ref().map(|t| t.service.to_string()),
             )
             .field("refusal", &self.refusal)
+            .field("forward_client_identity", &self.forward_client_identity)
             .finish()
     }
 }
@@ -273,6 +276,7 @@ impl L7Snapshot {
             authentications,
             traffic_policy,
             refusal,
+            forward_client_identity: waypoint.forward_client_identity,
         }
     }
 }

@@ -74,6 +74,7 @@ fn waypoint(services: Vec<l7::ServedService>) -> l7::Waypoint {
         }],
         gateway_authorizations: vec!["default/gw-policy".into()],
         gateway_authentications: vec![],
+        forward_client_identity: false,
     }
 }
 
@@ -127,6 +128,25 @@ fn full_store(service: l7::ServedService) -> L7Store {
 fn with_refs(s: &mut l7::ServedService) {
     s.route_table = format!("default/{HOST}");
     s.authorizations = vec!["default/svc-policy".into()];
+}
+
+#[test]
+fn served_carries_the_waypoint_client_identity_opt_in() {
+    let w = workloads().snapshot();
+    let store = full_store(served_service(with_refs));
+    let served = |store: &L7Store, connect| store.snapshot().served(addr(connect), &w).unwrap();
+    assert!(!served(&store, "10.96.0.10:9080").forward_client_identity);
+    assert!(!served(&store, "10.244.0.9:5432").forward_client_identity);
+
+    let opted_in = l7::Waypoint {
+        forward_client_identity: true,
+        ..waypoint(vec![served_service(with_refs)])
+    };
+    WaypointHandler::new(store.clone())
+        .apply(vec![update("default/waypoint", opted_in)])
+        .unwrap();
+    assert!(served(&store, "10.96.0.10:9080").forward_client_identity);
+    assert!(served(&store, "10.244.0.9:5432").forward_client_identity);
 }
 
 #[test]
@@ -498,6 +518,7 @@ fn config_dump_names_what_is_served_and_routed() {
     let dump = store.dump();
     assert_eq!(store.key(), "l7");
     assert_eq!(dump["waypoints"][0]["waypoint"], "default/waypoint");
+    assert_eq!(dump["waypoints"][0]["forwardClientIdentity"], false);
     assert_eq!(
         dump["waypoints"][0]["services"][0]["service"],
         format!("default/{HOST}")

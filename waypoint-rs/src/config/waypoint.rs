@@ -17,6 +17,10 @@ pub struct Waypoint {
     pub gateway_authorizations: Vec<String>,
     /// JwtAuthentication keys that apply to everything served, first.
     pub gateway_authentications: Vec<String>,
+    /// The Gateway opted in to `x-forwarded-client-cert` carrying the
+    /// client's identity; otherwise the waypoint sends none
+    /// (`http::modify::set_forwarded_client_cert`).
+    pub forward_client_identity: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +62,7 @@ impl FromProto<l7::Waypoint> for Waypoint {
             workloads: crate::config::convert::each("workloads", &p.workloads)?,
             gateway_authorizations: keys("gateway_authorizations", &p.gateway_authorizations)?,
             gateway_authentications: keys("gateway_authentications", &p.gateway_authentications)?,
+            forward_client_identity: p.forward_client_identity,
         })
     }
 }

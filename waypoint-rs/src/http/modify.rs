@@ -1,6 +1,7 @@
 //! What a route changes on the way through: header modifiers, redirects,
 //! URL rewrites, and the `x-forwarded-client-cert` header that carries the
-//! client's identity to the destination.
+//! client's identity to the destination when the waypoint's Gateway opts in
+//! (never the client's own value).
 
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -496,28 +497,36 @@ fn escape_rfc2253(value: &str) -> String {
     out
 }
 
-/// Sets `x-forwarded-client-cert` to this hop's element,
-/// `By=<waypoint URI>;Hash=<hex sha256>;Subject="..";URI=..;DNS=..`
-/// (Envoy's keys and order, `SetCurrentClientCertDetails{Subject, URI,
-/// DNS}`), replacing whatever the client sent: Envoy's `SANITIZE_SET`, not
-/// `APPEND_FORWARD`. In ambient the client's HTTP headers reach the
-/// waypoint untouched (ztunnel is L4), so a client-sent value is the
-/// application's own claim, not a proxy's; appending to it would hand the
-/// destination forged elements. (A sidecar's outbound listener strips it
-/// for the same reason: Envoy removes XFCC from a connection that is not
-/// mTLS, `ConnectionManagerUtility::mutateXfccRequestHeader`.) Upstream
-/// istio/istio's waypoint sends none by default (issues #43186, #54995:
-/// its inner HCM keeps Envoy's default `SANITIZE`) and, opted in with
-/// `ambient.istio.io/xfcc-include-client-identity` (1.30, PR #59986),
-/// replaces any inbound value with the source's identity, as here.
-pub fn set_forwarded_client_cert(headers: &mut HeaderMap, waypoint_uri: &str, client: &ClientCert) {
+/// `x-forwarded-client-cert` as the waypoint forwards it. Whatever the
+/// client sent is never kept: in ambient the client's HTTP headers reach
+/// the waypoint untouched (ztunnel is L4), so a client-sent value is the
+/// application's own claim, not a proxy's, and forwarding or appending to
+/// it would hand the destination forged elements.
+///
+/// - `client: None` (the default): the header is removed and none is sent,
+///   as upstream istio/istio's waypoint, whose inner connection manager
+///   keeps Envoy's default `SANITIZE` (`buildWaypointInboundHTTPFilters`,
+///   pilot/pkg/networking/core/listener_waypoint.go).
+/// - `client: Some` (the waypoint Gateway is annotated
+///   `ambient.istio.io/xfcc-include-client-identity: "true"`, upstream's
+///   `xfccIncludeClientIdentityEnabled`, Istio 1.30): replaced with this
+///   hop's one element, `By=<waypoint URI>;Hash=<hex sha256>;Subject="..";
+///   URI=..;DNS=..` (Envoy's keys and order,
+///   `SetCurrentClientCertDetails{Subject, URI, DNS}`): Envoy's
+///   `SANITIZE_SET`. Upstream likewise replaces any inbound value with the
+///   source's identity.
+pub fn set_forwarded_client_cert(
+    headers: &mut HeaderMap,
+    waypoint_uri: &str,
+    client: Option<&ClientCert>,
+) {
     // Every part is quoted or made of URI/DNS characters: always a valid
     // value; if not, no client-sent value survives either.
-    match HeaderValue::from_str(&client_cert_element(waypoint_uri, client)) {
-        Ok(value) => {
+    match client.map(|c| HeaderValue::from_str(&client_cert_element(waypoint_uri, c))) {
+        Some(Ok(value)) => {
             headers.insert(XFCC.clone(), value);
         }
-        Err(_) => {
+        None | Some(Err(_)) => {
             headers.remove(&XFCC);
         }
     }

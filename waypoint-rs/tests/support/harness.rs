@@ -221,6 +221,12 @@ impl Mesh {
         });
     }
 
+    /// Sets the `Waypoint` resource's `forward_client_identity`, as istiod
+    /// does from the Gateway's `ambient.istio.io/xfcc-include-client-identity`.
+    pub fn forward_client_identity(&self, on: bool) {
+        self.change_listed(|w| w.forward_client_identity = on);
+    }
+
     /// Takes service `hostname` (in `default`) out of the `Waypoint` resource.
     pub fn unlist(&self, hostname: &str) {
         self.change_listed(|w| w.services.retain(|s| s.hostname != hostname));

@@ -9,7 +9,17 @@
 //! - `workloads`: the pods bound to it directly (`waypoint-for: workload` or
 //!   `all`), protocol detected on every port;
 //! - `gateway_authorizations` / `gateway_authentications`: the keys of the
-//!   policies whose `targetRefs` name the waypoint Gateway itself.
+//!   policies whose `targetRefs` name the waypoint Gateway itself;
+//! - `forward_client_identity`: the Gateway's annotation
+//!   `ambient.istio.io/xfcc-include-client-identity` is `true` (any case), as
+//!   upstream's `xfccIncludeClientIdentityEnabled` (istio/istio
+//!   pilot/pkg/networking/core/listener_waypoint.go). Upstream reads it from
+//!   the waypoint pod, whose annotations are the Gateway's
+//!   `spec.infrastructure.annotations` when that map is set, else its
+//!   `metadata.annotations` (`extractInfrastructureMetadata`,
+//!   pilot/pkg/config/kube/gateway/deploymentcontroller.go): the same map is
+//!   read here. `false` (any case) or no annotation: off. Any other value is
+//!   off too (no identity leaves on a typo) and reported on the Gateway.
 //!
 //! Policies are listed by target, whether or not the waypoint is ready: its
 //! configuration holds them before the L4 stand-in DENY goes away.
@@ -31,9 +41,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use api::l7::{Protocol, ServedPort, ServedService, ServedWorkload, Waypoint};
 use api::labels;
-use api::manifest::Kind;
+use api::manifest::{Kind, ObjectKey};
+use gateway_api::gateways::Gateway;
 use k8s_openapi::api::core::v1::ServicePort;
 
+use super::super::problem::{Effect, PolicyProblem, PolicyRef};
 use super::super::selectors::labels_of;
 use super::super::services::Services;
 use super::super::waypoints::{Traffic, Waypoints};
@@ -113,17 +125,19 @@ pub(in crate::index) fn waypoints(
     services: &Services<'_>,
     service_waypoints: &[Option<String>],
     named: &Named<'_>,
+    problems: &mut Vec<PolicyProblem>,
 ) -> BTreeMap<String, Waypoint> {
     let mut out: BTreeMap<String, Waypoint> = state
         .gateways
         .iter()
         .filter(|(_, gw)| gw.spec.gateway_class_name == labels::WAYPOINT_GATEWAY_CLASS)
-        .map(|(key, _)| {
+        .map(|(key, gw)| {
             (
                 key.to_string(),
                 Waypoint {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
+                    forward_client_identity: forward_client_identity(key, gw, problems),
                     ..Waypoint::default()
                 },
             )
@@ -227,6 +241,49 @@ pub(in crate::index) fn waypoints(
     out
 }
 
+/// Whether the waypoint Gateway opted in to `x-forwarded-client-cert` (see
+/// the module doc); a value that is not a boolean is reported and is off.
+fn forward_client_identity(
+    key: &ObjectKey,
+    gateway: &Gateway,
+    problems: &mut Vec<PolicyProblem>,
+) -> bool {
+    let infrastructure = gateway
+        .spec
+        .infrastructure
+        .as_ref()
+        .and_then(|i| i.annotations.as_ref());
+    let (annotations, path) = match infrastructure {
+        Some(a) => (Some(a), "spec.infrastructure.annotations"),
+        None => (
+            gateway.metadata.annotations.as_ref(),
+            "metadata.annotations",
+        ),
+    };
+    let Some(value) = annotations.and_then(|a| a.get(labels::XFCC_INCLUDE_CLIENT_IDENTITY)) else {
+        return false;
+    };
+    if value.eq_ignore_ascii_case("true") {
+        return true;
+    }
+    if !value.eq_ignore_ascii_case("false") {
+        problems.push(PolicyProblem::InvalidValue {
+            object: PolicyRef {
+                kind: Kind::Gateway,
+                key: key.clone(),
+            },
+            field: format!("{path}[{}]", labels::XFCC_INCLUDE_CLIENT_IDENTITY),
+            value: value.clone(),
+            expected: "\"true\" or \"false\"",
+            effect: Effect::DefaultApplies {
+                what: "the waypoint sends no x-forwarded-client-cert, as without the annotation"
+                    .into(),
+            },
+        });
+    }
+    false
+}
+
 fn push_unique(list: &mut Vec<String>, key: &str) {
     if !list.iter().any(|k| k == key) {
         list.push(key.to_string());
@@ -292,6 +349,107 @@ mod tests {
         ];
         for (p, want) in cases {
             assert_eq!(protocol(&p), want, "{p:?}");
+        }
+    }
+
+    /// A waypoint Gateway with these `metadata.annotations` and, when
+    /// given, `spec.infrastructure.annotations`.
+    fn gateway(
+        annotations: serde_json::Value,
+        infrastructure: Option<serde_json::Value>,
+    ) -> Gateway {
+        let mut spec = serde_json::json!({
+            "gatewayClassName": labels::WAYPOINT_GATEWAY_CLASS,
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        });
+        if let Some(a) = infrastructure {
+            spec["infrastructure"] = serde_json::json!({"annotations": a});
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop", "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn opted_in(gw: &Gateway) -> (bool, Vec<PolicyProblem>) {
+        let mut problems = Vec::new();
+        let key = ObjectKey::new("shop", "waypoint");
+        (forward_client_identity(&key, gw, &mut problems), problems)
+    }
+
+    #[test]
+    fn client_identity_is_forwarded_when_the_gateway_says_true_in_any_case() {
+        for value in ["true", "TRUE", "True"] {
+            let gw = gateway(
+                serde_json::json!({labels::XFCC_INCLUDE_CLIENT_IDENTITY: value}),
+                None,
+            );
+            assert_eq!(opted_in(&gw), (true, vec![]), "{value}");
+        }
+        // Read where upstream's waypoint pod takes its annotations from.
+        let gw = gateway(
+            serde_json::json!({}),
+            Some(serde_json::json!({labels::XFCC_INCLUDE_CLIENT_IDENTITY: "true"})),
+        );
+        assert_eq!(opted_in(&gw), (true, vec![]));
+    }
+
+    #[test]
+    fn client_identity_is_not_forwarded_when_absent_or_false() {
+        let absent = gateway(serde_json::json!({"example.com/owner": "shop"}), None);
+        assert_eq!(opted_in(&absent), (false, vec![]));
+        for value in ["false", "FALSE"] {
+            let gw = gateway(
+                serde_json::json!({labels::XFCC_INCLUDE_CLIENT_IDENTITY: value}),
+                None,
+            );
+            assert_eq!(opted_in(&gw), (false, vec![]), "{value}");
+        }
+        // spec.infrastructure.annotations, once set, is the whole map.
+        let shadowed = gateway(
+            serde_json::json!({labels::XFCC_INCLUDE_CLIENT_IDENTITY: "true"}),
+            Some(serde_json::json!({"example.com/owner": "shop"})),
+        );
+        assert_eq!(opted_in(&shadowed), (false, vec![]));
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_boolean_is_off_and_reported_on_the_gateway() {
+        for (value, infrastructure) in [("yes", false), ("1", false), ("", true)] {
+            let annotations = serde_json::json!({labels::XFCC_INCLUDE_CLIENT_IDENTITY: value});
+            let gw = if infrastructure {
+                gateway(serde_json::json!({}), Some(annotations))
+            } else {
+                gateway(annotations, None)
+            };
+            let (on, problems) = opted_in(&gw);
+            assert!(!on, "{value:?}");
+            let path = if infrastructure {
+                "spec.infrastructure.annotations"
+            } else {
+                "metadata.annotations"
+            };
+            assert_eq!(
+                problems,
+                vec![PolicyProblem::InvalidValue {
+                    object: PolicyRef::new(Kind::Gateway, "shop", "waypoint"),
+                    field: format!("{path}[ambient.istio.io/xfcc-include-client-identity]"),
+                    value: value.to_string(),
+                    expected: "\"true\" or \"false\"",
+                    effect: Effect::DefaultApplies {
+                        what: "the waypoint sends no x-forwarded-client-cert, as without the annotation".into(),
+                    },
+                }],
+                "{value:?}"
+            );
+            let message = problems[0].to_string();
+            let names = format!(
+                "Gateway shop/waypoint: {path}[ambient.istio.io/xfcc-include-client-identity]: {value:?}"
+            );
+            assert!(message.starts_with(&names), "{message}");
         }
     }
 }

@@ -330,7 +330,7 @@ fn xfcc_replaces_what_the_client_sent_with_this_hop() {
     };
     let by = "spiffe://cluster.local/ns/default/sa/waypoint";
     let mut headers = HeaderMap::new();
-    set_forwarded_client_cert(&mut headers, by, &client);
+    set_forwarded_client_cert(&mut headers, by, Some(&client));
     let want = format!(
         "By=spiffe://cluster.local/ns/default/sa/waypoint;Hash={};Subject=\"\";URI=spiffe://cluster.local/ns/default/sa/sleep",
         "ab".repeat(32)
@@ -347,11 +347,11 @@ fn xfcc_replaces_what_the_client_sent_with_this_hop() {
     set_forwarded_client_cert(
         &mut forwarded,
         by,
-        &ClientCert {
+        Some(&ClientCert {
             subject: "CN=x,O=y".into(),
             dns: vec!["a.example".into()],
             ..client
-        },
+        }),
     );
     let values: Vec<_> = forwarded.get_all(&XFCC).iter().collect();
     assert_eq!(values.len(), 1);
@@ -366,6 +366,29 @@ fn xfcc_replaces_what_the_client_sent_with_this_hop() {
         ),
         "{v}"
     );
+}
+
+#[test]
+fn xfcc_not_opted_in_removes_what_the_client_sent_and_adds_none() {
+    let mut headers = HeaderMap::new();
+    headers.append(
+        XFCC.clone(),
+        HeaderValue::from_static("By=spiffe://a;URI=spiffe://cluster.local/ns/admin/sa/admin"),
+    );
+    headers.append(XFCC.clone(), HeaderValue::from_static("URI=spiffe://b"));
+    headers.insert("x-other", HeaderValue::from_static("kept"));
+    set_forwarded_client_cert(
+        &mut headers,
+        "spiffe://cluster.local/ns/default/sa/waypoint",
+        None,
+    );
+    assert!(!headers.contains_key(&XFCC), "{headers:?}");
+    assert_eq!(headers["x-other"], "kept");
+
+    // Nothing sent: nothing added.
+    let mut empty = HeaderMap::new();
+    set_forwarded_client_cert(&mut empty, "spiffe://w", None);
+    assert!(empty.is_empty(), "{empty:?}");
 }
 
 #[test]
