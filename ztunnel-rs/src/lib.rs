@@ -15,10 +15,14 @@ pub mod inpod;
 pub mod node_agent;
 pub mod proxy;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`): the same set-up
-/// for the proxy and the node agent binaries.
+/// Logs to stdout, filtered by `RUST_LOG` (default `info`): the same set-up
+/// for the proxy and the node agent binaries; colour codes only when stdout
+/// is a terminal (not in a pod's log, where they cost CPU on every line and
+/// clutter the text).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
