@@ -63,9 +63,10 @@ impl OnDemandWaypoint {
 
     /// The Gateway: class `istio-waypoint`, labelled
     /// `istio-rs.io/on-demand-waypoint: "true"`, annotated
-    /// `istio.io/for-service-account` and `istio-rs.io/needed-by`, one HBONE
-    /// listener on 15008 (as a user's waypoint, and upstream's `istioctl
-    /// waypoint generate`).
+    /// `istio.io/for-service-account` and `istio-rs.io/needed-by`, one
+    /// listener `mesh`, HBONE on 15008: the listener upstream's `istioctl
+    /// waypoint generate` writes (`makeGateway`,
+    /// istioctl/pkg/waypoint/waypoint.go).
     pub fn gateway(&self) -> Value {
         json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
@@ -132,6 +133,9 @@ pub(super) fn plan(
                 wanted.entry(i).or_default().insert(rule.object.clone());
             }
         }
+    }
+    if wanted.is_empty() {
+        return OnDemandPlan::default();
     }
     let users_per_account: BTreeSet<(&str, &str)> = state
         .gateways
