@@ -102,8 +102,11 @@ pub struct OnDemandPlan {
 enum Need {
     /// Waypoints on demand are disabled in its namespace.
     Disabled(String),
-    /// These on-demand waypoints, none of whose names is taken.
+    /// This on-demand waypoint (one), whose name is free.
     Waypoints(Vec<ObjectKey>),
+    /// These, for some of the accounts of a Service of several: none can
+    /// serve the Service itself.
+    Split(Vec<ObjectKey>),
     /// The name of this one is taken.
     NameTaken(ObjectKey),
 }
@@ -166,19 +169,23 @@ pub(super) fn plan(
         {
             continue;
         }
+        // The accounts to serve; and every account behind the Service,
+        // which can be bound to a per-account waypoint only when it has one.
         let mut accounts = BTreeSet::new();
+        let mut behind = BTreeSet::new();
         for pod in in_namespace(&state.pods, namespace) {
             let name = pod.metadata.name.as_deref().unwrap_or_default();
             let pod_labels = labels_of(&pod.metadata.labels);
-            if pod_is_terminal(pod)
-                || pod_labels.contains_key(labels::USE_WAYPOINT)
-                || !workloads::enrolled(state, waypoints, namespace, pod)
-                || !services.backed_by(namespace, name, pod_labels).contains(&i)
+            if pod_is_terminal(pod) || !services.backed_by(namespace, name, pod_labels).contains(&i)
             {
                 continue;
             }
             let sa = pod_service_account(pod);
-            if !users_per_account.contains(&(namespace, sa)) {
+            behind.insert(sa);
+            if !pod_labels.contains_key(labels::USE_WAYPOINT)
+                && workloads::enrolled(state, waypoints, namespace, pod)
+                && !users_per_account.contains(&(namespace, sa))
+            {
                 accounts.insert(sa.to_string());
             }
         }
@@ -218,6 +225,7 @@ pub(super) fn plan(
         }
         let need = match taken {
             Some(key) => Need::NameTaken(key),
+            None if behind.len() > 1 => Need::Split(keys),
             None => Need::Waypoints(keys),
         };
         needs.insert(i, need);
@@ -241,11 +249,11 @@ pub(super) fn plan(
                 target,
                 gateway: key.to_string(),
             },
-            Some(Need::Waypoints(keys)) if keys.len() == 1 => Unserved::OnDemandPending {
+            Some(Need::Waypoints(keys)) => Unserved::OnDemandPending {
                 target,
                 waypoints: listed(keys),
             },
-            Some(Need::Waypoints(keys)) => Unserved::OnDemandSplit {
+            Some(Need::Split(keys)) => Unserved::OnDemandSplit {
                 target,
                 waypoints: listed(keys),
             },
@@ -358,7 +366,7 @@ spec:
         assert_eq!(
             reasons(&t, "reviews"),
             [
-                "Service shop/reviews selects workloads of more than one ServiceAccount: waypoints shop/ratings-waypoint, shop/reviews-waypoint were created on demand for them, and none can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+                "Service shop/reviews selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts (shop/ratings-waypoint, shop/reviews-waypoint) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
             ]
         );
     }
@@ -480,9 +488,16 @@ spec:
         ] {
             assert!(run(&state).on_demand.waypoints.is_empty());
         }
-        // Only the account without a waypoint of its own gets one.
+        // Only the account without a waypoint of its own gets one; the
+        // Service, of two accounts, is bound to neither.
         let t = run(&cluster("", "", "ratings", &format!("{ROUTE}{mine}")));
         assert_eq!(keys(&t), ["shop/ratings-waypoint"]);
+        assert_eq!(
+            reasons(&t, "reviews"),
+            [
+                "Service shop/reviews selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts (shop/ratings-waypoint) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+            ]
+        );
     }
 
     #[test]

@@ -166,8 +166,9 @@ pub enum Unserved {
     /// (`ns/name`, comma-separated) on demand for its workloads.
     OnDemandPending { target: String, waypoints: String },
     /// The target's workloads run as more than one ServiceAccount: the
-    /// waypoints made on demand for them (`waypoints`) serve the workloads,
-    /// and none can serve the Service itself.
+    /// waypoints made on demand (`waypoints`, comma-separated) serve their
+    /// workloads, and no per-ServiceAccount waypoint can serve the Service
+    /// itself.
     OnDemandSplit { target: String, waypoints: String },
     /// The on-demand waypoint's name is taken by a Gateway istiod-rs did
     /// not make (which it never overwrites).
@@ -207,7 +208,7 @@ impl fmt::Display for Unserved {
             ),
             Unserved::OnDemandSplit { target, waypoints } => write!(
                 f,
-                "{target} selects workloads of more than one ServiceAccount: waypoints {waypoints} were created on demand for them, and none can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+                "{target} selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts ({waypoints}) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
             ),
             Unserved::OnDemandNameTaken { target, gateway } => write!(
                 f,
