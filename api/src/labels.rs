@@ -20,6 +20,16 @@ pub const FOR_SERVICE_ACCOUNT: &str = "istio.io/for-service-account";
 pub const XFCC_INCLUDE_CLIENT_IDENTITY: &str = "ambient.istio.io/xfcc-include-client-identity";
 /// Namespace label that turns waypoints-on-demand off (`disabled`).
 pub const AUTO_WAYPOINT: &str = "istio.io/auto-waypoint";
+/// `AUTO_WAYPOINT` value that turns waypoints-on-demand off in the namespace.
+pub const AUTO_WAYPOINT_DISABLED: &str = "disabled";
+/// Label (`"true"`) on a waypoint Gateway istiod-rs created on demand (ours, not upstream's):
+/// it ranks below every binding a user made, and istiod-rs deletes it when no rule needs it.
+pub const ON_DEMAND_WAYPOINT: &str = "istio-rs.io/on-demand-waypoint";
+/// Value of `ON_DEMAND_WAYPOINT`.
+pub const ON_DEMAND_WAYPOINT_VALUE: &str = "true";
+/// Annotation on an on-demand waypoint Gateway: the L7 rules that need it,
+/// `Kind namespace/name` joined by `,`, sorted (ours, not upstream's).
+pub const NEEDED_BY: &str = "istio-rs.io/needed-by";
 
 /// Gateway class of waypoints.
 pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
@@ -60,3 +70,88 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const CA_TOKEN_AUDIENCE: &str = "istio-ca";
 /// CSR metadata key through which a node agent asks for a pod's identity.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// The name of the waypoint Gateway istiod-rs creates on demand for the
+/// workloads of a namespace running as ServiceAccount `service_account`:
+/// `<sa>-waypoint` when that is a valid Service name (a DNS-1035 label:
+/// lower-case letters, digits and `-`, starting with a letter, ending with a
+/// letter or digit, at most 63 characters); otherwise
+/// `waypoint-<hash>-<rest>`, `<hash>` the 32-bit FNV-1a hash of the
+/// ServiceAccount name as 8 lower-case hex digits, `<rest>` the name with
+/// every character other than a lower-case letter or digit replaced by `-`,
+/// cut to 45 characters and trimmed of `-` (left out, with its `-`, when
+/// nothing remains). Both forms are valid Service names, and distinct
+/// accounts get distinct names (the hash tells apart those the replacement
+/// would merge).
+pub fn on_demand_waypoint_name(service_account: &str) -> String {
+    let plain = format!("{service_account}-waypoint");
+    let valid = plain.len() <= 63
+        && plain.starts_with(|c: char| c.is_ascii_lowercase())
+        && plain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        return plain;
+    }
+    let hash = service_account.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let rest: String = service_account
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(45)
+        .collect();
+    let rest = rest.trim_matches('-');
+    if rest.is_empty() {
+        format!("waypoint-{hash:08x}")
+    } else {
+        format!("waypoint-{hash:08x}-{rest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_demand_waypoint_names_are_service_names() {
+        assert_eq!(on_demand_waypoint_name("reviews"), "reviews-waypoint");
+        assert_eq!(
+            on_demand_waypoint_name("bookinfo-v2"),
+            "bookinfo-v2-waypoint"
+        );
+        // The dotted and dashed accounts must differ.
+        let dotted = on_demand_waypoint_name("a.b");
+        let dashed = on_demand_waypoint_name("a-b");
+        assert_eq!(dashed, "a-b-waypoint");
+        assert!(
+            dotted.starts_with("waypoint-") && dotted.ends_with("-a-b"),
+            "{dotted}"
+        );
+        assert_ne!(dotted, dashed);
+        // A leading digit is no Service name.
+        assert!(on_demand_waypoint_name("9lives").starts_with("waypoint-"));
+        let long = "x".repeat(60);
+        let name = on_demand_waypoint_name(&long);
+        assert_eq!(name.len(), 63, "{name}");
+        assert!(name.ends_with(&"x".repeat(45)));
+        for sa in ["a.b", "9lives", long.as_str(), "-", "web"] {
+            let n = on_demand_waypoint_name(sa);
+            assert!(n.len() <= 63 && n.starts_with(|c: char| c.is_ascii_lowercase()));
+            assert!(n.ends_with(|c: char| c.is_ascii_alphanumeric()), "{n}");
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n}"
+            );
+        }
+        // The hash is FNV-1a 32 (test vector: "a" -> e40c292c).
+        assert_eq!(on_demand_waypoint_name("A"), "waypoint-c40bf6cc");
+    }
+}

@@ -7,6 +7,8 @@
 //!   pipeline (debounce, translate) -> watch<Snapshot> -> XdsServer
 //!                                   \-> watch<Statuses> -> status writer
 //!                                        (status subresource | <config-dir>/generated/status)
+//!                                   \-> watch<OnDemandPlan> -> on-demand waypoint Gateways
+//!                                        (server-side apply | <config-dir>/generated/on-demand)
 //!                   state::Store changes -> waypoint provisioner (server-side
 //!                                        apply + Gateway status | <config-dir>/generated/waypoints)
 //!                                                     |
@@ -221,7 +223,7 @@ impl App {
             ca,
             grpc,
             monitoring: monitoring_config,
-            mesh,
+            mut mesh,
             debounce,
             status: status_config,
             webhook,
@@ -310,7 +312,7 @@ impl App {
         let shutdown = CancellationToken::new();
 
         // Cluster state, where statuses are written and waypoints provisioned.
-        let (store, mut background, status_sink, provision_sink) = match source {
+        let (store, mut background, status_sink, provision_sink, on_demand_sink) = match source {
             Source::Directory(config) => {
                 let store = Store::new();
                 let sink =
@@ -318,11 +320,20 @@ impl App {
                 let provisioner = provision::Sink::Directory(
                     provision::directory::DirectoryProvisioner::new(&config.dir),
                 );
+                let on_demand = provision::on_demand::OnDemandSink::Directory(
+                    provision::on_demand::DirectoryOnDemand::new(&config.dir),
+                );
                 let metrics = DirectoryMetrics::default();
                 metrics.register(&mut registry);
                 let source = DirectorySource::with_config(&config).with_metrics(metrics);
                 let task = tokio::spawn(source.run(store.clone(), config.poll_interval));
-                (store, vec![task], Some(sink), Some(provisioner))
+                (
+                    store,
+                    vec![task],
+                    Some(sink),
+                    Some(provisioner),
+                    Some(on_demand),
+                )
             }
             Source::Kubernetes => {
                 let store = Store::new();
@@ -337,6 +348,9 @@ impl App {
                     ca.roots_pem(),
                     status::system_clock(),
                 ));
+                let on_demand = provision::on_demand::OnDemandSink::Kube(
+                    provision::on_demand::KubeOnDemand::new(client.clone()),
+                );
                 let mut tasks = state::kube::spawn(client.clone(), store.clone());
                 // The API server calls the webhook: keep its configuration
                 // pointed at istiod.
@@ -350,26 +364,40 @@ impl App {
                     );
                     tasks.push(tokio::spawn(keeper.run(shutdown.clone())));
                 }
-                (store, tasks, Some(sink), Some(provisioner))
+                (store, tasks, Some(sink), Some(provisioner), Some(on_demand))
             }
             // Its owner writes no statuses and provisions nothing.
-            Source::Store(store) => (store, Vec::new(), None, None),
+            Source::Store(store) => (store, Vec::new(), None, None, None),
         };
         let provision_metrics = Arc::new(ProvisionMetrics::default());
         provision_metrics.register(&mut registry);
+        // Waypoints are created on demand only where they are provisioned.
+        let on_demand_sink = on_demand_sink.filter(|_| provision.is_some());
+        mesh.on_demand_waypoints &= on_demand_sink.is_some();
+        let on_demand_retry = provision.clone();
         if let (Some(config), Some(sink)) = (provision, provision_sink) {
             background.push(provision::spawn(
                 store.clone(),
                 sink,
                 config,
-                provision_metrics,
+                provision_metrics.clone(),
             ));
         }
 
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
+        let mesh_on_demand = mesh.on_demand_waypoints;
         let (outputs, pipeline) = pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
         background.push(pipeline);
+        if mesh_on_demand && let (Some(sink), Some(config)) = (on_demand_sink, on_demand_retry) {
+            background.push(provision::on_demand::spawn(
+                store.clone(),
+                outputs.on_demand,
+                sink,
+                config,
+                provision_metrics,
+            ));
+        }
         let snapshots = outputs.snapshots;
         let status_metrics = Arc::new(StatusMetrics::default());
         status_metrics.register(&mut registry);

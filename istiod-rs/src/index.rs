@@ -23,6 +23,7 @@
 mod authorization;
 pub mod json;
 mod l7;
+mod on_demand;
 mod peer_authentication;
 mod problem;
 mod selectors;
@@ -56,12 +57,14 @@ use api::{labels, type_url};
 pub(crate) use authorization::dry_run;
 pub use authorization::validate_authorization_policy;
 pub use l7::{Attachment, L7Rule, TargetOutcome, TargetRef, UNSERVED_PREFIX};
+pub use on_demand::{OnDemandPlan, OnDemandWaypoint};
 pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
 pub use traffic::validate_destination_rule;
 pub use virtual_services::validate_virtual_service;
+pub use waypoints::is_on_demand as is_on_demand_waypoint;
 pub use workloads::SharedAddress;
 
 use crate::snapshot::{Resource, Snapshot};
@@ -86,6 +89,10 @@ pub struct MeshConfig {
     /// `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`, off by default as there. See
     /// `index/waypoint_policies.rs`.
     pub auto_allow_waypoint_policy: bool,
+    /// Plan waypoints on demand for the L7 rules no user-bound waypoint
+    /// serves ([`Translation::on_demand`], see `index/on_demand.rs`). On by
+    /// default; off, such rules stay unbound (and denied at L4).
+    pub on_demand_waypoints: bool,
 }
 
 impl Default for MeshConfig {
@@ -97,6 +104,7 @@ impl Default for MeshConfig {
             root_namespace: labels::DEFAULT_ROOT_NAMESPACE.to_string(),
             network: String::new(),
             auto_allow_waypoint_policy: false,
+            on_demand_waypoints: true,
         }
     }
 }
@@ -133,6 +141,9 @@ pub struct Translation {
     pub l7: Vec<L7Rule>,
     /// Addresses more than one pod has.
     pub shared_addresses: Vec<SharedAddress>,
+    /// The waypoint Gateways to create on demand (empty when
+    /// [`MeshConfig::on_demand_waypoints`] is off).
+    pub on_demand: OnDemandPlan,
 }
 
 /// Translates the whole cluster state.
@@ -360,7 +371,13 @@ impl Translator {
             service_waypoints: &service_waypoints,
             ready_waypoints: &ready_waypoints,
         };
-        let l7_rules = l7::L7Rules::build(&l7_ctx, &mut problems);
+        let mut l7_rules = l7::L7Rules::build(&l7_ctx);
+        let on_demand = if mesh.on_demand_waypoints {
+            on_demand::plan(state, &waypoints, &services, &mut l7_rules.rules)
+        } else {
+            OnDemandPlan::default()
+        };
+        l7_rules.report(&l7_ctx, &mut problems);
         for (key, a) in l7_rules.authorizations() {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), &a));
         }
@@ -434,6 +451,7 @@ impl Translator {
             problems,
             l7: l7_rules.rules,
             shared_addresses,
+            on_demand,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! from the last one; the xDS server then pushes the keys whose versions
 //! changed. Each build also computes the status every policy and route
 //! should carry ([`crate::status::desired`]), published the same way for the
-//! status writer, which runs on its own task. The JWKS fetcher
+//! status writer, which runs on its own task, and so is the plan of the
+//! waypoints to create on demand, for `provision::on_demand`. The JWKS fetcher
 //! ([`crate::jwks`]) runs on the same task and writes what it fetched into
 //! the store, which triggers a build like any other change.
 
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::index::{MeshConfig, PolicyProblem, Translator};
+use crate::index::{MeshConfig, OnDemandPlan, PolicyProblem, Translator};
 use crate::jwks::{self, JwksClient, JwksConfig, JwksMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
@@ -132,6 +133,9 @@ pub struct Outputs {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// The statuses of the last build, published when they differ.
     pub statuses: watch::Receiver<Arc<Statuses>>,
+    /// The waypoints to create on demand: `None` until the first build,
+    /// then published when they differ.
+    pub on_demand: watch::Receiver<Option<Arc<OnDemandPlan>>>,
 }
 
 /// Starts the pipeline, fetching JWKS with the defaults of
@@ -155,6 +159,7 @@ pub fn spawn_with_jwks(
 ) -> (Outputs, tokio::task::JoinHandle<()>) {
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
     let (statuses_tx, statuses) = watch::channel(Arc::new(Statuses::new()));
+    let (on_demand_tx, on_demand) = watch::channel(None);
     // The JWKS fetcher feeds the store for as long as the pipeline runs.
     let fetcher = jwks::run(
         store.clone(),
@@ -162,7 +167,15 @@ pub fn spawn_with_jwks(
         config,
         metrics.jwks.clone(),
     );
-    let pipeline = run(store, mesh, debounce, snapshots_tx, statuses_tx, metrics);
+    let pipeline = run(
+        store,
+        mesh,
+        debounce,
+        snapshots_tx,
+        statuses_tx,
+        on_demand_tx,
+        metrics,
+    );
     let task = tokio::spawn(async move {
         tokio::select! {
             () = pipeline => {}
@@ -173,6 +186,7 @@ pub fn spawn_with_jwks(
         Outputs {
             snapshots,
             statuses,
+            on_demand,
         },
         task,
     )
@@ -185,6 +199,7 @@ pub async fn run(
     debounce: Debounce,
     publish: watch::Sender<Arc<Snapshot>>,
     statuses: watch::Sender<Arc<Statuses>>,
+    on_demand: watch::Sender<Option<Arc<OnDemandPlan>>>,
     metrics: Arc<PipelineMetrics>,
 ) {
     let mut synced = store.synced();
@@ -248,6 +263,14 @@ pub async fn run(
             let changed = first || **current != desired;
             if changed {
                 *current = Arc::new(desired);
+            }
+            changed
+        });
+        let plan = translation.on_demand;
+        on_demand.send_if_modified(|current| {
+            let changed = current.as_deref() != Some(&plan);
+            if changed {
+                *current = Some(Arc::new(plan));
             }
             changed
         });

@@ -18,6 +18,10 @@
 //!   `<config-dir>/generated/status/Gateway/<namespace>/<name>.yaml`, as the
 //!   status writer does for policies and routes.
 //!
+//! [`on_demand`] writes the waypoint Gateways the index plans on demand
+//! (`index/on_demand.rs`); once they are in the cluster state they are
+//! provisioned here like any other.
+//!
 //! [`plan`] is pure (cluster state in, what each waypoint Gateway becomes
 //! out). [`spawn`] runs the sink on its own task: on every change of the
 //! cluster state it writes what differs from what it last wrote, and retries
@@ -28,6 +32,7 @@
 pub mod directory;
 pub mod gateway_status;
 pub mod kube;
+pub mod on_demand;
 pub mod render;
 pub mod root_cert;
 
@@ -151,6 +156,12 @@ pub enum ProvisionError {
     Rendered(String),
     #[error("could not apply {object} through the API server: {source}")]
     Apply {
+        object: String,
+        #[source]
+        source: ::kube::Error,
+    },
+    #[error("could not delete {object} through the API server: {source}")]
+    Delete {
         object: String,
         #[source]
         source: ::kube::Error,

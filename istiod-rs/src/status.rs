@@ -397,7 +397,13 @@ fn waypoint_condition(
 fn target_reason(t: &TargetOutcome) -> &'static str {
     match &t.serving {
         Ok(_) => REASON_ACCEPTED,
-        Err(Unserved::NotBound { .. }) => "AncestorNotBound",
+        Err(
+            Unserved::NotBound { .. }
+            | Unserved::AutoWaypointDisabled { .. }
+            | Unserved::OnDemandPending { .. }
+            | Unserved::OnDemandSplit { .. }
+            | Unserved::OnDemandNameTaken { .. },
+        ) => "AncestorNotBound",
         Err(Unserved::TargetNotFound { .. }) => "TargetNotFound",
         Err(
             Unserved::WaypointNotReady { .. }

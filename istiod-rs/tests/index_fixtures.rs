@@ -1,6 +1,7 @@
 //! Fixture tests of the ambient index: each `tests/fixtures/<case>/input.yaml`
 //! is a cluster state as a user would `kubectl apply` it; the translation's
-//! resources (and policy problems) must equal `expected.json`.
+//! resources (and policy problems, and the waypoints planned on demand when
+//! there are any) must equal `expected.json`.
 //!
 //! A case may also be translated under other mesh settings: each
 //! `mesh-<variant>.yaml` beside it (fields of [`MeshSettings`]) gives
@@ -92,6 +93,19 @@ fn render(case: &Path, mesh: &MeshConfig) -> String {
         .iter()
         .map(|p| serde_json::Value::String(p.to_string()))
         .collect();
+    // Waypoints on demand, in the cases that plan any.
+    let plan = &translation.on_demand;
+    if !plan.waypoints.is_empty() || !plan.name_taken.is_empty() {
+        out["onDemandWaypoints"] = plan.waypoints.values().map(|w| w.gateway()).collect();
+        out["onDemandNameTaken"] = plan
+            .name_taken
+            .iter()
+            .map(|(key, rules)| {
+                let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
+                serde_json::json!({"gateway": key.to_string(), "neededBy": rules})
+            })
+            .collect();
+    }
     serde_json::to_string_pretty(&out).unwrap() + "\n"
 }
 

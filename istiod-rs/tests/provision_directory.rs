@@ -4,6 +4,9 @@
 //! and goes with it; the directory source reads the ServiceAccount and
 //! Service back without a problem; the Gateway's status is a file under
 //! `generated/status/Gateway/` that the status writer leaves alone.
+//! Waypoints created on demand for an L7 rule are files under
+//! `generated/on-demand/`, read back as Gateways, provisioned like the
+//! others, and removed with the last rule that needs them.
 
 #[path = "app_support/http_client.rs"]
 mod http_client;
@@ -17,6 +20,7 @@ use std::time::Duration;
 use api::manifest::ObjectKey;
 use istiod_rs::index::{self, MeshConfig};
 use istiod_rs::provision::directory::DirectoryProvisioner;
+use istiod_rs::provision::on_demand::DirectoryOnDemand;
 use istiod_rs::provision::{self, ProvisionConfig, ProvisionMetrics};
 use istiod_rs::state::ClusterState;
 use istiod_rs::state::directory::DirectorySource;
@@ -374,4 +378,130 @@ async fn istiod_in_local_mode_provisions_the_waypoints_of_its_config_directory()
     .await;
     istiod.remove("gateway.yaml");
     wait_for(|| !file.exists() && !status_file.exists()).await;
+}
+
+/// HTTPRoute `demo/web`, parent Service `demo/web`.
+const ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+"#;
+
+#[tokio::test]
+async fn istiod_in_local_mode_creates_a_waypoint_on_demand_and_removes_it_with_the_rule() {
+    let istiod = istiod::LocalIstiod::start_with(
+        &[
+            ("namespace.yaml", istiod::NAMESPACE),
+            ("service.yaml", &istiod::service(80)),
+            (
+                "pod.yaml",
+                &istiod::pod("web-0", "node-a", "web", "10.9.0.1", "app: web"),
+            ),
+        ],
+        |config| config.provision = Some(ProvisionConfig::default()),
+    )
+    .await;
+    let root = istiod.config_dir();
+    let key = ObjectKey::new("demo", "web-waypoint");
+    let on_demand = DirectoryOnDemand::new(&root).path(&key);
+    assert_eq!(
+        on_demand,
+        root.join("generated/on-demand/demo/web-waypoint.yaml")
+    );
+    let provisioned = DirectoryProvisioner::new(&root).path(&key);
+    let route_status = root.join("generated/status/HTTPRoute/demo/web.yaml");
+
+    istiod.write("route.yaml", ROUTE);
+    wait_for(|| on_demand.exists() && provisioned.exists()).await;
+    let gateway = &documents(&on_demand)[0];
+    assert_eq!(gateway["kind"], "Gateway");
+    assert_eq!(
+        gateway["metadata"]["labels"]["istio-rs.io/on-demand-waypoint"],
+        "true"
+    );
+    assert_eq!(
+        gateway["metadata"]["annotations"]["istio.io/for-service-account"],
+        "web"
+    );
+    assert_eq!(
+        gateway["metadata"]["annotations"]["istio-rs.io/needed-by"],
+        "HTTPRoute demo/web"
+    );
+    // The waypoint's pod is ready (what the local cluster does): the route
+    // is served by it.
+    istiod.write(
+        "waypoint-pod.yaml",
+        &istiod::pod(
+            "web-waypoint-0",
+            "node-a",
+            "web-waypoint",
+            "10.9.0.7",
+            "gateway.networking.k8s.io/gateway-name: web-waypoint",
+        ),
+    );
+    let route_accepted = || {
+        let Ok(text) = std::fs::read_to_string(&route_status) else {
+            return false;
+        };
+        let status: Value = serde_saphyr::from_str(&text).unwrap();
+        let conditions: Vec<&Value> = status["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["conditions"].as_array().into_iter().flatten())
+            .collect();
+        !conditions.is_empty() && conditions.iter().all(|c| c["status"] == "True")
+    };
+    assert!(!route_accepted(), "served before its waypoint was ready");
+    wait_for(route_accepted).await;
+
+    istiod.remove("route.yaml");
+    wait_for(|| !on_demand.exists() && !provisioned.exists()).await;
+}
+
+#[test]
+fn on_demand_files_are_written_once_and_read_back_as_gateways() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("namespace.yaml"), istiod::NAMESPACE).unwrap();
+    std::fs::write(root.join("service.yaml"), istiod::service(80)).unwrap();
+    std::fs::write(
+        root.join("pod.yaml"),
+        istiod::pod("web-0", "node-a", "web", "10.9.0.1", "app: web"),
+    )
+    .unwrap();
+    std::fs::write(root.join("route.yaml"), ROUTE).unwrap();
+    let metrics = ProvisionMetrics::default();
+    let mut sink = DirectoryOnDemand::new(root);
+    let files_written = || {
+        metrics
+            .writes
+            .get_or_create(&istiod_rs::status::WriteLabels {
+                kind: "File".into(),
+                result: "ok".into(),
+            })
+            .get()
+    };
+    let (state, _) = read(root);
+    let plan = index::translate(&state, &MeshConfig::default()).on_demand;
+    assert!(sink.sync(&plan, &metrics).is_empty());
+    assert_eq!(files_written(), 1);
+    // Read back, the plan is the same and nothing is written again.
+    let (state, source) = read(root);
+    assert!(source.problems().is_empty(), "{:?}", source.problems());
+    let key = ObjectKey::new("demo", "web-waypoint");
+    assert!(index::is_on_demand_waypoint(&state.gateways[&key]));
+    let again = index::translate(&state, &MeshConfig::default()).on_demand;
+    assert_eq!(again, plan);
+    assert!(sink.sync(&again, &metrics).is_empty());
+    assert_eq!(files_written(), 1);
+    // No rule: removed.
+    std::fs::remove_file(root.join("route.yaml")).unwrap();
+    let (state, _) = read(root);
+    let plan = index::translate(&state, &MeshConfig::default()).on_demand;
+    assert!(plan.waypoints.is_empty());
+    assert!(sink.sync(&plan, &metrics).is_empty());
+    assert!(!sink.path(&key).exists());
 }

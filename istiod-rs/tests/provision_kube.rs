@@ -4,7 +4,9 @@
 //! Gateway (field manager, force, owner reference, labels), the Gateway's
 //! status (addresses and Programmed once a pod is ready), a Gateway that
 //! cannot be provisioned next to one that can, a Gateway made again after
-//! its deletion, and a changed Gateway (only what changed is applied).
+//! its deletion, and a changed Gateway (only what changed is applied); the
+//! Gateways created on demand (their own field manager, deleted when no
+//! rule needs them, a user's Gateway never).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -618,4 +620,117 @@ async fn a_gateway_made_again_or_changed_is_applied_again_and_only_what_changed(
         "reviews-runner"
     );
     assert_eq!(unanswered(run).await.1, 0);
+}
+
+/// A plan of one on-demand waypoint, `shop/web-waypoint` for account `web`,
+/// needed by `HTTPRoute shop/web`.
+fn on_demand_plan() -> istiod_rs::index::OnDemandPlan {
+    let state = store(vec![
+        object(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n",
+        ),
+        object(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\nspec: {serviceAccountName: web, containers: [{name: app, image: app}]}\nstatus: {phase: Running, podIP: 10.40.0.1}\n",
+        ),
+        object(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec: {parentRefs: [{group: \"\", kind: Service, name: web}]}\n",
+        ),
+    ])
+    .read();
+    istiod_rs::index::translate(&state, &istiod_rs::index::MeshConfig::default()).on_demand
+}
+
+#[tokio::test]
+async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when_no_rule_needs_them()
+ {
+    use istiod_rs::provision::on_demand::KubeOnDemand;
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let plan = on_demand_plan();
+    assert_eq!(plan.waypoints.len(), 1);
+    let gateways = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways";
+    let sync = |mut sink: KubeOnDemand, store: Arc<Store>, plan: istiod_rs::index::OnDemandPlan| {
+        tokio::spawn(async move {
+            let state = store.read();
+            let errors = sink.sync(&state, &plan, &ProvisionMetrics::default()).await;
+            (sink, errors.len())
+        })
+    };
+
+    // Planned: applied, forced, under istiod-rs-on-demand.
+    let store = store(Vec::new());
+    let run = sync(KubeOnDemand::new(client), store.clone(), plan.clone());
+    let (seen, reply) = next(&mut handle).await;
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("PATCH", format!("{gateways}/web-waypoint").as_str())
+    );
+    assert_eq!(
+        seen.query,
+        BTreeMap::from([
+            (
+                "fieldManager".to_string(),
+                "istiod-rs-on-demand".to_string()
+            ),
+            ("force".to_string(), "true".to_string()),
+        ])
+    );
+    assert_eq!(seen.content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        seen.body,
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": "web-waypoint",
+                "namespace": "shop",
+                "labels": {"istio-rs.io/on-demand-waypoint": "true"},
+                "annotations": {
+                    "istio.io/for-service-account": "web",
+                    "istio-rs.io/needed-by": "HTTPRoute shop/web",
+                },
+            },
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        })
+    );
+    reply.send_response(respond(200, &seen.body));
+    let (sink, errors) = run.await.unwrap();
+    assert_eq!(errors, 0);
+
+    // The watch brings it back: unchanged, nothing is written. A user's
+    // Gateway (not labelled on demand) is never deleted.
+    store.update(|s| {
+        s.apply(object(&serde_json::to_string(&seen.body).unwrap()));
+        s.apply(gateway("mine", ""));
+    });
+    let run = sync(sink, store.clone(), plan.clone());
+    let (sink, errors) = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the sync made a request it should not have")
+        .unwrap();
+    assert_eq!(errors, 0);
+
+    // No rule needs it any more: deleted.
+    let run = sync(
+        sink,
+        store.clone(),
+        istiod_rs::index::OnDemandPlan::default(),
+    );
+    let (seen, reply) = next(&mut handle).await;
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("DELETE", format!("{gateways}/web-waypoint").as_str())
+    );
+    reply.send_response(respond(
+        200,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    ));
+    let (_, errors) = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the user's Gateway is never deleted")
+        .unwrap();
+    assert_eq!(errors, 0);
 }

@@ -110,6 +110,25 @@ fn desired(yaml: &str) -> Statuses {
     status::desired(&state, &translation)
 }
 
+#[test]
+fn a_namespace_without_waypoints_on_demand_says_so_in_the_status() {
+    let opted_out = CLUSTER.replacen(
+        "labels: {istio.io/dataplane-mode: ambient}",
+        "labels: {istio.io/dataplane-mode: ambient, istio.io/auto-waypoint: disabled}",
+        1,
+    );
+    let s = desired(&opted_out);
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "web-get-only");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", false, "AncestorNotBound")
+    );
+    assert_eq!(
+        message,
+        "Service shop/web is not bound to a waypoint, and waypoints on demand are disabled in namespace shop (label istio.io/auto-waypoint: disabled); connections to the endpoints of Service shop/web are denied until a waypoint serves the rule"
+    );
+}
+
 fn object(kind: Kind, name: &str) -> PolicyRef {
     PolicyRef {
         kind,
@@ -166,7 +185,7 @@ fn every_policy_gets_upstreams_condition_and_reason() {
     );
     assert_eq!(
         message,
-        "Service shop/web is not bound to a waypoint; connections to the endpoints of Service shop/web are denied until a waypoint serves the rule"
+        "Service shop/web is not bound to a waypoint yet; istiod-rs is creating waypoint shop/default-waypoint on demand; connections to the endpoints of Service shop/web are denied until a waypoint serves the rule"
     );
     let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "two-targets");
     assert_eq!(

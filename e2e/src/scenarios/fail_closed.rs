@@ -83,13 +83,15 @@ fn refused_at_admission(
 /// waypoint serves) refuses every connection to that Service's pods until
 /// it is removed, and only to them. (Before, it was silently skipped.) The
 /// Service has no selector and one EndpointSlice, so it fronts server-0
-/// alone and server-1 shows that other pods are untouched.
+/// alone and server-1 shows that other pods are untouched. The Service opts
+/// out of waypoints (`istio.io/use-waypoint: none`), so istiod-rs creates
+/// none on demand for it: the rule stays unserved.
 pub fn l7_policy_on_a_service(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
     let [zero, one] = &f.servers;
     let objects = format!(
         "apiVersion: v1
 kind: Service
-metadata: {{name: server-zero, namespace: {AMBIENT_NS}}}
+metadata: {{name: server-zero, namespace: {AMBIENT_NS}, labels: {{istio.io/use-waypoint: none}}}}
 spec:
   ports: [{{name: hello, port: {ECHO_HELLO}}}]
 ---

@@ -244,6 +244,14 @@ pub struct Args {
     /// `<config-dir>/generated/waypoints/`) and write its status.
     #[arg(long, env = "PROVISION_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub provision_waypoints: bool,
+    /// Create a waypoint (a Gateway of class istio-waypoint annotated
+    /// istio.io/for-service-account) for the ServiceAccounts of the workloads
+    /// an L7 rule targets when no waypoint a user bound serves them, and
+    /// delete it when no rule needs it; a namespace labelled
+    /// istio.io/auto-waypoint=disabled gets none. Needs
+    /// --provision-waypoints.
+    #[arg(long, env = "ON_DEMAND_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub on_demand_waypoints: bool,
     /// Image repository of provisioned waypoints (`<hub>/waypoint-rs:<tag>`).
     #[arg(long, env = "WAYPOINT_HUB", default_value = "istio-rs")]
     pub waypoint_hub: String,
@@ -425,6 +433,8 @@ impl Args {
             root_namespace: self.root_namespace,
             network: String::new(),
             auto_allow_waypoint_policy: self.auto_allow_waypoint_policy,
+            // Nobody would run the waypoints it creates.
+            on_demand_waypoints: self.on_demand_waypoints && self.provision_waypoints,
         };
         Ok(AppConfig {
             source,
@@ -554,13 +564,37 @@ mod tests {
         }
     }
 
+    /// Local mode's flags, on a temporary directory kept while it lives.
+    fn local_mode() -> (tempfile::TempDir, [String; 4]) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let t = dir.path().join("tokens.yaml").to_str().unwrap().to_string();
+        let flags = ["--config-dir".into(), d, "--token-file".into(), t];
+        (dir, flags)
+    }
+
+    #[test]
+    fn waypoints_on_demand_are_on_unless_turned_off_or_nothing_provisions() {
+        let (_dir, flags) = local_mode();
+        let local: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let on = |extra: &[&str]| {
+            let given = [&local[..], extra].concat();
+            args(&given)
+                .unwrap()
+                .into_config()
+                .unwrap()
+                .mesh
+                .on_demand_waypoints
+        };
+        assert!(on(&[]));
+        assert!(!on(&["--on-demand-waypoints", "false"]));
+        assert!(!on(&["--provision-waypoints", "false"]));
+    }
+
     #[test]
     fn waypoints_are_provisioned_with_the_images_and_address_given() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_str().unwrap();
-        let tokens = dir.path().join("tokens.yaml");
-        let t = tokens.to_str().unwrap();
-        let local = ["--config-dir", d, "--token-file", t];
+        let (_dir, flags) = local_mode();
+        let local: Vec<&str> = flags.iter().map(String::as_str).collect();
         let config = args(&local).unwrap().into_config().unwrap();
         let provision = config.provision.unwrap();
         assert_eq!(provision.xds_address, "istiod.istio-system.svc:15012");

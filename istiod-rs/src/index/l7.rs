@@ -80,7 +80,7 @@ impl TargetRef {
         format!("{}.{group}:{}/{}", self.kind, self.namespace, self.name)
     }
 
-    fn is_service(&self) -> bool {
+    pub(super) fn is_service(&self) -> bool {
         self.kind == "Service" && matches!(self.group.as_str(), "" | "core")
     }
 
@@ -343,9 +343,9 @@ pub(super) struct L7Rules {
 }
 
 impl L7Rules {
-    /// Resolves every rule's targets, pushing a problem per target nobody
-    /// enforces the rule at.
-    pub fn build(ctx: &Context<'_>, problems: &mut Vec<PolicyProblem>) -> Self {
+    /// Resolves every rule's targets; [`L7Rules::report`] says where
+    /// nobody enforces them.
+    pub fn build(ctx: &Context<'_>) -> Self {
         let mut rules = Vec::new();
         for policy in ctx.state.authorization_policies.values() {
             let ignored =
@@ -432,7 +432,12 @@ impl L7Rules {
         }
         routes!(http_routes, Kind::HttpRoute);
         routes!(grpc_routes, Kind::GrpcRoute);
-        for r in &rules {
+        L7Rules { rules }
+    }
+
+    /// Pushes a problem per target nobody enforces its rule at.
+    pub fn report(&self, ctx: &Context<'_>, problems: &mut Vec<PolicyProblem>) {
+        for r in &self.rules {
             for t in &r.targets {
                 let Err(reason) = &t.serving else {
                     continue;
@@ -450,7 +455,6 @@ impl L7Rules {
                 });
             }
         }
-        L7Rules { rules }
     }
 
     /// The DENY policies to serve, by key.

@@ -159,6 +159,20 @@ pub enum Unserved {
     /// The rule attaches to workloads directly (selector, namespace, Service
     /// parent) and only a waypoint can enforce it.
     NeedsWaypoint { what: &'static str },
+    /// The target is bound to no waypoint and its namespace is labelled
+    /// `istio.io/auto-waypoint: disabled`: none is made on demand.
+    AutoWaypointDisabled { target: String, namespace: String },
+    /// The target is bound to no waypoint yet; istiod-rs is making these
+    /// (`ns/name`, comma-separated) on demand for its workloads.
+    OnDemandPending { target: String, waypoints: String },
+    /// The target's workloads run as more than one ServiceAccount: the
+    /// waypoints made on demand (`waypoints`, comma-separated) serve their
+    /// workloads, and no per-ServiceAccount waypoint can serve the Service
+    /// itself.
+    OnDemandSplit { target: String, waypoints: String },
+    /// The on-demand waypoint's name is taken by a Gateway istiod-rs did
+    /// not make (which it never overwrites).
+    OnDemandNameTaken { target: String, gateway: String },
     /// The target does not exist (nothing to deny now).
     TargetNotFound { target: String },
     /// A target kind the mesh does not support.
@@ -183,6 +197,22 @@ impl fmt::Display for Unserved {
             Unserved::NeedsWaypoint { what } => write!(
                 f,
                 "{what} can only be enforced by a waypoint: attach it with targetRefs to a waypoint or a Service bound to one"
+            ),
+            Unserved::AutoWaypointDisabled { target, namespace } => write!(
+                f,
+                "{target} is not bound to a waypoint, and waypoints on demand are disabled in namespace {namespace} (label istio.io/auto-waypoint: disabled)"
+            ),
+            Unserved::OnDemandPending { target, waypoints } => write!(
+                f,
+                "{target} is not bound to a waypoint yet; istiod-rs is creating waypoint {waypoints} on demand"
+            ),
+            Unserved::OnDemandSplit { target, waypoints } => write!(
+                f,
+                "{target} selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts ({waypoints}) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+            ),
+            Unserved::OnDemandNameTaken { target, gateway } => write!(
+                f,
+                "{target} is not bound to a waypoint, and the on-demand waypoint cannot be created: Gateway {gateway} exists and was not created on demand"
             ),
             Unserved::TargetNotFound { target } => write!(f, "{target} was not found"),
             Unserved::UnsupportedTarget { target } => {

@@ -14,7 +14,11 @@
 //! 2. a waypoint annotated `istio.io/for-service-account: <sa>` in the
 //!    object's namespace, for a workload running as `<sa>` or a service whose
 //!    selected pods all run as it;
-//! 3. the namespace's `istio.io/use-waypoint` label.
+//! 3. the namespace's `istio.io/use-waypoint` label (`none` opts out);
+//! 4. a waypoint istiod-rs created on demand (labelled
+//!    `istio-rs.io/on-demand-waypoint: "true"`, see `on_demand.rs`) annotated
+//!    `istio.io/for-service-account: <sa>`, as in 2: a binding a user made
+//!    always wins over an automatic one.
 //!
 //! `istio.io/waypoint-for` on the Gateway says what traffic it takes:
 //! `service` (the default), `workload`, `all` or `none`. A per-ServiceAccount
@@ -125,8 +129,19 @@ impl Waypoint {
 #[derive(Debug, Default)]
 pub(super) struct Waypoints {
     by_key: BTreeMap<(String, String), Waypoint>,
-    /// (namespace, service account) -> waypoint key.
+    /// (namespace, service account) -> waypoint key, of the waypoints a
+    /// user made.
     by_service_account: BTreeMap<(String, String), (String, String)>,
+    /// The same, of the waypoints istiod-rs made on demand.
+    on_demand_by_service_account: BTreeMap<(String, String), (String, String)>,
+}
+
+/// Whether istiod-rs created this Gateway on demand (its
+/// `istio-rs.io/on-demand-waypoint` label is `"true"`).
+pub fn is_on_demand(gw: &Gateway) -> bool {
+    labels_of(&gw.metadata.labels)
+        .get(labels::ON_DEMAND_WAYPOINT)
+        .is_some_and(|v| v == labels::ON_DEMAND_WAYPOINT_VALUE)
 }
 
 /// What an object's `use-waypoint` label says.
@@ -176,8 +191,12 @@ impl Waypoints {
                 .unwrap_or(default_traffic);
             let waypoint_key = (key.namespace.clone(), key.name.clone());
             if let Some(sa) = for_sa {
-                waypoints
-                    .by_service_account
+                let by_service_account = if is_on_demand(gw) {
+                    &mut waypoints.on_demand_by_service_account
+                } else {
+                    &mut waypoints.by_service_account
+                };
+                by_service_account
                     .entry((key.namespace.clone(), sa.clone()))
                     .or_insert_with(|| waypoint_key.clone());
             }
@@ -243,20 +262,38 @@ impl Waypoints {
             }
             UseWaypoint::Unset => {}
         }
-        if let Some(sa) = service_account
-            && let Some(key) = self
-                .by_service_account
-                .get(&(namespace.to_string(), sa.to_string()))
-            && let Some(w) = self.by_key.get(key)
-            && w.traffic.takes(traffic)
-        {
+        if let Some(w) = self.for_service_account(
+            &self.by_service_account,
+            namespace,
+            service_account,
+            traffic,
+        ) {
             return Some(w);
         }
         let ns = state.namespace(namespace)?;
         match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
             UseWaypoint::Named(ns, name) => self.usable(state, ns, name, namespace, traffic),
-            UseWaypoint::Unset | UseWaypoint::None => None,
+            UseWaypoint::None => None,
+            UseWaypoint::Unset => self.for_service_account(
+                &self.on_demand_by_service_account,
+                namespace,
+                service_account,
+                traffic,
+            ),
         }
+    }
+
+    /// The waypoint of `by_service_account` serving `service_account` in
+    /// `namespace`, when it takes `traffic`.
+    fn for_service_account(
+        &self,
+        by_service_account: &BTreeMap<(String, String), (String, String)>,
+        namespace: &str,
+        service_account: Option<&str>,
+        traffic: Traffic,
+    ) -> Option<&Waypoint> {
+        let key = by_service_account.get(&(namespace.to_string(), service_account?.to_string()))?;
+        self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
     }
 
     fn usable(
@@ -357,5 +394,89 @@ fn allowed_namespaces(gw: &Gateway) -> AllowedNamespaces {
             AllowedNamespaces::Selector(ns.selector.clone().unwrap_or_default())
         }
         Some(From::Same) | None => AllowedNamespaces::Same,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Namespace `shop` (with `ns_labels`), a pod-less cluster holding the
+    /// waypoints `extra` describes, each with a status address.
+    fn state(ns_labels: &str, extra: &str) -> ClusterState {
+        let text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{{ns_labels}}}}}\n{extra}"
+        );
+        let manifest = api::manifest::parse(&text).unwrap();
+        assert!(manifest.refused.is_empty(), "{:?}", manifest.refused);
+        ClusterState::from_objects(manifest.objects)
+    }
+
+    fn gateway(name: &str, labels: &str, annotations: &str) -> String {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}}}, annotations: {{{annotations}}}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\nstatus:\n  addresses: [{{type: Hostname, value: {name}.shop.svc.cluster.local}}]\n"
+        )
+    }
+
+    const ON_DEMAND: &str = "istio-rs.io/on-demand-waypoint: \"true\"";
+    const FOR_WEB: &str = "istio.io/for-service-account: web";
+
+    /// The waypoint bound to a service in `shop` with `labels`, whose pods
+    /// run as `web`.
+    fn bound_to(state: &ClusterState, labels: &[(&str, &str)]) -> Option<String> {
+        let labels: Labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let waypoints = Waypoints::build(state, &MeshConfig::default());
+        waypoints
+            .bound(state, "shop", &labels, Some("web"), Traffic::Service)
+            .map(Waypoint::key)
+    }
+
+    #[test]
+    fn an_on_demand_waypoint_serves_what_no_user_binding_does() {
+        let s = state("", &gateway("web-waypoint", ON_DEMAND, FOR_WEB));
+        assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/web-waypoint"));
+        // An on-demand waypoint for another account serves nothing here.
+        let other = gateway(
+            "api-waypoint",
+            ON_DEMAND,
+            "istio.io/for-service-account: api",
+        );
+        assert_eq!(bound_to(&state("", &other), &[]), None);
+    }
+
+    #[test]
+    fn the_objects_own_label_wins_over_an_on_demand_waypoint() {
+        let s = state(
+            "",
+            &(gateway("web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("mine", "", "")),
+        );
+        assert_eq!(
+            bound_to(&s, &[("istio.io/use-waypoint", "mine")]).as_deref(),
+            Some("shop/mine")
+        );
+        assert_eq!(bound_to(&s, &[("istio.io/use-waypoint", "none")]), None);
+    }
+
+    #[test]
+    fn a_users_per_account_waypoint_wins_over_an_on_demand_one() {
+        // The user's sorts after the on-demand one by name: order is not
+        // what decides.
+        let s = state(
+            "",
+            &(gateway("a-web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("z-mine", "", FOR_WEB)),
+        );
+        assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/z-mine"));
+    }
+
+    #[test]
+    fn the_namespaces_label_wins_over_an_on_demand_waypoint() {
+        let gateways = gateway("web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("mine", "", "");
+        let s = state("istio.io/use-waypoint: mine", &gateways);
+        assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/mine"));
+        let s = state("istio.io/use-waypoint: none", &gateways);
+        assert_eq!(bound_to(&s, &[]), None);
     }
 }

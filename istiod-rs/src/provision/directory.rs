@@ -96,7 +96,7 @@ impl DirectoryProvisioner {
 }
 
 /// Writes `path` (atomically) unless it already holds `text`.
-fn write_if_changed(
+pub(super) fn write_if_changed(
     path: &Path,
     text: &str,
     metrics: &ProvisionMetrics,
@@ -115,7 +115,7 @@ fn write_if_changed(
     })
 }
 
-fn yaml(object: &str, value: &Value) -> Result<String, ProvisionError> {
+pub(super) fn yaml(object: &str, value: &Value) -> Result<String, ProvisionError> {
     serde_saphyr::to_string(value).map_err(|e| ProvisionError::Encode {
         object: object.to_string(),
         reason: e.to_string(),
@@ -149,7 +149,7 @@ fn status_text(key: &ObjectKey, status: &GatewayStatus) -> Result<String, Provis
 
 /// Removes `<dir>/<namespace>/<name>.yaml` files of Gateways not in `keys`
 /// (hidden files, such as a write in progress, are left alone).
-fn remove_others(dir: &Path, keys: &BTreeSet<&ObjectKey>) -> Vec<ProvisionError> {
+pub(super) fn remove_others(dir: &Path, keys: &BTreeSet<&ObjectKey>) -> Vec<ProvisionError> {
     let mut errors = Vec::new();
     let Ok(namespaces) = std::fs::read_dir(dir) else {
         return errors;
