@@ -582,7 +582,7 @@ fn the_waypoint_template_renders_to_valid_objects() {
 }
 
 #[test]
-fn istiod_may_provision_waypoints_and_delete_nothing() {
+fn istiod_may_provision_waypoints_and_delete_only_gateways() {
     let manifest = default_manifest();
     let role = &find(&manifest, InstallKind::ClusterRole, "istiod-rs-provisioner").body;
     for (group, resource) in [
@@ -601,7 +601,13 @@ fn istiod_may_provision_waypoints_and_delete_nothing() {
         verbs(role, "gateway.networking.k8s.io", "gateways/status"),
         set(&["patch"])
     );
-    assert_eq!(granted(role), 5, "no resource beyond those");
+    // Waypoints on demand: the Gateways istiod-rs creates, and deletes once
+    // no rule needs them (src/provision/on_demand.rs).
+    assert_eq!(
+        verbs(role, "gateway.networking.k8s.io", "gateways"),
+        set(&["create", "patch", "delete"])
+    );
+    assert_eq!(granted(role), 6, "no resource beyond those");
     let binding = &find(
         &manifest,
         InstallKind::ClusterRoleBinding,
