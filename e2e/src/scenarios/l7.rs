@@ -1246,7 +1246,7 @@ spec:
 }
 
 /// `x-forwarded-client-cert`: a value the client forges never reaches the
-/// echo pod. By default the waypoint sends none (as upstream's); once its
+/// echo pod. By default the waypoint sends none; once its
 /// Gateway is annotated `ambient.istio.io/xfcc-include-client-identity:
 /// "true"` it sends exactly one element of its own: `By=` the waypoint's
 /// identity, `URI=` the client's.

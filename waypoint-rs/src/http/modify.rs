@@ -503,10 +503,10 @@ fn escape_rfc2253(value: &str) -> String {
 /// application's own claim, not a proxy's, and forwarding or appending to
 /// it would hand the destination forged elements.
 ///
-/// - `client: None` (the default): the header is removed and none is sent,
-///   as upstream istio/istio's waypoint, whose inner connection manager
-///   keeps Envoy's default `SANITIZE` (`buildWaypointInboundHTTPFilters`,
-///   pilot/pkg/networking/core/listener_waypoint.go).
+/// - `client: None` (the default): the header is removed and none is sent.
+///   Upstream's waypoint adds the client's identity only when opted in
+///   (`xfccIncludeClientIdentityEnabled`, pilot/pkg/networking/core, whose
+///   test accepts "true" in any case and nothing else).
 /// - `client: Some` (the waypoint Gateway is annotated
 ///   `ambient.istio.io/xfcc-include-client-identity: "true"`, upstream's
 ///   `xfccIncludeClientIdentityEnabled`, Istio 1.30): replaced with this
