@@ -30,6 +30,10 @@ pub const ON_DEMAND_WAYPOINT_VALUE: &str = "true";
 /// Annotation on an on-demand waypoint Gateway: the L7 rules that need it,
 /// `Kind namespace/name` joined by `,`, sorted (ours, not upstream's).
 pub const NEEDED_BY: &str = "istio-rs.io/needed-by";
+/// Annotation on an on-demand waypoint Gateway made for one Service whose
+/// workloads run as several ServiceAccounts (no per-ServiceAccount waypoint
+/// can serve it): the Service's name (ours, not upstream's).
+pub const FOR_SERVICE: &str = "istio-rs.io/for-service";
 
 /// Gateway class of waypoints.
 pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
@@ -85,18 +89,48 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// would merge).
 pub fn on_demand_waypoint_name(service_account: &str) -> String {
     let plain = format!("{service_account}-waypoint");
-    let valid = plain.len() <= 63
-        && plain.starts_with(|c: char| c.is_ascii_lowercase())
-        && plain
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if valid {
+    if is_service_name(&plain) {
         return plain;
     }
-    let hash = service_account.bytes().fold(0x811c_9dc5_u32, |h, b| {
+    hashed_name("waypoint", service_account, 45)
+}
+
+/// Name of the waypoint Gateway istiod-rs creates on demand for Service
+/// `service` when its workloads run as several ServiceAccounts:
+/// `waypoint-svc-<service>` when that is a valid Service name (at most 63
+/// characters), otherwise `waypoint-svc-<hash>-<rest>`, `<hash>` and
+/// `<rest>` as in [`on_demand_waypoint_name`], `<rest>` cut to 41
+/// characters. Never the name of a per-ServiceAccount one: those end in
+/// `-waypoint` or carry 8 hex digits after `waypoint-`, and `svc` is not 8
+/// hex digits; a Service named `<x>-waypoint` is the one exception, for a
+/// ServiceAccount named `waypoint-svc-<x>`, and istiod-rs reports the clash.
+pub fn on_demand_service_waypoint_name(service: &str) -> String {
+    let plain = format!("waypoint-svc-{service}");
+    if is_service_name(&plain) {
+        return plain;
+    }
+    hashed_name("waypoint-svc", service, 41)
+}
+
+/// A DNS-1035 label: lower-case letters, digits and `-`, starting with a
+/// letter, ending with a letter or digit, at most 63 characters.
+fn is_service_name(name: &str) -> bool {
+    name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `<prefix>-<fnv1a32 of name, 8 hex>-<name, other characters as '-', cut
+/// to keep characters, trimmed of '-'>` (the last part left out, with its
+/// `-`, when nothing remains).
+fn hashed_name(prefix: &str, name: &str, keep: usize) -> String {
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    let rest: String = service_account
+    let rest: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_lowercase() || c.is_ascii_digit() {
@@ -105,13 +139,13 @@ pub fn on_demand_waypoint_name(service_account: &str) -> String {
                 '-'
             }
         })
-        .take(45)
+        .take(keep)
         .collect();
     let rest = rest.trim_matches('-');
     if rest.is_empty() {
-        format!("waypoint-{hash:08x}")
+        format!("{prefix}-{hash:08x}")
     } else {
-        format!("waypoint-{hash:08x}-{rest}")
+        format!("{prefix}-{hash:08x}-{rest}")
     }
 }
 
@@ -153,5 +187,28 @@ mod tests {
         }
         // The hash is FNV-1a 32 (test vector: "a" -> e40c292c).
         assert_eq!(on_demand_waypoint_name("A"), "waypoint-c40bf6cc");
+    }
+
+    #[test]
+    fn on_demand_service_waypoint_names_are_service_names() {
+        assert_eq!(
+            on_demand_service_waypoint_name("reviews"),
+            "waypoint-svc-reviews"
+        );
+        // Never a per-account name, for the same word.
+        assert_ne!(
+            on_demand_service_waypoint_name("reviews"),
+            on_demand_waypoint_name("reviews")
+        );
+        let long = "s".repeat(63);
+        let name = on_demand_service_waypoint_name(&long);
+        assert!(name.starts_with("waypoint-svc-"), "{name}");
+        assert_eq!(name.len(), 63, "{name}");
+        assert!(name.ends_with(&"s".repeat(41)));
+        assert_ne!(
+            on_demand_service_waypoint_name(&"s".repeat(62)),
+            name,
+            "the hash tells cut names apart"
+        );
     }
 }

@@ -386,10 +386,11 @@ impl App {
 
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
-        let mesh_on_demand = mesh.on_demand_waypoints;
         let (outputs, pipeline) = pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
         background.push(pipeline);
-        if mesh_on_demand && let (Some(sink), Some(config)) = (on_demand_sink, on_demand_retry) {
+        // Also with waypoints on demand turned off: its plans are then
+        // empty, and what it created before is drained and deleted.
+        if let (Some(sink), Some(config)) = (on_demand_sink, on_demand_retry) {
             background.push(provision::on_demand::spawn(
                 store.clone(),
                 outputs.on_demand,

@@ -346,6 +346,7 @@ impl Translator {
                     entry.namespace,
                     entry.labels(),
                     sa.flatten(),
+                    Some(&entry.proto.name),
                     waypoints::Traffic::Service,
                 )
             };

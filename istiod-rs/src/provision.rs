@@ -84,6 +84,10 @@ pub struct ProvisionConfig {
     /// First delay after a failed write; doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How long a waypoint created on demand that no rule needs any more
+    /// stays, unbound, before it is deleted: time for every proxy to stop
+    /// sending to it.
+    pub on_demand_drain: Duration,
 }
 
 impl Default for ProvisionConfig {
@@ -102,6 +106,7 @@ impl Default for ProvisionConfig {
             cluster_domain: api::labels::DEFAULT_CLUSTER_DOMAIN.into(),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            on_demand_drain: Duration::from_secs(5),
         }
     }
 }

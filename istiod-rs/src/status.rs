@@ -401,7 +401,6 @@ fn target_reason(t: &TargetOutcome) -> &'static str {
             Unserved::NotBound { .. }
             | Unserved::AutoWaypointDisabled { .. }
             | Unserved::OnDemandPending { .. }
-            | Unserved::OnDemandSplit { .. }
             | Unserved::OnDemandNameTaken { .. },
         ) => "AncestorNotBound",
         Err(Unserved::TargetNotFound { .. }) => "TargetNotFound",

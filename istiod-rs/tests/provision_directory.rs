@@ -15,12 +15,12 @@ mod istiod;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::manifest::ObjectKey;
 use istiod_rs::index::{self, MeshConfig};
 use istiod_rs::provision::directory::DirectoryProvisioner;
-use istiod_rs::provision::on_demand::DirectoryOnDemand;
+use istiod_rs::provision::on_demand::{DirectoryOnDemand, Draining};
 use istiod_rs::provision::{self, ProvisionConfig, ProvisionMetrics};
 use istiod_rs::state::ClusterState;
 use istiod_rs::state::directory::DirectorySource;
@@ -461,6 +461,61 @@ async fn istiod_in_local_mode_creates_a_waypoint_on_demand_and_removes_it_with_t
     wait_for(|| !on_demand.exists() && !provisioned.exists()).await;
 }
 
+#[tokio::test]
+async fn with_waypoints_on_demand_turned_off_those_created_before_are_removed() {
+    // What an earlier istiod-rs, with them on, created for the route.
+    let gateway = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: web-waypoint
+  namespace: demo
+  labels: {istio-rs.io/on-demand-waypoint: "true"}
+  annotations: {istio.io/for-service-account: web, istio-rs.io/needed-by: HTTPRoute demo/web}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#;
+    let istiod = istiod::LocalIstiod::start_with(
+        &[
+            ("namespace.yaml", istiod::NAMESPACE),
+            ("service.yaml", &istiod::service(80)),
+            ("route.yaml", ROUTE),
+            (
+                "pod.yaml",
+                &istiod::pod("web-0", "node-a", "web", "10.9.0.1", "app: web"),
+            ),
+            ("generated/on-demand/demo/web-waypoint.yaml", gateway),
+        ],
+        |config| {
+            config.provision = Some(ProvisionConfig {
+                on_demand_drain: Duration::from_millis(200),
+                ..ProvisionConfig::default()
+            });
+            config.mesh.on_demand_waypoints = false;
+        },
+    )
+    .await;
+    let root = istiod.config_dir();
+    let key = ObjectKey::new("demo", "web-waypoint");
+    let on_demand = DirectoryOnDemand::new(&root).path(&key);
+    wait_for(|| !on_demand.exists()).await;
+    // And it does not come back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!on_demand.exists());
+}
+
+/// The Service the provisioner makes for on-demand waypoint demo/web-waypoint.
+const WEB_WAYPOINT_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web-waypoint
+  namespace: demo
+  labels: {gateway.networking.k8s.io/gateway-name: web-waypoint, gateway.istio.io/managed: istio.io-mesh-controller}
+spec:
+  clusterIP: 10.96.9.9
+  ports: [{name: mesh, port: 15008}]
+";
+
 #[test]
 fn on_demand_files_are_written_once_and_read_back_as_gateways() {
     let dir = tempfile::tempdir().unwrap();
@@ -486,22 +541,57 @@ fn on_demand_files_are_written_once_and_read_back_as_gateways() {
     };
     let (state, _) = read(root);
     let plan = index::translate(&state, &MeshConfig::default()).on_demand;
-    assert!(sink.sync(&plan, &metrics).is_empty());
+    let mut draining = Draining::default();
+    let start = Instant::now();
+    let drain = Duration::from_secs(60);
+    let wanted = draining.wanted(&state, &plan, start, drain);
+    assert!(sink.sync(&wanted, &metrics).is_empty());
     assert_eq!(files_written(), 1);
     // Read back, the plan is the same and nothing is written again.
     let (state, source) = read(root);
     assert!(source.problems().is_empty(), "{:?}", source.problems());
     let key = ObjectKey::new("demo", "web-waypoint");
     assert!(index::is_on_demand_waypoint(&state.gateways[&key]));
-    let again = index::translate(&state, &MeshConfig::default()).on_demand;
+    let translation = index::translate(&state, &MeshConfig::default());
+    let again = translation.on_demand.clone();
     assert_eq!(again, plan);
-    assert!(sink.sync(&again, &metrics).is_empty());
+    // Once provisioned (its Service stands for the provisioner's), the
+    // service is bound to it.
+    std::fs::write(root.join("waypoint-service.yaml"), WEB_WAYPOINT_SERVICE).unwrap();
+    let (state, _) = read(root);
+    let bound = |state: &ClusterState| {
+        let translation = index::translate(state, &MeshConfig::default());
+        let json = index::json::snapshot_json(&translation.snapshot);
+        let services = json["services"].as_object().cloned().unwrap_or_default();
+        let web = services
+            .iter()
+            .find(|(key, _)| key.ends_with("/web.demo.svc.cluster.local"))
+            .map(|(_, service)| service["waypoint"].to_string())
+            .expect("Service web is listed");
+        web.contains("web-waypoint.demo.svc.cluster.local")
+    };
+    assert!(bound(&state));
+    let wanted = draining.wanted(&state, &again, start, drain);
+    assert!(sink.sync(&wanted, &metrics).is_empty());
     assert_eq!(files_written(), 1);
-    // No rule: removed.
+    // No rule: first drained (still there, needed by nothing, bound to
+    // nothing), then removed once the drain time has passed.
     std::fs::remove_file(root.join("route.yaml")).unwrap();
     let (state, _) = read(root);
     let plan = index::translate(&state, &MeshConfig::default()).on_demand;
     assert!(plan.waypoints.is_empty());
-    assert!(sink.sync(&plan, &metrics).is_empty());
+    let wanted = draining.wanted(&state, &plan, start, drain);
+    assert_eq!(wanted.next_removal, Some(start + drain));
+    assert!(sink.sync(&wanted, &metrics).is_empty());
+    assert_eq!(files_written(), 2);
+    let (state, _) = read(root);
+    let gateway = &state.gateways[&key];
+    let annotations = gateway.metadata.annotations.as_ref().unwrap();
+    assert_eq!(annotations["istio-rs.io/needed-by"], "");
+    assert!(!bound(&state), "a draining waypoint serves nothing");
+    let plan = index::translate(&state, &MeshConfig::default()).on_demand;
+    let wanted = draining.wanted(&state, &plan, start + drain, drain);
+    assert!(wanted.gateways.is_empty());
+    assert!(sink.sync(&wanted, &metrics).is_empty());
     assert!(!sink.path(&key).exists());
 }

@@ -643,23 +643,39 @@ fn on_demand_plan() -> istiod_rs::index::OnDemandPlan {
 #[tokio::test]
 async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when_no_rule_needs_them()
  {
-    use istiod_rs::provision::on_demand::KubeOnDemand;
+    use istiod_rs::provision::on_demand::{Draining, KubeOnDemand};
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let plan = on_demand_plan();
     assert_eq!(plan.waypoints.len(), 1);
     let gateways = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways";
-    let sync = |mut sink: KubeOnDemand, store: Arc<Store>, plan: istiod_rs::index::OnDemandPlan| {
+    // Drains of one minute, on a clock the test moves.
+    let drain = Duration::from_secs(60);
+    let start = std::time::Instant::now();
+    let sync = |mut sink: KubeOnDemand,
+                mut draining: Draining,
+                store: Arc<Store>,
+                plan: istiod_rs::index::OnDemandPlan,
+                now: std::time::Instant| {
         tokio::spawn(async move {
             let state = store.read();
-            let errors = sink.sync(&state, &plan, &ProvisionMetrics::default()).await;
-            (sink, errors.len())
+            let wanted = draining.wanted(&state, &plan, now, drain);
+            let errors = sink
+                .sync(&state, &wanted, &ProvisionMetrics::default())
+                .await;
+            (sink, draining, errors.len())
         })
     };
 
     // Planned: applied, forced, under istiod-rs-on-demand.
     let store = store(Vec::new());
-    let run = sync(KubeOnDemand::new(client), store.clone(), plan.clone());
+    let run = sync(
+        KubeOnDemand::new(client),
+        Draining::default(),
+        store.clone(),
+        plan.clone(),
+        start,
+    );
     let (seen, reply) = next(&mut handle).await;
     assert_eq!(
         (seen.method.as_str(), seen.path.as_str()),
@@ -697,7 +713,7 @@ async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when
         })
     );
     reply.send_response(respond(200, &seen.body));
-    let (sink, errors) = run.await.unwrap();
+    let (sink, draining, errors) = run.await.unwrap();
     assert_eq!(errors, 0);
 
     // The watch brings it back: unchanged, nothing is written. A user's
@@ -706,19 +722,32 @@ async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when
         s.apply(object(&serde_json::to_string(&seen.body).unwrap()));
         s.apply(gateway("mine", ""));
     });
-    let run = sync(sink, store.clone(), plan.clone());
-    let (sink, errors) = tokio::time::timeout(Duration::from_secs(10), run)
+    let run = sync(sink, draining, store.clone(), plan.clone(), start);
+    let (sink, draining, errors) = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the sync made a request it should not have")
         .unwrap();
     assert_eq!(errors, 0);
 
-    // No rule needs it any more: deleted.
-    let run = sync(
-        sink,
-        store.clone(),
-        istiod_rs::index::OnDemandPlan::default(),
+    // No rule needs it any more: first drained, needed by nothing...
+    let none = istiod_rs::index::OnDemandPlan::default;
+    let run = sync(sink, draining, store.clone(), none(), start);
+    let (seen, reply) = next(&mut handle).await;
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("PATCH", format!("{gateways}/web-waypoint").as_str())
     );
+    assert_eq!(
+        seen.body["metadata"]["annotations"],
+        json!({"istio.io/for-service-account": "web", "istio-rs.io/needed-by": ""})
+    );
+    reply.send_response(respond(200, &seen.body));
+    let (sink, draining, errors) = run.await.unwrap();
+    assert_eq!(errors, 0);
+    store.update(|s| s.apply(object(&serde_json::to_string(&seen.body).unwrap())));
+
+    // ... then, once the drain time has passed, deleted.
+    let run = sync(sink, draining, store.clone(), none(), start + drain);
     let (seen, reply) = next(&mut handle).await;
     assert_eq!(
         (seen.method.as_str(), seen.path.as_str()),
@@ -728,7 +757,7 @@ async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when
         200,
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
     ));
-    let (_, errors) = tokio::time::timeout(Duration::from_secs(10), run)
+    let (_, _, errors) = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the user's Gateway is never deleted")
         .unwrap();

@@ -245,13 +245,19 @@ pub struct Args {
     #[arg(long, env = "PROVISION_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub provision_waypoints: bool,
     /// Create a waypoint (a Gateway of class istio-waypoint annotated
-    /// istio.io/for-service-account) for the ServiceAccounts of the workloads
-    /// an L7 rule targets when no waypoint a user bound serves them, and
-    /// delete it when no rule needs it; a namespace labelled
-    /// istio.io/auto-waypoint=disabled gets none. Needs
+    /// istio.io/for-service-account, or istio-rs.io/for-service for a Service
+    /// of several ServiceAccounts) for a Service an L7 rule targets when no
+    /// waypoint a user bound serves it, and delete it when no rule needs it;
+    /// a namespace labelled istio.io/auto-waypoint=disabled gets none. Turned
+    /// off, the waypoints created before are deleted. Needs
     /// --provision-waypoints.
     #[arg(long, env = "ON_DEMAND_WAYPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub on_demand_waypoints: bool,
+    /// How long a waypoint created on demand that no rule needs any more
+    /// stays, bound to nothing, before it is deleted (e.g. 5s): time for
+    /// every proxy to stop sending to it.
+    #[arg(long, env = "ON_DEMAND_DRAIN", default_value = "5s", value_parser = parse_duration)]
+    pub on_demand_drain: Duration,
     /// Image repository of provisioned waypoints (`<hub>/waypoint-rs:<tag>`).
     #[arg(long, env = "WAYPOINT_HUB", default_value = "istio-rs")]
     pub waypoint_hub: String,
@@ -380,6 +386,7 @@ impl Args {
             cluster_domain: self.cluster_domain.clone(),
             retry_min: self.status_retry_min,
             retry_max: self.status_retry_max.max(self.status_retry_min),
+            on_demand_drain: self.on_demand_drain,
         });
         if let Some(config) = &provision {
             config.validate().map_err(|e| match e {

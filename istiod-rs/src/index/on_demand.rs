@@ -9,50 +9,98 @@
 //!
 //! A rule's target needs a waypoint on demand when it is a Service (a
 //! `targetRefs` entry or a route's Service parent in the route's own
-//! namespace) that exists and no user binding covers: neither the Service
-//! nor its namespace carries `istio.io/use-waypoint` (any value, `none`
-//! included). Its workloads are the pods backing it that are enrolled (as
-//! `workloads::enrolled` decides) and not finished, less those with their
-//! own `istio.io/use-waypoint` label and those whose ServiceAccount has a
-//! waypoint a user annotated `istio.io/for-service-account` in their
-//! namespace (ready or not: intent, not readiness, decides, so the plan does
-//! not flap while a user's waypoint starts). Each (namespace, ServiceAccount)
-//! of them gets one Gateway, [`OnDemandWaypoint::gateway`], named
-//! [`api::labels::on_demand_waypoint_name`]. A namespace labelled
+//! namespace) that exists, is in the mesh (some pod behind it is enrolled,
+//! as `workloads::enrolled` decides; with no pod yet, its namespace is
+//! labelled ambient) and that no binding a user made serves: neither the
+//! Service nor its namespace carries `istio.io/use-waypoint`, and no
+//! waypoint a user annotated `istio.io/for-service-account` serves its
+//! account. The pods behind it that are not finished decide which
+//! waypoint: all of one ServiceAccount -> one Gateway for that account,
+//! named [`api::labels::on_demand_waypoint_name`], which then also serves
+//! the account's workloads; several (or none yet) -> one Gateway for the
+//! Service alone, named [`api::labels::on_demand_service_waypoint_name`]
+//! (no per-account waypoint could serve it). A namespace labelled
 //! `istio.io/auto-waypoint: disabled` gets none. A Gateway of that name that
-//! istiod-rs did not make is never replaced. A Gateway no rule needs is not
-//! planned, so the sink removes it.
+//! istiod-rs did not make, or one planned to serve something else, is never
+//! replaced. A Gateway no rule needs is not planned, so the sink drains and
+//! removes it.
+//!
+//! A user's binding wins once its waypoint has a ready instance. Until then
+//! (it is being created, or not yet named right) the on-demand waypoint that
+//! exists stays planned and bound (see `waypoints.rs`), and none is created:
+//! replacing an automatic waypoint with one's own refuses no request. `none`
+//! wins at once.
 //!
 //! Where a target is not bound yet, its reason says what is happening
-//! ([`Unserved::OnDemandPending`], [`Unserved::OnDemandSplit`],
-//! [`Unserved::AutoWaypointDisabled`], [`Unserved::OnDemandNameTaken`]);
-//! it stays denied at L4 until the waypoint is ready, as any unserved rule.
+//! ([`Unserved::OnDemandPending`], [`Unserved::AutoWaypointDisabled`],
+//! [`Unserved::OnDemandNameTaken`]); it stays denied at L4 until the
+//! waypoint is ready, as any unserved rule.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use api::labels;
 use api::manifest::ObjectKey;
+use gateway_api::gateways::Gateway;
 use serde_json::{Value, json};
 
 use super::l7::{Attachment, L7Rule};
 use super::problem::{PolicyRef, Unserved};
 use super::selectors::labels_of;
 use super::services::Services;
-use super::waypoints::{Waypoints, is_on_demand};
+use super::waypoints::{Traffic, UserBinding, Waypoints, is_on_demand};
 use super::workloads;
 use crate::state::{ClusterState, in_namespace, pod_is_terminal, pod_service_account};
+
+/// Whom an on-demand waypoint serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Serves {
+    /// The workloads of a ServiceAccount, and the services whose workloads
+    /// all run as it (annotation `istio.io/for-service-account`).
+    Account(String),
+    /// One service whose workloads run as several ServiceAccounts, or as
+    /// none yet (annotation `istio-rs.io/for-service`, label
+    /// `istio.io/waypoint-for: service`).
+    Service(String),
+}
+
+impl std::fmt::Display for Serves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Serves::Account(sa) => write!(f, "ServiceAccount {sa}"),
+            Serves::Service(name) => write!(f, "Service {name}"),
+        }
+    }
+}
 
 /// One waypoint Gateway istiod-rs should have created on demand.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OnDemandWaypoint {
     pub key: ObjectKey,
-    /// The ServiceAccount whose workloads it serves.
-    pub service_account: String,
-    /// The rules that need it.
+    pub serves: Serves,
+    /// The rules that need it; empty while it drains before its deletion.
     pub needed_by: BTreeSet<PolicyRef>,
 }
 
 impl OnDemandWaypoint {
+    /// What an on-demand Gateway of the cluster serves, read back from its
+    /// annotations, with no rule needing it (to drain it).
+    pub fn draining(key: &ObjectKey, gw: &Gateway) -> Option<OnDemandWaypoint> {
+        let annotations = labels_of(&gw.metadata.annotations);
+        let serves = match (
+            annotations.get(labels::FOR_SERVICE_ACCOUNT),
+            annotations.get(labels::FOR_SERVICE),
+        ) {
+            (Some(sa), _) => Serves::Account(sa.clone()),
+            (None, Some(service)) => Serves::Service(service.clone()),
+            (None, None) => return None,
+        };
+        Some(OnDemandWaypoint {
+            key: key.clone(),
+            serves,
+            needed_by: BTreeSet::new(),
+        })
+    }
+
     /// `Kind ns/name` of each rule needing it, sorted, joined by `,`: the
     /// `istio-rs.io/needed-by` annotation.
     pub fn needed_by_annotation(&self) -> String {
@@ -62,23 +110,28 @@ impl OnDemandWaypoint {
     }
 
     /// The Gateway: class `istio-waypoint`, labelled
-    /// `istio-rs.io/on-demand-waypoint: "true"`, annotated
-    /// `istio.io/for-service-account` and `istio-rs.io/needed-by`, one
-    /// listener `mesh`, HBONE on 15008: the listener upstream's `istioctl
-    /// waypoint generate` writes (`makeGateway`,
-    /// istioctl/pkg/waypoint/waypoint.go).
+    /// `istio-rs.io/on-demand-waypoint: "true"`, annotated with whom it
+    /// serves and `istio-rs.io/needed-by`, one listener `mesh`, HBONE on
+    /// 15008: the listener upstream's `istioctl waypoint generate` writes
+    /// (`makeGateway`, istioctl/pkg/waypoint/waypoint.go).
     pub fn gateway(&self) -> Value {
+        let mut labels = json!({labels::ON_DEMAND_WAYPOINT: labels::ON_DEMAND_WAYPOINT_VALUE});
+        let mut annotations = json!({labels::NEEDED_BY: self.needed_by_annotation()});
+        match &self.serves {
+            Serves::Account(sa) => annotations[labels::FOR_SERVICE_ACCOUNT] = json!(sa),
+            Serves::Service(name) => {
+                annotations[labels::FOR_SERVICE] = json!(name);
+                labels[labels::WAYPOINT_FOR] = json!("service");
+            }
+        }
         json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
             "kind": "Gateway",
             "metadata": {
                 "name": self.key.name,
                 "namespace": self.key.namespace,
-                "labels": {labels::ON_DEMAND_WAYPOINT: labels::ON_DEMAND_WAYPOINT_VALUE},
-                "annotations": {
-                    labels::FOR_SERVICE_ACCOUNT: self.service_account,
-                    labels::NEEDED_BY: self.needed_by_annotation(),
-                },
+                "labels": labels,
+                "annotations": annotations,
             },
             "spec": {
                 "gatewayClassName": labels::WAYPOINT_GATEWAY_CLASS,
@@ -93,8 +146,9 @@ impl OnDemandWaypoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OnDemandPlan {
     pub waypoints: BTreeMap<ObjectKey, OnDemandWaypoint>,
-    /// Names taken by a Gateway istiod-rs did not create, with the rules
-    /// that needed them.
+    /// Names taken by a Gateway istiod-rs did not create (or by an
+    /// on-demand one serving something else), with the rules that needed
+    /// them.
     pub name_taken: BTreeMap<ObjectKey, BTreeSet<PolicyRef>>,
 }
 
@@ -102,11 +156,8 @@ pub struct OnDemandPlan {
 enum Need {
     /// Waypoints on demand are disabled in its namespace.
     Disabled(String),
-    /// This on-demand waypoint (one), whose name is free.
-    Waypoints(Vec<ObjectKey>),
-    /// These, for some of the accounts of a Service of several: none can
-    /// serve the Service itself.
-    Split(Vec<ObjectKey>),
+    /// This on-demand waypoint, whose name is free.
+    Waypoint(ObjectKey),
     /// The name of this one is taken.
     NameTaken(ObjectKey),
 }
@@ -140,6 +191,7 @@ pub(super) fn plan(
     if wanted.is_empty() {
         return OnDemandPlan::default();
     }
+    // Per-account waypoints users made, with an address or not yet: intent.
     let users_per_account: BTreeSet<(&str, &str)> = state
         .gateways
         .iter()
@@ -164,15 +216,10 @@ pub(super) fn plan(
             continue;
         };
         let ns_labels = labels_of(&ns.metadata.labels);
-        if entry.labels().contains_key(labels::USE_WAYPOINT)
-            || ns_labels.contains_key(labels::USE_WAYPOINT)
-        {
-            continue;
-        }
-        // The accounts to serve; and every account behind the Service,
-        // which can be bound to a per-account waypoint only when it has one.
+        // The accounts behind the Service, and whether it is in the mesh:
+        // some workload behind it is enrolled, or (none yet) its namespace.
         let mut accounts = BTreeSet::new();
-        let mut behind = BTreeSet::new();
+        let mut any_enrolled = false;
         for pod in in_namespace(&state.pods, namespace) {
             let name = pod.metadata.name.as_deref().unwrap_or_default();
             let pod_labels = labels_of(&pod.metadata.labels);
@@ -180,16 +227,55 @@ pub(super) fn plan(
             {
                 continue;
             }
-            let sa = pod_service_account(pod);
-            behind.insert(sa);
-            if !pod_labels.contains_key(labels::USE_WAYPOINT)
-                && workloads::enrolled(state, waypoints, namespace, pod)
-                && !users_per_account.contains(&(namespace, sa))
-            {
-                accounts.insert(sa.to_string());
-            }
+            accounts.insert(pod_service_account(pod));
+            any_enrolled |= workloads::enrolled(state, waypoints, namespace, pod);
         }
-        if accounts.is_empty() {
+        let enrolled = if accounts.is_empty() {
+            ns_labels
+                .get(labels::DATAPLANE_MODE)
+                .is_some_and(|m| m == labels::DATAPLANE_MODE_AMBIENT)
+        } else {
+            any_enrolled
+        };
+        if !enrolled {
+            continue;
+        }
+        let single = (accounts.len() == 1).then(|| *accounts.first().expect("one"));
+        // A user's binding wins once its waypoint is ready; until then the
+        // on-demand waypoint that exists keeps serving, and none is created.
+        let hold = match waypoints.user_binding(
+            state,
+            namespace,
+            entry.labels(),
+            single,
+            Traffic::Service,
+        ) {
+            UserBinding::OptOut => continue,
+            UserBinding::Bound(w) if w.ready => continue,
+            // A user's waypoint for the account that has no address yet.
+            UserBinding::Unset => {
+                single.is_some_and(|sa| users_per_account.contains(&(namespace, sa)))
+            }
+            UserBinding::Bound(_) | UserBinding::Unusable => true,
+        };
+        let (key, serves) = match single {
+            Some(sa) => (
+                ObjectKey::new(namespace, labels::on_demand_waypoint_name(sa)),
+                Serves::Account(sa.to_string()),
+            ),
+            None => (
+                ObjectKey::new(
+                    namespace,
+                    labels::on_demand_service_waypoint_name(&entry.proto.name),
+                ),
+                Serves::Service(entry.proto.name.clone()),
+            ),
+        };
+        let existing = state.gateways.get(&key);
+        if hold {
+            if existing.is_some_and(|gw| is_on_demand(gw)) {
+                add(&mut plan, key, serves, &needed_by);
+            }
             continue;
         }
         if ns_labels
@@ -199,34 +285,16 @@ pub(super) fn plan(
             needs.insert(i, Need::Disabled(namespace.to_string()));
             continue;
         }
-        let mut keys = Vec::new();
-        let mut taken = None;
-        for sa in accounts {
-            let key = ObjectKey::new(namespace, labels::on_demand_waypoint_name(&sa));
-            match state.gateways.get(&key) {
-                Some(gw) if !is_on_demand(gw) => {
-                    let rules = plan.name_taken.entry(key.clone()).or_default();
-                    rules.extend(needed_by.iter().cloned());
-                    taken.get_or_insert(key);
-                }
-                _ => {
-                    let w = plan
-                        .waypoints
-                        .entry(key.clone())
-                        .or_insert_with(|| OnDemandWaypoint {
-                            key: key.clone(),
-                            service_account: sa,
-                            needed_by: BTreeSet::new(),
-                        });
-                    w.needed_by.extend(needed_by.iter().cloned());
-                    keys.push(key);
-                }
+        let need = match existing {
+            Some(gw) if !is_on_demand(gw) => {
+                plan.name_taken
+                    .entry(key.clone())
+                    .or_default()
+                    .extend(needed_by.iter().cloned());
+                Need::NameTaken(key)
             }
-        }
-        let need = match taken {
-            Some(key) => Need::NameTaken(key),
-            None if behind.len() > 1 => Need::Split(keys),
-            None => Need::Waypoints(keys),
+            _ if add(&mut plan, key.clone(), serves, &needed_by) => Need::Waypoint(key),
+            _ => Need::NameTaken(key),
         };
         needs.insert(i, need);
     }
@@ -235,10 +303,6 @@ pub(super) fn plan(
             continue;
         };
         let target = target.clone();
-        let listed = |keys: &[ObjectKey]| {
-            let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-            keys.join(", ")
-        };
         t.serving = Err(match needs.get(&i) {
             None => continue,
             Some(Need::Disabled(namespace)) => Unserved::AutoWaypointDisabled {
@@ -249,17 +313,40 @@ pub(super) fn plan(
                 target,
                 gateway: key.to_string(),
             },
-            Some(Need::Waypoints(keys)) => Unserved::OnDemandPending {
+            Some(Need::Waypoint(key)) => Unserved::OnDemandPending {
                 target,
-                waypoints: listed(keys),
-            },
-            Some(Need::Split(keys)) => Unserved::OnDemandSplit {
-                target,
-                waypoints: listed(keys),
+                waypoint: key.to_string(),
             },
         });
     }
     plan
+}
+
+/// Adds the rules `needed_by` to the planned waypoint `key` serving
+/// `serves`; false when that name is planned for something else.
+fn add(
+    plan: &mut OnDemandPlan,
+    key: ObjectKey,
+    serves: Serves,
+    needed_by: &BTreeSet<PolicyRef>,
+) -> bool {
+    let w = plan
+        .waypoints
+        .entry(key.clone())
+        .or_insert_with(|| OnDemandWaypoint {
+            key: key.clone(),
+            serves: serves.clone(),
+            needed_by: BTreeSet::new(),
+        });
+    if w.serves != serves {
+        plan.name_taken
+            .entry(key)
+            .or_default()
+            .extend(needed_by.iter().cloned());
+        return false;
+    }
+    w.needed_by.extend(needed_by.iter().cloned());
+    true
 }
 
 #[cfg(test)]
@@ -343,32 +430,147 @@ spec:
     }
 
     #[test]
-    fn one_waypoint_per_service_account_of_the_targeted_workloads() {
-        let t = run(&cluster("", "", "ratings", &format!("{ROUTE}{POLICY}")));
-        assert_eq!(keys(&t), ["shop/ratings-waypoint", "shop/reviews-waypoint"]);
-        let w = &t.on_demand.waypoints[&ObjectKey::new("shop", "ratings-waypoint")];
-        assert_eq!(w.service_account, "ratings");
+    fn a_service_of_one_account_gets_that_accounts_waypoint() {
+        let t = run(&cluster("", "", "reviews", &format!("{ROUTE}{POLICY}")));
+        assert_eq!(keys(&t), ["shop/reviews-waypoint"]);
+        let w = &t.on_demand.waypoints[&ObjectKey::new("shop", "reviews-waypoint")];
+        assert_eq!(w.serves, Serves::Account("reviews".into()));
         assert_eq!(
             w.needed_by_annotation(),
             "AuthorizationPolicy shop/deny-delete,HTTPRoute shop/reviews"
         );
-        let gateway: gateway_api::gateways::Gateway = serde_json::from_value(w.gateway()).unwrap();
+        let gateway: Gateway = serde_json::from_value(w.gateway()).unwrap();
         assert_eq!(gateway.spec.gateway_class_name, "istio-waypoint");
         assert!(is_on_demand(&gateway));
-        let annotations = gateway.metadata.annotations.unwrap();
-        assert_eq!(annotations[labels::FOR_SERVICE_ACCOUNT], "ratings");
+        let annotations = gateway.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations[labels::FOR_SERVICE_ACCOUNT], "reviews");
+        assert!(!annotations.contains_key(labels::FOR_SERVICE));
         let listener = &gateway.spec.listeners[0];
         assert_eq!(
             (listener.port, listener.protocol.as_str()),
             (15008, "HBONE")
         );
-        // A Service of two accounts cannot be bound to either: its rules say so.
+        // What the sink drains it as, read back from the Gateway.
+        let drained = OnDemandWaypoint::draining(&w.key, &gateway).unwrap();
+        assert_eq!((&drained.serves, drained.needed_by.len()), (&w.serves, 0));
+    }
+
+    #[test]
+    fn a_service_of_several_accounts_gets_a_waypoint_of_its_own() {
+        let t = run(&cluster("", "", "ratings", &format!("{ROUTE}{POLICY}")));
+        assert_eq!(keys(&t), ["shop/waypoint-svc-reviews"]);
+        let w = &t.on_demand.waypoints[&ObjectKey::new("shop", "waypoint-svc-reviews")];
+        assert_eq!(w.serves, Serves::Service("reviews".into()));
+        let gateway: Gateway = serde_json::from_value(w.gateway()).unwrap();
+        let annotations = gateway.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations[labels::FOR_SERVICE], "reviews");
+        assert!(!annotations.contains_key(labels::FOR_SERVICE_ACCOUNT));
+        assert_eq!(
+            gateway.metadata.labels.clone().unwrap()[labels::WAYPOINT_FOR],
+            "service"
+        );
         assert_eq!(
             reasons(&t, "reviews"),
             [
-                "Service shop/reviews selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts (shop/ratings-waypoint, shop/reviews-waypoint) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+                "Service shop/reviews is not bound to a waypoint yet; istiod-rs is creating waypoint shop/waypoint-svc-reviews on demand"
             ]
         );
+        // Once it exists and is ready, it serves the Service.
+        let ready = format!(
+            "---\n{}\n{}",
+            serde_json::to_string(&w.gateway()).unwrap(),
+            instance("waypoint-svc-reviews")
+        );
+        let t = run(&cluster("", "", "ratings", &format!("{ROUTE}{ready}")));
+        let rule =
+            t.l7.iter()
+                .find(|r| r.object.key.name == "reviews")
+                .unwrap();
+        assert_eq!(
+            rule.targets[0].serving,
+            Ok("shop/waypoint-svc-reviews".to_string())
+        );
+    }
+
+    /// A ready instance of waypoint `name` with its Service (standing for
+    /// what the provisioner makes).
+    fn instance(name: &str) -> String {
+        format!(
+            r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: {name}, gateway.istio.io/managed: istio.io-mesh-controller}}}}
+spec: {{clusterIP: 10.96.0.99, ports: [{{name: mesh, port: 15008}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}-0, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: {name}}}}}
+spec: {{nodeName: node-a, serviceAccountName: {name}, containers: [{{name: waypoint, image: waypoint}}]}}
+status: {{phase: Running, podIP: 10.40.0.{ip}, conditions: [{{type: Ready, status: "True"}}]}}
+"#,
+            ip = 100 + name.len()
+        )
+    }
+
+    #[test]
+    fn the_on_demand_waypoint_stays_until_the_users_replacement_is_ready() {
+        let on_demand = OnDemandWaypoint {
+            key: ObjectKey::new("shop", "reviews-waypoint"),
+            serves: Serves::Account("reviews".into()),
+            needed_by: BTreeSet::from([PolicyRef {
+                kind: api::manifest::Kind::HttpRoute,
+                key: ObjectKey::new("shop", "reviews"),
+            }]),
+        };
+        let existing = format!(
+            "---\n{}\n{}",
+            serde_json::to_string(&on_demand.gateway()).unwrap(),
+            instance("reviews-waypoint")
+        );
+        let mine = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: mine, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#;
+        let label = "istio.io/use-waypoint: mine";
+        let served_by = |t: &Translation| {
+            let rule =
+                t.l7.iter()
+                    .find(|r| r.object.key.name == "reviews")
+                    .unwrap();
+            rule.targets[0].serving.clone()
+        };
+        // The user's waypoint is named but not there, then there but not
+        // ready: the on-demand one stays planned and serving.
+        for user in ["", mine] {
+            let t = run(&cluster(
+                "",
+                label,
+                "reviews",
+                &format!("{ROUTE}{existing}{user}"),
+            ));
+            assert_eq!(keys(&t), ["shop/reviews-waypoint"]);
+            assert_eq!(served_by(&t), Ok("shop/reviews-waypoint".to_string()));
+        }
+        // Ready: it serves, and the on-demand one is no longer planned.
+        let ready = format!("{ROUTE}{existing}{mine}{}", instance("mine"));
+        let t = run(&cluster("", label, "reviews", &ready));
+        assert!(keys(&t).is_empty());
+        assert_eq!(served_by(&t), Ok("shop/mine".to_string()));
+        // Nothing is created for a user's binding that is not ready.
+        let t = run(&cluster("", label, "reviews", &format!("{ROUTE}{mine}")));
+        assert!(keys(&t).is_empty());
+        // `none` wins at once.
+        let t = run(&cluster(
+            "",
+            "istio.io/use-waypoint: none",
+            "reviews",
+            &format!("{ROUTE}{existing}"),
+        ));
+        assert!(keys(&t).is_empty());
     }
 
     #[test]
@@ -392,7 +594,7 @@ metadata:
   name: reviews-waypoint
   namespace: shop
   labels: {istio-rs.io/on-demand-waypoint: "true"}
-  annotations: {istio.io/for-service-account: reviews}
+  annotations: {istio.io/for-service-account: reviews, istio-rs.io/needed-by: HTTPRoute shop/reviews}
 spec:
   gatewayClassName: istio-waypoint
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
@@ -463,7 +665,7 @@ spec:
         assert_eq!(
             reasons(&t, "reviews"),
             [
-                "Service shop/reviews is not bound to a waypoint, and the on-demand waypoint cannot be created: Gateway shop/reviews-waypoint exists and was not created on demand"
+                "Service shop/reviews is not bound to a waypoint, and the on-demand waypoint cannot be created: Gateway shop/reviews-waypoint exists and was not created on demand for it"
             ]
         );
     }
@@ -488,16 +690,10 @@ spec:
         ] {
             assert!(run(&state).on_demand.waypoints.is_empty());
         }
-        // Only the account without a waypoint of its own gets one; the
-        // Service, of two accounts, is bound to neither.
+        // A Service of two accounts, one with a user's waypoint: that
+        // waypoint serves only its account, so the Service gets its own.
         let t = run(&cluster("", "", "ratings", &format!("{ROUTE}{mine}")));
-        assert_eq!(keys(&t), ["shop/ratings-waypoint"]);
-        assert_eq!(
-            reasons(&t, "reviews"),
-            [
-                "Service shop/reviews selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts (shop/ratings-waypoint) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
-            ]
-        );
+        assert_eq!(keys(&t), ["shop/waypoint-svc-reviews"]);
     }
 
     #[test]

@@ -162,16 +162,12 @@ pub enum Unserved {
     /// The target is bound to no waypoint and its namespace is labelled
     /// `istio.io/auto-waypoint: disabled`: none is made on demand.
     AutoWaypointDisabled { target: String, namespace: String },
-    /// The target is bound to no waypoint yet; istiod-rs is making these
-    /// (`ns/name`, comma-separated) on demand for its workloads.
-    OnDemandPending { target: String, waypoints: String },
-    /// The target's workloads run as more than one ServiceAccount: the
-    /// waypoints made on demand (`waypoints`, comma-separated) serve their
-    /// workloads, and no per-ServiceAccount waypoint can serve the Service
-    /// itself.
-    OnDemandSplit { target: String, waypoints: String },
+    /// The target is bound to no waypoint yet; istiod-rs is making this one
+    /// (`ns/name`) on demand for it.
+    OnDemandPending { target: String, waypoint: String },
     /// The on-demand waypoint's name is taken by a Gateway istiod-rs did
-    /// not make (which it never overwrites).
+    /// not make (which it never overwrites), or by one it made for another
+    /// account or Service.
     OnDemandNameTaken { target: String, gateway: String },
     /// The target does not exist (nothing to deny now).
     TargetNotFound { target: String },
@@ -202,17 +198,13 @@ impl fmt::Display for Unserved {
                 f,
                 "{target} is not bound to a waypoint, and waypoints on demand are disabled in namespace {namespace} (label istio.io/auto-waypoint: disabled)"
             ),
-            Unserved::OnDemandPending { target, waypoints } => write!(
+            Unserved::OnDemandPending { target, waypoint } => write!(
                 f,
-                "{target} is not bound to a waypoint yet; istiod-rs is creating waypoint {waypoints} on demand"
-            ),
-            Unserved::OnDemandSplit { target, waypoints } => write!(
-                f,
-                "{target} selects workloads of more than one ServiceAccount: the waypoints created on demand for its ServiceAccounts ({waypoints}) serve its workloads, and no per-ServiceAccount waypoint can serve the Service itself; bind it to a waypoint with the istio.io/use-waypoint label"
+                "{target} is not bound to a waypoint yet; istiod-rs is creating waypoint {waypoint} on demand"
             ),
             Unserved::OnDemandNameTaken { target, gateway } => write!(
                 f,
-                "{target} is not bound to a waypoint, and the on-demand waypoint cannot be created: Gateway {gateway} exists and was not created on demand"
+                "{target} is not bound to a waypoint, and the on-demand waypoint cannot be created: Gateway {gateway} exists and was not created on demand for it"
             ),
             Unserved::TargetNotFound { target } => write!(f, "{target} was not found"),
             Unserved::UnsupportedTarget { target } => {

@@ -16,9 +16,16 @@
 //!    selected pods all run as it;
 //! 3. the namespace's `istio.io/use-waypoint` label (`none` opts out);
 //! 4. a waypoint istiod-rs created on demand (labelled
-//!    `istio-rs.io/on-demand-waypoint: "true"`, see `on_demand.rs`) annotated
-//!    `istio.io/for-service-account: <sa>`, as in 2: a binding a user made
-//!    always wins over an automatic one.
+//!    `istio-rs.io/on-demand-waypoint: "true"`, see `on_demand.rs`) that some
+//!    rule still needs (its `istio-rs.io/needed-by` annotation is not empty:
+//!    istiod-rs empties it before it deletes the Gateway, so proxies stop
+//!    using the waypoint before it goes): annotated
+//!    `istio.io/for-service-account: <sa>`, as in 2, or, for a service whose
+//!    workloads run as several accounts, `istio-rs.io/for-service: <name>`.
+//!    A binding a user made always wins over an automatic one, once the
+//!    user's waypoint has a ready instance: until then (1 to 3 name a
+//!    waypoint that is missing, unusable or not ready) a ready on-demand
+//!    waypoint keeps serving, so replacing it refuses no request.
 //!
 //! `istio.io/waypoint-for` on the Gateway says what traffic it takes:
 //! `service` (the default), `workload`, `all` or `none`. A per-ServiceAccount
@@ -84,6 +91,8 @@ pub(super) struct Waypoint {
     allowed: AllowedNamespaces,
     /// Service accounts its instances run as, sorted, each once.
     pub service_accounts: Vec<String>,
+    /// Whether it has a ready instance ([`super::l7::binding::ready_waypoints`]).
+    pub ready: bool,
 }
 
 impl Waypoint {
@@ -132,8 +141,24 @@ pub(super) struct Waypoints {
     /// (namespace, service account) -> waypoint key, of the waypoints a
     /// user made.
     by_service_account: BTreeMap<(String, String), (String, String)>,
-    /// The same, of the waypoints istiod-rs made on demand.
+    /// The same, of the waypoints istiod-rs made on demand and still needs.
     on_demand_by_service_account: BTreeMap<(String, String), (String, String)>,
+    /// (namespace, service) -> waypoint key, of the waypoints istiod-rs made
+    /// on demand for one service and still needs.
+    on_demand_by_service: BTreeMap<(String, String), (String, String)>,
+}
+
+/// What the bindings a user made (1 to 3 of the module doc) say.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum UserBinding<'a> {
+    /// Nothing: an on-demand waypoint may serve.
+    Unset,
+    /// `none`, or the namespace is unknown: no waypoint.
+    OptOut,
+    /// A waypoint that is missing, refuses the namespace or does not take
+    /// this kind of traffic.
+    Unusable,
+    Bound(&'a Waypoint),
 }
 
 /// Whether istiod-rs created this Gateway on demand (its
@@ -142,6 +167,15 @@ pub fn is_on_demand(gw: &Gateway) -> bool {
     labels_of(&gw.metadata.labels)
         .get(labels::ON_DEMAND_WAYPOINT)
         .is_some_and(|v| v == labels::ON_DEMAND_WAYPOINT_VALUE)
+}
+
+/// Whether an on-demand Gateway is still needed by some rule (its
+/// `istio-rs.io/needed-by` annotation is not empty); one that is not is
+/// draining: bound to nothing, about to be deleted.
+fn still_needed(gw: &Gateway) -> bool {
+    labels_of(&gw.metadata.annotations)
+        .get(labels::NEEDED_BY)
+        .is_some_and(|v| !v.is_empty())
 }
 
 /// What an object's `use-waypoint` label says.
@@ -167,6 +201,7 @@ fn use_waypoint(labels: &Labels, default_namespace: &str) -> UseWaypoint {
 
 impl Waypoints {
     pub fn build(state: &ClusterState, mesh: &MeshConfig) -> Self {
+        let ready = super::l7::binding::ready_waypoints(state);
         let mut waypoints = Waypoints::default();
         for (key, gw) in &state.gateways {
             if gw.spec.gateway_class_name != labels::WAYPOINT_GATEWAY_CLASS {
@@ -190,14 +225,24 @@ impl Waypoints {
                 .map(|v| Traffic::parse(v))
                 .unwrap_or(default_traffic);
             let waypoint_key = (key.namespace.clone(), key.name.clone());
-            if let Some(sa) = for_sa {
-                let by_service_account = if is_on_demand(gw) {
-                    &mut waypoints.on_demand_by_service_account
-                } else {
-                    &mut waypoints.by_service_account
-                };
+            let on_demand = is_on_demand(gw);
+            let by_service_account = match (on_demand, still_needed(gw)) {
+                (false, _) => Some(&mut waypoints.by_service_account),
+                (true, true) => Some(&mut waypoints.on_demand_by_service_account),
+                (true, false) => None,
+            };
+            if let (Some(sa), Some(by_service_account)) = (for_sa, by_service_account) {
                 by_service_account
                     .entry((key.namespace.clone(), sa.clone()))
+                    .or_insert_with(|| waypoint_key.clone());
+            }
+            let for_service = annotations
+                .get(labels::FOR_SERVICE)
+                .filter(|s| !s.is_empty());
+            if let Some(service) = for_service.filter(|_| on_demand && still_needed(gw)) {
+                waypoints
+                    .on_demand_by_service
+                    .entry((key.namespace.clone(), service.clone()))
                     .or_insert_with(|| waypoint_key.clone());
             }
             waypoints.by_key.insert(
@@ -209,6 +254,7 @@ impl Waypoints {
                     traffic,
                     allowed: allowed_namespaces(gw),
                     service_accounts: Vec::new(),
+                    ready: ready.contains(&key.to_string()),
                 },
             );
         }
@@ -246,20 +292,45 @@ impl Waypoints {
 
     /// The waypoint bound to an object (pod or service) in `namespace` with
     /// `labels`, for `traffic` of that kind. `service_account` is the identity
-    /// its traffic runs as, when there is exactly one.
+    /// its traffic runs as, when there is exactly one; `service` the name of
+    /// the service, when the object is one.
     pub fn bound(
         &self,
         state: &ClusterState,
         namespace: &str,
         labels: &Labels,
         service_account: Option<&str>,
+        service: Option<&str>,
         traffic: Traffic,
     ) -> Option<&Waypoint> {
+        let on_demand = || self.on_demand(namespace, service_account, service, traffic);
+        match self.user_binding(state, namespace, labels, service_account, traffic) {
+            UserBinding::OptOut => None,
+            UserBinding::Unset => on_demand(),
+            UserBinding::Bound(w) if w.ready => Some(w),
+            // The user's waypoint is not ready (yet): a ready on-demand one
+            // keeps serving until it is.
+            UserBinding::Bound(w) => on_demand().filter(|o| o.ready).or(Some(w)),
+            UserBinding::Unusable => on_demand().filter(|o| o.ready),
+        }
+    }
+
+    /// What the bindings a user made say for an object (see [`Self::bound`]).
+    pub fn user_binding(
+        &self,
+        state: &ClusterState,
+        namespace: &str,
+        labels: &Labels,
+        service_account: Option<&str>,
+        traffic: Traffic,
+    ) -> UserBinding<'_> {
+        let named = |ns, name| {
+            self.usable(state, ns, name, namespace, traffic)
+                .map_or(UserBinding::Unusable, UserBinding::Bound)
+        };
         match use_waypoint(labels, namespace) {
-            UseWaypoint::None => return None,
-            UseWaypoint::Named(ns, name) => {
-                return self.usable(state, ns, name, namespace, traffic);
-            }
+            UseWaypoint::None => return UserBinding::OptOut,
+            UseWaypoint::Named(ns, name) => return named(ns, name),
             UseWaypoint::Unset => {}
         }
         if let Some(w) = self.for_service_account(
@@ -268,19 +339,39 @@ impl Waypoints {
             service_account,
             traffic,
         ) {
-            return Some(w);
+            return UserBinding::Bound(w);
         }
-        let ns = state.namespace(namespace)?;
+        let Some(ns) = state.namespace(namespace) else {
+            return UserBinding::OptOut;
+        };
         match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
-            UseWaypoint::Named(ns, name) => self.usable(state, ns, name, namespace, traffic),
-            UseWaypoint::None => None,
-            UseWaypoint::Unset => self.for_service_account(
-                &self.on_demand_by_service_account,
-                namespace,
-                service_account,
-                traffic,
-            ),
+            UseWaypoint::Named(ns, name) => named(ns, name),
+            UseWaypoint::None => UserBinding::OptOut,
+            UseWaypoint::Unset => UserBinding::Unset,
         }
+    }
+
+    /// The on-demand waypoint for an object: its account's, else its
+    /// service's.
+    fn on_demand(
+        &self,
+        namespace: &str,
+        service_account: Option<&str>,
+        service: Option<&str>,
+        traffic: Traffic,
+    ) -> Option<&Waypoint> {
+        self.for_service_account(
+            &self.on_demand_by_service_account,
+            namespace,
+            service_account,
+            traffic,
+        )
+        .or_else(|| {
+            let key = self
+                .on_demand_by_service
+                .get(&(namespace.to_string(), service?.to_string()))?;
+            self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
+        })
     }
 
     /// The waypoint of `by_service_account` serving `service_account` in
@@ -419,6 +510,7 @@ mod tests {
     }
 
     const ON_DEMAND: &str = "istio-rs.io/on-demand-waypoint: \"true\"";
+    const NEEDED: &str = "istio-rs.io/needed-by: HTTPRoute shop/r";
     const FOR_WEB: &str = "istio.io/for-service-account: web";
 
     /// The waypoint bound to a service in `shop` with `labels`, whose pods
@@ -430,19 +522,29 @@ mod tests {
             .collect();
         let waypoints = Waypoints::build(state, &MeshConfig::default());
         waypoints
-            .bound(state, "shop", &labels, Some("web"), Traffic::Service)
+            .bound(
+                state,
+                "shop",
+                &labels,
+                Some("web"),
+                Some("web"),
+                Traffic::Service,
+            )
             .map(Waypoint::key)
     }
 
     #[test]
     fn an_on_demand_waypoint_serves_what_no_user_binding_does() {
-        let s = state("", &gateway("web-waypoint", ON_DEMAND, FOR_WEB));
+        let s = state(
+            "",
+            &gateway("web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}")),
+        );
         assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/web-waypoint"));
         // An on-demand waypoint for another account serves nothing here.
         let other = gateway(
             "api-waypoint",
             ON_DEMAND,
-            "istio.io/for-service-account: api",
+            &format!("istio.io/for-service-account: api, {NEEDED}"),
         );
         assert_eq!(bound_to(&state("", &other), &[]), None);
     }
@@ -451,7 +553,8 @@ mod tests {
     fn the_objects_own_label_wins_over_an_on_demand_waypoint() {
         let s = state(
             "",
-            &(gateway("web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("mine", "", "")),
+            &(gateway("web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}"))
+                + &gateway("mine", "", "")),
         );
         assert_eq!(
             bound_to(&s, &[("istio.io/use-waypoint", "mine")]).as_deref(),
@@ -466,14 +569,82 @@ mod tests {
         // what decides.
         let s = state(
             "",
-            &(gateway("a-web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("z-mine", "", FOR_WEB)),
+            &(gateway("a-web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}"))
+                + &gateway("z-mine", "", FOR_WEB)),
         );
         assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/z-mine"));
     }
 
+    /// A ready instance of waypoint `name`.
+    fn instance(name: &str, ip: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-0, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: {name}}}}}\nspec: {{nodeName: n, serviceAccountName: {name}, containers: [{{name: w, image: w}}]}}\nstatus: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    }
+
+    #[test]
+    fn a_draining_on_demand_waypoint_serves_nothing() {
+        let draining = gateway(
+            "web-waypoint",
+            ON_DEMAND,
+            &format!("{FOR_WEB}, istio-rs.io/needed-by: \"\""),
+        );
+        assert_eq!(bound_to(&state("", &draining), &[]), None);
+        let unannotated = gateway("web-waypoint", ON_DEMAND, FOR_WEB);
+        assert_eq!(bound_to(&state("", &unannotated), &[]), None);
+    }
+
+    #[test]
+    fn a_service_of_several_accounts_is_served_by_its_own_on_demand_waypoint() {
+        let gw = gateway(
+            "waypoint-svc-web",
+            &format!("{ON_DEMAND}, istio.io/waypoint-for: service"),
+            &format!("istio-rs.io/for-service: web, {NEEDED}"),
+        );
+        let s = state("", &gw);
+        let waypoints = Waypoints::build(&s, &MeshConfig::default());
+        let none = Labels::new();
+        let service = |name| {
+            waypoints
+                .bound(&s, "shop", &none, None, Some(name), Traffic::Service)
+                .map(Waypoint::key)
+        };
+        assert_eq!(service("web").as_deref(), Some("shop/waypoint-svc-web"));
+        assert_eq!(service("api"), None);
+        // Workloads are not its business.
+        let workload = waypoints.bound(&s, "shop", &none, Some("web"), None, Traffic::Workload);
+        assert!(workload.is_none());
+    }
+
+    #[test]
+    fn a_ready_on_demand_waypoint_serves_until_the_users_one_is_ready() {
+        let on_demand = gateway("web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}"));
+        let mine = gateway("mine", "", "");
+        let label = [("istio.io/use-waypoint", "mine")];
+        // Neither ready: the user's binding stands.
+        let s = state("", &format!("{on_demand}{mine}"));
+        assert_eq!(bound_to(&s, &label).as_deref(), Some("shop/mine"));
+        // The on-demand one ready, the user's starting (or not even there yet).
+        let ready = instance("web-waypoint", "10.0.0.1");
+        let s = state("", &format!("{on_demand}{mine}{ready}"));
+        assert_eq!(bound_to(&s, &label).as_deref(), Some("shop/web-waypoint"));
+        let s = state("", &format!("{on_demand}{ready}"));
+        assert_eq!(bound_to(&s, &label).as_deref(), Some("shop/web-waypoint"));
+        // The user's ready: it wins.
+        let s = state(
+            "",
+            &format!("{on_demand}{mine}{ready}{}", instance("mine", "10.0.0.2")),
+        );
+        assert_eq!(bound_to(&s, &label).as_deref(), Some("shop/mine"));
+        // `none` is never overridden.
+        let s = state("", &format!("{on_demand}{ready}"));
+        assert_eq!(bound_to(&s, &[("istio.io/use-waypoint", "none")]), None);
+    }
+
     #[test]
     fn the_namespaces_label_wins_over_an_on_demand_waypoint() {
-        let gateways = gateway("web-waypoint", ON_DEMAND, FOR_WEB) + &gateway("mine", "", "");
+        let gateways = gateway("web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}"))
+            + &gateway("mine", "", "");
         let s = state("istio.io/use-waypoint: mine", &gateways);
         assert_eq!(bound_to(&s, &[]).as_deref(), Some("shop/mine"));
         let s = state("istio.io/use-waypoint: none", &gateways);

@@ -297,8 +297,14 @@ pub(super) fn workload(
     let waypoint = if instance {
         None
     } else {
-        ctx.waypoints
-            .bound(ctx.state, namespace, labels, Some(sa), Traffic::Workload)
+        ctx.waypoints.bound(
+            ctx.state,
+            namespace,
+            labels,
+            Some(sa),
+            None,
+            Traffic::Workload,
+        )
     };
     let waypoint_key = waypoint.map(|w| w.key());
     // Waypoint instances are never targets of the rules they would serve.

@@ -13,6 +13,12 @@
 //!   labelled `istio-rs.io/on-demand-waypoint: "true"` that is not planned is
 //!   deleted (with its waypoint, through the owner references).
 //!
+//! Either way a Gateway no rule needs any more first drains
+//! ([`Draining`]): it is written once more with an empty
+//! `istio-rs.io/needed-by`, which binds nothing to it, and removed only
+//! after `ProvisionConfig::on_demand_drain`, so every proxy has stopped
+//! sending to the waypoint when it goes.
+//!
 //! Nothing is written before the first plan (a plan is made only once the
 //! source has synced), so a restart never removes what a half-listed cluster
 //! does not need yet. Failed writes are retried with the provisioner's
@@ -21,6 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use api::manifest::ObjectKey;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -31,7 +38,7 @@ use tracing::{info, warn};
 
 use super::directory::{remove_others, write_if_changed, yaml};
 use super::{ProvisionConfig, ProvisionError, ProvisionMetrics};
-use crate::index::OnDemandPlan;
+use crate::index::{OnDemandPlan, OnDemandWaypoint};
 use crate::state::directory::GENERATED_DIR;
 use crate::state::{ClusterState, Store};
 
@@ -51,12 +58,12 @@ impl OnDemandSink {
     async fn sync(
         &mut self,
         state: &ClusterState,
-        plan: &OnDemandPlan,
+        wanted: &Wanted,
         metrics: &ProvisionMetrics,
     ) -> Vec<ProvisionError> {
         match self {
-            OnDemandSink::Directory(d) => d.sync(plan, metrics),
-            OnDemandSink::Kube(k) => k.sync(state, plan, metrics).await,
+            OnDemandSink::Directory(d) => d.sync(wanted, metrics),
+            OnDemandSink::Kube(k) => k.sync(state, wanted, metrics).await,
         }
     }
 }
@@ -82,9 +89,9 @@ impl DirectoryOnDemand {
     }
 
     /// Writes what differs from `plan`, removes what is no longer in it.
-    pub fn sync(&mut self, plan: &OnDemandPlan, metrics: &ProvisionMetrics) -> Vec<ProvisionError> {
+    pub fn sync(&mut self, wanted: &Wanted, metrics: &ProvisionMetrics) -> Vec<ProvisionError> {
         let mut errors = Vec::new();
-        for (key, waypoint) in &plan.waypoints {
+        for (key, waypoint) in &wanted.gateways {
             let text = yaml(&format!("Gateway {key}"), &waypoint.gateway()).map(|body| {
                 format!(
                     "# Waypoint created on demand by istiod-rs (local mode) for the rules of its\n# istio-rs.io/needed-by annotation; removed when none needs it.\n---\n{body}"
@@ -93,7 +100,7 @@ impl DirectoryOnDemand {
             let written = text.and_then(|text| write_if_changed(&self.path(key), &text, metrics));
             errors.extend(written.err());
         }
-        let keys: BTreeSet<&ObjectKey> = plan.waypoints.keys().collect();
+        let keys: BTreeSet<&ObjectKey> = wanted.gateways.keys().collect();
         errors.extend(remove_others(&self.dir, &keys));
         errors
     }
@@ -132,14 +139,15 @@ impl KubeOnDemand {
     pub async fn sync(
         &mut self,
         state: &ClusterState,
-        plan: &OnDemandPlan,
+        wanted: &Wanted,
         metrics: &ProvisionMetrics,
     ) -> Vec<ProvisionError> {
         let mut errors = Vec::new();
         self.applied
-            .retain(|key, _| plan.waypoints.contains_key(key));
-        self.observed.retain(|key| plan.waypoints.contains_key(key));
-        for (key, waypoint) in &plan.waypoints {
+            .retain(|key, _| wanted.gateways.contains_key(key));
+        self.observed
+            .retain(|key| wanted.gateways.contains_key(key));
+        for (key, waypoint) in &wanted.gateways {
             if state.gateways.contains_key(key) {
                 self.observed.insert(key.clone());
             } else if self.observed.remove(key) {
@@ -170,7 +178,7 @@ impl KubeOnDemand {
             .gateways
             .iter()
             .filter(|(key, gw)| {
-                crate::index::is_on_demand_waypoint(gw) && !plan.waypoints.contains_key(key)
+                crate::index::is_on_demand_waypoint(gw) && !wanted.gateways.contains_key(key)
             })
             .map(|(key, _)| key);
         for key in stale {
@@ -221,6 +229,7 @@ pub async fn run(
     let mut changes = store.changes();
     let mut delay = config.retry_min;
     let mut announced: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut draining = Draining::default();
     loop {
         let Some(plan) = plans.borrow_and_update().clone() else {
             return;
@@ -228,7 +237,8 @@ pub async fn run(
         changes.borrow_and_update();
         announce(&plan, &mut announced);
         let state = store.read();
-        let errors = sink.sync(&state, &plan, &metrics).await;
+        let wanted = draining.wanted(&state, &plan, Instant::now(), config.on_demand_drain);
+        let errors = sink.sync(&state, &wanted, &metrics).await;
         drop(state);
         for error in &errors {
             warn!(%error, "writing a waypoint created on demand failed; retrying");
@@ -239,10 +249,17 @@ pub async fn run(
             }
             tokio::time::sleep(delay).await;
         };
+        let drained = async {
+            match wanted.next_removal {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             r = plans.changed() => if r.is_err() { return },
             r = changes.changed() => if r.is_err() { return },
             () = retry => {}
+            () = drained => {}
         }
         delay = if errors.is_empty() {
             config.retry_min
@@ -252,15 +269,66 @@ pub async fn run(
     }
 }
 
+/// The on-demand Gateways that should exist now: those planned, and those
+/// no rule needs any more that are draining (written with an empty
+/// `istio-rs.io/needed-by`, which unbinds them, so proxies stop sending to
+/// the waypoint before it goes) until `drain` has passed since they were
+/// first seen unneeded. Every other on-demand Gateway is removed.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    pub gateways: BTreeMap<ObjectKey, OnDemandWaypoint>,
+    /// When the first draining Gateway is due for removal.
+    pub next_removal: Option<Instant>,
+}
+
+/// Since when each on-demand Gateway of the cluster has been unneeded.
+#[derive(Debug, Default)]
+pub struct Draining {
+    since: BTreeMap<ObjectKey, Instant>,
+}
+
+impl Draining {
+    pub fn wanted(
+        &mut self,
+        state: &ClusterState,
+        plan: &OnDemandPlan,
+        now: Instant,
+        drain: Duration,
+    ) -> Wanted {
+        let unneeded: BTreeMap<ObjectKey, OnDemandWaypoint> = state
+            .gateways
+            .iter()
+            .filter(|(key, gw)| {
+                crate::index::is_on_demand_waypoint(gw) && !plan.waypoints.contains_key(*key)
+            })
+            .filter_map(|(key, gw)| Some((key.clone(), OnDemandWaypoint::draining(key, gw)?)))
+            .collect();
+        self.since.retain(|key, _| unneeded.contains_key(key));
+        let mut wanted = Wanted {
+            gateways: plan.waypoints.clone(),
+            next_removal: None,
+        };
+        for (key, waypoint) in unneeded {
+            let since = *self.since.entry(key.clone()).or_insert(now);
+            let due = since + drain;
+            if now < due {
+                wanted.gateways.insert(key, waypoint);
+                wanted.next_removal = Some(wanted.next_removal.map_or(due, |d| d.min(due)));
+            }
+        }
+        wanted
+    }
+}
+
 /// Logs each on-demand waypoint once when planned and once when no longer.
 fn announce(plan: &OnDemandPlan, announced: &mut BTreeSet<ObjectKey>) {
     let now: BTreeSet<ObjectKey> = plan.waypoints.keys().cloned().collect();
     for key in now.difference(announced) {
         let w = &plan.waypoints[key];
-        info!(gateway = %key, service_account = %w.service_account, needed_by = %w.needed_by_annotation(), "creating a waypoint on demand");
+        info!(gateway = %key, serves = %w.serves, needed_by = %w.needed_by_annotation(), "creating a waypoint on demand");
     }
     for key in announced.difference(&now) {
-        info!(gateway = %key, "no rule needs the waypoint created on demand any more; removing it");
+        info!(gateway = %key, "no rule needs the waypoint created on demand any more; draining, then removing it");
     }
     *announced = now;
 }

@@ -133,10 +133,16 @@ impl LocalIstiod {
     }
 
     /// Writes a file of the cluster state the way tools should: whole, by rename.
+    /// Writes `name` (a path under the config directory) atomically.
     pub fn write(&self, name: &str, yaml: &str) {
-        let tmp = self.dir.path().join(format!("{name}.tmp"));
+        let tmp = self
+            .dir
+            .path()
+            .join(format!("{}.tmp", name.replace('/', "_")));
         std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, self.config_dir().join(name)).unwrap();
+        let path = self.config_dir().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
     }
 
     pub fn remove(&self, name: &str) {

@@ -227,6 +227,7 @@ pub(in crate::index) fn waypoints(
             &key.namespace,
             pod_labels,
             Some(pod_service_account(pod)),
+            None,
             Traffic::Workload,
         );
         let Some(wp) = bound.and_then(|w| out.get_mut(&w.key())) else {
