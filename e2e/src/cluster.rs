@@ -394,6 +394,28 @@ pub struct HttpResponse {
     pub body: String,
 }
 
+/// A waypoint Gateway istiod-rs created on demand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnDemand {
+    pub name: String,
+    /// Its `istio-rs.io/needed-by` annotation.
+    pub needed_by: String,
+}
+
+impl OnDemand {
+    /// Of a Gateway (JSON).
+    pub fn of(gateway: &serde_json::Value) -> OnDemand {
+        let metadata = &gateway["metadata"];
+        OnDemand {
+            name: metadata["name"].as_str().unwrap_or_default().to_string(),
+            needed_by: metadata["annotations"][api::labels::NEEDED_BY]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+}
+
 /// A Kubernetes-shaped cluster that scenarios drive. `Sync`: scenarios run
 /// traffic on one thread while they change the cluster on another.
 pub trait Cluster: Send + Sync {
@@ -410,6 +432,20 @@ pub trait Cluster: Send + Sync {
 
     /// Deletes objects; deleting an object that does not exist is not an error.
     fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError>;
+
+    /// The waypoint Gateways istiod-rs created on demand in `namespace`
+    /// (labelled `istio-rs.io/on-demand-waypoint: "true"`), by name, each
+    /// with its `istio-rs.io/needed-by` annotation (empty while it drains).
+    fn on_demand_waypoints(&self, namespace: &str) -> Result<Vec<OnDemand>, ClusterError>;
+
+    /// The `status` istiod-rs wrote for an object (`kind` as in its YAML),
+    /// when it has written one.
+    fn object_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, ClusterError>;
 
     /// Creates a pod and returns once it is Ready (its readiness probe, run
     /// from its node, passes).

@@ -45,8 +45,8 @@ use crate::scenarios::fixture::{
     ECHO_HELLO, ECHO_TCP, L4Fixture, client_pod, echo_server, echo_service_yaml, namespace_yaml,
     service_accounts_yaml,
 };
-use crate::scenarios::l7;
 use crate::scenarios::policies::{Applied, authorization, from_namespaces, peer_authentication};
+use crate::scenarios::{l7, on_demand};
 use table::Column;
 
 pub const AMBIENT_NS: &str = "demo";
@@ -289,22 +289,25 @@ fn checks(cluster: &dyn Cluster, pods: &DemoPods, steps: &Steps) -> Vec<Check> {
             certificates(cluster, pods, &node)
         }));
     }
-    steps.say("5. L7 through a provisioned waypoint: a route, an L7 deny, a JWT check");
+    steps.say(
+        "5. L7 through a provisioned waypoint: a route, an L7 deny, a JWT check; a waypoint created on demand",
+    );
     out.extend(l7(cluster, pods));
     out
 }
 
 /// The L7 rows: each runs one of the L7 scenarios (its own namespace `l7`
 /// with a waypoint Gateway istiod-rs provisions, two echo versions and a
-/// Service bound to the waypoint, removed afterwards) from the demo's
-/// first client; the scenario's evidence is the row's.
+/// Service bound to the waypoint, removed afterwards), then the on-demand
+/// one (namespace `od`, no waypoint until the route needs one), from the
+/// demo's first client; the scenario's evidence is the row's.
 fn l7(cluster: &dyn Cluster, pods: &DemoPods) -> Vec<Check> {
     let caller = l7::Caller {
         trust_domain: pods.trust_domain.clone(),
         client: pods.clients[0].clone(),
     };
     type Run = fn(&dyn Cluster, &l7::Caller) -> Result<String, ProbeError>;
-    let rows: [(&str, &str, Run); 3] = [
+    let rows: [(&str, &str, Run); 4] = [
         (
             "L7 route by header",
             "HTTPRoute on Service echo: x-version: v2 -> echo-v2, the rest -> echo-v1",
@@ -319,6 +322,11 @@ fn l7(cluster: &dyn Cluster, pods: &DemoPods) -> Vec<Check> {
             "L7 JWT check",
             "RequestAuthentication + required principal: no token 403, bad signature 401, valid token 200",
             l7::jwt_missing_invalid_valid,
+        ),
+        (
+            "L7 waypoint on demand",
+            "HTTPRoute on a Service with no waypoint: refused until istiod-rs's waypoint is Ready, then routed by it; deleted: direct again, waypoint gone",
+            on_demand::route_makes_a_waypoint_and_goes_with_it,
         ),
     ];
     rows.into_iter()

@@ -55,8 +55,8 @@ use rand::Rng;
 
 use crate::binaries::Binaries;
 use crate::cluster::{
-    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, PodInfo, PodRequest, ProbeOutcome,
-    ProxyRef, ReadinessProbe,
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, OnDemand, PodInfo, PodRequest,
+    ProbeOutcome, ProxyRef, ReadinessProbe,
 };
 use crate::cni::{self, CniCommand, CniPod};
 use crate::config_dir::ConfigDir;
@@ -779,6 +779,53 @@ impl Cluster for ClusterCore {
         self.topology.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// The files istiod-rs writes, `generated/on-demand/<namespace>/<name>.yaml`.
+    fn on_demand_waypoints(&self, namespace: &str) -> Result<Vec<OnDemand>, ClusterError> {
+        let dir = self
+            .lock()
+            .config_dir
+            .generated()
+            .join("on-demand")
+            .join(namespace);
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for file in files.flatten() {
+            let path = file.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.') || !n.ends_with(".yaml"));
+            if hidden {
+                continue;
+            }
+            if let Some(gateway) = read_generated(&path)? {
+                out.push(OnDemand::of(&gateway));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The file istiod-rs writes, `generated/status/<Kind>/<namespace>/<name>.yaml`.
+    fn object_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, ClusterError> {
+        let path = self
+            .lock()
+            .config_dir
+            .generated()
+            .join("status")
+            .join(kind)
+            .join(namespace)
+            .join(format!("{name}.yaml"));
+        Ok(read_generated(&path)?.map(|object| object["status"].clone()))
+    }
+
     fn apply(&self, objects: &[Object]) -> Result<(), ClusterError> {
         let mut inner = self.lock();
         let mut result = Ok(());
@@ -1014,6 +1061,19 @@ impl Cluster for LocalCluster {
 
     fn delete(&self, keys: &[ObjectKey]) -> Result<(), ClusterError> {
         self.core.delete(keys)
+    }
+
+    fn on_demand_waypoints(&self, namespace: &str) -> Result<Vec<OnDemand>, ClusterError> {
+        self.core.on_demand_waypoints(namespace)
+    }
+
+    fn object_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, ClusterError> {
+        self.core.object_status(kind, namespace, name)
     }
 
     fn create_pod(&self, req: &PodRequest) -> Result<PodInfo, ClusterError> {
@@ -1326,6 +1386,29 @@ fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// A YAML file istiod-rs wrote under `generated/`, as JSON; `None` when it
+/// is not there (it may go between a listing and the read).
+fn read_generated(path: &Path) -> Result<Option<serde_json::Value>, ClusterError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ClusterError::Json {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+                text: String::new(),
+            });
+        }
+    };
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&text).map_err(|e| ClusterError::Json {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+            text: text.chars().take(2000).collect(),
+        })?;
+    Ok(documents.into_iter().find(|d| d.is_object()))
 }
 
 #[cfg(test)]

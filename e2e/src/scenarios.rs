@@ -17,6 +17,7 @@ pub mod fixture;
 pub mod l4;
 pub mod l7;
 pub mod node_agent;
+pub mod on_demand;
 pub mod policies;
 
 use std::time::{Duration, Instant};

@@ -43,8 +43,8 @@ use super::node::NodeRuntime;
 use super::samples::condition;
 use super::{Kubectl, KubectlError};
 use crate::cluster::{
-    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, NODE_AGENT_READINESS, PodInfo,
-    PodRequest, ProbeOutcome, ProxyRef, ReadinessProbe,
+    AppCommand, Cluster, ClusterError, ExecOutput, HttpResponse, NODE_AGENT_READINESS, OnDemand,
+    PodInfo, PodRequest, ProbeOutcome, ProxyRef, ReadinessProbe,
 };
 use crate::netns::NetNs;
 use crate::objects::{Object, ObjectKey};
@@ -632,6 +632,46 @@ impl Cluster for KubeCluster<'_> {
 
     fn apply(&self, objects: &[Object]) -> Result<(), ClusterError> {
         objects.iter().try_for_each(|o| self.apply_one(o))
+    }
+
+    fn on_demand_waypoints(&self, namespace: &str) -> Result<Vec<OnDemand>, ClusterError> {
+        let selector = format!(
+            "{}={}",
+            api::labels::ON_DEMAND_WAYPOINT,
+            api::labels::ON_DEMAND_WAYPOINT_VALUE
+        );
+        let list = self
+            .kubectl()
+            .json(&[
+                "get",
+                "gateways.gateway.networking.k8s.io",
+                "-n",
+                namespace,
+                "-l",
+                &selector,
+            ])
+            .map_err(KubeMeshError::from)?;
+        let mut out: Vec<OnDemand> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(OnDemand::of)
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn object_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, ClusterError> {
+        let object = self
+            .kubectl()
+            .get(kind, Some(namespace), name)
+            .map_err(KubeMeshError::from)?;
+        Ok(object.map(|o| o["status"].clone()).filter(|s| !s.is_null()))
     }
 
     /// Consecutive keys of one kind and namespace go in one `kubectl

@@ -79,17 +79,21 @@ const REPEAT: usize = 10;
 /// How long one `client tally` run may take.
 const TALLY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Scenarios (`"name" => function,`) each run from the L4 fixture's first
+/// client ([`Caller::of`]).
+macro_rules! from_first_client {
+    ($($name:literal => $run:ident,)*) => {
+        vec![$($crate::scenarios::Scenario {
+            name: $name,
+            run: |c, f| $run(c, &$crate::scenarios::l7::Caller::of(f)),
+        }),*]
+    };
+}
+pub(super) use from_first_client;
+
 /// The L7 scenarios, in the order they run; each sends from the L4
 /// fixture's first client ([`Caller::of`]).
 pub fn all() -> Vec<Scenario> {
-    macro_rules! from_first_client {
-        ($($name:literal => $run:ident,)*) => {
-            vec![$(Scenario {
-                name: $name,
-                run: |c, f| $run(c, &Caller::of(f)),
-            }),*]
-        };
-    }
     from_first_client! {
         "l7_header_route_to_v1_v2" => header_route,
         "l7_allow_get_deny_delete" => allow_get_deny_delete,
@@ -148,28 +152,43 @@ struct Backends<'a> {
 
 impl Drop for Backends<'_> {
     fn drop(&mut self) {
-        for p in &self.pods {
-            if let Err(e) = self.cluster.delete_pod(&p.namespace, &p.name) {
-                eprintln!("e2e: could not delete {}: {e}", pod_name(p));
-            }
-        }
-        if let Some(Err(e)) = self.objects.take().map(Applied::remove) {
-            eprintln!("e2e: could not remove the L7 scenario's objects: {e}");
-            return;
-        }
-        let deleted = eventually(
-            &format!("namespace {L7_NS} to be deleted once its waypoint pod is gone"),
-            WAYPOINT_TIMEOUT,
-            || {
-                Ok(self
-                    .cluster
-                    .delete(&self.namespace)
-                    .map_err(|e| e.to_string()))
-            },
+        tear_down(
+            self.cluster,
+            &self.pods,
+            self.objects.take(),
+            &self.namespace,
+            L7_NS,
         );
-        if let Err(e) = deleted {
-            eprintln!("e2e: {e}");
+    }
+}
+
+/// Removes a scenario's world: its pods, then its objects, then its
+/// namespace, whose deletion is tried until its waypoint pods are gone
+/// (so the next scenario's waypoints are pods of their own Gateways).
+/// Failures are printed: this runs on drop.
+pub(super) fn tear_down(
+    cluster: &dyn Cluster,
+    pods: &[PodInfo],
+    objects: Option<Applied<'_>>,
+    namespace: &[ObjectKey],
+    name: &str,
+) {
+    for p in pods {
+        if let Err(e) = cluster.delete_pod(&p.namespace, &p.name) {
+            eprintln!("e2e: could not delete {}: {e}", pod_name(p));
         }
+    }
+    if let Some(Err(e)) = objects.map(Applied::remove) {
+        eprintln!("e2e: could not remove the objects of namespace {name}: {e}");
+        return;
+    }
+    let deleted = eventually(
+        &format!("namespace {name} to be deleted once its waypoint pods are gone"),
+        WAYPOINT_TIMEOUT,
+        || Ok(cluster.delete(namespace).map_err(|e| e.to_string())),
+    );
+    if let Err(e) = deleted {
+        eprintln!("e2e: {e}");
     }
 }
 
@@ -493,7 +512,8 @@ impl Request<'_> {
     }
 }
 
-fn describe(report: &HttpReport) -> String {
+/// One request's outcome in words.
+pub(super) fn describe(report: &HttpReport) -> String {
     match (&report.status, &report.echo, &report.error) {
         (_, _, Some(e)) => format!("error: {e}"),
         (Some(s), Some(echo), _) => format!("{s} from {}", echo.pod),
