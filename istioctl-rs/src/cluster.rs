@@ -5,10 +5,47 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use serde_json::Value;
 
 use crate::manifest::{FIELD_MANAGER, InstallKind, ManifestObject};
+
+/// A kind of object istioctl-rs reads or writes: one of the install's
+/// ([`InstallKind`]), or one it manages for users (the waypoint Gateway).
+pub trait Kind: Copy + std::fmt::Display {
+    /// For kube's dynamic API.
+    fn api_resource(self) -> ApiResource;
+    fn namespaced(self) -> bool;
+    /// The resource's name in API paths and RBAC rules (`deployments`).
+    fn plural(self) -> &'static str;
+    /// `deployments.apps`, as RBAC errors and `kubectl auth can-i` name it.
+    fn resource(self) -> String;
+}
+
+impl Kind for InstallKind {
+    fn api_resource(self) -> ApiResource {
+        InstallKind::api_resource(self)
+    }
+    fn namespaced(self) -> bool {
+        InstallKind::namespaced(self)
+    }
+    fn plural(self) -> &'static str {
+        InstallKind::plural(self)
+    }
+    fn resource(self) -> String {
+        InstallKind::resource(self)
+    }
+}
+
+/// `Deployment istio-system/istiod`, `Namespace demo`.
+pub fn describe(kind: impl Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced() => format!("{kind} {ns}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
 
 /// A failed call, in the user's terms.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +59,15 @@ pub enum ClusterError {
         verb: String,
         resource: String,
         scope: String,
+        message: String,
+    },
+    #[error(
+        "{action} {object}: this cluster's API server has no {resource}; are its CRDs installed? ({message})"
+    )]
+    NoResource {
+        action: String,
+        object: String,
+        resource: String,
         message: String,
     },
     #[error("{action} {object}: the API server refused it: {message}")]
@@ -51,7 +97,7 @@ pub enum Scope<'a> {
 
 impl<'a> Scope<'a> {
     /// The scope of a request for `kind` in `namespace` (`None`: all).
-    pub fn of(kind: InstallKind, namespace: Option<&'a str>) -> Scope<'a> {
+    pub fn of(kind: impl Kind, namespace: Option<&'a str>) -> Scope<'a> {
         match (kind.namespaced(), namespace) {
             (false, _) => Scope::Cluster,
             (true, Some(ns)) => Scope::Namespace(ns),
@@ -93,6 +139,19 @@ impl ClusterError {
                     message: status.message,
                 }
             }
+            // A 404 naming no object: the resource itself is unknown (a
+            // missing object, or namespace, is named in the details).
+            kube::Error::Api(status)
+                if status.code == 404
+                    && status.details.as_ref().is_none_or(|d| d.name.is_empty()) =>
+            {
+                ClusterError::NoResource {
+                    action: action.to_string(),
+                    object: object.to_string(),
+                    resource: resource.to_string(),
+                    message: status.message,
+                }
+            }
             kube::Error::Api(status) if (400..500).contains(&status.code) => {
                 ClusterError::Refused {
                     action: action.to_string(),
@@ -108,13 +167,13 @@ impl ClusterError {
         }
     }
 
-    /// [`ClusterError::of`] for a request on an install kind.
+    /// [`ClusterError::of`] for a request on a [`Kind`].
     pub fn on(
         error: kube::Error,
         action: &str,
         object: &str,
         verb: &str,
-        kind: InstallKind,
+        kind: impl Kind,
         namespace: Option<&str>,
     ) -> ClusterError {
         Self::of(
@@ -143,7 +202,7 @@ fn word_after(text: &str, marker: &str) -> Option<String> {
 }
 
 /// The dynamic API of one kind, in one namespace or cluster-wide.
-pub fn api(client: &Client, kind: InstallKind, namespace: Option<&str>) -> Api<DynamicObject> {
+pub fn api(client: &Client, kind: impl Kind, namespace: Option<&str>) -> Api<DynamicObject> {
     let resource = kind.api_resource();
     match namespace {
         Some(ns) if kind.namespaced() => Api::namespaced_with(client.clone(), ns, &resource),
@@ -155,21 +214,76 @@ pub fn api(client: &Client, kind: InstallKind, namespace: Option<&str>) -> Api<D
 /// (an install owns the fields it sets, also after someone edited them),
 /// with the API server's strict field validation.
 pub async fn apply(client: &Client, object: &ManifestObject) -> Result<(), ClusterError> {
-    let params = PatchParams::apply(FIELD_MANAGER)
-        .force()
-        .validation_strict();
-    api(client, object.kind, object.namespace.as_deref())
-        .patch(&object.name, &params, &Patch::Apply(&object.body))
+    server_side_apply(
+        client,
+        object.kind,
+        object.namespace.as_deref(),
+        &object.name,
+        &object.body,
+        true,
+    )
+    .await
+    .map(drop)
+}
+
+/// Server-side apply of `body` as field manager `istioctl-rs`, with strict
+/// field validation; `force` takes over fields another manager set to
+/// other values (otherwise the API server refuses with a conflict).
+/// Returns the object as stored.
+pub async fn server_side_apply(
+    client: &Client,
+    kind: impl Kind,
+    namespace: Option<&str>,
+    name: &str,
+    body: &Value,
+    force: bool,
+) -> Result<Value, ClusterError> {
+    let mut params = PatchParams::apply(FIELD_MANAGER).validation_strict();
+    if force {
+        params = params.force();
+    }
+    api(client, kind, namespace)
+        .patch(name, &params, &Patch::Apply(body))
+        .await
+        .map(|o| serde_json::to_value(o).expect("an object serialises"))
+        .map_err(|e| {
+            ClusterError::on(
+                e,
+                "applying",
+                &describe(kind, namespace, name),
+                "patch",
+                kind,
+                namespace,
+            )
+        })
+}
+
+/// Sets labels on an object (a JSON merge patch of `metadata.labels`: the
+/// other labels stay).
+pub async fn label(
+    client: &Client,
+    kind: impl Kind,
+    namespace: Option<&str>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<(), ClusterError> {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
+    let patch = serde_json::json!({"metadata": {"labels": labels}});
+    api(client, kind, namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)
         .map_err(|e| {
             ClusterError::on(
                 e,
-                "applying",
-                &object.describe(),
+                "labelling",
+                &describe(kind, namespace, name),
                 "patch",
-                object.kind,
-                object.namespace.as_deref(),
+                kind,
+                namespace,
             )
         })
 }
@@ -177,21 +291,17 @@ pub async fn apply(client: &Client, object: &ManifestObject) -> Result<(), Clust
 /// One object, as JSON; `None` when it does not exist.
 pub async fn get(
     client: &Client,
-    kind: InstallKind,
+    kind: impl Kind,
     namespace: Option<&str>,
     name: &str,
 ) -> Result<Option<Value>, ClusterError> {
-    let describe = || match namespace {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    };
     match api(client, kind, namespace).get(name).await {
         Ok(o) => Ok(Some(serde_json::to_value(o).expect("an object serialises"))),
         Err(e) if ClusterError::is_not_found(&e) => Ok(None),
         Err(e) => Err(ClusterError::on(
             e,
             "reading",
-            &describe(),
+            &describe(kind, namespace, name),
             "get",
             kind,
             namespace,
@@ -199,25 +309,30 @@ pub async fn get(
     }
 }
 
-/// The objects of a kind matching a label selector, in every namespace.
+/// The objects of a kind matching a label selector (`""`: all), in one
+/// namespace or (`None`) in every namespace.
 pub async fn list(
     client: &Client,
-    kind: InstallKind,
+    kind: impl Kind,
+    namespace: Option<&str>,
     selector: &str,
 ) -> Result<Vec<DynamicObject>, ClusterError> {
-    let params = ListParams::default().labels(selector);
-    match api(client, kind, None).list(&params).await {
+    let mut params = ListParams::default();
+    if !selector.is_empty() {
+        params = params.labels(selector);
+    }
+    match api(client, kind, namespace).list(&params).await {
         Ok(list) => Ok(list.items),
-        // A CRD-less kind cannot be missing here: every InstallKind is
-        // built in (CRDs included), so a 404 is a real error.
-        Err(e) => Err(ClusterError::on(
-            e,
-            "listing",
-            &format!("{} labelled {selector}", kind.plural()),
-            "list",
-            kind,
-            None,
-        )),
+        Err(e) => {
+            let what = if selector.is_empty() {
+                kind.plural().to_string()
+            } else {
+                format!("{} labelled {selector}", kind.plural())
+            };
+            Err(ClusterError::on(
+                e, "listing", &what, "list", kind, namespace,
+            ))
+        }
     }
 }
 
@@ -225,7 +340,7 @@ pub async fn list(
 /// dependents (pods) before it.
 pub async fn delete(
     client: &Client,
-    kind: InstallKind,
+    kind: impl Kind,
     namespace: Option<&str>,
     name: &str,
     foreground: bool,
@@ -235,10 +350,7 @@ pub async fn delete(
     } else {
         DeleteParams::background()
     };
-    let object = match namespace {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    };
+    let object = describe(kind, namespace, name);
     match api(client, kind, namespace).delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(e) if ClusterError::is_not_found(&e) => Ok(()),
@@ -268,10 +380,7 @@ pub async fn create_unless_present(
         Err(e) => Err(ClusterError::on(
             e,
             "creating",
-            &match namespace {
-                Some(ns) => format!("{kind} {ns}/{name}"),
-                None => format!("{kind} {name}"),
-            },
+            &describe(kind, namespace, &name),
             "create",
             kind,
             namespace,
@@ -362,5 +471,42 @@ mod tests {
             e.to_string(),
             "applying Deployment istio-system/istiod: the API server refused it: Deployment.apps \"istiod\" is invalid: spec.replicas: Invalid value: -1"
         );
+    }
+
+    #[test]
+    fn a_404_naming_no_object_is_a_missing_resource() {
+        let e = ClusterError::on(
+            status(404, "the server could not find the requested resource"),
+            "listing",
+            "deployments",
+            "list",
+            InstallKind::Deployment,
+            None,
+        );
+        assert!(
+            matches!(e, ClusterError::NoResource { .. }),
+            "{e}: the resource itself is unknown"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("listing deployments: this cluster's API server has no deployments.apps; are its CRDs installed?"),
+            "{e}"
+        );
+        // A missing namespace is named in the details: not a missing resource.
+        let mut missing_namespace = status(404, "namespaces \"demo\" not found");
+        if let kube::Error::Api(s) = &mut missing_namespace {
+            s.details =
+                serde_json::from_value(serde_json::json!({"name": "demo", "kind": "namespaces"}))
+                    .unwrap();
+        }
+        let e = ClusterError::on(
+            missing_namespace,
+            "applying",
+            "Deployment demo/x",
+            "patch",
+            InstallKind::Deployment,
+            Some("demo"),
+        );
+        assert!(matches!(e, ClusterError::Refused { .. }), "{e}");
     }
 }

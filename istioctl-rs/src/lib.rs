@@ -8,8 +8,8 @@
 //!   labelled and ordered;
 //! - [`cluster`]: every call to the Kubernetes API, and errors that say
 //!   what to do;
-//! - [`install`], [`uninstall`], [`precheck`], [`version`]: the commands;
-//!   [`mesh_root`] and [`rollout`] are parts of `install`.
+//! - [`install`], [`uninstall`], [`precheck`], [`version`], [`waypoint`]:
+//!   the commands; [`mesh_root`] and [`rollout`] are parts of `install`.
 
 pub mod cluster;
 pub mod install;
@@ -21,3 +21,4 @@ pub mod rollout;
 pub mod uninstall;
 pub mod values;
 pub mod version;
+pub mod waypoint;

@@ -1,4 +1,5 @@
-//! istioctl-rs: install, uninstall, manifest generate, x precheck, version.
+//! istioctl-rs: install, uninstall, manifest generate, x precheck, version,
+//! waypoint.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use istioctl_rs::precheck;
 use istioctl_rs::uninstall::{self, UninstallOptions};
 use istioctl_rs::values::{self, Values};
 use istioctl_rs::version;
+use istioctl_rs::waypoint::{self, ApplyOptions, Selection, Spec, TrafficType};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,6 +76,105 @@ enum Command {
     },
     /// This client's version and each installed component's.
     Version,
+    /// Manage waypoints: Gateways of class istio-waypoint (one listener
+    /// `mesh`, port 15008, HBONE), as upstream istioctl's `waypoint`.
+    Waypoint {
+        /// The waypoint's name.
+        #[arg(long, global = true, default_value = waypoint::DEFAULT_NAME)]
+        name: String,
+        /// The namespace (default: the kubeconfig context's, else
+        /// `default`; `generate` writes none unless given).
+        #[arg(short = 'n', long, global = true)]
+        namespace: Option<String>,
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WaypointCommand {
+    /// Print the waypoint Gateway as YAML (needs no cluster).
+    Generate {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Server-side apply the waypoint Gateway (field manager istioctl-rs).
+    Apply {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Then label the namespace istio.io/use-waypoint=<name>.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// With --enroll-namespace: replace the namespace's existing
+        /// istio.io/use-waypoint. Without it, such a namespace gets a warning
+        /// and nothing is applied.
+        #[arg(long)]
+        overwrite: bool,
+        /// Wait until the Gateway is Programmed (istiod-rs has provisioned it).
+        #[arg(short = 'w', long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 90s, 5m).
+        #[arg(long, default_value = "90s", value_parser = parse_duration)]
+        waypoint_timeout: Duration,
+    },
+    /// List the waypoints, with whether istiod-rs created each on demand and
+    /// the rules that need it.
+    List {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Print JSON or YAML instead of a table.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<OutputFormat>,
+    },
+    /// Delete waypoints by name, or all of a namespace.
+    ///
+    /// A waypoint istiod-rs created on demand is refused (and then nothing is
+    /// deleted): istiod-rs
+    /// recreates it as long as an L7 rule needs it, so delete or change those
+    /// rules instead. --force deletes it anyway.
+    Delete {
+        /// The waypoints to delete.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Every waypoint of the namespace.
+        #[arg(long)]
+        all: bool,
+        /// Also delete waypoints istiod-rs created on demand (it recreates
+        /// them while their rules exist: a way to have them provisioned afresh).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show each waypoint's Programmed condition (status, reason, message).
+    Status {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Wait until every waypoint is Programmed.
+        #[arg(short = 'w', long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 90s, 5m).
+        #[arg(long, default_value = "90s", value_parser = parse_duration)]
+        waypoint_timeout: Duration,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// The traffic the waypoint accepts (label istio.io/waypoint-for; without
+    /// it istiod-rs takes `service`).
+    #[arg(long = "for", value_enum)]
+    traffic_type: Option<TrafficType>,
+    /// Serve the workloads running as this ServiceAccount (annotation
+    /// istio.io/for-service-account), as istiod-rs's on-demand waypoints do.
+    #[arg(long, value_name = "SA")]
+    service_account: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OutputFormat {
+    Json,
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,6 +329,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        Command::Waypoint {
+            name,
+            namespace,
+            command,
+        } => waypoint_command(&cli, name, namespace.as_deref(), command, &mut stdout).await,
         Command::Version => {
             writeln!(stdout, "client: istioctl-rs {}", version::CLIENT)?;
             let manifest = manifest::generate(&Values::default())?;
@@ -248,6 +354,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn waypoint_command(
+    cli: &Cli,
+    name: &str,
+    namespace: Option<&str>,
+    command: &WaypointCommand,
+    stdout: &mut impl Write,
+) -> anyhow::Result<()> {
+    let spec = |gateway: &GatewayArgs, namespace: Option<&str>| Spec {
+        name: name.to_string(),
+        namespace: namespace.map(String::from),
+        traffic_type: gateway.traffic_type,
+        service_account: gateway.service_account.clone(),
+    };
+    if let WaypointCommand::Generate { gateway } = command {
+        let gateway = waypoint::gateway(&spec(gateway, namespace))?;
+        stdout.write_all(waypoint::to_yaml(&gateway).as_bytes())?;
+        return Ok(());
+    }
+    let (client, _) = client(cli).await?;
+    let ns = namespace.unwrap_or(client.default_namespace()).to_string();
+    let scope = |all: bool| (!all).then_some(ns.as_str());
+    match command {
+        WaypointCommand::Generate { .. } => unreachable!("handled above"),
+        WaypointCommand::Apply {
+            gateway,
+            enroll_namespace,
+            overwrite,
+            wait,
+            waypoint_timeout,
+        } => {
+            let mut options = ApplyOptions::new(spec(gateway, Some(&ns)));
+            options.enroll_namespace = *enroll_namespace;
+            options.overwrite = *overwrite;
+            options.wait = *wait;
+            options.timeout = *waypoint_timeout;
+            waypoint::apply(&client, &options, stdout).await?;
+        }
+        WaypointCommand::List {
+            all_namespaces,
+            output,
+        } => {
+            let waypoints = waypoint::list(&client, scope(*all_namespaces)).await?;
+            let text = match output {
+                None => waypoint::list_table(&waypoints, *all_namespaces),
+                Some(OutputFormat::Json) => serde_json::to_string_pretty(&waypoints)? + "\n",
+                Some(OutputFormat::Yaml) => serde_saphyr::to_string(&waypoints)?,
+            };
+            stdout.write_all(text.as_bytes())?;
+        }
+        WaypointCommand::Delete { names, all, force } => {
+            let selection = if *all {
+                Selection::All
+            } else {
+                Selection::Names(names.clone())
+            };
+            waypoint::delete(&client, &ns, &selection, *force, stdout).await?;
+        }
+        WaypointCommand::Status {
+            all_namespaces,
+            wait,
+            waypoint_timeout,
+        } => {
+            let wait = wait.then_some((*waypoint_timeout, Duration::from_secs(1)));
+            waypoint::status(&client, scope(*all_namespaces), wait, stdout).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The client, and the cluster's address for messages.

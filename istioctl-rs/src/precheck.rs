@@ -98,7 +98,7 @@ pub async fn existing_installation(client: &Client) -> Result<Check, ClusterErro
         (InstallKind::DaemonSet, "app=ztunnel"),
         (InstallKind::DaemonSet, "k8s-app=istio-cni-node"),
     ] {
-        for object in cluster::list(client, kind, selector).await? {
+        for object in cluster::list(client, kind, None, selector).await? {
             let image = object.data["spec"]["template"]["spec"]["containers"][0]["image"]
                 .as_str()
                 .unwrap_or_default();

@@ -130,7 +130,7 @@ pub async fn run<W: Write>(
 }
 
 async fn labelled(client: &Client, kind: InstallKind) -> Result<Vec<Found>, ClusterError> {
-    let items = cluster::list(client, kind, &managed_selector()).await?;
+    let items = cluster::list(client, kind, None, &managed_selector()).await?;
     Ok(items
         .into_iter()
         // The API server filtered by label; check again rather than

@@ -132,3 +132,93 @@ fn install_help_lists_the_values() {
         assert!(help.contains(key.name), "{} missing from --help", key.name);
     }
 }
+
+#[test]
+fn waypoint_generate_needs_no_cluster() {
+    let out = istioctl(
+        &[
+            "waypoint",
+            "generate",
+            "-n",
+            "demo",
+            "--name",
+            "reviews-wp",
+            "--for",
+            "workload",
+            "--service-account",
+            "reviews",
+        ],
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), GENERATED);
+    // Without -n, no namespace (as upstream): it goes where it is applied.
+    let out = istioctl(&["waypoint", "generate"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    assert!(!yaml.contains("namespace"), "{yaml}");
+    assert!(yaml.contains("  name: waypoint\n"), "{yaml}");
+}
+
+const GENERATED: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  annotations:
+    istio.io/for-service-account: reviews
+  labels:
+    istio.io/waypoint-for: workload
+  name: reviews-wp
+  namespace: demo
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+";
+
+#[test]
+fn waypoint_flags_are_checked_before_any_call() {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["waypoint", "generate", "--for", "everything"],
+            2,
+            "invalid value 'everything' for '--for <TRAFFIC_TYPE>'",
+        ),
+        (
+            &["waypoint", "delete"],
+            2,
+            "required arguments were not provided",
+        ),
+        (
+            &["waypoint", "delete", "--all", "waypoint"],
+            2,
+            "cannot be used with",
+        ),
+        (&["waypoint", "list", "-o", "xml"], 2, "invalid value 'xml'"),
+        (
+            &["waypoint", "generate", "--name", "none"],
+            1,
+            "error: `none` cannot name a waypoint",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let out = istioctl(args, &[("KUBECONFIG", "/nonexistent/kubeconfig")]);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn waypoint_delete_help_says_what_force_does() {
+    let out = istioctl(&["waypoint", "delete", "--help"], &[]);
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("recreates it as long as an L7 rule needs it"),
+        "{help}"
+    );
+    assert!(help.contains("--force"), "{help}");
+}
