@@ -9,9 +9,12 @@
 //!   deletion cleans rules and certificates; uninstall leaves nothing.
 //! - [`lifecycle`]: node agent restart, ztunnel-rs DaemonSet rolling
 //!   restart, istiod-rs restart, under load.
+//! - [`waypoints`]: `istioctl-rs waypoint`, and a waypoint istiod-rs
+//!   creates on demand for an HTTPRoute, Programmed and removed with it.
 
 pub mod enrolment;
 pub mod lifecycle;
+pub mod waypoints;
 
 use std::time::Duration;
 
@@ -42,10 +45,11 @@ impl std::fmt::Debug for KubeScenario {
 }
 
 /// Every Kubernetes-only scenario, in the order they run: the lifecycle
-/// ones, then enrolment's (which end with uninstall).
+/// ones, the waypoints', then enrolment's (which end with uninstall).
 pub fn all() -> Vec<KubeScenario> {
     lifecycle::scenarios()
         .into_iter()
+        .chain(waypoints::scenarios())
         .chain(enrolment::scenarios())
         .collect()
 }

@@ -57,7 +57,7 @@ const PLUGIN: &str = "istio-cni-rs";
 /// How long the checks of a released or deleted pod wait.
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(60);
 
-fn unexpected(what: impl Into<String>, detail: impl Into<String>) -> KubeMeshError {
+pub(super) fn unexpected(what: impl Into<String>, detail: impl Into<String>) -> KubeMeshError {
     KubeMeshError::Unexpected {
         what: what.into(),
         detail: detail.into(),
@@ -68,7 +68,7 @@ fn unexpected(what: impl Into<String>, detail: impl Into<String>) -> KubeMeshErr
 /// the value and how long it took. On timeout the error names `what` and
 /// the last answer (`Ok(None)` answers say "not yet", with `last` telling
 /// what was seen).
-fn poll<T>(
+pub(super) fn poll<T>(
     what: &str,
     timeout: Duration,
     mut check: impl FnMut(&mut String) -> Result<Option<T>, KubeMeshError>,
