@@ -726,7 +726,9 @@ fn valid_at(cert: &Cert, now: SystemTime) -> bool {
         unix_seconds(&cert.valid_from),
         unix_seconds(&cert.expiration_time),
     ) {
-        (Some(from), Some(to)) => from < now && now < to,
+        // `now` is truncated to seconds: a certificate issued this second is
+        // valid (upstream compares with sub-second precision).
+        (Some(from), Some(to)) => from <= now && now < to,
         _ => false,
     }
 }
@@ -853,6 +855,7 @@ mod tests {
         };
         let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         assert!(valid_at(&cert, at(1_714_564_800 + 60)));
+        assert!(valid_at(&cert, at(1_714_564_800)), "issued this second");
         assert!(!valid_at(&cert, at(1_714_564_800 - 60)));
         assert!(!valid_at(&cert, at(1_714_564_800 + 86_400 + 60)));
     }

@@ -410,3 +410,27 @@ fn completion_scripts_for_each_shell() {
     let out = istioctl(&["completion", "powershell"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn certificates_as_the_cert_manager_dumps_them() {
+    use proxy_core::admin::CertificateSource;
+    use proxy_core::testing::{TestCa, TestSigner};
+    let ca = std::sync::Arc::new(TestCa::new("cluster.local"));
+    let manager = TestSigner::new(ca.clone()).manager(Default::default());
+    let id = ca.identity("demo", "web");
+    let cert = manager.fetch(&id).await.unwrap();
+    let served = serde_json::json!({ "certificates": manager.certificates().await });
+    let dump = ConfigDump::parse(served.to_string().as_bytes()).unwrap();
+    let table = ztunnel_config::render(&dump, &View::Certificate, Format::Short, SystemTime::now())
+        .unwrap();
+    let serial = cert.serial_number().replace(':', "").to_ascii_lowercase();
+    let serial = serial.trim_start_matches('0');
+    let leaf = table.lines().nth(1).unwrap();
+    let cells: Vec<&str> = leaf.split_whitespace().collect();
+    assert_eq!(
+        cells[..5],
+        [id.to_string().as_str(), "Leaf", "Available", "true", serial],
+        "{table}"
+    );
+    assert!(table.lines().nth(2).unwrap().contains(" Root "), "{table}");
+}
