@@ -9,7 +9,9 @@
 //! - [`cluster`]: every call to the Kubernetes API, and errors that say
 //!   what to do;
 //! - [`install`], [`uninstall`], [`precheck`], [`version`], [`waypoint`]:
-//!   the commands; [`mesh_root`] and [`rollout`] are parts of `install`.
+//!   the commands; [`mesh_root`] and [`rollout`] are parts of `install`;
+//! - [`ztunnel_config`]: `ztunnel-config`, a ztunnel's `/config_dump` as
+//!   upstream istioctl shows it.
 
 pub mod cluster;
 pub mod install;
@@ -22,3 +24,4 @@ pub mod uninstall;
 pub mod values;
 pub mod version;
 pub mod waypoint;
+pub mod ztunnel_config;

@@ -5,6 +5,9 @@
 //! of `manifest generate` (kind, name, source file, in order) is golden:
 //! `UPDATE_GOLDENS=1 cargo test -p istioctl-rs --test manifest` rewrites it.
 
+#[path = "support/golden.rs"]
+mod golden;
+
 use std::collections::BTreeSet;
 
 use istioctl_rs::manifest::{
@@ -43,14 +46,11 @@ fn the_install_objects_in_order_are_golden() {
             )
         })
         .collect();
-    if std::env::var_os("UPDATE_GOLDENS").is_some() {
-        std::fs::create_dir_all("tests/golden").unwrap();
-        std::fs::write(GOLDEN, &text).unwrap();
-    }
-    let golden = std::fs::read_to_string(GOLDEN).unwrap_or_default();
-    assert_eq!(
-        text, golden,
-        "the install objects changed; if that is meant, UPDATE_GOLDENS=1 cargo test -p istioctl-rs --test manifest"
+    golden::check(
+        GOLDEN,
+        &text,
+        "the install objects",
+        "cargo test -p istioctl-rs --test manifest",
     );
 }
 
