@@ -85,6 +85,12 @@ pub const KEYS: &[Key] = &[
         check: Check::HostPort,
     },
     Key {
+        name: "waypoint.xdsAddress",
+        default: "istiod.istio-system.svc:15012",
+        help: "host:port the waypoints istiod-rs provisions reach its xDS and CA at (TLS, verified as istiod.istio-system.svc whatever the host); an IP address where the cluster has no DNS",
+        check: Check::HostPort,
+    },
+    Key {
         name: "istiod.replicas",
         default: "1",
         help: "istiod-rs replicas",

@@ -259,8 +259,16 @@ impl Waypoint {
             namespace: text(&metadata["namespace"]).unwrap_or_default(),
             name: text(&metadata["name"]).unwrap_or_default(),
             revision: label(REVISION).unwrap_or_else(|| "default".into()),
-            traffic_type: label(labels::WAYPOINT_FOR)
-                .unwrap_or_else(|| TrafficType::Service.as_str().into()),
+            // Unlabelled: what istiod-rs takes (index/waypoints.rs):
+            // `all` for a per-ServiceAccount waypoint, else `service`.
+            traffic_type: label(labels::WAYPOINT_FOR).unwrap_or_else(|| {
+                let default = if annotation(labels::FOR_SERVICE_ACCOUNT).is_some() {
+                    TrafficType::All
+                } else {
+                    TrafficType::Service
+                };
+                default.as_str().into()
+            }),
             service_account: annotation(labels::FOR_SERVICE_ACCOUNT),
             programmed: Condition::of(object),
             on_demand: label(labels::ON_DEMAND_WAYPOINT).as_deref()

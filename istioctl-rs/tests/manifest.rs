@@ -137,6 +137,9 @@ fn values_land_in_their_places() {
     values
         .set_arg("cni.excludeNamespaces=kube-system,monitoring")
         .unwrap();
+    values
+        .set_arg("waypoint.xdsAddress=10.96.0.20:15012")
+        .unwrap();
     let manifest = manifest::generate(&values).unwrap();
 
     let istiod = &find(&manifest, InstallKind::Deployment, "istiod").body;
@@ -157,6 +160,7 @@ fn values_land_in_their_places() {
     assert_eq!(env(container, "WAYPOINT_TAG"), "1.2.3");
     assert_eq!(env(container, "WAYPOINT_IMAGE_PULL_POLICY"), "Never");
     assert_eq!(env(container, "WAYPOINT_LOG_LEVEL"), "debug");
+    assert_eq!(env(container, "WAYPOINT_XDS_ADDRESS"), "10.96.0.20:15012");
 
     let agent = &find(&manifest, InstallKind::DaemonSet, "istio-cni-node").body;
     let spec = &agent["spec"]["template"]["spec"];

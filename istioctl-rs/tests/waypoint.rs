@@ -479,7 +479,7 @@ async fn list_shows_upstreams_columns_and_the_on_demand_ones() {
         waypoint::list_table(&waypoints, false),
         "\
 NAME                 REVISION     TRAFFIC TYPE     PROGRAMMED     ON DEMAND     NEEDED BY
-reviews-waypoint     default      service          False          true          AuthorizationPolicy demo/only-get,HTTPRoute demo/reviews-v2
+reviews-waypoint     default      all              False          true          AuthorizationPolicy demo/only-get,HTTPRoute demo/reviews-v2
 waypoint             default      workload         True           false         -
 "
     );
@@ -487,7 +487,7 @@ waypoint             default      workload         True           false         
         serde_json::to_value(&waypoints[0]).unwrap(),
         json!({
             "namespace": "demo", "name": "reviews-waypoint", "revision": "default",
-            "trafficType": "service", "serviceAccount": "reviews",
+            "trafficType": "all", "serviceAccount": "reviews",
             "programmed": {"status": "False", "reason": "Pending",
                            "message": "Deployment demo/reviews-waypoint has no ready replica"},
             "onDemand": true,

@@ -4,8 +4,9 @@
 //! istiod-rs, and ztunnel-rs and the node agent on every node, are Ready.
 //! What the Kubernetes tests and `cargo xtask e2e` build on.
 //!
-//! The test cluster has no DNS: ztunnel-rs is given istiod's Service
-//! ClusterIP with `--set ztunnel.xdsAddress=<ip>:15012`. The Service
+//! The test cluster has no DNS: ztunnel-rs and the waypoints istiod-rs
+//! provisions are given istiod's Service ClusterIP with `--set
+//! ztunnel.xdsAddress=<ip>:15012` and `--set waypoint.xdsAddress=<ip>:15012`. The Service
 //! exists only once a first install applied it, so [`KubeMesh::install`]
 //! installs, reads the ClusterIP, and installs again: an upgrade in place,
 //! as a user without cluster DNS would.
@@ -172,7 +173,10 @@ impl KubeMesh {
             }
         }
         let ip = self.istiod_cluster_ip()?;
-        let mut values = vec![format!("ztunnel.xdsAddress={ip}:15012")];
+        let mut values = vec![
+            format!("ztunnel.xdsAddress={ip}:15012"),
+            format!("waypoint.xdsAddress={ip}:15012"),
+        ];
         values.extend(extra_values.iter().map(|v| v.to_string()));
         let mut args = vec!["install", "-y", "--timeout", "300s"];
         for v in &values {

@@ -5,16 +5,18 @@
 //!    accepts, `list -o json` shows it as the user's, `delete` removes it.
 //! 2. An HTTPRoute on the fixture's Service `echo` (pods of ServiceAccount
 //!    `echo`) makes istiod-rs create `echo-waypoint` by server-side apply;
-//!    `list -o json` shows it created on demand and needed by the route;
-//!    `delete` refuses it, naming the route; the node runtime runs its pod
-//!    until the Gateway is Programmed; deleting the route removes it.
+//!    a client's requests to `echo` are refused from the moment the route
+//!    is enforced until the waypoint serves it, then answered again (timed
+//!    from `kubectl apply`); `list -o json` shows it created on demand and
+//!    needed by the route, and Programmed; `delete` refuses it, naming the
+//!    route; deleting the route removes it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::enrolment::{poll, unexpected};
-use super::{KubeFixture, KubeScenario, NAMESPACE, PATIENCE};
+use super::{EXEC_TIMEOUT, KubeFixture, KubeScenario, NAMESPACE, PATIENCE};
 use crate::kube::mesh::{KubeMesh, KubeMeshError};
 
 pub fn scenarios() -> Vec<KubeScenario> {
@@ -74,7 +76,7 @@ fn gateway_exists(mesh: &KubeMesh, name: &str) -> Result<bool, KubeMeshError> {
 
 fn waypoint_cli_and_on_demand(
     mesh: &KubeMesh,
-    _fixture: &KubeFixture,
+    fixture: &KubeFixture,
 ) -> Result<String, KubeMeshError> {
     // 1. The user's waypoint, by the CLI.
     istioctl(
@@ -121,9 +123,51 @@ spec:
   rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]
 "
     );
+    let from = fixture
+        .clients
+        .first()
+        .ok_or_else(|| unexpected("the fixture", "has no client"))?;
+    let node = mesh.node(&from.node)?;
+    let url = format!("http://{}:80/", fixture.echo_vip);
+    let answered = || -> Result<bool, KubeMeshError> {
+        Ok(node
+            .client_http(NAMESPACE, &from.name, &url, EXEC_TIMEOUT)?
+            .ok)
+    };
+    if !answered()? {
+        return Err(unexpected(
+            format!("{} -> {url}", from.name),
+            "refused before the route was applied",
+        ));
+    }
+    let applied = Instant::now();
     mesh.kubectl.apply(&route)?;
     let needed_by = format!("HTTPRoute {NAMESPACE}/{ROUTE}");
-    let result = on_demand(mesh, &needed_by);
+    let traffic = poll(
+        &format!(
+            "{} -> {url} to be refused once the route is enforced",
+            from.name
+        ),
+        PATIENCE,
+        |seen| {
+            let ok = answered()?;
+            *seen = format!("answered: {ok}");
+            Ok((!ok).then(|| applied.elapsed()))
+        },
+    )
+    .and_then(|(enforced, _)| {
+        let (flowing, _) = poll(
+            &format!("{} -> {url} to be answered through the waypoint", from.name),
+            PATIENCE,
+            |seen| {
+                let ok = answered()?;
+                *seen = format!("answered: {ok}");
+                Ok(ok.then(|| applied.elapsed()))
+            },
+        )?;
+        Ok((enforced, flowing))
+    });
+    let result = traffic.and_then(|t| Ok((t, on_demand(mesh, &needed_by, applied)?)));
     // Whatever happened, the route goes and takes its waypoint along.
     let removed = mesh.kubectl.run(&[
         "delete",
@@ -133,29 +177,47 @@ spec:
         NAMESPACE,
         "--ignore-not-found",
     ]);
-    let (programmed, refusal) = result?;
     removed?;
-    let (_, gone) = poll(
-        &format!("Gateway {NAMESPACE}/{ON_DEMAND} to be removed with the route"),
+    // Waited for also when the checks failed: the scenarios after this one
+    // (uninstall) expect no waypoint pod in the namespace.
+    let gone = poll(
+        &format!("Gateway {NAMESPACE}/{ON_DEMAND} and its pods to be removed with the route"),
         PATIENCE,
         |seen| {
             let exists = gateway_exists(mesh, ON_DEMAND)?;
-            *seen = format!("exists: {exists}");
-            Ok((!exists).then_some(()))
+            let pods = mesh.kubectl.json(&[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                &format!("{}={ON_DEMAND}", api::labels::GATEWAY_NAME),
+            ])?;
+            let pods = pods["items"].as_array().map_or(0, Vec::len);
+            *seen = format!("Gateway exists: {exists}, pods: {pods}");
+            Ok((!exists && pods == 0).then_some(()))
         },
-    )?;
+    );
+    let ((enforced, flowing), (programmed, refusal)) = result?;
+    let (_, gone) = gone?;
     Ok(format!(
         "`waypoint apply` made Gateway cli-waypoint, `list -o json` showed it as the user's, `delete` removed it; \
-         HTTPRoute {NAMESPACE}/{ROUTE} made istiod-rs create {NAMESPACE}/{ON_DEMAND} (listed on demand, needed by {needed_by:?}), \
-         Programmed after {programmed:.1?}; `waypoint delete` refused it: {refusal}; removed {gone:.1?} after the route"
+         `kubectl apply` of HTTPRoute {NAMESPACE}/{ROUTE}: {} -> Service echo refused (enforced) after {enforced:.1?}, answered through the waypoint after {flowing:.1?}; \
+         istiod-rs created {NAMESPACE}/{ON_DEMAND} (listed on demand, needed by {needed_by:?}, Programmed, seen {programmed:.1?} after the apply); \
+         `waypoint delete` refused it: {refusal}; removed {gone:.1?} after the route",
+        from.name
     ))
 }
 
 /// Waits until the on-demand waypoint is listed as such and Programmed;
-/// checks `delete` refuses it. Returns how long until Programmed (from the
-/// route's apply) and the refusal's words.
-fn on_demand(mesh: &KubeMesh, needed_by: &str) -> Result<(Duration, String), KubeMeshError> {
-    let (_, programmed) = poll(
+/// checks `delete` refuses it. Returns how long after `applied` it was
+/// seen Programmed, and the refusal's words.
+fn on_demand(
+    mesh: &KubeMesh,
+    needed_by: &str,
+    applied: Instant,
+) -> Result<(Duration, String), KubeMeshError> {
+    poll(
         &format!(
             "waypoint {NAMESPACE}/{ON_DEMAND} to be listed on demand, needed by {needed_by}, and Programmed"
         ),
@@ -171,6 +233,7 @@ fn on_demand(mesh: &KubeMesh, needed_by: &str) -> Result<(Duration, String), Kub
             Ok((listed && w["programmed"]["status"] == "True").then_some(()))
         },
     )?;
+    let programmed = applied.elapsed();
     let out = mesh.istioctl(&["waypoint", "delete", "-n", NAMESPACE, ON_DEMAND])?;
     let said = format!(
         "{}{}",
