@@ -569,6 +569,20 @@ fn policy_effect(
         apply()?;
         let (took, refused) =
             time_until_exchange(cluster, from, target, false, applied_at, TIMEOUT)?;
+        // That first refusal may be a connection opened just before the
+        // policy reached the ztunnel and then cut (counted
+        // policy_revoked); one more new connection meets the policy itself
+        // (policy_denied).
+        let again = probe::tcp_hello(cluster, from, target)?;
+        if again.ok {
+            return Err(ProbeError::Unexpected {
+                what: format!("{} -> {target}", name(from)),
+                detail: format!(
+                    "carried again after the first refusal: {}",
+                    probe::describe_exchange(&again)
+                ),
+            });
+        }
         let held = holding
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
