@@ -364,13 +364,13 @@ impl Translator {
 
         // L7 rules no waypoint serves deny at L4 (see l7.rs); the others
         // go to the waypoints.
-        let ready_waypoints = l7::binding::ready_waypoints(state);
+        let ready_waypoints = &waypoints.ready;
         let l7_ctx = l7::Context {
             state,
             mesh,
             services: &services,
             service_waypoints: &service_waypoints,
-            ready_waypoints: &ready_waypoints,
+            ready_waypoints,
         };
         let mut l7_rules = l7::L7Rules::build(&l7_ctx);
         let on_demand = if mesh.on_demand_waypoints {

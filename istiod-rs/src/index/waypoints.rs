@@ -37,7 +37,7 @@
 //! <name>`), as upstream's `WaypointsCollection` collects them: what the
 //! implicit ALLOW-from-waypoint policies admit (see `waypoint_policies.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use api::labels;
@@ -146,6 +146,10 @@ pub(super) struct Waypoints {
     /// (namespace, service) -> waypoint key, of the waypoints istiod-rs made
     /// on demand for one service and still needs.
     on_demand_by_service: BTreeMap<(String, String), (String, String)>,
+    /// `ns/name` of every waypoint Gateway with a ready instance
+    /// ([`super::l7::binding::ready_waypoints`]), computed once per
+    /// translation for the bindings here and the L7 rules.
+    pub ready: BTreeSet<String>,
 }
 
 /// What the bindings a user made (1 to 3 of the module doc) say.
@@ -201,8 +205,10 @@ fn use_waypoint(labels: &Labels, default_namespace: &str) -> UseWaypoint {
 
 impl Waypoints {
     pub fn build(state: &ClusterState, mesh: &MeshConfig) -> Self {
-        let ready = super::l7::binding::ready_waypoints(state);
-        let mut waypoints = Waypoints::default();
+        let mut waypoints = Waypoints {
+            ready: super::l7::binding::ready_waypoints(state),
+            ..Waypoints::default()
+        };
         for (key, gw) in &state.gateways {
             if gw.spec.gateway_class_name != labels::WAYPOINT_GATEWAY_CLASS {
                 continue;
@@ -226,7 +232,9 @@ impl Waypoints {
                 .unwrap_or(default_traffic);
             let waypoint_key = (key.namespace.clone(), key.name.clone());
             let on_demand = is_on_demand(gw);
-            let by_service_account = match (on_demand, still_needed(gw)) {
+            // An on-demand Gateway binds only while some rule needs it.
+            let binds_on_demand = on_demand && still_needed(gw);
+            let by_service_account = match (on_demand, binds_on_demand) {
                 (false, _) => Some(&mut waypoints.by_service_account),
                 (true, true) => Some(&mut waypoints.on_demand_by_service_account),
                 (true, false) => None,
@@ -239,7 +247,7 @@ impl Waypoints {
             let for_service = annotations
                 .get(labels::FOR_SERVICE)
                 .filter(|s| !s.is_empty());
-            if let Some(service) = for_service.filter(|_| on_demand && still_needed(gw)) {
+            if let Some(service) = for_service.filter(|_| binds_on_demand) {
                 waypoints
                     .on_demand_by_service
                     .entry((key.namespace.clone(), service.clone()))
@@ -254,7 +262,7 @@ impl Waypoints {
                     traffic,
                     allowed: allowed_namespaces(gw),
                     service_accounts: Vec::new(),
-                    ready: ready.contains(&key.to_string()),
+                    ready: waypoints.ready.contains(&key.to_string()),
                 },
             );
         }
