@@ -27,10 +27,28 @@ pub fn run(args: &[String]) -> Result<()> {
     run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;
+    say_free_disk("before the Kubernetes end-to-end run");
     // The shared scenarios and the Kubernetes-only ones on the real control plane.
-    crate::e2e::run(&[])?;
+    let e2e = crate::e2e::run(&[]);
+    say_free_disk("after it");
+    e2e?;
     eprintln!("ci: all checks passed");
     Ok(())
+}
+
+/// Prints the free space of the work tree's file system (a full disk once
+/// failed a CI run): what `df` says, or nothing when it cannot run.
+fn say_free_disk(when: &str) {
+    if let Ok(out) = std::process::Command::new("df")
+        .args(["-h", "--output=avail,size,target", "."])
+        .output()
+        && out.status.success()
+    {
+        eprintln!(
+            "ci: disk {when}:\n{}",
+            String::from_utf8_lossy(&out.stdout).trim_end()
+        );
+    }
 }
 
 /// Fails if any banned crate is compiled into anything in the workspace:

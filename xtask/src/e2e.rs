@@ -2,8 +2,9 @@
 //! Kubernetes.
 //!
 //! Without `--kind`: builds the real control plane (the cache of `cargo
-//! xtask k8s build`) and the mesh's binaries, then runs the `kube-e2e`
-//! binary of the `e2e` crate: the control plane and two netns nodes, the
+//! xtask k8s build`), then runs the `kube-e2e` binary of the `e2e` crate
+//! (which builds the mesh's binaries where they are missing or stale): the
+//! control plane and two netns nodes, the
 //! mesh installed with `istioctl-rs install`, the shared L4 scenarios
 //! through the `Cluster` trait, then the Kubernetes-only ones
 //! (`e2e::scenarios::on_kube_cluster`). Needs root or unprivileged user
@@ -24,10 +25,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::images::find_program;
-use crate::{cargo, display, run as run_cmd};
-
-/// Packages whose binaries the Kubernetes run uses (the images' binaries).
-const PACKAGES: &[&str] = &["e2e", "istiod-rs", "ztunnel-rs", "istioctl-rs"];
+use crate::{cargo, display};
 
 const USAGE: &str = "usage: cargo xtask e2e [--filter S] [--kind]";
 
@@ -67,13 +65,13 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let started = std::time::Instant::now();
     crate::k8s::run(&["build".to_string()])?;
-    eprintln!("e2e: building the mesh's binaries");
-    // One package at a time, as `e2e::binaries` builds them when it finds
-    // them stale: one build of several packages unifies their dependencies'
-    // features differently, and the run would build everything again.
-    for package in PACKAGES {
-        run_cmd(cargo().args(["build", "--bins", "-p", package]))?;
-    }
+    // The mesh's binaries: `kube-e2e` takes them from the target directory
+    // and builds a package (`cargo build --bins -p <package>`, saying so)
+    // only where its binary is missing or older than the sources
+    // (`e2e::binaries`). After `cargo test --workspace` (as in `cargo xtask
+    // ci`) they are there and fresh, so nothing is built again: building
+    // each package here would compile its dependencies once more with that
+    // package's own features, GBs of a CI machine's small disk.
     let mut e2e = cargo();
     e2e.args(["run", "--quiet", "-p", "e2e", "--bin", "kube-e2e", "--"]);
     if let Some(filter) = &args.filter {

@@ -23,7 +23,11 @@
 //! linked to a temporary name and renamed, so a binary in `bin/` is whole;
 //! [`COMPLETE_MARKER`] is written last, and a directory with it is used as it
 //! is, without running Go. One build at a time per directory (a lock file
-//! beside it). Go's own module and build caches stay where Go keeps them.
+//! beside it). The build's Go module and build caches are its own,
+//! `<directory>.go/` beside it (not the user's `GOMODCACHE`/`GOCACHE`): an
+//! interrupted build resumes from them, and they are removed once the
+//! directory is complete: several GB that a finished cache never reads
+//! again, on CI machines whose disk is small.
 
 use std::fs;
 use std::io::Write;
@@ -352,6 +356,14 @@ impl Cache {
         self.dir.with_file_name(name)
     }
 
+    /// `<dir>.go`, beside the cache directory: the build's own Go module
+    /// and build caches, removed once the directory is complete.
+    fn go_dir(&self) -> PathBuf {
+        let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".go");
+        self.dir.with_file_name(name)
+    }
+
     fn marker(&self) -> PathBuf {
         self.bin_dir().join(COMPLETE_MARKER)
     }
@@ -402,7 +414,7 @@ impl Cache {
         if self.is_complete() {
             return reused();
         }
-        let go = Go::find(&self.recipe)?;
+        let go = Go::find(&self.recipe, self.go_dir())?;
         say(&format!(
             "building the Kubernetes control plane {} (etcd {}) into {} with {}",
             self.recipe.kubernetes,
@@ -487,6 +499,7 @@ impl Cache {
             marker.push_str(&format!("built {name} {:.0}s\n", took.as_secs_f64()));
         }
         write(&self.marker(), &marker)?;
+        go.discard_caches(say);
         Ok((self.binaries()?, report))
     }
 
@@ -656,10 +669,12 @@ struct Downloaded {
 struct Go {
     program: PathBuf,
     version: String,
+    /// Holds `GOMODCACHE` (`mod/`) and `GOCACHE` (`build/`) of the build.
+    caches: PathBuf,
 }
 
 impl Go {
-    fn find(recipe: &Recipe) -> Result<Go, BuildError> {
+    fn find(recipe: &Recipe, caches: PathBuf) -> Result<Go, BuildError> {
         let on_path = std::env::var_os("PATH").and_then(|paths| {
             std::env::split_paths(&paths)
                 .map(|p| p.join("go"))
@@ -683,7 +698,11 @@ impl Go {
                 source,
             })?;
         let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(Go { program, version })
+        Ok(Go {
+            program,
+            version,
+            caches,
+        })
     }
 
     fn command(&self, dir: &Path, args: &[&str]) -> Command {
@@ -692,8 +711,38 @@ impl Go {
             .args(args)
             // Static binaries: no C toolchain needed, nothing linked from the host.
             .env("CGO_ENABLED", "0")
+            .env("GOMODCACHE", self.caches.join("mod"))
+            .env("GOCACHE", self.caches.join("build"))
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// Removes the build's module and build caches. `go clean -modcache`
+    /// first: Go makes the module cache read-only. A failure is said, not
+    /// fatal: the binaries are built.
+    fn discard_caches(&self, say: &dyn Fn(&str)) {
+        let cleaned = self
+            .command(Path::new("/"), &["clean", "-modcache"])
+            .env("GO111MODULE", "on")
+            .env("GOWORK", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let removed = match cleaned {
+            Ok(s) if s.success() => fs::remove_dir_all(&self.caches),
+            Ok(s) => Err(std::io::Error::other(format!("go clean -modcache: {s}"))),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => say(&format!(
+                "removed the build's Go caches {}",
+                self.caches.display()
+            )),
+            Err(e) => say(&format!(
+                "warning: could not remove the build's Go caches {}: {e}",
+                self.caches.display()
+            )),
+        }
     }
 
     /// Runs a go command, its output on our stderr.
