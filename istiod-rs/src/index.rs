@@ -169,6 +169,10 @@ struct Previous {
     pods: BTreeMap<ObjectKey, CachedPod>,
     waypoint_policies: Option<waypoint_policies::Dependencies>,
     l7_denials: l7::Denials,
+    /// The waypoints with a ready instance: which waypoint a workload is
+    /// bound to can follow them (a user's waypoint that becomes ready takes
+    /// over from an on-demand one), and they change with other pods.
+    ready_waypoints: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -455,7 +459,9 @@ impl Translator {
         let l7_denials = l7_rules.denials();
         let reusable = !l7_rules.depend_on_other_pods()
             && previous.as_ref().is_none_or(|p| {
-                p.waypoint_policies == waypoint_dependencies && p.l7_denials == l7_denials
+                p.waypoint_policies == waypoint_dependencies
+                    && p.l7_denials == l7_denials
+                    && p.ready_waypoints == waypoints.ready
             });
         for (key, pod, addresses, backed, resource) in pods {
             let resource = match resource.filter(|_| reusable) {
@@ -488,6 +494,7 @@ impl Translator {
             pods: cache,
             waypoint_policies: waypoint_dependencies,
             l7_denials,
+            ready_waypoints: waypoints.ready.clone(),
         });
         Translation {
             snapshot,
