@@ -169,6 +169,10 @@ struct Previous {
     pods: BTreeMap<ObjectKey, CachedPod>,
     waypoint_policies: Option<waypoint_policies::Dependencies>,
     l7_denials: l7::Denials,
+    /// The waypoints with a ready instance: which waypoint a workload is
+    /// bound to can follow them (a user's waypoint that becomes ready takes
+    /// over from an on-demand one), and they change with other pods.
+    ready_waypoints: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -250,7 +254,10 @@ impl Translator {
         let mut problems = Vec::new();
 
         // Policies first: workloads list the selector-scoped ones that apply.
+        // Their content is served once the waypoints that enforce the L7
+        // rules among them are known (see below).
         let mut selector_policies: workloads::SelectorPolicies = BTreeMap::new();
+        let mut ztunnel_policies = Vec::new();
         for policy in state.authorization_policies.values() {
             let Some(converted) =
                 authorization::convert(&mesh.root_namespace, policy, &mut problems)
@@ -265,7 +272,7 @@ impl Translator {
                     .or_default()
                     .push((key.clone(), selector));
             }
-            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, a));
+            ztunnel_policies.push((authorization::policy_ref(policy), converted.authorization));
         }
         let peer_authentications = peer_authentication::PeerAuthentications::new(
             state,
@@ -365,12 +372,21 @@ impl Translator {
         // L7 rules no waypoint serves deny at L4 (see l7.rs); the others
         // go to the waypoints.
         let ready_waypoints = &waypoints.ready;
+        let pod_workloads = if l7::needs_pod_workloads(state) {
+            let pods = pods
+                .iter()
+                .map(|(key, pod, _, backed, _)| (*key, Arc::as_ref(*pod), backed.clone()));
+            pod_workloads(state, &waypoints, pods)
+        } else {
+            Vec::new()
+        };
         let l7_ctx = l7::Context {
             state,
             mesh,
             services: &services,
             service_waypoints: &service_waypoints,
             ready_waypoints,
+            pods: &pod_workloads,
         };
         let mut l7_rules = l7::L7Rules::build(&l7_ctx);
         let on_demand = if mesh.on_demand_waypoints {
@@ -379,10 +395,7 @@ impl Translator {
             OnDemandPlan::default()
         };
         l7_rules.report(&l7_ctx, &mut problems);
-        for (key, a) in l7_rules.authorizations() {
-            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), &a));
-        }
-        translate_l7(
+        let enforced_by = translate_l7(
             state,
             mesh,
             &waypoints,
@@ -392,6 +405,39 @@ impl Translator {
             &mut snapshot,
             &mut problems,
         );
+        for (rule, enforced_by) in l7_rules.rules.iter_mut().zip(enforced_by) {
+            rule.enforced_by = enforced_by;
+        }
+        // The L4 form of the rules attached by selector or namespace holds
+        // for every connection but those from the waypoints enforcing them.
+        let principals = |rule: &L7Rule| {
+            let mut p: Vec<_> = rule
+                .enforced_by
+                .iter()
+                .filter_map(|w| waypoints.get(w))
+                .flat_map(|w| waypoint_policies::principals(mesh, w))
+                .collect();
+            p.dedup();
+            p
+        };
+        let workloads_rules: BTreeMap<&PolicyRef, &L7Rule> = l7_rules
+            .rules
+            .iter()
+            .filter(|r| r.attachment == Attachment::Workloads)
+            .map(|r| (&r.object, r))
+            .collect();
+        for (object, mut a) in ztunnel_policies {
+            if let Some(rule) = workloads_rules.get(&object) {
+                exempt_enforcing_waypoints(&mut a, principals(rule));
+                describe_enforcement(rule, &mut problems);
+            }
+            let key = format!("{}/{}", a.namespace, a.name);
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key, &a));
+        }
+        let stand_ins = l7_rules.authorizations(|r| l7::exemption(principals(r), false));
+        for (key, a) in stand_ins {
+            snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), &a));
+        }
 
         let ctx = workloads::Context {
             state,
@@ -413,7 +459,9 @@ impl Translator {
         let l7_denials = l7_rules.denials();
         let reusable = !l7_rules.depend_on_other_pods()
             && previous.as_ref().is_none_or(|p| {
-                p.waypoint_policies == waypoint_dependencies && p.l7_denials == l7_denials
+                p.waypoint_policies == waypoint_dependencies
+                    && p.l7_denials == l7_denials
+                    && p.ready_waypoints == waypoints.ready
             });
         for (key, pod, addresses, backed, resource) in pods {
             let resource = match resource.filter(|_| reusable) {
@@ -446,6 +494,7 @@ impl Translator {
             pods: cache,
             waypoint_policies: waypoint_dependencies,
             l7_denials,
+            ready_waypoints: waypoints.ready.clone(),
         });
         Translation {
             snapshot,
@@ -457,8 +506,88 @@ impl Translator {
     }
 }
 
+/// Every pod that is a workload, as the L7 rules attached by selector or
+/// namespace see it (see `l7.rs`).
+fn pod_workloads<'a>(
+    state: &'a ClusterState,
+    waypoints: &waypoints::Waypoints,
+    pods: impl Iterator<Item = (&'a ObjectKey, &'a Pod, Vec<usize>)>,
+) -> Vec<l7::PodWorkload<'a>> {
+    pods.filter_map(|(key, pod, backed)| {
+        let namespace = key.namespace.as_str();
+        let labels = selectors::labels_of(&pod.metadata.labels);
+        if waypoints.is_instance(namespace, labels) {
+            return None;
+        }
+        let account = crate::state::pod_service_account(pod);
+        let waypoint = waypoints
+            .bound(
+                state,
+                namespace,
+                labels,
+                Some(account),
+                None,
+                waypoints::Traffic::Workload,
+            )
+            .map(|w| w.key());
+        Some(l7::PodWorkload {
+            key,
+            enrolled: workloads::enrolled(state, waypoints, namespace, pod),
+            namespace,
+            labels,
+            account,
+            services: backed,
+            waypoint,
+        })
+    })
+    .collect()
+}
+
+/// The L4 form of a policy attached by selector or namespace, with the
+/// identities of the waypoints that enforce it as written exempted: an
+/// ALLOW admits them (one more group), a DENY spares them (one more clause
+/// in each group; a connection without identity still matches it).
+fn exempt_enforcing_waypoints(
+    a: &mut api::security::Authorization,
+    principals: Vec<api::security::StringMatch>,
+) {
+    let allow = a.action == api::security::Action::Allow as i32;
+    let Some(clause) = l7::exemption(principals, allow) else {
+        return;
+    };
+    if allow {
+        a.groups.push(api::security::Group {
+            rules: vec![clause],
+        });
+    } else {
+        for g in &mut a.groups {
+            g.rules.push(clause.clone());
+        }
+    }
+}
+
+/// Once waypoints enforce a policy attached by selector or namespace, its
+/// HTTP attributes problem says so instead of what ztunnel alone does.
+fn describe_enforcement(rule: &L7Rule, problems: &mut [PolicyProblem]) {
+    if rule.enforced_by.is_empty() {
+        return;
+    }
+    for p in problems.iter_mut() {
+        if let PolicyProblem::HttpAttributes { object, effect, .. } = p
+            && *object == rule.object
+        {
+            *effect = Effect::WaypointsEnforce {
+                waypoints: rule.enforced_by.join(", "),
+                allow: *effect == Effect::HttpRulesMatchNothing,
+            };
+        }
+    }
+}
+
 /// The waypoints' configuration: RouteTables, HttpAuthorizations,
-/// JwtAuthentications, and the Waypoint resources naming them.
+/// JwtAuthentications, and the Waypoint resources naming them. Returns,
+/// by index of `l7_rules`, the waypoints with a ready instance that
+/// enforce each rule attached by selector or namespace.
 #[allow(clippy::too_many_arguments)]
 fn translate_l7(
     state: &ClusterState,
@@ -469,17 +598,20 @@ fn translate_l7(
     l7_rules: &l7::L7Rules,
     snapshot: &mut Snapshot,
     problems: &mut Vec<PolicyProblem>,
-) {
+) -> Vec<Vec<String>> {
     // RouteTables: from HTTPRoutes/GRPCRoutes, and from VirtualServices for
     // the services no Gateway API route attaches to.
     let routes = l7::routes::build(state, services, problems);
     let mut route_tables = routes.keys();
+    let mut reaches = BTreeMap::new();
     for (key, table) in &routes.tables {
         snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key.clone(), table));
+        reaches.insert(key.clone(), l7::binding::Reach::of(table));
     }
     for table in virtual_services::route_tables(state, mesh, services, problems) {
         let key = format!("{}/{}", table.namespace, table.hostname);
         snapshot.insert(Resource::new(type_url::ROUTE_TABLE, key.clone(), &table));
+        reaches.insert(key.clone(), l7::binding::Reach::of(&table));
         route_tables.insert(key);
     }
     let mut authorizations = std::collections::BTreeSet::new();
@@ -510,6 +642,7 @@ fn translate_l7(
         authentications: &authentications,
         route_tables: &route_tables,
         deny_all: &routes.deny_all,
+        reaches: &reaches,
     };
     let bindings = l7::binding::waypoints(
         state,
@@ -520,9 +653,10 @@ fn translate_l7(
         &named,
         problems,
     );
-    for (key, w) in &bindings {
+    for (key, w) in &bindings.waypoints {
         snapshot.insert(Resource::new(type_url::WAYPOINT, key.clone(), w));
     }
+    bindings.enforced_by
 }
 
 fn workload_resource(w: api::workload::Workload) -> Resource {

@@ -373,11 +373,10 @@ impl JwksMetrics {
 /// timeouts (the shortest when several rules name one source).
 pub fn wanted(state: &ClusterState, config: &JwksConfig) -> BTreeMap<JwksSource, Duration> {
     let mut out: BTreeMap<JwksSource, Duration> = BTreeMap::new();
+    // However a RequestAuthentication attaches, a waypoint enforces it
+    // (selector / namespace ones too, see `index/l7.rs`).
     for ra in state.request_authentications.values() {
         let spec = &ra.spec;
-        if spec.target_ref.is_none() && spec.target_refs.is_empty() {
-            continue;
-        }
         for rule in spec.jwt_rules.iter().filter(|r| r.jwks.is_none()) {
             let timeout = rule
                 .timeout

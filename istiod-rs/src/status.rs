@@ -11,6 +11,13 @@
 //! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
 //! | DestinationRule, VirtualService | `WaypointAccepted` (Accepted; PartiallyInvalid or Invalid with the fields the waypoint does not honour) |
 //!
+//! Ours, not upstream's: an AuthorizationPolicy with HTTP attributes or a
+//! RequestAuthentication attached by selector or namespace is enforced by
+//! waypoints as well (`index/l7.rs`). It keeps `ZtunnelAccepted`: True once
+//! every part of it is served (the message names the enforcing waypoints;
+//! reason Accepted when nothing else is wrong), False with the reason of
+//! each unserved part while its L4 form stands in for it there.
+//!
 //! A [`Sink`] writes them: through the Kubernetes status subresource with
 //! server-side apply ([`kube`]), or in local mode as one YAML file per object
 //! under `<config-dir>/generated/status/` ([`directory`]). [`spawn`] runs the
@@ -325,22 +332,43 @@ fn policy_condition(
             generation,
         );
     }
+    // A rule attached by selector or namespace (ours, see index/l7.rs):
+    // which waypoints enforce it as written.
+    let enforced = rule
+        .filter(|r| !r.enforced_by.is_empty())
+        .map(|r| format!("enforced by waypoint(s) {}", r.enforced_by.join(", ")));
     if details.is_empty() {
         return Condition::new(
             ZTUNNEL_ACCEPTED,
             true,
             REASON_ACCEPTED,
-            "attached to ztunnel",
+            joined(Some("attached to ztunnel"), enforced.as_slice()),
             generation,
         );
     }
-    // Served in a stricter form (or, for an L7 rule, denied at its
-    // targets), unless rejected outright.
-    let served = !rejected && rule.is_none();
+    // Served in a stricter form (or, for an L7 rule, held to its L4 form
+    // where no waypoint serves it yet), unless rejected outright.
+    let served = !rejected && rule.is_none_or(L7Rule::served);
+    // Served as written by waypoints, and at L4 for the rest: the only
+    // problem says so.
+    let as_written = served
+        && problems.iter().all(|p| {
+            matches!(
+                p,
+                PolicyProblem::HttpAttributes {
+                    effect: crate::index::Effect::WaypointsEnforce { .. },
+                    ..
+                }
+            )
+        });
     Condition::new(
         ZTUNNEL_ACCEPTED,
         served,
-        REASON_UNSUPPORTED,
+        if as_written {
+            REASON_ACCEPTED
+        } else {
+            REASON_UNSUPPORTED
+        },
         details.join("; "),
         generation,
     )
@@ -404,11 +432,7 @@ fn target_reason(t: &TargetOutcome) -> &'static str {
             | Unserved::OnDemandNameTaken { .. },
         ) => "AncestorNotBound",
         Err(Unserved::TargetNotFound { .. }) => "TargetNotFound",
-        Err(
-            Unserved::WaypointNotReady { .. }
-            | Unserved::NeedsWaypoint { .. }
-            | Unserved::UnsupportedTarget { .. },
-        ) => "Invalid",
+        Err(Unserved::WaypointNotReady { .. } | Unserved::UnsupportedTarget { .. }) => "Invalid",
     }
 }
 

@@ -297,6 +297,48 @@ spec:
 }
 
 #[test]
+fn a_selector_request_authentication_lets_only_its_ready_waypoint_through() {
+    const JWT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: db-jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  jwtRules: [{issuer: https://issuer.example}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: db-waypoint, namespace: shop, annotations: {istio.io/for-service-account: db}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status:
+  addresses: [{type: Hostname, value: db-waypoint.shop.svc.cluster.local}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: db-waypoint}}
+spec: {nodeName: node-a, serviceAccountName: db-waypoint, containers: [{name: waypoint, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.50, conditions: [{type: Ready, status: "READY"}]}
+"#;
+    const WAYPOINT: &str = "spiffe://cluster.local/ns/shop/sa/db-waypoint";
+    let denied = Decision::Denied {
+        policy: "shop/unserved_l7_requestauthentication_db-jwt".into(),
+    };
+    // The instance is not ready: nobody is exempt, the waypoint included.
+    let store = ztunnel_view(&JWT.replace("READY", "False"));
+    assert_eq!(decide(&store, Some(WAYPOINT), "10.9.0.2:5432"), denied);
+    // Ready: the waypoint checks tokens, so it passes; whoever skips it
+    // (with an identity or in plaintext) is still refused.
+    let store = ztunnel_view(&JWT.replace("READY", "True"));
+    assert!(decide(&store, Some(WAYPOINT), "10.9.0.2:5432").is_allowed());
+    assert_eq!(decide(&store, Some(FRONTEND), "10.9.0.2:5432"), denied);
+    assert_eq!(decide(&store, None, "10.9.0.2:5432"), denied);
+    // Not covered: web is untouched.
+    assert!(decide(&store, Some(FRONTEND), "10.9.0.1:8080").is_allowed());
+}
+
+#[test]
 fn with_auto_allow_waypoint_policy_only_the_waypoint_reaches_a_bound_pod() {
     // `api` (web's pods) is bound to a waypoint whose one instance runs as
     // `waypoint`; `db` is bound to nothing.

@@ -400,3 +400,125 @@ spec:
         [vec!["Kubernetes//Pod/shop/web-1".to_string()]]
     );
 }
+
+/// `web-1` (account web) covered by a RequestAuthentication and an ALLOW
+/// with HTTP attributes, both by selector; its on-demand waypoint exists
+/// with an instance that is not ready.
+const SELECTOR_L7: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: web-waypoint
+  namespace: shop
+  labels: {istio-rs.io/on-demand-waypoint: 'true'}
+  annotations: {istio.io/for-service-account: web, istio-rs.io/needed-by: RequestAuthentication shop/jwt}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status:
+  addresses: [{type: Hostname, value: web-waypoint.shop.svc.cluster.local}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.9.0.1, conditions: [{type: Ready, status: 'True'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: web-waypoint}}
+spec: {nodeName: node-a, serviceAccountName: web-waypoint, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  jwtRules: [{issuer: https://issuer.example, jwks: '{\"keys\":[]}'}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{to: [{operation: {paths: [/api]}}]}]
+";
+
+#[test]
+fn a_waypoint_becoming_ready_exempts_it_from_selector_rules_of_unchanged_pods() {
+    let mut state = ClusterState::from_objects(objects(SELECTOR_L7));
+    let mesh = MeshConfig::default();
+    let mut translator = Translator::default();
+    let policies = |translator: &mut Translator, state: &ClusterState| {
+        check(translator, state);
+        let t = index::translate(state, &mesh);
+        let json = index::json::snapshot_json(&t.snapshot);
+        (
+            json["workloads"][mesh.pod_uid("shop", "web-1").as_str()]["authorizationPolicies"]
+                .clone(),
+            json["authorizations"].clone(),
+        )
+    };
+    let listed = serde_json::json!([
+        "shop/api-only",
+        "shop/unserved_l7_requestauthentication_jwt"
+    ]);
+    let (keys, before) = policies(&mut translator, &state);
+    assert_eq!(keys, listed);
+    // Ready: the same keys (the pod's list does not change), the policies' content now
+    // exempts the waypoint; not ready again: as before.
+    set_ready(&mut state, "wp-1", true);
+    let (keys, after) = policies(&mut translator, &state);
+    assert_eq!(keys, listed);
+    assert_ne!(before, after);
+    let waypoint = "cluster.local/ns/shop/sa/web-waypoint";
+    assert!(after.to_string().contains(waypoint), "{after}");
+    set_ready(&mut state, "wp-1", false);
+    let (keys, again) = policies(&mut translator, &state);
+    assert_eq!((keys, again), (listed, before));
+}
+
+#[test]
+fn a_users_waypoint_becoming_ready_takes_over_unchanged_pods_from_the_on_demand_one() {
+    // web-1's own traffic is bound to the ready on-demand waypoint while
+    // the user's (named by the namespace) has no ready instance; once it
+    // has, the pod (unchanged) must be bound to it.
+    let users = SELECTOR_L7
+        .replace(
+            "labels: {istio.io/dataplane-mode: ambient}",
+            "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: mine}",
+        )
+        .replace("status: 'False'}]}", "status: 'True'}]}")
+        + "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: mine, namespace: shop, labels: {istio.io/waypoint-for: all}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status:
+  addresses: [{type: Hostname, value: mine.shop.svc.cluster.local}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mine-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: mine}}
+spec: {nodeName: node-a, serviceAccountName: mine, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.101, conditions: [{type: Ready, status: 'False'}]}
+";
+    let mut state = ClusterState::from_objects(objects(&users));
+    let mesh = MeshConfig::default();
+    let mut translator = Translator::default();
+    let waypoint = |translator: &mut Translator, state: &ClusterState| {
+        check(translator, state);
+        let t = index::translate(state, &mesh);
+        let json = index::json::snapshot_json(&t.snapshot);
+        json["workloads"][mesh.pod_uid("shop", "web-1").as_str()]["waypoint"].to_string()
+    };
+    assert!(waypoint(&mut translator, &state).contains("web-waypoint"));
+    set_ready(&mut state, "mine-1", true);
+    assert!(waypoint(&mut translator, &state).contains("mine"));
+}

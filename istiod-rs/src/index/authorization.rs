@@ -95,6 +95,26 @@ pub(super) fn targets_waypoints(policy: &AuthorizationPolicy) -> bool {
     policy.spec.target_ref.is_some() || !policy.spec.target_refs.is_empty()
 }
 
+/// Whether a policy attached by selector or namespace is an L7 rule that a
+/// waypoint enforces as written (on demand where none serves it, see
+/// `l7.rs`): ALLOW or DENY, enforced (not dry-run), naming an HTTP-only
+/// attribute in some rule. CUSTOM stays an L4 DENY (no waypoint calls an
+/// external authorizer either).
+pub(super) fn enforced_at_waypoints_by_selector(policy: &AuthorizationPolicy) -> bool {
+    let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+    !targets_waypoints(policy)
+        && !dry_run(policy)
+        && matches!(
+            policy.spec.action,
+            AuthorizationAction::Allow | AuthorizationAction::Deny
+        )
+        && policy.spec.rules.iter().enumerate().any(|(i, r)| {
+            !read_rule(&format!("rules[{i}]"), r, namespace)
+                .http
+                .is_empty()
+        })
+}
+
 /// The policy's reference in problems.
 pub(super) fn policy_ref(policy: &AuthorizationPolicy) -> PolicyRef {
     PolicyRef::new(

@@ -27,8 +27,26 @@
 //! are not L7 rules here. A route whose Service parent is in another
 //! namespace (a GAMMA consumer route) is not served: the waypoint's
 //! configuration cannot scope a route to its clients' namespace.
-//! RequestAuthentications attached by selector or namespace are not served
-//! by waypoints either (upstream's waypoints take `targetRefs` only).
+//!
+//! Attached by selector or namespace ([`Attachment::Workloads`]: every
+//! RequestAuthentication without `targetRefs`, and every ALLOW or DENY
+//! AuthorizationPolicy without `targetRefs` that names an HTTP attribute)
+//! is ours, not upstream's (upstream's waypoints take `targetRefs` only).
+//! Such a rule covers the mesh workloads its selector / namespace picks
+//! (enrolled, not waypoint instances, not finished), and is served in
+//! parts: the workloads of each ServiceAccount (by the waypoint their own
+//! traffic is bound to) and each Service with a covered endpoint (by the
+//! Service's waypoint); `on_demand.rs` plans waypoints for the parts nobody
+//! serves. `binding.rs` attaches the rule to every waypoint entry through
+//! which a request reaches a covered endpoint; the waypoints with a ready
+//! instance among them enforce it ([`L7Rule::enforced_by`]). Its L4 form
+//! holds for every other connection, whatever the parts' state: an
+//! AuthorizationPolicy stays the ztunnel Authorization it is (`index.rs`
+//! admits the enforcing waypoints' identities to an ALLOW and exempts them
+//! from a DENY); a RequestAuthentication keeps its stand-in DENY on the
+//! covered workloads, with a `not_principals` clause naming the enforcing
+//! waypoints' identities (a connection that skips them cannot have its
+//! token checked; a plaintext one has no principal, so it stays denied).
 
 pub(super) mod binding;
 pub(super) mod http_policies;
@@ -40,7 +58,7 @@ use std::collections::BTreeSet;
 use api::crd::{AuthorizationAction, AuthorizationPolicy, PolicyTargetReference};
 use api::labels;
 use api::manifest::{Kind, ObjectKey};
-use api::security::{Action, Authorization, Group, Scope};
+use api::security::{Action, Authorization, Group, Match, Rules, Scope, StringMatch};
 
 use super::problem::{Effect, PolicyProblem, PolicyRef, Unserved};
 use super::selectors::{Labels, subset_of};
@@ -138,6 +156,15 @@ impl TargetOutcome {
             _ => None,
         }
     }
+
+    /// The (namespace, ServiceAccount) whose workloads it is, for a part of
+    /// a rule attached by selector or namespace.
+    pub(super) fn account(&self) -> Option<(&str, &str)> {
+        match &self.target {
+            Some(Target::Account { namespace, account }) => Some((namespace, account)),
+            _ => None,
+        }
+    }
 }
 
 /// One L7 rule and what became of each of its targets.
@@ -146,9 +173,65 @@ pub struct L7Rule {
     pub object: PolicyRef,
     pub generation: Option<i64>,
     pub attachment: Attachment,
+    /// For [`Attachment::Workloads`]: one per part (the covered workloads
+    /// of one ServiceAccount bound alike, a Service with a covered
+    /// endpoint).
     pub targets: Vec<TargetOutcome>,
     /// The key of its DENY policy, when it denies anything.
     pub deny_key: Option<String>,
+    /// [`Attachment::Workloads`]: the waypoints (`ns/name`, sorted) with a
+    /// ready instance that enforce it; their identities are exempt from its
+    /// L4 form. Set once the waypoints' configuration is built.
+    pub enforced_by: Vec<String>,
+    /// [`Attachment::Workloads`]: what it covers.
+    coverage: Option<Coverage>,
+}
+
+/// What a rule attached by selector or namespace covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Coverage {
+    scope: Target,
+    /// The mesh workloads (pods) it covers.
+    pub workloads: BTreeSet<ObjectKey>,
+    /// Services (indices in [`Services::entries`]) with a covered endpoint.
+    pub services: BTreeSet<usize>,
+    /// Services with an endpoint it does not cover.
+    pub uncovered: BTreeSet<usize>,
+}
+
+impl Coverage {
+    /// Every endpoint of service `i` is covered (and it has one).
+    pub fn covers_service(&self, i: usize) -> bool {
+        self.services.contains(&i) && !self.uncovered.contains(&i)
+    }
+}
+
+impl L7Rule {
+    /// What it covers, when attached by selector or namespace.
+    pub(super) fn coverage(&self) -> Option<&Coverage> {
+        self.coverage.as_ref()
+    }
+
+    /// Whether every part of it is enforced by a ready waypoint.
+    pub fn served(&self) -> bool {
+        self.targets.iter().all(|t| t.serving.is_ok())
+    }
+
+    /// What its stand-in DENY covers: the targets nobody serves it at; for
+    /// a RequestAuthentication attached by selector or namespace, its whole
+    /// scope, always (the enforcing waypoints are exempted by principal);
+    /// for such an AuthorizationPolicy nothing (its own L4 form stands).
+    fn denied(&self) -> Vec<&Target> {
+        match &self.coverage {
+            Some(c) if self.object.kind == Kind::RequestAuthentication => vec![&c.scope],
+            Some(_) => Vec::new(),
+            None => self
+                .targets
+                .iter()
+                .filter_map(TargetOutcome::denied)
+                .collect(),
+        }
+    }
 }
 
 /// What a target covers at L4.
@@ -168,6 +251,9 @@ enum Target {
     Namespace(String),
     /// Every workload.
     Mesh,
+    /// The covered workloads of one ServiceAccount (a part of a rule
+    /// attached by selector or namespace).
+    Account { namespace: String, account: String },
 }
 
 impl Target {
@@ -191,6 +277,9 @@ impl Target {
             } => "the workloads it selects in every namespace".to_string(),
             Target::Namespace(ns) => format!("every workload in namespace {ns}"),
             Target::Mesh => "every workload in the mesh".to_string(),
+            Target::Account { namespace, account } => {
+                format!("the workloads of ServiceAccount {namespace}/{account}")
+            }
         }
     }
 }
@@ -199,10 +288,39 @@ impl Target {
 pub(super) struct Workload<'a> {
     pub namespace: &'a str,
     pub labels: &'a Labels,
+    /// The ServiceAccount it runs as.
+    pub account: &'a str,
     /// Indices of the services it backs.
     pub services: &'a [usize],
     /// The waypoint (`ns/name`) its own traffic is bound to.
     pub waypoint: Option<String>,
+}
+
+/// A pod that is a workload (not a waypoint instance, not finished), as
+/// the rules attached by selector or namespace see it.
+pub(super) struct PodWorkload<'a> {
+    pub key: &'a ObjectKey,
+    /// In the mesh (`workloads::enrolled`): only those are covered.
+    pub enrolled: bool,
+    pub namespace: &'a str,
+    pub labels: &'a Labels,
+    pub account: &'a str,
+    /// Indices of the services it backs.
+    pub services: Vec<usize>,
+    /// The waypoint (`ns/name`) its own traffic is bound to.
+    pub waypoint: Option<String>,
+}
+
+impl PodWorkload<'_> {
+    fn workload(&self) -> Workload<'_> {
+        Workload {
+            namespace: self.namespace,
+            labels: self.labels,
+            account: self.account,
+            services: &self.services,
+            waypoint: self.waypoint.clone(),
+        }
+    }
 }
 
 /// What the targets need to know about the cluster.
@@ -214,6 +332,22 @@ pub(super) struct Context<'a> {
     pub service_waypoints: &'a [Option<String>],
     /// Waypoints (`ns/name`) with at least one ready instance.
     pub ready_waypoints: &'a BTreeSet<String>,
+    /// Every pod that is a workload; empty when no rule is attached by
+    /// selector or namespace ([`needs_pod_workloads`]).
+    pub pods: &'a [PodWorkload<'a>],
+}
+
+/// Whether some rule may be attached by selector or namespace, so that the
+/// rules need [`Context::pods`].
+pub(super) fn needs_pod_workloads(state: &ClusterState) -> bool {
+    state
+        .request_authentications
+        .values()
+        .any(|ra| ra.spec.target_ref.is_none() && ra.spec.target_refs.is_empty())
+        || state
+            .authorization_policies
+            .values()
+            .any(|p| authorization::enforced_at_waypoints_by_selector(p))
 }
 
 impl Context<'_> {
@@ -232,7 +366,66 @@ impl Context<'_> {
             }
             Target::Namespace(ns) => ns == w.namespace,
             Target::Mesh => true,
+            Target::Account { namespace, account } => {
+                namespace == w.namespace && account == w.account
+            }
         }
+    }
+
+    /// The rule of a policy attached by selector or namespace: what it
+    /// covers, and one part per ServiceAccount's covered workloads (bound
+    /// alike) and per Service with a covered endpoint, each served by the
+    /// waypoint bound there once it is ready.
+    fn workloads_rule(&self, object: PolicyRef, generation: Option<i64>, scope: Target) -> L7Rule {
+        let mut coverage = Coverage {
+            scope,
+            workloads: BTreeSet::new(),
+            services: BTreeSet::new(),
+            uncovered: BTreeSet::new(),
+        };
+        let mut accounts: BTreeSet<(&str, &str, Option<&str>)> = BTreeSet::new();
+        for p in self.pods {
+            let w = p.workload();
+            if p.enrolled && self.covers(&coverage.scope, &w) {
+                coverage.workloads.insert(p.key.clone());
+                coverage.services.extend(w.services.iter().copied());
+                accounts.insert((p.namespace, p.account, p.waypoint.as_deref()));
+            } else {
+                coverage.uncovered.extend(w.services.iter().copied());
+            }
+        }
+        let mut targets = Vec::new();
+        for (namespace, account, waypoint) in accounts {
+            let target = Target::Account {
+                namespace: namespace.to_string(),
+                account: account.to_string(),
+            };
+            let binding = Binding::Service {
+                target: format!("ServiceAccount {namespace}/{account}"),
+                waypoint: waypoint.map(str::to_string),
+            };
+            targets.push(TargetOutcome {
+                reference: None,
+                serving: serving(binding, self.ready_waypoints),
+                target: Some(target),
+            });
+        }
+        for &i in &coverage.services {
+            let entry = &self.services.entries[i];
+            let binding = Binding::Service {
+                target: format!("Service {}/{}", entry.namespace, entry.proto.name),
+                waypoint: self.service_waypoints[i].clone(),
+            };
+            targets.push(TargetOutcome {
+                reference: None,
+                serving: serving(binding, self.ready_waypoints),
+                target: Some(Target::Service(i)),
+            });
+        }
+        let mut rule = rule(object, generation, Attachment::Workloads, targets);
+        rule.coverage = Some(coverage);
+        rule.deny_key = deny_key(&rule.object, &rule.denied());
+        rule
     }
 
     /// Resolves one reference: what it covers (when anything) and whether
@@ -295,9 +488,6 @@ enum Binding {
     },
     /// A waypoint itself.
     Waypoint(String),
-    /// Workloads picked by selector or namespace: no waypoint is bound to
-    /// the rule itself.
-    Workloads { what: &'static str },
 }
 
 /// Decides who enforces an L7 rule at one target: `Ok(waypoint)` when the
@@ -328,7 +518,6 @@ fn serving(binding: Binding, ready: &BTreeSet<String>) -> Result<String, Unserve
             ..
         }
         | Binding::Waypoint(waypoint) => Ok(waypoint),
-        Binding::Workloads { what } => Err(Unserved::NeedsWaypoint { what }),
     }
 }
 
@@ -350,7 +539,15 @@ impl L7Rules {
         for policy in ctx.state.authorization_policies.values() {
             let ignored =
                 authorization::dry_run(policy) || policy.spec.action == AuthorizationAction::Audit;
-            if authorization::targets_waypoints(policy) && !ignored {
+            if authorization::enforced_at_waypoints_by_selector(policy) {
+                let object = authorization::policy_ref(policy);
+                let scope = workloads_scope(
+                    ctx,
+                    &object.key.namespace,
+                    policy.spec.selector.as_ref().map(|s| &s.match_labels),
+                );
+                rules.push(ctx.workloads_rule(object, policy.metadata.generation, scope));
+            } else if authorization::targets_waypoints(policy) && !ignored {
                 let refs = policy_target_refs(policy);
                 rules.push(rule_for_refs(
                     ctx,
@@ -384,31 +581,12 @@ impl L7Rules {
                 ));
                 continue;
             }
-            let root = key.namespace == ctx.mesh.root_namespace;
-            let target = match (&spec.selector, root) {
-                (Some(s), _) => Target::Selector {
-                    namespace: (!root).then(|| key.namespace.clone()),
-                    labels: s.match_labels.clone(),
-                },
-                (None, true) => Target::Mesh,
-                (None, false) => Target::Namespace(key.namespace.clone()),
-            };
-            let serving = serving(
-                Binding::Workloads {
-                    what: "a RequestAuthentication (JWT validation) attached by selector or namespace",
-                },
-                ctx.ready_waypoints,
+            let scope = workloads_scope(
+                ctx,
+                &key.namespace,
+                spec.selector.as_ref().map(|s| &s.match_labels),
             );
-            rules.push(rule(
-                object,
-                generation,
-                Attachment::Workloads,
-                vec![TargetOutcome {
-                    reference: None,
-                    serving,
-                    target: Some(target),
-                }],
-            ));
+            rules.push(ctx.workloads_rule(object, generation, scope));
         }
         // HTTPRoute and GRPCRoute: the same fields in two generated types.
         macro_rules! routes {
@@ -442,11 +620,29 @@ impl L7Rules {
                 let Err(reason) = &t.serving else {
                     continue;
                 };
-                let effect = match t.denied() {
-                    Some(target) => Effect::TargetsDenied {
+                let effect = match (t.denied(), &r.coverage) {
+                    // A part of a rule attached by selector or namespace.
+                    (Some(target), Some(_)) => {
+                        let targets = match target {
+                            Target::Service(i) => {
+                                let s = &ctx.services.entries[*i];
+                                format!(
+                                    "the endpoints of Service {}/{} it covers",
+                                    s.namespace, s.proto.name
+                                )
+                            }
+                            other => other.describe(ctx.services),
+                        };
+                        if r.object.kind == Kind::AuthorizationPolicy {
+                            Effect::L4FormHolds { targets }
+                        } else {
+                            Effect::TargetsDenied { targets }
+                        }
+                    }
+                    (Some(target), None) => Effect::TargetsDenied {
                         targets: target.describe(ctx.services),
                     },
-                    None => Effect::NothingDenied,
+                    (None, _) => Effect::NothingDenied,
                 };
                 problems.push(PolicyProblem::UnservedL7 {
                     object: r.object.clone(),
@@ -457,9 +653,15 @@ impl L7Rules {
         }
     }
 
-    /// The DENY policies to serve, by key.
-    pub fn authorizations(&self) -> impl Iterator<Item = (&str, Authorization)> {
-        self.rules.iter().filter_map(|r| {
+    /// The DENY policies to serve, by key: one group without clauses
+    /// (it matches every connection), with one clause `not_principals`
+    /// naming the identities of the waypoints that enforce the rule, when
+    /// some do (`exempt`, see [`exemption`]).
+    pub fn authorizations<'a>(
+        &'a self,
+        exempt: impl Fn(&L7Rule) -> Option<Rules> + 'a,
+    ) -> impl Iterator<Item = (&'a str, Authorization)> + 'a {
+        self.rules.iter().filter_map(move |r| {
             let key = r.deny_key.as_deref()?;
             let (namespace, name) = key.split_once('/')?;
             Some((
@@ -469,8 +671,9 @@ impl L7Rules {
                     namespace: namespace.to_string(),
                     scope: Scope::WorkloadSelector as i32,
                     action: Action::Deny as i32,
-                    // One group without clauses: matches every connection.
-                    groups: vec![Group { rules: Vec::new() }],
+                    groups: vec![Group {
+                        rules: exempt(r).into_iter().collect(),
+                    }],
                 },
             ))
         })
@@ -482,9 +685,8 @@ impl L7Rules {
     /// its pods run as that account.
     pub fn depend_on_other_pods(&self) -> bool {
         self.rules.iter().any(|r| {
-            r.targets
-                .iter()
-                .filter_map(TargetOutcome::denied)
+            r.denied()
+                .into_iter()
                 .any(|t| matches!(t, Target::Waypoint(_)))
         })
     }
@@ -498,8 +700,8 @@ impl L7Rules {
             self.rules
                 .iter()
                 .map(|r| {
-                    let denied = r.targets.iter().filter_map(TargetOutcome::denied);
-                    (r.deny_key.clone(), denied.cloned().collect())
+                    let denied = r.denied().into_iter().cloned().collect();
+                    (r.deny_key.clone(), denied)
                 })
                 .collect(),
         )
@@ -510,17 +712,50 @@ impl L7Rules {
         let mut keys: Vec<String> = self
             .rules
             .iter()
-            .filter(|r| {
-                r.targets
-                    .iter()
-                    .filter_map(TargetOutcome::denied)
-                    .any(|t| ctx.covers(t, w))
-            })
+            .filter(|r| r.denied().into_iter().any(|t| ctx.covers(t, w)))
             .filter_map(|r| r.deny_key.clone())
             .collect();
         keys.sort();
         keys
     }
+}
+
+/// What a selector (or, without one, the namespace) covers: the selected
+/// workloads, of any namespace from the root namespace; the namespace; the
+/// whole mesh from the root namespace.
+fn workloads_scope(ctx: &Context<'_>, namespace: &str, selector: Option<&Labels>) -> Target {
+    let root = namespace == ctx.mesh.root_namespace;
+    match (selector, root) {
+        (Some(labels), _) => Target::Selector {
+            namespace: (!root).then(|| namespace.to_string()),
+            labels: labels.clone(),
+        },
+        (None, true) => Target::Mesh,
+        (None, false) => Target::Namespace(namespace.to_string()),
+    }
+}
+
+/// The clause exempting the identities of the waypoints that enforce a
+/// rule attached by selector or namespace from its L4 form: `not_principals`
+/// (a DENY stops denying their connections; a connection without identity
+/// still matches it), or, for an ALLOW, `principals` (an extra group
+/// admitting them). `None` when no waypoint enforces it.
+pub(super) fn exemption(principals: Vec<StringMatch>, allow: bool) -> Option<Rules> {
+    if principals.is_empty() {
+        return None;
+    }
+    let m = if allow {
+        Match {
+            principals,
+            ..Match::default()
+        }
+    } else {
+        Match {
+            not_principals: principals,
+            ..Match::default()
+        }
+    };
+    Some(Rules { matches: vec![m] })
 }
 
 fn policy_target_refs(policy: &AuthorizationPolicy) -> Vec<TargetRef> {
@@ -602,7 +837,7 @@ fn route_rule(
             });
         }
     }
-    rule.deny_key = deny_key(&rule.object, &rule.targets);
+    rule.deny_key = deny_key(&rule.object, &rule.denied());
     Some(rule)
 }
 
@@ -612,19 +847,22 @@ fn rule(
     attachment: Attachment,
     targets: Vec<TargetOutcome>,
 ) -> L7Rule {
-    let deny_key = deny_key(&object, &targets);
+    let denied: Vec<&Target> = targets.iter().filter_map(TargetOutcome::denied).collect();
+    let deny_key = deny_key(&object, &denied);
     L7Rule {
         object,
         generation,
         attachment,
         targets,
         deny_key,
+        enforced_by: Vec::new(),
+        coverage: None,
     }
 }
 
 /// The key of a rule's stand-in DENY, when it denies anything.
-fn deny_key(object: &PolicyRef, targets: &[TargetOutcome]) -> Option<String> {
-    let denies = targets.iter().any(|t| t.denied().is_some());
+fn deny_key(object: &PolicyRef, denied: &[&Target]) -> Option<String> {
+    let denies = !denied.is_empty();
     denies.then(|| {
         format!(
             "{}/{UNSERVED_PREFIX}{}_{}",

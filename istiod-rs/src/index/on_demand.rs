@@ -25,6 +25,14 @@
 //! replaced. A Gateway no rule needs is not planned, so the sink drains and
 //! removes it.
 //!
+//! A rule attached by selector or namespace (see `l7.rs`) needs, for each
+//! (namespace, ServiceAccount) of the workloads it covers whose own traffic
+//! no user binding serves (`Traffic::Workload`), that account's waypoint
+//! (which serves its workloads and the services whose pods all run as it);
+//! and, for each Service with a covered endpoint, what a Service target
+//! needs (the account's waypoint, or one for the Service when its pods run
+//! as several accounts). The same naming, holding and opting out apply.
+//!
 //! A user's binding wins once its waypoint has a ready instance. Until then
 //! (it is being created, or not yet named right) the on-demand waypoint that
 //! exists stays planned and bound (see `waypoints.rs`), and none is created:
@@ -41,6 +49,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use api::labels;
 use api::manifest::ObjectKey;
 use gateway_api::gateways::Gateway;
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 use super::l7::{Attachment, L7Rule};
@@ -152,7 +161,7 @@ pub struct OnDemandPlan {
     pub name_taken: BTreeMap<ObjectKey, BTreeSet<PolicyRef>>,
 }
 
-/// What a service needs.
+/// What a service, or the covered workloads of an account, need.
 enum Need {
     /// Waypoints on demand are disabled in its namespace.
     Disabled(String),
@@ -170,9 +179,27 @@ pub(super) fn plan(
     services: &Services<'_>,
     rules: &mut [L7Rule],
 ) -> OnDemandPlan {
-    // The services that need one, with the rules needing them.
+    // The services that need one, with the rules needing them; and the
+    // covered workloads of rules attached by selector or namespace, by
+    // (namespace, account).
     let mut wanted: BTreeMap<usize, BTreeSet<PolicyRef>> = BTreeMap::new();
+    let mut wanted_accounts: BTreeMap<(&str, &str), Wanted<'_>> = BTreeMap::new();
     for rule in rules.iter() {
+        if let Some(coverage) = rule.coverage() {
+            for &i in &coverage.services {
+                wanted.entry(i).or_default().insert(rule.object.clone());
+            }
+            for key in &coverage.workloads {
+                let Some(pod) = state.pods.get(key) else {
+                    continue;
+                };
+                let account = (key.namespace.as_str(), pod_service_account(pod));
+                let w = wanted_accounts.entry(account).or_default();
+                w.pods.push(pod);
+                w.needed_by.insert(rule.object.clone());
+            }
+            continue;
+        }
         for t in &rule.targets {
             let (Some(r), Some(i)) = (&t.reference, t.service()) else {
                 continue;
@@ -188,7 +215,7 @@ pub(super) fn plan(
             }
         }
     }
-    if wanted.is_empty() {
+    if wanted.is_empty() && wanted_accounts.is_empty() {
         return OnDemandPlan::default();
     }
     // Per-account waypoints users made, with an address or not yet: intent.
@@ -215,7 +242,6 @@ pub(super) fn plan(
         let Some(ns) = state.namespace(namespace) else {
             continue;
         };
-        let ns_labels = labels_of(&ns.metadata.labels);
         // The accounts behind the Service, and whether it is in the mesh:
         // some workload behind it is enrolled, or (none yet) its namespace.
         let mut accounts = BTreeSet::new();
@@ -231,7 +257,7 @@ pub(super) fn plan(
             any_enrolled |= workloads::enrolled(state, waypoints, namespace, pod);
         }
         let enrolled = if accounts.is_empty() {
-            ns_labels
+            labels_of(&ns.metadata.labels)
                 .get(labels::DATAPLANE_MODE)
                 .is_some_and(|m| m == labels::DATAPLANE_MODE_AMBIENT)
         } else {
@@ -243,20 +269,13 @@ pub(super) fn plan(
         let single = (accounts.len() == 1).then(|| *accounts.first().expect("one"));
         // A user's binding wins once its waypoint is ready; until then the
         // on-demand waypoint that exists keeps serving, and none is created.
-        let hold = match waypoints.user_binding(
-            state,
-            namespace,
-            entry.labels(),
+        let Some(hold) = hold(
+            waypoints.user_binding(state, namespace, entry.labels(), single, Traffic::Service),
             single,
-            Traffic::Service,
-        ) {
-            UserBinding::OptOut => continue,
-            UserBinding::Bound(w) if w.ready => continue,
-            // A user's waypoint for the account that has no address yet.
-            UserBinding::Unset => {
-                single.is_some_and(|sa| users_per_account.contains(&(namespace, sa)))
-            }
-            UserBinding::Bound(_) | UserBinding::Unusable => true,
+            namespace,
+            &users_per_account,
+        ) else {
+            continue;
         };
         let (key, serves) = match single {
             Some(sa) => (
@@ -271,39 +290,49 @@ pub(super) fn plan(
                 Serves::Service(entry.proto.name.clone()),
             ),
         };
-        let existing = state.gateways.get(&key);
-        if hold {
-            if existing.is_some_and(|gw| is_on_demand(gw)) {
-                add(&mut plan, key, serves, &needed_by);
-            }
+        if let Some(need) = decide(&mut plan, state, key, serves, hold, &needed_by) {
+            needs.insert(i, need);
+        }
+    }
+    // The covered workloads of an account: its waypoint, unless every one
+    // of them is served by a user's binding (or opts out).
+    let mut account_needs: BTreeMap<(String, String), Need> = BTreeMap::new();
+    for ((namespace, sa), w) in wanted_accounts {
+        let holds: Vec<bool> = w
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let user = waypoints.user_binding(
+                    state,
+                    namespace,
+                    labels_of(&pod.metadata.labels),
+                    Some(sa),
+                    Traffic::Workload,
+                );
+                hold(user, Some(sa), namespace, &users_per_account)
+            })
+            .collect();
+        if holds.is_empty() {
             continue;
         }
-        if ns_labels
-            .get(labels::AUTO_WAYPOINT)
-            .is_some_and(|v| v == labels::AUTO_WAYPOINT_DISABLED)
-        {
-            needs.insert(i, Need::Disabled(namespace.to_string()));
-            continue;
+        let key = ObjectKey::new(namespace, labels::on_demand_waypoint_name(sa));
+        let serves = Serves::Account(sa.to_string());
+        let hold = holds.iter().all(|h| *h);
+        if let Some(need) = decide(&mut plan, state, key, serves, hold, &w.needed_by) {
+            account_needs.insert((namespace.to_string(), sa.to_string()), need);
         }
-        let need = match existing {
-            Some(gw) if !is_on_demand(gw) => {
-                plan.name_taken
-                    .entry(key.clone())
-                    .or_default()
-                    .extend(needed_by.iter().cloned());
-                Need::NameTaken(key)
-            }
-            _ if add(&mut plan, key.clone(), serves, &needed_by) => Need::Waypoint(key),
-            _ => Need::NameTaken(key),
-        };
-        needs.insert(i, need);
     }
     for t in rules.iter_mut().flat_map(|r| r.targets.iter_mut()) {
-        let (Err(Unserved::NotBound { target }), Some(i)) = (&t.serving, t.service()) else {
+        let Err(Unserved::NotBound { target }) = &t.serving else {
             continue;
         };
+        let need = match (t.service(), t.account()) {
+            (Some(i), _) => needs.get(&i),
+            (None, Some((ns, sa))) => account_needs.get(&(ns.to_string(), sa.to_string())),
+            (None, None) => None,
+        };
         let target = target.clone();
-        t.serving = Err(match needs.get(&i) {
+        t.serving = Err(match need {
             None => continue,
             Some(Need::Disabled(namespace)) => Unserved::AutoWaypointDisabled {
                 target,
@@ -320,6 +349,74 @@ pub(super) fn plan(
         });
     }
     plan
+}
+
+/// The covered workloads of one account and the rules covering them.
+#[derive(Default)]
+struct Wanted<'a> {
+    pods: Vec<&'a Pod>,
+    needed_by: BTreeSet<PolicyRef>,
+}
+
+/// What the bindings a user made mean for an on-demand waypoint: `None`,
+/// none is wanted (opted out, or a user's waypoint is ready); `Some(true)`,
+/// hold: one that exists keeps serving but none is created (a user's
+/// waypoint is named but not ready, or one is annotated for the account);
+/// `Some(false)`, one is wanted.
+fn hold(
+    user: UserBinding<'_>,
+    single: Option<&str>,
+    namespace: &str,
+    users_per_account: &BTreeSet<(&str, &str)>,
+) -> Option<bool> {
+    match user {
+        UserBinding::OptOut => None,
+        UserBinding::Bound(w) if w.ready => None,
+        // A user's waypoint for the account that has no address yet.
+        UserBinding::Unset => {
+            Some(single.is_some_and(|sa| users_per_account.contains(&(namespace, sa))))
+        }
+        UserBinding::Bound(_) | UserBinding::Unusable => Some(true),
+    }
+}
+
+/// Plans the on-demand waypoint `key` serving `serves` for `needed_by`, or
+/// says why it cannot be: `None` while held (see [`hold`]), when the one
+/// that exists stays planned and none is created.
+fn decide(
+    plan: &mut OnDemandPlan,
+    state: &ClusterState,
+    key: ObjectKey,
+    serves: Serves,
+    hold: bool,
+    needed_by: &BTreeSet<PolicyRef>,
+) -> Option<Need> {
+    let existing = state.gateways.get(&key);
+    if hold {
+        if existing.is_some_and(|gw| is_on_demand(gw)) {
+            add(plan, key, serves, needed_by);
+        }
+        return None;
+    }
+    let disabled = state.namespace(&key.namespace).is_some_and(|ns| {
+        labels_of(&ns.metadata.labels)
+            .get(labels::AUTO_WAYPOINT)
+            .is_some_and(|v| v == labels::AUTO_WAYPOINT_DISABLED)
+    });
+    if disabled {
+        return Some(Need::Disabled(key.namespace));
+    }
+    Some(match existing {
+        Some(gw) if !is_on_demand(gw) => {
+            plan.name_taken
+                .entry(key.clone())
+                .or_default()
+                .extend(needed_by.iter().cloned());
+            Need::NameTaken(key)
+        }
+        _ if add(plan, key.clone(), serves, needed_by) => Need::Waypoint(key),
+        _ => Need::NameTaken(key),
+    })
 }
 
 /// Adds the rules `needed_by` to the planned waypoint `key` serving
@@ -720,6 +817,428 @@ spec:
         assert_eq!(
             reasons(&t, "reviews"),
             ["Service shop/reviews is not bound to a waypoint"]
+        );
+    }
+
+    // Rules attached by selector or namespace (l7.rs): waypoints on demand
+    // for the workloads they cover, enforced there, and the L4 form exempting
+    // only the waypoints that enforce them.
+
+    use api::l7::Waypoint as WaypointConfig;
+    use api::security::{Authorization, Group, Match, Rules, StringMatch};
+    use api::type_url;
+    use prost::Message;
+
+    const PATHS_ALLOW: &str = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{to: [{operation: {paths: ["/api/*"]}}]}]
+"#;
+
+    fn snapshot_resource<M: Message + Default>(t: &Translation, url: &str, key: &str) -> M {
+        let r = t
+            .snapshot
+            .of_type(url)
+            .get(key)
+            .unwrap_or_else(|| panic!("no {url} {key}"));
+        M::decode(r.body.value.as_slice()).unwrap()
+    }
+
+    fn authorization(t: &Translation, key: &str) -> Authorization {
+        snapshot_resource(t, type_url::AUTHORIZATION, key)
+    }
+
+    fn waypoint_config(t: &Translation, key: &str) -> WaypointConfig {
+        snapshot_resource(t, type_url::WAYPOINT, key)
+    }
+
+    fn principal(p: &str) -> StringMatch {
+        StringMatch {
+            match_type: Some(api::security::string_match::MatchType::Exact(p.to_string())),
+        }
+    }
+
+    /// `cluster(..)` plus every waypoint the plan asks for, each with a
+    /// ready instance (`ready`) or one not ready yet.
+    fn with_planned(ns_labels: &str, v2_account: &str, extra: &str, ready: bool) -> ClusterState {
+        let t = run(&cluster(ns_labels, "", v2_account, extra));
+        let mut more = extra.to_string();
+        for w in t.on_demand.waypoints.values() {
+            let mut inst = instance(&w.key.name);
+            if !ready {
+                inst = inst.replace(r#"status: "True""#, r#"status: "False""#);
+            }
+            more.push_str(&format!(
+                "---\n{}\n{inst}",
+                serde_json::to_string(&w.gateway()).unwrap()
+            ));
+        }
+        cluster(ns_labels, "", v2_account, &more)
+    }
+
+    fn rule<'a>(t: &'a Translation, name: &str) -> &'a L7Rule {
+        t.l7.iter().find(|r| r.object.key.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_selector_allow_with_paths_gets_the_accounts_waypoint_and_its_l4_form_until_ready() {
+        // No waypoint: one is planned for the account, and the L4 form
+        // (the HTTP rule matches nothing) admits no one.
+        let t = run(&cluster("", "", "reviews", PATHS_ALLOW));
+        assert_eq!(keys(&t), ["shop/reviews-waypoint"]);
+        let w = &t.on_demand.waypoints[&ObjectKey::new("shop", "reviews-waypoint")];
+        assert_eq!(
+            w.needed_by_annotation(),
+            "AuthorizationPolicy shop/api-only"
+        );
+        let a = authorization(&t, "shop/api-only");
+        assert!(a.groups.is_empty(), "{a:?}");
+        assert!(rule(&t, "api-only").enforced_by.is_empty());
+        assert_eq!(
+            reasons(&t, "api-only"),
+            [
+                "ServiceAccount shop/reviews is not bound to a waypoint yet; istiod-rs is creating waypoint shop/reviews-waypoint on demand",
+                "Service shop/reviews is not bound to a waypoint yet; istiod-rs is creating waypoint shop/reviews-waypoint on demand",
+            ]
+        );
+
+        // The waypoint exists, its instance is not ready: still no exemption.
+        let t = run(&with_planned("", "reviews", PATHS_ALLOW, false));
+        assert!(authorization(&t, "shop/api-only").groups.is_empty());
+        assert!(rule(&t, "api-only").enforced_by.is_empty());
+        assert!(
+            reasons(&t, "api-only")
+                .iter()
+                .all(|r| r.contains("which has no ready instance yet")),
+            "{:?}",
+            reasons(&t, "api-only")
+        );
+
+        // Ready: the waypoint enforces it for the workloads and the Service
+        // of that one account, and the L4 form admits the waypoint.
+        let t = run(&with_planned("", "reviews", PATHS_ALLOW, true));
+        assert_eq!(keys(&t), ["shop/reviews-waypoint"]);
+        assert!(reasons(&t, "api-only").is_empty());
+        let r = rule(&t, "api-only");
+        assert_eq!(r.enforced_by, ["shop/reviews-waypoint"]);
+        assert!(r.served());
+        let config = waypoint_config(&t, "shop/reviews-waypoint");
+        assert_eq!(config.workloads.len(), 2);
+        for w in &config.workloads {
+            assert_eq!(w.authorizations, ["shop/api-only"], "{}", w.uid);
+        }
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(config.services[0].authorizations, ["shop/api-only"]);
+        assert!(
+            t.snapshot
+                .of_type(type_url::HTTP_AUTHORIZATION)
+                .contains_key("shop/api-only")
+        );
+        let a = authorization(&t, "shop/api-only");
+        assert_eq!(
+            a.groups,
+            [Group {
+                rules: vec![Rules {
+                    matches: vec![Match {
+                        principals: vec![principal("cluster.local/ns/shop/sa/reviews-waypoint")],
+                        ..Match::default()
+                    }],
+                }],
+            }]
+        );
+        // Its problem no longer claims the HTTP rules match nothing.
+        let problem = t
+            .problems
+            .iter()
+            .find(|p| matches!(p, PolicyProblem::HttpAttributes { .. }))
+            .unwrap()
+            .to_string();
+        assert!(
+            problem
+                .contains("waypoint(s) shop/reviews-waypoint enforce it with its HTTP attributes"),
+            "{problem}"
+        );
+        let state = with_planned("", "reviews", PATHS_ALLOW, true);
+        let statuses = crate::status::desired(&state, &run(&state));
+        let Some(crate::status::ObjectStatus::Conditions(c)) = statuses.get(&PolicyRef::new(
+            api::manifest::Kind::AuthorizationPolicy,
+            "shop",
+            "api-only",
+        )) else {
+            panic!("no status");
+        };
+        assert_eq!(
+            (c[0].type_.as_str(), c[0].status, c[0].reason.as_str()),
+            ("ZtunnelAccepted", true, "Accepted")
+        );
+    }
+
+    #[test]
+    fn a_selector_deny_spares_only_the_enforcing_waypoint() {
+        let deny = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [other]}}], to: [{operation: {paths: ["/admin"]}}]}]
+"#;
+        let not_waypoint = Rules {
+            matches: vec![Match {
+                not_principals: vec![principal("cluster.local/ns/shop/sa/reviews-waypoint")],
+                ..Match::default()
+            }],
+        };
+        let t = run(&cluster("", "", "reviews", deny));
+        let before = authorization(&t, "shop/no-admin");
+        assert_eq!(before.groups.len(), 1);
+        assert!(!before.groups[0].rules.contains(&not_waypoint));
+        let t = run(&with_planned("", "reviews", deny, true));
+        let after = authorization(&t, "shop/no-admin");
+        let mut want = before.groups[0].rules.clone();
+        want.push(not_waypoint);
+        assert_eq!(after.groups, [Group { rules: want }]);
+    }
+
+    const NAMESPACE_JWT: &str = r#"---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: shop}
+spec:
+  jwtRules: [{issuer: https://issuer.example, jwks: '{"keys":[]}'}]
+"#;
+
+    #[test]
+    fn a_namespace_request_authentication_gets_a_waypoint_per_account_and_exempts_exactly_them() {
+        let t = run(&cluster("", "", "ratings", NAMESPACE_JWT));
+        assert_eq!(
+            keys(&t),
+            [
+                "shop/ratings-waypoint",
+                "shop/reviews-waypoint",
+                "shop/waypoint-svc-reviews"
+            ]
+        );
+        let stand_in = "shop/unserved_l7_requestauthentication_jwt";
+        assert_eq!(
+            authorization(&t, stand_in).groups,
+            [Group { rules: vec![] }]
+        );
+        let t = run(&with_planned("", "ratings", NAMESPACE_JWT, true));
+        let r = rule(&t, "jwt");
+        assert!(r.served(), "{:?}", reasons(&t, "jwt"));
+        assert_eq!(
+            r.enforced_by,
+            [
+                "shop/ratings-waypoint",
+                "shop/reviews-waypoint",
+                "shop/waypoint-svc-reviews"
+            ]
+        );
+        for (waypoint, workloads, services) in [
+            ("shop/ratings-waypoint", 1, 0),
+            ("shop/reviews-waypoint", 1, 0),
+            ("shop/waypoint-svc-reviews", 0, 1),
+        ] {
+            let config = waypoint_config(&t, waypoint);
+            assert_eq!(config.workloads.len(), workloads, "{waypoint}");
+            assert_eq!(config.services.len(), services, "{waypoint}");
+            for w in &config.workloads {
+                assert_eq!(w.authentications, ["shop/jwt"], "{waypoint}");
+            }
+            for s in &config.services {
+                assert_eq!(s.authentications, ["shop/jwt"], "{waypoint}");
+            }
+        }
+        assert!(
+            t.snapshot
+                .of_type(type_url::JWT_AUTHENTICATION)
+                .contains_key("shop/jwt")
+        );
+        // Still listed by the covered workloads, sparing only the waypoints.
+        assert_eq!(
+            authorization(&t, stand_in).groups,
+            [Group {
+                rules: vec![Rules {
+                    matches: vec![Match {
+                        not_principals: vec![
+                            principal("cluster.local/ns/shop/sa/ratings-waypoint"),
+                            principal("cluster.local/ns/shop/sa/reviews-waypoint"),
+                            principal("cluster.local/ns/shop/sa/waypoint-svc-reviews"),
+                        ],
+                        ..Match::default()
+                    }],
+                }],
+            }]
+        );
+        assert_eq!(r.deny_key.as_deref(), Some(stand_in));
+    }
+
+    #[test]
+    fn a_route_on_another_service_to_a_covered_backend_carries_the_rule() {
+        // `front` (account front, not covered) routes to `reviews` (covered).
+        let front = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: shop}
+spec: {selector: {app: front}, clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: front-0, namespace: shop, labels: {app: front}}
+spec: {nodeName: node-a, serviceAccountName: front, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.40.0.3, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: front, port: 80}]
+  rules: [{backendRefs: [{name: reviews, port: 80}]}]
+"#;
+        let t = run(&with_planned(
+            "",
+            "reviews",
+            &format!("{front}{PATHS_ALLOW}"),
+            true,
+        ));
+        let config = waypoint_config(&t, "shop/front-waypoint");
+        let served = config
+            .services
+            .iter()
+            .find(|s| s.hostname.starts_with("front."))
+            .unwrap();
+        assert_eq!(served.authorizations, ["shop/api-only"]);
+        assert_eq!(
+            rule(&t, "api-only").enforced_by,
+            ["shop/front-waypoint", "shop/reviews-waypoint"]
+        );
+        // Every request of front reaches reviews: nothing stricter to say.
+        assert!(
+            !t.problems
+                .iter()
+                .any(|p| matches!(p, PolicyProblem::AppliedToWholeService { .. })),
+            "{:?}",
+            t.problems
+        );
+    }
+
+    #[test]
+    fn a_service_with_an_endpoint_the_rule_does_not_cover_is_checked_whole_and_says_so() {
+        // Only reviews-v3 (account reviews) is covered; v1 and v2 are not.
+        let policy = r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-only, namespace: shop}
+spec:
+  selector: {matchLabels: {tier: checked}}
+  rules: [{to: [{operation: {paths: ["/api/*"]}}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v3, namespace: shop, labels: {app: reviews, tier: checked}}
+spec: {nodeName: node-a, serviceAccountName: reviews, containers: [{name: app, image: app}]}
+status: {phase: Running, podIP: 10.40.0.3, conditions: [{type: Ready, status: "True"}]}
+"#;
+        let t = run(&with_planned("", "ratings", policy, true));
+        // Service of two accounts: its own waypoint; the covered account's.
+        assert_eq!(
+            keys(&t),
+            ["shop/reviews-waypoint", "shop/waypoint-svc-reviews"]
+        );
+        let config = waypoint_config(&t, "shop/waypoint-svc-reviews");
+        assert_eq!(config.services[0].authorizations, ["shop/api-only"]);
+        let wider: Vec<String> = t
+            .problems
+            .iter()
+            .filter(|p| matches!(p, PolicyProblem::AppliedToWholeService { .. }))
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            wider,
+            [
+                "AuthorizationPolicy shop/api-only: at Service shop/reviews, it also has endpoints the rule does not cover; waypoint shop/waypoint-svc-reviews checks every request to it against the rule, which is stricter than written"
+            ]
+        );
+        // Only the covered pod is listed as a workload.
+        let config = waypoint_config(&t, "shop/reviews-waypoint");
+        let listed: Vec<&str> = config
+            .workloads
+            .iter()
+            .filter(|w| !w.authorizations.is_empty())
+            .map(|w| w.uid.as_str())
+            .collect();
+        assert_eq!(listed, ["Kubernetes//Pod/shop/reviews-v3"]);
+    }
+
+    #[test]
+    fn an_opted_out_namespace_keeps_the_l4_form_without_exemption() {
+        let t = run(&cluster(
+            "istio.io/auto-waypoint: disabled",
+            "",
+            "reviews",
+            PATHS_ALLOW,
+        ));
+        assert!(t.on_demand.waypoints.is_empty());
+        assert!(authorization(&t, "shop/api-only").groups.is_empty());
+        assert_eq!(
+            reasons(&t, "api-only"),
+            [
+                "ServiceAccount shop/reviews is not bound to a waypoint, and waypoints on demand are disabled in namespace shop (label istio.io/auto-waypoint: disabled)",
+                "Service shop/reviews is not bound to a waypoint, and waypoints on demand are disabled in namespace shop (label istio.io/auto-waypoint: disabled)",
+            ]
+        );
+        let problem = t
+            .problems
+            .iter()
+            .find(|p| matches!(p, PolicyProblem::UnservedL7 { .. }))
+            .unwrap();
+        assert!(
+            problem.to_string().ends_with(
+                "connections to the workloads of ServiceAccount shop/reviews are held to the policy's L4 form until a waypoint serves the rule"
+            ),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_users_waypoint_for_the_workloads_serves_the_rule_instead() {
+        let mine = format!(
+            r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: mine, namespace: shop, labels: {{istio.io/waypoint-for: all}}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+{}{PATHS_ALLOW}"#,
+            instance("mine")
+        );
+        let t = run(&cluster(
+            "istio.io/use-waypoint: mine",
+            "",
+            "reviews",
+            &mine,
+        ));
+        assert!(keys(&t).is_empty());
+        let r = rule(&t, "api-only");
+        assert!(r.served(), "{:?}", reasons(&t, "api-only"));
+        assert_eq!(r.enforced_by, ["shop/mine"]);
+        let config = waypoint_config(&t, "shop/mine");
+        assert_eq!(config.workloads.len(), 2);
+        assert!(
+            config
+                .workloads
+                .iter()
+                .all(|w| w.authorizations == ["shop/api-only"])
+        );
+        assert_eq!(
+            authorization(&t, "shop/api-only").groups[0].rules[0].matches[0].principals,
+            [principal("cluster.local/ns/shop/sa/mine")]
         );
     }
 }

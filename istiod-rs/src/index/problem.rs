@@ -62,6 +62,15 @@ pub enum Effect {
     TargetsDenied { targets: String },
     /// An L7 rule no waypoint serves, at a target that covers no workload.
     NothingDenied,
+    /// An AuthorizationPolicy attached by selector or namespace that no
+    /// waypoint serves at `targets`: connections there are held to its L4
+    /// form (see its HTTP attributes problem).
+    L4FormHolds { targets: String },
+    /// An AuthorizationPolicy attached by selector or namespace with HTTP
+    /// attributes: the `waypoints` (`ns/name`, joined) enforce it as
+    /// written; other connections are held to its L4 form (`allow`: its
+    /// HTTP rules match nothing; else it denies without them).
+    WaypointsEnforce { waypoints: String, allow: bool },
     /// L7: the rule, route or filter holding the value is left out (an
     /// ALLOW rule matching nothing, a route answering 500).
     L7Stricter { what: String },
@@ -104,10 +113,10 @@ impl fmt::Display for Effect {
                 f.write_str("the policy is not served (an AUDIT policy never changes access)")
             }
             Effect::HttpRulesMatchNothing => f.write_str(
-                "within an ALLOW policy, rules matching HTTP attributes match nothing, which is more restrictive than requested",
+                "within an ALLOW policy, rules matching HTTP attributes match nothing, which is more restrictive than requested, until a waypoint enforces the policy",
             ),
             Effect::HttpAttributesIgnored => f.write_str(
-                "a DENY policy with HTTP attributes is enforced without them, which is more restrictive than requested",
+                "a DENY policy with HTTP attributes is enforced without them, which is more restrictive than requested, until a waypoint enforces the policy",
             ),
             Effect::EnforcedAsStrict => f.write_str("the mode is enforced as STRICT"),
             Effect::PolicyStrict => f.write_str(
@@ -121,6 +130,19 @@ impl fmt::Display for Effect {
                 "connections to {targets} are denied until a waypoint serves the rule"
             ),
             Effect::NothingDenied => f.write_str("it covers no workload, so nothing is denied"),
+            Effect::L4FormHolds { targets } => write!(
+                f,
+                "connections to {targets} are held to the policy's L4 form until a waypoint serves the rule"
+            ),
+            Effect::WaypointsEnforce { waypoints, allow } => write!(
+                f,
+                "waypoint(s) {waypoints} enforce it with its HTTP attributes; connections that do not come through them are held to its L4 form, in which {}",
+                if *allow {
+                    "rules matching HTTP attributes match nothing"
+                } else {
+                    "rules are enforced without their HTTP attributes"
+                }
+            ),
             Effect::L7Stricter { what } => write!(f, "{what}, which is stricter than written"),
             Effect::DefaultApplies { what } => f.write_str(what),
             Effect::IssuerRejected { issuer } => write!(
@@ -156,9 +178,6 @@ pub enum Unserved {
         target: Option<String>,
         waypoint: String,
     },
-    /// The rule attaches to workloads directly (selector, namespace, Service
-    /// parent) and only a waypoint can enforce it.
-    NeedsWaypoint { what: &'static str },
     /// The target is bound to no waypoint and its namespace is labelled
     /// `istio.io/auto-waypoint: disabled`: none is made on demand.
     AutoWaypointDisabled { target: String, namespace: String },
@@ -190,10 +209,6 @@ impl fmt::Display for Unserved {
                 target: None,
                 waypoint,
             } => write!(f, "waypoint {waypoint} has no ready instance yet"),
-            Unserved::NeedsWaypoint { what } => write!(
-                f,
-                "{what} can only be enforced by a waypoint: attach it with targetRefs to a waypoint or a Service bound to one"
-            ),
             Unserved::AutoWaypointDisabled { target, namespace } => write!(
                 f,
                 "{target} is not bound to a waypoint, and waypoints on demand are disabled in namespace {namespace} (label istio.io/auto-waypoint: disabled)"
@@ -244,9 +259,7 @@ pub enum PolicyProblem {
         effect: Effect,
     },
     /// HTTP-only attributes in a policy enforced at L4.
-    #[error(
-        "{object}: ztunnel does not support HTTP attributes (found: {attributes}); {effect}. Bind a waypoint and use targetRefs to enforce HTTP rules"
-    )]
+    #[error("{object}: ztunnel does not support HTTP attributes (found: {attributes}); {effect}")]
     HttpAttributes {
         object: PolicyRef,
         attributes: String,
@@ -279,6 +292,16 @@ pub enum PolicyProblem {
         reason: String,
         effect: Effect,
     },
+    /// An L7 rule attached by selector or namespace that a waypoint applies
+    /// to every request of a Service, while only some of them reach what the
+    /// rule covers.
+    #[error("{object}: at Service {service}, {why}; {effect}")]
+    AppliedToWholeService {
+        object: PolicyRef,
+        service: String,
+        why: String,
+        effect: Effect,
+    },
     /// A RequestAuthentication rule whose `jwksUri` istiod-rs could not
     /// fetch (or has not fetched yet).
     #[error("{object}: {field}: the JWKS of {uri} is unavailable: {error}; {effect}")]
@@ -301,6 +324,7 @@ impl PolicyProblem {
             | PolicyProblem::UnservedL7 { object, .. }
             | PolicyProblem::UntranslatableL7 { object, .. }
             | PolicyProblem::JwksUnavailable { object, .. }
+            | PolicyProblem::AppliedToWholeService { object, .. }
             | PolicyProblem::NotHonoured { object, .. } => object,
         }
     }
@@ -324,7 +348,9 @@ impl PolicyProblem {
             | PolicyProblem::JwksUnavailable { field, .. }
             | PolicyProblem::NotHonoured { field, .. } => Some(field),
             PolicyProblem::UnsupportedAction { .. } => Some("action"),
-            PolicyProblem::HttpAttributes { .. } | PolicyProblem::UnservedL7 { .. } => None,
+            PolicyProblem::HttpAttributes { .. }
+            | PolicyProblem::UnservedL7 { .. }
+            | PolicyProblem::AppliedToWholeService { .. } => None,
         }
     }
 
@@ -337,6 +363,7 @@ impl PolicyProblem {
             | PolicyProblem::UnservedL7 { effect, .. }
             | PolicyProblem::UntranslatableL7 { effect, .. }
             | PolicyProblem::JwksUnavailable { effect, .. }
+            | PolicyProblem::AppliedToWholeService { effect, .. }
             | PolicyProblem::NotHonoured { effect, .. } => effect,
         }
     }
@@ -370,6 +397,7 @@ impl PolicyProblem {
             PolicyProblem::UnservedL7 { .. } => "unserved_l7",
             PolicyProblem::UntranslatableL7 { .. } => "untranslatable_l7",
             PolicyProblem::JwksUnavailable { .. } => "jwks_unavailable",
+            PolicyProblem::AppliedToWholeService { .. } => "applied_to_whole_service",
             PolicyProblem::NotHonoured { .. } => "not_honoured",
         }
     }

@@ -29,10 +29,25 @@ use std::collections::BTreeMap;
 use api::security::{Action, Authorization, Group, Match, Rules, Scope, StringMatch, string_match};
 
 use super::MeshConfig;
-use super::waypoints::Waypoints;
+use super::waypoints::{Waypoint, Waypoints};
 
 /// Prefix of the names of the implicit ALLOW-from-waypoint policies.
 const ALLOW_WAYPOINT_PREFIX: &str = "istio_allow_waypoint_";
+
+/// The identities of a waypoint's instances, as policies name them:
+/// `<trust domain>/ns/<waypoint ns>/sa/<account>`, sorted, each once.
+pub(super) fn principals(mesh: &MeshConfig, w: &Waypoint) -> Vec<StringMatch> {
+    w.service_accounts
+        .iter()
+        .map(|sa| StringMatch {
+            match_type: Some(string_match::MatchType::Exact(format!(
+                "{}/ns/{}/sa/{sa}",
+                mesh.trust_domain,
+                w.namespace()
+            ))),
+        })
+        .collect()
+}
 
 /// The implicit policies of one translation.
 #[derive(Debug, Default)]
@@ -64,16 +79,7 @@ impl WaypointPolicies {
             .map(|w| {
                 let namespace = w.namespace();
                 let name = format!("{ALLOW_WAYPOINT_PREFIX}{namespace}_{}", w.name());
-                let principals = w
-                    .service_accounts
-                    .iter()
-                    .map(|sa| StringMatch {
-                        match_type: Some(string_match::MatchType::Exact(format!(
-                            "{}/ns/{namespace}/sa/{sa}",
-                            mesh.trust_domain
-                        ))),
-                    })
-                    .collect();
+                let principals = principals(mesh, w);
                 let authorization = Authorization {
                     name: name.clone(),
                     namespace: namespace.to_string(),

@@ -285,6 +285,12 @@ impl Waypoints {
         waypoints
     }
 
+    /// The usable waypoint `ns/name`.
+    pub fn get(&self, key: &str) -> Option<&Waypoint> {
+        let (namespace, name) = key.split_once('/')?;
+        self.by_key.get(&(namespace.to_string(), name.to_string()))
+    }
+
     /// Every usable waypoint, by namespace then name.
     pub fn iter(&self) -> impl Iterator<Item = &Waypoint> {
         self.by_key.values()

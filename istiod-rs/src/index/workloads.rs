@@ -311,6 +311,7 @@ pub(super) fn workload(
     let l7 = (!instance).then(|| l7::Workload {
         namespace,
         labels,
+        account: sa,
         services: backed,
         waypoint: waypoint_key.clone(),
     });

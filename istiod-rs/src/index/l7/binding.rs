@@ -24,6 +24,17 @@
 //! Policies are listed by target, whether or not the waypoint is ready: its
 //! configuration holds them before the L4 stand-in DENY goes away.
 //!
+//! A rule attached by selector or namespace (see `l7.rs`) is listed by every
+//! `ServedWorkload` of a workload it covers, and by every `ServedService`
+//! through which a request can reach an endpoint it covers: the Service
+//! itself when it has a covered endpoint, or any Service whose RouteTable
+//! forwards or mirrors to one that has (the waypoint sends requests to the
+//! backends' endpoints directly, so the rule must be checked where the
+//! route is). Such a Service's requests that reach no covered endpoint are
+//! then checked too: stricter than written, reported once per Service
+//! ([`PolicyProblem::AppliedToWholeService`]). The waypoints with a ready
+//! instance that list the rule enforce it ([`Bindings::enforced_by`]).
+//!
 //! Protocol of a service port, as upstream's `ConvertProtocol`
 //! (istio/istio pkg/config/kube/conversion.go) and `protocol.Parse`
 //! (pkg/config/protocol/instance.go): UDP ports are not served; the name
@@ -115,6 +126,47 @@ pub(in crate::index) struct Named<'a> {
     pub route_tables: &'a BTreeSet<String>,
     /// Service index -> why it must be refused entirely.
     pub deny_all: &'a BTreeMap<usize, Vec<String>>,
+    /// Service key -> where its RouteTable sends requests.
+    pub reaches: &'a BTreeMap<String, Reach>,
+}
+
+/// Where a RouteTable sends requests.
+#[derive(Debug, Default)]
+pub(in crate::index) struct Reach {
+    /// The services (keys) its routes forward or mirror to.
+    pub backends: BTreeSet<String>,
+    /// Some route answers itself (redirect, direct response, no backend).
+    pub answers_itself: bool,
+}
+
+impl Reach {
+    pub fn of(table: &api::l7::RouteTable) -> Reach {
+        use api::l7::route::Action;
+        let mut reach = Reach::default();
+        for route in &table.routes {
+            match &route.action {
+                Some(Action::Forward(f)) if !f.backends.is_empty() => {
+                    reach
+                        .backends
+                        .extend(f.backends.iter().map(|b| b.service.clone()));
+                }
+                _ => reach.answers_itself = true,
+            }
+            let mirrors = route.mirrors.iter().filter_map(|m| m.backend.as_ref());
+            reach.backends.extend(mirrors.map(|b| b.service.clone()));
+        }
+        reach
+    }
+}
+
+/// The Waypoint resources, and who enforces the rules attached by selector
+/// or namespace.
+#[derive(Debug, Default)]
+pub(in crate::index) struct Bindings {
+    pub waypoints: BTreeMap<String, Waypoint>,
+    /// By index of [`Named::rules`]: the waypoints (`ns/name`, sorted) with
+    /// a ready instance that list the rule.
+    pub enforced_by: Vec<Vec<String>>,
 }
 
 /// One `Waypoint` per waypoint Gateway, by key.
@@ -126,7 +178,7 @@ pub(in crate::index) fn waypoints(
     service_waypoints: &[Option<String>],
     named: &Named<'_>,
     problems: &mut Vec<PolicyProblem>,
-) -> BTreeMap<String, Waypoint> {
+) -> Bindings {
     let mut out: BTreeMap<String, Waypoint> = state
         .gateways
         .iter()
@@ -146,35 +198,84 @@ pub(in crate::index) fn waypoints(
 
     // Policy keys by what they target.
     let mut by_service: BTreeMap<usize, (Vec<String>, Vec<String>)> = BTreeMap::new();
-    for rule in named.rules {
-        let key = rule.object.key.to_string();
-        let list = match rule.object.kind {
-            Kind::AuthorizationPolicy if named.authorizations.contains(&key) => 0,
-            Kind::RequestAuthentication if named.authentications.contains(&key) => 1,
-            _ => continue,
+    for rule in named.rules.iter().filter(|r| r.coverage().is_none()) {
+        let Some((key, list)) = policy_list(rule, named) else {
+            continue;
         };
         for t in &rule.targets {
             if let Some(i) = TargetOutcome::service(t) {
                 let lists = by_service.entry(i).or_default();
-                push_unique(
-                    if list == 0 {
-                        &mut lists.0
-                    } else {
-                        &mut lists.1
-                    },
-                    &key,
-                );
+                list.add(&mut lists.0, &mut lists.1, &key);
             }
             if let Some(w) = t.waypoint()
                 && let Some(wp) = out.get_mut(w)
             {
-                let l = if list == 0 {
-                    &mut wp.gateway_authorizations
-                } else {
-                    &mut wp.gateway_authentications
-                };
-                push_unique(l, &key);
+                list.add(
+                    &mut wp.gateway_authorizations,
+                    &mut wp.gateway_authentications,
+                    &key,
+                );
             }
+        }
+    }
+
+    let mut enforced_by = vec![BTreeSet::new(); named.rules.len()];
+    let ready = |w: &str| waypoints.ready.contains(w);
+    let index_of: BTreeMap<&str, usize> = services
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.key.as_str(), i))
+        .collect();
+    for (r, rule) in named.rules.iter().enumerate() {
+        let (Some(coverage), Some((key, list))) = (rule.coverage(), policy_list(rule, named))
+        else {
+            continue;
+        };
+        for (i, (entry, bound)) in services.entries.iter().zip(service_waypoints).enumerate() {
+            let Some(waypoint) = bound else { continue };
+            let reach = named.reaches.get(&entry.key);
+            let backends: Vec<Option<usize>> = reach
+                .into_iter()
+                .flat_map(|r| &r.backends)
+                .map(|b| index_of.get(b.as_str()).copied())
+                .collect();
+            let direct = coverage.services.contains(&i);
+            let routed = backends
+                .iter()
+                .any(|b| b.is_some_and(|j| coverage.services.contains(&j)));
+            if !direct && !routed {
+                continue;
+            }
+            let lists = by_service.entry(i).or_default();
+            list.add(&mut lists.0, &mut lists.1, &key);
+            if ready(waypoint) {
+                enforced_by[r].insert(waypoint.clone());
+            }
+            let why = match reach {
+                Some(reach)
+                    if reach.answers_itself
+                        || backends
+                            .iter()
+                            .any(|b| b.is_none_or(|j| !coverage.covers_service(j))) =>
+                {
+                    "its routes send some of its requests elsewhere than to endpoints the rule covers"
+                }
+                None if coverage.uncovered.contains(&i) => {
+                    "it also has endpoints the rule does not cover"
+                }
+                _ => continue,
+            };
+            problems.push(PolicyProblem::AppliedToWholeService {
+                object: rule.object.clone(),
+                service: format!("{}/{}", entry.namespace, entry.proto.name),
+                why: why.to_string(),
+                effect: Effect::L7Stricter {
+                    what: format!(
+                        "waypoint {waypoint} checks every request to it against the rule"
+                    ),
+                },
+            });
         }
     }
 
@@ -230,16 +331,78 @@ pub(in crate::index) fn waypoints(
             None,
             Traffic::Workload,
         );
-        let Some(wp) = bound.and_then(|w| out.get_mut(&w.key())) else {
+        let Some(waypoint) = bound.map(|w| w.key()) else {
             continue;
         };
-        wp.workloads.push(ServedWorkload {
+        let Some(wp) = out.get_mut(&waypoint) else {
+            continue;
+        };
+        let mut served = ServedWorkload {
             uid: mesh.pod_uid(&key.namespace, &key.name),
             addresses: addresses.into_iter().map(ip_bytes).collect(),
             ..ServedWorkload::default()
-        });
+        };
+        for (r, rule) in named.rules.iter().enumerate() {
+            let covered = rule.coverage().is_some_and(|c| c.workloads.contains(key));
+            let Some((policy, list)) = policy_list(rule, named).filter(|_| covered) else {
+                continue;
+            };
+            list.add(
+                &mut served.authorizations,
+                &mut served.authentications,
+                &policy,
+            );
+            if ready(&waypoint) {
+                enforced_by[r].insert(waypoint.clone());
+            }
+        }
+        wp.workloads.push(served);
     }
-    out
+    Bindings {
+        waypoints: out,
+        enforced_by: enforced_by
+            .into_iter()
+            .map(|e| e.into_iter().collect())
+            .collect(),
+    }
+}
+
+/// Which of an entry's lists names a policy.
+#[derive(Clone, Copy)]
+enum PolicyList {
+    /// HttpAuthorization keys.
+    Authorizations,
+    /// JwtAuthentication keys.
+    Authentications,
+}
+
+impl PolicyList {
+    /// Adds `key`, once, to this list of an entry.
+    fn add(self, authorizations: &mut Vec<String>, authentications: &mut Vec<String>, key: &str) {
+        push_unique(
+            match self {
+                PolicyList::Authorizations => authorizations,
+                PolicyList::Authentications => authentications,
+            },
+            key,
+        );
+    }
+}
+
+/// The key of the resource a rule becomes and which list names it, when it
+/// is served.
+fn policy_list(rule: &L7Rule, named: &Named<'_>) -> Option<(String, PolicyList)> {
+    let key = rule.object.key.to_string();
+    let list = match rule.object.kind {
+        Kind::AuthorizationPolicy if named.authorizations.contains(&key) => {
+            PolicyList::Authorizations
+        }
+        Kind::RequestAuthentication if named.authentications.contains(&key) => {
+            PolicyList::Authentications
+        }
+        _ => return None,
+    };
+    Some((key, list))
 }
 
 /// Whether the waypoint Gateway opted in to `x-forwarded-client-cert` (see

@@ -1,5 +1,7 @@
-//! AuthorizationPolicy with `targetRefs` -> `HttpAuthorization`, key
-//! `<ns>/<name>`, every field of the policy in the waypoint's terms.
+//! AuthorizationPolicy with `targetRefs`, or attached by selector or
+//! namespace with HTTP attributes (ALLOW, DENY: see `l7.rs`) ->
+//! `HttpAuthorization`, key `<ns>/<name>`, every field of the policy (L4
+//! and L7 attributes alike) in the waypoint's terms.
 //!
 //! - action: ALLOW, DENY; CUSTOM is served as DENY of what its rules match
 //!   (the waypoint calls no external authorizer); AUDIT and dry-run
@@ -35,13 +37,16 @@ use api::security::{StringMatch, string_match::MatchType};
 use super::super::authorization::{self, parse_all, parse_cidr, parse_port, string_matches};
 use super::super::problem::{Effect, PolicyProblem};
 
-/// Converts one policy; `None` when it is not served by waypoints (no
-/// targetRefs, dry-run, AUDIT).
+/// Converts one policy; `None` when it is not served by waypoints (dry-run,
+/// AUDIT, and a policy attached by selector or namespace that is CUSTOM or
+/// names no HTTP attribute: ztunnel enforces those as written).
 pub(in crate::index) fn convert(
     policy: &AuthorizationPolicy,
     problems: &mut Vec<PolicyProblem>,
 ) -> Option<HttpAuthorization> {
-    if !authorization::targets_waypoints(policy) || authorization::dry_run(policy) {
+    let served = authorization::targets_waypoints(policy)
+        || authorization::enforced_at_waypoints_by_selector(policy);
+    if !served || authorization::dry_run(policy) {
         return None;
     }
     let action = match policy.spec.action {

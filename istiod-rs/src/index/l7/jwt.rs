@@ -1,4 +1,4 @@
-//! RequestAuthentication with `targetRefs` -> `JwtAuthentication`, key
+//! RequestAuthentication -> `JwtAuthentication`, key
 //! `<ns>/<name>`, `jwtRules` field for field.
 //!
 //! The keys are always inline: `jwks` as written, else the document
@@ -11,8 +11,9 @@
 //! field. A token-less request is not affected (it has no principal, which
 //! an ALLOW requiring one refuses).
 //!
-//! RequestAuthentications attached by selector or namespace are not served
-//! to waypoints (see `l7.rs`).
+//! RequestAuthentications attached by selector or namespace are converted
+//! alike: `binding.rs` lists them on the waypoint entries of the workloads
+//! they cover (see `l7.rs`).
 
 use api::crd::RequestAuthentication;
 use api::l7::{ClaimToHeader, JwtAuthentication, JwtHeader, JwtRule};
@@ -21,7 +22,7 @@ use api::manifest::{Kind, ObjectKey};
 use super::super::problem::{Effect, PolicyProblem, PolicyRef};
 use crate::jwks::{JwksEntry, JwksSource, JwksState, parse_timeout, validate_jwks};
 
-/// Converts one RequestAuthentication; `None` when it has no `targetRefs`.
+/// Converts one RequestAuthentication, however it attaches.
 pub(in crate::index) fn convert(
     key: &ObjectKey,
     ra: &RequestAuthentication,
@@ -29,9 +30,6 @@ pub(in crate::index) fn convert(
     problems: &mut Vec<PolicyProblem>,
 ) -> Option<JwtAuthentication> {
     let spec = &ra.spec;
-    if spec.target_ref.is_none() && spec.target_refs.is_empty() {
-        return None;
-    }
     let object = PolicyRef {
         kind: Kind::RequestAuthentication,
         key: key.clone(),
