@@ -66,7 +66,7 @@ const REQUESTS: &str = "istio_requests_total";
 /// The body of a request an AuthorizationPolicy refused (upstream's).
 const DENIED_BODY: &str = "RBAC: access denied";
 /// The issuer of the tokens [`l7_jwt_missing_invalid_valid`] signs.
-const ISSUER: &str = "https://issuer.l7.example";
+pub(super) const ISSUER: &str = "https://issuer.l7.example";
 
 /// How long the waypoint (provisioned, started, Ready) and a change of
 /// configuration may take to show in traffic. Generous: CI machines are slow.
@@ -624,7 +624,7 @@ spec:
 }
 
 /// An Ed25519 key that signs JWTs, as an issuer would.
-struct Issuer {
+pub(super) struct Issuer {
     kid: &'static str,
     key: KeyPair,
 }
@@ -637,7 +637,7 @@ impl Issuer {
     }
 
     /// The JWKS with the public key (RFC 8037 `OKP`).
-    fn jwks(&self) -> String {
+    pub(super) fn jwks(&self) -> String {
         serde_json::json!({"keys": [{
             "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA",
             "kid": self.kid, "x": B64.encode(self.key.public_key_raw()),
@@ -661,22 +661,42 @@ impl Issuer {
     }
 }
 
+/// An issuer of [`ISSUER`] and two tokens for `alice`, valid for an hour:
+/// one it signed, and one signed by another key under the same kid (its
+/// signature does not verify).
+pub(super) struct Tokens {
+    pub issuer: Issuer,
+    pub valid: String,
+    pub invalid: String,
+}
+
+impl Tokens {
+    pub(super) fn new(kid: &'static str) -> Result<Tokens, ProbeError> {
+        let issuer = Issuer::new(kid)?;
+        let impostor = Issuer::new(kid)?;
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| failed("the clock", e))?
+            .as_secs()
+            + 3600;
+        let claims = serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": exp});
+        Ok(Tokens {
+            valid: issuer.token(&claims)?,
+            invalid: impostor.token(&claims)?,
+            issuer,
+        })
+    }
+}
+
 pub fn jwt_missing_invalid_valid(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
     let client = &f.client;
     let get = backends.get(client);
-    let issuer = Issuer::new("l7-1")?;
-    // Same kid, another key: a token whose signature does not verify.
-    let impostor = Issuer::new("l7-1")?;
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| failed("the clock", e))?
-        .as_secs()
-        + 3600;
-    let claims = serde_json::json!({"iss": ISSUER, "sub": "alice", "exp": exp});
-    let bearer = |token: String| vec![format!("authorization: Bearer {token}")];
-    let valid = bearer(issuer.token(&claims)?);
-    let invalid = bearer(impostor.token(&claims)?);
+    let tokens = Tokens::new("l7-1")?;
+    let issuer = &tokens.issuer;
+    let bearer = |token: &str| vec![format!("authorization: Bearer {token}")];
+    let valid = bearer(&tokens.valid);
+    let invalid = bearer(&tokens.invalid);
     let policies = format!(
         "apiVersion: security.istio.io/v1
 kind: RequestAuthentication

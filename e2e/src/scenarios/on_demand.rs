@@ -1,5 +1,6 @@
 //! Waypoints on demand (issue 13): an L7 rule on a Service no waypoint
-//! serves makes istiod-rs create one, and the rule is enforced from the
+//! serves, or attached by selector or namespace to workloads no waypoint
+//! serves, makes istiod-rs create one, and the rule is enforced from the
 //! moment it exists: refused (fail closed) until the waypoint is ready, then
 //! served through it.
 //!
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use super::Scenario;
 use super::fixture::{ECHO_HTTP, echo_server, namespace_yaml, service_accounts_yaml};
 use super::l4::failed;
-use super::l7::{Caller, describe, from_first_client, tear_down};
+use super::l7::{Caller, ISSUER, Tokens, describe, from_first_client, tear_down};
 use super::policies::Applied;
 use crate::apps::HttpReport;
 use crate::cluster::{Cluster, OnDemand, PodInfo, ProxyRef};
@@ -58,6 +59,8 @@ pub fn all() -> Vec<Scenario> {
         "on_demand_two_accounts_behind_one_service" => two_accounts_behind_one_service,
         "on_demand_opt_out_fails_closed_with_the_reason" => opt_out_fails_closed_with_the_reason,
         "on_demand_user_waypoint_replaces_it_without_a_refusal" => user_waypoint_replaces_it_without_a_refusal,
+        "on_demand_selector_policy_is_enforced_by_waypoints" => selector_policy_is_enforced_by_waypoints,
+        "on_demand_namespace_jwt_is_checked_by_waypoints" => namespace_jwt_is_checked_by_waypoints,
     }
 }
 
@@ -177,9 +180,20 @@ impl<'a> World<'a> {
         method: &str,
         header: &str,
     ) -> Result<HttpReport, ProbeError> {
+        self.send_to(from, &self.urls[service], method, header)
+    }
+
+    /// One request from `from` to `url`.
+    fn send_to(
+        &self,
+        from: &PodInfo,
+        url: &str,
+        method: &str,
+        header: &str,
+    ) -> Result<HttpReport, ProbeError> {
         let args: Vec<String> = [
             "http",
-            &self.urls[service],
+            url,
             "--method",
             method,
             "--timeout",
@@ -193,7 +207,7 @@ impl<'a> World<'a> {
         probe::client(self.cluster, from, &args, REQUEST_TIMEOUT * 3)
     }
 
-    /// Waits until a request answers as `want`.
+    /// Waits until a request to the Service `urls[service]` answers as `want`.
     fn until(
         &self,
         from: &PodInfo,
@@ -202,14 +216,23 @@ impl<'a> World<'a> {
         header: &str,
         want: Outcome,
     ) -> Result<(), ProbeError> {
+        self.until_at(from, &self.urls[service], method, header, want)
+    }
+
+    /// Waits until a request to `url` answers as `want`.
+    fn until_at(
+        &self,
+        from: &PodInfo,
+        url: &str,
+        method: &str,
+        header: &str,
+        want: Outcome,
+    ) -> Result<(), ProbeError> {
         eventually(
-            &format!(
-                "{method} {} with {header:?} to be {want:?}",
-                self.urls[service]
-            ),
+            &format!("{method} {url} with {header:?} to be {want:?}"),
             WAYPOINT_TIMEOUT,
             || {
-                let report = self.send(from, service, method, header)?;
+                let report = self.send_to(from, url, method, header)?;
                 let got = Outcome::of(&report);
                 Ok(if got == want {
                     Ok(())
@@ -220,7 +243,7 @@ impl<'a> World<'a> {
         )
     }
 
-    /// Sends [`REPEAT`] requests; each must be `want`.
+    /// Sends [`REPEAT`] requests to the Service `urls[service]`; each must be `want`.
     fn every(
         &self,
         from: &PodInfo,
@@ -229,11 +252,23 @@ impl<'a> World<'a> {
         header: &str,
         want: Outcome,
     ) -> Result<(), ProbeError> {
+        self.every_at(from, &self.urls[service], method, header, want)
+    }
+
+    /// Sends [`REPEAT`] requests to `url`; each must be `want`.
+    fn every_at(
+        &self,
+        from: &PodInfo,
+        url: &str,
+        method: &str,
+        header: &str,
+        want: Outcome,
+    ) -> Result<(), ProbeError> {
         for i in 0..REPEAT {
-            let report = self.send(from, service, method, header)?;
+            let report = self.send_to(from, url, method, header)?;
             if Outcome::of(&report) != want {
                 return Err(failed(
-                    &format!("{method} {} with {header:?}", self.urls[service]),
+                    &format!("{method} {url} with {header:?}"),
                     format!(
                         "request {} of {REPEAT}: {}; expected {want:?}",
                         i + 1,
@@ -277,12 +312,25 @@ struct Poller {
 }
 
 impl Poller {
-    /// Runs `during` while polling `service` with `x-to: b` from `from`;
-    /// stops the polling `linger` after `during` returns.
+    /// Runs `during` while polling `service` with `GET` and `x-to: b` from
+    /// `from`; stops the polling `linger` after `during` returns.
     fn during<T>(
         world: &World<'_>,
         from: &PodInfo,
         service: usize,
+        linger: Duration,
+        during: impl FnOnce() -> Result<T, ProbeError>,
+    ) -> (Poller, Result<T, ProbeError>) {
+        Poller::sending(world, from, service, "GET", TO_B, linger, during)
+    }
+
+    /// [`Poller::during`] with this method and header.
+    fn sending<T>(
+        world: &World<'_>,
+        from: &PodInfo,
+        service: usize,
+        method: &str,
+        header: &str,
         linger: Duration,
         during: impl FnOnce() -> Result<T, ProbeError>,
     ) -> (Poller, Result<T, ProbeError>) {
@@ -291,7 +339,7 @@ impl Poller {
             let polling = s.spawn(|| {
                 let mut outcomes = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let outcome = match world.send(from, service, "GET", TO_B) {
+                    let outcome = match world.send(from, service, method, header) {
                         Ok(report) => Outcome::of(&report),
                         Err(_) => Outcome::Refused,
                     };
@@ -314,6 +362,34 @@ impl Poller {
             .iter()
             .find(|(t, o)| *t >= start && want(*o))
             .map(|(t, _)| *t - start)
+    }
+
+    /// Fails if a request was answered directly (as if the rule were not
+    /// there) after the rule was first `enforced` (a duration since `start`).
+    fn never_direct_after(
+        &self,
+        start: Instant,
+        enforced: Option<Duration>,
+        what: &str,
+    ) -> Result<(), ProbeError> {
+        let Some(at) = enforced.map(|d| start + d) else {
+            return Ok(());
+        };
+        match self
+            .outcomes
+            .iter()
+            .find(|(t, o)| *t > at && *o == Outcome::Direct)
+        {
+            Some((t, _)) => Err(failed(
+                what,
+                format!(
+                    "answered by echo-v1 (the rule not applied) {:.2}s after it was first enforced ({})",
+                    (*t - at).as_secs_f64(),
+                    self.summary()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn count(&self, want: Outcome) -> usize {
@@ -407,6 +483,89 @@ fn seconds(d: Option<Duration>) -> String {
     d.map_or("never".to_string(), |d| format!("{:.2}s", d.as_secs_f64()))
 }
 
+/// What one request sent again and again to echo-a is, while a rule goes in.
+struct Probe<'p> {
+    method: &'p str,
+    header: &'p str,
+    /// The outcome once a waypoint serves the rule.
+    served: Outcome,
+}
+
+/// A rule applied while [`Probe`] requests to echo-a flow: when it was
+/// first enforced (a request not answered directly) and first served by a
+/// waypoint, and every outcome.
+struct Timed<'a> {
+    applied: Applied<'a>,
+    poller: Poller,
+    enforced: Option<Duration>,
+    served: Option<Duration>,
+}
+
+impl<'a> Timed<'a> {
+    /// Applies `yaml` while polling echo-a with `probe` until a request is
+    /// served by a waypoint; fails if one is answered directly after the
+    /// rule was first enforced.
+    fn apply(
+        world: &World<'a>,
+        f: &Caller,
+        yaml: &str,
+        probe: &Probe<'_>,
+    ) -> Result<Timed<'a>, ProbeError> {
+        let mut applied = None;
+        let start = Instant::now();
+        let (poller, waited) = Poller::sending(
+            world,
+            &f.client,
+            0,
+            probe.method,
+            probe.header,
+            Duration::ZERO,
+            || {
+                applied = Some(Applied::new(world.cluster, yaml)?);
+                world.until(&f.client, 0, probe.method, probe.header, probe.served)
+            },
+        );
+        waited?;
+        let applied = applied.ok_or_else(|| failed("the rule", "was not applied"))?;
+        let enforced = poller.first(start, |o| o != Outcome::Direct);
+        let served = poller.first(start, |o| o == probe.served);
+        poller.never_direct_after(start, enforced, "echo-a with the rule")?;
+        Ok(Timed {
+            applied,
+            poller,
+            enforced,
+            served,
+        })
+    }
+
+    /// Removes the rule: how long until echo-a answers `probe` directly
+    /// again, and until the on-demand `waypoints` and their pods are gone.
+    fn remove(
+        self,
+        world: &World<'_>,
+        f: &Caller,
+        probe: &Probe<'_>,
+        waypoints: &[&str],
+    ) -> Result<(Duration, Duration), ProbeError> {
+        let removed = Instant::now();
+        self.applied.remove()?;
+        world.until(&f.client, 0, probe.method, probe.header, Outcome::Direct)?;
+        let direct = removed.elapsed();
+        until_no_on_demand(world.cluster, waypoints)?;
+        Ok((direct, removed.elapsed()))
+    }
+
+    /// `enforced after X, served after Y (poller summary)`.
+    fn times(&self) -> String {
+        format!(
+            "enforced (first request not answered directly) after {}, served by the new waypoint after {} ({}; none answered directly once enforced)",
+            seconds(self.enforced),
+            seconds(self.served),
+            self.poller.summary()
+        )
+    }
+}
+
 /// An HTTPRoute on echo-a (one ServiceAccount) makes `echo-a-waypoint`
 /// appear; requests are refused from the moment the route is enforced
 /// until the waypoint serves it, then routed by it, and never answered as
@@ -419,72 +578,38 @@ pub fn route_makes_a_waypoint_and_goes_with_it(
 ) -> Result<String, ProbeError> {
     let world = World::create(cluster, f)?;
     let route_name = "echo-a-by-header";
-    let mut route = None;
-    let start = Instant::now();
-    let (poller, waited) = Poller::during(&world, &f.client, 0, Duration::ZERO, || {
-        route = Some(Applied::new(cluster, &route_yaml(route_name, "echo-a"))?);
-        eventually(
-            "x-to: b to echo-a to be routed to echo-v2",
-            WAYPOINT_TIMEOUT,
-            || {
-                let report = world.send(&f.client, 0, "GET", TO_B)?;
-                Ok(match Outcome::of(&report) {
-                    Outcome::Routed => Ok(()),
-                    other => Err(format!("{other:?}")),
-                })
-            },
-        )
-    });
-    waited?;
-    let enforced = poller.first(start, |o| o != Outcome::Direct);
-    let through = poller.first(start, |o| o == Outcome::Routed);
-    // Once enforced, never answered as if the route were not there.
-    let enforced_at = enforced.map(|d| start + d);
-    if let Some(at) = enforced_at
-        && let Some((t, _)) = poller
-            .outcomes
-            .iter()
-            .find(|(t, o)| *t > at && *o == Outcome::Direct)
-    {
-        return Err(failed(
-            "echo-a with the route",
-            format!(
-                "answered by echo-v1 (the route not applied) {:.2}s after it was first enforced ({})",
-                (*t - at).as_secs_f64(),
-                poller.summary()
-            ),
-        ));
-    }
+    let probe = Probe {
+        method: "GET",
+        header: TO_B,
+        served: Outcome::Routed,
+    };
+    let timed = Timed::apply(&world, f, &route_yaml(route_name, "echo-a"), &probe)?;
     let needed_by = format!("HTTPRoute {NS}/{route_name}");
     until_on_demand(cluster, &[("echo-a-waypoint", &needed_by)])?;
     world.every(&f.client, 0, "GET", TO_B, Outcome::Routed)?;
     world.every(&f.client, 0, "GET", "x-to: a", Outcome::Direct)?;
-    let counted = waypoint_requests(cluster, "echo-a-waypoint")?;
-    if counted < 1.0 {
-        return Err(failed(
-            "waypoint od/echo-a-waypoint",
-            "counted no request".to_string(),
-        ));
-    }
-
-    // Gone with the route.
-    let removed = Instant::now();
-    route.take().map(Applied::remove).transpose()?;
-    world.until(&f.client, 0, "GET", TO_B, Outcome::Direct)?;
-    let direct = removed.elapsed();
-    until_no_on_demand(cluster, &["echo-a-waypoint"])?;
-    let gone = removed.elapsed();
+    let counted = counted_by(cluster, "echo-a-waypoint")?;
+    let times = timed.times();
+    let (direct, gone) = timed.remove(&world, f, &probe, &["echo-a-waypoint"])?;
     Ok(format!(
-        "HTTPRoute {NS}/{route_name} on Service echo-a (ServiceAccount echo-a) applied: enforced (first request not answered directly) after {}, \
-         first request routed through the new waypoint {NS}/echo-a-waypoint after {} ({}; none answered directly once enforced); \
-         Gateway needed by {needed_by:?}, its waypoint counted {counted} request(s); route deleted: direct again after {:.2}s, \
+        "HTTPRoute {NS}/{route_name} on Service echo-a (ServiceAccount echo-a) applied: {times}; \
+         Gateway {NS}/echo-a-waypoint needed by {needed_by:?}, its waypoint counted {counted} request(s); route deleted: direct again after {:.2}s, \
          Gateway and waypoint pod gone after {:.2}s",
-        seconds(enforced),
-        seconds(through),
-        poller.summary(),
         direct.as_secs_f64(),
         gone.as_secs_f64(),
     ))
+}
+
+/// The requests waypoint `name` counted; fails when none.
+fn counted_by(cluster: &dyn Cluster, name: &str) -> Result<f64, ProbeError> {
+    let counted = waypoint_requests(cluster, name)?;
+    if counted < 1.0 {
+        return Err(failed(
+            &format!("waypoint {NS}/{name}"),
+            "counted no request".to_string(),
+        ));
+    }
+    Ok(counted)
 }
 
 /// Service echo has pods of two ServiceAccounts: an HTTPRoute on it gets
@@ -689,5 +814,126 @@ spec:
         served.as_secs_f64(),
         removed.as_secs_f64(),
         poller.summary(),
+    ))
+}
+
+/// An AuthorizationPolicy attached by selector (`version: v1`: pod echo-v1,
+/// ServiceAccount echo-a) that allows only GET. Only a waypoint sees the
+/// method, so istiod-rs creates echo-a's waypoint (pod echo-v1 and Service
+/// echo-a, all of echo-a) and one for Service echo (two accounts behind it,
+/// one of its endpoints selected). DELETE to echo-a is refused at L4 from
+/// the moment the policy is enforced, then answered 403 by the waypoint;
+/// GET flows through it; so for the pod's own address; Service echo's
+/// waypoint applies it to all of echo (stricter than written for echo-v2);
+/// echo-b, not selected, is untouched. Deleting the policy removes both
+/// waypoints. Measures policy applied -> enforced and -> served by the
+/// waypoint.
+pub fn selector_policy_is_enforced_by_waypoints(
+    cluster: &dyn Cluster,
+    f: &Caller,
+) -> Result<String, ProbeError> {
+    let world = World::create(cluster, f)?;
+    let name = "echo-v1-get-only";
+    let policy = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{version: v1}}}}
+  action: ALLOW
+  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]
+"
+    );
+    let to_a = "x-to: a";
+    let probe = Probe {
+        method: "DELETE",
+        header: to_a,
+        served: Outcome::Status(403),
+    };
+    world.until(&f.client, 0, "DELETE", to_a, Outcome::Direct)?;
+    let timed = Timed::apply(&world, f, &policy, &probe)?;
+    let needed_by = format!("AuthorizationPolicy {NS}/{name}");
+    until_on_demand(
+        cluster,
+        &[
+            ("echo-a-waypoint", &needed_by),
+            ("waypoint-svc-echo", &needed_by),
+        ],
+    )?;
+    world.every(&f.client, 0, "DELETE", to_a, Outcome::Status(403))?;
+    world.every(&f.client, 0, "GET", to_a, Outcome::Direct)?;
+    let pod_url = format!("http://{}:{ECHO_HTTP}/", world.pods[0].ip);
+    world.every_at(&f.client, &pod_url, "DELETE", to_a, Outcome::Status(403))?;
+    world.every_at(&f.client, &pod_url, "GET", to_a, Outcome::Direct)?;
+    world.every(&f.client, 2, "DELETE", to_a, Outcome::Status(403))?;
+    // echo-b is not selected: answered by echo-v2 (`Routed` names that pod).
+    world.every(&f.client, 1, "DELETE", to_a, Outcome::Routed)?;
+    let counted = counted_by(cluster, "echo-a-waypoint")?;
+    let times = timed.times();
+    let (direct, gone) =
+        timed.remove(&world, f, &probe, &["echo-a-waypoint", "waypoint-svc-echo"])?;
+    Ok(format!(
+        "AuthorizationPolicy {NS}/{name} (selector version=v1, ALLOW GET) applied, DELETE to echo-a: {times}; \
+         waypoints echo-a-waypoint and waypoint-svc-echo needed by it; {REPEAT}/{REPEAT} each: DELETE 403 and GET 200 to echo-a and to echo-v1's address, \
+         DELETE 403 to echo, DELETE 200 to echo-b (not selected); echo-a-waypoint counted {counted} request(s); \
+         policy deleted: direct again after {:.2}s, Gateways and waypoint pods gone after {:.2}s",
+        direct.as_secs_f64(),
+        gone.as_secs_f64(),
+    ))
+}
+
+/// A RequestAuthentication for the whole namespace (no selector): every
+/// account's workloads need a waypoint to check tokens, so istiod-rs
+/// creates echo-a's, echo-b's and one for Service echo. A request with a
+/// token signed by another key is refused at L4 until they are ready, then
+/// answered 401 by them; valid tokens and requests without a token reach
+/// the pods. Deleting it removes the three waypoints.
+pub fn namespace_jwt_is_checked_by_waypoints(
+    cluster: &dyn Cluster,
+    f: &Caller,
+) -> Result<String, ProbeError> {
+    let world = World::create(cluster, f)?;
+    let tokens = Tokens::new("od-1")?;
+    let valid = format!("authorization: Bearer {}", tokens.valid);
+    let invalid = format!("authorization: Bearer {}", tokens.invalid);
+    let name = "od-jwt";
+    let ra = format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  jwtRules:
+  - issuer: \"{ISSUER}\"
+    jwks: '{jwks}'
+",
+        jwks = tokens.issuer.jwks()
+    );
+    let probe = Probe {
+        method: "GET",
+        header: &invalid,
+        served: Outcome::Status(401),
+    };
+    world.until(&f.client, 0, "GET", &invalid, Outcome::Direct)?;
+    let timed = Timed::apply(&world, f, &ra, &probe)?;
+    let needed_by = format!("RequestAuthentication {NS}/{name}");
+    let waypoints = ["echo-a-waypoint", "echo-b-waypoint", "waypoint-svc-echo"];
+    let want: Vec<(&str, &str)> = waypoints.iter().map(|w| (*w, needed_by.as_str())).collect();
+    until_on_demand(cluster, &want)?;
+    for (service, answered_by) in [(0, Outcome::Direct), (1, Outcome::Routed)] {
+        world.until(&f.client, service, "GET", &invalid, Outcome::Status(401))?;
+        world.every(&f.client, service, "GET", &invalid, Outcome::Status(401))?;
+        world.every(&f.client, service, "GET", &valid, answered_by)?;
+        world.every(&f.client, service, "GET", "x-to: a", answered_by)?;
+    }
+    world.until(&f.client, 2, "GET", &invalid, Outcome::Status(401))?;
+    world.every(&f.client, 2, "GET", &invalid, Outcome::Status(401))?;
+    let times = timed.times();
+    let (direct, gone) = timed.remove(&world, f, &probe, &waypoints)?;
+    Ok(format!(
+        "RequestAuthentication {NS}/{name} (whole namespace, inline Ed25519 JWKS) applied, a bad token to echo-a: {times}; \
+         waypoints {waypoints:?} needed by it; {REPEAT}/{REPEAT} each on echo-a and echo-b: bad token 401, valid token 200, no token 200; \
+         echo: bad token 401; deleted: direct again after {:.2}s, Gateways and waypoint pods gone after {:.2}s",
+        direct.as_secs_f64(),
+        gone.as_secs_f64(),
     ))
 }
