@@ -11,8 +11,10 @@
 //! - [`install`], [`uninstall`], [`precheck`], [`version`], [`waypoint`]:
 //!   the commands; [`mesh_root`] and [`rollout`] are parts of `install`;
 //! - [`ztunnel_config`]: `ztunnel-config`, a ztunnel's `/config_dump` as
-//!   upstream istioctl shows it.
+//!   upstream istioctl shows it;
+//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint it uses.
 
+pub mod admin_http;
 pub mod cluster;
 pub mod install;
 pub mod manifest;

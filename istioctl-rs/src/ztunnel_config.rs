@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::admin_http::{self, Unreachable};
 
 /// How long fetching the dump may take, connection included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,46 +37,13 @@ pub enum Target {
     File(PathBuf),
 }
 
-/// `http://host:port` with an optional path prefix, as given by the user.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdminUrl {
-    /// As the user wrote it (for messages).
-    pub url: String,
-    /// `host:port`.
-    pub authority: String,
-    /// Without a trailing `/`; empty for none.
-    pub prefix: String,
-}
+pub use crate::admin_http::AdminUrl;
 
 impl std::str::FromStr for AdminUrl {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let Some(rest) = text.strip_prefix("http://") else {
-            return Err(format!(
-                "{text:?}: expected http://HOST:PORT (the admin endpoint is plain HTTP, e.g. http://127.0.0.1:15000)"
-            ));
-        };
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let port_ok = authority
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok {
-            return Err(format!(
-                "{text:?}: expected http://HOST:PORT with a port (ztunnel's admin port is 15000)"
-            ));
-        }
-        Ok(AdminUrl {
-            url: text.trim_end_matches('/').to_string(),
-            authority: authority.to_string(),
-            prefix: path.trim_end_matches('/').to_string(),
-        })
-    }
-}
-
-impl AdminUrl {
-    fn config_dump_url(&self) -> String {
-        format!("http://{}{}/config_dump", self.authority, self.prefix)
+        AdminUrl::parse(text, "ztunnel's admin port is 15000")
     }
 }
 
@@ -109,13 +77,7 @@ pub async fn fetch(target: &Target) -> Result<Vec<u8>, FetchError> {
     match target {
         Target::Admin(admin) => fetch_admin(admin).await,
         Target::File(path) => {
-            let result = if path.as_os_str() == "-" {
-                // Standard input is read once, before anything else runs.
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes).map(|_| bytes)
-            } else {
-                tokio::fs::read(path).await
-            };
+            let result = admin_http::read_saved(path).await;
             result.map_err(|source| FetchError::File {
                 path: path.display().to_string(),
                 source,
@@ -125,87 +87,20 @@ pub async fn fetch(target: &Target) -> Result<Vec<u8>, FetchError> {
 }
 
 async fn fetch_admin(admin: &AdminUrl) -> Result<Vec<u8>, FetchError> {
-    let url = admin.config_dump_url();
-    let unreachable = |reason: String| FetchError::Unreachable {
-        url: admin.url.clone(),
-        reason,
-    };
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(&admin.authority).await?;
-        let request = format!(
-            "GET {}/config_dump HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            admin.prefix, admin.authority
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(MAX_DUMP_BYTES as u64 + 64 * 1024)
-            .read_to_end(&mut response)
-            .await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = match tokio::time::timeout(FETCH_TIMEOUT, exchange).await {
-        Err(_) => {
-            return Err(unreachable(format!(
-                "no answer within {}s",
-                FETCH_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
-        Ok(Ok(response)) => response,
-    };
-    let (status, body) = split_response(&response)
-        .ok_or_else(|| unreachable("the answer is not an HTTP/1.1 response".into()))?;
+    let (status, body) = admin_http::get(admin, "/config_dump", MAX_DUMP_BYTES, FETCH_TIMEOUT)
+        .await
+        .map_err(|Unreachable(reason)| FetchError::Unreachable {
+            url: admin.url.clone(),
+            reason,
+        })?;
     if !status.starts_with("200") {
         return Err(FetchError::Status {
-            url,
+            url: admin.endpoint("/config_dump"),
             admin: admin.url.clone(),
             status,
         });
     }
     Ok(body)
-}
-
-/// The status (`200 OK`) and the body (chunked or not) of an HTTP/1.1
-/// response read to the end.
-fn split_response(response: &[u8]) -> Option<(String, Vec<u8>)> {
-    let end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&response[..end]).ok()?;
-    let body = &response[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status = status_line
-        .strip_prefix("HTTP/1.")?
-        .get(2..)?
-        .trim()
-        .to_string();
-    let chunked = lines.any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value.to_ascii_lowercase().contains("chunked")
-        })
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Some((status, body))
-}
-
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
-    }
 }
 
 /// A dump that is not what a ztunnel serves.
@@ -803,34 +698,6 @@ fn decimal_to_hex(decimal: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn admin_urls_need_http_and_a_port() {
-        let url: AdminUrl = "http://127.0.0.1:15000/".parse().unwrap();
-        assert_eq!(url.authority, "127.0.0.1:15000");
-        assert_eq!(url.config_dump_url(), "http://127.0.0.1:15000/config_dump");
-        let prefixed: AdminUrl = "http://[::1]:15000/zt".parse().unwrap();
-        assert_eq!(
-            prefixed.config_dump_url(),
-            "http://[::1]:15000/zt/config_dump"
-        );
-        assert!("https://127.0.0.1:15000".parse::<AdminUrl>().is_err());
-        assert!("http://127.0.0.1".parse::<AdminUrl>().is_err());
-        assert!("127.0.0.1:15000".parse::<AdminUrl>().is_err());
-    }
-
-    #[test]
-    fn responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(
-            split_response(plain).unwrap(),
-            ("200 OK".to_string(), b"{}".to_vec())
-        );
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        assert_eq!(split_response(chunked).unwrap().1, b"{\"a\":1}".to_vec());
-        assert!(split_response(b"garbage").is_none());
-    }
 
     #[test]
     fn serials_print_as_hex() {

@@ -3,12 +3,15 @@
 //! its field, and the binary against proxy-core's real admin server (the one
 //! ztunnel-rs runs) on loopback, an unreachable URL and a non-admin port.
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/golden.rs"]
 mod golden;
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, SystemTime};
 
+use binary::{failed, istioctl, text};
 use istioctl_rs::ztunnel_config::{self, ConfigDump, Output as Format, View, WorkloadFilter};
 use proxy_core::listener::ListenerLimits;
 use proxy_core::store::{PortMapping, Service, Workload, WorkloadStore};
@@ -28,29 +31,6 @@ fn now() -> SystemTime {
 
 fn render(view: View, format: Format) -> String {
     ztunnel_config::render(&dump(), &view, format, now()).unwrap()
-}
-
-fn istioctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_istioctl-rs"))
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("KUBECONFIG")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts the exit code and that stderr holds each of `needles`.
-fn failed(out: &Output, code: i32, needles: &[&str]) {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
-    }
 }
 
 /// The first column of each row after the header, with the second.
