@@ -12,7 +12,9 @@
 //!   the commands; [`mesh_root`] and [`rollout`] are parts of `install`;
 //! - [`ztunnel_config`]: `ztunnel-config`, a ztunnel's `/config_dump` as
 //!   upstream istioctl shows it;
-//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint it uses.
+//! - [`proxy_status`]: `proxy-status`, istiod-rs's `/debug/syncz`: every
+//!   connected proxy's sync state per resource type;
+//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use.
 
 pub mod admin_http;
 pub mod cluster;
@@ -20,6 +22,7 @@ pub mod install;
 pub mod manifest;
 pub mod mesh_root;
 pub mod precheck;
+pub mod proxy_status;
 pub mod render;
 pub mod rollout;
 pub mod uninstall;

@@ -10,6 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use istioctl_rs::install::{self, InstallOptions};
 use istioctl_rs::manifest;
 use istioctl_rs::precheck;
+use istioctl_rs::proxy_status;
 use istioctl_rs::uninstall::{self, UninstallOptions};
 use istioctl_rs::values::{self, Values};
 use istioctl_rs::version;
@@ -101,6 +102,34 @@ enum Command {
     ZtunnelConfig {
         #[command(subcommand)]
         command: ZtunnelConfigCommand,
+    },
+    /// Every proxy connected to istiod-rs (ztunnels and waypoints): per
+    /// resource type SYNCED, NOT SENT, STALE or a NACK, and whether it holds
+    /// istiod-rs's current snapshot, from istiod-rs's /debug/syncz, with
+    /// upstream istioctl's columns.
+    ///
+    /// istiod-rs is given by its monitoring URL (--istiod) or a saved answer
+    /// (--file); finding istiod on Kubernetes is not implemented yet
+    /// (`kubectl -n istio-system port-forward deploy/istiod 15014`, then
+    /// --istiod http://127.0.0.1:15014).
+    #[command(name = "proxy-status", visible_alias = "ps")]
+    ProxyStatus {
+        /// One proxy, shown in detail (every type with versions, nonces and
+        /// NACKs): its pod name, `pod.namespace`, or node id.
+        name: Option<String>,
+        /// istiod-rs's monitoring endpoint, e.g. http://127.0.0.1:15014
+        /// (the local cluster's istiod).
+        #[arg(long, value_name = "URL", value_parser = proxy_status::parse_istiod_url)]
+        istiod: Option<AdminUrl>,
+        /// A saved /debug/syncz JSON file (`-`: standard input).
+        #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "istiod")]
+        file: Option<PathBuf>,
+        /// Only proxies of this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "short")]
+        output: ztunnel_config::Output,
     },
     /// Print a shell completion script (bash, zsh or fish).
     ///
@@ -447,6 +476,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dump = ztunnel_config::ConfigDump::parse(&bytes)?;
             let text =
                 ztunnel_config::render(&dump, &view, source.output, std::time::SystemTime::now())?;
+            stdout.write_all(text.as_bytes())?;
+            Ok(())
+        }
+        Command::ProxyStatus {
+            name,
+            istiod,
+            file,
+            namespace,
+            output,
+        } => {
+            let source = proxy_status::Source::from_args(istiod.clone(), file.clone())?;
+            let bytes = proxy_status::fetch(&source).await?;
+            let origin = source.origin();
+            let syncz = proxy_status::Syncz::parse(&bytes, &origin)?;
+            let query = proxy_status::Query {
+                name: name.clone(),
+                namespace: namespace.clone(),
+            };
+            let text = proxy_status::render(&syncz, &query, *output, &origin)?;
             stdout.write_all(text.as_bytes())?;
             Ok(())
         }
