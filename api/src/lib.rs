@@ -8,6 +8,7 @@ pub mod labels;
 pub mod manifest;
 pub mod ports;
 mod proto;
+pub mod syncz;
 
 pub use identity::{IdentityError, SpiffeId};
 

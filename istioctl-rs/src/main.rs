@@ -489,7 +489,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let source = proxy_status::Source::from_args(istiod.clone(), file.clone())?;
             let bytes = proxy_status::fetch(&source).await?;
             let origin = source.origin();
-            let syncz = proxy_status::Syncz::parse(&bytes, &origin)?;
+            let syncz = proxy_status::parse(&bytes, &origin)?;
             let query = proxy_status::Query {
                 name: name.clone(),
                 namespace: namespace.clone(),

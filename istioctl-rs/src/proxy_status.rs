@@ -16,13 +16,16 @@
 //! (syncz does not carry them) and the age upstream appends to a status.
 //!
 //! Three parts, as `ztunnel-config`: [`Source`] and [`fetch`] (where the
-//! JSON comes from), [`Syncz::parse`] (decoded, an error names the field),
+//! JSON comes from), [`parse`] (decoded, an error names the field),
 //! [`render`] (table, detail view, JSON or YAML).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use api::syncz::{
+    NackReport, ProxySync, ResponseReport, SyncState, Syncz, TypeSync, WaypointSync,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::admin_http::{self, AdminUrl, Unreachable};
@@ -149,129 +152,40 @@ pub enum SynczError {
     },
 }
 
-// The types below mirror istiod-rs's `xds::syncz` (ProxySync, TypeSync,
-// WaypointSync, ResponseReport, NackReport, SyncState) and the object
-// `monitoring::syncz` wraps them in, field by field.
-
-/// istiod-rs's `/debug/syncz`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Syncz {
-    /// The snapshot generation istiod-rs serves now.
-    pub snapshot_version: String,
-    pub connected: usize,
-    pub proxies: Vec<ProxySync>,
-    #[serde(default)]
-    pub waypoints: Vec<WaypointSync>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProxySync {
-    /// The node id, `<kind>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
-    pub proxy: String,
-    pub identity: Option<String>,
-    pub node: Option<String>,
-    pub peer: Option<String>,
-    pub connected_since: String,
-    pub waypoint: Option<WaypointSync>,
-    pub types: Vec<TypeSync>,
-    pub last_nack: Option<NackReport>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WaypointSync {
-    /// `<namespace>/<name>`.
-    pub gateway: String,
-    pub scope: BTreeMap<String, usize>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TypeSync {
-    pub type_url: String,
-    pub status: SyncState,
-    pub wildcard: bool,
-    pub subscribed_names: usize,
-    pub resources_held: usize,
-    pub resources_behind: usize,
-    pub nonce_in_flight: Option<String>,
-    pub sent: Option<ResponseReport>,
-    pub acked: Option<ResponseReport>,
-    pub last_nack: Option<NackReport>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SyncState {
-    #[serde(rename = "SYNCED")]
-    Synced,
-    #[serde(rename = "NOT SENT")]
-    NotSent,
-    #[serde(rename = "STALE")]
-    Stale,
-}
-
-impl SyncState {
-    fn word(self) -> &'static str {
-        match self {
-            SyncState::Synced => "SYNCED",
-            SyncState::NotSent => "NOT SENT",
-            SyncState::Stale => "STALE",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResponseReport {
-    pub nonce: String,
-    /// The snapshot generation the response was computed from.
-    pub version: String,
-    /// RFC 3339 UTC with milliseconds: sorts chronologically as text.
-    pub at: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NackReport {
-    pub type_url: String,
-    pub nonce: String,
-    pub message: String,
-    pub at: String,
-}
-
-impl Syncz {
-    /// `origin` (the URL or file) names where a bad answer came from.
-    pub fn parse(bytes: &[u8], origin: &str) -> Result<Syncz, SynczError> {
-        let json: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| SynczError::NotJson {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })?;
-        serde_path_to_error::deserialize(json).map_err(|e| SynczError::Field {
+/// Decodes `/debug/syncz`; `origin` (the URL or file) names where a bad
+/// answer came from.
+pub fn parse(bytes: &[u8], origin: &str) -> Result<Syncz, SynczError> {
+    let json: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| SynczError::NotJson {
             origin: origin.to_string(),
-            path: e.path().to_string(),
-            message: e.into_inner().to_string(),
-        })
-    }
+            message: e.to_string(),
+        })?;
+    serde_path_to_error::deserialize(json).map_err(|e| SynczError::Field {
+        origin: origin.to_string(),
+        path: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
 }
 
-impl TypeSync {
-    /// The proxy rejected the newest response of this type and does not
-    /// hold what istiod-rs serves: a NACK newer than its last ACK.
-    pub fn nacked(&self) -> bool {
-        self.status != SyncState::Synced
-            && self.last_nack.as_ref().is_some_and(|nack| {
-                self.acked
-                    .as_ref()
-                    .is_none_or(|acked| nack.at.as_str() >= acked.at.as_str())
-            })
-    }
+/// The proxy rejected the newest response of this type and does not hold
+/// what istiod-rs serves: a NACK newer than its last ACK.
+pub fn nacked(t: &TypeSync) -> bool {
+    t.status != SyncState::Synced
+        && t.last_nack.as_ref().is_some_and(|nack| {
+            t.acked
+                .as_ref()
+                .is_none_or(|acked| nack.at.as_str() >= acked.at.as_str())
+        })
+}
 
-    /// The table's cell.
-    pub fn cell(&self) -> String {
-        if self.nacked() {
-            format!("{} (NACK)", self.status.word())
-        } else if self.status == SyncState::Stale && self.acked.is_none() {
-            "STALE (Never Acknowledged)".to_string()
-        } else {
-            self.status.word().to_string()
-        }
+/// The table's cell of one type.
+pub fn cell(t: &TypeSync) -> String {
+    if nacked(t) {
+        format!("{} (NACK)", t.status.word())
+    } else if t.status == SyncState::Stale && t.acked.is_none() {
+        "STALE (Never Acknowledged)".to_string()
+    } else {
+        t.status.word().to_string()
     }
 }
 
@@ -436,7 +350,7 @@ pub fn report(syncz: &Syncz, query: &Query, origin: &str) -> Report {
                 nacked: p
                     .types
                     .iter()
-                    .filter(|t| t.nacked())
+                    .filter(|t| nacked(t))
                     .map(|t| t.type_url.clone())
                     .collect(),
                 sync: p.clone(),
@@ -519,7 +433,7 @@ fn status_table(proxies: &[(ProxyName, &ProxySync)]) -> String {
                     .types
                     .iter()
                     .find(|t| t.type_url == *url)
-                    .map_or_else(|| "IGNORED".to_string(), TypeSync::cell),
+                    .map_or_else(|| "IGNORED".to_string(), cell),
             );
         }
         row.push(if in_sync(proxy) { "yes" } else { "no" }.to_string());
@@ -590,7 +504,7 @@ fn detail(name: &ProxyName, proxy: &ProxySync, snapshot_version: &str) -> String
             .map_or(("-", "-"), |s| (s.version.as_str(), s.nonce.as_str()));
         rows.push(vec![
             short_type(&t.type_url),
-            t.cell(),
+            cell(t),
             t.resources_held.to_string(),
             t.resources_behind.to_string(),
             sent_version.to_string(),
@@ -625,7 +539,7 @@ mod tests {
     const ORIGIN: &str = "http://127.0.0.1:15014/debug/syncz";
 
     fn syncz() -> Syncz {
-        Syncz::parse(SYNCZ.as_bytes(), ORIGIN).unwrap()
+        parse(SYNCZ.as_bytes(), ORIGIN).unwrap()
     }
 
     fn all() -> Query {
@@ -837,15 +751,15 @@ mod tests {
 
     #[test]
     fn an_answer_that_is_not_syncz_names_the_url_and_field() {
-        let err = Syncz::parse(b"<html>", ORIGIN).unwrap_err().to_string();
+        let err = parse(b"<html>", ORIGIN).unwrap_err().to_string();
         assert!(err.contains(ORIGIN) && err.contains("not JSON"), "{err}");
-        let err = Syncz::parse(br#"{"ready": true}"#, ORIGIN)
+        let err = parse(br#"{"ready": true}"#, ORIGIN)
             .unwrap_err()
             .to_string();
         assert!(err.contains("snapshot_version"), "{err}");
         let mut bad: serde_json::Value = serde_json::from_str(SYNCZ).unwrap();
         bad["proxies"][1]["types"][0]["status"] = "MAYBE".into();
-        let err = Syncz::parse(bad.to_string().as_bytes(), ORIGIN)
+        let err = parse(bad.to_string().as_bytes(), ORIGIN)
             .unwrap_err()
             .to_string();
         assert!(err.contains("proxies[1].types[0].status"), "{err}");

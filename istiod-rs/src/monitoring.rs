@@ -387,12 +387,12 @@ async fn ready(State(m): State<Monitoring>) -> Response {
 
 async fn syncz(State(m): State<Monitoring>) -> Response {
     let proxies = m.xds.proxies();
-    Json(json!({
-        "snapshot_version": m.xds.generation().to_string(),
-        "connected": proxies.len(),
-        "proxies": proxies,
-        "waypoints": m.xds.waypoints(),
-    }))
+    Json(api::syncz::Syncz {
+        snapshot_version: m.xds.generation().to_string(),
+        connected: proxies.len(),
+        proxies,
+        waypoints: m.xds.waypoints(),
+    })
     .into_response()
 }
 

@@ -5,11 +5,10 @@
 //! waypoint's entry names its Gateway and the size of its scope per type,
 //! and is compared against that scope only.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
+pub use api::syncz::{NackReport, ProxySync, ResponseReport, SyncState, TypeSync, WaypointSync};
 
 use super::delta::{AliasLookup, Nack, Sent, TypeState};
 use super::scope::{L7_TYPES, WaypointScope};
@@ -22,91 +21,21 @@ pub struct SyncStatus {
     shared: Arc<Shared>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum SyncState {
-    #[serde(rename = "SYNCED")]
-    Synced,
-    #[serde(rename = "NOT SENT")]
-    NotSent,
-    #[serde(rename = "STALE")]
-    Stale,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProxySync {
-    /// The node id the proxy sent.
-    pub proxy: String,
-    /// The authenticated SPIFFE identity; absent on an unauthenticated listener.
-    pub identity: Option<String>,
-    /// The node the token was bound to, when it said.
-    pub node: Option<String>,
-    pub peer: Option<String>,
-    pub connected_since: String,
-    /// Set for a waypoint: the Gateway it serves and its scope.
-    pub waypoint: Option<WaypointSync>,
-    pub types: Vec<TypeSync>,
-    /// The most recent NACK of any type.
-    pub last_nack: Option<NackReport>,
-}
-
-/// One waypoint's scope in the current generation.
-#[derive(Clone, Debug, Serialize)]
-pub struct WaypointSync {
-    /// The waypoint Gateway, `<ns>/<name>`.
-    pub gateway: String,
-    /// Resources in its scope, by type (`istio.workload.Address`, `istio_rs.l7.v1.RouteTable`, ...).
-    pub scope: BTreeMap<String, usize>,
-}
-
-impl WaypointSync {
-    fn new(gateway: &str, scope: Option<&WaypointScope>) -> Self {
-        let empty = WaypointScope::default();
-        let sizes = scope.unwrap_or(&empty).sizes();
-        WaypointSync {
-            gateway: gateway.to_string(),
-            scope: sizes
-                .into_iter()
-                .map(|(type_url, n)| (short_type(type_url).to_string(), n))
-                .collect(),
-        }
+/// One waypoint's scope: its resources by short type name.
+fn waypoint_sync(gateway: &str, scope: Option<&WaypointScope>) -> WaypointSync {
+    let empty = WaypointScope::default();
+    let sizes = scope.unwrap_or(&empty).sizes();
+    WaypointSync {
+        gateway: gateway.to_string(),
+        scope: sizes
+            .into_iter()
+            .map(|(type_url, n)| (short_type(type_url).to_string(), n))
+            .collect(),
     }
 }
 
 fn short_type(type_url: &str) -> &str {
     type_url.rsplit_once('/').map_or(type_url, |(_, name)| name)
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TypeSync {
-    pub type_url: String,
-    pub status: SyncState,
-    pub wildcard: bool,
-    /// Explicitly subscribed names.
-    pub subscribed_names: usize,
-    /// Resources the proxy has acknowledged holding.
-    pub resources_held: usize,
-    /// Changes and removals the proxy lacks against the current snapshot.
-    pub resources_behind: usize,
-    pub nonce_in_flight: Option<String>,
-    pub sent: Option<ResponseReport>,
-    pub acked: Option<ResponseReport>,
-    pub last_nack: Option<NackReport>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ResponseReport {
-    pub nonce: String,
-    /// The snapshot generation the response was computed from.
-    pub version: String,
-    pub at: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct NackReport {
-    pub type_url: String,
-    pub nonce: String,
-    pub message: String,
-    pub at: String,
 }
 
 impl SyncStatus {
@@ -130,7 +59,7 @@ impl SyncStatus {
         published
             .scopes
             .iter()
-            .map(|(key, scope)| WaypointSync::new(key, Some(scope)))
+            .map(|(key, scope)| waypoint_sync(key, Some(scope)))
             .collect()
     }
 
@@ -174,9 +103,8 @@ impl SyncStatus {
                     node: conn.caller.as_ref().and_then(|c| c.node.clone()),
                     peer: conn.peer.map(|p| p.to_string()),
                     connected_since: rfc3339(conn.since),
-                    waypoint: waypoint.map(|key| {
-                        WaypointSync::new(key, published.scopes.get(key).map(Arc::as_ref))
-                    }),
+                    waypoint: waypoint
+                        .map(|key| waypoint_sync(key, published.scopes.get(key).map(Arc::as_ref))),
                     types,
                     last_nack,
                 }
