@@ -627,14 +627,13 @@ fn translate_l7(
     }
     let mut authentications = std::collections::BTreeSet::new();
     for (key, ra) in &state.request_authentications {
-        if let Some(j) = l7::jwt::convert(key, ra, &state.jwks, problems) {
-            snapshot.insert(Resource::new(
-                type_url::JWT_AUTHENTICATION,
-                key.to_string(),
-                &j,
-            ));
-            authentications.insert(key.to_string());
-        }
+        let j = l7::jwt::convert(key, ra, &state.jwks, problems);
+        snapshot.insert(Resource::new(
+            type_url::JWT_AUTHENTICATION,
+            key.to_string(),
+            &j,
+        ));
+        authentications.insert(key.to_string());
     }
     let named = l7::binding::Named {
         rules: &l7_rules.rules,

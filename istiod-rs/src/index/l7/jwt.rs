@@ -28,7 +28,7 @@ pub(in crate::index) fn convert(
     ra: &RequestAuthentication,
     jwks: &JwksState,
     problems: &mut Vec<PolicyProblem>,
-) -> Option<JwtAuthentication> {
+) -> JwtAuthentication {
     let spec = &ra.spec;
     let object = PolicyRef {
         kind: Kind::RequestAuthentication,
@@ -115,9 +115,9 @@ pub(in crate::index) fn convert(
             rule
         })
         .collect();
-    Some(JwtAuthentication {
+    JwtAuthentication {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         rules,
-    })
+    }
 }
