@@ -341,14 +341,13 @@ impl Translator {
         );
 
         let mut service_waypoints = Vec::with_capacity(services.entries.len());
+        let mut service_also_served_by = Vec::with_capacity(services.entries.len());
         for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
             let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
                 .get(labels::GATEWAY_MANAGED)
                 .is_some_and(|v| v == labels::GATEWAY_MANAGED_VALUE);
-            let bound = if is_waypoint {
-                None
-            } else {
-                waypoints.bound(
+            let serving = (!is_waypoint).then(|| {
+                waypoints.serving(
                     state,
                     entry.namespace,
                     entry.labels(),
@@ -356,9 +355,12 @@ impl Translator {
                     Some(&entry.proto.name),
                     waypoints::Traffic::Service,
                 )
-            };
+            });
+            let (bound, also) = serving.map_or((None, Vec::new()), |s| (s.bound, s.also));
             entry.proto.waypoint = bound.map(|w| w.address.clone());
-            service_waypoints.push(bound.map(|w| w.key()));
+            let bound = bound.map(|w| w.key());
+            service_also_served_by.push(also);
+            service_waypoints.push(bound);
             let address = Address {
                 r#type: Some(address::Type::Service(entry.proto.clone())),
             };
@@ -385,6 +387,7 @@ impl Translator {
             mesh,
             services: &services,
             service_waypoints: &service_waypoints,
+            service_also_served_by: &service_also_served_by,
             ready_waypoints,
             pods: &pod_workloads,
         };
@@ -400,7 +403,7 @@ impl Translator {
             mesh,
             &waypoints,
             &services,
-            &service_waypoints,
+            &l7_ctx,
             &l7_rules,
             &mut snapshot,
             &mut problems,
@@ -455,7 +458,8 @@ impl Translator {
         // Build every pod's workload again when it may depend on other pods:
         // while an L7 rule targets a waypoint, or when what the implicit
         // waypoint policies depend on changed since the last translation.
-        let waypoint_dependencies = waypoint_policies.dependencies(&service_waypoints);
+        let waypoint_dependencies =
+            waypoint_policies.dependencies(&service_waypoints, &service_also_served_by);
         let l7_denials = l7_rules.denials();
         let reusable = !l7_rules.depend_on_other_pods()
             && previous.as_ref().is_none_or(|p| {
@@ -594,7 +598,7 @@ fn translate_l7(
     mesh: &MeshConfig,
     waypoints: &waypoints::Waypoints,
     services: &services::Services<'_>,
-    service_waypoints: &[Option<String>],
+    l7_ctx: &l7::Context<'_>,
     l7_rules: &l7::L7Rules,
     snapshot: &mut Snapshot,
     problems: &mut Vec<PolicyProblem>,
@@ -643,15 +647,8 @@ fn translate_l7(
         deny_all: &routes.deny_all,
         reaches: &reaches,
     };
-    let bindings = l7::binding::waypoints(
-        state,
-        mesh,
-        waypoints,
-        services,
-        service_waypoints,
-        &named,
-        problems,
-    );
+    let bindings =
+        l7::binding::waypoints(state, mesh, waypoints, services, l7_ctx, &named, problems);
     for (key, w) in &bindings.waypoints {
         snapshot.insert(Resource::new(type_url::WAYPOINT, key.clone(), w));
     }

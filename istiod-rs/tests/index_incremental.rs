@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use api::manifest::{Object, ObjectKey};
+use api::manifest::{Kind, Object, ObjectKey};
 use istiod_rs::index::{self, MeshConfig, Translator, testing::synthetic_cluster};
 use istiod_rs::state::ClusterState;
 
@@ -482,12 +482,10 @@ fn a_waypoint_becoming_ready_exempts_it_from_selector_rules_of_unchanged_pods() 
     assert_eq!((keys, again), (listed, before));
 }
 
-#[test]
-fn a_users_waypoint_becoming_ready_takes_over_unchanged_pods_from_the_on_demand_one() {
-    // web-1's own traffic is bound to the ready on-demand waypoint while
-    // the user's (named by the namespace) has no ready instance; once it
-    // has, the pod (unchanged) must be bound to it.
-    let users = SELECTOR_L7
+/// [`SELECTOR_L7`] with the on-demand waypoint ready, and a waypoint `mine`
+/// (not ready) that the namespace binds everything to.
+fn users_waypoint_starting() -> String {
+    SELECTOR_L7
         .replace(
             "labels: {istio.io/dataplane-mode: ambient}",
             "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: mine}",
@@ -508,8 +506,15 @@ kind: Pod
 metadata: {name: mine-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: mine}}
 spec: {nodeName: node-a, serviceAccountName: mine, containers: [{name: proxy, image: waypoint}]}
 status: {phase: Running, podIP: 10.9.0.101, conditions: [{type: Ready, status: 'False'}]}
-";
-    let mut state = ClusterState::from_objects(objects(&users));
+"
+}
+
+#[test]
+fn a_users_waypoint_becoming_ready_takes_over_unchanged_pods_from_the_on_demand_one() {
+    // web-1's own traffic is bound to the ready on-demand waypoint while
+    // the user's (named by the namespace) has no ready instance; once it
+    // has, the pod (unchanged) must be bound to it.
+    let mut state = ClusterState::from_objects(objects(&users_waypoint_starting()));
     let mesh = MeshConfig::default();
     let mut translator = Translator::default();
     let waypoint = |translator: &mut Translator, state: &ClusterState| {
@@ -521,4 +526,119 @@ status: {phase: Running, podIP: 10.9.0.101, conditions: [{type: Ready, status: '
     assert!(waypoint(&mut translator, &state).contains("web-waypoint"));
     set_ready(&mut state, "mine-1", true);
     assert!(waypoint(&mut translator, &state).contains("mine"));
+}
+
+#[test]
+fn an_on_demand_waypoint_serves_what_it_hands_over_until_its_gateway_is_gone() {
+    // Clients learn that web-1 and Service web moved to `mine` only after
+    // the translation that moves them, and requests they sent before are in
+    // flight: web-waypoint must still serve both, with the same rules, and
+    // be exempt from their L4 form, until its Gateway is deleted; and `mine`
+    // must hold them before it is ready (clients send to it from then on).
+    let yaml = users_waypoint_starting()
+        + "---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+";
+    let mut state = ClusterState::from_objects(objects(&yaml));
+    let mesh = MeshConfig::default();
+    let mut translator = Translator::default();
+    let uid = mesh.pod_uid("shop", "web-1");
+    // (web-1's entry, Service web's entry) in a waypoint's configuration.
+    let served = |json: &serde_json::Value, waypoint: &str| {
+        let w = &json["waypoints"][waypoint];
+        let workload = w["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["uid"] == uid.as_str())
+            .cloned();
+        let service = w["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["hostname"] == "web.shop.svc.cluster.local")
+            .cloned();
+        (workload, service)
+    };
+    let mut translate = |state: &ClusterState| {
+        check(&mut translator, state);
+        index::json::snapshot_json(&index::translate(state, &mesh).snapshot)
+    };
+    let exempt = |json: &serde_json::Value, sa: &str| {
+        let principal = format!("cluster.local/ns/shop/sa/{sa}");
+        json["authorizations"]["shop/api-only"]
+            .to_string()
+            .contains(&principal)
+    };
+
+    // The user's waypoint, not ready yet, already holds what it will serve.
+    let before = translate(&state);
+    let (workload, service) = served(&before, "shop/web-waypoint");
+    assert!(workload.is_some() && service.is_some(), "{before}");
+    assert_eq!(
+        served(&before, "shop/mine"),
+        (workload.clone(), service.clone())
+    );
+    assert!(
+        exempt(&before, "web-waypoint") && !exempt(&before, "mine"),
+        "{before}"
+    );
+
+    set_ready(&mut state, "mine-1", true);
+    let after = translate(&state);
+    assert!(
+        after["workloads"][uid.as_str()]["waypoint"]
+            .to_string()
+            .contains("mine")
+    );
+    assert_eq!(
+        served(&after, "shop/mine"),
+        (workload.clone(), service.clone())
+    );
+    assert_eq!(
+        served(&after, "shop/web-waypoint"),
+        (workload.clone(), service.clone())
+    );
+    assert!(
+        exempt(&after, "mine") && exempt(&after, "web-waypoint"),
+        "{after}"
+    );
+
+    // Drained (no rule needs it): still serving, until deleted.
+    let key = ObjectKey::new("shop", "web-waypoint");
+    let Some(Object::Gateway(mut gw)) = state.object(Kind::Gateway, &key) else {
+        panic!("no Gateway shop/web-waypoint");
+    };
+    let annotations = gw.metadata.annotations.as_mut().unwrap();
+    annotations.insert("istio-rs.io/needed-by".into(), String::new());
+    state.apply(Object::Gateway(gw));
+    let draining = translate(&state);
+    assert_eq!(
+        served(&draining, "shop/web-waypoint"),
+        (workload.clone(), service.clone())
+    );
+    assert!(exempt(&draining, "web-waypoint"), "{draining}");
+    // Without a ready instance it receives nothing: nothing to keep.
+    set_ready(&mut state, "wp-1", false);
+    let not_ready = translate(&state);
+    assert_eq!(served(&not_ready, "shop/web-waypoint"), (None, None));
+    assert!(!exempt(&not_ready, "web-waypoint"), "{not_ready}");
+    set_ready(&mut state, "wp-1", true);
+    assert!(state.delete(Kind::Gateway, &key));
+    let gone = translate(&state);
+    assert!(
+        gone["waypoints"].get("shop/web-waypoint").is_none(),
+        "{gone}"
+    );
+    assert_eq!(served(&gone, "shop/mine"), (workload, service));
+    assert!(
+        exempt(&gone, "mine") && !exempt(&gone, "web-waypoint"),
+        "{gone}"
+    );
 }

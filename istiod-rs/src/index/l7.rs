@@ -330,6 +330,9 @@ pub(super) struct Context<'a> {
     pub services: &'a Services<'a>,
     /// The waypoint (`ns/name`) each service is bound to, by index.
     pub service_waypoints: &'a [Option<String>],
+    /// The other waypoints (`ns/name`) serving each service around a change
+    /// of its binding, by index ([`super::waypoints::Waypoints::serving`]).
+    pub service_also_served_by: &'a [Vec<String>],
     /// Waypoints (`ns/name`) with at least one ready instance.
     pub ready_waypoints: &'a BTreeSet<String>,
     /// Every pod that is a workload; empty when no rule is attached by

@@ -64,6 +64,7 @@ pub(super) struct WaypointPolicies {
 pub(super) struct Dependencies {
     waypoints: Vec<String>,
     service_waypoints: Vec<Option<String>>,
+    service_also_served_by: Vec<Vec<String>>,
 }
 
 impl WaypointPolicies {
@@ -128,12 +129,18 @@ impl WaypointPolicies {
     }
 
     /// What the workloads' keys depend on beyond their own pods, given the
-    /// waypoint each service is bound to; `None` while there are no
-    /// implicit policies (nothing depends on anything).
-    pub fn dependencies(&self, service_waypoints: &[Option<String>]) -> Option<Dependencies> {
+    /// waypoint each service is bound to and the others serving it;
+    /// `None` while there are no implicit policies (nothing depends on
+    /// anything).
+    pub fn dependencies(
+        &self,
+        service_waypoints: &[Option<String>],
+        service_also_served_by: &[Vec<String>],
+    ) -> Option<Dependencies> {
         (!self.by_waypoint.is_empty()).then(|| Dependencies {
             waypoints: self.by_waypoint.keys().cloned().collect(),
             service_waypoints: service_waypoints.to_vec(),
+            service_also_served_by: service_also_served_by.to_vec(),
         })
     }
 }

@@ -27,6 +27,18 @@
 //!    waypoint that is missing, unusable or not ready) a ready on-demand
 //!    waypoint keeps serving, so replacing it refuses no request.
 //!
+//! A binding changes for clients only when they receive it, so around a
+//! change two waypoints serve an object ([`Waypoints::serving`]): its
+//! `Waypoint` resource lists the object, with the same rules, and a ready
+//! one counts as enforcing them. An on-demand waypoint with a ready
+//! instance that no longer binds an object it was made for (a user's
+//! waypoint took over, the object opted out, or no rule needs the waypoint
+//! and it drains) serves it until its Gateway is deleted: clients still
+//! send it what they sent before they learnt the new binding (without
+//! this it would answer them 503, no route to the service any more). And a
+//! user's waypoint not ready yet already holds the objects it is about to
+//! take over, so its first requests find them.
+//!
 //! `istio.io/waypoint-for` on the Gateway says what traffic it takes:
 //! `service` (the default), `workload`, `all` or `none`. A per-ServiceAccount
 //! waypoint without the label takes `all`: it exists to serve that account's
@@ -141,15 +153,28 @@ pub(super) struct Waypoints {
     /// (namespace, service account) -> waypoint key, of the waypoints a
     /// user made.
     by_service_account: BTreeMap<(String, String), (String, String)>,
-    /// The same, of the waypoints istiod-rs made on demand and still needs.
-    on_demand_by_service_account: BTreeMap<(String, String), (String, String)>,
-    /// (namespace, service) -> waypoint key, of the waypoints istiod-rs made
-    /// on demand for one service and still needs.
-    on_demand_by_service: BTreeMap<(String, String), (String, String)>,
+    /// (namespace, service account) -> keys of the waypoints istiod-rs made
+    /// on demand for it, needed or draining.
+    on_demand_by_service_account: BTreeMap<(String, String), Vec<(String, String)>>,
+    /// (namespace, service) -> keys of the waypoints istiod-rs made on
+    /// demand for that one service, needed or draining.
+    on_demand_by_service: BTreeMap<(String, String), Vec<(String, String)>>,
+    /// The on-demand waypoints some rule still needs: the only ones that bind.
+    needed: BTreeSet<(String, String)>,
     /// `ns/name` of every waypoint Gateway with a ready instance
     /// ([`super::l7::binding::ready_waypoints`]), computed once per
     /// translation for the bindings here and the L7 rules.
     pub ready: BTreeSet<String>,
+}
+
+/// The waypoints serving an object: see [`Waypoints::serving`].
+#[derive(Debug)]
+pub(super) struct Serving<'a> {
+    /// The one it is bound to: where clients send its traffic.
+    pub bound: Option<&'a Waypoint>,
+    /// The keys (`ns/name`) of the others serving it around a change of
+    /// binding, sorted.
+    pub also: Vec<String>,
 }
 
 /// What the bindings a user made (1 to 3 of the module doc) say.
@@ -233,25 +258,32 @@ impl Waypoints {
             let waypoint_key = (key.namespace.clone(), key.name.clone());
             let on_demand = is_on_demand(gw);
             // An on-demand Gateway binds only while some rule needs it.
-            let binds_on_demand = on_demand && still_needed(gw);
-            let by_service_account = match (on_demand, binds_on_demand) {
-                (false, _) => Some(&mut waypoints.by_service_account),
-                (true, true) => Some(&mut waypoints.on_demand_by_service_account),
-                (true, false) => None,
-            };
-            if let (Some(sa), Some(by_service_account)) = (for_sa, by_service_account) {
-                by_service_account
+            if on_demand && still_needed(gw) {
+                waypoints.needed.insert(waypoint_key.clone());
+            }
+            match for_sa {
+                Some(sa) if on_demand => waypoints
+                    .on_demand_by_service_account
                     .entry((key.namespace.clone(), sa.clone()))
-                    .or_insert_with(|| waypoint_key.clone());
+                    .or_default()
+                    .push(waypoint_key.clone()),
+                Some(sa) => {
+                    waypoints
+                        .by_service_account
+                        .entry((key.namespace.clone(), sa.clone()))
+                        .or_insert_with(|| waypoint_key.clone());
+                }
+                None => {}
             }
             let for_service = annotations
                 .get(labels::FOR_SERVICE)
                 .filter(|s| !s.is_empty());
-            if let Some(service) = for_service.filter(|_| binds_on_demand) {
+            if let Some(service) = for_service.filter(|_| on_demand) {
                 waypoints
                     .on_demand_by_service
                     .entry((key.namespace.clone(), service.clone()))
-                    .or_insert_with(|| waypoint_key.clone());
+                    .or_default()
+                    .push(waypoint_key.clone());
             }
             waypoints.by_key.insert(
                 waypoint_key,
@@ -317,8 +349,62 @@ impl Waypoints {
         service: Option<&str>,
         traffic: Traffic,
     ) -> Option<&Waypoint> {
+        let user = self.user_binding(state, namespace, labels, service_account, traffic);
+        self.bind(user, namespace, service_account, service, traffic)
+    }
+
+    /// The waypoint bound to an object (as [`Self::bound`]) and the keys of
+    /// the others that serve it too, sorted:
+    /// - the on-demand waypoints made for it that still have a ready
+    ///   instance: a user's waypoint took over, the object opted out, or no
+    ///   rule needs them any more and they drain. Clients learn the new
+    ///   binding only after istiod-rs decides it, and what they sent before
+    ///   is in flight: such a waypoint keeps serving the object until its
+    ///   Gateway is deleted, so none of that traffic is refused;
+    /// - the waypoint a user bound it to while a ready on-demand one serves
+    ///   it instead (the user's has no ready instance yet): its instances
+    ///   then hold the object's configuration before they report ready
+    ///   (waypoint-rs is ready once its xDS has synced), which is when
+    ///   clients start sending to them.
+    pub fn serving(
+        &self,
+        state: &ClusterState,
+        namespace: &str,
+        labels: &Labels,
+        service_account: Option<&str>,
+        service: Option<&str>,
+        traffic: Traffic,
+    ) -> Serving<'_> {
+        let user = self.user_binding(state, namespace, labels, service_account, traffic);
+        let bound = self.bind(user, namespace, service_account, service, traffic);
+        let taking_over = match user {
+            UserBinding::Bound(w) => Some(w),
+            _ => None,
+        };
+        let bound_key = bound.map(Waypoint::key);
+        let mut also: Vec<String> = self
+            .on_demand_candidates(namespace, service_account, service, traffic)
+            .filter(|w| w.ready)
+            .chain(taking_over)
+            .map(Waypoint::key)
+            .filter(|k| Some(k) != bound_key.as_ref())
+            .collect();
+        also.sort();
+        also.dedup();
+        Serving { bound, also }
+    }
+
+    /// Which waypoint binds an object, given what the user's bindings say.
+    fn bind<'a>(
+        &'a self,
+        user: UserBinding<'a>,
+        namespace: &str,
+        service_account: Option<&str>,
+        service: Option<&str>,
+        traffic: Traffic,
+    ) -> Option<&'a Waypoint> {
         let on_demand = || self.on_demand(namespace, service_account, service, traffic);
-        match self.user_binding(state, namespace, labels, service_account, traffic) {
+        match user {
             UserBinding::OptOut => None,
             UserBinding::Unset => on_demand(),
             UserBinding::Bound(w) if w.ready => Some(w),
@@ -347,12 +433,7 @@ impl Waypoints {
             UseWaypoint::Named(ns, name) => return named(ns, name),
             UseWaypoint::Unset => {}
         }
-        if let Some(w) = self.for_service_account(
-            &self.by_service_account,
-            namespace,
-            service_account,
-            traffic,
-        ) {
+        if let Some(w) = self.for_service_account(namespace, service_account, traffic) {
             return UserBinding::Bound(w);
         }
         let Some(ns) = state.namespace(namespace) else {
@@ -365,8 +446,8 @@ impl Waypoints {
         }
     }
 
-    /// The on-demand waypoint for an object: its account's, else its
-    /// service's.
+    /// The on-demand waypoint that binds an object: its account's, else its
+    /// service's, among those some rule still needs.
     fn on_demand(
         &self,
         namespace: &str,
@@ -374,30 +455,45 @@ impl Waypoints {
         service: Option<&str>,
         traffic: Traffic,
     ) -> Option<&Waypoint> {
-        self.for_service_account(
-            &self.on_demand_by_service_account,
-            namespace,
-            service_account,
-            traffic,
-        )
-        .or_else(|| {
-            let key = self
-                .on_demand_by_service
-                .get(&(namespace.to_string(), service?.to_string()))?;
-            self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
-        })
+        self.on_demand_candidates(namespace, service_account, service, traffic)
+            .find(|w| self.needed.contains(&(w.namespace.clone(), w.name.clone())))
     }
 
-    /// The waypoint of `by_service_account` serving `service_account` in
-    /// `namespace`, when it takes `traffic`.
+    /// Every on-demand waypoint, needed or draining, that is or was made for
+    /// an object: its account's, then its service's.
+    fn on_demand_candidates<'a>(
+        &'a self,
+        namespace: &str,
+        service_account: Option<&str>,
+        service: Option<&str>,
+        traffic: Traffic,
+    ) -> impl Iterator<Item = &'a Waypoint> {
+        let by_account = service_account.and_then(|sa| {
+            self.on_demand_by_service_account
+                .get(&(namespace.to_string(), sa.to_string()))
+        });
+        let by_service = service.and_then(|service| {
+            self.on_demand_by_service
+                .get(&(namespace.to_string(), service.to_string()))
+        });
+        by_account
+            .into_iter()
+            .chain(by_service)
+            .flatten()
+            .filter_map(|key| self.by_key.get(key))
+            .filter(move |w| w.traffic.takes(traffic))
+    }
+
+    /// The waypoint a user made for `service_account` in `namespace`, when
+    /// it takes `traffic`.
     fn for_service_account(
         &self,
-        by_service_account: &BTreeMap<(String, String), (String, String)>,
         namespace: &str,
         service_account: Option<&str>,
         traffic: Traffic,
     ) -> Option<&Waypoint> {
-        let key = by_service_account.get(&(namespace.to_string(), service_account?.to_string()))?;
+        let key = (self.by_service_account)
+            .get(&(namespace.to_string(), service_account?.to_string()))?;
         self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
     }
 
@@ -653,6 +749,54 @@ mod tests {
         // `none` is never overridden.
         let s = state("", &format!("{on_demand}{ready}"));
         assert_eq!(bound_to(&s, &[("istio.io/use-waypoint", "none")]), None);
+    }
+
+    #[test]
+    fn around_a_handover_both_waypoints_serve() {
+        let needed = gateway("web-waypoint", ON_DEMAND, &format!("{FOR_WEB}, {NEEDED}"));
+        let draining = gateway(
+            "web-waypoint",
+            ON_DEMAND,
+            &format!("{FOR_WEB}, istio-rs.io/needed-by: \"\""),
+        );
+        let ready = instance("web-waypoint", "10.0.0.1");
+        let mine = gateway("mine", "", "") + &instance("mine", "10.0.0.2");
+        let label = [("istio.io/use-waypoint", "mine")];
+        let handing_over = |s: &ClusterState, labels: &[(&str, &str)]| {
+            let waypoints = Waypoints::build(s, &MeshConfig::default());
+            let bound = bound_to(s, labels);
+            let labels: Labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let (sa, service, traffic) = (Some("web"), Some("web"), Traffic::Service);
+            let serving = waypoints.serving(s, "shop", &labels, sa, service, traffic);
+            assert_eq!(serving.bound.map(Waypoint::key), bound);
+            serving.also
+        };
+        let web_waypoint = vec!["shop/web-waypoint".to_string()];
+        // Serving itself: nothing to hand over.
+        let s = state("", &format!("{needed}{ready}{mine}"));
+        assert!(handing_over(&s, &[]).is_empty());
+        // The user's waypoint took over, or the service opted out.
+        assert_eq!(handing_over(&s, &label), web_waypoint);
+        assert_eq!(
+            handing_over(&s, &[("istio.io/use-waypoint", "none")]),
+            web_waypoint
+        );
+        // No rule needs it any more: it drains, bound to nothing.
+        let s = state("", &format!("{draining}{ready}"));
+        assert_eq!(bound_to(&s, &[]), None);
+        assert_eq!(handing_over(&s, &[]), web_waypoint);
+        // Without a ready instance, no traffic can reach it.
+        let s = state("", &format!("{draining}{mine}"));
+        assert!(handing_over(&s, &label).is_empty());
+        // The user's waypoint starting while the on-demand one serves: it
+        // holds the service before it is ready.
+        let starting = gateway("mine", "", "");
+        let s = state("", &format!("{needed}{ready}{starting}"));
+        assert_eq!(bound_to(&s, &label).as_deref(), Some("shop/web-waypoint"));
+        assert_eq!(handing_over(&s, &label), vec!["shop/mine".to_string()]);
     }
 
     #[test]

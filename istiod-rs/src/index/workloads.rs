@@ -243,7 +243,9 @@ fn locality(state: &ClusterState, node: &str) -> Option<Locality> {
 /// AuthorizationPolicies (selector-scoped, from the pod's namespace or the
 /// root namespace, sorted), the converted PeerAuthentications (sorted), the
 /// implicit ALLOW-from-waypoint policies (those of its services' waypoints,
-/// then its own `waypoint`'s). Then what upstream does not have: the DENY
+/// then its own `waypoint`'s; among the former, ours: those of the other
+/// waypoints serving the pod or its services around a change of binding,
+/// `also_served_by`, see `Waypoints::serving`). Then what upstream does not have: the DENY
 /// policies of the unserved L7 rules targeting it (sorted). The order
 /// changes no decision (ztunnel applies every DENY, then needs one ALLOW
 /// when any applies); it only keeps the list stable and readable.
@@ -252,6 +254,7 @@ fn policy_keys(
     namespace: &str,
     labels: &Labels,
     waypoint: Option<&str>,
+    also_served_by: &[String],
     backed: &[usize],
     l7: Option<&l7::Workload<'_>>,
 ) -> Vec<String> {
@@ -270,10 +273,16 @@ fn policy_keys(
         .collect();
     keys.sort();
     keys.extend(ctx.peer_authentications.workload_keys(namespace, labels));
-    let service_waypoints = backed
+    let others = backed
         .iter()
-        .filter_map(|&i| ctx.l7.service_waypoints[i].as_deref());
-    keys.extend(ctx.waypoint_policies.keys_for(waypoint, service_waypoints));
+        .flat_map(|&i| {
+            let bound = ctx.l7.service_waypoints[i].as_deref();
+            bound
+                .into_iter()
+                .chain(ctx.l7.service_also_served_by[i].iter().map(String::as_str))
+        })
+        .chain(also_served_by.iter().map(String::as_str));
+    keys.extend(ctx.waypoint_policies.keys_for(waypoint, others));
     if let Some(w) = l7 {
         keys.extend(ctx.l7_rules.keys_for(ctx.l7, w));
     }
@@ -294,18 +303,12 @@ pub(super) fn workload(
     let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
     let sa = pod_service_account(pod);
     let instance = ctx.waypoints.is_instance(namespace, labels);
-    let waypoint = if instance {
-        None
-    } else {
-        ctx.waypoints.bound(
-            ctx.state,
-            namespace,
-            labels,
-            Some(sa),
-            None,
-            Traffic::Workload,
-        )
-    };
+    let serving = (!instance).then(|| {
+        let (state, traffic) = (ctx.state, Traffic::Workload);
+        ctx.waypoints
+            .serving(state, namespace, labels, Some(sa), None, traffic)
+    });
+    let (waypoint, also_served_by) = serving.map_or((None, Vec::new()), |s| (s.bound, s.also));
     let waypoint_key = waypoint.map(|w| w.key());
     // Waypoint instances are never targets of the rules they would serve.
     let l7 = (!instance).then(|| l7::Workload {
@@ -360,6 +363,7 @@ pub(super) fn workload(
             namespace,
             labels,
             waypoint_key.as_deref(),
+            &also_served_by,
             backed,
             l7.as_ref(),
         ),

@@ -15,9 +15,11 @@
 //!
 //! Either way a Gateway no rule needs any more first drains
 //! ([`Draining`]): it is written once more with an empty
-//! `istio-rs.io/needed-by`, which binds nothing to it, and removed only
-//! after `ProvisionConfig::on_demand_drain`, so every proxy has stopped
-//! sending to the waypoint when it goes.
+//! `istio-rs.io/needed-by`, which binds nothing to it (while it exists it
+//! still serves what it served, for the requests clients sent before they
+//! learnt that: `Waypoints::serving` in `index/waypoints.rs`), and
+//! removed only after `ProvisionConfig::on_demand_drain`, so every proxy has
+//! stopped sending to the waypoint when it goes.
 //!
 //! Nothing is written before the first plan (a plan is made only once the
 //! source has synced), so a restart never removes what a half-listed cluster

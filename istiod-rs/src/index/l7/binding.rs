@@ -2,12 +2,13 @@
 //!
 //! One per Gateway of class `istio-waypoint`, key `<ns>/<name>`:
 //! - `services`: every Service bound to it (the bindings of
-//!   `index/waypoints.rs`), each with its ports and their protocol, the key
+//!   `index/waypoints.rs`; for an on-demand waypoint, also those it is
+//!   handing over, `Waypoints::serving`), each with its ports and their protocol, the key
 //!   of its RouteTable (when a route attaches), the HttpAuthorization and
 //!   JwtAuthentication keys that target it (`targetRefs` kind Service), and a
 //!   `deny_all_reason` when an L7 rule for it cannot be translated at all;
 //! - `workloads`: the pods bound to it directly (`waypoint-for: workload` or
-//!   `all`), protocol detected on every port;
+//!   `all`; handed over too), protocol detected on every port;
 //! - `gateway_authorizations` / `gateway_authentications`: the keys of the
 //!   policies whose `targetRefs` name the waypoint Gateway itself;
 //! - `forward_client_identity`: the Gateway's annotation
@@ -175,10 +176,11 @@ pub(in crate::index) fn waypoints(
     mesh: &MeshConfig,
     waypoints: &Waypoints,
     services: &Services<'_>,
-    service_waypoints: &[Option<String>],
+    ctx: &super::Context<'_>,
     named: &Named<'_>,
     problems: &mut Vec<PolicyProblem>,
 ) -> Bindings {
+    let service_waypoints = ctx.service_waypoints;
     let mut out: BTreeMap<String, Waypoint> = state
         .gateways
         .iter()
@@ -233,7 +235,10 @@ pub(in crate::index) fn waypoints(
             continue;
         };
         for (i, (entry, bound)) in services.entries.iter().zip(service_waypoints).enumerate() {
-            let Some(waypoint) = bound else { continue };
+            let also = &ctx.service_also_served_by[i];
+            if bound.is_none() && also.is_empty() {
+                continue;
+            }
             let reach = named.reaches.get(&entry.key);
             let backends: Vec<Option<usize>> = reach
                 .into_iter()
@@ -249,9 +254,11 @@ pub(in crate::index) fn waypoints(
             }
             let lists = by_service.entry(i).or_default();
             list.add(&mut lists.0, &mut lists.1, &key);
-            if ready(waypoint) {
-                enforced_by[r].insert(waypoint.clone());
+            for w in bound.iter().chain(also).filter(|w| ready(w)) {
+                enforced_by[r].insert(w.clone());
             }
+            // Reported once, for the waypoint the service is bound to.
+            let Some(waypoint) = bound else { continue };
             let why = match reach {
                 Some(reach)
                     if reach.answers_itself
@@ -280,9 +287,10 @@ pub(in crate::index) fn waypoints(
     }
 
     for (i, (entry, bound)) in services.entries.iter().zip(service_waypoints).enumerate() {
-        let Some(wp) = bound.as_ref().and_then(|w| out.get_mut(w)) else {
+        let serving: Vec<&String> = bound.iter().chain(&ctx.service_also_served_by[i]).collect();
+        if serving.is_empty() {
             continue;
-        };
+        }
         let spec = entry.service.spec.as_ref();
         let ports = spec
             .and_then(|s| s.ports.as_ref())
@@ -296,7 +304,7 @@ pub(in crate::index) fn waypoints(
             })
             .collect();
         let (authorizations, authentications) = by_service.remove(&i).unwrap_or_default();
-        wp.services.push(ServedService {
+        let served = ServedService {
             namespace: entry.namespace.to_string(),
             hostname: entry.proto.hostname.clone(),
             ports,
@@ -312,7 +320,12 @@ pub(in crate::index) fn waypoints(
                 .get(&i)
                 .map(|r| r.join("; "))
                 .unwrap_or_default(),
-        });
+        };
+        for w in serving {
+            if let Some(wp) = out.get_mut(w) {
+                wp.services.push(served.clone());
+            }
+        }
     }
 
     for (key, pod) in &state.pods {
@@ -323,20 +336,15 @@ pub(in crate::index) fn waypoints(
         let Some(addresses) = workloads::addresses(pod) else {
             continue;
         };
-        let bound = waypoints.bound(
-            state,
-            &key.namespace,
-            pod_labels,
-            Some(pod_service_account(pod)),
-            None,
-            Traffic::Workload,
-        );
-        let Some(waypoint) = bound.map(|w| w.key()) else {
+        let account = Some(pod_service_account(pod));
+        let namespace = &key.namespace;
+        let (service, traffic) = (None, Traffic::Workload);
+        let also = waypoints.serving(state, namespace, pod_labels, account, service, traffic);
+        let bound = also.bound.map(|w| w.key());
+        let serving: Vec<String> = bound.into_iter().chain(also.also).collect();
+        if serving.is_empty() {
             continue;
-        };
-        let Some(wp) = out.get_mut(&waypoint) else {
-            continue;
-        };
+        }
         let mut served = ServedWorkload {
             uid: mesh.pod_uid(&key.namespace, &key.name),
             addresses: addresses.into_iter().map(ip_bytes).collect(),
@@ -352,11 +360,15 @@ pub(in crate::index) fn waypoints(
                 &mut served.authentications,
                 &policy,
             );
-            if ready(&waypoint) {
-                enforced_by[r].insert(waypoint.clone());
+            for w in serving.iter().filter(|w| ready(w)) {
+                enforced_by[r].insert(w.clone());
             }
         }
-        wp.workloads.push(served);
+        for w in &serving {
+            if let Some(wp) = out.get_mut(w) {
+                wp.workloads.push(served.clone());
+            }
+        }
     }
     Bindings {
         waypoints: out,
