@@ -75,6 +75,8 @@ pub enum ClusterError {
     NotAComponent(String),
     #[error("the cluster runs without the mesh; start it with the mesh on")]
     MeshOff,
+    #[error("this cluster cannot do it yet: {0}")]
+    Unsupported(String),
     #[error("{what} is not the JSON expected: {reason}\n{text}")]
     Json {
         what: String,
@@ -480,6 +482,23 @@ pub trait Cluster: Send + Sync {
         port: u16,
         path: &str,
     ) -> Result<HttpResponse, ClusterError>;
+
+    /// Runs the mesh's `istioctl-rs` with `args` where `beside`'s loopback
+    /// ports (ztunnel admin 15000, istiod monitoring 15014) answer, as a
+    /// port-forward gives an operator, and collects its output; killed
+    /// after `timeout`, which is an error. A cluster that cannot returns
+    /// [`ClusterError::Unsupported`].
+    fn istioctl(
+        &self,
+        beside: &ProxyRef,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError> {
+        let _ = (beside, args, timeout);
+        Err(ClusterError::Unsupported(
+            "running istioctl-rs beside a proxy".into(),
+        ))
+    }
 
     /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
     /// zero), a node's ztunnel-rs (SIGTERM: it drains), or a node's agent

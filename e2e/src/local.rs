@@ -442,6 +442,20 @@ impl ClusterCore {
     }
 
     /// A sample app's binary, or the program as given.
+    /// The network namespace where a proxy's loopback ports answer.
+    fn proxy_netns(&self, proxy: &ProxyRef) -> Result<NetNs, ClusterError> {
+        Ok(match proxy {
+            ProxyRef::Istiod => self.topology.control_plane.clone(),
+            ProxyRef::Ztunnel { node } | ProxyRef::NodeAgent { node } => self
+                .node_netns(node)
+                .cloned()
+                .ok_or_else(|| ClusterError::NoNode(node.clone(), self.nodes().join(", ")))?,
+            ProxyRef::Pod { namespace, name } => self
+                .pod_netns(namespace, name)
+                .ok_or_else(|| ClusterError::NoPod(namespace.clone(), name.clone()))?,
+        })
+    }
+
     fn program(&self, program: &str) -> Result<PathBuf, ClusterError> {
         if SAMPLE_APPS.contains(&program) {
             return Ok(self.binaries.get("e2e", program)?);
@@ -984,17 +998,20 @@ impl Cluster for ClusterCore {
         port: u16,
         path: &str,
     ) -> Result<HttpResponse, ClusterError> {
-        let netns = match proxy {
-            ProxyRef::Istiod => self.topology.control_plane.clone(),
-            ProxyRef::Ztunnel { node } | ProxyRef::NodeAgent { node } => self
-                .node_netns(node)
-                .cloned()
-                .ok_or_else(|| ClusterError::NoNode(node.clone(), self.nodes().join(", ")))?,
-            ProxyRef::Pod { namespace, name } => self
-                .pod_netns(namespace, name)
-                .ok_or_else(|| ClusterError::NoPod(namespace.clone(), name.clone()))?,
-        };
+        let netns = self.proxy_netns(proxy)?;
         crate::cluster::loopback_get(proxy, &netns, port, path, HTTP_TIMEOUT)
+    }
+
+    fn istioctl(
+        &self,
+        beside: &ProxyRef,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError> {
+        let netns = self.proxy_netns(beside)?;
+        let mut cmd = netns.command(self.binaries.get("istioctl-rs", "istioctl-rs")?);
+        cmd.args(args);
+        Ok(netns.exec(cmd, timeout)?.into())
     }
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
@@ -1109,6 +1126,15 @@ impl Cluster for LocalCluster {
         path: &str,
     ) -> Result<HttpResponse, ClusterError> {
         self.core.proxy_get(proxy, port, path)
+    }
+
+    fn istioctl(
+        &self,
+        beside: &ProxyRef,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ClusterError> {
+        self.core.istioctl(beside, args, timeout)
     }
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {

@@ -14,6 +14,7 @@
 
 pub mod fail_closed;
 pub mod fixture;
+pub mod istioctl;
 pub mod l4;
 pub mod l7;
 pub mod node_agent;

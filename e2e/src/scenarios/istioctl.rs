@@ -1,0 +1,337 @@
+//! `istioctl-rs`, the operator's views, against the running mesh: each
+//! command is run where its proxy's loopback ports answer (as a
+//! port-forward gives an operator, [`Cluster::istioctl`]), and its output is
+//! checked for structure (the header upstream's istioctl prints, one row per
+//! object the fixture made, JSON that parses into the shape the command
+//! documents), never for timings or generated values.
+//!
+//! The local cluster runs them; a cluster that cannot run `istioctl-rs`
+//! beside a proxy says so ([`crate::cluster::ClusterError::Unsupported`]).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{L4Fixture, Scenario};
+use crate::cluster::{Cluster, ExecOutput, PodInfo, ProxyRef};
+use crate::probe::{ProbeError, eventually};
+
+/// ztunnel-rs's admin port, where `ztunnel-config` reads `/config_dump`.
+const ADMIN_URL: &str = "http://127.0.0.1:15000";
+/// istiod-rs's monitoring port, where `proxy-status` reads `/debug/syncz`.
+const ISTIOD_URL: &str = "http://127.0.0.1:15014";
+/// One command's run, generous: a debug build on a busy machine.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long proxy-status may take to show every proxy in sync.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "istioctl_ztunnel_config_shows_what_each_ztunnel_holds",
+            run: ztunnel_config,
+        },
+        Scenario {
+            name: "istioctl_proxy_status_lists_every_ztunnel_in_sync",
+            run: proxy_status,
+        },
+    ]
+}
+
+/// Runs `istioctl-rs args` beside `proxy`; a non-zero exit is an error.
+fn run(cluster: &dyn Cluster, proxy: &ProxyRef, args: &[&str]) -> Result<String, ProbeError> {
+    let out = cluster.istioctl(proxy, args, COMMAND_TIMEOUT)?;
+    if !out.success() {
+        return Err(failed(args, &out));
+    }
+    Ok(out.stdout)
+}
+
+fn failed(args: &[&str], out: &ExecOutput) -> ProbeError {
+    ProbeError::Unexpected {
+        what: format!("istioctl-rs {}", args.join(" ")),
+        detail: format!(
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.code, out.stdout, out.stderr
+        ),
+    }
+}
+
+fn json(args: &[&str], text: &str) -> Result<Value, ProbeError> {
+    serde_json::from_str(text).map_err(|e| ProbeError::Unexpected {
+        what: format!("istioctl-rs {} (not JSON)", args.join(" ")),
+        detail: format!("{e}\n{text}"),
+    })
+}
+
+/// A table's header cells (split on blanks: `POD NAME` is two words) and
+/// its rows, each split on blanks.
+fn table(text: &str) -> (Vec<&str>, Vec<Vec<&str>>) {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    (
+        header,
+        lines.map(|l| l.split_whitespace().collect()).collect(),
+    )
+}
+
+fn expect_header(args: &[&str], text: &str, want: &[&str]) -> Result<(), ProbeError> {
+    let (header, _) = table(text);
+    if header != want {
+        return Err(ProbeError::Unexpected {
+            what: format!("istioctl-rs {} header", args.join(" ")),
+            detail: format!("want {want:?}, got {header:?}\n{text}"),
+        });
+    }
+    Ok(())
+}
+
+/// `ztunnel-config` against every node's ztunnel: the workload table lists
+/// each enrolled pod of the fixture once, with its address, node and HBONE;
+/// `-o json` holds as many workloads as the table has rows; `--address`
+/// narrows to one; the service, policy and certificate tables have
+/// upstream's headers (the certificate table a row for each identity of
+/// the node's pods); `all -o json` is the whole dump. Pointed at a port that
+/// is not an admin port, it fails naming the URL.
+fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let enrolled: Vec<&PodInfo> = f
+        .servers
+        .iter()
+        .chain(&f.clients)
+        .chain([&f.other, &f.peer])
+        .collect();
+    let mut evidence = Vec::new();
+    for node in cluster.nodes() {
+        let ztunnel = ProxyRef::Ztunnel { node: node.clone() };
+        let args = ["zc", "workload", "--admin", ADMIN_URL];
+        let text = run(cluster, &ztunnel, &args)?;
+        let header = [
+            "NAMESPACE",
+            "POD",
+            "NAME",
+            "ADDRESS",
+            "NODE",
+            "WAYPOINT",
+            "PROTOCOL",
+        ];
+        expect_header(&args, &text, &header)?;
+        let (_, rows) = table(&text);
+        for pod in &enrolled {
+            let ip = pod.ip.to_string();
+            let want = [
+                pod.namespace.as_str(),
+                pod.name.as_str(),
+                ip.as_str(),
+                pod.node.as_str(),
+            ];
+            let found = rows
+                .iter()
+                .filter(|r| r.len() == 6 && r[..4] == want && r[5] == "HBONE")
+                .count();
+            if found != 1 {
+                return Err(ProbeError::Unexpected {
+                    what: format!("istioctl-rs zc workload on {node}"),
+                    detail: format!("{found} rows for {want:?} with protocol HBONE:\n{text}"),
+                });
+            }
+        }
+
+        let args = ["zc", "workload", "--admin", ADMIN_URL, "-o", "json"];
+        let listed = json(&args, &run(cluster, &ztunnel, &args)?)?;
+        let count = listed.as_array().map_or(0, Vec::len);
+        if count != rows.len() {
+            return Err(ProbeError::Unexpected {
+                what: format!("istioctl-rs {} on {node}", args.join(" ")),
+                detail: format!("{count} workloads, the table has {} rows", rows.len()),
+            });
+        }
+
+        let server = f.servers[0].ip.to_string();
+        let args = ["zc", "workload", "--admin", ADMIN_URL, "--address", &server];
+        let text = run(cluster, &ztunnel, &args)?;
+        let (_, one) = table(&text);
+        if one.len() != 1 || one[0].get(2) != Some(&server.as_str()) {
+            return Err(ProbeError::Unexpected {
+                what: format!("istioctl-rs {} on {node}", args.join(" ")),
+                detail: format!("want one row for {server}, got {one:?}"),
+            });
+        }
+
+        let args = ["zc", "service", "--admin", ADMIN_URL];
+        let text = run(cluster, &ztunnel, &args)?;
+        let header = [
+            "NAMESPACE",
+            "SERVICE",
+            "NAME",
+            "SERVICE",
+            "VIP",
+            "WAYPOINT",
+            "ENDPOINTS",
+        ];
+        expect_header(&args, &text, &header)?;
+        let (_, services) = table(&text);
+        if !services
+            .iter()
+            .any(|r| r.get(2) == Some(&f.service_vip.as_str()))
+        {
+            return Err(ProbeError::Unexpected {
+                what: format!("istioctl-rs zc service on {node}"),
+                detail: format!(
+                    "no row for the fixture's service {}:\n{text}",
+                    f.service_vip
+                ),
+            });
+        }
+
+        let args = ["zc", "policy", "--admin", ADMIN_URL];
+        let text = run(cluster, &ztunnel, &args)?;
+        expect_header(
+            &args,
+            &text,
+            &["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"],
+        )?;
+
+        let args = ["zc", "certificate", "--admin", ADMIN_URL];
+        let text = run(cluster, &ztunnel, &args)?;
+        let header = [
+            "CERTIFICATE",
+            "NAME",
+            "TYPE",
+            "STATUS",
+            "VALID",
+            "CERT",
+            "SERIAL",
+            "NUMBER",
+            "NOT",
+            "AFTER",
+            "NOT",
+            "BEFORE",
+        ];
+        expect_header(&args, &text, &header)?;
+        let (_, certificates) = table(&text);
+        if certificates.is_empty() {
+            return Err(ProbeError::Unexpected {
+                what: format!("istioctl-rs zc certificate on {node}"),
+                detail: format!("no certificate, though pods of the mesh run there:\n{text}"),
+            });
+        }
+
+        let args = ["zc", "all", "--admin", ADMIN_URL, "-o", "json"];
+        let dump = json(&args, &run(cluster, &ztunnel, &args)?)?;
+        for key in ["workloads", "services", "policies", "certificates"] {
+            if dump.get(key).is_none() {
+                return Err(ProbeError::Unexpected {
+                    what: format!("istioctl-rs {} on {node}", args.join(" ")),
+                    detail: format!("no {key:?} in the dump"),
+                });
+            }
+        }
+        evidence.push(format!(
+            "{node}: {} workloads, {} services, {} certificates",
+            rows.len(),
+            services.len(),
+            certificates.len()
+        ));
+    }
+
+    // Bad input: the metrics port answers, but not with a config dump.
+    let node = cluster.nodes().into_iter().next().unwrap_or_default();
+    let metrics = "http://127.0.0.1:15020";
+    let args = ["zc", "workload", "--admin", metrics];
+    let out = cluster.istioctl(&ProxyRef::Ztunnel { node }, &args, COMMAND_TIMEOUT)?;
+    if out.code != Some(1) || !out.stderr.contains("127.0.0.1:15020") {
+        return Err(ProbeError::Unexpected {
+            what: "istioctl-rs zc workload pointed at the metrics port".into(),
+            detail: format!(
+                "want exit 1 naming the URL; got {:?}, stderr:\n{}",
+                out.code, out.stderr
+            ),
+        });
+    }
+    Ok(format!(
+        "ztunnel-config on every node ({}); each enrolled pod listed once with HBONE; \
+         --admin at the metrics port: exit 1, {}",
+        evidence.join("; "),
+        out.stderr.lines().next().unwrap_or_default().trim()
+    ))
+}
+
+/// `proxy-status` against istiod-rs: upstream's leading columns, one
+/// `ztunnel.istio-system` row per node, every one in sync (the mesh is idle
+/// between scenarios, so each ztunnel catches up); `-o json` lists them
+/// in sync, with their nodes.
+fn proxy_status(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeError> {
+    let nodes = cluster.nodes();
+    let args = ["ps", "--istiod", ISTIOD_URL];
+    let text = eventually(
+        "every ztunnel in sync in proxy-status",
+        SYNC_TIMEOUT,
+        || {
+            let text = run(cluster, &ProxyRef::Istiod, &args)?;
+            let (_, rows) = table(&text);
+            let ztunnels: Vec<_> = rows
+                .iter()
+                .filter(|r| r.first() == Some(&"ztunnel.istio-system"))
+                .collect();
+            let in_sync = ztunnels.iter().filter(|r| r.last() == Some(&"yes")).count();
+            Ok(if ztunnels.len() == nodes.len() && in_sync == nodes.len() {
+                Ok(text)
+            } else {
+                Err(format!(
+                    "{} ztunnel rows, {in_sync} in sync, {} nodes:\n{text}",
+                    ztunnels.len(),
+                    nodes.len()
+                ))
+            })
+        },
+    )?;
+    let (header, rows) = table(&text);
+    let leading = header.iter().take(3).copied().collect::<Vec<_>>();
+    let trailing = header
+        .iter()
+        .rev()
+        .take(2)
+        .rev()
+        .copied()
+        .collect::<Vec<_>>();
+    if leading != ["NAME", "WADS", "WDS"] || trailing != ["IN", "SYNC"] {
+        return Err(ProbeError::Unexpected {
+            what: "istioctl-rs ps header".into(),
+            detail: format!("want NAME WADS WDS ... IN SYNC, got {header:?}"),
+        });
+    }
+
+    let args = ["ps", "--istiod", ISTIOD_URL, "-o", "json"];
+    let report = json(&args, &run(cluster, &ProxyRef::Istiod, &args)?)?;
+    // Each proxy: what `/debug/syncz` says of it (flattened) and `in_sync`.
+    let mut listed: Vec<String> = report["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["proxy"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("ztunnel~"))
+        })
+        .filter(|p| p["in_sync"] == true)
+        .filter_map(|p| p["node"].as_str().map(str::to_string))
+        .collect();
+    listed.sort();
+    let mut want = nodes.clone();
+    want.sort();
+    if listed != want {
+        return Err(ProbeError::Unexpected {
+            what: format!("istioctl-rs {}", args.join(" ")),
+            detail: format!("ztunnels in sync on nodes {listed:?}, want {want:?}\n{report}"),
+        });
+    }
+    Ok(format!(
+        "proxy-status: {} rows, one ztunnel per node ({}) in sync, in the table and in -o json",
+        rows.len(),
+        want.join(", ")
+    ))
+}
