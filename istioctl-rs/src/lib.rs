@@ -14,10 +14,13 @@
 //!   upstream istioctl shows it;
 //! - [`proxy_status`]: `proxy-status`, istiod-rs's `/debug/syncz`: every
 //!   connected proxy's sync state per resource type;
+//! - [`describe`]: `x describe pod|service`, how traffic to one pod or
+//!   service flows, from the same `/config_dump`;
 //! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use.
 
 pub mod admin_http;
 pub mod cluster;
+pub mod describe;
 pub mod install;
 pub mod manifest;
 pub mod mesh_root;

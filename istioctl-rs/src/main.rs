@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use istioctl_rs::describe;
 use istioctl_rs::install::{self, InstallOptions};
 use istioctl_rs::manifest;
 use istioctl_rs::precheck;
@@ -326,6 +327,40 @@ enum ManifestCommand {
 enum ExperimentalCommand {
     /// Check the cluster before an install.
     Precheck,
+    /// How traffic to a pod or service flows, in one screen: enrolled or
+    /// not, which node's ztunnel, which waypoint, which policies apply,
+    /// which certificate; read from a ztunnel's /config_dump.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DescribeCommand {
+    /// A pod: NAME (with -n) or NAME.NAMESPACE.
+    #[command(visible_alias = "po")]
+    Pod {
+        name: String,
+        #[command(flatten)]
+        args: DescribeArgs,
+    },
+    /// A service: NAME (with -n) or NAME.NAMESPACE.
+    #[command(visible_alias = "svc")]
+    Service {
+        name: String,
+        #[command(flatten)]
+        args: DescribeArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DescribeArgs {
+    /// The namespace (default: `default`).
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    source: DumpArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -444,6 +479,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..UninstallOptions::default()
             };
             uninstall::run(&client, &options, &mut stdout).await?;
+            Ok(())
+        }
+        Command::X {
+            command: ExperimentalCommand::Describe { what },
+        } => {
+            let (subject, args) = match what {
+                DescribeCommand::Pod { name, args } => {
+                    (describe::Subject::pod(name, &args.namespace), args)
+                }
+                DescribeCommand::Service { name, args } => {
+                    (describe::Subject::service(name, &args.namespace), args)
+                }
+            };
+            let target = args.source.target();
+            let bytes = ztunnel_config::fetch(&target).await?;
+            let dump = ztunnel_config::ConfigDump::parse(&bytes)?;
+            let origin = target.origin();
+            let now = std::time::SystemTime::now();
+            let text = describe::render(&dump, &subject, &origin, args.source.output, now)?;
+            stdout.write_all(text.as_bytes())?;
             Ok(())
         }
         Command::X {

@@ -39,6 +39,16 @@ pub enum Target {
 
 pub use crate::admin_http::AdminUrl;
 
+impl Target {
+    /// Where the dump came from, for messages: the URL fetched, or the file.
+    pub fn origin(&self) -> String {
+        match self {
+            Target::Admin(url) => url.endpoint("/config_dump"),
+            Target::File(path) => path.display().to_string(),
+        }
+    }
+}
+
 impl std::str::FromStr for AdminUrl {
     type Err = String;
 
@@ -409,7 +419,7 @@ fn sorted_policies<'a>(dump: &'a ConfigDump, namespace: &Option<String>) -> Vec<
 
 /// The name of the service a waypoint address points at: `None` without a
 /// waypoint, `NA` when no service of the dump matches.
-fn waypoint_name(waypoint: &Option<Waypoint>, dump: &ConfigDump) -> String {
+pub(crate) fn waypoint_name(waypoint: &Option<Waypoint>, dump: &ConfigDump) -> String {
     let Some(waypoint) = waypoint else {
         return "None".into();
     };
@@ -613,7 +623,7 @@ pub fn table(rows: &[Vec<String>], padding: usize) -> String {
 
 /// Whether `now` is inside the certificate's validity; false when a time
 /// is missing or not RFC 3339 UTC.
-fn valid_at(cert: &Cert, now: SystemTime) -> bool {
+pub(crate) fn valid_at(cert: &Cert, now: SystemTime) -> bool {
     let now = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -629,7 +639,7 @@ fn valid_at(cert: &Cert, now: SystemTime) -> bool {
 }
 
 /// `2024-05-01T12:00:00Z` as seconds since the epoch.
-fn unix_seconds(text: &str) -> Option<i64> {
+pub(crate) fn unix_seconds(text: &str) -> Option<i64> {
     let b = text.as_bytes();
     if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
         return None;
@@ -654,7 +664,7 @@ fn unix_seconds(text: &str) -> Option<i64> {
 /// A serial number as upstream prints it: lowercase hex without leading
 /// zeros. Upstream ztunnel dumps it in decimal; ztunnel-rs dumps hex bytes
 /// separated by `:`; both are accepted.
-fn serial_hex(serial: &str) -> String {
+pub(crate) fn serial_hex(serial: &str) -> String {
     let hex = if serial.contains(':') {
         serial.replace(':', "").to_ascii_lowercase()
     } else if !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_digit()) {

@@ -79,6 +79,25 @@ pub enum Scope {
     WorkloadSelector,
 }
 
+impl Scope {
+    /// Whether a policy of this scope in `policy_namespace`, keyed `key`,
+    /// applies to a workload of `namespace` listing `listed`: a global one
+    /// always, a namespace one in its namespace, any one the workload lists.
+    pub fn applies(
+        self,
+        policy_namespace: &str,
+        key: &str,
+        namespace: &str,
+        listed: &[String],
+    ) -> bool {
+        match self {
+            Scope::Global => true,
+            Scope::Namespace if policy_namespace == namespace => true,
+            Scope::Namespace | Scope::WorkloadSelector => listed.iter().any(|k| k == key),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Action {
     Allow,

@@ -238,10 +238,15 @@ impl Snapshot {
         for key in keys {
             match self.policies.get(key) {
                 // A selector-scoped policy applies only where listed; a
-                // workload listing a global policy must not apply it twice.
+                // workload listing a global policy must not apply it twice
+                // (the keys are a set).
                 Some(p)
-                    if p.scope != Scope::WorkloadSelector
-                        || workload.authorization_policies.contains(&p.key()) =>
+                    if p.scope.applies(
+                        &p.namespace,
+                        &p.key(),
+                        &workload.namespace,
+                        &workload.authorization_policies,
+                    ) =>
                 {
                     policies.applied.push(p.clone());
                 }

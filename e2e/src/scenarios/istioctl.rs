@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::fixture::{AMBIENT_NS, SERVICE};
 use super::{L4Fixture, Scenario};
 use crate::cluster::{Cluster, ExecOutput, PodInfo, ProxyRef};
 use crate::probe::{ProbeError, eventually};
@@ -35,6 +36,10 @@ pub fn all() -> Vec<Scenario> {
             name: "istioctl_proxy_status_lists_every_ztunnel_in_sync",
             run: proxy_status,
         },
+        Scenario {
+            name: "istioctl_describe_says_how_traffic_to_a_pod_and_a_service_flows",
+            run: describe,
+        },
     ]
 }
 
@@ -54,6 +59,29 @@ fn failed(args: &[&str], out: &ExecOutput) -> ProbeError {
             "exit {:?}\nstdout:\n{}\nstderr:\n{}",
             out.code, out.stdout, out.stderr
         ),
+    }
+}
+
+/// A saved dump, removed when dropped.
+struct Saved(std::path::PathBuf);
+
+impl Saved {
+    /// `text` in the temporary directory, under a name of this process and
+    /// `node`.
+    fn new(text: &str, node: &str) -> Result<Saved, ProbeError> {
+        let name = format!("istioctl-rs-dump-{}-{node}.json", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, text).map_err(|e| ProbeError::Unexpected {
+            what: format!("saving a config dump to {}", path.display()),
+            detail: e.to_string(),
+        })?;
+        Ok(Saved(path))
+    }
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -92,7 +120,8 @@ fn expect_header(args: &[&str], text: &str, want: &[&str]) -> Result<(), ProbeEr
 
 /// `ztunnel-config` against every node's ztunnel: the workload table lists
 /// each enrolled pod of the fixture once, with its address, node and HBONE;
-/// `-o json` holds as many workloads as the table has rows; `--address`
+/// of one saved dump (`--file`), `-o json` holds as many workloads as the
+/// table has rows and the dump has; `--address`
 /// narrows to one; the service, policy and certificate tables have
 /// upstream's headers (the certificate table a row for each identity of
 /// the node's pods); `all -o json` is the whole dump. Pointed at a port that
@@ -140,13 +169,35 @@ fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
             }
         }
 
-        let args = ["zc", "workload", "--admin", ADMIN_URL, "-o", "json"];
+        // The table and -o json of one saved dump (`--file`): the live one
+        // changes while earlier scenarios' waypoints go away.
+        let args = ["zc", "all", "--admin", ADMIN_URL, "-o", "json"];
+        let saved = run(cluster, &ztunnel, &args)?;
+        let dump = json(&args, &saved)?;
+        for key in ["workloads", "services", "policies", "certificates"] {
+            if dump.get(key).is_none() {
+                return Err(ProbeError::Unexpected {
+                    what: format!("istioctl-rs {} on {node}", args.join(" ")),
+                    detail: format!("no {key:?} in the dump"),
+                });
+            }
+        }
+        let file = Saved::new(&saved, &node)?;
+        let path = file.0.to_string_lossy().into_owned();
+        let args = ["zc", "workload", "--file", &path];
+        let text = run(cluster, &ztunnel, &args)?;
+        let (_, saved_rows) = table(&text);
+        let args = ["zc", "workload", "--file", &path, "-o", "json"];
         let listed = json(&args, &run(cluster, &ztunnel, &args)?)?;
         let count = listed.as_array().map_or(0, Vec::len);
-        if count != rows.len() {
+        let in_dump = dump["workloads"].as_array().map_or(0, Vec::len);
+        if count != saved_rows.len() || count != in_dump {
             return Err(ProbeError::Unexpected {
                 what: format!("istioctl-rs {} on {node}", args.join(" ")),
-                detail: format!("{count} workloads, the table has {} rows", rows.len()),
+                detail: format!(
+                    "{count} workloads, the table of the same dump has {} rows, the dump {in_dump}",
+                    saved_rows.len()
+                ),
             });
         }
 
@@ -220,16 +271,6 @@ fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
             });
         }
 
-        let args = ["zc", "all", "--admin", ADMIN_URL, "-o", "json"];
-        let dump = json(&args, &run(cluster, &ztunnel, &args)?)?;
-        for key in ["workloads", "services", "policies", "certificates"] {
-            if dump.get(key).is_none() {
-                return Err(ProbeError::Unexpected {
-                    what: format!("istioctl-rs {} on {node}", args.join(" ")),
-                    detail: format!("no {key:?} in the dump"),
-                });
-            }
-        }
         evidence.push(format!(
             "{node}: {} workloads, {} services, {} certificates",
             rows.len(),
@@ -333,5 +374,105 @@ fn proxy_status(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeEr
         "proxy-status: {} rows, one ztunnel per node ({}) in sync, in the table and in -o json",
         rows.len(),
         want.join(", ")
+    ))
+}
+
+/// `x describe` against the ztunnel of a server's node: the server is
+/// enrolled on its node, with its identity and a valid certificate held
+/// there, and is an endpoint of the fixture's service; the opted-out pod is
+/// not enrolled; the service lists both servers as healthy endpoints.
+/// `-o json` carries the same facts.
+fn describe(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let server = &f.servers[0];
+    let ztunnel = ProxyRef::Ztunnel {
+        node: server.node.clone(),
+    };
+    let target = format!("{}.{}", server.name, server.namespace);
+    let args = [
+        "x", "describe", "pod", &target, "--admin", ADMIN_URL, "-o", "json",
+    ];
+    let pod = json(&args, &run(cluster, &ztunnel, &args)?)?;
+    let identity = format!(
+        "spiffe://{}/ns/{}/sa/server",
+        f.trust_domain, server.namespace
+    );
+    let service = format!("{AMBIENT_NS}/{SERVICE}");
+    let facts = [
+        pod["enrolled"] == true,
+        pod["node"] == server.node.as_str(),
+        pod["identity"] == identity.as_str(),
+        pod["certificate"]["valid"] == true,
+        pod["services"].as_array().into_iter().flatten().any(|s| {
+            format!(
+                "{}/{}",
+                s["namespace"].as_str().unwrap_or_default(),
+                s["name"].as_str().unwrap_or_default()
+            ) == service
+        }),
+    ];
+    if facts.contains(&false) {
+        return Err(ProbeError::Unexpected {
+            what: format!("istioctl-rs {}", args.join(" ")),
+            detail: format!(
+                "want enrolled on {}, identity {identity}, a valid certificate, service {service}; facts {facts:?}:\n{pod:#}",
+                server.node
+            ),
+        });
+    }
+    let args = ["x", "describe", "pod", &target, "--admin", ADMIN_URL];
+    let screen = run(cluster, &ztunnel, &args)?;
+
+    let opted_out = format!("{}.{}", f.opted_out.name, f.opted_out.namespace);
+    let args = [
+        "x", "describe", "pod", &opted_out, "--admin", ADMIN_URL, "-o", "json",
+    ];
+    let out = json(&args, &run(cluster, &ztunnel, &args)?)?;
+    if out["enrolled"] != false {
+        return Err(ProbeError::Unexpected {
+            what: format!("istioctl-rs {}", args.join(" ")),
+            detail: format!("the opted-out pod described as enrolled:\n{out:#}"),
+        });
+    }
+
+    let args = [
+        "x", "describe", "svc", SERVICE, "-n", AMBIENT_NS, "--admin", ADMIN_URL, "-o", "json",
+    ];
+    let svc = json(&args, &run(cluster, &ztunnel, &args)?)?;
+    let mut endpoints: Vec<(String, String)> = svc["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let text = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (text("name"), text("status"))
+        })
+        .collect();
+    endpoints.sort();
+    let want: Vec<(String, String)> = f
+        .servers
+        .iter()
+        .map(|s| (s.name.clone(), "Healthy".to_string()))
+        .collect();
+    if endpoints != want || svc["vips"][0] != f.service_vip.as_str() {
+        return Err(ProbeError::Unexpected {
+            what: format!("istioctl-rs {}", args.join(" ")),
+            detail: format!(
+                "want VIP {} and endpoints {want:?}:\n{svc:#}",
+                f.service_vip
+            ),
+        });
+    }
+    let missing = format!("nope.{AMBIENT_NS}");
+    let args = ["x", "describe", "pod", &missing, "--admin", ADMIN_URL];
+    let out = cluster.istioctl(&ztunnel, &args, COMMAND_TIMEOUT)?;
+    if out.code != Some(1) || !out.stderr.contains(&format!("{AMBIENT_NS}/nope")) {
+        return Err(failed(&args, &out));
+    }
+    Ok(format!(
+        "describe pod {target}: enrolled on {}, {identity}, certificate valid, endpoint of {service}; \
+         {opted_out}: not enrolled; service {service}: {} endpoints healthy; unknown pod: exit 1 naming it. \
+         Screen:\n{screen}",
+        server.node,
+        want.len()
     ))
 }
