@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod ports;
 mod proto;
 pub mod syncz;
+pub mod workload_state;
 
 pub use identity::{IdentityError, SpiffeId};
 

@@ -93,8 +93,8 @@ enum Command {
         command: WaypointCommand,
     },
     /// Show what a ztunnel holds (workloads, services, policies,
-    /// certificates), read from its admin endpoint's /config_dump, with
-    /// upstream istioctl's columns.
+    /// certificates) and its live connections, read from its admin
+    /// endpoint's /config_dump, with upstream istioctl's columns.
     ///
     /// For now the ztunnel is given by its admin URL (--admin) or a saved dump
     /// (--file); picking one by node or pod in Kubernetes is not implemented
@@ -194,6 +194,26 @@ enum ZtunnelConfigCommand {
     Certificate {
         #[command(flatten)]
         source: DumpArgs,
+    },
+    /// The ztunnel's live connections, per pod (upstream's WORKLOAD,
+    /// DIRECTION, LOCAL, REMOTE, REMOTE TARGET, PROTOCOL; then ours: SOURCE
+    /// and DESTINATION IDENTITY as mutual TLS proved them, SENT and RECEIVED
+    /// bytes of the pod, DURATION). Addresses show as the dump names them
+    /// (service hostname, workload.namespace) unless --raw.
+    #[command(visible_alias = "cons")]
+    Connections {
+        #[command(flatten)]
+        source: DumpArgs,
+        /// Only the connections of pods of this namespace.
+        #[arg(long)]
+        workload_namespace: Option<String>,
+        /// Only inbound or only outbound connections (the table only; -o
+        /// json|yaml filters by namespace alone, as upstream).
+        #[arg(long, value_enum)]
+        direction: Option<ztunnel_config::Direction>,
+        /// Show IP addresses instead of names.
+        #[arg(long)]
+        raw: bool,
     },
     /// Every table above (-o json|yaml: the whole dump).
     All {
@@ -527,8 +547,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => waypoint_command(&cli, name, namespace.as_deref(), command, &mut stdout).await,
         Command::ZtunnelConfig { command } => {
             let (source, view) = ztunnel_view(command);
-            let bytes = ztunnel_config::fetch(&source.target()).await?;
-            let dump = ztunnel_config::ConfigDump::parse(&bytes)?;
+            let target = source.target();
+            let bytes = ztunnel_config::fetch(&target).await?;
+            let dump = ztunnel_config::ConfigDump::parse(&bytes)
+                .with_context(|| format!("reading {}", target.describe()))?;
             let text =
                 ztunnel_config::render(&dump, &view, source.output, std::time::SystemTime::now())?;
             stdout.write_all(text.as_bytes())?;
@@ -618,6 +640,19 @@ fn ztunnel_view(command: &ZtunnelConfigCommand) -> (&DumpArgs, View) {
             },
         ),
         ZtunnelConfigCommand::Certificate { source } => (source, View::Certificate),
+        ZtunnelConfigCommand::Connections {
+            source,
+            workload_namespace,
+            direction,
+            raw,
+        } => (
+            source,
+            View::Connections(ztunnel_config::ConnectionsFilter {
+                namespace: workload_namespace.clone(),
+                direction: *direction,
+                raw: *raw,
+            }),
+        ),
         ZtunnelConfigCommand::All { source } => (source, View::All),
     }
 }

@@ -1,6 +1,7 @@
 //! `ztunnel-config`: what one ztunnel holds (workloads, services, policies,
-//! certificates), read from its admin endpoint's `/config_dump`, shown with
-//! upstream istioctl's columns, filters and output formats.
+//! certificates) and its live connections, read from its admin endpoint's
+//! `/config_dump`, shown with upstream istioctl's columns, filters and
+//! output formats.
 //!
 //! Three parts, so that a Kubernetes resolver (port-forward to the ztunnel
 //! pod of a node or by pod name) can be added without touching the rest:
@@ -35,6 +36,16 @@ pub enum Target {
     Admin(AdminUrl),
     /// A saved `/config_dump` (`-` is standard input), as upstream's `--file`.
     File(PathBuf),
+}
+
+impl Target {
+    /// Where the dump came from, for errors about its content.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Admin(admin) => admin.endpoint("/config_dump"),
+            Target::File(path) => path.display().to_string(),
+        }
+    }
 }
 
 pub use crate::admin_http::AdminUrl;
@@ -215,6 +226,8 @@ pub struct Cert {
     pub expiration_time: String,
 }
 
+pub use api::workload_state::{Connection, WorkloadState};
+
 /// A ztunnel's `/config_dump`, decoded.
 #[derive(Clone, Debug)]
 pub struct ConfigDump {
@@ -222,6 +235,8 @@ pub struct ConfigDump {
     pub services: Vec<Item<Service>>,
     pub policies: Vec<Item<Policy>>,
     pub certificates: Vec<Item<Certificates>>,
+    /// `workloadState`: each proxied pod and its live connections.
+    pub workload_states: Vec<Item<WorkloadState>>,
     /// The whole dump as served.
     pub json: Value,
 }
@@ -237,6 +252,11 @@ impl ConfigDump {
             services: section(object, "services")?,
             policies: section(object, "policies")?,
             certificates: section(object, "certificates")?,
+            // Upstream istioctl reads the key without regard to case.
+            workload_states: match object.contains_key(api::workload_state::KEY) {
+                true => section(object, api::workload_state::KEY)?,
+                false => section(object, "workloadstate")?,
+            },
             json,
         })
     }
@@ -330,7 +350,24 @@ pub enum View {
         namespace: Option<String>,
     },
     Certificate,
+    Connections(ConnectionsFilter),
     All,
+}
+
+/// Upstream's connection filters: `--workload-namespace`, `--direction`,
+/// and `--raw` (addresses instead of the names the dump gives them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionsFilter {
+    pub namespace: Option<String>,
+    pub direction: Option<Direction>,
+    pub raw: bool,
+}
+
+/// `--direction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Direction {
+    Inbound,
+    Outbound,
 }
 
 fn same_namespace(filter: &Option<String>, namespace: &str) -> bool {
@@ -360,6 +397,11 @@ pub fn render(
             .map(|p| &p.json)
             .collect(),
         View::Certificate => dump.certificates.iter().map(|c| &c.json).collect(),
+        // As upstream, -o json|yaml filters by namespace only.
+        View::Connections(filter) => sorted_workload_states(dump, &filter.namespace)
+            .into_iter()
+            .map(|w| &w.json)
+            .collect(),
         View::All => {
             return match output {
                 Output::Short => Ok(all_table(dump, now)),
@@ -376,6 +418,7 @@ pub fn render(
             View::Service { namespace } => service_table(dump, namespace),
             View::Policy { namespace } => policy_table(dump, namespace),
             View::Certificate => certificate_table(dump, now),
+            View::Connections(filter) => connections_table(dump, filter),
             View::All => unreachable!("returned above"),
         }),
     }
@@ -406,6 +449,18 @@ fn sorted_services<'a>(dump: &'a ConfigDump, namespace: &Option<String>) -> Vec<
         &dump.services,
         |s| same_namespace(namespace, &s.namespace),
         |s| (&s.namespace, &s.name, &s.hostname),
+    )
+}
+
+/// By namespace, then name (upstream's order).
+fn sorted_workload_states<'a>(
+    dump: &'a ConfigDump,
+    namespace: &Option<String>,
+) -> Vec<&'a Item<WorkloadState>> {
+    sorted(
+        &dump.workload_states,
+        |w| same_namespace(namespace, &w.info.namespace),
+        |w| (&w.info.namespace, &w.info.name),
     )
 }
 
@@ -575,7 +630,122 @@ fn certificate_table(dump: &ConfigDump, now: SystemTime) -> String {
     table(&rows, 5)
 }
 
-/// Upstream's `all`: each table after an empty line.
+/// Upstream's connection table (WORKLOAD, DIRECTION, LOCAL, REMOTE, REMOTE
+/// TARGET, PROTOCOL: `PrintConnectionsSummary`), then ours: the identities
+/// mutual TLS proved, the bytes the pod sent and received, and how long the
+/// connection has been open. Per pod, inbound then outbound, as served.
+fn connections_table(dump: &ConfigDump, filter: &ConnectionsFilter) -> String {
+    let names = AddressNames::of(dump);
+    let name = |addr: &str| {
+        if filter.raw {
+            addr.to_string()
+        } else {
+            names.name(addr)
+        }
+    };
+    let mut rows = vec![row(&[
+        "WORKLOAD",
+        "DIRECTION",
+        "LOCAL",
+        "REMOTE",
+        "REMOTE TARGET",
+        "PROTOCOL",
+        "SOURCE IDENTITY",
+        "DESTINATION IDENTITY",
+        "SENT",
+        "RECEIVED",
+        "DURATION",
+    ])];
+    let ours = |c: &Connection| {
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        [
+            or_dash(c.src_identity.clone()),
+            or_dash(c.dst_identity.clone()),
+            or_dash(c.bytes_sent.map(|b| b.to_string())),
+            or_dash(c.bytes_received.map(|b| b.to_string())),
+            or_dash(c.duration_ms.map(duration)),
+        ]
+    };
+    let shows = |d: Direction| filter.direction.is_none_or(|want| want == d);
+    for w in sorted_workload_states(dump, &filter.namespace) {
+        let w = &w.view;
+        let workload = format!("{}.{}", w.info.name, w.info.namespace);
+        let mut push = |direction: &str, local, remote, target, c: &Connection| {
+            let mut cells = vec![
+                workload.clone(),
+                direction.to_string(),
+                local,
+                remote,
+                target,
+                c.protocol.clone(),
+            ];
+            cells.extend(ours(c));
+            rows.push(cells);
+        };
+        if shows(Direction::Inbound) {
+            for c in &w.connections.inbound {
+                // Inbound, the target is a service hostname: shown as served.
+                let target = c.original_dst.clone().unwrap_or_default();
+                push("Inbound", name(&c.actual_dst), name(&c.src), target, c);
+            }
+        }
+        if shows(Direction::Outbound) {
+            for c in &w.connections.outbound {
+                let target = c.original_dst.as_deref().map(name).unwrap_or_default();
+                push("Outbound", name(&c.src), name(&c.actual_dst), target, c);
+            }
+        }
+    }
+    table(&rows, 1)
+}
+
+/// Addresses as the dump names them: a service VIP as the service's
+/// hostname, a workload's address as `name.namespace` (upstream's lookup,
+/// services first), each keeping the port.
+struct AddressNames {
+    by_ip: std::collections::HashMap<String, String>,
+}
+
+impl AddressNames {
+    fn of(dump: &ConfigDump) -> Self {
+        let mut by_ip = std::collections::HashMap::new();
+        for w in &dump.workloads {
+            for ip in &w.view.workload_ips {
+                by_ip.insert(ip.clone(), format!("{}.{}", w.view.name, w.view.namespace));
+            }
+        }
+        for s in &dump.services {
+            for vip in &s.view.vips {
+                let ip = vip.split_once('/').map_or(vip.as_str(), |(_, ip)| ip);
+                by_ip.insert(ip.to_string(), s.view.hostname.clone());
+            }
+        }
+        AddressNames { by_ip }
+    }
+
+    fn name(&self, addr: &str) -> String {
+        let Ok(socket) = addr.parse::<std::net::SocketAddr>() else {
+            return addr.to_string();
+        };
+        match self.by_ip.get(&socket.ip().to_string()) {
+            Some(name) => format!("{name}:{}", socket.port()),
+            None => addr.to_string(),
+        }
+    }
+}
+
+/// Whole seconds as Go prints a duration (`0s`, `42s`, `3m4s`, `1h2m3s`).
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// Upstream's `all`: each table after an empty line, connections last.
 fn all_table(dump: &ConfigDump, now: SystemTime) -> String {
     let mut text = String::new();
     for part in [
@@ -583,6 +753,7 @@ fn all_table(dump: &ConfigDump, now: SystemTime) -> String {
         service_table(dump, &None),
         policy_table(dump, &None),
         certificate_table(dump, now),
+        connections_table(dump, &ConnectionsFilter::default()),
     ] {
         text.push('\n');
         text.push_str(&part);
@@ -735,6 +906,14 @@ mod tests {
         assert!(valid_at(&cert, at(1_714_564_800)), "issued this second");
         assert!(!valid_at(&cert, at(1_714_564_800 - 60)));
         assert!(!valid_at(&cert, at(1_714_564_800 + 86_400 + 60)));
+    }
+
+    #[test]
+    fn durations_print_as_go_does_in_whole_seconds() {
+        assert_eq!(duration(999), "0s");
+        assert_eq!(duration(42_500), "42s");
+        assert_eq!(duration(184_000), "3m4s");
+        assert_eq!(duration(3_723_000), "1h2m3s");
     }
 
     #[test]

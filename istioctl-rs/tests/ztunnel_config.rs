@@ -1,7 +1,9 @@
 //! `ztunnel-config` and `completion`: the tables of a recorded config dump
 //! (golden), the filters, -o json|yaml, a dump of the wrong shape named by
 //! its field, and the binary against proxy-core's real admin server (the one
-//! ztunnel-rs runs) on loopback, an unreachable URL and a non-admin port.
+//! ztunnel-rs runs) on loopback, an unreachable URL and a non-admin port;
+//! `connections` from a served `workloadState` (golden), its filters, and
+//! bad input named by URL or file and field.
 
 #[path = "support/binary.rs"]
 mod binary;
@@ -292,38 +294,9 @@ async fn istioctl_async(args: Vec<String>) -> Output {
 
 #[tokio::test]
 async fn against_the_admin_server_ztunnel_rs_runs() {
-    let store = WorkloadStore::new();
     let key = "demo/web.demo.svc.cluster.local";
-    store.update(|b| {
-        b.insert_workload(workload("demo", "web-0", [10, 1, 0, 11], "node-a", key));
-        b.insert_workload(workload("other", "db-0", [10, 1, 0, 12], "node-b", key));
-        b.insert_service(
-            Service::try_from(api::workload::Service {
-                name: "web".into(),
-                namespace: "demo".into(),
-                hostname: "web.demo.svc.cluster.local".into(),
-                addresses: vec![api::workload::NetworkAddress {
-                    network: String::new(),
-                    address: vec![10, 96, 0, 10],
-                }],
-                ports: vec![api::workload::Port {
-                    service_port: 80,
-                    target_port: 8080,
-                }],
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-    });
-    let limits = ListenerLimits {
-        max_connections: 16,
-        max_connections_per_peer: 16,
-        handshake_timeout: Duration::from_secs(5),
-        header_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(30),
-    };
     let (servers, _listeners, shutdown) =
-        proxy_core::testing::loopback_admin_servers(limits, store).await;
+        proxy_core::testing::loopback_admin_servers(test_limits(), admin_store()).await;
     let admin = format!("http://{}", servers.addrs.admin);
     let args = |rest: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = vec!["ztunnel-config".into()];
@@ -413,4 +386,250 @@ async fn certificates_as_the_cert_manager_dumps_them() {
         "{table}"
     );
     assert!(table.lines().nth(2).unwrap().contains(" Root "), "{table}");
+}
+
+/// A fixed `workloadState`, served as ztunnel-rs serves its own
+/// (`ztunnel_rs::proxy::WorkloadStateDump`, the same `api` type).
+struct FixedSection(&'static str, Value);
+
+impl proxy_core::admin::DumpSection for FixedSection {
+    fn key(&self) -> &'static str {
+        self.0
+    }
+
+    fn dump(&self) -> Value {
+        self.1.clone()
+    }
+}
+
+fn connection(
+    (src, original_dst, actual_dst, protocol): (&str, Option<&str>, &str, &str),
+    identities: Option<(&str, &str)>,
+    (sent, received, duration_ms): (u64, u64, u64),
+) -> api::workload_state::Connection {
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{sa}");
+    api::workload_state::Connection {
+        src: src.into(),
+        original_dst: original_dst.map(Into::into),
+        actual_dst: actual_dst.into(),
+        protocol: protocol.into(),
+        src_identity: identities.map(|(s, _)| id(s)),
+        dst_identity: identities.map(|(_, d)| id(d)),
+        bytes_sent: Some(sent),
+        bytes_received: Some(received),
+        start_time: Some("2026-12-07T00:00:00Z".into()),
+        duration_ms: Some(duration_ms),
+    }
+}
+
+fn workload_states() -> api::workload_state::WorkloadStates {
+    use api::workload_state::{Connections, WorkloadInfo, WorkloadState};
+    let state = |name: &str, namespace: &str, connections| WorkloadState {
+        state: "Up".into(),
+        connections,
+        info: WorkloadInfo {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: "sa".into(),
+            trust_domain: "cluster.local".into(),
+        },
+    };
+    let mesh = Some(("demo/sa/sa", "other/sa/sa"));
+    let web = Connections {
+        inbound: vec![
+            connection(
+                (
+                    "10.1.0.12:50000",
+                    Some("web.demo.svc.cluster.local"),
+                    "10.1.0.11:8080",
+                    "HBONE",
+                ),
+                Some(("other/sa/sa", "demo/sa/sa")),
+                (13, 5, 3_723_000),
+            ),
+            connection(
+                ("192.168.1.5:33000", None, "10.1.0.11:8080", "TCP"),
+                None,
+                (0, 4, 999),
+            ),
+        ],
+        outbound: vec![connection(
+            (
+                "10.1.0.11:40000",
+                Some("10.96.0.10:80"),
+                "10.1.0.12:15008",
+                "HBONE",
+            ),
+            mesh,
+            (5, 13, 65_000),
+        )],
+    };
+    api::workload_state::WorkloadStates::from([
+        ("uid-web".to_string(), state("web-0", "demo", web)),
+        (
+            "uid-db".to_string(),
+            state("db-0", "other", Connections::default()),
+        ),
+    ])
+}
+
+fn admin_store() -> WorkloadStore {
+    let store = WorkloadStore::new();
+    let key = "demo/web.demo.svc.cluster.local";
+    store.update(|b| {
+        b.insert_workload(workload("demo", "web-0", [10, 1, 0, 11], "node-a", key));
+        b.insert_workload(workload("other", "db-0", [10, 1, 0, 12], "node-b", key));
+        b.insert_service(
+            Service::try_from(api::workload::Service {
+                name: "web".into(),
+                namespace: "demo".into(),
+                hostname: "web.demo.svc.cluster.local".into(),
+                addresses: vec![api::workload::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 10],
+                }],
+                ports: vec![api::workload::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                }],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+    });
+    store
+}
+
+fn test_limits() -> ListenerLimits {
+    ListenerLimits {
+        max_connections: 16,
+        max_connections_per_peer: 16,
+        handshake_timeout: Duration::from_secs(5),
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test]
+async fn connections_against_the_admin_server() {
+    let states = serde_json::to_value(workload_states()).unwrap();
+    let admin = proxy_core::admin::AdminState::new(admin_store())
+        .with_section(FixedSection(api::workload_state::KEY, states));
+    let (servers, _listeners, shutdown) =
+        proxy_core::testing::loopback_admin_servers_with(test_limits(), admin).await;
+    let admin = format!("http://{}", servers.addrs.admin);
+    let run = |rest: &[&str]| {
+        let mut v: Vec<String> = vec!["zc".into()];
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v.extend(["--admin".to_string(), admin.clone()]);
+        istioctl_async(v)
+    };
+
+    let out = run(&["connections"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    golden::check(
+        "tests/golden/ztunnel-config-connections.txt",
+        &table,
+        "the connections table",
+        "cargo test -p istioctl-rs --test ztunnel_config",
+    );
+    // Upstream's columns first, in upstream's order.
+    assert!(table.starts_with("WORKLOAD   DIRECTION LOCAL  "), "{table}");
+
+    let out = run(&["cons", "--direction", "outbound"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = rows(&text(&out.stdout));
+    assert_eq!(rows, vec![pair("web-0.demo", "Outbound")]);
+
+    let out = run(&["connections", "--raw"]).await;
+    let raw = text(&out.stdout);
+    let outbound: Vec<&str> = raw
+        .lines()
+        .find(|l| l.contains("Outbound"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        outbound[2..5],
+        ["10.1.0.11:40000", "10.1.0.12:15008", "10.96.0.10:80"],
+        "{raw}"
+    );
+
+    let out = run(&["connections", "-o", "json", "--workload-namespace", "other"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json[0]["info"]["name"], "db-0");
+    let out = run(&["connections", "-o", "yaml"]).await;
+    assert!(
+        text(&out.stdout).contains("bytesSent: 5"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // `all` ends with the connections, as upstream's.
+    let out = run(&["all"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).ends_with(&format!("\n{table}")));
+
+    shutdown.cancel();
+    servers.join().await;
+}
+
+#[tokio::test]
+async fn a_connections_dump_of_the_wrong_shape_names_where_and_the_field() {
+    // Served: the URL is named.
+    let bad = serde_json::json!({"u": {"state": "Up", "info": {"name": "x", "namespace": "n"},
+        "connections": {"inbound": [{"src": "10.0.0.1:1", "protocol": "TCP"}]}}});
+    let admin = proxy_core::admin::AdminState::new(WorkloadStore::new())
+        .with_section(FixedSection(api::workload_state::KEY, bad.clone()));
+    let (servers, _listeners, shutdown) =
+        proxy_core::testing::loopback_admin_servers_with(test_limits(), admin).await;
+    let url = format!("http://{}", servers.addrs.admin);
+    let out = istioctl_async(vec![
+        "zc".into(),
+        "connections".into(),
+        "--admin".into(),
+        url.clone(),
+    ])
+    .await;
+    let endpoint = format!("{url}/config_dump");
+    failed(
+        &out,
+        1,
+        &[
+            &endpoint,
+            r#"`workloadState["u"].connections.inbound[0]`"#,
+            "actualDst",
+        ],
+    );
+    shutdown.cancel();
+    servers.join().await;
+
+    // Saved: the file is named.
+    let dir = std::env::temp_dir().join(format!("zc-connections-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("missing-field.json");
+    std::fs::write(
+        &missing,
+        serde_json::json!({ "workloadState": bad }).to_string(),
+    )
+    .unwrap();
+    let garbage = dir.join("garbage.json");
+    std::fs::write(&garbage, "{\"workloadState\": ").unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let out = istioctl(&["zc", "connections", "-f", &path(&missing)]);
+    failed(&out, 1, &[&path(&missing), "actualDst"]);
+    let out = istioctl(&["zc", "connections", "-f", &path(&garbage)]);
+    failed(&out, 1, &[&path(&garbage), "not JSON"]);
+    let wrong = dir.join("wrong-type.json");
+    std::fs::write(
+        &wrong,
+        r#"{"workloadState": {"u": {"state": "Up", "info": {"name": 7, "namespace": "n"}}}}"#,
+    )
+    .unwrap();
+    let out = istioctl(&["zc", "connections", "-f", &path(&wrong)]);
+    failed(&out, 1, &[r#"`workloadState["u"].info.name`"#]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,7 +36,7 @@ use crate::listener::{Listener, ListenerLimits, ListenerMetrics};
 use crate::metrics::{OPENMETRICS_CONTENT_TYPE, SharedRegistry};
 
 pub use config_dump::{
-    AdminState, CertDump, CertificateSource, CertsDump, DumpSection, NoCertificates,
+    AdminState, CertDump, CertificateSource, CertsDump, DumpSection, NoCertificates, rfc3339_utc,
 };
 pub use readiness::{Condition, Readiness};
 
@@ -181,8 +181,8 @@ pub fn admin_router(state: AdminState) -> Router {
         .with_state(Arc::new(state))
 }
 
-async fn admin_index() -> &'static str {
-    "admin endpoints:\n  /config_dump  workloads, services, policies, certificates, config\n  /certs        certificates held by this proxy\n"
+async fn admin_index(State(state): State<Arc<AdminState>>) -> String {
+    state.index()
 }
 
 /// `/metrics` (and upstream's alias `/stats/prometheus`).

@@ -310,6 +310,15 @@ pub async fn loopback_admin_servers(
     limits: ListenerLimits,
     store: WorkloadStore,
 ) -> (Servers, ListenerMetrics, CancellationToken) {
+    loopback_admin_servers_with(limits, AdminState::new(store)).await
+}
+
+/// As [`loopback_admin_servers`], serving `admin` (extra `/config_dump`
+/// sections, certificates).
+pub async fn loopback_admin_servers_with(
+    limits: ListenerLimits,
+    admin: AdminState,
+) -> (Servers, ListenerMetrics, CancellationToken) {
     let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mut registry = crate::metrics::new_registry();
     let listeners = ListenerMetrics::register(&mut registry);
@@ -323,7 +332,7 @@ pub async fn loopback_admin_servers(
             },
             limits,
         },
-        AdminState::new(store),
+        admin,
         Arc::new(registry),
         &listeners,
         Readiness::new(),

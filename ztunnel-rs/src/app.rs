@@ -31,7 +31,9 @@ use tracing::info;
 
 use crate::inpod::zds::DEFAULT_ZDS_SOCKET;
 use crate::inpod::{ZdsClient, ZdsClientConfig};
-use crate::proxy::{HeldSocketLimits, LoadBalancing, Metrics, ProxyConfig, ProxyManager, held};
+use crate::proxy::{
+    HeldSocketLimits, LoadBalancing, Metrics, ProxyConfig, ProxyManager, WorkloadStateDump, held,
+};
 
 /// Readiness conditions, as `/healthz/ready` names them.
 pub const XDS_SYNCED: &str = "xds synced";
@@ -492,7 +494,8 @@ impl App {
                 "zdsSocket": args.zds_socket,
             }))
             .with_section(xds_status.clone())
-            .with_section(manager.clone());
+            .with_section(manager.clone())
+            .with_section(WorkloadStateDump(manager.clone()));
         let listeners = ListenerMetrics::register(&mut registry);
         let server_tasks = Servers::start(
             args.server_config(),

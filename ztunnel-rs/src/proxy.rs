@@ -18,7 +18,8 @@
 //!   traffic metrics and the access log; [`sockets`]: where sockets come
 //!   from (in production, the pod's network namespace from the node agent);
 //!   [`held`]: the per-peer and per-node ceiling on sockets held open to
-//!   applications for peers.
+//!   applications for peers; [`connections`]: the live connections, for
+//!   the admin's `workloadState` ([`WorkloadStateDump`]).
 //!
 //! Fail closed: a pod's listeners accept only once the store holds a
 //! complete state (the first xDS sync); a connection whose own pod's
@@ -29,6 +30,7 @@
 //! connections may finish until the deadline, then they are closed.
 
 pub mod admission;
+pub mod connections;
 pub mod held;
 pub mod inbound;
 pub mod inbound_passthrough;
@@ -227,6 +229,8 @@ struct Node {
     live: Arc<revocation::LiveConnections>,
     /// Connections to applications held for peers.
     held: Arc<held::HeldSockets>,
+    /// Every connection carried, while it is carried.
+    tracker: Arc<connections::Tracker>,
 }
 
 impl Node {
@@ -253,7 +257,7 @@ impl Node {
 
 /// One pod's proxy as its connections see it.
 struct Pod {
-    info: PodInfo,
+    info: Arc<PodInfo>,
     identity: SpiffeId,
     /// The pod's uid in the workload store.
     workload_uid: String,
@@ -361,6 +365,20 @@ impl Pod {
             Ok(Err(source)) => Err(ConnectError::Failed { target, source }),
             Err(_) => Err(ConnectError::Timeout { target, timeout }),
         }
+    }
+
+    /// Lists a carried connection of this pod until the guard drops;
+    /// `record` holds its byte counts.
+    fn track(
+        &self,
+        connection: connections::Carried,
+        record: &metrics::ConnectionRecord,
+    ) -> connections::Tracked {
+        let connection = connections::Connection {
+            pod: self.info.clone(),
+            carried: connection,
+        };
+        self.node.tracker.track(connection, record.pod_bytes())
     }
 
     /// Runs one connection's work until it ends or the drain deadline.
@@ -490,7 +508,7 @@ impl PodProxy {
         );
         node.hold_identity(&identity);
         let pod = Arc::new(Pod {
-            info,
+            info: Arc::new(info),
             identity,
             workload_uid,
             sockets,
@@ -590,7 +608,7 @@ impl PodProxy {
 
     fn dump(&self) -> Value {
         json!({
-            "info": self.pod.info,
+            "info": &*self.pod.info,
             "identity": self.pod.identity.to_string(),
             "sockets": self.pod.sockets.describe(),
             "addresses": self.addresses,
@@ -648,6 +666,7 @@ impl ProxyManager {
                 metrics,
                 identities: Mutex::default(),
                 live,
+                tracker: Arc::default(),
             }),
             pods: Arc::default(),
         }
@@ -682,7 +701,7 @@ impl ProxyManager {
             let pods = self.lock();
             match pods.get(&pod.uid) {
                 Some(running)
-                    if running.pod.info == pod
+                    if *running.pod.info == pod
                         && running.pod.sockets.describe() == sockets.describe() =>
                 {
                     return Ok(running.addresses);
@@ -772,6 +791,49 @@ impl ProxyManager {
         self.lock().get(uid).map(|p| p.addresses)
     }
 
+    /// `/config_dump`'s `workloadState`: each pod proxied (`Up`) and its
+    /// live connections; a pod already removed whose connections still
+    /// drain is listed as `Draining` with them.
+    pub fn workload_state(&self) -> api::workload_state::WorkloadStates {
+        use api::workload_state::{Connections, WorkloadInfo, WorkloadState};
+        let trust_domain = &self.node.config.trust_domain;
+        let info = |pod: &PodInfo| WorkloadInfo {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            trust_domain: trust_domain.clone(),
+        };
+        let mut live = self.node.tracker.by_pod();
+        let mut states = api::workload_state::WorkloadStates::new();
+        for (uid, proxy) in self.lock().iter() {
+            // A pod replaced under the same uid has its old connections here too.
+            let connections = live
+                .remove(uid)
+                .map_or_else(Connections::default, |c| Connections {
+                    inbound: c.inbound,
+                    outbound: c.outbound,
+                });
+            let state = WorkloadState {
+                state: "Up".into(),
+                connections,
+                info: info(&proxy.pod.info),
+            };
+            states.insert(uid.clone(), state);
+        }
+        for (uid, draining) in live {
+            let state = WorkloadState {
+                state: "Draining".into(),
+                connections: Connections {
+                    inbound: draining.inbound,
+                    outbound: draining.outbound,
+                },
+                info: info(&draining.pod),
+            };
+            states.insert(uid, state);
+        }
+        states
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodProxy>> {
         self.pods.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -783,10 +845,32 @@ impl DumpSection for ProxyManager {
         "pods"
     }
 
+    fn describe(&self) -> &'static str {
+        "each pod proxied: its listeners, identity, connection counts"
+    }
+
     fn dump(&self) -> Value {
         let pods = self.lock();
         let mut uids: Vec<&String> = pods.keys().collect();
         uids.sort();
         Value::Array(uids.into_iter().map(|uid| pods[uid].dump()).collect())
+    }
+}
+
+/// `/config_dump` key `workloadState` (upstream ztunnel's): every pod and
+/// its live connections ([`ProxyManager::workload_state`]).
+pub struct WorkloadStateDump(pub ProxyManager);
+
+impl DumpSection for WorkloadStateDump {
+    fn key(&self) -> &'static str {
+        api::workload_state::KEY
+    }
+
+    fn describe(&self) -> &'static str {
+        "each pod and its live connections (istioctl-rs ztunnel-config connections)"
+    }
+
+    fn dump(&self) -> Value {
+        serde_json::to_value(self.0.workload_state()).unwrap_or(Value::Null)
     }
 }

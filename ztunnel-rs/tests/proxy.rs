@@ -11,7 +11,8 @@
 //! nothing carried before the first complete state or for a pod the store
 //! lacks, a listed policy not held denies, a policy change cuts live
 //! connections; and bounds on hostile peers: the ceilings on sockets held
-//! to applications, a peer that stops answering PINGs.
+//! to applications, a peer that stops answering PINGs; and the live
+//! connections the admin lists (`workloadState`).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -1332,4 +1333,85 @@ async fn an_hbone_peer_that_stops_answering_pings_is_dropped() {
         exchange(&mut conn, b"hello").await.unwrap(),
         b"server: hello"
     );
+}
+
+#[tokio::test]
+async fn live_connections_are_listed_with_identities_and_bytes_until_they_end() {
+    use tokio::io::AsyncWriteExt;
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+    let legacy = mesh.ip(60);
+
+    let mut meshed = client.connect(app.address).await.unwrap();
+    let mut plain = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
+    for conn in [&mut meshed, &mut plain] {
+        conn.write_all(b"open").await.unwrap();
+    }
+    eventually(
+        "both connections listed with the bytes their clients sent",
+        || {
+            let states = mesh.manager.workload_state();
+            let outbound = &states["uid-a-client"].connections.outbound;
+            let inbound = &states["uid-b-server"].connections.inbound;
+            outbound.len() == 1
+                && outbound[0].bytes_sent == Some(4)
+                && inbound.len() == 2
+                && inbound.iter().all(|c| c.bytes_received == Some(4))
+        },
+    )
+    .await;
+
+    let states = mesh.manager.workload_state();
+    let client_id = mesh.identity("a", "client").to_string();
+    let server_id = mesh.identity("b", "server").to_string();
+    let ip_of = |addr: &str| addr.parse::<SocketAddr>().unwrap().ip();
+
+    let pod = &states["uid-a-client"];
+    assert_eq!(
+        (pod.state.as_str(), pod.info.name.as_str()),
+        ("Up", "client")
+    );
+    assert!(pod.connections.inbound.is_empty());
+    let out = &pod.connections.outbound[0];
+    assert_eq!(out.protocol, "HBONE");
+    assert_eq!(ip_of(&out.src), client.ip);
+    assert_eq!(out.original_dst, Some(app.address.to_string()));
+    assert_eq!(out.actual_dst, at(server.ip, mesh.hbone_port()).to_string());
+    assert_eq!(out.src_identity.as_deref(), Some(client_id.as_str()));
+    assert_eq!(out.dst_identity.as_deref(), Some(server_id.as_str()));
+    assert_eq!(out.bytes_received, Some(0));
+    assert!(
+        out.start_time.is_some() && out.duration_ms.is_some(),
+        "{out:?}"
+    );
+
+    let inbound = &states["uid-b-server"].connections.inbound;
+    let hbone = inbound.iter().find(|c| c.protocol == "HBONE").unwrap();
+    assert_eq!(ip_of(&hbone.src), client.ip);
+    assert_eq!(hbone.actual_dst, app.address.to_string());
+    assert_eq!(hbone.src_identity.as_deref(), Some(client_id.as_str()));
+    assert_eq!(hbone.dst_identity.as_deref(), Some(server_id.as_str()));
+    let tcp = inbound.iter().find(|c| c.protocol == "TCP").unwrap();
+    assert_eq!(ip_of(&tcp.src), legacy);
+    assert_eq!(tcp.actual_dst, app.address.to_string());
+    assert_eq!((&tcp.src_identity, &tcp.dst_identity), (&None, &None));
+
+    for conn in [&mut meshed, &mut plain] {
+        assert_eq!(
+            exchange(conn, b" and done").await.unwrap(),
+            b"server: open and done"
+        );
+    }
+    eventually("both connections gone from the list", || {
+        let states = mesh.manager.workload_state();
+        states.len() == 2
+            && states.values().all(|s| {
+                s.state == "Up"
+                    && s.connections.inbound.is_empty()
+                    && s.connections.outbound.is_empty()
+            })
+    })
+    .await;
 }

@@ -388,6 +388,12 @@ async fn serves_from_istiod_and_keeps_serving_when_it_goes_away() {
         serde_json::from_str(&get(app.servers.admin, "/config_dump").await.body).unwrap();
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 2, "{dump}");
     assert_eq!(dump["pods"].as_array().unwrap().len(), 2, "{dump}");
+    // Each pod's live connections, under upstream's key (istioctl-rs reads it).
+    let states = dump["workloadState"].as_object().unwrap();
+    assert_eq!(states.len(), 2, "{dump}");
+    assert!(states.values().all(|s| s["state"] == "Up"), "{dump}");
+    let index = get(app.servers.admin, "/").await.body;
+    assert!(index.contains("workloadState"), "{index}");
     assert_eq!(dump["xds"]["synced"], true, "{dump}");
     assert_eq!(dump["config"]["proxy"]["clusterId"], "Kubernetes", "{dump}");
     assert_eq!(dump["config"]["proxy"]["ports"]["hbone"], 15008, "{dump}");

@@ -116,6 +116,11 @@ fn cert_dump(der: &rustls::pki_types::CertificateDer<'_>) -> CertDump {
     dump
 }
 
+/// `2024-05-01T12:00:00Z`: a time as the admin endpoints show it.
+pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    rfc3339(time::OffsetDateTime::from(t))
+}
+
 /// `2024-05-01T12:00:00Z`, as upstream prints certificate times.
 fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
@@ -134,11 +139,19 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 pub trait DumpSection: Send + Sync + 'static {
     fn key(&self) -> &'static str;
     fn dump(&self) -> Value;
+    /// What the key holds, for the admin index.
+    fn describe(&self) -> &'static str {
+        ""
+    }
 }
 
 impl DumpSection for crate::xds::StatusWatch {
     fn key(&self) -> &'static str {
         "xds"
+    }
+
+    fn describe(&self) -> &'static str {
+        "the xDS connection: connected, synced, ACK/NACK per type"
     }
 
     fn dump(&self) -> Value {
@@ -178,6 +191,25 @@ impl AdminState {
     pub fn with_section(mut self, section: impl DumpSection) -> Self {
         self.sections.push(Arc::new(section));
         self
+    }
+
+    /// The admin index: each endpoint, and the extra keys of `/config_dump`.
+    pub fn index(&self) -> String {
+        let mut text = String::from(
+            "admin endpoints:\n  /config_dump  workloads, services, policies, certificates, config\n",
+        );
+        let width = self
+            .sections
+            .iter()
+            .map(|s| s.key().len())
+            .max()
+            .unwrap_or(0);
+        for section in &self.sections {
+            let line = format!("{:<width$}  {}", section.key(), section.describe());
+            text.push_str(&format!("                {}\n", line.trim_end()));
+        }
+        text.push_str("  /certs        certificates held by this proxy\n");
+        text
     }
 
     /// The whole dump as one JSON object.
@@ -251,6 +283,34 @@ mod tests {
             .decode(&leaf.pem)
             .unwrap();
         assert_eq!(String::from_utf8(pem).unwrap(), cert.chain_pem());
+    }
+
+    #[test]
+    fn the_index_lists_each_extra_key_with_what_it_holds() {
+        struct Connections;
+        impl DumpSection for Connections {
+            fn key(&self) -> &'static str {
+                "workloadState"
+            }
+            fn dump(&self) -> Value {
+                Value::Null
+            }
+            fn describe(&self) -> &'static str {
+                "each pod and its live connections"
+            }
+        }
+        let index = AdminState::new(WorkloadStore::new())
+            .with_section(Connections)
+            .index();
+        assert!(
+            index.starts_with("admin endpoints:\n  /config_dump "),
+            "{index}"
+        );
+        assert!(
+            index.contains("\n                workloadState  each pod and its live connections\n"),
+            "{index}"
+        );
+        assert!(index.ends_with("  /certs        certificates held by this proxy\n"));
     }
 
     #[test]

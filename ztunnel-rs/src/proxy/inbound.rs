@@ -28,6 +28,7 @@ use proxy_core::hbone::{HboneError, HboneServer, InboundConnect, InboundHandler}
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::connections::{Carried, Direction as Listed, Protocol};
 use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels,
@@ -188,13 +189,12 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
     let snapshot = pod.node.store.snapshot();
     let workload = snapshot.workload_by_uid(&workload.uid).unwrap_or(workload);
     let source = snapshot.workload_by_address(&config.network, peer.ip());
+    let service = route::inbound_service(&snapshot, &workload, authority.port());
     let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
         .with_source(source.as_deref())
         .with_source_principal(Some(&peer_identity))
         .with_destination(Some(&workload))
-        .with_destination_service(
-            route::inbound_service(&snapshot, &workload, authority.port()).as_deref(),
-        );
+        .with_destination_service(service.as_deref());
     let mut record = ConnectionRecord::open(
         metrics,
         Direction::Inbound,
@@ -213,7 +213,7 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
     }
 
     let held = pod.hold_socket(held::Peer {
-        identity: Some(peer_identity),
+        identity: Some(peer_identity.clone()),
         ip: peer.ip(),
     });
     let _held = match held {
@@ -240,5 +240,15 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
             return record.close(Some(&error));
         }
     };
+    let carried = Carried {
+        direction: Listed::Inbound,
+        protocol: Protocol::Hbone,
+        src: peer,
+        original_dst: service.map(|s| s.hostname.clone()),
+        actual_dst: authority,
+        src_identity: Some(peer_identity),
+        dst_identity: Some(pod.identity.clone()),
+    };
+    let _tracked = pod.track(carried, &record);
     revocation::carry(tunnel, app, record, live).await;
 }

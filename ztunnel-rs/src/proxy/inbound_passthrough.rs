@@ -15,6 +15,7 @@ use proxy_core::authorization::{ConnectionInfo, Decision};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::connections::{Carried, Direction as Listed, Protocol};
 use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels,
@@ -91,12 +92,11 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let snapshot = pod.node.store.snapshot();
     let workload = snapshot.workload_by_uid(&workload.uid).unwrap_or(workload);
     let source = snapshot.workload_by_address(&config.network, src.ip());
+    let service = route::inbound_service(&snapshot, &workload, dst.port());
     let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::Unknown)
         .with_source(source.as_deref())
         .with_destination(Some(&workload))
-        .with_destination_service(
-            route::inbound_service(&snapshot, &workload, dst.port()).as_deref(),
-        );
+        .with_destination_service(service.as_deref());
     let mut record =
         ConnectionRecord::open(metrics, Direction::InboundPlaintext, src, dst, None, labels);
     let decision = admission::decide(&snapshot, &workload, &conn);
@@ -126,5 +126,16 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
             return record.fail(ResponseFlags::Connect, FailureReason::AppRefused, &error);
         }
     };
+    let carried = Carried {
+        direction: Listed::Inbound,
+        protocol: Protocol::Tcp,
+        src,
+        original_dst: service.map(|s| s.hostname.clone()),
+        actual_dst: dst,
+        // Nothing proved who either side is.
+        src_identity: None,
+        dst_identity: None,
+    };
+    let _tracked = pod.track(carried, &record);
     revocation::carry(client, app, record, live).await;
 }

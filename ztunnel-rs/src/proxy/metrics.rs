@@ -416,16 +416,23 @@ impl TrafficLabels {
 /// Bytes one way across a connection: kept for the access log and added to
 /// the metric as they flow, so long-lived connections show up before they end.
 pub struct ByteCounter {
-    total: AtomicU64,
+    /// Shared with the live-connection registry, which reads it while the
+    /// connection runs ([`super::connections`]).
+    total: Arc<AtomicU64>,
     metric: Counter,
 }
 
 impl ByteCounter {
     fn new(metric: Counter) -> Self {
         ByteCounter {
-            total: AtomicU64::new(0),
+            total: Arc::default(),
             metric,
         }
+    }
+
+    /// The running total, for readers outside the copy loop.
+    pub(crate) fn shared(&self) -> Arc<AtomicU64> {
+        self.total.clone()
     }
 
     pub fn add(&self, n: u64) {
@@ -501,6 +508,19 @@ impl ConnectionRecord {
     /// Bytes the server sent back.
     pub fn server_to_client(&self) -> &ByteCounter {
         &self.server_to_client
+    }
+
+    /// Bytes the pod being proxied sent and received so far, as the access
+    /// log counts them (the client's side outbound, the server's inbound).
+    pub(crate) fn pod_bytes(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        let (up, down) = (
+            self.client_to_server.shared(),
+            self.server_to_client.shared(),
+        );
+        match self.labels.reporter {
+            Reporter::Source => (up, down),
+            Reporter::Destination => (down, up),
+        }
     }
 
     /// The policy decision, for the access log.

@@ -18,6 +18,7 @@ use proxy_core::identity::FetchError;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::connections::{Carried, Direction as Listed, Protocol};
 use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels,
@@ -132,9 +133,23 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         authority,
         labels,
     );
+    // Listed from the moment the next hop answers until the splice ends.
+    let original_dst = Some(dst.to_string());
     let carried = match route.next_hop {
         NextHop::Tcp(target) => match pod.connect(target).await {
-            Ok(server) => Ok(splice(client, server, &record).await),
+            Ok(server) => {
+                let carried = Carried {
+                    direction: Listed::Outbound,
+                    protocol: Protocol::Tcp,
+                    src,
+                    original_dst,
+                    actual_dst: target,
+                    src_identity: None,
+                    dst_identity: None,
+                };
+                let _tracked = pod.track(carried, &record);
+                Ok(splice(client, server, &record).await)
+            }
             Err(e) => Err((client, Error::Connect(e))),
         },
         NextHop::Hbone { target, .. } => {
@@ -145,7 +160,20 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
                 Ok::<_, Error>(pod.pool.connect(&cert, &target).await?)
             };
             match tunnel.await {
-                Ok(server) => Ok(splice(client, server, &record).await),
+                Ok(server) => {
+                    let carried = Carried {
+                        direction: Listed::Outbound,
+                        protocol: Protocol::Hbone,
+                        src,
+                        original_dst,
+                        actual_dst: target.address,
+                        src_identity: Some(pod.identity.clone()),
+                        // The pool verified the peer presented it.
+                        dst_identity: Some(target.identity.clone()),
+                    };
+                    let _tracked = pod.track(carried, &record);
+                    Ok(splice(client, server, &record).await)
+                }
                 Err(e) => Err((client, e)),
             }
         }
