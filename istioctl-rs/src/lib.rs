@@ -14,9 +14,12 @@
 //!   upstream istioctl shows it;
 //! - [`proxy_status`]: `proxy-status`, istiod-rs's `/debug/syncz`: every
 //!   connected proxy's sync state per resource type;
-//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use.
+//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use;
+//! - [`analyze`]: `analyze`, istiod-rs's index's findings about files or
+//!   a live cluster, as upstream istioctl prints its analysis messages.
 
 pub mod admin_http;
+pub mod analyze;
 pub mod cluster;
 pub mod install;
 pub mod manifest;
