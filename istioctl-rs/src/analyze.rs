@@ -263,12 +263,9 @@ pub struct Input {
 /// Why the inputs could not be gathered.
 #[derive(Debug, thiserror::Error)]
 pub enum GatherError {
-    #[error("reading {path}: {source}; check that it exists and is readable")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io::Error is in the message, not a source: `{:#}` would print it twice.
+    #[error("reading {path}: {error}; check that it exists and is readable")]
+    Read { path: String, error: std::io::Error },
     #[error("{path} is not UTF-8 text; save it as UTF-8")]
     NotText { path: String },
 }
@@ -289,9 +286,9 @@ pub fn gather(
             let mut text = String::new();
             stdin
                 .read_to_string(&mut text)
-                .map_err(|source| GatherError::Read {
+                .map_err(|error| GatherError::Read {
                     path: "-".into(),
-                    source,
+                    error,
                 })?;
             inputs.push(Input {
                 name: "-".into(),
@@ -299,9 +296,9 @@ pub fn gather(
             });
             continue;
         }
-        let meta = std::fs::metadata(path).map_err(|source| GatherError::Read {
+        let meta = std::fs::metadata(path).map_err(|error| GatherError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         if meta.is_dir() {
             let mut files = Vec::new();
@@ -337,9 +334,9 @@ fn has_extension(path: &Path) -> bool {
 }
 
 fn walk(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> Result<(), GatherError> {
-    let error = |source| GatherError::Read {
+    let error = |error| GatherError::Read {
         path: dir.display().to_string(),
-        source,
+        error,
     };
     for entry in std::fs::read_dir(dir).map_err(error)? {
         let path = entry.map_err(error)?.path();
@@ -356,9 +353,9 @@ fn walk(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> Result<(), Gat
 
 fn read(path: &Path) -> Result<Input, GatherError> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| GatherError::Read {
+    let bytes = std::fs::read(path).map_err(|error| GatherError::Read {
         path: name.clone(),
-        source,
+        error,
     })?;
     let text = String::from_utf8(bytes).map_err(|_| GatherError::NotText { path: name.clone() })?;
     Ok(Input { name, text })
@@ -626,9 +623,10 @@ fn problem_message(p: PolicyProblem, source: Source) -> Option<(Code, String)> {
     })
 }
 
-/// The messages to show: in `namespace` (all when `None`; cluster-scoped
-/// objects and documents without an object always), at or above
-/// `threshold`, sorted by origin, then code and text, each once.
+/// The messages about `namespace` (all when `None`; cluster-scoped
+/// objects and documents without an object always), sorted by origin,
+/// then file, code and text, each once. [`render`] applies the output
+/// threshold; [`exit_code`] sees them all, as upstream.
 pub fn select(messages: &[Message], namespace: Option<&str>) -> Vec<Message> {
     let set: BTreeSet<&Message> = messages
         .iter()

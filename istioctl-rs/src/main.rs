@@ -701,7 +701,14 @@ async fn analyze_command(cli: &Cli, args: &AnalyzeArgs) -> anyhow::Result<i32> {
     let files: Vec<PathBuf> = args.files.iter().chain(&args.filenames).cloned().collect();
     let use_kube = args.use_kube.unwrap_or(files.is_empty());
     let client = match use_kube {
-        true => Some(client(cli).await?.0),
+        true => Some(
+            client(cli)
+                .await
+                .context(
+                    "analyze reads the live cluster unless given files (with --use-kube=false)",
+                )?
+                .0,
+        ),
         false => None,
     };
     let namespace = match (&client, args.all_namespaces, &args.namespace) {

@@ -191,11 +191,11 @@ pub async fn list(client: Client) -> Result<ClusterState, ListError> {
 
 /// A list of one kind that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("listing {kind} in all namespaces: {source}")]
+// The kube::Error is in the message, not a source: `{:#}` would print it twice.
+#[error("listing {kind} in all namespaces: {error}")]
 pub struct ListError {
     pub kind: Kind,
-    #[source]
-    pub source: kube::Error,
+    pub error: kube::Error,
 }
 
 async fn list_kind<K>(client: &Client, kind: Kind) -> Result<Vec<Object>, ListError>
@@ -214,6 +214,6 @@ where
             })
             .collect()),
         Err(e) if is_not_found(&e) => Ok(Vec::new()),
-        Err(source) => Err(ListError { kind, source }),
+        Err(error) => Err(ListError { kind, error }),
     }
 }
