@@ -16,9 +16,12 @@
 //!   connected proxy's sync state per resource type;
 //! - [`describe`]: `x describe pod|service`, how traffic to one pod or
 //!   service flows, from the same `/config_dump`;
-//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use.
+//! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use;
+//! - [`analyze`]: `analyze`, istiod-rs's index's findings about files or
+//!   a live cluster, as upstream istioctl prints its analysis messages.
 
 pub mod admin_http;
+pub mod analyze;
 pub mod cluster;
 pub mod describe;
 pub mod install;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use istioctl_rs::analyze;
 use istioctl_rs::describe;
 use istioctl_rs::install::{self, InstallOptions};
 use istioctl_rs::manifest;
@@ -132,6 +133,16 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "short")]
         output: ztunnel_config::Output,
     },
+    /// Analyze the mesh's configuration and print what is wrong, as
+    /// upstream istioctl's `analyze`: `Level [CODE] (Kind namespace/name
+    /// file:line) message`. Codes IST0xxx are upstream's; IRS0xxx are
+    /// istio-rs's own, for what upstream has no message for.
+    ///
+    /// With files and no --use-kube, the files alone; otherwise the live
+    /// cluster (the files, if any, applied over it). Exit code 79 when a
+    /// message reaches --failure-threshold, 65 when a document could not be
+    /// parsed, as upstream.
+    Analyze(AnalyzeArgs),
     /// Print a shell completion script (bash, zsh or fish).
     ///
     /// bash: `source <(istioctl-rs completion bash)`; zsh: `istioctl-rs
@@ -141,6 +152,45 @@ enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct AnalyzeArgs {
+    /// Files or directories to analyze (`-`: standard input).
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// More files or directories (repeatable).
+    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR")]
+    filenames: Vec<PathBuf>,
+    /// Read directories' subdirectories too.
+    #[arg(short = 'R', long)]
+    recursive: bool,
+    /// Analyze the live cluster (default: only when no file is given).
+    #[arg(short = 'k', long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    use_kube: Option<bool>,
+    /// Only this namespace's objects (live default: the context's
+    /// namespace; files: all).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "log")]
+    output: analyze::Format,
+    /// The lowest level shown: Info, Warning or Error.
+    #[arg(long, default_value = "Info")]
+    output_threshold: analyze::Level,
+    /// The lowest level that makes the exit code 79: Info, Warning or Error.
+    #[arg(long, default_value = "Error")]
+    failure_threshold: analyze::Level,
+    /// Colour the levels (default: when standard output is a terminal and
+    /// TERM is not dumb).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    color: Option<bool>,
+    /// Documents that cannot be parsed do not make the exit code 65.
+    #[arg(long)]
+    ignore_unknown: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -439,6 +489,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    if let Command::Analyze(args) = &cli.command {
+        let code = runtime
+            .block_on(analyze_command(&cli, args))
+            .unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                1
+            });
+        std::process::exit(code);
+    }
     if let Err(e) = runtime.block_on(run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -515,7 +574,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let target = args.source.target();
             let bytes = ztunnel_config::fetch(&target).await?;
             let dump = ztunnel_config::ConfigDump::parse(&bytes)?;
-            let origin = target.origin();
+            let origin = target.describe();
             let now = std::time::SystemTime::now();
             let text = describe::render(&dump, &subject, &origin, args.source.output, now)?;
             stdout.write_all(text.as_bytes())?;
@@ -575,6 +634,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stdout.write_all(text.as_bytes())?;
             Ok(())
         }
+        Command::Analyze(_) => unreachable!("main runs analyze itself, for its exit code"),
         Command::Completion { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => clap_complete::Shell::Bash,
@@ -724,6 +784,47 @@ async fn waypoint_command(
         }
     }
     Ok(())
+}
+
+/// `analyze`: prints its messages and returns its exit code.
+async fn analyze_command(cli: &Cli, args: &AnalyzeArgs) -> anyhow::Result<i32> {
+    let files: Vec<PathBuf> = args.files.iter().chain(&args.filenames).cloned().collect();
+    let use_kube = args.use_kube.unwrap_or(files.is_empty());
+    let client = match use_kube {
+        true => Some(
+            client(cli)
+                .await
+                .context(
+                    "analyze reads the live cluster unless given files (with --use-kube=false)",
+                )?
+                .0,
+        ),
+        false => None,
+    };
+    let namespace = match (&client, args.all_namespaces, &args.namespace) {
+        (_, true, _) => None,
+        (_, false, Some(ns)) => Some(ns.clone()),
+        (Some(c), false, None) => Some(c.default_namespace().to_string()),
+        (None, false, None) => None,
+    };
+    let colorize = args.color.unwrap_or_else(|| {
+        std::io::stdout().is_terminal()
+            && std::env::var("TERM").is_ok_and(|t| !t.eq_ignore_ascii_case("dumb"))
+    });
+    let options = analyze::Options {
+        files,
+        recursive: args.recursive,
+        namespace,
+        output_threshold: args.output_threshold,
+        failure_threshold: args.failure_threshold,
+        format: args.output,
+        colorize,
+        ignore_unknown: args.ignore_unknown,
+    };
+    let outcome = analyze::run(&options, client.as_ref(), &mut std::io::stdin().lock()).await?;
+    std::io::stdout().write_all(outcome.stdout.as_bytes())?;
+    std::io::stderr().write_all(outcome.stderr.as_bytes())?;
+    Ok(outcome.code)
 }
 
 /// The client, and the cluster's address for messages.

@@ -50,16 +50,6 @@ impl Target {
 
 pub use crate::admin_http::AdminUrl;
 
-impl Target {
-    /// Where the dump came from, for messages: the URL fetched, or the file.
-    pub fn origin(&self) -> String {
-        match self {
-            Target::Admin(url) => url.endpoint("/config_dump"),
-            Target::File(path) => path.display().to_string(),
-        }
-    }
-}
-
 impl std::str::FromStr for AdminUrl {
     type Err = String;
 

@@ -20,6 +20,7 @@
 //! No I/O, no clock: the same state always gives the same bytes, so the
 //! snapshot's content hashes change only where the content does.
 
+pub mod analysis;
 mod authorization;
 pub mod json;
 mod l7;

@@ -115,7 +115,7 @@ pub(super) fn shared_addresses<'a>(
 }
 
 /// Whether the pod is one of the mesh's own, never captured.
-fn is_mesh_component(waypoints: &Waypoints, namespace: &str, pod: &Pod) -> bool {
+pub(super) fn is_mesh_component(waypoints: &Waypoints, namespace: &str, pod: &Pod) -> bool {
     let labels = labels_of(&pod.metadata.labels);
     labels.contains_key(labels::ISTIO_COMPONENT)
         || labels.contains_key(labels::GATEWAY_MANAGED)

@@ -31,7 +31,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use super::Store;
+use super::{ClusterState, Store};
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -157,5 +157,63 @@ fn slim<K: Resource>(o: &mut K) {
     meta.managed_fields = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(LAST_APPLIED);
+    }
+}
+
+/// The whole state at once, by one list of every kind the mesh reads (no
+/// watch): what `istioctl-rs analyze` reads of a live cluster. A kind whose
+/// CRD is not installed is empty, as for the watchers. Errors name the kind.
+pub async fn list(client: Client) -> Result<ClusterState, ListError> {
+    let mut state = ClusterState::default();
+    for kind in Kind::ALL {
+        let objects = match kind {
+            Kind::Namespace => list_kind::<Namespace>(&client, kind).await?,
+            Kind::Node => list_kind::<Node>(&client, kind).await?,
+            Kind::ServiceAccount => list_kind::<ServiceAccount>(&client, kind).await?,
+            Kind::Pod => list_kind::<Pod>(&client, kind).await?,
+            Kind::Service => list_kind::<Service>(&client, kind).await?,
+            Kind::EndpointSlice => list_kind::<EndpointSlice>(&client, kind).await?,
+            Kind::Gateway => list_kind::<Gateway>(&client, kind).await?,
+            Kind::HttpRoute => list_kind::<HttpRoute>(&client, kind).await?,
+            Kind::GrpcRoute => list_kind::<GrpcRoute>(&client, kind).await?,
+            Kind::AuthorizationPolicy => list_kind::<AuthorizationPolicy>(&client, kind).await?,
+            Kind::PeerAuthentication => list_kind::<PeerAuthentication>(&client, kind).await?,
+            Kind::RequestAuthentication => {
+                list_kind::<RequestAuthentication>(&client, kind).await?
+            }
+            Kind::DestinationRule => list_kind::<DestinationRule>(&client, kind).await?,
+            Kind::VirtualService => list_kind::<VirtualService>(&client, kind).await?,
+        };
+        state.replace_kind(kind, objects);
+    }
+    Ok(state)
+}
+
+/// A list of one kind that failed.
+#[derive(Debug, thiserror::Error)]
+// The kube::Error is in the message, not a source: `{:#}` would print it twice.
+#[error("listing {kind} in all namespaces: {error}")]
+pub struct ListError {
+    pub kind: Kind,
+    pub error: kube::Error,
+}
+
+async fn list_kind<K>(client: &Client, kind: Kind) -> Result<Vec<Object>, ListError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    Object: From<K>,
+{
+    let api: Api<K> = Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default()).await {
+        Ok(list) => Ok(list
+            .items
+            .into_iter()
+            .map(|mut o| {
+                slim(&mut o);
+                o.into()
+            })
+            .collect()),
+        Err(e) if is_not_found(&e) => Ok(Vec::new()),
+        Err(error) => Err(ListError { kind, error }),
     }
 }
