@@ -500,6 +500,12 @@ pub trait Cluster: Send + Sync {
         ))
     }
 
+    /// The directory of YAML istiod-rs reads the cluster from, when the
+    /// cluster is one (the local cluster's `--config-dir`).
+    fn config_directory(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
     /// zero), a node's ztunnel-rs (SIGTERM: it drains), or a node's agent
     /// (SIGKILL, as a crash or an OOM kill would). What the proxies hold

@@ -1002,6 +1002,10 @@ impl Cluster for ClusterCore {
         crate::cluster::loopback_get(proxy, &netns, port, path, HTTP_TIMEOUT)
     }
 
+    fn config_directory(&self) -> Option<PathBuf> {
+        Some(self.config_dir())
+    }
+
     fn istioctl(
         &self,
         beside: &ProxyRef,
@@ -1135,6 +1139,10 @@ impl Cluster for LocalCluster {
         timeout: Duration,
     ) -> Result<ExecOutput, ClusterError> {
         self.core.istioctl(beside, args, timeout)
+    }
+
+    fn config_directory(&self) -> Option<PathBuf> {
+        self.core.config_directory()
     }
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {

@@ -109,7 +109,8 @@ pub struct ServiceLine {
     pub namespace: String,
     pub name: String,
     pub vips: Vec<String>,
-    /// `port->target port`, sorted by port.
+    /// `port->target port` (`(per endpoint)` for a named target port),
+    /// sorted by port.
     pub ports: Vec<String>,
     pub waypoint: Option<String>,
 }
@@ -304,7 +305,14 @@ fn service_line(dump: &ConfigDump, s: &Item<Service>) -> ServiceLine {
                     .to_string()
             })
             .collect(),
-        ports: ports.iter().map(|(p, t)| format!("{p}->{t}")).collect(),
+        // Target port 0: named in the Service, each endpoint has its own.
+        ports: ports
+            .iter()
+            .map(|(p, t)| match t {
+                0 => format!("{p}->(per endpoint)"),
+                t => format!("{p}->{t}"),
+            })
+            .collect(),
         waypoint: s
             .view
             .waypoint

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::fixture::{AMBIENT_NS, SERVICE};
+use super::fixture::{AMBIENT_NS, ECHO_HELLO, SERVICE};
 use super::{L4Fixture, Scenario};
 use crate::cluster::{Cluster, ExecOutput, PodInfo, ProxyRef};
 use crate::probe::{ProbeError, eventually};
@@ -40,6 +40,14 @@ pub fn all() -> Vec<Scenario> {
             name: "istioctl_describe_says_how_traffic_to_a_pod_and_a_service_flows",
             run: describe,
         },
+        Scenario {
+            name: "istioctl_connections_shows_live_connections_both_ends",
+            run: connections,
+        },
+        Scenario {
+            name: "istioctl_analyze_reads_the_local_clusters_directory",
+            run: analyze,
+        },
     ]
 }
 
@@ -66,10 +74,9 @@ fn failed(args: &[&str], out: &ExecOutput) -> ProbeError {
 struct Saved(std::path::PathBuf);
 
 impl Saved {
-    /// `text` in the temporary directory, under a name of this process and
-    /// `node`.
-    fn new(text: &str, node: &str) -> Result<Saved, ProbeError> {
-        let name = format!("istioctl-rs-dump-{}-{node}.json", std::process::id());
+    /// `text` in the temporary directory, as `istioctl-rs-<pid>-<name>`.
+    fn new(text: &str, name: &str) -> Result<Saved, ProbeError> {
+        let name = format!("istioctl-rs-{}-{name}", std::process::id());
         let path = std::env::temp_dir().join(name);
         std::fs::write(&path, text).map_err(|e| ProbeError::Unexpected {
             what: format!("saving a config dump to {}", path.display()),
@@ -182,7 +189,7 @@ fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
                 });
             }
         }
-        let file = Saved::new(&saved, &node)?;
+        let file = Saved::new(&saved, &format!("dump-{node}.json"))?;
         let path = file.0.to_string_lossy().into_owned();
         let args = ["zc", "workload", "--file", &path];
         let text = run(cluster, &ztunnel, &args)?;
@@ -474,5 +481,107 @@ fn describe(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> 
          Screen:\n{screen}",
         server.node,
         want.len()
+    ))
+}
+
+/// How long the load of `connections` runs: long enough to be seen.
+const LOAD: Duration = Duration::from_secs(20);
+
+/// `zc connections` while client-0 (first node) keeps connections open to
+/// server-1 (second node): the client's ztunnel lists them Outbound, HBONE,
+/// with the client's and the server's identities and bytes sent; the
+/// server's ztunnel lists them Inbound.
+fn connections(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let (client, server) = (&f.clients[0], &f.servers[1]);
+    let target = L4Fixture::at(server, ECHO_HELLO);
+    let src = format!("spiffe://{}/ns/{AMBIENT_NS}/sa/client", f.trust_domain);
+    let dst = format!("spiffe://{}/ns/{AMBIENT_NS}/sa/server", f.trust_domain);
+    let seen = |node: &str, workload: String, direction: &'static str| {
+        let ztunnel = ProxyRef::Ztunnel {
+            node: node.to_string(),
+        };
+        let args = ["zc", "connections", "--admin", ADMIN_URL, "--raw"];
+        let what = format!(
+            "{direction} connections of {workload} in istioctl-rs zc connections on {node}"
+        );
+        eventually(&what, SYNC_TIMEOUT, || {
+            let text = run(cluster, &ztunnel, &args)?;
+            let (header, rows) = table(&text);
+            let line = rows.iter().find(|r| {
+                r.first() == Some(&workload.as_str())
+                    && r.get(1) == Some(&direction)
+                    && r.contains(&"HBONE")
+                    && r.contains(&src.as_str())
+                    && r.contains(&dst.as_str())
+            });
+            Ok(match line {
+                Some(line) => Ok(format!("{}: {}", header.join(" "), line.join(" "))),
+                None => Err(text),
+            })
+        })
+    };
+    let client_workload = format!("{}.{}", client.name, client.namespace);
+    let server_workload = format!("{}.{}", server.name, server.namespace);
+    let ((outbound, inbound), load) =
+        super::l4::under_load(cluster, client, &target, LOAD, || {
+            Ok((
+                seen(&client.node, client_workload.clone(), "Outbound")?,
+                seen(&server.node, server_workload.clone(), "Inbound")?,
+            ))
+        })?;
+    super::l4::load_flowed("the load while connections were listed", &load)?;
+    Ok(format!(
+        "client-0 -> server-1 under load: on {}: {outbound}; on {}: {inbound}",
+        client.node, server.node
+    ))
+}
+
+/// `analyze` over the directory istiod-rs reads the local cluster from
+/// (`-R`, `-o json`): every document parses (no exit 65), the answer is
+/// upstream's JSON list; and a policy whose selector matches no pod,
+/// written next to it, is reported IST0127 naming it.
+fn analyze(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeError> {
+    let Some(dir) = cluster.config_directory() else {
+        return Err(ProbeError::Unexpected {
+            what: "istioctl-rs analyze".into(),
+            detail: "this cluster has no directory of YAML to analyze".into(),
+        });
+    };
+    let dir = dir.to_string_lossy().into_owned();
+    let args = ["analyze", "-R", &dir, "-o", "json"];
+    let out = cluster.istioctl(&ProxyRef::Istiod, &args, COMMAND_TIMEOUT)?;
+    // 0: nothing at or above Error; 79: something is (upstream's codes).
+    if !matches!(out.code, Some(0 | 79)) {
+        return Err(failed(&args, &out));
+    }
+    let exit = out.code;
+    let messages = json(&args, &out.stdout)?;
+    let count = messages
+        .as_array()
+        .map(Vec::len)
+        .ok_or_else(|| failed(&args, &out))?;
+
+    let typo = format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: typo, namespace: {AMBIENT_NS}}}
+spec:
+  selector: {{matchLabels: {{app: srever}}}}
+  action: DENY
+  rules: [{{from: [{{source: {{principals: [nobody]}}}}]}}]
+"
+    );
+    let file = Saved::new(&typo, "typo.yaml")?;
+    let path = file.0.to_string_lossy().into_owned();
+    let args = ["analyze", &path];
+    let out = cluster.istioctl(&ProxyRef::Istiod, &args, COMMAND_TIMEOUT)?;
+    let finding = out.stdout.lines().find(|l| {
+        l.contains("[IST0127]") && l.contains(&format!("AuthorizationPolicy {AMBIENT_NS}/typo"))
+    });
+    let Some(finding) = finding else {
+        return Err(failed(&args, &out));
+    };
+    Ok(format!(
+        "analyze -R of the cluster's directory: exit {exit:?}, {count} message(s); a selector typo: {finding}"
     ))
 }
