@@ -414,15 +414,13 @@ impl Translator {
         }
         // The L4 form of the rules attached by selector or namespace holds
         // for every connection but those from the waypoints enforcing them.
+        // Sorted, each once: two waypoints may run as one account.
         let principals = |rule: &L7Rule| {
-            let mut p: Vec<_> = rule
-                .enforced_by
-                .iter()
+            let names: std::collections::BTreeSet<String> = (rule.enforced_by.iter())
                 .filter_map(|w| waypoints.get(w))
-                .flat_map(|w| waypoint_policies::principals(mesh, w))
+                .flat_map(|w| waypoint_policies::principal_names(mesh, w))
                 .collect();
-            p.dedup();
-            p
+            waypoint_policies::exact(names)
         };
         let workloads_rules: BTreeMap<&PolicyRef, &L7Rule> = l7_rules
             .rules

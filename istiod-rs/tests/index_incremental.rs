@@ -642,3 +642,28 @@ spec:
         "{gone}"
     );
 }
+
+#[test]
+fn waypoints_running_as_one_account_are_exempted_once() {
+    // Around the handover both waypoints enforce api-only; `mine` runs as
+    // web-waypoint's account too (web-waypoint also as another, which sorts
+    // first): the shared principal is listed once in the rule's L4 form.
+    let yaml = users_waypoint_starting().replace(
+        "serviceAccountName: mine,",
+        "serviceAccountName: web-waypoint,",
+    ) + "---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: web-waypoint}}
+spec: {nodeName: node-a, serviceAccountName: a-second, containers: [{name: proxy, image: waypoint}]}
+status: {phase: Running, podIP: 10.9.0.102, conditions: [{type: Ready, status: 'True'}]}
+";
+    let mut state = ClusterState::from_objects(objects(&yaml));
+    set_ready(&mut state, "mine-1", true);
+    let mesh = MeshConfig::default();
+    check(&mut Translator::default(), &state);
+    let json = index::json::snapshot_json(&index::translate(&state, &mesh).snapshot);
+    let policy = json["authorizations"]["shop/api-only"].to_string();
+    let principal = "cluster.local/ns/shop/sa/web-waypoint";
+    assert_eq!(policy.matches(principal).count(), 1, "{policy}");
+}

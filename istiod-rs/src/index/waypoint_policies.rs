@@ -36,15 +36,25 @@ const ALLOW_WAYPOINT_PREFIX: &str = "istio_allow_waypoint_";
 
 /// The identities of a waypoint's instances, as policies name them:
 /// `<trust domain>/ns/<waypoint ns>/sa/<account>`, sorted, each once.
+pub(super) fn principal_names<'a>(
+    mesh: &'a MeshConfig,
+    w: &'a Waypoint,
+) -> impl Iterator<Item = String> + 'a {
+    (w.service_accounts.iter())
+        .map(move |sa| format!("{}/ns/{}/sa/{sa}", mesh.trust_domain, w.namespace()))
+}
+
+/// The same as exact matches.
 pub(super) fn principals(mesh: &MeshConfig, w: &Waypoint) -> Vec<StringMatch> {
-    w.service_accounts
-        .iter()
-        .map(|sa| StringMatch {
-            match_type: Some(string_match::MatchType::Exact(format!(
-                "{}/ns/{}/sa/{sa}",
-                mesh.trust_domain,
-                w.namespace()
-            ))),
+    exact(principal_names(mesh, w))
+}
+
+/// Each name as an exact match, in order.
+pub(super) fn exact(names: impl IntoIterator<Item = String>) -> Vec<StringMatch> {
+    names
+        .into_iter()
+        .map(|name| StringMatch {
+            match_type: Some(string_match::MatchType::Exact(name)),
         })
         .collect()
 }
