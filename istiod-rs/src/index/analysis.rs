@@ -164,16 +164,15 @@ fn as_provisioned(state: &ClusterState, mesh: &MeshConfig) -> ClusterState {
     state
 }
 
-/// The Gateway an object's own `use-waypoint` label names, if any.
+/// The Gateway an object's own `use-waypoint` label names, if any, read as
+/// the bindings read it (`waypoints::use_waypoint`).
 fn named_waypoint(labels: &Labels, own_namespace: &str) -> Option<ObjectKey> {
-    let name = labels.get(labels::USE_WAYPOINT)?;
-    if name == "none" || name.is_empty() {
-        return None;
+    match super::waypoints::use_waypoint(labels, own_namespace) {
+        super::waypoints::UseWaypoint::Named(namespace, name) => {
+            Some(ObjectKey::new(namespace, name))
+        }
+        _ => None,
     }
-    let namespace = labels
-        .get(labels::USE_WAYPOINT_NAMESPACE)
-        .map_or(own_namespace, String::as_str);
-    Some(ObjectKey::new(namespace, name.as_str()))
 }
 
 /// Every object labelled `use-waypoint`, with the Gateway it names.

@@ -208,13 +208,13 @@ fn still_needed(gw: &Gateway) -> bool {
 }
 
 /// What an object's `use-waypoint` label says.
-enum UseWaypoint {
+pub(super) enum UseWaypoint {
     Unset,
     None,
     Named(String, String),
 }
 
-fn use_waypoint(labels: &Labels, default_namespace: &str) -> UseWaypoint {
+pub(super) fn use_waypoint(labels: &Labels, default_namespace: &str) -> UseWaypoint {
     match labels.get(labels::USE_WAYPOINT) {
         None => UseWaypoint::Unset,
         Some(v) if v == "none" => UseWaypoint::None,
