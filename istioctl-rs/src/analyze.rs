@@ -37,7 +37,7 @@ pub const EXIT_FOUND_ISSUES: i32 = 79;
 /// the failure threshold: upstream's `ExitDataError`.
 pub const EXIT_PARSE_ERROR: i32 = 65;
 
-/// Extensions read from directories and accepted for files, as upstream.
+/// Extensions read from directories and accepted for files.
 const FILE_EXTENSIONS: [&str; 3] = ["json", "yaml", "yml"];
 
 /// Where upstream documents each IST code.
@@ -273,7 +273,7 @@ pub enum GatherError {
 /// Reads every file named (a directory: its files with a recognised
 /// extension, its subdirectories too with `recursive`; `-`: `stdin`), in
 /// the order given, a directory's files sorted. Files skipped for their
-/// extension are reported in `skipped`, as upstream prints them.
+/// extension are reported in `skipped`.
 pub fn gather(
     paths: &[PathBuf],
     recursive: bool,
@@ -626,7 +626,7 @@ fn problem_message(p: PolicyProblem, source: Source) -> Option<(Code, String)> {
 /// The messages about `namespace` (all when `None`; cluster-scoped
 /// objects and documents without an object always), sorted by origin,
 /// then file, code and text, each once. [`render`] applies the output
-/// threshold; [`exit_code`] sees them all, as upstream.
+/// threshold; [`exit_code`] sees them all.
 pub fn select(messages: &[Message], namespace: Option<&str>) -> Vec<Message> {
     let set: BTreeSet<&Message> = messages
         .iter()
@@ -746,7 +746,7 @@ pub enum AnalyzeError {
 }
 
 /// Analyzes the files (over the live cluster's state when `cluster` is
-/// given, as upstream's default `--use-kube`; alone otherwise).
+/// given, `--use-kube`; alone otherwise).
 pub async fn run(
     options: &Options,
     cluster: Option<&kube::Client>,
