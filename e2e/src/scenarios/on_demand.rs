@@ -865,6 +865,9 @@ spec:
     let pod_url = format!("http://{}:{ECHO_HTTP}/", world.pods[0].ip);
     world.every_at(&f.client, &pod_url, "DELETE", to_a, Outcome::Status(403))?;
     world.every_at(&f.client, &pod_url, "GET", to_a, Outcome::Direct)?;
+    // Service echo's own waypoint (waypoint-svc-echo) may become ready after
+    // echo-a's: until then echo's requests are refused at L4 (fail closed).
+    world.until(&f.client, 2, "DELETE", to_a, Outcome::Status(403))?;
     world.every(&f.client, 2, "DELETE", to_a, Outcome::Status(403))?;
     // echo-b is not selected: answered by echo-v2 (`Routed` names that pod).
     world.every(&f.client, 1, "DELETE", to_a, Outcome::Routed)?;
