@@ -13,7 +13,7 @@
 //! `--concurrency K` (64). Prints a table and one JSON line; asserts
 //! nothing about time.
 
-#[path = "../tests/ca_support/client.rs"]
+#[path = "../tests/integration/support/ca_client.rs"]
 mod client;
 #[path = "support/options.rs"]
 mod options;

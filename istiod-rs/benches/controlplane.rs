@@ -19,9 +19,9 @@
 //! (after `--`): `--pods N --services N --nodes N --clients N --rounds N
 //! --burst N`. Prints a table and one JSON line; asserts nothing about time.
 
-#[path = "../tests/app_support/ads.rs"]
+#[path = "../tests/integration/support/ads.rs"]
 mod ads;
-#[path = "../tests/app_support/http_client.rs"]
+#[path = "../tests/integration/support/http_client.rs"]
 mod http_client;
 #[path = "support/options.rs"]
 mod options;

@@ -1,0 +1,10 @@
+//! waypoint-rs's integration tests, one test binary (each binary links the
+//! whole dependency tree: one per file took gigabytes of disk and minutes of
+//! linking). A test that changes process-wide state (descriptor limits, the
+//! log subscriber) keeps a binary of its own in `tests/`.
+
+mod support;
+
+mod app;
+mod datapath;
+mod l7;
