@@ -9,7 +9,11 @@
 //! `KUBERNETES_SERVICE_HOST` with its projected token, which TokenReview
 //! accepts; deleting a pod runs SIGTERM, CNI DEL and removes its netns; a
 //! container that exits is restarted once; a failing liveness probe
-//! restarts its container; an unknown image is ErrImagePull.
+//! restarts its container; an unknown image is ErrImagePull. Port-forward
+//! (kube-rs `Api::<Pod>::portforward`, through the API server to the
+//! node's kubelet server) reaches an echo pod's TCP port, reports a port
+//! nothing listens on on its error channel, and fails for a pod that does
+//! not exist.
 //!
 //! Needs root (or unprivileged user namespaces); skips loudly otherwise and
 //! fails when `CI` is set.
@@ -222,6 +226,11 @@ fn kube_nodes() {
             topo.ip.to_string(),
             "{n}"
         );
+        assert_eq!(
+            n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"],
+            e2e::kube::node::server::KUBELET_PORT,
+            "{n}"
+        );
     }
 
     for n in &kube.topology.nodes {
@@ -343,6 +352,8 @@ fn kube_nodes() {
         )
         .expect("the ClusterIP load-balances over both echo pods");
     eprintln!("e2e: the ClusterIP {cluster_ip} reached {seen:?}");
+
+    port_forward(&kube, &echo_pods);
 
     // The projected token: the pod reads it where every pod does, presents
     // it to the API server through KUBERNETES_SERVICE_HOST (kube-proxy's
@@ -612,6 +623,92 @@ fn kube_nodes() {
     );
 
     drop(nodes);
+}
+
+/// Port-forward through the API server to each echo pod's TCP echo port
+/// (9000) with a second port nothing listens on (9999); then a pod that
+/// does not exist. kube-rs speaks WebSocket `v4.channel.k8s.io` to the API
+/// server, which proxies the upgrade to the pod's node's kubelet server.
+fn port_forward(kube: &KubeRun, echo_pods: &[Value]) {
+    use k8s_openapi::api::core::v1::Pod;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let names: Vec<String> = echo_pods
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let kubeconfig = kube.control_plane.admin_kubeconfig().to_path_buf();
+    let started = Instant::now();
+    kube.control_plane
+        .netns()
+        .block_on(move || async move {
+            let config = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&kubeconfig).expect("the admin kubeconfig"),
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .expect("a client configuration");
+            let client = kube::Client::try_from(config).expect("a client");
+            let pods: kube::Api<Pod> = kube::Api::namespaced(client, "demo");
+            for name in &names {
+                let mut forward = pods
+                    .portforward(name, &[9000, 9999])
+                    .await
+                    .unwrap_or_else(|e| panic!("port-forward to {name}: {e}"));
+                let mut echo = forward.take_stream(9000).unwrap();
+                let line = format!("hello {name} through port-forward\n");
+                echo.write_all(line.as_bytes()).await.unwrap();
+                let mut back = vec![0u8; line.len()];
+                within("echo", echo.read_exact(&mut back))
+                    .await
+                    .expect("the echo comes back");
+                assert_eq!(String::from_utf8_lossy(&back), line);
+
+                let mut dead = forward.take_stream(9999).unwrap();
+                let error = forward.take_error(9999).unwrap();
+                dead.write_all(b"anyone?").await.unwrap();
+                let message = within("error for port 9999", error)
+                    .await
+                    .expect("an error message for port 9999");
+                assert!(
+                    message.contains("9999") && message.contains(name.as_str()),
+                    "{message}"
+                );
+                eprintln!("e2e: port-forward to {name}:9999 failed as it must: {message}");
+
+                // Port 9000 still works after 9999 failed.
+                echo.write_all(b"again\n").await.unwrap();
+                let mut again = [0u8; 6];
+                within("second echo", echo.read_exact(&mut again))
+                    .await
+                    .expect("the second echo comes back");
+                assert_eq!(&again, b"again\n");
+                drop(echo);
+                drop(dead);
+                within("end of the forward", forward.join())
+                    .await
+                    .expect("the port-forward ends cleanly");
+            }
+            let missing = pods
+                .portforward("no-such-pod", &[9000])
+                .await
+                .err()
+                .expect("port-forward to a pod that does not exist fails");
+            eprintln!("e2e: port-forward to no-such-pod failed as it must: {missing}");
+        })
+        .expect("the control plane's namespace");
+    eprintln!(
+        "e2e: timing: port-forward checks on {} pods in {:?}",
+        echo_pods.len(),
+        started.elapsed()
+    );
+}
+
+/// `fut`'s output, or a panic naming `what` after [`PATIENCE`].
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("port-forward: no {what} within {PATIENCE:?}"))
 }
 
 /// `client http URL` run in the client pod.

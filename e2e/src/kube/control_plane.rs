@@ -254,6 +254,23 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// A kubelet serving certificate and key (PEM) for node `name` at `ip`
+    /// (`system:node:<name>` in `system:nodes`, the subject the
+    /// `kubernetes.io/kubelet-serving` signer requires), which
+    /// the API server verifies with `--kubelet-certificate-authority`.
+    pub fn kubelet_serving_cert(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<(String, String), ControlPlaneError> {
+        Ok(self.pki.serving_cert(
+            &format!("system:node:{name}"),
+            &["system:nodes"],
+            &[name.to_string()],
+            &[IpAddr::V4(ip)],
+        )?)
+    }
+
     /// The control plane's processes and their log files.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
         self.processes
@@ -311,6 +328,22 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 files.service_account_key().display()
             ),
+            // Kubelets' servers (port-forward): the API server presents
+            // its own client certificate and verifies theirs against the
+            // cluster CA at the Node's InternalIP.
+            format!(
+                "--kubelet-client-certificate={}",
+                files.apiserver_kubelet_client_cert().display()
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                files.apiserver_kubelet_client_key().display()
+            ),
+            format!(
+                "--kubelet-certificate-authority={}",
+                files.ca_cert().display()
+            ),
+            "--kubelet-preferred-address-types=InternalIP".into(),
             "--authorization-mode=Node,RBAC".into(),
             "--enable-admission-plugins=NodeRestriction".into(),
             // Node agents and the CNI installer run privileged.

@@ -16,6 +16,8 @@
 //!   status, graceful deletion.
 //! - It runs kube-proxy (iptables mode) in the node's namespace, so
 //!   ClusterIP Services work for pods and the node ([`kube_proxy`]).
+//! - It serves the kubelet's HTTPS port (10250) on the node's address,
+//!   where the API server proxies port-forward requests ([`server`]).
 //!
 //! The node's filesystem: `<run dir>/nodes/<node>/fs` stands for the
 //! node's own `/` where a kubelet and a CNI installer would write:
@@ -34,6 +36,7 @@ pub mod kube_proxy;
 pub mod launch;
 mod pod;
 mod register;
+pub mod server;
 pub mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -216,6 +219,9 @@ pub struct NodeConfig {
     pub binaries: Binaries,
     /// The version the Node reports (`status.nodeInfo.kubeletVersion`).
     pub kubelet_version: String,
+    /// The kubelet server's certificates. None: no kubelet server (the
+    /// Node reports port 0; port-forward cannot reach the node).
+    pub kubelet_server: Option<server::KubeletTls>,
     pub timings: NodeTimings,
 }
 
@@ -292,6 +298,8 @@ pub(crate) struct Shared {
     pub client: kube::Client,
     pub handle: tokio::runtime::Handle,
     pub timings: NodeTimings,
+    /// The kubelet server's port (0: none), reported in the Node's status.
+    pub kubelet_port: u16,
     /// Node-private paths (as the node sees them) a CNI plugin's view gets.
     pub node_paths: Mutex<BTreeSet<PathBuf>>,
     pub pods: Mutex<BTreeMap<String, pod::PodEntry>>,
@@ -347,6 +355,38 @@ impl Shared {
 
     pub fn cni_bin_dir(&self) -> PathBuf {
         self.fs.join("opt/cni/bin")
+    }
+
+    /// Where pod `namespace/name` (with `uid`, if given) of this node is
+    /// reached: its address (the node's for `hostNetwork`), or why not.
+    pub fn pod_address(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<Ipv4Addr, String> {
+        let node = &self.spec.name;
+        let found = Shared::lock(&self.pods)
+            .iter()
+            .find_map(|(pod_uid, entry)| {
+                let view = Shared::lock(&entry.view);
+                (view.namespace == namespace
+                    && view.name == name
+                    && uid.is_none_or(|u| u == pod_uid))
+                .then(|| view.ip.or(view.host_network.then_some(self.spec.ip)))
+            });
+        match found {
+            Some(Some(ip)) => Ok(ip),
+            Some(None) => Err(format!(
+                "pod {namespace}/{name} on node {node} has no address yet"
+            )),
+            None => Err(match uid {
+                Some(uid) => {
+                    format!("pod {namespace}/{name} (uid {uid}) is not running on node {node}")
+                }
+                None => format!("pod {namespace}/{name} is not running on node {node}"),
+            }),
+        }
     }
 }
 
@@ -417,6 +457,30 @@ impl NodeRuntime {
             &runtime,
             client_from(config.kubeconfig.clone(), name.clone()),
         )?;
+        // The kubelet server's socket, made on a runtime thread: in the
+        // node's namespace.
+        let kubelet = match &config.kubelet_server {
+            Some(tls) => {
+                let tls = server::tls_config(tls).map_err(|e| NodeError::Io {
+                    node: name.clone(),
+                    what: "the kubelet server's TLS configuration".into(),
+                    source: std::io::Error::other(e),
+                })?;
+                let addr = std::net::SocketAddr::from((config.node.ip, server::KUBELET_PORT));
+                let node = name.clone();
+                let listener = on_node(&runtime, async move {
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| NodeError::Io {
+                            node,
+                            what: format!("listen on {addr} (the kubelet server)"),
+                            source,
+                        })
+                })?;
+                Some((listener, tls))
+            }
+            None => None,
+        };
         let node_paths: BTreeSet<PathBuf> = ["/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni"]
             .iter()
             .map(PathBuf::from)
@@ -430,11 +494,28 @@ impl NodeRuntime {
             client,
             handle: runtime.handle().clone(),
             timings: config.timings.clone(),
+            kubelet_port: if kubelet.is_some() {
+                server::KUBELET_PORT
+            } else {
+                0
+            },
             node_paths: Mutex::new(node_paths),
             pods: Mutex::new(BTreeMap::new()),
             journal: Mutex::new(Vec::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
         });
+
+        if let Some((listener, tls)) = kubelet {
+            progress(&format!(
+                "{name}: kubelet server on https://{}:{} (port-forward)",
+                config.node.ip,
+                server::KUBELET_PORT
+            ));
+            let lookup = shared.clone();
+            let pods: server::PodLookup =
+                Arc::new(move |namespace, pod, uid| lookup.pod_address(namespace, pod, uid));
+            runtime.spawn(server::serve(listener, tls, pods, name.clone()));
+        }
 
         progress(&format!(
             "{name}: registering the Node (podCIDR {}, address {})",
@@ -664,11 +745,27 @@ pub fn start_nodes(
             }),
             binaries: binaries.clone(),
             kubelet_version: version.clone(),
+            kubelet_server: Some(kubelet_tls(cp, &node.name, node.ip)?),
             timings: timings.clone(),
         };
         nodes.push(NodeRuntime::start(&kube.run.handle(), config, progress)?);
     }
     Ok(nodes)
+}
+
+/// The kubelet server's certificate for a node, from the cluster CA, and
+/// the CA its clients (the API server) must be signed by.
+fn kubelet_tls(
+    cp: &super::ControlPlane,
+    node: &str,
+    ip: Ipv4Addr,
+) -> Result<server::KubeletTls, NodeError> {
+    let (cert_pem, key_pem) = cp.kubelet_serving_cert(node, ip)?;
+    Ok(server::KubeletTls {
+        cert_pem,
+        key_pem,
+        client_ca_pem: cp.ca_pem().to_string(),
+    })
 }
 
 /// A multi-threaded tokio runtime whose every thread lives in `netns`, so

@@ -31,6 +31,10 @@ pub enum PkiError {
     },
 }
 
+/// The user the API server's client certificate towards kubelets names
+/// (kubeadm's CommonName for it).
+pub const APISERVER_KUBELET_CLIENT: &str = "kube-apiserver-kubelet-client";
+
 /// How long every certificate is valid: longer than any test run.
 const VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Backdated so a clock a little behind still accepts them.
@@ -62,6 +66,14 @@ impl PkiFiles {
     /// Its public half, which verifies tokens.
     pub fn service_account_pub(&self) -> PathBuf {
         self.dir.join("sa.pub")
+    }
+    /// The API server's client certificate towards kubelets
+    /// (`--kubelet-client-certificate`; kubeadm's file name).
+    pub fn apiserver_kubelet_client_cert(&self) -> PathBuf {
+        self.dir.join("apiserver-kubelet-client.crt")
+    }
+    pub fn apiserver_kubelet_client_key(&self) -> PathBuf {
+        self.dir.join("apiserver-kubelet-client.key")
     }
 }
 
@@ -132,21 +144,14 @@ impl Pki {
         };
 
         // The API server's serving certificate.
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name("kube-apiserver", &[]);
-        params.subject_alt_names = dns_names
-            .iter()
-            .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
-            .chain(ips.iter().map(|ip| SanType::IpAddress(*ip)))
-            .collect();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let (cert, key) = pki.sign(params, "the API server's serving certificate")?;
+        let (cert, key) = pki.serving_cert("kube-apiserver", &[], dns_names, ips)?;
         write_file(&pki.files.apiserver_key(), &key, 0o600)?;
         write_file(&pki.files.apiserver_cert(), &cert, 0o644)?;
+
+        // Its client certificate towards the kubelets' servers.
+        let (cert, key) = pki.client_cert(&ClientIdentity::new(APISERVER_KUBELET_CLIENT, &[]))?;
+        write_file(&pki.files.apiserver_kubelet_client_key(), &key, 0o600)?;
+        write_file(&pki.files.apiserver_kubelet_client_cert(), &cert, 0o644)?;
 
         // Service-account tokens: signed with the private key, verified with the public one.
         let sa = new_key("the service-account signing key")?;
@@ -175,6 +180,31 @@ impl Pki {
             KeyUsagePurpose::KeyEncipherment,
         ];
         self.sign(params, &format!("a client certificate for {}", who.user))
+    }
+
+    /// A serving certificate and key (PEM) for `dns_names` and `ips`, named
+    /// `common_name` in `organizations` (a kubelet's: `system:node:<name>`
+    /// in `system:nodes`).
+    pub fn serving_cert(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+        dns_names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name, organizations);
+        params.subject_alt_names = dns_names
+            .iter()
+            .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
+            .chain(ips.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        self.sign(params, &format!("a serving certificate for {common_name}"))
     }
 
     /// Writes a kubeconfig at `path` for `who`, talking to `server`.

@@ -50,7 +50,7 @@ pub fn node_object(shared: &Shared) -> serde_json::Value {
 }
 
 /// The status kubelet reports: Ready, no pressure, the fabric address,
-/// room for pods, what it runs.
+/// the kubelet server's port, room for pods, what it runs.
 pub fn node_status(shared: &Shared, kubelet_version: &str, now: &str) -> serde_json::Value {
     let spec = &shared.spec;
     let resources =
@@ -77,7 +77,7 @@ pub fn node_status(shared: &Shared, kubelet_version: &str, now: &str) -> serde_j
             condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             condition("Ready", "True", "KubeletReady", "the e2e node runtime is posting ready status"),
         ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": shared.kubelet_port}},
         "nodeInfo": {
             "machineID": spec.name,
             "systemUUID": spec.name,
