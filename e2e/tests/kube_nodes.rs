@@ -11,9 +11,9 @@
 //! container that exits is restarted once; a failing liveness probe
 //! restarts its container; an unknown image is ErrImagePull. Port-forward
 //! (kube-rs `Api::<Pod>::portforward`, through the API server to the
-//! node's kubelet server) reaches an echo pod's TCP port, reports a port
-//! nothing listens on on its error channel, and fails for a pod that does
-//! not exist.
+//! node's kubelet server) reaches an echo pod's TCP port and a hostNetwork
+//! pod's HTTP port, reports a port nothing listens on on its error
+//! channel, and fails for a pod that does not exist.
 //!
 //! Needs root (or unprivileged user namespaces); skips loudly otherwise and
 //! fails when `CI` is set.
@@ -142,6 +142,24 @@ spec:
       volumeMounts:
         - {name: netns, mountPath: /var/run/netns, mountPropagation: HostToContainer}
         - {name: out, mountPath: /out}
+"#;
+
+/// Serves HTTP on its own loopback only: port-forward reaches it (as
+/// containerd's does, from inside the pod's namespace), nothing else can.
+const LOOPBACK_ONLY: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: loopback-only, namespace: demo}
+spec:
+  nodeName: node0
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: echo
+      image: istio-rs/echo:dev
+      args: ["--bind", "127.0.0.1", "--http", "15000"]
+      env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
 "#;
 
 const UNKNOWN_IMAGE: &str = r#"
@@ -596,6 +614,13 @@ fn kube_nodes() {
         &format!("http://{node1_ip}:18080/on-host"),
     ));
     assert_eq!(reply.pod, "on-host");
+    // Port-forward to a hostNetwork pod reaches the node's own address; the
+    // server closing its connection ends the forward.
+    let answer = forward_http(&kube, "on-host", 18080, "/through-port-forward");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"on-host\""),
+        "{answer}"
+    );
     let state = node1.fs_root().join("run/e2e-node-test");
     assert_eq!(
         std::fs::read_to_string(state.join("hello")).unwrap(),
@@ -609,6 +634,27 @@ fn kube_nodes() {
         !std::path::Path::new("/run/e2e-node-test").exists(),
         "a node's hostPath is not the machine's"
     );
+
+    // A port bound to the pod's loopback only (as ztunnel's admin is):
+    // port-forward reaches it from inside the pod's namespace.
+    kubectl.apply(LOOPBACK_ONLY).expect("loopback-only");
+    kubectl
+        .wait_for("loopback-only running", PATIENCE, |k| {
+            let p = k.json(&["get", "pod", "loopback-only", "-n", "demo"])?;
+            Ok((p["status"]["phase"] == "Running").then_some(()))
+        })
+        .expect("loopback-only runs");
+    let answer = kubectl
+        .wait_for(
+            "port-forward to loopback-only's 127.0.0.1:15000",
+            PATIENCE,
+            |_| {
+                let answer = forward_http(&kube, "loopback-only", 15000, "/admin");
+                Ok(answer.starts_with("HTTP/1.1 200").then_some(answer))
+            },
+        )
+        .expect("port-forward reaches a loopback-only port");
+    assert!(answer.contains("\"loopback-only\""), "{answer}");
 
     // An image outside the table fails clearly.
     kubectl.apply(UNKNOWN_IMAGE).expect("nginx");
@@ -642,14 +688,8 @@ fn port_forward(kube: &KubeRun, echo_pods: &[Value]) {
     kube.control_plane
         .netns()
         .block_on(move || async move {
-            let config = kube::Config::from_custom_kubeconfig(
-                kube::config::Kubeconfig::read_from(&kubeconfig).expect("the admin kubeconfig"),
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .expect("a client configuration");
-            let client = kube::Client::try_from(config).expect("a client");
-            let pods: kube::Api<Pod> = kube::Api::namespaced(client, "demo");
+            let pods: kube::Api<Pod> =
+                kube::Api::namespaced(admin_client(&kubeconfig).await, "demo");
             for name in &names {
                 let mut forward = pods
                     .portforward(name, &[9000, 9999])
@@ -702,6 +742,56 @@ fn port_forward(kube: &KubeRun, echo_pods: &[Value]) {
         echo_pods.len(),
         started.elapsed()
     );
+}
+
+/// An admin kube-rs client; it must be made and used in the control
+/// plane's namespace (where the API server's address is reached).
+async fn admin_client(kubeconfig: &std::path::Path) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).expect("the admin kubeconfig"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("a client configuration");
+    kube::Client::try_from(config).expect("a client")
+}
+
+/// One HTTP/1.1 `GET path` with `Connection: close` through a port-forward
+/// to `pod`'s `port`: the whole answer, read until the kubelet server
+/// closes the WebSocket after the pod closed the connection.
+fn forward_http(kube: &KubeRun, pod: &str, port: u16, path: &str) -> String {
+    use k8s_openapi::api::core::v1::Pod;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let kubeconfig = kube.control_plane.admin_kubeconfig().to_path_buf();
+    let (pod, path) = (pod.to_string(), path.to_string());
+    kube.control_plane
+        .netns()
+        .block_on(move || async move {
+            let pods: kube::Api<Pod> =
+                kube::Api::namespaced(admin_client(&kubeconfig).await, "demo");
+            let mut forward = pods
+                .portforward(&pod, &[port])
+                .await
+                .unwrap_or_else(|e| panic!("port-forward to {pod}: {e}"));
+            let mut stream = forward.take_stream(port).unwrap();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {pod}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            within("HTTP answer", stream.read_to_end(&mut answer))
+                .await
+                .expect("the answer");
+            drop(stream);
+            // The kubelet server closed the WebSocket first (its pod
+            // connection ended); kube-rs 4.2 still sends its own Close once
+            // the stream is dropped and reports that as an error. The
+            // forward must end, whatever it says.
+            let ended = within("end of the forward", forward.join()).await;
+            eprintln!("e2e: port-forward to {pod}:{port} ended: {ended:?}");
+            String::from_utf8_lossy(&answer).into_owned()
+        })
+        .expect("the control plane's namespace")
 }
 
 /// `fut`'s output, or a panic naming `what` after [`PATIENCE`].

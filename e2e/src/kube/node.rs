@@ -358,13 +358,14 @@ impl Shared {
     }
 
     /// Where pod `namespace/name` (with `uid`, if given) of this node is
-    /// reached: its address (the node's for `hostNetwork`), or why not.
-    pub fn pod_address(
+    /// reached: its address (the node's for `hostNetwork`) and network
+    /// namespace (none for `hostNetwork`), or why not.
+    pub fn pod_target(
         &self,
         namespace: &str,
         name: &str,
         uid: Option<&str>,
-    ) -> Result<Ipv4Addr, String> {
+    ) -> Result<server::PodTarget, String> {
         let node = &self.spec.name;
         let found = Shared::lock(&self.pods)
             .iter()
@@ -373,10 +374,18 @@ impl Shared {
                 (view.namespace == namespace
                     && view.name == name
                     && uid.is_none_or(|u| u == pod_uid))
-                .then(|| view.ip.or(view.host_network.then_some(self.spec.ip)))
+                .then(|| {
+                    let ip = view.ip.or(view.host_network.then_some(self.spec.ip))?;
+                    let netns = if view.host_network {
+                        None
+                    } else {
+                        Some(view.netns.clone()?)
+                    };
+                    Some(server::PodTarget { ip, netns })
+                })
             });
         match found {
-            Some(Some(ip)) => Ok(ip),
+            Some(Some(target)) => Ok(target),
             Some(None) => Err(format!(
                 "pod {namespace}/{name} on node {node} has no address yet"
             )),
@@ -513,7 +522,7 @@ impl NodeRuntime {
             ));
             let lookup = shared.clone();
             let pods: server::PodLookup =
-                Arc::new(move |namespace, pod, uid| lookup.pod_address(namespace, pod, uid));
+                Arc::new(move |namespace, pod, uid| lookup.pod_target(namespace, pod, uid));
             runtime.spawn(server::serve(listener, tls, pods, name.clone()));
         }
 

@@ -18,8 +18,9 @@
 //!   channel byte. Right after the upgrade the server sends on each channel
 //!   the channel byte and the port (u16, little-endian). The first data
 //!   the client sends on channel `2i` makes the server connect (once) to
-//!   the pod's IP and port from the node's namespace; bytes are then
-//!   copied both ways. A failed connect (or a broken connection) is a text
+//!   the port as containerd does ([`connect_pod`]): loopback inside the
+//!   pod's network namespace, else the pod's IP from the node's; bytes are
+//!   then copied both ways. A failed connect (or a broken connection) is a text
 //!   on the port's error channel; the WebSocket is closed once every port
 //!   that was used is done, or when the client closes it.
 //! - No WebSocket upgrade or no `v4` subprotocol: 400 (checked first);
@@ -50,6 +51,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use crate::netns::NetNs;
+
 /// The kubelet's port (kubelet's `--port` default).
 pub const KUBELET_PORT: u16 = 10250;
 /// The WebSocket subprotocol served: binary channels, one byte of channel
@@ -73,10 +76,20 @@ pub struct KubeletTls {
     pub client_ca_pem: String,
 }
 
+/// Where a pod's ports are reached.
+#[derive(Clone, Debug)]
+pub struct PodTarget {
+    /// The pod's address (the node's for `hostNetwork`).
+    pub ip: Ipv4Addr,
+    /// The pod's own network namespace; `None`: the caller's (the node's,
+    /// for a `hostNetwork` pod).
+    pub netns: Option<NetNs>,
+}
+
 /// Where a pod's ports are reached, asked per request: `(namespace, name,
-/// uid if the path named one)` to the pod's address, or the 404's message.
+/// uid if the path named one)` to the pod's target, or the 404's message.
 pub type PodLookup =
-    Arc<dyn Fn(&str, &str, Option<&str>) -> Result<Ipv4Addr, String> + Send + Sync>;
+    Arc<dyn Fn(&str, &str, Option<&str>) -> Result<PodTarget, String> + Send + Sync>;
 
 /// The TLS configuration: `tls`'s certificate, client certificates
 /// required and verified against `tls.client_ca_pem`.
@@ -364,12 +377,12 @@ fn port_forward(
         Ok(p) => p,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
-    let ip = match pods(namespace, pod, uid) {
-        Ok(ip) => ip,
+    let pod_target = match pods(namespace, pod, uid) {
+        Ok(t) => t,
         Err(e) => return text(StatusCode::NOT_FOUND, e),
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let target = format!("pod {namespace}/{pod} ({ip}) on node {node}");
+    let target = format!("pod {namespace}/{pod} ({}) on node {node}", pod_target.ip);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -377,7 +390,7 @@ fn port_forward(
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
-                forward(ws, &ports, ip, &target).await;
+                forward(ws, &ports, &pod_target, &target).await;
             }
             Err(e) => tracing::info!("port-forward to {target}: the upgrade failed: {e}"),
         }
@@ -408,8 +421,60 @@ enum FromPod {
     Failed(usize, String),
 }
 
+/// Connects to a pod's `port` as containerd's CRI plugin does
+/// (`internal/cri/server/sandbox_portforward_linux.go`): loopback inside
+/// the pod's network namespace (127.0.0.1, then ::1), so a port bound to
+/// the pod's loopback only (ztunnel's admin) is reached; failing that, the
+/// pod's address from the caller's namespace (the node's). The error names
+/// every attempt.
+pub async fn connect_pod(target: &PodTarget, port: u16) -> Result<TcpStream, String> {
+    let loopback: [SocketAddr; 2] = [
+        (Ipv4Addr::LOCALHOST, port).into(),
+        (std::net::Ipv6Addr::LOCALHOST, port).into(),
+    ];
+    let mut errors = Vec::new();
+    for addr in loopback {
+        let attempt = match &target.netns {
+            Some(netns) => {
+                // A socket stays in the namespace it was made in: make it on
+                // a thread of its own inside the pod's namespace (never a
+                // runtime thread, which must stay in the node's).
+                let netns = netns.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    netns.run(|| std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
+                })
+                .await;
+                match made {
+                    Ok(Ok(Ok(conn))) => conn
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(conn))
+                        .map_err(|e| e.to_string()),
+                    Ok(Ok(Err(e))) => Err(e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+            },
+        };
+        match attempt {
+            Ok(conn) => return Ok(conn),
+            Err(e) => errors.push(format!("{addr} in the pod's network namespace: {e}")),
+        }
+    }
+    let addr = SocketAddr::from((target.ip, port));
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(conn)) => return Ok(conn),
+        Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+        Err(_) => errors.push(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}")),
+    }
+    Err(format!("connect {}", errors.join("; ")))
+}
+
 /// Runs one port-forward WebSocket to its end (see the module's text).
-pub async fn forward<S>(ws: WebSocketStream<S>, ports: &[u16], ip: Ipv4Addr, target: &str)
+pub async fn forward<S>(ws: WebSocketStream<S>, ports: &[u16], pod: &PodTarget, target: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -457,19 +522,14 @@ where
                     continue;
                 }
                 if matches!(states[i], PortState::Idle) {
-                    let addr = SocketAddr::from((ip, port));
-                    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                        Ok(Ok(conn)) => {
+                    match connect_pod(pod, port).await {
+                        Ok(conn) => {
                             let (read, write) = conn.into_split();
                             readers.push(tokio::spawn(read_pod(i, read, tx.clone())));
                             states[i] = PortState::Open(write);
                         }
-                        Ok(Err(e)) => {
-                            let _ = sink.send(error(i, format!("error forwarding port {port} to {target}: connect {addr}: {e}"))).await;
-                            states[i] = PortState::Done;
-                        }
-                        Err(_) => {
-                            let _ = sink.send(error(i, format!("error forwarding port {port} to {target}: connect {addr}: no answer within {CONNECT_TIMEOUT:?}"))).await;
+                        Err(e) => {
+                            let _ = sink.send(error(i, format!("error forwarding port {port} to {target}: {e}"))).await;
                             states[i] = PortState::Done;
                         }
                     }
@@ -667,7 +727,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let pods: PodLookup = Arc::new(|ns, pod, _uid| {
             if (ns, pod) == ("demo", "echo") {
-                Ok(Ipv4Addr::LOCALHOST)
+                Ok(PodTarget {
+                    ip: Ipv4Addr::LOCALHOST,
+                    netns: None,
+                })
             } else {
                 Err(format!("pod {ns}/{pod} is not running on node test"))
             }
