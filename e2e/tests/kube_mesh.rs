@@ -10,6 +10,11 @@
 //!   `istio-cni-rs` into the node's own conflist (the file the node
 //!   runtime's container runtime reads for every new pod).
 //!
+//! Port-forward through the API server (kube-rs) then answers `GET
+//! /config_dump` from every ztunnel-rs admin (127.0.0.1:15000 inside its
+//! pod) and `GET /ready` from istiod-rs's monitoring port (15014): what
+//! istioctl-rs reads.
+//!
 //! Then the echo app runs as a Deployment in namespace `demo` with a client
 //! pod beside it, `kubectl label namespace demo
 //! istio.io/dataplane-mode=ambient` enrols the running pods (the node
@@ -101,6 +106,23 @@ fn kube_mesh_install_to_ready() {
                 "no Ready {selector} pod on {}:\n{}",
                 node.name(),
                 mesh.describe(SYSTEM_NAMESPACE, selector)
+            );
+        }
+    }
+
+    // Port-forward reaches what istioctl-rs will read: every ztunnel-rs
+    // admin (127.0.0.1:15000 in its pod) and istiod-rs's monitoring port.
+    for (selector, port, path) in [(ZTUNNEL, 15000, "/config_dump"), (ISTIOD, 15014, "/ready")] {
+        for pod in mesh.pods(SYSTEM_NAMESPACE, selector).expect("list pods") {
+            let name = pod["metadata"]["name"].as_str().unwrap();
+            let answer = mesh
+                .kube
+                .control_plane
+                .port_forward_get(SYSTEM_NAMESPACE, name, port, path, PATIENCE)
+                .unwrap_or_else(|e| panic!("port-forward to {name}:{port}: {e}"));
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "GET {path} on {name}:{port} through port-forward: {answer}"
             );
         }
     }

@@ -756,42 +756,13 @@ async fn admin_client(kubeconfig: &std::path::Path) -> kube::Client {
     kube::Client::try_from(config).expect("a client")
 }
 
-/// One HTTP/1.1 `GET path` with `Connection: close` through a port-forward
-/// to `pod`'s `port`: the whole answer, read until the kubelet server
-/// closes the WebSocket after the pod closed the connection.
+/// One HTTP GET through port-forward to `pod`'s `port` in `demo`: the
+/// whole answer, read until the kubelet server closes the WebSocket after
+/// the pod closed the connection.
 fn forward_http(kube: &KubeRun, pod: &str, port: u16, path: &str) -> String {
-    use k8s_openapi::api::core::v1::Pod;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let kubeconfig = kube.control_plane.admin_kubeconfig().to_path_buf();
-    let (pod, path) = (pod.to_string(), path.to_string());
     kube.control_plane
-        .netns()
-        .block_on(move || async move {
-            let pods: kube::Api<Pod> =
-                kube::Api::namespaced(admin_client(&kubeconfig).await, "demo");
-            let mut forward = pods
-                .portforward(&pod, &[port])
-                .await
-                .unwrap_or_else(|e| panic!("port-forward to {pod}: {e}"));
-            let mut stream = forward.take_stream(port).unwrap();
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: {pod}\r\nConnection: close\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut answer = Vec::new();
-            within("HTTP answer", stream.read_to_end(&mut answer))
-                .await
-                .expect("the answer");
-            drop(stream);
-            // The kubelet server closed the WebSocket first (its pod
-            // connection ended); kube-rs 4.2 still sends its own Close once
-            // the stream is dropped and reports that as an error. The
-            // forward must end, whatever it says.
-            let ended = within("end of the forward", forward.join()).await;
-            eprintln!("e2e: port-forward to {pod}:{port} ended: {ended:?}");
-            String::from_utf8_lossy(&answer).into_owned()
-        })
-        .expect("the control plane's namespace")
+        .port_forward_get("demo", pod, port, path, PATIENCE)
+        .unwrap_or_else(|e| format!("(failed: {e})"))
 }
 
 /// `fut`'s output, or a panic naming `what` after [`PATIENCE`].

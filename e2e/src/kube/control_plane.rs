@@ -271,6 +271,73 @@ impl ControlPlane {
         )?)
     }
 
+    /// One HTTP/1.1 `GET path` (`Connection: close`) to port `port` of pod
+    /// `namespace/pod` through the API server's pods/portforward (kube-rs,
+    /// as the admin, from the control plane's namespace): the raw answer,
+    /// read until the forward ends (the pod closed the connection). An
+    /// error when the forward is refused (no such pod: 404), when the
+    /// kubelet server could not reach the port (its error channel's text)
+    /// or after `timeout`.
+    pub fn port_forward_get(
+        &self,
+        namespace: &str,
+        pod: &str,
+        port: u16,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        use k8s_openapi::api::core::v1::Pod;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let kubeconfig = self.admin_kubeconfig.clone();
+        let (namespace, pod, path) = (namespace.to_string(), pod.to_string(), path.to_string());
+        let exchange = async move {
+            let options = kube::config::KubeConfigOptions::default();
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(&kubeconfig).map_err(|e| e.to_string())?;
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let pods: kube::Api<Pod> = kube::Api::namespaced(client, &namespace);
+            let mut forward = pods
+                .portforward(&pod, &[port])
+                .await
+                .map_err(|e| format!("port-forward to {namespace}/{pod}:{port}: {e}"))?;
+            let mut stream = forward.take_stream(port).ok_or("no stream")?;
+            let error = forward.take_error(port).ok_or("no error channel")?;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {pod}\r\nConnection: close\r\n\r\n");
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut answer = Vec::new();
+            stream
+                .read_to_end(&mut answer)
+                .await
+                .map_err(|e| e.to_string())?;
+            drop(stream);
+            let answer = String::from_utf8_lossy(&answer).into_owned();
+            if answer.is_empty()
+                && let Some(message) = error.await
+            {
+                return Err(format!("port-forward error: {message}"));
+            }
+            // kube-rs 4.2 reports SendAfterClosing here when the server
+            // closed first (it did: the pod closed): not a failure.
+            let _ = forward.join().await;
+            Ok(answer)
+        };
+        self.netns
+            .block_on(move || async move {
+                tokio::time::timeout(timeout, exchange)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+            })
+            .map_err(|e| e.to_string())?
+    }
+
     /// The control plane's processes and their log files.
     pub fn logs(&self) -> Vec<(String, PathBuf)> {
         self.processes

@@ -20,9 +20,10 @@
 //!   the client sends on channel `2i` makes the server connect (once) to
 //!   the port as containerd does ([`connect_pod`]): loopback inside the
 //!   pod's network namespace, else the pod's IP from the node's; bytes are
-//!   then copied both ways. A failed connect (or a broken connection) is a text
-//!   on the port's error channel; the WebSocket is closed once every port
-//!   that was used is done, or when the client closes it.
+//!   then copied both ways. A failed connect (or a broken connection) is a
+//!   text on the port's error channel. The WebSocket is closed once every
+//!   port is done (its connection ended or failed; a port never written to
+//!   keeps it open), or when the client closes it.
 //! - No WebSocket upgrade or no `v4` subprotocol: 400 (checked first);
 //!   bad ports: 400 naming the parameter; unknown pod, or one without an
 //!   address: 404 naming it; other paths: 404. SPDY is not served:
