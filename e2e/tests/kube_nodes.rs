@@ -11,9 +11,10 @@
 //! container that exits is restarted once; a failing liveness probe
 //! restarts its container; an unknown image is ErrImagePull. Port-forward
 //! (kube-rs `Api::<Pod>::portforward`, through the API server to the
-//! node's kubelet server) reaches an echo pod's TCP port and a hostNetwork
-//! pod's HTTP port, reports a port nothing listens on on its error
-//! channel, and fails for a pod that does not exist.
+//! node's kubelet server) reaches an echo pod's TCP port, a hostNetwork
+//! pod's HTTP port and a port bound to a pod's 127.0.0.1 only, reports a
+//! port nothing listens on on its error channel, and fails for a pod that
+//! does not exist.
 //!
 //! Needs root (or unprivileged user namespaces); skips loudly otherwise and
 //! fails when `CI` is set.
@@ -614,8 +615,9 @@ fn kube_nodes() {
         &format!("http://{node1_ip}:18080/on-host"),
     ));
     assert_eq!(reply.pod, "on-host");
-    // Port-forward to a hostNetwork pod reaches the node's own address; the
-    // server closing its connection ends the forward.
+    // Port-forward to a hostNetwork pod reaches it on the node's own
+    // network (its loopback first); the server closing its connection
+    // ends the forward.
     let answer = forward_http(&kube, "on-host", 18080, "/through-port-forward");
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.contains("\"on-host\""),
