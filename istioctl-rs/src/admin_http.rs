@@ -1,12 +1,13 @@
 //! A GET to a debug endpoint over plain HTTP/1.1: ztunnel's admin port
 //! (15000, `/config_dump`) and istiod's monitoring port (15014,
-//! `/debug/syncz`), or a saved answer. One small client so that both commands parse URLs,
+//! `/debug/syncz`), over TCP or a port-forward ([`crate::pods`]), or a
+//! saved answer. One small client so that both commands parse URLs,
 //! time out and decode chunked bodies the same way, without an HTTP
 //! client dependency for two loopback GETs.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// `http://host:port` with an optional path prefix, as given by the user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,19 +75,23 @@ pub async fn get(
     timeout: Duration,
 ) -> Result<(String, Vec<u8>), Unreachable> {
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(&url.authority).await?;
-        let request = format!(
-            "GET {}{path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            url.prefix, url.authority
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(max_body as u64 + 64 * 1024)
-            .read_to_end(&mut response)
-            .await?;
-        Ok::<_, std::io::Error>(response)
+        let stream = tokio::net::TcpStream::connect(&url.authority).await?;
+        exchange(
+            stream,
+            &url.authority,
+            &format!("{}{path}", url.prefix),
+            max_body,
+        )
+        .await
     };
+    within(timeout, exchange).await
+}
+
+/// The answer of `exchange` within `timeout`, split into status and body.
+pub(crate) async fn within(
+    timeout: Duration,
+    exchange: impl Future<Output = std::io::Result<Vec<u8>>>,
+) -> Result<(String, Vec<u8>), Unreachable> {
     let response = match tokio::time::timeout(timeout, exchange).await {
         Err(_) => {
             return Err(Unreachable(format!(
@@ -99,6 +104,67 @@ pub async fn get(
     };
     split_response(&response)
         .ok_or_else(|| Unreachable("the answer is not an HTTP/1.1 response".into()))
+}
+
+/// One `GET target` on `stream` (a TCP connection or a port-forwarded
+/// stream), `Connection: close`: the raw response, read to the end (at most
+/// `max_body` bytes plus 64 KiB of headers).
+pub(crate) async fn exchange(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    host: &str,
+    target: &str,
+    max_body: usize,
+) -> std::io::Result<Vec<u8>> {
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+    // Read until the response is complete by its own framing, or the end:
+    // a port-forwarded stream need not end when the server closes.
+    let limit = max_body + 64 * 1024;
+    let mut response = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    while !is_complete(&response) {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+        if response.len() > limit {
+            return Err(std::io::Error::other(format!(
+                "the answer is larger than {max_body} bytes"
+            )));
+        }
+    }
+    Ok(response)
+}
+
+/// Whether `response` holds a whole HTTP/1.1 response by its framing
+/// (Content-Length, or chunked up to the last chunk).
+fn is_complete(response: &[u8]) -> bool {
+    let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&response[..end]) else {
+        return false;
+    };
+    let body = &response[end + 4..];
+    let header = |name: &str| {
+        head.split("\r\n").skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_ascii_lowercase())
+        })
+    };
+    if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        return body.len() >= length;
+    }
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        return body.ends_with(b"0\r\n\r\n") && dechunk(body).is_some();
+    }
+    false
 }
 
 /// The status (`200 OK`) and the body (chunked or not) of an HTTP/1.1
@@ -177,5 +243,24 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
         assert_eq!(split_response(chunked).unwrap().1, b"{\"a\":1}".to_vec());
         assert!(split_response(b"garbage").is_none());
+    }
+
+    #[test]
+    fn a_response_is_complete_by_its_framing() {
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{"
+        ));
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        ));
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n"
+        ));
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        ));
+        // No framing: read to the end.
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\n\r\n{}"));
+        assert!(!is_complete(b"HTTP/1.1 200"));
     }
 }

@@ -17,6 +17,8 @@
 //! - [`describe`]: `x describe pod|service`, how traffic to one pod or
 //!   service flows, from the same `/config_dump`;
 //! - [`admin_http`]: the plain-HTTP GET of a debug endpoint both use;
+//! - [`pods`]: the mesh's ztunnel and istiod pods on Kubernetes, and a GET
+//!   to their debug ports through a port-forward;
 //! - [`analyze`]: `analyze`, istiod-rs's index's findings about files or
 //!   a live cluster, as upstream istioctl prints its analysis messages.
 
@@ -27,6 +29,7 @@ pub mod describe;
 pub mod install;
 pub mod manifest;
 pub mod mesh_root;
+pub mod pods;
 pub mod precheck;
 pub mod proxy_status;
 pub mod render;

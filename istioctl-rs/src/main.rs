@@ -11,6 +11,7 @@ use istioctl_rs::analyze;
 use istioctl_rs::describe;
 use istioctl_rs::install::{self, InstallOptions};
 use istioctl_rs::manifest;
+use istioctl_rs::pods;
 use istioctl_rs::precheck;
 use istioctl_rs::proxy_status;
 use istioctl_rs::uninstall::{self, UninstallOptions};
@@ -33,6 +34,16 @@ struct Cli {
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, global = true)]
     context: Option<String>,
+    /// The namespace the mesh runs in, where ztunnel-config, proxy-status
+    /// and x describe look for ztunnel and istiod pods.
+    #[arg(
+        short = 'i',
+        long,
+        global = true,
+        visible_alias = "istioNamespace",
+        default_value = pods::DEFAULT_ISTIO_NAMESPACE
+    )]
+    istio_namespace: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,9 +108,10 @@ enum Command {
     /// certificates) and its live connections, read from its admin
     /// endpoint's /config_dump, with upstream istioctl's columns.
     ///
-    /// For now the ztunnel is given by its admin URL (--admin) or a saved dump
-    /// (--file); picking one by node or pod in Kubernetes is not implemented
-    /// yet.
+    /// On Kubernetes the ztunnel is a pod (ZTUNNEL: name[.namespace]), the
+    /// one on --node, or any (certificate and connections need one named
+    /// when several run), reached through a port-forward; elsewhere its admin
+    /// URL (--admin) or a saved dump (--file).
     #[command(name = "ztunnel-config", visible_alias = "zc")]
     ZtunnelConfig {
         #[command(subcommand)]
@@ -110,10 +122,9 @@ enum Command {
     /// istiod-rs's current snapshot, from istiod-rs's /debug/syncz, with
     /// upstream istioctl's columns.
     ///
-    /// istiod-rs is given by its monitoring URL (--istiod) or a saved answer
-    /// (--file); finding istiod on Kubernetes is not implemented yet
-    /// (`kubectl -n istio-system port-forward deploy/istiod 15014`, then
-    /// --istiod http://127.0.0.1:15014).
+    /// On Kubernetes istiod-rs is a running istiod pod of the mesh's
+    /// namespace, reached through a port-forward; elsewhere its monitoring
+    /// URL (--istiod) or a saved answer (--file).
     #[command(name = "proxy-status", visible_alias = "ps")]
     ProxyStatus {
         /// One proxy, shown in detail (every type with versions, nonces and
@@ -207,7 +218,7 @@ enum ZtunnelConfigCommand {
     #[command(visible_aliases = ["workloads", "w"])]
     Workload {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
         /// Only workloads with this address.
         #[arg(long)]
         address: Option<String>,
@@ -223,7 +234,7 @@ enum ZtunnelConfigCommand {
     #[command(visible_aliases = ["services", "svc", "s"])]
     Service {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
         /// Only services of this namespace.
         #[arg(long)]
         service_namespace: Option<String>,
@@ -233,7 +244,7 @@ enum ZtunnelConfigCommand {
     #[command(visible_aliases = ["policies", "pol", "p"])]
     Policy {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
         /// Only policies of this namespace.
         #[arg(long)]
         policy_namespace: Option<String>,
@@ -243,7 +254,7 @@ enum ZtunnelConfigCommand {
     #[command(visible_aliases = ["certificates", "certs", "cert"])]
     Certificate {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
     },
     /// The ztunnel's live connections, per pod (upstream's WORKLOAD,
     /// DIRECTION, LOCAL, REMOTE, REMOTE TARGET, PROTOCOL; then ours: SOURCE
@@ -253,7 +264,7 @@ enum ZtunnelConfigCommand {
     #[command(visible_alias = "cons")]
     Connections {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
         /// Only the connections of pods of this namespace.
         #[arg(long)]
         workload_namespace: Option<String>,
@@ -268,17 +279,30 @@ enum ZtunnelConfigCommand {
     /// Every table above (-o json|yaml: the whole dump).
     All {
         #[command(flatten)]
-        source: DumpArgs,
+        source: ZtunnelArgs,
     },
+}
+
+/// Which ztunnel a `ztunnel-config` view reads.
+#[derive(clap::Args, Debug)]
+struct ZtunnelArgs {
+    /// The ztunnel pod, `name[.namespace]` (namespace default: the mesh's,
+    /// --istio-namespace), reached through a port-forward.
+    #[arg(value_name = "ZTUNNEL", conflicts_with_all = ["admin", "file", "node"])]
+    ztunnel: Option<String>,
+    /// The ztunnel pod on this node.
+    #[arg(long, conflicts_with_all = ["admin", "file"])]
+    node: Option<String>,
+    #[command(flatten)]
+    dump: DumpArgs,
 }
 
 #[derive(clap::Args, Debug)]
 struct DumpArgs {
     /// The ztunnel's admin endpoint, e.g. http://127.0.0.1:15000 (loopback
     /// only on the ztunnel's host; `cargo xtask demo --keep` prints each
-    /// node's). Required unless --file: finding the ztunnel of a node or pod
-    /// in Kubernetes is not implemented yet.
-    #[arg(long, value_name = "URL", required_unless_present = "file")]
+    /// node's). Without it or --file: a ztunnel pod on Kubernetes.
+    #[arg(long, value_name = "URL")]
     admin: Option<AdminUrl>,
     /// A saved /config_dump JSON file (`-`: standard input).
     #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "admin")]
@@ -289,14 +313,32 @@ struct DumpArgs {
 }
 
 impl DumpArgs {
-    fn target(&self) -> Target {
+    /// `--file` or `--admin`; neither: a ztunnel pod (the caller finds it).
+    fn target(&self) -> Option<Target> {
         match (&self.admin, &self.file) {
-            (_, Some(file)) => Target::File(file.clone()),
-            (Some(admin), None) => Target::Admin(admin.clone()),
-            (None, None) => unreachable!("clap requires --admin or --file"),
+            (_, Some(file)) => Some(Target::File(file.clone())),
+            (Some(admin), None) => Some(Target::Admin(admin.clone())),
+            (None, None) => None,
         }
     }
 }
+
+/// A port-forward to the pod `find` picks, with the kubeconfig's client;
+/// `elsewhere` says what to give instead without a cluster.
+async fn forwarded(
+    cli: &Cli,
+    elsewhere: &str,
+    find: impl AsyncFnOnce(&kube::Client) -> Result<pods::PodPort, pods::FindError>,
+) -> anyhow::Result<pods::Forwarded> {
+    let (client, _) = client(cli)
+        .await
+        .with_context(|| format!("without a Kubernetes cluster, {elsewhere}"))?;
+    let pod = find(&client).await?;
+    Ok(pods::Forwarded { client, pod })
+}
+
+/// What `ztunnel-config` and `x describe` read without a cluster.
+const ZTUNNEL_ELSEWHERE: &str = "give the ztunnel's admin URL (--admin http://127.0.0.1:15000) or a saved /config_dump (-f FILE)";
 
 #[derive(Subcommand, Debug)]
 enum WaypointCommand {
@@ -571,7 +613,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     (describe::Subject::service(name, &args.namespace), args)
                 }
             };
-            let target = args.source.target();
+            let target = match args.source.target() {
+                Some(target) => target,
+                None => {
+                    let istio_namespace = &cli.istio_namespace;
+                    let forwarded = match &subject {
+                        describe::Subject::Pod { namespace, name } => {
+                            let find = async |client: &kube::Client| {
+                                pods::ztunnel_of_pod(client, istio_namespace, namespace, name).await
+                            };
+                            forwarded(&cli, ZTUNNEL_ELSEWHERE, find).await?
+                        }
+                        describe::Subject::Service { .. } => {
+                            let any = pods::ZtunnelChoice::Any { single: false };
+                            let find = async |client: &kube::Client| {
+                                pods::ztunnel(client, istio_namespace, &any).await
+                            };
+                            forwarded(&cli, ZTUNNEL_ELSEWHERE, find).await?
+                        }
+                    };
+                    Target::Pod(forwarded)
+                }
+            };
             let bytes = ztunnel_config::fetch(&target).await?;
             let dump = ztunnel_config::ConfigDump::parse(&bytes)?;
             let origin = target.describe();
@@ -606,12 +669,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => waypoint_command(&cli, name, namespace.as_deref(), command, &mut stdout).await,
         Command::ZtunnelConfig { command } => {
             let (source, view) = ztunnel_view(command);
-            let target = source.target();
+            let target = match source.dump.target() {
+                Some(target) => target,
+                None => {
+                    let choice = match (&source.ztunnel, &source.node) {
+                        (Some(name), _) => pods::ZtunnelChoice::Named(name.clone()),
+                        (None, Some(node)) => pods::ZtunnelChoice::OnNode(node.clone()),
+                        (None, None) => pods::ZtunnelChoice::Any {
+                            single: matches!(view, View::Certificate | View::Connections(_)),
+                        },
+                    };
+                    let namespace = &cli.istio_namespace;
+                    let find = async |client: &kube::Client| {
+                        pods::ztunnel(client, namespace, &choice).await
+                    };
+                    Target::Pod(forwarded(&cli, ZTUNNEL_ELSEWHERE, find).await?)
+                }
+            };
             let bytes = ztunnel_config::fetch(&target).await?;
             let dump = ztunnel_config::ConfigDump::parse(&bytes)
                 .with_context(|| format!("reading {}", target.describe()))?;
-            let text =
-                ztunnel_config::render(&dump, &view, source.output, std::time::SystemTime::now())?;
+            let output = source.dump.output;
+            let text = ztunnel_config::render(&dump, &view, output, std::time::SystemTime::now())?;
             stdout.write_all(text.as_bytes())?;
             Ok(())
         }
@@ -622,7 +701,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             output,
         } => {
-            let source = proxy_status::Source::from_args(istiod.clone(), file.clone())?;
+            let source = match proxy_status::Source::from_args(istiod.clone(), file.clone()) {
+                Some(source) => source,
+                None => {
+                    let namespace = &cli.istio_namespace;
+                    let find = async |client: &kube::Client| pods::istiod(client, namespace).await;
+                    proxy_status::Source::Pod(
+                        forwarded(&cli, "give istiod's monitoring URL (--istiod http://127.0.0.1:15014) or a saved /debug/syncz (-f FILE)", find).await?,
+                    )
+                }
+            };
             let bytes = proxy_status::fetch(&source).await?;
             let origin = source.origin();
             let syncz = proxy_status::parse(&bytes, &origin)?;
@@ -666,7 +754,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn ztunnel_view(command: &ZtunnelConfigCommand) -> (&DumpArgs, View) {
+fn ztunnel_view(command: &ZtunnelConfigCommand) -> (&ZtunnelArgs, View) {
     match command {
         ZtunnelConfigCommand::Workload {
             source,

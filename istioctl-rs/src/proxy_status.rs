@@ -37,9 +37,6 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer accepted (a few KB per proxy).
 pub const MAX_SYNCZ_BYTES: usize = 64 * 1024 * 1024;
 
-/// What to do where istioctl-rs cannot reach istiod by itself yet.
-pub const PORT_FORWARD_HINT: &str = "on Kubernetes: kubectl -n istio-system port-forward deploy/istiod 15014, then --istiod http://127.0.0.1:15014";
-
 /// `--istiod URL`: istiod-rs's monitoring endpoint.
 pub fn parse_istiod_url(text: &str) -> Result<AdminUrl, String> {
     AdminUrl::parse(text, "istiod-rs's monitoring port is 15014")
@@ -52,19 +49,18 @@ pub enum Source {
     Istiod(AdminUrl),
     /// A saved `/debug/syncz` answer (`-` is standard input).
     File(PathBuf),
+    /// An istiod pod's monitoring port, through a port-forward.
+    Pod(crate::pods::Forwarded),
 }
 
 impl Source {
-    /// `--istiod` or `-f`; neither is an error until istioctl-rs can
-    /// port-forward to istiod itself.
-    pub fn from_args(
-        istiod: Option<AdminUrl>,
-        file: Option<PathBuf>,
-    ) -> Result<Source, FetchError> {
+    /// `--istiod` or `-f`; neither: istiod on Kubernetes (the caller finds
+    /// it, [`crate::pods::istiod`]).
+    pub fn from_args(istiod: Option<AdminUrl>, file: Option<PathBuf>) -> Option<Source> {
         match (istiod, file) {
-            (_, Some(file)) => Ok(Source::File(file)),
-            (Some(url), None) => Ok(Source::Istiod(url)),
-            (None, None) => Err(FetchError::NoIstiod),
+            (_, Some(file)) => Some(Source::File(file)),
+            (Some(url), None) => Some(Source::Istiod(url)),
+            (None, None) => None,
         }
     }
 
@@ -73,6 +69,7 @@ impl Source {
         match self {
             Source::Istiod(url) => url.endpoint("/debug/syncz"),
             Source::File(path) => path.display().to_string(),
+            Source::Pod(forwarded) => format!("/debug/syncz of istiod {}", forwarded.pod),
         }
     }
 }
@@ -80,16 +77,13 @@ impl Source {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(
-        "give istiod-rs's monitoring endpoint with --istiod URL (the local cluster's: --istiod \
-         http://127.0.0.1:15014) or a saved /debug/syncz with -f FILE; finding istiod on \
-         Kubernetes is not implemented yet ({PORT_FORWARD_HINT})"
-    )]
-    NoIstiod,
-    #[error(
         "cannot reach istiod-rs at {url}: {reason}. Check the address and port (istiod-rs serves \
-         /debug/syncz on its monitoring port, 15014) and that istiod-rs is running; {PORT_FORWARD_HINT}"
+         /debug/syncz on its monitoring port, 15014) and that istiod-rs is running; on Kubernetes \
+         leave out --istiod and istioctl-rs port-forwards to an istiod pod itself"
     )]
     Unreachable { url: String, reason: String },
+    #[error(transparent)]
+    Pod(#[from] crate::pods::ForwardError),
     #[error("{url} answered {status}{detail}: is it istiod-rs's monitoring port (15014)?")]
     Status {
         url: String,
@@ -105,9 +99,37 @@ pub enum FetchError {
     },
 }
 
+/// The body of a 200 answer; any other status is an error naming `url`
+/// (with istiod-rs's own `{"error": ...}` text when it sent one).
+fn check_status(
+    body: Vec<u8>,
+    status: String,
+    url: impl FnOnce() -> String,
+) -> Result<Vec<u8>, FetchError> {
+    if status.starts_with("200") {
+        return Ok(body);
+    }
+    let detail = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .map_or_else(String::new, |e| format!(" ({e})"));
+    Err(FetchError::Status {
+        url: url(),
+        status,
+        detail,
+    })
+}
+
 /// The answer's bytes.
 pub async fn fetch(source: &Source) -> Result<Vec<u8>, FetchError> {
     match source {
+        Source::Pod(forwarded) => {
+            let pod = &forwarded.pod;
+            let (status, body) = forwarded
+                .get("istiod", "/debug/syncz", MAX_SYNCZ_BYTES, FETCH_TIMEOUT)
+                .await?;
+            check_status(body, status, || format!("/debug/syncz of {pod}"))
+        }
         Source::Istiod(url) => {
             let (status, body) =
                 admin_http::get(url, "/debug/syncz", MAX_SYNCZ_BYTES, FETCH_TIMEOUT)
@@ -116,18 +138,7 @@ pub async fn fetch(source: &Source) -> Result<Vec<u8>, FetchError> {
                         url: url.url.clone(),
                         reason,
                     })?;
-            if !status.starts_with("200") {
-                let detail = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                    .map_or_else(String::new, |e| format!(" ({e})"));
-                return Err(FetchError::Status {
-                    url: url.endpoint("/debug/syncz"),
-                    status,
-                    detail,
-                });
-            }
-            Ok(body)
+            check_status(body, status, || url.endpoint("/debug/syncz"))
         }
         Source::File(path) => {
             let result = admin_http::read_saved(path).await;
@@ -797,15 +808,5 @@ mod tests {
             "RouteTable"
         );
         assert_eq!(short_type("istio.workload.Address"), "WDS");
-    }
-
-    #[test]
-    fn no_source_says_how_to_reach_istiod_on_kubernetes() {
-        let err = Source::from_args(None, None).unwrap_err().to_string();
-        assert!(
-            err.contains("kubectl -n istio-system port-forward deploy/istiod 15014"),
-            "{err}"
-        );
-        assert!(err.contains("--istiod http://127.0.0.1:15014"), "{err}");
     }
 }

@@ -36,6 +36,8 @@ pub enum Target {
     Admin(AdminUrl),
     /// A saved `/config_dump` (`-` is standard input), as upstream's `--file`.
     File(PathBuf),
+    /// A ztunnel pod's admin port, through a port-forward.
+    Pod(crate::pods::Forwarded),
 }
 
 impl Target {
@@ -44,6 +46,7 @@ impl Target {
         match self {
             Target::Admin(admin) => admin.endpoint("/config_dump"),
             Target::File(path) => path.display().to_string(),
+            Target::Pod(forwarded) => format!("/config_dump of ztunnel {}", forwarded.pod),
         }
     }
 }
@@ -67,6 +70,8 @@ pub enum FetchError {
          port listens on loopback only)"
     )]
     Unreachable { url: String, reason: String },
+    #[error(transparent)]
+    Pod(#[from] crate::pods::ForwardError),
     #[error(
         "{url} answered {status}: is {admin} a ztunnel admin endpoint (ztunnel-rs serves /config_dump on port 15000)?"
     )]
@@ -87,6 +92,20 @@ pub enum FetchError {
 pub async fn fetch(target: &Target) -> Result<Vec<u8>, FetchError> {
     match target {
         Target::Admin(admin) => fetch_admin(admin).await,
+        Target::Pod(forwarded) => {
+            let pod = &forwarded.pod;
+            let (status, body) = forwarded
+                .get("ztunnel", "/config_dump", MAX_DUMP_BYTES, FETCH_TIMEOUT)
+                .await?;
+            if !status.starts_with("200") {
+                return Err(FetchError::Status {
+                    url: format!("/config_dump of {pod}"),
+                    admin: pod.to_string(),
+                    status,
+                });
+            }
+            Ok(body)
+        }
         Target::File(path) => {
             let result = admin_http::read_saved(path).await;
             result.map_err(|source| FetchError::File {

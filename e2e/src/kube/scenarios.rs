@@ -11,7 +11,10 @@
 //!   restart, istiod-rs restart, under load.
 //! - [`waypoints`]: `istioctl-rs waypoint`, and a waypoint istiod-rs
 //!   creates on demand for an HTTPRoute, Programmed and removed with it.
+//! - [`debugging`]: istioctl-rs's `ztunnel-config`, `proxy-status` and `x
+//!   describe` reaching their pods through port-forwards.
 
+pub mod debugging;
 pub mod enrolment;
 pub mod lifecycle;
 pub mod waypoints;
@@ -44,11 +47,13 @@ impl std::fmt::Debug for KubeScenario {
     }
 }
 
-/// Every Kubernetes-only scenario, in the order they run: the lifecycle
-/// ones, the waypoints', then enrolment's (which end with uninstall).
+/// Every Kubernetes-only scenario, in the order they run: the debugging
+/// views, the lifecycle ones, the waypoints', then enrolment's (which end
+/// with uninstall).
 pub fn all() -> Vec<KubeScenario> {
-    lifecycle::scenarios()
+    debugging::scenarios()
         .into_iter()
+        .chain(lifecycle::scenarios())
         .chain(waypoints::scenarios())
         .chain(enrolment::scenarios())
         .collect()

@@ -312,6 +312,27 @@ fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
 /// `ztunnel.istio-system` row per node, every one in sync (the mesh is idle
 /// between scenarios, so each ztunnel catches up); `-o json` lists them
 /// in sync, with their nodes.
+/// The nodes whose ztunnel is in sync in `istioctl-rs ps -o json`
+/// (each proxy: what `/debug/syncz` says of it, flattened, and
+/// `in_sync`), sorted, each once.
+pub fn ztunnel_nodes_in_sync(report: &Value) -> Vec<String> {
+    let mut nodes: Vec<String> = report["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["proxy"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("ztunnel~"))
+        })
+        .filter(|p| p["in_sync"] == true)
+        .filter_map(|p| p["node"].as_str().map(str::to_string))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
 fn proxy_status(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeError> {
     let nodes = cluster.nodes();
     let args = ["ps", "--istiod", ISTIOD_URL];
@@ -355,20 +376,7 @@ fn proxy_status(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeEr
 
     let args = ["ps", "--istiod", ISTIOD_URL, "-o", "json"];
     let report = json(&args, &run(cluster, &ProxyRef::Istiod, &args)?)?;
-    // Each proxy: what `/debug/syncz` says of it (flattened) and `in_sync`.
-    let mut listed: Vec<String> = report["proxies"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| {
-            p["proxy"]
-                .as_str()
-                .is_some_and(|id| id.starts_with("ztunnel~"))
-        })
-        .filter(|p| p["in_sync"] == true)
-        .filter_map(|p| p["node"].as_str().map(str::to_string))
-        .collect();
-    listed.sort();
+    let listed = ztunnel_nodes_in_sync(&report);
     let mut want = nodes.clone();
     want.sort();
     if listed != want {

@@ -10,6 +10,7 @@ mod cli;
 mod commands;
 mod install;
 mod manifest;
+mod pods;
 mod proxy_status;
 mod uninstall;
 mod waypoint;

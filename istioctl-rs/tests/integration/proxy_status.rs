@@ -70,12 +70,12 @@ fn istiods_monitoring_port_is_read_at_debug_syncz() {
 
 #[test]
 fn failures_name_the_url_the_field_and_what_to_do() {
-    // No istiod given: what to do on Kubernetes.
+    // No istiod given and no cluster: what to give instead.
     failed(
         &istioctl(&["proxy-status"]),
         1,
         &[
-            "kubectl -n istio-system port-forward deploy/istiod 15014",
+            "without a Kubernetes cluster",
             "--istiod http://127.0.0.1:15014",
         ],
     );

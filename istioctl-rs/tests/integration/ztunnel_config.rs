@@ -229,12 +229,27 @@ fn a_dump_of_the_wrong_shape_names_the_field() {
 }
 
 #[test]
-fn the_binary_reads_a_file_and_needs_admin_or_file() {
+fn the_binary_reads_a_file_and_needs_a_ztunnel() {
     let out = istioctl(&["ztunnel-config", "policy", "--file", DUMP]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("NAMESPACE POLICY NAME ACTION SCOPE\n"));
     let fails = |args: &[&str], code: i32, needle: &str| failed(&istioctl(args), code, &[needle]);
-    fails(&["zc", "workloads"], 2, "--admin <URL>");
+    // Neither: a ztunnel pod on Kubernetes, and without a cluster what to give.
+    fails(
+        &["zc", "workloads"],
+        1,
+        "without a Kubernetes cluster, give the ztunnel's admin URL (--admin http://127.0.0.1:15000) or a saved /config_dump (-f FILE)",
+    );
+    fails(
+        &["zc", "w", "ztunnel-a", "--node", "n"],
+        2,
+        "cannot be used with",
+    );
+    fails(
+        &["zc", "w", "--node", "n", "-f", DUMP],
+        2,
+        "cannot be used with",
+    );
     fails(
         &["zc", "w", "--admin", "127.0.0.1:15000"],
         2,

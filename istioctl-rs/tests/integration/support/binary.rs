@@ -1,4 +1,5 @@
-//! Running the istioctl-rs binary from a test: no kubeconfig, no stdin.
+//! Running the istioctl-rs binary from a test: no kubeconfig (not even the
+//! user's ~/.kube/config), no stdin.
 
 use std::process::{Command, Output, Stdio};
 
@@ -8,6 +9,7 @@ pub fn istioctl(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", "/nonexistent")
         .output()
         .unwrap()
 }
