@@ -1,6 +1,7 @@
 //! The L4 scenarios: capture and mTLS, opt-out, PeerAuthentication,
 //! AuthorizationPolicy (DENY by principal, namespace, port; ALLOW lists),
-//! service load balancing and endpoint removal, control-plane and proxy
+//! service load balancing, endpoint removal and `internalTrafficPolicy:
+//! Local`, control-plane and proxy
 //! restarts, and certificate rotation.
 
 use std::collections::BTreeSet;
@@ -11,6 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::Scenario;
 use super::fixture::{
     AMBIENT_NS, ECHO_HELLO, ECHO_HELLO_ALT, ECHO_TCP, L4Fixture, PEER_NS, SERVICE, echo_server,
+    service_vip,
 };
 use super::policies::{
     Applied, authorization, from_namespaces, from_principals, peer_authentication,
@@ -78,6 +80,10 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "deleted_pod_leaves_the_service",
             run: deleted_pod_leaves_service,
+        },
+        Scenario {
+            name: "internal_traffic_policy_local_stays_on_the_node",
+            run: internal_traffic_policy_local,
         },
         Scenario {
             name: "ztunnel_without_istiod_refuses_then_carries_in_mtls",
@@ -541,6 +547,83 @@ fn deleted_pod_leaves_service(cluster: &dyn Cluster, f: &L4Fixture) -> Result<St
     if cluster.pod(AMBIENT_NS, "server-extra").is_some() {
         let _ = cluster.delete_pod(AMBIENT_NS, "server-extra");
     }
+    result
+}
+
+/// The service `server-local`: the fixture's servers (one per node) with
+/// `internalTrafficPolicy: Local`.
+const LOCAL_SERVICE: &str = "server-local";
+
+fn local_service_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {LOCAL_SERVICE}\n  namespace: {AMBIENT_NS}\nspec:\n  \
+         internalTrafficPolicy: Local\n  selector:\n    app: server\n  ports:\n  - name: hello\n    \
+         port: {ECHO_HELLO}\n    targetPort: hello\n"
+    )
+}
+
+/// A Service with `internalTrafficPolicy: Local` over a server on each node:
+/// each client only ever reaches the server on its own node (istiod-rs sends
+/// routing preference NODE, mode STRICT; ztunnel-rs keeps the endpoints on
+/// the client's node).
+fn internal_traffic_policy_local(
+    cluster: &dyn Cluster,
+    f: &L4Fixture,
+) -> Result<String, ProbeError> {
+    let yaml = local_service_yaml();
+    cluster.apply_yaml(&yaml)?;
+    let result = (|| {
+        let uids: Vec<String> = f
+            .servers
+            .iter()
+            .map(|s| {
+                Ok(probe::known_workload(cluster, &s.node, s)?
+                    .map(|w| w.uid)
+                    .unwrap_or_default())
+            })
+            .collect::<Result<_, ProbeError>>()?;
+        for n in cluster.nodes() {
+            let what = format!("the ztunnel on {n} to have both servers behind {LOCAL_SERVICE}");
+            eventually(&what, CHANGE_TIMEOUT, || {
+                let eps = probe::service_endpoints(cluster, &n, AMBIENT_NS, LOCAL_SERVICE)?;
+                Ok(if uids.iter().all(|u| eps.contains(u)) {
+                    Ok(())
+                } else {
+                    Err(format!("endpoints: {eps:?}, want {uids:?}"))
+                })
+            })?;
+        }
+        let vip = eventually("the local service's cluster IP", CHANGE_TIMEOUT, || {
+            Ok(service_vip(cluster, AMBIENT_NS, LOCAL_SERVICE)?.ok_or("no VIP yet".to_string()))
+        })?;
+        let mut seen = Vec::new();
+        for (client, tries) in [(&f.clients[0], 50), (&f.clients[1], 20)] {
+            let own = f
+                .servers
+                .iter()
+                .find(|s| s.node == client.node)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            let what = format!(
+                "{} on {} -> {LOCAL_SERVICE} ({vip})",
+                pod_name(client),
+                client.node
+            );
+            // Stops early only if both servers answered, which is the failure.
+            let answered = spread(cluster, client, &vip, &["server-0", "server-1"], tries)?;
+            if answered != [(own.clone(), tries)] {
+                return Err(failed(
+                    &what,
+                    format!(
+                        "want all {tries} connections answered by {own} on the same node, got {answered:?}"
+                    ),
+                ));
+            }
+            seen.push(format!("{what}: {tries} of {tries} answered by {own}"));
+        }
+        Ok(seen.join("; "))
+    })();
+    let _ = cluster.delete_yaml(&yaml);
     result
 }
 

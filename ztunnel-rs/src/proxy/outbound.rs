@@ -99,6 +99,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         &route::Source {
             identity: &pod.identity,
             ip: src.ip(),
+            workload: &source,
         },
         dst,
         config.ports.hbone,

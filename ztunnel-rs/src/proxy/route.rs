@@ -3,7 +3,8 @@
 //!
 //! - an address the store does not know: plain TCP to it (passthrough);
 //! - a service VIP: a healthy endpoint (random or round robin) at its own
-//!   target port for the service port;
+//!   target port for the service port, among those the service's load
+//!   balancing prefers for the source (see [`preferred`]);
 //! - a destination (service or workload) bound to a waypoint: HBONE to the
 //!   waypoint, CONNECT to the original destination, expecting the
 //!   waypoint's identity, unless the source is that waypoint;
@@ -21,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use api::SpiffeId;
 use proxy_core::hbone::HboneTarget;
 use proxy_core::store::{
-    Address, GatewayAddress, GatewayDestination, InboundProtocol, IpFamily, NamespacedHostname,
-    Service, Snapshot, Workload,
+    Address, GatewayAddress, GatewayDestination, InboundProtocol, IpFamily,
+    LoadBalancing as ServiceLoadBalancing, LoadBalancingMode, LoadBalancingScope,
+    NamespacedHostname, Service, Snapshot, Workload,
 };
 use rand::Rng;
 
@@ -41,6 +43,19 @@ pub enum Error {
     UnknownWaypoint {
         destination: String,
         waypoint: String,
+    },
+    #[error(
+        "service {service} has no endpoint serving port {port} {locality}; its load balancing is STRICT on {scopes}, so endpoints elsewhere are not used"
+    )]
+    NoLocalEndpoint {
+        service: NamespacedHostname,
+        port: u16,
+        /// Where the source is: `on this node ("node0")`, `in this
+        /// locality (region "r", zone "z")`.
+        locality: String,
+        /// The scopes, as `NODE (internalTrafficPolicy: Local)` or
+        /// `NETWORK, REGION`.
+        scopes: String,
     },
     #[error("waypoint {waypoint} has no healthy endpoint; is the waypoint running?")]
     NoWaypointEndpoint { waypoint: NamespacedHostname },
@@ -108,6 +123,9 @@ impl Balancer {
 pub struct Source<'a> {
     pub identity: &'a SpiffeId,
     pub ip: IpAddr,
+    /// The pod's workload: its node, locality, cluster and network are what
+    /// a service's routing preferences compare endpoints with.
+    pub workload: &'a Workload,
 }
 
 /// The next hop of a connection.
@@ -225,6 +243,13 @@ impl Router<'_> {
                 Some((e.workload, SocketAddr::new(ip, target_port)))
             })
             .collect();
+        if candidates.is_empty() {
+            return Err(Error::NoHealthyEndpoint {
+                service: service.key(),
+                port,
+            });
+        }
+        let candidates = self.preferred(&service, port, candidates, |(w, _)| w)?;
         let (workload, target) = self
             .balancer
             .pick(&service.key(), &candidates)
@@ -250,6 +275,30 @@ impl Router<'_> {
             workload: Some(workload),
             service: None,
         })
+    }
+
+    /// The candidates `service`'s load balancing lets this source use
+    /// (see [`preferred`]); an error naming the service and the source's
+    /// node or locality when a STRICT preference leaves none.
+    fn preferred<T>(
+        &self,
+        service: &Service,
+        port: u16,
+        candidates: Vec<T>,
+        workload: impl Fn(&T) -> &Workload,
+    ) -> Result<Vec<T>, Error> {
+        let source = self.source.workload;
+        let lb = service.load_balancing.as_ref();
+        let chosen = preferred(lb, source, candidates, workload);
+        match lb {
+            Some(lb) if chosen.is_empty() => Err(Error::NoLocalEndpoint {
+                service: service.key(),
+                port,
+                locality: describe_locality(&lb.routing_preference, source),
+                scopes: describe_scopes(&lb.routing_preference),
+            }),
+            _ => Ok(chosen),
+        }
     }
 
     /// Straight to the workload at `target`.
@@ -304,6 +353,14 @@ impl Router<'_> {
                     .into_iter()
                     .map(|e| e.workload)
                     .collect();
+                if endpoints.is_empty() {
+                    return Err(Error::NoWaypointEndpoint { waypoint: s.key() });
+                }
+                let port = match gateway.hbone_mtls_port {
+                    0 => self.hbone_port,
+                    p => p,
+                };
+                let endpoints = self.preferred(&s, port, endpoints, |w| w)?;
                 let w = self
                     .balancer
                     .pick(&s.key(), &endpoints)
@@ -329,6 +386,110 @@ impl Router<'_> {
             via_waypoint: true,
         }))
     }
+}
+
+/// The endpoints among `candidates` (each a `workload`) that a connection
+/// from `source` may use under a service's load balancing, ranked as
+/// upstream ztunnel ranks them (`ProxyState::load_balance` in
+/// istio/ztunnel `src/state.rs`): an endpoint's rank is the number of the
+/// routing preference's scopes, from the first, on which it equals the
+/// source, stopping at the first that differs.
+///
+/// - no load balancing, or mode STANDARD / PASSTHROUGH: every candidate;
+/// - STRICT: only those matching every scope (none is possible: the caller
+///   refuses the connection, it does not widen the choice);
+/// - FAILOVER: those of the best rank present, so `[NETWORK, REGION, ZONE,
+///   SUBZONE]` (istiod's PreferClose) means the same subzone if any, else
+///   the same zone, else the same region, else the same network, else any.
+///
+/// Values compare as strings, empty included: two workloads without a
+/// region are in the same region, as upstream.
+pub fn preferred<T>(
+    lb: Option<&ServiceLoadBalancing>,
+    source: &Workload,
+    candidates: Vec<T>,
+    workload: impl Fn(&T) -> &Workload,
+) -> Vec<T> {
+    let Some(lb) = lb else {
+        return candidates;
+    };
+    let scopes = &lb.routing_preference;
+    let rank = |c: &T| {
+        scopes
+            .iter()
+            .take_while(|scope| same_in(**scope, source, workload(c)))
+            .count()
+    };
+    let wanted = match lb.mode {
+        LoadBalancingMode::Standard | LoadBalancingMode::Passthrough => return candidates,
+        LoadBalancingMode::Strict => scopes.len(),
+        LoadBalancingMode::Failover => match candidates.iter().map(rank).max() {
+            Some(best) => best,
+            None => return candidates,
+        },
+    };
+    candidates
+        .into_iter()
+        .filter(|c| rank(c) == wanted)
+        .collect()
+}
+
+/// Whether `a` and `b` are in the same `scope`.
+fn same_in(scope: LoadBalancingScope, a: &Workload, b: &Workload) -> bool {
+    match scope {
+        LoadBalancingScope::Region => a.locality.region == b.locality.region,
+        LoadBalancingScope::Zone => a.locality.zone == b.locality.zone,
+        LoadBalancingScope::Subzone => a.locality.subzone == b.locality.subzone,
+        LoadBalancingScope::Node => a.node == b.node,
+        LoadBalancingScope::Cluster => a.cluster_id == b.cluster_id,
+        LoadBalancingScope::Network => a.network == b.network,
+    }
+}
+
+fn scope_name(scope: LoadBalancingScope) -> &'static str {
+    match scope {
+        LoadBalancingScope::Region => "REGION",
+        LoadBalancingScope::Zone => "ZONE",
+        LoadBalancingScope::Subzone => "SUBZONE",
+        LoadBalancingScope::Node => "NODE",
+        LoadBalancingScope::Cluster => "CLUSTER",
+        LoadBalancingScope::Network => "NETWORK",
+    }
+}
+
+/// `NODE (internalTrafficPolicy: Local)`, `NETWORK, REGION`.
+fn describe_scopes(scopes: &[LoadBalancingScope]) -> String {
+    if scopes == [LoadBalancingScope::Node] {
+        return "NODE (internalTrafficPolicy: Local)".to_string();
+    }
+    scopes
+        .iter()
+        .map(|s| scope_name(*s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where the source is, on the scopes that matter:
+/// `on this node ("node0")`, `in this locality (region "r", zone "z")`.
+fn describe_locality(scopes: &[LoadBalancingScope], source: &Workload) -> String {
+    if scopes == [LoadBalancingScope::Node] {
+        return format!("on this node ({:?})", source.node);
+    }
+    let parts: Vec<String> = scopes
+        .iter()
+        .map(|scope| {
+            let value = match scope {
+                LoadBalancingScope::Region => &source.locality.region,
+                LoadBalancingScope::Zone => &source.locality.zone,
+                LoadBalancingScope::Subzone => &source.locality.subzone,
+                LoadBalancingScope::Node => &source.node,
+                LoadBalancingScope::Cluster => &source.cluster_id,
+                LoadBalancingScope::Network => &source.network,
+            };
+            format!("{} {value:?}", scope_name(*scope).to_lowercase())
+        })
+        .collect();
+    format!("in this locality ({})", parts.join(", "))
 }
 
 /// The workload address to connect to: the one asked for if it is one of
@@ -395,16 +556,16 @@ mod tests {
 
     fn route(store: &WorkloadStore, from: &str, dst: &str, lb: &Balancer) -> Result<Route, Error> {
         let snapshot = store.snapshot();
-        let source = snapshot.workload_by_address("", ip(from));
-        let identity = source
-            .map(|w| w.identity.clone())
-            .unwrap_or_else(|| "spiffe://cluster.local/ns/ns/sa/client".parse().unwrap());
+        let source = snapshot
+            .workload_by_address("", ip(from))
+            .expect("the source is a workload of the store");
         outbound(
             &snapshot,
             "",
             &Source {
-                identity: &identity,
+                identity: &source.identity,
                 ip: ip(from),
+                workload: &source,
             },
             addr(dst),
             HBONE,
@@ -573,6 +734,249 @@ mod tests {
         assert!(is_gateway(&snapshot, &gateway, &waypoint, ip("10.0.0.5")));
         assert!(!is_gateway(&snapshot, &gateway, &waypoint, ip("10.0.0.1")));
         assert!(!is_gateway(&snapshot, &gateway, &client, ip("10.0.0.5")));
+    }
+
+    use api::workload::load_balancing::{HealthPolicy, Mode, Scope};
+
+    const LOCAL_KEY: &str = "ns/local.ns.svc.cluster.local";
+
+    /// Service `local` (VIP 10.96.1.1, 80 -> 8080) with this load
+    /// balancing, over `endpoints` (name, ip, node, region, zone, healthy),
+    /// and clients `client-a` (10.1.0.1, node-a, r1/z1) and `client-c`
+    /// (10.1.0.9, node-c, r3/z1).
+    fn local_store(
+        lb: Option<(&[Scope], Mode, HealthPolicy)>,
+        endpoints: &[(&str, &str, &str, &str, &str, bool)],
+    ) -> WorkloadStore {
+        let store = WorkloadStore::new();
+        let mut service = xds::service("local", "ns", "10.96.1.1", &[(80, 8080)]);
+        if let Some((scopes, mode, health)) = lb {
+            service = service.load_balancing(scopes, mode, health);
+        }
+        let mut addresses = vec![
+            service.into(),
+            xds::workload("client-a", "ns", "10.1.0.1")
+                .hbone()
+                .node("node-a")
+                .locality("r1", "z1", "")
+                .into(),
+            xds::workload("client-c", "ns", "10.1.0.9")
+                .hbone()
+                .node("node-c")
+                .locality("r3", "z1", "")
+                .into(),
+        ];
+        for (name, ip, node, region, zone, healthy) in endpoints {
+            let mut w = xds::workload(name, "ns", ip)
+                .in_service(LOCAL_KEY, &[(80, 8080)])
+                .hbone()
+                .node(node)
+                .locality(region, zone, "");
+            if !healthy {
+                w = w.unhealthy();
+            }
+            addresses.push(w.into());
+        }
+        xds::apply(&store, addresses);
+        store
+    }
+
+    /// Who answers `n` connections from `from` to the service, in order.
+    fn picks(store: &WorkloadStore, from: &str, n: usize) -> Vec<String> {
+        let lb = Balancer::new(LoadBalancing::RoundRobin);
+        (0..n)
+            .map(|_| {
+                let r = route(store, from, "10.96.1.1:80", &lb).unwrap();
+                r.workload.unwrap().name.clone()
+            })
+            .collect()
+    }
+
+    const LOCAL: Option<(&[Scope], Mode, HealthPolicy)> =
+        Some((&[Scope::Node], Mode::Strict, HealthPolicy::OnlyHealthy));
+    const PREFER_CLOSE: Option<(&[Scope], Mode, HealthPolicy)> = Some((
+        &[Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone],
+        Mode::Failover,
+        HealthPolicy::OnlyHealthy,
+    ));
+
+    #[test]
+    fn internal_traffic_policy_local_uses_only_endpoints_on_the_source_node() {
+        let store = local_store(
+            LOCAL,
+            &[
+                ("near", "10.1.0.2", "node-a", "r1", "z1", true),
+                ("far", "10.1.0.3", "node-b", "r1", "z1", true),
+                ("near-2", "10.1.0.4", "node-a", "r2", "z9", true),
+            ],
+        );
+        let answered = picks(&store, "10.1.0.1", 6);
+        assert_eq!(
+            answered,
+            ["near", "near-2", "near", "near-2", "near", "near-2"]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_without_a_local_endpoint_is_an_error() {
+        let store = local_store(
+            LOCAL,
+            &[
+                ("near", "10.1.0.2", "node-a", "r1", "z1", false),
+                ("far", "10.1.0.3", "node-b", "r1", "z1", true),
+            ],
+        );
+        // No endpoint on node-c at all.
+        let err = route(&store, "10.1.0.9", "10.96.1.1:80", &Balancer::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service ns/local.ns.svc.cluster.local has no endpoint serving port 80 on this node (\"node-c\"); its load balancing is STRICT on NODE (internalTrafficPolicy: Local), so endpoints elsewhere are not used"
+        );
+        // node-a's endpoint is not ready: the healthy one on node-b is
+        // still not used.
+        let err = route(&store, "10.1.0.1", "10.96.1.1:80", &Balancer::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::NoLocalEndpoint { ref locality, .. } if locality == "on this node (\"node-a\")"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn strict_on_several_scopes_names_the_source_locality() {
+        let store = local_store(
+            Some((
+                &[Scope::Region, Scope::Zone],
+                Mode::Strict,
+                HealthPolicy::OnlyHealthy,
+            )),
+            &[
+                ("same-region", "10.1.0.2", "node-b", "r1", "z2", true),
+                ("same-zone", "10.1.0.3", "node-b", "r1", "z1", true),
+            ],
+        );
+        assert_eq!(picks(&store, "10.1.0.1", 2), ["same-zone", "same-zone"]);
+        let err = route(&store, "10.1.0.9", "10.96.1.1:80", &Balancer::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "in this locality (region \"r3\", zone \"z1\"); its load balancing is STRICT on REGION, ZONE"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefer_close_fails_over_from_zone_to_region_to_anywhere() {
+        let zone = ("same-zone", "10.1.0.2", "node-b", "r1", "z1", true);
+        let region = ("same-region", "10.1.0.3", "node-b", "r1", "z2", true);
+        // Same zone name as the client but another region: ranked on the
+        // leading scopes only, so it is no closer than any other region.
+        let elsewhere = ("elsewhere", "10.1.0.4", "node-b", "r2", "z1", true);
+        let elsewhere_2 = ("elsewhere-2", "10.1.0.5", "node-b", "r2", "z2", true);
+
+        let store = local_store(PREFER_CLOSE, &[zone, region, elsewhere, elsewhere_2]);
+        assert_eq!(picks(&store, "10.1.0.1", 3), ["same-zone"; 3]);
+
+        let store = local_store(PREFER_CLOSE, &[region, elsewhere, elsewhere_2]);
+        assert_eq!(picks(&store, "10.1.0.1", 3), ["same-region"; 3]);
+
+        let store = local_store(PREFER_CLOSE, &[elsewhere, elsewhere_2]);
+        assert_eq!(
+            picks(&store, "10.1.0.1", 4),
+            ["elsewhere", "elsewhere-2", "elsewhere", "elsewhere-2"]
+        );
+
+        // An unready endpoint in the zone does not hold traffic there.
+        let unready_zone = ("same-zone", "10.1.0.2", "node-b", "r1", "z1", false);
+        let store = local_store(PREFER_CLOSE, &[unready_zone, region, elsewhere]);
+        assert_eq!(picks(&store, "10.1.0.1", 2), ["same-region"; 2]);
+    }
+
+    #[test]
+    fn allow_all_makes_unready_endpoints_candidates() {
+        let endpoints = [
+            ("ready", "10.1.0.2", "node-a", "r1", "z1", true),
+            ("unready", "10.1.0.3", "node-a", "r1", "z1", false),
+        ];
+        let store = local_store(
+            Some((&[], Mode::UnspecifiedMode, HealthPolicy::AllowAll)),
+            &endpoints,
+        );
+        assert_eq!(
+            picks(&store, "10.1.0.1", 4),
+            ["ready", "unready", "ready", "unready"]
+        );
+        // The default policy skips it.
+        let store = local_store(
+            Some((&[], Mode::UnspecifiedMode, HealthPolicy::OnlyHealthy)),
+            &endpoints,
+        );
+        assert_eq!(picks(&store, "10.1.0.1", 2), ["ready", "ready"]);
+        // With Local: the unready pod on the node serves rather than an error.
+        let store = local_store(
+            Some((&[Scope::Node], Mode::Strict, HealthPolicy::AllowAll)),
+            &[
+                ("unready", "10.1.0.3", "node-a", "r1", "z1", false),
+                ("far", "10.1.0.4", "node-b", "r1", "z1", true),
+            ],
+        );
+        assert_eq!(picks(&store, "10.1.0.1", 2), ["unready", "unready"]);
+    }
+
+    #[test]
+    fn without_load_balancing_every_node_and_locality_serves() {
+        let endpoints = [
+            ("near", "10.1.0.2", "node-a", "r1", "z1", true),
+            ("far", "10.1.0.3", "node-b", "r2", "z2", true),
+        ];
+        // Endpoints come in uid order.
+        let store = local_store(None, &endpoints);
+        assert_eq!(picks(&store, "10.1.0.1", 4), ["far", "near", "far", "near"]);
+        // Preferences without a mode (publishNotReadyAddresses alone) rank
+        // nothing either.
+        let store = local_store(
+            Some((
+                &[Scope::Node],
+                Mode::UnspecifiedMode,
+                HealthPolicy::OnlyHealthy,
+            )),
+            &endpoints,
+        );
+        assert_eq!(picks(&store, "10.1.0.1", 2), ["far", "near"]);
+    }
+
+    #[test]
+    fn a_waypoint_service_follows_its_own_load_balancing() {
+        let store = local_store(None, &[("server", "10.1.0.2", "node-b", "r1", "z1", true)]);
+        let waypoint = |name: &str, ip: &str, node: &str| {
+            xds::workload(name, "ns", ip)
+                .service_account("waypoint")
+                .node(node)
+                .in_service("ns/waypoint.ns.svc.cluster.local", &[(15008, 15008)])
+                .into()
+        };
+        xds::apply(
+            &store,
+            vec![
+                xds::service("local", "ns", "10.96.1.1", &[(80, 8080)])
+                    .waypoint_service("ns", "waypoint.ns.svc.cluster.local")
+                    .into(),
+                xds::service("waypoint", "ns", "10.96.0.5", &[(15008, 15008)])
+                    .load_balancing(&[Scope::Node], Mode::Strict, HealthPolicy::OnlyHealthy)
+                    .into(),
+                waypoint("waypoint-a", "10.1.0.5", "node-a"),
+                waypoint("waypoint-b", "10.1.0.6", "node-b"),
+            ],
+        );
+        let lb = Balancer::new(LoadBalancing::RoundRobin);
+        for _ in 0..3 {
+            let r = route(&store, "10.1.0.1", "10.96.1.1:80", &lb).unwrap();
+            assert_eq!(hbone(&r).0.address, addr("10.1.0.5:15008"));
+        }
+        let err = route(&store, "10.1.0.9", "10.96.1.1:80", &lb).unwrap_err();
+        assert!(
+            matches!(err, Error::NoLocalEndpoint { ref service, .. } if service.to_string() == "ns/waypoint.ns.svc.cluster.local"),
+            "{err}"
+        );
     }
 
     #[test]

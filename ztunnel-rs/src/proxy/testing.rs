@@ -331,8 +331,9 @@ pub mod xds {
         self as sec, Authorization, Group, Match, Rules, StringMatch, string_match,
     };
     use api::workload::{
-        Address, GatewayAddress, NamespacedHostname, NetworkAddress, Port, PortList, Service,
-        TunnelProtocol, Workload, WorkloadStatus, address, gateway_address,
+        Address, GatewayAddress, LoadBalancing, Locality, NamespacedHostname, NetworkAddress, Port,
+        PortList, Service, TunnelProtocol, Workload, WorkloadStatus, address, gateway_address,
+        load_balancing,
     };
     use proxy_core::store::WorkloadStore;
     use proxy_core::xds::handlers::{AddressHandler, AuthorizationHandler};
@@ -402,6 +403,22 @@ pub mod xds {
 
         pub fn service_account(mut self, sa: &str) -> Self {
             self.0.service_account = sa.to_string();
+            self
+        }
+
+        /// Runs on node `node` (default `node-1`).
+        pub fn node(mut self, node: &str) -> Self {
+            self.0.node = node.to_string();
+            self
+        }
+
+        /// In this region, zone and subzone (default: none).
+        pub fn locality(mut self, region: &str, zone: &str, subzone: &str) -> Self {
+            self.0.locality = Some(Locality {
+                region: region.to_string(),
+                zone: zone.to_string(),
+                subzone: subzone.to_string(),
+            });
             self
         }
 
@@ -481,6 +498,23 @@ pub mod xds {
 
         pub fn waypoint_address(mut self, ip: &str) -> Self {
             self.0.waypoint = Some(waypoint_at(ip));
+            self
+        }
+
+        /// Load balancing as istiod sends it: the scopes in order, the mode
+        /// and the health policy.
+        pub fn load_balancing(
+            mut self,
+            scopes: &[load_balancing::Scope],
+            mode: load_balancing::Mode,
+            health: load_balancing::HealthPolicy,
+        ) -> Self {
+            self.0.load_balancing = Some(LoadBalancing {
+                routing_preference: scopes.iter().map(|s| *s as i32).collect(),
+                mode: mode as i32,
+                health_policy: health as i32,
+                ..LoadBalancing::default()
+            });
             self
         }
 
