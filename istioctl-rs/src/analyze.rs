@@ -64,7 +64,8 @@ impl fmt::Display for Level {
 impl FromStr for Level {
     type Err = String;
 
-    /// Any case, as upstream's `MessageThreshold.Set`.
+    /// Any case, as upstream's `MessageThreshold.Set` (upper-cases before
+    /// the lookup; istioctl/pkg/util/formatting).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "info" => Ok(Level::Info),
@@ -209,8 +210,10 @@ impl Message {
         )
     }
 
-    /// As upstream's `Message.Unstructured(true)`: documentation for the
-    /// IST codes only (ours have no page on istio.io).
+    /// The fields of upstream's `Message.Unstructured(true)`
+    /// (pkg/config/analysis/diag/message.go). Upstream gives every message a
+    /// `documentationUrl`; here only IST codes have one (ours have no page
+    /// on istio.io).
     fn record(&self) -> Record {
         let documentation_url = self.code.code.starts_with("IST").then(|| {
             format!(

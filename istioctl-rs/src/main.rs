@@ -152,7 +152,7 @@ enum Command {
     /// With files and no --use-kube, the files alone; otherwise the live
     /// cluster (the files, if any, applied over it). Exit code 79 when a
     /// message reaches --failure-threshold, 65 when a document could not be
-    /// parsed, as upstream.
+    /// parsed, as upstream (`ExitAnalyzerFoundIssues`, `ExitDataError`).
     Analyze(AnalyzeArgs),
     /// Print a shell completion script (bash, zsh or fish).
     ///

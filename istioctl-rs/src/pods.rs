@@ -191,7 +191,13 @@ pub async fn ztunnel(
         }
         ZtunnelChoice::OnNode(node) => {
             let running = running(client, istio_namespace, ZTUNNEL_SELECTOR, Some(node)).await?;
-            first_running(running, "ztunnel", istio_namespace, Some(node))?
+            first_running(
+                running,
+                "ztunnel",
+                ZTUNNEL_SELECTOR,
+                istio_namespace,
+                Some(node),
+            )?
         }
         ZtunnelChoice::Any { single } => {
             let running = running(client, istio_namespace, ZTUNNEL_SELECTOR, None).await?;
@@ -202,7 +208,7 @@ pub async fn ztunnel(
                     example: format!("{}.{istio_namespace}", running[0]),
                 });
             }
-            first_running(running, "ztunnel", istio_namespace, None)?
+            first_running(running, "ztunnel", ZTUNNEL_SELECTOR, istio_namespace, None)?
         }
     };
     Ok(PodPort {
@@ -238,7 +244,7 @@ pub async fn ztunnel_of_pod(
 /// istiod-rs's monitoring port (15014) on a running istiod pod.
 pub async fn istiod(client: &Client, istio_namespace: &str) -> Result<PodPort, FindError> {
     let running = running(client, istio_namespace, ISTIOD_SELECTOR, None).await?;
-    let name = first_running(running, "istiod", istio_namespace, None)?;
+    let name = first_running(running, "istiod", ISTIOD_SELECTOR, istio_namespace, None)?;
     Ok(PodPort {
         namespace: istio_namespace.to_string(),
         name,
@@ -286,10 +292,12 @@ pub async fn get(
     admin_http::within(timeout, exchange).await
 }
 
-/// The first of `running` (pods of `component`), or the error that none runs.
+/// The first of `running` (pods of `component`, found by `selector`), or
+/// the error that none runs.
 fn first_running(
     running: Vec<String>,
     component: &'static str,
+    selector: &'static str,
     namespace: &str,
     node: Option<&str>,
 ) -> Result<String, FindError> {
@@ -298,11 +306,7 @@ fn first_running(
         .next()
         .ok_or_else(|| FindError::NoneRunning {
             component,
-            selector: if component == "istiod" {
-                ISTIOD_SELECTOR
-            } else {
-                ZTUNNEL_SELECTOR
-            },
+            selector,
             namespace: namespace.to_string(),
             on_node: node.map_or_else(String::new, |n| format!(" on node {n}")),
         })
