@@ -30,6 +30,7 @@
 //! connections may finish until the deadline, then they are closed.
 
 pub mod admission;
+pub mod connect_headers;
 pub mod connections;
 pub mod held;
 pub mod inbound;

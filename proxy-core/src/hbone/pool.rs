@@ -204,6 +204,18 @@ impl HbonePool {
         source: &WorkloadCertificate,
         target: &HboneTarget,
     ) -> Result<HboneStream, HboneError> {
+        self.connect_with_headers(source, target, &http::HeaderMap::new())
+            .await
+    }
+
+    /// [`Self::connect`], the CONNECT carrying `headers` too (ztunnel's
+    /// `baggage`, `forwarded`, `traceparent`).
+    pub async fn connect_with_headers(
+        &self,
+        source: &WorkloadCertificate,
+        target: &HboneTarget,
+        headers: &http::HeaderMap,
+    ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
             source: source.identity().clone(),
             destination: target.identity.clone(),
@@ -228,7 +240,7 @@ impl HbonePool {
                     let connection = slot.connection.clone();
                     match self
                         .inner
-                        .send_connect(sender, slot, target, deadline)
+                        .send_connect(sender, slot, target, headers, deadline)
                         .await
                     {
                         // The peer went away without a word (its pod's
@@ -389,15 +401,19 @@ impl PoolInner {
         mut sender: h2::client::SendRequest<Bytes>,
         slot: StreamSlot,
         target: &HboneTarget,
+        headers: &http::HeaderMap,
         deadline: Instant,
     ) -> Result<HboneStream, HboneError> {
         let address = target.address;
         let h2_error = |source| HboneError::Http2 { address, source };
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(target.authority.to_string())
             .body(())
             .map_err(|_| HboneError::Authority(target.authority))?;
+        request
+            .headers_mut()
+            .extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
         let (response, send) = sender.send_request(request, false).map_err(h2_error)?;
         let response = match tokio::time::timeout_at(deadline, response).await {
             Ok(response) => response.map_err(h2_error)?,

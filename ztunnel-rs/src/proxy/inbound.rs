@@ -8,8 +8,9 @@
 //! 3. the pod's Authorization policies decide ([`super::admission`]), with
 //!    the peer's identity and address, whoever the peer is: a client's
 //!    ztunnel, the pod's waypoint, an ingress gateway or a sidecar. Deny is
-//!    403. Upstream ztunnel (`proxy/inbound.rs`, `assert_rbac`) does the
-//!    same and refuses nothing by waypoint binding alone; making traffic go
+//!    401, as upstream ztunnel answers it (`Inbound::serve_connect` maps
+//!    `assert_rbac`'s refusal to `StatusCode::UNAUTHORIZED`); upstream too
+//!    refuses nothing by waypoint binding alone; making traffic go
 //!    through a waypoint is a policy's job (upstream istiod's
 //!    `PILOT_AUTO_ALLOW_WAYPOINT_POLICY`);
 //! 4. the peer (identity and address) and the node must be under their
@@ -18,6 +19,12 @@
 //! 5. the application is dialled inside the pod (refused: 503), and bytes
 //!    flow both ways until the end, or until a policy change denies the
 //!    connection ([`super::revocation`]): then it is reset.
+//!
+//! The CONNECT's `traceparent` names the connection in the access log (a
+//! new one when absent), its `forwarded` host picks which of the pod's
+//! services the client addressed, and its `baggage` describes a source
+//! the store does not know ([`super::connect_headers`]); none of them
+//! counts for policy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +35,7 @@ use proxy_core::hbone::{HboneError, HboneServer, InboundConnect, InboundHandler}
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::connect_headers::{self, Baggage, TraceParent};
 use super::connections::{Carried, Direction as Listed, Protocol};
 use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
@@ -35,7 +43,7 @@ use super::metrics::{
 };
 use super::route;
 use super::sockets::{ConnectError, canonical};
-use super::splice::reset;
+use super::splice::{refuse, reset};
 use super::{Pod, accept_loop, admission, held, revocation};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +117,7 @@ async fn serve_connection(
                 FailureReason::Certificate,
                 &error,
             );
-            return reset(tcp);
+            return refuse(tcp);
         }
     };
     match server.serve_connection(tcp, config).await {
@@ -189,9 +197,16 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
     let snapshot = pod.node.store.snapshot();
     let workload = snapshot.workload_by_uid(&workload.uid).unwrap_or(workload);
     let source = snapshot.workload_by_address(&config.network, peer.ip());
-    let service = route::inbound_service(&snapshot, &workload, authority.port());
-    let labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
-        .with_source(source.as_deref())
+    let headers = connect.headers();
+    let service = connect_headers::forwarded_host(headers)
+        .and_then(|host| route::backed_service(&snapshot, &workload, &host))
+        .or_else(|| route::inbound_service(&snapshot, &workload, authority.port()));
+    let mut labels = TrafficLabels::new(Reporter::Destination, SecurityPolicy::MutualTls);
+    labels = match &source {
+        Some(source) => labels.with_source(Some(source)),
+        None => labels.with_derived_source(&Baggage::from_headers(headers)),
+    };
+    let labels = labels
         .with_source_principal(Some(&peer_identity))
         .with_destination(Some(&workload))
         .with_destination_service(service.as_deref());
@@ -203,11 +218,12 @@ async fn handle(pod: &Pod, connect: InboundConnect) {
         Some(authority),
         labels,
     );
+    record.set_trace(TraceParent::from_headers(headers).unwrap_or_else(TraceParent::random));
 
     let decision = admission::decide(&snapshot, &workload, &conn);
     record.set_decision(&decision);
     if !decision.is_allowed() {
-        connect.refuse(StatusCode::FORBIDDEN);
+        connect.refuse(StatusCode::UNAUTHORIZED);
         let reason = admission::denial_reason(&decision);
         return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }

@@ -5,8 +5,9 @@
 //! traffic through subject to them, and STRICT (which istiod turns into a
 //! policy requiring an identity) refuses it. The client's address and the
 //! node must be under their ceilings of connections held to applications
-//! ([`super::held`]). Refusal is an RST; so is the end of a connection a
-//! later policy change denies.
+//! ([`super::held`]). A refused connection is closed
+//! ([`super::splice::refuse`]: the client reads EOF, as from upstream
+//! ztunnel); one a later policy change denies is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use super::metrics::{
 };
 use super::route;
 use super::sockets::{ConnectError, canonical};
-use super::splice::reset;
+use super::splice::refuse;
 use super::{Pod, accept_loop, admission, held, revocation};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +55,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let early =
         |dst: Option<SocketAddr>, reason: FailureReason, error: Error, client: TcpStream| {
             metrics.early_failure(Direction::InboundPlaintext, src, dst, reason, &error);
-            reset(client);
+            refuse(client);
         };
     let dst = match pod.sockets.original_dst(&client) {
         Ok(dst) => canonical(dst),
@@ -102,7 +103,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let decision = admission::decide(&snapshot, &workload, &conn);
     record.set_decision(&decision);
     if !decision.is_allowed() {
-        reset(client);
+        refuse(client);
         let reason = admission::denial_reason(&decision);
         return record.fail(ResponseFlags::Deny, reason, &Error::Denied(decision));
     }
@@ -113,7 +114,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let _held = match held {
         Ok(held) => held,
         Err(error) => {
-            reset(client);
+            refuse(client);
             let reason = error.reason();
             return record.fail(ResponseFlags::Overflow, reason, &Error::Ceiling(error));
         }
@@ -121,7 +122,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
     let app = match pod.connect_app(dst, src.ip()).await {
         Ok(app) => app,
         Err(error) => {
-            reset(client);
+            refuse(client);
             let error = Error::App(error);
             return record.fail(ResponseFlags::Connect, FailureReason::AppRefused, &error);
         }

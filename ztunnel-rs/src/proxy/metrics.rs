@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::connect_headers::{Baggage, TraceParent};
 use api::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -379,6 +380,40 @@ impl TrafficLabels {
         self
     }
 
+    /// A source the store does not know (a peer from another cluster), as
+    /// its `baggage` describes it (upstream's `DerivedWorkload`). Telemetry
+    /// only; a value that is not a plausible Kubernetes name is ignored, so
+    /// a peer cannot write arbitrary text into label values.
+    pub fn with_derived_source(mut self, b: &Baggage) -> Self {
+        let plausible = |v: &Option<String>| {
+            v.as_ref()
+                .filter(|v| {
+                    v.len() <= 253
+                        && v.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+                })
+                .cloned()
+        };
+        if let Some(v) = plausible(&b.workload_name) {
+            self.source_workload = v;
+        }
+        if let Some(v) = plausible(&b.namespace) {
+            self.source_workload_namespace = v;
+        }
+        if let Some(v) = plausible(&b.service_name) {
+            self.source_canonical_service = v.clone();
+            self.source_app = v;
+        }
+        if let Some(v) = plausible(&b.revision) {
+            self.source_canonical_revision = v.clone();
+            self.source_version = v;
+        }
+        if let Some(v) = plausible(&b.cluster_id) {
+            self.source_cluster = v;
+        }
+        self
+    }
+
     pub fn with_source_principal(mut self, id: Option<&SpiffeId>) -> Self {
         if let Some(id) = id {
             self.source_principal = id.to_string();
@@ -460,6 +495,8 @@ pub struct ConnectionRecord {
     client_to_server: ByteCounter,
     server_to_client: ByteCounter,
     decision: Option<String>,
+    /// The W3C trace id both ends of a tunnel log the connection under.
+    trace: Option<TraceParent>,
     closed: bool,
 }
 
@@ -496,8 +533,14 @@ impl ConnectionRecord {
             client_to_server,
             server_to_client,
             decision: None,
+            trace: None,
             closed: false,
         }
+    }
+
+    /// The connection's trace context (sent in, or read from, its CONNECT).
+    pub fn set_trace(&mut self, trace: TraceParent) {
+        self.trace = Some(trace);
     }
 
     /// Bytes the client sent.
@@ -571,6 +614,7 @@ impl ConnectionRecord {
                     dst.identity = identity(&l.destination_principal),
                     direction = %self.direction,
                     policy = self.decision.as_deref(),
+                    id = self.trace.map(tracing::field::display),
                     bytes_sent = sent,
                     bytes_recv = received,
                     duration_ms,

@@ -2,7 +2,10 @@
 //! rules. Each one is routed ([`super::route`]) and carried: in HBONE as
 //! the pod's identity, from inside the pod (so it leaves with the pod's
 //! address), or as plain TCP when the destination is outside the mesh.
-//! A connection that cannot be carried is closed with RST.
+//! A connection that cannot be carried is closed ([`super::splice::refuse`]:
+//! the application reads EOF, as from upstream ztunnel). An HBONE CONNECT
+//! carries `baggage`, `forwarded` and `traceparent`
+//! ([`super::connect_headers`]).
 //!
 //! Nothing leaves before the pod's own workload is known: the listener
 //! accepts only once the store holds a complete state, and a pod whose
@@ -18,6 +21,7 @@ use proxy_core::identity::FetchError;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::connect_headers::{self, TraceParent};
 use super::connections::{Carried, Direction as Listed, Protocol};
 use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
@@ -25,7 +29,7 @@ use super::metrics::{
 };
 use super::route::{self, NextHop};
 use super::sockets::{ConnectError, canonical};
-use super::splice::{reset, splice};
+use super::splice::{refuse, splice};
 use super::{Pod, accept_loop};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +87,14 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         Err(e) => {
             let e = Error::OriginalDestination(e);
             metrics.early_failure(Direction::Outbound, src, None, e.reason(), &e);
-            return reset(client);
+            return refuse(client);
         }
     };
     let config = &pod.node.config;
     let Some(source) = pod.wait_for_workload(src.ip()).await else {
         let e = Error::UnknownSource(pod.workload_uid.clone());
         metrics.early_failure(Direction::Outbound, src, Some(dst), e.reason(), &e);
-        return reset(client);
+        return refuse(client);
     };
     let snapshot = pod.node.store.snapshot();
     let route = route::outbound(
@@ -110,7 +114,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         Err(e) => {
             let e = Error::Route(e);
             metrics.early_failure(Direction::Outbound, src, Some(dst), e.reason(), &e);
-            return reset(client);
+            return refuse(client);
         }
     };
     let (security, next_hop, authority) = match &route.next_hop {
@@ -126,7 +130,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         .with_source_principal(Some(&pod.identity))
         .with_destination(route.workload.as_deref())
         .with_destination_service(route.service.as_deref());
-    let record = ConnectionRecord::open(
+    let mut record = ConnectionRecord::open(
         metrics,
         Direction::Outbound,
         src,
@@ -134,6 +138,8 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         authority,
         labels,
     );
+    let trace = TraceParent::random();
+    record.set_trace(trace);
     // Listed from the moment the next hop answers until the splice ends.
     let original_dst = Some(dst.to_string());
     let carried = match route.next_hop {
@@ -156,9 +162,20 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         NextHop::Hbone { target, .. } => {
             // Within the connect timeout (the pool's): a CONNECT not
             // answered in time retires its HBONE connection.
+            let headers = connect_headers::outbound(
+                &source,
+                &config.cluster_id,
+                src,
+                route.service.as_deref(),
+                &trace,
+            );
             let tunnel = async {
                 let cert = pod.certificate().await?;
-                Ok::<_, Error>(pod.pool.connect(&cert, &target).await?)
+                Ok::<_, Error>(
+                    pod.pool
+                        .connect_with_headers(&cert, &target, &headers)
+                        .await?,
+                )
             };
             match tunnel.await {
                 Ok(server) => {
@@ -183,7 +200,7 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         Ok(Ok(())) => record.close(None),
         Ok(Err(e)) => record.close(Some(&e)),
         Err((client, e)) => {
-            reset(client);
+            refuse(client);
             record.fail(ResponseFlags::Connect, e.reason(), &e);
         }
     }

@@ -215,6 +215,22 @@ pub fn inbound_service(
     })
 }
 
+/// The service `workload` backs under `hostname`, if any: a peer's word on
+/// which service it addressed (the `forwarded` host of its CONNECT) is
+/// taken only within this bounded set, as upstream's
+/// `guess_inbound_service` does.
+pub fn backed_service(
+    snapshot: &Snapshot,
+    workload: &Workload,
+    hostname: &str,
+) -> Option<Arc<Service>> {
+    workload
+        .services
+        .keys()
+        .filter(|key| key.hostname == hostname)
+        .find_map(|key| snapshot.service(key))
+}
+
 struct Router<'a> {
     snapshot: &'a Snapshot,
     source: &'a Source<'a>,

@@ -115,10 +115,21 @@ impl Side for HboneStream {
     }
 }
 
-/// Closes `stream` with RST: how a denied or failed connection is refused.
+/// Closes `stream` with RST: how a carried connection that must stop (a
+/// policy change revoked it, its other side failed) is cut.
 pub fn reset(stream: TcpStream) {
     // Linger zero makes close(2) send RST and drop unsent data.
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Closes a connection the proxy refused (denied, no route, no answer
+/// from the next hop) with an ordinary close: the application reads EOF,
+/// or sees a reset if it had sent bytes that were never read (the
+/// kernel's rule for closing with unread data). Upstream ztunnel refuses
+/// the same way: it drops the stream (`OutboundConnection::proxy_to`,
+/// `InboundPassthrough::proxy_inbound_plaintext` in its `proxy/`).
+pub fn refuse(stream: TcpStream) {
     drop(stream);
 }
 

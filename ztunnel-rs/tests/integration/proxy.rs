@@ -42,7 +42,36 @@ fn at(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// The client saw its connection refused with RST.
+/// The client's connection was refused: closed without a byte of answer
+/// (EOF, or a reset when the proxy closed it with the client's bytes
+/// unread, the kernel's rule).
+fn assert_refused(result: io::Result<Vec<u8>>) {
+    match result {
+        Ok(reply) if reply.is_empty() => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) => {}
+        other => panic!("expected the connection refused, got {other:?}"),
+    }
+}
+
+/// A client that sends nothing reads EOF from a refused connection: it was
+/// closed, not reset (as upstream ztunnel refuses).
+async fn assert_closed_quietly(conn: &mut tokio::net::TcpStream) {
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read(conn, &mut byte))
+        .await
+        .expect("the refused connection stayed open");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Ok(0),
+        "a refused connection is closed (EOF), not reset"
+    );
+}
+
+/// The client saw its connection cut with RST.
 fn assert_reset(result: io::Result<Vec<u8>>) {
     match result {
         Err(e)
@@ -303,7 +332,7 @@ async fn destinations_outside_the_mesh_get_plain_tcp_from_the_pod() {
 }
 
 #[tokio::test]
-async fn a_deny_policy_resets_the_client_and_leaves_others_alone() {
+async fn a_deny_policy_refuses_the_client_and_leaves_others_alone() {
     let mesh = TestMesh::new().await;
     let denied = mesh.pod("client", "a", 2).await;
     let allowed = mesh.pod("client", "c", 4).await;
@@ -323,7 +352,7 @@ async fn a_deny_policy_resets_the_client_and_leaves_others_alone() {
     );
 
     let mut conn = denied.connect(app.address).await.unwrap();
-    assert_reset(exchange(&mut conn, b"hello").await);
+    assert_refused(exchange(&mut conn, b"hello").await);
     let mut conn = allowed.connect(app.address).await.unwrap();
     assert_eq!(
         exchange(&mut conn, b"hello").await.unwrap(),
@@ -337,7 +366,7 @@ async fn a_deny_policy_resets_the_client_and_leaves_others_alone() {
         1,
     )
     .await;
-    // The client's proxy saw the CONNECT refused (403).
+    // The client's proxy saw the CONNECT refused (401).
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "outbound"), ("reason", "refused")],
@@ -361,6 +390,9 @@ async fn a_deny_policy_resets_the_client_and_leaves_others_alone() {
         mesh.counter("istio_ztunnel_connection_failures_total", &inbound_denied),
         1
     );
+    // A client that sends nothing reads EOF: closed, not reset.
+    let mut quiet = denied.connect(app.address).await.unwrap();
+    assert_closed_quietly(&mut quiet).await;
 
     // Without the policy, traffic flows again.
     xds::remove_policies(&mesh.store, &["b/deny-a"]);
@@ -397,10 +429,10 @@ async fn strict_rejects_plaintext_and_permissive_allows_it() {
     )
     .await;
 
-    // STRICT: refused with RST; mTLS still works.
+    // STRICT: refused; mTLS still works.
     xds::apply_policies(&mesh.store, vec![xds::strict("b")]);
     let mut conn = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
-    assert_reset(exchange(&mut conn, b"plain").await);
+    assert_refused(exchange(&mut conn, b"plain").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[
@@ -545,7 +577,8 @@ async fn waypoint_traffic_and_traffic_around_the_waypoint_are_both_judged_by_pol
         ],
     );
     let err = raw_hbone(mesh.ip(7), &cert, direct).await.unwrap_err();
-    assert_eq!(err.status(), Some(http::StatusCode::FORBIDDEN), "{err}");
+    // Denied by policy: 401, as upstream ztunnel answers.
+    assert_eq!(err.status(), Some(http::StatusCode::UNAUTHORIZED), "{err}");
     let mut conn = client.connect(app.address).await.unwrap();
     assert_eq!(exchange(&mut conn, b"via").await.unwrap(), b"server: via");
 
@@ -564,9 +597,9 @@ async fn waypoint_traffic_and_traffic_around_the_waypoint_are_both_judged_by_pol
         )],
     );
     // The waypoint stand-in answers the refused upstream CONNECT with 502,
-    // which the client's ztunnel turns into a reset.
+    // which the client's ztunnel turns into a refusal.
     let mut conn = client.connect(app.address).await.unwrap();
-    assert_reset(exchange(&mut conn, b"via").await);
+    assert_refused(exchange(&mut conn, b"via").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "inbound"), ("reason", "policy_denied")],
@@ -595,7 +628,7 @@ async fn a_service_without_healthy_endpoints_resets_the_client() {
         ],
     );
     let mut conn = client.connect(at(vip, 80)).await.unwrap();
-    assert_reset(exchange(&mut conn, b"anyone?").await);
+    assert_refused(exchange(&mut conn, b"anyone?").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "outbound"), ("reason", "no_healthy_endpoint")],
@@ -608,13 +641,13 @@ async fn a_service_without_healthy_endpoints_resets_the_client() {
 }
 
 #[tokio::test]
-async fn the_application_refusing_is_a_503_and_a_reset() {
+async fn the_application_refusing_is_a_503_and_a_refusal() {
     let mesh = TestMesh::new().await;
     let client = mesh.pod("client", "a", 2).await;
     let server = mesh.pod("server", "b", 3).await;
     // Nothing listens on 9999 in the server pod.
     let mut conn = client.connect(at(server.ip, 9999)).await.unwrap();
-    assert_reset(exchange(&mut conn, b"hello").await);
+    assert_refused(exchange(&mut conn, b"hello").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "inbound"), ("reason", "app_refused")],
@@ -732,7 +765,7 @@ async fn peers_with_the_wrong_identity_or_a_bad_certificate_are_refused() {
         })
         .await;
         let mut conn = client.connect(at(ip, APP_PORT)).await.unwrap();
-        assert_reset(exchange(&mut conn, b"secret").await);
+        assert_refused(exchange(&mut conn, b"secret").await);
     }
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
@@ -997,7 +1030,7 @@ async fn a_pod_unknown_to_the_store_is_refused_after_the_wait() {
     let outside = EchoApp::start(at(mesh.ip(50), 9000), "outside").await;
 
     let mut conn = unknown.connect(outside.address).await.unwrap();
-    assert_reset(exchange(&mut conn, b"hi").await);
+    assert_refused(exchange(&mut conn, b"hi").await);
     assert!(outside.peers().is_empty(), "nothing left the pod");
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
@@ -1044,7 +1077,7 @@ async fn a_listed_policy_that_has_not_arrived_denies() {
     let app = EchoApp::start(at(server_ip, APP_PORT), "server").await;
 
     let mut conn = client.connect(app.address).await.unwrap();
-    assert_reset(exchange(&mut conn, b"hello").await);
+    assert_refused(exchange(&mut conn, b"hello").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "inbound"), ("reason", "missing_policy")],
@@ -1198,7 +1231,7 @@ async fn a_peer_past_its_held_socket_ceiling_is_refused_and_others_are_served() 
         hold_open(&hostile, app.address, &app, 2).await,
     ];
     let mut third = hostile.connect(app.address).await.unwrap();
-    assert_reset(exchange(&mut third, b"hello").await);
+    assert_refused(exchange(&mut third, b"hello").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "inbound"), ("reason", "peer_socket_limit")],
@@ -1234,7 +1267,7 @@ async fn a_peer_past_its_held_socket_ceiling_is_refused_and_others_are_served() 
     })
     .await;
     let mut third = server.connect_plaintext(legacy, APP_PORT).await.unwrap();
-    assert_reset(exchange(&mut third, b"hello").await);
+    assert_refused(exchange(&mut third, b"hello").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[
@@ -1275,7 +1308,7 @@ async fn past_the_node_s_held_socket_ceiling_new_connections_wait_for_a_place() 
     .await;
     // The node is full: a peer far under its own ceiling is refused.
     let mut conn = second.connect(app.address).await.unwrap();
-    assert_reset(exchange(&mut conn, b"hello").await);
+    assert_refused(exchange(&mut conn, b"hello").await);
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",
         &[("direction", "inbound"), ("reason", "node_socket_limit")],
@@ -1413,5 +1446,167 @@ async fn live_connections_are_listed_with_identities_and_bytes_until_they_end() 
                     && s.connections.outbound.is_empty()
             })
     })
+    .await;
+}
+
+/// An outbound CONNECT says who the client is (`baggage`), where it
+/// connected from and which Service it addressed (`forwarded`), and carries
+/// a trace context (`traceparent`), as upstream ztunnel's CONNECTs do.
+#[tokio::test]
+async fn an_outbound_connect_carries_baggage_forwarded_and_traceparent() {
+    let mesh = TestMesh::new().await;
+    let client = mesh.pod("client", "a", 2).await;
+    let server_ip = mesh.ip(3);
+    let vip = mesh.ip(100);
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .in_service("b/server.b.svc.cluster.local", &[(80, APP_PORT)])
+                .into(),
+            xds::service("server", "b", &vip.to_string(), &[(80, APP_PORT)]).into(),
+        ],
+    );
+    let cert = mesh
+        .certificates
+        .fetch(&mesh.identity("b", "server"))
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<Vec<http::HeaderMap>>> = Arc::default();
+    hbone_server(at(server_ip, mesh.hbone_port()), cert, {
+        let seen = seen.clone();
+        move |connect| -> Boxed {
+            seen.lock().unwrap().push(connect.headers().clone());
+            Box::pin(async move { connect.refuse(http::StatusCode::UNAUTHORIZED) })
+        }
+    })
+    .await;
+
+    let mut conn = client.connect(at(vip, 80)).await.unwrap();
+    let from = conn.local_addr().unwrap();
+    // Refused by the server with 401: the client reads EOF, not a reset.
+    assert_closed_quietly(&mut conn).await;
+    let headers = seen
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the CONNECT reached the server");
+    assert_eq!(
+        headers["forwarded"],
+        format!("for=\"{from}\";host=server.b.svc.cluster.local").as_str()
+    );
+    let baggage = headers["baggage"].to_str().unwrap();
+    for member in [
+        "k8s.cluster.name=Kubernetes",
+        "k8s.namespace.name=a",
+        "k8s.deployment.name=client",
+        "service.name=client",
+        "service.version=v1",
+    ] {
+        assert!(
+            baggage.split(',').any(|m| m == member),
+            "{member} in {baggage}"
+        );
+    }
+    let trace = headers["traceparent"].to_str().unwrap();
+    let parts: Vec<&str> = trace.split('-').collect();
+    assert_eq!(parts.len(), 4, "{trace}");
+    assert_eq!(
+        (parts[0], parts[1].len(), parts[2].len()),
+        ("00", 32, 16),
+        "{trace}"
+    );
+
+    // Each connection is its own trace.
+    let mut again = client.connect(at(vip, 80)).await.unwrap();
+    assert_closed_quietly(&mut again).await;
+    let second = seen.lock().unwrap().pop().unwrap();
+    assert_ne!(second["traceparent"], headers["traceparent"]);
+}
+
+/// A pod behind two Services on the same port: the `forwarded` host of the
+/// CONNECT says which one the client addressed, and that is the
+/// `destination_service` the server's ztunnel reports; a host the pod does
+/// not back is ignored (the port decides, as without the header).
+#[tokio::test]
+async fn inbound_reports_the_service_the_client_forwarded() {
+    let mesh = TestMesh::new().await;
+    let server_ip = mesh.ip(3);
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("server", "b", &server_ip.to_string())
+                .hbone()
+                .in_service("b/first.b.svc.cluster.local", &[(80, APP_PORT)])
+                .in_service("b/second.b.svc.cluster.local", &[(80, APP_PORT)])
+                .into(),
+            xds::service("first", "b", &mesh.ip(100).to_string(), &[(80, APP_PORT)]).into(),
+            xds::service("second", "b", &mesh.ip(101).to_string(), &[(80, APP_PORT)]).into(),
+        ],
+    );
+    mesh.proxy("server", "b", "server", server_ip).await;
+    let app = EchoApp::start(at(server_ip, APP_PORT), "server").await;
+    let client_id = mesh.identity("a", "client");
+    let cert = mesh.certificates.fetch(&client_id).await.unwrap();
+    let target = HboneTarget {
+        identity: mesh.identity("b", "server"),
+        address: at(server_ip, mesh.hbone_port()),
+        authority: app.address,
+    };
+    let pool = HbonePool::new(
+        PoolConfig::default(),
+        Arc::new(PodConnect(Arc::new(LocalSockets::new(mesh.ip(2))))),
+    );
+    let send = |host: &'static str| {
+        let (pool, cert, target) = (pool.clone(), cert.clone(), target.clone());
+        async move {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::FORWARDED,
+                http::HeaderValue::from_str(&format!("for=\"10.0.0.2:1\";host={host}")).unwrap(),
+            );
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_static(
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+            );
+            let mut tunnel = pool
+                .connect_with_headers(&cert, &target, &headers)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut tunnel, b"hi")
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::shutdown(&mut tunnel)
+                .await
+                .unwrap();
+            let mut reply = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut tunnel, &mut reply)
+                .await
+                .unwrap();
+            assert_eq!(reply, b"server: hi");
+        }
+    };
+    send("second.b.svc.cluster.local").await;
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_service", "second.b.svc.cluster.local"),
+        ],
+        1,
+    )
+    .await;
+    send("elsewhere.example.com").await;
+    mesh.wait_for_counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_service", "first.b.svc.cluster.local"),
+        ],
+        1,
+    )
     .await;
 }
