@@ -28,6 +28,7 @@
 //! lets gRPC connections drain, then stops.
 
 pub mod args;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

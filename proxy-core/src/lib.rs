@@ -14,4 +14,5 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod upstream_env;
 pub mod xds;

@@ -14,6 +14,7 @@ pub mod app;
 pub mod inpod;
 pub mod node_agent;
 pub mod proxy;
+pub mod upstream;
 
 /// Logs to stdout, filtered by `RUST_LOG` (default `info`): the same set-up
 /// for the proxy and the node agent binaries; colour codes only when stdout
@@ -21,11 +22,17 @@ pub mod proxy;
 /// clutter the text).
 pub fn init_logging() {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        );
+    // LOG_FORMAT=json: one JSON object per line, as upstream's DaemonSet
+    // asks with `logAsJson`.
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
 }

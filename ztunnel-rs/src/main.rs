@@ -14,7 +14,9 @@ use std::os::unix::process::CommandExt;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ztunnel-rs", version, about)]
+// A later flag overrides an earlier one: the flags made from upstream's
+// environment variables come first (`ztunnel_rs::upstream`).
+#[command(name = "ztunnel-rs", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,15 +26,23 @@ struct Cli {
 enum Command {
     /// The node proxy: HBONE/mTLS for every enrolled pod on this node, L4 policy, metrics.
     Proxy {
+        /// Upstream's DaemonSet runs `ztunnel proxy ztunnel`; the one mode
+        /// there is.
+        #[arg(value_parser = ["ztunnel"], hide = true)]
+        mode: Option<String>,
         #[command(flatten)]
         args: ztunnel_rs::app::ProxyArgs,
         /// Threads that carry the proxy's connections. With 1, a connection's
         /// task and its HBONE connection's task share a thread, so handing
         /// bytes between them never wakes another thread: the least CPU and
         /// latency per request. More threads spread a busy node over cores.
-        #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 1)]
+        /// A number, or a percentage of `ZTUNNEL_CPU_LIMIT` (else of the
+        /// machine's cores) as upstream reads it, e.g. `50%`.
+        #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value = "1", value_parser = worker_threads)]
         worker_threads: usize,
     },
+    /// Prints the version (upstream's `ztunnel version`).
+    Version,
     /// The node agent: enrols this node's pods (in-pod rules, ZDS, CNI
     /// events). Runs `ztunnel-rs-cni` from this binary's directory with the
     /// same arguments; `ztunnel-rs cni --help` lists its flags.
@@ -43,9 +53,22 @@ enum Command {
     },
 }
 
+fn worker_threads(value: &str) -> Result<usize, String> {
+    let limit = std::env::var("ZTUNNEL_CPU_LIMIT").ok();
+    ztunnel_rs::upstream::worker_threads(value, limit.as_deref())
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let argv = ztunnel_rs::upstream::proxy_argv(std::env::args_os().collect(), &|name| {
+        std::env::var(name).ok()
+    })?;
+    match Cli::parse_from(argv).command {
+        Command::Version => {
+            println!("ztunnel-rs {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
         Command::Proxy {
+            mode: _,
             args,
             worker_threads,
         } => {

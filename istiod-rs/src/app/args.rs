@@ -38,7 +38,14 @@ pub const DEFAULT_CACERTS_DIR: &str = "/etc/cacerts";
 /// The mesh root proxies must trust is `<data-dir>/root-cert.pem` (or the
 /// plug-in CA's `root-cert.pem`).
 #[derive(Parser, Clone, Debug)]
-#[command(name = "istiod-rs", version, verbatim_doc_comment)]
+// A later flag overrides an earlier one (`upstream::discovery_argv` puts
+// upstream's translated flags where they were).
+#[command(
+    name = "istiod-rs",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 pub struct Args {
     /// Local mode: read the cluster state from every *.yaml / *.yml file
     /// under this directory (watched; edits apply within a second).
@@ -281,6 +288,9 @@ pub struct Args {
     /// Log filter (`info`, `debug`, `istiod_rs::xds=debug,info`...).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+    /// Log one JSON object per line (upstream istiod's `--log_as_json`).
+    #[arg(long, env = "LOG_AS_JSON")]
+    pub log_as_json: bool,
 }
 
 impl Args {
@@ -293,11 +303,15 @@ impl Args {
                 reason: format!("{:?} is not a log filter: {e}", self.log_level),
             }
         })?;
-        tracing_subscriber::fmt()
+        let logs = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .init();
+            .with_ansi(std::io::stderr().is_terminal() && !self.log_as_json);
+        if self.log_as_json {
+            logs.json().init();
+        } else {
+            logs.init();
+        }
         Ok(())
     }
 

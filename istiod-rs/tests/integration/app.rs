@@ -346,3 +346,47 @@ fn hostile_config_files_are_reported_once_and_sigterm_still_stops_istiod() {
     let (status, log) = istiod.terminate();
     assert!(status.success(), "{status:?}\n{log}");
 }
+
+/// Upstream istiod's Deployment runs `pilot-discovery discovery
+/// --monitoringAddr=:15014 --log_output_level=default:info --domain
+/// cluster.local --keepaliveMaxServerConnectionAge 30m`: istiod-rs starts
+/// from that command line and says which flag it does not apply.
+#[test]
+fn starts_from_the_upstream_deployments_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = local(dir.path(), &[("--monitoring-addr", None)]);
+    cmd.args([
+        "--monitoringAddr=127.0.0.1:0",
+        "--log_output_level=default:info",
+        "--domain",
+        "cluster.local",
+        "--keepaliveMaxServerConnectionAge",
+        "30m",
+    ]);
+    // The command word comes first, as in upstream's args.
+    let program = cmd.get_program().to_owned();
+    let args: Vec<OsString> = cmd.get_args().map(OsStr::to_owned).collect();
+    let mut upstream = istiod();
+    upstream.arg("discovery").args(args);
+    assert_eq!(upstream.get_program(), program);
+    let istiod = Running::spawn(upstream);
+    let monitoring = istiod.address("monitoring");
+    let (status, _) = http_get(monitoring, "/ready").unwrap();
+    assert!(status == 200 || status == 503, "/ready answered {status}");
+    let log = istiod.log();
+    assert!(
+        log.contains("--keepaliveMaxServerConnectionAge 30m: accepted, not applied"),
+        "{log}"
+    );
+    let (status, log) = istiod.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_bad_upstream_flag_value_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = local(dir.path(), &[]);
+    cmd.arg("--monitoringAddr=nowhere");
+    let code = fails_naming(cmd, &["--monitoringAddr", "nowhere"]);
+    assert_eq!(code, 1);
+}
