@@ -5,6 +5,8 @@ pub const ISTIOD_PLAINTEXT: u16 = 15010;
 /// istiod: gRPC xDS + CA over TLS.
 pub const ISTIOD_TLS: u16 = 15012;
 /// istiod: HTTP monitoring (`/metrics`, `/ready`, `/debug/*`).
+/// istiod's plain HTTP server (`--httpAddr`): its readiness probe's `/ready`.
+pub const ISTIOD_HTTP: u16 = 8080;
 pub const ISTIOD_MONITORING: u16 = 15014;
 /// istiod: the validating admission webhook over HTTPS (the `istiod`
 /// Service's port 443 targets it).

@@ -483,7 +483,7 @@ async fn clients_process(sizes: Sizes, smoke: bool) -> Result<()> {
     };
     let translations = delta("istiod_index_translations_total");
     let publishes = delta("istiod_index_publishes_total");
-    let pushes = delta("xds_pushes_total{type=\"istio.workload.Address\"}");
+    let pushes = delta("pilot_xds_pushes{type=\"wds\"}");
 
     istiod.tell("rss").await?;
     let rss_kib: u64 = istiod.expect("rss").await?[0].parse()?;

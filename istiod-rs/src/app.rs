@@ -165,6 +165,11 @@ pub enum AppError {
     Grpc(#[from] GrpcError),
     #[error(transparent)]
     Webhook(#[from] WebhookError),
+    #[error("--http-addr {addr}: could not listen: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("--monitoring-addr {addr}: could not listen: {source}")]
     MonitoringBind {
         addr: SocketAddr,
@@ -185,6 +190,8 @@ pub struct Addresses {
     pub grpc_tls: SocketAddr,
     pub grpc_plaintext: Option<SocketAddr>,
     pub monitoring: SocketAddr,
+    /// The monitoring endpoints on upstream's HTTP port, when served.
+    pub http: Option<SocketAddr>,
     /// The validating webhook's HTTPS listener, when served.
     pub webhook: Option<SocketAddr>,
 }
@@ -298,7 +305,21 @@ impl App {
             addr: monitoring_addr,
             source,
         })?;
+        let http_listener = match monitoring_config.http_addr {
+            Some(addr) => Some(
+                Listener::bind(
+                    addr,
+                    monitoring::HTTP_LISTENER,
+                    monitoring_config.limits,
+                    &listeners,
+                )
+                .await
+                .map_err(|source| AppError::HttpBind { addr, source })?,
+            ),
+            None => None,
+        };
         let addresses = Addresses {
+            http: http_listener.as_ref().and_then(|l| l.local_addr().ok()),
             grpc_tls: grpc_server.tls_addr(),
             grpc_plaintext: grpc_server.plaintext_addr(),
             monitoring: monitoring_listener.local_addr().map_err(|source| {
@@ -454,11 +475,20 @@ impl App {
             .with_snapshot_json(Arc::new(json::snapshot_json))
             .with_debug_access(debug_access)
             .router();
-        let monitoring = tokio::spawn(monitoring::serve(
-            monitoring_listener,
-            router,
-            shutdown.clone(),
-        ));
+        let monitoring = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let http = async {
+                    if let Some(listener) = http_listener {
+                        monitoring::serve(listener, router.clone(), shutdown.clone()).await;
+                    }
+                };
+                tokio::join!(
+                    monitoring::serve(monitoring_listener, router.clone(), shutdown.clone()),
+                    http
+                );
+            }
+        });
 
         info!(
             grpc_tls = %addresses.grpc_tls,
@@ -466,6 +496,9 @@ impl App {
                 .grpc_plaintext
                 .map_or_else(|| "off".to_string(), |a| a.to_string()),
             monitoring = %addresses.monitoring,
+            http = %addresses
+                .http
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
             webhook = %addresses
                 .webhook
                 .map_or_else(|| "off".to_string(), |a| a.to_string()),

@@ -232,6 +232,15 @@ impl CertificateAuthority {
         self.chain_not_after.into()
     }
 
+    /// When the chain's own root (the first of the roots) stops being valid.
+    pub fn root_not_after(&self) -> SystemTime {
+        self.roots
+            .first()
+            .and_then(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.to_datetime().into())
+            .unwrap_or_else(|| self.chain_not_after())
+    }
+
     /// The lifetime granted for a request: the default when none is asked
     /// for, never more than the maximum.
     pub fn lifetime(&self, requested: Option<Duration>) -> Duration {

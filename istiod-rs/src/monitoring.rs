@@ -47,12 +47,17 @@ use crate::xds::SyncStatus;
 
 /// The listener's name in metrics and logs.
 pub const LISTENER: &str = "monitoring";
+/// The same endpoints on upstream's HTTP port.
+pub const HTTP_LISTENER: &str = "http";
 
 /// How the monitoring server is set up; part of istiod-rs's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MonitoringConfig {
     /// Upstream: 15014.
     pub addr: SocketAddr,
+    /// Where the same endpoints are served too, upstream istiod's HTTP port
+    /// (8080), which its Deployment's readiness probe asks for `/ready`.
+    pub http_addr: Option<SocketAddr>,
     pub limits: ListenerLimits,
     /// `/debug/*` only for loopback and authenticated callers of allowed
     /// namespaces (upstream's `ENABLE_DEBUG_ENDPOINT_AUTH`, on by default).
@@ -81,6 +86,7 @@ impl Default for MonitoringConfig {
     fn default() -> Self {
         MonitoringConfig {
             addr: SocketAddr::from(([0, 0, 0, 0], api::ports::ISTIOD_MONITORING)),
+            http_addr: None,
             limits: MonitoringConfig::DEFAULT_LIMITS,
             debug_auth: true,
             debug_namespaces: Vec::new(),

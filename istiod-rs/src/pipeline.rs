@@ -219,6 +219,7 @@ pub async fn run(
         if changes.changed().await.is_err() {
             return;
         }
+        let first_change = std::time::Instant::now();
         if !wait_for_quiet(&mut changes, debounce).await {
             return;
         }
@@ -274,7 +275,8 @@ pub async fn run(
             }
             changed
         });
-        let snapshot = translation.snapshot;
+        let mut snapshot = translation.snapshot;
+        snapshot.set_changed_at(first_change);
         let resources = snapshot.len();
         let published = publish.send_if_modified(|current| {
             if **current == snapshot && !first {

@@ -42,12 +42,31 @@ impl Resource {
 pub type Resources = BTreeMap<String, Arc<Resource>>;
 
 /// Everything served, by type URL. Cheap to clone (shared resources).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Two snapshots are equal when they serve the same resources, whenever
+/// their changes were seen.
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     types: BTreeMap<String, Resources>,
+    /// When the pipeline saw the first change this snapshot carries (the
+    /// start of `pilot_proxy_convergence_time`).
+    changed_at: Option<std::time::Instant>,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.types == other.types
+    }
 }
 
 impl Snapshot {
+    pub fn set_changed_at(&mut self, at: std::time::Instant) {
+        self.changed_at = Some(at);
+    }
+
+    pub fn changed_at(&self) -> Option<std::time::Instant> {
+        self.changed_at
+    }
+
     pub fn insert(&mut self, resource: Resource) {
         self.insert_shared(Arc::new(resource));
     }

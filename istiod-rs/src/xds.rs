@@ -171,6 +171,8 @@ struct Published {
     /// Counts snapshots received; sent as `system_version_info`.
     generation: u64,
     arrived: Instant,
+    /// When the pipeline saw the change it carries (`arrived` if unknown).
+    changed: Instant,
     /// The names that changed in the most recent generations.
     changes: Arc<served::ChangeLog>,
     /// Every waypoint's scope, by waypoint key.
@@ -247,6 +249,7 @@ impl XdsServer {
             served: Arc::new(served),
             generation: 1,
             arrived: Instant::now(),
+            changed: Instant::now(),
             changes: Arc::default(),
             scopes: Arc::new(scopes),
             aliases,
@@ -310,6 +313,7 @@ async fn relay(
     while source.changed().await.is_ok() {
         let snapshot = source.borrow_and_update().clone();
         let arrived = Instant::now();
+        let snapshot_changed = snapshot.changed_at();
         let previous = feed.borrow().clone();
         let generation = previous.generation + 1;
         let (served, changes) = previous.served.next(&snapshot);
@@ -322,6 +326,7 @@ async fn relay(
             served: Arc::new(served),
             generation,
             arrived,
+            changed: snapshot_changed.unwrap_or(arrived),
             changes: Arc::new(log.clone()),
             scopes: Arc::new(scopes),
             aliases,

@@ -19,6 +19,46 @@ pub fn new_registry() -> Registry {
 /// The registry once every component has registered, for the stats server.
 pub type SharedRegistry = Arc<Registry>;
 
+/// A counter kept under upstream Istio's exact name. prometheus-client
+/// writes a counter as `<name>_total`; upstream istiod's counters
+/// (`pilot_xds_pushes`, `citadel_server_csr_count`, ...) carry no suffix and
+/// dashboards query them by that name, so this one is typed `unknown` and
+/// written under its name as it is.
+#[derive(Clone, Debug, Default)]
+pub struct UnsuffixedCounter(prometheus_client::metrics::counter::Counter<u64>);
+
+impl UnsuffixedCounter {
+    pub fn inc(&self) -> u64 {
+        self.0.inc()
+    }
+
+    pub fn inc_by(&self, n: u64) -> u64 {
+        self.0.inc_by(n)
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for UnsuffixedCounter {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Unknown;
+}
+
+impl prometheus_client::encoding::EncodeMetric for UnsuffixedCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        <Self as prometheus_client::metrics::TypedMetric>::TYPE
+    }
+}
+
 /// The OpenMetrics text of everything registered.
 pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
@@ -43,5 +83,25 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn an_unsuffixed_counter_keeps_its_name() {
+        use prometheus_client::encoding::EncodeLabelSet;
+        use prometheus_client::metrics::family::Family;
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Type {
+            r#type: &'static str,
+        }
+        let mut r = Registry::default();
+        let pushes = Family::<Type, UnsuffixedCounter>::default();
+        r.register("pilot_xds_pushes", "pushes", pushes.clone());
+        pushes.get_or_create(&Type { r#type: "wds" }).inc_by(3);
+        let text = encode(&r).unwrap();
+        assert!(text.contains("# TYPE pilot_xds_pushes unknown\n"), "{text}");
+        assert!(
+            text.contains("pilot_xds_pushes{type=\"wds\"} 3\n"),
+            "{text}"
+        );
     }
 }

@@ -173,6 +173,12 @@ pub struct Args {
     /// HTTP: /metrics, /ready, /debug/syncz, /debug/config_dump.
     #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     pub monitoring_addr: SocketAddr,
+    /// The monitoring endpoints (`/ready` above all) on upstream istiod's
+    /// HTTP port too, for its Deployment's readiness probe. Kubernetes mode
+    /// serves them on 0.0.0.0:8080 unless told otherwise; local mode only
+    /// when this is given.
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Connections the monitoring server holds at once; one more is reset.
     #[arg(long, env = "MONITORING_MAX_CONNECTIONS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -433,6 +439,13 @@ impl Args {
             keepalive_timeout: self.keepalive_timeout,
             ..GrpcConfig::default()
         };
+        let http_addr = match (self.http_addr, &source) {
+            (Some(addr), _) => Some(addr),
+            (None, Source::Kubernetes) => {
+                Some(SocketAddr::from(([0, 0, 0, 0], api::ports::ISTIOD_HTTP)))
+            }
+            (None, _) => None,
+        };
         let webhook_addr = match (self.webhook_addr, &source) {
             (Some(addr), _) => Some(addr),
             (None, Source::Kubernetes) => Some(WebhookConfig::default().addr),
@@ -464,6 +477,7 @@ impl Args {
             grpc,
             monitoring: MonitoringConfig {
                 addr: self.monitoring_addr,
+                http_addr,
                 limits: ListenerLimits {
                     max_connections: self.monitoring_max_connections as usize,
                     max_connections_per_peer: self.monitoring_max_connections_per_peer as usize,

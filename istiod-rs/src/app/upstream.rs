@@ -34,6 +34,7 @@ const FLAGS: &[(&str, &str, Convert)] = &[
     ("--secureGRPCAddr", "--grpc-addr", listen_address),
     ("--grpcAddr", "--plaintext-addr", listen_address),
     ("--httpsAddr", "--webhook-addr", listen_address),
+    ("--httpAddr", "--http-addr", listen_address),
     ("--domain", "--cluster-domain", same),
     ("--log_output_level", "--log-level", log_level),
 ];

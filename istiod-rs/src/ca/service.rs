@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use proxy_core::log_limit::LogLimit;
+use proxy_core::metrics::UnsuffixedCounter;
 use tonic::{Request, Response, Status};
 
 use super::impersonation::{ImpersonationPolicy, NodeLookup, NodeSource, RefusalReason};
@@ -61,10 +62,21 @@ struct RefusalLabels {
     reason: RefusalReason,
 }
 
+/// Upstream istiod's CA counters (security/pkg/server/ca/monitoring.go),
+/// under its names, kept next to our `istiod_ca_requests{result}`.
+#[derive(Debug, Clone, Default)]
+struct UpstreamCaCounters {
+    csr: UnsuffixedCounter,
+    success: UnsuffixedCounter,
+    authentication_failure: UnsuffixedCounter,
+    csr_parsing_error: UnsuffixedCounter,
+}
+
 /// The CA's metrics, registered into istiod's one registry.
 #[derive(Debug, Clone)]
 pub struct CaMetrics {
     requests: Family<OutcomeLabels, Counter>,
+    upstream: UpstreamCaCounters,
     signing: Histogram,
     impersonations: Family<NodeSourceLabels, Counter>,
     impersonation_refusals: Family<RefusalLabels, Counter>,
@@ -85,16 +97,45 @@ impl CaMetrics {
             "Time to check a CSR and sign its certificate",
             signing.clone(),
         );
-        let expiry = Gauge::<i64>::default();
-        let not_after = ca
-            .chain_not_after()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        expiry.set(i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX));
+        let unix = |t: std::time::SystemTime| {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(secs).unwrap_or(i64::MAX));
+            gauge
+        };
         registry.register(
-            "istiod_ca_chain_expiry_timestamp_seconds",
+            "citadel_server_cert_chain_expiry_timestamp",
             "When the first certificate of the CA's chain (signing cert .. root) expires, in Unix seconds",
-            expiry,
+            unix(ca.chain_not_after()),
+        );
+        registry.register(
+            "citadel_server_root_cert_expiry_timestamp",
+            "When the CA's root certificate expires, in Unix seconds",
+            unix(ca.root_not_after()),
+        );
+        let upstream = UpstreamCaCounters::default();
+        registry.register(
+            "citadel_server_csr_count",
+            "CreateCertificate requests received",
+            upstream.csr.clone(),
+        );
+        registry.register(
+            "citadel_server_success_cert_issuance_count",
+            "Certificates issued",
+            upstream.success.clone(),
+        );
+        registry.register(
+            "citadel_server_authentication_failure_count",
+            "Requests refused because the caller's token was invalid or could not be checked",
+            upstream.authentication_failure.clone(),
+        );
+        registry.register(
+            "citadel_server_csr_parsing_err_count",
+            "Requests refused as invalid (a CSR that does not parse or sign, a bad argument)",
+            upstream.csr_parsing_error.clone(),
         );
         let impersonations = Family::<NodeSourceLabels, Counter>::default();
         registry.register(
@@ -110,6 +151,7 @@ impl CaMetrics {
         );
         CaMetrics {
             requests,
+            upstream,
             signing,
             impersonations,
             impersonation_refusals,
@@ -120,6 +162,14 @@ impl CaMetrics {
         self.requests
             .get_or_create(&OutcomeLabels { result: outcome })
             .inc();
+        let u = &self.upstream;
+        u.csr.inc();
+        match outcome {
+            Outcome::success => u.success.inc(),
+            Outcome::unauthenticated | Outcome::unavailable => u.authentication_failure.inc(),
+            Outcome::invalid_argument => u.csr_parsing_error.inc(),
+            Outcome::permission_denied | Outcome::resource_exhausted | Outcome::internal => 0,
+        };
     }
 
     /// How many requests ended with `outcome` (for tests and debug pages).

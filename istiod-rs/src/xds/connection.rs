@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use proxy_core::log_limit::LogLimit;
 
 use super::delta::{Answer, Current, Delta, Push, TypeState};
-use super::metrics::{Refusal, TypeLabel};
+use super::metrics::{Refusal, TypeLabel, VersionLabel};
 use super::scope::L7_TYPES;
 use super::waypoint::{self, WaypointPods};
 use super::wire::Outbound;
@@ -84,20 +84,26 @@ struct Registration {
     shared: Arc<Shared>,
     id: u64,
     connection: Arc<Mutex<Connection>>,
+    version: VersionLabel,
 }
 
 impl Registration {
-    fn new(shared: &Arc<Shared>, connection: Connection) -> Self {
+    fn new(shared: &Arc<Shared>, connection: Connection, version: VersionLabel) -> Self {
         let id = shared
             .next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let connection = Arc::new(Mutex::new(connection));
         lock(&shared.connections).insert(id, connection.clone());
-        shared.metrics.connected_proxies.inc();
+        shared
+            .metrics
+            .connected_proxies
+            .get_or_create(&version)
+            .inc();
         Registration {
             shared: shared.clone(),
             id,
             connection,
+            version,
         }
     }
 }
@@ -105,7 +111,11 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.shared.connections).remove(&self.id);
-        self.shared.metrics.connected_proxies.dec();
+        self.shared
+            .metrics
+            .connected_proxies
+            .get_or_create(&self.version)
+            .dec();
         tracing::info!(proxy = %lock(&self.connection).proxy, "proxy disconnected");
     }
 }
@@ -133,6 +143,13 @@ async fn serve(
         .map(|n| n.id.clone())
         .filter(|id| !id.is_empty())
         .ok_or(XdsError::MissingNode)?;
+    let version = VersionLabel::new(first.node.as_ref().and_then(|n| {
+        let value = n.metadata.as_ref()?.fields.get("ISTIO_VERSION")?;
+        match value.kind.as_ref()? {
+            prost_types::value::Kind::StringValue(v) => Some(v.as_str()),
+            _ => None,
+        }
+    }));
     let waypoint = match waypoint::parse_node(&proxy) {
         Some(claim) => Some(waypoint::bind(
             &proxy,
@@ -159,6 +176,7 @@ async fn serve(
             since: SystemTime::now(),
             types: BTreeMap::new(),
         },
+        version,
     );
     let connection = &registration.connection;
     let answer = on_request(&shared, connection, &proxy, &first)?;
@@ -185,9 +203,15 @@ async fn serve(
                 if changed.is_err() {
                     return Err(XdsError::SourceClosed);
                 }
-                let arrived = feed.borrow_and_update().arrived;
+                let pending = {
+                    let published = feed.borrow_and_update();
+                    super::delta::Pending {
+                        arrived: published.arrived,
+                        changed: published.changed,
+                    }
+                };
                 for state in lock(connection).types.values_mut() {
-                    state.mark_snapshot(arrived);
+                    state.mark_snapshot(pending);
                 }
             }
         }

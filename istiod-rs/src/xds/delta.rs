@@ -217,7 +217,25 @@ pub struct Push {
     pub delta: Delta,
     /// When the oldest snapshot this push carries arrived; `None` when the
     /// push answers a subscription rather than a snapshot change.
-    pub pending_since: Option<Instant>,
+    pub pending_since: Option<Pending>,
+}
+
+/// When the oldest snapshot not yet pushed arrived at the xDS server, and
+/// when the pipeline saw the change it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub arrived: Instant,
+    pub changed: Instant,
+}
+
+impl Pending {
+    /// A snapshot whose change is seen as it arrives.
+    pub fn at(now: Instant) -> Self {
+        Pending {
+            arrived: now,
+            changed: now,
+        }
+    }
 }
 
 /// How a request related to the response in flight.
@@ -256,7 +274,7 @@ pub struct TypeState {
     /// the proxy learns it holds the full state.
     must_answer: bool,
     /// Arrival of the oldest snapshot not yet pushed.
-    pending_since: Option<Instant>,
+    pending_since: Option<Pending>,
     last_sent: Option<Sent>,
     last_acked: Option<Sent>,
     last_nack: Option<Nack>,
@@ -396,9 +414,9 @@ impl TypeState {
     }
 
     /// A new snapshot arrived.
-    pub fn mark_snapshot(&mut self, arrived: Instant) {
+    pub fn mark_snapshot(&mut self, pending: Pending) {
         self.dirty = true;
-        self.pending_since.get_or_insert(arrived);
+        self.pending_since.get_or_insert(pending);
     }
 
     /// What the proxy needs to go from what it holds to `resources`.
@@ -711,7 +729,7 @@ mod tests {
                 .record(self.generation, changes, Default::default());
             self.served = served;
             for st in states {
-                st.mark_snapshot(Instant::now());
+                st.mark_snapshot(Pending::at(Instant::now()));
             }
         }
 
@@ -988,14 +1006,14 @@ mod tests {
         assert_eq!(p.delta.aliases["w1"], ["net/10.0.0.1"]);
         st.on_request(&ack("n2"), SystemTime::now());
         assert_eq!(held(&st), ["a", "w1"]);
-        st.mark_snapshot(Instant::now());
+        st.mark_snapshot(Pending::at(Instant::now()));
         generation += 1;
         assert!(push(&mut st, &all, &table, generation, "x").is_none());
 
         // The address moves to another workload: that one answers it, the
         // first one is no longer held.
         table.insert("net/10.0.0.1".into(), ["w2".to_string()].into());
-        st.mark_snapshot(Instant::now());
+        st.mark_snapshot(Pending::at(Instant::now()));
         generation += 1;
         let p = push(&mut st, &all, &table, generation, "n3").unwrap();
         assert_eq!(names(&p.delta), (vec!["w2"], vec!["w1"]));
@@ -1005,7 +1023,7 @@ mod tests {
         // The workload goes: it and the address name are removed.
         all.remove("w2");
         table.clear();
-        st.mark_snapshot(Instant::now());
+        st.mark_snapshot(Pending::at(Instant::now()));
         generation += 1;
         let p = push(&mut st, &all, &table, generation, "n4").unwrap();
         assert_eq!(names(&p.delta), (vec![], vec!["w2", "net/10.0.0.1"]));

@@ -789,7 +789,7 @@ mod tests {
                 current_served = s;
                 scopes = sc;
                 for (_, st) in &mut states {
-                    st.mark_snapshot(Instant::now());
+                    st.mark_snapshot(crate::xds::delta::Pending::at(Instant::now()));
                 }
             }
             for (i, (type_url, st)) in states.iter_mut().enumerate() {

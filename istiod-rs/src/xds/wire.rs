@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
 
 use api::discovery::DeltaDiscoveryRequest;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -200,7 +199,7 @@ struct Writing {
     label: TypeLabel,
     resources: u64,
     removals: u64,
-    pending_since: Option<Instant>,
+    pending_since: Option<super::delta::Pending>,
 }
 
 /// The HTTP body of a delta ADS stream: the connection task's responses,
@@ -235,7 +234,8 @@ impl ResponseBody {
         if let Some(since) = w.pending_since {
             m.push_latency
                 .get_or_create(&w.label)
-                .observe(since.elapsed().as_secs_f64());
+                .observe(since.arrived.elapsed().as_secs_f64());
+            m.convergence.observe(since.changed.elapsed().as_secs_f64());
         }
     }
 }

@@ -357,6 +357,7 @@ fn starts_from_the_upstream_deployments_command_line() {
     let mut cmd = local(dir.path(), &[("--monitoring-addr", None)]);
     cmd.args([
         "--monitoringAddr=127.0.0.1:0",
+        "--httpAddr=127.0.0.1:0",
         "--log_output_level=default:info",
         "--domain",
         "cluster.local",
@@ -373,6 +374,14 @@ fn starts_from_the_upstream_deployments_command_line() {
     let monitoring = istiod.address("monitoring");
     let (status, _) = http_get(monitoring, "/ready").unwrap();
     assert!(status == 200 || status == 503, "/ready answered {status}");
+    // Upstream's readiness probe: /ready on the HTTP port, the same answer.
+    let http = istiod.address("http");
+    assert_ne!(http, monitoring);
+    let (on_http, _) = http_get(http, "/ready").unwrap();
+    assert!(
+        on_http == 200 || on_http == 503,
+        "/ready answered {on_http}"
+    );
     let log = istiod.log();
     assert!(
         log.contains("--keepaliveMaxServerConnectionAge 30m: accepted, not applied"),

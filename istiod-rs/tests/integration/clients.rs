@@ -191,7 +191,7 @@ async fn xds_client_acks_nacks_and_resumes_after_istiod_restarts() {
         .status_until(|s| s.connection == ConnectionState::Connected)
         .await;
     assert!(status.connection_attempts >= 2, "{status:?}");
-    let sent = |kind: &str| format!("xds_{kind}_total{{type=\"istio.workload.Address\"}}");
+    let sent = |kind: &str| format!("xds_{kind}_total{{type=\"wds\"}}");
     assert_eq!(istiod.metric(&sent("resources_sent")).await, 1.0);
     assert_eq!(istiod.metric(&sent("removals_sent")).await, 0.0);
     assert_eq!(ztunnel.store.snapshot().workload_count(), 2);

@@ -101,6 +101,22 @@ async fn served_workloads(istiod: &LocalIstiod, workloads: &[&str]) {
     }
 }
 
+/// Upstream istiod's names for what istiod-rs measures too, present from
+/// the start. The labelled ones (`pilot_xds{version}`,
+/// `pilot_xds_pushes{type}`, `pilot_xds_push_time{type}`,
+/// `pilot_total_xds_rejects{type}`, `pilot_xds_expired_nonce{type}`) appear
+/// with their first series, as upstream's; `tests/integration/xds.rs`
+/// checks them by name and value.
+const UPSTREAM_ISTIOD_METRICS: &[&str] = &[
+    "pilot_proxy_convergence_time",
+    "citadel_server_csr_count",
+    "citadel_server_success_cert_issuance_count",
+    "citadel_server_authentication_failure_count",
+    "citadel_server_csr_parsing_err_count",
+    "citadel_server_root_cert_expiry_timestamp",
+    "citadel_server_cert_chain_expiry_timestamp",
+];
+
 #[tokio::test]
 async fn a_proxy_follows_the_config_directory() {
     let istiod = cluster().await;
@@ -156,9 +172,7 @@ async fn a_proxy_follows_the_config_directory() {
     assert_eq!(addresses_entry["status"], "STALE");
     assert_eq!(addresses_entry["resources_held"], held.0.len());
     assert_eq!(
-        istiod
-            .metric("xds_rejects_total{type=\"istio.workload.Address\"}")
-            .await,
+        istiod.metric("pilot_total_xds_rejects{type=\"wds\"}").await,
         1.0
     );
 
@@ -223,11 +237,24 @@ async fn monitoring_serves_readiness_the_snapshot_and_metrics() {
     let (status, metrics) = istiod.get("/metrics").await;
     assert_eq!(status, 200);
     for family in [
-        "istiod_ca_chain_expiry_timestamp_seconds",
+        "citadel_server_cert_chain_expiry_timestamp",
         "istiod_index_translations",
-        "xds_connected_proxies",
     ] {
         assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+    }
+    // Upstream istiod's metric names, as its dashboards and alerts query
+    // them (pilot/pkg/xds/monitoring.go, security/pkg/server/ca/monitoring.go):
+    // each is a metric family here, under exactly that name.
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for upstream in UPSTREAM_ISTIOD_METRICS {
+        assert!(
+            families.contains(upstream),
+            "{upstream} missing:\n{metrics}"
+        );
     }
 
     // The root the CA signs with is where the app says, and what it serves.

@@ -320,12 +320,19 @@ async fn initial_state_then_only_changes_and_removals() {
     assert_eq!(entry["identity"], Value::Null);
     let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
     assert!(
-        metrics.contains("xds_pushes_total{type=\"istio.workload.Address\"} 2"),
+        metrics.contains("pilot_xds_pushes{type=\"wds\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("xds_connected_proxies 1"), "{metrics}");
     assert!(
-        metrics.contains("xds_push_latency_seconds_bucket"),
+        metrics.contains("pilot_xds{version=\"unknown\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pilot_xds_push_time_count{type=\"wds\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pilot_proxy_convergence_time_count"),
         "{metrics}"
     );
 }
@@ -455,7 +462,7 @@ async fn nack_shows_in_syncz_and_last_good_versions_remain() {
     );
     let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
     assert!(
-        metrics.contains("xds_rejects_total{type=\"istio.workload.Address\"} 1"),
+        metrics.contains("pilot_total_xds_rejects{type=\"wds\"} 1"),
         "{metrics}"
     );
 
@@ -506,10 +513,10 @@ async fn stale_nonce_is_ignored() {
     assert_eq!(address["acked"]["nonce"], initial.nonce.as_str());
     let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
     assert!(
-        metrics.contains("xds_stale_requests_total{type=\"istio.workload.Address\"} 1"),
+        metrics.contains("pilot_xds_expired_nonce{type=\"wds\"} 1"),
         "{metrics}"
     );
-    assert!(!metrics.contains("xds_rejects_total{"), "{metrics}");
+    assert!(!metrics.contains("pilot_total_xds_rejects{"), "{metrics}");
 
     // Still subscribed to everything.
     istiod
@@ -700,11 +707,7 @@ async fn unknown_type_urls_are_answered_empty_without_state_or_metric_series() {
     assert!(!after.contains("made.up"), "{after}");
     assert_eq!(
         type_labels(&after),
-        BTreeSet::from([
-            "istio.security.Authorization".to_string(),
-            "istio.workload.Address".to_string(),
-            "other".to_string(),
-        ])
+        BTreeSet::from(["other".to_string(), "wads".to_string(), "wds".to_string()])
     );
     assert!(
         after.lines().count() < before.lines().count() + 60,
@@ -715,7 +718,7 @@ async fn unknown_type_urls_are_answered_empty_without_state_or_metric_series() {
         "{after}"
     );
     assert!(
-        after.contains(r#"xds_pushes_total{type="other"} 1000"#),
+        after.contains(r#"pilot_xds_pushes{type="other"} 1000"#),
         "{after}"
     );
 }
@@ -931,5 +934,8 @@ async fn monitoring_endpoints() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
-    assert!(metrics.contains("xds_connected_proxies 0"), "{metrics}");
+    assert!(
+        metrics.contains("pilot_xds{version=\"unknown\"} 0"),
+        "{metrics}"
+    );
 }

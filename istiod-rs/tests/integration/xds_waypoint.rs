@@ -816,8 +816,8 @@ async fn ack_and_nack_per_l7_type() {
     }
     let (_, metrics) = http_get(istiod.monitoring, "/metrics").await;
     for t in L7 {
-        let label = t.rsplit_once('/').unwrap().1;
-        let sample = format!(r#"xds_rejects_total{{type="{label}"}}"#);
+        // Types upstream's GetMetricType does not name are reported by URL.
+        let sample = format!(r#"pilot_total_xds_rejects{{type="{t}"}}"#);
         assert_eq!(metric_sample(&metrics, &sample), 1.0, "{sample}: {metrics}");
     }
 

@@ -52,6 +52,20 @@ impl XdsConfig {
         XdsConfig {
             node: Node {
                 id: node_id.into(),
+                // The key upstream istiod reads a proxy's version from
+                // (`NodeMetadata.IstioVersion`, pilot/pkg/model/context.go);
+                // istiod-rs labels `pilot_xds` with it.
+                metadata: Some(prost_types::Struct {
+                    fields: [(
+                        "ISTIO_VERSION".to_string(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(
+                                env!("CARGO_PKG_VERSION").to_string(),
+                            )),
+                        },
+                    )]
+                    .into(),
+                }),
                 ..Default::default()
             },
             backoff_min: Duration::from_millis(100),

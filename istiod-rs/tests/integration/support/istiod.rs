@@ -66,6 +66,7 @@ impl LocalIstiod {
                 grpc_tls: loopback,
                 grpc_plaintext: Some(loopback),
                 monitoring: loopback,
+                http: None,
                 webhook: None,
             },
             customize: Arc::new(customize),
