@@ -13,6 +13,10 @@
 //!
 //! Beyond upstream, a selector policy the workload refers to but the proxy
 //! does not hold denies (see [`proxy_core::authorization`]).
+//!
+//! Dry-run policies (`istio.io/dry-run`) take no part in the decision; when
+//! one applies, what it would have decided is logged next to the decision
+//! (target `authorization`).
 
 use proxy_core::authorization::{ConnectionInfo, Decision};
 use proxy_core::store::{Snapshot, Workload};
@@ -21,7 +25,10 @@ use super::metrics::FailureReason;
 
 /// Whether `conn` may reach `workload`.
 pub fn decide(snapshot: &Snapshot, workload: &Workload, conn: &ConnectionInfo) -> Decision {
-    snapshot.policies_for(workload).check(conn)
+    let policies = snapshot.policies_for(workload);
+    let decision = policies.check(conn);
+    policies.log_dry_run(conn, &decision);
+    decision
 }
 
 /// The failure reason a denial is counted under.

@@ -312,7 +312,9 @@ impl Router<'_> {
                 },
                 via_waypoint: false,
             },
-            InboundProtocol::Tcp => NextHop::Tcp(target),
+            // ztunnel does not speak a sidecar's mutual TLS (neither does
+            // upstream's); the sidecar accepts plain TCP in PERMISSIVE mode.
+            InboundProtocol::Tcp | InboundProtocol::LegacyIstioMtls => NextHop::Tcp(target),
         }
     }
 

@@ -328,7 +328,7 @@ pub mod xds {
     use std::net::IpAddr;
 
     use api::security::{
-        self as sec, Authorization, Group, Match, Rules, StringMatch, string_match,
+        self as sec, Authorization, Clause, Match, Rule, StringMatch, string_match,
     };
     use api::workload::{
         Address, GatewayAddress, LoadBalancing, Locality, NamespacedHostname, NetworkAddress, Port,
@@ -430,6 +430,7 @@ pub mod xds {
                 .map(|(s, t)| Port {
                     service_port: u32::from(*s),
                     target_port: u32::from(*t),
+                    app_protocol: 0,
                 })
                 .collect();
             self.0.services.insert(key.to_string(), PortList { ports });
@@ -484,6 +485,7 @@ pub mod xds {
                 .map(|(s, t)| Port {
                     service_port: u32::from(*s),
                     target_port: u32::from(*t),
+                    app_protocol: 0,
                 })
                 .collect(),
             ..Service::default()
@@ -602,9 +604,10 @@ pub mod xds {
             namespace: namespace.to_string(),
             scope: sec::Scope::Namespace as i32,
             action: action as i32,
-            groups: vec![Group {
-                rules: vec![Rules { matches: vec![m] }],
+            rules: vec![Rule {
+                clauses: vec![Clause { matches: vec![m] }],
             }],
+            dry_run: false,
         }
     }
 
