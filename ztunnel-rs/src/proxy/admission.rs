@@ -291,4 +291,35 @@ mod tests {
         };
         assert_eq!(denial_reason(&d), FailureReason::MissingPolicy);
     }
+
+    /// A dry-run DENY that matches the client is evaluated, not enforced:
+    /// the client is admitted; the same policy enforced refuses it.
+    #[test]
+    fn a_dry_run_deny_admits_what_it_matches() {
+        let deny_client = |dry_run| sec::Authorization {
+            dry_run,
+            ..xds::policy(
+                "no-client",
+                "ns",
+                sec::Action::Deny,
+                Match {
+                    principals: vec![xds::exact(CLIENT_SA.trim_start_matches("spiffe://"))],
+                    ..Match::default()
+                },
+            )
+        };
+        let store = store(false);
+        xds::apply_policies(&store, vec![deny_client(true)]);
+        assert_eq!(
+            decide_for(&store, "10.0.0.1", Some(CLIENT_SA), "10.0.0.6:8080"),
+            Decision::AllowedByDefault
+        );
+        xds::apply_policies(&store, vec![deny_client(false)]);
+        assert_eq!(
+            decide_for(&store, "10.0.0.1", Some(CLIENT_SA), "10.0.0.6:8080"),
+            Decision::Denied {
+                policy: "ns/no-client".into()
+            }
+        );
+    }
 }

@@ -396,6 +396,12 @@ pub mod xds {
             self
         }
 
+        /// A pod with a sidecar: LEGACY_ISTIO_MTLS.
+        pub fn sidecar(mut self) -> Self {
+            self.0.tunnel_protocol = TunnelProtocol::LegacyIstioMtls as i32;
+            self
+        }
+
         pub fn unhealthy(mut self) -> Self {
             self.0.status = WorkloadStatus::Unhealthy as i32;
             self
