@@ -37,6 +37,14 @@ pub const FOR_SERVICE: &str = "istio-rs.io/for-service";
 
 /// Gateway class of waypoints.
 pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+/// Label on a Service, ServiceEntry or their namespace: ingress gateways
+/// send the service's traffic through its waypoint (Go ParseBool value).
+pub const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
+/// Label on a pod: its sidecar accepts Istio's mutual TLS (`istio`).
+pub const TLS_MODE: &str = "security.istio.io/tlsMode";
+/// Value of `TLS_MODE` for a pod with a sidecar.
+pub const TLS_MODE_ISTIO: &str = "istio";
+
 /// Label on objects provisioned for a Gateway.
 pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// Label on objects the control plane manages for a Gateway.

@@ -359,6 +359,13 @@ impl Translator {
             });
             let (bound, also) = serving.map_or((None, Vec::new()), |s| (s.bound, s.also));
             entry.proto.waypoint = bound.map(|w| w.address.clone());
+            entry.proto.ingress_use_waypoint = bound.is_some()
+                && services::ingress_use_waypoint(
+                    entry.labels(),
+                    state
+                        .namespace(entry.namespace)
+                        .map(|ns| selectors::labels_of(&ns.metadata.labels)),
+                );
             let bound = bound.map(|w| w.key());
             service_also_served_by.push(also);
             service_waypoints.push(bound);
@@ -559,12 +566,12 @@ fn exempt_enforcing_waypoints(
         return;
     };
     if allow {
-        a.groups.push(api::security::Group {
-            rules: vec![clause],
+        a.rules.push(api::security::Rule {
+            clauses: vec![clause],
         });
     } else {
-        for g in &mut a.groups {
-            g.rules.push(clause.clone());
+        for rule in &mut a.rules {
+            rule.clauses.push(clause.clone());
         }
     }
 }

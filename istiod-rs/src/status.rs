@@ -171,14 +171,21 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
     for (key, p) in &state.authorization_policies {
         let (rule, problems) = of(Kind::AuthorizationPolicy, key);
         let attached = p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty();
-        let not_enforced = crate::index::dry_run(p).then_some(DRY_RUN);
-        let condition = policy_condition(
+        let dry_run = crate::index::dry_run(p);
+        // Waypoints do not evaluate dry-run policies; ztunnel does (and logs).
+        let not_enforced = (dry_run && attached).then_some(DRY_RUN);
+        let mut condition = policy_condition(
             p.metadata.generation,
             attached,
             rule,
             &problems,
             not_enforced,
         );
+        if dry_run && !attached {
+            condition.message = joined(Some(DRY_RUN_ZTUNNEL), &[condition.message])
+                .trim_end_matches("; ")
+                .to_string();
+        }
         put(
             Kind::AuthorizationPolicy,
             key,
@@ -298,8 +305,11 @@ fn translation_condition(
     Condition::new(WAYPOINT_ACCEPTED, status, reason, message, generation)
 }
 
-/// Why a dry-run policy carries a False condition.
+/// Why a dry-run policy attached to waypoints carries a False condition.
 const DRY_RUN: &str = "the istio.io/dry-run annotation is set: the policy is neither enforced nor evaluated (remove the annotation to enforce it)";
+/// What a dry-run policy attached to ztunnel gets (its condition otherwise
+/// as an enforced one's).
+const DRY_RUN_ZTUNNEL: &str = "dry run (istio.io/dry-run): ztunnel evaluates the policy and logs what it would decide, without enforcing it";
 
 /// The one condition of a security object.
 fn policy_condition(

@@ -5,12 +5,18 @@
 //! - DENY policies first: any match denies.
 //! - Then ALLOW: when at least one ALLOW policy applies to the workload, one
 //!   of them must match; when none applies, the connection is allowed.
-//! - A policy matches when any of its groups matches; a group when all of its
-//!   rules match (a rule is one of `from` / `to` / `when`); a rule when any of
-//!   its matches does; a match when every field it sets holds (values of one
-//!   field are alternatives) and none of its `not_` fields does. A policy with
-//!   no groups matches nothing, an empty group or rule matches everything, a
-//!   match with no fields set is skipped.
+//! - A policy matches when any of its rules matches; a rule when all of its
+//!   clauses match (a clause is one of `from` / `to` / `when`); a clause when
+//!   any of its matches does; a match when every field it sets holds (values
+//!   of one field are alternatives) and none of its `not_` fields does. A
+//!   policy with no rules matches nothing, an empty rule or clause matches
+//!   everything, a match with no fields set is skipped.
+//! - A dry-run policy (`dry_run`, from istiod's `istio.io/dry-run`
+//!   annotation) never takes part in the decision: [`Policies::check`]
+//!   ignores it. [`Policies::dry_run`] gives the decision the connection would
+//!   have got had the dry-run policies been enforced, and
+//!   [`Policies::log_dry_run`] logs it (target `authorization`, level info),
+//!   so a policy can be watched before it is enforced.
 //! - Principals are stored without `spiffe://` (istiod strips it); the
 //!   connection's identity is compared with its `spiffe://` removed.
 //! - A connection without a verified identity (plaintext) has no principal,
@@ -112,11 +118,10 @@ pub struct Authorization {
     pub namespace: String,
     pub scope: Scope,
     pub action: Action,
-    /// Groups (any) of rules (all) of matches (any); serialized as upstream's
-    /// nested `rules` lists.
-    #[serde(rename = "rules")]
-    pub groups: Vec<Vec<Vec<Match>>>,
-    /// Upstream's field; dry-run policies are not carried by our API yet.
+    /// Rules (any) of clauses (all) of matches (any), as upstream's nested
+    /// `rules` lists.
+    pub rules: Vec<Vec<Vec<Match>>>,
+    /// Evaluated and logged, never enforced.
     pub dry_run: bool,
 }
 
@@ -245,15 +250,75 @@ impl Policies {
         }
     }
 
+    /// The decision, from the enforced policies only (dry-run ones are left
+    /// out).
     pub fn check(&self, conn: &ConnectionInfo) -> Decision {
+        self.decide(conn, false)
+    }
+
+    /// When a dry-run policy applies: the decision `conn` would get were the
+    /// dry-run policies enforced too (`check` ignores them). `None` when no
+    /// dry-run policy applies.
+    pub fn dry_run(&self, conn: &ConnectionInfo) -> Option<Decision> {
+        self.applied
+            .iter()
+            .any(|p| p.dry_run)
+            .then(|| self.decide(conn, true))
+    }
+
+    /// Logs what the dry-run policies that apply would have decided, next to
+    /// `enforced` (the decision [`Policies::check`] made); nothing when none
+    /// applies. One line per connection, naming each dry-run policy and
+    /// whether it matched.
+    pub fn log_dry_run(&self, conn: &ConnectionInfo, enforced: &Decision) {
+        let Some(would) = self.dry_run(conn) else {
+            return;
+        };
+        let peer = Peer::of(conn);
+        let policies = self
+            .applied
+            .iter()
+            .filter(|p| p.dry_run)
+            .map(|p| {
+                let action = match p.action {
+                    Action::Allow => "ALLOW",
+                    Action::Deny => "DENY",
+                };
+                let matched = if p.matches_peer(conn, &peer) {
+                    "matched"
+                } else {
+                    "not matched"
+                };
+                format!("{} ({action}, {matched})", p.key())
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(
+            target: "authorization",
+            src = %conn.source_ip,
+            src.identity = conn.source_identity.as_ref().map(tracing::field::display),
+            dst = %conn.destination,
+            dry_run.policies = %policies,
+            dry_run.decision = %would,
+            decision = %enforced,
+            "dry-run authorization: {} if enforced, {} as enforced",
+            if would.is_allowed() { "allow" } else { "deny" },
+            if enforced.is_allowed() { "allow" } else { "deny" },
+        );
+    }
+
+    fn decide(&self, conn: &ConnectionInfo, with_dry_run: bool) -> Decision {
         if let Some(policy) = self.missing.first() {
             return Decision::MissingPolicy {
                 policy: policy.clone(),
             };
         }
         let peer = Peer::of(conn);
-        let (deny, allow): (Vec<_>, Vec<_>) =
-            self.applied.iter().partition(|p| p.action == Action::Deny);
+        let (deny, allow): (Vec<_>, Vec<_>) = self
+            .applied
+            .iter()
+            .filter(|p| with_dry_run || !p.dry_run)
+            .partition(|p| p.action == Action::Deny);
         if let Some(p) = deny.iter().find(|p| p.matches_peer(conn, &peer)) {
             return Decision::Denied { policy: p.key() };
         }
@@ -305,10 +370,9 @@ impl Authorization {
     }
 
     fn matches_peer(&self, conn: &ConnectionInfo, peer: &Peer<'_>) -> bool {
-        self.groups.iter().any(|group| {
-            group
-                .iter()
-                .all(|rule| rule.is_empty() || rule.iter().any(|m| m.matches(conn, peer)))
+        self.rules.iter().any(|rule| {
+            rule.iter()
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(conn, peer)))
         })
     }
 }
@@ -377,21 +441,21 @@ impl TryFrom<xds::Authorization> for Authorization {
             xds::Action::Allow => Action::Allow,
             xds::Action::Deny => Action::Deny,
         };
-        let groups = a
-            .groups
+        let rules = a
+            .rules
             .iter()
             .enumerate()
-            .map(|(g, group)| {
-                group
-                    .rules
+            .map(|(r, rule)| {
+                rule.clauses
                     .iter()
                     .enumerate()
-                    .map(|(r, rule)| {
-                        rule.matches
+                    .map(|(c, clause)| {
+                        clause
+                            .matches
                             .iter()
                             .enumerate()
                             .map(|(m, x)| {
-                                convert_match(&format!("groups[{g}].rules[{r}].matches[{m}]"), x)
+                                convert_match(&format!("rules[{r}].clauses[{c}].matches[{m}]"), x)
                             })
                             .collect::<Result<Vec<_>, _>>()
                     })
@@ -403,8 +467,8 @@ impl TryFrom<xds::Authorization> for Authorization {
             namespace: a.namespace,
             scope,
             action,
-            groups,
-            dry_run: false,
+            rules,
+            dry_run: a.dry_run,
         })
     }
 }

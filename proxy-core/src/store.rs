@@ -25,7 +25,7 @@ use shards::ShardedMap;
 
 pub use dump::SnapshotDump;
 pub use service::{
-    Endpoint, Endpoints, HealthPolicy, IpFamily, LoadBalancing, LoadBalancingMode,
+    AppProtocol, Endpoint, Endpoints, HealthPolicy, IpFamily, LoadBalancing, LoadBalancingMode,
     LoadBalancingScope, Service,
 };
 pub(crate) use workload::ip_from_bytes;

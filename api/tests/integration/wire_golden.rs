@@ -139,6 +139,7 @@ fn workload_matches_upstream_field_numbers() {
                 ports: vec![Port {
                     service_port: 9080,
                     target_port: 9081,
+                    app_protocol: AppProtocol::Grpc as i32,
                 }],
             },
         )]
@@ -191,12 +192,13 @@ fn workload_matches_upstream_field_numbers() {
         ),
         f(20, "Kubernetes//Pod/bookinfo/productpage-v1-abc"),
         f(21, "pp.example.com"),
-        // map entry: key = 1, value = 2 (PortList.ports = 1; Port: service_port = 1, target_port = 2)
+        // map entry: key = 1, value = 2 (PortList.ports = 1; Port: service_port = 1,
+        // target_port = 2, app_protocol = 3)
         f(
             22,
             cat(&[
                 f(1, "bookinfo/productpage.bookinfo.svc.cluster.local"),
-                f(2, f(1, cat(&[v(1, 9080), v(2, 9081)]))),
+                f(2, f(1, cat(&[v(1, 9080), v(2, 9081), v(3, 3)]))), // GRPC 3
             ]),
         ),
         f(23, cat(&[v(1, 1), v(2, 15088)])), // ApplicationTunnel: protocol = 1 (PROXY), port = 2
@@ -228,6 +230,7 @@ fn service_matches_upstream_field_numbers() {
         ports: vec![Port {
             service_port: 80,
             target_port: 9080,
+            app_protocol: AppProtocol::Http2 as i32,
         }],
         subject_alt_names: vec!["spiffe://cluster.local/ns/bookinfo/sa/pp".into()],
         waypoint: Some(waypoint()),
@@ -243,13 +246,14 @@ fn service_matches_upstream_field_numbers() {
         ip_families: IpFamilies::Dual as i32,
         extensions: vec![extension()],
         canonical: true,
+        ingress_use_waypoint: true,
     };
     let want = cat(&[
         f(1, "productpage"),
         f(2, "bookinfo"),
         f(3, "productpage.bookinfo.svc.cluster.local"),
         f(4, cat(&[f(1, "net1"), f(2, [10, 96, 0, 10])])),
-        f(5, cat(&[v(1, 80), v(2, 9080)])),
+        f(5, cat(&[v(1, 80), v(2, 9080), v(3, 2)])), // Port.app_protocol = 3: HTTP2 2
         f(6, "spiffe://cluster.local/ns/bookinfo/sa/pp"),
         f(7, waypoint_wire()),
         // LoadBalancing: routing_preference = 1 (packed: ZONE 2, NODE 4), mode = 2 (FAILOVER 2),
@@ -257,7 +261,8 @@ fn service_matches_upstream_field_numbers() {
         f(8, cat(&[f(1, packed(&[2, 4])), v(2, 2), v(3, 1), v(4, 1)])),
         v(9, 3), // DUAL
         f(10, extension_wire()),
-        v(11, 1),
+        v(11, 1), // canonical
+        v(12, 1), // ingress_use_waypoint
     ]);
     assert_wire(&s, want.clone());
     let addr = Address {
@@ -299,9 +304,10 @@ fn authorization_matches_upstream_field_numbers() {
         namespace: "bookinfo".into(),
         scope: Scope::WorkloadSelector as i32,
         action: Action::Deny as i32,
-        groups: vec![Group {
-            rules: vec![Rules { matches: vec![m] }],
+        rules: vec![Rule {
+            clauses: vec![Clause { matches: vec![m] }],
         }],
+        dry_run: true,
     };
     let addr = |a: [u8; 4], l| cat(&[f(1, a), v(2, l)]);
     let match_wire = cat(&[
@@ -323,10 +329,82 @@ fn authorization_matches_upstream_field_numbers() {
         f(2, "bookinfo"),
         v(3, 2), // WORKLOAD_SELECTOR
         v(4, 1), // DENY
-        // groups = 5 -> Group.rules = 1 -> Rules.matches = 2
+        // rules = 5 -> Rule.clauses = 1 -> Clause.matches = 2
         f(5, f(1, f(2, match_wire))),
+        v(6, 1), // dry_run
     ]);
     assert_wire(&auth, want);
+}
+
+/// Every enum value the workload API defines beyond those the messages
+/// above use, each against its upstream number.
+#[test]
+fn workload_enum_values_match_upstream() {
+    use workload::*;
+    let tunnel = |t: TunnelProtocol| Workload {
+        tunnel_protocol: t as i32,
+        ..Default::default()
+    };
+    assert_wire(&tunnel(TunnelProtocol::None), vec![]);
+    assert_wire(&tunnel(TunnelProtocol::LegacyIstioMtls), v(5, 2));
+    for (p, n) in [
+        (AppProtocol::Unknown, 0),
+        (AppProtocol::Http11, 1),
+        (AppProtocol::Http2, 2),
+        (AppProtocol::Grpc, 3),
+        (AppProtocol::Tcp, 4),
+        (AppProtocol::Tls, 5),
+    ] {
+        let port = Port {
+            service_port: 1,
+            target_port: 0,
+            app_protocol: p as i32,
+        };
+        let want = if n == 0 {
+            v(1, 1)
+        } else {
+            cat(&[v(1, 1), v(3, n)])
+        };
+        assert_wire(&port, want);
+    }
+    for (s, n) in [
+        (load_balancing::Scope::Region, 1),
+        (load_balancing::Scope::Subzone, 3),
+        (load_balancing::Scope::Cluster, 5),
+        (load_balancing::Scope::Network, 6),
+    ] {
+        let lb = LoadBalancing {
+            routing_preference: vec![s as i32],
+            mode: load_balancing::Mode::Passthrough as i32,
+            health_policy: 0,
+            dns_connect_strategy: 0,
+        };
+        assert_wire(&lb, cat(&[f(1, packed(&[n])), v(2, 3)]));
+    }
+    for (family, n) in [(IpFamilies::Ipv4Only, 1), (IpFamilies::Ipv6Only, 2)] {
+        let s = Service {
+            ip_families: family as i32,
+            ..Default::default()
+        };
+        assert_wire(&s, v(9, n));
+    }
+    for (t, n) in [
+        (WorkloadType::Deployment, 0),
+        (WorkloadType::Cronjob, 1),
+        (WorkloadType::Job, 3),
+    ] {
+        let w = Workload {
+            workload_type: t as i32,
+            ..Default::default()
+        };
+        assert_wire(&w, if n == 0 { vec![] } else { v(12, n) });
+    }
+    let allow = security::Authorization {
+        scope: security::Scope::Namespace as i32,
+        action: security::Action::Allow as i32,
+        ..Default::default()
+    };
+    assert_wire(&allow, v(3, 1)); // NAMESPACE 1; ALLOW 0 is not encoded
 }
 
 #[test]
@@ -408,6 +486,107 @@ fn delta_discovery_matches_upstream_field_numbers() {
         f(6, "ns/old"),
     ]);
     assert_wire(&resp, want);
+}
+
+/// The state-of-the-world messages and the fields the delta test leaves
+/// unset (Node.metadata / build_version, Resource.aliases / ttl /
+/// cache_control, Status.details), against Envoy's numbers.
+#[test]
+fn sotw_discovery_and_remaining_fields_match_upstream_field_numbers() {
+    use discovery::*;
+    use prost_types::{Struct, Value, value::Kind};
+    let node = Node {
+        id: "n".into(),
+        cluster: "c".into(),
+        metadata: Some(Struct {
+            fields: [(
+                "ISTIO_VERSION".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue("1".into())),
+                },
+            )]
+            .into(),
+        }),
+        build_version: "b".into(),
+    };
+    // Node: id = 1, cluster = 2, metadata = 3 (Struct.fields = 1, Value.string_value = 3),
+    // build_version = 5 (4 is reserved)
+    let node_wire = cat(&[
+        f(1, "n"),
+        f(2, "c"),
+        f(3, f(1, cat(&[f(1, "ISTIO_VERSION"), f(2, f(3, "1"))]))),
+        f(5, "b"),
+    ]);
+    let status = api::rpc::Status {
+        code: 13,
+        message: "m".into(),
+        details: vec![prost_types::Any {
+            type_url: EMPTY_URL.into(),
+            value: vec![],
+        }],
+    };
+    // Status: code = 1, message = 2, details = 3
+    let status_wire = cat(&[v(1, 13), f(2, "m"), f(3, f(1, EMPTY_URL))]);
+    let req = DiscoveryRequest {
+        version_info: "v1".into(),
+        node: Some(node),
+        resource_names: vec!["a".into(), "b".into()],
+        type_url: api::type_url::ADDRESS.into(),
+        response_nonce: "n1".into(),
+        error_detail: Some(status),
+    };
+    assert_wire(
+        &req,
+        cat(&[
+            f(1, "v1"),
+            f(2, node_wire),
+            f(3, "a"),
+            f(3, "b"),
+            f(4, "type.googleapis.com/istio.workload.Address"),
+            f(5, "n1"),
+            f(6, status_wire),
+        ]),
+    );
+    let resp = DiscoveryResponse {
+        version_info: "v2".into(),
+        resources: vec![prost_types::Any {
+            type_url: EMPTY_URL.into(),
+            value: vec![],
+        }],
+        canary: true,
+        type_url: api::type_url::ADDRESS.into(),
+        nonce: "n2".into(),
+    };
+    assert_wire(
+        &resp,
+        cat(&[
+            f(1, "v2"),
+            f(2, f(1, EMPTY_URL)),
+            v(3, 1),
+            f(4, "type.googleapis.com/istio.workload.Address"),
+            f(5, "n2"),
+        ]),
+    );
+    let resource = Resource {
+        version: "h".into(),
+        resource: None,
+        name: "ns/x".into(),
+        aliases: vec!["alias".into()],
+        ttl: Some(duration(30, 5)),
+        cache_control: Some(resource::CacheControl { do_not_cache: true }),
+    };
+    // Resource: version = 1, name = 3, aliases = 4, ttl = 6 (Duration: seconds = 1,
+    // nanos = 2), cache_control = 7 (do_not_cache = 1)
+    assert_wire(
+        &resource,
+        cat(&[
+            f(1, "h"),
+            f(3, "ns/x"),
+            f(4, "alias"),
+            f(6, duration_wire(30, 5)),
+            f(7, v(1, 1)),
+        ]),
+    );
 }
 
 #[test]

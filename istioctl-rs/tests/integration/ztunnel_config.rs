@@ -504,6 +504,7 @@ fn admin_store() -> WorkloadStore {
                 ports: vec![api::workload::Port {
                     service_port: 80,
                     target_port: 8080,
+                    app_protocol: 0,
                 }],
                 ..Default::default()
             })

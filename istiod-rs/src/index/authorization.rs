@@ -7,14 +7,23 @@
 //! - scope: a selector -> WORKLOAD_SELECTOR (listed on the workloads it
 //!   selects, in its namespace or, from the root namespace, in any);
 //!   otherwise NAMESPACE, or GLOBAL in the root namespace.
-//! - each rule becomes one group: a `to` clause (its operations), a `from`
+//! - each rule becomes one `Rule`: a `to` clause (its operations), a `from`
 //!   clause (its sources) and one clause per `when` condition, all ANDed.
 //! - principals keep the user's text without `spiffe://` (ztunnel strips
 //!   that prefix from the peer identity before matching); `*` is presence,
 //!   `*x` a suffix and `x*` a prefix match, as for namespaces.
 //! - `targetRef(s)` policies belong to waypoints: [`super::l7`] decides what
-//!   ztunnel does about them. `istio.io/dry-run: "true"` policies are not
-//!   enforced.
+//!   ztunnel does about them.
+//! - `istio.io/dry-run` (read as Go's strconv.ParseBool, as upstream's
+//!   `isDryRun` in pilot/pkg/security/authz/builder/builder.go; a value it
+//!   cannot read leaves the policy enforced, the stricter reading): the
+//!   policy is served with `dry_run` set, and ztunnel evaluates it and logs
+//!   what it would decide without enforcing it (upstream ztunnel's
+//!   `Authorization.dry_run`, src/rbac.rs). Upstream istiod's ambient index
+//!   (`PolicyCollections`, pilot/pkg/serviceregistry/kube/controller/ambient/
+//!   policies.go, in the version read) leaves such policies out of the
+//!   workload API altogether; we serve them so that the dry run shows
+//!   something.
 //!
 //! Where we differ from upstream, always towards denying more (the
 //! fail-closed semantics in ARCHITECTURE.md):
@@ -47,7 +56,7 @@ use std::net::IpAddr;
 use api::crd::{AuthorizationAction, AuthorizationPolicy, Condition, Rule};
 use api::manifest::Kind;
 use api::security::{
-    Action, Address, Authorization, Group, Match, Rules, Scope, ServiceAccountMatch, StringMatch,
+    Action, Address, Authorization, Clause, Match, Scope, ServiceAccountMatch, StringMatch,
     string_match::MatchType,
 };
 
@@ -184,12 +193,12 @@ pub(super) fn convert(
         }
     }
     let action = action?;
-    if targets_waypoints(policy) || dry_run(policy) {
+    if targets_waypoints(policy) {
         return None;
     }
 
     let mut http_attributes = BTreeSet::new();
-    let mut groups = Vec::new();
+    let mut rules = Vec::new();
     for rule in read {
         let fails = !rule.http.is_empty() || !rule.invalid.is_empty();
         http_attributes.extend(rule.http.iter().cloned());
@@ -197,8 +206,8 @@ pub(super) fn convert(
         if action == Action::Allow && fails {
             continue;
         }
-        groups.push(Group {
-            rules: rule.clauses(),
+        rules.push(api::security::Rule {
+            clauses: rule.clauses(),
         });
     }
     if !http_attributes.is_empty() {
@@ -223,7 +232,8 @@ pub(super) fn convert(
             namespace,
             scope: scope as i32,
             action: action as i32,
-            groups,
+            rules,
+            dry_run: dry_run(policy),
         },
         selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
     })
@@ -287,16 +297,16 @@ impl ReadRule {
     /// The rule's clauses with everything left out removed as if absent:
     /// exactly the rule for a rule that lost nothing, and one that matches
     /// more (possibly every connection: no clause) for one that did.
-    fn clauses(self) -> Vec<Rules> {
+    fn clauses(self) -> Vec<Clause> {
         let mut clauses = Vec::new();
         for entries in [self.to, self.from] {
             if !entries.is_empty() && !entries.iter().any(ReadEntry::unconstrained) {
-                clauses.push(Rules {
+                clauses.push(Clause {
                     matches: entries.into_iter().map(|e| e.m).collect(),
                 });
             }
         }
-        clauses.extend(self.when.into_iter().map(|m| Rules { matches: vec![m] }));
+        clauses.extend(self.when.into_iter().map(|m| Clause { matches: vec![m] }));
         clauses
     }
 }
@@ -634,9 +644,9 @@ mod tests {
         let a = a.expect("the ALLOW policy is still served");
         assert_eq!(a.action, Action::Allow as i32);
         // Only the second rule is left.
-        assert_eq!(a.groups.len(), 1);
+        assert_eq!(a.rules.len(), 1);
         assert_eq!(
-            a.groups[0].rules[0].matches[0].namespaces,
+            a.rules[0].clauses[0].matches[0].namespaces,
             string_matches(&["shop".into()])
         );
         assert!(matches!(
@@ -648,7 +658,7 @@ mod tests {
         ));
         // One bad rule alone: the policy still applies, with nothing allowed.
         let (a, _) = converted("spec:\n  rules:\n  - to: [{operation: {ports: [http]}}]\n");
-        assert_eq!(a.expect("served").groups, []);
+        assert_eq!(a.expect("served").rules, []);
     }
 
     #[test]
@@ -657,14 +667,14 @@ mod tests {
         let (a, _) = converted(
             "spec:\n  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/33], principals: [x]}}]\n    to: [{operation: {ports: [\"5432\"]}}]\n",
         );
-        let groups = a.unwrap().groups;
-        assert_eq!(groups.len(), 1);
-        let rules = &groups[0].rules;
-        assert_eq!(rules.len(), 2);
-        assert_eq!(rules[0].matches[0].destination_ports, [5432]);
-        assert_eq!(rules[1].matches[0].source_ips, []);
+        let rules = a.unwrap().rules;
+        assert_eq!(rules.len(), 1);
+        let clauses = &rules[0].clauses;
+        assert_eq!(clauses.len(), 2);
+        assert_eq!(clauses[0].matches[0].destination_ports, [5432]);
+        assert_eq!(clauses[1].matches[0].source_ips, []);
         assert_eq!(
-            rules[1].matches[0].principals,
+            clauses[1].matches[0].principals,
             string_matches(&["x".into()])
         );
 
@@ -673,7 +683,7 @@ mod tests {
         let (a, problems) = converted(
             "spec:\n  action: DENY\n  rules:\n  - from: [{source: {ipBlocks: [bad]}}, {source: {namespaces: [a]}}]\n    when: [{key: destination.port, values: [\"80\", \"99999\"]}]\n",
         );
-        assert_eq!(a.unwrap().groups, [Group { rules: vec![] }]);
+        assert_eq!(a.unwrap().rules, [api::security::Rule { clauses: vec![] }]);
         let removed: Vec<_> = problems.iter().map(|p| p.effect().to_string()).collect();
         assert!(removed[0].contains("as if rules[0].from[0].source.ipBlocks were absent"));
         assert!(removed[1].contains("as if rules[0].when[0] were absent"));
@@ -686,7 +696,7 @@ mod tests {
         );
         let a = a.unwrap();
         assert_eq!(a.action, Action::Deny as i32);
-        assert_eq!(a.groups[0].rules[0].matches[0].destination_ports, [80]);
+        assert_eq!(a.rules[0].clauses[0].matches[0].destination_ports, [80]);
         assert_eq!(problems.len(), 2, "{problems:?}");
         let (a, problems) = converted("spec:\n  action: AUDIT\n  rules: [{}]\n");
         assert!(a.is_none());

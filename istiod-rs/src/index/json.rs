@@ -152,7 +152,13 @@ fn gateway_json(g: &Option<GatewayAddress>) -> Value {
 fn ports_json(ports: &[workload::Port]) -> Value {
     ports
         .iter()
-        .map(|p| json!({"servicePort": p.service_port, "targetPort": p.target_port}))
+        .map(|p| {
+            let mut o = json!({"servicePort": p.service_port, "targetPort": p.target_port});
+            if p.app_protocol() != workload::AppProtocol::Unknown {
+                o["appProtocol"] = p.app_protocol().as_str_name().into();
+            }
+            o
+        })
         .collect()
 }
 
@@ -227,6 +233,8 @@ fn service_json(s: &workload::Service) -> Value {
             }),
         )
         .name("ipFamilies", s.ip_families().as_str_name())
+        .put("canonical", s.canonical)
+        .put("ingressUseWaypoint", s.ingress_use_waypoint)
         .done()
 }
 
@@ -270,18 +278,18 @@ fn match_json(m: &security::Match) -> Value {
 }
 
 fn authorization_json(a: &Authorization) -> Value {
-    // Groups and rules are kept even when empty: an empty rule list means
+    // Rules and clauses are kept even when empty: an empty clause list means
     // "matches everything", which a reader must see.
-    let groups: Vec<Value> = a
-        .groups
+    let rules: Vec<Value> = a
+        .rules
         .iter()
-        .map(|g| {
-            let rules: Vec<Value> = g
-                .rules
+        .map(|rule| {
+            let clauses: Vec<Value> = rule
+                .clauses
                 .iter()
-                .map(|r| json!({"matches": r.matches.iter().map(match_json).collect::<Vec<_>>()}))
+                .map(|c| json!({"matches": c.matches.iter().map(match_json).collect::<Vec<_>>()}))
                 .collect();
-            json!({ "rules": rules })
+            json!({ "clauses": clauses })
         })
         .collect();
     let mut o = Obj::default()
@@ -290,7 +298,10 @@ fn authorization_json(a: &Authorization) -> Value {
         .name("scope", a.scope().as_str_name())
         .name("action", a.action().as_str_name())
         .done();
-    o["groups"] = Value::Array(groups);
+    o["rules"] = Value::Array(rules);
+    if a.dry_run {
+        o["dryRun"] = Value::Bool(true);
+    }
     o
 }
 

@@ -58,7 +58,7 @@ use std::collections::BTreeSet;
 use api::crd::{AuthorizationAction, AuthorizationPolicy, PolicyTargetReference};
 use api::labels;
 use api::manifest::{Kind, ObjectKey};
-use api::security::{Action, Authorization, Group, Match, Rules, Scope, StringMatch};
+use api::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
 
 use super::problem::{Effect, PolicyProblem, PolicyRef, Unserved};
 use super::selectors::{Labels, subset_of};
@@ -662,7 +662,7 @@ impl L7Rules {
     /// some do (`exempt`, see [`exemption`]).
     pub fn authorizations<'a>(
         &'a self,
-        exempt: impl Fn(&L7Rule) -> Option<Rules> + 'a,
+        exempt: impl Fn(&L7Rule) -> Option<Clause> + 'a,
     ) -> impl Iterator<Item = (&'a str, Authorization)> + 'a {
         self.rules.iter().filter_map(move |r| {
             let key = r.deny_key.as_deref()?;
@@ -674,9 +674,10 @@ impl L7Rules {
                     namespace: namespace.to_string(),
                     scope: Scope::WorkloadSelector as i32,
                     action: Action::Deny as i32,
-                    groups: vec![Group {
-                        rules: exempt(r).into_iter().collect(),
+                    rules: vec![Rule {
+                        clauses: exempt(r).into_iter().collect(),
                     }],
+                    dry_run: false,
                 },
             ))
         })
@@ -743,7 +744,7 @@ fn workloads_scope(ctx: &Context<'_>, namespace: &str, selector: Option<&Labels>
 /// (a DENY stops denying their connections; a connection without identity
 /// still matches it), or, for an ALLOW, `principals` (an extra group
 /// admitting them). `None` when no waypoint enforces it.
-pub(super) fn exemption(principals: Vec<StringMatch>, allow: bool) -> Option<Rules> {
+pub(super) fn exemption(principals: Vec<StringMatch>, allow: bool) -> Option<Clause> {
     if principals.is_empty() {
         return None;
     }
@@ -758,7 +759,7 @@ pub(super) fn exemption(principals: Vec<StringMatch>, allow: bool) -> Option<Rul
             ..Match::default()
         }
     };
-    Some(Rules { matches: vec![m] })
+    Some(Clause { matches: vec![m] })
 }
 
 fn policy_target_refs(policy: &AuthorizationPolicy) -> Vec<TargetRef> {

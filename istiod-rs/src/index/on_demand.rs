@@ -825,7 +825,7 @@ spec:
     // only the waypoints that enforce them.
 
     use api::l7::Waypoint as WaypointConfig;
-    use api::security::{Authorization, Group, Match, Rules, StringMatch};
+    use api::security::{Authorization, Clause, Match, Rule, StringMatch};
     use api::type_url;
     use prost::Message;
 
@@ -895,7 +895,7 @@ spec:
             "AuthorizationPolicy shop/api-only"
         );
         let a = authorization(&t, "shop/api-only");
-        assert!(a.groups.is_empty(), "{a:?}");
+        assert!(a.rules.is_empty(), "{a:?}");
         assert!(rule(&t, "api-only").enforced_by.is_empty());
         assert_eq!(
             reasons(&t, "api-only"),
@@ -907,7 +907,7 @@ spec:
 
         // The waypoint exists, its instance is not ready: still no exemption.
         let t = run(&with_planned("", "reviews", PATHS_ALLOW, false));
-        assert!(authorization(&t, "shop/api-only").groups.is_empty());
+        assert!(authorization(&t, "shop/api-only").rules.is_empty());
         assert!(rule(&t, "api-only").enforced_by.is_empty());
         assert!(
             reasons(&t, "api-only")
@@ -939,9 +939,9 @@ spec:
         );
         let a = authorization(&t, "shop/api-only");
         assert_eq!(
-            a.groups,
-            [Group {
-                rules: vec![Rules {
+            a.rules,
+            [Rule {
+                clauses: vec![Clause {
                     matches: vec![Match {
                         principals: vec![principal("cluster.local/ns/shop/sa/reviews-waypoint")],
                         ..Match::default()
@@ -987,7 +987,7 @@ spec:
   action: DENY
   rules: [{from: [{source: {namespaces: [other]}}], to: [{operation: {paths: ["/admin"]}}]}]
 "#;
-        let not_waypoint = Rules {
+        let not_waypoint = Clause {
             matches: vec![Match {
                 not_principals: vec![principal("cluster.local/ns/shop/sa/reviews-waypoint")],
                 ..Match::default()
@@ -995,13 +995,13 @@ spec:
         };
         let t = run(&cluster("", "", "reviews", deny));
         let before = authorization(&t, "shop/no-admin");
-        assert_eq!(before.groups.len(), 1);
-        assert!(!before.groups[0].rules.contains(&not_waypoint));
+        assert_eq!(before.rules.len(), 1);
+        assert!(!before.rules[0].clauses.contains(&not_waypoint));
         let t = run(&with_planned("", "reviews", deny, true));
         let after = authorization(&t, "shop/no-admin");
-        let mut want = before.groups[0].rules.clone();
+        let mut want = before.rules[0].clauses.clone();
         want.push(not_waypoint);
-        assert_eq!(after.groups, [Group { rules: want }]);
+        assert_eq!(after.rules, [Rule { clauses: want }]);
     }
 
     const NAMESPACE_JWT: &str = r#"---
@@ -1025,8 +1025,8 @@ spec:
         );
         let stand_in = "shop/unserved_l7_requestauthentication_jwt";
         assert_eq!(
-            authorization(&t, stand_in).groups,
-            [Group { rules: vec![] }]
+            authorization(&t, stand_in).rules,
+            [Rule { clauses: vec![] }]
         );
         let t = run(&with_planned("", "ratings", NAMESPACE_JWT, true));
         let r = rule(&t, "jwt");
@@ -1061,9 +1061,9 @@ spec:
         );
         // Still listed by the covered workloads, sparing only the waypoints.
         assert_eq!(
-            authorization(&t, stand_in).groups,
-            [Group {
-                rules: vec![Rules {
+            authorization(&t, stand_in).rules,
+            [Rule {
+                clauses: vec![Clause {
                     matches: vec![Match {
                         not_principals: vec![
                             principal("cluster.local/ns/shop/sa/ratings-waypoint"),
@@ -1184,7 +1184,7 @@ status: {phase: Running, podIP: 10.40.0.3, conditions: [{type: Ready, status: "T
             PATHS_ALLOW,
         ));
         assert!(t.on_demand.waypoints.is_empty());
-        assert!(authorization(&t, "shop/api-only").groups.is_empty());
+        assert!(authorization(&t, "shop/api-only").rules.is_empty());
         assert_eq!(
             reasons(&t, "api-only"),
             [
@@ -1237,7 +1237,7 @@ spec:
                 .all(|w| w.authorizations == ["shop/api-only"])
         );
         assert_eq!(
-            authorization(&t, "shop/api-only").groups[0].rules[0].matches[0].principals,
+            authorization(&t, "shop/api-only").rules[0].clauses[0].matches[0].principals,
             [principal("cluster.local/ns/shop/sa/mine")]
         );
     }

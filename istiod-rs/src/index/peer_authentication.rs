@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use api::crd::{MtlsMode, MutualTls, PeerAuthentication};
 use api::manifest::Kind;
 use api::security::string_match::MatchType;
-use api::security::{Action, Authorization, Group, Match, Rules, Scope, StringMatch};
+use api::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::authorization::{PORT, parse_port};
@@ -236,11 +236,12 @@ impl<'a> PeerAuthentications<'a> {
             namespace: self.root_namespace.clone(),
             scope: Scope::WorkloadSelector as i32,
             action: Action::Deny as i32,
-            groups: vec![Group {
-                rules: vec![Rules {
+            rules: vec![Rule {
+                clauses: vec![Clause {
                     matches: vec![deny_without_identity(Vec::new())],
                 }],
             }],
+            dry_run: false,
         }];
         let root = oldest(self.mesh());
         for policies in self.by_namespace.values() {
@@ -269,10 +270,10 @@ impl<'a> PeerAuthentications<'a> {
         let top = p.mode;
         let ns_mode = ns_cfg.map(|c| c.mode);
         let root_mode = root_cfg.map(|c| c.mode);
+        let mut clauses = Vec::new();
         let mut rules = Vec::new();
-        let mut groups = Vec::new();
         if top == Mode::Strict {
-            rules.push(Rules {
+            clauses.push(Clause {
                 matches: vec![deny_without_identity(Vec::new())],
             });
         }
@@ -288,8 +289,8 @@ impl<'a> PeerAuthentications<'a> {
                     if inherited_strict {
                         continue;
                     }
-                    groups.push(Group {
-                        rules: vec![Rules {
+                    rules.push(Rule {
+                        clauses: vec![Clause {
                             matches: vec![deny_without_identity(vec![*port])],
                         }],
                     });
@@ -307,7 +308,7 @@ impl<'a> PeerAuthentications<'a> {
                     }
                     found_non_strict_port = true;
                     // Deny unless the connection is to this port.
-                    rules.push(Rules {
+                    clauses.push(Clause {
                         matches: vec![Match {
                             not_destination_ports: vec![*port],
                             ..Default::default()
@@ -320,26 +321,27 @@ impl<'a> PeerAuthentications<'a> {
         if top == Mode::Strict && !found_non_strict_port {
             return None;
         }
-        if rules.is_empty() && groups.is_empty() {
+        if clauses.is_empty() && rules.is_empty() {
             return None;
         }
         let merge_strict = (root_mode == Some(Mode::Strict)
             && matches!(ns_mode, None | Some(Mode::Unset) | Some(Mode::Strict)))
             || ns_mode == Some(Mode::Strict);
         if merge_strict && found_non_strict_port {
-            rules.push(Rules {
+            clauses.push(Clause {
                 matches: vec![deny_without_identity(Vec::new())],
             });
         }
-        if !rules.is_empty() {
-            groups.push(Group { rules });
+        if !clauses.is_empty() {
+            rules.push(Rule { clauses });
         }
         Some(Authorization {
             name: converted_name(p.pa),
             namespace: namespace.to_string(),
             scope: Scope::WorkloadSelector as i32,
             action: Action::Deny as i32,
-            groups,
+            rules,
+            dry_run: false,
         })
     }
 

@@ -7,14 +7,21 @@
 //! names a container port, resolved per pod in the workload's `services`
 //! map. A pod backs a service whose non-empty selector its labels satisfy,
 //! or (services without selectors) whose EndpointSlices reference it.
+//!
+//! Also as upstream's `constructService` (istio/istio
+//! pilot/pkg/serviceregistry/kube/controller/ambient/services.go): every
+//! Kubernetes Service is `canonical`; each port's `app_protocol` is what
+//! `toAppProtocolFromKube` makes of it ([`app_protocol`]). The index sets
+//! `ingress_use_waypoint` once the waypoint is known ([`ingress_use_waypoint`],
+//! upstream's `ingressUseWaypointFromLabels`).
 
 use std::collections::BTreeMap;
 
 use api::workload::{
-    IpFamilies, LoadBalancing, NetworkAddress, Port, PortList,
+    AppProtocol, IpFamilies, LoadBalancing, NetworkAddress, Port, PortList,
     load_balancing::{HealthPolicy, Mode, Scope},
 };
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort as KubePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -33,6 +40,7 @@ struct ServicePort {
     /// 0 when the target is a container port name.
     target: u32,
     target_name: Option<String>,
+    app_protocol: AppProtocol,
 }
 
 /// A service and what is needed to list it on its workloads.
@@ -73,6 +81,7 @@ impl ServiceEntry<'_> {
                 Some(Port {
                     service_port: p.port,
                     target_port: target,
+                    app_protocol: AppProtocol::Unknown as i32,
                 })
             })
             .collect();
@@ -140,6 +149,7 @@ impl<'a> Services<'a> {
                         port: p.port as u32,
                         target,
                         target_name,
+                        app_protocol: app_protocol(p),
                     }
                 })
                 .collect();
@@ -159,10 +169,13 @@ impl<'a> Services<'a> {
                     .map(|p| Port {
                         service_port: p.port,
                         target_port: p.target,
+                        app_protocol: p.app_protocol as i32,
                     })
                     .collect(),
                 load_balancing: load_balancing(svc),
                 ip_families: ip_families(svc) as i32,
+                // A Kubernetes Service is canonical for its hostname.
+                canonical: true,
                 ..Default::default()
             };
             services.entries.push(ServiceEntry {
@@ -295,4 +308,113 @@ fn load_balancing(svc: &Service) -> Option<LoadBalancing> {
         lb.get_or_insert_with(LoadBalancing::default).health_policy = HealthPolicy::AllowAll as i32;
     }
     lb
+}
+
+/// What a service port speaks, as upstream's `toAppProtocolFromKube`:
+/// upstream's `ConvertProtocol` (pkg/config/kube/conversion.go; the name
+/// from [`protocol_name`], read as the waypoint's port protocol is but
+/// without our additions such as `h2c`) gives the protocol, of which `toAppProtocolFromProtocol` keeps HTTP (HTTP11),
+/// HTTP2 and GRPC; anything else (gRPC-Web, TCP, TLS, unknown, non-TCP
+/// ports) is UNKNOWN.
+pub(super) fn app_protocol(port: &KubePort) -> AppProtocol {
+    let Some(name) = protocol_name(port) else {
+        return AppProtocol::Unknown;
+    };
+    if name.starts_with("grpc-web") {
+        return AppProtocol::Unknown;
+    }
+    match name.split('-').next().unwrap_or_default() {
+        "http" | "http_proxy" => AppProtocol::Http11,
+        "http2" => AppProtocol::Http2,
+        "grpc" => AppProtocol::Grpc,
+        _ => AppProtocol::Unknown,
+    }
+}
+
+/// The name upstream's `ConvertProtocol` reads a TCP port's protocol from,
+/// lowercased: `appProtocol` when set, else the port name. `None` for a
+/// port that is not TCP (UDP, SCTP).
+pub(super) fn protocol_name(port: &KubePort) -> Option<String> {
+    if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+        return None;
+    }
+    Some(
+        port.app_protocol
+            .as_deref()
+            .or(port.name.as_deref())
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    )
+}
+
+/// Whether ingress gateways are to use the service's waypoint, as upstream's
+/// `ingressUseWaypointFromLabels`: the Service's `istio.io/ingress-use-waypoint`
+/// label, else its namespace's, read as Go's `strconv.ParseBool` (a value
+/// that is not a boolean is false). Only meaningful with a waypoint bound:
+/// the caller asks only then, as upstream.
+pub(super) fn ingress_use_waypoint(service: &Labels, namespace: Option<&Labels>) -> bool {
+    let value = service
+        .get(api::labels::INGRESS_USE_WAYPOINT)
+        .or_else(|| namespace.and_then(|n| n.get(api::labels::INGRESS_USE_WAYPOINT)));
+    value.is_some_and(|v| matches!(v.as_str(), "1" | "t" | "T" | "true" | "TRUE" | "True"))
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    use super::*;
+
+    fn port(name: Option<&str>, app: Option<&str>, protocol: Option<&str>) -> KubePort {
+        KubePort {
+            name: name.map(str::to_string),
+            app_protocol: app.map(str::to_string),
+            protocol: protocol.map(str::to_string),
+            port: 8080,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn app_protocol_follows_app_protocol_then_the_name_prefix() {
+        let cases = [
+            (Some("http"), None, None, AppProtocol::Http11),
+            (Some("http-web"), None, None, AppProtocol::Http11),
+            (Some("HTTP2-x"), None, None, AppProtocol::Http2),
+            (Some("grpc"), None, None, AppProtocol::Grpc),
+            (Some("grpc-web"), None, None, AppProtocol::Unknown),
+            (Some("tcp"), None, None, AppProtocol::Unknown),
+            (Some("tls-x"), None, None, AppProtocol::Unknown),
+            (Some("web"), None, None, AppProtocol::Unknown),
+            (None, None, None, AppProtocol::Unknown),
+            // appProtocol wins over the name.
+            (Some("tcp"), Some("http"), None, AppProtocol::Http11),
+            (Some("http"), Some("grpc"), None, AppProtocol::Grpc),
+            (Some("http"), Some("tcp"), None, AppProtocol::Unknown),
+            // Not TCP: nothing is known of it.
+            (Some("http"), None, Some("UDP"), AppProtocol::Unknown),
+        ];
+        for (name, app, protocol, want) in cases {
+            assert_eq!(
+                app_protocol(&port(name, app, protocol)),
+                want,
+                "{name:?} {app:?} {protocol:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ingress_use_waypoint_reads_the_service_then_the_namespace() {
+        let l = |v: &str| {
+            Labels::from([(api::labels::INGRESS_USE_WAYPOINT.to_string(), v.to_string())])
+        };
+        let none = Labels::new();
+        assert!(ingress_use_waypoint(&l("true"), None));
+        assert!(ingress_use_waypoint(&l("T"), Some(&l("false"))));
+        assert!(ingress_use_waypoint(&none, Some(&l("1"))));
+        // The service's own label wins, even when false.
+        assert!(!ingress_use_waypoint(&l("false"), Some(&l("true"))));
+        // Not a Go boolean: false (the waypoint's name is a common mistake).
+        assert!(!ingress_use_waypoint(&l("my-waypoint"), None));
+        assert!(!ingress_use_waypoint(&l("yes"), None));
+        assert!(!ingress_use_waypoint(&none, None));
+    }
 }

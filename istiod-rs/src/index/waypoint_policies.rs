@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 
-use api::security::{Action, Authorization, Group, Match, Rules, Scope, StringMatch, string_match};
+use api::security::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match};
 
 use super::MeshConfig;
 use super::waypoints::{Waypoint, Waypoints};
@@ -96,14 +96,15 @@ impl WaypointPolicies {
                     namespace: namespace.to_string(),
                     scope: Scope::WorkloadSelector as i32,
                     action: Action::Allow as i32,
-                    groups: vec![Group {
-                        rules: vec![Rules {
+                    rules: vec![Rule {
+                        clauses: vec![Clause {
                             matches: vec![Match {
                                 principals,
                                 ..Match::default()
                             }],
                         }],
                     }],
+                    dry_run: false,
                 };
                 (w.key(), (format!("{namespace}/{name}"), authorization))
             })

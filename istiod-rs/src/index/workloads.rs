@@ -9,7 +9,11 @@
 //! instances and other managed gateways, sidecar-injected pods and
 //! host-network pods. As upstream, the node agent's
 //! `ambient.istio.io/redirection: enabled` annotation also means HBONE, and a
-//! pod labelled `networking.istio.io/tunnel: http` terminates HBONE itself.
+//! pod labelled `networking.istio.io/tunnel: http` terminates HBONE itself;
+//! a pod neither of these makes HBONE that carries
+//! `security.istio.io/tlsMode: istio` (a sidecar's) is LEGACY_ISTIO_MTLS
+//! (upstream's `setTunnelProtocol`, istio/istio
+//! pilot/pkg/serviceregistry/kube/controller/ambient/workloads.go).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -340,6 +344,11 @@ pub(super) fn workload(
         tunnel = TunnelProtocol::Hbone;
         native_tunnel = true;
     }
+    if tunnel == TunnelProtocol::None
+        && labels.get(labels::TLS_MODE).map(String::as_str) == Some(labels::TLS_MODE_ISTIO)
+    {
+        tunnel = TunnelProtocol::LegacyIstioMtls;
+    }
     let host_network = spec.and_then(|s| s.host_network) == Some(true);
     Workload {
         uid: ctx.mesh.pod_uid(namespace, &key.name),
@@ -409,6 +418,7 @@ pub(super) fn endpoint_slice_workloads(ctx: &Context<'_>) -> Vec<Workload> {
                 Some(api::workload::Port {
                     service_port,
                     target_port: target,
+                    app_protocol: api::workload::AppProtocol::Unknown as i32,
                 })
             })
             .collect();

@@ -151,6 +151,50 @@ fn condition(statuses: &Statuses, kind: Kind, name: &str) -> (String, bool, Stri
     )
 }
 
+/// A dry-run policy attached to ztunnel is served (ztunnel evaluates it
+/// and logs the outcome): Accepted, saying it is not enforced. One attached
+/// to waypoints is neither (waypoints do not evaluate dry runs).
+#[test]
+fn a_dry_run_policy_says_ztunnel_evaluates_it_without_enforcing_it() {
+    let yaml = format!(
+        "{CLUSTER}---\n{}",
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: trying-out, namespace: shop, annotations: {istio.io/dry-run: "true"}}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [other]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-trial, namespace: shop, annotations: {istio.io/dry-run: "1"}}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+"#
+    );
+    let s = desired(&yaml);
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "trying-out");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("ZtunnelAccepted", true, "Accepted")
+    );
+    assert_eq!(
+        message,
+        "dry run (istio.io/dry-run): ztunnel evaluates the policy and logs what it would decide, without enforcing it; attached to ztunnel"
+    );
+    let (t, ok, reason, message) = condition(&s, Kind::AuthorizationPolicy, "waypoint-trial");
+    assert_eq!(
+        (t.as_str(), ok, reason.as_str()),
+        ("WaypointAccepted", false, "UnsupportedValue")
+    );
+    assert!(
+        message.contains("neither enforced nor evaluated"),
+        "{message}"
+    );
+}
+
 #[test]
 fn every_policy_gets_upstreams_condition_and_reason() {
     let s = desired(CLUSTER);

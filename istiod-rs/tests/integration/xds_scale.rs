@@ -50,6 +50,7 @@ fn workload(i: usize, node: usize) -> Resource {
                     ports: vec![Port {
                         service_port: 80,
                         target_port: 8080,
+                        ..Default::default()
                     }],
                 },
             )]),
@@ -74,6 +75,7 @@ fn service(i: usize) -> Resource {
             ports: vec![Port {
                 service_port: 80,
                 target_port: 8080,
+                ..Default::default()
             }],
             ..Default::default()
         })),

@@ -41,7 +41,7 @@ fn policy(action: Action, groups: Vec<Vec<Vec<Match>>>) -> Arc<Authorization> {
         namespace: "ns".into(),
         scope: Scope::Namespace,
         action,
-        groups,
+        rules: groups,
         dry_run: false,
     })
 }
@@ -414,9 +414,10 @@ fn xds_policy(m: xds::Match) -> xds::Authorization {
         namespace: "ns".into(),
         scope: xds::Scope::WorkloadSelector as i32,
         action: xds::Action::Deny as i32,
-        groups: vec![xds::Group {
-            rules: vec![xds::Rules { matches: vec![m] }],
+        rules: vec![xds::Rule {
+            clauses: vec![xds::Clause { matches: vec![m] }],
         }],
+        dry_run: false,
     }
 }
 
@@ -445,7 +446,8 @@ fn converts_from_the_wire() {
     assert_eq!(a.key(), "ns/p");
     assert_eq!(a.scope, Scope::WorkloadSelector);
     assert_eq!(a.action, Action::Deny);
-    let m = &a.groups[0][0][0];
+    assert!(!a.dry_run);
+    let m = &a.rules[0][0][0];
     assert_eq!(m.principals, [StringMatch::Prefix("td/".into())]);
     assert_eq!(m.not_namespaces, [StringMatch::Presence()]);
     assert_eq!(m.source_ips, [net("10.0.0.0/8")]);
@@ -475,7 +477,7 @@ fn invalid_policies_are_refused_naming_the_field() {
                 }],
                 ..Default::default()
             }),
-            "groups[0].rules[0].matches[0].source_ips[0].address: 2 bytes",
+            "rules[0].clauses[0].matches[0].source_ips[0].address: 2 bytes",
         ),
         (
             xds_policy(xds::Match {
@@ -527,4 +529,147 @@ fn invalid_policies_are_refused_naming_the_field() {
         let err = Authorization::try_from(policy).unwrap_err().to_string();
         assert!(err.contains(want), "{err:?} should contain {want:?}");
     }
+}
+
+/// `policy` named `name`, dry-run.
+fn dry(name: &str, action: Action, rules: Vec<Vec<Vec<Match>>>) -> Arc<Authorization> {
+    Arc::new(Authorization {
+        name: name.into(),
+        dry_run: true,
+        ..(*policy(action, rules)).clone()
+    })
+}
+
+fn from_ns_a() -> Vec<Vec<Vec<Match>>> {
+    vec![vec![vec![Match {
+        namespaces: vec![exact("ns-a")],
+        ..Default::default()
+    }]]]
+}
+
+#[test]
+fn dry_run_is_read_from_the_wire() {
+    let mut x = xds_policy(xds::Match {
+        destination_ports: vec![80],
+        ..Default::default()
+    });
+    x.dry_run = true;
+    let a = Authorization::try_from(x).unwrap();
+    assert!(a.dry_run);
+    assert_eq!(serde_json::to_value(&a).unwrap()["dryRun"], true);
+}
+
+#[test]
+fn a_dry_run_deny_does_not_deny() {
+    let p = Policies::new(vec![dry("would-deny", Action::Deny, from_ns_a())]);
+    // It matches tls() (ns-a): enforced, the connection is still allowed.
+    assert_eq!(p.check(&tls()), Decision::AllowedByDefault);
+    assert_eq!(
+        p.dry_run(&tls()),
+        Some(Decision::Denied {
+            policy: "ns/would-deny".into()
+        })
+    );
+    // Not matched: it would not have changed anything either.
+    assert_eq!(p.dry_run(&tls_other()), Some(Decision::AllowedByDefault));
+}
+
+#[test]
+fn a_dry_run_allow_does_not_allow() {
+    // An enforced ALLOW for port 9090 only; the dry-run ALLOW would let ns-a in.
+    let enforced = policy(
+        Action::Allow,
+        vec![vec![vec![Match {
+            destination_ports: vec![9090],
+            ..Default::default()
+        }]]],
+    );
+    let would_allow = dry("would-allow", Action::Allow, from_ns_a());
+    let p = Policies::new(vec![enforced, would_allow.clone()]);
+    assert_eq!(p.check(&tls()), Decision::NotAllowed);
+    assert_eq!(
+        p.dry_run(&tls()),
+        Some(Decision::Allowed {
+            policy: "ns/would-allow".into()
+        })
+    );
+    // Alone, a dry-run ALLOW does not make "ALLOW policies apply" either:
+    // enforced, a peer it does not match is still allowed by default.
+    let alone = Policies::new(vec![would_allow]);
+    assert_eq!(alone.check(&tls_other()), Decision::AllowedByDefault);
+    assert_eq!(alone.dry_run(&tls_other()), Some(Decision::NotAllowed));
+}
+
+#[test]
+fn no_dry_run_policy_no_dry_run_decision() {
+    let p = Policies::new(vec![policy(Action::Deny, from_ns_a())]);
+    assert_eq!(p.dry_run(&tls()), None);
+    // A missing policy still decides first, dry run or not.
+    let missing = Policies {
+        applied: vec![dry("d", Action::Deny, from_ns_a())],
+        missing: vec!["ns/gone".into()],
+    };
+    assert!(matches!(
+        missing.check(&tls()),
+        Decision::MissingPolicy { .. }
+    ));
+}
+
+/// Captures what `log_dry_run` writes.
+fn logged(p: &Policies, conn: &ConnectionInfo) -> String {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let out = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || out.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || p.log_dry_run(conn, &p.check(conn)));
+    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+}
+
+#[test]
+fn dry_run_decisions_are_logged() {
+    let deny = Policies::new(vec![dry("would-deny", Action::Deny, from_ns_a())]);
+    let line = logged(&deny, &tls());
+    assert!(
+        line.contains("dry-run authorization: deny if enforced, allow as enforced"),
+        "{line}"
+    );
+    assert!(line.contains("ns/would-deny (DENY, matched)"), "{line}");
+    assert!(line.contains("deny (policy ns/would-deny)"), "{line}");
+
+    let allow = Policies::new(vec![
+        policy(
+            Action::Allow,
+            vec![vec![vec![Match {
+                destination_ports: vec![9090],
+                ..Default::default()
+            }]]],
+        ),
+        dry("would-allow", Action::Allow, from_ns_a()),
+    ]);
+    let line = logged(&allow, &tls());
+    assert!(
+        line.contains("dry-run authorization: allow if enforced, deny as enforced"),
+        "{line}"
+    );
+    assert!(line.contains("ns/would-allow (ALLOW, matched)"), "{line}");
+
+    // No dry-run policy: nothing logged.
+    assert_eq!(
+        logged(&Policies::new(vec![one(Match::default())]), &tls()),
+        ""
+    );
 }

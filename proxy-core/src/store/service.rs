@@ -38,6 +38,43 @@ pub struct Service {
     /// Preferred for hostname lookups from other namespaces.
     #[serde(skip)]
     pub canonical: bool,
+    /// Service port -> what it speaks, for the ports istiod knows it of.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
+    /// Ingress gateways are to send this service's traffic through its
+    /// waypoint. Carried for them; ztunnel-rs itself routes every client the
+    /// same way (see ARCHITECTURE.md).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ingress_use_waypoint: bool,
+}
+
+/// What a service port speaks (`istio.workload.AppProtocol`; UNKNOWN is
+/// left out of [`Service::app_protocols`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum AppProtocol {
+    #[serde(rename = "HTTP11")]
+    Http11,
+    #[serde(rename = "HTTP2")]
+    Http2,
+    #[serde(rename = "GRPC")]
+    Grpc,
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "TLS")]
+    Tls,
+}
+
+/// `value` of the `app_protocol` field named `field`: `None` for UNKNOWN,
+/// an error (the resource is refused) for a value this proxy does not know.
+pub(super) fn app_protocol(field: &str, value: i32) -> Result<Option<AppProtocol>, Error> {
+    Ok(match known::<xds::AppProtocol>(field, value)? {
+        xds::AppProtocol::Unknown => None,
+        xds::AppProtocol::Http11 => Some(AppProtocol::Http11),
+        xds::AppProtocol::Http2 => Some(AppProtocol::Http2),
+        xds::AppProtocol::Grpc => Some(AppProtocol::Grpc),
+        xds::AppProtocol::Tcp => Some(AppProtocol::Tcp),
+        xds::AppProtocol::Tls => Some(AppProtocol::Tls),
+    })
 }
 
 impl Service {
@@ -160,6 +197,12 @@ impl TryFrom<xds::Service> for Service {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let mut app_protocols = BTreeMap::new();
+        for (i, p) in s.ports.iter().enumerate() {
+            if let Some(a) = app_protocol(&format!("ports[{i}].app_protocol"), p.app_protocol)? {
+                app_protocols.insert(ports[i].service_port, a);
+            }
+        }
         let load_balancing = s.load_balancing.map(convert_load_balancing).transpose()?;
         let ip_families = match known::<xds::IpFamilies>("ip_families", s.ip_families)? {
             xds::IpFamilies::Automatic => None,
@@ -181,6 +224,8 @@ impl TryFrom<xds::Service> for Service {
             load_balancing,
             ip_families,
             canonical: s.canonical,
+            app_protocols,
+            ingress_use_waypoint: s.ingress_use_waypoint,
         })
     }
 }

@@ -59,6 +59,7 @@ fn xds_service(ns: &str, host: &str, vip: &str) -> xds::Service {
         ports: vec![xds::Port {
             service_port: 80,
             target_port: 8080,
+            app_protocol: 0,
         }],
         ..Default::default()
     }
@@ -74,7 +75,7 @@ fn policy(ns: &str, name: &str, scope: Scope) -> Authorization {
         namespace: ns.into(),
         scope,
         action: Action::Deny,
-        groups: vec![],
+        rules: vec![],
         dry_run: false,
     }
 }
@@ -99,6 +100,7 @@ fn converts_a_workload_with_defaults_and_typed_fields() {
             ports: vec![xds::Port {
                 service_port: 80,
                 target_port: 9090,
+                app_protocol: 0,
             }],
         },
     );
@@ -161,11 +163,27 @@ fn invalid_workloads_are_refused_naming_the_field() {
                         ports: vec![xds::Port {
                             service_port: 70000,
                             target_port: 1,
+                            app_protocol: 0,
                         }],
                     },
                 );
             }),
             "services[ns/h].ports[0].service_port: port 70000",
+        ),
+        (
+            Box::new(|w| {
+                w.services.insert(
+                    "ns/h".into(),
+                    xds::PortList {
+                        ports: vec![xds::Port {
+                            service_port: 80,
+                            target_port: 80,
+                            app_protocol: 9,
+                        }],
+                    },
+                );
+            }),
+            "services[ns/h].ports[0].app_protocol: unknown value 9",
         ),
         (
             Box::new(|w| {
@@ -221,11 +239,67 @@ fn invalid_services_are_refused_naming_the_field() {
             .contains("load_balancing.routing_preference[0]: unknown value 42")
     );
     let mut s = xds_service("ns", "h", "10.96.0.1");
+    s.ports[0].app_protocol = 6;
+    assert!(
+        Service::try_from(s)
+            .unwrap_err()
+            .to_string()
+            .contains("ports[0].app_protocol: unknown value 6")
+    );
+    let mut s = xds_service("ns", "h", "10.96.0.1");
     s.hostname.clear();
     assert_eq!(
         Service::try_from(s).unwrap_err().to_string(),
         "hostname is required"
     );
+}
+
+#[test]
+fn carries_app_protocols_ingress_use_waypoint_and_legacy_mtls() {
+    let mut x = xds_service("ns", "web.ns.svc.cluster.local", "10.96.0.1");
+    x.ports[0].app_protocol = xds::AppProtocol::Http2 as i32;
+    x.ports.push(xds::Port {
+        service_port: 81,
+        target_port: 81,
+        app_protocol: xds::AppProtocol::Unknown as i32,
+    });
+    x.ports.push(xds::Port {
+        service_port: 443,
+        target_port: 8443,
+        app_protocol: xds::AppProtocol::Tls as i32,
+    });
+    x.ingress_use_waypoint = true;
+    let s = Service::try_from(x).unwrap();
+    // UNKNOWN is left out.
+    assert_eq!(
+        s.app_protocols,
+        BTreeMap::from([(80, AppProtocol::Http2), (443, AppProtocol::Tls)])
+    );
+    assert!(s.ingress_use_waypoint);
+
+    let mut sidecar = xds_pod("ns", "sidecar", "10.0.0.9");
+    sidecar.tunnel_protocol = xds::TunnelProtocol::LegacyIstioMtls as i32;
+    let sidecar = Workload::try_from(sidecar).unwrap();
+    assert_eq!(sidecar.protocol, InboundProtocol::LegacyIstioMtls);
+
+    let store = WorkloadStore::new();
+    store.update(|b| {
+        b.insert_service(s);
+        b.insert_service(service("ns", "plain.ns.svc.cluster.local", "10.96.0.2"));
+        b.insert_workload(sidecar);
+    });
+    let json = serde_json::to_value(store.snapshot().dump()).unwrap();
+    assert_eq!(json["workloads"][0]["protocol"], "LegacyIstioMtls");
+    let plain = &json["services"][0];
+    assert_eq!(plain["hostname"], "plain.ns.svc.cluster.local");
+    assert!(plain.get("appProtocols").is_none(), "{plain}");
+    assert!(plain.get("ingressUseWaypoint").is_none(), "{plain}");
+    let web = &json["services"][1];
+    assert_eq!(
+        web["appProtocols"],
+        serde_json::json!({"80": "HTTP2", "443": "TLS"})
+    );
+    assert_eq!(web["ingressUseWaypoint"], true);
 }
 
 #[test]
@@ -465,7 +539,7 @@ fn policies_for_a_workload_are_global_namespace_and_its_selected_ones() {
 fn a_listed_policy_the_store_does_not_hold_denies_until_it_arrives() {
     let store = WorkloadStore::new();
     let allow_all = Authorization {
-        groups: vec![vec![]],
+        rules: vec![vec![]],
         action: crate::authorization::Action::Allow,
         ..policy("ns", "selected", Scope::WorkloadSelector)
     };

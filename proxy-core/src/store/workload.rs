@@ -74,6 +74,12 @@ pub enum InboundProtocol {
     /// HTTP/2 CONNECT over mutual TLS on port 15008.
     #[serde(rename = "HBONE")]
     Hbone,
+    /// A sidecar: accepts Istio's mutual TLS without a tunnel. ztunnel does
+    /// not originate that (as upstream's), so it reaches such a workload as it
+    /// reaches one outside the mesh: plain TCP, which the sidecar takes in
+    /// PERMISSIVE mode.
+    #[serde(rename = "LegacyIstioMtls")]
+    LegacyIstioMtls,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
@@ -315,6 +321,7 @@ impl TryFrom<xds::Workload> for Workload {
         let protocol = match known::<xds::TunnelProtocol>("tunnel_protocol", w.tunnel_protocol)? {
             xds::TunnelProtocol::None => InboundProtocol::Tcp,
             xds::TunnelProtocol::Hbone => InboundProtocol::Hbone,
+            xds::TunnelProtocol::LegacyIstioMtls => InboundProtocol::LegacyIstioMtls,
         };
         let status = match known::<xds::WorkloadStatus>("status", w.status)? {
             xds::WorkloadStatus::Healthy => HealthStatus::Healthy,
@@ -359,6 +366,7 @@ impl TryFrom<xds::Workload> for Workload {
                 .enumerate()
                 .map(|(i, p)| {
                     let field = format!("services[{key}].ports[{i}]");
+                    super::service::app_protocol(&format!("{field}.app_protocol"), p.app_protocol)?;
                     Ok(PortMapping {
                         service_port: port(format!("{field}.service_port"), p.service_port)?,
                         target_port: port(format!("{field}.target_port"), p.target_port)?,

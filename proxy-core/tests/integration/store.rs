@@ -31,6 +31,7 @@ fn pod(ns: &str, name: &str, ip: [u8; 4], services: &[&str]) -> Update<wl::Addre
                                 ports: vec![wl::Port {
                                     service_port: 80,
                                     target_port: 8080,
+                                    app_protocol: 0,
                                 }],
                             },
                         )
@@ -57,6 +58,7 @@ fn service(ns: &str, host: &str, vip: [u8; 4]) -> Update<wl::Address> {
                 ports: vec![wl::Port {
                     service_port: 80,
                     target_port: 0,
+                    app_protocol: 0,
                 }],
                 ..Default::default()
             })),
@@ -78,9 +80,10 @@ fn policy(
             namespace: ns.into(),
             scope: scope as i32,
             action: action as i32,
-            groups: vec![sec::Group {
-                rules: vec![sec::Rules { matches: vec![m] }],
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause { matches: vec![m] }],
             }],
+            dry_run: false,
         }),
     }
 }
@@ -337,4 +340,84 @@ fn a_listed_policy_that_was_rejected_denies() {
         )])
         .unwrap();
     assert!(check().is_allowed());
+}
+
+/// What the newer workload API fields do once delivered: an AppProtocol
+/// this proxy does not know refuses the service (NACK naming the field), a
+/// known one is kept; a dry-run DENY is held but does not deny, and says
+/// what it would have done.
+#[test]
+fn app_protocols_are_checked_and_dry_run_policies_are_held_unenforced() {
+    let store = WorkloadStore::new();
+    let addresses = AddressHandler::new(store.clone());
+    let policies = AuthorizationHandler::new(store.clone());
+    let with_protocol = |p: i32| {
+        let mut s = service("server", "web.server.svc.cluster.local", [10, 96, 0, 1]);
+        if let Some(wl::Address {
+            r#type: Some(address::Type::Service(s)),
+        }) = &mut s.resource
+        {
+            s.ports[0].app_protocol = p;
+        }
+        s
+    };
+    let rejected = addresses.apply(vec![with_protocol(42)]).unwrap_err();
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0]
+            .reason
+            .contains("ports[0].app_protocol: unknown value 42"),
+        "{}",
+        rejected[0].reason
+    );
+    let mut web = pod("server", "web-1", [10, 0, 0, 1], &[]);
+    if let Some(wl::Address {
+        r#type: Some(address::Type::Workload(w)),
+    }) = &mut web.resource
+    {
+        // Only the namespace's dry-run policy applies.
+        w.authorization_policies.clear();
+    }
+    addresses
+        .apply(vec![with_protocol(wl::AppProtocol::Grpc as i32), web])
+        .unwrap();
+    let snap = store.snapshot();
+    let svc = snap
+        .service_by_vip("", [10, 96, 0, 1].into())
+        .expect("the good version is taken");
+    assert_eq!(
+        svc.app_protocols.get(&80),
+        Some(&proxy_core::store::AppProtocol::Grpc)
+    );
+
+    let mut dry = policy(
+        "server",
+        "trying-out",
+        sec::Scope::Namespace,
+        sec::Action::Deny,
+        sec::Match {
+            destination_ports: vec![8080],
+            ..Default::default()
+        },
+    );
+    if let Some(a) = &mut dry.resource {
+        a.dry_run = true;
+    }
+    policies.apply(vec![dry]).unwrap();
+    let snap = store.snapshot();
+    let w = snap
+        .workload_by_uid("Kubernetes//Pod/server/web-1")
+        .unwrap();
+    let held = snap.policies_for(&w);
+    let c = conn(
+        Some("spiffe://cluster.local/ns/client/sa/c"),
+        "10.0.0.1:8080",
+    );
+    assert_eq!(held.check(&c), Decision::AllowedByDefault);
+    assert_eq!(
+        held.dry_run(&c),
+        Some(Decision::Denied {
+            policy: "server/trying-out".into()
+        })
+    );
 }

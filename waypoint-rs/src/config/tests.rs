@@ -43,6 +43,8 @@ fn workloads() -> WorkloadStore {
             load_balancing: None,
             ip_families: None,
             canonical: true,
+            app_protocols: Default::default(),
+            ingress_use_waypoint: false,
         })
     });
     store

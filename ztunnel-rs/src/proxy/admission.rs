@@ -13,6 +13,10 @@
 //!
 //! Beyond upstream, a selector policy the workload refers to but the proxy
 //! does not hold denies (see [`proxy_core::authorization`]).
+//!
+//! Dry-run policies (`istio.io/dry-run`) take no part in the decision; when
+//! one applies, what it would have decided is logged next to the decision
+//! (target `authorization`).
 
 use proxy_core::authorization::{ConnectionInfo, Decision};
 use proxy_core::store::{Snapshot, Workload};
@@ -21,7 +25,10 @@ use super::metrics::FailureReason;
 
 /// Whether `conn` may reach `workload`.
 pub fn decide(snapshot: &Snapshot, workload: &Workload, conn: &ConnectionInfo) -> Decision {
-    snapshot.policies_for(workload).check(conn)
+    let policies = snapshot.policies_for(workload);
+    let decision = policies.check(conn);
+    policies.log_dry_run(conn, &decision);
+    decision
 }
 
 /// The failure reason a denial is counted under.
@@ -283,5 +290,36 @@ mod tests {
             policy: "ns/x".into(),
         };
         assert_eq!(denial_reason(&d), FailureReason::MissingPolicy);
+    }
+
+    /// A dry-run DENY that matches the client is evaluated, not enforced:
+    /// the client is admitted; the same policy enforced refuses it.
+    #[test]
+    fn a_dry_run_deny_admits_what_it_matches() {
+        let deny_client = |dry_run| sec::Authorization {
+            dry_run,
+            ..xds::policy(
+                "no-client",
+                "ns",
+                sec::Action::Deny,
+                Match {
+                    principals: vec![xds::exact(CLIENT_SA.trim_start_matches("spiffe://"))],
+                    ..Match::default()
+                },
+            )
+        };
+        let store = store(false);
+        xds::apply_policies(&store, vec![deny_client(true)]);
+        assert_eq!(
+            decide_for(&store, "10.0.0.1", Some(CLIENT_SA), "10.0.0.6:8080"),
+            Decision::AllowedByDefault
+        );
+        xds::apply_policies(&store, vec![deny_client(false)]);
+        assert_eq!(
+            decide_for(&store, "10.0.0.1", Some(CLIENT_SA), "10.0.0.6:8080"),
+            Decision::Denied {
+                policy: "ns/no-client".into()
+            }
+        );
     }
 }

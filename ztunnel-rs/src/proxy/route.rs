@@ -328,7 +328,9 @@ impl Router<'_> {
                 },
                 via_waypoint: false,
             },
-            InboundProtocol::Tcp => NextHop::Tcp(target),
+            // ztunnel does not speak a sidecar's mutual TLS (neither does
+            // upstream's); the sidecar accepts plain TCP in PERMISSIVE mode.
+            InboundProtocol::Tcp | InboundProtocol::LegacyIstioMtls => NextHop::Tcp(target),
         }
     }
 
@@ -544,8 +546,8 @@ mod tests {
     }
 
     /// client 10.0.0.1, server pods 10.0.0.2/.3 behind VIP 10.96.0.1
-    /// (80 -> 8080), an out-of-mesh pod 10.0.0.9, waypoint pod 10.0.0.5
-    /// behind VIP 10.96.0.5.
+    /// (80 -> 8080), an out-of-mesh pod 10.0.0.9, a pod with a sidecar
+    /// 10.0.0.10, waypoint pod 10.0.0.5 behind VIP 10.96.0.5.
     fn store() -> WorkloadStore {
         let store = WorkloadStore::new();
         let server = |name: &str, ip: &str| {
@@ -560,6 +562,7 @@ mod tests {
                 server("server-a", "10.0.0.2").into(),
                 server("server-b", "10.0.0.3").into(),
                 xds::workload("legacy", "ns", "10.0.0.9").into(),
+                xds::workload("sidecar", "ns", "10.0.0.10").sidecar().into(),
                 xds::workload("waypoint", "ns", "10.0.0.5")
                     .in_service("ns/waypoint.ns.svc.cluster.local", &[(15008, 15008)])
                     .into(),
@@ -611,6 +614,15 @@ mod tests {
         let r = route(&store(), "10.0.0.1", "10.0.0.9:5432", &Balancer::default()).unwrap();
         assert_eq!(r.next_hop, NextHop::Tcp(addr("10.0.0.9:5432")));
         assert_eq!(r.workload.unwrap().name, "legacy");
+    }
+
+    /// ztunnel does not originate a sidecar's mutual TLS (upstream's
+    /// neither): a LEGACY_ISTIO_MTLS workload gets plain TCP, not HBONE.
+    #[test]
+    fn sidecar_workloads_get_plain_tcp() {
+        let r = route(&store(), "10.0.0.1", "10.0.0.10:8080", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("10.0.0.10:8080")));
+        assert_eq!(r.workload.unwrap().name, "sidecar");
     }
 
     #[test]

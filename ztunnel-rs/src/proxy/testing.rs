@@ -328,7 +328,7 @@ pub mod xds {
     use std::net::IpAddr;
 
     use api::security::{
-        self as sec, Authorization, Group, Match, Rules, StringMatch, string_match,
+        self as sec, Authorization, Clause, Match, Rule, StringMatch, string_match,
     };
     use api::workload::{
         Address, GatewayAddress, LoadBalancing, Locality, NamespacedHostname, NetworkAddress, Port,
@@ -396,6 +396,12 @@ pub mod xds {
             self
         }
 
+        /// A pod with a sidecar: LEGACY_ISTIO_MTLS.
+        pub fn sidecar(mut self) -> Self {
+            self.0.tunnel_protocol = TunnelProtocol::LegacyIstioMtls as i32;
+            self
+        }
+
         pub fn unhealthy(mut self) -> Self {
             self.0.status = WorkloadStatus::Unhealthy as i32;
             self
@@ -430,6 +436,7 @@ pub mod xds {
                 .map(|(s, t)| Port {
                     service_port: u32::from(*s),
                     target_port: u32::from(*t),
+                    app_protocol: 0,
                 })
                 .collect();
             self.0.services.insert(key.to_string(), PortList { ports });
@@ -484,6 +491,7 @@ pub mod xds {
                 .map(|(s, t)| Port {
                     service_port: u32::from(*s),
                     target_port: u32::from(*t),
+                    app_protocol: 0,
                 })
                 .collect(),
             ..Service::default()
@@ -602,9 +610,10 @@ pub mod xds {
             namespace: namespace.to_string(),
             scope: sec::Scope::Namespace as i32,
             action: action as i32,
-            groups: vec![Group {
-                rules: vec![Rules { matches: vec![m] }],
+            rules: vec![Rule {
+                clauses: vec![Clause { matches: vec![m] }],
             }],
+            dry_run: false,
         }
     }
 

@@ -88,15 +88,7 @@ pub(in crate::index) fn ready_waypoints(state: &ClusterState) -> BTreeSet<String
 /// The protocol a waypoint speaks on a service port (see the module doc).
 /// `None`: not served (UDP, SCTP).
 pub(in crate::index) fn protocol(port: &ServicePort) -> Option<Protocol> {
-    if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
-        return None;
-    }
-    let name = port
-        .app_protocol
-        .as_deref()
-        .or(port.name.as_deref())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let name = super::super::services::protocol_name(port)?;
     let parsed = match name.as_str() {
         "kubernetes.io/h2c" => Some(Protocol::Http2),
         "kubernetes.io/ws" => Some(Protocol::Http),

@@ -580,6 +580,7 @@ impl TestWorkload {
             .map(|(s, t)| Port {
                 service_port: u32::from(*s),
                 target_port: u32::from(*t),
+                app_protocol: 0,
             })
             .collect();
         self.0.services.insert(key.to_string(), PortList { ports });
@@ -629,6 +630,7 @@ pub fn service(name: &str, namespace: &str, vip: IpAddr, ports: &[(u16, u16)]) -
             .map(|(s, t)| Port {
                 service_port: u32::from(*s),
                 target_port: u32::from(*t),
+                app_protocol: 0,
             })
             .collect(),
         ..Service::default()
