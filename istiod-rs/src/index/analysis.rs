@@ -140,8 +140,10 @@ pub fn analyze(state: &ClusterState, mesh: &MeshConfig, source: Source) -> Vec<F
     findings
 }
 
-/// `state` with an address on every waypoint Gateway that has none yet.
-fn as_provisioned(state: &ClusterState, mesh: &MeshConfig) -> ClusterState {
+/// `state` with an address on every waypoint Gateway that has none yet: the
+/// cluster once the provisioner has deployed each waypoint and written its
+/// status.
+pub fn as_provisioned(state: &ClusterState, mesh: &MeshConfig) -> ClusterState {
     let mut state = state.clone();
     for (key, gw) in state.gateways.iter_mut() {
         let has_address = gw

@@ -21,6 +21,7 @@ mod jwks;
 mod listeners;
 mod provision_directory;
 mod provision_kube;
+mod samples;
 mod state_directory;
 mod state_kube;
 mod status;
