@@ -596,12 +596,14 @@ impl PodProxy {
             accept.clone(),
         ));
         if let (Some((udp, tcp)), Some(dns)) = (dns_listeners, &pod.node.dns) {
-            tasks.spawn(dns::serve_udp(
-                pod.clone(),
-                dns.clone(),
-                udp,
-                accept.clone(),
-            ));
+            for udp in udp {
+                tasks.spawn(dns::serve_udp(
+                    pod.clone(),
+                    dns.clone(),
+                    udp,
+                    accept.clone(),
+                ));
+            }
             tasks.spawn(dns::serve_tcp(
                 pod.clone(),
                 dns.clone(),

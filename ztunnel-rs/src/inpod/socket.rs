@@ -86,10 +86,38 @@ impl InPodSocketFactory {
         Ok(TcpListener::from_std(socket.into())?)
     }
 
-    /// A UDP socket on `port` of the pod's wildcard address (the DNS proxy).
-    pub async fn listen_udp(&self, port: u16) -> Result<UdpSocket, SocketError> {
-        let socket = self.bind_wildcard(port, Type::DGRAM, Protocol::UDP)?;
-        Ok(UdpSocket::from_std(socket.into())?)
+    /// UDP sockets on `port` of the pod's loopback addresses, `127.0.0.1`
+    /// and `::1` when the pod has IPv6 (the DNS proxy): the pod's redirected
+    /// queries arrive there, and answers leave from there, as conntrack
+    /// needs to map them back.
+    pub async fn listen_udp(&self, port: u16) -> Result<Vec<UdpSocket>, SocketError> {
+        let mark = self.mark;
+        let inode = self.netns.inode();
+        let bound = self.netns.run_inline(move || {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
+            let mut sockets = vec![bind_marked(v4, mark, Type::DGRAM, Protocol::UDP)?];
+            match bind_marked(v6, mark, Type::DGRAM, Protocol::UDP) {
+                Ok(socket) => sockets.push(socket),
+                // A pod without IPv6 (disabled by sysctl or no kernel support).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(sockets)
+        })?;
+        let sockets = bound.map_err(|source| SocketError::Listen {
+            port,
+            netns: inode,
+            source,
+        })?;
+        sockets
+            .into_iter()
+            .map(|s| Ok(UdpSocket::from_std(s.into())?))
+            .collect()
     }
 
     /// A marked socket bound to `port` on `[::]` (dual stack), or on

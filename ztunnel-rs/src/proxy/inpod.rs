@@ -43,7 +43,7 @@ impl PodSockets for InPodSocketFactory {
         })
     }
 
-    fn listen_udp(&self, port: u16) -> SocketFuture<'_, UdpSocket> {
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>> {
         Box::pin(async move {
             InPodSocketFactory::listen_udp(self, port)
                 .await

@@ -46,8 +46,14 @@ pub trait PodSockets: Send + Sync + 'static {
     /// Listens on `port` on the pod's addresses.
     fn listen(&self, port: u16) -> SocketFuture<'_, TcpListener>;
 
-    /// A UDP socket bound to `port` on the pod's addresses (the DNS proxy).
-    fn listen_udp(&self, port: u16) -> SocketFuture<'_, UdpSocket>;
+    /// UDP sockets bound to `port` where the pod's redirected DNS queries
+    /// arrive (the DNS proxy). In a pod these are its loopback addresses
+    /// (`127.0.0.1`, and `::1` when it has IPv6): REDIRECT sends a local
+    /// packet there, and an answer must leave from that same address for
+    /// conntrack to map it back to the server the application asked. Upstream
+    /// binds the DNS proxy to localhost for the same reason
+    /// (`dns_proxy_addr`, `Address::Localhost`).
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>>;
 
     /// Opens a connection as the pod: from its address, past its redirection.
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream>;
@@ -116,8 +122,8 @@ impl PodSockets for LocalSockets {
         Box::pin(TcpListener::bind(SocketAddr::new(self.ip, port)))
     }
 
-    fn listen_udp(&self, port: u16) -> SocketFuture<'_, UdpSocket> {
-        Box::pin(UdpSocket::bind(SocketAddr::new(self.ip, port)))
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>> {
+        Box::pin(async move { Ok(vec![UdpSocket::bind(SocketAddr::new(self.ip, port)).await?]) })
     }
 
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream> {
