@@ -129,6 +129,25 @@ pub struct TcpReport {
     pub error: Option<String>,
 }
 
+/// `client dns`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsReport {
+    pub mode: String,
+    pub name: String,
+    pub server: String,
+    pub ok: bool,
+    /// `NoError`, `NXDomain`, ...
+    pub rcode: Option<String>,
+    pub authoritative: bool,
+    /// The A/AAAA records' addresses, in the answer's order.
+    pub addresses: Vec<String>,
+    /// With `--upstream`: the names the stand-in upstream resolver was asked.
+    pub upstream_asked: Vec<String>,
+    /// With `--connect-port`: the exchange with the first address.
+    pub connection: Option<TcpReport>,
+    pub error: Option<String>,
+}
+
 /// `client http`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HttpReport {

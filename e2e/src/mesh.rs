@@ -566,6 +566,11 @@ impl MeshRuntime {
             .arg(&self.config.trust_domain)
             .arg("--drain-deadline")
             .arg(format!("{}ms", self.config.drain_deadline.as_millis()))
+            // The DNS proxy forwards from inside each pod's netns: this is
+            // the pod's own loopback, where a scenario may run a stand-in
+            // resolver (`scenarios::dns`); never the host's resolvers.
+            .arg("--dns-server")
+            .arg(crate::scenarios::dns::LOCAL_UPSTREAM)
             .env("RUST_LOG", &self.config.log);
         if let Some(ttl) = self.config.certificate_ttl {
             spec = spec

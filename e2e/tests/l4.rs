@@ -1,7 +1,8 @@
 //! The L4 scenarios (`e2e::scenarios::l4`), then the L7 ones through a
 //! provisioned waypoint (`e2e::scenarios::l7`), then those of waypoints
 //! created on demand (`e2e::scenarios::on_demand`), then istioctl-rs's views
-//! of the running mesh (`e2e::scenarios::istioctl`), on the local cluster with the
+//! of the running mesh (`e2e::scenarios::istioctl`), with ztunnel-rs's DNS
+//! proxy (`e2e::scenarios::dns`) after the L4 ones, on the local cluster with the
 //! whole mesh running: istiod-rs, and per node the node agent and
 //! ztunnel-rs, pods enrolled through the CNI plugin. One cluster is shared
 //! by every scenario, run in order; `E2E_SCENARIO=<part of a name>` runs
@@ -12,7 +13,7 @@
 
 use e2e::mesh::MeshConfig;
 use e2e::privilege;
-use e2e::scenarios::{self, istioctl, l4, l7, on_demand};
+use e2e::scenarios::{self, dns, istioctl, l4, l7, on_demand};
 
 #[test]
 fn l4_scenarios_on_the_local_cluster() {
@@ -20,9 +21,16 @@ fn l4_scenarios_on_the_local_cluster() {
         return;
     }
     let filter = std::env::var("E2E_SCENARIO").ok();
-    // The L7, on-demand and istioctl-rs scenarios run on the local cluster
-    // only (see `l7`, `istioctl`), after the L4 ones.
-    let all = [l4::all(), l7::all(), on_demand::all(), istioctl::all()].concat();
+    // The DNS, L7, on-demand and istioctl-rs scenarios run on the local
+    // cluster only (see `dns`, `l7`, `istioctl`), after the L4 ones.
+    let all = [
+        l4::all(),
+        dns::all(),
+        l7::all(),
+        on_demand::all(),
+        istioctl::all(),
+    ]
+    .concat();
     match scenarios::on_local_cluster(MeshConfig::default(), &all, filter.as_deref()) {
         Ok(outcomes) => eprintln!("L4 and L7 scenarios:\n{}", scenarios::summary(&outcomes)),
         Err(failure) => panic!("{failure}"),

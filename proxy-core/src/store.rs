@@ -169,13 +169,28 @@ impl Snapshot {
         client_namespace: &str,
         hostname: &str,
     ) -> Option<Arc<Service>> {
-        let candidates = self.services_by_hostname.get(hostname)?;
+        self.service_by_hostname_where(client_namespace, hostname, |_| true)
+    }
+
+    /// As [`Self::service_by_hostname`], among the services `accept` takes.
+    pub fn service_by_hostname_where(
+        &self,
+        client_namespace: &str,
+        hostname: &str,
+        accept: impl Fn(&Service) -> bool,
+    ) -> Option<Arc<Service>> {
+        let candidates: Vec<&Arc<Service>> = self
+            .services_by_hostname
+            .get(hostname)?
+            .iter()
+            .filter(|s| accept(s))
+            .collect();
         candidates
             .iter()
             .find(|s| s.namespace == client_namespace)
             .or_else(|| candidates.iter().find(|s| s.canonical))
             .or_else(|| candidates.first())
-            .cloned()
+            .map(|s| Arc::clone(s))
     }
 
     /// All endpoints of a service, healthy or not.

@@ -171,9 +171,62 @@ pub struct ProxyArgs {
     /// more are refused (default: a third of the open-file limit).
     #[arg(long, env = "MAX_HELD_SOCKETS_PER_NODE")]
     pub max_held_sockets_per_node: Option<usize>,
+    /// Run the DNS proxy on 15053 in every pod (upstream's
+    /// `ISTIO_META_DNS_CAPTURE`; `DNS_CAPTURE` is read when that is unset).
+    #[arg(long, env = crate::dns::CAPTURE_ENV, default_value_t = crate::dns::capture_default(),
+          action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+    /// The cluster's DNS domain: Services are `<name>.<ns>.svc.<domain>`.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Where the DNS proxy forwards names the mesh does not know: these
+    /// servers (ip or ip:port, repeatable) instead of the nameservers of
+    /// --resolv-conf.
+    #[arg(long = "dns-server", env = "DNS_SERVERS", value_delimiter = ',', value_parser = parse_dns_server)]
+    pub dns_servers: Vec<SocketAddr>,
+    /// The resolv.conf whose nameservers unknown names are forwarded to
+    /// (ztunnel's own, as upstream).
+    #[arg(long, env = "RESOLV_CONF", default_value = crate::dns::forwarder::DEFAULT_RESOLV_CONF)]
+    pub resolv_conf: PathBuf,
+}
+
+/// `ip` (port 53) or `ip:port`.
+fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is neither an IP address nor ip:port"))
 }
 
 impl ProxyArgs {
+    /// The DNS proxy's upstream resolvers: --dns-server, else the
+    /// nameservers of --resolv-conf. A resolv.conf that cannot be read
+    /// leaves the proxy answering the mesh's names only (forwarded queries
+    /// get SERVFAIL), and says so.
+    fn dns_config(&self) -> crate::proxy::DnsConfig {
+        let servers = if self.dns_servers.is_empty() && self.dns_capture {
+            match crate::dns::Forwarder::from_resolv_conf(
+                &self.resolv_conf,
+                crate::dns::forwarder::DEFAULT_TIMEOUT,
+            ) {
+                Ok(forwarder) => forwarder.servers().to_vec(),
+                Err(error) => {
+                    tracing::warn!(%error, "the DNS proxy has no upstream resolver; names outside the mesh will not resolve");
+                    Vec::new()
+                }
+            }
+        } else {
+            self.dns_servers.clone()
+        };
+        if self.dns_capture {
+            info!(servers = ?servers, "DNS proxy on; names outside the mesh go to these resolvers");
+        }
+        crate::proxy::DnsConfig {
+            cluster_domain: self.cluster_domain.clone(),
+            servers,
+            ..crate::proxy::DnsConfig::default()
+        }
+    }
+
     /// HBONE's settings from the flags; zero is no value for any of them.
     fn http2(&self) -> anyhow::Result<Http2Settings> {
         let durations = [
@@ -440,7 +493,7 @@ impl App {
         }));
 
         // The proxies, one per pod the node agent hands over.
-        let config = ProxyConfig {
+        let mut config = ProxyConfig {
             cluster_id: args.cluster_id.clone(),
             trust_domain: args.trust_domain.clone(),
             network: args.network.clone(),
@@ -450,8 +503,12 @@ impl App {
             workload_wait: args.workload_wait,
             held_sockets: args.held_sockets()?,
             http2: args.http2()?,
+            dns: args.dns_config(),
             ..ProxyConfig::default()
         };
+        if !args.dns_capture {
+            config.ports.dns = None;
+        }
         let metrics = Metrics::register(&mut registry);
         let manager = ProxyManager::new(config, store.clone(), certificates.clone(), metrics);
         let zds = Arc::new(ZdsClient::new(

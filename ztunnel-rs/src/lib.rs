@@ -2,6 +2,8 @@
 //!
 //! - [`proxy`]: one proxy per enrolled pod (outbound 15001, inbound HBONE
 //!   15008, inbound plaintext 15006), certificates, metrics, access log.
+//! - [`dns`]: the DNS proxy on 15053 in each pod (answers from the
+//!   workload store, forwards the rest).
 //! - [`app`]: `ztunnel-rs proxy`, wiring the proxy to istiod (xDS + CA),
 //!   the node agent (ZDS), the admin, stats and readiness servers, and
 //!   SIGTERM drain.
@@ -11,6 +13,7 @@
 //!   server, CNI plugin events); its plugin binary is `istio-cni-rs`.
 
 pub mod app;
+pub mod dns;
 pub mod inpod;
 pub mod node_agent;
 pub mod proxy;

@@ -73,10 +73,12 @@ pub struct CniArgs {
     /// reported and keeps its last good pods and namespaces.
     #[arg(long, env = "MAX_CONFIG_FILE_SIZE", default_value_t = api::manifest::DEFAULT_MAX_FILE_SIZE)]
     pub max_config_file_size: u64,
-    /// Redirect pods' DNS to ztunnel's DNS proxy (15053). Refused for now:
-    /// ztunnel-rs has no DNS proxy yet, so capturing DNS would break name
-    /// resolution in every enrolled pod.
-    #[arg(long, env = "DNS_CAPTURE")]
+    /// Redirect pods' DNS (port 53, UDP and TCP) to ztunnel's DNS proxy
+    /// (15053). On by default, as upstream's `ISTIO_META_DNS_CAPTURE`;
+    /// `DNS_CAPTURE` is read when that is unset. ztunnel-rs must run its
+    /// DNS proxy too (its own `--dns-capture`, on by default).
+    #[arg(long, env = crate::dns::CAPTURE_ENV, default_value_t = crate::dns::capture_default(),
+          action = clap::ArgAction::Set)]
     pub dns_capture: bool,
     /// Install the IPv6 rules as well.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -187,13 +189,6 @@ pub const DEFAULT_READINESS_PORT: u16 = 8000;
 /// Runs the node agent until it fails: in local mode with `--config-dir`,
 /// otherwise against the Kubernetes API.
 pub async fn run(args: CniArgs) -> anyhow::Result<()> {
-    if args.dns_capture {
-        anyhow::bail!(
-            "--dns-capture: ztunnel-rs does not serve DNS on {} yet, so capturing it would break \
-             name resolution in every enrolled pod; run without --dns-capture",
-            api::ports::DNS
-        );
-    }
     let redirection = iptables::RedirectionConfig {
         dns_capture: args.dns_capture,
         ipv6: args.ipv6,

@@ -6,6 +6,7 @@
 //!  pod app --(redirected)--> 15001 outbound ---------- HBONE / TCP ---------> peer
 //!  peer ----- HBONE --------> 15008 inbound ----------- TCP, in the pod ----> pod app
 //!  peer ----- plaintext ----> 15006 inbound_passthrough  (policy, no identity)
+//!  pod app --(DNS, captured)-> 15053 dns: the store's answer, or upstream's
 //! ```
 //!
 //! - [`ProxyManager`]: the pods being proxied; the node agent's requests
@@ -19,7 +20,8 @@
 //!   from (in production, the pod's network namespace from the node agent);
 //!   [`held`]: the per-peer and per-node ceiling on sockets held open to
 //!   applications for peers; [`connections`]: the live connections, for
-//!   the admin's `workloadState` ([`WorkloadStateDump`]).
+//!   the admin's `workloadState` ([`WorkloadStateDump`]); [`dns`]: the
+//!   pod's DNS proxy listeners (UDP and TCP).
 //!
 //! Fail closed: a pod's listeners accept only once the store holds a
 //! complete state (the first xDS sync); a connection whose own pod's
@@ -32,6 +34,7 @@
 pub mod admission;
 pub mod connect_headers;
 pub mod connections;
+pub mod dns;
 pub mod held;
 pub mod inbound;
 pub mod inbound_passthrough;
@@ -101,6 +104,9 @@ pub struct Ports {
     pub inbound_plaintext: u16,
     /// Also the port peers are dialled on.
     pub hbone: u16,
+    /// The DNS proxy, UDP and TCP (`None`: no DNS proxy, upstream's
+    /// `ISTIO_META_DNS_CAPTURE=false`).
+    pub dns: Option<u16>,
 }
 
 impl Default for Ports {
@@ -109,6 +115,7 @@ impl Default for Ports {
             outbound: api::ports::ZTUNNEL_OUTBOUND,
             inbound_plaintext: api::ports::ZTUNNEL_INBOUND_PLAINTEXT,
             hbone: api::ports::HBONE,
+            dns: Some(api::ports::DNS),
         }
     }
 }
@@ -155,6 +162,32 @@ pub struct ProxyConfig {
     /// HTTP/2 settings and limits of HBONE, both directions.
     #[serde(skip)]
     pub http2: Http2Settings,
+    /// The DNS proxy's names and upstream resolvers.
+    pub dns: DnsConfig,
+}
+
+/// The DNS proxy's settings (it runs when [`Ports::dns`] is set).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsConfig {
+    /// Services are `<name>.<namespace>.svc.<cluster domain>`.
+    pub cluster_domain: String,
+    /// Where unknown names are forwarded (by default the nameservers of
+    /// ztunnel's own `/etc/resolv.conf`, as upstream).
+    pub servers: Vec<SocketAddr>,
+    /// How long one upstream resolver may take to answer.
+    #[serde(with = "seconds")]
+    pub upstream_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            cluster_domain: "cluster.local".to_string(),
+            servers: Vec::new(),
+            upstream_timeout: crate::dns::forwarder::DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -172,6 +205,7 @@ impl Default for ProxyConfig {
             held_sockets: HeldSocketLimits::default(),
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -215,6 +249,8 @@ pub struct PodAddresses {
     pub outbound: SocketAddr,
     pub inbound_plaintext: SocketAddr,
     pub hbone: SocketAddr,
+    /// UDP and TCP, when the DNS proxy runs.
+    pub dns: Option<SocketAddr>,
 }
 
 /// What every pod's proxy shares.
@@ -232,6 +268,8 @@ struct Node {
     held: Arc<held::HeldSockets>,
     /// Every connection carried, while it is carried.
     tracker: Arc<connections::Tracker>,
+    /// Every pod's DNS proxy, when it runs.
+    dns: Option<Arc<dns::DnsProxy>>,
 }
 
 impl Node {
@@ -478,6 +516,24 @@ impl PodProxy {
         let outbound = listen(ports.outbound).await?;
         let inbound_plaintext = listen(ports.inbound_plaintext).await?;
         let hbone_listener = listen(ports.hbone).await?;
+        let dns_listeners = match (ports.dns, &node.dns) {
+            (Some(port), Some(_)) => {
+                let tcp = listen(port).await?;
+                // Port 0 (tests): UDP takes the port TCP got.
+                let port = tcp.local_addr().map_or(port, |a| a.port());
+                let udp = sockets
+                    .listen_udp(port)
+                    .await
+                    .map_err(|source| Error::Listen {
+                        uid: info.uid.clone(),
+                        port,
+                        sockets: sockets.describe(),
+                        source,
+                    })?;
+                Some((udp, tcp))
+            }
+            _ => None,
+        };
         let local = |l: &TcpListener| l.local_addr().ok().map(sockets::canonical);
         let addresses = match (
             local(&outbound),
@@ -488,6 +544,7 @@ impl PodProxy {
                 outbound,
                 inbound_plaintext,
                 hbone,
+                dns: dns_listeners.as_ref().and_then(|(_, tcp)| local(tcp)),
             },
             _ => {
                 return Err(Error::Listen {
@@ -539,6 +596,22 @@ impl PodProxy {
             hbone_listener,
             accept.clone(),
         ));
+        if let (Some((udp, tcp)), Some(dns)) = (dns_listeners, &pod.node.dns) {
+            for udp in udp {
+                tasks.spawn(dns::serve_udp(
+                    pod.clone(),
+                    dns.clone(),
+                    udp,
+                    accept.clone(),
+                ));
+            }
+            tasks.spawn(dns::serve_tcp(
+                pod.clone(),
+                dns.clone(),
+                tcp,
+                accept.clone(),
+            ));
+        }
         // Upstream fetches the certificate as the pod arrives, so its first
         // connection does not wait for the CA; failures retry in the manager.
         // Counted as a connection: the identity is released only after it,
@@ -563,6 +636,7 @@ impl PodProxy {
             outbound = %addresses.outbound,
             inbound_plaintext = %addresses.inbound_plaintext,
             hbone = %addresses.hbone,
+            dns = ?addresses.dns,
             "proxying pod"
         );
         listeners.close();
@@ -657,6 +731,22 @@ impl ProxyManager {
         let live = Arc::new(revocation::LiveConnections::default());
         // Ends when the manager (and so the registry) is gone.
         drop(revocation::watch(store.clone(), Arc::downgrade(&live)));
+        let dns = config.ports.dns.and_then(|_| {
+            match crate::dns::Domains::new(&config.dns.cluster_domain) {
+                Ok(domains) => Some(Arc::new(dns::DnsProxy {
+                    domains,
+                    forwarder: crate::dns::Forwarder::new(
+                        config.dns.servers.clone(),
+                        config.dns.upstream_timeout,
+                    ),
+                })),
+                Err(error) => {
+                    warn!(cluster_domain = %config.dns.cluster_domain, %error,
+                          "the cluster domain is not a DNS name; the DNS proxy is off");
+                    None
+                }
+            }
+        });
         ProxyManager {
             node: Arc::new(Node {
                 balancer: route::Balancer::new(config.load_balancing),
@@ -668,6 +758,7 @@ impl ProxyManager {
                 identities: Mutex::default(),
                 live,
                 tracker: Arc::default(),
+                dns,
             }),
             pods: Arc::default(),
         }

@@ -21,6 +21,8 @@ use super::{
     grpc, summarize,
 };
 
+mod dns;
+
 /// Command line of `client`.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -91,6 +93,34 @@ pub enum Mode {
         /// Size of the request message (a repeating pattern).
         #[arg(long, default_value_t = 16)]
         payload: usize,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// One DNS query over UDP (as an application's resolver sends it, so a
+    /// pod's DNS capture takes it), optionally followed by a TCP exchange
+    /// with the first address of the answer: a name in, a connection out.
+    Dns {
+        /// The name to resolve (as the application would write it, e.g.
+        /// a Service's short name).
+        name: String,
+        /// Where the query is sent, `ip[:port]` (port 53).
+        #[arg(long)]
+        server: String,
+        /// `A` or `AAAA`.
+        #[arg(long, default_value = "A")]
+        record_type: String,
+        /// Run a stand-in upstream resolver on this `ip:port` while the
+        /// query is out (the pod's own loopback): it answers `--upstream-record`
+        /// names and NXDOMAIN otherwise, and reports what it was asked.
+        #[arg(long)]
+        upstream: Option<SocketAddr>,
+        /// `name=ipv4` the stand-in resolver answers (repeatable).
+        #[arg(long = "upstream-record", value_name = "NAME=IP")]
+        upstream_records: Vec<String>,
+        /// Then connect to the first address on this port and read the
+        /// server's hello (`echo --tcp-hello`).
+        #[arg(long)]
+        connect_port: Option<u16>,
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
@@ -192,6 +222,34 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             payload,
             timeout,
         } => json(grpc_once(&url, &metadata, payload, timeout).await),
+        Mode::Dns {
+            name,
+            server,
+            record_type,
+            upstream,
+            upstream_records,
+            connect_port,
+            timeout,
+        } => {
+            let query = dns::Query {
+                name,
+                server,
+                record_type,
+                upstream,
+                upstream_records,
+                timeout,
+            };
+            let mut report = dns::run(&query).await;
+            if let (true, Some(port), Some(first)) =
+                (report.ok, connect_port, report.addresses.first())
+            {
+                let target = SocketAddr::new(first.parse().expect("an IP"), port).to_string();
+                let connection = tcp_once(&target, b"hello by name\n", true, query.timeout).await;
+                report.ok = connection.ok;
+                report.connection = Some(connection);
+            }
+            json(report)
+        }
         Mode::Load(plan) => json(load(plan).await),
         Mode::Bulk {
             target,

@@ -22,7 +22,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::netns::{Netns, NetnsError};
 
@@ -75,14 +75,66 @@ impl InPodSocketFactory {
 
     /// Listens on `port` on the pod's wildcard address.
     pub async fn listen(&self, port: u16) -> Result<TcpListener, SocketError> {
+        let socket = self.bind_wildcard(port, Type::STREAM, Protocol::TCP)?;
+        socket
+            .listen(LISTEN_BACKLOG)
+            .map_err(|source| SocketError::Listen {
+                port,
+                netns: self.netns.inode(),
+                source,
+            })?;
+        Ok(TcpListener::from_std(socket.into())?)
+    }
+
+    /// UDP sockets on `port` of the pod's loopback addresses, `127.0.0.1`
+    /// and `::1` when the pod has IPv6 (the DNS proxy): the pod's redirected
+    /// queries arrive there, and answers leave from there, as conntrack
+    /// needs to map them back.
+    pub async fn listen_udp(&self, port: u16) -> Result<Vec<UdpSocket>, SocketError> {
         let mark = self.mark;
         let inode = self.netns.inode();
-        let std_listener = self
-            .netns
+        let bound = self.netns.run_inline(move || {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
+            let mut sockets = vec![bind_marked(v4, mark, Type::DGRAM, Protocol::UDP)?];
+            match bind_marked(v6, mark, Type::DGRAM, Protocol::UDP) {
+                Ok(socket) => sockets.push(socket),
+                // A pod without IPv6 (disabled by sysctl or no kernel support).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(sockets)
+        })?;
+        let sockets = bound.map_err(|source| SocketError::Listen {
+            port,
+            netns: inode,
+            source,
+        })?;
+        sockets
+            .into_iter()
+            .map(|s| Ok(UdpSocket::from_std(s.into())?))
+            .collect()
+    }
+
+    /// A marked socket bound to `port` on `[::]` (dual stack), or on
+    /// `0.0.0.0` when the pod has no IPv6.
+    fn bind_wildcard(
+        &self,
+        port: u16,
+        ty: Type,
+        protocol: Protocol,
+    ) -> Result<Socket, SocketError> {
+        let mark = self.mark;
+        let inode = self.netns.inode();
+        self.netns
             .run_inline(move || {
                 let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-                match bind_listener(v6, mark) {
-                    Ok(listener) => Ok(listener),
+                match bind_marked(v6, mark, ty, protocol) {
+                    Ok(socket) => Ok(socket),
                     // A pod without IPv6 (disabled by sysctl or no kernel support).
                     Err(e)
                         if matches!(
@@ -91,7 +143,7 @@ impl InPodSocketFactory {
                         ) =>
                     {
                         let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-                        bind_listener(v4, mark)
+                        bind_marked(v4, mark, ty, protocol)
                     }
                     Err(e) => Err(e),
                 }
@@ -100,8 +152,45 @@ impl InPodSocketFactory {
                 port,
                 netns: inode,
                 source,
-            })?;
-        Ok(TcpListener::from_std(std_listener)?)
+            })
+    }
+
+    /// A marked UDP socket of the pod connected to `addr`: its datagrams
+    /// leave with the pod's address and pass the pod's DNS capture.
+    pub async fn udp_connect(&self, addr: SocketAddr) -> Result<UdpSocket, SocketError> {
+        let connect_err = self.connect_error(addr);
+        let socket = self.marked_socket(addr, Type::DGRAM, Protocol::UDP)?;
+        let socket = UdpSocket::from_std(socket.into()).map_err(connect_err)?;
+        socket.connect(addr).await.map_err(connect_err)?;
+        Ok(socket)
+    }
+
+    fn connect_error(&self, addr: SocketAddr) -> impl Fn(std::io::Error) -> SocketError + Copy {
+        let netns = self.netns.inode();
+        move |source| SocketError::Connect {
+            addr,
+            netns,
+            source,
+        }
+    }
+
+    /// A non-blocking socket of the pod's namespace for reaching `addr`,
+    /// with the proxy mark. The socket belongs to the namespace it is
+    /// created in; the rest needs no namespace.
+    fn marked_socket(
+        &self,
+        addr: SocketAddr,
+        ty: Type,
+        protocol: Protocol,
+    ) -> Result<Socket, SocketError> {
+        let connect_err = self.connect_error(addr);
+        let socket = self
+            .netns
+            .run_inline(|| Socket::new(Domain::for_address(addr), ty, Some(protocol)))?
+            .map_err(connect_err)?;
+        socket.set_mark(self.mark).map_err(connect_err)?;
+        socket.set_nonblocking(true).map_err(connect_err)?;
+        Ok(socket)
     }
 
     /// Opens a marked TCP connection to `addr` from inside the pod, so it
@@ -130,25 +219,11 @@ impl InPodSocketFactory {
         addr: SocketAddr,
         source: Option<IpAddr>,
     ) -> Result<TcpStream, SocketError> {
-        let inode = self.netns.inode();
-        let connect_err = |source| SocketError::Connect {
-            addr,
-            netns: inode,
-            source,
-        };
-        // The socket belongs to the namespace it is created in; the rest
-        // needs no namespace.
-        let socket = self
-            .netns
-            .run_inline(|| {
-                Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-            })?
-            .map_err(connect_err)?;
+        let connect_err = self.connect_error(addr);
+        let socket = self.marked_socket(addr, Type::STREAM, Protocol::TCP)?;
         if let Some(source) = source {
             bind_transparent(&socket, source).map_err(connect_err)?;
         }
-        socket.set_mark(self.mark).map_err(connect_err)?;
-        socket.set_nonblocking(true).map_err(connect_err)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         socket.connect(addr).await.map_err(connect_err)
     }
@@ -228,8 +303,13 @@ fn bind_transparent(socket: &Socket, source: IpAddr) -> std::io::Result<()> {
     }
 }
 
-fn bind_listener(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+fn bind_marked(
+    addr: SocketAddr,
+    mark: u32,
+    ty: Type,
+    protocol: Protocol,
+) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -242,9 +322,8 @@ fn bind_listener(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::TcpLi
     socket.set_reuse_port(true)?;
     socket.set_mark(mark)?;
     socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// The three listeners every enrolled pod gets, bound inside its netns.

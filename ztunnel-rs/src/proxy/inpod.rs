@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use api::zds::WorkloadInfo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::sockets::{PodSockets, SocketFuture};
 use super::{Error, PodInfo, ProxyManager};
@@ -38,6 +38,22 @@ impl PodSockets for InPodSocketFactory {
     fn listen(&self, port: u16) -> SocketFuture<'_, TcpListener> {
         Box::pin(async move {
             InPodSocketFactory::listen(self, port)
+                .await
+                .map_err(io_error)
+        })
+    }
+
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>> {
+        Box::pin(async move {
+            InPodSocketFactory::listen_udp(self, port)
+                .await
+                .map_err(io_error)
+        })
+    }
+
+    fn udp_connect(&self, addr: SocketAddr) -> SocketFuture<'_, UdpSocket> {
+        Box::pin(async move {
+            InPodSocketFactory::udp_connect(self, addr)
                 .await
                 .map_err(io_error)
         })

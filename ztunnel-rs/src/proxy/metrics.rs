@@ -42,6 +42,8 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     /// Shared by every pod's HBONE pool and server.
     pub(crate) hbone: Arc<HboneMetrics>,
+    /// Every pod's DNS proxy.
+    pub(crate) dns: crate::dns::Metrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -54,6 +56,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let m = Metrics {
             hbone: HboneMetrics::register(registry),
+            dns: crate::dns::Metrics::register(registry),
             ..Metrics::default()
         };
         registry.register(

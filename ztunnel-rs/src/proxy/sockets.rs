@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use proxy_core::hbone::{Connect, ConnectFuture};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// A connection the proxy opened as the pod did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +46,21 @@ pub trait PodSockets: Send + Sync + 'static {
     /// Listens on `port` on the pod's addresses.
     fn listen(&self, port: u16) -> SocketFuture<'_, TcpListener>;
 
+    /// UDP sockets bound to `port` where the pod's redirected DNS queries
+    /// arrive (the DNS proxy). In a pod these are its loopback addresses
+    /// (`127.0.0.1`, and `::1` when it has IPv6): REDIRECT sends a local
+    /// packet there, and an answer must leave from that same address for
+    /// conntrack to map it back to the server the application asked. Upstream
+    /// binds the DNS proxy to localhost for the same reason
+    /// (`dns_proxy_addr`, `Address::Localhost`).
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>>;
+
     /// Opens a connection as the pod: from its address, past its redirection.
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream>;
+
+    /// A UDP socket of the pod connected to `addr`, past its redirection
+    /// (the DNS proxy's upstream queries).
+    fn udp_connect(&self, addr: SocketAddr) -> SocketFuture<'_, UdpSocket>;
 
     /// Opens a connection to the application in the pod at `addr` that the
     /// application sees as coming from `source` (the original client), as
@@ -109,8 +122,27 @@ impl PodSockets for LocalSockets {
         Box::pin(TcpListener::bind(SocketAddr::new(self.ip, port)))
     }
 
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<UdpSocket>> {
+        Box::pin(async move { Ok(vec![UdpSocket::bind(SocketAddr::new(self.ip, port)).await?]) })
+    }
+
     fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, TcpStream> {
         Box::pin(connect_from(self.ip, addr))
+    }
+
+    /// From the pod's address when the families match, else from the
+    /// family's wildcard.
+    fn udp_connect(&self, addr: SocketAddr) -> SocketFuture<'_, UdpSocket> {
+        let from = match (self.ip, addr.ip()) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => self.ip,
+            (_, IpAddr::V4(_)) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            (_, IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        Box::pin(async move {
+            let socket = UdpSocket::bind(SocketAddr::new(from, 0)).await?;
+            socket.connect(addr).await?;
+            Ok(socket)
+        })
     }
 
     /// Loopback "pods" can take any loopback address as their source, no

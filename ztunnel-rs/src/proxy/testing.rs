@@ -88,6 +88,7 @@ impl TestMesh {
         config.ports.outbound = 0;
         config.ports.inbound_plaintext = 0;
         config.ports.hbone = hbone_port;
+        config.ports.dns = Some(0);
         config.drain_deadline = PATIENCE;
         configure(&mut config);
         let ca = Arc::new(TestCa::new(&config.trust_domain));

@@ -6,6 +6,7 @@
 mod binaries;
 mod cni;
 mod cni_install;
+mod dns;
 mod inpod;
 mod node_agent;
 mod node_agent_config_dir;

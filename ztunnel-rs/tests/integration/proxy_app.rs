@@ -280,6 +280,12 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         keepalive_retries: 9,
         max_held_sockets_per_peer: 1024,
         max_held_sockets_per_node: None,
+        // The DNS proxy runs in every pod; no resolv.conf there, so it
+        // forwards nowhere (and says so).
+        dns_capture: true,
+        cluster_domain: "cluster.local".into(),
+        dns_servers: Vec::new(),
+        resolv_conf: dir.join("resolv.conf"),
     }
 }
 

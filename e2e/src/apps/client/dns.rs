@@ -1,0 +1,172 @@
+//! `client dns`: one query over UDP, read with hickory-proto; and the
+//! stand-in upstream resolver it can run on the pod's loopback while the
+//! query is out, so what ztunnel-rs forwards stays inside the pod.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query as Question, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::net::UdpSocket;
+
+use crate::apps::DnsReport;
+
+pub struct Query {
+    pub name: String,
+    pub server: String,
+    pub record_type: String,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_records: Vec<String>,
+    pub timeout: Duration,
+}
+
+pub async fn run(q: &Query) -> DnsReport {
+    let mut report = DnsReport {
+        mode: "dns".into(),
+        name: q.name.clone(),
+        server: q.server.clone(),
+        ..DnsReport::default()
+    };
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let upstream = match q.upstream {
+        Some(addr) => match serve_upstream(addr, &q.upstream_records, asked.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) => {
+                report.error = Some(format!("stand-in resolver on {addr}: {e}"));
+                return report;
+            }
+        },
+        None => None,
+    };
+    match ask(q).await {
+        Ok(answer) => {
+            report.rcode = Some(format!("{:?}", answer.response_code()));
+            report.authoritative = answer.authoritative();
+            report.addresses = answer
+                .answers()
+                .iter()
+                .filter_map(|r| match r.data() {
+                    RData::A(a) => Some(a.0.to_string()),
+                    RData::AAAA(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect();
+            report.ok =
+                answer.response_code() == ResponseCode::NoError && !report.addresses.is_empty();
+        }
+        Err(e) => report.error = Some(e),
+    }
+    if let Some(task) = upstream {
+        task.abort();
+    }
+    report.upstream_asked = asked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    report
+}
+
+async fn ask(q: &Query) -> Result<Message, String> {
+    let server: SocketAddr = q
+        .server
+        .parse()
+        .or_else(|_| q.server.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("--server {:?} is not ip[:port]", q.server))?;
+    let record_type: RecordType = q
+        .record_type
+        .parse()
+        .map_err(|e| format!("--record-type: {e}"))?;
+    let name = Name::from_ascii(&q.name).map_err(|e| format!("{:?}: {e}", q.name))?;
+    let mut query = Message::new();
+    let id: u16 = rand::random();
+    query
+        .set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Question::query(name, record_type));
+    let bytes = query.to_vec().map_err(|e| e.to_string())?;
+    let unspecified = match server {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(unspecified)
+        .await
+        .map_err(|e| e.to_string())?;
+    socket.connect(server).await.map_err(|e| e.to_string())?;
+    socket.send(&bytes).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 65_535];
+    let n = tokio::time::timeout(q.timeout, socket.recv(&mut buf))
+        .await
+        .map_err(|_| format!("no answer from {server} within {:?}", q.timeout))?
+        .map_err(|e| format!("{server}: {e}"))?;
+    let answer = Message::from_vec(&buf[..n]).map_err(|e| format!("not DNS: {e}"))?;
+    if answer.id() != id {
+        return Err(format!("answer id {} is not the query's {id}", answer.id()));
+    }
+    Ok(answer)
+}
+
+/// Answers `name=ip` records (A) and NXDOMAIN otherwise, on UDP `addr`,
+/// recording every name asked.
+async fn serve_upstream(
+    addr: SocketAddr,
+    records: &[String],
+    asked: Arc<Mutex<Vec<String>>>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let mut table: HashMap<String, Ipv4Addr> = HashMap::new();
+    for record in records {
+        let (name, ip) = record
+            .split_once('=')
+            .ok_or_else(|| format!("--upstream-record {record:?} is not NAME=IP"))?;
+        let ip = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        table.insert(fqdn_lower(name), ip);
+    }
+    let socket = UdpSocket::bind(addr).await.map_err(|e| e.to_string())?;
+    Ok(tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(question) = query.queries().first().cloned() else {
+                continue;
+            };
+            let name = fqdn_lower(&question.name().to_ascii());
+            asked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(name.clone());
+            let mut reply = Message::new();
+            reply
+                .set_id(query.id())
+                .set_message_type(MessageType::Response)
+                .set_op_code(OpCode::Query)
+                .set_recursion_desired(query.recursion_desired())
+                .set_recursion_available(true)
+                .add_query(question.clone());
+            match table.get(&name) {
+                Some(ip) if question.query_type() == RecordType::A => {
+                    reply.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        60,
+                        RData::A(A(*ip)),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    reply.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = socket.send_to(&bytes, peer).await;
+            }
+        }
+    }))
+}
+
+fn fqdn_lower(name: &str) -> String {
+    format!("{}.", name.trim_end_matches('.').to_ascii_lowercase())
+}
