@@ -12,7 +12,7 @@
 
 use e2e::mesh::MeshConfig;
 use e2e::privilege;
-use e2e::scenarios::{self, istioctl, l4, l7, on_demand};
+use e2e::scenarios::{self, istioctl, l4, l7, on_demand, service_entry};
 
 #[test]
 fn l4_scenarios_on_the_local_cluster() {
@@ -22,7 +22,14 @@ fn l4_scenarios_on_the_local_cluster() {
     let filter = std::env::var("E2E_SCENARIO").ok();
     // The L7, on-demand and istioctl-rs scenarios run on the local cluster
     // only (see `l7`, `istioctl`), after the L4 ones.
-    let all = [l4::all(), l7::all(), on_demand::all(), istioctl::all()].concat();
+    let all = [
+        l4::all(),
+        service_entry::all(),
+        l7::all(),
+        on_demand::all(),
+        istioctl::all(),
+    ]
+    .concat();
     match scenarios::on_local_cluster(MeshConfig::default(), &all, filter.as_deref()) {
         Ok(outcomes) => eprintln!("L4 and L7 scenarios:\n{}", scenarios::summary(&outcomes)),
         Err(failure) => panic!("{failure}"),

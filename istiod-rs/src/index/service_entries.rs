@@ -442,3 +442,46 @@ fn set_tunnel(labels: &Labels, annotations: &Labels, w: &mut Workload) {
         w.native_tunnel = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Translator, json::snapshot_json};
+    use super::*;
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: api, namespace: shop, labels: {app: api}}\n\
+        spec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.1.0.5}\n";
+    const ENTRY: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+        metadata: {name: api, namespace: shop}\n\
+        spec: {hosts: [api.example.com], ports: [{number: 80, name: http}], workloadSelector: {labels: {app: api}}}\n";
+
+    fn state(text: &str) -> ClusterState {
+        ClusterState::from_objects(api::manifest::parse(text).unwrap().objects)
+    }
+
+    fn pod_services(t: &mut Translator, s: &ClusterState) -> serde_json::Value {
+        let json = snapshot_json(&t.translate(s, &MeshConfig::default()).snapshot);
+        json["workloads"]["Kubernetes//Pod/shop/api"]["services"].clone()
+    }
+
+    #[test]
+    fn a_pod_reused_by_the_translator_follows_the_entries_that_select_it() {
+        let mut t = Translator::default();
+        let without = state(POD);
+        assert_eq!(pod_services(&mut t, &without), serde_json::Value::Null);
+        // Only the ServiceEntry changed: the pod object is the same.
+        let mut with = without.clone();
+        with.apply(api::manifest::parse(ENTRY).unwrap().objects.remove(0));
+        assert_eq!(
+            pod_services(&mut t, &with),
+            serde_json::json!({"shop/api.example.com": [{"servicePort": 80, "targetPort": 80}]})
+        );
+        assert_eq!(pod_services(&mut t, &without), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_empty_selector_selects_nothing_as_upstream() {
+        let text = format!("{POD}---\n{}", ENTRY.replace("{labels: {app: api}}", "{}"));
+        let mut t = Translator::default();
+        assert_eq!(pod_services(&mut t, &state(&text)), serde_json::Value::Null);
+    }
+}
