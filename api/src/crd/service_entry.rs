@@ -26,6 +26,12 @@ pub struct ServiceEntrySelector {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A structural schema for a number or a string (upstream's
+/// `IstioStatus.observedGeneration`).
+fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"x-kubernetes-int-or-string": true})
+}
+
 // ---------------------------------------------------------------------------
 // ServiceEntry
 
@@ -150,7 +156,9 @@ enum KnownResolution {
 pub struct ServiceEntryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<PolicyCondition>,
+    /// Upstream writes it as a number or a string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "int_or_string")]
     pub observed_generation: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::networking::opaque_objects")]
@@ -216,7 +224,9 @@ pub struct WorkloadEntrySpec {
 pub struct WorkloadEntryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<PolicyCondition>,
+    /// Upstream writes it as a number or a string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "int_or_string")]
     pub observed_generation: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::networking::opaque_objects")]
