@@ -1,7 +1,7 @@
 //! `security.istio.io/v1` custom resources, as users write them:
 //! AuthorizationPolicy, PeerAuthentication and RequestAuthentication; and,
 //! in [`networking`], `networking.istio.io` DestinationRule and
-//! VirtualService.
+//! VirtualService; in [`service_entry`], ServiceEntry and WorkloadEntry.
 //!
 //! Field names follow upstream's CRDs so existing manifests apply unchanged.
 //! The CRD YAML under `manifests/crds/` is generated from these types
@@ -14,8 +14,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod networking;
+pub mod service_entry;
 
 pub use networking::{DestinationRule, VirtualService};
+pub use service_entry::{ServiceEntry, WorkloadEntry};
 
 pub const GROUP: &str = "security.istio.io";
 pub const VERSION: &str = "v1";
@@ -396,6 +398,14 @@ pub fn crd_yaml() -> Result<Vec<(&'static str, String)>, serde_saphyr::ser::Erro
         (
             "networking.istio.io_virtualservices.yaml",
             networking::served_as_upstream(VirtualService::crd()),
+        ),
+        (
+            "networking.istio.io_serviceentries.yaml",
+            networking::served_as_upstream(ServiceEntry::crd()),
+        ),
+        (
+            "networking.istio.io_workloadentries.yaml",
+            networking::served_as_upstream(WorkloadEntry::crd()),
         ),
     ];
     crds.into_iter()

@@ -32,7 +32,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::crd::{
-    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry,
+    VirtualService, WorkloadEntry,
 };
 
 /// Namespace kubectl assumes for a namespaced object that names none.
@@ -61,10 +62,12 @@ pub enum Kind {
     RequestAuthentication,
     DestinationRule,
     VirtualService,
+    ServiceEntry,
+    WorkloadEntry,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -79,6 +82,8 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::DestinationRule,
         Kind::VirtualService,
+        Kind::ServiceEntry,
+        Kind::WorkloadEntry,
     ];
 
     /// The `kind` field, as Kubernetes spells it.
@@ -98,6 +103,8 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
         }
     }
 
@@ -110,7 +117,10 @@ impl Kind {
             Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
                 crate::crd::GROUP
             }
-            Kind::DestinationRule | Kind::VirtualService => crate::crd::networking::GROUP,
+            Kind::DestinationRule
+            | Kind::VirtualService
+            | Kind::ServiceEntry
+            | Kind::WorkloadEntry => crate::crd::networking::GROUP,
         }
     }
 
@@ -133,7 +143,10 @@ impl Kind {
             // GRPCRoute went from v1alpha2 straight to v1.
             Kind::GrpcRoute => &["v1"],
             // Upstream serves all three with one schema.
-            Kind::DestinationRule | Kind::VirtualService => &crate::crd::networking::VERSIONS,
+            Kind::DestinationRule
+            | Kind::VirtualService
+            | Kind::ServiceEntry
+            | Kind::WorkloadEntry => &crate::crd::networking::VERSIONS,
             _ => &["v1"],
         }
     }
@@ -375,6 +388,8 @@ objects!(
     RequestAuthentication(RequestAuthentication),
     DestinationRule(DestinationRule),
     VirtualService(VirtualService),
+    ServiceEntry(ServiceEntry),
+    WorkloadEntry(WorkloadEntry),
 );
 
 impl Object {
@@ -964,9 +979,10 @@ spec:
         );
         // Istio's own Gateway is another kind.
         assert_eq!(of("networking.istio.io/v1", "Gateway"), DocumentType::Other);
+        assert_eq!(of("networking.istio.io/v1", "Sidecar"), DocumentType::Other);
         assert_eq!(
-            of("networking.istio.io/v1", "ServiceEntry"),
-            DocumentType::Other
+            of("networking.istio.io/v1beta1", "ServiceEntry"),
+            DocumentType::Read(Kind::ServiceEntry)
         );
         assert_eq!(
             of("networking.istio.io/v1", "VirtualServce"),
@@ -1114,6 +1130,19 @@ metadata: {name: v, namespace: a}
 spec:
   hosts: [s]
   http: [{route: [{destination: {host: s}, wieght: 10}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: e, namespace: a}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: TLS, targetPrt: 8443}]
+  workloadSelector: {matchLabels: {app: x}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: w, namespace: a}
+spec: {address: 10.0.0.1, ports: {https: 8443}, serviceAcount: vm}
 ";
 
     #[test]
@@ -1146,6 +1175,11 @@ spec:
                 "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderNam",
             ),
             (Kind::VirtualService, "spec.http[0].route[0].wieght"),
+            (
+                Kind::ServiceEntry,
+                "spec.ports[0].targetPrt,spec.workloadSelector.matchLabels",
+            ),
+            (Kind::WorkloadEntry, "spec.serviceAcount"),
         ];
         let expected: Vec<(Kind, String)> =
             expected.iter().map(|(k, f)| (*k, f.to_string())).collect();
@@ -1167,7 +1201,9 @@ spec:
             .replace("mod:", "mode:")
             .replace("jwksUrl", "jwksUri")
             .replace("httpHeaderNam:", "httpHeaderName:")
-            .replace("wieght", "weight");
+            .replace("wieght", "weight")
+            .replace("{matchLabels:", "{labels:")
+            .replace("serviceAcount", "serviceAccount");
         let m = parse(&fixed).unwrap();
         assert!(m.refused.is_empty(), "{:?}", m.refused);
         assert_eq!(m.objects.len(), Kind::ALL.len());

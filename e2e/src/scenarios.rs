@@ -21,6 +21,7 @@ pub mod l7;
 pub mod node_agent;
 pub mod on_demand;
 pub mod policies;
+pub mod service_entry;
 
 use std::time::{Duration, Instant};
 

@@ -13,7 +13,7 @@
 
 use e2e::mesh::MeshConfig;
 use e2e::privilege;
-use e2e::scenarios::{self, dns, istioctl, l4, l7, on_demand};
+use e2e::scenarios::{self, dns, istioctl, l4, l7, on_demand, service_entry};
 
 #[test]
 fn l4_scenarios_on_the_local_cluster() {
@@ -21,11 +21,13 @@ fn l4_scenarios_on_the_local_cluster() {
         return;
     }
     let filter = std::env::var("E2E_SCENARIO").ok();
-    // The DNS, L7, on-demand and istioctl-rs scenarios run on the local
-    // cluster only (see `dns`, `l7`, `istioctl`), after the L4 ones.
+    // The DNS, ServiceEntry, L7, on-demand and istioctl-rs scenarios run on
+    // the local cluster only (see `dns`, `service_entry`, `l7`, `istioctl`),
+    // after the L4 ones.
     let all = [
         l4::all(),
         dns::all(),
+        service_entry::all(),
         l7::all(),
         on_demand::all(),
         istioctl::all(),

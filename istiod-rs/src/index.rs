@@ -28,6 +28,7 @@ mod on_demand;
 mod peer_authentication;
 mod problem;
 mod selectors;
+mod service_entries;
 mod services;
 // DestinationRule and VirtualService translation (L7, for waypoints).
 #[doc(hidden)]
@@ -44,7 +45,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use api::crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use api::crd::{
+    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry, WorkloadEntry,
+};
 use api::manifest::ObjectKey;
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
@@ -199,6 +202,8 @@ struct Inputs {
     request_authentications: Objects<RequestAuthentication>,
     http_routes: Objects<HttpRoute>,
     grpc_routes: Objects<GrpcRoute>,
+    service_entries: Objects<ServiceEntry>,
+    workload_entries: Objects<WorkloadEntry>,
 }
 
 impl Inputs {
@@ -214,6 +219,8 @@ impl Inputs {
             request_authentications: state.request_authentications.clone(),
             http_routes: state.http_routes.clone(),
             grpc_routes: state.grpc_routes.clone(),
+            service_entries: state.service_entries.clone(),
+            workload_entries: state.workload_entries.clone(),
         }
     }
 
@@ -237,6 +244,8 @@ impl Inputs {
             )
             && same(&self.http_routes, &state.http_routes)
             && same(&self.grpc_routes, &state.grpc_routes)
+            && same(&self.service_entries, &state.service_entries)
+            && same(&self.workload_entries, &state.workload_entries)
     }
 }
 
@@ -291,6 +300,18 @@ impl Translator {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), a));
         }
         let mut services = services::Services::build(state, mesh);
+        let service_entries = service_entries::ServiceEntries::build(state, mesh, &mut problems);
+        for (key, service) in &service_entries.services {
+            // A Kubernetes Service of the same hostname in the namespace
+            // wins (it is inserted after).
+            let address = Address {
+                r#type: Some(address::Type::Service(service.clone())),
+            };
+            snapshot.insert(Resource::new(type_url::ADDRESS, key.clone(), &address));
+        }
+        for w in &service_entries.workloads {
+            snapshot.insert(workload_resource(w.clone()));
+        }
 
         // Which pods are workloads, which services each backs, and the service
         // accounts behind each service (for per-ServiceAccount waypoints).
@@ -458,6 +479,7 @@ impl Translator {
             waypoint_policies: &waypoint_policies,
             l7: &l7_ctx,
             l7_rules: &l7_rules,
+            service_entries: &service_entries,
         };
         let mut cache = BTreeMap::new();
         let mut reused = 0;

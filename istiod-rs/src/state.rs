@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use api::crd::{
-    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry,
+    VirtualService, WorkloadEntry,
 };
 use api::manifest::{FileContent, Kind, Object, ObjectKey};
 use gateway_api::experimental::httproutes::HttpRoute;
@@ -49,6 +50,8 @@ pub struct ClusterState {
     pub jwks: Arc<crate::jwks::JwksState>,
     pub destination_rules: Objects<DestinationRule>,
     pub virtual_services: Objects<VirtualService>,
+    pub service_entries: Objects<ServiceEntry>,
+    pub workload_entries: Objects<WorkloadEntry>,
 }
 
 impl ClusterState {
@@ -157,6 +160,8 @@ by_kind!(
     RequestAuthentication => request_authentications,
     DestinationRule => destination_rules,
     VirtualService => virtual_services,
+    ServiceEntry => service_entries,
+    WorkloadEntry => workload_entries,
 );
 
 /// A file's objects in local mode: what an object refused in a new version

@@ -37,7 +37,7 @@ fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 /// A list of [`opaque_object`]s.
-fn opaque_objects(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(super) fn opaque_objects(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "array",
         "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},

@@ -37,8 +37,8 @@ fn crd_yaml_parses_back_into_a_crd() {
     }
 }
 
-/// DestinationRule and VirtualService are served in v1, v1beta1 and
-/// v1alpha3, one schema, stored as v1alpha3 (istio/api's
+/// DestinationRule, VirtualService, ServiceEntry and WorkloadEntry are
+/// served in v1, v1beta1 and v1alpha3, one schema, stored as v1alpha3 (istio/api's
 /// `+cue-gen:DestinationRule:storageVersion` on the v1alpha3 proto).
 #[test]
 fn networking_crds_serve_upstreams_versions() {
@@ -47,6 +47,8 @@ fn networking_crds_serve_upstreams_versions() {
     for file in [
         "networking.istio.io_destinationrules.yaml",
         "networking.istio.io_virtualservices.yaml",
+        "networking.istio.io_serviceentries.yaml",
+        "networking.istio.io_workloadentries.yaml",
     ] {
         let (_, yaml) = crds.iter().find(|(f, _)| *f == file).expect(file);
         let crd: CustomResourceDefinition = serde_saphyr::from_str(yaml).unwrap();

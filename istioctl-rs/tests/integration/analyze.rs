@@ -254,7 +254,7 @@ async fn live_lists_every_kind_once_and_filters_by_namespace() {
     let requests = requests.await.unwrap();
     let lines: Vec<String> = requests.iter().map(Recorded::line).collect();
     assert_eq!(
-        lines[..14],
+        lines[..16],
         [
             "GET /api/v1/namespaces",
             "GET /api/v1/nodes",
@@ -270,9 +270,11 @@ async fn live_lists_every_kind_once_and_filters_by_namespace() {
             "GET /apis/security.istio.io/v1/requestauthentications",
             "GET /apis/networking.istio.io/v1/destinationrules",
             "GET /apis/networking.istio.io/v1/virtualservices",
+            "GET /apis/networking.istio.io/v1/serviceentries",
+            "GET /apis/networking.istio.io/v1/workloadentries",
         ]
     );
-    assert_eq!(lines.len(), 28, "two runs, one list per kind each");
+    assert_eq!(lines.len(), 32, "two runs, one list per kind each");
     assert_eq!(
         all.stdout,
         "Error [IRS0001] (AuthorizationPolicy quiet/get-only) Service quiet/api is not bound to a waypoint, and waypoints on demand are disabled in namespace quiet (label istio.io/auto-waypoint: disabled); connections to the endpoints of Service quiet/api are denied until a waypoint serves the rule. Bind a waypoint (istioctl-rs waypoint apply -n quiet --enroll-namespace) or remove the label istio.io/auto-waypoint=disabled from namespace quiet.\n\

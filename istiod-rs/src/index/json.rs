@@ -203,6 +203,7 @@ fn workload_json(w: &workload::Workload) -> Value {
             }),
         )
         .name("networkMode", w.network_mode().as_str_name())
+        .put("capacity", w.capacity)
         .done()
 }
 
@@ -235,6 +236,7 @@ fn service_json(s: &workload::Service) -> Value {
         .name("ipFamilies", s.ip_families().as_str_name())
         .put("canonical", s.canonical)
         .put("ingressUseWaypoint", s.ingress_use_waypoint)
+        .put("subjectAltNames", s.subject_alt_names.clone())
         .done()
 }
 

@@ -93,6 +93,11 @@ pub enum Effect {
     BackendFails,
     /// DestinationRule, VirtualService: not used (for this host).
     NotUsed,
+    /// ServiceEntry: none of its hosts is served.
+    EntryNotServed,
+    /// ServiceEntry endpoint, WorkloadEntry: this endpoint is left out; the
+    /// rest is served.
+    EndpointLeftOut,
 }
 
 impl fmt::Display for Effect {
@@ -162,6 +167,12 @@ impl fmt::Display for Effect {
                 f.write_str("its share of the route's requests gets HTTP 500")
             }
             Effect::NotUsed => f.write_str("it is not used"),
+            Effect::EntryNotServed => {
+                f.write_str("the ServiceEntry is not served (none of its hosts)")
+            }
+            Effect::EndpointLeftOut => {
+                f.write_str("this endpoint is left out; the rest is served")
+            }
         }
     }
 }
@@ -371,7 +382,10 @@ impl PolicyProblem {
     /// Whether the object is left out entirely (as opposed to enforced in a
     /// stricter form).
     pub fn rejected(&self) -> bool {
-        matches!(self.effect(), Effect::NotServed | Effect::NotUsed)
+        matches!(
+            self.effect(),
+            Effect::NotServed | Effect::NotUsed | Effect::EntryNotServed | Effect::EndpointLeftOut
+        )
     }
 
     /// Whether an admission webhook must refuse the object: a value that

@@ -55,6 +55,7 @@ pub(super) struct Context<'a> {
     pub waypoint_policies: &'a WaypointPolicies,
     pub l7: &'a super::l7::Context<'a>,
     pub l7_rules: &'a super::l7::L7Rules,
+    pub service_entries: &'a super::service_entries::ServiceEntries<'a>,
 }
 
 /// The pod's addresses, when it should be a workload: not finished, and
@@ -218,7 +219,7 @@ fn cron_job_name(job: &str) -> Option<&str> {
 }
 
 /// Canonical service name and revision, with upstream's label fallbacks.
-fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
+pub(super) fn canonical(labels: &Labels, workload_name: &str) -> (String, String) {
     let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
     let name = first(&[labels::CANONICAL_NAME, labels::APP_NAME, labels::APP])
         .unwrap_or_else(|| workload_name.to_string());
@@ -322,13 +323,16 @@ pub(super) fn workload(
         services: backed,
         waypoint: waypoint_key.clone(),
     });
-    let services = backed
+    let mut services: BTreeMap<String, api::workload::PortList> = backed
         .iter()
         .map(|&i| {
             let entry = &ctx.services.entries[i];
             (entry.key.clone(), entry.ports_for(pod))
         })
         .collect();
+    // ServiceEntries selecting the pod (upstream's
+    // `PILOT_ENABLE_SERVICEENTRY_SELECT_PODS`, on by default).
+    services.extend(ctx.service_entries.for_pod(namespace, labels));
     let name = workload_name(pod);
     let (canonical_name, canonical_revision) = canonical(labels, &name);
     let mut tunnel = TunnelProtocol::None;

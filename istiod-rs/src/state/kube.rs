@@ -16,7 +16,8 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use api::crd::{
-    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, VirtualService,
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry,
+    VirtualService, WorkloadEntry,
 };
 use api::manifest::{Kind, Object};
 use futures::{StreamExt, TryStreamExt};
@@ -92,6 +93,8 @@ pub fn spawn(client: Client, store: Arc<Store>) -> Vec<tokio::task::JoinHandle<(
                     }
                     Kind::DestinationRule => watch::<DestinationRule>(client, kind, tracker).await,
                     Kind::VirtualService => watch::<VirtualService>(client, kind, tracker).await,
+                    Kind::ServiceEntry => watch::<ServiceEntry>(client, kind, tracker).await,
+                    Kind::WorkloadEntry => watch::<WorkloadEntry>(client, kind, tracker).await,
                 }
             })
         })
@@ -183,6 +186,8 @@ pub async fn list(client: Client) -> Result<ClusterState, ListError> {
             }
             Kind::DestinationRule => list_kind::<DestinationRule>(&client, kind).await?,
             Kind::VirtualService => list_kind::<VirtualService>(&client, kind).await?,
+            Kind::ServiceEntry => list_kind::<ServiceEntry>(&client, kind).await?,
+            Kind::WorkloadEntry => list_kind::<WorkloadEntry>(&client, kind).await?,
         };
         state.replace_kind(kind, objects);
     }

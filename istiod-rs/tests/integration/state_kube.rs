@@ -63,6 +63,8 @@ fn path(kind: Kind) -> &'static str {
         Kind::RequestAuthentication => "/apis/security.istio.io/v1/requestauthentications",
         Kind::DestinationRule => "/apis/networking.istio.io/v1/destinationrules",
         Kind::VirtualService => "/apis/networking.istio.io/v1/virtualservices",
+        Kind::ServiceEntry => "/apis/networking.istio.io/v1/serviceentries",
+        Kind::WorkloadEntry => "/apis/networking.istio.io/v1/workloadentries",
     }
 }
 

@@ -1,0 +1,117 @@
+//! ServiceEntry and WorkloadEntry reached through ztunnel: a client in the
+//! ambient namespace connects to a ServiceEntry's address (inside the
+//! local cluster's service range, so inside the test's own namespaces) and
+//! is answered by an endpoint the ServiceEntry selects. istiod-rs serves
+//! the entry as a workload API Service (see `istiod-rs/src/index/
+//! service_entries.rs`); ztunnel-rs routes its VIP like a Service's.
+
+use super::Scenario;
+use super::fixture::{AMBIENT_NS, ECHO_HELLO, L4Fixture};
+use super::l4::{CHANGE_TIMEOUT, failed, pod_name};
+use crate::cluster::{Cluster, PodInfo};
+use crate::probe::{
+    self, ProbeError, counted, describe_exchange, eventually, mtls_from_to, ztunnel,
+};
+
+/// The ServiceEntries' port: not the servers' own, so the targetPort (or
+/// the WorkloadEntry's port) is what reaches them.
+const SE_PORT: u16 = 9101;
+/// Addresses at the top of the local cluster's service range
+/// (10.96.0.0/16), which its allocator hands out from the bottom.
+const PODS_VIP: &str = "10.96.255.201";
+const ENTRY_VIP: &str = "10.96.255.202";
+
+pub fn all() -> Vec<Scenario> {
+    vec![Scenario {
+        name: "service_entry_reached_through_ztunnel",
+        run: service_entry_reached,
+    }]
+}
+
+/// A ServiceEntry selecting the server pods, and one selecting a
+/// WorkloadEntry that stands for server-1 (its address, its identity,
+/// annotated for HBONE as upstream's `setTunnelProtocol` reads it).
+fn entries_yaml(f: &L4Fixture) -> String {
+    let server1 = &f.servers[1];
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: echo-pods\n  namespace: {AMBIENT_NS}\n\
+         spec:\n  hosts: [echo-pods.mesh.test]\n  addresses: [{PODS_VIP}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  \
+         ports:\n  - {{number: {SE_PORT}, name: hello, protocol: TCP, targetPort: {ECHO_HELLO}}}\n  \
+         workloadSelector:\n    labels:\n      app: server\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: echo-entry\n  namespace: {AMBIENT_NS}\n\
+         spec:\n  hosts: [echo-entry.mesh.test]\n  addresses: [{ENTRY_VIP}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  \
+         ports:\n  - {{number: {SE_PORT}, name: hello, protocol: TCP}}\n  \
+         workloadSelector:\n    labels:\n      app: echo-entry\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: echo-entry-1\n  namespace: {AMBIENT_NS}\n  \
+         labels:\n    app: echo-entry\n  annotations:\n    {}: {}\n\
+         spec:\n  address: {}\n  serviceAccount: server\n  ports:\n    hello: {ECHO_HELLO}\n",
+        api::labels::AMBIENT_REDIRECTION,
+        api::labels::AMBIENT_REDIRECTION_ENABLED,
+        server1.ip,
+    )
+}
+
+fn service_entry_reached(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let yaml = entries_yaml(f);
+    cluster.apply_yaml(&yaml)?;
+    let result = (|| {
+        let client = &f.clients[0];
+        let servers: Vec<&str> = f.servers.iter().map(|s| s.name.as_str()).collect();
+        // Pods selected: answered by one of the servers, which sees the
+        // client's own address.
+        let to_pods = format!("{PODS_VIP}:{SE_PORT}");
+        let what = format!("{} -> ServiceEntry echo-pods ({to_pods})", pod_name(client));
+        let report = eventually(&what, CHANGE_TIMEOUT, || {
+            let report = probe::tcp_hello(cluster, client, &to_pods)?;
+            Ok(if report.ok && report.hello.is_some() {
+                Ok(report)
+            } else {
+                Err(describe_exchange(&report))
+            })
+        })?;
+        let hello = report.hello.as_ref().expect("checked above");
+        if !servers.contains(&hello.pod.as_str()) || !probe::saw_caller(&report, client) {
+            return Err(failed(
+                &what,
+                format!("want a server seeing {}, got {hello:?}", client.ip),
+            ));
+        }
+        let first = format!("{what}: answered by {}", hello.pod);
+
+        // A WorkloadEntry selected: server-1 answers, in mutual TLS
+        // (counted by its node's ztunnel with both identities).
+        let server1: &PodInfo = &f.servers[1];
+        let to_entry = format!("{ENTRY_VIP}:{SE_PORT}");
+        let what = format!(
+            "{} -> ServiceEntry echo-entry ({to_entry})",
+            pod_name(client)
+        );
+        let src = f.principal(AMBIENT_NS, "client");
+        let dst = f.principal(AMBIENT_NS, "server");
+        eventually(&what, CHANGE_TIMEOUT, || {
+            let report = probe::tcp_hello(cluster, client, &to_entry)?;
+            Ok(if report.ok {
+                Ok(())
+            } else {
+                Err(describe_exchange(&report))
+            })
+        })?;
+        let (report, count) = counted(
+            cluster,
+            &ztunnel(&server1.node),
+            &mtls_from_to(&src, &dst),
+            || probe::tcp_hello(cluster, client, &to_entry),
+        )?;
+        match &report.hello {
+            Some(h) if report.ok && h.pod == server1.name => Ok(format!(
+                "{first}; {what}: answered by {} in mTLS {src} -> {dst} ({count} at the destination)",
+                h.pod
+            )),
+            _ => Err(failed(&what, describe_exchange(&report))),
+        }
+    })();
+    let _ = cluster.delete_yaml(&yaml);
+    result
+}

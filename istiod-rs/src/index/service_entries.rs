@@ -1,0 +1,487 @@
+//! ServiceEntries and WorkloadEntries -> `istio.workload.Service`s and
+//! `Workload`s, as upstream's ambient index (istio/istio
+//! pilot/pkg/serviceregistry/kube/controller/ambient/services.go:
+//! `serviceEntriesInfo`, `constructServiceEntries`; workloads.go:
+//! `serviceEntryWorkloadBuilder`, `workloadEntryWorkloadBuilder`,
+//! `constructServicesFromWorkloadEntry`, `setTunnelProtocol`).
+//!
+//! - One Service per host, key `<se ns>/<host>`, name and namespace the
+//!   ServiceEntry's, VIPs from `addresses`, ports `number` -> `targetPort`
+//!   (the number when unset), `subjectAltNames` carried. No auto-allocated
+//!   VIPs: upstream takes them from `status.addresses`, written by its IP
+//!   allocation controller, which istiod-rs does not run.
+//! - Inline `endpoints`: one workload each, uid
+//!   `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
+//!   backing every host; an address that is not an IP is the workload's
+//!   `hostname` (resolved by ztunnel). `resolution: DNS` (or
+//!   `DNS_ROUND_ROBIN`) without endpoints nor selector: one workload per
+//!   host, its hostname the host, backing that host only.
+//! - `workloadSelector` (non-empty `labels`) selects pods
+//!   ([`ServiceEntries::for_pod`], listed in the pod workload's services)
+//!   and WorkloadEntries of the ServiceEntry's namespace.
+//! - WorkloadEntry objects: uid
+//!   `<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>`, backing the
+//!   ServiceEntries that select them; a port named in the entry's `ports`
+//!   map is its target port.
+//! - Tunnel as upstream's `setTunnelProtocol`: HBONE when annotated
+//!   `ambient.istio.io/redirection: enabled` or labelled
+//!   `networking.istio.io/tunnel: http` (native tunnel); plain TCP
+//!   otherwise. A pod selected by a ServiceEntry keeps its own workload
+//!   (HBONE when enrolled).
+//!
+//! A value that cannot be read is a [`PolicyProblem::InvalidValue`] naming
+//! the object and field: the ServiceEntry (an address, a port, an unknown
+//! resolution or location) or the endpoint (its address) is left out; the
+//! rest flows.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use api::crd::service_entry::{Location, Resolution, ServiceEntry, WorkloadEntrySpec};
+use api::labels;
+use api::manifest::{Kind, ObjectKey};
+use api::workload::{
+    Locality, NetworkAddress, Port, PortList, TunnelProtocol, Workload, WorkloadStatus,
+    WorkloadType,
+};
+
+use super::selectors::{Labels, labels_of, subset_of};
+use super::{Effect, MeshConfig, PolicyProblem, PolicyRef};
+use crate::state::ClusterState;
+
+/// Label asking for the HBONE tunnel natively (upstream's `TunnelHTTP`).
+const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+
+/// One ServiceEntry port.
+#[derive(Debug, Clone)]
+struct SePort {
+    name: String,
+    number: u32,
+    /// `targetPort`, or the number when unset.
+    target: u32,
+}
+
+/// A ServiceEntry that selects workloads by label.
+#[derive(Debug)]
+struct Selecting<'a> {
+    namespace: &'a str,
+    selector: &'a BTreeMap<String, String>,
+    /// Keys of its services (one per host).
+    keys: Vec<String>,
+    ports: Vec<SePort>,
+}
+
+/// Every served ServiceEntry and WorkloadEntry.
+#[derive(Debug, Default)]
+pub(super) struct ServiceEntries<'a> {
+    /// `(key, service)`, in ServiceEntry then host order.
+    pub services: Vec<(String, api::workload::Service)>,
+    /// Inline endpoints, implicit DNS endpoints and WorkloadEntries.
+    pub workloads: Vec<Workload>,
+    selecting: Vec<Selecting<'a>>,
+}
+
+impl<'a> ServiceEntries<'a> {
+    pub fn build(
+        state: &'a ClusterState,
+        mesh: &MeshConfig,
+        problems: &mut Vec<PolicyProblem>,
+    ) -> Self {
+        let mut out = ServiceEntries::default();
+        for (key, se) in &state.service_entries {
+            let Some(entry) = read(key, se, problems) else {
+                continue;
+            };
+            let spec = &se.spec;
+            let namespace = key.namespace.as_str();
+            let keys: Vec<String> = spec
+                .hosts
+                .iter()
+                .map(|h| format!("{namespace}/{h}"))
+                .collect();
+            for (host, svc_key) in spec.hosts.iter().zip(&keys) {
+                out.services.push((
+                    svc_key.clone(),
+                    api::workload::Service {
+                        name: key.name.clone(),
+                        namespace: namespace.to_string(),
+                        hostname: host.clone(),
+                        addresses: entry
+                            .vips
+                            .iter()
+                            .map(|ip| NetworkAddress {
+                                network: mesh.network.clone(),
+                                address: super::ip_bytes(*ip),
+                            })
+                            .collect(),
+                        ports: service_ports(&entry.ports),
+                        subject_alt_names: spec.subject_alt_names.clone(),
+                        ..Default::default()
+                    },
+                ));
+            }
+            let se_labels = labels_of(&se.metadata.labels);
+            let se_annotations = labels_of(&se.metadata.annotations);
+            let refer = PolicyRef::new(Kind::ServiceEntry, namespace, &key.name);
+            for (i, ep) in spec.endpoints.iter().enumerate() {
+                let field = format!("spec.endpoints[{i}].address");
+                let Some((addresses, hostname)) = endpoint_address(&ep.address) else {
+                    problems.push(PolicyProblem::InvalidValue {
+                        object: refer.clone(),
+                        field,
+                        value: ep.address.clone(),
+                        expected: "an IP address or a DNS name",
+                        effect: Effect::EndpointLeftOut,
+                    });
+                    continue;
+                };
+                let services = ports_of_entry(ep, &keys, &entry.ports);
+                let mut w = entry_workload(mesh, namespace, &key.name, ep, services);
+                w.uid = format!(
+                    "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{}",
+                    mesh.cluster_id, key.name, ep.address
+                );
+                w.addresses = addresses;
+                w.hostname = hostname;
+                (w.canonical_name, w.canonical_revision) =
+                    super::workloads::canonical(se_labels, &key.name);
+                set_tunnel(se_labels, se_annotations, &mut w);
+                out.workloads.push(w);
+            }
+            let dns = matches!(
+                spec.resolution,
+                Some(Resolution::Dns | Resolution::DnsRoundRobin)
+            );
+            if spec.endpoints.is_empty() && spec.workload_selector.is_none() && dns {
+                for (host, svc_key) in spec.hosts.iter().zip(&keys) {
+                    let ep = WorkloadEntrySpec {
+                        address: host.clone(),
+                        ..Default::default()
+                    };
+                    let services = ports_of_entry(&ep, std::slice::from_ref(svc_key), &entry.ports);
+                    let mut w = entry_workload(mesh, namespace, &key.name, &ep, services);
+                    w.uid = format!(
+                        "{}/networking.istio.io/ServiceEntry/{namespace}/{}/{host}",
+                        mesh.cluster_id, key.name
+                    );
+                    w.hostname = host.clone();
+                    (w.canonical_name, w.canonical_revision) =
+                        super::workloads::canonical(se_labels, &key.name);
+                    set_tunnel(se_labels, se_annotations, &mut w);
+                    out.workloads.push(w);
+                }
+            }
+            if let Some(selector) = &spec.workload_selector
+                && !selector.labels.is_empty()
+            {
+                out.selecting.push(Selecting {
+                    namespace,
+                    selector: &selector.labels,
+                    keys,
+                    ports: entry.ports,
+                });
+            }
+        }
+        for (key, we) in &state.workload_entries {
+            let namespace = key.namespace.as_str();
+            let Some((addresses, hostname)) = endpoint_address(&we.spec.address) else {
+                problems.push(PolicyProblem::InvalidValue {
+                    object: PolicyRef::new(Kind::WorkloadEntry, namespace, &key.name),
+                    field: "spec.address".to_string(),
+                    value: we.spec.address.clone(),
+                    expected: "an IP address or a DNS name",
+                    effect: Effect::EndpointLeftOut,
+                });
+                continue;
+            };
+            let we_labels = workload_entry_labels(we);
+            let mut services = BTreeMap::new();
+            for s in out.selecting_in(namespace, &we_labels) {
+                services.extend(ports_of_entry(&we.spec, &s.keys, &s.ports));
+            }
+            let mut w = entry_workload(mesh, namespace, &key.name, &we.spec, services);
+            w.uid = format!(
+                "{}/networking.istio.io/WorkloadEntry/{namespace}/{}",
+                mesh.cluster_id, key.name
+            );
+            w.addresses = addresses;
+            w.hostname = hostname;
+            (w.canonical_name, w.canonical_revision) =
+                super::workloads::canonical(&we_labels, &key.name);
+            set_tunnel(&we_labels, labels_of(&we.metadata.annotations), &mut w);
+            out.workloads.push(w);
+        }
+        out
+    }
+
+    fn selecting_in<'s>(
+        &'s self,
+        namespace: &'s str,
+        labels: &'s Labels,
+    ) -> impl Iterator<Item = &'s Selecting<'a>> + 's {
+        self.selecting
+            .iter()
+            .filter(move |s| s.namespace == namespace && subset_of(s.selector, labels))
+    }
+
+    /// The services of the ServiceEntries selecting a pod, with the ports
+    /// it serves them on, as upstream's `constructServices` for a
+    /// ServiceEntry (no named target ports: the target as written).
+    pub fn for_pod(&self, namespace: &str, labels: &Labels) -> Vec<(String, PortList)> {
+        let mut out = Vec::new();
+        for s in self.selecting_in(namespace, labels) {
+            let ports = PortList {
+                ports: service_ports(&s.ports),
+            };
+            for key in &s.keys {
+                out.push((key.clone(), ports.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// The ports as upstream's `constructServiceEntries` lists them.
+fn service_ports(ports: &[SePort]) -> Vec<Port> {
+    ports
+        .iter()
+        .map(|p| Port {
+            service_port: p.number,
+            target_port: p.target,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// What is served of a ServiceEntry, once its values are read.
+struct Read {
+    vips: Vec<IpAddr>,
+    ports: Vec<SePort>,
+}
+
+/// The ServiceEntry's values, or `None` (with the problems) when it cannot
+/// be served: upstream drops a ServiceEntry whose address does not parse.
+fn read(key: &ObjectKey, se: &ServiceEntry, problems: &mut Vec<PolicyProblem>) -> Option<Read> {
+    let object = PolicyRef::new(Kind::ServiceEntry, &key.namespace, &key.name);
+    let before = problems.len();
+    let mut invalid = |field: String, value: String, expected: &'static str| {
+        problems.push(PolicyProblem::InvalidValue {
+            object: object.clone(),
+            field,
+            value,
+            expected,
+            effect: Effect::EntryNotServed,
+        });
+    };
+    let spec = &se.spec;
+    if let Some(Location::Unknown(v)) = &spec.location {
+        invalid(
+            "spec.location".into(),
+            v.clone(),
+            "MESH_EXTERNAL or MESH_INTERNAL",
+        );
+    }
+    if let Some(Resolution::Unknown(v)) = &spec.resolution {
+        invalid(
+            "spec.resolution".into(),
+            v.clone(),
+            "NONE, STATIC, DNS or DNS_ROUND_ROBIN",
+        );
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if h.is_empty() || h.contains('/') || h.chars().any(char::is_whitespace) {
+            invalid(format!("spec.hosts[{i}]"), h.clone(), "a DNS name");
+        }
+    }
+    let mut vips = Vec::new();
+    for (i, a) in spec.addresses.iter().enumerate() {
+        match single_address(a) {
+            Some(ip) => vips.push(ip),
+            None => invalid(
+                format!("spec.addresses[{i}]"),
+                a.clone(),
+                "an IP address (a CIDR of one address at most)",
+            ),
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        if !(1..=65535).contains(&p.number) {
+            invalid(
+                format!("spec.ports[{i}].number"),
+                p.number.to_string(),
+                "a port number (1-65535)",
+            );
+        }
+        if let Some(t) = p.target_port
+            && !(1..=65535).contains(&t)
+        {
+            invalid(
+                format!("spec.ports[{i}].targetPort"),
+                t.to_string(),
+                "a port number (1-65535)",
+            );
+        }
+        ports.push(SePort {
+            name: p.name.clone(),
+            number: p.number,
+            target: p.target_port.unwrap_or(p.number),
+        });
+    }
+    (problems.len() == before).then_some(Read { vips, ports })
+}
+
+/// An address, or a CIDR covering one address.
+fn single_address(text: &str) -> Option<IpAddr> {
+    match text.split_once('/') {
+        None => text.parse().ok(),
+        Some((ip, len)) => {
+            let ip: IpAddr = ip.parse().ok()?;
+            let full = if ip.is_ipv4() { "32" } else { "128" };
+            (len == full).then_some(ip)
+        }
+    }
+}
+
+/// An endpoint's addresses, or its hostname when it is a DNS name.
+fn endpoint_address(address: &str) -> Option<(Vec<Vec<u8>>, String)> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Some((vec![super::ip_bytes(ip)], String::new()));
+    }
+    let dns_name = !address.is_empty()
+        && address.len() <= 253
+        && address.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    dns_name.then(|| (Vec::new(), address.to_string()))
+}
+
+/// The ports an entry serves each service on, as upstream's
+/// `constructServicesFromWorkloadEntry` for a ServiceEntry: the entry's
+/// port of the service port's name, else the service's target.
+fn ports_of_entry(
+    entry: &WorkloadEntrySpec,
+    keys: &[String],
+    ports: &[SePort],
+) -> BTreeMap<String, PortList> {
+    let list = PortList {
+        ports: ports
+            .iter()
+            .map(|p| Port {
+                service_port: p.number,
+                target_port: entry.ports.get(&p.name).copied().unwrap_or(p.target),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    keys.iter().map(|k| (k.clone(), list.clone())).collect()
+}
+
+/// The fields every entry workload shares.
+fn entry_workload(
+    mesh: &MeshConfig,
+    namespace: &str,
+    name: &str,
+    entry: &WorkloadEntrySpec,
+    services: BTreeMap<String, PortList>,
+) -> Workload {
+    Workload {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        network: if entry.network.is_empty() {
+            mesh.network.clone()
+        } else {
+            entry.network.clone()
+        },
+        cluster_id: mesh.cluster_id.clone(),
+        service_account: entry.service_account.clone(),
+        services,
+        status: WorkloadStatus::Healthy as i32,
+        trust_domain: mesh.workload_trust_domain().to_string(),
+        locality: locality(&entry.locality),
+        capacity: entry.weight.filter(|w| *w > 0),
+        workload_name: name.to_string(),
+        workload_type: WorkloadType::Pod as i32,
+        tunnel_protocol: TunnelProtocol::None as i32,
+        ..Default::default()
+    }
+}
+
+/// `region/zone/subzone`, as upstream's `SplitLocalityLabel`.
+fn locality(text: &str) -> Option<Locality> {
+    let mut parts = text.splitn(3, '/');
+    let mut next = || parts.next().unwrap_or_default().to_string();
+    let l = Locality {
+        region: next(),
+        zone: next(),
+        subzone: next(),
+    };
+    (l != Locality::default()).then_some(l)
+}
+
+/// A WorkloadEntry's labels: its object's, and its spec's on top.
+fn workload_entry_labels(we: &api::crd::WorkloadEntry) -> Labels {
+    let mut out = labels_of(&we.metadata.labels).clone();
+    out.extend(we.spec.labels.clone());
+    out
+}
+
+/// Upstream's `setTunnelProtocol`.
+fn set_tunnel(labels: &Labels, annotations: &Labels, w: &mut Workload) {
+    if annotations
+        .get(labels::AMBIENT_REDIRECTION)
+        .map(String::as_str)
+        == Some(labels::AMBIENT_REDIRECTION_ENABLED)
+    {
+        w.tunnel_protocol = TunnelProtocol::Hbone as i32;
+    }
+    if labels.get(TUNNEL_LABEL).map(String::as_str) == Some("http") {
+        w.tunnel_protocol = TunnelProtocol::Hbone as i32;
+        w.native_tunnel = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Translator, json::snapshot_json};
+    use super::*;
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: api, namespace: shop, labels: {app: api}}\n\
+        spec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.1.0.5}\n";
+    const ENTRY: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+        metadata: {name: api, namespace: shop}\n\
+        spec: {hosts: [api.example.com], ports: [{number: 80, name: http}], workloadSelector: {labels: {app: api}}}\n";
+
+    fn state(text: &str) -> ClusterState {
+        ClusterState::from_objects(api::manifest::parse(text).unwrap().objects)
+    }
+
+    fn pod_services(t: &mut Translator, s: &ClusterState) -> serde_json::Value {
+        let json = snapshot_json(&t.translate(s, &MeshConfig::default()).snapshot);
+        json["workloads"]["Kubernetes//Pod/shop/api"]["services"].clone()
+    }
+
+    #[test]
+    fn a_pod_reused_by_the_translator_follows_the_entries_that_select_it() {
+        let mut t = Translator::default();
+        let without = state(POD);
+        assert_eq!(pod_services(&mut t, &without), serde_json::Value::Null);
+        // Only the ServiceEntry changed: the pod object is the same.
+        let mut with = without.clone();
+        with.apply(api::manifest::parse(ENTRY).unwrap().objects.remove(0));
+        assert_eq!(
+            pod_services(&mut t, &with),
+            serde_json::json!({"shop/api.example.com": [{"servicePort": 80, "targetPort": 80}]})
+        );
+        assert_eq!(pod_services(&mut t, &without), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn an_empty_selector_selects_nothing_as_upstream() {
+        let text = format!("{POD}---\n{}", ENTRY.replace("{labels: {app: api}}", "{}"));
+        let mut t = Translator::default();
+        assert_eq!(pod_services(&mut t, &state(&text)), serde_json::Value::Null);
+    }
+}
