@@ -8,10 +8,11 @@
 //! map. A pod backs a service whose non-empty selector its labels satisfy,
 //! or (services without selectors) whose EndpointSlices reference it.
 //!
-//! Also as upstream's `constructService` (istio/istio
-//! pilot/pkg/serviceregistry/kube/controller/ambient/services.go): every
-//! Kubernetes Service is `canonical`; each port's `app_protocol` is what
-//! `toAppProtocolFromKube` makes of it ([`app_protocol`]). The index sets
+//! Every Kubernetes Service is `canonical` for its hostname (our choice: no
+//! upstream source in reach says what upstream sets). Each port's
+//! `app_protocol` is what `toAppProtocolFromKube` makes of it
+//! ([`app_protocol`]; read in agentgateway's port of upstream's ambient
+//! index, `constructService` in its services.go). The index sets
 //! `ingress_use_waypoint` once the waypoint is known ([`ingress_use_waypoint`],
 //! upstream's `ingressUseWaypointFromLabels`).
 
@@ -310,8 +311,8 @@ fn load_balancing(svc: &Service) -> Option<LoadBalancing> {
     lb
 }
 
-/// What a service port speaks, as upstream's `toAppProtocolFromKube`:
-/// upstream's `ConvertProtocol` (pkg/config/kube/conversion.go; the name
+/// What a service port speaks, as `toAppProtocolFromKube` in agentgateway's
+/// port of upstream's ambient index: kube `ConvertProtocol` (the name
 /// from [`protocol_name`], read as the waypoint's port protocol is but
 /// without our additions such as `h2c`) gives the protocol, of which `toAppProtocolFromProtocol` keeps HTTP (HTTP11),
 /// HTTP2 and GRPC; anything else (gRPC-Web, TCP, TLS, unknown, non-TCP
@@ -347,10 +348,11 @@ pub(super) fn protocol_name(port: &KubePort) -> Option<String> {
     )
 }
 
-/// Whether ingress gateways are to use the service's waypoint, as upstream's
-/// `ingressUseWaypointFromLabels`: the Service's `istio.io/ingress-use-waypoint`
-/// label, else its namespace's, read as Go's `strconv.ParseBool` (a value
-/// that is not a boolean is false). Only meaningful with a waypoint bound:
+/// Whether ingress gateways are to use the service's waypoint: the Service's
+/// `istio.io/ingress-use-waypoint` label, else its namespace's, as upstream's
+/// `ingressUseWaypointFromLabels`; upstream takes `true`, ours also Go
+/// `strconv.ParseBool`'s other spellings of true (a value that is not a
+/// boolean is false). Only meaningful with a waypoint bound:
 /// the caller asks only then, as upstream.
 pub(super) fn ingress_use_waypoint(service: &Labels, namespace: Option<&Labels>) -> bool {
     let value = service

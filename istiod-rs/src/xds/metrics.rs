@@ -3,7 +3,7 @@
 //! upstream's name, labels and type values (`pilot_xds_pushes`, `pilot_xds`,
 //! `pilot_proxy_convergence_time`, `pilot_total_xds_rejects`,
 //! `pilot_xds_expired_nonce`, `pilot_xds_push_time`: pilot/pkg/xds/monitoring.go;
-//! type values from `GetMetricType`, pilot/pkg/model/typeurl.go); the rest
+//! type values from `GetMetricType` in pilot/pkg/model); the rest
 //! are ours, under the `xds_` prefix.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
