@@ -188,6 +188,15 @@ pub struct ProxyArgs {
     /// (ztunnel's own, as upstream).
     #[arg(long, env = "RESOLV_CONF", default_value = crate::dns::forwarder::DEFAULT_RESOLV_CONF)]
     pub resolv_conf: PathBuf,
+    /// Answers about service endpoints known by hostname (ServiceEntry DNS
+    /// endpoints) each pod keeps; they live for their TTL.
+    #[arg(long, env = "ON_DEMAND_DNS_CACHE_SIZE",
+          default_value_t = crate::dns::on_demand::DEFAULT_CAPACITY)]
+    pub on_demand_dns_cache_size: usize,
+    /// How long a failed or empty lookup of such a hostname is remembered
+    /// (its connections are refused meanwhile without asking again).
+    #[arg(long, env = "ON_DEMAND_DNS_NEGATIVE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub on_demand_dns_negative_ttl: Duration,
 }
 
 /// `ip` (port 53) or `ip:port`.
@@ -198,19 +207,20 @@ fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
 }
 
 impl ProxyArgs {
-    /// The DNS proxy's upstream resolvers: --dns-server, else the
-    /// nameservers of --resolv-conf. A resolv.conf that cannot be read
-    /// leaves the proxy answering the mesh's names only (forwarded queries
-    /// get SERVFAIL), and says so.
+    /// The upstream resolvers of the DNS proxy and of on-demand lookups:
+    /// --dns-server, else the nameservers of --resolv-conf. A resolv.conf
+    /// that cannot be read leaves the proxy answering the mesh's names only
+    /// (forwarded queries get SERVFAIL) and endpoints known by hostname
+    /// unreachable, and says so.
     fn dns_config(&self) -> crate::proxy::DnsConfig {
-        let servers = if self.dns_servers.is_empty() && self.dns_capture {
+        let servers = if self.dns_servers.is_empty() {
             match crate::dns::Forwarder::from_resolv_conf(
                 &self.resolv_conf,
                 crate::dns::forwarder::DEFAULT_TIMEOUT,
             ) {
                 Ok(forwarder) => forwarder.servers().to_vec(),
                 Err(error) => {
-                    tracing::warn!(%error, "the DNS proxy has no upstream resolver; names outside the mesh will not resolve");
+                    tracing::warn!(%error, "no upstream resolver; names outside the mesh will not resolve, nor will service endpoints known by hostname");
                     Vec::new()
                 }
             }
@@ -223,6 +233,10 @@ impl ProxyArgs {
         crate::proxy::DnsConfig {
             cluster_domain: self.cluster_domain.clone(),
             servers,
+            on_demand: crate::dns::on_demand::OnDemandConfig {
+                capacity: self.on_demand_dns_cache_size,
+                negative_ttl: self.on_demand_dns_negative_ttl,
+            },
             ..crate::proxy::DnsConfig::default()
         }
     }

@@ -11,6 +11,9 @@
 //!   queries, responses, truncation.
 //! - [`forwarder`]: the upstream resolvers and the exchange with them.
 //! - [`metrics`]: upstream's `istio_dns_*` metrics.
+//! - [`on_demand`]: the addresses of workloads known by hostname only,
+//!   looked up as connections need them (not part of the DNS proxy: it
+//!   runs whether or not the proxy does).
 //!
 //! The listeners themselves run with the pod's other listeners
 //! (`proxy::dns`).
@@ -20,6 +23,7 @@ pub mod lookup;
 pub mod message;
 pub mod metrics;
 pub mod names;
+pub mod on_demand;
 #[cfg(feature = "testing")]
 pub mod testing;
 

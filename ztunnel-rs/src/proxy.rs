@@ -67,6 +67,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::dns::on_demand::{OnDemand, OnDemandConfig, SystemClock};
+
 pub use held::HeldSocketLimits;
 pub use metrics::Metrics;
 pub use route::LoadBalancing;
@@ -178,6 +180,9 @@ pub struct DnsConfig {
     /// How long one upstream resolver may take to answer.
     #[serde(with = "seconds")]
     pub upstream_timeout: Duration,
+    /// Lookups of workloads known by hostname only (they use `servers`
+    /// too, with or without the DNS proxy).
+    pub on_demand: OnDemandConfig,
 }
 
 impl Default for DnsConfig {
@@ -186,6 +191,7 @@ impl Default for DnsConfig {
             cluster_domain: "cluster.local".to_string(),
             servers: Vec::new(),
             upstream_timeout: crate::dns::forwarder::DEFAULT_TIMEOUT,
+            on_demand: OnDemandConfig::default(),
         }
     }
 }
@@ -308,6 +314,10 @@ struct Pod {
     connections: TaskTracker,
     /// The TLS config for the pod's current certificate, rebuilt on renewal.
     server_config: Mutex<Option<(Arc<WorkloadCertificate>, Arc<ServerConfig>)>>,
+    /// Lookups of endpoints known by hostname, from the pod's sockets, and
+    /// their answers: per pod, since each pod's resolvers may differ (in
+    /// the local cluster the upstream resolver is on the pod's loopback).
+    on_demand: OnDemand,
 }
 
 impl Pod {
@@ -564,6 +574,14 @@ impl PodProxy {
             "{}//Pod/{}/{}",
             node.config.cluster_id, info.namespace, info.name
         );
+        let on_demand = OnDemand::new(
+            crate::dns::Forwarder::new(
+                node.config.dns.servers.clone(),
+                node.config.dns.upstream_timeout,
+            ),
+            node.config.dns.on_demand,
+            Arc::new(SystemClock),
+        );
         node.hold_identity(&identity);
         let pod = Arc::new(Pod {
             info: Arc::new(info),
@@ -575,6 +593,7 @@ impl PodProxy {
             force: CancellationToken::new(),
             connections: TaskTracker::new(),
             server_config: Mutex::new(None),
+            on_demand,
         });
         let hbone = HboneServer::with_metrics(
             inbound::Handler::new(pod.clone()),
@@ -690,6 +709,7 @@ impl PodProxy {
             "connections": self.pod.connections.len(),
             "hboneConnectionsOut": self.pod.pool.open_connections(),
             "hboneConnectionsIn": self.hbone.live_connections(),
+            "resolvedHostnames": self.pod.on_demand.dump(),
         })
     }
 }
@@ -938,7 +958,7 @@ impl DumpSection for ProxyManager {
     }
 
     fn describe(&self) -> &'static str {
-        "each pod proxied: its listeners, identity, connection counts"
+        "each pod proxied: its listeners, identity, connection counts, hostnames it resolved"
     }
 
     fn dump(&self) -> Value {

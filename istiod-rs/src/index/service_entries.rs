@@ -13,7 +13,8 @@
 //! - Inline `endpoints`: one workload each, uid
 //!   `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
 //!   backing every host; an address that is not an IP is the workload's
-//!   `hostname` (resolved by ztunnel). `resolution: DNS` (or
+//!   `hostname` (ztunnel resolves it when a connection is routed to the
+//!   endpoint: ztunnel-rs `dns/on_demand.rs`). `resolution: DNS` (or
 //!   `DNS_ROUND_ROBIN`) without endpoints nor selector: one workload per
 //!   host, its hostname the host, backing that host only.
 //! - `workloadSelector` (non-empty `labels`) selects pods

@@ -40,6 +40,9 @@ pub struct Metrics {
     /// Server to client.
     sent_bytes: Family<TrafficLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    /// Connections whose endpoint was looked up by hostname (upstream's
+    /// `istio_on_demand_dns_total`, istio/ztunnel `src/proxy/metrics.rs`).
+    on_demand_dns: Family<OnDemandDnsLabels, Counter>,
     /// Shared by every pod's HBONE pool and server.
     pub(crate) hbone: Arc<HboneMetrics>,
     /// Every pod's DNS proxy.
@@ -80,6 +83,11 @@ impl Metrics {
             m.sent_bytes.clone(),
         );
         registry.register(
+            "on_demand_dns",
+            "Connections whose destination workload was looked up by hostname (on-demand DNS; unstable)",
+            m.on_demand_dns.clone(),
+        );
+        registry.register(
             "ztunnel_connection_failures",
             "Connections ztunnel-rs refused or could not carry, by direction and reason",
             m.failures.clone(),
@@ -108,6 +116,16 @@ impl Metrics {
             error = %error,
             "connection failed"
         );
+    }
+
+    /// Counts a connection from `source` (with `principal`) that needs
+    /// `hostname` looked up, hit or miss in the cache, as upstream counts.
+    pub(crate) fn on_demand_dns(&self, source: &Workload, principal: &SpiffeId, hostname: &str) {
+        let labels = OnDemandDnsLabels {
+            source: SourceLabels::unknown().of(source).proven(principal),
+            hostname: known(hostname),
+        };
+        self.on_demand_dns.get_or_create(&labels).inc();
     }
 
     fn count_failure(&self, direction: Direction, reason: FailureReason) {
@@ -254,6 +272,8 @@ pub enum FailureReason {
     PeerSocketLimit,
     /// The node already holds its ceiling of connections to applications.
     NodeSocketLimit,
+    /// The chosen endpoint is known by a hostname that did not resolve.
+    UnresolvedHostname,
 }
 
 impl FailureReason {
@@ -275,6 +295,7 @@ impl FailureReason {
             FailureReason::AppRefused => "app_refused",
             FailureReason::PeerSocketLimit => "peer_socket_limit",
             FailureReason::NodeSocketLimit => "node_socket_limit",
+            FailureReason::UnresolvedHostname => "unresolved_hostname",
         }
     }
 }
@@ -297,12 +318,19 @@ struct FailureLabels {
     reason: FailureReason,
 }
 
-/// Upstream ztunnel's label set for TCP traffic (without locality, which
-/// this mesh does not route on yet).
+/// Upstream ztunnel's labels of `istio_on_demand_dns_total`: the client,
+/// and the hostname looked up.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficLabels {
-    reporter: Reporter,
+struct OnDemandDnsLabels {
+    #[prometheus(flatten)]
+    source: SourceLabels,
+    hostname: String,
+}
 
+/// Upstream's `source_*` labels, shared by the traffic and on-demand DNS
+/// label sets.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
     source_workload: String,
     source_canonical_service: String,
     source_canonical_revision: String,
@@ -311,6 +339,53 @@ pub struct TrafficLabels {
     source_app: String,
     source_version: String,
     source_cluster: String,
+}
+
+impl SourceLabels {
+    fn unknown() -> Self {
+        let unknown = || UNKNOWN.to_string();
+        SourceLabels {
+            source_workload: unknown(),
+            source_canonical_service: unknown(),
+            source_canonical_revision: unknown(),
+            source_workload_namespace: unknown(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            source_version: unknown(),
+            source_cluster: unknown(),
+        }
+    }
+
+    /// The source workload's names (not its principal).
+    fn of(mut self, w: &Workload) -> Self {
+        self.source_workload = known(&w.workload_name);
+        self.source_canonical_service = known(&w.canonical_name);
+        self.source_canonical_revision = known(&w.canonical_revision);
+        self.source_workload_namespace = known(&w.namespace);
+        self.source_app = known(&w.canonical_name);
+        self.source_version = known(&w.canonical_revision);
+        self.source_cluster = known(&w.cluster_id);
+        self
+    }
+
+    /// The identity the source proved; its namespace when none is known.
+    fn proven(mut self, id: &SpiffeId) -> Self {
+        self.source_principal = id.to_string();
+        if self.source_workload_namespace == UNKNOWN {
+            self.source_workload_namespace = id.namespace().to_string();
+        }
+        self
+    }
+}
+
+/// Upstream ztunnel's label set for TCP traffic (without locality, which
+/// this mesh does not route on yet).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    reporter: Reporter,
+
+    #[prometheus(flatten)]
+    source: SourceLabels,
 
     destination_service: String,
     destination_service_namespace: String,
@@ -343,14 +418,7 @@ impl TrafficLabels {
         let unknown = || UNKNOWN.to_string();
         TrafficLabels {
             reporter,
-            source_workload: unknown(),
-            source_canonical_service: unknown(),
-            source_canonical_revision: unknown(),
-            source_workload_namespace: unknown(),
-            source_principal: unknown(),
-            source_app: unknown(),
-            source_version: unknown(),
-            source_cluster: unknown(),
+            source: SourceLabels::unknown(),
             destination_service: unknown(),
             destination_service_namespace: unknown(),
             destination_service_name: unknown(),
@@ -372,13 +440,7 @@ impl TrafficLabels {
     /// identity actually proven ([`Self::with_source_principal`]).
     pub fn with_source(mut self, w: Option<&Workload>) -> Self {
         if let Some(w) = w {
-            self.source_workload = known(&w.workload_name);
-            self.source_canonical_service = known(&w.canonical_name);
-            self.source_canonical_revision = known(&w.canonical_revision);
-            self.source_workload_namespace = known(&w.namespace);
-            self.source_app = known(&w.canonical_name);
-            self.source_version = known(&w.canonical_revision);
-            self.source_cluster = known(&w.cluster_id);
+            self.source = self.source.of(w);
         }
         self
     }
@@ -398,31 +460,28 @@ impl TrafficLabels {
                 .cloned()
         };
         if let Some(v) = plausible(&b.workload_name) {
-            self.source_workload = v;
+            self.source.source_workload = v;
         }
         if let Some(v) = plausible(&b.namespace) {
-            self.source_workload_namespace = v;
+            self.source.source_workload_namespace = v;
         }
         if let Some(v) = plausible(&b.service_name) {
-            self.source_canonical_service = v.clone();
-            self.source_app = v;
+            self.source.source_canonical_service = v.clone();
+            self.source.source_app = v;
         }
         if let Some(v) = plausible(&b.revision) {
-            self.source_canonical_revision = v.clone();
-            self.source_version = v;
+            self.source.source_canonical_revision = v.clone();
+            self.source.source_version = v;
         }
         if let Some(v) = plausible(&b.cluster_id) {
-            self.source_cluster = v;
+            self.source.source_cluster = v;
         }
         self
     }
 
     pub fn with_source_principal(mut self, id: Option<&SpiffeId>) -> Self {
         if let Some(id) = id {
-            self.source_principal = id.to_string();
-            if self.source_workload_namespace == UNKNOWN {
-                self.source_workload_namespace = id.namespace().to_string();
-            }
+            self.source = self.source.proven(id);
         }
         self
     }
@@ -606,9 +665,9 @@ impl ConnectionRecord {
                     target: "access",
                     tracing::Level::$level,
                     src.addr = %self.src,
-                    src.workload = %l.source_workload,
-                    src.namespace = %l.source_workload_namespace,
-                    src.identity = identity(&l.source_principal),
+                    src.workload = %l.source.source_workload,
+                    src.namespace = %l.source.source_workload_namespace,
+                    src.identity = identity(&l.source.source_principal),
                     dst.addr = %self.dst,
                     dst.hbone_addr = self.hbone_target.map(tracing::field::display),
                     dst.service = %l.destination_service,

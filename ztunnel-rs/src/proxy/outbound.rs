@@ -5,7 +5,10 @@
 //! A connection that cannot be carried is closed ([`super::splice::refuse`]:
 //! the application reads EOF, as from upstream ztunnel). An HBONE CONNECT
 //! carries `baggage`, `forwarded` and `traceparent`
-//! ([`super::connect_headers`]).
+//! ([`super::connect_headers`]). A service endpoint known only by a
+//! hostname is looked up first ([`crate::dns::on_demand`], from the pod);
+//! when that fails the connection is refused, naming the service, the
+//! endpoint and the hostname.
 //!
 //! Nothing leaves before the pod's own workload is known: the listener
 //! accepts only once the store holds a complete state, and a pod whose
@@ -18,6 +21,7 @@ use std::sync::Arc;
 
 use proxy_core::hbone::HboneError;
 use proxy_core::identity::FetchError;
+use proxy_core::store::{NamespacedHostname, Workload};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +31,11 @@ use super::metrics::{
     ConnectionRecord, Direction, FailureReason, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels,
 };
-use super::route::{self, NextHop};
+use super::route::{self, NextHop, Plan, Route, Unresolved};
 use super::sockets::{ConnectError, canonical};
 use super::splice::{refuse, splice};
 use super::{Pod, accept_loop};
+use crate::dns::on_demand::{self, lookup_order};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,6 +47,16 @@ pub enum Error {
     UnknownSource(String),
     #[error(transparent)]
     Route(#[from] route::Error),
+    #[error(
+        "service {service}: endpoint {workload} is known by hostname {hostname} only, and it did not resolve ({source}); check the hostname (a ServiceEntry endpoint's address, or its host) and ztunnel's DNS servers"
+    )]
+    Resolve {
+        service: NamespacedHostname,
+        workload: String,
+        hostname: String,
+        #[source]
+        source: on_demand::Error,
+    },
     #[error(transparent)]
     Certificate(#[from] FetchError),
     #[error(transparent)]
@@ -60,6 +75,7 @@ impl Error {
                 FailureReason::UnknownWaypoint
             }
             Error::Route(_) => FailureReason::NoHealthyEndpoint,
+            Error::Resolve { .. } => FailureReason::UnresolvedHostname,
             Error::Certificate(_) | Error::Hbone(HboneError::Certificate(_)) => {
                 FailureReason::Certificate
             }
@@ -110,9 +126,13 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
         &pod.node.balancer,
     );
     let route = match route {
+        Ok(Plan::Ready(route)) => Ok(route),
+        Ok(Plan::Resolve(unresolved)) => resolve(&pod, &source, unresolved).await,
+        Err(e) => Err(Error::Route(e)),
+    };
+    let route = match route {
         Ok(route) => route,
         Err(e) => {
-            let e = Error::Route(e);
             metrics.early_failure(Direction::Outbound, src, Some(dst), e.reason(), &e);
             return refuse(client);
         }
@@ -203,5 +223,28 @@ async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
             refuse(client);
             record.fail(ResponseFlags::Connect, e.reason(), &e);
         }
+    }
+}
+
+/// The route to an endpoint known by hostname: looked up from the pod
+/// (counted as upstream's `istio_on_demand_dns_total`, cache hit or not).
+async fn resolve(pod: &Pod, source: &Workload, unresolved: Unresolved) -> Result<Route, Error> {
+    let hostname = unresolved.hostname().to_string();
+    pod.node
+        .metrics
+        .on_demand_dns(source, &pod.identity, &hostname);
+    let order = lookup_order(unresolved.ip_families, unresolved.client_dst.ip());
+    match pod
+        .on_demand
+        .resolve(&*pod.sockets, &hostname, &order)
+        .await
+    {
+        Ok(ip) => Ok(unresolved.resolved(ip)),
+        Err(source) => Err(Error::Resolve {
+            service: unresolved.service.key(),
+            workload: unresolved.workload.uid.clone(),
+            hostname,
+            source,
+        }),
     }
 }

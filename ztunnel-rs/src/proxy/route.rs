@@ -4,7 +4,12 @@
 //! - an address the store does not know: plain TCP to it (passthrough);
 //! - a service VIP: a healthy endpoint (random or round robin) at its own
 //!   target port for the service port, among those the service's load
-//!   balancing prefers for the source (see [`preferred`]);
+//!   balancing prefers for the source (see [`preferred`]); an endpoint
+//!   known only by a hostname (a ServiceEntry's DNS endpoint) is a
+//!   [`Plan::Resolve`]: the caller looks the hostname up
+//!   ([`crate::dns::on_demand`]) and finishes the route with the address
+//!   ([`Unresolved::resolved`]), as upstream's
+//!   `pick_workload_destination_or_resolve` (istio/ztunnel `src/state.rs`);
 //! - a destination (service or workload) bound to a waypoint: HBONE to the
 //!   waypoint, CONNECT to the original destination, expecting the
 //!   waypoint's identity, unless the source is that waypoint;
@@ -141,6 +146,48 @@ pub enum NextHop {
     },
 }
 
+/// The decision for one connection, or what is left to decide once a
+/// hostname is resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Ready(Route),
+    Resolve(Unresolved),
+}
+
+/// A service endpoint known only by its hostname, chosen for a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    pub workload: Arc<Workload>,
+    pub service: Arc<Service>,
+    /// The endpoint's target port for the service port.
+    pub port: u16,
+    /// The service's IP families, if it is restricted.
+    pub ip_families: Option<IpFamily>,
+    /// The address the client connected to: its family is preferred.
+    pub client_dst: SocketAddr,
+    hbone_port: u16,
+}
+
+impl Unresolved {
+    pub fn hostname(&self) -> &str {
+        &self.workload.hostname
+    }
+
+    /// The route to the workload at `ip`, as to any workload: HBONE or
+    /// plain TCP by its protocol, at the same target port.
+    pub fn resolved(self, ip: IpAddr) -> Route {
+        Route {
+            next_hop: direct(
+                &self.workload,
+                SocketAddr::new(ip, self.port),
+                self.hbone_port,
+            ),
+            workload: Some(self.workload),
+            service: Some(self.service),
+        }
+    }
+}
+
 /// The decision for one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -160,7 +207,7 @@ pub fn outbound(
     dst: SocketAddr,
     hbone_port: u16,
     balancer: &Balancer,
-) -> Result<Route, Error> {
+) -> Result<Plan, Error> {
     let router = Router {
         snapshot,
         source,
@@ -169,13 +216,13 @@ pub fn outbound(
         balancer,
     };
     match snapshot.address(network, dst.ip()) {
-        None => Ok(Route {
+        None => Ok(Plan::Ready(Route {
             next_hop: NextHop::Tcp(dst),
             workload: None,
             service: None,
-        }),
+        })),
         Some(Address::Service(service)) => router.to_service(service),
-        Some(Address::Workload(workload)) => router.to_workload(workload),
+        Some(Address::Workload(workload)) => router.to_workload(workload).map(Plan::Ready),
     }
 }
 
@@ -240,23 +287,29 @@ struct Router<'a> {
 }
 
 impl Router<'_> {
-    fn to_service(&self, service: Arc<Service>) -> Result<Route, Error> {
+    fn to_service(&self, service: Arc<Service>) -> Result<Plan, Error> {
         if let Some(waypoint) = self.waypoint(service.waypoint.as_ref(), &service.hostname)? {
-            return Ok(Route {
+            return Ok(Plan::Ready(Route {
                 next_hop: waypoint,
                 workload: None,
                 service: Some(service),
-            });
+            }));
         }
         let port = self.dst.port();
-        let candidates: Vec<(Arc<Workload>, SocketAddr)> = self
+        // An endpoint without an address of a family the service allows is
+        // reached by its hostname, when it has one.
+        let candidates: Vec<(Arc<Workload>, Target)> = self
             .snapshot
             .ready_endpoints(&service)
             .into_iter()
             .filter_map(|e| {
                 let target_port = e.target_port(&service, port)?;
-                let ip = pick_ip(&e.workload, self.dst.ip(), service.ip_families)?;
-                Some((e.workload, SocketAddr::new(ip, target_port)))
+                let target = match pick_ip(&e.workload, self.dst.ip(), service.ip_families) {
+                    Some(ip) => Target::Address(SocketAddr::new(ip, target_port)),
+                    None if !e.workload.hostname.is_empty() => Target::Hostname(target_port),
+                    None => return None,
+                };
+                Some((e.workload, target))
             })
             .collect();
         if candidates.is_empty() {
@@ -274,17 +327,27 @@ impl Router<'_> {
                 service: service.key(),
                 port,
             })?;
-        Ok(Route {
-            next_hop: self.direct(&workload, target),
-            workload: Some(workload),
-            service: Some(service),
+        Ok(match target {
+            Target::Address(target) => Plan::Ready(Route {
+                next_hop: direct(&workload, target, self.hbone_port),
+                workload: Some(workload),
+                service: Some(service),
+            }),
+            Target::Hostname(port) => Plan::Resolve(Unresolved {
+                workload,
+                ip_families: service.ip_families,
+                service,
+                port,
+                client_dst: self.dst,
+                hbone_port: self.hbone_port,
+            }),
         })
     }
 
     fn to_workload(&self, workload: Arc<Workload>) -> Result<Route, Error> {
         let next_hop = match self.waypoint(workload.waypoint.as_ref(), &workload.uid)? {
             Some(waypoint) => waypoint,
-            None => self.direct(&workload, self.dst),
+            None => direct(&workload, self.dst, self.hbone_port),
         };
         Ok(Route {
             next_hop,
@@ -314,23 +377,6 @@ impl Router<'_> {
                 scopes: describe_scopes(&lb.routing_preference),
             }),
             _ => Ok(chosen),
-        }
-    }
-
-    /// Straight to the workload at `target`.
-    fn direct(&self, workload: &Workload, target: SocketAddr) -> NextHop {
-        match workload.protocol {
-            InboundProtocol::Hbone => NextHop::Hbone {
-                target: HboneTarget {
-                    identity: workload.identity.clone(),
-                    address: SocketAddr::new(target.ip(), self.hbone_port),
-                    authority: target,
-                },
-                via_waypoint: false,
-            },
-            // ztunnel does not speak a sidecar's mutual TLS (neither does
-            // upstream's); the sidecar accepts plain TCP in PERMISSIVE mode.
-            InboundProtocol::Tcp | InboundProtocol::LegacyIstioMtls => NextHop::Tcp(target),
         }
     }
 
@@ -403,6 +449,31 @@ impl Router<'_> {
             },
             via_waypoint: true,
         }))
+    }
+}
+
+/// Where a chosen service endpoint is: an address, or its hostname (to be
+/// resolved) and the target port.
+#[derive(Clone, Debug)]
+enum Target {
+    Address(SocketAddr),
+    Hostname(u16),
+}
+
+/// Straight to the workload at `target`; HBONE to it on `hbone_port`.
+fn direct(workload: &Workload, target: SocketAddr, hbone_port: u16) -> NextHop {
+    match workload.protocol {
+        InboundProtocol::Hbone => NextHop::Hbone {
+            target: HboneTarget {
+                identity: workload.identity.clone(),
+                address: SocketAddr::new(target.ip(), hbone_port),
+                authority: target,
+            },
+            via_waypoint: false,
+        },
+        // ztunnel does not speak a sidecar's mutual TLS (neither does
+        // upstream's); the sidecar accepts plain TCP in PERMISSIVE mode.
+        InboundProtocol::Tcp | InboundProtocol::LegacyIstioMtls => NextHop::Tcp(target),
     }
 }
 
@@ -574,6 +645,13 @@ mod tests {
     }
 
     fn route(store: &WorkloadStore, from: &str, dst: &str, lb: &Balancer) -> Result<Route, Error> {
+        plan(store, from, dst, lb).map(|plan| match plan {
+            Plan::Ready(route) => route,
+            Plan::Resolve(u) => panic!("expected a route, got a hostname to resolve: {u:?}"),
+        })
+    }
+
+    fn plan(store: &WorkloadStore, from: &str, dst: &str, lb: &Balancer) -> Result<Plan, Error> {
         let snapshot = store.snapshot();
         let source = snapshot
             .workload_by_address("", ip(from))
@@ -1005,6 +1083,72 @@ mod tests {
             matches!(err, Error::NoLocalEndpoint { ref service, .. } if service.to_string() == "ns/waypoint.ns.svc.cluster.local"),
             "{err}"
         );
+    }
+
+    /// Service `external` (VIP 10.96.2.1, 80 -> 8080) whose one endpoint
+    /// is known by hostname only, with the client of [`store`].
+    fn hostname_store(hbone: bool, families: Option<api::workload::IpFamilies>) -> WorkloadStore {
+        let store = store();
+        let mut service = xds::service("external", "ns", "10.96.2.1", &[(80, 8080)]);
+        if let Some(families) = families {
+            service = service.ip_families(families);
+        }
+        let mut endpoint = xds::workload("external-dns", "ns", "10.0.0.99")
+            .hostname_only("backend.example.com")
+            .in_service("ns/external.ns.svc.cluster.local", &[(80, 8080)]);
+        if hbone {
+            endpoint = endpoint.hbone();
+        }
+        xds::apply(&store, vec![service.into(), endpoint.into()]);
+        store
+    }
+
+    fn unresolved(plan: Plan) -> Unresolved {
+        match plan {
+            Plan::Resolve(u) => u,
+            Plan::Ready(r) => panic!("expected a hostname to resolve, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_known_by_hostname_is_resolved_then_reached_as_any_workload() {
+        let lb = Balancer::default();
+        let store = hostname_store(false, None);
+        let u = unresolved(plan(&store, "10.0.0.1", "10.96.2.1:80", &lb).unwrap());
+        assert_eq!(u.hostname(), "backend.example.com");
+        assert_eq!(u.port, 8080);
+        assert_eq!(u.ip_families, None);
+        assert_eq!(u.client_dst, addr("10.96.2.1:80"));
+        let route = u.resolved(ip("192.0.2.7"));
+        assert_eq!(route.next_hop, NextHop::Tcp(addr("192.0.2.7:8080")));
+        assert_eq!(route.service.unwrap().name, "external");
+        assert_eq!(route.workload.unwrap().name, "external-dns");
+
+        // Speaking HBONE: a tunnel to the resolved address.
+        let store = hostname_store(true, Some(api::workload::IpFamilies::Ipv6Only));
+        let u = unresolved(plan(&store, "10.0.0.1", "10.96.2.1:80", &lb).unwrap());
+        assert_eq!(u.ip_families, Some(IpFamily::Ipv6));
+        let route = u.resolved(ip("2001:db8::7"));
+        let (target, via_waypoint) = hbone(&route);
+        assert!(!via_waypoint);
+        assert_eq!(target.address, addr("[2001:db8::7]:15008"));
+        assert_eq!(target.authority, addr("[2001:db8::7]:8080"));
+    }
+
+    #[test]
+    fn an_endpoint_with_neither_address_nor_hostname_is_not_a_candidate() {
+        let store = hostname_store(false, None);
+        xds::apply(
+            &store,
+            vec![
+                xds::workload("external-dns", "ns", "10.0.0.99")
+                    .hostname_only("")
+                    .in_service("ns/external.ns.svc.cluster.local", &[(80, 8080)])
+                    .into(),
+            ],
+        );
+        let err = plan(&store, "10.0.0.1", "10.96.2.1:80", &Balancer::default()).unwrap_err();
+        assert!(matches!(err, Error::NoHealthyEndpoint { .. }), "{err}");
     }
 
     #[test]

@@ -454,6 +454,14 @@ pub mod xds {
             self
         }
 
+        /// Known by this hostname only, no address (a ServiceEntry's DNS
+        /// endpoint).
+        pub fn hostname_only(mut self, hostname: &str) -> Self {
+            self.0.addresses.clear();
+            self.0.hostname = hostname.to_string();
+            self
+        }
+
         /// Lists a selector-scoped policy (`namespace/name`).
         pub fn policy(mut self, key: &str) -> Self {
             self.0.authorization_policies.push(key.to_string());
@@ -507,6 +515,12 @@ pub mod xds {
 
         pub fn waypoint_address(mut self, ip: &str) -> Self {
             self.0.waypoint = Some(waypoint_at(ip));
+            self
+        }
+
+        /// Restricted to this IP family.
+        pub fn ip_families(mut self, families: api::workload::IpFamilies) -> Self {
+            self.0.ip_families = families as i32;
             self
         }
 

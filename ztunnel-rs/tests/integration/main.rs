@@ -10,6 +10,7 @@ mod dns;
 mod inpod;
 mod node_agent;
 mod node_agent_config_dir;
+mod on_demand_dns;
 mod proxy;
 mod proxy_app;
 mod proxy_inpod;

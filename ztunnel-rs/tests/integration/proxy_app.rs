@@ -286,6 +286,8 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         cluster_domain: "cluster.local".into(),
         dns_servers: Vec::new(),
         resolv_conf: dir.join("resolv.conf"),
+        on_demand_dns_cache_size: 256,
+        on_demand_dns_negative_ttl: Duration::from_secs(5),
     }
 }
 
