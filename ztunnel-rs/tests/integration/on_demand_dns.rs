@@ -4,13 +4,14 @@
 //! for the answer's TTL; a hostname that does not resolve refuses the
 //! connection, counted; the pod's answers are in its `/config_dump` entry.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use hickory_proto::rr::RecordType;
 use proxy_core::admin::DumpSection;
 use ztunnel_rs::dns::testing::TestResolver;
 use ztunnel_rs::proxy::testing::{EchoApp, TestMesh, exchange, xds};
+
+use crate::proxy::assert_refused;
 
 const APP_PORT: u16 = 8080;
 
@@ -91,15 +92,7 @@ async fn a_service_endpoint_known_by_hostname_is_resolved_from_the_pod_and_cache
     // remembered.
     for _ in 0..2 {
         let mut conn = client.connect(at(missing_vip, 80)).await.unwrap();
-        match exchange(&mut conn, b"anyone?").await {
-            Ok(reply) if reply.is_empty() => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                ) => {}
-            other => panic!("expected the connection refused, got {other:?}"),
-        }
+        assert_refused(exchange(&mut conn, b"anyone?").await);
     }
     mesh.wait_for_counter(
         "istio_ztunnel_connection_failures_total",

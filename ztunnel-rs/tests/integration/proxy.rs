@@ -45,7 +45,7 @@ fn at(ip: IpAddr, port: u16) -> SocketAddr {
 /// The client's connection was refused: closed without a byte of answer
 /// (EOF, or a reset when the proxy closed it with the client's bytes
 /// unread, the kernel's rule).
-fn assert_refused(result: io::Result<Vec<u8>>) {
+pub(crate) fn assert_refused(result: io::Result<Vec<u8>>) {
     match result {
         Ok(reply) if reply.is_empty() => {}
         Err(e)
