@@ -118,7 +118,8 @@ pub enum Mode {
         #[arg(long = "upstream-record", value_name = "NAME=IP")]
         upstream_records: Vec<String>,
         /// Then connect to the first address on this port and read the
-        /// server's hello (`echo --tcp-hello`).
+        /// server's hello (`echo --tcp-hello`); the stand-in resolver
+        /// still answers meanwhile (ztunnel-rs may look up the endpoint).
         #[arg(long)]
         connect_port: Option<u16>,
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -237,18 +238,10 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
                 record_type,
                 upstream,
                 upstream_records,
+                connect_port,
                 timeout,
             };
-            let mut report = dns::run(&query).await;
-            if let (true, Some(port), Some(first)) =
-                (report.ok, connect_port, report.addresses.first())
-            {
-                let target = SocketAddr::new(first.parse().expect("an IP"), port).to_string();
-                let connection = tcp_once(&target, b"hello by name\n", true, query.timeout).await;
-                report.ok = connection.ok;
-                report.connection = Some(connection);
-            }
-            json(report)
+            json(dns::run(&query).await)
         }
         Mode::Load(plan) => json(load(plan).await),
         Mode::Bulk {

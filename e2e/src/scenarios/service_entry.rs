@@ -4,14 +4,26 @@
 //! is answered by an endpoint the ServiceEntry selects. istiod-rs serves
 //! the entry as a workload API Service (see `istiod-rs/src/index/
 //! service_entries.rs`); ztunnel-rs routes its VIP like a Service's.
+//!
+//! `resolution: DNS` with an endpoint given as a DNS name: ztunnel-rs looks
+//! the name up when the client connects (on-demand DNS), from the client
+//! pod, through the upstream resolver the local cluster gives it
+//! (`127.0.0.1:5353` in each pod, see [`super::dns`]): there the client
+//! runs a stand-in that maps the name to a server pod's address. Local
+//! cluster only, as the DNS scenario.
+
+use std::time::Duration;
 
 use super::Scenario;
+use super::dns::LOCAL_UPSTREAM;
 use super::fixture::{AMBIENT_NS, ECHO_HELLO, L4Fixture};
 use super::l4::{CHANGE_TIMEOUT, failed, pod_name};
+use crate::apps::DnsReport;
 use crate::cluster::{Cluster, PodInfo};
 use crate::probe::{
     self, ProbeError, counted, describe_exchange, eventually, mtls_from_to, ztunnel,
 };
+use crate::prometheus;
 
 /// The ServiceEntries' port: not the servers' own, so the targetPort (or
 /// the WorkloadEntry's port) is what reaches them.
@@ -20,12 +32,26 @@ const SE_PORT: u16 = 9101;
 /// (10.96.0.0/16), which its allocator hands out from the bottom.
 const PODS_VIP: &str = "10.96.255.201";
 const ENTRY_VIP: &str = "10.96.255.202";
+/// The `resolution: DNS` entry: its host, VIP, port, and the DNS name of
+/// its one endpoint (known only to the client's stand-in resolver).
+const DNS_ENTRY_HOST: &str = "echo-dns.mesh.test";
+const DNS_ENTRY_VIP: &str = "10.96.255.211";
+const DNS_ENTRY_PORT: u16 = 9102;
+const DNS_ENDPOINT: &str = "echo-backend.dns.test";
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn all() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "service_entry_reached_through_ztunnel",
-        run: service_entry_reached,
-    }]
+    vec![
+        Scenario {
+            name: "service_entry_reached_through_ztunnel",
+            run: service_entry_reached,
+        },
+        Scenario {
+            name: "service_entry_dns_endpoint_resolved_by_ztunnel",
+            run: dns_endpoint_resolved,
+        },
+    ]
 }
 
 /// A ServiceEntry selecting the server pods, and one selecting a
@@ -111,6 +137,110 @@ fn service_entry_reached(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String,
             )),
             _ => Err(failed(&what, describe_exchange(&report))),
         }
+    })();
+    let _ = cluster.delete_yaml(&yaml);
+    result
+}
+
+/// A `resolution: DNS` ServiceEntry whose one endpoint is [`DNS_ENDPOINT`],
+/// with an explicit VIP (not auto-allocated).
+fn dns_entry_yaml() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: echo-dns\n  namespace: {AMBIENT_NS}\n\
+         spec:\n  hosts: [{DNS_ENTRY_HOST}]\n  addresses: [{DNS_ENTRY_VIP}]\n  location: MESH_EXTERNAL\n  resolution: DNS\n  \
+         ports:\n  - {{number: {DNS_ENTRY_PORT}, name: hello, protocol: TCP, targetPort: {ECHO_HELLO}}}\n  \
+         endpoints:\n  - address: {DNS_ENDPOINT}\n"
+    )
+}
+
+/// The client resolves the entry's host (the DNS proxy answers its VIP)
+/// and connects to it, its stand-in resolver mapping [`DNS_ENDPOINT`] to
+/// server-0 meanwhile: server-0 answers, seeing the client, and the
+/// stand-in was asked for the endpoint's name (from the client's pod, by
+/// ztunnel-rs), which ztunnel-rs counts in `istio_on_demand_dns_total`.
+fn dns_endpoint_resolved(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let yaml = dns_entry_yaml();
+    cluster.apply_yaml(&yaml)?;
+    let result = (|| {
+        let client = &f.clients[0];
+        let server = &f.servers[0];
+        let what = format!(
+            "{} -> ServiceEntry echo-dns ({DNS_ENTRY_HOST}:{DNS_ENTRY_PORT}, endpoint {DNS_ENDPOINT})",
+            pod_name(client)
+        );
+        // Any destination off the pod is captured by the DNS proxy; the
+        // entry's VIP serves no DNS itself.
+        let dns_server = format!("{}:53", f.service_vip);
+        let port = DNS_ENTRY_PORT.to_string();
+        let record = format!("{DNS_ENDPOINT}={}", server.ip);
+        let args: Vec<String> = [
+            "dns",
+            DNS_ENTRY_HOST,
+            "--server",
+            &dns_server,
+            "--upstream",
+            LOCAL_UPSTREAM,
+            "--upstream-record",
+            &record,
+            "--connect-port",
+            &port,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let report: DnsReport = eventually(&what, CHANGE_TIMEOUT, || {
+            let report: DnsReport = probe::client(cluster, client, &args, CLIENT_TIMEOUT)?;
+            Ok(if report.ok {
+                Ok(report)
+            } else {
+                Err(format!("{report:?}"))
+            })
+        })?;
+        if report.addresses != [DNS_ENTRY_VIP] {
+            return Err(failed(
+                &what,
+                format!(
+                    "the DNS proxy answered {:?}, not the entry's VIP",
+                    report.addresses
+                ),
+            ));
+        }
+        let connection = report.connection.as_ref().expect("ok means connected");
+        let answered = match &connection.hello {
+            Some(h) if h.pod == server.name && probe::saw_caller(connection, client) => h,
+            other => {
+                return Err(failed(
+                    &what,
+                    format!("want {} seeing {}, got {other:?}", server.name, client.ip),
+                ));
+            }
+        };
+        let endpoint = format!("{DNS_ENDPOINT}.");
+        if !report.upstream_asked.contains(&endpoint) {
+            return Err(failed(
+                &what,
+                format!(
+                    "the pod's stand-in resolver was not asked for {endpoint}: {:?}",
+                    report.upstream_asked
+                ),
+            ));
+        }
+        let samples = probe::metrics(cluster, &ztunnel(&client.node))?;
+        let lookups = prometheus::sum(
+            &samples,
+            "istio_on_demand_dns_total",
+            &[("hostname", DNS_ENDPOINT)],
+        );
+        if lookups < 1.0 {
+            return Err(failed(
+                &format!("the ztunnel on {}", client.node),
+                format!("istio_on_demand_dns_total{{hostname={DNS_ENDPOINT:?}}} is {lookups}"),
+            ));
+        }
+        Ok(format!(
+            "{what}: {DNS_ENTRY_HOST} -> {DNS_ENTRY_VIP}, {DNS_ENDPOINT} resolved from the pod -> {}, answered by {}; {lookups} on-demand lookups counted",
+            server.ip, answered.pod
+        ))
     })();
     let _ = cluster.delete_yaml(&yaml);
     result

@@ -1,6 +1,7 @@
-//! `client dns`: one query over UDP, read with hickory-proto; and the
-//! stand-in upstream resolver it can run on the pod's loopback while the
-//! query is out, so what ztunnel-rs forwards stays inside the pod.
+//! `client dns`: one query over UDP, read with hickory-proto, and perhaps a
+//! connection to the answer; and the stand-in upstream resolver it can run
+//! on the pod's loopback meanwhile, so what ztunnel-rs forwards (or looks
+//! up for an endpoint known by hostname) stays inside the pod.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,6 +21,9 @@ pub struct Query {
     pub record_type: String,
     pub upstream: Option<SocketAddr>,
     pub upstream_records: Vec<String>,
+    /// Then connect to the first address on this port, the stand-in
+    /// resolver still running.
+    pub connect_port: Option<u16>,
     pub timeout: Duration,
 }
 
@@ -58,6 +62,12 @@ pub async fn run(q: &Query) -> DnsReport {
                 answer.response_code() == ResponseCode::NoError && !report.addresses.is_empty();
         }
         Err(e) => report.error = Some(e),
+    }
+    if let (true, Some(port), Some(first)) = (report.ok, q.connect_port, report.addresses.first()) {
+        let target = SocketAddr::new(first.parse().expect("an IP"), port).to_string();
+        let connection = super::tcp_once(&target, b"hello by name\n", true, q.timeout).await;
+        report.ok = connection.ok;
+        report.connection = Some(connection);
     }
     if let Some(task) = upstream {
         task.abort();
