@@ -19,6 +19,13 @@
 //!   - `x-echo-key: K`: count the request under K ([`EchoReply::key_seen`]);
 //!     a pod remembers 10,000 keys, then starts over;
 //!   - `x-echo-delay-ms: N`: answer after N ms (at most 60,000).
+//! - `--call NAME=URL` (repeatable, with `--http`): an app with downstream
+//!   services, as Bookinfo's are: before answering, every HTTP request
+//!   makes one `GET URL` per `--call`, in order, and the answers go
+//!   into [`EchoReply::calls`] as [`Downstream`]s (a failed call is recorded
+//!   with its error; the request is still answered). `URL` is
+//!   `http://ip:port/path`, as the pod's environment gives it (the local
+//!   cluster expands `$(VAR)` in arguments, as kubelet does).
 //! - `--grpc PORT`: gRPC over h2c ([`grpc`]): the unary method
 //!   `/e2e.Echo/Echo` answers the request's message with status 0, or the
 //!   status the request's `x-echo-grpc-status` metadata asks for; every
@@ -102,6 +109,23 @@ pub struct EchoReply {
     /// one included.
     #[serde(default)]
     pub key_seen: Option<u64>,
+    /// With `--call`: what each downstream answered, in `--call` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<Downstream>,
+}
+
+/// One downstream call `echo --call NAME=URL` made while answering.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downstream {
+    /// `NAME` of `--call`.
+    pub name: String,
+    pub url: String,
+    /// The HTTP status, when the downstream answered.
+    pub status: Option<u16>,
+    /// The answer, when the downstream is `echo` (with its own calls).
+    pub reply: Option<Box<EchoReply>>,
+    /// Why there is no answer.
+    pub error: Option<String>,
 }
 
 /// What `echo --sink` writes after the client half-closes.

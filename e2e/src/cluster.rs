@@ -48,6 +48,15 @@ pub enum ClusterError {
         file: String,
         source: Box<ClusterError>,
     },
+    #[error("pod of Deployment {deployment}: {source}")]
+    Deployment {
+        deployment: String,
+        source: Box<ClusterError>,
+    },
+    /// A Deployment the local cluster cannot run as written (the
+    /// Deployment, the field and why).
+    #[error("{0}")]
+    BadDeployment(String),
     #[error("no node named {0:?} (nodes: {1})")]
     NoNode(String, String),
     #[error("no pod {0}/{1}")]

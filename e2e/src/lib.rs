@@ -14,7 +14,8 @@
 //! - [`objects`], [`state`], [`config_dir`]: the Kubernetes objects the local
 //!   cluster keeps and writes as YAML for `istiod-rs --config-dir`.
 //! - [`cluster`] (the trait) and [`local`] (its network-namespace
-//!   implementation); [`mesh`] and [`cni`] are where the mesh plugs in.
+//!   implementation, with [`deployments`]: Deployments as it runs them);
+//!   [`mesh`] and [`cni`] are where the mesh plugs in.
 //! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
 //! - [`probe`] and [`prometheus`]: driving traffic from pods, waiting with
 //!   deadlines, and reading the mesh's evidence (metrics, certificates,
@@ -33,6 +34,7 @@ pub mod cluster;
 pub mod cni;
 pub mod config_dir;
 pub mod demo;
+pub mod deployments;
 pub mod http;
 pub mod kube;
 pub mod local;

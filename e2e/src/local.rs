@@ -33,14 +33,24 @@
 //! publishes it in Kubernetes; other ConfigMaps and Secrets come from the
 //! cluster state.
 //!
-//! With the mesh on, a background thread (the Deployment controller for
-//! waypoints) keeps one pod per replica of each waypoint Deployment
-//! istiod-rs provisions into `generated/waypoints/` ([`crate::mesh::waypoint_pods`]):
-//! it polls the directory, starts pods for new Deployments (and again when
-//! one was deleted), replaces those whose Deployment changed, deletes those
-//! whose file went away, logs what
-//! fails (file and field) and tries again on the next poll; it stops with
-//! the cluster.
+//! A background thread, the Deployment controller, keeps one pod per
+//! replica (named `<deployment>-<n>`) of each Deployment applied to the
+//! cluster whose image the local cluster knows ([`crate::deployments`]:
+//! the e2e apps, stand-ins for upstream's Bookinfo and curl images) and,
+//! with the mesh on, of each waypoint Deployment istiod-rs provisions into
+//! `generated/waypoints/` ([`crate::mesh::waypoint_pods`]): every poll it
+//! starts pods for new Deployments (and again when one was deleted),
+//! replaces those whose Deployment changed, deletes those whose Deployment
+//! went away, logs what fails (Deployment or file, and field) and tries
+//! again on the next poll; it stops with the cluster. An applied
+//! Deployment's pods go on the nodes in turn from a node chosen by its
+//! name (the same every time).
+//!
+//! kubelet's Docker-link variables (`<SERVICE>_SERVICE_HOST` and the rest,
+//! [`kubelet_env::service_env`]) are in every pod's environment for the
+//! Services of its namespace that have a cluster IP when it starts, and
+//! `$(VAR)` in a pod's arguments is expanded from its environment, as
+//! kubelet does.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -117,9 +127,9 @@ pub struct LocalClusterConfig {
     /// How long one readiness probe may take (kubelet's `timeoutSeconds`
     /// default).
     pub probe_timeout: Duration,
-    /// How often, with the mesh on, `generated/waypoints/` is looked at
-    /// for waypoint Deployments to run.
-    pub waypoint_poll: Duration,
+    /// How often the Deployment controller looks at the applied
+    /// Deployments and, with the mesh on, `generated/waypoints/`.
+    pub deployment_poll: Duration,
     pub progress: Progress,
 }
 
@@ -132,7 +142,7 @@ impl Default for LocalClusterConfig {
             binaries: Binaries::default(),
             ready_timeout: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(1),
-            waypoint_poll: Duration::from_millis(250),
+            deployment_poll: Duration::from_millis(250),
             progress: Progress::default(),
         }
     }
@@ -160,10 +170,21 @@ struct PodFiles {
     tokens: Vec<String>,
 }
 
-/// A waypoint pod the cluster runs, and the Deployment file it comes from.
+/// What asked for a pod the Deployment controller keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// A waypoint Deployment istiod-rs provisioned (its file).
+    Waypoint,
+    /// A Deployment applied to the cluster (its key).
+    Deployment,
+}
+
+/// A pod the Deployment controller keeps, and where its Deployment is.
 #[derive(Clone, Debug)]
-struct WaypointPod {
-    file: PathBuf,
+struct OwnedPod {
+    owner: Owner,
+    /// The file (waypoints) or object key (applied) of the Deployment.
+    source: String,
     request: PodRequest,
 }
 
@@ -172,8 +193,8 @@ struct Inner {
     config_dir: ConfigDir,
     pools: Vec<PodAddressPool>,
     pods: BTreeMap<(String, String), LocalPod>,
-    /// Pods started for waypoint Deployments.
-    waypoints: BTreeMap<(String, String), WaypointPod>,
+    /// Pods started for Deployments.
+    owned: BTreeMap<(String, String), OwnedPod>,
 }
 
 impl Inner {
@@ -185,11 +206,11 @@ impl Inner {
     }
 }
 
-/// The local cluster. Dropping it stops the waypoint controller, then
+/// The local cluster. Dropping it stops the Deployment controller, then
 /// removes everything the cluster created. Everything but the controller is
 /// in [`ClusterCore`], which it derefs to.
 pub struct LocalCluster {
-    waypoints: Option<WaypointController>,
+    controller: Option<DeploymentController>,
     core: Arc<ClusterCore>,
 }
 
@@ -203,7 +224,7 @@ impl Deref for LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        if let Some(controller) = self.waypoints.take() {
+        if let Some(controller) = self.controller.take() {
             controller.stop();
         }
     }
@@ -216,7 +237,7 @@ impl std::fmt::Debug for LocalCluster {
 }
 
 /// The cluster's network, state and processes, shared by [`LocalCluster`]
-/// and its waypoint controller thread.
+/// and its Deployment controller thread.
 pub struct ClusterCore {
     topology: Topology,
     binaries: Binaries,
@@ -239,18 +260,14 @@ impl std::fmt::Debug for ClusterCore {
 }
 
 impl LocalCluster {
-    /// Builds the cluster: topology, initial state, and the mesh if asked
-    /// for (with the waypoint controller). Anything built before a failure
+    /// Builds the cluster: topology, initial state, the mesh if asked
+    /// for, and the Deployment controller. Anything built before a failure
     /// is removed again.
     pub fn start(config: LocalClusterConfig) -> Result<LocalCluster, ClusterError> {
-        let poll = config.waypoint_poll;
+        let poll = config.deployment_poll;
         let core = Arc::new(ClusterCore::start(config)?);
-        let waypoints = core
-            .mesh
-            .is_some()
-            .then(|| WaypointController::start(Arc::clone(&core), poll))
-            .transpose()?;
-        Ok(LocalCluster { waypoints, core })
+        let controller = Some(DeploymentController::start(Arc::clone(&core), poll)?);
+        Ok(LocalCluster { controller, core })
     }
 }
 
@@ -275,6 +292,7 @@ impl ClusterCore {
                 name: n.name.clone(),
                 ip: n.ip,
                 pod_range: n.pod_range,
+                labels: BTreeMap::new(),
             })
             .collect();
         let state = ClusterState::new(nodes, config.plan.service_range);
@@ -288,7 +306,7 @@ impl ClusterCore {
                 .map(|n| PodAddressPool::new(n.pod_range))
                 .collect(),
             pods: BTreeMap::new(),
-            waypoints: BTreeMap::new(),
+            owned: BTreeMap::new(),
         };
         inner.sync()?;
         let mesh = match &config.mesh {
@@ -354,7 +372,7 @@ impl ClusterCore {
     /// Deployments istiod-rs has written into `generated/waypoints/` (see
     /// [`crate::mesh::waypoint_pods`]); what failed, every step tried. The
     /// pods of a file that cannot be read or translated are left as they
-    /// are. Does nothing with the mesh off. The waypoint controller calls
+    /// are. Does nothing with the mesh off. The Deployment controller calls
     /// it on every poll.
     pub fn sync_waypoints(&self) -> Vec<ClusterError> {
         let Some(mesh) = &self.mesh else {
@@ -363,51 +381,114 @@ impl ClusterCore {
         let generated = self.lock().config_dir.generated();
         let wanted = mesh.waypoint_pods(&generated, &self.nodes());
         let mut errors: Vec<ClusterError> = Vec::new();
-        let failed: Vec<PathBuf> = wanted.failed.iter().map(|(f, _)| f.clone()).collect();
+        let failed: Vec<String> = wanted
+            .failed
+            .iter()
+            .map(|(f, _)| f.display().to_string())
+            .collect();
         errors.extend(wanted.failed.into_iter().map(|(_, e)| e.into()));
         self.lock().state.set_provisioned(wanted.service_accounts);
-        let by_key: BTreeMap<(String, String), (PathBuf, PodRequest)> = wanted
+        let pods = wanted
             .pods
             .into_iter()
-            .map(|(file, pod)| ((pod.namespace.clone(), pod.name.clone()), (file, pod)))
+            .map(|(file, pod)| (file.display().to_string(), pod))
             .collect();
-        // A pod deleted by someone else is started again, as its
-        // ReplicaSet would.
-        let running = {
+        errors.extend(self.reconcile(Owner::Waypoint, pods, &failed));
+        errors
+    }
+
+    /// Starts, replaces or deletes pods so they match the Deployments
+    /// applied to the cluster (see [`crate::deployments`]); what failed,
+    /// every step tried. The pods of a Deployment that cannot be translated
+    /// are left as they are. The Deployment controller calls it on every poll.
+    pub fn sync_deployments(&self) -> Vec<ClusterError> {
+        let deployments = self.lock().state.of_kind("apps", "Deployment");
+        let nodes = self.nodes();
+        let mut errors = Vec::new();
+        let mut failed = Vec::new();
+        let mut wanted = Vec::new();
+        for deployment in &deployments {
+            let source = deployment.key().to_string();
+            let first = stable_index(&source, nodes.len());
+            match crate::deployments::deployment_pods(
+                deployment,
+                &nodes,
+                first,
+                &crate::deployments::sample_image,
+            ) {
+                Ok(pods) => wanted.extend(pods.into_iter().map(|p| (source.clone(), p))),
+                Err(reason) => {
+                    failed.push(source);
+                    errors.push(ClusterError::BadDeployment(reason));
+                }
+            }
+        }
+        errors.extend(self.reconcile(Owner::Deployment, wanted, &failed));
+        errors
+    }
+
+    /// The ReplicaSets' work for `owner`'s pods: each pod in `wanted` (with
+    /// the Deployment it comes from) runs as asked, a pod that runs
+    /// otherwise is replaced, a pod no longer wanted is deleted unless its
+    /// Deployment is one of `failed` (it could not be read: the pod is left
+    /// as it is). A pod deleted by someone else is started again.
+    fn reconcile(
+        &self,
+        owner: Owner,
+        wanted: Vec<(String, PodRequest)>,
+        failed: &[String],
+    ) -> Vec<ClusterError> {
+        let mut errors = Vec::new();
+        let by_key: BTreeMap<(String, String), (String, PodRequest)> = wanted
+            .into_iter()
+            .map(|(source, pod)| ((pod.namespace.clone(), pod.name.clone()), (source, pod)))
+            .collect();
+        let running: Vec<((String, String), OwnedPod)> = {
             let mut inner = self.lock();
-            let Inner {
-                pods, waypoints, ..
-            } = &mut *inner;
-            waypoints.retain(|key, _| pods.contains_key(key));
-            waypoints.clone()
+            let Inner { pods, owned, .. } = &mut *inner;
+            owned.retain(|key, _| pods.contains_key(key));
+            owned
+                .iter()
+                .filter(|(_, p)| p.owner == owner)
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect()
         };
         for (key, pod) in &running {
             let stale = match by_key.get(key) {
                 Some((_, request)) => *request != pod.request,
-                None => !failed.contains(&pod.file),
+                None => !failed.contains(&pod.source),
             };
             if stale {
                 match self.delete_pod(&key.0, &key.1) {
                     Ok(()) | Err(ClusterError::NoPod(..)) => {
-                        self.lock().waypoints.remove(key);
+                        self.lock().owned.remove(key);
                     }
                     Err(e) => errors.push(e),
                 }
             }
         }
-        for (key, (file, request)) in by_key {
-            if self.lock().waypoints.contains_key(&key) {
+        for (key, (source, request)) in by_key {
+            if self.lock().owned.contains_key(&key) {
                 continue;
             }
             match self.create_pod(&request) {
                 Ok(_) => {
-                    self.lock()
-                        .waypoints
-                        .insert(key, WaypointPod { file, request });
+                    let pod = OwnedPod {
+                        owner,
+                        source,
+                        request,
+                    };
+                    self.lock().owned.insert(key, pod);
                 }
-                Err(e) => errors.push(ClusterError::Waypoint {
-                    file: file.display().to_string(),
-                    source: Box::new(e),
+                Err(e) => errors.push(match owner {
+                    Owner::Waypoint => ClusterError::Waypoint {
+                        file: source,
+                        source: Box::new(e),
+                    },
+                    Owner::Deployment => ClusterError::Deployment {
+                        deployment: source,
+                        source: Box::new(e),
+                    },
                 }),
             }
         }
@@ -564,7 +645,10 @@ impl ClusterCore {
                 let program = self
                     .program(&command.program)
                     .map_err(|e| (e, partial.clone()))?;
-                let args = command.args.iter().map(|a| on_host(a, &mounts));
+                let args = command
+                    .args
+                    .iter()
+                    .map(|a| on_host(&kubelet_env::expand(a, &env), &mounts));
                 let mut spec =
                     ProcessSpec::new(format!("pod-{}.{}", req.namespace, req.name), program)
                         .args(args);
@@ -627,7 +711,8 @@ impl ClusterCore {
         files: &mut PodFiles,
     ) -> Result<Prepared, ClusterError> {
         let n = &self.topology.nodes[node];
-        let env = pod_env(req, &ip.to_string(), &n.name);
+        let mut env = pod_env(req, &ip.to_string(), &n.name);
+        env.extend(self.service_links(&req.namespace));
         if req.volumes.is_empty() && req.env.is_empty() {
             return Ok((env, Vec::new()));
         }
@@ -661,6 +746,36 @@ impl ClusterCore {
         let (env, mounts) = kubelet_container(req, &pod, &facts, &dir, &node_fs, env, &mut sources)
             .map_err(|(field, problem)| bad(field, problem))?;
         Ok((env, mounts))
+    }
+
+    /// kubelet's Docker-link variables for the Services of `namespace` that
+    /// have a cluster IP now.
+    fn service_links(&self, namespace: &str) -> Vec<(String, String)> {
+        let services = self.lock().state.of_kind("", "Service");
+        services
+            .iter()
+            .filter(|o| o.namespace() == Some(namespace))
+            .filter_map(|o| o.to_typed::<core::Service>().ok())
+            .flat_map(|svc| {
+                let name = svc.metadata.name.unwrap_or_default();
+                let spec = svc.spec.unwrap_or_default();
+                let ip = spec.cluster_ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+                let ports: Vec<kubelet_env::ServicePortVar> = spec
+                    .ports
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        Some(kubelet_env::ServicePortVar {
+                            name: p.name,
+                            port: u16::try_from(p.port).ok()?,
+                            protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                        })
+                    })
+                    .collect();
+                ip.map(|ip| kubelet_env::service_env(&name, ip, &ports))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// Probes from the node until every probe passes at once (Ok(Err) with
@@ -1346,31 +1461,31 @@ impl kubelet_env::EnvSources for LocalSources<'_> {
     }
 }
 
-/// The Deployment controller for waypoints: a thread calling
-/// [`ClusterCore::sync_waypoints`] every poll until stopped. Each error is
+/// The Deployment controller: a thread calling
+/// [`ClusterCore::sync_deployments`] and [`ClusterCore::sync_waypoints`]
+/// every poll until stopped. Each error is
 /// reported once, when it first appears (the same error on the next poll
 /// is not repeated).
-struct WaypointController {
+struct DeploymentController {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl WaypointController {
-    fn start(core: Arc<ClusterCore>, poll: Duration) -> Result<WaypointController, ClusterError> {
+impl DeploymentController {
+    fn start(core: Arc<ClusterCore>, poll: Duration) -> Result<DeploymentController, ClusterError> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let signal = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
-            .name("waypoint-controller".into())
+            .name("deployment-controller".into())
             .spawn(move || {
                 let mut reported = std::collections::BTreeSet::new();
                 loop {
-                    let errors: std::collections::BTreeSet<String> = core
-                        .sync_waypoints()
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect();
+                    let mut errors = core.sync_deployments();
+                    errors.extend(core.sync_waypoints());
+                    let errors: std::collections::BTreeSet<String> =
+                        errors.iter().map(|e| e.to_string()).collect();
                     for e in errors.difference(&reported) {
-                        eprintln!("e2e: waypoint controller: {e}");
+                        eprintln!("e2e: Deployment controller: {e}");
                     }
                     reported = errors;
                     let (lock, cvar) = &*signal;
@@ -1384,11 +1499,11 @@ impl WaypointController {
                 }
             })
             .map_err(|source| crate::run::RunError::Io {
-                what: "could not start the waypoint controller thread",
-                path: PathBuf::from("waypoint-controller"),
+                what: "could not start the Deployment controller thread",
+                path: PathBuf::from("deployment-controller"),
                 source,
             })?;
-        Ok(WaypointController { stop, thread })
+        Ok(DeploymentController { stop, thread })
     }
 
     /// Stops the thread (after the sync it may be in) and waits for it.
@@ -1397,9 +1512,18 @@ impl WaypointController {
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cvar.notify_all();
         if self.thread.join().is_err() {
-            eprintln!("e2e: the waypoint controller thread panicked");
+            eprintln!("e2e: the Deployment controller thread panicked");
         }
     }
+}
+
+/// A number in `0..n` that depends on `text` only (FNV-1a), to spread
+/// Deployments over the nodes the same way every time.
+fn stable_index(text: &str, n: usize) -> usize {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    usize::try_from(hash % n.max(1) as u64).unwrap_or(0)
 }
 
 fn random_hex(len: usize) -> String {

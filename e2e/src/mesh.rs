@@ -35,7 +35,7 @@ use rand::Rng;
 use serde_json::{Map, Value};
 
 use crate::binaries::{Binaries, BinaryError};
-use crate::cluster::{AppCommand, NamedPort, PodRequest, PodVolume, ReadinessProbe};
+use crate::cluster::{AppCommand, PodRequest};
 use crate::cni::CniPlugin;
 use crate::netns::NetNs;
 use crate::objects::{Object, ObjectKey};
@@ -764,199 +764,54 @@ fn is_managed(obj: &Object) -> bool {
 const WAYPOINT_IMAGE: &str = "waypoint-rs";
 
 /// The pods of one waypoint Deployment, as its ReplicaSet would create
-/// them: the pod template's labels, service account, container ports,
-/// arguments, `env` (left for the node to resolve), volumes with their
-/// mounts, and `readinessProbe` (`httpGet` or `tcpSocket`, a named port
-/// resolved against the container's ports). The container must run the
-/// waypoint image; its program is the `waypoint` binary. Anything the local
-/// cluster cannot run as written is an error naming the file, the
-/// Deployment and the field.
+/// them ([`crate::deployments::deployment_pods`], the first replica on the
+/// first node). The container must run the waypoint image (`command` empty
+/// or the image's); its program is the `waypoint` binary, with the
+/// container's `args`. Anything the local cluster cannot run as written is
+/// an error naming the file, the Deployment and the field.
 pub fn deployment_pods(
     file: &Path,
     deployment: &Object,
     waypoint: &Path,
     nodes: &[String],
 ) -> Result<Vec<PodRequest>, MeshError> {
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let namespace = deployment.namespace().unwrap_or("default");
-    let name = deployment.name();
-    let bad = |field: &str, reason: String| MeshError::Generated {
-        file: file.display().to_string(),
-        reason: format!("Deployment {namespace}/{name}: {field}: {reason}"),
-    };
-    let typed: Deployment = deployment
-        .to_typed()
-        .map_err(|e| bad("(object)", e.to_string()))?;
-    let spec = typed.spec.unwrap_or_default();
-    let replicas = spec.replicas.unwrap_or(1);
-    let replicas = usize::try_from(replicas)
-        .map_err(|_| bad("spec.replicas", format!("{replicas} is negative")))?;
-    let template = spec.template;
-    let meta = template.metadata.unwrap_or_default();
-    let pod_spec = template
-        .spec
-        .ok_or_else(|| bad("spec.template.spec", "missing".into()))?;
-    let [container] = pod_spec.containers.as_slice() else {
-        return Err(bad(
-            "spec.template.spec.containers",
-            format!(
-                "{} containers; the local cluster runs a waypoint pod's one container",
-                pod_spec.containers.len()
-            ),
-        ));
-    };
-    let field = |f: &str| format!("spec.template.spec.containers[0].{f}");
-    let image = container.image.clone().unwrap_or_default();
-    let image_name = image
-        .rsplit('/')
-        .next()
-        .and_then(|last| last.split([':', '@']).next())
-        .unwrap_or_default();
-    if image_name != WAYPOINT_IMAGE {
-        return Err(bad(
-            &field("image"),
-            format!(
-                "{image:?} is not {WAYPOINT_IMAGE}, the one waypoint image the local cluster runs"
-            ),
-        ));
-    }
-    match container.command.as_deref() {
-        None | Some([]) => {}
-        Some([program]) if program == WAYPOINT_IMAGE => {}
-        Some(other) => {
-            return Err(bad(
-                &field("command"),
-                format!("{other:?}: the local cluster runs the image's {WAYPOINT_IMAGE} only"),
+    let image = |container: &k8s_openapi::api::core::v1::Container, _: &[_]| {
+        let image = container.image.clone().unwrap_or_default();
+        if crate::kube::node::images::image_name(&image) != WAYPOINT_IMAGE {
+            return Err((
+                "image".to_string(),
+                format!(
+                    "{image:?} is not {WAYPOINT_IMAGE}, the one waypoint image the local cluster runs"
+                ),
             ));
         }
-    }
-    if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
-        return Err(bad(
-            &field("envFrom"),
-            "not supported by the local cluster".into(),
-        ));
-    }
-    let ports: Vec<NamedPort> = container
-        .ports
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, p)| {
-            let port = u16::try_from(p.container_port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    bad(
-                        &field(&format!("ports[{i}].containerPort")),
-                        format!("{} is not a port", p.container_port),
-                    )
-                })?;
-            Ok(NamedPort {
-                name: p.name.clone().unwrap_or_default(),
-                port,
-            })
-        })
-        .collect::<Result<_, MeshError>>()?;
-    let port_of = |f: &str, port: &IntOrString| -> Result<u16, MeshError> {
-        match port {
-            IntOrString::Int(n) => u16::try_from(*n)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad(f, format!("{n} is not a port"))),
-            IntOrString::String(named) => ports
-                .iter()
-                .find(|p| p.name == *named)
-                .map(|p| p.port)
-                .ok_or_else(|| bad(f, format!("no container port is named {named:?}"))),
+        match container.command.as_deref() {
+            None | Some([]) => {}
+            Some([program]) if program == WAYPOINT_IMAGE => {}
+            Some(other) => {
+                return Err((
+                    "command".to_string(),
+                    format!("{other:?}: the local cluster runs the image's {WAYPOINT_IMAGE} only"),
+                ));
+            }
         }
+        Ok(Some(AppCommand {
+            program: waypoint.display().to_string(),
+            args: container.args.clone().unwrap_or_default(),
+        }))
     };
-    let readiness = match &container.readiness_probe {
-        None => None,
-        Some(probe) => Some(if let Some(get) = &probe.http_get {
-            if get.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-                return Err(bad(
-                    &field("readinessProbe.httpGet.scheme"),
-                    "only HTTP is probed by the local cluster".into(),
-                ));
-            }
-            ReadinessProbe::HttpGet {
-                port: port_of(&field("readinessProbe.httpGet.port"), &get.port)?,
-                path: get.path.clone().unwrap_or_else(|| "/".into()),
-            }
-        } else if let Some(tcp) = &probe.tcp_socket {
-            ReadinessProbe::Tcp {
-                port: port_of(&field("readinessProbe.tcpSocket.port"), &tcp.port)?,
-            }
-        } else {
-            return Err(bad(
-                &field("readinessProbe"),
-                "only httpGet and tcpSocket probes are run by the local cluster".into(),
-            ));
-        }),
-    };
-    let pod_volumes = pod_spec.volumes.unwrap_or_default();
-    let volumes = container
-        .volume_mounts
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, m)| {
-            if m.sub_path.as_deref().is_some_and(|s| !s.is_empty()) {
-                return Err(bad(
-                    &field(&format!("volumeMounts[{i}].subPath")),
-                    "not supported by the local cluster".into(),
-                ));
-            }
-            let volume = pod_volumes
-                .iter()
-                .find(|v| v.name == m.name)
-                .ok_or_else(|| {
-                    bad(
-                        &field(&format!("volumeMounts[{i}].name")),
-                        format!(
-                            "no volume is named {:?} in spec.template.spec.volumes",
-                            m.name
-                        ),
-                    )
-                })?;
-            Ok(PodVolume {
-                volume: volume.clone(),
-                mount_path: m.mount_path.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>, MeshError>>()?;
-    if nodes.is_empty() && replicas > 0 {
-        return Err(bad(
-            "spec.replicas",
-            "the cluster has no node to run pods on".into(),
-        ));
-    }
-    Ok((0..replicas)
-        .map(|n| PodRequest {
-            namespace: namespace.to_string(),
-            name: format!("{name}-{n}"),
-            node: Some(nodes[n % nodes.len()].clone()),
-            labels: meta.labels.clone().unwrap_or_default(),
-            service_account: pod_spec
-                .service_account_name
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            command: Some(AppCommand {
-                program: waypoint.display().to_string(),
-                args: container.args.clone().unwrap_or_default(),
-            }),
-            ports: ports.clone(),
-            readiness: readiness.clone(),
-            env: container.env.clone().unwrap_or_default(),
-            volumes: volumes.clone(),
-        })
-        .collect())
+    crate::deployments::deployment_pods(deployment, nodes, 0, &image).map_err(|reason| {
+        MeshError::Generated {
+            file: file.display().to_string(),
+            reason,
+        }
+    })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::cluster::ReadinessProbe;
 
     /// manifests/templates/waypoint.yaml rendered for Gateway demo/reviews-waypoint
     /// (what istiod-rs writes into `generated/waypoints/demo/`).

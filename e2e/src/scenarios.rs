@@ -12,6 +12,7 @@
 //! removed by an [`policies::Applied`] guard, also when it fails). The
 //! disruptive ones (restarting istiod-rs or a ztunnel) come last.
 
+pub mod bookinfo;
 pub mod dns;
 pub mod fail_closed;
 pub mod fixture;

@@ -176,6 +176,9 @@ pub struct NodeRecord {
     pub name: String,
     pub ip: Ipv4Addr,
     pub pod_range: Ipv4Net,
+    /// Labels applied to the node (`kubernetes.io/hostname` is always there
+    /// besides).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NodeRecord {
@@ -183,10 +186,11 @@ impl NodeRecord {
         core::Node {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
-                labels: Some(BTreeMap::from([(
-                    "kubernetes.io/hostname".to_string(),
-                    self.name.clone(),
-                )])),
+                labels: Some({
+                    let mut labels = self.labels.clone();
+                    labels.insert(HOSTNAME_LABEL.to_string(), self.name.clone());
+                    labels
+                }),
                 ..Default::default()
             },
             spec: Some(core::NodeSpec {
@@ -215,6 +219,9 @@ impl NodeRecord {
         }
     }
 }
+
+/// The label every node has, its name.
+const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 /// Label linking an EndpointSlice to its Service (as Kubernetes sets it).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -269,14 +276,46 @@ impl ClusterState {
         self.objects.get(key)
     }
 
+    /// The applied objects of one kind, in key order.
+    pub fn of_kind(&self, group: &str, kind: &str) -> Vec<Object> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| k.group == group && k.kind == kind)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
     /// Applies an object as `kubectl apply` would (whole-object replace).
     /// A Service gets a cluster IP from the service range unless it asks for
     /// one (or for `None`, headless), and keeps it across re-applies. A new
-    /// Namespace gets its `default` ServiceAccount. Returns the stored object.
+    /// Namespace gets its `default` ServiceAccount. A Node names one of the
+    /// cluster's nodes, whose labels become the object's (as a server-side
+    /// apply of labels by one field manager: labels applied before and
+    /// left out are removed; `kubernetes.io/hostname` stays); the rest of
+    /// the node is the cluster's. Returns the stored object.
     pub fn apply(&mut self, mut obj: Object) -> Result<Object, StateError> {
         let key = obj.key().clone();
         match (key.group.as_str(), key.kind.as_str()) {
             ("", "Pod") => return Err(StateError::PodApplied(key)),
+            ("", "Node") => {
+                let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+                let node = self
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.name == key.name)
+                    .ok_or_else(|| StateError::Invalid {
+                        key: key.clone(),
+                        field: "metadata.name",
+                        problem: format!(
+                            "the local cluster's nodes are fixed ({}); only their labels can be applied",
+                            names.join(", ")
+                        ),
+                    })?;
+                let mut labels = obj.labels();
+                labels.remove(HOSTNAME_LABEL);
+                node.labels = labels;
+                return Ok(obj);
+            }
             ("", "Namespace") => {
                 let sa = ObjectKey::core("ServiceAccount", Some(&key.name), "default");
                 self.objects

@@ -1,5 +1,6 @@
 //! The L4 scenarios (`e2e::scenarios::l4`), then the L7 ones through a
-//! provisioned waypoint (`e2e::scenarios::l7`), then those of waypoints
+//! provisioned waypoint (`e2e::scenarios::l7`), then upstream's Bookinfo
+//! and its policy and route samples (`e2e::scenarios::bookinfo`), then those of waypoints
 //! created on demand (`e2e::scenarios::on_demand`), then istioctl-rs's views
 //! of the running mesh (`e2e::scenarios::istioctl`), with ztunnel-rs's DNS
 //! proxy (`e2e::scenarios::dns`) after the L4 ones, on the local cluster with the
@@ -13,7 +14,7 @@
 
 use e2e::mesh::MeshConfig;
 use e2e::privilege;
-use e2e::scenarios::{self, dns, istioctl, l4, l7, on_demand, service_entry};
+use e2e::scenarios::{self, bookinfo, dns, istioctl, l4, l7, on_demand, service_entry};
 
 #[test]
 fn l4_scenarios_on_the_local_cluster() {
@@ -21,14 +22,16 @@ fn l4_scenarios_on_the_local_cluster() {
         return;
     }
     let filter = std::env::var("E2E_SCENARIO").ok();
-    // The DNS, ServiceEntry, L7, on-demand and istioctl-rs scenarios run on
-    // the local cluster only (see `dns`, `service_entry`, `l7`, `istioctl`),
-    // after the L4 ones.
+    // The DNS, ServiceEntry, L7, Bookinfo, on-demand and istioctl-rs
+    // scenarios run on the local cluster only (see `dns`, `service_entry`,
+    // `l7`, `bookinfo`, `istioctl`), after the L4 ones.
     let all = [
         l4::all(),
+        l4::local_only(),
         dns::all(),
         service_entry::all(),
         l7::all(),
+        bookinfo::all(),
         on_demand::all(),
         istioctl::all(),
     ]

@@ -364,7 +364,7 @@ async fn tcp_once(target: &str, data: &[u8], hello: bool, timeout: Duration) -> 
 }
 
 /// `http://host:port/path` split into the address to dial and the request path.
-fn split_url(url: &str) -> Result<(String, http::Uri), String> {
+pub(crate) fn split_url(url: &str) -> Result<(String, http::Uri), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -592,7 +592,7 @@ async fn within(
     (result, micros(start.elapsed()))
 }
 
-async fn http_once(
+pub(crate) async fn http_once(
     url: &str,
     method: &str,
     headers: &[String],
@@ -1269,6 +1269,7 @@ mod tests {
             http,
             grpc,
             sink: vec![],
+            calls: vec![],
             bind: "127.0.0.1".parse().unwrap(),
             pod: "echo-0".into(),
             namespace: "test".into(),

@@ -15,12 +15,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{EchoReply, SinkReceipt, TcpHello, grpc};
+use super::{Downstream, EchoReply, SinkReceipt, TcpHello, grpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EchoError {
     #[error("nothing to serve: give at least one of --tcp, --tcp-hello, --http, --grpc, --sink")]
     NoPorts,
+    #[error("--call {call:?}: {reason}")]
+    BadCall { call: String, reason: String },
+    #[error("--call needs an --http port to answer on")]
+    CallWithoutHttp,
     #[error("could not listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -50,6 +54,11 @@ pub struct EchoArgs {
     /// TCP port that swallows a stream and, at its end, reports the byte count (repeatable).
     #[arg(long, value_name = "PORT")]
     pub sink: Vec<u16>,
+    /// A downstream service every HTTP request calls first, as
+    /// `NAME=http://ip:port/path`; its answer is nested in the reply
+    /// (repeatable, called in order).
+    #[arg(long = "call", value_name = "NAME=URL")]
+    pub calls: Vec<String>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
@@ -73,6 +82,8 @@ enum Mode {
 struct Identity {
     pod: String,
     namespace: String,
+    /// `--call`s: name and URL.
+    calls: Vec<(String, String)>,
     /// Requests seen per `x-echo-key` (see [`asked`]).
     seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -82,9 +93,41 @@ struct Identity {
 const MAX_KEYS: usize = 10_000;
 /// Longest `x-echo-delay-ms` honoured.
 const MAX_DELAY_MS: u64 = 60_000;
+/// How long one downstream call (`--call`) may take.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `--call NAME=URL` checked: a name and an `http://` URL with a host.
+fn parse_call(call: &str) -> Result<(String, String), EchoError> {
+    let bad = |reason: String| EchoError::BadCall {
+        call: call.to_string(),
+        reason,
+    };
+    let (name, url) = call
+        .split_once('=')
+        .ok_or_else(|| bad("is not NAME=URL".into()))?;
+    if name.is_empty() {
+        return Err(bad("the NAME is empty".into()));
+    }
+    let (addr, _) = super::client::split_url(url).map_err(bad)?;
+    if addr.parse::<SocketAddr>().is_err() {
+        return Err(bad(format!(
+            "the host of {url:?} is not an IP address (pods have no resolver for names here; \
+             the local cluster gives each pod $(<SERVICE>_SERVICE_HOST))"
+        )));
+    }
+    Ok((name.to_string(), url.to_string()))
+}
 
 /// Binds every port, then serves until the process is stopped.
 pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
+    let calls = args
+        .calls
+        .iter()
+        .map(|c| parse_call(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !calls.is_empty() && args.http.is_empty() {
+        return Err(EchoError::CallWithoutHttp);
+    }
     let ports = args
         .tcp
         .iter()
@@ -109,6 +152,7 @@ pub async fn serve(args: EchoArgs) -> Result<(), EchoError> {
     let me = Arc::new(Identity {
         pod: args.pod,
         namespace: args.namespace,
+        calls,
         seen: Default::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
@@ -226,6 +270,10 @@ async fn describe(
     if let Some(delay) = asked.delay {
         tokio::time::sleep(delay).await;
     }
+    let mut calls = Vec::with_capacity(me.calls.len());
+    for (name, url) in &me.calls {
+        calls.push(call(name, url).await);
+    }
     let reply = EchoReply {
         pod: me.pod.clone(),
         namespace: me.namespace.clone(),
@@ -241,6 +289,7 @@ async fn describe(
         headers,
         body_bytes,
         key_seen: asked.key_seen,
+        calls,
     };
     let body = serde_json::to_vec(&reply).expect("EchoReply serializes");
     let response = Response::builder()
@@ -249,6 +298,18 @@ async fn describe(
         .body(Full::new(Bytes::from(body)))
         .expect("a static response is valid");
     Ok(response)
+}
+
+/// One `GET` of a downstream (`--call`), as the reply records it.
+async fn call(name: &str, url: &str) -> Downstream {
+    let report = super::client::http_once(url, "GET", &[], 0, CALL_TIMEOUT).await;
+    Downstream {
+        name: name.to_string(),
+        url: url.to_string(),
+        status: report.status,
+        reply: report.echo.map(Box::new),
+        error: report.error,
+    }
 }
 
 /// How the request's `x-echo-*` headers ask the echo to answer.
@@ -448,6 +509,7 @@ mod tests {
         Identity {
             pod: pod.into(),
             namespace: "test".into(),
+            calls: Vec::new(),
             seen: Default::default(),
         }
     }
@@ -457,6 +519,119 @@ mod tests {
             .iter()
             .map(|(n, v)| (http::HeaderName::from_static(n), v.parse().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn bad_calls_are_refused_with_the_call_named() {
+        for (call, says) in [
+            ("details", "is not NAME=URL"),
+            ("=http://10.0.0.1:9080/", "the NAME is empty"),
+            ("details=https://10.0.0.1/", "only http://"),
+            (
+                "details=http://$(DETAILS_SERVICE_HOST):9080/",
+                "is not an IP address",
+            ),
+            ("details=http://details:9080/", "is not an IP address"),
+        ] {
+            let e = parse_call(call).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--call {call:?}: ")), "{e}");
+            assert!(e.contains(says), "{e}");
+        }
+        assert_eq!(
+            parse_call("details=http://10.0.0.1:9080/details/0").unwrap(),
+            ("details".into(), "http://10.0.0.1:9080/details/0".into())
+        );
+    }
+
+    /// A free loopback port (bound, then released for the server).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn args(pod: &str, http: u16, calls: &[String]) -> EchoArgs {
+        let mut argv = vec![
+            "echo".to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--pod".into(),
+            pod.into(),
+            "--http".into(),
+            http.to_string(),
+        ];
+        for c in calls {
+            argv.extend(["--call".to_string(), c.clone()]);
+        }
+        EchoArgs::parse_from(argv)
+    }
+
+    #[tokio::test]
+    async fn calls_are_made_per_request_and_their_replies_nested() {
+        let [leaf, middle, top, dead] = [free_port(), free_port(), free_port(), free_port()];
+        tokio::spawn(serve(args("leaf", leaf, &[])));
+        tokio::spawn(serve(args(
+            "middle",
+            middle,
+            &[format!("leaf=http://127.0.0.1:{leaf}/leaf/0")],
+        )));
+        tokio::spawn(serve(args(
+            "top",
+            top,
+            &[
+                format!("middle=http://127.0.0.1:{middle}/middle/0"),
+                format!("gone=http://127.0.0.1:{dead}/"),
+            ],
+        )));
+        let url = format!("http://127.0.0.1:{top}/page");
+        let mut report =
+            super::super::client::http_once(&url, "GET", &[], 0, std::time::Duration::from_secs(5))
+                .await;
+        for _ in 0..100 {
+            if report.ok {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            report = super::super::client::http_once(
+                &url,
+                "GET",
+                &[],
+                0,
+                std::time::Duration::from_secs(5),
+            )
+            .await;
+        }
+        let reply = report.echo.expect("top answers with an EchoReply");
+        assert_eq!(reply.pod, "top");
+        assert_eq!(reply.path, "/page");
+        let names: Vec<&str> = reply.calls.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["middle", "gone"]);
+        let middle = reply.calls[0].reply.as_ref().expect("middle answered");
+        assert_eq!(reply.calls[0].status, Some(200));
+        assert_eq!(
+            (middle.pod.as_str(), middle.path.as_str()),
+            ("middle", "/middle/0")
+        );
+        let leaf = middle.calls[0].reply.as_ref().expect("leaf answered");
+        assert_eq!((leaf.pod.as_str(), leaf.path.as_str()), ("leaf", "/leaf/0"));
+        assert!(leaf.calls.is_empty());
+        let gone = &reply.calls[1];
+        assert_eq!((gone.status, gone.reply.is_none()), (None, true));
+        assert!(
+            gone.error.as_deref().is_some_and(|e| e.contains("connect")),
+            "{gone:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_needs_an_http_port() {
+        let mut a = args("x", free_port(), &["d=http://127.0.0.1:1/".into()]);
+        a.http.clear();
+        a.tcp.push(free_port());
+        let e = serve(a).await.unwrap_err();
+        assert!(matches!(e, EchoError::CallWithoutHttp), "{e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The L4 scenarios: capture and mTLS, opt-out, PeerAuthentication,
 //! AuthorizationPolicy (DENY by principal, namespace, port; ALLOW lists),
-//! service load balancing, endpoint removal and `internalTrafficPolicy:
-//! Local`, control-plane and proxy
+//! service load balancing, endpoint removal, `internalTrafficPolicy:
+//! Local` and `trafficDistribution: PreferClose`, control-plane and proxy
 //! restarts, and certificate rotation.
 
 use std::collections::BTreeSet;
@@ -100,6 +100,16 @@ pub fn all() -> Vec<Scenario> {
         super::node_agent::probe_under_strict(),
         super::node_agent::agent_restart(),
     ]
+}
+
+/// L4 scenarios that run on the local cluster only for now (after
+/// [`all`]): labelling nodes through [`Cluster::apply`] has not been tried
+/// on the Kubernetes run (`cargo xtask e2e`).
+pub fn local_only() -> Vec<Scenario> {
+    vec![Scenario {
+        name: "prefer_close_keeps_traffic_in_the_zone",
+        run: prefer_close,
+    }]
 }
 
 /// Needs a cluster whose workload certificates live only seconds (see the
@@ -624,6 +634,181 @@ fn internal_traffic_policy_local(
         Ok(seen.join("; "))
     })();
     let _ = cluster.delete_yaml(&yaml);
+    result
+}
+
+/// The service `close` of [`prefer_close`] and its pods' label.
+const CLOSE_SERVICE: &str = "close";
+/// The region of every node and the zone of each, `zone-<n>`.
+const REGION: &str = "region-1";
+
+/// `Node` objects giving the cluster's nodes a region and a zone each
+/// (`zone-0`, `zone-1`, ...), or, with `zoned` false, no such label (what
+/// they had before: the scenario applies them back).
+fn node_labels_yaml(nodes: &[String], zoned: bool) -> String {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let labels = if zoned {
+                format!(
+                    "\n  labels:\n    topology.kubernetes.io/region: {REGION}\n    topology.kubernetes.io/zone: zone-{i}"
+                )
+            } else {
+                String::new()
+            };
+            format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}{labels}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// The zone of a pod's workload as a node's ztunnel-rs has it.
+fn workload_zone(cluster: &dyn Cluster, node: &str, pod: &PodInfo) -> Result<String, ProbeError> {
+    let dump = cluster.config_dump(&ztunnel(node))?;
+    Ok(dump
+        .get("workloads")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|w| w["namespace"] == pod.namespace.as_str() && w["name"] == pod.name.as_str())
+        .and_then(|w| w["locality"]["zone"].as_str())
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// A Service with `trafficDistribution: PreferClose` over a server in each
+/// zone (the nodes labelled with a region and a zone each, which istiod-rs
+/// reads into the workloads' locality): each client only reaches the server
+/// in its own zone (routing preference network, region, zone, subzone in
+/// FAILOVER mode); once that server is deleted, the client fails over to
+/// the other zone's. The node labels, the pods and the Service are removed
+/// again.
+fn prefer_close(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let nodes = cluster.nodes();
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {CLOSE_SERVICE}\n  namespace: {AMBIENT_NS}\nspec:\n  \
+         trafficDistribution: PreferClose\n  selector:\n    app: {CLOSE_SERVICE}\n  ports:\n  - name: hello\n    \
+         port: {ECHO_HELLO}\n    targetPort: hello\n"
+    );
+    let names: Vec<String> = (0..2).map(|i| format!("{CLOSE_SERVICE}-{i}")).collect();
+    let result = (|| {
+        cluster.apply_yaml(&node_labels_yaml(&nodes, true))?;
+        let _service = Applied::new(cluster, &service)?;
+        let mut servers = Vec::new();
+        for (name, node) in names.iter().zip(&nodes) {
+            let pod = echo_server(AMBIENT_NS, name, node, "server").label("app", CLOSE_SERVICE);
+            servers.push(cluster.create_pod(&pod)?);
+        }
+        let enrolled: Vec<(&PodInfo, &str)> = servers.iter().map(|s| (s, "server")).collect();
+        probe::until_in_mesh(cluster, &f.trust_domain, &enrolled, CHANGE_TIMEOUT)?;
+        // Every ztunnel has each client's and server's zone from its node.
+        for n in &nodes {
+            for (i, pod) in f.clients.iter().chain(&servers).enumerate() {
+                let want = format!("zone-{}", i % 2);
+                eventually(
+                    &format!("the ztunnel on {n} to place {} in {want}", pod_name(pod)),
+                    CHANGE_TIMEOUT,
+                    || {
+                        let zone = workload_zone(cluster, n, pod)?;
+                        Ok(if zone == want {
+                            Ok(())
+                        } else {
+                            Err(format!("zone {zone:?}"))
+                        })
+                    },
+                )?;
+            }
+        }
+        let vip = eventually("the close service's cluster IP", CHANGE_TIMEOUT, || {
+            Ok(service_vip(cluster, AMBIENT_NS, CLOSE_SERVICE)?.ok_or("no VIP yet".to_string()))
+        })?;
+        let mut seen = Vec::new();
+        for (client, own) in f.clients.iter().zip(&names) {
+            let what = format!(
+                "{} ({}) -> {CLOSE_SERVICE} ({vip})",
+                pod_name(client),
+                client.node
+            );
+            // Stops early only if both servers answered, which is the failure.
+            let answered = spread(
+                cluster,
+                client,
+                &vip,
+                &[names[0].as_str(), names[1].as_str()],
+                30,
+            )?;
+            if answered != [(own.clone(), 30)] {
+                return Err(failed(
+                    &what,
+                    format!(
+                        "want all 30 connections answered by {own} in the same zone, got {answered:?}"
+                    ),
+                ));
+            }
+            seen.push(format!("{what}: 30 of 30 answered by {own}"));
+        }
+        // Failover: the first zone's server goes; its client is served by
+        // the other zone's.
+        let client = &f.clients[0];
+        let uid = probe::known_workload(cluster, &client.node, &servers[0])?
+            .map(|w| w.uid)
+            .unwrap_or_default();
+        cluster.delete_pod(AMBIENT_NS, &names[0])?;
+        eventually(
+            &format!(
+                "the ztunnel on {} to drop {} from {CLOSE_SERVICE}",
+                client.node, names[0]
+            ),
+            CHANGE_TIMEOUT,
+            || {
+                let eps =
+                    probe::service_endpoints(cluster, &client.node, AMBIENT_NS, CLOSE_SERVICE)?;
+                Ok(if eps.contains(&uid) {
+                    Err(format!("endpoints: {eps:?}"))
+                } else {
+                    Ok(())
+                })
+            },
+        )?;
+        let answered = spread(
+            cluster,
+            client,
+            &vip,
+            &[names[0].as_str(), names[1].as_str()],
+            10,
+        )?;
+        if answered != [(names[1].clone(), 10)] {
+            return Err(failed(
+                &format!(
+                    "{} -> {CLOSE_SERVICE} without {}",
+                    pod_name(client),
+                    names[0]
+                ),
+                format!(
+                    "want all 10 connections answered by {} in the other zone, got {answered:?}",
+                    names[1]
+                ),
+            ));
+        }
+        seen.push(format!(
+            "{} deleted: {} fails over, 10 of 10 answered by {}",
+            names[0],
+            pod_name(client),
+            names[1]
+        ));
+        Ok(seen.join("; "))
+    })();
+    for name in &names {
+        if cluster.pod(AMBIENT_NS, name).is_some()
+            && let Err(e) = cluster.delete_pod(AMBIENT_NS, name)
+        {
+            eprintln!("e2e: could not delete {AMBIENT_NS}/{name}: {e}");
+        }
+    }
+    if let Err(e) = cluster.apply_yaml(&node_labels_yaml(&nodes, false)) {
+        eprintln!("e2e: could not take the zone labels off the nodes: {e}");
+    }
     result
 }
 

@@ -785,8 +785,8 @@ spec:
 /// points); [`WEIGHT_TOLERANCE`] of 5 points is 3.3 deviations each side,
 /// so a correct split fails about once in a thousand runs, while an
 /// unweighted split (50%) or one backend only (0% / 100%) always fails.
-const SPLIT_REQUESTS: u64 = 400;
-const WEIGHT_TOLERANCE: f64 = 5.0;
+pub(super) const SPLIT_REQUESTS: u64 = 400;
+pub(super) const WEIGHT_TOLERANCE: f64 = 5.0;
 
 fn weighted_90_10(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeError> {
     let backends = Backends::create(cluster, f)?;
@@ -830,7 +830,7 @@ fn weighted_90_10(cluster: &dyn Cluster, f: &Caller) -> Result<String, ProbeErro
 /// The share (percent) of `n` answers that `counted` is, checked to be
 /// `expected` ± `tolerance` points, when every answer is `counted` or
 /// `rest` (the other kind, named for the error).
-fn share_within(
+pub(super) fn share_within(
     what: &str,
     counted: u64,
     (rest, rest_name): (u64, &str),

@@ -8,6 +8,7 @@ fn nodes() -> Vec<NodeRecord> {
             name: format!("node{i}"),
             ip: Ipv4Addr::new(172, 30, 0, 10 + i),
             pod_range: format!("10.244.{i}.0/24").parse().unwrap(),
+            labels: BTreeMap::new(),
         })
         .collect()
 }
@@ -352,4 +353,45 @@ fn a_provisioned_service_account_admits_pods_without_being_rendered() {
     state.add_pod(p).unwrap();
     let files = state.render().unwrap();
     assert!(!files.contains_key(&sa.file_name()), "{:?}", files.keys());
+}
+
+#[test]
+fn a_node_applied_sets_its_labels_and_nothing_else() {
+    let mut state = cluster();
+    let node = |labels: &str| {
+        Object::from_yaml(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels: {{{labels}}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    };
+    state
+        .apply(node(
+            "topology.kubernetes.io/zone: zone-b, kubernetes.io/hostname: other",
+        ))
+        .unwrap();
+    let labels = |state: &ClusterState| {
+        let files = state.render().unwrap();
+        let n: core::Node = parse(&files, "Node__cluster_node1.yaml");
+        assert_eq!(n.spec.unwrap().pod_cidr.as_deref(), Some("10.244.1.0/24"));
+        n.metadata.labels.unwrap()
+    };
+    let with = labels(&state);
+    assert_eq!(with["topology.kubernetes.io/zone"], "zone-b");
+    assert_eq!(with["kubernetes.io/hostname"], "node1");
+    // Applied again without it: the label goes, the hostname stays.
+    state.apply(node("")).unwrap();
+    let without = labels(&state);
+    assert_eq!(
+        without,
+        BTreeMap::from([("kubernetes.io/hostname".to_string(), "node1".to_string())])
+    );
+    let unknown = Object::from_yaml("apiVersion: v1\nkind: Node\nmetadata:\n  name: node7\n")
+        .unwrap()
+        .remove(0);
+    let e = state.apply(unknown).unwrap_err().to_string();
+    assert!(
+        e.contains("metadata.name: the local cluster's nodes are fixed (node0, node1)"),
+        "{e}"
+    );
 }

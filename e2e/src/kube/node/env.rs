@@ -121,18 +121,60 @@ pub fn argv(container: &Container, entrypoint: &str, env: &[(String, String)]) -
 
 /// kubelet's variables for the `kubernetes` Service (Docker-link style).
 pub fn kubernetes_service_env(ip: Ipv4Addr, port: u16) -> Vec<(String, String)> {
-    let url = format!("tcp://{ip}:{port}");
-    let p = format!("KUBERNETES_PORT_{port}_TCP");
-    vec![
-        ("KUBERNETES_SERVICE_HOST".into(), ip.to_string()),
-        ("KUBERNETES_SERVICE_PORT".into(), port.to_string()),
-        ("KUBERNETES_SERVICE_PORT_HTTPS".into(), port.to_string()),
-        ("KUBERNETES_PORT".into(), url.clone()),
-        (p.clone(), url),
-        (format!("{p}_PROTO"), "tcp".into()),
-        (format!("{p}_PORT"), port.to_string()),
-        (format!("{p}_ADDR"), ip.to_string()),
-    ]
+    service_env(
+        "kubernetes",
+        ip,
+        &[ServicePortVar {
+            name: Some("https".into()),
+            port,
+            protocol: "TCP".into(),
+        }],
+    )
+}
+
+/// One port of a Service, as its environment variables name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortVar {
+    pub name: Option<String>,
+    pub port: u16,
+    /// `TCP`, `UDP`, `SCTP`.
+    pub protocol: String,
+}
+
+/// kubelet's Docker-link style variables for a Service with a cluster IP
+/// (what a pod created after the Service finds): `<NAME>_SERVICE_HOST`,
+/// `<NAME>_SERVICE_PORT` (the first port), `<NAME>_SERVICE_PORT_<PORT NAME>`
+/// per named port, `<NAME>_PORT` (the first port's URL) and
+/// `<NAME>_PORT_<port>_<PROTO>` with `_PROTO`, `_PORT`, `_ADDR` per port;
+/// the names upper-cased with `-` as `_`. Nothing for a Service without ports.
+pub fn service_env(service: &str, ip: Ipv4Addr, ports: &[ServicePortVar]) -> Vec<(String, String)> {
+    let upper = |s: &str| s.to_ascii_uppercase().replace('-', "_");
+    let svc = upper(service);
+    let Some(first) = ports.first() else {
+        return Vec::new();
+    };
+    let url = |p: &ServicePortVar| format!("{}://{ip}:{}", p.protocol.to_ascii_lowercase(), p.port);
+    let mut out = vec![
+        (format!("{svc}_SERVICE_HOST"), ip.to_string()),
+        (format!("{svc}_SERVICE_PORT"), first.port.to_string()),
+    ];
+    for p in ports {
+        if let Some(name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            out.push((
+                format!("{svc}_SERVICE_PORT_{}", upper(name)),
+                p.port.to_string(),
+            ));
+        }
+    }
+    out.push((format!("{svc}_PORT"), url(first)));
+    for p in ports {
+        let var = format!("{svc}_PORT_{}_{}", p.port, p.protocol.to_ascii_uppercase());
+        out.push((var.clone(), url(p)));
+        out.push((format!("{var}_PROTO"), p.protocol.to_ascii_lowercase()));
+        out.push((format!("{var}_PORT"), p.port.to_string()));
+        out.push((format!("{var}_ADDR"), ip.to_string()));
+    }
+    out
 }
 
 /// One `env` entry's value; `None` for an optional reference to nothing.
@@ -323,6 +365,30 @@ mod tests {
             "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_service_gives_link_variables_per_port_with_the_name_upper_cased() {
+        let port = |name: Option<&str>, port, protocol: &str| ServicePortVar {
+            name: name.map(str::to_string),
+            port,
+            protocol: protocol.into(),
+        };
+        let env = service_env(
+            "reviews-v2",
+            Ipv4Addr::new(10, 96, 0, 9),
+            &[port(Some("http"), 9080, "TCP"), port(None, 53, "UDP")],
+        );
+        let map: BTreeMap<_, _> = env.into_iter().collect();
+        assert_eq!(map["REVIEWS_V2_SERVICE_HOST"], "10.96.0.9");
+        assert_eq!(map["REVIEWS_V2_SERVICE_PORT"], "9080");
+        assert_eq!(map["REVIEWS_V2_SERVICE_PORT_HTTP"], "9080");
+        assert_eq!(map["REVIEWS_V2_PORT"], "tcp://10.96.0.9:9080");
+        assert_eq!(map["REVIEWS_V2_PORT_53_UDP"], "udp://10.96.0.9:53");
+        assert_eq!(map["REVIEWS_V2_PORT_53_UDP_PROTO"], "udp");
+        assert_eq!(map["REVIEWS_V2_PORT_9080_TCP_ADDR"], "10.96.0.9");
+        assert_eq!(map.len(), 12, "{map:?}");
+        assert!(service_env("x", Ipv4Addr::new(10, 96, 0, 9), &[]).is_empty());
     }
 
     #[test]
