@@ -60,12 +60,14 @@
 //! - `client connect-rate ADDR --duration D --concurrency K`: new
 //!   connections, each with one small echo round trip: [`ConnectRateReport`].
 //! - `client hold ADDR --duration D --interval I`: one connection to a
-//!   `--tcp` port with a small round trip every I, until it breaks or D is
-//!   over; when it was up and when it broke: [`HoldReport`].
+//!   `--tcp` port with a small round trip every I (the echo checked byte
+//!   for byte), until it breaks or D is over; when it was up and when it
+//!   broke: [`HoldReport`].
 //! - `client connect-probe ADDR --duration D --interval I --timeout T`: a
 //!   new connection with one small echo round trip every I (one at a
 //!   time), each given T; every run of failures with when it began and
-//!   when connections came back: [`ConnectProbeReport`].
+//!   when connections came back, and the slowest successful attempt:
+//!   [`ConnectProbeReport`].
 //!
 //! Latencies are microseconds measured from just before a request is
 //! written to when its whole response has been read (so a late send does not
@@ -354,6 +356,9 @@ pub struct HoldReport {
     pub ok: bool,
     /// Round trips that completed.
     pub exchanges: u64,
+    /// Bytes echoed back exactly as sent (every round trip's, checked).
+    #[serde(default)]
+    pub bytes: u64,
     /// When the connection was up and when it broke, in Unix milliseconds,
     /// so the caller can relate them to its own clock.
     pub connected_at_ms: Option<u64>,
@@ -411,6 +416,10 @@ pub struct ConnectProbeReport {
     /// The longest outage, from its first failed attempt to the next
     /// success (to the probe's end for one that did not end).
     pub longest_gap_ms: f64,
+    /// The longest successful attempt, connect to echo (a connection that
+    /// waited, e.g. in a listen backlog, without failing).
+    #[serde(default)]
+    pub slowest_ms: f64,
     pub error: Option<String>,
 }
 

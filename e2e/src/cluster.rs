@@ -84,6 +84,8 @@ pub enum ClusterError {
     NotAComponent(String),
     #[error("the cluster runs without the mesh; start it with the mesh on")]
     MeshOff,
+    #[error("{0} is not running (stopped; start it first)")]
+    NotRunning(String),
     #[error("this cluster cannot do it yet: {0}")]
     Unsupported(String),
     #[error("{what} is not the JSON expected: {reason}\n{text}")]
@@ -534,6 +536,17 @@ pub trait Cluster: Send + Sync {
     /// (a ztunnel started while istiod is down never is, on its own); a
     /// later [`Cluster::start_component`] waits for it.
     fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
+
+    /// Replaces every node's ztunnel-rs, one node after the other, as a
+    /// DaemonSet rolling update with `maxSurge: 1, maxUnavailable: 0` does
+    /// (`manifests/install/ztunnel.yaml`): on each node the new ztunnel-rs
+    /// starts beside the old one and becomes Ready (it has the control
+    /// plane's state and every pod from the node agent, its in-pod
+    /// listeners bound beside the old ones), then the old one gets SIGTERM
+    /// and drains: its live connections go on until they end or its drain
+    /// deadline passes. Returns once every node runs a new, Ready one; the
+    /// old ones may still be draining.
+    fn upgrade_ztunnels(&self) -> Result<(), ClusterError>;
 
     /// [`Cluster::stop_component`], then [`Cluster::start_component`].
     fn restart_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {

@@ -527,7 +527,11 @@ impl ClusterCore {
     fn proxy_netns(&self, proxy: &ProxyRef) -> Result<NetNs, ClusterError> {
         Ok(match proxy {
             ProxyRef::Istiod => self.topology.control_plane.clone(),
-            ProxyRef::Ztunnel { node } | ProxyRef::NodeAgent { node } => self
+            ProxyRef::Ztunnel { node } => self
+                .running_mesh()?
+                .ztunnel_netns(node)?
+                .ok_or_else(|| ClusterError::NotRunning(format!("the ztunnel-rs of {node}")))?,
+            ProxyRef::NodeAgent { node } => self
                 .node_netns(node)
                 .cloned()
                 .ok_or_else(|| ClusterError::NoNode(node.clone(), self.nodes().join(", ")))?,
@@ -1165,6 +1169,14 @@ impl Cluster for ClusterCore {
         Ok(())
     }
 
+    fn upgrade_ztunnels(&self) -> Result<(), ClusterError> {
+        let mesh = self.running_mesh()?;
+        for node in self.nodes() {
+            mesh.upgrade_ztunnel(&self.run, &node)?;
+        }
+        Ok(())
+    }
+
     fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
         match component {
             ProxyRef::Ztunnel { node } => {
@@ -1270,6 +1282,10 @@ impl Cluster for LocalCluster {
 
     fn launch_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
         self.core.launch_component(component)
+    }
+
+    fn upgrade_ztunnels(&self) -> Result<(), ClusterError> {
+        self.core.upgrade_ztunnels()
     }
 }
 

@@ -3,9 +3,14 @@
 //! - istiod-rs in the control-plane namespace, reading the cluster state from
 //!   the config directory and the bearer tokens from a token file, keeping
 //!   its CA's root in a state directory;
-//! - per node, in the node's namespace, the node agent (`ztunnel-rs cni`) and
-//!   the proxy (`ztunnel-rs proxy`), talking ZDS over a unix socket; the
-//!   proxy reaches istiod over TLS (15012) with its node's bearer token;
+//! - per node, in the node's namespace, the node agent (`ztunnel-rs cni`);
+//!   the proxy (`ztunnel-rs proxy`) in a pod network namespace of its own
+//!   on the node (no hostNetwork, as the ztunnel DaemonSet's pod), at one
+//!   of the node's [`crate::topology::ZTUNNEL_SLOTS`] addresses; they talk
+//!   ZDS over a unix socket; the proxy reaches istiod over TLS (15012) with
+//!   its node's bearer token. A rolling update
+//!   ([`MeshRuntime::upgrade_ztunnel`]) starts the new proxy in a second
+//!   pod network beside the old one, as the DaemonSet's `maxSurge: 1` does;
 //! - for every pod, the CNI plugin `istio-cni-rs`, chained after the local
 //!   cluster's own network setup (see [`crate::cni`]);
 //! - the pods of each waypoint Deployment istiod-rs provisions into
@@ -21,7 +26,7 @@
 //! ztunnel `/healthz/ready` on 15021, each node agent `/readyz` on 8000).
 //! istiod, each node's ztunnel and each node's agent can be stopped (the
 //! agent killed) and started again while the cluster runs (the restart
-//! scenarios).
+//! scenarios), and each node's ztunnel replaced (the upgrade scenario).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -41,7 +46,7 @@ use crate::netns::NetNs;
 use crate::objects::{Object, ObjectKey};
 use crate::process::{ProcessInfo, ProcessSpec, log_tail};
 use crate::run::{Run, RunError};
-use crate::topology::Topology;
+use crate::topology::{self, AddressPlan, PodNetwork, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -70,6 +75,10 @@ pub enum MeshError {
     Generated { file: String, reason: String },
     #[error("no node named {0:?} runs the mesh")]
     NoNode(String),
+    #[error("cannot upgrade the ztunnel-rs of node {node}: {reason}")]
+    Upgrade { node: String, reason: String },
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
 }
 
 /// Whether the local cluster runs the mesh.
@@ -186,6 +195,11 @@ pub struct NodeMesh {
     pub node: String,
     pub node_agent: Option<ProcessInfo>,
     pub ztunnel: Option<ProcessInfo>,
+    /// The network namespace of the running ztunnel-rs's pod.
+    pub ztunnel_network: Option<PodNetwork>,
+    /// ztunnel-rs pods an upgrade replaced, still draining: each exits once
+    /// its connections end or its drain deadline passes.
+    pub draining: Vec<(ProcessInfo, PodNetwork)>,
 }
 
 #[derive(Debug)]
@@ -212,7 +226,8 @@ pub struct MeshRuntime {
     binaries: MeshBinaries,
     control_plane: NetNs,
     istiod_ip: Ipv4Addr,
-    node_netns: Vec<(String, NetNs)>,
+    plan: AddressPlan,
+    topology_nodes: Vec<topology::Node>,
     processes: Mutex<Processes>,
     tokens: Mutex<Tokens>,
 }
@@ -249,11 +264,8 @@ impl MeshRuntime {
             binaries: bins,
             control_plane: topology.control_plane.clone(),
             istiod_ip: topology.plan.control_plane_ip(),
-            node_netns: topology
-                .nodes
-                .iter()
-                .map(|n| (n.name.clone(), n.netns.clone()))
-                .collect(),
+            plan: topology.plan.clone(),
+            topology_nodes: topology.nodes.clone(),
             processes: Mutex::new(Processes {
                 istiod: None,
                 nodes: Vec::new(),
@@ -265,24 +277,25 @@ impl MeshRuntime {
         mesh.start_istiod(run)?;
 
         progress("starting the node agent and ztunnel-rs on every node");
-        let mut started = Vec::new();
-        for (node, netns) in &mesh.node_netns {
-            let agent = run.spawn(&mesh.node_agent_spec(node), netns)?;
-            let ztunnel = run.spawn(&mesh.ztunnel_spec(node), netns)?;
-            started.push(NodeMesh {
-                node: node.clone(),
+        for node in &mesh.topology_nodes {
+            let agent = run.spawn(&mesh.node_agent_spec(&node.name), &node.netns)?;
+            mesh.lock().nodes.push(NodeMesh {
+                node: node.name.clone(),
                 node_agent: Some(agent),
-                ztunnel: Some(ztunnel),
+                ztunnel: None,
+                ztunnel_network: None,
+                draining: Vec::new(),
             });
+            mesh.launch_ztunnel(run, &node.name)?;
         }
-        mesh.lock().nodes = started.clone();
+        let started = mesh.nodes();
         for node in &started {
             progress(&format!(
                 "waiting for ztunnel-rs on {} to be ready (xDS synced, ZDS snapshot)",
                 node.node
             ));
             let ztunnel = node.ztunnel.as_ref().expect("just started");
-            mesh.wait_ztunnel_ready(run, &node.node, ztunnel)?;
+            mesh.wait_ztunnel_ready(run, ztunnel)?;
         }
         Ok(mesh)
     }
@@ -320,26 +333,141 @@ impl MeshRuntime {
         )
     }
 
-    /// Stops a node's ztunnel-rs (SIGTERM: it drains, then exits).
+    /// Stops a node's ztunnel-rs (SIGTERM: it drains, then exits) and
+    /// removes its pod network.
     pub fn stop_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
-        if let Some(p) = self.with_node(node, |n| n.ztunnel.take())? {
+        let (process, network) =
+            self.with_node(node, |n| (n.ztunnel.take(), n.ztunnel_network.take()))?;
+        if let Some(p) = process {
             run.stop(&p);
         }
+        if let Some(network) = network {
+            self.topology_node(node)?.remove_pod(run, &network)?;
+        }
         Ok(())
+    }
+
+    /// Replaces a node's running ztunnel-rs as a DaemonSet rolling update
+    /// with `maxSurge: 1, maxUnavailable: 0` does (our manifest's, and
+    /// upstream's ztunnel chart's): the new one starts in a pod network of
+    /// its own beside the old one and is waited for until Ready (it has the
+    /// control plane's state and every pod from the node agent, its
+    /// listeners bound beside the old ones); only then does the old one get
+    /// SIGTERM. This returns without waiting for the old one, which drains
+    /// its live connections (see [`MeshRuntime::draining`]). A new one that
+    /// does not become ready is stopped and the old one keeps the node.
+    pub fn upgrade_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        self.reap_drained(run, node)?;
+        let Some(old) = self.with_node(node, |n| n.ztunnel.clone())? else {
+            return Err(MeshError::Upgrade {
+                node: node.into(),
+                reason: "no ztunnel-rs runs there".into(),
+            });
+        };
+        let (new, network) = self.spawn_ztunnel(run, node)?;
+        if let Err(e) = self.wait_ztunnel_ready(run, &new) {
+            run.stop(&new);
+            self.topology_node(node)?.remove_pod(run, &network)?;
+            return Err(e);
+        }
+        let old_network = self.with_node(node, |n| {
+            n.ztunnel = Some(new);
+            n.ztunnel_network.replace(network)
+        })?;
+        run.terminate(&old);
+        if let Some(old_network) = old_network {
+            self.with_node(node, |n| n.draining.push((old, old_network)))?;
+        }
+        Ok(())
+    }
+
+    /// The ztunnel-rs processes an upgrade replaced on `node` that have not
+    /// exited yet (after [`MeshRuntime::reap_drained`]).
+    pub fn draining(&self, run: &Run, node: &str) -> Result<Vec<ProcessInfo>, MeshError> {
+        self.reap_drained(run, node)?;
+        self.with_node(node, |n| {
+            n.draining.iter().map(|(p, _)| p.clone()).collect()
+        })
+    }
+
+    /// Forgets the replaced ztunnel-rs processes on `node` that have exited
+    /// and removes their pod networks.
+    fn reap_drained(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        let exited = self.with_node(node, |n| {
+            let (gone, left): (Vec<_>, Vec<_>) = n
+                .draining
+                .drain(..)
+                .partition(|(p, _)| run.exited(p).is_some());
+            n.draining = left;
+            gone
+        })?;
+        for (p, network) in exited {
+            run.stop(&p);
+            self.topology_node(node)?.remove_pod(run, &network)?;
+        }
+        Ok(())
+    }
+
+    /// The network namespace of a node's running ztunnel-rs, where its
+    /// loopback ports (admin, metrics, readiness) answer.
+    pub fn ztunnel_netns(&self, node: &str) -> Result<Option<NetNs>, MeshError> {
+        self.with_node(node, |n| {
+            n.ztunnel_network.as_ref().map(|p| p.netns.clone())
+        })
+    }
+
+    /// Starts a new ztunnel-rs pod on `node` at a free slot address.
+    fn spawn_ztunnel(&self, run: &Run, node: &str) -> Result<(ProcessInfo, PodNetwork), MeshError> {
+        let n = self.topology_node(node)?;
+        let taken: Vec<Ipv4Addr> = self.with_node(node, |m| {
+            m.ztunnel_network
+                .iter()
+                .chain(m.draining.iter().map(|(_, net)| net))
+                .map(|net| net.ip)
+                .collect()
+        })?;
+        let Some(slot) = (0..topology::ZTUNNEL_SLOTS)
+            .find(|&s| !taken.contains(&self.plan.ztunnel_ip(n.index, s)))
+        else {
+            return Err(MeshError::Upgrade {
+                node: node.into(),
+                reason: format!(
+                    "{} ztunnel-rs pods run there already (one still draining)",
+                    taken.len()
+                ),
+            });
+        };
+        let ip = self.plan.ztunnel_ip(n.index, slot);
+        let network = n.add_pod(run, &format!("istio-system.ztunnel-{node}-{slot}"), ip)?;
+        let spec = self.ztunnel_spec(node, slot);
+        match run.spawn(&spec, &network.netns) {
+            Ok(p) => Ok((p, network)),
+            Err(e) => {
+                n.remove_pod(run, &network)?;
+                Err(e.into())
+            }
+        }
     }
 
     /// Starts a node's ztunnel-rs (if it is not running) and waits until it
     /// is ready: it has the control plane's state and the node agent's pods.
     pub fn start_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
         let p = self.launch_ztunnel(run, node)?;
-        self.wait_ztunnel_ready(run, node, &p)
+        self.wait_ztunnel_ready(run, &p)
     }
 
     /// Starts a node's ztunnel-rs (if it is not running) without waiting for
     /// it to be ready, which it may not become on its own (istiod down).
     pub fn launch_ztunnel(&self, run: &Run, node: &str) -> Result<ProcessInfo, MeshError> {
-        let spec = self.ztunnel_spec(node);
-        self.launch_on_node(run, node, spec, |n| &mut n.ztunnel)
+        if let Some(p) = self.with_node(node, |n| n.ztunnel.clone())? {
+            return Ok(p);
+        }
+        let (p, network) = self.spawn_ztunnel(run, node)?;
+        self.with_node(node, |n| {
+            n.ztunnel = Some(p.clone());
+            n.ztunnel_network = Some(network);
+        })?;
+        Ok(p)
     }
 
     /// Kills a node's agent (SIGKILL, as a crash would): its pods, rules and
@@ -462,21 +590,19 @@ impl MeshRuntime {
     }
 
     fn netns_of(&self, node: &str) -> Result<&NetNs, MeshError> {
-        self.node_netns
+        Ok(&self.topology_node(node)?.netns)
+    }
+
+    fn topology_node(&self, node: &str) -> Result<&topology::Node, MeshError> {
+        self.topology_nodes
             .iter()
-            .find(|(n, _)| n == node)
-            .map(|(_, ns)| ns)
+            .find(|n| n.name == node)
             .ok_or_else(|| MeshError::NoNode(node.to_string()))
     }
 
-    fn wait_ztunnel_ready(&self, run: &Run, node: &str, p: &ProcessInfo) -> Result<(), MeshError> {
-        self.wait_http_ready(
-            run,
-            p,
-            self.netns_of(node)?,
-            api::ports::READINESS,
-            "/healthz/ready",
-        )
+    fn wait_ztunnel_ready(&self, run: &Run, p: &ProcessInfo) -> Result<(), MeshError> {
+        let netns = NetNs::named(&p.netns);
+        self.wait_http_ready(run, p, &netns, api::ports::READINESS, "/healthz/ready")
     }
 
     /// Polls `GET path` on the component's loopback `port` until it answers
@@ -548,12 +674,20 @@ impl MeshRuntime {
             .env("RUST_LOG", &self.config.log)
     }
 
-    fn ztunnel_spec(&self, node: &str) -> ProcessSpec {
+    /// ztunnel-rs for `node` in pod slot `slot` (its log file is per slot:
+    /// two run side by side during an upgrade).
+    fn ztunnel_spec(&self, node: &str, slot: usize) -> ProcessSpec {
         let istiod = format!("https://{}:{}", self.istiod_ip, api::ports::ISTIOD_TLS);
-        let mut spec = ProcessSpec::new(format!("ztunnel-{node}"), &self.binaries.ztunnel)
+        let name = match slot {
+            0 => format!("ztunnel-{node}"),
+            _ => format!("ztunnel-{node}-{slot}"),
+        };
+        let mut spec = ProcessSpec::new(&name, &self.binaries.ztunnel)
             .arg("proxy")
             .arg("--node-name")
             .arg(node)
+            .arg("--pod-name")
+            .arg(&name)
             .arg("--xds-address")
             .arg(&istiod)
             .arg("--token-file")

@@ -139,6 +139,14 @@ pub fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     stop_all(std::slice::from_mut(child), grace).pop().flatten()
 }
 
+/// Asks a child's process group to end (SIGTERM) without waiting for it,
+/// as a pod's termination does before its grace period runs out.
+pub fn terminate(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        signal_group(child.id(), Signal::SIGTERM);
+    }
+}
+
 /// Kills a child's process group at once (SIGKILL: no chance to clean up,
 /// as a crash or an OOM kill) and reaps the child.
 pub fn kill(child: &mut Child) -> Option<ExitStatus> {

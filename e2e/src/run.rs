@@ -215,6 +215,14 @@ impl RunHandle {
             .and_then(|mut c| process::stop(&mut c, grace))
     }
 
+    /// Sends SIGTERM to a process this run started and returns at once; the
+    /// run still owns it ([`Run::stop`] reaps it, teardown kills it).
+    pub fn terminate(&self, info: &ProcessInfo) {
+        if let Some(child) = self.lock().children.get_mut(&info.pid) {
+            process::terminate(child);
+        }
+    }
+
     /// Kills a process this run started (SIGKILL to its group, at once).
     pub fn kill(&self, info: &ProcessInfo) -> Option<ExitStatus> {
         self.release(info).and_then(|mut c| process::kill(&mut c))

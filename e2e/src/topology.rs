@@ -84,7 +84,21 @@ impl AddressPlan {
     pub fn pod_gateway(&self, i: usize) -> Ipv4Addr {
         nth(self.pod_range(i), 1)
     }
+
+    /// The address of ztunnel-rs pod `slot` (`0..ZTUNNEL_SLOTS`) on node
+    /// `i`: the top of the node's pod range, which [`PodAddressPool`] never
+    /// hands out. Two slots, because a rolling update (maxSurge 1) runs the
+    /// new ztunnel beside the old one.
+    pub fn ztunnel_ip(&self, i: usize, slot: usize) -> Ipv4Addr {
+        let range = self.pod_range(i);
+        let top = u32::from(range.broadcast()) - u32::from(range.network()) - 1;
+        nth(range, top - slot as u32)
+    }
 }
+
+/// How many ztunnel-rs pods a node can run at once (the old one draining and
+/// the new one), each at [`AddressPlan::ztunnel_ip`].
+pub const ZTUNNEL_SLOTS: usize = 2;
 
 fn nth(net: Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
@@ -105,11 +119,14 @@ impl PodAddressPool {
         }
     }
 
-    /// The lowest free address from `.2` up (`.1` is the gateway).
+    /// The lowest free address from `.2` up (`.1` is the gateway; the
+    /// top [`ZTUNNEL_SLOTS`] are the ztunnel-rs pods').
     pub fn allocate(&mut self) -> Option<Ipv4Addr> {
+        let hosts = self.range.hosts().count();
         let ip = self
             .range
             .hosts()
+            .take(hosts.saturating_sub(ZTUNNEL_SLOTS))
             .skip(1)
             .find(|ip| !self.used.contains(ip))?;
         self.used.insert(ip);
@@ -241,7 +258,26 @@ impl Topology {
         role: &str,
         ip: Ipv4Addr,
     ) -> Result<PodNetwork, TopologyError> {
-        let n = &self.nodes[node];
+        self.nodes[node].add_pod(run, role, ip)
+    }
+
+    /// Removes a pod's veth and namespace.
+    pub fn remove_pod(&self, run: &Run, pod: &PodNetwork) -> Result<(), TopologyError> {
+        self.nodes[pod.node].remove_pod(run, pod)
+    }
+}
+
+impl Node {
+    /// Creates a pod's namespace (role `role` in the run) wired to this
+    /// node with address `ip` (from its [`PodAddressPool`], or a ztunnel
+    /// pod's [`AddressPlan::ztunnel_ip`]).
+    pub fn add_pod(
+        &self,
+        run: &Run,
+        role: &str,
+        ip: Ipv4Addr,
+    ) -> Result<PodNetwork, TopologyError> {
+        let n = self;
         let netns = run.create_netns(role)?;
         let host_veth = format!("veth{}", ip.octets()[3]);
         let wired = n
@@ -271,7 +307,7 @@ impl Topology {
             netns,
             ip,
             gateway: n.pod_gateway,
-            node,
+            node: n.index,
             host_veth,
         })
     }
@@ -282,9 +318,7 @@ impl Topology {
         // asynchronously; deleting the node's end removes the pair now, so
         // the name and address can be reused at once.
         // (It is already gone if the pod's wiring failed half way.)
-        let _ = self.nodes[pod.node]
-            .netns
-            .ip(&["link", "del", &pod.host_veth]);
+        let _ = self.netns.ip(&["link", "del", &pod.host_veth]);
         run.delete_netns(&pod.netns)?;
         Ok(())
     }
@@ -341,9 +375,25 @@ mod tests {
         pool.release(a);
         assert_eq!(pool.allocate(), Some(a));
         let mut n = 2;
-        while pool.allocate().is_some() {
+        let mut last = b;
+        while let Some(ip) = pool.allocate() {
             n += 1;
+            last = ip;
         }
-        assert_eq!(n, 253, ".2 to .254");
+        assert_eq!(n, 251, ".2 to .252: .253 and .254 are the ztunnel pods'");
+        assert_eq!(last, Ipv4Addr::new(10, 244, 1, 252));
+    }
+
+    #[test]
+    fn ztunnel_pods_have_the_top_of_their_node_range() {
+        let plan = AddressPlan::default();
+        let slots: Vec<Ipv4Addr> = (0..ZTUNNEL_SLOTS).map(|s| plan.ztunnel_ip(1, s)).collect();
+        assert_eq!(
+            slots,
+            [
+                Ipv4Addr::new(10, 244, 1, 254),
+                Ipv4Addr::new(10, 244, 1, 253)
+            ]
+        );
     }
 }

@@ -958,8 +958,18 @@ async fn hold(target: &str, duration: Duration, interval: Duration, payload: usi
             stream.read_exact(&mut reply).await
         };
         match tokio::time::timeout(interval.max(Duration::from_secs(5)), round).await {
+            Ok(Ok(_)) if reply != data => {
+                report.ended_at_ms = Some(unix_ms());
+                report.error = Some(format!(
+                    "after {} round trips: the echo differs from the {} bytes sent",
+                    report.exchanges,
+                    data.len()
+                ));
+                return report;
+            }
             Ok(Ok(_)) => {
                 report.exchanges += 1;
+                report.bytes += data.len() as u64;
                 report.connected_at_ms.get_or_insert_with(unix_ms);
             }
             Ok(Err(e)) => {
@@ -1176,6 +1186,7 @@ async fn connect_probe(
         // One at a time: a slow attempt delays the next, never overlaps it.
         next = (next + interval).max(Instant::now());
         let at_ms = unix_ms();
+        let started = Instant::now();
         let round = async {
             let mut s = connect(target).await.map_err(|e| format!("connect: {e}"))?;
             s.write_all(&data)
@@ -1184,11 +1195,17 @@ async fn connect_probe(
             s.read_exact(&mut back)
                 .await
                 .map_err(|e| format!("read echo: {e}"))?;
+            if back != data {
+                return Err("the echo differs from what was sent".to_string());
+            }
             Ok::<(), String>(())
         };
         let result = tokio::time::timeout(timeout, round)
             .await
             .unwrap_or_else(|_| Err(format!("no echo within {timeout:?}")));
+        if result.is_ok() {
+            report.slowest_ms = report.slowest_ms.max(started.elapsed().as_secs_f64() * 1e3);
+        }
         outages.record(at_ms, result);
     }
     outages.report(&mut report, unix_ms());

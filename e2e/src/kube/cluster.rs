@@ -883,6 +883,55 @@ impl Cluster for KubeCluster<'_> {
         }
     }
 
+    /// `kubectl rollout restart` of the ztunnel DaemonSet: its update
+    /// strategy (`maxSurge: 1, maxUnavailable: 0`) starts each node's new
+    /// pod beside the old one, and deletes the old one (which drains within
+    /// its termination grace period) once the new one is Ready, node after
+    /// node. Returns once every node has a Ready ztunnel pod that was not
+    /// there before.
+    fn upgrade_ztunnels(&self) -> Result<(), ClusterError> {
+        let names = |pods: &Value| -> Vec<String> {
+            pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(name_of)
+                .collect()
+        };
+        let before = names(
+            &self
+                .kubectl()
+                .json(&["get", "pods", "-n", SYSTEM_NAMESPACE, "-l", ZTUNNEL])
+                .map_err(KubeMeshError::from)?,
+        );
+        self.kubectl()
+            .run(&[
+                "rollout",
+                "restart",
+                "daemonset/ztunnel",
+                "-n",
+                SYSTEM_NAMESPACE,
+            ])
+            .map_err(KubeMeshError::from)?;
+        let nodes = self.nodes();
+        self.wait(
+            "a new, Ready ztunnel pod on every node",
+            self.config.component * nodes.len().max(1) as u32,
+            |k| {
+                let pods = k.json(&["get", "pods", "-n", SYSTEM_NAMESPACE, "-l", ZTUNNEL])?;
+                let fresh_ready = |node: &String| {
+                    pods["items"].as_array().into_iter().flatten().any(|p| {
+                        !before.contains(&name_of(p))
+                            && p["metadata"]["deletionTimestamp"].is_null()
+                            && p["spec"]["nodeName"] == node.as_str()
+                            && condition(p, "Ready").as_deref() == Some("True")
+                    })
+                };
+                Ok(nodes.iter().all(fresh_ready).then_some(()))
+            },
+        )
+    }
+
     /// istiod-rs: scaled to 1. ztunnel-rs: returns once the DaemonSet's
     /// new pod on the node runs its container. Node agent: kubelet
     /// restarts it on its own; nothing to launch.

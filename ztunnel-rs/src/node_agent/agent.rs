@@ -858,7 +858,10 @@ impl NodeAgent {
         };
         let rules = self.config.redirection.clone();
         netns
-            .run_async(move || iptables::install(&rules))
+            .run_async(move || {
+                migrate_queued_connections();
+                iptables::install(&rules)
+            })
             .await
             .map_err(|e| AgentError::Netns(key.clone(), e))?
             .map_err(|e| AgentError::Rules(key.clone(), e))?;
@@ -1144,5 +1147,29 @@ fn is_this_sandbox(sandbox: &Sandbox, captured: Option<&Captured>, del: &CniPod)
         (Ok(theirs), Some(c)) => theirs == c.netns,
         (Ok(theirs), None) => Netns::open(&sandbox.netns_path).is_ok_and(|ours| ours == theirs),
         (Err(_), _) => true,
+    }
+}
+
+/// Turns on `net.ipv4.tcp_migrate_req` in the pod's network namespace
+/// (must run on a thread inside it): when a ztunnel closes its in-pod
+/// listeners on drain, the connections still queued on them (handshake done,
+/// not yet accepted) move to another listener of the same `SO_REUSEPORT`
+/// group, the new ztunnel's, instead of being reset (Linux 5.14+, see the
+/// kernel's `ip-sysctl` documentation; the setting is per network namespace,
+/// so the node's own does not reach pods). Without it a rolling upgrade can
+/// reset a few new connections; capture still works, so a kernel without
+/// the setting is only warned about, once.
+fn migrate_queued_connections() {
+    const SETTING: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if let Err(error) = std::fs::write(SETTING, "1") {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            warn!(
+                %error,
+                setting = SETTING,
+                "cannot have connections queued on a draining ztunnel's listeners moved to \
+                 its successor's (Linux 5.14+); an upgrade may reset some new connections"
+            )
+        });
     }
 }
