@@ -304,6 +304,14 @@ impl MeshRuntime {
         }
     }
 
+    /// Kills istiod-rs (SIGKILL, as a crash or an OOM kill would: no drain,
+    /// no goodbye to the proxies). The proxies keep what they have.
+    pub fn kill_istiod(&self, run: &Run) {
+        if let Some(p) = self.lock().istiod.take() {
+            run.kill(&p);
+        }
+    }
+
     /// Starts istiod-rs (if it is not running) and waits for `/ready`.
     pub fn start_istiod(&self, run: &Run) -> Result<(), MeshError> {
         if self.lock().istiod.is_some() {
@@ -324,6 +332,14 @@ impl MeshRuntime {
     pub fn stop_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
         if let Some(p) = self.with_node(node, |n| n.ztunnel.take())? {
             run.stop(&p);
+        }
+        Ok(())
+    }
+
+    /// Kills a node's ztunnel-rs (SIGKILL, as a crash would: no drain).
+    pub fn kill_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        if let Some(p) = self.with_node(node, |n| n.ztunnel.take())? {
+            run.kill(&p);
         }
         Ok(())
     }
