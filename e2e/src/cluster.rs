@@ -526,6 +526,14 @@ pub trait Cluster: Send + Sync {
     /// restarted by kubelet at once.
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
 
+    /// Takes a mesh component down as a crash would, with no grace: SIGKILL
+    /// (local cluster); in Kubernetes istiod-rs is scaled to zero and its
+    /// pods deleted with a zero grace period, a node's ztunnel-rs pod is
+    /// deleted with a zero grace period (its DaemonSet starts the next one),
+    /// the node agent's container is killed. [`Cluster::start_component`]
+    /// brings it back.
+    fn crash_component(&self, component: &ProxyRef) -> Result<(), ClusterError>;
+
     /// Brings a stopped mesh component back and returns once it is ready
     /// (istiod: `/ready`; ztunnel: `/healthz/ready`, i.e. it has its xDS
     /// state and its node's pods; node agent: `/readyz`, i.e. it has taken

@@ -1153,6 +1153,22 @@ impl Cluster for ClusterCore {
         Ok(())
     }
 
+    fn crash_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        match component {
+            ProxyRef::Istiod => self.running_mesh()?.kill_istiod(&self.run),
+            ProxyRef::Ztunnel { node } => self.running_mesh()?.kill_ztunnel(&self.run, node)?,
+            ProxyRef::NodeAgent { node } => {
+                self.running_mesh()?.kill_node_agent(&self.run, node)?
+            }
+            ProxyRef::Pod { namespace, name } => {
+                return Err(ClusterError::NotAComponent(format!(
+                    "pod {namespace}/{name}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
         match component {
             ProxyRef::Istiod => self.running_mesh()?.start_istiod(&self.run)?,
@@ -1274,6 +1290,10 @@ impl Cluster for LocalCluster {
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
         self.core.stop_component(component)
+    }
+
+    fn crash_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        self.core.crash_component(component)
     }
 
     fn start_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {

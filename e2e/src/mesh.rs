@@ -317,6 +317,14 @@ impl MeshRuntime {
         }
     }
 
+    /// Kills istiod-rs (SIGKILL, as a crash or an OOM kill would: no drain,
+    /// no goodbye to the proxies). The proxies keep what they have.
+    pub fn kill_istiod(&self, run: &Run) {
+        if let Some(p) = self.lock().istiod.take() {
+            run.kill(&p);
+        }
+    }
+
     /// Starts istiod-rs (if it is not running) and waits for `/ready`.
     pub fn start_istiod(&self, run: &Run) -> Result<(), MeshError> {
         if self.lock().istiod.is_some() {
@@ -336,10 +344,25 @@ impl MeshRuntime {
     /// Stops a node's ztunnel-rs (SIGTERM: it drains, then exits) and
     /// removes its pod network.
     pub fn stop_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        self.end_ztunnel(run, node, false)
+    }
+
+    /// Kills a node's ztunnel-rs (SIGKILL, as a crash would: no drain).
+    pub fn kill_ztunnel(&self, run: &Run, node: &str) -> Result<(), MeshError> {
+        self.end_ztunnel(run, node, true)
+    }
+
+    /// Ends a node's ztunnel-rs (SIGTERM and its drain, or SIGKILL) and
+    /// removes its pod network.
+    fn end_ztunnel(&self, run: &Run, node: &str, kill: bool) -> Result<(), MeshError> {
         let (process, network) =
             self.with_node(node, |n| (n.ztunnel.take(), n.ztunnel_network.take()))?;
         if let Some(p) = process {
-            run.stop(&p);
+            if kill {
+                run.kill(&p);
+            } else {
+                run.stop(&p);
+            }
         }
         if let Some(network) = network {
             self.topology_node(node)?.remove_pod(run, &network)?;

@@ -341,6 +341,8 @@ pub struct CertificateSummary {
     pub serial: String,
     pub valid_from: String,
     pub expires: String,
+    /// Serial numbers of the roots it is verified against.
+    pub roots: Vec<String>,
 }
 
 /// The certificates a node's ztunnel-rs holds, by identity.
@@ -372,12 +374,18 @@ pub fn certificates(
                 .cloned()
                 .unwrap_or_default();
             let leaf = chain.first().cloned().unwrap_or(Value::Null);
+            let roots = entry
+                .get("rootCerts")
+                .and_then(Value::as_array)
+                .map(|roots| roots.iter().map(|r| text(r, "serialNumber")).collect())
+                .unwrap_or_default();
             CertificateSummary {
                 identity: text(entry, "identity"),
                 state: text(entry, "state"),
                 serial: text(&leaf, "serialNumber"),
                 valid_from: text(&leaf, "validFrom"),
                 expires: text(&leaf, "expirationTime"),
+                roots,
             }
         })
         .collect())

@@ -19,6 +19,7 @@ pub mod fixture;
 pub mod istioctl;
 pub mod l4;
 pub mod l7;
+pub mod lifecycle;
 pub mod node_agent;
 pub mod on_demand;
 pub mod policies;

@@ -864,6 +864,30 @@ impl Cluster for KubeCluster<'_> {
         }
     }
 
+    /// istiod-rs: its pods deleted with a zero grace period (SIGKILL, no
+    /// drain), then scaled to zero so none comes back until started.
+    /// ztunnel-rs: the node's pod deleted with a zero grace period. Node
+    /// agent: its container killed, as [`Cluster::stop_component`] does.
+    fn crash_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {
+        let force = ["--grace-period=0", "--force", "--wait=false"];
+        match component {
+            ProxyRef::Istiod => {
+                let mut args = vec!["delete", "pods", "-n", SYSTEM_NAMESPACE, "-l", ISTIOD];
+                args.extend(force);
+                self.kubectl().run(&args).map_err(KubeMeshError::from)?;
+                self.stop_component(component)
+            }
+            ProxyRef::Ztunnel { node } => {
+                let name = self.component_name(ZTUNNEL, Some(node))?;
+                let mut args = vec!["delete", "pod", &name, "-n", SYSTEM_NAMESPACE];
+                args.extend(force);
+                self.kubectl().run(&args).map_err(KubeMeshError::from)?;
+                Ok(())
+            }
+            ProxyRef::NodeAgent { .. } | ProxyRef::Pod { .. } => self.stop_component(component),
+        }
+    }
+
     /// istiod-rs: scaled back to 1, returning once its pod is Ready and
     /// the API server reaches its webhook again (policy writes are
     /// admitted). ztunnel-rs: once the node's (new) pod is Ready. Node
