@@ -7,6 +7,10 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 /// `DATAPLANE_MODE` value on a pod that opts it out.
 pub const DATAPLANE_MODE_NONE: &str = "none";
 
+/// ServiceEntry label: `false` (any case) opts the entry out of VIP
+/// auto-allocation (istio/api `label.NetworkingEnableAutoallocateIp`).
+pub const ENABLE_AUTOALLOCATE_IP: &str = "networking.istio.io/enable-autoallocate-ip";
+
 /// Binds a namespace, service or pod to a waypoint (by Gateway name); `none` unbinds.
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 /// Namespace of the waypoint named by `USE_WAYPOINT`, when not the object's own.

@@ -49,7 +49,8 @@ use crate::ca::impersonation::NodeLookup;
 use crate::ca::service::CertificateService;
 use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
 use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
-use crate::index::{MeshConfig, json};
+use crate::index::{IpAllocator, MeshConfig, json};
+use crate::jwks::JwksConfig;
 use crate::monitoring::{self, DebugAccess, Monitoring, MonitoringConfig, Readiness};
 use crate::pipeline::{self, Debounce, PipelineMetrics};
 use crate::provision::{self, ProvisionConfig, ProvisionMetrics};
@@ -408,7 +409,20 @@ impl App {
 
         let pipeline_metrics = Arc::new(PipelineMetrics::default());
         pipeline_metrics.register(&mut registry);
-        let (outputs, pipeline) = pipeline::spawn(store.clone(), mesh, debounce, pipeline_metrics);
+        // Local mode: the status files are the record of the VIPs given to
+        // ServiceEntries (in Kubernetes, their status is in the store).
+        let allocator = match &status_sink {
+            Some(status::Sink::Directory(d)) => IpAllocator::with_recorded(d.recorded_addresses()),
+            _ => IpAllocator::default(),
+        };
+        let (outputs, pipeline) = pipeline::spawn_with_jwks(
+            store.clone(),
+            mesh,
+            debounce,
+            JwksConfig::default(),
+            allocator,
+            pipeline_metrics,
+        );
         background.push(pipeline);
         // Also with waypoints on demand turned off: its plans are then
         // empty, and what it created before is drained and deleted.

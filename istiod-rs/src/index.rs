@@ -22,6 +22,7 @@
 
 pub mod analysis;
 mod authorization;
+pub mod ip_allocate;
 pub mod json;
 mod l7;
 mod on_demand;
@@ -60,6 +61,7 @@ use api::{labels, type_url};
 
 pub(crate) use authorization::dry_run;
 pub use authorization::validate_authorization_policy;
+pub use ip_allocate::IpAllocator;
 pub use l7::{Attachment, L7Rule, TargetOutcome, TargetRef, UNSERVED_PREFIX};
 pub use on_demand::{OnDemandPlan, OnDemandWaypoint};
 pub use peer_authentication::{
@@ -97,6 +99,10 @@ pub struct MeshConfig {
     /// serves ([`Translation::on_demand`], see `index/on_demand.rs`). On by
     /// default; off, such rules stay unbound (and denied at L4).
     pub on_demand_waypoints: bool,
+    /// Give ServiceEntries without `spec.addresses` VIPs of their own
+    /// (`index/ip_allocate.rs`): upstream's `PILOT_ENABLE_IP_AUTOALLOCATE`,
+    /// on by default as there.
+    pub auto_allocate_ips: bool,
 }
 
 impl Default for MeshConfig {
@@ -109,6 +115,7 @@ impl Default for MeshConfig {
             network: String::new(),
             auto_allow_waypoint_policy: false,
             on_demand_waypoints: true,
+            auto_allocate_ips: true,
         }
     }
 }
@@ -148,6 +155,9 @@ pub struct Translation {
     /// The waypoint Gateways to create on demand (empty when
     /// [`MeshConfig::on_demand_waypoints`] is off).
     pub on_demand: OnDemandPlan,
+    /// The VIPs of the ServiceEntries that have none of their own, as their
+    /// `status.addresses` should carry them.
+    pub allocations: ip_allocate::Allocations,
 }
 
 /// Translates the whole cluster state.
@@ -255,7 +265,22 @@ impl Translator {
         self.reused
     }
 
+    /// Translates with the VIPs the entries' status gives them (and, for
+    /// those it gives none, VIPs allocated as a fresh [`IpAllocator`]
+    /// would).
     pub fn translate(&mut self, state: &ClusterState, mesh: &MeshConfig) -> Translation {
+        let allocations = IpAllocator::default().allocate(state, mesh.auto_allocate_ips);
+        self.translate_allocated(state, mesh, allocations)
+    }
+
+    /// Translates with `allocations` as the VIPs of the ServiceEntries
+    /// without `spec.addresses` (from the [`IpAllocator`] the caller keeps).
+    pub fn translate_allocated(
+        &mut self,
+        state: &ClusterState,
+        mesh: &MeshConfig,
+        allocations: ip_allocate::Allocations,
+    ) -> Translation {
         let mut previous = self
             .previous
             .take()
@@ -300,7 +325,8 @@ impl Translator {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), a));
         }
         let mut services = services::Services::build(state, mesh);
-        let service_entries = service_entries::ServiceEntries::build(state, mesh, &mut problems);
+        let service_entries =
+            service_entries::ServiceEntries::build(state, mesh, &allocations, &mut problems);
         for (key, service) in &service_entries.services {
             // A Kubernetes Service of the same hostname in the namespace
             // wins (it is inserted after).
@@ -534,6 +560,7 @@ impl Translator {
             l7: l7_rules.rules,
             shared_addresses,
             on_demand,
+            allocations,
         }
     }
 }

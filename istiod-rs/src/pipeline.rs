@@ -11,7 +11,9 @@
 //! status writer, which runs on its own task, and so is the plan of the
 //! waypoints to create on demand, for `provision::on_demand`. The JWKS fetcher
 //! ([`crate::jwks`]) runs on the same task and writes what it fetched into
-//! the store, which triggers a build like any other change.
+//! the store, which triggers a build like any other change. The allocator
+//! of ServiceEntry VIPs (`index/ip_allocate.rs`) runs before each
+//! translation and is kept from one build to the next.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::index::{MeshConfig, OnDemandPlan, PolicyProblem, Translator};
+use crate::index::{IpAllocator, MeshConfig, OnDemandPlan, PolicyProblem, Translator};
 use crate::jwks::{self, JwksClient, JwksConfig, JwksMetrics};
 use crate::snapshot::Snapshot;
 use crate::state::Store;
@@ -146,15 +148,25 @@ pub fn spawn(
     debounce: Debounce,
     metrics: Arc<PipelineMetrics>,
 ) -> (Outputs, tokio::task::JoinHandle<()>) {
-    spawn_with_jwks(store, mesh, debounce, JwksConfig::default(), metrics)
+    spawn_with_jwks(
+        store,
+        mesh,
+        debounce,
+        JwksConfig::default(),
+        IpAllocator::default(),
+        metrics,
+    )
 }
 
-/// [`spawn`], with how JWKS are fetched and refreshed.
+/// [`spawn`], with how JWKS are fetched and refreshed, and the allocator of
+/// ServiceEntry VIPs (seeded with what a previous run recorded, where the
+/// cluster state does not carry it).
 pub fn spawn_with_jwks(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
     config: JwksConfig,
+    allocator: IpAllocator,
     metrics: Arc<PipelineMetrics>,
 ) -> (Outputs, tokio::task::JoinHandle<()>) {
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
@@ -167,15 +179,12 @@ pub fn spawn_with_jwks(
         config,
         metrics.jwks.clone(),
     );
-    let pipeline = run(
-        store,
-        mesh,
-        debounce,
-        snapshots_tx,
-        statuses_tx,
-        on_demand_tx,
-        metrics,
-    );
+    let senders = Senders {
+        publish: snapshots_tx,
+        statuses: statuses_tx,
+        on_demand: on_demand_tx,
+    };
+    let pipeline = run(store, mesh, debounce, allocator, senders, metrics);
     let task = tokio::spawn(async move {
         tokio::select! {
             () = pipeline => {}
@@ -192,16 +201,27 @@ pub fn spawn_with_jwks(
     )
 }
 
+/// Where each build's results go (the other ends are [`Outputs`]).
+pub struct Senders {
+    pub publish: watch::Sender<Arc<Snapshot>>,
+    pub statuses: watch::Sender<Arc<Statuses>>,
+    pub on_demand: watch::Sender<Option<Arc<OnDemandPlan>>>,
+}
+
 /// Runs until the store or every snapshot receiver is gone.
 pub async fn run(
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Debounce,
-    publish: watch::Sender<Arc<Snapshot>>,
-    statuses: watch::Sender<Arc<Statuses>>,
-    on_demand: watch::Sender<Option<Arc<OnDemandPlan>>>,
+    mut allocator: IpAllocator,
+    senders: Senders,
     metrics: Arc<PipelineMetrics>,
 ) {
+    let Senders {
+        publish,
+        statuses,
+        on_demand,
+    } = senders;
     let mut synced = store.synced();
     if synced.wait_for(|s| *s).await.is_err() {
         return;
@@ -227,21 +247,25 @@ pub async fn run(
         let started = Instant::now();
         let (state_store, state_mesh) = (store.clone(), mesh.clone());
         let mut moved = std::mem::take(&mut translator);
+        let mut moved_allocator = std::mem::take(&mut allocator);
         let (translation, desired) = match tokio::task::spawn_blocking(move || {
             let state = state_store.read();
-            let t = moved.translate(&state, &state_mesh);
+            let allocations = moved_allocator.allocate(&state, state_mesh.auto_allocate_ips);
+            let t = moved.translate_allocated(&state, &state_mesh, allocations);
             let desired = status::desired(&state, &t);
-            (moved, t, desired)
+            (moved, moved_allocator, t, desired)
         })
         .await
         {
-            Ok((back, t, desired)) => {
+            Ok((back, back_allocator, t, desired)) => {
                 translator = back;
+                allocator = back_allocator;
                 (t, desired)
             }
             Err(e) => {
                 // The translator's cache went with the failed task; the
-                // next translation starts from scratch.
+                // next translation starts from scratch, and the allocator
+                // from the entries' status.
                 warn!(error = %e, "translation failed; keeping the last snapshot");
                 continue;
             }

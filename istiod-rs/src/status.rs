@@ -10,6 +10,7 @@
 //! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
 //! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
 //! | DestinationRule, VirtualService | `WaypointAccepted` (Accepted; PartiallyInvalid or Invalid with the fields the waypoint does not honour) |
+//! | ServiceEntry given VIPs (`index/ip_allocate.rs`) | `status.addresses` (`{host, value}` per VIP); its conditions are not istiod-rs's |
 //!
 //! Ours, not upstream's: an AuthorizationPolicy with HTTP attributes or a
 //! RequestAuthentication attached by selector or namespace is enforced by
@@ -19,7 +20,8 @@
 //! each unserved part while its L4 form stands in for it there.
 //!
 //! A [`Sink`] writes them: through the Kubernetes status subresource with
-//! server-side apply ([`kube`]), or in local mode as one YAML file per object
+//! server-side apply ([`kube`]; a ServiceEntry's addresses with a JSON
+//! patch, as upstream), or in local mode as one YAML file per object
 //! under `<config-dir>/generated/status/` ([`directory`]). [`spawn`] runs the
 //! writer on its own task, fed by a watch channel the pipeline only ever
 //! replaces: a slow or failing API server never holds up the xDS pipeline.
@@ -33,6 +35,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use api::crd::service_entry::ServiceEntryAddress;
 use api::manifest::{Kind, ObjectKey};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -138,6 +141,9 @@ pub enum ObjectStatus {
     /// Routes: the `status.parents[]` entries of [`ROUTE_CONTROLLER`]
     /// (none: any left from before are removed).
     Parents(Vec<RouteParent>),
+    /// ServiceEntries given VIPs (`index/ip_allocate.rs`): the whole of
+    /// `status.addresses`.
+    Addresses(Vec<ServiceEntryAddress>),
 }
 
 /// What istiod-rs owns in the status of every object it reads.
@@ -246,6 +252,13 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
         };
         let condition = translation_condition(generation, used.contains(&object), &problems);
         put(kind, key, ObjectStatus::Conditions(vec![condition]));
+    }
+    for (key, addresses) in &translation.allocations {
+        put(
+            Kind::ServiceEntry,
+            key,
+            ObjectStatus::Addresses(addresses.clone()),
+        );
     }
     out
 }
@@ -656,6 +669,14 @@ pub fn owned(kind: Kind, status: Option<&Value>) -> ObjectStatus {
             .cloned()
             .unwrap_or_default()
     };
+    if kind == Kind::ServiceEntry {
+        let addresses = status
+            .and_then(|s| s.get("addresses"))
+            .cloned()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        return ObjectStatus::Addresses(addresses);
+    }
     if matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) {
         let parents = list("parents")
             .iter()
@@ -742,6 +763,7 @@ pub fn status_json(status: &ObjectStatus, live: Option<&Value>, times: Times<'_>
             all.extend(parents.iter().map(|p| parent_json(p, times)));
             json!({ "parents": all })
         }
+        ObjectStatus::Addresses(addresses) => json!({ "addresses": addresses }),
     }
 }
 

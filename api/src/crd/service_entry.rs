@@ -167,7 +167,9 @@ pub struct ServiceEntryStatus {
     pub addresses: Vec<ServiceEntryAddress>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+// An address the control plane allocated to one host (upstream's
+// `ServiceEntryAddress`); no doc comment: it would change the CRD schema.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ServiceEntryAddress {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub value: String,
@@ -236,6 +238,37 @@ pub struct WorkloadEntryStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_addresses_decode_strictly() {
+        let entry = |address: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+                 metadata: {{name: ext, namespace: shop}}\nspec: {{hosts: [a.example.com]}}\n\
+                 status: {{addresses: [{address}]}}\n"
+            )
+        };
+        let m =
+            crate::manifest::parse(&entry("{host: a.example.com, value: 240.240.0.1}")).unwrap();
+        let crate::manifest::Object::ServiceEntry(se) = &m.objects[0] else {
+            panic!("{:?}", m.objects);
+        };
+        assert_eq!(
+            se.status.as_ref().unwrap().addresses,
+            [ServiceEntryAddress {
+                value: "240.240.0.1".into(),
+                host: "a.example.com".into()
+            }]
+        );
+        let m = crate::manifest::parse(&entry("{host: a.example.com, ip: 240.240.0.1}")).unwrap();
+        assert!(m.objects.is_empty(), "{:?}", m.objects);
+        match &m.refused[..] {
+            [crate::manifest::Refused::UnknownFields { fields, .. }] => {
+                assert_eq!(fields, &["status.addresses[0].ip"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn upstream_enum_values_decode_and_unknown_ones_are_kept() {

@@ -51,6 +51,10 @@ pub fn all() -> Vec<Scenario> {
             name: "service_entry_dns_endpoint_resolved_by_ztunnel",
             run: dns_endpoint_resolved,
         },
+        Scenario {
+            name: "service_entry_auto_allocated_vip_resolved_and_reached",
+            run: auto_allocated_vip_reached,
+        },
     ]
 }
 
@@ -240,6 +244,102 @@ fn dns_endpoint_resolved(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String,
         Ok(format!(
             "{what}: {DNS_ENTRY_HOST} -> {DNS_ENTRY_VIP}, {DNS_ENDPOINT} resolved from the pod -> {}, answered by {}; {lookups} on-demand lookups counted",
             server.ip, answered.pod
+        ))
+    })();
+    let _ = cluster.delete_yaml(&yaml);
+    result
+}
+
+/// The ServiceEntry without addresses of [`auto_allocated_vip_reached`].
+const AUTO_NAME: &str = "echo-auto";
+const AUTO_HOST: &str = "echo-auto.mesh.test";
+const AUTO_PORT: u16 = 9103;
+
+/// A ServiceEntry selecting the server pods, with no `addresses`: istiod-rs
+/// gives its host VIPs (`istiod-rs/src/index/ip_allocate.rs`).
+fn auto_entry_yaml() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {AUTO_NAME}\n  namespace: {AMBIENT_NS}\n\
+         spec:\n  hosts: [{AUTO_HOST}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  \
+         ports:\n  - {{number: {AUTO_PORT}, name: hello, protocol: TCP, targetPort: {ECHO_HELLO}}}\n  \
+         workloadSelector:\n    labels:\n      app: server\n"
+    )
+}
+
+/// The IPv4 VIP of [`AUTO_HOST`] in the entry's `status.addresses`, once
+/// istiod-rs wrote one of 240.240.0.0/16.
+fn allocated_vip(cluster: &dyn Cluster) -> Result<Result<String, String>, ProbeError> {
+    let status = cluster.object_status("ServiceEntry", AMBIENT_NS, AUTO_NAME)?;
+    let v4 = status
+        .as_ref()
+        .and_then(|s| s.get("addresses"))
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.get("host").and_then(|h| h.as_str()) == Some(AUTO_HOST))
+        .filter_map(|a| a.get("value")?.as_str()?.parse::<std::net::Ipv4Addr>().ok())
+        .find(|ip| ip.octets()[..2] == [240, 240]);
+    Ok(v4
+        .map(|ip| ip.to_string())
+        .ok_or_else(|| format!("no IPv4 VIP of 240.240.0.0/16 in its status: {status:?}")))
+}
+
+/// A ServiceEntry without addresses gets a VIP of 240.240.0.0/16 in its
+/// status; a client resolves the host through ztunnel-rs's DNS proxy to
+/// that VIP and connects to it; a server pod answers, through ztunnel.
+fn auto_allocated_vip_reached(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeError> {
+    let yaml = auto_entry_yaml();
+    cluster.apply_yaml(&yaml)?;
+    let result = (|| {
+        let client = &f.clients[0];
+        let what = format!("ServiceEntry {AMBIENT_NS}/{AUTO_NAME}");
+        let vip = eventually(&what, CHANGE_TIMEOUT, || allocated_vip(cluster))?;
+        // Any destination off the pod is captured: the query goes to the
+        // DNS proxy whatever server it is addressed to.
+        let server = format!("{}:53", f.service_vip);
+        let port = AUTO_PORT.to_string();
+        let args: Vec<String> = [
+            "dns",
+            AUTO_HOST,
+            "--server",
+            &server,
+            "--connect-port",
+            &port,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let what = format!(
+            "{} resolving {AUTO_HOST:?} and connecting",
+            pod_name(client)
+        );
+        let report = eventually(&what, CHANGE_TIMEOUT, || {
+            let report: crate::apps::DnsReport =
+                probe::client(cluster, client, &args, Duration::from_secs(30))?;
+            let answered = report
+                .connection
+                .as_ref()
+                .filter(|c| c.ok)
+                .and_then(|c| c.hello.as_ref());
+            Ok(match answered {
+                Some(_) if report.addresses == [vip.clone()] && report.authoritative => Ok(report),
+                _ => Err(format!(
+                    "want {vip} (authoritative) and an answer, got {report:?}"
+                )),
+            })
+        })?;
+        let connection = report.connection.as_ref().expect("checked above");
+        let hello = connection.hello.as_ref().expect("checked above");
+        let servers: Vec<&str> = f.servers.iter().map(|s| s.name.as_str()).collect();
+        if !servers.contains(&hello.pod.as_str()) || !probe::saw_caller(connection, client) {
+            return Err(failed(
+                &what,
+                format!("want a server seeing {}, got {hello:?}", client.ip),
+            ));
+        }
+        Ok(format!(
+            "{what}: status VIP {vip}, resolved to it by the DNS proxy, answered by {}",
+            hello.pod
         ))
     })();
     let _ = cluster.delete_yaml(&yaml);

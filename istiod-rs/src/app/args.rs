@@ -230,6 +230,19 @@ pub struct Args {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub auto_allow_waypoint_policy: bool,
+    /// Give each ServiceEntry without `spec.addresses` (resolution other than
+    /// NONE, not labelled networking.istio.io/enable-autoallocate-ip=false)
+    /// one IPv4 VIP of 240.240.0.0/16 and one IPv6 VIP of 2001:2::/48 per
+    /// host, recorded in its status.addresses. On by default, as upstream
+    /// istiod's variable of the same name.
+    #[arg(
+        long,
+        env = "PILOT_ENABLE_IP_AUTOALLOCATE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub enable_ip_autoallocate: bool,
     /// istiod-rs's own namespace: its serving identity and DNS names
     /// (`istiod.<ns>.svc`) derive from it.
     #[arg(long, env = "POD_NAMESPACE", default_value = api::labels::DEFAULT_ROOT_NAMESPACE)]
@@ -469,6 +482,7 @@ impl Args {
             auto_allow_waypoint_policy: self.auto_allow_waypoint_policy,
             // Nobody would run the waypoints it creates.
             on_demand_waypoints: self.on_demand_waypoints && self.provision_waypoints,
+            auto_allocate_ips: self.enable_ip_autoallocate,
         };
         Ok(AppConfig {
             source,
@@ -776,6 +790,17 @@ mod tests {
             .into_config()
             .unwrap();
         assert!(config.mesh.auto_allow_waypoint_policy);
+    }
+
+    #[test]
+    fn ip_autoallocation_is_on_unless_turned_off() {
+        let config = args(&[]).unwrap().into_config().unwrap();
+        assert!(config.mesh.auto_allocate_ips);
+        let config = args(&["--enable-ip-autoallocate", "false"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(!config.mesh.auto_allocate_ips);
     }
 
     #[test]

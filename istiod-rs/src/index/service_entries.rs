@@ -7,9 +7,12 @@
 //!
 //! - One Service per host, key `<se ns>/<host>`, name and namespace the
 //!   ServiceEntry's, VIPs from `addresses`, ports `number` -> `targetPort`
-//!   (the number when unset), `subjectAltNames` carried. No auto-allocated
-//!   VIPs: upstream takes them from `status.addresses`, written by its IP
-//!   allocation controller, which istiod-rs does not run.
+//!   (the number when unset), `subjectAltNames` carried. An entry without
+//!   `addresses` gets, per host, the VIPs allocated to that host
+//!   (`index/ip_allocate.rs`, written to its `status.addresses`), as
+//!   upstream's `constructServiceEntries`; none for `resolution: NONE`,
+//!   wildcard hosts, or an entry labelled
+//!   `networking.istio.io/enable-autoallocate-ip: "false"`.
 //! - Inline `endpoints`: one workload each, uid
 //!   `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
 //!   backing every host; an address that is not an IP is the workload's
@@ -46,6 +49,7 @@ use api::workload::{
     WorkloadType,
 };
 
+use super::ip_allocate::{Allocations, status_addresses};
 use super::selectors::{Labels, labels_of, subset_of};
 use super::{Effect, MeshConfig, PolicyProblem, PolicyRef};
 use crate::state::ClusterState;
@@ -86,6 +90,7 @@ impl<'a> ServiceEntries<'a> {
     pub fn build(
         state: &'a ClusterState,
         mesh: &MeshConfig,
+        allocations: &Allocations,
         problems: &mut Vec<PolicyProblem>,
     ) -> Self {
         let mut out = ServiceEntries::default();
@@ -100,15 +105,25 @@ impl<'a> ServiceEntries<'a> {
                 .iter()
                 .map(|h| format!("{namespace}/{h}"))
                 .collect();
+            let allocated = allocations
+                .get(key)
+                .map(|a| status_addresses(a))
+                .unwrap_or_default();
             for (host, svc_key) in spec.hosts.iter().zip(&keys) {
+                // Only an entry without addresses of its own has allocated
+                // ones (upstream's constructServiceEntries: per host).
+                let vips = if entry.vips.is_empty() {
+                    allocated.get(host.as_str()).map_or(&[][..], Vec::as_slice)
+                } else {
+                    entry.vips.as_slice()
+                };
                 out.services.push((
                     svc_key.clone(),
                     api::workload::Service {
                         name: key.name.clone(),
                         namespace: namespace.to_string(),
                         hostname: host.clone(),
-                        addresses: entry
-                            .vips
+                        addresses: vips
                             .iter()
                             .map(|ip| NetworkAddress {
                                 network: mesh.network.clone(),
@@ -333,7 +348,7 @@ fn read(key: &ObjectKey, se: &ServiceEntry, problems: &mut Vec<PolicyProblem>) -
 }
 
 /// An address, or a CIDR covering one address.
-fn single_address(text: &str) -> Option<IpAddr> {
+pub(super) fn single_address(text: &str) -> Option<IpAddr> {
     match text.split_once('/') {
         None => text.parse().ok(),
         Some((ip, len)) => {
@@ -477,6 +492,51 @@ mod tests {
             serde_json::json!({"shop/api.example.com": [{"servicePort": 80, "targetPort": 80}]})
         );
         assert_eq!(pod_services(&mut t, &without), serde_json::Value::Null);
+    }
+
+    /// The VIPs of each service of the translation, by key.
+    fn vips(s: &ClusterState, mesh: &MeshConfig) -> BTreeMap<String, serde_json::Value> {
+        let json = snapshot_json(&Translator::default().translate(s, mesh).snapshot);
+        json["services"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v["addresses"].clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_entry_without_addresses_serves_the_vips_allocated_to_each_host() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+            metadata: {name: ext, namespace: shop}\n\
+            spec: {hosts: [a.example.com, b.example.com], resolution: DNS}\n\
+            status: {addresses: [{host: b.example.com, value: 240.240.0.7}]}\n\
+            ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+            metadata: {name: own, namespace: shop}\n\
+            spec: {hosts: [c.example.com], resolution: DNS, addresses: [10.9.0.1]}\n";
+        let s = state(text);
+        let addresses = |ips: &[&str]| {
+            serde_json::Value::Array(
+                ips.iter()
+                    .map(|ip| serde_json::json!({"address": ip}))
+                    .collect(),
+            )
+        };
+        let got = vips(&s, &MeshConfig::default());
+        assert_eq!(
+            got["shop/a.example.com"],
+            addresses(&["240.240.0.1", "2001:2::1"])
+        );
+        assert_eq!(got["shop/b.example.com"], addresses(&["240.240.0.7"]));
+        assert_eq!(got["shop/c.example.com"], addresses(&["10.9.0.1"]));
+        // Turned off: the status is not used either, as upstream.
+        let off = MeshConfig {
+            auto_allocate_ips: false,
+            ..MeshConfig::default()
+        };
+        let got = vips(&s, &off);
+        assert_eq!(got["shop/b.example.com"], serde_json::Value::Null);
+        assert_eq!(got["shop/c.example.com"], addresses(&["10.9.0.1"]));
     }
 
     #[test]

@@ -4,12 +4,18 @@
 //! its `status` (no lastTransitionTime: a file changes only when the status
 //! does). Files are replaced atomically (written beside, then renamed) and
 //! removed when their object goes. The directory source never reads this
-//! tree back as cluster state ([`api::manifest::STATUS_DIR`]).
+//! tree back as cluster state ([`api::manifest::STATUS_DIR`]); istiod-rs
+//! reads back only the ServiceEntries' `status.addresses` at start, so that
+//! their VIPs survive a restart ([`DirectoryStatus::recorded_addresses`]).
 
 use std::path::{Path, PathBuf};
 
+use api::crd::service_entry::ServiceEntryAddress;
 use api::manifest::{Kind, ObjectKey, STATUS_DIR};
 use serde_json::json;
+use tracing::warn;
+
+use crate::index::ip_allocate::Allocations;
 
 use super::{ObjectStatus, StatusError, Statuses, status_json};
 use crate::index::PolicyRef;
@@ -54,6 +60,50 @@ impl DirectoryStatus {
         Ok(true)
     }
 
+    /// The `status.addresses` of each ServiceEntry's file: the VIPs a
+    /// previous run gave it (the directory source does not read this tree
+    /// back, so these files are the record). A file that cannot be read is
+    /// skipped: its entry then gets addresses anew.
+    pub fn recorded_addresses(&self) -> Allocations {
+        let mut out = Allocations::new();
+        let dir = self.root.join(Kind::ServiceEntry.as_str());
+        for namespace in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Some(ns) = namespace.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            for file in std::fs::read_dir(namespace.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = file.path();
+                let Some(name) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".yaml"))
+                    .filter(|n| !n.starts_with('.'))
+                else {
+                    continue;
+                };
+                let read = std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        serde_saphyr::from_str::<RecordedStatus>(&text).map_err(|e| e.to_string())
+                    });
+                match read {
+                    Ok(r) if !r.status.addresses.is_empty() => {
+                        out.insert(ObjectKey::new(ns.clone(), name), r.status.addresses);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "unreadable ServiceEntry status file: its addresses are allocated anew");
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Removes the files of objects that are gone.
     pub(super) fn retain(&mut self, statuses: &Statuses) -> Vec<StatusError> {
         let mut errors = Vec::new();
@@ -92,6 +142,19 @@ impl DirectoryStatus {
         }
         errors
     }
+}
+
+/// What [`DirectoryStatus::recorded_addresses`] reads of a status file.
+#[derive(serde::Deserialize)]
+struct RecordedStatus {
+    #[serde(default)]
+    status: RecordedAddresses,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct RecordedAddresses {
+    #[serde(default)]
+    addresses: Vec<ServiceEntryAddress>,
 }
 
 fn render(object: &PolicyRef, status: &ObjectStatus) -> Result<String, StatusError> {

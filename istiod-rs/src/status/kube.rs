@@ -1,6 +1,7 @@
 //! Kubernetes mode: statuses written through each object's status
 //! subresource with server-side apply, field manager [`FIELD_MANAGER`],
-//! forced (istiod-rs owns these conditions).
+//! forced (istiod-rs owns these conditions); a ServiceEntry's
+//! `status.addresses` with a JSON patch instead ([`addresses_patch`]).
 //!
 //! The object as the watchers last saw it (in the [`Store`]) says what it
 //! carries: nothing is written when istiod-rs's part already equals the
@@ -13,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use api::crd::service_entry::ServiceEntryAddress;
 use api::manifest::Kind;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, Client};
@@ -74,6 +76,17 @@ impl KubeStatus {
             // Written; the watch has not brought the new version back yet.
             return Ok(false);
         }
+        if let ObjectStatus::Addresses(addresses) = status {
+            return self
+                .patch_addresses(object, live.status.as_ref(), addresses)
+                .await
+                .inspect(|&written| {
+                    if written {
+                        self.written
+                            .insert(object.clone(), (status.clone(), live.resource_version));
+                    }
+                });
+        }
         let now = (self.clock)();
         let times = |parent: Option<&TargetRef>, c: &Condition| {
             Some(transition_time(live.status.as_ref(), parent, c).unwrap_or_else(|| now.clone()))
@@ -110,10 +123,72 @@ impl KubeStatus {
         Ok(true)
     }
 
+    /// Replaces a ServiceEntry's `status.addresses` with a JSON patch, as
+    /// upstream's `statusPatchForAddresses` (istio/istio
+    /// pilot/pkg/controllers/ipallocate/ipallocate.go): `test` that the
+    /// addresses are still those the store shows, then `replace` them; or
+    /// `add` them (and `status` when there is none). A test that fails (the
+    /// object changed meanwhile) is an error, retried once the watch brought
+    /// the new version. True when a write was made.
+    async fn patch_addresses(
+        &self,
+        object: &PolicyRef,
+        live: Option<&Value>,
+        addresses: &[ServiceEntryAddress],
+    ) -> Result<bool, StatusError> {
+        let operations = addresses_patch(live, addresses);
+        let patch: json_patch::Patch =
+            serde_json::from_value(operations).map_err(|e| StatusError::Encode {
+                object: object.clone(),
+                reason: e.to_string(),
+            })?;
+        let (group, plural) = resource(object.kind);
+        let gvk = GroupVersionKind::gvk(group, "v1", object.kind.as_str());
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &object.key.namespace,
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        );
+        match api
+            .patch_status(
+                &object.key.name,
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if crate::state::kube::is_not_found(&e) => Ok(false),
+            Err(source) => Err(StatusError::Kube {
+                object: object.clone(),
+                source,
+            }),
+        }
+    }
+
     /// Forgets objects that are gone (their status went with them).
     pub(super) fn retain(&mut self, statuses: &Statuses) {
         self.written
             .retain(|object, _| statuses.contains_key(object));
+    }
+}
+
+/// The JSON patch that brings `status.addresses` from what `live` (the
+/// object's `status`) carries to `addresses`.
+pub(crate) fn addresses_patch(live: Option<&Value>, addresses: &[ServiceEntryAddress]) -> Value {
+    match live {
+        Some(status) if status.get("addresses").is_some() => json!([
+            {"op": "test", "path": "/status/addresses", "value": status["addresses"]},
+            {"op": "replace", "path": "/status/addresses", "value": addresses},
+        ]),
+        // No test of the whole status: other writers' fields would have to
+        // read back exactly as this version decodes them.
+        Some(status) if status.is_object() => json!([
+            {"op": "add", "path": "/status/addresses", "value": addresses},
+        ]),
+        _ => json!([
+            {"op": "add", "path": "/status", "value": {"addresses": addresses}},
+        ]),
     }
 }
 
@@ -127,6 +202,7 @@ fn resource(kind: Kind) -> (&'static str, &'static str) {
         Kind::GrpcRoute => "grpcroutes",
         Kind::DestinationRule => "destinationrules",
         Kind::VirtualService => "virtualservices",
+        Kind::ServiceEntry => "serviceentries",
         // desired() writes no other kind.
         other => unreachable!("no status is written on {other}"),
     };
@@ -168,6 +244,10 @@ fn live(state: &ClusterState, object: &PolicyRef) -> Option<Live> {
             .map(|o| of(&o.metadata, &o.status)),
         Kind::VirtualService => state
             .virtual_services
+            .get(key)
+            .map(|o| of(&o.metadata, &o.status)),
+        Kind::ServiceEntry => state
+            .service_entries
             .get(key)
             .map(|o| of(&o.metadata, &o.status)),
         _ => None,

@@ -951,3 +951,125 @@ async fn wait_for(mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+const ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fresh, namespace: shop, resourceVersion: "3", creationTimestamp: "2024-01-02T00:00:00Z"}
+spec: {hosts: [fresh.example.com], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: renamed, namespace: shop, resourceVersion: "4", creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {hosts: [new.example.com], resolution: DNS}
+status:
+  conditions:
+  - {type: Reconciled, status: "True", reason: Done, message: another controller's}
+  addresses:
+  - {host: old.example.com, value: 240.240.0.9}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: shop}
+spec: {hosts: [p.example.com], resolution: NONE}
+"#;
+
+#[tokio::test]
+async fn service_entry_vips_are_json_patched_into_status_addresses() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(ENTRIES);
+    assert!(!statuses.contains_key(&object(Kind::ServiceEntry, "passthrough")));
+    let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
+    // The older entry is given addresses first; the host it no longer has
+    // loses its address.
+    let expected = [
+        (
+            "renamed",
+            json!([
+                {"op": "test", "path": "/status/addresses", "value": [{"host": "old.example.com", "value": "240.240.0.9"}]},
+                {"op": "replace", "path": "/status/addresses", "value": [
+                    {"host": "new.example.com", "value": "240.240.0.1"},
+                    {"host": "new.example.com", "value": "2001:2::1"},
+                ]},
+            ]),
+        ),
+        (
+            "fresh",
+            json!([
+                {"op": "add", "path": "/status", "value": {"addresses": [
+                    {"host": "fresh.example.com", "value": "240.240.0.2"},
+                    {"host": "fresh.example.com", "value": "2001:2::2"},
+                ]}},
+            ]),
+        ),
+    ];
+    for (name, patch) in expected {
+        let entry = object(Kind::ServiceEntry, name);
+        let status = statuses[&entry].clone();
+        let write =
+            tokio::spawn(async move { sink.apply(&entry, &status).await.map(|w| (sink, w)) });
+        let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert_eq!(
+            path,
+            format!("/apis/networking.istio.io/v1/namespaces/shop/serviceentries/{name}/status")
+        );
+        assert!(query.is_empty(), "{query:?}");
+        assert_eq!(content_type, "application/json-patch+json");
+        assert_eq!(body, patch, "{name}");
+        respond.send_response(ok(&json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": "shop"},
+        })));
+        let (back, written) = write.await.unwrap().unwrap();
+        assert!(written);
+        sink = back;
+    }
+}
+
+#[tokio::test]
+async fn local_service_entry_vips_are_status_files_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (_, statuses) = cluster(ENTRIES);
+    let mut sink = DirectoryStatus::new(root);
+    for (object, status) in statuses
+        .iter()
+        .filter(|(o, _)| o.kind == Kind::ServiceEntry)
+    {
+        assert!(sink.apply(object, status).unwrap());
+    }
+    let text = std::fs::read_to_string(root.join("generated/status/ServiceEntry/shop/fresh.yaml"))
+        .unwrap();
+    let yaml: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(
+        yaml["status"],
+        json!({"addresses": [
+            {"host": "fresh.example.com", "value": "240.240.0.2"},
+            {"host": "fresh.example.com", "value": "2001:2::2"},
+        ]})
+    );
+    // A new run: the entries carry no status (the directory source does not
+    // read it back), an entry older than both is added; each keeps its VIPs.
+    let recorded = sink.recorded_addresses();
+    assert_eq!(recorded.len(), 2);
+    let restarted = format!(
+        "{}---\n{}",
+        ENTRIES.replace("status:\n  conditions:\n  - {type: Reconciled, status: \"True\", reason: Done, message: another controller's}\n  addresses:\n  - {host: old.example.com, value: 240.240.0.9}\n", ""),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: oldest, namespace: shop, creationTimestamp: \"2023-01-01T00:00:00Z\"}\n\
+         spec: {hosts: [oldest.example.com], resolution: STATIC}\n"
+    );
+    let state = ClusterState::from_objects(objects(&restarted));
+    assert!(state.service_entries.values().all(|se| se.status.is_none()));
+    let mut allocator = index::IpAllocator::with_recorded(recorded.clone());
+    let allocations = allocator.allocate(&state, true);
+    for (key, addresses) in &recorded {
+        assert_eq!(&allocations[key], addresses, "{key:?}");
+    }
+    assert_eq!(
+        allocations[&ObjectKey::new("shop", "oldest")][0].value,
+        "240.240.0.3"
+    );
+}
