@@ -753,7 +753,16 @@ pub fn hints(cluster: &LocalCluster, pods: &DemoPods) -> String {
     let client_bin = crate::binaries::Binaries::default().path("client");
     let nodes = cluster.nodes();
     let node = nodes.first().cloned().unwrap_or_default();
-    let node_ns = run.netns_name(&node);
+    // ztunnel-rs runs in a pod network of its own on each node, as the
+    // DaemonSet's pod (no hostNetwork).
+    let ztunnel_ns = |n: &str| {
+        cluster
+            .mesh()
+            .and_then(|m| m.ztunnel_netns(n).ok().flatten())
+            .map(|ns| ns.name().to_string())
+            .unwrap_or_else(|| run.netns_name(n))
+    };
+    let node_ns = ztunnel_ns(&node);
     let cp_ns = run.netns_name("control-plane");
     let pod = &pods.clients[0];
     let pod_ns = run.netns_name(&format!("{}.{}", pod.namespace, pod.name));
@@ -778,7 +787,7 @@ pub fn hints(cluster: &LocalCluster, pods: &DemoPods) -> String {
         nodes
             .iter()
             .skip(1)
-            .map(|n| run.netns_name(n))
+            .map(|n| ztunnel_ns(n.as_str()))
             .collect::<Vec<_>>()
             .join(", "),
         client_bin.display(),

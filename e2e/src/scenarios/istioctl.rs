@@ -309,7 +309,7 @@ fn ztunnel_config(cluster: &dyn Cluster, f: &L4Fixture) -> Result<String, ProbeE
 }
 
 /// `proxy-status` against istiod-rs: upstream's leading columns, one
-/// `ztunnel.istio-system` row per node, every one in sync (the mesh is idle
+/// `ztunnel<...>.istio-system` row per node (its pod name), every one in sync (the mesh is idle
 /// between scenarios, so each ztunnel catches up); `-o json` lists them
 /// in sync, with their nodes.
 /// The nodes whose ztunnel is in sync in `istioctl-rs ps -o json`
@@ -344,7 +344,11 @@ fn proxy_status(cluster: &dyn Cluster, _f: &L4Fixture) -> Result<String, ProbeEr
             let (_, rows) = table(&text);
             let ztunnels: Vec<_> = rows
                 .iter()
-                .filter(|r| r.first() == Some(&"ztunnel.istio-system"))
+                .filter(|r| {
+                    r.first().is_some_and(|name| {
+                        name.starts_with("ztunnel") && name.ends_with(".istio-system")
+                    })
+                })
                 .collect();
             let in_sync = ztunnels.iter().filter(|r| r.last() == Some(&"yes")).count();
             Ok(if ztunnels.len() == nodes.len() && in_sync == nodes.len() {
