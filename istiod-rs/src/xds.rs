@@ -40,6 +40,11 @@ pub mod syncz;
 pub mod waypoint;
 mod wire;
 
+/// For the fuzz targets (`fuzz/`), which drive [`delta::TypeState`] with
+/// requests decoded from raw bytes and need a [`delta::Current`] to push from.
+#[doc(hidden)]
+pub use served::ChangeLog;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;

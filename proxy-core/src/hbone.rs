@@ -35,7 +35,7 @@ use crate::tls::TlsError;
 
 pub use metrics::HboneMetrics;
 pub use pool::{HbonePool, HboneTarget, PoolConfig};
-pub use server::{HboneServer, InboundConnect, InboundHandler};
+pub use server::{HboneServer, InboundConnect, InboundHandler, NotConnect, connect_target};
 pub use stream::HboneStream;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,13 +1,14 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
 //! Commands: `demo [--keep]`, `ci`, `e2e [--filter S] [--kind]`, `codegen [--check]`, `bench <name> [args]`,
-//! `k8s build | path`, `images [--hub HUB] [--tag TAG]`.
+//! `fuzz --smoke | <target> [--time T]`, `k8s build | path`, `images [--hub HUB] [--tag TAG]`.
 
 mod bench;
 mod ci;
 mod codegen;
 mod demo;
 mod e2e;
+mod fuzz;
 mod images;
 mod k8s;
 
@@ -30,6 +31,11 @@ commands:
                      namespaces); --kind: on a kind cluster (needs docker and kind; not written yet)
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
+  fuzz --smoke       build every fuzz target (fuzz/, cargo-fuzz on the pinned toolchain) and run
+                     each on its seeds for a bounded time; fails on a crash, naming the reproducer
+  fuzz <target> [--time 4h]
+                     run one fuzz target for as long as asked (`fuzz --list`: the targets;
+                     `fuzz --seeds`: rewrite the seed corpus)
   k8s build          build the real Kubernetes control plane for the tests (etcd, kube-apiserver,
                      controller manager, scheduler, kubectl, kube-proxy; the reference CNI
                      plugins ptp, host-local, loopback) from Go modules into
@@ -54,6 +60,7 @@ fn main() -> Result<()> {
         "e2e" => e2e::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
         "k8s" => k8s::run(rest),
         "images" => images::run_images(rest),
         "help" | "--help" | "-h" => {

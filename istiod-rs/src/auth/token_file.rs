@@ -65,7 +65,7 @@ struct Entry {
 
 /// Callers by the SHA-256 of their token: lookups do not compare secrets
 /// byte by byte, and the table holds no token in the clear.
-type Table = HashMap<[u8; 32], Caller>;
+pub type Table = HashMap<[u8; 32], Caller>;
 
 /// What identifies one version of the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +169,10 @@ fn load(path: &Path, trust_domain: &str) -> Result<Table, TokenFileError> {
     parse(path, &text, trust_domain)
 }
 
-fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Table, TokenFileError> {
+/// Reads the file's text (`path` only names it in errors). Public for the
+/// fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Table, TokenFileError> {
     let contents: FileContents = if text.trim().is_empty() {
         FileContents { tokens: Vec::new() }
     } else {

@@ -331,19 +331,13 @@ impl<H: InboundHandler> HboneServer<H> {
         peer_address: SocketAddr,
         local_address: SocketAddr,
     ) {
-        if request.method() != http::Method::CONNECT {
-            tracing::debug!(%peer_address, method = %request.method(), "HBONE request is not a CONNECT");
-            reply(&mut respond, StatusCode::BAD_REQUEST);
-            return;
-        }
-        let Some(authority) = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            tracing::debug!(%peer_address, uri = %request.uri(), "HBONE CONNECT target is not ip:port");
-            reply(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+        let authority = match connect_target(request.method(), request.uri()) {
+            Ok(authority) => authority,
+            Err(refusal) => {
+                tracing::debug!(%peer_address, method = %request.method(), uri = %request.uri(), %refusal, "HBONE request refused");
+                reply(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
         };
         let (parts, body) = request.into_parts();
         let connect = InboundConnect {
@@ -358,6 +352,27 @@ impl<H: InboundHandler> HboneServer<H> {
         let handler = self.shared.handler.clone();
         tokio::spawn(async move { handler.handle(connect).await });
     }
+}
+
+/// Why a request on an HBONE connection is not a CONNECT this server
+/// hands to its handler; each is answered 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotConnect {
+    #[error("method {0} is not CONNECT")]
+    Method(http::Method),
+    #[error("CONNECT target {0:?} is not ip:port")]
+    Target(String),
+}
+
+/// The target of an HBONE request: it must be a CONNECT whose authority is
+/// `ip:port`. Pure, so the fuzz targets call it on requests from outside.
+pub fn connect_target(method: &http::Method, uri: &http::Uri) -> Result<SocketAddr, NotConnect> {
+    if method != http::Method::CONNECT {
+        return Err(NotConnect::Method(method.clone()));
+    }
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or_else(|| NotConnect::Target(uri.to_string()))
 }
 
 async fn handshake(
@@ -420,5 +435,35 @@ impl<'a> LiveConnection<'a> {
 impl Drop for LiveConnection<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_connect_to_ip_and_port_is_handed_on() {
+        let target = |method: &str, uri: &str| {
+            connect_target(&method.parse().unwrap(), &uri.parse().unwrap())
+        };
+        assert_eq!(
+            target("CONNECT", "10.0.0.1:8080"),
+            Ok("10.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            target("CONNECT", "[fd00::1]:80"),
+            Ok("[fd00::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            target("GET", "10.0.0.1:8080"),
+            Err(NotConnect::Method(http::Method::GET))
+        );
+        for uri in ["reviews:9080", "10.0.0.1", "http://reviews/x", "/"] {
+            assert!(
+                matches!(target("CONNECT", uri), Err(NotConnect::Target(_))),
+                "{uri}"
+            );
+        }
     }
 }

@@ -388,8 +388,10 @@ impl XdsClient {
         Err(Error::StreamClosed)
     }
 
-    /// Applies one response and builds its ACK or NACK.
-    fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    /// Applies one response and builds its ACK or NACK. Public for the fuzz
+    /// targets (`fuzz/`), which feed it responses decoded from raw bytes.
+    #[doc(hidden)]
+    pub fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let DeltaDiscoveryResponse {
             type_url,
             nonce,
