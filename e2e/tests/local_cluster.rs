@@ -398,8 +398,10 @@ fn proxy_endpoints_are_read_inside_their_namespaces() {
         "asked from inside the pod"
     );
 
-    // Stand-ins for a node's ztunnel metrics and istiod's debug port, bound
-    // to loopback only, as the real ones are: reachable only from inside.
+    // Stand-ins for a node agent's metrics (in the node's netns) and istiod's
+    // debug port, bound to loopback only, as the real ones are: reachable
+    // only from inside. (A node's ztunnel-rs runs in a netns of its own,
+    // which exists only with the mesh on.)
     let echo_bin = e2e::binaries::Binaries::default()
         .get("e2e", "echo")
         .unwrap();
@@ -416,14 +418,17 @@ fn proxy_endpoints_are_read_inside_their_namespaces() {
         })
         .unwrap();
     };
-    serve(cluster.node_netns("node1").unwrap(), api::ports::STATS);
+    serve(
+        cluster.node_netns("node1").unwrap(),
+        e2e::cluster::NODE_AGENT_MONITORING,
+    );
     serve(
         &cluster.topology().control_plane,
         api::ports::ISTIOD_MONITORING,
     );
 
     let metrics = cluster
-        .metrics(&ProxyRef::Ztunnel {
+        .metrics(&ProxyRef::NodeAgent {
             node: "node1".into(),
         })
         .unwrap();
@@ -434,16 +439,23 @@ fn proxy_endpoints_are_read_inside_their_namespaces() {
 
     // node0 runs nothing on that port: the error says where it looked.
     let err = cluster
-        .metrics(&ProxyRef::Ztunnel {
+        .metrics(&ProxyRef::NodeAgent {
             node: "node0".into(),
         })
         .unwrap_err();
     assert!(matches!(err, ClusterError::Http { .. }), "{err}");
     let err = err.to_string();
     assert!(
-        err.contains("127.0.0.1:15020") && err.contains("node0") && err.contains("connect"),
+        err.contains("127.0.0.1:15014") && err.contains("node0") && err.contains("connect"),
         "{err}"
     );
+    // Without the mesh no ztunnel-rs runs, so it has no netns to read in.
+    let err = cluster
+        .metrics(&ProxyRef::Ztunnel {
+            node: "node1".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, ClusterError::MeshOff), "{err}");
 }
 
 /// What a run left on the machine: namespaces with its id, processes inside
