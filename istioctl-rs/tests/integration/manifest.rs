@@ -342,14 +342,16 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
             "{kind}: istiod-rs's Kubernetes source watches it (state/kube.rs)"
         );
     }
-    // Statuses: server-side apply to the status subresource of the kinds
-    // istiod-rs writes conditions on, and nothing else.
+    // Statuses: patches to the status subresource of the kinds istiod-rs
+    // writes conditions on (and ServiceEntries' allocated addresses), and
+    // nothing else.
     for (group, resource) in [
         ("security.istio.io", "authorizationpolicies/status"),
         ("security.istio.io", "peerauthentications/status"),
         ("security.istio.io", "requestauthentications/status"),
         ("networking.istio.io", "destinationrules/status"),
         ("networking.istio.io", "virtualservices/status"),
+        ("networking.istio.io", "serviceentries/status"),
         ("gateway.networking.k8s.io", "httproutes/status"),
         ("gateway.networking.k8s.io", "grpcroutes/status"),
     ] {
@@ -361,7 +363,7 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
     );
     assert_eq!(
         granted(role),
-        api::manifest::Kind::ALL.len() + 7 + 1,
+        api::manifest::Kind::ALL.len() + 8 + 1,
         "no resource beyond those"
     );
 
