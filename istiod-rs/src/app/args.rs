@@ -233,8 +233,8 @@ pub struct Args {
     /// Give each ServiceEntry without `spec.addresses` (resolution other than
     /// NONE, not labelled networking.istio.io/enable-autoallocate-ip=false)
     /// one IPv4 VIP of 240.240.0.0/16 and one IPv6 VIP of 2001:2::/48 per
-    /// host, recorded in its status.addresses. On by default, as upstream
-    /// istiod's variable of the same name.
+    /// host, recorded in its status.addresses. On by default; the variable
+    /// is upstream istiod's name for the switch.
     #[arg(
         long,
         env = "PILOT_ENABLE_IP_AUTOALLOCATE",
