@@ -17,6 +17,9 @@
 //!   [`OnDemandConfig::negative_ttl`]. The cache holds at most
 //!   [`OnDemandConfig::capacity`] entries: past that, expired ones go, then
 //!   the one closest to expiry. The clock is injected ([`Clock`]).
+//! - Concurrent misses for one (hostname, record type) share one query: the
+//!   first asks, the others wait for its answer and read it from the cache,
+//!   so a burst of new connections to a cold name sends one query.
 //!
 //! Names are asked as written, made absolute: the resolv.conf search list
 //! is not applied (ServiceEntry hosts are fully qualified).
@@ -110,6 +113,49 @@ pub fn lookup_order(families: Option<IpFamily>, client: IpAddr) -> Vec<RecordTyp
     }
 }
 
+type InFlight = Mutex<HashMap<(String, RecordType), Arc<tokio::sync::Mutex<()>>>>;
+
+/// The right to ask for one key while others wait. Dropping it (answer
+/// stored, or the asker cancelled) forgets the key's lock before releasing
+/// it, so the map holds only keys being asked.
+struct Turn<'a> {
+    in_flight: &'a InFlight,
+    key: &'a (String, RecordType),
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl<'a> Turn<'a> {
+    async fn take(in_flight: &'a InFlight, key: &'a (String, RecordType)) -> Turn<'a> {
+        let lock = Arc::clone(
+            in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let held = Arc::clone(&lock).lock_owned().await;
+        Turn {
+            in_flight,
+            key,
+            lock,
+            _held: held,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if in_flight
+            .get(self.key)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.lock))
+        {
+            in_flight.remove(self.key);
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     answer: Result<Vec<IpAddr>, Error>,
@@ -123,6 +169,9 @@ pub struct OnDemand {
     config: OnDemandConfig,
     clock: Arc<dyn Clock>,
     entries: Mutex<HashMap<(String, RecordType), Entry>>,
+    /// Lookups being asked now, one lock per key: held by the asker,
+    /// awaited by the others.
+    in_flight: InFlight,
 }
 
 impl OnDemand {
@@ -132,6 +181,7 @@ impl OnDemand {
             config,
             clock,
             entries: Mutex::default(),
+            in_flight: Mutex::default(),
         }
     }
 
@@ -177,6 +227,11 @@ impl OnDemand {
             return answer;
         }
         let name = absolute(hostname)?;
+        let _turn = Turn::take(&self.in_flight, &key).await;
+        // Whoever held the turn before has stored its answer.
+        if let Some(answer) = self.cached(&key) {
+            return answer;
+        }
         let (answer, ttl) = match self.ask(sockets, name, record_type).await {
             Ok((ips, ttl)) if !ips.is_empty() => (Ok(ips), ttl),
             Ok((_, _)) => (
@@ -204,7 +259,7 @@ impl OnDemand {
                 self.config.negative_ttl,
             ),
         };
-        self.store(key, answer.clone(), ttl);
+        self.store(key.clone(), answer.clone(), ttl);
         answer
     }
 
@@ -462,6 +517,19 @@ mod tests {
             err.to_string(),
             "the resolvers have no AAAA record for known.example (answer: No Error)"
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_query() {
+        let (resolver, on_demand, _) = setup(OnDemandConfig::default()).await;
+        let order = lookup_order(None, ip("10.96.0.1"));
+        let sockets = sockets();
+        let lookups = (0..16).map(|_| on_demand.resolve(&sockets, "dual.example", &order));
+        for got in futures::future::join_all(lookups).await {
+            assert_eq!(got, Ok(IpAddr::V4(DUAL_V4)));
+        }
+        assert_eq!(asked(&resolver, "dual.example."), [RecordType::A]);
+        assert!(on_demand.in_flight.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
