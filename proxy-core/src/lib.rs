@@ -9,6 +9,7 @@ pub mod hbone;
 pub mod identity;
 pub mod listener;
 pub mod log_limit;
+pub mod logging;
 pub mod metrics;
 pub mod store;
 #[cfg(feature = "testing")]

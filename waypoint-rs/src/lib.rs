@@ -27,16 +27,13 @@ pub mod request;
 pub mod tcp;
 pub mod upstream;
 
-/// Logs to stdout, filtered by `RUST_LOG` (default `info`), as ztunnel-rs;
-/// colour codes only when stdout is a terminal (not in a pod's log, where
-/// they cost CPU on every access-log line and clutter the text).
+/// Logs to stdout, filtered by `RUST_LOG` (default `info`), JSON lines
+/// with `LOG_FORMAT=json`, as ztunnel-rs ([`proxy_core::logging`]).
 pub fn init_logging() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    use proxy_core::logging;
+    logging::init(
+        logging::filter_from_env(),
+        logging::Output::Stdout,
+        logging::Format::from_env(),
+    );
 }

@@ -19,23 +19,14 @@ pub mod node_agent;
 pub mod proxy;
 pub mod upstream;
 
-/// Logs to stdout, filtered by `RUST_LOG` (default `info`): the same set-up
-/// for the proxy and the node agent binaries; colour codes only when stdout
-/// is a terminal (not in a pod's log, where they cost CPU on every line and
-/// clutter the text).
+/// Logs to stdout, filtered by `RUST_LOG` (default `info`), JSON lines
+/// with `LOG_FORMAT=json`: the same set-up for the proxy and the node agent
+/// binaries ([`proxy_core::logging`]).
 pub fn init_logging() {
-    use std::io::IsTerminal;
-    let logs = tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        );
-    // LOG_FORMAT=json: one JSON object per line, as upstream's DaemonSet
-    // asks with `logAsJson`.
-    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    use proxy_core::logging;
+    logging::init(
+        logging::filter_from_env(),
+        logging::Output::Stdout,
+        logging::Format::from_env(),
+    );
 }

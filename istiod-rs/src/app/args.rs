@@ -315,22 +315,19 @@ pub struct Args {
 impl Args {
     /// Installs the log subscriber (stderr; colours only on a terminal).
     pub fn init_logging(&self) -> Result<(), AppError> {
-        use std::io::IsTerminal;
+        use proxy_core::logging;
         let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             AppError::Flag {
                 flag: "--log-level",
                 reason: format!("{:?} is not a log filter: {e}", self.log_level),
             }
         })?;
-        let logs = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal() && !self.log_as_json);
-        if self.log_as_json {
-            logs.json().init();
+        let format = if self.log_as_json {
+            logging::Format::Json
         } else {
-            logs.init();
-        }
+            logging::Format::Text
+        };
+        logging::init(filter, logging::Output::Stderr, format);
         Ok(())
     }
 
