@@ -1,11 +1,13 @@
 //! Overload on the data path, on loopback: a peer that opens connections by
 //! the thousand to a pod's inbound listeners (15008, 15006), a pod whose
-//! application does the same through its outbound capture (15001), and a
+//! application does the same through its outbound capture (15001), one
+//! peer's thousands of HBONE streams over its pooled connections, and a
 //! client that stops reading while the server writes. In each, the proxy
 //! stays within its caps (every flooding connection is either held, up to
-//! the cap, or reset and counted, with the reason, in
-//! `istio_listener_connections_dropped_total`), and other pods keep being
-//! served.
+//! the cap, or refused and counted with the reason: in
+//! `istio_listener_connections_dropped_total` for the listeners, in
+//! `istio_ztunnel_connection_failures_total` for the streams), and other
+//! pods keep being served.
 //!
 //! The flood's client sockets live in this process too: a few thousand
 //! descriptors, under the open-file limit the test checks first.
@@ -19,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use ztunnel_rs::proxy::PodConnectionLimits;
 use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, TestPod, eventually, exchange};
+use ztunnel_rs::proxy::{HeldSocketLimits, PodConnectionLimits};
 
 const APP_PORT: u16 = 8080;
 /// Connections one flood opens.
@@ -330,4 +332,67 @@ async fn a_client_that_never_reads_holds_a_bounded_amount_and_others_keep_their_
     );
     assert!(held < FIREHOSE);
     drop(never_reads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_hbone_streams_from_one_peer_stop_at_its_ceiling_and_others_are_served() {
+    ensure_fd_limit();
+    const STREAMS: usize = 1500;
+    const CEILING: usize = 500;
+    let mesh = TestMesh::with_config(|c| {
+        c.held_sockets = HeldSocketLimits {
+            per_peer: CEILING,
+            per_node: 100_000,
+        }
+    })
+    .await;
+    let hostile = mesh.pod("client", "a", 2).await;
+    let other = mesh.pod("client", "c", 4).await;
+    let server = mesh.pod("server", "b", 3).await;
+    let app = EchoApp::start(at(server.ip, APP_PORT), "server").await;
+
+    // The hostile pod's application opens 1500 connections to the server,
+    // which its pool carries as HBONE streams, 100 to a connection; none of
+    // them ends.
+    let streams = Flood::open(STREAMS, || hostile.connect(app.address)).await;
+    let refused = (STREAMS - CEILING) as u64;
+    mesh.wait_for_counter(
+        "istio_ztunnel_connection_failures_total",
+        &[("direction", "inbound"), ("reason", "peer_socket_limit")],
+        refused,
+    )
+    .await;
+    // The server's proxy answered 503 past the ceiling; the client's proxy
+    // closed those connections.
+    eventually("the refused streams' connections to be closed", || {
+        streams.tally() == (STREAMS - CEILING, CEILING)
+    })
+    .await;
+    assert_eq!(app.peers().len(), CEILING);
+    assert_eq!(
+        mesh.counter(
+            "istio_ztunnel_connection_failures_total",
+            &[("direction", "outbound"), ("reason", "refused")]
+        ),
+        refused
+    );
+    let connections = open(&mesh, "hbone");
+    assert!(
+        connections as usize >= CEILING / 100,
+        "{CEILING} streams over {connections} HBONE connections"
+    );
+
+    // Another pod is served, every time, over the same server proxy.
+    assert_eq!(served(&other, &app).await, OTHERS);
+    assert_eq!(
+        mesh.counter(
+            "istio_ztunnel_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "peer_socket_limit")]
+        ),
+        refused,
+        "only the hostile peer was refused"
+    );
+    println!(
+        "HBONE streams: {STREAMS} from one peer over {connections} connections: {CEILING} carried, {refused} refused (503, peer_socket_limit); {OTHERS} of {OTHERS} from another pod served"
+    );
 }
