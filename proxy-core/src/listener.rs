@@ -116,14 +116,16 @@ impl ListenerLimits {
     /// The caps alone, for a listener whose connections leave through
     /// [`Admitted::into_parts`] to a protocol with timeouts of its own: the
     /// timeouts here, which only [`Listener::serve_http1`] and
-    /// [`Listener::http2_connections`] apply, are left at their maximum.
+    /// [`Listener::http2_connections`] apply, are a century (finite, so
+    /// that a deadline computed from them cannot overflow).
     pub const fn caps(max_connections: usize, max_connections_per_peer: usize) -> Self {
+        const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
         ListenerLimits {
             max_connections,
             max_connections_per_peer,
-            handshake_timeout: Duration::MAX,
-            header_timeout: Duration::MAX,
-            idle_timeout: Duration::MAX,
+            handshake_timeout: NEVER,
+            header_timeout: NEVER,
+            idle_timeout: NEVER,
         }
     }
 }
