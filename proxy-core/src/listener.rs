@@ -1,7 +1,9 @@
 //! Bounds on what a peer can hold on a server's listening socket, for every
-//! server a process runs besides its data path: ztunnel's admin (15000),
-//! stats (15020) and readiness (15021) servers, istiod's gRPC (15012, 15010),
-//! monitoring (15014) and webhook (15017) listeners. Anyone who can reach
+//! server a process runs: ztunnel's admin (15000), stats (15020) and
+//! readiness (15021) servers, istiod's gRPC (15012, 15010), monitoring
+//! (15014) and webhook (15017) listeners; ztunnel's data-path listeners
+//! (each pod's 15001, 15006, 15008 and DNS over TCP) take the caps alone
+//! ([`ListenerLimits::caps`], [`Admitted::into_parts`]). Anyone who can reach
 //! such a port, credentials or not, must not be able to exhaust the
 //! process's file descriptors or memory by opening connections and sending
 //! nothing.
@@ -108,6 +110,24 @@ pub struct ListenerLimits {
     pub header_timeout: Duration,
     /// Nothing read and nothing written for this long: closed.
     pub idle_timeout: Duration,
+}
+
+impl ListenerLimits {
+    /// The caps alone, for a listener whose connections leave through
+    /// [`Admitted::into_parts`] to a protocol with timeouts of its own: the
+    /// timeouts here, which only [`Listener::serve_http1`] and
+    /// [`Listener::http2_connections`] apply, are a century (finite, so
+    /// that a deadline computed from them cannot overflow).
+    pub const fn caps(max_connections: usize, max_connections_per_peer: usize) -> Self {
+        const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        ListenerLimits {
+            max_connections,
+            max_connections_per_peer,
+            handshake_timeout: NEVER,
+            header_timeout: NEVER,
+            idle_timeout: NEVER,
+        }
+    }
 }
 
 /// Why a listener dropped a connection (a fixed set: a metric label).
@@ -506,9 +526,10 @@ impl Tally {
     }
 }
 
-/// A connection's place under the caps, freed when the connection ends.
+/// A connection's place under the caps, freed when the connection ends
+/// (dropped with it, or held beside it after [`Admitted::into_parts`]).
 #[derive(Debug)]
-struct Slot {
+pub struct Slot {
     _permit: OwnedSemaphorePermit,
     peer: IpAddr,
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -546,6 +567,14 @@ pub struct Admitted {
 impl Admitted {
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The accepted socket, its peer and its place under the caps, for a
+    /// server that runs a protocol of its own on it (ztunnel's data path):
+    /// the connection counts against the caps until the [`Slot`] drops.
+    /// None of the listener's timeouts apply to it.
+    pub fn into_parts(self) -> (TcpStream, SocketAddr, Slot) {
+        (self.tcp, self.peer, self.slot)
     }
 
     /// [`Self::establish`], given up when `shutdown` is cancelled.

@@ -19,7 +19,7 @@ use anyhow::Context;
 use proxy_core::admin::{AdminState, Readiness, ServerAddrs, ServerConfig, Servers};
 use proxy_core::hbone::{Http2Settings, Keepalive};
 use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
-use proxy_core::listener::{ListenerLimits, ListenerMetrics};
+use proxy_core::listener::ListenerLimits;
 use proxy_core::store::WorkloadStore;
 use proxy_core::xds::{
     ConnectionState, StatusWatch, XdsClient, XdsConfig, XdsMetrics, handlers, ztunnel_node_id,
@@ -32,7 +32,8 @@ use tracing::info;
 use crate::inpod::zds::DEFAULT_ZDS_SOCKET;
 use crate::inpod::{ZdsClient, ZdsClientConfig};
 use crate::proxy::{
-    HeldSocketLimits, LoadBalancing, Metrics, ProxyConfig, ProxyManager, WorkloadStateDump, held,
+    HeldSocketLimits, LoadBalancing, Metrics, PodConnectionLimits, ProxyConfig, ProxyManager,
+    WorkloadStateDump, held,
 };
 
 /// Readiness conditions, as `/healthz/ready` names them.
@@ -171,6 +172,19 @@ pub struct ProxyArgs {
     /// more are refused (default: a third of the open-file limit).
     #[arg(long, env = "MAX_HELD_SOCKETS_PER_NODE")]
     pub max_held_sockets_per_node: Option<usize>,
+    /// Connections each of a pod's listeners (15001, 15006, 15008, DNS over
+    /// TCP) holds at once; one more is reset (counted in
+    /// istio_listener_connections_dropped_total{reason="connection_limit"}).
+    #[arg(long, env = "POD_MAX_CONNECTIONS",
+          default_value_t = PodConnectionLimits::default().per_listener as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_max_connections: u32,
+    /// Connections a pod's inbound listeners (15006, 15008) each hold at
+    /// once from one address; one more is reset (reason="peer_limit").
+    #[arg(long, env = "POD_MAX_CONNECTIONS_PER_PEER",
+          default_value_t = PodConnectionLimits::default().per_peer as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_max_connections_per_peer: u32,
     /// Run the DNS proxy on 15053 in every pod (upstream's
     /// `ISTIO_META_DNS_CAPTURE`; `DNS_CAPTURE` is read when that is unset).
     #[arg(long, env = crate::dns::CAPTURE_ENV, default_value_t = crate::dns::capture_default(),
@@ -278,6 +292,14 @@ impl ProxyArgs {
             },
             ..Http2Settings::default()
         })
+    }
+
+    /// The caps on each pod's listeners, from the flags.
+    fn pod_connections(&self) -> PodConnectionLimits {
+        PodConnectionLimits {
+            per_listener: self.pod_max_connections as usize,
+            per_peer: self.pod_max_connections_per_peer as usize,
+        }
     }
 
     /// The ceilings on connections held to applications, from the flags.
@@ -516,6 +538,7 @@ impl App {
             original_source: args.original_source,
             workload_wait: args.workload_wait,
             held_sockets: args.held_sockets()?,
+            pod_connections: args.pod_connections(),
             http2: args.http2()?,
             dns: args.dns_config(),
             ..ProxyConfig::default()
@@ -524,6 +547,7 @@ impl App {
             config.ports.dns = None;
         }
         let metrics = Metrics::register(&mut registry);
+        let listeners = metrics.listeners.clone();
         let manager = ProxyManager::new(config, store.clone(), certificates.clone(), metrics);
         let zds = Arc::new(ZdsClient::new(
             ZdsClientConfig {
@@ -567,7 +591,6 @@ impl App {
             .with_section(xds_status.clone())
             .with_section(manager.clone())
             .with_section(WorkloadStateDump(manager.clone()));
-        let listeners = ListenerMetrics::register(&mut registry);
         let server_tasks = Servers::start(
             args.server_config(),
             admin,
@@ -694,6 +717,9 @@ mod tests {
             .held_sockets()
             .unwrap();
         assert_eq!(held.per_node, 10);
+        assert_eq!(args(&[]).pod_connections(), PodConnectionLimits::default());
+        let pod = args(&["--pod-max-connections-per-peer", "3"]).pod_connections();
+        assert_eq!(pod.per_peer, 3);
 
         let err = args(&["--hbone-ping-timeout", "0"]).http2().unwrap_err();
         assert!(err.to_string().contains("--hbone-ping-timeout"), "{err}");
@@ -730,6 +756,8 @@ mod tests {
         for bad in [
             ["--server-max-connections", "0"],
             ["--server-idle-timeout", "0s"],
+            ["--pod-max-connections", "0"],
+            ["--pod-max-connections-per-peer", "0"],
         ] {
             let argv = ["ztunnel-rs", "--node-name", "n", bad[0], bad[1]];
             let err = Cli::try_parse_from(argv)

@@ -58,6 +58,7 @@ use api::SpiffeId;
 use proxy_core::admin::DumpSection;
 use proxy_core::hbone::{HboneError, HbonePool, HboneServer, Http2Settings, PoolConfig};
 use proxy_core::identity::{CertificateManager, FetchError, WorkloadCertificate};
+use proxy_core::listener::{Listener, ListenerLimits};
 use proxy_core::log_limit::LogLimit;
 use proxy_core::store::{Snapshot, Workload, WorkloadStore};
 use rustls::ServerConfig;
@@ -129,6 +130,48 @@ impl Ports {
     }
 }
 
+/// Connections each of a pod's listeners (15001, 15006, 15008, DNS over
+/// TCP) holds at once. Each holds a file descriptor of the process, which
+/// every pod on the node shares, from accept until it ends, carried or not:
+/// without a cap one pod, or one peer, could take them all. One more is
+/// reset at once and counted in
+/// `istio_listener_connections_dropped_total{listener, reason}`.
+/// Upstream ztunnel has no such cap (its `src/config.rs` has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodConnectionLimits {
+    /// On each listener of one pod, from everyone.
+    pub per_listener: usize,
+    /// From one address on a pod's inbound listeners (15006, 15008): one
+    /// client pod, node or waypoint. The outbound and DNS listeners serve
+    /// the pod's own applications, one address: `per_listener` alone.
+    pub per_peer: usize,
+}
+
+impl Default for PodConnectionLimits {
+    /// 1024 per peer, as [`HeldSocketLimits`]: a peer with more
+    /// connections than it may hold sockets to applications gains nothing
+    /// from them; 8192 per listener.
+    fn default() -> Self {
+        PodConnectionLimits {
+            per_listener: 8192,
+            per_peer: HeldSocketLimits::default().per_peer,
+        }
+    }
+}
+
+impl PodConnectionLimits {
+    /// The caps of an inbound listener (15006, 15008).
+    fn inbound(self) -> ListenerLimits {
+        ListenerLimits::caps(self.per_listener, self.per_peer.min(self.per_listener))
+    }
+
+    /// The caps of a listener serving the pod's own applications.
+    fn local(self) -> ListenerLimits {
+        ListenerLimits::caps(self.per_listener, self.per_listener)
+    }
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyConfig {
@@ -157,6 +200,8 @@ pub struct ProxyConfig {
     pub workload_wait: Duration,
     /// Ceilings on connections to applications held for peers.
     pub held_sockets: HeldSocketLimits,
+    /// Caps on the connections each pod's listeners hold.
+    pub pod_connections: PodConnectionLimits,
     /// Each pod's HBONE pool; its `http2` and `connect_timeout` are taken
     /// from the fields here ([`Self::pool_config`]).
     #[serde(skip)]
@@ -209,6 +254,7 @@ impl Default for ProxyConfig {
             original_source: true,
             workload_wait: Duration::from_secs(5),
             held_sockets: HeldSocketLimits::default(),
+            pod_connections: PodConnectionLimits::default(),
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
             dns: DnsConfig::default(),
@@ -442,10 +488,12 @@ impl Pod {
     }
 }
 
-/// Accepts on `listener` until `stop`, handling each connection as one of
-/// the pod's connections.
+/// Accepts on `listener` until `stop`, within `limits` (a connection past
+/// them is reset and counted), handling each connection as one of the
+/// pod's connections; it counts against the caps until it ends.
 async fn accept_loop<F, Fut>(
     listener_name: &'static str,
+    limits: ListenerLimits,
     pod: &Arc<Pod>,
     listener: TcpListener,
     stop: CancellationToken,
@@ -465,21 +513,20 @@ async fn accept_loop<F, Fut>(
             () = stop.cancelled() => return,
         }
     }
+    let listener = Listener::new(listener, listener_name, limits, &pod.node.metrics.listeners);
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let admitted = tokio::select! {
+            admitted = listener.accept() => admitted,
             () = stop.cancelled() => break,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Small writes (handshakes, interactive protocols) must not wait.
-                let _ = stream.set_nodelay(true);
-                pod.spawn_connection(handle(pod.clone(), stream, peer));
-            }
-            Err(error) => {
-                proxy_core::listener::after_accept_failure(listener_name, &error).await;
-            }
-        }
+        let (stream, peer, slot) = admitted.into_parts();
+        // Small writes (handshakes, interactive protocols) must not wait.
+        let _ = stream.set_nodelay(true);
+        let work = handle(pod.clone(), stream, peer);
+        pod.spawn_connection(async move {
+            work.await;
+            drop(slot);
+        });
     }
     tracing::debug!(pod = %pod.info.uid, listener = listener_name, "stopped accepting");
 }

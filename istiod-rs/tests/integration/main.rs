@@ -8,6 +8,7 @@ mod support;
 mod app;
 mod app_kube;
 mod ca;
+mod ca_flood;
 mod clients;
 mod component;
 mod config_dir;

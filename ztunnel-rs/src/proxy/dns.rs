@@ -98,10 +98,18 @@ pub(super) async fn serve_tcp(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    super::accept_loop("dns", &pod, listener, stop, move |pod, stream, peer| {
-        let dns = dns.clone();
-        async move { serve_tcp_client(&pod, &dns, stream, peer).await }
-    })
+    let limits = pod.node.config.pod_connections.local();
+    super::accept_loop(
+        "dns",
+        limits,
+        &pod,
+        listener,
+        stop,
+        move |pod, stream, peer| {
+            let dns = dns.clone();
+            async move { serve_tcp_client(&pod, &dns, stream, peer).await }
+        },
+    )
     .await;
 }
 

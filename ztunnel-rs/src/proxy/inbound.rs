@@ -92,9 +92,15 @@ pub(super) async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    accept_loop("hbone", &pod, listener, stop, move |pod, tcp, peer| {
-        serve_connection(pod, server.clone(), tcp, peer)
-    })
+    let limits = pod.node.config.pod_connections.inbound();
+    accept_loop(
+        "hbone",
+        limits,
+        &pod,
+        listener,
+        stop,
+        move |pod, tcp, peer| serve_connection(pod, server.clone(), tcp, peer),
+    )
     .await;
 }
 

@@ -45,7 +45,8 @@ pub enum Error {
 }
 
 pub(super) async fn serve(pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
-    accept_loop("inbound plaintext", &pod, listener, stop, handle).await;
+    let limits = pod.node.config.pod_connections.inbound();
+    accept_loop("inbound_plaintext", limits, &pod, listener, stop, handle).await;
 }
 
 async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {

@@ -10,7 +10,10 @@
 //! `istio_ztunnel_connection_failures_total{direction, reason}`, which is
 //! ours: a bounded label set, so a misbehaving client cannot blow up the
 //! series count. HBONE connections dropped for a peer's fault are counted
-//! by proxy-core ([`HboneMetrics`], registered here).
+//! by proxy-core ([`HboneMetrics`], registered here), and so are the
+//! connections a listener (the pods' data-path listeners, the admin
+//! servers) resets at its caps (`istio_listener_connections_dropped_total`,
+//! [`ListenerMetrics`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use proxy_core::hbone::HboneMetrics;
+use proxy_core::listener::ListenerMetrics;
 use proxy_core::store::{Service, Workload};
 
 /// Label values upstream uses when a value is not known.
@@ -47,6 +51,9 @@ pub struct Metrics {
     pub(crate) hbone: Arc<HboneMetrics>,
     /// Every pod's DNS proxy.
     pub(crate) dns: crate::dns::Metrics,
+    /// Every listener of the process: the pods' data-path listeners and
+    /// the admin, stats and readiness servers.
+    pub listeners: ListenerMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -60,6 +67,7 @@ impl Metrics {
         let m = Metrics {
             hbone: HboneMetrics::register(registry),
             dns: crate::dns::Metrics::register(registry),
+            listeners: ListenerMetrics::register(registry),
             ..Metrics::default()
         };
         registry.register(

@@ -92,7 +92,8 @@ impl Error {
 }
 
 pub(super) async fn serve(pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
-    accept_loop("outbound", &pod, listener, stop, handle).await;
+    let limits = pod.node.config.pod_connections.local();
+    accept_loop("outbound", limits, &pod, listener, stop, handle).await;
 }
 
 async fn handle(pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {

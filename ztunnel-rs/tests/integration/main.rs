@@ -11,6 +11,7 @@ mod inpod;
 mod node_agent;
 mod node_agent_config_dir;
 mod on_demand_dns;
+mod overload;
 mod proxy;
 mod proxy_app;
 mod proxy_inpod;

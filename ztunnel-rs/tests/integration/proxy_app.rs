@@ -280,6 +280,8 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         keepalive_retries: 9,
         max_held_sockets_per_peer: 1024,
         max_held_sockets_per_node: None,
+        pod_max_connections: 8192,
+        pod_max_connections_per_peer: 1024,
         // The DNS proxy runs in every pod; no resolv.conf there, so it
         // forwards nowhere (and says so).
         dns_capture: true,
