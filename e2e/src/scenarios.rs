@@ -24,6 +24,7 @@ pub mod node_agent;
 pub mod on_demand;
 pub mod policies;
 pub mod service_entry;
+pub mod soak;
 pub mod upgrade;
 
 use std::time::{Duration, Instant};
