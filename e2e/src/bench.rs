@@ -510,11 +510,7 @@ impl Memory {
     fn read(pid: u32) -> Result<Memory, BenchError> {
         let status = read_proc(pid, "status")?;
         let mb = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+            crate::procfs::status_kb(&status, key).map_or(0.0, |kb| kb as f64 * 1024.0 / 1e6)
         };
         Ok(Memory {
             peak: mb("VmHWM:"),
@@ -525,8 +521,8 @@ impl Memory {
 }
 
 fn read_proc(pid: u32, file: &str) -> Result<String, BenchError> {
-    let path = format!("/proc/{pid}/{file}");
-    std::fs::read_to_string(&path).map_err(|source| BenchError::Proc { path, source })
+    crate::procfs::read(pid, file)
+        .map_err(|crate::procfs::ProcError { path, source }| BenchError::Proc { path, source })
 }
 
 /// The CPU time each of `pids` spent while `run` ran.

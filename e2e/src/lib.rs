@@ -19,7 +19,9 @@
 //! - [`apps`]: the `echo` and `client` sample apps and their JSON reports.
 //! - [`probe`] and [`prometheus`]: driving traffic from pods, waiting with
 //!   deadlines, and reading the mesh's evidence (metrics, certificates,
-//!   config dumps); [`scenarios`]: the L4 end-to-end scenarios on them;
+//!   config dumps); [`procfs`]: a component's memory and open descriptors;
+//!   [`scenarios`]: the end-to-end scenarios on them (and the churn soak,
+//!   [`scenarios::soak`]);
 //!   [`demo`]: `cargo xtask demo`; [`bench`]: `cargo xtask bench l4`.
 //! - [`binaries`]: finds (and builds when stale) the binaries to run.
 //! - [`http`]: GETs to components' loopback ports from inside their namespace.
@@ -44,6 +46,7 @@ pub mod objects;
 pub mod privilege;
 pub mod probe;
 pub mod process;
+pub mod procfs;
 pub mod prometheus;
 pub mod run;
 pub mod scenarios;

@@ -24,6 +24,7 @@ pub mod node_agent;
 pub mod on_demand;
 pub mod policies;
 pub mod service_entry;
+pub mod soak;
 pub mod upgrade;
 
 use std::time::{Duration, Instant};
@@ -113,6 +114,26 @@ pub fn on_local_cluster(
     scenarios: &[Scenario],
     filter: Option<&str>,
 ) -> Result<Vec<Outcome>, String> {
+    with_local_fixture(mesh, |cluster, fixture| {
+        let outcomes = run_all(cluster, fixture, scenarios, filter);
+        if outcomes.is_empty() {
+            return Err(format!("no scenario matches {filter:?}"));
+        }
+        if outcomes.iter().any(|o| o.result.is_err()) {
+            return Err(format!("scenarios failed:\n{}", summary(&outcomes)));
+        }
+        Ok(outcomes)
+    })
+}
+
+/// Starts a local cluster with the mesh as `mesh` says, creates the
+/// [`L4Fixture`] and hands both to `run`. When `run` (or the fixture)
+/// fails, the run's directory is kept and the error names where the
+/// components' logs are.
+pub fn with_local_fixture<T>(
+    mesh: MeshConfig,
+    run: impl FnOnce(&LocalCluster, &L4Fixture) -> Result<T, String>,
+) -> Result<T, String> {
     let trust_domain = mesh.trust_domain.clone();
     let cluster = LocalCluster::start(LocalClusterConfig {
         mesh: MeshMode::On(mesh),
@@ -127,19 +148,10 @@ pub fn on_local_cluster(
             logs.display()
         )
     })?;
-    let outcomes = run_all(&cluster, &fixture, scenarios, filter);
-    if outcomes.is_empty() {
-        return Err(format!("no scenario matches {filter:?}"));
-    }
-    if outcomes.iter().any(|o| o.result.is_err()) {
+    run(&cluster, &fixture).map_err(|why| {
         cluster.run().keep_dir();
-        return Err(format!(
-            "scenarios failed:\n{}\n(component logs: {})",
-            summary(&outcomes),
-            logs.display()
-        ));
-    }
-    Ok(outcomes)
+        format!("{why}\n(component logs: {})", logs.display())
+    })
 }
 
 /// How long each stage of a run on the real control plane took.

@@ -11,20 +11,27 @@ pub(crate) const MESH_PACKAGES: &[&str] = &["e2e", "istiod-rs", "ztunnel-rs", "w
 
 pub fn run(args: &[String]) -> Result<()> {
     eprintln!("demo: building the mesh's binaries (the first time takes a few minutes)");
+    run_on_local_cluster("demo", args)
+}
+
+/// Builds the mesh's binaries (debug), then runs the `e2e` crate's
+/// `binary` with `args`, which brings up the local cluster; its exit
+/// status is passed on.
+pub(crate) fn run_on_local_cluster(binary: &str, args: &[String]) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--bins"]);
     for package in MESH_PACKAGES {
         build.args(["-p", package]);
     }
     run_cmd(&mut build)?;
-    let mut demo = cargo();
-    demo.args(["run", "--quiet", "-p", "e2e", "--bin", "demo", "--"])
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", binary, "--"])
         .args(args);
-    eprintln!("$ {}", display(&demo));
-    let status = demo
+    eprintln!("$ {}", display(&cmd));
+    let status = cmd
         .status()
-        .with_context(|| format!("could not start {}", display(&demo)))?;
-    // The demo has printed its table and what failed; pass its verdict on.
+        .with_context(|| format!("could not start {}", display(&cmd)))?;
+    // The binary has printed its table and what failed; pass its verdict on.
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }

@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the developer workflow, with nothing but cargo.
 //!
 //! Commands: `demo [--keep]`, `ci`, `e2e [--filter S] [--kind]`, `codegen [--check]`, `bench <name> [args]`,
-//! `fuzz --smoke | <target> [--time T]`, `k8s build | path`, `images [--hub HUB] [--tag TAG]`.
+//! `fuzz --smoke | <target> [--time T]`, `k8s build | path`, `images [--hub HUB] [--tag TAG]`,
+//! `soak [--minutes N] [--pods P]`.
 
 mod bench;
 mod ci;
@@ -11,6 +12,7 @@ mod e2e;
 mod fuzz;
 mod images;
 mod k8s;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +32,11 @@ commands:
                      istioctl-rs, the shared L4 scenarios and the Kubernetes-only ones (root or user
                      namespaces); --kind: on a kind cluster (needs docker and kind; not written yet)
   codegen [--check]  regenerate committed generated files (CRD YAML); --check fails if stale
+  soak [--minutes N] [--pods P]
+                     the churn soak on the local cluster for N minutes (default 60): P pods (default 2)
+                     created and deleted per cycle on both nodes, a policy edited, 1,000 req/s; a table
+                     of requests, memory and descriptor slopes per component, leftovers (root or user
+                     namespaces)
   bench <name>       run a benchmark and print its table and JSON (names: see `cargo xtask bench`)
   fuzz --smoke       build every fuzz target (fuzz/, cargo-fuzz on the pinned toolchain) and run
                      each on its seeds for a bounded time; fails on a crash, naming the reproducer
@@ -60,6 +67,7 @@ fn main() -> Result<()> {
         "e2e" => e2e::run(rest),
         "codegen" => codegen::run(rest),
         "bench" => bench::run(rest),
+        "soak" => soak::run(rest),
         "fuzz" => fuzz::run(rest),
         "k8s" => k8s::run(rest),
         "images" => images::run_images(rest),

@@ -37,7 +37,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 /// How long istiod-rs stays dead after the kill before it is started again.
 const KILLED_FOR: Duration = Duration::from_secs(5);
 /// Traffic measured before the disruption starts and after it ends.
-const MARGIN: Duration = Duration::from_secs(5);
+pub(super) const MARGIN: Duration = Duration::from_secs(5);
 /// A renewal must be able to complete between istiod-rs's return and the
 /// old certificate's expiry.
 const RENEWAL_SLACK: Duration = Duration::from_secs(40);
@@ -56,14 +56,14 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// What the traffic running across a disruption reported.
-struct Traffic {
-    load: LoadReport,
-    fresh: ConnectProbeReport,
+pub(super) struct Traffic {
+    pub(super) load: LoadReport,
+    pub(super) fresh: ConnectProbeReport,
 }
 
 impl Traffic {
     /// Fails unless every request and every new connection succeeded.
-    fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
+    pub(super) fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
         load_flowed(
             &format!("{RATE} req/s over long-lived connections {what}"),
             &self.load,
@@ -80,7 +80,7 @@ impl Traffic {
         Ok(())
     }
 
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         format!(
             "{} requests at {:.0}/s over {CONNECTIONS} long-lived connections, {} errors; \
              {} new connections, {} failed (longest gap {:.0} ms)",
@@ -97,8 +97,9 @@ impl Traffic {
 /// Runs `during` while the first client sends [`RATE`] requests a second
 /// over long-lived connections to the server on the other node, and the
 /// second client opens a new connection to the other server every
-/// [`PROBE_INTERVAL`], both for `duration`.
-fn across<T>(
+/// [`PROBE_INTERVAL`], both for `duration`. `during` starts once the
+/// long-lived connections are up and [`MARGIN`] has passed.
+pub(super) fn across<T>(
     cluster: &dyn Cluster,
     f: &L4Fixture,
     duration: Duration,
