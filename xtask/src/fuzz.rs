@@ -10,6 +10,11 @@
 //! `unsafe`, but the decoders reach C (aws-lc) and dependencies' unsafe
 //! code; `--sanitizer none` roughly doubles the executions per second.
 //!
+//! `--dev` builds without optimisation (cargo-fuzz's `--dev`): the targets
+//! link the whole product, and on a 2-core machine the optimised
+//! instrumented build takes over an hour while the dev one takes a fraction
+//! of it; each input then runs slower. For a smoke run, not for long ones.
+//!
 //! The build lives in `fuzz/target` (kept between runs). Runs grow a
 //! working corpus under `fuzz/target/corpus/<target>`; the checked-in seeds
 //! in `fuzz/corpus/<target>` are only read. A crash leaves its input in
@@ -29,25 +34,28 @@ const SMOKE_RUN: Duration = Duration::from_secs(168);
 const INPUT_TIMEOUT_SECS: u64 = 10;
 
 const USAGE: &str = "\
-usage: cargo xtask fuzz --smoke [--sanitizer S]
-       cargo xtask fuzz <target> [--time DURATION] [--sanitizer S] [-- <libFuzzer flags>]
+usage: cargo xtask fuzz --smoke [--sanitizer S] [--dev]
+       cargo xtask fuzz <target> [--time DURATION] [--sanitizer S] [--dev] [-- <libFuzzer flags>]
        cargo xtask fuzz --list
        cargo xtask fuzz --seeds
 
   --smoke        build every target and run each on its seeds for a share of 168 s
   <target>       run one target (for DURATION: 90s, 30m, 4h; default until it finds a crash)
   --sanitizer S  address (default) or none
+  --dev          unoptimised build: much faster to build, slower to run
   --list         the targets
   --seeds        rewrite the seed corpus (fuzz/corpus/) from the fixtures and encoders
 ";
 
 struct Options {
     sanitizer: String,
+    dev: bool,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut options = Options {
         sanitizer: "address".to_string(),
+        dev: false,
     };
     let mut time = None;
     let mut positional = Vec::new();
@@ -58,6 +66,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--sanitizer" => {
                 options.sanitizer = it.next().context("--sanitizer needs a value")?.clone();
             }
+            "--dev" => options.dev = true,
             "--time" => {
                 let value = it.next().context("--time needs a value such as 4h")?;
                 time = Some(parse_duration(value)?);
@@ -161,6 +170,7 @@ fn cargo_fuzz(subcommand: &str, options: &Options) -> Command {
     cmd.args(["fuzz", subcommand, "--fuzz-dir"])
         .arg(fuzz_dir())
         .args(["--sanitizer", &options.sanitizer])
+        .args(options.dev.then_some("--dev"))
         .env("RUSTC_BOOTSTRAP", "1")
         // The workspace's target dir (if the caller set one) is for the
         // uninstrumented build; the fuzz build keeps its own.
