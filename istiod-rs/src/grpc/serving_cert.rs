@@ -99,20 +99,25 @@ impl ServingCert {
         Ok(())
     }
 
-    /// Renews at half of each certificate's life until `shutdown`.
+    /// Renews at half of each certificate's life, and at once when the CA
+    /// swaps its material (as upstream's `updateRootCertAndGenKeyCert`
+    /// after a plug-in reload), until `shutdown`.
     pub async fn keep_fresh(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ca_changes = self.ca.subscribe();
+        ca_changes.mark_unchanged();
         let mut next = self.renew_at();
         loop {
             let wait = next
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            tokio::select! {
+            let ca_changed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+                _ = tokio::time::sleep(wait) => false,
+                changed = ca_changes.changed() => changed.is_ok(),
+            };
             next = match self.renew() {
                 Ok(()) => {
-                    tracing::info!(identity = %self.identity, not_after = ?self.not_after(), "renewed istiod's serving certificate");
+                    tracing::info!(identity = %self.identity, not_after = ?self.not_after(), ca_changed, "renewed istiod's serving certificate");
                     self.renew_at()
                 }
                 Err(error) => {
