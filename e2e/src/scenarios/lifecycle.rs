@@ -56,14 +56,14 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// What the traffic running across a disruption reported.
-struct Traffic {
+pub(crate) struct Traffic {
     load: LoadReport,
     fresh: ConnectProbeReport,
 }
 
 impl Traffic {
     /// Fails unless every request and every new connection succeeded.
-    fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
+    pub(crate) fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
         load_flowed(
             &format!("{RATE} req/s over long-lived connections {what}"),
             &self.load,
@@ -80,7 +80,7 @@ impl Traffic {
         Ok(())
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} requests at {:.0}/s over {CONNECTIONS} long-lived connections, {} errors; \
              {} new connections, {} failed (longest gap {:.0} ms)",
@@ -98,7 +98,7 @@ impl Traffic {
 /// over long-lived connections to the server on the other node, and the
 /// second client opens a new connection to the other server every
 /// [`PROBE_INTERVAL`], both for `duration`.
-fn across<T>(
+pub(crate) fn across<T>(
     cluster: &dyn Cluster,
     f: &L4Fixture,
     duration: Duration,
