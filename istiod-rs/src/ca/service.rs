@@ -167,7 +167,8 @@ impl CaMetrics {
     }
 
     /// Sets the expiry gauges from what `ca` signs with now (again after a
-    /// reload, as upstream's `RecordCertsExpiry` is).
+    /// reload, as upstream istiod's `handleEvent` in istio/istio
+    /// `pilot/pkg/bootstrap/istio_ca.go` calls `RecordCertsExpiry`).
     pub fn record_expiry(&self, ca: &CertificateAuthority) {
         self.chain_expiry.set(unix_seconds(ca.chain_not_after()));
         self.root_expiry.set(unix_seconds(ca.root_not_after()));

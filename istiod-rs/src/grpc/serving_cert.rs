@@ -30,6 +30,9 @@ pub struct ServingCert {
     dns_names: Vec<String>,
     lifetime: Duration,
     current: ArcSwap<Current>,
+    /// The CA's generation the first certificate was issued under: a swap
+    /// before [`Self::keep_fresh`] starts watching is not missed.
+    issued_under: u64,
 }
 
 impl std::fmt::Debug for ServingCert {
@@ -59,8 +62,10 @@ impl ServingCert {
         dns_names: Vec<String>,
         lifetime: Duration,
     ) -> Result<Arc<Self>, ServingCertError> {
+        let issued_under = *ca.subscribe().borrow();
         let current = issue(&ca, &identity, &dns_names, lifetime)?;
         Ok(Arc::new(ServingCert {
+            issued_under,
             ca,
             identity,
             dns_names,
@@ -100,12 +105,16 @@ impl ServingCert {
     }
 
     /// Renews at half of each certificate's life, and at once when the CA
-    /// swaps its material (as upstream's `updateRootCertAndGenKeyCert`
-    /// after a plug-in reload), until `shutdown`.
+    /// swaps its material (as upstream istiod after a plug-in reload:
+    /// istio/istio `pilot/pkg/bootstrap/istio_ca.go`, `handleEvent` calls
+    /// `updateRootCertAndGenKeyCert`), until `shutdown`.
     pub async fn keep_fresh(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ca_changes = self.ca.subscribe();
-        ca_changes.mark_unchanged();
-        let mut next = self.renew_at();
+        let mut next = if *ca_changes.borrow_and_update() == self.issued_under {
+            self.renew_at()
+        } else {
+            SystemTime::now()
+        };
         loop {
             let wait = next
                 .duration_since(SystemTime::now())
