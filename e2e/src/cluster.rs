@@ -517,6 +517,12 @@ pub trait Cluster: Send + Sync {
         None
     }
 
+    /// The plug-in CA directory istiod-rs signs with and watches, when the
+    /// cluster runs it on one (the local cluster's `--cacerts-dir`).
+    fn cacerts_directory(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Takes a mesh component down: istiod-rs (in Kubernetes: scaled to
     /// zero), a node's ztunnel-rs (SIGTERM: it drains), or a node's agent
     /// (SIGKILL, as a crash or an OOM kill would). What the proxies hold

@@ -1125,6 +1125,10 @@ impl Cluster for ClusterCore {
         Some(self.config_dir())
     }
 
+    fn cacerts_directory(&self) -> Option<PathBuf> {
+        self.running_mesh().ok()?.config.cacerts_dir.clone()
+    }
+
     fn istioctl(
         &self,
         beside: &ProxyRef,
@@ -1286,6 +1290,10 @@ impl Cluster for LocalCluster {
 
     fn config_directory(&self) -> Option<PathBuf> {
         self.core.config_directory()
+    }
+
+    fn cacerts_directory(&self) -> Option<PathBuf> {
+        self.core.cacerts_directory()
     }
 
     fn stop_component(&self, component: &ProxyRef) -> Result<(), ClusterError> {

@@ -127,6 +127,11 @@ pub struct MeshConfig {
     pub log: String,
     /// How long a component may take to become ready.
     pub ready_timeout: Duration,
+    /// A plug-in CA directory (upstream's `cacerts` layout) istiod-rs
+    /// signs with and watches, instead of its self-signed root; the
+    /// proxies' root file is its `root-cert.pem`, as the
+    /// `istio-ca-root-cert` ConfigMap would carry it.
+    pub cacerts_dir: Option<PathBuf>,
 }
 
 impl Default for MeshConfig {
@@ -143,6 +148,7 @@ impl Default for MeshConfig {
             drain_deadline: Duration::from_secs(2),
             log: "info".into(),
             ready_timeout: Duration::from_secs(60),
+            cacerts_dir: None,
         }
     }
 }
@@ -600,8 +606,16 @@ impl MeshRuntime {
     /// The mesh root istiod-rs's CA keeps (PEM): what the
     /// `istio-ca-root-cert` ConfigMap istiod-rs publishes in Kubernetes holds.
     pub fn root_cert_pem(&self) -> Result<String, MeshError> {
-        let path = self.layout.root_cert();
+        let path = self.root_cert();
         fs::read_to_string(&path).map_err(|source| MeshError::Read { path, source })
+    }
+
+    /// The mesh root file the proxies trust istiod with.
+    pub fn root_cert(&self) -> PathBuf {
+        match &self.config.cacerts_dir {
+            Some(dir) => dir.join("root-cert.pem"),
+            None => self.layout.root_cert(),
+        }
     }
 
     fn lock_tokens(&self) -> MutexGuard<'_, Tokens> {
@@ -667,7 +681,8 @@ impl MeshRuntime {
     }
 
     fn istiod_spec(&self) -> ProcessSpec {
-        ProcessSpec::new("istiod", &self.binaries.istiod)
+        let spec = ProcessSpec::new("istiod", &self.binaries.istiod)
+            .env("RUST_LOG", &self.config.log)
             .arg("--config-dir")
             .arg(&self.config_dir)
             .arg("--token-file")
@@ -679,8 +694,15 @@ impl MeshRuntime {
             .arg("--waypoint-xds-address")
             .arg(format!("{}:{}", self.istiod_ip, api::ports::ISTIOD_TLS))
             .arg("--waypoint-log-level")
-            .arg(&self.config.log)
-            .env("RUST_LOG", &self.config.log)
+            .arg(&self.config.log);
+        match &self.config.cacerts_dir {
+            Some(dir) => spec
+                .arg("--cacerts-dir")
+                .arg(dir)
+                .arg("--cacerts-poll-interval")
+                .arg("1s"),
+            None => spec,
+        }
     }
 
     fn node_agent_spec(&self, node: &str) -> ProcessSpec {
@@ -716,7 +738,7 @@ impl MeshRuntime {
             .arg("--token-file")
             .arg(self.layout.node_token(node))
             .arg("--root-cert")
-            .arg(self.layout.root_cert())
+            .arg(self.root_cert())
             .arg("--zds-socket")
             .arg(self.layout.zds_socket(node))
             .arg("--trust-domain")

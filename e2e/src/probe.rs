@@ -343,6 +343,9 @@ pub struct CertificateSummary {
     pub expires: String,
     /// Serial numbers of the roots it is verified against.
     pub roots: Vec<String>,
+    /// Serial numbers of the intermediates sent with it (its chain after
+    /// the leaf).
+    pub intermediates: Vec<String>,
 }
 
 /// The certificates a node's ztunnel-rs holds, by identity.
@@ -386,6 +389,11 @@ pub fn certificates(
                 valid_from: text(&leaf, "validFrom"),
                 expires: text(&leaf, "expirationTime"),
                 roots,
+                intermediates: chain
+                    .iter()
+                    .skip(1)
+                    .map(|c| text(c, "serialNumber"))
+                    .collect(),
             }
         })
         .collect())

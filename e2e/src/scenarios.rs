@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod node_agent;
 pub mod on_demand;
 pub mod policies;
+pub mod rotation;
 pub mod service_entry;
 pub mod soak;
 pub mod upgrade;

@@ -46,8 +46,9 @@ use crate::auth::Authenticator;
 use crate::auth::token_file::{TokenFile, TokenFileError};
 use crate::auth::token_review::{TokenReviewAuthenticator, TokenReviewConfig};
 use crate::ca::impersonation::NodeLookup;
+use crate::ca::reload::ReloadMetrics;
 use crate::ca::service::CertificateService;
-use crate::ca::{CaConfig, CaError, CertificateAuthority, root};
+use crate::ca::{CaConfig, CaError, CertificateAuthority, PluginWatcher, root};
 use crate::grpc::{GrpcConfig, GrpcError, GrpcServer};
 use crate::index::{IpAllocator, MeshConfig, json};
 use crate::jwks::JwksConfig;
@@ -368,7 +369,7 @@ impl App {
                 ));
                 let provisioner = provision::Sink::Kube(provision::kube::KubeProvisioner::new(
                     client.clone(),
-                    ca.roots_pem(),
+                    ca.watch_roots_pem(),
                     status::system_clock(),
                 ));
                 let on_demand = provision::on_demand::OnDemandSink::Kube(
@@ -381,7 +382,7 @@ impl App {
                     let keeper = ConfigurationKeeper::new(
                         client,
                         &webhook.configuration_name,
-                        ca.roots_pem(),
+                        ca.watch_roots_pem(),
                         &root_namespace,
                         (webhook.retry_min, webhook.retry_max),
                     );
@@ -452,6 +453,15 @@ impl App {
         let nodes: Arc<dyn NodeLookup> = store.clone();
         let certificates =
             CertificateService::new(ca.clone(), authenticator.clone(), nodes, &mut registry);
+        // A rotated plug-in CA is picked up without a restart.
+        let reload_metrics = ReloadMetrics::default();
+        reload_metrics.register(&mut registry);
+        if let Some(watcher) = PluginWatcher::new(ca.clone(), reload_metrics) {
+            let watcher = watcher.with_ca_metrics(certificates.metrics().clone());
+            background.push(tokio::spawn(
+                watcher.run(ca.config().plugin_poll_interval, shutdown.clone()),
+            ));
+        }
 
         // The TLS port requires a token for xDS, the plaintext one checks a
         // token only when one is sent. The CA always requires one.
@@ -621,7 +631,7 @@ fn stopped(what: &str, result: Result<Result<(), AppError>, tokio::task::JoinErr
 
 /// Where the roots proxies must trust are on disk.
 fn root_cert_path(ca: &CertificateAuthority) -> PathBuf {
-    match ca.source() {
+    match &ca.source() {
         root::RootSource::PlugIn { dir } | root::RootSource::SelfSigned { dir, .. } => {
             dir.join(root::ROOT_CERT)
         }

@@ -47,6 +47,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::state::{ClusterState, Store};
@@ -269,6 +270,14 @@ pub enum Sink {
 }
 
 impl Sink {
+    /// The mesh roots the sink publishes, when it publishes them.
+    fn roots(&self) -> Option<watch::Receiver<String>> {
+        match self {
+            Sink::Kube(k) => Some(k.roots()),
+            Sink::Directory(_) => None,
+        }
+    }
+
     /// Brings what is provisioned in line with `plan`; the errors of the
     /// writes that failed (to retry).
     async fn sync(
@@ -309,6 +318,7 @@ pub async fn run(
         return;
     }
     let mut changes = store.changes();
+    let mut roots = sink.roots();
     let mut invalid: BTreeMap<ObjectKey, String> = BTreeMap::new();
     let mut delay = config.retry_min;
     // The plan of the Gateways last seen: most changes are of pods, which
@@ -334,16 +344,31 @@ pub async fn run(
         }
         if errors.is_empty() {
             delay = config.retry_min;
-            if changes.changed().await.is_err() {
+            if !next_change(&mut changes, &mut roots).await {
                 return;
             }
             continue;
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            r = changes.changed() => if r.is_err() { return },
+            more = next_change(&mut changes, &mut roots) => if !more { return },
         }
         delay = (delay * 2).min(config.retry_max);
+    }
+}
+
+/// Waits for a change of the cluster state or of the published roots;
+/// false once the store is gone.
+async fn next_change<T>(
+    changes: &mut watch::Receiver<T>,
+    roots: &mut Option<watch::Receiver<String>>,
+) -> bool {
+    match roots {
+        Some(roots) => tokio::select! {
+            r = changes.changed() => r.is_ok(),
+            Ok(()) = roots.changed() => true,
+        },
+        None => changes.changed().await.is_ok(),
     }
 }
 

@@ -22,5 +22,7 @@ pub use ca_client::CaClient;
 pub use certificate::{
     CertificateError, CertificateRequest, CertificateSigner, SignFuture, WorkloadCertificate, issue,
 };
-pub use control_plane::{AuthenticatedChannel, BearerToken, ControlPlane, ControlPlaneError};
+pub use control_plane::{
+    AuthenticatedChannel, BearerToken, ControlPlane, ControlPlaneError, LearnedRoots,
+};
 pub use manager::{CertificateManager, CertificateStatus, FetchError, ManagerConfig};

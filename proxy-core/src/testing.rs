@@ -124,7 +124,7 @@ impl TestCa {
         let chain = self
             .sign_csr(&csr, identity, Duration::from_secs(24 * 3600))
             .expect("sign test certificate");
-        WorkloadCertificate::from_signed_chain(identity, &key, &chain, &self.roots())
+        WorkloadCertificate::from_signed_chain(identity, &key, &chain)
             .expect("test certificate validates")
     }
 
@@ -249,7 +249,7 @@ impl TestSigner {
 
     /// A manager that gets its certificates from this signer.
     pub fn manager(self: &Arc<Self>, config: ManagerConfig) -> CertificateManager {
-        CertificateManager::new(self.clone(), self.ca.roots(), config)
+        CertificateManager::new(self.clone(), config)
     }
 
     /// Issue certificates with this lifetime whatever is asked (`None`: as asked).

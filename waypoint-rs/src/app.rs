@@ -21,7 +21,9 @@ use proxy_core::admin::{AdminState, Readiness, ServerAddrs, Servers};
 use proxy_core::hbone::{
     DirectConnect, HboneError, HbonePool, HboneServer, Http2Settings, PoolConfig,
 };
-use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
+use proxy_core::identity::{
+    CaClient, CertificateManager, ControlPlane, LearnedRoots, ManagerConfig,
+};
 use proxy_core::listener::ListenerMetrics;
 use proxy_core::log_limit::LogLimit;
 use proxy_core::store::WorkloadStore;
@@ -172,6 +174,7 @@ fn control_plane(
     address: &str,
     args: &WaypointArgs,
     roots: &[rustls::pki_types::CertificateDer<'static>],
+    learned: &LearnedRoots,
 ) -> anyhow::Result<ControlPlane> {
     let (tls, host_port) = match address.split_once("://") {
         Some(("https", rest)) => (!args.plaintext, rest),
@@ -183,7 +186,10 @@ fn control_plane(
     };
     let host_port = host_port.trim_end_matches('/');
     let plane = if tls {
-        ControlPlane::tls(host_port, roots.to_vec()).with_server_name(&args.istiod_server_name)
+        ControlPlane::tls(host_port, roots.to_vec())
+            .with_root_file(&args.root_cert)
+            .with_learned_roots(learned.clone())
+            .with_server_name(&args.istiod_server_name)
     } else {
         ControlPlane::plaintext(host_port)
     };
@@ -199,16 +205,19 @@ impl App {
         crate::http::jwt::crypto_provider().context("JWT verification")?;
         let roots = proxy_core::tls::load_pem_certificates(&args.root_cert).with_context(|| {
             format!(
-                "--root-cert {}: the mesh root certificate is needed to verify istiod and peers",
+                "--root-cert {}: the mesh root certificate is needed to verify istiod",
                 args.root_cert.display()
             )
         })?;
         let identity = args.identity()?;
         let config = args.proxy()?;
-        let xds_plane = control_plane("--xds-address", &args.xds_address, &args, &roots)?;
+        // istiod is trusted by the root file and by the roots the CA sends
+        // with certificates (a root rotation reaches the latter first).
+        let learned = LearnedRoots::default();
+        let xds_plane = control_plane("--xds-address", &args.xds_address, &args, &roots, &learned)?;
         let ca_plane = match &args.ca_address {
-            Some(address) => control_plane("--ca-address", address, &args, &roots)?,
-            None => control_plane("--xds-address", &args.xds_address, &args, &roots)?,
+            Some(address) => control_plane("--ca-address", address, &args, &roots, &learned)?,
+            None => control_plane("--xds-address", &args.xds_address, &args, &roots, &learned)?,
         };
 
         let stop = CancellationToken::new();
@@ -222,10 +231,10 @@ impl App {
         let ca = CaClient::new(&ca_plane).context("--ca-address")?;
         let certificates = CertificateManager::new(
             Arc::new(ca),
-            roots,
             ManagerConfig {
                 validity: args.certificate_ttl,
                 impersonate: false,
+                learned_roots: Some(learned.clone()),
                 ..ManagerConfig::default()
             },
         );

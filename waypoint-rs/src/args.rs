@@ -46,7 +46,9 @@ pub struct WaypointArgs {
     /// istiod's CA address, when it is not the xDS address.
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
-    /// The mesh root certificate (PEM): verifies istiod and every HBONE peer.
+    /// The mesh root certificate(s) (PEM) istiod is verified against; re-read
+    /// for each new connection to istiod. HBONE peers are verified against
+    /// the trust bundle the CA sends with each certificate.
     #[arg(
         long,
         env = "CA_ROOT_CA",

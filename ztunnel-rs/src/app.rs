@@ -18,7 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use proxy_core::admin::{AdminState, Readiness, ServerAddrs, ServerConfig, Servers};
 use proxy_core::hbone::{Http2Settings, Keepalive};
-use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
+use proxy_core::identity::{
+    CaClient, CertificateManager, ControlPlane, LearnedRoots, ManagerConfig,
+};
 use proxy_core::listener::ListenerLimits;
 use proxy_core::store::WorkloadStore;
 use proxy_core::xds::{
@@ -54,7 +56,9 @@ pub struct ProxyArgs {
     /// istiod's CA address, when it is not the xDS address.
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
-    /// The mesh root certificate (PEM): verifies istiod and every HBONE peer.
+    /// The mesh root certificate(s) (PEM) istiod is verified against; re-read
+    /// for each new connection to istiod. HBONE peers are verified against
+    /// the trust bundle the CA sends with each certificate.
     #[arg(
         long,
         env = "CA_ROOT_CA",
@@ -417,9 +421,12 @@ fn control_plane(
     args: &ProxyArgs,
     endpoint: &Endpoint,
     roots: &[rustls::pki_types::CertificateDer<'static>],
+    learned: &LearnedRoots,
 ) -> ControlPlane {
     let plane = if endpoint.tls {
         ControlPlane::tls(&endpoint.host_port, roots.to_vec())
+            .with_root_file(&args.root_cert)
+            .with_learned_roots(learned.clone())
             .with_server_name(&args.istiod_server_name)
     } else {
         ControlPlane::plaintext(&endpoint.host_port)
@@ -450,7 +457,7 @@ impl App {
         proxy_core::tls::install_default_provider();
         let roots = proxy_core::tls::load_pem_certificates(&args.root_cert).with_context(|| {
             format!(
-                "--root-cert {}: the mesh root certificate is needed to verify istiod and peers",
+                "--root-cert {}: the mesh root certificate is needed to verify istiod",
                 args.root_cert.display()
             )
         })?;
@@ -459,8 +466,11 @@ impl App {
             Some(address) => endpoint("--ca-address", address, args.plaintext)?,
             None => endpoint("--xds-address", &args.xds_address, args.plaintext)?,
         };
-        let xds_plane = control_plane(&args, &xds_endpoint, &roots);
-        let ca_plane = control_plane(&args, &ca_endpoint, &roots);
+        // istiod is trusted by the root file and by the roots the CA sends
+        // with certificates (a root rotation reaches the latter first).
+        let learned = LearnedRoots::default();
+        let xds_plane = control_plane(&args, &xds_endpoint, &roots, &learned);
+        let ca_plane = control_plane(&args, &ca_endpoint, &roots, &learned);
         let node_ip = args
             .node_ip
             .or_else(|| local_ip_towards(&xds_endpoint.host_port))
@@ -476,10 +486,10 @@ impl App {
         let ca = CaClient::new(&ca_plane).context("--ca-address")?;
         let certificates = CertificateManager::new(
             Arc::new(ca),
-            roots,
             ManagerConfig {
                 validity: args.certificate_ttl,
                 impersonate: true,
+                learned_roots: Some(learned.clone()),
                 ..ManagerConfig::default()
             },
         );

@@ -56,14 +56,14 @@ pub fn all() -> Vec<Scenario> {
 }
 
 /// What the traffic running across a disruption reported.
-pub(super) struct Traffic {
-    pub(super) load: LoadReport,
-    pub(super) fresh: ConnectProbeReport,
+pub(crate) struct Traffic {
+    pub(crate) load: LoadReport,
+    pub(crate) fresh: ConnectProbeReport,
 }
 
 impl Traffic {
     /// Fails unless every request and every new connection succeeded.
-    pub(super) fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
+    pub(crate) fn lost_nothing(&self, what: &str) -> Result<(), ProbeError> {
         load_flowed(
             &format!("{RATE} req/s over long-lived connections {what}"),
             &self.load,
@@ -80,7 +80,7 @@ impl Traffic {
         Ok(())
     }
 
-    pub(super) fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} requests at {:.0}/s over {CONNECTIONS} long-lived connections, {} errors; \
              {} new connections, {} failed (longest gap {:.0} ms)",
@@ -99,7 +99,7 @@ impl Traffic {
 /// second client opens a new connection to the other server every
 /// [`PROBE_INTERVAL`], both for `duration`. `during` starts once the
 /// long-lived connections are up and [`MARGIN`] has passed.
-pub(super) fn across<T>(
+pub(crate) fn across<T>(
     cluster: &dyn Cluster,
     f: &L4Fixture,
     duration: Duration,

@@ -70,6 +70,10 @@ pub struct Args {
     /// when it holds ca-key.pem.
     #[arg(long, env = "CACERTS_DIR", value_name = "DIR")]
     pub cacerts_dir: Option<PathBuf>,
+    /// How often the plug-in CA directory is checked for new material
+    /// (a rotated `cacerts` Secret), which is then used without a restart.
+    #[arg(long, env = "CACERTS_POLL_INTERVAL", default_value = "5s", value_parser = parse_timeout)]
+    pub cacerts_poll_interval: Duration,
     /// Trust domain of every identity (`spiffe://<trust-domain>/ns/../sa/..`).
     #[arg(long, env = "TRUST_DOMAIN", default_value = api::labels::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -396,6 +400,7 @@ impl Args {
         }
         let mut ca = CaConfig::new(&self.trust_domain, &self.data_dir);
         ca.plugin_dir = plugin_dir;
+        ca.plugin_poll_interval = self.cacerts_poll_interval;
         ca.default_cert_ttl = self.default_cert_ttl;
         ca.max_cert_ttl = self.max_cert_ttl;
         ca.trusted_node_agents = self.trusted_node_agent;

@@ -80,6 +80,17 @@ pub struct CaMetrics {
     signing: Histogram,
     impersonations: Family<NodeSourceLabels, Counter>,
     impersonation_refusals: Family<RefusalLabels, Counter>,
+    chain_expiry: Gauge<i64>,
+    root_expiry: Gauge<i64>,
+}
+
+/// Seconds since the Unix epoch, for the expiry gauges.
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
 impl CaMetrics {
@@ -97,24 +108,17 @@ impl CaMetrics {
             "Time to check a CSR and sign its certificate",
             signing.clone(),
         );
-        let unix = |t: std::time::SystemTime| {
-            let secs = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            let gauge = Gauge::<i64>::default();
-            gauge.set(i64::try_from(secs).unwrap_or(i64::MAX));
-            gauge
-        };
+        let chain_expiry = Gauge::<i64>::default();
+        let root_expiry = Gauge::<i64>::default();
         registry.register(
             "citadel_server_cert_chain_expiry_timestamp",
             "When the first certificate of the CA's chain (signing cert .. root) expires, in Unix seconds",
-            unix(ca.chain_not_after()),
+            chain_expiry.clone(),
         );
         registry.register(
             "citadel_server_root_cert_expiry_timestamp",
             "When the CA's root certificate expires, in Unix seconds",
-            unix(ca.root_not_after()),
+            root_expiry.clone(),
         );
         let upstream = UpstreamCaCounters::default();
         registry.register(
@@ -149,13 +153,25 @@ impl CaMetrics {
             "ImpersonatedIdentity requests refused, by reason (istiod's log names the caller and why)",
             impersonation_refusals.clone(),
         );
-        CaMetrics {
+        let metrics = CaMetrics {
             requests,
             upstream,
             signing,
             impersonations,
             impersonation_refusals,
-        }
+            chain_expiry,
+            root_expiry,
+        };
+        metrics.record_expiry(ca);
+        metrics
+    }
+
+    /// Sets the expiry gauges from what `ca` signs with now (again after a
+    /// reload, as upstream istiod's `handleEvent` in istio/istio
+    /// `pilot/pkg/bootstrap/istio_ca.go` calls `RecordCertsExpiry`).
+    pub fn record_expiry(&self, ca: &CertificateAuthority) {
+        self.chain_expiry.set(unix_seconds(ca.chain_not_after()));
+        self.root_expiry.set(unix_seconds(ca.root_not_after()));
     }
 
     fn count(&self, outcome: Outcome) {

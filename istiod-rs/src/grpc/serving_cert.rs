@@ -30,6 +30,9 @@ pub struct ServingCert {
     dns_names: Vec<String>,
     lifetime: Duration,
     current: ArcSwap<Current>,
+    /// The CA's generation the first certificate was issued under: a swap
+    /// before [`Self::keep_fresh`] starts watching is not missed.
+    issued_under: u64,
 }
 
 impl std::fmt::Debug for ServingCert {
@@ -59,8 +62,10 @@ impl ServingCert {
         dns_names: Vec<String>,
         lifetime: Duration,
     ) -> Result<Arc<Self>, ServingCertError> {
+        let issued_under = *ca.subscribe().borrow();
         let current = issue(&ca, &identity, &dns_names, lifetime)?;
         Ok(Arc::new(ServingCert {
+            issued_under,
             ca,
             identity,
             dns_names,
@@ -99,20 +104,29 @@ impl ServingCert {
         Ok(())
     }
 
-    /// Renews at half of each certificate's life until `shutdown`.
+    /// Renews at half of each certificate's life, and at once when the CA
+    /// swaps its material (as upstream istiod after a plug-in reload:
+    /// istio/istio `pilot/pkg/bootstrap/istio_ca.go`, `handleEvent` calls
+    /// `updateRootCertAndGenKeyCert`), until `shutdown`.
     pub async fn keep_fresh(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut next = self.renew_at();
+        let mut ca_changes = self.ca.subscribe();
+        let mut next = if *ca_changes.borrow_and_update() == self.issued_under {
+            self.renew_at()
+        } else {
+            SystemTime::now()
+        };
         loop {
             let wait = next
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            tokio::select! {
+            let ca_changed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+                _ = tokio::time::sleep(wait) => false,
+                changed = ca_changes.changed() => changed.is_ok(),
+            };
             next = match self.renew() {
                 Ok(()) => {
-                    tracing::info!(identity = %self.identity, not_after = ?self.not_after(), "renewed istiod's serving certificate");
+                    tracing::info!(identity = %self.identity, not_after = ?self.not_after(), ca_changed, "renewed istiod's serving certificate");
                     self.renew_at()
                 }
                 Err(error) => {

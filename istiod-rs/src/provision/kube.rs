@@ -24,6 +24,7 @@ use api::manifest::ObjectKey;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use super::gateway_status::{self, GatewayStatus};
 use super::{FIELD_MANAGER, Plan, ProvisionError, ProvisionMetrics, Rendered, describe, root_cert};
@@ -34,7 +35,7 @@ use crate::status::Clock;
 pub struct KubeProvisioner {
     client: Client,
     clock: Clock,
-    roots_pem: String,
+    roots_pem: watch::Receiver<String>,
     /// The body last applied of each object, by `Kind ns/name`.
     applied: BTreeMap<String, Value>,
     /// ServiceAccounts and Services applied and since seen in the cluster
@@ -47,8 +48,8 @@ pub struct KubeProvisioner {
 
 impl KubeProvisioner {
     /// `roots_pem`: the mesh roots, published in each namespace with a
-    /// waypoint.
-    pub fn new(client: Client, roots_pem: String, clock: Clock) -> Self {
+    /// waypoint, again whenever they change.
+    pub fn new(client: Client, roots_pem: watch::Receiver<String>, clock: Clock) -> Self {
         KubeProvisioner {
             client,
             clock,
@@ -57,6 +58,11 @@ impl KubeProvisioner {
             observed: BTreeSet::new(),
             written: BTreeMap::new(),
         }
+    }
+
+    /// The roots it publishes, as they change.
+    pub fn roots(&self) -> watch::Receiver<String> {
+        self.roots_pem.clone()
     }
 
     /// Applies what differs from `plan`; the errors of failed writes.
@@ -75,7 +81,8 @@ impl KubeProvisioner {
             .collect();
         let mut root_failed: BTreeMap<&str, ProvisionError> = BTreeMap::new();
         for namespace in namespaces {
-            let body = root_cert::config_map(namespace, &self.roots_pem);
+            let roots_pem = self.roots_pem.borrow().clone();
+            let body = root_cert::config_map(namespace, &roots_pem);
             wanted.insert(describe(&body));
             if let Err(e) = self.apply_if_changed(&body, metrics).await {
                 root_failed.insert(namespace, e);

@@ -28,6 +28,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -121,7 +122,7 @@ pub struct ConfigurationKeeper {
     configurations: Api<ValidatingWebhookConfiguration>,
     probes: Api<AuthorizationPolicy>,
     name: String,
-    ca_bundle: Vec<u8>,
+    ca_bundle: watch::Receiver<String>,
     retry_min: Duration,
     retry_max: Duration,
 }
@@ -135,12 +136,13 @@ impl std::fmt::Debug for ConfigurationKeeper {
 }
 
 impl ConfigurationKeeper {
-    /// Keeps configuration `name` holding `ca_bundle` (PEM); the dry run
+    /// Keeps configuration `name` holding `ca_bundle` (PEM, the mesh roots
+    /// as they change); the dry run
     /// goes to `probe_namespace` (the root namespace, which exists).
     pub fn new(
         client: kube::Client,
         name: impl Into<String>,
-        ca_bundle: impl Into<Vec<u8>>,
+        ca_bundle: watch::Receiver<String>,
         probe_namespace: &str,
         retry: (Duration, Duration),
     ) -> Self {
@@ -148,7 +150,7 @@ impl ConfigurationKeeper {
             configurations: Api::all(client.clone()),
             probes: Api::namespaced(client, probe_namespace),
             name: name.into(),
-            ca_bundle: ca_bundle.into(),
+            ca_bundle,
             retry_min: retry.0,
             retry_max: retry.1.max(retry.0),
         }
@@ -156,6 +158,7 @@ impl ConfigurationKeeper {
 
     /// Watches the configuration and brings it in line until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut roots = self.ca_bundle.clone();
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let mut events = watcher::watcher(self.configurations.clone(), config)
             .default_backoff()
@@ -190,6 +193,8 @@ impl ConfigurationKeeper {
                     }
                 },
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
+                // The CA's roots changed (a plug-in CA rotation): patch.
+                Ok(()) = roots.changed() => {}
             }
             retry_at = None;
             let Some(configuration) = current.take() else {
@@ -218,7 +223,8 @@ impl ConfigurationKeeper {
         proven: &mut bool,
     ) -> Result<ValidatingWebhookConfiguration, ConfigurationError> {
         loop {
-            match plan(&current, &self.ca_bundle, *proven) {
+            let ca_bundle = self.ca_bundle.borrow().clone();
+            match plan(&current, ca_bundle.as_bytes(), *proven) {
                 Plan::Settled => return Ok(current),
                 Plan::Patch(patch) => {
                     let params = PatchParams {

@@ -304,7 +304,6 @@ async fn kubernetes_mode_watches_the_api_and_checks_tokens_with_token_review() {
         .unwrap();
     let manager = CertificateManager::new(
         Arc::new(ca),
-        roots,
         ManagerConfig {
             impersonate: true,
             ..ManagerConfig::default()

@@ -108,7 +108,7 @@ impl Istiod {
     ) -> Result<Vec<String>, tonic::Status> {
         let mut client = tokio::time::timeout(
             PATIENCE,
-            client::tls_channel(self.tls_addr, self.ca.roots()),
+            client::tls_channel(self.tls_addr, &self.ca.roots()),
         )
         .await
         .unwrap()
@@ -220,7 +220,7 @@ async fn a_valid_token_gets_a_certificate_for_exactly_its_identity() {
     assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
     assert_eq!(lifetime(&leaf), Duration::from_secs(24 * 3600));
     assert_eq!(chain.len(), 2, "leaf and self-signed root");
-    assert_chains_to(&chain, istiod.ca.roots());
+    assert_chains_to(&chain, &istiod.ca.roots());
     assert_eq!(istiod.metrics.requests(Outcome::success), 1);
     istiod.stop().await;
 }
@@ -263,7 +263,7 @@ async fn a_node_agent_gets_certificates_only_for_pods_on_its_node() {
         .await
         .unwrap();
     assert_eq!(sans(&der(&chain[0])), [format!("URI:{server}")]);
-    assert_chains_to(&chain, istiod.ca.roots());
+    assert_chains_to(&chain, &istiod.ca.roots());
 
     // demo/remote runs only on node-2.
     let denied = istiod
@@ -361,7 +361,7 @@ async fn the_bearer_scheme_is_case_insensitive() {
             "authorization",
             format!("{scheme}  client-token").parse().unwrap(),
         );
-        let mut channel = client::tls_channel(istiod.tls_addr, istiod.ca.roots())
+        let mut channel = client::tls_channel(istiod.tls_addr, &istiod.ca.roots())
             .await
             .unwrap();
         let chain = tokio::time::timeout(PATIENCE, channel.create_certificate(request))
@@ -515,7 +515,7 @@ async fn the_self_signed_root_survives_a_restart() {
     let after = second.create(Some("client-token"), 0, None).await.unwrap();
     assert_eq!(before.last(), after.last(), "same root after the restart");
     // What the first run issued still verifies after the restart.
-    assert_chains_to(&before, second.ca.roots());
+    assert_chains_to(&before, &second.ca.roots());
     assert!(matches!(
         second.ca.source(),
         root::RootSource::SelfSigned { created: false, .. }
@@ -630,7 +630,7 @@ async fn a_plug_in_chain_comes_back_leaf_first() {
     assert_eq!(der(&chain[1]), *h.intermediate.der());
     assert_eq!(der(&chain[2]), *h.root.der());
     assert_eq!(istiod.ca.roots(), [h.root.der().clone()]);
-    assert_chains_to(&chain, istiod.ca.roots());
+    assert_chains_to(&chain, &istiod.ca.roots());
     assert!(
         !dir.path().join("state").exists(),
         "no self-signed root is created in plug-in mode"
@@ -650,7 +650,7 @@ fn a_plug_in_chain_without_cert_chain_pem_still_ends_at_the_root() {
     let id = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
     let chain = ca.sign_csr(&client::csr_pem(&key), &id, None).unwrap();
     assert_eq!(chain.len(), 3);
-    assert_chains_to(&chain, ca.roots());
+    assert_chains_to(&chain, &ca.roots());
 }
 
 /// What `istioctl-rs install` puts in Secret `cacerts`: one self-signed
@@ -680,7 +680,7 @@ fn a_self_signed_root_as_its_own_plug_in_ca_signs() {
     let id = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
     let chain = ca.sign_csr(&client::csr_pem(&key), &id, None).unwrap();
     assert_eq!(chain.len(), 2, "leaf, root");
-    assert_chains_to(&chain, ca.roots());
+    assert_chains_to(&chain, &ca.roots());
 }
 
 #[test]
@@ -799,7 +799,7 @@ async fn the_tls_listener_presents_istiods_identity_chained_to_the_root() {
     let tcp = tokio::net::TcpStream::connect(istiod.tls_addr)
         .await
         .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(client::client_tls(istiod.ca.roots()));
+    let connector = tokio_rustls::TlsConnector::from(client::client_tls(&istiod.ca.roots()));
     let name = rustls::pki_types::ServerName::try_from(client::ISTIOD_NAME).unwrap();
     let tls = tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
         .await
@@ -835,7 +835,7 @@ async fn the_tls_listener_presents_istiods_identity_chained_to_the_root() {
     let tcp = tokio::net::TcpStream::connect(istiod.tls_addr)
         .await
         .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(client::client_tls(istiod.ca.roots()));
+    let connector = tokio_rustls::TlsConnector::from(client::client_tls(&istiod.ca.roots()));
     let wrong = rustls::pki_types::ServerName::try_from("istiod.elsewhere.svc").unwrap();
     assert!(connector.connect(wrong, tcp).await.is_err());
 
@@ -883,8 +883,127 @@ async fn plaintext_is_served_only_when_enabled() {
         ))
         .await
         .unwrap();
-    assert_chains_to(&response.into_inner().cert_chain, both.ca.roots());
+    assert_chains_to(&response.into_inner().cert_chain, &both.ca.roots());
     // TLS keeps working alongside.
     both.create(Some("client-token"), 0, None).await.unwrap();
     both.stop().await;
+}
+
+/// Every certificate of the last element of a response (the trust bundle).
+fn bundle(chain: &[String]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(chain.last().unwrap().as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn sign_for_client(ca: &CertificateAuthority) -> Vec<String> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let id = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+    ca.sign_csr(&client::csr_pem(&key), &id, None).unwrap()
+}
+
+#[test]
+fn a_rotated_plug_in_ca_is_swapped_in_only_when_complete_and_valid() {
+    use istiod_rs::ca::Reload;
+    use istiod_rs::ca::reload::{PluginWatcher, ReloadMetrics, ReloadResult};
+
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("cacerts");
+    let (a, b) = (hierarchy(), hierarchy());
+    a.plug_in(None).write(&plugin);
+    let mut config = ca_config(dir.path());
+    config.plugin_dir = Some(plugin.clone());
+    let ca = Arc::new(CertificateAuthority::new(config).unwrap());
+    let metrics = ReloadMetrics::default();
+    let mut watcher = PluginWatcher::new(ca.clone(), metrics.clone()).unwrap();
+    assert!(matches!(watcher.check(), Some(Ok(Reload::Unchanged))));
+    assert!(watcher.check().is_none(), "nothing changed since");
+
+    // Half-written: B's certificate beside A's key. A keeps signing.
+    std::fs::write(plugin.join(root::CA_CERT), b.intermediate.pem()).unwrap();
+    let err = watcher.check().unwrap().unwrap_err().to_string();
+    assert!(err.contains(root::CA_KEY), "names the file: {err}");
+    assert_eq!(metrics.count(ReloadResult::failed), 1);
+    let chain = sign_for_client(&ca);
+    assert_eq!(der(&chain[1]), *a.intermediate.der(), "still signed by A");
+    assert_chains_to(&chain, &[a.root.der().clone()]);
+
+    // B's intermediate with A's root only: B does not chain to it.
+    std::fs::write(
+        plugin.join(root::CA_KEY),
+        b.intermediate_key.serialize_pem(),
+    )
+    .unwrap();
+    let err = watcher.check().unwrap().unwrap_err().to_string();
+    assert!(err.contains(root::CA_CERT), "names the file: {err}");
+    assert_eq!(metrics.count(ReloadResult::failed), 2);
+    assert_eq!(ca.roots(), [a.root.der().clone()]);
+
+    // Complete: intermediate B, roots A+B. B signs, both roots are sent.
+    std::fs::write(
+        plugin.join(root::ROOT_CERT),
+        format!("{}{}", a.root.pem(), b.root.pem()),
+    )
+    .unwrap();
+    assert!(matches!(watcher.check(), Some(Ok(Reload::Swapped))));
+    assert_eq!(metrics.count(ReloadResult::swapped), 1);
+    let chain = sign_for_client(&ca);
+    assert_eq!(chain.len(), 3, "leaf, intermediate, trust bundle");
+    assert_eq!(der(&chain[1]), *b.intermediate.der());
+    assert_eq!(bundle(&chain), [b.root.der().clone(), a.root.der().clone()]);
+    assert_chains_to(&chain, &ca.roots());
+    assert_eq!(ca.roots_pem(), chain[2]);
+
+    // A root change with no overlap is refused: the proxies on A would
+    // lose every peer at once.
+    let c = hierarchy();
+    c.plug_in(None).write(&plugin);
+    let err = watcher.check().unwrap().unwrap_err().to_string();
+    assert!(err.contains(root::ROOT_CERT), "names the file: {err}");
+    assert!(err.contains("overlap"), "{err}");
+    assert_eq!(ca.roots().len(), 2, "A and B still");
+
+    // The old root removed: B only.
+    b.plug_in(None).write(&plugin);
+    assert!(matches!(watcher.check(), Some(Ok(Reload::Swapped))));
+    let chain = sign_for_client(&ca);
+    assert_eq!(bundle(&chain), [b.root.der().clone()]);
+    assert_chains_to(&chain, &[b.root.der().clone()]);
+    assert_eq!(metrics.count(ReloadResult::failed), 3);
+    assert_eq!(metrics.count(ReloadResult::swapped), 2);
+}
+
+#[tokio::test]
+async fn istiods_serving_certificate_follows_a_reloaded_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("cacerts");
+    let (a, b) = (hierarchy(), hierarchy());
+    a.plug_in(None).write(&plugin);
+    let mut config = ca_config(dir.path());
+    config.plugin_dir = Some(plugin.clone());
+    let istiod = Istiod::start(dir.path(), config, grpc_config(false)).await;
+    PlugIn {
+        root_cert: format!("{}{}", a.root.pem(), b.root.pem()),
+        ..b.plug_in(None)
+    }
+    .write(&plugin);
+    assert_eq!(istiod.ca.reload().unwrap(), istiod_rs::ca::Reload::Swapped);
+    // The serving certificate is re-issued in the background: a client
+    // that trusts only B gets through once it is.
+    let only_b = [b.root.der().clone()];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let connected = client::tls_channel(istiod.tls_addr, &only_b).await;
+        if connected.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "istiod still serves a certificate from A: {connected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let chain = istiod.create(Some("client-token"), 0, None).await.unwrap();
+    assert_eq!(bundle(&chain).len(), 2);
+    istiod.stop().await;
 }

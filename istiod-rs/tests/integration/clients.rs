@@ -200,7 +200,7 @@ async fn xds_client_acks_nacks_and_resumes_after_istiod_restarts() {
 /// A certificate manager talking to istiod's CA with `token`.
 fn manager(istiod: &LocalIstiod, token: &str, config: ManagerConfig) -> CertificateManager {
     let ca = CaClient::new(&istiod.control_plane(token)).unwrap();
-    CertificateManager::new(Arc::new(ca), istiod.roots(), config)
+    CertificateManager::new(Arc::new(ca), config)
 }
 
 fn impersonating() -> ManagerConfig {

@@ -86,7 +86,6 @@ async fn ca_and_readiness_answer_while_a_file_is_being_read() {
     let ca = CaClient::new(&istiod.control_plane("ztunnel-node-a")).unwrap();
     let node_a = CertificateManager::new(
         Arc::new(ca),
-        istiod.roots(),
         ManagerConfig {
             impersonate: true,
             ..ManagerConfig::default()

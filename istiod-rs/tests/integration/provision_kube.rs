@@ -337,7 +337,11 @@ async fn a_waypoint_gateway_is_applied_as_its_objects_and_programmed_once_a_pod_
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let store = store(vec![gateway("reviews-waypoint", "")]);
-    let provisioner = KubeProvisioner::new(client, ROOTS.into(), fixed_clock());
+    let provisioner = KubeProvisioner::new(
+        client,
+        tokio::sync::watch::channel(ROOTS.to_string()).1,
+        fixed_clock(),
+    );
 
     let run = sync(provisioner, &store);
     // The mesh root first: the pods mount it.
@@ -481,7 +485,11 @@ async fn a_gateway_that_cannot_be_provisioned_says_which_field_and_the_others_fl
         ),
         gateway("reviews-waypoint", ""),
     ]);
-    let provisioner = KubeProvisioner::new(client, ROOTS.into(), fixed_clock());
+    let provisioner = KubeProvisioner::new(
+        client,
+        tokio::sync::watch::channel(ROOTS.to_string()).1,
+        fixed_clock(),
+    );
     let run = sync(provisioner, &store);
     expect_apply(
         &mut handle,
@@ -571,7 +579,11 @@ async fn a_gateway_made_again_or_changed_is_applied_again_and_only_what_changed(
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let store = store(vec![gateway("reviews-waypoint", "")]);
-    let provisioner = KubeProvisioner::new(client, ROOTS.into(), fixed_clock());
+    let provisioner = KubeProvisioner::new(
+        client,
+        tokio::sync::watch::channel(ROOTS.to_string()).1,
+        fixed_clock(),
+    );
     let run = sync(provisioner, &store);
     for path in every_write() {
         expect_apply(&mut handle, &path, 200).await;

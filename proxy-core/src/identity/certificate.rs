@@ -50,9 +50,14 @@ pub enum CertificateError {
     )]
     KeyMismatch { identity: SpiffeId },
     #[error(
-        "the certificate issued for {identity} does not chain to a trusted mesh root: {source}; check that the proxy's root certificate is the CA's"
+        "the CA's response for {identity} carries no trust bundle: its last element must hold the mesh root certificates"
+    )]
+    NoRoots { identity: SpiffeId },
+    #[error(
+        "the certificate issued for {identity} does not chain to any of the {roots} root certificate(s) the CA sent with it: {source}; the current certificate is kept"
     )]
     Untrusted {
+        roots: usize,
         identity: SpiffeId,
         #[source]
         source: rustls::Error,
@@ -86,7 +91,7 @@ pub trait CertificateSigner: Send + Sync + 'static {
 /// mesh roots it chains to. Debug output never shows the key.
 pub struct WorkloadCertificate {
     identity: SpiffeId,
-    /// Leaf first, then intermediates; the root is in `roots`, not here.
+    /// Leaf first, then intermediates; the roots are in `roots`, not here.
     chain: Vec<CertificateDer<'static>>,
     key: PrivatePkcs8KeyDer<'static>,
     roots: Vec<CertificateDer<'static>>,
@@ -119,7 +124,8 @@ impl WorkloadCertificate {
         &self.chain[0]
     }
 
-    /// The mesh roots peers are verified against.
+    /// The mesh roots peers are verified against: the trust bundle the CA
+    /// sent with this certificate.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
@@ -165,29 +171,44 @@ impl WorkloadCertificate {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// Validates what a CA returned for a CSR made with `key`: a non-empty
-    /// chain whose leaf names exactly `identity`, carries `key`, is currently
-    /// valid and chains to one of `roots`. A trailing copy of a root (the CA
-    /// sends the chain ending at the root) is dropped from the chain.
+    /// Validates what a CA returned for a CSR made with `key`. As upstream
+    /// ztunnel reads it (istio/ztunnel `src/tls/certificate.rs`,
+    /// `WorkloadCertificate::new`), the last element is the trust bundle
+    /// (one PEM holding every mesh root, several during a root rotation)
+    /// and the ones before it the leaf and intermediates. The leaf must name
+    /// exactly `identity`, carry `key`, be currently valid and chain to one
+    /// of those roots; a copy of a root at the end of the chain is dropped.
     pub(crate) fn from_signed_chain(
         identity: &SpiffeId,
         key: &KeyPair,
         chain_pem: &[String],
-        roots: &[CertificateDer<'static>],
     ) -> Result<Self, CertificateError> {
-        let mut chain = Vec::new();
-        for pem in chain_pem {
-            let certs = tls::parse_pem_certificates("the CA's certificate chain", pem.as_bytes())
-                .map_err(|source| CertificateError::MalformedChain {
-                identity: identity.clone(),
-                source,
-            })?;
-            chain.extend(certs);
-        }
-        if chain.is_empty() {
+        let malformed = |source| CertificateError::MalformedChain {
+            identity: identity.clone(),
+            source,
+        };
+        let Some((roots_pem, chain_pem)) = chain_pem.split_last() else {
             return Err(CertificateError::EmptyChain {
                 identity: identity.clone(),
             });
+        };
+        if chain_pem.is_empty() {
+            // One element: a leaf (perhaps with its chain) and no bundle, or
+            // garbage; tell them apart for the error.
+            tls::parse_pem_certificates("the CA's certificate chain", roots_pem.as_bytes())
+                .map_err(malformed)?;
+            return Err(CertificateError::NoRoots {
+                identity: identity.clone(),
+            });
+        }
+        let roots = tls::parse_pem_certificates("the CA's trust bundle", roots_pem.as_bytes())
+            .map_err(malformed)?;
+        let mut chain = Vec::new();
+        for pem in chain_pem {
+            chain.extend(
+                tls::parse_pem_certificates("the CA's certificate chain", pem.as_bytes())
+                    .map_err(malformed)?,
+            );
         }
         let issued = tls::spiffe_id(&chain[0]).map_err(|e| CertificateError::WrongIdentity {
             requested: identity.clone(),
@@ -210,9 +231,10 @@ impl WorkloadCertificate {
         }
         let untrusted = |source| CertificateError::Untrusted {
             identity: identity.clone(),
+            roots: roots.len(),
             source,
         };
-        let store = tls::root_store(roots)?;
+        let store = tls::root_store(&roots)?;
         let leaf = ParsedCertificate::try_from(&chain[0]).map_err(untrusted)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &leaf,
@@ -226,7 +248,7 @@ impl WorkloadCertificate {
             identity: identity.clone(),
             chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            roots: roots.to_vec(),
+            roots,
             not_before,
             not_after,
         })
@@ -284,10 +306,10 @@ pub(crate) fn key_and_csr(identity: &SpiffeId) -> Result<(KeyPair, String), Cert
 
 /// Obtains a certificate for `identity` from `signer`: generates the key
 /// (it never leaves this process), sends the CSR, validates the answer
-/// against `roots`.
+/// against the roots it carries, which become the certificate's trust
+/// bundle: a new mesh root reaches the proxy with its next renewal.
 pub async fn issue(
     signer: &dyn CertificateSigner,
-    roots: &[CertificateDer<'static>],
     identity: &SpiffeId,
     validity: Duration,
     impersonate: bool,
@@ -305,7 +327,7 @@ pub async fn issue(
             identity: identity.clone(),
             status,
         })?;
-    WorkloadCertificate::from_signed_chain(identity, &key, &chain, roots)
+    WorkloadCertificate::from_signed_chain(identity, &key, &chain)
 }
 
 /// Validity period and SubjectPublicKeyInfo (DER) of a leaf.

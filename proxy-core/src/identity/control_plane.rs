@@ -3,10 +3,22 @@
 //! whatever address is dialled (15012), or plaintext (15010, local
 //! development), and a bearer token re-read from its file on every request
 //! because projected service-account tokens rotate.
+//!
+//! istiod is trusted, for every new connection, by the root file as it is
+//! then ([`ControlPlane::with_root_file`]) plus the trust bundle the CA sent
+//! with the proxy's latest certificate ([`LearnedRoots`]). During a root
+//! rotation istiod's serving certificate moves to the new root; the proxy
+//! learned that root with its previous renewal, and the file (the
+//! `istio-ca-root-cert` ConfigMap) may be updated later or never. Upstream
+//! ztunnel reads its root file once, when the channel is built
+//! (istio/ztunnel `src/tls/control.rs`, `grpc_tls_connector`), so it needs
+//! a restart to follow; here it costs one small read per connection.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -34,6 +46,11 @@ pub struct ControlPlane {
     pub address: String,
     /// Mesh roots to verify istiod with; `None` means plaintext.
     pub roots: Option<Vec<CertificateDer<'static>>>,
+    /// Where `roots` came from: re-read for each new connection, `roots`
+    /// kept while it cannot be read or parsed.
+    pub root_file: Option<PathBuf>,
+    /// Roots the CA sent with the proxy's certificates, trusted as well.
+    pub learned_roots: Option<LearnedRoots>,
     /// Name istiod's certificate is verified against (not the dialled host).
     pub server_name: String,
     /// File holding the bearer token; `None` sends no token.
@@ -50,6 +67,8 @@ impl ControlPlane {
         ControlPlane {
             address: address.into(),
             roots: Some(roots),
+            root_file: None,
+            learned_roots: None,
             server_name: DEFAULT_SERVER_NAME.to_string(),
             token_path: None,
             connect_timeout: Duration::from_secs(10),
@@ -66,6 +85,19 @@ impl ControlPlane {
 
     pub fn with_token_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.token_path = Some(path.into());
+        self
+    }
+
+    /// Re-read the roots from `path` (where they were loaded from) for
+    /// every new connection.
+    pub fn with_root_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.root_file = Some(path.into());
+        self
+    }
+
+    /// Also trust the roots the CA sends with certificates.
+    pub fn with_learned_roots(mut self, learned: LearnedRoots) -> Self {
+        self.learned_roots = Some(learned);
         self
     }
 
@@ -92,14 +124,17 @@ impl ControlPlane {
                 })),
             ),
             Some(roots) => {
-                let connector =
-                    tokio_rustls::TlsConnector::from(tls::control_plane_client_config(roots)?);
+                let roots = Arc::new(ControlPlaneRoots::new(
+                    roots,
+                    self.root_file.clone(),
+                    self.learned_roots.clone(),
+                )?);
                 let name: ServerName<'static> = tls::server_name(&self.server_name)?;
                 Ok(
                     endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-                        let (address, connector, name) =
-                            (address.clone(), connector.clone(), name.clone());
+                        let (address, roots, name) = (address.clone(), roots.clone(), name.clone());
                         async move {
+                            let connector = tokio_rustls::TlsConnector::from(roots.config());
                             let tcp = dial(&address).await?;
                             let tls = connector.connect(name, tcp).await?;
                             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -161,6 +196,108 @@ impl ControlPlane {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         Ok(endpoint)
+    }
+}
+
+/// The trust bundle of the proxy's latest certificate, shared between the
+/// certificate manager (which stores it) and the control-plane channels
+/// (which trust it for their next connection).
+#[derive(Clone, Debug, Default)]
+pub struct LearnedRoots(Arc<ArcSwap<Vec<CertificateDer<'static>>>>);
+
+impl LearnedRoots {
+    pub fn store(&self, roots: &[CertificateDer<'static>]) {
+        if self.0.load().as_slice() != roots {
+            self.0.store(Arc::new(roots.to_vec()));
+        }
+    }
+
+    pub fn load(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.0.load_full()
+    }
+}
+
+/// The TLS config for the next connection to istiod: the root file as it
+/// is now (or the last roots read from it) plus the learned roots.
+struct ControlPlaneRoots {
+    file: Option<PathBuf>,
+    learned: Option<LearnedRoots>,
+    current: Mutex<Current>,
+}
+
+struct Current {
+    /// The file's contents last read, and the roots parsed from them.
+    file_bytes: Option<Vec<u8>>,
+    file_roots: Vec<CertificateDer<'static>>,
+    learned: Arc<Vec<CertificateDer<'static>>>,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl ControlPlaneRoots {
+    fn new(
+        roots: &[CertificateDer<'static>],
+        file: Option<PathBuf>,
+        learned: Option<LearnedRoots>,
+    ) -> Result<Self, ControlPlaneError> {
+        let config = tls::control_plane_client_config(roots)?;
+        let file_bytes = file.as_deref().and_then(|f| std::fs::read(f).ok());
+        Ok(ControlPlaneRoots {
+            file,
+            learned,
+            current: Mutex::new(Current {
+                file_bytes,
+                file_roots: roots.to_vec(),
+                learned: Arc::default(),
+                config,
+            }),
+        })
+    }
+
+    fn config(&self) -> Arc<rustls::ClientConfig> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        // A read error (the file mid-swap) keeps the last good roots.
+        if let Some(file) = &self.file
+            && let Ok(bytes) = std::fs::read(file)
+            && current.file_bytes.as_ref() != Some(&bytes)
+        {
+            let what = file.display().to_string();
+            match tls::parse_pem_certificates(&what, &bytes) {
+                Ok(roots) => {
+                    tracing::info!(file = %what, roots = roots.len(), "control-plane root certificates reloaded");
+                    current.file_roots = roots;
+                    changed = true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the control-plane root file changed but cannot be used; keeping the previous roots");
+                }
+            }
+            current.file_bytes = Some(bytes);
+        }
+        if let Some(learned) = &self.learned {
+            let now = learned.load();
+            if now != current.learned {
+                current.learned = now;
+                changed = true;
+            }
+        }
+        if changed {
+            let mut roots = current.file_roots.clone();
+            roots.extend(
+                current
+                    .learned
+                    .iter()
+                    .filter(|r| !current.file_roots.contains(r))
+                    .cloned(),
+            );
+            match tls::control_plane_client_config(&roots) {
+                Ok(config) => current.config = config,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot trust the new control-plane roots; keeping the previous ones");
+                }
+            }
+        }
+        current.config.clone()
     }
 }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use api::SpiffeId;
 use backon::BackoffBuilder;
-use rustls::pki_types::CertificateDer;
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
@@ -37,6 +36,9 @@ pub struct ManagerConfig {
     /// identity: after the CA comes back, the first connection gets a
     /// certificate instead of the rest of a backoff of up to `retry_max`.
     pub demand_retry: Duration,
+    /// Where each new certificate's trust bundle is published (for the
+    /// control-plane channels, [`super::LearnedRoots`]).
+    pub learned_roots: Option<super::LearnedRoots>,
 }
 
 impl Default for ManagerConfig {
@@ -47,6 +49,7 @@ impl Default for ManagerConfig {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             demand_retry: Duration::from_secs(1),
+            learned_roots: None,
         }
     }
 }
@@ -99,7 +102,6 @@ impl std::fmt::Debug for CertificateManager {
 
 struct Inner {
     signer: Arc<dyn CertificateSigner>,
-    roots: Arc<[CertificateDer<'static>]>,
     config: ManagerConfig,
     identities: Mutex<HashMap<SpiffeId, Tracked>>,
 }
@@ -130,16 +132,11 @@ impl Drop for Inner {
 }
 
 impl CertificateManager {
-    /// `roots` are the mesh roots issued chains must end at.
-    pub fn new(
-        signer: Arc<dyn CertificateSigner>,
-        roots: Vec<CertificateDer<'static>>,
-        config: ManagerConfig,
-    ) -> Self {
+    /// Each certificate's trust bundle is the one the CA sends with it.
+    pub fn new(signer: Arc<dyn CertificateSigner>, config: ManagerConfig) -> Self {
         CertificateManager {
             inner: Arc::new(Inner {
                 signer,
-                roots: roots.into(),
                 config,
                 identities: Mutex::new(HashMap::new()),
             }),
@@ -263,7 +260,6 @@ impl CertificateManager {
         let worker = tokio::spawn(renew(
             Worker {
                 signer: self.inner.signer.clone(),
-                roots: self.inner.roots.clone(),
                 config: self.inner.config.clone(),
                 identity: identity.clone(),
                 wake: wake.clone(),
@@ -294,7 +290,6 @@ impl Inner {
 /// not keep it alive.
 struct Worker {
     signer: Arc<dyn CertificateSigner>,
-    roots: Arc<[CertificateDer<'static>]>,
     config: ManagerConfig,
     identity: SpiffeId,
     wake: Arc<Notify>,
@@ -303,7 +298,6 @@ struct Worker {
 async fn renew(worker: Worker, state: watch::Sender<State>) {
     let Worker {
         signer,
-        roots,
         config,
         identity,
         wake,
@@ -313,7 +307,6 @@ async fn renew(worker: Worker, state: watch::Sender<State>) {
         state.send_modify(|s| s.issuing = true);
         let result = issue(
             signer.as_ref(),
-            &roots,
             &identity,
             config.validity,
             config.impersonate,
@@ -330,6 +323,17 @@ async fn renew(worker: Worker, state: watch::Sender<State>) {
                     renew_in = ?wait,
                     "certificate issued"
                 );
+                let bundle_changed = state
+                    .borrow()
+                    .current
+                    .as_ref()
+                    .is_some_and(|old| old.roots() != cert.roots());
+                if let Some(learned) = &config.learned_roots {
+                    learned.store(cert.roots());
+                }
+                if bundle_changed {
+                    tracing::info!(%identity, roots = cert.roots().len(), "the CA sent a new trust bundle; peers are verified against it from now on");
+                }
                 state.send_modify(|s| {
                     s.current = Some(Arc::new(cert));
                     s.last_error = None;

@@ -184,7 +184,6 @@ impl Fixture {
             .with_timeout(Duration::from_secs(20));
         CertificateManager::new(
             Arc::new(client),
-            self.ca.roots(),
             ManagerConfig {
                 impersonate: true,
                 validity: Duration::from_secs(3600),

@@ -289,19 +289,13 @@ where
     }
 }
 
-async fn issue_with<F>(ca: &TestCa, id: &SpiffeId, answer: F) -> CertificateError
+async fn issue_with<F>(id: &SpiffeId, answer: F) -> CertificateError
 where
     F: Fn(&CertificateRequest) -> Result<Vec<String>, tonic::Status> + Send + Sync + 'static,
 {
-    identity::issue(
-        &Misbehaving(answer),
-        &ca.roots(),
-        id,
-        Duration::from_secs(3600),
-        false,
-    )
-    .await
-    .unwrap_err()
+    identity::issue(&Misbehaving(answer), id, Duration::from_secs(3600), false)
+        .await
+        .unwrap_err()
 }
 
 #[tokio::test]
@@ -310,17 +304,17 @@ async fn rejects_what_a_ca_should_not_have_returned() {
     let id = ca.identity("default", "web");
     let hour = Duration::from_secs(3600);
 
-    let err = issue_with(&ca, &id, |_| Ok(Vec::new())).await;
+    let err = issue_with(&id, |_| Ok(Vec::new())).await;
     assert!(matches!(err, CertificateError::EmptyChain { .. }), "{err}");
 
-    let err = issue_with(&ca, &id, |_| Ok(vec!["garbage".into()])).await;
+    let err = issue_with(&id, |_| Ok(vec!["garbage".into()])).await;
     assert!(
         matches!(err, CertificateError::MalformedChain { .. }),
         "{err}"
     );
 
     let signer = ca.clone();
-    let err = issue_with(&ca, &id, move |r| {
+    let err = issue_with(&id, move |r| {
         signer.sign_csr(&r.csr_pem, &signer.identity("default", "admin"), hour)
     })
     .await;
@@ -332,20 +326,39 @@ async fn rejects_what_a_ca_should_not_have_returned() {
 
     // A valid certificate for the right identity, but for someone else's key.
     let signer = ca.clone();
-    let err = issue_with(&ca, &id, move |r| {
-        Ok(vec![signer.certificate(&r.identity).chain_pem()])
+    let err = issue_with(&id, move |r| {
+        Ok(vec![
+            signer.certificate(&r.identity).chain_pem(),
+            signer.root_pem(),
+        ])
     })
     .await;
     assert!(matches!(err, CertificateError::KeyMismatch { .. }), "{err}");
 
+    // A leaf with no trust bundle after it.
+    let signer = ca.clone();
+    let err = issue_with(&id, move |r| {
+        let mut chain = signer.sign_csr(&r.csr_pem, &r.identity, hour)?;
+        chain.pop();
+        Ok(chain)
+    })
+    .await;
+    assert!(matches!(err, CertificateError::NoRoots { .. }), "{err}");
+    assert!(err.to_string().contains("sa/web"), "{err}");
+
+    // Signed by another CA, sent with this CA's roots.
     let other = Arc::new(TestCa::new("cluster.local"));
-    let err = issue_with(&ca, &id, move |r| {
-        other.sign_csr(&r.csr_pem, &r.identity, hour)
+    let roots = ca.root_pem();
+    let err = issue_with(&id, move |r| {
+        let mut chain = other.sign_csr(&r.csr_pem, &r.identity, hour)?;
+        *chain.last_mut().expect("leaf and root") = roots.clone();
+        Ok(chain)
     })
     .await;
     assert!(matches!(err, CertificateError::Untrusted { .. }), "{err}");
+    assert!(err.to_string().contains("sa/web"), "{err}");
 
-    let err = issue_with(&ca, &id, |_| {
+    let err = issue_with(&id, |_| {
         Err(tonic::Status::permission_denied("not your pod"))
     })
     .await;
@@ -357,7 +370,6 @@ async fn rejects_what_a_ca_should_not_have_returned() {
             let ca = ca.clone();
             move |r: &CertificateRequest| ca.sign_csr(&r.csr_pem, &r.identity, hour)
         }),
-        &ca.roots(),
         &id,
         hour,
         false,

@@ -170,3 +170,69 @@ async fn server_rejects_clients_from_another_trust_domain() {
     let err = outcome.server.unwrap_err();
     assert!(err.contains("outside the trust domain"), "{err}");
 }
+
+/// A CA that signs with `signer` and sends `bundle` as the trust bundle,
+/// as istiod does during a root rotation (old and new roots in one PEM).
+struct RotatingCa {
+    signer: Arc<TestCa>,
+    bundle: String,
+}
+
+impl proxy_core::identity::CertificateSigner for RotatingCa {
+    fn sign(
+        &self,
+        request: proxy_core::identity::CertificateRequest,
+    ) -> proxy_core::identity::SignFuture<'_> {
+        let answer = self
+            .signer
+            .sign_csr(&request.csr_pem, &request.identity, LIMIT)
+            .map(|mut chain| {
+                *chain.last_mut().expect("leaf and root") = self.bundle.clone();
+                chain
+            });
+        Box::pin(async move { answer })
+    }
+}
+
+#[tokio::test]
+async fn during_a_root_rotation_peers_signed_by_either_root_verify_each_other() {
+    let old = Arc::new(TestCa::new("cluster.local"));
+    let new = Arc::new(TestCa::new("cluster.local"));
+    let a = old.identity("default", "client");
+    let b = old.identity("default", "server");
+    let bundle = format!("{}{}", old.root_pem(), new.root_pem());
+    let issue = |signer: &Arc<TestCa>, id: &SpiffeId| {
+        let ca = RotatingCa {
+            signer: signer.clone(),
+            bundle: bundle.clone(),
+        };
+        let id = id.clone();
+        async move {
+            proxy_core::identity::issue(&ca, &id, LIMIT, false)
+                .await
+                .unwrap()
+        }
+    };
+    // `a` renewed under the new root, `b` still holds the old one.
+    let a_cert = issue(&new, &a).await;
+    let b_cert = issue(&old, &b).await;
+    assert_eq!(a_cert.roots(), [old.root(), new.root()]);
+    let outcome = handshake(&a_cert, &b, &b_cert).await;
+    assert_eq!(outcome.client, Ok(b.clone()));
+    assert_eq!(outcome.server, Ok(a.clone()));
+    let outcome = handshake(&b_cert, &a, &a_cert).await;
+    assert_eq!(outcome.client, Ok(a.clone()));
+    assert_eq!(outcome.server, Ok(b.clone()));
+
+    // After the rotation, a proxy that trusts only the new root refuses a
+    // peer still on the old one.
+    let only_new = RotatingCa {
+        signer: new.clone(),
+        bundle: new.root_pem(),
+    };
+    let a_final = proxy_core::identity::issue(&only_new, &a, LIMIT, false)
+        .await
+        .unwrap();
+    let outcome = handshake(&a_final, &b, &b_cert).await;
+    assert!(outcome.client.is_err(), "the old root is no longer trusted");
+}
