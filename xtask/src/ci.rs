@@ -24,7 +24,9 @@ pub fn run(args: &[String]) -> Result<()> {
     // The real Kubernetes control plane the kube end-to-end tests run
     // (built from Go modules once per machine, many minutes; reused after).
     crate::k8s::run(&["build".to_string()])?;
-    run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
+    // Every test binary runs even after one fails: one CI run shows every
+    // failure, not only the first binary's in alphabetical order.
+    run_cmd(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]))?;
     // Doc tests are not covered by --all-targets.
     run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;
     say_free_disk("before the Kubernetes end-to-end run");
