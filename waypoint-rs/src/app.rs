@@ -24,7 +24,7 @@ use proxy_core::hbone::{
 use proxy_core::identity::{
     CaClient, CertificateManager, ControlPlane, LearnedRoots, ManagerConfig,
 };
-use proxy_core::listener::ListenerMetrics;
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use proxy_core::log_limit::LogLimit;
 use proxy_core::store::WorkloadStore;
 use proxy_core::xds::handlers::AddressHandler;
@@ -55,6 +55,10 @@ pub struct DataPathConfig {
     pub http2: Http2Settings,
     pub pool: PoolConfig,
     pub hbone_address: SocketAddr,
+    /// Caps of the HBONE listener.
+    pub hbone_limits: ListenerLimits,
+    /// Where the HBONE listener counts what it drops and holds.
+    pub listeners: ListenerMetrics,
     pub store: WorkloadStore,
     /// The L7 configuration (routes, policies, traffic policies).
     pub l7: L7Store,
@@ -86,6 +90,8 @@ impl DataPath {
             http2,
             pool,
             hbone_address,
+            hbone_limits,
+            listeners,
             store,
             l7,
             certificates,
@@ -108,7 +114,12 @@ impl DataPath {
             drain: drain.clone(),
         };
         let server = HboneServer::with_metrics(inbound, http2, hbone_metrics);
-        let listener = tokio::net::TcpListener::bind(hbone_address).await?;
+        let listener = Listener::new(
+            tokio::net::TcpListener::bind(hbone_address).await?,
+            "hbone",
+            hbone_limits,
+            &listeners,
+        );
         let hbone = listener.local_addr()?;
         let hbone_shutdown = server.shutdown_token();
         let task = tokio::spawn(async move {
@@ -305,6 +316,7 @@ impl App {
 
         // The data path: HBONE in, the proxy, HBONE out.
         let metrics = Metrics::register(&mut registry);
+        let listeners = ListenerMetrics::register(&mut registry);
         let me = Me {
             ip: args.instance_ip,
             network: args.network.clone(),
@@ -314,6 +326,8 @@ impl App {
             http2: args.http2()?,
             pool: args.pool()?,
             hbone_address: args.hbone_address,
+            hbone_limits: args.hbone_limits(),
+            listeners: listeners.clone(),
             store: store.clone(),
             l7: l7.clone(),
             certificates: certificates.clone(),
@@ -353,7 +367,6 @@ impl App {
                 identity: identity.clone(),
                 drain: drain.clone(),
             });
-        let listeners = ListenerMetrics::register(&mut registry);
         let server_tasks = Servers::start(
             args.server_config(),
             admin,

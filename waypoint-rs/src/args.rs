@@ -121,6 +121,18 @@ pub struct WaypointArgs {
     /// connection (upstream's Envoy waypoint: 100).
     #[arg(long, env = "HBONE_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub hbone_max_concurrent_streams: u32,
+    /// HBONE: connections the listener (15008) holds at once; one more is
+    /// reset (counted in
+    /// istio_listener_connections_dropped_total{listener="hbone",reason="connection_limit"}).
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_connections: u32,
+    /// HBONE: connections the listener holds at once from one address (a
+    /// client pod: ztunnel connects from the pod's address); one more is
+    /// reset (reason="peer_limit").
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS_PER_PEER", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_connections_per_peer: u32,
     /// HBONE: how often each connection's peer is sent an HTTP/2 PING.
     #[arg(long, env = "HBONE_PING_INTERVAL", default_value = "10s", value_parser = parse_timeout)]
     pub hbone_ping_interval: Duration,
@@ -275,6 +287,15 @@ impl WaypointArgs {
         })
     }
 
+    /// The HBONE listener's caps.
+    pub fn hbone_limits(&self) -> ListenerLimits {
+        ListenerLimits::caps(
+            self.hbone_max_connections as usize,
+            self.hbone_max_connections_per_peer
+                .min(self.hbone_max_connections) as usize,
+        )
+    }
+
     /// What the admin, stats and readiness servers listen on and allow.
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
@@ -330,6 +351,22 @@ mod tests {
         assert_eq!(proxy.upstream.hbone_port, 15008);
         assert_eq!(a.http2().unwrap().max_concurrent_streams, 100);
         assert_eq!(a.server_config().limits, ServerConfig::DEFAULT_LIMITS);
+        assert_eq!(a.hbone_limits(), ListenerLimits::caps(8192, 1024));
+    }
+
+    #[test]
+    fn hbone_caps_are_set_by_flag_and_the_peer_share_never_exceeds_the_whole() {
+        let a = args(&[
+            "--hbone-max-connections",
+            "50",
+            "--hbone-max-connections-per-peer",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(a.hbone_limits(), ListenerLimits::caps(50, 7));
+        let a = args(&["--hbone-max-connections", "5"]).unwrap();
+        assert_eq!(a.hbone_limits(), ListenerLimits::caps(5, 5));
+        assert!(args(&["--hbone-max-connections", "0"]).is_err());
     }
 
     #[test]

@@ -26,11 +26,12 @@ use h2::server::SendResponse;
 use http::StatusCode;
 use rustls::ServerConfig;
 use rustls::pki_types::CertificateDer;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{DropReason, HboneMetrics, Side};
 use super::{HboneError, HboneStream, Http2Settings, keepalive};
+use crate::listener::Listener;
 use crate::log_limit::LogLimit;
 use crate::tls;
 
@@ -203,26 +204,23 @@ impl<H: InboundHandler> HboneServer<H> {
         self.shared.live.load(Ordering::Acquire)
     }
 
-    /// Accepts on `listener` until shutdown. `tls_config` picks the config
-    /// for each connection from its local address (a certificate fetch may
-    /// happen there, hence async).
-    pub async fn serve<F, Fut>(&self, listener: TcpListener, tls_config: F)
+    /// Accepts on `listener` until shutdown, within its connection caps
+    /// (one more is reset and counted by the listener; its timeouts are
+    /// not used: the handshake has [`Http2Settings::handshake_timeout`]).
+    /// Each connection holds its place under the caps until it closes.
+    /// `tls_config` picks the config for each connection from its local
+    /// address (a certificate fetch may happen there, hence async).
+    pub async fn serve<F, Fut>(&self, listener: Listener, tls_config: F)
     where
         F: Fn(SocketAddr) -> Fut,
         Fut: Future<Output = Result<Arc<ServerConfig>, HboneError>> + Send + 'static,
     {
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            let admitted = tokio::select! {
+                admitted = listener.accept() => admitted,
                 () = self.shared.shutdown.cancelled() => return,
             };
-            let (tcp, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    crate::listener::after_accept_failure("hbone", &error).await;
-                    continue;
-                }
-            };
+            let (tcp, peer, slot) = admitted.into_parts();
             let config = match tcp.local_addr() {
                 Ok(local) => tls_config(local),
                 Err(error) => {
@@ -232,6 +230,7 @@ impl<H: InboundHandler> HboneServer<H> {
             };
             let server = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let config = match config.await {
                     Ok(config) => config,
                     Err(error) => {

@@ -7,7 +7,7 @@
 //! a bare h2 server that stops answering.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,11 +22,12 @@ use proxy_core::hbone::{
     HboneTarget, Http2Settings, InboundConnect, Keepalive, PoolConfig,
 };
 use proxy_core::identity::{CertificateManager, ManagerConfig, WorkloadCertificate};
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use proxy_core::testing::raw_http2::{self, Frame, RawHttp2};
 use proxy_core::testing::{TestCa, TestSigner};
 use proxy_core::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Only to keep a broken build from hanging; nothing is timed.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -131,7 +132,25 @@ impl Mesh {
         sa: &str,
         settings: Http2Settings,
     ) -> Server<impl Fn(InboundConnect) -> BoxedUnit + Send + Sync + 'static + use<>> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.server_capped(sa, settings, ListenerLimits::caps(4096, 4096))
+            .await
+    }
+
+    /// The same behind a listener with `caps`.
+    async fn server_capped(
+        &self,
+        sa: &str,
+        settings: Http2Settings,
+        caps: ListenerLimits,
+    ) -> Server<impl Fn(InboundConnect) -> BoxedUnit + Send + Sync + 'static + use<>> {
+        let mut registry = proxy_core::metrics::new_registry();
+        let listeners = ListenerMetrics::register(&mut registry);
+        let listener = Listener::new(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            "hbone",
+            caps,
+            &listeners,
+        );
         let address = listener.local_addr().unwrap();
         let log = Log::default();
         let started = Arc::new(AtomicUsize::new(0));
@@ -139,7 +158,6 @@ impl Mesh {
             let (log, started) = (log.clone(), started.clone());
             move |connect| -> BoxedUnit { Box::pin(handle(connect, log.clone(), started.clone())) }
         };
-        let mut registry = proxy_core::metrics::new_registry();
         let metrics = HboneMetrics::register(&mut registry);
         let hbone = HboneServer::with_metrics(handler, settings, metrics);
         let (manager, identity) = (self.manager.clone(), self.id(sa));
@@ -199,6 +217,17 @@ impl<H> Server<H> {
 
     fn dropped(&self, reason: &str) -> u64 {
         dropped(&self.registry, "server", reason)
+    }
+
+    /// `istio_listener_connections_dropped_total{listener="hbone", reason}`.
+    fn listener_dropped(&self, reason: &str) -> u64 {
+        let text = proxy_core::metrics::encode(&self.registry).unwrap();
+        let series = format!(
+            "istio_listener_connections_dropped_total{{listener=\"hbone\",reason=\"{reason}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |n| n.parse().unwrap())
     }
 }
 
@@ -267,7 +296,18 @@ fn pool_with_metrics(config: PoolConfig) -> (HbonePool, Arc<CountingConnect>, Re
 
 /// A plain h2 client connection to `server` as `source`.
 async fn h2_client<H>(server: &Server<H>, source: &WorkloadCertificate) -> SendRequest<Bytes> {
-    let tcp = TcpStream::connect(server.address).await.unwrap();
+    h2_client_from(server, source, IpAddr::from([127, 0, 0, 1])).await
+}
+
+/// The same from the loopback address `from`.
+async fn h2_client_from<H>(
+    server: &Server<H>,
+    source: &WorkloadCertificate,
+    from: IpAddr,
+) -> SendRequest<Bytes> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let tcp = socket.connect(server.address).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(
         tls::hbone_client_config(source, &server.identity).unwrap(),
     );
@@ -541,6 +581,64 @@ async fn a_server_with_the_wrong_identity_is_refused() {
     );
     assert_eq!(pool.open_connections(), 0);
     assert!(server.seen().is_empty(), "no CONNECT reached the server");
+}
+
+#[tokio::test]
+async fn the_listener_resets_connections_over_its_caps_and_serves_other_peers() {
+    let mesh = Mesh::new();
+    let server = mesh
+        .server_capped(
+            "server",
+            // Held connections stay held for the whole test.
+            Http2Settings {
+                handshake_timeout: LIMIT,
+                ..Http2Settings::default()
+            },
+            ListenerLimits::caps(3, 2),
+        )
+        .await;
+    // Two connections from 127.0.0.1 that never start TLS: held (until
+    // the handshake timeout), filling that address's share.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(TcpStream::connect(server.address).await.unwrap());
+    }
+    // A third from the same address is reset at once: its read ends (a
+    // reset may already fail the connect).
+    for _ in 0..3 {
+        if let Ok(mut over) = TcpStream::connect(server.address).await {
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(LIMIT, over.read(&mut buf)).await;
+            assert!(
+                matches!(read, Ok(Ok(0) | Err(_))),
+                "a connection over the per-peer cap is closed, got {read:?}"
+            );
+        }
+    }
+    eventually("three resets counted as peer_limit", || {
+        server.listener_dropped("peer_limit") == 3
+    })
+    .await;
+    // Another address still gets the third place and is served.
+    let source = mesh.cert("client").await;
+    let h2 = h2_client_from(&server, &source, IpAddr::from([127, 0, 0, 2])).await;
+    let forbidden = http::Request::connect("127.0.0.1:403").body(()).unwrap();
+    assert_eq!(status(&h2, forbidden).await, http::StatusCode::FORBIDDEN);
+    assert_eq!(server.seen().len(), 1);
+    // The listener is now full: one more from anywhere is reset, counted
+    // as connection_limit.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    if let Ok(mut over) = socket.connect(server.address).await {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(LIMIT, over.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "got {read:?}");
+    }
+    eventually("one reset counted as connection_limit", || {
+        server.listener_dropped("connection_limit") == 1
+    })
+    .await;
+    drop(held);
 }
 
 #[tokio::test]

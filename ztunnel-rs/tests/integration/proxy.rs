@@ -29,6 +29,7 @@ use proxy_core::hbone::{
     Keepalive, PoolConfig,
 };
 use proxy_core::identity::WorkloadCertificate;
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use proxy_core::testing::TestCa;
 use proxy_core::testing::raw_http2::RawHttp2;
 use proxy_core::tls;
@@ -108,7 +109,12 @@ async fn hbone_server(
     answer: impl Fn(InboundConnect) -> Boxed + Send + Sync + 'static,
 ) -> Arc<Mutex<Vec<(SpiffeId, SocketAddr)>>> {
     let seen: Arc<Mutex<Vec<(SpiffeId, SocketAddr)>>> = Arc::default();
-    let listener = TcpListener::bind(address).await.unwrap();
+    let listener = Listener::new(
+        TcpListener::bind(address).await.unwrap(),
+        "hbone",
+        ListenerLimits::caps(4096, 4096),
+        &ListenerMetrics::default(),
+    );
     let handler = {
         let seen = seen.clone();
         move |connect: InboundConnect| -> Boxed {

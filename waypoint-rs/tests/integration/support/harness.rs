@@ -31,6 +31,7 @@ use proxy_core::hbone::{
     Http2Settings, PoolConfig,
 };
 use proxy_core::identity::{ManagerConfig, WorkloadCertificate};
+use proxy_core::listener::{Listener, ListenerLimits, ListenerMetrics};
 use proxy_core::store::WorkloadStore;
 use proxy_core::testing::{TestCa, TestSigner};
 use proxy_core::xds::handlers::AddressHandler;
@@ -125,6 +126,8 @@ impl Mesh {
             http2: Http2Settings::default(),
             pool: PoolConfig::default(),
             hbone_address: SocketAddr::new(ip(1), port),
+            hbone_limits: ListenerLimits::caps(4096, 4096),
+            listeners: ListenerMetrics::register(&mut registry),
             store: store.clone(),
             l7: l7.clone(),
             certificates,
@@ -484,9 +487,14 @@ impl Endpoint {
             }
         });
         let shutdown = server.shutdown_token();
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .expect("stand-in ztunnel listens");
+        let listener = Listener::new(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .expect("stand-in ztunnel listens"),
+            "hbone",
+            ListenerLimits::caps(4096, 4096),
+            &ListenerMetrics::default(),
+        );
         let tls = proxy_core::tls::hbone_server_config(&ca.certificate(&identity)).expect("tls");
         tokio::spawn(async move {
             server
