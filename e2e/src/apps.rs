@@ -420,7 +420,36 @@ pub struct ConnectProbeReport {
     /// waited, e.g. in a listen backlog, without failing).
     #[serde(default)]
     pub slowest_ms: f64,
+    /// The slowest successful attempts (at most [`SLOWEST_KEPT`]), slowest
+    /// first: when each started and how long it took, so a slow one can be
+    /// placed against what happened meanwhile.
+    #[serde(default)]
+    pub slowest: Vec<SlowAttempt>,
     pub error: Option<String>,
+}
+
+/// How many of the slowest attempts a connect probe reports.
+pub const SLOWEST_KEPT: usize = 5;
+
+/// One successful attempt of `client connect-probe`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlowAttempt {
+    /// When it started, Unix milliseconds.
+    pub at_ms: u64,
+    /// Connect to echo.
+    pub ms: f64,
+}
+
+impl ConnectProbeReport {
+    /// Keeps `attempt` if it is among the slowest seen.
+    pub fn record_success(&mut self, attempt: SlowAttempt) {
+        self.slowest_ms = self.slowest_ms.max(attempt.ms);
+        let at = self.slowest.partition_point(|kept| kept.ms >= attempt.ms);
+        if at < SLOWEST_KEPT {
+            self.slowest.insert(at, attempt);
+            self.slowest.truncate(SLOWEST_KEPT);
+        }
+    }
 }
 
 /// Summarises latencies (microseconds); sorts `samples`.

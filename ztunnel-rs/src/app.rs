@@ -140,6 +140,11 @@ pub struct ProxyArgs {
     /// arrive from istiod before it is refused.
     #[arg(long, env = "WORKLOAD_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub workload_wait: Duration,
+    /// How long a pod the previous ztunnel still serves (a rolling
+    /// upgrade) waits for this one's first xDS state and the pod's
+    /// certificate before this one listens there too; 0s listens at once.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub takeover_wait: Duration,
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
@@ -547,6 +552,7 @@ impl App {
             drain_deadline: args.drain_deadline,
             original_source: args.original_source,
             workload_wait: args.workload_wait,
+            takeover_wait: args.takeover_wait,
             held_sockets: args.held_sockets()?,
             pod_connections: args.pod_connections(),
             http2: args.http2()?,

@@ -198,6 +198,12 @@ pub struct ProxyConfig {
     /// the store before it is refused (upstream waits 5 s).
     #[serde(with = "seconds")]
     pub workload_wait: Duration,
+    /// How long a pod another proxy already serves (a new ztunnel started
+    /// beside the old one) waits for this proxy's first xDS state and the
+    /// pod's certificate before its listeners open; the old proxy serves
+    /// every new connection meanwhile. Zero opens them at once.
+    #[serde(with = "seconds")]
+    pub takeover_wait: Duration,
     /// Ceilings on connections to applications held for peers.
     pub held_sockets: HeldSocketLimits,
     /// Caps on the connections each pod's listeners hold.
@@ -253,6 +259,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             original_source: true,
             workload_wait: Duration::from_secs(5),
+            takeover_wait: Duration::from_secs(5),
             held_sockets: HeldSocketLimits::default(),
             pod_connections: PodConnectionLimits::default(),
             pool: PoolConfig::default(),
@@ -542,6 +549,57 @@ struct PodProxy {
     hbone: HboneServer<inbound::Handler>,
 }
 
+/// Returns once a pod another proxy already listens for (a takeover: a new
+/// ztunnel started beside the old one, which keeps serving until this one is
+/// ready) can be served here without waiting: this proxy has its first xDS
+/// state and the pod's certificate. Listening earlier would have the kernel
+/// hand this proxy a share of the pod's new connections (the listeners join
+/// the old one's `SO_REUSEPORT` group) that then wait for both. Bounded by
+/// [`ProxyConfig::takeover_wait`]; a pod nobody serves (a new pod, or a
+/// restart after the old proxy died) gets its listeners at once, since any
+/// wait would refuse its connections instead of queueing them.
+async fn ready_to_take_over(
+    node: &Node,
+    info: &PodInfo,
+    identity: &SpiffeId,
+    sockets: &dyn PodSockets,
+) {
+    let bound = node.config.takeover_wait;
+    if bound.is_zero() {
+        return;
+    }
+    match sockets.listened(node.config.ports.hbone).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(error) => {
+            warn!(pod = %info.uid, %error, "cannot tell whether another proxy serves the pod; listening at once");
+            return;
+        }
+    }
+    let started = std::time::Instant::now();
+    let ready = async {
+        node.store.synced().await;
+        node.certificates.fetch(identity).await
+    };
+    match tokio::time::timeout(bound, ready).await {
+        Ok(Ok(_)) => info!(
+            pod = %info.uid,
+            waited_ms = started.elapsed().as_millis() as u64,
+            "taking the pod over from the proxy that serves it"
+        ),
+        Ok(Err(error)) => warn!(
+            pod = %info.uid, %error,
+            "taking the pod over without its certificate"
+        ),
+        Err(_) => warn!(
+            pod = %info.uid,
+            waited = ?bound,
+            synced = node.store.is_synced(),
+            "taking the pod over before this proxy is ready for it"
+        ),
+    }
+}
+
 impl PodProxy {
     async fn start(
         node: Arc<Node>,
@@ -558,6 +616,7 @@ impl PodProxy {
             source,
         })?;
         let ports = node.config.ports;
+        ready_to_take_over(&node, &info, &identity, sockets.as_ref()).await;
         let listen = |port: u16| {
             let sockets = sockets.clone();
             let uid = info.uid.clone();

@@ -17,8 +17,8 @@ use tokio::time::Instant;
 
 use super::{
     BulkReport, ConnectProbeReport, ConnectRateReport, EchoReply, GrpcReport, HoldReport,
-    HttpReport, LoadReport, Outage, SinkReceipt, TallyReport, TcpHello, TcpReport, distribution,
-    grpc, summarize,
+    HttpReport, LoadReport, Outage, SinkReceipt, SlowAttempt, TallyReport, TcpHello, TcpReport,
+    distribution, grpc, summarize,
 };
 
 mod dns;
@@ -1204,7 +1204,10 @@ async fn connect_probe(
             .await
             .unwrap_or_else(|_| Err(format!("no echo within {timeout:?}")));
         if result.is_ok() {
-            report.slowest_ms = report.slowest_ms.max(started.elapsed().as_secs_f64() * 1e3);
+            report.record_success(SlowAttempt {
+                at_ms,
+                ms: started.elapsed().as_secs_f64() * 1e3,
+            });
         }
         outages.record(at_ms, result);
     }
@@ -1244,6 +1247,25 @@ mod tests {
             (report.first_ok_at_ms, report.last_ok_at_ms),
             (Some(1_000), Some(1_450))
         );
+    }
+
+    #[test]
+    fn the_slowest_attempts_are_kept_slowest_first() {
+        let mut report = ConnectProbeReport::default();
+        for (at_ms, ms) in [
+            (1, 3.0),
+            (2, 9.0),
+            (3, 1.0),
+            (4, 7.0),
+            (5, 2.0),
+            (6, 8.0),
+            (7, 0.5),
+        ] {
+            report.record_success(SlowAttempt { at_ms, ms });
+        }
+        let kept: Vec<u64> = report.slowest.iter().map(|a| a.at_ms).collect();
+        assert_eq!(kept, [2, 6, 4, 1, 5]);
+        assert_eq!(report.slowest_ms, 9.0);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::Scenario;
 use super::fixture::{ECHO_HELLO, ECHO_TCP, L4Fixture};
 use super::l4::{carried, failed, pod_name};
-use crate::apps::{ConnectProbeReport, HoldReport, LoadReport};
+use crate::apps::{ConnectProbeReport, HoldReport, LoadReport, SlowAttempt};
 use crate::cluster::{Cluster, PodInfo};
 use crate::probe::{self, ProbeError};
 
@@ -178,6 +178,20 @@ fn verdict(traffic: &Traffic, upgrade_from: u64) -> Verdict {
         .iter()
         .map(|(_, p)| p.longest_gap_ms.max(p.slowest_ms))
         .fold(0.0, f64::max);
+    let mut slowest: Vec<SlowAttempt> = traffic
+        .probes
+        .iter()
+        .flat_map(|(_, p)| p.slowest.iter().copied())
+        .collect();
+    slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let placed: Vec<String> = slowest
+        .iter()
+        .take(3)
+        .map(|a| {
+            let from_upgrade = (a.at_ms as f64 - upgrade_from as f64) / 1e3;
+            format!("{:.0} ms at {from_upgrade:+.1} s", a.ms)
+        })
+        .collect();
     let attempts: u64 = traffic.probes.iter().map(|(_, p)| p.attempts).sum();
     let failures: u64 = traffic.probes.iter().map(|(_, p)| p.failures).sum();
     let complete = traffic
@@ -189,12 +203,18 @@ fn verdict(traffic: &Traffic, upgrade_from: u64) -> Verdict {
     let figures = format!(
         "load {} requests at {:.0}/s over {} connections, {} lost; \
          {complete}/{} long-lived streams complete ({bytes} bytes echoed); \
-         {attempts} new connections, {failures} failed, longest wait for one {gap:.0} ms",
+         {attempts} new connections, {failures} failed, longest wait for one {gap:.0} ms \
+         (slowest, from the upgrade's start: {})",
         load.requests,
         load.achieved_rate,
         load.connections,
         load.errors,
-        traffic.holds.len()
+        traffic.holds.len(),
+        if placed.is_empty() {
+            "none".to_string()
+        } else {
+            placed.join(", ")
+        }
     );
     Verdict {
         figures,
@@ -291,6 +311,16 @@ mod tests {
                     attempts: 4000,
                     longest_gap_ms: 0.0,
                     slowest_ms: 12.0,
+                    slowest: vec![
+                        SlowAttempt {
+                            at_ms: 1_250,
+                            ms: 12.0,
+                        },
+                        SlowAttempt {
+                            at_ms: 400,
+                            ms: 9.0,
+                        },
+                    ],
                     ..ConnectProbeReport::default()
                 },
             )],
@@ -310,6 +340,12 @@ mod tests {
         );
         assert!(
             v.figures.contains("longest wait for one 12 ms"),
+            "{}",
+            v.figures
+        );
+        assert!(
+            v.figures
+                .contains("(slowest, from the upgrade's start: 12 ms at +0.2 s, 9 ms at -0.6 s)"),
             "{}",
             v.figures
         );

@@ -86,6 +86,26 @@ impl InPodSocketFactory {
         Ok(TcpListener::from_std(socket.into())?)
     }
 
+    /// Whether a TCP socket listens on `port` in the pod already (any
+    /// address, IPv4 or IPv6): another ztunnel serving it. Read from the
+    /// kernel's socket tables of the pod's namespace (`/proc/net/tcp{,6}`
+    /// as seen from a thread inside it).
+    pub fn listened(&self, port: u16) -> Result<bool, SocketError> {
+        let tables = self.netns.run_inline(|| {
+            ["tcp6", "tcp"].map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")))
+        })?;
+        let mut found = false;
+        for table in tables {
+            match table {
+                Ok(text) => found |= listens_on(&text, port),
+                // A pod (or kernel) without IPv6 has no tcp6 table.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SocketError::Io(e)),
+            }
+        }
+        Ok(found)
+    }
+
     /// UDP sockets on `port` of the pod's loopback addresses, `127.0.0.1`
     /// and `::1` when the pod has IPv6 (the DNS proxy): the pod's redirected
     /// queries arrive there, and answers leave from there, as conntrack
@@ -303,6 +323,18 @@ fn bind_transparent(socket: &Socket, source: IpAddr) -> std::io::Result<()> {
     }
 }
 
+/// Whether a `/proc/net/tcp` or `/proc/net/tcp6` table has a socket in
+/// state LISTEN (`0A`) on local port `port` (hexadecimal after the address).
+fn listens_on(table: &str, port: u16) -> bool {
+    let port = format!("{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let local = fields.next().unwrap_or_default();
+        let state = fields.nth(1).unwrap_or_default();
+        state == "0A" && local.rsplit_once(':').is_some_and(|(_, p)| p == port)
+    })
+}
+
 fn bind_marked(
     addr: SocketAddr,
     mark: u32,
@@ -346,5 +378,32 @@ impl InPodListeners {
                 .await?,
             hbone: factory.listen(api::ports::HBONE).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on;
+
+    /// The layout of `/proc/net/tcp` and `/proc/net/tcp6` (trailing columns cut).
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4101
+   1: 0100007F:3AA0 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4102
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 00000000000000000000000000000000:3AA0 00000000000000000000000000000000:0000 0A 00000000:00000000
+";
+
+    #[test]
+    fn only_listening_sockets_on_the_port_count() {
+        // 15006 (0x3A9E) listens in the IPv4 table, 15008 (0x3AA0) in the IPv6 one.
+        assert!(listens_on(TCP, 15006));
+        assert!(listens_on(TCP6, 15008));
+        // 15008 in the IPv4 table is an established connection, not a listener.
+        assert!(!listens_on(TCP, 15008));
+        // A remote port (50000, 0xC350) or a port nothing uses is no match.
+        assert!(!listens_on(TCP, 50000));
+        assert!(!listens_on(TCP, 15001));
+        assert!(!listens_on("", 15008));
     }
 }

@@ -78,6 +78,10 @@ impl PodSockets for InPodSocketFactory {
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
         InPodSocketFactory::original_dst(stream).map_err(io_error)
     }
+
+    fn listened(&self, port: u16) -> SocketFuture<'_, bool> {
+        Box::pin(async move { InPodSocketFactory::listened(self, port).map_err(io_error) })
+    }
 }
 
 impl WorkloadProxyManager for ProxyManager {

@@ -70,6 +70,14 @@ pub trait PodSockets: Send + Sync + 'static {
     /// Where a connection accepted on a capture listener (15001, 15006) was
     /// headed before the pod's redirection rules sent it to the proxy.
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+
+    /// Whether something in the pod listens on TCP `port` already, before
+    /// this proxy does: another proxy serving the pod. Sockets that cannot
+    /// share a port with another proxy say no.
+    fn listened(&self, port: u16) -> SocketFuture<'_, bool> {
+        let _ = port;
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// Lets an HBONE pool open its connections as the pod.

@@ -205,7 +205,18 @@ async fn a_new_proxy_listens_beside_the_old_one_and_takes_over() {
     }
     let pod = TestNetns::new();
     let factory = InPodSocketFactory::new(pod.netns.clone());
+    let hbone = api::ports::HBONE;
+    assert!(
+        !factory.listened(hbone).unwrap(),
+        "nothing listens in a new pod"
+    );
     let old = InPodListeners::bind(&factory).await.unwrap();
+    // What a new proxy checks before it opens its own listeners.
+    assert!(
+        factory.listened(hbone).unwrap(),
+        "the old proxy's listener is seen"
+    );
+    assert!(!factory.listened(hbone + 100).unwrap());
     let new = InPodListeners::bind(&factory)
         .await
         .expect("a second proxy's listeners bind beside the first's");

@@ -34,8 +34,11 @@ use proxy_core::testing::TestCa;
 use proxy_core::testing::raw_http2::RawHttp2;
 use proxy_core::tls;
 use tokio::net::TcpListener;
+use ztunnel_rs::proxy::sockets::SocketFuture;
 use ztunnel_rs::proxy::testing::{EchoApp, PATIENCE, TestMesh, TestPod, eventually, exchange, xds};
-use ztunnel_rs::proxy::{HeldSocketLimits, LoadBalancing, LocalSockets, PodConnect};
+use ztunnel_rs::proxy::{
+    HeldSocketLimits, LoadBalancing, LocalSockets, PodConnect, PodInfo, PodSockets,
+};
 
 const APP_PORT: u16 = 8080;
 
@@ -972,6 +975,112 @@ async fn hold_until_cut(conn: &mut tokio::net::TcpStream, message: &[u8]) -> io:
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "never cut"))??;
     Ok(reply)
+}
+
+/// Sockets of a pod another proxy already listens in: the pod a new
+/// ztunnel is handed during a rolling upgrade while the old one serves it.
+struct ServedElsewhere(LocalSockets);
+
+impl PodSockets for ServedElsewhere {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn listen(&self, port: u16) -> SocketFuture<'_, TcpListener> {
+        self.0.listen(port)
+    }
+    fn listen_udp(&self, port: u16) -> SocketFuture<'_, Vec<tokio::net::UdpSocket>> {
+        self.0.listen_udp(port)
+    }
+    fn connect(&self, addr: SocketAddr) -> SocketFuture<'_, tokio::net::TcpStream> {
+        self.0.connect(addr)
+    }
+    fn udp_connect(&self, addr: SocketAddr) -> SocketFuture<'_, tokio::net::UdpSocket> {
+        self.0.udp_connect(addr)
+    }
+    fn connect_as(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+    ) -> SocketFuture<'_, tokio::net::TcpStream> {
+        self.0.connect_as(addr, source)
+    }
+    fn original_dst(&self, stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+        self.0.original_dst(stream)
+    }
+    fn listened(&self, _port: u16) -> SocketFuture<'_, bool> {
+        Box::pin(async { Ok(true) })
+    }
+}
+
+/// A new proxy handed a pod the old one still serves opens its listeners
+/// there only once it has its first complete state and the pod's
+/// certificate: listening earlier would take a share of the pod's new
+/// connections from the old proxy only to hold them. A pod nobody serves
+/// gets its listeners at once (waiting would refuse its connections), and
+/// a takeover that cannot get ready goes ahead after `takeover_wait`.
+#[tokio::test]
+async fn a_pod_served_elsewhere_gets_listeners_once_the_proxy_is_ready() {
+    let mesh = TestMesh::unsynced(|_| {}).await;
+    let (fresh_ip, taken_ip) = (mesh.ip(2), mesh.ip(3));
+    mesh.proxy("fresh", "a", "fresh", fresh_ip).await;
+    tokio::net::TcpStream::connect(at(fresh_ip, mesh.hbone_port()))
+        .await
+        .expect("a pod nobody serves is listened for before the first state");
+
+    let info = PodInfo {
+        uid: "uid-b-taken".into(),
+        name: "taken".into(),
+        namespace: "b".into(),
+        service_account: "taken".into(),
+    };
+    let add = tokio::spawn({
+        let manager = mesh.manager.clone();
+        let sockets = Arc::new(ServedElsewhere(LocalSockets::new(taken_ip)));
+        async move { manager.add(info, sockets).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!add.is_finished(), "the takeover waits for the first state");
+    assert!(
+        tokio::net::TcpStream::connect(at(taken_ip, mesh.hbone_port()))
+            .await
+            .is_err(),
+        "nothing listens for the taken-over pod yet"
+    );
+    mesh.store.mark_synced();
+    add.await.unwrap().expect("the pod is taken over");
+    let taken = mesh.identity("b", "taken");
+    assert!(
+        mesh.certificates
+            .snapshot()
+            .iter()
+            .any(|s| s.identity == taken && s.certificate.is_some()),
+        "the pod's certificate was there before its listeners"
+    );
+    tokio::net::TcpStream::connect(at(taken_ip, mesh.hbone_port()))
+        .await
+        .expect("listening once ready");
+
+    // Never ready: the takeover goes ahead after the bound.
+    let stuck = TestMesh::unsynced(|c| c.takeover_wait = Duration::from_millis(200)).await;
+    let ip = stuck.ip(4);
+    let info = PodInfo {
+        uid: "uid-c-stuck".into(),
+        name: "stuck".into(),
+        namespace: "c".into(),
+        service_account: "stuck".into(),
+    };
+    tokio::time::timeout(
+        PATIENCE,
+        stuck
+            .manager
+            .add(info, Arc::new(ServedElsewhere(LocalSockets::new(ip)))),
+    )
+    .await
+    .expect("a takeover that cannot get ready is bounded")
+    .expect("the pod is taken over");
+    tokio::net::TcpStream::connect(at(ip, stuck.hbone_port()))
+        .await
+        .expect("listening after the bound");
 }
 
 /// Issue 9, item 1: before the first complete xDS state nothing is carried

@@ -271,6 +271,7 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         certificate_ttl: Duration::from_secs(3600),
         original_source: true,
         workload_wait: Duration::from_secs(5),
+        takeover_wait: Duration::from_secs(5),
         hbone_max_concurrent_streams: 200,
         hbone_max_header_list_size: 64 * 1024,
         hbone_ping_interval: Duration::from_secs(10),
