@@ -85,6 +85,15 @@ pub const KEYS: &[Key] = &[
         check: Check::HostPort,
     },
     Key {
+        name: "ztunnel.terminationGracePeriodSeconds",
+        default: "30",
+        help: "seconds a replaced ztunnel-rs pod may drain before it is killed; ztunnel-rs keeps live connections for this less 5 s (upstream's TERMINATION_GRACE_PERIOD_SECONDS), so raise it to carry longer connections across an upgrade",
+        check: Check::Count {
+            min: 1,
+            max: 86_400,
+        },
+    },
+    Key {
         name: "waypoint.xdsAddress",
         default: "istiod.istio-system.svc:15012",
         help: "host:port the waypoints istiod-rs provisions reach its xDS and CA at (TLS, verified as istiod.istio-system.svc whatever the host); an IP address where the cluster has no DNS",

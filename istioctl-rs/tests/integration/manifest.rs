@@ -139,7 +139,19 @@ fn values_land_in_their_places() {
     values
         .set_arg("waypoint.xdsAddress=10.96.0.20:15012")
         .unwrap();
+    values
+        .set_arg("ztunnel.terminationGracePeriodSeconds=120")
+        .unwrap();
     let manifest = manifest::generate(&values).unwrap();
+
+    // ztunnel-rs drains for the pod's grace period (less its margin).
+    let ztunnel = &find(&manifest, InstallKind::DaemonSet, "ztunnel").body;
+    let spec = &ztunnel["spec"]["template"]["spec"];
+    assert_eq!(spec["terminationGracePeriodSeconds"], 120, "a number");
+    assert_eq!(
+        env(&spec["containers"][0], "TERMINATION_GRACE_PERIOD_SECONDS"),
+        "120"
+    );
 
     let istiod = &find(&manifest, InstallKind::Deployment, "istiod").body;
     assert_eq!(istiod["spec"]["replicas"], 3, "a number, not a string");
@@ -439,7 +451,8 @@ fn every_environment_variable_set_is_read() {
             "ztunnel",
             concat!(
                 include_str!("../../../ztunnel-rs/src/app.rs"),
-                include_str!("../../../ztunnel-rs/src/lib.rs")
+                include_str!("../../../ztunnel-rs/src/lib.rs"),
+                include_str!("../../../ztunnel-rs/src/upstream.rs")
             ),
         ),
         (
@@ -463,7 +476,10 @@ fn every_environment_variable_set_is_read() {
         let container = &object.body["spec"]["template"]["spec"]["containers"][0];
         for var in container["env"].as_array().unwrap() {
             let name = var["name"].as_str().unwrap();
+            // Upstream's variables without a flag of their own are read
+            // where they are translated (`ztunnel-rs/src/upstream.rs`).
             let read = source.contains(&format!("env = \"{name}\""))
+                || source.contains(&format!("set(\"{name}\")"))
                 || (name == "RUST_LOG" && source.contains("RUST_LOG"));
             assert!(
                 read,
