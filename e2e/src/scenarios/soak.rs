@@ -152,7 +152,20 @@ pub struct SoakReport {
     pub leftover_rules: Vec<String>,
     /// Certificates of deleted pods' identities held past their grace.
     pub stale_certificates: Vec<String>,
+    /// Each ztunnel-rs's metric series before the churn and once it is
+    /// over: what a growing RSS may be made of (not asserted).
+    pub series: Vec<SeriesCount>,
     pub failures: Vec<String>,
+}
+
+/// One node's ztunnel-rs metric series before and after the churn.
+#[derive(Clone, Debug, Default)]
+pub struct SeriesCount {
+    pub node: String,
+    pub before: usize,
+    pub after: usize,
+    /// Of `after`: series with a churned (deleted) pod's identity in a label.
+    pub after_churned: usize,
 }
 
 impl SoakReport {
@@ -236,6 +249,21 @@ impl std::fmt::Display for SoakReport {
             list(&self.leftover_netns),
             list(&self.leftover_rules),
             list(&self.stale_certificates)
+        )?;
+        let series: Vec<String> = self
+            .series
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} -> {} ({} naming a deleted pod's identity)",
+                    c.node, c.before, c.after, c.after_churned
+                )
+            })
+            .collect();
+        writeln!(
+            f,
+            "ztunnel-rs metric series before -> after the churn: {}",
+            list(&series)
         )?;
         write!(
             f,
@@ -361,6 +389,23 @@ impl Shared {
 /// A churned pod's identity.
 fn is_churned(identity: &str) -> bool {
     identity.contains(&format!("/sa/{CHURN_SA}"))
+}
+
+/// Each node's ztunnel-rs's metric series: all of them, and those with a
+/// churned identity in a label.
+fn ztunnel_series(cluster: &LocalCluster) -> Result<Vec<(String, usize, usize)>, ProbeError> {
+    cluster
+        .nodes()
+        .into_iter()
+        .map(|node| {
+            let samples = probe::metrics(cluster, &probe::ztunnel(&node))?;
+            let churned = samples
+                .iter()
+                .filter(|s| s.labels.values().any(|v| is_churned(v)))
+                .count();
+            Ok((node, samples.len(), churned))
+        })
+        .collect()
 }
 
 /// Each node's ztunnel-rs's certificates of churned identities.
@@ -667,6 +712,7 @@ fn soak(
         stop: AtomicBool::new(false),
         gone: Mutex::new(Vec::new()),
     };
+    let series_before = ztunnel_series(cluster)?;
     let start = Instant::now();
     let baseline = sample(components, Duration::ZERO, 0)?;
     let (sampled, churned) = std::thread::scope(|s| {
@@ -756,6 +802,18 @@ fn soak(
     if let Err(e) = fds_back {
         report.failures.push(e.to_string());
     }
+    report.series = ztunnel_series(cluster)?
+        .into_iter()
+        .map(|(node, after, after_churned)| SeriesCount {
+            before: series_before
+                .iter()
+                .find(|(n, _, _)| *n == node)
+                .map_or(0, |(_, all, _)| *all),
+            node,
+            after,
+            after_churned,
+        })
+        .collect();
     report.leftover_netns = leftover_netns(cluster, components, &gone);
     report.leftover_rules = rule_changes(&rules_before, &rules(cluster)?, &gone);
 
