@@ -132,6 +132,9 @@ pub struct MeshConfig {
     /// proxies' root file is its `root-cert.pem`, as the
     /// `istio-ca-root-cert` ConfigMap would carry it.
     pub cacerts_dir: Option<PathBuf>,
+    /// How long ztunnel-rs keeps exporting the traffic metrics of a
+    /// workload that left the mesh; `None`: its default.
+    pub metrics_retention: Option<Duration>,
 }
 
 impl Default for MeshConfig {
@@ -149,6 +152,7 @@ impl Default for MeshConfig {
             log: "info".into(),
             ready_timeout: Duration::from_secs(60),
             cacerts_dir: None,
+            metrics_retention: None,
         }
     }
 }
@@ -755,6 +759,11 @@ impl MeshRuntime {
             spec = spec
                 .arg("--certificate-ttl")
                 .arg(format!("{}ms", ttl.as_millis()));
+        }
+        if let Some(retention) = self.config.metrics_retention {
+            spec = spec
+                .arg("--metrics-retention")
+                .arg(format!("{}ms", retention.as_millis()));
         }
         spec
     }

@@ -145,6 +145,11 @@ pub struct ProxyArgs {
     /// certificate before this one listens there too; 0s listens at once.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub takeover_wait: Duration,
+    /// How long the traffic metrics (`istio_tcp_*`) of a workload that
+    /// left the mesh stay exported, unused, before they are dropped, so
+    /// churn does not grow the proxy; 0s keeps them forever.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub metrics_retention: Duration,
     /// Lifetime asked of the CA for workload certificates.
     #[arg(long, env = "CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
@@ -553,6 +558,7 @@ impl App {
             original_source: args.original_source,
             workload_wait: args.workload_wait,
             takeover_wait: args.takeover_wait,
+            metrics_retention: args.metrics_retention,
             held_sockets: args.held_sockets()?,
             pod_connections: args.pod_connections(),
             http2: args.http2()?,

@@ -204,6 +204,10 @@ pub struct ProxyConfig {
     /// every new connection meanwhile. Zero opens them at once.
     #[serde(with = "seconds")]
     pub takeover_wait: Duration,
+    /// How long the traffic metrics of a workload that left the mesh stay
+    /// exported, unused, before they are dropped; zero keeps them forever.
+    #[serde(with = "seconds")]
+    pub metrics_retention: Duration,
     /// Ceilings on connections to applications held for peers.
     pub held_sockets: HeldSocketLimits,
     /// Caps on the connections each pod's listeners hold.
@@ -260,6 +264,7 @@ impl Default for ProxyConfig {
             original_source: true,
             workload_wait: Duration::from_secs(5),
             takeover_wait: Duration::from_secs(5),
+            metrics_retention: Duration::from_secs(300),
             held_sockets: HeldSocketLimits::default(),
             pod_connections: PodConnectionLimits::default(),
             pool: PoolConfig::default(),
@@ -847,6 +852,45 @@ impl std::fmt::Debug for ProxyManager {
     }
 }
 
+/// Drops the traffic series of workloads that left the mesh
+/// ([`Metrics::expire`]), sweeping every half `retention`, at most every
+/// minute, once the store has had its first complete state. Ends when the
+/// metrics are gone.
+fn expire_series(
+    metrics: std::sync::Weak<Metrics>,
+    store: WorkloadStore,
+    retention: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let every = (retention / 2).clamp(Duration::from_millis(10), Duration::from_secs(60));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(metrics) = metrics.upgrade() else {
+                break;
+            };
+            if !store.is_synced() {
+                continue;
+            }
+            let snapshot = store.snapshot();
+            let present: HashSet<(&str, &str)> = snapshot
+                .workloads()
+                .map(|w| (w.namespace.as_str(), w.workload_name.as_str()))
+                .collect();
+            let dropped = metrics.expire(std::time::Instant::now(), retention, &|ns, name| {
+                present.contains(&(ns, name))
+            });
+            if dropped > 0 {
+                tracing::debug!(
+                    label_sets = dropped,
+                    "dropped the traffic metrics of workloads that left the mesh"
+                );
+            }
+        }
+    })
+}
+
 impl ProxyManager {
     pub fn new(
         config: ProxyConfig,
@@ -857,6 +901,13 @@ impl ProxyManager {
         let live = Arc::new(revocation::LiveConnections::default());
         // Ends when the manager (and so the registry) is gone.
         drop(revocation::watch(store.clone(), Arc::downgrade(&live)));
+        if !config.metrics_retention.is_zero() {
+            drop(expire_series(
+                Arc::downgrade(&metrics),
+                store.clone(),
+                config.metrics_retention,
+            ));
+        }
         let dns = config.ports.dns.and_then(|_| {
             match crate::dns::Domains::new(&config.dns.cluster_domain) {
                 Ok(domains) => Some(Arc::new(dns::DnsProxy {

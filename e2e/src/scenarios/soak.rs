@@ -26,7 +26,11 @@
 //!   (istio/ztunnel `src/identity/manager.rs`,
 //!   `SecretManager::forget_certificate`): the grace is the drain deadline.
 //!   Each churn cycle's pods get a service account of their own, so a
-//!   certificate kept would show.
+//!   certificate kept would show;
+//! - metrics: once the churn is over, no ztunnel-rs exports a traffic
+//!   series naming a deleted pod past its retention (the soak's ztunnel-rs
+//!   run with `--metrics-retention` [`METRICS_RETENTION`]); each cycle's
+//!   pods have a workload name of their own, so series kept would pile up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -51,6 +55,10 @@ use crate::procfs;
 pub const CI_CHURN: Duration = Duration::from_secs(3 * 60);
 /// Pods created (and deleted) per churn cycle, spread over the nodes.
 pub const DEFAULT_PODS: usize = 2;
+/// How long the soak's ztunnel-rs keep the traffic series of a deleted
+/// pod (`--metrics-retention`; 5 minutes by default, longer than the CI
+/// form's churn): once the churn is over, none may be left past it.
+pub const METRICS_RETENTION: Duration = Duration::from_secs(10);
 /// How often the components are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// The leak detector: the most a component's RSS may grow per churn cycle
@@ -153,7 +161,7 @@ pub struct SoakReport {
     /// Certificates of deleted pods' identities held past their grace.
     pub stale_certificates: Vec<String>,
     /// Each ztunnel-rs's metric series before the churn and once it is
-    /// over: what a growing RSS may be made of (not asserted).
+    /// over (series naming a deleted pod must be gone by then).
     pub series: Vec<SeriesCount>,
     pub failures: Vec<String>,
 }
@@ -283,7 +291,11 @@ impl std::fmt::Display for SoakReport {
 /// it as `config` says. `Err` when the cluster could not be soaked or a
 /// check failed (with the table and where the logs are, which are kept).
 pub fn on_local_cluster(config: &SoakConfig) -> Result<SoakReport, String> {
-    super::with_local_fixture(MeshConfig::default(), |cluster, fixture| {
+    let mesh = MeshConfig {
+        metrics_retention: Some(METRICS_RETENTION),
+        ..MeshConfig::default()
+    };
+    super::with_local_fixture(mesh, |cluster, fixture| {
         let report = run(cluster, fixture, config).map_err(|e| e.to_string())?;
         eprintln!("{report}");
         report.verdict()?;
@@ -800,6 +812,23 @@ fn soak(
         },
     );
     if let Err(e) = fds_back {
+        report.failures.push(e.to_string());
+    }
+    // The deleted pods' traffic series go once unused for the retention
+    // (ztunnel-rs sweeps every half retention).
+    let series_gone = eventually(
+        "no ztunnel-rs to export a series naming a deleted pod's identity",
+        METRICS_RETENTION * 2 + CHANGE_TIMEOUT,
+        || {
+            let left: usize = ztunnel_series(cluster)?.iter().map(|(_, _, c)| c).sum();
+            Ok(if left == 0 {
+                Ok(())
+            } else {
+                Err(format!("{left} left"))
+            })
+        },
+    );
+    if let Err(e) = series_gone {
         report.failures.push(e.to_string());
     }
     report.series = ztunnel_series(cluster)?

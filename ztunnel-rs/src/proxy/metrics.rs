@@ -15,11 +15,12 @@
 //! servers) resets at its caps (`istio_listener_connections_dropped_total`,
 //! [`ListenerMetrics`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::connect_headers::{Baggage, TraceParent};
 use api::SpiffeId;
@@ -54,6 +55,18 @@ pub struct Metrics {
     /// Every listener of the process: the pods' data-path listeners and
     /// the admin, stats and readiness servers.
     pub listeners: ListenerMetrics,
+    /// Every traffic label set exported, for [`Metrics::expire`].
+    series: Mutex<HashMap<TrafficLabels, SeriesUse>>,
+}
+
+/// How a traffic label set is used.
+#[derive(Debug, Default)]
+struct SeriesUse {
+    /// Connections open under it.
+    live: usize,
+    /// Since when, at the sweeps, no connection used it and a workload it
+    /// names was not in the store.
+    gone_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +114,72 @@ impl Metrics {
             m.failures.clone(),
         );
         Arc::new(m)
+    }
+
+    fn series(&self) -> MutexGuard<'_, HashMap<TrafficLabels, SeriesUse>> {
+        self.series.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection opened under `labels`.
+    fn series_opened(&self, labels: &TrafficLabels) {
+        let mut series = self.series();
+        let used = match series.get_mut(labels) {
+            Some(used) => used,
+            None => series.entry(labels.clone()).or_default(),
+        };
+        used.live += 1;
+        used.gone_since = None;
+    }
+
+    /// A connection closed under `labels`, opened under the same labels
+    /// with `opened_flags` as their response flags (a failure sets them).
+    fn series_closed(&self, labels: &mut TrafficLabels, opened_flags: ResponseFlags) {
+        let mut series = self.series();
+        let closed_flags = std::mem::replace(&mut labels.response_flags, opened_flags);
+        if let Some(used) = series.get_mut(labels) {
+            used.live = used.live.saturating_sub(1);
+        }
+        labels.response_flags = closed_flags;
+        if closed_flags != opened_flags && !series.contains_key(labels) {
+            series.insert(labels.clone(), SeriesUse::default());
+        }
+    }
+
+    /// Drops the traffic series (connections opened and closed, bytes each
+    /// way) of label sets that name a workload `present` says has left the
+    /// mesh, once they have been unused and that workload absent at every
+    /// sweep for `retention`: long enough for the last values to be scraped.
+    /// Without it every workload name a node ever talked to stays exported
+    /// (about 2 kB of memory per label set). A label set used again starts
+    /// its counters from zero, which Prometheus reads as a counter reset.
+    /// Returns how many label sets were dropped.
+    pub fn expire(
+        &self,
+        now: Instant,
+        retention: Duration,
+        present: &dyn Fn(&str, &str) -> bool,
+    ) -> usize {
+        let mut series = self.series();
+        let mut expired = Vec::new();
+        for (labels, used) in series.iter_mut() {
+            let gone = used.live == 0 && labels.workloads().any(|(ns, name)| !present(ns, name));
+            if !gone {
+                used.gone_since = None;
+                continue;
+            }
+            let since = *used.gone_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= retention {
+                expired.push(labels.clone());
+            }
+        }
+        for labels in &expired {
+            series.remove(labels);
+            self.opened.remove(labels);
+            self.closed.remove(labels);
+            self.received_bytes.remove(labels);
+            self.sent_bytes.remove(labels);
+        }
+        expired.len()
     }
 
     /// Counts a connection that failed before it could be recorded, and logs
@@ -422,6 +501,24 @@ fn known(value: &str) -> String {
 }
 
 impl TrafficLabels {
+    /// The workloads the labels name, (namespace, workload name): the
+    /// source's and the destination's when known.
+    fn workloads(&self) -> impl Iterator<Item = (&str, &str)> {
+        [
+            (
+                &self.source.source_workload_namespace,
+                &self.source.source_workload,
+            ),
+            (
+                &self.destination_workload_namespace,
+                &self.destination_workload,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, name)| name.as_str() != UNKNOWN)
+        .map(|(ns, name)| (ns.as_str(), name.as_str()))
+    }
+
     pub fn new(reporter: Reporter, security: SecurityPolicy) -> Self {
         let unknown = || UNKNOWN.to_string();
         TrafficLabels {
@@ -567,6 +664,8 @@ pub struct ConnectionRecord {
     decision: Option<String>,
     /// The W3C trace id both ends of a tunnel log the connection under.
     trace: Option<TraceParent>,
+    /// The response flags `labels` had when it was opened.
+    opened_flags: ResponseFlags,
     closed: bool,
 }
 
@@ -580,6 +679,8 @@ impl ConnectionRecord {
         labels: TrafficLabels,
     ) -> Self {
         metrics.opened.get_or_create(&labels).inc();
+        metrics.series_opened(&labels);
+        let opened_flags = labels.response_flags;
         tracing::event!(
             target: "access",
             tracing::Level::DEBUG,
@@ -604,6 +705,7 @@ impl ConnectionRecord {
             server_to_client,
             decision: None,
             trace: None,
+            opened_flags,
             closed: false,
         }
     }
@@ -657,8 +759,10 @@ impl ConnectionRecord {
         if std::mem::replace(&mut self.closed, true) {
             return;
         }
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics
+            .series_closed(&mut self.labels, self.opened_flags);
         let l = &self.labels;
-        self.metrics.closed.get_or_create(l).inc();
         let mtls = l.connection_security_policy == SecurityPolicy::MutualTls;
         let identity = |s: &String| (mtls && s != UNKNOWN).then(|| s.clone());
         // Each side's own view: what the pod being proxied sent and received.
@@ -712,6 +816,92 @@ mod tests {
 
     fn text(registry: &Registry) -> String {
         proxy_core::metrics::encode(registry).unwrap()
+    }
+
+    fn store_workload(name: &str, namespace: &str) -> Workload {
+        let xds = crate::proxy::testing::xds::workload(name, namespace, "10.0.0.9").0;
+        Workload::try_from(xds).unwrap()
+    }
+
+    /// Labels of a connection from workload `from` to `to` (each `ns/name`).
+    fn between(from: &str, to: &str) -> TrafficLabels {
+        let (fns, fname) = from.split_once('/').unwrap();
+        let (tns, tname) = to.split_once('/').unwrap();
+        TrafficLabels::new(Reporter::Source, SecurityPolicy::MutualTls)
+            .with_source(Some(&store_workload(fname, fns)))
+            .with_destination(Some(&store_workload(tname, tns)))
+    }
+
+    fn open(metrics: &Arc<Metrics>, labels: TrafficLabels) -> ConnectionRecord {
+        let (src, dst) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        ConnectionRecord::open(metrics, Direction::Outbound, src, dst, None, labels)
+    }
+
+    /// Lines of the traffic series naming `workload`.
+    fn series_naming(registry: &Registry, workload: &str) -> usize {
+        text(registry)
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_"))
+            .filter(|l| l.contains(&format!("_workload=\"{workload}\"")))
+            .count()
+    }
+
+    #[test]
+    fn series_of_workloads_gone_from_the_mesh_are_dropped_after_the_retention() {
+        let mut registry = proxy_core::metrics::new_registry();
+        let metrics = Metrics::register(&mut registry);
+        let retention = Duration::from_secs(300);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // `old` leaves the mesh; `web` and `db` stay.
+        open(&metrics, between("a/web", "b/old")).close(None);
+        let refused = open(&metrics, between("a/web", "b/old"));
+        refused.fail(ResponseFlags::Deny, FailureReason::PolicyDenied, &"denied");
+        let live = open(&metrics, between("a/old", "b/db"));
+        open(&metrics, between("a/web", "b/db")).close(None);
+        // web -> old: opened, closed, bytes each way, and closed once more
+        // under the refusal's flag; old -> db, live: opened, bytes each way.
+        assert_eq!(series_naming(&registry, "old"), 4 + 1 + 3);
+        let present = |_: &str, name: &str| name != "old";
+
+        assert_eq!(
+            metrics.expire(at(0), retention, &present),
+            0,
+            "first seen gone"
+        );
+        assert_eq!(
+            metrics.expire(at(299), retention, &present),
+            0,
+            "within retention"
+        );
+        assert_eq!(
+            metrics.expire(at(300), retention, &present),
+            2,
+            "both web -> old sets"
+        );
+        assert_eq!(
+            series_naming(&registry, "old"),
+            3,
+            "the live connection's series stay"
+        );
+        assert!(series_naming(&registry, "db") > 0 && series_naming(&registry, "web") > 0);
+
+        // Closed now: its clock starts at the next sweep.
+        live.close(None);
+        assert_eq!(metrics.expire(at(301), retention, &present), 0);
+        // Used again meanwhile: the clock starts over.
+        open(&metrics, between("a/old", "b/db")).close(None);
+        assert_eq!(metrics.expire(at(601), retention, &present), 0);
+        assert_eq!(metrics.expire(at(650), retention, &present), 0);
+        assert_eq!(metrics.expire(at(950), retention, &present), 1);
+        assert_eq!(series_naming(&registry, "old"), 0);
+
+        // Workloads still in the mesh are never dropped, however idle.
+        assert_eq!(metrics.expire(at(100_000), retention, &|_, _| true), 0);
+        assert_eq!(series_naming(&registry, "db"), 4);
     }
 
     #[test]

@@ -160,6 +160,41 @@ async fn without_original_source_the_app_sees_its_own_pod() {
     assert_eq!(seen.ip(), server);
 }
 
+/// The traffic series of a workload that left the mesh are dropped once
+/// they have been unused for the retention; those of workloads still here
+/// stay. Without it every workload a node ever talked to stays exported.
+#[tokio::test]
+async fn traffic_series_of_a_workload_gone_from_the_mesh_are_dropped() {
+    let mesh = TestMesh::with_config(|c| c.metrics_retention = Duration::from_millis(200)).await;
+    hello_client_to_server(&mesh).await;
+    let naming_server = |mesh: &TestMesh| {
+        mesh.metrics()
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_") && l.contains("_workload=\"server\""))
+            .count()
+    };
+    let closed = [
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+    ];
+    mesh.wait_for_counter("istio_tcp_connections_closed_total", &closed, 2)
+        .await;
+    // Both reporters: opened, closed, bytes each way.
+    assert_eq!(naming_server(&mesh), 8);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        naming_server(&mesh),
+        8,
+        "kept while the server is in the mesh"
+    );
+
+    xds::remove(&mesh.store, &["Kubernetes//Pod/b/server"]);
+    eventually("the server's series to be dropped", || {
+        naming_server(&mesh) == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn pod_to_pod_goes_through_hbone_with_both_identities_verified() {
     let mesh = TestMesh::new().await;

@@ -272,6 +272,7 @@ fn args(dir: &Path, xds: SocketAddr, zds_socket: &Path) -> ProxyArgs {
         original_source: true,
         workload_wait: Duration::from_secs(5),
         takeover_wait: Duration::from_secs(5),
+        metrics_retention: Duration::from_secs(300),
         hbone_max_concurrent_streams: 200,
         hbone_max_header_list_size: 64 * 1024,
         hbone_ping_interval: Duration::from_secs(10),
