@@ -542,18 +542,21 @@ fn ztunnel_rolling_restart(mesh: &KubeMesh, f: &KubeFixture) -> Result<String, K
             format!("kept ({} round trips)", hold.exchanges)
         } else {
             // The old ztunnel whose termination came last before the break.
+            // Either end's old ztunnel may have cut it (the Service's pod
+            // may be on either node): each one terminating before the break.
             let cause = hold.ended_at_ms.and_then(|end| {
-                nodes
+                let before: Vec<String> = nodes
                     .iter()
                     .filter_map(|(n, r)| Some((n, r.old_terminating_ms?)))
                     .filter(|(_, t)| *t <= end)
-                    .max_by_key(|(_, t)| *t)
-                    .map(|(n, t)| {
-                        format!(
-                            ", {:.1}s after the old ztunnel on {n} was seen terminating",
-                            (end - t) as f64 / 1e3
-                        )
-                    })
+                    .map(|(n, t)| format!("{:.1}s after {n}'s", (end - t) as f64 / 1e3))
+                    .collect();
+                (!before.is_empty()).then(|| {
+                    format!(
+                        ", {} old ztunnel was seen terminating",
+                        before.join(" and ")
+                    )
+                })
             });
             format!(
                 "broke at {} after {} round trips ({}){}",
