@@ -418,10 +418,13 @@ impl CertificateAuthority {
     }
 
     /// Signs a leaf for `identity` with the public key of `csr_pem`; returns
-    /// the PEM response as upstream istiod builds it (istio/istio
-    /// `security/pkg/server/ca/server.go`, `CreateCertificate`): the leaf,
-    /// the intermediates, and last every mesh root as one PEM bundle, which
-    /// proxies take as their trust bundle.
+    /// the PEM response in the order upstream istiod builds it (istio/istio
+    /// `security/pkg/server/ca/server.go`, `CreateCertificate`: leaf, cert
+    /// chain, then `root-cert.pem`). Unlike that function, which splits every
+    /// element into one certificate each, the roots stay one last element:
+    /// upstream ztunnel reads the last element as every root concatenated
+    /// (istio/ztunnel `src/tls/certificate.rs`, `WorkloadCertificate::new`),
+    /// and so do our proxies, which take it as their trust bundle.
     pub fn sign_csr(
         &self,
         csr_pem: &str,
