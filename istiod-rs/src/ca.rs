@@ -66,7 +66,17 @@ pub struct CaConfig {
     pub trusted_node_agents: Vec<ServiceAccount>,
     /// Each authenticated caller's budget of requests.
     pub rate_limit: CallerRateLimit,
+    /// Requests being authenticated, checked or signed at once, across all
+    /// callers; one more is refused with RESOURCE_EXHAUSTED at once.
+    pub max_requests_in_progress: usize,
 }
+
+/// [`CaConfig::max_requests_in_progress`] unless configured: a restart of
+/// many nodes at once (each ztunnel asking for the identities of its pods)
+/// waits on TokenReviews, not on signing; this bounds the TokenReviews
+/// istiod has open and the requests it holds in memory while every caller
+/// is still well within its own rate limit.
+pub const DEFAULT_MAX_REQUESTS_IN_PROGRESS: usize = 512;
 
 impl CaConfig {
     /// Defaults as upstream: 24 h certificates, 90 days at most, and the
@@ -82,6 +92,7 @@ impl CaConfig {
             root_cert_ttl: ROOT_CERT_TTL,
             trusted_node_agents: vec![ServiceAccount::ztunnel()],
             rate_limit: CallerRateLimit::DEFAULT,
+            max_requests_in_progress: DEFAULT_MAX_REQUESTS_IN_PROGRESS,
         }
     }
 }

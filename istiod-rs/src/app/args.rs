@@ -109,6 +109,12 @@ pub struct Args {
     #[arg(long, env = "CA_REQUEST_BURST", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub ca_request_burst: u32,
+    /// Certificate requests istiod-rs handles at once, from all callers
+    /// together; one more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CA_MAX_REQUESTS_IN_PROGRESS",
+          default_value_t = crate::ca::DEFAULT_MAX_REQUESTS_IN_PROGRESS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ca_max_requests_in_progress: u32,
     /// gRPC over TLS (xDS + CA): what proxies use.
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:15012")]
     pub grpc_addr: SocketAddr,
@@ -408,6 +414,7 @@ impl Args {
             per_second: self.ca_requests_per_second,
             burst: self.ca_request_burst,
         };
+        ca.max_requests_in_progress = self.ca_max_requests_in_progress as usize;
 
         let provision = self.provision_waypoints.then(|| ProvisionConfig {
             hub: self.waypoint_hub.clone(),
@@ -840,6 +847,10 @@ mod tests {
         assert!(config.monitoring.debug_namespaces.is_empty());
         assert_eq!(config.ca.rate_limit, CallerRateLimit::DEFAULT);
         assert_eq!(
+            config.ca.max_requests_in_progress,
+            crate::ca::DEFAULT_MAX_REQUESTS_IN_PROGRESS
+        );
+        assert_eq!(
             config.webhook.unwrap().max_connections,
             WebhookConfig::default().max_connections
         );
@@ -867,6 +878,8 @@ mod tests {
             "0.5",
             "--ca-request-burst",
             "4",
+            "--ca-max-requests-in-progress",
+            "7",
         ])
         .unwrap()
         .into_config()
@@ -890,6 +903,7 @@ mod tests {
                 burst: 4
             }
         );
+        assert_eq!(config.ca.max_requests_in_progress, 7);
 
         for (flag, value) in [
             ("--grpc-max-connections", "0"),

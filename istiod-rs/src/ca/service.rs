@@ -6,6 +6,14 @@
 //! own credential's details only); refusals are logged at most once per
 //! interval (impersonation refusals, the others), with how many were left
 //! out.
+//!
+//! Beside each caller's budget, the service as a whole holds at most
+//! [`CaConfig::max_requests_in_progress`](super::CaConfig) requests (from
+//! the moment one arrives until it is answered): many callers each within
+//! their budget still cannot pile up TokenReviews and memory without
+//! bound. One over it is answered RESOURCE_EXHAUSTED at once (the proxies'
+//! certificate managers retry with jittered backoff), counted as such, and
+//! `istiod_ca_requests_in_progress` shows how close the CA runs to it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +31,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use proxy_core::log_limit::LogLimit;
 use proxy_core::metrics::UnsuffixedCounter;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use super::impersonation::{ImpersonationPolicy, NodeLookup, NodeSource, RefusalReason};
@@ -38,7 +47,8 @@ pub enum Outcome {
     unauthenticated,
     permission_denied,
     invalid_argument,
-    /// The caller is over its rate limit.
+    /// The caller is over its rate limit, or the CA holds as many
+    /// requests as it may.
     resource_exhausted,
     unavailable,
     internal,
@@ -82,6 +92,7 @@ pub struct CaMetrics {
     impersonation_refusals: Family<RefusalLabels, Counter>,
     chain_expiry: Gauge<i64>,
     root_expiry: Gauge<i64>,
+    in_progress: Gauge<i64>,
 }
 
 /// Seconds since the Unix epoch, for the expiry gauges.
@@ -153,7 +164,14 @@ impl CaMetrics {
             "ImpersonatedIdentity requests refused, by reason (istiod's log names the caller and why)",
             impersonation_refusals.clone(),
         );
+        let in_progress = Gauge::<i64>::default();
+        registry.register(
+            "istiod_ca_requests_in_progress",
+            "CreateCertificate requests being authenticated, checked or signed now",
+            in_progress.clone(),
+        );
         let metrics = CaMetrics {
+            in_progress,
             requests,
             upstream,
             signing,
@@ -189,6 +207,11 @@ impl CaMetrics {
     }
 
     /// How many requests ended with `outcome` (for tests and debug pages).
+    /// Requests in progress now (`istiod_ca_requests_in_progress`).
+    pub fn requests_in_progress(&self) -> i64 {
+        self.in_progress.get()
+    }
+
     pub fn requests(&self, outcome: Outcome) -> u64 {
         self.requests
             .get_or_create(&OutcomeLabels { result: outcome })
@@ -217,6 +240,8 @@ pub struct CertificateService {
     nodes: Arc<dyn NodeLookup>,
     metrics: CaMetrics,
     limiter: Mutex<RateLimiter>,
+    /// One permit per request in progress ([`CaConfig::max_requests_in_progress`](super::CaConfig)).
+    in_progress: Arc<Semaphore>,
 }
 
 impl CertificateService {
@@ -228,7 +253,9 @@ impl CertificateService {
     ) -> Self {
         let metrics = CaMetrics::new(registry, &ca);
         let limiter = Mutex::new(RateLimiter::new(ca.config().rate_limit));
+        let in_progress = Arc::new(Semaphore::new(ca.config().max_requests_in_progress.max(1)));
         CertificateService {
+            in_progress,
             ca,
             authenticator,
             nodes,
@@ -250,6 +277,13 @@ impl CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Vec<String>, Refusal> {
+        let Ok(_permit) = self.in_progress.clone().try_acquire_owned() else {
+            return Err(Refusal::Busy(format!(
+                "istiod's CA is handling {} certificate requests, as many as it may at once; retry shortly",
+                self.ca.config().max_requests_in_progress
+            )));
+        };
+        let _counted = InProgress::enter(&self.metrics.in_progress);
         let caller = auth::authenticate(self.authenticator.as_ref(), request.metadata()).await?;
         let taken = self
             .limiter
@@ -360,7 +394,25 @@ enum Refusal {
     PermissionDenied(String),
     InvalidArgument(String),
     RateLimited(String),
+    /// The service holds as many requests as it may.
+    Busy(String),
     Internal(String),
+}
+
+/// Counts a request in `istiod_ca_requests_in_progress` while it lives.
+struct InProgress<'a>(&'a Gauge<i64>);
+
+impl<'a> InProgress<'a> {
+    fn enter(gauge: &'a Gauge<i64>) -> Self {
+        gauge.inc();
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl From<AuthError> for Refusal {
@@ -385,7 +437,7 @@ impl Refusal {
             Refusal::Auth(_) => Outcome::unauthenticated,
             Refusal::PermissionDenied(_) => Outcome::permission_denied,
             Refusal::InvalidArgument(_) => Outcome::invalid_argument,
-            Refusal::RateLimited(_) => Outcome::resource_exhausted,
+            Refusal::RateLimited(_) | Refusal::Busy(_) => Outcome::resource_exhausted,
             Refusal::Internal(_) => Outcome::internal,
         }
     }
@@ -395,7 +447,7 @@ impl Refusal {
             Refusal::Auth(e) => e.into(),
             Refusal::PermissionDenied(m) => Status::permission_denied(m),
             Refusal::InvalidArgument(m) => Status::invalid_argument(m),
-            Refusal::RateLimited(m) => Status::resource_exhausted(m),
+            Refusal::RateLimited(m) | Refusal::Busy(m) => Status::resource_exhausted(m),
             Refusal::Internal(m) => {
                 tracing::error!("could not issue a certificate: {m}");
                 Status::internal("the CA could not issue the certificate; see istiod's log")

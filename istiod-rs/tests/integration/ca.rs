@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use istiod_rs::auth::token_file::TokenFile;
+use istiod_rs::auth::{AuthFuture, Authenticator};
 use istiod_rs::ca::impersonation::StaticNodeLookup;
 use istiod_rs::ca::rate_limit::CallerRateLimit;
 use istiod_rs::ca::root::{self, RootError};
@@ -32,6 +33,7 @@ tokens:
   - {token: ztunnel-node-1, serviceAccount: istio-system/ztunnel, node: node-1}
   - {token: ztunnel-no-node, serviceAccount: istio-system/ztunnel}
   - {token: agent-node-1, serviceAccount: demo/agent, node: node-1}
+  - {token: held, serviceAccount: demo/held}
 "#;
 /// Nothing here should take long; this only turns a hang into a failure.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -48,12 +50,11 @@ struct Istiod {
 
 impl Istiod {
     async fn start(dir: &Path, ca: CaConfig, grpc: GrpcConfig) -> Istiod {
+        Istiod::start_with(ca, grpc, Arc::new(token_file(dir))).await
+    }
+
+    async fn start_with(ca: CaConfig, grpc: GrpcConfig, auth: Arc<dyn Authenticator>) -> Istiod {
         let ca = Arc::new(CertificateAuthority::new(ca).unwrap());
-        let tokens = dir.join("tokens.yaml");
-        if !tokens.exists() {
-            std::fs::write(&tokens, TOKENS).unwrap();
-        }
-        let auth = Arc::new(TokenFile::open(&tokens, TD).unwrap());
         let nodes = Arc::new(StaticNodeLookup::default());
         nodes.add("demo", "server-1", "server", "node-1");
         nodes.add("demo", "remote-1", "remote", "node-2");
@@ -77,6 +78,13 @@ impl Istiod {
             shutdown,
             server,
         }
+    }
+
+    /// The registry in Prometheus text.
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
     }
 
     async fn stop(self) {
@@ -119,6 +127,15 @@ impl Istiod {
             .unwrap()?;
         Ok(response.into_inner().cert_chain)
     }
+}
+
+/// The test's tokens, written into `dir` unless a test wrote its own.
+fn token_file(dir: &Path) -> TokenFile {
+    let tokens = dir.join("tokens.yaml");
+    if !tokens.exists() {
+        std::fs::write(&tokens, TOKENS).unwrap();
+    }
+    TokenFile::open(&tokens, TD).unwrap()
 }
 
 fn ca_config(dir: &Path) -> CaConfig {
@@ -237,8 +254,7 @@ async fn missing_and_wrong_tokens_are_unauthenticated() {
     assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
 
     assert_eq!(istiod.metrics.requests(Outcome::unauthenticated), 2);
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &istiod.registry).unwrap();
+    let text = istiod.metrics_text();
     assert!(
         text.contains("istiod_ca_requests_total{result=\"unauthenticated\"} 2"),
         "{text}"
@@ -423,16 +439,95 @@ async fn a_caller_over_its_rate_limit_is_refused_and_others_are_served() {
         .unwrap();
     istiod.create(Some("agent-node-1"), 0, None).await.unwrap();
     assert_eq!(istiod.metrics.requests(Outcome::success), 5);
-    let text = {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &istiod.registry).unwrap();
-        text
-    };
+    let text = istiod.metrics_text();
     assert!(
         text.contains(r#"istiod_ca_requests_total{result="resource_exhausted"} 5"#),
         "{text}"
     );
     istiod.stop().await;
+}
+
+/// The token file, except that the `held` token's checks wait until the
+/// gate opens, as TokenReviews wait on a slow API server.
+struct Gated {
+    tokens: TokenFile,
+    open: tokio::sync::watch::Receiver<bool>,
+    waiting: tokio::sync::watch::Sender<usize>,
+}
+
+impl Authenticator for Gated {
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+        Box::pin(async move {
+            if token == "held" {
+                self.waiting.send_modify(|n| *n += 1);
+                let mut open = self.open.clone();
+                open.wait_for(|open| *open).await.unwrap();
+            }
+            self.tokens.authenticate(token).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn requests_past_the_global_bound_are_refused_until_some_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca_config(dir.path());
+    ca.max_requests_in_progress = 3;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let (waiting, mut held) = tokio::sync::watch::channel(0);
+    let auth = Gated {
+        tokens: token_file(dir.path()),
+        open: gate,
+        waiting,
+    };
+    let istiod = Arc::new(Istiod::start_with(ca, grpc_config(false), Arc::new(auth)).await);
+
+    // Three requests whose token checks hang hold every place.
+    let stuck: Vec<_> = (0..3)
+        .map(|_| {
+            let istiod = istiod.clone();
+            tokio::spawn(async move { istiod.create(Some("held"), 0, None).await })
+        })
+        .collect();
+    tokio::time::timeout(PATIENCE, held.wait_for(|n| *n == 3))
+        .await
+        .expect("three requests reach authentication")
+        .unwrap();
+    assert_eq!(istiod.metrics.requests_in_progress(), 3);
+
+    // A caller well within its own budget is refused at once, saying why.
+    for _ in 0..5 {
+        let busy = istiod
+            .create(Some("client-token"), 0, None)
+            .await
+            .unwrap_err();
+        assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+        assert!(
+            busy.message().contains("3 certificate requests") && busy.message().contains("retry"),
+            "{busy:?}"
+        );
+    }
+    assert_eq!(istiod.metrics.requests(Outcome::resource_exhausted), 5);
+    assert_eq!(istiod.metrics.requests(Outcome::success), 0);
+
+    // Once the held ones finish, everyone is served again.
+    open.send(true).unwrap();
+    for request in stuck {
+        request.await.unwrap().expect("the held request is signed");
+    }
+    assert_eq!(istiod.metrics.requests_in_progress(), 0);
+    istiod.create(Some("client-token"), 0, None).await.unwrap();
+    assert_eq!(istiod.metrics.requests(Outcome::success), 4);
+    let text = istiod.metrics_text();
+    assert!(
+        text.contains("istiod_ca_requests_in_progress 0")
+            && text.contains(r#"istiod_ca_requests_total{result="resource_exhausted"} 5"#),
+        "{text}"
+    );
+    Arc::into_inner(istiod)
+        .expect("every request finished")
+        .stop()
+        .await;
 }
 
 #[tokio::test]
