@@ -558,6 +558,7 @@ impl App {
             original_source: args.original_source,
             workload_wait: args.workload_wait,
             takeover_wait: args.takeover_wait,
+            node: Some(args.node_name.clone()).filter(|n| !n.is_empty()),
             metrics_retention: args.metrics_retention,
             held_sockets: args.held_sockets()?,
             pod_connections: args.pod_connections(),

@@ -41,6 +41,7 @@ pub mod inbound_passthrough;
 mod inpod;
 pub mod metrics;
 pub mod outbound;
+mod prefetch;
 pub mod revocation;
 pub mod route;
 pub mod sockets;
@@ -221,6 +222,10 @@ pub struct ProxyConfig {
     pub http2: Http2Settings,
     /// The DNS proxy's names and upstream resolvers.
     pub dns: DnsConfig,
+    /// The node this proxy serves (upstream's `NODE_NAME`): certificates of
+    /// the HBONE workloads the store places on it are fetched before their
+    /// pods are handed over ([`prefetch`]). None: nothing is prefetched.
+    pub node: Option<String>,
 }
 
 /// The DNS proxy's settings (it runs when [`Ports::dns`] is set).
@@ -270,6 +275,7 @@ impl Default for ProxyConfig {
             pool: PoolConfig::default(),
             http2: Http2Settings::default(),
             dns: DnsConfig::default(),
+            node: None,
         }
     }
 }
@@ -324,8 +330,9 @@ struct Node {
     certificates: CertificateManager,
     metrics: Arc<Metrics>,
     balancer: route::Balancer,
-    /// Pods per identity: a certificate is renewed while one is here.
-    identities: Mutex<HashMap<SpiffeId, usize>>,
+    /// What holds each identity: a certificate is renewed while a pod here
+    /// runs as it or the store has it on this node ([`prefetch`]).
+    identities: Mutex<HashMap<SpiffeId, prefetch::Holders>>,
     /// Inbound connections, decided again on every policy change.
     live: Arc<revocation::LiveConnections>,
     /// Connections to applications held for peers.
@@ -337,20 +344,22 @@ struct Node {
 }
 
 impl Node {
+    fn lock_identities(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, prefetch::Holders>> {
+        self.identities.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn hold_identity(&self, identity: &SpiffeId) {
-        *self
-            .identities
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock_identities()
             .entry(identity.clone())
-            .or_default() += 1;
+            .or_default()
+            .pods += 1;
     }
 
     fn release_identity(&self, identity: &SpiffeId) {
-        let mut identities = self.identities.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = identities.get_mut(identity) {
-            *n -= 1;
-            if *n == 0 {
+        let mut identities = self.lock_identities();
+        if let Some(holders) = identities.get_mut(identity) {
+            holders.pods = holders.pods.saturating_sub(1);
+            if holders.pods == 0 && !holders.in_store {
                 identities.remove(identity);
                 self.certificates.forget(identity);
             }
@@ -924,19 +933,23 @@ impl ProxyManager {
                 }
             }
         });
+        // Subscribed before the node is shared: no change is missed.
+        let changes = store.subscribe();
+        let node = Arc::new(Node {
+            balancer: route::Balancer::new(config.load_balancing),
+            held: held::HeldSockets::new(config.held_sockets),
+            config,
+            store,
+            certificates,
+            metrics,
+            identities: Mutex::default(),
+            live,
+            tracker: Arc::default(),
+            dns,
+        });
+        prefetch::spawn(Arc::downgrade(&node), changes);
         ProxyManager {
-            node: Arc::new(Node {
-                balancer: route::Balancer::new(config.load_balancing),
-                held: held::HeldSockets::new(config.held_sockets),
-                config,
-                store,
-                certificates,
-                metrics,
-                identities: Mutex::default(),
-                live,
-                tracker: Arc::default(),
-                dns,
-            }),
+            node,
             pods: Arc::default(),
         }
     }

@@ -1118,6 +1118,100 @@ async fn a_pod_served_elsewhere_gets_listeners_once_the_proxy_is_ready() {
         .expect("listening after the bound");
 }
 
+/// The identities whose certificates the proxy holds (issued or not).
+fn tracked(mesh: &TestMesh) -> BTreeSet<String> {
+    mesh.certificates
+        .snapshot()
+        .iter()
+        .map(|s| s.identity.to_string())
+        .collect()
+}
+
+/// The certificate of an enrolled workload the store places on this node is
+/// requested before its pod is handed over (and all of a node's at once when
+/// a new ztunnel takes over); it is dropped once neither the store nor a pod
+/// holds it. Workloads of other nodes and plain TCP ones get none.
+#[tokio::test]
+async fn certificates_of_this_nodes_workloads_are_fetched_before_their_pods_arrive() {
+    let mesh = TestMesh::with_config(|c| c.node = Some("node-a".into())).await;
+    let (early_ip, other_ip) = (mesh.ip(2), mesh.ip(3));
+    xds::apply(
+        &mesh.store,
+        vec![
+            xds::workload("early", "a", &early_ip.to_string())
+                .hbone()
+                .node("node-a")
+                .into(),
+            xds::workload("other", "a", &other_ip.to_string())
+                .hbone()
+                .node("node-a")
+                .into(),
+            xds::workload("remote", "b", "127.99.0.4")
+                .hbone()
+                .node("node-b")
+                .into(),
+            xds::workload("plain", "c", "127.99.0.5")
+                .node("node-a")
+                .into(),
+        ],
+    );
+    let early = mesh.identity("a", "early").to_string();
+    let other = mesh.identity("a", "other").to_string();
+    eventually(
+        "both of this node's enrolled workloads' certificates",
+        || {
+            mesh.certificates
+                .snapshot()
+                .iter()
+                .filter(|s| s.certificate.is_some())
+                .count()
+                == 2
+        },
+    )
+    .await;
+    assert_eq!(
+        tracked(&mesh),
+        BTreeSet::from([early.clone(), other.clone()])
+    );
+    assert_eq!(mesh.signer.request_count(), 2, "one request per identity");
+
+    // The pod arrives: its certificate is already there.
+    mesh.proxy("early", "a", "early", early_ip).await;
+    assert_eq!(mesh.signer.request_count(), 2);
+
+    // Its workload leaves the store first: the running pod keeps it.
+    xds::remove(&mesh.store, &["Kubernetes//Pod/a/early"]);
+    // A workload leaves with no pod here: its certificate goes.
+    xds::remove(&mesh.store, &["Kubernetes//Pod/a/other"]);
+    eventually("the certificate nobody holds to be dropped", || {
+        !tracked(&mesh).contains(&other)
+    })
+    .await;
+    assert!(
+        tracked(&mesh).contains(&early),
+        "the running pod keeps its own"
+    );
+    // Then the pod goes: nothing is left.
+    drop(mesh.manager.del("uid-a-early").await);
+    eventually("every certificate to be dropped", || {
+        tracked(&mesh).is_empty()
+    })
+    .await;
+
+    // A proxy that does not know its node prefetches nothing.
+    let unnamed = TestMesh::new().await;
+    xds::apply(
+        &unnamed.store,
+        vec![
+            xds::workload("early", "a", &unnamed.ip(2).to_string())
+                .hbone()
+                .into(),
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(unnamed.signer.request_count(), 0);
+}
+
 /// Issue 9, item 1: before the first complete xDS state nothing is carried
 /// (connections wait, unanswered, instead of leaving as plaintext to what
 /// looks like an unknown address); once it arrives they go in mutual TLS.
