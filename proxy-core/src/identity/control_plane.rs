@@ -240,12 +240,14 @@ impl ControlPlaneRoots {
         learned: Option<LearnedRoots>,
     ) -> Result<Self, ControlPlaneError> {
         let config = tls::control_plane_client_config(roots)?;
-        let file_bytes = file.as_deref().and_then(|f| std::fs::read(f).ok());
         Ok(ControlPlaneRoots {
             file,
             learned,
             current: Mutex::new(Current {
-                file_bytes,
+                // Not read here: `roots` may be older than the file (read at
+                // start, the channel made later); the first connection reads
+                // it and trusts what it holds then.
+                file_bytes: None,
                 file_roots: roots.to_vec(),
                 learned: Arc::default(),
                 config,
@@ -263,6 +265,7 @@ impl ControlPlaneRoots {
         {
             let what = file.display().to_string();
             match tls::parse_pem_certificates(&what, &bytes) {
+                Ok(roots) if roots == current.file_roots => {}
                 Ok(roots) => {
                     tracing::info!(file = %what, roots = roots.len(), "control-plane root certificates reloaded");
                     current.file_roots = roots;

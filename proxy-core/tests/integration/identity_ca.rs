@@ -15,7 +15,9 @@ use api::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use api::ca::{IstioCertificateRequest, IstioCertificateResponse};
-use proxy_core::identity::{CaClient, CertificateManager, ControlPlane, ManagerConfig};
+use proxy_core::identity::{
+    CaClient, CertificateManager, ControlPlane, LearnedRoots, ManagerConfig,
+};
 use proxy_core::testing::TestCa;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -258,6 +260,57 @@ async fn refuses_a_control_plane_it_cannot_verify() {
     );
 
     assert!(fixture.seen().is_empty(), "no request reached the CA");
+}
+
+/// During a root rotation istiod's serving certificate may move to a root
+/// the proxy was not started with. It trusts, for each new connection, the
+/// root file as it is now and the roots the CA sent with its last
+/// certificate (`LearnedRoots`), which the certificate manager stores.
+#[tokio::test]
+async fn the_control_plane_is_trusted_by_the_root_file_as_it_is_now_and_the_learned_roots() {
+    let fixture = Fixture::start(true).await;
+    let unrelated = TestCa::new("cluster.local");
+    let dir = tempfile::tempdir().unwrap();
+    let root_file = dir.path().join("root-cert.pem");
+    std::fs::write(&root_file, unrelated.root_pem()).unwrap();
+    let learned = LearnedRoots::default();
+    let control_plane = ControlPlane::tls(fixture.address.to_string(), unrelated.roots())
+        .with_token_path(&fixture.token)
+        .with_root_file(&root_file)
+        .with_learned_roots(learned.clone());
+
+    // Neither the file nor anything learned trusts istiod's root.
+    let err = fixture.fetch_error(control_plane.clone()).await;
+    assert!(err.contains("invalid peer certificate"), "{err}");
+
+    // The file is rewritten (a ConfigMap update): the next connection trusts it.
+    std::fs::write(&root_file, fixture.ca.root_pem()).unwrap();
+    let id = fixture.ca.identity("default", "web");
+    fixture.manager(&control_plane).fetch(&id).await.unwrap();
+
+    // The file goes back to the unrelated root; what the CA sent is learned.
+    std::fs::write(&root_file, unrelated.root_pem()).unwrap();
+    assert!(
+        fixture
+            .fetch_error(control_plane.clone())
+            .await
+            .contains("invalid peer certificate")
+    );
+    let storing = CertificateManager::new(
+        Arc::new(CaClient::new(&fixture.tls()).unwrap()),
+        ManagerConfig {
+            impersonate: true,
+            learned_roots: Some(learned.clone()),
+            ..ManagerConfig::default()
+        },
+    );
+    storing.fetch(&id).await.unwrap();
+    assert_eq!(
+        *learned.load(),
+        fixture.ca.roots(),
+        "the CA's roots are learned"
+    );
+    fixture.manager(&control_plane).fetch(&id).await.unwrap();
 }
 
 #[tokio::test]
