@@ -27,6 +27,7 @@ mod state_directory;
 mod state_kube;
 mod status;
 mod webhook;
+mod webhook_configuration;
 mod xds;
 mod xds_scale;
 mod xds_waypoint;

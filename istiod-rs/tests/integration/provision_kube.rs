@@ -8,21 +8,18 @@
 //! Gateways created on demand (their own field manager, deleted when no
 //! rule needs them, a user's Gateway never).
 
+use crate::support::kube_mock::{self, Handle, next, respond};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::manifest::{Object, ObjectKey};
-use http::{Request, Response};
 use istiod_rs::provision::kube::KubeProvisioner;
 use istiod_rs::provision::{self, ProvisionConfig, ProvisionMetrics};
 use istiod_rs::state::Store;
 use istiod_rs::status::Clock;
-use kube::client::Body;
 use serde_json::{Value, json};
-use tower_test::mock;
-
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
 
 const UID: &str = "7f3c1a52-0d8e-4a8b-9a57-2f1d7e0c9b11";
 const ROOTS: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
@@ -67,56 +64,6 @@ fn store(objects: Vec<Object>) -> Arc<Store> {
         }
     });
     store
-}
-
-/// One request: (method, path, query, content type, JSON body).
-struct Seen {
-    method: String,
-    path: String,
-    query: BTreeMap<String, String>,
-    content_type: String,
-    body: Value,
-}
-
-async fn next(handle: &mut Handle) -> (Seen, mock::SendResponse<Response<Body>>) {
-    let (request, respond) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .expect("a request")
-        .expect("mock open");
-    let (parts, body) = request.into_parts();
-    let query = parts
-        .uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_string(), v.to_string())
-        })
-        .collect();
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let bytes = body.collect_bytes().await.unwrap();
-    let seen = Seen {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        query,
-        content_type,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    };
-    (seen, respond)
-}
-
-fn respond(code: u16, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
 }
 
 /// Takes the next request, checks it is a forced server-side apply of the
@@ -334,8 +281,7 @@ fn accepted() -> Value {
 
 #[tokio::test]
 async fn a_waypoint_gateway_is_applied_as_its_objects_and_programmed_once_a_pod_is_ready() {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, mut handle) = kube_mock::pair();
     let store = store(vec![gateway("reviews-waypoint", "")]);
     let provisioner = KubeProvisioner::new(
         client,
@@ -476,8 +422,7 @@ status: {phase: Running, podIP: 10.9.0.7, conditions: [{type: Ready, status: "Tr
 
 #[tokio::test]
 async fn a_gateway_that_cannot_be_provisioned_says_which_field_and_the_others_flow() {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, mut handle) = kube_mock::pair();
     let store = store(vec![
         gateway(
             "bad",
@@ -576,8 +521,7 @@ async fn a_gateway_that_cannot_be_provisioned_says_which_field_and_the_others_fl
 
 #[tokio::test]
 async fn a_gateway_made_again_or_changed_is_applied_again_and_only_what_changed() {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, mut handle) = kube_mock::pair();
     let store = store(vec![gateway("reviews-waypoint", "")]);
     let provisioner = KubeProvisioner::new(
         client,
@@ -634,6 +578,37 @@ async fn a_gateway_made_again_or_changed_is_applied_again_and_only_what_changed(
     assert_eq!(unanswered(run).await.1, 0);
 }
 
+/// A CA rotation changes the roots: the next sync publishes them in the
+/// `istio-ca-root-cert` ConfigMap of every waypoint namespace, and writes
+/// nothing else.
+#[tokio::test]
+async fn the_root_cert_config_map_follows_the_roots() {
+    let (client, mut handle) = kube_mock::pair();
+    let store = store(vec![gateway("reviews-waypoint", "")]);
+    let (roots, published) = tokio::sync::watch::channel(ROOTS.to_string());
+    let provisioner = KubeProvisioner::new(client, published, fixed_clock());
+    let run = sync(provisioner, &store);
+    for path in every_write() {
+        expect_apply(&mut handle, &path, 200).await;
+    }
+    let (provisioner, _) = run.await.unwrap();
+    let (provisioner, errors) = unanswered(sync(provisioner, &store)).await;
+    assert_eq!(errors, 0, "nothing changed, nothing written");
+
+    // Both roots trusted during a rotation.
+    let rotated = format!("{ROOTS}-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n");
+    roots.send(rotated.clone()).unwrap();
+    let run = sync(provisioner, &store);
+    let config_map = expect_apply(
+        &mut handle,
+        &format!("{CORE}/configmaps/istio-ca-root-cert"),
+        200,
+    )
+    .await;
+    assert_eq!(config_map["data"], json!({"root-cert.pem": rotated}));
+    assert_eq!(unanswered(run).await.1, 0, "only the ConfigMap changed");
+}
+
 /// A plan of one on-demand waypoint, `shop/web-waypoint` for account `web`,
 /// needed by `HTTPRoute shop/web`.
 fn on_demand_plan() -> istiod_rs::index::OnDemandPlan {
@@ -656,8 +631,7 @@ fn on_demand_plan() -> istiod_rs::index::OnDemandPlan {
 async fn on_demand_gateways_are_applied_under_their_own_manager_and_deleted_when_no_rule_needs_them()
  {
     use istiod_rs::provision::on_demand::{Draining, KubeOnDemand};
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, mut handle) = kube_mock::pair();
     let plan = on_demand_plan();
     assert_eq!(plan.waypoints.len(), 1);
     let gateways = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways";

@@ -6,6 +6,8 @@
 //! never reads back. A status write that fails or hangs never holds up the
 //! xDS pipeline.
 
+use crate::support::kube_mock::{Seen, next};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -517,8 +519,6 @@ fn rules_served_by_a_ready_waypoint_are_accepted_and_those_of_a_starting_one_are
 
 // --- Kubernetes mode -------------------------------------------------------
 
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
-
 fn fixed_clock() -> Clock {
     Arc::new(|| "2025-01-02T03:04:05Z".to_string())
 }
@@ -537,50 +537,6 @@ fn cluster(yaml: &str) -> (Arc<Store>, Statuses) {
         status::desired(&state, &translation)
     };
     (store, statuses)
-}
-
-/// Takes the next request: (method, path, query, content type, JSON body).
-async fn next(
-    handle: &mut Handle,
-) -> (
-    String,
-    String,
-    BTreeMap<String, String>,
-    String,
-    Value,
-    mock::SendResponse<Response<Body>>,
-) {
-    let (request, respond) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .expect("a request")
-        .expect("mock open");
-    let (parts, body) = request.into_parts();
-    let query = parts
-        .uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_string(), v.to_string())
-        })
-        .collect();
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let bytes = body.collect_bytes().await.unwrap();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (
-        parts.method.to_string(),
-        parts.uri.path().to_string(),
-        query,
-        content_type,
-        body,
-        respond,
-    )
 }
 
 fn ok(body: &Value) -> Response<Body> {
@@ -637,7 +593,14 @@ async fn kubernetes_statuses_are_applied_to_the_status_subresource_only_when_the
         let written = sink.apply(&policy, &status).await;
         (sink, policy, status, written)
     });
-    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    let (seen, respond) = next(&mut handle).await;
+    let Seen {
+        method,
+        path,
+        query,
+        content_type,
+        body,
+    } = seen;
     assert_eq!(method, "PATCH");
     assert_eq!(
         path,
@@ -721,7 +684,12 @@ status:
     let status = statuses[&route].clone();
     let mut sink = KubeStatus::new(client, store, fixed_clock());
     let write = tokio::spawn(async move { sink.apply(&route, &status).await });
-    let (method, path, _, _, body, respond) = next(&mut handle).await;
+    let (
+        Seen {
+            method, path, body, ..
+        },
+        respond,
+    ) = next(&mut handle).await;
     assert_eq!(method, "PATCH");
     assert_eq!(
         path,
@@ -775,9 +743,21 @@ async fn failed_writes_are_counted_and_retried() {
         },
         metrics.clone(),
     );
-    let (_, path, _, _, first, respond) = next(&mut handle).await;
+    let (
+        Seen {
+            path, body: first, ..
+        },
+        respond,
+    ) = next(&mut handle).await;
     respond.send_response(failure(500));
-    let (_, again, _, _, second, respond) = next(&mut handle).await;
+    let (
+        Seen {
+            path: again,
+            body: second,
+            ..
+        },
+        respond,
+    ) = next(&mut handle).await;
     assert_eq!((path.as_str(), &first), (again.as_str(), &second));
     respond.send_response(ok(&second));
     let mut text = String::new();
@@ -831,7 +811,7 @@ async fn a_hanging_status_write_never_holds_up_the_xds_pipeline() {
     });
     store.mark_synced();
     // The status write arrives and is never answered...
-    let (_, _, _, _, _, held) = next(&mut handle).await;
+    let (_, held) = next(&mut handle).await;
     // ...while the pipeline keeps publishing: a new pod reaches the snapshot.
     store.update(|s| {
         s.apply(objects(
@@ -1009,7 +989,14 @@ async fn service_entry_vips_are_json_patched_into_status_addresses() {
         let status = statuses[&entry].clone();
         let write =
             tokio::spawn(async move { sink.apply(&entry, &status).await.map(|w| (sink, w)) });
-        let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+        let (seen, respond) = next(&mut handle).await;
+        let Seen {
+            method,
+            path,
+            query,
+            content_type,
+            body,
+        } = seen;
         assert_eq!(method, "PATCH");
         assert_eq!(
             path,
