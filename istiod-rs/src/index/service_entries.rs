@@ -13,6 +13,13 @@
 //!   upstream's `constructServiceEntries`; none for `resolution: NONE`,
 //!   wildcard hosts, or an entry labelled
 //!   `networking.istio.io/enable-autoallocate-ip: "false"`.
+//! - `resolution: NONE` (the default): the Services carry load balancing
+//!   mode PASSTHROUGH, health policy ALLOW_ALL, as upstream's
+//!   `constructServiceEntries`: ztunnel sends a connection to one of their
+//!   addresses on to that address (after the service's waypoint, if any)
+//!   instead of picking an endpoint. Endpoints are still built as for any
+//!   resolution (upstream's `serviceEntryWorkloadBuilder` does not look at
+//!   it), so a selected pod still lists the hosts.
 //! - Inline `endpoints`: one workload each, uid
 //!   `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
 //!   backing every host; an address that is not an IP is the workload's
@@ -45,8 +52,9 @@ use api::crd::service_entry::{Location, Resolution, ServiceEntry, WorkloadEntryS
 use api::labels;
 use api::manifest::{Kind, ObjectKey};
 use api::workload::{
-    Locality, NetworkAddress, Port, PortList, TunnelProtocol, Workload, WorkloadStatus,
-    WorkloadType,
+    LoadBalancing, Locality, NetworkAddress, Port, PortList, TunnelProtocol, Workload,
+    WorkloadStatus, WorkloadType,
+    load_balancing::{HealthPolicy, Mode},
 };
 
 use super::ip_allocate::{Allocations, status_addresses};
@@ -132,6 +140,7 @@ impl<'a> ServiceEntries<'a> {
                             .collect(),
                         ports: service_ports(&entry.ports),
                         subject_alt_names: spec.subject_alt_names.clone(),
+                        load_balancing: passthrough(spec.resolution.as_ref()),
                         ..Default::default()
                     },
                 ));
@@ -267,6 +276,22 @@ fn service_ports(ports: &[SePort]) -> Vec<Port> {
             ..Default::default()
         })
         .collect()
+}
+
+/// `resolution: NONE` (or unset): connections to the service's addresses
+/// go to the address the client dialled, not to an endpoint. Upstream's
+/// `constructServiceEntries` (istio/istio
+/// pilot/pkg/serviceregistry/kube/controller/ambient/services.go, since
+/// istio/istio#57656) says so with load balancing mode PASSTHROUGH and
+/// health policy ALLOW_ALL; ztunnel then connects to the original
+/// destination (istio/ztunnel `src/state.rs` `find_upstream`), after the
+/// service's waypoint if it has one.
+fn passthrough(resolution: Option<&Resolution>) -> Option<LoadBalancing> {
+    matches!(resolution, None | Some(Resolution::None)).then(|| LoadBalancing {
+        mode: Mode::Passthrough as i32,
+        health_policy: HealthPolicy::AllowAll as i32,
+        ..Default::default()
+    })
 }
 
 /// What is served of a ServiceEntry, once its values are read.
@@ -537,6 +562,38 @@ mod tests {
         let got = vips(&s, &off);
         assert_eq!(got["shop/b.example.com"], serde_json::Value::Null);
         assert_eq!(got["shop/c.example.com"], addresses(&["10.9.0.1"]));
+    }
+
+    #[test]
+    fn resolution_none_or_unset_is_passthrough_and_other_resolutions_are_not() {
+        let entry = |name: &str, resolution: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+                 metadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{hosts: [{name}.example.com], addresses: [10.9.0.1], ports: [{{number: 80}}]{resolution}}}\n"
+            )
+        };
+        let text = [
+            entry("unset", ""),
+            entry("none", ", resolution: NONE"),
+            entry(
+                "static",
+                ", resolution: STATIC, endpoints: [{address: 10.0.0.1}]",
+            ),
+            entry("dns", ", resolution: DNS"),
+        ]
+        .join("---\n");
+        let json = snapshot_json(
+            &Translator::default()
+                .translate(&state(&text), &MeshConfig::default())
+                .snapshot,
+        );
+        let lb = |host: &str| json["services"][format!("shop/{host}")]["loadBalancing"].clone();
+        let passthrough = serde_json::json!({"mode": "PASSTHROUGH", "healthPolicy": "ALLOW_ALL"});
+        assert_eq!(lb("unset.example.com"), passthrough);
+        assert_eq!(lb("none.example.com"), passthrough);
+        assert_eq!(lb("static.example.com"), serde_json::Value::Null);
+        assert_eq!(lb("dns.example.com"), serde_json::Value::Null);
     }
 
     #[test]
