@@ -22,6 +22,7 @@
 
 pub mod analysis;
 mod authorization;
+mod export_to;
 pub mod ip_allocate;
 pub mod json;
 mod l7;
@@ -49,7 +50,7 @@ use std::sync::Arc;
 use api::crd::{
     AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry, WorkloadEntry,
 };
-use api::manifest::ObjectKey;
+use api::manifest::{Kind, ObjectKey};
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
@@ -325,6 +326,18 @@ impl Translator {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), a));
         }
         let mut services = services::Services::build(state, mesh);
+        for (key, svc) in &state.services {
+            if let Some(value) =
+                selectors::labels_of(&svc.metadata.annotations).get(export_to::ANNOTATION)
+            {
+                export_to::check(
+                    &PolicyRef::new(Kind::Service, &key.namespace, &key.name),
+                    &format!("metadata.annotations[{}]", export_to::ANNOTATION),
+                    &export_to::annotation_values(value),
+                    &mut problems,
+                );
+            }
+        }
         let service_entries =
             service_entries::ServiceEntries::build(state, mesh, &allocations, &mut problems);
         for (key, service) in &service_entries.services {

@@ -40,6 +40,9 @@
 //!   otherwise. A pod selected by a ServiceEntry keeps its own workload
 //!   (HBONE when enrolled).
 //!
+//! `exportTo` is checked and reported, never applied, as upstream
+//! (`index/export_to.rs`).
+//!
 //! A value that cannot be read is a [`PolicyProblem::InvalidValue`] naming
 //! the object and field: the ServiceEntry (an address, a port, an unknown
 //! resolution or location) or the endpoint (its address) is left out; the
@@ -103,6 +106,13 @@ impl<'a> ServiceEntries<'a> {
     ) -> Self {
         let mut out = ServiceEntries::default();
         for (key, se) in &state.service_entries {
+            let exports: Vec<&str> = se.spec.export_to.iter().map(String::as_str).collect();
+            super::export_to::check(
+                &PolicyRef::new(Kind::ServiceEntry, &key.namespace, &key.name),
+                "spec.exportTo",
+                &exports,
+                problems,
+            );
             let Some(entry) = read(key, se, problems) else {
                 continue;
             };
