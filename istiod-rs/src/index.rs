@@ -69,6 +69,7 @@ pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
+pub use service_entries::{NOT_SUPPORTED as WAYPOINT_NOT_SUPPORTED, UnboundWaypoint};
 pub use traffic::validate_destination_rule;
 pub use virtual_services::validate_virtual_service;
 pub use waypoints::is_on_demand as is_on_demand_waypoint;
@@ -159,6 +160,9 @@ pub struct Translation {
     /// The VIPs of the ServiceEntries that have none of their own, as their
     /// `status.addresses` should carry them.
     pub allocations: ip_allocate::Allocations,
+    /// The served ServiceEntries that ask for a waypoint, and why they are
+    /// not bound to it (their `istio.io/WaypointBound` condition).
+    pub service_entry_waypoints: BTreeMap<ObjectKey, UnboundWaypoint>,
 }
 
 /// Translates the whole cluster state.
@@ -351,6 +355,7 @@ impl Translator {
         for w in &service_entries.workloads {
             snapshot.insert(workload_resource(w.clone()));
         }
+        let service_entry_waypoints = service_entries.unbound_waypoints(state, &waypoints);
 
         // Which pods are workloads, which services each backs, and the service
         // accounts behind each service (for per-ServiceAccount waypoints).
@@ -574,6 +579,7 @@ impl Translator {
             shared_addresses,
             on_demand,
             allocations,
+            service_entry_waypoints,
         }
     }
 }

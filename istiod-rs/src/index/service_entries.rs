@@ -62,8 +62,24 @@ use api::workload::{
 
 use super::ip_allocate::{Allocations, status_addresses};
 use super::selectors::{Labels, labels_of, subset_of};
+use super::waypoints::{Traffic, UseWaypoint, Waypoints, use_waypoint};
 use super::{Effect, MeshConfig, PolicyProblem, PolicyRef};
 use crate::state::ClusterState;
+
+/// Our `istio.io/WaypointBound` reason for an entry whose waypoint could
+/// take it: istiod-rs does not bind ServiceEntries to waypoints.
+pub const NOT_SUPPORTED: &str = "NotSupported";
+
+/// A ServiceEntry that asks for a waypoint and is not bound to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnboundWaypoint {
+    /// `ns/name` of the waypoint asked for.
+    pub waypoint: String,
+    /// Upstream's `WaypointIsNotReady`, `AttachmentDenied`,
+    /// `UnsupportedTrafficType`, or [`NOT_SUPPORTED`].
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// Label asking for the HBONE tunnel natively (upstream's `TunnelHTTP`).
 const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
@@ -95,6 +111,8 @@ pub(super) struct ServiceEntries<'a> {
     /// Inline endpoints, implicit DNS endpoints and WorkloadEntries.
     pub workloads: Vec<Workload>,
     selecting: Vec<Selecting<'a>>,
+    /// The entries served (whose values could be read), in key order.
+    served: Vec<(&'a ObjectKey, &'a ServiceEntry)>,
 }
 
 impl<'a> ServiceEntries<'a> {
@@ -116,6 +134,7 @@ impl<'a> ServiceEntries<'a> {
             let Some(entry) = read(key, se, problems) else {
                 continue;
             };
+            out.served.push((key, se));
             let spec = &se.spec;
             let namespace = key.namespace.as_str();
             let keys: Vec<String> = spec
@@ -245,6 +264,62 @@ impl<'a> ServiceEntries<'a> {
                 super::workloads::canonical(&we_labels, &key.name);
             set_tunnel(&we_labels, labels_of(&we.metadata.annotations), &mut w);
             out.workloads.push(w);
+        }
+        out
+    }
+
+    /// The served entries that ask for a waypoint (their own
+    /// `istio.io/use-waypoint` label, else their namespace's, as upstream's
+    /// `fetchWaypointForService`), with why none is bound: the waypoint
+    /// cannot take them (upstream's reasons), or it could but istiod-rs
+    /// does not bind ServiceEntries to waypoints (ours: `NotSupported`).
+    /// Upstream's condition for a bound entry (True, `WaypointAccepted`)
+    /// is therefore never written.
+    pub fn unbound_waypoints(
+        &self,
+        state: &ClusterState,
+        waypoints: &Waypoints,
+    ) -> BTreeMap<ObjectKey, UnboundWaypoint> {
+        let mut out = BTreeMap::new();
+        for (key, se) in &self.served {
+            let namespace = key.namespace.as_str();
+            let named = match use_waypoint(labels_of(&se.metadata.labels), namespace) {
+                UseWaypoint::None => continue,
+                UseWaypoint::Named(ns, name) => (ns, name),
+                UseWaypoint::Unset => {
+                    let Some(ns) = state.namespace(namespace) else {
+                        continue;
+                    };
+                    match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
+                        UseWaypoint::Named(ns, name) => (ns, name),
+                        UseWaypoint::None | UseWaypoint::Unset => continue,
+                    }
+                }
+            };
+            let waypoint = format!("{}/{}", named.0, named.1);
+            let (reason, message) = match waypoints.check_named(
+                state,
+                &named.0,
+                &named.1,
+                namespace,
+                Traffic::Service,
+            ) {
+                Err(why) => why,
+                Ok(_) => (
+                    NOT_SUPPORTED,
+                    format!(
+                        "waypoint {waypoint:?} would be bound, but istiod-rs does not bind ServiceEntries to waypoints yet: connections to the entry's addresses do not go through it"
+                    ),
+                ),
+            };
+            out.insert(
+                (*key).clone(),
+                UnboundWaypoint {
+                    waypoint,
+                    reason,
+                    message,
+                },
+            );
         }
         out
     }

@@ -497,6 +497,55 @@ impl Waypoints {
         self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
     }
 
+    /// Why the waypoint an object of `from_namespace` names cannot take its
+    /// `traffic`, as upstream's `fetchWaypointForService` and its
+    /// `ReportWaypoint*` messages (istio/istio
+    /// pilot/pkg/serviceregistry/kube/controller/ambient: `waypoints.go`
+    /// `fetchWaypointForTarget` / `fetchWaypointForService`, `status.go`)
+    /// say it: `(reason, message)`; `Ok` when usable.
+    pub(super) fn check_named(
+        &self,
+        state: &ClusterState,
+        waypoint_namespace: &str,
+        name: &str,
+        from_namespace: &str,
+        traffic: Traffic,
+    ) -> Result<&Waypoint, (&'static str, String)> {
+        let key = format!("{waypoint_namespace}/{name}");
+        let Some(w) = self
+            .by_key
+            .get(&(waypoint_namespace.to_string(), name.to_string()))
+        else {
+            return Err((
+                "WaypointIsNotReady",
+                format!("waypoint {key:?} is not ready"),
+            ));
+        };
+        if !w.allows(state, from_namespace) {
+            return Err((
+                "AttachmentDenied",
+                format!(
+                    "we are not permitted to attach to waypoint {key:?} (missing allowedRoutes?)"
+                ),
+            ));
+        }
+        if !w.traffic.takes(traffic) {
+            let wanted = match traffic {
+                Traffic::Service => "service",
+                Traffic::Workload => "workload",
+                Traffic::All => "all",
+                Traffic::None => "none",
+            };
+            return Err((
+                "UnsupportedTrafficType",
+                format!(
+                    "attempting to bind to traffic type {wanted:?} which the waypoint {key:?} does not support"
+                ),
+            ));
+        }
+        Ok(w)
+    }
+
     fn usable(
         &self,
         state: &ClusterState,
