@@ -163,6 +163,55 @@ pub struct Translation {
     /// The served ServiceEntries that ask for a waypoint, and why they are
     /// not bound to it (their `istio.io/WaypointBound` condition).
     pub service_entry_waypoints: BTreeMap<ObjectKey, UnboundWaypoint>,
+    /// The `istio.io/WaypointBound` condition of each Service that is bound
+    /// to a waypoint or asks for one it cannot use.
+    pub service_waypoint_conditions: BTreeMap<ObjectKey, WaypointBound>,
+}
+
+/// A Service's `istio.io/WaypointBound` condition, as upstream's
+/// `ServiceInfo.GetConditions` (istio/istio pilot/pkg/model/service.go)
+/// writes it: True `WaypointAccepted` when bound, False with the reason
+/// the waypoint asked for cannot take it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointBound {
+    pub bound: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The [`WaypointBound`] condition of a Service bound to `bound` (or to
+/// none); `None` when it neither is bound nor asks for a waypoint.
+fn service_waypoint_bound(
+    state: &ClusterState,
+    waypoints: &waypoints::Waypoints,
+    namespace: &str,
+    labels: &selectors::Labels,
+    namespace_labels: Option<&selectors::Labels>,
+    bound: Option<&waypoints::Waypoint>,
+) -> Option<WaypointBound> {
+    if let Some(w) = bound {
+        let label_present = labels.contains_key(labels::INGRESS_USE_WAYPOINT)
+            || namespace_labels.is_some_and(|n| n.contains_key(labels::INGRESS_USE_WAYPOINT));
+        let ingress = if services::ingress_use_waypoint(labels, namespace_labels) {
+            ". Ingress traffic will traverse the waypoint"
+        } else if label_present {
+            ". Ingress traffic is not using the waypoint, set the istio.io/ingress-use-waypoint label to true if desired."
+        } else {
+            ""
+        };
+        return Some(WaypointBound {
+            bound: true,
+            reason: "WaypointAccepted",
+            message: format!("Successfully attached to waypoint {}{ingress}", w.key()),
+        });
+    }
+    let (_, checked) = waypoints.asked_for(state, namespace, labels)?;
+    let (reason, message) = checked.err()?;
+    Some(WaypointBound {
+        bound: false,
+        reason,
+        message,
+    })
 }
 
 /// Translates the whole cluster state.
@@ -407,6 +456,7 @@ impl Translator {
         );
 
         let mut service_waypoints = Vec::with_capacity(services.entries.len());
+        let mut service_waypoint_conditions = BTreeMap::new();
         let mut service_also_served_by = Vec::with_capacity(services.entries.len());
         for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
             let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
@@ -424,13 +474,25 @@ impl Translator {
             });
             let (bound, also) = serving.map_or((None, Vec::new()), |s| (s.bound, s.also));
             entry.proto.waypoint = bound.map(|w| w.address.clone());
-            entry.proto.ingress_use_waypoint = bound.is_some()
-                && services::ingress_use_waypoint(
+            let namespace_labels = state
+                .namespace(entry.namespace)
+                .map(|ns| selectors::labels_of(&ns.metadata.labels));
+            entry.proto.ingress_use_waypoint =
+                bound.is_some() && services::ingress_use_waypoint(entry.labels(), namespace_labels);
+            if !is_waypoint
+                && let Some(condition) = service_waypoint_bound(
+                    state,
+                    &waypoints,
+                    entry.namespace,
                     entry.labels(),
-                    state
-                        .namespace(entry.namespace)
-                        .map(|ns| selectors::labels_of(&ns.metadata.labels)),
-                );
+                    namespace_labels,
+                    bound,
+                )
+            {
+                let name = entry.service.metadata.name.clone().unwrap_or_default();
+                service_waypoint_conditions
+                    .insert(ObjectKey::new(entry.namespace, name), condition);
+            }
             let bound = bound.map(|w| w.key());
             service_also_served_by.push(also);
             service_waypoints.push(bound);
@@ -580,6 +642,7 @@ impl Translator {
             on_demand,
             allocations,
             service_entry_waypoints,
+            service_waypoint_conditions,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
 //! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
 //! | DestinationRule, VirtualService | `WaypointAccepted` (Accepted; PartiallyInvalid or Invalid with the fields the waypoint does not honour) |
+//! | Service bound to a waypoint, or asking for one it cannot use | `istio.io/WaypointBound`: True `WaypointAccepted` "Successfully attached to waypoint ns/name" (with upstream's ingress sentence), or False with upstream's reasons WaypointIsNotReady, AttachmentDenied, UnsupportedTrafficType; removed otherwise |
 //! | ServiceEntry given VIPs (`index/ip_allocate.rs`) | `status.addresses` (`{host, value}` per VIP) |
 //! | ServiceEntry asking for a waypoint (its `istio.io/use-waypoint`, else its namespace's) | `istio.io/WaypointBound` False: upstream's reasons WaypointIsNotReady, AttachmentDenied, UnsupportedTrafficType and messages; `NotSupported` (ours) when the waypoint could take it, since istiod-rs does not bind entries to waypoints; removed when it asks for none |
 //!
@@ -262,6 +263,30 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
         };
         let condition = translation_condition(generation, used.contains(&object), &problems);
         put(kind, key, ObjectStatus::Conditions(vec![condition]));
+    }
+    for (key, svc) in &state.services {
+        let condition = translation.service_waypoint_conditions.get(key).map(|c| {
+            Condition::new(
+                WAYPOINT_BOUND,
+                c.bound,
+                c.reason,
+                c.message.clone(),
+                svc.metadata.generation,
+            )
+        });
+        // Listed without one only to remove the one it still carries.
+        let carried = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == WAYPOINT_BOUND));
+        if condition.is_some() || carried {
+            put(
+                Kind::Service,
+                key,
+                ObjectStatus::Conditions(condition.into_iter().collect()),
+            );
+        }
     }
     for (key, se) in &state.service_entries {
         let addresses = translation.allocations.get(key).cloned();
@@ -845,6 +870,15 @@ pub fn carries(kind: Kind, status: &ObjectStatus, live: Option<&Value>) -> bool 
             (addresses.is_none() || *addresses == live_addresses) && *conditions == live_conditions
         }
         (status, live) => *status == live,
+    }
+}
+
+/// The `apiVersion` of the kinds that carry statuses: `v1` for the core
+/// group.
+pub fn api_version(kind: Kind) -> String {
+    match kind.group() {
+        "" => "v1".to_string(),
+        group => format!("{group}/v1"),
     }
 }
 

@@ -62,7 +62,7 @@ use api::workload::{
 
 use super::ip_allocate::{Allocations, status_addresses};
 use super::selectors::{Labels, labels_of, subset_of};
-use super::waypoints::{Traffic, UseWaypoint, Waypoints, use_waypoint};
+use super::waypoints::Waypoints;
 use super::{Effect, MeshConfig, PolicyProblem, PolicyRef};
 use crate::state::ClusterState;
 
@@ -283,35 +283,19 @@ impl<'a> ServiceEntries<'a> {
         let mut out = BTreeMap::new();
         for (key, se) in &self.served {
             let namespace = key.namespace.as_str();
-            let named = match use_waypoint(labels_of(&se.metadata.labels), namespace) {
-                UseWaypoint::None => continue,
-                UseWaypoint::Named(ns, name) => (ns, name),
-                UseWaypoint::Unset => {
-                    let Some(ns) = state.namespace(namespace) else {
-                        continue;
-                    };
-                    match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
-                        UseWaypoint::Named(ns, name) => (ns, name),
-                        UseWaypoint::None | UseWaypoint::Unset => continue,
-                    }
-                }
+            let Some((waypoint, checked)) =
+                waypoints.asked_for(state, namespace, labels_of(&se.metadata.labels))
+            else {
+                continue;
             };
-            let waypoint = format!("{}/{}", named.0, named.1);
-            let (reason, message) = match waypoints.check_named(
-                state,
-                &named.0,
-                &named.1,
-                namespace,
-                Traffic::Service,
-            ) {
-                Err(why) => why,
-                Ok(_) => (
+            let (reason, message) = checked.err().unwrap_or_else(|| {
+                (
                     NOT_SUPPORTED,
                     format!(
                         "waypoint {waypoint:?} would be bound, but istiod-rs does not bind ServiceEntries to waypoints yet: connections to the entry's addresses do not go through it"
                     ),
-                ),
-            };
+                )
+            });
             out.insert(
                 (*key).clone(),
                 UnboundWaypoint {

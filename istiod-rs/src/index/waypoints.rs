@@ -207,6 +207,10 @@ fn still_needed(gw: &Gateway) -> bool {
         .is_some_and(|v| !v.is_empty())
 }
 
+/// Why a waypoint cannot take an object: upstream's status reason and
+/// message.
+pub(super) type Refusal = (&'static str, String);
+
 /// What an object's `use-waypoint` label says.
 pub(super) enum UseWaypoint {
     Unset,
@@ -510,7 +514,7 @@ impl Waypoints {
         name: &str,
         from_namespace: &str,
         traffic: Traffic,
-    ) -> Result<&Waypoint, (&'static str, String)> {
+    ) -> Result<&Waypoint, Refusal> {
         let key = format!("{waypoint_namespace}/{name}");
         let Some(w) = self
             .by_key
@@ -544,6 +548,34 @@ impl Waypoints {
             ));
         }
         Ok(w)
+    }
+
+    /// The waypoint a Service or ServiceEntry asks for (its own
+    /// `istio.io/use-waypoint`, else its namespace's; `none` on either
+    /// stops the search, as upstream's `fetchWaypointForTarget`), as
+    /// `ns/name`, and why it cannot take the object's service traffic, if
+    /// it cannot ([`Self::check_named`]).
+    pub(super) fn asked_for(
+        &self,
+        state: &ClusterState,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Option<(String, Result<(), Refusal>)> {
+        let (ns, name) = match use_waypoint(labels, namespace) {
+            UseWaypoint::None => return None,
+            UseWaypoint::Named(ns, name) => (ns, name),
+            UseWaypoint::Unset => {
+                let ns = state.namespace(namespace)?;
+                match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
+                    UseWaypoint::Named(ns, name) => (ns, name),
+                    UseWaypoint::None | UseWaypoint::Unset => return None,
+                }
+            }
+        };
+        let checked = self
+            .check_named(state, &ns, &name, namespace, Traffic::Service)
+            .map(|_| ());
+        Some((format!("{ns}/{name}"), checked))
     }
 
     fn usable(

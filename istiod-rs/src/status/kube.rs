@@ -120,7 +120,7 @@ impl KubeStatus {
         };
         let (group, plural) = resource(object.kind);
         let body = json!({
-            "apiVersion": format!("{group}/v1"),
+            "apiVersion": super::api_version(object.kind),
             "kind": object.kind.as_str(),
             "metadata": {"name": object.key.name, "namespace": object.key.namespace},
             "status": status_json(status, live.status.as_ref(), &times),
@@ -230,6 +230,7 @@ fn resource(kind: Kind) -> (&'static str, &'static str) {
         Kind::DestinationRule => "destinationrules",
         Kind::VirtualService => "virtualservices",
         Kind::ServiceEntry => "serviceentries",
+        Kind::Service => "services",
         // desired() writes no other kind.
         other => unreachable!("no status is written on {other}"),
     };
@@ -277,6 +278,7 @@ fn live(state: &ClusterState, object: &PolicyRef) -> Option<Live> {
             .service_entries
             .get(key)
             .map(|o| of(&o.metadata, &o.status)),
+        Kind::Service => state.services.get(key).map(|o| of(&o.metadata, &o.status)),
         _ => None,
     }
 }

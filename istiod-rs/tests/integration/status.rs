@@ -1266,3 +1266,111 @@ fn local_service_entry_waypoint_conditions_are_status_files_until_the_entry_opts
     ));
     assert!(!statuses.contains_key(&object(Kind::ServiceEntry, "missing")));
 }
+
+const WAYPOINT_SERVICES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ready, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
+spec: {nodeName: node-a, containers: [{name: w, image: w}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, generation: 4, labels: {istio.io/use-waypoint: ready}}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: shop, labels: {istio.io/use-waypoint: ready, istio.io/ingress-use-waypoint: "true"}}
+spec: {clusterIP: 10.96.0.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lost, namespace: shop, labels: {istio.io/use-waypoint: gone}}
+spec: {clusterIP: 10.96.0.22, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.23, ports: [{name: http, port: 80}]}
+"#;
+
+#[test]
+fn services_say_which_waypoint_they_are_bound_to_as_upstream() {
+    let statuses = desired(WAYPOINT_SERVICES);
+    let condition = |name: &str| match statuses.get(&object(Kind::Service, name)) {
+        Some(ObjectStatus::Conditions(c)) if c.len() == 1 => {
+            assert_eq!(c[0].type_, "istio.io/WaypointBound");
+            (c[0].status, c[0].reason.clone(), c[0].message.clone())
+        }
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(
+        condition("web"),
+        (
+            true,
+            "WaypointAccepted".into(),
+            "Successfully attached to waypoint shop/ready".into()
+        )
+    );
+    assert_eq!(
+        condition("front"),
+        (
+            true,
+            "WaypointAccepted".into(),
+            "Successfully attached to waypoint shop/ready. Ingress traffic will traverse the waypoint".into()
+        )
+    );
+    assert_eq!(
+        condition("lost"),
+        (
+            false,
+            "WaypointIsNotReady".into(),
+            r#"waypoint "shop/gone" is not ready"#.into()
+        )
+    );
+    assert!(!statuses.contains_key(&object(Kind::Service, "plain")));
+}
+
+#[tokio::test]
+async fn a_service_s_waypoint_condition_is_applied_to_the_core_status_subresource() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(WAYPOINT_SERVICES);
+    let web = object(Kind::Service, "web");
+    let status = statuses[&web].clone();
+    let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
+    let write = tokio::spawn(async move { sink.apply(&web, &status).await });
+    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert_eq!(path, "/api/v1/namespaces/shop/services/web/status");
+    assert_eq!(query["fieldManager"], "istiod-rs-status");
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert_eq!(body["apiVersion"], "v1");
+    assert_eq!(body["kind"], "Service");
+    assert_eq!(
+        body["status"],
+        json!({"conditions": [{
+            "type": "istio.io/WaypointBound", "status": "True", "reason": "WaypointAccepted",
+            "message": "Successfully attached to waypoint shop/ready", "observedGeneration": 4,
+            "lastTransitionTime": "2025-01-02T03:04:05Z",
+        }]})
+    );
+    respond.send_response(ok(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+    })));
+    assert!(write.await.unwrap().unwrap());
+}
