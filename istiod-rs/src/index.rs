@@ -22,6 +22,7 @@
 
 pub mod analysis;
 mod authorization;
+mod export_to;
 pub mod ip_allocate;
 pub mod json;
 mod l7;
@@ -49,7 +50,7 @@ use std::sync::Arc;
 use api::crd::{
     AuthorizationPolicy, PeerAuthentication, RequestAuthentication, ServiceEntry, WorkloadEntry,
 };
-use api::manifest::ObjectKey;
+use api::manifest::{Kind, ObjectKey};
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
@@ -68,6 +69,7 @@ pub use peer_authentication::{
     CONVERTED_PREFIX, STATIC_STRICT_POLICY, validate_peer_authentication,
 };
 pub use problem::{Effect, PolicyProblem, PolicyRef, Unserved};
+pub use service_entries::{NOT_SUPPORTED as WAYPOINT_NOT_SUPPORTED, UnboundWaypoint};
 pub use traffic::validate_destination_rule;
 pub use virtual_services::validate_virtual_service;
 pub use waypoints::is_on_demand as is_on_demand_waypoint;
@@ -158,6 +160,58 @@ pub struct Translation {
     /// The VIPs of the ServiceEntries that have none of their own, as their
     /// `status.addresses` should carry them.
     pub allocations: ip_allocate::Allocations,
+    /// The served ServiceEntries that ask for a waypoint, and why they are
+    /// not bound to it (their `istio.io/WaypointBound` condition).
+    pub service_entry_waypoints: BTreeMap<ObjectKey, UnboundWaypoint>,
+    /// The `istio.io/WaypointBound` condition of each Service that is bound
+    /// to a waypoint or asks for one it cannot use.
+    pub service_waypoint_conditions: BTreeMap<ObjectKey, WaypointBound>,
+}
+
+/// A Service's `istio.io/WaypointBound` condition, as upstream's
+/// `ServiceInfo.GetConditions` (istio/istio pilot/pkg/model/service.go)
+/// writes it: True `WaypointAccepted` when bound, False with the reason
+/// the waypoint asked for cannot take it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointBound {
+    pub bound: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The [`WaypointBound`] condition of a Service bound to `bound` (or to
+/// none); `None` when it neither is bound nor asks for a waypoint.
+fn service_waypoint_bound(
+    state: &ClusterState,
+    waypoints: &waypoints::Waypoints,
+    namespace: &str,
+    labels: &selectors::Labels,
+    namespace_labels: Option<&selectors::Labels>,
+    bound: Option<&waypoints::Waypoint>,
+) -> Option<WaypointBound> {
+    if let Some(w) = bound {
+        let label_present = labels.contains_key(labels::INGRESS_USE_WAYPOINT)
+            || namespace_labels.is_some_and(|n| n.contains_key(labels::INGRESS_USE_WAYPOINT));
+        let ingress = if services::ingress_use_waypoint(labels, namespace_labels) {
+            ". Ingress traffic will traverse the waypoint"
+        } else if label_present {
+            ". Ingress traffic is not using the waypoint, set the istio.io/ingress-use-waypoint label to true if desired."
+        } else {
+            ""
+        };
+        return Some(WaypointBound {
+            bound: true,
+            reason: "WaypointAccepted",
+            message: format!("Successfully attached to waypoint {}{ingress}", w.key()),
+        });
+    }
+    let (_, checked) = waypoints.asked_for(state, namespace, labels)?;
+    let (reason, message) = checked.err()?;
+    Some(WaypointBound {
+        bound: false,
+        reason,
+        message,
+    })
 }
 
 /// Translates the whole cluster state.
@@ -325,6 +379,18 @@ impl Translator {
             snapshot.insert(Resource::new(type_url::AUTHORIZATION, key.to_string(), a));
         }
         let mut services = services::Services::build(state, mesh);
+        for (key, svc) in &state.services {
+            if let Some(value) =
+                selectors::labels_of(&svc.metadata.annotations).get(export_to::ANNOTATION)
+            {
+                export_to::check(
+                    &PolicyRef::new(Kind::Service, &key.namespace, &key.name),
+                    &format!("metadata.annotations[{}]", export_to::ANNOTATION),
+                    &export_to::annotation_values(value),
+                    &mut problems,
+                );
+            }
+        }
         let service_entries =
             service_entries::ServiceEntries::build(state, mesh, &allocations, &mut problems);
         for (key, service) in &service_entries.services {
@@ -338,6 +404,7 @@ impl Translator {
         for w in &service_entries.workloads {
             snapshot.insert(workload_resource(w.clone()));
         }
+        let service_entry_waypoints = service_entries.unbound_waypoints(state, &waypoints);
 
         // Which pods are workloads, which services each backs, and the service
         // accounts behind each service (for per-ServiceAccount waypoints).
@@ -389,6 +456,7 @@ impl Translator {
         );
 
         let mut service_waypoints = Vec::with_capacity(services.entries.len());
+        let mut service_waypoint_conditions = BTreeMap::new();
         let mut service_also_served_by = Vec::with_capacity(services.entries.len());
         for (entry, sa) in services.entries.iter_mut().zip(service_accounts) {
             let is_waypoint = selectors::labels_of(&entry.service.metadata.labels)
@@ -406,13 +474,25 @@ impl Translator {
             });
             let (bound, also) = serving.map_or((None, Vec::new()), |s| (s.bound, s.also));
             entry.proto.waypoint = bound.map(|w| w.address.clone());
-            entry.proto.ingress_use_waypoint = bound.is_some()
-                && services::ingress_use_waypoint(
+            let namespace_labels = state
+                .namespace(entry.namespace)
+                .map(|ns| selectors::labels_of(&ns.metadata.labels));
+            entry.proto.ingress_use_waypoint =
+                bound.is_some() && services::ingress_use_waypoint(entry.labels(), namespace_labels);
+            if !is_waypoint
+                && let Some(condition) = service_waypoint_bound(
+                    state,
+                    &waypoints,
+                    entry.namespace,
                     entry.labels(),
-                    state
-                        .namespace(entry.namespace)
-                        .map(|ns| selectors::labels_of(&ns.metadata.labels)),
-                );
+                    namespace_labels,
+                    bound,
+                )
+            {
+                let name = entry.service.metadata.name.clone().unwrap_or_default();
+                service_waypoint_conditions
+                    .insert(ObjectKey::new(entry.namespace, name), condition);
+            }
             let bound = bound.map(|w| w.key());
             service_also_served_by.push(also);
             service_waypoints.push(bound);
@@ -561,6 +641,8 @@ impl Translator {
             shared_addresses,
             on_demand,
             allocations,
+            service_entry_waypoints,
+            service_waypoint_conditions,
         }
     }
 }

@@ -10,7 +10,9 @@
 //! | other AuthorizationPolicy, PeerAuthentication, RequestAuthentication | `ZtunnelAccepted` (Accepted "attached to ztunnel", or UnsupportedValue with the problems) |
 //! | HTTPRoute, GRPCRoute | `status.parents[]`, one per Service parent, controller `istio.io/mesh-controller`: `Accepted` (Accepted "served by waypoint ..." with what it serves differently, NoMatchingParent, UnsupportedValue), `ResolvedRefs` (ResolvedRefs, InvalidKind, RefNotPermitted, BackendNotFound, UnsupportedValue) |
 //! | DestinationRule, VirtualService | `WaypointAccepted` (Accepted; PartiallyInvalid or Invalid with the fields the waypoint does not honour) |
-//! | ServiceEntry given VIPs (`index/ip_allocate.rs`) | `status.addresses` (`{host, value}` per VIP); its conditions are not istiod-rs's |
+//! | Service bound to a waypoint, or asking for one it cannot use | `istio.io/WaypointBound`: True `WaypointAccepted` "Successfully attached to waypoint ns/name" (with upstream's ingress sentence), or False with upstream's reasons WaypointIsNotReady, AttachmentDenied, UnsupportedTrafficType; removed otherwise |
+//! | ServiceEntry given VIPs (`index/ip_allocate.rs`) | `status.addresses` (`{host, value}` per VIP) |
+//! | ServiceEntry asking for a waypoint (its `istio.io/use-waypoint`, else its namespace's) | `istio.io/WaypointBound` False: upstream's reasons WaypointIsNotReady, AttachmentDenied, UnsupportedTrafficType and messages; `NotSupported` (ours) when the waypoint could take it, since istiod-rs does not bind entries to waypoints; removed when it asks for none |
 //!
 //! Ours, not upstream's: an AuthorizationPolicy with HTTP attributes or a
 //! RequestAuthentication attached by selector or namespace is enforced by
@@ -60,7 +62,11 @@ pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
 /// Condition of policies attached to waypoints.
 pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
 /// The condition types istiod-rs owns on security objects.
-pub const OWNED_CONDITIONS: [&str; 2] = [ZTUNNEL_ACCEPTED, WAYPOINT_ACCEPTED];
+pub const OWNED_CONDITIONS: [&str; 3] = [ZTUNNEL_ACCEPTED, WAYPOINT_ACCEPTED, WAYPOINT_BOUND];
+/// Condition of a ServiceEntry that asks for a waypoint (upstream's
+/// `model.WaypointBound`, written by `ServiceInfo.GetConditions` in
+/// istio/istio pilot/pkg/model/service.go).
+pub const WAYPOINT_BOUND: &str = "istio.io/WaypointBound";
 
 /// One condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,9 +147,14 @@ pub enum ObjectStatus {
     /// Routes: the `status.parents[]` entries of [`ROUTE_CONTROLLER`]
     /// (none: any left from before are removed).
     Parents(Vec<RouteParent>),
-    /// ServiceEntries given VIPs (`index/ip_allocate.rs`): the whole of
-    /// `status.addresses`.
-    Addresses(Vec<ServiceEntryAddress>),
+    /// ServiceEntries: the whole of `status.addresses` when istiod-rs gave
+    /// it VIPs (`index/ip_allocate.rs`; `None`: left as it is), and the
+    /// [`WAYPOINT_BOUND`] condition when it asks for a waypoint (none: any
+    /// left from before is removed).
+    ServiceEntry {
+        addresses: Option<Vec<ServiceEntryAddress>>,
+        conditions: Vec<Condition>,
+    },
 }
 
 /// What istiod-rs owns in the status of every object it reads.
@@ -253,12 +264,62 @@ pub fn desired(state: &ClusterState, translation: &Translation) -> Statuses {
         let condition = translation_condition(generation, used.contains(&object), &problems);
         put(kind, key, ObjectStatus::Conditions(vec![condition]));
     }
-    for (key, addresses) in &translation.allocations {
-        put(
-            Kind::ServiceEntry,
-            key,
-            ObjectStatus::Addresses(addresses.clone()),
-        );
+    for (key, svc) in &state.services {
+        let condition = translation.service_waypoint_conditions.get(key).map(|c| {
+            Condition::new(
+                WAYPOINT_BOUND,
+                c.bound,
+                c.reason,
+                c.message.clone(),
+                svc.metadata.generation,
+            )
+        });
+        // Listed without one only to remove the one it still carries.
+        let carried = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == WAYPOINT_BOUND));
+        if condition.is_some() || carried {
+            put(
+                Kind::Service,
+                key,
+                ObjectStatus::Conditions(condition.into_iter().collect()),
+            );
+        }
+    }
+    for (key, se) in &state.service_entries {
+        let addresses = translation.allocations.get(key).cloned();
+        let conditions: Vec<Condition> = translation
+            .service_entry_waypoints
+            .get(key)
+            .map(|w| {
+                Condition::new(
+                    WAYPOINT_BOUND,
+                    false,
+                    w.reason,
+                    w.message.clone(),
+                    se.metadata.generation,
+                )
+            })
+            .into_iter()
+            .collect();
+        // An entry with neither is listed only to remove a condition it
+        // still carries from before.
+        let carried = se
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == WAYPOINT_BOUND));
+        if addresses.is_some() || !conditions.is_empty() || carried {
+            put(
+                Kind::ServiceEntry,
+                key,
+                ObjectStatus::ServiceEntry {
+                    addresses,
+                    conditions,
+                },
+            );
+        }
     }
     out
 }
@@ -673,9 +734,16 @@ pub fn owned(kind: Kind, status: Option<&Value>) -> ObjectStatus {
         let addresses = status
             .and_then(|s| s.get("addresses"))
             .cloned()
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
-        return ObjectStatus::Addresses(addresses);
+            .map(|v| serde_json::from_value(v).unwrap_or_default());
+        let conditions = list("conditions")
+            .iter()
+            .filter_map(Condition::from_json)
+            .filter(|c| c.type_ == WAYPOINT_BOUND)
+            .collect();
+        return ObjectStatus::ServiceEntry {
+            addresses,
+            conditions,
+        };
     }
     if matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) {
         let parents = list("parents")
@@ -763,7 +831,54 @@ pub fn status_json(status: &ObjectStatus, live: Option<&Value>, times: Times<'_>
             all.extend(parents.iter().map(|p| parent_json(p, times)));
             json!({ "parents": all })
         }
-        ObjectStatus::Addresses(addresses) => json!({ "addresses": addresses }),
+        ObjectStatus::ServiceEntry {
+            addresses,
+            conditions,
+        } => {
+            let mut out = json!({});
+            if let Some(addresses) = addresses {
+                out["addresses"] = json!(addresses);
+            }
+            let conditions =
+                status_json(&ObjectStatus::Conditions(conditions.clone()), live, times);
+            if conditions["conditions"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+            {
+                out["conditions"] = conditions["conditions"].clone();
+            }
+            out
+        }
+    }
+}
+
+/// Whether `live` (an object's `status`) already carries what istiod-rs
+/// wants in it: for a ServiceEntry, the addresses only when it wants some
+/// (it leaves the others alone).
+pub fn carries(kind: Kind, status: &ObjectStatus, live: Option<&Value>) -> bool {
+    match (status, owned(kind, live)) {
+        (
+            ObjectStatus::ServiceEntry {
+                addresses,
+                conditions,
+            },
+            ObjectStatus::ServiceEntry {
+                addresses: live_addresses,
+                conditions: live_conditions,
+            },
+        ) => {
+            (addresses.is_none() || *addresses == live_addresses) && *conditions == live_conditions
+        }
+        (status, live) => *status == live,
+    }
+}
+
+/// The `apiVersion` of the kinds that carry statuses: `v1` for the core
+/// group.
+pub fn api_version(kind: Kind) -> String {
+    match kind.group() {
+        "" => "v1".to_string(),
+        group => format!("{group}/v1"),
     }
 }
 

@@ -355,7 +355,8 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
         );
     }
     // Statuses: patches to the status subresource of the kinds istiod-rs
-    // writes conditions on (and ServiceEntries' allocated addresses), and
+    // writes conditions on (Services' istio.io/WaypointBound among them,
+    // and ServiceEntries' allocated addresses), and
     // nothing else.
     for (group, resource) in [
         ("security.istio.io", "authorizationpolicies/status"),
@@ -364,6 +365,7 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
         ("networking.istio.io", "destinationrules/status"),
         ("networking.istio.io", "virtualservices/status"),
         ("networking.istio.io", "serviceentries/status"),
+        ("", "services/status"),
         ("gateway.networking.k8s.io", "httproutes/status"),
         ("gateway.networking.k8s.io", "grpcroutes/status"),
     ] {
@@ -375,7 +377,7 @@ fn istiod_may_watch_every_kind_it_reads_and_nothing_more_than_it_writes() {
     );
     assert_eq!(
         granted(role),
-        api::manifest::Kind::ALL.len() + 8 + 1,
+        api::manifest::Kind::ALL.len() + 9 + 1,
         "no resource beyond those"
     );
 

@@ -98,6 +98,9 @@ pub enum Effect {
     /// ServiceEntry endpoint, WorkloadEntry: this endpoint is left out; the
     /// rest is served.
     EndpointLeftOut,
+    /// ServiceEntry, Service: `exportTo` is not applied (see
+    /// `index/export_to.rs`); the service is served to every namespace.
+    ExportToNotApplied,
 }
 
 impl fmt::Display for Effect {
@@ -173,6 +176,9 @@ impl fmt::Display for Effect {
             Effect::EndpointLeftOut => {
                 f.write_str("this endpoint is left out; the rest is served")
             }
+            Effect::ExportToNotApplied => f.write_str(
+                "the service is still served to clients of every namespace (ambient mode does not apply exportTo, upstream's neither)",
+            ),
         }
     }
 }

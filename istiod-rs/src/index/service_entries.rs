@@ -13,6 +13,13 @@
 //!   upstream's `constructServiceEntries`; none for `resolution: NONE`,
 //!   wildcard hosts, or an entry labelled
 //!   `networking.istio.io/enable-autoallocate-ip: "false"`.
+//! - `resolution: NONE` (the default): the Services carry load balancing
+//!   mode PASSTHROUGH, health policy ALLOW_ALL, as upstream's
+//!   `constructServiceEntries`: ztunnel sends a connection to one of their
+//!   addresses on to that address (after the service's waypoint, if any)
+//!   instead of picking an endpoint. Endpoints are still built as for any
+//!   resolution (upstream's `serviceEntryWorkloadBuilder` does not look at
+//!   it), so a selected pod still lists the hosts.
 //! - Inline `endpoints`: one workload each, uid
 //!   `<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
 //!   backing every host; an address that is not an IP is the workload's
@@ -33,6 +40,9 @@
 //!   otherwise. A pod selected by a ServiceEntry keeps its own workload
 //!   (HBONE when enrolled).
 //!
+//! `exportTo` is checked and reported, never applied, as upstream
+//! (`index/export_to.rs`).
+//!
 //! A value that cannot be read is a [`PolicyProblem::InvalidValue`] naming
 //! the object and field: the ServiceEntry (an address, a port, an unknown
 //! resolution or location) or the endpoint (its address) is left out; the
@@ -45,14 +55,31 @@ use api::crd::service_entry::{Location, Resolution, ServiceEntry, WorkloadEntryS
 use api::labels;
 use api::manifest::{Kind, ObjectKey};
 use api::workload::{
-    Locality, NetworkAddress, Port, PortList, TunnelProtocol, Workload, WorkloadStatus,
-    WorkloadType,
+    LoadBalancing, Locality, NetworkAddress, Port, PortList, TunnelProtocol, Workload,
+    WorkloadStatus, WorkloadType,
+    load_balancing::{HealthPolicy, Mode},
 };
 
 use super::ip_allocate::{Allocations, status_addresses};
 use super::selectors::{Labels, labels_of, subset_of};
+use super::waypoints::Waypoints;
 use super::{Effect, MeshConfig, PolicyProblem, PolicyRef};
 use crate::state::ClusterState;
+
+/// Our `istio.io/WaypointBound` reason for an entry whose waypoint could
+/// take it: istiod-rs does not bind ServiceEntries to waypoints.
+pub const NOT_SUPPORTED: &str = "NotSupported";
+
+/// A ServiceEntry that asks for a waypoint and is not bound to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnboundWaypoint {
+    /// `ns/name` of the waypoint asked for.
+    pub waypoint: String,
+    /// Upstream's `WaypointIsNotReady`, `AttachmentDenied`,
+    /// `UnsupportedTrafficType`, or [`NOT_SUPPORTED`].
+    pub reason: &'static str,
+    pub message: String,
+}
 
 /// Label asking for the HBONE tunnel natively (upstream's `TunnelHTTP`).
 const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
@@ -84,6 +111,8 @@ pub(super) struct ServiceEntries<'a> {
     /// Inline endpoints, implicit DNS endpoints and WorkloadEntries.
     pub workloads: Vec<Workload>,
     selecting: Vec<Selecting<'a>>,
+    /// The entries served (whose values could be read), in key order.
+    served: Vec<(&'a ObjectKey, &'a ServiceEntry)>,
 }
 
 impl<'a> ServiceEntries<'a> {
@@ -95,9 +124,17 @@ impl<'a> ServiceEntries<'a> {
     ) -> Self {
         let mut out = ServiceEntries::default();
         for (key, se) in &state.service_entries {
+            let exports: Vec<&str> = se.spec.export_to.iter().map(String::as_str).collect();
+            super::export_to::check(
+                &PolicyRef::new(Kind::ServiceEntry, &key.namespace, &key.name),
+                "spec.exportTo",
+                &exports,
+                problems,
+            );
             let Some(entry) = read(key, se, problems) else {
                 continue;
             };
+            out.served.push((key, se));
             let spec = &se.spec;
             let namespace = key.namespace.as_str();
             let keys: Vec<String> = spec
@@ -132,6 +169,7 @@ impl<'a> ServiceEntries<'a> {
                             .collect(),
                         ports: service_ports(&entry.ports),
                         subject_alt_names: spec.subject_alt_names.clone(),
+                        load_balancing: passthrough(spec.resolution.as_ref()),
                         ..Default::default()
                     },
                 ));
@@ -230,6 +268,46 @@ impl<'a> ServiceEntries<'a> {
         out
     }
 
+    /// The served entries that ask for a waypoint (their own
+    /// `istio.io/use-waypoint` label, else their namespace's, as upstream's
+    /// `fetchWaypointForService`), with why none is bound: the waypoint
+    /// cannot take them (upstream's reasons), or it could but istiod-rs
+    /// does not bind ServiceEntries to waypoints (ours: `NotSupported`).
+    /// Upstream's condition for a bound entry (True, `WaypointAccepted`)
+    /// is therefore never written.
+    pub fn unbound_waypoints(
+        &self,
+        state: &ClusterState,
+        waypoints: &Waypoints,
+    ) -> BTreeMap<ObjectKey, UnboundWaypoint> {
+        let mut out = BTreeMap::new();
+        for (key, se) in &self.served {
+            let namespace = key.namespace.as_str();
+            let Some((waypoint, checked)) =
+                waypoints.asked_for(state, namespace, labels_of(&se.metadata.labels))
+            else {
+                continue;
+            };
+            let (reason, message) = checked.err().unwrap_or_else(|| {
+                (
+                    NOT_SUPPORTED,
+                    format!(
+                        "waypoint {waypoint:?} would be bound, but istiod-rs does not bind ServiceEntries to waypoints yet: connections to the entry's addresses do not go through it"
+                    ),
+                )
+            });
+            out.insert(
+                (*key).clone(),
+                UnboundWaypoint {
+                    waypoint,
+                    reason,
+                    message,
+                },
+            );
+        }
+        out
+    }
+
     fn selecting_in<'s>(
         &'s self,
         namespace: &'s str,
@@ -267,6 +345,22 @@ fn service_ports(ports: &[SePort]) -> Vec<Port> {
             ..Default::default()
         })
         .collect()
+}
+
+/// `resolution: NONE` (or unset): connections to the service's addresses
+/// go to the address the client dialled, not to an endpoint. Upstream's
+/// `constructServiceEntries` (istio/istio
+/// pilot/pkg/serviceregistry/kube/controller/ambient/services.go, since
+/// istio/istio#57656) says so with load balancing mode PASSTHROUGH and
+/// health policy ALLOW_ALL; ztunnel then connects to the original
+/// destination (istio/ztunnel `src/state.rs` `find_upstream`), after the
+/// service's waypoint if it has one.
+fn passthrough(resolution: Option<&Resolution>) -> Option<LoadBalancing> {
+    matches!(resolution, None | Some(Resolution::None)).then(|| LoadBalancing {
+        mode: Mode::Passthrough as i32,
+        health_policy: HealthPolicy::AllowAll as i32,
+        ..Default::default()
+    })
 }
 
 /// What is served of a ServiceEntry, once its values are read.
@@ -537,6 +631,38 @@ mod tests {
         let got = vips(&s, &off);
         assert_eq!(got["shop/b.example.com"], serde_json::Value::Null);
         assert_eq!(got["shop/c.example.com"], addresses(&["10.9.0.1"]));
+    }
+
+    #[test]
+    fn resolution_none_or_unset_is_passthrough_and_other_resolutions_are_not() {
+        let entry = |name: &str, resolution: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+                 metadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{hosts: [{name}.example.com], addresses: [10.9.0.1], ports: [{{number: 80}}]{resolution}}}\n"
+            )
+        };
+        let text = [
+            entry("unset", ""),
+            entry("none", ", resolution: NONE"),
+            entry(
+                "static",
+                ", resolution: STATIC, endpoints: [{address: 10.0.0.1}]",
+            ),
+            entry("dns", ", resolution: DNS"),
+        ]
+        .join("---\n");
+        let json = snapshot_json(
+            &Translator::default()
+                .translate(&state(&text), &MeshConfig::default())
+                .snapshot,
+        );
+        let lb = |host: &str| json["services"][format!("shop/{host}")]["loadBalancing"].clone();
+        let passthrough = serde_json::json!({"mode": "PASSTHROUGH", "healthPolicy": "ALLOW_ALL"});
+        assert_eq!(lb("unset.example.com"), passthrough);
+        assert_eq!(lb("none.example.com"), passthrough);
+        assert_eq!(lb("static.example.com"), serde_json::Value::Null);
+        assert_eq!(lb("dns.example.com"), serde_json::Value::Null);
     }
 
     #[test]

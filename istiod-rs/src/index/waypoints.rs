@@ -207,6 +207,10 @@ fn still_needed(gw: &Gateway) -> bool {
         .is_some_and(|v| !v.is_empty())
 }
 
+/// Why a waypoint cannot take an object: upstream's status reason and
+/// message.
+pub(super) type Refusal = (&'static str, String);
+
 /// What an object's `use-waypoint` label says.
 pub(super) enum UseWaypoint {
     Unset,
@@ -495,6 +499,83 @@ impl Waypoints {
         let key = (self.by_service_account)
             .get(&(namespace.to_string(), service_account?.to_string()))?;
         self.by_key.get(key).filter(|w| w.traffic.takes(traffic))
+    }
+
+    /// Why the waypoint an object of `from_namespace` names cannot take its
+    /// `traffic`, as upstream's `fetchWaypointForService` and its
+    /// `ReportWaypoint*` messages (istio/istio
+    /// pilot/pkg/serviceregistry/kube/controller/ambient: `waypoints.go`
+    /// `fetchWaypointForTarget` / `fetchWaypointForService`, `status.go`)
+    /// say it: `(reason, message)`; `Ok` when usable.
+    pub(super) fn check_named(
+        &self,
+        state: &ClusterState,
+        waypoint_namespace: &str,
+        name: &str,
+        from_namespace: &str,
+        traffic: Traffic,
+    ) -> Result<&Waypoint, Refusal> {
+        let key = format!("{waypoint_namespace}/{name}");
+        let Some(w) = self
+            .by_key
+            .get(&(waypoint_namespace.to_string(), name.to_string()))
+        else {
+            return Err((
+                "WaypointIsNotReady",
+                format!("waypoint {key:?} is not ready"),
+            ));
+        };
+        if !w.allows(state, from_namespace) {
+            return Err((
+                "AttachmentDenied",
+                format!(
+                    "we are not permitted to attach to waypoint {key:?} (missing allowedRoutes?)"
+                ),
+            ));
+        }
+        if !w.traffic.takes(traffic) {
+            let wanted = match traffic {
+                Traffic::Service => "service",
+                Traffic::Workload => "workload",
+                Traffic::All => "all",
+                Traffic::None => "none",
+            };
+            return Err((
+                "UnsupportedTrafficType",
+                format!(
+                    "attempting to bind to traffic type {wanted:?} which the waypoint {key:?} does not support"
+                ),
+            ));
+        }
+        Ok(w)
+    }
+
+    /// The waypoint a Service or ServiceEntry asks for (its own
+    /// `istio.io/use-waypoint`, else its namespace's; `none` on either
+    /// stops the search, as upstream's `fetchWaypointForTarget`), as
+    /// `ns/name`, and why it cannot take the object's service traffic, if
+    /// it cannot ([`Self::check_named`]).
+    pub(super) fn asked_for(
+        &self,
+        state: &ClusterState,
+        namespace: &str,
+        labels: &Labels,
+    ) -> Option<(String, Result<(), Refusal>)> {
+        let (ns, name) = match use_waypoint(labels, namespace) {
+            UseWaypoint::None => return None,
+            UseWaypoint::Named(ns, name) => (ns, name),
+            UseWaypoint::Unset => {
+                let ns = state.namespace(namespace)?;
+                match use_waypoint(labels_of(&ns.metadata.labels), namespace) {
+                    UseWaypoint::Named(ns, name) => (ns, name),
+                    UseWaypoint::None | UseWaypoint::Unset => return None,
+                }
+            }
+        };
+        let checked = self
+            .check_named(state, &ns, &name, namespace, Traffic::Service)
+            .map(|_| ());
+        Some((format!("{ns}/{name}"), checked))
     }
 
     fn usable(

@@ -207,7 +207,7 @@ fn check(field: &str, value: &str, ok: bool, wanted: &str) -> Result<(), Provisi
 
 /// RFC 1123 label: lower-case alphanumerics and '-', alphanumeric at both
 /// ends, at most 63 characters.
-fn dns1123_label(s: &str) -> bool {
+pub(crate) fn dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63

@@ -159,7 +159,7 @@ struct RecordedAddresses {
 
 fn render(object: &PolicyRef, status: &ObjectStatus) -> Result<String, StatusError> {
     let document = json!({
-        "apiVersion": format!("{}/v1", object.kind.group()),
+        "apiVersion": super::api_version(object.kind),
         "kind": object.kind.as_str(),
         "metadata": {"name": object.key.name, "namespace": object.key.namespace},
         "status": status_json(status, None, &|_, _| None),

@@ -1,7 +1,9 @@
 //! Kubernetes mode: statuses written through each object's status
 //! subresource with server-side apply, field manager [`FIELD_MANAGER`],
 //! forced (istiod-rs owns these conditions); a ServiceEntry's
-//! `status.addresses` with a JSON patch instead ([`addresses_patch`]).
+//! `status.addresses` with a JSON patch instead ([`addresses_patch`]), its
+//! `istio.io/WaypointBound` condition by server-side apply of the
+//! conditions alone.
 //!
 //! The object as the watchers last saw it (in the [`Store`]) says what it
 //! carries: nothing is written when istiod-rs's part already equals the
@@ -22,8 +24,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{
-    Clock, Condition, FIELD_MANAGER, ObjectStatus, ROUTE_CONTROLLER, StatusError, Statuses, owned,
-    parent_ref, status_json,
+    Clock, Condition, FIELD_MANAGER, ObjectStatus, ROUTE_CONTROLLER, StatusError, Statuses,
+    carries, owned, parent_ref, status_json,
 };
 use crate::index::{PolicyRef, TargetRef};
 use crate::state::{ClusterState, Store};
@@ -64,7 +66,7 @@ impl KubeStatus {
             // Deleted since the statuses were computed.
             return Ok(false);
         };
-        if owned(object.kind, live.status.as_ref()) == *status {
+        if carries(object.kind, status, live.status.as_ref()) {
             self.written
                 .insert(object.clone(), (status.clone(), live.resource_version));
             return Ok(false);
@@ -76,16 +78,41 @@ impl KubeStatus {
             // Written; the watch has not brought the new version back yet.
             return Ok(false);
         }
-        if let ObjectStatus::Addresses(addresses) = status {
-            return self
-                .patch_addresses(object, live.status.as_ref(), addresses)
-                .await
-                .inspect(|&written| {
-                    if written {
-                        self.written
-                            .insert(object.clone(), (status.clone(), live.resource_version));
-                    }
-                });
+        // A ServiceEntry: its addresses by JSON patch, its conditions by
+        // server-side apply (of the conditions alone), each when it differs.
+        let desired = status;
+        let mut status = status;
+        let conditions_only;
+        if let ObjectStatus::ServiceEntry {
+            addresses,
+            conditions,
+        } = status
+        {
+            let live_addresses = match owned(object.kind, live.status.as_ref()) {
+                ObjectStatus::ServiceEntry { addresses, .. } => addresses,
+                _ => None,
+            };
+            let mut written = false;
+            if let Some(addresses) = addresses
+                && Some(addresses) != live_addresses.as_ref()
+            {
+                written = self
+                    .patch_addresses(object, live.status.as_ref(), addresses)
+                    .await?;
+            }
+            let wanted = ObjectStatus::ServiceEntry {
+                addresses: None,
+                conditions: conditions.clone(),
+            };
+            if carries(object.kind, &wanted, live.status.as_ref()) {
+                if written {
+                    self.written
+                        .insert(object.clone(), (desired.clone(), live.resource_version));
+                }
+                return Ok(written);
+            }
+            conditions_only = ObjectStatus::Conditions(conditions.clone());
+            status = &conditions_only;
         }
         let now = (self.clock)();
         let times = |parent: Option<&TargetRef>, c: &Condition| {
@@ -93,7 +120,7 @@ impl KubeStatus {
         };
         let (group, plural) = resource(object.kind);
         let body = json!({
-            "apiVersion": format!("{group}/v1"),
+            "apiVersion": super::api_version(object.kind),
             "kind": object.kind.as_str(),
             "metadata": {"name": object.key.name, "namespace": object.key.namespace},
             "status": status_json(status, live.status.as_ref(), &times),
@@ -119,7 +146,7 @@ impl KubeStatus {
             }
         }
         self.written
-            .insert(object.clone(), (status.clone(), live.resource_version));
+            .insert(object.clone(), (desired.clone(), live.resource_version));
         Ok(true)
     }
 
@@ -203,6 +230,7 @@ fn resource(kind: Kind) -> (&'static str, &'static str) {
         Kind::DestinationRule => "destinationrules",
         Kind::VirtualService => "virtualservices",
         Kind::ServiceEntry => "serviceentries",
+        Kind::Service => "services",
         // desired() writes no other kind.
         other => unreachable!("no status is written on {other}"),
     };
@@ -250,6 +278,7 @@ fn live(state: &ClusterState, object: &PolicyRef) -> Option<Live> {
             .service_entries
             .get(key)
             .map(|o| of(&o.metadata, &o.status)),
+        Kind::Service => state.services.get(key).map(|o| of(&o.metadata, &o.status)),
         _ => None,
     }
 }

@@ -23,6 +23,7 @@ mod listeners;
 mod provision_directory;
 mod provision_kube;
 mod samples;
+mod service_entry;
 mod state_directory;
 mod state_kube;
 mod status;

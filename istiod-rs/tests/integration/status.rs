@@ -1060,3 +1060,304 @@ async fn local_service_entry_vips_are_status_files_read_back_after_a_restart() {
         "240.240.0.3"
     );
 }
+
+/// ServiceEntries asking for waypoints, in a namespace bound to "ready".
+const WAYPOINT_ENTRIES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/use-waypoint: ready}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ready, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: pods-only, namespace: shop, labels: {istio.io/waypoint-for: workload}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: pods-only.shop.svc.cluster.local}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-namespace, namespace: shop, generation: 2}
+spec: {hosts: [a.example.com], addresses: [10.8.0.1], resolution: STATIC, endpoints: [{address: 10.8.1.1}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: missing, namespace: shop, labels: {istio.io/use-waypoint: gone}}
+spec: {hosts: [b.example.com], addresses: [10.8.0.2]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wrong-kind, namespace: shop, labels: {istio.io/use-waypoint: pods-only}}
+spec: {hosts: [c.example.com], addresses: [10.8.0.3]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: opted-out, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {hosts: [d.example.com], addresses: [10.8.0.4]}
+"#;
+
+/// A WaypointBound condition: (status, reason, message).
+type Bound = (bool, String, String);
+
+/// The WaypointBound condition of a ServiceEntry, and its addresses.
+fn entry_status(statuses: &Statuses, name: &str) -> Option<(Option<Value>, Vec<Bound>)> {
+    match statuses.get(&object(Kind::ServiceEntry, name))? {
+        ObjectStatus::ServiceEntry {
+            addresses,
+            conditions,
+        } => Some((
+            addresses.as_ref().map(|a| json!(a)),
+            conditions
+                .iter()
+                .map(|c| {
+                    assert_eq!(c.type_, "istio.io/WaypointBound");
+                    (c.status, c.reason.clone(), c.message.clone())
+                })
+                .collect(),
+        )),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[test]
+fn service_entries_asking_for_a_waypoint_say_why_they_are_not_bound() {
+    let statuses = desired(WAYPOINT_ENTRIES);
+    let condition = |name: &str| {
+        let (addresses, conditions) = entry_status(&statuses, name).expect(name);
+        assert_eq!(addresses, None, "{name}: own addresses, none allocated");
+        assert_eq!(conditions.len(), 1, "{name}: {conditions:?}");
+        conditions[0].clone()
+    };
+    assert_eq!(
+        condition("missing"),
+        (
+            false,
+            "WaypointIsNotReady".into(),
+            r#"waypoint "shop/gone" is not ready"#.into()
+        )
+    );
+    assert_eq!(
+        condition("wrong-kind"),
+        (
+            false,
+            "UnsupportedTrafficType".into(),
+            r#"attempting to bind to traffic type "service" which the waypoint "shop/pods-only" does not support"#.into()
+        )
+    );
+    let (status, reason, message) = condition("by-namespace");
+    assert!(!status);
+    assert_eq!(reason, "NotSupported");
+    assert!(
+        message.starts_with(r#"waypoint "shop/ready" would be bound, but"#),
+        "{message}"
+    );
+    // The generation it was computed for.
+    let Some(ObjectStatus::ServiceEntry { conditions, .. }) =
+        statuses.get(&object(Kind::ServiceEntry, "by-namespace"))
+    else {
+        unreachable!()
+    };
+    assert_eq!(conditions[0].observed_generation, Some(2));
+    // Opted out: nothing to say, no status.
+    assert!(entry_status(&statuses, "opted-out").is_none());
+}
+
+#[tokio::test]
+async fn a_service_entry_s_waypoint_condition_is_applied_and_pruned_keeping_other_writers() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    // "missing" carries another controller's condition and our condition
+    // from before; the namespace no longer names a waypoint and the entry
+    // its own label drops: the condition is to go, the other stays.
+    let yaml = WAYPOINT_ENTRIES.replace(
+        "metadata: {name: missing, namespace: shop, labels: {istio.io/use-waypoint: gone}}\nspec: {hosts: [b.example.com], addresses: [10.8.0.2]}",
+        "metadata: {name: missing, namespace: shop, resourceVersion: \"7\"}\nspec: {hosts: [b.example.com], addresses: [10.8.0.2]}\n\
+         status:\n  conditions:\n  - {type: Reconciled, status: \"True\", reason: Done, message: another controller's}\n\
+         \x20 - {type: istio.io/WaypointBound, status: \"False\", reason: WaypointIsNotReady, message: old, lastTransitionTime: \"2024-01-01T00:00:00Z\"}",
+    )
+    .replace(
+        "metadata: {name: shop, labels: {istio.io/use-waypoint: ready}}",
+        "metadata: {name: shop}",
+    );
+    let (store, statuses) = cluster(&yaml);
+    let entry = object(Kind::ServiceEntry, "missing");
+    let status = statuses[&entry].clone();
+    assert_eq!(
+        status,
+        ObjectStatus::ServiceEntry {
+            addresses: None,
+            conditions: vec![]
+        }
+    );
+    let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
+    let write = tokio::spawn(async move { sink.apply(&entry, &status).await });
+    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert_eq!(
+        path,
+        "/apis/networking.istio.io/v1/namespaces/shop/serviceentries/missing/status"
+    );
+    assert_eq!(query["fieldManager"], "istiod-rs-status");
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        body["status"],
+        json!({"conditions": [
+            {"type": "Reconciled", "status": "True", "reason": "Done", "message": "another controller's"},
+        ]})
+    );
+    respond.send_response(ok(&json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "missing", "namespace": "shop"},
+    })));
+    assert!(write.await.unwrap().unwrap());
+}
+
+#[test]
+fn local_service_entry_waypoint_conditions_are_status_files_until_the_entry_opts_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut sink = DirectoryStatus::new(root);
+    let statuses = desired(WAYPOINT_ENTRIES);
+    for (object, status) in statuses
+        .iter()
+        .filter(|(o, _)| o.kind == Kind::ServiceEntry)
+    {
+        assert!(sink.apply(object, status).unwrap());
+    }
+    let path = root.join("generated/status/ServiceEntry/shop/missing.yaml");
+    let yaml: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        yaml["status"],
+        json!({"conditions": [{
+            "type": "istio.io/WaypointBound", "status": "False", "reason": "WaypointIsNotReady",
+            "message": "waypoint \"shop/gone\" is not ready",
+        }]})
+    );
+    assert!(
+        !root
+            .join("generated/status/ServiceEntry/shop/opted-out.yaml")
+            .exists()
+    );
+    // The entry opts out: nothing is left to write, so its file goes.
+    let statuses = desired(&WAYPOINT_ENTRIES.replace(
+        "labels: {istio.io/use-waypoint: gone}",
+        "labels: {istio.io/use-waypoint: none}",
+    ));
+    assert!(!statuses.contains_key(&object(Kind::ServiceEntry, "missing")));
+}
+
+const WAYPOINT_SERVICES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ready, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
+spec: {nodeName: node-a, containers: [{name: w, image: w}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, generation: 4, labels: {istio.io/use-waypoint: ready}}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: shop, labels: {istio.io/use-waypoint: ready, istio.io/ingress-use-waypoint: "true"}}
+spec: {clusterIP: 10.96.0.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lost, namespace: shop, labels: {istio.io/use-waypoint: gone}}
+spec: {clusterIP: 10.96.0.22, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.23, ports: [{name: http, port: 80}]}
+"#;
+
+#[test]
+fn services_say_which_waypoint_they_are_bound_to_as_upstream() {
+    let statuses = desired(WAYPOINT_SERVICES);
+    let condition = |name: &str| match statuses.get(&object(Kind::Service, name)) {
+        Some(ObjectStatus::Conditions(c)) if c.len() == 1 => {
+            assert_eq!(c[0].type_, "istio.io/WaypointBound");
+            (c[0].status, c[0].reason.clone(), c[0].message.clone())
+        }
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(
+        condition("web"),
+        (
+            true,
+            "WaypointAccepted".into(),
+            "Successfully attached to waypoint shop/ready".into()
+        )
+    );
+    assert_eq!(
+        condition("front"),
+        (
+            true,
+            "WaypointAccepted".into(),
+            "Successfully attached to waypoint shop/ready. Ingress traffic will traverse the waypoint".into()
+        )
+    );
+    assert_eq!(
+        condition("lost"),
+        (
+            false,
+            "WaypointIsNotReady".into(),
+            r#"waypoint "shop/gone" is not ready"#.into()
+        )
+    );
+    assert!(!statuses.contains_key(&object(Kind::Service, "plain")));
+}
+
+#[tokio::test]
+async fn a_service_s_waypoint_condition_is_applied_to_the_core_status_subresource() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (store, statuses) = cluster(WAYPOINT_SERVICES);
+    let web = object(Kind::Service, "web");
+    let status = statuses[&web].clone();
+    let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
+    let write = tokio::spawn(async move { sink.apply(&web, &status).await });
+    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    assert_eq!(method, "PATCH");
+    assert_eq!(path, "/api/v1/namespaces/shop/services/web/status");
+    assert_eq!(query["fieldManager"], "istiod-rs-status");
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert_eq!(body["apiVersion"], "v1");
+    assert_eq!(body["kind"], "Service");
+    assert_eq!(
+        body["status"],
+        json!({"conditions": [{
+            "type": "istio.io/WaypointBound", "status": "True", "reason": "WaypointAccepted",
+            "message": "Successfully attached to waypoint shop/ready", "observedGeneration": 4,
+            "lastTransitionTime": "2025-01-02T03:04:05Z",
+        }]})
+    );
+    respond.send_response(ok(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+    })));
+    assert!(write.await.unwrap().unwrap());
+}

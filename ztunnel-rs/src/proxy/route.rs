@@ -2,6 +2,10 @@
 //! without I/O:
 //!
 //! - an address the store does not know: plain TCP to it (passthrough);
+//! - the VIP of a service whose load balancing mode is PASSTHROUGH (a
+//!   ServiceEntry with `resolution: NONE`): the same, once its waypoint,
+//!   if it has one, is ruled out (upstream's `find_upstream` answers
+//!   `OriginalDestination` for it);
 //! - a service VIP: a healthy endpoint (random or round robin) at its own
 //!   target port for the service port, among those the service's load
 //!   balancing prefers for the source (see [`preferred`]); an endpoint
@@ -295,6 +299,21 @@ impl Router<'_> {
                 service: Some(service),
             }));
         }
+        if service
+            .load_balancing
+            .as_ref()
+            .is_some_and(|lb| lb.mode == LoadBalancingMode::Passthrough)
+        {
+            // Upstream's `find_upstream` (istio/ztunnel `src/state.rs`)
+            // answers `OriginalDestination` and the connection goes out as
+            // to an address it does not know: plain TCP to what the client
+            // dialled, no workload, no service in its labels.
+            return Ok(Plan::Ready(Route {
+                next_hop: NextHop::Tcp(self.dst),
+                workload: None,
+                service: None,
+            }));
+        }
         let port = self.dst.port();
         // An endpoint without an address of a family the service allows is
         // reached by its hostname, when it has one.
@@ -484,7 +503,9 @@ fn direct(workload: &Workload, target: SocketAddr, hbone_port: u16) -> NextHop {
 /// routing preference's scopes, from the first, on which it equals the
 /// source, stopping at the first that differs.
 ///
-/// - no load balancing, or mode STANDARD / PASSTHROUGH: every candidate;
+/// - no load balancing, or mode STANDARD / PASSTHROUGH (a PASSTHROUGH
+///   service's own VIP never gets here: [`outbound`] sends it on to the
+///   original destination; its waypoint's endpoints may): every candidate;
 /// - STRICT: only those matching every scope (none is possible: the caller
 ///   refuses the connection, it does not widen the choice);
 /// - FAILOVER: those of the best rank present, so `[NETWORK, REGION, ZONE,
@@ -784,6 +805,47 @@ mod tests {
         let (target, via_waypoint) = hbone(&r);
         assert!(!via_waypoint);
         assert_eq!(target.authority.port(), 8080);
+    }
+
+    #[test]
+    fn a_passthrough_service_goes_to_the_address_dialled_unless_it_has_a_waypoint() {
+        use api::workload::load_balancing::{HealthPolicy, Mode};
+        let store = store();
+        let passthrough = || {
+            xds::service("server", "ns", "10.96.0.1", &[(80, 0)]).load_balancing(
+                &[],
+                Mode::Passthrough,
+                HealthPolicy::AllowAll,
+            )
+        };
+        xds::apply(&store, vec![passthrough().into()]);
+        // Endpoints exist and are healthy, yet none is picked: plain TCP to
+        // the VIP and port as dialled, no workload, no service.
+        let r = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("10.96.0.1:80")));
+        assert!(r.workload.is_none());
+        assert!(r.service.is_none());
+        // A port the service does not list goes the same way.
+        let r = route(&store, "10.0.0.1", "10.96.0.1:5432", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("10.96.0.1:5432")));
+
+        // Bound to a waypoint: the waypoint first, as for any service.
+        xds::apply(
+            &store,
+            vec![
+                passthrough()
+                    .waypoint_service("ns", "waypoint.ns.svc.cluster.local")
+                    .into(),
+            ],
+        );
+        let r = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(via_waypoint);
+        assert_eq!(target.address, addr("10.0.0.5:15008"));
+        assert_eq!(target.authority, addr("10.96.0.1:80"));
+        // And the waypoint's own connection goes on to the address dialled.
+        let r = route(&store, "10.0.0.5", "10.96.0.1:80", &Balancer::default()).unwrap();
+        assert_eq!(r.next_hop, NextHop::Tcp(addr("10.96.0.1:80")));
     }
 
     #[test]
