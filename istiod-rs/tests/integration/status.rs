@@ -1199,7 +1199,14 @@ async fn a_service_entry_s_waypoint_condition_is_applied_and_pruned_keeping_othe
     );
     let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
     let write = tokio::spawn(async move { sink.apply(&entry, &status).await });
-    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    let (seen, respond) = next(&mut handle).await;
+    let Seen {
+        method,
+        path,
+        query,
+        content_type,
+        body,
+    } = seen;
     assert_eq!(method, "PATCH");
     assert_eq!(
         path,
@@ -1340,7 +1347,14 @@ async fn a_service_s_waypoint_condition_is_applied_to_the_core_status_subresourc
     let status = statuses[&web].clone();
     let mut sink = KubeStatus::new(client, store.clone(), fixed_clock());
     let write = tokio::spawn(async move { sink.apply(&web, &status).await });
-    let (method, path, query, content_type, body, respond) = next(&mut handle).await;
+    let (seen, respond) = next(&mut handle).await;
+    let Seen {
+        method,
+        path,
+        query,
+        content_type,
+        body,
+    } = seen;
     assert_eq!(method, "PATCH");
     assert_eq!(path, "/api/v1/namespaces/shop/services/web/status");
     assert_eq!(query["fieldManager"], "istiod-rs-status");
