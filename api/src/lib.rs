@@ -8,6 +8,7 @@ pub mod labels;
 pub mod manifest;
 pub mod ports;
 mod proto;
+pub mod resolv_conf;
 pub mod syncz;
 pub mod workload_state;
 

@@ -169,6 +169,10 @@ pub struct DnsReport {
     pub addresses: Vec<String>,
     /// With `--upstream`: the names the stand-in upstream resolver was asked.
     pub upstream_asked: Vec<String>,
+    /// Each name asked, in order, and its answer's code (without
+    /// `--server`, the search list's names until one has an address).
+    #[serde(default)]
+    pub tried: Vec<(String, String)>,
     /// With `--connect-port`: the exchange with the first address.
     pub connection: Option<TcpReport>,
     pub error: Option<String>,

@@ -754,6 +754,10 @@ impl MeshRuntime {
             // resolver (`scenarios::dns`); never the host's resolvers.
             .arg("--dns-server")
             .arg(crate::scenarios::dns::LOCAL_UPSTREAM)
+            // Nor the host's search list: on-demand lookups ask exactly the
+            // names the scenarios expect, whatever the machine's resolv.conf.
+            .arg("--resolv-conf")
+            .arg("/dev/null")
             .env("RUST_LOG", &self.config.log);
         if let Some(ttl) = self.config.certificate_ttl {
             spec = spec

@@ -236,25 +236,32 @@ fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
 
 impl ProxyArgs {
     /// The upstream resolvers of the DNS proxy and of on-demand lookups:
-    /// --dns-server, else the nameservers of --resolv-conf. A resolv.conf
-    /// that cannot be read leaves the proxy answering the mesh's names only
-    /// (forwarded queries get SERVFAIL) and endpoints known by hostname
-    /// unreachable, and says so.
+    /// --dns-server, else the nameservers of --resolv-conf; on-demand
+    /// lookups also take its search list and `ndots`. A resolv.conf that
+    /// cannot be read leaves the proxy answering the mesh's names only
+    /// (forwarded queries get SERVFAIL) and, without --dns-server,
+    /// endpoints known by hostname unreachable, and says so; its unusable
+    /// lines are skipped with a warning naming them.
     fn dns_config(&self) -> crate::proxy::DnsConfig {
-        let servers = if self.dns_servers.is_empty() {
-            match crate::dns::Forwarder::from_resolv_conf(
-                &self.resolv_conf,
-                crate::dns::forwarder::DEFAULT_TIMEOUT,
-            ) {
-                Ok(forwarder) => forwarder.servers().to_vec(),
-                Err(error) => {
+        let conf = match crate::dns::forwarder::read_resolv_conf(&self.resolv_conf) {
+            Ok(conf) => Some(conf),
+            Err(error) => {
+                if self.dns_servers.is_empty() {
                     tracing::warn!(%error, "no upstream resolver; names outside the mesh will not resolve, nor will service endpoints known by hostname");
-                    Vec::new()
+                } else {
+                    tracing::warn!(%error, "no search list for endpoints known by hostname; they are asked as written");
                 }
+                None
             }
+        };
+        let servers = if self.dns_servers.is_empty() {
+            conf.as_ref()
+                .map(crate::dns::forwarder::servers)
+                .unwrap_or_default()
         } else {
             self.dns_servers.clone()
         };
+        let search = conf.map(|c| c.search).unwrap_or_default();
         if self.dns_capture {
             info!(servers = ?servers, "DNS proxy on; names outside the mesh go to these resolvers");
         }
@@ -264,6 +271,7 @@ impl ProxyArgs {
             on_demand: crate::dns::on_demand::OnDemandConfig {
                 capacity: self.on_demand_dns_cache_size,
                 negative_ttl: self.on_demand_dns_negative_ttl,
+                search,
             },
             ..crate::proxy::DnsConfig::default()
         }

@@ -699,7 +699,7 @@ impl PodProxy {
                 node.config.dns.servers.clone(),
                 node.config.dns.upstream_timeout,
             ),
-            node.config.dns.on_demand,
+            node.config.dns.on_demand.clone(),
             Arc::new(SystemClock),
         );
         node.hold_identity(&identity);

@@ -103,9 +103,14 @@ pub enum Mode {
         /// The name to resolve (as the application would write it, e.g.
         /// a Service's short name).
         name: String,
-        /// Where the query is sent, `ip[:port]` (port 53).
+        /// Where the query is sent, `ip[:port]` (port 53), the name as
+        /// written. Without it, as a stub resolver: to the first nameserver
+        /// of --resolv-conf, for each name of its search list (and `ndots`)
+        /// until one has an address.
         #[arg(long)]
-        server: String,
+        server: Option<String>,
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: std::path::PathBuf,
         /// `A` or `AAAA`.
         #[arg(long, default_value = "A")]
         record_type: String,
@@ -124,6 +129,15 @@ pub enum Mode {
         connect_port: Option<u16>,
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// A stand-in DNS server until killed: UDP on `--listen`, answering
+    /// `--record` names (A) and NXDOMAIN to everything else.
+    DnsServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// `name=ipv4` (repeatable).
+        #[arg(long = "record", value_name = "NAME=IP")]
+        records: Vec<String>,
     },
     /// Requests at a fixed total rate over long-lived connections.
     Load(LoadPlan),
@@ -226,6 +240,7 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
         Mode::Dns {
             name,
             server,
+            resolv_conf,
             record_type,
             upstream,
             upstream_records,
@@ -235,6 +250,7 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             let query = dns::Query {
                 name,
                 server,
+                resolv_conf,
                 record_type,
                 upstream,
                 upstream_records,
@@ -243,6 +259,12 @@ pub async fn run(args: ClientArgs) -> (serde_json::Value, bool) {
             };
             json(dns::run(&query).await)
         }
+        // Returns only when it cannot serve.
+        Mode::DnsServer { listen, records } => serde_json::json!({
+            "mode": "dns-server",
+            "ok": false,
+            "error": dns::serve(listen, &records).await,
+        }),
         Mode::Load(plan) => json(load(plan).await),
         Mode::Bulk {
             target,

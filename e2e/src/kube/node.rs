@@ -30,6 +30,7 @@
 //!
 //! Timings (heartbeats, back-off, timeouts) live in [`NodeTimings`].
 
+pub mod dns;
 pub mod env;
 pub mod images;
 pub mod kube_proxy;
@@ -40,7 +41,7 @@ pub mod server;
 pub mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -223,6 +224,17 @@ pub struct NodeConfig {
     /// Node reports port 0; port-forward cannot reach the node).
     pub kubelet_server: Option<server::KubeletTls>,
     pub timings: NodeTimings,
+    /// What pods' resolv.conf say (kubelet's DNS flags).
+    pub dns: dns::PodDns,
+}
+
+/// The ClusterIP pods' resolv.conf names as the cluster's DNS server (the
+/// tenth of the Service range, as kubeadm's `kube-dns`). The cluster runs no
+/// DNS server there: a scenario that needs one creates a Service with this
+/// ClusterIP (`kube::scenarios::dns`); until then such queries go
+/// unanswered, inside the test's namespaces.
+pub fn cluster_dns_ip(service_cidr: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(service_cidr.network()) + 10)
 }
 
 /// The node's primary network: the reference `ptp` plugin with
@@ -300,6 +312,8 @@ pub(crate) struct Shared {
     pub timings: NodeTimings,
     /// The kubelet server's port (0: none), reported in the Node's status.
     pub kubelet_port: u16,
+    /// What pods' resolv.conf say.
+    pub dns: dns::PodDns,
     /// Node-private paths (as the node sees them) a CNI plugin's view gets.
     pub node_paths: Mutex<BTreeSet<PathBuf>>,
     pub pods: Mutex<BTreeMap<String, pod::PodEntry>>,
@@ -503,6 +517,7 @@ impl NodeRuntime {
             client,
             handle: runtime.handle().clone(),
             timings: config.timings.clone(),
+            dns: config.dns.clone(),
             kubelet_port: if kubelet.is_some() {
                 server::KUBELET_PORT
             } else {
@@ -756,6 +771,10 @@ pub fn start_nodes(
             kubelet_version: version.clone(),
             kubelet_server: Some(kubelet_tls(cp, &node.name, node.ip)?),
             timings: timings.clone(),
+            dns: dns::PodDns {
+                cluster_dns: vec![IpAddr::V4(cluster_dns_ip(cp.config.service_cidr))],
+                ..dns::PodDns::default()
+            },
         };
         nodes.push(NodeRuntime::start(&kube.run.handle(), config, progress)?);
     }

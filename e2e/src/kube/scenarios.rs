@@ -13,8 +13,11 @@
 //!   creates on demand for an HTTPRoute, Programmed and removed with it.
 //! - [`debugging`]: istioctl-rs's `ztunnel-config`, `proxy-status` and `x
 //!   describe` reaching their pods through port-forwards.
+//! - [`dns`]: a pod resolves a Service through its resolv.conf's search
+//!   list, answered by ztunnel-rs's DNS proxy; other names forwarded.
 
 pub mod debugging;
+pub mod dns;
 pub mod enrolment;
 pub mod lifecycle;
 pub mod waypoints;
@@ -48,11 +51,12 @@ impl std::fmt::Debug for KubeScenario {
 }
 
 /// Every Kubernetes-only scenario, in the order they run: the debugging
-/// views, the lifecycle ones, the waypoints', then enrolment's (which end
+/// views, DNS, the lifecycle ones, the waypoints', then enrolment's (which end
 /// with uninstall).
 pub fn all() -> Vec<KubeScenario> {
     debugging::scenarios()
         .into_iter()
+        .chain(dns::scenarios())
         .chain(lifecycle::scenarios())
         .chain(waypoints::scenarios())
         .chain(enrolment::scenarios())

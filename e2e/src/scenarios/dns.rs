@@ -8,7 +8,8 @@
 //! query leaves the test's namespaces).
 //!
 //! Local cluster only: on Kubernetes ztunnel-rs forwards to its own
-//! resolv.conf's nameservers, which the test does not control.
+//! resolv.conf's nameservers (the cluster DNS), and the Kubernetes
+//! scenario `kube::scenarios::dns` stands one in there instead.
 
 use std::time::Duration;
 

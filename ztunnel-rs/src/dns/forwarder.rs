@@ -1,7 +1,8 @@
 //! The upstream resolvers and the exchange with them. As upstream's
 //! `SystemForwarder` (`src/dns/server.rs`): the nameservers come from
-//! ztunnel's own `/etc/resolv.conf` (its search list is not applied: the
-//! client's resolver already did), and the sockets are the pod's (opened in
+//! ztunnel's own `/etc/resolv.conf` (its search list is not applied to
+//! forwarded queries: the client's resolver already did; on-demand lookups
+//! apply it, see `on_demand`), and the sockets are the pod's (opened in
 //! its network namespace with the proxy mark, so they pass its DNS capture).
 //!
 //! The client's query is relayed as it is, under a fresh random id, over the
@@ -10,10 +11,11 @@
 //! Servers are tried in order until one answers.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use api::resolv_conf::ResolvConf;
 use hickory_proto::op::{Header, Message, MessageType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,15 +83,6 @@ impl Protocol {
 impl Forwarder {
     pub fn new(servers: Vec<SocketAddr>, timeout: Duration) -> Self {
         Forwarder { servers, timeout }
-    }
-
-    /// The nameservers of a resolv.conf file.
-    pub fn from_resolv_conf(path: &Path, timeout: Duration) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ResolvConf {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self::new(nameservers(&text), timeout))
     }
 
     pub fn servers(&self) -> &[SocketAddr] {
@@ -208,39 +201,25 @@ pub async fn write_frame(
     stream.write_all(&frame).await
 }
 
-/// The `nameserver` lines of a resolv.conf (port 53; an IPv6 zone suffix
-/// such as `%eth0` is dropped).
-pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
-    resolv_conf
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next()? == "nameserver").then_some(())?;
-            let address = words.next()?;
-            let address = address.split('%').next()?;
-            address
-                .parse::<IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, 53))
-        })
-        .collect()
+/// A resolv.conf, read as a stub resolver reads it; each line that cannot
+/// be used is skipped with a warning naming the file, line and field.
+pub fn read_resolv_conf(path: &Path) -> Result<ResolvConf, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ResolvConf {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let (conf, problems) = ResolvConf::parse(&text);
+    for problem in problems {
+        tracing::warn!(file = %path.display(), line = problem.line, field = problem.field,
+            "resolv.conf: skipped: {}", problem.reason);
+    }
+    Ok(conf)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nameservers_come_from_resolv_conf_lines() {
-        let conf = "# generated\nsearch default.svc.cluster.local svc.cluster.local\n\
-                    nameserver 10.96.0.10\nnameserver fe80::1%eth0\nnameserver not-an-ip\n\
-                    options ndots:5\n";
-        assert_eq!(
-            nameservers(conf),
-            vec![
-                "10.96.0.10:53".parse::<SocketAddr>().unwrap(),
-                "[fe80::1]:53".parse().unwrap()
-            ]
-        );
-    }
+/// A resolv.conf's nameservers, on port 53.
+pub fn servers(conf: &ResolvConf) -> Vec<SocketAddr> {
+    conf.nameservers
+        .iter()
+        .map(|&ip| SocketAddr::new(ip, 53))
+        .collect()
 }

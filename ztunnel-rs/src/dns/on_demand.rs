@@ -21,14 +21,24 @@
 //!   first asks, the others wait for its answer and read it from the cache,
 //!   so a burst of new connections to a cold name sends one query.
 //!
-//! Names are asked as written, made absolute: the resolv.conf search list
-//! is not applied (ServiceEntry hosts are fully qualified).
+//! - The name is expanded as a stub resolver expands it, with the search
+//!   list and `ndots` of ztunnel's resolv.conf ([`OnDemandConfig::search`],
+//!   [`SearchList::candidates`]): a name with fewer dots than `ndots` is
+//!   asked with each search domain first, then as written; one with more,
+//!   as written first; a trailing dot makes it absolute. The next name is
+//!   asked only when one has no address (NXDOMAIN or an empty answer); a
+//!   failure or another answer code ends the lookup. Upstream ztunnel
+//!   resolves with hickory-resolver configured by `read_system_conf()`
+//!   (istio/ztunnel `src/config.rs`, `construct_config`, its
+//!   `dns_resolver_cfg` / `dns_resolver_opts`): the same file's search
+//!   list and ndots; the order here is glibc's (resolv.conf(5)).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use api::resolv_conf::SearchList;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use proxy_core::store::IpFamily;
@@ -62,8 +72,8 @@ pub enum Error {
     },
 }
 
-/// Bounds of the per-pod cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// Bounds of the per-pod cache, and how names are expanded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OnDemandConfig {
     /// Entries kept per pod.
@@ -71,6 +81,8 @@ pub struct OnDemandConfig {
     /// How long a failed or empty lookup is answered from the cache.
     #[serde(serialize_with = "seconds")]
     pub negative_ttl: Duration,
+    /// The search list and `ndots` of ztunnel's resolv.conf.
+    pub search: SearchList,
 }
 
 impl Default for OnDemandConfig {
@@ -78,6 +90,7 @@ impl Default for OnDemandConfig {
         OnDemandConfig {
             capacity: DEFAULT_CAPACITY,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
+            search: SearchList::default(),
         }
     }
 }
@@ -226,13 +239,13 @@ impl OnDemand {
         if let Some(answer) = self.cached(&key) {
             return answer;
         }
-        let name = absolute(hostname)?;
+        let names = self.names(hostname)?;
         let _turn = Turn::take(&self.in_flight, &key).await;
         // Whoever held the turn before has stored its answer.
         if let Some(answer) = self.cached(&key) {
             return answer;
         }
-        let (answer, ttl) = match self.ask(sockets, name, record_type).await {
+        let (answer, ttl) = match self.ask_each(sockets, names, record_type).await {
             Ok((ips, ttl)) if !ips.is_empty() => (Ok(ips), ttl),
             Ok((_, _)) => (
                 Err(Error::NoAddress {
@@ -296,6 +309,40 @@ impl OnDemand {
                 expires: now + ttl,
             },
         );
+    }
+
+    /// The names asked for `hostname`, in order: its search-list expansions
+    /// ([`SearchList::candidates`]); one that grows past a DNS name's
+    /// length with a search domain is left out.
+    fn names(&self, hostname: &str) -> Result<Vec<Name>, Error> {
+        absolute(hostname)?;
+        Ok(self
+            .config
+            .search
+            .candidates(hostname)
+            .iter()
+            .filter_map(|n| Name::from_ascii(n).ok())
+            .collect())
+    }
+
+    /// The first of `names` with an address; asking stops at a failure or
+    /// an answer code other than NXDOMAIN. With no name answering, the last
+    /// one's outcome.
+    async fn ask_each(
+        &self,
+        sockets: &dyn PodSockets,
+        names: Vec<Name>,
+        record_type: RecordType,
+    ) -> Result<(Vec<IpAddr>, Duration), Asked> {
+        let mut last = Ok((Vec::new(), Duration::ZERO));
+        for name in names {
+            match self.ask(sockets, name, record_type).await {
+                Ok((ips, ttl)) if !ips.is_empty() => return Ok((ips, ttl)),
+                none @ (Ok(_) | Err(Asked::Rcode(ResponseCode::NXDomain))) => last = none,
+                ended => return ended,
+            }
+        }
+        last
     }
 
     /// The addresses and lowest TTL of the upstream answer; UDP first, TCP
@@ -538,7 +585,7 @@ mod tests {
             negative_ttl: Duration::from_secs(5),
             ..OnDemandConfig::default()
         };
-        let (resolver, on_demand, clock) = setup(config).await;
+        let (resolver, on_demand, clock) = setup(config.clone()).await;
         let order = [RecordType::A];
         for _ in 0..2 {
             let err = on_demand
@@ -570,7 +617,7 @@ mod tests {
             vec![silent.local_addr().unwrap()],
             Duration::from_millis(100),
         );
-        let on_demand = OnDemand::new(forwarder, config, HandClock::new());
+        let on_demand = OnDemand::new(forwarder, config.clone(), HandClock::new());
         let err = on_demand
             .resolve(&sockets(), "known.example", &order)
             .await
@@ -639,5 +686,62 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
         assert!(resolver.seen().is_empty());
+    }
+
+    fn searching(domains: &[&str], ndots: u8) -> OnDemandConfig {
+        OnDemandConfig {
+            search: SearchList {
+                domains: domains.iter().map(|d| d.to_string()).collect(),
+                ndots,
+            },
+            ..OnDemandConfig::default()
+        }
+    }
+
+    /// One A lookup of `hostname` with a search list: its answer and the
+    /// names the resolver was asked, in order.
+    async fn lookup_with(
+        domains: &[&str],
+        ndots: u8,
+        hostname: &str,
+    ) -> (Result<IpAddr, Error>, Vec<String>) {
+        let (resolver, on_demand, _) = setup(searching(domains, ndots)).await;
+        let got = on_demand
+            .resolve(&sockets(), hostname, &[RecordType::A])
+            .await;
+        let asked = resolver.seen().into_iter().map(|(n, _)| n).collect();
+        (got, asked)
+    }
+
+    #[tokio::test]
+    async fn a_short_name_tries_the_search_domains_first() {
+        let (got, asked) = lookup_with(&["demo.svc.cluster.local", "example"], 2, "known").await;
+        assert_eq!(got, Ok(IpAddr::V4(KNOWN_ADDRESS)));
+        assert_eq!(asked, ["known.demo.svc.cluster.local.", "known.example."]);
+    }
+
+    #[tokio::test]
+    async fn ndots_decides_whether_the_name_as_written_goes_first() {
+        let (got, asked) = lookup_with(&["svc.cluster.local"], 1, "known.example").await;
+        assert_eq!(got, Ok(IpAddr::V4(KNOWN_ADDRESS)));
+        assert_eq!(asked, ["known.example."]);
+
+        let (got, asked) = lookup_with(&["svc.cluster.local"], 5, "known.example").await;
+        assert_eq!(got, Ok(IpAddr::V4(KNOWN_ADDRESS)));
+        assert_eq!(
+            asked,
+            ["known.example.svc.cluster.local.", "known.example."]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trailing_dot_is_asked_alone() {
+        let (got, asked) = lookup_with(&["svc.cluster.local"], 5, "missing.example.").await;
+        let rcode = match got {
+            Err(Error::NoAddress { rcode, .. }) => rcode,
+            other => panic!("expected no address, got {other:?}"),
+        };
+        assert_eq!(rcode, ResponseCode::NXDomain);
+        assert_eq!(asked, ["missing.example."]);
     }
 }

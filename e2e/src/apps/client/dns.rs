@@ -17,7 +17,9 @@ use crate::apps::DnsReport;
 
 pub struct Query {
     pub name: String,
-    pub server: String,
+    /// None: the first nameserver of `resolv_conf`, through its search list.
+    pub server: Option<String>,
+    pub resolv_conf: std::path::PathBuf,
     pub record_type: String,
     pub upstream: Option<SocketAddr>,
     pub upstream_records: Vec<String>,
@@ -31,9 +33,16 @@ pub async fn run(q: &Query) -> DnsReport {
     let mut report = DnsReport {
         mode: "dns".into(),
         name: q.name.clone(),
-        server: q.server.clone(),
         ..DnsReport::default()
     };
+    let (server, names) = match destination(q) {
+        Ok(d) => d,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    report.server = server.to_string();
     let asked: Arc<Mutex<Vec<String>>> = Arc::default();
     let upstream = match q.upstream {
         Some(addr) => match serve_upstream(addr, &q.upstream_records, asked.clone()).await {
@@ -45,23 +54,34 @@ pub async fn run(q: &Query) -> DnsReport {
         },
         None => None,
     };
-    match ask(q).await {
-        Ok(answer) => {
-            report.rcode = Some(format!("{:?}", answer.response_code()));
-            report.authoritative = answer.authoritative();
-            report.addresses = answer
-                .answers()
-                .iter()
-                .filter_map(|r| match r.data() {
-                    RData::A(a) => Some(a.0.to_string()),
-                    RData::AAAA(a) => Some(a.0.to_string()),
-                    _ => None,
-                })
-                .collect();
-            report.ok =
-                answer.response_code() == ResponseCode::NoError && !report.addresses.is_empty();
+    // As a stub resolver: the next name only after NXDOMAIN or no address.
+    for name in names {
+        match ask(q, server, &name).await {
+            Ok(answer) => {
+                let rcode = answer.response_code();
+                report.rcode = Some(format!("{rcode:?}"));
+                report.authoritative = answer.authoritative();
+                report.addresses = answer
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match r.data() {
+                        RData::A(a) => Some(a.0.to_string()),
+                        RData::AAAA(a) => Some(a.0.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                report.tried.push((name, format!("{rcode:?}")));
+                report.ok = rcode == ResponseCode::NoError && !report.addresses.is_empty();
+                if report.ok || !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+                    break;
+                }
+            }
+            Err(e) => {
+                report.tried.push((name, "no answer".into()));
+                report.error = Some(e);
+                break;
+            }
         }
-        Err(e) => report.error = Some(e),
     }
     if let (true, Some(port), Some(first)) = (report.ok, q.connect_port, report.addresses.first()) {
         let target = SocketAddr::new(first.parse().expect("an IP"), port).to_string();
@@ -76,17 +96,48 @@ pub async fn run(q: &Query) -> DnsReport {
     report
 }
 
-async fn ask(q: &Query) -> Result<Message, String> {
-    let server: SocketAddr = q
-        .server
-        .parse()
-        .or_else(|_| q.server.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-        .map_err(|_| format!("--server {:?} is not ip[:port]", q.server))?;
+/// Where to ask, and the names to ask for in order: `--server` and the name
+/// as written, or resolv.conf's first nameserver and its search list's
+/// expansions of the name.
+fn destination(q: &Query) -> Result<(SocketAddr, Vec<String>), String> {
+    if let Some(server) = &q.server {
+        let server = server
+            .parse()
+            .or_else(|_| server.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("--server {server:?} is not ip[:port]"))?;
+        return Ok((server, vec![q.name.clone()]));
+    }
+    let path = q.resolv_conf.display();
+    let text = std::fs::read_to_string(&q.resolv_conf).map_err(|e| format!("{path}: {e}"))?;
+    let (conf, problems) = api::resolv_conf::ResolvConf::parse(&text);
+    for p in problems {
+        eprintln!("{path}: skipped {p}");
+    }
+    let first = conf
+        .nameservers
+        .first()
+        .ok_or_else(|| format!("{path}: no nameserver"))?;
+    Ok((SocketAddr::new(*first, 53), conf.search.candidates(&q.name)))
+}
+
+/// Serves `records` on UDP `listen` until the task ends; returns why it
+/// cannot serve.
+pub async fn serve(listen: SocketAddr, records: &[String]) -> String {
+    match serve_upstream(listen, records, Arc::default()).await {
+        Ok(task) => match task.await {
+            Ok(()) => format!("{listen}: the socket failed"),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e,
+    }
+}
+
+async fn ask(q: &Query, server: SocketAddr, name: &str) -> Result<Message, String> {
     let record_type: RecordType = q
         .record_type
         .parse()
         .map_err(|e| format!("--record-type: {e}"))?;
-    let name = Name::from_ascii(&q.name).map_err(|e| format!("{:?}: {e}", q.name))?;
+    let name = Name::from_ascii(name).map_err(|e| format!("{name:?}: {e}"))?;
     let mut query = Message::new();
     let id: u16 = rand::random();
     query

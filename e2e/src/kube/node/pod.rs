@@ -780,6 +780,31 @@ impl Worker {
                 read_only: true,
             })
             .collect();
+        // The pod's resolv.conf (the kubelet's), before the volumes: a
+        // volume mounted over /etc wins, as it does under a real runtime.
+        let resolv_conf = self.dir.join("resolv.conf");
+        let node_file = match std::fs::read_to_string(&self.shared.dns.resolv_conf) {
+            Ok(text) => text,
+            Err(e) => {
+                self.shared.note(
+                    &self.namespace,
+                    &self.name,
+                    format!(
+                        "cannot read the node's {} ({e}); the pod's resolv.conf has no node entries",
+                        self.shared.dns.resolv_conf.display()
+                    ),
+                );
+                String::new()
+            }
+        };
+        let text = super::dns::pod_resolv_conf(&self.pod, &self.shared.dns, &node_file);
+        crate::run::write_atomic(&resolv_conf, text.as_bytes())
+            .map_err(|e| config_err(format!("{}: {e}", resolv_conf.display())))?;
+        mounts.push(Mount {
+            source: resolv_conf,
+            target: PathBuf::from("/etc/resolv.conf"),
+            read_only: true,
+        });
         for (k, vm) in spec.volume_mounts.iter().flatten().enumerate() {
             let source = volumes.sources.get(&vm.name).ok_or_else(|| {
                 config_err(format!(
