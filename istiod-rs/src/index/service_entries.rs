@@ -48,7 +48,7 @@
 //! resolution or location) or the endpoint (its address) is left out; the
 //! rest flows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use api::crd::service_entry::{Location, Resolution, ServiceEntry, WorkloadEntrySpec};
@@ -123,6 +123,7 @@ impl<'a> ServiceEntries<'a> {
         problems: &mut Vec<PolicyProblem>,
     ) -> Self {
         let mut out = ServiceEntries::default();
+        let cluster_ips = cluster_ips(state);
         for (key, se) in &state.service_entries {
             let exports: Vec<&str> = se.spec.export_to.iter().map(String::as_str).collect();
             super::export_to::check(
@@ -134,6 +135,9 @@ impl<'a> ServiceEntries<'a> {
             let Some(entry) = read(key, se, problems) else {
                 continue;
             };
+            if takes_another_namespaces_address(key, &entry.vips, &cluster_ips, problems) {
+                continue;
+            }
             out.served.push((key, se));
             let spec = &se.spec;
             let namespace = key.namespace.as_str();
@@ -441,6 +445,54 @@ fn read(key: &ObjectKey, se: &ServiceEntry, problems: &mut Vec<PolicyProblem>) -
     (problems.len() == before).then_some(Read { vips, ports })
 }
 
+/// Every Kubernetes Service's ClusterIPs, with the Service.
+fn cluster_ips(state: &ClusterState) -> HashMap<IpAddr, &ObjectKey> {
+    if state.service_entries.is_empty() {
+        return HashMap::new();
+    }
+    state
+        .services
+        .iter()
+        .flat_map(|(key, svc)| {
+            super::services::vips(svc)
+                .into_iter()
+                .map(move |ip| (ip, key))
+        })
+        .collect()
+}
+
+/// Whether the entry names the ClusterIP of a Kubernetes Service of another
+/// namespace, which would make ztunnel send that Service's traffic by the
+/// entry's rules (its endpoints, or passthrough in plain TCP): the entry is
+/// left out, with a problem naming the address. The API server gives each
+/// ClusterIP to one Service; a namespace may only alias its own. Ours:
+/// upstream's ambient index does not check this (istio/istio
+/// pilot/pkg/serviceregistry/kube/controller/ambient/services.go,
+/// `constructServiceEntries` takes `addresses` as they are).
+fn takes_another_namespaces_address(
+    key: &ObjectKey,
+    vips: &[IpAddr],
+    cluster_ips: &HashMap<IpAddr, &ObjectKey>,
+    problems: &mut Vec<PolicyProblem>,
+) -> bool {
+    let mut taken = false;
+    for (i, ip) in vips.iter().enumerate() {
+        if let Some(owner) = cluster_ips.get(ip).filter(|o| o.namespace != key.namespace) {
+            problems.push(PolicyProblem::NotHonoured {
+                object: PolicyRef::new(Kind::ServiceEntry, &key.namespace, &key.name),
+                field: format!("spec.addresses[{i}]"),
+                reason: format!(
+                    "{ip} is the ClusterIP of Service {}/{}; a ServiceEntry may not take the address of a Service of another namespace",
+                    owner.namespace, owner.name
+                ),
+                effect: Effect::EntryNotServed,
+            });
+            taken = true;
+        }
+    }
+    taken
+}
+
 /// An address, or a CIDR covering one address.
 pub(super) fn single_address(text: &str) -> Option<IpAddr> {
     match text.split_once('/') {
@@ -631,6 +683,46 @@ mod tests {
         let got = vips(&s, &off);
         assert_eq!(got["shop/b.example.com"], serde_json::Value::Null);
         assert_eq!(got["shop/c.example.com"], addresses(&["10.9.0.1"]));
+    }
+
+    #[test]
+    fn an_entry_may_not_take_the_cluster_ip_of_another_namespaces_service() {
+        let entry = |name: &str, namespace: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+                 metadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec: {{hosts: [{name}.example.com], addresses: [10.9.0.1, 10.96.0.50], ports: [{{number: 80}}]}}\n"
+            )
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: payments, namespace: bank}}\n\
+             spec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}\n{}{}",
+            entry("thief", "shop"),
+            entry("alias", "bank"),
+        );
+        let s = state(&text);
+        let mut problems = Vec::new();
+        let entries = ServiceEntries::build(
+            &s,
+            &MeshConfig::default(),
+            &Allocations::default(),
+            &mut problems,
+        );
+        let served: Vec<&str> = entries.services.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            served,
+            ["bank/alias.example.com"],
+            "the owner's namespace may alias it"
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let problem = problems[0].to_string();
+        assert!(
+            problem.contains("ServiceEntry shop/thief")
+                && problem.contains("spec.addresses[1]")
+                && problem.contains("10.96.0.50 is the ClusterIP of Service bank/payments")
+                && problem.contains("not served"),
+            "{problem}"
+        );
     }
 
     #[test]

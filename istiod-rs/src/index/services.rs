@@ -248,7 +248,7 @@ impl<'a> Services<'a> {
     }
 }
 
-fn vips(svc: &Service) -> Vec<std::net::IpAddr> {
+pub(super) fn vips(svc: &Service) -> Vec<std::net::IpAddr> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
