@@ -456,6 +456,12 @@ impl App {
         // A rotated plug-in CA is picked up without a restart.
         let reload_metrics = ReloadMetrics::default();
         reload_metrics.register(&mut registry);
+        // A self-signed root is renewed before it expires.
+        background.push(tokio::spawn(crate::ca::keep_root_renewed(
+            ca.clone(),
+            certificates.metrics().clone(),
+            shutdown.clone(),
+        )));
         if let Some(watcher) = PluginWatcher::new(ca.clone(), reload_metrics) {
             let watcher = watcher.with_ca_metrics(certificates.metrics().clone());
             background.push(tokio::spawn(

@@ -66,6 +66,13 @@ pub struct CaConfig {
     pub trusted_node_agents: Vec<ServiceAccount>,
     /// Each authenticated caller's budget of requests.
     pub rate_limit: CallerRateLimit,
+    /// How often a self-signed root is checked for renewal (upstream's
+    /// `CITADEL_SELF_SIGNED_ROOT_CERT_CHECK_INTERVAL`, 1 h); zero: never.
+    pub root_check_interval: Duration,
+    /// A self-signed root with less than this per cent of its lifetime left
+    /// is renewed (upstream's
+    /// `CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE`, 20).
+    pub root_grace_percent: u8,
     /// Requests being authenticated, checked or signed at once, across all
     /// callers; one more is refused with RESOURCE_EXHAUSTED at once.
     pub max_requests_in_progress: usize,
@@ -93,6 +100,8 @@ impl CaConfig {
             trusted_node_agents: vec![ServiceAccount::ztunnel()],
             rate_limit: CallerRateLimit::DEFAULT,
             max_requests_in_progress: DEFAULT_MAX_REQUESTS_IN_PROGRESS,
+            root_check_interval: Duration::from_secs(3600),
+            root_grace_percent: 20,
         }
     }
 }
@@ -293,6 +302,35 @@ impl Signer {
     }
 }
 
+/// Checks the self-signed root at start and then every
+/// [`CaConfig::root_check_interval`] until `shutdown`, renewing it when due
+/// ([`CertificateAuthority::renew_root_if_due`]). A failure is logged and
+/// retried at the next check; the CA keeps signing with what it has.
+pub async fn keep_root_renewed(
+    ca: Arc<CertificateAuthority>,
+    metrics: service::CaMetrics,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let interval = ca.config().root_check_interval;
+    if interval.is_zero() || ca.config().plugin_dir.is_some() {
+        return;
+    }
+    loop {
+        match ca.renew_root_if_due(SystemTime::now()) {
+            Ok(Reload::Swapped) => metrics.record_expiry(&ca),
+            Ok(Reload::Unchanged) => {}
+            Err(error) => tracing::error!(
+                %error,
+                "could not renew the self-signed root; still signing under the current one, trying again at the next check"
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 impl CertificateAuthority {
     /// Loads the plug-in CA or the self-signed root (creating it the first
     /// time), validates it and checks that what it issues verifies.
@@ -360,6 +398,36 @@ impl CertificateAuthority {
             roots = next.roots.len(),
             "CA reloaded: signing with the new plug-in material"
         );
+        self.swap(next);
+        Ok(Reload::Swapped)
+    }
+
+    /// Renews the self-signed root when it is within its grace period at
+    /// `now` ([`root::renew_self_signed_if_due`]: same key, new validity)
+    /// and signs under the new certificate from then on; every follower of
+    /// the roots is told. Nothing for a plug-in CA (its owner rotates it).
+    pub fn renew_root_if_due(&self, now: SystemTime) -> Result<Reload, CaError> {
+        if self.config.plugin_dir.is_some() {
+            return Ok(Reload::Unchanged);
+        }
+        let Some(material) = root::renew_self_signed_if_due(
+            &self.config.state_dir,
+            &self.config.trust_domain,
+            self.config.root_cert_ttl,
+            self.config.root_grace_percent,
+            now,
+        )?
+        else {
+            return Ok(Reload::Unchanged);
+        };
+        let next = Signer::new(material)?;
+        next.self_check(&self.config.trust_domain)?;
+        self.swap(next);
+        Ok(Reload::Swapped)
+    }
+
+    /// Signs with `next` from now on and tells the followers.
+    fn swap(&self, next: Signer) {
         let roots_pem = next.roots_pem.clone();
         self.signer.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
@@ -368,7 +436,6 @@ impl CertificateAuthority {
             *current = roots_pem;
             changed
         });
-        Ok(Reload::Swapped)
     }
 
     /// Changes whenever the CA swaps its material.

@@ -74,6 +74,19 @@ pub struct Args {
     /// (a rotated `cacerts` Secret), which is then used without a restart.
     #[arg(long, env = "CACERTS_POLL_INTERVAL", default_value = "5s", value_parser = parse_timeout)]
     pub cacerts_poll_interval: Duration,
+    /// Lifetime of a self-signed root, when one is created or renewed.
+    #[arg(long, env = "CITADEL_SELF_SIGNED_CA_CERT_TTL", default_value = "3650d",
+          value_parser = parse_timeout)]
+    pub self_signed_root_ttl: Duration,
+    /// How often the self-signed root is checked for renewal; 0s: never.
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_CHECK_INTERVAL", default_value = "1h",
+          value_parser = parse_duration)]
+    pub self_signed_root_check_interval: Duration,
+    /// The self-signed root is renewed (same key, new validity) once less
+    /// than this per cent of its lifetime is left.
+    #[arg(long, env = "CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE", default_value_t = 20,
+          value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub self_signed_root_grace_percent: u8,
     /// Trust domain of every identity (`spiffe://<trust-domain>/ns/../sa/..`).
     #[arg(long, env = "TRUST_DOMAIN", default_value = api::labels::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -415,6 +428,9 @@ impl Args {
             burst: self.ca_request_burst,
         };
         ca.max_requests_in_progress = self.ca_max_requests_in_progress as usize;
+        ca.root_cert_ttl = self.self_signed_root_ttl;
+        ca.root_check_interval = self.self_signed_root_check_interval;
+        ca.root_grace_percent = self.self_signed_root_grace_percent;
 
         let provision = self.provision_waypoints.then(|| ProvisionConfig {
             hub: self.waypoint_hub.clone(),
@@ -850,6 +866,9 @@ mod tests {
             config.ca.max_requests_in_progress,
             crate::ca::DEFAULT_MAX_REQUESTS_IN_PROGRESS
         );
+        assert_eq!(config.ca.root_cert_ttl, crate::ca::ROOT_CERT_TTL);
+        assert_eq!(config.ca.root_check_interval, Duration::from_secs(3600));
+        assert_eq!(config.ca.root_grace_percent, 20);
         assert_eq!(
             config.webhook.unwrap().max_connections,
             WebhookConfig::default().max_connections
@@ -880,6 +899,10 @@ mod tests {
             "4",
             "--ca-max-requests-in-progress",
             "7",
+            "--self-signed-root-check-interval",
+            "0s",
+            "--self-signed-root-grace-percent",
+            "50",
         ])
         .unwrap()
         .into_config()
@@ -904,6 +927,8 @@ mod tests {
             }
         );
         assert_eq!(config.ca.max_requests_in_progress, 7);
+        assert_eq!(config.ca.root_check_interval, Duration::ZERO);
+        assert_eq!(config.ca.root_grace_percent, 50);
 
         for (flag, value) in [
             ("--grpc-max-connections", "0"),

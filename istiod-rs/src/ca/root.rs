@@ -189,22 +189,8 @@ pub fn load_or_create_self_signed(
             path: dir.to_path_buf(),
             source,
         })?;
-    let lock_path = dir.join(LOCK_FILE);
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|source| RootError::Write {
-            path: lock_path.clone(),
-            source,
-        })?;
     // Two istiod-rs starting at once on one directory must end up with one root.
-    lock.lock().map_err(|source| RootError::Write {
-        path: lock_path,
-        source,
-    })?;
+    let _lock = lock_dir(dir)?;
 
     let cert_path = dir.join(ROOT_CERT);
     let key_path = dir.join(ROOT_KEY);
@@ -249,6 +235,78 @@ pub fn load_or_create_self_signed(
             created,
         },
     })
+}
+
+/// Holds the state directory's lock file until dropped.
+fn lock_dir(dir: &Path) -> Result<fs::File, RootError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|source| RootError::Write {
+            path: lock_path.clone(),
+            source,
+        })?;
+    lock.lock().map_err(|source| RootError::Write {
+        path: lock_path,
+        source,
+    })?;
+    Ok(lock)
+}
+
+/// When the self-signed root in `dir` has less than `grace_percent` per
+/// cent of its lifetime left at `now`, gives it a new certificate for the
+/// same key, valid for `lifetime` from now, and returns the material to
+/// sign with; `None` when it is not due. As upstream's self-signed root
+/// rotator (istio/istio `security/pkg/pki/ca/selfsignedcarootcertrotator.go`,
+/// `checkAndRotateRootCertForSigningCertCitadel`: `GetWaitTime` with the
+/// grace percentile, then `GenRootCertFromExistingKey`): the name and key
+/// stay, so every certificate issued before verifies under the new root
+/// and proxies still holding the old one verify what is issued after.
+pub fn renew_self_signed_if_due(
+    dir: &Path,
+    trust_domain: &str,
+    lifetime: Duration,
+    grace_percent: u8,
+    now: std::time::SystemTime,
+) -> Result<Option<SigningMaterial>, RootError> {
+    let lock = lock_dir(dir)?;
+    let cert_path = dir.join(ROOT_CERT);
+    let key_path = dir.join(ROOT_KEY);
+    let certs = read_certs(&cert_path)?;
+    let Some(cert) = certs.first() else {
+        return Err(invalid(&cert_path, "holds no certificate"));
+    };
+    let validity = parse(&cert_path, cert)?.validity().clone();
+    let (from, until) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let (lifetime_secs, left) = (until - from, until - now);
+    if lifetime_secs <= 0 || left.saturating_mul(100) > lifetime_secs * i64::from(grace_percent) {
+        return Ok(None);
+    }
+    let key_pem = fs::read_to_string(&key_path).map_err(|source| RootError::Read {
+        path: key_path.clone(),
+        source,
+    })?;
+    let renewed =
+        proxy_core::identity::root::renewed_root(&key_pem, trust_domain, ROOT_BACKDATE, lifetime)?;
+    write_atomically(&cert_path, renewed.as_bytes(), 0o644)?;
+    tracing::info!(
+        path = %cert_path.display(),
+        left_secs = left,
+        grace_percent,
+        "renewed the self-signed mesh root (same key, new validity)"
+    );
+    drop(lock);
+    load_or_create_self_signed(dir, trust_domain, lifetime).map(Some)
 }
 
 fn create_self_signed(

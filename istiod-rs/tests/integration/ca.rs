@@ -997,6 +997,87 @@ fn sign_for_client(ca: &CertificateAuthority) -> Vec<String> {
     ca.sign_csr(&client::csr_pem(&key), &id, None).unwrap()
 }
 
+/// Whether the chain's leaf verifies under `roots` alone (its own root
+/// left out), as a proxy holding only those roots checks a peer.
+fn leaf_verifies_under(chain: &[String], roots: &[CertificateDer<'static>]) -> bool {
+    let leaf = der(&chain[0]);
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        store.into(),
+        proxy_core::tls::provider(),
+    )
+    .build()
+    .unwrap()
+    .verify_client_cert(&leaf, &[], UnixTime::now())
+    .is_ok()
+}
+
+#[test]
+fn a_self_signed_root_is_renewed_with_its_key_once_its_grace_period_begins() {
+    use istiod_rs::ca::Reload;
+    let dir = tempfile::tempdir().unwrap();
+    // A root of 1000 s (valid from an hour back: 4600 s in all, so 20% is
+    // 920 s); renewals get 100,000 s.
+    let mut short = ca_config(dir.path());
+    short.root_cert_ttl = Duration::from_secs(1000);
+    drop(CertificateAuthority::new(short).unwrap());
+    let mut config = ca_config(dir.path());
+    config.root_cert_ttl = Duration::from_secs(100_000);
+    let ca = CertificateAuthority::new(config.clone()).unwrap();
+    let old_root = ca.roots()[0].clone();
+    let old_until = ca.root_not_after();
+    let before = sign_for_client(&ca);
+    let mut roots = ca.watch_roots_pem();
+    roots.mark_unchanged();
+
+    // 1000 s of 4600 left: not yet.
+    let now = SystemTime::now();
+    assert!(matches!(ca.renew_root_if_due(now), Ok(Reload::Unchanged)));
+    assert!(!roots.has_changed().unwrap());
+    // 900 s left: renewed.
+    let later = now + Duration::from_secs(100);
+    assert!(matches!(ca.renew_root_if_due(later), Ok(Reload::Swapped)));
+    assert!(
+        roots.has_changed().unwrap(),
+        "the roots' followers are told"
+    );
+    let new_root = ca.roots()[0].clone();
+    assert_ne!(new_root, old_root);
+    assert_eq!(ca.roots().len(), 1);
+    assert!(ca.root_not_after() > old_until + Duration::from_secs(90_000));
+    assert_eq!(
+        parsed(&new_root).public_key().raw,
+        parsed(&old_root).public_key().raw,
+        "the same key"
+    );
+    assert_eq!(
+        parsed(&new_root).subject().as_raw(),
+        parsed(&old_root).subject().as_raw()
+    );
+    // Proxies holding either root verify what either issued.
+    let after = sign_for_client(&ca);
+    assert_eq!(der(after.last().unwrap()), new_root);
+    assert!(leaf_verifies_under(
+        &before,
+        std::slice::from_ref(&new_root)
+    ));
+    assert!(leaf_verifies_under(&after, std::slice::from_ref(&old_root)));
+    assert!(!leaf_verifies_under(
+        &after,
+        &proxy_core::testing::TestCa::new(TD).roots()
+    ));
+    // Kept: a restart signs under the renewed root, which is not due again.
+    let restarted = CertificateAuthority::new(config).unwrap();
+    assert_eq!(restarted.roots(), vec![new_root]);
+    assert!(matches!(
+        restarted.renew_root_if_due(later),
+        Ok(Reload::Unchanged)
+    ));
+}
+
 #[test]
 fn a_rotated_plug_in_ca_is_swapped_in_only_when_complete_and_valid() {
     use istiod_rs::ca::Reload;

@@ -33,6 +33,32 @@ pub fn self_signed_root(
     lifetime: Duration,
 ) -> Result<SelfSignedRoot, rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert_pem = root_certificate(&key, trust_domain, backdate, lifetime)?;
+    Ok(SelfSignedRoot {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A new certificate for an existing root key (PEM), with the same name
+/// and a new validity: what renewing a self-signed root before it expires
+/// issues. Certificates signed by the key verify under either certificate.
+pub fn renewed_root(
+    key_pem: &str,
+    trust_domain: &str,
+    backdate: Duration,
+    lifetime: Duration,
+) -> Result<String, rcgen::Error> {
+    let key = KeyPair::from_pem(key_pem)?;
+    root_certificate(&key, trust_domain, backdate, lifetime)
+}
+
+fn root_certificate(
+    key: &KeyPair,
+    trust_domain: &str,
+    backdate: Duration,
+    lifetime: Duration,
+) -> Result<String, rcgen::Error> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::OrganizationName, trust_domain);
@@ -48,11 +74,7 @@ pub fn self_signed_root(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let cert = params.self_signed(&key)?;
-    Ok(SelfSignedRoot {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(params.self_signed(key)?.pem())
 }
 
 /// A random positive serial of 127 bits, as RFC 5280 asks (at most 20
