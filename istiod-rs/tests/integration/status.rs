@@ -372,12 +372,11 @@ fn a_route_gets_one_parent_entry_per_service_parent() {
 
 /// `orders` is bound to the ready waypoint `ready`, `payments` to `starting`
 /// whose only instance is not ready yet.
-const WAYPOINTS: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: gateway.networking.k8s.io/v1
+/// Waypoint `shop/ready` (a Gateway with its address) and its one ready
+/// pod, for the fixtures below.
+macro_rules! ready_waypoint {
+    () => {
+        r#"apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: ready, namespace: shop}
 spec:
@@ -385,19 +384,31 @@ spec:
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
 ---
-apiVersion: gateway.networking.k8s.io/v1
+apiVersion: v1
+kind: Pod
+metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
+spec: {nodeName: node-a, containers: [{name: w, image: w}]}
+status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
+---
+"#
+    };
+}
+
+const WAYPOINTS: &str = concat!(
+    r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+"#,
+    ready_waypoint!(),
+    r#"apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: starting, namespace: shop}
 spec:
   gatewayClassName: istio-waypoint
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 status: {addresses: [{type: Hostname, value: starting.shop.svc.cluster.local}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
-spec: {nodeName: node-a, containers: [{name: w, image: w}]}
-status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -445,7 +456,8 @@ spec:
   - backendRefs: [{name: orders, port: 80}, {name: orders, namespace: other, port: 80}]
   - filters: [{type: CORS, cors: {allowOrigins: ["https://example.com"]}}]
     backendRefs: [{name: orders, port: 80}]
-"#;
+"#
+);
 
 #[test]
 fn rules_served_by_a_ready_waypoint_are_accepted_and_those_of_a_starting_one_are_not() {
@@ -1261,26 +1273,15 @@ fn local_service_entry_waypoint_conditions_are_status_files_until_the_entry_opts
     assert!(!statuses.contains_key(&object(Kind::ServiceEntry, "missing")));
 }
 
-const WAYPOINT_SERVICES: &str = r#"
+const WAYPOINT_SERVICES: &str = concat!(
+    r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: ready, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-status: {addresses: [{type: Hostname, value: ready.shop.svc.cluster.local}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: ready-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: ready}}
-spec: {nodeName: node-a, containers: [{name: w, image: w}]}
-status: {phase: Running, podIP: 10.9.0.100, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
+"#,
+    ready_waypoint!(),
+    r#"apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop, generation: 4, labels: {istio.io/use-waypoint: ready}}
 spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
@@ -1299,7 +1300,8 @@ apiVersion: v1
 kind: Service
 metadata: {name: plain, namespace: shop}
 spec: {clusterIP: 10.96.0.23, ports: [{name: http, port: 80}]}
-"#;
+"#
+);
 
 #[test]
 fn services_say_which_waypoint_they_are_bound_to_as_upstream() {

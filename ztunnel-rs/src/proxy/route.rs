@@ -779,6 +779,19 @@ mod tests {
         );
     }
 
+    /// Routes a connection from 10.0.0.1 to `dst`, checks it goes to the
+    /// test store's waypoint (10.0.0.5) with `dst` as authority, and
+    /// returns the HBONE target.
+    #[track_caller]
+    fn to_test_waypoint(store: &WorkloadStore, dst: &str) -> HboneTarget {
+        let r = route(store, "10.0.0.1", dst, &Balancer::default()).unwrap();
+        let (target, via_waypoint) = hbone(&r);
+        assert!(via_waypoint);
+        assert_eq!(target.address, addr("10.0.0.5:15008"));
+        assert_eq!(target.authority, addr(dst));
+        target.clone()
+    }
+
     #[test]
     fn a_service_bound_to_a_waypoint_goes_there_with_the_vip_as_authority() {
         let store = store();
@@ -790,11 +803,7 @@ mod tests {
                     .into(),
             ],
         );
-        let r = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap();
-        let (target, via_waypoint) = hbone(&r);
-        assert!(via_waypoint);
-        assert_eq!(target.address, addr("10.0.0.5:15008"));
-        assert_eq!(target.authority, addr("10.96.0.1:80"));
+        let target = to_test_waypoint(&store, "10.96.0.1:80");
         assert_eq!(
             target.identity.to_string(),
             "spiffe://cluster.local/ns/ns/sa/waypoint"
@@ -838,11 +847,7 @@ mod tests {
                     .into(),
             ],
         );
-        let r = route(&store, "10.0.0.1", "10.96.0.1:80", &Balancer::default()).unwrap();
-        let (target, via_waypoint) = hbone(&r);
-        assert!(via_waypoint);
-        assert_eq!(target.address, addr("10.0.0.5:15008"));
-        assert_eq!(target.authority, addr("10.96.0.1:80"));
+        to_test_waypoint(&store, "10.96.0.1:80");
         // And the waypoint's own connection goes on to the address dialled.
         let r = route(&store, "10.0.0.5", "10.96.0.1:80", &Balancer::default()).unwrap();
         assert_eq!(r.next_hop, NextHop::Tcp(addr("10.96.0.1:80")));
